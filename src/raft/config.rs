@@ -1,0 +1,116 @@
+//! Knobs of one Raft node, with the trade-off each one makes written next to it.
+
+use super::types::NodeId;
+use thiserror::Error;
+
+/// Configuration of one node of a Raft group.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's id. Must be one of `voters`.
+    pub id: NodeId,
+    /// Every member of the group, this node included. The group is fixed for the node's lifetime.
+    pub voters: Vec<NodeId>,
+    /// Base election timeout in ticks; the real timeout is drawn uniformly from `[election_ticks,
+    /// 2 * election_ticks)` after each reset so that split votes do not repeat (Raft §5.2). Also the length
+    /// of the leader lease and of the CheckQuorum window.
+    pub election_ticks: u32,
+    /// A leader sends heartbeats every `heartbeat_ticks`. Must be well below `election_ticks`, or followers
+    /// start elections against a healthy leader whenever a heartbeat is lost.
+    pub heartbeat_ticks: u32,
+    /// PreVote (thesis §9.6): a node first asks whether it could win before raising its term, so a node
+    /// returning from a partition cannot depose a healthy leader. Costs one extra round trip per election.
+    pub pre_vote: bool,
+    /// CheckQuorum: a leader that has not heard from a majority within an election timeout steps down, and
+    /// followers that heard from a leader within the timeout ignore vote requests (the leader lease). Keeps
+    /// a partitioned leader from believing it still leads; depends on ticks advancing at similar rates on
+    /// all nodes (bounded clock drift).
+    pub check_quorum: bool,
+    /// Append a no-op entry when elected, so the leader commits an entry of its term promptly. Needed for
+    /// ReadIndex to answer without waiting for a client write; off only to reproduce the 6.824 tests' exact
+    /// log indices.
+    pub noop_on_election: bool,
+    /// Upper bound on entries in one AppendEntries.
+    pub max_entries_per_message: usize,
+    /// Upper bound on payload bytes in one AppendEntries (at least one entry is always sent).
+    pub max_bytes_per_message: usize,
+    /// AppendEntries messages with entries that may be unacknowledged per follower. Higher values keep a
+    /// fast network busy; lower ones waste less on a lossy one.
+    pub max_inflight_messages: usize,
+    /// Seed for the election-timeout randomness, so a simulation is reproducible. Use a random seed in
+    /// production.
+    pub seed: u64,
+}
+
+impl Config {
+    /// A configuration with the defaults used by the daemons: 10 ms ticks, heartbeats every 100 ms,
+    /// elections after 1 to 2 s of silence, PreVote, CheckQuorum and a no-op on election.
+    pub fn new(id: NodeId, voters: Vec<NodeId>) -> Self {
+        Config {
+            id,
+            voters,
+            election_ticks: 100,
+            heartbeat_ticks: 10,
+            pre_vote: true,
+            check_quorum: true,
+            noop_on_election: true,
+            max_entries_per_message: 256,
+            max_bytes_per_message: 1 << 20,
+            max_inflight_messages: 32,
+            seed: 0,
+        }
+    }
+
+    /// Checks the invariants the core relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(ConfigError::ZeroId);
+        }
+        if self.voters.contains(&0) {
+            return Err(ConfigError::ZeroId);
+        }
+        if !self.voters.contains(&self.id) {
+            return Err(ConfigError::NotAVoter(self.id));
+        }
+        let mut sorted = self.voters.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != self.voters.len() {
+            return Err(ConfigError::DuplicateVoter);
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
+            return Err(ConfigError::Timing {
+                heartbeat: self.heartbeat_ticks,
+                election: self.election_ticks,
+            });
+        }
+        if self.max_entries_per_message == 0 || self.max_inflight_messages == 0 {
+            return Err(ConfigError::ZeroLimit);
+        }
+        Ok(())
+    }
+}
+
+/// A configuration the core refuses to run with.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Id 0 means "nobody" on the wire.
+    #[error("node ids must be non-zero")]
+    ZeroId,
+    /// The node must be a member of its own group.
+    #[error("node {0} is not in the voter list")]
+    NotAVoter(NodeId),
+    /// The same id twice would be counted twice in every quorum.
+    #[error("the voter list names a node twice")]
+    DuplicateVoter,
+    /// Heartbeats must come more often than elections start.
+    #[error("heartbeat ticks ({heartbeat}) must be non-zero and below election ticks ({election})")]
+    Timing {
+        /// The configured heartbeat interval.
+        heartbeat: u32,
+        /// The configured election timeout.
+        election: u32,
+    },
+    /// Replication limits of zero would stall the log.
+    #[error("max entries per message and max in-flight messages must be non-zero")]
+    ZeroLimit,
+}

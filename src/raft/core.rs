@@ -1,0 +1,1139 @@
+//! The sans-IO Raft state machine.
+//!
+//! [`RaftCore`] is fed ticks ([`RaftCore::tick`]), peer messages ([`RaftCore::step`]), proposals
+//! ([`RaftCore::propose`]), read requests ([`RaftCore::read_index`]) and snapshots taken by the service
+//! ([`RaftCore::compact`]); it answers with a [`Ready`] ([`RaftCore::ready`]) that the driver persists, sends
+//! and applies. It never touches a socket, a disk or a clock, so the simulator can run it through any
+//! schedule and reproduce any failure from a seed.
+//!
+//! The protocol is Figure 2 of the Raft paper, plus: PreVote and CheckQuorum (thesis §9.6), fast log
+//! back-up by conflict term, snapshots (Figure 13), ReadIndex (thesis §6.4) and leadership transfer
+//! (thesis §3.10). Safety-critical choices carry a comment saying which rule they implement.
+
+use super::config::{Config, ConfigError};
+use super::log::{AppendConflict, RaftLog};
+use super::message::{Envelope, Message};
+use super::progress::{Progress, ProgressState};
+use super::quorum;
+use super::read_only::{ReadQueue, ReadState};
+use super::ready::{Ready, SoftState};
+use super::types::{
+    Entry, EntryKind, HardState, Index, NodeId, PersistedState, Role, Snapshot, SnapshotMeta, Term,
+};
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+/// Why a proposal or read was refused.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum NotLeader {
+    /// Only the leader accepts proposals and reads; `leader_hint` is who this node believes leads.
+    #[error("not the leader (leader hint: {leader_hint:?})")]
+    NotLeader {
+        /// The leader this node knows of, if any.
+        leader_hint: Option<NodeId>,
+    },
+    /// Leadership is being handed over; proposals would be lost with the old term.
+    #[error("leadership transfer in progress")]
+    TransferInProgress,
+}
+
+/// A message the core refused to process.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StepError {
+    /// The message is addressed to another node.
+    #[error("message for node {to} delivered to node {me}")]
+    WrongRecipient {
+        /// The addressee.
+        to: NodeId,
+        /// This node.
+        me: NodeId,
+    },
+    /// The sender is not a member of this group.
+    #[error("message from unknown node {0}")]
+    UnknownPeer(NodeId),
+    /// The sender asked for something only a broken or malicious leader asks for.
+    #[error("protocol violation by node {from}: {what}")]
+    Protocol {
+        /// The sender.
+        from: NodeId,
+        /// What it did.
+        what: &'static str,
+    },
+}
+
+/// Why the state handed to [`RaftCore::restore`] was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RestoreError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The stored entries do not continue the snapshot without gaps.
+    #[error("stored log is not contiguous: expected index {expected}, found {found}")]
+    NonContiguousLog {
+        /// The index that should come next.
+        expected: Index,
+        /// The index found.
+        found: Index,
+    },
+    /// The stored vote names a node outside the group.
+    #[error("stored vote for node {0}, which is not a member")]
+    VoteForStranger(NodeId),
+}
+
+/// Why a compaction request was refused.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum CompactError {
+    /// A snapshot may only cover entries the service has applied.
+    #[error("cannot snapshot at index {index}: only {applied} applied")]
+    NotApplied {
+        /// The requested index.
+        index: Index,
+        /// What has been applied.
+        applied: Index,
+    },
+}
+
+/// A consistent view of a node for status reports and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// This node.
+    pub id: NodeId,
+    /// Current role.
+    pub role: Role,
+    /// Current term.
+    pub term: Term,
+    /// Believed leader.
+    pub leader: Option<NodeId>,
+    /// Vote cast in this term.
+    pub vote: Option<NodeId>,
+    /// Commit index.
+    pub commit: Index,
+    /// Last index handed out for applying.
+    pub applied: Index,
+    /// First index held as an entry.
+    pub first_index: Index,
+    /// Last index in the log.
+    pub last_index: Index,
+    /// Index covered by the latest snapshot.
+    pub snapshot_index: Index,
+    /// Per follower (on a leader): match and next index.
+    pub progress: Vec<(NodeId, Index, Index)>,
+}
+
+/// One Raft node's protocol state. See the module documentation.
+pub struct RaftCore {
+    config: Config,
+    peers: Vec<NodeId>,
+    term: Term,
+    vote: Option<NodeId>,
+    role: Role,
+    leader: Option<NodeId>,
+    log: RaftLog,
+    snapshot: Snapshot,
+    rng: ChaCha8Rng,
+    election_elapsed: u32,
+    randomized_election_ticks: u32,
+    heartbeat_elapsed: u32,
+    votes: BTreeMap<NodeId, bool>,
+    progress: BTreeMap<NodeId, Progress>,
+    reads: ReadQueue,
+    transfer_target: Option<NodeId>,
+    // Output accumulated until the next `ready()`.
+    messages: Vec<Envelope>,
+    persisted_hard_state: HardState,
+    snapshot_to_persist: Option<Snapshot>,
+    snapshot_to_apply: Option<Snapshot>,
+    read_states: Vec<ReadState>,
+    failed_reads: Vec<u64>,
+}
+
+impl RaftCore {
+    /// A brand-new node with an empty log.
+    pub fn new(config: Config) -> Result<Self, RestoreError> {
+        Self::restore(config, PersistedState::default())
+    }
+
+    /// A node restarted from what it persisted. If there is a snapshot, the first `Ready` hands it to the
+    /// service to load, followed by the committed entries after it.
+    pub fn restore(config: Config, state: PersistedState) -> Result<Self, RestoreError> {
+        config.validate()?;
+        let snapshot = state.snapshot.unwrap_or_default();
+        let mut expected = snapshot.meta.index + 1;
+        for entry in &state.entries {
+            if entry.index != expected {
+                return Err(RestoreError::NonContiguousLog {
+                    expected,
+                    found: entry.index,
+                });
+            }
+            expected += 1;
+        }
+        if let Some(vote) = state.hard_state.vote {
+            if !config.voters.contains(&vote) {
+                return Err(RestoreError::VoteForStranger(vote));
+            }
+        }
+        let mut peers: Vec<NodeId> = config
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != config.id)
+            .collect();
+        peers.sort_unstable();
+        let log = RaftLog::restore(snapshot.meta, state.entries, state.hard_state.commit);
+        let rng = ChaCha8Rng::seed_from_u64(config.seed ^ config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let snapshot_to_apply = (snapshot.meta.index > 0).then(|| snapshot.clone());
+        let mut core = RaftCore {
+            peers,
+            term: state.hard_state.term,
+            vote: state.hard_state.vote,
+            role: Role::Follower,
+            leader: None,
+            log,
+            snapshot,
+            rng,
+            election_elapsed: 0,
+            randomized_election_ticks: config.election_ticks,
+            heartbeat_elapsed: 0,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            reads: ReadQueue::new(),
+            transfer_target: None,
+            messages: Vec::new(),
+            persisted_hard_state: HardState {
+                commit: state.hard_state.commit,
+                ..state.hard_state
+            },
+            snapshot_to_persist: None,
+            snapshot_to_apply,
+            read_states: Vec::new(),
+            failed_reads: Vec::new(),
+            config,
+        };
+        core.persisted_hard_state.commit = core.log.committed();
+        core.reset_election_timer();
+        Ok(core)
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Inputs
+    // ----------------------------------------------------------------------------------------------
+
+    /// Advance logical time by one tick.
+    pub fn tick(&mut self) {
+        match self.role {
+            Role::Leader => self.tick_leader(),
+            _ => {
+                self.election_elapsed += 1;
+                if self.election_elapsed >= self.randomized_election_ticks {
+                    self.campaign(false);
+                }
+            }
+        }
+    }
+
+    /// Handle one message from a peer.
+    pub fn step(&mut self, envelope: Envelope) -> Result<(), StepError> {
+        let me = self.config.id;
+        if envelope.to != me {
+            return Err(StepError::WrongRecipient {
+                to: envelope.to,
+                me,
+            });
+        }
+        let from = envelope.from;
+        if !self.peers.contains(&from) {
+            return Err(StepError::UnknownPeer(from));
+        }
+        let message = envelope.message;
+        let msg_term = message.term();
+
+        if msg_term > self.term {
+            match &message {
+                Message::RequestVote {
+                    pre_vote,
+                    leadership_transfer,
+                    ..
+                } => {
+                    // Leader lease (thesis §4.2.3): while we hear from a leader, ignore campaigns, so a
+                    // node that cannot hear the leader cannot depose it. A transfer is the leader's wish.
+                    if self.in_lease() && !leadership_transfer {
+                        debug!(node = me, term = self.term, from, "ignoring vote request within lease");
+                        return Ok(());
+                    }
+                    if !pre_vote {
+                        self.become_follower(msg_term, None);
+                    }
+                }
+                // A granted pre-vote carries the term we would campaign in, not the voter's term.
+                Message::RequestVoteResponse {
+                    pre_vote: true,
+                    granted: true,
+                    ..
+                } => {}
+                Message::AppendEntries { .. }
+                | Message::InstallSnapshot { .. }
+                | Message::TimeoutNow { .. } => self.become_follower(msg_term, Some(from)),
+                _ => self.become_follower(msg_term, None),
+            }
+        } else if msg_term < self.term {
+            match message {
+                // Tell a stale leader about the newer term so it steps down.
+                Message::AppendEntries { .. } | Message::InstallSnapshot { .. } => {
+                    self.send(
+                        from,
+                        Message::AppendEntriesResponse {
+                            term: self.term,
+                            success: false,
+                            match_index: 0,
+                            rejected_index: 0,
+                            conflict_index: 0,
+                            conflict_term: None,
+                            read_round: 0,
+                        },
+                    );
+                }
+                Message::RequestVote { pre_vote, .. } => {
+                    self.send(
+                        from,
+                        Message::RequestVoteResponse {
+                            term: self.term,
+                            granted: false,
+                            pre_vote,
+                        },
+                    );
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+
+        match message {
+            Message::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+                read_round,
+                ..
+            } => self.on_append_entries(
+                from,
+                prev_log_index,
+                prev_log_term,
+                &entries,
+                leader_commit,
+                read_round,
+            ),
+            Message::AppendEntriesResponse {
+                success,
+                match_index,
+                rejected_index,
+                conflict_index,
+                conflict_term,
+                read_round,
+                ..
+            } => {
+                self.on_append_response(
+                    from,
+                    success,
+                    match_index,
+                    rejected_index,
+                    conflict_index,
+                    conflict_term,
+                    read_round,
+                );
+                Ok(())
+            }
+            Message::RequestVote {
+                term,
+                last_log_index,
+                last_log_term,
+                pre_vote,
+                ..
+            } => {
+                self.on_request_vote(from, term, last_log_index, last_log_term, pre_vote);
+                Ok(())
+            }
+            Message::RequestVoteResponse {
+                term,
+                granted,
+                pre_vote,
+            } => {
+                self.on_vote_response(from, term, granted, pre_vote);
+                Ok(())
+            }
+            Message::InstallSnapshot { meta, data, .. } => {
+                self.on_install_snapshot(from, meta, data);
+                Ok(())
+            }
+            Message::InstallSnapshotResponse { match_index, .. } => {
+                self.on_snapshot_response(from, match_index);
+                Ok(())
+            }
+            Message::TimeoutNow { .. } => {
+                if self.role != Role::Leader {
+                    info!(node = me, term = self.term, from, "leadership transferred to us");
+                    self.campaign(true);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Propose a command. On the leader, returns the index and term the entry got: it is committed only if
+    /// the entry applied at that index has that term.
+    pub fn propose(&mut self, data: Bytes) -> Result<(Index, Term), NotLeader> {
+        if self.role != Role::Leader {
+            return Err(NotLeader::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if self.transfer_target.is_some() {
+            return Err(NotLeader::TransferInProgress);
+        }
+        let index = self.append_entry(EntryKind::Normal, data);
+        Ok((index, self.term))
+    }
+
+    /// Ask for a linearizable read point. The answer arrives as a [`ReadState`] with this `id` in a later
+    /// `Ready` (or in `failed_reads` if leadership is lost first).
+    pub fn read_index(&mut self, id: u64) -> Result<(), NotLeader> {
+        if self.role != Role::Leader {
+            return Err(NotLeader::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        let commit = self.log.committed();
+        let term_committed = self.log.term(commit) == Some(self.term);
+        self.reads.request(id, commit, term_committed);
+        if self.peers.is_empty() {
+            let confirmed = self.reads.confirm(u64::MAX);
+            self.read_states.extend(confirmed);
+        }
+        Ok(())
+    }
+
+    /// The service saved a snapshot of its state after applying `index`: the log up to there can go.
+    pub fn compact(&mut self, index: Index, data: Bytes) -> Result<(), CompactError> {
+        if index <= self.log.snapshot_meta().index {
+            return Ok(()); // an older snapshot than the one we have: nothing to do
+        }
+        let applied = self.log.applied();
+        let term = match self.log.term(index) {
+            Some(term) if index <= applied => term,
+            _ => return Err(CompactError::NotApplied { index, applied }),
+        };
+        let meta = SnapshotMeta { index, term };
+        self.log.compact(meta);
+        self.snapshot = Snapshot { meta, data };
+        self.snapshot_to_persist = Some(self.snapshot.clone());
+        debug!(node = self.config.id, term = self.term, index, "log compacted");
+        Ok(())
+    }
+
+    /// Hand leadership to `target` once its log is up to date (thesis §3.10). Proposals are refused until
+    /// the transfer finishes or an election timeout passes.
+    pub fn transfer_leadership(&mut self, target: NodeId) -> Result<(), NotLeader> {
+        if self.role != Role::Leader {
+            return Err(NotLeader::NotLeader {
+                leader_hint: self.leader,
+            });
+        }
+        if !self.peers.contains(&target) {
+            return Ok(());
+        }
+        self.transfer_target = Some(target);
+        self.election_elapsed = 0;
+        self.maybe_send_timeout_now(target);
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Output
+    // ----------------------------------------------------------------------------------------------
+
+    /// Whether a call to [`RaftCore::ready`] would return work.
+    pub fn has_ready(&self) -> bool {
+        !self.messages.is_empty()
+            || self.snapshot_to_persist.is_some()
+            || self.snapshot_to_apply.is_some()
+            || self.log.has_committed()
+            || !self.read_states.is_empty()
+            || !self.failed_reads.is_empty()
+            || self.hard_state() != self.persisted_hard_state
+            || self.reads.broadcast_needed()
+    }
+
+    /// Collect what the driver must do now (see [`Ready`] for the order).
+    pub fn ready(&mut self) -> Ready {
+        if let Some(round) = self.reads.take_broadcast() {
+            for peer in self.peers.clone() {
+                self.send_heartbeat(peer, round);
+            }
+        }
+        let hard_state = self.hard_state();
+        let hard_state = (hard_state != self.persisted_hard_state).then(|| {
+            self.persisted_hard_state = hard_state;
+            hard_state
+        });
+        Ready {
+            hard_state,
+            snapshot: self.snapshot_to_persist.take(),
+            log_write: self.log.take_unstable(),
+            messages: std::mem::take(&mut self.messages),
+            snapshot_to_apply: self.snapshot_to_apply.take(),
+            committed_entries: self.log.take_committed(),
+            read_states: std::mem::take(&mut self.read_states),
+            failed_reads: std::mem::take(&mut self.failed_reads),
+            soft_state: self.soft_state(),
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Queries
+    // ----------------------------------------------------------------------------------------------
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// Current term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// Current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Whether this node leads its term.
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+
+    /// The leader this node believes in.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    /// Term, vote and commit index as they should be persisted.
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.log.committed(),
+        }
+    }
+
+    /// Role, leader and term.
+    pub fn soft_state(&self) -> SoftState {
+        SoftState {
+            role: self.role,
+            leader: self.leader,
+            term: self.term,
+        }
+    }
+
+    /// Read access to the log, for tests and status.
+    pub fn log(&self) -> &RaftLog {
+        &self.log
+    }
+
+    /// A consistent summary for status reports.
+    pub fn status(&self) -> Status {
+        Status {
+            id: self.config.id,
+            role: self.role,
+            term: self.term,
+            leader: self.leader,
+            vote: self.vote,
+            commit: self.log.committed(),
+            applied: self.log.applied(),
+            first_index: self.log.first_index(),
+            last_index: self.log.last_index(),
+            snapshot_index: self.log.snapshot_meta().index,
+            progress: self
+                .progress
+                .iter()
+                .map(|(id, p)| (*id, p.match_index, p.next_index))
+                .collect(),
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Roles
+    // ----------------------------------------------------------------------------------------------
+
+    fn in_lease(&self) -> bool {
+        self.config.check_quorum
+            && self.leader.is_some()
+            && self.election_elapsed < self.config.election_ticks
+    }
+
+    fn reset_election_timer(&mut self) {
+        self.election_elapsed = 0;
+        let base = self.config.election_ticks;
+        self.randomized_election_ticks = self.rng.random_range(base..2 * base);
+    }
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if self.role == Role::Leader {
+            self.failed_reads.extend(self.reads.drain());
+            self.progress.clear();
+            self.transfer_target = None;
+        }
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        if self.role != Role::Follower || self.leader != leader {
+            debug!(node = self.config.id, term, leader = ?leader, "became follower");
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.reset_election_timer();
+    }
+
+    fn campaign(&mut self, leadership_transfer: bool) {
+        if self.config.pre_vote && !leadership_transfer {
+            self.become_pre_candidate();
+        } else {
+            self.become_candidate(leadership_transfer);
+        }
+    }
+
+    fn become_pre_candidate(&mut self) {
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.votes.clear();
+        self.votes.insert(self.config.id, true);
+        self.reset_election_timer();
+        debug!(node = self.config.id, term = self.term, "starting pre-vote");
+        self.request_votes(self.term + 1, true, false);
+        if self.tally() == Some(true) {
+            self.become_candidate(false);
+        }
+    }
+
+    fn become_candidate(&mut self, leadership_transfer: bool) {
+        self.term += 1;
+        self.vote = Some(self.config.id);
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.votes.clear();
+        self.votes.insert(self.config.id, true);
+        self.reset_election_timer();
+        info!(node = self.config.id, term = self.term, "starting election");
+        self.request_votes(self.term, false, leadership_transfer);
+        if self.tally() == Some(true) {
+            self.become_leader();
+        }
+    }
+
+    fn request_votes(&mut self, term: Term, pre_vote: bool, leadership_transfer: bool) {
+        let last_log_index = self.log.last_index();
+        let last_log_term = self.log.last_term();
+        for peer in self.peers.clone() {
+            self.send(
+                peer,
+                Message::RequestVote {
+                    term,
+                    last_log_index,
+                    last_log_term,
+                    pre_vote,
+                    leadership_transfer,
+                },
+            );
+        }
+    }
+
+    /// `Some(true)` once a majority granted, `Some(false)` once a majority refused.
+    fn tally(&self) -> Option<bool> {
+        let needed = quorum::majority(self.peers.len() + 1);
+        let granted = self.votes.values().filter(|&&g| g).count();
+        let refused = self.votes.len() - granted;
+        if granted >= needed {
+            Some(true)
+        } else if refused >= needed {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    fn become_leader(&mut self) {
+        self.role = Role::Leader;
+        self.leader = Some(self.config.id);
+        self.heartbeat_elapsed = 0;
+        self.election_elapsed = 0;
+        self.reads = ReadQueue::new();
+        self.transfer_target = None;
+        let next = self.log.last_index() + 1;
+        self.progress = self
+            .peers
+            .iter()
+            .map(|&peer| {
+                let mut progress = Progress::new(next);
+                // Count everyone as active for the first CheckQuorum round: we just heard from a majority.
+                progress.recent_active = true;
+                (peer, progress)
+            })
+            .collect();
+        info!(node = self.config.id, term = self.term, "became leader");
+        if self.config.noop_on_election {
+            self.append_entry(EntryKind::Noop, Bytes::new());
+        } else {
+            for peer in self.peers.clone() {
+                self.send_append(peer, true);
+            }
+        }
+    }
+
+    fn tick_leader(&mut self) {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        if self.election_elapsed >= self.config.election_ticks {
+            self.election_elapsed = 0;
+            if self.config.check_quorum {
+                let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+                for progress in self.progress.values_mut() {
+                    progress.recent_active = false;
+                }
+                if active < quorum::majority(self.peers.len() + 1) {
+                    warn!(
+                        node = self.config.id,
+                        term = self.term,
+                        "stepping down: a majority has not answered within an election timeout"
+                    );
+                    self.become_follower(self.term, None);
+                    return;
+                }
+            }
+            if self.transfer_target.take().is_some() {
+                debug!(node = self.config.id, term = self.term, "leadership transfer timed out");
+            }
+        }
+        // Resend snapshots that went unanswered for an election timeout: they may have been lost.
+        let mut resend = Vec::new();
+        for (&peer, progress) in self.progress.iter_mut() {
+            if let ProgressState::Snapshot { ticks, .. } = &mut progress.state {
+                *ticks += 1;
+                if *ticks >= self.config.election_ticks {
+                    resend.push(peer);
+                }
+            }
+        }
+        for peer in resend {
+            self.send_snapshot(peer);
+        }
+        if self.heartbeat_elapsed >= self.config.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat();
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Replication (leader side)
+    // ----------------------------------------------------------------------------------------------
+
+    fn append_entry(&mut self, kind: EntryKind, data: Bytes) -> Index {
+        let index = self.log.last_index() + 1;
+        self.log.append(Entry {
+            term: self.term,
+            index,
+            kind,
+            data,
+        });
+        // Replicate at once rather than at the next heartbeat: commit latency is one round trip.
+        for peer in self.peers.clone() {
+            self.send_append(peer, false);
+        }
+        self.maybe_commit();
+        index
+    }
+
+    /// Send the follower what it is missing. With `heartbeat`, send even if there is nothing new (a
+    /// probe that doubles as a retransmission).
+    fn send_append(&mut self, peer: NodeId, heartbeat: bool) {
+        let max_inflight = self.config.max_inflight_messages;
+        let Some(progress) = self.progress.get(&peer) else {
+            return;
+        };
+        if matches!(progress.state, ProgressState::Snapshot { .. }) {
+            return;
+        }
+        if !heartbeat && !progress.can_send(max_inflight) {
+            return;
+        }
+        let next = progress.next_index;
+        let prev_log_index = next - 1;
+        let Some(prev_log_term) = self.log.term(prev_log_index) else {
+            // The entries it needs were compacted away.
+            self.send_snapshot(peer);
+            return;
+        };
+        let entries = self.log.slice(
+            next,
+            self.config.max_entries_per_message,
+            self.config.max_bytes_per_message,
+        );
+        if entries.is_empty() && !heartbeat {
+            return;
+        }
+        let last = entries.last().map_or(prev_log_index, |e| e.index);
+        let carried_entries = !entries.is_empty();
+        self.send(
+            peer,
+            Message::AppendEntries {
+                term: self.term,
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit: self.log.committed(),
+                read_round: self.reads.last_broadcast_round(),
+            },
+        );
+        if let Some(progress) = self.progress.get_mut(&peer) {
+            if carried_entries || matches!(progress.state, ProgressState::Probe { .. }) {
+                progress.sent_entries(last);
+            }
+        }
+    }
+
+    /// An empty AppendEntries at the follower's match point: always accepted by a follower of this term,
+    /// so it asserts leadership, carries the commit index and confirms a ReadIndex round without ever
+    /// causing a spurious rejection while entries are in flight.
+    fn send_heartbeat(&mut self, peer: NodeId, read_round: u64) {
+        let Some(progress) = self.progress.get(&peer) else {
+            return;
+        };
+        let (prev_log_index, prev_log_term) = match self.log.term(progress.match_index) {
+            Some(term) => (progress.match_index, term),
+            // Index 0 with term 0 matches every log: an entry-less heartbeat that checks nothing.
+            None => (0, 0),
+        };
+        self.send(
+            peer,
+            Message::AppendEntries {
+                term: self.term,
+                prev_log_index,
+                prev_log_term,
+                entries: Vec::new(),
+                leader_commit: self.log.committed(),
+                read_round,
+            },
+        );
+    }
+
+    fn broadcast_heartbeat(&mut self) {
+        let round = self.reads.last_broadcast_round();
+        for peer in self.peers.clone() {
+            let Some(progress) = self.progress.get_mut(&peer) else {
+                continue;
+            };
+            let retransmit = match &mut progress.state {
+                // The last probe may have been lost: probe again, which also heartbeats.
+                ProgressState::Probe { sent } => {
+                    *sent = false;
+                    true
+                }
+                ProgressState::Replicate { inflight, stalled } if !inflight.is_empty() => {
+                    *stalled += 1;
+                    // Two heartbeat intervals without an acknowledgement: presume the in-flight messages
+                    // lost and resend from the match point.
+                    *stalled >= 2
+                }
+                ProgressState::Replicate { .. } | ProgressState::Snapshot { .. } => false,
+            };
+            if retransmit {
+                if matches!(progress.state, ProgressState::Replicate { .. }) {
+                    let from = progress.match_index + 1;
+                    progress.probe_from(from);
+                }
+                self.send_append(peer, true);
+            } else {
+                self.send_heartbeat(peer, round);
+            }
+        }
+    }
+
+    fn send_snapshot(&mut self, peer: NodeId) {
+        let meta = self.log.snapshot_meta();
+        let Some(progress) = self.progress.get_mut(&peer) else {
+            return;
+        };
+        progress.state = ProgressState::Snapshot {
+            index: meta.index,
+            ticks: 0,
+        };
+        debug!(node = self.config.id, term = self.term, peer, index = meta.index, "sending snapshot");
+        self.send(
+            peer,
+            Message::InstallSnapshot {
+                term: self.term,
+                meta,
+                data: self.snapshot.data.clone(),
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_append_response(
+        &mut self,
+        from: NodeId,
+        success: bool,
+        match_index: Index,
+        rejected_index: Index,
+        conflict_index: Index,
+        conflict_term: Option<Term>,
+        read_round: u64,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last_index = self.log.last_index();
+        let Some(progress) = self.progress.get_mut(&from) else {
+            return;
+        };
+        progress.recent_active = true;
+        progress.read_round = progress.read_round.max(read_round);
+        if success {
+            // A follower can only acknowledge what we sent it; anything larger is a lie or a bug.
+            let match_index = match_index.min(last_index);
+            if progress.acknowledge(match_index) {
+                self.maybe_commit();
+            }
+            self.maybe_send_timeout_now(from);
+            self.send_append(from, false);
+        } else if rejected_index > progress.match_index
+            && (!matches!(progress.state, ProgressState::Probe { .. })
+                || rejected_index + 1 == progress.next_index)
+        {
+            // Fast back-up: skip the follower's whole conflicting term (or to its end) in one step.
+            let hint = match conflict_term {
+                Some(term) => self
+                    .log
+                    .last_index_of_term(term, rejected_index)
+                    .map_or(conflict_index, |i| i + 1),
+                None => conflict_index,
+            };
+            let Some(progress) = self.progress.get_mut(&from) else {
+                return;
+            };
+            progress.probe_from(hint.min(rejected_index).max(1));
+            self.send_append(from, false);
+        }
+        self.advance_reads();
+    }
+
+    fn on_snapshot_response(&mut self, from: NodeId, match_index: Index) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last_index = self.log.last_index();
+        let Some(progress) = self.progress.get_mut(&from) else {
+            return;
+        };
+        progress.recent_active = true;
+        if progress.acknowledge(match_index.min(last_index)) {
+            self.maybe_commit();
+        }
+        self.send_append(from, false);
+    }
+
+    /// Figure 2, leader rule 4, with the Figure 8 restriction: an index is committed when a majority stores
+    /// it **and** its entry is from the current term. Older entries commit only indirectly.
+    fn maybe_commit(&mut self) {
+        let mut matches: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
+        matches.push(self.log.last_index());
+        let candidate = quorum::quorum_value(&mut matches);
+        if candidate > self.log.committed() && self.log.term(candidate) == Some(self.term) {
+            self.log.commit_to(candidate);
+            self.reads.term_committed(candidate);
+            if self.peers.is_empty() {
+                let confirmed = self.reads.confirm(u64::MAX);
+                self.read_states.extend(confirmed);
+            }
+        }
+    }
+
+    fn advance_reads(&mut self) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let mut rounds: Vec<u64> = self.progress.values().map(|p| p.read_round).collect();
+        rounds.push(u64::MAX);
+        let confirmed_round = quorum::quorum_value(&mut rounds);
+        let confirmed = self.reads.confirm(confirmed_round);
+        self.read_states.extend(confirmed);
+    }
+
+    fn maybe_send_timeout_now(&mut self, peer: NodeId) {
+        if self.transfer_target != Some(peer) {
+            return;
+        }
+        let caught_up = self
+            .progress
+            .get(&peer)
+            .is_some_and(|p| p.match_index == self.log.last_index());
+        if caught_up {
+            self.send(peer, Message::TimeoutNow { term: self.term });
+        } else {
+            self.send_append(peer, false);
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------------
+    // Follower and candidate side
+    // ----------------------------------------------------------------------------------------------
+
+    fn on_append_entries(
+        &mut self,
+        from: NodeId,
+        prev_log_index: Index,
+        prev_log_term: Term,
+        entries: &[Entry],
+        leader_commit: Index,
+        read_round: u64,
+    ) -> Result<(), StepError> {
+        if self.role == Role::Leader {
+            // Two leaders in one term is impossible unless a peer is broken.
+            return Err(StepError::Protocol {
+                from,
+                what: "AppendEntries from a second leader of our term",
+            });
+        }
+        if self.role != Role::Follower || self.leader != Some(from) {
+            self.become_follower(self.term, Some(from));
+        }
+        self.election_elapsed = 0;
+        let reply = match self.log.try_append(prev_log_index, prev_log_term, entries) {
+            Ok(match_index) => {
+                // Figure 2 receiver rule 5: commit no further than what we know matches the leader.
+                self.log.commit_to(leader_commit.min(match_index));
+                Message::AppendEntriesResponse {
+                    term: self.term,
+                    success: true,
+                    match_index,
+                    rejected_index: 0,
+                    conflict_index: 0,
+                    conflict_term: None,
+                    read_round,
+                }
+            }
+            Err(AppendConflict::Missing { next }) => Message::AppendEntriesResponse {
+                term: self.term,
+                success: false,
+                match_index: 0,
+                rejected_index: prev_log_index,
+                conflict_index: next,
+                conflict_term: None,
+                read_round,
+            },
+            Err(AppendConflict::TermMismatch { term, first_index }) => {
+                Message::AppendEntriesResponse {
+                    term: self.term,
+                    success: false,
+                    match_index: 0,
+                    rejected_index: prev_log_index,
+                    conflict_index: first_index,
+                    conflict_term: Some(term),
+                    read_round,
+                }
+            }
+            Err(AppendConflict::WouldTruncateCommitted) => {
+                return Err(StepError::Protocol {
+                    from,
+                    what: "AppendEntries conflicting with committed entries",
+                });
+            }
+        };
+        self.send(from, reply);
+        Ok(())
+    }
+
+    fn on_request_vote(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        last_log_index: Index,
+        last_log_term: Term,
+        pre_vote: bool,
+    ) {
+        // Figure 2 RequestVote receiver rule 2, and for a pre-vote: "would I vote for you in `term`?".
+        let can_vote = self.vote == Some(from)
+            || (self.vote.is_none() && self.leader.is_none())
+            || (pre_vote && term > self.term);
+        let granted = can_vote && self.log.is_up_to_date(last_log_index, last_log_term);
+        if granted && !pre_vote {
+            self.vote = Some(from);
+            self.reset_election_timer();
+        }
+        debug!(node = self.config.id, term = self.term, from, pre_vote, granted, "vote request");
+        self.send(
+            from,
+            Message::RequestVoteResponse {
+                term: if pre_vote && granted { term } else { self.term },
+                granted,
+                pre_vote,
+            },
+        );
+    }
+
+    fn on_vote_response(&mut self, from: NodeId, term: Term, granted: bool, pre_vote: bool) {
+        let counts = match self.role {
+            Role::PreCandidate => pre_vote && (!granted || term == self.term + 1),
+            Role::Candidate => !pre_vote && term == self.term,
+            _ => false,
+        };
+        if !counts {
+            return;
+        }
+        self.votes.insert(from, granted);
+        match self.tally() {
+            Some(true) if self.role == Role::PreCandidate => self.become_candidate(false),
+            Some(true) => self.become_leader(),
+            Some(false) => self.become_follower(self.term, None),
+            None => {}
+        }
+    }
+
+    fn on_install_snapshot(&mut self, from: NodeId, meta: SnapshotMeta, data: Bytes) {
+        if self.role != Role::Follower || self.leader != Some(from) {
+            self.become_follower(self.term, Some(from));
+        }
+        self.election_elapsed = 0;
+        let match_index = if meta.index <= self.log.committed() {
+            // We already have everything it covers, committed and therefore identical to the leader's.
+            self.log.committed()
+        } else {
+            info!(node = self.config.id, term = self.term, index = meta.index, "installing snapshot");
+            self.log.install_snapshot(meta);
+            self.snapshot = Snapshot { meta, data };
+            self.snapshot_to_persist = Some(self.snapshot.clone());
+            self.snapshot_to_apply = Some(self.snapshot.clone());
+            meta.index
+        };
+        self.send(
+            from,
+            Message::InstallSnapshotResponse {
+                term: self.term,
+                match_index,
+            },
+        );
+    }
+
+    fn send(&mut self, to: NodeId, message: Message) {
+        self.messages.push(Envelope {
+            from: self.config.id,
+            to,
+            message,
+        });
+    }
+}

@@ -1,0 +1,154 @@
+//! The ReadIndex queue (Raft thesis §6.4): linearizable reads without writing the log.
+//!
+//! A read is answered once (1) the leader has committed an entry of its own term, so its commit index is
+//! the cluster's, (2) a majority acknowledged a heartbeat round sent *after* the read arrived, so the
+//! leader was still leader when the read arrived, and (3) the service applied up to the read's index.
+//! The queue does (1) and (2); the service waits for (3).
+
+use super::types::Index;
+use std::collections::VecDeque;
+
+/// A read the leader has confirmed: serve it once the state machine applied `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    /// The id the service gave the read.
+    pub id: u64,
+    /// The commit index at the time the read arrived.
+    pub index: Index,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PendingRead {
+    id: u64,
+    index: Index,
+    round: u64,
+}
+
+/// Reads waiting for confirmation of leadership.
+#[derive(Clone, Debug, Default)]
+pub struct ReadQueue {
+    awaiting_term_commit: Vec<u64>,
+    pending: VecDeque<PendingRead>,
+    /// The round the next broadcast will carry. Rounds start at 1 so 0 means "no round".
+    next_round: u64,
+    broadcast_needed: bool,
+}
+
+impl ReadQueue {
+    /// An empty queue for a new term.
+    pub fn new() -> Self {
+        ReadQueue {
+            next_round: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Queue a read. `commit` is the current commit index, `term_committed` whether it is from the
+    /// leader's term.
+    pub fn request(&mut self, id: u64, commit: Index, term_committed: bool) {
+        if term_committed {
+            self.pending.push_back(PendingRead {
+                id,
+                index: commit,
+                round: self.next_round,
+            });
+            self.broadcast_needed = true;
+        } else {
+            self.awaiting_term_commit.push(id);
+        }
+    }
+
+    /// The leader committed an entry of its term: reads that waited for that can now start a round.
+    pub fn term_committed(&mut self, commit: Index) {
+        for id in std::mem::take(&mut self.awaiting_term_commit) {
+            self.request(id, commit, true);
+        }
+    }
+
+    /// If reads wait for a round, the round to broadcast now.
+    pub fn take_broadcast(&mut self) -> Option<u64> {
+        if !self.broadcast_needed {
+            return None;
+        }
+        self.broadcast_needed = false;
+        let round = self.next_round;
+        self.next_round += 1;
+        Some(round)
+    }
+
+    /// Whether reads wait for a round to be broadcast.
+    pub fn broadcast_needed(&self) -> bool {
+        self.broadcast_needed
+    }
+
+    /// The newest round already broadcast (what ordinary messages carry).
+    pub fn last_broadcast_round(&self) -> u64 {
+        self.next_round - 1
+    }
+
+    /// A majority acknowledged every round up to `round`: release the reads those rounds cover.
+    pub fn confirm(&mut self, round: u64) -> Vec<ReadState> {
+        let mut ready = Vec::new();
+        while self.pending.front().is_some_and(|r| r.round <= round) {
+            if let Some(r) = self.pending.pop_front() {
+                ready.push(ReadState {
+                    id: r.id,
+                    index: r.index,
+                });
+            }
+        }
+        ready
+    }
+
+    /// Leadership was lost: every queued read fails.
+    pub fn drain(&mut self) -> Vec<u64> {
+        let mut failed: Vec<u64> = self.pending.drain(..).map(|r| r.id).collect();
+        failed.append(&mut self.awaiting_term_commit);
+        failed
+    }
+
+    /// Whether any read is queued.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.awaiting_term_commit.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_needs_a_round_sent_after_it() {
+        let mut q = ReadQueue::new();
+        q.request(7, 10, true);
+        assert_eq!(q.confirm(0), vec![]);
+        let round = q.take_broadcast().expect("a round");
+        assert_eq!(q.take_broadcast(), None);
+        q.request(8, 11, true);
+        assert_eq!(q.confirm(round), vec![ReadState { id: 7, index: 10 }]);
+        let next = q.take_broadcast().expect("a second round");
+        assert!(next > round);
+        assert_eq!(q.confirm(next), vec![ReadState { id: 8, index: 11 }]);
+    }
+
+    #[test]
+    fn reads_before_a_term_commit_wait_for_it() {
+        let mut q = ReadQueue::new();
+        q.request(1, 3, false);
+        assert_eq!(q.take_broadcast(), None);
+        q.term_committed(5);
+        let round = q.take_broadcast().expect("a round");
+        assert_eq!(q.confirm(round), vec![ReadState { id: 1, index: 5 }]);
+    }
+
+    #[test]
+    fn losing_leadership_fails_every_read() {
+        let mut q = ReadQueue::new();
+        q.request(1, 3, false);
+        q.request(2, 3, true);
+        let mut failed = q.drain();
+        failed.sort_unstable();
+        assert_eq!(failed, vec![1, 2]);
+        assert!(q.is_empty());
+    }
+}
