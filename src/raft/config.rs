@@ -103,7 +103,9 @@ pub enum ConfigError {
     #[error("the voter list names a node twice")]
     DuplicateVoter,
     /// Heartbeats must come more often than elections start.
-    #[error("heartbeat ticks ({heartbeat}) must be non-zero and below election ticks ({election})")]
+    #[error(
+        "heartbeat ticks ({heartbeat}) must be non-zero and below election ticks ({election})"
+    )]
     Timing {
         /// The configured heartbeat interval.
         heartbeat: u32,

@@ -162,15 +162,13 @@ impl RaftCore {
     pub fn restore(config: Config, state: PersistedState) -> Result<Self, RestoreError> {
         config.validate()?;
         let snapshot = state.snapshot.unwrap_or_default();
-        let mut expected = snapshot.meta.index + 1;
-        for entry in &state.entries {
+        for (expected, entry) in (snapshot.meta.index + 1..).zip(&state.entries) {
             if entry.index != expected {
                 return Err(RestoreError::NonContiguousLog {
                     expected,
                     found: entry.index,
                 });
             }
-            expected += 1;
         }
         if let Some(vote) = state.hard_state.vote {
             if !config.voters.contains(&vote) {
@@ -185,7 +183,8 @@ impl RaftCore {
             .collect();
         peers.sort_unstable();
         let log = RaftLog::restore(snapshot.meta, state.entries, state.hard_state.commit);
-        let rng = ChaCha8Rng::seed_from_u64(config.seed ^ config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let rng =
+            ChaCha8Rng::seed_from_u64(config.seed ^ config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let snapshot_to_apply = (snapshot.meta.index > 0).then(|| snapshot.clone());
         let mut core = RaftCore {
             peers,
@@ -262,7 +261,12 @@ impl RaftCore {
                     // Leader lease (thesis §4.2.3): while we hear from a leader, ignore campaigns, so a
                     // node that cannot hear the leader cannot depose it. A transfer is the leader's wish.
                     if self.in_lease() && !leadership_transfer {
-                        debug!(node = me, term = self.term, from, "ignoring vote request within lease");
+                        debug!(
+                            node = me,
+                            term = self.term,
+                            from,
+                            "ignoring vote request within lease"
+                        );
                         return Ok(());
                     }
                     if !pre_vote {
@@ -376,7 +380,12 @@ impl RaftCore {
             }
             Message::TimeoutNow { .. } => {
                 if self.role != Role::Leader {
-                    info!(node = me, term = self.term, from, "leadership transferred to us");
+                    info!(
+                        node = me,
+                        term = self.term,
+                        from,
+                        "leadership transferred to us"
+                    );
                     self.campaign(true);
                 }
                 Ok(())
@@ -431,7 +440,12 @@ impl RaftCore {
         self.log.compact(meta);
         self.snapshot = Snapshot { meta, data };
         self.snapshot_to_persist = Some(self.snapshot.clone());
-        debug!(node = self.config.id, term = self.term, index, "log compacted");
+        debug!(
+            node = self.config.id,
+            term = self.term,
+            index,
+            "log compacted"
+        );
         Ok(())
     }
 
@@ -716,7 +730,11 @@ impl RaftCore {
                 }
             }
             if self.transfer_target.take().is_some() {
-                debug!(node = self.config.id, term = self.term, "leadership transfer timed out");
+                debug!(
+                    node = self.config.id,
+                    term = self.term,
+                    "leadership transfer timed out"
+                );
             }
         }
         // Resend snapshots that went unanswered for an election timeout: they may have been lost.
@@ -872,7 +890,13 @@ impl RaftCore {
             index: meta.index,
             ticks: 0,
         };
-        debug!(node = self.config.id, term = self.term, peer, index = meta.index, "sending snapshot");
+        debug!(
+            node = self.config.id,
+            term = self.term,
+            peer,
+            index = meta.index,
+            "sending snapshot"
+        );
         self.send(
             peer,
             Message::InstallSnapshot {
@@ -1075,7 +1099,14 @@ impl RaftCore {
             self.vote = Some(from);
             self.reset_election_timer();
         }
-        debug!(node = self.config.id, term = self.term, from, pre_vote, granted, "vote request");
+        debug!(
+            node = self.config.id,
+            term = self.term,
+            from,
+            pre_vote,
+            granted,
+            "vote request"
+        );
         self.send(
             from,
             Message::RequestVoteResponse {
@@ -1113,7 +1144,12 @@ impl RaftCore {
             // We already have everything it covers, committed and therefore identical to the leader's.
             self.log.committed()
         } else {
-            info!(node = self.config.id, term = self.term, index = meta.index, "installing snapshot");
+            info!(
+                node = self.config.id,
+                term = self.term,
+                index = meta.index,
+                "installing snapshot"
+            );
             self.log.install_snapshot(meta);
             self.snapshot = Snapshot { meta, data };
             self.snapshot_to_persist = Some(self.snapshot.clone());

@@ -128,7 +128,8 @@ impl RaftLog {
     /// Raft §5.4.1: a candidate whose log ends at (`last_index`, `last_term`) is at least as up to date as
     /// this log.
     pub fn is_up_to_date(&self, last_index: Index, last_term: Term) -> bool {
-        last_term > self.last_term() || (last_term == self.last_term() && last_index >= self.last_index())
+        last_term > self.last_term()
+            || (last_term == self.last_term() && last_index >= self.last_index())
     }
 
     /// Entries from `from` on, at most `max_entries` of them and about `max_bytes` (always at least one).
@@ -137,7 +138,9 @@ impl RaftLog {
         let mut bytes = 0;
         let mut index = from.max(self.first_index());
         while let Some(entry) = self.entry(index) {
-            if out.len() >= max_entries || (!out.is_empty() && bytes + entry.approx_size() > max_bytes) {
+            if out.len() >= max_entries
+                || (!out.is_empty() && bytes + entry.approx_size() > max_bytes)
+            {
                 break;
             }
             bytes += entry.approx_size();
@@ -391,7 +394,10 @@ mod tests {
         log.commit_to(4);
         log.take_committed();
         log.compact(SnapshotMeta { index: 3, term: 1 });
-        assert_eq!(log.try_append(1, 1, &[e(2, 1), e(3, 1), e(4, 1), e(5, 2)]), Ok(5));
+        assert_eq!(
+            log.try_append(1, 1, &[e(2, 1), e(3, 1), e(4, 1), e(5, 2)]),
+            Ok(5)
+        );
         assert_eq!(log.last_index(), 5);
         assert_eq!(log.try_append(0, 0, &[e(1, 1)]), Ok(1));
     }

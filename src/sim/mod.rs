@@ -1,1 +1,20 @@
-//! placeholder
+//! A deterministic simulator for Raft clusters.
+//!
+//! Everything that could make a run differ from the next — message delays and drops, timer firings,
+//! client behaviour, crashes — is drawn from one seeded RNG and ordered by one event queue with a
+//! logical clock, so a seed names exactly one schedule. Tests print their seed when they fail and take
+//! `RAFT_SEED` to replay it.
+//!
+//! - [`net`]: the fault model of 6.824's labrpc (drops, short and long delays, reordering, partitions);
+//! - [`storage`]: an in-memory persister with the crash semantics of 6.824's (only what was handed to
+//!   storage survives);
+//! - [`cluster`]: a cluster of [`crate::raft::RaftCore`]s with the helpers of 6.824's Raft `config.go`
+//!   (`one`, `check_one_leader`, `n_committed`, ...) and a safety checker that runs on every step;
+//! - [`seed`]: how tests choose and report seeds.
+
+pub mod cluster;
+pub mod net;
+pub mod seed;
+pub mod storage;
+
+pub use cluster::{Actor, ApplyMode, ClusterOptions, RaftCluster};

@@ -1,0 +1,33 @@
+//! Seeds: every test has a fixed default seed (so CI is repeatable) that `RAFT_SEED` overrides.
+
+/// The seed for a test: `RAFT_SEED` if set, otherwise a hash of the test's name.
+pub fn for_test(name: &str) -> u64 {
+    match std::env::var("RAFT_SEED") {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("RAFT_SEED must be an unsigned integer, got {value:?}")),
+        Err(_) => fnv1a(name.as_bytes()),
+    }
+}
+
+/// An environment variable as a number, or `default` when unset.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be an unsigned integer, got {value:?}")),
+        Err(_) => default,
+    }
+}
+
+/// 64-bit FNV-1a: a stable hash (unlike `DefaultHasher`, whose output may change between releases).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
