@@ -142,6 +142,9 @@ pub struct RaftCore {
     progress: BTreeMap<NodeId, Progress>,
     reads: ReadQueue,
     transfer_target: Option<NodeId>,
+    /// New entries were appended and followers have not been sent them yet. Sending is deferred to
+    /// `ready()` so that every proposal between two `Ready`s travels in one message per follower.
+    append_pending: bool,
     // Output accumulated until the next `ready()`.
     messages: Vec<Envelope>,
     persisted_hard_state: HardState,
@@ -202,6 +205,7 @@ impl RaftCore {
             progress: BTreeMap::new(),
             reads: ReadQueue::new(),
             transfer_target: None,
+            append_pending: false,
             messages: Vec::new(),
             persisted_hard_state: HardState {
                 commit: state.hard_state.commit,
@@ -473,6 +477,7 @@ impl RaftCore {
     /// Whether a call to [`RaftCore::ready`] would return work.
     pub fn has_ready(&self) -> bool {
         !self.messages.is_empty()
+            || self.append_pending
             || self.snapshot_to_persist.is_some()
             || self.snapshot_to_apply.is_some()
             || self.log.has_committed()
@@ -484,6 +489,11 @@ impl RaftCore {
 
     /// Collect what the driver must do now (see [`Ready`] for the order).
     pub fn ready(&mut self) -> Ready {
+        if std::mem::take(&mut self.append_pending) && self.role == Role::Leader {
+            for peer in self.peers.clone() {
+                self.send_append(peer, false);
+            }
+        }
         if let Some(round) = self.reads.take_broadcast() {
             for peer in self.peers.clone() {
                 self.send_heartbeat(peer, round);
@@ -768,10 +778,9 @@ impl RaftCore {
             kind,
             data,
         });
-        // Replicate at once rather than at the next heartbeat: commit latency is one round trip.
-        for peer in self.peers.clone() {
-            self.send_append(peer, false);
-        }
+        // Replicate with the next `Ready` rather than at the next heartbeat: commit latency is one round
+        // trip, and a burst of proposals shares one message per follower.
+        self.append_pending = true;
         self.maybe_commit();
         index
     }
