@@ -43,6 +43,7 @@ pub mod progress;
 pub mod quorum;
 pub mod read_only;
 pub mod ready;
+pub mod storage;
 pub mod types;
 pub mod wire;
 

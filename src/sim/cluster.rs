@@ -705,7 +705,7 @@ impl RaftCluster {
             }
             let ready = core.ready();
             self.check_ready(i, &ready);
-            self.servers[i].storage.persist(&ready);
+            self.servers[i].storage.persist_ready(&ready);
             for envelope in ready.messages {
                 self.send(envelope);
             }

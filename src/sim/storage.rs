@@ -4,6 +4,7 @@
 //! atomic, which models a driver that flushes a whole `Ready` before acting on it.
 
 use crate::proto::raft as pb;
+use crate::raft::storage::{Storage, StorageError};
 use crate::raft::wire::entry_to_proto;
 use crate::raft::{Entry, HardState, PersistedState, Ready, Snapshot};
 use prost::Message as _;
@@ -18,7 +19,7 @@ pub struct MemStorage {
 
 impl MemStorage {
     /// Persist the durable parts of `ready` in the order the driver contract prescribes.
-    pub fn persist(&mut self, ready: &Ready) {
+    pub fn persist_ready(&mut self, ready: &Ready) {
         if let Some(snapshot) = &ready.snapshot {
             self.entries.retain(|e| e.index > snapshot.meta.index);
             self.snapshot = Some(snapshot.clone());
@@ -42,6 +43,7 @@ impl MemStorage {
     }
 
     /// Bytes of Raft state (hard state and log) in our protobuf encoding: 6.824's `RaftStateSize`.
+    /// The same quantity the daemons compare with their snapshot threshold.
     pub fn raft_state_size(&self) -> usize {
         let hard_state = pb::Entry {
             term: self.hard_state.term,
@@ -95,14 +97,14 @@ mod tests {
     #[test]
     fn writes_truncate_then_append_and_snapshots_drop_the_prefix() {
         let mut s = MemStorage::default();
-        s.persist(&Ready {
+        s.persist_ready(&Ready {
             log_write: Some(LogWrite {
                 from: 1,
                 entries: vec![e(1), e(2), e(3)],
             }),
             ..Default::default()
         });
-        s.persist(&Ready {
+        s.persist_ready(&Ready {
             log_write: Some(LogWrite {
                 from: 2,
                 entries: vec![e(2)],
@@ -110,7 +112,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.load().entries.len(), 2);
-        s.persist(&Ready {
+        s.persist_ready(&Ready {
             snapshot: Some(Snapshot {
                 meta: SnapshotMeta { index: 1, term: 1 },
                 data: Bytes::from_static(b"s"),
@@ -120,5 +122,24 @@ mod tests {
         let loaded = s.load();
         assert_eq!(loaded.entries, vec![e(2)]);
         assert_eq!(s.snapshot_size(), 1);
+    }
+}
+
+impl Storage for MemStorage {
+    fn load(&self) -> Result<PersistedState, StorageError> {
+        Ok(MemStorage::load(self))
+    }
+
+    fn persist(&mut self, ready: &Ready) -> Result<(), StorageError> {
+        self.persist_ready(ready);
+        Ok(())
+    }
+
+    fn raft_state_size(&self) -> u64 {
+        MemStorage::raft_state_size(self) as u64
+    }
+
+    fn snapshot_size(&self) -> u64 {
+        MemStorage::snapshot_size(self) as u64
     }
 }
