@@ -33,17 +33,21 @@
 //! [`types`] (ids, entries, durable state), [`message`] (the peer protocol), [`log`] (the log and what is
 //! not yet persisted), [`progress`] (per-follower flow control), [`quorum`] (majority arithmetic),
 //! [`read_only`] (the ReadIndex queue), [`ready`] (the driver's to-do list), [`config`], [`core`] (the
-//! protocol itself) and [`wire`] (conversion to the protobuf messages of `proto/raft.proto`).
+//! protocol itself) and [`wire`] (conversion to the protobuf messages of `proto/raft.proto`) are the
+//! sans-IO part. [`storage`] (sled), [`transport`] (tonic) and [`node`] (the tokio driver) put it on disks
+//! and networks.
 
 pub mod config;
 pub mod core;
 pub mod log;
 pub mod message;
+pub mod node;
 pub mod progress;
 pub mod quorum;
 pub mod read_only;
 pub mod ready;
 pub mod storage;
+pub mod transport;
 pub mod types;
 pub mod wire;
 
@@ -51,8 +55,10 @@ pub use self::config::{Config, ConfigError};
 pub use self::core::{CompactError, NotLeader, RaftCore, RestoreError, Status, StepError};
 pub use self::log::LogWrite;
 pub use self::message::{Envelope, Message};
+pub use self::node::{Applied, NodeConfig, NodeError, NodeStatus, RaftHandle, RaftNode};
 pub use self::read_only::ReadState;
 pub use self::ready::{Ready, SoftState};
+pub use self::storage::{Identity, SledStorage, Storage, StorageError};
 pub use self::types::{
     Entry, EntryKind, HardState, Index, NodeId, PersistedState, Role, Snapshot, SnapshotMeta, Term,
 };

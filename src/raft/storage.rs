@@ -15,7 +15,7 @@
 //! points at it, so a crash leaves either the old snapshot or the new one, never a mix; leftovers of other
 //! generations and entries the snapshot covers are cleaned up when the directory is next opened.
 
-use super::types::{HardState, Index, NodeId, PersistedState, Snapshot, SnapshotMeta};
+use super::types::{HardState, NodeId, PersistedState, Snapshot, SnapshotMeta};
 use super::wire::{entry_from_proto, entry_to_proto};
 use super::Ready;
 use crate::proto::raft as pb;
@@ -377,8 +377,7 @@ impl Storage for SledStorage {
         };
         let snapshot = self.read_snapshot()?;
         let mut entries = Vec::new();
-        let mut expected: Index = self.snapshot.meta.index + 1;
-        for item in self.log.iter() {
+        for (expected, item) in (self.snapshot.meta.index + 1..).zip(self.log.iter()) {
             let (key, value) = item.map_err(|s| self.io(s))?;
             let entry = pb::Entry::decode(value.as_ref())
                 .map_err(|e| self.corrupt(format!("unreadable log entry: {e}")))
@@ -389,7 +388,6 @@ impl Storage for SledStorage {
                     entry.index
                 )));
             }
-            expected += 1;
             entries.push(entry);
         }
         Ok(PersistedState {

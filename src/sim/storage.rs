@@ -79,6 +79,25 @@ impl MemStorage {
     }
 }
 
+impl Storage for MemStorage {
+    fn load(&self) -> Result<PersistedState, StorageError> {
+        Ok(MemStorage::load(self))
+    }
+
+    fn persist(&mut self, ready: &Ready) -> Result<(), StorageError> {
+        self.persist_ready(ready);
+        Ok(())
+    }
+
+    fn raft_state_size(&self) -> u64 {
+        MemStorage::raft_state_size(self) as u64
+    }
+
+    fn snapshot_size(&self) -> u64 {
+        MemStorage::snapshot_size(self) as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,24 +141,5 @@ mod tests {
         let loaded = s.load();
         assert_eq!(loaded.entries, vec![e(2)]);
         assert_eq!(s.snapshot_size(), 1);
-    }
-}
-
-impl Storage for MemStorage {
-    fn load(&self) -> Result<PersistedState, StorageError> {
-        Ok(MemStorage::load(self))
-    }
-
-    fn persist(&mut self, ready: &Ready) -> Result<(), StorageError> {
-        self.persist_ready(ready);
-        Ok(())
-    }
-
-    fn raft_state_size(&self) -> u64 {
-        MemStorage::raft_state_size(self) as u64
-    }
-
-    fn snapshot_size(&self) -> u64 {
-        MemStorage::snapshot_size(self) as u64
     }
 }

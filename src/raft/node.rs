@@ -1,0 +1,398 @@
+//! The tokio driver that turns a [`RaftCore`] into a running node.
+//!
+//! One task owns the core. It waits for the next input — a command from the service ([`RaftHandle`]), a
+//! message from a peer, or the tick timer — takes everything else already queued (so a burst of proposals
+//! becomes one `Ready`, one flush and one message per follower), then handles the `Ready` as the driver
+//! contract says: **persist and flush** (on a blocking thread, so the runtime keeps serving), **send**,
+//! then **apply** by pushing to the service's [`Applied`] stream and answering confirmed reads.
+//!
+//! Proposals are answered with the (index, term) the entry got, not with its commit: the service waits
+//! for the entry on the apply stream and checks the term (that is the `rsm` layer's job).
+
+use super::config::Config;
+use super::core::{CompactError, NotLeader, RaftCore, RestoreError, Status};
+use super::message::Envelope;
+use super::storage::{Storage, StorageError};
+use super::transport::{RaftService, Transport, TransportConfig};
+use super::types::{Entry, Index, NodeId, Role, Snapshot, Term};
+use super::Ready;
+use crate::proto::raft::raft_transport_server::RaftTransportServer;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, info_span, warn, Instrument};
+
+/// How to run a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The protocol configuration (id, voters, timeouts in ticks, ...).
+    pub raft: Config,
+    /// Real time per tick. With the default 10 ms and `Config::new`'s tick counts, heartbeats go out every
+    /// 100 ms and elections start after 1–2 s of silence.
+    pub tick: Duration,
+    /// Address (`http://host:port`) of every other voter.
+    pub peers: HashMap<NodeId, String>,
+    /// Transport knobs.
+    pub transport: TransportConfig,
+    /// Largest snapshot accepted from a peer.
+    pub max_snapshot_bytes: u64,
+}
+
+impl NodeConfig {
+    /// A configuration with default timing for node `id` among `peers` (which must not include `id`).
+    pub fn new(id: NodeId, peers: HashMap<NodeId, String>) -> Self {
+        let mut voters: Vec<NodeId> = peers.keys().copied().collect();
+        voters.push(id);
+        voters.sort_unstable();
+        let mut raft = Config::new(id, voters);
+        raft.seed = rand::random();
+        NodeConfig {
+            raft,
+            tick: Duration::from_millis(10),
+            peers,
+            transport: TransportConfig::default(),
+            max_snapshot_bytes: 4 << 30,
+        }
+    }
+}
+
+/// What the service must apply, in order.
+#[derive(Clone, Debug)]
+pub enum Applied {
+    /// Replace the state machine with this snapshot (sent by a leader, or the stored one on restart).
+    Snapshot(Snapshot),
+    /// Apply these committed entries (no-ops included, so indices stay contiguous).
+    Entries(Vec<Entry>),
+}
+
+/// Why a request to the node failed.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// Only the leader accepts proposals and reads.
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader),
+    /// The node has stopped (shut down, crashed or failed).
+    #[error("raft node stopped")]
+    Stopped,
+    /// The node lost leadership (or could not confirm it) before the read was confirmed.
+    #[error("read not confirmed: leadership lost")]
+    ReadAborted,
+    /// Storage failed; the node stops rather than risk acknowledging what is not durable.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The stored state could not be loaded into the core.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// The snapshot request was invalid.
+    #[error(transparent)]
+    Compact(#[from] CompactError),
+}
+
+/// A node's state as operators see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The core's view (role, term, leader, indices, follower progress).
+    pub raft: Status,
+    /// Bytes of persisted log and hard state.
+    pub raft_state_bytes: u64,
+    /// Bytes of the stored snapshot.
+    pub snapshot_bytes: u64,
+}
+
+enum Command {
+    Propose(Bytes, oneshot::Sender<Result<(Index, Term), NodeError>>),
+    ReadIndex(oneshot::Sender<Result<Index, NodeError>>),
+    Compact(Index, Bytes, oneshot::Sender<Result<(), NodeError>>),
+    Transfer(NodeId, oneshot::Sender<Result<(), NodeError>>),
+    Shutdown,
+}
+
+/// A cheap, cloneable way for services to talk to a running node.
+#[derive(Clone)]
+pub struct RaftHandle {
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<NodeStatus>,
+}
+
+impl RaftHandle {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> Command,
+    ) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Propose a command; returns the index and term it got (not yet committed).
+    pub async fn propose(&self, data: Bytes) -> Result<(Index, Term), NodeError> {
+        self.ask(|tx| Command::Propose(data, tx)).await
+    }
+
+    /// A linearizable read point: once the service applied this index, its state reflects every write
+    /// that completed before the call.
+    pub async fn read_index(&self) -> Result<Index, NodeError> {
+        self.ask(Command::ReadIndex).await
+    }
+
+    /// The service snapshotted its state after applying `index`.
+    pub async fn compact(&self, index: Index, data: Bytes) -> Result<(), NodeError> {
+        self.ask(|tx| Command::Compact(index, data, tx)).await
+    }
+
+    /// Hand leadership to `target`.
+    pub async fn transfer_leadership(&self, target: NodeId) -> Result<(), NodeError> {
+        self.ask(|tx| Command::Transfer(target, tx)).await
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that wakes on every status change (for waiting on a condition without polling).
+    pub fn subscribe(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+}
+
+/// A running node: its handle, its gRPC service and its driver task.
+pub struct RaftNode {
+    handle: RaftHandle,
+    service: RaftService,
+    task: JoinHandle<Result<(), NodeError>>,
+}
+
+impl RaftNode {
+    /// Load `storage`, start the driver and the transport. Returns the node and the stream of entries and
+    /// snapshots the service must apply. Must run inside a tokio runtime.
+    pub fn start(
+        config: NodeConfig,
+        storage: impl Storage,
+    ) -> Result<(RaftNode, mpsc::UnboundedReceiver<Applied>), NodeError> {
+        let persisted = storage.load()?;
+        let id = config.raft.id;
+        let core = RaftCore::restore(config.raft.clone(), persisted)?;
+        let (command_tx, command_rx) = mpsc::channel(4096);
+        let (inbound_tx, inbound_rx) = mpsc::channel(4096);
+        let (apply_tx, apply_rx) = mpsc::unbounded_channel();
+        let status = NodeStatus {
+            raft: core.status(),
+            raft_state_bytes: storage.raft_state_size(),
+            snapshot_bytes: storage.snapshot_size(),
+        };
+        let (status_tx, status_rx) = watch::channel(status);
+        let transport = Transport::start(&config.peers, &config.transport);
+        let driver = Driver {
+            core,
+            storage: Some(Box::new(storage)),
+            transport,
+            apply: apply_tx,
+            status: status_tx,
+            reads: HashMap::new(),
+            next_read: 0,
+            last_role: Role::Follower,
+        };
+        let task = tokio::spawn(
+            driver
+                .run(config.tick, command_rx, inbound_rx)
+                .instrument(info_span!("raft", node = id)),
+        );
+        let node = RaftNode {
+            handle: RaftHandle {
+                commands: command_tx,
+                status: status_rx,
+            },
+            service: RaftService::new(id, inbound_tx, config.max_snapshot_bytes),
+            task,
+        };
+        Ok((node, apply_rx))
+    }
+
+    /// A handle for services.
+    pub fn handle(&self) -> RaftHandle {
+        self.handle.clone()
+    }
+
+    /// The peer-facing gRPC service, to be added to the node's tonic server.
+    pub fn service(&self) -> RaftTransportServer<RaftService> {
+        RaftTransportServer::new(self.service.clone())
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20)
+    }
+
+    /// Stop abruptly, as a crash would: nothing more is persisted, sent or applied.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Stop after the current `Ready` is handled; returns the driver's final result.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let _ = self.handle.commands.send(Command::Shutdown).await;
+        match self.task.await {
+            Ok(result) => result,
+            Err(_) => Err(NodeError::Stopped),
+        }
+    }
+
+    /// Wait until the driver task has fully stopped (after `abort`), so its storage is closed.
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+struct Driver {
+    core: RaftCore,
+    storage: Option<Box<dyn Storage>>,
+    transport: Transport,
+    apply: mpsc::UnboundedSender<Applied>,
+    status: watch::Sender<NodeStatus>,
+    reads: HashMap<u64, oneshot::Sender<Result<Index, NodeError>>>,
+    next_read: u64,
+    last_role: Role,
+}
+
+/// Inputs taken per wake-up at most, so ticks are never starved by a flood of messages.
+const BATCH: usize = 512;
+
+impl Driver {
+    async fn run(
+        mut self,
+        tick: Duration,
+        mut commands: mpsc::Receiver<Command>,
+        mut inbound: mpsc::Receiver<Envelope>,
+    ) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        info!(term = self.core.term(), "raft node started");
+        loop {
+            tokio::select! {
+                biased;
+                _ = ticker.tick() => self.core.tick(),
+                command = commands.recv() => match command {
+                    Some(Command::Shutdown) | None => break,
+                    Some(command) => self.command(command),
+                },
+                Some(envelope) = inbound.recv() => self.step(envelope),
+            }
+            for _ in 0..BATCH {
+                match inbound.try_recv() {
+                    Ok(envelope) => self.step(envelope),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..BATCH {
+                match commands.try_recv() {
+                    Ok(Command::Shutdown) => return self.handle_ready().await,
+                    Ok(command) => self.command(command),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.handle_ready().await {
+                error!(error = %e, "stopping: cannot persist raft state");
+                return Err(e);
+            }
+        }
+        self.handle_ready().await
+    }
+
+    fn step(&mut self, envelope: Envelope) {
+        let from = envelope.from;
+        if let Err(e) = self.core.step(envelope) {
+            warn!(from, error = %e, "refused a message");
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Propose(data, reply) => {
+                let _ = reply.send(self.core.propose(data).map_err(NodeError::from));
+            }
+            Command::ReadIndex(reply) => {
+                self.next_read += 1;
+                let id = self.next_read;
+                match self.core.read_index(id) {
+                    Ok(()) => {
+                        self.reads.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::Compact(index, data, reply) => {
+                let _ = reply.send(self.core.compact(index, data).map_err(NodeError::from));
+            }
+            Command::Transfer(target, reply) => {
+                let _ = reply.send(
+                    self.core
+                        .transfer_leadership(target)
+                        .map_err(NodeError::from),
+                );
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    async fn handle_ready(&mut self) -> Result<(), NodeError> {
+        if !self.core.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.core.ready();
+        if ready.must_persist() {
+            let mut storage = self.storage.take().ok_or(NodeError::Stopped)?;
+            // sled's flush is a blocking fsync: keep it off the runtime's worker threads.
+            let (storage, ready_back, result) = tokio::task::spawn_blocking(move || {
+                let result = storage.persist(&ready);
+                (storage, ready, result)
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+            self.storage = Some(storage);
+            ready = ready_back;
+            result?;
+        }
+        self.after_persist(ready);
+        Ok(())
+    }
+
+    fn after_persist(&mut self, ready: Ready) {
+        let soft = ready.soft_state;
+        if soft.role != self.last_role {
+            info!(term = soft.term, role = %soft.role, leader = ?soft.leader, "role changed");
+            self.last_role = soft.role;
+        }
+        self.transport.send(ready.messages);
+        if let Some(snapshot) = ready.snapshot_to_apply {
+            let _ = self.apply.send(Applied::Snapshot(snapshot));
+        }
+        if !ready.committed_entries.is_empty() {
+            let _ = self.apply.send(Applied::Entries(ready.committed_entries));
+        }
+        for read in ready.read_states {
+            if let Some(reply) = self.reads.remove(&read.id) {
+                let _ = reply.send(Ok(read.index));
+            }
+        }
+        for id in ready.failed_reads {
+            if let Some(reply) = self.reads.remove(&id) {
+                let _ = reply.send(Err(NodeError::ReadAborted));
+            }
+        }
+        let (raft_state_bytes, snapshot_bytes) = self
+            .storage
+            .as_ref()
+            .map_or((0, 0), |s| (s.raft_state_size(), s.snapshot_size()));
+        self.status.send_replace(NodeStatus {
+            raft: self.core.status(),
+            raft_state_bytes,
+            snapshot_bytes,
+        });
+    }
+}
