@@ -442,7 +442,7 @@ impl Storage for SledStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::{Entry, EntryKind, LogWrite};
+    use crate::raft::{Entry, EntryKind, Index, LogWrite};
     use bytes::Bytes;
 
     fn identity(node: NodeId) -> Identity {
