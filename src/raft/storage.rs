@@ -311,13 +311,13 @@ impl SledStorage {
 
     fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
         let generation = self.snapshot.generation + 1;
-        let mut batch = sled::Batch::default();
+        // Chunk by chunk rather than one batch: a batch would copy the whole snapshot in memory first.
+        // Atomicity comes from the generation switch below.
         for (n, chunk) in snapshot.data.chunks(CHUNK).enumerate() {
-            batch.insert(&chunk_key(generation, n as u64), chunk);
+            self.snapshot_data
+                .insert(chunk_key(generation, n as u64), chunk)
+                .map_err(|source| self.io(source))?;
         }
-        self.snapshot_data
-            .apply_batch(batch)
-            .map_err(|source| self.io(source))?;
         let stored = StoredSnapshot {
             meta: snapshot.meta,
             len: snapshot.data.len() as u64,
