@@ -146,3 +146,110 @@ fn a_node_never_votes_twice_in_a_term_across_a_restart() {
         "a second vote in term 5 was granted"
     );
 }
+
+/// Whatever a peer sends, the inbound service passes on only well-formed messages addressed to us.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_service_refuses_malformed_streams() {
+    use ds824::proto::raft as pb;
+    use ds824::proto::raft::raft_transport_client::RaftTransportClient;
+    use ds824::proto::raft::raft_transport_server::RaftTransportServer;
+    use ds824::raft::transport::RaftService;
+    use ds824::raft::Message;
+
+    let (inbound, mut delivered) = tokio::sync::mpsc::channel(8);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let service = RaftTransportServer::new(RaftService::new(1, inbound, 1 << 20));
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    let mut client = RaftTransportClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let chunk = |offset: u64, data: &'static [u8], done: bool, total: u64| pb::SnapshotChunk {
+        from: 2,
+        to: 1,
+        term: 3,
+        last_included_index: 10,
+        last_included_term: 2,
+        offset,
+        data: Bytes::from_static(data),
+        done,
+        total_bytes: total,
+    };
+    let refused = |chunks: Vec<pb::SnapshotChunk>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .install_snapshot(tokio_stream::iter(chunks))
+                .await
+                .expect_err("must be refused")
+                .code()
+        }
+    };
+    // A gap between chunks, a stream that stops early, a lie about the size, a snapshot over the limit.
+    assert_eq!(
+        refused(vec![chunk(0, b"abc", false, 6), chunk(4, b"de", true, 6)]).await,
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        refused(vec![chunk(0, b"abc", false, 6)]).await,
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        refused(vec![chunk(0, b"abcdef", true, 3)]).await,
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        refused(vec![chunk(0, b"abc", true, 2 << 20)]).await,
+        tonic::Code::ResourceExhausted
+    );
+    // An envelope with no message, and one addressed to someone else.
+    let bad_envelopes = vec![
+        pb::Envelope {
+            from: 2,
+            to: 1,
+            message: None,
+        },
+        pb::Envelope {
+            from: 2,
+            to: 7,
+            message: Some(pb::envelope::Message::TimeoutNow(pb::TimeoutNowRequest {
+                term: 1,
+            })),
+        },
+    ];
+    for envelope in bad_envelopes {
+        let status = client
+            .send(tokio_stream::iter(vec![envelope]))
+            .await
+            .expect_err("must be refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+    assert!(
+        delivered.try_recv().is_err(),
+        "nothing malformed was delivered"
+    );
+    // A good snapshot in two chunks arrives whole.
+    client
+        .install_snapshot(tokio_stream::iter(vec![
+            chunk(0, b"abc", false, 6),
+            chunk(3, b"def", true, 6),
+        ]))
+        .await
+        .expect("accepted");
+    let envelope = delivered.recv().await.expect("delivered");
+    match envelope.message {
+        Message::InstallSnapshot { meta, data, .. } => {
+            assert_eq!((meta.index, meta.term), (10, 2));
+            assert_eq!(data, Bytes::from_static(b"abcdef"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    server.abort();
+}

@@ -218,6 +218,7 @@ async fn stream_snapshots(
                 offset: offset as u64,
                 data: data.slice(offset..end),
                 done: n == last,
+                total_bytes: total as u64,
             }
         });
         let sending = client.install_snapshot(tokio_stream::iter(chunks));
@@ -291,7 +292,13 @@ impl RaftTransport for RaftService {
                 "snapshot stream must start at offset 0 from a non-zero node",
             ));
         }
-        let mut data = BytesMut::new();
+        if first.total_bytes > self.max_snapshot_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "snapshot of {} bytes exceeds the {} byte limit",
+                first.total_bytes, self.max_snapshot_bytes
+            )));
+        }
+        let mut data = BytesMut::with_capacity(first.total_bytes as usize);
         let mut chunk = first.clone();
         loop {
             let same_snapshot = chunk.from == first.from
@@ -306,14 +313,21 @@ impl RaftTransport for RaftService {
                     chunk.offset
                 )));
             }
-            if data.len() as u64 + chunk.data.len() as u64 > self.max_snapshot_bytes {
-                return Err(Status::resource_exhausted(format!(
-                    "snapshot larger than the {} byte limit",
-                    self.max_snapshot_bytes
+            if data.len() as u64 + chunk.data.len() as u64 > first.total_bytes {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot longer than its announced {} bytes",
+                    first.total_bytes
                 )));
             }
             data.extend_from_slice(&chunk.data);
             if chunk.done {
+                if data.len() as u64 != first.total_bytes {
+                    return Err(Status::invalid_argument(format!(
+                        "snapshot ended at {} of its announced {} bytes",
+                        data.len(),
+                        first.total_bytes
+                    )));
+                }
                 break;
             }
             chunk = stream.message().await?.ok_or_else(|| {
