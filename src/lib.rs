@@ -1,8 +1,10 @@
 //! ds824: the systems of MIT 6.824 as real networked daemons.
 //!
 //! Start with [`raft`]: its module documentation explains the consensus core that every replicated service
-//! in this crate embeds. [`sim`] is the deterministic simulator the tests drive it with.
+//! in this crate embeds. [`sim`] is the deterministic simulator the tests drive it with; [`check`] is the
+//! linearizability checker that judges the histories they record.
 
+pub mod check;
 pub mod raft;
 pub mod sim;
 
@@ -11,5 +13,13 @@ pub mod proto {
     /// The Raft peer protocol (`proto/raft.proto`).
     pub mod raft {
         tonic::include_proto!("raft");
+    }
+    /// Records of the replicated-state-machine layer (`proto/rsm.proto`).
+    pub mod rsm {
+        tonic::include_proto!("rsm");
+    }
+    /// The key/value service (`proto/kv.proto`).
+    pub mod kv {
+        tonic::include_proto!("kv");
     }
 }
