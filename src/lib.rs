@@ -5,7 +5,9 @@
 //! linearizability checker that judges the histories they record.
 
 pub mod check;
+pub mod kv;
 pub mod raft;
+pub mod rsm;
 pub mod sim;
 
 /// Code generated from `proto/` by `build.rs`.

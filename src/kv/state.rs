@@ -1,0 +1,242 @@
+//! The key/value state machine: a map from string keys to string values.
+
+use crate::proto::kv as pb;
+use crate::rsm::{RsmError, StateMachine};
+use bytes::Bytes;
+use prost::Message as _;
+use std::collections::HashMap;
+
+/// A command that changes the map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvCommand {
+    /// Set `key` to `value`.
+    Put {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: String,
+    },
+    /// Append `value` to the value of `key` (an absent key counts as empty).
+    Append {
+        /// The key.
+        key: String,
+        /// What to append.
+        value: String,
+    },
+    /// Remove `key`.
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Set `key` to `value` only if its value is `expected` (`None`: only if absent).
+    Cas {
+        /// The key.
+        key: String,
+        /// The value the caller believes is current.
+        expected: Option<String>,
+        /// The new value.
+        value: String,
+    },
+}
+
+/// A read-only question.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvQuery {
+    /// The value of `key`.
+    Get {
+        /// The key.
+        key: String,
+    },
+}
+
+/// The result of a command or query.
+///
+/// `ok`: for get, whether the key exists; for delete, whether it existed; for cas, whether it swapped;
+/// otherwise true. `value`: for get, the value; for a cas that did not swap, the current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KvOutput {
+    /// See the type documentation.
+    pub ok: bool,
+    /// See the type documentation.
+    pub value: Option<String>,
+}
+
+/// The replicated map.
+#[derive(Clone, Debug, Default)]
+pub struct KvStore {
+    data: HashMap<String, String>,
+}
+
+impl KvStore {
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl From<&KvCommand> for pb::Command {
+    fn from(command: &KvCommand) -> Self {
+        use pb::command::Op;
+        let op = match command.clone() {
+            KvCommand::Put { key, value } => Op::Put(pb::Put { key, value }),
+            KvCommand::Append { key, value } => Op::Append(pb::Append { key, value }),
+            KvCommand::Delete { key } => Op::Delete(pb::Delete { key }),
+            KvCommand::Cas {
+                key,
+                expected,
+                value,
+            } => Op::Cas(pb::CompareAndSwap {
+                key,
+                expected,
+                value,
+            }),
+        };
+        pb::Command { op: Some(op) }
+    }
+}
+
+impl TryFrom<pb::Command> for KvCommand {
+    type Error = RsmError;
+
+    fn try_from(command: pb::Command) -> Result<Self, RsmError> {
+        use pb::command::Op;
+        Ok(
+            match command.op.ok_or_else(|| RsmError::Decode {
+                what: "kv command",
+                detail: "no operation".into(),
+            })? {
+                Op::Put(p) => KvCommand::Put {
+                    key: p.key,
+                    value: p.value,
+                },
+                Op::Append(a) => KvCommand::Append {
+                    key: a.key,
+                    value: a.value,
+                },
+                Op::Delete(d) => KvCommand::Delete { key: d.key },
+                Op::Cas(c) => KvCommand::Cas {
+                    key: c.key,
+                    expected: c.expected,
+                    value: c.value,
+                },
+            },
+        )
+    }
+}
+
+impl StateMachine for KvStore {
+    type Command = KvCommand;
+    type Query = KvQuery;
+    type Output = KvOutput;
+
+    fn apply(&mut self, command: KvCommand) -> KvOutput {
+        match command {
+            KvCommand::Put { key, value } => {
+                self.data.insert(key, value);
+                KvOutput {
+                    ok: true,
+                    value: None,
+                }
+            }
+            KvCommand::Append { key, value } => {
+                self.data.entry(key).or_default().push_str(&value);
+                KvOutput {
+                    ok: true,
+                    value: None,
+                }
+            }
+            KvCommand::Delete { key } => KvOutput {
+                ok: self.data.remove(&key).is_some(),
+                value: None,
+            },
+            KvCommand::Cas {
+                key,
+                expected,
+                value,
+            } => {
+                let current = self.data.get(&key);
+                if current == expected.as_ref() {
+                    self.data.insert(key, value);
+                    KvOutput {
+                        ok: true,
+                        value: None,
+                    }
+                } else {
+                    KvOutput {
+                        ok: false,
+                        value: current.cloned(),
+                    }
+                }
+            }
+        }
+    }
+
+    fn query(&self, query: &KvQuery) -> KvOutput {
+        match query {
+            KvQuery::Get { key } => {
+                let value = self.data.get(key).cloned();
+                KvOutput {
+                    ok: value.is_some(),
+                    value,
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Bytes {
+        Bytes::from(
+            pb::State {
+                data: self.data.clone(),
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), RsmError> {
+        let state = pb::State::decode(data).map_err(|e| RsmError::Decode {
+            what: "kv state",
+            detail: e.to_string(),
+        })?;
+        self.data = state.data;
+        Ok(())
+    }
+
+    fn encode_command(command: &KvCommand) -> Bytes {
+        Bytes::from(pb::Command::from(command).encode_to_vec())
+    }
+
+    fn decode_command(data: &[u8]) -> Result<KvCommand, RsmError> {
+        pb::Command::decode(data)
+            .map_err(|e| RsmError::Decode {
+                what: "kv command",
+                detail: e.to_string(),
+            })?
+            .try_into()
+    }
+
+    fn encode_output(output: &KvOutput) -> Bytes {
+        Bytes::from(
+            pb::Outcome {
+                ok: output.ok,
+                current: output.value.clone(),
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    fn decode_output(data: &[u8]) -> Result<KvOutput, RsmError> {
+        let outcome = pb::Outcome::decode(data).map_err(|e| RsmError::Decode {
+            what: "kv outcome",
+            detail: e.to_string(),
+        })?;
+        Ok(KvOutput {
+            ok: outcome.ok,
+            value: outcome.current,
+        })
+    }
+}

@@ -1,0 +1,376 @@
+//! The replicated-state-machine layer: everything a service built on Raft needs besides its own logic,
+//! written once.
+//!
+//! A service implements [`StateMachine`] (apply a command, answer a query, snapshot, restore). [`Rsm`]
+//! wraps it and owns:
+//! - **exactly-once**: every command carries a (client id, sequence number); the session table keeps each
+//!   client's last sequence number and output, so a retried command is answered from the table instead of
+//!   being applied twice. The table is part of every snapshot;
+//! - **proposal tracking**: a proposal waits for its log index; when that index is applied with this
+//!   client's command the caller gets the output, when it is applied with anything else (leadership changed
+//!   and the entry was replaced) the caller is told to retry elsewhere;
+//! - **linearizable reads**: a query waits until the state machine applied the ReadIndex Raft confirmed;
+//! - **snapshots**: [`Rsm::snapshot`] produces the bytes to hand to Raft's `compact`, and applying a
+//!   snapshot restores state and sessions.
+//!
+//! `Rsm` is sans-IO like the Raft core: the tokio service and the simulator both drive it, so the logic
+//! the simulator verifies is the logic the daemons run. Callers identify their waiting requests with
+//! opaque [`Token`]s and receive [`Completion`]s.
+
+use crate::proto::rsm as pb;
+use crate::raft::{Entry, EntryKind, Index, Snapshot};
+use bytes::Bytes;
+use prost::Message as _;
+use std::collections::BTreeMap;
+use thiserror::Error;
+
+/// A deterministic state machine replicated through Raft.
+pub trait StateMachine {
+    /// A command that changes state (goes through the log).
+    type Command;
+    /// A read-only question (answered after a ReadIndex, not logged).
+    type Query;
+    /// What commands and queries return.
+    type Output: Clone;
+
+    /// Apply a command. Must be deterministic: every replica applies the same commands in the same order.
+    fn apply(&mut self, command: Self::Command) -> Self::Output;
+    /// Answer a query from the current state.
+    fn query(&self, query: &Self::Query) -> Self::Output;
+    /// Serialize the whole state.
+    fn snapshot(&self) -> Bytes;
+    /// Replace the state with a snapshot.
+    fn restore(&mut self, data: &[u8]) -> Result<(), RsmError>;
+    /// Encode a command for the log.
+    fn encode_command(command: &Self::Command) -> Bytes;
+    /// Decode a command from the log.
+    fn decode_command(data: &[u8]) -> Result<Self::Command, RsmError>;
+    /// Encode an output for the session table.
+    fn encode_output(output: &Self::Output) -> Bytes;
+    /// Decode an output from the session table.
+    fn decode_output(data: &[u8]) -> Result<Self::Output, RsmError>;
+}
+
+/// Identifies a caller's waiting request.
+pub type Token = u64;
+/// A client session id.
+pub type ClientId = u64;
+/// A client's request number; each client has at most one outstanding request, numbered 1, 2, ...
+pub type Seq = u64;
+
+/// Broken input to the replicated state machine.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RsmError {
+    /// A log entry or snapshot could not be decoded: the log is corrupt or from another service.
+    #[error("cannot decode {what}: {detail}")]
+    Decode {
+        /// What was being decoded.
+        what: &'static str,
+        /// The decoder's complaint.
+        detail: String,
+    },
+    /// Entries arrived out of order (a driver bug).
+    #[error("entry {got} applied after {applied}")]
+    OutOfOrder {
+        /// Index applied last.
+        applied: Index,
+        /// Index received.
+        got: Index,
+    },
+}
+
+/// What to do with a new client command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared<O> {
+    /// Already applied (a retry): here is its output.
+    Answered(O),
+    /// Propose these bytes to Raft, then call [`Rsm::track`] with the index it got.
+    Propose(Bytes),
+    /// The client already moved past this sequence number: the request is stale and must not be applied.
+    Stale,
+}
+
+/// The end of a waiting request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion<O> {
+    /// Applied (or answered); here is the output.
+    Done {
+        /// The request.
+        token: Token,
+        /// Its output.
+        output: O,
+    },
+    /// This node could not finish it (it lost leadership or the entry was replaced); retry, possibly on
+    /// another node. For a command, the retry is safe: the session table prevents a double apply.
+    Retry {
+        /// The request.
+        token: Token,
+    },
+}
+
+struct Session<O> {
+    seq: Seq,
+    output: O,
+}
+
+struct PendingWrite {
+    token: Token,
+    client: ClientId,
+    seq: Seq,
+}
+
+/// A state machine with sessions, proposal tracking and read queueing. See the module documentation.
+pub struct Rsm<S: StateMachine> {
+    machine: S,
+    sessions: BTreeMap<ClientId, Session<S::Output>>,
+    applied: Index,
+    writes: BTreeMap<Index, Vec<PendingWrite>>,
+    reads: BTreeMap<Index, Vec<(Token, S::Query)>>,
+}
+
+impl<S: StateMachine> Rsm<S> {
+    /// Wrap a fresh state machine.
+    pub fn new(machine: S) -> Self {
+        Rsm {
+            machine,
+            sessions: BTreeMap::new(),
+            applied: 0,
+            writes: BTreeMap::new(),
+            reads: BTreeMap::new(),
+        }
+    }
+
+    /// The wrapped state machine.
+    pub fn machine(&self) -> &S {
+        &self.machine
+    }
+
+    /// The last applied log index.
+    pub fn applied(&self) -> Index {
+        self.applied
+    }
+
+    /// Number of client sessions remembered.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Decide what to do with command `seq` of `client`.
+    pub fn prepare(&self, client: ClientId, seq: Seq, command: &S::Command) -> Prepared<S::Output> {
+        if let Some(session) = self.sessions.get(&client) {
+            if seq == session.seq {
+                return Prepared::Answered(session.output.clone());
+            }
+            if seq < session.seq {
+                return Prepared::Stale;
+            }
+        }
+        let logged = pb::LoggedCommand {
+            client_id: client,
+            seq,
+            command: S::encode_command(command),
+        };
+        Prepared::Propose(Bytes::from(logged.encode_to_vec()))
+    }
+
+    /// Raft accepted the proposal for (`client`, `seq`) at `index`: wait for it. Returns the completion at
+    /// once if that index was already applied meanwhile.
+    pub fn track(
+        &mut self,
+        token: Token,
+        index: Index,
+        client: ClientId,
+        seq: Seq,
+    ) -> Option<Completion<S::Output>> {
+        if index <= self.applied {
+            return Some(match self.sessions.get(&client) {
+                Some(session) if session.seq == seq => Completion::Done {
+                    token,
+                    output: session.output.clone(),
+                },
+                _ => Completion::Retry { token },
+            });
+        }
+        self.writes
+            .entry(index)
+            .or_default()
+            .push(PendingWrite { token, client, seq });
+        None
+    }
+
+    /// Raft confirmed `read_index` for a query: answer once applied reaches it.
+    pub fn read(
+        &mut self,
+        token: Token,
+        read_index: Index,
+        query: S::Query,
+    ) -> Option<Completion<S::Output>> {
+        if read_index <= self.applied {
+            return Some(Completion::Done {
+                token,
+                output: self.machine.query(&query),
+            });
+        }
+        self.reads
+            .entry(read_index)
+            .or_default()
+            .push((token, query));
+        None
+    }
+
+    /// This node stopped leading: nothing waiting here can be finished here.
+    pub fn leadership_lost(&mut self) -> Vec<Completion<S::Output>> {
+        let writes = std::mem::take(&mut self.writes)
+            .into_values()
+            .flatten()
+            .map(|w| Completion::Retry { token: w.token });
+        let reads = std::mem::take(&mut self.reads)
+            .into_values()
+            .flatten()
+            .map(|(token, _)| Completion::Retry { token });
+        writes.chain(reads).collect()
+    }
+
+    /// Load a snapshot (from a leader, or the stored one at start-up).
+    pub fn apply_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+    ) -> Result<Vec<Completion<S::Output>>, RsmError> {
+        if snapshot.meta.index <= self.applied {
+            return Ok(Vec::new());
+        }
+        let decoded =
+            pb::Snapshot::decode(snapshot.data.as_ref()).map_err(|e| RsmError::Decode {
+                what: "snapshot",
+                detail: e.to_string(),
+            })?;
+        self.machine.restore(&decoded.state)?;
+        self.sessions = decoded
+            .sessions
+            .into_iter()
+            .map(|s| {
+                let output = S::decode_output(&s.output)?;
+                Ok((s.client_id, Session { seq: s.seq, output }))
+            })
+            .collect::<Result<_, RsmError>>()?;
+        self.applied = snapshot.meta.index;
+        Ok(self.settle())
+    }
+
+    /// Apply committed entries in order.
+    pub fn apply_entries(
+        &mut self,
+        entries: &[Entry],
+    ) -> Result<Vec<Completion<S::Output>>, RsmError> {
+        let mut completions = Vec::new();
+        for entry in entries {
+            if entry.index <= self.applied {
+                continue; // covered by a snapshot loaded meanwhile
+            }
+            if entry.index != self.applied + 1 {
+                return Err(RsmError::OutOfOrder {
+                    applied: self.applied,
+                    got: entry.index,
+                });
+            }
+            self.applied = entry.index;
+            let applied_by = match entry.kind {
+                EntryKind::Noop => None,
+                EntryKind::Normal => Some(self.apply_logged(&entry.data)?),
+            };
+            for pending in self.writes.remove(&entry.index).unwrap_or_default() {
+                completions.push(match &applied_by {
+                    Some((client, seq, output))
+                        if *client == pending.client && *seq == pending.seq =>
+                    {
+                        Completion::Done {
+                            token: pending.token,
+                            output: output.clone(),
+                        }
+                    }
+                    _ => Completion::Retry {
+                        token: pending.token,
+                    },
+                });
+            }
+        }
+        completions.extend(self.settle());
+        Ok(completions)
+    }
+
+    fn apply_logged(&mut self, data: &[u8]) -> Result<(ClientId, Seq, S::Output), RsmError> {
+        let logged = pb::LoggedCommand::decode(data).map_err(|e| RsmError::Decode {
+            what: "log entry",
+            detail: e.to_string(),
+        })?;
+        let (client, seq) = (logged.client_id, logged.seq);
+        if let Some(session) = self.sessions.get(&client) {
+            if seq <= session.seq {
+                // A duplicate in the log (the client retried before learning the outcome): apply nothing.
+                return Ok((client, seq, session.output.clone()));
+            }
+        }
+        let command = S::decode_command(&logged.command)?;
+        let output = self.machine.apply(command);
+        self.sessions.insert(
+            client,
+            Session {
+                seq,
+                output: output.clone(),
+            },
+        );
+        Ok((client, seq, output))
+    }
+
+    /// Finish whatever the applied index now allows: queued reads, and writes whose index was passed by a
+    /// snapshot (they may or may not be in it: the session table decides).
+    fn settle(&mut self) -> Vec<Completion<S::Output>> {
+        let mut completions = Vec::new();
+        let later_reads = self.reads.split_off(&(self.applied + 1));
+        for (token, query) in std::mem::replace(&mut self.reads, later_reads)
+            .into_values()
+            .flatten()
+        {
+            completions.push(Completion::Done {
+                token,
+                output: self.machine.query(&query),
+            });
+        }
+        let later_writes = self.writes.split_off(&(self.applied + 1));
+        for pending in std::mem::replace(&mut self.writes, later_writes)
+            .into_values()
+            .flatten()
+        {
+            completions.push(match self.sessions.get(&pending.client) {
+                Some(session) if session.seq == pending.seq => Completion::Done {
+                    token: pending.token,
+                    output: session.output.clone(),
+                },
+                _ => Completion::Retry {
+                    token: pending.token,
+                },
+            });
+        }
+        completions
+    }
+
+    /// A snapshot of state and sessions at the applied index, for Raft's `compact`.
+    pub fn snapshot(&self) -> (Index, Bytes) {
+        let snapshot = pb::Snapshot {
+            state: self.machine.snapshot(),
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(&client_id, s)| pb::Session {
+                    client_id,
+                    seq: s.seq,
+                    output: S::encode_output(&s.output),
+                })
+                .collect(),
+        };
+        (self.applied, Bytes::from(snapshot.encode_to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests;
