@@ -13,6 +13,7 @@
 //! - two servers lead the same term;
 //! - a new leader lacks an entry that some server already applied (leader completeness).
 
+use super::clock::{run_until, Actor, Scheduler, World};
 use super::net::NetModel;
 use super::storage::MemStorage;
 use crate::raft::wire::encoded_len;
@@ -22,8 +23,7 @@ use crate::raft::{
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 /// How the tester's applier treats snapshots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,14 +88,6 @@ impl ClusterOptions {
     }
 }
 
-/// A concurrent participant in a simulation (a client, a nemesis): woken at the time it asks for.
-pub trait Actor {
-    /// When to wake next (simulated ms); `None` once finished.
-    fn next_wake(&self) -> Option<u64>;
-    /// Do one step; may call any cluster method except the `run_*` ones.
-    fn wake(&mut self, cluster: &mut RaftCluster);
-}
-
 #[derive(Debug)]
 enum EventKind {
     Tick {
@@ -108,30 +100,6 @@ enum EventKind {
         to_incarnation: u64,
         size: usize,
     },
-}
-
-#[derive(Debug)]
-struct Event {
-    at: u64,
-    seq: u64,
-    kind: EventKind,
-}
-
-impl PartialEq for Event {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Event {}
-impl PartialOrd for Event {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Event {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
 }
 
 struct Server {
@@ -156,9 +124,7 @@ const NOOP_MARKER: &[u8] = b"\0raft-noop";
 /// A simulated cluster. See the module documentation.
 pub struct RaftCluster {
     options: ClusterOptions,
-    now: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<Event>>,
+    clock: Scheduler<EventKind>,
     net_rng: ChaCha8Rng,
     /// Randomness for test decisions, separate from the network's so that each stream is stable.
     pub rng: ChaCha8Rng,
@@ -186,9 +152,7 @@ impl RaftCluster {
             net_rng: ChaCha8Rng::seed_from_u64(options.seed),
             rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(0x5EED)),
             options,
-            now: 0,
-            seq: 0,
-            queue: BinaryHeap::new(),
+            clock: Scheduler::default(),
             net,
             servers: (0..n)
                 .map(|_| Server {
@@ -233,7 +197,7 @@ impl RaftCluster {
 
     /// Simulated time in milliseconds.
     pub fn now(&self) -> u64 {
-        self.now
+        self.clock.now()
     }
 
     /// Fail the test, naming the seed that reproduces it.
@@ -242,7 +206,7 @@ impl RaftCluster {
         let seed = self.options.seed;
         panic!(
             "{message} [at {} ms; reproduce with RAFT_SEED={seed}]",
-            self.now
+            self.clock.now()
         )
     }
 
@@ -286,7 +250,7 @@ impl RaftCluster {
         server.core = Some(core);
         server.incarnation += 1;
         self.appliers[i] = Applier::default();
-        let first_tick = self.now + self.net_rng.random_range(1..=self.options.tick_ms);
+        let first_tick = self.clock.now() + self.net_rng.random_range(1..=self.options.tick_ms);
         let incarnation = self.servers[i].incarnation;
         self.schedule(
             first_tick,
@@ -553,7 +517,7 @@ impl RaftCluster {
 
     /// 6.824 `end()`: the 120 s limit, in simulated time.
     pub fn end(&self, name: &str) {
-        let elapsed = self.now - self.started_at;
+        let elapsed = self.clock.now() - self.started_at;
         if elapsed > 120_000 {
             self.fail("test took longer than 120 seconds");
         }
@@ -574,57 +538,27 @@ impl RaftCluster {
 
     /// Let `ms` of simulated time pass.
     pub fn sleep(&mut self, ms: u64) {
-        let until = self.now + ms;
+        let until = self.clock.now() + ms;
         self.run_until_with(until, &mut []);
     }
 
     /// Run until every actor finished.
-    pub fn run_actors(&mut self, actors: &mut [&mut dyn Actor]) {
+    pub fn run_actors(&mut self, actors: &mut [&mut dyn Actor<RaftCluster>]) {
         self.run_until_with(u64::MAX, actors);
     }
 
     /// Run events and actors in time order until `until` (or, with `u64::MAX`, until every actor
     /// finished).
-    pub fn run_until_with(&mut self, until: u64, actors: &mut [&mut dyn Actor]) {
-        loop {
-            let next_actor = actors
-                .iter()
-                .enumerate()
-                .filter_map(|(k, a)| a.next_wake().map(|t| (t.max(self.now), k)))
-                .min();
-            if until == u64::MAX && next_actor.is_none() {
-                return;
-            }
-            let next_event = self.queue.peek().map(|Reverse(e)| e.at);
-            match (next_actor, next_event) {
-                (Some((t, k)), e) if t <= until && e.is_none_or(|e| t <= e) => {
-                    self.now = t;
-                    actors[k].wake(self);
-                }
-                (_, Some(e)) if e <= until => self.step_event(),
-                _ => {
-                    self.now = self.now.max(until);
-                    return;
-                }
-            }
-        }
+    pub fn run_until_with(&mut self, until: u64, actors: &mut [&mut dyn Actor<RaftCluster>]) {
+        run_until(self, until, actors);
     }
 
     fn schedule(&mut self, at: u64, kind: EventKind) {
-        self.seq += 1;
-        self.queue.push(Reverse(Event {
-            at,
-            seq: self.seq,
-            kind,
-        }));
+        self.clock.schedule(at, kind);
     }
 
-    fn step_event(&mut self) {
-        let Some(Reverse(event)) = self.queue.pop() else {
-            return;
-        };
-        self.now = event.at;
-        match event.kind {
+    fn handle_event(&mut self, event: EventKind) {
+        match event {
             EventKind::Tick {
                 server,
                 incarnation,
@@ -635,7 +569,7 @@ impl RaftCluster {
                 if let Some(core) = self.servers[server].core.as_mut() {
                     core.tick();
                     self.drain_ready(server);
-                    let next = self.now + self.options.tick_ms;
+                    let next = self.clock.now() + self.options.tick_ms;
                     self.schedule(
                         next,
                         EventKind::Tick {
@@ -690,7 +624,7 @@ impl RaftCluster {
                 envelope,
                 size,
             };
-            self.schedule(self.now + delay, kind);
+            self.schedule(self.clock.now() + delay, kind);
         }
     }
 
@@ -928,7 +862,7 @@ impl OneTask {
     }
 }
 
-impl Actor for OneTask {
+impl Actor<RaftCluster> for OneTask {
     fn next_wake(&self) -> Option<u64> {
         self.wake_at
     }
@@ -967,5 +901,25 @@ impl Actor for OneTask {
             }
         }
         self.wake_at = Some(now + 50);
+    }
+}
+
+impl World for RaftCluster {
+    fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    fn next_event_time(&self) -> Option<u64> {
+        self.clock.next_time()
+    }
+
+    fn step_event(&mut self) {
+        if let Some(event) = self.clock.pop() {
+            self.handle_event(event);
+        }
+    }
+
+    fn advance_to(&mut self, t: u64) {
+        self.clock.advance_to(t);
     }
 }

@@ -10,11 +10,14 @@
 //!   storage survives);
 //! - [`cluster`]: a cluster of [`crate::raft::RaftCore`]s with the helpers of 6.824's Raft `config.go`
 //!   (`one`, `check_one_leader`, `n_committed`, ...) and a safety checker that runs on every step;
+//! - [`clock`]: the event queue and the loop that interleaves events with concurrent actors;
 //! - [`seed`]: how tests choose and report seeds.
 
+pub mod clock;
 pub mod cluster;
 pub mod net;
 pub mod seed;
 pub mod storage;
 
-pub use cluster::{Actor, ApplyMode, ClusterOptions, RaftCluster};
+pub use clock::Actor;
+pub use cluster::{ApplyMode, ClusterOptions, RaftCluster};

@@ -206,7 +206,7 @@ struct ChurnClient {
 
 const CHURN_POLLS: [u64; 5] = [10, 20, 50, 100, 200];
 
-impl Actor for ChurnClient {
+impl Actor<RaftCluster> for ChurnClient {
     fn next_wake(&self) -> Option<u64> {
         self.wake_at
     }
@@ -255,8 +255,10 @@ fn churn(name: &str, unreliable: bool) {
         .collect();
     let run = |cfg: &mut RaftCluster, clients: &mut Vec<ChurnClient>, ms: u64| {
         let until = cfg.now() + ms;
-        let mut actors: Vec<&mut dyn Actor> =
-            clients.iter_mut().map(|c| c as &mut dyn Actor).collect();
+        let mut actors: Vec<&mut dyn Actor<RaftCluster>> = clients
+            .iter_mut()
+            .map(|c| c as &mut dyn Actor<RaftCluster>)
+            .collect();
         cfg.run_until_with(until, &mut actors);
     };
     for _ in 0..20 {

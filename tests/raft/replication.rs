@@ -3,7 +3,7 @@
 use crate::common::*;
 use bytes::Bytes;
 use ds824::sim::cluster::OneTask;
-use ds824::sim::Actor;
+use ds824::sim::{Actor, RaftCluster};
 use rand::Rng;
 
 #[test]
@@ -227,7 +227,7 @@ fn backup() {
 #[test]
 fn count() {
     let mut cfg = cluster("count", 3, true);
-    let rpcs = |cfg: &ds824::sim::RaftCluster| (0..3).map(|j| cfg.rpc_count(j)).sum::<u64>();
+    let rpcs = |cfg: &RaftCluster| (0..3).map(|j| cfg.rpc_count(j)).sum::<u64>();
     cfg.check_one_leader();
     let total1 = rpcs(&cfg);
     assert!(
@@ -297,11 +297,14 @@ fn count() {
 }
 
 /// Runs several `one()` calls concurrently, as the Go tests do with goroutines.
-pub fn one_concurrently(cfg: &mut ds824::sim::RaftCluster, cmds: Vec<(Bytes, usize)>) {
+pub fn one_concurrently(cfg: &mut RaftCluster, cmds: Vec<(Bytes, usize)>) {
     let mut tasks: Vec<OneTask> = cmds
         .into_iter()
         .map(|(c, expected)| OneTask::new(cfg, c, expected, true))
         .collect();
-    let mut actors: Vec<&mut dyn Actor> = tasks.iter_mut().map(|t| t as &mut dyn Actor).collect();
+    let mut actors: Vec<&mut dyn Actor<RaftCluster>> = tasks
+        .iter_mut()
+        .map(|t| t as &mut dyn Actor<RaftCluster>)
+        .collect();
     cfg.run_actors(&mut actors);
 }
