@@ -109,6 +109,12 @@ impl NetModel {
         if !self.can_talk(from, to) {
             return None;
         }
+        self.fate(rng, is_request)
+    }
+
+    /// Loss and delay of one message whose endpoints can talk: `Some(delay_ms)` or `None` if lost.
+    /// Links whose connectivity a harness manages itself (clerk to server) use this directly.
+    pub fn fate(&mut self, rng: &mut impl Rng, is_request: bool) -> Option<u64> {
         if self.reliable {
             return Some(rng.random_range(0..=1));
         }
