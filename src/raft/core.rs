@@ -27,6 +27,78 @@ use std::collections::BTreeMap;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+/// Terms beyond this cannot come from elections (one per election timeout would take longer than the age
+/// of the universe); a message carrying one is corrupt or hostile, and adopting it would let term
+/// arithmetic overflow.
+pub const MAX_TERM: Term = u64::MAX / 2;
+/// Log indices beyond this cannot come from a real log, for the same reason.
+pub const MAX_INDEX: Index = u64::MAX / 2;
+
+/// Refuse messages no correct peer sends, before any of their numbers is used in arithmetic.
+fn validate(message: &Message) -> Result<(), &'static str> {
+    if message.term() > MAX_TERM {
+        return Err("term too large to come from an election");
+    }
+    let index_ok = |i: Index| i <= MAX_INDEX;
+    match message {
+        Message::AppendEntries {
+            term,
+            prev_log_index,
+            prev_log_term,
+            entries,
+            leader_commit,
+            ..
+        } => {
+            if !index_ok(*prev_log_index) || !index_ok(*leader_commit) || prev_log_term > term {
+                return Err("AppendEntries with an impossible index or term");
+            }
+            let mut last_term = *prev_log_term;
+            for (k, entry) in entries.iter().enumerate() {
+                let contiguous = entry.index == prev_log_index + 1 + k as Index;
+                if !contiguous || entry.term < last_term || entry.term > *term {
+                    return Err("AppendEntries entries are not a contiguous log suffix");
+                }
+                last_term = entry.term;
+            }
+            if !index_ok(prev_log_index + entries.len() as Index) {
+                return Err("AppendEntries beyond the largest index");
+            }
+        }
+        Message::AppendEntriesResponse {
+            match_index,
+            rejected_index,
+            conflict_index,
+            ..
+        } => {
+            if !index_ok(*match_index) || !index_ok(*rejected_index) || !index_ok(*conflict_index) {
+                return Err("AppendEntriesResponse with an impossible index");
+            }
+        }
+        Message::RequestVote {
+            term,
+            last_log_index,
+            last_log_term,
+            ..
+        } => {
+            if !index_ok(*last_log_index) || last_log_term > term {
+                return Err("RequestVote with an impossible log position");
+            }
+        }
+        Message::InstallSnapshot { term, meta, .. } => {
+            if !index_ok(meta.index) || meta.term > *term {
+                return Err("InstallSnapshot with an impossible position");
+            }
+        }
+        Message::InstallSnapshotResponse { match_index, .. } => {
+            if !index_ok(*match_index) {
+                return Err("InstallSnapshotResponse with an impossible index");
+            }
+        }
+        Message::RequestVoteResponse { .. } | Message::TimeoutNow { .. } => {}
+    }
+    Ok(())
+}
+
 /// Why a proposal or read was refused.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum NotLeader {
@@ -254,6 +326,9 @@ impl RaftCore {
         }
         let message = envelope.message;
         let msg_term = message.term();
+        if let Err(what) = validate(&message) {
+            return Err(StepError::Protocol { from, what });
+        }
 
         if msg_term > self.term {
             match &message {

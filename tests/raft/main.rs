@@ -9,4 +9,5 @@ mod election;
 mod persistence;
 mod randomized;
 mod replication;
+mod robustness;
 mod snapshots;
