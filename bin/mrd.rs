@@ -107,6 +107,21 @@ enum Command {
     },
     /// List the apps jobs can use, and the test-only apps.
     Apps,
+    /// Write a deterministic Zipf-distributed text corpus (test and benchmark inputs).
+    GenCorpus {
+        /// Directory to write pg-*.txt into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of files.
+        #[arg(long, default_value_t = 8)]
+        files: usize,
+        /// Approximate size of each file in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes_per_file: usize,
+        /// Seed; the same seed always gives the same corpus.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -154,6 +169,7 @@ fn init_logging(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -300,6 +316,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging("warn");
             let path = sequential::run(&job.app, &job.args, &files, &output)?;
             println!("{}", path.display());
+        }
+        Command::GenCorpus {
+            dir,
+            files,
+            bytes_per_file,
+            seed,
+        } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for path in ds824::mr::corpus::write_zipf_corpus(&dir, files, bytes_per_file, seed)? {
+                println!("{}", path.display());
+            }
         }
         Command::Apps => {
             for testing in [false, true] {

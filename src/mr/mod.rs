@@ -20,6 +20,7 @@ pub mod apps;
 pub mod client;
 pub mod coordinator;
 pub mod coordinator_service;
+pub mod corpus;
 pub mod exec;
 pub mod fsutil;
 pub mod job;

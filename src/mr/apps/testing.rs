@@ -13,10 +13,12 @@ use rand::Rng;
 use crate::mr::app::{App, AppError, Args, Emit};
 
 /// `crash.go` / `nocrash.go`: every map and reduce call exits the process with probability
-/// `crash_permille`/1000, else sleeps a random time below `max_sleep_ms` with the same probability.
+/// `crash_permille`/1000, else sleeps a random time below `max_sleep_ms` with probability
+/// `sleep_permille`/1000 (both 330 by default, like the Go app).
 pub struct Crash {
     crash: bool,
     crash_permille: u64,
+    sleep_permille: u64,
     max_sleep_ms: u64,
 }
 
@@ -26,6 +28,7 @@ impl Crash {
         Ok(Self {
             crash,
             crash_permille: args.number("crash_permille", 330)?.min(1000),
+            sleep_permille: args.number("sleep_permille", 330)?.min(1000),
             max_sleep_ms: args.number("max_sleep_ms", 10_000)?,
         })
     }
@@ -38,7 +41,7 @@ impl Crash {
         if roll < self.crash_permille {
             tracing::warn!("crash app: exiting on purpose");
             std::process::exit(1);
-        } else if roll < 2 * self.crash_permille && self.max_sleep_ms > 0 {
+        } else if roll < self.crash_permille + self.sleep_permille && self.max_sleep_ms > 0 {
             let pause = rand::rng().random_range(0..self.max_sleep_ms);
             std::thread::sleep(Duration::from_millis(pause));
         }
