@@ -16,7 +16,11 @@ use ds824::proto::mr as pb;
 const DEFAULT_COORDINATOR: &str = "127.0.0.1:7824";
 
 #[derive(Parser)]
-#[command(name = "mrd", version, about = "MapReduce coordinator, worker and client (MIT 6.824 lab 1 as daemons)")]
+#[command(
+    name = "mrd",
+    version,
+    about = "MapReduce coordinator, worker and client (MIT 6.824 lab 1 as daemons)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -151,9 +155,13 @@ enum Only {
 /// Parses `10s`, `500ms`, `2m` or a bare number of seconds.
 fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(raw.len());
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("`{raw}` is not a duration like 10s or 500ms"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{raw}` is not a duration like 10s or 500ms"))?;
     let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1000.0,
@@ -177,7 +185,9 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -209,7 +219,11 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
         spec.inputs.len(),
         job.reduces_done,
         spec.n_reduce,
-        if spec.shuffle == pb::ShuffleMode::Grpc as i32 { "grpc" } else { "shared-dir" },
+        if spec.shuffle == pb::ShuffleMode::Grpc as i32 {
+            "grpc"
+        } else {
+            "shared-dir"
+        },
         spec.output_dir,
     );
     if !job.error.is_empty() {
@@ -217,7 +231,11 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
     }
     if tasks {
         for task in &job.tasks {
-            let kind = if task.kind == pb::TaskKind::Map as i32 { "map" } else { "reduce" };
+            let kind = if task.kind == pb::TaskKind::Map as i32 {
+                "map"
+            } else {
+                "reduce"
+            };
             println!(
                 "  {kind:<6} {:>5} {:<8} runs={} {}",
                 task.index, task.state, task.runs, task.worker
@@ -286,9 +304,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if wait {
                 let bar = indicatif::ProgressBar::new(u64::from(spec.n_map() + spec.n_reduce));
                 bar.set_style(
-                    indicatif::ProgressStyle::with_template("{spinner} job {msg} [{bar:40}] {pos}/{len} tasks {elapsed}")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                        .progress_chars("=> "),
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} job {msg} [{bar:40}] {pos}/{len} tasks {elapsed}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
                 );
                 let last = client::wait(&coordinator, id, Duration::from_secs(60), |status| {
                     bar.set_position(u64::from(status.maps_done + status.reduces_done));
@@ -330,8 +350,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Apps => {
             for testing in [false, true] {
-                println!("{}", if testing { "\ntest apps (they crash, sleep or leave marker files on purpose):" } else { "apps:" });
-                for info in app::registry().iter().filter(|info| info.for_testing == testing) {
+                println!(
+                    "{}",
+                    if testing {
+                        "\ntest apps (they crash, sleep or leave marker files on purpose):"
+                    } else {
+                        "apps:"
+                    }
+                );
+                for info in app::registry()
+                    .iter()
+                    .filter(|info| info.for_testing == testing)
+                {
                     println!("  {:<11} {}", info.name, info.summary);
                 }
             }

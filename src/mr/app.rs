@@ -101,7 +101,13 @@ pub fn parse_args(args: &[String]) -> Result<BTreeMap<String, String>, AppError>
 /// Instantiates the app `name` with its job arguments; this is also how a submission is validated.
 pub fn build(name: &str, args: &[String]) -> Result<Arc<dyn App>, AppError> {
     let args = parse_args(args)?;
-    apps::build(name, Args { app: name, map: args })
+    apps::build(
+        name,
+        Args {
+            app: name,
+            map: args,
+        },
+    )
 }
 
 /// Job arguments being consumed by an app's constructor; anything left over is reported as unexpected, so
@@ -155,9 +161,18 @@ mod tests {
     #[test]
     fn unknown_apps_and_bad_args_are_refused() {
         assert!(matches!(build("nope", &[]), Err(AppError::Unknown(_))));
-        assert!(matches!(build("wc", &["x".into()]), Err(AppError::MalformedArg(_))));
-        assert!(matches!(build("wc", &["x=1".into()]), Err(AppError::UnexpectedArg { .. })));
-        assert!(matches!(build("grep", &[]), Err(AppError::MissingArg { .. })));
+        assert!(matches!(
+            build("wc", &["x".into()]),
+            Err(AppError::MalformedArg(_))
+        ));
+        assert!(matches!(
+            build("wc", &["x=1".into()]),
+            Err(AppError::UnexpectedArg { .. })
+        ));
+        assert!(matches!(
+            build("grep", &[]),
+            Err(AppError::MissingArg { .. })
+        ));
         assert!(build("grep", &["pattern=a+".into()]).is_ok());
     }
 

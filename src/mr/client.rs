@@ -18,15 +18,21 @@ pub async fn connect(addr: &str) -> Result<CoordinatorClient<Channel>, MrError> 
         .map_err(|err| MrError::Other(format!("bad coordinator address {addr}: {err}")))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30));
-    let channel = endpoint.connect().await.map_err(|source| MrError::Connect {
-        addr: addr.to_string(),
-        source,
-    })?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| MrError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
     Ok(CoordinatorClient::new(channel))
 }
 
 /// Submits a job and returns its id once the coordinator has made it durable.
-pub async fn submit(client: &mut CoordinatorClient<Channel>, spec: &JobSpec) -> Result<u64, MrError> {
+pub async fn submit(
+    client: &mut CoordinatorClient<Channel>,
+    spec: &JobSpec,
+) -> Result<u64, MrError> {
     let reply = client
         .submit(pb::SubmitRequest {
             spec: Some(pb::JobSpec::from(spec)),
@@ -36,7 +42,10 @@ pub async fn submit(client: &mut CoordinatorClient<Channel>, spec: &JobSpec) -> 
 }
 
 /// Every job's status, or only `job_id`'s.
-pub async fn status(client: &mut CoordinatorClient<Channel>, job_id: Option<u64>) -> Result<Vec<pb::JobStatus>, MrError> {
+pub async fn status(
+    client: &mut CoordinatorClient<Channel>,
+    job_id: Option<u64>,
+) -> Result<Vec<pb::JobStatus>, MrError> {
     let reply = client
         .status(pb::StatusRequest {
             job_id: job_id.unwrap_or(0),

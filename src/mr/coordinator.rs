@@ -179,7 +179,9 @@ pub enum Assignment {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Map tasks carry the address their output is served from.
-    Succeeded { addr: String },
+    Succeeded {
+        addr: String,
+    },
     Failed(String),
     /// Map outputs (index, address tried) a reducer could not fetch.
     FetchFailed(Vec<(u32, String)>),
@@ -191,7 +193,11 @@ pub enum ReportError {
     #[error("no job {0}")]
     NoSuchJob(u64),
     #[error("job {job} has no {kind} task {index}")]
-    NoSuchTask { job: u64, kind: TaskKind, index: u32 },
+    NoSuchTask {
+        job: u64,
+        kind: TaskKind,
+        index: u32,
+    },
 }
 
 /// A job's state plus who is running what, for status displays.
@@ -254,7 +260,11 @@ impl Coordinator {
     /// within its deadline.
     pub fn assign(&mut self, worker: &WorkerInfo<'_>, now: Instant) -> Assignment {
         let timeout = self.timeout;
-        let Some(job) = self.jobs.values_mut().find(|job| !job.record.state.finished()) else {
+        let Some(job) = self
+            .jobs
+            .values_mut()
+            .find(|job| !job.record.state.finished())
+        else {
             return Assignment::Idle;
         };
         job.record.state = JobState::Running;
@@ -316,7 +326,10 @@ impl Coordinator {
         worker: &str,
         outcome: Outcome,
     ) -> Result<bool, ReportError> {
-        let job = self.jobs.get_mut(&job_id).ok_or(ReportError::NoSuchJob(job_id))?;
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .ok_or(ReportError::NoSuchJob(job_id))?;
         let i = index as usize;
         if i >= job.record.tasks(kind).len() {
             return Err(ReportError::NoSuchTask {
@@ -383,7 +396,9 @@ mod tests {
         JobSpec {
             app: "wc".into(),
             args: vec![],
-            inputs: (0..maps).map(|i| PathBuf::from(format!("/in/{i}"))).collect(),
+            inputs: (0..maps)
+                .map(|i| PathBuf::from(format!("/in/{i}")))
+                .collect(),
             n_reduce: reduces,
             output_dir: PathBuf::from("/out"),
             shuffle: ShuffleMode::Grpc,
@@ -424,7 +439,10 @@ mod tests {
         assert_eq!(c.assign(&worker("c"), now), Assignment::Wait);
         c.report(id, TaskKind::Map, 1, "b", ok("b:1")).unwrap();
         let r0 = run(c.assign(&worker("c"), now));
-        assert_eq!((r0.kind, r0.locations.clone()), (TaskKind::Reduce, vec!["a:1".into(), "b:1".into()]));
+        assert_eq!(
+            (r0.kind, r0.locations.clone()),
+            (TaskKind::Reduce, vec!["a:1".into(), "b:1".into()])
+        );
         c.report(id, TaskKind::Reduce, 0, "c", ok("")).unwrap();
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
         assert_eq!(c.assign(&worker("c"), now), Assignment::Idle);
@@ -442,7 +460,10 @@ mod tests {
         assert!(c.report(id, TaskKind::Map, 0, "b", ok("b")).unwrap());
         // The slow original finishing late changes nothing.
         assert!(!c.report(id, TaskKind::Map, 0, "slow", ok("slow")).unwrap());
-        assert_eq!(c.record(id).unwrap().maps[0].done.as_ref().unwrap().worker, "b");
+        assert_eq!(
+            c.record(id).unwrap().maps[0].done.as_ref().unwrap().worker,
+            "b"
+        );
         assert_eq!(c.record(id).unwrap().maps[0].runs, 2);
     }
 
@@ -469,9 +490,12 @@ mod tests {
         for _ in 0..MAX_TASK_FAILURES {
             let task = run(c.assign(&worker("a"), now));
             assert_eq!(task.job_id, bad);
-            c.report(bad, TaskKind::Map, 0, "a", Outcome::Failed("boom".into())).unwrap();
+            c.report(bad, TaskKind::Map, 0, "a", Outcome::Failed("boom".into()))
+                .unwrap();
         }
-        assert!(matches!(&c.record(bad).unwrap().state, JobState::Failed(msg) if msg.contains("boom")));
+        assert!(
+            matches!(&c.record(bad).unwrap().state, JobState::Failed(msg) if msg.contains("boom"))
+        );
         assert_eq!(run(c.assign(&worker("a"), now)).job_id, good);
     }
 
@@ -487,14 +511,26 @@ mod tests {
         let r0 = run(c.assign(&worker("c"), now));
         let r1 = run(c.assign(&worker("d"), now));
         // `a` died: r0 cannot fetch map 0.
-        c.report(id, TaskKind::Reduce, r0.index, "c", Outcome::FetchFailed(vec![(0, "a:1".into())]))
-            .unwrap();
+        c.report(
+            id,
+            TaskKind::Reduce,
+            r0.index,
+            "c",
+            Outcome::FetchFailed(vec![(0, "a:1".into())]),
+        )
+        .unwrap();
         let rerun = run(c.assign(&worker("c"), now));
         assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, 0));
         c.report(id, TaskKind::Map, 0, "c", ok("c:1")).unwrap();
         // r1's stale report about the old location must not undo the re-run.
-        c.report(id, TaskKind::Reduce, r1.index, "d", Outcome::FetchFailed(vec![(0, "a:1".into())]))
-            .unwrap();
+        c.report(
+            id,
+            TaskKind::Reduce,
+            r1.index,
+            "d",
+            Outcome::FetchFailed(vec![(0, "a:1".into())]),
+        )
+        .unwrap();
         assert!(c.record(id).unwrap().maps[0].done.is_some());
         let again = run(c.assign(&worker("d"), now));
         assert_eq!(again.kind, TaskKind::Reduce);
@@ -522,7 +558,10 @@ mod tests {
     fn bad_reports_are_refused() {
         let mut c = Coordinator::restore([], TIMEOUT);
         let id = c.submit(spec(1, 1)).id;
-        assert_eq!(c.report(id + 1, TaskKind::Map, 0, "a", ok("")), Err(ReportError::NoSuchJob(id + 1)));
+        assert_eq!(
+            c.report(id + 1, TaskKind::Map, 0, "a", ok("")),
+            Err(ReportError::NoSuchJob(id + 1))
+        );
         assert!(c.report(id, TaskKind::Reduce, 5, "a", ok("")).is_err());
     }
 

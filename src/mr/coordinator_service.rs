@@ -15,7 +15,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::mr::coordinator::{
-    Assignment, Coordinator, JobRecord, JobState, JobView, Outcome, ReportError, TaskKind, WorkerInfo,
+    Assignment, Coordinator, JobRecord, JobState, JobView, Outcome, ReportError, TaskKind,
+    WorkerInfo,
 };
 use crate::mr::job::JobSpec;
 use crate::mr::MrError;
@@ -62,7 +63,9 @@ impl CoordinatorService {
     fn lock(&self) -> MutexGuard<'_, Coordinator> {
         // A panic while holding the lock cannot leave the state half-updated in a way later calls care
         // about (every update is a few field writes), so keep serving.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Stages `record` in sled; called under the state lock so records reach sled in the order they changed.
@@ -141,13 +144,18 @@ fn job_status(view: JobView<'_>) -> pb::JobStatus {
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
-    async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitReply>, Status> {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
         let wire = request
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("the job spec is missing"))?;
-        let spec = JobSpec::try_from(&wire).map_err(|err| Status::invalid_argument(err.to_string()))?;
-        spec.validate().map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let spec =
+            JobSpec::try_from(&wire).map_err(|err| Status::invalid_argument(err.to_string()))?;
+        spec.validate()
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
         let job_id = {
             let mut state = self.lock();
             let record = state.submit(spec);
@@ -159,7 +167,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(pb::SubmitReply { job_id }))
     }
 
-    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
         let wanted = request.into_inner().job_id;
         let state = self.lock();
         let jobs: Vec<pb::JobStatus> = state
@@ -173,7 +184,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(pb::StatusReply { jobs }))
     }
 
-    async fn request_task(&self, request: Request<pb::TaskRequest>) -> Result<Response<pb::TaskReply>, Status> {
+    async fn request_task(
+        &self,
+        request: Request<pb::TaskRequest>,
+    ) -> Result<Response<pb::TaskReply>, Status> {
         let request = request.into_inner();
         if request.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is empty"));
@@ -226,7 +240,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         Ok(Response::new(reply))
     }
 
-    async fn report_task(&self, request: Request<pb::TaskReport>) -> Result<Response<pb::ReportReply>, Status> {
+    async fn report_task(
+        &self,
+        request: Request<pb::TaskReport>,
+    ) -> Result<Response<pb::ReportReply>, Status> {
         let report = request.into_inner();
         if report.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is empty"));
@@ -237,15 +254,29 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 addr: report.shuffle_addr.clone(),
             },
             Ok(pb::Outcome::Failed) => Outcome::Failed(report.error.clone()),
-            Ok(pb::Outcome::FetchFailed) if kind == TaskKind::Reduce => {
-                Outcome::FetchFailed(report.missing.iter().map(|m| (m.map_index, m.addr.clone())).collect())
+            Ok(pb::Outcome::FetchFailed) if kind == TaskKind::Reduce => Outcome::FetchFailed(
+                report
+                    .missing
+                    .iter()
+                    .map(|m| (m.map_index, m.addr.clone()))
+                    .collect(),
+            ),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid outcome {}",
+                    report.outcome
+                )))
             }
-            _ => return Err(Status::invalid_argument(format!("invalid outcome {}", report.outcome))),
         };
-        let (job, kind_name, index, worker) = (report.job_id, kind, report.index, &report.worker_id);
+        let (job, kind_name, index, worker) =
+            (report.job_id, kind, report.index, &report.worker_id);
         match &outcome {
-            Outcome::Succeeded { .. } => tracing::info!(job, kind = %kind_name, index, %worker, "task finished"),
-            Outcome::Failed(error) => tracing::warn!(job, kind = %kind_name, index, %worker, %error, "task failed"),
+            Outcome::Succeeded { .. } => {
+                tracing::info!(job, kind = %kind_name, index, %worker, "task finished")
+            }
+            Outcome::Failed(error) => {
+                tracing::warn!(job, kind = %kind_name, index, %worker, %error, "task failed")
+            }
             Outcome::FetchFailed(missing) => tracing::warn!(
                 job, kind = %kind_name, index, %worker, ?missing, "reducer could not fetch map outputs; re-running those maps"
             ),
@@ -253,7 +284,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let changed = {
             let mut state = self.lock();
             let changed = state
-                .report(report.job_id, kind, report.index, &report.worker_id, outcome)
+                .report(
+                    report.job_id,
+                    kind,
+                    report.index,
+                    &report.worker_id,
+                    outcome,
+                )
                 .map_err(|err| match err {
                     ReportError::NoSuchJob(_) => Status::not_found(err.to_string()),
                     ReportError::NoSuchTask { .. } => Status::invalid_argument(err.to_string()),

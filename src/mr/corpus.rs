@@ -23,7 +23,9 @@ pub const BOOKS: [&str; 8] = [
 
 /// A vocabulary of `size` distinct pronounceable words, in rank order.
 fn vocabulary(size: usize, rng: &mut ChaCha8Rng) -> Vec<String> {
-    const ONSETS: [&str; 16] = ["b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "th", "w", "st"];
+    const ONSETS: [&str; 16] = [
+        "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "th", "w", "st",
+    ];
     const VOWELS: [&str; 6] = ["a", "e", "i", "o", "u", "ea"];
     let mut seen = std::collections::HashSet::new();
     let mut words = Vec::with_capacity(size);
@@ -46,7 +48,12 @@ fn vocabulary(size: usize, rng: &mut ChaCha8Rng) -> Vec<String> {
 
 /// Writes `files` files of about `bytes_per_file` bytes each into `dir` (named `pg-<book>.txt` for the
 /// first eight, then `pg-<n>.txt`) and returns their paths. The same `seed` always gives the same bytes.
-pub fn write_zipf_corpus(dir: &Path, files: usize, bytes_per_file: usize, seed: u64) -> Result<Vec<PathBuf>, MrError> {
+pub fn write_zipf_corpus(
+    dir: &Path,
+    files: usize,
+    bytes_per_file: usize,
+    seed: u64,
+) -> Result<Vec<PathBuf>, MrError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let words = vocabulary(5000, &mut rng);
     let mut cumulative = Vec::with_capacity(words.len());
@@ -66,7 +73,9 @@ pub fn write_zipf_corpus(dir: &Path, files: usize, bytes_per_file: usize, seed: 
         let mut in_line = 0;
         while text.len() < bytes_per_file {
             let pick = rng.random::<f64>() * total;
-            let rank = cumulative.partition_point(|&c| c < pick).min(words.len() - 1);
+            let rank = cumulative
+                .partition_point(|&c| c < pick)
+                .min(words.len() - 1);
             text.push_str(&words[rank]);
             in_line += 1;
             match rng.random_range(0..100) {
@@ -83,7 +92,9 @@ pub fn write_zipf_corpus(dir: &Path, files: usize, bytes_per_file: usize, seed: 
             }
         }
         text.push('\n');
-        fsutil::write_atomic(&path, false, |w| w.write_all(text.as_bytes()).map_err(MrError::io(&path)))?;
+        fsutil::write_atomic(&path, false, |w| {
+            w.write_all(text.as_bytes()).map_err(MrError::io(&path))
+        })?;
         paths.push(path);
     }
     Ok(paths)
@@ -97,7 +108,10 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         let pa = super::write_zipf_corpus(a.path(), 2, 2000, 7).unwrap();
         let pb = super::write_zipf_corpus(b.path(), 2, 2000, 7).unwrap();
-        assert_eq!(std::fs::read(&pa[1]).unwrap(), std::fs::read(&pb[1]).unwrap());
+        assert_eq!(
+            std::fs::read(&pa[1]).unwrap(),
+            std::fs::read(&pb[1]).unwrap()
+        );
         assert!(pa[0].ends_with("pg-being_ernest.txt"));
     }
 }

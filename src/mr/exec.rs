@@ -80,7 +80,9 @@ pub fn run_reduce(
             _ => groups.push((key, vec![value])),
         }
     }
-    let mut iter = groups.iter().map(|(key, values)| (key.as_str(), values.as_slice()));
+    let mut iter = groups
+        .iter()
+        .map(|(key, values)| (key.as_str(), values.as_slice()));
     app.reduce_partition(&mut iter, out)?;
     Ok(())
 }

@@ -58,7 +58,10 @@ mod tests {
         });
         assert!(failed.is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        write_atomic(&path, true, |w| w.write_all(b"done").map_err(MrError::io("x"))).unwrap();
+        write_atomic(&path, true, |w| {
+            w.write_all(b"done").map_err(MrError::io("x"))
+        })
+        .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"done");
     }
 }

@@ -47,8 +47,9 @@ impl JobSpec {
         let inputs = inputs
             .iter()
             .map(|input| {
-                std::fs::canonicalize(input)
-                    .map_err(|err| MrError::InvalidJob(format!("input file {}: {err}", input.display())))
+                std::fs::canonicalize(input).map_err(|err| {
+                    MrError::InvalidJob(format!("input file {}: {err}", input.display()))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let output_dir = std::path::absolute(output_dir).map_err(MrError::io(output_dir))?;
@@ -92,7 +93,10 @@ impl JobSpec {
                     )))
                 }
                 Err(err) => {
-                    return Err(MrError::InvalidJob(format!("input file {}: {err}", input.display())))
+                    return Err(MrError::InvalidJob(format!(
+                        "input file {}: {err}",
+                        input.display()
+                    )))
                 }
             }
         }
@@ -131,7 +135,11 @@ impl From<&JobSpec> for pb::JobSpec {
         pb::JobSpec {
             app: spec.app.clone(),
             args: spec.args.clone(),
-            inputs: spec.inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
+            inputs: spec
+                .inputs
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect(),
             n_reduce: spec.n_reduce,
             output_dir: spec.output_dir.to_string_lossy().into_owned(),
             shuffle: match spec.shuffle {
@@ -181,11 +189,11 @@ mod tests {
         };
         let err = prepare("wc", &[dir.path().join("missing")], 1).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
-        let err = prepare("nope", &[input.clone()], 1).unwrap_err();
+        let err = prepare("nope", std::slice::from_ref(&input), 1).unwrap_err();
         assert!(err.to_string().contains("unknown app"), "{err}");
-        let err = prepare("wc", &[input.clone()], 0).unwrap_err();
+        let err = prepare("wc", std::slice::from_ref(&input), 0).unwrap_err();
         assert!(err.to_string().contains("reduce tasks"), "{err}");
-        let spec = prepare("wc", &[input.clone()], 2).unwrap();
+        let spec = prepare("wc", std::slice::from_ref(&input), 2).unwrap();
         let wire = pb::JobSpec::from(&spec);
         assert_eq!(JobSpec::try_from(&wire).unwrap(), spec);
     }

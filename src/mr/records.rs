@@ -15,7 +15,11 @@ pub fn encode(buf: &mut Vec<u8>, key: &str, value: &str) {
 }
 
 /// Decodes every record of `data` into `out`; `what` names the source in the error if it is corrupt.
-pub fn decode_into(data: &[u8], what: &str, out: &mut Vec<(String, String)>) -> Result<(), MrError> {
+pub fn decode_into(
+    data: &[u8],
+    what: &str,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), MrError> {
     let corrupt = || MrError::Corrupt(what.to_string());
     let mut rest = data;
     let field = |rest: &mut &[u8]| -> Result<String, MrError> {
@@ -52,7 +56,10 @@ mod tests {
         decode_into(&buf, "test", &mut out).unwrap();
         assert_eq!(
             out,
-            vec![("a\tb".into(), "line\nbreak".into()), (String::new(), String::new())]
+            vec![
+                ("a\tb".into(), "line\nbreak".into()),
+                (String::new(), String::new())
+            ]
         );
     }
 

@@ -9,8 +9,20 @@ use crate::mr::{app, exec, fsutil, records, MrError};
 /// Runs `app` over `inputs` and writes every key's output to `<output_dir>/mr-out-0`, whose path it
 /// returns. Inputs are resolved to absolute paths exactly as `mrd submit` does, so apps that print
 /// file names (indexer) produce identical output.
-pub fn run(app_name: &str, args: &[String], inputs: &[PathBuf], output_dir: &Path) -> Result<PathBuf, MrError> {
-    let spec = JobSpec::prepare(app_name, args, inputs, 1, output_dir, ShuffleMode::SharedDir)?;
+pub fn run(
+    app_name: &str,
+    args: &[String],
+    inputs: &[PathBuf],
+    output_dir: &Path,
+) -> Result<PathBuf, MrError> {
+    let spec = JobSpec::prepare(
+        app_name,
+        args,
+        inputs,
+        1,
+        output_dir,
+        ShuffleMode::SharedDir,
+    )?;
     let app = app::build(&spec.app, &spec.args)?;
     let mut pairs = Vec::new();
     for input in &spec.inputs {

@@ -52,7 +52,10 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::FetchChunk, Status>> + S
 impl pb::shuffle_server::Shuffle for ShuffleService {
     type FetchStream = ChunkStream;
 
-    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<ChunkStream>, Status> {
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         let request = request.into_inner();
         let path = local_job_dir(&self.dir, request.job_id)
             .join(intermediate_name(request.map_index, request.reduce_index));
@@ -109,7 +112,11 @@ impl Fetcher {
         Ok(client)
     }
 
-    async fn fetch_once(&mut self, addr: &str, request: pb::FetchRequest) -> Result<Vec<u8>, MrError> {
+    async fn fetch_once(
+        &mut self,
+        addr: &str,
+        request: pb::FetchRequest,
+    ) -> Result<Vec<u8>, MrError> {
         let mut client = self.client(addr)?;
         let mut stream = client.fetch(request).await?.into_inner();
         let mut data = Vec::new();
@@ -120,7 +127,13 @@ impl Fetcher {
     }
 
     /// Fetches the output of `map` for `reduce` from the worker at `addr`, retrying briefly.
-    pub async fn fetch(&mut self, addr: &str, job_id: u64, map: u32, reduce: u32) -> Result<Vec<u8>, MrError> {
+    pub async fn fetch(
+        &mut self,
+        addr: &str,
+        job_id: u64,
+        map: u32,
+        reduce: u32,
+    ) -> Result<Vec<u8>, MrError> {
         let request = pb::FetchRequest {
             job_id,
             map_index: map,
@@ -128,7 +141,7 @@ impl Fetcher {
         };
         let mut attempt = 1;
         loop {
-            match self.fetch_once(addr, request.clone()).await {
+            match self.fetch_once(addr, request).await {
                 Ok(data) => return Ok(data),
                 Err(err) if attempt >= FETCH_ATTEMPTS => return Err(err),
                 Err(err) => {

@@ -5,6 +5,7 @@
 //! it dies those are re-created by re-running the map tasks when a reducer misses them. Everything it
 //! writes goes through [`write_atomic`], so dying at any instant is safe.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -78,15 +79,29 @@ pub async fn run(config: WorkerConfig) -> Result<(), MrError> {
     let dir = std::fs::canonicalize(&config.dir).map_err(MrError::io(&config.dir))?;
     let listener = TcpListener::bind(config.shuffle_listen)
         .await
-        .map_err(|err| MrError::Other(format!("cannot listen on {}: {err}", config.shuffle_listen)))?;
+        .map_err(|err| {
+            MrError::Other(format!("cannot listen on {}: {err}", config.shuffle_listen))
+        })?;
     let bound = listener
         .local_addr()
         .map_err(|err| MrError::Other(format!("shuffle listener: {err}")))?;
-    let addr = config.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let addr = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
     shuffle::spawn_server(listener, dir.clone());
-    let id = format!("w{}-{:04x}", std::process::id(), rand::rng().random::<u16>());
+    let id = format!(
+        "w{}-{:04x}",
+        std::process::id(),
+        rand::rng().random::<u16>()
+    );
     let endpoint = Endpoint::from_shared(format!("http://{}", config.coordinator))
-        .map_err(|err| MrError::Other(format!("bad coordinator address {}: {err}", config.coordinator)))?
+        .map_err(|err| {
+            MrError::Other(format!(
+                "bad coordinator address {}: {err}",
+                config.coordinator
+            ))
+        })?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(30));
     let client = CoordinatorClient::new(endpoint.connect_lazy());
@@ -117,7 +132,9 @@ impl Worker {
             let reply = match self.client.request_task(request).await {
                 Ok(reply) => reply.into_inner(),
                 Err(status) if transient(&status) => {
-                    if self.config.exit_when_idle && last_contact.elapsed() >= self.config.unreachable_timeout {
+                    if self.config.exit_when_idle
+                        && last_contact.elapsed() >= self.config.unreachable_timeout
+                    {
                         tracing::info!(worker = %self.id, "coordinator unreachable; exiting");
                         return Ok(());
                     }
@@ -146,7 +163,12 @@ impl Worker {
                     backoff = Duration::from_millis(100);
                     self.run_task(reply).await;
                 }
-                Err(_) => return Err(MrError::Other(format!("coordinator sent unknown action {}", reply.action))),
+                Err(_) => {
+                    return Err(MrError::Other(format!(
+                        "coordinator sent unknown action {}",
+                        reply.action
+                    )))
+                }
             }
         }
     }
@@ -158,8 +180,15 @@ impl Worker {
             Some(Ok(spec)) => spec,
             Some(Err(err)) => {
                 let failed = Outcome::Failed(err.to_string());
-                self.report(job_id, kind, reply.index, reply.attempt, String::new(), failed)
-                    .await;
+                self.report(
+                    job_id,
+                    kind,
+                    reply.index,
+                    reply.attempt,
+                    String::new(),
+                    failed,
+                )
+                .await;
                 return;
             }
             None => {
@@ -183,7 +212,9 @@ impl Worker {
         let outcome = match kind {
             pb::TaskKind::Map => self.run_map(&task).await,
             pb::TaskKind::Reduce => self.run_reduce(&task).await,
-            pb::TaskKind::Unspecified => Outcome::Failed(format!("unknown task kind {}", reply.kind)),
+            pb::TaskKind::Unspecified => {
+                Outcome::Failed(format!("unknown task kind {}", reply.kind))
+            }
         };
         match &outcome {
             Outcome::Succeeded => tracing::info!(
@@ -230,7 +261,9 @@ impl Worker {
             let partitions = exec::run_map(app.as_ref(), &input, n_reduce)?;
             for (reduce, data) in partitions.iter().enumerate() {
                 let path = dir.join(intermediate_name(index, reduce as u32));
-                write_atomic(&path, false, |w| w.write_all(data).map_err(MrError::io(&path)))?;
+                write_atomic(&path, false, |w| {
+                    w.write_all(data).map_err(MrError::io(&path))
+                })?;
             }
             Ok(())
         })
@@ -239,9 +272,14 @@ impl Worker {
     }
 
     /// Gathers partition `task.index` from every map output; `Err` lists the ones that are missing.
-    async fn gather(&mut self, task: &Task) -> Result<Result<Vec<(String, String)>, Vec<(u32, String)>>, MrError> {
+    async fn gather(
+        &mut self,
+        task: &Task,
+    ) -> Result<Result<Vec<(String, String)>, Vec<(u32, String)>>, MrError> {
         let mut pairs = Vec::new();
         let mut missing = Vec::new();
+        // A worker that failed one fetch (after retries) is presumed gone: don't wait on it again.
+        let mut dead: HashSet<String> = HashSet::new();
         for map in 0..task.spec.n_map() {
             let name = intermediate_name(map, task.index);
             let (addr, data) = match task.spec.shuffle {
@@ -249,13 +287,19 @@ impl Worker {
                     let path = task.spec.output_dir.join(&name);
                     match tokio::fs::read(&path).await {
                         Ok(data) => (String::new(), Ok(data)),
-                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => (String::new(), Err(())),
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                            (String::new(), Err(()))
+                        }
                         Err(err) => return Err(MrError::io(path)(err)),
                     }
                 }
                 ShuffleMode::Grpc => {
-                    let addr = task.locations.get(map as usize).cloned().unwrap_or_default();
-                    let data = if addr.is_empty() {
+                    let addr = task
+                        .locations
+                        .get(map as usize)
+                        .cloned()
+                        .unwrap_or_default();
+                    let data = if addr.is_empty() || dead.contains(&addr) {
                         Err(())
                     } else if addr == self.addr {
                         // Our own output: skip the network.
@@ -265,7 +309,10 @@ impl Worker {
                         self.fetcher
                             .fetch(&addr, task.job_id, map, task.index)
                             .await
-                            .map_err(|err| tracing::warn!(worker = %self.id, %addr, map, %err, "fetch failed"))
+                            .map_err(|err| {
+                                tracing::warn!(worker = %self.id, %addr, map, %err, "fetch failed");
+                                dead.insert(addr.clone());
+                            })
                     };
                     (addr, data)
                 }
@@ -275,7 +322,11 @@ impl Worker {
                 Err(()) => missing.push((map, addr)),
             }
         }
-        Ok(if missing.is_empty() { Ok(pairs) } else { Err(missing) })
+        Ok(if missing.is_empty() {
+            Ok(pairs)
+        } else {
+            Err(missing)
+        })
     }
 
     async fn run_reduce(&mut self, task: &Task) -> Outcome {

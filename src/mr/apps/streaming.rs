@@ -27,7 +27,12 @@ impl Streaming {
 }
 
 /// Runs `command` with `input` on stdin and copies its stdout to `out`; fails if it exits non-zero.
-fn run(command: &str, input: Vec<u8>, env: &[(&str, &str)], out: &mut dyn Write) -> Result<(), AppError> {
+fn run(
+    command: &str,
+    input: Vec<u8>,
+    env: &[(&str, &str)],
+    out: &mut dyn Write,
+) -> Result<(), AppError> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -54,7 +59,9 @@ fn run(command: &str, input: Vec<u8>, env: &[(&str, &str)], out: &mut dyn Write)
     let status = child.wait()?;
     copied?;
     if !status.success() {
-        return Err(AppError::Failed(format!("`{command}` exited with {status}")));
+        return Err(AppError::Failed(format!(
+            "`{command}` exited with {status}"
+        )));
     }
     Ok(())
 }
@@ -114,8 +121,10 @@ mod tests {
             reducer: "cut -f1 | uniq -c | awk '{print $2, $1}'".into(),
         };
         let mut pairs = Vec::new();
-        app.map("f", "b a b", &mut |k: &str, v: &str| pairs.push((k.to_string(), v.to_string())))
-            .unwrap();
+        app.map("f", "b a b", &mut |k: &str, v: &str| {
+            pairs.push((k.to_string(), v.to_string()))
+        })
+        .unwrap();
         assert_eq!(pairs.len(), 3);
         assert_eq!(pairs[0], ("b".to_string(), "1".to_string()));
         let ones = vec!["1".to_string()];
@@ -128,7 +137,10 @@ mod tests {
 
     #[test]
     fn failing_commands_fail_the_task() {
-        let app = Streaming { mapper: "exit 3".into(), reducer: "cat".into() };
+        let app = Streaming {
+            mapper: "exit 3".into(),
+            reducer: "cat".into(),
+        };
         assert!(app.map("f", "x", &mut |_: &str, _: &str| {}).is_err());
     }
 }

@@ -78,7 +78,10 @@ impl App for EarlyExit {
 
     fn reduce(&self, key: &str, values: &[String]) -> Result<String, AppError> {
         // Only the file name counts: the directory the tests run in is random and could contain "tom".
-        let name = Path::new(key).file_name().and_then(|n| n.to_str()).unwrap_or(key);
+        let name = Path::new(key)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(key);
         if name.contains("sherlock") || name.contains("tom") {
             std::thread::sleep(Duration::from_secs(3));
         }
@@ -111,7 +114,10 @@ impl JobCount {
 impl App for JobCount {
     fn map(&self, _filename: &str, _contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError> {
         let call = JOBCOUNT_CALLS.fetch_add(1, Ordering::SeqCst);
-        std::fs::write(format!("mr-worker-jobcount-{}-{call}", std::process::id()), "x")?;
+        std::fs::write(
+            format!("mr-worker-jobcount-{}-{call}", std::process::id()),
+            "x",
+        )?;
         let pause = rand::rng().random_range(self.min_sleep_ms..self.max_sleep_ms);
         std::thread::sleep(Duration::from_millis(pause));
         emit("a", "x");
@@ -121,7 +127,11 @@ impl App for JobCount {
     fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, AppError> {
         let mut invocations = 0;
         for entry in std::fs::read_dir(".")? {
-            if entry?.file_name().to_string_lossy().starts_with("mr-worker-jobcount") {
+            if entry?
+                .file_name()
+                .to_string_lossy()
+                .starts_with("mr-worker-jobcount")
+            {
                 invocations += 1;
             }
         }
@@ -152,7 +162,10 @@ impl Timing {
         let mut running = 0;
         for entry in std::fs::read_dir(".")? {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) {
+            if let Some(pid) = name
+                .strip_prefix(&prefix)
+                .and_then(|p| p.parse::<u32>().ok())
+            {
                 if alive(pid) {
                     running += 1;
                 }
@@ -167,10 +180,15 @@ impl Timing {
 impl App for Timing {
     fn map(&self, _filename: &str, _contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError> {
         if self.phase == "map" {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
             let pid = std::process::id();
             let parallel = self.nparallel()?;
-            emit(&format!("times-{pid}"), &format!("{:.1}", now.as_secs_f64()));
+            emit(
+                &format!("times-{pid}"),
+                &format!("{:.1}", now.as_secs_f64()),
+            );
             emit(&format!("parallel-{pid}"), &parallel.to_string());
         } else {
             for key in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"] {
