@@ -36,6 +36,31 @@ pub type Emit<'a> = dyn FnMut(&str, &str) + 'a;
 
 /// A MapReduce computation.
 ///
+/// ```
+/// use ds824::mr::app::{App, AppError, Emit};
+///
+/// /// Counts identical lines.
+/// struct Lines;
+///
+/// impl App for Lines {
+///     fn map(&self, _file: &str, contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError> {
+///         for line in contents.lines() {
+///             emit(line, "1");
+///         }
+///         Ok(())
+///     }
+///
+///     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, AppError> {
+///         Ok(values.len().to_string())
+///     }
+/// }
+///
+/// let pairs = vec![("b".to_string(), "1".to_string()), ("a".into(), "1".into()), ("b".into(), "1".into())];
+/// let mut out = Vec::new();
+/// ds824::mr::exec::run_reduce(&Lines, pairs, &mut out).unwrap();
+/// assert_eq!(String::from_utf8(out).unwrap(), "a 1\nb 2\n");
+/// ```
+///
 /// Implementations must be deterministic functions of their input for re-executed and duplicated tasks to
 /// produce the same output (the paper's §3.3 semantics); the test apps that deliberately are not exist to
 /// check the machinery copes.
