@@ -89,7 +89,8 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Show every job (or one) with its tasks and progress.
+    /// Show every job with its progress and a one-character-per-task map (`#` done, `r` running, `.`
+    /// waiting), or with --job one line per task.
     Status {
         /// Coordinator address, host:port.
         #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
@@ -229,7 +230,22 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
     if !job.error.is_empty() {
         println!("  error: {}", job.error);
     }
-    if tasks {
+    if !tasks {
+        // One character per task: `#` done, `r` running, `.` waiting.
+        for (kind, name) in [(pb::TaskKind::Map, "maps"), (pb::TaskKind::Reduce, "reduces")] {
+            let line: String = job
+                .tasks
+                .iter()
+                .filter(|t| t.kind == kind as i32)
+                .map(|t| match t.state.as_str() {
+                    "done" => '#',
+                    "running" => 'r',
+                    _ => '.',
+                })
+                .collect();
+            println!("  {name:<8}{line}");
+        }
+    } else {
         for task in &job.tasks {
             let kind = if task.kind == pb::TaskKind::Map as i32 {
                 "map"

@@ -14,18 +14,25 @@ use crate::mr::apps;
 /// Why an app could not be built or could not process its input.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    /// No app of that name is registered.
     #[error("unknown app `{0}` (see `mrd apps`)")]
     Unknown(String),
+    /// An argument without `=`.
     #[error("app argument `{0}` is not of the form key=value")]
     MalformedArg(String),
+    /// A required argument is absent.
     #[error("app `{app}` needs the argument `{arg}`")]
     MissingArg { app: String, arg: String },
+    /// An argument the app does not know (likely a typo).
     #[error("app `{app}` does not take the argument `{arg}`")]
     UnexpectedArg { app: String, arg: String },
+    /// An argument with an unusable value.
     #[error("invalid argument `{arg}`: {reason}")]
     InvalidArg { arg: String, reason: String },
-    #[error("writing the output failed: {0}")]
+    /// Reading or writing failed while the app ran.
+    #[error("app I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The computation itself failed (e.g. a streaming command exited non-zero).
     #[error("{0}")]
     Failed(String),
 }
@@ -101,6 +108,7 @@ pub trait App: Send + Sync {
 
 /// One entry of the registry, for `mrd apps` and for validating submissions.
 pub struct AppInfo {
+    /// What jobs name it by (`mrd submit --app`).
     pub name: &'static str,
     /// One line for `mrd apps`, including the arguments the app takes.
     pub summary: &'static str,

@@ -25,9 +25,12 @@ use crate::mr::job::JobSpec;
 /// App failures of one task that fail the whole job.
 pub const MAX_TASK_FAILURES: u32 = 3;
 
+/// The two phases of a job; tasks of one kind share an index space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskKind {
+    /// Turns one input file into `n_reduce` partitions.
     Map,
+    /// Turns one partition of every map output into `mr-out-<index>`.
     Reduce,
 }
 
@@ -44,24 +47,33 @@ impl fmt::Display for TaskKind {
 /// directory).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Completion {
+    /// The worker whose report won, for status and logs.
     pub worker: String,
+    /// Where a map output is served from (gRPC shuffle); compared against fetch-failure reports.
     pub addr: String,
 }
 
 /// The durable part of a task's state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRecord {
+    /// Set by the first successful report; cleared only when a map output is found lost.
     pub done: Option<Completion>,
     /// Times handed out, for `mrd status` and the job-count test's diagnostics.
     pub runs: u32,
+    /// App failures so far; [`MAX_TASK_FAILURES`] of them fail the job.
     pub failures: u32,
 }
 
+/// Where a job is in its life; only the first unfinished job is ever `Running`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobState {
+    /// Waiting for the jobs before it.
     Queued,
+    /// Handing out tasks.
     Running,
+    /// Every `mr-out-*` is final.
     Done,
+    /// A task failed too often; the reason is kept for `mrd status`.
     Failed(String),
 }
 
@@ -75,10 +87,15 @@ impl JobState {
 /// Everything the coordinator persists about a job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRecord {
+    /// Assigned at submission, increasing, so id order is queue order.
     pub id: u64,
+    /// What to run, as submitted.
     pub spec: JobSpec,
+    /// Where the job stands.
     pub state: JobState,
+    /// One per input file.
     pub maps: Vec<TaskRecord>,
+    /// One per output partition.
     pub reduces: Vec<TaskRecord>,
 }
 
@@ -106,8 +123,11 @@ impl JobRecord {
 /// A task currently handed out.
 #[derive(Clone, Debug)]
 pub struct Running {
+    /// Who has it; only their failure report frees the slot early.
     pub worker: String,
+    /// Which hand-out this is, for logs.
     pub attempt: u64,
+    /// After this the task may be handed to someone else.
     pub deadline: Instant,
 }
 
@@ -146,18 +166,26 @@ impl Job {
 /// The worker asking for a task.
 #[derive(Clone, Debug)]
 pub struct WorkerInfo<'a> {
+    /// Stable for the worker process's lifetime.
     pub id: &'a str,
+    /// Whether it takes map tasks (`mrd worker --only`).
     pub accept_map: bool,
+    /// Whether it takes reduce tasks.
     pub accept_reduce: bool,
 }
 
 /// A task handed to a worker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
+    /// The job the task belongs to; reports name it.
     pub job_id: u64,
+    /// The job's spec, so workers need no other source of truth.
     pub spec: JobSpec,
+    /// Map or reduce.
     pub kind: TaskKind,
+    /// Input file index (map) or partition (reduce).
     pub index: u32,
+    /// Unique per hand-out, for logs.
     pub attempt: u64,
     /// Reduce tasks: where every map task's output lives (empty strings for the shared directory).
     pub locations: Vec<String>,
@@ -202,8 +230,11 @@ pub enum ReportError {
 
 /// A job's state plus who is running what, for status displays.
 pub struct JobView<'a> {
+    /// The durable state.
     pub record: &'a JobRecord,
+    /// Who runs each map task right now.
     pub running_maps: &'a [Option<Running>],
+    /// Who runs each reduce task right now.
     pub running_reduces: &'a [Option<Running>],
 }
 

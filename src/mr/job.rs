@@ -25,11 +25,17 @@ pub enum ShuffleMode {
 /// working directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
+    /// A registered app name.
     pub app: String,
+    /// The app's `key=value` arguments.
     pub args: Vec<String>,
+    /// One map task each.
     pub inputs: Vec<PathBuf>,
+    /// Number of reduce tasks and output files.
     pub n_reduce: u32,
+    /// Receives `mr-out-*` (and the shared-directory intermediates).
     pub output_dir: PathBuf,
+    /// How map outputs reach reducers.
     pub shuffle: ShuffleMode,
 }
 

@@ -37,28 +37,37 @@ pub use app::{App, AppError};
 /// Everything that can go wrong in the MapReduce library; the CLI turns these into one-line messages.
 #[derive(Debug, thiserror::Error)]
 pub enum MrError {
+    /// The app refused its arguments or failed on its input.
     #[error(transparent)]
     App(#[from] AppError),
+    /// A file operation failed; carries the path.
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// An intermediate file or fetched partition does not decode.
     #[error("corrupt intermediate data from {0}")]
     Corrupt(String),
+    /// A submission was refused; the message says why.
     #[error("invalid job: {0}")]
     InvalidJob(String),
+    /// No connection to a gRPC peer.
     #[error("cannot reach {addr}: {source}")]
     Connect {
         addr: String,
         source: tonic::transport::Error,
     },
+    /// A peer answered with an error status; its message is shown as is.
     #[error("{}", .0.message())]
     Rpc(#[from] tonic::Status),
+    /// sled failed.
     #[error("coordinator storage: {0}")]
     Storage(#[from] sled::Error),
+    /// A persisted job record does not decode.
     #[error("corrupt coordinator state: {0}")]
     CorruptState(String),
+    /// Anything else, already phrased for the user.
     #[error("{0}")]
     Other(String),
 }

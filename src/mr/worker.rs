@@ -31,12 +31,15 @@ pub struct WorkerConfig {
     pub dir: PathBuf,
     /// Exit when the coordinator has no job, or has been unreachable for `unreachable_timeout`.
     pub exit_when_idle: bool,
+    /// How long an unreachable coordinator is waited for before `exit_when_idle` gives up.
     pub unreachable_timeout: Duration,
     /// Where to serve map outputs; port 0 picks a free port.
     pub shuffle_listen: SocketAddr,
     /// Address other workers should use to reach the shuffle server, when it differs from the bound one.
     pub advertise: Option<String>,
+    /// Take map tasks (false for a dedicated reducer).
     pub accept_map: bool,
+    /// Take reduce tasks (false for a dedicated mapper).
     pub accept_reduce: bool,
 }
 

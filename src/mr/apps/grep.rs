@@ -45,9 +45,11 @@ mod tests {
     fn matching_lines_are_keyed_by_file_and_line() {
         let grep = app::build("grep", &["pattern=^b".into()]).unwrap();
         let mut found = Vec::new();
-        grep.map("/f", "apple\nbanana\ncherry\nblueberry", &mut |k: &str, v: &str| {
-            found.push(format!("{k} {v}"))
-        })
+        grep.map(
+            "/f",
+            "apple\nbanana\ncherry\nblueberry",
+            &mut |k: &str, v: &str| found.push(format!("{k} {v}")),
+        )
         .unwrap();
         assert_eq!(found, ["/f:0000000002 banana", "/f:0000000004 blueberry"]);
     }

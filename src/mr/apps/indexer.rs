@@ -31,7 +31,9 @@ mod tests {
     fn documents_are_listed_once_and_sorted() {
         let mut pairs = Vec::new();
         Indexer
-            .map("/d2", "cat cat dog", &mut |k: &str, v: &str| pairs.push((k.to_string(), v.to_string())))
+            .map("/d2", "cat cat dog", &mut |k: &str, v: &str| {
+                pairs.push((k.to_string(), v.to_string()))
+            })
             .unwrap();
         assert_eq!(pairs.len(), 2);
         let docs = vec!["/d2".to_string(), "/d1".to_string()];

@@ -141,6 +141,7 @@ impl App for JobCount {
 
 /// `mtiming.go` and `rtiming.go`: measure how many workers run the `phase` at the same time.
 pub struct Timing {
+    /// `map` for mtiming, `reduce` for rtiming: the phase whose overlap is measured.
     pub phase: &'static str,
 }
 
