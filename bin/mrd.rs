@@ -232,7 +232,10 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
     }
     if !tasks {
         // One character per task: `#` done, `r` running, `.` waiting.
-        for (kind, name) in [(pb::TaskKind::Map, "maps"), (pb::TaskKind::Reduce, "reduces")] {
+        for (kind, name) in [
+            (pb::TaskKind::Map, "maps"),
+            (pb::TaskKind::Reduce, "reduces"),
+        ] {
             let line: String = job
                 .tasks
                 .iter()

@@ -17,6 +17,7 @@ pub async fn connect(addr: &str) -> Result<CoordinatorClient<Channel>, MrError> 
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|err| MrError::Other(format!("bad coordinator address {addr}: {err}")))?
         .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
         .timeout(Duration::from_secs(30));
     let channel = endpoint
         .connect()

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::mr::coordinator::{
@@ -326,7 +325,7 @@ pub async fn serve(
     tracing::info!(?addr, "coordinator serving");
     tonic::transport::Server::builder()
         .add_service(CoordinatorServer::from_arc(Arc::new(service)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::mr::shuffle::incoming(listener), shutdown)
         .await
         .map_err(|err| MrError::Other(format!("coordinator server: {err}")))
 }

@@ -106,6 +106,7 @@ pub async fn run(config: WorkerConfig) -> Result<(), MrError> {
             ))
         })?
         .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
         .timeout(Duration::from_secs(30));
     let client = CoordinatorClient::new(endpoint.connect_lazy());
     tracing::info!(worker = %id, shuffle = %addr, coordinator = %config.coordinator, "worker started");
