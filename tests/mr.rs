@@ -574,3 +574,40 @@ fn bad_submissions_are_refused() {
     });
     assert!(jobs.is_empty());
 }
+
+#[test]
+fn failing_app_fails_its_job_and_the_queue_moves_on() {
+    let mut env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let failing = env.submit(
+        &coord.addr,
+        "streaming",
+        &["mapper=exit 3", "reducer=cat"],
+        2,
+        "shared-dir",
+        "bad",
+    );
+    let good = env.submit(&coord.addr, "wc", &[], 3, "shared-dir", "good");
+    let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
+    let failed = wait_until(
+        &env,
+        &coord.addr,
+        failing,
+        "the failing job to fail",
+        client::finished,
+    );
+    assert_eq!(failed.state, pb::JobState::Failed as i32);
+    assert!(failed.error.contains("exited"), "{}", failed.error);
+    wait_job(&env, &coord.addr, good);
+    wait_all(&mut workers);
+    assert_eq!(env.output("good"), expected);
+    // `mrd status` reports both, and `submit --wait` on a failed job would exit non-zero.
+    let out = mrd()
+        .args(["status", "--coordinator", &coord.addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("job {failing} [failed]")), "{text}");
+    assert!(text.contains(&format!("job {good} [done]")), "{text}");
+}
