@@ -99,7 +99,7 @@ enum Command {
         #[arg(long)]
         job: Option<u64>,
     },
-    /// Run a job in this process and write <output>/mr-out-0 (the reference distributed runs must match).
+    /// Run a job in this process, writing mr-out-0 into --output (the reference distributed runs must match).
     Sequential {
         #[command(flatten)]
         job: JobArgs,
@@ -271,6 +271,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             task_timeout,
         } => {
             init_logging("info");
+            if task_timeout.is_zero() {
+                bail!(
+                    "--task-timeout must be positive: every task would be handed out over and over"
+                );
+            }
             let service = coordinator_service::CoordinatorService::open(&data_dir, task_timeout)?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
