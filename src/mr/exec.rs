@@ -92,6 +92,47 @@ mod tests {
     use super::*;
     use crate::mr::app;
 
+    /// Emits `1` per character and sums: exercises folding values mid-map.
+    struct Chars;
+
+    impl App for Chars {
+        fn map(
+            &self,
+            _f: &str,
+            contents: &str,
+            emit: &mut app::Emit<'_>,
+        ) -> Result<(), app::AppError> {
+            for c in contents.chars() {
+                emit(&c.to_string(), "1");
+            }
+            Ok(())
+        }
+
+        fn reduce(&self, _key: &str, values: &[String]) -> Result<String, app::AppError> {
+            let total: u64 = values.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum();
+            Ok(total.to_string())
+        }
+
+        fn has_combiner(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn combiner_folds_values_during_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        std::fs::write(&input, "ab".repeat(1000)).unwrap();
+        let partitions = run_map(&Chars, &input, 1).unwrap();
+        let mut pairs = Vec::new();
+        records::decode_into(&partitions[0], "test", &mut pairs).unwrap();
+        // One pre-summed pair per key instead of a thousand.
+        assert_eq!(pairs.len(), 2);
+        let mut out = Vec::new();
+        run_reduce(&Chars, pairs, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "a 1000\nb 1000\n");
+    }
+
     #[test]
     fn combining_map_and_reduce_count_words() {
         let dir = tempfile::tempdir().unwrap();
