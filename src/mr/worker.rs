@@ -126,6 +126,7 @@ impl Worker {
     async fn run(&mut self) -> Result<(), MrError> {
         let mut last_contact = Instant::now();
         let mut backoff = Duration::from_millis(100);
+        let mut warned = false;
         loop {
             let request = pb::TaskRequest {
                 worker_id: self.id.clone(),
@@ -142,7 +143,10 @@ impl Worker {
                         tracing::info!(worker = %self.id, "coordinator unreachable; exiting");
                         return Ok(());
                     }
-                    tracing::debug!(worker = %self.id, %status, "coordinator unreachable; retrying");
+                    if !warned {
+                        tracing::warn!(worker = %self.id, %status, "coordinator unreachable; retrying");
+                        warned = true;
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
@@ -150,6 +154,7 @@ impl Worker {
                 Err(status) => return Err(status.into()),
             };
             last_contact = Instant::now();
+            warned = false;
             match pb::Action::try_from(reply.action) {
                 Ok(pb::Action::Idle) if self.config.exit_when_idle => {
                     tracing::info!(worker = %self.id, "no jobs left; exiting");
@@ -166,6 +171,8 @@ impl Worker {
                 Ok(pb::Action::Run) => {
                     backoff = Duration::from_millis(100);
                     self.run_task(reply).await;
+                    // The outage clock starts when we next need the coordinator, not when the task began.
+                    last_contact = Instant::now();
                 }
                 Err(_) => {
                     return Err(MrError::Other(format!(
