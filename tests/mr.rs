@@ -611,3 +611,62 @@ fn failing_app_fails_its_job_and_the_queue_moves_on() {
     assert!(text.contains(&format!("job {failing} [failed]")), "{text}");
     assert!(text.contains(&format!("job {good} [done]")), "{text}");
 }
+
+#[test]
+fn submit_wait_follows_the_job_and_reports_failure() {
+    let mut env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let submit = |app_args: &[&str], output: &str| {
+        let mut cmd = mrd();
+        cmd.args([
+            "submit",
+            "--wait",
+            "--coordinator",
+            &coord.addr,
+            "--reduces",
+            "2",
+            "--output",
+        ])
+        .arg(env.path().join(output))
+        .args(app_args)
+        .args(&env.inputs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let good = submit(&["--app", "wc"], "good");
+    let bad = submit(
+        &[
+            "--app",
+            "streaming",
+            "--arg",
+            "mapper=exit 3",
+            "--arg",
+            "reducer=cat",
+        ],
+        "bad",
+    );
+    // Start the worker only once both jobs are queued, or it could find nothing to do and exit.
+    let started = Instant::now();
+    while runtime()
+        .block_on(async { client::status(&mut client::connect(&coord.addr).await?, None).await })
+        .map_or(0, |jobs| jobs.len())
+        < 2
+    {
+        assert!(started.elapsed() < DEADLINE, "jobs were never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut worker = env.worker(&coord.addr, &[]);
+    let good = good.wait_with_output().unwrap();
+    let bad = bad.wait_with_output().unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("failed 3 times"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    assert!(wait_exit(&mut worker).success());
+}
