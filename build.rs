@@ -6,7 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    let protos = ["proto/raft.proto", "proto/rsm.proto", "proto/kv.proto"];
+    let protos = [
+        "proto/raft.proto",
+        "proto/rsm.proto",
+        "proto/kv.proto",
+        "proto/mr.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

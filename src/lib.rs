@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod kv;
+pub mod mr;
 pub mod raft;
 pub mod rsm;
 pub mod sim;
@@ -23,5 +24,9 @@ pub mod proto {
     /// The key/value service (`proto/kv.proto`).
     pub mod kv {
         tonic::include_proto!("kv");
+    }
+    /// The MapReduce coordinator, worker and shuffle protocol (`proto/mr.proto`).
+    pub mod mr {
+        tonic::include_proto!("mr");
     }
 }

@@ -1,0 +1,434 @@
+//! `mrd`: the MapReduce daemons and their command-line client. All logic lives in `ds824::mr`; this file
+//! only parses flags, sets up logging and turns errors into one line and a non-zero exit status.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use ds824::mr::job::{JobSpec, ShuffleMode};
+use ds824::mr::{app, client, coordinator_service, sequential, worker};
+use ds824::proto::mr as pb;
+
+/// The default coordinator address, so a single-machine setup needs no flags.
+const DEFAULT_COORDINATOR: &str = "127.0.0.1:7824";
+
+#[derive(Parser)]
+#[command(
+    name = "mrd",
+    version,
+    about = "MapReduce coordinator, worker and client (MIT 6.824 lab 1 as daemons)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator: queues jobs, hands tasks to workers, persists progress so a restart resumes.
+    Coordinator {
+        /// Address to serve gRPC on (port 0 picks a free port; the bound address is printed on stdout).
+        #[arg(long, env = "MRD_LISTEN", default_value = DEFAULT_COORDINATOR)]
+        listen: SocketAddr,
+        /// Directory for the durable job state (sled); restart with the same directory to resume.
+        #[arg(long, env = "MRD_DATA_DIR")]
+        data_dir: PathBuf,
+        /// How long a worker may take on a task before it is handed to another worker (e.g. 10s, 500ms).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        task_timeout: Duration,
+    },
+    /// Run a worker: pulls tasks from the coordinator and runs them, serving its map outputs over gRPC.
+    Worker {
+        /// Coordinator address, host:port.
+        #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+        coordinator: String,
+        /// Private directory where this worker keeps the map outputs it serves in the gRPC shuffle.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Exit once the coordinator has no queued or running job (or stays unreachable), instead of
+        /// polling forever.
+        #[arg(long)]
+        exit_when_idle: bool,
+        /// With --exit-when-idle: how long the coordinator may be unreachable before the worker exits.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        give_up_after: Duration,
+        /// Address to serve map outputs on for the gRPC shuffle (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        shuffle_listen: SocketAddr,
+        /// Address other workers should fetch map outputs from, if not the bound --shuffle-listen address
+        /// (e.g. behind NAT or when listening on 0.0.0.0).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Which tasks to take: dedicated mapper or reducer pools, or both.
+        #[arg(long, value_enum, default_value_t = Only::All)]
+        only: Only,
+    },
+    /// Submit a job and print its id (with --wait, follow it to the end with a progress bar).
+    Submit {
+        /// Coordinator address, host:port.
+        #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+        coordinator: String,
+        #[command(flatten)]
+        job: JobArgs,
+        /// Number of reduce tasks, i.e. of output files mr-out-0 .. mr-out-(N-1).
+        #[arg(long, default_value_t = 10)]
+        reduces: u32,
+        /// Directory for the outputs (and, with the shared-dir shuffle, the intermediate files).
+        #[arg(long)]
+        output: PathBuf,
+        /// How map outputs reach reducers: a directory all workers share, or fetched from mappers over gRPC.
+        #[arg(long, value_enum, default_value_t = Shuffle::SharedDir)]
+        shuffle: Shuffle,
+        /// Wait for the job to finish, showing progress; exit non-zero if it fails.
+        #[arg(long)]
+        wait: bool,
+        /// Input files, one map task each.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show every job with its progress and a one-character-per-task map (`#` done, `r` running, `.`
+    /// waiting), or with --job one line per task.
+    Status {
+        /// Coordinator address, host:port.
+        #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+        coordinator: String,
+        /// Only this job, with one line per task.
+        #[arg(long)]
+        job: Option<u64>,
+    },
+    /// Run a job in this process, writing mr-out-0 into --output (the reference distributed runs must match).
+    Sequential {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Directory for mr-out-0.
+        #[arg(long, default_value = ".")]
+        output: PathBuf,
+        /// Input files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List the apps jobs can use, and the test-only apps.
+    Apps,
+    /// Write a deterministic Zipf-distributed text corpus (test and benchmark inputs).
+    GenCorpus {
+        /// Directory to write pg-*.txt into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of files.
+        #[arg(long, default_value_t = 8)]
+        files: usize,
+        /// Approximate size of each file in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        bytes_per_file: usize,
+        /// Seed; the same seed always gives the same corpus.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct JobArgs {
+    /// App to run (see `mrd apps`).
+    #[arg(long)]
+    app: String,
+    /// App argument as key=value (repeatable), e.g. --arg pattern=foo for grep, or --arg mapper=CMD
+    /// --arg reducer=CMD for streaming.
+    #[arg(long = "arg")]
+    args: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Shuffle {
+    SharedDir,
+    Grpc,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    All,
+    Map,
+    Reduce,
+}
+
+/// Parses `10s`, `500ms`, `2m` or a bare number of seconds.
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{raw}` is not a duration like 10s or 500ms"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown unit `{unit}` in `{raw}` (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{raw}`: {err}"))
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Queued) => "queued",
+        Ok(pb::JobState::Running) => "running",
+        Ok(pb::JobState::Done) => "done",
+        Ok(pb::JobState::Failed) => "failed",
+        Err(_) => "unknown",
+    }
+}
+
+fn print_job(job: &pb::JobStatus, tasks: bool) {
+    let spec = job.spec.clone().unwrap_or_default();
+    println!(
+        "job {} [{}] app={} maps {}/{} reduces {}/{} shuffle={} output={}",
+        job.id,
+        state_name(job.state),
+        spec.app,
+        job.maps_done,
+        spec.inputs.len(),
+        job.reduces_done,
+        spec.n_reduce,
+        if spec.shuffle == pb::ShuffleMode::Grpc as i32 {
+            "grpc"
+        } else {
+            "shared-dir"
+        },
+        spec.output_dir,
+    );
+    if !job.error.is_empty() {
+        println!("  error: {}", job.error);
+    }
+    if !tasks {
+        // One character per task: `#` done, `r` running, `.` waiting.
+        for (kind, name) in [
+            (pb::TaskKind::Map, "maps"),
+            (pb::TaskKind::Reduce, "reduces"),
+        ] {
+            let line: String = job
+                .tasks
+                .iter()
+                .filter(|t| t.kind == kind as i32)
+                .map(|t| match t.state.as_str() {
+                    "done" => '#',
+                    "running" => 'r',
+                    _ => '.',
+                })
+                .collect();
+            println!("  {name:<8}{line}");
+        }
+    } else {
+        for task in &job.tasks {
+            let kind = if task.kind == pb::TaskKind::Map as i32 {
+                "map"
+            } else {
+                "reduce"
+            };
+            println!(
+                "  {kind:<6} {:>5} {:<8} runs={} {}",
+                task.index, task.state, task.runs, task.worker
+            );
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Coordinator {
+            listen,
+            data_dir,
+            task_timeout,
+        } => {
+            init_logging("info");
+            if task_timeout.is_zero() {
+                bail!(
+                    "--task-timeout must be positive: every task would be handed out over and over"
+                );
+            }
+            let service = coordinator_service::CoordinatorService::open(&data_dir, task_timeout)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let bound = listener.local_addr().context("reading the bound address")?;
+            // Tests and scripts read this line to learn the port when --listen asked for port 0.
+            println!("mrd coordinator listening on {bound}");
+            coordinator_service::serve(listener, service, shutdown_signal()).await?;
+        }
+        Command::Worker {
+            coordinator,
+            dir,
+            exit_when_idle,
+            give_up_after,
+            shuffle_listen,
+            advertise,
+            only,
+        } => {
+            init_logging("info");
+            worker::run(worker::WorkerConfig {
+                coordinator,
+                dir,
+                exit_when_idle,
+                unreachable_timeout: give_up_after,
+                shuffle_listen,
+                advertise,
+                accept_map: only != Only::Reduce,
+                accept_reduce: only != Only::Map,
+            })
+            .await?;
+        }
+        Command::Submit {
+            coordinator,
+            job,
+            reduces,
+            output,
+            shuffle,
+            wait,
+            files,
+        } => {
+            init_logging("warn");
+            let shuffle = match shuffle {
+                Shuffle::SharedDir => ShuffleMode::SharedDir,
+                Shuffle::Grpc => ShuffleMode::Grpc,
+            };
+            let spec = JobSpec::prepare(&job.app, &job.args, &files, reduces, &output, shuffle)?;
+            let mut client = client::connect(&coordinator).await?;
+            let id = client::submit(&mut client, &spec).await?;
+            println!("{id}");
+            if wait {
+                let bar = indicatif::ProgressBar::new(u64::from(spec.n_map() + spec.n_reduce));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} job {msg} [{bar:40}] {pos}/{len} tasks {elapsed}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                let last = client::wait(&coordinator, id, Duration::from_secs(60), |status| {
+                    bar.set_position(u64::from(status.maps_done + status.reduces_done));
+                    bar.set_message(format!("{id} {}", state_name(status.state)));
+                })
+                .await?;
+                bar.finish();
+                if last.state == pb::JobState::Failed as i32 {
+                    bail!("job {id} failed: {}", last.error);
+                }
+            }
+        }
+        Command::Status { coordinator, job } => {
+            init_logging("warn");
+            let mut client = client::connect(&coordinator).await?;
+            let jobs = client::status(&mut client, job).await?;
+            if jobs.is_empty() {
+                println!("no jobs");
+            }
+            for status in &jobs {
+                print_job(status, job.is_some());
+            }
+        }
+        Command::Sequential { job, output, files } => {
+            init_logging("warn");
+            let path = sequential::run(&job.app, &job.args, &files, &output)?;
+            println!("{}", path.display());
+        }
+        Command::GenCorpus {
+            dir,
+            files,
+            bytes_per_file,
+            seed,
+        } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for path in ds824::mr::corpus::write_zipf_corpus(&dir, files, bytes_per_file, seed)? {
+                println!("{}", path.display());
+            }
+        }
+        Command::Apps => {
+            for testing in [false, true] {
+                println!(
+                    "{}",
+                    if testing {
+                        "\ntest apps (they crash, sleep or leave marker files on purpose):"
+                    } else {
+                        "apps:"
+                    }
+                );
+                for info in app::registry()
+                    .iter()
+                    .filter(|info| info.for_testing == testing)
+                {
+                    println!("  {:<11} {}", info.name, info.summary);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("mrd: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mrd: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("3h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

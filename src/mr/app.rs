@@ -1,0 +1,223 @@
+//! The interface between the MapReduce machinery and the user's computation, and the registry of apps a
+//! job can name.
+//!
+//! Workers receive a job as data (an app name plus `key=value` arguments), so every app is compiled into
+//! `mrd` and looked up by name; arbitrary programs plug in through the [`streaming`](super::apps::streaming)
+//! app instead of being loaded dynamically.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::mr::apps;
+
+/// Why an app could not be built or could not process its input.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// No app of that name is registered.
+    #[error("unknown app `{0}` (see `mrd apps`)")]
+    Unknown(String),
+    /// An argument without `=`.
+    #[error("app argument `{0}` is not of the form key=value")]
+    MalformedArg(String),
+    /// A required argument is absent.
+    #[error("app `{app}` needs the argument `{arg}`")]
+    MissingArg { app: String, arg: String },
+    /// An argument the app does not know (likely a typo).
+    #[error("app `{app}` does not take the argument `{arg}`")]
+    UnexpectedArg { app: String, arg: String },
+    /// An argument with an unusable value.
+    #[error("invalid argument `{arg}`: {reason}")]
+    InvalidArg { arg: String, reason: String },
+    /// Reading or writing failed while the app ran.
+    #[error("app I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The computation itself failed (e.g. a streaming command exited non-zero).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Receives the pairs a map call produces; takes borrowed strings so a combining runner only allocates
+/// for keys it has not seen yet.
+pub type Emit<'a> = dyn FnMut(&str, &str) + 'a;
+
+/// A MapReduce computation.
+///
+/// ```
+/// use ds824::mr::app::{App, AppError, Emit};
+///
+/// /// Counts identical lines.
+/// struct Lines;
+///
+/// impl App for Lines {
+///     fn map(&self, _file: &str, contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError> {
+///         for line in contents.lines() {
+///             emit(line, "1");
+///         }
+///         Ok(())
+///     }
+///
+///     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, AppError> {
+///         Ok(values.len().to_string())
+///     }
+/// }
+///
+/// let pairs = vec![("b".to_string(), "1".to_string()), ("a".into(), "1".into()), ("b".into(), "1".into())];
+/// let mut out = Vec::new();
+/// ds824::mr::exec::run_reduce(&Lines, pairs, &mut out).unwrap();
+/// assert_eq!(String::from_utf8(out).unwrap(), "a 1\nb 2\n");
+/// ```
+///
+/// Implementations must be deterministic functions of their input for re-executed and duplicated tasks to
+/// produce the same output (the paper's §3.3 semantics); the test apps that deliberately are not exist to
+/// check the machinery copes.
+pub trait App: Send + Sync {
+    /// Turns one input file into intermediate pairs. `filename` is the input's absolute path.
+    fn map(&self, filename: &str, contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError>;
+
+    /// Folds every value of one key into that key's output value.
+    fn reduce(&self, key: &str, values: &[String]) -> Result<String, AppError>;
+
+    /// Whether [`App::combine`] may pre-aggregate map output; worth it when reduce is associative and
+    /// commutative (word count), because it shrinks intermediate data by orders of magnitude.
+    fn has_combiner(&self) -> bool {
+        false
+    }
+
+    /// Map-side partial reduce (paper §4.3); its result must be a valid input value for `reduce`.
+    fn combine(&self, key: &str, values: &[String]) -> Result<String, AppError> {
+        self.reduce(key, values)
+    }
+
+    /// Produces a whole reduce partition's output from its key groups, in key order.
+    ///
+    /// The default writes one `key value` line per key (the 6.824 format); streaming apps override it to
+    /// hand the partition to an external program.
+    fn reduce_partition<'a>(
+        &self,
+        groups: &mut dyn Iterator<Item = (&'a str, &'a [String])>,
+        out: &mut dyn Write,
+    ) -> Result<(), AppError> {
+        for (key, values) in groups {
+            let value = self.reduce(key, values)?;
+            writeln!(out, "{key} {value}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One entry of the registry, for `mrd apps` and for validating submissions.
+pub struct AppInfo {
+    /// What jobs name it by (`mrd submit --app`).
+    pub name: &'static str,
+    /// One line for `mrd apps`, including the arguments the app takes.
+    pub summary: &'static str,
+    /// True for the 6.824 test apps: they crash, sleep or leave marker files on purpose.
+    pub for_testing: bool,
+}
+
+/// Every app `mrd` knows, built-ins first.
+pub fn registry() -> &'static [AppInfo] {
+    apps::REGISTRY
+}
+
+/// Parses `key=value` job arguments; later duplicates win, like repeated command-line flags.
+pub fn parse_args(args: &[String]) -> Result<BTreeMap<String, String>, AppError> {
+    args.iter()
+        .map(|arg| match arg.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+            _ => Err(AppError::MalformedArg(arg.clone())),
+        })
+        .collect()
+}
+
+/// Instantiates the app `name` with its job arguments; this is also how a submission is validated.
+pub fn build(name: &str, args: &[String]) -> Result<Arc<dyn App>, AppError> {
+    let args = parse_args(args)?;
+    apps::build(
+        name,
+        Args {
+            app: name,
+            map: args,
+        },
+    )
+}
+
+/// Job arguments being consumed by an app's constructor; anything left over is reported as unexpected, so
+/// a typo in an argument name is refused at submit time instead of silently ignored.
+pub struct Args<'a> {
+    app: &'a str,
+    map: BTreeMap<String, String>,
+}
+
+impl Args<'_> {
+    /// Takes an optional argument.
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        self.map.remove(key)
+    }
+
+    /// Takes a required argument.
+    pub fn require(&mut self, key: &str) -> Result<String, AppError> {
+        self.take(key).ok_or_else(|| AppError::MissingArg {
+            app: self.app.to_string(),
+            arg: key.to_string(),
+        })
+    }
+
+    /// Takes an optional numeric argument.
+    pub fn number(&mut self, key: &str, default: u64) -> Result<u64, AppError> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(raw) => raw.parse().map_err(|_| AppError::InvalidArg {
+                arg: format!("{key}={raw}"),
+                reason: "expected a non-negative integer".into(),
+            }),
+        }
+    }
+
+    /// Fails if any argument was not taken.
+    pub fn finish(self) -> Result<(), AppError> {
+        match self.map.into_keys().next() {
+            None => Ok(()),
+            Some(arg) => Err(AppError::UnexpectedArg {
+                app: self.app.to_string(),
+                arg,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_apps_and_bad_args_are_refused() {
+        assert!(matches!(build("nope", &[]), Err(AppError::Unknown(_))));
+        assert!(matches!(
+            build("wc", &["x".into()]),
+            Err(AppError::MalformedArg(_))
+        ));
+        assert!(matches!(
+            build("wc", &["x=1".into()]),
+            Err(AppError::UnexpectedArg { .. })
+        ));
+        assert!(matches!(
+            build("grep", &[]),
+            Err(AppError::MissingArg { .. })
+        ));
+        assert!(build("grep", &["pattern=a+".into()]).is_ok());
+    }
+
+    #[test]
+    fn every_registered_app_builds() {
+        for info in registry() {
+            let args: Vec<String> = match info.name {
+                "grep" => vec!["pattern=x".into()],
+                "streaming" => vec!["mapper=cat".into(), "reducer=cat".into()],
+                _ => vec![],
+            };
+            assert!(build(info.name, &args).is_ok(), "{}", info.name);
+        }
+    }
+}

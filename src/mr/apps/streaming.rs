@@ -1,0 +1,146 @@
+//! Hadoop-Streaming-style apps: any executables as mapper and reducer.
+//!
+//! The mapper gets one input file on stdin (its path in `MR_INPUT_FILE`) and prints `key<TAB>value` lines
+//! (a line without a tab is a key with an empty value). The reducer gets every `key<TAB>value` line of one
+//! partition on stdin, sorted by key, and whatever it prints becomes that partition's `mr-out-<reduce>`.
+//! Both run through `sh -c`, so pipelines work.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+
+use crate::mr::app::{App, AppError, Args, Emit};
+
+/// The mapper and reducer commands of a streaming job.
+pub struct Streaming {
+    mapper: String,
+    reducer: String,
+}
+
+impl Streaming {
+    /// Reads the `mapper=CMD` and `reducer=CMD` job arguments.
+    pub fn new(args: &mut Args<'_>) -> Result<Self, AppError> {
+        Ok(Self {
+            mapper: args.require("mapper")?,
+            reducer: args.require("reducer")?,
+        })
+    }
+}
+
+/// Runs `command` with `input` on stdin and copies its stdout to `out`; fails if it exits non-zero.
+fn run(
+    command: &str,
+    input: Vec<u8>,
+    env: &[(&str, &str)],
+    out: &mut dyn Write,
+) -> Result<(), AppError> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|err| AppError::Failed(format!("cannot start `{command}`: {err}")))?;
+    let mut stdin = child.stdin.take();
+    // Feed stdin from another thread: a command that writes output before reading all its input would
+    // otherwise deadlock against us.
+    let feeder = std::thread::spawn(move || {
+        if let Some(stdin) = stdin.as_mut() {
+            // A command may legitimately stop reading early (e.g. `head`); a broken pipe is not our error.
+            let _ = stdin.write_all(&input);
+        }
+    });
+    let copied = match child.stdout.take() {
+        Some(mut stdout) => std::io::copy(&mut stdout, out).map(|_| ()),
+        None => Ok(()),
+    };
+    let _ = feeder.join();
+    let status = child.wait()?;
+    copied?;
+    if !status.success() {
+        return Err(AppError::Failed(format!(
+            "`{command}` exited with {status}"
+        )));
+    }
+    Ok(())
+}
+
+impl App for Streaming {
+    fn map(&self, filename: &str, contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError> {
+        let mut output = Vec::new();
+        run(
+            &self.mapper,
+            contents.as_bytes().to_vec(),
+            &[("MR_INPUT_FILE", filename)],
+            &mut output,
+        )?;
+        let mut text = String::new();
+        output.as_slice().read_to_string(&mut text).map_err(|_| {
+            AppError::Failed(format!("mapper `{}` printed invalid UTF-8", self.mapper))
+        })?;
+        for line in text.lines() {
+            let (key, value) = line.split_once('\t').unwrap_or((line, ""));
+            emit(key, value);
+        }
+        Ok(())
+    }
+
+    fn reduce(&self, key: &str, _values: &[String]) -> Result<String, AppError> {
+        Err(AppError::Failed(format!(
+            "streaming reducers see whole partitions, not single keys (key `{key}`)"
+        )))
+    }
+
+    fn reduce_partition<'a>(
+        &self,
+        groups: &mut dyn Iterator<Item = (&'a str, &'a [String])>,
+        out: &mut dyn Write,
+    ) -> Result<(), AppError> {
+        let mut input = Vec::new();
+        for (key, values) in groups {
+            for value in values {
+                input.extend_from_slice(key.as_bytes());
+                input.push(b'\t');
+                input.extend_from_slice(value.as_bytes());
+                input.push(b'\n');
+            }
+        }
+        run(&self.reducer, input, &[], out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapper_lines_become_pairs_and_reducer_output_is_copied() {
+        let app = Streaming {
+            mapper: "tr ' ' '\\n' | sed 's/$/\t1/'".into(),
+            reducer: "cut -f1 | uniq -c | awk '{print $2, $1}'".into(),
+        };
+        let mut pairs = Vec::new();
+        app.map("f", "b a b", &mut |k: &str, v: &str| {
+            pairs.push((k.to_string(), v.to_string()))
+        })
+        .unwrap();
+        assert_eq!(pairs.len(), 3);
+        assert_eq!(pairs[0], ("b".to_string(), "1".to_string()));
+        let ones = vec!["1".to_string()];
+        let twos = vec!["1".to_string(), "1".to_string()];
+        let mut groups = vec![("a", ones.as_slice()), ("b", twos.as_slice())].into_iter();
+        let mut out = Vec::new();
+        app.reduce_partition(&mut groups, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "a 1\nb 2\n");
+    }
+
+    #[test]
+    fn failing_commands_fail_the_task() {
+        let app = Streaming {
+            mapper: "exit 3".into(),
+            reducer: "cat".into(),
+        };
+        assert!(app.map("f", "x", &mut |_: &str, _: &str| {}).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! Talking to the coordinator as a user: submitting jobs and following them. Used by `mrd` and the tests.
+
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::mr::job::JobSpec;
+use crate::mr::MrError;
+use crate::proto::mr as pb;
+use crate::proto::mr::coordinator_client::CoordinatorClient;
+
+/// How often [`wait`] polls; progress bars look live and the coordinator barely notices.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Connects to the coordinator at `addr` (`host:port`), failing fast if nothing listens there.
+pub async fn connect(addr: &str) -> Result<CoordinatorClient<Channel>, MrError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|err| MrError::Other(format!("bad coordinator address {addr}: {err}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| MrError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok(CoordinatorClient::new(channel))
+}
+
+/// Submits a job and returns its id once the coordinator has made it durable.
+pub async fn submit(
+    client: &mut CoordinatorClient<Channel>,
+    spec: &JobSpec,
+) -> Result<u64, MrError> {
+    let reply = client
+        .submit(pb::SubmitRequest {
+            spec: Some(pb::JobSpec::from(spec)),
+        })
+        .await?;
+    Ok(reply.into_inner().job_id)
+}
+
+/// Every job's status, or only `job_id`'s.
+pub async fn status(
+    client: &mut CoordinatorClient<Channel>,
+    job_id: Option<u64>,
+) -> Result<Vec<pb::JobStatus>, MrError> {
+    let reply = client
+        .status(pb::StatusRequest {
+            job_id: job_id.unwrap_or(0),
+        })
+        .await?;
+    Ok(reply.into_inner().jobs)
+}
+
+/// Whether a job will change no more.
+pub fn finished(status: &pb::JobStatus) -> bool {
+    matches!(
+        pb::JobState::try_from(status.state),
+        Ok(pb::JobState::Done | pb::JobState::Failed)
+    )
+}
+
+/// Polls job `job_id` until it is done or failed, calling `progress` with every status seen; rides out a
+/// coordinator restart shorter than `patience`.
+pub async fn wait(
+    addr: &str,
+    job_id: u64,
+    patience: Duration,
+    mut progress: impl FnMut(&pb::JobStatus),
+) -> Result<pb::JobStatus, MrError> {
+    let mut client = None;
+    let mut last_ok = Instant::now();
+    loop {
+        let result = match client.as_mut() {
+            Some(c) => status(c, Some(job_id)).await,
+            None => match connect(addr).await {
+                Ok(c) => status(client.insert(c), Some(job_id)).await,
+                Err(err) => Err(err),
+            },
+        };
+        match result {
+            Ok(jobs) => {
+                last_ok = Instant::now();
+                let Some(job) = jobs.into_iter().next() else {
+                    return Err(MrError::Other(format!("no job {job_id}")));
+                };
+                progress(&job);
+                if finished(&job) {
+                    return Ok(job);
+                }
+            }
+            Err(MrError::Rpc(status)) if status.code() == tonic::Code::NotFound => {
+                return Err(MrError::Rpc(status));
+            }
+            Err(err) => {
+                if last_ok.elapsed() > patience {
+                    return Err(err);
+                }
+                client = None;
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}

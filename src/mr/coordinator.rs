@@ -1,0 +1,613 @@
+//! The coordinator's scheduling logic as a pure state machine: no I/O, no clock (callers pass `now`), so
+//! every rule below is unit-tested directly.
+//!
+//! Rules:
+//! - jobs run one at a time, in submission order; a job's reduce tasks are handed out only once every map
+//!   task is done (the reduces need every map's output);
+//! - a task handed out and not reported within the timeout is handed to the next worker that asks; the
+//!   first successful report of a task wins and later ones are ignored, so slow duplicates are harmless;
+//! - a task whose app fails [`MAX_TASK_FAILURES`] times fails its job (bad input would otherwise be retried
+//!   forever);
+//! - a reducer that cannot fetch a map output makes that map task run again (paper §3.3), but only if the
+//!   output is still believed to live where the reducer looked, so stale reports change nothing.
+//!
+//! What must survive a coordinator crash is in [`JobRecord`]; who is running what is deliberately not
+//! persisted: after a restart every unfinished task is simply handed out again.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::mr::job::JobSpec;
+
+/// App failures of one task that fail the whole job.
+pub const MAX_TASK_FAILURES: u32 = 3;
+
+/// The two phases of a job; tasks of one kind share an index space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// Turns one input file into `n_reduce` partitions.
+    Map,
+    /// Turns one partition of every map output into `mr-out-<index>`.
+    Reduce,
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TaskKind::Map => "map",
+            TaskKind::Reduce => "reduce",
+        })
+    }
+}
+
+/// Who finished a task, and for map tasks where their output can be fetched (empty for the shared
+/// directory).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The worker whose report won, for status and logs.
+    pub worker: String,
+    /// Where a map output is served from (gRPC shuffle); compared against fetch-failure reports.
+    pub addr: String,
+}
+
+/// The durable part of a task's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Set by the first successful report; cleared only when a map output is found lost.
+    pub done: Option<Completion>,
+    /// Times handed out, for `mrd status` and the job-count test's diagnostics.
+    pub runs: u32,
+    /// App failures so far; [`MAX_TASK_FAILURES`] of them fail the job.
+    pub failures: u32,
+}
+
+/// Where a job is in its life; only the first unfinished job is ever `Running`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Waiting for the jobs before it.
+    Queued,
+    /// Handing out tasks.
+    Running,
+    /// Every `mr-out-*` is final.
+    Done,
+    /// A task failed too often; the reason is kept for `mrd status`.
+    Failed(String),
+}
+
+impl JobState {
+    /// Whether the job will never hand out another task.
+    pub fn finished(&self) -> bool {
+        matches!(self, JobState::Done | JobState::Failed(_))
+    }
+}
+
+/// Everything the coordinator persists about a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Assigned at submission, increasing, so id order is queue order.
+    pub id: u64,
+    /// What to run, as submitted.
+    pub spec: JobSpec,
+    /// Where the job stands.
+    pub state: JobState,
+    /// One per input file.
+    pub maps: Vec<TaskRecord>,
+    /// One per output partition.
+    pub reduces: Vec<TaskRecord>,
+}
+
+impl JobRecord {
+    fn tasks(&self, kind: TaskKind) -> &[TaskRecord] {
+        match kind {
+            TaskKind::Map => &self.maps,
+            TaskKind::Reduce => &self.reduces,
+        }
+    }
+
+    fn tasks_mut(&mut self, kind: TaskKind) -> &mut Vec<TaskRecord> {
+        match kind {
+            TaskKind::Map => &mut self.maps,
+            TaskKind::Reduce => &mut self.reduces,
+        }
+    }
+
+    /// Finished tasks of one kind, for progress reports.
+    pub fn done_count(&self, kind: TaskKind) -> usize {
+        self.tasks(kind).iter().filter(|t| t.done.is_some()).count()
+    }
+}
+
+/// A task currently handed out.
+#[derive(Clone, Debug)]
+pub struct Running {
+    /// Who has it; only their failure report frees the slot early.
+    pub worker: String,
+    /// Which hand-out this is, for logs.
+    pub attempt: u64,
+    /// After this the task may be handed to someone else.
+    pub deadline: Instant,
+}
+
+struct Job {
+    record: JobRecord,
+    running_maps: Vec<Option<Running>>,
+    running_reduces: Vec<Option<Running>>,
+}
+
+impl Job {
+    fn new(record: JobRecord) -> Self {
+        let running_maps = vec![None; record.maps.len()];
+        let running_reduces = vec![None; record.reduces.len()];
+        Self {
+            record,
+            running_maps,
+            running_reduces,
+        }
+    }
+
+    fn running_mut(&mut self, kind: TaskKind) -> &mut Vec<Option<Running>> {
+        match kind {
+            TaskKind::Map => &mut self.running_maps,
+            TaskKind::Reduce => &mut self.running_reduces,
+        }
+    }
+
+    fn running(&self, kind: TaskKind) -> &[Option<Running>] {
+        match kind {
+            TaskKind::Map => &self.running_maps,
+            TaskKind::Reduce => &self.running_reduces,
+        }
+    }
+}
+
+/// The worker asking for a task.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo<'a> {
+    /// Stable for the worker process's lifetime.
+    pub id: &'a str,
+    /// Whether it takes map tasks (`mrd worker --only`).
+    pub accept_map: bool,
+    /// Whether it takes reduce tasks.
+    pub accept_reduce: bool,
+}
+
+/// A task handed to a worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// The job the task belongs to; reports name it.
+    pub job_id: u64,
+    /// The job's spec, so workers need no other source of truth.
+    pub spec: JobSpec,
+    /// Map or reduce.
+    pub kind: TaskKind,
+    /// Input file index (map) or partition (reduce).
+    pub index: u32,
+    /// Unique per hand-out, for logs.
+    pub attempt: u64,
+    /// Reduce tasks: where every map task's output lives (empty strings for the shared directory).
+    pub locations: Vec<String>,
+    /// The worker that had this task before it timed out, if any (for logs).
+    pub took_over_from: Option<String>,
+}
+
+/// What a worker should do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Assignment {
+    /// No job is queued or running.
+    Idle,
+    /// A job is running but has nothing for this worker right now.
+    Wait,
+    Run(Box<Task>),
+}
+
+/// How a task attempt ended, as reported by its worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Map tasks carry the address their output is served from.
+    Succeeded {
+        addr: String,
+    },
+    Failed(String),
+    /// Map outputs (index, address tried) a reducer could not fetch.
+    FetchFailed(Vec<(u32, String)>),
+}
+
+/// A report the coordinator must refuse; the service turns it into an `InvalidArgument`/`NotFound` status.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("no job {0}")]
+    NoSuchJob(u64),
+    #[error("job {job} has no {kind} task {index}")]
+    NoSuchTask {
+        job: u64,
+        kind: TaskKind,
+        index: u32,
+    },
+}
+
+/// A job's state plus who is running what, for status displays.
+pub struct JobView<'a> {
+    /// The durable state.
+    pub record: &'a JobRecord,
+    /// Who runs each map task right now.
+    pub running_maps: &'a [Option<Running>],
+    /// Who runs each reduce task right now.
+    pub running_reduces: &'a [Option<Running>],
+}
+
+/// The scheduling state of every job.
+pub struct Coordinator {
+    jobs: BTreeMap<u64, Job>,
+    next_attempt: u64,
+    timeout: Duration,
+}
+
+impl Coordinator {
+    /// Rebuilds the state from persisted records (none for a fresh coordinator). Jobs that were mid-way
+    /// continue; their in-flight tasks are forgotten and handed out again.
+    pub fn restore(records: impl IntoIterator<Item = JobRecord>, timeout: Duration) -> Self {
+        let jobs = records
+            .into_iter()
+            .map(|record| (record.id, Job::new(record)))
+            .collect();
+        Self {
+            jobs,
+            next_attempt: 1,
+            timeout,
+        }
+    }
+
+    /// Queues a job and returns its record, which the caller must persist before acknowledging.
+    pub fn submit(&mut self, spec: JobSpec) -> &JobRecord {
+        let id = self.jobs.keys().next_back().map_or(1, |last| last + 1);
+        let record = JobRecord {
+            id,
+            maps: vec![TaskRecord::default(); spec.inputs.len()],
+            reduces: vec![TaskRecord::default(); spec.n_reduce as usize],
+            spec,
+            state: JobState::Queued,
+        };
+        &self.jobs.entry(id).or_insert(Job::new(record)).record
+    }
+
+    /// The persisted record of job `id`.
+    pub fn record(&self, id: u64) -> Option<&JobRecord> {
+        self.jobs.get(&id).map(|job| &job.record)
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> impl Iterator<Item = JobView<'_>> {
+        self.jobs.values().map(|job| JobView {
+            record: &job.record,
+            running_maps: &job.running_maps,
+            running_reduces: &job.running_reduces,
+        })
+    }
+
+    /// Picks a task for `worker`: the first of the current phase's tasks that is neither done nor running
+    /// within its deadline.
+    pub fn assign(&mut self, worker: &WorkerInfo<'_>, now: Instant) -> Assignment {
+        let timeout = self.timeout;
+        let Some(job) = self
+            .jobs
+            .values_mut()
+            .find(|job| !job.record.state.finished())
+        else {
+            return Assignment::Idle;
+        };
+        job.record.state = JobState::Running;
+        let maps_done = job.record.maps.iter().all(|t| t.done.is_some());
+        let (kind, accepted) = if maps_done {
+            (TaskKind::Reduce, worker.accept_reduce)
+        } else {
+            (TaskKind::Map, worker.accept_map)
+        };
+        if !accepted {
+            return Assignment::Wait;
+        }
+        let available = job
+            .record
+            .tasks(kind)
+            .iter()
+            .zip(job.running(kind))
+            .position(|(task, running)| {
+                task.done.is_none() && running.as_ref().is_none_or(|r| r.deadline <= now)
+            });
+        let Some(index) = available else {
+            return Assignment::Wait;
+        };
+        let attempt = self.next_attempt;
+        self.next_attempt += 1;
+        let previous = job.running_mut(kind)[index].replace(Running {
+            worker: worker.id.to_string(),
+            attempt,
+            deadline: now + timeout,
+        });
+        job.record.tasks_mut(kind)[index].runs += 1;
+        let locations = match kind {
+            TaskKind::Map => Vec::new(),
+            TaskKind::Reduce => job
+                .record
+                .maps
+                .iter()
+                .map(|t| t.done.as_ref().map(|c| c.addr.clone()).unwrap_or_default())
+                .collect(),
+        };
+        Assignment::Run(Box::new(Task {
+            job_id: job.record.id,
+            spec: job.record.spec.clone(),
+            kind,
+            index: index as u32,
+            attempt,
+            locations,
+            took_over_from: previous.map(|r| r.worker),
+        }))
+    }
+
+    /// Applies a worker's report. Returns whether the job's durable record changed (and so must be
+    /// persisted before the report is acknowledged).
+    pub fn report(
+        &mut self,
+        job_id: u64,
+        kind: TaskKind,
+        index: u32,
+        worker: &str,
+        outcome: Outcome,
+    ) -> Result<bool, ReportError> {
+        let job = self
+            .jobs
+            .get_mut(&job_id)
+            .ok_or(ReportError::NoSuchJob(job_id))?;
+        let i = index as usize;
+        if i >= job.record.tasks(kind).len() {
+            return Err(ReportError::NoSuchTask {
+                job: job_id,
+                kind,
+                index,
+            });
+        }
+        if job.record.state.finished() || job.record.tasks(kind)[i].done.is_some() {
+            // A duplicate or a straggler from before a re-execution: the first completion already won.
+            return Ok(false);
+        }
+        // Only clear the running slot if it is this worker's; after a timeout it belongs to someone else.
+        let slot = &mut job.running_mut(kind)[i];
+        if slot.as_ref().is_some_and(|r| r.worker == worker) {
+            *slot = None;
+        }
+        match outcome {
+            Outcome::Succeeded { addr } => {
+                job.running_mut(kind)[i] = None;
+                job.record.tasks_mut(kind)[i].done = Some(Completion {
+                    worker: worker.to_string(),
+                    addr,
+                });
+                if job.record.reduces.iter().all(|t| t.done.is_some()) {
+                    job.record.state = JobState::Done;
+                }
+            }
+            Outcome::Failed(error) => {
+                let task = &mut job.record.tasks_mut(kind)[i];
+                task.failures += 1;
+                if task.failures >= MAX_TASK_FAILURES {
+                    job.record.state = JobState::Failed(format!(
+                        "{kind} task {index} failed {} times; last error: {error}",
+                        task.failures
+                    ));
+                }
+            }
+            Outcome::FetchFailed(missing) => {
+                for (map, addr) in missing {
+                    let Some(task) = job.record.maps.get_mut(map as usize) else {
+                        continue;
+                    };
+                    if task.done.as_ref().is_some_and(|c| c.addr == addr) {
+                        task.done = None;
+                        job.running_maps[map as usize] = None;
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mr::job::ShuffleMode;
+    use std::path::PathBuf;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn spec(maps: usize, reduces: u32) -> JobSpec {
+        JobSpec {
+            app: "wc".into(),
+            args: vec![],
+            inputs: (0..maps)
+                .map(|i| PathBuf::from(format!("/in/{i}")))
+                .collect(),
+            n_reduce: reduces,
+            output_dir: PathBuf::from("/out"),
+            shuffle: ShuffleMode::Grpc,
+        }
+    }
+
+    fn worker(id: &str) -> WorkerInfo<'_> {
+        WorkerInfo {
+            id,
+            accept_map: true,
+            accept_reduce: true,
+        }
+    }
+
+    fn run(assignment: Assignment) -> Task {
+        match assignment {
+            Assignment::Run(task) => *task,
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+
+    fn ok(addr: &str) -> Outcome {
+        Outcome::Succeeded { addr: addr.into() }
+    }
+
+    #[test]
+    fn maps_then_reduces_then_done() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        assert_eq!(c.assign(&worker("w"), now), Assignment::Idle);
+        let id = c.submit(spec(2, 1)).id;
+        let m0 = run(c.assign(&worker("a"), now));
+        let m1 = run(c.assign(&worker("b"), now));
+        assert_eq!((m0.kind, m0.index, m1.index), (TaskKind::Map, 0, 1));
+        // Reduces wait for every map.
+        assert_eq!(c.assign(&worker("c"), now), Assignment::Wait);
+        assert!(c.report(id, TaskKind::Map, 0, "a", ok("a:1")).unwrap());
+        assert_eq!(c.assign(&worker("c"), now), Assignment::Wait);
+        c.report(id, TaskKind::Map, 1, "b", ok("b:1")).unwrap();
+        let r0 = run(c.assign(&worker("c"), now));
+        assert_eq!(
+            (r0.kind, r0.locations.clone()),
+            (TaskKind::Reduce, vec!["a:1".into(), "b:1".into()])
+        );
+        c.report(id, TaskKind::Reduce, 0, "c", ok("")).unwrap();
+        assert_eq!(c.record(id).unwrap().state, JobState::Done);
+        assert_eq!(c.assign(&worker("c"), now), Assignment::Idle);
+    }
+
+    #[test]
+    fn timed_out_tasks_go_to_another_worker_and_first_completion_wins() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = c.submit(spec(1, 1)).id;
+        run(c.assign(&worker("slow"), now));
+        assert_eq!(c.assign(&worker("b"), now + TIMEOUT / 2), Assignment::Wait);
+        let again = run(c.assign(&worker("b"), now + TIMEOUT));
+        assert_eq!(again.took_over_from.as_deref(), Some("slow"));
+        assert!(c.report(id, TaskKind::Map, 0, "b", ok("b")).unwrap());
+        // The slow original finishing late changes nothing.
+        assert!(!c.report(id, TaskKind::Map, 0, "slow", ok("slow")).unwrap());
+        assert_eq!(
+            c.record(id).unwrap().maps[0].done.as_ref().unwrap().worker,
+            "b"
+        );
+        assert_eq!(c.record(id).unwrap().maps[0].runs, 2);
+    }
+
+    #[test]
+    fn jobs_run_one_after_another() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let first = c.submit(spec(1, 1)).id;
+        let second = c.submit(spec(1, 1)).id;
+        assert_eq!(run(c.assign(&worker("a"), now)).job_id, first);
+        assert_eq!(c.assign(&worker("b"), now), Assignment::Wait);
+        c.report(first, TaskKind::Map, 0, "a", ok("")).unwrap();
+        run(c.assign(&worker("a"), now));
+        c.report(first, TaskKind::Reduce, 0, "a", ok("")).unwrap();
+        assert_eq!(run(c.assign(&worker("a"), now)).job_id, second);
+    }
+
+    #[test]
+    fn repeated_failures_fail_the_job_and_the_queue_moves_on() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let bad = c.submit(spec(1, 1)).id;
+        let good = c.submit(spec(1, 1)).id;
+        for _ in 0..MAX_TASK_FAILURES {
+            let task = run(c.assign(&worker("a"), now));
+            assert_eq!(task.job_id, bad);
+            c.report(bad, TaskKind::Map, 0, "a", Outcome::Failed("boom".into()))
+                .unwrap();
+        }
+        assert!(
+            matches!(&c.record(bad).unwrap().state, JobState::Failed(msg) if msg.contains("boom"))
+        );
+        assert_eq!(run(c.assign(&worker("a"), now)).job_id, good);
+    }
+
+    #[test]
+    fn fetch_failure_reruns_the_lost_map_only_if_still_there() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = c.submit(spec(2, 2)).id;
+        run(c.assign(&worker("a"), now));
+        run(c.assign(&worker("b"), now));
+        c.report(id, TaskKind::Map, 0, "a", ok("a:1")).unwrap();
+        c.report(id, TaskKind::Map, 1, "b", ok("b:1")).unwrap();
+        let r0 = run(c.assign(&worker("c"), now));
+        let r1 = run(c.assign(&worker("d"), now));
+        // `a` died: r0 cannot fetch map 0.
+        c.report(
+            id,
+            TaskKind::Reduce,
+            r0.index,
+            "c",
+            Outcome::FetchFailed(vec![(0, "a:1".into())]),
+        )
+        .unwrap();
+        let rerun = run(c.assign(&worker("c"), now));
+        assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, 0));
+        c.report(id, TaskKind::Map, 0, "c", ok("c:1")).unwrap();
+        // r1's stale report about the old location must not undo the re-run.
+        c.report(
+            id,
+            TaskKind::Reduce,
+            r1.index,
+            "d",
+            Outcome::FetchFailed(vec![(0, "a:1".into())]),
+        )
+        .unwrap();
+        assert!(c.record(id).unwrap().maps[0].done.is_some());
+        let again = run(c.assign(&worker("d"), now));
+        assert_eq!(again.kind, TaskKind::Reduce);
+        assert_eq!(again.locations[0], "c:1");
+    }
+
+    #[test]
+    fn restart_resumes_from_records_and_reissues_in_flight_tasks() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = c.submit(spec(2, 1)).id;
+        run(c.assign(&worker("a"), now));
+        run(c.assign(&worker("b"), now));
+        c.report(id, TaskKind::Map, 0, "a", ok("")).unwrap();
+        let saved = c.record(id).unwrap().clone();
+        let mut restarted = Coordinator::restore([saved], TIMEOUT);
+        // Map 1 was in flight at the crash: handed out again immediately, map 0 is not re-run.
+        let task = run(restarted.assign(&worker("c"), now));
+        assert_eq!((task.kind, task.index), (TaskKind::Map, 1));
+        // New jobs get fresh ids after restored ones.
+        assert_eq!(restarted.submit(spec(1, 1)).id, id + 1);
+    }
+
+    #[test]
+    fn bad_reports_are_refused() {
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = c.submit(spec(1, 1)).id;
+        assert_eq!(
+            c.report(id + 1, TaskKind::Map, 0, "a", ok("")),
+            Err(ReportError::NoSuchJob(id + 1))
+        );
+        assert!(c.report(id, TaskKind::Reduce, 5, "a", ok("")).is_err());
+    }
+
+    #[test]
+    fn map_only_workers_wait_during_reduces() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = c.submit(spec(1, 1)).id;
+        let mapper = WorkerInfo {
+            id: "m",
+            accept_map: true,
+            accept_reduce: false,
+        };
+        run(c.assign(&mapper, now));
+        c.report(id, TaskKind::Map, 0, "m", ok("m")).unwrap();
+        assert_eq!(c.assign(&mapper, now), Assignment::Wait);
+    }
+}

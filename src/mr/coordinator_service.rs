@@ -1,0 +1,331 @@
+//! The coordinator daemon: the [`Coordinator`] state machine behind gRPC, made durable with sled.
+//!
+//! Every change a client or worker is told about is flushed to disk before the reply goes out, so a
+//! coordinator killed with SIGKILL and restarted on the same data directory resumes each job where it
+//! stood: finished tasks stay finished, in-flight tasks are handed out again.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::mr::coordinator::{
+    Assignment, Coordinator, JobRecord, JobState, JobView, Outcome, ReportError, TaskKind,
+    WorkerInfo,
+};
+use crate::mr::job::JobSpec;
+use crate::mr::MrError;
+use crate::proto::mr as pb;
+use crate::proto::mr::coordinator_server::CoordinatorServer;
+
+/// The gRPC service; cheap to share, all state is behind one short-held lock.
+pub struct CoordinatorService {
+    state: Mutex<Coordinator>,
+    db: sled::Db,
+    jobs: sled::Tree,
+}
+
+impl CoordinatorService {
+    /// Opens (or creates) the state in `data_dir` and restores every job found there.
+    pub fn open(data_dir: &Path, task_timeout: Duration) -> Result<Self, MrError> {
+        std::fs::create_dir_all(data_dir).map_err(MrError::io(data_dir))?;
+        let db = sled::open(data_dir.join("coordinator.sled"))?;
+        let jobs = db.open_tree("jobs")?;
+        let mut records = Vec::new();
+        for entry in jobs.iter() {
+            let (key, value) = entry?;
+            let record: JobRecord = serde_json::from_slice(&value)
+                .map_err(|err| MrError::CorruptState(format!("job key {key:?}: {err}")))?;
+            records.push(record);
+        }
+        for record in &records {
+            if !record.state.finished() {
+                tracing::info!(
+                    job = record.id,
+                    maps_done = record.done_count(TaskKind::Map),
+                    reduces_done = record.done_count(TaskKind::Reduce),
+                    "resuming job"
+                );
+            }
+        }
+        Ok(Self {
+            state: Mutex::new(Coordinator::restore(records, task_timeout)),
+            db,
+            jobs,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Coordinator> {
+        // A panic while holding the lock cannot leave the state half-updated in a way later calls care
+        // about (every update is a few field writes), so keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stages `record` in sled; called under the state lock so records reach sled in the order they changed.
+    fn stage(&self, record: &JobRecord) -> Result<(), Status> {
+        let value = serde_json::to_vec(record)
+            .map_err(|err| Status::internal(format!("encoding job {}: {err}", record.id)))?;
+        self.jobs
+            .insert(record.id.to_be_bytes(), value)
+            .map_err(|err| Status::internal(format!("storing job {}: {err}", record.id)))?;
+        Ok(())
+    }
+
+    /// Makes everything staged so far durable; done outside the lock so concurrent reports share fsyncs.
+    async fn flush(&self) -> Result<(), Status> {
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|err| Status::internal(format!("flushing coordinator state: {err}")))
+    }
+}
+
+fn task_kind(raw: i32) -> Result<TaskKind, Status> {
+    match pb::TaskKind::try_from(raw) {
+        Ok(pb::TaskKind::Map) => Ok(TaskKind::Map),
+        Ok(pb::TaskKind::Reduce) => Ok(TaskKind::Reduce),
+        _ => Err(Status::invalid_argument(format!("invalid task kind {raw}"))),
+    }
+}
+
+fn pb_kind(kind: TaskKind) -> pb::TaskKind {
+    match kind {
+        TaskKind::Map => pb::TaskKind::Map,
+        TaskKind::Reduce => pb::TaskKind::Reduce,
+    }
+}
+
+fn job_status(view: JobView<'_>) -> pb::JobStatus {
+    let record = view.record;
+    let (state, error) = match &record.state {
+        JobState::Queued => (pb::JobState::Queued, String::new()),
+        JobState::Running => (pb::JobState::Running, String::new()),
+        JobState::Done => (pb::JobState::Done, String::new()),
+        JobState::Failed(error) => (pb::JobState::Failed, error.clone()),
+    };
+    let mut tasks = Vec::new();
+    for (kind, records, running) in [
+        (TaskKind::Map, &record.maps, view.running_maps),
+        (TaskKind::Reduce, &record.reduces, view.running_reduces),
+    ] {
+        for (index, (task, running)) in records.iter().zip(running).enumerate() {
+            let (state, worker) = match (&task.done, running) {
+                (Some(done), _) => ("done", done.worker.clone()),
+                (None, Some(running)) => ("running", running.worker.clone()),
+                (None, None) => ("idle", String::new()),
+            };
+            tasks.push(pb::TaskStatus {
+                kind: pb_kind(kind) as i32,
+                index: index as u32,
+                state: state.into(),
+                worker,
+                runs: task.runs,
+            });
+        }
+    }
+    pb::JobStatus {
+        id: record.id,
+        spec: Some(pb::JobSpec::from(&record.spec)),
+        state: state as i32,
+        maps_done: record.done_count(TaskKind::Map) as u32,
+        reduces_done: record.done_count(TaskKind::Reduce) as u32,
+        error,
+        tasks,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
+        let wire = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("the job spec is missing"))?;
+        let spec =
+            JobSpec::try_from(&wire).map_err(|err| Status::invalid_argument(err.to_string()))?;
+        spec.validate()
+            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let job_id = {
+            let mut state = self.lock();
+            let record = state.submit(spec);
+            self.stage(record)?;
+            record.id
+        };
+        self.flush().await?;
+        tracing::info!(job = job_id, app = %wire.app, maps = wire.inputs.len(), reduces = wire.n_reduce, "job queued");
+        Ok(Response::new(pb::SubmitReply { job_id }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let wanted = request.into_inner().job_id;
+        let state = self.lock();
+        let jobs: Vec<pb::JobStatus> = state
+            .jobs()
+            .filter(|view| wanted == 0 || view.record.id == wanted)
+            .map(job_status)
+            .collect();
+        if wanted != 0 && jobs.is_empty() {
+            return Err(Status::not_found(format!("no job {wanted}")));
+        }
+        Ok(Response::new(pb::StatusReply { jobs }))
+    }
+
+    async fn request_task(
+        &self,
+        request: Request<pb::TaskRequest>,
+    ) -> Result<Response<pb::TaskReply>, Status> {
+        let request = request.into_inner();
+        if request.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is empty"));
+        }
+        let worker = WorkerInfo {
+            id: &request.worker_id,
+            accept_map: request.accept_map,
+            accept_reduce: request.accept_reduce,
+        };
+        let assignment = self.lock().assign(&worker, Instant::now());
+        let reply = match assignment {
+            Assignment::Idle => pb::TaskReply {
+                action: pb::Action::Idle as i32,
+                ..Default::default()
+            },
+            Assignment::Wait => pb::TaskReply {
+                action: pb::Action::Wait as i32,
+                ..Default::default()
+            },
+            Assignment::Run(task) => {
+                match &task.took_over_from {
+                    Some(previous) => tracing::warn!(
+                        job = task.job_id, kind = %task.kind, index = task.index, worker = %request.worker_id,
+                        %previous, "task timed out; handing it to another worker"
+                    ),
+                    None => tracing::info!(
+                        job = task.job_id, kind = %task.kind, index = task.index, worker = %request.worker_id,
+                        attempt = task.attempt, "task assigned"
+                    ),
+                }
+                pb::TaskReply {
+                    action: pb::Action::Run as i32,
+                    kind: pb_kind(task.kind) as i32,
+                    job_id: task.job_id,
+                    spec: Some(pb::JobSpec::from(&task.spec)),
+                    index: task.index,
+                    attempt: task.attempt,
+                    locations: task
+                        .locations
+                        .iter()
+                        .enumerate()
+                        .map(|(map_index, addr)| pb::MapLocation {
+                            map_index: map_index as u32,
+                            addr: addr.clone(),
+                        })
+                        .collect(),
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn report_task(
+        &self,
+        request: Request<pb::TaskReport>,
+    ) -> Result<Response<pb::ReportReply>, Status> {
+        let report = request.into_inner();
+        if report.worker_id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is empty"));
+        }
+        let kind = task_kind(report.kind)?;
+        let outcome = match pb::Outcome::try_from(report.outcome) {
+            Ok(pb::Outcome::Succeeded) => Outcome::Succeeded {
+                addr: report.shuffle_addr.clone(),
+            },
+            Ok(pb::Outcome::Failed) => Outcome::Failed(report.error.clone()),
+            Ok(pb::Outcome::FetchFailed) if kind == TaskKind::Reduce => Outcome::FetchFailed(
+                report
+                    .missing
+                    .iter()
+                    .map(|m| (m.map_index, m.addr.clone()))
+                    .collect(),
+            ),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid outcome {}",
+                    report.outcome
+                )))
+            }
+        };
+        let (job, kind_name, index, worker) =
+            (report.job_id, kind, report.index, &report.worker_id);
+        match &outcome {
+            Outcome::Succeeded { .. } => {
+                tracing::info!(job, kind = %kind_name, index, %worker, "task finished")
+            }
+            Outcome::Failed(error) => {
+                tracing::warn!(job, kind = %kind_name, index, %worker, %error, "task failed")
+            }
+            Outcome::FetchFailed(missing) => tracing::warn!(
+                job, kind = %kind_name, index, %worker, ?missing, "reducer could not fetch map outputs; re-running those maps"
+            ),
+        }
+        let changed = {
+            let mut state = self.lock();
+            let changed = state
+                .report(
+                    report.job_id,
+                    kind,
+                    report.index,
+                    &report.worker_id,
+                    outcome,
+                )
+                .map_err(|err| match err {
+                    ReportError::NoSuchJob(_) => Status::not_found(err.to_string()),
+                    ReportError::NoSuchTask { .. } => Status::invalid_argument(err.to_string()),
+                })?;
+            if changed {
+                if let Some(record) = state.record(report.job_id) {
+                    self.stage(record)?;
+                    match &record.state {
+                        JobState::Done => tracing::info!(job, "job done"),
+                        JobState::Failed(error) => tracing::error!(job, %error, "job failed"),
+                        _ => {}
+                    }
+                }
+            }
+            changed
+        };
+        if changed {
+            self.flush().await?;
+        }
+        Ok(Response::new(pb::ReportReply {}))
+    }
+}
+
+/// Serves the coordinator on an already-bound listener until `shutdown` resolves.
+///
+/// Taking a listener rather than an address lets callers bind port 0 and learn the real port first.
+pub async fn serve(
+    listener: TcpListener,
+    service: CoordinatorService,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), MrError> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "coordinator serving");
+    tonic::transport::Server::builder()
+        .add_service(CoordinatorServer::from_arc(Arc::new(service)))
+        .serve_with_incoming_shutdown(crate::mr::shuffle::incoming(listener), shutdown)
+        .await
+        .map_err(|err| MrError::Other(format!("coordinator server: {err}")))
+}

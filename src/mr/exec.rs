@@ -1,0 +1,159 @@
+//! Running one map or one reduce task in memory; the worker and the sequential runner share this code, so
+//! the reference output the tests compare against goes through exactly the same app calls.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use crate::mr::app::App;
+use crate::mr::{partition, records, MrError};
+
+/// Above this many buffered values per key, a combining map folds them right away, bounding memory by
+/// the number of distinct keys rather than the input size.
+const COMBINE_EVERY: usize = 64;
+
+/// Reads an input file as text; invalid UTF-8 is replaced rather than failing the whole job.
+pub fn read_input(path: &Path) -> Result<String, MrError> {
+    let bytes = std::fs::read(path).map_err(MrError::io(path))?;
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
+    })
+}
+
+/// Runs `app`'s map over one input file and returns one encoded [`records`] buffer per reduce partition.
+pub fn run_map(app: &dyn App, input: &Path, n_reduce: u32) -> Result<Vec<Vec<u8>>, MrError> {
+    let contents = read_input(input)?;
+    let filename = input.to_string_lossy();
+    let mut partitions = vec![Vec::new(); n_reduce.max(1) as usize];
+    if app.has_combiner() {
+        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+        let mut failure = None;
+        app.map(&filename, &contents, &mut |key: &str, value: &str| {
+            let values = match groups.get_mut(key) {
+                Some(values) => values,
+                None => groups.entry(key.to_string()).or_default(),
+            };
+            values.push(value.to_string());
+            if values.len() >= COMBINE_EVERY && failure.is_none() {
+                match app.combine(key, values) {
+                    Ok(combined) => *values = vec![combined],
+                    Err(err) => failure = Some(err),
+                }
+            }
+        })?;
+        if let Some(err) = failure {
+            return Err(err.into());
+        }
+        for (key, values) in groups {
+            let value = if values.len() == 1 {
+                values.into_iter().next().unwrap_or_default()
+            } else {
+                app.combine(&key, &values)?
+            };
+            let bucket = partition::bucket(&key, n_reduce) as usize;
+            records::encode(&mut partitions[bucket], &key, &value);
+        }
+    } else {
+        app.map(&filename, &contents, &mut |key: &str, value: &str| {
+            let bucket = partition::bucket(key, n_reduce) as usize;
+            records::encode(&mut partitions[bucket], key, value);
+        })?;
+    }
+    Ok(partitions)
+}
+
+/// Sorts a partition's pairs by key and writes `app`'s output for them to `out`.
+///
+/// The sort is stable, so values keep the order they were fetched in (map task order), which keeps even
+/// order-sensitive apps deterministic across re-executions.
+pub fn run_reduce(
+    app: &dyn App,
+    mut pairs: Vec<(String, String)>,
+    out: &mut dyn Write,
+) -> Result<(), MrError> {
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for (key, value) in pairs {
+        match groups.last_mut() {
+            Some((last, values)) if *last == key => values.push(value),
+            _ => groups.push((key, vec![value])),
+        }
+    }
+    let mut iter = groups
+        .iter()
+        .map(|(key, values)| (key.as_str(), values.as_slice()));
+    app.reduce_partition(&mut iter, out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mr::app;
+
+    /// Emits `1` per character and sums: exercises folding values mid-map.
+    struct Chars;
+
+    impl App for Chars {
+        fn map(
+            &self,
+            _f: &str,
+            contents: &str,
+            emit: &mut app::Emit<'_>,
+        ) -> Result<(), app::AppError> {
+            for c in contents.chars() {
+                emit(&c.to_string(), "1");
+            }
+            Ok(())
+        }
+
+        fn reduce(&self, _key: &str, values: &[String]) -> Result<String, app::AppError> {
+            let total: u64 = values.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum();
+            Ok(total.to_string())
+        }
+
+        fn has_combiner(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn combiner_folds_values_during_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        std::fs::write(&input, "ab".repeat(1000)).unwrap();
+        let partitions = run_map(&Chars, &input, 1).unwrap();
+        let mut pairs = Vec::new();
+        records::decode_into(&partitions[0], "test", &mut pairs).unwrap();
+        // One pre-summed pair per key instead of a thousand.
+        assert_eq!(pairs.len(), 2);
+        let mut out = Vec::new();
+        run_reduce(&Chars, pairs, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "a 1000\nb 1000\n");
+    }
+
+    #[test]
+    fn combining_map_and_reduce_count_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        let text = "the cat and the hat ".repeat(100);
+        std::fs::write(&input, text).unwrap();
+        let wc = app::build("wc", &[]).unwrap();
+        let partitions = run_map(wc.as_ref(), &input, 3).unwrap();
+        let mut pairs = Vec::new();
+        for (i, data) in partitions.iter().enumerate() {
+            let before = pairs.len();
+            records::decode_into(data, "test", &mut pairs).unwrap();
+            for (key, _) in &pairs[before..] {
+                assert_eq!(partition::bucket(key, 3) as usize, i);
+            }
+        }
+        let mut out = Vec::new();
+        run_reduce(wc.as_ref(), pairs, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "and 100\ncat 100\nhat 100\nthe 200\n"
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! Moving map outputs to reducers.
+//!
+//! In the shared-directory mode mappers write `mr-<map>-<reduce>` into the job's output directory and
+//! reducers read them from there. In the gRPC mode mappers keep them under their own `--dir` and serve them
+//! with [`ShuffleService`]; reducers pull them with [`Fetcher`]. Either way a missing output is reported as
+//! such, and the coordinator re-runs the map task that produced it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::mr::job::intermediate_name;
+use crate::mr::MrError;
+use crate::proto::mr as pb;
+use crate::proto::mr::shuffle_client::ShuffleClient;
+use crate::proto::mr::shuffle_server::ShuffleServer;
+
+/// Chunk size of a fetch stream: well under gRPC's 4 MiB message limit.
+const CHUNK: usize = 1 << 20;
+/// Attempts per fetch before the map output is declared lost; rides out a momentary hiccup without
+/// delaying the re-execution of a map whose worker is really gone by more than a second.
+const FETCH_ATTEMPTS: u32 = 3;
+
+/// Where a worker keeps the map outputs it serves for `job_id`.
+pub fn local_job_dir(worker_dir: &Path, job_id: u64) -> PathBuf {
+    worker_dir.join(format!("job-{job_id}"))
+}
+
+/// Serves this worker's map outputs.
+pub struct ShuffleService {
+    dir: PathBuf,
+}
+
+impl ShuffleService {
+    /// Serves the outputs under `worker_dir` (see [`local_job_dir`]).
+    pub fn new(worker_dir: PathBuf) -> Self {
+        Self { dir: worker_dir }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::FetchChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::shuffle_server::Shuffle for ShuffleService {
+    type FetchStream = ChunkStream;
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let request = request.into_inner();
+        let path = local_job_dir(&self.dir, request.job_id)
+            .join(intermediate_name(request.map_index, request.reduce_index));
+        let data = match tokio::fs::read(&path).await {
+            Ok(data) => Bytes::from(data),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Status::not_found(format!(
+                    "no output of map {} for reduce {} of job {} here",
+                    request.map_index, request.reduce_index, request.job_id
+                )))
+            }
+            Err(err) => return Err(Status::internal(format!("{}: {err}", path.display()))),
+        };
+        let chunks: Vec<Result<pb::FetchChunk, Status>> = (0..data.len().div_ceil(CHUNK))
+            .map(|i| {
+                Ok(pb::FetchChunk {
+                    data: data.slice(i * CHUNK..((i + 1) * CHUNK).min(data.len())),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+}
+
+/// Accepted connections with Nagle's algorithm off: our RPCs are small request/response pairs, and Nagle
+/// plus delayed ACKs would add ~40 ms to every one of them.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Runs the shuffle server on `listener` in the background.
+pub fn spawn_server(listener: TcpListener, worker_dir: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(ShuffleServer::new(ShuffleService::new(worker_dir)))
+            .serve_with_incoming(incoming(listener))
+            .await;
+        if let Err(err) = result {
+            tracing::error!(%err, "shuffle server stopped");
+        }
+    })
+}
+
+/// Fetches map outputs from other workers, reusing one connection per worker.
+#[derive(Default)]
+pub struct Fetcher {
+    clients: HashMap<String, ShuffleClient<Channel>>,
+}
+
+impl Fetcher {
+    fn client(&mut self, addr: &str) -> Result<ShuffleClient<Channel>, MrError> {
+        if let Some(client) = self.clients.get(addr) {
+            return Ok(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|err| MrError::Other(format!("bad shuffle address {addr}: {err}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let client = ShuffleClient::new(endpoint.connect_lazy());
+        self.clients.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
+    async fn fetch_once(
+        &mut self,
+        addr: &str,
+        request: pb::FetchRequest,
+    ) -> Result<Vec<u8>, MrError> {
+        let mut client = self.client(addr)?;
+        let mut stream = client.fetch(request).await?.into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            data.extend_from_slice(&chunk?.data);
+        }
+        Ok(data)
+    }
+
+    /// Fetches the output of `map` for `reduce` from the worker at `addr`, retrying briefly.
+    pub async fn fetch(
+        &mut self,
+        addr: &str,
+        job_id: u64,
+        map: u32,
+        reduce: u32,
+    ) -> Result<Vec<u8>, MrError> {
+        let request = pb::FetchRequest {
+            job_id,
+            map_index: map,
+            reduce_index: reduce,
+        };
+        let mut attempt = 1;
+        loop {
+            match self.fetch_once(addr, request).await {
+                Ok(data) => return Ok(data),
+                Err(err) if attempt >= FETCH_ATTEMPTS => return Err(err),
+                Err(err) => {
+                    tracing::debug!(%addr, map, reduce, %err, attempt, "fetch failed; retrying");
+                    self.clients.remove(addr);
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The worker daemon: asks the coordinator for a task, runs it, reports how it went, forever (or until
+//! there is nothing left to do, with `exit_when_idle`).
+//!
+//! A worker holds no state the job depends on except, in the gRPC shuffle, the map outputs it serves; if
+//! it dies those are re-created by re-running the map tasks when a reducer misses them. Everything it
+//! writes goes through [`write_atomic`], so dying at any instant is safe.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::mr::fsutil::write_atomic;
+use crate::mr::job::{intermediate_name, JobSpec, ShuffleMode};
+use crate::mr::shuffle::{self, Fetcher};
+use crate::mr::{app, exec, records, MrError};
+use crate::proto::mr as pb;
+use crate::proto::mr::coordinator_client::CoordinatorClient;
+
+/// How a worker is run; see `mrd worker --help` for what each knob is for.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Coordinator address, `host:port`.
+    pub coordinator: String,
+    /// Private directory for the map outputs this worker serves in the gRPC shuffle.
+    pub dir: PathBuf,
+    /// Exit when the coordinator has no job, or has been unreachable for `unreachable_timeout`.
+    pub exit_when_idle: bool,
+    /// How long an unreachable coordinator is waited for before `exit_when_idle` gives up.
+    pub unreachable_timeout: Duration,
+    /// Where to serve map outputs; port 0 picks a free port.
+    pub shuffle_listen: SocketAddr,
+    /// Address other workers should use to reach the shuffle server, when it differs from the bound one.
+    pub advertise: Option<String>,
+    /// Take map tasks (false for a dedicated reducer).
+    pub accept_map: bool,
+    /// Take reduce tasks (false for a dedicated mapper).
+    pub accept_reduce: bool,
+}
+
+/// A task as the worker sees it.
+struct Task {
+    job_id: u64,
+    spec: JobSpec,
+    index: u32,
+    attempt: u64,
+    locations: Vec<String>,
+}
+
+enum Outcome {
+    Succeeded,
+    Failed(String),
+    FetchFailed(Vec<(u32, String)>),
+}
+
+struct Worker {
+    config: WorkerConfig,
+    dir: PathBuf,
+    id: String,
+    addr: String,
+    client: CoordinatorClient<Channel>,
+    fetcher: Fetcher,
+    last_job: u64,
+}
+
+/// Transport trouble (coordinator down or restarting) as opposed to the coordinator refusing a request.
+fn transient(status: &tonic::Status) -> bool {
+    !matches!(
+        status.code(),
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::Unimplemented
+    )
+}
+
+/// Runs a worker until it is told there is nothing to do (with `exit_when_idle`) or fails to start.
+pub async fn run(config: WorkerConfig) -> Result<(), MrError> {
+    std::fs::create_dir_all(&config.dir).map_err(MrError::io(&config.dir))?;
+    let dir = std::fs::canonicalize(&config.dir).map_err(MrError::io(&config.dir))?;
+    let listener = TcpListener::bind(config.shuffle_listen)
+        .await
+        .map_err(|err| {
+            MrError::Other(format!("cannot listen on {}: {err}", config.shuffle_listen))
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|err| MrError::Other(format!("shuffle listener: {err}")))?;
+    let addr = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    shuffle::spawn_server(listener, dir.clone());
+    let id = format!(
+        "w{}-{:04x}",
+        std::process::id(),
+        rand::rng().random::<u16>()
+    );
+    let endpoint = Endpoint::from_shared(format!("http://{}", config.coordinator))
+        .map_err(|err| {
+            MrError::Other(format!(
+                "bad coordinator address {}: {err}",
+                config.coordinator
+            ))
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30));
+    let client = CoordinatorClient::new(endpoint.connect_lazy());
+    tracing::info!(worker = %id, shuffle = %addr, coordinator = %config.coordinator, "worker started");
+    let mut worker = Worker {
+        config,
+        dir,
+        id,
+        addr,
+        client,
+        fetcher: Fetcher::default(),
+        last_job: 0,
+    };
+    worker.run().await
+}
+
+impl Worker {
+    async fn run(&mut self) -> Result<(), MrError> {
+        let mut last_contact = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let mut warned = false;
+        loop {
+            let request = pb::TaskRequest {
+                worker_id: self.id.clone(),
+                shuffle_addr: self.addr.clone(),
+                accept_map: self.config.accept_map,
+                accept_reduce: self.config.accept_reduce,
+            };
+            let reply = match self.client.request_task(request).await {
+                Ok(reply) => reply.into_inner(),
+                Err(status) if transient(&status) => {
+                    if self.config.exit_when_idle
+                        && last_contact.elapsed() >= self.config.unreachable_timeout
+                    {
+                        tracing::info!(worker = %self.id, "coordinator unreachable; exiting");
+                        return Ok(());
+                    }
+                    if !warned {
+                        tracing::warn!(worker = %self.id, %status, "coordinator unreachable; retrying");
+                        warned = true;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(status) => return Err(status.into()),
+            };
+            last_contact = Instant::now();
+            warned = false;
+            match pb::Action::try_from(reply.action) {
+                Ok(pb::Action::Idle) if self.config.exit_when_idle => {
+                    tracing::info!(worker = %self.id, "no jobs left; exiting");
+                    return Ok(());
+                }
+                Ok(pb::Action::Idle) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Ok(pb::Action::Wait) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::time::sleep(backoff).await;
+                }
+                Ok(pb::Action::Run) => {
+                    backoff = Duration::from_millis(100);
+                    self.run_task(reply).await;
+                    // The outage clock starts when we next need the coordinator, not when the task began.
+                    last_contact = Instant::now();
+                }
+                Err(_) => {
+                    return Err(MrError::Other(format!(
+                        "coordinator sent unknown action {}",
+                        reply.action
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn run_task(&mut self, reply: pb::TaskReply) {
+        let job_id = reply.job_id;
+        let kind = pb::TaskKind::try_from(reply.kind).unwrap_or(pb::TaskKind::Unspecified);
+        let spec = match reply.spec.as_ref().map(JobSpec::try_from) {
+            Some(Ok(spec)) => spec,
+            Some(Err(err)) => {
+                let failed = Outcome::Failed(err.to_string());
+                self.report(
+                    job_id,
+                    kind,
+                    reply.index,
+                    reply.attempt,
+                    String::new(),
+                    failed,
+                )
+                .await;
+                return;
+            }
+            None => {
+                tracing::warn!(worker = %self.id, job = job_id, "task without a job spec; ignoring it");
+                return;
+            }
+        };
+        if job_id != self.last_job {
+            prune_old_jobs(&self.dir, job_id);
+            self.last_job = job_id;
+        }
+        let task = Task {
+            job_id,
+            spec,
+            index: reply.index,
+            attempt: reply.attempt,
+            locations: reply.locations.into_iter().map(|l| l.addr).collect(),
+        };
+        let started = Instant::now();
+        tracing::info!(worker = %self.id, job = job_id, kind = ?kind, index = task.index, attempt = task.attempt, "running task");
+        let outcome = match kind {
+            pb::TaskKind::Map => self.run_map(&task).await,
+            pb::TaskKind::Reduce => self.run_reduce(&task).await,
+            pb::TaskKind::Unspecified => {
+                Outcome::Failed(format!("unknown task kind {}", reply.kind))
+            }
+        };
+        match &outcome {
+            Outcome::Succeeded => tracing::info!(
+                worker = %self.id, job = job_id, kind = ?kind, index = task.index,
+                ms = started.elapsed().as_millis() as u64, "task done"
+            ),
+            Outcome::Failed(error) => tracing::warn!(
+                worker = %self.id, job = job_id, kind = ?kind, index = task.index, %error, "task failed"
+            ),
+            Outcome::FetchFailed(missing) => tracing::warn!(
+                worker = %self.id, job = job_id, index = task.index, ?missing, "map outputs unavailable"
+            ),
+        }
+        // Only gRPC map outputs live with this worker; shared-directory ones are found by name.
+        let served_from = match (kind, task.spec.shuffle) {
+            (pb::TaskKind::Map, ShuffleMode::Grpc) => self.addr.clone(),
+            _ => String::new(),
+        };
+        self.report(job_id, kind, task.index, task.attempt, served_from, outcome)
+            .await;
+    }
+
+    /// Where this task's map outputs go (map tasks) or come from (shared directory).
+    fn map_output_dir(&self, task: &Task) -> PathBuf {
+        match task.spec.shuffle {
+            ShuffleMode::SharedDir => task.spec.output_dir.clone(),
+            ShuffleMode::Grpc => shuffle::local_job_dir(&self.dir, task.job_id),
+        }
+    }
+
+    async fn run_map(&mut self, task: &Task) -> Outcome {
+        let Some(input) = task.spec.inputs.get(task.index as usize).cloned() else {
+            return Outcome::Failed(format!("map task {} has no input", task.index));
+        };
+        let dir = self.map_output_dir(task);
+        let (app_name, args, n_reduce, index) = (
+            task.spec.app.clone(),
+            task.spec.args.clone(),
+            task.spec.n_reduce,
+            task.index,
+        );
+        let result = tokio::task::spawn_blocking(move || -> Result<(), MrError> {
+            let app = app::build(&app_name, &args)?;
+            let partitions = exec::run_map(app.as_ref(), &input, n_reduce)?;
+            for (reduce, data) in partitions.iter().enumerate() {
+                let path = dir.join(intermediate_name(index, reduce as u32));
+                write_atomic(&path, false, |w| {
+                    w.write_all(data).map_err(MrError::io(&path))
+                })?;
+            }
+            Ok(())
+        })
+        .await;
+        finish(result)
+    }
+
+    /// Gathers partition `task.index` from every map output; `Err` lists the ones that are missing.
+    async fn gather(
+        &mut self,
+        task: &Task,
+    ) -> Result<Result<Vec<(String, String)>, Vec<(u32, String)>>, MrError> {
+        let mut pairs = Vec::new();
+        let mut missing = Vec::new();
+        // A worker that failed one fetch (after retries) is presumed gone: don't wait on it again.
+        let mut dead: HashSet<String> = HashSet::new();
+        for map in 0..task.spec.n_map() {
+            let name = intermediate_name(map, task.index);
+            let (addr, data) = match task.spec.shuffle {
+                ShuffleMode::SharedDir => {
+                    let path = task.spec.output_dir.join(&name);
+                    match tokio::fs::read(&path).await {
+                        Ok(data) => (String::new(), Ok(data)),
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                            (String::new(), Err(()))
+                        }
+                        Err(err) => return Err(MrError::io(path)(err)),
+                    }
+                }
+                ShuffleMode::Grpc => {
+                    let addr = task
+                        .locations
+                        .get(map as usize)
+                        .cloned()
+                        .unwrap_or_default();
+                    let data = if addr.is_empty() || dead.contains(&addr) {
+                        Err(())
+                    } else if addr == self.addr {
+                        // Our own output: skip the network.
+                        let path = shuffle::local_job_dir(&self.dir, task.job_id).join(&name);
+                        tokio::fs::read(&path).await.map_err(|_| ())
+                    } else {
+                        self.fetcher
+                            .fetch(&addr, task.job_id, map, task.index)
+                            .await
+                            .map_err(|err| {
+                                tracing::warn!(worker = %self.id, %addr, map, %err, "fetch failed");
+                                dead.insert(addr.clone());
+                            })
+                    };
+                    (addr, data)
+                }
+            };
+            match data {
+                Ok(data) => records::decode_into(&data, &format!("{name} ({addr})"), &mut pairs)?,
+                Err(()) => missing.push((map, addr)),
+            }
+        }
+        Ok(if missing.is_empty() {
+            Ok(pairs)
+        } else {
+            Err(missing)
+        })
+    }
+
+    async fn run_reduce(&mut self, task: &Task) -> Outcome {
+        let pairs = match self.gather(task).await {
+            Ok(Ok(pairs)) => pairs,
+            Ok(Err(missing)) => return Outcome::FetchFailed(missing),
+            Err(err) => return Outcome::Failed(err.to_string()),
+        };
+        let output = task.spec.output_path(task.index);
+        let (app_name, args) = (task.spec.app.clone(), task.spec.args.clone());
+        let result = tokio::task::spawn_blocking(move || -> Result<(), MrError> {
+            let app = app::build(&app_name, &args)?;
+            write_atomic(&output, true, |w| exec::run_reduce(app.as_ref(), pairs, w))
+        })
+        .await;
+        finish(result)
+    }
+
+    /// Reports an outcome, riding out a coordinator restart; if the coordinator stays away the report is
+    /// dropped and the task will simply time out and run again.
+    async fn report(
+        &mut self,
+        job_id: u64,
+        kind: pb::TaskKind,
+        index: u32,
+        attempt: u64,
+        served_from: String,
+        outcome: Outcome,
+    ) {
+        let mut report = pb::TaskReport {
+            worker_id: self.id.clone(),
+            job_id,
+            kind: kind as i32,
+            index,
+            attempt,
+            shuffle_addr: served_from,
+            ..Default::default()
+        };
+        match outcome {
+            Outcome::Succeeded => report.outcome = pb::Outcome::Succeeded as i32,
+            Outcome::Failed(error) => {
+                report.outcome = pb::Outcome::Failed as i32;
+                report.error = error;
+            }
+            Outcome::FetchFailed(missing) => {
+                report.outcome = pb::Outcome::FetchFailed as i32;
+                report.missing = missing
+                    .into_iter()
+                    .map(|(map_index, addr)| pb::MapLocation { map_index, addr })
+                    .collect();
+            }
+        }
+        let give_up = Instant::now() + self.config.unreachable_timeout.max(Duration::from_secs(1));
+        loop {
+            match self.client.report_task(report.clone()).await {
+                Ok(_) => return,
+                Err(status) if transient(&status) && Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(status) => {
+                    tracing::warn!(worker = %self.id, job = job_id, index, %status, "could not report task");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn finish(result: Result<Result<(), MrError>, tokio::task::JoinError>) -> Outcome {
+    match result {
+        Ok(Ok(())) => Outcome::Succeeded,
+        Ok(Err(err)) => Outcome::Failed(err.to_string()),
+        Err(err) => Outcome::Failed(format!("task panicked: {err}")),
+    }
+}
+
+/// Deletes the served map outputs of jobs before `current`: jobs run in order, so those are finished.
+fn prune_old_jobs(dir: &Path, current: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let old = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("job-"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|job| job < current);
+        if old {
+            if let Err(err) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), %err, "could not remove old map outputs");
+            }
+        }
+    }
+}

@@ -1,0 +1,672 @@
+//! A port of 6.824's `test-mr.sh` with real `mrd` processes, plus coordinator-crash and gRPC-shuffle
+//! mapper-loss scenarios.
+//!
+//! Every test runs in its own temporary directory, which is also the workers' working directory (the
+//! 6.824 test apps leave marker files there). Waiting is always for an event (a job state, a process exit)
+//! with a deadline, never a fixed sleep.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ds824::mr::{client, corpus};
+use ds824::proto::mr as pb;
+
+/// Every process and wait in these tests is bounded like 6.824's `timeout 180s`.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn mrd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mrd"))
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    inputs: Vec<PathBuf>,
+    workers: usize,
+}
+
+impl Env {
+    /// A fresh directory with the 8 generated "books".
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("mr-test-")
+            .tempdir()
+            .unwrap();
+        let input_dir = dir.path().join("inputs");
+        std::fs::create_dir_all(&input_dir).unwrap();
+        let inputs = corpus::write_zipf_corpus(&input_dir, 8, 40_000, 824).unwrap();
+        Env {
+            dir,
+            inputs,
+            workers: 0,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::File::create(self.path().join(format!("{name}.log"))).unwrap()
+    }
+
+    /// Starts a coordinator on `listen` (port 0 for any) and learns its address from its first line.
+    fn coordinator(&self, listen: &str, task_timeout: &str) -> Coordinator {
+        let mut child = mrd()
+            .args([
+                "coordinator",
+                "--listen",
+                listen,
+                "--task-timeout",
+                task_timeout,
+                "--data-dir",
+            ])
+            .arg(self.path().join("coordinator-data"))
+            .stdout(Stdio::piped())
+            .stderr(self.log(&format!("coordinator-{}", listen.replace(':', "_"))))
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|a| a.contains(':'))
+            .unwrap_or_else(|| panic!("coordinator did not print its address: {line:?}"))
+            .to_string();
+        Coordinator { child, addr }
+    }
+
+    /// Starts a worker (with --exit-when-idle) whose working directory is the test directory.
+    fn worker(&mut self, coordinator: &str, extra: &[&str]) -> Child {
+        self.workers += 1;
+        let n = self.workers;
+        spawn_worker(self.path(), coordinator, n, extra)
+    }
+
+    /// Runs `mrd sequential` and returns its sorted non-empty lines.
+    fn sequential(&self, app: &str, args: &[&str]) -> Vec<String> {
+        let out = self.path().join(format!("seq-{app}"));
+        let mut cmd = mrd();
+        cmd.args(["sequential", "--app", app, "--output"]).arg(&out);
+        for arg in args {
+            cmd.args(["--arg", arg]);
+        }
+        let status = cmd.args(&self.inputs).status().unwrap();
+        assert!(status.success(), "sequential {app} failed");
+        sorted_lines(&out)
+    }
+
+    /// Submits a job over the generated inputs and returns its id.
+    fn submit(
+        &self,
+        addr: &str,
+        app: &str,
+        args: &[&str],
+        reduces: u32,
+        shuffle: &str,
+        output: &str,
+    ) -> u64 {
+        let mut cmd = mrd();
+        cmd.args([
+            "submit",
+            "--coordinator",
+            addr,
+            "--app",
+            app,
+            "--shuffle",
+            shuffle,
+        ])
+        .args(["--reduces", &reduces.to_string(), "--output"])
+        .arg(self.path().join(output));
+        for arg in args {
+            cmd.args(["--arg", arg]);
+        }
+        let out = cmd.args(&self.inputs).output().unwrap();
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    fn output(&self, output: &str) -> Vec<String> {
+        sorted_lines(&self.path().join(output))
+    }
+
+    /// The tail of every log, for failure messages.
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(self.path()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".log") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                all.push_str(&format!("--- {name}\n"));
+                for line in tail.into_iter().rev() {
+                    all.push_str(line);
+                    all.push('\n');
+                }
+            }
+        }
+        all
+    }
+}
+
+fn spawn_worker(dir: &Path, coordinator: &str, n: usize, extra: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.join(format!("worker-{n}.log"))).unwrap();
+    mrd()
+        .args([
+            "worker",
+            "--exit-when-idle",
+            "--coordinator",
+            coordinator,
+            "--dir",
+        ])
+        .arg(dir.join("workers").join(n.to_string()))
+        .args(extra)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+struct Coordinator {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every non-empty line of every `mr-out*` file in `dir`, sorted: 6.824's `sort mr-out* | grep .`.
+fn sorted_lines(dir: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("mr-out") {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            lines.extend(text.lines().filter(|l| !l.is_empty()).map(String::from));
+        }
+    }
+    lines.sort();
+    lines
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits until job `id` is done and returns its final status.
+fn wait_job(env: &Env, addr: &str, id: u64) -> pb::JobStatus {
+    let status = runtime()
+        .block_on(async {
+            tokio::time::timeout(
+                DEADLINE,
+                client::wait(addr, id, Duration::from_secs(30), |_| {}),
+            )
+            .await
+        })
+        .unwrap_or_else(|_| panic!("job {id} not done within {DEADLINE:?}\n{}", env.logs()))
+        .unwrap_or_else(|err| panic!("waiting for job {id}: {err}\n{}", env.logs()));
+    assert_eq!(
+        status.state,
+        pb::JobState::Done as i32,
+        "job {id}: {}\n{}",
+        status.error,
+        env.logs()
+    );
+    status
+}
+
+/// Polls job `id` until `done` holds of its status.
+fn wait_until(
+    env: &Env,
+    addr: &str,
+    id: u64,
+    what: &str,
+    done: impl Fn(&pb::JobStatus) -> bool,
+) -> pb::JobStatus {
+    let rt = runtime();
+    let started = Instant::now();
+    loop {
+        let status = rt.block_on(async {
+            let mut c = client::connect(addr).await?;
+            client::status(&mut c, Some(id)).await
+        });
+        if let Ok(Some(job)) = status.map(|jobs| jobs.into_iter().next()) {
+            if done(&job) {
+                return job;
+            }
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out waiting for {what}\n{}",
+            env.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_exit(child: &mut Child) -> ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("process did not exit within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_all(children: &mut [Child]) {
+    for child in children {
+        let status = wait_exit(child);
+        assert!(status.success(), "worker exited with {status}");
+    }
+}
+
+#[test]
+fn wc_matches_sequential() {
+    let mut env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let id = env.submit(&coord.addr, "wc", &[], 10, "shared-dir", "out");
+    let mut workers: Vec<Child> = (0..3).map(|_| env.worker(&coord.addr, &[])).collect();
+    wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    assert_eq!(env.output("out"), expected);
+}
+
+#[test]
+fn wc_grpc_shuffle_matches_sequential() {
+    let mut env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let id = env.submit(&coord.addr, "wc", &[], 10, "grpc", "out");
+    let mut workers: Vec<Child> = (0..3).map(|_| env.worker(&coord.addr, &[])).collect();
+    wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    assert_eq!(env.output("out"), expected);
+    // Intermediate files stayed with the mappers.
+    assert!(!env.path().join("out/mr-0-0").exists());
+}
+
+#[test]
+fn indexer_and_queued_jobs_match_sequential() {
+    let mut env = Env::new();
+    let expected_indexer = env.sequential("indexer", &[]);
+    let expected_wc = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    // Two queued jobs run one after the other on the same two workers.
+    let first = env.submit(&coord.addr, "indexer", &[], 10, "shared-dir", "out-indexer");
+    let second = env.submit(&coord.addr, "wc", &[], 5, "grpc", "out-wc");
+    let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
+    wait_job(&env, &coord.addr, first);
+    wait_job(&env, &coord.addr, second);
+    wait_all(&mut workers);
+    assert_eq!(env.output("out-indexer"), expected_indexer);
+    assert_eq!(env.output("out-wc"), expected_wc);
+}
+
+#[test]
+fn map_parallelism() {
+    let mut env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let id = env.submit(&coord.addr, "mtiming", &[], 10, "shared-dir", "out");
+    let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
+    wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    let lines = env.output("out");
+    let times = lines.iter().filter(|l| l.starts_with("times-")).count();
+    assert_eq!(times, 2, "both workers must run maps: {lines:?}");
+    let overlapped = lines
+        .iter()
+        .filter(|l| l.starts_with("parallel-"))
+        .any(|l| l.split(' ').skip(1).any(|v| v == "2"));
+    assert!(overlapped, "map tasks never ran in parallel: {lines:?}");
+}
+
+#[test]
+fn reduce_parallelism() {
+    let mut env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let id = env.submit(&coord.addr, "rtiming", &[], 10, "shared-dir", "out");
+    let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
+    wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    let lines = env.output("out");
+    let parallel = lines
+        .iter()
+        .filter(|l| {
+            let b = l.as_bytes();
+            b.len() >= 3 && b[0].is_ascii_lowercase() && &b[1..3] == b" 2"
+        })
+        .count();
+    assert!(parallel >= 2, "too few parallel reduces: {lines:?}");
+}
+
+#[test]
+fn job_count() {
+    let mut env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let id = env.submit(&coord.addr, "jobcount", &[], 10, "shared-dir", "out");
+    let mut first = env.worker(&coord.addr, &[]);
+    let mut second = env.worker(&coord.addr, &[]);
+    assert!(wait_exit(&mut second).success());
+    // These two may well start after the job is over: they must exit cleanly.
+    let mut late = vec![env.worker(&coord.addr, &[]), env.worker(&coord.addr, &[])];
+    wait_all(&mut late);
+    assert!(wait_exit(&mut first).success());
+    let status = wait_job(&env, &coord.addr, id);
+    assert_eq!(
+        env.output("out"),
+        vec!["a 8".to_string()],
+        "\n{}",
+        env.logs()
+    );
+    let map_runs: u32 = status
+        .tasks
+        .iter()
+        .filter(|t| t.kind == pb::TaskKind::Map as i32)
+        .map(|t| t.runs)
+        .sum();
+    assert_eq!(map_runs, 8);
+}
+
+#[test]
+fn early_exit() {
+    let mut env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let id = env.submit(&coord.addr, "early_exit", &[], 10, "shared-dir", "out");
+    let mut workers: Vec<Child> = (0..3).map(|_| env.worker(&coord.addr, &[])).collect();
+    // Wait for the first worker to exit, then snapshot the outputs.
+    let started = Instant::now();
+    let first = loop {
+        if let Some(i) = workers
+            .iter_mut()
+            .position(|w| w.try_wait().unwrap().is_some())
+        {
+            break i;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no worker exited\n{}",
+            env.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let snapshot = env.output("out");
+    wait_all(&mut workers);
+    wait_job(&env, &coord.addr, id);
+    let final_output = env.output("out");
+    assert_eq!(
+        snapshot, final_output,
+        "worker {first} exited before the output was final"
+    );
+    assert_eq!(final_output.len(), 8);
+}
+
+#[test]
+fn crash_recovery() {
+    let mut env = Env::new();
+    let expected = env.sequential("nocrash", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "3s");
+    let id = env.submit(
+        &coord.addr,
+        "crash",
+        &["max_sleep_ms=4000"],
+        10,
+        "shared-dir",
+        "out",
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let mut background = env.worker(&coord.addr, &[]);
+    // Three loops keep restarting crashed workers until the job is done.
+    let loops: Vec<_> = (0..3)
+        .map(|l| {
+            let done = done.clone();
+            let dir = env.path().to_path_buf();
+            let addr = coord.addr.clone();
+            std::thread::spawn(move || {
+                let (mut n, mut crashes) = (0, 0);
+                while !done.load(Ordering::SeqCst) {
+                    n += 1;
+                    let mut worker = spawn_worker(&dir, &addr, 100 * (l + 1) + n, &[]);
+                    if !wait_exit(&mut worker).success() {
+                        crashes += 1;
+                    }
+                }
+                crashes
+            })
+        })
+        .collect();
+    wait_job(&env, &coord.addr, id);
+    done.store(true, Ordering::SeqCst);
+    let crashes: usize = loops.into_iter().map(|h| h.join().unwrap()).sum();
+    let _ = wait_exit(&mut background);
+    assert_eq!(env.output("out"), expected);
+    assert!(crashes > 0, "no worker crashed, so nothing was tested");
+}
+
+#[test]
+fn coordinator_sigkill_resumes_job() {
+    let mut env = Env::new();
+    let expected = env.sequential("nocrash", &[]);
+    let mut coord = env.coordinator("127.0.0.1:0", "10s");
+    let addr = coord.addr.clone();
+    let args = [
+        "crash_permille=0",
+        "sleep_permille=1000",
+        "max_sleep_ms=800",
+    ];
+    let id = env.submit(&addr, "crash", &args, 10, "shared-dir", "out");
+    let mut workers: Vec<Child> = (0..3).map(|_| env.worker(&addr, &[])).collect();
+    let before = wait_until(&env, &addr, id, "a few maps", |job| job.maps_done >= 3);
+    assert_ne!(before.state, pb::JobState::Done as i32);
+    coord.child.kill().unwrap();
+    coord.child.wait().unwrap();
+    // Restart on the same address and data directory; the workers ride out the gap.
+    let coord = env.coordinator(&addr, "10s");
+    let resumed = wait_until(&env, &coord.addr, id, "restarted coordinator", |_| true);
+    assert!(
+        resumed.maps_done >= before.maps_done,
+        "finished maps were forgotten"
+    );
+    wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    assert_eq!(env.output("out"), expected);
+}
+
+#[test]
+fn grpc_shuffle_survives_lost_mapper() {
+    let mut env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let id = env.submit(&coord.addr, "wc", &[], 10, "grpc", "out");
+    // A map-only worker does every map task, then dies holding all the map outputs.
+    let mut mapper = env.worker(&coord.addr, &["--only", "map"]);
+    wait_until(&env, &coord.addr, id, "all maps", |job| job.maps_done == 8);
+    mapper.kill().unwrap();
+    mapper.wait().unwrap();
+    let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
+    let status = wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    assert_eq!(env.output("out"), expected);
+    let reran = status
+        .tasks
+        .iter()
+        .filter(|t| t.kind == pb::TaskKind::Map as i32 && t.runs >= 2)
+        .count();
+    assert!(reran > 0, "no map task was re-run after its mapper died");
+}
+
+#[test]
+fn streaming_app_matches_wc() {
+    let mut env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let mapper = "mapper=tr -cs A-Za-z '\\n' | grep -v '^$' | sed 's/$/\t1/'";
+    let reducer = "reducer=awk -F'\t' '$1 != k { if (NR > 1) print k, n; k = $1; n = 0 } { n += $2 } END { if (NR > 0) print k, n }'";
+    let id = env.submit(
+        &coord.addr,
+        "streaming",
+        &[mapper, reducer],
+        4,
+        "grpc",
+        "out",
+    );
+    let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
+    wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    assert_eq!(env.output("out"), expected);
+}
+
+#[test]
+fn bad_submissions_are_refused() {
+    let env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let out = env.path().join("out");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--app", "wc", "--reduces", "3", "/nonexistent/input.txt"],
+            "nonexistent",
+        ),
+        (&["--app", "nope", "--reduces", "3"], "unknown app"),
+        (&["--app", "wc", "--reduces", "0"], "reduce tasks"),
+        (&["--app", "grep", "--reduces", "1"], "pattern"),
+    ];
+    for (args, reason) in cases {
+        let mut cmd = mrd();
+        cmd.args(["submit", "--coordinator", &coord.addr, "--output"])
+            .arg(&out)
+            .args(args);
+        if !args.iter().any(|a| a.starts_with('/')) {
+            cmd.arg(&env.inputs[0]);
+        }
+        let result = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    }
+    // Nothing was queued.
+    let jobs = runtime().block_on(async {
+        let mut c = client::connect(&coord.addr).await.unwrap();
+        client::status(&mut c, None).await.unwrap()
+    });
+    assert!(jobs.is_empty());
+}
+
+#[test]
+fn failing_app_fails_its_job_and_the_queue_moves_on() {
+    let mut env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let failing = env.submit(
+        &coord.addr,
+        "streaming",
+        &["mapper=exit 3", "reducer=cat"],
+        2,
+        "shared-dir",
+        "bad",
+    );
+    let good = env.submit(&coord.addr, "wc", &[], 3, "shared-dir", "good");
+    let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
+    let failed = wait_until(
+        &env,
+        &coord.addr,
+        failing,
+        "the failing job to fail",
+        client::finished,
+    );
+    assert_eq!(failed.state, pb::JobState::Failed as i32);
+    assert!(failed.error.contains("exited"), "{}", failed.error);
+    wait_job(&env, &coord.addr, good);
+    wait_all(&mut workers);
+    assert_eq!(env.output("good"), expected);
+    // `mrd status` reports both, and `submit --wait` on a failed job would exit non-zero.
+    let out = mrd()
+        .args(["status", "--coordinator", &coord.addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("job {failing} [failed]")), "{text}");
+    assert!(text.contains(&format!("job {good} [done]")), "{text}");
+}
+
+#[test]
+fn submit_wait_follows_the_job_and_reports_failure() {
+    let mut env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let submit = |app_args: &[&str], output: &str| {
+        let mut cmd = mrd();
+        cmd.args([
+            "submit",
+            "--wait",
+            "--coordinator",
+            &coord.addr,
+            "--reduces",
+            "2",
+            "--output",
+        ])
+        .arg(env.path().join(output))
+        .args(app_args)
+        .args(&env.inputs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let good = submit(&["--app", "wc"], "good");
+    let bad = submit(
+        &[
+            "--app",
+            "streaming",
+            "--arg",
+            "mapper=exit 3",
+            "--arg",
+            "reducer=cat",
+        ],
+        "bad",
+    );
+    // Start the worker only once both jobs are queued, or it could find nothing to do and exit.
+    let started = Instant::now();
+    while runtime()
+        .block_on(async { client::status(&mut client::connect(&coord.addr).await?, None).await })
+        .map_or(0, |jobs| jobs.len())
+        < 2
+    {
+        assert!(started.elapsed() < DEADLINE, "jobs were never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut worker = env.worker(&coord.addr, &[]);
+    let good = good.wait_with_output().unwrap();
+    let bad = bad.wait_with_output().unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("failed 3 times"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    assert!(wait_exit(&mut worker).success());
+}
