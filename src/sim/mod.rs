@@ -10,7 +10,8 @@
 //!   storage survives);
 //! - [`cluster`]: a cluster of [`crate::raft::RaftCore`]s with the helpers of 6.824's Raft `config.go`
 //!   (`one`, `check_one_leader`, `n_committed`, ...) and a safety checker that runs on every step;
-//! - [`kv`]: a cluster of KV servers (Raft + rsm + KV store) and clerks, with 6.824 kvraft's helpers;
+//! - [`service`]: a cluster of servers of any replicated service (Raft + rsm + state machine) and its
+//!   clerks; [`kv`] specialises it to the KV store with 6.824 kvraft's helpers;
 //! - [`clock`]: the event queue and the loop that interleaves events with concurrent actors;
 //! - [`seed`]: how tests choose and report seeds.
 
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod kv;
 pub mod net;
 pub mod seed;
+pub mod service;
 pub mod storage;
 
 pub use clock::Actor;

@@ -2,10 +2,10 @@
 
 use ds824::check::{check, CheckResult, History, KvModel};
 use ds824::kv::KvCommand;
-use ds824::sim::kv::{Clerk, ClerkOp, KvCluster, KvOptions};
+use ds824::sim::kv::{get_op, KvClerk, KvCluster, KvOp};
+use ds824::sim::service::{ClerkOp, ServiceOptions};
 use ds824::sim::{seed, Actor};
 use rand::Rng;
-use std::collections::VecDeque;
 use std::time::Duration;
 
 /// 6.824's `electionTimeout` for the KV tests, in ms.
@@ -18,7 +18,7 @@ pub fn cluster(
     reliable: bool,
     max_raft_state: Option<usize>,
 ) -> KvCluster {
-    KvCluster::new(KvOptions {
+    KvCluster::new(ServiceOptions {
         servers,
         reliable,
         max_raft_state,
@@ -65,55 +65,16 @@ pub fn check_linearizable(cfg: &KvCluster) {
     }
 }
 
-/// Runs a fixed list of operations with one clerk.
-pub struct ScriptClient {
-    pub clerk: Clerk,
-    pub script: VecDeque<ClerkOp>,
-    wake_at: u64,
-}
-
-impl ScriptClient {
-    pub fn new(clerk: Clerk, script: Vec<ClerkOp>) -> Self {
-        ScriptClient {
-            clerk,
-            script: script.into(),
-            wake_at: 0,
-        }
-    }
-
-    pub fn done(&self) -> bool {
-        self.script.is_empty() && !self.clerk.busy()
-    }
-}
-
-impl Actor<KvCluster> for ScriptClient {
-    fn next_wake(&self) -> Option<u64> {
-        (!self.done()).then_some(self.wake_at)
-    }
-
-    fn wake(&mut self, cfg: &mut KvCluster) {
-        if self.clerk.busy() {
-            self.clerk.poll(cfg);
-        }
-        if !self.clerk.busy() {
-            if let Some(op) = self.script.pop_front() {
-                self.clerk.begin(cfg, op);
-            }
-        }
-        self.wake_at = cfg.now() + 1;
-    }
-}
-
 /// A 6.824 GenericTest client: appends to its own key and checks every Get, or (random keys) mixes
 /// appends, puts and gets over every client's key.
 struct GenericClient {
     cli: usize,
     nclients: usize,
-    clerk: Clerk,
+    clerk: KvClerk,
     random_keys: bool,
     expected: String,
     appended: usize,
-    in_flight: Option<ClerkOp>,
+    in_flight: Option<KvOp>,
     stopping: bool,
     started: bool,
     wake_at: u64,
@@ -130,7 +91,8 @@ impl Actor<KvCluster> for GenericClient {
             let Some(output) = self.clerk.poll(cfg) else {
                 return;
             };
-            if let (ClerkOp::Get(key), false) = (op, self.random_keys) {
+            if let (ClerkOp::Query(ds824::kv::KvQuery::Get { key }), false) = (op, self.random_keys)
+            {
                 let got = output.value.unwrap_or_default();
                 if got != self.expected {
                     cfg.fail(format!(
@@ -170,7 +132,7 @@ impl Actor<KvCluster> for GenericClient {
                     value: element(self.cli, self.appended),
                 })
             } else {
-                ClerkOp::Get(key)
+                get_op(&key)
             }
         };
         self.clerk.begin(cfg, op.clone());

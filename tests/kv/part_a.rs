@@ -1,9 +1,9 @@
 //! 6.824 lab 3A: a fault-tolerant key/value service without snapshots.
 
 use crate::common::*;
-use ds824::kv::KvCommand;
-use ds824::sim::kv::{ClerkOp, KvCluster};
-use ds824::sim::Actor;
+use ds824::kv::{KvCommand, KvStore};
+use ds824::sim::kv::get_op;
+use ds824::sim::service::{run_clients, ClerkOp, ScriptClient};
 
 #[test]
 fn basic() {
@@ -32,7 +32,7 @@ fn unreliable_one_key() {
     cfg.put(&mut ck, "k", "");
     const CLIENTS: usize = 5;
     const UPDATES: usize = 10;
-    let mut clients: Vec<ScriptClient> = (0..CLIENTS)
+    let mut clients: Vec<ScriptClient<KvStore>> = (0..CLIENTS)
         .map(|cli| {
             let script = (0..UPDATES)
                 .map(|j| {
@@ -45,11 +45,7 @@ fn unreliable_one_key() {
             ScriptClient::new(cfg.make_clerk(), script)
         })
         .collect();
-    let mut actors: Vec<&mut dyn Actor<KvCluster>> = clients
-        .iter_mut()
-        .map(|c| c as &mut dyn Actor<KvCluster>)
-        .collect();
-    ds824::sim::clock::run_until(&mut cfg, u64::MAX, &mut actors);
+    run_clients(&mut cfg, &mut clients);
     let value = cfg.get(&mut ck, "k");
     for cli in 0..CLIENTS {
         check_client_appends(&cfg, cli, &value, UPDATES);
@@ -91,7 +87,7 @@ fn one_partition() {
             value: "15".into(),
         })],
     );
-    let mut get1 = ScriptClient::new(ckp2b, vec![ClerkOp::Get("1".into())]);
+    let mut get1 = ScriptClient::new(ckp2b, vec![get_op("1")]);
     let until = cfg.now() + 1000;
     ds824::sim::clock::run_until(&mut cfg, until, &mut [&mut put15, &mut get1]);
     assert!(!put15.done(), "Put in minority completed");

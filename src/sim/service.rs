@@ -1,0 +1,868 @@
+//! A simulated cluster of servers of any replicated service, with the helpers of 6.824's kvraft and
+//! shardctrler `config.go`.
+//!
+//! Each server is the same stack the daemons run — a [`RaftCore`] under an [`Rsm`] of the service's
+//! [`StateMachine`] — driven by the simulator instead of tokio. Clerks ([`Clerk`]) talk to servers through
+//! the simulated network with the same fault model as Raft's messages; each clerk reaches the servers the
+//! test connects it to, independently of partitions between servers (as in 6.824, where server
+//! partitions leave clerks connected). Every completed clerk operation is recorded with its invocation and
+//! completion times so the history can be checked for linearizability by [`crate::check`].
+
+use super::clock::{run_until, Actor, Scheduler, World};
+use super::net::NetModel;
+use super::storage::MemStorage;
+use crate::check::Operation;
+use crate::raft::wire::encoded_len;
+use crate::raft::{Config, Envelope, NodeId, RaftCore, Role};
+use crate::rsm::{Completion, Prepared, Rsm, StateMachine, Token};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Debug;
+
+/// How to build a service cluster.
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    /// Number of servers.
+    pub servers: usize,
+    /// Start with a reliable network.
+    pub reliable: bool,
+    /// Snapshot when the Raft state reaches this many bytes (6.824's `maxraftstate`); `None` never.
+    pub max_raft_state: Option<usize>,
+    /// The seed of the whole schedule.
+    pub seed: u64,
+}
+
+/// A service the simulator can run: a state machine whose commands and queries can be cloned and
+/// printed, and which may record completed operations for the linearizability checker.
+pub trait SimService:
+    StateMachine<Command: Clone + Debug, Query: Clone + Debug, Output: Debug> + Default
+{
+    /// The checker's record of a completed operation, if this service's histories are checked.
+    fn record(_client: u64, _op: &ClerkOp<Self>, _output: &Self::Output) -> Option<Operation> {
+        None
+    }
+}
+
+/// What a clerk asks for.
+pub enum ClerkOp<S: SimService> {
+    /// A read (answered after a ReadIndex).
+    Query(S::Query),
+    /// A command that changes state.
+    Command(S::Command),
+}
+
+impl<S: SimService> Clone for ClerkOp<S> {
+    fn clone(&self) -> Self {
+        match self {
+            ClerkOp::Query(q) => ClerkOp::Query(q.clone()),
+            ClerkOp::Command(c) => ClerkOp::Command(c.clone()),
+        }
+    }
+}
+
+enum ClientRequest<S: SimService> {
+    Query(S::Query),
+    Mutate {
+        client: u64,
+        seq: u64,
+        command: S::Command,
+    },
+}
+
+impl<S: SimService> Clone for ClientRequest<S> {
+    fn clone(&self) -> Self {
+        match self {
+            ClientRequest::Query(q) => ClientRequest::Query(q.clone()),
+            ClientRequest::Mutate {
+                client,
+                seq,
+                command,
+            } => ClientRequest::Mutate {
+                client: *client,
+                seq: *seq,
+                command: command.clone(),
+            },
+        }
+    }
+}
+
+enum ReplyResult<O> {
+    Done(O),
+    WrongLeader(Option<NodeId>),
+}
+
+enum Event<S: SimService> {
+    Tick {
+        server: usize,
+        incarnation: u64,
+    },
+    Raft {
+        envelope: Envelope,
+        from_incarnation: u64,
+        to_incarnation: u64,
+        size: usize,
+    },
+    Request {
+        clerk: usize,
+        server: usize,
+        to_incarnation: u64,
+        id: u64,
+        request: ClientRequest<S>,
+    },
+    Reply {
+        clerk: usize,
+        server: usize,
+        id: u64,
+        result: ReplyResult<S::Output>,
+    },
+}
+
+struct Server<S: SimService> {
+    core: Option<RaftCore>,
+    rsm: Rsm<S>,
+    storage: MemStorage,
+    incarnation: u64,
+    waiting: HashMap<Token, (usize, u64)>,
+    reads: HashMap<Token, S::Query>,
+    next_token: Token,
+    was_leader: bool,
+}
+
+/// A simulated cluster of one service. See the module documentation.
+pub struct ServiceCluster<S: SimService> {
+    options: ServiceOptions,
+    clock: Scheduler<Event<S>>,
+    net: NetModel,
+    net_rng: ChaCha8Rng,
+    /// Randomness for test decisions.
+    pub rng: ChaCha8Rng,
+    servers: Vec<Server<S>>,
+    reach: Vec<Vec<bool>>,
+    inboxes: Vec<VecDeque<(u64, ReplyResult<S::Output>)>>,
+    history: Vec<Operation>,
+    client_ids: u64,
+    ops: u64,
+    started_at: u64,
+}
+
+const TICK_MS: u64 = 10;
+/// How long a clerk waits for an answer before trying another server (labrpc's failed `Call`).
+const CLERK_TIMEOUT_MS: u64 = 100;
+
+impl<S: SimService> ServiceCluster<S> {
+    /// Start `options.servers` servers, all connected.
+    pub fn new(options: ServiceOptions) -> Self {
+        let n = options.servers;
+        let mut net = NetModel::new(n);
+        net.set_reliable(options.reliable);
+        let mut cluster = ServiceCluster {
+            net_rng: ChaCha8Rng::seed_from_u64(options.seed),
+            rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(0x5EED)),
+            options,
+            clock: Scheduler::default(),
+            net,
+            servers: (0..n)
+                .map(|_| Server {
+                    core: None,
+                    rsm: Rsm::new(S::default()),
+                    storage: MemStorage::default(),
+                    incarnation: 0,
+                    waiting: HashMap::new(),
+                    reads: HashMap::new(),
+                    next_token: 0,
+                    was_leader: false,
+                })
+                .collect(),
+            reach: Vec::new(),
+            inboxes: Vec::new(),
+            history: Vec::new(),
+            client_ids: 0,
+            ops: 0,
+            started_at: 0,
+        };
+        for i in 0..n {
+            cluster.start_server(i);
+        }
+        cluster
+    }
+
+    /// Number of servers.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Whether there are no servers.
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    /// The schedule's seed.
+    pub fn seed(&self) -> u64 {
+        self.options.seed
+    }
+
+    /// Fail the test, naming the seed that reproduces it.
+    #[track_caller]
+    pub fn fail(&self, message: impl std::fmt::Display) -> ! {
+        let seed = self.options.seed;
+        panic!(
+            "{message} [at {} ms; reproduce with RAFT_SEED={seed}]",
+            self.clock.now()
+        )
+    }
+
+    /// Simulated time in ms.
+    pub fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Servers and network
+    // ------------------------------------------------------------------------------------------
+
+    /// 6.824 `ShutdownServer`: the server stops; only its persisted state survives.
+    pub fn shutdown_server(&mut self, i: usize) {
+        let server = &mut self.servers[i];
+        if server.core.take().is_some() {
+            server.incarnation += 1;
+        }
+        server.waiting.clear();
+        server.reads.clear();
+        server.was_leader = false;
+    }
+
+    /// 6.824 `StartServer`: (re)start server `i` from its persisted state with an empty state machine,
+    /// which Raft refills from the snapshot and the log.
+    pub fn start_server(&mut self, i: usize) {
+        self.shutdown_server(i);
+        let voters: Vec<NodeId> = (1..=self.servers.len() as NodeId).collect();
+        let mut config = Config::new(i as NodeId + 1, voters);
+        config.election_ticks = 30;
+        config.heartbeat_ticks = 10;
+        config.seed =
+            self.options.seed ^ (self.servers[i].incarnation + 1).wrapping_mul(0xA24B_AED4);
+        let core = match RaftCore::restore(config, self.servers[i].storage.load()) {
+            Ok(core) => core,
+            Err(e) => self.fail(format!("server {i} cannot restart: {e}")),
+        };
+        let server = &mut self.servers[i];
+        server.core = Some(core);
+        server.rsm = Rsm::new(S::default());
+        server.incarnation += 1;
+        let incarnation = server.incarnation;
+        let first = self.clock.now() + self.net_rng.random_range(1..=TICK_MS);
+        self.clock.schedule(
+            first,
+            Event::Tick {
+                server: i,
+                incarnation,
+            },
+        );
+        self.drain_ready(i);
+    }
+
+    /// Servers in `p1` can talk among themselves, those in `p2` too, but not across (6.824 `partition`).
+    pub fn partition(&mut self, p1: &[usize], p2: &[usize]) {
+        let mut labels = vec![0; self.len()];
+        for &i in p2 {
+            labels[i] = 1;
+        }
+        for &i in p1 {
+            labels[i] = 0;
+        }
+        self.net.set_partition(&labels);
+    }
+
+    /// Reconnect every server to every other.
+    pub fn connect_all(&mut self) {
+        self.net.heal_partition();
+    }
+
+    /// Make the network (un)reliable.
+    pub fn set_reliable(&mut self, reliable: bool) {
+        self.net.set_reliable(reliable);
+    }
+
+    /// Largest Raft state of any server, in bytes.
+    pub fn max_raft_state_size(&self) -> usize {
+        self.servers
+            .iter()
+            .map(|s| s.storage.raft_state_size())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Largest snapshot of any server, in bytes.
+    pub fn max_snapshot_size(&self) -> usize {
+        self.servers
+            .iter()
+            .map(|s| s.storage.snapshot_size())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Requests sent so far.
+    pub fn rpc_total(&self) -> u64 {
+        self.net.stats.rpc_total
+    }
+
+    /// The server that currently believes it leads, if exactly one running server does.
+    pub fn leader(&self) -> Option<usize> {
+        let leaders: Vec<usize> = (0..self.len())
+            .filter(|&i| self.servers[i].core.as_ref().is_some_and(|c| c.is_leader()))
+            .collect();
+        (leaders.len() == 1).then(|| leaders[0])
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Clerks
+    // ------------------------------------------------------------------------------------------
+
+    /// A new clerk connected to every server (6.824 `makeClient(all)`).
+    pub fn make_clerk(&mut self) -> Clerk<S> {
+        let all: Vec<usize> = (0..self.len()).collect();
+        self.make_clerk_to(&all)
+    }
+
+    /// A new clerk that reaches only `servers`.
+    pub fn make_clerk_to(&mut self, servers: &[usize]) -> Clerk<S> {
+        let index = self.reach.len();
+        let mut reach = vec![false; self.len()];
+        for &s in servers {
+            reach[s] = true;
+        }
+        self.reach.push(reach);
+        self.inboxes.push(VecDeque::new());
+        self.client_ids += 1;
+        let leader = self.rng.random_range(0..self.len());
+        Clerk {
+            index,
+            client_id: self.client_ids,
+            seq: 0,
+            leader,
+            next_request: 0,
+            current: None,
+            service: std::marker::PhantomData,
+        }
+    }
+
+    /// Change which servers a clerk reaches (6.824 `ConnectClient`).
+    pub fn connect_clerk(&mut self, clerk: &Clerk<S>, servers: &[usize]) {
+        let reach = &mut self.reach[clerk.index];
+        reach.iter_mut().for_each(|r| *r = false);
+        for &s in servers {
+            reach[s] = true;
+        }
+    }
+
+    /// Every operation completed so far, for the linearizability checker.
+    pub fn history(&self) -> &[Operation] {
+        &self.history
+    }
+
+    /// Run one clerk operation to completion (a blocking call in the Go tests).
+    pub fn run_op(&mut self, clerk: &mut Clerk<S>, op: ClerkOp<S>) -> S::Output {
+        let mut task = OpTask {
+            clerk,
+            op: Some(op),
+            result: None,
+            wake_at: 0,
+        };
+        run_until(self, u64::MAX, &mut [&mut task]);
+        task.result
+            .unwrap_or_else(|| self.fail("clerk operation did not finish"))
+    }
+
+    /// Let `ms` of simulated time pass.
+    pub fn sleep(&mut self, ms: u64) {
+        let until = self.clock.now() + ms;
+        run_until(self, until, &mut []);
+    }
+
+    /// Operations clerks completed.
+    pub fn ops(&self) -> u64 {
+        self.ops
+    }
+
+    /// Print the 6.824-style summary and enforce the 120 s (simulated) limit.
+    pub fn end(&self, name: &str) {
+        let elapsed = self.clock.now() - self.started_at;
+        if elapsed > 120_000 {
+            self.fail("test took longer than 120 seconds");
+        }
+        println!(
+            "{name} ... Passed -- {:.1}s {} {} {} (seed {})",
+            elapsed as f64 / 1000.0,
+            self.len(),
+            self.rpc_total(),
+            self.ops,
+            self.options.seed
+        );
+    }
+
+    fn send_request(
+        &mut self,
+        clerk: &Clerk<S>,
+        server: usize,
+        id: u64,
+        request: ClientRequest<S>,
+    ) {
+        self.net.stats.rpc_total += 1;
+        if !self.reach[clerk.index][server] {
+            return;
+        }
+        if let Some(delay) = self.net.fate(&mut self.net_rng, true) {
+            let to_incarnation = self.servers[server].incarnation;
+            self.clock.schedule(
+                self.clock.now() + delay,
+                Event::Request {
+                    clerk: clerk.index,
+                    server,
+                    to_incarnation,
+                    id,
+                    request,
+                },
+            );
+        }
+    }
+
+    fn reply(&mut self, server: usize, (clerk, id): (usize, u64), result: ReplyResult<S::Output>) {
+        if let Some(delay) = self.net.fate(&mut self.net_rng, false) {
+            self.clock.schedule(
+                self.clock.now() + delay,
+                Event::Reply {
+                    clerk,
+                    server,
+                    id,
+                    result,
+                },
+            );
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Server side
+    // ------------------------------------------------------------------------------------------
+
+    fn handle_request(&mut self, server: usize, from: (usize, u64), request: ClientRequest<S>) {
+        let s = &mut self.servers[server];
+        let Some(core) = s.core.as_mut() else {
+            return;
+        };
+        s.next_token += 1;
+        let token = s.next_token;
+        match request {
+            ClientRequest::Query(query) => match core.read_index(token) {
+                Ok(()) => {
+                    s.reads.insert(token, query);
+                    s.waiting.insert(token, from);
+                }
+                Err(_) => {
+                    let hint = core.leader();
+                    self.reply(server, from, ReplyResult::WrongLeader(hint));
+                }
+            },
+            ClientRequest::Mutate {
+                client,
+                seq,
+                command,
+            } => match s.rsm.prepare(client, seq, &command) {
+                Prepared::Answered(output) => self.reply(server, from, ReplyResult::Done(output)),
+                Prepared::Stale => {}
+                Prepared::Propose(data) => match core.propose(data) {
+                    Ok((index, _)) => {
+                        s.waiting.insert(token, from);
+                        if let Some(done) = s.rsm.track(token, index, client, seq) {
+                            self.complete(server, vec![done]);
+                        }
+                    }
+                    Err(_) => {
+                        let hint = core.leader();
+                        self.reply(server, from, ReplyResult::WrongLeader(hint));
+                    }
+                },
+            },
+        }
+        self.drain_ready(server);
+    }
+
+    fn complete(&mut self, server: usize, completions: Vec<Completion<S::Output>>) {
+        for completion in completions {
+            let (token, result) = match completion {
+                Completion::Done { token, output } => (token, ReplyResult::Done(output)),
+                Completion::Retry { token } => (token, ReplyResult::WrongLeader(None)),
+            };
+            if let Some(to) = self.servers[server].waiting.remove(&token) {
+                self.reply(server, to, result);
+            }
+        }
+    }
+
+    /// The driver contract for server `i`: persist, send, apply; then answer clients and snapshot.
+    fn drain_ready(&mut self, i: usize) {
+        loop {
+            let Some(core) = self.servers[i].core.as_mut() else {
+                return;
+            };
+            if !core.has_ready() {
+                return;
+            }
+            let ready = core.ready();
+            self.servers[i].storage.persist_ready(&ready);
+            for envelope in ready.messages {
+                self.send_raft(envelope);
+            }
+            let mut completions = Vec::new();
+            let s = &mut self.servers[i];
+            if let Some(snapshot) = &ready.snapshot_to_apply {
+                match s.rsm.apply_snapshot(snapshot) {
+                    Ok(done) => completions.extend(done),
+                    Err(e) => self.fail(format!("server {i} cannot load a snapshot: {e}")),
+                }
+            }
+            let s = &mut self.servers[i];
+            match s.rsm.apply_entries(&ready.committed_entries) {
+                Ok(done) => completions.extend(done),
+                Err(e) => self.fail(format!("server {i} cannot apply: {e}")),
+            }
+            let s = &mut self.servers[i];
+            for read in &ready.read_states {
+                if let Some(query) = s.reads.remove(&read.id) {
+                    completions.extend(s.rsm.read(read.id, read.index, query));
+                }
+            }
+            for id in &ready.failed_reads {
+                s.reads.remove(id);
+                completions.push(Completion::Retry { token: *id });
+            }
+            let is_leader = ready.soft_state.role == Role::Leader;
+            if s.was_leader && !is_leader {
+                completions.extend(s.rsm.leadership_lost());
+                s.reads.clear();
+            }
+            s.was_leader = is_leader;
+            if let Some(max) = self.options.max_raft_state {
+                if s.storage.raft_state_size() >= max {
+                    let (index, data) = s.rsm.snapshot();
+                    if let Some(core) = s.core.as_mut() {
+                        if let Err(e) = core.compact(index, data) {
+                            self.fail(format!("server {i} refused its own snapshot: {e}"));
+                        }
+                    }
+                }
+            }
+            self.complete(i, completions);
+        }
+    }
+
+    fn send_raft(&mut self, envelope: Envelope) {
+        let from = (envelope.from - 1) as usize;
+        let to = (envelope.to - 1) as usize;
+        let size = encoded_len(&envelope);
+        let is_request = envelope.message.is_request();
+        if let Some(delay) = self
+            .net
+            .on_send(&mut self.net_rng, from, to, is_request, size)
+        {
+            let event = Event::Raft {
+                from_incarnation: self.servers[from].incarnation,
+                to_incarnation: self.servers[to].incarnation,
+                envelope,
+                size,
+            };
+            self.clock.schedule(self.clock.now() + delay, event);
+        }
+    }
+
+    fn handle_event(&mut self, event: Event<S>) {
+        match event {
+            Event::Tick {
+                server,
+                incarnation,
+            } => {
+                if self.servers[server].incarnation != incarnation {
+                    return;
+                }
+                if let Some(core) = self.servers[server].core.as_mut() {
+                    core.tick();
+                    self.drain_ready(server);
+                    let next = self.clock.now() + TICK_MS;
+                    self.clock.schedule(
+                        next,
+                        Event::Tick {
+                            server,
+                            incarnation,
+                        },
+                    );
+                }
+            }
+            Event::Raft {
+                envelope,
+                from_incarnation,
+                to_incarnation,
+                size,
+            } => {
+                let from = (envelope.from - 1) as usize;
+                let to = (envelope.to - 1) as usize;
+                if self.servers[from].incarnation != from_incarnation
+                    || self.servers[to].incarnation != to_incarnation
+                {
+                    return;
+                }
+                let is_request = envelope.message.is_request();
+                if !self.net.on_deliver(from, to, is_request, size) {
+                    return;
+                }
+                if let Some(core) = self.servers[to].core.as_mut() {
+                    if let Err(e) = core.step(envelope) {
+                        self.fail(format!("server {to} refused a message: {e}"));
+                    }
+                    self.drain_ready(to);
+                }
+            }
+            Event::Request {
+                clerk,
+                server,
+                to_incarnation,
+                id,
+                request,
+            } => {
+                if self.servers[server].incarnation == to_incarnation && self.reach[clerk][server] {
+                    self.handle_request(server, (clerk, id), request);
+                }
+            }
+            Event::Reply {
+                clerk,
+                server,
+                id,
+                result,
+            } => {
+                if self.reach[clerk][server] {
+                    self.inboxes[clerk].push_back((id, result));
+                }
+            }
+        }
+    }
+}
+
+impl<S: SimService> World for ServiceCluster<S> {
+    fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    fn next_event_time(&self) -> Option<u64> {
+        self.clock.next_time()
+    }
+
+    fn step_event(&mut self) {
+        if let Some(event) = self.clock.pop() {
+            self.handle_event(event);
+        }
+    }
+
+    fn advance_to(&mut self, t: u64) {
+        self.clock.advance_to(t);
+    }
+}
+
+struct InFlight<S: SimService> {
+    op: ClerkOp<S>,
+    request: ClientRequest<S>,
+    id: u64,
+    server: usize,
+    sent_at: u64,
+    invoked_at: u64,
+}
+
+/// A client of a service, behaving as the library's Clerk does: it remembers the leader, follows hints,
+/// tries the next server on a wrong-leader answer or a timeout, and numbers its commands so that
+/// retries are applied once.
+pub struct Clerk<S: SimService> {
+    index: usize,
+    client_id: u64,
+    seq: u64,
+    leader: usize,
+    next_request: u64,
+    current: Option<InFlight<S>>,
+    service: std::marker::PhantomData<S>,
+}
+
+impl<S: SimService> Clerk<S> {
+    /// This clerk's client id (its session in the servers' dedup tables).
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// Whether an operation is in flight.
+    pub fn busy(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Start `op`; drive it with [`Clerk::poll`].
+    pub fn begin(&mut self, cluster: &mut ServiceCluster<S>, op: ClerkOp<S>) {
+        let request = match &op {
+            ClerkOp::Query(query) => ClientRequest::Query(query.clone()),
+            ClerkOp::Command(command) => {
+                self.seq += 1;
+                ClientRequest::Mutate {
+                    client: self.client_id,
+                    seq: self.seq,
+                    command: command.clone(),
+                }
+            }
+        };
+        let now = cluster.now();
+        self.current = Some(InFlight {
+            op,
+            request,
+            id: 0,
+            server: self.leader,
+            sent_at: now,
+            invoked_at: now,
+        });
+        self.send(cluster);
+    }
+
+    fn send(&mut self, cluster: &mut ServiceCluster<S>) {
+        let Some(current) = self.current.as_mut() else {
+            return;
+        };
+        self.next_request += 1;
+        current.id = self.next_request;
+        current.server = self.leader;
+        current.sent_at = cluster.now();
+        let request = current.request.clone();
+        let id = current.id;
+        cluster.send_request(self, self.leader, id, request);
+    }
+
+    /// Advance the operation: `Some(output)` once it completed (and was recorded in the history).
+    pub fn poll(&mut self, cluster: &mut ServiceCluster<S>) -> Option<S::Output> {
+        let current = self.current.as_ref()?;
+        let id = current.id;
+        while let Some((reply_id, result)) = cluster.inboxes[self.index].pop_front() {
+            if reply_id != id {
+                continue; // an answer to an earlier attempt: that attempt was abandoned
+            }
+            match result {
+                ReplyResult::Done(output) => {
+                    let finished = self.current.take()?;
+                    cluster.record(self.client_id, &finished, &output);
+                    return Some(output);
+                }
+                ReplyResult::WrongLeader(hint) => {
+                    self.leader = match hint {
+                        Some(h)
+                            if (h as usize) <= cluster.len() && h as usize - 1 != self.leader =>
+                        {
+                            h as usize - 1
+                        }
+                        _ => (self.leader + 1) % cluster.len(),
+                    };
+                    self.send(cluster);
+                    return None;
+                }
+            }
+        }
+        if cluster.now() - current.sent_at >= CLERK_TIMEOUT_MS {
+            self.leader = (current.server + 1) % cluster.len();
+            self.send(cluster);
+        }
+        None
+    }
+}
+
+impl<S: SimService> ServiceCluster<S> {
+    fn record(&mut self, client: u64, op: &InFlight<S>, output: &S::Output) {
+        self.ops += 1;
+        if let Some(record) = S::record(client, &op.op, output) {
+            let invoke = op.invoked_at * 1_000_000;
+            let complete = self.clock.now() * 1_000_000;
+            self.history.push(record.ok_at(invoke, complete));
+        }
+    }
+}
+
+/// Runs one operation of one clerk to completion.
+struct OpTask<'a, S: SimService> {
+    clerk: &'a mut Clerk<S>,
+    op: Option<ClerkOp<S>>,
+    result: Option<S::Output>,
+    wake_at: u64,
+}
+
+impl<S: SimService> Actor<ServiceCluster<S>> for OpTask<'_, S> {
+    fn next_wake(&self) -> Option<u64> {
+        self.result.is_none().then_some(self.wake_at)
+    }
+
+    fn wake(&mut self, cluster: &mut ServiceCluster<S>) {
+        if let Some(op) = self.op.take() {
+            self.clerk.begin(cluster, op);
+        }
+        self.result = self.clerk.poll(cluster);
+        // Clerks look for answers every simulated millisecond (the network's time resolution).
+        self.wake_at = cluster.now() + 1;
+    }
+}
+
+/// A clerk that runs a fixed list of operations one after another: a client goroutine of the Go tests.
+pub struct ScriptClient<S: SimService> {
+    /// The clerk doing the work.
+    pub clerk: Clerk<S>,
+    script: VecDeque<ClerkOp<S>>,
+    /// Outputs of the finished operations, in order.
+    pub outputs: Vec<S::Output>,
+    wake_at: u64,
+}
+
+impl<S: SimService> ScriptClient<S> {
+    /// A client that will run `script` with `clerk`.
+    pub fn new(clerk: Clerk<S>, script: Vec<ClerkOp<S>>) -> Self {
+        ScriptClient {
+            clerk,
+            script: script.into(),
+            outputs: Vec::new(),
+            wake_at: 0,
+        }
+    }
+
+    /// Whether every operation finished.
+    pub fn done(&self) -> bool {
+        self.script.is_empty() && !self.clerk.busy()
+    }
+}
+
+impl<S: SimService> Actor<ServiceCluster<S>> for ScriptClient<S> {
+    fn next_wake(&self) -> Option<u64> {
+        (!self.done()).then_some(self.wake_at)
+    }
+
+    fn wake(&mut self, cluster: &mut ServiceCluster<S>) {
+        if self.clerk.busy() {
+            if let Some(output) = self.clerk.poll(cluster) {
+                self.outputs.push(output);
+            }
+        }
+        if !self.clerk.busy() {
+            if let Some(op) = self.script.pop_front() {
+                self.clerk.begin(cluster, op);
+            }
+        }
+        // Clerks look for answers every simulated millisecond (the network's time resolution).
+        self.wake_at = cluster.now() + 1;
+    }
+}
+
+/// Run every client until its script is done.
+pub fn run_clients<S: SimService>(
+    cluster: &mut ServiceCluster<S>,
+    clients: &mut [ScriptClient<S>],
+) {
+    let mut actors: Vec<&mut dyn Actor<ServiceCluster<S>>> = clients
+        .iter_mut()
+        .map(|c| c as &mut dyn Actor<ServiceCluster<S>>)
+        .collect();
+    run_until(cluster, u64::MAX, &mut actors);
+}
