@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/rsm.proto",
         "proto/kv.proto",
         "proto/mr.proto",
+        "proto/ctrler.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

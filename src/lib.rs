@@ -5,6 +5,7 @@
 //! linearizability checker that judges the histories they record.
 
 pub mod check;
+pub mod ctrler;
 pub mod kv;
 pub mod mr;
 pub mod raft;
@@ -24,6 +25,10 @@ pub mod proto {
     /// The key/value service (`proto/kv.proto`).
     pub mod kv {
         tonic::include_proto!("kv");
+    }
+    /// The shard controller (`proto/ctrler.proto`).
+    pub mod ctrler {
+        tonic::include_proto!("ctrler");
     }
     /// The MapReduce coordinator, worker and shuffle protocol (`proto/mr.proto`).
     pub mod mr {

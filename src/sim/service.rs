@@ -866,3 +866,5 @@ pub fn run_clients<S: SimService>(
         .collect();
     run_until(cluster, u64::MAX, &mut actors);
 }
+
+impl SimService for crate::ctrler::ShardCtrler {}

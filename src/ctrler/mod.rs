@@ -1,0 +1,10 @@
+//! The shard controller (6.824 lab 4A): a replicated list of numbered configurations that say which
+//! replica group serves which shard. Join and Leave rebalance deterministically, as evenly as possible and
+//! with the fewest moves; Move pins one shard; Query reads any configuration.
+
+pub mod rebalance;
+pub mod state;
+
+pub use state::{
+    Config, CtrlerCommand, CtrlerOutput, CtrlerQuery, Gid, ShardCtrler, DEFAULT_SHARDS,
+};
