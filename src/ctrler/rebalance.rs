@@ -86,8 +86,7 @@ mod tests {
                     gids.push(g);
                     g
                 } else {
-                    let g = gids.remove(rng.random_range(0..gids.len()));
-                    g
+                    gids.remove(rng.random_range(0..gids.len()))
                 };
                 rebalance(&mut shards, &gids);
                 let c = counts(&shards, &gids);
