@@ -5,7 +5,9 @@
 //! linearizability checker that judges the histories they record.
 
 pub mod check;
+pub mod daemon;
 pub mod kv;
+pub mod kvctl;
 pub mod raft;
 pub mod rsm;
 pub mod sim;
