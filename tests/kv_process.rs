@@ -242,7 +242,7 @@ async fn appends_survive_leader_sigkill_and_stay_linearizable() {
     let ops_so_far = |h: &Arc<Mutex<Vec<Operation>>>| h.lock().expect("lock").len();
     for round in 0..2 {
         // Let the clients get well under way (or back under way after the last crash).
-        let target = ops_so_far(&history) + 100;
+        let target = ops_so_far(&history) + 200;
         let deadline = Instant::now() + WAIT;
         while ops_so_far(&history) < target {
             assert!(Instant::now() < deadline, "clients made no progress");
@@ -255,7 +255,7 @@ async fn appends_survive_leader_sigkill_and_stay_linearizable() {
         cluster.wait_for_leader().await;
         cluster.start_node(leader);
     }
-    let target = ops_so_far(&history) + 100;
+    let target = ops_so_far(&history) + 200;
     let deadline = Instant::now() + WAIT;
     while ops_so_far(&history) < target {
         assert!(
@@ -345,7 +345,7 @@ async fn appends_survive_leader_sigkill_and_stay_linearizable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_restart_restores_from_snapshot_and_replays_only_the_tail() {
-    const N: usize = 20_000;
+    const N: usize = 100_000;
     const WRITERS: usize = 32;
     let mut cluster = Cluster::start(3, 256 << 10);
     cluster.wait_for_leader().await;
