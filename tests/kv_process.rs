@@ -3,8 +3,10 @@
 
 use ds824::check::{check, CheckResult, History, KvModel, Operation};
 use ds824::kv::clerk::node_status;
+use ds824::kv::validate::MAX_VALUE_BYTES;
 use ds824::kv::{Clerk, ClerkConfig};
-use ds824::proto::kv::StatusResponse;
+use ds824::proto::kv::kv_client::KvClient;
+use ds824::proto::kv::{self as pb, StatusResponse};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -88,6 +90,24 @@ impl Cluster {
         if let Some(mut child) = self.children[i].take() {
             child.kill().expect("kill");
             child.wait().expect("wait");
+        }
+    }
+
+    /// SIGTERM node `i` and wait for it to exit on its own.
+    fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut child = self.children[i].take().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kvd ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -455,7 +475,7 @@ fn stderr(o: &std::process::Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvctl_commands_and_exit_codes() {
-    let cluster = Cluster::start(3, 8 << 20);
+    let mut cluster = Cluster::start(3, 8 << 20);
     cluster.wait_for_leader().await;
     let addrs = cluster.addrs.join(",");
     let run = |args: &[&str]| kvctl(&addrs, args);
@@ -500,6 +520,44 @@ async fn kvctl_commands_and_exit_codes() {
     let table = run(&["status"]);
     assert_eq!(stdout(&table).lines().count(), 4, "{}", stdout(&table));
 
+    // The service itself refuses bad input with INVALID_ARGUMENT, whoever the caller is.
+    let mut raw = KvClient::connect(format!("http://{}", cluster.addrs[0]))
+        .await
+        .expect("connect");
+    fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<tonic::Code> {
+        r.err().map(|s| s.code())
+    }
+    let invalid = Some(tonic::Code::InvalidArgument);
+    assert_eq!(
+        code(raw.get(pb::GetRequest { key: String::new() }).await),
+        invalid
+    );
+    let put = |key: &str, value: String, client_id: u64| pb::MutateRequest {
+        client_id,
+        seq: 1,
+        command: Some(pb::Command {
+            op: Some(pb::command::Op::Put(pb::Put {
+                key: key.into(),
+                value,
+            })),
+        }),
+    };
+    assert_eq!(code(raw.mutate(put("", "v".into(), 7)).await), invalid);
+    assert_eq!(code(raw.mutate(put("k", "v".into(), 0)).await), invalid);
+    assert_eq!(
+        code(
+            raw.mutate(put("k", "v".repeat(MAX_VALUE_BYTES + 1), 7))
+                .await
+        ),
+        invalid
+    );
+    let no_op = pb::MutateRequest {
+        client_id: 7,
+        seq: 1,
+        command: Some(pb::Command { op: None }),
+    };
+    assert_eq!(code(raw.mutate(no_op).await), invalid);
+
     let unreachable = kvctl("127.0.0.1:1", &["get", "k"]);
     assert!(
         unreachable.status.code().unwrap_or(0) >= 2,
@@ -541,6 +599,9 @@ async fn kvctl_commands_and_exit_codes() {
     let violation = run(&["check", bad.to_str().expect("path")]);
     assert_eq!(violation.status.code(), Some(1), "{violation:?}");
     assert!(stdout(&violation).contains("offending sub-history"));
+
+    // SIGTERM is a clean shutdown.
+    assert!(cluster.terminate(0).success());
 }
 
 #[test]

@@ -366,3 +366,49 @@ pub async fn node_status(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn construction_and_local_validation() {
+        assert!(matches!(
+            Clerk::new(&[], ClerkConfig::default()),
+            Err(ClerkError::NoServers)
+        ));
+        assert!(matches!(
+            Clerk::new(&["not an address".into()], ClerkConfig::default()),
+            Err(ClerkError::Address { .. })
+        ));
+        let mut clerk =
+            Clerk::new(&["127.0.0.1:1".into()], ClerkConfig::default()).expect("lazy connect");
+        assert_ne!(clerk.client_id(), 0);
+        // Invalid input fails before any network traffic (the server is unreachable anyway).
+        assert!(matches!(clerk.get("").await, Err(ClerkError::Invalid(_))));
+        assert!(matches!(
+            clerk
+                .put(
+                    "k",
+                    &"v".repeat(super::super::validate::MAX_VALUE_BYTES + 1)
+                )
+                .await,
+            Err(ClerkError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn gives_up_at_the_deadline_when_nothing_answers() {
+        let config = ClerkConfig {
+            call_timeout: Duration::from_millis(300),
+            ..ClerkConfig::default()
+        };
+        let mut clerk = Clerk::new(&["127.0.0.1:1".into()], config).expect("clerk");
+        let started = Instant::now();
+        assert!(matches!(
+            clerk.put("k", "v").await,
+            Err(ClerkError::Timeout { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+}
