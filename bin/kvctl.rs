@@ -13,8 +13,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Talk to a ds824 key/value cluster.
+///
+/// Exit status: 0 success; 1 a "no" (key not found, cas mismatch, history not linearizable); 2 the command
+/// could not be carried out (one line on stderr says why); 3 `check` could not decide within its budget.
 #[derive(Parser)]
-#[command(name = "kvctl", version, about, long_about = None)]
+#[command(name = "kvctl", version)]
 struct Cli {
     /// The cluster's servers as HOST:PORT, comma-separated (any subset works; the leader is found).
     #[arg(

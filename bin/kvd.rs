@@ -11,9 +11,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// The ds824 server daemon.
+/// The ds824 server daemon: one replica of a replicated service per process.
+///
+/// Logs go to stderr, filtered by RUST_LOG (default "info"). SIGTERM or SIGINT stops the node cleanly.
+/// Exit status: 0 after a clean shutdown; 2 if it could not start (bad flag, address in use, unusable
+/// data directory: one line on stderr says why); 1 if it failed while serving.
 #[derive(Parser)]
-#[command(name = "kvd", version, about, long_about = None)]
+#[command(name = "kvd", version)]
 struct Cli {
     #[command(subcommand)]
     role: Role,

@@ -243,7 +243,7 @@ async fn client_loop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_survive_leader_sigkill_and_stay_linearizable() {
-    let mut cluster = Cluster::start(3, 64 << 10);
+    let mut cluster = Cluster::start(3, 8 << 10);
     cluster.wait_for_leader().await;
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));

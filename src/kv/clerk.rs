@@ -99,6 +99,9 @@ pub enum CasOutcome {
     },
 }
 
+/// Most servers a clerk will remember (given ones plus those learned from hints).
+const MAX_SERVERS: usize = 64;
+
 struct Server {
     address: String,
     client: KvClient<Channel>,
@@ -328,10 +331,14 @@ impl Clerk {
         }
     }
 
-    /// The index of the server at `address`, added to the list if the cluster knows a server we did not.
+    /// The index of the server at `address`, added to the list if the cluster knows a server we did not
+    /// (up to a bound, so a confused server cannot make the list grow without end).
     fn server_index(&mut self, address: &str) -> Option<usize> {
         if let Some(i) = self.servers.iter().position(|s| s.address == address) {
             return Some(i);
+        }
+        if self.servers.len() >= MAX_SERVERS {
+            return None;
         }
         let server = Self::connect(address, &self.config).ok()?;
         self.servers.push(server);
