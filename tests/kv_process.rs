@@ -356,10 +356,23 @@ async fn appends_survive_leader_sigkill_and_stay_linearizable() {
         history.len(),
         start.elapsed().as_secs_f64()
     );
-    match check(&history, &KvModel, Duration::from_secs(60)) {
-        CheckResult::Ok => {}
-        CheckResult::Violation(v) => panic!("not linearizable:\n{v}"),
-        unknown => panic!("checker could not decide (make the history smaller): {unknown}"),
+    let result = check(&history, &KvModel, Duration::from_secs(60));
+    if !result.is_ok() {
+        // Keep the evidence: `kvctl check <file>` replays the verdict.
+        let path =
+            std::env::temp_dir().join(format!("kv_process-history-{}.jsonl", std::process::id()));
+        let mut out = Vec::new();
+        history.to_jsonl(&mut out).expect("encode history");
+        std::fs::write(&path, out).expect("write history");
+        match result {
+            CheckResult::Violation(v) => {
+                panic!("not linearizable (history in {}):\n{v}", path.display())
+            }
+            unknown => panic!(
+                "checker could not decide (make the history smaller; history in {}): {unknown}",
+                path.display()
+            ),
+        }
     }
 }
 

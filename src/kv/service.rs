@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::field::Empty;
+use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 /// How the service behaves; the daemon fills it from its flags.
 #[derive(Clone, Debug)]
@@ -160,13 +161,14 @@ impl KvService {
             }),
         });
         let config = Arc::new(config);
+        // One span for both tasks; the watcher keeps its term and role fields current, so every log line
+        // of the service says which node wrote it and what that node was at the time.
+        let span = info_span!("kv", node = id, term = Empty, role = Empty);
         tokio::spawn(
-            watch_leadership(shared.clone(), handle.clone())
-                .instrument(info_span!("kv", node = id)),
+            watch_leadership(shared.clone(), handle.clone(), span.clone()).instrument(span.clone()),
         );
         let applier = tokio::spawn(
-            apply_loop(shared.clone(), handle.clone(), applied, config.clone())
-                .instrument(info_span!("kv", node = id)),
+            apply_loop(shared.clone(), handle.clone(), applied, config.clone()).instrument(span),
         );
         (
             KvService {
@@ -423,17 +425,23 @@ async fn apply_loop(
     Ok(())
 }
 
-async fn watch_leadership(shared: Arc<Shared>, handle: RaftHandle) {
+async fn watch_leadership(shared: Arc<Shared>, handle: RaftHandle, span: Span) {
     let mut status = handle.subscribe();
     let (mut role, mut term) = {
         let s = status.borrow_and_update();
         (s.raft.role, s.raft.term)
     };
+    span.record("term", term);
+    span.record("role", tracing::field::display(role));
     while status.changed().await.is_ok() {
         let (now_role, now_term) = {
             let s = status.borrow_and_update();
             (s.raft.role, s.raft.term)
         };
+        if (now_role, now_term) != (role, term) {
+            span.record("term", now_term);
+            span.record("role", tracing::field::display(now_role));
+        }
         if role == Role::Leader && (now_role != Role::Leader || now_term != term) {
             info!(term = now_term, role = %now_role, "lost leadership; sending waiting clients elsewhere");
             let mut inner = shared.lock();
