@@ -489,7 +489,20 @@ fn stderr(o: &std::process::Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvctl_commands_and_exit_codes() {
     let mut cluster = Cluster::start(3, 8 << 20);
-    cluster.wait_for_leader().await;
+    let leader = cluster.wait_for_leader().await;
+    // A follower redirects: WRONG_LEADER naming the leader and its address.
+    let follower = (leader + 1) % 3;
+    let mut to_follower = KvClient::connect(format!("http://{}", cluster.addrs[follower]))
+        .await
+        .expect("connect");
+    let redirect = to_follower
+        .get(pb::GetRequest { key: "k".into() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(redirect.error(), pb::ErrorCode::WrongLeader);
+    assert_eq!(redirect.leader_hint, leader as u64 + 1);
+    assert_eq!(redirect.leader_address, cluster.addrs[leader]);
     let addrs = cluster.addrs.join(",");
     let run = |args: &[&str]| kvctl(&addrs, args);
 
@@ -612,6 +625,10 @@ async fn kvctl_commands_and_exit_codes() {
     let violation = run(&["check", bad.to_str().expect("path")]);
     assert_eq!(violation.status.code(), Some(1), "{violation:?}");
     assert!(stdout(&violation).contains("offending sub-history"));
+    let undecided = run(&["check", "--budget-secs", "0", good.to_str().expect("path")]);
+    assert_eq!(undecided.status.code(), Some(3), "{undecided:?}");
+    let unreadable = run(&["check", "/nonexistent/history.jsonl"]);
+    assert_eq!(unreadable.status.code(), Some(2), "{unreadable:?}");
 
     // SIGTERM is a clean shutdown.
     assert!(cluster.terminate(0).success());
