@@ -6,7 +6,9 @@
 
 pub mod check;
 pub mod ctrler;
+pub mod daemon;
 pub mod kv;
+pub mod kvctl;
 pub mod mr;
 pub mod raft;
 pub mod rsm;

@@ -1,0 +1,260 @@
+//! `kvctl`: the operator and user command line for a ds824 KV cluster.
+//!
+//! Exit status: 0 success; 1 a "no" answer (key not found, cas mismatch, history not linearizable);
+//! 2 the command could not be carried out (bad flags, cluster unreachable, server refused); 3 `check`
+//! could not decide. Errors are one line on stderr.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
+use ds824::kvctl::{self, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Talk to a ds824 key/value cluster.
+///
+/// Exit status: 0 success; 1 a "no" (key not found, cas mismatch, history not linearizable); 2 the command
+/// could not be carried out (one line on stderr says why); 3 `check` could not decide within its budget.
+#[derive(Parser)]
+#[command(name = "kvctl", version)]
+struct Cli {
+    /// The cluster's servers as HOST:PORT, comma-separated (any subset works; the leader is found).
+    #[arg(
+        long,
+        env = "KVCTL_CLUSTER",
+        global = true,
+        default_value = "127.0.0.1:7001"
+    )]
+    cluster: String,
+    /// Give up on a request after this many milliseconds, retries included.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the value of KEY (exit 1 and "not found" on stderr if absent).
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Set KEY to VALUE.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Append VALUE to the value of KEY (an absent key counts as empty).
+    Append {
+        /// The key.
+        key: String,
+        /// What to append.
+        value: String,
+    },
+    /// Remove KEY (exit 1 and "not found" on stderr if it was absent).
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Set KEY to NEW if its value is EXPECTED (or, with --expect-absent, if it is absent). On a
+    /// mismatch, print the current value (or "not found" on stderr) and exit 1.
+    Cas {
+        /// The key.
+        key: String,
+        /// EXPECTED then NEW; with --expect-absent only NEW.
+        #[arg(value_name = "VALUES", num_args = 1..=2, required = true)]
+        values: Vec<String>,
+        /// Swap only if KEY is absent (then give only NEW).
+        #[arg(long)]
+        expect_absent: bool,
+    },
+    /// Show every node's role, term, leader, commit/applied index, log and snapshot sizes.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a JSON-lines history for linearizability (exit 0 ok, 1 violation, 3 undecided).
+    Check {
+        /// The history file (one operation per line; see the `check` module documentation).
+        history: PathBuf,
+        /// Give up (exit 3) after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        budget_secs: u64,
+    },
+    /// Measure throughput and latency with concurrent clients.
+    Bench {
+        /// Concurrent clients (each its own session).
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// Operations in total.
+        #[arg(long, default_value_t = 1000)]
+        ops: usize,
+        /// What to measure.
+        #[arg(long, value_enum, default_value_t = Kind::Put)]
+        kind: Kind,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 32)]
+        value_size: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Put,
+    Get,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kvctl: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    ExitCode::from(runtime.block_on(run(cli)))
+}
+
+fn fail(error: impl std::fmt::Display) -> u8 {
+    eprintln!("kvctl: error: {error}");
+    EXIT_ERROR
+}
+
+async fn run(cli: Cli) -> u8 {
+    let cluster = kvctl::parse_cluster(&cli.cluster);
+    if cluster.is_empty() {
+        return fail("no servers given (--cluster or KVCTL_CLUSTER)");
+    }
+    let config = ClerkConfig {
+        call_timeout: Duration::from_millis(cli.timeout_ms),
+        ..ClerkConfig::default()
+    };
+    let clerk = || Clerk::new(&cluster, config.clone());
+    match cli.command {
+        Command::Get { key } => match clerk() {
+            Ok(mut c) => match c.get(&key).await {
+                Ok(Some(value)) => {
+                    println!("{value}");
+                    EXIT_OK
+                }
+                Ok(None) => {
+                    eprintln!("not found");
+                    EXIT_NO
+                }
+                Err(e) => fail(e),
+            },
+            Err(e) => fail(e),
+        },
+        Command::Put { key, value } => done(async { clerk()?.put(&key, &value).await }.await),
+        Command::Append { key, value } => done(async { clerk()?.append(&key, &value).await }.await),
+        Command::Delete { key } => match async { clerk()?.delete(&key).await }.await {
+            Ok(true) => EXIT_OK,
+            Ok(false) => {
+                eprintln!("not found");
+                EXIT_NO
+            }
+            Err(e) => fail(e),
+        },
+        Command::Cas {
+            key,
+            values,
+            expect_absent,
+        } => {
+            let (expected, new) =
+                match (expect_absent, values.as_slice()) {
+                    (true, [new]) => (None, new.clone()),
+                    (false, [expected, new]) => (Some(expected.clone()), new.clone()),
+                    _ => return fail(
+                        "usage: kvctl cas KEY EXPECTED NEW, or kvctl cas --expect-absent KEY NEW",
+                    ),
+                };
+            match async { clerk()?.cas(&key, expected.as_deref(), &new).await }.await {
+                Ok(CasOutcome::Swapped) => EXIT_OK,
+                Ok(CasOutcome::Mismatch { current: Some(v) }) => {
+                    println!("{v}");
+                    EXIT_NO
+                }
+                Ok(CasOutcome::Mismatch { current: None }) => {
+                    eprintln!("not found");
+                    EXIT_NO
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Status { json } => {
+            let reports = status::collect(&cluster, Duration::from_secs(2)).await;
+            if json {
+                println!("{}", status::render_json(&reports));
+            } else {
+                print!("{}", status::render_table(&reports));
+            }
+            if reports.iter().any(|r| r.status.is_ok()) {
+                EXIT_OK
+            } else {
+                fail("no node answered")
+            }
+        }
+        Command::Check {
+            history,
+            budget_secs,
+        } => {
+            let budget = Duration::from_secs(budget_secs);
+            match tokio::task::spawn_blocking(move || check::check_file(&history, budget)).await {
+                Ok(Ok((report, code))) => {
+                    println!("{report}");
+                    code
+                }
+                Ok(Err(e)) => fail(e),
+                Err(e) => fail(format!("checker failed: {e}")),
+            }
+        }
+        Command::Bench {
+            clients,
+            ops,
+            kind,
+            keys,
+            value_size,
+        } => {
+            let config = bench::BenchConfig {
+                cluster,
+                clients,
+                ops,
+                kind: match kind {
+                    Kind::Put => bench::BenchKind::Put,
+                    Kind::Get => bench::BenchKind::Get,
+                },
+                keys,
+                value_size,
+            };
+            let result = bench::run(&config, |n| {
+                eprint!("\r{n}/{ops} ops");
+                let _ = std::io::stderr().flush();
+            })
+            .await;
+            eprintln!();
+            match result {
+                Ok(report) => {
+                    println!("{report}");
+                    EXIT_OK
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+fn done(result: Result<(), ClerkError>) -> u8 {
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(e) => fail(e),
+    }
+}

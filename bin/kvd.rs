@@ -1,0 +1,112 @@
+//! `kvd`: the ds824 server daemon. One binary, one role per subcommand (`kvd kv ...` today; `ctrler` and
+//! `shard` later). The logic lives in the library; this file only parses flags and maps errors to exit
+//! codes: 2 for anything the operator must fix before a start can succeed, 1 for a failure while serving.
+
+use clap::{Args, Parser, Subcommand};
+use ds824::kv::server::parse_peers;
+use ds824::kv::{KvNode, KvNodeConfig};
+use ds824::raft::NodeId;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// The ds824 server daemon: one replica of a replicated service per process.
+///
+/// Logs go to stderr, filtered by RUST_LOG (default "info"). SIGTERM or SIGINT stops the node cleanly.
+/// Exit status: 0 after a clean shutdown; 2 if it could not start (bad flag, address in use, unusable
+/// data directory: one line on stderr says why); 1 if it failed while serving.
+#[derive(Parser)]
+#[command(name = "kvd", version)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Run one replica of the linearizable key/value service. Raft peers and KV clients share the port.
+    ///
+    /// Example: kvd kv --id 1 --listen 127.0.0.1:7001
+    ///   --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data-dir /var/lib/kvd/1
+    Kv(KvArgs),
+}
+
+#[derive(Args)]
+struct KvArgs {
+    /// This node's id (1, 2, ...); must match its entry in --peers if listed there.
+    #[arg(long)]
+    id: NodeId,
+    /// Address to listen on for peers and clients (HOST:PORT).
+    #[arg(long)]
+    listen: String,
+    /// Every member as ID=HOST:PORT, comma-separated; may include this node (its entry is then the
+    /// address advertised to clients).
+    #[arg(long, value_parser = parse_peers)]
+    peers: HashMap<NodeId, String>,
+    /// Directory for the Raft log, hard state and snapshots (created if missing; refused if it belongs
+    /// to another node or cluster).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Snapshot once the persisted Raft state exceeds this many bytes (0: never).
+    #[arg(long, default_value_t = 8 << 20)]
+    snapshot_threshold: u64,
+    /// Answer TIMEOUT to a request not completed within this many milliseconds (the client retries).
+    #[arg(long, default_value_t = 1000)]
+    request_timeout_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ds824::daemon::init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kvd: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async {
+        match cli.role {
+            Role::Kv(args) => run_kv(args).await,
+        }
+    })
+}
+
+async fn run_kv(args: KvArgs) -> ExitCode {
+    let listen = match tokio::net::lookup_host(&args.listen)
+        .await
+        .map(|mut a| a.next())
+    {
+        Ok(Some(addr)) => addr,
+        Ok(None) | Err(_) => {
+            eprintln!(
+                "kvd: error: --listen {:?} is not a usable HOST:PORT",
+                args.listen
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let config = KvNodeConfig {
+        id: args.id,
+        listen,
+        peers: args.peers,
+        data_dir: args.data_dir,
+        snapshot_threshold: args.snapshot_threshold,
+        request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
+    };
+    let node = match KvNode::start(config).await {
+        Ok(node) => node,
+        Err(e) => {
+            eprintln!("kvd: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match node.run(ds824::daemon::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvd: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! What every daemon binary does the same way: structured logs and clean shutdown on signals.
+//!
+//! Kept in the library so `kvd`'s subcommands (and later `mrd`) behave identically.
+
+use tracing_subscriber::EnvFilter;
+
+/// Log to stderr, filtered by `RUST_LOG` (default `info`). Spans carry the node id (`raft{node=..}`,
+/// `kv{node=..}`) and role changes log the term and role, so interleaved logs of a cluster stay readable.
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Resolves on the first SIGTERM or SIGINT: what process supervisors and Ctrl-C send.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

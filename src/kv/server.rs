@@ -1,0 +1,253 @@
+//! One KV replica as a running server: sled storage, the Raft node and the KV service behind one tonic
+//! server on one port (peers and clients share it, so an operator opens one port per node).
+//!
+//! Why split [`KvNode::start`] from [`KvNode::run`]: everything that can go wrong because of the
+//! operator's input (flags, address in use, someone else's data dir) fails in `start`, before serving,
+//! so the daemon can report it as a usage error; `run` only fails if the node breaks while serving.
+
+use super::service::{KvService, KvServiceConfig, ServiceError};
+use crate::proto::kv::kv_server::KvServer;
+use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info};
+
+/// Name stored in every KV data directory, so a directory of another service is refused.
+pub const CLUSTER_NAME: &str = "kv";
+
+/// Largest gRPC message a client may send (a maximal value plus framing).
+const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Everything a KV replica needs to start.
+#[derive(Clone, Debug)]
+pub struct KvNodeConfig {
+    /// This node's id (non-zero).
+    pub id: NodeId,
+    /// Where to listen for peers and clients.
+    pub listen: SocketAddr,
+    /// Every voter's address (`host:port`); may include this node, whose entry is then its advertised
+    /// address (otherwise `listen` is).
+    pub peers: HashMap<NodeId, String>,
+    /// sled data directory (created if missing).
+    pub data_dir: PathBuf,
+    /// See [`KvServiceConfig::snapshot_threshold`].
+    pub snapshot_threshold: u64,
+    /// See [`KvServiceConfig::request_timeout`].
+    pub request_timeout: Duration,
+}
+
+/// Why a replica could not start; each is the operator's to fix.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The listen address is unusable.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The data directory is unusable.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The stored state could not be loaded.
+    #[error("cannot start raft: {0}")]
+    Node(#[from] NodeError),
+}
+
+/// Why a running replica stopped other than by request.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The service could not apply the log.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// The Raft node failed (storage).
+    #[error("raft node failed: {0}")]
+    Node(#[from] NodeError),
+    /// The gRPC server failed.
+    #[error("server failed: {0}")]
+    Server(String),
+}
+
+/// A started replica, not yet serving requests (peers' connections queue in the listen backlog).
+pub struct KvNode {
+    id: NodeId,
+    listener: TcpListener,
+    node: RaftNode,
+    service: KvService,
+    applier: JoinHandle<Result<(), ServiceError>>,
+}
+
+impl KvNode {
+    /// Bind, open the data directory and start Raft and the service. Must run inside a tokio runtime.
+    pub async fn start(config: KvNodeConfig) -> Result<KvNode, StartError> {
+        if config.id == 0 {
+            return Err(StartError::Config("node ids start at 1".into()));
+        }
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let mut addresses = config.peers.clone();
+        if let std::collections::hash_map::Entry::Vacant(entry) = addresses.entry(config.id) {
+            let local = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+            entry.insert(local.to_string());
+        }
+        let raft_peers: HashMap<NodeId, String> = addresses
+            .iter()
+            .filter(|(&id, _)| id != config.id)
+            .map(|(&id, address)| (id, format!("http://{address}")))
+            .collect();
+        let identity = Identity {
+            cluster: CLUSTER_NAME.into(),
+            node: config.id,
+        };
+        let data_dir = config.data_dir.clone();
+        let storage = tokio::task::spawn_blocking(move || SledStorage::open(data_dir, &identity))
+            .await
+            .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
+        let (node, applied) = RaftNode::start(NodeConfig::new(config.id, raft_peers), storage)?;
+        let (service, applier) = KvService::start(
+            config.id,
+            node.handle(),
+            applied,
+            KvServiceConfig {
+                request_timeout: config.request_timeout,
+                snapshot_threshold: config.snapshot_threshold,
+                addresses,
+            },
+        );
+        Ok(KvNode {
+            id: config.id,
+            listener,
+            node,
+            service,
+            applier,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serve until `shutdown` resolves (then stop cleanly: stop accepting, let Raft finish its current
+    /// step and flush) or until the node fails.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        let KvNode {
+            id,
+            listener,
+            node,
+            service,
+            mut applier,
+        } = self;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .add_service(node.service())
+            .add_service(
+                KvServer::new(service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            );
+        let mut server = tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        });
+        info!(node = id, "serving");
+        let outcome = tokio::select! {
+            _ = shutdown => {
+                info!(node = id, "shutting down");
+                Ok(())
+            }
+            result = &mut applier => match result {
+                Ok(Ok(())) => Err(RunError::Node(NodeError::Stopped)),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(RunError::Server(format!("applier task failed: {e}"))),
+            },
+            result = &mut server => Err(RunError::Server(match result {
+                Ok(Ok(())) => "server stopped".into(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            })),
+        };
+        let _ = stop_tx.send(());
+        // Give in-flight requests a moment to finish; a stuck client must not block shutdown.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+        server.abort();
+        let node_result = node.shutdown().await;
+        if let Err(e) = &outcome {
+            error!(node = id, error = %e, "stopped");
+        }
+        outcome?;
+        match node_result {
+            Ok(()) | Err(NodeError::Stopped) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Parse `1=host:port,2=host:port` into a map; the error says which item is wrong.
+pub fn parse_peers(spec: &str) -> Result<HashMap<NodeId, String>, String> {
+    let mut peers = HashMap::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, address) = item
+            .split_once('=')
+            .ok_or_else(|| format!("peer {item:?} is not ID=HOST:PORT"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("peer {item:?}: {id:?} is not a node id"))?;
+        if id == 0 {
+            return Err(format!("peer {item:?}: node ids start at 1"));
+        }
+        let address = address.trim();
+        if address
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            return Err(format!("peer {item:?}: {address:?} is not HOST:PORT"));
+        }
+        if peers.insert(id, address.to_string()).is_some() {
+            return Err(format!("node {id} is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no peers given".into());
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_peers;
+
+    #[test]
+    fn peers() {
+        let peers = parse_peers("1=127.0.0.1:1, 2=localhost:2").expect("valid");
+        assert_eq!(peers.get(&2).map(String::as_str), Some("localhost:2"));
+        assert!(parse_peers("1=a:1,1=b:2").is_err());
+        assert!(parse_peers("x=a:1").is_err());
+        assert!(parse_peers("1=a").is_err());
+        assert!(parse_peers("0=a:1").is_err());
+        assert!(parse_peers("").is_err());
+    }
+}

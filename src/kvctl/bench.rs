@@ -1,0 +1,177 @@
+//! `kvctl bench`: a closed-loop load generator. N clients (one [`Clerk`] each, so each has its own
+//! session) issue M operations in total back to back; the report gives throughput and latency
+//! percentiles, the two numbers that tell whether batching in the Raft driver pays off.
+
+use crate::kv::{Clerk, ClerkConfig, ClerkError};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchKind {
+    /// Puts (each a Raft log entry).
+    Put,
+    /// Gets (each a ReadIndex round, no log entry).
+    Get,
+}
+
+/// The benchmark's parameters.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Servers.
+    pub cluster: Vec<String>,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Operations in total.
+    pub ops: usize,
+    /// Operation kind.
+    pub kind: BenchKind,
+    /// Distinct keys used.
+    pub keys: usize,
+    /// Bytes per value.
+    pub value_size: usize,
+}
+
+/// The measurement.
+#[derive(Clone, Debug)]
+pub struct BenchReport {
+    /// The kind measured.
+    pub kind: BenchKind,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Operations that succeeded.
+    pub ok: usize,
+    /// Operations that failed (after the clerk's retries).
+    pub errors: usize,
+    /// Wall time of the measured phase.
+    pub elapsed: Duration,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+}
+
+impl BenchReport {
+    /// Successful operations per second.
+    pub fn throughput(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?}: {} clients, {} ok, {} errors in {:.2} s: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms",
+            self.kind,
+            self.clients,
+            self.ok,
+            self.errors,
+            self.elapsed.as_secs_f64(),
+            self.throughput(),
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+        )
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Run the benchmark. Gets read keys written beforehand (the fill is not measured). `progress` is
+/// called with the number of operations done so far, about ten times a second.
+pub async fn run(
+    config: &BenchConfig,
+    mut progress: impl FnMut(u64),
+) -> Result<BenchReport, ClerkError> {
+    let clients = config.clients.max(1);
+    let keys = config.keys.max(1);
+    let value = "x".repeat(config.value_size);
+    if config.kind == BenchKind::Get {
+        let mut clerk = Clerk::new(&config.cluster, ClerkConfig::default())?;
+        for k in 0..keys.min(config.ops.max(1)) {
+            clerk.put(&format!("bench-{k}"), &value).await?;
+        }
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let share = config.ops / clients + usize::from(c < config.ops % clients);
+        let mut clerk = Clerk::new(&config.cluster, ClerkConfig::default())?;
+        let (kind, value, done) = (config.kind, value.clone(), done.clone());
+        let key_space = if kind == BenchKind::Get {
+            keys.min(config.ops.max(1))
+        } else {
+            keys
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(share);
+            let mut errors = 0;
+            for i in 0..share {
+                let key = format!("bench-{}", (c * 7919 + i) % key_space);
+                let began = Instant::now();
+                let result = match kind {
+                    BenchKind::Put => clerk.put(&key, &value).await,
+                    BenchKind::Get => clerk.get(&key).await.map(|_| ()),
+                };
+                match result {
+                    Ok(()) => latencies.push(began.elapsed()),
+                    Err(_) => errors += 1,
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = futures::future::join_all(tasks);
+    let results = loop {
+        tokio::select! {
+            results = &mut all => break results,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => progress(done.load(Ordering::Relaxed)),
+        }
+    };
+    let elapsed = start.elapsed();
+    let mut latencies = Vec::with_capacity(config.ops);
+    let mut errors = 0;
+    for result in results {
+        match result {
+            Ok((l, e)) => {
+                latencies.extend(l);
+                errors += e;
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    latencies.sort_unstable();
+    Ok(BenchReport {
+        kind: config.kind,
+        clients,
+        ok: latencies.len(),
+        errors,
+        elapsed,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+    use std::time::Duration;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+}

@@ -1,0 +1,168 @@
+//! `kvctl status`: ask every node for its status concurrently and render a table (or JSON).
+//!
+//! Every node is asked directly, without retries, because the point is to see which nodes are down,
+//! lagging or confused about the leader.
+
+use crate::kv::clerk::node_status;
+use crate::proto::kv::StatusResponse;
+use std::time::Duration;
+
+/// One node's answer.
+pub struct NodeReport {
+    /// The address asked.
+    pub address: String,
+    /// Its status, or why there is none.
+    pub status: Result<StatusResponse, String>,
+}
+
+/// Ask every address, concurrently, each within `timeout`.
+pub async fn collect(addresses: &[String], timeout: Duration) -> Vec<NodeReport> {
+    let asks = addresses.iter().map(|address| async move {
+        NodeReport {
+            address: address.clone(),
+            status: node_status(address, timeout)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    });
+    futures::future::join_all(asks).await
+}
+
+const HEADERS: [&str; 14] = [
+    "ADDRESS",
+    "ID",
+    "ROLE",
+    "TERM",
+    "LEADER",
+    "COMMIT",
+    "APPLIED",
+    "FIRST",
+    "LAST",
+    "SNAP-IDX",
+    "LOG-BYTES",
+    "SNAP-BYTES",
+    "KEYS",
+    "SESSIONS",
+];
+
+/// A fixed-width table, one row per node; unreachable nodes show the error instead of numbers.
+pub fn render_table(reports: &[NodeReport]) -> String {
+    let rows: Vec<Vec<String>> = reports
+        .iter()
+        .map(|r| match &r.status {
+            Ok(s) => vec![
+                r.address.clone(),
+                s.id.to_string(),
+                s.role.clone(),
+                s.term.to_string(),
+                if s.leader == 0 {
+                    "-".into()
+                } else {
+                    s.leader.to_string()
+                },
+                s.commit_index.to_string(),
+                s.applied_index.to_string(),
+                s.first_index.to_string(),
+                s.last_index.to_string(),
+                s.snapshot_index.to_string(),
+                s.raft_state_bytes.to_string(),
+                s.snapshot_bytes.to_string(),
+                s.keys.to_string(),
+                s.sessions.to_string(),
+            ],
+            Err(e) => vec![r.address.clone(), "-".into(), format!("DOWN ({e})")],
+        })
+        .collect();
+    let mut widths: Vec<usize> = HEADERS.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        // The error text of a down node is the last column of its row; it must not widen the table.
+        if row.len() == HEADERS.len() {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        } else {
+            widths[0] = widths[0].max(row[0].len());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: &[String], out: &mut String| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&HEADERS.map(str::to_string), &mut out);
+    for row in &rows {
+        line(row, &mut out);
+    }
+    out
+}
+
+/// The same information as JSON (an array of objects), for scripts.
+pub fn render_json(reports: &[NodeReport]) -> String {
+    let nodes: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| match &r.status {
+            Ok(s) => serde_json::json!({
+                "address": r.address,
+                "up": true,
+                "id": s.id,
+                "role": s.role,
+                "term": s.term,
+                "leader": s.leader,
+                "leader_address": s.leader_address,
+                "commit_index": s.commit_index,
+                "applied_index": s.applied_index,
+                "first_index": s.first_index,
+                "last_index": s.last_index,
+                "snapshot_index": s.snapshot_index,
+                "raft_state_bytes": s.raft_state_bytes,
+                "snapshot_bytes": s.snapshot_bytes,
+                "keys": s.keys,
+                "sessions": s.sessions,
+                "restored_snapshot_index": s.restored_snapshot_index,
+                "entries_applied_since_start": s.entries_applied_since_start,
+            }),
+            Err(e) => serde_json::json!({ "address": r.address, "up": false, "error": e }),
+        })
+        .collect();
+    serde_json::Value::Array(nodes).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_a_row_per_node() {
+        let reports = vec![
+            NodeReport {
+                address: "a:1".into(),
+                status: Ok(StatusResponse {
+                    id: 1,
+                    role: "leader".into(),
+                    term: 3,
+                    leader: 1,
+                    ..Default::default()
+                }),
+            },
+            NodeReport {
+                address: "b:2".into(),
+                status: Err("connection refused".into()),
+            },
+        ];
+        let table = render_table(&reports);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].contains("leader"));
+        assert!(lines[2].contains("DOWN (connection refused)"));
+        let json: serde_json::Value = serde_json::from_str(&render_json(&reports)).expect("json");
+        assert_eq!(json[1]["up"], false);
+    }
+}

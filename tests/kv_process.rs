@@ -1,0 +1,669 @@
+//! The KV service as operators run it: real `kvd` processes on loopback ports, killed with SIGKILL and
+//! restarted, driven by the library's `Clerk` and by the `kvctl` binary.
+
+use ds824::check::{check, CheckResult, History, KvModel, Operation};
+use ds824::kv::clerk::node_status;
+use ds824::kv::validate::MAX_VALUE_BYTES;
+use ds824::kv::{Clerk, ClerkConfig};
+use ds824::proto::kv::kv_client::KvClient;
+use ds824::proto::kv::{self as pb, StatusResponse};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Longest any wait for the cluster may take before the test fails.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A cluster of `kvd kv` processes; every process is killed when it is dropped.
+struct Cluster {
+    dir: tempfile::TempDir,
+    addrs: Vec<String>,
+    children: Vec<Option<Child>>,
+    snapshot_threshold: u64,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+impl Cluster {
+    fn start(n: usize, snapshot_threshold: u64) -> Cluster {
+        let mut cluster = Cluster {
+            dir: tempfile::tempdir().expect("temp dir"),
+            addrs: (0..n)
+                .map(|_| format!("127.0.0.1:{}", free_port()))
+                .collect(),
+            children: (0..n).map(|_| None).collect(),
+            snapshot_threshold,
+        };
+        for i in 0..n {
+            cluster.start_node(i);
+        }
+        cluster
+    }
+
+    fn peers(&self) -> String {
+        self.addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node-{}", i + 1))
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{}.log", i + 1)))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvd"))
+            .args([
+                "kv",
+                "--id",
+                &(i + 1).to_string(),
+                "--listen",
+                &self.addrs[i],
+            ])
+            .args(["--peers", &self.peers()])
+            .arg("--data-dir")
+            .arg(self.data_dir(i))
+            .args(["--snapshot-threshold", &self.snapshot_threshold.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kvd");
+        self.children[i] = Some(child);
+    }
+
+    /// SIGKILL node `i` and reap it.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            child.kill().expect("kill");
+            child.wait().expect("wait");
+        }
+    }
+
+    /// SIGTERM node `i` and wait for it to exit on its own.
+    fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut child = self.children[i].take().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kvd ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn clerk(&self) -> Clerk {
+        Clerk::new(
+            &self.addrs,
+            ClerkConfig {
+                call_timeout: Duration::from_secs(8),
+                ..ClerkConfig::default()
+            },
+        )
+        .expect("clerk")
+    }
+
+    async fn status(&self, i: usize) -> Option<StatusResponse> {
+        node_status(&self.addrs[i], Duration::from_millis(500))
+            .await
+            .ok()
+    }
+
+    /// Poll every running node's Status until one leads a term no one else has moved past.
+    async fn wait_for_leader(&self) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut best: Option<(u64, usize)> = None;
+            let mut max_term = 0;
+            for i in 0..self.addrs.len() {
+                if self.children[i].is_none() {
+                    continue;
+                }
+                if let Some(s) = self.status(i).await {
+                    max_term = max_term.max(s.term);
+                    if s.role == "leader" && best.is_none_or(|(t, _)| s.term > t) {
+                        best = Some((s.term, i));
+                    }
+                }
+            }
+            if let Some((term, i)) = best {
+                if term == max_term {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Poll node `i`'s Status until `condition` holds.
+    async fn wait_for_status(
+        &self,
+        i: usize,
+        what: &str,
+        condition: impl Fn(&StatusResponse) -> bool,
+    ) -> StatusResponse {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.status(i).await {
+                if condition(&s) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never reached: {what}",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            if let Some(mut child) = self.children[i].take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            for i in 0..self.addrs.len() {
+                let path = self.dir.path().join(format!("node-{}.log", i + 1));
+                if let Ok(log) = std::fs::read_to_string(&path) {
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    eprintln!("--- last lines of node {} ---", i + 1);
+                    for line in tail.iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Nanoseconds since the test started: one clock shared by every client, as the checker requires.
+fn now_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+const KEYS: usize = 3;
+const CLIENTS: u64 = 4;
+
+/// One client's loop: append unique tokens (`c<client>.<n>;`) and read, recording every operation.
+async fn client_loop(
+    c: u64,
+    mut clerk: Clerk,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<Vec<Operation>>>,
+) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = format!("k{}", (c + n * 7 + n / 3) % KEYS as u64);
+        let invoke = now_ns(start);
+        let op = if n.is_multiple_of(3) {
+            match clerk.get(&key).await {
+                Ok(value) => Operation::get(c, &key, value.as_deref()).ok_at(invoke, now_ns(start)),
+                Err(_) => Operation::get(c, &key, None).info_at(invoke),
+            }
+        } else {
+            let token = format!("c{c}.{n};");
+            match clerk.append(&key, &token).await {
+                Ok(()) => Operation::append(c, &key, &token).ok_at(invoke, now_ns(start)),
+                Err(_) => Operation::append(c, &key, &token).info_at(invoke),
+            }
+        };
+        history.lock().expect("lock").push(op);
+        // Pace the load: the point is many operations around each crash, not the longest values.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_survive_leader_sigkill_and_stay_linearizable() {
+    let mut cluster = Cluster::start(3, 8 << 10);
+    cluster.wait_for_leader().await;
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (1..=CLIENTS)
+        .map(|c| {
+            tokio::spawn(client_loop(
+                c,
+                cluster.clerk(),
+                start,
+                stop.clone(),
+                history.clone(),
+            ))
+        })
+        .collect();
+    let ops_so_far = |h: &Arc<Mutex<Vec<Operation>>>| h.lock().expect("lock").len();
+    for round in 0..2 {
+        // Let the clients get well under way (or back under way after the last crash).
+        let target = ops_so_far(&history) + 200;
+        let deadline = Instant::now() + WAIT;
+        while ops_so_far(&history) < target {
+            assert!(Instant::now() < deadline, "clients made no progress");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let leader = cluster.wait_for_leader().await;
+        eprintln!("round {round}: SIGKILL leader node {}", leader + 1);
+        cluster.kill(leader);
+        // The survivors elect a new leader while the old one is down.
+        cluster.wait_for_leader().await;
+        cluster.start_node(leader);
+    }
+    let target = ops_so_far(&history) + 200;
+    let deadline = Instant::now() + WAIT;
+    while ops_so_far(&history) < target {
+        assert!(
+            Instant::now() < deadline,
+            "clients made no progress after the crashes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client task");
+    }
+
+    // Every acknowledged append is present exactly once, in each client's order; nothing else is.
+    let ops = history.lock().expect("lock").clone();
+    let mut clerk = cluster.clerk();
+    let mut acknowledged: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut attempted: HashMap<String, HashSet<String>> = HashMap::new();
+    for op in ops.iter().filter(|o| o.op == ds824::check::OpKind::Append) {
+        let token = op.value.clone().expect("append value");
+        attempted
+            .entry(op.key.clone())
+            .or_default()
+            .insert(token.clone());
+        if op.status == ds824::check::Status::Ok {
+            acknowledged
+                .entry(op.key.clone())
+                .or_default()
+                .insert(token);
+        }
+    }
+    let info = ops
+        .iter()
+        .filter(|o| o.status == ds824::check::Status::Info)
+        .count();
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let value = clerk
+            .get(&key)
+            .await
+            .expect("final get")
+            .unwrap_or_default();
+        let tokens: Vec<String> = value.split_inclusive(';').map(str::to_string).collect();
+        let mut seen = HashSet::new();
+        let mut last_per_client: BTreeMap<u64, u64> = BTreeMap::new();
+        for token in &tokens {
+            assert!(seen.insert(token.clone()), "{key}: {token} applied twice");
+            assert!(
+                attempted.get(&key).is_some_and(|a| a.contains(token)),
+                "{key}: {token} was never appended"
+            );
+            let (client, n) = token
+                .trim_start_matches('c')
+                .trim_end_matches(';')
+                .split_once('.')
+                .map(|(c, n)| {
+                    (
+                        c.parse::<u64>().expect("client"),
+                        n.parse::<u64>().expect("n"),
+                    )
+                })
+                .expect("token shape");
+            let last = last_per_client.entry(client).or_insert(0);
+            assert!(n > *last, "{key}: client {client}'s appends out of order");
+            *last = n;
+        }
+        for token in acknowledged.get(&key).into_iter().flatten() {
+            assert!(
+                seen.contains(token),
+                "{key}: acknowledged {token} is missing"
+            );
+        }
+    }
+
+    let history = History::new(ops).expect("well-formed history");
+    eprintln!(
+        "{} operations ({info} indeterminate) in {:.1} s",
+        history.len(),
+        start.elapsed().as_secs_f64()
+    );
+    let result = check(&history, &KvModel, Duration::from_secs(60));
+    if !result.is_ok() {
+        // Keep the evidence: `kvctl check <file>` replays the verdict.
+        let path =
+            std::env::temp_dir().join(format!("kv_process-history-{}.jsonl", std::process::id()));
+        let mut out = Vec::new();
+        history.to_jsonl(&mut out).expect("encode history");
+        std::fs::write(&path, out).expect("write history");
+        match result {
+            CheckResult::Violation(v) => {
+                panic!("not linearizable (history in {}):\n{v}", path.display())
+            }
+            unknown => panic!(
+                "checker could not decide (make the history smaller; history in {}): {unknown}",
+                path.display()
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_restart_restores_from_snapshot_and_replays_only_the_tail() {
+    const N: usize = 100_000;
+    const WRITERS: usize = 32;
+    let mut cluster = Cluster::start(3, 256 << 10);
+    cluster.wait_for_leader().await;
+    let started = Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let mut clerk = cluster.clerk();
+            tokio::spawn(async move {
+                for k in (w..N).step_by(WRITERS) {
+                    clerk
+                        .put(&format!("key-{k}"), &format!("value-{k}"))
+                        .await
+                        .expect("put");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    eprintln!("{N} puts in {:.1} s", started.elapsed().as_secs_f64());
+    let leader = cluster.wait_for_leader().await;
+    let commit = cluster
+        .wait_for_status(leader, "applied its commit index", |s| {
+            s.applied_index >= s.commit_index
+        })
+        .await
+        .commit_index;
+    // Every node has applied everything (so each has compacted its log at least once).
+    for i in 0..3 {
+        let s = cluster
+            .wait_for_status(i, "applied all writes", |s| s.applied_index >= commit)
+            .await;
+        assert!(
+            s.snapshot_index > 0,
+            "node {} never snapshotted: {s:?}",
+            i + 1
+        );
+    }
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.start_node(i);
+    }
+    for i in 0..3 {
+        let s = cluster
+            .wait_for_status(i, "caught up after the restart", |s| {
+                s.applied_index >= commit
+            })
+            .await;
+        eprintln!(
+            "node {}: restored snapshot at {}, applied {} entries since start, log {}..={}",
+            i + 1,
+            s.restored_snapshot_index,
+            s.entries_applied_since_start,
+            s.first_index,
+            s.last_index
+        );
+        assert!(
+            s.restored_snapshot_index > 0,
+            "node {} did not restore a snapshot",
+            i + 1
+        );
+        assert_eq!(s.keys, N as u64, "node {} lost keys", i + 1);
+        assert!(
+            s.entries_applied_since_start < commit / 2,
+            "node {} replayed {} of {commit} entries: more than the log tail",
+            i + 1,
+            s.entries_applied_since_start
+        );
+    }
+    cluster.wait_for_leader().await;
+    let readers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let mut clerk = cluster.clerk();
+            tokio::spawn(async move {
+                for k in (w..N).step_by(WRITERS) {
+                    let value = clerk.get(&format!("key-{k}")).await.expect("get");
+                    assert_eq!(value, Some(format!("value-{k}")), "key-{k}");
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await.expect("reader");
+    }
+    eprintln!("total {:.1} s", started.elapsed().as_secs_f64());
+}
+
+fn kvctl(cluster: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .args(["--cluster", cluster, "--timeout-ms", "3000"])
+        .args(args)
+        .env_remove("KVCTL_CLUSTER")
+        .output()
+        .expect("run kvctl")
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvctl_commands_and_exit_codes() {
+    let mut cluster = Cluster::start(3, 8 << 20);
+    let leader = cluster.wait_for_leader().await;
+    // A follower redirects: WRONG_LEADER naming the leader and its address.
+    let follower = (leader + 1) % 3;
+    let mut to_follower = KvClient::connect(format!("http://{}", cluster.addrs[follower]))
+        .await
+        .expect("connect");
+    let redirect = to_follower
+        .get(pb::GetRequest { key: "k".into() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(redirect.error(), pb::ErrorCode::WrongLeader);
+    assert_eq!(redirect.leader_hint, leader as u64 + 1);
+    assert_eq!(redirect.leader_address, cluster.addrs[leader]);
+    let addrs = cluster.addrs.join(",");
+    let run = |args: &[&str]| kvctl(&addrs, args);
+
+    let missing = run(&["get", "nope"]);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(stderr(&missing), "not found");
+
+    assert_eq!(run(&["put", "k", "v1"]).status.code(), Some(0));
+    assert_eq!(run(&["append", "k", "+2"]).status.code(), Some(0));
+    let got = run(&["get", "k"]);
+    assert_eq!(
+        (got.status.code(), stdout(&got)),
+        (Some(0), "v1+2".to_string())
+    );
+
+    let mismatch = run(&["cas", "k", "wrong", "v3"]);
+    assert_eq!(
+        (mismatch.status.code(), stdout(&mismatch)),
+        (Some(1), "v1+2".to_string())
+    );
+    assert_eq!(run(&["cas", "k", "v1+2", "v3"]).status.code(), Some(0));
+    assert_eq!(
+        run(&["cas", "--expect-absent", "fresh", "x"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        run(&["cas", "--expect-absent", "fresh", "y"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(run(&["delete", "k"]).status.code(), Some(0));
+    assert_eq!(run(&["delete", "k"]).status.code(), Some(1));
+
+    let empty = run(&["get", ""]);
+    assert_eq!(empty.status.code(), Some(2), "{empty:?}");
+    assert_eq!(stderr(&empty).lines().count(), 1, "{empty:?}");
+
+    let status = run(&["status", "--json"]);
+    assert_eq!(status.status.code(), Some(0));
+    let nodes: serde_json::Value = serde_json::from_str(&stdout(&status)).expect("json");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(3));
+    let table = run(&["status"]);
+    assert_eq!(stdout(&table).lines().count(), 4, "{}", stdout(&table));
+
+    // The service itself refuses bad input with INVALID_ARGUMENT, whoever the caller is.
+    let mut raw = KvClient::connect(format!("http://{}", cluster.addrs[0]))
+        .await
+        .expect("connect");
+    fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<tonic::Code> {
+        r.err().map(|s| s.code())
+    }
+    let invalid = Some(tonic::Code::InvalidArgument);
+    assert_eq!(
+        code(raw.get(pb::GetRequest { key: String::new() }).await),
+        invalid
+    );
+    let put = |key: &str, value: String, client_id: u64| pb::MutateRequest {
+        client_id,
+        seq: 1,
+        command: Some(pb::Command {
+            op: Some(pb::command::Op::Put(pb::Put {
+                key: key.into(),
+                value,
+            })),
+        }),
+    };
+    assert_eq!(code(raw.mutate(put("", "v".into(), 7)).await), invalid);
+    assert_eq!(code(raw.mutate(put("k", "v".into(), 0)).await), invalid);
+    assert_eq!(
+        code(
+            raw.mutate(put("k", "v".repeat(MAX_VALUE_BYTES + 1), 7))
+                .await
+        ),
+        invalid
+    );
+    let no_op = pb::MutateRequest {
+        client_id: 7,
+        seq: 1,
+        command: Some(pb::Command { op: None }),
+    };
+    assert_eq!(code(raw.mutate(no_op).await), invalid);
+
+    let unreachable = kvctl("127.0.0.1:1", &["get", "k"]);
+    assert!(
+        unreachable.status.code().unwrap_or(0) >= 2,
+        "{unreachable:?}"
+    );
+    assert_eq!(stderr(&unreachable).lines().count(), 1, "{unreachable:?}");
+    let garbage = kvctl("not an address", &["get", "k"]);
+    assert!(garbage.status.code().unwrap_or(0) >= 2, "{garbage:?}");
+    assert_eq!(stderr(&garbage).lines().count(), 1, "{garbage:?}");
+
+    // kvctl check: a linearizable history and a violating one.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = dir.path().join("good.jsonl");
+    let bad = dir.path().join("bad.jsonl");
+    let write = |path: &PathBuf, ops: Vec<Operation>| {
+        let mut out = Vec::new();
+        History::new(ops)
+            .expect("history")
+            .to_jsonl(&mut out)
+            .expect("encode");
+        std::fs::write(path, out).expect("write");
+    };
+    write(
+        &good,
+        vec![
+            Operation::put(1, "x", "a").ok_at(0, 10),
+            Operation::get(2, "x", Some("a")).ok_at(20, 30),
+        ],
+    );
+    write(
+        &bad,
+        vec![
+            Operation::put(1, "x", "a").ok_at(0, 10),
+            Operation::get(2, "x", Some("b")).ok_at(20, 30),
+        ],
+    );
+    let ok = run(&["check", good.to_str().expect("path")]);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let violation = run(&["check", bad.to_str().expect("path")]);
+    assert_eq!(violation.status.code(), Some(1), "{violation:?}");
+    assert!(stdout(&violation).contains("offending sub-history"));
+    let undecided = run(&["check", "--budget-secs", "0", good.to_str().expect("path")]);
+    assert_eq!(undecided.status.code(), Some(3), "{undecided:?}");
+    let unreadable = run(&["check", "/nonexistent/history.jsonl"]);
+    assert_eq!(unreadable.status.code(), Some(2), "{unreadable:?}");
+
+    // SIGTERM is a clean shutdown.
+    assert!(cluster.terminate(0).success());
+}
+
+#[test]
+fn kvd_refuses_bad_flags_and_unusable_data_dirs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .args([
+            "kv",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--peers",
+            "1=nope",
+        ])
+        .args(["--data-dir", "/tmp/unused"])
+        .output()
+        .expect("run kvd");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").expect("write");
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .args(["kv", "--id", "1", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--peers", &format!("1=127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(&file)
+        .output()
+        .expect("run kvd");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("a-file"), "{err}");
+}
