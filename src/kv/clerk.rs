@@ -111,6 +111,9 @@ struct Server {
 pub struct Clerk {
     servers: Vec<Server>,
     leader: usize,
+    /// Where the round-robin over servers stands, kept apart from hint jumps so that an unreachable
+    /// hinted address (e.g. a container-internal name seen from outside) cannot trap the clerk in a loop.
+    rotation: usize,
     client_id: u64,
     seq: u64,
     config: ClerkConfig,
@@ -141,6 +144,7 @@ impl Clerk {
         Ok(Clerk {
             servers,
             leader: 0,
+            rotation: 0,
             client_id,
             seq: 0,
             config,
@@ -300,6 +304,7 @@ impl Clerk {
         let deadline = Instant::now() + self.config.call_timeout;
         let mut backoff = self.config.min_backoff;
         let mut failures_this_round = 0;
+        let mut failed_this_round: Vec<usize> = Vec::new();
         let mut last_error = String::from("no attempt made");
         loop {
             let now = Instant::now();
@@ -316,12 +321,17 @@ impl Clerk {
                 Attempt::Elsewhere(hint, error) => {
                     last_error = format!("{}: {error}", self.servers[self.leader].address);
                     failures_this_round += 1;
+                    failed_this_round.push(self.leader);
                     match hint.and_then(|h| self.server_index(&h)) {
-                        Some(next) if next != self.leader => self.leader = next,
-                        _ => self.leader = (self.leader + 1) % self.servers.len(),
+                        Some(next) if !failed_this_round.contains(&next) => self.leader = next,
+                        _ => {
+                            self.rotation = (self.rotation + 1) % self.servers.len();
+                            self.leader = self.rotation;
+                        }
                     }
                     if failures_this_round >= self.servers.len() {
                         failures_this_round = 0;
+                        failed_this_round.clear();
                         let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
                         tokio::time::sleep(pause).await;
                         backoff = (backoff * 2).min(self.config.max_backoff);

@@ -1,0 +1,34 @@
+# Shared by deploy/*.sh: run compose whichever flavour is installed, and wait for health without `--wait`
+# (docker-compose v1 does not have it).
+
+compose() {
+  if docker compose version >/dev/null 2>&1; then
+    docker compose "$@"
+  else
+    docker-compose "$@"
+  fi
+}
+
+# wait_healthy SECONDS SERVICE...: every named service's container reports healthy (or, without a
+# health check, running) within the deadline.
+wait_healthy() {
+  local deadline=$((SECONDS + $1)); shift
+  local service id state
+  for service in "$@"; do
+    while :; do
+      id=$(compose ps -q "$service" 2>/dev/null || true)
+      state=$(docker inspect --format '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || true)
+      case "$state" in
+        healthy|running) break ;;
+      esac
+      if ((SECONDS >= deadline)); then
+        echo "service $service is not healthy (state: ${state:-none})" >&2
+        compose logs --tail 20 "$service" >&2 || true
+        return 1
+      fi
+      sleep 1
+    done
+  done
+}
+
+ALL_SERVICES=(kv1 kv2 kv3 mr-coordinator mr-worker-1 mr-worker-2 mr-worker-3)

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The Docker integration test (run by .ci/run; skipped with a notice when no Docker engine is reachable).
+# Builds the image, brings the cluster up, and checks from the host that it serves, survives a killed
+# server, runs a MapReduce job, and keeps its data across `down` and `up`. Always ends with `down -v`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source deploy/compose-lib.sh
+
+if ! docker info >/dev/null 2>&1; then
+  echo "docker test: SKIPPED (no Docker engine reachable)"
+  exit 0
+fi
+
+passed=0
+failed=0
+check() {
+  local name=$1; shift
+  if "$@"; then
+    passed=$((passed + 1)); echo "  ok    $name"
+  else
+    failed=$((failed + 1)); echo "  FAIL  $name"
+  fi
+}
+cleanup() { compose down -v --remove-orphans >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+export bin=target/x86_64-unknown-linux-gnu/release
+export KVCTL_CLUSTER=127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003
+kvctl() { "$bin/kvctl" "$@"; }
+
+deploy/build-image.sh || { echo "docker test: 0 passed, 1 failed"; exit 1; }
+size=$(docker image inspect ds824:latest --format '{{.Size}}')
+check "image is under 40 MB ($((size / 1000000)) MB)" test "$size" -lt 40000000
+check "image runs as a non-root user" test "$(docker image inspect ds824:latest --format '{{.Config.User}}')" = "10001:10001"
+
+cleanup
+mkdir -p /tmp/ds824-mr && chmod 1777 /tmp/ds824-mr && rm -rf /tmp/ds824-mr/*
+compose up -d >/dev/null 2>&1
+check "every service becomes healthy" wait_healthy 180 "${ALL_SERVICES[@]}"
+
+write_keys() { local i; for i in $(seq "$1" "$2"); do kvctl put "key-$i" "value-$i" >/dev/null || return 1; done; }
+read_keys() {
+  local i
+  for i in $(seq "$1" "$2"); do
+    [ "$(kvctl get "key-$i")" = "value-$i" ] || { echo "    key-$i wrong or missing" >&2; return 1; }
+  done
+}
+check "writes and reads from the host" bash -c "$(declare -f kvctl write_keys read_keys); write_keys 1 20 && read_keys 1 20"
+
+compose kill kv2 >/dev/null 2>&1
+check "writes continue with kv2 killed" bash -c "$(declare -f kvctl write_keys); write_keys 21 40"
+compose start kv2 >/dev/null 2>&1
+check "kv2 comes back healthy" wait_healthy 120 kv2
+check "all data present after kv2 restarted" bash -c "$(declare -f kvctl read_keys); read_keys 1 40"
+
+"$bin/mrd" gen-corpus --dir /tmp/ds824-mr/in --files 4 --bytes-per-file 200000 >/dev/null
+"$bin/mrd" sequential --app wc --output /tmp/ds824-mr/seq /tmp/ds824-mr/in/*.txt >/dev/null
+wc_job() {
+  "$bin/mrd" submit --coordinator 127.0.0.1:17824 --app wc --reduces 3 --output /tmp/ds824-mr/out \
+    --wait /tmp/ds824-mr/in/*.txt >/dev/null &&
+    diff <(cat /tmp/ds824-mr/out/mr-out-* | sort) <(sort /tmp/ds824-mr/seq/mr-out-0) >/dev/null
+}
+check "a wc job on the workers equals the sequential run" wc_job
+
+compose down >/dev/null 2>&1
+compose up -d >/dev/null 2>&1
+check "cluster healthy again after down and up" wait_healthy 180 "${ALL_SERVICES[@]}"
+check "data survives down and up" bash -c "$(declare -f kvctl read_keys); read_keys 1 40"
+
+echo "docker test: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One command: build the image, bring the whole cluster up healthy, and run a short demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source deploy/compose-lib.sh
+
+deploy/build-image.sh
+mkdir -p /tmp/ds824-mr && chmod 1777 /tmp/ds824-mr
+echo "== compose up"
+compose up -d
+wait_healthy 120 "${ALL_SERVICES[@]}"
+
+bin=target/x86_64-unknown-linux-gnu/release
+export KVCTL_CLUSTER=127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003
+echo "== demo"
+set -x
+"$bin/kvctl" put greeting hello
+"$bin/kvctl" append greeting ", world"
+"$bin/kvctl" get greeting
+"$bin/kvctl" status
+{ set +x; } 2>/dev/null
+echo
+echo "The cluster is up. Try: $bin/kvctl --help, $bin/mrd --help; see README.md for a walk-through."
