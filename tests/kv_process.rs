@@ -356,6 +356,16 @@ async fn appends_survive_leader_sigkill_and_stay_linearizable() {
         history.len(),
         start.elapsed().as_secs_f64()
     );
+    // The history is not vacuous: one impossible read makes it fail.
+    let mut tampered = history.ops().to_vec();
+    let read = tampered
+        .iter()
+        .position(|o| o.op == ds824::check::OpKind::Get && o.status == ds824::check::Status::Ok)
+        .expect("some read succeeded");
+    tampered[read].output = Some("never written;".into());
+    let tampered = History::new(tampered).expect("well-formed history");
+    assert!(check(&tampered, &KvModel, Duration::from_secs(60)).is_violation());
+
     let result = check(&history, &KvModel, Duration::from_secs(60));
     if !result.is_ok() {
         // Keep the evidence: `kvctl check <file>` replays the verdict.
