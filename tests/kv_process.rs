@@ -356,6 +356,16 @@ async fn appends_survive_leader_sigkill_and_stay_linearizable() {
         history.len(),
         start.elapsed().as_secs_f64()
     );
+    // The history is not vacuous: one impossible read makes it fail.
+    let mut tampered = history.ops().to_vec();
+    let read = tampered
+        .iter()
+        .position(|o| o.op == ds824::check::OpKind::Get && o.status == ds824::check::Status::Ok)
+        .expect("some read succeeded");
+    tampered[read].output = Some("never written;".into());
+    let tampered = History::new(tampered).expect("well-formed history");
+    assert!(check(&tampered, &KvModel, Duration::from_secs(60)).is_violation());
+
     let result = check(&history, &KvModel, Duration::from_secs(60));
     if !result.is_ok() {
         // Keep the evidence: `kvctl check <file>` replays the verdict.
@@ -666,4 +676,23 @@ fn kvd_refuses_bad_flags_and_unusable_data_dirs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("a-file"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvd_refuses_another_nodes_data_dir() {
+    let mut cluster = Cluster::start(1, 8 << 20);
+    cluster.wait_for_status(0, "answering", |_| true).await;
+    cluster.kill(0);
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .args(["kv", "--id", "2", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--peers", &format!("2=127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(cluster.data_dir(0))
+        .output()
+        .expect("run kvd");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("belongs to node 1"), "{err}");
 }
