@@ -28,7 +28,7 @@ export bin=target/x86_64-unknown-linux-gnu/release
 export KVCTL_CLUSTER=127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003
 kvctl() { "$bin/kvctl" "$@"; }
 
-deploy/build-image.sh || { echo "docker test: 0 passed, 1 failed"; exit 1; }
+deploy/build-image.sh || { echo "docker: 0 passed, 1 failed"; exit 1; }
 size=$(docker image inspect ds824:latest --format '{{.Size}}')
 check "image is under 40 MB ($((size / 1000000)) MB)" test "$size" -lt 40000000
 check "image runs as a non-root user" test "$(docker image inspect ds824:latest --format '{{.Config.User}}')" = "10001:10001"
@@ -67,5 +67,5 @@ compose up -d >/dev/null 2>&1
 check "cluster healthy again after down and up" wait_healthy 180 "${ALL_SERVICES[@]}"
 check "data survives down and up" bash -c "$(declare -f kvctl read_keys); read_keys 1 40"
 
-echo "docker test: $passed passed, $failed failed"
+echo "docker: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -198,12 +198,16 @@ impl RaftNode {
             reads: HashMap::new(),
             next_read: 0,
             last_role: Role::Follower,
+            last_term: 0,
         };
-        let task = tokio::spawn(
-            driver
-                .run(config.tick, command_rx, inbound_rx)
-                .instrument(info_span!("raft", node = id)),
-        );
+        let task = tokio::spawn(driver.run(config.tick, command_rx, inbound_rx).instrument(
+            info_span!(
+                "raft",
+                node = id,
+                term = tracing::field::Empty,
+                role = tracing::field::Empty
+            ),
+        ));
         let node = RaftNode {
             handle: RaftHandle {
                 commands: command_tx,
@@ -256,6 +260,7 @@ struct Driver {
     reads: HashMap<u64, oneshot::Sender<Result<Index, NodeError>>>,
     next_read: u64,
     last_role: Role,
+    last_term: Term,
 }
 
 /// Inputs taken per wake-up at most, so ticks are never starved by a flood of messages.
@@ -364,6 +369,13 @@ impl Driver {
 
     fn after_persist(&mut self, ready: Ready) {
         let soft = ready.soft_state;
+        if soft.term != self.last_term || soft.role != self.last_role {
+            // Every later log line of this node carries its current term and role.
+            let span = tracing::Span::current();
+            span.record("term", soft.term);
+            span.record("role", tracing::field::display(soft.role));
+            self.last_term = soft.term;
+        }
         if soft.role != self.last_role {
             info!(term = soft.term, role = %soft.role, leader = ?soft.leader, "role changed");
             self.last_role = soft.role;
