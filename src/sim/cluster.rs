@@ -14,12 +14,8 @@
 //! - a new leader lacks an entry that some server already applied (leader completeness).
 
 use super::clock::{run_until, Actor, Scheduler, World};
-use super::net::NetModel;
-use super::storage::MemStorage;
-use crate::raft::wire::encoded_len;
-use crate::raft::{
-    Config, Entry, EntryKind, Envelope, Index, NodeId, RaftCore, Ready, Role, Snapshot, Term,
-};
+use super::raft_net::{RaftEvent, RaftNet};
+use crate::raft::{Config, Entry, EntryKind, Index, NodeId, RaftCore, Ready, Role, Snapshot, Term};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -88,24 +84,8 @@ impl ClusterOptions {
     }
 }
 
-#[derive(Debug)]
-enum EventKind {
-    Tick {
-        server: usize,
-        incarnation: u64,
-    },
-    Deliver {
-        envelope: Envelope,
-        from_incarnation: u64,
-        to_incarnation: u64,
-        size: usize,
-    },
-}
-
-struct Server {
-    core: Option<RaftCore>,
-    storage: MemStorage,
-    incarnation: u64,
+/// What the checker remembers of one server across its restarts.
+struct Tracked {
     highest_term: Term,
     highest_commit: Index,
     was_leader: bool,
@@ -124,12 +104,11 @@ const NOOP_MARKER: &[u8] = b"\0raft-noop";
 /// A simulated cluster. See the module documentation.
 pub struct RaftCluster {
     options: ClusterOptions,
-    clock: Scheduler<EventKind>,
-    net_rng: ChaCha8Rng,
+    clock: Scheduler<RaftEvent>,
+    raft: RaftNet,
     /// Randomness for test decisions, separate from the network's so that each stream is stable.
     pub rng: ChaCha8Rng,
-    net: NetModel,
-    servers: Vec<Server>,
+    servers: Vec<Tracked>,
     appliers: Vec<Applier>,
     committed: BTreeMap<Index, (Option<Term>, Bytes)>,
     leaders: HashMap<Term, usize>,
@@ -146,19 +125,13 @@ impl RaftCluster {
     /// Start `options.servers` servers, all connected.
     pub fn new(options: ClusterOptions) -> Self {
         let n = options.servers;
-        let mut net = NetModel::new(n);
-        net.set_reliable(options.reliable);
         let mut cluster = RaftCluster {
-            net_rng: ChaCha8Rng::seed_from_u64(options.seed),
+            raft: RaftNet::new(n, options.reliable, options.seed, options.tick_ms),
             rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(0x5EED)),
             options,
             clock: Scheduler::default(),
-            net,
             servers: (0..n)
-                .map(|_| Server {
-                    core: None,
-                    storage: MemStorage::default(),
-                    incarnation: 0,
+                .map(|_| Tracked {
                     highest_term: 0,
                     highest_commit: 0,
                     was_leader: false,
@@ -217,17 +190,14 @@ impl RaftCluster {
     /// Crash server `i` (6.824 `crash1`): disconnect it and lose everything but its persisted state.
     pub fn crash(&mut self, i: usize) {
         self.disconnect(i);
-        let server = &mut self.servers[i];
-        if server.core.take().is_some() {
-            server.incarnation += 1;
-        }
-        server.was_leader = false;
+        self.raft.crash(i);
+        self.servers[i].was_leader = false;
     }
 
     /// (Re)start server `i` from its persisted state (6.824 `start1`); crashes it first if it is up,
     /// which disconnects it, so a restarted server talks to nobody until [`RaftCluster::connect`].
     pub fn start(&mut self, i: usize) {
-        if self.servers[i].core.is_some() {
+        if self.raft.hosts[i].core.is_some() {
             self.crash(i);
         }
         let voters: Vec<NodeId> = (1..=self.servers.len() as NodeId).collect();
@@ -237,69 +207,53 @@ impl RaftCluster {
         config.noop_on_election = self.options.noop_on_election;
         config.pre_vote = self.options.pre_vote;
         config.check_quorum = self.options.check_quorum;
-        config.seed =
-            self.options.seed ^ (self.servers[i].incarnation + 1).wrapping_mul(0xA24B_AED4);
-        let persisted = self.servers[i].storage.load();
-        let core = match RaftCore::restore(config, persisted) {
-            Ok(core) => core,
-            Err(e) => self.fail(format!(
+        if let Err(e) = self.raft.boot(&mut self.clock, i, config) {
+            self.fail(format!(
                 "server {i} cannot restart from its own storage: {e}"
-            )),
-        };
-        let server = &mut self.servers[i];
-        server.core = Some(core);
-        server.incarnation += 1;
+            ));
+        }
         self.appliers[i] = Applier::default();
-        let first_tick = self.clock.now() + self.net_rng.random_range(1..=self.options.tick_ms);
-        let incarnation = self.servers[i].incarnation;
-        self.schedule(
-            first_tick,
-            EventKind::Tick {
-                server: i,
-                incarnation,
-            },
-        );
         self.drain_ready(i);
     }
 
     /// Connect server `i` to every other connected server.
     pub fn connect(&mut self, i: usize) {
-        self.net.set_connected(i, true);
+        self.raft.net.set_connected(i, true);
     }
 
     /// Cut server `i` off from everyone.
     pub fn disconnect(&mut self, i: usize) {
-        self.net.set_connected(i, false);
+        self.raft.net.set_connected(i, false);
     }
 
     /// Whether server `i` is connected.
     pub fn is_connected(&self, i: usize) -> bool {
-        self.net.is_connected(i)
+        self.raft.net.is_connected(i)
     }
 
     /// Whether server `i` is running.
     pub fn is_alive(&self, i: usize) -> bool {
-        self.servers[i].core.is_some()
+        self.raft.hosts[i].core.is_some()
     }
 
     /// Split the servers into groups by label; servers with different labels cannot talk.
     pub fn partition(&mut self, labels: &[u32]) {
-        self.net.set_partition(labels);
+        self.raft.net.set_partition(labels);
     }
 
     /// Remove every partition (disconnections stay).
     pub fn heal_partition(&mut self) {
-        self.net.heal_partition();
+        self.raft.net.heal_partition();
     }
 
     /// Make the network (un)reliable.
     pub fn set_reliable(&mut self, reliable: bool) {
-        self.net.set_reliable(reliable);
+        self.raft.net.set_reliable(reliable);
     }
 
     /// Turn long reordering of responses on or off.
     pub fn set_long_reordering(&mut self, on: bool) {
-        self.net.set_long_reordering(on);
+        self.raft.net.set_long_reordering(on);
     }
 
     // ------------------------------------------------------------------------------------------
@@ -308,7 +262,7 @@ impl RaftCluster {
 
     /// `Start(cmd)` on server `i`: `Some((index, term))` if it is a running leader that accepted it.
     pub fn start_command(&mut self, i: usize, command: Bytes) -> Option<(Index, Term)> {
-        let core = self.servers[i].core.as_mut()?;
+        let core = self.raft.hosts[i].core.as_mut()?;
         let accepted = core.propose(command).ok()?;
         self.commands_started += 1;
         self.drain_ready(i);
@@ -318,7 +272,7 @@ impl RaftCluster {
     /// Ask server `i` for a ReadIndex. When it is confirmed, the checker verifies that the read point
     /// is no older than anything applied anywhere when the read was asked (no stale reads).
     pub fn request_read(&mut self, i: usize) -> bool {
-        let Some(core) = self.servers[i].core.as_mut() else {
+        let Some(core) = self.raft.hosts[i].core.as_mut() else {
             return false;
         };
         self.next_read_id += 1;
@@ -333,18 +287,18 @@ impl RaftCluster {
 
     /// `GetState()` of server `i`: its term and whether it believes it leads (`None` if down).
     pub fn state(&self, i: usize) -> Option<(Term, bool)> {
-        let core = self.servers[i].core.as_ref()?;
+        let core = self.raft.hosts[i].core.as_ref()?;
         Some((core.term(), core.is_leader()))
     }
 
     /// The core of server `i`, if running.
     pub fn core(&self, i: usize) -> Option<&RaftCore> {
-        self.servers[i].core.as_ref()
+        self.raft.hosts[i].core.as_ref()
     }
 
     /// Mutable access to the core of server `i` (for reads and compaction in tests).
     pub fn core_mut(&mut self, i: usize) -> Option<&mut RaftCore> {
-        self.servers[i].core.as_mut()
+        self.raft.hosts[i].core.as_mut()
     }
 
     /// Handle whatever the core of server `i` has ready (after a test called into it directly).
@@ -354,7 +308,7 @@ impl RaftCluster {
 
     /// 6.824 `RaftStateSize()` of server `i`.
     pub fn raft_state_size(&self, i: usize) -> usize {
-        self.servers[i].storage.raft_state_size()
+        self.raft.hosts[i].storage.raft_state_size()
     }
 
     /// Largest Raft state size of any server.
@@ -367,22 +321,22 @@ impl RaftCluster {
 
     /// 6.824 `SnapshotSize()` of server `i`.
     pub fn snapshot_size(&self, i: usize) -> usize {
-        self.servers[i].storage.snapshot_size()
+        self.raft.hosts[i].storage.snapshot_size()
     }
 
     /// Requests sent so far (6.824 `RpcTotal`).
     pub fn rpc_total(&self) -> u64 {
-        self.net.stats.rpc_total
+        self.raft.net.stats.rpc_total
     }
 
     /// Requests delivered to server `i` (6.824 `rpcCount(i)`).
     pub fn rpc_count(&self, i: usize) -> u64 {
-        self.net.stats.requests_delivered[i]
+        self.raft.net.stats.requests_delivered[i]
     }
 
     /// Bytes sent so far (6.824 `BytesTotal`).
     pub fn bytes_total(&self) -> u64 {
-        self.net.stats.bytes_total
+        self.raft.net.stats.bytes_total
     }
 
     /// The highest index any server applied.
@@ -553,85 +507,18 @@ impl RaftCluster {
         run_until(self, until, actors);
     }
 
-    fn schedule(&mut self, at: u64, kind: EventKind) {
-        self.clock.schedule(at, kind);
-    }
-
-    fn handle_event(&mut self, event: EventKind) {
-        match event {
-            EventKind::Tick {
-                server,
-                incarnation,
-            } => {
-                if self.servers[server].incarnation != incarnation {
-                    return;
-                }
-                if let Some(core) = self.servers[server].core.as_mut() {
-                    core.tick();
-                    self.drain_ready(server);
-                    let next = self.clock.now() + self.options.tick_ms;
-                    self.schedule(
-                        next,
-                        EventKind::Tick {
-                            server,
-                            incarnation,
-                        },
-                    );
-                }
-            }
-            EventKind::Deliver {
-                envelope,
-                from_incarnation,
-                to_incarnation,
-                size,
-            } => {
-                let from = (envelope.from - 1) as usize;
-                let to = (envelope.to - 1) as usize;
-                // A message from a crashed sender or to a crashed receiver never arrives (labrpc's
-                // DeleteServer): no positive reply can escape a server that was killed.
-                if self.servers[from].incarnation != from_incarnation
-                    || self.servers[to].incarnation != to_incarnation
-                    || self.servers[to].core.is_none()
-                {
-                    return;
-                }
-                let is_request = envelope.message.is_request();
-                if !self.net.on_deliver(from, to, is_request, size) {
-                    return;
-                }
-                if let Some(core) = self.servers[to].core.as_mut() {
-                    if let Err(e) = core.step(envelope) {
-                        self.fail(format!("server {to} refused a message: {e}"));
-                    }
-                    self.drain_ready(to);
-                }
-            }
-        }
-    }
-
-    fn send(&mut self, envelope: Envelope) {
-        let from = (envelope.from - 1) as usize;
-        let to = (envelope.to - 1) as usize;
-        let size = encoded_len(&envelope);
-        let is_request = envelope.message.is_request();
-        if let Some(delay) = self
-            .net
-            .on_send(&mut self.net_rng, from, to, is_request, size)
-        {
-            let kind = EventKind::Deliver {
-                from_incarnation: self.servers[from].incarnation,
-                to_incarnation: self.servers[to].incarnation,
-                envelope,
-                size,
-            };
-            self.schedule(self.clock.now() + delay, kind);
+    fn handle_event(&mut self, event: RaftEvent) {
+        match self.raft.handle(&mut self.clock, event) {
+            Ok(Some(server)) => self.drain_ready(server),
+            Ok(None) => {}
+            Err(e) => self.fail(e),
         }
     }
 
     /// Handle every `Ready` of server `i` as the driver contract says: persist, send, apply.
     fn drain_ready(&mut self, i: usize) {
         loop {
-            let Some(core) = self.servers[i].core.as_mut() else {
+            let Some(core) = self.raft.hosts[i].core.as_mut() else {
                 return;
             };
             if !core.has_ready() {
@@ -639,9 +526,9 @@ impl RaftCluster {
             }
             let ready = core.ready();
             self.check_ready(i, &ready);
-            self.servers[i].storage.persist_ready(&ready);
+            self.raft.hosts[i].storage.persist_ready(&ready);
             for envelope in ready.messages {
-                self.send(envelope);
+                self.raft.send(&mut self.clock, envelope);
             }
             if let Some(snapshot) = ready.snapshot_to_apply {
                 self.apply_snapshot(i, &snapshot);
@@ -706,7 +593,7 @@ impl RaftCluster {
 
     /// Leader completeness: a new leader's log holds every entry any server applied.
     fn check_leader_completeness(&self, i: usize) {
-        let Some(core) = self.servers[i].core.as_ref() else {
+        let Some(core) = self.raft.hosts[i].core.as_ref() else {
             return;
         };
         let log = core.log();
@@ -760,7 +647,7 @@ impl RaftCluster {
         if let ApplyMode::Snapshot { interval } = self.options.apply {
             if (entry.index + 1).is_multiple_of(interval) {
                 let data = encode_snapshot(entry.index, &self.appliers[i].log);
-                if let Some(core) = self.servers[i].core.as_mut() {
+                if let Some(core) = self.raft.hosts[i].core.as_mut() {
                     if let Err(e) = core.compact(entry.index, data) {
                         self.fail(format!("server {i} refused a snapshot: {e}"));
                     }

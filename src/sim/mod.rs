@@ -19,6 +19,7 @@ pub mod clock;
 pub mod cluster;
 pub mod kv;
 pub mod net;
+pub mod raft_net;
 pub mod seed;
 pub mod service;
 pub mod storage;

@@ -9,11 +9,9 @@
 //! completion times so the history can be checked for linearizability by [`crate::check`].
 
 use super::clock::{run_until, Actor, Scheduler, World};
-use super::net::NetModel;
-use super::storage::MemStorage;
+use super::raft_net::{RaftEvent, RaftNet};
 use crate::check::Operation;
-use crate::raft::wire::encoded_len;
-use crate::raft::{Config, Envelope, NodeId, RaftCore, Role};
+use crate::raft::{Config, NodeId, Role};
 use crate::rsm::{Completion, Prepared, Rsm, StateMachine, Token};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -93,16 +91,7 @@ enum ReplyResult<O> {
 }
 
 enum Event<S: SimService> {
-    Tick {
-        server: usize,
-        incarnation: u64,
-    },
-    Raft {
-        envelope: Envelope,
-        from_incarnation: u64,
-        to_incarnation: u64,
-        size: usize,
-    },
+    Raft(RaftEvent),
     Request {
         clerk: usize,
         server: usize,
@@ -118,11 +107,15 @@ enum Event<S: SimService> {
     },
 }
 
+impl<S: SimService> From<RaftEvent> for Event<S> {
+    fn from(event: RaftEvent) -> Self {
+        Event::Raft(event)
+    }
+}
+
+/// The service half of a server (its Raft half is in `RaftNet`).
 struct Server<S: SimService> {
-    core: Option<RaftCore>,
     rsm: Rsm<S>,
-    storage: MemStorage,
-    incarnation: u64,
     waiting: HashMap<Token, (usize, u64)>,
     reads: HashMap<Token, S::Query>,
     next_token: Token,
@@ -133,8 +126,9 @@ struct Server<S: SimService> {
 pub struct ServiceCluster<S: SimService> {
     options: ServiceOptions,
     clock: Scheduler<Event<S>>,
-    net: NetModel,
-    net_rng: ChaCha8Rng,
+    raft: RaftNet,
+    /// Randomness of the clerk-to-server links.
+    client_rng: ChaCha8Rng,
     /// Randomness for test decisions.
     pub rng: ChaCha8Rng,
     servers: Vec<Server<S>>,
@@ -154,20 +148,15 @@ impl<S: SimService> ServiceCluster<S> {
     /// Start `options.servers` servers, all connected.
     pub fn new(options: ServiceOptions) -> Self {
         let n = options.servers;
-        let mut net = NetModel::new(n);
-        net.set_reliable(options.reliable);
         let mut cluster = ServiceCluster {
-            net_rng: ChaCha8Rng::seed_from_u64(options.seed),
+            raft: RaftNet::new(n, options.reliable, options.seed, TICK_MS),
+            client_rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(1)),
             rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(0x5EED)),
             options,
             clock: Scheduler::default(),
-            net,
             servers: (0..n)
                 .map(|_| Server {
-                    core: None,
                     rsm: Rsm::new(S::default()),
-                    storage: MemStorage::default(),
-                    incarnation: 0,
                     waiting: HashMap::new(),
                     reads: HashMap::new(),
                     next_token: 0,
@@ -223,10 +212,8 @@ impl<S: SimService> ServiceCluster<S> {
 
     /// 6.824 `ShutdownServer`: the server stops; only its persisted state survives.
     pub fn shutdown_server(&mut self, i: usize) {
+        self.raft.crash(i);
         let server = &mut self.servers[i];
-        if server.core.take().is_some() {
-            server.incarnation += 1;
-        }
         server.waiting.clear();
         server.reads.clear();
         server.was_leader = false;
@@ -240,25 +227,10 @@ impl<S: SimService> ServiceCluster<S> {
         let mut config = Config::new(i as NodeId + 1, voters);
         config.election_ticks = 30;
         config.heartbeat_ticks = 10;
-        config.seed =
-            self.options.seed ^ (self.servers[i].incarnation + 1).wrapping_mul(0xA24B_AED4);
-        let core = match RaftCore::restore(config, self.servers[i].storage.load()) {
-            Ok(core) => core,
-            Err(e) => self.fail(format!("server {i} cannot restart: {e}")),
-        };
-        let server = &mut self.servers[i];
-        server.core = Some(core);
-        server.rsm = Rsm::new(S::default());
-        server.incarnation += 1;
-        let incarnation = server.incarnation;
-        let first = self.clock.now() + self.net_rng.random_range(1..=TICK_MS);
-        self.clock.schedule(
-            first,
-            Event::Tick {
-                server: i,
-                incarnation,
-            },
-        );
+        if let Err(e) = self.raft.boot(&mut self.clock, i, config) {
+            self.fail(format!("server {i} cannot restart: {e}"));
+        }
+        self.servers[i].rsm = Rsm::new(S::default());
         self.drain_ready(i);
     }
 
@@ -271,46 +243,53 @@ impl<S: SimService> ServiceCluster<S> {
         for &i in p1 {
             labels[i] = 0;
         }
-        self.net.set_partition(&labels);
+        self.raft.net.set_partition(&labels);
     }
 
     /// Reconnect every server to every other.
     pub fn connect_all(&mut self) {
-        self.net.heal_partition();
+        self.raft.net.heal_partition();
     }
 
     /// Make the network (un)reliable.
     pub fn set_reliable(&mut self, reliable: bool) {
-        self.net.set_reliable(reliable);
+        self.raft.net.set_reliable(reliable);
     }
 
     /// Largest Raft state of any server, in bytes.
     pub fn max_raft_state_size(&self) -> usize {
-        self.servers
+        self.raft
+            .hosts
             .iter()
-            .map(|s| s.storage.raft_state_size())
+            .map(|h| h.storage.raft_state_size())
             .max()
             .unwrap_or(0)
     }
 
     /// Largest snapshot of any server, in bytes.
     pub fn max_snapshot_size(&self) -> usize {
-        self.servers
+        self.raft
+            .hosts
             .iter()
-            .map(|s| s.storage.snapshot_size())
+            .map(|h| h.storage.snapshot_size())
             .max()
             .unwrap_or(0)
     }
 
     /// Requests sent so far.
     pub fn rpc_total(&self) -> u64 {
-        self.net.stats.rpc_total
+        self.raft.net.stats.rpc_total
     }
 
     /// The server that currently believes it leads, if exactly one running server does.
     pub fn leader(&self) -> Option<usize> {
         let leaders: Vec<usize> = (0..self.len())
-            .filter(|&i| self.servers[i].core.as_ref().is_some_and(|c| c.is_leader()))
+            .filter(|&i| {
+                self.raft.hosts[i]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.is_leader())
+            })
             .collect();
         (leaders.len() == 1).then(|| leaders[0])
     }
@@ -408,12 +387,12 @@ impl<S: SimService> ServiceCluster<S> {
         id: u64,
         request: ClientRequest<S>,
     ) {
-        self.net.stats.rpc_total += 1;
+        self.raft.net.stats.rpc_total += 1;
         if !self.reach[clerk.index][server] {
             return;
         }
-        if let Some(delay) = self.net.fate(&mut self.net_rng, true) {
-            let to_incarnation = self.servers[server].incarnation;
+        if let Some(delay) = self.raft.net.fate(&mut self.client_rng, true) {
+            let to_incarnation = self.raft.hosts[server].incarnation;
             self.clock.schedule(
                 self.clock.now() + delay,
                 Event::Request {
@@ -428,7 +407,7 @@ impl<S: SimService> ServiceCluster<S> {
     }
 
     fn reply(&mut self, server: usize, (clerk, id): (usize, u64), result: ReplyResult<S::Output>) {
-        if let Some(delay) = self.net.fate(&mut self.net_rng, false) {
+        if let Some(delay) = self.raft.net.fate(&mut self.client_rng, false) {
             self.clock.schedule(
                 self.clock.now() + delay,
                 Event::Reply {
@@ -447,7 +426,7 @@ impl<S: SimService> ServiceCluster<S> {
 
     fn handle_request(&mut self, server: usize, from: (usize, u64), request: ClientRequest<S>) {
         let s = &mut self.servers[server];
-        let Some(core) = s.core.as_mut() else {
+        let Some(core) = self.raft.hosts[server].core.as_mut() else {
             return;
         };
         s.next_token += 1;
@@ -502,16 +481,16 @@ impl<S: SimService> ServiceCluster<S> {
     /// The driver contract for server `i`: persist, send, apply; then answer clients and snapshot.
     fn drain_ready(&mut self, i: usize) {
         loop {
-            let Some(core) = self.servers[i].core.as_mut() else {
+            let Some(core) = self.raft.hosts[i].core.as_mut() else {
                 return;
             };
             if !core.has_ready() {
                 return;
             }
             let ready = core.ready();
-            self.servers[i].storage.persist_ready(&ready);
+            self.raft.hosts[i].storage.persist_ready(&ready);
             for envelope in ready.messages {
-                self.send_raft(envelope);
+                self.raft.send(&mut self.clock, envelope);
             }
             let mut completions = Vec::new();
             let s = &mut self.servers[i];
@@ -543,9 +522,10 @@ impl<S: SimService> ServiceCluster<S> {
             }
             s.was_leader = is_leader;
             if let Some(max) = self.options.max_raft_state {
-                if s.storage.raft_state_size() >= max {
+                let host = &mut self.raft.hosts[i];
+                if host.storage.raft_state_size() >= max {
                     let (index, data) = s.rsm.snapshot();
-                    if let Some(core) = s.core.as_mut() {
+                    if let Some(core) = host.core.as_mut() {
                         if let Err(e) = core.compact(index, data) {
                             self.fail(format!("server {i} refused its own snapshot: {e}"));
                         }
@@ -556,71 +536,13 @@ impl<S: SimService> ServiceCluster<S> {
         }
     }
 
-    fn send_raft(&mut self, envelope: Envelope) {
-        let from = (envelope.from - 1) as usize;
-        let to = (envelope.to - 1) as usize;
-        let size = encoded_len(&envelope);
-        let is_request = envelope.message.is_request();
-        if let Some(delay) = self
-            .net
-            .on_send(&mut self.net_rng, from, to, is_request, size)
-        {
-            let event = Event::Raft {
-                from_incarnation: self.servers[from].incarnation,
-                to_incarnation: self.servers[to].incarnation,
-                envelope,
-                size,
-            };
-            self.clock.schedule(self.clock.now() + delay, event);
-        }
-    }
-
     fn handle_event(&mut self, event: Event<S>) {
         match event {
-            Event::Tick {
-                server,
-                incarnation,
-            } => {
-                if self.servers[server].incarnation != incarnation {
-                    return;
-                }
-                if let Some(core) = self.servers[server].core.as_mut() {
-                    core.tick();
-                    self.drain_ready(server);
-                    let next = self.clock.now() + TICK_MS;
-                    self.clock.schedule(
-                        next,
-                        Event::Tick {
-                            server,
-                            incarnation,
-                        },
-                    );
-                }
-            }
-            Event::Raft {
-                envelope,
-                from_incarnation,
-                to_incarnation,
-                size,
-            } => {
-                let from = (envelope.from - 1) as usize;
-                let to = (envelope.to - 1) as usize;
-                if self.servers[from].incarnation != from_incarnation
-                    || self.servers[to].incarnation != to_incarnation
-                {
-                    return;
-                }
-                let is_request = envelope.message.is_request();
-                if !self.net.on_deliver(from, to, is_request, size) {
-                    return;
-                }
-                if let Some(core) = self.servers[to].core.as_mut() {
-                    if let Err(e) = core.step(envelope) {
-                        self.fail(format!("server {to} refused a message: {e}"));
-                    }
-                    self.drain_ready(to);
-                }
-            }
+            Event::Raft(event) => match self.raft.handle(&mut self.clock, event) {
+                Ok(Some(server)) => self.drain_ready(server),
+                Ok(None) => {}
+                Err(e) => self.fail(e),
+            },
             Event::Request {
                 clerk,
                 server,
@@ -628,7 +550,9 @@ impl<S: SimService> ServiceCluster<S> {
                 id,
                 request,
             } => {
-                if self.servers[server].incarnation == to_incarnation && self.reach[clerk][server] {
+                if self.raft.hosts[server].incarnation == to_incarnation
+                    && self.reach[clerk][server]
+                {
                     self.handle_request(server, (clerk, id), request);
                 }
             }

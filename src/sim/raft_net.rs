@@ -1,0 +1,190 @@
+//! The Raft half of every simulated world: each server's core, its persister and its incarnation, the
+//! tick timers, and Raft messages under the network's fault model. A world (the Raft test cluster, a
+//! service cluster) owns a `RaftNet`, forwards [`RaftEvent`]s to it, and handles the `Ready` of whichever
+//! server [`RaftNet::handle`] says changed, in its own way.
+
+use super::clock::Scheduler;
+use super::net::NetModel;
+use super::storage::MemStorage;
+use crate::raft::wire::encoded_len;
+use crate::raft::{Config, Envelope, RaftCore, RestoreError};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Timer and message events of the Raft layer.
+#[derive(Debug)]
+pub enum RaftEvent {
+    /// Server `server` ticks, if it is still the same incarnation.
+    Tick {
+        /// The server.
+        server: usize,
+        /// Which run of the server scheduled the tick.
+        incarnation: u64,
+    },
+    /// A Raft message arrives.
+    Deliver {
+        /// The message.
+        envelope: Envelope,
+        /// The sender's incarnation when it sent the message.
+        from_incarnation: u64,
+        /// The receiver's incarnation when the message was sent.
+        to_incarnation: u64,
+        /// Encoded size, for statistics.
+        size: usize,
+    },
+}
+
+/// One server as Raft sees it.
+pub struct RaftHost {
+    /// The running core, `None` while crashed.
+    pub core: Option<RaftCore>,
+    /// What survives a crash.
+    pub storage: MemStorage,
+    /// Bumped on every crash and restart, so messages and timers of an earlier run are dropped.
+    pub incarnation: u64,
+}
+
+/// Servers, timers and the faulty network between them.
+pub struct RaftNet {
+    /// The fault model and statistics.
+    pub net: NetModel,
+    rng: ChaCha8Rng,
+    seed: u64,
+    tick_ms: u64,
+    /// The servers, numbered from 0 (Raft node `i + 1`).
+    pub hosts: Vec<RaftHost>,
+}
+
+impl RaftNet {
+    /// `n` servers, none running yet.
+    pub fn new(n: usize, reliable: bool, seed: u64, tick_ms: u64) -> Self {
+        let mut net = NetModel::new(n);
+        net.set_reliable(reliable);
+        RaftNet {
+            net,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            seed,
+            tick_ms,
+            hosts: (0..n)
+                .map(|_| RaftHost {
+                    core: None,
+                    storage: MemStorage::default(),
+                    incarnation: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Stop server `i`, keeping only its persisted state. Returns whether it was running.
+    pub fn crash(&mut self, i: usize) -> bool {
+        let host = &mut self.hosts[i];
+        let was_running = host.core.take().is_some();
+        if was_running {
+            host.incarnation += 1;
+        }
+        was_running
+    }
+
+    /// Start server `i` from its persisted state with `config` (its seed is derived from the schedule's
+    /// seed and the incarnation) and schedule its first tick.
+    pub fn boot<E: From<RaftEvent>>(
+        &mut self,
+        clock: &mut Scheduler<E>,
+        i: usize,
+        mut config: Config,
+    ) -> Result<(), RestoreError> {
+        self.crash(i);
+        let host = &mut self.hosts[i];
+        config.seed = self.seed ^ (host.incarnation + 1).wrapping_mul(0xA24B_AED4);
+        host.core = Some(RaftCore::restore(config, host.storage.load())?);
+        host.incarnation += 1;
+        let first = clock.now() + self.rng.random_range(1..=self.tick_ms);
+        clock.schedule(
+            first,
+            E::from(RaftEvent::Tick {
+                server: i,
+                incarnation: host.incarnation,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Hand a message to the network.
+    pub fn send<E: From<RaftEvent>>(&mut self, clock: &mut Scheduler<E>, envelope: Envelope) {
+        let from = (envelope.from - 1) as usize;
+        let to = (envelope.to - 1) as usize;
+        let size = encoded_len(&envelope);
+        let is_request = envelope.message.is_request();
+        if let Some(delay) = self.net.on_send(&mut self.rng, from, to, is_request, size) {
+            let event = RaftEvent::Deliver {
+                from_incarnation: self.hosts[from].incarnation,
+                to_incarnation: self.hosts[to].incarnation,
+                envelope,
+                size,
+            };
+            clock.schedule(clock.now() + delay, E::from(event));
+        }
+    }
+
+    /// Run one Raft event. Returns the server whose core it changed (its `Ready` must be handled now),
+    /// or an error if a core refused a message — which the simulator treats as a bug.
+    pub fn handle<E: From<RaftEvent>>(
+        &mut self,
+        clock: &mut Scheduler<E>,
+        event: RaftEvent,
+    ) -> Result<Option<usize>, String> {
+        match event {
+            RaftEvent::Tick {
+                server,
+                incarnation,
+            } => {
+                let host = &mut self.hosts[server];
+                let Some(core) = host
+                    .core
+                    .as_mut()
+                    .filter(|_| host.incarnation == incarnation)
+                else {
+                    return Ok(None);
+                };
+                core.tick();
+                clock.schedule(
+                    clock.now() + self.tick_ms,
+                    E::from(RaftEvent::Tick {
+                        server,
+                        incarnation,
+                    }),
+                );
+                Ok(Some(server))
+            }
+            RaftEvent::Deliver {
+                envelope,
+                from_incarnation,
+                to_incarnation,
+                size,
+            } => {
+                let from = (envelope.from - 1) as usize;
+                let to = (envelope.to - 1) as usize;
+                // A message from a crashed sender or to a crashed receiver never arrives (labrpc's
+                // DeleteServer): no positive reply can escape a server that was killed.
+                if self.hosts[from].incarnation != from_incarnation
+                    || self.hosts[to].incarnation != to_incarnation
+                    || self.hosts[to].core.is_none()
+                {
+                    return Ok(None);
+                }
+                if !self
+                    .net
+                    .on_deliver(from, to, envelope.message.is_request(), size)
+                {
+                    return Ok(None);
+                }
+                let Some(core) = self.hosts[to].core.as_mut() else {
+                    return Ok(None);
+                };
+                core.step(envelope)
+                    .map_err(|e| format!("server {to} refused a message: {e}"))?;
+                Ok(Some(to))
+            }
+        }
+    }
+}
