@@ -79,16 +79,16 @@ impl<K> Scheduler<K> {
     }
 }
 
-/// A simulated world: something with a clock whose events can be stepped one at a time.
+/// A simulated world: a clock and the handler of the events scheduled on it.
 pub trait World {
-    /// The world's current time.
-    fn now(&self) -> u64;
-    /// When the next event is due.
-    fn next_event_time(&self) -> Option<u64>;
-    /// Run the next event.
-    fn step_event(&mut self);
-    /// Move the clock to `t` with nothing happening.
-    fn advance_to(&mut self, t: u64);
+    /// What is scheduled on the clock.
+    type Event;
+    /// The world's clock.
+    fn clock(&self) -> &Scheduler<Self::Event>;
+    /// The world's clock, to schedule on or advance.
+    fn clock_mut(&mut self) -> &mut Scheduler<Self::Event>;
+    /// Run one event (the clock already shows its time).
+    fn handle_event(&mut self, event: Self::Event);
 }
 
 /// A concurrent participant in a simulation (a client, a nemesis): woken at the time it asks for.
@@ -103,7 +103,7 @@ pub trait Actor<W> {
 /// At equal times actors go first, as a test's own code would.
 pub fn run_until<W: World>(world: &mut W, until: u64, actors: &mut [&mut dyn Actor<W>]) {
     loop {
-        let now = world.now();
+        let now = world.clock().now();
         let next_actor = actors
             .iter()
             .enumerate()
@@ -112,15 +112,19 @@ pub fn run_until<W: World>(world: &mut W, until: u64, actors: &mut [&mut dyn Act
         if until == u64::MAX && next_actor.is_none() {
             return;
         }
-        let next_event = world.next_event_time();
+        let next_event = world.clock().next_time();
         match (next_actor, next_event) {
             (Some((t, k)), e) if t <= until && e.is_none_or(|e| t <= e) => {
-                world.advance_to(t);
+                world.clock_mut().advance_to(t);
                 actors[k].wake(world);
             }
-            (_, Some(e)) if e <= until => world.step_event(),
+            (_, Some(e)) if e <= until => {
+                if let Some(event) = world.clock_mut().pop() {
+                    world.handle_event(event);
+                }
+            }
             _ => {
-                world.advance_to(until);
+                world.clock_mut().advance_to(until);
                 return;
             }
         }

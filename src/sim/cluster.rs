@@ -507,7 +507,7 @@ impl RaftCluster {
         run_until(self, until, actors);
     }
 
-    fn handle_event(&mut self, event: RaftEvent) {
+    fn on_event(&mut self, event: RaftEvent) {
         match self.raft.handle(&mut self.clock, event) {
             Ok(Some(server)) => self.drain_ready(server),
             Ok(None) => {}
@@ -517,19 +517,8 @@ impl RaftCluster {
 
     /// Handle every `Ready` of server `i` as the driver contract says: persist, send, apply.
     fn drain_ready(&mut self, i: usize) {
-        loop {
-            let Some(core) = self.raft.hosts[i].core.as_mut() else {
-                return;
-            };
-            if !core.has_ready() {
-                return;
-            }
-            let ready = core.ready();
+        while let Some(ready) = self.raft.next_ready(&mut self.clock, i) {
             self.check_ready(i, &ready);
-            self.raft.hosts[i].storage.persist_ready(&ready);
-            for envelope in ready.messages {
-                self.raft.send(&mut self.clock, envelope);
-            }
             if let Some(snapshot) = ready.snapshot_to_apply {
                 self.apply_snapshot(i, &snapshot);
             }
@@ -792,21 +781,17 @@ impl Actor<RaftCluster> for OneTask {
 }
 
 impl World for RaftCluster {
-    fn now(&self) -> u64 {
-        self.clock.now()
+    type Event = RaftEvent;
+
+    fn clock(&self) -> &Scheduler<RaftEvent> {
+        &self.clock
     }
 
-    fn next_event_time(&self) -> Option<u64> {
-        self.clock.next_time()
+    fn clock_mut(&mut self) -> &mut Scheduler<RaftEvent> {
+        &mut self.clock
     }
 
-    fn step_event(&mut self) {
-        if let Some(event) = self.clock.pop() {
-            self.handle_event(event);
-        }
-    }
-
-    fn advance_to(&mut self, t: u64) {
-        self.clock.advance_to(t);
+    fn handle_event(&mut self, event: RaftEvent) {
+        self.on_event(event);
     }
 }

@@ -7,7 +7,7 @@ use super::clock::Scheduler;
 use super::net::NetModel;
 use super::storage::MemStorage;
 use crate::raft::wire::encoded_len;
-use crate::raft::{Config, Envelope, RaftCore, RestoreError};
+use crate::raft::{Config, Envelope, RaftCore, Ready, RestoreError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -124,6 +124,25 @@ impl RaftNet {
             };
             clock.schedule(clock.now() + delay, E::from(event));
         }
+    }
+
+    /// The driver contract's first steps for server `i`: take its next `Ready`, persist it and send its
+    /// messages. Returns it (messages taken) for the world to apply, or `None` when nothing is ready.
+    pub fn next_ready<E: From<RaftEvent>>(
+        &mut self,
+        clock: &mut Scheduler<E>,
+        i: usize,
+    ) -> Option<Ready> {
+        let core = self.hosts[i].core.as_mut()?;
+        if !core.has_ready() {
+            return None;
+        }
+        let mut ready = core.ready();
+        self.hosts[i].storage.persist_ready(&ready);
+        for envelope in std::mem::take(&mut ready.messages) {
+            self.send(clock, envelope);
+        }
+        Some(ready)
     }
 
     /// Run one Raft event. Returns the server whose core it changed (its `Ready` must be handled now),

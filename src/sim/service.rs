@@ -107,9 +107,12 @@ enum Event<S: SimService> {
     },
 }
 
-impl<S: SimService> From<RaftEvent> for Event<S> {
+/// An event of a service world; opaque outside the simulator.
+pub struct ServiceEvent<S: SimService>(Event<S>);
+
+impl<S: SimService> From<RaftEvent> for ServiceEvent<S> {
     fn from(event: RaftEvent) -> Self {
-        Event::Raft(event)
+        ServiceEvent(Event::Raft(event))
     }
 }
 
@@ -125,7 +128,7 @@ struct Server<S: SimService> {
 /// A simulated cluster of one service. See the module documentation.
 pub struct ServiceCluster<S: SimService> {
     options: ServiceOptions,
-    clock: Scheduler<Event<S>>,
+    clock: Scheduler<ServiceEvent<S>>,
     raft: RaftNet,
     /// Randomness of the clerk-to-server links.
     client_rng: ChaCha8Rng,
@@ -395,13 +398,13 @@ impl<S: SimService> ServiceCluster<S> {
             let to_incarnation = self.raft.hosts[server].incarnation;
             self.clock.schedule(
                 self.clock.now() + delay,
-                Event::Request {
+                ServiceEvent(Event::Request {
                     clerk: clerk.index,
                     server,
                     to_incarnation,
                     id,
                     request,
-                },
+                }),
             );
         }
     }
@@ -410,12 +413,12 @@ impl<S: SimService> ServiceCluster<S> {
         if let Some(delay) = self.raft.net.fate(&mut self.client_rng, false) {
             self.clock.schedule(
                 self.clock.now() + delay,
-                Event::Reply {
+                ServiceEvent(Event::Reply {
                     clerk,
                     server,
                     id,
                     result,
-                },
+                }),
             );
         }
     }
@@ -480,18 +483,7 @@ impl<S: SimService> ServiceCluster<S> {
 
     /// The driver contract for server `i`: persist, send, apply; then answer clients and snapshot.
     fn drain_ready(&mut self, i: usize) {
-        loop {
-            let Some(core) = self.raft.hosts[i].core.as_mut() else {
-                return;
-            };
-            if !core.has_ready() {
-                return;
-            }
-            let ready = core.ready();
-            self.raft.hosts[i].storage.persist_ready(&ready);
-            for envelope in ready.messages {
-                self.raft.send(&mut self.clock, envelope);
-            }
+        while let Some(ready) = self.raft.next_ready(&mut self.clock, i) {
             let mut completions = Vec::new();
             let s = &mut self.servers[i];
             if let Some(snapshot) = &ready.snapshot_to_apply {
@@ -536,8 +528,8 @@ impl<S: SimService> ServiceCluster<S> {
         }
     }
 
-    fn handle_event(&mut self, event: Event<S>) {
-        match event {
+    fn on_event(&mut self, event: ServiceEvent<S>) {
+        match event.0 {
             Event::Raft(event) => match self.raft.handle(&mut self.clock, event) {
                 Ok(Some(server)) => self.drain_ready(server),
                 Ok(None) => {}
@@ -571,22 +563,18 @@ impl<S: SimService> ServiceCluster<S> {
 }
 
 impl<S: SimService> World for ServiceCluster<S> {
-    fn now(&self) -> u64 {
-        self.clock.now()
+    type Event = ServiceEvent<S>;
+
+    fn clock(&self) -> &Scheduler<ServiceEvent<S>> {
+        &self.clock
     }
 
-    fn next_event_time(&self) -> Option<u64> {
-        self.clock.next_time()
+    fn clock_mut(&mut self) -> &mut Scheduler<ServiceEvent<S>> {
+        &mut self.clock
     }
 
-    fn step_event(&mut self) {
-        if let Some(event) = self.clock.pop() {
-            self.handle_event(event);
-        }
-    }
-
-    fn advance_to(&mut self, t: u64) {
-        self.clock.advance_to(t);
+    fn handle_event(&mut self, event: ServiceEvent<S>) {
+        self.on_event(event);
     }
 }
 
