@@ -13,5 +13,5 @@ pub mod validate;
 
 pub use clerk::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 pub use server::{KvNode, KvNodeConfig};
-pub use service::{KvService, KvServiceConfig};
+pub use service::KvService;
 pub use state::{KvCommand, KvOutput, KvQuery, KvStore};

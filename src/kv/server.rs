@@ -5,9 +5,10 @@
 //! operator's input (flags, address in use, someone else's data dir) fails in `start`, before serving,
 //! so the daemon can report it as a usage error; `run` only fails if the node breaks while serving.
 
-use super::service::{KvService, KvServiceConfig, ServiceError};
+use super::service::KvService;
 use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
+use crate::rsm::service::{ServiceConfig, ServiceError};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,9 +38,9 @@ pub struct KvNodeConfig {
     pub peers: HashMap<NodeId, String>,
     /// sled data directory (created if missing).
     pub data_dir: PathBuf,
-    /// See [`KvServiceConfig::snapshot_threshold`].
+    /// See [`ServiceConfig::snapshot_threshold`].
     pub snapshot_threshold: u64,
-    /// See [`KvServiceConfig::request_timeout`].
+    /// See [`ServiceConfig::request_timeout`].
     pub request_timeout: Duration,
 }
 
@@ -127,7 +128,7 @@ impl KvNode {
             config.id,
             node.handle(),
             applied,
-            KvServiceConfig {
+            ServiceConfig {
                 request_timeout: config.request_timeout,
                 snapshot_threshold: config.snapshot_threshold,
                 addresses,

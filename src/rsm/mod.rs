@@ -24,6 +24,8 @@ use prost::Message as _;
 use std::collections::BTreeMap;
 use thiserror::Error;
 
+pub mod service;
+
 /// A deterministic state machine replicated through Raft.
 pub trait StateMachine {
     /// A command that changes state (goes through the log).

@@ -1,0 +1,422 @@
+//! The replicated state machine as a network service: client requests in, Raft proposals and ReadIndex
+//! reads out, for any [`StateMachine`]. The gRPC services of the KV store and the shard controller are thin
+//! translations around an [`RsmService`].
+//!
+//! Why it looks like this: all replication logic (exactly-once sessions, matching applied entries with
+//! waiting proposals, queueing reads until the ReadIndex is applied, snapshots) lives in the sans-IO
+//! [`Rsm`] so the simulator tests the same code. This module only adds I/O around it:
+//!
+//! - one **applier task** consumes the node's [`Applied`] stream, feeds it to the `Rsm` and takes a
+//!   snapshot when the persisted Raft state passes the threshold;
+//! - one **leadership watcher** tells the `Rsm` when this node stops leading, so waiting requests are sent
+//!   elsewhere at once instead of timing out;
+//! - each request registers a oneshot under a fresh [`Token`] and waits for its [`Completion`] or its
+//!   deadline, whichever comes first.
+//!
+//! The `Rsm` sits behind a std `Mutex` that is never held across an `.await`: every critical section is
+//! a few map operations (or one snapshot encoding), far shorter than a Raft round trip.
+
+use super::{Completion, Prepared, Rsm, RsmError, StateMachine, Token};
+use crate::raft::{Applied, NodeError, NodeId, NotLeader, RaftHandle, Role};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::Status;
+use tracing::{debug, info, warn, Instrument, Span};
+
+/// How the service behaves; the daemon fills it from its flags.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// A request not finished within this time is answered `TIMEOUT` (the client retries, possibly
+    /// elsewhere). Short enough that a client notices a dead leader quickly, long enough for a commit.
+    pub request_timeout: Duration,
+    /// Snapshot once the persisted Raft state (log + hard state) exceeds this many bytes; 0 never does.
+    pub snapshot_threshold: u64,
+    /// Every node's client-facing address (`host:port`), so a follower can tell clients where the leader is.
+    pub addresses: HashMap<NodeId, String>,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            request_timeout: Duration::from_secs(1),
+            snapshot_threshold: 8 << 20,
+            addresses: HashMap::new(),
+        }
+    }
+}
+
+/// The service's background work failed in a way that makes the replica unusable.
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    /// The log or a snapshot could not be applied (corrupt data or a driver bug): serving on would
+    /// return wrong answers, so the node must stop.
+    #[error("cannot apply the replicated log: {0}")]
+    Apply(#[from] RsmError),
+}
+
+/// How a waiting request ended.
+enum Reply<O> {
+    Done(O),
+    Retry,
+}
+
+struct Inner<S: StateMachine> {
+    rsm: Rsm<S>,
+    waiters: HashMap<Token, oneshot::Sender<Reply<S::Output>>>,
+    next_token: Token,
+    restored_snapshot_index: u64,
+    entries_applied: u64,
+    started: bool,
+}
+
+impl<S: StateMachine> Inner<S> {
+    fn register(&mut self) -> (Token, oneshot::Receiver<Reply<S::Output>>) {
+        self.next_token += 1;
+        let (tx, rx) = oneshot::channel();
+        self.waiters.insert(self.next_token, tx);
+        (self.next_token, rx)
+    }
+
+    fn complete(&mut self, completions: Vec<Completion<S::Output>>) {
+        for completion in completions {
+            let (token, reply) = match completion {
+                Completion::Done { token, output } => (token, Reply::Done(output)),
+                Completion::Retry { token } => (token, Reply::Retry),
+            };
+            if let Some(waiter) = self.waiters.remove(&token) {
+                // The request may have given up (deadline, client gone): nothing to do then.
+                let _ = waiter.send(reply);
+            }
+        }
+    }
+}
+
+struct Shared<S: StateMachine> {
+    inner: Mutex<Inner<S>>,
+}
+
+impl<S: StateMachine> Shared<S> {
+    fn lock(&self) -> MutexGuard<'_, Inner<S>> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters more
+        // than stopping would; keep serving.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Forgets a waiting request when its handler returns or is dropped (deadline or client cancellation),
+/// so the waiter table only holds requests someone still waits for.
+struct WaiterGuard<'a, S: StateMachine> {
+    shared: &'a Shared<S>,
+    token: Token,
+}
+
+impl<S: StateMachine> Drop for WaiterGuard<'_, S> {
+    fn drop(&mut self) {
+        self.shared.lock().waiters.remove(&self.token);
+    }
+}
+
+/// One node's replicated service: requests in, Raft proposals and reads out. Cheap to clone; a gRPC
+/// service wraps it and translates its [`Refusal`]s.
+pub struct RsmService<S: StateMachine> {
+    shared: Arc<Shared<S>>,
+    handle: RaftHandle,
+    config: Arc<ServiceConfig>,
+}
+
+impl<S: StateMachine> Clone for RsmService<S> {
+    fn clone(&self) -> Self {
+        RsmService {
+            shared: self.shared.clone(),
+            handle: self.handle.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Counters a status report shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Last applied log index.
+    pub applied: u64,
+    /// Client sessions in the dedup table.
+    pub sessions: u64,
+    /// Index of the snapshot loaded at start-up (0: none).
+    pub restored_snapshot_index: u64,
+    /// Entries applied since the process started (the replay after a restart shows here).
+    pub entries_applied: u64,
+}
+
+/// Why a request could not be served here; the gRPC layer turns it into an error code or a status.
+pub enum Refusal {
+    /// Not the leader (hint: who may be).
+    WrongLeader(Option<NodeId>),
+    /// Not finished within the request timeout.
+    Timeout,
+    /// Anything else, as a gRPC status.
+    Status(Status),
+}
+
+/// A state machine that can be served from tokio tasks: it and its commands, queries and outputs move
+/// between threads.
+pub trait ServedMachine:
+    StateMachine<Command: Send + 'static, Query: Send + 'static, Output: Send + 'static>
+    + Send
+    + 'static
+{
+}
+
+impl<S> ServedMachine for S where
+    S: StateMachine<Command: Send + 'static, Query: Send + 'static, Output: Send + 'static>
+        + Send
+        + 'static
+{
+}
+
+impl<S: ServedMachine> RsmService<S> {
+    /// Start serving on top of a running node: spawns the applier and the leadership watcher. `applied`
+    /// is the stream [`crate::raft::RaftNode::start`] returned. The returned task ends when the node
+    /// stops (`Ok`) or when the log cannot be applied (`Err`).
+    pub fn start(
+        span: Span,
+        machine: S,
+        handle: RaftHandle,
+        applied: mpsc::UnboundedReceiver<Applied>,
+        config: ServiceConfig,
+    ) -> (RsmService<S>, JoinHandle<Result<(), ServiceError>>) {
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                rsm: Rsm::new(machine),
+                waiters: HashMap::new(),
+                next_token: 0,
+                restored_snapshot_index: 0,
+                entries_applied: 0,
+                started: false,
+            }),
+        });
+        let config = Arc::new(config);
+        // One span for both tasks (it must have empty `term` and `role` fields); the watcher keeps them
+        // current, so every log line of the service says which node wrote it and what it was at the time.
+        tokio::spawn(
+            watch_leadership(shared.clone(), handle.clone(), span.clone()).instrument(span.clone()),
+        );
+        let applier = tokio::spawn(
+            apply_loop(shared.clone(), handle.clone(), applied, config.clone()).instrument(span),
+        );
+        (
+            RsmService {
+                shared,
+                handle,
+                config,
+            },
+            applier,
+        )
+    }
+
+    /// A leader id and client address to send a client to (0 and "" if unknown).
+    pub fn leader_hint(&self, hint: Option<NodeId>) -> (u64, String) {
+        let hint = hint.or(self.handle.status().raft.leader);
+        let address = hint
+            .and_then(|id| self.config.addresses.get(&id).cloned())
+            .unwrap_or_default();
+        (hint.unwrap_or(0), address)
+    }
+
+    fn refusal(error: NodeError) -> Refusal {
+        match error {
+            NodeError::NotLeader(NotLeader::NotLeader { leader_hint }) => {
+                Refusal::WrongLeader(leader_hint)
+            }
+            // The leader is handing over: whoever it hands to will lead shortly.
+            NodeError::NotLeader(NotLeader::TransferInProgress) => Refusal::WrongLeader(None),
+            NodeError::ReadAborted => Refusal::WrongLeader(None),
+            other => Refusal::Status(Status::unavailable(format!("node unavailable: {other}"))),
+        }
+    }
+
+    async fn wait(
+        &self,
+        token: Token,
+        rx: oneshot::Receiver<Reply<S::Output>>,
+        deadline: Instant,
+    ) -> Result<S::Output, Refusal> {
+        let _guard = WaiterGuard {
+            shared: &self.shared,
+            token,
+        };
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Reply::Done(output))) => Ok(output),
+            Ok(Ok(Reply::Retry)) => Err(Refusal::WrongLeader(None)),
+            // The waiter table was dropped: the service is shutting down.
+            Ok(Err(_)) => Err(Refusal::Status(Status::unavailable(
+                "service shutting down",
+            ))),
+            Err(_) => Err(Refusal::Timeout),
+        }
+    }
+
+    /// Apply `command` exactly once for (`client`, `seq`) and return its output.
+    pub async fn mutate(
+        &self,
+        client: u64,
+        seq: u64,
+        command: S::Command,
+    ) -> Result<S::Output, Refusal> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let bytes = match self.shared.lock().rsm.prepare(client, seq, &command) {
+            Prepared::Answered(output) => return Ok(output),
+            Prepared::Stale => {
+                return Err(Refusal::Status(Status::failed_precondition(format!(
+                    "stale request: client {client} already moved past sequence number {seq}"
+                ))))
+            }
+            Prepared::Propose(bytes) => bytes,
+        };
+        let (index, _term) =
+            match tokio::time::timeout_at(deadline, self.handle.propose(bytes)).await {
+                Ok(Ok(accepted)) => accepted,
+                Ok(Err(e)) => return Err(Self::refusal(e)),
+                Err(_) => return Err(Refusal::Timeout),
+            };
+        let (token, rx) = {
+            let mut inner = self.shared.lock();
+            let (token, rx) = inner.register();
+            if let Some(done) = inner.rsm.track(token, index, client, seq) {
+                inner.complete(vec![done]);
+            }
+            (token, rx)
+        };
+        self.wait(token, rx, deadline).await
+    }
+
+    /// Answer `query` linearizably (ReadIndex, no log write).
+    pub async fn read(&self, query: S::Query) -> Result<S::Output, Refusal> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let index = match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
+            Ok(Ok(index)) => index,
+            Ok(Err(e)) => return Err(Self::refusal(e)),
+            Err(_) => return Err(Refusal::Timeout),
+        };
+        let (token, rx) = {
+            let mut inner = self.shared.lock();
+            let (token, rx) = inner.register();
+            if let Some(done) = inner.rsm.read(token, index, query) {
+                inner.complete(vec![done]);
+            }
+            (token, rx)
+        };
+        self.wait(token, rx, deadline).await
+    }
+
+    /// The Raft node underneath.
+    pub fn handle(&self) -> &RaftHandle {
+        &self.handle
+    }
+
+    /// Counters for status reports.
+    pub fn stats(&self) -> ServiceStats {
+        let inner = self.shared.lock();
+        ServiceStats {
+            applied: inner.rsm.applied(),
+            sessions: inner.rsm.sessions() as u64,
+            restored_snapshot_index: inner.restored_snapshot_index,
+            entries_applied: inner.entries_applied,
+        }
+    }
+
+    /// Look at the state machine (for status reports; keep it short, the applier waits meanwhile).
+    pub fn with_machine<R>(&self, look: impl FnOnce(&S) -> R) -> R {
+        look(self.shared.lock().rsm.machine())
+    }
+}
+
+/// Largest number of queued apply batches handled under one lock.
+const APPLY_BATCH: usize = 64;
+
+async fn apply_loop<S: StateMachine>(
+    shared: Arc<Shared<S>>,
+    handle: RaftHandle,
+    mut applied: mpsc::UnboundedReceiver<Applied>,
+    config: Arc<ServiceConfig>,
+) -> Result<(), ServiceError> {
+    let mut last_compacted = 0;
+    while let Some(first) = applied.recv().await {
+        let snapshot = {
+            let mut inner = shared.lock();
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(item) = next.take() {
+                let completions = match item {
+                    Applied::Snapshot(snapshot) => {
+                        if !inner.started {
+                            inner.restored_snapshot_index = snapshot.meta.index;
+                        }
+                        info!(
+                            index = snapshot.meta.index,
+                            bytes = snapshot.data.len(),
+                            "loading snapshot"
+                        );
+                        inner.rsm.apply_snapshot(&snapshot)?
+                    }
+                    Applied::Entries(entries) => {
+                        inner.entries_applied += entries.len() as u64;
+                        inner.rsm.apply_entries(&entries)?
+                    }
+                };
+                inner.started = true;
+                inner.complete(completions);
+                taken += 1;
+                if taken < APPLY_BATCH {
+                    next = applied.try_recv().ok();
+                }
+            }
+            let status = handle.status();
+            let due = config.snapshot_threshold > 0
+                && status.raft_state_bytes > config.snapshot_threshold
+                // The previous compaction has reached the log (otherwise its bytes still count).
+                && status.raft.snapshot_index >= last_compacted
+                && inner.rsm.applied() > status.raft.snapshot_index;
+            due.then(|| inner.rsm.snapshot())
+        };
+        if let Some((index, data)) = snapshot {
+            debug!(index, bytes = data.len(), "taking a snapshot");
+            match handle.compact(index, data).await {
+                Ok(()) => last_compacted = index,
+                Err(e) => warn!(index, error = %e, "snapshot refused"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn watch_leadership<S: StateMachine>(shared: Arc<Shared<S>>, handle: RaftHandle, span: Span) {
+    let mut status = handle.subscribe();
+    let (mut role, mut term) = {
+        let s = status.borrow_and_update();
+        (s.raft.role, s.raft.term)
+    };
+    span.record("term", term);
+    span.record("role", tracing::field::display(role));
+    while status.changed().await.is_ok() {
+        let (now_role, now_term) = {
+            let s = status.borrow_and_update();
+            (s.raft.role, s.raft.term)
+        };
+        if (now_role, now_term) != (role, term) {
+            span.record("term", now_term);
+            span.record("role", tracing::field::display(now_role));
+        }
+        if role == Role::Leader && (now_role != Role::Leader || now_term != term) {
+            info!(term = now_term, role = %now_role, "lost leadership; sending waiting clients elsewhere");
+            let mut inner = shared.lock();
+            let retries = inner.rsm.leadership_lost();
+            inner.complete(retries);
+        }
+        (role, term) = (now_role, now_term);
+    }
+}
