@@ -3,7 +3,7 @@
 //! codes: 2 for anything the operator must fix before a start can succeed, 1 for a failure while serving.
 
 use clap::{Args, Parser, Subcommand};
-use ds824::kv::server::parse_peers;
+use ds824::kv::server::{parse_peers, ServiceRole};
 use ds824::kv::{KvNode, KvNodeConfig};
 use ds824::raft::NodeId;
 use std::collections::HashMap;
@@ -30,6 +30,22 @@ enum Role {
     /// Example: kvd kv --id 1 --listen 127.0.0.1:7001
     ///   --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data-dir /var/lib/kvd/1
     Kv(KvArgs),
+    /// Run one replica of the shard controller (the configurations of the sharded KV store). Raft peers
+    /// and controller clients share the port.
+    ///
+    /// Example: kvd ctrler --id 1 --listen 127.0.0.1:7101
+    ///   --peers 1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103 --data-dir /var/lib/kvd/ctrler-1
+    Ctrler(CtrlerArgs),
+}
+
+#[derive(Args)]
+struct CtrlerArgs {
+    #[command(flatten)]
+    replica: KvArgs,
+    /// Number of shards the key space is split into. Fixed when the controller cluster is created: every
+    /// replica must be started with the same value.
+    #[arg(long, default_value_t = ds824::ctrler::DEFAULT_SHARDS)]
+    shards: usize,
 }
 
 #[derive(Args)]
@@ -68,12 +84,22 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         match cli.role {
-            Role::Kv(args) => run_kv(args).await,
+            Role::Kv(args) => run_kv(args, ServiceRole::Kv).await,
+            Role::Ctrler(args) => {
+                if args.shards == 0 {
+                    eprintln!("kvd: error: --shards must be at least 1");
+                    return ExitCode::from(2);
+                }
+                let role = ServiceRole::Ctrler {
+                    shards: args.shards,
+                };
+                run_kv(args.replica, role).await
+            }
         }
     })
 }
 
-async fn run_kv(args: KvArgs) -> ExitCode {
+async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
     let listen = match tokio::net::lookup_host(&args.listen)
         .await
         .map(|mut a| a.next())
@@ -94,6 +120,7 @@ async fn run_kv(args: KvArgs) -> ExitCode {
         data_dir: args.data_dir,
         snapshot_threshold: args.snapshot_threshold,
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
+        role,
     };
     let node = match KvNode::start(config).await {
         Ok(node) => node,

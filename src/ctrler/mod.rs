@@ -3,6 +3,7 @@
 //! with the fewest moves; Move pins one shard; Query reads any configuration.
 
 pub mod rebalance;
+pub mod service;
 pub mod state;
 
 pub use state::{

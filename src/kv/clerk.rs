@@ -12,80 +12,13 @@
 //!   client id: use one `Clerk` per concurrent caller.
 
 use super::state::KvCommand;
-use super::validate::{validate_command, validate_key, InvalidInput};
+use super::validate::{validate_command, validate_key};
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_client::KvClient;
+use crate::rsm::client::{channel, new_client_id, status_attempt, Attempt, Replicas};
+pub use crate::rsm::client::{ClerkConfig, ClerkError};
 use std::time::Duration;
-use thiserror::Error;
-use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
-
-/// How hard a clerk tries.
-#[derive(Clone, Debug)]
-pub struct ClerkConfig {
-    /// Overall deadline of one call, retries included. After it, a mutation's fate is unknown.
-    pub call_timeout: Duration,
-    /// Deadline of one RPC attempt (the server answers `TIMEOUT` itself after its request timeout, so
-    /// this only guards against a server that stopped answering).
-    pub attempt_timeout: Duration,
-    /// Timeout of a TCP + HTTP/2 connection attempt.
-    pub connect_timeout: Duration,
-    /// First backoff after a full round of failures; doubles up to `max_backoff`.
-    pub min_backoff: Duration,
-    /// Longest backoff.
-    pub max_backoff: Duration,
-}
-
-impl Default for ClerkConfig {
-    fn default() -> Self {
-        ClerkConfig {
-            call_timeout: Duration::from_secs(10),
-            attempt_timeout: Duration::from_secs(3),
-            connect_timeout: Duration::from_millis(500),
-            min_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(500),
-        }
-    }
-}
-
-/// Why a call failed.
-#[derive(Debug, Error)]
-pub enum ClerkError {
-    /// The request itself is unacceptable; retrying cannot help.
-    #[error("invalid request: {0}")]
-    Invalid(#[from] InvalidInput),
-    /// A server address cannot be used.
-    #[error("invalid server address {address:?}: {detail}")]
-    Address {
-        /// The address.
-        address: String,
-        /// Why.
-        detail: String,
-    },
-    /// No server addresses were given.
-    #[error("no servers given")]
-    NoServers,
-    /// The call's deadline passed. For a mutation it may or may not have been applied.
-    #[error("no answer within {timeout:?} (last error: {last_error})")]
-    Timeout {
-        /// The deadline that passed.
-        timeout: Duration,
-        /// What the last attempt saw.
-        last_error: String,
-    },
-    /// The server could not be reached.
-    #[error("cannot reach {address}: {detail}")]
-    Unreachable {
-        /// The server.
-        address: String,
-        /// What the transport said.
-        detail: String,
-    },
-    /// A server refused the request for a reason retrying cannot fix.
-    #[error("server refused the request: {0}")]
-    Rejected(String),
-}
 
 /// The result of a compare-and-swap.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,74 +32,21 @@ pub enum CasOutcome {
     },
 }
 
-/// Most servers a clerk will remember (given ones plus those learned from hints).
-const MAX_SERVERS: usize = 64;
-
-struct Server {
-    address: String,
-    client: KvClient<Channel>,
-}
-
 /// A client of one KV cluster. See the module documentation.
 pub struct Clerk {
-    servers: Vec<Server>,
-    leader: usize,
-    /// Where the round-robin over servers stands, kept apart from hint jumps so that an unreachable
-    /// hinted address (e.g. a container-internal name seen from outside) cannot trap the clerk in a loop.
-    rotation: usize,
+    replicas: Replicas,
     client_id: u64,
     seq: u64,
-    config: ClerkConfig,
-}
-
-/// What one attempt learned.
-enum Attempt<T> {
-    Done(T),
-    /// Try this server next (a hint), or the next one in order.
-    Elsewhere(Option<String>, String),
 }
 
 impl Clerk {
     /// A clerk for the servers at `addresses` (`host:port`, or full `http://` URLs). Connections are made
     /// lazily, so an unreachable server does not fail construction.
     pub fn new(addresses: &[String], config: ClerkConfig) -> Result<Clerk, ClerkError> {
-        if addresses.is_empty() {
-            return Err(ClerkError::NoServers);
-        }
-        let mut servers = Vec::with_capacity(addresses.len());
-        for address in addresses {
-            servers.push(Self::connect(address, &config)?);
-        }
-        let mut client_id: u64 = rand::random();
-        while client_id == 0 {
-            client_id = rand::random();
-        }
         Ok(Clerk {
-            servers,
-            leader: 0,
-            rotation: 0,
-            client_id,
+            replicas: Replicas::new(addresses, config)?,
+            client_id: new_client_id(),
             seq: 0,
-            config,
-        })
-    }
-
-    fn connect(address: &str, config: &ClerkConfig) -> Result<Server, ClerkError> {
-        let url = if address.contains("://") {
-            address.to_string()
-        } else {
-            format!("http://{address}")
-        };
-        let endpoint = Endpoint::from_shared(url)
-            .map_err(|e| ClerkError::Address {
-                address: address.to_string(),
-                detail: e.to_string(),
-            })?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true);
-        Ok(Server {
-            address: address.to_string(),
-            client: KvClient::new(endpoint.connect_lazy()),
         })
     }
 
@@ -181,16 +61,18 @@ impl Clerk {
         let request = pb::GetRequest {
             key: key.to_string(),
         };
-        self.call(move |mut client, timeout| {
-            let request = request.clone();
-            async move {
-                let reply = tokio::time::timeout(timeout, client.get(request)).await;
-                Self::classify(reply, |r: pb::GetResponse| {
-                    (r.error, r.leader_address, r.found.then_some(r.value))
-                })
-            }
-        })
-        .await
+        self.replicas
+            .call(move |channel, timeout| {
+                let mut client = KvClient::new(channel);
+                let request = request.clone();
+                async move {
+                    let reply = tokio::time::timeout(timeout, client.get(request)).await;
+                    Self::classify(reply, |r: pb::GetResponse| {
+                        (r.error, r.leader_address, r.found.then_some(r.value))
+                    })
+                }
+            })
+            .await
     }
 
     /// Set `key` to `value`.
@@ -251,16 +133,18 @@ impl Clerk {
             seq: self.seq,
             command: Some(pb::Command::from(&command)),
         };
-        self.call(move |mut client, timeout| {
-            let request = request.clone();
-            async move {
-                let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
-                Self::classify(reply, |r: pb::MutateResponse| {
-                    (r.error, r.leader_address, r.outcome.unwrap_or_default())
-                })
-            }
-        })
-        .await
+        self.replicas
+            .call(move |channel, timeout| {
+                let mut client = KvClient::new(channel);
+                let request = request.clone();
+                async move {
+                    let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
+                    Self::classify(reply, |r: pb::MutateResponse| {
+                        (r.error, r.leader_address, r.outcome.unwrap_or_default())
+                    })
+                }
+            })
+            .await
     }
 
     /// Turn one RPC's result into done / try elsewhere / give up.
@@ -270,17 +154,7 @@ impl Clerk {
     ) -> Result<Attempt<T>, ClerkError> {
         let response = match reply {
             Err(_) => return Ok(Attempt::Elsewhere(None, "attempt timed out".into())),
-            Ok(Err(status)) => {
-                return match status.code() {
-                    Code::InvalidArgument | Code::FailedPrecondition | Code::Unimplemented => {
-                        Err(ClerkError::Rejected(status.message().to_string()))
-                    }
-                    _ => Ok(Attempt::Elsewhere(
-                        None,
-                        format!("{:?}: {}", status.code(), status.message()),
-                    )),
-                }
-            }
+            Ok(Err(status)) => return status_attempt(status),
             Ok(Ok(response)) => response.into_inner(),
         };
         let (error, leader_address, value) = parts(response);
@@ -294,66 +168,6 @@ impl Clerk {
             Err(_) => Attempt::Elsewhere(None, format!("unknown error code {error}")),
         })
     }
-
-    /// Run `attempt` against the cached leader, then elsewhere, until it succeeds or the deadline passes.
-    async fn call<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
-    where
-        F: Fn(KvClient<Channel>, Duration) -> Fut,
-        Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
-    {
-        let deadline = Instant::now() + self.config.call_timeout;
-        let mut backoff = self.config.min_backoff;
-        let mut failures_this_round = 0;
-        let mut failed_this_round: Vec<usize> = Vec::new();
-        let mut last_error = String::from("no attempt made");
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ClerkError::Timeout {
-                    timeout: self.config.call_timeout,
-                    last_error,
-                });
-            }
-            let timeout = self.config.attempt_timeout.min(deadline - now);
-            let client = self.servers[self.leader].client.clone();
-            match attempt(client, timeout).await? {
-                Attempt::Done(value) => return Ok(value),
-                Attempt::Elsewhere(hint, error) => {
-                    last_error = format!("{}: {error}", self.servers[self.leader].address);
-                    failures_this_round += 1;
-                    failed_this_round.push(self.leader);
-                    match hint.and_then(|h| self.server_index(&h)) {
-                        Some(next) if !failed_this_round.contains(&next) => self.leader = next,
-                        _ => {
-                            self.rotation = (self.rotation + 1) % self.servers.len();
-                            self.leader = self.rotation;
-                        }
-                    }
-                    if failures_this_round >= self.servers.len() {
-                        failures_this_round = 0;
-                        failed_this_round.clear();
-                        let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
-                        tokio::time::sleep(pause).await;
-                        backoff = (backoff * 2).min(self.config.max_backoff);
-                    }
-                }
-            }
-        }
-    }
-
-    /// The index of the server at `address`, added to the list if the cluster knows a server we did not
-    /// (up to a bound, so a confused server cannot make the list grow without end).
-    fn server_index(&mut self, address: &str) -> Option<usize> {
-        if let Some(i) = self.servers.iter().position(|s| s.address == address) {
-            return Some(i);
-        }
-        if self.servers.len() >= MAX_SERVERS {
-            return None;
-        }
-        let server = Self::connect(address, &self.config).ok()?;
-        self.servers.push(server);
-        Some(self.servers.len() - 1)
-    }
 }
 
 /// Ask one node for its status (no retries: an operator wants to see which nodes are down).
@@ -365,7 +179,7 @@ pub async fn node_status(
         connect_timeout: timeout,
         ..ClerkConfig::default()
     };
-    let mut client = Clerk::connect(address, &config)?.client;
+    let mut client = KvClient::new(channel(address, &config)?);
     match tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) if status.code() == Code::Unavailable => Err(ClerkError::Unreachable {
@@ -387,6 +201,7 @@ pub async fn node_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::Instant;
 
     #[tokio::test]
     async fn construction_and_local_validation() {

@@ -6,6 +6,8 @@
 //! so the daemon can report it as a usage error; `run` only fails if the node breaks while serving.
 
 use super::service::KvService;
+use crate::ctrler::service::CtrlerService;
+use crate::proto::ctrler::ctrler_server::CtrlerServer;
 use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
 use crate::rsm::service::{ServiceConfig, ServiceError};
@@ -20,8 +22,33 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info};
 
-/// Name stored in every KV data directory, so a directory of another service is refused.
-pub const CLUSTER_NAME: &str = "kv";
+/// Which replicated service a node runs. The storage identity records it, so a data directory of one
+/// role is never opened by another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceRole {
+    /// The key/value store.
+    Kv,
+    /// The shard controller, with the shard count fixed at creation.
+    Ctrler {
+        /// Number of shards.
+        shards: usize,
+    },
+}
+
+impl ServiceRole {
+    /// The cluster name stored in the data directory's identity.
+    pub fn cluster_name(&self) -> &'static str {
+        match self {
+            ServiceRole::Kv => "kv",
+            ServiceRole::Ctrler { .. } => "ctrler",
+        }
+    }
+}
+
+enum Served {
+    Kv(KvService),
+    Ctrler(CtrlerService),
+}
 
 /// Largest gRPC message a client may send (a maximal value plus framing).
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
@@ -42,6 +69,8 @@ pub struct KvNodeConfig {
     pub snapshot_threshold: u64,
     /// See [`ServiceConfig::request_timeout`].
     pub request_timeout: Duration,
+    /// Which service this replica runs.
+    pub role: ServiceRole,
 }
 
 /// Why a replica could not start; each is the operator's to fix.
@@ -85,7 +114,7 @@ pub struct KvNode {
     id: NodeId,
     listener: TcpListener,
     node: RaftNode,
-    service: KvService,
+    service: Served,
     applier: JoinHandle<Result<(), ServiceError>>,
 }
 
@@ -116,7 +145,7 @@ impl KvNode {
             .map(|(&id, address)| (id, format!("http://{address}")))
             .collect();
         let identity = Identity {
-            cluster: CLUSTER_NAME.into(),
+            cluster: config.role.cluster_name().into(),
             node: config.id,
         };
         let data_dir = config.data_dir.clone();
@@ -124,16 +153,23 @@ impl KvNode {
             .await
             .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
         let (node, applied) = RaftNode::start(NodeConfig::new(config.id, raft_peers), storage)?;
-        let (service, applier) = KvService::start(
-            config.id,
-            node.handle(),
-            applied,
-            ServiceConfig {
-                request_timeout: config.request_timeout,
-                snapshot_threshold: config.snapshot_threshold,
-                addresses,
-            },
-        );
+        let service_config = ServiceConfig {
+            request_timeout: config.request_timeout,
+            snapshot_threshold: config.snapshot_threshold,
+            addresses,
+        };
+        let (service, applier) = match config.role {
+            ServiceRole::Kv => {
+                let (service, applier) =
+                    KvService::start(config.id, node.handle(), applied, service_config);
+                (Served::Kv(service), applier)
+            }
+            ServiceRole::Ctrler { shards } => {
+                let (service, applier) =
+                    CtrlerService::start(config.id, shards, node.handle(), applied, service_config);
+                (Served::Ctrler(service), applier)
+            }
+        };
         Ok(KvNode {
             id: config.id,
             listener,
@@ -159,13 +195,19 @@ impl KvNode {
             mut applier,
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder()
-            .add_service(node.service())
-            .add_service(
+        let router = tonic::transport::Server::builder().add_service(node.service());
+        let router = match service {
+            Served::Kv(service) => router.add_service(
                 KvServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            );
+            ),
+            Served::Ctrler(service) => router.add_service(
+                CtrlerServer::new(service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            ),
+        };
         let mut server = tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

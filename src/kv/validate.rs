@@ -64,6 +64,12 @@ pub fn validate_command(command: &KvCommand) -> Result<(), InvalidInput> {
     }
 }
 
+impl From<InvalidInput> for crate::rsm::client::ClerkError {
+    fn from(e: InvalidInput) -> Self {
+        crate::rsm::client::ClerkError::Invalid(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

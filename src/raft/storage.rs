@@ -159,6 +159,24 @@ fn chunk_key(generation: u64, chunk: u64) -> [u8; 16] {
     key
 }
 
+/// Open the sled database, waiting briefly if its lock is held: a handle dropped a moment ago in this
+/// process releases the lock only when sled's background flusher has stopped. A lock that stays held
+/// (another live process) is still an error after the wait.
+fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Raft state in a sled database. See the module documentation for the layout.
 pub struct SledStorage {
     dir: PathBuf,
@@ -175,13 +193,10 @@ impl SledStorage {
     /// or holding data without an identity, is refused rather than reused.
     pub fn open(dir: impl AsRef<Path>, identity: &Identity) -> Result<Self, StorageError> {
         let dir = dir.as_ref().to_path_buf();
-        let db = sled::Config::new()
-            .path(&dir)
-            .open()
-            .map_err(|source| StorageError::Open {
-                dir: dir.clone(),
-                source,
-            })?;
+        let db = open_db(&dir).map_err(|source| StorageError::Open {
+            dir: dir.clone(),
+            source,
+        })?;
         let io = |source| StorageError::Io {
             dir: dir.clone(),
             source,

@@ -24,6 +24,7 @@ use prost::Message as _;
 use std::collections::BTreeMap;
 use thiserror::Error;
 
+pub mod client;
 pub mod service;
 
 /// A deterministic state machine replicated through Raft.

@@ -1,0 +1,106 @@
+//! The `Ctrler` gRPC service: validation and translation around an [`RsmService`] of the [`ShardCtrler`].
+//! Replication, exactly-once and linearizable queries come from [`crate::rsm`].
+
+use super::state::{config_to_proto, CtrlerCommand, CtrlerOutput, CtrlerQuery, ShardCtrler};
+use crate::proto::ctrler as pb;
+use crate::proto::ctrler::ctrler_server::Ctrler;
+use crate::raft::{Applied, NodeId, RaftHandle};
+use crate::rsm::service::{Refusal, RsmService, ServiceConfig, ServiceError};
+use crate::rsm::StateMachine;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status};
+use tracing::field::Empty;
+use tracing::info_span;
+
+/// The `Ctrler` service of one controller node.
+#[derive(Clone)]
+pub struct CtrlerService {
+    service: RsmService<ShardCtrler>,
+}
+
+impl CtrlerService {
+    /// Start serving on top of a running node (see [`RsmService::start`]); `shards` is the shard count
+    /// fixed when the controller cluster is created.
+    pub fn start(
+        id: NodeId,
+        shards: usize,
+        handle: RaftHandle,
+        applied: mpsc::UnboundedReceiver<Applied>,
+        config: ServiceConfig,
+    ) -> (CtrlerService, JoinHandle<Result<(), ServiceError>>) {
+        let span = info_span!("ctrler", node = id, term = Empty, role = Empty);
+        let (service, applier) =
+            RsmService::start(span, ShardCtrler::new(shards), handle, applied, config);
+        (CtrlerService { service }, applier)
+    }
+
+    fn respond(
+        &self,
+        result: Result<CtrlerOutput, Refusal>,
+    ) -> Result<Response<pb::ConfigResponse>, Status> {
+        let mut response = pb::ConfigResponse::default();
+        match result {
+            Ok(Ok(config)) => response.config = Some(config_to_proto(&config)),
+            Ok(Err(refusal)) => {
+                response.set_error(pb::ErrorCode::Refused);
+                response.refusal = refusal;
+            }
+            Err(Refusal::WrongLeader(hint)) => {
+                response.set_error(pb::ErrorCode::WrongLeader);
+                (response.leader_hint, response.leader_address) = self.service.leader_hint(hint);
+            }
+            Err(Refusal::Timeout) => response.set_error(pb::ErrorCode::Timeout),
+            Err(Refusal::Status(status)) => return Err(status),
+        }
+        Ok(Response::new(response))
+    }
+}
+
+#[tonic::async_trait]
+impl Ctrler for CtrlerService {
+    async fn command(
+        &self,
+        request: Request<pb::CommandRequest>,
+    ) -> Result<Response<pb::ConfigResponse>, Status> {
+        let request = request.into_inner();
+        if request.client_id == 0 || request.seq == 0 {
+            return Err(Status::invalid_argument(
+                "client_id and seq must be non-zero (seq counts 1, 2, ... per client)",
+            ));
+        }
+        let command = request
+            .command
+            .ok_or_else(|| Status::invalid_argument("missing command"))
+            .and_then(|c| {
+                use prost::Message as _;
+                ShardCtrler::decode_command(&c.encode_to_vec())
+                    .map_err(|e| Status::invalid_argument(e.to_string()))
+            })?;
+        if let CtrlerCommand::Join(groups) = &command {
+            if groups
+                .values()
+                .flatten()
+                .any(|s| s.is_empty() || s.len() > 1024)
+            {
+                return Err(Status::invalid_argument(
+                    "server addresses must be 1 to 1024 bytes",
+                ));
+            }
+        }
+        let result = self
+            .service
+            .mutate(request.client_id, request.seq, command)
+            .await;
+        self.respond(result)
+    }
+
+    async fn query(
+        &self,
+        request: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::ConfigResponse>, Status> {
+        let num = u64::try_from(request.into_inner().num).ok();
+        let result = self.service.read(CtrlerQuery(num)).await;
+        self.respond(result)
+    }
+}

@@ -1,0 +1,233 @@
+//! Talking to a replicated service from outside: the part of every clerk that is not about the
+//! service's own requests.
+//!
+//! [`Replicas`] keeps the servers of one Raft group, **caches the leader** (the server that last answered),
+//! **follows hints** (a wrong-leader answer may name the leader's address; an unknown one is added, up to a
+//! bound), and **retries** on timeouts, wrong leaders and unreachable servers: the next server in a
+//! round-robin kept apart from hint jumps (so an unreachable hinted address, e.g. a container-internal
+//! name seen from outside, cannot trap it), with exponential backoff after every full round, until the
+//! per-call deadline. Service clerks (KV, controller) add their requests and error codes on top.
+
+use std::time::Duration;
+use thiserror::Error;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// How hard a clerk tries.
+#[derive(Clone, Debug)]
+pub struct ClerkConfig {
+    /// Overall deadline of one call, retries included. After it, a mutation's fate is unknown.
+    pub call_timeout: Duration,
+    /// Deadline of one RPC attempt (the server answers `TIMEOUT` itself after its request timeout, so
+    /// this only guards against a server that stopped answering).
+    pub attempt_timeout: Duration,
+    /// Timeout of a TCP + HTTP/2 connection attempt.
+    pub connect_timeout: Duration,
+    /// First backoff after a full round of failures; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest backoff.
+    pub max_backoff: Duration,
+}
+
+impl Default for ClerkConfig {
+    fn default() -> Self {
+        ClerkConfig {
+            call_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_millis(500),
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Error)]
+pub enum ClerkError {
+    /// The request itself is unacceptable; retrying cannot help.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A server address cannot be used.
+    #[error("invalid server address {address:?}: {detail}")]
+    Address {
+        /// The address.
+        address: String,
+        /// Why.
+        detail: String,
+    },
+    /// No server addresses were given.
+    #[error("no servers given")]
+    NoServers,
+    /// The call's deadline passed. For a mutation it may or may not have been applied.
+    #[error("no answer within {timeout:?} (last error: {last_error})")]
+    Timeout {
+        /// The deadline that passed.
+        timeout: Duration,
+        /// What the last attempt saw.
+        last_error: String,
+    },
+    /// The server could not be reached.
+    #[error("cannot reach {address}: {detail}")]
+    Unreachable {
+        /// The server.
+        address: String,
+        /// What the transport said.
+        detail: String,
+    },
+    /// A server refused the request for a reason retrying cannot fix.
+    #[error("server refused the request: {0}")]
+    Rejected(String),
+}
+
+/// Most servers a clerk will remember (given ones plus those learned from hints).
+const MAX_SERVERS: usize = 64;
+
+struct Server {
+    address: String,
+    channel: Channel,
+}
+
+/// What one attempt learned.
+pub enum Attempt<T> {
+    /// Served.
+    Done(T),
+    /// Try this server next (a hint), or the next one in order.
+    /// Not served here: try the hinted address (if any) or the next server; the text says why.
+    Elsewhere(Option<String>, String),
+}
+
+/// The servers of one group and where a request should go next. See the module documentation.
+pub struct Replicas {
+    servers: Vec<Server>,
+    leader: usize,
+    rotation: usize,
+    config: ClerkConfig,
+}
+
+impl Replicas {
+    /// Servers at `addresses` (`host:port` or URLs). Connections are made lazily.
+    pub fn new(addresses: &[String], config: ClerkConfig) -> Result<Replicas, ClerkError> {
+        if addresses.is_empty() {
+            return Err(ClerkError::NoServers);
+        }
+        let servers = addresses
+            .iter()
+            .map(|address| Self::connect(address, &config))
+            .collect::<Result<_, _>>()?;
+        Ok(Replicas {
+            servers,
+            leader: 0,
+            rotation: 0,
+            config,
+        })
+    }
+
+    fn connect(address: &str, config: &ClerkConfig) -> Result<Server, ClerkError> {
+        Ok(Server {
+            address: address.to_string(),
+            channel: channel(address, config)?,
+        })
+    }
+
+    /// Run `attempt` against the cached leader, then elsewhere, until it succeeds or the deadline passes.
+    pub async fn call<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
+    {
+        let deadline = Instant::now() + self.config.call_timeout;
+        let mut backoff = self.config.min_backoff;
+        let mut failures_this_round = 0;
+        let mut failed_this_round: Vec<usize> = Vec::new();
+        let mut last_error = String::from("no attempt made");
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClerkError::Timeout {
+                    timeout: self.config.call_timeout,
+                    last_error,
+                });
+            }
+            let timeout = self.config.attempt_timeout.min(deadline - now);
+            let client = self.servers[self.leader].channel.clone();
+            match attempt(client, timeout).await? {
+                Attempt::Done(value) => return Ok(value),
+                Attempt::Elsewhere(hint, error) => {
+                    last_error = format!("{}: {error}", self.servers[self.leader].address);
+                    failures_this_round += 1;
+                    failed_this_round.push(self.leader);
+                    match hint.and_then(|h| self.server_index(&h)) {
+                        Some(next) if !failed_this_round.contains(&next) => self.leader = next,
+                        _ => {
+                            self.rotation = (self.rotation + 1) % self.servers.len();
+                            self.leader = self.rotation;
+                        }
+                    }
+                    if failures_this_round >= self.servers.len() {
+                        failures_this_round = 0;
+                        failed_this_round.clear();
+                        let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                        tokio::time::sleep(pause).await;
+                        backoff = (backoff * 2).min(self.config.max_backoff);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The index of the server at `address`, added to the list if the cluster knows a server we did not
+    /// (up to a bound, so a confused server cannot make the list grow without end).
+    fn server_index(&mut self, address: &str) -> Option<usize> {
+        if let Some(i) = self.servers.iter().position(|s| s.address == address) {
+            return Some(i);
+        }
+        if self.servers.len() >= MAX_SERVERS {
+            return None;
+        }
+        let server = Self::connect(address, &self.config).ok()?;
+        self.servers.push(server);
+        Some(self.servers.len() - 1)
+    }
+}
+
+/// A lazily connected channel to one server (`host:port` or a URL).
+pub fn channel(address: &str, config: &ClerkConfig) -> Result<Channel, ClerkError> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|e| ClerkError::Address {
+            address: address.to_string(),
+            detail: e.to_string(),
+        })?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_lazy())
+}
+
+/// How a gRPC error status should be treated: the server refused the request itself (final), or this
+/// server could not serve it (try elsewhere).
+pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
+    match status.code() {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::Unimplemented => {
+            Err(ClerkError::Rejected(status.message().to_string()))
+        }
+        _ => Ok(Attempt::Elsewhere(
+            None,
+            format!("{:?}: {}", status.code(), status.message()),
+        )),
+    }
+}
+
+/// A random, non-zero client id (the session key in a service's dedup table).
+pub fn new_client_id() -> u64 {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    }
+}
