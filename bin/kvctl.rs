@@ -30,6 +30,14 @@ struct Cli {
     /// Give up on a request after this many milliseconds, retries included.
     #[arg(long, default_value_t = 10_000, global = true)]
     timeout_ms: u64,
+    /// The shard controllers as HOST:PORT, comma-separated (for `kvctl ctrler ...`).
+    #[arg(
+        long,
+        env = "KVCTL_CTRLERS",
+        global = true,
+        default_value = "127.0.0.1:7101"
+    )]
+    ctrlers: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,6 +94,11 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         budget_secs: u64,
     },
+    /// Manage the shard controller (see `kvctl ctrler --help`); uses --ctrlers / KVCTL_CTRLERS.
+    Ctrler {
+        #[command(subcommand)]
+        op: CtrlerOp,
+    },
     /// Measure throughput and latency with concurrent clients.
     Bench {
         /// Concurrent clients (each its own session).
@@ -103,6 +116,39 @@ enum Command {
         /// Bytes per value.
         #[arg(long, default_value_t = 32)]
         value_size: usize,
+    },
+}
+
+/// Shard controller operations.
+#[derive(Subcommand)]
+enum CtrlerOp {
+    /// Add replica groups, each as GID=HOST:PORT,HOST:PORT,... (several at once allowed). Prints the new
+    /// configuration.
+    Join {
+        /// Groups, e.g. 101=kvs1:7201,kvs2:7201,kvs3:7201
+        #[arg(required = true, value_name = "GID=SERVERS")]
+        groups: Vec<String>,
+    },
+    /// Remove replica groups; their shards move to the others. Prints the new configuration.
+    Leave {
+        /// Group ids.
+        #[arg(required = true)]
+        gids: Vec<u64>,
+    },
+    /// Give SHARD to group GID (rebalancing will not undo it). Prints the new configuration.
+    Move {
+        /// The shard number.
+        shard: u64,
+        /// The group id.
+        gid: u64,
+    },
+    /// Print configuration NUM (default: the latest).
+    Query {
+        /// Configuration number.
+        num: Option<u64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -139,7 +185,12 @@ async fn run(cli: Cli) -> u8 {
         ..ClerkConfig::default()
     };
     let clerk = || Clerk::new(&cluster, config.clone());
+    if let Command::Ctrler { op } = cli.command {
+        let ctrlers = kvctl::parse_cluster(&cli.ctrlers);
+        return kvctl::ctrler::run(&ctrlers, config, op.into()).await;
+    }
     match cli.command {
+        Command::Ctrler { .. } => EXIT_ERROR,
         Command::Get { key } => match clerk() {
             Ok(mut c) => match c.get(&key).await {
                 Ok(Some(value)) => {
@@ -256,5 +307,16 @@ fn done(result: Result<(), ClerkError>) -> u8 {
     match result {
         Ok(()) => EXIT_OK,
         Err(e) => fail(e),
+    }
+}
+
+impl From<CtrlerOp> for kvctl::ctrler::Op {
+    fn from(op: CtrlerOp) -> Self {
+        match op {
+            CtrlerOp::Join { groups } => kvctl::ctrler::Op::Join(groups),
+            CtrlerOp::Leave { gids } => kvctl::ctrler::Op::Leave(gids),
+            CtrlerOp::Move { shard, gid } => kvctl::ctrler::Op::Move(shard, gid),
+            CtrlerOp::Query { num, json } => kvctl::ctrler::Op::Query(num, json),
+        }
     }
 }

@@ -23,6 +23,8 @@ struct Cluster {
     addrs: Vec<String>,
     children: Vec<Option<Child>>,
     snapshot_threshold: u64,
+    /// `kv` or `ctrler`: which `kvd` subcommand the nodes run.
+    role: &'static str,
 }
 
 fn free_port() -> u16 {
@@ -32,6 +34,10 @@ fn free_port() -> u16 {
 
 impl Cluster {
     fn start(n: usize, snapshot_threshold: u64) -> Cluster {
+        Self::start_role("kv", n, snapshot_threshold)
+    }
+
+    fn start_role(role: &'static str, n: usize, snapshot_threshold: u64) -> Cluster {
         let mut cluster = Cluster {
             dir: tempfile::tempdir().expect("temp dir"),
             addrs: (0..n)
@@ -39,6 +45,7 @@ impl Cluster {
                 .collect(),
             children: (0..n).map(|_| None).collect(),
             snapshot_threshold,
+            role,
         };
         for i in 0..n {
             cluster.start_node(i);
@@ -67,7 +74,7 @@ impl Cluster {
             .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_kvd"))
             .args([
-                "kv",
+                self.role,
                 "--id",
                 &(i + 1).to_string(),
                 "--listen",
@@ -695,4 +702,65 @@ async fn kvd_refuses_another_nodes_data_dir() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("belongs to node 1"), "{err}");
+}
+
+fn kvctl_ctrler(ctrlers: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .args(["--ctrlers", ctrlers, "--timeout-ms", "10000", "ctrler"])
+        .args(args)
+        .output()
+        .expect("run kvctl")
+}
+
+/// Three `kvd ctrler` processes driven through `kvctl ctrler`: joins rebalance, bad commands are refused
+/// with a reason, the configuration survives SIGKILL of any node, and leaves move shards back.
+#[test]
+fn ctrler_daemons_manage_configurations_through_kvctl() {
+    let mut cluster = Cluster::start_role("ctrler", 3, 8 << 20);
+    let ctrlers = cluster.addrs.join(",");
+    let joined = kvctl_ctrler(&ctrlers, &["join", "101=a:1,b:1,c:1", "102=d:1,e:1,f:1"]);
+    assert!(joined.status.success(), "join failed: {}", stderr(&joined));
+    let text = stdout(&joined);
+    assert!(text.contains("config 1"), "{text}");
+    assert!(
+        text.contains("group 101: 5 shards, servers a:1,b:1,c:1"),
+        "{text}"
+    );
+    assert!(text.contains("group 102: 5 shards"), "{text}");
+
+    // A command the state machine refuses comes back with its reason and exit status 2.
+    let again = kvctl_ctrler(&ctrlers, &["join", "101=x:1"]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        stderr(&again).contains("already joined"),
+        "{}",
+        stderr(&again)
+    );
+    let bad = kvctl_ctrler(&ctrlers, &["join", "nonsense"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("GID=HOST:PORT"), "{}", stderr(&bad));
+
+    // Any single node may die; the survivors answer with the same configuration.
+    for victim in 0..3 {
+        cluster.kill(victim);
+        let query = kvctl_ctrler(&ctrlers, &["query", "--json"]);
+        assert!(query.status.success(), "query failed: {}", stderr(&query));
+        let config: serde_json::Value = serde_json::from_str(&stdout(&query)).expect("json");
+        assert_eq!(config["num"], 1, "{config}");
+        cluster.start_node(victim);
+    }
+
+    let moved = kvctl_ctrler(&ctrlers, &["move", "0", "102"]);
+    assert!(moved.status.success(), "{}", stderr(&moved));
+    let left = kvctl_ctrler(&ctrlers, &["leave", "102"]);
+    assert!(left.status.success(), "{}", stderr(&left));
+    let query = kvctl_ctrler(&ctrlers, &["query", "--json"]);
+    let config: serde_json::Value = serde_json::from_str(&stdout(&query)).expect("json");
+    assert_eq!(config["num"], 3, "{config}");
+    let shards = config["shards"].as_array().expect("shards");
+    assert!(shards.iter().all(|g| g == 101), "{config}");
+    // Historical configurations stay queryable.
+    let first = kvctl_ctrler(&ctrlers, &["query", "1", "--json"]);
+    let first: serde_json::Value = serde_json::from_str(&stdout(&first)).expect("json");
+    assert_eq!(first["num"], 1, "{first}");
 }

@@ -2,10 +2,12 @@
 //! replica group serves which shard. Join and Leave rebalance deterministically, as evenly as possible and
 //! with the fewest moves; Move pins one shard; Query reads any configuration.
 
+pub mod client;
 pub mod rebalance;
 pub mod service;
 pub mod state;
 
+pub use client::CtrlerClerk;
 pub use state::{
     Config, CtrlerCommand, CtrlerOutput, CtrlerQuery, Gid, ShardCtrler, DEFAULT_SHARDS,
 };

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod check;
+pub mod ctrler;
 pub mod status;
 
 /// Exit code: success.

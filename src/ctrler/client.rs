@@ -1,0 +1,108 @@
+//! The controller's client library: join, leave, move and query against a controller cluster, with the
+//! leader chasing and retries of [`crate::rsm::client`] and exactly-once commands (client id, seq).
+
+use super::state::{config_from_proto, Config, CtrlerCommand, Gid, ShardCtrler};
+use crate::proto::ctrler as pb;
+use crate::proto::ctrler::ctrler_client::CtrlerClient;
+use crate::rsm::client::{
+    new_client_id, status_attempt, Attempt, ClerkConfig, ClerkError, Replicas,
+};
+use crate::rsm::StateMachine;
+use prost::Message as _;
+use std::collections::BTreeMap;
+
+/// A client of one controller cluster. One outstanding request per clerk (methods take `&mut self`).
+pub struct CtrlerClerk {
+    replicas: Replicas,
+    client_id: u64,
+    seq: u64,
+}
+
+impl CtrlerClerk {
+    /// A clerk for the controllers at `addresses`.
+    pub fn new(addresses: &[String], config: ClerkConfig) -> Result<CtrlerClerk, ClerkError> {
+        Ok(CtrlerClerk {
+            replicas: Replicas::new(addresses, config)?,
+            client_id: new_client_id(),
+            seq: 0,
+        })
+    }
+
+    /// Add groups (gid → server addresses); returns the new configuration.
+    pub async fn join(&mut self, groups: BTreeMap<Gid, Vec<String>>) -> Result<Config, ClerkError> {
+        self.command(CtrlerCommand::Join(groups)).await
+    }
+
+    /// Remove groups; returns the new configuration.
+    pub async fn leave(&mut self, gids: Vec<Gid>) -> Result<Config, ClerkError> {
+        self.command(CtrlerCommand::Leave(gids)).await
+    }
+
+    /// Give `shard` to `gid`; returns the new configuration.
+    pub async fn move_shard(&mut self, shard: u64, gid: Gid) -> Result<Config, ClerkError> {
+        self.command(CtrlerCommand::Move { shard, gid }).await
+    }
+
+    /// Configuration `num`, or the latest for `None`.
+    pub async fn query(&mut self, num: Option<u64>) -> Result<Config, ClerkError> {
+        let request = pb::QueryRequest {
+            num: num.and_then(|n| i64::try_from(n).ok()).unwrap_or(-1),
+        };
+        self.replicas
+            .call(move |channel, timeout| {
+                let request = request.clone();
+                async move {
+                    let mut client = CtrlerClient::new(channel);
+                    classify(tokio::time::timeout(timeout, client.query(request)).await)
+                }
+            })
+            .await
+    }
+
+    async fn command(&mut self, command: CtrlerCommand) -> Result<Config, ClerkError> {
+        self.seq += 1;
+        let encoded = ShardCtrler::encode_command(&command);
+        let command = pb::Command::decode(encoded.as_ref())
+            .map_err(|e| ClerkError::Invalid(e.to_string()))?;
+        let request = pb::CommandRequest {
+            client_id: self.client_id,
+            seq: self.seq,
+            command: Some(command),
+        };
+        self.replicas
+            .call(move |channel, timeout| {
+                let request = request.clone();
+                async move {
+                    let mut client = CtrlerClient::new(channel);
+                    classify(tokio::time::timeout(timeout, client.command(request)).await)
+                }
+            })
+            .await
+    }
+}
+
+fn classify(
+    reply: Result<
+        Result<tonic::Response<pb::ConfigResponse>, tonic::Status>,
+        tokio::time::error::Elapsed,
+    >,
+) -> Result<Attempt<Config>, ClerkError> {
+    let response = match reply {
+        Err(_) => return Ok(Attempt::Elsewhere(None, "attempt timed out".into())),
+        Ok(Err(status)) => return status_attempt(status),
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    Ok(match pb::ErrorCode::try_from(response.error) {
+        Ok(pb::ErrorCode::Ok) => match response.config {
+            Some(config) => Attempt::Done(config_from_proto(config)),
+            None => Attempt::Elsewhere(None, "answer without a configuration".into()),
+        },
+        Ok(pb::ErrorCode::Refused) => return Err(ClerkError::Rejected(response.refusal)),
+        Ok(pb::ErrorCode::WrongLeader) => Attempt::Elsewhere(
+            (!response.leader_address.is_empty()).then_some(response.leader_address),
+            "wrong leader".into(),
+        ),
+        Ok(pb::ErrorCode::Timeout) => Attempt::Elsewhere(None, "server timed out".into()),
+        Err(_) => Attempt::Elsewhere(None, format!("unknown error code {}", response.error)),
+    })
+}
