@@ -49,12 +49,9 @@ impl CtrlerClerk {
             num: num.and_then(|n| i64::try_from(n).ok()).unwrap_or(-1),
         };
         self.replicas
-            .call(move |channel, timeout| {
-                let request = request.clone();
-                async move {
-                    let mut client = CtrlerClient::new(channel);
-                    classify(tokio::time::timeout(timeout, client.query(request)).await)
-                }
+            .call(move |channel, timeout| async move {
+                let mut client = CtrlerClient::new(channel);
+                classify(tokio::time::timeout(timeout, client.query(request)).await)
             })
             .await
     }
