@@ -47,6 +47,9 @@ read_keys() {
 }
 check "writes and reads from the host" bash -c "$(declare -f kvctl write_keys read_keys); write_keys 1 20 && read_keys 1 20"
 
+ctrl() { "$bin/kvctl" --ctrlers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 ctrler "$@"; }
+check "the shard controllers accept a join" bash -c "$(declare -f ctrl); ctrl join 101=kvs1:7201 | grep -q 'group 101: 10 shards'"
+
 compose kill kv2 >/dev/null 2>&1
 check "writes continue with kv2 killed" bash -c "$(declare -f kvctl write_keys); write_keys 21 40"
 compose start kv2 >/dev/null 2>&1
@@ -66,6 +69,7 @@ compose down >/dev/null 2>&1
 compose up -d >/dev/null 2>&1
 check "cluster healthy again after down and up" wait_healthy 180 "${ALL_SERVICES[@]}"
 check "data survives down and up" bash -c "$(declare -f kvctl read_keys); read_keys 1 40"
+check "controller configuration survives down and up" bash -c "$(declare -f ctrl); ctrl query | grep -q 'group 101'"
 
 echo "docker: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
