@@ -3,7 +3,7 @@
 //! codes: 2 for anything the operator must fix before a start can succeed, 1 for a failure while serving.
 
 use clap::{Args, Parser, Subcommand};
-use ds824::kv::server::{parse_peers, ServiceRole};
+use ds824::kv::server::{parse_node_id, parse_peers, ServiceRole};
 use ds824::kv::{KvNode, KvNodeConfig};
 use ds824::raft::NodeId;
 use std::collections::HashMap;
@@ -50,8 +50,9 @@ struct CtrlerArgs {
 
 #[derive(Args)]
 struct KvArgs {
-    /// This node's id (1, 2, ...); must match its entry in --peers if listed there.
-    #[arg(long)]
+    /// This node's id (1, 2, ...); must match its entry in --peers if listed there. `auto` takes it
+    /// from the host name's trailing ordinal plus one (`kv-0` is 1), as Kubernetes StatefulSets name pods.
+    #[arg(long, value_parser = parse_node_id)]
     id: NodeId,
     /// Address to listen on for peers and clients (HOST:PORT).
     #[arg(long)]

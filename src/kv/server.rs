@@ -248,6 +248,33 @@ impl KvNode {
     }
 }
 
+/// Parse a node id: a number, or `auto` for the host name's trailing ordinal plus one (`kv-0` → 1), which
+/// is how a StatefulSet's pods learn their id without a shell in the image.
+pub fn parse_node_id(spec: &str) -> Result<NodeId, String> {
+    if spec != "auto" {
+        return spec
+            .parse()
+            .map_err(|_| format!("{spec:?} is not a node id (a number, or auto)"));
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .ok_or("--id auto: cannot read the host name (HOSTNAME or /etc/hostname)")?;
+    id_from_hostname(&host)
+}
+
+/// `name-N` → N + 1.
+pub fn id_from_hostname(host: &str) -> Result<NodeId, String> {
+    let short = host.split('.').next().unwrap_or(host);
+    short
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<NodeId>().ok())
+        .and_then(|ordinal| ordinal.checked_add(1))
+        .ok_or_else(|| format!("--id auto: host name {host:?} does not end in -<ordinal>"))
+}
+
 /// Parse `1=host:port,2=host:port` into a map; the error says which item is wrong.
 pub fn parse_peers(spec: &str) -> Result<HashMap<NodeId, String>, String> {
     let mut peers = HashMap::new();
@@ -281,7 +308,20 @@ pub fn parse_peers(spec: &str) -> Result<HashMap<NodeId, String>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_peers;
+    #[test]
+    fn ids_come_from_statefulset_host_names() {
+        assert_eq!(id_from_hostname("kv-0"), Ok(1));
+        assert_eq!(
+            id_from_hostname("ctrler-2.ctrler.default.svc.cluster.local"),
+            Ok(3)
+        );
+        assert!(id_from_hostname("kv").is_err());
+        assert!(id_from_hostname("kv-x").is_err());
+        assert_eq!(parse_node_id("7"), Ok(7));
+        assert!(parse_node_id("seven").is_err());
+    }
+
+    use super::{id_from_hostname, parse_node_id, parse_peers};
 
     #[test]
     fn peers() {
