@@ -68,6 +68,10 @@ struct KvArgs {
     /// Snapshot once the persisted Raft state exceeds this many bytes (0: never).
     #[arg(long, default_value_t = 8 << 20)]
     snapshot_threshold: u64,
+    /// Serve Prometheus metrics (Raft term, role, indices, sizes; request counts and latency; snapshots)
+    /// at http://HOST:PORT/metrics. Off unless given.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Answer TIMEOUT to a request not completed within this many milliseconds (the client retries).
     #[arg(long, default_value_t = 1000)]
     request_timeout_ms: u64,
@@ -122,6 +126,7 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         snapshot_threshold: args.snapshot_threshold,
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
         role,
+        metrics_listen: args.metrics_listen,
     };
     let node = match KvNode::start(config).await {
         Ok(node) => node,

@@ -9,6 +9,7 @@ pub mod ctrler;
 pub mod daemon;
 pub mod kv;
 pub mod kvctl;
+pub mod metrics;
 pub mod mr;
 pub mod raft;
 pub mod rsm;

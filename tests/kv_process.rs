@@ -764,3 +764,55 @@ fn ctrler_daemons_manage_configurations_through_kvctl() {
     let first: serde_json::Value = serde_json::from_str(&stdout(&first)).expect("json");
     assert_eq!(first["num"], 1, "{first}");
 }
+
+/// `--metrics-listen` serves Prometheus text with the node's Raft state and its request counters.
+#[test]
+fn kvd_serves_prometheus_metrics() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .args([
+            "kv",
+            "--id",
+            "1",
+            "--listen",
+            &addr,
+            "--peers",
+            &format!("1={addr}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("node"))
+        .args(["--metrics-listen", &metrics])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kvd");
+    let put = kvctl(&addr, &["put", "k", "v"]);
+    assert!(put.status.success(), "{}", stderr(&put));
+    let scrape = || -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&metrics).expect("connect to metrics");
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).expect("response");
+        body
+    };
+    let body = scrape();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    assert!(
+        body.contains("ds824_raft_role{role=\"leader\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("ds824_raft_term "), "{body}");
+    assert!(
+        body.contains("ds824_requests_total{kind=\"write\",outcome=\"ok\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("ds824_request_seconds_count"), "{body}");
+}

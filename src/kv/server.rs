@@ -7,14 +7,17 @@
 
 use super::service::KvService;
 use crate::ctrler::service::CtrlerService;
+use crate::metrics::{RaftGauges, ServiceMetrics};
 use crate::proto::ctrler::ctrler_server::CtrlerServer;
 use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
 use crate::rsm::service::{ServiceConfig, ServiceError};
+use prometheus::Registry;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -45,6 +48,17 @@ impl ServiceRole {
     }
 }
 
+/// Stops a background task when the scope that owns it ends, however it ends.
+struct AbortOnDrop<T>(Option<JoinHandle<T>>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
 enum Served {
     Kv(KvService),
     Ctrler(CtrlerService),
@@ -71,6 +85,8 @@ pub struct KvNodeConfig {
     pub request_timeout: Duration,
     /// Which service this replica runs.
     pub role: ServiceRole,
+    /// Serve Prometheus metrics at `http://<this>/metrics`, if set.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why a replica could not start; each is the operator's to fix.
@@ -116,6 +132,7 @@ pub struct KvNode {
     node: RaftNode,
     service: Served,
     applier: JoinHandle<Result<(), ServiceError>>,
+    metrics: Option<(TcpListener, Registry, RaftGauges)>,
 }
 
 impl KvNode {
@@ -153,11 +170,27 @@ impl KvNode {
             .await
             .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
         let (node, applied) = RaftNode::start(NodeConfig::new(config.id, raft_peers), storage)?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let registry = Registry::new();
+                let gauges = RaftGauges::register(&registry)
+                    .map_err(|e| StartError::Config(format!("metrics: {e}")))?;
+                let service = ServiceMetrics::register(&registry)
+                    .map_err(|e| StartError::Config(format!("metrics: {e}")))?;
+                Some((listener, registry, gauges, service))
+            }
+            None => None,
+        };
         let service_config = ServiceConfig {
             request_timeout: config.request_timeout,
             snapshot_threshold: config.snapshot_threshold,
             addresses,
+            metrics: metrics.as_ref().map(|(_, _, _, service)| service.clone()),
         };
+        let metrics = metrics.map(|(listener, registry, gauges, _)| (listener, registry, gauges));
         let (service, applier) = match config.role {
             ServiceRole::Kv => {
                 let (service, applier) =
@@ -176,6 +209,7 @@ impl KvNode {
             node,
             service,
             applier,
+            metrics,
         })
     }
 
@@ -193,7 +227,14 @@ impl KvNode {
             node,
             service,
             mut applier,
+            metrics,
         } = self;
+        let metrics_server = metrics.map(|(listener, registry, gauges)| {
+            let handle = node.handle();
+            let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || gauges.refresh(&handle));
+            tokio::spawn(crate::metrics::serve(listener, registry, refresh))
+        });
+        let _stop_metrics = AbortOnDrop(metrics_server);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let router = tonic::transport::Server::builder().add_service(node.service());
         let router = match service {

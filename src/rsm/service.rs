@@ -17,6 +17,7 @@
 //! a few map operations (or one snapshot encoding), far shorter than a Raft round trip.
 
 use super::{Completion, Prepared, Rsm, RsmError, StateMachine, Token};
+use crate::metrics::ServiceMetrics;
 use crate::raft::{Applied, NodeError, NodeId, NotLeader, RaftHandle, Role};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -38,6 +39,8 @@ pub struct ServiceConfig {
     pub snapshot_threshold: u64,
     /// Every node's client-facing address (`host:port`), so a follower can tell clients where the leader is.
     pub addresses: HashMap<NodeId, String>,
+    /// Where to count requests, latency and snapshots (`--metrics-listen`), if anywhere.
+    pub metrics: Option<ServiceMetrics>,
 }
 
 impl Default for ServiceConfig {
@@ -46,6 +49,7 @@ impl Default for ServiceConfig {
             request_timeout: Duration::from_secs(1),
             snapshot_threshold: 8 << 20,
             addresses: HashMap::new(),
+            metrics: None,
         }
     }
 }
@@ -267,6 +271,38 @@ impl<S: ServedMachine> RsmService<S> {
         seq: u64,
         command: S::Command,
     ) -> Result<S::Output, Refusal> {
+        let started = Instant::now();
+        let result = self.mutate_inner(client, seq, command).await;
+        self.observe("write", started, &result);
+        result
+    }
+
+    /// Answer `query` linearizably (ReadIndex, no log write).
+    pub async fn read(&self, query: S::Query) -> Result<S::Output, Refusal> {
+        let started = Instant::now();
+        let result = self.read_inner(query).await;
+        self.observe("read", started, &result);
+        result
+    }
+
+    fn observe<T>(&self, kind: &str, started: Instant, result: &Result<T, Refusal>) {
+        if let Some(metrics) = &self.config.metrics {
+            let outcome = match result {
+                Ok(_) => "ok",
+                Err(Refusal::WrongLeader(_)) => "wrong_leader",
+                Err(Refusal::Timeout) => "timeout",
+                Err(Refusal::Status(_)) => "error",
+            };
+            metrics.observe(kind, outcome, started.elapsed().as_secs_f64());
+        }
+    }
+
+    async fn mutate_inner(
+        &self,
+        client: u64,
+        seq: u64,
+        command: S::Command,
+    ) -> Result<S::Output, Refusal> {
         let deadline = Instant::now() + self.config.request_timeout;
         let bytes = match self.shared.lock().rsm.prepare(client, seq, &command) {
             Prepared::Answered(output) => return Ok(output),
@@ -294,8 +330,7 @@ impl<S: ServedMachine> RsmService<S> {
         self.wait(token, rx, deadline).await
     }
 
-    /// Answer `query` linearizably (ReadIndex, no log write).
-    pub async fn read(&self, query: S::Query) -> Result<S::Output, Refusal> {
+    async fn read_inner(&self, query: S::Query) -> Result<S::Output, Refusal> {
         let deadline = Instant::now() + self.config.request_timeout;
         let index = match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
             Ok(Ok(index)) => index,
@@ -386,7 +421,12 @@ async fn apply_loop<S: StateMachine>(
         if let Some((index, data)) = snapshot {
             debug!(index, bytes = data.len(), "taking a snapshot");
             match handle.compact(index, data).await {
-                Ok(()) => last_compacted = index,
+                Ok(()) => {
+                    last_compacted = index;
+                    if let Some(metrics) = &config.metrics {
+                        metrics.snapshot_taken();
+                    }
+                }
                 Err(e) => warn!(index, error = %e, "snapshot refused"),
             }
         }
