@@ -5,7 +5,7 @@ use super::state::{config_to_proto, CtrlerCommand, CtrlerOutput, CtrlerQuery, Sh
 use crate::proto::ctrler as pb;
 use crate::proto::ctrler::ctrler_server::Ctrler;
 use crate::raft::{Applied, NodeId, RaftHandle};
-use crate::rsm::service::{Refusal, RsmService, ServiceConfig, ServiceError};
+use crate::rsm::service::{check_session, Refusal, RsmService, ServiceConfig, ServiceError};
 use crate::rsm::StateMachine;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -64,11 +64,7 @@ impl Ctrler for CtrlerService {
         request: Request<pb::CommandRequest>,
     ) -> Result<Response<pb::ConfigResponse>, Status> {
         let request = request.into_inner();
-        if request.client_id == 0 || request.seq == 0 {
-            return Err(Status::invalid_argument(
-                "client_id and seq must be non-zero (seq counts 1, 2, ... per client)",
-            ));
-        }
+        check_session(request.client_id, request.seq)?;
         let command = request
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))

@@ -6,7 +6,7 @@ use super::validate::{validate_command, validate_key};
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_server::Kv;
 use crate::raft::{Applied, NodeId, RaftHandle};
-use crate::rsm::service::{Refusal, RsmService, ServiceConfig, ServiceError};
+use crate::rsm::service::{check_session, Refusal, RsmService, ServiceConfig, ServiceError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
@@ -37,6 +37,21 @@ impl KvService {
     }
 }
 
+impl KvService {
+    /// The error code, leader hint and leader address telling a client where to retry, or the status
+    /// to fail the call with.
+    fn refusal(&self, refusal: Refusal) -> Result<(pb::ErrorCode, u64, String), Status> {
+        match refusal {
+            Refusal::WrongLeader(hint) => {
+                let (id, address) = self.service.leader_hint(hint);
+                Ok((pb::ErrorCode::WrongLeader, id, address))
+            }
+            Refusal::Timeout => Ok((pb::ErrorCode::Timeout, 0, String::new())),
+            Refusal::Status(status) => Err(status),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn get(
@@ -51,12 +66,11 @@ impl Kv for KvService {
                 response.found = output.value.is_some();
                 response.value = output.value.unwrap_or_default();
             }
-            Err(Refusal::WrongLeader(hint)) => {
-                response.set_error(pb::ErrorCode::WrongLeader);
-                (response.leader_hint, response.leader_address) = self.service.leader_hint(hint);
+            Err(refusal) => {
+                let (error, hint, address) = self.refusal(refusal)?;
+                response.set_error(error);
+                (response.leader_hint, response.leader_address) = (hint, address);
             }
-            Err(Refusal::Timeout) => response.set_error(pb::ErrorCode::Timeout),
-            Err(Refusal::Status(status)) => return Err(status),
         }
         Ok(Response::new(response))
     }
@@ -66,11 +80,7 @@ impl Kv for KvService {
         request: Request<pb::MutateRequest>,
     ) -> Result<Response<pb::MutateResponse>, Status> {
         let request = request.into_inner();
-        if request.client_id == 0 || request.seq == 0 {
-            return Err(Status::invalid_argument(
-                "client_id and seq must be non-zero (seq counts 1, 2, ... per client)",
-            ));
-        }
+        check_session(request.client_id, request.seq)?;
         let command = request
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))
@@ -91,12 +101,11 @@ impl Kv for KvService {
                     current: output.value,
                 });
             }
-            Err(Refusal::WrongLeader(hint)) => {
-                response.set_error(pb::ErrorCode::WrongLeader);
-                (response.leader_hint, response.leader_address) = self.service.leader_hint(hint);
+            Err(refusal) => {
+                let (error, hint, address) = self.refusal(refusal)?;
+                response.set_error(error);
+                (response.leader_hint, response.leader_address) = (hint, address);
             }
-            Err(Refusal::Timeout) => response.set_error(pb::ErrorCode::Timeout),
-            Err(Refusal::Status(status)) => return Err(status),
         }
         Ok(Response::new(response))
     }

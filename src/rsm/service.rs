@@ -166,6 +166,16 @@ pub enum Refusal {
     Status(Status),
 }
 
+/// Refuse a command whose session tag cannot be right: ids and sequence numbers start at 1.
+pub fn check_session(client_id: u64, seq: u64) -> Result<(), Status> {
+    if client_id == 0 || seq == 0 {
+        return Err(Status::invalid_argument(
+            "client_id and seq must be non-zero (seq counts 1, 2, ... per client)",
+        ));
+    }
+    Ok(())
+}
+
 /// A state machine that can be served from tokio tasks: it and its commands, queries and outputs move
 /// between threads.
 pub trait ServedMachine:
