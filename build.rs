@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/kv.proto",
         "proto/mr.proto",
         "proto/ctrler.proto",
+        "proto/shardkv.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

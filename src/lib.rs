@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod mr;
 pub mod raft;
 pub mod rsm;
+pub mod shardkv;
 pub mod sim;
 
 /// Code generated from `proto/` by `build.rs`.
@@ -32,6 +33,10 @@ pub mod proto {
     /// The shard controller (`proto/ctrler.proto`).
     pub mod ctrler {
         tonic::include_proto!("ctrler");
+    }
+    /// Shard groups: replicated state and shard hand-over (`proto/shardkv.proto`).
+    pub mod shardkv {
+        tonic::include_proto!("shardkv");
     }
     /// The MapReduce coordinator, worker and shuffle protocol (`proto/mr.proto`).
     pub mod mr {

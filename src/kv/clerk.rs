@@ -165,6 +165,13 @@ impl Clerk {
                 "wrong leader".into(),
             ),
             Ok(pb::ErrorCode::Timeout) => Attempt::Elsewhere(None, "server timed out".into()),
+            Ok(pb::ErrorCode::WrongGroup) => {
+                return Err(ClerkError::Rejected(
+                    "these servers are a shard group that does not serve this key; \
+                     address the sharded cluster through its controllers (--ctrlers)"
+                        .into(),
+                ))
+            }
             Err(_) => Attempt::Elsewhere(None, format!("unknown error code {error}")),
         })
     }

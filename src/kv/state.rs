@@ -4,7 +4,7 @@ use crate::proto::kv as pb;
 use crate::rsm::{RsmError, StateMachine};
 use bytes::Bytes;
 use prost::Message as _;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// A command that changes the map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,10 +61,11 @@ pub struct KvOutput {
     pub value: Option<String>,
 }
 
-/// The replicated map.
-#[derive(Clone, Debug, Default)]
+/// The replicated map. Ordered, so snapshots are byte-for-byte the same on every replica and a shard
+/// group can hold one per shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvStore {
-    data: HashMap<String, String>,
+    data: BTreeMap<String, String>,
 }
 
 impl KvStore {
@@ -76,6 +77,24 @@ impl KvStore {
     /// Whether the map is empty.
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.data.get(key)
+    }
+
+    /// Every key and value, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.data.iter()
+    }
+}
+
+impl FromIterator<(String, String)> for KvStore {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
+        KvStore {
+            data: pairs.into_iter().collect(),
+        }
     }
 }
 
@@ -191,7 +210,7 @@ impl StateMachine for KvStore {
     fn snapshot(&self) -> Bytes {
         Bytes::from(
             pb::State {
-                data: self.data.clone(),
+                data: self.data.clone().into_iter().collect(),
             }
             .encode_to_vec(),
         )
@@ -202,7 +221,7 @@ impl StateMachine for KvStore {
             what: "kv state",
             detail: e.to_string(),
         })?;
-        self.data = state.data;
+        self.data = state.data.into_iter().collect();
         Ok(())
     }
 

@@ -36,6 +36,12 @@ pub trait StateMachine {
     /// What commands and queries return.
     type Output: Clone;
 
+    /// Whether [`Rsm`] keeps the exactly-once session table. A machine whose dedup records must move
+    /// with parts of its state (a shard group's are per shard, so they migrate with the shard) sets this
+    /// to false and filters duplicates itself; `Rsm` then still matches proposals to log entries by
+    /// (client, seq) but applies every entry.
+    const SESSIONS: bool = true;
+
     /// Apply a command. Must be deterministic: every replica applies the same commands in the same order.
     fn apply(&mut self, command: Self::Command) -> Self::Output;
     /// Answer a query from the current state.
@@ -160,7 +166,7 @@ impl<S: StateMachine> Rsm<S> {
 
     /// Decide what to do with command `seq` of `client`.
     pub fn prepare(&self, client: ClientId, seq: Seq, command: &S::Command) -> Prepared<S::Output> {
-        if let Some(session) = self.sessions.get(&client) {
+        if let Some(session) = self.sessions.get(&client).filter(|_| S::SESSIONS) {
             if seq == session.seq {
                 return Prepared::Answered(session.output.clone());
             }
@@ -307,6 +313,10 @@ impl<S: StateMachine> Rsm<S> {
             detail: e.to_string(),
         })?;
         let (client, seq) = (logged.client_id, logged.seq);
+        if !S::SESSIONS {
+            let command = S::decode_command(&logged.command)?;
+            return Ok((client, seq, self.machine.apply(command)));
+        }
         if let Some(session) = self.sessions.get(&client) {
             if seq <= session.seq {
                 // A duplicate in the log (the client retried before learning the outcome): apply nothing.

@@ -1,0 +1,28 @@
+//! Sharded key/value groups (6.824 lab 4B): each group is a Raft group serving the shards the shard
+//! controller assigns it, pulling the shards it gains from their previous owners and deleting the ones it
+//! gave away once the new owner has them.
+//!
+//! [`state`] is the replicated state machine (sans-IO, shared by the daemon and the simulator);
+//! [`key_to_shard`] is the one mapping from keys to shards that servers and clients agree on.
+
+pub mod state;
+
+pub use state::{Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardQuery, Source};
+
+/// The shard a key belongs to, out of `shards` (FNV-1a of the key's bytes, modulo the shard count).
+/// A stable hash rather than 6.824's first byte, so that keys with a common prefix spread over shards;
+/// it must never change, or stored keys would land in the wrong shard.
+pub fn key_to_shard(key: &str, shards: usize) -> ShardId {
+    if shards == 0 {
+        return 0;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash % shards as u64
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,648 @@
+//! The replicated state of one shard group: the shards it owns, the configuration it is at, the shards
+//! it gave away and has not yet been told to delete, and the shards it received whose previous owner
+//! has not yet confirmed deleting them.
+//!
+//! Everything that changes ownership goes through the group's log, so every replica moves through the
+//! same configurations at the same log positions:
+//! - `NextConfig(n+1)` is applied only when the group is at `n` and holds every shard it owns in `n`
+//!   (configurations are taken one at a time, in order). Shards kept keep serving; shards lost are
+//!   frozen into `outgoing`; shards gained become *pulling* until their data arrives;
+//! - `Install` turns a pulling shard into a serving one, with the previous owner's data and dedup
+//!   records (so exactly-once survives the move); each shard serves as soon as it arrives;
+//! - `DropOutgoing` deletes a frozen copy once the new owner has it; `Confirmed` ends the new owner's
+//!   duty to tell the old one.
+//!
+//! Client commands carry (client, seq) and are filtered per shard: the dedup records live in the shard
+//! and travel with it, which is why this machine keeps them itself (`SESSIONS = false`).
+
+use super::key_to_shard;
+use crate::ctrler::state::{config_from_proto, config_to_proto};
+use crate::ctrler::{Config, Gid};
+use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
+use crate::proto::kv as kvpb;
+use crate::proto::shardkv as pb;
+use crate::rsm::{ClientId, RsmError, Seq, StateMachine};
+use bytes::Bytes;
+use prost::Message as _;
+use std::collections::BTreeMap;
+
+/// A shard number.
+pub type ShardId = u64;
+
+/// A shard's contents as it moves between groups: keys and per-client dedup records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardData {
+    /// The configuration in which the shard changed owner.
+    pub config_num: u64,
+    /// The shard.
+    pub shard: ShardId,
+    /// Its keys and values.
+    pub data: KvStore,
+    /// Each client's last applied request on this shard and its output.
+    pub dedup: BTreeMap<ClientId, (Seq, KvOutput)>,
+}
+
+/// Where a gained shard comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    /// The previous owner.
+    pub gid: Gid,
+    /// Its servers, as the configuration lists them.
+    pub servers: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Owned {
+    /// `Some` while the data has not arrived from the previous owner.
+    pulling: Option<Source>,
+    contents: ShardData,
+}
+
+/// A change to a shard group's state (one log entry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardCommand {
+    /// A client's mutation, numbered for exactly-once.
+    Client {
+        /// The client.
+        client: ClientId,
+        /// Its request number.
+        seq: Seq,
+        /// The mutation.
+        command: KvCommand,
+    },
+    /// Move to this configuration (must be the next one).
+    NextConfig(Config),
+    /// A shard pulled from its previous owner.
+    Install(ShardData),
+    /// The new owner has the shard given away in `config_num`: delete the frozen copy.
+    DropOutgoing {
+        /// The configuration in which the shard moved.
+        config_num: u64,
+        /// The shard.
+        shard: ShardId,
+    },
+    /// The previous owner deleted its copy of a shard installed here.
+    Confirmed {
+        /// The configuration in which the shard moved.
+        config_num: u64,
+        /// The shard.
+        shard: ShardId,
+    },
+}
+
+/// A read of a shard group's state (answered after a ReadIndex, not logged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardQuery {
+    /// A client's read of one key.
+    Get(String),
+    /// Another group wants the shard this group gave away in `config_num`.
+    Pull {
+        /// The configuration in which the shard moved.
+        config_num: u64,
+        /// The shard.
+        shard: ShardId,
+    },
+    /// Has the frozen copy of this shard been deleted?
+    Dropped {
+        /// The configuration in which the shard moved.
+        config_num: u64,
+        /// The shard.
+        shard: ShardId,
+    },
+}
+
+/// What a shard group's command or query returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardOutput {
+    /// A client operation's result.
+    Kv(KvOutput),
+    /// The key's shard is not served here (not owned in the current configuration, or not arrived yet).
+    WrongGroup,
+    /// An internal command that did not apply (already applied, or not yet applicable).
+    Ignored,
+    /// The frozen shard a `Pull` asked for.
+    Pulled(ShardData),
+    /// The group has not reached the configuration a `Pull` names, or has not deleted a copy yet.
+    NotReady,
+    /// The frozen copy is gone (answer to `Dropped`, or to `DropOutgoing`).
+    Dropped,
+}
+
+/// Work only the group's leader can start: each item is a request to another service, whose answer
+/// becomes a command proposed to this group. Computed from the replicated state, so a new leader picks
+/// up where the old one stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Duty {
+    /// Ask the controller for configuration `num`; if it exists, propose `NextConfig`.
+    FetchConfig {
+        /// The configuration wanted (current + 1).
+        num: u64,
+    },
+    /// Pull `shard` from `from`; propose `Install` with what it returns.
+    Pull {
+        /// The configuration in which the shard moved here.
+        config_num: u64,
+        /// The shard.
+        shard: ShardId,
+        /// The previous owner.
+        from: Source,
+    },
+    /// Tell `to` it may delete its copy of `shard`; once it says the copy is gone, propose `Confirmed`.
+    Delete {
+        /// The configuration in which the shard moved here.
+        config_num: u64,
+        /// The shard.
+        shard: ShardId,
+        /// The previous owner.
+        to: Source,
+    },
+}
+
+/// A shard group's replicated state. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct ShardKv {
+    gid: Gid,
+    config: Config,
+    shards: BTreeMap<ShardId, Owned>,
+    outgoing: BTreeMap<(u64, ShardId), ShardData>,
+    confirms: BTreeMap<(u64, ShardId), Source>,
+}
+
+impl ShardKv {
+    /// The empty state of group `gid`, at configuration 0 (which assigns nothing to anybody).
+    pub fn new(gid: Gid) -> Self {
+        ShardKv {
+            gid,
+            config: Config::default(),
+            shards: BTreeMap::new(),
+            outgoing: BTreeMap::new(),
+            confirms: BTreeMap::new(),
+        }
+    }
+
+    /// This group's id.
+    pub fn gid(&self) -> Gid {
+        self.gid
+    }
+
+    /// The configuration the group is at.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Shards owned and served now.
+    pub fn serving(&self) -> Vec<ShardId> {
+        self.shards
+            .iter()
+            .filter(|(_, o)| o.pulling.is_none())
+            .map(|(&s, _)| s)
+            .collect()
+    }
+
+    /// Shards owned in the current configuration whose data has not arrived.
+    pub fn pulling(&self) -> Vec<ShardId> {
+        self.shards
+            .iter()
+            .filter(|(_, o)| o.pulling.is_some())
+            .map(|(&s, _)| s)
+            .collect()
+    }
+
+    /// Frozen copies of given-away shards still held, as (configuration, shard).
+    pub fn outgoing(&self) -> Vec<(u64, ShardId)> {
+        self.outgoing.keys().copied().collect()
+    }
+
+    /// Number of keys in the shards served and held.
+    pub fn keys(&self) -> usize {
+        self.shards.values().map(|o| o.contents.data.len()).sum()
+    }
+
+    /// What the leader should do next. While any gained shard is missing, the group stays at its
+    /// configuration and pulls; otherwise it looks for the next configuration.
+    pub fn duties(&self) -> Vec<Duty> {
+        let mut duties: Vec<Duty> = self
+            .shards
+            .iter()
+            .filter_map(|(&shard, owned)| {
+                owned.pulling.as_ref().map(|from| Duty::Pull {
+                    config_num: self.config.num,
+                    shard,
+                    from: from.clone(),
+                })
+            })
+            .collect();
+        if duties.is_empty() {
+            duties.push(Duty::FetchConfig {
+                num: self.config.num + 1,
+            });
+        }
+        duties.extend(
+            self.confirms
+                .iter()
+                .map(|(&(config_num, shard), to)| Duty::Delete {
+                    config_num,
+                    shard,
+                    to: to.clone(),
+                }),
+        );
+        duties
+    }
+
+    fn serving_shard(&mut self, key: &str) -> Option<&mut ShardData> {
+        let shard = key_to_shard(key, self.config.shards.len());
+        self.shards
+            .get_mut(&shard)
+            .filter(|o| o.pulling.is_none())
+            .map(|o| &mut o.contents)
+    }
+
+    fn apply_client(&mut self, client: ClientId, seq: Seq, command: KvCommand) -> ShardOutput {
+        let Some(shard) = self.serving_shard(command.key()) else {
+            return ShardOutput::WrongGroup;
+        };
+        if let Some((last, output)) = shard.dedup.get(&client) {
+            if seq <= *last {
+                // A retry of an applied request (its output) or of an older one (the client gave up on
+                // it long ago; nothing to apply).
+                return ShardOutput::Kv(output.clone());
+            }
+        }
+        let output = shard.data.apply(command);
+        shard.dedup.insert(client, (seq, output.clone()));
+        ShardOutput::Kv(output)
+    }
+
+    fn apply_next_config(&mut self, next: Config) -> ShardOutput {
+        if next.num != self.config.num + 1 || !self.pulling().is_empty() {
+            return ShardOutput::Ignored;
+        }
+        for (shard, &new_owner) in next.shards.iter().enumerate() {
+            let shard = shard as ShardId;
+            let old_owner = self.config.shards.get(shard as usize).copied().unwrap_or(0);
+            let (had, has) = (old_owner == self.gid, new_owner == self.gid);
+            if had && !has {
+                if let Some(mut owned) = self.shards.remove(&shard) {
+                    owned.contents.config_num = next.num;
+                    self.outgoing.insert((next.num, shard), owned.contents);
+                }
+            } else if has && !had {
+                let pulling = (old_owner != 0).then(|| Source {
+                    gid: old_owner,
+                    servers: self
+                        .config
+                        .groups
+                        .get(&old_owner)
+                        .cloned()
+                        .unwrap_or_default(),
+                });
+                let contents = ShardData {
+                    config_num: next.num,
+                    shard,
+                    ..ShardData::default()
+                };
+                self.shards.insert(shard, Owned { pulling, contents });
+            }
+        }
+        self.config = next;
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: None,
+        })
+    }
+
+    fn apply_install(&mut self, mut incoming: ShardData) -> ShardOutput {
+        if incoming.config_num != self.config.num {
+            return ShardOutput::Ignored;
+        }
+        let Some(owned) = self.shards.get_mut(&incoming.shard) else {
+            return ShardOutput::Ignored;
+        };
+        let Some(source) = owned.pulling.take() else {
+            return ShardOutput::Ignored;
+        };
+        incoming.config_num = self.config.num;
+        owned.contents = incoming;
+        self.confirms
+            .insert((self.config.num, owned.contents.shard), source);
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: None,
+        })
+    }
+}
+
+impl KvCommand {
+    /// The key the command changes.
+    pub fn key(&self) -> &str {
+        match self {
+            KvCommand::Put { key, .. }
+            | KvCommand::Append { key, .. }
+            | KvCommand::Delete { key }
+            | KvCommand::Cas { key, .. } => key,
+        }
+    }
+}
+
+impl StateMachine for ShardKv {
+    type Command = ShardCommand;
+    type Query = ShardQuery;
+    type Output = ShardOutput;
+
+    const SESSIONS: bool = false;
+
+    fn apply(&mut self, command: ShardCommand) -> ShardOutput {
+        match command {
+            ShardCommand::Client {
+                client,
+                seq,
+                command,
+            } => self.apply_client(client, seq, command),
+            ShardCommand::NextConfig(next) => self.apply_next_config(next),
+            ShardCommand::Install(incoming) => self.apply_install(incoming),
+            ShardCommand::DropOutgoing { config_num, shard } => {
+                if config_num > self.config.num {
+                    return ShardOutput::NotReady;
+                }
+                self.outgoing.remove(&(config_num, shard));
+                ShardOutput::Dropped
+            }
+            ShardCommand::Confirmed { config_num, shard } => {
+                match self.confirms.remove(&(config_num, shard)) {
+                    Some(_) => ShardOutput::Dropped,
+                    None => ShardOutput::Ignored,
+                }
+            }
+        }
+    }
+
+    fn query(&self, query: &ShardQuery) -> ShardOutput {
+        match query {
+            ShardQuery::Get(key) => {
+                let shard = key_to_shard(key, self.config.shards.len());
+                match self.shards.get(&shard) {
+                    Some(owned) if owned.pulling.is_none() => {
+                        let value = owned.contents.data.get(key).cloned();
+                        ShardOutput::Kv(KvOutput {
+                            ok: value.is_some(),
+                            value,
+                        })
+                    }
+                    _ => ShardOutput::WrongGroup,
+                }
+            }
+            ShardQuery::Pull { config_num, shard } => {
+                if *config_num > self.config.num {
+                    return ShardOutput::NotReady;
+                }
+                match self.outgoing.get(&(*config_num, *shard)) {
+                    Some(data) => ShardOutput::Pulled(data.clone()),
+                    // Deleted: the new owner confirmed it has it, so whoever asks is behind.
+                    None => ShardOutput::NotReady,
+                }
+            }
+            ShardQuery::Dropped { config_num, shard } => {
+                if *config_num > self.config.num
+                    || self.outgoing.contains_key(&(*config_num, *shard))
+                {
+                    ShardOutput::NotReady
+                } else {
+                    ShardOutput::Dropped
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Bytes {
+        let state = pb::State {
+            gid: self.gid,
+            config: Some(config_to_proto(&self.config)),
+            shards: self
+                .shards
+                .values()
+                .map(|owned| pb::OwnedShard {
+                    shard: owned.contents.shard,
+                    pulling: owned.pulling.is_some(),
+                    from_gid: owned.pulling.as_ref().map_or(0, |s| s.gid),
+                    from_servers: owned
+                        .pulling
+                        .as_ref()
+                        .map_or_else(Vec::new, |s| s.servers.clone()),
+                    contents: Some(shard_to_proto(&owned.contents)),
+                })
+                .collect(),
+            outgoing: self.outgoing.values().map(shard_to_proto).collect(),
+            confirms: self
+                .confirms
+                .iter()
+                .map(|(&(config_num, shard), source)| pb::Confirm {
+                    config_num,
+                    shard,
+                    gid: source.gid,
+                    servers: source.servers.clone(),
+                })
+                .collect(),
+        };
+        Bytes::from(state.encode_to_vec())
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), RsmError> {
+        let state = pb::State::decode(data).map_err(|e| decode_error("shard group state", e))?;
+        if state.gid != self.gid {
+            return Err(RsmError::Decode {
+                what: "shard group state",
+                detail: format!(
+                    "the snapshot belongs to group {}, this is group {}",
+                    state.gid, self.gid
+                ),
+            });
+        }
+        self.config = state.config.map(config_from_proto).unwrap_or_default();
+        self.shards = state
+            .shards
+            .into_iter()
+            .map(|s| {
+                let pulling = s.pulling.then(|| Source {
+                    gid: s.from_gid,
+                    servers: s.from_servers,
+                });
+                let contents = shard_from_proto(s.contents.unwrap_or_default());
+                (s.shard, Owned { pulling, contents })
+            })
+            .collect();
+        self.outgoing = state
+            .outgoing
+            .into_iter()
+            .map(|d| {
+                let data = shard_from_proto(d);
+                ((data.config_num, data.shard), data)
+            })
+            .collect();
+        self.confirms = state
+            .confirms
+            .into_iter()
+            .map(|c| {
+                let source = Source {
+                    gid: c.gid,
+                    servers: c.servers,
+                };
+                ((c.config_num, c.shard), source)
+            })
+            .collect();
+        Ok(())
+    }
+
+    fn encode_command(command: &ShardCommand) -> Bytes {
+        use pb::command::Op;
+        let op = match command {
+            ShardCommand::Client {
+                client,
+                seq,
+                command,
+            } => Op::Client(pb::ClientCommand {
+                client_id: *client,
+                seq: *seq,
+                command: Some(kvpb::Command::from(command)),
+            }),
+            ShardCommand::NextConfig(config) => Op::NextConfig(config_to_proto(config)),
+            ShardCommand::Install(data) => Op::Install(shard_to_proto(data)),
+            ShardCommand::DropOutgoing { config_num, shard } => Op::DropOutgoing(pb::ShardRef {
+                config_num: *config_num,
+                shard: *shard,
+            }),
+            ShardCommand::Confirmed { config_num, shard } => Op::Confirmed(pb::ShardRef {
+                config_num: *config_num,
+                shard: *shard,
+            }),
+        };
+        Bytes::from(pb::Command { op: Some(op) }.encode_to_vec())
+    }
+
+    fn decode_command(data: &[u8]) -> Result<ShardCommand, RsmError> {
+        use pb::command::Op;
+        let command =
+            pb::Command::decode(data).map_err(|e| decode_error("shard group command", e))?;
+        Ok(match command.op {
+            Some(Op::Client(c)) => ShardCommand::Client {
+                client: c.client_id,
+                seq: c.seq,
+                command: KvCommand::try_from(c.command.unwrap_or_default())?,
+            },
+            Some(Op::NextConfig(config)) => ShardCommand::NextConfig(config_from_proto(config)),
+            Some(Op::Install(data)) => ShardCommand::Install(shard_from_proto(data)),
+            Some(Op::DropOutgoing(r)) => ShardCommand::DropOutgoing {
+                config_num: r.config_num,
+                shard: r.shard,
+            },
+            Some(Op::Confirmed(r)) => ShardCommand::Confirmed {
+                config_num: r.config_num,
+                shard: r.shard,
+            },
+            None => {
+                return Err(RsmError::Decode {
+                    what: "shard group command",
+                    detail: "no operation".into(),
+                })
+            }
+        })
+    }
+
+    fn encode_output(output: &ShardOutput) -> Bytes {
+        Bytes::from(output_to_proto(output).encode_to_vec())
+    }
+
+    fn decode_output(data: &[u8]) -> Result<ShardOutput, RsmError> {
+        use pb::output::Result as R;
+        let output = pb::Output::decode(data).map_err(|e| decode_error("shard group output", e))?;
+        Ok(match output.result {
+            Some(R::Kv(outcome)) => ShardOutput::Kv(KvOutput {
+                ok: outcome.ok,
+                value: outcome.current,
+            }),
+            Some(R::WrongGroup(_)) => ShardOutput::WrongGroup,
+            Some(R::Pulled(data)) => ShardOutput::Pulled(shard_from_proto(data)),
+            Some(R::NotReady(_)) => ShardOutput::NotReady,
+            Some(R::Dropped(_)) => ShardOutput::Dropped,
+            Some(R::Ignored(_)) | None => ShardOutput::Ignored,
+        })
+    }
+}
+
+fn decode_error(what: &'static str, e: prost::DecodeError) -> RsmError {
+    RsmError::Decode {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn output_to_proto(output: &ShardOutput) -> pb::Output {
+    use pb::output::Result as R;
+    let result = match output {
+        ShardOutput::Kv(kv) => R::Kv(kvpb::Outcome {
+            ok: kv.ok,
+            current: kv.value.clone(),
+        }),
+        ShardOutput::WrongGroup => R::WrongGroup(true),
+        ShardOutput::Ignored => R::Ignored(true),
+        ShardOutput::Pulled(data) => R::Pulled(shard_to_proto(data)),
+        ShardOutput::NotReady => R::NotReady(true),
+        ShardOutput::Dropped => R::Dropped(true),
+    };
+    pb::Output {
+        result: Some(result),
+    }
+}
+
+/// Encode a shard for the wire and for snapshots.
+pub fn shard_to_proto(data: &ShardData) -> pb::ShardData {
+    pb::ShardData {
+        config_num: data.config_num,
+        shard: data.shard,
+        data: data
+            .data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        dedup: data
+            .dedup
+            .iter()
+            .map(|(&client_id, (seq, output))| pb::Dedup {
+                client_id,
+                seq: *seq,
+                outcome: Some(kvpb::Outcome {
+                    ok: output.ok,
+                    current: output.value.clone(),
+                }),
+            })
+            .collect(),
+    }
+}
+
+/// Decode a shard from the wire or a snapshot.
+pub fn shard_from_proto(data: pb::ShardData) -> ShardData {
+    ShardData {
+        config_num: data.config_num,
+        shard: data.shard,
+        data: data.data.into_iter().collect(),
+        dedup: data
+            .dedup
+            .into_iter()
+            .map(|d| {
+                let outcome = d.outcome.unwrap_or_default();
+                let output = KvOutput {
+                    ok: outcome.ok,
+                    value: outcome.current,
+                };
+                (d.client_id, (d.seq, output))
+            })
+            .collect(),
+    }
+}
+
+impl From<KvQuery> for ShardQuery {
+    fn from(query: KvQuery) -> Self {
+        match query {
+            KvQuery::Get { key } => ShardQuery::Get(key),
+        }
+    }
+}

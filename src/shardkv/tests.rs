@@ -1,0 +1,221 @@
+use super::*;
+use crate::ctrler::Config;
+use crate::kv::{KvCommand, KvOutput};
+use crate::rsm::StateMachine;
+use std::collections::BTreeMap;
+
+fn config(num: u64, shards: &[u64]) -> Config {
+    let groups: BTreeMap<u64, Vec<String>> = shards
+        .iter()
+        .filter(|&&g| g != 0)
+        .map(|&g| (g, vec![format!("g{g}-a"), format!("g{g}-b")]))
+        .collect();
+    Config {
+        num,
+        shards: shards.to_vec(),
+        groups,
+    }
+}
+
+fn key_in(shard: ShardId, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| key_to_shard(k, shards) == shard)
+        .unwrap_or_default()
+}
+
+fn put(client: u64, seq: u64, key: &str, value: &str) -> ShardCommand {
+    ShardCommand::Client {
+        client,
+        seq,
+        command: KvCommand::Append {
+            key: key.into(),
+            value: value.into(),
+        },
+    }
+}
+
+fn ok() -> ShardOutput {
+    ShardOutput::Kv(KvOutput {
+        ok: true,
+        value: None,
+    })
+}
+
+fn get(machine: &ShardKv, key: &str) -> ShardOutput {
+    machine.query(&ShardQuery::Get(key.into()))
+}
+
+#[test]
+fn keys_spread_over_shards_and_the_mapping_is_stable() {
+    let mut counts = [0usize; 10];
+    for i in 0..1000 {
+        counts[key_to_shard(&format!("key{i}"), 10) as usize] += 1;
+    }
+    assert!(counts.iter().all(|&c| c > 50), "{counts:?}");
+    // Pinned: stored data depends on this mapping never changing.
+    assert_eq!(key_to_shard("", 10), 0xcbf2_9ce4_8422_2325 % 10);
+    assert_eq!(key_to_shard("a", 10), 0xaf63_dc4c_8601_ec8c % 10);
+    assert_eq!(key_to_shard("x", 0), 0);
+}
+
+#[test]
+fn serves_only_owned_shards_and_moves_through_configs_in_order() {
+    let mut g1 = ShardKv::new(1);
+    let k0 = key_in(0, 2);
+    let k1 = key_in(1, 2);
+    assert_eq!(g1.apply(put(7, 1, &k0, "x")), ShardOutput::WrongGroup);
+    assert_eq!(g1.duties(), vec![Duty::FetchConfig { num: 1 }]);
+    // Skipping a configuration is refused.
+    assert_eq!(
+        g1.apply(ShardCommand::NextConfig(config(2, &[1, 1]))),
+        ShardOutput::Ignored
+    );
+    assert_eq!(g1.apply(ShardCommand::NextConfig(config(1, &[1, 1]))), ok());
+    assert_eq!(g1.serving(), vec![0, 1], "shards from group 0 start empty");
+    assert_eq!(g1.apply(put(7, 1, &k0, "x")), ok());
+    assert_eq!(g1.apply(put(7, 2, &k1, "y")), ok());
+    // A retried request is answered, not applied again.
+    assert_eq!(g1.apply(put(7, 2, &k1, "y")), ok());
+    assert_eq!(
+        get(&g1, &k1),
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: Some("y".into())
+        })
+    );
+
+    // Configuration 2 gives shard 1 to group 2: group 1 freezes it and keeps serving shard 0.
+    assert_eq!(g1.apply(ShardCommand::NextConfig(config(2, &[1, 2]))), ok());
+    assert_eq!(get(&g1, &k1), ShardOutput::WrongGroup);
+    assert_eq!(g1.apply(put(7, 3, &k1, "z")), ShardOutput::WrongGroup);
+    assert_eq!(g1.apply(put(7, 3, &k0, "z")), ok());
+    assert_eq!(g1.outgoing(), vec![(2, 1)]);
+
+    // Group 2 moves to configuration 1 (nothing), then 2, where it must pull shard 1.
+    let mut g2 = ShardKv::new(2);
+    g2.apply(ShardCommand::NextConfig(config(1, &[1, 1])));
+    g2.apply(ShardCommand::NextConfig(config(2, &[1, 2])));
+    assert_eq!(g2.pulling(), vec![1]);
+    assert_eq!(get(&g2, &k1), ShardOutput::WrongGroup, "not arrived yet");
+    let pull = g2.duties();
+    assert!(
+        matches!(&pull[..], [Duty::Pull { config_num: 2, shard: 1, from }] if from.gid == 1),
+        "{pull:?}"
+    );
+    // A group does not take the next configuration while a shard is missing.
+    assert_eq!(
+        g2.apply(ShardCommand::NextConfig(config(3, &[2, 2]))),
+        ShardOutput::Ignored
+    );
+    // The previous owner answers the pull only once it reached the configuration.
+    assert_eq!(
+        g1.query(&ShardQuery::Pull {
+            config_num: 3,
+            shard: 1
+        }),
+        ShardOutput::NotReady
+    );
+    let ShardOutput::Pulled(data) = g1.query(&ShardQuery::Pull {
+        config_num: 2,
+        shard: 1,
+    }) else {
+        panic!("pull refused")
+    };
+    assert_eq!(g2.apply(ShardCommand::Install(data.clone())), ok());
+    // A duplicate install (a second pull's result) changes nothing.
+    assert_eq!(g2.apply(ShardCommand::Install(data)), ShardOutput::Ignored);
+    assert_eq!(
+        get(&g2, &k1),
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: Some("y".into())
+        })
+    );
+    // The dedup record came along: the client's retry of seq 2 is not applied twice.
+    assert_eq!(g2.apply(put(7, 2, &k1, "y")), ok());
+    assert_eq!(
+        get(&g2, &k1),
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: Some("y".into())
+        })
+    );
+    // Now group 2 owes group 1 a delete; group 1 drops its copy; group 2 records the confirmation.
+    assert!(g2
+        .duties()
+        .iter()
+        .any(|d| matches!(d, Duty::Delete { config_num: 2, shard: 1, to } if to.gid == 1)));
+    assert_eq!(
+        g1.query(&ShardQuery::Dropped {
+            config_num: 2,
+            shard: 1
+        }),
+        ShardOutput::NotReady
+    );
+    assert_eq!(
+        g1.apply(ShardCommand::DropOutgoing {
+            config_num: 2,
+            shard: 1
+        }),
+        ShardOutput::Dropped
+    );
+    assert!(g1.outgoing().is_empty());
+    assert_eq!(
+        g1.query(&ShardQuery::Dropped {
+            config_num: 2,
+            shard: 1
+        }),
+        ShardOutput::Dropped
+    );
+    assert_eq!(
+        g2.apply(ShardCommand::Confirmed {
+            config_num: 2,
+            shard: 1
+        }),
+        ShardOutput::Dropped
+    );
+    assert_eq!(g2.duties(), vec![Duty::FetchConfig { num: 3 }]);
+}
+
+#[test]
+fn snapshot_round_trips_every_part_and_refuses_another_group() {
+    let mut g1 = ShardKv::new(1);
+    g1.apply(ShardCommand::NextConfig(config(1, &[1, 1, 1])));
+    let k2 = key_in(2, 3);
+    g1.apply(put(3, 1, &k2, "v"));
+    g1.apply(ShardCommand::NextConfig(config(2, &[1, 2, 2])));
+    let mut g2 = ShardKv::new(2);
+    g2.apply(ShardCommand::NextConfig(config(1, &[1, 1, 1])));
+    g2.apply(ShardCommand::NextConfig(config(2, &[1, 2, 2])));
+    let ShardOutput::Pulled(data) = g1.query(&ShardQuery::Pull {
+        config_num: 2,
+        shard: 2,
+    }) else {
+        panic!("pull refused")
+    };
+    g2.apply(ShardCommand::Install(data));
+
+    for machine in [&g1, &g2] {
+        let mut restored = ShardKv::new(machine.gid());
+        restored.restore(&machine.snapshot()).expect("restore");
+        assert_eq!(restored.snapshot(), machine.snapshot());
+        assert_eq!(restored.duties(), machine.duties());
+        assert_eq!(restored.outgoing(), machine.outgoing());
+        assert_eq!(get(&restored, &k2), get(machine, &k2));
+    }
+    let err = ShardKv::new(9).restore(&g1.snapshot()).unwrap_err();
+    assert!(err.to_string().contains("group 1"), "{err}");
+    for command in [
+        put(3, 9, "k", "v"),
+        ShardCommand::NextConfig(config(4, &[1, 2, 2])),
+        ShardCommand::DropOutgoing {
+            config_num: 2,
+            shard: 1,
+        },
+    ] {
+        let bytes = ShardKv::encode_command(&command);
+        assert_eq!(ShardKv::decode_command(&bytes), Ok(command));
+    }
+    assert!(ShardKv::decode_command(b"\xff\xff").is_err());
+}
