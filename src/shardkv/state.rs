@@ -462,7 +462,7 @@ impl StateMachine for ShardKv {
             .shards
             .into_iter()
             .map(|s| {
-                let pulling = s.pulling.then(|| Source {
+                let pulling = s.pulling.then_some(Source {
                     gid: s.from_gid,
                     servers: s.from_servers,
                 });
