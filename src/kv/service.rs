@@ -1,26 +1,105 @@
-//! The `Kv` gRPC service: validation and translation around an [`RsmService`] of the [`KvStore`]. All
-//! replication logic is in [`crate::rsm`].
+//! The `Kv` gRPC service: validation and translation around an [`RsmService`]. All replication logic is
+//! in [`crate::rsm`].
+//!
+//! Why it is generic: a shard group speaks the same `kv.Kv` protocol to clients as a plain KV cluster
+//! (clients only add "ask another group" on `ERROR_CODE_WRONG_GROUP`), so the one service serves any
+//! [`KvMachine`] — the [`KvStore`] of a KV cluster or the [`crate::shardkv::ShardKv`] of a shard group —
+//! instead of a copy per machine drifting apart.
 
-use super::state::{KvCommand, KvQuery, KvStore};
+use super::state::{KvCommand, KvOutput, KvQuery, KvStore};
 use super::validate::{validate_command, validate_key};
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_server::Kv;
 use crate::raft::{Applied, NodeId, RaftHandle};
-use crate::rsm::service::{check_session, Refusal, RsmService, ServiceConfig, ServiceError};
+use crate::rsm::service::{
+    check_session, Refusal, RsmService, ServedMachine, ServiceConfig, ServiceError,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::info_span;
 
-/// The `Kv` service of one node. Cheap to clone; hand it to tonic with
-/// [`crate::proto::kv::kv_server::KvServer::new`].
-#[derive(Clone)]
-pub struct KvService {
-    service: RsmService<KvStore>,
+/// How a machine answered a client's KV request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvAnswer {
+    /// Served.
+    Done(KvOutput),
+    /// The key's shard is not served here (shard groups only): the client must refresh its
+    /// configuration and ask the owner.
+    WrongGroup,
+    /// The machine produced an output that is no answer to a client request (a bug, not the client's
+    /// fault); reported as an internal error rather than guessed at.
+    Unexpected(String),
 }
 
-impl KvService {
+/// What a status report shows about the machine itself. Shard fields are zero/empty for a plain store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MachineStatus {
+    /// Keys held.
+    pub keys: u64,
+    /// The shard group's id (0: not a shard group).
+    pub gid: u64,
+    /// The configuration the group has reached.
+    pub config_num: u64,
+    /// Shards served now.
+    pub serving: Vec<u64>,
+    /// Shards owned but still being pulled from their previous owner.
+    pub pulling: Vec<u64>,
+    /// Frozen copies of given-away shards still held (until the new owner confirms).
+    pub outgoing: u64,
+}
+
+/// A replicated machine the `Kv` service can serve: how a client's get and mutation become the
+/// machine's query and command, and how its output becomes an answer.
+pub trait KvMachine: ServedMachine {
+    /// The query reading `key`.
+    fn get_query(key: String) -> Self::Query;
+    /// The command applying `command` for (`client`, `seq`). Machines with rsm sessions ignore the tag
+    /// (the rsm layer deduplicates); shard groups keep it, because their dedup records move with shards.
+    fn client_command(client: u64, seq: u64, command: KvCommand) -> Self::Command;
+    /// Translate an output for the client.
+    fn answer(output: Self::Output) -> KvAnswer;
+    /// Figures for `Status`.
+    fn describe(&self) -> MachineStatus;
+}
+
+impl KvMachine for KvStore {
+    fn get_query(key: String) -> KvQuery {
+        KvQuery::Get { key }
+    }
+
+    fn client_command(_client: u64, _seq: u64, command: KvCommand) -> KvCommand {
+        command
+    }
+
+    fn answer(output: KvOutput) -> KvAnswer {
+        KvAnswer::Done(output)
+    }
+
+    fn describe(&self) -> MachineStatus {
+        MachineStatus {
+            keys: self.len() as u64,
+            ..MachineStatus::default()
+        }
+    }
+}
+
+/// The `Kv` service of one node. Cheap to clone; hand it to tonic with
+/// [`crate::proto::kv::kv_server::KvServer::new`].
+pub struct KvService<M: KvMachine = KvStore> {
+    service: RsmService<M>,
+}
+
+impl<M: KvMachine> Clone for KvService<M> {
+    fn clone(&self) -> Self {
+        KvService {
+            service: self.service.clone(),
+        }
+    }
+}
+
+impl KvService<KvStore> {
     /// Start serving on top of a running node: spawns the applier and the leadership watcher. `applied`
     /// is the stream [`crate::raft::RaftNode::start`] returned. The returned task ends when the node
     /// stops (`Ok`) or when the log cannot be applied (`Err`).
@@ -37,7 +116,13 @@ impl KvService {
     }
 }
 
-impl KvService {
+impl<M: KvMachine> KvService<M> {
+    /// The `Kv` service over an already started replicated service (a shard group starts its
+    /// [`RsmService`] itself because its transfer service and driver share it).
+    pub fn over(service: RsmService<M>) -> Self {
+        KvService { service }
+    }
+
     /// The error code, leader hint and leader address telling a client where to retry, or the status
     /// to fail the call with.
     fn refusal(&self, refusal: Refusal) -> Result<(pb::ErrorCode, u64, String), Status> {
@@ -53,7 +138,7 @@ impl KvService {
 }
 
 #[tonic::async_trait]
-impl Kv for KvService {
+impl<M: KvMachine> Kv for KvService<M> {
     async fn get(
         &self,
         request: Request<pb::GetRequest>,
@@ -61,11 +146,15 @@ impl Kv for KvService {
         let key = request.into_inner().key;
         validate_key(&key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut response = pb::GetResponse::default();
-        match self.service.read(KvQuery::Get { key }).await {
-            Ok(output) => {
-                response.found = output.value.is_some();
-                response.value = output.value.unwrap_or_default();
-            }
+        match self.service.read(M::get_query(key)).await {
+            Ok(output) => match M::answer(output) {
+                KvAnswer::Done(output) => {
+                    response.found = output.value.is_some();
+                    response.value = output.value.unwrap_or_default();
+                }
+                KvAnswer::WrongGroup => response.set_error(pb::ErrorCode::WrongGroup),
+                KvAnswer::Unexpected(what) => return Err(Status::internal(what)),
+            },
             Err(refusal) => {
                 let (error, hint, address) = self.refusal(refusal)?;
                 response.set_error(error);
@@ -90,17 +179,22 @@ impl Kv for KvService {
             })?;
         validate_command(&command).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut response = pb::MutateResponse::default();
+        let (client, seq) = (request.client_id, request.seq);
         match self
             .service
-            .mutate(request.client_id, request.seq, command)
+            .mutate(client, seq, M::client_command(client, seq, command))
             .await
         {
-            Ok(output) => {
-                response.outcome = Some(pb::Outcome {
-                    ok: output.ok,
-                    current: output.value,
-                });
-            }
+            Ok(output) => match M::answer(output) {
+                KvAnswer::Done(output) => {
+                    response.outcome = Some(pb::Outcome {
+                        ok: output.ok,
+                        current: output.value,
+                    });
+                }
+                KvAnswer::WrongGroup => response.set_error(pb::ErrorCode::WrongGroup),
+                KvAnswer::Unexpected(what) => return Err(Status::internal(what)),
+            },
             Err(refusal) => {
                 let (error, hint, address) = self.refusal(refusal)?;
                 response.set_error(error);
@@ -117,7 +211,7 @@ impl Kv for KvService {
         let node = self.service.handle().status();
         let raft = &node.raft;
         let stats = self.service.stats();
-        let keys = self.service.with_machine(|store| store.len() as u64);
+        let machine = self.service.with_machine(M::describe);
         let (_, leader_address) = self.service.leader_hint(raft.leader);
         Ok(Response::new(pb::StatusResponse {
             id: raft.id,
@@ -131,11 +225,16 @@ impl Kv for KvService {
             snapshot_index: raft.snapshot_index,
             raft_state_bytes: node.raft_state_bytes,
             snapshot_bytes: node.snapshot_bytes,
-            keys,
+            keys: machine.keys,
             leader_address,
             restored_snapshot_index: stats.restored_snapshot_index,
             entries_applied_since_start: stats.entries_applied,
             sessions: stats.sessions,
+            gid: machine.gid,
+            config_num: machine.config_num,
+            serving_shards: machine.serving,
+            pulling_shards: machine.pulling,
+            outgoing_shards: machine.outgoing,
         }))
     }
 }

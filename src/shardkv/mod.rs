@@ -5,6 +5,8 @@
 //! [`state`] is the replicated state machine (sans-IO, shared by the daemon and the simulator);
 //! [`key_to_shard`] is the one mapping from keys to shards that servers and clients agree on.
 
+pub mod driver;
+pub mod service;
 pub mod state;
 
 pub use state::{Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardQuery, Source};

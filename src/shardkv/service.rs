@@ -1,0 +1,182 @@
+//! A shard group server's gRPC faces: clients reach the group's [`ShardKv`] through the ordinary `kv.Kv`
+//! service ([`KvService`] over a [`KvMachine`] impl here), and other groups pull shards from it and tell
+//! it to delete them through the `ShardTransfer` service ([`ShardTransferService`]).
+//!
+//! Why `Delete` proposes the drop itself instead of the new owner proposing something to the old owner:
+//! only the old owner's log may change the old owner's state, and it must change it through the log so
+//! every replica (and every later leader) agrees the copy is gone. The new owner only learns "it is
+//! gone" (`OK`), and only then proposes `Confirmed` in its own log; until then it asks again.
+
+use super::state::{shard_to_proto, ShardCommand, ShardKv, ShardOutput, ShardQuery};
+use crate::kv::service::{KvAnswer, KvMachine, KvService, MachineStatus};
+use crate::kv::KvCommand;
+use crate::proto::shardkv as pb;
+use crate::proto::shardkv::shard_transfer_server::{ShardTransfer, ShardTransferServer};
+use crate::raft::{Applied, NodeId, RaftHandle};
+use crate::rsm::service::{Refusal, RsmService, ServiceConfig, ServiceError};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status};
+use tracing::field::Empty;
+use tracing::{debug, info, info_span};
+
+/// Largest shard-transfer message either side accepts. A shard moves in one message (its keys and dedup
+/// records), so the limit must exceed the largest shard; the 4 MiB tonic default would make a big shard
+/// impossible to move and wedge the group in its configuration for good.
+pub const MAX_TRANSFER_BYTES: usize = 256 << 20;
+
+impl KvMachine for ShardKv {
+    fn get_query(key: String) -> ShardQuery {
+        ShardQuery::Get(key)
+    }
+
+    fn client_command(client: u64, seq: u64, command: KvCommand) -> ShardCommand {
+        ShardCommand::Client {
+            client,
+            seq,
+            command,
+        }
+    }
+
+    fn answer(output: ShardOutput) -> KvAnswer {
+        match output {
+            ShardOutput::Kv(output) => KvAnswer::Done(output),
+            ShardOutput::WrongGroup => KvAnswer::WrongGroup,
+            other => KvAnswer::Unexpected(format!(
+                "shard group answered a client request with {other:?}"
+            )),
+        }
+    }
+
+    fn describe(&self) -> MachineStatus {
+        MachineStatus {
+            keys: self.keys() as u64,
+            gid: self.gid(),
+            config_num: self.config().num,
+            serving: self.serving(),
+            pulling: self.pulling(),
+            outgoing: self.outgoing().len() as u64,
+        }
+    }
+}
+
+/// Everything a shard group server serves, sharing one replicated [`ShardKv`].
+pub struct ShardGroupServices {
+    /// The replicated state (the driver proposes through it).
+    pub rsm: RsmService<ShardKv>,
+    /// The client-facing `kv.Kv` service.
+    pub kv: KvService<ShardKv>,
+    /// The group-to-group `ShardTransfer` service.
+    pub transfer: ShardTransferService,
+}
+
+/// Start a shard group replica's services on top of a running node (see [`RsmService::start`]). The
+/// returned task ends when the node stops (`Ok`) or when the log cannot be applied (`Err`).
+pub fn start(
+    gid: u64,
+    id: NodeId,
+    handle: RaftHandle,
+    applied: mpsc::UnboundedReceiver<Applied>,
+    config: ServiceConfig,
+) -> (ShardGroupServices, JoinHandle<Result<(), ServiceError>>) {
+    let span = info_span!("shard", gid, node = id, term = Empty, role = Empty);
+    let (rsm, applier) = RsmService::start(span, ShardKv::new(gid), handle, applied, config);
+    let services = ShardGroupServices {
+        kv: KvService::over(rsm.clone()),
+        transfer: ShardTransferService { rsm: rsm.clone() },
+        rsm,
+    };
+    (services, applier)
+}
+
+/// The `ShardTransfer` service of one shard group replica. Cheap to clone.
+#[derive(Clone)]
+pub struct ShardTransferService {
+    rsm: RsmService<ShardKv>,
+}
+
+impl ShardTransferService {
+    /// The tonic server for it, with message limits raised to [`MAX_TRANSFER_BYTES`].
+    pub fn into_server(self) -> ShardTransferServer<ShardTransferService> {
+        ShardTransferServer::new(self)
+            .max_decoding_message_size(MAX_TRANSFER_BYTES)
+            .max_encoding_message_size(MAX_TRANSFER_BYTES)
+    }
+}
+
+fn shard_ref(shard: Option<pb::ShardRef>) -> Result<pb::ShardRef, Status> {
+    shard.ok_or_else(|| Status::invalid_argument("missing shard reference"))
+}
+
+/// A refusal as a transfer status. A timeout counts as "not the leader": the caller then tries another
+/// server of the group, which is right when this one is a leader cut off from its majority.
+fn refused(refusal: Refusal) -> Result<pb::TransferStatus, Status> {
+    match refusal {
+        Refusal::WrongLeader(_) | Refusal::Timeout => Ok(pb::TransferStatus::WrongLeader),
+        Refusal::Status(status) => Err(status),
+    }
+}
+
+#[tonic::async_trait]
+impl ShardTransfer for ShardTransferService {
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        let pb::ShardRef { config_num, shard } = shard_ref(request.into_inner().shard)?;
+        // A ReadIndex read: only a leader that still leads answers, and it answers from a state that
+        // includes every change committed before the request arrived.
+        let status = match self.rsm.read(ShardQuery::Pull { config_num, shard }).await {
+            Ok(ShardOutput::Pulled(data)) => {
+                debug!(config_num, shard, keys = data.data.len(), "shard pulled");
+                return Ok(Response::new(pb::PullResponse {
+                    status: pb::TransferStatus::Ok.into(),
+                    contents: Some(shard_to_proto(&data)),
+                }));
+            }
+            Ok(ShardOutput::NotReady) => pb::TransferStatus::NotReady,
+            Ok(other) => {
+                return Err(Status::internal(format!(
+                    "unexpected answer to a pull: {other:?}"
+                )))
+            }
+            Err(refusal) => refused(refusal)?,
+        };
+        Ok(Response::new(pb::PullResponse {
+            status: status.into(),
+            contents: None,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let pb::ShardRef { config_num, shard } = shard_ref(request.into_inner().shard)?;
+        let answer = |status: pb::TransferStatus| {
+            Ok(Response::new(pb::DeleteResponse {
+                status: status.into(),
+            }))
+        };
+        // Already gone (a retry after our OK was lost): answer without another log entry.
+        match self
+            .rsm
+            .read(ShardQuery::Dropped { config_num, shard })
+            .await
+        {
+            Ok(ShardOutput::Dropped) => return answer(pb::TransferStatus::Ok),
+            Ok(_) => {}
+            Err(refusal) => return answer(refused(refusal)?),
+        }
+        // Internal commands carry no session (client 0): the machine's own checks make them idempotent.
+        let command = ShardCommand::DropOutgoing { config_num, shard };
+        match self.rsm.mutate(0, 0, command).await {
+            Ok(ShardOutput::Dropped) => {
+                info!(config_num, shard, "deleted the copy of a given-away shard");
+                answer(pb::TransferStatus::Ok)
+            }
+            Ok(_) => answer(pb::TransferStatus::NotReady),
+            Err(refusal) => answer(refused(refusal)?),
+        }
+    }
+}
