@@ -1,5 +1,5 @@
-//! `kvd`: the ds824 server daemon. One binary, one role per subcommand (`kvd kv ...` today; `ctrler` and
-//! `shard` later). The logic lives in the library; this file only parses flags and maps errors to exit
+//! `kvd`: the ds824 server daemon. One binary, one role per subcommand (`kvd kv`, `kvd ctrler`,
+//! `kvd shard`). The logic lives in the library; this file only parses flags and maps errors to exit
 //! codes: 2 for anything the operator must fix before a start can succeed, 1 for a failure while serving.
 
 use clap::{Args, Parser, Subcommand};
@@ -36,6 +36,29 @@ enum Role {
     /// Example: kvd ctrler --id 1 --listen 127.0.0.1:7101
     ///   --peers 1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103 --data-dir /var/lib/kvd/ctrler-1
     Ctrler(CtrlerArgs),
+    /// Run one replica of a shard group of the sharded key/value store. Raft peers, KV clients and other
+    /// groups (shard hand-over) share the port; register the group's addresses with the controllers
+    /// (`kvctl ctrler join GID=HOST:PORT,...`) to give it shards. The group follows the controllers'
+    /// configurations on its own: it pulls the shards it gains from their previous owners and deletes
+    /// the ones it gave away once the new owner has them.
+    ///
+    /// Example: kvd shard --gid 1 --id 1 --listen 127.0.0.1:7201
+    ///   --peers 1=127.0.0.1:7201,2=127.0.0.1:7202,3=127.0.0.1:7203
+    ///   --ctrlers 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103 --data-dir /var/lib/kvd/g1-1
+    Shard(ShardArgs),
+}
+
+#[derive(Args)]
+struct ShardArgs {
+    #[command(flatten)]
+    replica: KvArgs,
+    /// This replica's group id (1, 2, ...), as joined to the controllers. Recorded in the data
+    /// directory: a directory of another group is refused.
+    #[arg(long)]
+    gid: u64,
+    /// The shard controllers as HOST:PORT, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ctrlers: Vec<String>,
 }
 
 #[derive(Args)]
@@ -97,6 +120,27 @@ fn main() -> ExitCode {
                 }
                 let role = ServiceRole::Ctrler {
                     shards: args.shards,
+                };
+                run_kv(args.replica, role).await
+            }
+            Role::Shard(args) => {
+                if args.gid == 0 {
+                    eprintln!("kvd: error: --gid must be at least 1");
+                    return ExitCode::from(2);
+                }
+                let ctrlers: Vec<String> = args
+                    .ctrlers
+                    .iter()
+                    .map(|c| c.trim().to_string())
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                if ctrlers.is_empty() {
+                    eprintln!("kvd: error: --ctrlers lists no addresses");
+                    return ExitCode::from(2);
+                }
+                let role = ServiceRole::Shard {
+                    gid: args.gid,
+                    ctrlers,
                 };
                 run_kv(args.replica, role).await
             }

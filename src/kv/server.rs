@@ -12,6 +12,8 @@ use crate::proto::ctrler::ctrler_server::CtrlerServer;
 use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
 use crate::rsm::service::{ServiceConfig, ServiceError};
+use crate::shardkv::driver::DriverConfig;
+use crate::shardkv::service::ShardGroupServices;
 use prometheus::Registry;
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,8 +28,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info};
 
 /// Which replicated service a node runs. The storage identity records it, so a data directory of one
-/// role is never opened by another.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// role (or of one shard group) is never opened by another.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceRole {
     /// The key/value store.
     Kv,
@@ -36,14 +38,24 @@ pub enum ServiceRole {
         /// Number of shards.
         shards: usize,
     },
+    /// A replica of shard group `gid` of the sharded KV store. Also serves `ShardTransfer` (other
+    /// groups pull shards from it) and runs the group's driver, which follows the controllers.
+    Shard {
+        /// The group id (non-zero), as joined to the controllers.
+        gid: u64,
+        /// The shard controllers' addresses (`host:port`).
+        ctrlers: Vec<String>,
+    },
 }
 
 impl ServiceRole {
-    /// The cluster name stored in the data directory's identity.
-    pub fn cluster_name(&self) -> &'static str {
+    /// The cluster name stored in the data directory's identity. A shard group's includes its gid: a
+    /// replica restarted with the wrong `--gid` would otherwise adopt another group's shards.
+    pub fn cluster_name(&self) -> String {
         match self {
-            ServiceRole::Kv => "kv",
-            ServiceRole::Ctrler { .. } => "ctrler",
+            ServiceRole::Kv => "kv".into(),
+            ServiceRole::Ctrler { .. } => "ctrler".into(),
+            ServiceRole::Shard { gid, .. } => format!("shard-{gid}"),
         }
     }
 }
@@ -62,6 +74,7 @@ impl<T> Drop for AbortOnDrop<T> {
 enum Served {
     Kv(KvService),
     Ctrler(CtrlerService),
+    Shard(ShardGroupServices),
 }
 
 /// Largest gRPC message a client may send (a maximal value plus framing).
@@ -133,6 +146,8 @@ pub struct KvNode {
     service: Served,
     applier: JoinHandle<Result<(), ServiceError>>,
     metrics: Option<(TcpListener, Registry, RaftGauges)>,
+    /// A shard group's driver task (aborted when the node is dropped).
+    _driver: AbortOnDrop<()>,
 }
 
 impl KvNode {
@@ -140,6 +155,18 @@ impl KvNode {
     pub async fn start(config: KvNodeConfig) -> Result<KvNode, StartError> {
         if config.id == 0 {
             return Err(StartError::Config("node ids start at 1".into()));
+        }
+        if let ServiceRole::Shard { gid, ctrlers } = &config.role {
+            if *gid == 0 {
+                return Err(StartError::Config(
+                    "group ids start at 1 (0 means \"no group\" in a configuration)".into(),
+                ));
+            }
+            if ctrlers.is_empty() {
+                return Err(StartError::Config(
+                    "a shard group needs the controllers' addresses".into(),
+                ));
+            }
         }
         let listener =
             TcpListener::bind(config.listen)
@@ -162,7 +189,7 @@ impl KvNode {
             .map(|(&id, address)| (id, format!("http://{address}")))
             .collect();
         let identity = Identity {
-            cluster: config.role.cluster_name().into(),
+            cluster: config.role.cluster_name(),
             node: config.id,
         };
         let data_dir = config.data_dir.clone();
@@ -191,6 +218,8 @@ impl KvNode {
             metrics: metrics.as_ref().map(|(_, _, _, service)| service.clone()),
         };
         let metrics = metrics.map(|(listener, registry, gauges, _)| (listener, registry, gauges));
+        // The shard group's driver, aborted with the node however it ends.
+        let mut driver = AbortOnDrop(None);
         let (service, applier) = match config.role {
             ServiceRole::Kv => {
                 let (service, applier) =
@@ -202,6 +231,28 @@ impl KvNode {
                     CtrlerService::start(config.id, shards, node.handle(), applied, service_config);
                 (Served::Ctrler(service), applier)
             }
+            ServiceRole::Shard { gid, ctrlers } => {
+                let (services, applier) = crate::shardkv::service::start(
+                    gid,
+                    config.id,
+                    node.handle(),
+                    applied,
+                    service_config,
+                );
+                let driver_config = DriverConfig {
+                    ctrlers,
+                    ..DriverConfig::default()
+                };
+                let task = crate::shardkv::driver::spawn(
+                    gid,
+                    config.id,
+                    services.rsm.clone(),
+                    driver_config,
+                )
+                .map_err(|e| StartError::Config(format!("--ctrlers: {e}")))?;
+                driver = AbortOnDrop(Some(task));
+                (Served::Shard(services), applier)
+            }
         };
         Ok(KvNode {
             id: config.id,
@@ -210,6 +261,7 @@ impl KvNode {
             service,
             applier,
             metrics,
+            _driver: driver,
         })
     }
 
@@ -228,6 +280,7 @@ impl KvNode {
             service,
             mut applier,
             metrics,
+            _driver,
         } = self;
         let metrics_server = metrics.map(|(listener, registry, gauges)| {
             let handle = node.handle();
@@ -248,6 +301,13 @@ impl KvNode {
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             ),
+            Served::Shard(services) => router
+                .add_service(
+                    KvServer::new(services.kv)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                )
+                .add_service(services.transfer.into_server()),
         };
         let mut server = tokio::spawn(async move {
             router
