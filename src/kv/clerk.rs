@@ -147,34 +147,57 @@ impl Clerk {
             .await
     }
 
-    /// Turn one RPC's result into done / try elsewhere / give up.
+    /// Turn one RPC's result into done / try elsewhere / give up. A shard group's WRONG_GROUP is final
+    /// here: this clerk has no controllers to ask who serves the key.
     fn classify<R, T>(
         reply: Result<Result<tonic::Response<R>, tonic::Status>, tokio::time::error::Elapsed>,
         parts: impl FnOnce(R) -> (i32, String, T),
     ) -> Result<Attempt<T>, ClerkError> {
-        let response = match reply {
-            Err(_) => return Ok(Attempt::Elsewhere(None, "attempt timed out".into())),
-            Ok(Err(status)) => return status_attempt(status),
-            Ok(Ok(response)) => response.into_inner(),
-        };
-        let (error, leader_address, value) = parts(response);
-        Ok(match pb::ErrorCode::try_from(error) {
-            Ok(pb::ErrorCode::Ok) => Attempt::Done(value),
-            Ok(pb::ErrorCode::WrongLeader) => Attempt::Elsewhere(
-                (!leader_address.is_empty()).then_some(leader_address),
-                "wrong leader".into(),
-            ),
-            Ok(pb::ErrorCode::Timeout) => Attempt::Elsewhere(None, "server timed out".into()),
-            Ok(pb::ErrorCode::WrongGroup) => {
+        Ok(match classify_reply(reply, parts)? {
+            Attempt::Done(Routed::Served(value)) => Attempt::Done(value),
+            Attempt::Done(Routed::WrongGroup) => {
                 return Err(ClerkError::Rejected(
                     "these servers are a shard group that does not serve this key; \
                      address the sharded cluster through its controllers (--ctrlers)"
                         .into(),
                 ))
             }
-            Err(_) => Attempt::Elsewhere(None, format!("unknown error code {error}")),
+            Attempt::Elsewhere(hint, why) => Attempt::Elsewhere(hint, why),
         })
     }
+}
+
+/// What a `Kv` server did with a request it answered as leader.
+#[derive(Debug)]
+pub enum Routed<T> {
+    /// Served, with this result.
+    Served(T),
+    /// A shard group that does not serve the key's shard (now): ask the configuration's owner.
+    WrongGroup,
+}
+
+/// Turn one `Kv` RPC's result into served / wrong group / try another server / give up. Shared by the
+/// KV clerk and the sharded clerk, so both read error codes and leader hints the same way.
+pub fn classify_reply<R, T>(
+    reply: Result<Result<tonic::Response<R>, tonic::Status>, tokio::time::error::Elapsed>,
+    parts: impl FnOnce(R) -> (i32, String, T),
+) -> Result<Attempt<Routed<T>>, ClerkError> {
+    let response = match reply {
+        Err(_) => return Ok(Attempt::Elsewhere(None, "attempt timed out".into())),
+        Ok(Err(status)) => return status_attempt(status),
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    let (error, leader_address, value) = parts(response);
+    Ok(match pb::ErrorCode::try_from(error) {
+        Ok(pb::ErrorCode::Ok) => Attempt::Done(Routed::Served(value)),
+        Ok(pb::ErrorCode::WrongLeader) => Attempt::Elsewhere(
+            (!leader_address.is_empty()).then_some(leader_address),
+            "wrong leader".into(),
+        ),
+        Ok(pb::ErrorCode::Timeout) => Attempt::Elsewhere(None, "server timed out".into()),
+        Ok(pb::ErrorCode::WrongGroup) => Attempt::Done(Routed::WrongGroup),
+        Err(_) => Attempt::Elsewhere(None, format!("unknown error code {error}")),
+    })
 }
 
 /// Ask one node for its status (no retries: an operator wants to see which nodes are down).

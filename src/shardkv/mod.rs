@@ -3,12 +3,16 @@
 //! gave away once the new owner has them.
 //!
 //! [`state`] is the replicated state machine (sans-IO, shared by the daemon and the simulator);
-//! [`key_to_shard`] is the one mapping from keys to shards that servers and clients agree on.
+//! [`service`] serves it to clients (`kv.Kv`) and to other groups (`ShardTransfer`); [`driver`] is the
+//! leader's background worker that follows the controllers and moves shards; [`clerk`] is the client
+//! library; [`key_to_shard`] is the one mapping from keys to shards that servers and clients agree on.
 
+pub mod clerk;
 pub mod driver;
 pub mod service;
 pub mod state;
 
+pub use clerk::ShardClerk;
 pub use state::{Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardQuery, Source};
 
 /// The shard a key belongs to, out of `shards` (FNV-1a of the key's bytes, modulo the shard count).

@@ -1,0 +1,303 @@
+//! The client library of the sharded KV store: the same get/put/append/delete/cas as [`crate::kv::Clerk`],
+//! addressed to the whole sharded cluster through its controllers.
+//!
+//! Why it does what it does:
+//! - it **caches the latest configuration** from the controllers and sends each key to the group its
+//!   shard ([`key_to_shard`]) belongs to, keeping one [`Replicas`] per group (so leader caching, hints
+//!   and backoff work per group as in the KV clerk);
+//! - it **refreshes the configuration** when a group answers `WRONG_GROUP`, when the shard has no group
+//!   (gid 0) or the group is unknown, and when a group does not answer within one attempt window
+//!   (the configuration may have moved the shard away from a group that is gone);
+//! - it uses **one client id and one sequence number across all groups** and keeps the number when it
+//!   retries a mutation at another group: the shard's dedup records move with the shard, so a mutation
+//!   applied by the old owner just before the hand-over is recognised by the new owner as a retry and
+//!   not applied twice. That is what exactly-once across migrations rests on;
+//! - it gives up at the [`ClerkConfig::call_timeout`] deadline with the last error seen.
+
+use super::key_to_shard;
+use crate::ctrler::{Config, CtrlerClerk, Gid};
+use crate::kv::clerk::{classify_reply, CasOutcome, Routed};
+use crate::kv::validate::{validate_command, validate_key};
+use crate::kv::KvCommand;
+use crate::proto::kv as pb;
+use crate::proto::kv::kv_client::KvClient;
+use crate::rsm::client::{new_client_id, ClerkConfig, ClerkError, Replicas};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// One group's servers as the configuration lists them, and the clerk's connection state for them.
+struct Group {
+    servers: Vec<String>,
+    replicas: Replicas,
+}
+
+/// A client of a sharded KV cluster. Methods take `&mut self` (one outstanding request per client id,
+/// as the groups' dedup records assume): use one `ShardClerk` per concurrent caller.
+pub struct ShardClerk {
+    ctrler: CtrlerClerk,
+    config: Option<Config>,
+    groups: HashMap<Gid, Group>,
+    clerk_config: ClerkConfig,
+    client_id: u64,
+    seq: u64,
+}
+
+/// Where a request went wrong in one try, and whether the configuration should be re-read.
+enum Try<T> {
+    Done(T),
+    Again(String),
+}
+
+impl ShardClerk {
+    /// A clerk for the cluster whose controllers are at `ctrlers` (`host:port`). Nothing is contacted
+    /// until the first request.
+    pub fn new(ctrlers: &[String], config: ClerkConfig) -> Result<ShardClerk, ClerkError> {
+        Ok(ShardClerk {
+            ctrler: CtrlerClerk::new(ctrlers, config.clone())?,
+            config: None,
+            groups: HashMap::new(),
+            clerk_config: config,
+            client_id: new_client_id(),
+            seq: 0,
+        })
+    }
+
+    /// This clerk's session id (the same at every group).
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// The configuration the clerk last read, if any.
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_ref()
+    }
+
+    /// The value of `key`, `None` if absent.
+    pub async fn get(&mut self, key: &str) -> Result<Option<String>, ClerkError> {
+        validate_key(key)?;
+        let request = pb::GetRequest {
+            key: key.to_string(),
+        };
+        self.route(key, move |channel, timeout| {
+            let mut client = KvClient::new(channel);
+            let request = request.clone();
+            async move {
+                let reply = tokio::time::timeout(timeout, client.get(request)).await;
+                classify_reply(reply, |r: pb::GetResponse| {
+                    (r.error, r.leader_address, r.found.then_some(r.value))
+                })
+            }
+        })
+        .await
+    }
+
+    /// Set `key` to `value`.
+    pub async fn put(&mut self, key: &str, value: &str) -> Result<(), ClerkError> {
+        self.mutate(KvCommand::Put {
+            key: key.into(),
+            value: value.into(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Append `value` to `key` (an absent key counts as empty).
+    pub async fn append(&mut self, key: &str, value: &str) -> Result<(), ClerkError> {
+        self.mutate(KvCommand::Append {
+            key: key.into(),
+            value: value.into(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Remove `key`; returns whether it existed.
+    pub async fn delete(&mut self, key: &str) -> Result<bool, ClerkError> {
+        self.mutate(KvCommand::Delete { key: key.into() })
+            .await
+            .map(|o| o.ok)
+    }
+
+    /// Set `key` to `value` if its value is `expected` (`None`: if absent).
+    pub async fn cas(
+        &mut self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<CasOutcome, ClerkError> {
+        let outcome = self
+            .mutate(KvCommand::Cas {
+                key: key.into(),
+                expected: expected.map(str::to_string),
+                value: value.into(),
+            })
+            .await?;
+        Ok(if outcome.ok {
+            CasOutcome::Swapped
+        } else {
+            CasOutcome::Mismatch {
+                current: outcome.current,
+            }
+        })
+    }
+
+    async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
+        validate_command(&command)?;
+        // One number per mutation, kept across every retry at every group.
+        self.seq += 1;
+        let key = command.key().to_string();
+        let request = pb::MutateRequest {
+            client_id: self.client_id,
+            seq: self.seq,
+            command: Some(pb::Command::from(&command)),
+        };
+        self.route(&key, move |channel, timeout| {
+            let mut client = KvClient::new(channel);
+            let request = request.clone();
+            async move {
+                let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
+                classify_reply(reply, |r: pb::MutateResponse| {
+                    (r.error, r.leader_address, r.outcome.unwrap_or_default())
+                })
+            }
+        })
+        .await
+    }
+
+    /// Send a request for `key` to the group serving it until one serves it or the deadline passes.
+    async fn route<T, F, Fut>(&mut self, key: &str, attempt: F) -> Result<T, ClerkError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: std::future::Future<
+            Output = Result<crate::rsm::client::Attempt<Routed<T>>, ClerkError>,
+        >,
+    {
+        let deadline = Instant::now() + self.clerk_config.call_timeout;
+        let mut backoff = self.clerk_config.min_backoff;
+        let mut last_error = String::from("no attempt made");
+        let mut refresh = self.config.is_none();
+        loop {
+            if Instant::now() >= deadline {
+                return Err(ClerkError::Timeout {
+                    timeout: self.clerk_config.call_timeout,
+                    last_error,
+                });
+            }
+            if refresh {
+                let before = self.config.as_ref().map_or(0, |c| c.num);
+                match tokio::time::timeout_at(deadline, self.ctrler.query(None)).await {
+                    Ok(Ok(config)) => {
+                        let moved_on = config.num != before;
+                        self.config = Some(config);
+                        if moved_on {
+                            backoff = self.clerk_config.min_backoff;
+                        }
+                    }
+                    Ok(Err(ClerkError::Timeout { last_error: e, .. })) => {
+                        last_error = format!("controllers: {e}");
+                        continue;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => continue,
+                }
+            }
+            match self.try_once(key, &attempt, deadline).await? {
+                Try::Done(value) => return Ok(value),
+                Try::Again(why) => {
+                    last_error = why;
+                    refresh = true;
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(self.clerk_config.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// One try at the group the cached configuration names for `key`.
+    async fn try_once<T, F, Fut>(
+        &mut self,
+        key: &str,
+        attempt: &F,
+        deadline: Instant,
+    ) -> Result<Try<T>, ClerkError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: std::future::Future<
+            Output = Result<crate::rsm::client::Attempt<Routed<T>>, ClerkError>,
+        >,
+    {
+        let Some(config) = &self.config else {
+            return Ok(Try::Again("no configuration yet".into()));
+        };
+        let shard = key_to_shard(key, config.shards.len());
+        let gid = config.shards.get(shard as usize).copied().unwrap_or(0);
+        let servers = match config.groups.get(&gid) {
+            Some(servers) if gid != 0 && !servers.is_empty() => servers.clone(),
+            _ => {
+                return Ok(Try::Again(format!(
+                    "shard {shard} has no group in configuration {} (join a group with `kvctl ctrler join`)",
+                    config.num
+                )))
+            }
+        };
+        let num = config.num;
+        let group = match self.groups.get_mut(&gid) {
+            Some(group) if group.servers == servers => group,
+            _ => {
+                let replicas = Replicas::new(
+                    &servers,
+                    ClerkConfig {
+                        // One window per group and configuration: if the group does not serve within it,
+                        // re-read the configuration (the shard may have moved from a group that is gone).
+                        call_timeout: self.clerk_config.attempt_timeout,
+                        ..self.clerk_config.clone()
+                    },
+                )?;
+                self.groups
+                    .entry(gid)
+                    .insert_entry(Group { servers, replicas })
+                    .into_mut()
+            }
+        };
+        match tokio::time::timeout_at(deadline, group.replicas.call(attempt)).await {
+            Ok(Ok(Routed::Served(value))) => Ok(Try::Done(value)),
+            Ok(Ok(Routed::WrongGroup)) => Ok(Try::Again(format!(
+                "group {gid} does not serve shard {shard} (configuration {num} says it does; it may be still receiving it)"
+            ))),
+            Ok(Err(ClerkError::Timeout { last_error, .. })) => Ok(Try::Again(format!(
+                "group {gid}: {last_error}"
+            ))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(Try::Again(format!("group {gid} did not answer in time"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn validates_locally_and_gives_up_at_the_deadline() {
+        assert!(matches!(
+            ShardClerk::new(&[], ClerkConfig::default()),
+            Err(ClerkError::NoServers)
+        ));
+        let config = ClerkConfig {
+            call_timeout: Duration::from_millis(300),
+            ..ClerkConfig::default()
+        };
+        let mut clerk = ShardClerk::new(&["127.0.0.1:1".into()], config).expect("lazy connect");
+        assert_ne!(clerk.client_id(), 0);
+        assert!(matches!(clerk.get("").await, Err(ClerkError::Invalid(_))));
+        let started = Instant::now();
+        assert!(matches!(
+            clerk.put("k", "v").await,
+            Err(ClerkError::Timeout { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+}
