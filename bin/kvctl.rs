@@ -6,38 +6,41 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
+use ds824::kvctl::shard::{self, AnyClerk};
 use ds824::kvctl::{self, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
+use ds824::shardkv::ShardClerk;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Talk to a ds824 key/value cluster.
+/// Talk to a ds824 key/value cluster, plain or sharded.
+///
+/// Which cluster: get/put/append/delete/cas and status address the KV cluster of --cluster
+/// (KVCTL_CLUSTER; default 127.0.0.1:7001). If --ctrlers (or KVCTL_CTRLERS) is given and --cluster is
+/// not, they address the sharded cluster behind those controllers instead: each key goes to the shard
+/// group that owns it in the latest configuration (found and followed automatically), and `status` shows
+/// the configuration and every shard group's servers (role, term, leader, commit/applied index, the
+/// configuration each has reached, shards serving and still pulling, and frozen copies of given-away
+/// shards still held), including groups that left in the last few configurations.
 ///
 /// Exit status: 0 success; 1 a "no" (key not found, cas mismatch, history not linearizable); 2 the command
 /// could not be carried out (one line on stderr says why); 3 `check` could not decide within its budget.
 #[derive(Parser)]
 #[command(name = "kvctl", version)]
 struct Cli {
-    /// The cluster's servers as HOST:PORT, comma-separated (any subset works; the leader is found).
-    #[arg(
-        long,
-        env = "KVCTL_CLUSTER",
-        global = true,
-        default_value = "127.0.0.1:7001"
-    )]
-    cluster: String,
+    /// The KV cluster's servers as HOST:PORT, comma-separated (any subset works; the leader is found).
+    /// Default 127.0.0.1:7001, unless --ctrlers is given (then the sharded cluster is used).
+    #[arg(long, env = "KVCTL_CLUSTER", global = true)]
+    cluster: Option<String>,
     /// Give up on a request after this many milliseconds, retries included.
     #[arg(long, default_value_t = 10_000, global = true)]
     timeout_ms: u64,
-    /// The shard controllers as HOST:PORT, comma-separated (for `kvctl ctrler ...`).
-    #[arg(
-        long,
-        env = "KVCTL_CTRLERS",
-        global = true,
-        default_value = "127.0.0.1:7101"
-    )]
-    ctrlers: String,
+    /// The shard controllers as HOST:PORT, comma-separated. Used by `kvctl ctrler ...` (default
+    /// 127.0.0.1:7101), and, when --cluster is not given, by get/put/append/delete/cas/status to reach
+    /// the sharded cluster.
+    #[arg(long, env = "KVCTL_CTRLERS", global = true)]
+    ctrlers: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,7 +83,10 @@ enum Command {
         #[arg(long)]
         expect_absent: bool,
     },
-    /// Show every node's role, term, leader, commit/applied index, log and snapshot sizes.
+    /// Show every node's role, term, leader, commit/applied index, log and snapshot sizes. With
+    /// --ctrlers (and no --cluster): the latest configuration and, per shard group, each server's role,
+    /// term, leader, commit/applied index, configuration reached, shards serving / pulling and outgoing
+    /// copies held.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -158,6 +164,11 @@ enum Kind {
     Get,
 }
 
+/// Where the KV cluster is when neither --cluster nor KVCTL_CLUSTER says.
+const DEFAULT_CLUSTER: &str = "127.0.0.1:7001";
+/// Where the controllers are when neither --ctrlers nor KVCTL_CTRLERS says.
+const DEFAULT_CTRLERS: &str = "127.0.0.1:7101";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -176,18 +187,50 @@ fn fail(error: impl std::fmt::Display) -> u8 {
 }
 
 async fn run(cli: Cli) -> u8 {
-    let cluster = kvctl::parse_cluster(&cli.cluster);
-    if cluster.is_empty() {
+    // Sharded mode: controllers named, no KV cluster named.
+    let sharded = cli.cluster.is_none() && cli.ctrlers.is_some();
+    let cluster = kvctl::parse_cluster(cli.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER));
+    let ctrlers = kvctl::parse_cluster(cli.ctrlers.as_deref().unwrap_or(DEFAULT_CTRLERS));
+    if sharded && ctrlers.is_empty() {
+        return fail("no controllers given (--ctrlers or KVCTL_CTRLERS)");
+    }
+    if !sharded && cluster.is_empty() {
         return fail("no servers given (--cluster or KVCTL_CLUSTER)");
     }
     let config = ClerkConfig {
         call_timeout: Duration::from_millis(cli.timeout_ms),
         ..ClerkConfig::default()
     };
-    let clerk = || Clerk::new(&cluster, config.clone());
+    let clerk = || -> Result<AnyClerk, ClerkError> {
+        Ok(if sharded {
+            AnyClerk::Sharded(ShardClerk::new(&ctrlers, config.clone())?)
+        } else {
+            AnyClerk::Kv(Clerk::new(&cluster, config.clone())?)
+        })
+    };
     if let Command::Ctrler { op } = cli.command {
-        let ctrlers = kvctl::parse_cluster(&cli.ctrlers);
+        if ctrlers.is_empty() {
+            return fail("no controllers given (--ctrlers or KVCTL_CTRLERS)");
+        }
         return kvctl::ctrler::run(&ctrlers, config, op.into()).await;
+    }
+    if let (Command::Status { json }, true) = (&cli.command, sharded) {
+        return match shard::collect_sharded(&ctrlers, config, Duration::from_secs(2)).await {
+            Ok(report) => {
+                if *json {
+                    println!("{}", shard::render_sharded_json(&report));
+                } else {
+                    print!("{}", shard::render_sharded_table(&report));
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(format!("controllers: {e}")),
+        };
+    }
+    if let (Command::Bench { .. }, true) = (&cli.command, sharded) {
+        return fail(
+            "bench runs against a KV cluster (--cluster); it does not route through controllers",
+        );
     }
     match cli.command {
         Command::Ctrler { .. } => EXIT_ERROR,

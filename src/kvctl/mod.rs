@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod check;
 pub mod ctrler;
+pub mod shard;
 pub mod status;
 
 /// Exit code: success.
