@@ -1,0 +1,391 @@
+//! The sharded KV store as operators run it: real `kvd ctrler` and `kvd shard` processes on loopback
+//! ports, groups joining and leaving under load, group leaders SIGKILLed in the middle of a migration
+//! and restarted, driven by the library's `ShardClerk`.
+
+use ds824::ctrler::CtrlerClerk;
+use ds824::kv::clerk::node_status;
+use ds824::proto::kv::StatusResponse;
+use ds824::rsm::client::ClerkConfig;
+use ds824::shardkv::ShardClerk;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Longest any wait for the cluster may take before the test fails.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// Three replicas of one role: the controllers (`gid` 0) or shard group `gid`. Every process is killed
+/// when the group is dropped; on a failing test the last lines of each log are printed.
+struct Replicas {
+    dir: PathBuf,
+    gid: u64,
+    ctrlers: String,
+    addrs: Vec<String>,
+    children: Vec<Option<Child>>,
+}
+
+impl Replicas {
+    fn start(root: &Path, gid: u64, ctrlers: &str) -> Replicas {
+        let name = if gid == 0 {
+            "ctrler".to_string()
+        } else {
+            format!("g{gid}")
+        };
+        let mut replicas = Replicas {
+            dir: root.join(name),
+            gid,
+            ctrlers: ctrlers.to_string(),
+            addrs: (0..3)
+                .map(|_| format!("127.0.0.1:{}", free_port()))
+                .collect(),
+            children: (0..3).map(|_| None).collect(),
+        };
+        std::fs::create_dir_all(&replicas.dir).expect("group dir");
+        for i in 0..3 {
+            replicas.start_node(i);
+        }
+        replicas
+    }
+
+    fn peers(&self) -> String {
+        self.addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}.log", i + 1))
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(i))
+            .expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kvd"));
+        if self.gid == 0 {
+            command.args(["ctrler", "--shards", "10"]);
+        } else {
+            command.args(["shard", "--gid", &self.gid.to_string()]);
+            command.args(["--ctrlers", &self.ctrlers]);
+        }
+        let child = command
+            .args(["--id", &(i + 1).to_string(), "--listen", &self.addrs[i]])
+            .args(["--peers", &self.peers()])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("node-{}", i + 1)))
+            // Small, so snapshots (carrying shards, frozen copies and dedup records) happen mid-test.
+            .args(["--snapshot-threshold", &(64 << 10).to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kvd");
+        self.children[i] = Some(child);
+    }
+
+    /// SIGKILL node `i` and reap it.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            child.kill().expect("kill");
+            child.wait().expect("wait");
+        }
+    }
+
+    async fn status(&self, i: usize) -> Option<StatusResponse> {
+        node_status(&self.addrs[i], Duration::from_millis(500))
+            .await
+            .ok()
+    }
+
+    /// Poll the running nodes until one leads a term no one else has moved past.
+    async fn wait_for_leader(&self) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut best: Option<(u64, usize)> = None;
+            let mut max_term = 0;
+            for i in 0..3 {
+                if self.children[i].is_none() {
+                    continue;
+                }
+                if let Some(s) = self.status(i).await {
+                    max_term = max_term.max(s.term);
+                    if s.role == "leader" && best.is_none_or(|(t, _)| s.term > t) {
+                        best = Some((s.term, i));
+                    }
+                }
+            }
+            if let Some((term, i)) = best {
+                if term == max_term {
+                    return i;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "group {}: no leader within {WAIT:?}",
+                self.gid
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Poll every node until `condition` holds for all of them at once; returns their statuses.
+    async fn wait_until_all(
+        &self,
+        what: &str,
+        condition: impl Fn(&StatusResponse) -> bool,
+    ) -> Vec<StatusResponse> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut statuses = Vec::new();
+            for i in 0..3 {
+                if let Some(s) = self.status(i).await.filter(|s| condition(s)) {
+                    statuses.push(s);
+                }
+            }
+            if statuses.len() == 3 {
+                return statuses;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "group {}: not every node reached: {what}",
+                self.gid
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        for mut child in self.children.iter_mut().filter_map(Option::take) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for i in 0..3 {
+                if let Ok(log) = std::fs::read_to_string(self.log(i)) {
+                    let tail: Vec<&str> = log.lines().rev().take(25).collect();
+                    eprintln!("--- last lines of group {} node {} ---", self.gid, i + 1);
+                    for line in tail.iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+const KEYS: usize = 10;
+const CLIENTS: u64 = 4;
+
+/// What the clients did: every append attempted, and those acknowledged, per key.
+#[derive(Default)]
+struct Record {
+    attempted: HashMap<String, HashSet<String>>,
+    acknowledged: HashMap<String, HashSet<String>>,
+}
+
+/// One client's loop: append unique tokens (`c<client>.<n>;`) to the keys in turn until told to stop.
+async fn client_loop(
+    c: u64,
+    mut clerk: ShardClerk,
+    stop: Arc<AtomicBool>,
+    acks: Arc<AtomicUsize>,
+    record: Arc<Mutex<Record>>,
+) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = format!("k{}", (c + n * 3) % KEYS as u64);
+        let token = format!("c{c}.{n};");
+        record
+            .lock()
+            .expect("lock")
+            .attempted
+            .entry(key.clone())
+            .or_default()
+            .insert(token.clone());
+        match clerk.append(&key, &token).await {
+            Ok(()) => {
+                record
+                    .lock()
+                    .expect("lock")
+                    .acknowledged
+                    .entry(key)
+                    .or_default()
+                    .insert(token);
+                acks.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => eprintln!("client {c}: append {token} to {key} failed: {e}"),
+        }
+        // Pace the load: many operations around each change, not the longest values.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Wait until the clients have acknowledged `more` appends beyond what they had.
+async fn wait_for_progress(acks: &AtomicUsize, more: usize, when: &str) {
+    let target = acks.load(Ordering::Relaxed) + more;
+    let deadline = Instant::now() + WAIT;
+    while acks.load(Ordering::Relaxed) < target {
+        assert!(Instant::now() < deadline, "clients made no progress {when}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn clerk_config() -> ClerkConfig {
+    ClerkConfig {
+        call_timeout: Duration::from_secs(20),
+        attempt_timeout: Duration::from_secs(1),
+        ..ClerkConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
+    let started = Instant::now();
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrlers = Replicas::start(root.path(), 0, "");
+    let ctrler_list = ctrlers.addrs.join(",");
+    let mut groups: BTreeMap<u64, Replicas> = (1..=3)
+        .map(|gid| (gid, Replicas::start(root.path(), gid, &ctrler_list)))
+        .collect();
+    let mut admin = CtrlerClerk::new(&ctrlers.addrs, clerk_config()).expect("ctrler clerk");
+    let group_of = |gid: u64, groups: &BTreeMap<u64, Replicas>| {
+        [(gid, groups[&gid].addrs.clone())]
+            .into_iter()
+            .collect::<BTreeMap<_, _>>()
+    };
+    let mut both = group_of(1, &groups);
+    both.extend(group_of(2, &groups));
+    let config = admin.join(both).await.expect("join groups 1 and 2");
+    eprintln!("config {}: {:?}", config.num, config.shards);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(AtomicUsize::new(0));
+    let record = Arc::new(Mutex::new(Record::default()));
+    let clients: Vec<_> = (1..=CLIENTS)
+        .map(|c| {
+            let clerk = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
+            tokio::spawn(client_loop(
+                c,
+                clerk,
+                stop.clone(),
+                acks.clone(),
+                record.clone(),
+            ))
+        })
+        .collect();
+    wait_for_progress(&acks, 100, "with groups 1 and 2").await;
+
+    let config = admin
+        .join(group_of(3, &groups))
+        .await
+        .expect("join group 3");
+    eprintln!("config {}: {:?} (group 3 joined)", config.num, config.shards);
+    wait_for_progress(&acks, 100, "after group 3 joined").await;
+
+    // Group 1 leaves; its leader and the leader of a receiving group die while the shards move.
+    let leader_1 = groups[&1].wait_for_leader().await;
+    let leader_3 = groups[&3].wait_for_leader().await;
+    let left = admin.leave(vec![1]).await.expect("leave group 1");
+    eprintln!("config {}: {:?} (group 1 left)", left.num, left.shards);
+    groups.get_mut(&1).expect("group 1").kill(leader_1);
+    groups.get_mut(&3).expect("group 3").kill(leader_3);
+    let survivor = (leader_3 + 1) % 3;
+    if let Some(s) = groups[&3].status(survivor).await {
+        eprintln!(
+            "SIGKILLed group 1 node {} and group 3 node {}; group 3 node {} at config {} pulling {:?}",
+            leader_1 + 1,
+            leader_3 + 1,
+            survivor + 1,
+            s.config_num,
+            s.pulling_shards
+        );
+    }
+    groups[&1].wait_for_leader().await;
+    groups[&3].wait_for_leader().await;
+    groups.get_mut(&1).expect("group 1").start_node(leader_1);
+    groups.get_mut(&3).expect("group 3").start_node(leader_3);
+    wait_for_progress(&acks, 200, "after group 1 left and the leaders were killed").await;
+
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client task");
+    }
+
+    // Every acknowledged append is present exactly once; nothing that was never attempted is there.
+    let record = record.lock().expect("lock");
+    let mut reader = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
+    let mut total = 0;
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let value = reader
+            .get(&key)
+            .await
+            .expect("final get")
+            .unwrap_or_default();
+        let mut seen = HashSet::new();
+        for token in value.split_inclusive(';') {
+            assert!(seen.insert(token), "{key}: {token} applied twice");
+            assert!(
+                record.attempted.get(&key).is_some_and(|a| a.contains(token)),
+                "{key}: {token} was never appended"
+            );
+        }
+        for token in record.acknowledged.get(&key).into_iter().flatten() {
+            assert!(
+                seen.contains(token.as_str()),
+                "{key}: acknowledged {token} is missing"
+            );
+        }
+        total += seen.len();
+    }
+    let acknowledged: usize = record.acknowledged.values().map(HashSet::len).sum();
+    eprintln!(
+        "{acknowledged} acknowledged appends, {total} present, in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(acknowledged >= 400, "too little load to mean anything");
+
+    // Group 1 gave everything away and, once the new owners confirmed, deleted its frozen copies.
+    let statuses = groups[&1]
+        .wait_until_all("no shards and no outgoing copies", |s| {
+            s.config_num >= left.num
+                && s.serving_shards.is_empty()
+                && s.pulling_shards.is_empty()
+                && s.outgoing_shards == 0
+        })
+        .await;
+    assert!(statuses.iter().all(|s| s.keys == 0 && s.gid == 1));
+    // Groups 2 and 3 serve every shard between them, each exactly where the configuration says.
+    let mut served = BTreeSet::new();
+    for gid in [2, 3] {
+        let owned: Vec<u64> = (0..left.shards.len() as u64)
+            .filter(|&s| left.shards[s as usize] == gid)
+            .collect();
+        let statuses = groups[&gid]
+            .wait_until_all("serving its shards of the last configuration", |s| {
+                s.config_num == left.num && s.serving_shards == owned && s.pulling_shards.is_empty()
+            })
+            .await;
+        assert!(statuses.iter().all(|s| s.gid == gid));
+        served.extend(owned);
+    }
+    assert_eq!(served.len(), left.shards.len());
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    drop(ctrlers);
+}
