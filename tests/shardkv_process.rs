@@ -298,28 +298,32 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
     eprintln!("config {}: {:?} (group 3 joined)", config.num, config.shards);
     wait_for_progress(&acks, 100, "after group 3 joined").await;
 
-    // Group 1 leaves; its leader and the leader of a receiving group die while the shards move.
+    // Group 1 leaves, and at once loses its leader and a follower: without a majority it cannot hand
+    // its shards over, so the migration is certainly in progress (not finished in a few milliseconds)
+    // while we look, and while we SIGKILL the leader of a receiving group in the middle of its pulls.
     let leader_1 = groups[&1].wait_for_leader().await;
-    let leader_3 = groups[&3].wait_for_leader().await;
+    let follower_1 = (leader_1 + 1) % 3;
     let left = admin.leave(vec![1]).await.expect("leave group 1");
     eprintln!("config {}: {:?} (group 1 left)", left.num, left.shards);
     groups.get_mut(&1).expect("group 1").kill(leader_1);
+    groups.get_mut(&1).expect("group 1").kill(follower_1);
+    let leader_3 = groups[&3].wait_for_leader().await;
+    let pulling = groups[&3]
+        .wait_until_all("pulling shards of the new configuration", |s| {
+            s.config_num == left.num && !s.pulling_shards.is_empty()
+        })
+        .await;
+    eprintln!(
+        "group 1 down to one node; group 3 at config {} pulling {:?}: SIGKILL its leader node {}",
+        left.num,
+        pulling[leader_3].pulling_shards,
+        leader_3 + 1
+    );
     groups.get_mut(&3).expect("group 3").kill(leader_3);
-    let survivor = (leader_3 + 1) % 3;
-    if let Some(s) = groups[&3].status(survivor).await {
-        eprintln!(
-            "SIGKILLed group 1 node {} and group 3 node {}; group 3 node {} at config {} pulling {:?}",
-            leader_1 + 1,
-            leader_3 + 1,
-            survivor + 1,
-            s.config_num,
-            s.pulling_shards
-        );
-    }
-    groups[&1].wait_for_leader().await;
     groups[&3].wait_for_leader().await;
-    groups.get_mut(&1).expect("group 1").start_node(leader_1);
     groups.get_mut(&3).expect("group 3").start_node(leader_3);
+    groups.get_mut(&1).expect("group 1").start_node(leader_1);
+    groups.get_mut(&1).expect("group 1").start_node(follower_1);
     wait_for_progress(&acks, 200, "after group 1 left and the leaders were killed").await;
 
     stop.store(true, Ordering::Relaxed);
