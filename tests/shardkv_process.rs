@@ -4,9 +4,10 @@
 
 use ds824::ctrler::CtrlerClerk;
 use ds824::kv::clerk::node_status;
-use ds824::proto::kv::StatusResponse;
+use ds824::proto::kv::kv_client::KvClient;
+use ds824::proto::kv::{self as pb, StatusResponse};
 use ds824::rsm::client::ClerkConfig;
-use ds824::shardkv::ShardClerk;
+use ds824::shardkv::{key_to_shard, ShardClerk};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -246,6 +247,43 @@ async fn wait_for_progress(acks: &AtomicUsize, more: usize, when: &str) {
     }
 }
 
+/// Send one append as client `client_id` with sequence number `seq` straight to a group (trying each
+/// server until one leads), as a clerk's retry would arrive; returns the error code of the answer that
+/// ended the attempts (OK or WRONG_GROUP).
+async fn raw_append(addrs: &[String], client_id: u64, seq: u64, key: &str, value: &str) -> i32 {
+    let request = pb::MutateRequest {
+        client_id,
+        seq,
+        command: Some(pb::Command {
+            op: Some(pb::command::Op::Append(pb::Append {
+                key: key.into(),
+                value: value.into(),
+            })),
+        }),
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        for address in addrs {
+            let Ok(mut client) = KvClient::connect(format!("http://{address}")).await else {
+                continue;
+            };
+            if let Ok(Ok(reply)) =
+                tokio::time::timeout(Duration::from_secs(2), client.mutate(request.clone())).await
+            {
+                let error = reply.into_inner().error;
+                if error == pb::ErrorCode::Ok as i32 || error == pb::ErrorCode::WrongGroup as i32 {
+                    return error;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader of {addrs:?} took the append"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn clerk_config() -> ClerkConfig {
     ClerkConfig {
         call_timeout: Duration::from_secs(20),
@@ -295,8 +333,24 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
         .join(group_of(3, &groups))
         .await
         .expect("join group 3");
-    eprintln!("config {}: {:?} (group 3 joined)", config.num, config.shards);
+    eprintln!(
+        "config {}: {:?} (group 3 joined)",
+        config.num, config.shards
+    );
     wait_for_progress(&acks, 100, "after group 3 joined").await;
+
+    // A request applied by group 1 whose answer the client never saw: its retry, after the shard has
+    // moved, reaches the new owner with the same (client, seq) and must not apply again. That only
+    // holds if the dedup records moved with the shard.
+    let probe = (0..)
+        .map(|i| format!("probe-{i}"))
+        .find(|key| config.shards[key_to_shard(key, config.shards.len()) as usize] == 1)
+        .expect("group 1 owns some shard");
+    const PROBE_CLIENT: u64 = 0x5eed;
+    assert_eq!(
+        raw_append(&groups[&1].addrs, PROBE_CLIENT, 1, &probe, "once;").await,
+        pb::ErrorCode::Ok as i32
+    );
 
     // Group 1 leaves, and at once loses its leader and a follower: without a majority it cannot hand
     // its shards over, so the migration is certainly in progress (not finished in a few milliseconds)
@@ -325,6 +379,12 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
     groups.get_mut(&1).expect("group 1").start_node(leader_1);
     groups.get_mut(&1).expect("group 1").start_node(follower_1);
     wait_for_progress(&acks, 200, "after group 1 left and the leaders were killed").await;
+    let new_owner = left.shards[key_to_shard(&probe, left.shards.len()) as usize];
+    assert_eq!(
+        raw_append(&groups[&new_owner].addrs, PROBE_CLIENT, 1, &probe, "once;").await,
+        pb::ErrorCode::Ok as i32,
+        "the new owner serves {probe} after the migration"
+    );
 
     stop.store(true, Ordering::Relaxed);
     for client in clients {
@@ -346,7 +406,10 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
         for token in value.split_inclusive(';') {
             assert!(seen.insert(token), "{key}: {token} applied twice");
             assert!(
-                record.attempted.get(&key).is_some_and(|a| a.contains(token)),
+                record
+                    .attempted
+                    .get(&key)
+                    .is_some_and(|a| a.contains(token)),
                 "{key}: {token} was never appended"
             );
         }
@@ -364,6 +427,11 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
         started.elapsed().as_secs_f64()
     );
     assert!(acknowledged >= 400, "too little load to mean anything");
+    assert_eq!(
+        reader.get(&probe).await.expect("get probe").as_deref(),
+        Some("once;"),
+        "a retry after the migration applied again"
+    );
 
     // Group 1 gave everything away and, once the new owners confirmed, deleted its frozen copies.
     let statuses = groups[&1]
