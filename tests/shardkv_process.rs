@@ -392,7 +392,7 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
     }
 
     // Every acknowledged append is present exactly once; nothing that was never attempted is there.
-    let record = record.lock().expect("lock");
+    let record = std::mem::take(&mut *record.lock().expect("lock"));
     let mut reader = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
     let mut total = 0;
     for k in 0..KEYS {

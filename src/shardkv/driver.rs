@@ -162,12 +162,9 @@ impl Driver {
                     shard: Some(pb::ShardRef { config_num, shard }),
                 };
                 let asked = self
-                    .ask(&from, |mut client| {
-                        let request = request.clone();
-                        async move {
-                            let response = client.pull(request).await?.into_inner();
-                            Ok((response.status(), response.contents))
-                        }
+                    .ask(&from, |mut client| async move {
+                        let response = client.pull(request).await?.into_inner();
+                        Ok((response.status(), response.contents))
                     })
                     .await;
                 match asked {
@@ -216,12 +213,9 @@ impl Driver {
                     shard: Some(pb::ShardRef { config_num, shard }),
                 };
                 let asked = self
-                    .ask(&to, |mut client| {
-                        let request = request.clone();
-                        async move {
-                            let response = client.delete(request).await?.into_inner();
-                            Ok((response.status(), ()))
-                        }
+                    .ask(&to, |mut client| async move {
+                        let response = client.delete(request).await?.into_inner();
+                        Ok((response.status(), ()))
                     })
                     .await;
                 match asked {
