@@ -461,3 +461,63 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     drop(ctrlers);
 }
+
+/// A shard group's data directory records its gid: started as another group, `kvd shard` refuses it
+/// (exit 2, one line naming the directory) instead of serving that group's shards under a new name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_one_group_is_refused_by_another() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let data_dir = root.path().join("node-1");
+    let address = format!("127.0.0.1:{}", free_port());
+    let start = |gid: u64| {
+        Command::new(env!("CARGO_BIN_EXE_kvd"))
+            .args(["shard", "--gid", &gid.to_string(), "--id", "1"])
+            .args(["--listen", &address, "--peers", &format!("1={address}")])
+            // Never contacted: a group with no configuration only asks, and nothing here needs an answer.
+            .args(["--ctrlers", "127.0.0.1:1"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kvd")
+    };
+    let mut first = start(1);
+    // Serving (a single-node group elects itself) means the directory is initialised as group 1's.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(s) = node_status(&address, Duration::from_millis(500)).await {
+            if s.role == "leader" {
+                assert_eq!(s.gid, 1);
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "group 1's node never led");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill().expect("kill");
+    first.wait().expect("wait");
+
+    let mut second = start(2);
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = second.kill();
+            panic!("kvd shard --gid 2 served group 1's data directory");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = second.stderr.take() {
+        use std::io::Read as _;
+        pipe.read_to_string(&mut stderr).expect("read stderr");
+    }
+    assert_eq!(status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("shard-1") && stderr.contains("shard-2"),
+        "the error names both groups: {stderr}"
+    );
+}
