@@ -521,3 +521,74 @@ async fn a_data_dir_of_one_group_is_refused_by_another() {
         "the error names both groups: {stderr}"
     );
 }
+
+/// `kvctl` with `--ctrlers` and no `--cluster`: the data commands find the key's group and exit as
+/// against a KV cluster, and `status` shows the groups, their shards and the config each reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvctl_routes_through_the_controllers() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrlers = Replicas::start(root.path(), 0, "");
+    let ctrler_list = ctrlers.addrs.join(",");
+    let group = Replicas::start(root.path(), 7, &ctrler_list);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .args(["--ctrlers", &ctrler_list, "--timeout-ms", "15000"])
+            .args(args)
+            .env_remove("KVCTL_CLUSTER")
+            .env_remove("KVCTL_CTRLERS")
+            .output()
+            .expect("run kvctl")
+    };
+    let out = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_string();
+
+    // No group yet: a write cannot be placed, and says so at the deadline.
+    let unplaced = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .args(["--ctrlers", &ctrler_list, "--timeout-ms", "1500"])
+        .args(["put", "k", "v"])
+        .env_remove("KVCTL_CLUSTER")
+        .output()
+        .expect("run kvctl");
+    assert_eq!(unplaced.status.code(), Some(2), "{unplaced:?}");
+    assert!(err(&unplaced).contains("no group"), "{unplaced:?}");
+    assert_eq!(err(&unplaced).lines().count(), 1, "{unplaced:?}");
+
+    let joined = run(&["ctrler", "join", &format!("7={}", group.addrs.join(","))]);
+    assert_eq!(joined.status.code(), Some(0), "{joined:?}");
+
+    let missing = run(&["get", "nope"]);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    assert_eq!(err(&missing), "not found");
+    assert_eq!(run(&["put", "k", "v1"]).status.code(), Some(0));
+    assert_eq!(run(&["append", "k", "+2"]).status.code(), Some(0));
+    let got = run(&["get", "k"]);
+    assert_eq!(
+        (got.status.code(), out(&got)),
+        (Some(0), "v1+2".to_string())
+    );
+    let mismatch = run(&["cas", "k", "wrong", "v3"]);
+    assert_eq!(
+        (mismatch.status.code(), out(&mismatch)),
+        (Some(1), "v1+2".to_string())
+    );
+    assert_eq!(run(&["cas", "k", "v1+2", "v3"]).status.code(), Some(0));
+    assert_eq!(run(&["delete", "k"]).status.code(), Some(0));
+    assert_eq!(run(&["delete", "k"]).status.code(), Some(1));
+
+    let status = run(&["status", "--json"]);
+    assert_eq!(status.status.code(), Some(0), "{status:?}");
+    let json: serde_json::Value = serde_json::from_str(&out(&status)).expect("status json");
+    assert_eq!(json["config"]["num"], 1);
+    assert_eq!(json["groups"][0]["gid"], 7);
+    let nodes = json["groups"][0]["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().any(|n| n["role"] == "leader"));
+    let table = run(&["status"]);
+    assert_eq!(table.status.code(), Some(0));
+    assert!(
+        out(&table).contains("group 7: assigned shards 0,1,2,3,4,5,6,7,8,9"),
+        "{}",
+        out(&table)
+    );
+    drop(group);
+}
