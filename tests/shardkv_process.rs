@@ -2,6 +2,7 @@
 //! ports, groups joining and leaving under load, group leaders SIGKILLed in the middle of a migration
 //! and restarted, driven by the library's `ShardClerk`.
 
+use ds824::check::{check, CheckResult, History, KvModel, OpKind, Operation, Status as OpStatus};
 use ds824::ctrler::CtrlerClerk;
 use ds824::kv::clerk::node_status;
 use ds824::proto::kv::kv_client::KvClient;
@@ -88,7 +89,7 @@ impl Replicas {
             .arg("--data-dir")
             .arg(self.dir.join(format!("node-{}", i + 1)))
             // Small, so snapshots (carrying shards, frozen copies and dedup records) happen mid-test.
-            .args(["--snapshot-threshold", &(64 << 10).to_string()])
+            .args(["--snapshot-threshold", &(4 << 10).to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -192,46 +193,48 @@ impl Drop for Replicas {
 const KEYS: usize = 10;
 const CLIENTS: u64 = 4;
 
-/// What the clients did: every append attempted, and those acknowledged, per key.
-#[derive(Default)]
-struct Record {
-    attempted: HashMap<String, HashSet<String>>,
-    acknowledged: HashMap<String, HashSet<String>>,
+/// Nanoseconds since the test started: one clock shared by every client, as the checker requires.
+fn now_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
 }
 
-/// One client's loop: append unique tokens (`c<client>.<n>;`) to the keys in turn until told to stop.
+/// One client's loop until told to stop: append unique tokens (`c<client>.<n>;`) to the keys in turn,
+/// reading a key every third operation, recording every operation for the checks.
 async fn client_loop(
     c: u64,
     mut clerk: ShardClerk,
+    start: Instant,
     stop: Arc<AtomicBool>,
     acks: Arc<AtomicUsize>,
-    record: Arc<Mutex<Record>>,
+    history: Arc<Mutex<Vec<Operation>>>,
 ) {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let key = format!("k{}", (c + n * 3) % KEYS as u64);
-        let token = format!("c{c}.{n};");
-        record
-            .lock()
-            .expect("lock")
-            .attempted
-            .entry(key.clone())
-            .or_default()
-            .insert(token.clone());
-        match clerk.append(&key, &token).await {
-            Ok(()) => {
-                record
-                    .lock()
-                    .expect("lock")
-                    .acknowledged
-                    .entry(key)
-                    .or_default()
-                    .insert(token);
-                acks.fetch_add(1, Ordering::Relaxed);
+        let invoke = now_ns(start);
+        let op = if n.is_multiple_of(3) {
+            match clerk.get(&key).await {
+                Ok(value) => Operation::get(c, &key, value.as_deref()).ok_at(invoke, now_ns(start)),
+                Err(e) => {
+                    eprintln!("client {c}: get {key} failed: {e}");
+                    Operation::get(c, &key, None).info_at(invoke)
+                }
             }
-            Err(e) => eprintln!("client {c}: append {token} to {key} failed: {e}"),
-        }
+        } else {
+            let token = format!("c{c}.{n};");
+            match clerk.append(&key, &token).await {
+                Ok(()) => {
+                    acks.fetch_add(1, Ordering::Relaxed);
+                    Operation::append(c, &key, &token).ok_at(invoke, now_ns(start))
+                }
+                Err(e) => {
+                    eprintln!("client {c}: append {token} to {key} failed: {e}");
+                    Operation::append(c, &key, &token).info_at(invoke)
+                }
+            }
+        };
+        history.lock().expect("lock").push(op);
         // Pace the load: many operations around each change, not the longest values.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -314,16 +317,17 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let acks = Arc::new(AtomicUsize::new(0));
-    let record = Arc::new(Mutex::new(Record::default()));
+    let history = Arc::new(Mutex::new(Vec::new()));
     let clients: Vec<_> = (1..=CLIENTS)
         .map(|c| {
             let clerk = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
             tokio::spawn(client_loop(
                 c,
                 clerk,
+                started,
                 stop.clone(),
                 acks.clone(),
-                record.clone(),
+                history.clone(),
             ))
         })
         .collect();
@@ -392,7 +396,22 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
     }
 
     // Every acknowledged append is present exactly once; nothing that was never attempted is there.
-    let record = std::mem::take(&mut *record.lock().expect("lock"));
+    let ops = std::mem::take(&mut *history.lock().expect("lock"));
+    let mut attempted: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut acknowledged: HashMap<String, HashSet<String>> = HashMap::new();
+    for op in ops.iter().filter(|o| o.op == OpKind::Append) {
+        let token = op.value.clone().expect("append value");
+        attempted
+            .entry(op.key.clone())
+            .or_default()
+            .insert(token.clone());
+        if op.status == OpStatus::Ok {
+            acknowledged
+                .entry(op.key.clone())
+                .or_default()
+                .insert(token);
+        }
+    }
     let mut reader = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
     let mut total = 0;
     for k in 0..KEYS {
@@ -406,14 +425,11 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
         for token in value.split_inclusive(';') {
             assert!(seen.insert(token), "{key}: {token} applied twice");
             assert!(
-                record
-                    .attempted
-                    .get(&key)
-                    .is_some_and(|a| a.contains(token)),
+                attempted.get(&key).is_some_and(|a| a.contains(token)),
                 "{key}: {token} was never appended"
             );
         }
-        for token in record.acknowledged.get(&key).into_iter().flatten() {
+        for token in acknowledged.get(&key).into_iter().flatten() {
             assert!(
                 seen.contains(token.as_str()),
                 "{key}: acknowledged {token} is missing"
@@ -421,12 +437,44 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
         }
         total += seen.len();
     }
-    let acknowledged: usize = record.acknowledged.values().map(HashSet::len).sum();
+    let acknowledged: usize = acknowledged.values().map(HashSet::len).sum();
     eprintln!(
-        "{acknowledged} acknowledged appends, {total} present, in {:.1} s",
+        "{acknowledged} acknowledged appends, {total} present, {} operations, in {:.1} s",
+        ops.len(),
         started.elapsed().as_secs_f64()
     );
     assert!(acknowledged >= 400, "too little load to mean anything");
+
+    // Reads and appends together are linearizable: a read at a shard's new owner sees every write
+    // its old owner acknowledged. (The check is not vacuous: one impossible read makes it fail.)
+    let history = History::new(ops).expect("well-formed history");
+    let mut tampered = history.ops().to_vec();
+    let read = tampered
+        .iter()
+        .position(|o| o.op == OpKind::Get && o.status == OpStatus::Ok)
+        .expect("some read succeeded");
+    tampered[read].output = Some("never written;".into());
+    let tampered = History::new(tampered).expect("well-formed history");
+    assert!(check(&tampered, &KvModel, Duration::from_secs(60)).is_violation());
+    let verdict = check(&history, &KvModel, Duration::from_secs(60));
+    if !verdict.is_ok() {
+        let path = std::env::temp_dir().join(format!(
+            "shardkv_process-history-{}.jsonl",
+            std::process::id()
+        ));
+        let mut out = Vec::new();
+        history.to_jsonl(&mut out).expect("encode history");
+        std::fs::write(&path, out).expect("write history");
+        match verdict {
+            CheckResult::Violation(v) => {
+                panic!("not linearizable (history in {}):\n{v}", path.display())
+            }
+            unknown => panic!(
+                "checker could not decide (history in {}): {unknown}",
+                path.display()
+            ),
+        }
+    }
     assert_eq!(
         reader.get(&probe).await.expect("get probe").as_deref(),
         Some("once;"),
@@ -458,6 +506,19 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
         served.extend(owned);
     }
     assert_eq!(served.len(), left.shards.len());
+    // Snapshots of shard group state were taken (and, on the restarted nodes, possibly loaded).
+    let mut snapshots = Vec::new();
+    for gid in [1, 2, 3] {
+        for i in 0..3 {
+            if let Some(s) = groups[&gid].status(i).await {
+                snapshots.push((gid, i + 1, s.snapshot_index, s.raft_state_bytes));
+            }
+        }
+    }
+    assert!(
+        snapshots.iter().any(|&(_, _, index, _)| index > 0),
+        "no shard group took a snapshot (gid, node, snapshot index, raft state bytes): {snapshots:?}"
+    );
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     drop(ctrlers);
 }
