@@ -134,6 +134,11 @@ enum CtrlerOp {
         /// Groups, e.g. 101=kvs1:7201,kvs2:7201,kvs3:7201
         #[arg(required = true, value_name = "GID=SERVERS")]
         groups: Vec<String>,
+        /// Leave out groups the latest configuration already has instead of failing on them (for a
+        /// provisioning job that runs on every start); with nothing left to join, print the latest
+        /// configuration and exit 0.
+        #[arg(long)]
+        skip_joined: bool,
     },
     /// Remove replica groups; their shards move to the others. Prints the new configuration.
     Leave {
@@ -356,7 +361,10 @@ fn done(result: Result<(), ClerkError>) -> u8 {
 impl From<CtrlerOp> for kvctl::ctrler::Op {
     fn from(op: CtrlerOp) -> Self {
         match op {
-            CtrlerOp::Join { groups } => kvctl::ctrler::Op::Join(groups),
+            CtrlerOp::Join {
+                groups,
+                skip_joined,
+            } => kvctl::ctrler::Op::Join(groups, skip_joined),
             CtrlerOp::Leave { gids } => kvctl::ctrler::Op::Leave(gids),
             CtrlerOp::Move { shard, gid } => kvctl::ctrler::Op::Move(shard, gid),
             CtrlerOp::Query { num, json } => kvctl::ctrler::Op::Query(num, json),

@@ -603,6 +603,12 @@ async fn kvctl_routes_through_the_controllers() {
     let out = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
     let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_string();
 
+    // The controllers answer (they have a leader), so what follows times out only for its own reason.
+    CtrlerClerk::new(&ctrlers.addrs, clerk_config())
+        .expect("ctrler clerk")
+        .query(None)
+        .await
+        .expect("controllers up");
     // No group yet: a write cannot be placed, and says so at the deadline.
     let unplaced = Command::new(env!("CARGO_BIN_EXE_kvctl"))
         .args(["--ctrlers", &ctrler_list, "--timeout-ms", "1500"])
@@ -614,8 +620,14 @@ async fn kvctl_routes_through_the_controllers() {
     assert!(err(&unplaced).contains("no group"), "{unplaced:?}");
     assert_eq!(err(&unplaced).lines().count(), 1, "{unplaced:?}");
 
-    let joined = run(&["ctrler", "join", &format!("7={}", group.addrs.join(","))]);
+    let spec = format!("7={}", group.addrs.join(","));
+    let joined = run(&["ctrler", "join", &spec]);
     assert_eq!(joined.status.code(), Some(0), "{joined:?}");
+    // A second join of the same group is refused, unless told to skip groups already joined.
+    assert_eq!(run(&["ctrler", "join", &spec]).status.code(), Some(2));
+    let again = run(&["ctrler", "join", "--skip-joined", &spec]);
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    assert!(out(&again).starts_with("config 1\n"), "{again:?}");
 
     let missing = run(&["get", "nope"]);
     assert_eq!(missing.status.code(), Some(1), "{missing:?}");

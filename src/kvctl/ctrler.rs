@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 
 /// What the operator asked for.
 pub enum Op {
-    /// `GID=HOST:PORT,...` specifications.
-    Join(Vec<String>),
+    /// `GID=HOST:PORT,...` specifications, and whether to leave out groups the latest configuration
+    /// already has (so a provisioning job can run on every start: the controller refuses a second join
+    /// of the same group).
+    Join(Vec<String>, bool),
     /// Group ids.
     Leave(Vec<Gid>),
     /// Shard and group.
@@ -90,12 +92,24 @@ pub async fn run(ctrlers: &[String], config: ClerkConfig, op: Op) -> u8 {
         Err(e) => return fail(&e),
     };
     let (result, json) = match op {
-        Op::Join(specs) => {
+        Op::Join(specs, skip_joined) => {
             let mut groups = BTreeMap::new();
             for spec in &specs {
                 match parse_group(spec) {
                     Ok((gid, servers)) => {
                         groups.insert(gid, servers);
+                    }
+                    Err(e) => return fail(&e),
+                }
+            }
+            if skip_joined {
+                match clerk.query(None).await {
+                    Ok(latest) => {
+                        groups.retain(|gid, _| !latest.groups.contains_key(gid));
+                        if groups.is_empty() {
+                            print!("{}", render(&latest));
+                            return EXIT_OK;
+                        }
                     }
                     Err(e) => return fail(&e),
                 }
