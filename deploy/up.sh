@@ -18,6 +18,10 @@ set -x
 "$bin/kvctl" append greeting ", world"
 "$bin/kvctl" get greeting
 "$bin/kvctl" status
+# The sharded store, from inside the network (the controllers name the groups by in-network host names).
+compose exec -T g1a /usr/local/bin/kvctl --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 --timeout-ms 60000 put sharded hello
+compose exec -T g1a /usr/local/bin/kvctl --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 get sharded
+compose exec -T g1a /usr/local/bin/kvctl --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 status
 { set +x; } 2>/dev/null
 echo
 echo "The cluster is up. Try: $bin/kvctl --help, $bin/mrd --help; see README.md for a walk-through."
