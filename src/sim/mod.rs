@@ -17,6 +17,7 @@
 
 pub mod clock;
 pub mod cluster;
+pub mod group;
 pub mod kv;
 pub mod net;
 pub mod raft_net;
