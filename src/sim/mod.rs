@@ -23,6 +23,7 @@ pub mod net;
 pub mod raft_net;
 pub mod seed;
 pub mod service;
+pub mod shardkv;
 pub mod storage;
 
 pub use clock::Actor;
