@@ -16,12 +16,7 @@ pub fn key_to_shard(key: &str, shards: usize) -> ShardId {
     if shards == 0 {
         return 0;
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash % shards as u64
+    crate::hash::fnv1a(key.as_bytes()) % shards as u64
 }
 
 #[cfg(test)]
