@@ -145,7 +145,7 @@ impl Appender {
 
 impl Actor<ShardWorld> for Appender {
     fn next_wake(&self) -> Option<u64> {
-        (!(self.stopped && !self.clerk.busy())).then_some(self.wake_at)
+        (!self.stopped || self.clerk.busy()).then_some(self.wake_at)
     }
 
     fn wake(&mut self, world: &mut ShardWorld) {
