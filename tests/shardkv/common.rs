@@ -150,13 +150,11 @@ impl Actor<ShardWorld> for Appender {
 
     fn wake(&mut self, world: &mut ShardWorld) {
         let now = world.now();
-        if self.clerk.busy() {
-            if self.clerk.poll(world).is_some() {
-                if let Some(x) = self.pending.take() {
-                    self.expected.push_str(&x);
-                }
-                self.next_at = now + self.interval_ms;
+        if self.clerk.busy() && self.clerk.poll(world).is_some() {
+            if let Some(x) = self.pending.take() {
+                self.expected.push_str(&x);
             }
+            self.next_at = now + self.interval_ms;
         }
         if !self.clerk.busy() && !self.stopped && now >= self.next_at {
             let x = randstring(world, self.len);
