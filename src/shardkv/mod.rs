@@ -7,7 +7,10 @@
 
 pub mod state;
 
-pub use state::{Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardQuery, Source};
+pub use state::{
+    Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardPage, ShardQuery, Source,
+    PAGE_BYTES,
+};
 
 /// The shard a key belongs to, out of `shards` (FNV-1a of the key's bytes, modulo the shard count).
 /// A stable hash rather than 6.824's first byte, so that keys with a common prefix spread over shards;

@@ -614,11 +614,16 @@ impl ShardWorld {
                     config_num,
                     shard,
                     from,
+                    after,
                 } => self.broadcast(
                     (gi, server),
                     &from.servers,
                     Purpose::Pull,
-                    ClientRequest::Query(ShardQuery::Pull { config_num, shard }),
+                    ClientRequest::Query(ShardQuery::Pull {
+                        config_num,
+                        shard,
+                        after,
+                    }),
                 ),
                 Duty::Delete {
                     config_num,
