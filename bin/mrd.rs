@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -39,6 +40,10 @@ enum Command {
         /// How long a worker may take on a task before it is handed to another worker (e.g. 10s, 500ms).
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         task_timeout: Duration,
+        /// Serve Prometheus metrics (jobs, tasks by kind and state, attempts, failures) at
+        /// http://<this address>/metrics.
+        #[arg(long, env = "MRD_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Run a worker: pulls tasks from the coordinator and runs them, serving its map outputs over gRPC.
     Worker {
@@ -263,12 +268,37 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
     }
 }
 
+/// Stops the metrics server when the coordinator stops.
+struct AbortOnDrop(tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn serve_metrics(
+    addr: SocketAddr,
+    service: Arc<coordinator_service::CoordinatorService>,
+) -> anyhow::Result<AbortOnDrop> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let registry = prometheus::Registry::new();
+    let gauges = ds824::mr::metrics::MrGauges::register(&registry)?;
+    let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || service.refresh_metrics(&gauges));
+    Ok(AbortOnDrop(tokio::spawn(ds824::metrics::serve(
+        listener, registry, refresh,
+    ))))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Coordinator {
             listen,
             data_dir,
             task_timeout,
+            metrics_listen,
         } => {
             init_logging("info");
             if task_timeout.is_zero() {
@@ -276,7 +306,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "--task-timeout must be positive: every task would be handed out over and over"
                 );
             }
-            let service = coordinator_service::CoordinatorService::open(&data_dir, task_timeout)?;
+            let service = Arc::new(coordinator_service::CoordinatorService::open(
+                &data_dir,
+                task_timeout,
+            )?);
+            let _metrics = match metrics_listen {
+                Some(addr) => Some(serve_metrics(addr, service.clone()).await?),
+                None => None,
+            };
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;

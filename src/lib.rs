@@ -7,6 +7,7 @@
 pub mod check;
 pub mod ctrler;
 pub mod daemon;
+pub mod hash;
 pub mod kv;
 pub mod kvctl;
 pub mod metrics;

@@ -1,6 +1,9 @@
 //! The KV service as operators run it: real `kvd` processes on loopback ports, killed with SIGKILL and
 //! restarted, driven by the library's `Clerk` and by the `kvctl` binary.
 
+#[path = "support/scrape.rs"]
+mod scrape;
+
 use ds824::check::{check, CheckResult, History, KvModel, Operation};
 use ds824::kv::clerk::node_status;
 use ds824::kv::validate::MAX_VALUE_BYTES;
@@ -790,15 +793,7 @@ fn kvd_serves_prometheus_metrics() {
         .expect("spawn kvd");
     let put = kvctl(&addr, &["put", "k", "v"]);
     assert!(put.status.success(), "{}", stderr(&put));
-    let scrape = || -> String {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(&metrics).expect("connect to metrics");
-        write!(stream, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
-        let mut body = String::new();
-        stream.read_to_string(&mut body).expect("response");
-        body
-    };
-    let body = scrape();
+    let body = scrape::scrape(&metrics);
     let _ = child.kill();
     let _ = child.wait();
     assert!(

@@ -5,6 +5,9 @@
 //! 6.824 test apps leave marker files there). Waiting is always for an event (a job state, a process exit)
 //! with a deadline, never a fixed sleep.
 
+#[path = "support/scrape.rs"]
+mod scrape;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -55,6 +58,11 @@ impl Env {
 
     /// Starts a coordinator on `listen` (port 0 for any) and learns its address from its first line.
     fn coordinator(&self, listen: &str, task_timeout: &str) -> Coordinator {
+        self.coordinator_with(listen, task_timeout, &[])
+    }
+
+    /// [`Env::coordinator`] with extra flags.
+    fn coordinator_with(&self, listen: &str, task_timeout: &str, extra: &[&str]) -> Coordinator {
         let mut child = mrd()
             .args([
                 "coordinator",
@@ -65,6 +73,7 @@ impl Env {
                 "--data-dir",
             ])
             .arg(self.path().join("coordinator-data"))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(self.log(&format!("coordinator-{}", listen.replace(':', "_"))))
             .spawn()
@@ -366,7 +375,11 @@ fn reduce_parallelism() {
 #[test]
 fn job_count() {
     let mut env = Env::new();
-    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let metrics = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--metrics-listen", &metrics]);
     let id = env.submit(&coord.addr, "jobcount", &[], 10, "shared-dir", "out");
     let mut first = env.worker(&coord.addr, &[]);
     let mut second = env.worker(&coord.addr, &[]);
@@ -389,6 +402,18 @@ fn job_count() {
         .map(|t| t.runs)
         .sum();
     assert_eq!(map_runs, 8);
+    // The coordinator's metrics tell the same story.
+    let page = scrape::scrape(&metrics);
+    for line in [
+        "mr_jobs{state=\"done\"} 1",
+        "mr_tasks{kind=\"map\",state=\"done\"} 8",
+        "mr_tasks{kind=\"reduce\",state=\"done\"} 10",
+        "mr_tasks{kind=\"map\",state=\"pending\"} 0",
+        "mr_task_attempts{kind=\"map\"} 8",
+        "mr_task_failures{kind=\"map\"} 0",
+    ] {
+        assert!(page.contains(line), "{line} not in\n{page}");
+    }
 }
 
 #[test]

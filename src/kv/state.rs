@@ -84,9 +84,34 @@ impl KvStore {
         self.data.get(key)
     }
 
+    /// The keys after `after` (from the first if `None`), in order, until their keys and values pass
+    /// `max_bytes` (at least one key, so any value fits in some page); and whether keys remain after
+    /// the page. How a large shard moves between groups in bounded messages and log entries.
+    pub fn page(&self, after: Option<&str>, max_bytes: usize) -> (Vec<(String, String)>, bool) {
+        use std::ops::Bound;
+        let start = match after {
+            Some(key) => Bound::Excluded(key.to_string()),
+            None => Bound::Unbounded,
+        };
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        let mut range = self.data.range((start, Bound::Unbounded)).peekable();
+        while let Some((key, value)) = range.next_if(|_| page.is_empty() || bytes < max_bytes) {
+            bytes += key.len() + value.len();
+            page.push((key.clone(), value.clone()));
+        }
+        (page, range.peek().is_some())
+    }
+
     /// Every key and value, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
         self.data.iter()
+    }
+}
+
+impl Extend<(String, String)> for KvStore {
+    fn extend<I: IntoIterator<Item = (String, String)>>(&mut self, pairs: I) {
+        self.data.extend(pairs);
     }
 }
 

@@ -59,6 +59,11 @@ impl CoordinatorService {
         })
     }
 
+    /// Update the metrics gauges from the current state (called at scrape time).
+    pub fn refresh_metrics(&self, gauges: &crate::mr::metrics::MrGauges) {
+        gauges.refresh(&self.lock());
+    }
+
     fn lock(&self) -> MutexGuard<'_, Coordinator> {
         // A panic while holding the lock cannot leave the state half-updated in a way later calls care
         // about (every update is a few field writes), so keep serving.
@@ -318,13 +323,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 /// Taking a listener rather than an address lets callers bind port 0 and learn the real port first.
 pub async fn serve(
     listener: TcpListener,
-    service: CoordinatorService,
+    service: Arc<CoordinatorService>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), MrError> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "coordinator serving");
     tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::from_arc(Arc::new(service)))
+        .add_service(CoordinatorServer::from_arc(service))
         .serve_with_incoming_shutdown(crate::mr::shuffle::incoming(listener), shutdown)
         .await
         .map_err(|err| MrError::Other(format!("coordinator server: {err}")))

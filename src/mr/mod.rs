@@ -24,6 +24,7 @@ pub mod corpus;
 pub mod exec;
 pub mod fsutil;
 pub mod job;
+pub mod metrics;
 pub mod partition;
 pub mod records;
 pub mod sequential;

@@ -7,13 +7,14 @@
 //! it reads the duties, does each one concurrently (one request to the controller or another group,
 //! with a short timeout) and proposes what the answer calls for. A duty that fails is simply found
 //! again next round; a new leader finds the same duties in its replica. Rounds follow each other without
-//! pause while they make progress, so a chain of configurations or many shards move quickly.
+//! pause while they make progress, so a chain of configurations, many shards or a shard of many pages
+//! (each `Install` advances a replicated cursor; the next duty asks for the page after it) move quickly.
 //!
 //! Followers do nothing: only a leader's proposals can commit, and duplicates from a deposed leader are
 //! harmless anyway (the machine ignores them).
 
 use super::service::MAX_TRANSFER_BYTES;
-use super::state::{shard_from_proto, Duty, ShardCommand, ShardKv, ShardOutput, Source};
+use super::state::{page_from_proto, Duty, ShardCommand, ShardKv, ShardOutput, Source};
 use crate::ctrler::{CtrlerClerk, Gid};
 use crate::proto::shardkv as pb;
 use crate::proto::shardkv::shard_transfer_client::ShardTransferClient;
@@ -156,35 +157,49 @@ impl Driver {
             Duty::Pull {
                 config_num,
                 shard,
+                after,
                 from,
             } => {
                 let request = pb::PullRequest {
                     shard: Some(pb::ShardRef { config_num, shard }),
+                    after: after.clone(),
                 };
                 let asked = self
-                    .ask(&from, |mut client| async move {
-                        let response = client.pull(request).await?.into_inner();
-                        Ok((response.status(), response.contents))
+                    .ask(&from, |mut client| {
+                        let request = request.clone();
+                        async move {
+                            let response = client.pull(request).await?.into_inner();
+                            Ok((response.status(), response.contents))
+                        }
                     })
                     .await;
                 match asked {
                     Asked::Ok(Some(contents)) => {
-                        let data = shard_from_proto(contents);
-                        if (data.config_num, data.shard) != (config_num, shard) {
+                        let page = page_from_proto(contents);
+                        if (page.config_num, page.shard, &page.after) != (config_num, shard, &after)
+                        {
                             warn!(
                                 config_num,
                                 shard,
                                 from = from.gid,
-                                got_config = data.config_num,
-                                got_shard = data.shard,
-                                "group answered a pull with another shard; ignoring it"
+                                got_config = page.config_num,
+                                got_shard = page.shard,
+                                "group answered a pull with another page; ignoring it"
                             );
                             return false;
                         }
-                        let keys = data.data.len();
-                        let installed = self.propose(ShardCommand::Install(data)).await;
-                        if installed {
-                            info!(config_num, shard, from = from.gid, keys, "shard installed");
+                        let (keys, last) = (page.data.len(), page.last);
+                        let installed = self.propose(ShardCommand::Install(page)).await;
+                        if installed && last {
+                            info!(config_num, shard, from = from.gid, "shard installed");
+                        } else if installed {
+                            debug!(
+                                config_num,
+                                shard,
+                                from = from.gid,
+                                keys,
+                                "shard page installed"
+                            );
                         }
                         installed
                     }

@@ -13,7 +13,10 @@ pub mod service;
 pub mod state;
 
 pub use clerk::ShardClerk;
-pub use state::{Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardQuery, Source};
+pub use state::{
+    Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardPage, ShardQuery, Source,
+    PAGE_BYTES,
+};
 
 /// The shard a key belongs to, out of `shards` (FNV-1a of the key's bytes, modulo the shard count).
 /// A stable hash rather than 6.824's first byte, so that keys with a common prefix spread over shards;
@@ -22,12 +25,7 @@ pub fn key_to_shard(key: &str, shards: usize) -> ShardId {
     if shards == 0 {
         return 0;
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash % shards as u64
+    crate::hash::fnv1a(key.as_bytes()) % shards as u64
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! every replica (and every later leader) agrees the copy is gone. The new owner only learns "it is
 //! gone" (`OK`), and only then proposes `Confirmed` in its own log; until then it asks again.
 
-use super::state::{shard_to_proto, ShardCommand, ShardKv, ShardOutput, ShardQuery};
+use super::state::{page_to_proto, ShardCommand, ShardKv, ShardOutput, ShardQuery};
 use crate::kv::service::{KvAnswer, KvMachine, KvService, MachineStatus};
 use crate::kv::KvCommand;
 use crate::proto::shardkv as pb;
@@ -20,9 +20,12 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::{debug, info, info_span};
 
-/// Largest shard-transfer message either side accepts. A shard moves in one message (its keys and dedup
-/// records), so the limit must exceed the largest shard; the 4 MiB tonic default would make a big shard
-/// impossible to move and wedge the group in its configuration for good.
+/// Largest shard-transfer message either side accepts. A shard moves in pages of about
+/// [`super::PAGE_BYTES`] of keys and values, but a page holds at least one whole key (values go up to
+/// 1 MiB) and the final page carries every dedup record of the shard (one per client that ever wrote
+/// to it, each with its last output, which for a cas may be a whole value): no fixed small bound
+/// covers that, and a refused answer would wedge the pulling group in its configuration for good. A
+/// generous limit costs nothing until a message is that large.
 pub const MAX_TRANSFER_BYTES: usize = 256 << 20;
 
 impl KvMachine for ShardKv {
@@ -123,15 +126,28 @@ impl ShardTransfer for ShardTransferService {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
-        let pb::ShardRef { config_num, shard } = shard_ref(request.into_inner().shard)?;
+        let request = request.into_inner();
+        let after = request.after;
+        let pb::ShardRef { config_num, shard } = shard_ref(request.shard)?;
         // A ReadIndex read: only a leader that still leads answers, and it answers from a state that
         // includes every change committed before the request arrived.
-        let status = match self.rsm.read(ShardQuery::Pull { config_num, shard }).await {
-            Ok(ShardOutput::Pulled(data)) => {
-                debug!(config_num, shard, keys = data.data.len(), "shard pulled");
+        let query = ShardQuery::Pull {
+            config_num,
+            shard,
+            after,
+        };
+        let status = match self.rsm.read(query).await {
+            Ok(ShardOutput::Pulled(page)) => {
+                debug!(
+                    config_num,
+                    shard,
+                    keys = page.data.len(),
+                    last = page.last,
+                    "shard page pulled"
+                );
                 return Ok(Response::new(pb::PullResponse {
                     status: pb::TransferStatus::Ok.into(),
-                    contents: Some(shard_to_proto(&data)),
+                    contents: Some(page_to_proto(&page)),
                 }));
             }
             Ok(ShardOutput::NotReady) => pb::TransferStatus::NotReady,

@@ -7,8 +7,9 @@
 //! - `NextConfig(n+1)` is applied only when the group is at `n` and holds every shard it owns in `n`
 //!   (configurations are taken one at a time, in order). Shards kept keep serving; shards lost are
 //!   frozen into `outgoing`; shards gained become *pulling* until their data arrives;
-//! - `Install` turns a pulling shard into a serving one, with the previous owner's data and dedup
-//!   records (so exactly-once survives the move); each shard serves as soon as it arrives;
+//! - `Install` adds one page (≤ [`PAGE_BYTES`]) of a pulling shard, in key order; the final page brings
+//!   the previous owner's dedup records (so exactly-once survives the move) and makes the shard serve —
+//!   each shard as soon as it has arrived, independently of the others;
 //! - `DropOutgoing` deletes a frozen copy once the new owner has it; `Confirmed` ends the new owner's
 //!   duty to tell the old one.
 //!
@@ -29,7 +30,7 @@ use std::collections::BTreeMap;
 /// A shard number.
 pub type ShardId = u64;
 
-/// A shard's contents as it moves between groups: keys and per-client dedup records.
+/// A shard's contents: keys and per-client dedup records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShardData {
     /// The configuration in which the shard changed owner.
@@ -39,6 +40,27 @@ pub struct ShardData {
     /// Its keys and values.
     pub data: KvStore,
     /// Each client's last applied request on this shard and its output.
+    pub dedup: BTreeMap<ClientId, (Seq, KvOutput)>,
+}
+
+/// Bytes of keys and values per page of a shard in transfer: pages travel as single RPC answers and
+/// single log entries, so a shard of any size moves in bounded messages.
+pub const PAGE_BYTES: usize = 1 << 20;
+
+/// One page of a shard moving between groups: the keys after `after`, in key order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShardPage {
+    /// The configuration in which the shard changed owner.
+    pub config_num: u64,
+    /// The shard.
+    pub shard: ShardId,
+    /// The page holds the keys after this one (`None`: from the first key).
+    pub after: Option<String>,
+    /// The keys and values of the page.
+    pub data: Vec<(String, String)>,
+    /// Whether this is the final page; only the final page carries the dedup records.
+    pub last: bool,
+    /// The shard's dedup records (final page only).
     pub dedup: BTreeMap<ClientId, (Seq, KvOutput)>,
 }
 
@@ -55,6 +77,8 @@ pub struct Source {
 struct Owned {
     /// `Some` while the data has not arrived from the previous owner.
     pulling: Option<Source>,
+    /// While pulling: the last key installed so far; the next page starts after it.
+    cursor: Option<String>,
     contents: ShardData,
 }
 
@@ -72,8 +96,8 @@ pub enum ShardCommand {
     },
     /// Move to this configuration (must be the next one).
     NextConfig(Config),
-    /// A shard pulled from its previous owner.
-    Install(ShardData),
+    /// A page of a shard pulled from its previous owner.
+    Install(ShardPage),
     /// The new owner has the shard given away in `config_num`: delete the frozen copy.
     DropOutgoing {
         /// The configuration in which the shard moved.
@@ -95,12 +119,14 @@ pub enum ShardCommand {
 pub enum ShardQuery {
     /// A client's read of one key.
     Get(String),
-    /// Another group wants the shard this group gave away in `config_num`.
+    /// Another group wants the page after `after` of the shard this group gave away in `config_num`.
     Pull {
         /// The configuration in which the shard moved.
         config_num: u64,
         /// The shard.
         shard: ShardId,
+        /// The last key the puller has (`None`: it has nothing yet).
+        after: Option<String>,
     },
     /// Has the frozen copy of this shard been deleted?
     Dropped {
@@ -120,8 +146,8 @@ pub enum ShardOutput {
     WrongGroup,
     /// An internal command that did not apply (already applied, or not yet applicable).
     Ignored,
-    /// The frozen shard a `Pull` asked for.
-    Pulled(ShardData),
+    /// The page of a frozen shard a `Pull` asked for.
+    Pulled(ShardPage),
     /// The group has not reached the configuration a `Pull` names, or has not deleted a copy yet.
     NotReady,
     /// The frozen copy is gone (answer to `Dropped`, or to `DropOutgoing`).
@@ -138,12 +164,14 @@ pub enum Duty {
         /// The configuration wanted (current + 1).
         num: u64,
     },
-    /// Pull `shard` from `from`; propose `Install` with what it returns.
+    /// Pull the next page of `shard` from `from`; propose `Install` with what it returns.
     Pull {
         /// The configuration in which the shard moved here.
         config_num: u64,
         /// The shard.
         shard: ShardId,
+        /// The last key installed so far (`None`: none).
+        after: Option<String>,
         /// The previous owner.
         from: Source,
     },
@@ -228,6 +256,7 @@ impl ShardKv {
                 owned.pulling.as_ref().map(|from| Duty::Pull {
                     config_num: self.config.num,
                     shard,
+                    after: owned.cursor.clone(),
                     from: from.clone(),
                 })
             })
@@ -301,7 +330,14 @@ impl ShardKv {
                     shard,
                     ..ShardData::default()
                 };
-                self.shards.insert(shard, Owned { pulling, contents });
+                self.shards.insert(
+                    shard,
+                    Owned {
+                        pulling,
+                        cursor: None,
+                        contents,
+                    },
+                );
             }
         }
         self.config = next;
@@ -311,20 +347,33 @@ impl ShardKv {
         })
     }
 
-    fn apply_install(&mut self, mut incoming: ShardData) -> ShardOutput {
-        if incoming.config_num != self.config.num {
+    /// Install a page if it is the next one of a shard being pulled (a duplicate or out-of-order page,
+    /// from a retried pull, is ignored); the final page makes the shard serve.
+    fn apply_install(&mut self, page: ShardPage) -> ShardOutput {
+        if page.config_num != self.config.num {
             return ShardOutput::Ignored;
         }
-        let Some(owned) = self.shards.get_mut(&incoming.shard) else {
+        let Some(owned) = self.shards.get_mut(&page.shard) else {
             return ShardOutput::Ignored;
         };
-        let Some(source) = owned.pulling.take() else {
+        if owned.pulling.is_none() || owned.cursor != page.after {
             return ShardOutput::Ignored;
-        };
-        incoming.config_num = self.config.num;
-        owned.contents = incoming;
-        self.confirms
-            .insert((self.config.num, owned.contents.shard), source);
+        }
+        if let Some((key, _)) = page.data.last() {
+            owned.cursor = Some(key.clone());
+        }
+        owned.contents.data.extend(page.data);
+        if !page.last {
+            return ShardOutput::Kv(KvOutput {
+                ok: true,
+                value: None,
+            });
+        }
+        owned.contents.dedup = page.dedup;
+        owned.cursor = None;
+        if let Some(source) = owned.pulling.take() {
+            self.confirms.insert((self.config.num, page.shard), source);
+        }
         ShardOutput::Kv(KvOutput {
             ok: true,
             value: None,
@@ -391,12 +440,30 @@ impl StateMachine for ShardKv {
                     _ => ShardOutput::WrongGroup,
                 }
             }
-            ShardQuery::Pull { config_num, shard } => {
+            ShardQuery::Pull {
+                config_num,
+                shard,
+                after,
+            } => {
                 if *config_num > self.config.num {
                     return ShardOutput::NotReady;
                 }
                 match self.outgoing.get(&(*config_num, *shard)) {
-                    Some(data) => ShardOutput::Pulled(data.clone()),
+                    Some(frozen) => {
+                        let (data, more) = frozen.data.page(after.as_deref(), PAGE_BYTES);
+                        ShardOutput::Pulled(ShardPage {
+                            config_num: *config_num,
+                            shard: *shard,
+                            after: after.clone(),
+                            data,
+                            last: !more,
+                            dedup: if more {
+                                BTreeMap::new()
+                            } else {
+                                frozen.dedup.clone()
+                            },
+                        })
+                    }
                     // Deleted: the new owner confirmed it has it, so whoever asks is behind.
                     None => ShardOutput::NotReady,
                 }
@@ -429,6 +496,7 @@ impl StateMachine for ShardKv {
                         .as_ref()
                         .map_or_else(Vec::new, |s| s.servers.clone()),
                     contents: Some(shard_to_proto(&owned.contents)),
+                    cursor: owned.cursor.clone(),
                 })
                 .collect(),
             outgoing: self.outgoing.values().map(shard_to_proto).collect(),
@@ -467,7 +535,12 @@ impl StateMachine for ShardKv {
                     servers: s.from_servers,
                 });
                 let contents = shard_from_proto(s.contents.unwrap_or_default());
-                (s.shard, Owned { pulling, contents })
+                let owned = Owned {
+                    pulling,
+                    cursor: s.cursor,
+                    contents,
+                };
+                (s.shard, owned)
             })
             .collect();
         self.outgoing = state
@@ -505,7 +578,7 @@ impl StateMachine for ShardKv {
                 command: Some(kvpb::Command::from(command)),
             }),
             ShardCommand::NextConfig(config) => Op::NextConfig(config_to_proto(config)),
-            ShardCommand::Install(data) => Op::Install(shard_to_proto(data)),
+            ShardCommand::Install(page) => Op::Install(page_to_proto(page)),
             ShardCommand::DropOutgoing { config_num, shard } => Op::DropOutgoing(pb::ShardRef {
                 config_num: *config_num,
                 shard: *shard,
@@ -529,7 +602,7 @@ impl StateMachine for ShardKv {
                 command: KvCommand::try_from(c.command.unwrap_or_default())?,
             },
             Some(Op::NextConfig(config)) => ShardCommand::NextConfig(config_from_proto(config)),
-            Some(Op::Install(data)) => ShardCommand::Install(shard_from_proto(data)),
+            Some(Op::Install(page)) => ShardCommand::Install(page_from_proto(page)),
             Some(Op::DropOutgoing(r)) => ShardCommand::DropOutgoing {
                 config_num: r.config_num,
                 shard: r.shard,
@@ -560,7 +633,7 @@ impl StateMachine for ShardKv {
                 value: outcome.current,
             }),
             Some(R::WrongGroup(_)) => ShardOutput::WrongGroup,
-            Some(R::Pulled(data)) => ShardOutput::Pulled(shard_from_proto(data)),
+            Some(R::Pulled(page)) => ShardOutput::Pulled(page_from_proto(page)),
             Some(R::NotReady(_)) => ShardOutput::NotReady,
             Some(R::Dropped(_)) => ShardOutput::Dropped,
             Some(R::Ignored(_)) | None => ShardOutput::Ignored,
@@ -584,7 +657,7 @@ fn output_to_proto(output: &ShardOutput) -> pb::Output {
         }),
         ShardOutput::WrongGroup => R::WrongGroup(true),
         ShardOutput::Ignored => R::Ignored(true),
-        ShardOutput::Pulled(data) => R::Pulled(shard_to_proto(data)),
+        ShardOutput::Pulled(page) => R::Pulled(page_to_proto(page)),
         ShardOutput::NotReady => R::NotReady(true),
         ShardOutput::Dropped => R::Dropped(true),
     };
@@ -593,7 +666,37 @@ fn output_to_proto(output: &ShardOutput) -> pb::Output {
     }
 }
 
-/// Encode a shard for the wire and for snapshots.
+type Dedup = BTreeMap<ClientId, (Seq, KvOutput)>;
+
+fn dedup_to_proto(dedup: &Dedup) -> Vec<pb::Dedup> {
+    dedup
+        .iter()
+        .map(|(&client_id, (seq, output))| pb::Dedup {
+            client_id,
+            seq: *seq,
+            outcome: Some(kvpb::Outcome {
+                ok: output.ok,
+                current: output.value.clone(),
+            }),
+        })
+        .collect()
+}
+
+fn dedup_from_proto(dedup: Vec<pb::Dedup>) -> Dedup {
+    dedup
+        .into_iter()
+        .map(|d| {
+            let outcome = d.outcome.unwrap_or_default();
+            let output = KvOutput {
+                ok: outcome.ok,
+                value: outcome.current,
+            };
+            (d.client_id, (d.seq, output))
+        })
+        .collect()
+}
+
+/// Encode a shard for snapshots.
 pub fn shard_to_proto(data: &ShardData) -> pb::ShardData {
     pb::ShardData {
         config_num: data.config_num,
@@ -603,39 +706,46 @@ pub fn shard_to_proto(data: &ShardData) -> pb::ShardData {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        dedup: data
-            .dedup
-            .iter()
-            .map(|(&client_id, (seq, output))| pb::Dedup {
-                client_id,
-                seq: *seq,
-                outcome: Some(kvpb::Outcome {
-                    ok: output.ok,
-                    current: output.value.clone(),
-                }),
-            })
-            .collect(),
+        dedup: dedup_to_proto(&data.dedup),
+        after: None,
+        last: true,
     }
 }
 
-/// Decode a shard from the wire or a snapshot.
+/// Decode a shard from a snapshot.
 pub fn shard_from_proto(data: pb::ShardData) -> ShardData {
     ShardData {
         config_num: data.config_num,
         shard: data.shard,
         data: data.data.into_iter().collect(),
-        dedup: data
-            .dedup
-            .into_iter()
-            .map(|d| {
-                let outcome = d.outcome.unwrap_or_default();
-                let output = KvOutput {
-                    ok: outcome.ok,
-                    value: outcome.current,
-                };
-                (d.client_id, (d.seq, output))
-            })
-            .collect(),
+        dedup: dedup_from_proto(data.dedup),
+    }
+}
+
+/// Encode a page of a shard in transfer (the Pull answer, the Install log entry).
+pub fn page_to_proto(page: &ShardPage) -> pb::ShardData {
+    pb::ShardData {
+        config_num: page.config_num,
+        shard: page.shard,
+        data: page.data.iter().cloned().collect(),
+        dedup: dedup_to_proto(&page.dedup),
+        after: page.after.clone(),
+        last: page.last,
+    }
+}
+
+/// Decode a page of a shard in transfer.
+pub fn page_from_proto(page: pb::ShardData) -> ShardPage {
+    let mut data: Vec<(String, String)> = page.data.into_iter().collect();
+    // Protobuf maps have no order; pages are applied in key order.
+    data.sort();
+    ShardPage {
+        config_num: page.config_num,
+        shard: page.shard,
+        after: page.after,
+        data,
+        last: page.last,
+        dedup: dedup_from_proto(page.dedup),
     }
 }
 

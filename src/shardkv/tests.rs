@@ -100,7 +100,7 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
     assert_eq!(get(&g2, &k1), ShardOutput::WrongGroup, "not arrived yet");
     let pull = g2.duties();
     assert!(
-        matches!(&pull[..], [Duty::Pull { config_num: 2, shard: 1, from }] if from.gid == 1),
+        matches!(&pull[..], [Duty::Pull { config_num: 2, shard: 1, from, after: None }] if from.gid == 1),
         "{pull:?}"
     );
     // A group does not take the next configuration while a shard is missing.
@@ -112,13 +112,15 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
     assert_eq!(
         g1.query(&ShardQuery::Pull {
             config_num: 3,
-            shard: 1
+            shard: 1,
+            after: None,
         }),
         ShardOutput::NotReady
     );
     let ShardOutput::Pulled(data) = g1.query(&ShardQuery::Pull {
         config_num: 2,
         shard: 1,
+        after: None,
     }) else {
         panic!("pull refused")
     };
@@ -191,6 +193,7 @@ fn snapshot_round_trips_every_part_and_refuses_another_group() {
     let ShardOutput::Pulled(data) = g1.query(&ShardQuery::Pull {
         config_num: 2,
         shard: 2,
+        after: None,
     }) else {
         panic!("pull refused")
     };
@@ -218,4 +221,104 @@ fn snapshot_round_trips_every_part_and_refuses_another_group() {
         assert_eq!(ShardKv::decode_command(&bytes), Ok(command));
     }
     assert!(ShardKv::decode_command(b"\xff\xff").is_err());
+}
+
+#[test]
+fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
+    let mut g1 = ShardKv::new(1);
+    g1.apply(ShardCommand::NextConfig(config(1, &[1])));
+    let value = "v".repeat(PAGE_BYTES / 3);
+    for i in 0..10 {
+        let key = format!("key{i:02}");
+        assert_eq!(
+            g1.apply(ShardCommand::Client {
+                client: 5,
+                seq: i + 1,
+                command: KvCommand::Put {
+                    key,
+                    value: value.clone(),
+                },
+            }),
+            ok()
+        );
+    }
+    g1.apply(ShardCommand::NextConfig(config(2, &[2])));
+    let mut g2 = ShardKv::new(2);
+    g2.apply(ShardCommand::NextConfig(config(1, &[1])));
+    g2.apply(ShardCommand::NextConfig(config(2, &[2])));
+
+    let mut pages = Vec::new();
+    loop {
+        let duty = g2.duties().remove(0);
+        let Duty::Pull { after, .. } = duty else {
+            break;
+        };
+        let ShardOutput::Pulled(page) = g1.query(&ShardQuery::Pull {
+            config_num: 2,
+            shard: 0,
+            after,
+        }) else {
+            panic!("pull refused")
+        };
+        let bytes: usize = page.data.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(bytes <= 2 * PAGE_BYTES, "page of {bytes} bytes");
+        assert_eq!(
+            page.dedup.is_empty(),
+            !page.last,
+            "dedup only on the last page"
+        );
+        if let Some(previous) = pages.last() {
+            // A page that is not next (a duplicate from a retried pull) is ignored.
+            assert_eq!(
+                g2.apply(ShardCommand::Install(Clone::clone(previous))),
+                ShardOutput::Ignored
+            );
+        }
+        if !page.last {
+            assert_eq!(get(&g2, "key00"), ShardOutput::WrongGroup, "partial shard");
+        }
+        assert_eq!(g2.apply(ShardCommand::Install(page.clone())), ok());
+        pages.push(page);
+        // A restart in the middle resumes from the snapshot's cursor.
+        let mut restored = ShardKv::new(2);
+        restored.restore(&g2.snapshot()).expect("restore");
+        assert_eq!(restored.duties(), g2.duties());
+    }
+    assert!(pages.len() >= 3, "{} pages", pages.len());
+    assert_eq!(g2.serving(), vec![0]);
+    for i in 0..10 {
+        assert_eq!(
+            get(&g2, &format!("key{i:02}")),
+            ShardOutput::Kv(KvOutput {
+                ok: true,
+                value: Some(value.clone())
+            })
+        );
+    }
+    // The dedup records arrived with the last page.
+    assert_eq!(
+        g2.apply(ShardCommand::Client {
+            client: 5,
+            seq: 10,
+            command: KvCommand::Append {
+                key: "key09".into(),
+                value: "again".into(),
+            },
+        }),
+        ok()
+    );
+    assert_eq!(
+        get(&g2, "key09"),
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: Some(value.clone())
+        })
+    );
+    // Pages survive the wire and the log.
+    let last = pages.pop().expect("pages");
+    let bytes = ShardKv::encode_command(&ShardCommand::Install(last.clone()));
+    assert_eq!(
+        ShardKv::decode_command(&bytes),
+        Ok(ShardCommand::Install(last))
+    );
 }

@@ -17,11 +17,13 @@
 
 pub mod clock;
 pub mod cluster;
+pub mod group;
 pub mod kv;
 pub mod net;
 pub mod raft_net;
 pub mod seed;
 pub mod service;
+pub mod shardkv;
 pub mod storage;
 
 pub use clock::Actor;

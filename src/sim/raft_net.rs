@@ -16,6 +16,8 @@ use rand_chacha::ChaCha8Rng;
 pub enum RaftEvent {
     /// Server `server` ticks, if it is still the same incarnation.
     Tick {
+        /// The Raft group (worlds with several groups route by it).
+        group: usize,
         /// The server.
         server: usize,
         /// Which run of the server scheduled the tick.
@@ -23,6 +25,8 @@ pub enum RaftEvent {
     },
     /// A Raft message arrives.
     Deliver {
+        /// The Raft group (worlds with several groups route by it).
+        group: usize,
         /// The message.
         envelope: Envelope,
         /// The sender's incarnation when it sent the message.
@@ -32,6 +36,15 @@ pub enum RaftEvent {
         /// Encoded size, for statistics.
         size: usize,
     },
+}
+
+impl RaftEvent {
+    /// The Raft group the event belongs to.
+    pub fn group(&self) -> usize {
+        match self {
+            RaftEvent::Tick { group, .. } | RaftEvent::Deliver { group, .. } => *group,
+        }
+    }
 }
 
 /// One server as Raft sees it.
@@ -53,6 +66,7 @@ pub struct RaftNet {
     tick_ms: u64,
     /// The servers, numbered from 0 (Raft node `i + 1`).
     pub hosts: Vec<RaftHost>,
+    group: usize,
 }
 
 impl RaftNet {
@@ -72,7 +86,14 @@ impl RaftNet {
                     incarnation: 0,
                 })
                 .collect(),
+            group: 0,
         }
+    }
+
+    /// Tag this group's events with `group`, for worlds that run several Raft groups.
+    pub fn with_group(mut self, group: usize) -> Self {
+        self.group = group;
+        self
     }
 
     /// Stop server `i`, keeping only its persisted state. Returns whether it was running.
@@ -102,6 +123,7 @@ impl RaftNet {
         clock.schedule(
             first,
             E::from(RaftEvent::Tick {
+                group: self.group,
                 server: i,
                 incarnation: host.incarnation,
             }),
@@ -117,6 +139,7 @@ impl RaftNet {
         let is_request = envelope.message.is_request();
         if let Some(delay) = self.net.on_send(&mut self.rng, from, to, is_request, size) {
             let event = RaftEvent::Deliver {
+                group: self.group,
                 from_incarnation: self.hosts[from].incarnation,
                 to_incarnation: self.hosts[to].incarnation,
                 envelope,
@@ -156,6 +179,7 @@ impl RaftNet {
             RaftEvent::Tick {
                 server,
                 incarnation,
+                ..
             } => {
                 let host = &mut self.hosts[server];
                 let Some(core) = host
@@ -169,6 +193,7 @@ impl RaftNet {
                 clock.schedule(
                     clock.now() + self.tick_ms,
                     E::from(RaftEvent::Tick {
+                        group: self.group,
                         server,
                         incarnation,
                     }),
@@ -180,6 +205,7 @@ impl RaftNet {
                 from_incarnation,
                 to_incarnation,
                 size,
+                ..
             } => {
                 let from = (envelope.from - 1) as usize;
                 let to = (envelope.to - 1) as usize;

@@ -7,7 +7,7 @@ pub fn for_test(name: &str) -> u64 {
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("RAFT_SEED must be an unsigned integer, got {value:?}")),
-        Err(_) => fnv1a(name.as_bytes()),
+        Err(_) => crate::hash::fnv1a(name.as_bytes()),
     }
 }
 
@@ -20,14 +20,4 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
             .unwrap_or_else(|_| panic!("{name} must be an unsigned integer, got {value:?}")),
         Err(_) => default,
     }
-}
-
-/// 64-bit FNV-1a: a stable hash (unlike `DefaultHasher`, whose output may change between releases).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
 }

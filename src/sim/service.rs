@@ -9,14 +9,13 @@
 //! completion times so the history can be checked for linearizability by [`crate::check`].
 
 use super::clock::{run_until, Actor, Scheduler, World};
+pub use super::group::SimService;
+use super::group::{ClientRequest, Group, Replies, ReplyResult};
 use super::raft_net::{RaftEvent, RaftNet};
 use crate::check::Operation;
-use crate::raft::{Config, NodeId, Role};
-use crate::rsm::{Completion, Prepared, Rsm, StateMachine, Token};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{HashMap, VecDeque};
-use std::fmt::Debug;
+use std::collections::VecDeque;
 
 /// How to build a service cluster.
 #[derive(Clone, Debug)]
@@ -29,17 +28,6 @@ pub struct ServiceOptions {
     pub max_raft_state: Option<usize>,
     /// The seed of the whole schedule.
     pub seed: u64,
-}
-
-/// A service the simulator can run: a state machine whose commands and queries can be cloned and
-/// printed, and which may record completed operations for the linearizability checker.
-pub trait SimService:
-    StateMachine<Command: Clone + Debug, Query: Clone + Debug, Output: Debug> + Default
-{
-    /// The checker's record of a completed operation, if this service's histories are checked.
-    fn record(_client: u64, _op: &ClerkOp<Self>, _output: &Self::Output) -> Option<Operation> {
-        None
-    }
 }
 
 /// What a clerk asks for.
@@ -57,37 +45,6 @@ impl<S: SimService> Clone for ClerkOp<S> {
             ClerkOp::Command(c) => ClerkOp::Command(c.clone()),
         }
     }
-}
-
-enum ClientRequest<S: SimService> {
-    Query(S::Query),
-    Mutate {
-        client: u64,
-        seq: u64,
-        command: S::Command,
-    },
-}
-
-impl<S: SimService> Clone for ClientRequest<S> {
-    fn clone(&self) -> Self {
-        match self {
-            ClientRequest::Query(q) => ClientRequest::Query(q.clone()),
-            ClientRequest::Mutate {
-                client,
-                seq,
-                command,
-            } => ClientRequest::Mutate {
-                client: *client,
-                seq: *seq,
-                command: command.clone(),
-            },
-        }
-    }
-}
-
-enum ReplyResult<O> {
-    Done(O),
-    WrongLeader(Option<NodeId>),
 }
 
 enum Event<S: SimService> {
@@ -116,25 +73,15 @@ impl<S: SimService> From<RaftEvent> for ServiceEvent<S> {
     }
 }
 
-/// The service half of a server (its Raft half is in `RaftNet`).
-struct Server<S: SimService> {
-    rsm: Rsm<S>,
-    waiting: HashMap<Token, (usize, u64)>,
-    reads: HashMap<Token, S::Query>,
-    next_token: Token,
-    was_leader: bool,
-}
-
 /// A simulated cluster of one service. See the module documentation.
 pub struct ServiceCluster<S: SimService> {
     options: ServiceOptions,
     clock: Scheduler<ServiceEvent<S>>,
-    raft: RaftNet,
+    group: Group<S>,
     /// Randomness of the clerk-to-server links.
     client_rng: ChaCha8Rng,
     /// Randomness for test decisions.
     pub rng: ChaCha8Rng,
-    servers: Vec<Server<S>>,
     reach: Vec<Vec<bool>>,
     inboxes: Vec<VecDeque<(u64, ReplyResult<S::Output>)>>,
     history: Vec<Operation>,
@@ -147,25 +94,17 @@ const TICK_MS: u64 = 10;
 /// How long a clerk waits for an answer before trying another server (labrpc's failed `Call`).
 const CLERK_TIMEOUT_MS: u64 = 100;
 
-impl<S: SimService> ServiceCluster<S> {
+impl<S: SimService + Default> ServiceCluster<S> {
     /// Start `options.servers` servers, all connected.
     pub fn new(options: ServiceOptions) -> Self {
         let n = options.servers;
+        let raft = RaftNet::new(n, options.reliable, options.seed, TICK_MS);
         let mut cluster = ServiceCluster {
-            raft: RaftNet::new(n, options.reliable, options.seed, TICK_MS),
+            group: Group::new(raft, options.max_raft_state, Box::new(S::default)),
             client_rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(1)),
             rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(0x5EED)),
             options,
             clock: Scheduler::default(),
-            servers: (0..n)
-                .map(|_| Server {
-                    rsm: Rsm::new(S::default()),
-                    waiting: HashMap::new(),
-                    reads: HashMap::new(),
-                    next_token: 0,
-                    was_leader: false,
-                })
-                .collect(),
             reach: Vec::new(),
             inboxes: Vec::new(),
             history: Vec::new(),
@@ -178,15 +117,17 @@ impl<S: SimService> ServiceCluster<S> {
         }
         cluster
     }
+}
 
+impl<S: SimService> ServiceCluster<S> {
     /// Number of servers.
     pub fn len(&self) -> usize {
-        self.servers.len()
+        self.group.len()
     }
 
     /// Whether there are no servers.
     pub fn is_empty(&self) -> bool {
-        self.servers.is_empty()
+        self.group.is_empty()
     }
 
     /// The schedule's seed.
@@ -215,26 +156,14 @@ impl<S: SimService> ServiceCluster<S> {
 
     /// 6.824 `ShutdownServer`: the server stops; only its persisted state survives.
     pub fn shutdown_server(&mut self, i: usize) {
-        self.raft.crash(i);
-        let server = &mut self.servers[i];
-        server.waiting.clear();
-        server.reads.clear();
-        server.was_leader = false;
+        self.group.shutdown_server(i);
     }
 
     /// 6.824 `StartServer`: (re)start server `i` from its persisted state with an empty state machine,
     /// which Raft refills from the snapshot and the log.
     pub fn start_server(&mut self, i: usize) {
-        self.shutdown_server(i);
-        let voters: Vec<NodeId> = (1..=self.servers.len() as NodeId).collect();
-        let mut config = Config::new(i as NodeId + 1, voters);
-        config.election_ticks = 30;
-        config.heartbeat_ticks = 10;
-        if let Err(e) = self.raft.boot(&mut self.clock, i, config) {
-            self.fail(format!("server {i} cannot restart: {e}"));
-        }
-        self.servers[i].rsm = Rsm::new(S::default());
-        self.drain_ready(i);
+        let replies = self.group.start_server(&mut self.clock, i);
+        self.send_replies(replies);
     }
 
     /// Servers in `p1` can talk among themselves, those in `p2` too, but not across (6.824 `partition`).
@@ -246,55 +175,37 @@ impl<S: SimService> ServiceCluster<S> {
         for &i in p1 {
             labels[i] = 0;
         }
-        self.raft.net.set_partition(&labels);
+        self.group.raft.net.set_partition(&labels);
     }
 
     /// Reconnect every server to every other.
     pub fn connect_all(&mut self) {
-        self.raft.net.heal_partition();
+        self.group.raft.net.heal_partition();
     }
 
     /// Make the network (un)reliable.
     pub fn set_reliable(&mut self, reliable: bool) {
-        self.raft.net.set_reliable(reliable);
+        self.group.raft.net.set_reliable(reliable);
     }
 
     /// Largest Raft state of any server, in bytes.
     pub fn max_raft_state_size(&self) -> usize {
-        self.raft
-            .hosts
-            .iter()
-            .map(|h| h.storage.raft_state_size())
-            .max()
-            .unwrap_or(0)
+        self.group.max_raft_state_size()
     }
 
     /// Largest snapshot of any server, in bytes.
     pub fn max_snapshot_size(&self) -> usize {
-        self.raft
-            .hosts
-            .iter()
-            .map(|h| h.storage.snapshot_size())
-            .max()
-            .unwrap_or(0)
+        self.group.max_snapshot_size()
     }
 
     /// Requests sent so far.
     pub fn rpc_total(&self) -> u64 {
-        self.raft.net.stats.rpc_total
+        self.group.raft.net.stats.rpc_total
     }
 
     /// The server that currently believes it leads, if exactly one running server does.
     pub fn leader(&self) -> Option<usize> {
-        let leaders: Vec<usize> = (0..self.len())
-            .filter(|&i| {
-                self.raft.hosts[i]
-                    .core
-                    .as_ref()
-                    .is_some_and(|c| c.is_leader())
-            })
-            .collect();
-        (leaders.len() == 1).then(|| leaders[0])
+        self.group.leader()
     }
 
     // ------------------------------------------------------------------------------------------
@@ -390,12 +301,12 @@ impl<S: SimService> ServiceCluster<S> {
         id: u64,
         request: ClientRequest<S>,
     ) {
-        self.raft.net.stats.rpc_total += 1;
+        self.group.raft.net.stats.rpc_total += 1;
         if !self.reach[clerk.index][server] {
             return;
         }
-        if let Some(delay) = self.raft.net.fate(&mut self.client_rng, true) {
-            let to_incarnation = self.raft.hosts[server].incarnation;
+        if let Some(delay) = self.group.raft.net.fate(&mut self.client_rng, true) {
+            let to_incarnation = self.group.raft.hosts[server].incarnation;
             self.clock.schedule(
                 self.clock.now() + delay,
                 ServiceEvent(Event::Request {
@@ -410,7 +321,7 @@ impl<S: SimService> ServiceCluster<S> {
     }
 
     fn reply(&mut self, server: usize, (clerk, id): (usize, u64), result: ReplyResult<S::Output>) {
-        if let Some(delay) = self.raft.net.fate(&mut self.client_rng, false) {
+        if let Some(delay) = self.group.raft.net.fate(&mut self.client_rng, false) {
             self.clock.schedule(
                 self.clock.now() + delay,
                 ServiceEvent(Event::Reply {
@@ -423,118 +334,24 @@ impl<S: SimService> ServiceCluster<S> {
         }
     }
 
-    // ------------------------------------------------------------------------------------------
-    // Server side
-    // ------------------------------------------------------------------------------------------
-
-    fn handle_request(&mut self, server: usize, from: (usize, u64), request: ClientRequest<S>) {
-        let s = &mut self.servers[server];
-        let Some(core) = self.raft.hosts[server].core.as_mut() else {
-            return;
-        };
-        s.next_token += 1;
-        let token = s.next_token;
-        match request {
-            ClientRequest::Query(query) => match core.read_index(token) {
-                Ok(()) => {
-                    s.reads.insert(token, query);
-                    s.waiting.insert(token, from);
-                }
-                Err(_) => {
-                    let hint = core.leader();
-                    self.reply(server, from, ReplyResult::WrongLeader(hint));
-                }
-            },
-            ClientRequest::Mutate {
-                client,
-                seq,
-                command,
-            } => match s.rsm.prepare(client, seq, &command) {
-                Prepared::Answered(output) => self.reply(server, from, ReplyResult::Done(output)),
-                Prepared::Stale => {}
-                Prepared::Propose(data) => match core.propose(data) {
-                    Ok((index, _)) => {
-                        s.waiting.insert(token, from);
-                        if let Some(done) = s.rsm.track(token, index, client, seq) {
-                            self.complete(server, vec![done]);
-                        }
-                    }
-                    Err(_) => {
-                        let hint = core.leader();
-                        self.reply(server, from, ReplyResult::WrongLeader(hint));
-                    }
-                },
-            },
-        }
-        self.drain_ready(server);
-    }
-
-    fn complete(&mut self, server: usize, completions: Vec<Completion<S::Output>>) {
-        for completion in completions {
-            let (token, result) = match completion {
-                Completion::Done { token, output } => (token, ReplyResult::Done(output)),
-                Completion::Retry { token } => (token, ReplyResult::WrongLeader(None)),
-            };
-            if let Some(to) = self.servers[server].waiting.remove(&token) {
-                self.reply(server, to, result);
-            }
-        }
-    }
-
-    /// The driver contract for server `i`: persist, send, apply; then answer clients and snapshot.
-    fn drain_ready(&mut self, i: usize) {
-        while let Some(ready) = self.raft.next_ready(&mut self.clock, i) {
-            let mut completions = Vec::new();
-            let s = &mut self.servers[i];
-            if let Some(snapshot) = &ready.snapshot_to_apply {
-                match s.rsm.apply_snapshot(snapshot) {
-                    Ok(done) => completions.extend(done),
-                    Err(e) => self.fail(format!("server {i} cannot load a snapshot: {e}")),
+    /// Deliver what the group answered, or fail the test if the group broke.
+    fn send_replies(&mut self, replies: Result<Replies<S::Output>, String>) {
+        match replies {
+            Ok(replies) => {
+                for (server, to, result) in replies {
+                    self.reply(server, to, result);
                 }
             }
-            let s = &mut self.servers[i];
-            match s.rsm.apply_entries(&ready.committed_entries) {
-                Ok(done) => completions.extend(done),
-                Err(e) => self.fail(format!("server {i} cannot apply: {e}")),
-            }
-            let s = &mut self.servers[i];
-            for read in &ready.read_states {
-                if let Some(query) = s.reads.remove(&read.id) {
-                    completions.extend(s.rsm.read(read.id, read.index, query));
-                }
-            }
-            for id in &ready.failed_reads {
-                s.reads.remove(id);
-                completions.push(Completion::Retry { token: *id });
-            }
-            let is_leader = ready.soft_state.role == Role::Leader;
-            if s.was_leader && !is_leader {
-                completions.extend(s.rsm.leadership_lost());
-                s.reads.clear();
-            }
-            s.was_leader = is_leader;
-            if let Some(max) = self.options.max_raft_state {
-                let host = &mut self.raft.hosts[i];
-                if host.storage.raft_state_size() >= max {
-                    let (index, data) = s.rsm.snapshot();
-                    if let Some(core) = host.core.as_mut() {
-                        if let Err(e) = core.compact(index, data) {
-                            self.fail(format!("server {i} refused its own snapshot: {e}"));
-                        }
-                    }
-                }
-            }
-            self.complete(i, completions);
+            Err(e) => self.fail(e),
         }
     }
 
     fn on_event(&mut self, event: ServiceEvent<S>) {
         match event.0 {
-            Event::Raft(event) => match self.raft.handle(&mut self.clock, event) {
-                Ok(Some(server)) => self.drain_ready(server),
-                Ok(None) => {}
-                Err(e) => self.fail(e),
-            },
+            Event::Raft(event) => {
+                let replies = self.group.handle_raft(&mut self.clock, event);
+                self.send_replies(replies);
+            }
             Event::Request {
                 clerk,
                 server,
@@ -542,10 +359,13 @@ impl<S: SimService> ServiceCluster<S> {
                 id,
                 request,
             } => {
-                if self.raft.hosts[server].incarnation == to_incarnation
+                if self.group.raft.hosts[server].incarnation == to_incarnation
                     && self.reach[clerk][server]
                 {
-                    self.handle_request(server, (clerk, id), request);
+                    let replies =
+                        self.group
+                            .handle_request(&mut self.clock, server, (clerk, id), request);
+                    self.send_replies(replies);
                 }
             }
             Event::Reply {
