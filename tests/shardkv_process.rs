@@ -30,12 +30,19 @@ struct Replicas {
     dir: PathBuf,
     gid: u64,
     ctrlers: String,
+    snapshot_threshold: u64,
     addrs: Vec<String>,
     children: Vec<Option<Child>>,
 }
 
 impl Replicas {
+    /// Small snapshot thresholds make snapshots (carrying shards, frozen copies and dedup records)
+    /// happen mid-test; tests moving megabytes use a large one.
     fn start(root: &Path, gid: u64, ctrlers: &str) -> Replicas {
+        Self::start_with(root, gid, ctrlers, 4 << 10)
+    }
+
+    fn start_with(root: &Path, gid: u64, ctrlers: &str, snapshot_threshold: u64) -> Replicas {
         let name = if gid == 0 {
             "ctrler".to_string()
         } else {
@@ -45,6 +52,7 @@ impl Replicas {
             dir: root.join(name),
             gid,
             ctrlers: ctrlers.to_string(),
+            snapshot_threshold,
             addrs: (0..3)
                 .map(|_| format!("127.0.0.1:{}", free_port()))
                 .collect(),
@@ -88,8 +96,7 @@ impl Replicas {
             .args(["--peers", &self.peers()])
             .arg("--data-dir")
             .arg(self.dir.join(format!("node-{}", i + 1)))
-            // Small, so snapshots (carrying shards, frozen copies and dedup records) happen mid-test.
-            .args(["--snapshot-threshold", &(4 << 10).to_string()])
+            .args(["--snapshot-threshold", &self.snapshot_threshold.to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -664,4 +671,69 @@ async fn kvctl_routes_through_the_controllers() {
         out(&table)
     );
     drop(group);
+}
+
+/// Shards bigger than a transfer page move between real processes page by page, intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_shards_move_in_pages() {
+    const VALUES: usize = 60;
+    const VALUE_BYTES: usize = 256 << 10;
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrlers = Replicas::start(root.path(), 0, "");
+    let ctrler_list = ctrlers.addrs.join(",");
+    let groups: BTreeMap<u64, Replicas> = (1..=2)
+        .map(|gid| {
+            (
+                gid,
+                Replicas::start_with(root.path(), gid, &ctrler_list, 64 << 20),
+            )
+        })
+        .collect();
+    let mut admin = CtrlerClerk::new(&ctrlers.addrs, clerk_config()).expect("ctrler clerk");
+    admin
+        .join([(1, groups[&1].addrs.clone())].into_iter().collect())
+        .await
+        .expect("join group 1");
+    // 15 MiB over 10 shards: most shards take more than one page.
+    let mut clerk = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
+    let value = |i: usize| format!("{i:04}").repeat(VALUE_BYTES / 4);
+    for i in 0..VALUES {
+        clerk
+            .put(&format!("big-{i}"), &value(i))
+            .await
+            .expect("put");
+    }
+    let config = admin
+        .join([(2, groups[&2].addrs.clone())].into_iter().collect())
+        .await
+        .expect("join group 2");
+    let moved: Vec<u64> = (0..config.shards.len() as u64)
+        .filter(|&s| config.shards[s as usize] == 2)
+        .collect();
+    let shard_bytes = |shard: u64| {
+        (0..VALUES)
+            .filter(|i| key_to_shard(&format!("big-{i}"), config.shards.len()) == shard)
+            .count()
+            * VALUE_BYTES
+    };
+    let sizes: Vec<usize> = moved.iter().map(|&s| shard_bytes(s)).collect();
+    eprintln!("shards {moved:?} of {sizes:?} bytes move to group 2");
+    assert!(
+        sizes
+            .iter()
+            .any(|&b| b > ds824::shardkv::PAGE_BYTES + VALUE_BYTES),
+        "no moving shard is bigger than a page"
+    );
+    groups[&2]
+        .wait_until_all("serving the shards it gained", |s| {
+            s.config_num == config.num && s.serving_shards == moved
+        })
+        .await;
+    for i in 0..VALUES {
+        let got = clerk.get(&format!("big-{i}")).await.expect("get");
+        assert!(got.as_deref() == Some(value(i).as_str()), "big-{i} damaged");
+    }
+    groups[&1]
+        .wait_until_all("no outgoing copies", |s| s.outgoing_shards == 0)
+        .await;
 }
