@@ -167,6 +167,11 @@ impl KvNode {
                     "a shard group needs the controllers' addresses".into(),
                 ));
             }
+            // Refuse a malformed address now, before storage is opened and Raft runs.
+            for address in ctrlers {
+                crate::rsm::client::channel(address, &Default::default())
+                    .map_err(|e| StartError::Config(format!("--ctrlers: {e}")))?;
+            }
         }
         let listener =
             TcpListener::bind(config.listen)
