@@ -349,6 +349,12 @@ async fn appends_survive_joins_leaves_and_leader_sigkill_during_migration() {
         config.num, config.shards
     );
     wait_for_progress(&acks, 100, "after group 3 joined").await;
+    // Group 3 has everything it gained, so the next configuration is the only one in flight.
+    groups[&3]
+        .wait_until_all("holding every shard of its first configuration", |s| {
+            s.config_num == config.num && s.pulling_shards.is_empty()
+        })
+        .await;
 
     // A request applied by group 1 whose answer the client never saw: its retry, after the shard has
     // moved, reaches the new owner with the same (client, seq) and must not apply again. That only
