@@ -487,8 +487,12 @@ fn crash_recovery() {
     done.store(true, Ordering::SeqCst);
     let crashes: usize = loops.into_iter().map(|h| h.join().unwrap()).sum();
     let _ = wait_exit(&mut background);
-    assert_eq!(env.output("out"), expected);
-    assert!(crashes > 0, "no worker crashed, so nothing was tested");
+    assert_eq!(env.output("out"), expected, "\n{}", env.logs());
+    assert!(
+        crashes > 0,
+        "no worker crashed, so nothing was tested\n{}",
+        env.logs()
+    );
 }
 
 #[test]
