@@ -31,4 +31,4 @@ wait_healthy() {
   done
 }
 
-ALL_SERVICES=(kv1 kv2 kv3 ctrler1 ctrler2 ctrler3 g1a g1b g1c g2a g2b g2c mr-coordinator mr-worker-1 mr-worker-2 mr-worker-3)
+ALL_SERVICES=(kv1 kv2 kv3 ctrler1 ctrler2 ctrler3 g1a g1b g1c g2a g2b g2c g3a g3b g3c mr-coordinator mr-worker-1 mr-worker-2 mr-worker-3)

@@ -73,14 +73,20 @@ read_sharded() {
     [ "$(skvctl get "skey-$i")" = "svalue-$i" ] || { echo "    skey-$i wrong or missing" >&2; return 1; }
   done
 }
-check "the join job joined both shard groups" bash -c "$(declare -f compose shard_join_done ctrl); shard_join_done && ctrl query | grep -q 'group 1: 5 shards' && ctrl query | grep -q 'group 2: 5 shards'"
+check "the join job joined shard group 1 (all shards)" bash -c "$(declare -f compose shard_join_done ctrl); shard_join_done && ctrl query | grep -q 'group 1: 10 shards'"
 check "sharded writes and reads inside the network" bash -c "$(declare -f compose skvctl write_sharded read_sharded); write_sharded 1 20 && read_sharded 1 20"
+check "kvctl ctrler join adds group 2; half the shards move to it" bash -c "$(declare -f ctrl); ctrl join 2=g2a:7201,g2b:7201,g2c:7201 >/dev/null && ctrl query | grep -q 'group 2: 5 shards'"
+check "sharded data intact after the migration" bash -c "$(declare -f compose skvctl read_sharded); read_sharded 1 20"
 
-compose kill kv2 >/dev/null 2>&1
+# One server of every replicated group down at once: each keeps a majority.
+victims=(kv2 ctrler2 g1b g2b)
+compose kill "${victims[@]}" >/dev/null 2>&1
 check "writes continue with kv2 killed" bash -c "$(declare -f kvctl write_keys); write_keys 21 40"
-compose start kv2 >/dev/null 2>&1
-check "kv2 comes back healthy" wait_healthy 120 kv2
+check "sharded writes continue with ctrler2, g1b and g2b killed" bash -c "$(declare -f compose skvctl write_sharded); write_sharded 21 40"
+compose start "${victims[@]}" >/dev/null 2>&1
+check "the killed servers come back healthy" wait_healthy 120 "${victims[@]}"
 check "all data present after kv2 restarted" bash -c "$(declare -f kvctl read_keys); read_keys 1 40"
+check "all sharded data present after the restarts" bash -c "$(declare -f compose skvctl read_sharded); read_sharded 1 40"
 
 "$bin/mrd" gen-corpus --dir /tmp/ds824-mr/in --files 4 --bytes-per-file 200000 >/dev/null
 "$bin/mrd" sequential --app wc --output /tmp/ds824-mr/seq /tmp/ds824-mr/in/*.txt >/dev/null
@@ -95,9 +101,9 @@ compose down >/dev/null 2>&1
 compose up -d >/dev/null 2>&1
 check "cluster healthy again after down and up" wait_healthy 180 "${ALL_SERVICES[@]}"
 check "data survives down and up" bash -c "$(declare -f kvctl read_keys); read_keys 1 40"
-check "controller configuration survives down and up" bash -c "$(declare -f ctrl); ctrl query | grep -q 'group 1: 5 shards'"
+check "controller configuration survives down and up" bash -c "$(declare -f ctrl); ctrl query | grep -q 'group 1: 5 shards' && ctrl query | grep -q 'group 2: 5 shards'"
 check "the join job succeeds again on up (groups already joined are skipped)" bash -c "$(declare -f compose shard_join_done); shard_join_done"
-check "sharded data survives down and up" bash -c "$(declare -f compose skvctl read_sharded); read_sharded 1 20"
+check "sharded data survives down and up" bash -c "$(declare -f compose skvctl read_sharded); read_sharded 1 40"
 
 echo "docker: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
