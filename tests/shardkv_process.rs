@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 #[path = "support/replicas.rs"]
 mod replicas;
+#[path = "support/scrape.rs"]
+mod scrape;
 use replicas::{free_port, Replicas, WAIT};
 
 const KEYS: usize = 10;
@@ -564,4 +566,90 @@ async fn large_shards_move_in_pages() {
     groups[&1]
         .wait_until_all("no outgoing copies", |s| s.outgoing_shards == 0)
         .await;
+}
+
+/// `--metrics-listen` on a shard node adds its group's configuration and shard counts to the Raft and
+/// request metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_nodes_export_shard_ownership_metrics() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrler = format!("127.0.0.1:{}", free_port());
+    let shard = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spawn = |args: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_kvd"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn kvd")
+    };
+    let data = |name: &str| root.path().join(name).to_string_lossy().into_owned();
+    let mut children = vec![
+        spawn(
+            [
+                "ctrler",
+                "--id",
+                "1",
+                "--listen",
+                &ctrler,
+                "--peers",
+                &format!("1={ctrler}"),
+                "--data-dir",
+                &data("ctrler"),
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        spawn(
+            [
+                "shard",
+                "--gid",
+                "7",
+                "--id",
+                "1",
+                "--listen",
+                &shard,
+                "--peers",
+                &format!("1={shard}"),
+                "--ctrlers",
+                &ctrler,
+                "--data-dir",
+                &data("g7"),
+                "--metrics-listen",
+                &metrics,
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    ];
+    let mut admin = CtrlerClerk::new(&[ctrler.clone()], clerk_config()).expect("ctrler clerk");
+    admin
+        .join([(7, vec![shard.clone()])].into())
+        .await
+        .expect("join");
+    let deadline = Instant::now() + WAIT;
+    let page = loop {
+        let page = std::net::TcpStream::connect(&metrics)
+            .ok()
+            .map(|_| scrape::scrape(&metrics))
+            .unwrap_or_default();
+        if page.contains("ds824_shard_config 1") || Instant::now() >= deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    for line in [
+        "ds824_shard_config 1",
+        "ds824_shards{state=\"serving\"} 10",
+        "ds824_shards{state=\"pulling\"} 0",
+        "ds824_shards{state=\"outgoing\"} 0",
+        "ds824_raft_term ",
+    ] {
+        assert!(page.contains(line), "{line} not in\n{page}");
+    }
 }

@@ -7,7 +7,7 @@
 
 use super::service::KvService;
 use crate::ctrler::service::CtrlerService;
-use crate::metrics::{RaftGauges, ServiceMetrics};
+use crate::metrics::{RaftGauges, ServiceMetrics, ShardGauges};
 use crate::proto::ctrler::ctrler_server::CtrlerServer;
 use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
@@ -287,9 +287,22 @@ impl KvNode {
             metrics,
             _driver,
         } = self;
+        let shard_gauges = match (&service, &metrics) {
+            (Served::Shard(services), Some((_, registry, _))) => {
+                let gauges = ShardGauges::register(registry)
+                    .map_err(|e| RunError::Server(format!("metrics: {e}")))?;
+                Some((gauges, services.rsm.clone()))
+            }
+            _ => None,
+        };
         let metrics_server = metrics.map(|(listener, registry, gauges)| {
             let handle = node.handle();
-            let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || gauges.refresh(&handle));
+            let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                gauges.refresh(&handle);
+                if let Some((shards, rsm)) = &shard_gauges {
+                    rsm.with_machine(|machine| shards.refresh(machine));
+                }
+            });
             tokio::spawn(crate::metrics::serve(listener, registry, refresh))
         });
         let _stop_metrics = AbortOnDrop(metrics_server);
