@@ -623,7 +623,8 @@ async fn shard_nodes_export_shard_ownership_metrics() {
             .to_vec(),
         ),
     ];
-    let mut admin = CtrlerClerk::new(&[ctrler.clone()], clerk_config()).expect("ctrler clerk");
+    let mut admin =
+        CtrlerClerk::new(std::slice::from_ref(&ctrler), clerk_config()).expect("ctrler clerk");
     admin
         .join([(7, vec![shard.clone()])].into())
         .await
