@@ -654,3 +654,45 @@ async fn shard_nodes_export_shard_ownership_metrics() {
         assert!(page.contains(line), "{line} not in\n{page}");
     }
 }
+
+/// A shard whose dedup records alone exceed 8 MiB (ten clients whose compare-and-swap failed against a
+/// 1 MiB value each keep that value as their recorded answer) still moves: the final page is one log
+/// entry bigger than Raft's batching size, and followers must accept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_large_dedup_records_moves() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrlers = Replicas::start(root.path(), 0, "");
+    let ctrler_list = ctrlers.addrs.join(",");
+    let g1 = Replicas::start_with(root.path(), 1, &ctrler_list, 64 << 20);
+    let g2 = Replicas::start_with(root.path(), 2, &ctrler_list, 64 << 20);
+    let mut admin = CtrlerClerk::new(&ctrlers.addrs, clerk_config()).expect("ctrler clerk");
+    admin
+        .join([(1, g1.addrs.clone())].into())
+        .await
+        .expect("join group 1");
+    let value = "f".repeat(ds824::kv::validate::MAX_VALUE_BYTES);
+    let mut clerk = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
+    clerk.put("fat", &value).await.expect("put");
+    for _ in 0..10 {
+        let mut other = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
+        let outcome = other.cas("fat", Some("not it"), "x").await.expect("cas");
+        assert!(
+            matches!(&outcome, ds824::kv::CasOutcome::Mismatch { current: Some(c) } if c.len() == value.len()),
+            "cas should fail and report the current value"
+        );
+    }
+    admin
+        .join([(2, g2.addrs.clone())].into())
+        .await
+        .expect("join group 2");
+    let shard = key_to_shard("fat", 10);
+    let config = admin.move_shard(shard, 2).await.expect("move");
+    g2.wait_until_all("serving the moved shard", |s| {
+        s.config_num == config.num && s.serving_shards.contains(&shard)
+    })
+    .await;
+    assert_eq!(
+        clerk.get("fat").await.expect("get").as_deref(),
+        Some(value.as_str())
+    );
+}

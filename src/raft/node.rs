@@ -25,6 +25,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, info_span, warn, Instrument};
 
+/// Largest peer message accepted: far above the batching size, so that no single log entry a service
+/// can propose is ever refused by followers (which would stop replication of everything after it).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
+
 /// How to run a node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -224,11 +228,13 @@ impl RaftNode {
         self.handle.clone()
     }
 
-    /// The peer-facing gRPC service, to be added to the node's tonic server.
+    /// The peer-facing gRPC service, to be added to the node's tonic server. Batches are cut at
+    /// `max_bytes_per_message`, but one entry always travels whole, so the limit must exceed the
+    /// largest entry a service proposes (a shard page with its dedup records can pass 8 MiB).
     pub fn service(&self) -> RaftTransportServer<RaftService> {
         RaftTransportServer::new(self.service.clone())
-            .max_decoding_message_size(8 << 20)
-            .max_encoding_message_size(8 << 20)
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
     }
 
     /// Stop abruptly, as a crash would: nothing more is persisted, sent or applied.

@@ -67,6 +67,14 @@ pub type ClientId = u64;
 /// A client's request number; each client has at most one outstanding request, numbered 1, 2, ...
 pub type Seq = u64;
 
+/// A sequence number for a service's own proposal (client 0) that a caller waits on. Machines with
+/// `SESSIONS = false` ignore it, but `Rsm` matches a waiter to its log entry by (client, seq): a random
+/// number keeps one node's internal proposal from being taken for another's that a new leader put at
+/// the same index.
+pub fn internal_seq() -> Seq {
+    rand::random::<u64>() | 1
+}
+
 /// Broken input to the replicated state machine.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RsmError {

@@ -255,7 +255,11 @@ impl Driver {
 
     /// Propose an internal command; true if it applied (the machine ignores what is stale or early).
     async fn propose(&self, command: ShardCommand) -> bool {
-        match self.rsm.mutate(0, 0, command).await {
+        match self
+            .rsm
+            .mutate(0, crate::rsm::internal_seq(), command)
+            .await
+        {
             Ok(ShardOutput::Ignored | ShardOutput::NotReady) => false,
             Ok(_) => true,
             Err(Refusal::WrongLeader(_)) => false,

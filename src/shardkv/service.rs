@@ -186,7 +186,11 @@ impl ShardTransfer for ShardTransferService {
         }
         // Internal commands carry no session (client 0): the machine's own checks make them idempotent.
         let command = ShardCommand::DropOutgoing { config_num, shard };
-        match self.rsm.mutate(0, 0, command).await {
+        match self
+            .rsm
+            .mutate(0, crate::rsm::internal_seq(), command)
+            .await
+        {
             Ok(ShardOutput::Dropped) => {
                 info!(config_num, shard, "deleted the copy of a given-away shard");
                 answer(pb::TransferStatus::Ok)
