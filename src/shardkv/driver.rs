@@ -21,6 +21,7 @@ use crate::proto::shardkv::shard_transfer_client::ShardTransferClient;
 use crate::raft::{NodeId, Role};
 use crate::rsm::client::{channel, ClerkConfig, ClerkError};
 use crate::rsm::service::{Refusal, RsmService};
+use crate::shardkv::last_owner;
 use futures::future::join_all;
 use std::collections::HashMap;
 use std::future::Future;
@@ -153,6 +154,41 @@ impl Driver {
                         false
                     }
                 }
+            }
+            Duty::FindOwner { shard, before } => {
+                // Every group had left: look back through the controller's history (newest first) for
+                // the last group that owned the shard.
+                let mut history = Vec::new();
+                let mut ctrler = self.ctrler.lock().await;
+                for num in (1..before).rev() {
+                    match ctrler.query(Some(num)).await {
+                        Ok(config) if config.num == num => {
+                            let owned = config.shards.get(shard as usize).is_some_and(|&g| g != 0);
+                            history.insert(0, config);
+                            if owned {
+                                break;
+                            }
+                        }
+                        Ok(_) => return false,
+                        Err(e) => {
+                            debug!(config = num, error = %e, "cannot reach the controllers");
+                            return false;
+                        }
+                    }
+                }
+                drop(ctrler);
+                let found = last_owner(shard, &history);
+                info!(shard, owner = ?found.as_ref().map(|(_, s)| s.gid), "found where an orphaned shard is frozen");
+                let (config_num, source) = match found {
+                    Some((config_num, source)) => (config_num, Some(source)),
+                    None => (0, None),
+                };
+                self.propose(ShardCommand::Adopt {
+                    shard,
+                    config_num,
+                    source,
+                })
+                .await
             }
             Duty::Pull {
                 config_num,

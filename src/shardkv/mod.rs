@@ -14,8 +14,8 @@ pub mod state;
 
 pub use clerk::ShardClerk;
 pub use state::{
-    Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardPage, ShardQuery, Source,
-    PAGE_BYTES,
+    last_owner, Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardPage,
+    ShardQuery, Source, PAGE_BYTES,
 };
 
 /// The shard a key belongs to, out of `shards` (FNV-1a of the key's bytes, modulo the shard count).

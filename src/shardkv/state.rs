@@ -105,6 +105,17 @@ pub enum ShardCommand {
         /// The shard.
         shard: ShardId,
     },
+    /// Where a shard this group gained from nobody (every group had left) really is: the group that last
+    /// owned it froze it in configuration `config_num` (`source` `None`: nobody ever owned it, it starts
+    /// empty).
+    Adopt {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration in which its last owner gave it up.
+        config_num: u64,
+        /// That owner.
+        source: Option<Source>,
+    },
     /// The previous owner deleted its copy of a shard installed here.
     Confirmed {
         /// The configuration in which the shard moved.
@@ -174,6 +185,15 @@ pub enum Duty {
         after: Option<String>,
         /// The previous owner.
         from: Source,
+    },
+    /// The group gained `shard` from nobody: every group had left, so its data is frozen at the group
+    /// that owned it last. Find that group in the controller's history (configurations before
+    /// `before`) with [`last_owner`] and propose `Adopt`.
+    FindOwner {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that gave the shard to this group.
+        before: u64,
     },
     /// Tell `to` it may delete its copy of `shard`; once it says the copy is gone, propose `Confirmed`.
     Delete {
@@ -253,11 +273,17 @@ impl ShardKv {
             .shards
             .iter()
             .filter_map(|(&shard, owned)| {
-                owned.pulling.as_ref().map(|from| Duty::Pull {
-                    config_num: self.config.num,
-                    shard,
-                    after: owned.cursor.clone(),
-                    from: from.clone(),
+                owned.pulling.as_ref().map(|from| match from.gid {
+                    UNKNOWN_OWNER => Duty::FindOwner {
+                        shard,
+                        before: self.config.num,
+                    },
+                    _ => Duty::Pull {
+                        config_num: owned.contents.config_num,
+                        shard,
+                        after: owned.cursor.clone(),
+                        from: from.clone(),
+                    },
                 })
             })
             .collect();
@@ -316,15 +342,24 @@ impl ShardKv {
                     self.outgoing.insert((next.num, shard), owned.contents);
                 }
             } else if has && !had {
-                let pulling = (old_owner != 0).then(|| Source {
-                    gid: old_owner,
-                    servers: self
-                        .config
-                        .groups
-                        .get(&old_owner)
-                        .cloned()
-                        .unwrap_or_default(),
-                });
+                // From nobody: at configuration 1 every shard starts empty; later, nobody owning a
+                // shard means every group had left, and its data waits frozen at its last owner.
+                let pulling = match (old_owner, next.num) {
+                    (0, 1) => None,
+                    (0, _) => Some(Source {
+                        gid: UNKNOWN_OWNER,
+                        servers: Vec::new(),
+                    }),
+                    _ => Some(Source {
+                        gid: old_owner,
+                        servers: self
+                            .config
+                            .groups
+                            .get(&old_owner)
+                            .cloned()
+                            .unwrap_or_default(),
+                    }),
+                };
                 let contents = ShardData {
                     config_num: next.num,
                     shard,
@@ -350,13 +385,17 @@ impl ShardKv {
     /// Install a page if it is the next one of a shard being pulled (a duplicate or out-of-order page,
     /// from a retried pull, is ignored); the final page makes the shard serve.
     fn apply_install(&mut self, page: ShardPage) -> ShardOutput {
-        if page.config_num != self.config.num {
-            return ShardOutput::Ignored;
-        }
         let Some(owned) = self.shards.get_mut(&page.shard) else {
             return ShardOutput::Ignored;
         };
-        if owned.pulling.is_none() || owned.cursor != page.after {
+        let expected_source = owned
+            .pulling
+            .as_ref()
+            .is_some_and(|s| s.gid != UNKNOWN_OWNER);
+        if !expected_source
+            || page.config_num != owned.contents.config_num
+            || owned.cursor != page.after
+        {
             return ShardOutput::Ignored;
         }
         if let Some((key, _)) = page.data.last() {
@@ -372,13 +411,58 @@ impl ShardKv {
         owned.contents.dedup = page.dedup;
         owned.cursor = None;
         if let Some(source) = owned.pulling.take() {
-            self.confirms.insert((self.config.num, page.shard), source);
+            self.confirms.insert((page.config_num, page.shard), source);
         }
         ShardOutput::Kv(KvOutput {
             ok: true,
             value: None,
         })
     }
+
+    fn apply_adopt(
+        &mut self,
+        shard: ShardId,
+        config_num: u64,
+        source: Option<Source>,
+    ) -> ShardOutput {
+        let Some(owned) = self.shards.get_mut(&shard) else {
+            return ShardOutput::Ignored;
+        };
+        if owned
+            .pulling
+            .as_ref()
+            .is_none_or(|s| s.gid != UNKNOWN_OWNER)
+        {
+            return ShardOutput::Ignored;
+        }
+        match source {
+            Some(source) if source.gid != UNKNOWN_OWNER => {
+                owned.contents.config_num = config_num;
+                owned.pulling = Some(source);
+            }
+            _ => owned.pulling = None,
+        }
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: None,
+        })
+    }
+}
+
+/// Placeholder previous owner of a shard gained from nobody, until `Adopt` names the real one.
+const UNKNOWN_OWNER: Gid = 0;
+
+/// The group that last owned `shard` before it was given to nobody, and the configuration in which it
+/// gave it up, from `history` (configurations in increasing order, all before the one that gave the
+/// shard to a group again). `None` if nobody in `history` owned it.
+pub fn last_owner(shard: ShardId, history: &[Config]) -> Option<(u64, Source)> {
+    history.iter().rev().find_map(|config| {
+        let gid = *config.shards.get(shard as usize)?;
+        (gid != 0).then(|| {
+            let servers = config.groups.get(&gid).cloned().unwrap_or_default();
+            (config.num + 1, Source { gid, servers })
+        })
+    })
 }
 
 impl KvCommand {
@@ -416,6 +500,11 @@ impl StateMachine for ShardKv {
                 self.outgoing.remove(&(config_num, shard));
                 ShardOutput::Dropped
             }
+            ShardCommand::Adopt {
+                shard,
+                config_num,
+                source,
+            } => self.apply_adopt(shard, config_num, source),
             ShardCommand::Confirmed { config_num, shard } => {
                 match self.confirms.remove(&(config_num, shard)) {
                     Some(_) => ShardOutput::Dropped,
@@ -583,6 +672,16 @@ impl StateMachine for ShardKv {
                 config_num: *config_num,
                 shard: *shard,
             }),
+            ShardCommand::Adopt {
+                shard,
+                config_num,
+                source,
+            } => Op::Adopt(pb::Adopt {
+                shard: *shard,
+                config_num: *config_num,
+                gid: source.as_ref().map_or(0, |s| s.gid),
+                servers: source.as_ref().map_or_else(Vec::new, |s| s.servers.clone()),
+            }),
             ShardCommand::Confirmed { config_num, shard } => Op::Confirmed(pb::ShardRef {
                 config_num: *config_num,
                 shard: *shard,
@@ -606,6 +705,14 @@ impl StateMachine for ShardKv {
             Some(Op::DropOutgoing(r)) => ShardCommand::DropOutgoing {
                 config_num: r.config_num,
                 shard: r.shard,
+            },
+            Some(Op::Adopt(a)) => ShardCommand::Adopt {
+                shard: a.shard,
+                config_num: a.config_num,
+                source: (a.gid != 0).then_some(Source {
+                    gid: a.gid,
+                    servers: a.servers,
+                }),
             },
             Some(Op::Confirmed(r)) => ShardCommand::Confirmed {
                 config_num: r.config_num,

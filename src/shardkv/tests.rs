@@ -322,3 +322,86 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
         Ok(ShardCommand::Install(last))
     );
 }
+
+#[test]
+fn shards_left_with_nobody_are_found_at_their_last_owner() {
+    let k0 = key_in(0, 2);
+    let history = [config(1, &[1, 1]), config(2, &[0, 0])];
+    let mut g1 = ShardKv::new(1);
+    g1.apply(ShardCommand::NextConfig(history[0].clone()));
+    assert_eq!(g1.apply(put(7, 1, &k0, "kept")), ok());
+    // Every group leaves: group 1 freezes its shards; nobody will pull them yet.
+    g1.apply(ShardCommand::NextConfig(history[1].clone()));
+    assert_eq!(g1.outgoing(), vec![(2, 0), (2, 1)]);
+
+    // Group 2 joins in configuration 3 and gains both shards from nobody.
+    let mut g2 = ShardKv::new(2);
+    for c in &history {
+        g2.apply(ShardCommand::NextConfig(c.clone()));
+    }
+    g2.apply(ShardCommand::NextConfig(config(3, &[2, 2])));
+    assert_eq!(get(&g2, &k0), ShardOutput::WrongGroup, "not empty-served");
+    assert!(g2.duties().contains(&Duty::FindOwner {
+        shard: 0,
+        before: 3
+    }));
+    let (config_num, source) = last_owner(0, &history).expect("group 1 owned it");
+    assert_eq!((config_num, source.gid), (2, 1));
+    assert_eq!(last_owner(0, &history[1..]), None);
+    assert_eq!(
+        g2.apply(ShardCommand::Adopt {
+            shard: 0,
+            config_num,
+            source: Some(source),
+        }),
+        ok()
+    );
+    let Some(Duty::Pull {
+        config_num: 2,
+        after: None,
+        ..
+    }) = g2
+        .duties()
+        .into_iter()
+        .find(|d| matches!(d, Duty::Pull { shard: 0, .. }))
+    else {
+        panic!("no pull from the last owner: {:?}", g2.duties())
+    };
+    let ShardOutput::Pulled(page) = g1.query(&ShardQuery::Pull {
+        config_num: 2,
+        shard: 0,
+        after: None,
+    }) else {
+        panic!("pull refused")
+    };
+    assert_eq!(g2.apply(ShardCommand::Install(page)), ok());
+    assert_eq!(
+        get(&g2, &k0),
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: Some("kept".into())
+        })
+    );
+    // A shard nobody ever held (no owner in the history) starts empty once adopted from nowhere.
+    assert_eq!(
+        g2.apply(ShardCommand::Adopt {
+            shard: 1,
+            config_num: 0,
+            source: None,
+        }),
+        ok()
+    );
+    assert_eq!(g2.serving(), vec![0, 1]);
+    let bytes = ShardKv::encode_command(&ShardCommand::Adopt {
+        shard: 1,
+        config_num: 2,
+        source: Some(Source {
+            gid: 1,
+            servers: vec!["a".into()],
+        }),
+    });
+    assert!(matches!(
+        ShardKv::decode_command(&bytes),
+        Ok(ShardCommand::Adopt { shard: 1, config_num: 2, source: Some(s) }) if s.gid == 1
+    ));
+}

@@ -17,10 +17,12 @@ use super::net::NetModel;
 use super::raft_net::{RaftEvent, RaftNet};
 use super::service::ClerkOp;
 use crate::check::Operation;
-use crate::ctrler::{Config, CtrlerCommand, Gid, ShardCtrler};
+use crate::ctrler::{Config, CtrlerCommand, CtrlerQuery, Gid, ShardCtrler};
 use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
 use crate::rsm::StateMachine;
-use crate::shardkv::{key_to_shard, Duty, ShardCommand, ShardKv, ShardOutput, ShardQuery};
+use crate::shardkv::{
+    key_to_shard, last_owner, Duty, ShardCommand, ShardKv, ShardOutput, ShardQuery,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -625,6 +627,25 @@ impl ShardWorld {
                         after,
                     }),
                 ),
+                Duty::FindOwner { shard, before } => {
+                    // The controller is one linearizable object here: read its history directly.
+                    let history: Vec<Config> = (1..before)
+                        .filter_map(|num| self.ctrler.query(&CtrlerQuery(Some(num))).ok())
+                        .collect();
+                    let (config_num, source) = match last_owner(shard, &history) {
+                        Some((config_num, source)) => (config_num, Some(source)),
+                        None => (0, None),
+                    };
+                    self.propose(
+                        gi,
+                        server,
+                        ShardCommand::Adopt {
+                            shard,
+                            config_num,
+                            source,
+                        },
+                    );
+                }
                 Duty::Delete {
                     config_num,
                     shard,
@@ -729,7 +750,7 @@ impl ShardWorld {
                 }
             }
             ShardEvent::CtrlerQuery { from, id, num } => {
-                let config = self.ctrler.query(&crate::ctrler::CtrlerQuery(num));
+                let config = self.ctrler.query(&CtrlerQuery(num));
                 if let Ok(config) = config {
                     self.send_answer(from, id, Answer::Config(config));
                 }

@@ -493,3 +493,23 @@ fn challenge2_partial() {
     }
     world.end("challenge2_partial");
 }
+
+/// Not a 6.824 scenario: every group leaves (the controller allows it: shards go to nobody), then groups
+/// join again; the data must come back from where the last owner froze it.
+#[test]
+fn every_group_leaves_and_rejoins() {
+    let mut world = world("every_group_leaves_and_rejoins", true, Some(1000));
+    let mut clerk = world.make_clerk();
+    world.join(0);
+    let keys = keys(10);
+    let mut values = put_all(&mut world, &mut clerk, &keys, 10);
+    world.leave(0);
+    world.sleep(1000);
+    world.joinm(&[1, 2]);
+    check_and_append(&mut world, &mut clerk, &keys, &mut values);
+    world.leavem(&[1, 2]);
+    world.sleep(1000);
+    world.join(0);
+    check_all(&mut world, &mut clerk, &keys, &values);
+    world.end("every_group_leaves_and_rejoins");
+}
