@@ -25,6 +25,7 @@ use crate::shardkv::last_owner;
 use futures::future::join_all;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -78,6 +79,7 @@ pub fn spawn(
         ctrler: tokio::sync::Mutex::new(ctrler),
         channels: Mutex::new(HashMap::new()),
         leaders: Mutex::new(HashMap::new()),
+        deleting: AtomicBool::new(false),
         clerk_config,
         config,
     };
@@ -93,6 +95,8 @@ struct Driver {
     channels: Mutex<HashMap<String, Channel>>,
     /// The index (in its server list) of the server of each group that last answered.
     leaders: Mutex<HashMap<Gid, usize>>,
+    /// A sweep of delete duties is running.
+    deleting: AtomicBool,
     clerk_config: ClerkConfig,
     config: DriverConfig,
 }
@@ -119,6 +123,21 @@ impl Driver {
                     break;
                 }
                 let duties = self.rsm.with_machine(ShardKv::duties);
+                // Deletes run on their own: an old owner that is gone for good (decommissioned after
+                // leaving) must not slow every pull and configuration step behind its timeouts.
+                let (deletes, duties): (Vec<Duty>, Vec<Duty>) = duties
+                    .into_iter()
+                    .partition(|d| matches!(d, Duty::Delete { .. }));
+                if !deletes.is_empty() && !self.deleting.swap(true, Ordering::AcqRel) {
+                    let driver = self.clone();
+                    tokio::spawn(
+                        async move {
+                            join_all(deletes.into_iter().map(|duty| driver.perform(duty))).await;
+                            driver.deleting.store(false, Ordering::Release);
+                        }
+                        .in_current_span(),
+                    );
+                }
                 let progress = join_all(duties.into_iter().map(|duty| self.perform(duty))).await;
                 let (num, serving, pulling) = self
                     .rsm
@@ -327,7 +346,14 @@ impl Driver {
         F: Fn(ShardTransferClient<Channel>) -> Fut,
         Fut: Future<Output = Result<(pb::TransferStatus, T), tonic::Status>>,
     {
-        let count = group.servers.len();
+        // A group that rejoined since may listen elsewhere now: prefer its servers in the current
+        // configuration to the ones recorded when the shard moved.
+        let servers = self
+            .rsm
+            .with_machine(|m| m.config().groups.get(&group.gid).cloned())
+            .filter(|servers| !servers.is_empty())
+            .unwrap_or_else(|| group.servers.clone());
+        let count = servers.len();
         if count == 0 {
             return Asked::NoLeader(format!("group {} has no servers listed", group.gid));
         }
@@ -340,7 +366,7 @@ impl Driver {
             .unwrap_or(0);
         let mut last_error = String::new();
         for i in (0..count).map(|k| (first + k) % count) {
-            let address = &group.servers[i];
+            let address = &servers[i];
             let client = match self.channel(address) {
                 Ok(channel) => ShardTransferClient::new(channel)
                     .max_decoding_message_size(MAX_TRANSFER_BYTES)
