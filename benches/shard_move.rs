@@ -14,6 +14,7 @@
 mod replicas;
 
 use ds824::ctrler::CtrlerClerk;
+use ds824::kv::KvOps;
 use ds824::rsm::client::ClerkConfig;
 use ds824::shardkv::{key_to_shard, ShardClerk};
 use replicas::Replicas;

@@ -7,6 +7,7 @@ mod scrape;
 use ds824::check::{check, CheckResult, History, KvModel, Operation};
 use ds824::kv::clerk::node_status;
 use ds824::kv::validate::MAX_VALUE_BYTES;
+use ds824::kv::KvOps;
 use ds824::kv::{Clerk, ClerkConfig};
 use ds824::proto::kv::kv_client::KvClient;
 use ds824::proto::kv::{self as pb, StatusResponse};

@@ -5,6 +5,7 @@
 use ds824::check::{check, CheckResult, History, KvModel, OpKind, Operation, Status as OpStatus};
 use ds824::ctrler::CtrlerClerk;
 use ds824::kv::clerk::node_status;
+use ds824::kv::KvOps;
 use ds824::proto::kv as pb;
 use ds824::proto::kv::kv_client::KvClient;
 use ds824::rsm::client::ClerkConfig;

@@ -32,6 +32,75 @@ pub enum CasOutcome {
     },
 }
 
+/// The key/value operations every clerk offers, built on its exactly-once `mutate`, so the plain and the
+/// sharded clerk share one definition of what put, append, delete and compare-and-swap mean.
+pub trait KvOps: Send {
+    /// Apply `command` exactly once and return its outcome.
+    fn mutate(
+        &mut self,
+        command: KvCommand,
+    ) -> impl std::future::Future<Output = Result<pb::Outcome, ClerkError>> + Send;
+
+    /// Set `key` to `value`.
+    fn put(
+        &mut self,
+        key: &str,
+        value: &str,
+    ) -> impl std::future::Future<Output = Result<(), ClerkError>> + Send {
+        let command = KvCommand::Put {
+            key: key.into(),
+            value: value.into(),
+        };
+        async move { self.mutate(command).await.map(|_| ()) }
+    }
+
+    /// Append `value` to `key` (an absent key counts as empty).
+    fn append(
+        &mut self,
+        key: &str,
+        value: &str,
+    ) -> impl std::future::Future<Output = Result<(), ClerkError>> + Send {
+        let command = KvCommand::Append {
+            key: key.into(),
+            value: value.into(),
+        };
+        async move { self.mutate(command).await.map(|_| ()) }
+    }
+
+    /// Remove `key`; returns whether it existed.
+    fn delete(
+        &mut self,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<bool, ClerkError>> + Send {
+        let command = KvCommand::Delete { key: key.into() };
+        async move { self.mutate(command).await.map(|o| o.ok) }
+    }
+
+    /// Set `key` to `value` if its value is `expected` (`None`: if absent).
+    fn cas(
+        &mut self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> impl std::future::Future<Output = Result<CasOutcome, ClerkError>> + Send {
+        let command = KvCommand::Cas {
+            key: key.into(),
+            expected: expected.map(str::to_string),
+            value: value.into(),
+        };
+        async move {
+            let outcome = self.mutate(command).await?;
+            Ok(if outcome.ok {
+                CasOutcome::Swapped
+            } else {
+                CasOutcome::Mismatch {
+                    current: outcome.current,
+                }
+            })
+        }
+    }
+}
+
 /// A client of one KV cluster. See the module documentation.
 pub struct Clerk {
     replicas: Replicas,
@@ -69,78 +138,6 @@ impl Clerk {
                     let reply = tokio::time::timeout(timeout, client.get(request)).await;
                     Self::classify(reply, |r: pb::GetResponse| {
                         (r.error, r.leader_address, r.found.then_some(r.value))
-                    })
-                }
-            })
-            .await
-    }
-
-    /// Set `key` to `value`.
-    pub async fn put(&mut self, key: &str, value: &str) -> Result<(), ClerkError> {
-        self.mutate(KvCommand::Put {
-            key: key.into(),
-            value: value.into(),
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Append `value` to `key` (an absent key counts as empty).
-    pub async fn append(&mut self, key: &str, value: &str) -> Result<(), ClerkError> {
-        self.mutate(KvCommand::Append {
-            key: key.into(),
-            value: value.into(),
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Remove `key`; returns whether it existed.
-    pub async fn delete(&mut self, key: &str) -> Result<bool, ClerkError> {
-        self.mutate(KvCommand::Delete { key: key.into() })
-            .await
-            .map(|o| o.ok)
-    }
-
-    /// Set `key` to `value` if its value is `expected` (`None`: if absent).
-    pub async fn cas(
-        &mut self,
-        key: &str,
-        expected: Option<&str>,
-        value: &str,
-    ) -> Result<CasOutcome, ClerkError> {
-        let outcome = self
-            .mutate(KvCommand::Cas {
-                key: key.into(),
-                expected: expected.map(str::to_string),
-                value: value.into(),
-            })
-            .await?;
-        Ok(if outcome.ok {
-            CasOutcome::Swapped
-        } else {
-            CasOutcome::Mismatch {
-                current: outcome.current,
-            }
-        })
-    }
-
-    async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
-        validate_command(&command)?;
-        self.seq += 1;
-        let request = pb::MutateRequest {
-            client_id: self.client_id,
-            seq: self.seq,
-            command: Some(pb::Command::from(&command)),
-        };
-        self.replicas
-            .call(move |channel, timeout| {
-                let mut client = KvClient::new(channel);
-                let request = request.clone();
-                async move {
-                    let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
-                    Self::classify(reply, |r: pb::MutateResponse| {
-                        (r.error, r.leader_address, r.outcome.unwrap_or_default())
                     })
                 }
             })
@@ -198,6 +195,30 @@ pub fn classify_reply<R, T>(
         Ok(pb::ErrorCode::WrongGroup) => Attempt::Done(Routed::WrongGroup),
         Err(_) => Attempt::Elsewhere(None, format!("unknown error code {error}")),
     })
+}
+
+impl KvOps for Clerk {
+    async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
+        validate_command(&command)?;
+        self.seq += 1;
+        let request = pb::MutateRequest {
+            client_id: self.client_id,
+            seq: self.seq,
+            command: Some(pb::Command::from(&command)),
+        };
+        self.replicas
+            .call(move |channel, timeout| {
+                let mut client = KvClient::new(channel);
+                let request = request.clone();
+                async move {
+                    let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
+                    Self::classify(reply, |r: pb::MutateResponse| {
+                        (r.error, r.leader_address, r.outcome.unwrap_or_default())
+                    })
+                }
+            })
+            .await
+    }
 }
 
 /// Ask one node for its status (no retries: an operator wants to see which nodes are down).

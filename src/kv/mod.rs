@@ -11,7 +11,7 @@ pub mod service;
 pub mod state;
 pub mod validate;
 
-pub use clerk::{CasOutcome, Clerk, ClerkConfig, ClerkError};
+pub use clerk::{CasOutcome, Clerk, ClerkConfig, ClerkError, KvOps};
 pub use server::{KvNode, KvNodeConfig};
 pub use service::KvService;
 pub use state::{KvCommand, KvOutput, KvQuery, KvStore};

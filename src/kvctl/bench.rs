@@ -2,6 +2,7 @@
 //! session) issue M operations in total back to back; the report gives throughput and latency
 //! percentiles, the two numbers that tell whether batching in the Raft driver pays off.
 
+use crate::kv::KvOps;
 use crate::kv::{Clerk, ClerkConfig, ClerkError};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

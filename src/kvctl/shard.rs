@@ -7,6 +7,7 @@
 
 use super::status::{collect, NodeReport};
 use crate::ctrler::{Config, CtrlerClerk, Gid};
+use crate::kv::KvOps;
 use crate::kv::{CasOutcome, Clerk};
 use crate::rsm::client::{ClerkConfig, ClerkError};
 use crate::shardkv::ShardClerk;

@@ -16,9 +16,10 @@
 
 use super::key_to_shard;
 use crate::ctrler::{Config, CtrlerClerk, Gid};
-use crate::kv::clerk::{classify_reply, CasOutcome, Routed};
+use crate::kv::clerk::{classify_reply, Routed};
 use crate::kv::validate::{validate_command, validate_key};
 use crate::kv::KvCommand;
+use crate::kv::KvOps;
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_client::KvClient;
 use crate::rsm::client::{new_client_id, ClerkConfig, ClerkError, Replicas};
@@ -87,79 +88,6 @@ impl ShardClerk {
                 let reply = tokio::time::timeout(timeout, client.get(request)).await;
                 classify_reply(reply, |r: pb::GetResponse| {
                     (r.error, r.leader_address, r.found.then_some(r.value))
-                })
-            }
-        })
-        .await
-    }
-
-    /// Set `key` to `value`.
-    pub async fn put(&mut self, key: &str, value: &str) -> Result<(), ClerkError> {
-        self.mutate(KvCommand::Put {
-            key: key.into(),
-            value: value.into(),
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Append `value` to `key` (an absent key counts as empty).
-    pub async fn append(&mut self, key: &str, value: &str) -> Result<(), ClerkError> {
-        self.mutate(KvCommand::Append {
-            key: key.into(),
-            value: value.into(),
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Remove `key`; returns whether it existed.
-    pub async fn delete(&mut self, key: &str) -> Result<bool, ClerkError> {
-        self.mutate(KvCommand::Delete { key: key.into() })
-            .await
-            .map(|o| o.ok)
-    }
-
-    /// Set `key` to `value` if its value is `expected` (`None`: if absent).
-    pub async fn cas(
-        &mut self,
-        key: &str,
-        expected: Option<&str>,
-        value: &str,
-    ) -> Result<CasOutcome, ClerkError> {
-        let outcome = self
-            .mutate(KvCommand::Cas {
-                key: key.into(),
-                expected: expected.map(str::to_string),
-                value: value.into(),
-            })
-            .await?;
-        Ok(if outcome.ok {
-            CasOutcome::Swapped
-        } else {
-            CasOutcome::Mismatch {
-                current: outcome.current,
-            }
-        })
-    }
-
-    async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
-        validate_command(&command)?;
-        // One number per mutation, kept across every retry at every group.
-        self.seq += 1;
-        let key = command.key().to_string();
-        let request = pb::MutateRequest {
-            client_id: self.client_id,
-            seq: self.seq,
-            command: Some(pb::Command::from(&command)),
-        };
-        self.route(&key, move |channel, timeout| {
-            let mut client = KvClient::new(channel);
-            let request = request.clone();
-            async move {
-                let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
-                classify_reply(reply, |r: pb::MutateResponse| {
-                    (r.error, r.leader_address, r.outcome.unwrap_or_default())
                 })
             }
         })
@@ -273,6 +201,31 @@ impl ShardClerk {
             Ok(Err(e)) => Err(e),
             Err(_) => Ok(Try::Again(format!("group {gid} did not answer in time"))),
         }
+    }
+}
+
+impl KvOps for ShardClerk {
+    async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
+        validate_command(&command)?;
+        // One number per mutation, kept across every retry at every group.
+        self.seq += 1;
+        let key = command.key().to_string();
+        let request = pb::MutateRequest {
+            client_id: self.client_id,
+            seq: self.seq,
+            command: Some(pb::Command::from(&command)),
+        };
+        self.route(&key, move |channel, timeout| {
+            let mut client = KvClient::new(channel);
+            let request = request.clone();
+            async move {
+                let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
+                classify_reply(reply, |r: pb::MutateResponse| {
+                    (r.error, r.leader_address, r.outcome.unwrap_or_default())
+                })
+            }
+        })
+        .await
     }
 }
 
