@@ -177,24 +177,17 @@ pub fn render_sharded_table(report: &ShardReport) -> String {
             .nodes
             .iter()
             .map(|r| match &r.status {
-                Ok(s) => vec![
-                    r.address.clone(),
-                    s.id.to_string(),
-                    s.role.clone(),
-                    s.term.to_string(),
-                    if s.leader == 0 {
-                        "-".into()
-                    } else {
-                        s.leader.to_string()
-                    },
-                    s.commit_index.to_string(),
-                    s.applied_index.to_string(),
-                    s.config_num.to_string(),
-                    list(&s.serving_shards),
-                    list(&s.pulling_shards),
-                    s.outgoing_shards.to_string(),
-                    s.keys.to_string(),
-                ],
+                Ok(s) => [
+                    super::status::raft_columns(&r.address, s),
+                    vec![
+                        s.config_num.to_string(),
+                        list(&s.serving_shards),
+                        list(&s.pulling_shards),
+                        s.outgoing_shards.to_string(),
+                        s.keys.to_string(),
+                    ],
+                ]
+                .concat(),
                 Err(e) => vec![r.address.clone(), "-".into(), format!("DOWN ({e})")],
             })
             .collect();

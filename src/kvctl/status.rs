@@ -45,31 +45,42 @@ const HEADERS: [&str; 14] = [
     "SESSIONS",
 ];
 
+/// The columns every status table starts with: address, id, role, term, leader, commit and applied
+/// index.
+pub fn raft_columns(address: &str, s: &StatusResponse) -> Vec<String> {
+    vec![
+        address.to_string(),
+        s.id.to_string(),
+        s.role.clone(),
+        s.term.to_string(),
+        if s.leader == 0 {
+            "-".into()
+        } else {
+            s.leader.to_string()
+        },
+        s.commit_index.to_string(),
+        s.applied_index.to_string(),
+    ]
+}
+
 /// A fixed-width table, one row per node; unreachable nodes show the error instead of numbers.
 pub fn render_table(reports: &[NodeReport]) -> String {
     let rows: Vec<Vec<String>> = reports
         .iter()
         .map(|r| match &r.status {
-            Ok(s) => vec![
-                r.address.clone(),
-                s.id.to_string(),
-                s.role.clone(),
-                s.term.to_string(),
-                if s.leader == 0 {
-                    "-".into()
-                } else {
-                    s.leader.to_string()
-                },
-                s.commit_index.to_string(),
-                s.applied_index.to_string(),
-                s.first_index.to_string(),
-                s.last_index.to_string(),
-                s.snapshot_index.to_string(),
-                s.raft_state_bytes.to_string(),
-                s.snapshot_bytes.to_string(),
-                s.keys.to_string(),
-                s.sessions.to_string(),
-            ],
+            Ok(s) => [
+                raft_columns(&r.address, s),
+                vec![
+                    s.first_index.to_string(),
+                    s.last_index.to_string(),
+                    s.snapshot_index.to_string(),
+                    s.raft_state_bytes.to_string(),
+                    s.snapshot_bytes.to_string(),
+                    s.keys.to_string(),
+                    s.sessions.to_string(),
+                ],
+            ]
+            .concat(),
             Err(e) => vec![r.address.clone(), "-".into(), format!("DOWN ({e})")],
         })
         .collect();

@@ -21,3 +21,9 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
         Err(_) => default,
     }
 }
+
+/// Fail a simulated test at simulated time `now_ms`, naming the seed that replays its schedule.
+#[track_caller]
+pub fn fail(seed: u64, now_ms: u64, message: impl std::fmt::Display) -> ! {
+    panic!("{message} [at {now_ms} ms; reproduce with RAFT_SEED={seed}]")
+}

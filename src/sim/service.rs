@@ -138,11 +138,7 @@ impl<S: SimService> ServiceCluster<S> {
     /// Fail the test, naming the seed that reproduces it.
     #[track_caller]
     pub fn fail(&self, message: impl std::fmt::Display) -> ! {
-        let seed = self.options.seed;
-        panic!(
-            "{message} [at {} ms; reproduce with RAFT_SEED={seed}]",
-            self.clock.now()
-        )
+        super::seed::fail(self.options.seed, self.clock.now(), message)
     }
 
     /// Simulated time in ms.
