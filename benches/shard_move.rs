@@ -10,6 +10,8 @@
 //!
 //! Run with `cargo bench --bench shard_move` (`SHARD_MOVE_MB` changes the size).
 
+#[path = "../tests/support/ports.rs"]
+mod ports;
 #[path = "../tests/support/replicas.rs"]
 mod replicas;
 

@@ -3,9 +3,8 @@
 //! codes: 2 for anything the operator must fix before a start can succeed, 1 for a failure while serving.
 
 use clap::{Args, Parser, Subcommand};
-use ds824::kv::server::{parse_node_id, parse_peers, ServiceRole};
-use ds824::kv::{KvNode, KvNodeConfig};
 use ds824::raft::NodeId;
+use ds824::replica::{parse_node_id, parse_peers, Replica, ReplicaConfig, ServiceRole};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -162,7 +161,7 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = KvNodeConfig {
+    let config = ReplicaConfig {
         id: args.id,
         listen,
         peers: args.peers,
@@ -172,7 +171,7 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         role,
         metrics_listen: args.metrics_listen,
     };
-    let node = match KvNode::start(config).await {
+    let node = match Replica::start(config).await {
         Ok(node) => node,
         Err(e) => {
             eprintln!("kvd: error: {e}");

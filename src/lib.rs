@@ -13,6 +13,7 @@ pub mod kvctl;
 pub mod metrics;
 pub mod mr;
 pub mod raft;
+pub mod replica;
 pub mod rsm;
 pub mod shardkv;
 pub mod sim;

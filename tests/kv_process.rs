@@ -1,6 +1,8 @@
 //! The KV service as operators run it: real `kvd` processes on loopback ports, killed with SIGKILL and
 //! restarted, driven by the library's `Clerk` and by the `kvctl` binary.
 
+#[path = "support/ports.rs"]
+mod ports;
 #[path = "support/scrape.rs"]
 mod scrape;
 
@@ -31,10 +33,7 @@ struct Cluster {
     role: &'static str,
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
+use ports::free_port;
 
 impl Cluster {
     fn start(n: usize, snapshot_threshold: u64) -> Cluster {

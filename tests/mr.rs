@@ -5,6 +5,8 @@
 //! 6.824 test apps leave marker files there). Waiting is always for an event (a job state, a process exit)
 //! with a deadline, never a fixed sleep.
 
+#[path = "support/ports.rs"]
+mod ports;
 #[path = "support/scrape.rs"]
 mod scrape;
 
@@ -375,10 +377,7 @@ fn reduce_parallelism() {
 #[test]
 fn job_count() {
     let mut env = Env::new();
-    let metrics = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().to_string()
-    };
+    let metrics = format!("127.0.0.1:{}", ports::free_port());
     let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--metrics-listen", &metrics]);
     let id = env.submit(&coord.addr, "jobcount", &[], 10, "shared-dir", "out");
     let mut first = env.worker(&coord.addr, &[]);

@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "support/ports.rs"]
+mod ports;
 #[path = "support/replicas.rs"]
 mod replicas;
 #[path = "support/scrape.rs"]

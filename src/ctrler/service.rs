@@ -6,7 +6,6 @@ use crate::proto::ctrler as pb;
 use crate::proto::ctrler::ctrler_server::Ctrler;
 use crate::raft::{Applied, NodeId, RaftHandle};
 use crate::rsm::service::{check_session, Refusal, RsmService, ServiceConfig, ServiceError};
-use crate::rsm::StateMachine;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
@@ -69,9 +68,7 @@ impl Ctrler for CtrlerService {
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))
             .and_then(|c| {
-                use prost::Message as _;
-                ShardCtrler::decode_command(&c.encode_to_vec())
-                    .map_err(|e| Status::invalid_argument(e.to_string()))
+                CtrlerCommand::try_from(c).map_err(|e| Status::invalid_argument(e.to_string()))
             })?;
         if let CtrlerCommand::Join(groups) = &command {
             if groups

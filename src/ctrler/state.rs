@@ -199,27 +199,9 @@ impl StateMachine for ShardCtrler {
     }
 
     fn decode_command(data: &[u8]) -> Result<CtrlerCommand, RsmError> {
-        use pb::command::Op;
         let command =
             pb::Command::decode(data).map_err(|e| decode_error("controller command", e))?;
-        Ok(
-            match command.op.ok_or_else(|| RsmError::Decode {
-                what: "controller command",
-                detail: "no operation".into(),
-            })? {
-                Op::Join(join) => CtrlerCommand::Join(
-                    join.groups
-                        .into_iter()
-                        .map(|g| (g.gid, g.servers))
-                        .collect(),
-                ),
-                Op::Leave(leave) => CtrlerCommand::Leave(leave.gids),
-                Op::Move(m) => CtrlerCommand::Move {
-                    shard: m.shard,
-                    gid: m.gid,
-                },
-            },
-        )
+        CtrlerCommand::try_from(command)
     }
 
     fn encode_output(output: &CtrlerOutput) -> Bytes {
@@ -282,5 +264,33 @@ pub fn config_from_proto(config: pb::Config) -> Config {
             .into_iter()
             .map(|g| (g.gid, g.servers))
             .collect(),
+    }
+}
+
+/// A controller command from its protobuf: the log entry's decoding and the `Command` RPC's request both
+/// go through here, so what the service accepts is exactly what the log can hold.
+impl TryFrom<pb::Command> for CtrlerCommand {
+    type Error = RsmError;
+
+    fn try_from(command: pb::Command) -> Result<Self, RsmError> {
+        use pb::command::Op;
+        Ok(
+            match command.op.ok_or_else(|| RsmError::Decode {
+                what: "controller command",
+                detail: "no operation".into(),
+            })? {
+                Op::Join(join) => CtrlerCommand::Join(
+                    join.groups
+                        .into_iter()
+                        .map(|g| (g.gid, g.servers))
+                        .collect(),
+                ),
+                Op::Leave(leave) => CtrlerCommand::Leave(leave.gids),
+                Op::Move(m) => CtrlerCommand::Move {
+                    shard: m.shard,
+                    gid: m.gid,
+                },
+            },
+        )
     }
 }

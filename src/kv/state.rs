@@ -284,3 +284,15 @@ impl StateMachine for KvStore {
         })
     }
 }
+
+impl KvCommand {
+    /// The key the command changes.
+    pub fn key(&self) -> &str {
+        match self {
+            KvCommand::Put { key, .. }
+            | KvCommand::Append { key, .. }
+            | KvCommand::Delete { key }
+            | KvCommand::Cas { key, .. } => key,
+        }
+    }
+}

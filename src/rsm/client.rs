@@ -83,6 +83,7 @@ pub enum ClerkError {
 /// Most servers a clerk will remember (given ones plus those learned from hints).
 const MAX_SERVERS: usize = 64;
 
+#[derive(Clone)]
 struct Server {
     address: String,
     channel: Channel,
@@ -98,6 +99,10 @@ pub enum Attempt<T> {
 }
 
 /// The servers of one group and where a request should go next. See the module documentation.
+///
+/// Cloning is cheap (channels are shared): a caller that runs requests to one group concurrently can
+/// work on a clone and keep the one that learned the leader.
+#[derive(Clone)]
 pub struct Replicas {
     servers: Vec<Server>,
     leader: usize,
@@ -121,6 +126,17 @@ impl Replicas {
             rotation: 0,
             config,
         })
+    }
+
+    /// Whether these are the servers at `addresses` (in this order), perhaps with more learned from
+    /// hints: a caller whose list of a group changed builds new `Replicas`.
+    pub fn starts_with(&self, addresses: &[String]) -> bool {
+        addresses.len() <= self.servers.len()
+            && self
+                .servers
+                .iter()
+                .zip(addresses)
+                .all(|(server, address)| server.address == *address)
     }
 
     fn connect(address: &str, config: &ClerkConfig) -> Result<Server, ClerkError> {

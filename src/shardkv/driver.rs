@@ -10,18 +10,23 @@
 //! pause while they make progress, so a chain of configurations, many shards or a shard of many pages
 //! (each `Install` advances a replicated cursor; the next duty asks for the page after it) move quickly.
 //!
+//! What to ask and what to propose with the answer is [`migration`]'s, shared with the simulator; this
+//! file is the IO: the controller clerk, the groups' servers (one [`Replicas`] per group, the same
+//! leader-finding every clerk uses) and the proposals.
+//!
 //! Followers do nothing: only a leader's proposals can commit, and duplicates from a deposed leader are
 //! harmless anyway (the machine ignores them).
 
+use super::migration::{self, Answer, Reply, Request};
 use super::service::MAX_TRANSFER_BYTES;
-use super::state::{page_from_proto, Duty, ShardCommand, ShardKv, ShardOutput, Source};
+use super::state::{Duty, ShardCommand, ShardKv, ShardOutput, Source};
+use super::wire::page_from_proto;
 use crate::ctrler::{CtrlerClerk, Gid};
 use crate::proto::shardkv as pb;
 use crate::proto::shardkv::shard_transfer_client::ShardTransferClient;
 use crate::raft::{NodeId, Role};
-use crate::rsm::client::{channel, ClerkConfig, ClerkError};
+use crate::rsm::client::{status_attempt, Attempt, ClerkConfig, ClerkError, Replicas};
 use crate::rsm::service::{Refusal, RsmService};
-use crate::shardkv::last_owner;
 use futures::future::join_all;
 use std::collections::HashMap;
 use std::future::Future;
@@ -68,7 +73,8 @@ pub fn spawn(
     config: DriverConfig,
 ) -> Result<JoinHandle<()>, ClerkError> {
     let clerk_config = ClerkConfig {
-        call_timeout: config.attempt_timeout,
+        // Room for one attempt at each server of a group of three.
+        call_timeout: config.attempt_timeout * 3,
         attempt_timeout: config.attempt_timeout,
         connect_timeout: config.attempt_timeout,
         ..ClerkConfig::default()
@@ -77,8 +83,7 @@ pub fn spawn(
     let driver = Driver {
         rsm,
         ctrler: tokio::sync::Mutex::new(ctrler),
-        channels: Mutex::new(HashMap::new()),
-        leaders: Mutex::new(HashMap::new()),
+        groups: Mutex::new(HashMap::new()),
         deleting: AtomicBool::new(false),
         clerk_config,
         config,
@@ -91,24 +96,12 @@ struct Driver {
     rsm: RsmService<ShardKv>,
     /// One controller clerk (it allows one request at a time; there is one FetchConfig per round).
     ctrler: tokio::sync::Mutex<CtrlerClerk>,
-    /// A lazily connected channel per server of another group, reused across rounds.
-    channels: Mutex<HashMap<String, Channel>>,
-    /// The index (in its server list) of the server of each group that last answered.
-    leaders: Mutex<HashMap<Gid, usize>>,
+    /// The servers of each other group this one talks to, with the leader each last found.
+    groups: Mutex<HashMap<Gid, Replicas>>,
     /// A sweep of delete duties is running.
     deleting: AtomicBool,
     clerk_config: ClerkConfig,
     config: DriverConfig,
-}
-
-/// What asking another group achieved.
-enum Asked<T> {
-    /// Its leader answered OK with this.
-    Ok(T),
-    /// Its leader answered NOT_READY: ask again later.
-    NotReady,
-    /// No server answered as leader.
-    NoLeader(String),
 }
 
 impl Driver {
@@ -160,152 +153,104 @@ impl Driver {
 
     /// Do one duty; true if it changed the group's state.
     async fn perform(&self, duty: Duty) -> bool {
-        match duty {
-            Duty::FetchConfig { num } => {
-                let fetched = self.ctrler.lock().await.query(Some(num)).await;
-                match fetched {
-                    Ok(config) if config.num == num => {
-                        self.propose(ShardCommand::NextConfig(config)).await
-                    }
-                    Ok(_) => false,
-                    Err(e) => {
-                        debug!(config = num, error = %e, "cannot reach the controllers");
-                        false
-                    }
-                }
-            }
-            Duty::FindOwner { shard, before } => {
-                // Every group had left: look back through the controller's history (newest first) for
-                // the last group that owned the shard.
-                let mut history = Vec::new();
-                let mut ctrler = self.ctrler.lock().await;
-                for num in (1..before).rev() {
-                    match ctrler.query(Some(num)).await {
-                        Ok(config) if config.num == num => {
-                            let owned = config.shards.get(shard as usize).is_some_and(|&g| g != 0);
-                            history.insert(0, config);
-                            if owned {
-                                break;
-                            }
-                        }
-                        Ok(_) => return false,
-                        Err(e) => {
-                            debug!(config = num, error = %e, "cannot reach the controllers");
-                            return false;
-                        }
-                    }
-                }
-                drop(ctrler);
-                let found = last_owner(shard, &history);
-                info!(shard, owner = ?found.as_ref().map(|(_, s)| s.gid), "found where an orphaned shard is frozen");
-                let (config_num, source) = match found {
-                    Some((config_num, source)) => (config_num, Some(source)),
-                    None => (0, None),
+        let answer = match migration::request(&duty) {
+            Request::Config { num } => self.config(num).await.map(|c| Some(Answer::Config(c))),
+            Request::History { shard, before } => self
+                .history(shard, before)
+                .await
+                .map(|h| Some(Answer::History(h))),
+            Request::Pull { from, request } => {
+                let request = pb::PullRequest {
+                    shard: Some(pb::ShardRef {
+                        config_num: request.config_num,
+                        shard: request.shard,
+                    }),
+                    after: request.after,
                 };
-                self.propose(ShardCommand::Adopt {
-                    shard,
-                    config_num,
-                    source,
+                self.ask(&from, move |mut client| {
+                    let request = request.clone();
+                    async move {
+                        let response = client.pull(request).await?.into_inner();
+                        Ok((response.status(), response.contents))
+                    }
                 })
                 .await
+                .and_then(|reply| match reply {
+                    Reply::Ok(Some(contents)) => Ok(Some(Answer::Page(page_from_proto(contents)))),
+                    Reply::Ok(None) => Err("pull answered OK without data".into()),
+                    Reply::NotReady => Ok(None),
+                })
             }
-            Duty::Pull {
-                config_num,
-                shard,
-                after,
-                from,
-            } => {
-                let request = pb::PullRequest {
-                    shard: Some(pb::ShardRef { config_num, shard }),
-                    after: after.clone(),
-                };
-                let asked = self
-                    .ask(&from, |mut client| {
-                        let request = request.clone();
-                        async move {
-                            let response = client.pull(request).await?.into_inner();
-                            Ok((response.status(), response.contents))
-                        }
-                    })
-                    .await;
-                match asked {
-                    Asked::Ok(Some(contents)) => {
-                        let page = page_from_proto(contents);
-                        if (page.config_num, page.shard, &page.after) != (config_num, shard, &after)
-                        {
-                            warn!(
-                                config_num,
-                                shard,
-                                from = from.gid,
-                                got_config = page.config_num,
-                                got_shard = page.shard,
-                                "group answered a pull with another page; ignoring it"
-                            );
-                            return false;
-                        }
-                        let (keys, last) = (page.data.len(), page.last);
-                        let installed = self.propose(ShardCommand::Install(page)).await;
-                        if installed && last {
-                            info!(config_num, shard, from = from.gid, "shard installed");
-                        } else if installed {
-                            debug!(
-                                config_num,
-                                shard,
-                                from = from.gid,
-                                keys,
-                                "shard page installed"
-                            );
-                        }
-                        installed
-                    }
-                    Asked::Ok(None) => {
-                        warn!(
-                            config_num,
-                            shard,
-                            from = from.gid,
-                            "pull answered OK without data"
-                        );
-                        false
-                    }
-                    Asked::NotReady => false,
-                    Asked::NoLeader(error) => {
-                        debug!(config_num, shard, from = from.gid, %error, "pull failed");
-                        false
-                    }
-                }
-            }
-            Duty::Delete {
-                config_num,
-                shard,
-                to,
-            } => {
+            Request::Delete { to, request } => {
                 let request = pb::DeleteRequest {
-                    shard: Some(pb::ShardRef { config_num, shard }),
+                    shard: Some(pb::ShardRef {
+                        config_num: request.config_num,
+                        shard: request.shard,
+                    }),
                 };
-                let asked = self
-                    .ask(&to, |mut client| async move {
-                        let response = client.delete(request).await?.into_inner();
-                        Ok((response.status(), ()))
-                    })
-                    .await;
-                match asked {
-                    Asked::Ok(()) => {
-                        let confirmed = self
-                            .propose(ShardCommand::Confirmed { config_num, shard })
-                            .await;
-                        if confirmed {
-                            info!(config_num, shard, to = to.gid, "old owner deleted its copy");
-                        }
-                        confirmed
-                    }
-                    Asked::NotReady => false,
-                    Asked::NoLeader(error) => {
-                        debug!(config_num, shard, to = to.gid, %error, "delete failed");
-                        false
-                    }
-                }
+                self.ask(&to, move |mut client| async move {
+                    let response = client.delete(request).await?.into_inner();
+                    Ok((response.status(), ()))
+                })
+                .await
+                .map(|reply| match reply {
+                    Reply::Ok(()) => Some(Answer::Deleted),
+                    Reply::NotReady => None,
+                })
+            }
+        };
+        let answer = match answer {
+            Ok(Some(answer)) => answer,
+            Ok(None) => return false, // not ready: ask again next round
+            Err(error) => {
+                debug!(?duty, %error, "duty failed");
+                return false;
+            }
+        };
+        let command = match self
+            .rsm
+            .with_machine(|machine| migration::command(machine, &duty, answer))
+        {
+            Ok(command) => command,
+            Err(mismatch) => {
+                warn!(?duty, %mismatch, "answer refused");
+                return false;
+            }
+        };
+        let summary = describe(&command);
+        let applied = self.propose(command).await;
+        if applied {
+            match summary {
+                Some(what) => info!(?duty, "{what}"),
+                None => debug!(?duty, "shard page installed"),
             }
         }
+        applied
+    }
+
+    /// Configuration `num` from the controllers.
+    async fn config(&self, num: u64) -> Result<crate::ctrler::Config, String> {
+        let config = self
+            .ctrler
+            .lock()
+            .await
+            .query(Some(num))
+            .await
+            .map_err(|e| format!("cannot reach the controllers: {e}"))?;
+        Ok(config)
+    }
+
+    /// The controllers' history that [`migration::next_in_history`] asks for, newest first.
+    async fn history(&self, shard: u64, before: u64) -> Result<Vec<crate::ctrler::Config>, String> {
+        let mut read = Vec::new();
+        while let Some(num) = migration::next_in_history(shard, before, &read) {
+            let config = self.config(num).await?;
+            if config.num != num {
+                return Err(format!("asked for configuration {num}, got {}", config.num));
+            }
+            read.push(config);
+        }
+        Ok(read)
     }
 
     /// Propose an internal command; true if it applied (the machine ignores what is stale or early).
@@ -329,19 +274,8 @@ impl Driver {
         }
     }
 
-    fn channel(&self, address: &str) -> Result<Channel, ClerkError> {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(channel) = channels.get(address) {
-            return Ok(channel.clone());
-        }
-        let new = channel(address, &self.clerk_config)?;
-        channels.insert(address.to_string(), new.clone());
-        Ok(new)
-    }
-
-    /// Ask `group` (starting at the server that last answered it, then each other server once) until
-    /// its leader answers OK or NOT_READY.
-    async fn ask<T, F, Fut>(&self, group: &Source, call: F) -> Asked<T>
+    /// Ask `group`'s leader (found as every clerk finds one) until it answers OK or NOT_READY.
+    async fn ask<T, F, Fut>(&self, group: &Source, call: F) -> Result<Reply<T>, String>
     where
         F: Fn(ShardTransferClient<Channel>) -> Fut,
         Fut: Future<Output = Result<(pb::TransferStatus, T), tonic::Status>>,
@@ -353,57 +287,59 @@ impl Driver {
             .with_machine(|m| m.config().groups.get(&group.gid).cloned())
             .filter(|servers| !servers.is_empty())
             .unwrap_or_else(|| group.servers.clone());
-        let count = servers.len();
-        if count == 0 {
-            return Asked::NoLeader(format!("group {} has no servers listed", group.gid));
-        }
-        let first = self
-            .leaders
+        let mut replicas = {
+            let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+            match groups.get(&group.gid) {
+                Some(replicas) if replicas.starts_with(&servers) => replicas.clone(),
+                _ => {
+                    let replicas = Replicas::new(&servers, self.clerk_config.clone())
+                        .map_err(|e| format!("group {}: {e}", group.gid))?;
+                    groups.insert(group.gid, replicas.clone());
+                    replicas
+                }
+            }
+        };
+        let attempt_timeout = self.config.attempt_timeout;
+        let result = replicas
+            .call(|channel, timeout| {
+                let client = ShardTransferClient::new(channel)
+                    .max_decoding_message_size(MAX_TRANSFER_BYTES)
+                    .max_encoding_message_size(MAX_TRANSFER_BYTES);
+                let call = call(client);
+                async move {
+                    match tokio::time::timeout(timeout.min(attempt_timeout), call).await {
+                        Ok(Ok((pb::TransferStatus::Ok, value))) => {
+                            Ok(Attempt::Done(Reply::Ok(value)))
+                        }
+                        Ok(Ok((pb::TransferStatus::NotReady, _))) => {
+                            Ok(Attempt::Done(Reply::NotReady))
+                        }
+                        Ok(Ok((pb::TransferStatus::WrongLeader, _))) => {
+                            Ok(Attempt::Elsewhere(None, "not the leader".into()))
+                        }
+                        Ok(Err(status)) => status_attempt(status),
+                        Err(_) => Ok(Attempt::Elsewhere(None, "no answer".into())),
+                    }
+                }
+            })
+            .await;
+        // Remember where the leader was found for the next request to this group.
+        self.groups
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&group.gid)
-            .copied()
-            .unwrap_or(0);
-        let mut last_error = String::new();
-        for i in (0..count).map(|k| (first + k) % count) {
-            let address = &servers[i];
-            let client = match self.channel(address) {
-                Ok(channel) => ShardTransferClient::new(channel)
-                    .max_decoding_message_size(MAX_TRANSFER_BYTES)
-                    .max_encoding_message_size(MAX_TRANSFER_BYTES),
-                Err(e) => {
-                    last_error = e.to_string();
-                    continue;
-                }
-            };
-            let status = match tokio::time::timeout(self.config.attempt_timeout, call(client)).await
-            {
-                Ok(Ok((status, value))) => match status {
-                    pb::TransferStatus::Ok => Some(Asked::Ok(value)),
-                    pb::TransferStatus::NotReady => Some(Asked::NotReady),
-                    pb::TransferStatus::WrongLeader => None,
-                },
-                Ok(Err(status)) => {
-                    last_error = format!("{address}: {}", status.message());
-                    None
-                }
-                Err(_) => {
-                    last_error = format!("{address}: no answer");
-                    None
-                }
-            };
-            if let Some(asked) = status {
-                self.leaders
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(group.gid, i);
-                return asked;
-            }
-        }
-        Asked::NoLeader(if last_error.is_empty() {
-            "no server is the leader".into()
-        } else {
-            last_error
-        })
+            .insert(group.gid, replicas);
+        result.map_err(|e| e.to_string())
+    }
+}
+
+/// What an applied command is worth an info line for (`None`: a page, logged at debug).
+fn describe(command: &ShardCommand) -> Option<&'static str> {
+    match command {
+        ShardCommand::Install(page) if !page.last => None,
+        ShardCommand::Install(_) => Some("shard installed"),
+        ShardCommand::Confirmed { .. } => Some("old owner deleted its copy"),
+        ShardCommand::Adopt { .. } => Some("found where an orphaned shard is frozen"),
+        ShardCommand::NextConfig(_) => Some("configuration fetched"),
+        _ => Some("applied"),
     }
 }

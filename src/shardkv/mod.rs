@@ -9,8 +9,11 @@
 
 pub mod clerk;
 pub mod driver;
+pub mod metrics;
+pub mod migration;
 pub mod service;
 pub mod state;
+pub mod wire;
 
 pub use clerk::ShardClerk;
 pub use state::{

@@ -2,12 +2,12 @@
 //! service ([`KvService`] over a [`KvMachine`] impl here), and other groups pull shards from it and tell
 //! it to delete them through the `ShardTransfer` service ([`ShardTransferService`]).
 //!
-//! Why `Delete` proposes the drop itself instead of the new owner proposing something to the old owner:
-//! only the old owner's log may change the old owner's state, and it must change it through the log so
-//! every replica (and every later leader) agrees the copy is gone. The new owner only learns "it is
-//! gone" (`OK`), and only then proposes `Confirmed` in its own log; until then it asks again.
+//! What each handler does is [`super::migration`]'s (shared with the simulator); this file only
+//! translates between gRPC and those functions.
 
-use super::state::{page_to_proto, ShardCommand, ShardKv, ShardOutput, ShardQuery};
+use super::migration::{self, DeleteRequest, PullRequest, Reply};
+use super::state::{ShardCommand, ShardKv, ShardOutput, ShardQuery};
+use super::wire::page_to_proto;
 use crate::kv::service::{KvAnswer, KvMachine, KvService, MachineStatus};
 use crate::kv::KvCommand;
 use crate::proto::shardkv as pb;
@@ -127,17 +127,25 @@ impl ShardTransfer for ShardTransferService {
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
         let request = request.into_inner();
-        let after = request.after;
         let pb::ShardRef { config_num, shard } = shard_ref(request.shard)?;
-        // A ReadIndex read: only a leader that still leads answers, and it answers from a state that
-        // includes every change committed before the request arrived.
-        let query = ShardQuery::Pull {
+        let request = PullRequest {
             config_num,
             shard,
-            after,
+            after: request.after,
         };
-        let status = match self.rsm.read(query).await {
-            Ok(ShardOutput::Pulled(page)) => {
+        let reply = match self.rsm.read(migration::serve_pull(&request)).await {
+            Ok(output) => {
+                migration::pull_reply(output).map_err(|e| Status::internal(e.to_string()))?
+            }
+            Err(refusal) => {
+                return Ok(Response::new(pb::PullResponse {
+                    status: refused(refusal)?.into(),
+                    contents: None,
+                }))
+            }
+        };
+        Ok(Response::new(match reply {
+            Reply::Ok(page) => {
                 debug!(
                     config_num,
                     shard,
@@ -145,22 +153,15 @@ impl ShardTransfer for ShardTransferService {
                     last = page.last,
                     "shard page pulled"
                 );
-                return Ok(Response::new(pb::PullResponse {
+                pb::PullResponse {
                     status: pb::TransferStatus::Ok.into(),
                     contents: Some(page_to_proto(&page)),
-                }));
+                }
             }
-            Ok(ShardOutput::NotReady) => pb::TransferStatus::NotReady,
-            Ok(other) => {
-                return Err(Status::internal(format!(
-                    "unexpected answer to a pull: {other:?}"
-                )))
-            }
-            Err(refusal) => refused(refusal)?,
-        };
-        Ok(Response::new(pb::PullResponse {
-            status: status.into(),
-            contents: None,
+            Reply::NotReady => pb::PullResponse {
+                status: pb::TransferStatus::NotReady.into(),
+                contents: None,
+            },
         }))
     }
 
@@ -169,34 +170,30 @@ impl ShardTransfer for ShardTransferService {
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let pb::ShardRef { config_num, shard } = shard_ref(request.into_inner().shard)?;
-        let answer = |status: pb::TransferStatus| {
-            Ok(Response::new(pb::DeleteResponse {
-                status: status.into(),
-            }))
-        };
-        // Already gone (a retry after our OK was lost): answer without another log entry.
-        match self
-            .rsm
-            .read(ShardQuery::Dropped { config_num, shard })
-            .await
-        {
-            Ok(ShardOutput::Dropped) => return answer(pb::TransferStatus::Ok),
-            Ok(_) => {}
-            Err(refusal) => return answer(refused(refusal)?),
-        }
+        let request = DeleteRequest { config_num, shard };
         // Internal commands carry no session (client 0): the machine's own checks make them idempotent.
-        let command = ShardCommand::DropOutgoing { config_num, shard };
-        match self
+        let status = match self
             .rsm
-            .mutate(0, crate::rsm::internal_seq(), command)
+            .mutate(
+                0,
+                crate::rsm::internal_seq(),
+                migration::delete_command(&request),
+            )
             .await
         {
-            Ok(ShardOutput::Dropped) => {
-                info!(config_num, shard, "deleted the copy of a given-away shard");
-                answer(pb::TransferStatus::Ok)
-            }
-            Ok(_) => answer(pb::TransferStatus::NotReady),
-            Err(refusal) => answer(refused(refusal)?),
-        }
+            Ok(output) => match migration::delete_reply(output)
+                .map_err(|e| Status::internal(e.to_string()))?
+            {
+                Reply::Ok(()) => {
+                    info!(config_num, shard, "deleted the copy of a given-away shard");
+                    pb::TransferStatus::Ok
+                }
+                Reply::NotReady => pb::TransferStatus::NotReady,
+            },
+            Err(refusal) => refused(refusal)?,
+        };
+        Ok(Response::new(pb::DeleteResponse {
+            status: status.into(),
+        }))
     }
 }

@@ -17,14 +17,11 @@
 //! and travel with it, which is why this machine keeps them itself (`SESSIONS = false`).
 
 use super::key_to_shard;
-use crate::ctrler::state::{config_from_proto, config_to_proto};
+use super::wire;
 use crate::ctrler::{Config, Gid};
 use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
-use crate::proto::kv as kvpb;
-use crate::proto::shardkv as pb;
 use crate::rsm::{ClientId, RsmError, Seq, StateMachine};
 use bytes::Bytes;
-use prost::Message as _;
 use std::collections::BTreeMap;
 
 /// A shard number.
@@ -74,12 +71,13 @@ pub struct Source {
 }
 
 #[derive(Clone, Debug)]
-struct Owned {
+pub(super) struct Owned {
     /// `Some` while the data has not arrived from the previous owner.
-    pulling: Option<Source>,
+    pub(super) pulling: Option<Source>,
     /// While pulling: the last key installed so far; the next page starts after it.
-    cursor: Option<String>,
-    contents: ShardData,
+    pub(super) cursor: Option<String>,
+    /// The shard's data (complete once it serves).
+    pub(super) contents: ShardData,
 }
 
 /// A change to a shard group's state (one log entry).
@@ -139,13 +137,6 @@ pub enum ShardQuery {
         /// The last key the puller has (`None`: it has nothing yet).
         after: Option<String>,
     },
-    /// Has the frozen copy of this shard been deleted?
-    Dropped {
-        /// The configuration in which the shard moved.
-        config_num: u64,
-        /// The shard.
-        shard: ShardId,
-    },
 }
 
 /// What a shard group's command or query returns.
@@ -161,7 +152,7 @@ pub enum ShardOutput {
     Pulled(ShardPage),
     /// The group has not reached the configuration a `Pull` names, or has not deleted a copy yet.
     NotReady,
-    /// The frozen copy is gone (answer to `Dropped`, or to `DropOutgoing`).
+    /// The frozen copy is gone (answer to `DropOutgoing`, also when it was gone already).
     Dropped,
 }
 
@@ -209,11 +200,11 @@ pub enum Duty {
 /// A shard group's replicated state. See the module documentation.
 #[derive(Clone, Debug)]
 pub struct ShardKv {
-    gid: Gid,
-    config: Config,
-    shards: BTreeMap<ShardId, Owned>,
-    outgoing: BTreeMap<(u64, ShardId), ShardData>,
-    confirms: BTreeMap<(u64, ShardId), Source>,
+    pub(super) gid: Gid,
+    pub(super) config: Config,
+    pub(super) shards: BTreeMap<ShardId, Owned>,
+    pub(super) outgoing: BTreeMap<(u64, ShardId), ShardData>,
+    pub(super) confirms: BTreeMap<(u64, ShardId), Source>,
 }
 
 impl ShardKv {
@@ -465,18 +456,6 @@ pub fn last_owner(shard: ShardId, history: &[Config]) -> Option<(u64, Source)> {
     })
 }
 
-impl KvCommand {
-    /// The key the command changes.
-    pub fn key(&self) -> &str {
-        match self {
-            KvCommand::Put { key, .. }
-            | KvCommand::Append { key, .. }
-            | KvCommand::Delete { key }
-            | KvCommand::Cas { key, .. } => key,
-        }
-    }
-}
-
 impl StateMachine for ShardKv {
     type Command = ShardCommand;
     type Query = ShardQuery;
@@ -557,302 +536,32 @@ impl StateMachine for ShardKv {
                     None => ShardOutput::NotReady,
                 }
             }
-            ShardQuery::Dropped { config_num, shard } => {
-                if *config_num > self.config.num
-                    || self.outgoing.contains_key(&(*config_num, *shard))
-                {
-                    ShardOutput::NotReady
-                } else {
-                    ShardOutput::Dropped
-                }
-            }
         }
     }
 
     fn snapshot(&self) -> Bytes {
-        let state = pb::State {
-            gid: self.gid,
-            config: Some(config_to_proto(&self.config)),
-            shards: self
-                .shards
-                .values()
-                .map(|owned| pb::OwnedShard {
-                    shard: owned.contents.shard,
-                    pulling: owned.pulling.is_some(),
-                    from_gid: owned.pulling.as_ref().map_or(0, |s| s.gid),
-                    from_servers: owned
-                        .pulling
-                        .as_ref()
-                        .map_or_else(Vec::new, |s| s.servers.clone()),
-                    contents: Some(shard_to_proto(&owned.contents)),
-                    cursor: owned.cursor.clone(),
-                })
-                .collect(),
-            outgoing: self.outgoing.values().map(shard_to_proto).collect(),
-            confirms: self
-                .confirms
-                .iter()
-                .map(|(&(config_num, shard), source)| pb::Confirm {
-                    config_num,
-                    shard,
-                    gid: source.gid,
-                    servers: source.servers.clone(),
-                })
-                .collect(),
-        };
-        Bytes::from(state.encode_to_vec())
+        wire::encode_state(self)
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), RsmError> {
-        let state = pb::State::decode(data).map_err(|e| decode_error("shard group state", e))?;
-        if state.gid != self.gid {
-            return Err(RsmError::Decode {
-                what: "shard group state",
-                detail: format!(
-                    "the snapshot belongs to group {}, this is group {}",
-                    state.gid, self.gid
-                ),
-            });
-        }
-        self.config = state.config.map(config_from_proto).unwrap_or_default();
-        self.shards = state
-            .shards
-            .into_iter()
-            .map(|s| {
-                let pulling = s.pulling.then_some(Source {
-                    gid: s.from_gid,
-                    servers: s.from_servers,
-                });
-                let contents = shard_from_proto(s.contents.unwrap_or_default());
-                let owned = Owned {
-                    pulling,
-                    cursor: s.cursor,
-                    contents,
-                };
-                (s.shard, owned)
-            })
-            .collect();
-        self.outgoing = state
-            .outgoing
-            .into_iter()
-            .map(|d| {
-                let data = shard_from_proto(d);
-                ((data.config_num, data.shard), data)
-            })
-            .collect();
-        self.confirms = state
-            .confirms
-            .into_iter()
-            .map(|c| {
-                let source = Source {
-                    gid: c.gid,
-                    servers: c.servers,
-                };
-                ((c.config_num, c.shard), source)
-            })
-            .collect();
+        *self = wire::decode_state(self.gid, data)?;
         Ok(())
     }
 
     fn encode_command(command: &ShardCommand) -> Bytes {
-        use pb::command::Op;
-        let op = match command {
-            ShardCommand::Client {
-                client,
-                seq,
-                command,
-            } => Op::Client(pb::ClientCommand {
-                client_id: *client,
-                seq: *seq,
-                command: Some(kvpb::Command::from(command)),
-            }),
-            ShardCommand::NextConfig(config) => Op::NextConfig(config_to_proto(config)),
-            ShardCommand::Install(page) => Op::Install(page_to_proto(page)),
-            ShardCommand::DropOutgoing { config_num, shard } => Op::DropOutgoing(pb::ShardRef {
-                config_num: *config_num,
-                shard: *shard,
-            }),
-            ShardCommand::Adopt {
-                shard,
-                config_num,
-                source,
-            } => Op::Adopt(pb::Adopt {
-                shard: *shard,
-                config_num: *config_num,
-                gid: source.as_ref().map_or(0, |s| s.gid),
-                servers: source.as_ref().map_or_else(Vec::new, |s| s.servers.clone()),
-            }),
-            ShardCommand::Confirmed { config_num, shard } => Op::Confirmed(pb::ShardRef {
-                config_num: *config_num,
-                shard: *shard,
-            }),
-        };
-        Bytes::from(pb::Command { op: Some(op) }.encode_to_vec())
+        wire::encode_command(command)
     }
 
     fn decode_command(data: &[u8]) -> Result<ShardCommand, RsmError> {
-        use pb::command::Op;
-        let command =
-            pb::Command::decode(data).map_err(|e| decode_error("shard group command", e))?;
-        Ok(match command.op {
-            Some(Op::Client(c)) => ShardCommand::Client {
-                client: c.client_id,
-                seq: c.seq,
-                command: KvCommand::try_from(c.command.unwrap_or_default())?,
-            },
-            Some(Op::NextConfig(config)) => ShardCommand::NextConfig(config_from_proto(config)),
-            Some(Op::Install(page)) => ShardCommand::Install(page_from_proto(page)),
-            Some(Op::DropOutgoing(r)) => ShardCommand::DropOutgoing {
-                config_num: r.config_num,
-                shard: r.shard,
-            },
-            Some(Op::Adopt(a)) => ShardCommand::Adopt {
-                shard: a.shard,
-                config_num: a.config_num,
-                source: (a.gid != 0).then_some(Source {
-                    gid: a.gid,
-                    servers: a.servers,
-                }),
-            },
-            Some(Op::Confirmed(r)) => ShardCommand::Confirmed {
-                config_num: r.config_num,
-                shard: r.shard,
-            },
-            None => {
-                return Err(RsmError::Decode {
-                    what: "shard group command",
-                    detail: "no operation".into(),
-                })
-            }
-        })
+        wire::decode_command(data)
     }
 
     fn encode_output(output: &ShardOutput) -> Bytes {
-        Bytes::from(output_to_proto(output).encode_to_vec())
+        wire::encode_output(output)
     }
 
     fn decode_output(data: &[u8]) -> Result<ShardOutput, RsmError> {
-        use pb::output::Result as R;
-        let output = pb::Output::decode(data).map_err(|e| decode_error("shard group output", e))?;
-        Ok(match output.result {
-            Some(R::Kv(outcome)) => ShardOutput::Kv(KvOutput {
-                ok: outcome.ok,
-                value: outcome.current,
-            }),
-            Some(R::WrongGroup(_)) => ShardOutput::WrongGroup,
-            Some(R::Pulled(page)) => ShardOutput::Pulled(page_from_proto(page)),
-            Some(R::NotReady(_)) => ShardOutput::NotReady,
-            Some(R::Dropped(_)) => ShardOutput::Dropped,
-            Some(R::Ignored(_)) | None => ShardOutput::Ignored,
-        })
-    }
-}
-
-fn decode_error(what: &'static str, e: prost::DecodeError) -> RsmError {
-    RsmError::Decode {
-        what,
-        detail: e.to_string(),
-    }
-}
-
-fn output_to_proto(output: &ShardOutput) -> pb::Output {
-    use pb::output::Result as R;
-    let result = match output {
-        ShardOutput::Kv(kv) => R::Kv(kvpb::Outcome {
-            ok: kv.ok,
-            current: kv.value.clone(),
-        }),
-        ShardOutput::WrongGroup => R::WrongGroup(true),
-        ShardOutput::Ignored => R::Ignored(true),
-        ShardOutput::Pulled(page) => R::Pulled(page_to_proto(page)),
-        ShardOutput::NotReady => R::NotReady(true),
-        ShardOutput::Dropped => R::Dropped(true),
-    };
-    pb::Output {
-        result: Some(result),
-    }
-}
-
-type Dedup = BTreeMap<ClientId, (Seq, KvOutput)>;
-
-fn dedup_to_proto(dedup: &Dedup) -> Vec<pb::Dedup> {
-    dedup
-        .iter()
-        .map(|(&client_id, (seq, output))| pb::Dedup {
-            client_id,
-            seq: *seq,
-            outcome: Some(kvpb::Outcome {
-                ok: output.ok,
-                current: output.value.clone(),
-            }),
-        })
-        .collect()
-}
-
-fn dedup_from_proto(dedup: Vec<pb::Dedup>) -> Dedup {
-    dedup
-        .into_iter()
-        .map(|d| {
-            let outcome = d.outcome.unwrap_or_default();
-            let output = KvOutput {
-                ok: outcome.ok,
-                value: outcome.current,
-            };
-            (d.client_id, (d.seq, output))
-        })
-        .collect()
-}
-
-/// Encode a shard for snapshots.
-pub fn shard_to_proto(data: &ShardData) -> pb::ShardData {
-    pb::ShardData {
-        config_num: data.config_num,
-        shard: data.shard,
-        data: data
-            .data
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        dedup: dedup_to_proto(&data.dedup),
-        after: None,
-        last: true,
-    }
-}
-
-/// Decode a shard from a snapshot.
-pub fn shard_from_proto(data: pb::ShardData) -> ShardData {
-    ShardData {
-        config_num: data.config_num,
-        shard: data.shard,
-        data: data.data.into_iter().collect(),
-        dedup: dedup_from_proto(data.dedup),
-    }
-}
-
-/// Encode a page of a shard in transfer (the Pull answer, the Install log entry).
-pub fn page_to_proto(page: &ShardPage) -> pb::ShardData {
-    pb::ShardData {
-        config_num: page.config_num,
-        shard: page.shard,
-        data: page.data.iter().cloned().collect(),
-        dedup: dedup_to_proto(&page.dedup),
-        after: page.after.clone(),
-        last: page.last,
-    }
-}
-
-/// Decode a page of a shard in transfer.
-pub fn page_from_proto(page: pb::ShardData) -> ShardPage {
-    let mut data: Vec<(String, String)> = page.data.into_iter().collect();
-    // Protobuf maps have no order; pages are applied in key order.
-    data.sort();
-    ShardPage {
-        config_num: page.config_num,
-        shard: page.shard,
-        after: page.after,
-        data,
-        last: page.last,
-        dedup: dedup_from_proto(page.dedup),
+        wire::decode_output(data)
     }
 }
 

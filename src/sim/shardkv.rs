@@ -2,8 +2,10 @@
 //! (gids 100, 101, ...) of [`ShardKv`] servers, a shard controller, and sharded clerks.
 //!
 //! Each group is a [`Group`] — the same Raft + [`crate::rsm::Rsm`] stack the daemons run — and each
-//! group leader runs the same duties ([`ShardKv::duties`]) the daemon's driver runs: fetch the next
-//! configuration, pull gained shards, tell previous owners to delete what was handed over. Requests
+//! group leader runs the same duties ([`ShardKv::duties`]) the daemon's driver runs, with the same
+//! protocol functions ([`crate::shardkv::migration`]): fetch the next configuration, pull gained shards
+//! page by page (each page checked as the daemon checks it), and have previous owners delete what was
+//! handed over through their own logs. Requests
 //! between groups, to the controller and from clerks all cross the simulated network with 6.824's
 //! fault model (the unreliable flag applies to all of them, as in the Go tests).
 //!
@@ -20,9 +22,8 @@ use crate::check::Operation;
 use crate::ctrler::{Config, CtrlerCommand, CtrlerQuery, Gid, ShardCtrler};
 use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
 use crate::rsm::StateMachine;
-use crate::shardkv::{
-    key_to_shard, last_owner, Duty, ShardCommand, ShardKv, ShardOutput, ShardQuery,
-};
+use crate::shardkv::migration::{self, Reply, Request};
+use crate::shardkv::{key_to_shard, Duty, ShardCommand, ShardKv, ShardOutput, ShardQuery};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -69,25 +70,12 @@ enum Caller {
     Server { gi: usize, server: usize },
 }
 
-/// Why a server sent a request, and what to do with the answer.
-#[derive(Clone, Debug)]
-enum Purpose {
-    Config,
-    Pull,
-    Dropped {
-        config_num: u64,
-        shard: u64,
-        owner: usize,
-    },
-    /// Fire and forget: the next `Dropped` query tells whether it worked.
-    Drop,
-}
-
 struct DriverCall {
     gi: usize,
     server: usize,
     incarnation: u64,
-    purpose: Purpose,
+    /// The duty the request performs; its answer goes through [`migration::command`].
+    duty: Duty,
 }
 
 enum Answer {
@@ -558,7 +546,7 @@ impl ShardWorld {
     // Group duties (what the daemon's driver does)
     // ------------------------------------------------------------------------------------------
 
-    fn call(&mut self, gi: usize, server: usize, purpose: Purpose) -> u64 {
+    fn call(&mut self, gi: usize, server: usize, duty: Duty) -> u64 {
         self.next_call += 1;
         let incarnation = self.groups[gi].raft.hosts[server].incarnation;
         self.calls.insert(
@@ -567,7 +555,7 @@ impl ShardWorld {
                 gi,
                 server,
                 incarnation,
-                purpose,
+                duty,
             },
         );
         self.next_call
@@ -582,18 +570,21 @@ impl ShardWorld {
         &mut self,
         from: (usize, usize),
         servers: &[String],
-        purpose: Purpose,
+        duty: &Duty,
         request: ClientRequest<ShardKv>,
     ) {
         for name in servers {
             if let Some(to) = parse_server_name(name) {
-                let id = self.call(from.0, from.1, purpose.clone());
+                let id = self.call(from.0, from.1, duty.clone());
                 let caller = self.caller_of(from.0, from.1);
                 self.send_request(caller, id, to, request.clone());
             }
         }
     }
 
+    /// What the daemon's driver does in one round, over the simulated network: each duty's request
+    /// ([`migration::request`]) goes out, and [`Self::on_driver_answer`] turns the answers into
+    /// proposals with the same functions the daemon uses.
     fn do_duties(&mut self, gi: usize, server: usize) {
         let Some(machine) = self.groups[gi].machine(server) else {
             return;
@@ -602,64 +593,54 @@ impl ShardWorld {
             return;
         }
         for duty in machine.duties() {
-            match duty {
-                Duty::FetchConfig { num } => {
-                    let id = self.call(gi, server, Purpose::Config);
+            match migration::request(&duty) {
+                Request::Config { num } => {
+                    let id = self.call(gi, server, duty);
                     let caller = self.caller_of(gi, server);
                     self.send_ctrler_query(caller, id, Some(num));
                 }
-                Duty::Pull {
-                    config_num,
-                    shard,
-                    from,
-                    after,
-                } => self.broadcast(
+                Request::History { shard, before } => {
+                    // The controller is one linearizable object here: read its history directly.
+                    let mut read = Vec::new();
+                    while let Some(num) = migration::next_in_history(shard, before, &read) {
+                        match self.ctrler.query(&CtrlerQuery(Some(num))) {
+                            Ok(config) if config.num == num => read.push(config),
+                            _ => self.fail(format!("controller has no configuration {num}")),
+                        }
+                    }
+                    self.answered(gi, server, &duty, migration::Answer::History(read));
+                }
+                Request::Pull { from, request } => self.broadcast(
                     (gi, server),
                     &from.servers,
-                    Purpose::Pull,
-                    ClientRequest::Query(ShardQuery::Pull {
-                        config_num,
-                        shard,
-                        after,
-                    }),
+                    &duty,
+                    ClientRequest::Query(migration::serve_pull(&request)),
                 ),
-                Duty::FindOwner { shard, before } => {
-                    // The controller is one linearizable object here: read its history directly.
-                    let history: Vec<Config> = (1..before)
-                        .filter_map(|num| self.ctrler.query(&CtrlerQuery(Some(num))).ok())
-                        .collect();
-                    let (config_num, source) = match last_owner(shard, &history) {
-                        Some((config_num, source)) => (config_num, Some(source)),
-                        None => (0, None),
-                    };
-                    self.propose(
-                        gi,
-                        server,
-                        ShardCommand::Adopt {
-                            shard,
-                            config_num,
-                            source,
-                        },
-                    );
-                }
-                Duty::Delete {
-                    config_num,
-                    shard,
-                    to,
-                } => {
-                    let owner = to.gid.saturating_sub(100) as usize;
+                Request::Delete { to, request } => {
+                    // Internal proposals are matched by (0, seq): a fresh seq for each.
+                    let seq = (self.next_call << 1) | 1;
                     self.broadcast(
                         (gi, server),
                         &to.servers,
-                        Purpose::Dropped {
-                            config_num,
-                            shard,
-                            owner,
+                        &duty,
+                        ClientRequest::Mutate {
+                            client: 0,
+                            seq,
+                            command: migration::delete_command(&request),
                         },
-                        ClientRequest::Query(ShardQuery::Dropped { config_num, shard }),
                     )
                 }
             }
+        }
+    }
+
+    /// Propose what `answer` to `duty` calls for, if it fits the group's state now.
+    fn answered(&mut self, gi: usize, server: usize, duty: &Duty, answer: migration::Answer) {
+        let Some(machine) = self.groups[gi].machine(server) else {
+            return;
+        };
+        if let Ok(command) = migration::command(machine, duty, answer) {
+            self.propose(gi, server, command);
         }
     }
 
@@ -673,51 +654,30 @@ impl ShardWorld {
             gi,
             server,
             incarnation,
-            purpose,
+            duty,
         } = call;
         if self.groups[gi].raft.hosts[server].incarnation != incarnation {
             return;
         }
-        match (purpose, answer) {
-            (Purpose::Config, Answer::Config(config)) => {
-                let current = self.groups[gi].machine(server).map(|m| m.config().num);
-                if current.is_some_and(|num| config.num == num + 1) {
-                    self.propose(gi, server, ShardCommand::NextConfig(config));
+        let answer = match (&duty, answer) {
+            (Duty::FetchConfig { .. }, Answer::Config(config)) => migration::Answer::Config(config),
+            (Duty::Pull { .. }, Answer::Server(ReplyResult::Done(output))) => {
+                match migration::pull_reply(output) {
+                    Ok(Reply::Ok(page)) => migration::Answer::Page(page),
+                    Ok(Reply::NotReady) => return,
+                    Err(e) => self.fail(e),
                 }
             }
-            (Purpose::Pull, Answer::Server(ReplyResult::Done(ShardOutput::Pulled(data)))) => {
-                self.propose(gi, server, ShardCommand::Install(data));
+            (Duty::Delete { .. }, Answer::Server(ReplyResult::Done(output))) => {
+                match migration::delete_reply(output) {
+                    Ok(Reply::Ok(())) => migration::Answer::Deleted,
+                    Ok(Reply::NotReady) => return,
+                    Err(e) => self.fail(e),
+                }
             }
-            (
-                Purpose::Dropped {
-                    config_num, shard, ..
-                },
-                Answer::Server(ReplyResult::Done(ShardOutput::Dropped)),
-            ) => self.propose(gi, server, ShardCommand::Confirmed { config_num, shard }),
-            (
-                Purpose::Dropped {
-                    config_num,
-                    shard,
-                    owner,
-                },
-                Answer::Server(ReplyResult::Done(ShardOutput::NotReady)),
-            ) => {
-                let servers: Vec<String> = (0..self.options.servers)
-                    .map(|i| server_name(gid_of(owner), i))
-                    .collect();
-                self.broadcast(
-                    (gi, server),
-                    &servers,
-                    Purpose::Drop,
-                    ClientRequest::Mutate {
-                        client: 0,
-                        seq: 0,
-                        command: ShardCommand::DropOutgoing { config_num, shard },
-                    },
-                );
-            }
-            _ => {}
-        }
+            _ => return, // a wrong leader, or nothing to act on
+        };
+        self.answered(gi, server, &duty, answer);
     }
 
     fn on_event(&mut self, event: ShardEvent) {

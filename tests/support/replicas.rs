@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 /// Longest any wait for the cluster may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
+pub use crate::ports::free_port;
 
 /// Three replicas of one role: the controllers (`gid` 0) or shard group `gid`. Every process is killed
 /// when the group is dropped; on a failing test the last lines of each log are printed.

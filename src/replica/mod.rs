@@ -1,18 +1,27 @@
-//! One KV replica as a running server: sled storage, the Raft node and the KV service behind one tonic
-//! server on one port (peers and clients share it, so an operator opens one port per node).
+//! One replica of any replicated service (the KV store, the shard controller or a shard group) as a
+//! running server: sled storage, the Raft node, the role's services behind one tonic server on one port
+//! (peers and clients share it, so an operator opens one port per node), the shard group's driver and
+//! the metrics endpoint.
 //!
-//! Why split [`KvNode::start`] from [`KvNode::run`]: everything that can go wrong because of the
+//! This is the composition at the top of the library: it is the only module that knows every service,
+//! so no service has to know another (raft ← rsm ← kv/ctrler ← shardkv ← replica ← bin). [`args`]
+//! parses the command-line values the daemon needs.
+//!
+//! Why split [`Replica::start`] from [`Replica::run`]: everything that can go wrong because of the
 //! operator's input (flags, address in use, someone else's data dir) fails in `start`, before serving,
 //! so the daemon can report it as a usage error; `run` only fails if the node breaks while serving.
 
-use super::service::KvService;
+pub mod args;
+
 use crate::ctrler::service::CtrlerService;
-use crate::metrics::{RaftGauges, ServiceMetrics, ShardGauges};
+use crate::kv::service::KvService;
+use crate::metrics::{RaftGauges, ServiceMetrics};
 use crate::proto::ctrler::ctrler_server::CtrlerServer;
 use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
 use crate::rsm::service::{ServiceConfig, ServiceError};
 use crate::shardkv::driver::DriverConfig;
+use crate::shardkv::metrics::ShardGauges;
 use crate::shardkv::service::ShardGroupServices;
 use prometheus::Registry;
 use std::collections::HashMap;
@@ -80,9 +89,9 @@ enum Served {
 /// Largest gRPC message a client may send (a maximal value plus framing).
 const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
-/// Everything a KV replica needs to start.
+/// Everything a replica needs to start.
 #[derive(Clone, Debug)]
-pub struct KvNodeConfig {
+pub struct ReplicaConfig {
     /// This node's id (non-zero).
     pub id: NodeId,
     /// Where to listen for peers and clients.
@@ -139,7 +148,7 @@ pub enum RunError {
 }
 
 /// A started replica, not yet serving requests (peers' connections queue in the listen backlog).
-pub struct KvNode {
+pub struct Replica {
     id: NodeId,
     listener: TcpListener,
     node: RaftNode,
@@ -150,9 +159,9 @@ pub struct KvNode {
     _driver: AbortOnDrop<()>,
 }
 
-impl KvNode {
+impl Replica {
     /// Bind, open the data directory and start Raft and the service. Must run inside a tokio runtime.
-    pub async fn start(config: KvNodeConfig) -> Result<KvNode, StartError> {
+    pub async fn start(config: ReplicaConfig) -> Result<Replica, StartError> {
         if config.id == 0 {
             return Err(StartError::Config("node ids start at 1".into()));
         }
@@ -259,7 +268,7 @@ impl KvNode {
                 (Served::Shard(services), applier)
             }
         };
-        Ok(KvNode {
+        Ok(Replica {
             id: config.id,
             listener,
             node,
@@ -278,7 +287,7 @@ impl KvNode {
     /// Serve until `shutdown` resolves (then stop cleanly: stop accepting, let Raft finish its current
     /// step and flush) or until the node fails.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-        let KvNode {
+        let Replica {
             id,
             listener,
             node,
@@ -367,89 +376,4 @@ impl KvNode {
     }
 }
 
-/// Parse a node id: a number, or `auto` for the host name's trailing ordinal plus one (`kv-0` → 1), which
-/// is how a StatefulSet's pods learn their id without a shell in the image.
-pub fn parse_node_id(spec: &str) -> Result<NodeId, String> {
-    if spec != "auto" {
-        return spec
-            .parse()
-            .map_err(|_| format!("{spec:?} is not a node id (a number, or auto)"));
-    }
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_string())
-        .ok_or("--id auto: cannot read the host name (HOSTNAME or /etc/hostname)")?;
-    id_from_hostname(&host)
-}
-
-/// `name-N` → N + 1.
-pub fn id_from_hostname(host: &str) -> Result<NodeId, String> {
-    let short = host.split('.').next().unwrap_or(host);
-    short
-        .rsplit_once('-')
-        .and_then(|(_, ordinal)| ordinal.parse::<NodeId>().ok())
-        .and_then(|ordinal| ordinal.checked_add(1))
-        .ok_or_else(|| format!("--id auto: host name {host:?} does not end in -<ordinal>"))
-}
-
-/// Parse `1=host:port,2=host:port` into a map; the error says which item is wrong.
-pub fn parse_peers(spec: &str) -> Result<HashMap<NodeId, String>, String> {
-    let mut peers = HashMap::new();
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (id, address) = item
-            .split_once('=')
-            .ok_or_else(|| format!("peer {item:?} is not ID=HOST:PORT"))?;
-        let id: NodeId = id
-            .trim()
-            .parse()
-            .map_err(|_| format!("peer {item:?}: {id:?} is not a node id"))?;
-        if id == 0 {
-            return Err(format!("peer {item:?}: node ids start at 1"));
-        }
-        let address = address.trim();
-        if address
-            .rsplit_once(':')
-            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
-        {
-            return Err(format!("peer {item:?}: {address:?} is not HOST:PORT"));
-        }
-        if peers.insert(id, address.to_string()).is_some() {
-            return Err(format!("node {id} is listed twice"));
-        }
-    }
-    if peers.is_empty() {
-        return Err("no peers given".into());
-    }
-    Ok(peers)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ids_come_from_statefulset_host_names() {
-        assert_eq!(id_from_hostname("kv-0"), Ok(1));
-        assert_eq!(
-            id_from_hostname("ctrler-2.ctrler.default.svc.cluster.local"),
-            Ok(3)
-        );
-        assert!(id_from_hostname("kv").is_err());
-        assert!(id_from_hostname("kv-x").is_err());
-        assert_eq!(parse_node_id("7"), Ok(7));
-        assert!(parse_node_id("seven").is_err());
-    }
-
-    use super::{id_from_hostname, parse_node_id, parse_peers};
-
-    #[test]
-    fn peers() {
-        let peers = parse_peers("1=127.0.0.1:1, 2=localhost:2").expect("valid");
-        assert_eq!(peers.get(&2).map(String::as_str), Some("localhost:2"));
-        assert!(parse_peers("1=a:1,1=b:2").is_err());
-        assert!(parse_peers("x=a:1").is_err());
-        assert!(parse_peers("1=a").is_err());
-        assert!(parse_peers("0=a:1").is_err());
-        assert!(parse_peers("").is_err());
-    }
-}
+pub use args::{id_from_hostname, parse_node_id, parse_peers};

@@ -1,0 +1,437 @@
+//! The shard migration protocol, written once: for each [`Duty`] the request a group's leader sends and
+//! the command its answer turns into, and for the old owner how it answers a pull and a delete.
+//!
+//! Why a module of pure functions: the daemon's driver (over gRPC, `driver.rs` and `service.rs`) and the
+//! simulator's groups (over the simulated network, `crate::sim::shardkv`) must run *the same* protocol,
+//! or the 4B scenarios and both challenges verify a neighbour of the one in production. So everything
+//! that decides — which request a duty needs, whether an answer fits the request, what to propose, how
+//! the old owner serves — lives here, and both callers only move these values across their network.
+//!
+//! The choreography of one moved shard, in configuration `n`:
+//! 1. new owner: `Duty::Pull` → [`Request::Pull`] to the old owner, which answers with
+//!    [`serve_pull`] (a ReadIndex read of its frozen copy) → [`command`] checks the page
+//!    ([`check_page`]) and gives `Install`; repeated page after page until the final one;
+//! 2. new owner: `Duty::Delete` → [`Request::Delete`] → the old owner proposes [`delete_command`] in
+//!    **its own** log (only its log may change its state) and answers with [`delete_reply`] once
+//!    applied → [`command`] gives `Confirmed`, which ends the duty.
+//!
+//! Every command is idempotent in [`ShardKv`], so a lost answer, a retried request or a new leader
+//! redoing a duty is harmless.
+
+use super::state::{
+    last_owner, Duty, ShardCommand, ShardId, ShardKv, ShardOutput, ShardPage, Source,
+};
+use super::{key_to_shard, ShardQuery};
+use crate::ctrler::Config;
+use thiserror::Error;
+
+/// A request for the page of `shard` (given away in `config_num`) that follows key `after`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PullRequest {
+    /// The configuration in which the shard moved.
+    pub config_num: u64,
+    /// The shard.
+    pub shard: ShardId,
+    /// The last key the puller installed (`None`: it has nothing yet).
+    pub after: Option<String>,
+}
+
+/// A request to delete the frozen copy of `shard` given away in `config_num`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeleteRequest {
+    /// The configuration in which the shard moved.
+    pub config_num: u64,
+    /// The shard.
+    pub shard: ShardId,
+}
+
+/// What a duty asks, and of whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Ask the controllers for configuration `num`.
+    Config {
+        /// The configuration wanted.
+        num: u64,
+    },
+    /// Read the controllers' history backwards, one configuration at a time as [`next_in_history`]
+    /// says, to find where an orphaned shard is frozen.
+    History {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration that gave it to this group; the history read is the one before it.
+        before: u64,
+    },
+    /// Ask a page of the shard's previous owner.
+    Pull {
+        /// The previous owner.
+        from: Source,
+        /// The page.
+        request: PullRequest,
+    },
+    /// Tell the previous owner its copy may go.
+    Delete {
+        /// The previous owner.
+        to: Source,
+        /// The copy.
+        request: DeleteRequest,
+    },
+}
+
+/// The request that performs `duty`.
+pub fn request(duty: &Duty) -> Request {
+    match duty {
+        Duty::FetchConfig { num } => Request::Config { num: *num },
+        Duty::FindOwner { shard, before } => Request::History {
+            shard: *shard,
+            before: *before,
+        },
+        Duty::Pull {
+            config_num,
+            shard,
+            after,
+            from,
+        } => Request::Pull {
+            from: from.clone(),
+            request: PullRequest {
+                config_num: *config_num,
+                shard: *shard,
+                after: after.clone(),
+            },
+        },
+        Duty::Delete {
+            config_num,
+            shard,
+            to,
+        } => Request::Delete {
+            to: to.clone(),
+            request: DeleteRequest {
+                config_num: *config_num,
+                shard: *shard,
+            },
+        },
+    }
+}
+
+/// The configuration to read next while looking for `shard`'s last owner, given the configurations
+/// read so far (newest first, all before `before`); `None` when the search is over: the oldest one read
+/// gave the shard to a group, or configuration 1 was reached.
+pub fn next_in_history(shard: ShardId, before: u64, read: &[Config]) -> Option<u64> {
+    let owned = |config: &Config| config.shards.get(shard as usize).is_some_and(|&g| g != 0);
+    match read.last() {
+        None => before.checked_sub(1).filter(|&num| num >= 1),
+        Some(oldest) if owned(oldest) => None,
+        Some(oldest) => oldest.num.checked_sub(1).filter(|&num| num >= 1),
+    }
+}
+
+/// A successful answer to a duty's request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The configuration the controllers returned.
+    Config(Config),
+    /// The configurations read for [`Request::History`], newest first, as [`next_in_history`] asked.
+    History(Vec<Config>),
+    /// The page the previous owner served.
+    Page(ShardPage),
+    /// The previous owner has deleted its copy.
+    Deleted,
+}
+
+/// Why an answer is not acted on. The duty stays and is performed again later.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum Mismatch {
+    /// The answer is of another kind than the duty's request.
+    #[error("answer {answer} does not belong to duty {duty}")]
+    Kind {
+        /// The duty, as printed.
+        duty: String,
+        /// The answer's kind.
+        answer: &'static str,
+    },
+    /// The controllers answered with another configuration (e.g. the latest, when `num` does not exist yet).
+    #[error("asked for configuration {wanted}, got {got}")]
+    Config {
+        /// The configuration asked for.
+        wanted: u64,
+        /// The one returned.
+        got: u64,
+    },
+    /// The page is not the one asked for, or its contents are not a page of that shard.
+    #[error("bad page of shard {shard} (configuration {config_num}): {why}")]
+    Page {
+        /// The shard asked for.
+        shard: ShardId,
+        /// The configuration asked for.
+        config_num: u64,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// The command to propose for the answer to `duty` (one of `machine`'s duties, where `machine` is the
+/// group's state as the answer arrives), or why the answer does not fit.
+pub fn command(machine: &ShardKv, duty: &Duty, answer: Answer) -> Result<ShardCommand, Mismatch> {
+    match (duty, answer) {
+        (Duty::FetchConfig { num }, Answer::Config(config)) => {
+            if config.num != *num {
+                return Err(Mismatch::Config {
+                    wanted: *num,
+                    got: config.num,
+                });
+            }
+            Ok(ShardCommand::NextConfig(config))
+        }
+        (Duty::FindOwner { shard, .. }, Answer::History(mut read)) => {
+            read.reverse(); // last_owner wants them oldest first
+            let (config_num, source) = match last_owner(*shard, &read) {
+                Some((config_num, source)) => (config_num, Some(source)),
+                None => (0, None),
+            };
+            Ok(ShardCommand::Adopt {
+                shard: *shard,
+                config_num,
+                source,
+            })
+        }
+        (
+            Duty::Pull {
+                config_num,
+                shard,
+                after,
+                ..
+            },
+            Answer::Page(page),
+        ) => {
+            let asked = PullRequest {
+                config_num: *config_num,
+                shard: *shard,
+                after: after.clone(),
+            };
+            let shards = Some(machine.config().shards.len()).filter(|&n| n > 0);
+            check_page(&asked, &page, shards)?;
+            Ok(ShardCommand::Install(page))
+        }
+        (
+            Duty::Delete {
+                config_num, shard, ..
+            },
+            Answer::Deleted,
+        ) => Ok(ShardCommand::Confirmed {
+            config_num: *config_num,
+            shard: *shard,
+        }),
+        (duty, answer) => Err(Mismatch::Kind {
+            duty: format!("{duty:?}"),
+            answer: match answer {
+                Answer::Config(_) => "config",
+                Answer::History(_) => "history",
+                Answer::Page(_) => "page",
+                Answer::Deleted => "deleted",
+            },
+        }),
+    }
+}
+
+/// Check that `page` is the page `asked` for and that it can be a page of that shard: same
+/// configuration, shard and starting point; keys strictly increasing, all after the starting point and
+/// all of that shard (with `shards` known, i.e. the puller's configuration's shard count). A page that
+/// fails would install foreign or out-of-order keys, so it is refused before it reaches the log.
+pub fn check_page(
+    asked: &PullRequest,
+    page: &ShardPage,
+    shards: Option<usize>,
+) -> Result<(), Mismatch> {
+    let bad = |why: String| Mismatch::Page {
+        shard: asked.shard,
+        config_num: asked.config_num,
+        why,
+    };
+    if (page.config_num, page.shard, &page.after) != (asked.config_num, asked.shard, &asked.after) {
+        return Err(bad(format!(
+            "answered configuration {} shard {} after {:?} instead",
+            page.config_num, page.shard, page.after
+        )));
+    }
+    let mut previous = asked.after.as_deref();
+    for (key, _) in &page.data {
+        if previous.is_some_and(|p| key.as_str() <= p) {
+            return Err(bad(format!("key {key:?} is out of order")));
+        }
+        if let Some(shards) = shards {
+            if key_to_shard(key, shards) != asked.shard {
+                return Err(bad(format!("key {key:?} belongs to another shard")));
+            }
+        }
+        previous = Some(key);
+    }
+    if !page.last && !page.dedup.is_empty() {
+        return Err(bad("dedup records on a page that is not the last".into()));
+    }
+    Ok(())
+}
+
+/// What the old owner answers to a transfer request, when it is the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply<T> {
+    /// Done, with this.
+    Ok(T),
+    /// Not yet: the old owner has not reached the configuration (or, for a pull of a copy already
+    /// deleted, the puller is behind). Ask again later.
+    NotReady,
+}
+
+/// The old owner's output was not an answer to the request (a bug, reported as an internal error).
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("unexpected answer to a {request}: {output}")]
+pub struct Unexpected {
+    /// Which request.
+    pub request: &'static str,
+    /// The output, as printed.
+    pub output: String,
+}
+
+/// The read with which the old owner serves a pull (a ReadIndex read: only a leader that still leads
+/// answers, from a state that includes everything committed before the request arrived).
+pub fn serve_pull(request: &PullRequest) -> ShardQuery {
+    ShardQuery::Pull {
+        config_num: request.config_num,
+        shard: request.shard,
+        after: request.after.clone(),
+    }
+}
+
+/// The old owner's answer to a pull, from the output of [`serve_pull`]'s read.
+pub fn pull_reply(output: ShardOutput) -> Result<Reply<ShardPage>, Unexpected> {
+    match output {
+        ShardOutput::Pulled(page) => Ok(Reply::Ok(page)),
+        ShardOutput::NotReady => Ok(Reply::NotReady),
+        other => Err(Unexpected {
+            request: "pull",
+            output: format!("{other:?}"),
+        }),
+    }
+}
+
+/// The command the old owner proposes in its own log for a delete request: only its log may change its
+/// state, so every replica (and every later leader) agrees the copy is gone. Idempotent: deleting a
+/// copy already deleted answers `Dropped` again.
+pub fn delete_command(request: &DeleteRequest) -> ShardCommand {
+    ShardCommand::DropOutgoing {
+        config_num: request.config_num,
+        shard: request.shard,
+    }
+}
+
+/// The old owner's answer to a delete, from the output of applying [`delete_command`].
+pub fn delete_reply(output: ShardOutput) -> Result<Reply<()>, Unexpected> {
+    match output {
+        ShardOutput::Dropped => Ok(Reply::Ok(())),
+        ShardOutput::NotReady | ShardOutput::Ignored => Ok(Reply::NotReady),
+        other => Err(Unexpected {
+            request: "delete",
+            output: format!("{other:?}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn asked(after: Option<&str>) -> PullRequest {
+        PullRequest {
+            config_num: 3,
+            shard: 1,
+            after: after.map(String::from),
+        }
+    }
+
+    fn page(after: Option<&str>, keys: &[&str], last: bool) -> ShardPage {
+        ShardPage {
+            config_num: 3,
+            shard: 1,
+            after: after.map(String::from),
+            data: keys.iter().map(|k| (k.to_string(), "v".into())).collect(),
+            last,
+            dedup: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_page_must_be_the_one_asked_for_and_in_key_order() {
+        assert_eq!(
+            check_page(&asked(None), &page(None, &["a", "b"], true), None),
+            Ok(())
+        );
+        assert!(check_page(&asked(Some("a")), &page(None, &["b"], true), None).is_err());
+        assert!(check_page(&asked(None), &page(None, &["b", "a"], true), None).is_err());
+        assert!(check_page(&asked(Some("b")), &page(Some("b"), &["a"], false), None).is_err());
+        let mut other_shard = page(None, &["a"], true);
+        other_shard.shard = 2;
+        assert!(check_page(&asked(None), &other_shard, None).is_err());
+    }
+
+    #[test]
+    fn a_page_with_keys_of_another_shard_is_refused() {
+        let shards = 10;
+        let keys: Vec<String> = (0..100).map(|i| format!("k{i:03}")).collect();
+        let mine: Vec<&str> = keys
+            .iter()
+            .filter(|k| key_to_shard(k, shards) == 1)
+            .map(String::as_str)
+            .collect();
+        let foreign = keys
+            .iter()
+            .find(|k| key_to_shard(k, shards) != 1)
+            .map(String::as_str)
+            .unwrap_or("none");
+        assert_eq!(
+            check_page(&asked(None), &page(None, &mine, true), Some(shards)),
+            Ok(())
+        );
+        assert!(check_page(&asked(None), &page(None, &[foreign], true), Some(shards)).is_err());
+    }
+
+    #[test]
+    fn only_the_configuration_asked_for_is_proposed() {
+        let duty = Duty::FetchConfig { num: 4 };
+        let latest = Config {
+            num: 3,
+            ..Config::default()
+        };
+        let machine = ShardKv::new(1);
+        assert!(command(&machine, &duty, Answer::Config(latest)).is_err());
+        let next = Config {
+            num: 4,
+            ..Config::default()
+        };
+        assert_eq!(
+            command(&machine, &duty, Answer::Config(next.clone())),
+            Ok(ShardCommand::NextConfig(next))
+        );
+        assert!(command(&machine, &duty, Answer::Deleted).is_err());
+    }
+
+    #[test]
+    fn the_history_is_read_backwards_until_an_owner() {
+        let config = |num: u64, owner: u64| Config {
+            num,
+            shards: vec![0, owner],
+            ..Config::default()
+        };
+        assert_eq!(next_in_history(1, 5, &[]), Some(4));
+        assert_eq!(next_in_history(1, 5, &[config(4, 0)]), Some(3));
+        assert_eq!(next_in_history(1, 5, &[config(4, 0), config(3, 7)]), None);
+        assert_eq!(next_in_history(1, 2, &[config(1, 0)]), None);
+        assert_eq!(next_in_history(1, 1, &[]), None);
+    }
+
+    #[test]
+    fn the_old_owner_answers_only_what_it_did() {
+        assert_eq!(delete_reply(ShardOutput::Dropped), Ok(Reply::Ok(())));
+        assert_eq!(delete_reply(ShardOutput::NotReady), Ok(Reply::NotReady));
+        assert!(delete_reply(ShardOutput::WrongGroup).is_err());
+        assert_eq!(pull_reply(ShardOutput::NotReady), Ok(Reply::NotReady));
+    }
+}

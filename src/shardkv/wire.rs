@@ -1,0 +1,314 @@
+//! A shard group's records on the wire and on disk: snapshot state, log entries, outputs, and the pages
+//! of a shard in transfer, each ⇄ its protobuf (`proto/shardkv.proto`). Kept apart from the state
+//! machine (as `raft/wire.rs` is from the Raft core) so `state.rs` reads as the protocol alone.
+//!
+//! Why snapshots are byte-identical across replicas: every collection is encoded from a `BTreeMap` in
+//! key order; pages' keys are sorted on decoding because protobuf maps carry no order.
+
+use super::state::{Owned, ShardCommand, ShardData, ShardKv, ShardOutput, ShardPage, Source};
+use crate::ctrler::state::{config_from_proto, config_to_proto};
+use crate::ctrler::Gid;
+use crate::kv::{KvCommand, KvOutput};
+use crate::proto::kv as kvpb;
+use crate::proto::shardkv as pb;
+use crate::rsm::{ClientId, RsmError, Seq};
+use bytes::Bytes;
+use prost::Message as _;
+use std::collections::BTreeMap;
+
+/// Encode a group's whole state for a snapshot.
+pub fn encode_state(machine: &ShardKv) -> Bytes {
+    let state = pb::State {
+        gid: machine.gid,
+        config: Some(config_to_proto(&machine.config)),
+        shards: machine
+            .shards
+            .values()
+            .map(|owned| pb::OwnedShard {
+                shard: owned.contents.shard,
+                pulling: owned.pulling.is_some(),
+                from_gid: owned.pulling.as_ref().map_or(0, |s| s.gid),
+                from_servers: owned
+                    .pulling
+                    .as_ref()
+                    .map_or_else(Vec::new, |s| s.servers.clone()),
+                contents: Some(shard_to_proto(&owned.contents)),
+                cursor: owned.cursor.clone(),
+            })
+            .collect(),
+        outgoing: machine.outgoing.values().map(shard_to_proto).collect(),
+        confirms: machine
+            .confirms
+            .iter()
+            .map(|(&(config_num, shard), source)| pb::Confirm {
+                config_num,
+                shard,
+                gid: source.gid,
+                servers: source.servers.clone(),
+            })
+            .collect(),
+    };
+    Bytes::from(state.encode_to_vec())
+}
+
+/// Decode the state of group `gid` from a snapshot; a snapshot of another group is refused.
+pub fn decode_state(gid: Gid, data: &[u8]) -> Result<ShardKv, RsmError> {
+    let state = pb::State::decode(data).map_err(|e| decode_error("shard group state", e))?;
+    if state.gid != gid {
+        return Err(RsmError::Decode {
+            what: "shard group state",
+            detail: format!(
+                "the snapshot belongs to group {}, this is group {}",
+                state.gid, gid
+            ),
+        });
+    }
+    let config = state.config.map(config_from_proto).unwrap_or_default();
+    let shards = state
+        .shards
+        .into_iter()
+        .map(|s| {
+            let pulling = s.pulling.then_some(Source {
+                gid: s.from_gid,
+                servers: s.from_servers,
+            });
+            let contents = shard_from_proto(s.contents.unwrap_or_default());
+            let owned = Owned {
+                pulling,
+                cursor: s.cursor,
+                contents,
+            };
+            (s.shard, owned)
+        })
+        .collect();
+    let outgoing = state
+        .outgoing
+        .into_iter()
+        .map(|d| {
+            let data = shard_from_proto(d);
+            ((data.config_num, data.shard), data)
+        })
+        .collect();
+    let confirms = state
+        .confirms
+        .into_iter()
+        .map(|c| {
+            let source = Source {
+                gid: c.gid,
+                servers: c.servers,
+            };
+            ((c.config_num, c.shard), source)
+        })
+        .collect();
+    Ok(ShardKv {
+        gid,
+        config,
+        shards,
+        outgoing,
+        confirms,
+    })
+}
+
+/// Encode a command as a log entry.
+pub fn encode_command(command: &ShardCommand) -> Bytes {
+    use pb::command::Op;
+    let op = match command {
+        ShardCommand::Client {
+            client,
+            seq,
+            command,
+        } => Op::Client(pb::ClientCommand {
+            client_id: *client,
+            seq: *seq,
+            command: Some(kvpb::Command::from(command)),
+        }),
+        ShardCommand::NextConfig(config) => Op::NextConfig(config_to_proto(config)),
+        ShardCommand::Install(page) => Op::Install(page_to_proto(page)),
+        ShardCommand::DropOutgoing { config_num, shard } => Op::DropOutgoing(pb::ShardRef {
+            config_num: *config_num,
+            shard: *shard,
+        }),
+        ShardCommand::Adopt {
+            shard,
+            config_num,
+            source,
+        } => Op::Adopt(pb::Adopt {
+            shard: *shard,
+            config_num: *config_num,
+            gid: source.as_ref().map_or(0, |s| s.gid),
+            servers: source.as_ref().map_or_else(Vec::new, |s| s.servers.clone()),
+        }),
+        ShardCommand::Confirmed { config_num, shard } => Op::Confirmed(pb::ShardRef {
+            config_num: *config_num,
+            shard: *shard,
+        }),
+    };
+    Bytes::from(pb::Command { op: Some(op) }.encode_to_vec())
+}
+
+/// Decode a log entry; malformed bytes are refused, never guessed at.
+pub fn decode_command(data: &[u8]) -> Result<ShardCommand, RsmError> {
+    use pb::command::Op;
+    let command = pb::Command::decode(data).map_err(|e| decode_error("shard group command", e))?;
+    Ok(match command.op {
+        Some(Op::Client(c)) => ShardCommand::Client {
+            client: c.client_id,
+            seq: c.seq,
+            command: KvCommand::try_from(c.command.unwrap_or_default())?,
+        },
+        Some(Op::NextConfig(config)) => ShardCommand::NextConfig(config_from_proto(config)),
+        Some(Op::Install(page)) => ShardCommand::Install(page_from_proto(page)),
+        Some(Op::DropOutgoing(r)) => ShardCommand::DropOutgoing {
+            config_num: r.config_num,
+            shard: r.shard,
+        },
+        Some(Op::Adopt(a)) => ShardCommand::Adopt {
+            shard: a.shard,
+            config_num: a.config_num,
+            source: (a.gid != 0).then_some(Source {
+                gid: a.gid,
+                servers: a.servers,
+            }),
+        },
+        Some(Op::Confirmed(r)) => ShardCommand::Confirmed {
+            config_num: r.config_num,
+            shard: r.shard,
+        },
+        None => {
+            return Err(RsmError::Decode {
+                what: "shard group command",
+                detail: "no operation".into(),
+            })
+        }
+    })
+}
+
+/// Encode an output (for the session table of a snapshot).
+pub fn encode_output(output: &ShardOutput) -> Bytes {
+    Bytes::from(output_to_proto(output).encode_to_vec())
+}
+
+/// Decode an output.
+pub fn decode_output(data: &[u8]) -> Result<ShardOutput, RsmError> {
+    use pb::output::Result as R;
+    let output = pb::Output::decode(data).map_err(|e| decode_error("shard group output", e))?;
+    Ok(match output.result {
+        Some(R::Kv(outcome)) => ShardOutput::Kv(KvOutput {
+            ok: outcome.ok,
+            value: outcome.current,
+        }),
+        Some(R::WrongGroup(_)) => ShardOutput::WrongGroup,
+        Some(R::Pulled(page)) => ShardOutput::Pulled(page_from_proto(page)),
+        Some(R::NotReady(_)) => ShardOutput::NotReady,
+        Some(R::Dropped(_)) => ShardOutput::Dropped,
+        Some(R::Ignored(_)) | None => ShardOutput::Ignored,
+    })
+}
+
+fn decode_error(what: &'static str, e: prost::DecodeError) -> RsmError {
+    RsmError::Decode {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn output_to_proto(output: &ShardOutput) -> pb::Output {
+    use pb::output::Result as R;
+    let result = match output {
+        ShardOutput::Kv(kv) => R::Kv(kvpb::Outcome {
+            ok: kv.ok,
+            current: kv.value.clone(),
+        }),
+        ShardOutput::WrongGroup => R::WrongGroup(true),
+        ShardOutput::Ignored => R::Ignored(true),
+        ShardOutput::Pulled(page) => R::Pulled(page_to_proto(page)),
+        ShardOutput::NotReady => R::NotReady(true),
+        ShardOutput::Dropped => R::Dropped(true),
+    };
+    pb::Output {
+        result: Some(result),
+    }
+}
+
+type Dedup = BTreeMap<ClientId, (Seq, KvOutput)>;
+
+fn dedup_to_proto(dedup: &Dedup) -> Vec<pb::Dedup> {
+    dedup
+        .iter()
+        .map(|(&client_id, (seq, output))| pb::Dedup {
+            client_id,
+            seq: *seq,
+            outcome: Some(kvpb::Outcome {
+                ok: output.ok,
+                current: output.value.clone(),
+            }),
+        })
+        .collect()
+}
+
+fn dedup_from_proto(dedup: Vec<pb::Dedup>) -> Dedup {
+    dedup
+        .into_iter()
+        .map(|d| {
+            let outcome = d.outcome.unwrap_or_default();
+            let output = KvOutput {
+                ok: outcome.ok,
+                value: outcome.current,
+            };
+            (d.client_id, (d.seq, output))
+        })
+        .collect()
+}
+
+/// Encode a shard for snapshots.
+pub fn shard_to_proto(data: &ShardData) -> pb::ShardData {
+    pb::ShardData {
+        config_num: data.config_num,
+        shard: data.shard,
+        data: data
+            .data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        dedup: dedup_to_proto(&data.dedup),
+        after: None,
+        last: true,
+    }
+}
+
+/// Decode a shard from a snapshot.
+pub fn shard_from_proto(data: pb::ShardData) -> ShardData {
+    ShardData {
+        config_num: data.config_num,
+        shard: data.shard,
+        data: data.data.into_iter().collect(),
+        dedup: dedup_from_proto(data.dedup),
+    }
+}
+
+/// Encode a page of a shard in transfer (the Pull answer, the Install log entry).
+pub fn page_to_proto(page: &ShardPage) -> pb::ShardData {
+    pb::ShardData {
+        config_num: page.config_num,
+        shard: page.shard,
+        data: page.data.iter().cloned().collect(),
+        dedup: dedup_to_proto(&page.dedup),
+        after: page.after.clone(),
+        last: page.last,
+    }
+}
+
+/// Decode a page of a shard in transfer.
+pub fn page_from_proto(page: pb::ShardData) -> ShardPage {
+    let mut data: Vec<(String, String)> = page.data.into_iter().collect();
+    // Protobuf maps have no order; pages are applied in key order.
+    data.sort();
+    ShardPage {
+        config_num: page.config_num,
+        shard: page.shard,
+        after: page.after,
+        data,
+        last: page.last,
+        dedup: dedup_from_proto(page.dedup),
+    }
+}
