@@ -163,18 +163,30 @@ fn chunk_key(generation: u64, chunk: u64) -> [u8; 16] {
 /// process releases the lock only when sled's background flusher has stopped. A lock that stays held
 /// (another live process) is still an error after the wait.
 fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    open_db_within(dir, LOCK_WAIT)
+}
+
+/// How long [`open_db`] waits for a held lock. Generous: under a loaded test run the flusher of a
+/// dropped handle has been seen to hold the lock for over a second.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn open_db_within(dir: &Path, wait: std::time::Duration) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + wait;
     loop {
         match sled::Config::new().path(dir).open() {
-            Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(sled::Error::Io(e)) if is_lock_held(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             result => return result,
         }
     }
+}
+
+/// Whether sled refused to open because another handle holds the directory's lock. sled reports this
+/// as an `Other` error whose text names the lock (the `WouldBlock` of the underlying `flock` is only in
+/// the message), so the text is what can be matched.
+fn is_lock_held(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 /// Raft state in a sled database. See the module documentation for the layout.
@@ -481,6 +493,29 @@ mod tests {
             log_write: Some(LogWrite { from, entries }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn opening_waits_for_a_lock_being_released() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        // While the first handle lives, the directory is locked: a short wait ends in a clear error.
+        let held = open_db_within(dir.path(), std::time::Duration::from_millis(50))
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            held.as_deref()
+                .is_some_and(|e| e.contains("could not acquire lock")),
+            "a held lock must be refused, got {held:?}"
+        );
+        // Released a little later (as sled's flusher does after a drop): the reopen waits for it.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(first);
+        });
+        let reopened = SledStorage::open(dir.path(), &identity(1));
+        releaser.join().expect("releaser");
+        assert!(reopened.is_ok(), "reopen failed: {:?}", reopened.err());
     }
 
     #[test]
