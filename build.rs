@@ -4,8 +4,6 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
-    // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
-    unsafe { std::env::set_var("PROTOC", protoc) };
     let protos = [
         "proto/raft.proto",
         "proto/rsm.proto",
@@ -17,8 +15,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
+    // The compiler is handed to prost's config rather than through the PROTOC variable, which would
+    // take an `unsafe` set_var.
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
     tonic_prost_build::configure()
         .bytes(".")
-        .compile_protos(&protos, &["proto"])?;
+        .compile_with_config(config, &protos, &["proto"])?;
     Ok(())
 }

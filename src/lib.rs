@@ -16,9 +16,12 @@ pub mod raft;
 pub mod replica;
 pub mod rsm;
 pub mod shardkv;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
-/// Code generated from `proto/` by `build.rs`.
+/// Code generated from `proto/` by `build.rs`. The messages are documented in the `.proto` files;
+/// generated items carry those comments where the files have them.
+#[allow(missing_docs)]
 pub mod proto {
     /// The Raft peer protocol (`proto/raft.proto`).
     pub mod raft {

@@ -22,13 +22,28 @@ pub enum AppError {
     MalformedArg(String),
     /// A required argument is absent.
     #[error("app `{app}` needs the argument `{arg}`")]
-    MissingArg { app: String, arg: String },
+    MissingArg {
+        /// The app.
+        app: String,
+        /// The argument it needs.
+        arg: String,
+    },
     /// An argument the app does not know (likely a typo).
     #[error("app `{app}` does not take the argument `{arg}`")]
-    UnexpectedArg { app: String, arg: String },
+    UnexpectedArg {
+        /// The app.
+        app: String,
+        /// The argument given.
+        arg: String,
+    },
     /// An argument with an unusable value.
     #[error("invalid argument `{arg}`: {reason}")]
-    InvalidArg { arg: String, reason: String },
+    InvalidArg {
+        /// The argument.
+        arg: String,
+        /// Why its value is unusable.
+        reason: String,
+    },
     /// Reading or writing failed while the app ran.
     #[error("app I/O failed: {0}")]
     Io(#[from] std::io::Error),

@@ -200,6 +200,7 @@ pub enum Assignment {
     Idle,
     /// A job is running but has nothing for this worker right now.
     Wait,
+    /// Run this task.
     Run(Box<Task>),
 }
 
@@ -208,8 +209,11 @@ pub enum Assignment {
 pub enum Outcome {
     /// Map tasks carry the address their output is served from.
     Succeeded {
+        /// The worker's shuffle address its map output is served from (empty when outputs go through
+        /// the shared directory).
         addr: String,
     },
+    /// The attempt failed; the worker's error.
     Failed(String),
     /// Map outputs (index, address tried) a reducer could not fetch.
     FetchFailed(Vec<(u32, String)>),
@@ -218,12 +222,17 @@ pub enum Outcome {
 /// A report the coordinator must refuse; the service turns it into an `InvalidArgument`/`NotFound` status.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReportError {
+    /// The job id is unknown.
     #[error("no job {0}")]
     NoSuchJob(u64),
+    /// The job has no such task.
     #[error("job {job} has no {kind} task {index}")]
     NoSuchTask {
+        /// The job.
         job: u64,
+        /// Map or reduce.
         kind: TaskKind,
+        /// The task's index.
         index: u32,
     },
 }

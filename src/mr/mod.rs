@@ -44,7 +44,9 @@ pub enum MrError {
     /// A file operation failed; carries the path.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the OS said.
         source: std::io::Error,
     },
     /// An intermediate file or fetched partition does not decode.
@@ -56,7 +58,9 @@ pub enum MrError {
     /// No connection to a gRPC peer.
     #[error("cannot reach {addr}: {source}")]
     Connect {
+        /// The peer's address.
         addr: String,
+        /// What the transport said.
         source: tonic::transport::Error,
     },
     /// A peer answered with an error status; its message is shown as is.

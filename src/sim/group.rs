@@ -20,10 +20,27 @@ pub trait SimService:
     /// The checker's record of a completed operation, if this service's histories are checked.
     fn record(
         _client: u64,
-        _op: &super::service::ClerkOp<Self>,
+        _op: &ClerkOp<Self>,
         _output: &Self::Output,
     ) -> Option<crate::check::Operation> {
         None
+    }
+}
+
+/// What a clerk asks for.
+pub enum ClerkOp<S: SimService> {
+    /// A read (answered after a ReadIndex).
+    Query(S::Query),
+    /// A command that changes state.
+    Command(S::Command),
+}
+
+impl<S: SimService> Clone for ClerkOp<S> {
+    fn clone(&self) -> Self {
+        match self {
+            ClerkOp::Query(q) => ClerkOp::Query(q.clone()),
+            ClerkOp::Command(c) => ClerkOp::Command(c.clone()),
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! completion times so the history can be checked for linearizability by [`crate::check`].
 
 use super::clock::{run_until, Actor, Scheduler, World};
-pub use super::group::SimService;
+pub use super::group::{ClerkOp, SimService};
 use super::group::{ClientRequest, Group, Replies, ReplyResult};
 use super::raft_net::{RaftEvent, RaftNet};
 use crate::check::Operation;
@@ -28,23 +28,6 @@ pub struct ServiceOptions {
     pub max_raft_state: Option<usize>,
     /// The seed of the whole schedule.
     pub seed: u64,
-}
-
-/// What a clerk asks for.
-pub enum ClerkOp<S: SimService> {
-    /// A read (answered after a ReadIndex).
-    Query(S::Query),
-    /// A command that changes state.
-    Command(S::Command),
-}
-
-impl<S: SimService> Clone for ClerkOp<S> {
-    fn clone(&self) -> Self {
-        match self {
-            ClerkOp::Query(q) => ClerkOp::Query(q.clone()),
-            ClerkOp::Command(c) => ClerkOp::Command(c.clone()),
-        }
-    }
 }
 
 enum Event<S: SimService> {
