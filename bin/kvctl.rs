@@ -5,6 +5,7 @@
 //! could not decide. Errors are one line on stderr.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 use ds824::kvctl::shard::{self, AnyClerk};
 use ds824::kvctl::{self, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};

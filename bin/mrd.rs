@@ -177,33 +177,6 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|err| format!("`{raw}`: {err}"))
 }
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = ctrl_c.await;
-}
-
 fn state_name(state: i32) -> &'static str {
     match pb::JobState::try_from(state) {
         Ok(pb::JobState::Queued) => "queued",
@@ -300,7 +273,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             task_timeout,
             metrics_listen,
         } => {
-            init_logging("info");
+            ds824::daemon::init_logging_with("info");
             if task_timeout.is_zero() {
                 bail!(
                     "--task-timeout must be positive: every task would be handed out over and over"
@@ -320,7 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bound = listener.local_addr().context("reading the bound address")?;
             // Tests and scripts read this line to learn the port when --listen asked for port 0.
             println!("mrd coordinator listening on {bound}");
-            coordinator_service::serve(listener, service, shutdown_signal()).await?;
+            coordinator_service::serve(listener, service, ds824::daemon::shutdown_signal()).await?;
         }
         Command::Worker {
             coordinator,
@@ -331,7 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             advertise,
             only,
         } => {
-            init_logging("info");
+            ds824::daemon::init_logging_with("info");
             worker::run(worker::WorkerConfig {
                 coordinator,
                 dir,
@@ -353,7 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             files,
         } => {
-            init_logging("warn");
+            ds824::daemon::init_logging_with("warn");
             let shuffle = match shuffle {
                 Shuffle::SharedDir => ShuffleMode::SharedDir,
                 Shuffle::Grpc => ShuffleMode::Grpc,
@@ -383,7 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Status { coordinator, job } => {
-            init_logging("warn");
+            ds824::daemon::init_logging_with("warn");
             let mut client = client::connect(&coordinator).await?;
             let jobs = client::status(&mut client, job).await?;
             if jobs.is_empty() {
@@ -394,7 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Sequential { job, output, files } => {
-            init_logging("warn");
+            ds824::daemon::init_logging_with("warn");
             let path = sequential::run(&job.app, &job.args, &files, &output)?;
             println!("{}", path.display());
         }

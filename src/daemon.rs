@@ -1,13 +1,19 @@
 //! What every daemon binary does the same way: structured logs and clean shutdown on signals.
 //!
-//! Kept in the library so `kvd`'s subcommands (and later `mrd`) behave identically.
+//! Kept in the library so `kvd` and `mrd` behave identically.
 
 use tracing_subscriber::EnvFilter;
 
 /// Log to stderr, filtered by `RUST_LOG` (default `info`). Spans carry the node id (`raft{node=..}`,
 /// `kv{node=..}`) and role changes log the term and role, so interleaved logs of a cluster stay readable.
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_logging_with("info");
+}
+
+/// [`init_logging`] with another default filter for when `RUST_LOG` is unset (MapReduce workers log
+/// less by default: they run many).
+pub fn init_logging_with(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

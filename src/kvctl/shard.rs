@@ -8,7 +8,8 @@
 use super::status::{collect, NodeReport};
 use crate::ctrler::{Config, CtrlerClerk, Gid};
 use crate::kv::KvOps;
-use crate::kv::{CasOutcome, Clerk};
+use crate::kv::{Clerk, KvCommand};
+use crate::proto::kv as kvpb;
 use crate::rsm::client::{ClerkConfig, ClerkError};
 use crate::shardkv::ShardClerk;
 use std::collections::BTreeMap;
@@ -31,41 +32,14 @@ impl AnyClerk {
             AnyClerk::Sharded(c) => c.get(key).await,
         }
     }
+}
 
-    /// Set `key` to `value`.
-    pub async fn put(&mut self, key: &str, value: &str) -> Result<(), ClerkError> {
+/// Every mutation (put, append, delete, cas) through whichever clerk this is.
+impl KvOps for AnyClerk {
+    async fn mutate(&mut self, command: KvCommand) -> Result<kvpb::Outcome, ClerkError> {
         match self {
-            AnyClerk::Kv(c) => c.put(key, value).await,
-            AnyClerk::Sharded(c) => c.put(key, value).await,
-        }
-    }
-
-    /// Append `value` to `key`.
-    pub async fn append(&mut self, key: &str, value: &str) -> Result<(), ClerkError> {
-        match self {
-            AnyClerk::Kv(c) => c.append(key, value).await,
-            AnyClerk::Sharded(c) => c.append(key, value).await,
-        }
-    }
-
-    /// Remove `key`; whether it existed.
-    pub async fn delete(&mut self, key: &str) -> Result<bool, ClerkError> {
-        match self {
-            AnyClerk::Kv(c) => c.delete(key).await,
-            AnyClerk::Sharded(c) => c.delete(key).await,
-        }
-    }
-
-    /// Compare-and-swap.
-    pub async fn cas(
-        &mut self,
-        key: &str,
-        expected: Option<&str>,
-        value: &str,
-    ) -> Result<CasOutcome, ClerkError> {
-        match self {
-            AnyClerk::Kv(c) => c.cas(key, expected, value).await,
-            AnyClerk::Sharded(c) => c.cas(key, expected, value).await,
+            AnyClerk::Kv(c) => c.mutate(command).await,
+            AnyClerk::Sharded(c) => c.mutate(command).await,
         }
     }
 }
