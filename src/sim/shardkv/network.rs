@@ -20,42 +20,41 @@ impl ShardWorld {
             return;
         };
         let to_incarnation = group.raft.hosts[server].incarnation;
-        if let Some(delay) = self.net.fate(&mut self.net_rng, true) {
-            self.clock.schedule(
-                self.clock.now() + delay,
-                ShardEvent::Request {
-                    gi,
-                    server,
-                    to_incarnation,
-                    from,
-                    id,
-                    request: Box::new(request),
-                },
-            );
+        self.transmit(
+            true,
+            ShardEvent::Request {
+                gi,
+                server,
+                to_incarnation,
+                from,
+                id,
+                request: Box::new(request),
+            },
+        );
+    }
+
+    /// Hand `event` to the network: it happens after the fault model's delay for a request (`true`) or
+    /// an answer, or never if the network loses it.
+    fn transmit(&mut self, request: bool, event: ShardEvent) {
+        if let Some(delay) = self.net.fate(&mut self.net_rng, request) {
+            self.clock.schedule(self.clock.now() + delay, event);
         }
     }
 
     pub(super) fn send_ctrler_query(&mut self, from: CallerId, id: u64, num: Option<u64>) {
         self.rpcs += 1;
-        if let Some(delay) = self.net.fate(&mut self.net_rng, true) {
-            self.clock.schedule(
-                self.clock.now() + delay,
-                ShardEvent::CtrlerQuery { from, id, num },
-            );
-        }
+        self.transmit(true, ShardEvent::CtrlerQuery { from, id, num });
     }
 
     pub(super) fn send_answer(&mut self, to: CallerId, id: u64, answer: Answer) {
-        if let Some(delay) = self.net.fate(&mut self.net_rng, false) {
-            self.clock.schedule(
-                self.clock.now() + delay,
-                ShardEvent::Answer {
-                    to,
-                    id,
-                    answer: Box::new(AnswerBox(answer)),
-                },
-            );
-        }
+        self.transmit(
+            false,
+            ShardEvent::Answer {
+                to,
+                id,
+                answer: Box::new(AnswerBox(answer)),
+            },
+        );
     }
 
     pub(super) fn deliver_replies(
