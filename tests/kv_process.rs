@@ -3,122 +3,41 @@
 
 #[path = "support/ports.rs"]
 mod ports;
+#[path = "support/replicas.rs"]
+mod replicas;
 #[path = "support/scrape.rs"]
 mod scrape;
 
 use ds824::check::{check, CheckResult, History, KvModel, Operation};
-use ds824::kv::clerk::node_status;
+
 use ds824::kv::validate::MAX_VALUE_BYTES;
 use ds824::kv::KvOps;
 use ds824::kv::{Clerk, ClerkConfig};
+use ds824::proto::kv as pb;
 use ds824::proto::kv::kv_client::KvClient;
-use ds824::proto::kv::{self as pb, StatusResponse};
+use ports::free_port;
+use replicas::{Replicas, Role, WAIT};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Longest any wait for the cluster may take before the test fails.
-const WAIT: Duration = Duration::from_secs(30);
+/// A cluster of `kvd kv` (or `kvd ctrler`) processes; every process is killed when it is dropped.
+type Cluster = Replicas;
 
-/// A cluster of `kvd kv` processes; every process is killed when it is dropped.
-struct Cluster {
-    dir: tempfile::TempDir,
-    addrs: Vec<String>,
-    children: Vec<Option<Child>>,
-    snapshot_threshold: u64,
-    /// `kv` or `ctrler`: which `kvd` subcommand the nodes run.
-    role: &'static str,
+/// What the KV tests add to the shared process helpers.
+trait KvCluster {
+    /// `n` `kvd kv` replicas.
+    fn kv(n: usize, snapshot_threshold: u64) -> Cluster;
+    /// A clerk of the cluster.
+    fn clerk(&self) -> Clerk;
 }
 
-use ports::free_port;
-
-impl Cluster {
-    fn start(n: usize, snapshot_threshold: u64) -> Cluster {
-        Self::start_role("kv", n, snapshot_threshold)
-    }
-
-    fn start_role(role: &'static str, n: usize, snapshot_threshold: u64) -> Cluster {
-        let mut cluster = Cluster {
-            dir: tempfile::tempdir().expect("temp dir"),
-            addrs: (0..n)
-                .map(|_| format!("127.0.0.1:{}", free_port()))
-                .collect(),
-            children: (0..n).map(|_| None).collect(),
-            snapshot_threshold,
-            role,
-        };
-        for i in 0..n {
-            cluster.start_node(i);
-        }
-        cluster
-    }
-
-    fn peers(&self) -> String {
-        self.addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{}={a}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn data_dir(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("node-{}", i + 1))
-    }
-
-    fn start_node(&mut self, i: usize) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("node-{}.log", i + 1)))
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_kvd"))
-            .args([
-                self.role,
-                "--id",
-                &(i + 1).to_string(),
-                "--listen",
-                &self.addrs[i],
-            ])
-            .args(["--peers", &self.peers()])
-            .arg("--data-dir")
-            .arg(self.data_dir(i))
-            .args(["--snapshot-threshold", &self.snapshot_threshold.to_string()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kvd");
-        self.children[i] = Some(child);
-    }
-
-    /// SIGKILL node `i` and reap it.
-    fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.children[i].take() {
-            child.kill().expect("kill");
-            child.wait().expect("wait");
-        }
-    }
-
-    /// SIGTERM node `i` and wait for it to exit on its own.
-    fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
-        let mut child = self.children[i].take().expect("running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success());
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "kvd ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+impl KvCluster for Cluster {
+    fn kv(n: usize, snapshot_threshold: u64) -> Cluster {
+        Replicas::start_temp(Role::Kv, n, snapshot_threshold)
     }
 
     fn clerk(&self) -> Clerk {
@@ -130,85 +49,6 @@ impl Cluster {
             },
         )
         .expect("clerk")
-    }
-
-    async fn status(&self, i: usize) -> Option<StatusResponse> {
-        node_status(&self.addrs[i], Duration::from_millis(500))
-            .await
-            .ok()
-    }
-
-    /// Poll every running node's Status until one leads a term no one else has moved past.
-    async fn wait_for_leader(&self) -> usize {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let mut best: Option<(u64, usize)> = None;
-            let mut max_term = 0;
-            for i in 0..self.addrs.len() {
-                if self.children[i].is_none() {
-                    continue;
-                }
-                if let Some(s) = self.status(i).await {
-                    max_term = max_term.max(s.term);
-                    if s.role == "leader" && best.is_none_or(|(t, _)| s.term > t) {
-                        best = Some((s.term, i));
-                    }
-                }
-            }
-            if let Some((term, i)) = best {
-                if term == max_term {
-                    return i;
-                }
-            }
-            assert!(Instant::now() < deadline, "no leader within {WAIT:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Poll node `i`'s Status until `condition` holds.
-    async fn wait_for_status(
-        &self,
-        i: usize,
-        what: &str,
-        condition: impl Fn(&StatusResponse) -> bool,
-    ) -> StatusResponse {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.status(i).await {
-                if condition(&s) {
-                    return s;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {} never reached: {what}",
-                i + 1
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.children.len() {
-            if let Some(mut child) = self.children[i].take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        if std::thread::panicking() {
-            for i in 0..self.addrs.len() {
-                let path = self.dir.path().join(format!("node-{}.log", i + 1));
-                if let Ok(log) = std::fs::read_to_string(&path) {
-                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                    eprintln!("--- last lines of node {} ---", i + 1);
-                    for line in tail.iter().rev() {
-                        eprintln!("{line}");
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -253,7 +93,7 @@ async fn client_loop(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_survive_leader_sigkill_and_stay_linearizable() {
-    let mut cluster = Cluster::start(3, 8 << 10);
+    let mut cluster = Cluster::kv(3, 8 << 10);
     cluster.wait_for_leader().await;
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -400,7 +240,7 @@ async fn appends_survive_leader_sigkill_and_stay_linearizable() {
 async fn full_restart_restores_from_snapshot_and_replays_only_the_tail() {
     const N: usize = 100_000;
     const WRITERS: usize = 32;
-    let mut cluster = Cluster::start(3, 256 << 10);
+    let mut cluster = Cluster::kv(3, 256 << 10);
     cluster.wait_for_leader().await;
     let started = Instant::now();
     let writers: Vec<_> = (0..WRITERS)
@@ -508,7 +348,7 @@ fn stderr(o: &std::process::Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvctl_commands_and_exit_codes() {
-    let mut cluster = Cluster::start(3, 8 << 20);
+    let mut cluster = Cluster::kv(3, 8 << 20);
     let leader = cluster.wait_for_leader().await;
     // A follower redirects: WRONG_LEADER naming the leader and its address.
     let follower = (leader + 1) % 3;
@@ -690,7 +530,7 @@ fn kvd_refuses_bad_flags_and_unusable_data_dirs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvd_refuses_another_nodes_data_dir() {
-    let mut cluster = Cluster::start(1, 8 << 20);
+    let mut cluster = Cluster::kv(1, 8 << 20);
     cluster.wait_for_status(0, "answering", |_| true).await;
     cluster.kill(0);
     let port = free_port();
@@ -719,7 +559,7 @@ fn kvctl_ctrler(ctrlers: &str, args: &[&str]) -> std::process::Output {
 /// with a reason, the configuration survives SIGKILL of any node, and leaves move shards back.
 #[test]
 fn ctrler_daemons_manage_configurations_through_kvctl() {
-    let mut cluster = Cluster::start_role("ctrler", 3, 8 << 20);
+    let mut cluster = Replicas::start_temp(Role::Ctrler, 3, 8 << 20);
     let ctrlers = cluster.addrs.join(",");
     let joined = kvctl_ctrler(&ctrlers, &["join", "101=a:1,b:1,c:1", "102=d:1,e:1,f:1"]);
     assert!(joined.status.success(), "join failed: {}", stderr(&joined));

@@ -1,5 +1,6 @@
-//! Three `kvd` replicas of one role as real processes on 127.0.0.1: the shard controllers or one shard
-//! group. Shared by the sharded process tests and the shard-move benchmark; each uses a subset.
+//! `kvd` replicas of one role as real processes on 127.0.0.1: a KV cluster, the shard controllers or one
+//! shard group. Shared by the KV and sharded process tests and the shard-move benchmark; each uses a
+//! subset.
 #![allow(dead_code)]
 
 use ds824::kv::clerk::node_status;
@@ -13,12 +14,25 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 pub use crate::ports::free_port;
 
-/// Three replicas of one role: the controllers (`gid` 0) or shard group `gid`. Every process is killed
-/// when the group is dropped; on a failing test the last lines of each log are printed.
+/// Which `kvd` subcommand the replicas run.
+#[derive(Clone, Debug)]
+pub enum Role {
+    /// `kvd kv`.
+    Kv,
+    /// `kvd ctrler --shards 10`.
+    Ctrler,
+    /// `kvd shard --gid GID --ctrlers CTRLERS`.
+    Shard { gid: u64, ctrlers: String },
+}
+
+/// Replicas of one role: a KV cluster, the controllers (`gid` 0) or shard group `gid`. Every process
+/// is killed when the replicas are dropped; on a failing test the last lines of each log are printed.
 pub struct Replicas {
-    pub dir: PathBuf,
+    dir: PathBuf,
+    /// Owns `dir` when the replicas made it themselves (removed on drop).
+    _temp: Option<tempfile::TempDir>,
+    role: Role,
     pub gid: u64,
-    ctrlers: String,
     snapshot_threshold: u64,
     pub addrs: Vec<String>,
     pub children: Vec<Option<Child>>,
@@ -31,27 +45,65 @@ impl Replicas {
         Self::start_with(root, gid, ctrlers, 4 << 10)
     }
 
+    /// Three controllers (`gid` 0) or three servers of shard group `gid`, in a directory under `root`.
     pub fn start_with(root: &Path, gid: u64, ctrlers: &str, snapshot_threshold: u64) -> Replicas {
-        let name = if gid == 0 {
-            "ctrler".to_string()
+        let (name, role) = if gid == 0 {
+            ("ctrler".to_string(), Role::Ctrler)
         } else {
-            format!("g{gid}")
+            let ctrlers = ctrlers.to_string();
+            (format!("g{gid}"), Role::Shard { gid, ctrlers })
+        };
+        Self::start_in(root.join(name), None, role, 3, snapshot_threshold)
+    }
+
+    /// `n` replicas of `role` in a fresh temporary directory.
+    pub fn start_temp(role: Role, n: usize, snapshot_threshold: u64) -> Replicas {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        Self::start_in(dir, Some(temp), role, n, snapshot_threshold)
+    }
+
+    fn start_in(
+        dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+        role: Role,
+        n: usize,
+        snapshot_threshold: u64,
+    ) -> Replicas {
+        let gid = match &role {
+            Role::Shard { gid, .. } => *gid,
+            Role::Kv | Role::Ctrler => 0,
         };
         let mut replicas = Replicas {
-            dir: root.join(name),
+            dir,
+            _temp: temp,
+            role,
             gid,
-            ctrlers: ctrlers.to_string(),
             snapshot_threshold,
-            addrs: (0..3)
+            addrs: (0..n)
                 .map(|_| format!("127.0.0.1:{}", free_port()))
                 .collect(),
-            children: (0..3).map(|_| None).collect(),
+            children: (0..n).map(|_| None).collect(),
         };
-        std::fs::create_dir_all(&replicas.dir).expect("group dir");
-        for i in 0..3 {
+        std::fs::create_dir_all(&replicas.dir).expect("replicas dir");
+        for i in 0..n {
             replicas.start_node(i);
         }
         replicas
+    }
+
+    /// How the replicas are named in failure messages.
+    fn name(&self) -> String {
+        match &self.role {
+            Role::Kv => "kv".into(),
+            Role::Ctrler => "controllers".into(),
+            Role::Shard { gid, .. } => format!("group {gid}"),
+        }
+    }
+
+    /// Node `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node-{}", i + 1))
     }
 
     pub fn peers(&self) -> String {
@@ -74,17 +126,22 @@ impl Replicas {
             .open(self.log(i))
             .expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_kvd"));
-        if self.gid == 0 {
-            command.args(["ctrler", "--shards", "10"]);
-        } else {
-            command.args(["shard", "--gid", &self.gid.to_string()]);
-            command.args(["--ctrlers", &self.ctrlers]);
+        match &self.role {
+            Role::Kv => {
+                command.arg("kv");
+            }
+            Role::Ctrler => {
+                command.args(["ctrler", "--shards", "10"]);
+            }
+            Role::Shard { gid, ctrlers } => {
+                command.args(["shard", "--gid", &gid.to_string(), "--ctrlers", ctrlers]);
+            }
         }
         let child = command
             .args(["--id", &(i + 1).to_string(), "--listen", &self.addrs[i]])
             .args(["--peers", &self.peers()])
             .arg("--data-dir")
-            .arg(self.dir.join(format!("node-{}", i + 1)))
+            .arg(self.data_dir(i))
             .args(["--snapshot-threshold", &self.snapshot_threshold.to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -102,6 +159,24 @@ impl Replicas {
         }
     }
 
+    /// SIGTERM node `i` and wait for it to exit on its own.
+    pub fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut child = self.children[i].take().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kvd ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub async fn status(&self, i: usize) -> Option<StatusResponse> {
         node_status(&self.addrs[i], Duration::from_millis(500))
             .await
@@ -114,7 +189,7 @@ impl Replicas {
         loop {
             let mut best: Option<(u64, usize)> = None;
             let mut max_term = 0;
-            for i in 0..3 {
+            for i in 0..self.addrs.len() {
                 if self.children[i].is_none() {
                     continue;
                 }
@@ -132,8 +207,32 @@ impl Replicas {
             }
             assert!(
                 Instant::now() < deadline,
-                "group {}: no leader within {WAIT:?}",
-                self.gid
+                "{}: no leader within {WAIT:?}",
+                self.name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Poll node `i`'s Status until `condition` holds.
+    pub async fn wait_for_status(
+        &self,
+        i: usize,
+        what: &str,
+        condition: impl Fn(&StatusResponse) -> bool,
+    ) -> StatusResponse {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.status(i).await {
+                if condition(&s) {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} node {} never reached: {what}",
+                self.name(),
+                i + 1
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -148,18 +247,18 @@ impl Replicas {
         let deadline = Instant::now() + WAIT;
         loop {
             let mut statuses = Vec::new();
-            for i in 0..3 {
+            for i in 0..self.addrs.len() {
                 if let Some(s) = self.status(i).await.filter(|s| condition(s)) {
                     statuses.push(s);
                 }
             }
-            if statuses.len() == 3 {
+            if statuses.len() == self.addrs.len() {
                 return statuses;
             }
             assert!(
                 Instant::now() < deadline,
-                "group {}: not every node reached: {what}",
-                self.gid
+                "{}: not every node reached: {what}",
+                self.name()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -173,10 +272,10 @@ impl Drop for Replicas {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            for i in 0..3 {
+            for i in 0..self.addrs.len() {
                 if let Ok(log) = std::fs::read_to_string(self.log(i)) {
-                    let tail: Vec<&str> = log.lines().rev().take(25).collect();
-                    eprintln!("--- last lines of group {} node {} ---", self.gid, i + 1);
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    eprintln!("--- last lines of {} node {} ---", self.name(), i + 1);
                     for line in tail.iter().rev() {
                         eprintln!("{line}");
                     }
