@@ -17,7 +17,7 @@
 //! Followers do nothing: only a leader's proposals can commit, and duplicates from a deposed leader are
 //! harmless anyway (the machine ignores them).
 
-use super::migration::{self, Answer, Reply, Request};
+use super::migration::{self, Answer, Mismatch, Reply, Request};
 use super::service::MAX_TRANSFER_BYTES;
 use super::state::{Duty, ShardCommand, ShardKv, ShardOutput, Source};
 use super::wire::page_from_proto;
@@ -212,6 +212,8 @@ impl Driver {
             .with_machine(|machine| migration::command(machine, &duty, answer))
         {
             Ok(command) => command,
+            // The usual answer while no newer configuration exists: the latest one.
+            Err(Mismatch::Config { .. }) => return false,
             Err(mismatch) => {
                 warn!(?duty, %mismatch, "answer refused");
                 return false;
@@ -222,7 +224,7 @@ impl Driver {
         if applied {
             match summary {
                 Some(what) => info!(?duty, "{what}"),
-                None => debug!(?duty, "shard page installed"),
+                None => debug!(?duty, "applied"),
             }
         }
         applied
@@ -332,14 +334,15 @@ impl Driver {
     }
 }
 
-/// What an applied command is worth an info line for (`None`: a page, logged at debug).
+/// What an applied command is worth an info line for (`None`: a page, or a configuration step, which
+/// the round loop reports with its shards; logged at debug).
 fn describe(command: &ShardCommand) -> Option<&'static str> {
     match command {
         ShardCommand::Install(page) if !page.last => None,
         ShardCommand::Install(_) => Some("shard installed"),
         ShardCommand::Confirmed { .. } => Some("old owner deleted its copy"),
         ShardCommand::Adopt { .. } => Some("found where an orphaned shard is frozen"),
-        ShardCommand::NextConfig(_) => Some("configuration fetched"),
+        ShardCommand::NextConfig(_) => None,
         _ => Some("applied"),
     }
 }
