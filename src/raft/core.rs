@@ -31,6 +31,11 @@ use tracing::{debug, info, warn};
 /// of the universe); a message carrying one is corrupt or hostile, and adopting it would let term
 /// arithmetic overflow.
 pub const MAX_TERM: Term = u64::MAX / 2;
+/// The largest step up from its own term a core takes on a peer's word. Real terms grow by one per
+/// election, so no correct peer is ever 2^32 terms ahead; a message that is (a corrupt or hostile one)
+/// is refused, so no single message can carry a node near [`MAX_TERM`], where it could no longer
+/// campaign in a term its peers accept.
+pub const MAX_TERM_STEP: Term = 1 << 32;
 /// Log indices beyond this cannot come from a real log, for the same reason.
 pub const MAX_INDEX: Index = u64::MAX / 2;
 
@@ -328,6 +333,12 @@ impl RaftCore {
         let msg_term = message.term();
         if let Err(what) = validate(&message) {
             return Err(StepError::Protocol { from, what });
+        }
+        if msg_term > self.term.saturating_add(MAX_TERM_STEP) {
+            return Err(StepError::Protocol {
+                from,
+                what: "term too far ahead of ours to come from an election",
+            });
         }
 
         if msg_term > self.term {
@@ -700,6 +711,12 @@ impl RaftCore {
     }
 
     fn campaign(&mut self, leadership_transfer: bool) {
+        if self.term >= MAX_TERM {
+            // Peers refuse every term above MAX_TERM; campaigning would only spread refusals.
+            warn!(node = self.config.id, term = self.term, "term exhausted: not campaigning");
+            self.reset_election_timer();
+            return;
+        }
         if self.config.pre_vote && !leadership_transfer {
             self.become_pre_candidate();
         } else {

@@ -52,7 +52,9 @@ pub mod types;
 pub mod wire;
 
 pub use self::config::{Config, ConfigError};
-pub use self::core::{CompactError, NotLeader, RaftCore, RestoreError, Status, StepError};
+pub use self::core::{
+    CompactError, NotLeader, RaftCore, RestoreError, Status, StepError, MAX_TERM, MAX_TERM_STEP,
+};
 pub use self::log::LogWrite;
 pub use self::message::{Envelope, Message};
 pub use self::node::{Applied, NodeConfig, NodeError, NodeStatus, RaftHandle, RaftNode};

@@ -139,3 +139,40 @@ fn random_and_extreme_messages_never_panic() {
         }
     }
 }
+
+/// One message with the largest term a core accepts, from a member, must not leave the group unable to
+/// elect: a node that adopted it would campaign in a term every peer refuses, for good (restarts too,
+/// since the term is persisted).
+#[test]
+fn one_message_with_a_huge_term_does_not_brick_the_group() {
+    use crate::common::*;
+    for forged_term in [ds824::raft::MAX_TERM, ds824::raft::MAX_TERM - 1, u64::MAX] {
+        let mut cfg = cluster("one_message_with_a_huge_term_does_not_brick_the_group", 3, true);
+        let leader = cfg.check_one_leader();
+        let target = (leader + 1) % 3;
+        let before = cfg.check_terms();
+        let core = cfg.core_mut(target).expect("target runs");
+        let _ = core.step(Envelope {
+            from: leader as u64 + 1,
+            to: target as u64 + 1,
+            message: Message::AppendEntries {
+                term: forged_term,
+                prev_log_index: 0,
+                prev_log_term: 0,
+                entries: vec![],
+                leader_commit: 0,
+                read_round: 0,
+            },
+        });
+        cfg.flush(target);
+        cfg.sleep(10_000);
+        cfg.check_one_leader();
+        cfg.one(cmd(forged_term % 1000), 3, true);
+        let after = cfg.check_terms();
+        assert!(
+            after < before + ds824::raft::MAX_TERM_STEP,
+            "term {forged_term} was adopted: the group went from term {before} to {after}"
+        );
+        cfg.end("one_message_with_a_huge_term_does_not_brick_the_group");
+    }
+}
