@@ -15,6 +15,7 @@ pub mod mr;
 pub mod raft;
 pub mod replica;
 pub mod rsm;
+pub mod security;
 pub mod shardkv;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

@@ -1,0 +1,217 @@
+//! The cluster's certificate authority on disk (`kvctl certs init` / `kvctl certs issue`).
+//!
+//! A directory holds `ca.pem` (the CA certificate every node and client trusts), `ca-key.pem` (its
+//! key: keep it off the nodes), `cluster` (the cluster name every identity is issued for) and one
+//! `<role>-<name>.pem` / `<role>-<name>-key.pem` pair per issued certificate. Keys are ECDSA P-256;
+//! every leaf certificate may be used as both TLS server and TLS client, since replicas are both.
+
+use super::principal::{valid_label, Principal, PrincipalError, Role};
+use super::SERVER_NAME;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use time::{Duration, OffsetDateTime};
+
+/// Why a CA operation failed.
+#[derive(Debug, Error)]
+pub enum CertError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Refused input (an existing CA, a bad name, a role that does not exist).
+    #[error("{0}")]
+    Invalid(String),
+    /// An identity that does not parse.
+    #[error(transparent)]
+    Principal(#[from] PrincipalError),
+    /// The certificate library failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// What one issued certificate is and where it was written.
+#[derive(Debug)]
+pub struct Issued {
+    /// The identity in it.
+    pub principal: Principal,
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, readable by the owner only).
+    pub key: PathBuf,
+}
+
+fn read(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(|source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
+    let io = |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if private { 0o600 } else { 0o644 });
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    use std::io::Write;
+    let mut file = options.open(path).map_err(io)?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = OffsetDateTime::now_utc();
+    // An hour of slack for clocks that are a little behind.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(i64::from(days.max(1)));
+}
+
+/// Create a CA for cluster `cluster` in `dir` (created if missing). Refuses to overwrite an existing CA:
+/// every certificate it issued would stop working.
+pub fn init(dir: &Path, cluster: &str, days: u32) -> Result<PathBuf, CertError> {
+    if !valid_label(cluster) {
+        return Err(CertError::Invalid(format!(
+            "cluster name {cluster:?}: use 1-64 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    let ca_path = dir.join("ca.pem");
+    if ca_path.exists() {
+        return Err(CertError::Invalid(format!(
+            "{} already exists: a new CA would invalidate every certificate the old one issued",
+            ca_path.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let key = KeyPair::generate()?;
+    let params = ca_params(cluster, days);
+    let cert = params.self_signed(&key)?;
+    write(&dir.join("ca-key.pem"), &key.serialize_pem(), true)?;
+    write(&dir.join("cluster"), &format!("{cluster}\n"), false)?;
+    write(&ca_path, &cert.pem(), false)?;
+    Ok(ca_path)
+}
+
+fn ca_params(cluster: &str, days: u32) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, format!("ds824 CA for {cluster}"));
+    name.push(DnType::OrganizationName, "ds824");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, days);
+    params
+}
+
+/// The cluster name a CA directory was created for.
+pub fn cluster_of(dir: &Path) -> Result<String, CertError> {
+    Ok(read(&dir.join("cluster"))?.trim().to_string())
+}
+
+/// Issue a certificate for `role`/`name` with the CA in `dir`, valid for `days`. `hosts` are extra DNS
+/// names or IP addresses to put in it (servers are verified under [`SERVER_NAME`], which every server
+/// role's certificate carries, so these are only for other tools such as curl).
+pub fn issue(
+    dir: &Path,
+    role: &str,
+    name: &str,
+    hosts: &[String],
+    days: u32,
+) -> Result<Issued, CertError> {
+    let cluster = cluster_of(dir)?;
+    let role: Role = role.parse()?;
+    if !valid_label(name) {
+        return Err(CertError::Invalid(format!(
+            "name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    if role.raft_group().is_some() && name.parse::<u64>().map_or(true, |id| id == 0) {
+        return Err(CertError::Invalid(format!(
+            "a {role} replica's name is its node id (1, 2, ...), not {name:?}"
+        )));
+    }
+    let principal = Principal {
+        cluster,
+        role,
+        name: name.to_string(),
+    };
+    let ca_key = KeyPair::from_pem(&read(&dir.join("ca-key.pem"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(&dir.join("ca.pem"))?, ca_key)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, principal.uri());
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(principal.uri().try_into()?)];
+    if principal.role.is_server() {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(SERVER_NAME.try_into()?));
+    }
+    for host in hosts {
+        let san = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(host.as_str().try_into()?),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, days);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let stem = format!("{}-{}", principal.role, principal.name);
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}-key.pem"));
+    write(&key_path, &key.serialize_pem(), true)?;
+    write(&cert_path, &cert.pem(), false)?;
+    Ok(Issued {
+        principal,
+        cert: cert_path,
+        key: key_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_their_identity_and_a_ca_is_never_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), "prod", 30).expect("init");
+        assert!(init(dir.path(), "prod", 30).is_err(), "CA overwritten");
+        let issued = issue(dir.path(), "shard-3", "2", &["10.0.0.7".into()], 30).expect("issue");
+        let pem = std::fs::read(&issued.cert).expect("read");
+        let der = super::super::pem_certificates(&pem).expect("pem").remove(0);
+        let principal = Principal::from_certificate(&der).expect("identity");
+        assert_eq!(principal, Principal::node("prod", Role::Shard(3), 2));
+        assert!(issue(dir.path(), "kv", "one", &[], 30).is_err(), "non-numeric node id");
+        assert!(issue(dir.path(), "root", "x", &[], 30).is_err(), "unknown role");
+    }
+}

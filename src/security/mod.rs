@@ -1,0 +1,315 @@
+//! The trust boundary: mutual TLS on every connection and the identities certificates carry.
+//!
+//! Every daemon and client loads a [`Security`] from `--tls-ca/--tls-cert/--tls-key` (or, for local
+//! development only, `--insecure`). With TLS, a server accepts only clients whose certificate the
+//! cluster CA signed (the handshake refuses anyone else), and every service asks its [`Guard`] who the
+//! caller is before acting: the identity is a `ds824://<cluster>/<role>/<name>` URI in the certificate
+//! ([`principal`]), so a Raft message's sender, a shard group pulling a shard, or an operator calling
+//! `Join` is whoever the CA said, not whoever the request claims. [`certs`] makes the CA and
+//! certificates (`kvctl certs`); [`args`] is the command-line surface every binary shares.
+//!
+//! Clients verify servers under one name, [`SERVER_NAME`], which only server roles' certificates
+//! carry: nodes move between hosts and addresses (containers, pods), identities do not.
+
+pub mod args;
+pub mod certs;
+pub mod principal;
+
+pub use self::args::TlsArgs;
+pub use self::principal::{Principal, PrincipalError, Role};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use thiserror::Error;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, ServerTlsConfig};
+use tonic::{Request, Status};
+
+/// The DNS name every server certificate carries and every client verifies.
+pub const SERVER_NAME: &str = "server.ds824";
+
+/// Why TLS material could not be used.
+#[derive(Debug, Error)]
+pub enum SecurityError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A file is not what its flag says.
+    #[error("{path}: {detail}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// Neither TLS files nor `--insecure` were given, or only some of the files.
+    #[error("{0}")]
+    Usage(String),
+    /// The certificate is not one this process may use.
+    #[error("{0}")]
+    Identity(String),
+    /// tonic refused the TLS configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+/// Loaded TLS material: the CA to trust and this process's certificate, key and identity.
+pub struct TlsMaterial {
+    ca: Certificate,
+    identity: tonic::transport::Identity,
+    principal: Principal,
+}
+
+/// How this process connects and accepts connections.
+#[derive(Clone)]
+pub enum Security {
+    /// Plaintext, no identities: anyone who reaches a port may do anything. Local development only.
+    Insecure,
+    /// Mutual TLS with the cluster CA.
+    Tls(Arc<TlsMaterial>),
+}
+
+impl Default for Security {
+    /// Plaintext: what in-process tests and the simulator use. Binaries never fall back to it; they
+    /// require `--insecure` to choose it.
+    fn default() -> Self {
+        Security::Insecure
+    }
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Security::Insecure => f.write_str("Insecure"),
+            Security::Tls(tls) => write!(f, "Tls({})", tls.principal),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, SecurityError> {
+    std::fs::read(path).map_err(|source| SecurityError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The DER certificates in a PEM file's contents.
+pub fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem)
+        .map(|cert| cert.map(|c| c.to_vec()))
+        .collect();
+    match certs {
+        Ok(certs) if certs.is_empty() => Err("no PEM certificate in it".into()),
+        Ok(certs) => Ok(certs),
+        Err(e) => Err(format!("not a PEM certificate: {e}")),
+    }
+}
+
+impl Security {
+    /// Load the CA, certificate and key (PEM files) and read this process's identity from the
+    /// certificate. Every problem is reported now, naming the file, rather than at the first handshake.
+    pub fn load_tls(ca: &Path, cert: &Path, key: &Path) -> Result<Security, SecurityError> {
+        let ca_pem = read(ca)?;
+        pem_certificates(&ca_pem).map_err(|detail| SecurityError::Invalid {
+            path: ca.to_path_buf(),
+            detail,
+        })?;
+        let cert_pem = read(cert)?;
+        let key_pem = read(key)?;
+        let first = pem_certificates(&cert_pem)
+            .map_err(|detail| SecurityError::Invalid {
+                path: cert.to_path_buf(),
+                detail,
+            })?
+            .remove(0);
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            SecurityError::Invalid {
+                path: key.to_path_buf(),
+                detail: format!("not a PEM private key: {e}"),
+            }
+        })?;
+        let principal =
+            Principal::from_certificate(&first).map_err(|e| SecurityError::Invalid {
+                path: cert.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+        Ok(Security::Tls(Arc::new(TlsMaterial {
+            ca: Certificate::from_pem(ca_pem),
+            identity: tonic::transport::Identity::from_pem(cert_pem, key_pem),
+            principal,
+        })))
+    }
+
+    /// Whether connections are encrypted and authenticated.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Security::Tls(_))
+    }
+
+    /// This process's identity, with TLS.
+    pub fn principal(&self) -> Option<&Principal> {
+        match self {
+            Security::Insecure => None,
+            Security::Tls(tls) => Some(&tls.principal),
+        }
+    }
+
+    /// The URL for `address` (`host:port`, or a URL whose scheme is replaced to match).
+    pub fn url(&self, address: &str) -> String {
+        let host = address.split_once("://").map_or(address, |(_, rest)| rest);
+        match self {
+            Security::Insecure => format!("http://{host}"),
+            Security::Tls(_) => format!("https://{host}"),
+        }
+    }
+
+    /// An endpoint for `address` that speaks this process's security (callers add their timeouts).
+    pub fn endpoint(&self, address: &str) -> Result<Endpoint, tonic::transport::Error> {
+        let endpoint = Endpoint::from_shared(self.url(address))?;
+        match self {
+            Security::Insecure => Ok(endpoint),
+            Security::Tls(tls) => endpoint.tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(tls.ca.clone())
+                    .identity(tls.identity.clone())
+                    .domain_name(SERVER_NAME),
+            ),
+        }
+    }
+
+    /// A tonic server builder that requires a client certificate from the cluster CA.
+    pub fn server(&self) -> Result<tonic::transport::Server, SecurityError> {
+        let builder = tonic::transport::Server::builder();
+        match self {
+            Security::Insecure => Ok(builder),
+            Security::Tls(tls) => builder
+                .tls_config(
+                    ServerTlsConfig::new()
+                        .identity(tls.identity.clone())
+                        .client_ca_root(tls.ca.clone()),
+                )
+                .map_err(|e| SecurityError::Tls(e.to_string())),
+        }
+    }
+
+    /// The guard services check callers with.
+    pub fn guard(&self) -> Guard {
+        Guard {
+            cluster: self.principal().map(|p| p.cluster.clone()),
+        }
+    }
+
+    /// Check that this process's certificate is one `role` may serve with: the right role, name and
+    /// cluster. Without TLS there is nothing to check.
+    pub fn expect_identity(&self, expected: &Principal) -> Result<(), SecurityError> {
+        match self.principal() {
+            Some(own) if own != expected => Err(SecurityError::Identity(format!(
+                "this process must run as {expected}, but its certificate says {own}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Log at start-up what this process trusts: plaintext is worth a warning every time.
+    pub fn log_startup(&self, process: &str) {
+        match self.principal() {
+            None => tracing::warn!(
+                process,
+                "running WITHOUT TLS (--insecure): anyone who can reach a port can act as any peer, \
+                 client or operator; use this for local development only"
+            ),
+            Some(principal) => tracing::info!(process, identity = %principal, "mutual TLS on"),
+        }
+    }
+}
+
+/// Who may call a service. Open (no TLS) lets everyone in; with TLS, the caller is the identity in its
+/// certificate, which must belong to this cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Guard {
+    cluster: Option<String>,
+}
+
+impl Guard {
+    /// A guard that admits everyone (plaintext mode, in-process tests).
+    pub fn open() -> Guard {
+        Guard { cluster: None }
+    }
+
+    /// Whether callers are authenticated.
+    pub fn is_open(&self) -> bool {
+        self.cluster.is_none()
+    }
+
+    /// The caller's identity: `None` when the guard is open. A TLS connection without a usable
+    /// identity (no certificate, no ds824 URI, another cluster's) is refused.
+    pub fn caller<T>(&self, request: &Request<T>) -> Result<Option<Principal>, Status> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let first = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let principal = Principal::from_certificate(first.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        if &principal.cluster != cluster {
+            return Err(Status::permission_denied(format!(
+                "{principal} belongs to cluster {:?}, this is cluster {cluster:?}",
+                principal.cluster
+            )));
+        }
+        Ok(Some(principal))
+    }
+
+    /// Admit the caller if `allowed` says its role may do `what`; refuse with PERMISSION_DENIED
+    /// naming both otherwise.
+    pub fn allow<T>(
+        &self,
+        request: &Request<T>,
+        what: &str,
+        allowed: impl Fn(&Role) -> bool,
+    ) -> Result<Option<Principal>, Status> {
+        let caller = self.caller(request)?;
+        match &caller {
+            Some(principal) if !allowed(&principal.role) => Err(Status::permission_denied(
+                format!("{principal} may not {what}"),
+            )),
+            _ => Ok(caller),
+        }
+    }
+}
+
+/// Whether an error (from a failed call or connection) came from TLS: an untrusted certificate, a
+/// refused client certificate, plaintext against a TLS port. Such a failure does not go away by
+/// retrying, so clients report it at once.
+pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// Roles that use the data services: ordinary clients and operators.
+pub fn is_user(role: &Role) -> bool {
+    matches!(role, Role::Client | Role::Admin)
+}
