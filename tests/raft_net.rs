@@ -153,15 +153,19 @@ async fn the_inbound_service_refuses_malformed_streams() {
     use ds824::proto::raft as pb;
     use ds824::proto::raft::raft_transport_client::RaftTransportClient;
     use ds824::proto::raft::raft_transport_server::RaftTransportServer;
-    use ds824::raft::transport::RaftService;
+    use ds824::raft::transport::{InboundConfig, RaftService};
     use ds824::raft::Message;
 
-    let (inbound, mut delivered) = tokio::sync::mpsc::channel(8);
+    let mut config = InboundConfig::new(1, [2, 3]);
+    config.max_snapshot_bytes = 1 << 20;
+    config.snapshot_idle_timeout = std::time::Duration::from_millis(300);
+    let cluster = config.cluster.clone();
+    let (service, mut delivered) = RaftService::new(config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let service = RaftTransportServer::new(RaftService::new(1, inbound, 1 << 20));
+    let service = RaftTransportServer::new(service);
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(service)
@@ -181,6 +185,7 @@ async fn the_inbound_service_refuses_malformed_streams() {
         data: Bytes::from_static(data),
         done,
         total_bytes: total,
+        cluster: cluster.clone(),
     };
     let refused = |chunks: Vec<pb::SnapshotChunk>| {
         let mut client = client.clone();
@@ -209,12 +214,45 @@ async fn the_inbound_service_refuses_malformed_streams() {
         refused(vec![chunk(0, b"abc", true, 2 << 20)]).await,
         tonic::Code::ResourceExhausted
     );
+    // A stranger announcing 4 GiB is refused on its first chunk, before anything is reserved for it;
+    // so is a chunk from another cluster.
+    let started = std::time::Instant::now();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut stranger = chunk(0, b"abc", false, 4 << 30);
+    stranger.from = 99;
+    tx.send(stranger).await.expect("queue");
+    let status = client
+        .clone()
+        .install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("must be refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "refused only after {:?}: the stream was held open",
+        started.elapsed()
+    );
+    drop(tx);
+    let mut foreign = chunk(0, b"abc", true, 3);
+    foreign.cluster = "other/raft".into();
+    assert_eq!(refused(vec![foreign]).await, tonic::Code::FailedPrecondition);
+    // A stream that stops sending is dropped after the idle timeout, and frees the peer's slot.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(chunk(0, b"abc", false, 6)).await.expect("queue");
+    let status = client
+        .clone()
+        .install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("an idle stream must be dropped");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+    drop(tx);
     // An envelope with no message, and one addressed to someone else.
     let bad_envelopes = vec![
         pb::Envelope {
             from: 2,
             to: 1,
             message: None,
+            cluster: cluster.clone(),
         },
         pb::Envelope {
             from: 2,
@@ -222,6 +260,15 @@ async fn the_inbound_service_refuses_malformed_streams() {
             message: Some(pb::envelope::Message::TimeoutNow(pb::TimeoutNowRequest {
                 term: 1,
             })),
+            cluster: cluster.clone(),
+        },
+        pb::Envelope {
+            from: 9,
+            to: 1,
+            message: Some(pb::envelope::Message::TimeoutNow(pb::TimeoutNowRequest {
+                term: 1,
+            })),
+            cluster: cluster.clone(),
         },
     ];
     for envelope in bad_envelopes {
@@ -232,7 +279,7 @@ async fn the_inbound_service_refuses_malformed_streams() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
     assert!(
-        delivered.try_recv().is_err(),
+        delivered.try_recv().is_none(),
         "nothing malformed was delivered"
     );
     // A good snapshot in two chunks arrives whole.

@@ -13,7 +13,10 @@ use super::config::Config;
 use super::core::{CompactError, NotLeader, RaftCore, RestoreError, Status};
 use super::message::Envelope;
 use super::storage::{Storage, StorageError};
-use super::transport::{RaftService, Transport, TransportConfig};
+use super::transport::{
+    cluster_id, InboundConfig, InboundQueue, RaftService, Transport, TransportConfig,
+};
+use crate::security::Guard;
 use super::types::{Entry, Index, NodeId, Role, Snapshot, Term};
 use super::Ready;
 use crate::proto::raft::raft_transport_server::RaftTransportServer;
@@ -43,6 +46,13 @@ pub struct NodeConfig {
     pub transport: TransportConfig,
     /// Largest snapshot accepted from a peer.
     pub max_snapshot_bytes: u64,
+    /// The deployment's cluster name (`--cluster`); with [`NodeConfig::group`] it makes the cluster id
+    /// every message carries.
+    pub cluster: String,
+    /// This node's Raft group (`kv`, `ctrler`, `shard-3`): with TLS, peers' certificates must name it.
+    pub group: String,
+    /// Who may send this node messages (open without TLS).
+    pub guard: Guard,
 }
 
 impl NodeConfig {
@@ -59,7 +69,15 @@ impl NodeConfig {
             peers,
             transport: TransportConfig::default(),
             max_snapshot_bytes: 4 << 30,
+            cluster: "ds824".into(),
+            group: "raft".into(),
+            guard: Guard::open(),
         }
+    }
+
+    /// The id this node's messages carry.
+    pub fn cluster_id(&self) -> String {
+        cluster_id(&self.cluster, &self.group)
     }
 }
 
@@ -184,7 +202,12 @@ impl RaftNode {
         let id = config.raft.id;
         let core = RaftCore::restore(config.raft.clone(), persisted)?;
         let (command_tx, command_rx) = mpsc::channel(4096);
-        let (inbound_tx, inbound_rx) = mpsc::channel(4096);
+        let mut inbound = InboundConfig::new(id, config.peers.keys().copied());
+        inbound.cluster = config.cluster_id();
+        inbound.group = config.group.clone();
+        inbound.guard = config.guard.clone();
+        inbound.max_snapshot_bytes = config.max_snapshot_bytes;
+        let (service, inbound_rx) = RaftService::new(inbound);
         let (apply_tx, apply_rx) = mpsc::unbounded_channel();
         let status = NodeStatus {
             raft: core.status(),
@@ -192,7 +215,7 @@ impl RaftNode {
             snapshot_bytes: storage.snapshot_size(),
         };
         let (status_tx, status_rx) = watch::channel(status);
-        let transport = Transport::start(&config.peers, &config.transport);
+        let transport = Transport::start(&config.peers, &config.transport, &config.cluster_id());
         let driver = Driver {
             core,
             storage: Some(Box::new(storage)),
@@ -217,7 +240,7 @@ impl RaftNode {
                 commands: command_tx,
                 status: status_rx,
             },
-            service: RaftService::new(id, inbound_tx, config.max_snapshot_bytes),
+            service,
             task,
         };
         Ok((node, apply_rx))
@@ -277,7 +300,7 @@ impl Driver {
         mut self,
         tick: Duration,
         mut commands: mpsc::Receiver<Command>,
-        mut inbound: mpsc::Receiver<Envelope>,
+        mut inbound: InboundQueue,
     ) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -294,8 +317,8 @@ impl Driver {
             }
             for _ in 0..BATCH {
                 match inbound.try_recv() {
-                    Ok(envelope) => self.step(envelope),
-                    Err(_) => break,
+                    Some(envelope) => self.step(envelope),
+                    None => break,
                 }
             }
             for _ in 0..BATCH {

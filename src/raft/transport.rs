@@ -10,7 +10,11 @@
 //! unreachable are discarded on each failed connection attempt: they would only be stale on arrival.
 //!
 //! **Inbound**, [`RaftService`] decodes and validates every message and hands it to the node's inbound
-//! queue; malformed input is answered with `INVALID_ARGUMENT`, never passed on.
+//! queue; malformed input is answered with `INVALID_ARGUMENT`, never passed on. Before anything is
+//! allocated or queued it checks who sent it: the cluster id on the wire must be ours (a typo in
+//! `--peers` cannot merge two groups), the sender must be one of our peers and, with TLS, the very node
+//! its certificate names. The queue is bounded in bytes as well as messages, a snapshot's buffer grows
+//! only as its chunks arrive, and each peer gets one snapshot stream at a time, dropped when idle.
 
 use super::message::{Envelope, Message};
 use super::types::{NodeId, SnapshotMeta};
@@ -18,14 +22,23 @@ use super::wire::{envelope_from_proto, envelope_to_proto};
 use crate::proto::raft as pb;
 use crate::proto::raft::raft_transport_client::RaftTransportClient;
 use crate::proto::raft::raft_transport_server::RaftTransport;
+use crate::security::{Guard, Principal, Security};
 use bytes::BytesMut;
-use std::collections::HashMap;
+use prost::Message as _;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, warn};
+
+/// The id a cluster's messages carry: the deployment's cluster name and the Raft group
+/// (`prod/shard-3`). Nodes record it in their data directory at first start.
+pub fn cluster_id(cluster: &str, group: &str) -> String {
+    format!("{cluster}/{group}")
+}
 
 /// Knobs of the transport.
 #[derive(Clone, Debug)]
@@ -41,6 +54,8 @@ pub struct TransportConfig {
     pub snapshot_chunk_bytes: usize,
     /// Deadline for sending a whole snapshot.
     pub snapshot_timeout: Duration,
+    /// Plaintext or mutual TLS to peers.
+    pub security: Security,
 }
 
 impl Default for TransportConfig {
@@ -51,6 +66,7 @@ impl Default for TransportConfig {
             queue_depth: 4096,
             snapshot_chunk_bytes: 1 << 20,
             snapshot_timeout: Duration::from_secs(120),
+            security: Security::Insecure,
         }
     }
 }
@@ -66,27 +82,24 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// Start the per-peer tasks for `peers` (id → `http://host:port`). Must run inside a tokio runtime.
-    /// The tasks stop when the `Transport` is dropped.
-    pub fn start(peers: &HashMap<NodeId, String>, config: &TransportConfig) -> Self {
+    /// Start the per-peer tasks for `peers` (id → `host:port`), stamping every message with `cluster`
+    /// (see [`cluster_id`]). Must run inside a tokio runtime. The tasks stop when the `Transport` is
+    /// dropped.
+    pub fn start(peers: &HashMap<NodeId, String>, config: &TransportConfig, cluster: &str) -> Self {
         let peers = peers
             .iter()
             .map(|(&id, address)| {
                 let (messages, message_rx) = mpsc::channel(config.queue_depth);
                 // One snapshot at a time: the core resends if one is dropped.
                 let (snapshots, snapshot_rx) = mpsc::channel(1);
-                tokio::spawn(stream_messages(
-                    id,
-                    address.clone(),
-                    config.clone(),
-                    message_rx,
-                ));
-                tokio::spawn(stream_snapshots(
-                    id,
-                    address.clone(),
-                    config.clone(),
-                    snapshot_rx,
-                ));
+                let link = Link {
+                    peer: id,
+                    address: address.clone(),
+                    config: config.clone(),
+                    cluster: cluster.to_string(),
+                };
+                tokio::spawn(stream_messages(link.clone(), message_rx));
+                tokio::spawn(stream_snapshots(link, snapshot_rx));
                 (
                     id,
                     PeerQueues {
@@ -117,8 +130,19 @@ impl Transport {
     }
 }
 
+/// What a per-peer task needs to reach its peer.
+#[derive(Clone)]
+struct Link {
+    peer: NodeId,
+    address: String,
+    config: TransportConfig,
+    cluster: String,
+}
+
 fn endpoint(address: &str, config: &TransportConfig) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(address.to_string())?
+    Ok(config
+        .security
+        .endpoint(address)?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
@@ -145,13 +169,30 @@ async fn connect(
     }
 }
 
-async fn stream_messages(
-    peer: NodeId,
-    address: String,
-    config: TransportConfig,
-    mut queue: mpsc::Receiver<Envelope>,
-) {
+/// Log a peer's refusal loudly the first time (a misconfiguration the operator must see), quietly
+/// while it repeats.
+fn report_refusal(peer: NodeId, status: &Status, reported: &mut bool) {
+    let refused = matches!(
+        status.code(),
+        Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated
+    );
+    if refused && !*reported {
+        warn!(peer, error = %status.message(), "peer refuses our messages");
+        *reported = true;
+    } else {
+        debug!(peer, error = %status, "message stream to peer ended");
+    }
+}
+
+async fn stream_messages(link: Link, mut queue: mpsc::Receiver<Envelope>) {
+    let Link {
+        peer,
+        address,
+        config,
+        cluster,
+    } = link;
     let mut backoff = Duration::from_millis(50);
+    let mut reported = false;
     loop {
         let Some(mut client) = connect(peer, &address, &config).await else {
             // Whatever waited for this peer is stale by now.
@@ -170,28 +211,33 @@ async fn stream_messages(
             tokio::select! {
                 result = &mut call => {
                     if let Err(status) = result {
-                        debug!(peer, error = %status, "message stream to peer ended");
+                        report_refusal(peer, &status, &mut reported);
                     }
                     break;
                 }
                 next = queue.recv() => {
                     let Some(envelope) = next else { return };
-                    if stream_tx.send(envelope_to_proto(&envelope)).await.is_err() {
+                    let mut message = envelope_to_proto(&envelope);
+                    message.cluster.clone_from(&cluster);
+                    if stream_tx.send(message).await.is_err() {
                         break;
                     }
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
+        // A refused stream is retried at the slowest pace: the operator must fix the configuration.
+        tokio::time::sleep(if reported { config.max_backoff } else { backoff }).await;
     }
 }
 
-async fn stream_snapshots(
-    peer: NodeId,
-    address: String,
-    config: TransportConfig,
-    mut queue: mpsc::Receiver<Envelope>,
-) {
+async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
+    let Link {
+        peer,
+        address,
+        config,
+        cluster,
+    } = link;
+    let mut reported = false;
     while let Some(envelope) = queue.recv().await {
         let Message::InstallSnapshot { term, meta, data } = envelope.message else {
             continue;
@@ -207,6 +253,7 @@ async fn stream_snapshots(
         }
         let last = offsets.len() - 1;
         let (from, to) = (envelope.from, envelope.to);
+        let cluster = cluster.clone();
         let chunks = offsets.into_iter().enumerate().map(move |(n, offset)| {
             let end = (offset + chunk).min(total);
             pb::SnapshotChunk {
@@ -219,47 +266,202 @@ async fn stream_snapshots(
                 data: data.slice(offset..end),
                 done: n == last,
                 total_bytes: total as u64,
+                cluster: if n == 0 { cluster.clone() } else { String::new() },
             }
         });
         let sending = client.install_snapshot(tokio_stream::iter(chunks));
         match tokio::time::timeout(config.snapshot_timeout, sending).await {
             Ok(Ok(_)) => debug!(peer, index = meta.index, bytes = total, "snapshot sent"),
-            Ok(Err(status)) => warn!(peer, error = %status, "snapshot transfer failed"),
+            Ok(Err(status)) => {
+                report_refusal(peer, &status, &mut reported);
+                warn!(peer, error = %status, "snapshot transfer failed");
+            }
             Err(_) => warn!(peer, "snapshot transfer timed out"),
         }
+    }
+}
+
+/// Who a node accepts messages from, and how much it holds for them.
+#[derive(Clone, Debug)]
+pub struct InboundConfig {
+    /// This node.
+    pub me: NodeId,
+    /// The other voters: a message from anyone else is refused.
+    pub peers: HashSet<NodeId>,
+    /// Our cluster id (see [`cluster_id`]); a message carrying another is refused.
+    pub cluster: String,
+    /// Our Raft group (`kv`, `ctrler`, `shard-3`): with TLS, the sender's certificate must name it.
+    pub group: String,
+    /// Authenticates callers (open without TLS).
+    pub guard: Guard,
+    /// Snapshots larger than this are refused up front.
+    pub max_snapshot_bytes: u64,
+    /// Bytes of decoded messages waiting for the node; senders wait (HTTP/2 flow control pushes back
+    /// to them) while the queue is full.
+    pub max_queued_bytes: usize,
+    /// A snapshot stream that sends nothing for this long is dropped.
+    pub snapshot_idle_timeout: Duration,
+}
+
+impl InboundConfig {
+    /// Defaults for node `me` among `peers`: cluster `ds824/raft`, no TLS, 4 GiB snapshots, 256 MiB
+    /// queued, 10 s idle snapshot streams.
+    pub fn new(me: NodeId, peers: impl IntoIterator<Item = NodeId>) -> Self {
+        InboundConfig {
+            me,
+            peers: peers.into_iter().filter(|&p| p != me).collect(),
+            cluster: cluster_id("ds824", "raft"),
+            group: "raft".into(),
+            guard: Guard::open(),
+            max_snapshot_bytes: 4 << 30,
+            max_queued_bytes: 256 << 20,
+            snapshot_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A message waiting for the node, holding its share of the byte budget until taken.
+struct Queued {
+    envelope: Envelope,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// The node's end of the inbound queue.
+pub struct InboundQueue {
+    queue: mpsc::Receiver<Queued>,
+}
+
+impl InboundQueue {
+    /// The next message (`None` once every sender is gone).
+    pub async fn recv(&mut self) -> Option<Envelope> {
+        self.queue.recv().await.map(|queued| queued.envelope)
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Envelope> {
+        self.queue.try_recv().ok().map(|queued| queued.envelope)
     }
 }
 
 /// The inbound side: a tonic service that feeds a node's inbound queue.
 #[derive(Clone)]
 pub struct RaftService {
-    me: NodeId,
-    inbound: mpsc::Sender<Envelope>,
-    max_snapshot_bytes: u64,
+    config: Arc<InboundConfig>,
+    inbound: mpsc::Sender<Queued>,
+    budget: Arc<Semaphore>,
+    /// Peers with a snapshot stream open.
+    snapshot_streams: Arc<Mutex<HashSet<NodeId>>>,
+    /// Foreign cluster ids already logged (once each).
+    foreign: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Releases a peer's snapshot slot when its stream ends, however it ends.
+struct SnapshotSlot {
+    streams: Arc<Mutex<HashSet<NodeId>>>,
+    peer: NodeId,
+}
+
+impl Drop for SnapshotSlot {
+    fn drop(&mut self) {
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.remove(&self.peer);
+        }
+    }
 }
 
 impl RaftService {
-    /// A service for node `me` delivering into `inbound`. Snapshots larger than `max_snapshot_bytes`
-    /// are refused, so a peer cannot make this node allocate without bound.
-    pub fn new(me: NodeId, inbound: mpsc::Sender<Envelope>, max_snapshot_bytes: u64) -> Self {
-        RaftService {
-            me,
+    /// A service admitting what `config` allows, and the queue the node reads it from.
+    pub fn new(config: InboundConfig) -> (Self, InboundQueue) {
+        let (inbound, queue) = mpsc::channel(4096);
+        let budget = Arc::new(Semaphore::new(config.max_queued_bytes.max(1)));
+        let service = RaftService {
+            config: Arc::new(config),
             inbound,
-            max_snapshot_bytes,
-        }
+            budget,
+            snapshot_streams: Arc::default(),
+            foreign: Arc::default(),
+        };
+        (service, InboundQueue { queue })
     }
 
-    async fn deliver(&self, envelope: Envelope) -> Result<(), Status> {
-        if envelope.to != self.me {
-            return Err(Status::invalid_argument(format!(
-                "message for node {} sent to node {}",
-                envelope.to, self.me
+    /// Refuse a message unless it comes from our cluster, from one of our peers, to us, and (with TLS)
+    /// from the node the caller's certificate names.
+    fn admit(
+        &self,
+        caller: Option<&Principal>,
+        from: NodeId,
+        to: NodeId,
+        cluster: &str,
+    ) -> Result<(), Status> {
+        let config = &self.config;
+        if cluster != config.cluster {
+            if let Ok(mut foreign) = self.foreign.lock() {
+                if foreign.insert(format!("{cluster}#{from}")) {
+                    warn!(
+                        node = config.me,
+                        ours = %config.cluster,
+                        theirs = %cluster,
+                        from,
+                        "refusing messages from another cluster: check --peers and --cluster"
+                    );
+                }
+            }
+            return Err(Status::failed_precondition(format!(
+                "cluster id mismatch: node {} is in cluster {:?}, node {from} sent cluster {cluster:?}",
+                config.me, config.cluster
             )));
         }
+        if to != config.me {
+            return Err(Status::invalid_argument(format!(
+                "message for node {to} sent to node {}",
+                config.me
+            )));
+        }
+        if !config.peers.contains(&from) {
+            return Err(Status::invalid_argument(format!(
+                "node {from} is not a member of {}",
+                config.cluster
+            )));
+        }
+        if let Some(principal) = caller {
+            let group = principal.role.raft_group();
+            if group.as_deref() != Some(config.group.as_str()) || principal.node_id() != Some(from)
+            {
+                return Err(Status::permission_denied(format!(
+                    "{principal} may not send Raft messages as node {from} of {}",
+                    config.group
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&self, envelope: Envelope, bytes: usize) -> Result<(), Status> {
+        let cost = bytes.clamp(1, self.config.max_queued_bytes.max(1));
+        let permit = Arc::clone(&self.budget)
+            .acquire_many_owned(u32::try_from(cost).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| Status::unavailable("raft node is stopped"))?;
         self.inbound
-            .send(envelope)
+            .send(Queued {
+                envelope,
+                _budget: permit,
+            })
             .await
             .map_err(|_| Status::unavailable("raft node is stopped"))
+    }
+
+    async fn next_chunk(
+        &self,
+        stream: &mut Streaming<pb::SnapshotChunk>,
+    ) -> Result<Option<pb::SnapshotChunk>, Status> {
+        match tokio::time::timeout(self.config.snapshot_idle_timeout, stream.message()).await {
+            Ok(result) => result,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "snapshot stream idle for {:?}",
+                self.config.snapshot_idle_timeout
+            ))),
+        }
     }
 }
 
@@ -269,11 +471,14 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<pb::Envelope>>,
     ) -> Result<Response<pb::SendAck>, Status> {
+        let caller = self.config.guard.caller(&request)?;
         let mut stream = request.into_inner();
-        while let Some(envelope) = stream.message().await? {
-            let envelope = envelope_from_proto(envelope)
+        while let Some(message) = stream.message().await? {
+            self.admit(caller.as_ref(), message.from, message.to, &message.cluster)?;
+            let bytes = message.encoded_len();
+            let envelope = envelope_from_proto(message)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            self.deliver(envelope).await?;
+            self.deliver(envelope, bytes).await?;
         }
         Ok(Response::new(pb::SendAck {}))
     }
@@ -282,23 +487,43 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::SendAck>, Status> {
+        let caller = self.config.guard.caller(&request)?;
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
+        let mut first = self
+            .next_chunk(&mut stream)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        if first.offset != 0 || first.from == 0 {
+        self.admit(caller.as_ref(), first.from, first.to, &first.cluster)?;
+        if first.offset != 0 {
             return Err(Status::invalid_argument(
-                "snapshot stream must start at offset 0 from a non-zero node",
+                "snapshot stream must start at offset 0",
             ));
         }
-        if first.total_bytes > self.max_snapshot_bytes {
+        if first.total_bytes > self.config.max_snapshot_bytes {
             return Err(Status::resource_exhausted(format!(
                 "snapshot of {} bytes exceeds the {} byte limit",
-                first.total_bytes, self.max_snapshot_bytes
+                first.total_bytes, self.config.max_snapshot_bytes
             )));
         }
-        let mut data = BytesMut::with_capacity(first.total_bytes as usize);
+        let _slot = {
+            let mut streams = self
+                .snapshot_streams
+                .lock()
+                .map_err(|_| Status::internal("snapshot stream registry poisoned"))?;
+            if !streams.insert(first.from) {
+                return Err(Status::resource_exhausted(format!(
+                    "a snapshot stream from node {} is already open",
+                    first.from
+                )));
+            }
+            SnapshotSlot {
+                streams: Arc::clone(&self.snapshot_streams),
+                peer: first.from,
+            }
+        };
+        // Grows as chunks arrive: the announced size is only a claim.
+        let mut data = BytesMut::new();
+        first.cluster.clear();
         let mut chunk = first.clone();
         loop {
             let same_snapshot = chunk.from == first.from
@@ -330,11 +555,13 @@ impl RaftTransport for RaftService {
                 }
                 break;
             }
-            chunk = stream.message().await?.ok_or_else(|| {
+            chunk = self.next_chunk(&mut stream).await?.ok_or_else(|| {
                 Status::invalid_argument("snapshot stream ended before its last chunk")
             })?;
         }
-        self.deliver(Envelope {
+        let bytes = data.len();
+        self.deliver(
+            Envelope {
             from: first.from,
             to: first.to,
             message: Message::InstallSnapshot {
@@ -345,7 +572,9 @@ impl RaftTransport for RaftService {
                 },
                 data: data.freeze(),
             },
-        })
+        },
+            bytes,
+        )
         .await?;
         Ok(Response::new(pb::SendAck {}))
     }

@@ -139,6 +139,7 @@ pub fn envelope_to_proto(envelope: &Envelope) -> pb::Envelope {
         from: envelope.from,
         to: envelope.to,
         message: Some(message),
+        cluster: String::new(),
     }
 }
 
@@ -280,6 +281,7 @@ mod tests {
             from: 1,
             to: 2,
             message: None,
+            cluster: String::new(),
         };
         assert_eq!(envelope_from_proto(empty), Err(WireError::Empty(1)));
         let bad_kind = pb::Envelope {
@@ -296,6 +298,7 @@ mod tests {
                     ..Default::default()
                 },
             )),
+            cluster: String::new(),
         };
         assert!(matches!(
             envelope_from_proto(bad_kind),
