@@ -14,6 +14,8 @@
 mod ports;
 #[path = "../tests/support/replicas.rs"]
 mod replicas;
+#[path = "../tests/support/tls.rs"]
+mod tls;
 
 use ds824::ctrler::CtrlerClerk;
 use ds824::kv::KvOps;

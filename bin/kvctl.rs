@@ -9,6 +9,7 @@ use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 use ds824::kvctl::shard::{self, AnyClerk};
 use ds824::kvctl::{self, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
+use ds824::security::{certs, Security, TlsArgs};
 use ds824::shardkv::ShardClerk;
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,6 +25,11 @@ use std::time::Duration;
 /// the configuration and every shard group's servers (role, term, leader, commit/applied index, the
 /// configuration each has reached, shards serving and still pulling, and frozen copies of given-away
 /// shards still held), including groups that left in the last few configurations.
+///
+/// Security: TLS is on by default. Give the cluster CA and a certificate with --tls-ca, --tls-cert,
+/// --tls-key (or DS824_TLS_CA, DS824_TLS_CERT, DS824_TLS_KEY); a "client" certificate may read, write
+/// and see status, an "admin" one may also change the controllers' configuration. `kvctl certs` makes
+/// the CA and certificates. --insecure (DS824_INSECURE=1) talks plaintext to a cluster started with it.
 ///
 /// Exit status: 0 success; 1 a "no" (key not found, cas mismatch, history not linearizable); 2 the command
 /// could not be carried out (one line on stderr says why); 3 `check` could not decide within its budget.
@@ -42,6 +48,8 @@ struct Cli {
     /// the sharded cluster.
     #[arg(long, env = "KVCTL_CTRLERS", global = true)]
     ctrlers: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -106,6 +114,11 @@ enum Command {
         #[command(subcommand)]
         op: CtrlerOp,
     },
+    /// Create the cluster's certificate authority and issue certificates (see `kvctl certs --help`).
+    Certs {
+        #[command(subcommand)]
+        op: CertsOp,
+    },
     /// Measure throughput and latency with concurrent clients.
     Bench {
         /// Concurrent clients (each its own session).
@@ -164,6 +177,47 @@ enum CtrlerOp {
     },
 }
 
+/// Certificate authority operations. The CA directory holds ca.pem (give it to every node and
+/// client), ca-key.pem (keep it off the nodes) and the certificates issued.
+#[derive(Subcommand)]
+enum CertsOp {
+    /// Create a CA for a cluster in DIR (refused if DIR already has one).
+    Init {
+        /// The CA directory (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster name every certificate will be issued for (kvd's --cluster).
+        #[arg(long, default_value = "ds824")]
+        cluster: String,
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Issue a certificate for ROLE/NAME, written to DIR/ROLE-NAME.pem and DIR/ROLE-NAME-key.pem.
+    ///
+    /// Roles: kv, ctrler, shard-GID (replicas: NAME is the node id), client (read, write, status),
+    /// admin (also controller join/leave/move and MapReduce submit), worker, coordinator (MapReduce).
+    /// To rotate a certificate, issue it again and restart the process that uses it.
+    Issue {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// What the holder may do.
+        #[arg(long)]
+        role: String,
+        /// Which one it is (a replica's node id).
+        #[arg(long)]
+        name: String,
+        /// Extra DNS names or IP addresses to put in it, comma-separated (clients verify servers under
+        /// the fixed name server.ds824, so these are only for other tools).
+        #[arg(long, value_delimiter = ',')]
+        host: Vec<String>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Kind {
     Put,
@@ -192,7 +246,47 @@ fn fail(error: impl std::fmt::Display) -> u8 {
     EXIT_ERROR
 }
 
+fn certs_command(op: CertsOp) -> u8 {
+    match op {
+        CertsOp::Init { dir, cluster, days } => match certs::init(&dir, &cluster, days) {
+            Ok(ca) => {
+                println!("{}", ca.display());
+                EXIT_OK
+            }
+            Err(e) => fail(e),
+        },
+        CertsOp::Issue {
+            dir,
+            role,
+            name,
+            host,
+            days,
+        } => match certs::issue(&dir, &role, &name, &host, days) {
+            Ok(issued) => {
+                println!(
+                    "{} {} {}",
+                    issued.principal,
+                    issued.cert.display(),
+                    issued.key.display()
+                );
+                EXIT_OK
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
 async fn run(cli: Cli) -> u8 {
+    if let Command::Certs { op } = cli.command {
+        return certs_command(op);
+    }
+    // `check` reads a file: it needs no connection, so no certificate.
+    let offline = matches!(cli.command, Command::Check { .. });
+    let security: Security = match cli.tls.security() {
+        Ok(security) => security,
+        Err(_) if offline => Security::Insecure,
+        Err(e) => return fail(e),
+    };
     // Sharded mode: controllers named, no KV cluster named.
     let sharded = cli.cluster.is_none() && cli.ctrlers.is_some();
     let cluster = kvctl::parse_cluster(cli.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER));
@@ -205,6 +299,7 @@ async fn run(cli: Cli) -> u8 {
     }
     let config = ClerkConfig {
         call_timeout: Duration::from_millis(cli.timeout_ms),
+        security: security.clone(),
         ..ClerkConfig::default()
     };
     let clerk = || -> Result<AnyClerk, ClerkError> {
@@ -239,7 +334,7 @@ async fn run(cli: Cli) -> u8 {
         );
     }
     match cli.command {
-        Command::Ctrler { .. } => EXIT_ERROR,
+        Command::Ctrler { .. } | Command::Certs { .. } => EXIT_ERROR,
         Command::Get { key } => match clerk() {
             Ok(mut c) => match c.get(&key).await {
                 Ok(Some(value)) => {
@@ -291,7 +386,7 @@ async fn run(cli: Cli) -> u8 {
             }
         }
         Command::Status { json } => {
-            let reports = status::collect(&cluster, Duration::from_secs(2)).await;
+            let reports = status::collect(&cluster, Duration::from_secs(2), &security).await;
             if json {
                 println!("{}", status::render_json(&reports));
             } else {
@@ -334,6 +429,7 @@ async fn run(cli: Cli) -> u8 {
                 },
                 keys,
                 value_size,
+                clerk: config.clone(),
             };
             let result = bench::run(&config, |n| {
                 eprint!("\r{n}/{ops} ops");

@@ -4,7 +4,10 @@
 
 use clap::{Args, Parser, Subcommand};
 use ds824::raft::NodeId;
-use ds824::replica::{parse_node_id, parse_peers, Replica, ReplicaConfig, ServiceRole};
+use ds824::replica::{
+    parse_addresses, parse_node_id, parse_peers, Replica, ReplicaConfig, ServiceRole, DEFAULT_CLUSTER,
+};
+use ds824::security::TlsArgs;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,26 +27,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Role {
-    /// Run one replica of the linearizable key/value service. Raft peers and KV clients share the port.
+    /// Run one replica of the linearizable key/value service.
     ///
-    /// Example: kvd kv --id 1 --listen 127.0.0.1:7001
-    ///   --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --data-dir /var/lib/kvd/1
+    /// Example: kvd kv --id 1 --listen 127.0.0.1:7001 --peer-listen 127.0.0.1:8001
+    ///   --peers 1=127.0.0.1:8001,2=127.0.0.1:8002,3=127.0.0.1:8003 --data-dir /var/lib/kvd/1
+    ///   --tls-ca certs/ca.pem --tls-cert certs/kv-1.pem --tls-key certs/kv-1-key.pem
     Kv(KvArgs),
-    /// Run one replica of the shard controller (the configurations of the sharded KV store). Raft peers
-    /// and controller clients share the port.
+    /// Run one replica of the shard controller (the configurations of the sharded KV store).
     ///
-    /// Example: kvd ctrler --id 1 --listen 127.0.0.1:7101
-    ///   --peers 1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103 --data-dir /var/lib/kvd/ctrler-1
+    /// Example: kvd ctrler --id 1 --listen 127.0.0.1:7101 --peer-listen 127.0.0.1:8101
+    ///   --peers 1=127.0.0.1:8101,2=127.0.0.1:8102,3=127.0.0.1:8103 --data-dir /var/lib/kvd/ctrler-1
+    ///   --tls-ca certs/ca.pem --tls-cert certs/ctrler-1.pem --tls-key certs/ctrler-1-key.pem
     Ctrler(CtrlerArgs),
-    /// Run one replica of a shard group of the sharded key/value store. Raft peers, KV clients and other
-    /// groups (shard hand-over) share the port; register the group's addresses with the controllers
+    /// Run one replica of a shard group of the sharded key/value store. KV clients and other groups
+    /// (shard hand-over) share the client port; register the group's client addresses with the controllers
     /// (`kvctl ctrler join GID=HOST:PORT,...`) to give it shards. The group follows the controllers'
     /// configurations on its own: it pulls the shards it gains from their previous owners and deletes
     /// the ones it gave away once the new owner has them.
     ///
-    /// Example: kvd shard --gid 1 --id 1 --listen 127.0.0.1:7201
-    ///   --peers 1=127.0.0.1:7201,2=127.0.0.1:7202,3=127.0.0.1:7203
+    /// Example: kvd shard --gid 1 --id 1 --listen 127.0.0.1:7201 --peer-listen 127.0.0.1:8201
+    ///   --peers 1=127.0.0.1:8201,2=127.0.0.1:8202,3=127.0.0.1:8203
     ///   --ctrlers 127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103 --data-dir /var/lib/kvd/g1-1
+    ///   --tls-ca certs/ca.pem --tls-cert certs/shard-1-1.pem --tls-key certs/shard-1-1-key.pem
     Shard(ShardArgs),
 }
 
@@ -76,13 +81,27 @@ struct KvArgs {
     /// from the host name's trailing ordinal plus one (`kv-0` is 1), as Kubernetes StatefulSets name pods.
     #[arg(long, value_parser = parse_node_id)]
     id: NodeId,
-    /// Address to listen on for peers and clients (HOST:PORT).
+    /// Address to listen on for clients (HOST:PORT); a shard group also serves shard hand-over here.
     #[arg(long)]
     listen: String,
-    /// Every member as ID=HOST:PORT, comma-separated; may include this node (its entry is then the
-    /// address advertised to clients).
+    /// Address to listen on for Raft messages from the other members (HOST:PORT). Keep it on the
+    /// internal network: only the group's own members may use it.
+    #[arg(long, env = "KVD_PEER_LISTEN")]
+    peer_listen: String,
+    /// Every member's peer address as ID=HOST:PORT, comma-separated (may include this node).
     #[arg(long, value_parser = parse_peers)]
     peers: HashMap<NodeId, String>,
+    /// Every member's client address as ID=HOST:PORT, comma-separated, for the leader hints followers
+    /// give clients. Optional: without it, clients find the leader by trying the servers they know.
+    #[arg(long, value_parser = parse_addresses, default_value = "")]
+    clients: HashMap<NodeId, String>,
+    /// The deployment's cluster name. With TLS it defaults to (and must equal) the cluster in the
+    /// certificate; otherwise to "ds824". Recorded in the data directory and carried by every peer
+    /// message, so nodes of different clusters never talk.
+    #[arg(long, env = "DS824_CLUSTER")]
+    cluster: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Directory for the Raft log, hard state and snapshots (created if missing; refused if it belongs
     /// to another node or cluster).
     #[arg(long)]
@@ -147,24 +166,45 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
-    let listen = match tokio::net::lookup_host(&args.listen)
-        .await
-        .map(|mut a| a.next())
-    {
-        Ok(Some(addr)) => addr,
+async fn resolve(flag: &str, address: &str) -> Result<std::net::SocketAddr, ExitCode> {
+    match tokio::net::lookup_host(address).await.map(|mut a| a.next()) {
+        Ok(Some(addr)) => Ok(addr),
         Ok(None) | Err(_) => {
-            eprintln!(
-                "kvd: error: --listen {:?} is not a usable HOST:PORT",
-                args.listen
-            );
+            eprintln!("kvd: error: {flag} {address:?} is not a usable HOST:PORT");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
+    let listen = match resolve("--listen", &args.listen).await {
+        Ok(addr) => addr,
+        Err(code) => return code,
+    };
+    let peer_listen = match resolve("--peer-listen", &args.peer_listen).await {
+        Ok(addr) => addr,
+        Err(code) => return code,
+    };
+    let security = match args.tls.security() {
+        Ok(security) => security,
+        Err(e) => {
+            eprintln!("kvd: error: {e}");
             return ExitCode::from(2);
         }
+    };
+    let cluster = match (&args.cluster, security.principal()) {
+        (Some(cluster), _) => cluster.clone(),
+        (None, Some(principal)) => principal.cluster.clone(),
+        (None, None) => DEFAULT_CLUSTER.to_string(),
     };
     let config = ReplicaConfig {
         id: args.id,
         listen,
+        peer_listen,
         peers: args.peers,
+        clients: args.clients,
+        cluster,
+        security: security.clone(),
         data_dir: args.data_dir,
         snapshot_threshold: args.snapshot_threshold,
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
@@ -178,6 +218,7 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    security.log_startup("kvd");
     match node.run(ds824::daemon::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -5,6 +5,8 @@
 mod ports;
 #[path = "support/replicas.rs"]
 mod replicas;
+#[path = "support/tls.rs"]
+mod tls;
 #[path = "support/scrape.rs"]
 mod scrape;
 
@@ -331,6 +333,7 @@ async fn full_restart_restores_from_snapshot_and_replays_only_the_tail() {
 
 fn kvctl(cluster: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .env("DS824_INSECURE", "1")
         .args(["--cluster", cluster, "--timeout-ms", "3000"])
         .args(args)
         .env_remove("KVCTL_CLUSTER")
@@ -497,6 +500,8 @@ async fn kvctl_commands_and_exit_codes() {
 #[test]
 fn kvd_refuses_bad_flags_and_unusable_data_dirs() {
     let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .env("DS824_INSECURE", "1")
+        .env("KVD_PEER_LISTEN", "127.0.0.1:0")
         .args([
             "kv",
             "--id",
@@ -516,6 +521,8 @@ fn kvd_refuses_bad_flags_and_unusable_data_dirs() {
     std::fs::write(&file, "not a directory").expect("write");
     let port = free_port();
     let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .env("DS824_INSECURE", "1")
+        .env("KVD_PEER_LISTEN", "127.0.0.1:0")
         .args(["kv", "--id", "1", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--peers", &format!("1=127.0.0.1:{port}")])
         .arg("--data-dir")
@@ -535,6 +542,8 @@ async fn kvd_refuses_another_nodes_data_dir() {
     cluster.kill(0);
     let port = free_port();
     let out = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .env("DS824_INSECURE", "1")
+        .env("KVD_PEER_LISTEN", "127.0.0.1:0")
         .args(["kv", "--id", "2", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--peers", &format!("2=127.0.0.1:{port}")])
         .arg("--data-dir")
@@ -549,6 +558,7 @@ async fn kvd_refuses_another_nodes_data_dir() {
 
 fn kvctl_ctrler(ctrlers: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .env("DS824_INSECURE", "1")
         .args(["--ctrlers", ctrlers, "--timeout-ms", "10000", "ctrler"])
         .args(args)
         .output()
@@ -615,6 +625,8 @@ fn kvd_serves_prometheus_metrics() {
     let addr = format!("127.0.0.1:{}", free_port());
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .env("DS824_INSECURE", "1")
+        .env("KVD_PEER_LISTEN", "127.0.0.1:0")
         .args([
             "kv",
             "--id",

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 mod ports;
 #[path = "support/replicas.rs"]
 mod replicas;
+#[path = "support/tls.rs"]
+mod tls;
 #[path = "support/scrape.rs"]
 mod scrape;
 use replicas::{free_port, Replicas, WAIT};
@@ -372,6 +374,8 @@ async fn a_data_dir_of_one_group_is_refused_by_another() {
     let address = format!("127.0.0.1:{}", free_port());
     let start = |gid: u64| {
         Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .env("DS824_INSECURE", "1")
+        .env("KVD_PEER_LISTEN", "127.0.0.1:0")
             .args(["shard", "--gid", &gid.to_string(), "--id", "1"])
             .args(["--listen", &address, "--peers", &format!("1={address}")])
             // Never contacted: a group with no configuration only asks, and nothing here needs an answer.
@@ -387,7 +391,7 @@ async fn a_data_dir_of_one_group_is_refused_by_another() {
     // Serving (a single-node group elects itself) means the directory is initialised as group 1's.
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok(s) = node_status(&address, Duration::from_millis(500)).await {
+        if let Ok(s) = node_status(&address, Duration::from_millis(500), &Default::default()).await {
             if s.role == "leader" {
                 assert_eq!(s.gid, 1);
                 break;
@@ -433,6 +437,7 @@ async fn kvctl_routes_through_the_controllers() {
     let group = Replicas::start(root.path(), 7, &ctrler_list);
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .env("DS824_INSECURE", "1")
             .args(["--ctrlers", &ctrler_list, "--timeout-ms", "15000"])
             .args(args)
             .env_remove("KVCTL_CLUSTER")
@@ -451,6 +456,7 @@ async fn kvctl_routes_through_the_controllers() {
         .expect("controllers up");
     // No group yet: a write cannot be placed, and says so at the deadline.
     let unplaced = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .env("DS824_INSECURE", "1")
         .args(["--ctrlers", &ctrler_list, "--timeout-ms", "1500"])
         .args(["put", "k", "v"])
         .env_remove("KVCTL_CLUSTER")
@@ -581,6 +587,8 @@ async fn shard_nodes_export_shard_ownership_metrics() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let spawn = |args: Vec<String>| {
         Command::new(env!("CARGO_BIN_EXE_kvd"))
+        .env("DS824_INSECURE", "1")
+        .env("KVD_PEER_LISTEN", "127.0.0.1:0")
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -62,6 +62,11 @@ impl Ctrler for CtrlerService {
         &self,
         request: Request<pb::CommandRequest>,
     ) -> Result<Response<pb::ConfigResponse>, Status> {
+        self.service.guard().allow(
+            &request,
+            "change the configuration (join, leave, move)",
+            |role| *role == crate::security::Role::Admin,
+        )?;
         let request = request.into_inner();
         check_session(request.client_id, request.seq)?;
         let command = request
@@ -92,6 +97,11 @@ impl Ctrler for CtrlerService {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::ConfigResponse>, Status> {
+        self.service
+            .guard()
+            .allow(&request, "read configurations", |role| {
+                crate::security::is_user(role) || matches!(role, crate::security::Role::Shard(_))
+            })?;
         let num = u64::try_from(request.into_inner().num).ok();
         let result = self.service.read(CtrlerQuery(num)).await;
         self.respond(result)

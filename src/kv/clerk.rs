@@ -225,14 +225,19 @@ impl KvOps for Clerk {
 pub async fn node_status(
     address: &str,
     timeout: Duration,
+    security: &crate::security::Security,
 ) -> Result<pb::StatusResponse, ClerkError> {
     let config = ClerkConfig {
         connect_timeout: timeout,
+        security: security.clone(),
         ..ClerkConfig::default()
     };
     let mut client = KvClient::new(channel(address, &config)?);
     match tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) if crate::security::is_tls_failure(&status) => Err(ClerkError::Tls(
+            format!("{address}: {}", std::error::Error::source(&status).map_or_else(|| status.to_string(), |e| e.to_string())),
+        )),
         Ok(Err(status)) if status.code() == Code::Unavailable => Err(ClerkError::Unreachable {
             address: address.to_string(),
             detail: status.message().to_string(),

@@ -143,6 +143,9 @@ impl<M: KvMachine> Kv for KvService<M> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        self.service
+            .guard()
+            .allow(&request, "read keys", crate::security::is_user)?;
         let key = request.into_inner().key;
         validate_key(&key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut response = pb::GetResponse::default();
@@ -168,6 +171,9 @@ impl<M: KvMachine> Kv for KvService<M> {
         &self,
         request: Request<pb::MutateRequest>,
     ) -> Result<Response<pb::MutateResponse>, Status> {
+        self.service
+            .guard()
+            .allow(&request, "write keys", crate::security::is_user)?;
         let request = request.into_inner();
         check_session(request.client_id, request.seq)?;
         let command = request
@@ -206,8 +212,10 @@ impl<M: KvMachine> Kv for KvService<M> {
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        // Any identity of the cluster may see status (operators, monitoring, peers).
+        self.service.guard().caller(&request)?;
         let node = self.service.handle().status();
         let raft = &node.raft;
         let stats = self.service.stats();

@@ -33,6 +33,8 @@ pub struct BenchConfig {
     pub keys: usize,
     /// Bytes per value.
     pub value_size: usize,
+    /// How the clients connect (their timeouts and security).
+    pub clerk: ClerkConfig,
 }
 
 /// The measurement.
@@ -96,7 +98,7 @@ pub async fn run(
     let keys = config.keys.max(1);
     let value = "x".repeat(config.value_size);
     if config.kind == BenchKind::Get {
-        let mut clerk = Clerk::new(&config.cluster, ClerkConfig::default())?;
+        let mut clerk = Clerk::new(&config.cluster, config.clerk.clone())?;
         for k in 0..keys.min(config.ops.max(1)) {
             clerk.put(&format!("bench-{k}"), &value).await?;
         }
@@ -106,7 +108,7 @@ pub async fn run(
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
         let share = config.ops / clients + usize::from(c < config.ops % clients);
-        let mut clerk = Clerk::new(&config.cluster, ClerkConfig::default())?;
+        let mut clerk = Clerk::new(&config.cluster, config.clerk.clone())?;
         let (kind, value, done) = (config.kind, value.clone(), done.clone());
         let key_space = if kind == BenchKind::Get {
             keys.min(config.ops.max(1))

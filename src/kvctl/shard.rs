@@ -76,6 +76,7 @@ pub async fn collect_sharded(
     config: ClerkConfig,
     timeout: Duration,
 ) -> Result<ShardReport, ClerkError> {
+    let security = config.security.clone();
     let mut clerk = CtrlerClerk::new(ctrlers, config)?;
     let latest = clerk.query(None).await?;
     let mut servers: BTreeMap<Gid, Vec<String>> = latest.groups.clone();
@@ -86,9 +87,9 @@ pub async fn collect_sharded(
         }
     }
     let asks = servers.into_iter().map(|(gid, servers)| {
-        let latest = &latest;
+        let (latest, security) = (&latest, &security);
         async move {
-            let nodes = collect(&servers, timeout).await;
+            let nodes = collect(&servers, timeout, security).await;
             GroupReport {
                 gid,
                 member: latest.groups.contains_key(&gid),

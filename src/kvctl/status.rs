@@ -16,11 +16,15 @@ pub struct NodeReport {
 }
 
 /// Ask every address, concurrently, each within `timeout`.
-pub async fn collect(addresses: &[String], timeout: Duration) -> Vec<NodeReport> {
+pub async fn collect(
+    addresses: &[String],
+    timeout: Duration,
+    security: &crate::security::Security,
+) -> Vec<NodeReport> {
     let asks = addresses.iter().map(|address| async move {
         NodeReport {
             address: address.clone(),
-            status: node_status(address, timeout)
+            status: node_status(address, timeout, security)
                 .await
                 .map_err(|e| e.to_string()),
         }

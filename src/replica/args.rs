@@ -34,6 +34,15 @@ pub fn id_from_hostname(host: &str) -> Result<NodeId, String> {
 
 /// Parse `1=host:port,2=host:port` into a map; the error says which item is wrong.
 pub fn parse_peers(spec: &str) -> Result<HashMap<NodeId, String>, String> {
+    let peers = parse_addresses(spec)?;
+    if peers.is_empty() {
+        return Err("no peers given".into());
+    }
+    Ok(peers)
+}
+
+/// [`parse_peers`] for an optional list (`--clients`): empty is allowed.
+pub fn parse_addresses(spec: &str) -> Result<HashMap<NodeId, String>, String> {
     let mut peers = HashMap::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (id, address) = item
@@ -56,9 +65,6 @@ pub fn parse_peers(spec: &str) -> Result<HashMap<NodeId, String>, String> {
         if peers.insert(id, address.to_string()).is_some() {
             return Err(format!("node {id} is listed twice"));
         }
-    }
-    if peers.is_empty() {
-        return Err("no peers given".into());
     }
     Ok(peers)
 }

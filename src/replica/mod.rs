@@ -1,7 +1,9 @@
 //! One replica of any replicated service (the KV store, the shard controller or a shard group) as a
-//! running server: sled storage, the Raft node, the role's services behind one tonic server on one port
-//! (peers and clients share it, so an operator opens one port per node), the shard group's driver and
-//! the metrics endpoint.
+//! running server: sled storage, the Raft node, two tonic servers (the client port with the role's
+//! services, and the peer port with Raft, which only the group's own members may use: as etcd's
+//! client and peer URLs), the shard group's driver and the metrics endpoint. Both ports speak the
+//! process's [`Security`]: with TLS, every caller is the identity in its certificate and every
+//! service checks what that identity may do.
 //!
 //! This is the composition at the top of the library: it is the only module that knows every service,
 //! so no service has to know another (raft ← rsm ← kv/ctrler ← shardkv ← replica ← bin). [`args`]
@@ -20,6 +22,7 @@ use crate::proto::ctrler::ctrler_server::CtrlerServer;
 use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
 use crate::rsm::service::{ServiceConfig, ServiceError};
+use crate::security::{Principal, Role, Security, SecurityError};
 use crate::shardkv::driver::DriverConfig;
 use crate::shardkv::metrics::ShardGauges;
 use crate::shardkv::service::ShardGroupServices;
@@ -67,7 +70,19 @@ impl ServiceRole {
             ServiceRole::Shard { gid, .. } => format!("shard-{gid}"),
         }
     }
+
+    /// The certificate role a replica of this service must hold.
+    pub fn certificate_role(&self) -> Role {
+        match self {
+            ServiceRole::Kv => Role::Kv,
+            ServiceRole::Ctrler { .. } => Role::Ctrler,
+            ServiceRole::Shard { gid, .. } => Role::Shard(*gid),
+        }
+    }
 }
+
+/// The cluster name used when neither `--cluster` nor a certificate gives one.
+pub const DEFAULT_CLUSTER: &str = "ds824";
 
 /// Stops a background task when the scope that owns it ends, however it ends.
 struct AbortOnDrop<T>(Option<JoinHandle<T>>);
@@ -94,11 +109,20 @@ const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub struct ReplicaConfig {
     /// This node's id (non-zero).
     pub id: NodeId,
-    /// Where to listen for peers and clients.
+    /// Where to listen for clients (and, for a shard group, other groups' shard transfers).
     pub listen: SocketAddr,
-    /// Every voter's address (`host:port`); may include this node, whose entry is then its advertised
-    /// address (otherwise `listen` is).
+    /// Where to listen for Raft messages from the other members.
+    pub peer_listen: SocketAddr,
+    /// Every voter's peer address (`host:port`); may include this node.
     pub peers: HashMap<NodeId, String>,
+    /// Members' client addresses, for the leader hints followers give clients (this node's defaults
+    /// to its client listener). Members missing here are hinted by id only.
+    pub clients: HashMap<NodeId, String>,
+    /// The deployment's cluster name: with the Raft group it is the cluster id recorded in the data
+    /// directory and carried by every peer message. With TLS it must match the certificate's.
+    pub cluster: String,
+    /// Plaintext or mutual TLS, for both ports and for the connections this replica makes.
+    pub security: Security,
     /// sled data directory (created if missing).
     pub data_dir: PathBuf,
     /// See [`ServiceConfig::snapshot_threshold`].
@@ -131,6 +155,9 @@ pub enum StartError {
     /// The stored state could not be loaded.
     #[error("cannot start raft: {0}")]
     Node(#[from] NodeError),
+    /// The certificate does not fit this replica.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// Why a running replica stopped other than by request.
@@ -151,6 +178,8 @@ pub enum RunError {
 pub struct Replica {
     id: NodeId,
     listener: TcpListener,
+    peer_listener: TcpListener,
+    security: Security,
     node: RaftNode,
     service: Served,
     applier: JoinHandle<Result<(), ServiceError>>,
@@ -182,14 +211,32 @@ impl Replica {
                     .map_err(|e| StartError::Config(format!("--ctrlers: {e}")))?;
             }
         }
-        let listener =
-            TcpListener::bind(config.listen)
+        let group = config.role.cluster_name();
+        if !crate::security::principal::valid_label(&config.cluster) {
+            return Err(StartError::Config(format!(
+                "cluster name {:?}: use 1-64 letters, digits, '-', '_' or '.'",
+                config.cluster
+            )));
+        }
+        config.security.expect_identity(&Principal::node(
+            &config.cluster,
+            config.role.certificate_role(),
+            config.id,
+        ))?;
+        if config.listen == config.peer_listen && config.listen.port() != 0 {
+            return Err(StartError::Config(format!(
+                "the client and peer ports must differ (both are {})",
+                config.listen
+            )));
+        }
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let mut addresses = config.peers.clone();
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let listener = bind(config.listen).await?;
+        let peer_listener = bind(config.peer_listen).await?;
+        let mut addresses = config.clients.clone();
         if let std::collections::hash_map::Entry::Vacant(entry) = addresses.entry(config.id) {
             let local = listener.local_addr().map_err(|source| StartError::Bind {
                 addr: config.listen,
@@ -197,20 +244,26 @@ impl Replica {
             })?;
             entry.insert(local.to_string());
         }
-        let raft_peers: HashMap<NodeId, String> = addresses
+        let raft_peers: HashMap<NodeId, String> = config
+            .peers
             .iter()
             .filter(|(&id, _)| id != config.id)
-            .map(|(&id, address)| (id, format!("http://{address}")))
+            .map(|(&id, address)| (id, address.clone()))
             .collect();
         let identity = Identity {
-            cluster: config.role.cluster_name(),
+            cluster: crate::raft::transport::cluster_id(&config.cluster, &group),
             node: config.id,
         };
         let data_dir = config.data_dir.clone();
         let storage = tokio::task::spawn_blocking(move || SledStorage::open(data_dir, &identity))
             .await
             .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
-        let (node, applied) = RaftNode::start(NodeConfig::new(config.id, raft_peers), storage)?;
+        let mut node_config = NodeConfig::new(config.id, raft_peers);
+        node_config.cluster = config.cluster.clone();
+        node_config.group = group;
+        node_config.guard = config.security.guard();
+        node_config.transport.security = config.security.clone();
+        let (node, applied) = RaftNode::start(node_config, storage)?;
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 let listener = TcpListener::bind(addr)
@@ -230,6 +283,7 @@ impl Replica {
             snapshot_threshold: config.snapshot_threshold,
             addresses,
             metrics: metrics.as_ref().map(|(_, _, _, service)| service.clone()),
+            guard: config.security.guard(),
         };
         let metrics = metrics.map(|(listener, registry, gauges, _)| (listener, registry, gauges));
         // The shard group's driver, aborted with the node however it ends.
@@ -255,6 +309,7 @@ impl Replica {
                 );
                 let driver_config = DriverConfig {
                     ctrlers,
+                    security: config.security.clone(),
                     ..DriverConfig::default()
                 };
                 let task = crate::shardkv::driver::spawn(
@@ -271,6 +326,8 @@ impl Replica {
         Ok(Replica {
             id: config.id,
             listener,
+            peer_listener,
+            security: config.security,
             node,
             service,
             applier,
@@ -279,9 +336,14 @@ impl Replica {
         })
     }
 
-    /// The address actually bound (useful with port 0).
+    /// The client address actually bound (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
+    }
+
+    /// The peer address actually bound.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_listener.local_addr().ok()
     }
 
     /// Serve until `shutdown` resolves (then stop cleanly: stop accepting, let Raft finish its current
@@ -290,6 +352,8 @@ impl Replica {
         let Replica {
             id,
             listener,
+            peer_listener,
+            security,
             node,
             service,
             mut applier,
@@ -316,7 +380,21 @@ impl Replica {
         });
         let _stop_metrics = AbortOnDrop(metrics_server);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder().add_service(node.service());
+        let server_builder = || {
+            security
+                .server()
+                .map_err(|e| RunError::Server(e.to_string()))
+        };
+        let peer_router = server_builder()?.add_service(node.service());
+        let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut peer_server = tokio::spawn(async move {
+            peer_router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async {
+                    let _ = peer_stop_rx.await;
+                })
+                .await
+        });
+        let mut router = server_builder()?;
         let router = match service {
             Served::Kv(service) => router.add_service(
                 KvServer::new(service)
@@ -359,11 +437,19 @@ impl Replica {
                 Ok(Err(e)) => e.to_string(),
                 Err(e) => e.to_string(),
             })),
+            result = &mut peer_server => Err(RunError::Server(match result {
+                Ok(Ok(())) => "peer server stopped".into(),
+                Ok(Err(e)) => format!("peer server: {e}"),
+                Err(e) => format!("peer server: {e}"),
+            })),
         };
         let _ = stop_tx.send(());
+        let _ = peer_stop_tx.send(());
         // Give in-flight requests a moment to finish; a stuck client must not block shutdown.
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
         server.abort();
+        let _ = tokio::time::timeout(Duration::from_millis(500), &mut peer_server).await;
+        peer_server.abort();
         let node_result = node.shutdown().await;
         if let Err(e) = &outcome {
             error!(node = id, error = %e, "stopped");
@@ -376,4 +462,4 @@ impl Replica {
     }
 }
 
-pub use args::{id_from_hostname, parse_node_id, parse_peers};
+pub use args::{id_from_hostname, parse_addresses, parse_node_id, parse_peers};

@@ -11,7 +11,7 @@
 use std::time::Duration;
 use thiserror::Error;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// How hard a clerk tries.
@@ -28,6 +28,8 @@ pub struct ClerkConfig {
     pub min_backoff: Duration,
     /// Longest backoff.
     pub max_backoff: Duration,
+    /// Plaintext or mutual TLS (the servers' port must speak the same).
+    pub security: crate::security::Security,
 }
 
 impl Default for ClerkConfig {
@@ -38,6 +40,7 @@ impl Default for ClerkConfig {
             connect_timeout: Duration::from_millis(500),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
+            security: crate::security::Security::Insecure,
         }
     }
 }
@@ -78,6 +81,13 @@ pub enum ClerkError {
     /// A server refused the request for a reason retrying cannot fix.
     #[error("server refused the request: {0}")]
     Rejected(String),
+    /// The server does not let this identity do that (TLS on: the certificate's role is not enough).
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// The TLS handshake failed: a certificate another CA signed, none at all, or plaintext against a
+    /// TLS port (or the reverse). Retrying cannot fix it.
+    #[error("TLS handshake with the server failed: {0}")]
+    Tls(String),
 }
 
 /// Most servers a clerk will remember (given ones plus those learned from hints).
@@ -209,12 +219,9 @@ impl Replicas {
 
 /// A lazily connected channel to one server (`host:port` or a URL).
 pub fn channel(address: &str, config: &ClerkConfig) -> Result<Channel, ClerkError> {
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    let endpoint = Endpoint::from_shared(url)
+    let endpoint = config
+        .security
+        .endpoint(address)
         .map_err(|e| ClerkError::Address {
             address: address.to_string(),
             detail: e.to_string(),
@@ -227,6 +234,15 @@ pub fn channel(address: &str, config: &ClerkConfig) -> Result<Channel, ClerkErro
 /// How a gRPC error status should be treated: the server refused the request itself (final), or this
 /// server could not serve it (try elsewhere).
 pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
+    if crate::security::is_tls_failure(&status) {
+        return Err(ClerkError::Tls(describe_chain(&status)));
+    }
+    match status.code() {
+        Code::PermissionDenied | Code::Unauthenticated => {
+            return Err(ClerkError::Denied(status.message().to_string()))
+        }
+        _ => {}
+    }
     match status.code() {
         Code::InvalidArgument | Code::FailedPrecondition | Code::Unimplemented => {
             Err(ClerkError::Rejected(status.message().to_string()))
@@ -236,6 +252,21 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
             format!("{:?}: {}", status.code(), status.message()),
         )),
     }
+}
+
+/// An error and its causes on one line (a TLS failure's reason is deep in the chain).
+fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let cause = e.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = e.source();
+    }
+    text
 }
 
 /// A random, non-zero client id (the session key in a service's dedup table).

@@ -41,6 +41,8 @@ pub struct ServiceConfig {
     pub addresses: HashMap<NodeId, String>,
     /// Where to count requests, latency and snapshots (`--metrics-listen`), if anywhere.
     pub metrics: Option<ServiceMetrics>,
+    /// Who may call the service's RPCs (open without TLS).
+    pub guard: crate::security::Guard,
 }
 
 impl Default for ServiceConfig {
@@ -50,6 +52,7 @@ impl Default for ServiceConfig {
             snapshot_threshold: 8 << 20,
             addresses: HashMap::new(),
             metrics: None,
+            guard: crate::security::Guard::open(),
         }
     }
 }
@@ -359,6 +362,12 @@ impl<S: ServedMachine> RsmService<S> {
     }
 
     /// The Raft node underneath.
+    /// The guard its RPCs check callers with.
+    pub fn guard(&self) -> &crate::security::Guard {
+        &self.config.guard
+    }
+
+    /// The Raft handle (status, proposals).
     pub fn handle(&self) -> &RaftHandle {
         &self.handle
     }

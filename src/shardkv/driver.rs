@@ -48,6 +48,8 @@ pub struct DriverConfig {
     pub interval: Duration,
     /// Deadline of one request to the controller or to one server of another group.
     pub attempt_timeout: Duration,
+    /// Plaintext or mutual TLS to the controllers and other groups.
+    pub security: crate::security::Security,
 }
 
 impl Default for DriverConfig {
@@ -56,6 +58,7 @@ impl Default for DriverConfig {
             ctrlers: Vec::new(),
             interval: Duration::from_millis(100),
             attempt_timeout: Duration::from_millis(1000),
+            security: crate::security::Security::Insecure,
         }
     }
 }
@@ -77,6 +80,7 @@ pub fn spawn(
         call_timeout: config.attempt_timeout * 3,
         attempt_timeout: config.attempt_timeout,
         connect_timeout: config.attempt_timeout,
+        security: config.security.clone(),
         ..ClerkConfig::default()
     };
     let ctrler = CtrlerClerk::new(&config.ctrlers, clerk_config.clone())?;

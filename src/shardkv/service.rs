@@ -126,6 +126,9 @@ impl ShardTransfer for ShardTransferService {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
+        self.rsm.guard().allow(&request, "pull shards", |role| {
+            matches!(role, crate::security::Role::Shard(_))
+        })?;
         let request = request.into_inner();
         let pb::ShardRef { config_num, shard } = shard_ref(request.shard)?;
         let request = PullRequest {
@@ -169,6 +172,9 @@ impl ShardTransfer for ShardTransferService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.rsm.guard().allow(&request, "delete shards", |role| {
+            matches!(role, crate::security::Role::Shard(_))
+        })?;
         let pb::ShardRef { config_num, shard } = shard_ref(request.into_inner().shard)?;
         let request = DeleteRequest { config_num, shard };
         // Internal commands carry no session (client 0): the machine's own checks make them idempotent.

@@ -35,7 +35,13 @@ pub struct Replicas {
     pub gid: u64,
     snapshot_threshold: u64,
     pub addrs: Vec<String>,
+    /// Each node's Raft (peer) address.
+    pub peer_addrs: Vec<String>,
     pub children: Vec<Option<Child>>,
+    /// A CA directory (`kvctl certs init`) to issue each node's certificate from; plaintext without.
+    pub tls: Option<PathBuf>,
+    /// The `--cluster` each node is started with, if any.
+    pub cluster: Option<String>,
 }
 
 impl Replicas {
@@ -58,12 +64,43 @@ impl Replicas {
 
     /// `n` replicas of `role` in a fresh temporary directory.
     pub fn start_temp(role: Role, n: usize, snapshot_threshold: u64) -> Replicas {
+        Self::start_temp_with(role, n, snapshot_threshold, None, None)
+    }
+
+    /// [`Replicas::start_temp`] with TLS from the CA in `tls` and a `--cluster` name.
+    pub fn start_temp_with(
+        role: Role,
+        n: usize,
+        snapshot_threshold: u64,
+        tls: Option<PathBuf>,
+        cluster: Option<String>,
+    ) -> Replicas {
         let temp = tempfile::tempdir().expect("temp dir");
         let dir = temp.path().to_path_buf();
-        Self::start_in(dir, Some(temp), role, n, snapshot_threshold)
+        let mut replicas = Self::prepare(dir, Some(temp), role, n, snapshot_threshold);
+        replicas.tls = tls;
+        replicas.cluster = cluster;
+        for i in 0..n {
+            replicas.start_node(i);
+        }
+        replicas
     }
 
     fn start_in(
+        dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+        role: Role,
+        n: usize,
+        snapshot_threshold: u64,
+    ) -> Replicas {
+        let mut replicas = Self::prepare(dir, temp, role, n, snapshot_threshold);
+        for i in 0..n {
+            replicas.start_node(i);
+        }
+        replicas
+    }
+
+    fn prepare(
         dir: PathBuf,
         temp: Option<tempfile::TempDir>,
         role: Role,
@@ -74,7 +111,7 @@ impl Replicas {
             Role::Shard { gid, .. } => *gid,
             Role::Kv | Role::Ctrler => 0,
         };
-        let mut replicas = Replicas {
+        let replicas = Replicas {
             dir,
             _temp: temp,
             role,
@@ -83,13 +120,24 @@ impl Replicas {
             addrs: (0..n)
                 .map(|_| format!("127.0.0.1:{}", free_port()))
                 .collect(),
+            peer_addrs: (0..n)
+                .map(|_| format!("127.0.0.1:{}", free_port()))
+                .collect(),
             children: (0..n).map(|_| None).collect(),
+            tls: None,
+            cluster: None,
         };
         std::fs::create_dir_all(&replicas.dir).expect("replicas dir");
-        for i in 0..n {
-            replicas.start_node(i);
-        }
         replicas
+    }
+
+    /// The certificate role of these replicas.
+    fn cert_role(&self) -> String {
+        match &self.role {
+            Role::Kv => "kv".into(),
+            Role::Ctrler => "ctrler".into(),
+            Role::Shard { gid, .. } => format!("shard-{gid}"),
+        }
     }
 
     /// How the replicas are named in failure messages.
@@ -107,6 +155,16 @@ impl Replicas {
     }
 
     pub fn peers(&self) -> String {
+        self.peer_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every node's client address, as `--clients` takes them (for leader hints).
+    pub fn clients(&self) -> String {
         self.addrs
             .iter()
             .enumerate()
@@ -137,9 +195,30 @@ impl Replicas {
                 command.args(["shard", "--gid", &gid.to_string(), "--ctrlers", ctrlers]);
             }
         }
+        match &self.tls {
+            Some(ca) => {
+                let name = (i + 1).to_string();
+                let (cert, key) = crate::tls::issue(ca, &self.cert_role(), &name);
+                command
+                    .arg("--tls-ca")
+                    .arg(ca.join("ca.pem"))
+                    .arg("--tls-cert")
+                    .arg(cert)
+                    .arg("--tls-key")
+                    .arg(key);
+            }
+            None => {
+                command.arg("--insecure");
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            command.args(["--cluster", cluster]);
+        }
         let child = command
             .args(["--id", &(i + 1).to_string(), "--listen", &self.addrs[i]])
+            .args(["--peer-listen", &self.peer_addrs[i]])
             .args(["--peers", &self.peers()])
+            .args(["--clients", &self.clients()])
             .arg("--data-dir")
             .arg(self.data_dir(i))
             .args(["--snapshot-threshold", &self.snapshot_threshold.to_string()])
@@ -177,8 +256,16 @@ impl Replicas {
         }
     }
 
+    /// How a test client connects to these replicas: an admin certificate from their CA, or plaintext.
+    pub fn client_security(&self) -> ds824::security::Security {
+        match &self.tls {
+            Some(ca) => crate::tls::security(ca, "admin", "tests"),
+            None => ds824::security::Security::Insecure,
+        }
+    }
+
     pub async fn status(&self, i: usize) -> Option<StatusResponse> {
-        node_status(&self.addrs[i], Duration::from_millis(500))
+        node_status(&self.addrs[i], Duration::from_millis(500), &self.client_security())
             .await
             .ok()
     }
