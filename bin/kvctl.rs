@@ -192,6 +192,14 @@ enum CertsOp {
         /// Days the CA is valid.
         #[arg(long, default_value_t = 3650)]
         days: u32,
+        /// Also issue these certificates, as ROLE/NAME (comma-separated), e.g.
+        /// kv/1,kv/2,kv/3,admin/operator: one command provisions a whole deployment.
+        #[arg(long, value_delimiter = ',')]
+        issue: Vec<String>,
+        /// Reuse a CA already in DIR (of the same cluster) and certificates already issued, instead of
+        /// refusing: for a provisioning job that runs on every start.
+        #[arg(long)]
+        keep_existing: bool,
     },
     /// Issue a certificate for ROLE/NAME, written to DIR/ROLE-NAME.pem and DIR/ROLE-NAME-key.pem.
     ///
@@ -248,13 +256,42 @@ fn fail(error: impl std::fmt::Display) -> u8 {
 
 fn certs_command(op: CertsOp) -> u8 {
     match op {
-        CertsOp::Init { dir, cluster, days } => match certs::init(&dir, &cluster, days) {
-            Ok(ca) => {
-                println!("{}", ca.display());
-                EXIT_OK
+        CertsOp::Init {
+            dir,
+            cluster,
+            days,
+            issue,
+            keep_existing,
+        } => {
+            if keep_existing && dir.join("ca.pem").exists() {
+                match certs::cluster_of(&dir) {
+                    Ok(existing) if existing == cluster => {}
+                    Ok(existing) => {
+                        return fail(format!(
+                            "{} holds the CA of cluster {existing:?}, not {cluster:?}",
+                            dir.display()
+                        ))
+                    }
+                    Err(e) => return fail(e),
+                }
+            } else if let Err(e) = certs::init(&dir, &cluster, days) {
+                return fail(e);
             }
-            Err(e) => fail(e),
-        },
+            println!("{}", dir.join("ca.pem").display());
+            for spec in issue {
+                let Some((role, name)) = spec.split_once('/') else {
+                    return fail(format!("--issue {spec:?} is not ROLE/NAME"));
+                };
+                if keep_existing && dir.join(format!("{role}-{name}.pem")).exists() {
+                    continue;
+                }
+                match certs::issue(&dir, role, name, &[], 365) {
+                    Ok(issued) => println!("{} {}", issued.principal, issued.cert.display()),
+                    Err(e) => return fail(e),
+                }
+            }
+            EXIT_OK
+        }
         CertsOp::Issue {
             dir,
             role,
@@ -304,7 +341,7 @@ async fn run(cli: Cli) -> u8 {
     };
     let clerk = || -> Result<AnyClerk, ClerkError> {
         Ok(if sharded {
-            AnyClerk::Sharded(ShardClerk::new(&ctrlers, config.clone())?)
+            AnyClerk::Sharded(Box::new(ShardClerk::new(&ctrlers, config.clone())?))
         } else {
             AnyClerk::Kv(Clerk::new(&cluster, config.clone())?)
         })

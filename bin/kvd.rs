@@ -5,7 +5,8 @@
 use clap::{Args, Parser, Subcommand};
 use ds824::raft::NodeId;
 use ds824::replica::{
-    parse_addresses, parse_node_id, parse_peers, Replica, ReplicaConfig, ServiceRole, DEFAULT_CLUSTER,
+    parse_addresses, parse_node_id, parse_peers, Replica, ReplicaConfig, ServiceRole,
+    DEFAULT_CLUSTER,
 };
 use ds824::security::TlsArgs;
 use std::collections::HashMap;

@@ -32,3 +32,16 @@ wait_healthy() {
 }
 
 ALL_SERVICES=(kv1 kv2 kv3 ctrler1 ctrler2 ctrler3 g1a g1b g1c g2a g2b g2c g3a g3b g3c mr-coordinator mr-worker-1 mr-worker-2 mr-worker-3)
+
+# export_client_certs DIR: copy the CA and the admin and client certificates out of the `certs` volume
+# (through the finished one-shot `certs` container) to DIR, and point kvctl at the admin one.
+export_client_certs() {
+  local dir=$1 id file
+  id=$(compose ps -aq certs)
+  mkdir -p "$dir"
+  for file in ca.pem admin-operator.pem admin-operator-key.pem client-user.pem client-user-key.pem; do
+    docker cp "$id:/certs/$file" "$dir/$file" >/dev/null || return 1
+  done
+  chmod 600 "$dir"/*-key.pem
+  export DS824_TLS_CA=$dir/ca.pem DS824_TLS_CERT=$dir/admin-operator.pem DS824_TLS_KEY=$dir/admin-operator-key.pem
+}

@@ -38,6 +38,8 @@ cleanup
 mkdir -p /tmp/ds824-mr && chmod 1777 /tmp/ds824-mr && rm -rf /tmp/ds824-mr/*
 compose up -d >/dev/null 2>&1
 check "every service becomes healthy" wait_healthy 180 "${ALL_SERVICES[@]}"
+check "the certs job left client certificates to copy out" export_client_certs /tmp/ds824-certs
+export_client_certs /tmp/ds824-certs 2>/dev/null || true
 
 write_keys() { local i; for i in $(seq "$1" "$2"); do kvctl put "key-$i" "value-$i" >/dev/null || return 1; done; }
 read_keys() {
@@ -51,7 +53,7 @@ check "writes and reads from the host" bash -c "$(declare -f kvctl write_keys re
 ctrl() { "$bin/kvctl" --ctrlers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 ctrler "$@"; }
 # The controllers name the shard groups by their in-network host names, so the sharded store is used from
 # inside the network (kvctl in a shard container; the image has no shell, the binary is run directly).
-skvctl() { compose exec -T g1a /usr/local/bin/kvctl --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 "$@"; }
+skvctl() { compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 "$@"; }
 # shard_join_done: the one-shot join job exited 0 (it runs on every `up`; groups already joined are skipped).
 shard_join_done() {
   local deadline=$((SECONDS + 60)) id code
@@ -77,6 +79,18 @@ check "the join job joined shard group 1 (all shards)" bash -c "$(declare -f com
 check "sharded writes and reads inside the network" bash -c "$(declare -f compose skvctl write_sharded read_sharded); write_sharded 1 20 && read_sharded 1 20"
 check "kvctl ctrler join adds group 2; half the shards move to it" bash -c "$(declare -f ctrl); ctrl join 2=g2a:7201,g2b:7201,g2c:7201 >/dev/null && ctrl query | grep -q 'group 2: 5 shards'"
 check "sharded data intact after the migration" bash -c "$(declare -f compose skvctl read_sharded); read_sharded 1 20"
+
+# The trust boundary, from the host.
+refused_fast() { # refused_fast PATTERN COMMAND...: exit 2 within 5 s, stderr matching PATTERN
+  local pattern=$1 start=$SECONDS err; shift
+  err=$("$@" 2>&1 >/dev/null); local code=$?
+  [ "$code" = 2 ] && ((SECONDS - start <= 5)) && grep -qi -- "$pattern" <<<"$err" || { echo "    exit $code after $((SECONDS - start)) s: $err" >&2; return 1; }
+}
+check "kvctl without a certificate is refused at once (exit 2)" bash -c "$(declare -f refused_fast); env -u DS824_TLS_CA -u DS824_TLS_CERT -u DS824_TLS_KEY refused_fast 'TLS is required' $bin/kvctl get key-1"
+rm -rf /tmp/ds824-other-ca && "$bin/kvctl" certs init --dir /tmp/ds824-other-ca --cluster demo --issue admin/operator >/dev/null
+check "a certificate from another CA is refused at the handshake (exit 2, at once)" bash -c "$(declare -f refused_fast); export DS824_TLS_CA=/tmp/ds824-other-ca/ca.pem DS824_TLS_CERT=/tmp/ds824-other-ca/admin-operator.pem DS824_TLS_KEY=/tmp/ds824-other-ca/admin-operator-key.pem; refused_fast 'TLS' $bin/kvctl --timeout-ms 20000 get key-1"
+check "a client certificate reads but cannot ctrler join (exit 2, permission denied)" bash -c "$(declare -f refused_fast ctrl); export DS824_TLS_CERT=/tmp/ds824-certs/client-user.pem DS824_TLS_KEY=/tmp/ds824-certs/client-user-key.pem; $bin/kvctl get key-1 >/dev/null && refused_fast 'permission denied' ctrl join 3=g3a:7201"
+check "peer ports are not published on the host" bash -c "! (exec 3<>/dev/tcp/127.0.0.1/18001) 2>/dev/null && ! compose port kv1 8001 2>/dev/null | grep -q :"
 
 # One server of every replicated group down at once: each keeps a majority.
 victims=(kv2 ctrler2 g1b g2b)

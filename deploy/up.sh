@@ -11,6 +11,9 @@ compose up -d
 wait_healthy 120 "${ALL_SERVICES[@]}"
 
 bin=target/x86_64-unknown-linux-gnu/release
+# kvctl on the host authenticates with the admin certificate the cluster's `certs` job issued.
+export_client_certs /tmp/ds824-certs
+echo "== client certificates in /tmp/ds824-certs (admin-operator.pem: full rights; client-user.pem: read/write)"
 export KVCTL_CLUSTER=127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003
 echo "== demo"
 set -x
@@ -19,9 +22,9 @@ set -x
 "$bin/kvctl" get greeting
 "$bin/kvctl" status
 # The sharded store, from inside the network (the controllers name the groups by in-network host names).
-compose exec -T g1a /usr/local/bin/kvctl --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 --timeout-ms 60000 put sharded hello
-compose exec -T g1a /usr/local/bin/kvctl --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 get sharded
-compose exec -T g1a /usr/local/bin/kvctl --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 status
+compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 --timeout-ms 60000 put sharded hello
+compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 get sharded
+compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 status
 { set +x; } 2>/dev/null
 echo
 echo "The cluster is up. Try: $bin/kvctl --help, $bin/mrd --help; see README.md for a walk-through."

@@ -5,10 +5,10 @@
 mod ports;
 #[path = "support/replicas.rs"]
 mod replicas;
-#[path = "support/tls.rs"]
-mod tls;
 #[path = "support/scrape.rs"]
 mod scrape;
+#[path = "support/tls.rs"]
+mod tls;
 
 use ds824::check::{check, CheckResult, History, KvModel, Operation};
 

@@ -235,7 +235,10 @@ async fn the_inbound_service_refuses_malformed_streams() {
     drop(tx);
     let mut foreign = chunk(0, b"abc", true, 3);
     foreign.cluster = "other/raft".into();
-    assert_eq!(refused(vec![foreign]).await, tonic::Code::FailedPrecondition);
+    assert_eq!(
+        refused(vec![foreign]).await,
+        tonic::Code::FailedPrecondition
+    );
     // A stream that stops sending is dropped after the idle timeout, and frees the peer's slot.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(chunk(0, b"abc", false, 6)).await.expect("queue");

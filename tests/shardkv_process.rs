@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 mod ports;
 #[path = "support/replicas.rs"]
 mod replicas;
-#[path = "support/tls.rs"]
-mod tls;
 #[path = "support/scrape.rs"]
 mod scrape;
+#[path = "support/tls.rs"]
+mod tls;
 use replicas::{free_port, Replicas, WAIT};
 
 const KEYS: usize = 10;
@@ -374,8 +374,8 @@ async fn a_data_dir_of_one_group_is_refused_by_another() {
     let address = format!("127.0.0.1:{}", free_port());
     let start = |gid: u64| {
         Command::new(env!("CARGO_BIN_EXE_kvd"))
-        .env("DS824_INSECURE", "1")
-        .env("KVD_PEER_LISTEN", "127.0.0.1:0")
+            .env("DS824_INSECURE", "1")
+            .env("KVD_PEER_LISTEN", "127.0.0.1:0")
             .args(["shard", "--gid", &gid.to_string(), "--id", "1"])
             .args(["--listen", &address, "--peers", &format!("1={address}")])
             // Never contacted: a group with no configuration only asks, and nothing here needs an answer.
@@ -391,7 +391,8 @@ async fn a_data_dir_of_one_group_is_refused_by_another() {
     // Serving (a single-node group elects itself) means the directory is initialised as group 1's.
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok(s) = node_status(&address, Duration::from_millis(500), &Default::default()).await {
+        if let Ok(s) = node_status(&address, Duration::from_millis(500), &Default::default()).await
+        {
             if s.role == "leader" {
                 assert_eq!(s.gid, 1);
                 break;
@@ -437,7 +438,7 @@ async fn kvctl_routes_through_the_controllers() {
     let group = Replicas::start(root.path(), 7, &ctrler_list);
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kvctl"))
-        .env("DS824_INSECURE", "1")
+            .env("DS824_INSECURE", "1")
             .args(["--ctrlers", &ctrler_list, "--timeout-ms", "15000"])
             .args(args)
             .env_remove("KVCTL_CLUSTER")
@@ -587,8 +588,8 @@ async fn shard_nodes_export_shard_ownership_metrics() {
     let metrics = format!("127.0.0.1:{}", free_port());
     let spawn = |args: Vec<String>| {
         Command::new(env!("CARGO_BIN_EXE_kvd"))
-        .env("DS824_INSECURE", "1")
-        .env("KVD_PEER_LISTEN", "127.0.0.1:0")
+            .env("DS824_INSECURE", "1")
+            .env("KVD_PEER_LISTEN", "127.0.0.1:0")
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

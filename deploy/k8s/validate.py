@@ -82,6 +82,10 @@ for name, doc in workloads:
                 problem(name, "a StatefulSet's pods must take --id auto")
             peers = dict(p.split("=", 1) for p in args[args.index("--peers") + 1].split(","))
             sts, svc = doc["metadata"]["name"], spec["serviceName"]
+            if "--peer-listen" in args:
+                listen_port = int(args[args.index("--peer-listen") + 1].rsplit(":", 1)[1])
+                if listen_port not in ports:
+                    problem(name, f"--peer-listen port {listen_port} is not a container port")
             wanted = {str(i + 1): f"{sts}-{i}.{svc}:{listen_port}" for i in range(replicas)}
             if peers != wanted:
                 problem(name, f"--peers {peers} should be {wanted}")

@@ -235,9 +235,13 @@ pub async fn node_status(
     let mut client = KvClient::new(channel(address, &config)?);
     match tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) if crate::security::is_tls_failure(&status) => Err(ClerkError::Tls(
-            format!("{address}: {}", std::error::Error::source(&status).map_or_else(|| status.to_string(), |e| e.to_string())),
-        )),
+        Ok(Err(status)) if crate::security::is_tls_failure(&status) => {
+            Err(ClerkError::Tls(format!(
+                "{address}: {}",
+                std::error::Error::source(&status)
+                    .map_or_else(|| status.to_string(), |e| e.to_string())
+            )))
+        }
         Ok(Err(status)) if status.code() == Code::Unavailable => Err(ClerkError::Unreachable {
             address: address.to_string(),
             detail: status.message().to_string(),

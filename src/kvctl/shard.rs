@@ -21,7 +21,7 @@ pub enum AnyClerk {
     /// A KV cluster.
     Kv(Clerk),
     /// A sharded cluster, through its controllers.
-    Sharded(ShardClerk),
+    Sharded(Box<ShardClerk>),
 }
 
 impl AnyClerk {

@@ -713,7 +713,11 @@ impl RaftCore {
     fn campaign(&mut self, leadership_transfer: bool) {
         if self.term >= MAX_TERM {
             // Peers refuse every term above MAX_TERM; campaigning would only spread refusals.
-            warn!(node = self.config.id, term = self.term, "term exhausted: not campaigning");
+            warn!(
+                node = self.config.id,
+                term = self.term,
+                "term exhausted: not campaigning"
+            );
             self.reset_election_timer();
             return;
         }

@@ -16,10 +16,10 @@ use super::storage::{Storage, StorageError};
 use super::transport::{
     cluster_id, InboundConfig, InboundQueue, RaftService, Transport, TransportConfig,
 };
-use crate::security::Guard;
 use super::types::{Entry, Index, NodeId, Role, Snapshot, Term};
 use super::Ready;
 use crate::proto::raft::raft_transport_server::RaftTransportServer;
+use crate::security::Guard;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::time::Duration;

@@ -226,7 +226,12 @@ async fn stream_messages(link: Link, mut queue: mpsc::Receiver<Envelope>) {
             }
         }
         // A refused stream is retried at the slowest pace: the operator must fix the configuration.
-        tokio::time::sleep(if reported { config.max_backoff } else { backoff }).await;
+        tokio::time::sleep(if reported {
+            config.max_backoff
+        } else {
+            backoff
+        })
+        .await;
     }
 }
 
@@ -266,7 +271,11 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
                 data: data.slice(offset..end),
                 done: n == last,
                 total_bytes: total as u64,
-                cluster: if n == 0 { cluster.clone() } else { String::new() },
+                cluster: if n == 0 {
+                    cluster.clone()
+                } else {
+                    String::new()
+                },
             }
         });
         let sending = client.install_snapshot(tokio_stream::iter(chunks));
@@ -562,17 +571,17 @@ impl RaftTransport for RaftService {
         let bytes = data.len();
         self.deliver(
             Envelope {
-            from: first.from,
-            to: first.to,
-            message: Message::InstallSnapshot {
-                term: first.term,
-                meta: SnapshotMeta {
-                    index: first.last_included_index,
-                    term: first.last_included_term,
+                from: first.from,
+                to: first.to,
+                message: Message::InstallSnapshot {
+                    term: first.term,
+                    meta: SnapshotMeta {
+                        index: first.last_included_index,
+                        term: first.last_included_term,
+                    },
+                    data: data.freeze(),
                 },
-                data: data.freeze(),
             },
-        },
             bytes,
         )
         .await?;

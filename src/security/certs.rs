@@ -211,7 +211,13 @@ mod tests {
         let der = super::super::pem_certificates(&pem).expect("pem").remove(0);
         let principal = Principal::from_certificate(&der).expect("identity");
         assert_eq!(principal, Principal::node("prod", Role::Shard(3), 2));
-        assert!(issue(dir.path(), "kv", "one", &[], 30).is_err(), "non-numeric node id");
-        assert!(issue(dir.path(), "root", "x", &[], 30).is_err(), "unknown role");
+        assert!(
+            issue(dir.path(), "kv", "one", &[], 30).is_err(),
+            "non-numeric node id"
+        );
+        assert!(
+            issue(dir.path(), "root", "x", &[], 30).is_err(),
+            "unknown role"
+        );
     }
 }

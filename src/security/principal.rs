@@ -191,7 +191,13 @@ mod tests {
 
     #[test]
     fn identities_round_trip_and_malformed_ones_are_refused() {
-        for role in [Role::Kv, Role::Ctrler, Role::Shard(7), Role::Admin, Role::Worker] {
+        for role in [
+            Role::Kv,
+            Role::Ctrler,
+            Role::Shard(7),
+            Role::Admin,
+            Role::Worker,
+        ] {
             let p = Principal::node("prod", role, 3);
             assert_eq!(Principal::parse_uri(&p.uri()), Ok(p));
         }

@@ -147,7 +147,11 @@ fn random_and_extreme_messages_never_panic() {
 fn one_message_with_a_huge_term_does_not_brick_the_group() {
     use crate::common::*;
     for forged_term in [ds824::raft::MAX_TERM, ds824::raft::MAX_TERM - 1, u64::MAX] {
-        let mut cfg = cluster("one_message_with_a_huge_term_does_not_brick_the_group", 3, true);
+        let mut cfg = cluster(
+            "one_message_with_a_huge_term_does_not_brick_the_group",
+            3,
+            true,
+        );
         let leader = cfg.check_one_leader();
         let target = (leader + 1) % 3;
         let before = cfg.check_terms();

@@ -265,9 +265,13 @@ impl Replicas {
     }
 
     pub async fn status(&self, i: usize) -> Option<StatusResponse> {
-        node_status(&self.addrs[i], Duration::from_millis(500), &self.client_security())
-            .await
-            .ok()
+        node_status(
+            &self.addrs[i],
+            Duration::from_millis(500),
+            &self.client_security(),
+        )
+        .await
+        .ok()
     }
 
     /// Poll the running nodes until one leads a term no one else has moved past.
