@@ -1,0 +1,242 @@
+//! The trust boundary with real `kvd` processes: the peer port is not the client port, TLS admits only
+//! the cluster CA's certificates and each identity only to what its role may do, and nodes of different
+//! clusters never talk.
+
+#[path = "support/ports.rs"]
+mod ports;
+#[path = "support/replicas.rs"]
+mod replicas;
+#[path = "support/tls.rs"]
+mod tls;
+
+use bytes::Bytes;
+use ds824::kv::{Clerk, ClerkConfig, ClerkError, KvOps as _};
+use ds824::proto::raft as pb;
+use ds824::proto::raft::raft_transport_client::RaftTransportClient;
+use ds824::security::Security;
+use replicas::{Replicas, Role};
+use std::time::{Duration, Instant};
+
+/// `AppendEntries{from: 2, term: current + 1, entries: [garbage], leader_commit: last + 1}` for `to`.
+fn forged(to: u64, term: u64, last: u64, cluster: &str) -> pb::Envelope {
+    pb::Envelope {
+        from: 2,
+        to,
+        cluster: cluster.to_string(),
+        message: Some(pb::envelope::Message::AppendEntries(
+            pb::AppendEntriesRequest {
+                term: term + 1,
+                prev_log_index: last,
+                prev_log_term: term,
+                entries: vec![pb::Entry {
+                    term: term + 1,
+                    index: last + 1,
+                    kind: 0,
+                    data: Bytes::from_static(b"\xff\xfegarbage"),
+                }],
+                leader_commit: last + 1,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+/// Send one envelope over a Raft stream to `address` with `security`; the call's outcome.
+async fn send_raw(
+    address: &str,
+    security: &Security,
+    envelope: pb::Envelope,
+) -> Result<(), tonic::Status> {
+    let channel = match security
+        .endpoint(address)
+        .expect("endpoint")
+        .connect()
+        .await
+    {
+        Ok(channel) => channel,
+        Err(e) => return Err(tonic::Status::unavailable(format!("connect: {e}"))),
+    };
+    let mut client = RaftTransportClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(envelope).await.expect("queue");
+    drop(tx);
+    client
+        .send(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(|_| ())
+}
+
+fn clerk(addrs: &[String], security: Security) -> Clerk {
+    Clerk::new(
+        addrs,
+        ClerkConfig {
+            call_timeout: Duration::from_secs(8),
+            security,
+            ..ClerkConfig::default()
+        },
+    )
+    .expect("clerk")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_raft_message_on_the_client_port_changes_nothing() {
+    let cluster = Replicas::start_temp(Role::Kv, 3, 8 << 20);
+    let leader = cluster.wait_for_leader().await;
+    clerk(&cluster.addrs, Security::Insecure)
+        .put("k", "v")
+        .await
+        .expect("put");
+    let victim = (leader + 1) % 3;
+    let before = cluster
+        .wait_for_status(victim, "the put applied", |s| s.applied_index >= 2)
+        .await;
+    let refused = send_raw(
+        &cluster.addrs[victim],
+        &Security::Insecure,
+        forged(
+            victim as u64 + 1,
+            before.term,
+            before.last_index,
+            "ds824/kv",
+        ),
+    )
+    .await
+    .expect_err("the client port must not take Raft messages");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused}");
+    let after = cluster.status(victim).await.expect("status");
+    assert_eq!(
+        (after.term, after.commit_index, after.last_index),
+        (before.term, before.commit_index, before.last_index),
+        "the forged message changed the node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_only_the_clusters_certificates_get_in_and_only_as_far_as_their_role() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let ca = tls::ca(root.path(), "ca", "prod");
+    let other = tls::ca(root.path(), "other", "prod");
+    let cluster = Replicas::start_temp_with(Role::Kv, 3, 8 << 20, Some(ca.clone()), None);
+    let leader = cluster.wait_for_leader().await;
+    let mut user = clerk(&cluster.addrs, tls::security(&ca, "client", "user"));
+    user.put("k", "v")
+        .await
+        .expect("a client certificate writes");
+    assert_eq!(user.get("k").await.expect("get").as_deref(), Some("v"));
+
+    // Another CA's certificate: refused at the handshake, reported at once rather than retried.
+    let started = Instant::now();
+    let mut stranger = clerk(&cluster.addrs, tls::security(&other, "admin", "x"));
+    let refused = stranger
+        .get("k")
+        .await
+        .expect_err("another CA's certificate");
+    assert!(matches!(refused, ClerkError::Tls(_)), "{refused}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // Plaintext against the TLS port gets nothing either.
+    let mut plain = Clerk::new(
+        &cluster.addrs,
+        ClerkConfig {
+            call_timeout: Duration::from_secs(2),
+            ..ClerkConfig::default()
+        },
+    )
+    .expect("clerk");
+    assert!(plain.get("k").await.is_err(), "plaintext was served");
+
+    // On the peer port: a client certificate, a replica certificate of another node id, another
+    // group's replica and another CA are all refused; the node is unchanged.
+    let victim = (leader + 1) % 3;
+    let before = cluster
+        .wait_for_status(victim, "the put applied", |s| s.applied_index >= 2)
+        .await;
+    let message = || forged(victim as u64 + 1, before.term, before.last_index, "prod/kv");
+    for (who, security) in [
+        ("a client", tls::security(&ca, "client", "user")),
+        (
+            "kv node 3 claiming to be node 2",
+            tls::security(&ca, "kv", "3"),
+        ),
+        ("a controller", tls::security(&ca, "ctrler", "2")),
+    ] {
+        let status = send_raw(&cluster.peer_addrs[victim], &security, message())
+            .await
+            .expect_err(who);
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{who}: {status}"
+        );
+    }
+    send_raw(
+        &cluster.peer_addrs[victim],
+        &tls::security(&other, "kv", "2"),
+        message(),
+    )
+    .await
+    .expect_err("another CA's node");
+    let after = cluster.status(victim).await.expect("status");
+    assert_eq!(
+        (after.term, after.commit_index, after.last_index),
+        (before.term, before.commit_index, before.last_index),
+        "a refused message changed the node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_is_refused_and_both_sides_say_so() {
+    let b = Replicas::start_temp_with(Role::Kv, 3, 8 << 20, None, Some("b".into()));
+    let leader = b.wait_for_leader().await;
+    clerk(&b.addrs, Security::Insecure)
+        .put("k", "v")
+        .await
+        .expect("put");
+    let before = b.status(leader).await.expect("status");
+    // Cluster A's node 1, with a --peers typo: its node 2 is B's node 2.
+    let mut a = Replicas::start_temp_with(Role::Kv, 3, 8 << 20, None, Some("a".into()));
+    a.kill(1);
+    a.kill(2);
+    a.kill(0);
+    a.peer_addrs[1] = b.peer_addrs[1].clone();
+    a.start_node(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut a_log, mut b_log) = (String::new(), String::new());
+    while Instant::now() < deadline {
+        a_log = std::fs::read_to_string(a.log(0)).unwrap_or_default();
+        b_log = std::fs::read_to_string(b.log(1)).unwrap_or_default();
+        if a_log.contains("peer refuses our messages")
+            && b_log.contains("refusing messages from another cluster")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        b_log.contains("refusing messages from another cluster") && b_log.contains("a/kv"),
+        "B did not log the mismatch:\n{b_log}"
+    );
+    assert!(
+        a_log.contains("peer refuses our messages") && a_log.contains("b/kv"),
+        "A did not log the mismatch:\n{a_log}"
+    );
+    let after = b.wait_for_leader().await;
+    let status = b.status(after).await.expect("status");
+    assert_eq!(
+        (after, status.term),
+        (leader, before.term),
+        "B lost its leader"
+    );
+    assert!(status.commit_index >= before.commit_index);
+    assert_eq!(
+        clerk(&b.addrs, Security::Insecure)
+            .get("k")
+            .await
+            .expect("get")
+            .as_deref(),
+        Some("v")
+    );
+}
