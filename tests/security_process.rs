@@ -17,10 +17,10 @@ use ds824::security::Security;
 use replicas::{Replicas, Role};
 use std::time::{Duration, Instant};
 
-/// `AppendEntries{from: 2, term: current + 1, entries: [garbage], leader_commit: last + 1}` for `to`.
-fn forged(to: u64, term: u64, last: u64, cluster: &str) -> pb::Envelope {
+/// `AppendEntries{from, term: current + 1, entries: [garbage], leader_commit: last + 1}` for `to`.
+fn forged(from: u64, to: u64, term: u64, last: u64, cluster: &str) -> pb::Envelope {
     pb::Envelope {
-        from: 2,
+        from,
         to,
         cluster: cluster.to_string(),
         message: Some(pb::envelope::Message::AppendEntries(
@@ -94,6 +94,7 @@ async fn a_forged_raft_message_on_the_client_port_changes_nothing() {
         &cluster.addrs[victim],
         &Security::Insecure,
         forged(
+            (leader + 1) as u64,
             victim as u64 + 1,
             before.term,
             before.last_index,
@@ -154,13 +155,15 @@ async fn with_tls_only_the_clusters_certificates_get_in_and_only_as_far_as_their
     let before = cluster
         .wait_for_status(victim, "the put applied", |s| s.applied_index >= 2)
         .await;
-    let message = || forged(victim as u64 + 1, before.term, before.last_index, "prod/kv");
+    // The message claims to come from the leader (a real peer of the victim), so only the
+    // certificate can tell it apart from the real thing.
+    let claimed = leader as u64 + 1;
+    let third = (0..3).find(|i| *i != leader && *i != victim).expect("three nodes") + 1;
+    let message = || forged(claimed, victim as u64 + 1, before.term, before.last_index, "prod/kv");
+    let impostor = format!("kv node {third} claiming to be node {claimed}");
     for (who, security) in [
         ("a client", tls::security(&ca, "client", "user")),
-        (
-            "kv node 3 claiming to be node 2",
-            tls::security(&ca, "kv", "3"),
-        ),
+        (impostor.as_str(), tls::security(&ca, "kv", &third.to_string())),
         ("a controller", tls::security(&ca, "ctrler", "2")),
     ] {
         let status = send_raw(&cluster.peer_addrs[victim], &security, message())

@@ -403,6 +403,18 @@ impl RaftService {
         cluster: &str,
     ) -> Result<(), Status> {
         let config = &self.config;
+        // Authenticate first: a caller the certificate does not name learns nothing about
+        // the group's membership from the answer.
+        if let Some(principal) = caller {
+            let group = principal.role.raft_group();
+            if group.as_deref() != Some(config.group.as_str()) || principal.node_id() != Some(from)
+            {
+                return Err(Status::permission_denied(format!(
+                    "{principal} may not send Raft messages as node {from} of {}",
+                    config.group
+                )));
+            }
+        }
         if cluster != config.cluster {
             if let Ok(mut foreign) = self.foreign.lock() {
                 if foreign.insert(format!("{cluster}#{from}")) {
@@ -431,16 +443,6 @@ impl RaftService {
                 "node {from} is not a member of {}",
                 config.cluster
             )));
-        }
-        if let Some(principal) = caller {
-            let group = principal.role.raft_group();
-            if group.as_deref() != Some(config.group.as_str()) || principal.node_id() != Some(from)
-            {
-                return Err(Status::permission_denied(format!(
-                    "{principal} may not send Raft messages as node {from} of {}",
-                    config.group
-                )));
-            }
         }
         Ok(())
     }
