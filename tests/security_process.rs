@@ -158,12 +158,26 @@ async fn with_tls_only_the_clusters_certificates_get_in_and_only_as_far_as_their
     // The message claims to come from the leader (a real peer of the victim), so only the
     // certificate can tell it apart from the real thing.
     let claimed = leader as u64 + 1;
-    let third = (0..3).find(|i| *i != leader && *i != victim).expect("three nodes") + 1;
-    let message = || forged(claimed, victim as u64 + 1, before.term, before.last_index, "prod/kv");
+    let third = (0..3)
+        .find(|i| *i != leader && *i != victim)
+        .expect("three nodes")
+        + 1;
+    let message = || {
+        forged(
+            claimed,
+            victim as u64 + 1,
+            before.term,
+            before.last_index,
+            "prod/kv",
+        )
+    };
     let impostor = format!("kv node {third} claiming to be node {claimed}");
     for (who, security) in [
         ("a client", tls::security(&ca, "client", "user")),
-        (impostor.as_str(), tls::security(&ca, "kv", &third.to_string())),
+        (
+            impostor.as_str(),
+            tls::security(&ca, "kv", &third.to_string()),
+        ),
         ("a controller", tls::security(&ca, "ctrler", "2")),
     ] {
         let status = send_raw(&cluster.peer_addrs[victim], &security, message())
@@ -242,4 +256,125 @@ async fn a_node_of_another_cluster_is_refused_and_both_sides_say_so() {
             .as_deref(),
         Some("v")
     );
+}
+
+/// One `ShardTransfer` call to `address` as `security`: the status answered, or the refusal.
+async fn transfer(
+    address: &str,
+    security: &Security,
+    shard: u64,
+    delete: bool,
+) -> Result<i32, tonic::Status> {
+    use ds824::proto::shardkv as spb;
+    let channel = security
+        .endpoint(address)
+        .expect("endpoint")
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+    let mut client = spb::shard_transfer_client::ShardTransferClient::new(channel);
+    let shard = Some(spb::ShardRef {
+        config_num: 2,
+        shard,
+    });
+    if delete {
+        let request = spb::DeleteRequest { shard };
+        Ok(client.delete(request).await?.into_inner().status)
+    } else {
+        let request = spb::PullRequest { shard, after: None };
+        Ok(client.pull(request).await?.into_inner().status)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_shard_goes_only_to_its_new_owner_and_is_kept_until_it_had_it() {
+    use ds824::ctrler::CtrlerClerk;
+    use ds824::proto::shardkv::TransferStatus;
+    let root = tempfile::tempdir().expect("temp dir");
+    let ca = tls::ca(root.path(), "ca", "prod");
+    let ctrlers = Replicas::start_temp_with(Role::Ctrler, 1, 8 << 20, Some(ca.clone()), None);
+    let group = Role::Shard {
+        gid: 1,
+        ctrlers: ctrlers.addrs.join(","),
+    };
+    let g1 = Replicas::start_temp_with(group, 1, 8 << 20, Some(ca.clone()), None);
+    let config = ClerkConfig {
+        call_timeout: Duration::from_secs(20),
+        security: ctrlers.client_security(),
+        ..ClerkConfig::default()
+    };
+    let mut admin = CtrlerClerk::new(&ctrlers.addrs, config).expect("ctrler clerk");
+    admin
+        .join([(1, g1.addrs.clone())].into())
+        .await
+        .expect("join 1");
+    // Group 2 never runs, so the shards configuration 2 gives it stay frozen at group 1.
+    let joined = admin
+        .join([(2, vec!["127.0.0.1:1".to_string()])].into())
+        .await
+        .expect("join 2");
+    let shard = joined
+        .shards
+        .iter()
+        .position(|&gid| gid == 2)
+        .expect("group 2 got shards") as u64;
+    let frozen = g1
+        .wait_for_status(0, "configuration 2", |s| s.config_num == 2)
+        .await
+        .outgoing_shards;
+    assert!(frozen > 0);
+
+    let as_group = |gid: u64| tls::security(&ca, &format!("shard-{gid}"), "1");
+    let address = &g1.addrs[0];
+    for (who, security, delete) in [
+        ("group 3 pulling", as_group(3), false),
+        ("group 3 deleting", as_group(3), true),
+        (
+            "a client deleting",
+            tls::security(&ca, "client", "user"),
+            true,
+        ),
+        (
+            "an admin pulling",
+            tls::security(&ca, "admin", "ops"),
+            false,
+        ),
+    ] {
+        let refused = transfer(address, &security, shard, delete)
+            .await
+            .expect_err(who);
+        assert_eq!(
+            refused.code(),
+            tonic::Code::PermissionDenied,
+            "{who}: {refused}"
+        );
+    }
+    // The new owner itself may not delete a copy whose final page nobody has had.
+    assert_eq!(
+        transfer(address, &as_group(2), shard, true)
+            .await
+            .map_err(|e| e.to_string()),
+        Ok(TransferStatus::NotReady as i32)
+    );
+    let kept = g1.status(0).await.expect("status").outgoing_shards;
+    assert_eq!(kept, frozen, "a refused transfer dropped a copy");
+    // Once it pulled the (final, empty) page, its delete is honoured, and only its.
+    assert_eq!(
+        transfer(address, &as_group(2), shard, false)
+            .await
+            .map_err(|e| e.to_string()),
+        Ok(TransferStatus::Ok as i32)
+    );
+    let refused = transfer(address, &as_group(3), shard, true)
+        .await
+        .expect_err("group 3 after the pull");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert_eq!(
+        transfer(address, &as_group(2), shard, true)
+            .await
+            .map_err(|e| e.to_string()),
+        Ok(TransferStatus::Ok as i32)
+    );
+    let after = g1.status(0).await.expect("status").outgoing_shards;
+    assert_eq!(after, frozen - 1);
 }

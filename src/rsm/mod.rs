@@ -8,7 +8,9 @@
 //!   being applied twice. The table is part of every snapshot;
 //! - **proposal tracking**: a proposal waits for its log index; when that index is applied with this
 //!   client's command the caller gets the output, when it is applied with anything else (leadership changed
-//!   and the entry was replaced) the caller is told to retry elsewhere;
+//!   and the entry was replaced) the caller is told to retry elsewhere. A proposal is *expected* before it
+//!   is handed to Raft ([`Rsm::expect`]), so an entry applied before its index is known (a one-node
+//!   group commits at once) keeps its output for the caller instead of sending it to retry;
 //! - **linearizable reads**: a query waits until the state machine applied the ReadIndex Raft confirmed;
 //! - **snapshots**: [`Rsm::snapshot`] produces the bytes to hand to Raft's `compact`, and applying a
 //!   snapshot restores state and sessions.
@@ -136,6 +138,9 @@ struct PendingWrite {
     seq: Seq,
 }
 
+/// The index and output of an expected proposal's entry, applied before the proposer tracked it.
+type EarlyOutput<O> = (Index, O);
+
 /// A state machine with sessions, proposal tracking and read queueing. See the module documentation.
 pub struct Rsm<S: StateMachine> {
     machine: S,
@@ -143,6 +148,9 @@ pub struct Rsm<S: StateMachine> {
     applied: Index,
     writes: BTreeMap<Index, Vec<PendingWrite>>,
     reads: BTreeMap<Index, Vec<(Token, S::Query)>>,
+    /// Proposals handed to Raft whose index is not known yet, with the output of their entry if it was
+    /// applied meanwhile. Holds only proposals in flight on this node (callers withdraw theirs).
+    expected: BTreeMap<(ClientId, Seq), Option<EarlyOutput<S::Output>>>,
 }
 
 impl<S: StateMachine> Rsm<S> {
@@ -154,6 +162,7 @@ impl<S: StateMachine> Rsm<S> {
             applied: 0,
             writes: BTreeMap::new(),
             reads: BTreeMap::new(),
+            expected: BTreeMap::new(),
         }
     }
 
@@ -190,6 +199,19 @@ impl<S: StateMachine> Rsm<S> {
         Prepared::Propose(Bytes::from(logged.encode_to_vec()))
     }
 
+    /// (`client`, `seq`) is about to be proposed: if its entry is applied before [`Rsm::track`] learns
+    /// its index, keep the output for it. Without this, a machine without sessions (whose outputs are
+    /// kept nowhere else) would answer such a proposal "retry", and a one-node group would do so for
+    /// most of them. Pair with [`Rsm::track`] or, if the proposal fails, [`Rsm::withdraw`].
+    pub fn expect(&mut self, client: ClientId, seq: Seq) {
+        self.expected.insert((client, seq), None);
+    }
+
+    /// The proposal of (`client`, `seq`) never reached Raft (or its caller gave up): forget it.
+    pub fn withdraw(&mut self, client: ClientId, seq: Seq) {
+        self.expected.remove(&(client, seq));
+    }
+
     /// Raft accepted the proposal for (`client`, `seq`) at `index`: wait for it. Returns the completion at
     /// once if that index was already applied meanwhile.
     pub fn track(
@@ -199,6 +221,11 @@ impl<S: StateMachine> Rsm<S> {
         client: ClientId,
         seq: Seq,
     ) -> Option<Completion<S::Output>> {
+        let early = self.expected.remove(&(client, seq)).flatten();
+        if let Some((applied_at, output)) = early.filter(|(at, _)| *at == index) {
+            debug_assert!(applied_at <= self.applied);
+            return Some(Completion::Done { token, output });
+        }
         if index <= self.applied {
             return Some(match self.sessions.get(&client) {
                 Some(session) if session.seq == seq => Completion::Done {
@@ -295,6 +322,11 @@ impl<S: StateMachine> Rsm<S> {
                 EntryKind::Noop => None,
                 EntryKind::Normal => Some(self.apply_logged(&entry.data)?),
             };
+            if let Some((client, seq, output)) = &applied_by {
+                if let Some(slot) = self.expected.get_mut(&(*client, *seq)) {
+                    *slot = Some((entry.index, output.clone()));
+                }
+            }
             for pending in self.writes.remove(&entry.index).unwrap_or_default() {
                 completions.push(match &applied_by {
                     Some((client, seq, output))

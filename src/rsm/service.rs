@@ -128,6 +128,19 @@ impl<S: StateMachine> Drop for WaiterGuard<'_, S> {
     }
 }
 
+/// Withdraws a proposal's expectation ([`Rsm::expect`]) unless `track` took it over.
+struct ExpectationGuard<'a, S: StateMachine> {
+    shared: &'a Shared<S>,
+    client: u64,
+    seq: u64,
+}
+
+impl<S: StateMachine> Drop for ExpectationGuard<'_, S> {
+    fn drop(&mut self) {
+        self.shared.lock().rsm.withdraw(self.client, self.seq);
+    }
+}
+
 /// One node's replicated service: requests in, Raft proposals and reads out. Cheap to clone; a gRPC
 /// service wraps it and translates its [`Refusal`]s.
 pub struct RsmService<S: StateMachine> {
@@ -317,14 +330,27 @@ impl<S: ServedMachine> RsmService<S> {
         command: S::Command,
     ) -> Result<S::Output, Refusal> {
         let deadline = Instant::now() + self.config.request_timeout;
-        let bytes = match self.shared.lock().rsm.prepare(client, seq, &command) {
-            Prepared::Answered(output) => return Ok(output),
-            Prepared::Stale => {
-                return Err(Refusal::Status(Status::failed_precondition(format!(
-                    "stale request: client {client} already moved past sequence number {seq}"
-                ))))
+        let bytes = {
+            let mut inner = self.shared.lock();
+            match inner.rsm.prepare(client, seq, &command) {
+                Prepared::Answered(output) => return Ok(output),
+                Prepared::Stale => {
+                    return Err(Refusal::Status(Status::failed_precondition(format!(
+                        "stale request: client {client} already moved past sequence number {seq}"
+                    ))))
+                }
+                Prepared::Propose(bytes) => {
+                    inner.rsm.expect(client, seq);
+                    bytes
+                }
             }
-            Prepared::Propose(bytes) => bytes,
+        };
+        // Withdraws the expectation on every way out before `track` takes it over (a failed proposal,
+        // the deadline, or the caller going away while Raft appends).
+        let expectation = ExpectationGuard {
+            shared: &self.shared,
+            client,
+            seq,
         };
         let (index, _term) =
             match tokio::time::timeout_at(deadline, self.handle.propose(bytes)).await {
@@ -340,6 +366,7 @@ impl<S: ServedMachine> RsmService<S> {
             }
             (token, rx)
         };
+        std::mem::forget(expectation); // `track` took it
         self.wait(token, rx, deadline).await
     }
 

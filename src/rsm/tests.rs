@@ -151,3 +151,77 @@ fn cas_swaps_only_on_a_match() {
     assert!(store.apply(KvCommand::Delete { key: "k".into() }).ok);
     assert!(!store.apply(KvCommand::Delete { key: "k".into() }).ok);
 }
+
+/// A KV store that keeps no sessions in `Rsm` (as a shard group does): outputs live nowhere but in the
+/// completion of the entry's waiter.
+struct NoSessions(KvStore);
+
+impl StateMachine for NoSessions {
+    type Command = KvCommand;
+    type Query = KvQuery;
+    type Output = KvOutput;
+    const SESSIONS: bool = false;
+
+    fn apply(&mut self, command: KvCommand) -> KvOutput {
+        self.0.apply(command)
+    }
+    fn query(&self, query: &KvQuery) -> KvOutput {
+        self.0.query(query)
+    }
+    fn snapshot(&self) -> Bytes {
+        self.0.snapshot()
+    }
+    fn restore(&mut self, data: &[u8]) -> Result<(), RsmError> {
+        self.0.restore(data)
+    }
+    fn encode_command(command: &KvCommand) -> Bytes {
+        KvStore::encode_command(command)
+    }
+    fn decode_command(data: &[u8]) -> Result<KvCommand, RsmError> {
+        KvStore::decode_command(data)
+    }
+    fn encode_output(output: &KvOutput) -> Bytes {
+        KvStore::encode_output(output)
+    }
+    fn decode_output(data: &[u8]) -> Result<KvOutput, RsmError> {
+        KvStore::decode_output(data)
+    }
+}
+
+#[test]
+fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
+    let mut rsm = Rsm::new(NoSessions(KvStore::default()));
+    let command = append("k", "x");
+    let Prepared::Propose(data) = rsm.prepare(0, 41, &command) else {
+        panic!("no proposal")
+    };
+    rsm.expect(0, 41);
+    // A one-node group commits and applies before the proposer hears its index.
+    assert!(rsm
+        .apply_entries(&[entry(1, data)])
+        .expect("apply")
+        .is_empty());
+    let appended = KvOutput {
+        ok: true,
+        value: None,
+    };
+    assert_eq!(
+        rsm.track(9, 1, 0, 41),
+        Some(Completion::Done {
+            token: 9,
+            output: appended
+        })
+    );
+    // Without the expectation (withdrawn, or another proposal's index) the waiter must retry.
+    let Prepared::Propose(data) = rsm.prepare(0, 43, &command) else {
+        panic!("no proposal")
+    };
+    rsm.expect(0, 43);
+    rsm.withdraw(0, 43);
+    rsm.apply_entries(&[entry(2, data)]).expect("apply");
+    assert_eq!(
+        rsm.track(10, 2, 0, 43),
+        Some(Completion::Retry { token: 10 })
+    );
+    assert!(rsm.expected.is_empty(), "an expectation was left behind");
+}

@@ -156,6 +156,9 @@ impl Driver {
     }
 
     /// Do one duty; true if it changed the group's state.
+    ///
+    /// Refusals (another group owns the shard, PERMISSION_DENIED) are logged and the duty stays: the
+    /// state that made it a duty is replicated, so only a fixed configuration or certificate ends it.
     async fn perform(&self, duty: Duty) -> bool {
         let answer = match migration::request(&duty) {
             Request::Config { num } => self.config(num).await.map(|c| Some(Answer::Config(c))),
@@ -183,6 +186,7 @@ impl Driver {
                     Reply::Ok(Some(contents)) => Ok(Some(Answer::Page(page_from_proto(contents)))),
                     Reply::Ok(None) => Err("pull answered OK without data".into()),
                     Reply::NotReady => Ok(None),
+                    Reply::NotOwner { owner } => Err(not_ours(owner)),
                 })
             }
             Request::Delete { to, request } => {
@@ -197,9 +201,10 @@ impl Driver {
                     Ok((response.status(), ()))
                 })
                 .await
-                .map(|reply| match reply {
-                    Reply::Ok(()) => Some(Answer::Deleted),
-                    Reply::NotReady => None,
+                .and_then(|reply| match reply {
+                    Reply::Ok(()) => Ok(Some(Answer::Deleted)),
+                    Reply::NotReady => Ok(None),
+                    Reply::NotOwner { owner } => Err(not_ours(owner)),
                 })
             }
         };
@@ -349,4 +354,9 @@ fn describe(command: &ShardCommand) -> Option<&'static str> {
         ShardCommand::NextConfig(_) => None,
         _ => Some("applied"),
     }
+}
+
+/// A transfer the old owner refused because the shard is another group's.
+fn not_ours(owner: crate::ctrler::Gid) -> String {
+    format!("the old owner says the shard was given to group {owner}")
 }

@@ -8,21 +8,28 @@
 //! the old owner serves — lives here, and both callers only move these values across their network.
 //!
 //! The choreography of one moved shard, in configuration `n`:
-//! 1. new owner: `Duty::Pull` → [`Request::Pull`] to the old owner, which answers with
-//!    [`serve_pull`] (a ReadIndex read of its frozen copy) → [`command`] checks the page
-//!    ([`check_page`]) and gives `Install`; repeated page after page until the final one;
+//! 1. new owner: `Duty::Pull` → [`Request::Pull`] to the old owner, which proposes [`serve_pull`] in
+//!    its own log and answers with the page it outputs ([`pull_reply`]) → [`command`] checks the page
+//!    ([`check_page`]) and gives `Install`; repeated page after page until the final one. Serving
+//!    through the log (not a read) records that the final page went out;
 //! 2. new owner: `Duty::Delete` → [`Request::Delete`] → the old owner proposes [`delete_command`] in
 //!    **its own** log (only its log may change its state) and answers with [`delete_reply`] once
 //!    applied → [`command`] gives `Confirmed`, which ends the duty.
 //!
+//! Who may pull or delete: the old owner's log records the caller (`by`, the group id in its
+//! certificate; `None` in plaintext mode), and its state machine honours only the group the
+//! configuration gave the shard to, and a delete only once the final page was served. So neither an
+//! intruder nor a buggy group can take a shard that is not theirs or make its only copy vanish before
+//! the new owner had it.
+//!
 //! Every command is idempotent in [`ShardKv`], so a lost answer, a retried request or a new leader
 //! redoing a duty is harmless.
 
+use super::key_to_shard;
 use super::state::{
     last_owner, Duty, ShardCommand, ShardId, ShardKv, ShardOutput, ShardPage, Source,
 };
-use super::{key_to_shard, ShardQuery};
-use crate::ctrler::Config;
+use crate::ctrler::{Config, Gid};
 use thiserror::Error;
 
 /// A request for the page of `shard` (given away in `config_num`) that follows key `after`.
@@ -276,8 +283,14 @@ pub enum Reply<T> {
     /// Done, with this.
     Ok(T),
     /// Not yet: the old owner has not reached the configuration (or, for a pull of a copy already
-    /// deleted, the puller is behind). Ask again later.
+    /// deleted, the puller is behind; for a delete, the final page has not been served). Ask again
+    /// later.
     NotReady,
+    /// The caller is not the group the shard was given to; `owner` is.
+    NotOwner {
+        /// The group the configuration gave the shard to.
+        owner: Gid,
+    },
 }
 
 /// The old owner's output was not an answer to the request (a bug, reported as an internal error).
@@ -290,13 +303,15 @@ pub struct Unexpected {
     pub output: String,
 }
 
-/// The read with which the old owner serves a pull (a ReadIndex read: only a leader that still leads
-/// answers, from a state that includes everything committed before the request arrived).
-pub fn serve_pull(request: &PullRequest) -> ShardQuery {
-    ShardQuery::Pull {
+/// The command with which the old owner serves a pull from group `by` (`None`: callers are not
+/// authenticated): proposed in its own log, so only a leader that still leads answers, and the final
+/// page's going out is recorded before anyone can ask to delete the copy.
+pub fn serve_pull(request: &PullRequest, by: Option<Gid>) -> ShardCommand {
+    ShardCommand::Pull {
         config_num: request.config_num,
         shard: request.shard,
         after: request.after.clone(),
+        by,
     }
 }
 
@@ -305,6 +320,7 @@ pub fn pull_reply(output: ShardOutput) -> Result<Reply<ShardPage>, Unexpected> {
     match output {
         ShardOutput::Pulled(page) => Ok(Reply::Ok(page)),
         ShardOutput::NotReady => Ok(Reply::NotReady),
+        ShardOutput::NotOwner(owner) => Ok(Reply::NotOwner { owner }),
         other => Err(Unexpected {
             request: "pull",
             output: format!("{other:?}"),
@@ -312,13 +328,14 @@ pub fn pull_reply(output: ShardOutput) -> Result<Reply<ShardPage>, Unexpected> {
     }
 }
 
-/// The command the old owner proposes in its own log for a delete request: only its log may change its
-/// state, so every replica (and every later leader) agrees the copy is gone. Idempotent: deleting a
-/// copy already deleted answers `Dropped` again.
-pub fn delete_command(request: &DeleteRequest) -> ShardCommand {
+/// The command the old owner proposes in its own log for a delete request from group `by` (`None`:
+/// callers are not authenticated): only its log may change its state, so every replica (and every later
+/// leader) agrees the copy is gone. Idempotent: deleting a copy already deleted answers `Dropped` again.
+pub fn delete_command(request: &DeleteRequest, by: Option<Gid>) -> ShardCommand {
     ShardCommand::DropOutgoing {
         config_num: request.config_num,
         shard: request.shard,
+        by,
     }
 }
 
@@ -327,6 +344,7 @@ pub fn delete_reply(output: ShardOutput) -> Result<Reply<()>, Unexpected> {
     match output {
         ShardOutput::Dropped => Ok(Reply::Ok(())),
         ShardOutput::NotReady | ShardOutput::Ignored => Ok(Reply::NotReady),
+        ShardOutput::NotOwner(owner) => Ok(Reply::NotOwner { owner }),
         other => Err(Unexpected {
             request: "delete",
             output: format!("{other:?}"),

@@ -8,17 +8,19 @@
 use super::migration::{self, DeleteRequest, PullRequest, Reply};
 use super::state::{ShardCommand, ShardKv, ShardOutput, ShardQuery};
 use super::wire::page_to_proto;
+use crate::ctrler::Gid;
 use crate::kv::service::{KvAnswer, KvMachine, KvService, MachineStatus};
 use crate::kv::KvCommand;
 use crate::proto::shardkv as pb;
 use crate::proto::shardkv::shard_transfer_server::{ShardTransfer, ShardTransferServer};
 use crate::raft::{Applied, NodeId, RaftHandle};
 use crate::rsm::service::{Refusal, RsmService, ServiceConfig, ServiceError};
+use crate::security::{Principal, Role};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 use tracing::field::Empty;
-use tracing::{debug, info, info_span};
+use tracing::{debug, info, info_span, warn};
 
 /// Largest shard-transfer message either side accepts. A shard moves in pages of about
 /// [`super::PAGE_BYTES`] of keys and values, but a page holds at least one whole key (values go up to
@@ -120,15 +122,36 @@ fn refused(refusal: Refusal) -> Result<pb::TransferStatus, Status> {
     }
 }
 
+/// The group a transfer's caller belongs to, from its certificate (`None` in plaintext mode, where
+/// nobody is authenticated; the guard has already refused every role but `shard-GID`).
+fn caller_group(caller: Option<Principal>) -> Option<Gid> {
+    caller.and_then(|principal| match principal.role {
+        Role::Shard(gid) => Some(gid),
+        _ => None,
+    })
+}
+
+/// A transfer asked by a group the configuration did not give the shard to.
+fn not_owner(by: Option<Gid>, owner: Gid, config_num: u64, shard: u64) -> Status {
+    let by = by.map_or_else(|| "the caller".to_string(), |gid| format!("group {gid}"));
+    warn!(
+        config_num,
+        shard, owner, "refused a shard transfer to {by}: not the shard's new owner"
+    );
+    Status::permission_denied(format!(
+        "{by} may not take shard {shard} of configuration {config_num}: it was given to group {owner}"
+    ))
+}
+
 #[tonic::async_trait]
 impl ShardTransfer for ShardTransferService {
     async fn pull(
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
-        self.rsm.guard().allow(&request, "pull shards", |role| {
+        let by = caller_group(self.rsm.guard().allow(&request, "pull shards", |role| {
             matches!(role, crate::security::Role::Shard(_))
-        })?;
+        })?);
         let request = request.into_inner();
         let pb::ShardRef { config_num, shard } = shard_ref(request.shard)?;
         let request = PullRequest {
@@ -136,7 +159,13 @@ impl ShardTransfer for ShardTransferService {
             shard,
             after: request.after,
         };
-        let reply = match self.rsm.read(migration::serve_pull(&request)).await {
+        // Internal commands carry no session (client 0): the machine's own checks make them idempotent.
+        let command = migration::serve_pull(&request, by);
+        let reply = match self
+            .rsm
+            .mutate(0, crate::rsm::internal_seq(), command)
+            .await
+        {
             Ok(output) => {
                 migration::pull_reply(output).map_err(|e| Status::internal(e.to_string()))?
             }
@@ -165,6 +194,7 @@ impl ShardTransfer for ShardTransferService {
                 status: pb::TransferStatus::NotReady.into(),
                 contents: None,
             },
+            Reply::NotOwner { owner } => return Err(not_owner(by, owner, config_num, shard)),
         }))
     }
 
@@ -172,9 +202,9 @@ impl ShardTransfer for ShardTransferService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        self.rsm.guard().allow(&request, "delete shards", |role| {
+        let by = caller_group(self.rsm.guard().allow(&request, "delete shards", |role| {
             matches!(role, crate::security::Role::Shard(_))
-        })?;
+        })?);
         let pb::ShardRef { config_num, shard } = shard_ref(request.into_inner().shard)?;
         let request = DeleteRequest { config_num, shard };
         // Internal commands carry no session (client 0): the machine's own checks make them idempotent.
@@ -183,7 +213,7 @@ impl ShardTransfer for ShardTransferService {
             .mutate(
                 0,
                 crate::rsm::internal_seq(),
-                migration::delete_command(&request),
+                migration::delete_command(&request, by),
             )
             .await
         {
@@ -195,6 +225,7 @@ impl ShardTransfer for ShardTransferService {
                     pb::TransferStatus::Ok
                 }
                 Reply::NotReady => pb::TransferStatus::NotReady,
+                Reply::NotOwner { owner } => return Err(not_owner(by, owner, config_num, shard)),
             },
             Err(refusal) => refused(refusal)?,
         };

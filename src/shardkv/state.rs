@@ -10,8 +10,10 @@
 //! - `Install` adds one page (≤ [`PAGE_BYTES`]) of a pulling shard, in key order; the final page brings
 //!   the previous owner's dedup records (so exactly-once survives the move) and makes the shard serve —
 //!   each shard as soon as it has arrived, independently of the others;
-//! - `DropOutgoing` deletes a frozen copy once the new owner has it; `Confirmed` ends the new owner's
-//!   duty to tell the old one.
+//! - `Pull` serves a page of a frozen copy through the log, so the old owner's replicas agree when its
+//!   final page went out; `DropOutgoing` deletes a frozen copy only after that, and only when asked by
+//!   the group the configuration gave the shard to (no forged or early delete can lose a shard);
+//!   `Confirmed` ends the new owner's duty to tell the old one.
 //!
 //! Client commands carry (client, seq) and are filtered per shard: the dedup records live in the shard
 //! and travel with it, which is why this machine keeps them itself (`SESSIONS = false`).
@@ -70,6 +72,29 @@ pub struct Source {
     pub servers: Vec<String>,
 }
 
+/// A shard given away and not yet deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Frozen {
+    /// The copy, as it was when the shard was given away.
+    pub(super) contents: ShardData,
+    /// The group the configuration gave it to; [`UNKNOWN_OWNER`] while nobody has it (every group had
+    /// left), until a later configuration gives it to the group that will adopt it.
+    pub(super) to: Gid,
+    /// Whether the final page has been served (through the log): only then may the copy go.
+    pub(super) served: bool,
+}
+
+impl Frozen {
+    /// Whether `by` (the calling group, `None` when callers are not authenticated) may take this copy:
+    /// its new owner, or anybody while the new owner is not known here yet.
+    fn refuses(&self, by: Option<Gid>) -> Option<Gid> {
+        match by {
+            Some(gid) if self.to != UNKNOWN_OWNER && gid != self.to => Some(self.to),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct Owned {
     /// `Some` while the data has not arrived from the previous owner.
@@ -96,12 +121,28 @@ pub enum ShardCommand {
     NextConfig(Config),
     /// A page of a shard pulled from its previous owner.
     Install(ShardPage),
-    /// The new owner has the shard given away in `config_num`: delete the frozen copy.
+    /// Serve the page after `after` of the shard given away in `config_num` to group `by`; the final
+    /// page marks the copy served. A command, not a read, so that "the final page went out" is in the
+    /// log and every replica (and every later leader) knows a delete may now be honoured.
+    Pull {
+        /// The configuration in which the shard moved.
+        config_num: u64,
+        /// The shard.
+        shard: ShardId,
+        /// The last key the puller has (`None`: it has nothing yet).
+        after: Option<String>,
+        /// The group asking, as its certificate says (`None`: callers are not authenticated).
+        by: Option<Gid>,
+    },
+    /// The new owner has the shard given away in `config_num`: delete the frozen copy (only if `by` is
+    /// that owner and the final page was served).
     DropOutgoing {
         /// The configuration in which the shard moved.
         config_num: u64,
         /// The shard.
         shard: ShardId,
+        /// The group asking, as its certificate says (`None`: callers are not authenticated).
+        by: Option<Gid>,
     },
     /// Where a shard this group gained from nobody (every group had left) really is: the group that last
     /// owned it froze it in configuration `config_num` (`source` `None`: nobody ever owned it, it starts
@@ -128,15 +169,6 @@ pub enum ShardCommand {
 pub enum ShardQuery {
     /// A client's read of one key.
     Get(String),
-    /// Another group wants the page after `after` of the shard this group gave away in `config_num`.
-    Pull {
-        /// The configuration in which the shard moved.
-        config_num: u64,
-        /// The shard.
-        shard: ShardId,
-        /// The last key the puller has (`None`: it has nothing yet).
-        after: Option<String>,
-    },
 }
 
 /// What a shard group's command or query returns.
@@ -154,6 +186,8 @@ pub enum ShardOutput {
     NotReady,
     /// The frozen copy is gone (answer to `DropOutgoing`, also when it was gone already).
     Dropped,
+    /// The caller of a `Pull` or `DropOutgoing` is not the group the shard was given to (this one).
+    NotOwner(Gid),
 }
 
 /// Work only the group's leader can start: each item is a request to another service, whose answer
@@ -203,7 +237,7 @@ pub struct ShardKv {
     pub(super) gid: Gid,
     pub(super) config: Config,
     pub(super) shards: BTreeMap<ShardId, Owned>,
-    pub(super) outgoing: BTreeMap<(u64, ShardId), ShardData>,
+    pub(super) outgoing: BTreeMap<(u64, ShardId), Frozen>,
     pub(super) confirms: BTreeMap<(u64, ShardId), Source>,
 }
 
@@ -330,7 +364,12 @@ impl ShardKv {
             if had && !has {
                 if let Some(mut owned) = self.shards.remove(&shard) {
                     owned.contents.config_num = next.num;
-                    self.outgoing.insert((next.num, shard), owned.contents);
+                    let frozen = Frozen {
+                        contents: owned.contents,
+                        to: new_owner,
+                        served: false,
+                    };
+                    self.outgoing.insert((next.num, shard), frozen);
                 }
             } else if has && !had {
                 // From nobody: at configuration 1 every shard starts empty; later, nobody owning a
@@ -366,11 +405,72 @@ impl ShardKv {
                 );
             }
         }
+        // A copy given to nobody goes to the first group a later configuration gives the shard to:
+        // that group finds it here through the history (`FindOwner`) and is its only rightful taker.
+        for (&(_, shard), frozen) in self.outgoing.iter_mut() {
+            if frozen.to == UNKNOWN_OWNER {
+                frozen.to = next.shards.get(shard as usize).copied().unwrap_or(0);
+            }
+        }
         self.config = next;
         ShardOutput::Kv(KvOutput {
             ok: true,
             value: None,
         })
+    }
+
+    /// Serve a page of a frozen copy to `by` (see [`ShardCommand::Pull`]).
+    fn apply_pull(
+        &mut self,
+        config_num: u64,
+        shard: ShardId,
+        after: Option<String>,
+        by: Option<Gid>,
+    ) -> ShardOutput {
+        if config_num > self.config.num {
+            return ShardOutput::NotReady;
+        }
+        let Some(frozen) = self.outgoing.get_mut(&(config_num, shard)) else {
+            // Deleted: the new owner confirmed it has it, so whoever asks is behind.
+            return ShardOutput::NotReady;
+        };
+        if let Some(owner) = frozen.refuses(by) {
+            return ShardOutput::NotOwner(owner);
+        }
+        let (data, more) = frozen.contents.data.page(after.as_deref(), PAGE_BYTES);
+        frozen.served |= !more;
+        ShardOutput::Pulled(ShardPage {
+            config_num,
+            shard,
+            after,
+            data,
+            last: !more,
+            dedup: if more {
+                BTreeMap::new()
+            } else {
+                frozen.contents.dedup.clone()
+            },
+        })
+    }
+
+    /// Delete a frozen copy for `by` (see [`ShardCommand::DropOutgoing`]). Idempotent: a copy already
+    /// gone answers `Dropped` again.
+    fn apply_drop(&mut self, config_num: u64, shard: ShardId, by: Option<Gid>) -> ShardOutput {
+        if config_num > self.config.num {
+            return ShardOutput::NotReady;
+        }
+        let Some(frozen) = self.outgoing.get(&(config_num, shard)) else {
+            return ShardOutput::Dropped;
+        };
+        if let Some(owner) = frozen.refuses(by) {
+            return ShardOutput::NotOwner(owner);
+        }
+        if !frozen.served {
+            // Nobody has had the final page: whoever asks cannot have installed the shard.
+            return ShardOutput::NotReady;
+        }
+        self.outgoing.remove(&(config_num, shard));
+        ShardOutput::Dropped
     }
 
     /// Install a page if it is the next one of a shard being pulled (a duplicate or out-of-order page,
@@ -472,13 +572,17 @@ impl StateMachine for ShardKv {
             } => self.apply_client(client, seq, command),
             ShardCommand::NextConfig(next) => self.apply_next_config(next),
             ShardCommand::Install(incoming) => self.apply_install(incoming),
-            ShardCommand::DropOutgoing { config_num, shard } => {
-                if config_num > self.config.num {
-                    return ShardOutput::NotReady;
-                }
-                self.outgoing.remove(&(config_num, shard));
-                ShardOutput::Dropped
-            }
+            ShardCommand::Pull {
+                config_num,
+                shard,
+                after,
+                by,
+            } => self.apply_pull(config_num, shard, after, by),
+            ShardCommand::DropOutgoing {
+                config_num,
+                shard,
+                by,
+            } => self.apply_drop(config_num, shard, by),
             ShardCommand::Adopt {
                 shard,
                 config_num,
@@ -506,34 +610,6 @@ impl StateMachine for ShardKv {
                         })
                     }
                     _ => ShardOutput::WrongGroup,
-                }
-            }
-            ShardQuery::Pull {
-                config_num,
-                shard,
-                after,
-            } => {
-                if *config_num > self.config.num {
-                    return ShardOutput::NotReady;
-                }
-                match self.outgoing.get(&(*config_num, *shard)) {
-                    Some(frozen) => {
-                        let (data, more) = frozen.data.page(after.as_deref(), PAGE_BYTES);
-                        ShardOutput::Pulled(ShardPage {
-                            config_num: *config_num,
-                            shard: *shard,
-                            after: after.clone(),
-                            data,
-                            last: !more,
-                            dedup: if more {
-                                BTreeMap::new()
-                            } else {
-                                frozen.dedup.clone()
-                            },
-                        })
-                    }
-                    // Deleted: the new owner confirmed it has it, so whoever asks is behind.
-                    None => ShardOutput::NotReady,
                 }
             }
         }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::ctrler::Config;
+use crate::ctrler::{Config, Gid};
 use crate::kv::{KvCommand, KvOutput};
 use crate::rsm::StateMachine;
 use std::collections::BTreeMap;
@@ -110,17 +110,19 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
     );
     // The previous owner answers the pull only once it reached the configuration.
     assert_eq!(
-        g1.query(&ShardQuery::Pull {
+        g1.apply(ShardCommand::Pull {
             config_num: 3,
             shard: 1,
             after: None,
+            by: Some(2),
         }),
         ShardOutput::NotReady
     );
-    let ShardOutput::Pulled(data) = g1.query(&ShardQuery::Pull {
+    let ShardOutput::Pulled(data) = g1.apply(ShardCommand::Pull {
         config_num: 2,
         shard: 1,
         after: None,
+        by: Some(2),
     }) else {
         panic!("pull refused")
     };
@@ -152,7 +154,8 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
     assert_eq!(
         g1.apply(ShardCommand::DropOutgoing {
             config_num: 2,
-            shard: 1
+            shard: 1,
+            by: Some(2),
         }),
         ShardOutput::Dropped
     );
@@ -161,7 +164,8 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
     assert_eq!(
         g1.apply(ShardCommand::DropOutgoing {
             config_num: 2,
-            shard: 1
+            shard: 1,
+            by: Some(2),
         }),
         ShardOutput::Dropped
     );
@@ -185,10 +189,11 @@ fn snapshot_round_trips_every_part_and_refuses_another_group() {
     let mut g2 = ShardKv::new(2);
     g2.apply(ShardCommand::NextConfig(config(1, &[1, 1, 1])));
     g2.apply(ShardCommand::NextConfig(config(2, &[1, 2, 2])));
-    let ShardOutput::Pulled(data) = g1.query(&ShardQuery::Pull {
+    let ShardOutput::Pulled(data) = g1.apply(ShardCommand::Pull {
         config_num: 2,
         shard: 2,
         after: None,
+        by: Some(2),
     }) else {
         panic!("pull refused")
     };
@@ -210,6 +215,18 @@ fn snapshot_round_trips_every_part_and_refuses_another_group() {
         ShardCommand::DropOutgoing {
             config_num: 2,
             shard: 1,
+            by: Some(2),
+        },
+        ShardCommand::DropOutgoing {
+            config_num: 2,
+            shard: 1,
+            by: None,
+        },
+        ShardCommand::Pull {
+            config_num: 2,
+            shard: 1,
+            after: Some("k".into()),
+            by: Some(7),
         },
     ] {
         let bytes = ShardKv::encode_command(&command);
@@ -248,10 +265,11 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
         let Duty::Pull { after, .. } = duty else {
             break;
         };
-        let ShardOutput::Pulled(page) = g1.query(&ShardQuery::Pull {
+        let ShardOutput::Pulled(page) = g1.apply(ShardCommand::Pull {
             config_num: 2,
             shard: 0,
             after,
+            by: Some(2),
         }) else {
             panic!("pull refused")
         };
@@ -362,10 +380,11 @@ fn shards_left_with_nobody_are_found_at_their_last_owner() {
     else {
         panic!("no pull from the last owner: {:?}", g2.duties())
     };
-    let ShardOutput::Pulled(page) = g1.query(&ShardQuery::Pull {
+    let ShardOutput::Pulled(page) = g1.apply(ShardCommand::Pull {
         config_num: 2,
         shard: 0,
         after: None,
+        by: Some(2),
     }) else {
         panic!("pull refused")
     };
@@ -399,4 +418,88 @@ fn shards_left_with_nobody_are_found_at_their_last_owner() {
         ShardKv::decode_command(&bytes),
         Ok(ShardCommand::Adopt { shard: 1, config_num: 2, source: Some(s) }) if s.gid == 1
     ));
+}
+
+fn pull(machine: &mut ShardKv, after: Option<&str>, by: Option<Gid>) -> ShardOutput {
+    machine.apply(ShardCommand::Pull {
+        config_num: 2,
+        shard: 0,
+        after: after.map(String::from),
+        by,
+    })
+}
+
+fn drop_copy(machine: &mut ShardKv, by: Option<Gid>) -> ShardOutput {
+    machine.apply(ShardCommand::DropOutgoing {
+        config_num: 2,
+        shard: 0,
+        by,
+    })
+}
+
+#[test]
+fn a_frozen_copy_goes_only_to_its_new_owner_and_only_after_its_final_page() {
+    let mut g1 = ShardKv::new(1);
+    g1.apply(ShardCommand::NextConfig(config(1, &[1])));
+    let value = "v".repeat(PAGE_BYTES);
+    for (seq, key) in ["a", "b"].into_iter().enumerate() {
+        let command = ShardCommand::Client {
+            client: 5,
+            seq: seq as u64 + 1,
+            command: KvCommand::Put {
+                key: key.into(),
+                value: value.clone(),
+            },
+        };
+        assert_eq!(g1.apply(command), ok());
+    }
+    g1.apply(ShardCommand::NextConfig(config(2, &[2])));
+
+    // Nobody has had the final page: a delete, even from the new owner, keeps the copy.
+    for by in [Some(2), None] {
+        assert_eq!(drop_copy(&mut g1, by), ShardOutput::NotReady);
+    }
+    // Another group may neither read nor delete it.
+    assert_eq!(pull(&mut g1, None, Some(3)), ShardOutput::NotOwner(2));
+    assert_eq!(drop_copy(&mut g1, Some(3)), ShardOutput::NotOwner(2));
+    // The new owner's first page is not the last: still no delete.
+    let ShardOutput::Pulled(first) = pull(&mut g1, None, Some(2)) else {
+        panic!("the new owner was refused")
+    };
+    assert!(!first.last);
+    assert_eq!(drop_copy(&mut g1, Some(2)), ShardOutput::NotReady);
+    let after = first.data.last().map(|(k, _)| k.clone());
+    let ShardOutput::Pulled(last) = pull(&mut g1, after.as_deref(), Some(2)) else {
+        panic!("the new owner was refused")
+    };
+    assert!(last.last);
+    // The record of the final page survives a snapshot, and still only the owner may delete.
+    let mut restored = ShardKv::new(1);
+    restored.restore(&g1.snapshot()).expect("restore");
+    assert_eq!(drop_copy(&mut restored, Some(3)), ShardOutput::NotOwner(2));
+    assert_eq!(restored.outgoing(), vec![(2, 0)]);
+    assert_eq!(drop_copy(&mut restored, Some(2)), ShardOutput::Dropped);
+    assert!(restored.outgoing().is_empty());
+}
+
+#[test]
+fn a_copy_given_to_nobody_belongs_to_the_group_that_gets_the_shard_next() {
+    let mut g1 = ShardKv::new(1);
+    g1.apply(ShardCommand::NextConfig(config(1, &[1])));
+    g1.apply(ShardCommand::NextConfig(config(2, &[0])));
+    // While nobody has the shard, any group may take it (the adopter is not known yet)...
+    assert!(matches!(
+        pull(&mut g1, None, Some(4)),
+        ShardOutput::Pulled(_)
+    ));
+    // ...but once a configuration gives it to group 3, only group 3 may.
+    g1.apply(ShardCommand::NextConfig(config(3, &[3])));
+    g1.apply(ShardCommand::NextConfig(config(4, &[4])));
+    assert_eq!(pull(&mut g1, None, Some(4)), ShardOutput::NotOwner(3));
+    assert!(matches!(
+        pull(&mut g1, None, Some(3)),
+        ShardOutput::Pulled(_)
+    ));
+    assert_eq!(drop_copy(&mut g1, Some(4)), ShardOutput::NotOwner(3));
+    assert_eq!(drop_copy(&mut g1, Some(3)), ShardOutput::Dropped);
 }

@@ -5,7 +5,9 @@
 //! Why snapshots are byte-identical across replicas: every collection is encoded from a `BTreeMap` in
 //! key order; pages' keys are sorted on decoding because protobuf maps carry no order.
 
-use super::state::{Owned, ShardCommand, ShardData, ShardKv, ShardOutput, ShardPage, Source};
+use super::state::{
+    Frozen, Owned, ShardCommand, ShardData, ShardKv, ShardOutput, ShardPage, Source,
+};
 use crate::ctrler::state::{config_from_proto, config_to_proto};
 use crate::ctrler::Gid;
 use crate::kv::{KvCommand, KvOutput};
@@ -36,7 +38,16 @@ pub fn encode_state(machine: &ShardKv) -> Bytes {
                 cursor: owned.cursor.clone(),
             })
             .collect(),
-        outgoing: machine.outgoing.values().map(shard_to_proto).collect(),
+        outgoing: Vec::new(),
+        frozen: machine
+            .outgoing
+            .values()
+            .map(|frozen| pb::Frozen {
+                contents: Some(shard_to_proto(&frozen.contents)),
+                to_gid: frozen.to,
+                served: frozen.served,
+            })
+            .collect(),
         confirms: machine
             .confirms
             .iter()
@@ -81,13 +92,20 @@ pub fn decode_state(gid: Gid, data: &[u8]) -> Result<ShardKv, RsmError> {
             (s.shard, owned)
         })
         .collect();
-    let outgoing = state
-        .outgoing
-        .into_iter()
-        .map(|d| {
-            let data = shard_from_proto(d);
-            ((data.config_num, data.shard), data)
-        })
+    // Copies frozen by a version that kept no owner: anybody may take them, as then.
+    let legacy = state.outgoing.into_iter().map(|d| Frozen {
+        contents: shard_from_proto(d),
+        to: 0,
+        served: true,
+    });
+    let frozen = state.frozen.into_iter().map(|f| Frozen {
+        contents: shard_from_proto(f.contents.unwrap_or_default()),
+        to: f.to_gid,
+        served: f.served,
+    });
+    let outgoing = legacy
+        .chain(frozen)
+        .map(|f| ((f.contents.config_num, f.contents.shard), f))
         .collect();
     let confirms = state
         .confirms
@@ -124,9 +142,26 @@ pub fn encode_command(command: &ShardCommand) -> Bytes {
         }),
         ShardCommand::NextConfig(config) => Op::NextConfig(config_to_proto(config)),
         ShardCommand::Install(page) => Op::Install(page_to_proto(page)),
-        ShardCommand::DropOutgoing { config_num, shard } => Op::DropOutgoing(pb::ShardRef {
+        ShardCommand::Pull {
+            config_num,
+            shard,
+            after,
+            by,
+        } => Op::Pull(pb::Transfer {
             config_num: *config_num,
             shard: *shard,
+            after: after.clone(),
+            by_gid: by.unwrap_or(0),
+        }),
+        ShardCommand::DropOutgoing {
+            config_num,
+            shard,
+            by,
+        } => Op::Drop(pb::Transfer {
+            config_num: *config_num,
+            shard: *shard,
+            after: None,
+            by_gid: by.unwrap_or(0),
         }),
         ShardCommand::Adopt {
             shard,
@@ -161,6 +196,18 @@ pub fn decode_command(data: &[u8]) -> Result<ShardCommand, RsmError> {
         Some(Op::DropOutgoing(r)) => ShardCommand::DropOutgoing {
             config_num: r.config_num,
             shard: r.shard,
+            by: None,
+        },
+        Some(Op::Pull(t)) => ShardCommand::Pull {
+            config_num: t.config_num,
+            shard: t.shard,
+            after: t.after,
+            by: (t.by_gid != 0).then_some(t.by_gid),
+        },
+        Some(Op::Drop(t)) => ShardCommand::DropOutgoing {
+            config_num: t.config_num,
+            shard: t.shard,
+            by: (t.by_gid != 0).then_some(t.by_gid),
         },
         Some(Op::Adopt(a)) => ShardCommand::Adopt {
             shard: a.shard,
@@ -201,6 +248,7 @@ pub fn decode_output(data: &[u8]) -> Result<ShardOutput, RsmError> {
         Some(R::Pulled(page)) => ShardOutput::Pulled(page_from_proto(page)),
         Some(R::NotReady(_)) => ShardOutput::NotReady,
         Some(R::Dropped(_)) => ShardOutput::Dropped,
+        Some(R::NotOwner(gid)) => ShardOutput::NotOwner(gid),
         Some(R::Ignored(_)) | None => ShardOutput::Ignored,
     })
 }
@@ -224,6 +272,7 @@ fn output_to_proto(output: &ShardOutput) -> pb::Output {
         ShardOutput::Pulled(page) => R::Pulled(page_to_proto(page)),
         ShardOutput::NotReady => R::NotReady(true),
         ShardOutput::Dropped => R::Dropped(true),
+        ShardOutput::NotOwner(gid) => R::NotOwner(*gid),
     };
     pb::Output {
         result: Some(result),

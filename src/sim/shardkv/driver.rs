@@ -1,7 +1,7 @@
 //! The daemon's driver, modelled: each group leader's duties performed over the simulated network with
 //! the daemon's own protocol functions ([`crate::shardkv::migration`]).
 
-use super::{parse_server_name, Answer, CallerId, DriverCall, ShardWorld};
+use super::{gid_of, parse_server_name, Answer, CallerId, DriverCall, ShardWorld};
 use crate::ctrler::CtrlerQuery;
 use crate::rsm::StateMachine;
 use crate::shardkv::migration::{self, Reply, Request};
@@ -45,6 +45,24 @@ impl ShardWorld {
         }
     }
 
+    /// Propose `command` in another group's log, as the old owner's transfer service does for a
+    /// request: internal proposals are matched by (0, seq), so a fresh seq for each.
+    fn broadcast_internal(
+        &mut self,
+        from: (usize, usize),
+        servers: &[String],
+        duty: &Duty,
+        command: ShardCommand,
+    ) {
+        let seq = (self.next_call << 1) | 1;
+        let request = ClientRequest::Mutate {
+            client: 0,
+            seq,
+            command,
+        };
+        self.broadcast(from, servers, duty, request)
+    }
+
     /// What the daemon's driver does in one round, over the simulated network: each duty's request
     /// ([`migration::request`]) goes out, and [`Self::on_driver_answer`] turns the answers into
     /// proposals with the same functions the daemon uses.
@@ -73,25 +91,15 @@ impl ShardWorld {
                     }
                     self.answered(gi, server, &duty, migration::Answer::History(read));
                 }
-                Request::Pull { from, request } => self.broadcast(
-                    (gi, server),
-                    &from.servers,
-                    &duty,
-                    ClientRequest::Query(migration::serve_pull(&request)),
-                ),
+                // The caller's gid is what the daemon reads from the certificate: the simulated
+                // groups run with the ownership checks on.
+                Request::Pull { from, request } => {
+                    let command = migration::serve_pull(&request, Some(gid_of(gi)));
+                    self.broadcast_internal((gi, server), &from.servers, &duty, command)
+                }
                 Request::Delete { to, request } => {
-                    // Internal proposals are matched by (0, seq): a fresh seq for each.
-                    let seq = (self.next_call << 1) | 1;
-                    self.broadcast(
-                        (gi, server),
-                        &to.servers,
-                        &duty,
-                        ClientRequest::Mutate {
-                            client: 0,
-                            seq,
-                            command: migration::delete_command(&request),
-                        },
-                    )
+                    let command = migration::delete_command(&request, Some(gid_of(gi)));
+                    self.broadcast_internal((gi, server), &to.servers, &duty, command)
                 }
             }
         }
@@ -134,6 +142,10 @@ impl ShardWorld {
                 match migration::pull_reply(output) {
                     Ok(Reply::Ok(page)) => migration::Answer::Page(page),
                     Ok(Reply::NotReady) => return,
+                    Ok(Reply::NotOwner { owner }) => self.fail(format!(
+                        "group {} was refused {duty:?}: the shard belongs to {owner}",
+                        gid_of(gi)
+                    )),
                     Err(e) => self.fail(e),
                 }
             }
@@ -141,6 +153,10 @@ impl ShardWorld {
                 match migration::delete_reply(output) {
                     Ok(Reply::Ok(())) => migration::Answer::Deleted,
                     Ok(Reply::NotReady) => return,
+                    Ok(Reply::NotOwner { owner }) => self.fail(format!(
+                        "group {} was refused {duty:?}: the shard belongs to {owner}",
+                        gid_of(gi)
+                    )),
                     Err(e) => self.fail(e),
                 }
             }
