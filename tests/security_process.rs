@@ -271,18 +271,29 @@ async fn transfer(
         .expect("endpoint")
         .connect()
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+        .map_err(|e| match ds824::security::is_tls_failure(&e) {
+            true => tonic::Status::unauthenticated(format!("TLS handshake: {e}")),
+            false => tonic::Status::unavailable(format!("connect: {e}")),
+        })?;
     let mut client = spb::shard_transfer_client::ShardTransferClient::new(channel);
     let shard = Some(spb::ShardRef {
         config_num: 2,
         shard,
     });
+    // With TLS 1.3 the server refuses a client certificate after the client finished its handshake:
+    // the refusal may surface on the first call instead.
+    let tls_refusal = |status: tonic::Status| match ds824::security::is_tls_failure(&status) {
+        true => tonic::Status::unauthenticated(format!("TLS handshake: {status}")),
+        false => status,
+    };
     if delete {
         let request = spb::DeleteRequest { shard };
-        Ok(client.delete(request).await?.into_inner().status)
+        let response = client.delete(request).await.map_err(tls_refusal)?;
+        Ok(response.into_inner().status)
     } else {
         let request = spb::PullRequest { shard, after: None };
-        Ok(client.pull(request).await?.into_inner().status)
+        let response = client.pull(request).await.map_err(tls_refusal)?;
+        Ok(response.into_inner().status)
     }
 }
 
@@ -349,6 +360,19 @@ async fn a_frozen_shard_goes_only_to_its_new_owner_and_is_kept_until_it_had_it()
             "{who}: {refused}"
         );
     }
+    // Group 2's identity from another CA does not get past the handshake.
+    let other = tls::ca(root.path(), "other", "prod");
+    let stranger = tls::security(&other, "shard-2", "1");
+    for delete in [false, true] {
+        let refused = transfer(address, &stranger, shard, delete)
+            .await
+            .expect_err("another CA's group 2");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "not refused at the handshake: {refused}"
+        );
+    }
     // The new owner itself may not delete a copy whose final page nobody has had.
     assert_eq!(
         transfer(address, &as_group(2), shard, true)
@@ -377,4 +401,74 @@ async fn a_frozen_shard_goes_only_to_its_new_owner_and_is_kept_until_it_had_it()
     );
     let after = g1.status(0).await.expect("status").outgoing_shards;
     assert_eq!(after, frozen - 1);
+}
+
+/// `kvctl` against TLS controllers as `who` (a certificate from `ca` of `role`, or `None`: plaintext):
+/// its exit status, what it printed on stderr, and how long it took.
+fn kvctl(
+    ctrlers: &str,
+    who: Option<(&std::path::Path, &str)>,
+    args: &[&str],
+) -> (Option<i32>, String, Duration) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kvctl"));
+    command.args(["--ctrlers", ctrlers]).args(args);
+    for var in [
+        "DS824_TLS_CA",
+        "DS824_TLS_CERT",
+        "DS824_TLS_KEY",
+        "DS824_INSECURE",
+    ] {
+        command.env_remove(var);
+    }
+    match who {
+        Some((ca, role)) => {
+            let (cert, key) = tls::issue(ca, role, "cli");
+            command
+                .arg("--tls-ca")
+                .arg(ca.join("ca.pem"))
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+        }
+        None => {
+            command.arg("--insecure");
+        }
+    }
+    let started = Instant::now();
+    let output = command.output().expect("run kvctl");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvctl_is_refused_at_once_without_the_right_certificate() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let ca = tls::ca(root.path(), "ca", "prod");
+    let other = tls::ca(root.path(), "other", "prod");
+    let ctrlers = Replicas::start_temp_with(Role::Ctrler, 1, 8 << 20, Some(ca.clone()), None);
+    let addrs = ctrlers.addrs.join(",");
+    // (The controllers serve no KV status: a client's query is what says they are up.)
+    let (code, stderr, _) = kvctl(&addrs, Some((ca.as_path(), "client")), &["ctrler", "query"]);
+    assert_eq!(code, Some(0), "a client may read configurations: {stderr}");
+    let join = ["ctrler", "join", "1=127.0.0.1:1"];
+    for (who, security, expected) in [
+        ("a client", Some((ca.as_path(), "client")), "may not"),
+        (
+            "another CA's admin",
+            Some((other.as_path(), "admin")),
+            "TLS",
+        ),
+        ("no certificate", None, "TLS"),
+    ] {
+        let (code, stderr, took) = kvctl(&addrs, security, &join);
+        assert_eq!(code, Some(2), "{who}: {stderr}");
+        assert!(stderr.contains(expected), "{who}: {stderr}");
+        assert!(
+            took < Duration::from_secs(5),
+            "{who} took {took:?}: {stderr}"
+        );
+    }
+    let (code, stderr, _) = kvctl(&addrs, Some((ca.as_path(), "admin")), &join);
+    assert_eq!(code, Some(0), "the admin may join: {stderr}");
 }

@@ -167,6 +167,7 @@ impl Replicas {
         let mut failures_this_round = 0;
         let mut failed_this_round: Vec<usize> = Vec::new();
         let mut last_error = String::from("no attempt made");
+        let mut probed = Vec::new();
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -180,6 +181,8 @@ impl Replicas {
             match attempt(client, timeout).await? {
                 Attempt::Done(value) => return Ok(value),
                 Attempt::Elsewhere(hint, error) => {
+                    self.refuse_plaintext_to_tls(self.leader, &error, &mut probed)
+                        .await?;
                     last_error = format!("{}: {error}", self.servers[self.leader].address);
                     failures_this_round += 1;
                     failed_this_round.push(self.leader);
@@ -200,6 +203,31 @@ impl Replicas {
                 }
             }
         }
+    }
+
+    /// A plaintext client whose connection to server `i` broke: if that server requires TLS, no retry
+    /// can help, so say so now (once per server and call: `probed`).
+    async fn refuse_plaintext_to_tls(
+        &self,
+        i: usize,
+        error: &str,
+        probed: &mut Vec<usize>,
+    ) -> Result<(), ClerkError> {
+        if self.config.security.is_tls()
+            || !error.contains("transport error")
+            || probed.contains(&i)
+        {
+            return Ok(());
+        }
+        probed.push(i);
+        let address = &self.servers[i].address;
+        if crate::security::requires_tls(address, self.config.connect_timeout).await {
+            return Err(ClerkError::Tls(format!(
+                "{address} requires TLS and this client runs without it (--insecure): pass \
+                 --tls-ca, --tls-cert and --tls-key (or DS824_TLS_CA, DS824_TLS_CERT, DS824_TLS_KEY)"
+            )));
+        }
+        Ok(())
     }
 
     /// The index of the server at `address`, added to the list if the cluster knows a server we did not

@@ -309,6 +309,26 @@ pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether the server at `address` requires TLS: it answers a plaintext HTTP/2 preface with a TLS alert
+/// record (content type 21, version 3.x) where an HTTP/2 server would send its settings. Lets a
+/// plaintext (`--insecure`) client say "this server needs TLS" at once instead of retrying a connection
+/// that can never work until its deadline.
+pub async fn requires_tls(address: &str, within: std::time::Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head == [0x15, 0x03])
+    };
+    matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
+}
+
 /// Roles that use the data services: ordinary clients and operators.
 pub fn is_user(role: &Role) -> bool {
     matches!(role, Role::Client | Role::Admin)
