@@ -186,7 +186,7 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         Ok(addr) => addr,
         Err(code) => return code,
     };
-    let security = match args.tls.security() {
+    let security = match args.tls.for_node(args.id).security() {
         Ok(security) => security,
         Err(e) => {
             eprintln!("kvd: error: {e}");

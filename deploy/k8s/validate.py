@@ -4,7 +4,8 @@
 Every workload's selector matches its pod template; every Service and PodDisruptionBudget selects some
 workload; a StatefulSet's serviceName names a headless Service that selects its pods; probe and Service
 ports exist on the container; volume mounts and claims resolve; a Raft group's --peers lists exactly its
-replicas under their stable DNS names and the port it listens on. Exits non-zero with one line per problem.
+replicas under their stable DNS names and the port it listens on; replicas run mutual TLS, each with its own
+certificate ({id}) from a mounted /certs. Exits non-zero with one line per problem.
 """
 import pathlib
 import re
@@ -91,6 +92,16 @@ for name, doc in workloads:
                 problem(name, f"--peers {peers} should be {wanted}")
             if replicas % 2 == 0:
                 problem(name, "a Raft group should have an odd number of replicas")
+            # Secure by default: replicas speak mutual TLS, each with its own certificate.
+            if "--insecure" in args:
+                problem(name, "a Raft group must not run --insecure")
+            cert = args[args.index("--tls-cert") + 1] if "--tls-cert" in args else ""
+            if "{id}" not in cert:
+                problem(name, "--tls-cert must name each replica's own certificate (with {id})")
+        uses_certs = "/certs/" in str(container.get("args", [])) + str(container.get("readinessProbe", {}))
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        if uses_certs and "/certs" not in mounts:
+            problem(name, f"container {container['name']} names files in /certs but mounts nothing there")
     if doc["kind"] == "StatefulSet":
         svc = services.get(spec.get("serviceName"))
         if svc is None:
