@@ -215,6 +215,17 @@ impl Security {
         }
     }
 
+    /// Check that this process's certificate has `role` (for processes of a role whose members are not
+    /// numbered, like MapReduce workers). Without TLS there is nothing to check.
+    pub fn expect_role(&self, role: &Role) -> Result<(), SecurityError> {
+        match self.principal() {
+            Some(own) if &own.role != role => Err(SecurityError::Identity(format!(
+                "this process must run with a {role} certificate, but its certificate says {own}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Log at start-up what this process trusts: plaintext is worth a warning every time.
     pub fn log_startup(&self, process: &str) {
         match self.principal() {
