@@ -340,6 +340,24 @@ fn security(tls: &TlsArgs, role: Option<Role>) -> anyhow::Result<Security> {
     Ok(security)
 }
 
+/// Plaintext against a TLS port fails as an HTTP/2 protocol error; say what it most likely means, and
+/// make it a [`MustFix`] (no retry helps).
+fn explain_plaintext(security: &Security, err: MrError) -> anyhow::Error {
+    match &err {
+        MrError::Rpc(status)
+            if !security.is_tls() && status.message().contains("h2 protocol error") =>
+        {
+            MustFix(format!(
+                "{}: the coordinator most likely requires TLS, and this mrd runs with --insecure; \
+                 pass --tls-ca, --tls-cert and --tls-key",
+                status.message()
+            ))
+            .into()
+        }
+        _ => err.into(),
+    }
+}
+
 /// What the coordinator admits, from its flags.
 fn admission(data_roots: &[PathBuf], allow_apps: &[String]) -> anyhow::Result<Admission> {
     let roots = DataRoots::new(data_roots).map_err(|err| MustFix(err.to_string()))?;
@@ -464,7 +482,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let spec = JobSpec::prepare(&job.app, &job.args, &files, reduces, &output, shuffle)?;
             let mut client = client::connect(&coordinator, &security).await?;
-            let id = client::submit(&mut client, &spec).await?;
+            let id = client::submit(&mut client, &spec)
+                .await
+                .map_err(|err| explain_plaintext(&security, err))?;
             println!("{id}");
             if wait {
                 let bar = indicatif::ProgressBar::new(u64::from(spec.n_map() + spec.n_reduce));
@@ -500,7 +520,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ds824::daemon::init_logging_with("warn");
             let security = security(&tls, None)?;
             let mut client = client::connect(&coordinator, &security).await?;
-            let jobs = client::status(&mut client, job).await?;
+            let jobs = client::status(&mut client, job)
+                .await
+                .map_err(|err| explain_plaintext(&security, err))?;
             if jobs.is_empty() {
                 println!("no jobs");
             }

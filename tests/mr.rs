@@ -1033,7 +1033,8 @@ fn with_tls_only_an_admin_submits_and_refusals_are_immediate() {
     // Plaintext against the TLS port fails at once, not after a timeout.
     let (code, stderr, elapsed) =
         run_refused(env.submit_command(mrd(), &coord.addr, "wc", &output));
-    assert_ne!(code, Some(0), "plaintext was served");
+    assert_eq!(code, Some(2), "plaintext: {stderr}");
+    assert!(stderr.contains("requires TLS"), "{stderr}");
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}: {stderr}");
     // Another CA's admin certificate: refused at the handshake.
     let other = tls::ca(env.path(), "other-ca", "mrtest");
