@@ -340,22 +340,18 @@ fn security(tls: &TlsArgs, role: Option<Role>) -> anyhow::Result<Security> {
     Ok(security)
 }
 
-/// Plaintext against a TLS port fails as an HTTP/2 protocol error; say what it most likely means, and
-/// make it a [`MustFix`] (no retry helps).
-fn explain_plaintext(security: &Security, err: MrError) -> anyhow::Error {
-    match &err {
-        MrError::Rpc(status)
-            if !security.is_tls() && status.message().contains("h2 protocol error") =>
-        {
-            MustFix(format!(
-                "{}: the coordinator most likely requires TLS, and this mrd runs with --insecure; \
-                 pass --tls-ca, --tls-cert and --tls-key",
-                status.message()
-            ))
-            .into()
-        }
-        _ => err.into(),
+/// Plaintext against a TLS port fails as an HTTP/2 protocol error or a cancelled call; if the
+/// coordinator at `addr` speaks TLS, say so and make it a [`MustFix`] (no retry helps).
+async fn explain_plaintext(security: &Security, addr: &str, err: MrError) -> anyhow::Error {
+    let transport = matches!(&err, MrError::Rpc(_) | MrError::Connect { .. });
+    if transport && !security.is_tls() && client::speaks_tls(addr).await {
+        return MustFix(format!(
+            "{err}: the coordinator at {addr} requires TLS, and this mrd runs with --insecure; \
+             pass --tls-ca, --tls-cert and --tls-key"
+        ))
+        .into();
     }
+    err.into()
 }
 
 /// What the coordinator admits, from its flags.
@@ -481,10 +477,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Shuffle::Grpc => ShuffleMode::Grpc,
             };
             let spec = JobSpec::prepare(&job.app, &job.args, &files, reduces, &output, shuffle)?;
-            let mut client = client::connect(&coordinator, &security).await?;
-            let id = client::submit(&mut client, &spec)
-                .await
-                .map_err(|err| explain_plaintext(&security, err))?;
+            let submitted = async {
+                let mut client = client::connect(&coordinator, &security).await?;
+                client::submit(&mut client, &spec).await
+            };
+            let id = match submitted.await {
+                Ok(id) => id,
+                Err(err) => return Err(explain_plaintext(&security, &coordinator, err).await),
+            };
             println!("{id}");
             if wait {
                 let bar = indicatif::ProgressBar::new(u64::from(spec.n_map() + spec.n_reduce));
@@ -519,10 +519,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             ds824::daemon::init_logging_with("warn");
             let security = security(&tls, None)?;
-            let mut client = client::connect(&coordinator, &security).await?;
-            let jobs = client::status(&mut client, job)
-                .await
-                .map_err(|err| explain_plaintext(&security, err))?;
+            let listed = async {
+                let mut client = client::connect(&coordinator, &security).await?;
+                client::status(&mut client, job).await
+            };
+            let jobs = match listed.await {
+                Ok(jobs) => jobs,
+                Err(err) => return Err(explain_plaintext(&security, &coordinator, err).await),
+            };
             if jobs.is_empty() {
                 println!("no jobs");
             }

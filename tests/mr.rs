@@ -1001,13 +1001,15 @@ fn with_tls_worker_certificates_run_a_job_an_admin_submitted() {
     assert_eq!(status.state, pb::JobState::Done as i32, "{}", env.logs());
     wait_all(&mut workers);
     assert_eq!(env.output("out"), expected);
-    // A client certificate reads the status.
-    let out = mrd_tls(&ca, "client", "user")
-        .args(["status", "--coordinator", &coord.addr])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("job {id} [done]")), "{text}");
+    // A client certificate reads the status, and so does the coordinator's own (its health check).
+    for (role, name) in [("client", "user"), ("coordinator", "1")] {
+        let out = mrd_tls(&ca, role, name)
+            .args(["status", "--coordinator", &coord.addr])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("job {id} [done]")), "{role}: {text}");
+    }
 }
 
 #[test]

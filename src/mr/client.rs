@@ -32,6 +32,29 @@ pub async fn connect(
     Ok(CoordinatorClient::new(channel))
 }
 
+/// Whether the server at `addr` speaks TLS: it answers a plaintext HTTP/2 preface with a TLS alert
+/// record. Explains to a plaintext (`--insecure`) client why its calls fail, which the HTTP/2 layer
+/// reports only as a protocol error or a cancelled operation.
+pub async fn speaks_tls(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// The first byte of a TLS alert record.
+    const TLS_ALERT: u8 = 0x15;
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .ok()?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await.ok()?;
+        Some(first[0] == TLS_ALERT)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Some(true))
+    )
+}
+
 /// Submits a job and returns its id once the coordinator has made it durable.
 pub async fn submit(
     client: &mut CoordinatorClient<Channel>,

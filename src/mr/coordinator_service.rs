@@ -5,7 +5,8 @@
 //! stood: finished tasks stay finished, in-flight tasks are handed out again.
 //!
 //! The trust boundary: with TLS every caller is identified by its certificate. Only `admin` may submit
-//! jobs, only `worker` may take and report tasks, and users and workers may read job status. A
+//! jobs, only `worker` may take and report tasks, and users, workers and the coordinator itself (its
+//! health check) may read job status. A
 //! submitted job must also pass the coordinator's [`Admission`] (`--allow-apps`, `--data-root`),
 //! checked once at submit: a job resumed after a restart is not checked again.
 
@@ -205,8 +206,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        // Users follow their jobs; workers and the coordinator's own identity (its container health
+        // check) may look too.
         self.guard.allow(&request, "read job status", |role| {
-            is_user(role) || *role == Role::Worker
+            is_user(role) || matches!(role, Role::Worker | Role::Coordinator)
         })?;
         let wanted = request.into_inner().job_id;
         let state = self.lock();

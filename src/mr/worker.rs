@@ -158,6 +158,7 @@ impl Worker {
                         return Ok(());
                     }
                     if !warned {
+                        self.refuse_plaintext_against_tls().await?;
                         tracing::warn!(worker = %self.id, %status, "coordinator unreachable; retrying");
                         warned = true;
                     }
@@ -196,6 +197,18 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A plaintext (`--insecure`) worker against a TLS coordinator would retry forever: stop instead.
+    async fn refuse_plaintext_against_tls(&self) -> Result<(), MrError> {
+        let coordinator = &self.config.coordinator;
+        if !self.config.security.is_tls() && crate::mr::client::speaks_tls(coordinator).await {
+            return Err(MrError::Tls {
+                addr: coordinator.clone(),
+                detail: "the coordinator requires TLS, and this worker runs with --insecure".into(),
+            });
+        }
+        Ok(())
     }
 
     async fn run_task(&mut self, reply: pb::TaskReply) {
