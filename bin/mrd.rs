@@ -82,6 +82,12 @@ enum Command {
         tls: TlsArgs,
     },
     /// Run a worker: pulls tasks from the coordinator and runs them, serving its map outputs over gRPC.
+    ///
+    /// Needs a "worker" certificate: the coordinator hands tasks, and other workers' shuffle servers
+    /// hand map outputs, only to workers.
+    ///
+    /// Example: mrd worker --coordinator mr-coordinator:7824 --dir /var/lib/mrd-worker
+    ///   --tls-ca certs/ca.pem --tls-cert certs/worker-1.pem --tls-key certs/worker-1-key.pem
     Worker {
         /// Coordinator address, host:port.
         #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
@@ -138,7 +144,7 @@ enum Command {
         tls: TlsArgs,
     },
     /// Show every job with its progress and a one-character-per-task map (`#` done, `r` running, `.`
-    /// waiting), or with --job one line per task.
+    /// waiting), or with --job one line per task. Needs a "client" or "admin" certificate.
     Status {
         /// Coordinator address, host:port.
         #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
