@@ -1049,11 +1049,22 @@ fn with_tls_only_an_admin_submits_and_refusals_are_immediate() {
     let mut worker = env.worker_with(mrd_tls(&ca, "client", "user"), &coord.addr);
     assert_eq!(wait_exit(&mut worker).code(), Some(2));
     assert!(env.logs().contains("worker certificate"), "{}", env.logs());
-    // Nothing was queued.
+    // Nothing was queued; and only workers take tasks, not even an admin.
     let admin = tls::security(&ca, "admin", "op");
-    let jobs = runtime().block_on(async {
+    let (jobs, take) = runtime().block_on(async {
         let mut c = client::connect(&coord.addr, &admin).await.unwrap();
-        client::status(&mut c, None).await.unwrap()
+        let jobs = client::status(&mut c, None).await.unwrap();
+        let take = c
+            .request_task(pb::TaskRequest {
+                worker_id: "impostor".into(),
+                accept_map: true,
+                accept_reduce: true,
+                ..Default::default()
+            })
+            .await;
+        (jobs, take)
     });
     assert!(jobs.is_empty());
+    let refused = take.expect_err("an admin took a task");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
 }

@@ -181,7 +181,8 @@ impl Fetcher {
         loop {
             match self.fetch_once(addr, request).await {
                 Ok(data) => return Ok(data),
-                Err(err) if attempt >= FETCH_ATTEMPTS => return Err(err),
+                // A refused identity stays refused: no point in retrying.
+                Err(err) if attempt >= FETCH_ATTEMPTS || err.is_refusal() => return Err(err),
                 Err(err) => {
                     tracing::debug!(%addr, map, reduce, %err, attempt, "fetch failed; retrying");
                     self.clients.remove(addr);
@@ -190,5 +191,47 @@ impl Fetcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::certs;
+
+    fn security(ca: &Path, role: &str) -> Security {
+        let issued = certs::issue(ca, role, "1", &[], 1).unwrap();
+        Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_tls_only_workers_fetch_map_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        certs::init(&ca, "t", 1).unwrap();
+        let worker = security(&ca, "worker");
+        let outputs = dir.path().join("outputs");
+        let job = local_job_dir(&outputs, 1);
+        std::fs::create_dir_all(&job).unwrap();
+        std::fs::write(job.join(intermediate_name(0, 0)), b"pairs").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = spawn_server(listener, outputs, &worker).unwrap();
+        let fetched = Fetcher::new(worker.clone()).fetch(&addr, 1, 0, 0).await;
+        assert_eq!(fetched.unwrap(), b"pairs");
+        for role in ["client", "admin", "coordinator"] {
+            let refused = Fetcher::new(security(&ca, role))
+                .fetch(&addr, 1, 0, 0)
+                .await
+                .unwrap_err();
+            assert!(matches!(refused, MrError::Denied(_)), "{role}: {refused}");
+            assert!(
+                refused.to_string().contains(role),
+                "names the caller: {refused}"
+            );
+        }
+        let plaintext = Fetcher::default().fetch(&addr, 1, 0, 0).await;
+        assert!(plaintext.is_err(), "plaintext was served");
+        server.abort();
     }
 }
