@@ -918,6 +918,17 @@ fn job_paths_must_lie_under_a_data_root_and_outputs_must_be_new() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The same (still empty) output directory for a second job while the first is queued: refused.
+    let out = mrd()
+        .args(["submit", "--coordinator", &coord.addr, "--app", "wc"])
+        .arg("--output")
+        .arg(root.join("new-out"))
+        .arg(&input)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "two jobs share an output directory");
+    assert!(stderr.contains("already the output of job"), "{stderr}");
     let spec = jobs(&coord.addr).remove(0).spec.unwrap();
     let canonical = std::fs::canonicalize(&root).unwrap();
     assert_eq!(spec.output_dir, canonical.join("new-out").to_string_lossy());

@@ -83,6 +83,14 @@ impl DataRoots {
     /// The resolved path of input file `path`, if it lies under a root.
     pub fn input(&self, path: &Path) -> Result<PathBuf, RootsError> {
         const WHAT: &str = "input file";
+        if !path.is_absolute() {
+            // Relative to what? Not to the coordinator's working directory.
+            return Err(RootsError::Unresolvable {
+                what: WHAT,
+                path: path.to_path_buf(),
+                detail: "not an absolute path".into(),
+            });
+        }
         let resolved = std::fs::canonicalize(path).map_err(|err| unresolvable(WHAT, path, err))?;
         self.inside(WHAT, resolved)
     }
@@ -227,6 +235,8 @@ mod tests {
         let err = f.roots.input(&f.root.join("link")).unwrap_err();
         assert!(matches!(err, RootsError::Outside { .. }), "{err}");
         let err = f.roots.input(&f.root.join("missing")).unwrap_err();
+        assert!(matches!(err, RootsError::Unresolvable { .. }), "{err}");
+        let err = f.roots.input(Path::new("in/a.txt")).unwrap_err();
         assert!(matches!(err, RootsError::Unresolvable { .. }), "{err}");
     }
 
