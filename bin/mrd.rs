@@ -367,7 +367,6 @@ fn admission(data_roots: &[PathBuf], allow_apps: &[String]) -> anyhow::Result<Ad
     Ok(Admission { apps, roots })
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_coordinator(
     listen: SocketAddr,
     data_dir: PathBuf,

@@ -6,9 +6,9 @@
 //!
 //! The trust boundary: with TLS every caller is identified by its certificate. Only `admin` may submit
 //! jobs, only `worker` may take and report tasks, and users, workers and the coordinator itself (its
-//! health check) may read job status. A
-//! submitted job must also pass the coordinator's [`Admission`] (`--allow-apps`, `--data-root`),
-//! checked once at submit: a job resumed after a restart is not checked again.
+//! health check) may read job status. A submitted job must also pass the coordinator's [`Admission`]
+//! (`--allow-apps`, `--data-root`), checked once at submit: a job resumed after a restart is not
+//! checked again (its output directory is legitimately non-empty by then).
 
 use std::future::Future;
 use std::net::SocketAddr;
