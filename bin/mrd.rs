@@ -1,5 +1,7 @@
 //! `mrd`: the MapReduce daemons and their command-line client. All logic lives in `ds824::mr`; this file
-//! only parses flags, sets up logging and turns errors into one line and a non-zero exit status.
+//! only parses flags, sets up logging and turns errors into one line and a non-zero exit status: 2 for
+//! what the operator must fix first (a flag, a certificate, a refused identity or handshake), 1 for
+//! anything else.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,19 +11,28 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use ds824::mr::job::{JobSpec, ShuffleMode};
-use ds824::mr::{app, client, coordinator_service, sequential, worker};
+use ds824::mr::app::AppPolicy;
+use ds824::mr::job::{Admission, JobSpec, ShuffleMode};
+use ds824::mr::roots::DataRoots;
+use ds824::mr::{app, client, coordinator_service, sequential, worker, MrError};
 use ds824::proto::mr as pb;
+use ds824::security::{Role, Security, SecurityError, TlsArgs};
 
 /// The default coordinator address, so a single-machine setup needs no flags.
 const DEFAULT_COORDINATOR: &str = "127.0.0.1:7824";
 
+/// MapReduce coordinator, worker and client (MIT 6.824 lab 1 as daemons).
+///
+/// Security: coordinator, worker, submit and status speak mutual TLS. Give the cluster CA and a
+/// certificate with --tls-ca, --tls-cert, --tls-key (or DS824_TLS_CA, DS824_TLS_CERT, DS824_TLS_KEY;
+/// `kvctl certs issue` makes them): the coordinator needs a "coordinator" certificate, workers a
+/// "worker" one; submitting needs "admin", status "client" or "admin". --insecure runs plaintext without
+/// identities, for local development only.
+///
+/// Exit status: 0 on success; 2 if the command cannot succeed until something is fixed (a flag, a
+/// certificate, a refused identity or TLS handshake: one line on stderr says which); 1 otherwise.
 #[derive(Parser)]
-#[command(
-    name = "mrd",
-    version,
-    about = "MapReduce coordinator, worker and client (MIT 6.824 lab 1 as daemons)"
-)]
+#[command(name = "mrd", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +41,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the coordinator: queues jobs, hands tasks to workers, persists progress so a restart resumes.
+    ///
+    /// Jobs run with the workers' permissions, so the coordinator admits a job only if its inputs and
+    /// output directory lie under a --data-root (after resolving `..` and symbolic links), its output
+    /// directory is new or empty, and its app is a built-in one (wc, indexer, grep) or named in
+    /// --allow-apps.
+    ///
+    /// Example: mrd coordinator --listen 0.0.0.0:7824 --data-dir /var/lib/mrd --data-root /srv/mr
+    ///   --tls-ca certs/ca.pem --tls-cert certs/coordinator-1.pem --tls-key certs/coordinator-1-key.pem
     Coordinator {
         /// Address to serve gRPC on (port 0 picks a free port; the bound address is printed on stdout).
         #[arg(long, env = "MRD_LISTEN", default_value = DEFAULT_COORDINATOR)]
@@ -44,8 +63,31 @@ enum Command {
         /// http://<this address>/metrics.
         #[arg(long, env = "MRD_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// Directory jobs may read inputs from and write outputs to (repeatable, or comma-separated);
+        /// required. Use the directory every worker mounts; anything outside it is refused at submit.
+        #[arg(
+            long = "data-root",
+            env = "MRD_DATA_ROOT",
+            value_name = "DIR",
+            value_delimiter = ',',
+            required = true
+        )]
+        data_roots: Vec<PathBuf>,
+        /// Restricted apps to accept, comma-separated: `streaming` (runs any shell command on every
+        /// worker) and the 6.824 test apps (crash, nocrash, early_exit, jobcount, mtiming, rtiming:
+        /// they kill, stall or write into the workers' working directory). Refused unless listed.
+        #[arg(long, value_name = "APP,...", value_delimiter = ',')]
+        allow_apps: Vec<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Run a worker: pulls tasks from the coordinator and runs them, serving its map outputs over gRPC.
+    ///
+    /// Needs a "worker" certificate: the coordinator hands tasks, and other workers' shuffle servers
+    /// hand map outputs, only to workers.
+    ///
+    /// Example: mrd worker --coordinator mr-coordinator:7824 --dir /var/lib/mrd-worker
+    ///   --tls-ca certs/ca.pem --tls-cert certs/worker-1.pem --tls-key certs/worker-1-key.pem
     Worker {
         /// Coordinator address, host:port.
         #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
@@ -70,8 +112,13 @@ enum Command {
         /// Which tasks to take: dedicated mapper or reducer pools, or both.
         #[arg(long, value_enum, default_value_t = Only::All)]
         only: Only,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Submit a job and print its id (with --wait, follow it to the end with a progress bar).
+    ///
+    /// Needs an "admin" certificate. The coordinator refuses inputs or an output directory outside its
+    /// --data-root, an existing non-empty output directory, and apps it was not started to allow.
     Submit {
         /// Coordinator address, host:port.
         #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
@@ -93,9 +140,11 @@ enum Command {
         /// Input files, one map task each.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Show every job with its progress and a one-character-per-task map (`#` done, `r` running, `.`
-    /// waiting), or with --job one line per task.
+    /// waiting), or with --job one line per task. Needs a "client" or "admin" certificate.
     Status {
         /// Coordinator address, host:port.
         #[arg(long, env = "MRD_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
@@ -103,6 +152,8 @@ enum Command {
         /// Only this job, with one line per task.
         #[arg(long)]
         job: Option<u64>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Run a job in this process, writing mr-out-0 into --output (the reference distributed runs must match).
     Sequential {
@@ -265,6 +316,108 @@ async fn serve_metrics(
     ))))
 }
 
+/// A problem the operator must fix before the command can succeed (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct MustFix(String);
+
+/// 2 for errors no retry fixes (see [`MustFix`], TLS set-up, refused identities), 1 otherwise.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let must_fix = err.chain().any(|cause| {
+        cause.is::<MustFix>()
+            || cause.is::<SecurityError>()
+            || cause
+                .downcast_ref::<MrError>()
+                .is_some_and(MrError::is_refusal)
+    });
+    if must_fix {
+        2
+    } else {
+        1
+    }
+}
+
+/// The security `tls` asks for, with a certificate of `role` if the process serves as one.
+fn security(tls: &TlsArgs, role: Option<Role>) -> anyhow::Result<Security> {
+    let security = tls.security()?;
+    if let Some(role) = role {
+        security.expect_role(&role)?;
+    }
+    Ok(security)
+}
+
+/// Plaintext against a TLS port fails as an HTTP/2 protocol error or a cancelled call; if the
+/// coordinator at `addr` speaks TLS, say so and make it a [`MustFix`] (no retry helps).
+async fn explain_plaintext(security: &Security, addr: &str, err: MrError) -> anyhow::Error {
+    let transport = matches!(&err, MrError::Rpc(_) | MrError::Connect { .. });
+    if transport
+        && !security.is_tls()
+        && ds824::security::requires_tls(addr, Duration::from_secs(2)).await
+    {
+        return MustFix(format!(
+            "{err}: the coordinator at {addr} requires TLS, and this mrd runs with --insecure; \
+             pass --tls-ca, --tls-cert and --tls-key"
+        ))
+        .into();
+    }
+    err.into()
+}
+
+/// What the coordinator admits, from its flags.
+fn admission(data_roots: &[PathBuf], allow_apps: &[String]) -> anyhow::Result<Admission> {
+    let roots = DataRoots::new(data_roots).map_err(|err| MustFix(err.to_string()))?;
+    let apps = AppPolicy::new(allow_apps).map_err(|err| MustFix(format!("--allow-apps: {err}")))?;
+    Ok(Admission { apps, roots })
+}
+
+async fn run_coordinator(
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    task_timeout: Duration,
+    metrics_listen: Option<SocketAddr>,
+    admission: Admission,
+    security: Security,
+) -> anyhow::Result<()> {
+    if task_timeout.is_zero() {
+        return Err(MustFix(
+            "--task-timeout must be positive: every task would be handed out over and over".into(),
+        )
+        .into());
+    }
+    let roots: Vec<String> = admission
+        .roots
+        .roots()
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect();
+    let service = Arc::new(coordinator_service::CoordinatorService::open(
+        &data_dir,
+        task_timeout,
+        admission,
+        security.guard(),
+    )?);
+    let _metrics = match metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, service.clone()).await?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|err| MustFix(format!("cannot listen on {listen}: {err}")))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    security.log_startup("mrd coordinator");
+    tracing::info!(data_roots = %roots.join(","), "jobs may read and write only under these roots");
+    // Tests and scripts read this line to learn the port when --listen asked for port 0.
+    println!("mrd coordinator listening on {bound}");
+    coordinator_service::serve(
+        listener,
+        service,
+        &security,
+        ds824::daemon::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Coordinator {
@@ -272,28 +425,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             task_timeout,
             metrics_listen,
+            data_roots,
+            allow_apps,
+            tls,
         } => {
             ds824::daemon::init_logging_with("info");
-            if task_timeout.is_zero() {
-                bail!(
-                    "--task-timeout must be positive: every task would be handed out over and over"
-                );
-            }
-            let service = Arc::new(coordinator_service::CoordinatorService::open(
-                &data_dir,
+            let security = security(&tls, Some(Role::Coordinator))?;
+            let admission = admission(&data_roots, &allow_apps)?;
+            run_coordinator(
+                listen,
+                data_dir,
                 task_timeout,
-            )?);
-            let _metrics = match metrics_listen {
-                Some(addr) => Some(serve_metrics(addr, service.clone()).await?),
-                None => None,
-            };
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            let bound = listener.local_addr().context("reading the bound address")?;
-            // Tests and scripts read this line to learn the port when --listen asked for port 0.
-            println!("mrd coordinator listening on {bound}");
-            coordinator_service::serve(listener, service, ds824::daemon::shutdown_signal()).await?;
+                metrics_listen,
+                admission,
+                security,
+            )
+            .await?;
         }
         Command::Worker {
             coordinator,
@@ -303,8 +450,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shuffle_listen,
             advertise,
             only,
+            tls,
         } => {
             ds824::daemon::init_logging_with("info");
+            let security = security(&tls, Some(Role::Worker))?;
+            security.log_startup("mrd worker");
             worker::run(worker::WorkerConfig {
                 coordinator,
                 dir,
@@ -314,6 +464,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 advertise,
                 accept_map: only != Only::Reduce,
                 accept_reduce: only != Only::Map,
+                security,
             })
             .await?;
         }
@@ -325,15 +476,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shuffle,
             wait,
             files,
+            tls,
         } => {
             ds824::daemon::init_logging_with("warn");
+            let security = security(&tls, None)?;
             let shuffle = match shuffle {
                 Shuffle::SharedDir => ShuffleMode::SharedDir,
                 Shuffle::Grpc => ShuffleMode::Grpc,
             };
             let spec = JobSpec::prepare(&job.app, &job.args, &files, reduces, &output, shuffle)?;
-            let mut client = client::connect(&coordinator).await?;
-            let id = client::submit(&mut client, &spec).await?;
+            let submitted = async {
+                let mut client = client::connect(&coordinator, &security).await?;
+                client::submit(&mut client, &spec).await
+            };
+            let id = match submitted.await {
+                Ok(id) => id,
+                Err(err) => return Err(explain_plaintext(&security, &coordinator, err).await),
+            };
             println!("{id}");
             if wait {
                 let bar = indicatif::ProgressBar::new(u64::from(spec.n_map() + spec.n_reduce));
@@ -344,10 +503,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                     .progress_chars("=> "),
                 );
-                let last = client::wait(&coordinator, id, Duration::from_secs(60), |status| {
-                    bar.set_position(u64::from(status.maps_done + status.reduces_done));
-                    bar.set_message(format!("{id} {}", state_name(status.state)));
-                })
+                let last = client::wait(
+                    &coordinator,
+                    &security,
+                    id,
+                    Duration::from_secs(60),
+                    |status| {
+                        bar.set_position(u64::from(status.maps_done + status.reduces_done));
+                        bar.set_message(format!("{id} {}", state_name(status.state)));
+                    },
+                )
                 .await?;
                 bar.finish();
                 if last.state == pb::JobState::Failed as i32 {
@@ -355,10 +520,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Status { coordinator, job } => {
+        Command::Status {
+            coordinator,
+            job,
+            tls,
+        } => {
             ds824::daemon::init_logging_with("warn");
-            let mut client = client::connect(&coordinator).await?;
-            let jobs = client::status(&mut client, job).await?;
+            let security = security(&tls, None)?;
+            let listed = async {
+                let mut client = client::connect(&coordinator, &security).await?;
+                client::status(&mut client, job).await
+            };
+            let jobs = match listed.await {
+                Ok(jobs) => jobs,
+                Err(err) => return Err(explain_plaintext(&security, &coordinator, err).await),
+            };
             if jobs.is_empty() {
                 println!("no jobs");
             }
@@ -410,14 +586,14 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("mrd: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(2);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("mrd: {err:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&err))
         }
     }
 }

@@ -110,6 +110,17 @@ wc_job() {
     diff <(cat /tmp/ds824-mr/out/mr-out-* | sort) <(sort /tmp/ds824-mr/seq/mr-out-0) >/dev/null
 }
 check "a wc job on the workers equals the sequential run" wc_job
+# MapReduce's trust boundary: only admin submits; restricted apps and paths outside --data-root are refused.
+check "a client certificate cannot submit a MapReduce job (exit 2, PERMISSION_DENIED)" bash -c "$(declare -f refused_fast); export DS824_TLS_CERT=/tmp/ds824-certs/client-user.pem DS824_TLS_KEY=/tmp/ds824-certs/client-user-key.pem; refused_fast 'PERMISSION_DENIED' $bin/mrd submit --coordinator 127.0.0.1:17824 --app wc --output /tmp/ds824-mr/denied /tmp/ds824-mr/in/*.txt"
+check "mrd submit without a certificate is refused at once (exit 2)" bash -c "$(declare -f refused_fast); unset DS824_TLS_CA DS824_TLS_CERT DS824_TLS_KEY; refused_fast 'TLS is required' $bin/mrd submit --coordinator 127.0.0.1:17824 --app wc --output /tmp/ds824-mr/denied /tmp/ds824-mr/in/*.txt"
+mr_refused() { # mr_refused PATTERN SUBMIT-ARGS...: the coordinator refuses the job with a message matching PATTERN
+  local pattern=$1 err; shift
+  if err=$("$bin/mrd" submit --coordinator 127.0.0.1:17824 --reduces 1 "$@" 2>&1 >/dev/null); then
+    echo "    accepted: $*" >&2; return 1
+  fi
+  grep -q -- "$pattern" <<<"$err" || { echo "    $err" >&2; return 1; }
+}
+check "the coordinator refuses streaming, an output outside --data-root and a non-empty output" bash -c "$(declare -f mr_refused); mr_refused 'allow-apps streaming' --app streaming --arg mapper=cat --arg reducer=cat --output /tmp/ds824-mr/s /tmp/ds824-mr/in/*.txt && mr_refused 'data-root' --app wc --output /tmp/ds824-elsewhere /tmp/ds824-mr/in/*.txt && mr_refused 'not empty' --app wc --output /tmp/ds824-mr/out /tmp/ds824-mr/in/*.txt"
 
 compose down >/dev/null 2>&1
 compose up -d >/dev/null 2>&1

@@ -1,5 +1,5 @@
 //! A port of 6.824's `test-mr.sh` with real `mrd` processes, plus coordinator-crash and gRPC-shuffle
-//! mapper-loss scenarios.
+//! mapper-loss scenarios, and the trust boundary: restricted apps, data roots, mutual TLS and roles.
 //!
 //! Every test runs in its own temporary directory, which is also the workers' working directory (the
 //! 6.824 test apps leave marker files there). Waiting is always for an event (a job state, a process exit)
@@ -9,6 +9,8 @@
 mod ports;
 #[path = "support/scrape.rs"]
 mod scrape;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,13 +21,44 @@ use std::time::{Duration, Instant};
 
 use ds824::mr::{client, corpus};
 use ds824::proto::mr as pb;
+use ds824::security::Security;
 
 /// Every process and wait in these tests is bounded like 6.824's `timeout 180s`.
 const DEADLINE: Duration = Duration::from_secs(120);
 
+/// `mrd` in plaintext (`DS824_INSECURE`), whatever the developer's environment says about TLS.
 fn mrd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mrd"))
+    let mut cmd = mrd_without_tls();
+    cmd.env("DS824_INSECURE", "1");
+    cmd
 }
+
+/// `mrd` with neither TLS files nor --insecure.
+fn mrd_without_tls() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mrd"));
+    for var in [
+        "DS824_INSECURE",
+        "DS824_TLS_CA",
+        "DS824_TLS_CERT",
+        "DS824_TLS_KEY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// `mrd` with the certificate of `role`/`name` from the test CA in `ca`.
+fn mrd_tls(ca: &Path, role: &str, name: &str) -> Command {
+    let (cert, key) = tls::issue(ca, role, name);
+    let mut cmd = mrd_without_tls();
+    cmd.env("DS824_TLS_CA", ca.join("ca.pem"))
+        .env("DS824_TLS_CERT", cert)
+        .env("DS824_TLS_KEY", key);
+    cmd
+}
+
+/// The plaintext security the tests' library clients use.
+const PLAIN: &Security = &Security::Insecure;
 
 struct Env {
     dir: tempfile::TempDir,
@@ -63,9 +96,21 @@ impl Env {
         self.coordinator_with(listen, task_timeout, &[])
     }
 
-    /// [`Env::coordinator`] with extra flags.
+    /// [`Env::coordinator`] with extra flags; the test directory is its data root.
     fn coordinator_with(&self, listen: &str, task_timeout: &str, extra: &[&str]) -> Coordinator {
-        let mut child = mrd()
+        self.start_coordinator(mrd(), self.path(), listen, task_timeout, extra)
+    }
+
+    /// Starts `mrd` (plaintext or TLS) as a coordinator with data root `data_root`.
+    fn start_coordinator(
+        &self,
+        mut mrd: Command,
+        data_root: &Path,
+        listen: &str,
+        task_timeout: &str,
+        extra: &[&str],
+    ) -> Coordinator {
+        let mut child = mrd
             .args([
                 "coordinator",
                 "--listen",
@@ -75,6 +120,8 @@ impl Env {
                 "--data-dir",
             ])
             .arg(self.path().join("coordinator-data"))
+            .arg("--data-root")
+            .arg(data_root)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(self.log(&format!("coordinator-{}", listen.replace(':', "_"))))
@@ -101,6 +148,12 @@ impl Env {
         spawn_worker(self.path(), coordinator, n, extra)
     }
 
+    /// [`Env::worker`] run by `mrd` (plaintext or TLS).
+    fn worker_with(&mut self, mrd: Command, coordinator: &str) -> Child {
+        self.workers += 1;
+        spawn_worker_with(mrd, self.path(), coordinator, self.workers, &[])
+    }
+
     /// Runs `mrd sequential` and returns its sorted non-empty lines.
     fn sequential(&self, app: &str, args: &[&str]) -> Vec<String> {
         let out = self.path().join(format!("seq-{app}"));
@@ -112,6 +165,16 @@ impl Env {
         let status = cmd.args(&self.inputs).status().unwrap();
         assert!(status.success(), "sequential {app} failed");
         sorted_lines(&out)
+    }
+
+    /// `mrd submit` of a 3-reduce `app` job over the generated inputs into `output`, to be completed
+    /// with flags and run.
+    fn submit_command(&self, mut mrd: Command, addr: &str, app: &str, output: &Path) -> Command {
+        mrd.args(["submit", "--coordinator", addr, "--app", app])
+            .args(["--reduces", "3", "--output"])
+            .arg(output)
+            .args(&self.inputs);
+        mrd
     }
 
     /// Submits a job over the generated inputs and returns its id.
@@ -172,22 +235,31 @@ impl Env {
 }
 
 fn spawn_worker(dir: &Path, coordinator: &str, n: usize, extra: &[&str]) -> Child {
+    spawn_worker_with(mrd(), dir, coordinator, n, extra)
+}
+
+fn spawn_worker_with(
+    mut mrd: Command,
+    dir: &Path,
+    coordinator: &str,
+    n: usize,
+    extra: &[&str],
+) -> Child {
     let log = std::fs::File::create(dir.join(format!("worker-{n}.log"))).unwrap();
-    mrd()
-        .args([
-            "worker",
-            "--exit-when-idle",
-            "--coordinator",
-            coordinator,
-            "--dir",
-        ])
-        .arg(dir.join("workers").join(n.to_string()))
-        .args(extra)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    mrd.args([
+        "worker",
+        "--exit-when-idle",
+        "--coordinator",
+        coordinator,
+        "--dir",
+    ])
+    .arg(dir.join("workers").join(n.to_string()))
+    .args(extra)
+    .current_dir(dir)
+    .stdout(Stdio::null())
+    .stderr(log)
+    .spawn()
+    .unwrap()
 }
 
 struct Coordinator {
@@ -228,7 +300,7 @@ fn wait_job(env: &Env, addr: &str, id: u64) -> pb::JobStatus {
         .block_on(async {
             tokio::time::timeout(
                 DEADLINE,
-                client::wait(addr, id, Duration::from_secs(30), |_| {}),
+                client::wait(addr, PLAIN, id, Duration::from_secs(30), |_| {}),
             )
             .await
         })
@@ -256,7 +328,7 @@ fn wait_until(
     let started = Instant::now();
     loop {
         let status = rt.block_on(async {
-            let mut c = client::connect(addr).await?;
+            let mut c = client::connect(addr, PLAIN).await?;
             client::status(&mut c, Some(id)).await
         });
         if let Ok(Some(job)) = status.map(|jobs| jobs.into_iter().next()) {
@@ -340,7 +412,7 @@ fn indexer_and_queued_jobs_match_sequential() {
 #[test]
 fn map_parallelism() {
     let mut env = Env::new();
-    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "mtiming"]);
     let id = env.submit(&coord.addr, "mtiming", &[], 10, "shared-dir", "out");
     let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
     wait_job(&env, &coord.addr, id);
@@ -358,7 +430,7 @@ fn map_parallelism() {
 #[test]
 fn reduce_parallelism() {
     let mut env = Env::new();
-    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "rtiming"]);
     let id = env.submit(&coord.addr, "rtiming", &[], 10, "shared-dir", "out");
     let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
     wait_job(&env, &coord.addr, id);
@@ -378,7 +450,11 @@ fn reduce_parallelism() {
 fn job_count() {
     let mut env = Env::new();
     let metrics = format!("127.0.0.1:{}", ports::free_port());
-    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--metrics-listen", &metrics]);
+    let coord = env.coordinator_with(
+        "127.0.0.1:0",
+        "10s",
+        &["--metrics-listen", &metrics, "--allow-apps", "jobcount"],
+    );
     let id = env.submit(&coord.addr, "jobcount", &[], 10, "shared-dir", "out");
     let mut first = env.worker(&coord.addr, &[]);
     let mut second = env.worker(&coord.addr, &[]);
@@ -418,7 +494,7 @@ fn job_count() {
 #[test]
 fn early_exit() {
     let mut env = Env::new();
-    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "early_exit"]);
     let id = env.submit(&coord.addr, "early_exit", &[], 10, "shared-dir", "out");
     let mut workers: Vec<Child> = (0..3).map(|_| env.worker(&coord.addr, &[])).collect();
     // Wait for the first worker to exit, then snapshot the outputs.
@@ -452,7 +528,7 @@ fn early_exit() {
 fn crash_recovery() {
     let mut env = Env::new();
     let expected = env.sequential("nocrash", &[]);
-    let coord = env.coordinator("127.0.0.1:0", "3s");
+    let coord = env.coordinator_with("127.0.0.1:0", "3s", &["--allow-apps", "crash"]);
     let id = env.submit(
         &coord.addr,
         "crash",
@@ -500,7 +576,7 @@ fn crash_recovery() {
 fn coordinator_sigkill_resumes_job() {
     let mut env = Env::new();
     let expected = env.sequential("nocrash", &[]);
-    let mut coord = env.coordinator("127.0.0.1:0", "10s");
+    let mut coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "crash"]);
     let addr = coord.addr.clone();
     let args = [
         "crash_permille=0",
@@ -514,7 +590,7 @@ fn coordinator_sigkill_resumes_job() {
     coord.child.kill().unwrap();
     coord.child.wait().unwrap();
     // Restart on the same address and data directory; the workers ride out the gap.
-    let coord = env.coordinator(&addr, "10s");
+    let coord = env.coordinator_with(&addr, "10s", &["--allow-apps", "crash"]);
     let resumed = wait_until(&env, &coord.addr, id, "restarted coordinator", |_| true);
     assert!(
         resumed.maps_done >= before.maps_done,
@@ -552,7 +628,7 @@ fn grpc_shuffle_survives_lost_mapper() {
 fn streaming_app_matches_wc() {
     let mut env = Env::new();
     let expected = env.sequential("wc", &[]);
-    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "streaming"]);
     let mapper = "mapper=tr -cs A-Za-z '\\n' | grep -v '^$' | sed 's/$/\t1/'";
     let reducer = "reducer=awk -F'\t' '$1 != k { if (NR > 1) print k, n; k = $1; n = 0 } { n += $2 } END { if (NR > 0) print k, n }'";
     let id = env.submit(
@@ -599,7 +675,7 @@ fn bad_submissions_are_refused() {
     }
     // Nothing was queued.
     let jobs = runtime().block_on(async {
-        let mut c = client::connect(&coord.addr).await.unwrap();
+        let mut c = client::connect(&coord.addr, PLAIN).await.unwrap();
         client::status(&mut c, None).await.unwrap()
     });
     assert!(jobs.is_empty());
@@ -609,7 +685,7 @@ fn bad_submissions_are_refused() {
 fn failing_app_fails_its_job_and_the_queue_moves_on() {
     let mut env = Env::new();
     let expected = env.sequential("wc", &[]);
-    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "streaming"]);
     let failing = env.submit(
         &coord.addr,
         "streaming",
@@ -645,7 +721,7 @@ fn failing_app_fails_its_job_and_the_queue_moves_on() {
 #[test]
 fn submit_wait_follows_the_job_and_reports_failure() {
     let mut env = Env::new();
-    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "streaming"]);
     let submit = |app_args: &[&str], output: &str| {
         let mut cmd = mrd();
         cmd.args([
@@ -679,7 +755,9 @@ fn submit_wait_follows_the_job_and_reports_failure() {
     // Start the worker only once both jobs are queued, or it could find nothing to do and exit.
     let started = Instant::now();
     while runtime()
-        .block_on(async { client::status(&mut client::connect(&coord.addr).await?, None).await })
+        .block_on(async {
+            client::status(&mut client::connect(&coord.addr, PLAIN).await?, None).await
+        })
         .map_or(0, |jobs| jobs.len())
         < 2
     {
@@ -699,4 +777,305 @@ fn submit_wait_follows_the_job_and_reports_failure() {
     assert!(stderr.contains("failed 3 times"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
     assert!(wait_exit(&mut worker).success());
+}
+
+/// Runs `cmd` and returns (exit code, stderr, how long it took).
+fn run_refused(mut cmd: Command) -> (Option<i32>, String, Duration) {
+    let started = Instant::now();
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// Every job the plaintext coordinator at `addr` knows.
+fn jobs(addr: &str) -> Vec<pb::JobStatus> {
+    runtime().block_on(async {
+        let mut c = client::connect(addr, PLAIN).await.unwrap();
+        client::status(&mut c, None).await.unwrap()
+    })
+}
+
+#[test]
+fn restricted_apps_are_refused_unless_allowed() {
+    let env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let streaming = ["--arg", "mapper=cat", "--arg", "reducer=cat"];
+    for (app, args) in [("streaming", &streaming[..]), ("crash", &[][..])] {
+        let mut cmd = env.submit_command(mrd(), &coord.addr, app, &env.path().join(app));
+        let (code, stderr, _) = run_refused({
+            cmd.args(args);
+            cmd
+        });
+        assert_ne!(code, Some(0), "{app} was accepted");
+        assert!(stderr.contains(&format!("--allow-apps {app}")), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    }
+    assert!(jobs(&coord.addr).is_empty());
+    drop(coord);
+    // Allowed by the operator: accepted.
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "streaming"]);
+    let mut cmd = env.submit_command(mrd(), &coord.addr, "streaming", &env.path().join("ok"));
+    let out = cmd.args(streaming).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(jobs(&coord.addr).len(), 1);
+    // An unknown name in --allow-apps is a start-up error, not a silently ignored typo.
+    let (code, stderr, _) = run_refused({
+        let mut cmd = mrd();
+        cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(env.path().join("other-data"))
+            .arg("--data-root")
+            .arg(env.path())
+            .args(["--allow-apps", "stremaing"]);
+        cmd
+    });
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("stremaing"), "{stderr}");
+}
+
+#[test]
+fn job_paths_must_lie_under_a_data_root_and_outputs_must_be_new() {
+    let env = Env::new();
+    let root = env.path().join("root");
+    let elsewhere = env.path().join("elsewhere");
+    std::fs::create_dir_all(root.join("in")).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let input = root.join("in/book.txt");
+    std::fs::copy(&env.inputs[0], &input).unwrap();
+    let secret = elsewhere.join("secret.txt");
+    std::fs::write(&secret, "secret words").unwrap();
+    std::os::unix::fs::symlink(&secret, root.join("in/link.txt")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, root.join("out-link")).unwrap();
+    std::fs::create_dir_all(root.join("full")).unwrap();
+    std::fs::write(root.join("full/mr-out-0"), "earlier results").unwrap();
+    let coord = env.start_coordinator(mrd(), &root, "127.0.0.1:0", "10s", &[]);
+    let cases: [(PathBuf, PathBuf, &str); 6] = [
+        (secret.clone(), root.join("o1"), "outside"),
+        (
+            root.join("../elsewhere/secret.txt"),
+            root.join("o2"),
+            "outside",
+        ),
+        (root.join("in/link.txt"), root.join("o3"), "outside"),
+        (input.clone(), elsewhere.join("out"), "outside"),
+        (input.clone(), root.join("../elsewhere/out"), "outside"),
+        (input.clone(), root.join("full"), "not empty"),
+    ];
+    for (input, output, reason) in &cases {
+        let out = mrd()
+            .args(["submit", "--coordinator", &coord.addr, "--app", "wc"])
+            .arg("--output")
+            .arg(output)
+            .arg(input)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{input:?} -> {output:?} was accepted"
+        );
+        assert!(stderr.contains(reason), "{input:?} -> {output:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    }
+    // A symlinked output directory, and a spec the coordinator gets without the CLI resolving it.
+    let raw = |input: PathBuf, output: PathBuf| pb::JobSpec {
+        app: "wc".into(),
+        inputs: vec![input.to_string_lossy().into_owned()],
+        n_reduce: 1,
+        output_dir: output.to_string_lossy().into_owned(),
+        ..Default::default()
+    };
+    for spec in [
+        raw(input.clone(), root.join("out-link/new")),
+        raw(root.join("../elsewhere/secret.txt"), root.join("o4")),
+        raw(root.join("in/link.txt"), root.join("o5")),
+    ] {
+        let refused = runtime().block_on(async {
+            let mut c = client::connect(&coord.addr, PLAIN).await.unwrap();
+            c.submit(pb::SubmitRequest { spec: Some(spec) }).await
+        });
+        let status = refused.expect_err("a path outside the root was accepted");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        assert!(status.message().contains("--data-root"), "{status}");
+    }
+    assert!(jobs(&coord.addr).is_empty(), "a refused job was queued");
+    // Under the root, resolved: accepted, with the resolved paths.
+    let out = mrd()
+        .args(["submit", "--coordinator", &coord.addr, "--app", "wc"])
+        .arg("--output")
+        .arg(root.join("in/../new-out"))
+        .arg(root.join("in/../in/book.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same (still empty) output directory for a second job while the first is queued: refused.
+    let out = mrd()
+        .args(["submit", "--coordinator", &coord.addr, "--app", "wc"])
+        .arg("--output")
+        .arg(root.join("new-out"))
+        .arg(&input)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "two jobs share an output directory");
+    assert!(stderr.contains("already the output of job"), "{stderr}");
+    let spec = jobs(&coord.addr).remove(0).spec.unwrap();
+    let canonical = std::fs::canonicalize(&root).unwrap();
+    assert_eq!(spec.output_dir, canonical.join("new-out").to_string_lossy());
+    assert_eq!(
+        spec.inputs,
+        [canonical.join("in/book.txt").to_string_lossy()]
+    );
+}
+
+#[test]
+fn the_coordinator_refuses_to_start_without_tls_or_a_data_root() {
+    let env = Env::new();
+    let (code, stderr, _) = run_refused({
+        let mut cmd = mrd_without_tls();
+        cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(env.path().join("data"))
+            .arg("--data-root")
+            .arg(env.path());
+        cmd
+    });
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("TLS is required"), "{stderr}");
+    let (code, stderr, _) = run_refused({
+        let mut cmd = mrd();
+        cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(env.path().join("data"));
+        cmd
+    });
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--data-root"), "{stderr}");
+}
+
+/// A test directory with a CA and a TLS coordinator (certificate role `coordinator`) on it.
+fn tls_env() -> (Env, PathBuf, Coordinator) {
+    let env = Env::new();
+    let ca = tls::ca(env.path(), "ca", "mrtest");
+    let coord = env.start_coordinator(
+        mrd_tls(&ca, "coordinator", "1"),
+        env.path(),
+        "127.0.0.1:0",
+        "10s",
+        &[],
+    );
+    (env, ca, coord)
+}
+
+#[test]
+fn with_tls_worker_certificates_run_a_job_an_admin_submitted() {
+    let (mut env, ca, coord) = tls_env();
+    let expected = env.sequential("wc", &[]);
+    let out = env
+        .submit_command(
+            mrd_tls(&ca, "admin", "op"),
+            &coord.addr,
+            "wc",
+            &env.path().join("out"),
+        )
+        .args(["--shuffle", "grpc"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let mut workers: Vec<Child> = (1..=2)
+        .map(|n| env.worker_with(mrd_tls(&ca, "worker", &n.to_string()), &coord.addr))
+        .collect();
+    let admin = tls::security(&ca, "admin", "op");
+    let status = runtime()
+        .block_on(async {
+            tokio::time::timeout(
+                DEADLINE,
+                client::wait(&coord.addr, &admin, id, Duration::from_secs(30), |_| {}),
+            )
+            .await
+        })
+        .unwrap_or_else(|_| panic!("job not done\n{}", env.logs()))
+        .unwrap_or_else(|err| panic!("{err}\n{}", env.logs()));
+    assert_eq!(status.state, pb::JobState::Done as i32, "{}", env.logs());
+    wait_all(&mut workers);
+    assert_eq!(env.output("out"), expected);
+    // A client certificate reads the status, and so does the coordinator's own (its health check).
+    for (role, name) in [("client", "user"), ("coordinator", "1")] {
+        let out = mrd_tls(&ca, role, name)
+            .args(["status", "--coordinator", &coord.addr])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("job {id} [done]")), "{role}: {text}");
+    }
+}
+
+#[test]
+fn with_tls_only_an_admin_submits_and_refusals_are_immediate() {
+    let (mut env, ca, coord) = tls_env();
+    let output = env.path().join("out");
+    // A client certificate is authenticated but may not submit.
+    let (code, stderr, _) =
+        run_refused(env.submit_command(mrd_tls(&ca, "client", "user"), &coord.addr, "wc", &output));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
+    assert!(
+        stderr.contains("client/user"),
+        "names the identity: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
+    // No certificate at all: refused before connecting.
+    let (code, stderr, elapsed) =
+        run_refused(env.submit_command(mrd_without_tls(), &coord.addr, "wc", &output));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("TLS is required"), "{stderr}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    // Plaintext against the TLS port fails at once, not after a timeout.
+    let (code, stderr, elapsed) =
+        run_refused(env.submit_command(mrd(), &coord.addr, "wc", &output));
+    assert_eq!(code, Some(2), "plaintext: {stderr}");
+    assert!(stderr.contains("requires TLS"), "{stderr}");
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}: {stderr}");
+    // Another CA's admin certificate: refused at the handshake.
+    let other = tls::ca(env.path(), "other-ca", "mrtest");
+    let (code, stderr, elapsed) =
+        run_refused(env.submit_command(mrd_tls(&other, "admin", "op"), &coord.addr, "wc", &output));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("TLS"), "{stderr}");
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    // A worker needs a worker certificate: refused at start with a client one.
+    let mut worker = env.worker_with(mrd_tls(&ca, "client", "user"), &coord.addr);
+    assert_eq!(wait_exit(&mut worker).code(), Some(2));
+    assert!(env.logs().contains("worker certificate"), "{}", env.logs());
+    // Nothing was queued; and only workers take tasks, not even an admin.
+    let admin = tls::security(&ca, "admin", "op");
+    let (jobs, take) = runtime().block_on(async {
+        let mut c = client::connect(&coord.addr, &admin).await.unwrap();
+        let jobs = client::status(&mut c, None).await.unwrap();
+        let take = c
+            .request_task(pb::TaskRequest {
+                worker_id: "impostor".into(),
+                accept_map: true,
+                accept_reduce: true,
+                ..Default::default()
+            })
+            .await;
+        (jobs, take)
+    });
+    assert!(jobs.is_empty());
+    let refused = take.expect_err("an admin took a task");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
 }

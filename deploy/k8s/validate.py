@@ -98,7 +98,10 @@ for name, doc in workloads:
             cert = args[args.index("--tls-cert") + 1] if "--tls-cert" in args else ""
             if "{id}" not in cert:
                 problem(name, "--tls-cert must name each replica's own certificate (with {id})")
-        uses_certs = "/certs/" in str(container.get("args", [])) + str(container.get("readinessProbe", {}))
+        uses_certs = "/certs/" in str(container.get("args", [])) + str(container.get("env", [])) + str(
+            container.get("readinessProbe", {}))
+        if "--insecure" in container.get("args", []) or "--insecure" in str(container.get("readinessProbe", {})):
+            problem(name, f"container {container['name']} runs --insecure: every manifest is mutually authenticated")
         mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
         if uses_certs and "/certs" not in mounts:
             problem(name, f"container {container['name']} names files in /certs but mounts nothing there")

@@ -47,6 +47,13 @@ pub enum AppError {
     /// Reading or writing failed while the app ran.
     #[error("app I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// A restricted app the coordinator was not started to accept.
+    #[error(
+        "app `{0}` is refused by this coordinator: it runs commands on, crashes or writes outside the \
+         job's directories on the workers; the operator must start the coordinator with \
+         --allow-apps {0} to accept it"
+    )]
+    NotAllowed(String),
     /// The computation itself failed (e.g. a streaming command exited non-zero).
     #[error("{0}")]
     Failed(String),
@@ -129,6 +136,43 @@ pub struct AppInfo {
     pub summary: &'static str,
     /// True for the 6.824 test apps: they crash, sleep or leave marker files on purpose.
     pub for_testing: bool,
+    /// True for apps a coordinator refuses unless its `--allow-apps` names them: they run arbitrary
+    /// commands on the workers (streaming) or crash them, stall them and write outside the job's
+    /// directories (the test apps), which no ordinary submitter should be able to do.
+    pub restricted: bool,
+}
+
+/// Which apps a coordinator accepts: the unrestricted ones always, the restricted ones (see
+/// [`AppInfo::restricted`]) only when the operator listed them with `--allow-apps`.
+#[derive(Clone, Debug, Default)]
+pub struct AppPolicy {
+    allowed: std::collections::BTreeSet<String>,
+}
+
+impl AppPolicy {
+    /// A policy accepting the restricted apps in `allowed` too; unknown names are refused, so a typo
+    /// does not silently leave an app out.
+    pub fn new(allowed: &[String]) -> Result<AppPolicy, AppError> {
+        let mut names = std::collections::BTreeSet::new();
+        for name in allowed.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+            if !registry().iter().any(|info| info.name == name) {
+                return Err(AppError::Unknown(name.to_string()));
+            }
+            names.insert(name.to_string());
+        }
+        Ok(AppPolicy { allowed: names })
+    }
+
+    /// Whether a job may use app `name` (unknown apps pass here; building them refuses them).
+    pub fn check(&self, name: &str) -> Result<(), AppError> {
+        let restricted = registry()
+            .iter()
+            .any(|info| info.name == name && info.restricted);
+        if restricted && !self.allowed.contains(name) {
+            return Err(AppError::NotAllowed(name.to_string()));
+        }
+        Ok(())
+    }
 }
 
 /// Every app `mrd` knows, built-ins first.
@@ -222,6 +266,33 @@ mod tests {
             Err(AppError::MissingArg { .. })
         ));
         assert!(build("grep", &["pattern=a+".into()]).is_ok());
+    }
+
+    #[test]
+    fn restricted_apps_need_allowing_and_builtins_do_not() {
+        let default = AppPolicy::default();
+        for name in ["wc", "indexer", "grep"] {
+            assert!(default.check(name).is_ok(), "{name}");
+        }
+        for name in ["streaming", "crash", "nocrash", "jobcount", "early_exit"] {
+            let err = default.check(name).unwrap_err();
+            assert!(err.to_string().contains("--allow-apps"), "{err}");
+        }
+        let policy = AppPolicy::new(&["streaming".into(), " crash".into()]).unwrap();
+        assert!(policy.check("streaming").is_ok());
+        assert!(policy.check("crash").is_ok());
+        assert!(policy.check("nocrash").is_err());
+        assert!(matches!(
+            AppPolicy::new(&["stremaing".into()]),
+            Err(AppError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn every_test_app_is_restricted() {
+        for info in registry().iter().filter(|info| info.for_testing) {
+            assert!(info.restricted, "{}", info.name);
+        }
     }
 
     #[test]

@@ -2,19 +2,25 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::mr::job::JobSpec;
 use crate::mr::MrError;
 use crate::proto::mr as pb;
 use crate::proto::mr::coordinator_client::CoordinatorClient;
+use crate::security::Security;
 
 /// How often [`wait`] polls; progress bars look live and the coordinator barely notices.
 const POLL: Duration = Duration::from_millis(200);
 
-/// Connects to the coordinator at `addr` (`host:port`), failing fast if nothing listens there.
-pub async fn connect(addr: &str) -> Result<CoordinatorClient<Channel>, MrError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+/// Connects to the coordinator at `addr` (`host:port`) with `security`, failing fast if nothing listens
+/// there or the TLS handshake is refused ([`MrError::Tls`]).
+pub async fn connect(
+    addr: &str,
+    security: &Security,
+) -> Result<CoordinatorClient<Channel>, MrError> {
+    let endpoint = security
+        .endpoint(addr)
         .map_err(|err| MrError::Other(format!("bad coordinator address {addr}: {err}")))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
@@ -22,10 +28,7 @@ pub async fn connect(addr: &str) -> Result<CoordinatorClient<Channel>, MrError> 
     let channel = endpoint
         .connect()
         .await
-        .map_err(|source| MrError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
+        .map_err(|source| MrError::connect(addr, source))?;
     Ok(CoordinatorClient::new(channel))
 }
 
@@ -64,9 +67,10 @@ pub fn finished(status: &pb::JobStatus) -> bool {
 }
 
 /// Polls job `job_id` until it is done or failed, calling `progress` with every status seen; rides out a
-/// coordinator restart shorter than `patience`.
+/// coordinator restart shorter than `patience`. A refusal (permission, TLS) ends the wait at once.
 pub async fn wait(
     addr: &str,
+    security: &Security,
     job_id: u64,
     patience: Duration,
     mut progress: impl FnMut(&pb::JobStatus),
@@ -76,7 +80,7 @@ pub async fn wait(
     loop {
         let result = match client.as_mut() {
             Some(c) => status(c, Some(job_id)).await,
-            None => match connect(addr).await {
+            None => match connect(addr, security).await {
                 Ok(c) => status(client.insert(c), Some(job_id)).await,
                 Err(err) => Err(err),
             },
@@ -95,6 +99,7 @@ pub async fn wait(
             Err(MrError::Rpc(status)) if status.code() == tonic::Code::NotFound => {
                 return Err(MrError::Rpc(status));
             }
+            Err(err) if err.is_refusal() => return Err(err),
             Err(err) => {
                 if last_ok.elapsed() > patience {
                     return Err(err);

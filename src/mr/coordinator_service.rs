@@ -3,6 +3,12 @@
 //! Every change a client or worker is told about is flushed to disk before the reply goes out, so a
 //! coordinator killed with SIGKILL and restarted on the same data directory resumes each job where it
 //! stood: finished tasks stay finished, in-flight tasks are handed out again.
+//!
+//! The trust boundary: with TLS every caller is identified by its certificate. Only `admin` may submit
+//! jobs, only `worker` may take and report tasks, and users, workers and the coordinator itself (its
+//! health check) may read job status. A submitted job must also pass the coordinator's [`Admission`]
+//! (`--allow-apps`, `--data-root`), checked once at submit: a job resumed after a restart is not
+//! checked again (its output directory is legitimately non-empty by then).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,21 +23,30 @@ use crate::mr::coordinator::{
     Assignment, Coordinator, JobRecord, JobState, JobView, Outcome, ReportError, TaskKind,
     WorkerInfo,
 };
-use crate::mr::job::JobSpec;
+use crate::mr::job::{Admission, JobSpec};
 use crate::mr::MrError;
 use crate::proto::mr as pb;
 use crate::proto::mr::coordinator_server::CoordinatorServer;
+use crate::security::{is_user, Guard, Role, Security};
 
 /// The gRPC service; cheap to share, all state is behind one short-held lock.
 pub struct CoordinatorService {
     state: Mutex<Coordinator>,
     db: sled::Db,
     jobs: sled::Tree,
+    admission: Admission,
+    guard: Guard,
 }
 
 impl CoordinatorService {
-    /// Opens (or creates) the state in `data_dir` and restores every job found there.
-    pub fn open(data_dir: &Path, task_timeout: Duration) -> Result<Self, MrError> {
+    /// Opens (or creates) the state in `data_dir` and restores every job found there. New jobs must
+    /// pass `admission`; callers are identified and checked by `guard`.
+    pub fn open(
+        data_dir: &Path,
+        task_timeout: Duration,
+        admission: Admission,
+        guard: Guard,
+    ) -> Result<Self, MrError> {
         std::fs::create_dir_all(data_dir).map_err(MrError::io(data_dir))?;
         let db = sled::open(data_dir.join("coordinator.sled"))?;
         let jobs = db.open_tree("jobs")?;
@@ -56,6 +71,8 @@ impl CoordinatorService {
             state: Mutex::new(Coordinator::restore(records, task_timeout)),
             db,
             jobs,
+            admission,
+            guard,
         })
     }
 
@@ -152,22 +169,36 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitReply>, Status> {
+        let caller = self
+            .guard
+            .allow(&request, "submit jobs", |role| *role == Role::Admin)?;
         let wire = request
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("the job spec is missing"))?;
-        let spec =
-            JobSpec::try_from(&wire).map_err(|err| Status::invalid_argument(err.to_string()))?;
-        spec.validate()
-            .map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let invalid = |err: MrError| Status::invalid_argument(err.to_string());
+        let spec = JobSpec::try_from(&wire).map_err(invalid)?;
+        // Admission first: a refused app's arguments are not even parsed.
+        let spec = self.admission.admit(spec).map_err(invalid)?;
+        spec.validate().map_err(invalid)?;
         let job_id = {
             let mut state = self.lock();
+            if let Some(other) = state.jobs().find(|view| {
+                !view.record.state.finished() && view.record.spec.output_dir == spec.output_dir
+            }) {
+                return Err(Status::invalid_argument(format!(
+                    "output directory {} is already the output of job {}, which has not finished",
+                    spec.output_dir.display(),
+                    other.record.id
+                )));
+            }
             let record = state.submit(spec);
             self.stage(record)?;
             record.id
         };
         self.flush().await?;
-        tracing::info!(job = job_id, app = %wire.app, maps = wire.inputs.len(), reduces = wire.n_reduce, "job queued");
+        let by = caller.map_or_else(|| "anyone (no TLS)".to_string(), |c| c.to_string());
+        tracing::info!(job = job_id, app = %wire.app, maps = wire.inputs.len(), reduces = wire.n_reduce, %by, "job queued");
         Ok(Response::new(pb::SubmitReply { job_id }))
     }
 
@@ -175,6 +206,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        // Users follow their jobs; workers and the coordinator's own identity (its container health
+        // check) may look too.
+        self.guard.allow(&request, "read job status", |role| {
+            is_user(role) || matches!(role, Role::Worker | Role::Coordinator)
+        })?;
         let wanted = request.into_inner().job_id;
         let state = self.lock();
         let jobs: Vec<pb::JobStatus> = state
@@ -192,6 +228,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::TaskRequest>,
     ) -> Result<Response<pb::TaskReply>, Status> {
+        self.guard
+            .allow(&request, "take tasks", |role| *role == Role::Worker)?;
         let request = request.into_inner();
         if request.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is empty"));
@@ -248,6 +286,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::TaskReport>,
     ) -> Result<Response<pb::ReportReply>, Status> {
+        self.guard
+            .allow(&request, "report tasks", |role| *role == Role::Worker)?;
         let report = request.into_inner();
         if report.worker_id.is_empty() {
             return Err(Status::invalid_argument("worker_id is empty"));
@@ -318,17 +358,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     }
 }
 
-/// Serves the coordinator on an already-bound listener until `shutdown` resolves.
+/// Serves the coordinator on an already-bound listener with `security`'s TLS until `shutdown` resolves.
 ///
 /// Taking a listener rather than an address lets callers bind port 0 and learn the real port first.
 pub async fn serve(
     listener: TcpListener,
     service: Arc<CoordinatorService>,
+    security: &Security,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), MrError> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "coordinator serving");
-    tonic::transport::Server::builder()
+    security
+        .server()
+        .map_err(|err| MrError::Other(format!("coordinator server: {err}")))?
         .add_service(CoordinatorServer::from_arc(service))
         .serve_with_incoming_shutdown(crate::mr::shuffle::incoming(listener), shutdown)
         .await

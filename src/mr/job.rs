@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::mr::app::AppPolicy;
+use crate::mr::roots::DataRoots;
 use crate::mr::{app, MrError};
 use crate::proto::mr as pb;
 
@@ -128,6 +130,36 @@ impl JobSpec {
     /// Where reduce task `reduce` writes its output.
     pub fn output_path(&self, reduce: u32) -> PathBuf {
         self.output_dir.join(format!("mr-out-{reduce}"))
+    }
+}
+
+/// What a coordinator accepts from submitters beyond a well-formed job: which restricted apps
+/// (`--allow-apps`) and which directories (`--data-root`). Jobs run with the workers' permissions, so
+/// this is what keeps a submitter from running shell commands on them or reaching their files.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    /// The restricted apps the operator allowed.
+    pub apps: AppPolicy,
+    /// Where inputs and outputs may lie.
+    pub roots: DataRoots,
+}
+
+impl Admission {
+    /// Checks `spec` against the policy and returns it with every path resolved (`..` and symbolic
+    /// links), so workers open exactly what was checked. The output directory must be new or empty.
+    pub fn admit(&self, spec: JobSpec) -> Result<JobSpec, MrError> {
+        self.apps.check(&spec.app)?;
+        let inputs = spec
+            .inputs
+            .iter()
+            .map(|input| self.roots.input(input))
+            .collect::<Result<Vec<_>, _>>()?;
+        let output_dir = self.roots.output(&spec.output_dir)?;
+        Ok(JobSpec {
+            inputs,
+            output_dir,
+            ..spec
+        })
     }
 }
 

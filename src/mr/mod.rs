@@ -27,6 +27,7 @@ pub mod job;
 pub mod metrics;
 pub mod partition;
 pub mod records;
+pub mod roots;
 pub mod sequential;
 pub mod shuffle;
 pub mod worker;
@@ -65,7 +66,23 @@ pub enum MrError {
     },
     /// A peer answered with an error status; its message is shown as is.
     #[error("{}", .0.message())]
-    Rpc(#[from] tonic::Status),
+    Rpc(tonic::Status),
+    /// The peer refused this process's identity (PERMISSION_DENIED or UNAUTHENTICATED, named first in
+    /// the message): retrying cannot help, so callers stop at once.
+    #[error("refused: {0}")]
+    Denied(String),
+    /// The TLS handshake failed (unknown CA, no or refused certificate, plaintext against TLS):
+    /// retrying cannot help, so callers stop at once.
+    #[error("TLS handshake with {addr} failed: {detail}")]
+    Tls {
+        /// The peer's address.
+        addr: String,
+        /// The TLS error and its causes.
+        detail: String,
+    },
+    /// A job path was refused by the coordinator's `--data-root` check.
+    #[error(transparent)]
+    Roots(#[from] roots::RootsError),
     /// sled failed.
     #[error("coordinator storage: {0}")]
     Storage(#[from] sled::Error),
@@ -77,7 +94,48 @@ pub enum MrError {
     Other(String),
 }
 
+impl From<tonic::Status> for MrError {
+    /// Security refusals become [`MrError::Denied`] and [`MrError::Tls`], so callers can tell them from
+    /// transport trouble worth retrying.
+    fn from(status: tonic::Status) -> MrError {
+        if crate::security::is_tls_failure(&status) {
+            return MrError::Tls {
+                addr: "the peer".into(),
+                detail: crate::security::describe_chain(&status),
+            };
+        }
+        match status.code() {
+            tonic::Code::PermissionDenied => {
+                MrError::Denied(format!("PERMISSION_DENIED: {}", status.message()))
+            }
+            tonic::Code::Unauthenticated => {
+                MrError::Denied(format!("UNAUTHENTICATED: {}", status.message()))
+            }
+            _ => MrError::Rpc(status),
+        }
+    }
+}
+
 impl MrError {
+    /// Whether retrying cannot help: the peer or the handshake refused this process's identity.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, MrError::Denied(_) | MrError::Tls { .. })
+    }
+
+    /// A failed connection to `addr`, as [`MrError::Tls`] when the handshake was refused.
+    pub fn connect(addr: &str, source: tonic::transport::Error) -> MrError {
+        if crate::security::is_tls_failure(&source) {
+            return MrError::Tls {
+                addr: addr.to_string(),
+                detail: crate::security::describe_chain(&source),
+            };
+        }
+        MrError::Connect {
+            addr: addr.to_string(),
+            source,
+        }
+    }
+
     /// Attaches the path an I/O error happened on, which `std::io::Error` omits.
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> MrError {
         let path = path.into();

@@ -4,6 +4,8 @@
 //! reducers read them from there. In the gRPC mode mappers keep them under their own `--dir` and serve them
 //! with [`ShuffleService`]; reducers pull them with [`Fetcher`]. Either way a missing output is reported as
 //! such, and the coordinator re-runs the map task that produced it.
+//!
+//! With TLS only other workers (role `worker`) may fetch: map outputs are the job's data.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::mr::job::intermediate_name;
@@ -22,6 +24,7 @@ use crate::mr::MrError;
 use crate::proto::mr as pb;
 use crate::proto::mr::shuffle_client::ShuffleClient;
 use crate::proto::mr::shuffle_server::ShuffleServer;
+use crate::security::{Guard, Role, Security};
 
 /// Chunk size of a fetch stream: well under gRPC's 4 MiB message limit.
 const CHUNK: usize = 1 << 20;
@@ -37,12 +40,17 @@ pub fn local_job_dir(worker_dir: &Path, job_id: u64) -> PathBuf {
 /// Serves this worker's map outputs.
 pub struct ShuffleService {
     dir: PathBuf,
+    guard: Guard,
 }
 
 impl ShuffleService {
-    /// Serves the outputs under `worker_dir` (see [`local_job_dir`]).
-    pub fn new(worker_dir: PathBuf) -> Self {
-        Self { dir: worker_dir }
+    /// Serves the outputs under `worker_dir` (see [`local_job_dir`]) to the callers `guard` admits as
+    /// workers.
+    pub fn new(worker_dir: PathBuf, guard: Guard) -> Self {
+        Self {
+            dir: worker_dir,
+            guard,
+        }
     }
 }
 
@@ -56,6 +64,8 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        self.guard
+            .allow(&request, "fetch map outputs", |role| *role == Role::Worker)?;
         let request = request.into_inner();
         let path = local_job_dir(&self.dir, request.job_id)
             .join(intermediate_name(request.map_index, request.reduce_index));
@@ -86,31 +96,52 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Runs the shuffle server on `listener` in the background.
-pub fn spawn_server(listener: TcpListener, worker_dir: PathBuf) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .add_service(ShuffleServer::new(ShuffleService::new(worker_dir)))
+/// Runs the shuffle server on `listener` in the background, with `security`'s TLS and guard. Fails now
+/// if the TLS configuration is unusable.
+pub fn spawn_server(
+    listener: TcpListener,
+    worker_dir: PathBuf,
+    security: &Security,
+) -> Result<tokio::task::JoinHandle<()>, MrError> {
+    let mut server = security
+        .server()
+        .map_err(|err| MrError::Other(format!("shuffle server: {err}")))?;
+    let service = ShuffleService::new(worker_dir, security.guard());
+    Ok(tokio::spawn(async move {
+        let result = server
+            .add_service(ShuffleServer::new(service))
             .serve_with_incoming(incoming(listener))
             .await;
         if let Err(err) = result {
             tracing::error!(%err, "shuffle server stopped");
         }
-    })
+    }))
 }
 
 /// Fetches map outputs from other workers, reusing one connection per worker.
 #[derive(Default)]
 pub struct Fetcher {
     clients: HashMap<String, ShuffleClient<Channel>>,
+    security: Security,
 }
 
 impl Fetcher {
+    /// A fetcher that connects with `security` (other workers' shuffle servers require a worker
+    /// certificate under TLS).
+    pub fn new(security: Security) -> Self {
+        Self {
+            clients: HashMap::new(),
+            security,
+        }
+    }
+
     fn client(&mut self, addr: &str) -> Result<ShuffleClient<Channel>, MrError> {
         if let Some(client) = self.clients.get(addr) {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = self
+            .security
+            .endpoint(addr)
             .map_err(|err| MrError::Other(format!("bad shuffle address {addr}: {err}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
@@ -150,7 +181,8 @@ impl Fetcher {
         loop {
             match self.fetch_once(addr, request).await {
                 Ok(data) => return Ok(data),
-                Err(err) if attempt >= FETCH_ATTEMPTS => return Err(err),
+                // A refused identity stays refused: no point in retrying.
+                Err(err) if attempt >= FETCH_ATTEMPTS || err.is_refusal() => return Err(err),
                 Err(err) => {
                     tracing::debug!(%addr, map, reduce, %err, attempt, "fetch failed; retrying");
                     self.clients.remove(addr);
@@ -159,5 +191,47 @@ impl Fetcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::security::certs;
+
+    fn security(ca: &Path, role: &str) -> Security {
+        let issued = certs::issue(ca, role, "1", &[], 1).unwrap();
+        Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_tls_only_workers_fetch_map_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        certs::init(&ca, "t", 1).unwrap();
+        let worker = security(&ca, "worker");
+        let outputs = dir.path().join("outputs");
+        let job = local_job_dir(&outputs, 1);
+        std::fs::create_dir_all(&job).unwrap();
+        std::fs::write(job.join(intermediate_name(0, 0)), b"pairs").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = spawn_server(listener, outputs, &worker).unwrap();
+        let fetched = Fetcher::new(worker.clone()).fetch(&addr, 1, 0, 0).await;
+        assert_eq!(fetched.unwrap(), b"pairs");
+        for role in ["client", "admin", "coordinator"] {
+            let refused = Fetcher::new(security(&ca, role))
+                .fetch(&addr, 1, 0, 0)
+                .await
+                .unwrap_err();
+            assert!(matches!(refused, MrError::Denied(_)), "{role}: {refused}");
+            assert!(
+                refused.to_string().contains(role),
+                "names the caller: {refused}"
+            );
+        }
+        let plaintext = Fetcher::default().fetch(&addr, 1, 0, 0).await;
+        assert!(plaintext.is_err(), "plaintext was served");
+        server.abort();
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::mr::fsutil::write_atomic;
@@ -21,6 +21,7 @@ use crate::mr::shuffle::{self, Fetcher};
 use crate::mr::{app, exec, records, MrError};
 use crate::proto::mr as pb;
 use crate::proto::mr::coordinator_client::CoordinatorClient;
+use crate::security::Security;
 
 /// How a worker is run; see `mrd worker --help` for what each knob is for.
 #[derive(Clone, Debug)]
@@ -41,6 +42,9 @@ pub struct WorkerConfig {
     pub accept_map: bool,
     /// Take reduce tasks (false for a dedicated mapper).
     pub accept_reduce: bool,
+    /// TLS for the coordinator connection, the shuffle server and fetches from other workers; with
+    /// TLS the certificate must have role `worker`.
+    pub security: Security,
 }
 
 /// A task as the worker sees it.
@@ -68,12 +72,19 @@ struct Worker {
     last_job: u64,
 }
 
-/// Transport trouble (coordinator down or restarting) as opposed to the coordinator refusing a request.
+/// Transport trouble (coordinator down or restarting) as opposed to the coordinator refusing a request
+/// or this worker's identity (which no retry fixes).
 fn transient(status: &tonic::Status) -> bool {
-    !matches!(
-        status.code(),
-        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::Unimplemented
-    )
+    !crate::security::is_tls_failure(status)
+        && !matches!(
+            status.code(),
+            Code::InvalidArgument
+                | Code::NotFound
+                | Code::FailedPrecondition
+                | Code::Unimplemented
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+        )
 }
 
 /// Runs a worker until it is told there is nothing to do (with `exit_when_idle`) or fails to start.
@@ -92,13 +103,15 @@ pub async fn run(config: WorkerConfig) -> Result<(), MrError> {
         .advertise
         .clone()
         .unwrap_or_else(|| bound.to_string());
-    shuffle::spawn_server(listener, dir.clone());
+    shuffle::spawn_server(listener, dir.clone(), &config.security)?;
     let id = format!(
         "w{}-{:04x}",
         std::process::id(),
         rand::rng().random::<u16>()
     );
-    let endpoint = Endpoint::from_shared(format!("http://{}", config.coordinator))
+    let endpoint = config
+        .security
+        .endpoint(&config.coordinator)
         .map_err(|err| {
             MrError::Other(format!(
                 "bad coordinator address {}: {err}",
@@ -110,13 +123,14 @@ pub async fn run(config: WorkerConfig) -> Result<(), MrError> {
         .timeout(Duration::from_secs(30));
     let client = CoordinatorClient::new(endpoint.connect_lazy());
     tracing::info!(worker = %id, shuffle = %addr, coordinator = %config.coordinator, "worker started");
+    let fetcher = Fetcher::new(config.security.clone());
     let mut worker = Worker {
         config,
         dir,
         id,
         addr,
         client,
-        fetcher: Fetcher::default(),
+        fetcher,
         last_job: 0,
     };
     worker.run().await
@@ -144,6 +158,7 @@ impl Worker {
                         return Ok(());
                     }
                     if !warned {
+                        self.refuse_plaintext_against_tls().await?;
                         tracing::warn!(worker = %self.id, %status, "coordinator unreachable; retrying");
                         warned = true;
                     }
@@ -182,6 +197,20 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A plaintext (`--insecure`) worker against a TLS coordinator would retry forever: stop instead.
+    async fn refuse_plaintext_against_tls(&self) -> Result<(), MrError> {
+        let coordinator = &self.config.coordinator;
+        if !self.config.security.is_tls()
+            && crate::security::requires_tls(coordinator, Duration::from_secs(2)).await
+        {
+            return Err(MrError::Tls {
+                addr: coordinator.clone(),
+                detail: "the coordinator requires TLS, and this worker runs with --insecure".into(),
+            });
+        }
+        Ok(())
     }
 
     async fn run_task(&mut self, reply: pb::TaskReply) {

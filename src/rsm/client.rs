@@ -263,7 +263,7 @@ pub fn channel(address: &str, config: &ClerkConfig) -> Result<Channel, ClerkErro
 /// server could not serve it (try elsewhere).
 pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
     if crate::security::is_tls_failure(&status) {
-        return Err(ClerkError::Tls(describe_chain(&status)));
+        return Err(ClerkError::Tls(crate::security::describe_chain(&status)));
     }
     match status.code() {
         Code::PermissionDenied | Code::Unauthenticated => {
@@ -280,21 +280,6 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
             format!("{:?}: {}", status.code(), status.message()),
         )),
     }
-}
-
-/// An error and its causes on one line (a TLS failure's reason is deep in the chain).
-fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let cause = e.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-        source = e.source();
-    }
-    text
 }
 
 /// A random, non-zero client id (the session key in a service's dedup table).

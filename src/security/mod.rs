@@ -215,6 +215,17 @@ impl Security {
         }
     }
 
+    /// Check that this process's certificate has `role` (for processes of a role whose members are not
+    /// numbered, like MapReduce workers). Without TLS there is nothing to check.
+    pub fn expect_role(&self, role: &Role) -> Result<(), SecurityError> {
+        match self.principal() {
+            Some(own) if &own.role != role => Err(SecurityError::Identity(format!(
+                "this process must run with a {role} certificate, but its certificate says {own}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Log at start-up what this process trusts: plaintext is worth a warning every time.
     pub fn log_startup(&self, process: &str) {
         match self.principal() {
@@ -327,6 +338,22 @@ pub async fn requires_tls(address: &str, within: std::time::Duration) -> bool {
         Some(head == [0x15, 0x03])
     };
     matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
+}
+
+/// An error and its causes on one line: a TLS failure's reason is deep in the chain, and one line is
+/// what a CLI prints.
+pub fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Roles that use the data services: ordinary clients and operators.

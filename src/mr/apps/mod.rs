@@ -15,51 +15,61 @@ pub(crate) static REGISTRY: &[AppInfo] = &[
         name: "wc",
         summary: "word count: `word count` per maximal run of letters (has a combiner)",
         for_testing: false,
+        restricted: false,
     },
     AppInfo {
         name: "indexer",
         summary: "inverted index: `word N doc1,doc2,...` with the sorted documents containing the word",
         for_testing: false,
+        restricted: false,
     },
     AppInfo {
         name: "grep",
         summary: "lines matching pattern=REGEX: `file:line-number text`, in file and line order",
         for_testing: false,
+        restricted: false,
     },
     AppInfo {
         name: "streaming",
         summary: "any programs as mapper=CMD and reducer=CMD (run by sh), Hadoop Streaming style",
         for_testing: false,
+        restricted: true,
     },
     AppInfo {
         name: "crash",
         summary: "6.824 crash test: exits or sleeps at random (crash_permille=330, sleep_permille=330, max_sleep_ms=10000)",
         for_testing: true,
+        restricted: true,
     },
     AppInfo {
         name: "nocrash",
         summary: "6.824 reference output for `crash`",
         for_testing: true,
+        restricted: true,
     },
     AppInfo {
         name: "early_exit",
         summary: "6.824 early-exit test: reduces of keys containing sherlock/tom take 3 s",
         for_testing: true,
+        restricted: true,
     },
     AppInfo {
         name: "jobcount",
         summary: "6.824 job-count test: counts map executions through marker files in the working directory",
         for_testing: true,
+        restricted: true,
     },
     AppInfo {
         name: "mtiming",
         summary: "6.824 map-parallelism test: marker files in the working directory measure overlap",
         for_testing: true,
+        restricted: true,
     },
     AppInfo {
         name: "rtiming",
         summary: "6.824 reduce-parallelism test: marker files in the working directory measure overlap",
         for_testing: true,
+        restricted: true,
     },
 ];
 

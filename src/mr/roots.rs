@@ -1,0 +1,290 @@
+//! Where a job may read and write: the coordinator's `--data-root` directories.
+//!
+//! Workers read every input and write every output of a job with their own permissions, so a job that
+//! names `/etc/shadow` as input or `/home/x/.ssh` as output directory would make them read or write files
+//! no submitter should reach. The coordinator therefore admits a job only if every path, once `..` and
+//! symbolic links are resolved, lies under one of its data roots, and only if the output directory is
+//! new or empty (like Hadoop's `FileAlreadyExistsException`), so a job never overwrites another's results.
+//!
+//! The check runs at submit time; a job resumed after a coordinator restart is not checked again (its
+//! output directory is legitimately non-empty by then). The admitted spec carries the resolved paths, so
+//! workers open what was checked, not what the submitter wrote.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Why a root or a job path was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RootsError {
+    /// No `--data-root` was given.
+    #[error("at least one --data-root is required: jobs may only read and write under those directories")]
+    NoRoots,
+    /// A `--data-root` cannot be resolved (it must exist).
+    #[error("--data-root {path}: {detail}")]
+    BadRoot {
+        /// The root as given.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A job path cannot be resolved.
+    #[error("{what} {path}: {detail}")]
+    Unresolvable {
+        /// "input file" or "output directory".
+        what: &'static str,
+        /// The path as submitted.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A job path resolves outside every root.
+    #[error("{what} {path} is outside the coordinator's --data-root directories ({roots})")]
+    Outside {
+        /// "input file" or "output directory".
+        what: &'static str,
+        /// The path after resolving `..` and symbolic links.
+        path: PathBuf,
+        /// The roots, comma-separated.
+        roots: String,
+    },
+    /// The output directory already holds files.
+    #[error("output directory {0} already exists and is not empty: choose a new one or empty it")]
+    OutputNotEmpty(PathBuf),
+    /// The output path exists but is not a directory.
+    #[error("output {0} exists and is not a directory")]
+    OutputNotDirectory(PathBuf),
+}
+
+/// The resolved `--data-root` directories.
+#[derive(Clone, Debug)]
+pub struct DataRoots {
+    roots: Vec<PathBuf>,
+}
+
+impl DataRoots {
+    /// Resolves every root (each must exist and be a directory).
+    pub fn new(roots: &[PathBuf]) -> Result<DataRoots, RootsError> {
+        if roots.is_empty() {
+            return Err(RootsError::NoRoots);
+        }
+        let roots = roots
+            .iter()
+            .map(|root| resolve_root(root))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(DataRoots { roots })
+    }
+
+    /// The resolved roots.
+    pub fn roots(&self) -> &[PathBuf] {
+        &self.roots
+    }
+
+    /// The resolved path of input file `path`, if it lies under a root.
+    pub fn input(&self, path: &Path) -> Result<PathBuf, RootsError> {
+        const WHAT: &str = "input file";
+        if !path.is_absolute() {
+            // Relative to what? Not to the coordinator's working directory.
+            return Err(RootsError::Unresolvable {
+                what: WHAT,
+                path: path.to_path_buf(),
+                detail: "not an absolute path".into(),
+            });
+        }
+        let resolved = std::fs::canonicalize(path).map_err(|err| unresolvable(WHAT, path, err))?;
+        self.inside(WHAT, resolved)
+    }
+
+    /// The resolved path of output directory `path`, if it lies under a root and is new or empty.
+    ///
+    /// A directory that does not exist yet is resolved through its nearest existing ancestor; the rest of
+    /// the path must then be plain names (no `..`), since nothing on disk says where those would lead.
+    pub fn output(&self, path: &Path) -> Result<PathBuf, RootsError> {
+        const WHAT: &str = "output directory";
+        let resolved = resolve_new_path(path).map_err(|detail| RootsError::Unresolvable {
+            what: WHAT,
+            path: path.to_path_buf(),
+            detail,
+        })?;
+        let resolved = self.inside(WHAT, resolved)?;
+        check_empty(&resolved)?;
+        Ok(resolved)
+    }
+
+    fn inside(&self, what: &'static str, resolved: PathBuf) -> Result<PathBuf, RootsError> {
+        if self.roots.iter().any(|root| resolved.starts_with(root)) {
+            return Ok(resolved);
+        }
+        let roots: Vec<String> = self.roots.iter().map(|r| r.display().to_string()).collect();
+        Err(RootsError::Outside {
+            what,
+            path: resolved,
+            roots: roots.join(", "),
+        })
+    }
+}
+
+fn resolve_root(root: &Path) -> Result<PathBuf, RootsError> {
+    let bad = |detail: String| RootsError::BadRoot {
+        path: root.to_path_buf(),
+        detail,
+    };
+    let resolved = std::fs::canonicalize(root).map_err(|err| bad(err.to_string()))?;
+    if !resolved.is_dir() {
+        return Err(bad("not a directory".into()));
+    }
+    Ok(resolved)
+}
+
+fn unresolvable(what: &'static str, path: &Path, err: std::io::Error) -> RootsError {
+    RootsError::Unresolvable {
+        what,
+        path: path.to_path_buf(),
+        detail: err.to_string(),
+    }
+}
+
+/// `path` with its longest existing prefix canonicalized and the remaining plain names appended.
+fn resolve_new_path(path: &Path) -> Result<PathBuf, String> {
+    if !path.is_absolute() {
+        return Err("not an absolute path".into());
+    }
+    let mut existing = path.to_path_buf();
+    let mut tail = Vec::new();
+    loop {
+        match std::fs::symlink_metadata(&existing) {
+            Ok(_) => break,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err.to_string()),
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                tail.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            // `..` as the last component, or the root itself missing.
+            _ => return Err("a directory that does not exist yet must not contain `..`".into()),
+        }
+    }
+    let mut resolved = std::fs::canonicalize(&existing).map_err(|err| err.to_string())?;
+    // `file_name` never yields `.` or `..`, so the tail is plain names.
+    resolved.extend(tail.into_iter().rev());
+    Ok(resolved)
+}
+
+fn check_empty(dir: &Path) -> Result<(), RootsError> {
+    match std::fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
+        Ok(true) => Err(RootsError::OutputNotEmpty(dir.to_path_buf())),
+        Ok(false) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) if dir.exists() && !dir.is_dir() => {
+            Err(RootsError::OutputNotDirectory(dir.to_path_buf()))
+        }
+        Err(err) => Err(RootsError::Unresolvable {
+            what: "output directory",
+            path: dir.to_path_buf(),
+            detail: err.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        elsewhere: PathBuf,
+        roots: DataRoots,
+    }
+
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(tmp.path()).unwrap();
+        let root = base.join("root");
+        let elsewhere = base.join("elsewhere");
+        std::fs::create_dir_all(root.join("in")).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(root.join("in/a.txt"), "a").unwrap();
+        std::fs::write(elsewhere.join("secret.txt"), "s").unwrap();
+        let roots = DataRoots::new(std::slice::from_ref(&root)).unwrap();
+        Fixture {
+            _tmp: tmp,
+            root,
+            elsewhere,
+            roots,
+        }
+    }
+
+    #[test]
+    fn inputs_under_a_root_are_admitted_resolved() {
+        let f = fixture();
+        let dotted = f.root.join("in/../in/a.txt");
+        assert_eq!(f.roots.input(&dotted).unwrap(), f.root.join("in/a.txt"));
+    }
+
+    #[test]
+    fn inputs_outside_every_root_are_refused() {
+        let f = fixture();
+        let escape = f.root.join("../elsewhere/secret.txt");
+        let err = f.roots.input(&escape).unwrap_err();
+        assert!(matches!(err, RootsError::Outside { .. }), "{err}");
+        assert!(err.to_string().contains("--data-root"), "{err}");
+        std::os::unix::fs::symlink(f.elsewhere.join("secret.txt"), f.root.join("link")).unwrap();
+        let err = f.roots.input(&f.root.join("link")).unwrap_err();
+        assert!(matches!(err, RootsError::Outside { .. }), "{err}");
+        let err = f.roots.input(&f.root.join("missing")).unwrap_err();
+        assert!(matches!(err, RootsError::Unresolvable { .. }), "{err}");
+        let err = f.roots.input(Path::new("in/a.txt")).unwrap_err();
+        assert!(matches!(err, RootsError::Unresolvable { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_root_named_like_a_prefix_is_not_inside() {
+        let f = fixture();
+        let sibling = f.root.with_file_name("root2");
+        std::fs::create_dir_all(&sibling).unwrap();
+        std::fs::write(sibling.join("x"), "x").unwrap();
+        assert!(f.roots.input(&sibling.join("x")).is_err());
+    }
+
+    #[test]
+    fn new_output_directories_resolve_through_their_existing_ancestor() {
+        let f = fixture();
+        let new = f.root.join("out/deeper");
+        assert_eq!(f.roots.output(&new).unwrap(), new);
+        let empty = f.root.join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert_eq!(f.roots.output(&empty).unwrap(), empty);
+    }
+
+    #[test]
+    fn outputs_outside_the_roots_or_not_empty_are_refused() {
+        let f = fixture();
+        let err = f
+            .roots
+            .output(&f.root.join("../elsewhere/out"))
+            .unwrap_err();
+        assert!(matches!(err, RootsError::Outside { .. }), "{err}");
+        let err = f
+            .roots
+            .output(&f.root.join("new/../../elsewhere"))
+            .unwrap_err();
+        assert!(matches!(err, RootsError::Unresolvable { .. }), "{err}");
+        std::os::unix::fs::symlink(&f.elsewhere, f.root.join("out-link")).unwrap();
+        let err = f.roots.output(&f.root.join("out-link/new")).unwrap_err();
+        assert!(matches!(err, RootsError::Outside { .. }), "{err}");
+        let err = f.roots.output(&f.root.join("in")).unwrap_err();
+        assert_eq!(err, RootsError::OutputNotEmpty(f.root.join("in")));
+        let err = f.roots.output(&f.root.join("in/a.txt")).unwrap_err();
+        assert_eq!(err, RootsError::OutputNotDirectory(f.root.join("in/a.txt")));
+    }
+
+    #[test]
+    fn roots_must_exist() {
+        assert_eq!(DataRoots::new(&[]).unwrap_err(), RootsError::NoRoots);
+        let err = DataRoots::new(&[PathBuf::from("/nonexistent/ds824")]).unwrap_err();
+        assert!(matches!(err, RootsError::BadRoot { .. }), "{err}");
+    }
+}
