@@ -19,8 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // take an `unsafe` set_var.
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
+    // Maps decode into BTreeMaps: encoding then follows key order, so replicas with the same state
+    // write byte-identical snapshots (a HashMap's order differs between processes and even maps).
     tonic_prost_build::configure()
         .bytes(".")
+        .btree_map(".")
         .compile_with_config(config, &protos, &["proto"])?;
     Ok(())
 }

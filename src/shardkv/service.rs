@@ -100,12 +100,29 @@ pub struct ShardTransferService {
     rsm: RsmService<ShardKv>,
 }
 
+/// Largest transfer *request* accepted: a shard reference and at most one key. Requests are decoded
+/// before anyone is authenticated, so only answers get [`MAX_TRANSFER_BYTES`].
+const MAX_TRANSFER_REQUEST_BYTES: usize = 64 << 10;
+
 impl ShardTransferService {
-    /// The tonic server for it, with message limits raised to [`MAX_TRANSFER_BYTES`].
+    /// The tonic server for it: answers up to [`MAX_TRANSFER_BYTES`], requests small.
     pub fn into_server(self) -> ShardTransferServer<ShardTransferService> {
         ShardTransferServer::new(self)
-            .max_decoding_message_size(MAX_TRANSFER_BYTES)
+            .max_decoding_message_size(MAX_TRANSFER_REQUEST_BYTES)
             .max_encoding_message_size(MAX_TRANSFER_BYTES)
+    }
+
+    /// Refuse, before it reaches the log, a transfer the state already says `by` may not make. The
+    /// machine checks again when the command applies (this read may be stale); this only keeps
+    /// other groups' requests out of the log.
+    fn check_owner(&self, config_num: u64, shard: u64, by: Option<Gid>) -> Result<(), Status> {
+        let refused = self
+            .rsm
+            .with_machine(|machine| machine.not_owner(config_num, shard, by));
+        match refused {
+            Some(owner) => Err(not_owner(by, owner, config_num, shard)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -154,6 +171,11 @@ impl ShardTransfer for ShardTransferService {
         })?);
         let request = request.into_inner();
         let pb::ShardRef { config_num, shard } = shard_ref(request.shard)?;
+        if let Some(after) = &request.after {
+            crate::kv::validate::validate_key(after)
+                .map_err(|e| Status::invalid_argument(format!("the key to pull after: {e}")))?;
+        }
+        self.check_owner(config_num, shard, by)?;
         let request = PullRequest {
             config_num,
             shard,
@@ -206,6 +228,7 @@ impl ShardTransfer for ShardTransferService {
             matches!(role, crate::security::Role::Shard(_))
         })?);
         let pb::ShardRef { config_num, shard } = shard_ref(request.into_inner().shard)?;
+        self.check_owner(config_num, shard, by)?;
         let request = DeleteRequest { config_num, shard };
         // Internal commands carry no session (client 0): the machine's own checks make them idempotent.
         let status = match self

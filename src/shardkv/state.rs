@@ -85,11 +85,14 @@ pub(super) struct Frozen {
 }
 
 impl Frozen {
-    /// Whether `by` (the calling group, `None` when callers are not authenticated) may take this copy:
-    /// its new owner, or anybody while the new owner is not known here yet.
-    fn refuses(&self, by: Option<Gid>) -> Option<Gid> {
+    /// Why `by` (the calling group, `None` when callers are not authenticated) may not take this copy
+    /// now: `NotReady` while no configuration this group has reached names its new owner (every group
+    /// had left; the adopter asks again once this group has caught up — answering anybody would let any
+    /// group take, then delete, the only copy), `NotOwner` for a group that is not the new owner.
+    fn refusal(&self, by: Option<Gid>) -> Option<ShardOutput> {
         match by {
-            Some(gid) if self.to != UNKNOWN_OWNER && gid != self.to => Some(self.to),
+            _ if self.to == UNKNOWN_OWNER => Some(ShardOutput::NotReady),
+            Some(gid) if gid != self.to => Some(ShardOutput::NotOwner(self.to)),
             _ => None,
         }
     }
@@ -286,6 +289,16 @@ impl ShardKv {
         self.outgoing.keys().copied().collect()
     }
 
+    /// The group that owns the frozen copy of `shard` given away in `config_num`, if that is not `by`
+    /// (the transfer service refuses such a caller before proposing anything).
+    pub fn not_owner(&self, config_num: u64, shard: ShardId, by: Option<Gid>) -> Option<Gid> {
+        let frozen = self.outgoing.get(&(config_num, shard))?;
+        match frozen.refusal(by) {
+            Some(ShardOutput::NotOwner(owner)) => Some(owner),
+            _ => None,
+        }
+    }
+
     /// Number of keys in the shards served and held.
     pub fn keys(&self) -> usize {
         self.shards.values().map(|o| o.contents.data.len()).sum()
@@ -434,8 +447,8 @@ impl ShardKv {
             // Deleted: the new owner confirmed it has it, so whoever asks is behind.
             return ShardOutput::NotReady;
         };
-        if let Some(owner) = frozen.refuses(by) {
-            return ShardOutput::NotOwner(owner);
+        if let Some(refusal) = frozen.refusal(by) {
+            return refusal;
         }
         let (data, more) = frozen.contents.data.page(after.as_deref(), PAGE_BYTES);
         frozen.served |= !more;
@@ -462,8 +475,8 @@ impl ShardKv {
         let Some(frozen) = self.outgoing.get(&(config_num, shard)) else {
             return ShardOutput::Dropped;
         };
-        if let Some(owner) = frozen.refuses(by) {
-            return ShardOutput::NotOwner(owner);
+        if let Some(refusal) = frozen.refusal(by) {
+            return refusal;
         }
         if !frozen.served {
             // Nobody has had the final page: whoever asks cannot have installed the shard.

@@ -380,6 +380,15 @@ fn shards_left_with_nobody_are_found_at_their_last_owner() {
     else {
         panic!("no pull from the last owner: {:?}", g2.duties())
     };
+    // The last owner hands the shard over only once it knows the configuration naming its adopter.
+    let early = ShardCommand::Pull {
+        config_num: 2,
+        shard: 0,
+        after: None,
+        by: Some(2),
+    };
+    assert_eq!(g1.apply(early), ShardOutput::NotReady);
+    g1.apply(ShardCommand::NextConfig(config(3, &[2, 2])));
     let ShardOutput::Pulled(page) = g1.apply(ShardCommand::Pull {
         config_num: 2,
         shard: 0,
@@ -487,11 +496,12 @@ fn a_copy_given_to_nobody_belongs_to_the_group_that_gets_the_shard_next() {
     let mut g1 = ShardKv::new(1);
     g1.apply(ShardCommand::NextConfig(config(1, &[1])));
     g1.apply(ShardCommand::NextConfig(config(2, &[0])));
-    // While nobody has the shard, any group may take it (the adopter is not known yet)...
-    assert!(matches!(
-        pull(&mut g1, None, Some(4)),
-        ShardOutput::Pulled(_)
-    ));
+    // While nobody has the shard, nobody may take it: the adopter is not known here yet, and anybody
+    // could otherwise take and delete the only copy.
+    for by in [Some(4), None] {
+        assert_eq!(pull(&mut g1, None, by), ShardOutput::NotReady);
+        assert_eq!(drop_copy(&mut g1, by), ShardOutput::NotReady);
+    }
     // ...but once a configuration gives it to group 3, only group 3 may.
     g1.apply(ShardCommand::NextConfig(config(3, &[3])));
     g1.apply(ShardCommand::NextConfig(config(4, &[4])));
