@@ -472,3 +472,38 @@ async fn kvctl_is_refused_at_once_without_the_right_certificate() {
     let (code, stderr, _) = kvctl(&addrs, Some((ca.as_path(), "admin")), &join);
     assert_eq!(code, Some(0), "the admin may join: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_of_another_role_cannot_pass_for_the_one_a_client_wants() {
+    use ds824::ctrler::CtrlerClerk;
+    let root = tempfile::tempdir().expect("temp dir");
+    let ca = tls::ca(root.path(), "ca", "prod");
+    // A genuine server of the cluster, but a shard group's: as if it intercepted the controllers'
+    // traffic, or an operator pointed --ctrlers at the wrong port.
+    let group = Role::Shard {
+        gid: 1,
+        ctrlers: "127.0.0.1:1".into(),
+    };
+    let g1 = Replicas::start_temp_with(group, 1, 8 << 20, Some(ca.clone()), None);
+    g1.wait_for_leader().await;
+    let config = ClerkConfig {
+        call_timeout: Duration::from_secs(8),
+        security: g1.client_security(),
+        ..ClerkConfig::default()
+    };
+    let started = Instant::now();
+    let mut posing = CtrlerClerk::new(&g1.addrs, config).expect("ctrler clerk");
+    let refused = posing
+        .query(None)
+        .await
+        .expect_err("a shard group passed for a controller");
+    assert!(matches!(refused, ClerkError::Tls(_)), "{refused}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // The same server is what a client of any replica (kvctl status) may talk to.
+    let status = g1.status(0).await.expect("status of a replica");
+    assert_eq!(status.gid, 1);
+}

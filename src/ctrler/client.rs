@@ -22,7 +22,7 @@ impl CtrlerClerk {
     /// A clerk for the controllers at `addresses`.
     pub fn new(addresses: &[String], config: ClerkConfig) -> Result<CtrlerClerk, ClerkError> {
         Ok(CtrlerClerk {
-            replicas: Replicas::new(addresses, config)?,
+            replicas: Replicas::of_role(addresses, config, crate::security::Role::Ctrler)?,
             client_id: new_client_id(),
             seq: 0,
         })

@@ -20,7 +20,7 @@ pub async fn connect(
     security: &Security,
 ) -> Result<CoordinatorClient<Channel>, MrError> {
     let endpoint = security
-        .endpoint(addr)
+        .endpoint_for(addr, &crate::security::Role::Coordinator)
         .map_err(|err| MrError::Other(format!("bad coordinator address {addr}: {err}")))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)

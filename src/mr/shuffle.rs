@@ -141,7 +141,7 @@ impl Fetcher {
         }
         let endpoint = self
             .security
-            .endpoint(addr)
+            .endpoint_for(addr, &crate::security::Role::Worker)
             .map_err(|err| MrError::Other(format!("bad shuffle address {addr}: {err}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);

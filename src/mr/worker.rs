@@ -111,7 +111,7 @@ pub async fn run(config: WorkerConfig) -> Result<(), MrError> {
     );
     let endpoint = config
         .security
-        .endpoint(&config.coordinator)
+        .endpoint_for(&config.coordinator, &crate::security::Role::Coordinator)
         .map_err(|err| {
             MrError::Other(format!(
                 "bad coordinator address {}: {err}",

@@ -139,10 +139,20 @@ struct Link {
     cluster: String,
 }
 
-fn endpoint(address: &str, config: &TransportConfig) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(config
-        .security
-        .endpoint(address)?
+/// An endpoint to a peer of the group `cluster` names ([`cluster_id`]): with TLS, the peer's certificate
+/// must be a replica of that group (a replica of another group, or any other identity, cannot pass for
+/// a peer).
+fn endpoint(
+    address: &str,
+    config: &TransportConfig,
+    cluster: &str,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let group = cluster.rsplit_once('/').map_or(cluster, |(_, group)| group);
+    let endpoint = match group.parse::<crate::security::Role>() {
+        Ok(role) => config.security.endpoint_for(address, &role)?,
+        Err(_) => config.security.endpoint(address)?,
+    };
+    Ok(endpoint
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
@@ -153,8 +163,9 @@ async fn connect(
     peer: NodeId,
     address: &str,
     config: &TransportConfig,
+    cluster: &str,
 ) -> Option<RaftTransportClient<tonic::transport::Channel>> {
-    match endpoint(address, config) {
+    match endpoint(address, config, cluster) {
         Ok(endpoint) => match endpoint.connect().await {
             Ok(channel) => Some(RaftTransportClient::new(channel)),
             Err(e) => {
@@ -194,7 +205,7 @@ async fn stream_messages(link: Link, mut queue: mpsc::Receiver<Envelope>) {
     let mut backoff = Duration::from_millis(50);
     let mut reported = false;
     loop {
-        let Some(mut client) = connect(peer, &address, &config).await else {
+        let Some(mut client) = connect(peer, &address, &config, &cluster).await else {
             // Whatever waited for this peer is stale by now.
             while queue.try_recv().is_ok() {}
             if queue.is_closed() {
@@ -247,7 +258,7 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
         let Message::InstallSnapshot { term, meta, data } = envelope.message else {
             continue;
         };
-        let Some(mut client) = connect(peer, &address, &config).await else {
+        let Some(mut client) = connect(peer, &address, &config, &cluster).await else {
             continue; // the leader resends after an election timeout
         };
         let chunk = config.snapshot_chunk_bytes.max(1);

@@ -8,6 +8,7 @@
 //! name seen from outside, cannot trap it), with exponential backoff after every full round, until the
 //! per-call deadline. Service clerks (KV, controller) add their requests and error codes on top.
 
+use crate::security::Role;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::time::Instant;
@@ -118,23 +119,44 @@ pub struct Replicas {
     leader: usize,
     rotation: usize,
     config: ClerkConfig,
+    /// The role the servers' certificates must have (`None`: any replica).
+    role: Option<Role>,
 }
 
 impl Replicas {
-    /// Servers at `addresses` (`host:port` or URLs). Connections are made lazily.
+    /// Servers at `addresses` (`host:port` or URLs), any replica role. Connections are made lazily.
     pub fn new(addresses: &[String], config: ClerkConfig) -> Result<Replicas, ClerkError> {
+        Self::with_role(addresses, config, None)
+    }
+
+    /// Servers at `addresses` whose certificates must be of `role` (with TLS): the controllers, or one
+    /// shard group, so no other identity can pass for them.
+    pub fn of_role(
+        addresses: &[String],
+        config: ClerkConfig,
+        role: Role,
+    ) -> Result<Replicas, ClerkError> {
+        Self::with_role(addresses, config, Some(role))
+    }
+
+    fn with_role(
+        addresses: &[String],
+        config: ClerkConfig,
+        role: Option<Role>,
+    ) -> Result<Replicas, ClerkError> {
         if addresses.is_empty() {
             return Err(ClerkError::NoServers);
         }
         let servers = addresses
             .iter()
-            .map(|address| Self::connect(address, &config))
+            .map(|address| Self::connect(address, &config, role.as_ref()))
             .collect::<Result<_, _>>()?;
         Ok(Replicas {
             servers,
             leader: 0,
             rotation: 0,
             config,
+            role,
         })
     }
 
@@ -149,10 +171,14 @@ impl Replicas {
                 .all(|(server, address)| server.address == *address)
     }
 
-    fn connect(address: &str, config: &ClerkConfig) -> Result<Server, ClerkError> {
+    fn connect(
+        address: &str,
+        config: &ClerkConfig,
+        role: Option<&Role>,
+    ) -> Result<Server, ClerkError> {
         Ok(Server {
             address: address.to_string(),
-            channel: channel(address, config)?,
+            channel: channel_to(address, config, role)?,
         })
     }
 
@@ -239,17 +265,28 @@ impl Replicas {
         if self.servers.len() >= MAX_SERVERS {
             return None;
         }
-        let server = Self::connect(address, &self.config).ok()?;
+        let server = Self::connect(address, &self.config, self.role.as_ref()).ok()?;
         self.servers.push(server);
         Some(self.servers.len() - 1)
     }
 }
 
-/// A lazily connected channel to one server (`host:port` or a URL).
+/// A lazily connected channel to one server (`host:port` or a URL), any replica.
 pub fn channel(address: &str, config: &ClerkConfig) -> Result<Channel, ClerkError> {
-    let endpoint = config
-        .security
-        .endpoint(address)
+    channel_to(address, config, None)
+}
+
+/// A lazily connected channel to one server whose certificate must be of `role` (`None`: any replica).
+pub fn channel_to(
+    address: &str,
+    config: &ClerkConfig,
+    role: Option<&Role>,
+) -> Result<Channel, ClerkError> {
+    let endpoint = match role {
+        Some(role) => config.security.endpoint_for(address, role),
+        None => config.security.endpoint(address),
+    };
+    let endpoint = endpoint
         .map_err(|e| ClerkError::Address {
             address: address.to_string(),
             detail: e.to_string(),

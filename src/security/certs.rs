@@ -128,8 +128,9 @@ pub fn cluster_of(dir: &Path) -> Result<String, CertError> {
 }
 
 /// Issue a certificate for `role`/`name` with the CA in `dir`, valid for `days`. `hosts` are extra DNS
-/// names or IP addresses to put in it (servers are verified under [`SERVER_NAME`], which every server
-/// role's certificate carries, so these are only for other tools such as curl).
+/// names or IP addresses to put in it (servers are verified under their role's name,
+/// [`Role::server_name`], and replicas also under [`SERVER_NAME`], so these are only for other tools
+/// such as curl).
 pub fn issue(
     dir: &Path,
     role: &str,
@@ -162,6 +163,12 @@ pub fn issue(
     params.distinguished_name = dn;
     params.subject_alt_names = vec![SanType::URI(principal.uri().try_into()?)];
     if principal.role.is_server() {
+        let name = principal.role.server_name();
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(name.as_str().try_into()?));
+    }
+    if principal.role.raft_group().is_some() {
         params
             .subject_alt_names
             .push(SanType::DnsName(SERVER_NAME.try_into()?));

@@ -26,7 +26,9 @@ use thiserror::Error;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, ServerTlsConfig};
 use tonic::{Request, Status};
 
-/// The DNS name every server certificate carries and every client verifies.
+/// The DNS name every replica's certificate carries (kv, ctrler, shard-GID) and clients verify when
+/// any replica will do (`kvctl status` of whatever `--cluster` names). Clients that want one role verify
+/// [`Role::server_name`] instead, which only that role's certificates carry.
 pub const SERVER_NAME: &str = "server.ds824";
 
 /// Why TLS material could not be used.
@@ -168,8 +170,27 @@ impl Security {
         }
     }
 
-    /// An endpoint for `address` that speaks this process's security (callers add their timeouts).
+    /// An endpoint for `address` that speaks this process's security (callers add their timeouts);
+    /// with TLS, the server must be a replica of some group ([`SERVER_NAME`]).
     pub fn endpoint(&self, address: &str) -> Result<Endpoint, tonic::transport::Error> {
+        self.endpoint_verifying(address, SERVER_NAME)
+    }
+
+    /// An endpoint for a server of `role` only: with TLS, a certificate of any other role fails the
+    /// handshake ([`Role::server_name`]).
+    pub fn endpoint_for(
+        &self,
+        address: &str,
+        role: &Role,
+    ) -> Result<Endpoint, tonic::transport::Error> {
+        self.endpoint_verifying(address, &role.server_name())
+    }
+
+    fn endpoint_verifying(
+        &self,
+        address: &str,
+        name: &str,
+    ) -> Result<Endpoint, tonic::transport::Error> {
         let endpoint = Endpoint::from_shared(self.url(address))?;
         match self {
             Security::Insecure => Ok(endpoint),
@@ -177,7 +198,7 @@ impl Security {
                 ClientTlsConfig::new()
                     .ca_certificate(tls.ca.clone())
                     .identity(tls.identity.clone())
-                    .domain_name(SERVER_NAME),
+                    .domain_name(name),
             ),
         }
     }

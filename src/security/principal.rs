@@ -35,6 +35,14 @@ impl Role {
         !matches!(self, Role::Client | Role::Admin)
     }
 
+    /// The DNS name this role's servers carry in their certificate and clients that want exactly this
+    /// role verify (`ctrler.server.ds824`, `shard-3.server.ds824`, `coordinator.server.ds824`, ...): so a
+    /// certificate of another role — a worker's, another group's — cannot pass for one of these servers,
+    /// even to a client whose traffic it intercepts.
+    pub fn server_name(&self) -> String {
+        format!("{self}.{}", super::SERVER_NAME)
+    }
+
     /// The Raft group a replica role belongs to (the name its storage records), if it is one.
     pub fn raft_group(&self) -> Option<String> {
         match self {

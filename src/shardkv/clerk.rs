@@ -175,7 +175,7 @@ impl ShardClerk {
         let group = match self.groups.get_mut(&gid) {
             Some(group) if group.servers == servers => group,
             _ => {
-                let replicas = Replicas::new(
+                let replicas = Replicas::of_role(
                     &servers,
                     ClerkConfig {
                         // One window per group and configuration: if the group does not serve within it,
@@ -183,6 +183,7 @@ impl ShardClerk {
                         call_timeout: self.clerk_config.attempt_timeout,
                         ..self.clerk_config.clone()
                     },
+                    crate::security::Role::Shard(gid),
                 )?;
                 self.groups
                     .entry(gid)

@@ -303,7 +303,8 @@ impl Driver {
             match groups.get(&group.gid) {
                 Some(replicas) if replicas.starts_with(&servers) => replicas.clone(),
                 _ => {
-                    let replicas = Replicas::new(&servers, self.clerk_config.clone())
+                    let role = crate::security::Role::Shard(group.gid);
+                    let replicas = Replicas::of_role(&servers, self.clerk_config.clone(), role)
                         .map_err(|e| format!("group {}: {e}", group.gid))?;
                     groups.insert(group.gid, replicas.clone());
                     replicas
