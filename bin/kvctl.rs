@@ -200,6 +200,10 @@ enum CertsOp {
         /// refusing: for a provisioning job that runs on every start.
         #[arg(long)]
         keep_existing: bool,
+        /// Write the issued certificates, their keys and a copy of ca.pem here instead of DIR, so the
+        /// directory handed to the nodes never holds the CA key.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Issue a certificate for ROLE/NAME, written to DIR/ROLE-NAME.pem and DIR/ROLE-NAME-key.pem.
     ///
@@ -262,7 +266,9 @@ fn certs_command(op: CertsOp) -> u8 {
             days,
             issue,
             keep_existing,
+            out,
         } => {
+            let out = out.unwrap_or_else(|| dir.clone());
             if keep_existing && dir.join("ca.pem").exists() {
                 match certs::cluster_of(&dir) {
                     Ok(existing) if existing == cluster => {}
@@ -282,10 +288,10 @@ fn certs_command(op: CertsOp) -> u8 {
                 let Some((role, name)) = spec.split_once('/') else {
                     return fail(format!("--issue {spec:?} is not ROLE/NAME"));
                 };
-                if keep_existing && dir.join(format!("{role}-{name}.pem")).exists() {
+                if keep_existing && out.join(format!("{role}-{name}.pem")).exists() {
                     continue;
                 }
-                match certs::issue(&dir, role, name, &[], 365) {
+                match certs::issue_into(&dir, &out, role, name, &[], 365) {
                     Ok(issued) => println!("{} {}", issued.principal, issued.cert.display()),
                     Err(e) => return fail(e),
                 }

@@ -40,6 +40,15 @@ compose up -d >/dev/null 2>&1
 check "every service becomes healthy" wait_healthy 180 "${ALL_SERVICES[@]}"
 check "the certs job left client certificates to copy out" export_client_certs /tmp/ds824-certs
 export_client_certs /tmp/ds824-certs 2>/dev/null || true
+# The CA key stays in the `ca` volume, which only the one-shot certs job mounts.
+no_ca_key() {
+  local service
+  for service in kv1 ctrler1 g1a mr-coordinator mr-worker-1; do
+    docker cp "$(compose ps -q "$service")":/certs/ca-key.pem - >/dev/null 2>&1 && return 1
+  done
+  docker cp "$(compose ps -aq certs)":/ca/ca-key.pem - >/dev/null 2>&1
+}
+check "the CA key is in the certs job's volume only, on no node" no_ca_key
 
 write_keys() { local i; for i in $(seq "$1" "$2"); do kvctl put "key-$i" "value-$i" >/dev/null || return 1; done; }
 read_keys() {

@@ -105,6 +105,21 @@ for name, doc in workloads:
         mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
         if uses_certs and "/certs" not in mounts:
             problem(name, f"container {container['name']} names files in /certs but mounts nothing there")
+        # Each workload gets only its own keys out of the Secret: every file it names is projected, and
+        # no operator (admin) key sits in a long-running pod.
+        projected = {i["path"] for v in pod.get("volumes", []) if v["name"] == "certs"
+                     for i in v.get("secret", {}).get("items", [])}
+        if uses_certs and not projected:
+            problem(name, "mounts the whole certs Secret: project only its own files (items)")
+        named = set(re.findall(r"/certs/([\w.{}-]+)", str(container.get("args", [])) + str(container.get("env", []))
+                               + str(container.get("readinessProbe", {}))))
+        for file in named:
+            wanted = [file.replace("{id}", str(i + 1)) for i in range(spec.get("replicas", 1))] if "{id}" in file else [file]
+            for w in wanted:
+                if projected and w not in projected:
+                    problem(name, f"names /certs/{w}, which its certs volume does not project")
+        if any(path.startswith("admin-") for path in projected):
+            problem(name, "a long-running pod holds an admin key")
     if doc["kind"] == "StatefulSet":
         svc = services.get(spec.get("serviceName"))
         if svc is None:

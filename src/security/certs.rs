@@ -138,6 +138,20 @@ pub fn issue(
     hosts: &[String],
     days: u32,
 ) -> Result<Issued, CertError> {
+    issue_into(dir, dir, role, name, hosts, days)
+}
+
+/// [`issue`] with the CA in `dir` and the certificate, its key and a copy of `ca.pem` written to `out`:
+/// the CA key then never has to be where the certificates are handed out (a volume every container
+/// mounts, a Kubernetes Secret).
+pub fn issue_into(
+    dir: &Path,
+    out: &Path,
+    role: &str,
+    name: &str,
+    hosts: &[String],
+    days: u32,
+) -> Result<Issued, CertError> {
     let cluster = cluster_of(dir)?;
     let role: Role = role.parse()?;
     if !valid_label(name) {
@@ -193,8 +207,16 @@ pub fn issue(
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     let stem = format!("{}-{}", principal.role, principal.name);
-    let cert_path = dir.join(format!("{stem}.pem"));
-    let key_path = dir.join(format!("{stem}-key.pem"));
+    if out != dir {
+        std::fs::create_dir_all(out).map_err(|source| CertError::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+        let ca = read(&dir.join("ca.pem"))?;
+        write(&out.join("ca.pem"), &ca, false)?;
+    }
+    let cert_path = out.join(format!("{stem}.pem"));
+    let key_path = out.join(format!("{stem}-key.pem"));
     write(&key_path, &key.serialize_pem(), true)?;
     write(&cert_path, &cert.pem(), false)?;
     Ok(Issued {
@@ -207,6 +229,30 @@ pub fn issue(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificates_can_be_handed_out_without_the_ca_key() {
+        let ca = tempfile::tempdir().expect("tempdir");
+        let out = tempfile::tempdir().expect("tempdir");
+        init(ca.path(), "prod", 30).expect("init");
+        let issued = issue_into(ca.path(), out.path(), "kv", "1", &[], 30).expect("issue");
+        assert!(issued.cert.starts_with(out.path()) && issued.key.starts_with(out.path()));
+        let mut files: Vec<_> = std::fs::read_dir(out.path())
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["ca.pem", "kv-1-key.pem", "kv-1.pem"]);
+        let tls = crate::security::Security::load_tls(
+            &out.path().join("ca.pem"),
+            &issued.cert,
+            &issued.key,
+        );
+        assert!(
+            tls.is_ok(),
+            "the handed-out files are not a usable identity"
+        );
+    }
 
     #[test]
     fn issued_certificates_carry_their_identity_and_a_ca_is_never_overwritten() {
