@@ -663,3 +663,43 @@ fn kvd_serves_prometheus_metrics() {
     );
     assert!(body.contains("ds824_request_seconds_count"), "{body}");
 }
+
+/// Values cannot grow past the limit through appends (they would stall replication and, in the sharded
+/// store, migrations): the append that would cross it is refused at once with a clear error and changes
+/// nothing, and the value stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_past_the_value_limit_is_refused_and_the_value_stays_readable() {
+    let cluster = Replicas::start_temp(Role::Kv, 3, 8 << 20);
+    let mut clerk = Clerk::new(
+        &cluster.addrs,
+        ClerkConfig {
+            call_timeout: Duration::from_secs(20),
+            ..ClerkConfig::default()
+        },
+    )
+    .expect("clerk");
+    let chunk = "a".repeat(MAX_VALUE_BYTES / 2);
+    clerk.append("big", &chunk).await.expect("first half");
+    clerk.append("big", &chunk).await.expect("second half");
+    let started = Instant::now();
+    let refused = clerk
+        .append("big", "x")
+        .await
+        .expect_err("an append past the limit");
+    assert!(
+        matches!(refused, ds824::rsm::client::ClerkError::Rejected(_)),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("nothing was appended"),
+        "{refused}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let value = clerk.get("big").await.expect("get").expect("present");
+    assert_eq!(value.len(), MAX_VALUE_BYTES);
+    assert!(!value.contains('x'));
+}

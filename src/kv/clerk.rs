@@ -54,7 +54,8 @@ pub trait KvOps: Send {
         async move { self.mutate(command).await.map(|_| ()) }
     }
 
-    /// Append `value` to `key` (an absent key counts as empty).
+    /// Append `value` to `key` (an absent key counts as empty). Refused, with nothing appended, if the
+    /// value would grow past [`super::validate::MAX_VALUE_BYTES`].
     fn append(
         &mut self,
         key: &str,
@@ -64,7 +65,18 @@ pub trait KvOps: Send {
             key: key.into(),
             value: value.into(),
         };
-        async move { self.mutate(command).await.map(|_| ()) }
+        let refused = format!(
+            "appending {} bytes would make the value of {key:?} longer than the limit of {} \
+             bytes; nothing was appended",
+            value.len(),
+            super::validate::MAX_VALUE_BYTES
+        );
+        async move {
+            match self.mutate(command).await?.ok {
+                true => Ok(()),
+                false => Err(ClerkError::Rejected(refused)),
+            }
+        }
     }
 
     /// Remove `key`; returns whether it existed.

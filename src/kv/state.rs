@@ -188,6 +188,16 @@ impl StateMachine for KvStore {
                 }
             }
             KvCommand::Append { key, value } => {
+                // The limit holds for the value an append produces, not just the suffix: values that
+                // grow without end would stall replication and migrations for everyone. Checked here,
+                // at apply, so every replica refuses the same appends; nothing changes on a refusal.
+                let current = self.data.get(&key).map_or(0, String::len);
+                if current + value.len() > super::validate::MAX_VALUE_BYTES {
+                    return KvOutput {
+                        ok: false,
+                        value: None,
+                    };
+                }
                 self.data.entry(key).or_default().push_str(&value);
                 KvOutput {
                     ok: true,
@@ -300,6 +310,26 @@ impl KvCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::validate::MAX_VALUE_BYTES;
+
+    #[test]
+    fn an_append_past_the_value_limit_is_refused_and_changes_nothing() {
+        let mut store = KvStore::default();
+        let append = |value: String| KvCommand::Append {
+            key: "k".into(),
+            value,
+        };
+        let ok = KvOutput {
+            ok: true,
+            value: None,
+        };
+        assert_eq!(store.apply(append("v".repeat(MAX_VALUE_BYTES - 1))), ok);
+        assert_eq!(store.apply(append("w".into())), ok, "exactly at the limit");
+        let refused = store.apply(append("x".into()));
+        assert!(!refused.ok, "an append past the limit was applied");
+        let value = store.query(&KvQuery::Get { key: "k".into() }).value;
+        assert_eq!(value.map(|v| v.len()), Some(MAX_VALUE_BYTES));
+    }
 
     /// Replicas reach the same state through the same commands, but their maps were built separately:
     /// their snapshots must still be the same bytes (compared, hashed, deduplicated by operators).

@@ -9,7 +9,8 @@ use thiserror::Error;
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 4 << 10;
-/// Longest value (or appended suffix) accepted, in bytes.
+/// Longest value accepted, in bytes: of a put, of a cas's new value, and of the value an append would
+/// produce (an append past it is refused when it applies, and changes nothing).
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
 
 /// Why a request is not acceptable; the service answers it with `INVALID_ARGUMENT`.
