@@ -38,7 +38,13 @@ ALL_SERVICES=(kv1 kv2 kv3 ctrler1 ctrler2 ctrler3 g1a g1b g1c g2a g2b g2c g3a g3
 export_client_certs() {
   local dir=$1 id file
   id=$(compose ps -aq certs)
-  mkdir -p "$dir"
+  # A private directory of ours: one another user made first (a predictable /tmp name) could swap the CA.
+  mkdir -p -m 700 "$dir"
+  if [ ! -O "$dir" ] || [ -L "$dir" ]; then
+    echo "$dir is not a directory of this user's; remove it or choose another" >&2
+    return 1
+  fi
+  chmod 700 "$dir"
   for file in ca.pem admin-operator.pem admin-operator-key.pem client-user.pem client-user-key.pem; do
     docker cp "$id:/certs/$file" "$dir/$file" >/dev/null || return 1
   done
