@@ -819,11 +819,7 @@ fn restricted_apps_are_refused_unless_allowed() {
     let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--allow-apps", "streaming"]);
     let mut cmd = env.submit_command(mrd(), &coord.addr, "streaming", &env.path().join("ok"));
     let out = cmd.args(streaming).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert_eq!(jobs(&coord.addr).len(), 1);
     // An unknown name in --allow-apps is a start-up error, not a silently ignored typo.
     let (code, stderr, _) = run_refused({
@@ -913,11 +909,7 @@ fn job_paths_must_lie_under_a_data_root_and_outputs_must_be_new() {
         .arg(root.join("in/../in/book.txt"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     // The same (still empty) output directory for a second job while the first is queued: refused.
     let out = mrd()
         .args(["submit", "--coordinator", &coord.addr, "--app", "wc"])
@@ -989,11 +981,7 @@ fn with_tls_worker_certificates_run_a_job_an_admin_submitted() {
         .args(["--shuffle", "grpc"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let id: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     let mut workers: Vec<Child> = (1..=2)
         .map(|n| env.worker_with(mrd_tls(&ca, "worker", &n.to_string()), &coord.addr))
@@ -1078,4 +1066,13 @@ fn with_tls_only_an_admin_submits_and_refusals_are_immediate() {
     assert!(jobs.is_empty());
     let refused = take.expect_err("an admin took a task");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+}
+
+/// Fail with the command's stderr unless it succeeded.
+fn assert_succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -420,21 +420,7 @@ fn kvctl(
     ] {
         command.env_remove(var);
     }
-    match who {
-        Some((ca, role)) => {
-            let (cert, key) = tls::issue(ca, role, "cli");
-            command
-                .arg("--tls-ca")
-                .arg(ca.join("ca.pem"))
-                .arg("--tls-cert")
-                .arg(cert)
-                .arg("--tls-key")
-                .arg(key);
-        }
-        None => {
-            command.arg("--insecure");
-        }
-    }
+    tls::flags(&mut command, who.map(|(ca, role)| (ca, role, "cli")));
     let started = Instant::now();
     let output = command.output().expect("run kvctl");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();

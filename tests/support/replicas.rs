@@ -195,22 +195,12 @@ impl Replicas {
                 command.args(["shard", "--gid", &gid.to_string(), "--ctrlers", ctrlers]);
             }
         }
-        match &self.tls {
-            Some(ca) => {
-                let name = (i + 1).to_string();
-                let (cert, key) = crate::tls::issue(ca, &self.cert_role(), &name);
-                command
-                    .arg("--tls-ca")
-                    .arg(ca.join("ca.pem"))
-                    .arg("--tls-cert")
-                    .arg(cert)
-                    .arg("--tls-key")
-                    .arg(key);
-            }
-            None => {
-                command.arg("--insecure");
-            }
-        }
+        let (role, name) = (self.cert_role(), (i + 1).to_string());
+        let identity = self
+            .tls
+            .as_deref()
+            .map(|ca| (ca, role.as_str(), name.as_str()));
+        crate::tls::flags(&mut command, identity);
         if let Some(cluster) = &self.cluster {
             command.args(["--cluster", cluster]);
         }

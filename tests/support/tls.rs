@@ -26,3 +26,23 @@ pub fn security(ca: &Path, role: &str, name: &str) -> Security {
     let (cert, key) = issue(ca, role, name);
     Security::load_tls(&ca.join("ca.pem"), &cert, &key).expect("load TLS")
 }
+
+/// Give a child process (`kvd`, `kvctl`, `mrd`) the TLS flags of `role`/`name` from the CA in `ca`, or
+/// `--insecure` without one.
+pub fn flags(command: &mut std::process::Command, identity: Option<(&Path, &str, &str)>) {
+    match identity {
+        Some((ca, role, name)) => {
+            let (cert, key) = issue(ca, role, name);
+            command
+                .arg("--tls-ca")
+                .arg(ca.join("ca.pem"))
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+        }
+        None => {
+            command.arg("--insecure");
+        }
+    }
+}
