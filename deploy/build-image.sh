@@ -9,7 +9,7 @@ RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --locked --targe
 
 context=deploy/.context
 rm -rf "$context"
-mkdir -p "$context/bin" "$context/data" "$context/tmp" "$context/certs"
+mkdir -p "$context/bin" "$context/data" "$context/tmp" "$context/certs" "$context/ca"
 for bin in kvd kvctl mrd; do
   cp "target/$target/release/$bin" "$context/bin/"
   # Symbol tables are a third of each binary and nothing in a container reads them.
