@@ -312,6 +312,12 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
         Code::InvalidArgument | Code::FailedPrecondition | Code::Unimplemented => {
             Err(ClerkError::Rejected(status.message().to_string()))
         }
+        // A message over a size limit (the request, or the answer on either side) is over it on
+        // every server: another one cannot help.
+        Code::OutOfRange => Err(ClerkError::Rejected(format!(
+            "a message is over its size limit: {}",
+            status.message()
+        ))),
         _ => Ok(Attempt::Elsewhere(
             None,
             format!("{:?}: {}", status.code(), status.message()),
@@ -325,6 +331,32 @@ pub fn new_client_id() -> u64 {
         let id: u64 = rand::random();
         if id != 0 {
             return id;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_another_server_could_answer_is_retried() {
+        let retried =
+            |status: Status| matches!(status_attempt::<()>(status), Ok(Attempt::Elsewhere(..)));
+        assert!(retried(Status::unavailable("connection refused")));
+        assert!(retried(Status::unknown("transport error")));
+        for (status, what) in [
+            (
+                Status::out_of_range("decoded message length too large"),
+                "size limit",
+            ),
+            (Status::invalid_argument("the key is empty"), "key"),
+            (Status::permission_denied("client may not join"), "may not"),
+        ] {
+            match status_attempt::<()>(status) {
+                Err(e) => assert!(e.to_string().contains(what), "{e}"),
+                Ok(_) => panic!("retried: {what}"),
+            }
         }
     }
 }
