@@ -139,17 +139,18 @@ struct Link {
     cluster: String,
 }
 
-/// An endpoint to a peer of the group `cluster` names ([`cluster_id`]): with TLS, the peer's certificate
-/// must be a replica of that group (a replica of another group, or any other identity, cannot pass for
-/// a peer).
+/// An endpoint to node `peer` of the group `cluster` names ([`cluster_id`]): with TLS, the peer's
+/// certificate must be that node's (another node of the group, a replica of another group, or any
+/// other identity cannot pass for it).
 fn endpoint(
+    peer: NodeId,
     address: &str,
     config: &TransportConfig,
     cluster: &str,
 ) -> Result<Endpoint, tonic::transport::Error> {
     let group = cluster.rsplit_once('/').map_or(cluster, |(_, group)| group);
     let endpoint = match group.parse::<crate::security::Role>() {
-        Ok(role) => config.security.endpoint_for(address, &role)?,
+        Ok(role) => config.security.endpoint_for_replica(address, &role, peer)?,
         Err(_) => config.security.endpoint(address)?,
     };
     Ok(endpoint
@@ -165,7 +166,7 @@ async fn connect(
     config: &TransportConfig,
     cluster: &str,
 ) -> Option<RaftTransportClient<tonic::transport::Channel>> {
-    match endpoint(address, config, cluster) {
+    match endpoint(peer, address, config, cluster) {
         Ok(endpoint) => match endpoint.connect().await {
             Ok(channel) => Some(RaftTransportClient::new(channel)),
             Err(e) => {

@@ -186,6 +186,13 @@ pub fn issue_into(
         params
             .subject_alt_names
             .push(SanType::DnsName(SERVER_NAME.try_into()?));
+        // Checked above: a replica's name is its node id.
+        if let Ok(node) = principal.name.parse::<u64>() {
+            let name = principal.role.replica_server_name(node);
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.as_str().try_into()?));
+        }
     }
     for host in hosts {
         let san = match host.parse::<std::net::IpAddr>() {
@@ -229,6 +236,44 @@ pub fn issue_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The DNS names a certificate answers to.
+    fn dns_names(pem_path: &Path) -> Vec<String> {
+        use x509_parser::extensions::GeneralName;
+        let pem = std::fs::read(pem_path).expect("read");
+        let der = super::super::pem_certificates(&pem).expect("pem").remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        let names = cert.subject_alternative_name().expect("san").expect("some");
+        names
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::DNSName(dns) => Some(dns.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_server_answers_only_to_its_role_and_a_replica_to_its_node_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), "prod", 30).expect("init");
+        let names = |role: &str, name: &str| {
+            let issued = issue(dir.path(), role, name, &[], 30).expect("issue");
+            let mut names = dns_names(&issued.cert);
+            names.sort();
+            names
+        };
+        assert_eq!(
+            names("kv", "2"),
+            ["2.kv.server.ds824", "kv.server.ds824", "server.ds824"]
+        );
+        assert_eq!(names("worker", "pool"), ["worker.server.ds824"]);
+        assert_eq!(names("coordinator", "1"), ["coordinator.server.ds824"]);
+        assert!(names("client", "user").is_empty());
+        assert!(names("admin", "ops").is_empty());
+    }
 
     #[test]
     fn certificates_can_be_handed_out_without_the_ca_key() {

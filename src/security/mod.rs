@@ -186,6 +186,16 @@ impl Security {
         self.endpoint_verifying(address, &role.server_name())
     }
 
+    /// An endpoint for replica `node` of `role` only ([`Role::replica_server_name`]).
+    pub fn endpoint_for_replica(
+        &self,
+        address: &str,
+        role: &Role,
+        node: u64,
+    ) -> Result<Endpoint, tonic::transport::Error> {
+        self.endpoint_verifying(address, &role.replica_server_name(node))
+    }
+
     fn endpoint_verifying(
         &self,
         address: &str,

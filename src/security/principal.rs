@@ -43,6 +43,13 @@ impl Role {
         format!("{self}.{}", super::SERVER_NAME)
     }
 
+    /// The DNS name only replica `node` of this role carries (`2.kv.server.ds824`): what a Raft peer
+    /// verifies when it connects to that node, so even a replica of the same group cannot pass for
+    /// another one.
+    pub fn replica_server_name(&self, node: u64) -> String {
+        format!("{node}.{}", self.server_name())
+    }
+
     /// The Raft group a replica role belongs to (the name its storage records), if it is one.
     pub fn raft_group(&self) -> Option<String> {
         match self {
