@@ -297,6 +297,18 @@ async fn transfer(
     }
 }
 
+/// [`transfer`]'s answer, with a refusal as text (comparable in assertions).
+async fn transfer_status(
+    address: &str,
+    security: &Security,
+    shard: u64,
+    delete: bool,
+) -> Result<i32, String> {
+    transfer(address, security, shard, delete)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_shard_goes_only_to_its_new_owner_and_is_kept_until_it_had_it() {
     use ds824::ctrler::CtrlerClerk;
@@ -375,18 +387,14 @@ async fn a_frozen_shard_goes_only_to_its_new_owner_and_is_kept_until_it_had_it()
     }
     // The new owner itself may not delete a copy whose final page nobody has had.
     assert_eq!(
-        transfer(address, &as_group(2), shard, true)
-            .await
-            .map_err(|e| e.to_string()),
+        transfer_status(address, &as_group(2), shard, true).await,
         Ok(TransferStatus::NotReady as i32)
     );
     let kept = g1.status(0).await.expect("status").outgoing_shards;
     assert_eq!(kept, frozen, "a refused transfer dropped a copy");
     // Once it pulled the (final, empty) page, its delete is honoured, and only its.
     assert_eq!(
-        transfer(address, &as_group(2), shard, false)
-            .await
-            .map_err(|e| e.to_string()),
+        transfer_status(address, &as_group(2), shard, false).await,
         Ok(TransferStatus::Ok as i32)
     );
     let refused = transfer(address, &as_group(3), shard, true)
@@ -394,9 +402,7 @@ async fn a_frozen_shard_goes_only_to_its_new_owner_and_is_kept_until_it_had_it()
         .expect_err("group 3 after the pull");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     assert_eq!(
-        transfer(address, &as_group(2), shard, true)
-            .await
-            .map_err(|e| e.to_string()),
+        transfer_status(address, &as_group(2), shard, true).await,
         Ok(TransferStatus::Ok as i32)
     );
     let after = g1.status(0).await.expect("status").outgoing_shards;
