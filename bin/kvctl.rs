@@ -425,6 +425,13 @@ async fn run(cli: Cli) -> u8 {
                     eprintln!("not found");
                     EXIT_NO
                 }
+                Ok(CasOutcome::MismatchValueNotKept) => {
+                    eprintln!(
+                        "mismatch (the current value is too long to repeat for a retried request; \
+                         read it with `kvctl get`)"
+                    );
+                    EXIT_NO
+                }
                 Err(e) => fail(e),
             }
         }

@@ -117,6 +117,16 @@ struct KvArgs {
     /// Answer TIMEOUT to a request not completed within this many milliseconds (the client retries).
     #[arg(long, default_value_t = 1000)]
     request_timeout_ms: u64,
+    /// Drop a client session idle for this many seconds (its retries are then refused with
+    /// SESSION_EXPIRED instead of being applied twice); 0 keeps idle sessions. Measured by the leaders'
+    /// clocks as recorded in the log; the leader's setting applies on every replica.
+    #[arg(long, default_value_t = ds824::limits::DEFAULT_SESSION_TTL_MS / 1000)]
+    session_ttl: u64,
+    /// Keep at most this many client sessions (per shard in a shard group), dropping the least recently
+    /// active. At most 100000.
+    #[arg(long, default_value_t = ds824::limits::DEFAULT_MAX_SESSIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=ds824::limits::MAX_SESSIONS as u64))]
+    max_sessions: u64,
 }
 
 fn main() -> ExitCode {
@@ -209,6 +219,10 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         data_dir: args.data_dir,
         snapshot_threshold: args.snapshot_threshold,
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
+        sessions: ds824::rsm::sessions::SessionPolicy {
+            ttl_ms: args.session_ttl.saturating_mul(1000),
+            max_sessions: args.max_sessions,
+        },
         role,
         metrics_listen: args.metrics_listen,
     };

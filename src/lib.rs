@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod hash;
 pub mod kv;
 pub mod kvctl;
+pub mod limits;
 pub mod metrics;
 pub mod mr;
 pub mod raft;

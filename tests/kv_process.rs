@@ -703,3 +703,91 @@ async fn an_append_past_the_value_limit_is_refused_and_the_value_stays_readable(
     assert_eq!(value.len(), MAX_VALUE_BYTES);
     assert!(!value.contains('x'));
 }
+
+/// Sessions are bounded (#12): with `--max-sessions 50`, 300 one-shot clerks leave at most 50 sessions
+/// on every replica; the first clerk, whose session was dropped, goes on transparently (its next command
+/// was refused before it applied, so it is simply sent again under a new session); and a retry of a
+/// command whose session was dropped is refused with SESSION_EXPIRED, not applied a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_capped_and_a_dropped_one_is_never_applied_twice() {
+    let cluster = Replicas::start_temp_args(Role::Kv, 3, 8 << 20, &["--max-sessions", "50"]);
+    let mut first = cluster.clerk();
+    let first_id = first.client_id();
+    first.append("first", "a").await.expect("first append");
+    let addrs = Arc::new(cluster.addrs.clone());
+    let tasks: Vec<_> = (0..6)
+        .map(|t| {
+            let addrs = addrs.clone();
+            tokio::spawn(async move {
+                for n in 0..50 {
+                    let mut clerk = Clerk::new(&addrs, ClerkConfig::default()).expect("clerk");
+                    clerk
+                        .put(&format!("one-shot-{t}-{n}"), "v")
+                        .await
+                        .expect("put");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("one-shot clerks");
+    }
+    let statuses = cluster
+        .wait_until_all("applied every put", |s| s.keys == 301)
+        .await;
+    for status in &statuses {
+        assert!(
+            status.sessions <= 50,
+            "node {}: {} sessions",
+            status.id,
+            status.sessions
+        );
+    }
+    // The first clerk's session is gone; its next command still applies, once.
+    first
+        .append("first", "b")
+        .await
+        .expect("append after expiry");
+    assert_ne!(first.client_id(), first_id, "a new session");
+    assert_eq!(
+        first.get("first").await.expect("get").as_deref(),
+        Some("ab")
+    );
+    // A late retry of its first append (as a clerk that never heard back would send it) is refused.
+    let retry = pb::MutateRequest {
+        client_id: first_id,
+        seq: 1,
+        command: Some(pb::Command {
+            op: Some(pb::command::Op::Append(pb::Append {
+                key: "first".into(),
+                value: "a".into(),
+            })),
+        }),
+    };
+    let deadline = Instant::now() + WAIT;
+    let answer = 'found: loop {
+        for address in cluster.addrs.iter() {
+            let Ok(mut client) = KvClient::connect(format!("http://{address}")).await else {
+                continue;
+            };
+            if let Ok(reply) = client.mutate(retry.clone()).await {
+                let reply = reply.into_inner();
+                if reply.error != pb::ErrorCode::WrongLeader as i32 {
+                    break 'found reply;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader answered the retry");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        answer.error,
+        pb::ErrorCode::SessionExpired as i32,
+        "{answer:?}"
+    );
+    assert!(answer.min_client_id >= first_id);
+    assert_eq!(
+        first.get("first").await.expect("get").as_deref(),
+        Some("ab")
+    );
+}

@@ -15,8 +15,9 @@ use super::state::KvCommand;
 use super::validate::{validate_command, validate_key};
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_client::KvClient;
-use crate::rsm::client::{channel, new_client_id, status_attempt, Attempt, Replicas};
+use crate::rsm::client::{channel, status_attempt, Attempt, Replicas, Session};
 pub use crate::rsm::client::{ClerkConfig, ClerkError};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tonic::Code;
 
@@ -30,6 +31,10 @@ pub enum CasOutcome {
         /// The value found.
         current: Option<String>,
     },
+    /// The value did not match; nothing changed. The answer came from a dedup record (the request was
+    /// retried) and the current value was too long to keep there
+    /// ([`crate::limits::MAX_REMEMBERED_VALUE_BYTES`]): read it to see it.
+    MismatchValueNotKept,
 }
 
 /// The key/value operations every clerk offers, built on its exactly-once `mutate`, so the plain and the
@@ -104,6 +109,8 @@ pub trait KvOps: Send {
             let outcome = self.mutate(command).await?;
             Ok(if outcome.ok {
                 CasOutcome::Swapped
+            } else if outcome.current_elided {
+                CasOutcome::MismatchValueNotKept
             } else {
                 CasOutcome::Mismatch {
                     current: outcome.current,
@@ -116,8 +123,7 @@ pub trait KvOps: Send {
 /// A client of one KV cluster. See the module documentation.
 pub struct Clerk {
     replicas: Replicas,
-    client_id: u64,
-    seq: u64,
+    session: Session,
 }
 
 impl Clerk {
@@ -126,14 +132,13 @@ impl Clerk {
     pub fn new(addresses: &[String], config: ClerkConfig) -> Result<Clerk, ClerkError> {
         Ok(Clerk {
             replicas: Replicas::new(addresses, config)?,
-            client_id: new_client_id(),
-            seq: 0,
+            session: Session::default(),
         })
     }
 
     /// This clerk's session id.
     pub fn client_id(&self) -> u64 {
-        self.client_id
+        self.session.client_id()
     }
 
     /// The value of `key`, `None` if absent.
@@ -153,17 +158,19 @@ impl Clerk {
                     })
                 }
             })
-            .await
+            .await?
+            .map_err(|_| ClerkError::Rejected("a read was answered SESSION_EXPIRED".into()))
     }
 
-    /// Turn one RPC's result into done / try elsewhere / give up. A shard group's WRONG_GROUP is final
-    /// here: this clerk has no controllers to ask who serves the key.
+    /// Turn one RPC's result into done (`Ok`: served, `Err`: session expired) / try elsewhere / give up.
+    /// A shard group's WRONG_GROUP is final here: this clerk has no controllers to ask who serves the key.
     fn classify<R, T>(
         reply: Result<Result<tonic::Response<R>, tonic::Status>, tokio::time::error::Elapsed>,
         parts: impl FnOnce(R) -> (i32, String, T),
-    ) -> Result<Attempt<T>, ClerkError> {
+    ) -> Result<Attempt<Result<T, T>>, ClerkError> {
         Ok(match classify_reply(reply, parts)? {
-            Attempt::Done(Routed::Served(value)) => Attempt::Done(value),
+            Attempt::Done(Routed::Served(value)) => Attempt::Done(Ok(value)),
+            Attempt::Done(Routed::SessionExpired(value)) => Attempt::Done(Err(value)),
             Attempt::Done(Routed::WrongGroup) => {
                 return Err(ClerkError::Rejected(
                     "these servers are a shard group that does not serve this key; \
@@ -183,6 +190,8 @@ pub enum Routed<T> {
     Served(T),
     /// A shard group that does not serve the key's shard (now): ask the configuration's owner.
     WrongGroup,
+    /// Not applied: the client's session expired (the response's fields, for its `min_client_id`).
+    SessionExpired(T),
 }
 
 /// Turn one `Kv` RPC's result into served / wrong group / try another server / give up. Shared by the
@@ -205,31 +214,51 @@ pub fn classify_reply<R, T>(
         ),
         Ok(pb::ErrorCode::Timeout) => Attempt::Elsewhere(None, "server timed out".into()),
         Ok(pb::ErrorCode::WrongGroup) => Attempt::Done(Routed::WrongGroup),
+        Ok(pb::ErrorCode::SessionExpired) => Attempt::Done(Routed::SessionExpired(value)),
         Err(_) => Attempt::Elsewhere(None, format!("unknown error code {error}")),
     })
+}
+
+/// The parts of a `MutateResponse` a clerk uses once it was served: the outcome, and the id new
+/// sessions must be above (after SESSION_EXPIRED).
+pub fn mutate_parts(r: pb::MutateResponse) -> (i32, String, (pb::Outcome, u64)) {
+    (
+        r.error,
+        r.leader_address,
+        (r.outcome.unwrap_or_default(), r.min_client_id),
+    )
 }
 
 impl KvOps for Clerk {
     async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
         validate_command(&command)?;
-        self.seq += 1;
-        let request = pb::MutateRequest {
-            client_id: self.client_id,
-            seq: self.seq,
-            command: Some(pb::Command::from(&command)),
-        };
-        self.replicas
-            .call(move |channel, timeout| {
-                let mut client = KvClient::new(channel);
-                let request = request.clone();
-                async move {
-                    let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
-                    Self::classify(reply, |r: pb::MutateResponse| {
-                        (r.error, r.leader_address, r.outcome.unwrap_or_default())
-                    })
-                }
-            })
-            .await
+        loop {
+            let (client_id, seq) = self.session.next_command();
+            let request = pb::MutateRequest {
+                client_id,
+                seq,
+                command: Some(pb::Command::from(&command)),
+            };
+            let attempts = AtomicU32::new(0);
+            let answer = self
+                .replicas
+                .call(|channel, timeout| {
+                    let mut client = KvClient::new(channel);
+                    let request = request.clone();
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
+                        Self::classify(reply, mutate_parts)
+                    }
+                })
+                .await?;
+            match answer {
+                Ok((outcome, _)) => return Ok(outcome),
+                Err((_, min_client_id)) => self
+                    .session
+                    .restart(min_client_id, attempts.load(Ordering::Relaxed))?,
+            }
+        }
     }
 }
 

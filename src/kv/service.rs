@@ -28,6 +28,8 @@ pub enum KvAnswer {
     /// The key's shard is not served here (shard groups only): the client must refresh its
     /// configuration and ask the owner.
     WrongGroup,
+    /// Not applied: the client's session expired; new client ids must be above this one.
+    SessionExpired(u64),
     /// The machine produced an output that is no answer to a client request (a bug, not the client's
     /// fault); reported as an internal error rather than guessed at.
     Unexpected(String),
@@ -132,6 +134,7 @@ impl<M: KvMachine> KvService<M> {
                 Ok((pb::ErrorCode::WrongLeader, id, address))
             }
             Refusal::Timeout => Ok((pb::ErrorCode::Timeout, 0, String::new())),
+            Refusal::SessionExpired(_) => Ok((pb::ErrorCode::SessionExpired, 0, String::new())),
             Refusal::Status(status) => Err(status),
         }
     }
@@ -156,6 +159,9 @@ impl<M: KvMachine> Kv for KvService<M> {
                     response.value = output.value.unwrap_or_default();
                 }
                 KvAnswer::WrongGroup => response.set_error(pb::ErrorCode::WrongGroup),
+                KvAnswer::SessionExpired(_) => {
+                    return Err(Status::internal("a read was answered SESSION_EXPIRED"))
+                }
                 KvAnswer::Unexpected(what) => return Err(Status::internal(what)),
             },
             Err(refusal) => {
@@ -192,16 +198,18 @@ impl<M: KvMachine> Kv for KvService<M> {
             .await
         {
             Ok(output) => match M::answer(output) {
-                KvAnswer::Done(output) => {
-                    response.outcome = Some(pb::Outcome {
-                        ok: output.ok,
-                        current: output.value,
-                    });
-                }
+                KvAnswer::Done(output) => response.outcome = Some(pb::Outcome::from(&output)),
                 KvAnswer::WrongGroup => response.set_error(pb::ErrorCode::WrongGroup),
+                KvAnswer::SessionExpired(mark) => {
+                    response.set_error(pb::ErrorCode::SessionExpired);
+                    response.min_client_id = mark;
+                }
                 KvAnswer::Unexpected(what) => return Err(Status::internal(what)),
             },
             Err(refusal) => {
+                if let Refusal::SessionExpired(mark) = refusal {
+                    response.min_client_id = mark;
+                }
                 let (error, hint, address) = self.refusal(refusal)?;
                 response.set_error(error);
                 (response.leader_hint, response.leader_address) = (hint, address);

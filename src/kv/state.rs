@@ -53,12 +53,16 @@ pub enum KvQuery {
 ///
 /// `ok`: for get, whether the key exists; for delete, whether it existed; for cas, whether it swapped;
 /// otherwise true. `value`: for get, the value; for a cas that did not swap, the current value.
+/// `elided`: a failed cas answered from a dedup record whose value was too long to keep
+/// ([`crate::limits::MAX_REMEMBERED_VALUE_BYTES`]): `value` is absent although the key may exist.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvOutput {
     /// See the type documentation.
     pub ok: bool,
     /// See the type documentation.
     pub value: Option<String>,
+    /// See the type documentation.
+    pub elided: bool,
 }
 
 /// The replicated map. Ordered, so snapshots are byte-for-byte the same on every replica and a shard
@@ -185,6 +189,7 @@ impl StateMachine for KvStore {
                 KvOutput {
                     ok: true,
                     value: None,
+                    elided: false,
                 }
             }
             KvCommand::Append { key, value } => {
@@ -196,17 +201,20 @@ impl StateMachine for KvStore {
                     return KvOutput {
                         ok: false,
                         value: None,
+                        elided: false,
                     };
                 }
                 self.data.entry(key).or_default().push_str(&value);
                 KvOutput {
                     ok: true,
                     value: None,
+                    elided: false,
                 }
             }
             KvCommand::Delete { key } => KvOutput {
                 ok: self.data.remove(&key).is_some(),
                 value: None,
+                elided: false,
             },
             KvCommand::Cas {
                 key,
@@ -219,11 +227,13 @@ impl StateMachine for KvStore {
                     KvOutput {
                         ok: true,
                         value: None,
+                        elided: false,
                     }
                 } else {
                     KvOutput {
                         ok: false,
                         value: current.cloned(),
+                        elided: false,
                     }
                 }
             }
@@ -237,6 +247,7 @@ impl StateMachine for KvStore {
                 KvOutput {
                     ok: value.is_some(),
                     value,
+                    elided: false,
                 }
             }
         }
@@ -274,13 +285,11 @@ impl StateMachine for KvStore {
     }
 
     fn encode_output(output: &KvOutput) -> Bytes {
-        Bytes::from(
-            pb::Outcome {
-                ok: output.ok,
-                current: output.value.clone(),
-            }
-            .encode_to_vec(),
-        )
+        Bytes::from(pb::Outcome::from(output).encode_to_vec())
+    }
+
+    fn remember(output: &KvOutput) -> KvOutput {
+        output.remembered()
     }
 
     fn decode_output(data: &[u8]) -> Result<KvOutput, RsmError> {
@@ -288,10 +297,44 @@ impl StateMachine for KvStore {
             what: "kv outcome",
             detail: e.to_string(),
         })?;
-        Ok(KvOutput {
+        Ok(KvOutput::from(outcome))
+    }
+}
+
+impl KvOutput {
+    /// What a dedup record keeps of this output: a value longer than
+    /// [`crate::limits::MAX_REMEMBERED_VALUE_BYTES`] (a failed cas's current value, up to a whole
+    /// [`crate::limits::MAX_VALUE_BYTES`]) is dropped and marked `elided`, so a table of one record per
+    /// client stays small however large the values are.
+    pub fn remembered(&self) -> KvOutput {
+        match &self.value {
+            Some(value) if value.len() > crate::limits::MAX_REMEMBERED_VALUE_BYTES => KvOutput {
+                ok: self.ok,
+                value: None,
+                elided: true,
+            },
+            _ => self.clone(),
+        }
+    }
+}
+
+impl From<&KvOutput> for pb::Outcome {
+    fn from(output: &KvOutput) -> Self {
+        pb::Outcome {
+            ok: output.ok,
+            current: output.value.clone(),
+            current_elided: output.elided,
+        }
+    }
+}
+
+impl From<pb::Outcome> for KvOutput {
+    fn from(outcome: pb::Outcome) -> Self {
+        KvOutput {
             ok: outcome.ok,
             value: outcome.current,
-        })
+            elided: outcome.current_elided,
+        }
     }
 }
 
@@ -322,6 +365,7 @@ mod tests {
         let ok = KvOutput {
             ok: true,
             value: None,
+            elided: false,
         };
         assert_eq!(store.apply(append("v".repeat(MAX_VALUE_BYTES - 1))), ok);
         assert_eq!(store.apply(append("w".into())), ok, "exactly at the limit");

@@ -7,11 +7,7 @@
 use super::state::KvCommand;
 use thiserror::Error;
 
-/// Longest key accepted, in bytes.
-pub const MAX_KEY_BYTES: usize = 4 << 10;
-/// Longest value accepted, in bytes: of a put, of a cas's new value, and of the value an append would
-/// produce (an append past it is refused when it applies, and changes nothing).
-pub const MAX_VALUE_BYTES: usize = 1 << 20;
+pub use crate::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 
 /// Why a request is not acceptable; the service answers it with `INVALID_ARGUMENT`.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

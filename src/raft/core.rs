@@ -632,6 +632,11 @@ impl RaftCore {
         self.leader
     }
 
+    /// The highest index known to be committed.
+    pub fn commit_index(&self) -> Index {
+        self.log.committed()
+    }
+
     /// Term, vote and commit index as they should be persisted.
     pub fn hard_state(&self) -> HardState {
         HardState {

@@ -37,6 +37,7 @@
 //! sans-IO part. [`storage`] (sled), [`transport`] (tonic) and [`node`] (the tokio driver) put it on disks
 //! and networks.
 
+pub mod admission;
 pub mod config;
 pub mod core;
 pub mod log;

@@ -9,6 +9,7 @@
 //! Proposals are answered with the (index, term) the entry got, not with its commit: the service waits
 //! for the entry on the apply stream and checks the term (that is the `rsm` layer's job).
 
+use super::admission::{Admission, AppliedIndex, Refused};
 use super::config::Config;
 use super::core::{CompactError, NotLeader, RaftCore, RestoreError, Status};
 use super::message::Envelope;
@@ -30,7 +31,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 /// Largest peer message accepted: far above the batching size, so that no single log entry a service
 /// can propose is ever refused by followers (which would stop replication of everything after it).
-pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
+pub const MAX_PEER_MESSAGE_BYTES: usize = crate::limits::MAX_PEER_MESSAGE_BYTES;
 
 /// How to run a node.
 #[derive(Clone, Debug)]
@@ -111,6 +112,29 @@ pub enum NodeError {
     /// The snapshot request was invalid.
     #[error(transparent)]
     Compact(#[from] CompactError),
+    /// The proposal is larger than any log entry may be; it was not appended.
+    #[error("a proposal of {bytes} bytes is over the log entry limit of {limit} bytes")]
+    TooLarge {
+        /// The proposal's size.
+        bytes: usize,
+        /// [`crate::limits::MAX_ENTRY_BYTES`].
+        limit: usize,
+    },
+    /// Too much is in flight on this leader (see [`super::admission`]); retry after a pause.
+    #[error("leader overloaded: {0}")]
+    Overloaded(String),
+}
+
+impl From<Refused> for NodeError {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::TooLarge { bytes } => NodeError::TooLarge {
+                bytes,
+                limit: crate::limits::MAX_ENTRY_BYTES,
+            },
+            Refused::Overloaded(why) => NodeError::Overloaded(why),
+        }
+    }
 }
 
 /// A node's state as operators see it.
@@ -137,6 +161,7 @@ enum Command {
 pub struct RaftHandle {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<NodeStatus>,
+    applied: AppliedIndex,
 }
 
 impl RaftHandle {
@@ -152,9 +177,19 @@ impl RaftHandle {
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
-    /// Propose a command; returns the index and term it got (not yet committed).
+    /// Propose a command; returns the index and term it got (not yet committed). Refused without a
+    /// round trip to the driver when it is over the entry limit.
     pub async fn propose(&self, data: Bytes) -> Result<(Index, Term), NodeError> {
+        if data.len() > crate::limits::MAX_ENTRY_BYTES {
+            return Err(Refused::TooLarge { bytes: data.len() }.into());
+        }
         self.ask(|tx| Command::Propose(data, tx)).await
+    }
+
+    /// The service applied every entry up to `index`: the driver admits proposals only while the
+    /// service keeps up (see [`super::admission`]).
+    pub fn report_applied(&self, index: Index) {
+        self.applied.report(index);
     }
 
     /// A linearizable read point: once the service applied this index, its state reflects every write
@@ -216,7 +251,10 @@ impl RaftNode {
         };
         let (status_tx, status_rx) = watch::channel(status);
         let transport = Transport::start(&config.peers, &config.transport, &config.cluster_id());
+        let admission = Admission::default();
+        let applied = admission.applied.clone();
         let driver = Driver {
+            admission,
             core,
             storage: Some(Box::new(storage)),
             transport,
@@ -239,6 +277,7 @@ impl RaftNode {
             handle: RaftHandle {
                 commands: command_tx,
                 status: status_rx,
+                applied,
             },
             service,
             task,
@@ -290,6 +329,7 @@ struct Driver {
     next_read: u64,
     last_role: Role,
     last_term: Term,
+    admission: Admission,
 }
 
 /// Inputs taken per wake-up at most, so ticks are never starved by a flood of messages.
@@ -346,7 +386,15 @@ impl Driver {
     fn command(&mut self, command: Command) {
         match command {
             Command::Propose(data, reply) => {
-                let _ = reply.send(self.core.propose(data).map_err(NodeError::from));
+                let bytes = data.len();
+                let result = match self.admission.check(bytes, self.core.commit_index()) {
+                    Err(refused) => Err(refused.into()),
+                    Ok(()) => self.core.propose(data).map_err(NodeError::from),
+                };
+                if let Ok((index, _)) = result {
+                    self.admission.admitted(index, bytes);
+                }
+                let _ = reply.send(result);
             }
             Command::ReadIndex(reply) => {
                 self.next_read += 1;
@@ -409,6 +457,8 @@ impl Driver {
             info!(term = soft.term, role = %soft.role, leader = ?soft.leader, "role changed");
             self.last_role = soft.role;
         }
+        self.admission
+            .settle(self.core.commit_index(), self.core.is_leader());
         self.transport.send(ready.messages);
         if let Some(snapshot) = ready.snapshot_to_apply {
             let _ = self.apply.send(Applied::Snapshot(snapshot));

@@ -102,7 +102,7 @@ enum Served {
 }
 
 /// Largest gRPC message a client may send (a maximal value plus framing).
-const MAX_MESSAGE_BYTES: usize = 4 << 20;
+const MAX_MESSAGE_BYTES: usize = crate::limits::MAX_CLIENT_MESSAGE_BYTES;
 
 /// Everything a replica needs to start.
 #[derive(Clone, Debug)]
@@ -129,6 +129,8 @@ pub struct ReplicaConfig {
     pub snapshot_threshold: u64,
     /// See [`ServiceConfig::request_timeout`].
     pub request_timeout: Duration,
+    /// See [`ServiceConfig::sessions`].
+    pub sessions: crate::rsm::sessions::SessionPolicy,
     /// Which service this replica runs.
     pub role: ServiceRole,
     /// Serve Prometheus metrics at `http://<this>/metrics`, if set.
@@ -284,6 +286,7 @@ impl Replica {
             addresses,
             metrics: metrics.as_ref().map(|(_, _, _, service)| service.clone()),
             guard: config.security.guard(),
+            sessions: config.sessions,
         };
         let metrics = metrics.map(|(listener, registry, gauges, _)| (listener, registry, gauges));
         // The shard group's driver, aborted with the node however it ends.

@@ -89,6 +89,59 @@ pub enum ClerkError {
     /// TLS port (or the reverse). Retrying cannot fix it.
     #[error("TLS handshake with the server failed: {0}")]
     Tls(String),
+    /// The clerk's session expired on the servers (idle past the TTL, or too many sessions) while it
+    /// was retrying a mutation: an earlier attempt may have applied it, and the servers no longer
+    /// remember. The clerk has started a new session; read before deciding to repeat the mutation.
+    #[error(
+        "the client session expired while retrying; the command may or may not have been applied \
+         (the servers drop idle sessions: --session-ttl, --max-sessions)"
+    )]
+    SessionExpired,
+}
+
+/// A clerk's exactly-once session: its client id and the number of its latest mutation. Every mutation
+/// takes the next number and keeps it across all its retries.
+#[derive(Clone, Debug)]
+pub struct Session {
+    client_id: u64,
+    seq: u64,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Session {
+            client_id: new_client_id(),
+            seq: 0,
+        }
+    }
+}
+
+impl Session {
+    /// The session's client id.
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// (client id, seq) for the next mutation.
+    pub fn next_command(&mut self) -> (u64, u64) {
+        self.seq += 1;
+        (self.client_id, self.seq)
+    }
+
+    /// The servers dropped this session: start a new one with an id above `min_client_id`. Returns
+    /// whether the mutation that was told so may simply be sent again under the new session — only if
+    /// it had been sent exactly once (that one attempt was refused, not applied; see
+    /// [`super::sessions`]). Otherwise the caller reports [`ClerkError::SessionExpired`].
+    pub fn restart(&mut self, min_client_id: u64, attempts: u32) -> Result<(), ClerkError> {
+        self.client_id =
+            new_client_id().max(min_client_id.saturating_add(1 + rand::random::<u16>() as u64));
+        self.seq = 0;
+        if attempts <= 1 {
+            Ok(())
+        } else {
+            Err(ClerkError::SessionExpired)
+        }
+    }
 }
 
 /// Most servers a clerk will remember (given ones plus those learned from hints).
@@ -325,19 +378,37 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
     }
 }
 
-/// A random, non-zero client id (the session key in a service's dedup table).
+/// A new client id (the session key in a service's dedup table): this machine's clock in ms since the
+/// Unix epoch, then [`super::sessions::CLIENT_ID_RANDOM_BITS`] random bits. Ids grow with time, so a
+/// client created after a server dropped older sessions has an id above every dropped one and is not
+/// mistaken for a dropped session (see [`super::sessions`]).
 pub fn new_client_id() -> u64 {
-    loop {
-        let id: u64 = rand::random();
-        if id != 0 {
-            return id;
-        }
-    }
+    let bits = super::sessions::CLIENT_ID_RANDOM_BITS;
+    let random = rand::random::<u64>() & ((1 << bits) - 1);
+    (super::service::unix_ms() << bits) | random | 1
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expired_session_restarts_above_the_mark_and_says_so_when_in_doubt() {
+        let mut session = Session::default();
+        let (id, seq) = session.next_command();
+        assert_eq!(seq, 1);
+        let mark = id + (1 << 30);
+        // Refused on its only attempt: nothing was applied, send it again under a new session.
+        assert!(session.restart(mark, 1).is_ok());
+        let (new_id, seq) = session.next_command();
+        assert!(new_id > mark && seq == 1);
+        // Refused after earlier attempts that may have applied: the caller must be told.
+        assert!(matches!(
+            session.restart(new_id, 2),
+            Err(ClerkError::SessionExpired)
+        ));
+        assert!(session.client_id() > new_id);
+    }
 
     #[test]
     fn only_what_another_server_could_answer_is_retried() {

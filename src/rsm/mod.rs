@@ -23,11 +23,13 @@ use crate::proto::rsm as pb;
 use crate::raft::{Entry, EntryKind, Index, Snapshot};
 use bytes::Bytes;
 use prost::Message as _;
+use sessions::{LogClock, Lookup, SessionPolicy, SessionRecord, SessionTable};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
 pub mod client;
 pub mod service;
+pub mod sessions;
 
 /// A deterministic state machine replicated through Raft.
 pub trait StateMachine {
@@ -60,6 +62,17 @@ pub trait StateMachine {
     fn encode_output(output: &Self::Output) -> Bytes;
     /// Decode an output from the session table.
     fn decode_output(data: &[u8]) -> Result<Self::Output, RsmError>;
+
+    /// What the session table keeps of an output: everything by default. A machine whose outputs can be
+    /// large (a failed compare-and-swap returns the current value) keeps a bounded version, so dedup
+    /// records stay small; only a retry sees the difference.
+    fn remember(output: &Self::Output) -> Self::Output {
+        output.clone()
+    }
+
+    /// The log's clock and session policy as of the command about to be applied. Machines that keep their
+    /// own dedup records (`SESSIONS = false`) expire them by it; others ignore it.
+    fn observe_clock(&mut self, _clock: &LogClock) {}
 }
 
 /// Identifies a caller's waiting request.
@@ -107,6 +120,9 @@ pub enum Prepared<O> {
     Propose(Bytes),
     /// The client already moved past this sequence number: the request is stale and must not be applied.
     Stale,
+    /// The client's session was dropped (idle too long, or too many sessions): the command must not be
+    /// applied under this id; the client starts a new session with an id above the given one.
+    Expired(ClientId),
 }
 
 /// The end of a waiting request.
@@ -125,11 +141,38 @@ pub enum Completion<O> {
         /// The request.
         token: Token,
     },
+    /// The command was not applied because its client's session had been dropped (see
+    /// [`sessions`]); the client must start a new session with an id above `min_client_id`.
+    SessionExpired {
+        /// The request.
+        token: Token,
+        /// The largest client id the table dropped.
+        min_client_id: ClientId,
+    },
 }
 
-struct Session<O> {
-    seq: Seq,
-    output: O,
+/// What applying a logged command came to.
+#[derive(Clone, Debug)]
+enum Applied<O> {
+    /// Applied now or before (a duplicate): its output.
+    Output(O),
+    /// Not applied: the client's session had been dropped.
+    Expired(ClientId),
+}
+
+impl<O: Clone> Applied<O> {
+    fn completion(&self, token: Token) -> Completion<O> {
+        match self {
+            Applied::Output(output) => Completion::Done {
+                token,
+                output: output.clone(),
+            },
+            Applied::Expired(min_client_id) => Completion::SessionExpired {
+                token,
+                min_client_id: *min_client_id,
+            },
+        }
+    }
 }
 
 struct PendingWrite {
@@ -139,12 +182,16 @@ struct PendingWrite {
 }
 
 /// The index and output of an expected proposal's entry, applied before the proposer tracked it.
-type EarlyOutput<O> = (Index, O);
+type EarlyOutput<O> = (Index, Applied<O>);
 
 /// A state machine with sessions, proposal tracking and read queueing. See the module documentation.
 pub struct Rsm<S: StateMachine> {
     machine: S,
-    sessions: BTreeMap<ClientId, Session<S::Output>>,
+    sessions: SessionTable<S::Output>,
+    /// Time and policy as of the last applied command (part of the snapshot: expiry is replicated).
+    clock: LogClock,
+    /// The policy this node stamps on its proposals.
+    policy: SessionPolicy,
     applied: Index,
     writes: BTreeMap<Index, Vec<PendingWrite>>,
     reads: BTreeMap<Index, Vec<(Token, S::Query)>>,
@@ -156,9 +203,17 @@ pub struct Rsm<S: StateMachine> {
 impl<S: StateMachine> Rsm<S> {
     /// Wrap a fresh state machine.
     pub fn new(machine: S) -> Self {
+        Self::with_policy(machine, SessionPolicy::default())
+    }
+
+    /// Wrap a fresh state machine; this node's proposals carry `policy` (when it leads, every replica
+    /// drops sessions by it).
+    pub fn with_policy(machine: S, policy: SessionPolicy) -> Self {
         Rsm {
             machine,
-            sessions: BTreeMap::new(),
+            sessions: SessionTable::default(),
+            clock: LogClock::default(),
+            policy,
             applied: 0,
             writes: BTreeMap::new(),
             reads: BTreeMap::new(),
@@ -181,20 +236,35 @@ impl<S: StateMachine> Rsm<S> {
         self.sessions.len()
     }
 
-    /// Decide what to do with command `seq` of `client`.
-    pub fn prepare(&self, client: ClientId, seq: Seq, command: &S::Command) -> Prepared<S::Output> {
-        if let Some(session) = self.sessions.get(&client).filter(|_| S::SESSIONS) {
-            if seq == session.seq {
-                return Prepared::Answered(session.output.clone());
-            }
-            if seq < session.seq {
-                return Prepared::Stale;
+    /// The log's clock and policy as of the last applied command.
+    pub fn clock(&self) -> LogClock {
+        self.clock
+    }
+
+    /// Decide what to do with command `seq` of `client`, proposed at `now_ms` (the leader's clock, ms
+    /// since the Unix epoch; it is stamped into the entry).
+    pub fn prepare(
+        &self,
+        client: ClientId,
+        seq: Seq,
+        command: &S::Command,
+        now_ms: u64,
+    ) -> Prepared<S::Output> {
+        if S::SESSIONS && client != 0 {
+            match self.sessions.lookup(client, seq) {
+                Lookup::Repeat(output) => return Prepared::Answered(output.clone()),
+                Lookup::Stale(_) => return Prepared::Stale,
+                Lookup::Expired(mark) => return Prepared::Expired(mark),
+                Lookup::New => {}
             }
         }
         let logged = pb::LoggedCommand {
             client_id: client,
             seq,
             command: S::encode_command(command),
+            time_ms: now_ms,
+            session_ttl_ms: self.policy.ttl_ms,
+            max_sessions: self.policy.max_sessions,
         };
         Prepared::Propose(Bytes::from(logged.encode_to_vec()))
     }
@@ -222,18 +292,12 @@ impl<S: StateMachine> Rsm<S> {
         seq: Seq,
     ) -> Option<Completion<S::Output>> {
         let early = self.expected.remove(&(client, seq)).flatten();
-        if let Some((applied_at, output)) = early.filter(|(at, _)| *at == index) {
+        if let Some((applied_at, applied)) = early.filter(|(at, _)| *at == index) {
             debug_assert!(applied_at <= self.applied);
-            return Some(Completion::Done { token, output });
+            return Some(applied.completion(token));
         }
         if index <= self.applied {
-            return Some(match self.sessions.get(&client) {
-                Some(session) if session.seq == seq => Completion::Done {
-                    token,
-                    output: session.output.clone(),
-                },
-                _ => Completion::Retry { token },
-            });
+            return Some(self.answer_from_session(token, client, seq));
         }
         self.writes
             .entry(index)
@@ -289,14 +353,21 @@ impl<S: StateMachine> Rsm<S> {
                 detail: e.to_string(),
             })?;
         self.machine.restore(&decoded.state)?;
-        self.sessions = decoded
+        let records = decoded
             .sessions
             .into_iter()
             .map(|s| {
                 let output = S::decode_output(&s.output)?;
-                Ok((s.client_id, Session { seq: s.seq, output }))
+                let record = SessionRecord {
+                    seq: s.seq,
+                    output,
+                    last_ms: s.last_ms,
+                };
+                Ok((s.client_id, record))
             })
-            .collect::<Result<_, RsmError>>()?;
+            .collect::<Result<Vec<_>, RsmError>>()?;
+        self.sessions = SessionTable::from_parts(records, decoded.evicted_max);
+        self.clock.now_ms = decoded.clock_ms;
         self.applied = snapshot.meta.index;
         Ok(self.settle())
     }
@@ -322,20 +393,17 @@ impl<S: StateMachine> Rsm<S> {
                 EntryKind::Noop => None,
                 EntryKind::Normal => Some(self.apply_logged(&entry.data)?),
             };
-            if let Some((client, seq, output)) = &applied_by {
+            if let Some((client, seq, applied)) = &applied_by {
                 if let Some(slot) = self.expected.get_mut(&(*client, *seq)) {
-                    *slot = Some((entry.index, output.clone()));
+                    *slot = Some((entry.index, applied.clone()));
                 }
             }
             for pending in self.writes.remove(&entry.index).unwrap_or_default() {
                 completions.push(match &applied_by {
-                    Some((client, seq, output))
+                    Some((client, seq, applied))
                         if *client == pending.client && *seq == pending.seq =>
                     {
-                        Completion::Done {
-                            token: pending.token,
-                            output: output.clone(),
-                        }
+                        applied.completion(pending.token)
                     }
                     _ => Completion::Retry {
                         token: pending.token,
@@ -347,32 +415,61 @@ impl<S: StateMachine> Rsm<S> {
         Ok(completions)
     }
 
-    fn apply_logged(&mut self, data: &[u8]) -> Result<(ClientId, Seq, S::Output), RsmError> {
+    fn apply_logged(
+        &mut self,
+        data: &[u8],
+    ) -> Result<(ClientId, Seq, Applied<S::Output>), RsmError> {
         let logged = pb::LoggedCommand::decode(data).map_err(|e| RsmError::Decode {
             what: "log entry",
             detail: e.to_string(),
         })?;
         let (client, seq) = (logged.client_id, logged.seq);
-        if !S::SESSIONS {
+        self.clock.observe(
+            logged.time_ms,
+            SessionPolicy {
+                ttl_ms: logged.session_ttl_ms,
+                max_sessions: logged.max_sessions,
+            },
+        );
+        if !S::SESSIONS || client == 0 {
+            // Internal proposals (client 0) and machines that keep their own records apply everything.
+            self.machine.observe_clock(&self.clock);
             let command = S::decode_command(&logged.command)?;
-            return Ok((client, seq, self.machine.apply(command)));
+            return Ok((client, seq, Applied::Output(self.machine.apply(command))));
         }
-        if let Some(session) = self.sessions.get(&client) {
-            if seq <= session.seq {
-                // A duplicate in the log (the client retried before learning the outcome): apply nothing.
-                return Ok((client, seq, session.output.clone()));
+        if !self.clock.plausible(client) {
+            return Ok((client, seq, Applied::Expired(self.sessions.evicted_max())));
+        }
+        match self.sessions.lookup(client, seq) {
+            // A duplicate in the log (the client retried before learning the outcome): apply nothing.
+            Lookup::Repeat(output) | Lookup::Stale(output) => {
+                return Ok((client, seq, Applied::Output(output.clone())))
             }
+            Lookup::Expired(mark) => return Ok((client, seq, Applied::Expired(mark))),
+            Lookup::New => {}
         }
         let command = S::decode_command(&logged.command)?;
         let output = self.machine.apply(command);
-        self.sessions.insert(
-            client,
-            Session {
-                seq,
-                output: output.clone(),
+        self.sessions
+            .record(client, seq, S::remember(&output), &self.clock);
+        Ok((client, seq, Applied::Output(output)))
+    }
+
+    /// The completion for (`client`, `seq`) whose entry was applied without this node watching (before
+    /// it tracked it, or under a snapshot): the session table decides.
+    fn answer_from_session(
+        &self,
+        token: Token,
+        client: ClientId,
+        seq: Seq,
+    ) -> Completion<S::Output> {
+        match self.sessions.get(client) {
+            Some(session) if session.seq == seq => Completion::Done {
+                token,
+                output: session.output.clone(),
             },
-        );
-        Ok((client, seq, output))
+            _ => Completion::Retry { token },
+        }
     }
 
     /// Finish whatever the applied index now allows: queued reads, and writes whose index was passed by a
@@ -394,15 +491,7 @@ impl<S: StateMachine> Rsm<S> {
             .into_values()
             .flatten()
         {
-            completions.push(match self.sessions.get(&pending.client) {
-                Some(session) if session.seq == pending.seq => Completion::Done {
-                    token: pending.token,
-                    output: session.output.clone(),
-                },
-                _ => Completion::Retry {
-                    token: pending.token,
-                },
-            });
+            completions.push(self.answer_from_session(pending.token, pending.client, pending.seq));
         }
         completions
     }
@@ -418,8 +507,11 @@ impl<S: StateMachine> Rsm<S> {
                     client_id,
                     seq: s.seq,
                     output: S::encode_output(&s.output),
+                    last_ms: s.last_ms,
                 })
                 .collect(),
+            evicted_max: self.sessions.evicted_max(),
+            clock_ms: self.clock.now_ms,
         };
         (self.applied, Bytes::from(snapshot.encode_to_vec()))
     }

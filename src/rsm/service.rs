@@ -43,6 +43,8 @@ pub struct ServiceConfig {
     pub metrics: Option<ServiceMetrics>,
     /// Who may call the service's RPCs (open without TLS).
     pub guard: crate::security::Guard,
+    /// When client sessions are dropped (stamped on this node's proposals while it leads).
+    pub sessions: super::sessions::SessionPolicy,
 }
 
 impl Default for ServiceConfig {
@@ -53,6 +55,7 @@ impl Default for ServiceConfig {
             addresses: HashMap::new(),
             metrics: None,
             guard: crate::security::Guard::open(),
+            sessions: super::sessions::SessionPolicy::default(),
         }
     }
 }
@@ -70,6 +73,7 @@ pub enum ServiceError {
 enum Reply<O> {
     Done(O),
     Retry,
+    SessionExpired(u64),
 }
 
 struct Inner<S: StateMachine> {
@@ -94,6 +98,10 @@ impl<S: StateMachine> Inner<S> {
             let (token, reply) = match completion {
                 Completion::Done { token, output } => (token, Reply::Done(output)),
                 Completion::Retry { token } => (token, Reply::Retry),
+                Completion::SessionExpired {
+                    token,
+                    min_client_id,
+                } => (token, Reply::SessionExpired(min_client_id)),
             };
             if let Some(waiter) = self.waiters.remove(&token) {
                 // The request may have given up (deadline, client gone): nothing to do then.
@@ -178,18 +186,39 @@ pub enum Refusal {
     WrongLeader(Option<NodeId>),
     /// Not finished within the request timeout.
     Timeout,
+    /// The client's session was dropped; it must start a new one with an id above this.
+    SessionExpired(u64),
     /// Anything else, as a gRPC status.
     Status(Status),
 }
 
-/// Refuse a command whose session tag cannot be right: ids and sequence numbers start at 1.
+/// Refuse a command whose session tag cannot be right: ids and sequence numbers start at 1, and an id
+/// starts with its clerk's clock, which may not be far ahead of ours (see [`super::sessions`]).
 pub fn check_session(client_id: u64, seq: u64) -> Result<(), Status> {
     if client_id == 0 || seq == 0 {
         return Err(Status::invalid_argument(
             "client_id and seq must be non-zero (seq counts 1, 2, ... per client)",
         ));
     }
+    let clock = super::sessions::LogClock {
+        now_ms: unix_ms(),
+        policy: None,
+    };
+    if !clock.plausible(client_id) {
+        return Err(Status::invalid_argument(format!(
+            "client_id {client_id} is from the future: ids start with the clerk's clock (ms since \
+             the Unix epoch, shifted left by {} bits); check the client's clock",
+            super::sessions::CLIENT_ID_RANDOM_BITS
+        )));
+    }
     Ok(())
+}
+
+/// Wall-clock time in ms since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A state machine that can be served from tokio tasks: it and its commands, queries and outputs move
@@ -221,7 +250,7 @@ impl<S: ServedMachine> RsmService<S> {
     ) -> (RsmService<S>, JoinHandle<Result<(), ServiceError>>) {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
-                rsm: Rsm::new(machine),
+                rsm: Rsm::with_policy(machine, config.sessions),
                 waiters: HashMap::new(),
                 next_token: 0,
                 restored_snapshot_index: 0,
@@ -265,6 +294,14 @@ impl<S: ServedMachine> RsmService<S> {
             // The leader is handing over: whoever it hands to will lead shortly.
             NodeError::NotLeader(NotLeader::TransferInProgress) => Refusal::WrongLeader(None),
             NodeError::ReadAborted => Refusal::WrongLeader(None),
+            // Over the entry limit on every node: final.
+            e @ NodeError::TooLarge { .. } => {
+                Refusal::Status(Status::invalid_argument(e.to_string()))
+            }
+            // Too much in flight: the clerk backs off and tries again within its deadline.
+            e @ NodeError::Overloaded(_) => Refusal::Status(Status::resource_exhausted(format!(
+                "{e}; retry after a pause"
+            ))),
             other => Refusal::Status(Status::unavailable(format!("node unavailable: {other}"))),
         }
     }
@@ -282,6 +319,7 @@ impl<S: ServedMachine> RsmService<S> {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(Reply::Done(output))) => Ok(output),
             Ok(Ok(Reply::Retry)) => Err(Refusal::WrongLeader(None)),
+            Ok(Ok(Reply::SessionExpired(mark))) => Err(Refusal::SessionExpired(mark)),
             // The waiter table was dropped: the service is shutting down.
             Ok(Err(_)) => Err(Refusal::Status(Status::unavailable(
                 "service shutting down",
@@ -317,6 +355,7 @@ impl<S: ServedMachine> RsmService<S> {
                 Ok(_) => "ok",
                 Err(Refusal::WrongLeader(_)) => "wrong_leader",
                 Err(Refusal::Timeout) => "timeout",
+                Err(Refusal::SessionExpired(_)) => "session_expired",
                 Err(Refusal::Status(_)) => "error",
             };
             metrics.observe(kind, outcome, started.elapsed().as_secs_f64());
@@ -332,8 +371,9 @@ impl<S: ServedMachine> RsmService<S> {
         let deadline = Instant::now() + self.config.request_timeout;
         let bytes = {
             let mut inner = self.shared.lock();
-            match inner.rsm.prepare(client, seq, &command) {
+            match inner.rsm.prepare(client, seq, &command, unix_ms()) {
                 Prepared::Answered(output) => return Ok(output),
+                Prepared::Expired(mark) => return Err(Refusal::SessionExpired(mark)),
                 Prepared::Stale => {
                     return Err(Refusal::Status(Status::failed_precondition(format!(
                         "stale request: client {client} already moved past sequence number {seq}"
@@ -456,6 +496,7 @@ async fn apply_loop<S: StateMachine>(
                     next = applied.try_recv().ok();
                 }
             }
+            handle.report_applied(inner.rsm.applied());
             let status = handle.status();
             let due = config.snapshot_threshold > 0
                 && status.raft_state_bytes > config.snapshot_threshold

@@ -1,6 +1,7 @@
 use super::*;
 use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
 use crate::raft::SnapshotMeta;
+use crate::rsm::sessions::{self, SessionPolicy};
 
 fn put(key: &str, value: &str) -> KvCommand {
     KvCommand::Put {
@@ -26,7 +27,7 @@ fn entry(index: Index, data: Bytes) -> Entry {
 }
 
 fn proposal(rsm: &Rsm<KvStore>, client: ClientId, seq: Seq, command: &KvCommand) -> Bytes {
-    match rsm.prepare(client, seq, command) {
+    match rsm.prepare(client, seq, command, 1) {
         Prepared::Propose(bytes) => bytes,
         other => panic!("expected a proposal, got {other:?}"),
     }
@@ -51,17 +52,18 @@ fn a_command_in_the_log_twice_is_applied_once() {
             token: 100,
             output: KvOutput {
                 ok: true,
-                value: None
+                value: None,
+                elided: false,
             }
         }]
     );
     assert_eq!(get(&rsm, "k").as_deref(), Some("x"));
     // A third retry is answered from the session table without a proposal.
     assert!(matches!(
-        rsm.prepare(7, 1, &append("k", "x")),
+        rsm.prepare(7, 1, &append("k", "x"), 1),
         Prepared::Answered(_)
     ));
-    assert_eq!(rsm.prepare(7, 0, &append("k", "x")), Prepared::Stale);
+    assert_eq!(rsm.prepare(7, 0, &append("k", "x"), 1), Prepared::Stale);
 }
 
 #[test]
@@ -88,7 +90,8 @@ fn reads_wait_for_their_index_and_fail_on_leadership_loss() {
             token: 9,
             output: KvOutput {
                 ok: true,
-                value: Some("1".into())
+                value: Some("1".into()),
+                elided: false,
             }
         }]
     );
@@ -192,7 +195,7 @@ impl StateMachine for NoSessions {
 fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
     let mut rsm = Rsm::new(NoSessions(KvStore::default()));
     let command = append("k", "x");
-    let Prepared::Propose(data) = rsm.prepare(0, 41, &command) else {
+    let Prepared::Propose(data) = rsm.prepare(0, 41, &command, 1) else {
         panic!("no proposal")
     };
     rsm.expect(0, 41);
@@ -204,6 +207,7 @@ fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
     let appended = KvOutput {
         ok: true,
         value: None,
+        elided: false,
     };
     assert_eq!(
         rsm.track(9, 1, 0, 41),
@@ -213,7 +217,7 @@ fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
         })
     );
     // Without the expectation (withdrawn, or another proposal's index) the waiter must retry.
-    let Prepared::Propose(data) = rsm.prepare(0, 43, &command) else {
+    let Prepared::Propose(data) = rsm.prepare(0, 43, &command, 1) else {
         panic!("no proposal")
     };
     rsm.expect(0, 43);
@@ -224,4 +228,208 @@ fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
         Some(Completion::Retry { token: 10 })
     );
     assert!(rsm.expected.is_empty(), "an expectation was left behind");
+}
+
+/// Client ids as clerks make them: their clock (ms), then random bits.
+fn client_at(ms: u64, n: u64) -> ClientId {
+    (ms << sessions::CLIENT_ID_RANDOM_BITS) | n
+}
+
+fn capped(max_sessions: u64) -> SessionPolicy {
+    SessionPolicy {
+        ttl_ms: 60_000,
+        max_sessions,
+    }
+}
+
+/// Apply `command` for (`client`, `seq`) proposed at `now_ms` as the next entry; its completion.
+fn apply_one(
+    rsm: &mut Rsm<KvStore>,
+    token: Token,
+    client: ClientId,
+    seq: Seq,
+    command: &KvCommand,
+    now_ms: u64,
+) -> Completion<KvOutput> {
+    let Prepared::Propose(data) = rsm.prepare(client, seq, command, now_ms) else {
+        panic!("no proposal for client {client} seq {seq}")
+    };
+    let index = rsm.applied() + 1;
+    assert_eq!(rsm.track(token, index, client, seq), None);
+    let mut done = rsm.apply_entries(&[entry(index, data)]).expect("apply");
+    assert_eq!(done.len(), 1);
+    done.remove(0)
+}
+
+#[test]
+fn twenty_thousand_one_shot_clients_leave_at_most_the_cap_behind() {
+    let mut rsm = Rsm::with_policy(KvStore::default(), capped(1_000));
+    let start = 1_800_000_000_000;
+    for n in 0..20_000u64 {
+        let client = client_at(start + n, n);
+        let done = apply_one(
+            &mut rsm,
+            n,
+            client,
+            1,
+            &put(&format!("k{n}"), "v"),
+            start + n,
+        );
+        assert!(matches!(done, Completion::Done { .. }));
+        assert!(rsm.sessions() <= 1_000);
+    }
+    assert_eq!(rsm.sessions(), 1_000);
+    assert_eq!(rsm.machine().len(), 20_000, "every put applied once");
+    // The snapshot holds the cap's worth of sessions, not every client ever seen.
+    let (_, data) = rsm.snapshot();
+    let decoded = pb::Snapshot::decode(data.as_ref()).expect("decode");
+    assert_eq!(decoded.sessions.len(), 1_000);
+}
+
+#[test]
+fn a_dropped_session_is_never_applied_twice() {
+    let mut rsm = Rsm::with_policy(KvStore::default(), capped(2));
+    let t = 1_800_000_000_000;
+    let old = client_at(t, 1);
+    let retry = append("k", "x");
+    let Prepared::Propose(first_try) = rsm.prepare(old, 1, &retry, t) else {
+        panic!("no proposal")
+    };
+    rsm.apply_entries(&[entry(1, first_try.clone())])
+        .expect("apply");
+    // Two newer clients push the old session out.
+    apply_one(&mut rsm, 1, client_at(t + 1, 2), 1, &put("a", "1"), t + 1);
+    apply_one(&mut rsm, 2, client_at(t + 2, 3), 1, &put("b", "1"), t + 2);
+    assert_eq!(rsm.sessions(), 2);
+    // The old client's retry (it never heard back) is refused, both before and after the log...
+    assert_eq!(
+        rsm.prepare(old, 1, &retry, t + 3),
+        Prepared::Expired(old),
+        "a retry after the session was dropped is refused up front"
+    );
+    rsm.track(7, 4, old, 1);
+    let done = rsm.apply_entries(&[entry(4, first_try)]).expect("apply");
+    assert_eq!(
+        done,
+        vec![Completion::SessionExpired {
+            token: 7,
+            min_client_id: old
+        }]
+    );
+    // ... and the append happened exactly once.
+    assert_eq!(get(&rsm, "k").as_deref(), Some("x"));
+    // A client created later starts cleanly; one with an older id is told to move above the mark.
+    assert!(matches!(
+        rsm.prepare(client_at(t + 10, 4), 1, &put("c", "1"), t + 10),
+        Prepared::Propose(_)
+    ));
+    assert_eq!(
+        rsm.prepare(client_at(t - 1, 9), 1, &put("c", "1"), t + 10),
+        Prepared::Expired(old)
+    );
+}
+
+#[test]
+fn idle_sessions_expire_by_the_leaders_clock_in_the_log_and_survive_snapshots() {
+    let policy = SessionPolicy {
+        ttl_ms: 1_000,
+        max_sessions: 0,
+    };
+    let mut rsm = Rsm::with_policy(KvStore::default(), policy);
+    let t = 1_800_000_000_000;
+    let idle = client_at(t, 1);
+    apply_one(&mut rsm, 1, idle, 1, &put("a", "1"), t);
+    apply_one(&mut rsm, 2, client_at(t, 2), 1, &put("b", "1"), t + 500);
+    assert_eq!(rsm.sessions(), 2);
+    // A snapshot keeps the table, the mark and the clock: a restored replica expires the same way.
+    let (index, data) = rsm.snapshot();
+    let mut restored = Rsm::with_policy(KvStore::default(), policy);
+    restored
+        .apply_snapshot(&Snapshot {
+            meta: SnapshotMeta { index, term: 1 },
+            data,
+        })
+        .expect("restore");
+    for replica in [&mut rsm, &mut restored] {
+        apply_one(
+            replica,
+            3,
+            client_at(t + 1_200, 3),
+            1,
+            &put("c", "1"),
+            t + 1_200,
+        );
+        assert_eq!(replica.sessions(), 2, "the idle session went");
+        assert_eq!(
+            replica.prepare(idle, 2, &put("a", "2"), t + 1_300),
+            Prepared::Expired(idle)
+        );
+    }
+    assert_eq!(
+        rsm.snapshot(),
+        restored.snapshot(),
+        "replicas agree byte for byte"
+    );
+    // The log's clock never goes back, even under a leader whose clock is behind.
+    apply_one(&mut rsm, 4, client_at(t, 5), 1, &put("d", "1"), t);
+    assert_eq!(rsm.clock().now_ms, t + 1_200);
+}
+
+#[test]
+fn a_failed_cas_on_a_large_value_keeps_a_small_record() {
+    let mut rsm = Rsm::new(KvStore::default());
+    let t = 1_800_000_000_000;
+    let big = "v".repeat(crate::limits::MAX_VALUE_BYTES);
+    apply_one(&mut rsm, 1, client_at(t, 1), 1, &put("k", &big), t);
+    for n in 0..70 {
+        let client = client_at(t, 100 + n);
+        let cas = KvCommand::Cas {
+            key: "k".into(),
+            expected: Some("other".into()),
+            value: "new".into(),
+        };
+        // The caller itself is told the whole current value...
+        let Completion::Done { output, .. } = apply_one(&mut rsm, 10 + n, client, 1, &cas, t)
+        else {
+            panic!("cas not applied")
+        };
+        assert_eq!(output.value.as_deref().map(str::len), Some(big.len()));
+        // ... a retry only that it failed.
+        let Prepared::Answered(remembered) = rsm.prepare(client, 1, &cas, t) else {
+            panic!("retry not answered from the session table")
+        };
+        assert!(!remembered.ok && remembered.elided && remembered.value.is_none());
+    }
+    let (_, data) = rsm.snapshot();
+    let sessions_bytes = data.len() - big.len();
+    assert!(
+        sessions_bytes < 71 * crate::limits::MAX_SESSION_RECORD_BYTES,
+        "71 sessions take {sessions_bytes} bytes"
+    );
+}
+
+#[test]
+fn replicas_snapshots_are_byte_identical() {
+    let t = 1_800_000_000_000;
+    let mut replicas: Vec<Rsm<KvStore>> = (0..3).map(|_| Rsm::new(KvStore::default())).collect();
+    let leader = Rsm::new(KvStore::default());
+    let entries: Vec<Entry> = (0..500u64)
+        .map(|n| {
+            let command = put(&format!("key-{}", (n * 7919) % 263), &format!("value-{n}"));
+            let Prepared::Propose(data) =
+                leader.prepare(client_at(t, n % 37 + 1), n + 1, &command, t + n)
+            else {
+                panic!("no proposal")
+            };
+            entry(n + 1, data)
+        })
+        .collect();
+    // Each replica applies the log in differently sized batches.
+    for (r, replica) in replicas.iter_mut().enumerate() {
+        for batch in entries.chunks(r * 50 + 1) {
+            replica.apply_entries(batch).expect("apply");
+        }
+    }
+    let snapshots: Vec<_> = replicas.iter().map(Rsm::snapshot).collect();
+    assert!(snapshots.windows(2).all(|w| w[0] == w[1]));
 }

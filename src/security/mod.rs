@@ -215,7 +215,10 @@ impl Security {
 
     /// A tonic server builder that requires a client certificate from the cluster CA.
     pub fn server(&self) -> Result<tonic::transport::Server, SecurityError> {
-        let builder = tonic::transport::Server::builder();
+        // A bound on the requests one connection may have in flight: a client cannot make a server
+        // hold an unbounded number of waiting requests over one connection.
+        let builder = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(crate::limits::MAX_REQUESTS_PER_CONNECTION);
         match self {
             Security::Insecure => Ok(builder),
             Security::Tls(tls) => builder

@@ -16,14 +16,15 @@
 
 use super::key_to_shard;
 use crate::ctrler::{Config, CtrlerClerk, Gid};
-use crate::kv::clerk::{classify_reply, Routed};
+use crate::kv::clerk::{classify_reply, mutate_parts, Routed};
 use crate::kv::validate::{validate_command, validate_key};
 use crate::kv::KvCommand;
 use crate::kv::KvOps;
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_client::KvClient;
-use crate::rsm::client::{new_client_id, ClerkConfig, ClerkError, Replicas};
+use crate::rsm::client::{ClerkConfig, ClerkError, Replicas, Session};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -41,8 +42,7 @@ pub struct ShardClerk {
     config: Option<Config>,
     groups: HashMap<Gid, Group>,
     clerk_config: ClerkConfig,
-    client_id: u64,
-    seq: u64,
+    session: Session,
 }
 
 /// Where a request went wrong in one try, and whether the configuration should be re-read.
@@ -60,14 +60,13 @@ impl ShardClerk {
             config: None,
             groups: HashMap::new(),
             clerk_config: config,
-            client_id: new_client_id(),
-            seq: 0,
+            session: Session::default(),
         })
     }
 
     /// This clerk's session id (the same at every group).
     pub fn client_id(&self) -> u64 {
-        self.client_id
+        self.session.client_id()
     }
 
     /// The configuration the clerk last read, if any.
@@ -91,11 +90,13 @@ impl ShardClerk {
                 })
             }
         })
-        .await
+        .await?
+        .map_err(|_| ClerkError::Rejected("a read was answered SESSION_EXPIRED".into()))
     }
 
-    /// Send a request for `key` to the group serving it until one serves it or the deadline passes.
-    async fn route<T, F, Fut>(&mut self, key: &str, attempt: F) -> Result<T, ClerkError>
+    /// Send a request for `key` to the group serving it until one serves it (`Ok`) or says the session
+    /// expired (`Err`), or the deadline passes.
+    async fn route<T, F, Fut>(&mut self, key: &str, attempt: F) -> Result<Result<T, T>, ClerkError>
     where
         F: Fn(Channel, Duration) -> Fut,
         Fut: std::future::Future<
@@ -150,7 +151,7 @@ impl ShardClerk {
         key: &str,
         attempt: &F,
         deadline: Instant,
-    ) -> Result<Try<T>, ClerkError>
+    ) -> Result<Try<Result<T, T>>, ClerkError>
     where
         F: Fn(Channel, Duration) -> Fut,
         Fut: std::future::Future<
@@ -192,7 +193,8 @@ impl ShardClerk {
             }
         };
         match tokio::time::timeout_at(deadline, group.replicas.call(attempt)).await {
-            Ok(Ok(Routed::Served(value))) => Ok(Try::Done(value)),
+            Ok(Ok(Routed::Served(value))) => Ok(Try::Done(Ok(value))),
+            Ok(Ok(Routed::SessionExpired(value))) => Ok(Try::Done(Err(value))),
             Ok(Ok(Routed::WrongGroup)) => Ok(Try::Again(format!(
                 "group {gid} does not serve shard {shard} (configuration {num} says it does; it may be still receiving it)"
             ))),
@@ -208,25 +210,34 @@ impl ShardClerk {
 impl KvOps for ShardClerk {
     async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
         validate_command(&command)?;
-        // One number per mutation, kept across every retry at every group.
-        self.seq += 1;
         let key = command.key().to_string();
-        let request = pb::MutateRequest {
-            client_id: self.client_id,
-            seq: self.seq,
-            command: Some(pb::Command::from(&command)),
-        };
-        self.route(&key, move |channel, timeout| {
-            let mut client = KvClient::new(channel);
-            let request = request.clone();
-            async move {
-                let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
-                classify_reply(reply, |r: pb::MutateResponse| {
-                    (r.error, r.leader_address, r.outcome.unwrap_or_default())
+        loop {
+            // One number per mutation, kept across every retry at every group.
+            let (client_id, seq) = self.session.next_command();
+            let request = pb::MutateRequest {
+                client_id,
+                seq,
+                command: Some(pb::Command::from(&command)),
+            };
+            let attempts = AtomicU32::new(0);
+            let answer = self
+                .route(&key, |channel, timeout| {
+                    let mut client = KvClient::new(channel);
+                    let request = request.clone();
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
+                        classify_reply(reply, mutate_parts)
+                    }
                 })
+                .await?;
+            match answer {
+                Ok((outcome, _)) => return Ok(outcome),
+                Err((_, min_client_id)) => self
+                    .session
+                    .restart(min_client_id, attempts.load(Ordering::Relaxed))?,
             }
-        })
-        .await
+        }
     }
 }
 

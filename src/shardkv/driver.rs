@@ -282,6 +282,10 @@ impl Driver {
                 warn!(error = %status.message(), "internal proposal failed");
                 false
             }
+            Err(Refusal::SessionExpired(_)) => {
+                warn!("internal proposal answered SESSION_EXPIRED (it uses no session)");
+                false
+            }
         }
     }
 

@@ -355,7 +355,6 @@ pub fn delete_reply(output: ShardOutput) -> Result<Reply<()>, Unexpected> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn asked(after: Option<&str>) -> PullRequest {
         PullRequest {
@@ -372,7 +371,7 @@ mod tests {
             after: after.map(String::from),
             data: keys.iter().map(|k| (k.to_string(), "v".into())).collect(),
             last,
-            dedup: BTreeMap::new(),
+            dedup: Default::default(),
         }
     }
 

@@ -22,13 +22,11 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn};
 
-/// Largest shard-transfer message either side accepts. A shard moves in pages of about
-/// [`super::PAGE_BYTES`] of keys and values, but a page holds at least one whole key (values go up to
-/// 1 MiB) and the final page carries every dedup record of the shard (one per client that ever wrote
-/// to it, each with its last output, which for a cas may be a whole value): no fixed small bound
-/// covers that, and a refused answer would wedge the pulling group in its configuration for good. A
-/// generous limit costs nothing until a message is that large.
-pub const MAX_TRANSFER_BYTES: usize = 256 << 20;
+/// Largest shard-transfer answer either side accepts: one page, which the new owner proposes as one
+/// log entry. The size policy ([`crate::limits`]) bounds every page below it — keys and values to about
+/// [`super::PAGE_BYTES`] plus one whole key, dedup records by count and by what each keeps — so no
+/// answer is ever refused for its size.
+pub const MAX_TRANSFER_BYTES: usize = crate::limits::MAX_TRANSFER_BYTES;
 
 impl KvMachine for ShardKv {
     fn get_query(key: String) -> ShardQuery {
@@ -47,6 +45,7 @@ impl KvMachine for ShardKv {
         match output {
             ShardOutput::Kv(output) => KvAnswer::Done(output),
             ShardOutput::WrongGroup => KvAnswer::WrongGroup,
+            ShardOutput::SessionExpired(mark) => KvAnswer::SessionExpired(mark),
             other => KvAnswer::Unexpected(format!(
                 "shard group answered a client request with {other:?}"
             )),
@@ -135,6 +134,9 @@ fn shard_ref(shard: Option<pb::ShardRef>) -> Result<pb::ShardRef, Status> {
 fn refused(refusal: Refusal) -> Result<pb::TransferStatus, Status> {
     match refusal {
         Refusal::WrongLeader(_) | Refusal::Timeout => Ok(pb::TransferStatus::WrongLeader),
+        Refusal::SessionExpired(_) => Err(Status::internal(
+            "a shard transfer was answered SESSION_EXPIRED (it uses no session)",
+        )),
         Refusal::Status(status) => Err(status),
     }
 }

@@ -22,6 +22,7 @@ use super::key_to_shard;
 use super::wire;
 use crate::ctrler::{Config, Gid};
 use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
+use crate::rsm::sessions::{LogClock, Lookup, SessionTable};
 use crate::rsm::{ClientId, RsmError, Seq, StateMachine};
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -38,13 +39,17 @@ pub struct ShardData {
     pub shard: ShardId,
     /// Its keys and values.
     pub data: KvStore,
-    /// Each client's last applied request on this shard and its output.
-    pub dedup: BTreeMap<ClientId, (Seq, KvOutput)>,
+    /// Each client's last applied request on this shard and its output, expiring like every session
+    /// table (see [`crate::rsm::sessions`]).
+    pub dedup: Dedup,
 }
+
+/// A shard's dedup records.
+pub type Dedup = SessionTable<KvOutput>;
 
 /// Bytes of keys and values per page of a shard in transfer: pages travel as single RPC answers and
 /// single log entries, so a shard of any size moves in bounded messages.
-pub const PAGE_BYTES: usize = 1 << 20;
+pub const PAGE_BYTES: usize = crate::limits::PAGE_BYTES;
 
 /// One page of a shard moving between groups: the keys after `after`, in key order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,7 +65,7 @@ pub struct ShardPage {
     /// Whether this is the final page; only the final page carries the dedup records.
     pub last: bool,
     /// The shard's dedup records (final page only).
-    pub dedup: BTreeMap<ClientId, (Seq, KvOutput)>,
+    pub dedup: Dedup,
 }
 
 /// Where a gained shard comes from.
@@ -191,6 +196,9 @@ pub enum ShardOutput {
     Dropped,
     /// The caller of a `Pull` or `DropOutgoing` is not the group the shard was given to (this one).
     NotOwner(Gid),
+    /// A client command not applied because the client's session on this shard had been dropped; new
+    /// client ids must be above this one.
+    SessionExpired(ClientId),
 }
 
 /// Work only the group's leader can start: each item is a request to another service, whose answer
@@ -242,6 +250,8 @@ pub struct ShardKv {
     pub(super) shards: BTreeMap<ShardId, Owned>,
     pub(super) outgoing: BTreeMap<(u64, ShardId), Frozen>,
     pub(super) confirms: BTreeMap<(u64, ShardId), Source>,
+    /// The log's clock as of the command being applied (dedup records expire by it).
+    pub(super) clock: LogClock,
 }
 
 impl ShardKv {
@@ -253,6 +263,7 @@ impl ShardKv {
             shards: BTreeMap::new(),
             outgoing: BTreeMap::new(),
             confirms: BTreeMap::new(),
+            clock: LogClock::default(),
         }
     }
 
@@ -351,18 +362,24 @@ impl ShardKv {
     }
 
     fn apply_client(&mut self, client: ClientId, seq: Seq, command: KvCommand) -> ShardOutput {
+        let clock = self.clock;
         let Some(shard) = self.serving_shard(command.key()) else {
             return ShardOutput::WrongGroup;
         };
-        if let Some((last, output)) = shard.dedup.get(&client) {
-            if seq <= *last {
-                // A retry of an applied request (its output) or of an older one (the client gave up on
-                // it long ago; nothing to apply).
-                return ShardOutput::Kv(output.clone());
+        if !clock.plausible(client) {
+            return ShardOutput::SessionExpired(shard.dedup.evicted_max());
+        }
+        match shard.dedup.lookup(client, seq) {
+            // A retry of an applied request (its output) or of an older one (the client gave up on it
+            // long ago; nothing to apply).
+            Lookup::Repeat(output) | Lookup::Stale(output) => {
+                return ShardOutput::Kv(output.clone())
             }
+            Lookup::Expired(mark) => return ShardOutput::SessionExpired(mark),
+            Lookup::New => {}
         }
         let output = shard.data.apply(command);
-        shard.dedup.insert(client, (seq, output.clone()));
+        shard.dedup.record(client, seq, output.remembered(), &clock);
         ShardOutput::Kv(output)
     }
 
@@ -429,6 +446,7 @@ impl ShardKv {
         ShardOutput::Kv(KvOutput {
             ok: true,
             value: None,
+            elided: false,
         })
     }
 
@@ -459,7 +477,7 @@ impl ShardKv {
             data,
             last: !more,
             dedup: if more {
-                BTreeMap::new()
+                Dedup::default()
             } else {
                 frozen.contents.dedup.clone()
             },
@@ -510,6 +528,7 @@ impl ShardKv {
             return ShardOutput::Kv(KvOutput {
                 ok: true,
                 value: None,
+                elided: false,
             });
         }
         owned.contents.dedup = page.dedup;
@@ -520,6 +539,7 @@ impl ShardKv {
         ShardOutput::Kv(KvOutput {
             ok: true,
             value: None,
+            elided: false,
         })
     }
 
@@ -549,6 +569,7 @@ impl ShardKv {
         ShardOutput::Kv(KvOutput {
             ok: true,
             value: None,
+            elided: false,
         })
     }
 }
@@ -575,6 +596,10 @@ impl StateMachine for ShardKv {
     type Output = ShardOutput;
 
     const SESSIONS: bool = false;
+
+    fn observe_clock(&mut self, clock: &LogClock) {
+        self.clock = *clock;
+    }
 
     fn apply(&mut self, command: ShardCommand) -> ShardOutput {
         match command {
@@ -620,6 +645,7 @@ impl StateMachine for ShardKv {
                         ShardOutput::Kv(KvOutput {
                             ok: value.is_some(),
                             value,
+                            elided: false,
                         })
                     }
                     _ => ShardOutput::WrongGroup,

@@ -39,6 +39,7 @@ fn ok() -> ShardOutput {
     ShardOutput::Kv(KvOutput {
         ok: true,
         value: None,
+        elided: false,
     })
 }
 
@@ -81,7 +82,8 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
         get(&g1, &k1),
         ShardOutput::Kv(KvOutput {
             ok: true,
-            value: Some("y".into())
+            value: Some("y".into()),
+            elided: false,
         })
     );
 
@@ -133,7 +135,8 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
         get(&g2, &k1),
         ShardOutput::Kv(KvOutput {
             ok: true,
-            value: Some("y".into())
+            value: Some("y".into()),
+            elided: false,
         })
     );
     // The dedup record came along: the client's retry of seq 2 is not applied twice.
@@ -142,7 +145,8 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
         get(&g2, &k1),
         ShardOutput::Kv(KvOutput {
             ok: true,
-            value: Some("y".into())
+            value: Some("y".into()),
+            elided: false,
         })
     );
     // Now group 2 owes group 1 a delete; group 1 drops its copy; group 2 records the confirmation.
@@ -304,7 +308,8 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
             get(&g2, &format!("key{i:02}")),
             ShardOutput::Kv(KvOutput {
                 ok: true,
-                value: Some(value.clone())
+                value: Some(value.clone()),
+                elided: false,
             })
         );
     }
@@ -324,7 +329,8 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
         get(&g2, "key09"),
         ShardOutput::Kv(KvOutput {
             ok: true,
-            value: Some(value.clone())
+            value: Some(value.clone()),
+            elided: false,
         })
     );
     // Pages survive the wire and the log.
@@ -402,7 +408,8 @@ fn shards_left_with_nobody_are_found_at_their_last_owner() {
         get(&g2, &k0),
         ShardOutput::Kv(KvOutput {
             ok: true,
-            value: Some("kept".into())
+            value: Some("kept".into()),
+            elided: false,
         })
     );
     // A shard nobody ever held (no owner in the history) starts empty once adopted from nowhere.

@@ -6,17 +6,17 @@
 //! key order; pages' keys are sorted on decoding because protobuf maps carry no order.
 
 use super::state::{
-    Frozen, Owned, ShardCommand, ShardData, ShardKv, ShardOutput, ShardPage, Source,
+    Dedup, Frozen, Owned, ShardCommand, ShardData, ShardKv, ShardOutput, ShardPage, Source,
 };
 use crate::ctrler::state::{config_from_proto, config_to_proto};
 use crate::ctrler::Gid;
 use crate::kv::{KvCommand, KvOutput};
 use crate::proto::kv as kvpb;
 use crate::proto::shardkv as pb;
-use crate::rsm::{ClientId, RsmError, Seq};
+use crate::rsm::sessions::SessionRecord;
+use crate::rsm::{ClientId, RsmError};
 use bytes::Bytes;
 use prost::Message as _;
-use std::collections::BTreeMap;
 
 /// Encode a group's whole state for a snapshot.
 pub fn encode_state(machine: &ShardKv) -> Bytes {
@@ -124,6 +124,7 @@ pub fn decode_state(gid: Gid, data: &[u8]) -> Result<ShardKv, RsmError> {
         shards,
         outgoing,
         confirms,
+        clock: Default::default(),
     })
 }
 
@@ -240,10 +241,8 @@ pub fn decode_output(data: &[u8]) -> Result<ShardOutput, RsmError> {
     use pb::output::Result as R;
     let output = pb::Output::decode(data).map_err(|e| decode_error("shard group output", e))?;
     Ok(match output.result {
-        Some(R::Kv(outcome)) => ShardOutput::Kv(KvOutput {
-            ok: outcome.ok,
-            value: outcome.current,
-        }),
+        Some(R::Kv(outcome)) => ShardOutput::Kv(KvOutput::from(outcome)),
+        Some(R::SessionExpired(mark)) => ShardOutput::SessionExpired(mark),
         Some(R::WrongGroup(_)) => ShardOutput::WrongGroup,
         Some(R::Pulled(page)) => ShardOutput::Pulled(page_from_proto(page)),
         Some(R::NotReady(_)) => ShardOutput::NotReady,
@@ -263,10 +262,8 @@ fn decode_error(what: &'static str, e: prost::DecodeError) -> RsmError {
 fn output_to_proto(output: &ShardOutput) -> pb::Output {
     use pb::output::Result as R;
     let result = match output {
-        ShardOutput::Kv(kv) => R::Kv(kvpb::Outcome {
-            ok: kv.ok,
-            current: kv.value.clone(),
-        }),
+        ShardOutput::Kv(kv) => R::Kv(kvpb::Outcome::from(kv)),
+        ShardOutput::SessionExpired(mark) => R::SessionExpired(*mark),
         ShardOutput::WrongGroup => R::WrongGroup(true),
         ShardOutput::Ignored => R::Ignored(true),
         ShardOutput::Pulled(page) => R::Pulled(page_to_proto(page)),
@@ -279,34 +276,31 @@ fn output_to_proto(output: &ShardOutput) -> pb::Output {
     }
 }
 
-type Dedup = BTreeMap<ClientId, (Seq, KvOutput)>;
-
 fn dedup_to_proto(dedup: &Dedup) -> Vec<pb::Dedup> {
     dedup
         .iter()
-        .map(|(&client_id, (seq, output))| pb::Dedup {
+        .map(|(&client_id, record)| pb::Dedup {
             client_id,
-            seq: *seq,
-            outcome: Some(kvpb::Outcome {
-                ok: output.ok,
-                current: output.value.clone(),
-            }),
+            seq: record.seq,
+            outcome: Some(kvpb::Outcome::from(&record.output)),
+            last_ms: record.last_ms,
         })
         .collect()
 }
 
-fn dedup_from_proto(dedup: Vec<pb::Dedup>) -> Dedup {
-    dedup
-        .into_iter()
-        .map(|d| {
-            let outcome = d.outcome.unwrap_or_default();
-            let output = KvOutput {
-                ok: outcome.ok,
-                value: outcome.current,
-            };
-            (d.client_id, (d.seq, output))
-        })
-        .collect()
+/// Decode dedup records; outputs are bounded as they would have been when recorded (records written by
+/// versions that kept whole values shrink here).
+fn dedup_from_proto(dedup: Vec<pb::Dedup>, evicted_max: ClientId) -> Dedup {
+    let records = dedup.into_iter().map(|d| {
+        let output = KvOutput::from(d.outcome.unwrap_or_default()).remembered();
+        let record = SessionRecord {
+            seq: d.seq,
+            output,
+            last_ms: d.last_ms,
+        };
+        (d.client_id, record)
+    });
+    Dedup::from_parts(records, evicted_max)
 }
 
 /// Encode a shard for snapshots.
@@ -320,6 +314,7 @@ pub fn shard_to_proto(data: &ShardData) -> pb::ShardData {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         dedup: dedup_to_proto(&data.dedup),
+        dedup_evicted_max: data.dedup.evicted_max(),
         after: None,
         last: true,
     }
@@ -331,7 +326,7 @@ pub fn shard_from_proto(data: pb::ShardData) -> ShardData {
         config_num: data.config_num,
         shard: data.shard,
         data: data.data.into_iter().collect(),
-        dedup: dedup_from_proto(data.dedup),
+        dedup: dedup_from_proto(data.dedup, data.dedup_evicted_max),
     }
 }
 
@@ -342,6 +337,7 @@ pub fn page_to_proto(page: &ShardPage) -> pb::ShardData {
         shard: page.shard,
         data: page.data.iter().cloned().collect(),
         dedup: dedup_to_proto(&page.dedup),
+        dedup_evicted_max: page.dedup.evicted_max(),
         after: page.after.clone(),
         last: page.last,
     }
@@ -358,6 +354,6 @@ pub fn page_from_proto(page: pb::ShardData) -> ShardPage {
         after: page.after,
         data,
         last: page.last,
-        dedup: dedup_from_proto(page.dedup),
+        dedup: dedup_from_proto(page.dedup, page.dedup_evicted_max),
     }
 }

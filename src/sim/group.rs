@@ -83,6 +83,8 @@ pub enum ReplyResult<O> {
     Done(O),
     /// Not the leader (hint: who may be), or the request was lost with leadership: try elsewhere.
     WrongLeader(Option<NodeId>),
+    /// Not applied: the client's session had been dropped (ids above this one start afresh).
+    SessionExpired(u64),
 }
 
 /// Who a reply goes to: (caller, request id), meaningful only to the world.
@@ -259,8 +261,11 @@ impl<S: SimService> Group<S> {
                 client,
                 seq,
                 command,
-            } => match s.rsm.prepare(client, seq, &command) {
+            } => match s.rsm.prepare(client, seq, &command, clock.now()) {
                 Prepared::Answered(output) => replies.push((i, from, ReplyResult::Done(output))),
+                Prepared::Expired(mark) => {
+                    replies.push((i, from, ReplyResult::SessionExpired(mark)))
+                }
                 Prepared::Stale => {}
                 Prepared::Propose(data) => match core.propose(data) {
                     Ok((index, _)) => {
@@ -288,7 +293,8 @@ impl<S: SimService> Group<S> {
         let Some(core) = self.raft.hosts[i].core.as_mut() else {
             return Ok((false, Vec::new()));
         };
-        let Prepared::Propose(data) = self.servers[i].rsm.prepare(0, 0, command) else {
+        let Prepared::Propose(data) = self.servers[i].rsm.prepare(0, 0, command, clock.now())
+        else {
             return Ok((false, Vec::new()));
         };
         let accepted = core.propose(data).is_ok();
@@ -305,6 +311,10 @@ impl<S: SimService> Group<S> {
             let (token, result) = match completion {
                 Completion::Done { token, output } => (token, ReplyResult::Done(output)),
                 Completion::Retry { token } => (token, ReplyResult::WrongLeader(None)),
+                Completion::SessionExpired {
+                    token,
+                    min_client_id,
+                } => (token, ReplyResult::SessionExpired(min_client_id)),
             };
             if let Some(to) = server.waiting.remove(&token) {
                 replies.push((i, to, result));

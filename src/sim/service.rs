@@ -462,6 +462,11 @@ impl<S: SimService> Clerk<S> {
                     cluster.record(self.client_id, &finished, &output);
                     return Some(output);
                 }
+                ReplyResult::SessionExpired(mark) => panic!(
+                    "client {} was told its session expired (mark {mark}): the simulator's \
+                     policy keeps every session it creates",
+                    self.client_id
+                ),
                 ReplyResult::WrongLeader(hint) => {
                     self.leader = match hint {
                         Some(h)

@@ -42,6 +42,8 @@ pub struct Replicas {
     pub tls: Option<PathBuf>,
     /// The `--cluster` each node is started with, if any.
     pub cluster: Option<String>,
+    /// More `kvd` flags for every node.
+    pub extra_args: Vec<String>,
 }
 
 impl Replicas {
@@ -65,6 +67,24 @@ impl Replicas {
     /// `n` replicas of `role` in a fresh temporary directory.
     pub fn start_temp(role: Role, n: usize, snapshot_threshold: u64) -> Replicas {
         Self::start_temp_with(role, n, snapshot_threshold, None, None)
+    }
+
+    /// [`Replicas::start_temp`] with more `kvd` flags for every node.
+    #[allow(dead_code)] // not every test binary passes flags
+    pub fn start_temp_args(
+        role: Role,
+        n: usize,
+        snapshot_threshold: u64,
+        args: &[&str],
+    ) -> Replicas {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        let mut replicas = Self::prepare(dir, Some(temp), role, n, snapshot_threshold);
+        replicas.extra_args = args.iter().map(|a| a.to_string()).collect();
+        for i in 0..n {
+            replicas.start_node(i);
+        }
+        replicas
     }
 
     /// [`Replicas::start_temp`] with TLS from the CA in `tls` and a `--cluster` name.
@@ -126,6 +146,7 @@ impl Replicas {
             children: (0..n).map(|_| None).collect(),
             tls: None,
             cluster: None,
+            extra_args: Vec::new(),
         };
         std::fs::create_dir_all(&replicas.dir).expect("replicas dir");
         replicas
@@ -141,7 +162,7 @@ impl Replicas {
     }
 
     /// How the replicas are named in failure messages.
-    fn name(&self) -> String {
+    pub fn name(&self) -> String {
         match &self.role {
             Role::Kv => "kv".into(),
             Role::Ctrler => "controllers".into(),
@@ -212,6 +233,7 @@ impl Replicas {
             .arg("--data-dir")
             .arg(self.data_dir(i))
             .args(["--snapshot-threshold", &self.snapshot_threshold.to_string()])
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

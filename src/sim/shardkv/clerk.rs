@@ -187,6 +187,11 @@ impl ShardClerk {
                     return None;
                 }
                 (Answer::Server(ReplyResult::WrongLeader(_)), _) => {}
+                (Answer::Server(ReplyResult::SessionExpired(mark)), _) => panic!(
+                    "client {} was told its session expired (mark {mark}): the simulator's \
+                     policy keeps every session it creates",
+                    self.client_id
+                ),
             }
         }
         match current.target {

@@ -1,0 +1,84 @@
+//! The size policy: every limit on what a client, a peer or a migration may make the system hold or send,
+//! in one place, so the layers cannot drift apart (a value one layer accepts and the next cannot carry
+//! is how a group wedges for good).
+//!
+//! How the numbers hang together, smallest first:
+//!
+//! - a **key** is at most [`MAX_KEY_BYTES`] and a **value** at most [`MAX_VALUE_BYTES`] — including the
+//!   value an `Append` would produce (refused at apply, on every replica alike);
+//! - a **client request or answer** is at most [`MAX_CLIENT_MESSAGE_BYTES`]: one key and one value with
+//!   room to spare, so every accepted value can be read back;
+//! - a **remembered output** (the dedup record of a client's last command) holds a value of at most
+//!   [`MAX_REMEMBERED_VALUE_BYTES`]; a failed compare-and-swap on a longer value remembers only that it
+//!   failed, so dedup tables stay small however large values are;
+//! - a **session table** holds at most [`MAX_SESSIONS`] clients (per table: a KV cluster's, or one shard's);
+//! - a **shard transfer page** carries about [`PAGE_BYTES`] of keys and values (at least one whole key),
+//!   plus, on the final page, the shard's session table — so a page is at most
+//!   `PAGE_BYTES + MAX_KEY_BYTES + MAX_VALUE_BYTES + MAX_SESSIONS × MAX_SESSION_RECORD_BYTES`;
+//! - a **log entry** is at most [`MAX_ENTRY_BYTES`], which holds the largest page; a proposal over it is
+//!   refused, never appended;
+//! - a **peer message** is at most [`MAX_PEER_MESSAGE_BYTES`], twice the entry limit, so any entry fits in an
+//!   AppendEntries with its envelope.
+//!
+//! Compile-time assertions below check these relations, so raising one limit without the others fails
+//! the build rather than a production group.
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 4 << 10;
+
+/// Longest value accepted, in bytes: of a put, of a compare-and-swap's values, and of the value an
+/// append would produce.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// Largest client request or answer on the wire (`kv.Kv`, `ctrler.Ctrler`): a key and a value plus
+/// framing, with room to spare.
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Longest value a dedup record keeps (a failed compare-and-swap's current value). Longer values are
+/// elided from the record: a retry is told the swap failed, not what the value was.
+pub const MAX_REMEMBERED_VALUE_BYTES: usize = 64;
+
+/// Largest encoded dedup record: client id, sequence number, time, and a remembered output.
+pub const MAX_SESSION_RECORD_BYTES: usize = 128;
+
+/// Most client sessions one dedup table keeps; beyond it the least recently active are dropped (their
+/// clients are told `SESSION_EXPIRED`, never applied twice). An upper bound for `--max-sessions`.
+pub const MAX_SESSIONS: usize = 100_000;
+
+/// Sessions kept by default (`--max-sessions`).
+pub const DEFAULT_MAX_SESSIONS: usize = 50_000;
+
+/// How long an idle session is kept by default (`--session-ttl`), in milliseconds of log time.
+pub const DEFAULT_SESSION_TTL_MS: u64 = 60 * 60 * 1000;
+
+/// Bytes of keys and values per page of a shard in transfer.
+pub const PAGE_BYTES: usize = 1 << 20;
+
+/// Requests one client connection may have in flight at a server; more wait in the connection.
+pub const MAX_REQUESTS_PER_CONNECTION: usize = 256;
+
+/// Largest log entry: a proposal above it is refused with a clear error, never appended.
+pub const MAX_ENTRY_BYTES: usize = 32 << 20;
+
+/// Largest message between Raft peers (AppendEntries with its entries, a snapshot chunk).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Largest shard-transfer answer: one page, which must also fit one log entry on the new owner.
+pub const MAX_TRANSFER_BYTES: usize = MAX_ENTRY_BYTES;
+
+/// The largest final page a shard transfer can produce (see the module documentation).
+pub const MAX_PAGE_BYTES: usize =
+    PAGE_BYTES + MAX_KEY_BYTES + MAX_VALUE_BYTES + MAX_SESSIONS * MAX_SESSION_RECORD_BYTES;
+
+// The relations above, checked when the crate compiles: raising one limit without the others fails the
+// build, not a production group.
+// Every accepted value can be written and read back in one client message.
+const _: () = assert!(MAX_KEY_BYTES + MAX_VALUE_BYTES + 4096 < MAX_CLIENT_MESSAGE_BYTES);
+// A remembered output fits its record (three varints, a flag and framing around the value).
+const _: () = assert!(MAX_REMEMBERED_VALUE_BYTES + 3 * 10 + 8 <= MAX_SESSION_RECORD_BYTES);
+// The largest page (with framing) fits one entry, and the largest entry one peer message with headroom
+// for the envelope and the other entries of a batch.
+const _: () = assert!(MAX_PAGE_BYTES + (1 << 20) < MAX_ENTRY_BYTES);
+const _: () = assert!(2 * MAX_ENTRY_BYTES <= MAX_PEER_MESSAGE_BYTES);
+const _: () = assert!(DEFAULT_MAX_SESSIONS <= MAX_SESSIONS);
+const _: () = assert!(MAX_TRANSFER_BYTES <= MAX_ENTRY_BYTES);

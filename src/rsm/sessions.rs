@@ -1,0 +1,298 @@
+//! Dedup records with a bound every replica agrees on: the session table behind exactly-once.
+//!
+//! Why sessions expire: every clerk (every `kvctl` run, every bench client) is a new session, and a table
+//! that keeps them all grows without end — in memory, in every snapshot, and for a shard group in every
+//! migration's final page. So a table drops sessions idle longer than a TTL and, beyond a count, the least
+//! recently active ones. Both rules use only what is in the log: time is the leader's clock stamped into
+//! each entry ([`LogClock`], Raft dissertation §6.3), and the policy travels in the entries too, so every
+//! replica drops the same sessions at the same index whatever its own flags say.
+//!
+//! Why dropping is safe: the table remembers the largest client id it ever dropped (`evicted_max`). A
+//! command from a client it does not know whose id is not above that mark may be a retry of a command
+//! applied before the session was dropped, so it is not applied; the client is told its session expired
+//! ([`Lookup::Expired`]). Client ids start with the creating clerk's clock ([`crate::rsm::client::new_client_id`]),
+//! so clients created after a drop have larger ids and start cleanly; an unlucky new client below the
+//! mark is told to take a new id above it, which costs it one round trip and risks nothing.
+//!
+//! The exactly-once window: a command retried while its session is kept is answered from the table; a
+//! retry after the session was dropped is refused with `SESSION_EXPIRED` — never applied a second time.
+
+use super::{ClientId, Seq};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Low bits of a client id that are random; the bits above are the creating clerk's Unix time in ms.
+pub const CLIENT_ID_RANDOM_BITS: u32 = 20;
+
+/// How far (ms) a client id's clock may be ahead of the log's before the id is refused: an id far in the
+/// future, once dropped, would refuse every honest new client until the clock caught up with it.
+pub const MAX_CLIENT_CLOCK_AHEAD_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// When sessions are dropped. Carried in every logged command (the proposing leader's flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionPolicy {
+    /// Drop sessions idle longer than this (log time, ms); 0 never does.
+    pub ttl_ms: u64,
+    /// Keep at most this many sessions, dropping the least recently active; 0 means no limit.
+    pub max_sessions: u64,
+}
+
+impl Default for SessionPolicy {
+    fn default() -> Self {
+        SessionPolicy {
+            ttl_ms: crate::limits::DEFAULT_SESSION_TTL_MS,
+            max_sessions: crate::limits::DEFAULT_MAX_SESSIONS as u64,
+        }
+    }
+}
+
+impl SessionPolicy {
+    /// Keep every session (entries written before sessions expired carry no policy).
+    pub const KEEP_ALL: SessionPolicy = SessionPolicy {
+        ttl_ms: 0,
+        max_sessions: 0,
+    };
+}
+
+/// The log's notion of time and of the session policy, advanced by each applied command.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogClock {
+    /// The latest leader timestamp applied (ms since the Unix epoch; 0 before any).
+    pub now_ms: u64,
+    /// The policy of the latest applied command.
+    pub policy: Option<SessionPolicy>,
+}
+
+impl LogClock {
+    /// Move to an applied command's stamp. Time never goes back, even if a new leader's clock is behind.
+    pub fn observe(&mut self, time_ms: u64, policy: SessionPolicy) {
+        self.now_ms = self.now_ms.max(time_ms);
+        self.policy = Some(policy);
+    }
+
+    /// Whether `client`'s id is one an honest clerk could have made by now (always, before any time is
+    /// known).
+    pub fn plausible(&self, client: ClientId) -> bool {
+        self.now_ms == 0
+            || client >> CLIENT_ID_RANDOM_BITS
+                <= self.now_ms.saturating_add(MAX_CLIENT_CLOCK_AHEAD_MS)
+    }
+}
+
+/// One client's last command and what it returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord<O> {
+    /// Its sequence number.
+    pub seq: Seq,
+    /// Its output, as [`crate::rsm::StateMachine::remember`] keeps it.
+    pub output: O,
+    /// Log time of the client's last command.
+    pub last_ms: u64,
+}
+
+/// What the table says about a client's command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a, O> {
+    /// The client's last command again: here is its output.
+    Repeat(&'a O),
+    /// Older than the client's last command: the client gave up on it long ago.
+    Stale(&'a O),
+    /// The client is unknown and may have had a session that was dropped: do not apply; it must start a
+    /// new session with an id above the given one.
+    Expired(ClientId),
+    /// A new command: apply it and [`SessionTable::record`] the output.
+    New,
+}
+
+/// The dedup table of one replicated machine (or of one shard). See the module documentation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionTable<O> {
+    records: BTreeMap<ClientId, SessionRecord<O>>,
+    /// (last active, client) of every record: the eviction order, oldest first, ties by id.
+    by_activity: BTreeSet<(u64, ClientId)>,
+    evicted_max: ClientId,
+}
+
+impl<O> Default for SessionTable<O> {
+    fn default() -> Self {
+        SessionTable {
+            records: BTreeMap::new(),
+            by_activity: BTreeSet::new(),
+            evicted_max: 0,
+        }
+    }
+}
+
+impl<O> SessionTable<O> {
+    /// A table from decoded records and mark (a snapshot, a shard's final page).
+    pub fn from_parts(
+        records: impl IntoIterator<Item = (ClientId, SessionRecord<O>)>,
+        evicted_max: ClientId,
+    ) -> Self {
+        let records: BTreeMap<_, _> = records.into_iter().collect();
+        let by_activity = records.iter().map(|(&c, r)| (r.last_ms, c)).collect();
+        SessionTable {
+            records,
+            by_activity,
+            evicted_max,
+        }
+    }
+
+    /// Sessions kept.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether no session is kept.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The largest client id ever dropped (0: none).
+    pub fn evicted_max(&self) -> ClientId {
+        self.evicted_max
+    }
+
+    /// The records in client order (for encoding: the order is the same on every replica).
+    pub fn iter(&self) -> impl Iterator<Item = (&ClientId, &SessionRecord<O>)> {
+        self.records.iter()
+    }
+
+    /// `client`'s record.
+    pub fn get(&self, client: ClientId) -> Option<&SessionRecord<O>> {
+        self.records.get(&client)
+    }
+
+    /// What to do with command `seq` of `client`.
+    pub fn lookup(&self, client: ClientId, seq: Seq) -> Lookup<'_, O> {
+        match self.records.get(&client) {
+            Some(r) if seq == r.seq => Lookup::Repeat(&r.output),
+            Some(r) if seq < r.seq => Lookup::Stale(&r.output),
+            Some(_) => Lookup::New,
+            None if client <= self.evicted_max => Lookup::Expired(self.evicted_max),
+            None => Lookup::New,
+        }
+    }
+
+    /// Remember `client`'s command `seq` and its output, then drop what the clock's policy says to.
+    pub fn record(&mut self, client: ClientId, seq: Seq, output: O, clock: &LogClock) {
+        let last_ms = clock.now_ms;
+        if let Some(old) = self.records.insert(
+            client,
+            SessionRecord {
+                seq,
+                output,
+                last_ms,
+            },
+        ) {
+            self.by_activity.remove(&(old.last_ms, client));
+        }
+        self.by_activity.insert((last_ms, client));
+        self.expire(clock);
+    }
+
+    /// Drop the sessions the clock's policy no longer keeps: idle past the TTL, then the least recently
+    /// active beyond the count.
+    pub fn expire(&mut self, clock: &LogClock) {
+        let Some(policy) = clock.policy else { return };
+        let idle_before = clock.now_ms.saturating_sub(policy.ttl_ms);
+        while let Some(&(last_ms, client)) = self.by_activity.first() {
+            let too_old = policy.ttl_ms > 0 && last_ms < idle_before;
+            let too_many =
+                policy.max_sessions > 0 && self.records.len() as u64 > policy.max_sessions;
+            if !(too_old || too_many) {
+                break;
+            }
+            self.by_activity.pop_first();
+            self.records.remove(&client);
+            self.evicted_max = self.evicted_max.max(client);
+        }
+    }
+
+    /// Change every kept output (used to bound records decoded from an older format).
+    pub fn map_outputs(self, f: impl Fn(O) -> O) -> Self {
+        SessionTable {
+            records: self
+                .records
+                .into_iter()
+                .map(|(c, r)| {
+                    (
+                        c,
+                        SessionRecord {
+                            output: f(r.output),
+                            ..r
+                        },
+                    )
+                })
+                .collect(),
+            by_activity: self.by_activity,
+            evicted_max: self.evicted_max,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock(now_ms: u64, ttl_ms: u64, max_sessions: u64) -> LogClock {
+        LogClock {
+            now_ms,
+            policy: Some(SessionPolicy {
+                ttl_ms,
+                max_sessions,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_least_recently_active_go_first_and_cannot_come_back() {
+        let mut table = SessionTable::default();
+        for (client, at) in [(10u64, 1u64), (20, 2), (30, 3)] {
+            table.record(client, 1, "out", &clock(at, 0, 2));
+        }
+        assert_eq!(table.len(), 2);
+        assert_eq!(
+            table.lookup(10, 1),
+            Lookup::Expired(10),
+            "dropped: a retry is refused"
+        );
+        assert_eq!(table.lookup(20, 1), Lookup::Repeat(&"out"));
+        assert_eq!(table.lookup(20, 2), Lookup::New);
+        assert_eq!(table.lookup(5, 1), Lookup::Expired(10), "below the mark");
+        assert_eq!(table.lookup(11, 1), Lookup::New, "above the mark");
+        // Activity moves a session to the back of the line.
+        table.record(20, 2, "again", &clock(4, 0, 2));
+        table.record(40, 1, "out", &clock(5, 0, 2));
+        assert!(table.get(20).is_some());
+        assert_eq!(table.lookup(30, 1), Lookup::Expired(30));
+    }
+
+    #[test]
+    fn idle_sessions_expire_by_log_time() {
+        let mut table = SessionTable::default();
+        table.record(1, 1, (), &clock(1_000, 500, 0));
+        table.record(2, 1, (), &clock(1_400, 500, 0));
+        table.record(3, 1, (), &clock(1_600, 500, 0));
+        assert!(table.get(1).is_none());
+        assert!(table.get(2).is_some());
+        // Without a policy (entries from before sessions expired) nothing goes.
+        table.expire(&LogClock {
+            now_ms: 1_000_000,
+            policy: None,
+        });
+        assert_eq!(table.len(), 2);
+        let rebuilt = SessionTable::from_parts(
+            table.iter().map(|(&c, r)| (c, r.clone())),
+            table.evicted_max(),
+        );
+        assert_eq!(rebuilt, table);
+    }
+
+    #[test]
+    fn ids_from_far_in_the_future_are_implausible() {
+        let clock = clock(1_000, 0, 0);
+        assert!(clock.plausible(1_000 << CLIENT_ID_RANDOM_BITS));
+        assert!(!clock.plausible(u64::MAX));
+        assert!(LogClock::default().plausible(u64::MAX));
+    }
+}
