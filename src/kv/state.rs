@@ -3,8 +3,9 @@
 use crate::proto::kv as pb;
 use crate::rsm::{RsmError, StateMachine};
 use bytes::Bytes;
+use imbl::OrdMap;
 use prost::Message as _;
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// A command that changes the map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,9 +68,14 @@ pub struct KvOutput {
 
 /// The replicated map. Ordered, so snapshots are byte-for-byte the same on every replica and a shard
 /// group can hold one per shard.
+///
+/// Persistent (`imbl::OrdMap` of shared strings): a clone costs O(1) and shares every node, so a
+/// snapshot is encoded from a clone taken under the service lock in an instant, off the lock and off
+/// the Raft loop, while writes go on (each write then copies only the path it changes, and keys and
+/// values are reference-counted, so that copy never duplicates a value).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvStore {
-    data: BTreeMap<String, String>,
+    data: OrdMap<Arc<str>, Arc<str>>,
 }
 
 impl KvStore {
@@ -84,8 +90,8 @@ impl KvStore {
     }
 
     /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&String> {
-        self.data.get(key)
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.data.get(key).map(|v| &**v)
     }
 
     /// The keys after `after` (from the first if `None`), in order, until their keys and values pass
@@ -94,35 +100,42 @@ impl KvStore {
     pub fn page(&self, after: Option<&str>, max_bytes: usize) -> (Vec<(String, String)>, bool) {
         use std::ops::Bound;
         let start = match after {
-            Some(key) => Bound::Excluded(key.to_string()),
+            Some(key) => Bound::Excluded(key),
             None => Bound::Unbounded,
         };
         let mut page = Vec::new();
         let mut bytes = 0;
-        let mut range = self.data.range((start, Bound::Unbounded)).peekable();
+        let mut range = self
+            .data
+            .range::<_, str>((start, Bound::Unbounded))
+            .peekable();
         while let Some((key, value)) = range.next_if(|_| page.is_empty() || bytes < max_bytes) {
             bytes += key.len() + value.len();
-            page.push((key.clone(), value.clone()));
+            page.push((key.to_string(), value.to_string()));
         }
         (page, range.peek().is_some())
     }
 
     /// Every key and value, in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
-        self.data.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.data.iter().map(|(k, v)| (&**k, &**v))
     }
 }
 
 impl Extend<(String, String)> for KvStore {
     fn extend<I: IntoIterator<Item = (String, String)>>(&mut self, pairs: I) {
-        self.data.extend(pairs);
+        self.data
+            .extend(pairs.into_iter().map(|(k, v)| (Arc::from(k), Arc::from(v))));
     }
 }
 
 impl FromIterator<(String, String)> for KvStore {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
         KvStore {
-            data: pairs.into_iter().collect(),
+            data: pairs
+                .into_iter()
+                .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+                .collect(),
         }
     }
 }
@@ -185,7 +198,7 @@ impl StateMachine for KvStore {
     fn apply(&mut self, command: KvCommand) -> KvOutput {
         match command {
             KvCommand::Put { key, value } => {
-                self.data.insert(key, value);
+                self.data.insert(key.into(), value.into());
                 KvOutput {
                     ok: true,
                     value: None,
@@ -196,7 +209,7 @@ impl StateMachine for KvStore {
                 // The limit holds for the value an append produces, not just the suffix: values that
                 // grow without end would stall replication and migrations for everyone. Checked here,
                 // at apply, so every replica refuses the same appends; nothing changes on a refusal.
-                let current = self.data.get(&key).map_or(0, String::len);
+                let current = self.data.get(key.as_str()).map_or(0, |v| v.len());
                 if current + value.len() > super::validate::MAX_VALUE_BYTES {
                     return KvOutput {
                         ok: false,
@@ -204,7 +217,11 @@ impl StateMachine for KvStore {
                         elided: false,
                     };
                 }
-                self.data.entry(key).or_default().push_str(&value);
+                let appended = match self.data.get(key.as_str()) {
+                    Some(current) => Arc::from(format!("{current}{value}")),
+                    None => Arc::from(value),
+                };
+                self.data.insert(key.into(), appended);
                 KvOutput {
                     ok: true,
                     value: None,
@@ -212,7 +229,7 @@ impl StateMachine for KvStore {
                 }
             }
             KvCommand::Delete { key } => KvOutput {
-                ok: self.data.remove(&key).is_some(),
+                ok: self.data.remove(key.as_str()).is_some(),
                 value: None,
                 elided: false,
             },
@@ -221,9 +238,9 @@ impl StateMachine for KvStore {
                 expected,
                 value,
             } => {
-                let current = self.data.get(&key);
-                if current == expected.as_ref() {
-                    self.data.insert(key, value);
+                let current = self.data.get(key.as_str());
+                if current.map(|v| &**v) == expected.as_deref() {
+                    self.data.insert(key.into(), value.into());
                     KvOutput {
                         ok: true,
                         value: None,
@@ -232,7 +249,7 @@ impl StateMachine for KvStore {
                 } else {
                     KvOutput {
                         ok: false,
-                        value: current.cloned(),
+                        value: current.map(|v| v.to_string()),
                         elided: false,
                     }
                 }
@@ -243,7 +260,7 @@ impl StateMachine for KvStore {
     fn query(&self, query: &KvQuery) -> KvOutput {
         match query {
             KvQuery::Get { key } => {
-                let value = self.data.get(key).cloned();
+                let value = self.data.get(key.as_str()).map(|v| v.to_string());
                 KvOutput {
                     ok: value.is_some(),
                     value,
@@ -256,7 +273,11 @@ impl StateMachine for KvStore {
     fn snapshot(&self) -> Bytes {
         Bytes::from(
             pb::State {
-                data: self.data.clone().into_iter().collect(),
+                data: self
+                    .data
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             }
             .encode_to_vec(),
         )
@@ -267,7 +288,11 @@ impl StateMachine for KvStore {
             what: "kv state",
             detail: e.to_string(),
         })?;
-        self.data = state.data.into_iter().collect();
+        self.data = state
+            .data
+            .into_iter()
+            .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+            .collect();
         Ok(())
     }
 

@@ -518,15 +518,9 @@ impl RaftCore {
 
     /// The service saved a snapshot of its state after applying `index`: the log up to there can go.
     pub fn compact(&mut self, index: Index, data: Bytes) -> Result<(), CompactError> {
-        if index <= self.log.snapshot_meta().index {
+        let Some(meta) = self.compaction_meta(index)? else {
             return Ok(()); // an older snapshot than the one we have: nothing to do
-        }
-        let applied = self.log.applied();
-        let term = match self.log.term(index) {
-            Some(term) if index <= applied => term,
-            _ => return Err(CompactError::NotApplied { index, applied }),
         };
-        let meta = SnapshotMeta { index, term };
         self.log.compact(meta);
         self.snapshot = Snapshot { meta, data };
         self.snapshot_to_persist = Some(self.snapshot.clone());
@@ -537,6 +531,25 @@ impl RaftCore {
             "log compacted"
         );
         Ok(())
+    }
+
+    /// The metadata a snapshot of the state after applying `index` would have; `None` if the log is
+    /// already compacted that far. Lets a driver write the snapshot's bytes before calling
+    /// [`RaftCore::compact`].
+    pub fn compaction_meta(&self, index: Index) -> Result<Option<SnapshotMeta>, CompactError> {
+        if index <= self.log.snapshot_meta().index {
+            return Ok(None);
+        }
+        let applied = self.log.applied();
+        match self.log.term(index) {
+            Some(term) if index <= applied => Ok(Some(SnapshotMeta { index, term })),
+            _ => Err(CompactError::NotApplied { index, applied }),
+        }
+    }
+
+    /// The metadata of the latest snapshot (index 0 before any).
+    pub fn snapshot_meta(&self) -> SnapshotMeta {
+        self.log.snapshot_meta()
     }
 
     /// Hand leadership to `target` once its log is up to date (thesis §3.10). Proposals are refused until

@@ -13,7 +13,7 @@ use super::admission::{Admission, AppliedIndex, Refused};
 use super::config::Config;
 use super::core::{CompactError, NotLeader, RaftCore, RestoreError, Status};
 use super::message::Envelope;
-use super::storage::{Storage, StorageError};
+use super::storage::{StagedSnapshot, Storage, StorageError};
 use super::transport::{
     cluster_id, InboundConfig, InboundQueue, RaftService, Transport, TransportConfig,
 };
@@ -156,6 +156,13 @@ enum Command {
     Shutdown,
 }
 
+/// A snapshot whose bytes a blocking task finished writing, back to the loop that compacts with it.
+struct Staged {
+    snapshot: Snapshot,
+    result: Result<StagedSnapshot, StorageError>,
+    reply: oneshot::Sender<Result<(), NodeError>>,
+}
+
 /// A cheap, cloneable way for services to talk to a running node.
 #[derive(Clone)]
 pub struct RaftHandle {
@@ -253,8 +260,10 @@ impl RaftNode {
         let transport = Transport::start(&config.peers, &config.transport, &config.cluster_id());
         let admission = Admission::default();
         let applied = admission.applied.clone();
+        let (staged_tx, staged_rx) = mpsc::unbounded_channel();
         let driver = Driver {
             admission,
+            staged_tx,
             core,
             storage: Some(Box::new(storage)),
             transport,
@@ -265,14 +274,16 @@ impl RaftNode {
             last_role: Role::Follower,
             last_term: 0,
         };
-        let task = tokio::spawn(driver.run(config.tick, command_rx, inbound_rx).instrument(
-            info_span!(
-                "raft",
-                node = id,
-                term = tracing::field::Empty,
-                role = tracing::field::Empty
-            ),
-        ));
+        let task = tokio::spawn(
+            driver
+                .run(config.tick, command_rx, inbound_rx, staged_rx)
+                .instrument(info_span!(
+                    "raft",
+                    node = id,
+                    term = tracing::field::Empty,
+                    role = tracing::field::Empty
+                )),
+        );
         let node = RaftNode {
             handle: RaftHandle {
                 commands: command_tx,
@@ -330,6 +341,8 @@ struct Driver {
     last_role: Role,
     last_term: Term,
     admission: Admission,
+    /// Where blocking snapshot writes report back ([`Driver::compact`]).
+    staged_tx: mpsc::UnboundedSender<Staged>,
 }
 
 /// Inputs taken per wake-up at most, so ticks are never starved by a flood of messages.
@@ -341,6 +354,7 @@ impl Driver {
         tick: Duration,
         mut commands: mpsc::Receiver<Command>,
         mut inbound: InboundQueue,
+        mut staged_rx: mpsc::UnboundedReceiver<Staged>,
     ) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -354,6 +368,12 @@ impl Driver {
                     Some(command) => self.command(command),
                 },
                 Some(envelope) = inbound.recv() => self.step(envelope),
+                Some(staged) = staged_rx.recv() => {
+                    if let Err(e) = self.staged(staged) {
+                        error!(error = %e, "stopping: cannot store a snapshot");
+                        return Err(e);
+                    }
+                }
             }
             for _ in 0..BATCH {
                 match inbound.try_recv() {
@@ -408,9 +428,7 @@ impl Driver {
                     }
                 }
             }
-            Command::Compact(index, data, reply) => {
-                let _ = reply.send(self.core.compact(index, data).map_err(NodeError::from));
-            }
+            Command::Compact(index, data, reply) => self.compact(index, data, reply),
             Command::Transfer(target, reply) => {
                 let _ = reply.send(
                     self.core
@@ -420,6 +438,71 @@ impl Driver {
             }
             Command::Shutdown => {}
         }
+    }
+
+    /// Take the service's snapshot. Its bytes (as large as the state) are written on a blocking thread
+    /// while this loop goes on ticking, replicating and answering; only then does the core compact, and
+    /// the `persist` that follows just switches to the written bytes. Without this, writing a large
+    /// snapshot would stop heartbeats for long enough to start an election.
+    fn compact(
+        &mut self,
+        index: Index,
+        data: Bytes,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    ) {
+        let meta = match self.core.compaction_meta(index) {
+            Ok(Some(meta)) => meta,
+            Ok(None) => {
+                let _ = reply.send(Ok(()));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let Some(stager) = self.storage.as_mut().and_then(|s| s.snapshot_stager()) else {
+            let _ = reply.send(self.core.compact(index, data).map_err(NodeError::from));
+            return;
+        };
+        let snapshot = Snapshot { meta, data };
+        let staged = self.staged_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = stager.stage(&snapshot);
+            let _ = staged.send(Staged {
+                snapshot,
+                result,
+                reply,
+            });
+        });
+    }
+
+    /// A snapshot's bytes are on disk: compact to it (or drop them if the log moved past meanwhile).
+    fn staged(&mut self, staged: Staged) -> Result<(), NodeError> {
+        let Staged {
+            snapshot,
+            result,
+            reply,
+        } = staged;
+        let written = match result {
+            Ok(written) => written,
+            Err(e) => {
+                warn!(index = snapshot.meta.index, error = %e, "cannot write a snapshot");
+                let _ = reply.send(Err(e.into()));
+                return Ok(());
+            }
+        };
+        let meta = snapshot.meta;
+        let result = self.core.compact(meta.index, snapshot.data);
+        let storage = self.storage.as_mut().ok_or(NodeError::Stopped)?;
+        if result.is_ok() && self.core.snapshot_meta() == meta {
+            storage.offer_staged(written)?;
+        } else {
+            // A leader's snapshot overtook this one while it was being written.
+            storage.discard_staged(written)?;
+        }
+        let _ = reply.send(result.map_err(NodeError::from));
+        Ok(())
     }
 
     async fn handle_ready(&mut self) -> Result<(), NodeError> {

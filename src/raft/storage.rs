@@ -36,6 +36,72 @@ pub trait Storage: Send + 'static {
     fn raft_state_size(&self) -> u64;
     /// Bytes of the stored snapshot.
     fn snapshot_size(&self) -> u64;
+
+    /// A writer for the bytes of a snapshot about to be taken, to run on another thread so the driver's
+    /// loop keeps ticking meanwhile; `None` if this storage cannot (then `persist` writes them).
+    fn snapshot_stager(&mut self) -> Option<Box<dyn SnapshotStager>> {
+        None
+    }
+
+    /// A staged snapshot: the next `persist` of this very snapshot switches to the staged bytes instead
+    /// of writing them again.
+    fn offer_staged(&mut self, _staged: StagedSnapshot) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Delete a staged snapshot that will not be persisted.
+    fn discard_staged(&mut self, _staged: StagedSnapshot) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+/// A snapshot's bytes, written and flushed ahead of the `persist` that makes them the snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagedSnapshot {
+    meta: SnapshotMeta,
+    len: u64,
+    generation: u64,
+}
+
+/// Writes a snapshot's bytes off the driver's loop ([`Storage::snapshot_stager`]).
+pub trait SnapshotStager: Send + 'static {
+    /// Write and flush the bytes of `snapshot`. Nothing refers to them until
+    /// [`Storage::offer_staged`] and a `persist` of the same snapshot: a crash before leaves only
+    /// unreferenced chunks, removed at the next open.
+    fn stage(self: Box<Self>, snapshot: &Snapshot) -> Result<StagedSnapshot, StorageError>;
+}
+
+/// [`SnapshotStager`] of [`SledStorage`]: the chunk tree and a generation of its own.
+struct SledStager {
+    dir: PathBuf,
+    db: sled::Db,
+    snapshot_data: sled::Tree,
+    generation: u64,
+}
+
+impl SnapshotStager for SledStager {
+    fn stage(self: Box<Self>, snapshot: &Snapshot) -> Result<StagedSnapshot, StorageError> {
+        let io = |source| StorageError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        write_chunks(&self.snapshot_data, self.generation, &snapshot.data).map_err(io)?;
+        self.db.flush().map_err(io)?;
+        Ok(StagedSnapshot {
+            meta: snapshot.meta,
+            len: snapshot.data.len() as u64,
+            generation: self.generation,
+        })
+    }
+}
+
+/// Store `data` as the chunks of `generation`. Chunk by chunk rather than one batch: a batch would copy
+/// the whole snapshot in memory first. Atomicity comes from the generation switch.
+fn write_chunks(tree: &sled::Tree, generation: u64, data: &[u8]) -> Result<(), sled::Error> {
+    for (n, chunk) in data.chunks(CHUNK).enumerate() {
+        tree.insert(chunk_key(generation, n as u64), chunk)?;
+    }
+    Ok(())
 }
 
 /// A storage failure. Every variant names the data directory, so an operator knows where to look.
@@ -198,6 +264,10 @@ pub struct SledStorage {
     snapshot_data: sled::Tree,
     snapshot: StoredSnapshot,
     log_bytes: u64,
+    /// The generation the next snapshot's chunks get (stored or staged).
+    next_generation: u64,
+    /// Bytes staged for the snapshot the next `persist` should switch to.
+    staged: Option<StagedSnapshot>,
 }
 
 impl SledStorage {
@@ -255,6 +325,8 @@ impl SledStorage {
             snapshot_data,
             snapshot,
             log_bytes: 0,
+            next_generation: snapshot.generation + 1,
+            staged: None,
         };
         storage.clean_up()?;
         storage.log_bytes = storage
@@ -337,14 +409,22 @@ impl SledStorage {
     }
 
     fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        let generation = self.snapshot.generation + 1;
-        // Chunk by chunk rather than one batch: a batch would copy the whole snapshot in memory first.
-        // Atomicity comes from the generation switch below.
-        for (n, chunk) in snapshot.data.chunks(CHUNK).enumerate() {
-            self.snapshot_data
-                .insert(chunk_key(generation, n as u64), chunk)
-                .map_err(|source| self.io(source))?;
-        }
+        let staged = self.staged.take();
+        let generation = match staged {
+            Some(s) if s.meta == snapshot.meta && s.len == snapshot.data.len() as u64 => {
+                s.generation
+            }
+            _ => {
+                if let Some(stale) = staged {
+                    self.remove_generation(stale.generation)?;
+                }
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                write_chunks(&self.snapshot_data, generation, &snapshot.data)
+                    .map_err(|source| self.io(source))?;
+                generation
+            }
+        };
         let stored = StoredSnapshot {
             meta: snapshot.meta,
             len: snapshot.data.len() as u64,
@@ -356,14 +436,22 @@ impl SledStorage {
             .map_err(|source| self.io(source))?;
         let old = self.snapshot.generation;
         self.snapshot = stored;
+        self.remove_generation(old)?;
+        self.remove_log_range(..=snapshot.meta.index.to_be_bytes())
+    }
+
+    fn remove_generation(&self, generation: u64) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        for key in self.snapshot_data.scan_prefix(old.to_be_bytes()).keys() {
+        for key in self
+            .snapshot_data
+            .scan_prefix(generation.to_be_bytes())
+            .keys()
+        {
             batch.remove(key.map_err(|source| self.io(source))?);
         }
         self.snapshot_data
             .apply_batch(batch)
-            .map_err(|source| self.io(source))?;
-        self.remove_log_range(..=snapshot.meta.index.to_be_bytes())
+            .map_err(|source| self.io(source))
     }
 
     fn read_snapshot(&self) -> Result<Option<Snapshot>, StorageError> {
@@ -463,6 +551,28 @@ impl Storage for SledStorage {
 
     fn snapshot_size(&self) -> u64 {
         self.snapshot.len
+    }
+
+    fn snapshot_stager(&mut self) -> Option<Box<dyn SnapshotStager>> {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        Some(Box::new(SledStager {
+            dir: self.dir.clone(),
+            db: self.db.clone(),
+            snapshot_data: self.snapshot_data.clone(),
+            generation,
+        }))
+    }
+
+    fn offer_staged(&mut self, staged: StagedSnapshot) -> Result<(), StorageError> {
+        if let Some(older) = self.staged.replace(staged) {
+            self.remove_generation(older.generation)?;
+        }
+        Ok(())
+    }
+
+    fn discard_staged(&mut self, staged: StagedSnapshot) -> Result<(), StorageError> {
+        self.remove_generation(staged.generation)
     }
 }
 
@@ -567,6 +677,56 @@ mod tests {
             Some((7, data))
         );
         assert_eq!(state.entries.first().map(|e| e.index), Some(8));
+    }
+
+    #[test]
+    fn a_staged_snapshot_is_written_once_and_a_crash_before_it_is_adopted_leaves_the_old_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        s.persist(&write(1, (1..=10).map(|i| entry(i, 1)).collect()))
+            .expect("persist");
+        let first = Snapshot {
+            meta: SnapshotMeta { index: 4, term: 1 },
+            data: Bytes::from(vec![4u8; 2 * CHUNK + 5]),
+        };
+        // Staged on another thread, as the driver does, then adopted by the persist of that snapshot.
+        let stager = s.snapshot_stager().expect("sled stages");
+        let staged = std::thread::spawn({
+            let first = first.clone();
+            move || stager.stage(&first)
+        })
+        .join()
+        .expect("stager thread")
+        .expect("stage");
+        s.offer_staged(staged).expect("offer");
+        let chunks_before = s.snapshot_data.len();
+        s.persist(&Ready {
+            snapshot: Some(first.clone()),
+            ..Default::default()
+        })
+        .expect("persist");
+        assert_eq!(
+            s.snapshot_data.len(),
+            chunks_before,
+            "no chunk written twice"
+        );
+        assert_eq!(s.stored_entry_count(), 6);
+        // A second snapshot staged but never adopted (the process died first).
+        let stager = s.snapshot_stager().expect("sled stages");
+        stager
+            .stage(&Snapshot {
+                meta: SnapshotMeta { index: 8, term: 1 },
+                data: Bytes::from(vec![8u8; CHUNK + 1]),
+            })
+            .expect("stage");
+        drop(s);
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let state = s.load().expect("load");
+        assert_eq!(
+            state.snapshot.map(|s| (s.meta, s.data)),
+            Some((first.meta, first.data))
+        );
+        assert_eq!(s.snapshot_data.len(), 3, "the orphaned chunks are gone");
     }
 
     #[test]

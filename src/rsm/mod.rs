@@ -32,7 +32,10 @@ pub mod service;
 pub mod sessions;
 
 /// A deterministic state machine replicated through Raft.
-pub trait StateMachine {
+///
+/// `Clone` must be cheap (persistent or shared structures, like the KV store's `imbl` map): a snapshot
+/// is encoded from a clone taken under the service's lock, off the lock (see [`Rsm::snapshot_job`]).
+pub trait StateMachine: Clone {
     /// A command that changes state (goes through the log).
     type Command;
     /// A read-only question (answered after a ReadIndex, not logged).
@@ -498,6 +501,37 @@ impl<S: StateMachine> Rsm<S> {
 
     /// A snapshot of state and sessions at the applied index, for Raft's `compact`.
     pub fn snapshot(&self) -> (Index, Bytes) {
+        self.snapshot_job().encode()
+    }
+
+    /// The state and sessions at the applied index, copied cheaply, to encode elsewhere: the service
+    /// takes this under its lock and encodes it on a blocking thread while applies and reads go on.
+    pub fn snapshot_job(&self) -> SnapshotJob<S> {
+        SnapshotJob {
+            index: self.applied,
+            machine: self.machine.clone(),
+            sessions: self.sessions.clone(),
+            clock_ms: self.clock.now_ms,
+        }
+    }
+}
+
+/// A consistent copy of an [`Rsm`]'s state at one index, not yet encoded.
+pub struct SnapshotJob<S: StateMachine> {
+    index: Index,
+    machine: S,
+    sessions: SessionTable<S::Output>,
+    clock_ms: u64,
+}
+
+impl<S: StateMachine> SnapshotJob<S> {
+    /// The index the snapshot covers.
+    pub fn index(&self) -> Index {
+        self.index
+    }
+
+    /// Encode the snapshot (the expensive part: proportional to the state).
+    pub fn encode(self) -> (Index, Bytes) {
         let snapshot = pb::Snapshot {
             state: self.machine.snapshot(),
             sessions: self
@@ -511,9 +545,9 @@ impl<S: StateMachine> Rsm<S> {
                 })
                 .collect(),
             evicted_max: self.sessions.evicted_max(),
-            clock_ms: self.clock.now_ms,
+            clock_ms: self.clock_ms,
         };
-        (self.applied, Bytes::from(snapshot.encode_to_vec()))
+        (self.index, Bytes::from(snapshot.encode_to_vec()))
     }
 }
 

@@ -16,8 +16,9 @@
 //! The `Rsm` sits behind a std `Mutex` that is never held across an `.await`: every critical section is
 //! a few map operations (or one snapshot encoding), far shorter than a Raft round trip.
 
-use super::{Completion, Prepared, Rsm, RsmError, StateMachine, Token};
+use super::{Completion, Prepared, Rsm, RsmError, SnapshotJob, StateMachine, Token};
 use crate::metrics::ServiceMetrics;
+use crate::raft::Index;
 use crate::raft::{Applied, NodeError, NodeId, NotLeader, RaftHandle, Role};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -459,15 +460,23 @@ impl<S: ServedMachine> RsmService<S> {
 /// Largest number of queued apply batches handled under one lock.
 const APPLY_BATCH: usize = 64;
 
-async fn apply_loop<S: StateMachine>(
+async fn apply_loop<S: ServedMachine>(
     shared: Arc<Shared<S>>,
     handle: RaftHandle,
     mut applied: mpsc::UnboundedReceiver<Applied>,
     config: Arc<ServiceConfig>,
 ) -> Result<(), ServiceError> {
     let mut last_compacted = 0;
+    // At most one snapshot is encoded and stored at a time, beside the applier, never in its way.
+    let mut compaction: Option<JoinHandle<Option<Index>>> = None;
     while let Some(first) = applied.recv().await {
-        let snapshot = {
+        let busy = compaction.as_ref().is_some_and(|c| !c.is_finished());
+        if let Some(done) = compaction.take_if(|c| c.is_finished()) {
+            if let Ok(Some(index)) = done.await {
+                last_compacted = index;
+            }
+        }
+        let job = {
             let mut inner = shared.lock();
             let mut next = Some(first);
             let mut taken = 0;
@@ -498,27 +507,57 @@ async fn apply_loop<S: StateMachine>(
             }
             handle.report_applied(inner.rsm.applied());
             let status = handle.status();
+            // The log may grow to half the size of the last snapshot before the next one: with a
+            // large state, snapshotting every few MiB of log would rewrite all of it again and again.
+            let threshold = config
+                .snapshot_threshold
+                .max(status.snapshot_bytes / SNAPSHOT_LOG_FRACTION);
             let due = config.snapshot_threshold > 0
-                && status.raft_state_bytes > config.snapshot_threshold
+                && !busy
+                && status.raft_state_bytes > threshold
                 // The previous compaction has reached the log (otherwise its bytes still count).
                 && status.raft.snapshot_index >= last_compacted
                 && inner.rsm.applied() > status.raft.snapshot_index;
-            due.then(|| inner.rsm.snapshot())
+            // Only a cheap copy is taken under the lock; encoding happens on a blocking thread.
+            due.then(|| inner.rsm.snapshot_job())
         };
-        if let Some((index, data)) = snapshot {
-            debug!(index, bytes = data.len(), "taking a snapshot");
-            match handle.compact(index, data).await {
-                Ok(()) => {
-                    last_compacted = index;
-                    if let Some(metrics) = &config.metrics {
-                        metrics.snapshot_taken();
-                    }
-                }
-                Err(e) => warn!(index, error = %e, "snapshot refused"),
-            }
+        if let Some(job) = job {
+            compaction = Some(tokio::spawn(
+                compact(job, handle.clone(), config.metrics.clone()).in_current_span(),
+            ));
         }
     }
     Ok(())
+}
+
+/// The log may grow to the last snapshot's size divided by this before the next snapshot.
+const SNAPSHOT_LOG_FRACTION: u64 = 2;
+
+/// Encode `job` off the runtime's threads and hand it to Raft (which stores it off its loop, then drops
+/// the covered log). Returns the index compacted to.
+async fn compact<S: ServedMachine>(
+    job: SnapshotJob<S>,
+    handle: RaftHandle,
+    metrics: Option<ServiceMetrics>,
+) -> Option<Index> {
+    let started = Instant::now();
+    let (index, data) = tokio::task::spawn_blocking(move || job.encode())
+        .await
+        .ok()?;
+    let bytes = data.len();
+    match handle.compact(index, data).await {
+        Ok(()) => {
+            debug!(index, bytes, took = ?started.elapsed(), "snapshot taken");
+            if let Some(metrics) = &metrics {
+                metrics.snapshot_taken();
+            }
+            Some(index)
+        }
+        Err(e) => {
+            warn!(index, error = %e, "snapshot refused");
+            None
+        }
+    }
 }
 
 async fn watch_leadership<S: StateMachine>(shared: Arc<Shared<S>>, handle: RaftHandle, span: Span) {

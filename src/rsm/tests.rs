@@ -157,6 +157,7 @@ fn cas_swaps_only_on_a_match() {
 
 /// A KV store that keeps no sessions in `Rsm` (as a shard group does): outputs live nowhere but in the
 /// completion of the entry's waiter.
+#[derive(Clone)]
 struct NoSessions(KvStore);
 
 impl StateMachine for NoSessions {

@@ -641,7 +641,7 @@ impl StateMachine for ShardKv {
                 let shard = key_to_shard(key, self.config.shards.len());
                 match self.shards.get(&shard) {
                     Some(owned) if owned.pulling.is_none() => {
-                        let value = owned.contents.data.get(key).cloned();
+                        let value = owned.contents.data.get(key).map(str::to_string);
                         ShardOutput::Kv(KvOutput {
                             ok: value.is_some(),
                             value,

@@ -311,7 +311,7 @@ pub fn shard_to_proto(data: &ShardData) -> pb::ShardData {
         data: data
             .data
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         dedup: dedup_to_proto(&data.dedup),
         dedup_evicted_max: data.dedup.evicted_max(),
