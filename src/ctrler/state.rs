@@ -57,8 +57,8 @@ pub type Servers = Arc<[String]>;
 pub struct Groups(Arc<BTreeMap<Gid, Servers>>);
 
 impl Groups {
-    /// Whether both are the same shared map (then they are equal without comparing); for tests that
-    /// check that a Move does not copy the group map.
+    /// Whether both are the same shared map, so equal without comparing them: the snapshot encoder
+    /// skips the comparison for a Move, and tests check that a Move does not copy the map.
     pub fn shares_with(&self, other: &Groups) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
