@@ -9,5 +9,6 @@ pub mod state;
 
 pub use client::CtrlerClerk;
 pub use state::{
-    Config, CtrlerCommand, CtrlerOutput, CtrlerQuery, Gid, ShardCtrler, DEFAULT_SHARDS,
+    Config, CtrlerAnswer, CtrlerCommand, CtrlerOutput, CtrlerQuery, Gid, Groups, Servers,
+    ShardCtrler, DEFAULT_SHARDS,
 };

@@ -1,7 +1,10 @@
 //! The `Ctrler` gRPC service: validation and translation around an [`RsmService`] of the [`ShardCtrler`].
 //! Replication, exactly-once and linearizable queries come from [`crate::rsm`].
 
-use super::state::{config_to_proto, CtrlerCommand, CtrlerOutput, CtrlerQuery, ShardCtrler};
+use super::state::{
+    check_join, config_to_proto, CtrlerAnswer, CtrlerCommand, CtrlerOutput, CtrlerQuery,
+    ShardCtrler,
+};
 use crate::proto::ctrler as pb;
 use crate::proto::ctrler::ctrler_server::Ctrler;
 use crate::raft::{Applied, NodeId, RaftHandle};
@@ -40,7 +43,23 @@ impl CtrlerService {
     ) -> Result<Response<pb::ConfigResponse>, Status> {
         let mut response = pb::ConfigResponse::default();
         match result {
-            Ok(Ok(config)) => response.config = Some(config_to_proto(&config)),
+            Ok(Ok(CtrlerAnswer::Config(config))) => {
+                response.config = Some(config_to_proto(&config))
+            }
+            Ok(Ok(CtrlerAnswer::Created(num))) => {
+                // The session table keeps only the number; the configuration is in the state for good
+                // (configurations are never dropped) and this node applied the command that made it.
+                // Cloning it under the lock is cheap (its group map is shared); encoding happens after.
+                let config = self.service.with_machine(|m| m.config(num).cloned());
+                match config {
+                    Some(config) => response.config = Some(config_to_proto(&config)),
+                    None => {
+                        return Err(Status::internal(format!(
+                            "configuration {num} was made but is not in this replica's state"
+                        )))
+                    }
+                }
+            }
             Ok(Err(refusal)) => {
                 response.set_error(pb::ErrorCode::Refused);
                 response.refusal = refusal;
@@ -85,15 +104,9 @@ impl Ctrler for CtrlerService {
                 CtrlerCommand::try_from(c).map_err(|e| Status::invalid_argument(e.to_string()))
             })?;
         if let CtrlerCommand::Join(groups) = &command {
-            if groups
-                .values()
-                .flatten()
-                .any(|s| s.is_empty() || s.len() > 1024)
-            {
-                return Err(Status::invalid_argument(
-                    "server addresses must be 1 to 1024 bytes",
-                ));
-            }
+            // What no configuration could take is refused before it costs a log entry, in the words
+            // the state machine would use.
+            check_join(groups).map_err(Status::invalid_argument)?;
         }
         let result = self
             .service

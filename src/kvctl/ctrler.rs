@@ -154,7 +154,9 @@ mod tests {
         let config = Config {
             num: 2,
             shards: vec![1, 1, 2],
-            groups: [(1, vec!["a".to_string()]), (2, vec!["b".to_string()])].into(),
+            groups: [(1, vec!["a".to_string()]), (2, vec!["b".to_string()])]
+                .into_iter()
+                .collect(),
         };
         let text = render(&config);
         assert!(text.contains("config 2"), "{text}");

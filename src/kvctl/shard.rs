@@ -79,11 +79,15 @@ pub async fn collect_sharded(
     let security = config.security.clone();
     let mut clerk = CtrlerClerk::new(ctrlers, config)?;
     let latest = clerk.query(None).await?;
-    let mut servers: BTreeMap<Gid, Vec<String>> = latest.groups.clone();
+    let mut servers: BTreeMap<Gid, Vec<String>> = latest
+        .groups
+        .iter()
+        .map(|(&gid, group)| (gid, group.to_vec()))
+        .collect();
     for num in latest.num.saturating_sub(LOOKBACK).max(1)..latest.num {
         let older = clerk.query(Some(num)).await?;
-        for (gid, group) in older.groups {
-            servers.entry(gid).or_insert(group);
+        for (&gid, group) in &older.groups {
+            servers.entry(gid).or_insert_with(|| group.to_vec());
         }
     }
     let asks = servers.into_iter().map(|(gid, servers)| {

@@ -164,7 +164,7 @@ impl ShardClerk {
         let shard = key_to_shard(key, config.shards.len());
         let gid = config.shards.get(shard as usize).copied().unwrap_or(0);
         let servers = match config.groups.get(&gid) {
-            Some(servers) if gid != 0 && !servers.is_empty() => servers.clone(),
+            Some(servers) if gid != 0 && !servers.is_empty() => servers.to_vec(),
             _ => {
                 return Ok(Try::Again(format!(
                     "shard {shard} has no group in configuration {} (join a group with `kvctl ctrler join`)",

@@ -299,7 +299,7 @@ impl Driver {
         // configuration to the ones recorded when the shard moved.
         let servers = self
             .rsm
-            .with_machine(|m| m.config().groups.get(&group.gid).cloned())
+            .with_machine(|m| m.config().groups.get(&group.gid).map(|s| s.to_vec()))
             .filter(|servers| !servers.is_empty())
             .unwrap_or_else(|| group.servers.clone());
         let mut replicas = {

@@ -416,7 +416,7 @@ impl ShardKv {
                             .config
                             .groups
                             .get(&old_owner)
-                            .cloned()
+                            .map(|s| s.to_vec())
                             .unwrap_or_default(),
                     }),
                 };
@@ -584,7 +584,11 @@ pub fn last_owner(shard: ShardId, history: &[Config]) -> Option<(u64, Source)> {
     history.iter().rev().find_map(|config| {
         let gid = *config.shards.get(shard as usize)?;
         (gid != 0).then(|| {
-            let servers = config.groups.get(&gid).cloned().unwrap_or_default();
+            let servers = config
+                .groups
+                .get(&gid)
+                .map(|s| s.to_vec())
+                .unwrap_or_default();
             (config.num + 1, Source { gid, servers })
         })
     })

@@ -1,11 +1,10 @@
 use super::*;
-use crate::ctrler::{Config, Gid};
+use crate::ctrler::{Config, Gid, Groups};
 use crate::kv::{KvCommand, KvOutput};
 use crate::rsm::StateMachine;
-use std::collections::BTreeMap;
 
 fn config(num: u64, shards: &[u64]) -> Config {
-    let groups: BTreeMap<u64, Vec<String>> = shards
+    let groups: Groups = shards
         .iter()
         .filter(|&&g| g != 0)
         .map(|&g| (g, vec![format!("g{g}-a"), format!("g{g}-b")]))

@@ -2,8 +2,6 @@
 //! the daemon's own protocol functions ([`crate::shardkv::migration`]).
 
 use super::{gid_of, parse_server_name, Answer, CallerId, DriverCall, ShardWorld};
-use crate::ctrler::CtrlerQuery;
-use crate::rsm::StateMachine;
 use crate::shardkv::migration::{self, Reply, Request};
 use crate::shardkv::{Duty, ShardCommand, ShardKv};
 use crate::sim::group::{ClientRequest, ReplyResult};
@@ -84,9 +82,9 @@ impl ShardWorld {
                     // The controller is one linearizable object here: read its history directly.
                     let mut read = Vec::new();
                     while let Some(num) = migration::next_in_history(shard, before, &read) {
-                        match self.ctrler.query(&CtrlerQuery(Some(num))) {
-                            Ok(config) if config.num == num => read.push(config),
-                            _ => self.fail(format!("controller has no configuration {num}")),
+                        match self.ctrler.config(num) {
+                            Some(config) => read.push(config.clone()),
+                            None => self.fail(format!("controller has no configuration {num}")),
                         }
                     }
                     self.answered(gi, server, &duty, migration::Answer::History(read));

@@ -2,8 +2,6 @@
 //! groups and the controller, and the dispatch of each event to the group, clerk or driver it is for.
 
 use super::{Answer, AnswerBox, Caller, CallerId, ShardEvent, ShardWorld, DUTY_INTERVAL_MS};
-use crate::ctrler::CtrlerQuery;
-use crate::rsm::StateMachine;
 use crate::shardkv::{ShardKv, ShardOutput};
 use crate::sim::group::{ClientRequest, Replies};
 
@@ -98,10 +96,8 @@ impl ShardWorld {
                 }
             }
             ShardEvent::CtrlerQuery { from, id, num } => {
-                let config = self.ctrler.query(&CtrlerQuery(num));
-                if let Ok(config) = config {
-                    self.send_answer(from, id, Answer::Config(config));
-                }
+                let config = self.ctrler.config_or_latest(num).clone();
+                self.send_answer(from, id, Answer::Config(config));
             }
             ShardEvent::Answer { to, id, answer } => match self.callers.get(to).copied() {
                 Some(Caller::Clerk(inbox)) => self.inboxes[inbox].push_back((id, answer.0)),
