@@ -791,3 +791,84 @@ async fn sessions_are_capped_and_a_dropped_one_is_never_applied_twice() {
         Some("ab")
     );
 }
+
+/// A large state is snapshotted without stopping the world (#12): with ~200 MiB of values, the snapshot
+/// every replica takes while a client keeps writing is encoded off the service lock and written off the
+/// Raft loop, so heartbeats go on (no term change) and no small put waits a second. Before, the leader
+/// encoded under the lock and flushed the snapshot inside its Raft loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_snapshot_stops_neither_heartbeats_nor_writes() {
+    const VALUE: usize = 1 << 20;
+    const FILL: usize = 180;
+    const THRESHOLD: u64 = 200 << 20;
+    let cluster = Cluster::kv(3, THRESHOLD);
+    let value = "s".repeat(VALUE);
+    let fill = |from: usize, to: usize| {
+        let addrs = cluster.addrs.clone();
+        let value = value.clone();
+        tokio::spawn(async move {
+            let mut clerk = Clerk::new(
+                &addrs,
+                ClerkConfig {
+                    call_timeout: Duration::from_secs(30),
+                    ..ClerkConfig::default()
+                },
+            )
+            .expect("clerk");
+            for n in from..to {
+                clerk.put(&format!("big-{n}"), &value).await.expect("fill");
+            }
+        })
+    };
+    let fillers: Vec<_> = (0..3)
+        .map(|t| fill(t * FILL / 3, (t + 1) * FILL / 3))
+        .collect();
+    for filler in fillers {
+        filler.await.expect("filler");
+    }
+    let before = cluster
+        .wait_until_all("filled", |s| s.keys == FILL as u64)
+        .await;
+    assert!(
+        before.iter().all(|s| s.snapshot_index == 0),
+        "snapshotted too early"
+    );
+    let term = before.iter().map(|s| s.term).max().unwrap_or(0);
+    // A client writing small values all through the snapshot, timing every put.
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = {
+        let mut clerk = cluster.clerk();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let mut puts = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                clerk
+                    .put("probe", &puts.to_string())
+                    .await
+                    .expect("probe put");
+                slowest = slowest.max(started.elapsed());
+                puts += 1;
+            }
+            (puts, slowest)
+        })
+    };
+    // Push the log past the threshold: every replica snapshots ~200 MiB.
+    fill(FILL, FILL + 40).await.expect("filler");
+    let after = cluster
+        .wait_until_all("snapshotted", |s| s.snapshot_index > 0)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (puts, slowest) = probe.await.expect("probe");
+    let snapshot_bytes = after.iter().map(|s| s.snapshot_bytes).max().unwrap_or(0);
+    println!("snapshot of {snapshot_bytes} bytes; {puts} probe puts, slowest {slowest:?}");
+    assert!(
+        snapshot_bytes > 200 << 20,
+        "snapshot of {snapshot_bytes} bytes"
+    );
+    let terms: Vec<u64> = after.iter().map(|s| s.term).collect();
+    assert!(terms.iter().all(|&t| t == term), "term {term} -> {terms:?}");
+    assert!(slowest < Duration::from_secs(1), "a put took {slowest:?}");
+}

@@ -271,16 +271,31 @@ impl StateMachine for KvStore {
     }
 
     fn snapshot(&self) -> Bytes {
-        Bytes::from(
-            pb::State {
-                data: self
-                    .data
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+        let mut out = Vec::with_capacity(self.snapshot_len().unwrap_or(0));
+        self.encode_snapshot(&mut out);
+        Bytes::from(out)
+    }
+
+    fn snapshot_len(&self) -> Option<usize> {
+        Some(self.data.iter().map(|(k, v)| state_entry_len(k, v)).sum())
+    }
+
+    /// `pb::State` written straight from the map, in key order: no copy of every key and value first
+    /// (a large state would be copied three times on its way into a snapshot otherwise).
+    fn encode_snapshot(&self, out: &mut Vec<u8>) {
+        use prost::encoding::{encode_key, encode_varint, WireType};
+        for (key, value) in self.data.iter() {
+            encode_key(1, WireType::LengthDelimited, out);
+            encode_varint(map_entry_len(key, value) as u64, out);
+            for (field, text) in [(1, key), (2, value)] {
+                // As prost writes map entries: an empty string is the default and is left out.
+                if !text.is_empty() {
+                    encode_key(field, WireType::LengthDelimited, out);
+                    encode_varint(text.len() as u64, out);
+                    out.extend_from_slice(text.as_bytes());
+                }
             }
-            .encode_to_vec(),
-        )
+        }
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), RsmError> {
@@ -324,6 +339,23 @@ impl StateMachine for KvStore {
         })?;
         Ok(KvOutput::from(outcome))
     }
+}
+
+/// Encoded length of one map entry's fields (key 1, value 2; empty ones left out).
+fn map_entry_len(key: &str, value: &str) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    [key, value]
+        .iter()
+        .filter(|text| !text.is_empty())
+        .map(|text| key_len(1) + encoded_len_varint(text.len() as u64) + text.len())
+        .sum()
+}
+
+/// Encoded length of one entry of `pb::State.data`, field tag and length included.
+fn state_entry_len(key: &str, value: &str) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    let entry = map_entry_len(key, value);
+    key_len(1) + encoded_len_varint(entry as u64) + entry
 }
 
 impl KvOutput {
@@ -377,6 +409,26 @@ impl KvCommand {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_snapshot_is_written_as_prost_would_write_it() {
+        let store: KvStore = [("b", "2"), ("a", ""), ("c", &*"x".repeat(300))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let by_prost = pb::State {
+            data: store
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+        .encode_to_vec();
+        assert_eq!(store.snapshot().as_ref(), by_prost.as_slice());
+        assert_eq!(store.snapshot_len(), Some(by_prost.len()));
+        let mut restored = KvStore::default();
+        restored.restore(&by_prost).expect("restore");
+        assert_eq!(restored, store);
+    }
+
     use super::*;
     use crate::kv::validate::MAX_VALUE_BYTES;
 

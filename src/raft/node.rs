@@ -345,6 +345,9 @@ struct Driver {
     staged_tx: mpsc::UnboundedSender<Staged>,
 }
 
+/// A persist longer than this is logged: the Raft loop does not tick while it waits.
+const SLOW_PERSIST: Duration = Duration::from_millis(200);
+
 /// Inputs taken per wake-up at most, so ticks are never starved by a flood of messages.
 const BATCH: usize = 512;
 
@@ -512,6 +515,7 @@ impl Driver {
         let mut ready = self.core.ready();
         if ready.must_persist() {
             let mut storage = self.storage.take().ok_or(NodeError::Stopped)?;
+            let started = std::time::Instant::now();
             // sled's flush is a blocking fsync: keep it off the runtime's worker threads.
             let (storage, ready_back, result) = tokio::task::spawn_blocking(move || {
                 let result = storage.persist(&ready);
@@ -519,6 +523,16 @@ impl Driver {
             })
             .await
             .map_err(|_| NodeError::Stopped)?;
+            let took = started.elapsed();
+            if took > SLOW_PERSIST {
+                // The loop waited this long without ticking: worth an operator's attention.
+                warn!(
+                    took = ?took,
+                    entries = ready_back.log_write.as_ref().map_or(0, |w| w.entries.len()),
+                    snapshot = ready_back.snapshot.as_ref().map(|s| s.meta.index),
+                    "slow persist"
+                );
+            }
             self.storage = Some(storage);
             ready = ready_back;
             result?;

@@ -6,7 +6,12 @@
 //! - `raft_meta`: `identity` (cluster name and node id, JSON), `hard_state` (term, vote, commit) and
 //!   `snapshot` (index, term, length and the generation its data is stored under);
 //! - `raft_log`: one entry per key, the key the big-endian index so that sled's order is log order;
-//! - `raft_snapshot`: snapshot data in 1 MiB chunks keyed by (generation, chunk number).
+//! - `raft_snapshot`: snapshot data in 1 MiB chunks keyed by (generation, chunk number) — the format of
+//!   earlier versions, still read; new snapshots are files (below).
+//!
+//! Snapshot data lives in `raft-snapshots/<generation>.snap` beside the database, written and fsynced
+//! on its own: flushing hundreds of MiB through sled would hold up every small log flush behind it (sled
+//! flushes the whole database at once), stalling the Raft loop that waits for them.
 //!
 //! # Crash consistency
 //!
@@ -24,6 +29,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
+use tracing::warn;
 
 /// Where a node keeps what it must not forget.
 pub trait Storage: Send + 'static {
@@ -71,22 +77,20 @@ pub trait SnapshotStager: Send + 'static {
     fn stage(self: Box<Self>, snapshot: &Snapshot) -> Result<StagedSnapshot, StorageError>;
 }
 
-/// [`SnapshotStager`] of [`SledStorage`]: the chunk tree and a generation of its own.
+/// [`SnapshotStager`] of [`SledStorage`]: a snapshot file of a generation of its own.
 struct SledStager {
     dir: PathBuf,
-    db: sled::Db,
-    snapshot_data: sled::Tree,
     generation: u64,
 }
 
 impl SnapshotStager for SledStager {
     fn stage(self: Box<Self>, snapshot: &Snapshot) -> Result<StagedSnapshot, StorageError> {
-        let io = |source| StorageError::Io {
-            dir: self.dir.clone(),
-            source,
-        };
-        write_chunks(&self.snapshot_data, self.generation, &snapshot.data).map_err(io)?;
-        self.db.flush().map_err(io)?;
+        write_snapshot_file(&self.dir, self.generation, &snapshot.data, true).map_err(|e| {
+            StorageError::Io {
+                dir: self.dir.clone(),
+                source: sled::Error::Io(e),
+            }
+        })?;
         Ok(StagedSnapshot {
             meta: snapshot.meta,
             len: snapshot.data.len() as u64,
@@ -95,13 +99,85 @@ impl SnapshotStager for SledStager {
     }
 }
 
-/// Store `data` as the chunks of `generation`. Chunk by chunk rather than one batch: a batch would copy
-/// the whole snapshot in memory first. Atomicity comes from the generation switch.
-fn write_chunks(tree: &sled::Tree, generation: u64, data: &[u8]) -> Result<(), sled::Error> {
-    for (n, chunk) in data.chunks(CHUNK).enumerate() {
-        tree.insert(chunk_key(generation, n as u64), chunk)?;
+/// Start the thread that deletes covered log entries a few at a time, with pauses, so no single sled
+/// flush of the Raft loop has to carry the deletion of hundreds of MiB. It ends when its storage is
+/// dropped (after finishing what it was given).
+fn spawn_reaper(log: sled::Tree) -> std::sync::mpsc::Sender<Vec<u64>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u64>>();
+    std::thread::Builder::new()
+        .name("raft-log-reaper".into())
+        .spawn(move || reap_covered_entries(&log, &rx))
+        .map_err(|e| warn!(error = %e, "cannot start the log reaper"))
+        .ok();
+    tx
+}
+
+/// Keys deleted per batch by the reaper, and the pause between batches.
+const REAP_BATCH: usize = 8;
+const REAP_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+fn reap_covered_entries(log: &sled::Tree, covered: &std::sync::mpsc::Receiver<Vec<u64>>) {
+    for indices in covered {
+        for keys in indices.chunks(REAP_BATCH) {
+            let mut batch = sled::Batch::default();
+            for index in keys {
+                batch.remove(&index.to_be_bytes());
+            }
+            if let Err(e) = log.apply_batch(batch) {
+                warn!(error = %e, "cannot delete covered log entries; the next open will");
+                return;
+            }
+            std::thread::sleep(REAP_PAUSE);
+        }
     }
-    Ok(())
+}
+
+/// Where snapshot files live in a data directory.
+fn snapshot_dir(dir: &Path) -> PathBuf {
+    dir.join("raft-snapshots")
+}
+
+fn snapshot_file(dir: &Path, generation: u64) -> PathBuf {
+    snapshot_dir(dir).join(format!("{generation:020}.snap"))
+}
+
+/// Bytes of a snapshot file written between two syncs. Hundreds of MiB of dirty pages flushed at once
+/// would make every log fsync on the same disk wait behind them (a client's write would stall for the
+/// whole snapshot); synced piece by piece, a log fsync waits for one piece at most.
+const SNAPSHOT_SYNC_BYTES: usize = 4 << 20;
+
+/// The pace a staged snapshot is written at, at most (bytes per second): a background write, it leaves
+/// the disk and the CPU to the log and the clients (TiKV rate-limits snapshot I/O for the same reason).
+const SNAPSHOT_WRITE_BYTES_PER_SEC: u64 = 256 << 20;
+
+/// Write and fsync the file of `generation` (and its directory entry). Nothing refers to it until the
+/// metadata switches to that generation, so a crash midway leaves only an unreferenced file.
+/// `paced`: in the background, at most [`SNAPSHOT_WRITE_BYTES_PER_SEC`].
+fn write_snapshot_file(
+    dir: &Path,
+    generation: u64,
+    data: &[u8],
+    paced: bool,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let folder = snapshot_dir(dir);
+    std::fs::create_dir_all(&folder)?;
+    let mut file = std::fs::File::create(snapshot_file(dir, generation))?;
+    let started = std::time::Instant::now();
+    let mut written = 0u64;
+    for piece in data.chunks(SNAPSHOT_SYNC_BYTES) {
+        file.write_all(piece)?;
+        file.sync_data()?;
+        written += piece.len() as u64;
+        if paced {
+            let due = std::time::Duration::from_secs_f64(
+                written as f64 / SNAPSHOT_WRITE_BYTES_PER_SEC as f64,
+            );
+            std::thread::sleep(due.saturating_sub(started.elapsed()));
+        }
+    }
+    file.sync_all()?;
+    std::fs::File::open(&folder)?.sync_all()
 }
 
 /// A storage failure. Every variant names the data directory, so an operator knows where to look.
@@ -161,6 +237,8 @@ impl std::fmt::Display for Identity {
 const IDENTITY: &[u8] = b"identity";
 const HARD_STATE: &[u8] = b"hard_state";
 const SNAPSHOT: &[u8] = b"snapshot";
+/// Chunk size of the snapshot format earlier versions wrote into the `raft_snapshot` tree.
+#[cfg(test)]
 const CHUNK: usize = 1 << 20;
 
 /// Snapshot metadata as stored: which generation of chunks holds the data.
@@ -218,6 +296,7 @@ fn decode_hard_state(bytes: &[u8]) -> Option<HardState> {
     })
 }
 
+#[cfg(test)]
 fn chunk_key(generation: u64, chunk: u64) -> [u8; 16] {
     let mut key = [0u8; 16];
     key[0..8].copy_from_slice(&generation.to_be_bytes());
@@ -264,6 +343,11 @@ pub struct SledStorage {
     snapshot_data: sled::Tree,
     snapshot: StoredSnapshot,
     log_bytes: u64,
+    /// Encoded size of every stored entry by index: log truncation and compaction remove keys and
+    /// account bytes without reading the (possibly large) values back from disk.
+    entry_sizes: std::collections::BTreeMap<u64, u64>,
+    /// Deletes log entries a snapshot covers, in the background ([`reap_covered_entries`]).
+    reaper: std::sync::mpsc::Sender<Vec<u64>>,
     /// The generation the next snapshot's chunks get (stored or staged).
     next_generation: u64,
     /// Bytes staged for the snapshot the next `persist` should switch to.
@@ -317,6 +401,7 @@ impl SledStorage {
                 .ok_or_else(|| corrupt("unreadable snapshot record".into()))?,
             None => StoredSnapshot::default(),
         };
+        let reaper = spawn_reaper(log.clone());
         let mut storage = SledStorage {
             dir,
             db,
@@ -325,23 +410,27 @@ impl SledStorage {
             snapshot_data,
             snapshot,
             log_bytes: 0,
+            entry_sizes: std::collections::BTreeMap::new(),
+            reaper,
             next_generation: snapshot.generation + 1,
             staged: None,
         };
+        for item in storage.log.iter() {
+            let (key, value) = item.map_err(|source| storage.io(source))?;
+            let index = <[u8; 8]>::try_from(key.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| storage.corrupt(format!("log key of {} bytes", key.len())))?;
+            storage.entry_sizes.insert(index, value.len() as u64);
+        }
+        storage.log_bytes = storage.entry_sizes.values().sum();
         storage.clean_up()?;
-        storage.log_bytes = storage
-            .log
-            .iter()
-            .values()
-            .map(|v| v.map(|v| v.len() as u64))
-            .sum::<Result<u64, _>>()
-            .map_err(|source| storage.io(source))?;
         Ok(storage)
     }
 
-    /// Number of log entries on disk (compaction must keep this bounded).
+    /// Number of log entries on disk that no snapshot covers (compaction must keep this bounded;
+    /// covered ones are deleted in the background and at the next open).
     pub fn stored_entry_count(&self) -> usize {
-        self.log.len()
+        self.entry_sizes.len()
     }
 
     /// The data directory.
@@ -373,7 +462,7 @@ impl SledStorage {
     fn clean_up(&mut self) -> Result<(), StorageError> {
         let covered = self.snapshot.meta.index;
         if covered > 0 {
-            self.remove_log_range(..=covered.to_be_bytes())?;
+            self.remove_log_through(covered)?;
         }
         let generation = self.snapshot.generation;
         let mut batch = sled::Batch::default();
@@ -386,26 +475,37 @@ impl SledStorage {
         self.snapshot_data
             .apply_batch(batch)
             .map_err(|source| self.io(source))?;
+        let current = snapshot_file(&self.dir, generation);
+        if let Ok(files) = std::fs::read_dir(snapshot_dir(&self.dir)) {
+            for file in files.flatten() {
+                if file.path() != current {
+                    std::fs::remove_file(file.path()).map_err(|e| self.io(sled::Error::Io(e)))?;
+                }
+            }
+        }
         self.db.flush().map_err(|source| self.io(source))?;
         Ok(())
     }
 
-    fn remove_log_range(
-        &mut self,
-        range: impl std::ops::RangeBounds<[u8; 8]>,
-    ) -> Result<(), StorageError> {
+    /// Remove the stored entries up to and including `index` (at once: at open).
+    fn remove_log_through(&mut self, index: u64) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        let mut freed = 0u64;
-        for item in self.log.range(range) {
-            let (key, value) = item.map_err(|source| self.io(source))?;
-            freed += value.len() as u64;
-            batch.remove(key);
+        for i in self.forget_log_through(index) {
+            batch.remove(&i.to_be_bytes());
         }
         self.log
             .apply_batch(batch)
-            .map_err(|source| self.io(source))?;
-        self.log_bytes = self.log_bytes.saturating_sub(freed);
-        Ok(())
+            .map_err(|source| self.io(source))
+    }
+
+    /// Stop counting the entries up to and including `index` (a snapshot covers them) and return them.
+    fn forget_log_through(&mut self, index: u64) -> Vec<u64> {
+        let kept = self.entry_sizes.split_off(&index.saturating_add(1));
+        let removed = std::mem::replace(&mut self.entry_sizes, kept);
+        for bytes in removed.values() {
+            self.log_bytes = self.log_bytes.saturating_sub(*bytes);
+        }
+        removed.into_keys().collect()
     }
 
     fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
@@ -420,8 +520,8 @@ impl SledStorage {
                 }
                 let generation = self.next_generation;
                 self.next_generation += 1;
-                write_chunks(&self.snapshot_data, generation, &snapshot.data)
-                    .map_err(|source| self.io(source))?;
+                write_snapshot_file(&self.dir, generation, &snapshot.data, false)
+                    .map_err(|e| self.io(sled::Error::Io(e)))?;
                 generation
             }
         };
@@ -437,10 +537,24 @@ impl SledStorage {
         let old = self.snapshot.generation;
         self.snapshot = stored;
         self.remove_generation(old)?;
-        self.remove_log_range(..=snapshot.meta.index.to_be_bytes())
+        // The covered entries are deleted in the background: deleting hundreds of MiB of values
+        // inside this persist kept the Raft loop waiting for it. Until then they are only garbage
+        // (`load` reads from the snapshot on, and the next open removes what is left).
+        let covered = self.forget_log_through(snapshot.meta.index);
+        if !covered.is_empty() && self.reaper.send(covered).is_err() {
+            warn!(dir = %self.dir.display(), "log reaper gone; covered entries wait for the next open");
+        }
+        Ok(())
     }
 
     fn remove_generation(&self, generation: u64) -> Result<(), StorageError> {
+        match std::fs::remove_file(snapshot_file(&self.dir, generation)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(self.io(sled::Error::Io(e)))
+            }
+            _ => {}
+        }
+        // Chunks of a snapshot written by an earlier version.
         let mut batch = sled::Batch::default();
         for key in self
             .snapshot_data
@@ -460,12 +574,19 @@ impl SledStorage {
             return Ok(None);
         }
         let mut data = BytesMut::with_capacity(stored.len as usize);
-        for item in self
-            .snapshot_data
-            .scan_prefix(stored.generation.to_be_bytes())
-        {
-            let (_, chunk) = item.map_err(|source| self.io(source))?;
-            data.extend_from_slice(&chunk);
+        match std::fs::read(snapshot_file(&self.dir, stored.generation)) {
+            Ok(bytes) => data.extend_from_slice(&bytes),
+            // Written by an earlier version: chunks in the tree.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                for item in self
+                    .snapshot_data
+                    .scan_prefix(stored.generation.to_be_bytes())
+                {
+                    let (_, chunk) = item.map_err(|source| self.io(source))?;
+                    data.extend_from_slice(&chunk);
+                }
+            }
+            Err(e) => return Err(self.io(sled::Error::Io(e))),
         }
         if data.len() as u64 != stored.len {
             return Err(self.corrupt(format!(
@@ -492,7 +613,8 @@ impl Storage for SledStorage {
         };
         let snapshot = self.read_snapshot()?;
         let mut entries = Vec::new();
-        for (expected, item) in (self.snapshot.meta.index + 1..).zip(self.log.iter()) {
+        let first = self.snapshot.meta.index + 1;
+        for (expected, item) in (first..).zip(self.log.range(first.to_be_bytes()..)) {
             let (key, value) = item.map_err(|s| self.io(s))?;
             let entry = pb::Entry::decode(value.as_ref())
                 .map_err(|e| self.corrupt(format!("unreadable log entry: {e}")))
@@ -521,20 +643,19 @@ impl Storage for SledStorage {
         }
         if let Some(write) = &ready.log_write {
             let mut batch = sled::Batch::default();
-            let mut freed = 0u64;
-            for item in self.log.range(write.from.to_be_bytes()..) {
-                let (key, value) = item.map_err(|s| self.io(s))?;
-                freed += value.len() as u64;
-                batch.remove(key);
+            // A conflicting suffix goes (keys only: its values are never read back).
+            for (&i, &bytes) in self.entry_sizes.range(write.from..) {
+                batch.remove(&i.to_be_bytes());
+                self.log_bytes = self.log_bytes.saturating_sub(bytes);
             }
-            let mut added = 0u64;
+            self.entry_sizes.split_off(&write.from);
             for entry in &write.entries {
                 let value = entry_to_proto(entry).encode_to_vec();
-                added += value.len() as u64;
+                self.log_bytes += value.len() as u64;
+                self.entry_sizes.insert(entry.index, value.len() as u64);
                 batch.insert(&entry.index.to_be_bytes(), value);
             }
             self.log.apply_batch(batch).map_err(|s| self.io(s))?;
-            self.log_bytes = self.log_bytes.saturating_sub(freed) + added;
         }
         if let Some(hard_state) = &ready.hard_state {
             self.meta
@@ -558,8 +679,6 @@ impl Storage for SledStorage {
         self.next_generation += 1;
         Some(Box::new(SledStager {
             dir: self.dir.clone(),
-            db: self.db.clone(),
-            snapshot_data: self.snapshot_data.clone(),
             generation,
         }))
     }
@@ -671,6 +790,7 @@ mod tests {
         assert_eq!(s.stored_entry_count(), 3);
         drop(s);
         let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        assert_eq!(s.log.len(), 3, "covered entries are gone from disk");
         let state = s.load().expect("load");
         assert_eq!(
             state.snapshot.map(|s| (s.meta.index, s.data)),
@@ -699,17 +819,14 @@ mod tests {
         .expect("stager thread")
         .expect("stage");
         s.offer_staged(staged).expect("offer");
-        let chunks_before = s.snapshot_data.len();
+        let files = |dir: &Path| std::fs::read_dir(snapshot_dir(dir)).map_or(0, |d| d.count());
+        assert_eq!(files(dir.path()), 1);
         s.persist(&Ready {
             snapshot: Some(first.clone()),
             ..Default::default()
         })
         .expect("persist");
-        assert_eq!(
-            s.snapshot_data.len(),
-            chunks_before,
-            "no chunk written twice"
-        );
+        assert_eq!(files(dir.path()), 1, "the staged file is the snapshot");
         assert_eq!(s.stored_entry_count(), 6);
         // A second snapshot staged but never adopted (the process died first).
         let stager = s.snapshot_stager().expect("sled stages");
@@ -726,7 +843,40 @@ mod tests {
             state.snapshot.map(|s| (s.meta, s.data)),
             Some((first.meta, first.data))
         );
-        assert_eq!(s.snapshot_data.len(), 3, "the orphaned chunks are gone");
+        assert_eq!(files(dir.path()), 1, "the orphaned file is gone");
+    }
+
+    #[test]
+    fn a_snapshot_stored_in_chunks_by_an_earlier_version_still_loads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        let data = vec![7u8; 2 * CHUNK + 3];
+        for (n, chunk) in data.chunks(CHUNK).enumerate() {
+            s.snapshot_data
+                .insert(chunk_key(1, n as u64), chunk)
+                .expect("chunk");
+        }
+        let stored = StoredSnapshot {
+            meta: SnapshotMeta { index: 5, term: 2 },
+            len: data.len() as u64,
+            generation: 1,
+        };
+        s.meta.insert(SNAPSHOT, &stored.encode()).expect("meta");
+        s.db.flush().expect("flush");
+        drop(s);
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let loaded = s.load().expect("load").snapshot.expect("snapshot");
+        assert_eq!((loaded.meta, loaded.data.len()), (stored.meta, data.len()));
+        // The next snapshot is a file, and the old chunks go.
+        s.persist(&Ready {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta { index: 9, term: 2 },
+                data: Bytes::from_static(b"newer"),
+            }),
+            ..Default::default()
+        })
+        .expect("persist");
+        assert!(s.snapshot_data.is_empty());
     }
 
     #[test]

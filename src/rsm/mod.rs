@@ -55,6 +55,15 @@ pub trait StateMachine: Clone {
     fn query(&self, query: &Self::Query) -> Self::Output;
     /// Serialize the whole state.
     fn snapshot(&self) -> Bytes;
+    /// The length [`StateMachine::encode_snapshot`] will write, if the machine can tell without
+    /// encoding; then the snapshot is written once, straight into the snapshot's buffer.
+    fn snapshot_len(&self) -> Option<usize> {
+        None
+    }
+    /// Append the serialized state to `out` (what [`StateMachine::snapshot`] returns).
+    fn encode_snapshot(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.snapshot());
+    }
     /// Replace the state with a snapshot.
     fn restore(&mut self, data: &[u8]) -> Result<(), RsmError>;
     /// Encode a command for the log.
@@ -532,8 +541,18 @@ impl<S: StateMachine> SnapshotJob<S> {
 
     /// Encode the snapshot (the expensive part: proportional to the state).
     pub fn encode(self) -> (Index, Bytes) {
-        let snapshot = pb::Snapshot {
-            state: self.machine.snapshot(),
+        // Everything but the state through prost; the state (field 1, the bulk) written by the machine
+        // straight into the output when it knows its length, so it is copied once, not twice.
+        let (state, state_len) = match self.machine.snapshot_len() {
+            Some(len) => (None, len),
+            None => {
+                let state = self.machine.snapshot();
+                let len = state.len();
+                (Some(state), len)
+            }
+        };
+        let rest = pb::Snapshot {
+            state: Bytes::new(),
             sessions: self
                 .sessions
                 .iter()
@@ -547,7 +566,21 @@ impl<S: StateMachine> SnapshotJob<S> {
             evicted_max: self.sessions.evicted_max(),
             clock_ms: self.clock_ms,
         };
-        (self.index, Bytes::from(snapshot.encode_to_vec()))
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+        let mut out = Vec::with_capacity(
+            11 + encoded_len_varint(state_len as u64) + state_len + rest.encoded_len(),
+        );
+        if state_len > 0 {
+            encode_key(1, WireType::LengthDelimited, &mut out);
+            encode_varint(state_len as u64, &mut out);
+            match state {
+                Some(state) => out.extend_from_slice(&state),
+                None => self.machine.encode_snapshot(&mut out),
+            }
+        }
+        rest.encode(&mut out)
+            .expect("a Vec with room for the whole message");
+        (self.index, Bytes::from(out))
     }
 }
 
