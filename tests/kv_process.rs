@@ -872,3 +872,98 @@ async fn a_large_snapshot_stops_neither_heartbeats_nor_writes() {
     assert!(terms.iter().all(|&t| t == term), "term {term} -> {terms:?}");
     assert!(slowest < Duration::from_secs(1), "a put took {slowest:?}");
 }
+
+/// Resident memory of a process, in bytes (from /proc).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Back-pressure, not growth (#12): 64 clients writing 1 MiB values to a leader whose followers are
+/// paused. Nothing can commit; the leader admits at most 64 MiB of uncommitted proposals (the rest are
+/// answered RESOURCE_EXHAUSTED) and, hearing from no majority, steps down (CheckQuorum) and refuses the
+/// rest as WRONG_LEADER. Every client gets an error within its deadline, the leader's memory stays
+/// bounded, and once the followers resume the cluster serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_a_majority_pushes_back_instead_of_growing() {
+    let cluster = Cluster::kv(3, 8 << 20);
+    let leader = cluster.wait_for_leader().await;
+    let pid = |i: usize| cluster.children[i].as_ref().expect("running").id();
+    let followers: Vec<u32> = (0..3).filter(|&i| i != leader).map(pid).collect();
+    for &follower in &followers {
+        signal(follower, "-STOP");
+    }
+    let baseline = rss_bytes(pid(leader));
+    let value = Arc::new("m".repeat(MAX_VALUE_BYTES));
+    let only_leader = vec![cluster.addrs[leader].clone()];
+    let writers: Vec<_> = (0..64)
+        .map(|n| {
+            let (value, addrs) = (value.clone(), only_leader.clone());
+            tokio::spawn(async move {
+                let mut clerk = Clerk::new(
+                    &addrs,
+                    ClerkConfig {
+                        call_timeout: Duration::from_secs(8),
+                        ..ClerkConfig::default()
+                    },
+                )
+                .expect("clerk");
+                clerk.put(&format!("m{n}"), &value).await
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(9) {
+        peak = peak.max(rss_bytes(pid(leader)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut refusals: BTreeMap<String, usize> = BTreeMap::new();
+    for writer in writers {
+        match writer.await.expect("writer") {
+            Ok(()) => panic!("a put committed without a majority"),
+            Err(e) => {
+                let kind = ["overloaded", "wrong leader", "timed out"]
+                    .into_iter()
+                    .find(|kind| e.to_string().contains(kind))
+                    .unwrap_or("other");
+                *refusals.entry(kind.to_string()).or_default() += 1;
+            }
+        }
+    }
+    println!(
+        "leader rss {} MiB before, peak {} MiB; last errors {refusals:?}",
+        baseline >> 20,
+        peak >> 20
+    );
+    // 64 MiB of admitted proposals, their copies on the way to the (paused) followers, and slack.
+    assert!(
+        peak < baseline + (320 << 20),
+        "leader grew to {} MiB",
+        peak >> 20
+    );
+    for &follower in &followers {
+        signal(follower, "-CONT");
+    }
+    let mut clerk = cluster.clerk();
+    clerk
+        .put("after", "resume")
+        .await
+        .expect("put after resume");
+    assert_eq!(
+        clerk.get("after").await.expect("get").as_deref(),
+        Some("resume")
+    );
+}
