@@ -52,7 +52,9 @@ pub struct TransportConfig {
     /// Bytes per snapshot chunk. Each chunk is one gRPC message, so it must stay below tonic's 4 MiB
     /// default decoding limit.
     pub snapshot_chunk_bytes: usize,
-    /// Deadline for sending a whole snapshot.
+    /// A snapshot transfer during which no chunk goes out for this long is abandoned (the leader sends
+    /// it again later). A stall, not a total: a snapshot of any size may take as long as it needs while
+    /// it keeps moving.
     pub snapshot_timeout: Duration,
     /// Plaintext or mutual TLS to peers.
     pub security: Security,
@@ -65,7 +67,7 @@ impl Default for TransportConfig {
             max_backoff: Duration::from_secs(1),
             queue_depth: 4096,
             snapshot_chunk_bytes: 1 << 20,
-            snapshot_timeout: Duration::from_secs(120),
+            snapshot_timeout: Duration::from_secs(30),
             security: Security::Insecure,
         }
     }
@@ -290,14 +292,38 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
                 },
             }
         });
-        let sending = client.install_snapshot(tokio_stream::iter(chunks));
-        match tokio::time::timeout(config.snapshot_timeout, sending).await {
-            Ok(Ok(_)) => debug!(peer, index = meta.index, bytes = total, "snapshot sent"),
-            Ok(Err(status)) => {
-                report_refusal(peer, &status, &mut reported);
-                warn!(peer, error = %status, "snapshot transfer failed");
+        // Progress is the time the stream last handed tonic a chunk (it takes the next one only once
+        // the previous is on its way).
+        let started = tokio::time::Instant::now();
+        let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = moved.clone();
+        let chunks = tokio_stream::StreamExt::map(tokio_stream::iter(chunks), move |chunk| {
+            let at = started.elapsed().as_millis() as u64;
+            progress.store(at, std::sync::atomic::Ordering::Relaxed);
+            chunk
+        });
+        let sending = client.install_snapshot(chunks);
+        let stalled = async {
+            loop {
+                tokio::time::sleep(config.snapshot_timeout / 4).await;
+                let last = moved.load(std::sync::atomic::Ordering::Relaxed);
+                let idle = started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last));
+                if idle > config.snapshot_timeout {
+                    return idle;
+                }
             }
-            Err(_) => warn!(peer, "snapshot transfer timed out"),
+        };
+        tokio::select! {
+            result = sending => match result {
+                Ok(_) => debug!(peer, index = meta.index, bytes = total, "snapshot sent"),
+                Err(status) => {
+                    report_refusal(peer, &status, &mut reported);
+                    warn!(peer, error = %status, "snapshot transfer failed");
+                }
+            },
+            idle = stalled => warn!(peer, idle = ?idle, "snapshot transfer stalled; abandoned"),
         }
     }
 }
