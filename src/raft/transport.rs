@@ -17,7 +17,7 @@
 //! only as its chunks arrive, and each peer gets one snapshot stream at a time, dropped when idle.
 
 use super::message::{Envelope, Message};
-use super::types::{NodeId, SnapshotMeta};
+use super::types::{Index, NodeId, SnapshotMeta, Term};
 use super::wire::{envelope_from_proto, envelope_to_proto};
 use crate::proto::raft as pb;
 use crate::proto::raft::raft_transport_client::RaftTransportClient;
@@ -257,10 +257,24 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
         cluster,
     } = link;
     let mut reported = false;
+    // The snapshot (term, index) this stream just delivered while a copy of it was already queued.
+    let mut delivered: Option<(Term, Index)> = None;
     while let Some(envelope) = queue.recv().await {
         let Message::InstallSnapshot { term, meta, data } = envelope.message else {
             continue;
         };
+        if delivered.take() == Some((term, meta.index)) {
+            // The core resends an unanswered snapshot after an election timeout; a large one is still
+            // on its way by then, so the copy waits here and would follow the original in full. It was
+            // queued while the original was being delivered: drop it. (A later resend, if the answer
+            // was lost, is sent: `delivered` holds only the transfer that just finished.)
+            debug!(
+                peer,
+                index = meta.index,
+                "dropping a resend of the snapshot just delivered"
+            );
+            continue;
+        }
         let Some(mut client) = connect(peer, &address, &config, &cluster).await else {
             continue; // the leader resends after an election timeout
         };
@@ -317,7 +331,13 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
         };
         tokio::select! {
             result = sending => match result {
-                Ok(_) => debug!(peer, index = meta.index, bytes = total, "snapshot sent"),
+                Ok(_) => {
+                    debug!(peer, index = meta.index, bytes = total, "snapshot sent");
+                    // Only a copy already queued counts as a duplicate of this delivery.
+                    if !queue.is_empty() {
+                        delivered = Some((term, meta.index));
+                    }
+                }
                 Err(status) => {
                     report_refusal(peer, &status, &mut reported);
                     warn!(peer, error = %status, "snapshot transfer failed");
@@ -626,5 +646,101 @@ impl RaftTransport for RaftService {
         )
         .await?;
         Ok(Response::new(pb::SendAck {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A peer that takes its time over each snapshot and counts the transfers it completes.
+    #[derive(Clone, Default)]
+    struct SlowPeer {
+        snapshots: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for SlowPeer {
+        async fn send(
+            &self,
+            _request: tonic::Request<tonic::Streaming<pb::Envelope>>,
+        ) -> Result<tonic::Response<pb::SendAck>, Status> {
+            Ok(tonic::Response::new(pb::SendAck::default()))
+        }
+
+        async fn install_snapshot(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::SnapshotChunk>>,
+        ) -> Result<tonic::Response<pb::SendAck>, Status> {
+            let mut chunks = request.into_inner();
+            while chunks.message().await?.is_some() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            self.snapshots.fetch_add(1, Ordering::SeqCst);
+            Ok(tonic::Response::new(pb::SendAck::default()))
+        }
+    }
+
+    fn snapshot(term: Term, index: Index) -> Envelope {
+        Envelope {
+            from: 1,
+            to: 2,
+            message: Message::InstallSnapshot {
+                term,
+                meta: SnapshotMeta { index, term },
+                data: bytes::Bytes::from(vec![7u8; 3 << 10]),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resend_queued_during_a_slow_transfer_is_not_sent_again_in_full() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let peer = SlowPeer::default();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(peer.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let config = TransportConfig {
+            snapshot_chunk_bytes: 1 << 10,
+            ..TransportConfig::default()
+        };
+        let transport = Transport::start(&[(2, address.to_string())].into(), &config, "test");
+        let delivered = |n: usize| {
+            let count = peer.snapshots.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while count.load(Ordering::SeqCst) < n {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{n} snapshots not delivered"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        // The core resends while the first copy (three slow chunks) is still on its way.
+        transport.send(vec![snapshot(1, 10)]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        transport.send(vec![snapshot(1, 10)]);
+        delivered(1).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            peer.snapshots.load(Ordering::SeqCst),
+            1,
+            "the queued copy went too"
+        );
+        // A resend after the delivery (its answer may have been lost) is sent.
+        transport.send(vec![snapshot(1, 10)]);
+        delivered(2).await;
+        // So is another snapshot.
+        transport.send(vec![snapshot(1, 20)]);
+        delivered(3).await;
     }
 }
