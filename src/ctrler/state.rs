@@ -268,21 +268,10 @@ impl ShardCtrler {
     }
 
     fn join(&mut self, groups: BTreeMap<Gid, Vec<String>>) -> CtrlerOutput {
-        if groups.is_empty() {
-            return Err("join names no group".into());
-        }
-        if groups.len() > MAX_GROUPS {
-            return Err(format!(
-                "the join names {} groups, more than {MAX_GROUPS}",
-                groups.len()
-            ));
-        }
+        check_join(&groups)?;
         let latest = self.latest();
-        for (&gid, servers) in &groups {
-            check_group(gid, servers)?;
-            if latest.groups.contains_key(&gid) {
-                return Err(format!("group {gid} has already joined"));
-            }
+        if let Some(gid) = groups.keys().find(|gid| latest.groups.contains_key(gid)) {
+            return Err(format!("group {gid} has already joined"));
         }
         let count = latest.groups.len() + groups.len();
         if count > MAX_GROUPS {

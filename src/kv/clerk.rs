@@ -229,34 +229,80 @@ pub fn mutate_parts(r: pb::MutateResponse) -> (i32, String, (pb::Outcome, u64)) 
     )
 }
 
+/// One mutation under a clerk's session, however the clerk routes it: the request with the session's
+/// next number, how many times it was sent, and what the final answer means for the session. Shared by
+/// the KV clerk and the sharded clerk so both restart an expired session by the same rule.
+pub struct Mutation {
+    request: pb::MutateRequest,
+    attempts: AtomicU32,
+}
+
+/// The answer a mutation ended with: `Ok` served, `Err` refused because the session expired (each with
+/// the outcome and the `min_client_id` of the response).
+pub type MutationAnswer = Result<(pb::Outcome, u64), (pb::Outcome, u64)>;
+
+impl Mutation {
+    /// `command` as the session's next mutation.
+    pub fn next(session: &mut Session, command: &KvCommand) -> Self {
+        let (client_id, seq) = session.next_command();
+        Mutation {
+            request: pb::MutateRequest {
+                client_id,
+                seq,
+                command: Some(pb::Command::from(command)),
+            },
+            attempts: AtomicU32::new(0),
+        }
+    }
+
+    /// Send it once over `channel`.
+    pub fn send(
+        &self,
+        channel: tonic::transport::Channel,
+        timeout: Duration,
+    ) -> impl std::future::Future<
+        Output = Result<
+            Result<tonic::Response<pb::MutateResponse>, tonic::Status>,
+            tokio::time::error::Elapsed,
+        >,
+    > {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        let mut client = KvClient::new(channel);
+        let request = self.request.clone();
+        async move { tokio::time::timeout(timeout, client.mutate(request)).await }
+    }
+
+    /// The outcome if served; `None` if the session expired and the mutation may simply be sent again
+    /// under the new one (see [`Session::restart`]).
+    pub fn finish(
+        self,
+        session: &mut Session,
+        answer: MutationAnswer,
+    ) -> Result<Option<pb::Outcome>, ClerkError> {
+        match answer {
+            Ok((outcome, _)) => Ok(Some(outcome)),
+            Err((_, min_client_id)) => {
+                session.restart(min_client_id, self.attempts.load(Ordering::Relaxed))?;
+                Ok(None)
+            }
+        }
+    }
+}
+
 impl KvOps for Clerk {
     async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
         validate_command(&command)?;
         loop {
-            let (client_id, seq) = self.session.next_command();
-            let request = pb::MutateRequest {
-                client_id,
-                seq,
-                command: Some(pb::Command::from(&command)),
-            };
-            let attempts = AtomicU32::new(0);
+            let mutation = Mutation::next(&mut self.session, &command);
             let answer = self
                 .replicas
                 .call(|channel, timeout| {
-                    let mut client = KvClient::new(channel);
-                    let request = request.clone();
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    async move {
-                        let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
-                        Self::classify(reply, mutate_parts)
-                    }
+                    let reply = mutation.send(channel, timeout);
+                    async move { Self::classify(reply.await, mutate_parts) }
                 })
                 .await?;
-            match answer {
-                Ok((outcome, _)) => return Ok(outcome),
-                Err((_, min_client_id)) => self
-                    .session
-                    .restart(min_client_id, attempts.load(Ordering::Relaxed))?,
+            if let Some(outcome) = mutation.finish(&mut self.session, answer)? {
+                return Ok(outcome);
             }
         }
     }

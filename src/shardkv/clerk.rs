@@ -16,7 +16,7 @@
 
 use super::key_to_shard;
 use crate::ctrler::{Config, CtrlerClerk, Gid};
-use crate::kv::clerk::{classify_reply, mutate_parts, Routed};
+use crate::kv::clerk::{classify_reply, mutate_parts, Mutation, Routed};
 use crate::kv::validate::{validate_command, validate_key};
 use crate::kv::KvCommand;
 use crate::kv::KvOps;
@@ -24,7 +24,6 @@ use crate::proto::kv as pb;
 use crate::proto::kv::kv_client::KvClient;
 use crate::rsm::client::{ClerkConfig, ClerkError, Replicas, Session};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -213,29 +212,15 @@ impl KvOps for ShardClerk {
         let key = command.key().to_string();
         loop {
             // One number per mutation, kept across every retry at every group.
-            let (client_id, seq) = self.session.next_command();
-            let request = pb::MutateRequest {
-                client_id,
-                seq,
-                command: Some(pb::Command::from(&command)),
-            };
-            let attempts = AtomicU32::new(0);
+            let mutation = Mutation::next(&mut self.session, &command);
             let answer = self
                 .route(&key, |channel, timeout| {
-                    let mut client = KvClient::new(channel);
-                    let request = request.clone();
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    async move {
-                        let reply = tokio::time::timeout(timeout, client.mutate(request)).await;
-                        classify_reply(reply, mutate_parts)
-                    }
+                    let reply = mutation.send(channel, timeout);
+                    async move { classify_reply(reply.await, mutate_parts) }
                 })
                 .await?;
-            match answer {
-                Ok((outcome, _)) => return Ok(outcome),
-                Err((_, min_client_id)) => self
-                    .session
-                    .restart(min_client_id, attempts.load(Ordering::Relaxed))?,
+            if let Some(outcome) = mutation.finish(&mut self.session, answer)? {
+                return Ok(outcome);
             }
         }
     }
