@@ -114,7 +114,7 @@ fn spawn_reaper(log: sled::Tree) -> std::sync::mpsc::Sender<Vec<u64>> {
 
 /// Keys deleted per batch by the reaper, and the pause between batches.
 const REAP_BATCH: usize = 8;
-const REAP_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+const REAP_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn reap_covered_entries(log: &sled::Tree, covered: &std::sync::mpsc::Receiver<Vec<u64>>) {
     for indices in covered {
@@ -148,7 +148,7 @@ const SNAPSHOT_SYNC_BYTES: usize = 4 << 20;
 
 /// The pace a staged snapshot is written at, at most (bytes per second): a background write, it leaves
 /// the disk and the CPU to the log and the clients (TiKV rate-limits snapshot I/O for the same reason).
-const SNAPSHOT_WRITE_BYTES_PER_SEC: u64 = 256 << 20;
+const SNAPSHOT_WRITE_BYTES_PER_SEC: u64 = 128 << 20;
 
 /// Write and fsync the file of `generation` (and its directory entry). Nothing refers to it until the
 /// metadata switches to that generation, so a crash midway leaves only an unreferenced file.
