@@ -59,6 +59,11 @@ enum Command {
         /// How long a worker may take on a task before it is handed to another worker (e.g. 10s, 500ms).
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         task_timeout: Duration,
+        /// Hand a task out at most this many times (a worker that dies on it, or times out, uses one);
+        /// then its job fails with a message and the next queued job runs. As Hadoop's default.
+        #[arg(long, default_value_t = ds824::mr::coordinator::DEFAULT_MAX_ATTEMPTS,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        max_attempts: u32,
         /// Serve Prometheus metrics (jobs, tasks by kind and state, attempts, failures) at
         /// http://<this address>/metrics.
         #[arg(long, env = "MRD_METRICS_LISTEN")]
@@ -374,6 +379,7 @@ async fn run_coordinator(
     listen: SocketAddr,
     data_dir: PathBuf,
     task_timeout: Duration,
+    max_attempts: u32,
     metrics_listen: Option<SocketAddr>,
     admission: Admission,
     security: Security,
@@ -393,6 +399,7 @@ async fn run_coordinator(
     let service = Arc::new(coordinator_service::CoordinatorService::open(
         &data_dir,
         task_timeout,
+        max_attempts,
         admission,
         security.guard(),
     )?);
@@ -424,6 +431,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             data_dir,
             task_timeout,
+            max_attempts,
             metrics_listen,
             data_roots,
             allow_apps,
@@ -436,6 +444,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 data_dir,
                 task_timeout,
+                max_attempts,
                 metrics_listen,
                 admission,
                 security,

@@ -123,6 +123,14 @@ impl Env {
             .arg("--data-root")
             .arg(data_root)
             .args(extra)
+            // The crash apps kill workers on purpose, on most attempts; those jobs must still finish
+            // (the 6.824 tests). A test of the limit itself passes its own.
+            .args(
+                (!extra.contains(&"--max-attempts"))
+                    .then_some(["--max-attempts", "1000"])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdout(Stdio::piped())
             .stderr(self.log(&format!("coordinator-{}", listen.replace(':', "_"))))
             .spawn()
@@ -716,6 +724,65 @@ fn failing_app_fails_its_job_and_the_queue_moves_on() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("job {failing} [failed]")), "{text}");
     assert!(text.contains(&format!("job {good} [done]")), "{text}");
+}
+
+/// A map task that kills every worker that takes it (#17): only reported failures used to count, so it
+/// was handed out forever and every job queued behind it waited forever. With `--max-attempts 3` its
+/// job fails after three hand-outs, saying why, and the next job completes.
+#[test]
+fn a_task_that_kills_its_workers_fails_its_job_and_the_queue_moves_on() {
+    let env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator_with(
+        "127.0.0.1:0",
+        "1s",
+        &["--allow-apps", "crash", "--max-attempts", "3"],
+    );
+    let deadly = env.submit(
+        &coord.addr,
+        "crash",
+        &["crash_permille=1000"],
+        2,
+        "shared-dir",
+        "deadly",
+    );
+    let good = env.submit(&coord.addr, "wc", &[], 3, "shared-dir", "good");
+    let done = Arc::new(AtomicBool::new(false));
+    // Two loops keep restarting workers, as a cluster manager would.
+    let loops: Vec<_> = (0..2)
+        .map(|l| {
+            let done = done.clone();
+            let dir = env.path().to_path_buf();
+            let addr = coord.addr.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !done.load(Ordering::SeqCst) && n < 100 {
+                    n += 1;
+                    let mut worker = spawn_worker(&dir, &addr, 100 * (l + 1) + n, &[]);
+                    wait_exit(&mut worker);
+                }
+            })
+        })
+        .collect();
+    let failed = wait_until(
+        &env,
+        &coord.addr,
+        deadly,
+        "the deadly job to fail",
+        client::finished,
+    );
+    wait_job(&env, &coord.addr, good);
+    done.store(true, Ordering::SeqCst);
+    for handle in loops {
+        handle.join().unwrap();
+    }
+    assert_eq!(failed.state, pb::JobState::Failed as i32, "{failed:?}");
+    assert!(
+        failed.error.contains("handed out 3 times"),
+        "{}",
+        failed.error
+    );
+    assert_eq!(env.output("good"), expected);
 }
 
 #[test]

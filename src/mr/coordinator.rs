@@ -8,6 +8,9 @@
 //!   first successful report of a task wins and later ones are ignored, so slow duplicates are harmless;
 //! - a task whose app fails [`MAX_TASK_FAILURES`] times fails its job (bad input would otherwise be retried
 //!   forever);
+//! - a task handed out `max_attempts` times (default [`DEFAULT_MAX_ATTEMPTS`], as Hadoop) without finishing
+//!   fails its job too: a task that kills its worker (out of memory on a big input, a crash) is never
+//!   reported, and retried forever it would hold up every job queued behind it;
 //! - a reducer that cannot fetch a map output makes that map task run again (paper §3.3), but only if the
 //!   output is still believed to live where the reducer looked, so stale reports change nothing.
 //!
@@ -24,6 +27,9 @@ use crate::mr::job::JobSpec;
 
 /// App failures of one task that fail the whole job.
 pub const MAX_TASK_FAILURES: u32 = 3;
+
+/// Hand-outs of one task, without a success, that fail the whole job (`mrd coordinator --max-attempts`).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 
 /// The two phases of a job; tasks of one kind share an index space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +258,10 @@ pub struct Coordinator {
     jobs: BTreeMap<u64, Job>,
     next_attempt: u64,
     timeout: Duration,
+    max_attempts: u32,
+    /// Jobs whose record changed outside a report (a re-run hand-out, a job failed for its attempts),
+    /// for the caller to persist ([`Coordinator::take_changed`]).
+    changed: std::collections::BTreeSet<u64>,
 }
 
 impl Coordinator {
@@ -266,7 +276,24 @@ impl Coordinator {
             jobs,
             next_attempt: 1,
             timeout,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            changed: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// Fail a job once one of its tasks was handed out `max_attempts` times without finishing (at least 1).
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
+    /// The records changed by hand-outs since the last call (re-runs counted, jobs failed for their
+    /// attempts): persist them, so attempts survive a coordinator restart.
+    pub fn take_changed(&mut self) -> Vec<JobRecord> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .filter_map(|id| self.jobs.get(&id).map(|job| job.record.clone()))
+            .collect()
     }
 
     /// Queues a job and returns its record, which the caller must persist before acknowledging.
@@ -299,13 +326,29 @@ impl Coordinator {
     /// Picks a task for `worker`: the first of the current phase's tasks that is neither done nor running
     /// within its deadline.
     pub fn assign(&mut self, worker: &WorkerInfo<'_>, now: Instant) -> Assignment {
-        let timeout = self.timeout;
+        loop {
+            match self.assign_in_current_job(worker, now) {
+                // The job failed for a task's attempts: the queue moves on to the next job.
+                None => continue,
+                Some(assignment) => return assignment,
+            }
+        }
+    }
+
+    /// [`Coordinator::assign`] within the first unfinished job; `None` if that job just failed because
+    /// the task it would hand out has had all its attempts.
+    fn assign_in_current_job(
+        &mut self,
+        worker: &WorkerInfo<'_>,
+        now: Instant,
+    ) -> Option<Assignment> {
+        let (timeout, max_attempts) = (self.timeout, self.max_attempts);
         let Some(job) = self
             .jobs
             .values_mut()
             .find(|job| !job.record.state.finished())
         else {
-            return Assignment::Idle;
+            return Some(Assignment::Idle);
         };
         job.record.state = JobState::Running;
         let maps_done = job.record.maps.iter().all(|t| t.done.is_some());
@@ -315,7 +358,7 @@ impl Coordinator {
             (TaskKind::Map, worker.accept_map)
         };
         if !accepted {
-            return Assignment::Wait;
+            return Some(Assignment::Wait);
         }
         let available = job
             .record
@@ -326,8 +369,25 @@ impl Coordinator {
                 task.done.is_none() && running.as_ref().is_none_or(|r| r.deadline <= now)
             });
         let Some(index) = available else {
-            return Assignment::Wait;
+            return Some(Assignment::Wait);
         };
+        let runs = job.record.tasks(kind)[index].runs;
+        if runs >= max_attempts {
+            let last = job.running(kind)[index]
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |r| r.worker.clone());
+            job.record.state = JobState::Failed(format!(
+                "{kind} task {index} was handed out {runs} times without finishing (--max-attempts \
+                 {max_attempts}); its workers may be dying on it (last worker: {last})"
+            ));
+            self.changed.insert(job.record.id);
+            return None;
+        }
+        if runs > 0 {
+            // A re-run: count it durably, so a task that keeps killing workers fails its job even
+            // across coordinator restarts.
+            self.changed.insert(job.record.id);
+        }
         let attempt = self.next_attempt;
         self.next_attempt += 1;
         let previous = job.running_mut(kind)[index].replace(Running {
@@ -345,7 +405,7 @@ impl Coordinator {
                 .map(|t| t.done.as_ref().map(|c| c.addr.clone()).unwrap_or_default())
                 .collect(),
         };
-        Assignment::Run(Box::new(Task {
+        Some(Assignment::Run(Box::new(Task {
             job_id: job.record.id,
             spec: job.record.spec.clone(),
             kind,
@@ -353,7 +413,7 @@ impl Coordinator {
             attempt,
             locations,
             took_over_from: previous.map(|r| r.worker),
-        }))
+        })))
     }
 
     /// Applies a worker's report. Returns whether the job's durable record changed (and so must be
@@ -603,6 +663,35 @@ mod tests {
             Err(ReportError::NoSuchJob(id + 1))
         );
         assert!(c.report(id, TaskKind::Reduce, 5, "a", ok("")).is_err());
+    }
+
+    #[test]
+    fn a_task_that_kills_its_workers_fails_its_job_after_max_attempts_and_the_queue_moves_on() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT).with_max_attempts(3);
+        let deadly = c.submit(spec(1, 1)).id;
+        let next = c.submit(spec(1, 1)).id;
+        // Every worker that takes the map dies silently: no report, only timeouts.
+        for n in 0..3u32 {
+            let at = now + TIMEOUT * n;
+            let task = run(c.assign(&worker(&format!("w{n}")), at));
+            assert_eq!((task.job_id, task.index), (deadly, 0));
+        }
+        // The hand-outs were counted durably (attempts survive a coordinator restart).
+        let changed = c.take_changed();
+        assert_eq!(changed.iter().map(|r| r.maps[0].runs).max(), Some(3));
+        let task = run(c.assign(&worker("w3"), now + TIMEOUT * 3));
+        assert_eq!(task.job_id, next, "the next job runs");
+        assert!(
+            matches!(&c.record(deadly).unwrap().state, JobState::Failed(why) if why.contains("map task 0") && why.contains("w2")),
+            "{:?}",
+            c.record(deadly).unwrap().state
+        );
+        assert!(c.take_changed().iter().any(|r| r.id == deadly));
+        // Restored from that record, the job stays failed.
+        let saved = c.record(deadly).unwrap().clone();
+        let restarted = Coordinator::restore([saved], TIMEOUT);
+        assert!(restarted.record(deadly).unwrap().state.finished());
     }
 
     #[test]

@@ -44,6 +44,7 @@ impl CoordinatorService {
     pub fn open(
         data_dir: &Path,
         task_timeout: Duration,
+        max_attempts: u32,
         admission: Admission,
         guard: Guard,
     ) -> Result<Self, MrError> {
@@ -68,7 +69,9 @@ impl CoordinatorService {
             }
         }
         Ok(Self {
-            state: Mutex::new(Coordinator::restore(records, task_timeout)),
+            state: Mutex::new(
+                Coordinator::restore(records, task_timeout).with_max_attempts(max_attempts),
+            ),
             db,
             jobs,
             admission,
@@ -239,7 +242,22 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             accept_map: request.accept_map,
             accept_reduce: request.accept_reduce,
         };
-        let assignment = self.lock().assign(&worker, Instant::now());
+        let (assignment, changed) = {
+            let mut state = self.lock();
+            let assignment = state.assign(&worker, Instant::now());
+            let changed = state.take_changed();
+            for record in &changed {
+                self.stage(record)?;
+                if let JobState::Failed(why) = &record.state {
+                    tracing::warn!(job = record.id, %why, "job failed");
+                }
+            }
+            (assignment, changed)
+        };
+        if !changed.is_empty() {
+            // Re-runs and failures for attempts are durable before the task goes out.
+            self.flush().await?;
+        }
         let reply = match assignment {
             Assignment::Idle => pb::TaskReply {
                 action: pb::Action::Idle as i32,
