@@ -118,11 +118,34 @@ pub fn spawn_server(
     }))
 }
 
+/// How much a fetch may bring and how long it may stall: a stale or broken peer cannot run a reducer out
+/// of memory or hold it forever.
+#[derive(Clone, Copy, Debug)]
+pub struct FetchLimits {
+    /// Largest map output partition fetched (bytes).
+    pub max_bytes: usize,
+    /// A fetch that receives nothing for this long fails (and is retried, then reported lost).
+    pub idle: Duration,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        FetchLimits {
+            max_bytes: MAX_FETCH_BYTES,
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Largest map output partition a reducer fetches by default.
+pub const MAX_FETCH_BYTES: usize = 1 << 30;
+
 /// Fetches map outputs from other workers, reusing one connection per worker.
 #[derive(Default)]
 pub struct Fetcher {
     clients: HashMap<String, ShuffleClient<Channel>>,
     security: Security,
+    limits: FetchLimits,
 }
 
 impl Fetcher {
@@ -132,7 +155,14 @@ impl Fetcher {
         Self {
             clients: HashMap::new(),
             security,
+            limits: FetchLimits::default(),
         }
+    }
+
+    /// The same with other limits.
+    pub fn with_limits(mut self, limits: FetchLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn client(&mut self, addr: &str) -> Result<ShuffleClient<Channel>, MrError> {
@@ -155,11 +185,27 @@ impl Fetcher {
         addr: &str,
         request: pb::FetchRequest,
     ) -> Result<Vec<u8>, MrError> {
+        let FetchLimits { max_bytes, idle } = self.limits;
+        let (map, reduce) = (request.map_index, request.reduce_index);
+        let stalled = || MrError::Other(format!("{addr} sent nothing for {idle:?} while fetching"));
         let mut client = self.client(addr)?;
-        let mut stream = client.fetch(request).await?.into_inner();
+        let mut stream = tokio::time::timeout(idle, client.fetch(request))
+            .await
+            .map_err(|_| stalled())??
+            .into_inner();
         let mut data = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            data.extend_from_slice(&chunk?.data);
+        while let Some(chunk) = tokio::time::timeout(idle, stream.next())
+            .await
+            .map_err(|_| stalled())?
+        {
+            let chunk = chunk?;
+            if data.len() + chunk.data.len() > max_bytes {
+                return Err(MrError::Other(format!(
+                    "the output of map {map} for reduce {reduce} at {addr} is over the fetch limit of \
+                     {max_bytes} bytes"
+                )));
+            }
+            data.extend_from_slice(&chunk.data);
         }
         Ok(data)
     }
@@ -202,6 +248,63 @@ mod tests {
     fn security(ca: &Path, role: &str) -> Security {
         let issued = certs::issue(ca, role, "1", &[], 1).unwrap();
         Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).unwrap()
+    }
+
+    /// A shuffle server that streams without end, or not at all.
+    struct Rogue {
+        endless: bool,
+    }
+
+    #[tonic::async_trait]
+    impl pb::shuffle_server::Shuffle for Rogue {
+        type FetchStream = ChunkStream;
+
+        async fn fetch(
+            &self,
+            _request: Request<pb::FetchRequest>,
+        ) -> Result<Response<ChunkStream>, Status> {
+            let chunk = pb::FetchChunk {
+                data: Bytes::from(vec![0u8; CHUNK]),
+            };
+            let stream: ChunkStream = if self.endless {
+                Box::pin(futures::stream::repeat_with(move || Ok(chunk.clone())))
+            } else {
+                Box::pin(futures::stream::pending())
+            };
+            Ok(Response::new(stream))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fetch_is_bounded_in_size_and_in_silence() {
+        for endless in [true, false] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(ShuffleServer::new(Rogue { endless }))
+                    .serve_with_incoming(incoming(listener)),
+            );
+            let limits = FetchLimits {
+                max_bytes: 3 * CHUNK,
+                idle: Duration::from_millis(300),
+            };
+            let started = std::time::Instant::now();
+            let err = Fetcher::default()
+                .with_limits(limits)
+                .fetch(&addr, 1, 0, 0)
+                .await
+                .unwrap_err()
+                .to_string();
+            let expected = if endless {
+                "over the fetch limit"
+            } else {
+                "sent nothing"
+            };
+            assert!(err.contains(expected), "{err}");
+            assert!(started.elapsed() < Duration::from_secs(5));
+            server.abort();
+        }
     }
 
     #[tokio::test]
