@@ -184,12 +184,9 @@ impl RaftHandle {
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
-    /// Propose a command; returns the index and term it got (not yet committed). Refused without a
-    /// round trip to the driver when it is over the entry limit.
+    /// Propose a command; returns the index and term it got (not yet committed), or why the driver
+    /// did not admit it (see [`super::admission`]).
     pub async fn propose(&self, data: Bytes) -> Result<(Index, Term), NodeError> {
-        if data.len() > crate::limits::MAX_ENTRY_BYTES {
-            return Err(Refused::TooLarge { bytes: data.len() }.into());
-        }
         self.ask(|tx| Command::Propose(data, tx)).await
     }
 

@@ -385,7 +385,7 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
 pub fn new_client_id() -> u64 {
     let bits = super::sessions::CLIENT_ID_RANDOM_BITS;
     let random = rand::random::<u64>() & ((1 << bits) - 1);
-    (super::service::unix_ms() << bits) | random | 1
+    (super::sessions::unix_ms() << bits) | random | 1
 }
 
 #[cfg(test)]

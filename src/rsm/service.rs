@@ -16,6 +16,7 @@
 //! The `Rsm` sits behind a std `Mutex` that is never held across an `.await`: every critical section is
 //! a few map operations (or one snapshot encoding), far shorter than a Raft round trip.
 
+use super::sessions::{plausible_client, unix_ms};
 use super::{Completion, Prepared, Rsm, RsmError, SnapshotJob, StateMachine, Token};
 use crate::metrics::ServiceMetrics;
 use crate::raft::Index;
@@ -201,11 +202,7 @@ pub fn check_session(client_id: u64, seq: u64) -> Result<(), Status> {
             "client_id and seq must be non-zero (seq counts 1, 2, ... per client)",
         ));
     }
-    let clock = super::sessions::LogClock {
-        now_ms: unix_ms(),
-        policy: None,
-    };
-    if !clock.plausible(client_id) {
+    if !plausible_client(client_id, unix_ms()) {
         return Err(Status::invalid_argument(format!(
             "client_id {client_id} is from the future: ids start with the clerk's clock (ms since \
              the Unix epoch, shifted left by {} bits); check the client's clock",
@@ -213,13 +210,6 @@ pub fn check_session(client_id: u64, seq: u64) -> Result<(), Status> {
         )));
     }
     Ok(())
-}
-
-/// Wall-clock time in ms since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A state machine that can be served from tokio tasks: it and its commands, queries and outputs move

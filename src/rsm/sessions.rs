@@ -69,13 +69,25 @@ impl LogClock {
         self.policy = Some(policy);
     }
 
-    /// Whether `client`'s id is one an honest clerk could have made by now (always, before any time is
-    /// known).
+    /// Whether `client`'s id is one an honest clerk could have made by the log's time.
     pub fn plausible(&self, client: ClientId) -> bool {
-        self.now_ms == 0
-            || client >> CLIENT_ID_RANDOM_BITS
-                <= self.now_ms.saturating_add(MAX_CLIENT_CLOCK_AHEAD_MS)
+        plausible_client(client, self.now_ms)
     }
+}
+
+/// Whether `client`'s id is one an honest clerk could have made by `now_ms` (always, when no time is
+/// known: 0).
+pub fn plausible_client(client: ClientId, now_ms: u64) -> bool {
+    now_ms == 0
+        || client >> CLIENT_ID_RANDOM_BITS <= now_ms.saturating_add(MAX_CLIENT_CLOCK_AHEAD_MS)
+}
+
+/// Wall-clock time in ms since the Unix epoch (0 if the clock is before it): the time leaders stamp
+/// into entries and clerks put at the top of their ids.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One client's last command and what it returned.
