@@ -219,27 +219,6 @@ impl<O> SessionTable<O> {
             self.evicted_max = self.evicted_max.max(client);
         }
     }
-
-    /// Change every kept output (used to bound records decoded from an older format).
-    pub fn map_outputs(self, f: impl Fn(O) -> O) -> Self {
-        SessionTable {
-            records: self
-                .records
-                .into_iter()
-                .map(|(c, r)| {
-                    (
-                        c,
-                        SessionRecord {
-                            output: f(r.output),
-                            ..r
-                        },
-                    )
-                })
-                .collect(),
-            by_activity: self.by_activity,
-            evicted_max: self.evicted_max,
-        }
-    }
 }
 
 #[cfg(test)]
