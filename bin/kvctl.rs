@@ -101,13 +101,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check a JSON-lines history for linearizability (exit 0 ok, 1 violation, 3 undecided).
+    /// Check a JSON-lines history for linearizability (exit 0 ok, 1 violation, 3 undecided, 2 bad
+    /// input). An undecided check names the keys it could not decide and why.
     Check {
         /// The history file (one operation per line; see the `check` module documentation).
         history: PathBuf,
         /// Give up (exit 3) after this many seconds.
         #[arg(long, default_value_t = 60)]
         budget_secs: u64,
+        /// Memory the whole check may use, the parsed history included (e.g. 512MiB, 2GiB); keys
+        /// whose search needs more are reported undecided (exit 3) instead of the process dying.
+        #[arg(long, default_value = "2GiB", value_parser = check::parse_size)]
+        max_memory: usize,
     },
     /// Manage the shard controller (see `kvctl ctrler --help`); uses --ctrlers / KVCTL_CTRLERS.
     Ctrler {
@@ -451,9 +456,11 @@ async fn run(cli: Cli) -> u8 {
         Command::Check {
             history,
             budget_secs,
+            max_memory,
         } => {
             let budget = Duration::from_secs(budget_secs);
-            match tokio::task::spawn_blocking(move || check::check_file(&history, budget)).await {
+            let job = move || check::check_file_with(&history, budget, max_memory);
+            match tokio::task::spawn_blocking(job).await {
                 Ok(Ok((report, code))) => {
                     println!("{report}");
                     code

@@ -62,4 +62,18 @@ impl Bitset {
             offset += len;
         }
     }
+
+    /// Writes the members, ascending, into `out` (used for the memo's sorted info-op lists).
+    pub(crate) fn members_into(&self, out: &mut Vec<u32>) {
+        out.clear();
+        for (w, &word) in self.words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as usize;
+                // Ids fit in u32: a partition with 2^32 ops could not be loaded.
+                out.push((w * 64 + bit) as u32);
+                bits &= bits - 1;
+            }
+        }
+    }
 }

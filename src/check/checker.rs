@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::budget::MemoryPool;
 use super::history::History;
 use super::model::{Model, Partition};
 use super::op::{OpKind, Operation, Status};
@@ -36,7 +37,8 @@ pub enum CheckResult {
 pub enum UnknownReason {
     /// The time budget ran out.
     Timeout,
-    /// The memo cache reached [`CheckOptions::max_memo_bytes`].
+    /// The search reached the memory limit ([`CheckOptions::max_memo_bytes`],
+    /// shared by all partitions).
     MemoryLimit,
     /// Stopped because another partition already decided the answer (only
     /// visible if that answer could not be reported).
@@ -66,14 +68,18 @@ pub struct CheckOptions {
     /// Worker threads; `0` = `std::thread::available_parallelism()`. Always
     /// capped at the number of partitions.
     pub threads: usize,
-    /// Approximate cap on one partition's memo cache, in bytes; the search
-    /// gives up with [`UnknownReason::MemoryLimit`] past it, so a pathological
-    /// history yields Unknown rather than exhausting RAM.
+    /// Cap on the memory the check holds, in bytes, **in total over all
+    /// partitions searched in parallel**: memo caches, interned model
+    /// states, event lists, stacks and the per-partition copies. A search
+    /// that would exceed it gives up with [`UnknownReason::MemoryLimit`]
+    /// (freeing what it held for the others), so a pathological history
+    /// yields Unknown rather than exhausting RAM. (The name is kept from when
+    /// it capped one memo cache; the history itself is the caller's.)
     pub max_memo_bytes: usize,
 }
 
 impl CheckOptions {
-    /// Defaults (auto threads, 1 GiB memo cap per partition) with `budget`.
+    /// Defaults (auto threads, 1 GiB in total) with `budget`.
     pub fn with_budget(budget: Duration) -> Self {
         CheckOptions {
             budget,
@@ -84,7 +90,7 @@ impl CheckOptions {
 }
 
 impl Default for CheckOptions {
-    /// One minute, auto threads, 1 GiB memo cap per partition.
+    /// One minute, auto threads, 1 GiB in total.
     fn default() -> Self {
         CheckOptions::with_budget(Duration::from_secs(60))
     }
@@ -213,14 +219,92 @@ pub fn check<M: Model>(history: &History, model: &M, budget: Duration) -> CheckR
 /// Checks `history` for linearizability against `model` under `options`.
 ///
 /// The history is split with [`Model::partition`]; partitions are searched
-/// concurrently on up to [`CheckOptions::threads`] threads, smallest first. The
+/// concurrently on up to [`CheckOptions::threads`] threads, smallest first,
+/// all drawing on one memory pool of [`CheckOptions::max_memo_bytes`]. The
 /// budget is a wall-clock deadline shared by all partitions; any partition
 /// still undecided at the deadline makes the result [`CheckResult::Unknown`]
 /// (unless another partition already proved a violation). A found violation
-/// stops the remaining searches early.
+/// stops the remaining searches early. [`check_report`] says, per partition,
+/// what was decided and why not.
 pub fn check_with<M: Model>(history: &History, model: &M, options: &CheckOptions) -> CheckResult {
-    let deadline = Instant::now().checked_add(options.budget);
+    check_report(history, model, options).result
+}
+
+/// What [`check_report`] found: the verdict and how each partition fared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The verdict, as [`check_with`] returns it.
+    pub result: CheckResult,
+    /// One entry per partition with checked ops, in partition order.
+    pub partitions: Vec<PartitionReport>,
+    /// Most memory the check held at once (the quantity
+    /// [`CheckOptions::max_memo_bytes`] bounds), in bytes.
+    pub peak_bytes: usize,
+}
+
+/// How one partition fared: lets a caller say *which* keys were left
+/// undecided and why (a longer budget helps a timeout, not a memory limit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionReport {
+    /// Partition label (the key, for the KV model).
+    pub key: String,
+    /// Ops searched (`fail` ops and `info` gets are dropped first).
+    pub ops: usize,
+    /// Of those, indeterminate (`info`) ones.
+    pub info_ops: usize,
+    /// `None` if decided (linearizable, or the violation in
+    /// [`CheckReport::result`]); otherwise why it was given up.
+    pub undecided: Option<UnknownReason>,
+    /// Whether this partition is not linearizable.
+    pub violation: bool,
+    /// Wall-clock time its searches took.
+    pub elapsed: Duration,
+    /// Most memory its search held at once, in bytes.
+    pub peak_bytes: usize,
+}
+
+/// Bytes the checker itself holds per op for the partitioning (indices and
+/// per-partition op references), charged before the searches start.
+const PARTITION_BYTES_PER_OP: usize = 3 * std::mem::size_of::<usize>();
+
+/// Like [`check_with`], with a report per partition.
+pub fn check_report<M: Model>(history: &History, model: &M, options: &CheckOptions) -> CheckReport {
+    let start = Instant::now();
+    let deadline = start.checked_add(options.budget);
+    let pool = MemoryPool::new(options.max_memo_bytes);
     let ops = history.ops();
+    let mut fixed = pool.account();
+    if fixed
+        .charge(ops.len().saturating_mul(PARTITION_BYTES_PER_OP))
+        .is_err()
+    {
+        // Not even the partitioning fits: every key is undecided.
+        let partitions: Vec<PartitionReport> = model
+            .partition(ops)
+            .into_iter()
+            .map(|p| PartitionReport {
+                key: p.key,
+                ops: p.indices.len(),
+                info_ops: 0,
+                undecided: Some(UnknownReason::MemoryLimit),
+                violation: false,
+                elapsed: Duration::ZERO,
+                peak_bytes: 0,
+            })
+            .collect();
+        let result = match partitions.is_empty() {
+            true => CheckResult::Ok,
+            false => CheckResult::Unknown {
+                reason: UnknownReason::MemoryLimit,
+                undecided: partitions.iter().map(|p| p.key.clone()).collect(),
+            },
+        };
+        return CheckReport {
+            result,
+            partitions,
+            peak_bytes: pool.peak(),
+        };
+    }
     let partitions: Vec<Partition> = model
         .partition(ops)
         .into_iter()
@@ -235,65 +319,134 @@ pub fn check_with<M: Model>(history: &History, model: &M, options: &CheckOptions
         .filter(|p| !p.indices.is_empty())
         .collect();
     if partitions.is_empty() {
-        return CheckResult::Ok;
+        return CheckReport {
+            result: CheckResult::Ok,
+            partitions: Vec::new(),
+            peak_bytes: pool.peak(),
+        };
     }
 
     let mut order: Vec<usize> = (0..partitions.len()).collect();
     // Smallest first: cheap partitions (and their violations) are decided
     // before a huge one can eat the shared budget.
     order.sort_by_key(|&p| partitions[p].indices.len());
-
-    let stop = AtomicBool::new(false);
-    let limits = Limits {
-        deadline,
-        stop: &stop,
-        max_memo_bytes: options.max_memo_bytes,
-    };
-    let cursor = AtomicUsize::new(0);
-    let worker = || {
-        let mut done: Vec<(usize, SearchOutcome)> = Vec::new();
-        loop {
-            let slot = cursor.fetch_add(1, Ordering::Relaxed);
-            let Some(&p) = order.get(slot) else { break };
-            let part_ops: Vec<&Operation> = partitions[p]
-                .indices
-                .iter()
-                .filter_map(|&i| ops.get(i))
-                .collect();
-            let outcome = search(model, &part_ops, &limits);
-            if matches!(outcome, SearchOutcome::Violation { .. }) {
-                stop.store(true, Ordering::Relaxed);
-            }
-            done.push((p, outcome));
-        }
-        done
-    };
-
     let threads = match options.threads {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
     };
     let threads = threads.min(partitions.len()).max(1);
-    let mut outcomes: Vec<Option<SearchOutcome>> = vec![None; partitions.len()];
-    let mut record = |results: Vec<(usize, SearchOutcome)>| {
-        for (p, outcome) in results {
-            if let Some(slot) = outcomes.get_mut(p) {
-                *slot = Some(outcome);
-            }
-        }
-    };
-    // Always on scoped threads (even one), so a panicking model yields
-    // Unknown for its partitions instead of unwinding into the caller.
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
-        for handle in handles {
-            if let Ok(results) = handle.join() {
-                record(results);
-            }
-        }
-    });
 
-    combine(ops, &partitions, outcomes)
+    let stop = AtomicBool::new(false);
+    let mut outcomes: Vec<Option<SearchOutcome>> = vec![None; partitions.len()];
+    let mut stats: Vec<(Duration, usize)> = vec![(Duration::ZERO, 0); partitions.len()];
+    // Round one gives each partition a fair share of the remaining time, so
+    // one hopeless key cannot starve the others; round two gives the ones
+    // that ran out of their share whatever is left.
+    let mut round: Vec<usize> = order;
+    for fair in [true, false] {
+        let slice_deadline = |remaining_parts: usize| -> Option<Instant> {
+            let now = Instant::now();
+            let left = deadline.map(|d| d.saturating_duration_since(now));
+            match (fair, left) {
+                (true, Some(left)) => {
+                    let waves = remaining_parts.div_ceil(threads).max(1);
+                    let share = left / u32::try_from(waves).unwrap_or(u32::MAX);
+                    now.checked_add(share).min(deadline)
+                }
+                _ => deadline,
+            }
+        };
+        let cursor = AtomicUsize::new(0);
+        let worker = || {
+            let mut done: Vec<(usize, SearchOutcome, Duration, usize)> = Vec::new();
+            loop {
+                let slot = cursor.fetch_add(1, Ordering::Relaxed);
+                let Some(&p) = round.get(slot) else { break };
+                let part_ops: Vec<&Operation> = partitions[p]
+                    .indices
+                    .iter()
+                    .filter_map(|&i| ops.get(i))
+                    .collect();
+                let limits = Limits {
+                    deadline: slice_deadline(round.len().saturating_sub(slot)),
+                    stop: &stop,
+                    pool: &pool,
+                };
+                let began = Instant::now();
+                let (outcome, stats) = search(model, &part_ops, &limits);
+                if matches!(outcome, SearchOutcome::Violation { .. }) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                done.push((p, outcome, began.elapsed(), stats.peak_bytes));
+            }
+            done
+        };
+        let workers = threads.min(round.len()).max(1);
+        // Always on scoped threads (even one), so a panicking model yields
+        // Unknown for its partitions instead of unwinding into the caller.
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers).map(|_| s.spawn(worker)).collect();
+            for handle in handles {
+                if let Ok(results) = handle.join() {
+                    for (p, outcome, took, peak) in results {
+                        if let Some(slot) = outcomes.get_mut(p) {
+                            *slot = Some(outcome);
+                        }
+                        if let Some(st) = stats.get_mut(p) {
+                            st.0 += took;
+                            st.1 = st.1.max(peak);
+                        }
+                    }
+                }
+            }
+        });
+        let time_left = deadline.is_none_or(|d| Instant::now() < d);
+        round = round
+            .iter()
+            .copied()
+            .filter(|&p| {
+                matches!(
+                    outcomes.get(p),
+                    Some(Some(SearchOutcome::Aborted(UnknownReason::Timeout)))
+                )
+            })
+            .collect();
+        if !fair || round.is_empty() || !time_left || stop.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+
+    let reports = partitions
+        .iter()
+        .zip(&outcomes)
+        .zip(&stats)
+        .map(
+            |((part, outcome), &(elapsed, peak_bytes))| PartitionReport {
+                key: part.key.clone(),
+                ops: part.indices.len(),
+                info_ops: part
+                    .indices
+                    .iter()
+                    .filter(|&&i| ops.get(i).is_some_and(|o| o.status == Status::Info))
+                    .count(),
+                undecided: match outcome {
+                    Some(SearchOutcome::Linearizable | SearchOutcome::Violation { .. }) => None,
+                    Some(SearchOutcome::Aborted(why)) => Some(*why),
+                    None => Some(UnknownReason::Internal),
+                },
+                violation: matches!(outcome, Some(SearchOutcome::Violation { .. })),
+                elapsed,
+                peak_bytes,
+            },
+        )
+        .collect();
+    let result = combine(ops, &partitions, outcomes);
+    drop(fixed);
+    CheckReport {
+        result,
+        partitions: reports,
+        peak_bytes: pool.peak(),
+    }
 }
 
 /// Turns per-partition outcomes into the overall verdict: any violation wins,

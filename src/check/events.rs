@@ -6,9 +6,11 @@ use super::op::Operation;
 /// Sentinel node at the front of the list.
 const HEAD: usize = 0;
 
-/// Call and return events of one partition, sorted by time, linked so the
-/// search can temporarily remove ("lift") a linearized op's two events and
-/// put them back ("unlift") when backtracking.
+/// Call and return events of the *definite* ops of one partition, sorted by
+/// time, linked so the search can temporarily remove ("lift") a linearized
+/// op's two events and put them back ("unlift") when backtracking. Info ops
+/// are not in this list: they never return, so the search keeps them apart
+/// and tries them only after the definite candidates (see `search.rs`).
 ///
 /// Ordering rules, chosen so the checker never reports a false violation:
 /// * events sort by timestamp;
@@ -18,9 +20,7 @@ const HEAD: usize = 0;
 ///   causally later invoke with the same time as an earlier completion, and
 ///   ordering the return first would then demand a real-time order that may
 ///   not exist. The cost is that a violation visible only through two events
-///   with identical timestamps is not detected;
-/// * the return events of `info` ops sort after every other event (time =
-///   +infinity), ties broken by op id for determinism.
+///   with identical timestamps is not detected.
 ///
 /// Nodes are array indices: `0` is the head sentinel, `1..=2n` are the events
 /// in sorted order (that order never changes, only the links do) and `2n + 1`
@@ -33,22 +33,20 @@ pub(crate) struct EventList {
     /// For a call node, its matching return node; for a return node, itself.
     matching: Vec<usize>,
     is_call: Vec<bool>,
-    /// Return node of an `info` op (time = +infinity).
-    is_info_return: Vec<bool>,
     tail: usize,
 }
 
 impl EventList {
-    /// Builds the sorted, fully linked list for `ops` (op id = slice index).
+    /// Builds the sorted, fully linked list for `ops` (op id = slice index);
+    /// an op without a completion (never passed by the search) would return
+    /// at the end of time.
     pub(crate) fn new(ops: &[&Operation]) -> Self {
-        // (infinite, time, is_return, op id)
-        let mut events: Vec<(bool, u64, bool, usize)> = Vec::with_capacity(ops.len() * 2);
+        // (time, is_return, op id)
+        let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(ops.len() * 2);
         for (id, op) in ops.iter().enumerate() {
-            events.push((false, op.invoke, false, id));
-            match op.effective_complete() {
-                Some(t) => events.push((false, t.max(op.invoke), true, id)),
-                None => events.push((true, 0, true, id)),
-            }
+            events.push((op.invoke, false, id));
+            let complete = op.effective_complete().unwrap_or(u64::MAX);
+            events.push((complete.max(op.invoke), true, id));
         }
         events.sort_unstable();
 
@@ -60,15 +58,13 @@ impl EventList {
             op: vec![usize::MAX; len],
             matching: (0..len).collect(),
             is_call: vec![false; len],
-            is_info_return: vec![false; len],
             tail,
         };
         let mut call_node = vec![usize::MAX; ops.len()];
-        for (pos, &(infinite, _, is_return, id)) in events.iter().enumerate() {
+        for (pos, &(_, is_return, id)) in events.iter().enumerate() {
             let node = pos + 1;
             list.op[node] = id;
             if is_return {
-                list.is_info_return[node] = infinite;
                 if let Some(&c) = call_node.get(id) {
                     if let Some(m) = list.matching.get_mut(c) {
                         *m = node;
@@ -114,11 +110,6 @@ impl EventList {
         self.is_call[node]
     }
 
-    /// Whether `node` is the (+infinity) return event of an info op.
-    pub(crate) fn is_info_return(&self, node: usize) -> bool {
-        self.is_info_return[node]
-    }
-
     /// Unlinks a call node and its matching return node.
     pub(crate) fn lift(&mut self, call: usize) {
         let ret = self.matching[call];
@@ -146,14 +137,13 @@ impl EventList {
         self.prev[n] = node;
     }
 
-    /// Op id of the first live return event of a definite (non-info) op,
-    /// i.e. the pending definite op that must return first; `None` when only
-    /// info ops are pending.
-    pub(crate) fn first_definite_return(&self) -> Option<usize> {
+    /// Op id of the first live return event: the pending op that must be
+    /// linearized first; `None` when the list is empty.
+    pub(crate) fn first_return(&self) -> Option<usize> {
         let mut node = self.first();
         while node != self.tail {
             if !self.is_call[node] {
-                return (!self.is_info_return[node]).then(|| self.op[node]);
+                return Some(self.op[node]);
             }
             node = self.next[node];
         }

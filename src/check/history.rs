@@ -60,6 +60,37 @@ pub enum HistoryError {
     /// Writing to the output failed.
     #[error("write error: {0}")]
     Write(#[source] std::io::Error),
+    /// The line is longer than [`MAX_LINE_BYTES`] (no operation the services accept is).
+    #[error("line {line}: longer than {MAX_LINE_BYTES} bytes")]
+    LineTooLong {
+        /// 1-based line number.
+        line: usize,
+    },
+    /// The history needs more memory than the caller allows
+    /// ([`History::from_jsonl_bounded`]).
+    #[error("line {line}: the history so far needs more than {limit} bytes of memory")]
+    TooLarge {
+        /// 1-based line number where the limit was crossed.
+        line: usize,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+}
+
+/// Longest line [`History::from_jsonl`] accepts: a key, a value, an expected value and an output
+/// at their service limits, JSON-escaped, fit with room to spare. A longer line is not a record
+/// any service produced, and reading it whole would let one bad file exhaust memory.
+pub const MAX_LINE_BYTES: usize =
+    8 * (crate::limits::MAX_KEY_BYTES + 3 * crate::limits::MAX_VALUE_BYTES);
+
+/// Memory one parsed operation holds: the record plus its strings.
+fn op_bytes(op: &Operation) -> usize {
+    std::mem::size_of::<Operation>()
+        + op.key.capacity()
+        + [&op.value, &op.expected, &op.output]
+            .iter()
+            .map(|s| s.as_ref().map_or(0, String::capacity))
+            .sum::<usize>()
 }
 
 /// A history: every recorded operation, in file order, each validated.
@@ -114,20 +145,49 @@ impl History {
     }
 
     /// Reads a JSON-lines history: one operation object per line; blank lines
-    /// are skipped. Stops at the first bad line with an error naming it.
+    /// are skipped. Stops at the first bad line with an error naming it; a
+    /// line over [`MAX_LINE_BYTES`] is refused without being read whole.
     pub fn from_jsonl<R: BufRead>(reader: R) -> Result<Self, HistoryError> {
+        Self::from_jsonl_bounded(reader, usize::MAX)
+    }
+
+    /// Like [`History::from_jsonl`], refusing with [`HistoryError::TooLarge`]
+    /// once the parsed operations would hold more than `max_bytes` (see
+    /// [`History::approx_bytes`]), so a checker with a memory budget can say
+    /// "too large" instead of being killed while reading.
+    pub fn from_jsonl_bounded<R: BufRead>(
+        mut reader: R,
+        max_bytes: usize,
+    ) -> Result<Self, HistoryError> {
         let mut ops = Vec::new();
-        for (i, line) in reader.lines().enumerate() {
-            let line_no = i + 1;
-            let text = line.map_err(|source| HistoryError::Read {
+        let mut held = 0usize;
+        let mut buf: Vec<u8> = Vec::new();
+        let mut line_no = 0;
+        loop {
+            line_no += 1;
+            buf.clear();
+            let limit = u64::try_from(MAX_LINE_BYTES + 1).unwrap_or(u64::MAX);
+            let read = std::io::Read::take(&mut reader, limit)
+                .read_until(b'\n', &mut buf)
+                .map_err(|source| HistoryError::Read {
+                    line: line_no,
+                    source,
+                })?;
+            if read == 0 {
+                break;
+            }
+            if buf.len() > MAX_LINE_BYTES {
+                return Err(HistoryError::LineTooLong { line: line_no });
+            }
+            let text = std::str::from_utf8(&buf).map_err(|e| HistoryError::Read {
                 line: line_no,
-                source,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
             })?;
             if text.trim().is_empty() {
                 continue;
             }
             let op: Operation =
-                serde_json::from_str(&text).map_err(|source| HistoryError::Parse {
+                serde_json::from_str(text).map_err(|source| HistoryError::Parse {
                     line: line_no,
                     source,
                 })?;
@@ -135,9 +195,22 @@ impl History {
                 line: line_no,
                 source,
             })?;
+            held = held.saturating_add(op_bytes(&op));
+            if held > max_bytes {
+                return Err(HistoryError::TooLarge {
+                    line: line_no,
+                    limit: max_bytes,
+                });
+            }
             ops.push(op);
         }
         Ok(History { ops })
+    }
+
+    /// Approximate memory the operations hold (records and strings), the
+    /// quantity [`History::from_jsonl_bounded`] limits.
+    pub fn approx_bytes(&self) -> usize {
+        self.ops.iter().map(op_bytes).sum()
     }
 
     /// Writes the history as JSON lines (one object per line, `\n`-terminated),

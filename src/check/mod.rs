@@ -36,8 +36,11 @@
 //! `checker.rs` (partitioning, parallel workers, budget, verdict).
 
 mod bitset;
+mod budget;
 mod checker;
 mod events;
+#[cfg(any(test, feature = "sim"))]
+pub mod gen;
 mod history;
 mod memo;
 mod model;
@@ -47,7 +50,10 @@ mod search;
 #[cfg(test)]
 mod tests;
 
-pub use checker::{check, check_with, CheckOptions, CheckResult, UnknownReason, Violation};
-pub use history::{History, HistoryError};
+pub use checker::{
+    check, check_report, check_with, CheckOptions, CheckReport, CheckResult, PartitionReport,
+    UnknownReason, Violation,
+};
+pub use history::{History, HistoryError, MAX_LINE_BYTES};
 pub use model::{partition_by_key, KvModel, Model, Partition, RegisterModel};
 pub use op::{OpError, OpKind, Operation, Status};

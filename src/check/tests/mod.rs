@@ -1,5 +1,6 @@
 //! Unit tests for the checker; `sim` generates large linearizable histories.
 
+mod blowup;
 mod brute;
 mod history_tests;
 mod kv_tests;

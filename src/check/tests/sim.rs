@@ -47,32 +47,7 @@ pub(super) fn simulate(cfg: &SimConfig) -> History {
         let complete = lin + rng.random_range(1..300);
         clock[c] = complete;
 
-        let k = rng.random_range(0..cfg.keys);
-        let key = format!("k{k}");
-        let value = format!("c{c}.{i};");
-        let client = c as u64;
-        let roll = rng.random_range(0..100);
-        let mut op = match roll {
-            0..40 => Operation::get(client, key, None),
-            40..60 => Operation::put(client, key, value.clone()),
-            60..80 => Operation::append(client, key, value.clone()),
-            80..85 => Operation::delete(client, key),
-            _ => {
-                let recent = &written[k];
-                let expected = if recent.is_empty() || rng.random_bool(0.2) {
-                    None
-                } else {
-                    recent.get(rng.random_range(0..recent.len())).cloned()
-                };
-                Operation::cas(client, key, expected.as_deref(), Some(&value), false)
-            }
-        };
-        if matches!(op.op, OpKind::Put | OpKind::Cas) {
-            written[k].push(value);
-            if written[k].len() > 4 {
-                written[k].remove(0);
-            }
-        }
+        let mut op = super::super::gen::random_op(&mut rng, c as u64, c, i, &mut written);
         op = op.ok_at(invoke, complete);
         let mut apply = true;
         if op.op != OpKind::Get {
