@@ -5,8 +5,8 @@
 //! **follows hints** (a wrong-leader answer may name the leader's address; an unknown one is added, up to a
 //! bound), and **retries** on timeouts, wrong leaders and unreachable servers: the next server in a
 //! round-robin kept apart from hint jumps (so an unreachable hinted address, e.g. a container-internal
-//! name seen from outside, cannot trap it), with exponential backoff after every full round, until the
-//! per-call deadline. Service clerks (KV, controller) add their requests and error codes on top.
+//! name seen from outside, cannot trap it; a new hinted name must resolve within 300 ms, or it is
+//! skipped for good), with exponential backoff after every full round, until the per-call deadline. Service clerks (KV, controller) add their requests and error codes on top.
 
 use crate::security::Role;
 use std::time::Duration;
@@ -147,6 +147,12 @@ impl Session {
 /// Most servers a clerk will remember (given ones plus those learned from hints).
 const MAX_SERVERS: usize = 64;
 
+/// How long a hinted address that is new to the clerk may take to resolve. A hint names the address
+/// the cluster uses internally (`kv1:7001` in a container network), which from outside may not resolve
+/// at all, or only after the resolver's own timeouts: better to go on round the servers the clerk was
+/// given than to spend an attempt's deadline on it.
+const HINT_RESOLVE_TIMEOUT: Duration = Duration::from_millis(300);
+
 #[derive(Clone)]
 struct Server {
     address: String,
@@ -174,6 +180,8 @@ pub struct Replicas {
     config: ClerkConfig,
     /// The role the servers' certificates must have (`None`: any replica).
     role: Option<Role>,
+    /// Hinted addresses that did not resolve here (at most [`MAX_SERVERS`]): not tried again.
+    unresolvable: Vec<String>,
 }
 
 impl Replicas {
@@ -210,6 +218,7 @@ impl Replicas {
             rotation: 0,
             config,
             role,
+            unresolvable: Vec::new(),
         })
     }
 
@@ -265,7 +274,11 @@ impl Replicas {
                     last_error = format!("{}: {error}", self.servers[self.leader].address);
                     failures_this_round += 1;
                     failed_this_round.push(self.leader);
-                    match hint.and_then(|h| self.server_index(&h)) {
+                    let hinted = match hint {
+                        Some(address) => self.hinted(&address).await,
+                        None => None,
+                    };
+                    match hinted {
                         Some(next) if !failed_this_round.contains(&next) => self.leader = next,
                         _ => {
                             self.rotation = (self.rotation + 1) % self.servers.len();
@@ -309,6 +322,24 @@ impl Replicas {
         Ok(())
     }
 
+    /// The server a hint names, if it is worth trying: one the clerk knows, or a new one whose name
+    /// resolves here within [`HINT_RESOLVE_TIMEOUT`] (one that does not is remembered and skipped).
+    async fn hinted(&mut self, address: &str) -> Option<usize> {
+        if let Some(i) = self.servers.iter().position(|s| s.address == address) {
+            return Some(i);
+        }
+        if self.unresolvable.iter().any(|a| a == address) {
+            return None;
+        }
+        if !resolves_quickly(address).await {
+            if self.unresolvable.len() < MAX_SERVERS {
+                self.unresolvable.push(address.to_string());
+            }
+            return None;
+        }
+        self.server_index(address)
+    }
+
     /// The index of the server at `address`, added to the list if the cluster knows a server we did not
     /// (up to a bound, so a confused server cannot make the list grow without end).
     fn server_index(&mut self, address: &str) -> Option<usize> {
@@ -321,6 +352,18 @@ impl Replicas {
         let server = Self::connect(address, &self.config, self.role.as_ref()).ok()?;
         self.servers.push(server);
         Some(self.servers.len() - 1)
+    }
+}
+
+/// Whether `address` (`host:port` or a URL) resolves within [`HINT_RESOLVE_TIMEOUT`].
+async fn resolves_quickly(address: &str) -> bool {
+    let host_port = address
+        .split_once("://")
+        .map_or(address, |(_, rest)| rest)
+        .trim_end_matches('/');
+    match tokio::time::timeout(HINT_RESOLVE_TIMEOUT, tokio::net::lookup_host(host_port)).await {
+        Ok(Ok(mut addresses)) => addresses.next().is_some(),
+        _ => false,
     }
 }
 
@@ -408,6 +451,48 @@ mod tests {
             Err(ClerkError::SessionExpired)
         ));
         assert!(session.client_id() > new_id);
+    }
+
+    /// A hint naming an address that does not resolve here (a container-internal name seen from the
+    /// host) costs no attempt's timeout: the clerk goes on to the next server it was given, and skips
+    /// that hint from then on.
+    #[tokio::test]
+    async fn a_hint_that_does_not_resolve_here_is_skipped_at_once() {
+        let given = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let mut replicas = Replicas::new(&given, ClerkConfig::default()).expect("replicas");
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            let calls = std::sync::atomic::AtomicUsize::new(0);
+            let answer = replicas
+                .call(|_, _| {
+                    let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        Ok(match n {
+                            0 => Attempt::Elsewhere(
+                                Some("leader.invalid:7001".into()),
+                                "not the leader".into(),
+                            ),
+                            _ => Attempt::Done(n),
+                        })
+                    }
+                })
+                .await
+                .expect("answered");
+            assert_eq!(answer, 1, "answered by the second attempt");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(replicas.servers.len(), 2, "the unresolvable hint was not added");
+        assert_eq!(
+            replicas.unresolvable,
+            vec!["leader.invalid:7001".to_string()]
+        );
+        // A hint that resolves is followed (and remembered as a server).
+        assert!(replicas.hinted("127.0.0.1:3").await.is_some());
+        assert_eq!(replicas.servers.len(), 3);
     }
 
     #[test]
