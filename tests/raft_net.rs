@@ -151,30 +151,13 @@ fn a_node_never_votes_twice_in_a_term_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inbound_service_refuses_malformed_streams() {
     use ds824::proto::raft as pb;
-    use ds824::proto::raft::raft_transport_client::RaftTransportClient;
-    use ds824::proto::raft::raft_transport_server::RaftTransportServer;
-    use ds824::raft::transport::{InboundConfig, RaftService};
+    use ds824::raft::transport::InboundConfig;
     use ds824::raft::Message;
 
     let mut config = InboundConfig::new(1, [2, 3]);
     config.max_snapshot_bytes = 1 << 20;
-    config.snapshot_idle_timeout = std::time::Duration::from_millis(300);
     let cluster = config.cluster.clone();
-    let (service, mut delivered) = RaftService::new(config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let service = RaftTransportServer::new(service);
-    let server = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
-    let mut client = RaftTransportClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let (server, mut client, mut delivered) = inbound_server(config).await;
     let chunk = |offset: u64, data: &'static [u8], done: bool, total: u64| pb::SnapshotChunk {
         from: 2,
         to: 1,
@@ -302,4 +285,157 @@ async fn the_inbound_service_refuses_malformed_streams() {
         other => panic!("unexpected {other:?}"),
     }
     server.abort();
+}
+
+/// A service that stops reporting progress is handed only a window of committed entries beyond what it
+/// reported (the queue between Raft and the service is bounded); the rest waits in the log and flows
+/// again, in order and complete, once it reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_falls_behind_is_handed_only_a_window_of_entries() {
+    use ds824::raft::node::APPLY_WINDOW_ENTRIES;
+    let cluster = Cluster::new(3, 0).await;
+    let leader = cluster.wait_for_leader().await;
+    let slow = (leader + 1) % 3;
+    cluster.handle(slow).report_applied(0);
+    let sent = commands(0, APPLY_WINDOW_ENTRIES + 2000);
+    let last = cluster.propose_all(&sent).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != slow).collect();
+    cluster
+        .wait_for("the others to apply everything", |c| {
+            all_have(c, &others, last)
+        })
+        .await;
+    let handed = cluster.last_applied(slow);
+    assert!(
+        handed <= APPLY_WINDOW_ENTRIES as u64,
+        "node {} was handed {handed} entries beyond the 0 it reported (window {APPLY_WINDOW_ENTRIES})",
+        slow + 1
+    );
+    cluster.handle(slow).report_applied(handed);
+    cluster
+        .wait_for("the slow one to catch up once it reports", |c| {
+            // Reports as it goes, as the services do.
+            let applied = c.last_applied(slow);
+            c.handle(slow).report_applied(applied);
+            applied >= last
+        })
+        .await;
+    // The same entries as the others, in the same order (under load a leader change may have lost
+    // some proposals, so compare with what the cluster committed rather than with what was sent).
+    let (_, expected) = cluster.applied(others[0]);
+    let (_, got) = cluster.applied(slow);
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "the slow node applied other entries");
+    cluster.shutdown().await;
+}
+
+/// A snapshot stream that breaks midway leaves what arrived at the receiver, which tells the sender
+/// where to resume; the resumed stream completes the same snapshot, and a resume that does not fit what
+/// was kept is refused without losing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_snapshot_stream_resumes_where_it_stopped() {
+    use ds824::proto::raft as pb;
+    use ds824::raft::transport::InboundConfig;
+    use ds824::raft::Message;
+
+    let config = InboundConfig::new(1, [2, 3]);
+    let cluster = config.cluster.clone();
+    let (server, mut client, mut delivered) = inbound_server(config).await;
+    let chunk = |offset: u64, data: &'static [u8], done: bool| pb::SnapshotChunk {
+        from: 2,
+        to: 1,
+        term: 3,
+        last_included_index: 10,
+        last_included_term: 2,
+        offset,
+        data: Bytes::from_static(data),
+        done,
+        total_bytes: 9,
+        cluster: cluster.clone(),
+    };
+    let wanted = |index: u64| pb::SnapshotRef {
+        from: 2,
+        to: 1,
+        term: 3,
+        last_included_index: index,
+        last_included_term: 2,
+        total_bytes: 9,
+        cluster: cluster.clone(),
+    };
+    // Two of three chunks, then the sender goes silent: the receiver drops the stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(chunk(0, b"abc", false)).await.expect("queue");
+    tx.send(chunk(3, b"def", false)).await.expect("queue");
+    let status = client
+        .install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("an idle stream is dropped");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+    drop(tx);
+    let asker = client.clone();
+    let offset = |index: u64| {
+        let mut client = asker.clone();
+        let wanted = wanted(index);
+        async move {
+            client
+                .snapshot_resume_offset(wanted)
+                .await
+                .expect("offset")
+                .into_inner()
+                .offset
+        }
+    };
+    assert_eq!(offset(10).await, 6, "the six bytes that arrived are kept");
+    assert_eq!(offset(11).await, 0, "nothing of another snapshot is kept");
+    // A resume at the wrong place is refused, and what was kept stays.
+    let status = client
+        .install_snapshot(tokio_stream::iter(vec![chunk(3, b"def", false)]))
+        .await
+        .expect_err("wrong offset");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert_eq!(offset(10).await, 6);
+    // The rest completes the snapshot.
+    client
+        .install_snapshot(tokio_stream::iter(vec![chunk(6, b"ghi", true)]))
+        .await
+        .expect("resumed");
+    match delivered.recv().await.expect("delivered").message {
+        Message::InstallSnapshot { meta, data, .. } => {
+            assert_eq!((meta.index, meta.term), (10, 2));
+            assert_eq!(data, Bytes::from_static(b"abcdefghi"));
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+    assert_eq!(offset(10).await, 0, "a delivered snapshot is not kept");
+    server.abort();
+}
+
+/// Node 1's inbound service (with a 300 ms idle limit on snapshot streams) on a loopback port: the
+/// server task, a client of it, and what it delivers to the node.
+async fn inbound_server(
+    mut config: ds824::raft::transport::InboundConfig,
+) -> (
+    tokio::task::JoinHandle<()>,
+    ds824::proto::raft::raft_transport_client::RaftTransportClient<tonic::transport::Channel>,
+    ds824::raft::transport::InboundQueue,
+) {
+    use ds824::proto::raft::raft_transport_server::RaftTransportServer;
+    config.snapshot_idle_timeout = std::time::Duration::from_millis(300);
+    let (service, delivered) = ds824::raft::transport::RaftService::new(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(RaftTransportServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    let client = ds824::proto::raft::raft_transport_client::RaftTransportClient::connect(format!(
+        "http://{addr}"
+    ))
+    .await
+    .expect("connect");
+    (server, client, delivered)
 }

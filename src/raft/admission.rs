@@ -54,7 +54,8 @@ impl AppliedIndex {
         self.0.store(index, Ordering::Relaxed);
     }
 
-    fn get(&self) -> Option<Index> {
+    /// The index last reported, if the service reports at all.
+    pub fn get(&self) -> Option<Index> {
         Some(self.0.load(Ordering::Relaxed)).filter(|&i| i != u64::MAX)
     }
 }

@@ -11,7 +11,7 @@
 //! (thesis §3.10). Safety-critical choices carry a comment saying which rule they implement.
 
 use super::config::{Config, ConfigError};
-use super::log::{AppendConflict, RaftLog};
+use super::log::{AppendConflict, ApplyBudget, RaftLog};
 use super::message::{Envelope, Message};
 use super::progress::{Progress, ProgressState};
 use super::quorum;
@@ -229,6 +229,8 @@ pub struct RaftCore {
     snapshot_to_apply: Option<Snapshot>,
     read_states: Vec<ReadState>,
     failed_reads: Vec<u64>,
+    /// What committed entries the next `ready()`s may still hand out (`None`: all of them).
+    apply_budget: Option<ApplyBudget>,
 }
 
 impl RaftCore {
@@ -291,6 +293,7 @@ impl RaftCore {
             snapshot_to_persist: None,
             snapshot_to_apply,
             read_states: Vec::new(),
+            apply_budget: None,
             failed_reads: Vec::new(),
             config,
         };
@@ -579,7 +582,7 @@ impl RaftCore {
             || self.append_pending
             || self.snapshot_to_persist.is_some()
             || self.snapshot_to_apply.is_some()
-            || self.log.has_committed()
+            || self.log.has_committed(self.apply_budget)
             || !self.read_states.is_empty()
             || !self.failed_reads.is_empty()
             || self.hard_state() != self.persisted_hard_state
@@ -609,11 +612,29 @@ impl RaftCore {
             log_write: self.log.take_unstable(),
             messages: std::mem::take(&mut self.messages),
             snapshot_to_apply: self.snapshot_to_apply.take(),
-            committed_entries: self.log.take_committed(),
+            committed_entries: self.take_committed(),
             read_states: std::mem::take(&mut self.read_states),
             failed_reads: std::mem::take(&mut self.failed_reads),
             soft_state: self.soft_state(),
         }
+    }
+
+    /// Bound what the following `ready()`s hand out as `committed_entries` until the next call: the
+    /// driver gives the service only so much more than it has reported applying, so the queue between
+    /// them stays bounded however far commits run ahead (the rest stays in the log until asked for).
+    /// `None` lifts the bound (the simulator and services that do not report).
+    pub fn set_apply_budget(&mut self, budget: Option<ApplyBudget>) {
+        self.apply_budget = budget;
+    }
+
+    fn take_committed(&mut self) -> Vec<Entry> {
+        let entries = self.log.take_committed(self.apply_budget);
+        if let Some(budget) = &mut self.apply_budget {
+            let bytes: usize = entries.iter().map(|e| e.data.len()).sum();
+            budget.entries = budget.entries.saturating_sub(entries.len());
+            budget.bytes = budget.bytes.saturating_sub(bytes);
+        }
+        entries
     }
 
     // ----------------------------------------------------------------------------------------------

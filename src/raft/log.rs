@@ -264,18 +264,27 @@ impl RaftLog {
         }
     }
 
-    /// Hands out every committed entry not yet handed out, and counts them as applied.
-    pub fn take_committed(&mut self) -> Vec<Entry> {
-        let entries: Vec<Entry> = ((self.applied + 1)..=self.committed)
-            .filter_map(|i| self.entry(i).cloned())
-            .collect();
-        self.applied = self.committed;
+    /// Hands out committed entries not yet handed out, within `budget` (all of them for `None`), and
+    /// counts them as applied.
+    pub fn take_committed(&mut self, budget: Option<ApplyBudget>) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let (max_entries, max_bytes) =
+            budget.map_or((usize::MAX, usize::MAX), |b| (b.entries, b.bytes));
+        while self.applied < self.committed && entries.len() < max_entries && bytes < max_bytes {
+            let Some(entry) = self.entry(self.applied + 1).cloned() else {
+                break;
+            };
+            bytes += entry.data.len();
+            entries.push(entry);
+            self.applied += 1;
+        }
         entries
     }
 
-    /// Whether committed entries are waiting to be applied.
-    pub fn has_committed(&self) -> bool {
-        self.committed > self.applied
+    /// Whether committed entries are waiting to be handed out and `budget` allows one.
+    pub fn has_committed(&self, budget: Option<ApplyBudget>) -> bool {
+        self.committed > self.applied && budget.is_none_or(|b| b.entries > 0 && b.bytes > 0)
     }
 
     /// The service snapshotted its state up to `meta.index` (which it has applied): drop the entries the
@@ -316,6 +325,17 @@ impl RaftLog {
         let entries = self.slice(from, usize::MAX, usize::MAX);
         Some(LogWrite { from, entries })
     }
+}
+
+/// How much more the service may be handed before it reports applying what it has (see
+/// [`crate::raft::RaftCore::set_apply_budget`]): the apply queue between Raft and the service is
+/// bounded by this, not by how far the commit index runs ahead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApplyBudget {
+    /// Entries.
+    pub entries: usize,
+    /// Bytes of entry data (a single entry may exceed what is left: at least one always goes).
+    pub bytes: usize,
 }
 
 #[cfg(test)]
@@ -392,7 +412,7 @@ mod tests {
     fn entries_below_the_snapshot_are_skipped() {
         let mut log = log_with(&[1, 1, 1, 1]);
         log.commit_to(4);
-        log.take_committed();
+        log.take_committed(None);
         log.compact(SnapshotMeta { index: 3, term: 1 });
         assert_eq!(
             log.try_append(1, 1, &[e(2, 1), e(3, 1), e(4, 1), e(5, 2)]),

@@ -56,7 +56,7 @@ pub use self::config::{Config, ConfigError};
 pub use self::core::{
     CompactError, NotLeader, RaftCore, RestoreError, Status, StepError, MAX_TERM, MAX_TERM_STEP,
 };
-pub use self::log::LogWrite;
+pub use self::log::{ApplyBudget, LogWrite};
 pub use self::message::{Envelope, Message};
 pub use self::node::{Applied, NodeConfig, NodeError, NodeStatus, RaftHandle, RaftNode};
 pub use self::read_only::ReadState;

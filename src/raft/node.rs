@@ -12,6 +12,7 @@
 use super::admission::{Admission, AppliedIndex, Refused};
 use super::config::Config;
 use super::core::{CompactError, NotLeader, RaftCore, RestoreError, Status};
+use super::log::ApplyBudget;
 use super::message::Envelope;
 use super::storage::{StagedSnapshot, Storage, StorageError};
 use super::transport::{
@@ -22,7 +23,7 @@ use super::Ready;
 use crate::proto::raft::raft_transport_server::RaftTransportServer;
 use crate::security::Guard;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -261,6 +262,7 @@ impl RaftNode {
         let driver = Driver {
             admission,
             staged_tx,
+            apply_ledger: VecDeque::new(),
             core,
             storage: Some(Box::new(storage)),
             transport,
@@ -340,7 +342,18 @@ struct Driver {
     admission: Admission,
     /// Where blocking snapshot writes report back ([`Driver::compact`]).
     staged_tx: mpsc::UnboundedSender<Staged>,
+    /// Batches of committed entries handed to the service and not yet reported applied, as (last
+    /// index, entries, bytes): what bounds the apply queue ([`APPLY_WINDOW_ENTRIES`]).
+    apply_ledger: VecDeque<(Index, usize, usize)>,
 }
+
+/// Most committed entries handed to the service beyond what it has reported applying; the rest wait
+/// in the log. Large enough that a busy applier never waits on the driver.
+pub const APPLY_WINDOW_ENTRIES: usize = 4096;
+
+/// Most bytes of committed entries handed to the service beyond what it has reported applying (one
+/// entry may overshoot it by its own size).
+pub const APPLY_WINDOW_BYTES: usize = 64 << 20;
 
 /// A persist longer than this is logged: the Raft loop does not tick while it waits.
 const SLOW_PERSIST: Duration = Duration::from_millis(200);
@@ -505,7 +518,32 @@ impl Driver {
         Ok(())
     }
 
+    /// Let the core hand out only what fits in the apply window, given what the service has applied.
+    fn refresh_apply_budget(&mut self) {
+        let Some(applied) = self.admission.applied.get() else {
+            // A service that does not report is handed everything (tests driving a bare node).
+            self.core.set_apply_budget(None);
+            return;
+        };
+        while self
+            .apply_ledger
+            .front()
+            .is_some_and(|&(last, _, _)| last <= applied)
+        {
+            self.apply_ledger.pop_front();
+        }
+        let (entries, bytes) = self
+            .apply_ledger
+            .iter()
+            .fold((0, 0), |(n, b), &(_, en, eb)| (n + en, b + eb));
+        self.core.set_apply_budget(Some(ApplyBudget {
+            entries: APPLY_WINDOW_ENTRIES.saturating_sub(entries),
+            bytes: APPLY_WINDOW_BYTES.saturating_sub(bytes),
+        }));
+    }
+
     async fn handle_ready(&mut self) -> Result<(), NodeError> {
+        self.refresh_apply_budget();
         if !self.core.has_ready() {
             return Ok(());
         }
@@ -557,7 +595,10 @@ impl Driver {
         if let Some(snapshot) = ready.snapshot_to_apply {
             let _ = self.apply.send(Applied::Snapshot(snapshot));
         }
-        if !ready.committed_entries.is_empty() {
+        if let Some(last) = ready.committed_entries.last() {
+            let bytes = ready.committed_entries.iter().map(|e| e.data.len()).sum();
+            self.apply_ledger
+                .push_back((last.index, ready.committed_entries.len(), bytes));
             let _ = self.apply.send(Applied::Entries(ready.committed_entries));
         }
         for read in ready.read_states {

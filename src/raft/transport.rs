@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// The id a cluster's messages carry: the deployment's cluster name and the Raft group
 /// (`prod/shard-3`). Nodes record it in their data directory at first start.
@@ -280,9 +280,40 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
         };
         let chunk = config.snapshot_chunk_bytes.max(1);
         let total = data.len();
-        let mut offsets: Vec<usize> = (0..total).step_by(chunk).collect();
+        // Resume where a broken stream of this snapshot left off, if the peer kept it (an older peer
+        // without the call, or any error: from the start).
+        let wanted = pb::SnapshotRef {
+            from: envelope.from,
+            to: envelope.to,
+            term,
+            last_included_index: meta.index,
+            last_included_term: meta.term,
+            total_bytes: total as u64,
+            cluster: cluster.clone(),
+        };
+        let resume = match tokio::time::timeout(
+            config.snapshot_timeout,
+            client.snapshot_resume_offset(wanted),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => usize::try_from(reply.into_inner().offset)
+                .unwrap_or(0)
+                .min(total),
+            _ => 0,
+        };
+        if resume > 0 {
+            info!(
+                peer,
+                index = meta.index,
+                offset = resume,
+                bytes = total,
+                "resuming a snapshot transfer"
+            );
+        }
+        let mut offsets: Vec<usize> = (resume..total).step_by(chunk).collect();
         if offsets.is_empty() {
-            offsets.push(0);
+            offsets.push(resume);
         }
         let last = offsets.len() - 1;
         let (from, to) = (envelope.from, envelope.to);
@@ -418,8 +449,42 @@ pub struct RaftService {
     budget: Arc<Semaphore>,
     /// Peers with a snapshot stream open.
     snapshot_streams: Arc<Mutex<HashSet<NodeId>>>,
+    /// What each peer's last broken snapshot stream delivered, kept for a while so the next stream
+    /// resumes there (at most one per peer, and only from members of the group).
+    partials: Arc<Mutex<HashMap<NodeId, Partial>>>,
     /// Foreign cluster ids already logged (once each).
     foreign: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Which snapshot a stream carries: sender's term, last included index and term, and total size.
+type SnapshotKey = (Term, Index, Term, u64);
+
+/// The received prefix of a snapshot whose stream broke.
+struct Partial {
+    key: SnapshotKey,
+    data: BytesMut,
+    /// Tells this prefix from a later one of the same peer when its expiry comes.
+    generation: u64,
+}
+
+/// How long the prefix of a broken snapshot stream is kept for the sender to resume: a few of the
+/// sender's retries (the leader resends after an election timeout).
+const RESUME_WINDOW: Duration = Duration::from_secs(60);
+
+/// Why a snapshot stream ended early: the link broke (what arrived is kept for a resume) or the
+/// sender broke the protocol (nothing is kept).
+enum Receive {
+    Broken(Status),
+    Invalid(Status),
+}
+
+fn key_of(chunk: &pb::SnapshotChunk) -> SnapshotKey {
+    (
+        chunk.term,
+        chunk.last_included_index,
+        chunk.last_included_term,
+        chunk.total_bytes,
+    )
 }
 
 /// Releases a peer's snapshot slot when its stream ends, however it ends.
@@ -446,6 +511,7 @@ impl RaftService {
             inbound,
             budget,
             snapshot_streams: Arc::default(),
+            partials: Arc::default(),
             foreign: Arc::default(),
         };
         (service, InboundQueue { queue })
@@ -520,6 +586,89 @@ impl RaftService {
             .map_err(|_| Status::unavailable("raft node is stopped"))
     }
 
+    /// Keep what a broken stream delivered so the sender can resume after it, for [`RESUME_WINDOW`].
+    fn keep_partial(&self, peer: NodeId, key: SnapshotKey, data: BytesMut) {
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(mut partials) = self.partials.lock() else {
+            return;
+        };
+        debug!(
+            peer,
+            index = key.1,
+            bytes = data.len(),
+            "keeping a broken snapshot stream's data to resume"
+        );
+        partials.insert(
+            peer,
+            Partial {
+                key,
+                data,
+                generation,
+            },
+        );
+        let partials = Arc::clone(&self.partials);
+        tokio::spawn(async move {
+            tokio::time::sleep(RESUME_WINDOW).await;
+            if let Ok(mut partials) = partials.lock() {
+                if partials
+                    .get(&peer)
+                    .is_some_and(|p| p.generation == generation)
+                {
+                    partials.remove(&peer);
+                }
+            }
+        });
+    }
+
+    /// The chunks after `first` until the last, appended to `data` (which holds what came before
+    /// `first`, from this stream or a broken earlier one).
+    async fn receive(
+        &self,
+        stream: &mut Streaming<pb::SnapshotChunk>,
+        first: &pb::SnapshotChunk,
+        data: &mut BytesMut,
+    ) -> Result<(), Receive> {
+        let mut chunk = first.clone();
+        loop {
+            let same_snapshot =
+                chunk.from == first.from && chunk.to == first.to && key_of(&chunk) == key_of(first);
+            if !same_snapshot || chunk.offset != data.len() as u64 {
+                return Err(Receive::Invalid(Status::invalid_argument(format!(
+                    "snapshot chunk out of order: expected offset {}, got {}",
+                    data.len(),
+                    chunk.offset
+                ))));
+            }
+            if data.len() as u64 + chunk.data.len() as u64 > first.total_bytes {
+                return Err(Receive::Invalid(Status::invalid_argument(format!(
+                    "snapshot longer than its announced {} bytes",
+                    first.total_bytes
+                ))));
+            }
+            data.extend_from_slice(&chunk.data);
+            if chunk.done {
+                if data.len() as u64 != first.total_bytes {
+                    return Err(Receive::Invalid(Status::invalid_argument(format!(
+                        "snapshot ended at {} of its announced {} bytes",
+                        data.len(),
+                        first.total_bytes
+                    ))));
+                }
+                return Ok(());
+            }
+            chunk = match self.next_chunk(stream).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    return Err(Receive::Broken(Status::invalid_argument(
+                        "snapshot stream ended before its last chunk",
+                    )))
+                }
+                Err(status) => return Err(Receive::Broken(status)),
+            };
+        }
+    }
+
     async fn next_chunk(
         &self,
         stream: &mut Streaming<pb::SnapshotChunk>,
@@ -563,11 +712,6 @@ impl RaftTransport for RaftService {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         self.admit(caller.as_ref(), first.from, first.to, &first.cluster)?;
-        if first.offset != 0 {
-            return Err(Status::invalid_argument(
-                "snapshot stream must start at offset 0",
-            ));
-        }
         if first.total_bytes > self.config.max_snapshot_bytes {
             return Err(Status::resource_exhausted(format!(
                 "snapshot of {} bytes exceeds the {} byte limit",
@@ -590,43 +734,44 @@ impl RaftTransport for RaftService {
                 peer: first.from,
             }
         };
-        // Grows as chunks arrive: the announced size is only a claim.
-        let mut data = BytesMut::new();
-        first.cluster.clear();
-        let mut chunk = first.clone();
-        loop {
-            let same_snapshot = chunk.from == first.from
-                && chunk.to == first.to
-                && chunk.term == first.term
-                && chunk.last_included_index == first.last_included_index
-                && chunk.last_included_term == first.last_included_term;
-            if !same_snapshot || chunk.offset != data.len() as u64 {
-                return Err(Status::invalid_argument(format!(
-                    "snapshot chunk out of order: expected offset {}, got {}",
-                    data.len(),
-                    chunk.offset
-                )));
-            }
-            if data.len() as u64 + chunk.data.len() as u64 > first.total_bytes {
-                return Err(Status::invalid_argument(format!(
-                    "snapshot longer than its announced {} bytes",
-                    first.total_bytes
-                )));
-            }
-            data.extend_from_slice(&chunk.data);
-            if chunk.done {
-                if data.len() as u64 != first.total_bytes {
-                    return Err(Status::invalid_argument(format!(
-                        "snapshot ended at {} of its announced {} bytes",
-                        data.len(),
-                        first.total_bytes
-                    )));
+        // A stream starts at 0 (whatever was kept goes), or exactly where a broken stream of the same
+        // snapshot left off.
+        let kept = {
+            let mut partials = self
+                .partials
+                .lock()
+                .map_err(|_| Status::internal("snapshot resume registry poisoned"))?;
+            let resumes = |p: &Partial| {
+                first.offset > 0 && p.key == key_of(&first) && p.data.len() as u64 == first.offset
+            };
+            match partials.get(&first.from) {
+                Some(partial) if first.offset == 0 || resumes(partial) => {
+                    partials.remove(&first.from)
                 }
-                break;
+                _ => None,
             }
-            chunk = self.next_chunk(&mut stream).await?.ok_or_else(|| {
-                Status::invalid_argument("snapshot stream ended before its last chunk")
-            })?;
+        };
+        // Grows as chunks arrive: the announced size is only a claim.
+        let mut data = match kept {
+            _ if first.offset == 0 => BytesMut::new(),
+            Some(partial) => partial.data,
+            None => {
+                return Err(Status::invalid_argument(format!(
+                "cannot resume the snapshot at offset {}: that much of it is not kept (start at 0)",
+                first.offset
+            )))
+            }
+        };
+        first.cluster.clear();
+        match self.receive(&mut stream, &first, &mut data).await {
+            Ok(()) => {}
+            Err(Receive::Broken(status)) => {
+                if !data.is_empty() {
+                    self.keep_partial(first.from, key_of(&first), data);
+                }
+                return Err(status);
+            }
+            Err(Receive::Invalid(status)) => return Err(status),
         }
         let bytes = data.len();
         self.deliver(
@@ -646,6 +791,29 @@ impl RaftTransport for RaftService {
         )
         .await?;
         Ok(Response::new(pb::SendAck {}))
+    }
+
+    async fn snapshot_resume_offset(
+        &self,
+        request: Request<pb::SnapshotRef>,
+    ) -> Result<Response<pb::SnapshotOffset>, Status> {
+        let caller = self.config.guard.caller(&request)?;
+        let wanted = request.into_inner();
+        self.admit(caller.as_ref(), wanted.from, wanted.to, &wanted.cluster)?;
+        let key = (
+            wanted.term,
+            wanted.last_included_index,
+            wanted.last_included_term,
+            wanted.total_bytes,
+        );
+        let offset = self
+            .partials
+            .lock()
+            .map_err(|_| Status::internal("snapshot resume registry poisoned"))?
+            .get(&wanted.from)
+            .filter(|partial| partial.key == key)
+            .map_or(0, |partial| partial.data.len() as u64);
+        Ok(Response::new(pb::SnapshotOffset { offset }))
     }
 }
 
@@ -681,6 +849,111 @@ mod tests {
             self.snapshots.fetch_add(1, Ordering::SeqCst);
             Ok(tonic::Response::new(pb::SendAck::default()))
         }
+
+        async fn snapshot_resume_offset(
+            &self,
+            _request: tonic::Request<pb::SnapshotRef>,
+        ) -> Result<tonic::Response<pb::SnapshotOffset>, Status> {
+            Ok(tonic::Response::new(pb::SnapshotOffset { offset: 0 }))
+        }
+    }
+
+    /// A peer whose first snapshot stream breaks after two chunks; it keeps what arrived, as the real
+    /// receiver does, and records where each stream starts.
+    #[derive(Clone, Default)]
+    struct BreakingPeer {
+        received: Arc<Mutex<Vec<u8>>>,
+        starts: Arc<Mutex<Vec<u64>>>,
+        completed: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for BreakingPeer {
+        async fn send(
+            &self,
+            _request: tonic::Request<tonic::Streaming<pb::Envelope>>,
+        ) -> Result<tonic::Response<pb::SendAck>, Status> {
+            Ok(tonic::Response::new(pb::SendAck::default()))
+        }
+
+        async fn install_snapshot(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::SnapshotChunk>>,
+        ) -> Result<tonic::Response<pb::SendAck>, Status> {
+            let mut chunks = request.into_inner();
+            let first_stream = {
+                let mut starts = self.starts.lock().expect("lock");
+                starts.push(u64::MAX);
+                starts.len() == 1
+            };
+            let mut taken = 0;
+            while let Some(chunk) = chunks.message().await? {
+                {
+                    let mut starts = self.starts.lock().expect("lock");
+                    if let Some(start) = starts.last_mut().filter(|s| **s == u64::MAX) {
+                        *start = chunk.offset;
+                    }
+                    let mut received = self.received.lock().expect("lock");
+                    assert_eq!(chunk.offset, received.len() as u64, "a gap or an overlap");
+                    received.extend_from_slice(&chunk.data);
+                }
+                taken += 1;
+                if first_stream && taken == 2 {
+                    return Err(Status::unavailable("the link broke"));
+                }
+                if chunk.done {
+                    self.completed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Ok(tonic::Response::new(pb::SendAck::default()))
+        }
+
+        async fn snapshot_resume_offset(
+            &self,
+            _request: tonic::Request<pb::SnapshotRef>,
+        ) -> Result<tonic::Response<pb::SnapshotOffset>, Status> {
+            let offset = self.received.lock().expect("lock").len() as u64;
+            Ok(tonic::Response::new(pb::SnapshotOffset { offset }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_snapshot_transfer_resumes_where_the_peer_says_it_stopped() {
+        let peer = BreakingPeer::default();
+        let transport = transport_to(peer.clone()).await;
+        transport.send(vec![snapshot(1, 10)]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while peer.starts.lock().expect("lock").is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "nothing sent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The core resends after an election timeout.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        transport.send(vec![snapshot(1, 10)]);
+        while peer.completed.load(Ordering::SeqCst) < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "never completed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*peer.starts.lock().expect("lock"), vec![0, 2 << 10]);
+        assert_eq!(peer.received.lock().expect("lock").len(), 3 << 10);
+    }
+
+    /// A transport of node 1 whose peer 2 is `peer`, sending snapshots in 1 KiB chunks.
+    async fn transport_to<P: RaftTransport>(peer: P) -> Transport {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let config = TransportConfig {
+            snapshot_chunk_bytes: 1 << 10,
+            ..TransportConfig::default()
+        };
+        Transport::start(&[(2, address.to_string())].into(), &config, "test")
     }
 
     fn snapshot(term: Term, index: Index) -> Envelope {
@@ -697,21 +970,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_resend_queued_during_a_slow_transfer_is_not_sent_again_in_full() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
         let peer = SlowPeer::default();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftTransportServer::new(peer.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let config = TransportConfig {
-            snapshot_chunk_bytes: 1 << 10,
-            ..TransportConfig::default()
-        };
-        let transport = Transport::start(&[(2, address.to_string())].into(), &config, "test");
+        let transport = transport_to(peer.clone()).await;
         let delivered = |n: usize| {
             let count = peer.snapshots.clone();
             async move {

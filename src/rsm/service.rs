@@ -457,6 +457,8 @@ async fn apply_loop<S: ServedMachine>(
     config: Arc<ServiceConfig>,
 ) -> Result<(), ServiceError> {
     let mut last_compacted = 0;
+    // From now on the node hands this applier only a window beyond what it reports applied.
+    handle.report_applied(shared.lock().rsm.applied());
     // At most one snapshot is encoded and stored at a time, beside the applier, never in its way.
     let mut compaction: Option<JoinHandle<Option<Index>>> = None;
     while let Some(first) = applied.recv().await {
