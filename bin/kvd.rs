@@ -74,6 +74,11 @@ struct CtrlerArgs {
     /// replica must be started with the same value.
     #[arg(long, default_value_t = ds824::ctrler::DEFAULT_SHARDS)]
     shards: usize,
+    /// Keep at least this many of the most recent configurations for `kvctl ctrler query N`. Older
+    /// ones are dropped once every shard group has reported passing them (a group that never reports
+    /// keeps them). The leader's setting applies on every replica.
+    #[arg(long, default_value_t = ds824::ctrler::DEFAULT_KEEP_CONFIGS)]
+    keep_configs: u64,
 }
 
 #[derive(Args)]
@@ -110,6 +115,11 @@ struct KvArgs {
     /// Snapshot once the persisted Raft state exceeds this many bytes (0: never).
     #[arg(long, default_value_t = 8 << 20)]
     snapshot_threshold: u64,
+    /// Largest snapshot this node accepts from a leader, in bytes. A follower holds the snapshot in
+    /// memory to install it, so this bounds what a lagging follower can catch up on. Default: half of
+    /// this machine's memory, at least 4 GiB.
+    #[arg(long)]
+    max_snapshot_bytes: Option<u64>,
     /// Serve Prometheus metrics (Raft term, role, indices, sizes; request counts and latency; snapshots)
     /// at http://HOST:PORT/metrics. Off unless given.
     #[arg(long, value_name = "HOST:PORT")]
@@ -149,6 +159,7 @@ fn main() -> ExitCode {
                 }
                 let role = ServiceRole::Ctrler {
                     shards: args.shards,
+                    keep_configs: args.keep_configs,
                 };
                 run_kv(args.replica, role).await
             }
@@ -218,6 +229,9 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         security: security.clone(),
         data_dir: args.data_dir,
         snapshot_threshold: args.snapshot_threshold,
+        max_snapshot_bytes: args
+            .max_snapshot_bytes
+            .unwrap_or_else(ds824::replica::default_max_snapshot_bytes),
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
         sessions: ds824::rsm::sessions::SessionPolicy {
             ttl_ms: args.session_ttl.saturating_mul(1000),

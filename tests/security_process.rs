@@ -499,3 +499,51 @@ async fn a_server_of_another_role_cannot_pass_for_the_one_a_client_wants() {
     let status = g1.status(0).await.expect("status of a replica");
     assert_eq!(status.gid, 1);
 }
+
+/// A progress report lets the controllers drop configurations, so only the group itself may make one:
+/// another group's certificate, a client's or an admin's is refused, and nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_group_itself_may_report_its_progress_to_the_controllers() {
+    use ds824::ctrler::CtrlerClerk;
+    let root = tempfile::tempdir().expect("temp dir");
+    let ca = tls::ca(root.path(), "ca", "prod");
+    let ctrlers = Replicas::start_temp_with(Role::Ctrler, 1, 8 << 20, Some(ca.clone()), None);
+    let clerk_as = |security| {
+        let config = ClerkConfig {
+            call_timeout: Duration::from_secs(20),
+            security,
+            ..ClerkConfig::default()
+        };
+        CtrlerClerk::new(&ctrlers.addrs, config).expect("ctrler clerk")
+    };
+    let mut admin = clerk_as(ctrlers.client_security());
+    admin
+        .join([(1, vec!["127.0.0.1:1".to_string()])].into())
+        .await
+        .expect("join 1");
+    for shard in 0..5 {
+        admin.move_shard(shard, 1).await.expect("move");
+    }
+    for (who, security) in [
+        ("group 2", tls::security(&ca, "shard-2", "1")),
+        ("a client", tls::security(&ca, "client", "user")),
+        ("an admin", tls::security(&ca, "admin", "ops")),
+    ] {
+        let refused = clerk_as(security)
+            .report_progress(1, 6)
+            .await
+            .expect_err(who);
+        assert!(
+            refused
+                .to_string()
+                .contains("may not report progress for group 1"),
+            "{who}: {refused}"
+        );
+    }
+    admin.query(Some(0)).await.expect("nothing was dropped");
+    let oldest = clerk_as(tls::security(&ca, "shard-1", "1"))
+        .report_progress(1, 6)
+        .await
+        .expect("group 1's own report");
+    assert_eq!(oldest, 6 - ds824::ctrler::DEFAULT_KEEP_CONFIGS.min(6));
+}

@@ -734,3 +734,62 @@ async fn a_shard_with_many_failed_cas_records_moves_without_a_leader_change() {
         );
     }
 }
+
+/// The controllers drop configurations once every group has reported passing them (here keeping only
+/// the 2 newest), and a group started after that jumps over the dropped ones instead of waiting for
+/// them: it joins, takes shards, and serves what the first group held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configurations_every_group_passed_are_dropped_and_a_new_group_still_joins() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrlers =
+        Replicas::start_temp_args(replicas::Role::Ctrler, 3, 4 << 10, &["--keep-configs", "2"]);
+    let ctrler_list = ctrlers.addrs.join(",");
+    let g7 = Replicas::start(root.path(), 7, &ctrler_list);
+    let mut admin = CtrlerClerk::new(&ctrlers.addrs, clerk_config()).expect("ctrler clerk");
+    admin
+        .join([(7, g7.addrs.clone())].into())
+        .await
+        .expect("join 7");
+    let mut clerk = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("shard clerk");
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        clerk.put(key, &format!("v-{key}")).await.expect("put");
+    }
+    let mut latest = 0;
+    for shard in 0..10 {
+        latest = admin.move_shard(shard, 7).await.expect("move").num;
+    }
+    // Group 7 reports each configuration it reaches; then only the newest are kept.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match admin.query(Some(1)).await {
+            Err(e) if e.to_string().contains("dropped") => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "configuration 1 is still kept (latest {latest}): {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admin.query(Some(latest)).await.is_ok());
+
+    // A group that was never up while the history moved on.
+    let g8 = Replicas::start(root.path(), 8, &ctrler_list);
+    let joined = admin
+        .join([(8, g8.addrs.clone())].into())
+        .await
+        .expect("join 8");
+    let given: Vec<u64> = (0..10u64)
+        .filter(|&s| joined.shards[s as usize] == 8)
+        .collect();
+    assert!(!given.is_empty(), "{joined:?}");
+    admin.leave(vec![7]).await.expect("leave 7");
+    for key in &keys {
+        assert_eq!(
+            clerk.get(key).await.expect("get"),
+            Some(format!("v-{key}")),
+            "{key} after group 8 took every shard"
+        );
+    }
+    drop(g7);
+}

@@ -19,14 +19,18 @@ use tracing::info_span;
 #[derive(Clone)]
 pub struct CtrlerService {
     service: RsmService<ShardCtrler>,
+    /// Stamped on every progress report this node proposes (see [`CtrlerCommand::Progress`]).
+    keep_configs: u64,
 }
 
 impl CtrlerService {
     /// Start serving on top of a running node (see [`RsmService::start`]); `shards` is the shard count
-    /// fixed when the controller cluster is created.
+    /// fixed when the controller cluster is created; `keep_configs` the most recent configurations kept
+    /// whatever the groups report (older ones go once no group needs them).
     pub fn start(
         id: NodeId,
         shards: usize,
+        keep_configs: u64,
         handle: RaftHandle,
         applied: mpsc::UnboundedReceiver<Applied>,
         config: ServiceConfig,
@@ -34,7 +38,13 @@ impl CtrlerService {
         let span = info_span!("ctrler", node = id, term = Empty, role = Empty);
         let (service, applier) =
             RsmService::start(span, ShardCtrler::new(shards), handle, applied, config);
-        (CtrlerService { service }, applier)
+        (
+            CtrlerService {
+                service,
+                keep_configs,
+            },
+            applier,
+        )
     }
 
     fn respond(
@@ -59,6 +69,11 @@ impl CtrlerService {
                         )))
                     }
                 }
+            }
+            Ok(Ok(CtrlerAnswer::Recorded { oldest })) => response.oldest_kept = oldest,
+            Ok(Ok(CtrlerAnswer::Compacted { oldest })) => {
+                response.set_error(pb::ErrorCode::Compacted);
+                response.oldest_kept = oldest;
             }
             Ok(Err(refusal)) => {
                 response.set_error(pb::ErrorCode::Refused);
@@ -90,19 +105,39 @@ impl Ctrler for CtrlerService {
         &self,
         request: Request<pb::CommandRequest>,
     ) -> Result<Response<pb::ConfigResponse>, Status> {
-        self.service.guard().allow(
-            &request,
-            "change the configuration (join, leave, move)",
-            |role| *role == crate::security::Role::Admin,
-        )?;
+        let caller = self.service.guard().caller(&request)?;
         let request = request.into_inner();
         check_session(request.client_id, request.seq)?;
-        let command = request
+        let mut command = request
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))
             .and_then(|c| {
                 CtrlerCommand::try_from(c).map_err(|e| Status::invalid_argument(e.to_string()))
             })?;
+        // Configuration changes are an operator's; a progress report is the group's own (a forged
+        // report could drop configurations the group still needs).
+        if let Some(principal) = &caller {
+            let allowed = match &command {
+                CtrlerCommand::Progress { gid, .. } => {
+                    principal.role == crate::security::Role::Shard(*gid)
+                }
+                _ => principal.role == crate::security::Role::Admin,
+            };
+            if !allowed {
+                let what = match &command {
+                    CtrlerCommand::Progress { gid, .. } => {
+                        format!("report progress for group {gid}")
+                    }
+                    _ => "change the configuration (join, leave, move)".into(),
+                };
+                return Err(Status::permission_denied(format!(
+                    "{principal} may not {what}"
+                )));
+            }
+        }
+        if let CtrlerCommand::Progress { keep, .. } = &mut command {
+            *keep = self.keep_configs;
+        }
         if let CtrlerCommand::Join(groups) = &command {
             // What no configuration could take is refused before it costs a log entry, in the words
             // the state machine would use.

@@ -1,8 +1,16 @@
 //! The shard controller's state machine: the list of every configuration, changed by Join, Leave and
 //! Move, read by Query.
 //!
-//! **Bounded state.** Every configuration is kept (shard groups walk the history one configuration at a
-//! time), so what each one costs matters:
+//! **Bounded history.** Shard groups walk the history one configuration at a time, so a configuration is
+//! kept while some group may still ask for it: each group's leader reports the configuration its group
+//! has reached ([`CtrlerCommand::Progress`]), and the controller drops every configuration older than
+//! the oldest one any group may still need ([`ShardCtrler::floor`]), except the `keep` most recent ones.
+//! A group that has never reported needs the configuration before the one it joined in (it owns nothing
+//! before, and can jump there, see [`crate::shardkv`]); a group that left is forgotten once it has
+//! passed the configuration that removed it. A query for a dropped configuration is answered
+//! [`CtrlerAnswer::Compacted`] with the oldest kept.
+//!
+//! What each kept configuration costs matters too:
 //! - in memory, consecutive configurations share their group map ([`Groups`], an `Arc`), and every map
 //!   shares each group's server list ([`Servers`]): a Move costs the shard assignment (O(shards)), a
 //!   Join or Leave one pointer per group;
@@ -19,7 +27,7 @@ use crate::proto::ctrler as pb;
 use crate::rsm::{RsmError, StateMachine};
 use bytes::Bytes;
 use prost::Message as _;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -143,7 +151,21 @@ pub enum CtrlerCommand {
         /// The group that gets it.
         gid: Gid,
     },
+    /// Group `gid` has reached configuration `num`: configurations it can no longer ask for may go.
+    Progress {
+        /// The reporting group (the service checks the caller's certificate names it).
+        gid: Gid,
+        /// The configuration the group is at.
+        num: u64,
+        /// Most recent configurations kept regardless ([`DEFAULT_KEEP_CONFIGS`]); stamped by the
+        /// proposing service from its own flag, so all replicas drop the same ones.
+        keep: u64,
+    },
 }
+
+/// Configurations kept whatever the groups report, unless the leader's `--keep-configs` says otherwise:
+/// enough for an operator to look back a while (`kvctl ctrler query N`).
+pub const DEFAULT_KEEP_CONFIGS: u64 = 100;
 
 /// A read: configuration `num`, or the latest for `None` or a number not reached yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,12 +175,23 @@ pub struct CtrlerQuery(pub Option<u64>);
 /// every client's last output, holds a few bytes per client rather than a configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CtrlerAnswer {
-    /// A command made configuration `num` (read it with [`ShardCtrler::config`]: configurations are
-    /// never dropped, so it is there on every replica that applied the command).
+    /// A command made configuration `num` (read it with [`ShardCtrler::config`]; a configuration
+    /// is dropped only once every group has passed it, long after the command that made it answered).
     Created(u64),
     /// The configuration a query asked for (or, restored from a session table of the older format, the
     /// one a command made).
     Config(Config),
+    /// A progress report was recorded; `oldest` is the oldest configuration kept afterwards.
+    Recorded {
+        /// The oldest configuration kept.
+        oldest: u64,
+    },
+    /// The configuration a query asked for was dropped; `oldest` is the oldest kept. A group that owns
+    /// nothing may jump there ([`crate::shardkv`]); anybody else learns the history is gone.
+    Compacted {
+        /// The oldest configuration kept.
+        oldest: u64,
+    },
 }
 
 /// An answer, or why a command was refused (the same refusal on every replica).
@@ -210,11 +243,32 @@ pub fn check_group(gid: Gid, servers: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// What the controller knows of one group's progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Member {
+    /// The oldest configuration the group may still ask for: the one it reported, or for a group that
+    /// has not reported since it joined, the one before it joined in (it owns nothing before that, so it
+    /// can jump there from wherever it is).
+    needs: u64,
+    /// The configuration that removed the group, if it has left.
+    left: Option<u64>,
+}
+
+impl Member {
+    /// A group that has left and passed the configuration that removed it asks for nothing old: it owns
+    /// nothing in any configuration after, so it jumps over dropped ones.
+    fn done(&self) -> bool {
+        self.left.is_some_and(|left| self.needs >= left)
+    }
+}
+
 /// The controller's replicated state.
 #[derive(Clone, Debug)]
 pub struct ShardCtrler {
-    /// Every configuration, `configs[n].num == n`; never empty (configuration 0 is always there).
-    configs: Vec<Config>,
+    /// The configurations kept, oldest first, `configs[i].num == first + i`; never empty.
+    configs: VecDeque<Config>,
+    /// What each group may still ask for; groups that left and are done are forgotten.
+    members: BTreeMap<Gid, Member>,
 }
 
 impl Default for ShardCtrler {
@@ -227,30 +281,48 @@ impl ShardCtrler {
     /// A controller with `shards` shards and only configuration 0.
     pub fn new(shards: usize) -> Self {
         ShardCtrler {
-            configs: vec![Config {
+            configs: VecDeque::from([Config {
                 num: 0,
                 shards: vec![0; shards],
                 groups: Groups::default(),
-            }],
+            }]),
+            members: BTreeMap::new(),
         }
     }
 
     /// The latest configuration.
     pub fn latest(&self) -> &Config {
-        // There is always configuration 0.
+        // The latest configuration is never dropped.
         &self.configs[self.configs.len() - 1]
     }
 
-    /// Configuration `num`, if it was made.
+    /// The oldest configuration kept.
+    pub fn oldest(&self) -> u64 {
+        self.configs[0].num
+    }
+
+    /// Configuration `num`, if it was made and is still kept.
     pub fn config(&self, num: u64) -> Option<&Config> {
-        usize::try_from(num).ok().and_then(|n| self.configs.get(n))
+        let index = num.checked_sub(self.oldest())?;
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.configs.get(i))
     }
 
     /// What a query for `num` reads: configuration `num`, or the latest for `None` or a number not
-    /// reached yet.
-    pub fn config_or_latest(&self, num: Option<u64>) -> &Config {
-        num.and_then(|n| self.config(n))
-            .unwrap_or_else(|| self.latest())
+    /// reached yet; `Err(oldest kept)` for a configuration that was dropped.
+    pub fn config_or_latest(&self, num: Option<u64>) -> Result<&Config, u64> {
+        match num {
+            Some(n) if n < self.oldest() => Err(self.oldest()),
+            _ => Ok(num
+                .and_then(|n| self.config(n))
+                .unwrap_or_else(|| self.latest())),
+        }
+    }
+
+    /// The number of configurations kept (what [`CtrlerCommand::Progress`] bounds).
+    pub fn kept(&self) -> usize {
+        self.configs.len()
     }
 
     /// The next configuration, before its change: the latest's assignment and (shared) groups.
@@ -263,8 +335,69 @@ impl ShardCtrler {
     /// Keep `next` as the latest configuration and answer with its number.
     fn push(&mut self, next: Config) -> CtrlerOutput {
         let num = next.num;
-        self.configs.push(next);
+        self.configs.push_back(next);
         Ok(CtrlerAnswer::Created(num))
+    }
+
+    /// Record that group `gid` has reached configuration `num`, then drop what no group needs.
+    fn progress(&mut self, gid: Gid, num: u64, keep: u64) -> CtrlerOutput {
+        let latest = self.latest().num;
+        if num > latest {
+            return Err(format!(
+                "group {gid} reports configuration {num}, but the latest is {latest}"
+            ));
+        }
+        // A group forgotten after leaving (or never known) has nothing to report: it needs nothing.
+        if let Some(member) = self.members.get_mut(&gid) {
+            member.needs = member.needs.max(num);
+            if member.done() {
+                self.members.remove(&gid);
+            }
+        }
+        let floor = self.floor(keep);
+        while self.oldest() < floor {
+            self.configs.pop_front();
+        }
+        Ok(CtrlerAnswer::Recorded {
+            oldest: self.oldest(),
+        })
+    }
+
+    /// The oldest configuration that must be kept: the `keep` most recent, every one a group may still
+    /// ask for, and for a shard nobody owns around that point, back to the configuration that last gave
+    /// it an owner (the group that adopts the shard walks back to it to find the frozen copy).
+    pub fn floor(&self, keep: u64) -> u64 {
+        let oldest = self.oldest();
+        let mut floor = self.latest().num.saturating_sub(keep);
+        for member in self.members.values() {
+            floor = floor.min(member.needs);
+        }
+        let unowned = |num: u64, shard: usize| {
+            self.config(num)
+                .is_some_and(|c| c.shards.get(shard).is_some_and(|&g| g == 0))
+        };
+        let shards = self.latest().shards.len();
+        loop {
+            let mut lowered = false;
+            for shard in 0..shards {
+                if floor <= oldest {
+                    return oldest;
+                }
+                // A group gaining a shard in `floor` from nobody walks back from `floor - 1` (but
+                // nobody does in configuration 1: every shard starts empty there).
+                if unowned(floor, shard) || (floor >= 2 && unowned(floor - 1, shard)) {
+                    let mut owner = floor - 1;
+                    while owner > oldest && unowned(owner, shard) {
+                        owner -= 1;
+                    }
+                    floor = owner;
+                    lowered = true;
+                }
+            }
+            if !lowered {
+                return floor.max(oldest);
+            }
+        }
     }
 
     fn join(&mut self, groups: BTreeMap<Gid, Vec<String>>) -> CtrlerOutput {
@@ -290,6 +423,13 @@ impl ShardCtrler {
         let map = next.groups.make_mut();
         for (gid, servers) in groups {
             map.insert(gid, Servers::from(servers));
+            // A group still handing off what it had before it left keeps needing that; a new one
+            // owns nothing before `next` and can start from the configuration before it.
+            let needs = next.num - 1;
+            self.members
+                .entry(gid)
+                .and_modify(|member| member.left = None)
+                .or_insert(Member { needs, left: None });
         }
         let gids: Vec<Gid> = map.keys().copied().collect();
         rebalance(&mut next.shards, &gids);
@@ -302,10 +442,20 @@ impl ShardCtrler {
         }
         let mut next = self.next_config();
         let map = next.groups.make_mut();
-        for gid in gids {
+        for &gid in &gids {
             if map.remove(&gid).is_none() {
                 return Err(format!("group {gid} is not a member"));
             }
+        }
+        for gid in gids {
+            let needs = self.members.get(&gid).map_or(next.num - 1, |m| m.needs);
+            self.members.insert(
+                gid,
+                Member {
+                    needs,
+                    left: Some(next.num),
+                },
+            );
         }
         let remaining: Vec<Gid> = map.keys().copied().collect();
         rebalance(&mut next.shards, &remaining);
@@ -343,11 +493,12 @@ impl ShardCtrler {
             .collect()
     }
 
-    /// Rebuild the configurations from a snapshot's `history`, sharing what consecutive ones share.
-    fn from_history(history: Vec<pb::Change>) -> Result<Vec<Config>, RsmError> {
+    /// Rebuild the configurations from a snapshot's `history` (the first is configuration `first`),
+    /// sharing what consecutive ones share.
+    fn from_history(history: Vec<pb::Change>, first: u64) -> Result<Vec<Config>, RsmError> {
         let mut groups = Groups::default();
         let mut configs = Vec::with_capacity(history.len());
-        for (num, change) in (0u64..).zip(history) {
+        for (num, change) in (first..).zip(history) {
             if !change.left.is_empty() || !change.joined.is_empty() {
                 let map = groups.make_mut();
                 for gid in change.left {
@@ -371,6 +522,36 @@ impl ShardCtrler {
             });
         }
         Ok(configs)
+    }
+
+    /// What a snapshot written before progress reports were kept implies of each group: it needs what it
+    /// needed when it last joined (nothing older than the configuration before), and nothing is known of
+    /// how far it got, so nothing it might ask for is dropped until it reports.
+    fn members_from_history(configs: &[Config]) -> BTreeMap<Gid, Member> {
+        let mut members = BTreeMap::new();
+        let mut before: Option<&Config> = None;
+        for config in configs {
+            for &gid in config.groups.keys() {
+                if before.is_none_or(|b| !b.groups.contains_key(&gid)) {
+                    let needs = config.num.saturating_sub(1);
+                    members
+                        .entry(gid)
+                        .and_modify(|m: &mut Member| m.left = None)
+                        .or_insert(Member { needs, left: None });
+                }
+            }
+            if let Some(before) = before {
+                for &gid in before.groups.keys() {
+                    if !config.groups.contains_key(&gid) {
+                        if let Some(member) = members.get_mut(&gid) {
+                            member.left = Some(config.num);
+                        }
+                    }
+                }
+            }
+            before = Some(config);
+        }
+        members
     }
 
     /// Rebuild the configurations from a snapshot of the older format (each one in full), sharing
@@ -446,11 +627,15 @@ impl StateMachine for ShardCtrler {
             CtrlerCommand::Join(groups) => self.join(groups),
             CtrlerCommand::Leave(gids) => self.leave(gids),
             CtrlerCommand::Move { shard, gid } => self.move_shard(shard, gid),
+            CtrlerCommand::Progress { gid, num, keep } => self.progress(gid, num, keep),
         }
     }
 
     fn query(&self, query: &CtrlerQuery) -> CtrlerOutput {
-        Ok(CtrlerAnswer::Config(self.config_or_latest(query.0).clone()))
+        Ok(match self.config_or_latest(query.0) {
+            Ok(config) => CtrlerAnswer::Config(config.clone()),
+            Err(oldest) => CtrlerAnswer::Compacted { oldest },
+        })
     }
 
     fn snapshot(&self) -> Bytes {
@@ -458,6 +643,16 @@ impl StateMachine for ShardCtrler {
             shards: self.latest().shards.len() as u64,
             configs: Vec::new(),
             history: self.history(),
+            first: self.oldest(),
+            members: self
+                .members
+                .iter()
+                .map(|(&gid, m)| pb::Member {
+                    gid,
+                    needs: m.needs,
+                    left: m.left,
+                })
+                .collect(),
         };
         Bytes::from(state.encode_to_vec())
     }
@@ -465,7 +660,7 @@ impl StateMachine for ShardCtrler {
     fn restore(&mut self, data: &[u8]) -> Result<(), RsmError> {
         let state = pb::State::decode(data).map_err(|e| decode_error("controller state", e))?;
         let configs = if !state.history.is_empty() {
-            Self::from_history(state.history)?
+            Self::from_history(state.history, state.first)?
         } else {
             Self::from_full(state.configs)
         };
@@ -475,7 +670,33 @@ impl StateMachine for ShardCtrler {
                 detail: "no configurations".into(),
             });
         }
-        self.configs = configs;
+        if let Some(gap) = configs.windows(2).find(|w| w[1].num != w[0].num + 1) {
+            return Err(RsmError::Decode {
+                what: "controller state",
+                detail: format!(
+                    "configuration {} follows configuration {}",
+                    gap[1].num, gap[0].num
+                ),
+            });
+        }
+        self.members = if state.members.is_empty() && state.first == 0 {
+            Self::members_from_history(&configs)
+        } else {
+            state
+                .members
+                .into_iter()
+                .map(|m| {
+                    (
+                        m.gid,
+                        Member {
+                            needs: m.needs,
+                            left: m.left,
+                        },
+                    )
+                })
+                .collect()
+        };
+        self.configs = configs.into();
         Ok(())
     }
 
@@ -489,6 +710,11 @@ impl StateMachine for ShardCtrler {
             CtrlerCommand::Move { shard, gid } => Op::Move(pb::Move {
                 shard: *shard,
                 gid: *gid,
+            }),
+            CtrlerCommand::Progress { gid, num, keep } => Op::Progress(pb::Progress {
+                gid: *gid,
+                num: *num,
+                keep: *keep,
             }),
         };
         Bytes::from(pb::Command { op: Some(op) }.encode_to_vec())
@@ -510,6 +736,15 @@ impl StateMachine for ShardCtrler {
                 config: Some(config_to_proto(config)),
                 ..pb::Outcome::default()
             },
+            Ok(CtrlerAnswer::Recorded { oldest }) => pb::Outcome {
+                oldest_kept: Some(*oldest),
+                ..pb::Outcome::default()
+            },
+            Ok(CtrlerAnswer::Compacted { oldest }) => pb::Outcome {
+                oldest_kept: Some(*oldest),
+                compacted: true,
+                ..pb::Outcome::default()
+            },
             Err(error) => pb::Outcome {
                 error: error.clone(),
                 ..pb::Outcome::default()
@@ -524,6 +759,14 @@ impl StateMachine for ShardCtrler {
         Ok(match (outcome.created, outcome.config) {
             _ if !outcome.error.is_empty() => Err(outcome.error),
             (Some(num), _) => Ok(CtrlerAnswer::Created(num)),
+            (None, None) if outcome.oldest_kept.is_some() => {
+                let oldest = outcome.oldest_kept.unwrap_or_default();
+                Ok(if outcome.compacted {
+                    CtrlerAnswer::Compacted { oldest }
+                } else {
+                    CtrlerAnswer::Recorded { oldest }
+                })
+            }
             (None, Some(config)) => Ok(CtrlerAnswer::Config(config_from_proto(config))),
             (None, None) => Err(outcome.error),
         })
@@ -591,6 +834,11 @@ impl TryFrom<pb::Command> for CtrlerCommand {
                 Op::Move(m) => CtrlerCommand::Move {
                     shard: m.shard,
                     gid: m.gid,
+                },
+                Op::Progress(p) => CtrlerCommand::Progress {
+                    gid: p.gid,
+                    num: p.num,
+                    keep: p.keep,
                 },
             },
         )

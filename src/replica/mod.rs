@@ -49,6 +49,8 @@ pub enum ServiceRole {
     Ctrler {
         /// Number of shards.
         shards: usize,
+        /// See [`crate::ctrler::CtrlerService::start`].
+        keep_configs: u64,
     },
     /// A replica of shard group `gid` of the sharded KV store. Also serves `ShardTransfer` (other
     /// groups pull shards from it) and runs the group's driver, which follows the controllers.
@@ -101,6 +103,29 @@ enum Served {
     Shard(ShardGroupServices),
 }
 
+/// The snapshot size a follower accepts unless told otherwise: half of this machine's memory (it
+/// holds the snapshot and then the state it decodes to), at least 4 GiB; 4 GiB where the memory size
+/// cannot be read. Not a fixed ceiling: `kvd --max-snapshot-bytes` sets it for machines that hold
+/// more state.
+pub fn default_max_snapshot_bytes() -> u64 {
+    const FLOOR: u64 = 4 << 30;
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .map(|kib| kib.saturating_mul(1024))
+        });
+    total.map_or(FLOOR, |bytes| (bytes / 2).max(FLOOR))
+}
+
 /// Largest gRPC message a client may send (a maximal value plus framing).
 const MAX_MESSAGE_BYTES: usize = crate::limits::MAX_CLIENT_MESSAGE_BYTES;
 
@@ -127,6 +152,9 @@ pub struct ReplicaConfig {
     pub data_dir: PathBuf,
     /// See [`ServiceConfig::snapshot_threshold`].
     pub snapshot_threshold: u64,
+    /// Largest snapshot accepted from a leader (a follower holds it whole in memory to install it);
+    /// see [`default_max_snapshot_bytes`].
+    pub max_snapshot_bytes: u64,
     /// See [`ServiceConfig::request_timeout`].
     pub request_timeout: Duration,
     /// See [`ServiceConfig::sessions`].
@@ -261,6 +289,7 @@ impl Replica {
             .await
             .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
         let mut node_config = NodeConfig::new(config.id, raft_peers);
+        node_config.max_snapshot_bytes = config.max_snapshot_bytes;
         node_config.cluster = config.cluster.clone();
         node_config.group = group;
         node_config.guard = config.security.guard();
@@ -297,9 +326,18 @@ impl Replica {
                     KvService::start(config.id, node.handle(), applied, service_config);
                 (Served::Kv(service), applier)
             }
-            ServiceRole::Ctrler { shards } => {
-                let (service, applier) =
-                    CtrlerService::start(config.id, shards, node.handle(), applied, service_config);
+            ServiceRole::Ctrler {
+                shards,
+                keep_configs,
+            } => {
+                let (service, applier) = CtrlerService::start(
+                    config.id,
+                    shards,
+                    keep_configs,
+                    node.handle(),
+                    applied,
+                    service_config,
+                );
                 (Served::Ctrler(service), applier)
             }
             ServiceRole::Shard { gid, ctrlers } => {

@@ -21,7 +21,7 @@ use super::migration::{self, Answer, Mismatch, Reply, Request};
 use super::service::MAX_TRANSFER_BYTES;
 use super::state::{Duty, ShardCommand, ShardKv, ShardOutput, Source};
 use super::wire::page_from_proto;
-use crate::ctrler::{CtrlerClerk, Gid};
+use crate::ctrler::{CtrlerClerk, Fetched, Gid};
 use crate::proto::shardkv as pb;
 use crate::proto::shardkv::shard_transfer_client::ShardTransferClient;
 use crate::raft::{NodeId, Role};
@@ -113,8 +113,18 @@ impl Driver {
         let mut ticker = tokio::time::interval(self.config.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_config = self.rsm.with_machine(|m| m.config().num);
+        // The configuration last reported to the controllers (none yet: report once on leading).
+        let mut reported: Option<u64> = None;
         loop {
             ticker.tick().await;
+            if self.rsm.handle().status().raft.role == Role::Leader {
+                let num = self.rsm.with_machine(|m| m.config().num);
+                if reported != Some(num) && self.report_progress(num).await {
+                    reported = Some(num);
+                }
+            } else {
+                reported = None;
+            }
             for _ in 0..MAX_ROUNDS_WITHOUT_PAUSE {
                 if self.rsm.handle().status().raft.role != Role::Leader {
                     break;
@@ -161,7 +171,7 @@ impl Driver {
     /// state that made it a duty is replicated, so only a fixed configuration or certificate ends it.
     async fn perform(&self, duty: Duty) -> bool {
         let answer = match migration::request(&duty) {
-            Request::Config { num } => self.config(num).await.map(|c| Some(Answer::Config(c))),
+            Request::Config { num } => self.next_config(num).await.map(Some),
             Request::History { shard, before } => self
                 .history(shard, before)
                 .await
@@ -237,6 +247,42 @@ impl Driver {
             }
         }
         applied
+    }
+
+    /// Configuration `num` from the controllers, or if they dropped it, the oldest they keep (a group
+    /// that owns nothing may jump there, see [`ShardKv::can_jump_to`]).
+    async fn next_config(&self, num: u64) -> Result<Answer, String> {
+        let mut ctrler = self.ctrler.lock().await;
+        let fetched = ctrler
+            .fetch(Some(num))
+            .await
+            .map_err(|e| format!("cannot reach the controllers: {e}"))?;
+        match fetched {
+            Fetched::Config(config) => Ok(Answer::Config(config)),
+            Fetched::Compacted { oldest } => {
+                let config = ctrler
+                    .query(Some(oldest))
+                    .await
+                    .map_err(|e| format!("cannot reach the controllers: {e}"))?;
+                Ok(Answer::Compacted(config))
+            }
+        }
+    }
+
+    /// Tell the controllers the group has reached configuration `num`, so they may drop what it no
+    /// longer needs. True once they have recorded it.
+    async fn report_progress(&self, num: u64) -> bool {
+        let gid = self.rsm.with_machine(|m| m.gid());
+        match self.ctrler.lock().await.report_progress(gid, num).await {
+            Ok(oldest) => {
+                debug!(config = num, oldest_kept = oldest, "progress reported");
+                true
+            }
+            Err(error) => {
+                debug!(config = num, %error, "progress not reported");
+                false
+            }
+        }
     }
 
     /// Configuration `num` from the controllers.

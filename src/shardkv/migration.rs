@@ -136,6 +136,8 @@ pub fn next_in_history(shard: ShardId, before: u64, read: &[Config]) -> Option<u
 pub enum Answer {
     /// The configuration the controllers returned.
     Config(Config),
+    /// The configuration asked for was dropped by the controllers; this is the oldest they keep.
+    Compacted(Config),
     /// The configurations read for [`Request::History`], newest first, as [`next_in_history`] asked.
     History(Vec<Config>),
     /// The page the previous owner served.
@@ -163,6 +165,16 @@ pub enum Mismatch {
         /// The one returned.
         got: u64,
     },
+    /// The configuration asked for was dropped, and the group may not jump to the oldest one kept: it
+    /// owns shards (the controllers never drop what such a group needs: a bug, or a controller state
+    /// restored from an old backup).
+    #[error("configuration {wanted} was dropped by the controllers (the oldest kept is {oldest}) but the group owns shards and cannot skip it")]
+    Compacted {
+        /// The configuration asked for.
+        wanted: u64,
+        /// The oldest kept.
+        oldest: u64,
+    },
     /// The page is not the one asked for, or its contents are not a page of that shard.
     #[error("bad page of shard {shard} (configuration {config_num}): {why}")]
     Page {
@@ -187,6 +199,16 @@ pub fn command(machine: &ShardKv, duty: &Duty, answer: Answer) -> Result<ShardCo
                 });
             }
             Ok(ShardCommand::NextConfig(config))
+        }
+        (Duty::FetchConfig { num }, Answer::Compacted(oldest)) => {
+            if oldest.num >= *num && machine.can_jump_to(&oldest) {
+                Ok(ShardCommand::NextConfig(oldest))
+            } else {
+                Err(Mismatch::Compacted {
+                    wanted: *num,
+                    oldest: oldest.num,
+                })
+            }
         }
         (Duty::FindOwner { shard, .. }, Answer::History(mut read)) => {
             read.reverse(); // last_owner wants them oldest first
@@ -231,6 +253,7 @@ pub fn command(machine: &ShardKv, duty: &Duty, answer: Answer) -> Result<ShardCo
             duty: format!("{duty:?}"),
             answer: match answer {
                 Answer::Config(_) => "config",
+                Answer::Compacted(_) => "compacted",
                 Answer::History(_) => "history",
                 Answer::Page(_) => "page",
                 Answer::Deleted => "deleted",

@@ -6,7 +6,10 @@
 //! same configurations at the same log positions:
 //! - `NextConfig(n+1)` is applied only when the group is at `n` and holds every shard it owns in `n`
 //!   (configurations are taken one at a time, in order). Shards kept keep serving; shards lost are
-//!   frozen into `outgoing`; shards gained become *pulling* until their data arrives;
+//!   frozen into `outgoing`; shards gained become *pulling* until their data arrives. The one exception
+//!   is a *jump* ([`ShardKv::can_jump_to`]): a group that owns nothing may go straight to a later
+//!   configuration that gives it nothing, because the controllers drop configurations no group needs
+//!   and a new group (or one that left) must not depend on them;
 //! - `Install` adds one page (≤ [`PAGE_BYTES`]) of a pulling shard, in key order; the final page brings
 //!   the previous owner's dedup records (so exactly-once survives the move) and makes the shard serve —
 //!   each shard as soon as it has arrived, independently of the others;
@@ -383,8 +386,22 @@ impl ShardKv {
         ShardOutput::Kv(output)
     }
 
+    /// Whether the group may go from its configuration straight to `next`, skipping those between
+    /// (the controllers dropped them): only when it owns no shard now, gains none in `next`, and holds
+    /// no copy waiting for a configuration to name its taker. Then no configuration in between can
+    /// concern it — the controllers drop a configuration only once every group that owned anything in
+    /// it has passed it (see [`crate::ctrler::ShardCtrler::floor`]) — and stepping through them would
+    /// change nothing.
+    pub fn can_jump_to(&self, next: &Config) -> bool {
+        next.num > self.config.num + 1
+            && self.shards.is_empty()
+            && !next.shards.contains(&self.gid)
+            && self.outgoing.values().all(|f| f.to != UNKNOWN_OWNER)
+    }
+
     fn apply_next_config(&mut self, next: Config) -> ShardOutput {
-        if next.num != self.config.num + 1 || !self.pulling().is_empty() {
+        let step = next.num == self.config.num + 1 && self.pulling().is_empty();
+        if !step && !self.can_jump_to(&next) {
             return ShardOutput::Ignored;
         }
         for (shard, &new_owner) in next.shards.iter().enumerate() {

@@ -519,3 +519,46 @@ fn a_copy_given_to_nobody_belongs_to_the_group_that_gets_the_shard_next() {
     assert_eq!(drop_copy(&mut g1, Some(4)), ShardOutput::NotOwner(3));
     assert_eq!(drop_copy(&mut g1, Some(3)), ShardOutput::Dropped);
 }
+
+#[test]
+fn a_group_that_owns_nothing_may_jump_over_configurations_the_controllers_dropped() {
+    // A new group: configurations 1..=6 were dropped; 7 gives it nothing, 8 gives it shard 1.
+    let mut g2 = ShardKv::new(2);
+    assert!(g2.can_jump_to(&config(7, &[1, 1])));
+    assert_eq!(g2.apply(ShardCommand::NextConfig(config(7, &[1, 1]))), ok());
+    assert_eq!(g2.config().num, 7);
+    // Never to a configuration that gives it a shard: it must gain shards one step at a time.
+    assert!(!g2.can_jump_to(&config(9, &[1, 2])));
+    assert_eq!(
+        g2.apply(ShardCommand::NextConfig(config(9, &[1, 2]))),
+        ShardOutput::Ignored
+    );
+    assert_eq!(g2.apply(ShardCommand::NextConfig(config(8, &[1, 2]))), ok());
+    assert_eq!(g2.pulling(), vec![1]);
+    // Never while it owns a shard, nor (once it has given it away) while its copy waits for a
+    // configuration to name a taker.
+    assert!(!g2.can_jump_to(&config(20, &[1, 1])));
+    let mut g1 = ShardKv::new(1);
+    assert_eq!(g1.apply(ShardCommand::NextConfig(config(1, &[1, 1]))), ok());
+    assert_eq!(g1.apply(ShardCommand::NextConfig(config(2, &[0, 0]))), ok());
+    assert_eq!(g1.outgoing().len(), 2);
+    assert!(!g1.can_jump_to(&config(9, &[3, 3])));
+    // The answer "configuration 3 was dropped, the oldest kept is 9" makes no command for it.
+    let duty = Duty::FetchConfig { num: 3 };
+    assert!(matches!(
+        migration::command(&g1, &duty, migration::Answer::Compacted(config(9, &[3, 3]))),
+        Err(migration::Mismatch::Compacted {
+            wanted: 3,
+            oldest: 9
+        })
+    ));
+    let fresh = ShardKv::new(5);
+    assert_eq!(
+        migration::command(
+            &fresh,
+            &Duty::FetchConfig { num: 1 },
+            migration::Answer::Compacted(config(9, &[3, 3]))
+        ),
+        Ok(ShardCommand::NextConfig(config(9, &[3, 3])))
+    );
+}

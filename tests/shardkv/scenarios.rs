@@ -513,3 +513,46 @@ fn every_group_leaves_and_rejoins() {
     check_all(&mut world, &mut clerk, &keys, &values);
     world.end("every_group_leaves_and_rejoins");
 }
+
+/// Not a 6.824 test: the controller drops configurations every group has passed (the simulated groups
+/// report their progress, and it keeps as few as it may), so a group that was down while the history
+/// moved on, and joins afterwards, must jump over what was dropped rather than wait for it forever;
+/// the data it is given, and what the others hand over later, must arrive whole.
+#[test]
+fn a_group_that_joins_after_its_history_was_dropped_catches_up() {
+    let mut world = world(
+        "a_group_that_joins_after_its_history_was_dropped_catches_up",
+        true,
+        None,
+    );
+    let mut clerk = world.make_clerk();
+    world.shutdown_group(2);
+    world.join(0);
+    let keys = keys(10);
+    let mut values = put_all(&mut world, &mut clerk, &keys, 10);
+    for _ in 0..4 {
+        world.join(1);
+        check_and_append(&mut world, &mut clerk, &keys, &mut values);
+        world.leave(1);
+        check_and_append(&mut world, &mut clerk, &keys, &mut values);
+    }
+    world.sleep(1000);
+    let (oldest, latest) = (world.oldest_config(), world.latest_config().num);
+    if oldest + 1 < latest {
+        world.fail(format!(
+            "the controller keeps configurations {oldest}..={latest}, though every group running has passed them"
+        ));
+    }
+    world.start_group(2);
+    world.join(2);
+    check_and_append(&mut world, &mut clerk, &keys, &mut values);
+    world.leave(0);
+    check_and_append(&mut world, &mut clerk, &keys, &mut values);
+    let owned = owned_by(&world, 2);
+    if owned.len() != SHARDS {
+        world.fail(format!("group 2 owns {owned:?} after group 0 left"));
+    }
+    check_all(&mut world, &mut clerk, &keys, &values);
+    check_linearizable(&world);
+    world.end("a_group_that_joins_after_its_history_was_dropped_catches_up");
+}

@@ -89,7 +89,7 @@ fn a_snapshot_of_the_older_format_still_restores() {
     let old = pb::State {
         shards: DEFAULT_SHARDS as u64,
         configs: configs(&ctrler).iter().map(config_to_proto).collect(),
-        history: Vec::new(),
+        ..pb::State::default()
     };
     let mut copy = ShardCtrler::default();
     copy.restore(&old.encode_to_vec()).expect("restore");
@@ -119,6 +119,7 @@ fn broken_snapshots_are_refused() {
             left: vec![7],
             joined: Vec::new(),
         }],
+        ..pb::State::default()
     };
     let mut ctrler = ShardCtrler::default();
     let err = ctrler
@@ -143,7 +144,7 @@ fn outputs_are_small_and_older_ones_still_decode() {
     let old = pb::Outcome {
         error: String::new(),
         config: Some(config_to_proto(&config)),
-        created: None,
+        ..pb::Outcome::default()
     };
     assert_eq!(
         ShardCtrler::decode_output(&old.encode_to_vec()),
@@ -174,4 +175,184 @@ fn the_limits_checked_before_proposing_are_those_of_the_log() {
         ctrler.apply(CtrlerCommand::Join([(1, servers(&["a"]))].into())),
         Err("group 1 has already joined".into())
     );
+}
+
+fn report(ctrler: &mut ShardCtrler, gid: Gid, num: u64, keep: u64) -> u64 {
+    match ctrler.apply(CtrlerCommand::Progress { gid, num, keep }) {
+        Ok(CtrlerAnswer::Recorded { oldest }) => {
+            assert_eq!(oldest, ctrler.oldest());
+            oldest
+        }
+        other => panic!("expected the report recorded, got {other:?}"),
+    }
+}
+
+fn join(ctrler: &mut ShardCtrler, gid: Gid) -> u64 {
+    apply(ctrler, CtrlerCommand::Join([(gid, servers(&["s"]))].into()))
+}
+
+fn moves(ctrler: &mut ShardCtrler, count: usize, gid: Gid) -> u64 {
+    let mut num = 0;
+    for i in 0..count {
+        num = apply(
+            ctrler,
+            CtrlerCommand::Move {
+                shard: (i % DEFAULT_SHARDS) as u64,
+                gid,
+            },
+        );
+    }
+    num
+}
+
+#[test]
+fn configurations_no_group_needs_are_dropped_and_a_query_for_one_says_so() {
+    let mut ctrler = ShardCtrler::default();
+    join(&mut ctrler, 1);
+    join(&mut ctrler, 2); // 2
+    let latest = moves(&mut ctrler, 20, 1); // 3..=22
+    assert_eq!(latest, 22);
+    // Nothing is dropped while a group may still ask for it.
+    assert_eq!(report(&mut ctrler, 1, 22, 5), 1, "group 2 never reported");
+    assert_eq!(report(&mut ctrler, 2, 10, 5), 10);
+    assert_eq!(ctrler.kept(), 13);
+    assert_eq!(
+        ctrler.query(&CtrlerQuery(Some(9))),
+        Ok(CtrlerAnswer::Compacted { oldest: 10 })
+    );
+    assert!(matches!(
+        ctrler.query(&CtrlerQuery(Some(10))),
+        Ok(CtrlerAnswer::Config(c)) if c.num == 10
+    ));
+    // Once every group has passed them, only the `keep` newest remain.
+    assert_eq!(report(&mut ctrler, 2, 22, 5), 17);
+    assert_eq!(ctrler.kept(), 6);
+    // A report from the future is refused and drops nothing.
+    assert!(ctrler
+        .apply(CtrlerCommand::Progress {
+            gid: 1,
+            num: 23,
+            keep: 0
+        })
+        .is_err());
+    assert_eq!(ctrler.oldest(), 17);
+    // Reports never move a group back.
+    assert_eq!(report(&mut ctrler, 2, 3, 0), 22);
+    assert_eq!(ctrler.latest().num, 22);
+}
+
+#[test]
+fn a_group_that_joins_needs_only_the_configuration_before_it() {
+    let mut ctrler = ShardCtrler::default();
+    join(&mut ctrler, 1);
+    moves(&mut ctrler, 10, 1); // 2..=11
+    let joined = join(&mut ctrler, 2); // 12
+    assert_eq!(report(&mut ctrler, 1, joined, 0), joined - 1);
+    assert!(!ctrler.config(joined - 1).expect("kept").shards.contains(&2));
+    assert_eq!(
+        report(&mut ctrler, 2, 0, 0),
+        joined - 1,
+        "it may jump there"
+    );
+    assert_eq!(report(&mut ctrler, 2, joined, 0), joined);
+}
+
+#[test]
+fn a_group_that_left_is_waited_for_until_it_passes_its_leave() {
+    let mut ctrler = ShardCtrler::default();
+    join(&mut ctrler, 1);
+    join(&mut ctrler, 2); // 2
+    report(&mut ctrler, 2, 2, 0);
+    let left = apply(&mut ctrler, CtrlerCommand::Leave(vec![2])); // 3
+    let latest = moves(&mut ctrler, 5, 1); // 4..=8
+                                           // Group 2 still has shards to hand over in `left`.
+    assert_eq!(report(&mut ctrler, 1, latest, 0), 2);
+    // Once past it, it is forgotten: it owns nothing in any later configuration.
+    assert_eq!(report(&mut ctrler, 2, left, 0), latest);
+    assert_eq!(ctrler.kept(), 1);
+    // Rejoining, it needs what any new group needs.
+    let rejoined = join(&mut ctrler, 2);
+    assert_eq!(report(&mut ctrler, 1, rejoined, 0), rejoined - 1);
+}
+
+#[test]
+fn a_group_that_rejoins_before_handing_over_keeps_what_it_needed() {
+    let mut ctrler = ShardCtrler::default();
+    join(&mut ctrler, 1);
+    join(&mut ctrler, 2); // 2
+    report(&mut ctrler, 2, 2, 0);
+    apply(&mut ctrler, CtrlerCommand::Leave(vec![2])); // 3
+    let rejoined = join(&mut ctrler, 2); // 4
+    moves(&mut ctrler, 3, 1);
+    let latest = ctrler.latest().num;
+    assert_eq!(
+        report(&mut ctrler, 1, latest, 0),
+        2,
+        "group 2 is still at 2"
+    );
+    assert!(rejoined > 2);
+}
+
+#[test]
+fn a_shard_nobody_owns_keeps_the_history_back_to_its_last_owner() {
+    let mut ctrler = ShardCtrler::default();
+    join(&mut ctrler, 1); // 1: group 1 owns every shard
+    apply(&mut ctrler, CtrlerCommand::Leave(vec![1])); // 2: nobody does
+    let adopted = join(&mut ctrler, 2); // 3: group 2 adopts them
+    report(&mut ctrler, 1, 2, 0); // group 1 is done and forgotten
+                                  // Group 2 finds the frozen copies by walking back from 3 to 1, the last configuration with an owner.
+    assert_eq!(report(&mut ctrler, 2, adopted, 0), 1);
+    let latest = moves(&mut ctrler, 2, 2);
+    assert_eq!(report(&mut ctrler, 2, latest, 0), latest);
+}
+
+#[test]
+fn a_compacted_history_survives_a_snapshot_byte_for_byte() {
+    let mut ctrler = ShardCtrler::default();
+    join(&mut ctrler, 1);
+    join(&mut ctrler, 2);
+    moves(&mut ctrler, 12, 2);
+    apply(&mut ctrler, CtrlerCommand::Leave(vec![1]));
+    report(&mut ctrler, 2, 8, 3);
+    assert_eq!(ctrler.oldest(), 0, "group 1 has not passed its leave");
+    report(&mut ctrler, 1, 6, 3);
+    report(&mut ctrler, 2, 10, 3);
+    assert_eq!(ctrler.oldest(), 6);
+    let data = ctrler.snapshot();
+    let mut copy = ShardCtrler::default();
+    copy.restore(&data).expect("restore");
+    assert_eq!(copy.snapshot(), data);
+    assert_eq!(copy.oldest(), 6);
+    for num in 6..=ctrler.latest().num {
+        assert_eq!(copy.config(num), ctrler.config(num), "configuration {num}");
+    }
+    // Both go on dropping the same configurations.
+    assert_eq!(report(&mut copy, 1, 15, 3), report(&mut ctrler, 1, 15, 3));
+    assert_eq!(copy.snapshot(), ctrler.snapshot());
+}
+
+#[test]
+fn a_snapshot_without_progress_drops_nothing_a_group_may_need() {
+    let mut ctrler = history();
+    let mut state = pb::State::decode(ctrler.snapshot().as_ref()).expect("decode");
+    state.members.clear();
+    let mut copy = ShardCtrler::default();
+    copy.restore(&state.encode_to_vec()).expect("restore");
+    // Group 1 joined in 1 and never reported: everything from 0 stays.
+    let latest = ctrler.latest().num;
+    assert_eq!(report(&mut copy, 3, latest, 0), 0);
+    assert_eq!(report(&mut ctrler, 3, latest, 0), 0);
+    assert_eq!(copy.snapshot(), ctrler.snapshot());
+}
+
+#[test]
+fn progress_outputs_are_small_and_decode() {
+    for answer in [
+        CtrlerAnswer::Recorded { oldest: 77 },
+        CtrlerAnswer::Compacted { oldest: 77 },
+    ] {
+        let data = ShardCtrler::encode_output(&Ok(answer.clone()));
+        assert!(data.len() <= 4, "{} bytes", data.len());
+        assert_eq!(ShardCtrler::decode_output(&data), Ok(Ok(answer)));
+    }
 }

@@ -187,6 +187,12 @@ impl ShardClerk {
                     return None;
                 }
                 (Answer::Server(ReplyResult::WrongLeader(_)), _) => {}
+                // Clerks ask for the latest configuration, which is never dropped.
+                (Answer::Compacted(config), _) => panic!(
+                    "client {} asked for the latest configuration and was told configuration {} \
+                     is the oldest kept",
+                    self.client_id, config.num
+                ),
                 (Answer::Server(ReplyResult::SessionExpired(mark)), _) => panic!(
                     "client {} was told its session expired (mark {mark}): the simulator's \
                      policy keeps every session it creates",

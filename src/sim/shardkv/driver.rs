@@ -2,6 +2,8 @@
 //! the daemon's own protocol functions ([`crate::shardkv::migration`]).
 
 use super::{gid_of, parse_server_name, Answer, CallerId, DriverCall, ShardWorld};
+use crate::ctrler::CtrlerCommand;
+use crate::rsm::StateMachine;
 use crate::shardkv::migration::{self, Reply, Request};
 use crate::shardkv::{Duty, ShardCommand, ShardKv};
 use crate::sim::group::{ClientRequest, ReplyResult};
@@ -74,6 +76,17 @@ impl ShardWorld {
         for duty in machine.duties() {
             match migration::request(&duty) {
                 Request::Config { num } => {
+                    // The daemon's driver reports each configuration reached; the controller is one
+                    // object here, and keeps as few configurations as it may, so that groups that
+                    // join late or left long ago take the jumps the daemons would.
+                    let report = CtrlerCommand::Progress {
+                        gid: gid_of(gi),
+                        num: num - 1,
+                        keep: 1,
+                    };
+                    if let Err(e) = self.ctrler.apply(report) {
+                        self.fail(format!("progress report refused: {e}"));
+                    }
                     let id = self.call(gi, server, duty);
                     let caller = self.caller_of(gi, server);
                     self.send_ctrler_query(caller, id, Some(num));
@@ -136,6 +149,9 @@ impl ShardWorld {
         }
         let answer = match (&duty, answer) {
             (Duty::FetchConfig { .. }, Answer::Config(config)) => migration::Answer::Config(config),
+            (Duty::FetchConfig { .. }, Answer::Compacted(config)) => {
+                migration::Answer::Compacted(config)
+            }
             (Duty::Pull { .. }, Answer::Server(ReplyResult::Done(output))) => {
                 match migration::pull_reply(output) {
                     Ok(Reply::Ok(page)) => migration::Answer::Page(page),

@@ -87,6 +87,8 @@ struct DriverCall {
 enum Answer {
     Server(ReplyResult<ShardOutput>),
     Config(Config),
+    /// The configuration asked for was dropped; the oldest kept.
+    Compacted(Config),
 }
 
 /// An event of the sharded world; opaque outside the simulator.
@@ -314,6 +316,12 @@ impl ShardWorld {
     /// The controller's latest configuration.
     pub fn latest_config(&self) -> Config {
         self.ctrler.latest().clone()
+    }
+
+    /// The oldest configuration the controller keeps (older ones were dropped once every group that
+    /// could ask for them had reported passing them).
+    pub fn oldest_config(&self) -> u64 {
+        self.ctrler.oldest()
     }
 
     // ------------------------------------------------------------------------------------------

@@ -96,8 +96,15 @@ impl ShardWorld {
                 }
             }
             ShardEvent::CtrlerQuery { from, id, num } => {
-                let config = self.ctrler.config_or_latest(num).clone();
-                self.send_answer(from, id, Answer::Config(config));
+                let answer = match self.ctrler.config_or_latest(num) {
+                    Ok(config) => Answer::Config(config.clone()),
+                    // The oldest configuration kept is always there.
+                    Err(oldest) => match self.ctrler.config(oldest) {
+                        Some(config) => Answer::Compacted(config.clone()),
+                        None => Answer::Config(self.ctrler.latest().clone()),
+                    },
+                };
+                self.send_answer(from, id, answer);
             }
             ShardEvent::Answer { to, id, answer } => match self.callers.get(to).copied() {
                 Some(Caller::Clerk(inbox)) => self.inboxes[inbox].push_back((id, answer.0)),
