@@ -1,0 +1,196 @@
+//! The command line of `chaos run` and `chaos clean`, in the library so the binary stays a thin shell
+//! and tests can build the same values.
+
+use super::nemesis::NemesisKind;
+use super::workload::WorkloadKind;
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Where the cluster under test runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// `kvd` processes in network namespaces this run creates (bridge, veth pairs, iptables inside
+    /// the namespaces). Needs root; no Docker.
+    Local,
+    /// The docker-compose cluster (not implemented yet: the run stops with exit status 2).
+    Compose,
+}
+
+/// `chaos run`: start a cluster, drive a workload while a nemesis injects faults, check the history.
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Where the cluster runs: `local` (network namespaces on this machine, needs root) or `compose`
+    /// (not implemented yet).
+    #[arg(long, value_enum, default_value = "local")]
+    pub target: Target,
+    /// What the clients do: `register` (get/put/cas on a few keys at a time, checked for
+    /// linearizability) or `append` (unique appends and reads; afterwards every key is read and each
+    /// acknowledged append must be in it exactly once, none twice).
+    #[arg(long, value_enum, default_value = "register")]
+    pub workload: WorkloadKind,
+    /// Faults to inject, comma-separated; each faulty window picks one of them from the seed.
+    /// `kill`: SIGKILL one node, a minority or the leader, restarted when the window ends.
+    /// `pause`: SIGSTOP the same choice of nodes, SIGCONT at the window's end.
+    /// `partition`: drop traffic between nodes (random halves, the leader alone, a bridge, a majority
+    /// ring). `loss`: drop --loss-probability of the packets every node receives. `none`: no faults.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "kill,partition"
+    )]
+    pub nemesis: Vec<NemesisKind>,
+    /// How long the workload runs with the nemesis active (`120s`, `2m`, `500ms`; a bare number is
+    /// seconds). Recovery and the final reads come after.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub time: Duration,
+    /// Operations per second, all clients together (each client paces itself at rate/clients; a
+    /// client waiting on a slow operation does not make up for it afterwards).
+    #[arg(long, default_value_t = 200)]
+    pub rate: u32,
+    /// Concurrent clients: in-process clerks, each with its own session.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Seed of the fault schedule, the fault targets and the workload's choices; printed and written
+    /// to summary.json, so a run's plan can be replayed. Random if not given.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Directory for the history, nemesis events, summary, certificates, data directories and node
+    /// logs. Must not exist or be empty. Default: chaos-runs/<unix time>-<pid>.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The `kvd` binary to run. Default: the `kvd` next to this `chaos` binary.
+    #[arg(long, value_name = "PATH")]
+    pub kvd: Option<PathBuf>,
+    /// Number of `kvd` replicas (1-9).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    pub nodes: u64,
+    /// Length of each faulty window.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub fault_window: Duration,
+    /// Length of each quiet window between faults (the run starts with one).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub heal_window: Duration,
+    /// Share of incoming packets each node drops during a `loss` window (0 < p <= 1).
+    #[arg(long, default_value_t = 0.2)]
+    pub loss_probability: f64,
+    /// How long a client retries one operation before recording it as indeterminate (`info`).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub op_timeout: Duration,
+    /// After the faulty phase, everything healed, the workload keeps running this long: at least one
+    /// operation must succeed in it (the recovery invariant).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub recovery_time: Duration,
+    /// Wall-clock budget of the linearizability checker; past it the verdict is "unknown" (exit 3).
+    #[arg(long, default_value_t = 60)]
+    pub check_budget_secs: u64,
+    /// Keys in use at the same time. Default: half the clients, at least 5. Fewer keys mean more
+    /// operations in flight on one key, and the checker's search grows with that: appends do not
+    /// commute, so k concurrent appends between two reads can be ordered k! ways.
+    #[arg(long)]
+    pub keys: Option<u64>,
+    /// Operations per key before the clients move on to fresh keys: short per-key histories keep the
+    /// checker's search small even with many indeterminate operations.
+    #[arg(long, default_value_t = 100)]
+    pub ops_per_key: u64,
+    /// `kvd --snapshot-threshold`: small values make snapshots (and their installation on restarted
+    /// nodes) part of the run.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub snapshot_threshold: u64,
+}
+
+/// `chaos clean`: remove what a run with this tag left behind (namespaces, their processes, the
+/// bridge, its firewall rule) — for a run that was itself killed before it could clean up.
+#[derive(Args, Clone, Debug)]
+pub struct CleanArgs {
+    /// The run's tag, `chaos-<pid>`, as printed at start and written to summary.json.
+    #[arg(long)]
+    pub tag: String,
+}
+
+/// A flag value the run cannot work with.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ArgsError {
+    /// A value out of its range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RunArgs {
+    /// Keys in use at once: `--keys`, or half the clients (at least 5).
+    pub fn keys_at_once(&self) -> u64 {
+        self.keys.unwrap_or((self.clients as u64 / 2).max(5))
+    }
+
+    /// Check what clap's types cannot: ranges that depend on each other.
+    pub fn validate(&self) -> Result<(), ArgsError> {
+        let invalid = |text: &str| Err(ArgsError::Invalid(text.to_string()));
+        if self.clients == 0 {
+            return invalid("--clients must be at least 1");
+        }
+        if self.rate == 0 {
+            return invalid("--rate must be at least 1");
+        }
+        if self.time.is_zero() {
+            return invalid("--time must be longer than 0");
+        }
+        if !(self.loss_probability > 0.0 && self.loss_probability <= 1.0) {
+            return invalid("--loss-probability must be in (0, 1]");
+        }
+        if self.fault_window.is_zero() || self.heal_window.is_zero() {
+            return invalid("--fault-window and --heal-window must be longer than 0");
+        }
+        if self.op_timeout < Duration::from_millis(100) {
+            return invalid("--op-timeout must be at least 100ms");
+        }
+        if self.keys == Some(0) || self.ops_per_key == 0 {
+            return invalid("--keys and --ops-per-key must be at least 1");
+        }
+        if self.nemesis.contains(&NemesisKind::None) && self.nemesis.len() > 1 {
+            return invalid("--nemesis none excludes the other nemeses");
+        }
+        Ok(())
+    }
+}
+
+/// `120s`, `2m`, `500ms`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 120s, 2m, 500ms)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("120s"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

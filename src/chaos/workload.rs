@@ -1,0 +1,376 @@
+//! Workloads: what the clients do, and how each answer becomes a history record.
+//!
+//! Clients are in-process [`Clerk`]s (one session each), not a process per operation, so a run reaches
+//! thousands of operations per second. Each client paces itself at `rate / clients` per second and
+//! records every operation it completes:
+//! * `ok`: the cluster answered (a get's value, a cas's outcome);
+//! * `fail`: it definitely did not take effect — refused before or by the service for a reason no retry
+//!   changes ([`ClerkError::Invalid`], [`ClerkError::Rejected`], ...);
+//! * `info`: unknown — the clerk's deadline passed ([`ClerkError::Timeout`]) or its session expired
+//!   mid-retry ([`ClerkError::SessionExpired`]). A mutation may still be applied later, so, like a
+//!   Jepsen process that crashed, the client then continues as a new process (a new clerk, a new
+//!   session, a new `client` number in the history: `index + k * clients`).
+//!
+//! Keys are used for `--ops-per-key` operations each (`--keys` of them at a time) and then retired:
+//! per-key histories stay short, which keeps the checker's search small even with many `info`
+//! operations (an `info` mutation stays concurrent with everything after it).
+//!
+//! * [`WorkloadKind::Register`]: get (50%), put (25%), cas (25%) of values 0-4 on keys `rN`.
+//! * [`WorkloadKind::Append`]: get (35%) and append (65%) of tokens unique in the run (`C.N;`) on keys
+//!   `aN`; [`final_reads`] reads every key afterwards for the append invariant ([`super::verdict`]).
+
+use super::history::{Clock, RecordError, Recorder};
+use crate::check::{OpKind, Operation};
+use crate::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError, KvOps};
+use clap::ValueEnum;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+
+/// The `client` number of the final reads in the history.
+pub const FINAL_READER: u64 = 1 << 40;
+
+/// Why a client stopped before it was told to.
+#[derive(Debug, Error)]
+pub enum WorkloadError {
+    /// A clerk could not be made (a bad address; a bug in the target).
+    #[error("client: {0}")]
+    Clerk(#[from] ClerkError),
+    /// The history could not be written.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// A final reader's task panicked.
+    #[error("final reader failed: {0}")]
+    Task(String),
+}
+
+/// A workload, as `--workload` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadKind {
+    /// get/put/cas on small values.
+    Register,
+    /// Unique appends and reads, then a final read of every key.
+    Append,
+}
+
+/// The keys in use: every operation takes a key of the current generation; a generation ends after
+/// `keys * ops_per_key` operations.
+#[derive(Debug)]
+pub struct KeySpace {
+    started: AtomicU64,
+    keys: u64,
+    ops_per_key: u64,
+    prefix: &'static str,
+}
+
+impl KeySpace {
+    /// Keys for `kind`, `keys` at a time, `ops_per_key` operations each.
+    pub fn new(kind: WorkloadKind, keys: u64, ops_per_key: u64) -> KeySpace {
+        KeySpace {
+            started: AtomicU64::new(0),
+            keys: keys.max(1),
+            ops_per_key: ops_per_key.max(1),
+            prefix: match kind {
+                WorkloadKind::Register => "r",
+                WorkloadKind::Append => "a",
+            },
+        }
+    }
+
+    /// The key for the next operation.
+    pub fn pick(&self, rng: &mut impl Rng) -> String {
+        let n = self.started.fetch_add(1, Ordering::Relaxed);
+        let generation = n / (self.keys * self.ops_per_key);
+        let key = generation * self.keys + rng.random_range(0..self.keys);
+        format!("{}{key}", self.prefix)
+    }
+}
+
+/// An operation about to be issued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invocation {
+    /// The request kind.
+    pub op: OpKind,
+    /// The key.
+    pub key: String,
+    /// Put/append value, or a cas's new value.
+    pub value: Option<String>,
+    /// A cas's expected value.
+    pub expected: Option<String>,
+}
+
+/// The next operation of `kind` for client `client`'s `n`-th operation.
+pub fn generate(
+    kind: WorkloadKind,
+    keys: &KeySpace,
+    rng: &mut impl Rng,
+    client: usize,
+    n: u64,
+) -> Invocation {
+    let key = keys.pick(rng);
+    let roll = rng.random_range(0..100u32);
+    let small = |rng: &mut dyn rand::RngCore| Some(rng.random_range(0..5u32).to_string());
+    let (op, value, expected) = match kind {
+        WorkloadKind::Register if roll < 50 => (OpKind::Get, None, None),
+        WorkloadKind::Register if roll < 75 => (OpKind::Put, small(rng), None),
+        WorkloadKind::Register => {
+            let expected = small(rng);
+            (OpKind::Cas, small(rng), expected)
+        }
+        WorkloadKind::Append if roll < 35 => (OpKind::Get, None, None),
+        WorkloadKind::Append => (OpKind::Append, Some(format!("{client}.{n};")), None),
+    };
+    Invocation {
+        op,
+        key,
+        value,
+        expected,
+    }
+}
+
+/// What came of an operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: a get's value, a cas's outcome.
+    Ok {
+        /// A get's value (`None`: absent).
+        output: Option<String>,
+        /// A cas's outcome.
+        cas_ok: Option<bool>,
+    },
+    /// Definitely not applied, and why.
+    Fail(String),
+    /// Unknown, and why.
+    Info(String),
+}
+
+/// How a clerk's error maps to the history: unknown only when the outcome is.
+pub fn classify(error: &ClerkError) -> Outcome {
+    match error {
+        ClerkError::Timeout { .. }
+        | ClerkError::SessionExpired
+        | ClerkError::Unreachable { .. } => Outcome::Info(error.to_string()),
+        ClerkError::Invalid(_)
+        | ClerkError::Address { .. }
+        | ClerkError::NoServers
+        | ClerkError::Rejected(_)
+        | ClerkError::Denied(_)
+        | ClerkError::Tls(_) => Outcome::Fail(error.to_string()),
+    }
+}
+
+/// Issue `invocation` through `clerk`.
+pub async fn execute(clerk: &mut Clerk, invocation: &Invocation) -> Outcome {
+    let key = invocation.key.as_str();
+    let value = invocation.value.as_deref().unwrap_or("");
+    let done = |output: Option<String>, cas_ok: Option<bool>| Outcome::Ok { output, cas_ok };
+    let result = match invocation.op {
+        OpKind::Get => clerk.get(key).await.map(|v| done(v, None)),
+        OpKind::Put => clerk.put(key, value).await.map(|()| done(None, None)),
+        OpKind::Append => clerk.append(key, value).await.map(|()| done(None, None)),
+        OpKind::Delete => clerk.delete(key).await.map(|_| done(None, None)),
+        OpKind::Cas => clerk
+            .cas(key, invocation.expected.as_deref(), value)
+            .await
+            .map(|outcome| done(None, Some(outcome == CasOutcome::Swapped))),
+    };
+    result.unwrap_or_else(|e| classify(&e))
+}
+
+/// The history record of `invocation` by `process`, invoked at `invoke` and answered at `complete`.
+pub fn record(
+    process: u64,
+    invocation: &Invocation,
+    invoke: u64,
+    complete: u64,
+    outcome: &Outcome,
+) -> Operation {
+    let mut op = Operation {
+        client: process,
+        op: invocation.op,
+        key: invocation.key.clone(),
+        value: invocation.value.clone(),
+        expected: invocation.expected.clone(),
+        cas_ok: None,
+        output: None,
+        invoke,
+        complete: Some(complete),
+        status: crate::check::Status::Ok,
+    };
+    match outcome {
+        Outcome::Ok { output, cas_ok } => {
+            op.output = output.clone();
+            op.cas_ok = *cas_ok;
+            op
+        }
+        Outcome::Fail(_) => op.fail_at(invoke, complete),
+        Outcome::Info(_) => Operation {
+            // Kept for the timeline; the checker treats an info op as never completing.
+            complete: Some(complete),
+            ..op.info_at(invoke)
+        },
+    }
+}
+
+/// What every client shares.
+pub struct Clients {
+    /// The workload.
+    pub kind: WorkloadKind,
+    /// The nodes' client addresses.
+    pub addresses: Vec<String>,
+    /// How clerks connect and how long they try.
+    pub config: ClerkConfig,
+    /// The run's clock.
+    pub clock: Clock,
+    /// Where operations go.
+    pub recorder: Recorder,
+    /// The keys.
+    pub keys: KeySpace,
+    /// Number of clients (process numbering: `index + k * clients`).
+    pub clients: usize,
+    /// Time between two operations of one client.
+    pub interval: Duration,
+    /// The run's seed (each client derives its own stream).
+    pub seed: u64,
+}
+
+/// Client `index`'s loop: issue, record, repeat, until `stop` turns true.
+pub async fn client(
+    index: usize,
+    shared: Arc<Clients>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), WorkloadError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(shared.seed.wrapping_add(1 + index as u64));
+    let mut process = index as u64;
+    let mut clerk = Clerk::new(&shared.addresses, shared.config.clone())?;
+    // Clients start spread over one interval, not in lockstep.
+    let phase = shared.interval.mul_f64(rng.random_range(0.0..1.0));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, shared.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            _ = tick.tick() => {}
+        }
+        if *stop.borrow() {
+            break;
+        }
+        n += 1;
+        let invocation = generate(shared.kind, &shared.keys, &mut rng, index, n);
+        let invoke = shared.clock.now();
+        let outcome = execute(&mut clerk, &invocation).await;
+        let complete = shared.clock.now();
+        shared
+            .recorder
+            .op(record(process, &invocation, invoke, complete, &outcome))?;
+        if matches!(outcome, Outcome::Info(_)) {
+            process += shared.clients as u64;
+            clerk = Clerk::new(&shared.addresses, shared.config.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// Read every key in `keys` once (retrying each until `within` has passed), record the reads, and
+/// return the values read; a key that could not be read is missing from the answer. The keys are
+/// split among `clients` readers, each with its own clerk (one request in flight per session).
+pub async fn final_reads(
+    shared: Arc<Clients>,
+    keys: &BTreeSet<String>,
+    within: Duration,
+) -> Result<BTreeMap<String, Option<String>>, WorkloadError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let readers = shared.clients.max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for reader in 0..readers {
+        let mine: Vec<String> = keys.iter().skip(reader).step_by(readers).cloned().collect();
+        let shared = shared.clone();
+        tasks.spawn(async move { read_keys(&shared, mine, deadline).await });
+    }
+    let mut values = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        let read = joined.map_err(|e| WorkloadError::Task(e.to_string()))??;
+        values.extend(read);
+    }
+    Ok(values)
+}
+
+async fn read_keys(
+    shared: &Clients,
+    keys: Vec<String>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<(String, Option<String>)>, WorkloadError> {
+    let mut clerk = Clerk::new(&shared.addresses, shared.config.clone())?;
+    let mut values = Vec::new();
+    for key in keys {
+        let invocation = Invocation {
+            op: OpKind::Get,
+            key: key.clone(),
+            value: None,
+            expected: None,
+        };
+        while tokio::time::Instant::now() < deadline {
+            let invoke = shared.clock.now();
+            let outcome = execute(&mut clerk, &invocation).await;
+            if let Outcome::Ok { output, .. } = &outcome {
+                let complete = shared.clock.now();
+                let op = record(FINAL_READER, &invocation, invoke, complete, &outcome);
+                shared.recorder.op(op)?;
+                values.push((key, output.clone()));
+                break;
+            }
+        }
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_retire_after_their_share_of_operations() {
+        let keys = KeySpace::new(WorkloadKind::Register, 2, 3);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let picked: Vec<String> = (0..12).map(|_| keys.pick(&mut rng)).collect();
+        assert!(picked[..6].iter().all(|k| k == "r0" || k == "r1"));
+        assert!(picked[6..].iter().all(|k| k == "r2" || k == "r3"));
+    }
+
+    #[test]
+    fn only_an_unknown_outcome_is_info() {
+        let timeout = ClerkError::Timeout {
+            timeout: Duration::from_secs(1),
+            last_error: "x".into(),
+        };
+        assert!(matches!(classify(&timeout), Outcome::Info(_)));
+        assert!(matches!(
+            classify(&ClerkError::SessionExpired),
+            Outcome::Info(_)
+        ));
+        assert!(matches!(
+            classify(&ClerkError::Rejected("too long".into())),
+            Outcome::Fail(_)
+        ));
+        let append = Invocation {
+            op: OpKind::Append,
+            key: "a0".into(),
+            value: Some("1.1;".into()),
+            expected: None,
+        };
+        let info = record(3, &append, 10, 20, &Outcome::Info("t".into()));
+        assert_eq!(info.status, crate::check::Status::Info);
+        assert!(info.validate().is_ok());
+        let fail = record(3, &append, 10, 20, &Outcome::Fail("no".into()));
+        assert_eq!(fail.status, crate::check::Status::Fail);
+    }
+}

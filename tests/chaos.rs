@@ -1,0 +1,230 @@
+//! The `chaos` harness end to end on the local target: real `kvd` processes in network namespaces,
+//! killed and partitioned on a seeded schedule, the history checked — and nothing of the run left on
+//! the machine afterwards. Needs root (namespaces, a bridge, iptables); without it the test fails and
+//! says so, it is not skipped.
+
+use ds824::check::History;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest a whole run (start, faulty phase, recovery, final reads, check) may take.
+const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+fn require_root() {
+    assert!(
+        is_root(),
+        "tests/chaos.rs needs root: the local target creates network namespaces, a bridge and \
+         iptables rules. Run it as root, e.g. `sudo -E cargo nextest run --test chaos`."
+    );
+}
+
+/// What a finished `chaos run` left: its exit status, its tag, and what it printed.
+struct Finished {
+    status: ExitStatus,
+    tag: String,
+    output: String,
+}
+
+/// Run `chaos run ARGS --out OUT --kvd KVD` to the end (or fail the test at [`RUN_LIMIT`]); `args`
+/// are separated by spaces, as typed.
+fn chaos_run(args: &str, out: &Path) -> Finished {
+    let log = out.with_extension("log");
+    let file = std::fs::File::create(&log).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chaos"))
+        .arg("run")
+        .args(args.split_whitespace())
+        .arg("--out")
+        .arg(out)
+        .arg("--kvd")
+        .arg(env!("CARGO_BIN_EXE_kvd"))
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn chaos");
+    let tag = format!("chaos-{}", child.id());
+    let deadline = Instant::now() + RUN_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for chaos") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // SIGTERM: the harness cleans up as on Ctrl-C.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+            panic!(
+                "chaos run did not finish within {RUN_LIMIT:?}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    Finished {
+        status,
+        tag,
+        output: std::fs::read_to_string(&log).unwrap_or_default(),
+    }
+}
+
+/// The last lines of every node's log, for a failure message.
+fn node_logs(out: &Path) -> String {
+    let mut text = String::new();
+    for node in 1..=3 {
+        let log =
+            std::fs::read_to_string(out.join(format!("logs/node-{node}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        text.push_str(&format!("--- node {node} ---\n"));
+        for line in tail.iter().rev() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text
+}
+
+fn shell(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// No namespace, link, firewall rule or process of run `tag` (whose files are under `out`) remains.
+fn assert_nothing_left(tag: &str, out: &Path) {
+    let ours = |name: &str| name == tag || name.starts_with(&format!("{tag}-"));
+    let namespaces = shell("ip", &["netns", "list"]);
+    assert!(
+        !namespaces
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .any(ours),
+        "namespaces of {tag} remain:\n{namespaces}"
+    );
+    let links = shell("ip", &["-o", "link", "show"]);
+    assert!(
+        !links.lines().any(|l| {
+            l.split(": ")
+                .nth(1)
+                .is_some_and(|name| ours(name.split('@').next().unwrap_or(name)))
+        }),
+        "links of {tag} remain:\n{links}"
+    );
+    let rules = shell("iptables", &["-S", "FORWARD"]);
+    assert!(
+        !rules.contains(tag),
+        "firewall rules of {tag} remain:\n{rules}"
+    );
+    let out = out.to_string_lossy();
+    let mut survivors = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(out.as_ref()) && !cmdline.contains("chaos run") {
+            survivors.push(cmdline);
+        }
+    }
+    assert!(
+        survivors.is_empty(),
+        "processes of {tag} remain: {survivors:?}"
+    );
+}
+
+fn summary(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).expect("summary.json is JSON")
+}
+
+fn count(summary: &serde_json::Value, field: &str) -> u64 {
+    summary["stats"][field].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn register_under_kill_and_partition_is_linearizable_and_leaves_nothing_behind() {
+    require_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("register");
+    let run = chaos_run(
+        "--target local --workload register --nemesis kill,partition --time 20s \
+         --rate 100 --clients 5 --seed 7 --recovery-time 5s",
+        &out,
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "chaos run failed:\n{}\n{}",
+        run.output,
+        node_logs(&out)
+    );
+    let summary = summary(&out);
+    assert_eq!(summary["verdict"], "valid", "{summary:#}");
+    assert!(summary["faults"].as_u64().unwrap_or(0) >= 2, "{summary:#}");
+    assert!(count(&summary, "ok") > 100, "{summary:#}");
+    assert!(count(&summary, "ok_during_faults") > 0, "{summary:#}");
+    assert!(count(&summary, "ok_after_heal") > 0, "{summary:#}");
+    let file = std::fs::File::open(out.join("history.jsonl")).expect("history.jsonl");
+    let history = History::from_jsonl(std::io::BufReader::new(file)).expect("a valid history");
+    assert_eq!(history.len() as u64, count(&summary, "ops"));
+    let events = std::fs::read_to_string(out.join("nemesis.jsonl")).expect("nemesis.jsonl");
+    assert!(
+        events.contains("\"phase\":\"start\"") && events.contains("heal-all"),
+        "{events}"
+    );
+    assert_nothing_left(&run.tag, &out);
+}
+
+#[test]
+fn append_under_pause_partition_and_loss_loses_and_doubles_nothing() {
+    require_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("append");
+    let run = chaos_run(
+        "--workload append --nemesis pause,partition,loss --time 15s --fault-window 3s \
+         --heal-window 2s --rate 100 --clients 5 --seed 3 --recovery-time 5s",
+        &out,
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "chaos run failed:\n{}\n{}",
+        run.output,
+        node_logs(&out)
+    );
+    let summary = summary(&out);
+    assert_eq!(summary["verdict"], "valid", "{summary:#}");
+    let invariants = summary["invariants"].as_array().expect("invariants");
+    let append = invariants
+        .iter()
+        .find(|i| i["name"].as_str().is_some_and(|n| n.starts_with("append")))
+        .expect("the append invariant was checked");
+    assert_eq!(append["holds"], true, "{summary:#}");
+    assert!(
+        append["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("exactly once")),
+        "{summary:#}"
+    );
+    // Every key written was read back at the end, and those reads are in the history too.
+    let file = std::fs::File::open(out.join("history.jsonl")).expect("history.jsonl");
+    let history = History::from_jsonl(std::io::BufReader::new(file)).expect("a valid history");
+    let final_reads = history
+        .ops()
+        .iter()
+        .filter(|op| op.client == ds824::chaos::workload::FINAL_READER)
+        .count();
+    assert!(final_reads > 0, "no final reads recorded");
+    assert_nothing_left(&run.tag, &out);
+}
