@@ -485,7 +485,11 @@ mod tests {
             "took {:?}",
             started.elapsed()
         );
-        assert_eq!(replicas.servers.len(), 2, "the unresolvable hint was not added");
+        assert_eq!(
+            replicas.servers.len(),
+            2,
+            "the unresolvable hint was not added"
+        );
         assert_eq!(
             replicas.unresolvable,
             vec!["leader.invalid:7001".to_string()]
