@@ -5,6 +5,7 @@
 //! could not decide. Errors are one line on stderr.
 
 use clap::{Parser, Subcommand, ValueEnum};
+use ds824::ctrler::addresses::AddressView;
 use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 use ds824::kvctl::shard::{self, AnyClerk};
@@ -48,6 +49,10 @@ struct Cli {
     /// the sharded cluster.
     #[arg(long, env = "KVCTL_CTRLERS", global = true)]
     ctrlers: Option<String>,
+    /// Reach shard groups at their peer addresses (before the `@` of a joined `PEER@CLIENT` entry)
+    /// instead of the client addresses they advertise: for a kvctl inside the cluster's network.
+    #[arg(long, env = "KVCTL_INTERNAL_ADDRESSES", global = true)]
+    internal_addresses: bool,
     #[command(flatten)]
     tls: TlsArgs,
     #[command(subcommand)]
@@ -147,10 +152,13 @@ enum Command {
 /// Shard controller operations.
 #[derive(Subcommand)]
 enum CtrlerOp {
-    /// Add replica groups, each as GID=HOST:PORT,HOST:PORT,... (several at once allowed). Prints the new
-    /// configuration.
+    /// Add replica groups, each as GID=SERVER,SERVER,... (several at once allowed). Prints the new
+    /// configuration. A SERVER is HOST:PORT, or PEER@CLIENT when clients outside the cluster's network
+    /// reach it elsewhere than the other groups do (a published port): groups pull shards from PEER,
+    /// clerks use CLIENT (unless run with --internal-addresses).
     Join {
-        /// Groups, e.g. 101=kvs1:7201,kvs2:7201,kvs3:7201
+        /// Groups, e.g. 101=kvs1:7201,kvs2:7201,kvs3:7201 or
+        /// 1=g1a:7201@127.0.0.1:17201,g1b:7201@127.0.0.1:17202,g1c:7201@127.0.0.1:17203
         #[arg(required = true, value_name = "GID=SERVERS")]
         groups: Vec<String>,
         /// Leave out groups the latest configuration already has instead of failing on them (for a
@@ -350,9 +358,15 @@ async fn run(cli: Cli) -> u8 {
         security: security.clone(),
         ..ClerkConfig::default()
     };
+    let view = match cli.internal_addresses {
+        true => AddressView::Internal,
+        false => AddressView::Advertised,
+    };
     let clerk = || -> Result<AnyClerk, ClerkError> {
         Ok(if sharded {
-            AnyClerk::Sharded(Box::new(ShardClerk::new(&ctrlers, config.clone())?))
+            AnyClerk::Sharded(Box::new(
+                ShardClerk::new(&ctrlers, config.clone())?.with_address_view(view),
+            ))
         } else {
             AnyClerk::Kv(Clerk::new(&cluster, config.clone())?)
         })
@@ -364,7 +378,7 @@ async fn run(cli: Cli) -> u8 {
         return kvctl::ctrler::run(&ctrlers, config, op.into()).await;
     }
     if let (Command::Status { json }, true) = (&cli.command, sharded) {
-        return match shard::collect_sharded(&ctrlers, config, Duration::from_secs(2)).await {
+        return match shard::collect_sharded(&ctrlers, config, Duration::from_secs(2), view).await {
             Ok(report) => {
                 if *json {
                     println!("{}", shard::render_sharded_json(&report));

@@ -3,6 +3,7 @@
 //! with the fewest moves; Move pins one shard; Query reads any configuration kept (old ones are dropped
 //! once every group has reported passing them).
 
+pub mod addresses;
 pub mod client;
 pub mod rebalance;
 pub mod service;

@@ -20,7 +20,8 @@ pub enum Op {
     Query(Option<u64>, bool),
 }
 
-/// Parse `GID=HOST:PORT,HOST:PORT` into a group.
+/// Parse `GID=SERVER,SERVER` into a group; a SERVER is `HOST:PORT` (its address for the other groups
+/// and for clients) or `PEER@CLIENT` (the address clients outside the network use after the `@`).
 pub fn parse_group(spec: &str) -> Result<(Gid, Vec<String>), String> {
     let (gid, servers) = spec
         .split_once('=')
@@ -40,6 +41,10 @@ pub fn parse_group(spec: &str) -> Result<(Gid, Vec<String>), String> {
         .collect();
     if servers.is_empty() {
         return Err(format!("group {gid} names no servers"));
+    }
+    for server in &servers {
+        crate::ctrler::addresses::validate_entry(server)
+            .map_err(|e| format!("group {gid}: {e}"))?;
     }
     Ok((gid, servers))
 }

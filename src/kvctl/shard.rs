@@ -6,6 +6,7 @@
 //! needs to see that count reach 0, yet the latest configuration no longer names the group.
 
 use super::status::{collect, NodeReport};
+use crate::ctrler::addresses::{client_addresses, AddressView};
 use crate::ctrler::{Config, CtrlerClerk, Gid};
 use crate::kv::KvOps;
 use crate::kv::{Clerk, KvCommand};
@@ -70,11 +71,12 @@ pub struct ShardReport {
 }
 
 /// Read the latest configuration (and the few before it, for groups that left), then ask every server
-/// of every group for its status, concurrently, each within `timeout`.
+/// of every group for its status, concurrently, each within `timeout`, at the addresses `view` picks.
 pub async fn collect_sharded(
     ctrlers: &[String],
     config: ClerkConfig,
     timeout: Duration,
+    view: AddressView,
 ) -> Result<ShardReport, ClerkError> {
     let security = config.security.clone();
     let mut clerk = CtrlerClerk::new(ctrlers, config)?;
@@ -82,12 +84,14 @@ pub async fn collect_sharded(
     let mut servers: BTreeMap<Gid, Vec<String>> = latest
         .groups
         .iter()
-        .map(|(&gid, group)| (gid, group.to_vec()))
+        .map(|(&gid, group)| (gid, client_addresses(group, view)))
         .collect();
     for num in latest.num.saturating_sub(LOOKBACK).max(1)..latest.num {
         let older = clerk.query(Some(num)).await?;
         for (&gid, group) in &older.groups {
-            servers.entry(gid).or_insert_with(|| group.to_vec());
+            servers
+                .entry(gid)
+                .or_insert_with(|| client_addresses(group, view));
         }
     }
     let asks = servers.into_iter().map(|(gid, servers)| {

@@ -15,6 +15,7 @@
 //! - it gives up at the [`ClerkConfig::call_timeout`] deadline with the last error seen.
 
 use super::key_to_shard;
+use crate::ctrler::addresses::{client_addresses, AddressView};
 use crate::ctrler::{Config, CtrlerClerk, Gid};
 use crate::kv::clerk::{classify_reply, mutate_parts, Mutation, Routed};
 use crate::kv::validate::{validate_command, validate_key};
@@ -42,6 +43,7 @@ pub struct ShardClerk {
     groups: HashMap<Gid, Group>,
     clerk_config: ClerkConfig,
     session: Session,
+    view: AddressView,
 }
 
 /// Where a request went wrong in one try, and whether the configuration should be re-read.
@@ -60,7 +62,15 @@ impl ShardClerk {
             groups: HashMap::new(),
             clerk_config: config,
             session: Session::default(),
+            view: AddressView::default(),
         })
+    }
+
+    /// Reach the groups at the addresses `view` picks (default: the client addresses they advertise;
+    /// [`AddressView::Internal`] for a clerk inside the cluster's network).
+    pub fn with_address_view(mut self, view: AddressView) -> ShardClerk {
+        self.view = view;
+        self
     }
 
     /// This clerk's session id (the same at every group).
@@ -163,7 +173,9 @@ impl ShardClerk {
         let shard = key_to_shard(key, config.shards.len());
         let gid = config.shards.get(shard as usize).copied().unwrap_or(0);
         let servers = match config.groups.get(&gid) {
-            Some(servers) if gid != 0 && !servers.is_empty() => servers.to_vec(),
+            Some(servers) if gid != 0 && !servers.is_empty() => {
+                client_addresses(servers, self.view)
+            }
             _ => {
                 return Ok(Try::Again(format!(
                     "shard {shard} has no group in configuration {} (join a group with `kvctl ctrler join`)",

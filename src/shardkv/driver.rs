@@ -21,6 +21,7 @@ use super::migration::{self, Answer, Mismatch, Reply, Request};
 use super::service::MAX_TRANSFER_BYTES;
 use super::state::{Duty, ShardCommand, ShardKv, ShardOutput, Source};
 use super::wire::page_from_proto;
+use crate::ctrler::addresses::peer_addresses;
 use crate::ctrler::{CtrlerClerk, Fetched, Gid};
 use crate::proto::shardkv as pb;
 use crate::proto::shardkv::shard_transfer_client::ShardTransferClient;
@@ -345,9 +346,9 @@ impl Driver {
         // configuration to the ones recorded when the shard moved.
         let servers = self
             .rsm
-            .with_machine(|m| m.config().groups.get(&group.gid).map(|s| s.to_vec()))
+            .with_machine(|m| m.config().groups.get(&group.gid).map(|s| peer_addresses(s)))
             .filter(|servers| !servers.is_empty())
-            .unwrap_or_else(|| group.servers.clone());
+            .unwrap_or_else(|| peer_addresses(&group.servers));
         let mut replicas = {
             let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
             match groups.get(&group.gid) {
