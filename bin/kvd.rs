@@ -124,6 +124,12 @@ struct KvArgs {
     /// at http://HOST:PORT/metrics. Off unless given.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// SELF-TEST ONLY, debug builds only: acknowledge a put or append once this node, as leader, has
+    /// appended it, before a majority has it. Breaks linearizability on purpose so that `chaos run
+    /// --self-test` can show its checker catches lost writes. Release builds have no such flag.
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true)]
+    unsafe_ack_before_commit: bool,
     /// Answer TIMEOUT to a request not completed within this many milliseconds (the client retries).
     #[arg(long, default_value_t = 1000)]
     request_timeout_ms: u64,
@@ -199,6 +205,13 @@ async fn resolve(flag: &str, address: &str) -> Result<std::net::SocketAddr, Exit
 }
 
 async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
+    #[cfg(debug_assertions)]
+    let unsafe_ack_before_commit = args.unsafe_ack_before_commit;
+    #[cfg(not(debug_assertions))]
+    let unsafe_ack_before_commit = false;
+    if unsafe_ack_before_commit {
+        tracing::warn!("--unsafe-ack-before-commit: writes are acknowledged before they commit (self-test only)");
+    }
     let listen = match resolve("--listen", &args.listen).await {
         Ok(addr) => addr,
         Err(code) => return code,
@@ -239,6 +252,7 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         },
         role,
         metrics_listen: args.metrics_listen,
+        unsafe_ack_before_commit,
     };
     let node = match Replica::start(config).await {
         Ok(node) => node,

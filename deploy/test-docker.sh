@@ -62,7 +62,10 @@ check "writes and reads from the host" bash -c "$(declare -f kvctl write_keys re
 ctrl() { "$bin/kvctl" --ctrlers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 ctrler "$@"; }
 # The controllers name the shard groups by their in-network host names, so the sharded store is used from
 # inside the network (kvctl in a shard container; the image has no shell, the binary is run directly).
-skvctl() { compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 "$@"; }
+# The sharded store from the host: groups are joined as PEER@CLIENT, so the controllers hand out the
+# published ports; from inside the network kvctl uses the peer addresses (--internal-addresses).
+skvctl() { "$bin/kvctl" --ctrlers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 "$@"; }
+inskvctl() { compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --internal-addresses --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 "$@"; }
 # shard_join_done: the one-shot join job exited 0 (it runs on every `up`; groups already joined are skipped).
 shard_join_done() {
   local deadline=$((SECONDS + 60)) id code
@@ -85,9 +88,10 @@ read_sharded() {
   done
 }
 check "the join job joined shard group 1 (all shards)" bash -c "$(declare -f compose shard_join_done ctrl); shard_join_done && ctrl query | grep -q 'group 1: 10 shards'"
-check "sharded writes and reads inside the network" bash -c "$(declare -f compose skvctl write_sharded read_sharded); write_sharded 1 20 && read_sharded 1 20"
-check "kvctl ctrler join adds group 2; half the shards move to it" bash -c "$(declare -f ctrl); ctrl join 2=g2a:7201,g2b:7201,g2c:7201 >/dev/null && ctrl query | grep -q 'group 2: 5 shards'"
-check "sharded data intact after the migration" bash -c "$(declare -f compose skvctl read_sharded); read_sharded 1 20"
+check "sharded writes and reads from the host" bash -c "$(declare -f skvctl write_sharded read_sharded); write_sharded 1 20 && read_sharded 1 20"
+check "sharded reads inside the network (--internal-addresses)" bash -c "$(declare -f compose inskvctl); [ \"\$(inskvctl get skey-7)\" = svalue-7 ]"
+check "kvctl ctrler join adds group 2; half the shards move to it" bash -c "$(declare -f ctrl); ctrl join 2=g2a:7201@127.0.0.1:17204,g2b:7201@127.0.0.1:17205,g2c:7201@127.0.0.1:17206 >/dev/null && ctrl query | grep -q 'group 2: 5 shards'"
+check "sharded data intact after the migration" bash -c "$(declare -f skvctl read_sharded); read_sharded 1 20"
 
 # The trust boundary, from the host.
 refused_fast() { # refused_fast PATTERN COMMAND...: exit 2 within 5 s, stderr matching PATTERN
@@ -105,11 +109,30 @@ check "peer ports are not published on the host" bash -c "! (exec 3<>/dev/tcp/12
 victims=(kv2 ctrler2 g1b g2b)
 compose kill "${victims[@]}" >/dev/null 2>&1
 check "writes continue with kv2 killed" bash -c "$(declare -f kvctl write_keys); write_keys 21 40"
-check "sharded writes continue with ctrler2, g1b and g2b killed" bash -c "$(declare -f compose skvctl write_sharded); write_sharded 21 40"
+check "sharded writes continue with ctrler2, g1b and g2b killed" bash -c "$(declare -f skvctl write_sharded); write_sharded 21 40"
 compose start "${victims[@]}" >/dev/null 2>&1
 check "the killed servers come back healthy" wait_healthy 120 "${victims[@]}"
 check "all data present after kv2 restarted" bash -c "$(declare -f kvctl read_keys); read_keys 1 40"
-check "all sharded data present after the restarts" bash -c "$(declare -f compose skvctl read_sharded); read_sharded 1 40"
+check "all sharded data present after the restarts" bash -c "$(declare -f skvctl read_sharded); read_sharded 1 40"
+
+# Jepsen-style smoke run from outside: 60 s of SIGKILLs (docker kill) and partitions (iptables in the
+# containers' network namespaces) against the KV cluster, every client operation recorded and checked.
+# Partitions need root (nsenter, iptables); without it the run kills and pauses only, and says so.
+chaos_smoke() {
+  local out=/tmp/ds824-chaos-smoke nemesis=kill,partition runner=()
+  rm -rf "$out" "$out.log"
+  if [ "$(id -u)" -ne 0 ]; then
+    if sudo -n true 2>/dev/null; then runner=(sudo -n -E); else
+      nemesis=kill,pause; echo "    (not root: nemesis kill,pause instead of kill,partition)"; fi
+  fi
+  "${runner[@]}" "$bin/chaos" run --target compose --workload register --nemesis "$nemesis" \
+    --time 60s --rate 100 --clients 5 --seed 11 --recovery-time 5s --out "$out" >"$out.log" 2>&1
+  local rc=$?
+  grep -E '^(operations|longest|linearizability|recovery|verdict)' "$out.log" | sed 's/^/    /'
+  [ "$rc" -eq 0 ] || { tail -20 "$out.log" >&2; return 1; }
+}
+check "chaos: 60 s of kill and partition against the KV cluster, linearizable, every fault healed" chaos_smoke
+check "the cluster is healthy after the chaos run" wait_healthy 60 kv1 kv2 kv3
 
 "$bin/mrd" gen-corpus --dir /tmp/ds824-mr/in --files 4 --bytes-per-file 200000 >/dev/null
 "$bin/mrd" sequential --app wc --output /tmp/ds824-mr/seq /tmp/ds824-mr/in/*.txt >/dev/null
@@ -137,7 +160,7 @@ check "cluster healthy again after down and up" wait_healthy 180 "${ALL_SERVICES
 check "data survives down and up" bash -c "$(declare -f kvctl read_keys); read_keys 1 40"
 check "controller configuration survives down and up" bash -c "$(declare -f ctrl); ctrl query | grep -q 'group 1: 5 shards' && ctrl query | grep -q 'group 2: 5 shards'"
 check "the join job succeeds again on up (groups already joined are skipped)" bash -c "$(declare -f compose shard_join_done); shard_join_done"
-check "sharded data survives down and up" bash -c "$(declare -f compose skvctl read_sharded); read_sharded 1 40"
+check "sharded data survives down and up" bash -c "$(declare -f skvctl read_sharded); read_sharded 1 40"
 
 echo "docker: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

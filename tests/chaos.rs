@@ -228,3 +228,28 @@ fn append_under_pause_partition_and_loss_loses_and_doubles_nothing() {
     assert!(final_reads > 0, "no final reads recorded");
     assert_nothing_left(&run.tag, &out);
 }
+
+/// The harness judges itself: with every server carrying a deliberate safety bug (a write is
+/// acknowledged once the leader appended it, before a majority has it), partitions lose acknowledged
+/// writes, and the run passes only because the checker notices.
+#[test]
+fn the_self_test_catches_writes_acknowledged_before_they_commit() {
+    require_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("self-test");
+    let run = chaos_run(
+        "--self-test --workload register --nemesis partition --time 30s --fault-window 4s \
+         --heal-window 2s --rate 100 --clients 5 --seed 5 --recovery-time 3s",
+        &out,
+    );
+    let summary = summary(&out);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "the self-test's bug went unnoticed:\n{}\n{summary:#}",
+        run.output
+    );
+    assert_eq!(summary["self_test"], true, "{summary:#}");
+    assert_eq!(summary["linearizable"], "violation", "{summary:#}");
+    assert_nothing_left(&run.tag, &out);
+}

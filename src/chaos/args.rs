@@ -2,7 +2,8 @@
 //! and tests can build the same values.
 
 use super::nemesis::NemesisKind;
-use super::workload::WorkloadKind;
+use super::workload::{StoreKind, WorkloadKind};
+use crate::security::TlsArgs;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,15 +16,17 @@ pub enum Target {
     /// `kvd` processes in network namespaces this run creates (bridge, veth pairs, iptables inside
     /// the namespaces). Needs root; no Docker.
     Local,
-    /// The docker-compose cluster (not implemented yet: the run stops with exit status 2).
+    /// The docker-compose cluster, already up (`./deploy/up.sh`): faults through the Docker engine
+    /// and iptables in each container's network namespace (`nsenter`); clients through the ports
+    /// published on the host. Needs Docker, and root for `partition` and `loss`.
     Compose,
 }
 
 /// `chaos run`: start a cluster, drive a workload while a nemesis injects faults, check the history.
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
-    /// Where the cluster runs: `local` (network namespaces on this machine, needs root) or `compose`
-    /// (not implemented yet).
+    /// Where the cluster runs: `local` (kvd processes in network namespaces this run makes; needs
+    /// root) or `compose` (the running docker-compose cluster; see --compose-* and --tls-*).
     #[arg(long, value_enum, default_value = "local")]
     pub target: Target,
     /// What the clients do: `register` (get/put/cas on a few keys at a time, checked for
@@ -96,10 +99,45 @@ pub struct RunArgs {
     /// checker's search small even with many indeterminate operations.
     #[arg(long, default_value_t = 100)]
     pub ops_per_key: u64,
-    /// `kvd --snapshot-threshold`: small values make snapshots (and their installation on restarted
-    /// nodes) part of the run.
+    /// `kvd --snapshot-threshold` (local target): small values make snapshots (and their
+    /// installation on restarted nodes) part of the run.
     #[arg(long, default_value_t = 1 << 20)]
     pub snapshot_threshold: u64,
+    /// Check the harness itself (local target, debug builds of kvd): every node runs with a
+    /// deliberate safety bug — a put is acknowledged once the leader appended it, before a majority
+    /// has it — and the run passes (exit 0) only if the checker catches the acknowledged writes that
+    /// faults then lose, and fails (exit 1) if it misses them. Use with a `partition` or `kill`
+    /// nemesis.
+    #[arg(long)]
+    pub self_test: bool,
+    /// The compose project of the cluster (compose target). Default: any, as long as each service
+    /// names one container.
+    #[arg(long, value_name = "NAME")]
+    pub compose_project: Option<String>,
+    /// Which store the clients use: `replicated` (the KV cluster) or `sharded` (controllers and shard
+    /// groups; compose target).
+    #[arg(long, value_enum, default_value = "replicated")]
+    pub store: StoreKind,
+    /// The compose services the nemesis faults, in node order (compose target). Default: kv1,kv2,kv3;
+    /// with --store sharded g1a,g1b,g1c,ctrler1,ctrler2,ctrler3.
+    #[arg(long, value_delimiter = ',')]
+    pub compose_services: Option<Vec<String>>,
+    /// Where this machine reaches those services (their published ports), in the same order: the
+    /// harness asks them who leads. Default: the ports of docker-compose.yml for the default services.
+    #[arg(long, value_delimiter = ',')]
+    pub compose_addresses: Option<Vec<String>>,
+    /// The shard controllers as this machine reaches them (compose target, --store sharded).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103"
+    )]
+    pub compose_ctrlers: Vec<String>,
+    /// The clients' certificates for the compose target (`deploy/up.sh` copies them to
+    /// /tmp/ds824-certs and prints the DS824_TLS_* variables to export). The local target issues
+    /// its own.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `chaos clean`: remove what a run with this tag left behind (namespaces, their processes, the
@@ -120,6 +158,40 @@ pub enum ArgsError {
 }
 
 impl RunArgs {
+    /// Nodes under test: `--nodes` locally, one per compose service.
+    pub fn node_count(&self) -> u64 {
+        match self.target {
+            Target::Local => self.nodes,
+            Target::Compose => self.services().len() as u64,
+        }
+    }
+
+    /// The compose services under test: `--compose-services`, or docker-compose.yml's for the store.
+    pub fn services(&self) -> Vec<String> {
+        let default: &[&str] = match self.store {
+            StoreKind::Replicated => &["kv1", "kv2", "kv3"],
+            StoreKind::Sharded => &["g1a", "g1b", "g1c", "ctrler1", "ctrler2", "ctrler3"],
+        };
+        self.compose_services
+            .clone()
+            .unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// Where this machine reaches [`RunArgs::services`]: `--compose-addresses`, or the ports
+    /// docker-compose.yml publishes for the default services.
+    pub fn service_addresses(&self) -> Vec<String> {
+        let default: &[u16] = match self.store {
+            StoreKind::Replicated => &[17001, 17002, 17003],
+            StoreKind::Sharded => &[17201, 17202, 17203, 17101, 17102, 17103],
+        };
+        self.compose_addresses.clone().unwrap_or_else(|| {
+            default
+                .iter()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect()
+        })
+    }
+
     /// Keys in use at once: `--keys`, or half the clients (at least 5).
     pub fn keys_at_once(&self) -> u64 {
         self.keys.unwrap_or((self.clients as u64 / 2).max(5))
@@ -151,6 +223,23 @@ impl RunArgs {
         }
         if self.nemesis.contains(&NemesisKind::None) && self.nemesis.len() > 1 {
             return invalid("--nemesis none excludes the other nemeses");
+        }
+        if self.self_test && self.target != Target::Local {
+            return invalid(
+                "--self-test runs on --target local only (it needs a debug build of kvd)",
+            );
+        }
+        if self.self_test && self.workload != WorkloadKind::Register {
+            return invalid("--self-test uses --workload register");
+        }
+        if self.target == Target::Compose && self.services().len() != self.service_addresses().len()
+        {
+            return invalid(
+                "--compose-services and --compose-addresses need one entry each per node",
+            );
+        }
+        if self.store == StoreKind::Sharded && self.target != Target::Compose {
+            return invalid("--store sharded runs on --target compose only");
         }
         Ok(())
     }

@@ -11,15 +11,18 @@
 //! and client tasks live in a `JoinSet`, which aborts them when dropped.
 
 use super::args::{ArgsError, RunArgs, Target};
+use super::cluster::compose::{ComposeCluster, ComposeConfig};
 use super::cluster::local::{LocalCluster, LocalConfig};
 use super::cluster::{Cluster, ClusterError};
 use super::history::{Clock, RecordError, Recorder};
 use super::nemesis::{self, schedule, NemesisError};
 use super::verdict::{
-    append_invariant, decide, fault_windows, linearizability, recovery_invariant,
+    append_invariant, decide, decide_self_test, fault_windows, linearizability, recovery_invariant,
     resolve_info_appends, stats, Summary,
 };
-use super::workload::{client, final_reads, Clients, KeySpace, WorkloadError, WorkloadKind};
+use super::workload::{
+    client, final_reads, Clients, KeySpace, Store, StoreKind, WorkloadError, WorkloadKind,
+};
 use crate::check::{check_with, CheckOptions, History, KvModel, OpKind};
 use crate::kv::ClerkConfig;
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,9 +39,9 @@ pub enum RunError {
     /// A flag value out of range.
     #[error(transparent)]
     Args(#[from] ArgsError),
-    /// A target that does not exist yet.
-    #[error("--target compose is not implemented yet; use --target local (needs root)")]
-    NotImplemented,
+    /// The compose target's clients have no usable certificates.
+    #[error("client TLS for --target compose: {0}")]
+    Tls(#[from] crate::security::SecurityError),
     /// The run directory could not be used.
     #[error("{path}: {detail}")]
     Out {
@@ -132,35 +135,61 @@ struct Recorded {
 /// `Err` means no verdict could be reached.
 pub async fn run(args: RunArgs) -> Result<Summary, RunError> {
     args.validate()?;
-    if args.target == Target::Compose {
-        return Err(RunError::NotImplemented);
-    }
     let seed = args.seed.unwrap_or_else(rand::random);
     let tag = tag();
     let out = prepare_out(args.out.clone())?;
-    let kvd = match &args.kvd {
-        Some(kvd) => kvd.clone(),
-        None => default_kvd()?,
-    };
-    tracing::info!(%tag, seed, out = %out.display(), "starting {} kvd nodes", args.nodes);
-    let mut cluster = LocalCluster::start(LocalConfig {
-        tag: tag.clone(),
-        nodes: args.nodes as usize,
-        kvd,
-        out: out.clone(),
-        snapshot_threshold: args.snapshot_threshold,
-    })
-    .await?;
-    let recorded = drive(&mut cluster, &args, seed, &out).await;
+    match args.target {
+        Target::Local => {
+            let kvd = match &args.kvd {
+                Some(kvd) => kvd.clone(),
+                None => default_kvd()?,
+            };
+            tracing::info!(%tag, seed, out = %out.display(), "starting {} kvd nodes", args.nodes);
+            let cluster = LocalCluster::start(LocalConfig {
+                tag: tag.clone(),
+                nodes: args.nodes as usize,
+                kvd,
+                out: out.clone(),
+                snapshot_threshold: args.snapshot_threshold,
+                unsafe_ack_before_commit: args.self_test,
+            })
+            .await?;
+            run_on(cluster, &args, seed, tag, &out).await
+        }
+        Target::Compose => {
+            tracing::info!(%tag, seed, out = %out.display(), services = ?args.services(),
+                "attaching to the compose cluster");
+            let cluster = ComposeCluster::attach(ComposeConfig {
+                tag: tag.clone(),
+                project: args.compose_project.clone(),
+                services: args.services(),
+                client_addresses: args.service_addresses(),
+                security: args.tls.security()?,
+            })
+            .await?;
+            run_on(cluster, &args, seed, tag, &out).await
+        }
+    }
+}
+
+/// Drive, tear down (also when driving failed), then judge.
+async fn run_on<C: Cluster>(
+    mut cluster: C,
+    args: &RunArgs,
+    seed: u64,
+    tag: String,
+    out: &Path,
+) -> Result<Summary, RunError> {
+    let recorded = drive(&mut cluster, args, seed, out).await;
     let torn_down = cluster.teardown().await;
     let recorded = recorded?;
     torn_down?;
-    judge(&args, seed, tag, &out, recorded).await
+    judge(args, seed, tag, out, recorded).await
 }
 
 /// Clients and nemesis together, then healing, recovery and the final reads.
-async fn drive(
-    cluster: &mut LocalCluster,
+async fn drive<C: Cluster>(
+    cluster: &mut C,
     args: &RunArgs,
     seed: u64,
     out: &Path,
@@ -169,7 +198,10 @@ async fn drive(
     let recorder = Recorder::create(out)?;
     let shared = Arc::new(Clients {
         kind: args.workload,
-        addresses: cluster.client_addresses(),
+        store: match args.store {
+            StoreKind::Replicated => Store::Replicated(cluster.client_addresses()),
+            StoreKind::Sharded => Store::Sharded(args.compose_ctrlers.clone()),
+        },
         config: ClerkConfig {
             call_timeout: args.op_timeout,
             // The servers answer TIMEOUT after 1 s themselves; this only bounds a frozen (paused)
@@ -302,14 +334,19 @@ async fn judge(
         tokio::task::spawn_blocking(move || check_with(&checked, &KvModel, &options)).await?;
     write(&out.join("check.txt"), &format!("{result}\n"))?;
     let (linearizable, check) = linearizability(&result);
-    let (verdict, exit_code) = decide(linearizable, &invariants);
+    let (verdict, exit_code) = match args.self_test {
+        true => decide_self_test(linearizable),
+        false => decide(linearizable, &invariants),
+    };
     let summary = Summary {
         tag,
         seed,
         target: args.target,
         workload: args.workload,
+        store: args.store,
         nemesis: args.nemesis.clone(),
-        nodes: args.nodes,
+        nodes: args.node_count(),
+        self_test: args.self_test,
         clients: args.clients,
         rate: args.rate,
         time_secs: args.time.as_secs_f64(),

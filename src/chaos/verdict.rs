@@ -8,7 +8,7 @@
 use super::args::Target;
 use super::history::NemesisEvent;
 use super::nemesis::NemesisKind;
-use super::workload::{WorkloadKind, FINAL_READER};
+use super::workload::{StoreKind, WorkloadKind, FINAL_READER};
 use super::{EXIT_INVALID, EXIT_UNKNOWN, EXIT_VALID};
 use crate::check::{CheckResult, OpKind, Operation, Status};
 use serde::Serialize;
@@ -258,10 +258,15 @@ pub struct Summary {
     pub target: Target,
     /// The workload.
     pub workload: WorkloadKind,
+    /// The store the clients used.
+    pub store: StoreKind,
     /// The nemeses.
     pub nemesis: Vec<NemesisKind>,
     /// Nodes in the cluster.
     pub nodes: u64,
+    /// Whether the servers carried the self-test's deliberate bug (the verdict is then about the
+    /// harness: caught or missed).
+    pub self_test: bool,
     /// Clients.
     pub clients: usize,
     /// Requested ops/s.
@@ -320,6 +325,22 @@ pub fn decide(linearizable: &str, invariants: &[Invariant]) -> (&'static str, u8
     }
 }
 
+/// The verdict of a self-test run (`--self-test`: the servers carry a deliberate safety bug): it
+/// passes only if the checker found the bug out — a harness that calls such a run valid, or cannot
+/// decide, is not fit to judge the real one.
+pub fn decide_self_test(linearizable: &str) -> (&'static str, u8) {
+    match linearizable {
+        "violation" => (
+            "self-test passed: the deliberate bug was caught",
+            EXIT_VALID,
+        ),
+        _ => (
+            "self-test FAILED: the deliberate bug went unnoticed",
+            EXIT_INVALID,
+        ),
+    }
+}
+
 impl Summary {
     /// The exit status the run ends with.
     pub fn exit_code(&self) -> u8 {
@@ -330,7 +351,7 @@ impl Summary {
     pub fn render(&self) -> String {
         let s = &self.stats;
         let mut text = format!(
-            "chaos run {} (seed {}): {:?} workload, nemesis {:?}, {} nodes, {} clients, {:.0} s\n\
+            "chaos run {} (seed {}): {:?} workload on the {:?} store, nemesis {:?}, {} nodes, {} clients, {:.0} s\n\
              operations: {} ({} ok, {} fail, {} info), {} ok/s\n\
              ok during faults: {}, ok after healing: {}, fault windows: {}\n\
              longest stretch without a successful operation: {} ms (from {} ms)\n\
@@ -338,6 +359,7 @@ impl Summary {
             self.tag,
             self.seed,
             self.workload,
+            self.store,
             self.nemesis,
             self.nodes,
             self.clients,
@@ -471,5 +493,12 @@ mod tests {
         assert_eq!(decide("ok", &[holds(None)]).1, EXIT_UNKNOWN);
         assert_eq!(decide("unknown", &[holds(Some(false))]).1, EXIT_INVALID);
         assert_eq!(decide("violation", &[]).1, EXIT_INVALID);
+    }
+
+    #[test]
+    fn a_self_test_passes_only_when_the_bug_is_caught() {
+        assert_eq!(decide_self_test("violation").1, EXIT_VALID);
+        assert_eq!(decide_self_test("ok").1, EXIT_INVALID);
+        assert_eq!(decide_self_test("unknown").1, EXIT_INVALID);
     }
 }

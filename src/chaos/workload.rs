@@ -1,6 +1,7 @@
 //! Workloads: what the clients do, and how each answer becomes a history record.
 //!
-//! Clients are in-process [`Clerk`]s (one session each), not a process per operation, so a run reaches
+//! Clients are in-process clerks (one session each; [`Clerk`]s of the replicated store or
+//! [`ShardClerk`]s of the sharded one, `--store`), not a process per operation, so a run reaches
 //! thousands of operations per second. Each client paces itself at `rate / clients` per second and
 //! records every operation it completes:
 //! * `ok`: the cluster answered (a get's value, a cas's outcome);
@@ -22,6 +23,8 @@
 use super::history::{Clock, RecordError, Recorder};
 use crate::check::{OpKind, Operation};
 use crate::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError, KvOps};
+use crate::kvctl::shard::AnyClerk;
+use crate::shardkv::ShardClerk;
 use clap::ValueEnum;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -166,8 +169,39 @@ pub fn classify(error: &ClerkError) -> Outcome {
     }
 }
 
+/// The store the clients use, as `--store` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The replicated KV store (`kvd kv`): clerks talk to the nodes.
+    Replicated,
+    /// The sharded KV store: clerks ask the controllers which group serves a key, then that group.
+    Sharded,
+}
+
+/// Where the clients find the store.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// A replicated KV cluster at these client addresses.
+    Replicated(Vec<String>),
+    /// A sharded cluster whose controllers are at these addresses.
+    Sharded(Vec<String>),
+}
+
+impl Store {
+    /// A new clerk (a new session) for this store.
+    pub fn clerk(&self, config: &ClerkConfig) -> Result<AnyClerk, ClerkError> {
+        Ok(match self {
+            Store::Replicated(addresses) => AnyClerk::Kv(Clerk::new(addresses, config.clone())?),
+            Store::Sharded(ctrlers) => {
+                AnyClerk::Sharded(Box::new(ShardClerk::new(ctrlers, config.clone())?))
+            }
+        })
+    }
+}
+
 /// Issue `invocation` through `clerk`.
-pub async fn execute(clerk: &mut Clerk, invocation: &Invocation) -> Outcome {
+pub async fn execute(clerk: &mut AnyClerk, invocation: &Invocation) -> Outcome {
     let key = invocation.key.as_str();
     let value = invocation.value.as_deref().unwrap_or("");
     let done = |output: Option<String>, cas_ok: Option<bool>| Outcome::Ok { output, cas_ok };
@@ -223,8 +257,8 @@ pub fn record(
 pub struct Clients {
     /// The workload.
     pub kind: WorkloadKind,
-    /// The nodes' client addresses.
-    pub addresses: Vec<String>,
+    /// Where the store is.
+    pub store: Store,
     /// How clerks connect and how long they try.
     pub config: ClerkConfig,
     /// The run's clock.
@@ -249,7 +283,7 @@ pub async fn client(
 ) -> Result<(), WorkloadError> {
     let mut rng = ChaCha8Rng::seed_from_u64(shared.seed.wrapping_add(1 + index as u64));
     let mut process = index as u64;
-    let mut clerk = Clerk::new(&shared.addresses, shared.config.clone())?;
+    let mut clerk = shared.store.clerk(&shared.config)?;
     // Clients start spread over one interval, not in lockstep.
     let phase = shared.interval.mul_f64(rng.random_range(0.0..1.0));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, shared.interval);
@@ -274,7 +308,7 @@ pub async fn client(
             .op(record(process, &invocation, invoke, complete, &outcome))?;
         if matches!(outcome, Outcome::Info(_)) {
             process += shared.clients as u64;
-            clerk = Clerk::new(&shared.addresses, shared.config.clone())?;
+            clerk = shared.store.clerk(&shared.config)?;
         }
     }
     Ok(())
@@ -309,7 +343,7 @@ async fn read_keys(
     keys: Vec<String>,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<(String, Option<String>)>, WorkloadError> {
-    let mut clerk = Clerk::new(&shared.addresses, shared.config.clone())?;
+    let mut clerk = shared.store.clerk(&shared.config)?;
     let mut values = Vec::new();
     for key in keys {
         let invocation = Invocation {

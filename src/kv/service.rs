@@ -192,12 +192,30 @@ impl<M: KvMachine> Kv for KvService<M> {
         validate_command(&command).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut response = pb::MutateResponse::default();
         let (client, seq) = (request.client_id, request.seq);
-        match self
-            .service
-            .mutate(client, seq, M::client_command(client, seq, command))
-            .await
-        {
-            Ok(output) => match M::answer(output) {
+        let blind = self.service.acknowledges_before_commit()
+            && matches!(command, KvCommand::Put { .. } | KvCommand::Append { .. });
+        let command = M::client_command(client, seq, command);
+        let answered = match blind {
+            // The self-test's deliberate bug (see `ServiceConfig::unsafe_ack_before_commit`).
+            true => self
+                .service
+                .append_unconfirmed(client, seq, command)
+                .await
+                .map(|()| {
+                    KvAnswer::Done(KvOutput {
+                        ok: true,
+                        value: None,
+                        elided: false,
+                    })
+                }),
+            false => self
+                .service
+                .mutate(client, seq, command)
+                .await
+                .map(M::answer),
+        };
+        match answered {
+            Ok(answer) => match answer {
                 KvAnswer::Done(output) => response.outcome = Some(pb::Outcome::from(&output)),
                 KvAnswer::WrongGroup => response.set_error(pb::ErrorCode::WrongGroup),
                 KvAnswer::SessionExpired(mark) => {

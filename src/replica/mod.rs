@@ -163,6 +163,9 @@ pub struct ReplicaConfig {
     pub role: ServiceRole,
     /// Serve Prometheus metrics at `http://<this>/metrics`, if set.
     pub metrics_listen: Option<SocketAddr>,
+    /// See [`ServiceConfig::unsafe_ack_before_commit`] (the self-test's deliberate bug; false
+    /// everywhere else).
+    pub unsafe_ack_before_commit: bool,
 }
 
 /// Why a replica could not start; each is the operator's to fix.
@@ -316,6 +319,7 @@ impl Replica {
             metrics: metrics.as_ref().map(|(_, _, _, service)| service.clone()),
             guard: config.security.guard(),
             sessions: config.sessions,
+            unsafe_ack_before_commit: config.unsafe_ack_before_commit,
         };
         let metrics = metrics.map(|(listener, registry, gauges, _)| (listener, registry, gauges));
         // The shard group's driver, aborted with the node however it ends.

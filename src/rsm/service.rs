@@ -47,6 +47,11 @@ pub struct ServiceConfig {
     pub guard: crate::security::Guard,
     /// When client sessions are dropped (stamped on this node's proposals while it leads).
     pub sessions: super::sessions::SessionPolicy,
+    /// A deliberate safety bug for the `chaos` self-test (only debug builds of `kvd` can set it):
+    /// services that honour it acknowledge a write once the leader appended it, before a majority
+    /// has it, so a partition or a crash loses acknowledged writes — which the harness's checker
+    /// must then catch. Never set otherwise.
+    pub unsafe_ack_before_commit: bool,
 }
 
 impl Default for ServiceConfig {
@@ -58,6 +63,7 @@ impl Default for ServiceConfig {
             metrics: None,
             guard: crate::security::Guard::open(),
             sessions: super::sessions::SessionPolicy::default(),
+            unsafe_ack_before_commit: false,
         }
     }
 }
@@ -330,6 +336,43 @@ impl<S: ServedMachine> RsmService<S> {
         let result = self.mutate_inner(client, seq, command).await;
         self.observe("write", started, &result);
         result
+    }
+
+    /// Whether this service runs with the self-test's deliberate bug
+    /// ([`ServiceConfig::unsafe_ack_before_commit`]).
+    pub fn acknowledges_before_commit(&self) -> bool {
+        self.config.unsafe_ack_before_commit
+    }
+
+    /// The self-test's deliberate bug: propose `command` and return once the leader has appended
+    /// it — not committed, not applied. Only for [`ServiceConfig::unsafe_ack_before_commit`].
+    pub async fn append_unconfirmed(
+        &self,
+        client: u64,
+        seq: u64,
+        command: S::Command,
+    ) -> Result<(), Refusal> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let bytes = match self
+            .shared
+            .lock()
+            .rsm
+            .prepare(client, seq, &command, unix_ms())
+        {
+            Prepared::Answered(_) => return Ok(()),
+            Prepared::Expired(mark) => return Err(Refusal::SessionExpired(mark)),
+            Prepared::Stale => {
+                return Err(Refusal::Status(Status::failed_precondition(
+                    "stale request",
+                )))
+            }
+            Prepared::Propose(bytes) => bytes,
+        };
+        match tokio::time::timeout_at(deadline, self.handle.propose(bytes)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Self::refusal(e)),
+            Err(_) => Err(Refusal::Timeout),
+        }
     }
 
     /// Answer `query` linearizably (ReadIndex, no log write).

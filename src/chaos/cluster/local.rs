@@ -39,6 +39,9 @@ pub struct LocalConfig {
     pub out: PathBuf,
     /// `kvd --snapshot-threshold`.
     pub snapshot_threshold: u64,
+    /// Start every node with `--unsafe-ack-before-commit` (the self-test's deliberate bug; only
+    /// debug builds of kvd have it).
+    pub unsafe_ack_before_commit: bool,
 }
 
 /// A running local cluster. Dropping it kills the servers and removes the network.
@@ -135,6 +138,11 @@ impl LocalCluster {
             .arg(self.certs.join(format!("kv-{id}.pem")))
             .arg("--tls-key")
             .arg(self.certs.join(format!("kv-{id}-key.pem")))
+            .args(
+                self.config
+                    .unsafe_ack_before_commit
+                    .then_some("--unsafe-ack-before-commit"),
+            )
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -1,9 +1,11 @@
 //! Targets: a cluster the harness can start, break and tear down.
 //!
-//! The nemesis and the run speak only to [`Cluster`], so a new target (Docker compose, Kubernetes)
-//! is one implementation of it; [`local`] is the network-namespace one. Nodes are numbered from 0
-//! here (node `i` is `kvd --id i+1`).
+//! The nemesis and the run speak only to [`Cluster`], so a new target (Kubernetes, say) is one
+//! implementation of it: [`local`] is the network-namespace one, [`compose`] the docker-compose
+//! cluster. Nodes are numbered from 0 here (node `i` is `kvd --id i+1`, or the `i`-th compose
+//! service).
 
+pub mod compose;
 pub mod local;
 pub mod netns;
 
@@ -55,6 +57,9 @@ pub enum ClusterError {
     /// No leader was elected in time.
     #[error("no leader within {0:?} (see the node logs under the run directory)")]
     NoLeader(Duration),
+    /// The target is not as the run needs it (a compose service missing or stopped, ...).
+    #[error("{0}")]
+    Target(String),
     /// A node number out of range (a bug in the caller).
     #[error("no node {0}")]
     NoSuchNode(usize),
