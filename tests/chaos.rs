@@ -11,19 +11,9 @@ use std::time::{Duration, Instant};
 /// Longest a whole run (start, faulty phase, recovery, final reads, check) may take.
 const RUN_LIMIT: Duration = Duration::from_secs(300);
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
-
 fn require_root() {
     assert!(
-        is_root(),
+        ds824::chaos::cluster::netns::is_root(),
         "tests/chaos.rs needs root: the local target creates network namespaces, a bridge and \
          iptables rules. Run it as root, e.g. `sudo -E cargo nextest run --test chaos`."
     );
@@ -77,6 +67,25 @@ fn chaos_run(args: &str, out: &Path) -> Finished {
         tag,
         output: std::fs::read_to_string(&log).unwrap_or_default(),
     }
+}
+
+/// Run `chaos run ARGS` into a fresh directory named `name` and require exit 0 (with the run's
+/// output and the nodes' logs if not); returns the run, its directory (kept alive by the guard) and
+/// its summary.
+fn chaos_run_ok(args: &str, name: &str) -> (Finished, tempfile::TempDir, serde_json::Value) {
+    require_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join(name);
+    let run = chaos_run(args, &out);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "chaos run failed:\n{}\n{}",
+        run.output,
+        node_logs(&out)
+    );
+    let summary = summary(&out);
+    (run, dir, summary)
 }
 
 /// The last lines of every node's log, for a failure message.
@@ -154,22 +163,12 @@ fn count(summary: &serde_json::Value, field: &str) -> u64 {
 
 #[test]
 fn register_under_kill_and_partition_is_linearizable_and_leaves_nothing_behind() {
-    require_root();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("register");
-    let run = chaos_run(
+    let (run, dir, summary) = chaos_run_ok(
         "--target local --workload register --nemesis kill,partition --time 20s \
          --rate 100 --clients 5 --seed 7 --recovery-time 5s",
-        &out,
+        "register",
     );
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "chaos run failed:\n{}\n{}",
-        run.output,
-        node_logs(&out)
-    );
-    let summary = summary(&out);
+    let out = dir.path().join("register");
     assert_eq!(summary["verdict"], "valid", "{summary:#}");
     assert!(summary["faults"].as_u64().unwrap_or(0) >= 2, "{summary:#}");
     assert!(count(&summary, "ok") > 100, "{summary:#}");
@@ -188,22 +187,12 @@ fn register_under_kill_and_partition_is_linearizable_and_leaves_nothing_behind()
 
 #[test]
 fn append_under_pause_partition_and_loss_loses_and_doubles_nothing() {
-    require_root();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("append");
-    let run = chaos_run(
+    let (run, dir, summary) = chaos_run_ok(
         "--workload append --nemesis pause,partition,loss --time 15s --fault-window 3s \
          --heal-window 2s --rate 100 --clients 5 --seed 3 --recovery-time 5s",
-        &out,
+        "append",
     );
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "chaos run failed:\n{}\n{}",
-        run.output,
-        node_logs(&out)
-    );
-    let summary = summary(&out);
+    let out = dir.path().join("append");
     assert_eq!(summary["verdict"], "valid", "{summary:#}");
     let invariants = summary["invariants"].as_array().expect("invariants");
     let append = invariants

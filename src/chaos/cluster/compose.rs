@@ -11,6 +11,7 @@
 //! the rules with that comment, unpauses what it paused and starts what it killed — at the end, on
 //! Ctrl-C, on an error or a panic (the drop guard).
 
+use super::netns::loss_rule;
 use super::{wait_for_leader, Cluster, ClusterError};
 use crate::chaos::cmd::{run, run_blocking, CommandError};
 use crate::security::Security;
@@ -256,21 +257,9 @@ impl Cluster for ComposeCluster {
     }
 
     async fn lossy(&mut self, node: usize, probability: f64) -> Result<(), ClusterError> {
-        let probability = format!("{probability:.4}");
-        self.drop_rule(
-            node,
-            &[
-                "-A",
-                "INPUT",
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                &probability,
-            ],
-        )
-        .await
+        let rule = loss_rule(probability);
+        let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+        self.drop_rule(node, &rule).await
     }
 
     async fn heal_network(&mut self) -> Result<(), ClusterError> {

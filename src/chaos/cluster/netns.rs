@@ -52,6 +52,24 @@ pub fn valid_tag(tag: &str) -> bool {
         })
 }
 
+/// The iptables match (without its target) that picks a share `probability` of the packets a node
+/// receives: the `loss` fault of every target.
+pub fn loss_rule(probability: f64) -> Vec<String> {
+    let probability = format!("{probability:.4}");
+    [
+        "-A",
+        "INPUT",
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        &probability,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Whether this process runs as root, read from /proc (no `unsafe` `geteuid`).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
@@ -184,19 +202,9 @@ impl Network {
 
     /// Drop a share `probability` of the packets node `node` receives (from peers and clients).
     pub async fn lossy(&self, node: usize, probability: f64) -> Result<(), NetError> {
-        let p = format!("{probability:.4}");
-        let rule = [
-            "-A",
-            "INPUT",
-            "-m",
-            "statistic",
-            "--mode",
-            "random",
-            "--probability",
-            &p,
-            "-j",
-            "DROP",
-        ];
+        let mut rule = loss_rule(probability);
+        rule.extend(["-j".to_string(), "DROP".to_string()]);
+        let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
         self.iptables(node, &rule).await
     }
 
