@@ -25,7 +25,9 @@
 //!
 //! Files a run writes to `--out DIR` ([`history`]): `history.jsonl` (the checker's format, one
 //! operation per line), `nemesis.jsonl` (fault start/stop events on the same clock), `summary.json`,
-//! `check.txt` (the checker's report), `certs/`, `data/node-N/`, `logs/node-N.log`.
+//! `check.txt` (the checker's report), `report.html` ([`report`]: one self-contained page with the
+//! verdict, throughput and latency over time with the fault windows shaded, availability, and a
+//! violation drawn as a timeline), `certs/`, `data/node-N/`, `logs/node-N.log`.
 //!
 //! Nothing outside the run is ever touched: every namespace, link and firewall rule the local target
 //! makes carries the run's tag (`chaos-<pid>`), and teardown — at the end, on Ctrl-C, on an error or a
@@ -37,6 +39,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod history;
 pub mod nemesis;
+pub mod report;
 pub mod run;
 pub mod verdict;
 pub mod workload;
