@@ -982,8 +982,7 @@ fn lower(value: impl std::fmt::Debug) -> String {
 
 fn header(s: &Summary) -> String {
     let nemeses: Vec<String> = s.nemesis.iter().map(lower).collect();
-    // A self-test's verdict says so ("self-test passed: ...", "self-test FAILED: ...").
-    let self_test = match s.verdict.starts_with("self-test") {
+    let self_test = match s.self_test {
         true => {
             "<p class=\"note\">Self-test: the servers carried a deliberate safety bug; the run \
                  passes only if the checker caught it.</p>\n"
@@ -994,6 +993,7 @@ fn header(s: &Summary) -> String {
         ("seed", s.seed.to_string()),
         ("target", lower(s.target)),
         ("workload", lower(s.workload)),
+        ("store", lower(s.store)),
         ("nemeses", nemeses.join(", ")),
         ("nodes", s.nodes.to_string()),
         ("clients", s.clients.to_string()),
@@ -1393,7 +1393,7 @@ mod tests {
     use crate::chaos::args::Target;
     use crate::chaos::nemesis::NemesisKind;
     use crate::chaos::verdict;
-    use crate::chaos::workload::WorkloadKind;
+    use crate::chaos::workload::{StoreKind, WorkloadKind};
     use crate::check::CheckResult;
 
     const S: u64 = NS_PER_SEC;
@@ -1501,6 +1501,8 @@ mod tests {
             seed: 7,
             target: Target::Local,
             workload: WorkloadKind::Register,
+            store: StoreKind::Replicated,
+            self_test: false,
             nemesis: vec![NemesisKind::Partition, NemesisKind::Kill],
             nodes: 3,
             clients: 4,
@@ -1687,15 +1689,5 @@ mod tests {
         assert_eq!(bucket_ns(3_600 * S), S);
         assert_eq!(bucket_ns(7_200 * S), 2 * S);
         assert_eq!(per_bucket(&[], 0, S).len(), 1);
-    }
-
-    /// Writes a sample report (`cargo nextest run --lib chaos::report --run-ignored only`).
-    #[test]
-    #[ignore]
-    fn write_a_sample_report() {
-        let f = fixture();
-        let path = std::env::temp_dir().join("sample-report.html");
-        write(&path, &f.input()).expect("write the sample");
-        eprintln!("wrote {}", path.display());
     }
 }

@@ -16,6 +16,7 @@ use super::cluster::local::{LocalCluster, LocalConfig};
 use super::cluster::{Cluster, ClusterError};
 use super::history::{Clock, RecordError, Recorder};
 use super::nemesis::{self, schedule, NemesisError};
+use super::report::{self, ReportInput};
 use super::verdict::{
     append_invariant, decide, decide_self_test, fault_windows, linearizability, recovery_invariant,
     resolve_info_appends, stats, Summary,
@@ -23,7 +24,7 @@ use super::verdict::{
 use super::workload::{
     client, final_reads, Clients, KeySpace, Store, StoreKind, WorkloadError, WorkloadKind,
 };
-use crate::check::{check_with, CheckOptions, History, KvModel, OpKind};
+use crate::check::{check_with, CheckOptions, CheckResult, History, KvModel, OpKind};
 use crate::kv::ClerkConfig;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -364,5 +365,27 @@ async fn judge(
         detail: e.to_string(),
     })?;
     write(&out.join("summary.json"), &format!("{json}\n"))?;
+    let violation = match &result {
+        CheckResult::Violation(v) => Some(v.as_ref()),
+        CheckResult::Ok | CheckResult::Unknown { .. } => None,
+    };
+    let ops = recorded.recorder.history();
+    let report_path = out.join(report::FILE);
+    report::write(
+        &report_path,
+        &ReportInput {
+            summary: &summary,
+            ops: ops.ops(),
+            events: &events,
+            from: recorded.from,
+            to: recorded.to,
+            healed_at: recorded.healed_at,
+            violation,
+        },
+    )
+    .map_err(|e| RunError::Out {
+        path: report_path.clone(),
+        detail: e.to_string(),
+    })?;
     Ok(summary)
 }
