@@ -7,10 +7,9 @@
 //! one final page. So a transfer walks the shard in two phases, with one [`Cursor`] that the new owner
 //! keeps in its replicated state (a new leader, or a restart from a snapshot, resumes where it stood):
 //! first the keys in key order, each page about [`PAGE_BYTES`] (at least one whole key); then the
-//! records in client-id order, as many as the rest of a page holds at
-//! [`MAX_SESSION_RECORD_BYTES`](crate::limits::MAX_SESSION_RECORD_BYTES) each (the page that ends the
-//! keys starts on them, so a shard with few sessions still moves in one page). Only the very last page
-//! is marked `last`: the new owner serves the shard, and the old owner records the copy served, then and
+//! records in client-id order, as many as the rest of a page holds at [`MAX_SESSION_RECORD_BYTES`] each
+//! (the page that ends the keys starts on them, so a shard with few sessions still moves in one page).
+//! Only the very last page is marked `last`: the new owner serves the shard, and the old owner records the copy served, then and
 //! only then — never with part of the records, or a retry whose record had not arrived would be
 //! applied a second time.
 //!
