@@ -12,9 +12,12 @@
 //!   [`MAX_REMEMBERED_VALUE_BYTES`]; a failed compare-and-swap on a longer value remembers only that it
 //!   failed, so dedup tables stay small however large values are;
 //! - a **session table** holds at most [`MAX_SESSIONS`] clients (per table: a KV cluster's, or one shard's);
-//! - a **shard transfer page** carries about [`PAGE_BYTES`] of keys and values (at least one whole key),
-//!   plus, on the final page, the shard's session table — so a page is at most
-//!   `PAGE_BYTES + MAX_KEY_BYTES + MAX_VALUE_BYTES + MAX_SESSIONS × MAX_SESSION_RECORD_BYTES`;
+//! - a **shard transfer page** carries about [`PAGE_BYTES`]: first the shard's keys and values (at least
+//!   one whole key, so a page of keys is at most `PAGE_BYTES + MAX_KEY_BYTES + MAX_VALUE_BYTES`), then,
+//!   once the keys are done, its dedup records by client id, as many as the rest of the page holds at
+//!   [`MAX_SESSION_RECORD_BYTES`] each — a page of records alone holds [`SESSION_PAGE_RECORDS`]. So a page
+//!   is at most [`MAX_PAGE_BYTES`] however many sessions the shard has (versions before session pages
+//!   sent the whole table on the final page; such a page still fits one entry);
 //! - a **log entry** is at most [`MAX_ENTRY_BYTES`], which holds the largest page; a proposal over it is
 //!   refused, never appended;
 //! - a **peer message** is at most [`MAX_PEER_MESSAGE_BYTES`], twice the entry limit, so any entry fits in an
@@ -51,8 +54,12 @@ pub const DEFAULT_MAX_SESSIONS: usize = 50_000;
 /// How long an idle session is kept by default (`--session-ttl`), in milliseconds of log time.
 pub const DEFAULT_SESSION_TTL_MS: u64 = 60 * 60 * 1000;
 
-/// Bytes of keys and values per page of a shard in transfer.
+/// Bytes of keys and values, then of dedup records, per page of a shard in transfer.
 pub const PAGE_BYTES: usize = 1 << 20;
+
+/// Most dedup records in one page of a shard in transfer: a page of records is at most [`PAGE_BYTES`],
+/// so a shard with [`MAX_SESSIONS`] sessions moves its table in bounded pages, not in one message.
+pub const SESSION_PAGE_RECORDS: usize = PAGE_BYTES / MAX_SESSION_RECORD_BYTES;
 
 /// Requests one client connection may have in flight at a server; more wait in the connection.
 pub const MAX_REQUESTS_PER_CONNECTION: usize = 256;
@@ -66,9 +73,13 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
 /// Largest shard-transfer answer: one page, which must also fit one log entry on the new owner.
 pub const MAX_TRANSFER_BYTES: usize = MAX_ENTRY_BYTES;
 
-/// The largest final page a shard transfer can produce (see the module documentation).
-pub const MAX_PAGE_BYTES: usize =
-    PAGE_BYTES + MAX_KEY_BYTES + MAX_VALUE_BYTES + MAX_SESSIONS * MAX_SESSION_RECORD_BYTES;
+/// The largest page a shard transfer can produce (see the module documentation): keys and values up
+/// to [`PAGE_BYTES`] and one whole key beyond, or records filling what keys left of [`PAGE_BYTES`].
+pub const MAX_PAGE_BYTES: usize = PAGE_BYTES + MAX_KEY_BYTES + MAX_VALUE_BYTES;
+
+/// The largest final page versions before session pages produced (the whole session table rode on it):
+/// an `Install` entry in an old log, or a page from an old owner during an upgrade, must still fit.
+const LEGACY_MAX_PAGE_BYTES: usize = MAX_PAGE_BYTES + MAX_SESSIONS * MAX_SESSION_RECORD_BYTES;
 
 // The relations above, checked when the crate compiles: raising one limit without the others fails the
 // build, not a production group.
@@ -76,9 +87,16 @@ pub const MAX_PAGE_BYTES: usize =
 const _: () = assert!(MAX_KEY_BYTES + MAX_VALUE_BYTES + 4096 < MAX_CLIENT_MESSAGE_BYTES);
 // A remembered output fits its record (three varints, a flag and framing around the value).
 const _: () = assert!(MAX_REMEMBERED_VALUE_BYTES + 3 * 10 + 8 <= MAX_SESSION_RECORD_BYTES);
+// A page of records holds at least one, and no more bytes of them than a page of keys may hold: the
+// records ride within PAGE_BYTES, so MAX_PAGE_BYTES (keys, one whole key beyond) bounds every page.
+const _: () = assert!(SESSION_PAGE_RECORDS >= 1);
+const _: () = assert!(SESSION_PAGE_RECORDS * MAX_SESSION_RECORD_BYTES <= PAGE_BYTES);
 // The largest page (with framing) fits one entry, and the largest entry one peer message with headroom
 // for the envelope and the other entries of a batch.
 const _: () = assert!(MAX_PAGE_BYTES + (1 << 20) < MAX_ENTRY_BYTES);
+const _: () = assert!(LEGACY_MAX_PAGE_BYTES + (1 << 20) < MAX_ENTRY_BYTES);
 const _: () = assert!(2 * MAX_ENTRY_BYTES <= MAX_PEER_MESSAGE_BYTES);
 const _: () = assert!(DEFAULT_MAX_SESSIONS <= MAX_SESSIONS);
 const _: () = assert!(MAX_TRANSFER_BYTES <= MAX_ENTRY_BYTES);
+// Every page (with framing), an old owner's final page too, is one transfer answer.
+const _: () = assert!(LEGACY_MAX_PAGE_BYTES + (1 << 20) < MAX_TRANSFER_BYTES);

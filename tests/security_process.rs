@@ -291,7 +291,10 @@ async fn transfer(
         let response = client.delete(request).await.map_err(tls_refusal)?;
         Ok(response.into_inner().status)
     } else {
-        let request = spb::PullRequest { shard, after: None };
+        let request = spb::PullRequest {
+            shard,
+            ..spb::PullRequest::default()
+        };
         let response = client.pull(request).await.map_err(tls_refusal)?;
         Ok(response.into_inner().status)
     }

@@ -2,10 +2,11 @@
 //!
 //! Why sessions expire: every clerk (every `kvctl` run, every bench client) is a new session, and a table
 //! that keeps them all grows without end — in memory, in every snapshot, and for a shard group in every
-//! migration's final page. So a table drops sessions idle longer than a TTL and, beyond a count, the least
-//! recently active ones. Both rules use only what is in the log: time is the leader's clock stamped into
-//! each entry ([`LogClock`], Raft dissertation §6.3), and the policy travels in the entries too, so every
-//! replica drops the same sessions at the same index whatever its own flags say.
+//! migration (a shard's table moves with it, in pages after its keys). So a table drops sessions idle
+//! longer than a TTL and, beyond a count, the least recently active ones. Both rules use only what is in
+//! the log: time is the leader's clock stamped into each entry ([`LogClock`], Raft dissertation §6.3),
+//! and the policy travels in the entries too, so every replica drops the same sessions at the same index
+//! whatever its own flags say.
 //!
 //! Why dropping is safe: the table remembers the largest client id it ever dropped (`evicted_max`). A
 //! command from a client it does not know whose id is not above that mark may be a retry of a command
@@ -174,6 +175,45 @@ impl<O> SessionTable<O> {
         self.records.get(&client)
     }
 
+    /// The records of clients after `after` (from the first if `None`), in client order, at most `max`
+    /// of them; and whether records remain after them. How a shard's table moves to its new owner in
+    /// bounded pages.
+    pub fn page(
+        &self,
+        after: Option<ClientId>,
+        max: usize,
+    ) -> (Vec<(ClientId, SessionRecord<O>)>, bool)
+    where
+        O: Clone,
+    {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut range = self.records.range((start, Bound::Unbounded)).peekable();
+        let mut page = Vec::new();
+        while let Some((&client, record)) = range.next_if(|_| page.len() < max) {
+            page.push((client, record.clone()));
+        }
+        (page, range.peek().is_some())
+    }
+
+    /// Add records that arrived in pages (a shard moving here), and the mark of the table they came
+    /// from. Nothing expires here: the table is the old owner's, which applied its policy already, and
+    /// the next recorded command applies this one's.
+    pub fn absorb(
+        &mut self,
+        records: impl IntoIterator<Item = (ClientId, SessionRecord<O>)>,
+        evicted_max: ClientId,
+    ) {
+        for (client, record) in records {
+            let active = (record.last_ms, client);
+            if let Some(old) = self.records.insert(client, record) {
+                self.by_activity.remove(&(old.last_ms, client));
+            }
+            self.by_activity.insert(active);
+        }
+        self.evicted_max = self.evicted_max.max(evicted_max);
+    }
+
     /// What to do with command `seq` of `client`.
     pub fn lookup(&self, client: ClientId, seq: Seq) -> Lookup<'_, O> {
         match self.records.get(&client) {
@@ -277,6 +317,32 @@ mod tests {
             table.evicted_max(),
         );
         assert_eq!(rebuilt, table);
+    }
+
+    #[test]
+    fn a_table_moved_page_by_page_arrives_whole() {
+        let mut table = SessionTable::default();
+        for client in 1..=10u64 {
+            table.record(client * 3, client, client, &clock(client, 0, 8));
+        }
+        let mut moved = SessionTable::default();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let (records, more) = table.page(after, 3);
+            assert!(records.len() <= 3 && !records.is_empty());
+            assert!(records.iter().all(|(c, _)| after.is_none_or(|a| *c > a)));
+            after = records.last().map(|(c, _)| *c);
+            moved.absorb(records, if more { 0 } else { table.evicted_max() });
+            pages += 1;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(pages, 3, "8 records, 3 a page");
+        assert_eq!(moved, table);
+        assert_eq!(table.page(Some(30), 3), (Vec::new(), false));
+        assert_eq!(table.page(None, 0), (Vec::new(), true));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! with a short timeout) and proposes what the answer calls for. A duty that fails is simply found
 //! again next round; a new leader finds the same duties in its replica. Rounds follow each other without
 //! pause while they make progress, so a chain of configurations, many shards or a shard of many pages
-//! (each `Install` advances a replicated cursor; the next duty asks for the page after it) move quickly.
+//! (each `Install` advances a replicated cursor through the keys, then the dedup records; the next duty
+//! asks for the page after it) move quickly.
 //!
 //! What to ask and what to propose with the answer is [`migration`]'s, shared with the simulator; this
 //! file is the IO: the controller clerk, the groups' servers (one [`Replicas`] per group, the same
@@ -20,7 +21,7 @@
 use super::migration::{self, Answer, Mismatch, Reply, Request};
 use super::service::MAX_TRANSFER_BYTES;
 use super::state::{Duty, ShardCommand, ShardKv, ShardOutput, Source};
-use super::wire::page_from_proto;
+use super::wire::{cursor_to_proto, page_from_proto};
 use crate::ctrler::addresses::peer_addresses;
 use crate::ctrler::{CtrlerClerk, Fetched, Gid};
 use crate::proto::shardkv as pb;
@@ -178,12 +179,15 @@ impl Driver {
                 .await
                 .map(|h| Some(Answer::History(h))),
             Request::Pull { from, request } => {
+                let (after, after_sessions) = cursor_to_proto(&request.after);
                 let request = pb::PullRequest {
                     shard: Some(pb::ShardRef {
                         config_num: request.config_num,
                         shard: request.shard,
                     }),
-                    after: request.after,
+                    after,
+                    after_sessions,
+                    session_pages: request.session_pages,
                 };
                 self.ask(&from, move |mut client| {
                     let request = request.clone();

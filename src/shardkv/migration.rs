@@ -10,8 +10,9 @@
 //! The choreography of one moved shard, in configuration `n`:
 //! 1. new owner: `Duty::Pull` → [`Request::Pull`] to the old owner, which proposes [`serve_pull`] in
 //!    its own log and answers with the page it outputs ([`pull_reply`]) → [`command`] checks the page
-//!    ([`check_page`]) and gives `Install`; repeated page after page until the final one. Serving
-//!    through the log (not a read) records that the final page went out;
+//!    ([`check_page`]) and gives `Install`; repeated page after page — the keys, then the dedup records
+//!    (see [`super::page`]) — until the final one. Serving through the log (not a read) records that the
+//!    final page went out;
 //! 2. new owner: `Duty::Delete` → [`Request::Delete`] → the old owner proposes [`delete_command`] in
 //!    **its own** log (only its log may change its state) and answers with [`delete_reply`] once
 //!    applied → [`command`] gives `Confirmed`, which ends the duty.
@@ -26,21 +27,23 @@
 //! redoing a duty is harmless.
 
 use super::key_to_shard;
-use super::state::{
-    last_owner, Duty, ShardCommand, ShardId, ShardKv, ShardOutput, ShardPage, Source,
-};
+use super::page::{Cursor, ShardPage};
+use super::state::{last_owner, Duty, ShardCommand, ShardId, ShardKv, ShardOutput, Source};
 use crate::ctrler::{Config, Gid};
 use thiserror::Error;
 
-/// A request for the page of `shard` (given away in `config_num`) that follows key `after`.
+/// A request for the page of `shard` (given away in `config_num`) that follows `after`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PullRequest {
     /// The configuration in which the shard moved.
     pub config_num: u64,
     /// The shard.
     pub shard: ShardId,
-    /// The last key the puller installed (`None`: it has nothing yet).
-    pub after: Option<String>,
+    /// Where the puller stands: the last key, then the last client's record, it installed.
+    pub after: Cursor,
+    /// The puller takes the dedup records in pages after the keys (this version always does; a
+    /// request from a version before session pages does not, and is served as it expects).
+    pub session_pages: bool,
 }
 
 /// A request to delete the frozen copy of `shard` given away in `config_num`.
@@ -103,6 +106,7 @@ pub fn request(duty: &Duty) -> Request {
                 config_num: *config_num,
                 shard: *shard,
                 after: after.clone(),
+                session_pages: true,
             },
         },
         Duty::Delete {
@@ -235,6 +239,7 @@ pub fn command(machine: &ShardKv, duty: &Duty, answer: Answer) -> Result<ShardCo
                 config_num: *config_num,
                 shard: *shard,
                 after: after.clone(),
+                session_pages: true,
             };
             let shards = Some(machine.config().shards.len()).filter(|&n| n > 0);
             check_page(&asked, &page, shards)?;
@@ -263,9 +268,13 @@ pub fn command(machine: &ShardKv, duty: &Duty, answer: Answer) -> Result<ShardCo
 }
 
 /// Check that `page` is the page `asked` for and that it can be a page of that shard: same
-/// configuration, shard and starting point; keys strictly increasing, all after the starting point and
-/// all of that shard (with `shards` known, i.e. the puller's configuration's shard count). A page that
-/// fails would install foreign or out-of-order keys, so it is refused before it reaches the log.
+/// configuration, shard and starting point (the phase, keys or records, included); keys strictly
+/// increasing, all after the starting point and all of that shard (with `shards` known, i.e. the
+/// puller's configuration's shard count), and none on a page of records; dedup records only once the
+/// keys are done (or on the final page, as versions before session pages sent them), strictly increasing
+/// by client id and after the starting client; and a page that is not the last must move the cursor.
+/// A page that fails would install foreign or out-of-order keys or records, or have the puller ask for
+/// the same page forever, so it is refused before it reaches the log.
 pub fn check_page(
     asked: &PullRequest,
     page: &ShardPage,
@@ -282,20 +291,49 @@ pub fn check_page(
             page.config_num, page.shard, page.after
         )));
     }
-    let mut previous = asked.after.as_deref();
+    check_keys(asked, page, shards).map_err(bad)?;
+    check_sessions(page).map_err(bad)?;
+    if !page.last && page.next_cursor() == page.after {
+        return Err(bad("a page that is not the last moves nothing".into()));
+    }
+    Ok(())
+}
+
+/// The keys of `page`: in order after the cursor's key, of the shard asked for; none on a page that
+/// starts among the records.
+fn check_keys(asked: &PullRequest, page: &ShardPage, shards: Option<usize>) -> Result<(), String> {
+    let mut previous = match &asked.after {
+        Cursor::Keys(key) => key.as_deref(),
+        Cursor::Sessions(_) if page.data.is_empty() && !page.keys_done => return Ok(()),
+        Cursor::Sessions(_) => return Err("keys on a page that starts among the records".into()),
+    };
     for (key, _) in &page.data {
         if previous.is_some_and(|p| key.as_str() <= p) {
-            return Err(bad(format!("key {key:?} is out of order")));
+            return Err(format!("key {key:?} is out of order"));
         }
         if let Some(shards) = shards {
             if key_to_shard(key, shards) != asked.shard {
-                return Err(bad(format!("key {key:?} belongs to another shard")));
+                return Err(format!("key {key:?} belongs to another shard"));
             }
         }
         previous = Some(key);
     }
-    if !page.last && !page.dedup.is_empty() {
-        return Err(bad("dedup records on a page that is not the last".into()));
+    Ok(())
+}
+
+/// The dedup records of `page`: only after the keys, strictly increasing by client id, after the
+/// cursor's client.
+fn check_sessions(page: &ShardPage) -> Result<(), String> {
+    let mut previous = match page.after {
+        Cursor::Sessions(client) => client,
+        Cursor::Keys(_) if page.keys_done || page.last || page.sessions.is_empty() => None,
+        Cursor::Keys(_) => return Err("dedup records before the last key".into()),
+    };
+    for (client, _) in &page.sessions {
+        if previous.is_some_and(|p| *client <= p) {
+            return Err(format!("the record of client {client} is out of order"));
+        }
+        previous = Some(*client);
     }
     Ok(())
 }
@@ -335,6 +373,7 @@ pub fn serve_pull(request: &PullRequest, by: Option<Gid>) -> ShardCommand {
         shard: request.shard,
         after: request.after.clone(),
         by,
+        session_pages: request.session_pages,
     }
 }
 
@@ -379,11 +418,19 @@ pub fn delete_reply(output: ShardOutput) -> Result<Reply<()>, Unexpected> {
 mod tests {
     use super::*;
 
+    use crate::kv::KvOutput;
+    use crate::rsm::sessions::SessionRecord;
+
     fn asked(after: Option<&str>) -> PullRequest {
+        asked_at(Cursor::Keys(after.map(String::from)))
+    }
+
+    fn asked_at(after: Cursor) -> PullRequest {
         PullRequest {
             config_num: 3,
             shard: 1,
-            after: after.map(String::from),
+            after,
+            session_pages: true,
         }
     }
 
@@ -391,11 +438,79 @@ mod tests {
         ShardPage {
             config_num: 3,
             shard: 1,
-            after: after.map(String::from),
+            after: Cursor::Keys(after.map(String::from)),
             data: keys.iter().map(|k| (k.to_string(), "v".into())).collect(),
+            keys_done: last,
             last,
-            dedup: Default::default(),
+            ..ShardPage::default()
         }
+    }
+
+    /// A page of the records of `clients`, starting at `after`.
+    fn records(after: Cursor, clients: &[u64], last: bool) -> ShardPage {
+        let record = |seq| SessionRecord {
+            seq,
+            output: KvOutput::default(),
+            last_ms: 0,
+        };
+        ShardPage {
+            config_num: 3,
+            shard: 1,
+            keys_done: matches!(after, Cursor::Keys(_)),
+            after,
+            sessions: clients.iter().map(|&c| (c, record(c))).collect(),
+            last,
+            ..ShardPage::default()
+        }
+    }
+
+    #[test]
+    fn a_page_of_records_must_be_the_phase_asked_for_and_in_client_order() {
+        let sessions = |after: Option<u64>| Cursor::Sessions(after);
+        let check = |after: Cursor, page: &ShardPage| check_page(&asked_at(after), page, Some(10));
+        // The page that ends the keys starts on the records; then pages of records after a client.
+        let first = records(Cursor::Keys(Some("k".into())), &[5, 9], false);
+        assert_eq!(check(Cursor::Keys(Some("k".into())), &first), Ok(()));
+        assert_eq!(first.next_cursor(), sessions(Some(9)));
+        let next = records(sessions(Some(9)), &[12, 40], false);
+        assert_eq!(check(sessions(Some(9)), &next), Ok(()));
+        assert_eq!(
+            check(sessions(Some(40)), &records(sessions(Some(40)), &[], true)),
+            Ok(())
+        );
+        // Out of order, repeated, or not after the cursor's client.
+        for clients in [&[12u64, 11][..], &[12, 12], &[9, 12], &[3]] {
+            let page = records(sessions(Some(9)), clients, false);
+            assert!(check(sessions(Some(9)), &page).is_err(), "{clients:?}");
+        }
+        // Another phase than asked: records for a key cursor, keys for a record cursor.
+        assert!(check(sessions(None), &first).is_err());
+        assert!(check(
+            Cursor::Keys(Some("k".into())),
+            &records(sessions(None), &[5], false)
+        )
+        .is_err());
+        let mut keys_among_records = records(sessions(Some(9)), &[12], false);
+        keys_among_records.data.push(("x".into(), "v".into()));
+        assert!(check(sessions(Some(9)), &keys_among_records).is_err());
+        // Records before the keys are done.
+        let early = ShardPage {
+            sessions: records(sessions(None), &[5], false).sessions,
+            ..page(None, &[], false)
+        };
+        assert!(check(Cursor::Keys(None), &early).is_err());
+        // A page that is not the last must move the cursor, or the puller would ask for it forever.
+        assert!(check(sessions(Some(9)), &records(sessions(Some(9)), &[], false)).is_err());
+        assert!(check(Cursor::Keys(Some("k".into())), &page(Some("k"), &[], false)).is_err());
+        // The page that ends the keys may hold no record yet: it moves the cursor to them.
+        let mut ends_keys = page(Some("k"), &[], false);
+        ends_keys.keys_done = true;
+        assert_eq!(check(Cursor::Keys(Some("k".into())), &ends_keys), Ok(()));
+        assert_eq!(ends_keys.next_cursor(), sessions(None));
+        // A final page from a version before session pages: keys, then every record, `keys_done` unset.
+        let mut legacy = records(Cursor::Keys(None), &[1, 2, 3], true);
+        legacy.keys_done = false;
+        assert_eq!(check(Cursor::Keys(None), &legacy), Ok(()));
     }
 
     #[test]

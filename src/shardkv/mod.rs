@@ -2,7 +2,8 @@
 //! controller assigns it, pulling the shards it gains from their previous owners and deleting the ones it
 //! gave away once the new owner has them.
 //!
-//! [`state`] is the replicated state machine (sans-IO, shared by the daemon and the simulator);
+//! [`state`] is the replicated state machine (sans-IO, shared by the daemon and the simulator), [`page`]
+//! how a shard in transfer is cut into bounded pages, [`migration`] the protocol that moves them;
 //! [`service`] serves it to clients (`kv.Kv`) and to other groups (`ShardTransfer`); [`driver`] is the
 //! leader's background worker that follows the controllers and moves shards; [`clerk`] is the client
 //! library; [`key_to_shard`] is the one mapping from keys to shards that servers and clients agree on.
@@ -11,14 +12,15 @@ pub mod clerk;
 pub mod driver;
 pub mod metrics;
 pub mod migration;
+pub mod page;
 pub mod service;
 pub mod state;
 pub mod wire;
 
 pub use clerk::ShardClerk;
+pub use page::{Cursor, ShardPage, PAGE_BYTES};
 pub use state::{
-    last_owner, Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardPage,
-    ShardQuery, Source, PAGE_BYTES,
+    last_owner, Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardQuery, Source,
 };
 
 /// The shard a key belongs to, out of `shards` (FNV-1a of the key's bytes, modulo the shard count).

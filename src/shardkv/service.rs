@@ -7,7 +7,7 @@
 
 use super::migration::{self, DeleteRequest, PullRequest, Reply};
 use super::state::{ShardCommand, ShardKv, ShardOutput, ShardQuery};
-use super::wire::page_to_proto;
+use super::wire::{cursor_from_proto, page_to_proto};
 use crate::ctrler::Gid;
 use crate::kv::service::{KvAnswer, KvMachine, KvService, MachineStatus};
 use crate::kv::KvCommand;
@@ -24,7 +24,8 @@ use tracing::{debug, info, info_span, warn};
 
 /// Largest shard-transfer answer either side accepts: one page, which the new owner proposes as one
 /// log entry. The size policy ([`crate::limits`]) bounds every page below it — keys and values to about
-/// [`super::PAGE_BYTES`] plus one whole key, dedup records by count and by what each keeps — so no
+/// [`super::PAGE_BYTES`] plus one whole key, dedup records to what is left of a page by what each keeps
+/// (and an old owner's final page with the whole table, from versions before session pages) — so no
 /// answer is ever refused for its size.
 pub const MAX_TRANSFER_BYTES: usize = crate::limits::MAX_TRANSFER_BYTES;
 
@@ -181,7 +182,8 @@ impl ShardTransfer for ShardTransferService {
         let request = PullRequest {
             config_num,
             shard,
-            after: request.after,
+            after: cursor_from_proto(request.after, request.after_sessions),
+            session_pages: request.session_pages,
         };
         // Internal commands carry no session (client 0): the machine's own checks make them idempotent.
         let command = migration::serve_pull(&request, by);
@@ -206,6 +208,7 @@ impl ShardTransfer for ShardTransferService {
                     config_num,
                     shard,
                     keys = page.data.len(),
+                    sessions = page.sessions.len(),
                     last = page.last,
                     "shard page pulled"
                 );

@@ -10,9 +10,10 @@
 //!   is a *jump* ([`ShardKv::can_jump_to`]): a group that owns nothing may go straight to a later
 //!   configuration that gives it nothing, because the controllers drop configurations no group needs
 //!   and a new group (or one that left) must not depend on them;
-//! - `Install` adds one page (≤ [`PAGE_BYTES`]) of a pulling shard, in key order; the final page brings
-//!   the previous owner's dedup records (so exactly-once survives the move) and makes the shard serve —
-//!   each shard as soon as it has arrived, independently of the others;
+//! - `Install` adds one page (about [`PAGE_BYTES`](super::PAGE_BYTES), see [`super::page`]) of a
+//!   pulling shard at the group's cursor: its keys in key order, then its previous owner's dedup records
+//!   in client order (so exactly-once survives the move); the final page makes the shard serve — each
+//!   shard as soon as all of it, records included, has arrived, independently of the others;
 //! - `Pull` serves a page of a frozen copy through the log, so the old owner's replicas agree when its
 //!   final page went out; `DropOutgoing` deletes a frozen copy only after that, and only when asked by
 //!   the group the configuration gave the shard to (no forged or early delete can lose a shard);
@@ -22,6 +23,7 @@
 //! and travel with it, which is why this machine keeps them itself (`SESSIONS = false`).
 
 use super::key_to_shard;
+use super::page::{Cursor, ShardPage};
 use super::wire;
 use crate::ctrler::{Config, Gid};
 use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
@@ -49,27 +51,6 @@ pub struct ShardData {
 
 /// A shard's dedup records.
 pub type Dedup = SessionTable<KvOutput>;
-
-/// Bytes of keys and values per page of a shard in transfer: pages travel as single RPC answers and
-/// single log entries, so a shard of any size moves in bounded messages.
-pub const PAGE_BYTES: usize = crate::limits::PAGE_BYTES;
-
-/// One page of a shard moving between groups: the keys after `after`, in key order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ShardPage {
-    /// The configuration in which the shard changed owner.
-    pub config_num: u64,
-    /// The shard.
-    pub shard: ShardId,
-    /// The page holds the keys after this one (`None`: from the first key).
-    pub after: Option<String>,
-    /// The keys and values of the page.
-    pub data: Vec<(String, String)>,
-    /// Whether this is the final page; only the final page carries the dedup records.
-    pub last: bool,
-    /// The shard's dedup records (final page only).
-    pub dedup: Dedup,
-}
 
 /// Where a gained shard comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,8 +91,9 @@ impl Frozen {
 pub(super) struct Owned {
     /// `Some` while the data has not arrived from the previous owner.
     pub(super) pulling: Option<Source>,
-    /// While pulling: the last key installed so far; the next page starts after it.
-    pub(super) cursor: Option<String>,
+    /// While pulling: where the transfer stands (the last key, then the last client's record,
+    /// installed so far); the next page starts after it.
+    pub(super) cursor: Cursor,
     /// The shard's data (complete once it serves).
     pub(super) contents: ShardData,
 }
@@ -140,10 +122,13 @@ pub enum ShardCommand {
         config_num: u64,
         /// The shard.
         shard: ShardId,
-        /// The last key the puller has (`None`: it has nothing yet).
-        after: Option<String>,
+        /// Where the puller stands (`Cursor::Keys(None)`: it has nothing yet).
+        after: Cursor,
         /// The group asking, as its certificate says (`None`: callers are not authenticated).
         by: Option<Gid>,
+        /// The puller takes the dedup records in pages after the keys. False in entries and requests of
+        /// versions before session pages, which are served every record on the page ending the keys.
+        session_pages: bool,
     },
     /// The new owner has the shard given away in `config_num`: delete the frozen copy (only if `by` is
     /// that owner and the final page was served).
@@ -220,8 +205,8 @@ pub enum Duty {
         config_num: u64,
         /// The shard.
         shard: ShardId,
-        /// The last key installed so far (`None`: none).
-        after: Option<String>,
+        /// Where the transfer stands: the next page starts after it.
+        after: Cursor,
         /// The previous owner.
         from: Source,
     },
@@ -446,7 +431,7 @@ impl ShardKv {
                     shard,
                     Owned {
                         pulling,
-                        cursor: None,
+                        cursor: Cursor::default(),
                         contents,
                     },
                 );
@@ -472,8 +457,9 @@ impl ShardKv {
         &mut self,
         config_num: u64,
         shard: ShardId,
-        after: Option<String>,
+        after: Cursor,
         by: Option<Gid>,
+        session_pages: bool,
     ) -> ShardOutput {
         if config_num > self.config.num {
             return ShardOutput::NotReady;
@@ -485,20 +471,9 @@ impl ShardKv {
         if let Some(refusal) = frozen.refusal(by) {
             return refusal;
         }
-        let (data, more) = frozen.contents.data.page(after.as_deref(), PAGE_BYTES);
-        frozen.served |= !more;
-        ShardOutput::Pulled(ShardPage {
-            config_num,
-            shard,
-            after,
-            data,
-            last: !more,
-            dedup: if more {
-                Dedup::default()
-            } else {
-                frozen.contents.dedup.clone()
-            },
-        })
+        let page = ShardPage::cut(&frozen.contents, config_num, after, session_pages);
+        frozen.served |= page.last;
+        ShardOutput::Pulled(page)
     }
 
     /// Delete a frozen copy for `by` (see [`ShardCommand::DropOutgoing`]). Idempotent: a copy already
@@ -522,7 +497,8 @@ impl ShardKv {
     }
 
     /// Install a page if it is the next one of a shard being pulled (a duplicate or out-of-order page,
-    /// from a retried pull, is ignored); the final page makes the shard serve.
+    /// from a retried pull, is ignored): its keys, then its dedup records; the final page makes the
+    /// shard serve, with every record of the old owner's table.
     fn apply_install(&mut self, page: ShardPage) -> ShardOutput {
         let Some(owned) = self.shards.get_mut(&page.shard) else {
             return ShardOutput::Ignored;
@@ -537,10 +513,9 @@ impl ShardKv {
         {
             return ShardOutput::Ignored;
         }
-        if let Some((key, _)) = page.data.last() {
-            owned.cursor = Some(key.clone());
-        }
+        owned.cursor = page.next_cursor();
         owned.contents.data.extend(page.data);
+        owned.contents.dedup.absorb(page.sessions, page.evicted_max);
         if !page.last {
             return ShardOutput::Kv(KvOutput {
                 ok: true,
@@ -548,8 +523,7 @@ impl ShardKv {
                 elided: false,
             });
         }
-        owned.contents.dedup = page.dedup;
-        owned.cursor = None;
+        owned.cursor = Cursor::default();
         if let Some(source) = owned.pulling.take() {
             self.confirms.insert((page.config_num, page.shard), source);
         }
@@ -636,7 +610,8 @@ impl StateMachine for ShardKv {
                 shard,
                 after,
                 by,
-            } => self.apply_pull(config_num, shard, after, by),
+                session_pages,
+            } => self.apply_pull(config_num, shard, after, by, session_pages),
             ShardCommand::DropOutgoing {
                 config_num,
                 shard,

@@ -101,7 +101,7 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
     assert_eq!(get(&g2, &k1), ShardOutput::WrongGroup, "not arrived yet");
     let pull = g2.duties();
     assert!(
-        matches!(&pull[..], [Duty::Pull { config_num: 2, shard: 1, from, after: None }] if from.gid == 1),
+        matches!(&pull[..], [Duty::Pull { config_num: 2, shard: 1, from, after: Cursor::Keys(None) }] if from.gid == 1),
         "{pull:?}"
     );
     // A group does not take the next configuration while a shard is missing.
@@ -114,16 +114,18 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
         g1.apply(ShardCommand::Pull {
             config_num: 3,
             shard: 1,
-            after: None,
+            after: Cursor::Keys(None),
             by: Some(2),
+            session_pages: true,
         }),
         ShardOutput::NotReady
     );
     let ShardOutput::Pulled(data) = g1.apply(ShardCommand::Pull {
         config_num: 2,
         shard: 1,
-        after: None,
+        after: Cursor::Keys(None),
         by: Some(2),
+        session_pages: true,
     }) else {
         panic!("pull refused")
     };
@@ -195,8 +197,9 @@ fn snapshot_round_trips_every_part_and_refuses_another_group() {
     let ShardOutput::Pulled(data) = g1.apply(ShardCommand::Pull {
         config_num: 2,
         shard: 2,
-        after: None,
+        after: Cursor::Keys(None),
         by: Some(2),
+        session_pages: true,
     }) else {
         panic!("pull refused")
     };
@@ -228,8 +231,16 @@ fn snapshot_round_trips_every_part_and_refuses_another_group() {
         ShardCommand::Pull {
             config_num: 2,
             shard: 1,
-            after: Some("k".into()),
+            after: Cursor::Sessions(Some(4)),
             by: Some(7),
+            session_pages: true,
+        },
+        ShardCommand::Pull {
+            config_num: 2,
+            shard: 1,
+            after: Cursor::Keys(Some("k".into())),
+            by: None,
+            session_pages: false,
         },
     ] {
         let bytes = ShardKv::encode_command(&command);
@@ -273,15 +284,16 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
             shard: 0,
             after,
             by: Some(2),
+            session_pages: true,
         }) else {
             panic!("pull refused")
         };
         let bytes: usize = page.data.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(bytes <= 2 * PAGE_BYTES, "page of {bytes} bytes");
         assert_eq!(
-            page.dedup.is_empty(),
+            page.sessions.is_empty(),
             !page.last,
-            "dedup only on the last page"
+            "the one record rides on the page that ends the keys"
         );
         if let Some(previous) = pages.last() {
             // A page that is not next (a duplicate from a retried pull) is ignored.
@@ -376,7 +388,7 @@ fn shards_left_with_nobody_are_found_at_their_last_owner() {
     );
     let Some(Duty::Pull {
         config_num: 2,
-        after: None,
+        after: Cursor::Keys(None),
         ..
     }) = g2
         .duties()
@@ -389,16 +401,18 @@ fn shards_left_with_nobody_are_found_at_their_last_owner() {
     let early = ShardCommand::Pull {
         config_num: 2,
         shard: 0,
-        after: None,
+        after: Cursor::Keys(None),
         by: Some(2),
+        session_pages: true,
     };
     assert_eq!(g1.apply(early), ShardOutput::NotReady);
     g1.apply(ShardCommand::NextConfig(config(3, &[2, 2])));
     let ShardOutput::Pulled(page) = g1.apply(ShardCommand::Pull {
         config_num: 2,
         shard: 0,
-        after: None,
+        after: Cursor::Keys(None),
         by: Some(2),
+        session_pages: true,
     }) else {
         panic!("pull refused")
     };
@@ -436,11 +450,16 @@ fn shards_left_with_nobody_are_found_at_their_last_owner() {
 }
 
 fn pull(machine: &mut ShardKv, after: Option<&str>, by: Option<Gid>) -> ShardOutput {
+    pull_at(machine, Cursor::Keys(after.map(String::from)), by)
+}
+
+fn pull_at(machine: &mut ShardKv, after: Cursor, by: Option<Gid>) -> ShardOutput {
     machine.apply(ShardCommand::Pull {
         config_num: 2,
         shard: 0,
-        after: after.map(String::from),
+        after,
         by,
+        session_pages: true,
     })
 }
 
@@ -483,11 +502,17 @@ fn a_frozen_copy_goes_only_to_its_new_owner_and_only_after_its_final_page() {
     };
     assert!(!first.last);
     assert_eq!(drop_copy(&mut g1, Some(2)), ShardOutput::NotReady);
-    let after = first.data.last().map(|(k, _)| k.clone());
-    let ShardOutput::Pulled(last) = pull(&mut g1, after.as_deref(), Some(2)) else {
+    // The page that ends the keys is full: the dedup record follows on a page of its own, the last.
+    let ShardOutput::Pulled(second) = pull_at(&mut g1, first.next_cursor(), Some(2)) else {
         panic!("the new owner was refused")
     };
-    assert!(last.last);
+    assert!(second.keys_done && second.sessions.is_empty() && !second.last);
+    assert_eq!(drop_copy(&mut g1, Some(2)), ShardOutput::NotReady);
+    let ShardOutput::Pulled(last) = pull_at(&mut g1, second.next_cursor(), Some(2)) else {
+        panic!("the new owner was refused")
+    };
+    assert!(last.last && last.data.is_empty());
+    assert_eq!(last.sessions.len(), 1);
     // The record of the final page survives a snapshot, and still only the owner may delete.
     let mut restored = ShardKv::new(1);
     restored.restore(&g1.snapshot()).expect("restore");
@@ -561,4 +586,209 @@ fn a_group_that_owns_nothing_may_jump_over_configurations_the_controllers_droppe
         ),
         Ok(ShardCommand::NextConfig(config(9, &[3, 3])))
     );
+}
+
+/// Group 1 holding, frozen for group 2 in configuration 2, a one-shard table of `clients` sessions
+/// beyond those its policy keeps (the oldest are dropped, so the table has a mark): each client's
+/// record is a failed compare-and-swap that remembers the longest value a record keeps. Client
+/// `clients` last appended "a" to "log". Group 2 is at configuration 2, pulling the shard.
+fn groups_with_many_sessions(clients: u64, kept: u64) -> (ShardKv, ShardKv) {
+    use crate::rsm::sessions::{LogClock, SessionPolicy};
+    let mut g1 = ShardKv::new(1);
+    g1.apply(ShardCommand::NextConfig(config(1, &[1])));
+    g1.observe_clock(&LogClock {
+        now_ms: 1,
+        policy: Some(SessionPolicy {
+            ttl_ms: 0,
+            max_sessions: kept,
+        }),
+    });
+    let long = "x".repeat(crate::limits::MAX_REMEMBERED_VALUE_BYTES);
+    assert_eq!(g1.apply(put(1, 1, "held", &long)), ok());
+    for client in 2..clients {
+        let cas = ShardCommand::Client {
+            client,
+            seq: 1,
+            command: KvCommand::Cas {
+                key: "held".into(),
+                expected: Some("something else".into()),
+                value: "v".into(),
+            },
+        };
+        assert!(matches!(
+            g1.apply(cas),
+            ShardOutput::Kv(KvOutput { ok: false, .. })
+        ));
+    }
+    assert_eq!(g1.apply(put(clients, 1, "log", "a")), ok());
+    g1.apply(ShardCommand::NextConfig(config(2, &[2])));
+    let mut g2 = ShardKv::new(2);
+    g2.apply(ShardCommand::NextConfig(config(1, &[1])));
+    g2.apply(ShardCommand::NextConfig(config(2, &[2])));
+    (g1, g2)
+}
+
+#[test]
+fn a_shard_with_many_sessions_moves_its_records_in_bounded_pages() {
+    const CLIENTS: u64 = 30_000;
+    let (mut g1, mut g2) = groups_with_many_sessions(CLIENTS, CLIENTS - 100);
+    let frozen = g1.outgoing[&(2, 0)].contents.dedup.clone();
+    assert_eq!(frozen.len() as u64, CLIENTS - 100);
+    assert!(frozen.evicted_max() > 0);
+    // Encoded, the whole table is megabytes: far more than a page may be (the bound is well below the
+    // largest page of the previous version, which carried it all: PAGE_BYTES + MAX_KEY_BYTES +
+    // MAX_VALUE_BYTES + MAX_SESSIONS x MAX_SESSION_RECORD_BYTES, about 15 MB).
+    let bound = PAGE_BYTES + (64 << 10);
+    let whole_shard =
+        prost::Message::encoded_len(&wire::shard_to_proto(&g1.outgoing[&(2, 0)].contents));
+    assert!(whole_shard > 2 * bound, "{whole_shard} bytes");
+
+    let mut pages = 0;
+    while let Some(duty) = g2
+        .duties()
+        .into_iter()
+        .find(|d| matches!(d, Duty::Pull { .. }))
+    {
+        let migration::Request::Pull { request, .. } = migration::request(&duty) else {
+            panic!("{duty:?} is not a pull")
+        };
+        let ShardOutput::Pulled(page) = g1.apply(migration::serve_pull(&request, Some(2))) else {
+            panic!("pull refused")
+        };
+        let encoded = ShardKv::encode_command(&ShardCommand::Install(page.clone())).len();
+        assert!(encoded <= bound, "page {pages} is {encoded} bytes");
+        assert!(page.sessions.len() <= crate::limits::SESSION_PAGE_RECORDS);
+        let install = migration::command(&g2, &duty, migration::Answer::Page(page.clone()))
+            .expect("the page passes check_page");
+        if !page.last {
+            // Neither side is done: no client is served a partial table, and the copy stays.
+            assert_eq!(get(&g2, "log"), ShardOutput::WrongGroup);
+            assert_eq!(drop_copy(&mut g1, Some(2)), ShardOutput::NotReady);
+        }
+        assert_eq!(g2.apply(install.clone()), ok());
+        // A duplicated page (a retried pull) is ignored.
+        assert_eq!(g2.apply(install), ShardOutput::Ignored);
+        // A restart resumes from the snapshot's cursor, among the records too.
+        let mut restored = ShardKv::new(2);
+        restored.restore(&g2.snapshot()).expect("restore");
+        assert_eq!(restored.duties(), g2.duties());
+        pages += 1;
+    }
+    assert!(pages >= 4, "{pages} pages");
+    assert_eq!(g2.serving(), vec![0]);
+    // The new owner has exactly the old owner's records, and the copy may go.
+    assert_eq!(g2.shards[&0].contents.dedup, frozen);
+    assert_eq!(drop_copy(&mut g1, Some(2)), ShardOutput::Dropped);
+
+    // Exactly-once survives the move: a retried append is answered from its record, not applied again.
+    assert_eq!(g2.apply(put(CLIENTS, 1, "log", "a")), ok());
+    assert_eq!(
+        get(&g2, "log"),
+        ShardOutput::Kv(KvOutput {
+            ok: true,
+            value: Some("a".into()),
+            elided: false,
+        })
+    );
+    // A retried failed swap is told what it was told; a dropped client's retry is refused, not applied.
+    let cas = |client| ShardCommand::Client {
+        client,
+        seq: 1,
+        command: KvCommand::Cas {
+            key: "held".into(),
+            expected: Some("x".repeat(crate::limits::MAX_REMEMBERED_VALUE_BYTES)),
+            value: "swapped".into(),
+        },
+    };
+    let ShardOutput::Kv(retried) = g2.apply(cas(CLIENTS - 1)) else {
+        panic!("the retry was not answered")
+    };
+    assert!(!retried.ok, "a retry swapped");
+    assert_eq!(
+        g2.apply(cas(2)),
+        ShardOutput::SessionExpired(frozen.evicted_max())
+    );
+    assert!(
+        matches!(get(&g2, "held"), ShardOutput::Kv(KvOutput { value: Some(v), .. }) if v.starts_with('x'))
+    );
+}
+
+#[test]
+fn a_puller_of_the_previous_version_gets_every_record_on_the_page_ending_the_keys() {
+    let (mut g1, _) = groups_with_many_sessions(20_000, 20_000);
+    let old_style = ShardCommand::Pull {
+        config_num: 2,
+        shard: 0,
+        after: Cursor::Keys(None),
+        by: Some(2),
+        session_pages: false,
+    };
+    let ShardOutput::Pulled(page) = g1.apply(old_style) else {
+        panic!("pull refused")
+    };
+    assert!(page.last && page.keys_done);
+    assert_eq!(page.sessions.len(), 20_000);
+    assert_eq!(drop_copy(&mut g1, Some(2)), ShardOutput::Dropped);
+}
+
+#[test]
+fn snapshots_and_entries_written_before_session_pages_still_apply() {
+    use crate::proto::shardkv as pb;
+    use prost::Message as _;
+    // A snapshot of the previous version, byte for byte: group 2 pulling shard 0 from group 1, every
+    // key up to "k" installed (OwnedShard: pulling, from_gid 1, cursor "k").
+    let snapshot = [
+        0x08, 0x02, 0x1a, 0x07, 0x10, 0x01, 0x18, 0x01, 0x32, 0x01, b'k',
+    ];
+    let mut g2 = ShardKv::new(2);
+    g2.restore(&snapshot).expect("an old snapshot decodes");
+    assert!(matches!(
+        &g2.duties()[..],
+        [Duty::Pull { shard: 0, after: Cursor::Keys(Some(k)), from, .. }] if k == "k" && from.gid == 1
+    ));
+    // A `Pull` entry of the previous version (Transfer: configuration 2, after "k", by group 2) is
+    // served as that version served it.
+    let pull = [0x3a, 0x07, 0x08, 0x02, 0x1a, 0x01, b'k', 0x20, 0x02];
+    assert_eq!(
+        ShardKv::decode_command(&pull),
+        Ok(ShardCommand::Pull {
+            config_num: 2,
+            shard: 0,
+            after: Cursor::Keys(Some("k".into())),
+            by: Some(2),
+            session_pages: false,
+        })
+    );
+    // Its final page, as an `Install` entry: keys, then every record, no `keys_done`.
+    let install = pb::Command {
+        op: Some(pb::command::Op::Install(pb::ShardData {
+            config_num: 0,
+            shard: 0,
+            data: [("l".to_string(), "v".to_string())].into(),
+            dedup: vec![pb::Dedup {
+                client_id: 7,
+                seq: 3,
+                outcome: Some(Default::default()),
+                last_ms: 0,
+            }],
+            after: Some("k".into()),
+            last: true,
+            dedup_evicted_max: 5,
+            ..Default::default()
+        })),
+    };
+    let command = ShardKv::decode_command(&install.encode_to_vec()).expect("decodes");
+    assert_eq!(g2.apply(command), ok());
+    assert_eq!(g2.serving(), vec![0]);
+    assert_eq!(g2.shards[&0].contents.dedup.len(), 1);
+    assert_eq!(g2.shards[&0].contents.dedup.evicted_max(), 5);
+    // The new encoding of a cursor among the records round-trips through a snapshot.
+    let mut pulling = ShardKv::new(2);
+    pulling.restore(&snapshot).expect("decodes");
+    if let Some(owned) = pulling.shards.get_mut(&0) {
+        owned.cursor = Cursor::Sessions(Some(9));
+    }
+    let mut restored = ShardKv::new(2);
+    restored.restore(&pulling.snapshot()).expect("decodes");
+    assert_eq!(restored.duties(), pulling.duties());
 }

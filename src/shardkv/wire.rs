@@ -3,11 +3,15 @@
 //! machine (as `raft/wire.rs` is from the Raft core) so `state.rs` reads as the protocol alone.
 //!
 //! Why snapshots are byte-identical across replicas: every collection is encoded from a `BTreeMap` in
-//! key order; pages' keys are sorted on decoding because protobuf maps carry no order.
+//! key order; pages' keys are sorted on decoding because protobuf maps carry no order (a page's dedup
+//! records are a list, kept in the order they came, which `migration::check_page` checks).
+//!
+//! A transfer [`Cursor`] is two fields wherever it is stored (a key `after`/`cursor`, and a
+//! `SessionCursor` once the keys are done), so everything written before session pages — a cursor in a
+//! snapshot, a `Pull` or `Install` in a log — decodes as the key cursor it was.
 
-use super::state::{
-    Dedup, Frozen, Owned, ShardCommand, ShardData, ShardKv, ShardOutput, ShardPage, Source,
-};
+use super::page::{Cursor, SessionEntry, ShardPage};
+use super::state::{Dedup, Frozen, Owned, ShardCommand, ShardData, ShardKv, ShardOutput, Source};
 use crate::ctrler::state::{config_from_proto, config_to_proto};
 use crate::ctrler::Gid;
 use crate::kv::{KvCommand, KvOutput};
@@ -23,21 +27,7 @@ pub fn encode_state(machine: &ShardKv) -> Bytes {
     let state = pb::State {
         gid: machine.gid,
         config: Some(config_to_proto(&machine.config)),
-        shards: machine
-            .shards
-            .values()
-            .map(|owned| pb::OwnedShard {
-                shard: owned.contents.shard,
-                pulling: owned.pulling.is_some(),
-                from_gid: owned.pulling.as_ref().map_or(0, |s| s.gid),
-                from_servers: owned
-                    .pulling
-                    .as_ref()
-                    .map_or_else(Vec::new, |s| s.servers.clone()),
-                contents: Some(shard_to_proto(&owned.contents)),
-                cursor: owned.cursor.clone(),
-            })
-            .collect(),
+        shards: machine.shards.values().map(owned_to_proto).collect(),
         outgoing: Vec::new(),
         frozen: machine
             .outgoing
@@ -60,6 +50,22 @@ pub fn encode_state(machine: &ShardKv) -> Bytes {
             .collect(),
     };
     Bytes::from(state.encode_to_vec())
+}
+
+fn owned_to_proto(owned: &Owned) -> pb::OwnedShard {
+    let (cursor, sessions_cursor) = cursor_to_proto(&owned.cursor);
+    pb::OwnedShard {
+        shard: owned.contents.shard,
+        pulling: owned.pulling.is_some(),
+        from_gid: owned.pulling.as_ref().map_or(0, |s| s.gid),
+        from_servers: owned
+            .pulling
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.servers.clone()),
+        contents: Some(shard_to_proto(&owned.contents)),
+        cursor,
+        sessions_cursor,
+    }
 }
 
 /// Decode the state of group `gid` from a snapshot; a snapshot of another group is refused.
@@ -86,7 +92,7 @@ pub fn decode_state(gid: Gid, data: &[u8]) -> Result<ShardKv, RsmError> {
             let contents = shard_from_proto(s.contents.unwrap_or_default());
             let owned = Owned {
                 pulling,
-                cursor: s.cursor,
+                cursor: cursor_from_proto(s.cursor, s.sessions_cursor),
                 contents,
             };
             (s.shard, owned)
@@ -148,12 +154,18 @@ pub fn encode_command(command: &ShardCommand) -> Bytes {
             shard,
             after,
             by,
-        } => Op::Pull(pb::Transfer {
-            config_num: *config_num,
-            shard: *shard,
-            after: after.clone(),
-            by_gid: by.unwrap_or(0),
-        }),
+            session_pages,
+        } => {
+            let (after, after_sessions) = cursor_to_proto(after);
+            Op::Pull(pb::Transfer {
+                config_num: *config_num,
+                shard: *shard,
+                after,
+                by_gid: by.unwrap_or(0),
+                after_sessions,
+                session_pages: *session_pages,
+            })
+        }
         ShardCommand::DropOutgoing {
             config_num,
             shard,
@@ -161,8 +173,8 @@ pub fn encode_command(command: &ShardCommand) -> Bytes {
         } => Op::Drop(pb::Transfer {
             config_num: *config_num,
             shard: *shard,
-            after: None,
             by_gid: by.unwrap_or(0),
+            ..pb::Transfer::default()
         }),
         ShardCommand::Adopt {
             shard,
@@ -202,8 +214,9 @@ pub fn decode_command(data: &[u8]) -> Result<ShardCommand, RsmError> {
         Some(Op::Pull(t)) => ShardCommand::Pull {
             config_num: t.config_num,
             shard: t.shard,
-            after: t.after,
+            after: cursor_from_proto(t.after, t.after_sessions),
             by: (t.by_gid != 0).then_some(t.by_gid),
+            session_pages: t.session_pages,
         },
         Some(Op::Drop(t)) => ShardCommand::DropOutgoing {
             config_num: t.config_num,
@@ -276,31 +289,59 @@ fn output_to_proto(output: &ShardOutput) -> pb::Output {
     }
 }
 
+/// A transfer cursor as its two stored fields: the key (`after`, `cursor`) and, once the keys are done,
+/// the `SessionCursor`.
+pub fn cursor_to_proto(cursor: &Cursor) -> (Option<String>, Option<pb::SessionCursor>) {
+    match cursor {
+        Cursor::Keys(key) => (key.clone(), None),
+        Cursor::Sessions(client) => (
+            None,
+            Some(pb::SessionCursor {
+                after_client: *client,
+            }),
+        ),
+    }
+}
+
+/// A transfer cursor from its two stored fields; without a `SessionCursor` (always, in what versions
+/// before session pages wrote) it is the key cursor.
+pub fn cursor_from_proto(key: Option<String>, sessions: Option<pb::SessionCursor>) -> Cursor {
+    match sessions {
+        Some(sessions) => Cursor::Sessions(sessions.after_client),
+        None => Cursor::Keys(key),
+    }
+}
+
+fn record_to_proto(client_id: ClientId, record: &SessionRecord<KvOutput>) -> pb::Dedup {
+    pb::Dedup {
+        client_id,
+        seq: record.seq,
+        outcome: Some(kvpb::Outcome::from(&record.output)),
+        last_ms: record.last_ms,
+    }
+}
+
+/// Decode a dedup record; its output is bounded as it would have been when recorded (records written
+/// by versions that kept whole values shrink here).
+fn record_from_proto(d: pb::Dedup) -> SessionEntry {
+    let output = KvOutput::from(d.outcome.unwrap_or_default()).remembered();
+    let record = SessionRecord {
+        seq: d.seq,
+        output,
+        last_ms: d.last_ms,
+    };
+    (d.client_id, record)
+}
+
 fn dedup_to_proto(dedup: &Dedup) -> Vec<pb::Dedup> {
     dedup
         .iter()
-        .map(|(&client_id, record)| pb::Dedup {
-            client_id,
-            seq: record.seq,
-            outcome: Some(kvpb::Outcome::from(&record.output)),
-            last_ms: record.last_ms,
-        })
+        .map(|(&client_id, record)| record_to_proto(client_id, record))
         .collect()
 }
 
-/// Decode dedup records; outputs are bounded as they would have been when recorded (records written by
-/// versions that kept whole values shrink here).
 fn dedup_from_proto(dedup: Vec<pb::Dedup>, evicted_max: ClientId) -> Dedup {
-    let records = dedup.into_iter().map(|d| {
-        let output = KvOutput::from(d.outcome.unwrap_or_default()).remembered();
-        let record = SessionRecord {
-            seq: d.seq,
-            output,
-            last_ms: d.last_ms,
-        };
-        (d.client_id, record)
-    });
-    Dedup::from_parts(records, evicted_max)
+    Dedup::from_parts(dedup.into_iter().map(record_from_proto), evicted_max)
 }
 
 /// Encode a shard for snapshots.
@@ -317,6 +358,8 @@ pub fn shard_to_proto(data: &ShardData) -> pb::ShardData {
         dedup_evicted_max: data.dedup.evicted_max(),
         after: None,
         last: true,
+        after_sessions: None,
+        keys_done: false,
     }
 }
 
@@ -332,18 +375,26 @@ pub fn shard_from_proto(data: pb::ShardData) -> ShardData {
 
 /// Encode a page of a shard in transfer (the Pull answer, the Install log entry).
 pub fn page_to_proto(page: &ShardPage) -> pb::ShardData {
+    let (after, after_sessions) = cursor_to_proto(&page.after);
     pb::ShardData {
         config_num: page.config_num,
         shard: page.shard,
         data: page.data.iter().cloned().collect(),
-        dedup: dedup_to_proto(&page.dedup),
-        dedup_evicted_max: page.dedup.evicted_max(),
-        after: page.after.clone(),
+        dedup: page
+            .sessions
+            .iter()
+            .map(|(client, record)| record_to_proto(*client, record))
+            .collect(),
+        dedup_evicted_max: page.evicted_max,
+        after,
         last: page.last,
+        after_sessions,
+        keys_done: page.keys_done,
     }
 }
 
-/// Decode a page of a shard in transfer.
+/// Decode a page of a shard in transfer. A final page from a version before session pages (keys, then
+/// every record of the shard's table, `keys_done` unset) decodes as the final page it is.
 pub fn page_from_proto(page: pb::ShardData) -> ShardPage {
     let mut data: Vec<(String, String)> = page.data.into_iter().collect();
     // Protobuf maps have no order; pages are applied in key order.
@@ -351,9 +402,11 @@ pub fn page_from_proto(page: pb::ShardData) -> ShardPage {
     ShardPage {
         config_num: page.config_num,
         shard: page.shard,
-        after: page.after,
+        after: cursor_from_proto(page.after, page.after_sessions),
         data,
+        keys_done: page.keys_done,
+        sessions: page.dedup.into_iter().map(record_from_proto).collect(),
+        evicted_max: page.dedup_evicted_max,
         last: page.last,
-        dedup: dedup_from_proto(page.dedup, page.dedup_evicted_max),
     }
 }
