@@ -4,7 +4,8 @@
 //! 2 the command could not be carried out (bad flags, cluster unreachable, server refused); 3 `check`
 //! could not decide. Errors are one line on stderr.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ds824::ctrler::addresses::AddressView;
 use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
@@ -38,7 +39,8 @@ use std::time::Duration;
 #[command(name = "kvctl", version)]
 struct Cli {
     /// The KV cluster's servers as HOST:PORT, comma-separated (any subset works; the leader is found).
-    /// Default 127.0.0.1:7001, unless --ctrlers is given (then the sharded cluster is used).
+    /// Default 127.0.0.1:7001, unless --ctrlers is given (then the sharded cluster is used; a
+    /// --ctrlers typed on the command line also beats a KVCTL_CLUSTER from the environment).
     #[arg(long, env = "KVCTL_CLUSTER", global = true)]
     cluster: Option<String>,
     /// Give up on a request after this many milliseconds, retries included.
@@ -255,7 +257,14 @@ const DEFAULT_CLUSTER: &str = "127.0.0.1:7001";
 const DEFAULT_CTRLERS: &str = "127.0.0.1:7101";
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // What is typed beats what is exported: `--ctrlers X` with KVCTL_CLUSTER in the environment
+    // means the sharded store, as it does without the variable.
+    let from_env = |id| matches.value_source(id) == Some(ValueSource::EnvVariable);
+    if cli.ctrlers.is_some() && from_env("cluster") && !from_env("ctrlers") {
+        cli.cluster = None;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
