@@ -227,7 +227,9 @@ fn the_self_test_catches_writes_acknowledged_before_they_commit() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("self-test");
     let run = chaos_run(
-        "--self-test --workload register --nemesis partition --time 30s --fault-window 4s \
+        // Seed 5's schedule isolates the leader in its last window (whichever node leads then): the
+        // appends it acknowledges alone are lost when the partition heals, and the final read shows it.
+        "--self-test --workload append --nemesis partition --time 30s --fault-window 4s \
          --heal-window 2s --rate 100 --clients 5 --seed 5 --recovery-time 3s",
         &out,
     );
@@ -239,6 +241,14 @@ fn the_self_test_catches_writes_acknowledged_before_they_commit() {
         run.output
     );
     assert_eq!(summary["self_test"], true, "{summary:#}");
-    assert_eq!(summary["linearizable"], "violation", "{summary:#}");
+    let lost = summary["invariants"].as_array().is_some_and(|invariants| {
+        invariants.iter().any(|i| {
+            i["holds"] == false && i["detail"].as_str().is_some_and(|d| d.contains("lost"))
+        })
+    });
+    assert!(
+        lost || summary["linearizable"] == "violation",
+        "{summary:#}"
+    );
     assert_nothing_left(&run.tag, &out);
 }

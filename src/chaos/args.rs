@@ -105,9 +105,9 @@ pub struct RunArgs {
     pub snapshot_threshold: u64,
     /// Check the harness itself (local target, debug builds of kvd): every node runs with a
     /// deliberate safety bug — a put is acknowledged once the leader appended it, before a majority
-    /// has it — and the run passes (exit 0) only if the checker catches the acknowledged writes that
-    /// faults then lose, and fails (exit 1) if it misses them. Use with a `partition` or `kill`
-    /// nemesis.
+    /// has it — and the run passes (exit 0) only if the checks catch the acknowledged writes that
+    /// faults then lose, and fails (exit 1) if they miss them. Use with a `partition` nemesis and the
+    /// `append` workload (a lost acknowledged append is then certain to show in the final read).
     #[arg(long)]
     pub self_test: bool,
     /// The compose project of the cluster (compose target). Default: any, as long as each service
@@ -228,9 +228,6 @@ impl RunArgs {
             return invalid(
                 "--self-test runs on --target local only (it needs a debug build of kvd)",
             );
-        }
-        if self.self_test && self.workload != WorkloadKind::Register {
-            return invalid("--self-test uses --workload register");
         }
         if self.target == Target::Compose && self.services().len() != self.service_addresses().len()
         {

@@ -336,7 +336,7 @@ async fn judge(
     write(&out.join("check.txt"), &format!("{result}\n"))?;
     let (linearizable, check) = linearizability(&result);
     let (verdict, exit_code) = match args.self_test {
-        true => decide_self_test(linearizable),
+        true => decide_self_test(linearizable, &invariants),
         false => decide(linearizable, &invariants),
     };
     let summary = Summary {

@@ -326,15 +326,17 @@ pub fn decide(linearizable: &str, invariants: &[Invariant]) -> (&'static str, u8
 }
 
 /// The verdict of a self-test run (`--self-test`: the servers carry a deliberate safety bug): it
-/// passes only if the checker found the bug out — a harness that calls such a run valid, or cannot
-/// decide, is not fit to judge the real one.
-pub fn decide_self_test(linearizable: &str) -> (&'static str, u8) {
-    match linearizable {
-        "violation" => (
+/// passes only if the checks found the bug out — a linearizability violation or a failed invariant
+/// (with `append`, an acknowledged append missing from the final read) — since a harness that calls
+/// such a run valid, or cannot decide, is not fit to judge the real one.
+pub fn decide_self_test(linearizable: &str, invariants: &[Invariant]) -> (&'static str, u8) {
+    let caught = linearizable == "violation" || invariants.iter().any(|i| i.holds == Some(false));
+    match caught {
+        true => (
             "self-test passed: the deliberate bug was caught",
             EXIT_VALID,
         ),
-        _ => (
+        false => (
             "self-test FAILED: the deliberate bug went unnoticed",
             EXIT_INVALID,
         ),
@@ -497,8 +499,14 @@ mod tests {
 
     #[test]
     fn a_self_test_passes_only_when_the_bug_is_caught() {
-        assert_eq!(decide_self_test("violation").1, EXIT_VALID);
-        assert_eq!(decide_self_test("ok").1, EXIT_INVALID);
-        assert_eq!(decide_self_test("unknown").1, EXIT_INVALID);
+        let lost = Invariant {
+            name: "append",
+            holds: Some(false),
+            detail: String::new(),
+        };
+        assert_eq!(decide_self_test("violation", &[]).1, EXIT_VALID);
+        assert_eq!(decide_self_test("ok", &[lost]).1, EXIT_VALID);
+        assert_eq!(decide_self_test("ok", &[]).1, EXIT_INVALID);
+        assert_eq!(decide_self_test("unknown", &[]).1, EXIT_INVALID);
     }
 }
