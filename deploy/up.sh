@@ -21,10 +21,11 @@ set -x
 "$bin/kvctl" append greeting ", world"
 "$bin/kvctl" get greeting
 "$bin/kvctl" status
-# The sharded store, from inside the network (the controllers name the groups by in-network host names).
-compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 --timeout-ms 60000 put sharded hello
-compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 get sharded
-compose exec -T g1a /usr/local/bin/kvctl --tls-cert /certs/admin-operator.pem --tls-key /certs/admin-operator-key.pem --ctrlers ctrler1:7101,ctrler2:7101,ctrler3:7101 status
+# The sharded store, from the host: groups are joined as PEER@CLIENT, so the controllers hand out the
+# groups' published ports (inside the network: kvctl --internal-addresses).
+"$bin/kvctl" --ctrlers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 --timeout-ms 60000 put sharded hello
+"$bin/kvctl" --ctrlers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 get sharded
+"$bin/kvctl" --ctrlers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 status
 { set +x; } 2>/dev/null
 echo
 echo "The cluster is up. Try: $bin/kvctl --help, $bin/mrd --help; see README.md for a walk-through."
