@@ -40,12 +40,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ds824::daemon::init_logging();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match ds824::daemon::runtime("chaos") {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("chaos: cannot start the async runtime: {e}");
-            return ExitCode::from(chaos::EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
     let code = match cli.command {
         Command::Clean(args) => {

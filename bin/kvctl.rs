@@ -265,12 +265,9 @@ fn main() -> ExitCode {
     if cli.ctrlers.is_some() && from_env("cluster") && !from_env("ctrlers") {
         cli.cluster = None;
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match ds824::daemon::runtime("kvctl") {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("kvctl: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
     ExitCode::from(runtime.block_on(run(cli)))
 }

@@ -148,12 +148,9 @@ struct KvArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ds824::daemon::init_logging();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match ds824::daemon::runtime("kvd") {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("kvd: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         match cli.role {

@@ -591,12 +591,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match ds824::daemon::runtime("mrd") {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("mrd: cannot start the async runtime: {err}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,

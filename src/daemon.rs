@@ -4,6 +4,16 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// The tokio runtime every binary runs on. If it cannot start (no threads, no file descriptors) the
+/// reason is printed as `PROGRAM: ...` and the caller exits with the returned status 2, the one every
+/// binary gives for an environment it cannot work in.
+pub fn runtime(program: &str) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("{program}: cannot start the async runtime: {e}");
+        std::process::ExitCode::from(2)
+    })
+}
+
 /// Log to stderr, filtered by `RUST_LOG` (default `info`). Spans carry the node id (`raft{node=..}`,
 /// `kv{node=..}`) and role changes log the term and role, so interleaved logs of a cluster stay readable.
 pub fn init_logging() {
