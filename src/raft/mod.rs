@@ -50,6 +50,7 @@ pub mod ready;
 pub mod storage;
 pub mod transport;
 pub mod types;
+pub mod value_log;
 pub mod wire;
 
 pub use self::config::{Config, ConfigError};

@@ -480,8 +480,17 @@ impl Driver {
         };
         let snapshot = Snapshot { meta, data };
         let staged = self.staged_tx.clone();
+        info!(
+            index = meta.index,
+            bytes = snapshot.data.len(),
+            "writing a snapshot"
+        );
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
+            let _node = span.enter();
+            let started = std::time::Instant::now();
             let result = stager.stage(&snapshot);
+            info!(index = snapshot.meta.index, took = ?started.elapsed(), ok = result.is_ok(), "snapshot written");
             let _ = staged.send(Staged {
                 snapshot,
                 result,

@@ -11,7 +11,12 @@
 //!
 //! Snapshot data lives in `raft-snapshots/<generation>.snap` beside the database, written and fsynced
 //! on its own: flushing hundreds of MiB through sled would hold up every small log flush behind it (sled
-//! flushes the whole database at once), stalling the Raft loop that waits for them.
+//! flushes the whole database at once), stalling the Raft loop that waits for them. For the same reason
+//! a log entry over [`VALUE_LOG_MIN_BYTES`] is stored in `raft-values/` ([`super::value_log`]) and sled
+//! holds a pointer to it.
+//!
+//! Large files (old snapshots, value files a snapshot covers) are removed by a background thread a few
+//! MiB at a time, and only after the snapshot that makes them garbage is flushed.
 //!
 //! # Crash consistency
 //!
@@ -21,6 +26,7 @@
 //! generations and entries the snapshot covers are cleaned up when the directory is next opened.
 
 use super::types::{HardState, NodeId, PersistedState, Snapshot, SnapshotMeta};
+use super::value_log::{trickle_remove, Pointer, ValueLog, VALUE_LOG_MIN_BYTES};
 use super::wire::{entry_from_proto, entry_to_proto};
 use super::Ready;
 use crate::proto::raft as pb;
@@ -99,14 +105,23 @@ impl SnapshotStager for SledStager {
     }
 }
 
+/// What the reaper thread deletes.
+enum Reap {
+    /// Log keys a snapshot covers.
+    Keys(Vec<u64>),
+    /// Files nothing durable refers to any more.
+    Files(Vec<PathBuf>),
+}
+
 /// Start the thread that deletes covered log entries a few at a time, with pauses, so no single sled
-/// flush of the Raft loop has to carry the deletion of hundreds of MiB. It ends when its storage is
-/// dropped (after finishing what it was given).
-fn spawn_reaper(log: sled::Tree) -> std::sync::mpsc::Sender<Vec<u64>> {
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u64>>();
+/// flush of the Raft loop has to carry the deletion of hundreds of MiB, and removes garbage files a
+/// few MiB at a time ([`trickle_remove`]). It ends when its storage is dropped (after finishing what it
+/// was given).
+fn spawn_reaper(log: sled::Tree) -> std::sync::mpsc::Sender<Reap> {
+    let (tx, rx) = std::sync::mpsc::channel::<Reap>();
     std::thread::Builder::new()
         .name("raft-log-reaper".into())
-        .spawn(move || reap_covered_entries(&log, &rx))
+        .spawn(move || reap(&log, &rx))
         .map_err(|e| warn!(error = %e, "cannot start the log reaper"))
         .ok();
     tx
@@ -116,18 +131,29 @@ fn spawn_reaper(log: sled::Tree) -> std::sync::mpsc::Sender<Vec<u64>> {
 const REAP_BATCH: usize = 8;
 const REAP_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
-fn reap_covered_entries(log: &sled::Tree, covered: &std::sync::mpsc::Receiver<Vec<u64>>) {
-    for indices in covered {
-        for keys in indices.chunks(REAP_BATCH) {
-            let mut batch = sled::Batch::default();
-            for index in keys {
-                batch.remove(&index.to_be_bytes());
+fn reap(log: &sled::Tree, work: &std::sync::mpsc::Receiver<Reap>) {
+    for job in work {
+        match job {
+            Reap::Keys(indices) => {
+                for keys in indices.chunks(REAP_BATCH) {
+                    let mut batch = sled::Batch::default();
+                    for index in keys {
+                        batch.remove(&index.to_be_bytes());
+                    }
+                    if let Err(e) = log.apply_batch(batch) {
+                        warn!(error = %e, "cannot delete covered log entries; the next open will");
+                        break;
+                    }
+                    std::thread::sleep(REAP_PAUSE);
+                }
             }
-            if let Err(e) = log.apply_batch(batch) {
-                warn!(error = %e, "cannot delete covered log entries; the next open will");
-                return;
+            Reap::Files(paths) => {
+                for path in paths {
+                    if let Err(e) = trickle_remove(&path) {
+                        warn!(file = %path.display(), error = %e, "cannot remove; the next open will");
+                    }
+                }
             }
-            std::thread::sleep(REAP_PAUSE);
         }
     }
 }
@@ -346,8 +372,12 @@ pub struct SledStorage {
     /// Encoded size of every stored entry by index: log truncation and compaction remove keys and
     /// account bytes without reading the (possibly large) values back from disk.
     entry_sizes: std::collections::BTreeMap<u64, u64>,
-    /// Deletes log entries a snapshot covers, in the background ([`reap_covered_entries`]).
-    reaper: std::sync::mpsc::Sender<Vec<u64>>,
+    /// Deletes log entries a snapshot covers and garbage files, in the background ([`reap`]).
+    reaper: std::sync::mpsc::Sender<Reap>,
+    /// Large entries' bytes.
+    values: ValueLog,
+    /// Files that become garbage once the next flush makes the snapshot replacing them durable.
+    doomed: Vec<PathBuf>,
     /// The generation the next snapshot's chunks get (stored or staged).
     next_generation: u64,
     /// Bytes staged for the snapshot the next `persist` should switch to.
@@ -402,6 +432,7 @@ impl SledStorage {
             None => StoredSnapshot::default(),
         };
         let reaper = spawn_reaper(log.clone());
+        let values = ValueLog::open(dir.join("raft-values")).map_err(|e| io(sled::Error::Io(e)))?;
         let mut storage = SledStorage {
             dir,
             db,
@@ -412,6 +443,8 @@ impl SledStorage {
             log_bytes: 0,
             entry_sizes: std::collections::BTreeMap::new(),
             reaper,
+            values,
+            doomed: Vec::new(),
             next_generation: snapshot.generation + 1,
             staged: None,
         };
@@ -420,7 +453,16 @@ impl SledStorage {
             let index = <[u8; 8]>::try_from(key.as_ref())
                 .map(u64::from_be_bytes)
                 .map_err(|_| storage.corrupt(format!("log key of {} bytes", key.len())))?;
-            storage.entry_sizes.insert(index, value.len() as u64);
+            let bytes = match Pointer::decode(&value) {
+                Some(pointer) => {
+                    if index > snapshot.meta.index {
+                        storage.values.note_live(&pointer, index);
+                    }
+                    u64::from(pointer.len)
+                }
+                None => value.len() as u64,
+            };
+            storage.entry_sizes.insert(index, bytes);
         }
         storage.log_bytes = storage.entry_sizes.values().sum();
         storage.clean_up()?;
@@ -441,6 +483,13 @@ impl SledStorage {
     /// Bytes sled uses on disk for the whole database.
     pub fn size_on_disk(&self) -> Result<u64, StorageError> {
         self.db.size_on_disk().map_err(|source| self.io(source))
+    }
+
+    /// Hand garbage files to the reaper (removed at the next open if it is gone).
+    fn reap_files(&self, files: Vec<PathBuf>) {
+        if !files.is_empty() && self.reaper.send(Reap::Files(files)).is_err() {
+            warn!(dir = %self.dir.display(), "log reaper gone; garbage files wait for the next open");
+        }
     }
 
     fn io(&self, source: sled::Error) -> StorageError {
@@ -476,14 +525,24 @@ impl SledStorage {
             .apply_batch(batch)
             .map_err(|source| self.io(source))?;
         let current = snapshot_file(&self.dir, generation);
+        let mut garbage = Vec::new();
         if let Ok(files) = std::fs::read_dir(snapshot_dir(&self.dir)) {
-            for file in files.flatten() {
-                if file.path() != current {
-                    std::fs::remove_file(file.path()).map_err(|e| self.io(sled::Error::Io(e)))?;
-                }
-            }
+            garbage.extend(
+                files
+                    .flatten()
+                    .map(|file| file.path())
+                    .filter(|path| *path != current),
+            );
         }
+        garbage.extend(
+            self.values
+                .unreferenced()
+                .map_err(|e| self.io(sled::Error::Io(e)))?,
+        );
         self.db.flush().map_err(|source| self.io(source))?;
+        for path in garbage {
+            trickle_remove(&path).map_err(|e| self.io(sled::Error::Io(e)))?;
+        }
         Ok(())
     }
 
@@ -516,7 +575,7 @@ impl SledStorage {
             }
             _ => {
                 if let Some(stale) = staged {
-                    self.remove_generation(stale.generation)?;
+                    self.remove_generation(stale.generation, false)?;
                 }
                 let generation = self.next_generation;
                 self.next_generation += 1;
@@ -536,23 +595,33 @@ impl SledStorage {
             .map_err(|source| self.io(source))?;
         let old = self.snapshot.generation;
         self.snapshot = stored;
-        self.remove_generation(old)?;
+        // The old snapshot is still the durable one until this persist's flush.
+        self.remove_generation(old, true)?;
+        let covered_files = self.values.covered_through(snapshot.meta.index);
+        self.doomed.extend(covered_files);
         // The covered entries are deleted in the background: deleting hundreds of MiB of values
         // inside this persist kept the Raft loop waiting for it. Until then they are only garbage
         // (`load` reads from the snapshot on, and the next open removes what is left).
         let covered = self.forget_log_through(snapshot.meta.index);
-        if !covered.is_empty() && self.reaper.send(covered).is_err() {
+        if !covered.is_empty() && self.reaper.send(Reap::Keys(covered)).is_err() {
             warn!(dir = %self.dir.display(), "log reaper gone; covered entries wait for the next open");
         }
         Ok(())
     }
 
-    fn remove_generation(&self, generation: u64) -> Result<(), StorageError> {
-        match std::fs::remove_file(snapshot_file(&self.dir, generation)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(self.io(sled::Error::Io(e)))
-            }
-            _ => {}
+    /// Remove the snapshot of `generation`: its file in the background (after the next flush when
+    /// `after_flush`, because until then it may still be the durable snapshot), its chunks of an
+    /// earlier version's format at once.
+    fn remove_generation(
+        &mut self,
+        generation: u64,
+        after_flush: bool,
+    ) -> Result<(), StorageError> {
+        let file = snapshot_file(&self.dir, generation);
+        if after_flush {
+            self.doomed.push(file);
+        } else {
+            self.reap_files(vec![file]);
         }
         // Chunks of a snapshot written by an earlier version.
         let mut batch = sled::Batch::default();
@@ -616,6 +685,12 @@ impl Storage for SledStorage {
         let first = self.snapshot.meta.index + 1;
         for (expected, item) in (first..).zip(self.log.range(first.to_be_bytes()..)) {
             let (key, value) = item.map_err(|s| self.io(s))?;
+            let value = match Pointer::decode(&value) {
+                Some(pointer) => self.values.read(&pointer).map_err(|e| {
+                    self.corrupt(format!("log entry {expected} in the value log: {e}"))
+                })?,
+                None => value.to_vec(),
+            };
             let entry = pb::Entry::decode(value.as_ref())
                 .map_err(|e| self.corrupt(format!("unreadable log entry: {e}")))
                 .and_then(|e| entry_from_proto(e).map_err(|e| self.corrupt(e.to_string())))?;
@@ -653,8 +728,20 @@ impl Storage for SledStorage {
                 let value = entry_to_proto(entry).encode_to_vec();
                 self.log_bytes += value.len() as u64;
                 self.entry_sizes.insert(entry.index, value.len() as u64);
-                batch.insert(&entry.index.to_be_bytes(), value);
+                if value.len() > VALUE_LOG_MIN_BYTES {
+                    let pointer = self
+                        .values
+                        .append(entry.index, &value)
+                        .map_err(|e| self.io(sled::Error::Io(e)))?;
+                    batch.insert(&entry.index.to_be_bytes(), &pointer.encode());
+                } else {
+                    batch.insert(&entry.index.to_be_bytes(), value);
+                }
             }
+            // The bytes before the pointers: sled's own flusher may write the batch any moment.
+            self.values
+                .sync()
+                .map_err(|e| self.io(sled::Error::Io(e)))?;
             self.log.apply_batch(batch).map_err(|s| self.io(s))?;
         }
         if let Some(hard_state) = &ready.hard_state {
@@ -663,6 +750,8 @@ impl Storage for SledStorage {
                 .map_err(|s| self.io(s))?;
         }
         self.db.flush().map_err(|s| self.io(s))?;
+        let doomed = std::mem::take(&mut self.doomed);
+        self.reap_files(doomed);
         Ok(())
     }
 
@@ -685,13 +774,13 @@ impl Storage for SledStorage {
 
     fn offer_staged(&mut self, staged: StagedSnapshot) -> Result<(), StorageError> {
         if let Some(older) = self.staged.replace(staged) {
-            self.remove_generation(older.generation)?;
+            self.remove_generation(older.generation, false)?;
         }
         Ok(())
     }
 
     fn discard_staged(&mut self, staged: StagedSnapshot) -> Result<(), StorageError> {
-        self.remove_generation(staged.generation)
+        self.remove_generation(staged.generation, false)
     }
 }
 
@@ -722,6 +811,103 @@ mod tests {
             log_write: Some(LogWrite { from, entries }),
             ..Default::default()
         }
+    }
+
+    /// An entry large enough to go to the value log.
+    fn large(index: Index, term: u64) -> Entry {
+        Entry {
+            data: Bytes::from(vec![(index + term) as u8; 100_000]),
+            ..entry(index, term)
+        }
+    }
+
+    fn value_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files = walk(&dir.join("raft-values"));
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn large_entries_live_in_value_files_until_a_snapshot_covers_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        let mut mixed: Vec<Entry> = (1..=6).map(|i| large(i, 1)).collect();
+        mixed[2] = entry(3, 1);
+        s.persist(&write(1, mixed)).expect("persist");
+        // A new leader's entries replace the suffix from 5.
+        let replaced = vec![large(5, 2), large(6, 2), entry(7, 2)];
+        s.persist(&write(5, replaced)).expect("persist");
+        assert!(
+            s.raft_state_size() > 5 * 100_000,
+            "large entries count in full"
+        );
+        drop(s);
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let state = s.load().expect("load");
+        let expected: Vec<Entry> = vec![
+            large(1, 1),
+            large(2, 1),
+            entry(3, 1),
+            large(4, 1),
+            large(5, 2),
+            large(6, 2),
+            entry(7, 2),
+        ];
+        assert_eq!(state.entries, expected);
+        let before = value_files(dir.path());
+        assert_eq!(before.len(), 1, "{before:?}");
+        // Bytes written but never pointed at (a crash before sled's batch) are garbage.
+        s.values.append(8, &[1u8; 10_000]).expect("append");
+        s.values.sync().expect("sync");
+        // A snapshot covering everything: the file goes once the snapshot is durable.
+        s.persist(&Ready {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta { index: 7, term: 2 },
+                data: Bytes::from_static(b"state"),
+            }),
+            ..Default::default()
+        })
+        .expect("persist");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while value_files(dir.path()).iter().any(|f| before.contains(f)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "covered value file not removed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(s);
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        assert!(s.load().expect("load").entries.is_empty());
+        assert!(
+            value_files(dir.path()).is_empty(),
+            "unreferenced value files removed at open"
+        );
+    }
+
+    #[test]
+    fn a_damaged_value_file_is_reported_as_corruption_with_the_entry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        s.persist(&write(1, vec![large(1, 1), large(2, 1)]))
+            .expect("persist");
+        drop(s);
+        for file in value_files(dir.path()) {
+            let len = std::fs::metadata(&file).expect("stat").len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&file)
+                .expect("open")
+                .set_len(len - 10)
+                .expect("truncate");
+        }
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let error = s.load().expect_err("a torn value file");
+        let message = error.to_string();
+        assert!(
+            message.contains("corrupt") && message.contains("log entry 2"),
+            "{message}"
+        );
     }
 
     #[test]
