@@ -792,16 +792,31 @@ async fn sessions_are_capped_and_a_dropped_one_is_never_applied_twice() {
     );
 }
 
-/// A large state is snapshotted without stopping the world (#12): with ~200 MiB of values, the snapshot
-/// every replica takes while a client keeps writing is encoded off the service lock and written off the
-/// Raft loop, so heartbeats go on (no term change) and no small put waits a second. Before, the leader
-/// encoded under the lock and flushed the snapshot inside its Raft loop.
+/// MiB of state [`a_large_snapshot_stops_neither_heartbeats_nor_writes`] snapshots: 200, or
+/// `DS824_LARGE_SNAPSHOT_MIB` (the issue's 1 GiB check is `DS824_LARGE_SNAPSHOT_MIB=1024`; CI keeps
+/// the default, which fits its time budget).
+fn large_snapshot_mib() -> usize {
+    std::env::var("DS824_LARGE_SNAPSHOT_MIB")
+        .ok()
+        .and_then(|mib| mib.parse().ok())
+        .unwrap_or(200)
+        .max(50)
+}
+
+/// A large state is snapshotted without stopping the world (#12): with ~200 MiB of values (or
+/// [`large_snapshot_mib`]), the snapshot every replica takes while a client keeps writing is encoded
+/// off the service lock and written off the Raft loop, so heartbeats go on (no term change) and no
+/// small put waits a second. Before, the leader encoded under the lock and flushed the snapshot inside
+/// its Raft loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_snapshot_stops_neither_heartbeats_nor_writes() {
     const VALUE: usize = 1 << 20;
-    const FILL: usize = 180;
-    const THRESHOLD: u64 = 200 << 20;
-    let cluster = Cluster::kv(3, THRESHOLD);
+    let mib = large_snapshot_mib();
+    // 90% of the threshold first (no snapshot yet), then a fifth more to cross it.
+    let fill_count = mib * 9 / 10;
+    let push = mib / 5;
+    let threshold = (mib as u64) << 20;
+    let cluster = Cluster::kv(3, threshold);
     let value = "s".repeat(VALUE);
     let fill = |from: usize, to: usize| {
         let addrs = cluster.addrs.clone();
@@ -821,13 +836,13 @@ async fn a_large_snapshot_stops_neither_heartbeats_nor_writes() {
         })
     };
     let fillers: Vec<_> = (0..3)
-        .map(|t| fill(t * FILL / 3, (t + 1) * FILL / 3))
+        .map(|t| fill(t * fill_count / 3, (t + 1) * fill_count / 3))
         .collect();
     for filler in fillers {
         filler.await.expect("filler");
     }
     let before = cluster
-        .wait_until_all("filled", |s| s.keys == FILL as u64)
+        .wait_until_all("filled", |s| s.keys == fill_count as u64)
         .await;
     assert!(
         before.iter().all(|s| s.snapshot_index == 0),
@@ -840,32 +855,60 @@ async fn a_large_snapshot_stops_neither_heartbeats_nor_writes() {
         let mut clerk = cluster.clerk();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut slowest = Duration::ZERO;
-            let mut puts = 0u32;
+            let mut latencies = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
+                let wall = std::time::SystemTime::now();
                 clerk
-                    .put("probe", &puts.to_string())
+                    .put("probe", &latencies.len().to_string())
                     .await
                     .expect("probe put");
-                slowest = slowest.max(started.elapsed());
-                puts += 1;
+                latencies.push((started.elapsed(), wall));
             }
-            (puts, slowest)
+            latencies.sort_unstable();
+            latencies
         })
     };
     // Push the log past the threshold: every replica snapshots ~200 MiB.
-    fill(FILL, FILL + 40).await.expect("filler");
+    fill(fill_count, fill_count + push).await.expect("filler");
     let after = cluster
         .wait_until_all("snapshotted", |s| s.snapshot_index > 0)
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
-    let (puts, slowest) = probe.await.expect("probe");
+    let latencies = probe.await.expect("probe");
+    assert!(!latencies.is_empty(), "no probe put completed");
+    let percentile = |p: usize| latencies[(latencies.len() - 1) * p / 100].0;
+    let (slowest, slowest_at) = latencies
+        .last()
+        .copied()
+        .unwrap_or((Duration::ZERO, std::time::UNIX_EPOCH));
+    // Where a slow put came from: the nodes' own account of their slow fsyncs.
+    for i in 0..3 {
+        let log = std::fs::read_to_string(cluster.log(i)).unwrap_or_default();
+        for line in log
+            .lines()
+            .filter(|l| l.contains("slow persist") || l.contains("snapshot"))
+        {
+            println!("node {}: {line}", i + 1);
+        }
+    }
+    let since_epoch = slowest_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    println!(
+        "slowest put started at unix {:.3} s",
+        since_epoch.as_secs_f64()
+    );
     let snapshot_bytes = after.iter().map(|s| s.snapshot_bytes).max().unwrap_or(0);
-    println!("snapshot of {snapshot_bytes} bytes; {puts} probe puts, slowest {slowest:?}");
+    println!(
+        "snapshot of {snapshot_bytes} bytes; {} probe puts: p50 {:?}, p99 {:?}, slowest {slowest:?}",
+        latencies.len(),
+        percentile(50),
+        percentile(99)
+    );
     assert!(
-        snapshot_bytes > 190 << 20,
+        snapshot_bytes > threshold * 19 / 20,
         "snapshot of {snapshot_bytes} bytes"
     );
     let terms: Vec<u64> = after.iter().map(|s| s.term).collect();
@@ -889,6 +932,131 @@ fn signal(pid: u32, signal: &str) {
         .status()
         .expect("kill");
     assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// Admission, not step-down (#12): followers that are alive but slow (each stopped 200 ms of every
+/// 300 ms, so they answer heartbeats but take in little) keep their leader, and 128 clients each
+/// writing 1 MiB values as fast as they can want twice the 64 MiB of uncommitted proposals the leader
+/// admits. The leader stays leader, commits what its followers take, answers the rest "leader
+/// overloaded" (the clerks back off), and its memory stays bounded. In the paused-followers test
+/// above the leader steps down instead, so that test cannot tell admission control from CheckQuorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_with_slow_followers_admits_only_what_they_can_take() {
+    const WRITERS: usize = 128;
+    let cluster = Cluster::kv(3, 64 << 20);
+    let leader = cluster.wait_for_leader().await;
+    let term = cluster.status(leader).await.expect("leader status").term;
+    let pid = |i: usize| cluster.children[i].as_ref().expect("running").id();
+    let followers: Vec<u32> = (0..3).filter(|&i| i != leader).map(pid).collect();
+    let baseline = rss_bytes(pid(leader));
+    let stop = Arc::new(AtomicBool::new(false));
+    let slowdown = {
+        let (stop, followers) = (stop.clone(), followers.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                followers.iter().for_each(|&f| signal(f, "-STOP"));
+                std::thread::sleep(Duration::from_millis(200));
+                followers.iter().for_each(|&f| signal(f, "-CONT"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let value = Arc::new("w".repeat(MAX_VALUE_BYTES));
+    let only_leader = vec![cluster.addrs[leader].clone()];
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|n| {
+            let (value, addrs, stop) = (value.clone(), only_leader.clone(), stop.clone());
+            // A few keys: the state stays small, so what the leader holds is what is in flight.
+            tokio::spawn(async move {
+                let mut clerk = Clerk::new(
+                    &addrs,
+                    ClerkConfig {
+                        call_timeout: Duration::from_secs(2),
+                        ..ClerkConfig::default()
+                    },
+                )
+                .expect("clerk");
+                let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = match clerk.put(&format!("w{}", n % 8), &value).await {
+                        Ok(()) => "ok",
+                        Err(e) => ["overloaded", "wrong leader", "timed out"]
+                            .into_iter()
+                            .find(|kind| e.to_string().contains(kind))
+                            .unwrap_or("other"),
+                    };
+                    *outcomes.entry(outcome).or_default() += 1;
+                }
+                outcomes
+            })
+        })
+        .collect();
+    // Peak resident memory in the first and the second half of the run.
+    let (mut early, mut late) = (0, 0);
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(12) {
+        let rss = rss_bytes(pid(leader));
+        if watched.elapsed() < Duration::from_secs(6) {
+            early = rss.max(early);
+        } else {
+            late = rss.max(late);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let peak = early.max(late);
+    stop.store(true, Ordering::Relaxed);
+    slowdown.join().expect("slowdown thread");
+    followers.iter().for_each(|&f| signal(f, "-CONT"));
+    let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for writer in writers {
+        for (outcome, count) in writer.await.expect("writer") {
+            *outcomes.entry(outcome).or_default() += count;
+        }
+    }
+    let after = cluster.status(leader).await.expect("leader status");
+    println!(
+        "leader rss {} MiB before, peak {} MiB in the first 6 s, {} MiB in the next 6 s; \
+         outcomes {outcomes:?}; term {term} -> {}",
+        baseline >> 20,
+        early >> 20,
+        late >> 20,
+        after.term
+    );
+    assert!(
+        after.role == "leader" && after.term == term,
+        "node {} lost its leadership (term {term} -> {}, now {})",
+        leader + 1,
+        after.term,
+        after.role
+    );
+    assert!(
+        outcomes.get("ok").copied().unwrap_or(0) > 0,
+        "nothing committed: {outcomes:?}"
+    );
+    assert!(
+        outcomes.get("overloaded").copied().unwrap_or(0) > 0,
+        "no client was told the leader is overloaded: {outcomes:?}"
+    );
+    // Bounded by design: 128 MiB of requests being decoded (one per client), 64 MiB admitted, up to
+    // 32 MiB of messages in flight to each follower, the encoded copies of each, and the allocator's
+    // slack. And flat: no more in the second half of the run than in the first, give or take.
+    assert!(
+        peak < baseline + (640 << 20),
+        "leader grew to {} MiB",
+        peak >> 20
+    );
+    assert!(
+        late < early + (96 << 20),
+        "leader kept growing: {} MiB, then {} MiB",
+        early >> 20,
+        late >> 20
+    );
+    let mut clerk = cluster.clerk();
+    clerk.put("after", "slow").await.expect("put after");
+    assert_eq!(
+        clerk.get("after").await.expect("get").as_deref(),
+        Some("slow")
+    );
 }
 
 /// Back-pressure, not growth (#12): 64 clients writing 1 MiB values to a leader whose followers are

@@ -390,6 +390,10 @@ impl<S: ServedMachine> RsmService<S> {
                 Err(Refusal::WrongLeader(_)) => "wrong_leader",
                 Err(Refusal::Timeout) => "timeout",
                 Err(Refusal::SessionExpired(_)) => "session_expired",
+                // Admission control's refusals, apart: an operator sizing a cluster needs them.
+                Err(Refusal::Status(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                    "overloaded"
+                }
                 Err(Refusal::Status(_)) => "error",
             };
             metrics.observe(kind, outcome, started.elapsed().as_secs_f64());
