@@ -33,8 +33,7 @@ const FILE_BYTES: u64 = 64 << 20;
 /// entries that earlier versions stored.
 const POINTER_MAGIC: [u8; 4] = [0xFF, b'V', b'L', 1];
 
-/// Encoded size of a [`Pointer`].
-const POINTER_BYTES: usize = 4 + 8 + 8 + 4 + 4;
+const POINTER_BYTES: usize = Pointer::BYTES;
 
 /// Where an entry's bytes are: file, offset, length and checksum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +49,9 @@ pub struct Pointer {
 }
 
 impl Pointer {
+    /// Encoded size: what an entry in the value log costs sled.
+    pub const BYTES: usize = 4 + 8 + 8 + 4 + 4;
+
     /// The sled value that stands for the entry.
     pub fn encode(&self) -> [u8; POINTER_BYTES] {
         let mut out = [0u8; POINTER_BYTES];
