@@ -43,14 +43,7 @@ impl KvCluster for Cluster {
     }
 
     fn clerk(&self) -> Clerk {
-        Clerk::new(
-            &self.addrs,
-            ClerkConfig {
-                call_timeout: Duration::from_secs(8),
-                ..ClerkConfig::default()
-            },
-        )
-        .expect("clerk")
+        clerk_for(&self.addrs, Duration::from_secs(8))
     }
 }
 
@@ -822,14 +815,7 @@ async fn a_large_snapshot_stops_neither_heartbeats_nor_writes() {
         let addrs = cluster.addrs.clone();
         let value = value.clone();
         tokio::spawn(async move {
-            let mut clerk = Clerk::new(
-                &addrs,
-                ClerkConfig {
-                    call_timeout: Duration::from_secs(30),
-                    ..ClerkConfig::default()
-                },
-            )
-            .expect("clerk");
+            let mut clerk = clerk_for(&addrs, Duration::from_secs(30));
             for n in from..to {
                 clerk.put(&format!("big-{n}"), &value).await.expect("fill");
             }
@@ -916,6 +902,26 @@ async fn a_large_snapshot_stops_neither_heartbeats_nor_writes() {
     assert!(slowest < Duration::from_secs(1), "a put took {slowest:?}");
 }
 
+/// A clerk of `addrs` whose calls give up after `timeout`.
+fn clerk_for(addrs: &[String], timeout: Duration) -> Clerk {
+    Clerk::new(
+        addrs,
+        ClerkConfig {
+            call_timeout: timeout,
+            ..ClerkConfig::default()
+        },
+    )
+    .expect("clerk")
+}
+
+/// Which kind of failure a clerk error is, for the load tests' tallies.
+fn error_kind(error: &ds824::kv::ClerkError) -> &'static str {
+    ["overloaded", "wrong leader", "timed out"]
+        .into_iter()
+        .find(|kind| error.to_string().contains(kind))
+        .unwrap_or("other")
+}
+
 /// Resident memory of a process, in bytes (from /proc).
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -968,22 +974,12 @@ async fn a_leader_with_slow_followers_admits_only_what_they_can_take() {
             let (value, addrs, stop) = (value.clone(), only_leader.clone(), stop.clone());
             // A few keys: the state stays small, so what the leader holds is what is in flight.
             tokio::spawn(async move {
-                let mut clerk = Clerk::new(
-                    &addrs,
-                    ClerkConfig {
-                        call_timeout: Duration::from_secs(2),
-                        ..ClerkConfig::default()
-                    },
-                )
-                .expect("clerk");
+                let mut clerk = clerk_for(&addrs, Duration::from_secs(2));
                 let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
                 while !stop.load(Ordering::Relaxed) {
                     let outcome = match clerk.put(&format!("w{}", n % 8), &value).await {
                         Ok(()) => "ok",
-                        Err(e) => ["overloaded", "wrong leader", "timed out"]
-                            .into_iter()
-                            .find(|kind| e.to_string().contains(kind))
-                            .unwrap_or("other"),
+                        Err(e) => error_kind(&e),
                     };
                     *outcomes.entry(outcome).or_default() += 1;
                 }
@@ -1080,14 +1076,7 @@ async fn a_leader_without_a_majority_pushes_back_instead_of_growing() {
         .map(|n| {
             let (value, addrs) = (value.clone(), only_leader.clone());
             tokio::spawn(async move {
-                let mut clerk = Clerk::new(
-                    &addrs,
-                    ClerkConfig {
-                        call_timeout: Duration::from_secs(8),
-                        ..ClerkConfig::default()
-                    },
-                )
-                .expect("clerk");
+                let mut clerk = clerk_for(&addrs, Duration::from_secs(8));
                 clerk.put(&format!("m{n}"), &value).await
             })
         })
@@ -1102,13 +1091,7 @@ async fn a_leader_without_a_majority_pushes_back_instead_of_growing() {
     for writer in writers {
         match writer.await.expect("writer") {
             Ok(()) => panic!("a put committed without a majority"),
-            Err(e) => {
-                let kind = ["overloaded", "wrong leader", "timed out"]
-                    .into_iter()
-                    .find(|kind| e.to_string().contains(kind))
-                    .unwrap_or("other");
-                *refusals.entry(kind.to_string()).or_default() += 1;
-            }
+            Err(e) => *refusals.entry(error_kind(&e).to_string()).or_default() += 1,
         }
     }
     println!(

@@ -846,6 +846,17 @@ mod tests {
         }
     }
 
+    /// A ready that only installs a snapshot.
+    fn snapshot_at(index: Index, term: u64, data: Bytes) -> Ready {
+        Ready {
+            snapshot: Some(Snapshot {
+                meta: SnapshotMeta { index, term },
+                data,
+            }),
+            ..Default::default()
+        }
+    }
+
     /// An entry large enough to go to the value log.
     fn large(index: Index, term: u64) -> Entry {
         Entry {
@@ -893,14 +904,8 @@ mod tests {
         s.values.append(8, &[1u8; 10_000]).expect("append");
         s.values.sync().expect("sync");
         // A snapshot covering everything: the file goes once the snapshot is durable.
-        s.persist(&Ready {
-            snapshot: Some(Snapshot {
-                meta: SnapshotMeta { index: 7, term: 2 },
-                data: Bytes::from_static(b"state"),
-            }),
-            ..Default::default()
-        })
-        .expect("persist");
+        s.persist(&snapshot_at(7, 2, Bytes::from_static(b"state")))
+            .expect("persist");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while value_files(dir.path()).iter().any(|f| before.contains(f)) {
             assert!(
@@ -934,15 +939,10 @@ mod tests {
             ))
             .expect("persist");
         }
-        let snapshot = |index: Index| Ready {
-            snapshot: Some(Snapshot {
-                meta: SnapshotMeta { index, term: 1 },
-                data: Bytes::from(vec![1u8; 1000]),
-            }),
-            ..Default::default()
-        };
-        s.persist(&snapshot(ENTRIES / 2)).expect("persist");
-        s.persist(&snapshot(ENTRIES)).expect("persist");
+        let data = Bytes::from(vec![1u8; 1000]);
+        s.persist(&snapshot_at(ENTRIES / 2, 1, data.clone()))
+            .expect("persist");
+        s.persist(&snapshot_at(ENTRIES, 1, data)).expect("persist");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let files = |dir: &Path| std::fs::read_dir(snapshot_dir(dir)).map_or(0, |d| d.count());
         while !s.log.is_empty() || files(dir.path()) > 1 {
@@ -1036,14 +1036,8 @@ mod tests {
         s.persist(&write(1, (1..=10).map(|i| entry(i, 1)).collect()))
             .expect("persist");
         let data = Bytes::from(vec![9u8; 3 * CHUNK + 17]);
-        s.persist(&Ready {
-            snapshot: Some(Snapshot {
-                meta: SnapshotMeta { index: 7, term: 1 },
-                data: data.clone(),
-            }),
-            ..Default::default()
-        })
-        .expect("persist");
+        s.persist(&snapshot_at(7, 1, data.clone()))
+            .expect("persist");
         assert_eq!(s.stored_entry_count(), 3);
         drop(s);
         let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
@@ -1125,14 +1119,8 @@ mod tests {
         let loaded = s.load().expect("load").snapshot.expect("snapshot");
         assert_eq!((loaded.meta, loaded.data.len()), (stored.meta, data.len()));
         // The next snapshot is a file, and the old chunks go.
-        s.persist(&Ready {
-            snapshot: Some(Snapshot {
-                meta: SnapshotMeta { index: 9, term: 2 },
-                data: Bytes::from_static(b"newer"),
-            }),
-            ..Default::default()
-        })
-        .expect("persist");
+        s.persist(&snapshot_at(9, 2, Bytes::from_static(b"newer")))
+            .expect("persist");
         assert!(s.snapshot_data.is_empty());
     }
 
