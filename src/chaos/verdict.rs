@@ -780,7 +780,12 @@ mod tests {
         assert!(bad.detail.contains("account 0 holds -10"), "{}", bad.detail);
         // The final read is audited too, and an opened ledger may not vanish.
         let bad = bank_invariant(&clean, &finals(Some("100,100,100,100,101")));
-        assert!(bad.detail.contains("final read"), "{}", bad.detail);
+        assert_eq!(bad.holds, Some(false), "{}", bad.detail);
+        assert!(
+            bad.detail.contains("b0: final read") && bad.detail.contains("total 501"),
+            "{}",
+            bad.detail
+        );
         assert_eq!(bank_invariant(&clean, &finals(None)).holds, Some(false));
         // A ledger that could not be read at the end leaves the invariant undecided.
         assert_eq!(bank_invariant(&clean, &BTreeMap::new()).holds, None);
