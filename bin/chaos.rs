@@ -8,10 +8,12 @@ use std::process::ExitCode;
 /// Run a ds824 cluster under faults and check what its clients saw.
 ///
 /// `chaos run` starts a cluster (`--target local`: kvd processes in network namespaces this run
-/// creates, with mutual TLS), drives a workload with in-process clients while a seeded nemesis kills,
-/// pauses, partitions and drops packets, heals everything, and checks the recorded history for
-/// linearizability (per key) and the workload's own invariant. Everything the run creates is named
-/// chaos-<pid> and removed at the end, also on Ctrl-C or an error.
+/// creates, with mutual TLS), drives a workload (register, append, bank) with in-process clients while
+/// a seeded nemesis kills, pauses, partitions, drops packets, restarts the whole cluster and (sharded
+/// store) moves shards between groups, heals everything, and checks the recorded history for
+/// linearizability (per key) and the workload's own invariant; availability is reported overall and
+/// per kind of fault. Everything the run creates is named chaos-<pid> and removed at the end, also on
+/// Ctrl-C or an error.
 ///
 /// Exit status: 0 every check held; 1 a violation (linearizability or an invariant); 2 the run could
 /// not be made (bad flags, not root, no leader, interrupted, target not implemented); 3 the checker
@@ -30,7 +32,7 @@ struct Cli {
 enum Command {
     /// Start a cluster, run a workload under faults, check the history. Writes to --out:
     /// history.jsonl (kvctl check's format), nemesis.jsonl (faults on the same clock), summary.json,
-    /// check.txt, certs/, data/, logs/.
+    /// check.txt, report.html, certs/, data/, logs/.
     Run(Box<RunArgs>),
     /// Remove what a run left behind if it was itself killed (namespaces and the processes in them,
     /// its bridge and firewall rule). Touches nothing that does not carry the tag.

@@ -30,15 +30,24 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "local")]
     pub target: Target,
     /// What the clients do: `register` (get/put/cas on a few keys at a time, checked for
-    /// linearizability) or `append` (unique appends and reads; afterwards every key is read and each
-    /// acknowledged append must be in it exactly once, none twice).
+    /// linearizability), `append` (unique appends and reads; afterwards every key is read and each
+    /// acknowledged append must be in it exactly once, none twice) or `bank` (ledgers of 5 accounts
+    /// of 100, one per key `bN`: reads, and transfers that read a ledger and cas it to one with a
+    /// random amount moved between two accounts — a transfer is two operations in one step of
+    /// --rate; every read and the final read of each ledger must total 500 with no balance
+    /// negative). Each works on both stores; all are checked for linearizability per key.
     #[arg(long, value_enum, default_value = "register")]
     pub workload: WorkloadKind,
     /// Faults to inject, comma-separated; each faulty window picks one of them from the seed.
     /// `kill`: SIGKILL one node, a minority or the leader, restarted when the window ends.
     /// `pause`: SIGSTOP the same choice of nodes, SIGCONT at the window's end.
     /// `partition`: drop traffic between nodes (random halves, the leader alone, a bridge, a majority
-    /// ring). `loss`: drop --loss-probability of the packets every node receives. `none`: no faults.
+    /// ring). `loss`: drop --loss-probability of the packets every node receives.
+    /// `restart-all`: SIGKILL every node at once, restart them all (in an order from the seed) at
+    /// the window's end. `reconfigure` (--store sharded only): move a random shard to another group
+    /// of the latest configuration through the controllers (needs two groups joined and an admin
+    /// certificate; a move is permanent, nothing is healed). `none`: no faults.
+    /// Availability is reported per kind of fault (kill-leader, pause-one, restart-all, ...).
     #[arg(
         long,
         value_enum,
@@ -238,6 +247,12 @@ impl RunArgs {
         if self.store == StoreKind::Sharded && self.target != Target::Compose {
             return invalid("--store sharded runs on --target compose only");
         }
+        if self.nemesis.contains(&NemesisKind::Reconfigure) && self.store != StoreKind::Sharded {
+            return invalid(
+                "--nemesis reconfigure moves shards between groups: it needs --store sharded \
+                 (--target compose; the local target runs one replicated group)",
+            );
+        }
         Ok(())
     }
 }
@@ -269,6 +284,37 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn args(line: &str) -> RunArgs {
+        Cli::try_parse_from(std::iter::once("chaos").chain(line.split_whitespace()))
+            .map(|cli| cli.run)
+            .unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    #[test]
+    fn reconfigure_is_refused_without_the_sharded_store() {
+        let local = args("--nemesis kill,reconfigure");
+        let refusal = local
+            .validate()
+            .expect_err("no groups to move shards between");
+        assert!(refusal.to_string().contains("--store sharded"), "{refusal}");
+        assert!(
+            args("--target compose --store sharded --nemesis reconfigure,restart-all")
+                .validate()
+                .is_ok()
+        );
+        let both = args("--nemesis restart-all --workload bank");
+        assert_eq!(both.nemesis, vec![NemesisKind::RestartAll]);
+        assert_eq!(both.workload, WorkloadKind::Bank);
+        assert!(both.validate().is_ok());
+    }
 
     #[test]
     fn durations_read_as_people_write_them() {

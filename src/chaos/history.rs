@@ -68,8 +68,13 @@ pub struct NemesisEvent {
     pub time: u64,
     /// `start` or `stop`.
     pub phase: &'static str,
-    /// `kill`, `pause`, `partition`, `loss`, or `heal-all`.
+    /// The family: `kill`, `pause`, `partition`, `loss`, `restart-all`, `reconfigure`, or
+    /// `heal-all`. A `start` is paired with the next `stop` of its family.
     pub fault: &'static str,
+    /// The finer kind availability is reported by (`kill-leader`, `pause-minority`,
+    /// `partition-isolate-leader`, `restart-all`, ...): a SIGKILLed leader and a SIGKILLed follower
+    /// cost clients very different outages, and issue #13's targets are set per kind.
+    pub kind: &'static str,
     /// The nodes affected (ids, from 1).
     pub nodes: Vec<u64>,
     /// What exactly was done (which pairs were cut, which nodes killed and why).

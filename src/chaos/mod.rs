@@ -12,16 +12,19 @@
 //!    down. [`cluster::local`] builds one on this machine: a bridge and one network namespace per node
 //!    ([`cluster::netns`]), `kvd kv` processes inside them with mutual-TLS certificates issued for the
 //!    run; clients stay on the host side of the bridge.
-//! 2. **workload** ([`workload`]): `--clients` in-process clerks issue `register` (get/put/cas) or
-//!    `append` (unique appends and reads) operations at `--rate` ops/s in total; each completed operation
-//!    is recorded as `ok`, `fail` (definitely not applied) or `info` (unknown: timed out).
+//! 2. **workload** ([`workload`]): `--clients` in-process clerks issue `register` (get/put/cas),
+//!    `append` (unique appends and reads) or `bank` (transfers between the accounts of a ledger by
+//!    cas, [`bank`]) operations at `--rate` ops/s in total; each completed operation is recorded as
+//!    `ok`, `fail` (definitely not applied) or `info` (unknown: timed out).
 //! 3. **nemesis** ([`nemesis`]): a schedule computed from `--seed` alternates quiet and faulty windows
-//!    (kill, pause, partition, loss); every fault is healed at its window's end and again, all at once,
-//!    when the faulty phase is over.
+//!    (kill, pause, partition, loss, restart-all, and shard moves through the controllers with
+//!    `reconfigure`); every fault is healed at its window's end and again, all at once, when the
+//!    faulty phase is over.
 //! 4. **recovery**: with everything healed the workload goes on for `--recovery-time`; the `append`
-//!    workload then reads every key it wrote.
+//!    and `bank` workloads then read every key they used.
 //! 5. **verdict** ([`verdict`]): the checker per key within `--check-budget-secs`, the workload's own
-//!    invariant, the recovery invariant; a summary on stdout and in `DIR/summary.json`.
+//!    invariant, the recovery invariant, availability overall and per kind of fault; a summary on
+//!    stdout and in `DIR/summary.json`.
 //!
 //! Files a run writes to `--out DIR` ([`history`]): `history.jsonl` (the checker's format, one
 //! operation per line), `nemesis.jsonl` (fault start/stop events on the same clock), `summary.json`,
@@ -35,6 +38,7 @@
 //! `chaos clean --tag` does the same for a run that was itself SIGKILLed.
 
 pub mod args;
+pub mod bank;
 pub mod cluster;
 pub mod cmd;
 pub mod history;

@@ -7,9 +7,17 @@
 //! seeded stream), and [`Fault::heal`] undoes exactly that fault when it closes. Every event is
 //! recorded on the run's clock. After the last window [`run`] heals everything at once
 //! ([`Cluster::heal_all`]), whatever the windows did.
+//!
+//! Two faults are not about single nodes: `restart-all` SIGKILLs every node at once and restarts
+//! them all, in an order drawn from the seed, when its window closes (the whole-cluster crash: every
+//! node must recover from its own disk); `reconfigure` (sharded store only) asks the controllers to
+//! [`choose_move`] a shard to another group, which the groups then carry out under the clients'
+//! feet. A move is a legal, permanent change, so there is nothing to heal.
 
 use super::cluster::{find_leader, Cluster, ClusterError};
 use super::history::{Clock, NemesisEvent, RecordError, Recorder};
+use crate::ctrler::{Config, CtrlerClerk, Gid};
+use crate::rsm::client::ClerkError;
 use clap::ValueEnum;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -26,6 +34,10 @@ pub enum NemesisError {
     /// An event could not be recorded.
     #[error("nemesis: {0}")]
     Record(#[from] RecordError),
+    /// The controllers will not let the run reconfigure (a certificate without the admin role, a
+    /// `reconfigure` window with no controller clerk): every later move would fail the same way.
+    #[error("nemesis reconfigure: {0}")]
+    Reconfigure(String),
 }
 
 /// A family of faults, as `--nemesis` names them.
@@ -40,6 +52,11 @@ pub enum NemesisKind {
     Partition,
     /// Drop a share of the packets every node receives.
     Loss,
+    /// SIGKILL every node, restart them all (in an order from the seed) at the window's end.
+    #[serde(rename = "restart-all")]
+    RestartAll,
+    /// Move a random shard to another group through the controllers (`--store sharded` only).
+    Reconfigure,
     /// No faults (a baseline run).
     None,
 }
@@ -79,6 +96,10 @@ pub enum Plan {
     Partition(Shape),
     /// Drop packets with this probability on every node.
     Loss(f64),
+    /// SIGKILL every node, restart all of them.
+    RestartAll,
+    /// Move a shard to another group.
+    Reconfigure,
 }
 
 /// One faulty window of the schedule.
@@ -126,6 +147,8 @@ pub fn schedule(
                 Plan::Partition(*shapes.choose(&mut rng).unwrap_or(&Shape::Halves))
             }
             Some(NemesisKind::Loss) => Plan::Loss(loss),
+            Some(NemesisKind::RestartAll) => Plan::RestartAll,
+            Some(NemesisKind::Reconfigure) => Plan::Reconfigure,
             Some(NemesisKind::None) | None => break,
         };
         windows.push(Window { start, end, plan });
@@ -137,10 +160,10 @@ pub fn schedule(
 /// A fault bound to nodes (numbered from 0), as applied.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
-    /// These nodes were SIGKILLed.
-    Kill(Vec<usize>),
-    /// These nodes were SIGSTOPped.
-    Pause(Vec<usize>),
+    /// These nodes were SIGKILLed; who they were (`Leader` only if the leader was known).
+    Kill(Vec<usize>, Who),
+    /// These nodes were SIGSTOPped; who they were.
+    Pause(Vec<usize>, Who),
     /// These pairs were cut.
     Partition {
         /// The shape, for the record.
@@ -150,6 +173,65 @@ pub enum Fault {
     },
     /// Every node drops incoming packets with this probability.
     Loss(f64),
+    /// Every node was SIGKILLed; they are restarted in this order.
+    RestartAll(Vec<usize>),
+    /// A shard move asked of the controllers, and what came of it.
+    Reconfigure(Reconfiguration),
+}
+
+/// A controller `Move` the nemesis chose: shard `shard` from group `from` to group `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardMove {
+    /// The shard.
+    pub shard: u64,
+    /// The group serving it in the configuration the move was chosen from (0: nobody).
+    pub from: Gid,
+    /// The group it is given to.
+    pub to: Gid,
+    /// The configuration it was chosen from.
+    pub config: u64,
+}
+
+/// A `reconfigure` window: the move made (or why none was), and the controllers' answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reconfiguration {
+    /// The move asked for; `None` when none was possible or the configuration could not be read.
+    pub chosen: Option<ShardMove>,
+    /// What came of it, for the record (`configuration 12`, `outcome unknown: ...`, `no move: ...`).
+    pub outcome: String,
+}
+
+/// The move a `reconfigure` window makes in `config`: a random shard to a random other group of that
+/// configuration. A pure function of the stream's state and the configuration (a run's moves replay
+/// from its seed against the same configurations); `None` when there is no shard or no second group.
+pub fn choose_move(config: &Config, rng: &mut ChaCha8Rng) -> Option<ShardMove> {
+    // With one group only there is nowhere to move a shard to (a shard nobody serves could be given
+    // to it, but that is a repair, not a fault, and the controllers' own Join does it).
+    if config.shards.is_empty() || config.groups.len() < 2 {
+        return None;
+    }
+    let shard = rng.random_range(0..config.shards.len());
+    let from = config.shards[shard];
+    let others: Vec<Gid> = config
+        .groups
+        .keys()
+        .copied()
+        .filter(|&gid| gid != from)
+        .collect();
+    let &to = others.choose(rng)?;
+    Some(ShardMove {
+        shard: shard as u64,
+        from,
+        to,
+        config: config.num,
+    })
+}
+
+/// The order a `restart-all` window restarts nodes `0..n` in: a permutation from the seeded stream.
+pub fn restart_order(n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(rng);
+    order
 }
 
 /// A random minority of `0..n` (at least one node when n > 0).
@@ -235,14 +317,21 @@ pub async fn resolve<C: Cluster>(plan: Plan, cluster: &C, rng: &mut ChaCha8Rng) 
         }
         _ => None,
     };
+    // The nodes, and who they turned out to be: the leader only if one was found.
     let who = |who: Who, rng: &mut ChaCha8Rng| match (who, leader) {
-        (Who::Leader, Some(leader)) => vec![leader],
-        (Who::Minority, _) => minority(n, rng),
-        (Who::One | Who::Leader, _) => vec![rng.random_range(0..n.max(1))],
+        (Who::Leader, Some(leader)) => (vec![leader], Who::Leader),
+        (Who::Minority, _) => (minority(n, rng), Who::Minority),
+        (Who::One | Who::Leader, _) => (vec![rng.random_range(0..n.max(1))], Who::One),
     };
     match plan {
-        Plan::Kill(w) => Fault::Kill(who(w, rng)),
-        Plan::Pause(w) => Fault::Pause(who(w, rng)),
+        Plan::Kill(w) => {
+            let (nodes, who) = who(w, rng);
+            Fault::Kill(nodes, who)
+        }
+        Plan::Pause(w) => {
+            let (nodes, who) = who(w, rng);
+            Fault::Pause(nodes, who)
+        }
         Plan::Partition(shape) => {
             // Below their sizes a ring and a bridge are plain halves: say what was done.
             let shape = match shape {
@@ -256,24 +345,109 @@ pub async fn resolve<C: Cluster>(plan: Plan, cluster: &C, rng: &mut ChaCha8Rng) 
             }
         }
         Plan::Loss(p) => Fault::Loss(p),
+        Plan::RestartAll => Fault::RestartAll(restart_order(n, rng)),
+        // Made by `reconfigure`, which holds the controller clerk; reaching here is a bug in `run`.
+        Plan::Reconfigure => Fault::Reconfigure(Reconfiguration {
+            chosen: None,
+            outcome: "no move: no controller clerk".into(),
+        }),
     }
+}
+
+/// Whether a failed controller call may still have taken effect (or may work when retried later):
+/// then the window records it and the run goes on; otherwise it is [`NemesisError::Reconfigure`].
+fn indeterminate(error: &ClerkError) -> bool {
+    matches!(
+        error,
+        ClerkError::Timeout { .. } | ClerkError::Unreachable { .. } | ClerkError::SessionExpired
+    )
+}
+
+/// A `reconfigure` window: read the latest configuration, [`choose_move`], ask for it. A controller
+/// that does not answer is recorded (the move may still happen); one that refuses the identity
+/// ends the run, since every later window would be refused too.
+pub async fn reconfigure(
+    ctrler: &mut CtrlerClerk,
+    rng: &mut ChaCha8Rng,
+) -> Result<Reconfiguration, NemesisError> {
+    let config = match ctrler.query(None).await {
+        Ok(config) => config,
+        Err(e) if indeterminate(&e) => {
+            return Ok(Reconfiguration {
+                chosen: None,
+                outcome: format!("no move: the controllers did not answer a query: {e}"),
+            })
+        }
+        Err(e) => return Err(NemesisError::Reconfigure(format!("query: {e}"))),
+    };
+    let Some(chosen) = choose_move(&config, rng) else {
+        let groups: Vec<Gid> = config.groups.keys().copied().collect();
+        return Ok(Reconfiguration {
+            chosen: None,
+            outcome: format!(
+                "no move: configuration {} has group(s) {groups:?} only",
+                config.num
+            ),
+        });
+    };
+    let outcome = match ctrler.move_shard(chosen.shard, chosen.to).await {
+        Ok(next) => format!("configuration {}", next.num),
+        Err(e) if indeterminate(&e) => format!("outcome unknown: {e}"),
+        Err(ClerkError::Denied(why)) => {
+            return Err(NemesisError::Reconfigure(format!(
+                "the controllers refused a Move ({why}): moves need an admin certificate \
+                 (--tls-cert/--tls-key, e.g. /tmp/ds824-certs/admin-operator.pem)"
+            )))
+        }
+        // Refused on its merits (the group left meanwhile, say): recorded, the run goes on.
+        Err(e) => format!("refused: {e}"),
+    };
+    Ok(Reconfiguration {
+        chosen: Some(chosen),
+        outcome,
+    })
 }
 
 impl Fault {
     /// The family, as recorded.
     pub fn name(&self) -> &'static str {
         match self {
-            Fault::Kill(_) => "kill",
-            Fault::Pause(_) => "pause",
+            Fault::Kill(..) => "kill",
+            Fault::Pause(..) => "pause",
             Fault::Partition { .. } => "partition",
             Fault::Loss(_) => "loss",
+            Fault::RestartAll(_) => "restart-all",
+            Fault::Reconfigure(_) => "reconfigure",
         }
     }
 
-    /// The nodes affected, numbered from 0.
+    /// The kind availability is reported by ([`NemesisEvent::kind`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Kill(_, Who::Leader) => "kill-leader",
+            Fault::Kill(_, Who::One) => "kill-one",
+            Fault::Kill(_, Who::Minority) => "kill-minority",
+            Fault::Pause(_, Who::Leader) => "pause-leader",
+            Fault::Pause(_, Who::One) => "pause-one",
+            Fault::Pause(_, Who::Minority) => "pause-minority",
+            Fault::Partition { shape, .. } => match shape {
+                Shape::Halves => "partition-halves",
+                Shape::IsolateLeader => "partition-isolate-leader",
+                Shape::Bridge => "partition-bridge",
+                Shape::Ring => "partition-ring",
+            },
+            Fault::Loss(_) => "loss",
+            Fault::RestartAll(_) => "restart-all",
+            Fault::Reconfigure(_) => "reconfigure",
+        }
+    }
+
+    /// The nodes affected, numbered from 0 (none for a shard move: no process or link is touched).
     pub fn nodes(&self, n: usize) -> Vec<usize> {
         match self {
-            Fault::Kill(nodes) | Fault::Pause(nodes) => nodes.clone(),
+            Fault::Kill(nodes, _) | Fault::Pause(nodes, _) => nodes.clone(),
+            Fault::RestartAll(_) => (0..n).collect(),
+            Fault::Reconfigure(_) => Vec::new(),
             Fault::Partition { cuts, .. } => {
                 let mut nodes: Vec<usize> = cuts.iter().flat_map(|&(a, b)| [a, b]).collect();
                 nodes.sort_unstable();
@@ -294,8 +468,16 @@ impl Fault {
                 .join(",")
         };
         match self {
-            Fault::Kill(nodes) => format!("SIGKILL node(s) {}", ids(nodes)),
-            Fault::Pause(nodes) => format!("SIGSTOP node(s) {}", ids(nodes)),
+            Fault::Kill(nodes, who) => format!("SIGKILL node(s) {} ({who:?})", ids(nodes)),
+            Fault::Pause(nodes, who) => format!("SIGSTOP node(s) {} ({who:?})", ids(nodes)),
+            Fault::RestartAll(order) => format!("SIGKILL every node; restart order {}", ids(order)),
+            Fault::Reconfigure(r) => match r.chosen {
+                Some(m) => format!(
+                    "move shard {} from group {} to group {} (chosen from configuration {}): {}",
+                    m.shard, m.from, m.to, m.config, r.outcome
+                ),
+                None => r.outcome.clone(),
+            },
             Fault::Partition { shape, cuts } => format!(
                 "partition ({shape:?}): cut {}",
                 cuts.iter()
@@ -310,12 +492,17 @@ impl Fault {
     /// Inflict it.
     pub async fn apply<C: Cluster>(&self, cluster: &mut C) -> Result<(), ClusterError> {
         match self {
-            Fault::Kill(nodes) => {
+            Fault::Kill(nodes, _) => {
                 for &node in nodes {
                     cluster.kill(node).await?;
                 }
             }
-            Fault::Pause(nodes) => {
+            Fault::RestartAll(_) => {
+                for node in 0..cluster.size() {
+                    cluster.kill(node).await?;
+                }
+            }
+            Fault::Pause(nodes, _) => {
                 for &node in nodes {
                     cluster.pause(node).await?;
                 }
@@ -330,6 +517,8 @@ impl Fault {
                     cluster.lossy(node, *p).await?;
                 }
             }
+            // The move was made when the window was resolved ([`reconfigure`]).
+            Fault::Reconfigure(_) => {}
         }
         Ok(())
     }
@@ -337,17 +526,19 @@ impl Fault {
     /// Undo it.
     pub async fn heal<C: Cluster>(&self, cluster: &mut C) -> Result<(), ClusterError> {
         match self {
-            Fault::Kill(nodes) => {
+            Fault::Kill(nodes, _) | Fault::RestartAll(nodes) => {
                 for &node in nodes {
                     cluster.restart(node).await?;
                 }
             }
-            Fault::Pause(nodes) => {
+            Fault::Pause(nodes, _) => {
                 for &node in nodes {
                     cluster.resume(node).await?;
                 }
             }
             Fault::Partition { .. } | Fault::Loss(_) => cluster.heal_network().await?,
+            // Moves are permanent and legal: nothing to undo.
+            Fault::Reconfigure(_) => {}
         }
         Ok(())
     }
@@ -357,9 +548,16 @@ fn ids(nodes: &[usize]) -> Vec<u64> {
     nodes.iter().map(|&n| n as u64 + 1).collect()
 }
 
-/// Play `windows` against `cluster`, recording each start and stop, then heal everything.
+/// Play `windows` against `cluster`, recording each start and stop. `ctrler` makes the moves of
+/// `reconfigure` windows (the sharded store's controllers; `None` elsewhere, where
+/// [`super::args::RunArgs::validate`] refuses that nemesis).
+///
+/// A fault's `start` is stamped once it is in place — for `restart-all` once every node is down —
+/// and its `stop` once it is healed: for `restart-all` that is the moment the last node was
+/// restarted, from which its availability is measured.
 pub async fn run<C: Cluster>(
     cluster: &mut C,
+    mut ctrler: Option<&mut CtrlerClerk>,
     windows: &[Window],
     seed: u64,
     clock: Clock,
@@ -370,24 +568,45 @@ pub async fn run<C: Cluster>(
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6e65_6d65_7369_7321);
     for window in windows {
         tokio::time::sleep_until(clock.at(window.start)).await;
-        let fault = resolve(window.plan, cluster, &mut rng).await;
+        let fault = match (window.plan, ctrler.as_deref_mut()) {
+            (Plan::Reconfigure, Some(ctrler)) => {
+                Fault::Reconfigure(reconfigure(ctrler, &mut rng).await?)
+            }
+            (Plan::Reconfigure, None) => {
+                return Err(NemesisError::Reconfigure(
+                    "no controllers to ask: reconfigure needs --store sharded".into(),
+                ))
+            }
+            (plan, _) => {
+                let fault = resolve(plan, cluster, &mut rng).await;
+                fault.apply(cluster).await?;
+                fault
+            }
+        };
         let nodes = ids(&fault.nodes(cluster.size()));
-        fault.apply(cluster).await?;
         recorder.event(NemesisEvent {
             time: clock.now(),
             phase: "start",
             fault: fault.name(),
+            kind: fault.kind(),
             nodes: nodes.clone(),
             detail: fault.describe(),
         })?;
         tokio::time::sleep_until(clock.at(window.end)).await;
         fault.heal(cluster).await?;
+        let detail = match &fault {
+            Fault::Reconfigure(_) => {
+                format!("window over (a move is not undone): {}", fault.describe())
+            }
+            _ => format!("healed: {}", fault.describe()),
+        };
         recorder.event(NemesisEvent {
             time: clock.now(),
             phase: "stop",
             fault: fault.name(),
+            kind: fault.kind(),
             nodes,
-            detail: format!("healed: {}", fault.describe()),
+            detail,
         })?;
     }
     Ok(())
@@ -404,6 +623,7 @@ pub async fn heal_all<C: Cluster>(
         time: clock.now(),
         phase: "stop",
         fault: "heal-all",
+        kind: "heal-all",
         nodes: ids(&(0..cluster.size()).collect::<Vec<_>>()),
         detail:
             "every fault healed: network restored, paused nodes resumed, killed nodes restarted"
@@ -462,5 +682,102 @@ mod tests {
             let m = minority(n, &mut rng);
             assert!(!m.is_empty() && (n <= 2 || m.len() * 2 < n), "{n}: {m:?}");
         }
+    }
+
+    #[test]
+    fn restart_all_windows_come_from_the_seed_and_restart_every_node_in_a_seeded_order() {
+        let kinds = [
+            NemesisKind::RestartAll,
+            NemesisKind::Kill,
+            NemesisKind::Pause,
+        ];
+        let s = Duration::from_secs;
+        let a = schedule(11, &kinds, s(120), s(5), s(5), 0.2);
+        assert_eq!(a, schedule(11, &kinds, s(120), s(5), s(5), 0.2));
+        assert_ne!(a, schedule(12, &kinds, s(120), s(5), s(5), 0.2));
+        assert!(a.iter().any(|w| w.plan == Plan::RestartAll), "{a:?}");
+        assert!(a.iter().any(|w| w.plan != Plan::RestartAll), "{a:?}");
+        let only = schedule(1, &[NemesisKind::RestartAll], s(60), s(5), s(5), 0.2);
+        assert!(only.iter().all(|w| w.plan == Plan::RestartAll));
+        assert_eq!(only.len(), 6);
+        // The restart order is a permutation drawn from the seeded stream.
+        let order = |seed| restart_order(5, &mut ChaCha8Rng::seed_from_u64(seed));
+        assert_eq!(order(3), order(3));
+        let mut sorted = order(3);
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 1, 2, 3, 4]);
+        assert!((0..20).any(|seed| order(seed) != order(3)));
+        let fault = Fault::RestartAll(vec![2, 0, 1]);
+        assert_eq!(fault.nodes(3), vec![0, 1, 2]);
+        assert_eq!(fault.kind(), "restart-all");
+        assert!(
+            fault.describe().contains("restart order 3,1,2"),
+            "{}",
+            fault.describe()
+        );
+    }
+
+    #[test]
+    fn a_fault_kind_says_whom_it_hit() {
+        assert_eq!(Fault::Kill(vec![1], Who::Leader).kind(), "kill-leader");
+        assert_eq!(
+            Fault::Pause(vec![0, 2], Who::Minority).kind(),
+            "pause-minority"
+        );
+        let isolate = Fault::Partition {
+            shape: Shape::IsolateLeader,
+            cuts: vec![(0, 1), (0, 2)],
+        };
+        assert_eq!(isolate.kind(), "partition-isolate-leader");
+        assert_eq!(isolate.name(), "partition");
+    }
+
+    fn config(num: u64, shards: &[Gid], gids: &[Gid]) -> Config {
+        Config {
+            num,
+            shards: shards.to_vec(),
+            groups: gids
+                .iter()
+                .map(|&gid| (gid, vec![format!("g{gid}:7201")]))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_move_is_a_pure_function_of_the_seed_and_the_configuration() {
+        let three = config(7, &[1, 1, 1, 1, 2, 2, 2, 3, 3, 3], &[1, 2, 3]);
+        let pick =
+            |seed, config: &Config| choose_move(config, &mut ChaCha8Rng::seed_from_u64(seed));
+        assert_eq!(pick(5, &three), pick(5, &three));
+        let mut moved_to = std::collections::BTreeSet::new();
+        for seed in 0..50 {
+            let m = pick(seed, &three).expect("three groups: a move exists");
+            assert_eq!(m.config, 7);
+            assert!(m.shard < 10);
+            assert_eq!(m.from, three.shards[m.shard as usize]);
+            assert_ne!(m.to, m.from, "a move to where the shard already is: {m:?}");
+            assert!(three.groups.contains_key(&m.to), "{m:?}");
+            moved_to.insert(m.to);
+        }
+        assert_eq!(
+            moved_to.len(),
+            3,
+            "every group receives shards over 50 seeds"
+        );
+        // One stream, several windows: the sequence replays from the seed.
+        let sequence = |seed| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            (0..5)
+                .map(|_| choose_move(&three, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sequence(9), sequence(9));
+        // Nowhere to go: one group, or none.
+        assert_eq!(pick(1, &config(3, &[1; 10], &[1])), None);
+        assert_eq!(pick(1, &config(0, &[0; 10], &[])), None);
+        // A shard nobody serves goes to one of two groups.
+        let unassigned = config(4, &[0; 10], &[1, 2]);
+        let m = pick(2, &unassigned).expect("two groups");
+        assert!(m.from == 0 && (m.to == 1 || m.to == 2), "{m:?}");
     }
 }

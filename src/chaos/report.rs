@@ -12,7 +12,7 @@
 //! 3. latency of acknowledged operations (a log-scale scatter, with per-second p50 and p99), shaded
 //!    the same way;
 //! 4. availability: the [`Stats`](super::verdict::Stats) of the verdict plus ok/s during faults and
-//!    outside them;
+//!    outside them, and the longest outage after each kind of fault against issue #13's targets;
 //! 5. each checker's verdict, and the fault windows as a table;
 //! 6. for a linearizability violation, the offending sub-history as a timeline (one row per client,
 //!    one bar per operation from invocation to completion, an `info` operation open to the right,
@@ -27,10 +27,11 @@
 //! out of the charts (they still count in the statistics).
 
 use super::history::NemesisEvent;
-use super::verdict::Summary;
+use super::verdict::{FaultOutage, Summary};
 use super::workload::FINAL_READER;
 use super::{EXIT_INVALID, EXIT_VALID};
 use crate::check::{OpKind, Operation, Status, Violation};
+use clap::ValueEnum;
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -299,6 +300,8 @@ fn kind_class(kind: &str) -> &'static str {
         "pause" => "f-pause",
         "partition" => "f-partition",
         "loss" => "f-loss",
+        "restart-all" => "f-restart",
+        "reconfigure" => "f-reconfigure",
         _ => "f-other",
     }
 }
@@ -392,6 +395,8 @@ fn band_name(kind: &str) -> &'static str {
         "pause" => "pause",
         "partition" => "partition",
         "loss" => "loss",
+        "restart-all" => "restart-all",
+        "reconfigure" => "reconfigure",
         _ => "other fault",
     }
 }
@@ -828,7 +833,55 @@ fn availability_section(input: &ReportInput<'_>, windows: &[FaultWindow<'_>]) ->
             input.summary.info_appends_resolved.to_string(),
         ));
     }
-    format!("<h2>Availability</h2>\n{}", facts_table("facts", &rows))
+    format!(
+        "<h2>Availability</h2>\n{}{}",
+        facts_table("facts", &rows),
+        outage_table(&s.outage_by_fault)
+    )
+}
+
+/// The longest outage after each kind of fault, with issue #13's target where it sets one.
+fn outage_table(outages: &[FaultOutage]) -> String {
+    if outages.is_empty() {
+        return String::new();
+    }
+    let body: String = outages
+        .iter()
+        .map(|o| {
+            let (class, target) = match (o.target_ms, o.within_target) {
+                (Some(t), Some(true)) => ("good", format!("≤ {t} ms: met")),
+                (Some(t), _) => ("bad", format!("≤ {t} ms: missed")),
+                (None, _) => ("", "—".to_string()),
+            };
+            format!(
+                "<tr class=\"outage-row\"><td><i class=\"key {}\"></i>{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{} ms</td><td class=\"num\">{}</td><td>{}</td>\
+                 <td><span class=\"word {class}\">{}</span></td></tr>\n",
+                kind_class(family(&o.kind)),
+                escape(&o.kind),
+                o.faults,
+                o.longest_outage_ms,
+                fmt_secs(o.longest_outage_start_ms.saturating_mul(NS_PER_MS)),
+                escape(o.measured_from),
+                escape(&target)
+            )
+        })
+        .collect();
+    format!(
+        "<h3>Longest stretch without an acknowledged operation, by kind of fault</h3>\n\
+         <p class=\"note\">Measured from the fault's start (restart-all: from the moment its last \
+         node was restarted) to the first acknowledgement after the fault; the worst fault of each \
+         kind.</p>\n<table class=\"outages\">\n<tr><th>kind</th><th>faults</th><th>longest</th>\
+         <th>from</th><th>measured from</th><th>target</th></tr>\n{body}</table>\n"
+    )
+}
+
+/// The family of a fault kind (`kill-leader` → `kill`), for its colour.
+fn family(kind: &str) -> &str {
+    match kind {
+        "restart-all" => kind,
+        _ => kind.split('-').next().unwrap_or(kind),
+    }
 }
 
 /// The CSS class of a checker's word.
@@ -940,6 +993,8 @@ svg.chart{max-width:100%;height:auto;display:block;font:11px system-ui,sans-seri
 .f-pause{fill:rgba(123,31,162,.16);background:rgba(123,31,162,.3)}\
 .f-partition{fill:rgba(245,124,0,.2);background:rgba(245,124,0,.35)}\
 .f-loss{fill:rgba(25,118,210,.16);background:rgba(25,118,210,.3)}\
+.f-restart{fill:rgba(136,14,79,.2);background:rgba(136,14,79,.35)}\
+.f-reconfigure{fill:rgba(0,131,143,.16);background:rgba(0,131,143,.3)}\
 .f-other{fill:rgba(97,97,97,.16);background:rgba(97,97,97,.3)}\
 .band-label{fill:#5d4037;font-weight:600}\
 .series{fill:none;stroke-width:1.5}.s-ok{stroke:#2e7d32}.s-fail{stroke:#ef6c00}.s-info{stroke:#6a1b9a}\
@@ -981,7 +1036,15 @@ fn lower(value: impl std::fmt::Debug) -> String {
 }
 
 fn header(s: &Summary) -> String {
-    let nemeses: Vec<String> = s.nemesis.iter().map(lower).collect();
+    // As typed on the command line (`restart-all`), not as the type spells it.
+    let nemeses: Vec<String> = s
+        .nemesis
+        .iter()
+        .map(|n| {
+            n.to_possible_value()
+                .map_or_else(|| lower(n), |v| v.get_name().to_string())
+        })
+        .collect();
     let self_test = match s.self_test {
         true => {
             "<p class=\"note\">Self-test: the servers carried a deliberate safety bug; the run \
@@ -1426,6 +1489,10 @@ mod tests {
             time,
             phase,
             fault,
+            kind: match fault {
+                "kill" => "kill-leader",
+                other => other,
+            },
             nodes: vec![1, 2],
             detail: detail.to_string(),
         }
@@ -1509,7 +1576,10 @@ mod tests {
             rate: 13,
             time_secs: 25.0,
             faults: windows.len(),
-            stats: verdict::stats(ops, &windows, 0, 30 * S, 25 * S),
+            stats: verdict::Stats {
+                outage_by_fault: verdict::fault_outages(ops, events, 30 * S),
+                ..verdict::stats(ops, &windows, 0, 30 * S, 25 * S)
+            },
             info_appends_resolved: 0,
             linearizable,
             check,
@@ -1578,6 +1648,10 @@ mod tests {
         assert!(!html.contains("http://") && !html.contains("https://"));
         assert!(finite_numbers_only(&html));
         assert!(html.contains(">healed</text>"));
+        // Availability per kind of fault: one row each, the leader kill against its target.
+        assert_eq!(html.matches("class=\"outage-row\"").count(), 2);
+        assert!(html.contains(">kill-leader</td>"), "no kill-leader row");
+        assert!(html.contains("≤ 2000 ms: "), "no target shown");
         assert!(html.ends_with("</html>\n"));
     }
 

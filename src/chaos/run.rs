@@ -3,8 +3,8 @@
 //! The order matters and is written once here: the cluster is up (a leader elected) before the clock
 //! starts; clients and nemesis run together for `--time`; everything is healed; the workload goes on
 //! for `--recovery-time`; clients are stopped and joined (each finishes its current operation); the
-//! append workload reads every key; the cluster is torn down; only then the checker runs, so its
-//! budget is not shared with the servers.
+//! append and bank workloads read every key; the cluster is torn down; only then the checker runs, so
+//! its budget is not shared with the servers.
 //!
 //! Cleanup does not depend on reaching the end: the cluster value owns the processes and the network
 //! and removes them when dropped — after an error, a panic, or the future being dropped on Ctrl-C —
@@ -15,17 +15,18 @@ use super::cluster::compose::{ComposeCluster, ComposeConfig};
 use super::cluster::local::{LocalCluster, LocalConfig};
 use super::cluster::{Cluster, ClusterError};
 use super::history::{Clock, RecordError, Recorder};
-use super::nemesis::{self, schedule, NemesisError};
+use super::nemesis::{self, schedule, NemesisError, NemesisKind};
 use super::report::{self, ReportInput};
 use super::verdict::{
-    append_invariant, decide, decide_self_test, fault_windows, linearizability, recovery_invariant,
-    resolve_info_appends, stats, Summary,
+    append_invariant, bank_invariant, decide, decide_self_test, fault_outages, fault_windows,
+    linearizability, recovery_invariant, resolve_info_appends, stats, Summary,
 };
 use super::workload::{
     client, final_reads, Clients, KeySpace, Store, StoreKind, WorkloadError, WorkloadKind,
 };
 use crate::check::{check_with, CheckOptions, CheckResult, History, KvModel, OpKind};
-use crate::kv::ClerkConfig;
+use crate::ctrler::CtrlerClerk;
+use crate::kv::{ClerkConfig, ClerkError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,6 +67,10 @@ pub enum RunError {
     /// The timeline could not be written.
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// `--nemesis reconfigure` cannot work against these controllers (unreachable, or fewer than
+    /// two groups to move shards between).
+    #[error("--nemesis reconfigure: {0}")]
+    Reconfigure(String),
     /// A client task panicked or the checker's thread did.
     #[error("internal: {0}")]
     Task(String),
@@ -195,6 +200,21 @@ async fn drive<C: Cluster>(
     seed: u64,
     out: &Path,
 ) -> Result<Recorded, RunError> {
+    let config = ClerkConfig {
+        call_timeout: args.op_timeout,
+        // The servers answer TIMEOUT after 1 s themselves; this only bounds a frozen (paused)
+        // one. A third of the operation's deadline leaves time to retry elsewhere: with one
+        // attempt per operation, every request to a paused leader would end `info`.
+        attempt_timeout: (args.op_timeout / 3).min(Duration::from_millis(1500)),
+        connect_timeout: Duration::from_millis(500),
+        min_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(250),
+        security: cluster.client_security(),
+    };
+    let mut ctrler = match args.nemesis.contains(&NemesisKind::Reconfigure) {
+        true => Some(reconfigurer(&args.compose_ctrlers, &config).await?),
+        false => None,
+    };
     let clock = Clock::start();
     let recorder = Recorder::create(out)?;
     let shared = Arc::new(Clients {
@@ -203,17 +223,7 @@ async fn drive<C: Cluster>(
             StoreKind::Replicated => Store::Replicated(cluster.client_addresses()),
             StoreKind::Sharded => Store::Sharded(args.compose_ctrlers.clone()),
         },
-        config: ClerkConfig {
-            call_timeout: args.op_timeout,
-            // The servers answer TIMEOUT after 1 s themselves; this only bounds a frozen (paused)
-            // one. A third of the operation's deadline leaves time to retry elsewhere: with one
-            // attempt per operation, every request to a paused leader would end `info`.
-            attempt_timeout: (args.op_timeout / 3).min(Duration::from_millis(1500)),
-            connect_timeout: Duration::from_millis(500),
-            min_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(250),
-            security: cluster.client_security(),
-        },
+        config,
         clock,
         recorder: recorder.clone(),
         keys: KeySpace::new(args.workload, args.keys_at_once(), args.ops_per_key),
@@ -243,7 +253,7 @@ async fn drive<C: Cluster>(
         args.nemesis
     );
     let faulty_phase = async {
-        nemesis::run(cluster, &windows, seed, clock, &recorder).await?;
+        nemesis::run(cluster, ctrler.as_mut(), &windows, seed, clock, &recorder).await?;
         tokio::time::sleep_until(clock.at(args.time)).await;
         nemesis::heal_all(cluster, clock, &recorder).await
     };
@@ -265,12 +275,14 @@ async fn drive<C: Cluster>(
     }
     let finals = match args.workload {
         WorkloadKind::Register => BTreeMap::new(),
-        WorkloadKind::Append => {
+        WorkloadKind::Append | WorkloadKind::Bank => {
+            // Append: every key appended to. Bank: every ledger touched (a read of a ledger nobody
+            // opened finds it absent, which the invariant accepts).
             let keys: BTreeSet<String> = recorder
                 .history()
                 .ops()
                 .iter()
-                .filter(|op| op.op == OpKind::Append)
+                .filter(|op| op.op == OpKind::Append || args.workload == WorkloadKind::Bank)
                 .map(|op| op.key.clone())
                 .collect();
             tracing::info!("final read of {} keys", keys.len());
@@ -286,6 +298,32 @@ async fn drive<C: Cluster>(
         to,
         healed_at,
     })
+}
+
+/// The controller clerk of `--nemesis reconfigure`, once the controllers at `ctrlers` showed a
+/// configuration with at least two groups: with one there is nowhere to move a shard, and a run
+/// whose every reconfigure window does nothing should not pass for a test of migrations.
+async fn reconfigurer(ctrlers: &[String], config: &ClerkConfig) -> Result<CtrlerClerk, RunError> {
+    let unusable =
+        |e: ClerkError| RunError::Reconfigure(format!("the controllers {ctrlers:?}: {e}"));
+    let mut clerk = CtrlerClerk::new(ctrlers, config.clone()).map_err(unusable)?;
+    let latest = clerk.query(None).await.map_err(unusable)?;
+    if latest.groups.len() < 2 {
+        let gids: Vec<u64> = latest.groups.keys().copied().collect();
+        return Err(RunError::Reconfigure(format!(
+            "configuration {} has group(s) {gids:?}: moves need at least two; join more first, e.g. \
+             kvctl --ctrlers 127.0.0.1:17101 ctrler join \
+             2=g2a:7201@127.0.0.1:17204,g2b:7201@127.0.0.1:17205,g2c:7201@127.0.0.1:17206 \
+             (docker-compose.yml lists groups 2 and 3)",
+            latest.num
+        )));
+    }
+    tracing::info!(
+        config = latest.num,
+        groups = ?latest.groups.keys().collect::<Vec<_>>(),
+        "reconfigure: shards will move between these groups"
+    );
+    Ok(clerk)
 }
 
 fn early_exit(joined: Result<Result<(), WorkloadError>, JoinError>) -> RunError {
@@ -307,16 +345,19 @@ async fn judge(
     let history = recorded.recorder.history();
     let events = recorded.recorder.events();
     let windows = fault_windows(&events);
-    let stats = stats(
+    let mut stats = stats(
         history.ops(),
         &windows,
         recorded.from,
         recorded.to,
         recorded.healed_at,
     );
+    stats.outage_by_fault = fault_outages(history.ops(), &events, recorded.to);
     let mut invariants = vec![recovery_invariant(history.ops(), recorded.healed_at)];
-    if args.workload == WorkloadKind::Append {
-        invariants.push(append_invariant(history.ops(), &recorded.finals));
+    match args.workload {
+        WorkloadKind::Register => {}
+        WorkloadKind::Append => invariants.push(append_invariant(history.ops(), &recorded.finals)),
+        WorkloadKind::Bank => invariants.push(bank_invariant(history.ops(), &recorded.finals)),
     }
     tracing::info!(
         ops = history.len(),
@@ -324,7 +365,7 @@ async fn judge(
         "checking linearizability"
     );
     let (checked, info_appends_resolved) = match args.workload {
-        WorkloadKind::Register => (history, 0),
+        WorkloadKind::Register | WorkloadKind::Bank => (history, 0),
         WorkloadKind::Append => {
             let (ops, resolved) = resolve_info_appends(history.ops(), &recorded.finals);
             (History::new(ops).map_err(RecordError::from)?, resolved)

@@ -1,11 +1,13 @@
 //! The verdict of a run: linearizability per key, each workload's own invariant, recovery, and the
-//! numbers an operator looks at first (throughput, outcomes, the longest time nothing succeeded).
+//! numbers an operator looks at first (throughput, outcomes, the longest time nothing succeeded,
+//! overall and after each kind of fault: [`fault_outages`]).
 //!
 //! Exit status ([`Summary::exit_code`]): [`EXIT_INVALID`] if the checker found a violation or any
 //! invariant failed; else [`EXIT_UNKNOWN`] if the checker ran out of budget or an invariant could not
 //! be decided; else [`EXIT_VALID`]. An `Unknown` is never reported as valid.
 
 use super::args::Target;
+use super::bank;
 use super::history::NemesisEvent;
 use super::nemesis::NemesisKind;
 use super::workload::{StoreKind, WorkloadKind, FINAL_READER};
@@ -35,6 +37,133 @@ pub struct Stats {
     pub longest_outage_start_ms: u64,
     /// Acknowledged operations per second of workload.
     pub ok_per_sec: f64,
+    /// The longest outage after each kind of fault ([`fault_outages`]), by kind.
+    pub outage_by_fault: Vec<FaultOutage>,
+}
+
+/// Availability after one kind of fault (`kill-leader`, `restart-all`, ...): the figure issue #13's
+/// failover targets are stated in.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultOutage {
+    /// The kind ([`NemesisEvent::kind`]).
+    pub kind: String,
+    /// Faults of this kind played.
+    pub faults: usize,
+    /// The longest stretch without an acknowledged operation after one of them, in milliseconds.
+    pub longest_outage_ms: u64,
+    /// When that stretch began (ms on the run's clock).
+    pub longest_outage_start_ms: u64,
+    /// What the stretch is measured from: `fault start`, or `last node restarted` for `restart-all`
+    /// (before that every node is down by design; what counts is how fast the cluster comes back).
+    pub measured_from: &'static str,
+    /// Issue #13's target for this kind, if it sets one (ms): 2,000 after a leader SIGKILL or pause,
+    /// 5,000 after the last node of a whole-cluster restart comes back.
+    pub target_ms: Option<u64>,
+    /// Whether every fault of this kind met the target (`None`: no target).
+    pub within_target: Option<bool>,
+}
+
+/// Issue #13's availability target for a fault kind, in ms.
+pub fn outage_target_ms(kind: &str) -> Option<u64> {
+    match kind {
+        "kill-leader" | "pause-leader" => Some(2_000),
+        "restart-all" => Some(5_000),
+        _ => None,
+    }
+}
+
+/// The longest outage after each kind of fault in `events`, for a workload whose acknowledged
+/// operations are `ops` and which was stopped at `to` (ns).
+///
+/// For one fault, playing from `a` to `b`: the longest gap between consecutive acknowledgements
+/// (final reads left out) counted from `a` up to the first acknowledgement after `b` (or `to`, if
+/// none came) — so an outage that outlasts the window is measured whole, and one that a window
+/// merely contains is not blamed on the fault before it. `a` is the fault's start; for `restart-all`
+/// both `a` and `b` are the moment its last node was restarted (its `stop` event), so the figure is
+/// the time until the cluster served again. Kinds are listed in name order.
+pub fn fault_outages(ops: &[Operation], events: &[NemesisEvent], to: u64) -> Vec<FaultOutage> {
+    let mut acknowledged: Vec<u64> = ops
+        .iter()
+        .filter(|op| op.status == Status::Ok && op.client != FINAL_READER)
+        .filter_map(|op| op.complete)
+        .collect();
+    acknowledged.sort_unstable();
+    // kind -> (faults, longest gap, when it began)
+    let mut by_kind: BTreeMap<&str, (usize, u64, u64)> = BTreeMap::new();
+    let mut open: HashMap<&str, &NemesisEvent> = HashMap::new();
+    let mut played: Vec<(&str, u64, u64)> = Vec::new();
+    for event in events {
+        match (event.phase, event.fault) {
+            ("start", fault) => {
+                open.insert(fault, event);
+            }
+            (_, "heal-all") => {
+                played.extend(open.drain().map(|(_, s)| (s.kind, s.time, event.time)));
+            }
+            (_, fault) => {
+                if let Some(start) = open.remove(fault) {
+                    played.push((start.kind, start.time, event.time));
+                }
+            }
+        }
+    }
+    played.extend(open.into_values().map(|s| (s.kind, s.time, to.max(s.time))));
+    // Hash order must not decide which of two equal outages is shown.
+    played.sort_unstable();
+    for (kind, start, stop) in played {
+        let (a, b) = match kind {
+            "restart-all" => (stop, stop),
+            _ => (start, stop),
+        };
+        let (gap, gap_start) = longest_gap(&acknowledged, a, b, to);
+        let entry = by_kind.entry(kind).or_insert((0, 0, a));
+        entry.0 += 1;
+        if gap > entry.1 {
+            (entry.1, entry.2) = (gap, gap_start);
+        }
+    }
+    by_kind
+        .into_iter()
+        .map(|(kind, (faults, gap, start))| {
+            let target_ms = outage_target_ms(kind);
+            let longest_outage_ms = gap / 1_000_000;
+            FaultOutage {
+                kind: kind.to_string(),
+                faults,
+                longest_outage_ms,
+                longest_outage_start_ms: start / 1_000_000,
+                measured_from: match kind {
+                    "restart-all" => "last node restarted",
+                    _ => "fault start",
+                },
+                target_ms,
+                within_target: target_ms.map(|t| longest_outage_ms <= t),
+            }
+        })
+        .collect()
+}
+
+/// The longest gap (and where it began) in `a`, the sorted acknowledgements in `(a, b]`, and the
+/// first one after `b` (`to` if none).
+fn longest_gap(acknowledged: &[u64], a: u64, b: u64, to: u64) -> (u64, u64) {
+    let first = acknowledged.partition_point(|&t| t <= a);
+    let within = acknowledged[first..]
+        .iter()
+        .copied()
+        .take_while(|&t| t <= b);
+    let after = acknowledged[first..]
+        .iter()
+        .copied()
+        .find(|&t| t > b)
+        .unwrap_or(to.max(b));
+    let (mut previous, mut gap, mut gap_start) = (a, 0, a);
+    for t in within.chain(std::iter::once(after)) {
+        if t.saturating_sub(previous) > gap {
+            (gap, gap_start) = (t - previous, previous);
+        }
+        previous = previous.max(t);
+    }
+    (gap, gap_start)
 }
 
 /// The fault windows `[start, stop]` in `events` (each start paired with the next stop of its kind).
@@ -201,6 +330,87 @@ pub fn append_invariant(ops: &[Operation], finals: &BTreeMap<String, Option<Stri
         format!(
             "{acknowledged} acknowledged appends in {} keys, each exactly once",
             finals.len()
+        )
+    };
+    Invariant {
+        name,
+        holds,
+        detail,
+    }
+}
+
+/// The bank workload's invariant ([`bank::audit`]): every ledger an acknowledged read returned — by a
+/// client, or by the final read of each ledger (`finals`; a key missing there could not be read) —
+/// has the opening total and no negative balance, and no ledger once opened is gone at the end.
+/// Reads of a ledger nobody has opened yet (absent) are fine. Each problem names the key, the read
+/// (client and time, or "final read") and the totals.
+pub fn bank_invariant(ops: &[Operation], finals: &BTreeMap<String, Option<String>>) -> Invariant {
+    let name = "bank: every read shows the opening total, no balance negative";
+    let mut problems: Vec<String> = Vec::new();
+    let mut opened: BTreeSet<&str> = BTreeSet::new();
+    let mut reads = 0usize;
+    for op in ops.iter().filter(|op| op.status == Status::Ok) {
+        match op.op {
+            OpKind::Cas if op.cas_outcome() == Some(true) => {
+                opened.insert(op.key.as_str());
+            }
+            OpKind::Get if op.client != FINAL_READER => {
+                let Some(text) = op.output.as_deref() else {
+                    continue;
+                };
+                opened.insert(op.key.as_str());
+                reads += 1;
+                if let Err(why) = bank::audit(text) {
+                    problems.push(format!(
+                        "{}: get by client {} at {:.3} s read {text:?}: {why}",
+                        op.key,
+                        op.client,
+                        op.complete.unwrap_or(op.invoke) as f64 / 1e9
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    // Every final read is audited, also of a ledger only an indeterminate cas may have opened.
+    for (key, value) in finals {
+        match value.as_deref() {
+            Some(text) => {
+                if let Err(why) = bank::audit(text) {
+                    problems.push(format!("{key}: final read {text:?}: {why}"));
+                }
+            }
+            None if opened.contains(key.as_str()) => problems.push(format!(
+                "{key}: final read found no ledger, though it was opened (total 0, expected {})",
+                bank::TOTAL
+            )),
+            None => {}
+        }
+    }
+    let unread: Vec<&str> = opened
+        .iter()
+        .copied()
+        .filter(|key| !finals.contains_key(*key))
+        .collect();
+    let holds = match (problems.is_empty(), unread.is_empty()) {
+        (false, _) => Some(false),
+        (true, true) => Some(true),
+        (true, false) => None,
+    };
+    let detail = if !problems.is_empty() {
+        let shown: Vec<&str> = problems.iter().take(20).map(String::as_str).collect();
+        format!("{} problem(s): {}", problems.len(), shown.join("; "))
+    } else if !unread.is_empty() {
+        format!(
+            "{} ledger(s) could not be read at the end: {unread:?}",
+            unread.len()
+        )
+    } else {
+        format!(
+            "{reads} reads of {} ledger(s) and the final read of each: every one totals {}, \
+             none negative",
+            opened.len(),
+            bank::TOTAL
         )
     };
     Invariant {
@@ -379,6 +589,23 @@ impl Summary {
             self.linearizable,
             self.check,
         );
+        if !s.outage_by_fault.is_empty() {
+            text.push_str(
+                "longest stretch without a successful operation by fault kind (from the fault's \
+                 start; restart-all: from the last node's restart):\n",
+            );
+            for o in &s.outage_by_fault {
+                let target = match (o.target_ms, o.within_target) {
+                    (Some(t), Some(true)) => format!(" (target <= {t} ms: met)"),
+                    (Some(t), _) => format!(" (target <= {t} ms: MISSED)"),
+                    (None, _) => String::new(),
+                };
+                text.push_str(&format!(
+                    "  {}: {} ms (from {} ms), {} fault(s){target}\n",
+                    o.kind, o.longest_outage_ms, o.longest_outage_start_ms, o.faults
+                ));
+            }
+        }
         if self.workload == WorkloadKind::Append {
             text.push_str(&format!(
                 "info appends the final read showed never happened (checked as fail): {}\n",
@@ -508,5 +735,138 @@ mod tests {
         assert_eq!(decide_self_test("ok", &[lost]).1, EXIT_VALID);
         assert_eq!(decide_self_test("ok", &[]).1, EXIT_INVALID);
         assert_eq!(decide_self_test("unknown", &[]).1, EXIT_INVALID);
+    }
+
+    fn read(client: u64, key: &str, ledger: Option<&str>, at_ms: u64) -> Operation {
+        let ms = 1_000_000;
+        Operation::get(client, key, ledger).ok_at(at_ms * ms, (at_ms + 1) * ms)
+    }
+
+    #[test]
+    fn the_bank_invariant_catches_a_read_with_a_wrong_total() {
+        let opening = bank::opening();
+        let moved = "60,140,100,100,100";
+        let clean = vec![
+            read(1, "b0", None, 1),
+            Operation::cas(2, "b0", None, Some(opening.as_str()), true).ok_at(1, 2),
+            Operation::cas(3, "b0", None, Some(opening.as_str()), false).ok_at(1, 3),
+            read(1, "b0", Some(opening.as_str()), 4),
+            Operation::cas(2, "b0", Some(opening.as_str()), Some(moved), true).ok_at(5, 6),
+            read(3, "b0", Some(moved), 7),
+            // An indeterminate read and a refused one say nothing about the ledger.
+            Operation::get(4, "b0", None).info_at(8),
+            read(1, "b1", None, 9),
+        ];
+        let finals = |v: Option<&str>| BTreeMap::from([("b0".to_string(), v.map(String::from))]);
+        let ok = bank_invariant(&clean, &finals(Some(moved)));
+        assert_eq!(ok.holds, Some(true), "{}", ok.detail);
+        assert!(ok.detail.contains("totals 500"), "{}", ok.detail);
+
+        // A read that lost 10: the key, the reader and the totals are named.
+        let mut short = clean.clone();
+        short.push(read(5, "b0", Some("60,130,100,100,100"), 10));
+        let bad = bank_invariant(&short, &finals(Some(moved)));
+        assert_eq!(bad.holds, Some(false));
+        assert!(
+            bad.detail.contains("b0: get by client 5")
+                && bad.detail.contains("total 490, expected 500"),
+            "{}",
+            bad.detail
+        );
+        // An overdrawn account, the right total.
+        let mut overdrawn = clean.clone();
+        overdrawn.push(read(5, "b0", Some("-10,210,100,100,100"), 10));
+        let bad = bank_invariant(&overdrawn, &finals(Some(moved)));
+        assert!(bad.detail.contains("account 0 holds -10"), "{}", bad.detail);
+        // The final read is audited too, and an opened ledger may not vanish.
+        let bad = bank_invariant(&clean, &finals(Some("100,100,100,100,101")));
+        assert_eq!(bad.holds, Some(false), "{}", bad.detail);
+        assert!(
+            bad.detail.contains("b0: final read") && bad.detail.contains("total 501"),
+            "{}",
+            bad.detail
+        );
+        assert_eq!(bank_invariant(&clean, &finals(None)).holds, Some(false));
+        // A ledger that could not be read at the end leaves the invariant undecided.
+        assert_eq!(bank_invariant(&clean, &BTreeMap::new()).holds, None);
+    }
+
+    fn event(
+        time_ms: u64,
+        phase: &'static str,
+        fault: &'static str,
+        kind: &'static str,
+    ) -> NemesisEvent {
+        NemesisEvent {
+            time: time_ms * 1_000_000,
+            phase,
+            fault,
+            kind,
+            nodes: vec![1],
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn outages_are_measured_per_fault_kind_from_the_fault_or_from_the_last_restart() {
+        let ms = 1_000_000;
+        // One acknowledgement every 100 ms, except in the holes the faults made.
+        let holes = [
+            (1_050, 2_500),
+            (5_050, 5_600),
+            (9_000, 13_200),
+            (16_050, 16_900),
+        ];
+        let mut ops: Vec<Operation> = (0..200u64)
+            .map(|i| i * 100)
+            .filter(|t| !holes.iter().any(|&(a, b)| (a..b).contains(t)))
+            .map(|t| read(1, "r0", None, t))
+            .collect();
+        // The final reads never count.
+        ops.push(read(FINAL_READER, "r0", None, 9_500));
+        let events = vec![
+            // A leader kill at 1.0 s: nothing from 1.0 s (the last ack, at 1.001) to 2.501.
+            event(1_000, "start", "kill", "kill-leader"),
+            event(3_000, "stop", "kill", "kill-leader"),
+            // Another at 5.0 s: a shorter hole.
+            event(5_000, "start", "kill", "kill-leader"),
+            event(7_000, "stop", "kill", "kill-leader"),
+            // Every node down from 8.0 s to 12.0 s; the first ack after the restart at 13.201.
+            event(8_000, "start", "restart-all", "restart-all"),
+            event(12_000, "stop", "restart-all", "restart-all"),
+            // A paused follower; the outage it overlaps begins in its window.
+            event(16_000, "start", "pause", "pause-one"),
+            event(16_500, "stop", "pause", "pause-one"),
+            event(19_000, "stop", "heal-all", "heal-all"),
+        ];
+        let outages = fault_outages(&ops, &events, 20_000 * ms);
+        let kinds: Vec<&str> = outages.iter().map(|o| o.kind.as_str()).collect();
+        assert_eq!(kinds, ["kill-leader", "pause-one", "restart-all"]);
+        let kill = &outages[0];
+        assert_eq!((kill.faults, kill.longest_outage_ms), (2, 1_500));
+        assert_eq!(kill.longest_outage_start_ms, 1_001);
+        assert_eq!(
+            (kill.target_ms, kill.within_target),
+            (Some(2_000), Some(true))
+        );
+        // Measured from the stop event (the last restart), not from the kill.
+        let restart = &outages[2];
+        assert_eq!(restart.longest_outage_ms, 1_201);
+        assert_eq!(restart.longest_outage_start_ms, 12_000);
+        assert_eq!(restart.measured_from, "last node restarted");
+        assert_eq!(restart.within_target, Some(true));
+        // The pause's stretch runs past its window to the first acknowledgement after it.
+        let pause = &outages[1];
+        assert_eq!(pause.longest_outage_ms, 900);
+        assert_eq!((pause.target_ms, pause.within_target), (None, None));
+        // A kill whose outage outlasts the target (the last ack before the hole at 8.901 s, the
+        // next at 13.201 s) is reported as missed.
+        let events = [
+            event(8_000, "start", "kill", "kill-leader"),
+            event(9_000, "stop", "kill", "kill-leader"),
+        ];
+        let missed = fault_outages(&ops, &events, 20_000 * ms);
+        assert_eq!(missed[0].longest_outage_ms, 4_300);
+        assert_eq!(missed[0].within_target, Some(false));
     }
 }

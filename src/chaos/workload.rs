@@ -19,7 +19,12 @@
 //! * [`WorkloadKind::Register`]: get (50%), put (25%), cas (25%) of values 0-4 on keys `rN`.
 //! * [`WorkloadKind::Append`]: get (35%) and append (65%) of tokens unique in the run (`C.N;`) on keys
 //!   `aN`; [`final_reads`] reads every key afterwards for the append invariant ([`super::verdict`]).
+//! * [`WorkloadKind::Bank`]: ledgers of [`super::bank`] on keys `bN`: get (40%) and transfer (60%: a get,
+//!   then a cas from the ledger read to one with an amount moved, or from absent to the opening ledger
+//!   if nobody opened it yet — two operations in one step); [`final_reads`] reads every ledger
+//!   afterwards for the bank invariant.
 
+use super::bank;
 use super::history::{Clock, RecordError, Recorder};
 use crate::check::{OpKind, Operation};
 use crate::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError, KvOps};
@@ -61,6 +66,8 @@ pub enum WorkloadKind {
     Register,
     /// Unique appends and reads, then a final read of every key.
     Append,
+    /// Transfers between the accounts of a few ledgers by cas, and reads; the total never changes.
+    Bank,
 }
 
 /// The keys in use: every operation takes a key of the current generation; a generation ends after
@@ -83,6 +90,7 @@ impl KeySpace {
             prefix: match kind {
                 WorkloadKind::Register => "r",
                 WorkloadKind::Append => "a",
+                WorkloadKind::Bank => "b",
             },
         }
     }
@@ -109,14 +117,39 @@ pub struct Invocation {
     pub expected: Option<String>,
 }
 
-/// The next operation of `kind` for client `client`'s `n`-th operation.
+impl Invocation {
+    /// A read of `key`.
+    pub fn get(key: impl Into<String>) -> Invocation {
+        Invocation {
+            op: OpKind::Get,
+            key: key.into(),
+            value: None,
+            expected: None,
+        }
+    }
+}
+
+/// What a client does in one step (one tick of its pace).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// One operation.
+    Op(Invocation),
+    /// A bank transfer on ledger `key`: read it, then swap in the ledger [`transfer_cas`] makes of
+    /// what was read. Two operations, because the second depends on the first's answer.
+    Transfer {
+        /// The ledger.
+        key: String,
+    },
+}
+
+/// The next step of `kind` for client `client`'s `n`-th step.
 pub fn generate(
     kind: WorkloadKind,
     keys: &KeySpace,
     rng: &mut impl Rng,
     client: usize,
     n: u64,
-) -> Invocation {
+) -> Step {
     let key = keys.pick(rng);
     let roll = rng.random_range(0..100u32);
     let small = |rng: &mut dyn rand::RngCore| Some(rng.random_range(0..5u32).to_string());
@@ -129,13 +162,35 @@ pub fn generate(
         }
         WorkloadKind::Append if roll < 35 => (OpKind::Get, None, None),
         WorkloadKind::Append => (OpKind::Append, Some(format!("{client}.{n};")), None),
+        WorkloadKind::Bank if roll < 40 => (OpKind::Get, None, None),
+        WorkloadKind::Bank => return Step::Transfer { key },
     };
-    Invocation {
+    Step::Op(Invocation {
         op,
         key,
         value,
         expected,
-    }
+    })
+}
+
+/// The second half of a transfer on ledger `key` that read `read` (`None`: absent): open the ledger
+/// (cas from absent to [`bank::opening`]) or move money ([`bank::transfer`], cas from what was read).
+/// `None` when what was read is not a sound ledger: a transfer from it would only spread the damage,
+/// and the read is already in the history for the invariant to report.
+pub fn transfer_cas(key: &str, read: Option<&str>, rng: &mut impl Rng) -> Option<Invocation> {
+    let next = match read {
+        None => bank::opening(),
+        Some(text) => {
+            bank::audit(text).ok()?;
+            bank::encode(&bank::transfer(&bank::parse(text).ok()?, rng)?)
+        }
+    };
+    Some(Invocation {
+        op: OpKind::Cas,
+        key: key.to_string(),
+        value: Some(next),
+        expected: read.map(str::to_string),
+    })
 }
 
 /// What came of an operation.
@@ -299,19 +354,42 @@ pub async fn client(
             break;
         }
         n += 1;
-        let invocation = generate(shared.kind, &shared.keys, &mut rng, index, n);
-        let invoke = shared.clock.now();
-        let outcome = execute(&mut clerk, &invocation).await;
-        let complete = shared.clock.now();
-        shared
-            .recorder
-            .op(record(process, &invocation, invoke, complete, &outcome))?;
-        if matches!(outcome, Outcome::Info(_)) {
-            process += shared.clients as u64;
-            clerk = shared.store.clerk(&shared.config)?;
+        match generate(shared.kind, &shared.keys, &mut rng, index, n) {
+            Step::Op(invocation) => {
+                issue(&shared, &mut clerk, &mut process, &invocation).await?;
+            }
+            Step::Transfer { key } => {
+                let read = issue(&shared, &mut clerk, &mut process, &Invocation::get(&key)).await?;
+                if let Outcome::Ok { output, .. } = read {
+                    if let Some(cas) = transfer_cas(&key, output.as_deref(), &mut rng) {
+                        issue(&shared, &mut clerk, &mut process, &cas).await?;
+                    }
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Issue `invocation` as process `process` and record it; after an indeterminate outcome the client
+/// goes on as a new process with a new clerk (a new session), as Jepsen's crashed processes do.
+async fn issue(
+    shared: &Clients,
+    clerk: &mut AnyClerk,
+    process: &mut u64,
+    invocation: &Invocation,
+) -> Result<Outcome, WorkloadError> {
+    let invoke = shared.clock.now();
+    let outcome = execute(clerk, invocation).await;
+    let complete = shared.clock.now();
+    shared
+        .recorder
+        .op(record(*process, invocation, invoke, complete, &outcome))?;
+    if matches!(outcome, Outcome::Info(_)) {
+        *process += shared.clients as u64;
+        *clerk = shared.store.clerk(&shared.config)?;
+    }
+    Ok(outcome)
 }
 
 /// Read every key in `keys` once (retrying each until `within` has passed), record the reads, and
@@ -346,12 +424,7 @@ async fn read_keys(
     let mut clerk = shared.store.clerk(&shared.config)?;
     let mut values = Vec::new();
     for key in keys {
-        let invocation = Invocation {
-            op: OpKind::Get,
-            key: key.clone(),
-            value: None,
-            expected: None,
-        };
+        let invocation = Invocation::get(&key);
         while tokio::time::Instant::now() < deadline {
             let invoke = shared.clock.now();
             let outcome = execute(&mut clerk, &invocation).await;
@@ -406,5 +479,43 @@ mod tests {
         assert!(info.validate().is_ok());
         let fail = record(3, &append, 10, 20, &Outcome::Fail("no".into()));
         assert_eq!(fail.status, crate::check::Status::Fail);
+    }
+
+    #[test]
+    fn a_transfer_opens_an_absent_ledger_then_moves_money_by_cas() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let opening = bank::opening();
+        let open = transfer_cas("b0", None, &mut rng).expect("an absent ledger is opened");
+        assert_eq!(open.op, OpKind::Cas);
+        assert_eq!(open.expected, None, "opened by a cas from absent");
+        assert_eq!(open.value.as_deref(), Some(opening.as_str()));
+        let cas = transfer_cas("b0", Some(opening.as_str()), &mut rng).expect("a transfer");
+        assert_eq!(cas.expected.as_deref(), Some(opening.as_str()));
+        let next = cas.value.expect("the ledger after the transfer");
+        assert_ne!(next, opening);
+        assert_eq!(bank::audit(&next), Ok(()));
+        // Nothing is built on a ledger that is not sound.
+        assert_eq!(transfer_cas("b0", Some("garbage"), &mut rng), None);
+        assert_eq!(
+            transfer_cas("b0", Some("100,100,100,100,90"), &mut rng),
+            None
+        );
+        let keys = KeySpace::new(WorkloadKind::Bank, 5, 100);
+        let steps: Vec<Step> = (0..100)
+            .map(|n| generate(WorkloadKind::Bank, &keys, &mut rng, 0, n))
+            .collect();
+        let transfers = steps
+            .iter()
+            .filter(|s| matches!(s, Step::Transfer { key } if key.starts_with('b')))
+            .count();
+        let reads = steps
+            .iter()
+            .filter(|s| matches!(s, Step::Op(i) if i.op == OpKind::Get && i.key.starts_with('b')))
+            .count();
+        assert_eq!(transfers + reads, 100, "{steps:?}");
+        assert!(
+            transfers > 40 && reads > 20,
+            "{transfers} transfers, {reads} reads"
+        );
     }
 }
