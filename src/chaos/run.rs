@@ -203,12 +203,15 @@ async fn drive<C: Cluster>(
     let config = ClerkConfig {
         call_timeout: args.op_timeout,
         // The servers answer TIMEOUT after 1 s themselves; this only bounds a frozen (paused)
-        // one. A third of the operation's deadline leaves time to retry elsewhere: with one
-        // attempt per operation, every request to a paused leader would end `info`.
-        attempt_timeout: (args.op_timeout / 3).min(Duration::from_millis(1500)),
+        // one, which the clerk then avoids until the others elect a new leader (1–2 s). At most a
+        // third of the operation's deadline leaves time to retry elsewhere: with one attempt per
+        // operation, every request to a paused leader would end `info`.
+        attempt_timeout: (args.op_timeout / 3).min(Duration::from_millis(1000)),
         connect_timeout: Duration::from_millis(500),
+        // Short: while a new leader is being elected the clerk circles the followers, and a long
+        // backoff would add to the outage after the election.
         min_backoff: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(250),
+        max_backoff: Duration::from_millis(100),
         security: cluster.client_security(),
     };
     let mut ctrler = match args.nemesis.contains(&NemesisKind::Reconfigure) {

@@ -148,7 +148,7 @@ fn classify(
     >,
 ) -> Result<Attempt<Reply>, ClerkError> {
     let response = match reply {
-        Err(_) => return Ok(Attempt::Elsewhere(None, "attempt timed out".into())),
+        Err(_) => return Ok(Attempt::Silent("attempt timed out".into())),
         Ok(Err(status)) => return status_attempt(status),
         Ok(Ok(response)) => response.into_inner(),
     };

@@ -179,6 +179,7 @@ impl Clerk {
                 ))
             }
             Attempt::Elsewhere(hint, why) => Attempt::Elsewhere(hint, why),
+            Attempt::Silent(why) => Attempt::Silent(why),
         })
     }
 }
@@ -201,7 +202,7 @@ pub fn classify_reply<R, T>(
     parts: impl FnOnce(R) -> (i32, String, T),
 ) -> Result<Attempt<Routed<T>>, ClerkError> {
     let response = match reply {
-        Err(_) => return Ok(Attempt::Elsewhere(None, "attempt timed out".into())),
+        Err(_) => return Ok(Attempt::Silent("attempt timed out".into())),
         Ok(Err(status)) => return status_attempt(status),
         Ok(Ok(response)) => response.into_inner(),
     };

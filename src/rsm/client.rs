@@ -6,7 +6,12 @@
 //! bound), and **retries** on timeouts, wrong leaders and unreachable servers: the next server in a
 //! round-robin kept apart from hint jumps (so an unreachable hinted address, e.g. a container-internal
 //! name seen from outside, cannot trap it; a new hinted name must resolve within 300 ms, or it is
-//! skipped for good), with exponential backoff after every full round, until the per-call deadline. Service clerks (KV, controller) add their requests and error codes on top.
+//! skipped for good), with exponential backoff after every full round, until the per-call deadline.
+//! A server that **did not answer** within an attempt's deadline (paused, or cut off) is avoided for
+//! [`AVOID_SILENT_FOR`]: neither tried nor followed as a hint while another server may serve. Without
+//! this a frozen leader costs every call one attempt timeout per round, because until the others elect a
+//! new leader their hints still name it. Service clerks (KV, controller) add their requests and error
+//! codes on top.
 
 use crate::security::Role;
 use std::time::Duration;
@@ -37,7 +42,7 @@ impl Default for ClerkConfig {
     fn default() -> Self {
         ClerkConfig {
             call_timeout: Duration::from_secs(10),
-            attempt_timeout: Duration::from_secs(3),
+            attempt_timeout: Duration::from_millis(1500),
             connect_timeout: Duration::from_millis(500),
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
@@ -166,7 +171,15 @@ pub enum Attempt<T> {
     /// Try this server next (a hint), or the next one in order.
     /// Not served here: try the hinted address (if any) or the next server; the text says why.
     Elsewhere(Option<String>, String),
+    /// No answer within the attempt's deadline: the server may be frozen or cut off, so it is avoided
+    /// for [`AVOID_SILENT_FOR`]; the text says what was waited for.
+    Silent(String),
 }
+
+/// How long a server that let an attempt time out is avoided (tried last, its hints ignored). About the
+/// shortest election timeout (1 s): a frozen leader is replaced after 1–2 s of silence, and until then the
+/// other servers' hints still name it. A server that was only slow is tried again after this.
+pub const AVOID_SILENT_FOR: Duration = Duration::from_secs(1);
 
 /// The servers of one group and where a request should go next. See the module documentation.
 ///
@@ -182,6 +195,9 @@ pub struct Replicas {
     role: Option<Role>,
     /// Hinted addresses that did not resolve here (at most [`MAX_SERVERS`]): not tried again.
     unresolvable: Vec<String>,
+    /// When each server (same index as `servers`) last let an attempt time out, if it has not
+    /// answered since.
+    silent_since: Vec<Option<Instant>>,
 }
 
 impl Replicas {
@@ -208,11 +224,12 @@ impl Replicas {
         if addresses.is_empty() {
             return Err(ClerkError::NoServers);
         }
-        let servers = addresses
+        let servers: Vec<Server> = addresses
             .iter()
             .map(|address| Self::connect(address, &config, role.as_ref()))
             .collect::<Result<_, _>>()?;
         Ok(Replicas {
+            silent_since: vec![None; servers.len()],
             servers,
             leader: 0,
             rotation: 0,
@@ -250,12 +267,26 @@ impl Replicas {
         F: Fn(Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
+        self.call_indexed(|_, channel, timeout| attempt(channel, timeout))
+            .await
+    }
+
+    /// [`Self::call`], telling `attempt` which server (index) it talks to, for tests.
+    async fn call_indexed<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
+    where
+        F: Fn(usize, Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
+    {
         let deadline = Instant::now() + self.config.call_timeout;
         let mut backoff = self.config.min_backoff;
-        let mut failures_this_round = 0;
         let mut failed_this_round: Vec<usize> = Vec::new();
         let mut last_error = String::from("no attempt made");
         let mut probed = Vec::new();
+        if self.avoided(self.leader, Instant::now()) {
+            self.leader = self
+                .next_in_rotation(&[], Instant::now())
+                .unwrap_or(self.leader);
+        }
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -266,35 +297,70 @@ impl Replicas {
             }
             let timeout = self.config.attempt_timeout.min(deadline - now);
             let client = self.servers[self.leader].channel.clone();
-            match attempt(client, timeout).await? {
-                Attempt::Done(value) => return Ok(value),
+            let (hint, error) = match attempt(self.leader, client, timeout).await? {
+                Attempt::Done(value) => {
+                    self.silent_since[self.leader] = None;
+                    return Ok(value);
+                }
                 Attempt::Elsewhere(hint, error) => {
+                    self.silent_since[self.leader] = None;
                     self.refuse_plaintext_to_tls(self.leader, &error, &mut probed)
                         .await?;
-                    last_error = format!("{}: {error}", self.servers[self.leader].address);
-                    failures_this_round += 1;
-                    failed_this_round.push(self.leader);
-                    let hinted = match hint {
-                        Some(address) => self.hinted(&address).await,
-                        None => None,
-                    };
-                    match hinted {
-                        Some(next) if !failed_this_round.contains(&next) => self.leader = next,
-                        _ => {
-                            self.rotation = (self.rotation + 1) % self.servers.len();
-                            self.leader = self.rotation;
-                        }
-                    }
-                    if failures_this_round >= self.servers.len() {
-                        failures_this_round = 0;
-                        failed_this_round.clear();
-                        let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
-                        tokio::time::sleep(pause).await;
-                        backoff = (backoff * 2).min(self.config.max_backoff);
-                    }
+                    (hint, error)
                 }
-            }
+                Attempt::Silent(error) => {
+                    self.silent_since[self.leader] = Some(Instant::now());
+                    (None, error)
+                }
+            };
+            last_error = format!("{}: {error}", self.servers[self.leader].address);
+            failed_this_round.push(self.leader);
+            let hinted = match hint {
+                Some(address) => self.hinted(&address).await,
+                None => None,
+            };
+            let now = Instant::now();
+            let next = match hinted {
+                Some(next) if !failed_this_round.contains(&next) && !self.avoided(next, now) => {
+                    Some(next)
+                }
+                _ => self.next_in_rotation(&failed_this_round, now),
+            };
+            self.leader = match next {
+                Some(next) => next,
+                None => {
+                    // Every server that may serve failed this round: back off, then go round again.
+                    failed_this_round.clear();
+                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                    let now = Instant::now();
+                    self.next_in_rotation(&[], now).unwrap_or(self.leader)
+                }
+            };
         }
+    }
+
+    /// Whether server `i` let an attempt time out less than [`AVOID_SILENT_FOR`] before `now`.
+    fn avoided(&self, i: usize, now: Instant) -> bool {
+        self.silent_since[i].is_some_and(|since| now.duration_since(since) < AVOID_SILENT_FOR)
+    }
+
+    /// The next server in round-robin order that did not fail this round and is not avoided; if every
+    /// server is avoided, the untried one that went silent longest ago (better a slow server than
+    /// none). `None` once all that may serve failed this round.
+    fn next_in_rotation(&mut self, failed: &[usize], now: Instant) -> Option<usize> {
+        let n = self.servers.len();
+        let order: Vec<usize> = (1..=n).map(|k| (self.rotation + k) % n).collect();
+        let untried = || order.iter().copied().filter(|i| !failed.contains(i));
+        let all_avoided = (0..n).all(|i| self.avoided(i, now));
+        let pick = untried().find(|&i| !self.avoided(i, now)).or_else(|| {
+            all_avoided
+                .then(|| untried().min_by_key(|&i| self.silent_since[i]))
+                .flatten()
+        })?;
+        self.rotation = pick;
+        Some(pick)
     }
 
     /// A plaintext client whose connection to server `i` broke: if that server requires TLS, no retry
@@ -351,6 +417,7 @@ impl Replicas {
         }
         let server = Self::connect(address, &self.config, self.role.as_ref()).ok()?;
         self.servers.push(server);
+        self.silent_since.push(None);
         Some(self.servers.len() - 1)
     }
 }
@@ -497,6 +564,72 @@ mod tests {
         // A hint that resolves is followed (and remembered as a server).
         assert!(replicas.hinted("127.0.0.1:3").await.is_some());
         assert_eq!(replicas.servers.len(), 3);
+    }
+
+    /// Three servers; server 0 is the leader and frozen, so the attempt to it times out. Until
+    /// `elected`, servers 1 and 2 answer "wrong leader" and name server 0; after it, server 2 is the
+    /// leader. Returns the number of attempts each server got and the time the call took.
+    async fn call_around_a_frozen_leader(
+        elected: Duration,
+        frozen_answers_after: Option<usize>,
+    ) -> ([usize; 3], Duration) {
+        let given: Vec<String> = (1..=3).map(|p| format!("127.0.0.1:{p}")).collect();
+        let config = ClerkConfig {
+            attempt_timeout: Duration::from_secs(1),
+            ..ClerkConfig::default()
+        };
+        let mut replicas = Replicas::new(&given, config).expect("replicas");
+        let tries: [std::sync::atomic::AtomicUsize; 3] = Default::default();
+        let started = Instant::now();
+        let answer = replicas
+            .call_indexed(|server, _, timeout| {
+                let n = tries[server].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let now = started.elapsed();
+                async move {
+                    Ok(match server {
+                        0 if frozen_answers_after.is_some_and(|k| n >= k) => Attempt::Done(0),
+                        0 => {
+                            tokio::time::sleep(timeout).await;
+                            Attempt::Silent("attempt timed out".into())
+                        }
+                        2 if now >= elected => Attempt::Done(2),
+                        _ => {
+                            let leader = if now >= elected { 3 } else { 1 };
+                            Attempt::Elsewhere(
+                                Some(format!("127.0.0.1:{leader}")),
+                                "wrong leader".into(),
+                            )
+                        }
+                    })
+                }
+            })
+            .await
+            .expect("answered");
+        let tries = tries.map(|t| t.into_inner());
+        assert_eq!(answer, frozen_answers_after.map_or(2, |_| 0), "{tries:?}");
+        (tries, started.elapsed())
+    }
+
+    /// A frozen leader costs one attempt timeout, not one per round: while the others still name it
+    /// (no election yet) the clerk keeps asking them, and takes the new leader as soon as one is named.
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_leader_costs_one_attempt_timeout_per_call_not_one_per_round() {
+        let (tries, took) = call_around_a_frozen_leader(Duration::from_millis(1500), None).await;
+        assert_eq!(tries[0], 1, "the frozen leader was waited on again: {tries:?}");
+        assert!(
+            took < Duration::from_millis(1800),
+            "took {took:?}: not within ~the election time plus one backoff"
+        );
+    }
+
+    /// Avoiding a server that only was slow must not lock a client out of it: once
+    /// [`AVOID_SILENT_FOR`] has passed and the others still name it, it is tried again.
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_was_only_slow_is_tried_again_after_the_avoidance() {
+        let (tries, took) = call_around_a_frozen_leader(Duration::from_secs(3600), Some(1)).await;
+        assert_eq!(tries[0], 2, "{tries:?}");
+        assert!(took >= Duration::from_secs(1) + AVOID_SILENT_FOR, "took {took:?}");
+        assert!(took < Duration::from_secs(3), "took {took:?}");
     }
 
     #[test]

@@ -385,7 +385,7 @@ impl Driver {
                             Ok(Attempt::Elsewhere(None, "not the leader".into()))
                         }
                         Ok(Err(status)) => status_attempt(status),
-                        Err(_) => Ok(Attempt::Elsewhere(None, "no answer".into())),
+                        Err(_) => Ok(Attempt::Silent("no answer".into())),
                     }
                 }
             })
