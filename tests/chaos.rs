@@ -218,6 +218,75 @@ fn append_under_pause_partition_and_loss_loses_and_doubles_nothing() {
     assert_nothing_left(&run.tag, &out);
 }
 
+/// `slow` puts every peer link behind the harness's TCP fault proxy: the history stays
+/// linearizable, the proxy really carried the nodes' traffic (the record says how much), and writes
+/// made while it did paid its delay (a write needs a round trip to a follower, so at least twice
+/// --slow-delay), while nothing of it remains afterwards.
+#[test]
+fn register_under_slow_links_is_linearizable_and_pays_the_proxys_delay() {
+    let (run, dir, summary) = chaos_run_ok(
+        "--workload register --nemesis slow --time 16s --fault-window 5s --heal-window 3s \
+         --slow-delay 150ms --slow-jitter 50ms --slow-reset-probability 0.01 \
+         --rate 60 --clients 4 --seed 11 --recovery-time 4s",
+        "slow",
+    );
+    let out = dir.path().join("slow");
+    assert_eq!(summary["verdict"], "valid", "{summary:#}");
+    let events = std::fs::read_to_string(out.join("nemesis.jsonl")).expect("nemesis.jsonl");
+    let mut windows = Vec::new();
+    let mut opened = None;
+    for line in events.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).expect("an event");
+        if event["fault"] != "slow" {
+            continue;
+        }
+        let time = event["time"].as_u64().expect("time");
+        match event["phase"].as_str() {
+            Some("start") => opened = Some(time),
+            Some("stop") => {
+                let detail = event["detail"].as_str().unwrap_or_default();
+                let proxied: u64 = detail
+                    .split(" connection(s) proxied")
+                    .next()
+                    .and_then(|head| head.rsplit('(').next())
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
+                assert!(proxied >= 2, "the proxy carried no peer links: {detail}");
+                windows.push((opened.take().expect("a start before the stop"), time));
+            }
+            _ => {}
+        }
+    }
+    assert!(windows.len() >= 2, "{events}");
+    let file = std::fs::File::open(out.join("history.jsonl")).expect("history.jsonl");
+    let history = History::from_jsonl(std::io::BufReader::new(file)).expect("a valid history");
+    // Writes invoked well inside a window (the proxy in place for 1 s already) that succeeded.
+    let mut latencies: Vec<u64> = history
+        .ops()
+        .iter()
+        .filter(|op| op.op != ds824::check::OpKind::Get)
+        .filter(|op| op.status == ds824::check::Status::Ok)
+        .filter(|op| {
+            windows
+                .iter()
+                .any(|&(start, stop)| op.invoke > start + 1_000_000_000 && op.invoke < stop)
+        })
+        .filter_map(|op| Some(op.complete? - op.invoke))
+        .collect();
+    latencies.sort_unstable();
+    assert!(
+        latencies.len() >= 10,
+        "{} writes in the windows",
+        latencies.len()
+    );
+    let median_ms = latencies[latencies.len() / 2] / 1_000_000;
+    assert!(
+        median_ms >= 300,
+        "median write in a slow window took {median_ms} ms: the proxy was not in the path"
+    );
+    assert_nothing_left(&run.tag, &out);
+}
+
 /// The harness judges itself: with every server carrying a deliberate safety bug (a write is
 /// acknowledged once the leader appended it, before a majority has it), partitions lose acknowledged
 /// writes, and the run passes only because the checker notices.

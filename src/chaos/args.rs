@@ -1,7 +1,8 @@
 //! The command line of `chaos run` and `chaos clean`, in the library so the binary stays a thin shell
 //! and tests can build the same values.
 
-use super::nemesis::NemesisKind;
+use super::nemesis::{NemesisKind, NetworkFaults};
+use super::proxy::SlowLinks;
 use super::workload::{StoreKind, WorkloadKind};
 use crate::security::TlsArgs;
 use clap::{Args, ValueEnum};
@@ -43,6 +44,10 @@ pub struct RunArgs {
     /// `pause`: SIGSTOP the same choice of nodes, SIGCONT at the window's end.
     /// `partition`: drop traffic between nodes (random halves, the leader alone, a bridge, a majority
     /// ring). `loss`: drop --loss-probability of the packets every node receives.
+    /// `slow`: every node's peer (Raft) connections go through a TCP fault proxy of the harness
+    /// that delivers each chunk --slow-delay plus up to --slow-jitter late and resets connections
+    /// with --slow-reset-probability per chunk (messages then overtake each other across
+    /// connections and are sent again after a reset; needs root).
     /// `restart-all`: SIGKILL every node at once, restart them all (in an order from the seed) at
     /// the window's end. `reconfigure` (--store sharded only): move a random shard to another group
     /// of the latest configuration through the controllers (needs two groups joined and an admin
@@ -89,6 +94,16 @@ pub struct RunArgs {
     /// Share of incoming packets each node drops during a `loss` window (0 < p <= 1).
     #[arg(long, default_value_t = 0.2)]
     pub loss_probability: f64,
+    /// `slow`: delay added to every chunk on a peer link.
+    #[arg(long, value_parser = parse_duration, default_value = "50ms")]
+    pub slow_delay: Duration,
+    /// `slow`: up to this much more delay, drawn per chunk (so chunks on different links overtake
+    /// each other).
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    pub slow_jitter: Duration,
+    /// `slow`: chance per chunk that the proxy resets the connection (0 <= p <= 1).
+    #[arg(long, default_value_t = 0.002)]
+    pub slow_reset_probability: f64,
     /// How long a client retries one operation before recording it as indeterminate (`info`).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub op_timeout: Duration,
@@ -167,6 +182,18 @@ pub enum ArgsError {
 }
 
 impl RunArgs {
+    /// How hard `loss` and `slow` hit, from the flags.
+    pub fn network_faults(&self) -> NetworkFaults {
+        NetworkFaults {
+            loss: self.loss_probability,
+            slow: SlowLinks {
+                delay: self.slow_delay,
+                jitter: self.slow_jitter,
+                reset_probability: self.slow_reset_probability,
+            },
+        }
+    }
+
     /// Nodes under test: `--nodes` locally, one per compose service.
     pub fn node_count(&self) -> u64 {
         match self.target {
@@ -220,6 +247,12 @@ impl RunArgs {
         }
         if !(self.loss_probability > 0.0 && self.loss_probability <= 1.0) {
             return invalid("--loss-probability must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.slow_reset_probability) {
+            return invalid("--slow-reset-probability must be in [0, 1]");
+        }
+        if self.slow_delay + self.slow_jitter > Duration::from_secs(10) {
+            return invalid("--slow-delay plus --slow-jitter must be at most 10s");
         }
         if self.fault_window.is_zero() || self.heal_window.is_zero() {
             return invalid("--fault-window and --heal-window must be longer than 0");

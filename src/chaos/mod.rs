@@ -43,6 +43,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod history;
 pub mod nemesis;
+pub mod proxy;
 pub mod report;
 pub mod run;
 pub mod verdict;

@@ -16,6 +16,7 @@
 
 use super::cluster::{find_leader, Cluster, ClusterError};
 use super::history::{Clock, NemesisEvent, RecordError, Recorder};
+use super::proxy::SlowLinks;
 use crate::ctrler::{Config, CtrlerClerk, Gid};
 use crate::rsm::client::ClerkError;
 use clap::ValueEnum;
@@ -52,6 +53,8 @@ pub enum NemesisKind {
     Partition,
     /// Drop a share of the packets every node receives.
     Loss,
+    /// Route the nodes' peer links through a TCP fault proxy: delay with jitter, resets.
+    Slow,
     /// SIGKILL every node, restart them all (in an order from the seed) at the window's end.
     #[serde(rename = "restart-all")]
     RestartAll,
@@ -96,10 +99,21 @@ pub enum Plan {
     Partition(Shape),
     /// Drop packets with this probability on every node.
     Loss(f64),
+    /// Slow every peer link this way.
+    Slow(SlowLinks),
     /// SIGKILL every node, restart all of them.
     RestartAll,
     /// Move a shard to another group.
     Reconfigure,
+}
+
+/// How hard the network faults hit: `--loss-probability` and the `--slow-*` flags.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NetworkFaults {
+    /// Share of incoming packets dropped in a `loss` window.
+    pub loss: f64,
+    /// The links of a `slow` window.
+    pub slow: SlowLinks,
 }
 
 /// One faulty window of the schedule.
@@ -121,7 +135,7 @@ pub fn schedule(
     time: Duration,
     fault: Duration,
     heal: Duration,
-    loss: f64,
+    network: &NetworkFaults,
 ) -> Vec<Window> {
     let kinds: Vec<NemesisKind> = kinds
         .iter()
@@ -146,7 +160,8 @@ pub fn schedule(
             Some(NemesisKind::Partition) => {
                 Plan::Partition(*shapes.choose(&mut rng).unwrap_or(&Shape::Halves))
             }
-            Some(NemesisKind::Loss) => Plan::Loss(loss),
+            Some(NemesisKind::Loss) => Plan::Loss(network.loss),
+            Some(NemesisKind::Slow) => Plan::Slow(network.slow),
             Some(NemesisKind::RestartAll) => Plan::RestartAll,
             Some(NemesisKind::Reconfigure) => Plan::Reconfigure,
             Some(NemesisKind::None) | None => break,
@@ -173,6 +188,8 @@ pub enum Fault {
     },
     /// Every node drops incoming packets with this probability.
     Loss(f64),
+    /// Every node's peer links go through the fault proxy, whose randomness starts from this seed.
+    Slow(SlowLinks, u64),
     /// Every node was SIGKILLed; they are restarted in this order.
     RestartAll(Vec<usize>),
     /// A shard move asked of the controllers, and what came of it.
@@ -345,6 +362,7 @@ pub async fn resolve<C: Cluster>(plan: Plan, cluster: &C, rng: &mut ChaCha8Rng) 
             }
         }
         Plan::Loss(p) => Fault::Loss(p),
+        Plan::Slow(links) => Fault::Slow(links, rng.random()),
         Plan::RestartAll => Fault::RestartAll(restart_order(n, rng)),
         // Made by `reconfigure`, which holds the controller clerk; reaching here is a bug in `run`.
         Plan::Reconfigure => Fault::Reconfigure(Reconfiguration {
@@ -416,6 +434,7 @@ impl Fault {
             Fault::Pause(..) => "pause",
             Fault::Partition { .. } => "partition",
             Fault::Loss(_) => "loss",
+            Fault::Slow(..) => "slow",
             Fault::RestartAll(_) => "restart-all",
             Fault::Reconfigure(_) => "reconfigure",
         }
@@ -437,6 +456,7 @@ impl Fault {
                 Shape::Ring => "partition-ring",
             },
             Fault::Loss(_) => "loss",
+            Fault::Slow(..) => "slow",
             Fault::RestartAll(_) => "restart-all",
             Fault::Reconfigure(_) => "reconfigure",
         }
@@ -454,7 +474,7 @@ impl Fault {
                 nodes.dedup();
                 nodes
             }
-            Fault::Loss(_) => (0..n).collect(),
+            Fault::Loss(_) | Fault::Slow(..) => (0..n).collect(),
         }
     }
 
@@ -486,6 +506,11 @@ impl Fault {
                     .join(" ")
             ),
             Fault::Loss(p) => format!("drop {:.0}% of incoming packets on every node", p * 100.0),
+            Fault::Slow(links, _) => format!(
+                "peer links through the fault proxy: delay {:?} + up to {:?} jitter per chunk, \
+                 reset with probability {} per chunk",
+                links.delay, links.jitter, links.reset_probability
+            ),
         }
     }
 
@@ -517,6 +542,7 @@ impl Fault {
                     cluster.lossy(node, *p).await?;
                 }
             }
+            Fault::Slow(links, seed) => cluster.slow(*links, *seed).await?,
             // The move was made when the window was resolved ([`reconfigure`]).
             Fault::Reconfigure(_) => {}
         }
@@ -536,7 +562,9 @@ impl Fault {
                     cluster.resume(node).await?;
                 }
             }
-            Fault::Partition { .. } | Fault::Loss(_) => cluster.heal_network().await?,
+            Fault::Partition { .. } | Fault::Loss(_) | Fault::Slow(..) => {
+                cluster.heal_network().await?
+            }
             // Moves are permanent and legal: nothing to undo.
             Fault::Reconfigure(_) => {}
         }
@@ -593,11 +621,18 @@ pub async fn run<C: Cluster>(
             detail: fault.describe(),
         })?;
         tokio::time::sleep_until(clock.at(window.end)).await;
+        // What the proxy did, read before healing stops it.
+        let slow_record = cluster.slow_summary();
         fault.heal(cluster).await?;
         let detail = match &fault {
             Fault::Reconfigure(_) => {
                 format!("window over (a move is not undone): {}", fault.describe())
             }
+            Fault::Slow(..) => format!(
+                "healed: {} ({})",
+                fault.describe(),
+                slow_record.as_deref().unwrap_or("the proxy did not start")
+            ),
             _ => format!("healed: {}", fault.describe()),
         };
         recorder.event(NemesisEvent {
@@ -636,6 +671,15 @@ pub async fn heal_all<C: Cluster>(
 mod tests {
     use super::*;
 
+    const NETWORK: NetworkFaults = NetworkFaults {
+        loss: 0.2,
+        slow: SlowLinks {
+            delay: Duration::from_millis(50),
+            jitter: Duration::from_millis(100),
+            reset_probability: 0.001,
+        },
+    };
+
     #[test]
     fn the_seed_names_the_schedule() {
         let kinds = [
@@ -644,15 +688,15 @@ mod tests {
             NemesisKind::Pause,
         ];
         let s = Duration::from_secs;
-        let a = schedule(7, &kinds, s(60), s(5), s(5), 0.2);
-        assert_eq!(a, schedule(7, &kinds, s(60), s(5), s(5), 0.2));
-        assert_ne!(a, schedule(8, &kinds, s(60), s(5), s(5), 0.2));
+        let a = schedule(7, &kinds, s(60), s(5), s(5), &NETWORK);
+        assert_eq!(a, schedule(7, &kinds, s(60), s(5), s(5), &NETWORK));
+        assert_ne!(a, schedule(8, &kinds, s(60), s(5), s(5), &NETWORK));
         // Quiet first, then 5 s faulty / 5 s quiet: windows open at 5, 15, ..., 55.
         assert_eq!(a.len(), 6);
         assert_eq!(a[0].start, s(5));
         assert!(a.windows(2).all(|w| w[1].start == w[0].end + s(5)));
         assert!(a.iter().all(|w| w.end <= s(60)));
-        assert!(schedule(7, &[NemesisKind::None], s(60), s(5), s(5), 0.2).is_empty());
+        assert!(schedule(7, &[NemesisKind::None], s(60), s(5), s(5), &NETWORK).is_empty());
     }
 
     #[test]
@@ -692,12 +736,12 @@ mod tests {
             NemesisKind::Pause,
         ];
         let s = Duration::from_secs;
-        let a = schedule(11, &kinds, s(120), s(5), s(5), 0.2);
-        assert_eq!(a, schedule(11, &kinds, s(120), s(5), s(5), 0.2));
-        assert_ne!(a, schedule(12, &kinds, s(120), s(5), s(5), 0.2));
+        let a = schedule(11, &kinds, s(120), s(5), s(5), &NETWORK);
+        assert_eq!(a, schedule(11, &kinds, s(120), s(5), s(5), &NETWORK));
+        assert_ne!(a, schedule(12, &kinds, s(120), s(5), s(5), &NETWORK));
         assert!(a.iter().any(|w| w.plan == Plan::RestartAll), "{a:?}");
         assert!(a.iter().any(|w| w.plan != Plan::RestartAll), "{a:?}");
-        let only = schedule(1, &[NemesisKind::RestartAll], s(60), s(5), s(5), 0.2);
+        let only = schedule(1, &[NemesisKind::RestartAll], s(60), s(5), s(5), &NETWORK);
         assert!(only.iter().all(|w| w.plan == Plan::RestartAll));
         assert_eq!(only.len(), 6);
         // The restart order is a permutation drawn from the seeded stream.

@@ -300,6 +300,7 @@ fn kind_class(kind: &str) -> &'static str {
         "pause" => "f-pause",
         "partition" => "f-partition",
         "loss" => "f-loss",
+        "slow" => "f-slow",
         "restart-all" => "f-restart",
         "reconfigure" => "f-reconfigure",
         _ => "f-other",
@@ -395,6 +396,7 @@ fn band_name(kind: &str) -> &'static str {
         "pause" => "pause",
         "partition" => "partition",
         "loss" => "loss",
+        "slow" => "slow",
         "restart-all" => "restart-all",
         "reconfigure" => "reconfigure",
         _ => "other fault",
@@ -993,6 +995,7 @@ svg.chart{max-width:100%;height:auto;display:block;font:11px system-ui,sans-seri
 .f-pause{fill:rgba(123,31,162,.16);background:rgba(123,31,162,.3)}\
 .f-partition{fill:rgba(245,124,0,.2);background:rgba(245,124,0,.35)}\
 .f-loss{fill:rgba(25,118,210,.16);background:rgba(25,118,210,.3)}\
+.f-slow{fill:rgba(85,139,47,.18);background:rgba(85,139,47,.32)}\
 .f-restart{fill:rgba(136,14,79,.2);background:rgba(136,14,79,.35)}\
 .f-reconfigure{fill:rgba(0,131,143,.16);background:rgba(0,131,143,.3)}\
 .f-other{fill:rgba(97,97,97,.16);background:rgba(97,97,97,.3)}\

@@ -246,7 +246,7 @@ async fn drive<C: Cluster>(
         args.time,
         args.fault_window,
         args.heal_window,
-        args.loss_probability,
+        &args.network_faults(),
     );
     tracing::info!(
         windows = windows.len(),

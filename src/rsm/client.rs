@@ -615,7 +615,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_frozen_leader_costs_one_attempt_timeout_per_call_not_one_per_round() {
         let (tries, took) = call_around_a_frozen_leader(Duration::from_millis(1500), None).await;
-        assert_eq!(tries[0], 1, "the frozen leader was waited on again: {tries:?}");
+        assert_eq!(
+            tries[0], 1,
+            "the frozen leader was waited on again: {tries:?}"
+        );
         assert!(
             took < Duration::from_millis(1800),
             "took {took:?}: not within ~the election time plus one backoff"
@@ -628,7 +631,10 @@ mod tests {
     async fn a_leader_that_was_only_slow_is_tried_again_after_the_avoidance() {
         let (tries, took) = call_around_a_frozen_leader(Duration::from_secs(3600), Some(1)).await;
         assert_eq!(tries[0], 2, "{tries:?}");
-        assert!(took >= Duration::from_secs(1) + AVOID_SILENT_FOR, "took {took:?}");
+        assert!(
+            took >= Duration::from_secs(1) + AVOID_SILENT_FOR,
+            "took {took:?}"
+        );
         assert!(took < Duration::from_secs(3), "took {took:?}");
     }
 

@@ -14,8 +14,15 @@
 use super::netns::loss_rule;
 use super::{wait_for_leader, Cluster, ClusterError};
 use crate::chaos::cmd::{run, run_blocking, CommandError};
+use crate::chaos::proxy::{FaultProxy, SlowLinks};
 use crate::security::Security;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+
+/// The (table, chain) pairs the run adds rules to: DROP rules for partitions and loss, and for
+/// `slow` a DNAT in nat OUTPUT plus a REJECT that resets the connections open before it.
+const TAGGED_CHAINS: [(&str, &str); 3] =
+    [("filter", "INPUT"), ("filter", "OUTPUT"), ("nat", "OUTPUT")];
 
 /// How long the cluster may take to show a leader when the run attaches to it.
 const FIRST_LEADER: Duration = Duration::from_secs(30);
@@ -45,6 +52,8 @@ pub struct ComposeCluster {
     /// Whether a fault may be in place (the drop guard then heals; after a full heal it has nothing
     /// to do).
     faulted: bool,
+    /// The fault proxy while a `slow` fault is in place.
+    proxy: Option<FaultProxy>,
 }
 
 impl ComposeCluster {
@@ -77,6 +86,7 @@ impl ComposeCluster {
             paused: vec![false; n],
             killed: vec![false; n],
             faulted: false,
+            proxy: None,
         };
         wait_for_leader(
             &cluster.config.client_addresses,
@@ -104,10 +114,50 @@ impl ComposeCluster {
 
     /// Add a DROP rule with the run's tag in `node`'s namespace.
     async fn drop_rule(&mut self, node: usize, rule: &[&str]) -> Result<(), ClusterError> {
+        self.tagged_rule(node, rule, &["-j", "DROP"]).await
+    }
+
+    /// Add `rule` (its matches) with the run's tag and then `target` in `node`'s namespace.
+    async fn tagged_rule(
+        &mut self,
+        node: usize,
+        rule: &[&str],
+        target: &[&str],
+    ) -> Result<(), ClusterError> {
         self.faulted = true;
         let mut args = rule.to_vec();
-        args.extend_from_slice(&["-m", "comment", "--comment", &self.config.tag, "-j", "DROP"]);
+        args.extend_from_slice(&["-m", "comment", "--comment", &self.config.tag]);
+        args.extend_from_slice(target);
         self.iptables(node, &args).await.map(drop)
+    }
+
+    /// The port `node` listens on for its peers (`--peer-listen` in its command line).
+    async fn peer_port(&self, node: usize) -> Result<u16, ClusterError> {
+        let args = inspect(self.container(node)?, "{{json .Args}}").await?;
+        let args: Vec<String> = serde_json::from_str(&args).unwrap_or_default();
+        args.windows(2)
+            .find(|w| w[0] == "--peer-listen")
+            .and_then(|w| w[1].rsplit_once(':'))
+            .and_then(|(_, port)| port.parse().ok())
+            .ok_or_else(|| {
+                ClusterError::Target(format!(
+                    "node {} has no --peer-listen HOST:PORT in its command line",
+                    node + 1
+                ))
+            })
+    }
+
+    /// The host's address on `node`'s network (its gateway): where the fault proxy listens.
+    async fn gateway(&self, node: usize) -> Result<IpAddr, ClusterError> {
+        let gateways = inspect(
+            self.container(node)?,
+            "{{range .NetworkSettings.Networks}}{{.Gateway}} {{end}}",
+        )
+        .await?;
+        gateways
+            .split_whitespace()
+            .find_map(|g| g.parse().ok())
+            .ok_or_else(|| ClusterError::Target(format!("node {} has no gateway", node + 1)))
     }
 
     /// The container's address on its (first) network: what its peers connect to.
@@ -129,10 +179,13 @@ impl ComposeCluster {
         if inspect(self.container(node)?, "{{.State.Running}}").await? != "true" {
             return Ok(());
         }
-        for chain in ["INPUT", "OUTPUT"] {
-            let listed = self.iptables(node, &["-S", chain]).await?;
+        for (table, chain) in TAGGED_CHAINS {
+            let listed = self.iptables(node, &["-t", table, "-S", chain]).await?;
             for rule in tagged_rules(&listed, &self.config.tag) {
-                let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+                let args: Vec<&str> = ["-t", table]
+                    .into_iter()
+                    .chain(rule.iter().map(String::as_str))
+                    .collect();
                 self.iptables(node, &args).await?;
             }
         }
@@ -262,9 +315,54 @@ impl Cluster for ComposeCluster {
         self.drop_rule(node, &rule).await
     }
 
+    async fn slow(&mut self, links: SlowLinks, seed: u64) -> Result<(), ClusterError> {
+        let n = self.containers.len();
+        let mut targets = Vec::new();
+        for node in 0..n {
+            let ip: IpAddr = self.address(node).await?.parse().map_err(|_| {
+                ClusterError::Target(format!("node {} has no IPv4 address", node + 1))
+            })?;
+            targets.push(SocketAddr::new(ip, self.peer_port(node).await?));
+        }
+        let gateway = self.gateway(0).await?;
+        let proxy = FaultProxy::start(gateway, &targets, links, seed)
+            .await
+            .map_err(ClusterError::Proxy)?;
+        let ports: Vec<u16> = (0..n).filter_map(|to| proxy.port(to)).collect();
+        self.faulted = true;
+        self.proxy = Some(proxy);
+        let alive: Vec<usize> = (0..n).filter(|&from| !self.killed[from]).collect();
+        for from in alive {
+            for (to, &proxy_port) in ports.iter().enumerate().filter(|&(to, _)| to != from) {
+                let (ip, port) = (targets[to].ip().to_string(), targets[to].port().to_string());
+                let matches = ["-A", "OUTPUT", "-p", "tcp", "-d", &ip, "--dport", &port];
+                let nat: Vec<&str> = ["-t", "nat"].iter().chain(&matches).copied().collect();
+                let via = format!("{gateway}:{proxy_port}");
+                self.tagged_rule(from, &nat, &["-j", "DNAT", "--to-destination", &via])
+                    .await?;
+                // Only connections opened before the DNAT still leave for the node itself.
+                self.tagged_rule(
+                    from,
+                    &matches,
+                    &["-j", "REJECT", "--reject-with", "tcp-reset"],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn slow_summary(&self) -> Option<String> {
+        self.proxy.as_ref().map(FaultProxy::summary)
+    }
+
     async fn heal_network(&mut self) -> Result<(), ClusterError> {
         for node in 0..self.containers.len() {
             self.remove_rules(node).await?;
+        }
+        // After the redirection is gone: the proxy's connections break, the nodes reconnect directly.
+        if let Some(proxy) = self.proxy.take() {
+            proxy.stop();
         }
         Ok(())
     }
@@ -303,14 +401,12 @@ impl Drop for ComposeCluster {
                 continue;
             };
             let pid = pid.trim();
-            for chain in ["INPUT", "OUTPUT"] {
-                let listed = run_blocking(
-                    "nsenter",
-                    &["--target", pid, "--net", "iptables", "-w", "-S", chain],
-                )
-                .unwrap_or_default();
+            for (table, chain) in TAGGED_CHAINS {
+                let iptables = ["--target", pid, "--net", "iptables", "-w", "-t", table];
+                let list: Vec<&str> = iptables.iter().chain(&["-S", chain]).copied().collect();
+                let listed = run_blocking("nsenter", &list).unwrap_or_default();
                 for rule in tagged_rules(&listed, &self.config.tag) {
-                    let mut args = vec!["--target", pid, "--net", "iptables", "-w"];
+                    let mut args = iptables.to_vec();
                     args.extend(rule.iter().map(String::as_str));
                     let _ = run_blocking("nsenter", &args);
                 }

@@ -12,7 +12,9 @@
 use super::netns::Network;
 use super::{wait_for_leader, Cluster, ClusterError};
 use crate::chaos::cmd::signal;
+use crate::chaos::proxy::{FaultProxy, SlowLinks};
 use crate::security::{certs, Security};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::process::Child;
@@ -49,6 +51,8 @@ pub struct LocalCluster {
     // Declared before `network`: on drop the servers are killed first, then their namespaces go.
     children: Vec<Option<Child>>,
     paused: Vec<bool>,
+    /// The fault proxy while a `slow` fault is in place.
+    proxy: Option<FaultProxy>,
     network: Network,
     config: LocalConfig,
     certs: PathBuf,
@@ -78,6 +82,7 @@ impl LocalCluster {
         let mut cluster = LocalCluster {
             children: (0..config.nodes).map(|_| None).collect(),
             paused: vec![false; config.nodes],
+            proxy: None,
             network,
             config,
             certs,
@@ -247,8 +252,37 @@ impl Cluster for LocalCluster {
         Ok(self.network.lossy(node, probability).await?)
     }
 
+    async fn slow(&mut self, links: SlowLinks, seed: u64) -> Result<(), ClusterError> {
+        let n = self.config.nodes;
+        let targets: Vec<SocketAddr> = (0..n)
+            .map(|to| SocketAddr::from((self.network.node_ip(to), PEER_PORT)))
+            .collect();
+        let host = IpAddr::V4(self.network.host_ip());
+        let proxy = FaultProxy::start(host, &targets, links, seed)
+            .await
+            .map_err(ClusterError::Proxy)?;
+        // Held before the rules go in: healing (also after an error half-way) stops it.
+        let ports: Vec<u16> = (0..n).filter_map(|to| proxy.port(to)).collect();
+        self.proxy = Some(proxy);
+        for from in 0..n {
+            for (to, &port) in ports.iter().enumerate().filter(|&(to, _)| to != from) {
+                self.network.redirect(from, to, PEER_PORT, port).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn slow_summary(&self) -> Option<String> {
+        self.proxy.as_ref().map(FaultProxy::summary)
+    }
+
     async fn heal_network(&mut self) -> Result<(), ClusterError> {
-        Ok(self.network.heal().await?)
+        self.network.heal().await?;
+        // After the redirection is gone: the proxy's connections break, the nodes reconnect directly.
+        if let Some(proxy) = self.proxy.take() {
+            proxy.stop();
+        }
+        Ok(())
     }
 
     async fn heal_all(&mut self) -> Result<(), ClusterError> {

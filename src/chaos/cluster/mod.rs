@@ -10,6 +10,7 @@ pub mod local;
 pub mod netns;
 
 use super::cmd::CommandError;
+use super::proxy::SlowLinks;
 use crate::kv::clerk::node_status;
 use crate::security::certs::CertError;
 use crate::security::{Security, SecurityError};
@@ -60,6 +61,9 @@ pub enum ClusterError {
     /// The target is not as the run needs it (a compose service missing or stopped, ...).
     #[error("{0}")]
     Target(String),
+    /// The fault proxy could not listen.
+    #[error("fault proxy: {0}")]
+    Proxy(#[source] std::io::Error),
     /// A node number out of range (a bug in the caller).
     #[error("no node {0}")]
     NoSuchNode(usize),
@@ -99,7 +103,19 @@ pub trait Cluster: Send {
         probability: f64,
     ) -> impl Future<Output = Result<(), ClusterError>> + Send;
 
-    /// Remove every network fault (cuts and loss).
+    /// Send every node's outgoing peer (Raft) connections through a [`super::proxy::FaultProxy`] on this machine
+    /// that misbehaves as `links` says (randomness from `seed`); connections open before are reset,
+    /// so they come back through it.
+    fn slow(
+        &mut self,
+        links: SlowLinks,
+        seed: u64,
+    ) -> impl Future<Output = Result<(), ClusterError>> + Send;
+
+    /// What the fault proxy of a `slow` fault did so far (`None`: no proxy runs).
+    fn slow_summary(&self) -> Option<String>;
+
+    /// Remove every network fault (cuts, loss, and the proxy of `slow`).
     fn heal_network(&mut self) -> impl Future<Output = Result<(), ClusterError>> + Send;
 
     /// Undo every fault: network healed, paused nodes resumed, killed nodes restarted.

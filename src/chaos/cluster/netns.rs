@@ -208,11 +208,39 @@ impl Network {
         self.iptables(node, &rule).await
     }
 
-    /// Remove every fault rule: the namespaces' INPUT and OUTPUT chains hold only ours.
+    /// Send node `from`'s new TCP connections to `to`'s `port` to `proxy_port` on the host instead
+    /// (DNAT), and reset the ones already open (a REJECT that only they can meet: new connections
+    /// leave with the host as destination), so they come back through the proxy.
+    pub async fn redirect(
+        &self,
+        from: usize,
+        to: usize,
+        port: u16,
+        proxy_port: u16,
+    ) -> Result<(), NetError> {
+        let (to, port) = (self.node_ip(to).to_string(), port.to_string());
+        let proxy = format!("{}:{proxy_port}", self.host_ip());
+        let matches = ["-A", "OUTPUT", "-p", "tcp", "-d", &to, "--dport", &port];
+        let dnat = ["-j", "DNAT", "--to-destination", &proxy];
+        let reset = ["-j", "REJECT", "--reject-with", "tcp-reset"];
+        let nat: Vec<&str> = ["-t", "nat"]
+            .iter()
+            .chain(&matches)
+            .chain(&dnat)
+            .copied()
+            .collect();
+        self.iptables(from, &nat).await?;
+        let filter: Vec<&str> = matches.iter().chain(&reset).copied().collect();
+        self.iptables(from, &filter).await
+    }
+
+    /// Remove every fault rule: the namespaces' INPUT and OUTPUT chains (and nat OUTPUT, where
+    /// `slow` redirects) hold only ours.
     pub async fn heal(&self) -> Result<(), NetError> {
         for node in 0..self.nodes {
             self.iptables(node, &["-F", "INPUT"]).await?;
             self.iptables(node, &["-F", "OUTPUT"]).await?;
+            self.iptables(node, &["-t", "nat", "-F", "OUTPUT"]).await?;
         }
         Ok(())
     }
