@@ -130,6 +130,12 @@ struct KvArgs {
     #[cfg(debug_assertions)]
     #[arg(long, hide = true)]
     unsafe_ack_before_commit: bool,
+    /// TESTS ONLY, debug builds only: move this node's wall clock by the number of milliseconds
+    /// (signed) in this file, re-read every 100 ms — how `chaos run --nemesis clock` skews one node's
+    /// clock. Release builds have no such flag.
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true, value_name = "PATH")]
+    unsafe_clock_skew_file: Option<std::path::PathBuf>,
     /// Answer TIMEOUT to a request not completed within this many milliseconds (the client retries).
     #[arg(long, default_value_t = 1000)]
     request_timeout_ms: u64,
@@ -201,6 +207,29 @@ async fn resolve(flag: &str, address: &str) -> Result<std::net::SocketAddr, Exit
     }
 }
 
+/// Keep [`ds824::rsm::sessions::CLOCK_SKEW_MS`] at the value in `path` (debug builds, tests only).
+#[cfg(debug_assertions)]
+async fn follow_clock_skew(path: std::path::PathBuf) {
+    use std::sync::atomic::Ordering;
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        ticks.tick().await;
+        let Ok(text) = tokio::fs::read_to_string(&path).await else {
+            continue;
+        };
+        let Ok(skew) = text.trim().parse::<i64>() else {
+            continue;
+        };
+        let before = ds824::rsm::sessions::CLOCK_SKEW_MS.swap(skew, Ordering::Relaxed);
+        if before != skew {
+            tracing::warn!(
+                skew_ms = skew,
+                "wall clock moved (--unsafe-clock-skew-file)"
+            );
+        }
+    }
+}
+
 async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
     #[cfg(debug_assertions)]
     let unsafe_ack_before_commit = args.unsafe_ack_before_commit;
@@ -208,6 +237,10 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
     let unsafe_ack_before_commit = false;
     if unsafe_ack_before_commit {
         tracing::warn!("--unsafe-ack-before-commit: writes are acknowledged before they commit (self-test only)");
+    }
+    #[cfg(debug_assertions)]
+    if let Some(path) = args.unsafe_clock_skew_file.clone() {
+        tokio::spawn(follow_clock_skew(path));
     }
     let listen = match resolve("--listen", &args.listen).await {
         Ok(addr) => addr,

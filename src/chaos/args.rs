@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// that delivers each chunk --slow-delay plus up to --slow-jitter late and resets connections
     /// with --slow-reset-probability per chunk (messages then overtake each other across
     /// connections and are sent again after a reset; needs root).
+    /// `clock` (--target local, debug build of kvd): move the wall clock of one node, a minority or
+    /// the leader by 1 s to 5 min either way, back at the window's end; the nodes then drop sessions
+    /// idle for 60 s, so a leader whose clock jumps ahead expires sessions for real (timers and
+    /// timeouts run on the monotonic clock and are not moved).
     /// `restart-all`: SIGKILL every node at once, restart them all (in an order from the seed) at
     /// the window's end. `reconfigure` (--store sharded only): move a random shard to another group
     /// of the latest configuration through the controllers (needs two groups joined and an admin
@@ -265,6 +269,9 @@ impl RunArgs {
         }
         if self.nemesis.contains(&NemesisKind::None) && self.nemesis.len() > 1 {
             return invalid("--nemesis none excludes the other nemeses");
+        }
+        if self.nemesis.contains(&NemesisKind::Clock) && self.target != Target::Local {
+            return invalid(super::cluster::compose::CLOCK_NEEDS_LOCAL);
         }
         if self.self_test && self.target != Target::Local {
             return invalid(

@@ -55,6 +55,9 @@ pub enum NemesisKind {
     Loss,
     /// Route the nodes' peer links through a TCP fault proxy: delay with jitter, resets.
     Slow,
+    /// Move the wall clock of one node, a minority or the leader by up to ±5 minutes, back at
+    /// the window's end (`--target local` with a debug build of kvd only).
+    Clock,
     /// SIGKILL every node, restart them all (in an order from the seed) at the window's end.
     #[serde(rename = "restart-all")]
     RestartAll,
@@ -101,6 +104,8 @@ pub enum Plan {
     Loss(f64),
     /// Slow every peer link this way.
     Slow(SlowLinks),
+    /// Move these nodes' wall clocks.
+    Clock(Who),
     /// SIGKILL every node, restart all of them.
     RestartAll,
     /// Move a shard to another group.
@@ -162,6 +167,7 @@ pub fn schedule(
             }
             Some(NemesisKind::Loss) => Plan::Loss(network.loss),
             Some(NemesisKind::Slow) => Plan::Slow(network.slow),
+            Some(NemesisKind::Clock) => Plan::Clock(*whos.choose(&mut rng).unwrap_or(&Who::One)),
             Some(NemesisKind::RestartAll) => Plan::RestartAll,
             Some(NemesisKind::Reconfigure) => Plan::Reconfigure,
             Some(NemesisKind::None) | None => break,
@@ -188,6 +194,8 @@ pub enum Fault {
     },
     /// Every node drops incoming packets with this probability.
     Loss(f64),
+    /// These nodes' wall clocks were moved by this many ms (who they were).
+    Clock(Vec<usize>, Who, i64),
     /// Every node's peer links go through the fault proxy, whose randomness starts from this seed.
     Slow(SlowLinks, u64),
     /// Every node was SIGKILLed; they are restarted in this order.
@@ -195,6 +203,9 @@ pub enum Fault {
     /// A shard move asked of the controllers, and what came of it.
     Reconfigure(Reconfiguration),
 }
+
+/// Largest clock skew a `clock` window applies, either way (ms).
+pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
 /// A controller `Move` the nemesis chose: shard `shard` from group `from` to group `to`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -324,6 +335,7 @@ pub async fn resolve<C: Cluster>(plan: Plan, cluster: &C, rng: &mut ChaCha8Rng) 
     let leader = match plan {
         Plan::Kill(Who::Leader)
         | Plan::Pause(Who::Leader)
+        | Plan::Clock(Who::Leader)
         | Plan::Partition(Shape::IsolateLeader) => {
             find_leader(
                 &cluster.client_addresses(),
@@ -360,6 +372,12 @@ pub async fn resolve<C: Cluster>(plan: Plan, cluster: &C, rng: &mut ChaCha8Rng) 
                 shape,
                 cuts: partition(shape, n, leader, rng),
             }
+        }
+        Plan::Clock(w) => {
+            let (nodes, who) = who(w, rng);
+            // Far enough to matter (past a session's idle time, both ways), at most 5 minutes.
+            let skew = rng.random_range(1_000..=MAX_CLOCK_SKEW_MS);
+            Fault::Clock(nodes, who, if rng.random_bool(0.5) { skew } else { -skew })
         }
         Plan::Loss(p) => Fault::Loss(p),
         Plan::Slow(links) => Fault::Slow(links, rng.random()),
@@ -435,6 +453,7 @@ impl Fault {
             Fault::Partition { .. } => "partition",
             Fault::Loss(_) => "loss",
             Fault::Slow(..) => "slow",
+            Fault::Clock(..) => "clock",
             Fault::RestartAll(_) => "restart-all",
             Fault::Reconfigure(_) => "reconfigure",
         }
@@ -457,6 +476,8 @@ impl Fault {
             },
             Fault::Loss(_) => "loss",
             Fault::Slow(..) => "slow",
+            Fault::Clock(_, Who::Leader, _) => "clock-leader",
+            Fault::Clock(..) => "clock",
             Fault::RestartAll(_) => "restart-all",
             Fault::Reconfigure(_) => "reconfigure",
         }
@@ -465,7 +486,9 @@ impl Fault {
     /// The nodes affected, numbered from 0 (none for a shard move: no process or link is touched).
     pub fn nodes(&self, n: usize) -> Vec<usize> {
         match self {
-            Fault::Kill(nodes, _) | Fault::Pause(nodes, _) => nodes.clone(),
+            Fault::Kill(nodes, _) | Fault::Pause(nodes, _) | Fault::Clock(nodes, _, _) => {
+                nodes.clone()
+            }
             Fault::RestartAll(_) => (0..n).collect(),
             Fault::Reconfigure(_) => Vec::new(),
             Fault::Partition { cuts, .. } => {
@@ -490,6 +513,10 @@ impl Fault {
         match self {
             Fault::Kill(nodes, who) => format!("SIGKILL node(s) {} ({who:?})", ids(nodes)),
             Fault::Pause(nodes, who) => format!("SIGSTOP node(s) {} ({who:?})", ids(nodes)),
+            Fault::Clock(nodes, who, skew) => format!(
+                "wall clock of node(s) {} ({who:?}) moved by {skew:+} ms",
+                ids(nodes)
+            ),
             Fault::RestartAll(order) => format!("SIGKILL every node; restart order {}", ids(order)),
             Fault::Reconfigure(r) => match r.chosen {
                 Some(m) => format!(
@@ -532,6 +559,11 @@ impl Fault {
                     cluster.pause(node).await?;
                 }
             }
+            Fault::Clock(nodes, _, skew) => {
+                for &node in nodes {
+                    cluster.skew_clock(node, *skew).await?;
+                }
+            }
             Fault::Partition { cuts, .. } => {
                 for &(a, b) in cuts {
                     cluster.cut(a, b).await?;
@@ -560,6 +592,11 @@ impl Fault {
             Fault::Pause(nodes, _) => {
                 for &node in nodes {
                     cluster.resume(node).await?;
+                }
+            }
+            Fault::Clock(nodes, _, _) => {
+                for &node in nodes {
+                    cluster.skew_clock(node, 0).await?;
                 }
             }
             Fault::Partition { .. } | Fault::Loss(_) | Fault::Slow(..) => {

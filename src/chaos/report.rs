@@ -301,6 +301,7 @@ fn kind_class(kind: &str) -> &'static str {
         "partition" => "f-partition",
         "loss" => "f-loss",
         "slow" => "f-slow",
+        "clock" => "f-clock",
         "restart-all" => "f-restart",
         "reconfigure" => "f-reconfigure",
         _ => "f-other",
@@ -397,6 +398,7 @@ fn band_name(kind: &str) -> &'static str {
         "partition" => "partition",
         "loss" => "loss",
         "slow" => "slow",
+        "clock" => "clock",
         "restart-all" => "restart-all",
         "reconfigure" => "reconfigure",
         _ => "other fault",
@@ -996,6 +998,7 @@ svg.chart{max-width:100%;height:auto;display:block;font:11px system-ui,sans-seri
 .f-partition{fill:rgba(245,124,0,.2);background:rgba(245,124,0,.35)}\
 .f-loss{fill:rgba(25,118,210,.16);background:rgba(25,118,210,.3)}\
 .f-slow{fill:rgba(85,139,47,.18);background:rgba(85,139,47,.32)}\
+.f-clock{fill:rgba(249,168,37,.2);background:rgba(249,168,37,.35)}\
 .f-restart{fill:rgba(136,14,79,.2);background:rgba(136,14,79,.35)}\
 .f-reconfigure{fill:rgba(0,131,143,.16);background:rgba(0,131,143,.3)}\
 .f-other{fill:rgba(97,97,97,.16);background:rgba(97,97,97,.3)}\

@@ -158,6 +158,7 @@ pub async fn run(args: RunArgs) -> Result<Summary, RunError> {
                 out: out.clone(),
                 snapshot_threshold: args.snapshot_threshold,
                 unsafe_ack_before_commit: args.self_test,
+                clock: args.nemesis.contains(&NemesisKind::Clock),
             })
             .await?;
             run_on(cluster, &args, seed, tag, &out).await
@@ -186,7 +187,9 @@ async fn run_on<C: Cluster>(
     tag: String,
     out: &Path,
 ) -> Result<Summary, RunError> {
-    let recorded = drive(&mut cluster, args, seed, out).await;
+    // The run's keys live under a name no earlier run on the same cluster used.
+    let namespace = format!("{tag}.{}", crate::rsm::sessions::unix_ms() / 1000);
+    let recorded = drive(&mut cluster, args, seed, &namespace, out).await;
     let torn_down = cluster.teardown().await;
     let recorded = recorded?;
     torn_down?;
@@ -198,6 +201,7 @@ async fn drive<C: Cluster>(
     cluster: &mut C,
     args: &RunArgs,
     seed: u64,
+    namespace: &str,
     out: &Path,
 ) -> Result<Recorded, RunError> {
     let config = ClerkConfig {
@@ -229,7 +233,12 @@ async fn drive<C: Cluster>(
         config,
         clock,
         recorder: recorder.clone(),
-        keys: KeySpace::new(args.workload, args.keys_at_once(), args.ops_per_key),
+        keys: KeySpace::new(
+            args.workload,
+            namespace,
+            args.keys_at_once(),
+            args.ops_per_key,
+        ),
         clients: args.clients,
         interval: Duration::from_secs_f64(args.clients as f64 / f64::from(args.rate)),
         seed,

@@ -71,27 +71,32 @@ pub enum WorkloadKind {
 }
 
 /// The keys in use: every operation takes a key of the current generation; a generation ends after
-/// `keys * ops_per_key` operations.
+/// `keys * ops_per_key` operations. Keys are named under the run's own namespace
+/// (`chaos-1234.1796355664/r41`): a cluster that outlives a run (the compose target) still holds
+/// the keys earlier runs wrote, and a run that reused their names would read values it never
+/// wrote and call a correct store non-linearizable.
 #[derive(Debug)]
 pub struct KeySpace {
     started: AtomicU64,
     keys: u64,
     ops_per_key: u64,
-    prefix: &'static str,
+    prefix: String,
 }
 
 impl KeySpace {
-    /// Keys for `kind`, `keys` at a time, `ops_per_key` operations each.
-    pub fn new(kind: WorkloadKind, keys: u64, ops_per_key: u64) -> KeySpace {
+    /// Keys for `kind` under `namespace` (unique to the run), `keys` at a time, `ops_per_key`
+    /// operations each.
+    pub fn new(kind: WorkloadKind, namespace: &str, keys: u64, ops_per_key: u64) -> KeySpace {
+        let letter = match kind {
+            WorkloadKind::Register => "r",
+            WorkloadKind::Append => "a",
+            WorkloadKind::Bank => "b",
+        };
         KeySpace {
             started: AtomicU64::new(0),
             keys: keys.max(1),
             ops_per_key: ops_per_key.max(1),
-            prefix: match kind {
-                WorkloadKind::Register => "r",
-                WorkloadKind::Append => "a",
-                WorkloadKind::Bank => "b",
-            },
+            prefix: format!("{namespace}/{letter}"),
         }
     }
 
@@ -446,11 +451,18 @@ mod tests {
 
     #[test]
     fn keys_retire_after_their_share_of_operations() {
-        let keys = KeySpace::new(WorkloadKind::Register, 2, 3);
+        let keys = KeySpace::new(WorkloadKind::Register, "chaos-1.2", 2, 3);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let picked: Vec<String> = (0..12).map(|_| keys.pick(&mut rng)).collect();
-        assert!(picked[..6].iter().all(|k| k == "r0" || k == "r1"));
-        assert!(picked[6..].iter().all(|k| k == "r2" || k == "r3"));
+        let ours = |n: &[&str], k: &String| n.iter().any(|n| *k == format!("chaos-1.2/r{n}"));
+        assert!(
+            picked[..6].iter().all(|k| ours(&["0", "1"], k)),
+            "{picked:?}"
+        );
+        assert!(
+            picked[6..].iter().all(|k| ours(&["2", "3"], k)),
+            "{picked:?}"
+        );
     }
 
     #[test]
@@ -500,17 +512,17 @@ mod tests {
             transfer_cas("b0", Some("100,100,100,100,90"), &mut rng),
             None
         );
-        let keys = KeySpace::new(WorkloadKind::Bank, 5, 100);
+        let keys = KeySpace::new(WorkloadKind::Bank, "chaos-1.2", 5, 100);
         let steps: Vec<Step> = (0..100)
             .map(|n| generate(WorkloadKind::Bank, &keys, &mut rng, 0, n))
             .collect();
         let transfers = steps
             .iter()
-            .filter(|s| matches!(s, Step::Transfer { key } if key.starts_with('b')))
+            .filter(|s| matches!(s, Step::Transfer { key } if key.starts_with("chaos-1.2/b")))
             .count();
         let reads = steps
             .iter()
-            .filter(|s| matches!(s, Step::Op(i) if i.op == OpKind::Get && i.key.starts_with('b')))
+            .filter(|s| matches!(s, Step::Op(i) if i.op == OpKind::Get && i.key.starts_with("chaos-1.2/b")))
             .count();
         assert_eq!(transfers + reads, 100, "{steps:?}");
         assert!(

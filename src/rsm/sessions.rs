@@ -84,12 +84,22 @@ pub fn plausible_client(client: ClientId, now_ms: u64) -> bool {
 }
 
 /// Wall-clock time in ms since the Unix epoch (0 if the clock is before it): the time leaders stamp
-/// into entries and clerks put at the top of their ids.
+/// into entries and clerks put at the top of their ids. Debug builds add [`CLOCK_SKEW_MS`].
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
+    let real = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as u64);
+    #[cfg(debug_assertions)]
+    let real = real.saturating_add_signed(CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed));
+    real
 }
+
+/// TESTS ONLY, debug builds only: how far (ms, either way) this process's wall clock is moved from
+/// the machine's. `chaos --nemesis clock` moves one node's clock without touching the machine's
+/// (which the harness and every other node share) through `kvd --unsafe-clock-skew-file`. Only the
+/// wall clock moves — timers and timeouts run on the monotonic clock, as they must.
+#[cfg(debug_assertions)]
+pub static CLOCK_SKEW_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
 /// One client's last command and what it returned.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -24,6 +24,12 @@ use std::time::Duration;
 const TAGGED_CHAINS: [(&str, &str); 3] =
     [("filter", "INPUT"), ("filter", "OUTPUT"), ("nat", "OUTPUT")];
 
+/// Why `clock` cannot run here.
+pub const CLOCK_NEEDS_LOCAL: &str =
+    "the clock nemesis needs --target local: containers share the host's clock (moving it would \
+     move the harness's and every node's), and the images hold release builds, which have no \
+     clock-skew hook";
+
 /// How long the cluster may take to show a leader when the run attaches to it.
 const FIRST_LEADER: Duration = Duration::from_secs(30);
 
@@ -313,6 +319,10 @@ impl Cluster for ComposeCluster {
         let rule = loss_rule(probability);
         let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
         self.drop_rule(node, &rule).await
+    }
+
+    async fn skew_clock(&mut self, _node: usize, _skew_ms: i64) -> Result<(), ClusterError> {
+        Err(ClusterError::Target(CLOCK_NEEDS_LOCAL.into()))
     }
 
     async fn slow(&mut self, links: SlowLinks, seed: u64) -> Result<(), ClusterError> {

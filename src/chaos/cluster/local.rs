@@ -25,6 +25,8 @@ const CLIENT_PORT: u16 = 7000;
 const PEER_PORT: u16 = 8000;
 /// The cluster name in the run's certificates.
 const CLUSTER: &str = "chaos";
+/// `kvd --session-ttl` in a run with the `clock` nemesis: shorter than the skews it applies.
+pub const CLOCK_SESSION_TTL_SECS: u64 = 60;
 /// How long a fresh cluster may take to elect its first leader.
 const FIRST_LEADER: Duration = Duration::from_secs(30);
 
@@ -44,6 +46,10 @@ pub struct LocalConfig {
     /// Start every node with `--unsafe-ack-before-commit` (the self-test's deliberate bug; only
     /// debug builds of kvd have it).
     pub unsafe_ack_before_commit: bool,
+    /// Let the `clock` nemesis move nodes' wall clocks: every node reads its skew from
+    /// `DIR/clock/node-N` (`--unsafe-clock-skew-file`, debug builds of kvd only) and drops sessions
+    /// idle for [`CLOCK_SESSION_TTL_SECS`], so a clock moved forward expires sessions for real.
+    pub clock: bool,
 }
 
 /// A running local cluster. Dropping it kills the servers and removes the network.
@@ -74,7 +80,7 @@ impl LocalCluster {
         }
         let certs = config.out.join("certs");
         let security = issue_certificates(&certs, config.nodes)?;
-        for dir in ["data", "logs"] {
+        for dir in ["data", "logs", "clock"] {
             let path = config.out.join(dir);
             std::fs::create_dir_all(&path).map_err(io_error(&path))?;
         }
@@ -115,6 +121,14 @@ impl LocalCluster {
             .join(",")
     }
 
+    /// Where node `node` reads its clock skew (ms) from.
+    fn clock_file(&self, node: usize) -> PathBuf {
+        self.config
+            .out
+            .join("clock")
+            .join(format!("node-{}", node + 1))
+    }
+
     fn spawn(&mut self, node: usize) -> Result<(), ClusterError> {
         let id = (node + 1).to_string();
         let log_path = self.config.out.join("logs").join(format!("node-{id}.log"));
@@ -148,6 +162,20 @@ impl LocalCluster {
                     .unsafe_ack_before_commit
                     .then_some("--unsafe-ack-before-commit"),
             )
+            .args(if self.config.clock {
+                let skew = self.clock_file(node);
+                if !skew.exists() {
+                    std::fs::write(&skew, "0").map_err(io_error(&skew))?;
+                }
+                vec![
+                    "--unsafe-clock-skew-file".into(),
+                    skew.into_os_string(),
+                    "--session-ttl".into(),
+                    CLOCK_SESSION_TTL_SECS.to_string().into(),
+                ]
+            } else {
+                Vec::new()
+            })
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -252,6 +280,20 @@ impl Cluster for LocalCluster {
         Ok(self.network.lossy(node, probability).await?)
     }
 
+    async fn skew_clock(&mut self, node: usize, skew_ms: i64) -> Result<(), ClusterError> {
+        self.check(node)?;
+        if !self.config.clock {
+            return Err(ClusterError::Target(
+                "this cluster was started without the clock nemesis".into(),
+            ));
+        }
+        // Written whole to a new file, then renamed: kvd never reads half a number.
+        let path = self.clock_file(node);
+        let staged = path.with_extension("new");
+        std::fs::write(&staged, skew_ms.to_string()).map_err(io_error(&staged))?;
+        std::fs::rename(&staged, &path).map_err(io_error(&path))
+    }
+
     async fn slow(&mut self, links: SlowLinks, seed: u64) -> Result<(), ClusterError> {
         let n = self.config.nodes;
         let targets: Vec<SocketAddr> = (0..n)
@@ -290,6 +332,9 @@ impl Cluster for LocalCluster {
         for node in 0..self.config.nodes {
             self.resume(node).await?;
             self.restart(node).await?;
+            if self.config.clock {
+                self.skew_clock(node, 0).await?;
+            }
         }
         Ok(())
     }

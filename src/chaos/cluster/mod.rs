@@ -103,6 +103,14 @@ pub trait Cluster: Send {
         probability: f64,
     ) -> impl Future<Output = Result<(), ClusterError>> + Send;
 
+    /// Move node `node`'s wall clock `skew_ms` from the machine's (0: back to it). Only where a
+    /// node's clock can move alone: the local target with a debug build of kvd.
+    fn skew_clock(
+        &mut self,
+        node: usize,
+        skew_ms: i64,
+    ) -> impl Future<Output = Result<(), ClusterError>> + Send;
+
     /// Send every node's outgoing peer (Raft) connections through a [`super::proxy::FaultProxy`] on this machine
     /// that misbehaves as `links` says (randomness from `seed`); connections open before are reset,
     /// so they come back through it.
