@@ -320,26 +320,41 @@ fn window_title(w: &FaultWindow<'_>) -> String {
     )
 }
 
-/// A shaded band per fault window, labelled with its kind.
+/// A shaded band per fault window, labelled with its kind where the label fits inside the band (a
+/// 10-minute run has 60 windows a few pixels wide; their labels would print over each other — the
+/// legend and each band's tooltip name them instead).
 fn fault_bands(frame: &Frame, windows: &[FaultWindow<'_>]) -> String {
     let mut out = String::new();
     for w in windows {
         let (x0, x1) = (frame.scale.x(w.start), frame.scale.x(w.stop));
+        let label = if x1 - x0 >= label_width(w.kind) {
+            format!(
+                "<text class=\"band-label\" x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+                x0 + 3.0,
+                frame.top + 12.0,
+                escape(w.kind)
+            )
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
             "<g class=\"fault-window\"><title>{}</title>\
              <rect class=\"band {}\" x=\"{x0:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\"/>\
-             <text class=\"band-label\" x=\"{:.1}\" y=\"{:.1}\">{}</text></g>\n",
+             {label}</g>\n",
             escape(&window_title(w)),
             kind_class(w.kind),
             frame.top,
             (x1 - x0).max(1.0),
             frame.height,
-            x0 + 3.0,
-            frame.top + 12.0,
-            escape(w.kind)
         ));
     }
     out
+}
+
+/// Room a band label needs (px): about 7 px a character in the plots' bold 11-12 px type, plus the
+/// 3 px inset on each side.
+fn label_width(text: &str) -> f64 {
+    text.chars().count() as f64 * 7.0 + 6.0
 }
 
 /// A dashed vertical line at `t`, labelled above the plot.
@@ -1623,6 +1638,35 @@ mod tests {
             && html
                 .match_indices("inf")
                 .all(|(i, _)| html[i + 3..].starts_with('o'))
+    }
+
+    /// A long run's narrow windows keep their bands (and tooltips) but not labels that would print
+    /// over each other; a wide window keeps its label.
+    #[test]
+    fn only_labels_that_fit_their_band_are_drawn() {
+        let s = 1_000_000_000;
+        let frame = Frame::over(600 * s);
+        let mut windows: Vec<FaultWindow<'_>> = (0..60)
+            .map(|i| FaultWindow {
+                start: (5 + 10 * i) * s,
+                stop: (10 + 10 * i) * s,
+                kind: "partition-isolate-leader",
+                nodes: &[],
+                detail: "cut",
+            })
+            .collect();
+        windows.push(FaultWindow {
+            start: 0,
+            stop: 300 * s,
+            kind: "kill",
+            nodes: &[],
+            detail: "long",
+        });
+        let svg = fault_bands(&frame, &windows);
+        assert_eq!(svg.matches("<rect class=\"band ").count(), 61);
+        assert_eq!(svg.matches("<title>").count(), 61);
+        assert_eq!(svg.matches("class=\"band-label\"").count(), 1, "{svg}");
+        assert!(svg.contains(">kill</text>"));
     }
 
     #[test]
