@@ -207,7 +207,7 @@ async fn drive<C: Cluster>(
     let config = ClerkConfig {
         call_timeout: args.op_timeout,
         // The servers answer TIMEOUT after 1 s themselves; this only bounds a frozen (paused)
-        // one, which the clerk then avoids until the others elect a new leader (1–2 s). At most a
+        // one, which the clerk then avoids until the others elect a new leader (1–1.5 s). At most a
         // third of the operation's deadline leaves time to retry elsewhere: with one attempt per
         // operation, every request to a paused leader would end `info`.
         attempt_timeout: (args.op_timeout / 3).min(Duration::from_millis(1000)),

@@ -14,6 +14,13 @@ pub struct Config {
     /// 2 * election_ticks)` after each reset so that split votes do not repeat (Raft §5.2). Also the length
     /// of the leader lease and of the CheckQuorum window.
     pub election_ticks: u32,
+    /// Width of the randomized part of the election timeout: the timeout is drawn from
+    /// `[election_ticks, election_ticks + spread)`; `None` means `election_ticks` (the range above).
+    /// The daemons narrow it: the silence before an election stays at least `election_ticks` (a
+    /// healthy but slow leader is not deposed sooner), but a dead leader is replaced within
+    /// `election_ticks + spread` instead of twice the base — with three nodes split votes are rare,
+    /// and PreVote keeps a lost one cheap.
+    pub election_spread_ticks: Option<u32>,
     /// A leader sends heartbeats every `heartbeat_ticks`. Must be well below `election_ticks`, or followers
     /// start elections against a healthy leader whenever a heartbeat is lost.
     pub heartbeat_ticks: u32,
@@ -43,12 +50,14 @@ pub struct Config {
 
 impl Config {
     /// A configuration with the defaults used by the daemons: 10 ms ticks, heartbeats every 100 ms,
-    /// elections after 1 to 2 s of silence, PreVote, CheckQuorum and a no-op on election.
+    /// elections after 1 to 2 s of silence (the daemons narrow it to 1 to 1.5 s: [`crate::raft::node::NodeConfig::new`]),
+    /// PreVote, CheckQuorum and a no-op on election.
     pub fn new(id: NodeId, voters: Vec<NodeId>) -> Self {
         Config {
             id,
             voters,
             election_ticks: 100,
+            election_spread_ticks: None,
             heartbeat_ticks: 10,
             pre_vote: true,
             check_quorum: true,

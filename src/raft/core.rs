@@ -728,7 +728,8 @@ impl RaftCore {
     fn reset_election_timer(&mut self) {
         self.election_elapsed = 0;
         let base = self.config.election_ticks;
-        self.randomized_election_ticks = self.rng.random_range(base..2 * base);
+        let spread = self.config.election_spread_ticks.unwrap_or(base).max(1);
+        self.randomized_election_ticks = self.rng.random_range(base..base + spread);
     }
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {

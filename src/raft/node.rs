@@ -65,6 +65,9 @@ impl NodeConfig {
         voters.sort_unstable();
         let mut raft = Config::new(id, voters);
         raft.seed = rand::random();
+        // Elections after 1 to 1.5 s of silence (10 ms ticks): a killed or frozen leader is replaced
+        // within about 1.5 s plus a round of votes, so clients see at most ~2 s without service.
+        raft.election_spread_ticks = Some(raft.election_ticks / 2);
         NodeConfig {
             raft,
             tick: Duration::from_millis(10),

@@ -177,7 +177,7 @@ pub enum Attempt<T> {
 }
 
 /// How long a server that let an attempt time out is avoided (tried last, its hints ignored). About the
-/// shortest election timeout (1 s): a frozen leader is replaced after 1–2 s of silence, and until then the
+/// shortest election timeout (1 s): a frozen leader is replaced after 1–1.5 s of silence, and until then the
 /// other servers' hints still name it. A server that was only slow is tried again after this.
 pub const AVOID_SILENT_FOR: Duration = Duration::from_secs(1);
 
