@@ -11,7 +11,7 @@
 //! the rules with that comment, unpauses what it paused and starts what it killed — at the end, on
 //! Ctrl-C, on an error or a panic (the drop guard).
 
-use super::netns::loss_rule;
+use super::netns::{loss_rule, redirect_rules};
 use super::{wait_for_leader, Cluster, ClusterError};
 use crate::chaos::cmd::{run, run_blocking, CommandError};
 use crate::chaos::proxy::{FaultProxy, SlowLinks};
@@ -344,19 +344,13 @@ impl Cluster for ComposeCluster {
         let alive: Vec<usize> = (0..n).filter(|&from| !self.killed[from]).collect();
         for from in alive {
             for (to, &proxy_port) in ports.iter().enumerate().filter(|&(to, _)| to != from) {
-                let (ip, port) = (targets[to].ip().to_string(), targets[to].port().to_string());
-                let matches = ["-A", "OUTPUT", "-p", "tcp", "-d", &ip, "--dport", &port];
-                let nat: Vec<&str> = ["-t", "nat"].iter().chain(&matches).copied().collect();
-                let via = format!("{gateway}:{proxy_port}");
-                self.tagged_rule(from, &nat, &["-j", "DNAT", "--to-destination", &via])
-                    .await?;
-                // Only connections opened before the DNAT still leave for the node itself.
-                self.tagged_rule(
-                    from,
-                    &matches,
-                    &["-j", "REJECT", "--reject-with", "tcp-reset"],
-                )
-                .await?;
+                let (ip, port) = (targets[to].ip().to_string(), targets[to].port());
+                let proxy = format!("{gateway}:{proxy_port}");
+                for (matches, target) in redirect_rules(&ip, port, &proxy) {
+                    let matches: Vec<&str> = matches.iter().map(String::as_str).collect();
+                    let target: Vec<&str> = target.iter().map(String::as_str).collect();
+                    self.tagged_rule(from, &matches, &target).await?;
+                }
             }
         }
         Ok(())

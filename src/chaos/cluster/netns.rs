@@ -70,6 +70,25 @@ pub fn loss_rule(probability: f64) -> Vec<String> {
     .to_vec()
 }
 
+/// The two rules of the `slow` fault in a node's namespace, as (matches, target) pairs so a target
+/// can put its own tag between them: a DNAT in nat OUTPUT that sends the node's new TCP connections to
+/// `to:port` to the fault proxy at `proxy` (`HOST:PORT`), and a REJECT in filter OUTPUT that resets
+/// the ones opened before (new connections leave with the proxy as destination and never meet it).
+pub fn redirect_rules(to: &str, port: u16, proxy: &str) -> [(Vec<String>, Vec<String>); 2] {
+    let strings = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+    let port = port.to_string();
+    let matches = ["-A", "OUTPUT", "-p", "tcp", "-d", to, "--dport", &port];
+    let mut nat = strings(&["-t", "nat"]);
+    nat.extend(strings(&matches));
+    [
+        (nat, strings(&["-j", "DNAT", "--to-destination", proxy])),
+        (
+            strings(&matches),
+            strings(&["-j", "REJECT", "--reject-with", "tcp-reset"]),
+        ),
+    ]
+}
+
 /// Whether this process runs as root, read from /proc (no `unsafe` `geteuid`).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
@@ -218,20 +237,12 @@ impl Network {
         port: u16,
         proxy_port: u16,
     ) -> Result<(), NetError> {
-        let (to, port) = (self.node_ip(to).to_string(), port.to_string());
         let proxy = format!("{}:{proxy_port}", self.host_ip());
-        let matches = ["-A", "OUTPUT", "-p", "tcp", "-d", &to, "--dport", &port];
-        let dnat = ["-j", "DNAT", "--to-destination", &proxy];
-        let reset = ["-j", "REJECT", "--reject-with", "tcp-reset"];
-        let nat: Vec<&str> = ["-t", "nat"]
-            .iter()
-            .chain(&matches)
-            .chain(&dnat)
-            .copied()
-            .collect();
-        self.iptables(from, &nat).await?;
-        let filter: Vec<&str> = matches.iter().chain(&reset).copied().collect();
-        self.iptables(from, &filter).await
+        for (matches, target) in redirect_rules(&self.node_ip(to).to_string(), port, &proxy) {
+            let rule: Vec<&str> = matches.iter().chain(&target).map(String::as_str).collect();
+            self.iptables(from, &rule).await?;
+        }
+        Ok(())
     }
 
     /// Remove every fault rule: the namespaces' INPUT and OUTPUT chains (and nat OUTPUT, where
