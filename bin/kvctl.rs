@@ -6,11 +6,14 @@
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use ds824::ctrler::addresses::client_addresses;
 use ds824::ctrler::addresses::AddressView;
+use ds824::ctrler::CtrlerClerk;
 use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 use ds824::kvctl::shard::{self, AnyClerk};
-use ds824::kvctl::{self, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
+use ds824::kvctl::{self, backup, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
+use ds824::security::Role;
 use ds824::security::{certs, Security, TlsArgs};
 use ds824::shardkv::ShardClerk;
 use std::io::Write;
@@ -131,6 +134,12 @@ enum Command {
         #[command(subcommand)]
         op: CertsOp,
     },
+    /// Back up a service to a file, or say what a backup file holds (see `kvctl snapshot --help`).
+    /// Restore with `kvd ... --restore FILE`.
+    Snapshot {
+        #[command(subcommand)]
+        op: SnapshotOp,
+    },
     /// Measure throughput and latency with concurrent clients.
     Bench {
         /// Concurrent clients (each its own session).
@@ -186,6 +195,36 @@ enum CtrlerOp {
     Query {
         /// Configuration number.
         num: Option<u64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Backups: `save` asks the leader of a service for a consistent snapshot (every write acknowledged
+/// before the save began is in it) and writes it to FILE with a checksum; `status` checks a file and
+/// says what it holds. To restore, start every node of a new cluster with `kvd ... --restore FILE`
+/// and an empty --data-dir.
+#[derive(Subcommand)]
+enum SnapshotOp {
+    /// Save a backup of the KV cluster (--cluster), of the controllers (--ctrler, from --ctrlers) or of
+    /// shard group GID (--gid, its servers found through --ctrlers) to FILE. Needs an admin
+    /// certificate with TLS. FILE must not exist; it appears only complete and checked.
+    Save {
+        /// Where to write the backup.
+        file: PathBuf,
+        /// Back up the shard controllers instead of the KV cluster.
+        #[arg(long, conflicts_with = "gid")]
+        ctrler: bool,
+        /// Back up shard group GID (every shard it holds) instead of the KV cluster.
+        #[arg(long)]
+        gid: Option<u64>,
+    },
+    /// Check a backup file (length, checksum, that its state decodes) and print its service, source
+    /// cluster, index, term, size, keys and sessions. Exit 2 with the reason if it is unusable.
+    Status {
+        /// The backup file.
+        file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -342,8 +381,14 @@ async fn run(cli: Cli) -> u8 {
     if let Command::Certs { op } = cli.command {
         return certs_command(op);
     }
-    // `check` reads a file: it needs no connection, so no certificate.
-    let offline = matches!(cli.command, Command::Check { .. });
+    // `check` and `snapshot status` read a file: they need no connection, so no certificate.
+    let offline = matches!(
+        cli.command,
+        Command::Check { .. }
+            | Command::Snapshot {
+                op: SnapshotOp::Status { .. }
+            }
+    );
     let security: Security = match cli.tls.security() {
         Ok(security) => security,
         Err(_) if offline => Security::Insecure,
@@ -377,6 +422,9 @@ async fn run(cli: Cli) -> u8 {
             AnyClerk::Kv(Clerk::new(&cluster, config.clone())?)
         })
     };
+    if let Command::Snapshot { op } = cli.command {
+        return snapshot_command(op, &cluster, &ctrlers, config, view).await;
+    }
     if let Command::Ctrler { op } = cli.command {
         if ctrlers.is_empty() {
             return fail("no controllers given (--ctrlers or KVCTL_CTRLERS)");
@@ -402,7 +450,7 @@ async fn run(cli: Cli) -> u8 {
         );
     }
     match cli.command {
-        Command::Ctrler { .. } | Command::Certs { .. } => EXIT_ERROR,
+        Command::Ctrler { .. } | Command::Certs { .. } | Command::Snapshot { .. } => EXIT_ERROR,
         Command::Get { key } => match clerk() {
             Ok(mut c) => match c.get(&key).await {
                 Ok(Some(value)) => {
@@ -517,6 +565,86 @@ async fn run(cli: Cli) -> u8 {
             match result {
                 Ok(report) => {
                     println!("{report}");
+                    EXIT_OK
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+async fn snapshot_command(
+    op: SnapshotOp,
+    cluster: &[String],
+    ctrlers: &[String],
+    config: ClerkConfig,
+    view: AddressView,
+) -> u8 {
+    match op {
+        SnapshotOp::Status { file, json } => match backup::inspect(&file) {
+            Ok(summary) if json => {
+                println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+                EXIT_OK
+            }
+            Ok(summary) => {
+                print!("{}", backup::render(&summary));
+                EXIT_OK
+            }
+            Err(e) => fail(e),
+        },
+        SnapshotOp::Save { file, ctrler, gid } => {
+            let target = match (ctrler, gid) {
+                (true, _) => backup::Target {
+                    servers: ctrlers.to_vec(),
+                    role: Role::Ctrler,
+                },
+                (false, Some(gid)) => {
+                    let latest = match CtrlerClerk::new(ctrlers, config.clone()) {
+                        Ok(mut clerk) => clerk.query(None).await,
+                        Err(e) => Err(e),
+                    };
+                    let servers = match latest {
+                        Ok(latest) => match latest.groups.get(&gid) {
+                            Some(group) => client_addresses(group, view),
+                            None => {
+                                return fail(format!(
+                                    "group {gid} is not in configuration {} (groups: {:?})",
+                                    latest.num,
+                                    latest.groups.keys().collect::<Vec<_>>()
+                                ))
+                            }
+                        },
+                        Err(e) => return fail(format!("controllers: {e}")),
+                    };
+                    backup::Target {
+                        servers,
+                        role: Role::Shard(gid),
+                    }
+                }
+                (false, None) => backup::Target {
+                    servers: cluster.to_vec(),
+                    role: Role::Kv,
+                },
+            };
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {bytes} received")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let result =
+                backup::save(&target, &config, &file, |bytes| bar.set_position(bytes)).await;
+            bar.finish_and_clear();
+            match result {
+                Ok(header) => {
+                    println!(
+                        "saved {} of {} at index {} (term {}, {} bytes of snapshot) to {}",
+                        header.service,
+                        header.cluster_id,
+                        header.index,
+                        header.term,
+                        header.snapshot_bytes,
+                        file.display()
+                    );
                     EXIT_OK
                 }
                 Err(e) => fail(e),

@@ -112,6 +112,13 @@ struct KvArgs {
     /// to another node or cluster).
     #[arg(long)]
     data_dir: PathBuf,
+    /// Start an empty --data-dir from this backup file (`kvctl snapshot save`): every member of the new
+    /// cluster is started with the same file, and they elect a leader among themselves. The file is
+    /// checked whole first (a truncated or corrupt file, or another service's backup, is refused);
+    /// a directory already seeded from this file just starts (so the flag may stay on a restarted
+    /// node), one holding anything else is refused.
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
     /// Snapshot once the persisted Raft state exceeds this many bytes (0: never).
     #[arg(long, default_value_t = 8 << 20)]
     snapshot_threshold: u64,
@@ -283,6 +290,7 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         role,
         metrics_listen: args.metrics_listen,
         unsafe_ack_before_commit,
+        restore: args.restore,
     };
     let node = match Replica::start(config).await {
         Ok(node) => node,

@@ -510,6 +510,30 @@ async fn kvctl_routes_through_the_controllers() {
         "{}",
         out(&table)
     );
+
+    // A backup of the group holds every shard it serves; the status of the file says so.
+    assert_eq!(
+        run(&["put", "kept", "in the backup"]).status.code(),
+        Some(0)
+    );
+    let file = root.path().join("group-7.backup");
+    let file_arg = file.to_str().expect("utf-8");
+    let saved = run(&["snapshot", "save", "--gid", "7", file_arg]);
+    assert_eq!(saved.status.code(), Some(0), "{saved:?}");
+    assert!(
+        out(&saved).starts_with("saved shard-7 of ds824/shard-7"),
+        "{saved:?}"
+    );
+    let unknown = run(&["snapshot", "save", "--gid", "9", file_arg]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert!(
+        err(&unknown).contains("group 9 is not in configuration 1"),
+        "{unknown:?}"
+    );
+    let status = run(&["snapshot", "status", file_arg]);
+    assert_eq!(status.status.code(), Some(0), "{status:?}");
+    assert!(out(&status).contains("service     shard-7"), "{status:?}");
+    assert!(out(&status).contains("keys        1\n"), "{status:?}");
     drop(group);
 }
 

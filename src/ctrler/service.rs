@@ -101,6 +101,15 @@ impl CtrlerService {
 
 #[tonic::async_trait]
 impl Ctrler for CtrlerService {
+    type BackupStream = crate::rsm::service::BackupStream;
+
+    async fn backup(
+        &self,
+        request: Request<crate::proto::rsm::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        crate::rsm::service::serve_backup(&self.service, &request).await
+    }
+
     async fn command(
         &self,
         request: Request<pb::CommandRequest>,

@@ -142,6 +142,15 @@ impl<M: KvMachine> KvService<M> {
 
 #[tonic::async_trait]
 impl<M: KvMachine> Kv for KvService<M> {
+    type BackupStream = crate::rsm::service::BackupStream;
+
+    async fn backup(
+        &self,
+        request: Request<crate::proto::rsm::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        crate::rsm::service::serve_backup(&self.service, &request).await
+    }
+
     async fn get(
         &self,
         request: Request<pb::GetRequest>,

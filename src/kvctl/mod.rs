@@ -4,6 +4,7 @@
 //!
 //! Exit codes are part of the interface (scripts branch on them), so they are named here once.
 
+pub mod backup;
 pub mod bench;
 pub mod check;
 pub mod ctrler;

@@ -62,7 +62,7 @@ pub use self::message::{Envelope, Message};
 pub use self::node::{Applied, NodeConfig, NodeError, NodeStatus, RaftHandle, RaftNode};
 pub use self::read_only::ReadState;
 pub use self::ready::{Ready, SoftState};
-pub use self::storage::{Identity, SledStorage, Storage, StorageError};
+pub use self::storage::{Identity, Seeded, SledStorage, Storage, StorageError};
 pub use self::types::{
     Entry, EntryKind, HardState, Index, NodeId, PersistedState, Role, Snapshot, SnapshotMeta, Term,
 };

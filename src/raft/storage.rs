@@ -257,6 +257,17 @@ pub enum StorageError {
         /// Who tried to open it.
         expected: String,
     },
+    /// A restore was asked for into a directory that already holds other state.
+    #[error(
+        "raft data dir {dir} already holds {detail}; a restore starts only an empty directory \
+         (start without --restore to keep that state, or give an empty directory)"
+    )]
+    Occupied {
+        /// The data directory.
+        dir: PathBuf,
+        /// What it holds.
+        detail: String,
+    },
     /// The stored state cannot be decoded or is inconsistent.
     #[error("raft data dir {dir} is corrupt: {detail}")]
     Corrupt {
@@ -285,6 +296,18 @@ impl std::fmt::Display for Identity {
 const IDENTITY: &[u8] = b"identity";
 const HARD_STATE: &[u8] = b"hard_state";
 const SNAPSHOT: &[u8] = b"snapshot";
+/// Which backup a directory was seeded from ([`SledStorage::seed`]).
+const RESTORED_FROM: &[u8] = b"restored_from";
+
+/// What [`SledStorage::seed`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seeded {
+    /// The empty directory now starts from the backup.
+    Restored,
+    /// The directory was seeded from this very backup before (a daemon restarted with the same
+    /// `--restore`): nothing was changed, it starts from what it holds now.
+    AlreadyRestored,
+}
 /// Chunk size of the snapshot format earlier versions wrote into the `raft_snapshot` tree.
 #[cfg(test)]
 const CHUNK: usize = 1 << 20;
@@ -489,6 +512,57 @@ impl SledStorage {
         storage.log_bytes = storage.entry_sizes.values().sum();
         storage.clean_up()?;
         Ok(storage)
+    }
+
+    /// Seed an empty data directory of `identity` with `snapshot` (from a backup named `origin`), as
+    /// the state every member of a new cluster starts from: the snapshot, and a hard state at its term
+    /// whose commit index is the snapshot's. The record of `origin` goes in the same flush, so a
+    /// daemon restarted with the same `--restore` starts normally instead of failing, while a
+    /// directory holding anything else is refused ([`StorageError::Occupied`]), never overwritten.
+    pub fn seed(
+        dir: impl AsRef<Path>,
+        identity: &Identity,
+        snapshot: Snapshot,
+        origin: &str,
+    ) -> Result<Seeded, StorageError> {
+        let mut storage = SledStorage::open(dir, identity)?;
+        let restored = storage.meta.get(RESTORED_FROM).map_err(|s| storage.io(s))?;
+        if restored.as_deref() == Some(origin.as_bytes()) {
+            return Ok(Seeded::AlreadyRestored);
+        }
+        let hard_state = storage.meta.get(HARD_STATE).map_err(|s| storage.io(s))?;
+        let detail = match (&restored, &hard_state) {
+            (Some(other), _) => Some(format!(
+                "the state restored from another backup ({})",
+                String::from_utf8_lossy(other)
+            )),
+            (None, Some(_)) => Some("the raft state of a running or stopped node".into()),
+            (None, None) if storage.snapshot.meta.index > 0 || !storage.log.is_empty() => {
+                Some("raft log entries or a snapshot".into())
+            }
+            (None, None) => None,
+        };
+        if let Some(detail) = detail {
+            return Err(StorageError::Occupied {
+                dir: storage.dir.clone(),
+                detail,
+            });
+        }
+        storage
+            .meta
+            .insert(RESTORED_FROM, origin.as_bytes())
+            .map_err(|s| storage.io(s))?;
+        let ready = Ready {
+            hard_state: Some(HardState {
+                term: snapshot.meta.term,
+                vote: None,
+                commit: snapshot.meta.index,
+            }),
+            snapshot: Some(snapshot),
+            ..Ready::default()
+        };
+        storage.persist(&ready)?;
+        Ok(Seeded::Restored)
     }
 
     /// Number of log entries on disk that no snapshot covers (compaction must keep this bounded;
@@ -1122,6 +1196,50 @@ mod tests {
         s.persist(&snapshot_at(9, 2, Bytes::from_static(b"newer")))
             .expect("persist");
         assert!(s.snapshot_data.is_empty());
+    }
+
+    #[test]
+    fn a_seeded_directory_starts_from_the_backup_and_is_never_seeded_over() {
+        let snapshot = || Snapshot {
+            meta: SnapshotMeta { index: 40, term: 7 },
+            data: Bytes::from_static(b"the state"),
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let seeded = SledStorage::seed(dir.path(), &identity(1), snapshot(), "crc=1 index=40");
+        assert_eq!(seeded.expect("seed"), Seeded::Restored);
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let state = s.load().expect("load");
+        assert_eq!(state.snapshot, Some(snapshot()));
+        assert_eq!((state.hard_state.term, state.hard_state.commit), (7, 40));
+        assert!(state.entries.is_empty());
+        drop(s);
+        // The same backup again (a daemon restarted with the same --restore): left alone.
+        let again = SledStorage::seed(dir.path(), &identity(1), snapshot(), "crc=1 index=40");
+        assert_eq!(again.expect("seed again"), Seeded::AlreadyRestored);
+        // Another backup, or a node's own state: refused, naming the directory.
+        let other = SledStorage::seed(dir.path(), &identity(1), snapshot(), "crc=2 index=40");
+        let message = other.expect_err("must refuse").to_string();
+        assert!(message.contains("another backup"), "{message}");
+        let used = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(used.path(), &identity(1)).expect("open");
+        s.persist(&Ready {
+            hard_state: Some(HardState {
+                term: 2,
+                vote: Some(1),
+                commit: 0,
+            }),
+            ..Ready::default()
+        })
+        .expect("persist");
+        drop(s);
+        let refused = SledStorage::seed(used.path(), &identity(1), snapshot(), "crc=1 index=40")
+            .expect_err("must refuse")
+            .to_string();
+        assert!(
+            refused.contains(&used.path().display().to_string()),
+            "{refused}"
+        );
+        assert!(refused.contains("running or stopped node"), "{refused}");
     }
 
     #[test]

@@ -166,6 +166,8 @@ pub struct ReplicaConfig {
     /// See [`ServiceConfig::unsafe_ack_before_commit`] (the self-test's deliberate bug; false
     /// everywhere else).
     pub unsafe_ack_before_commit: bool,
+    /// A backup file (`kvctl snapshot save`) to start an empty data directory from; see [`restore`].
+    pub restore: Option<PathBuf>,
 }
 
 /// Why a replica could not start; each is the operator's to fix.
@@ -191,6 +193,63 @@ pub enum StartError {
     /// The certificate does not fit this replica.
     #[error(transparent)]
     Security(#[from] SecurityError),
+    /// The backup to restore from cannot be used here.
+    #[error("--restore {}: {reason}", file.display())]
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+}
+
+/// Seed `data_dir` (of `identity`, for `service`) from the backup `file`, checked whole first: a
+/// truncated or corrupt file, or a backup of another service (a controllers' backup given to a KV
+/// node, shard group 1's to group 2), is refused before anything is written. The first start of
+/// every member of a new cluster restores the same file, so all start from the same snapshot, index
+/// and term and elect a leader among themselves; a later start with the same flag finds the
+/// directory seeded from this backup and just starts. The new cluster is the one the node's flags
+/// name (`--cluster`, its certificates, its `--peers`): the backup's source id is only reported.
+pub fn restore(
+    file: &std::path::Path,
+    data_dir: &std::path::Path,
+    identity: &Identity,
+    service: &str,
+) -> Result<crate::raft::Seeded, StartError> {
+    use crate::rsm::backup;
+    let refuse = |reason: String| StartError::Restore {
+        file: file.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(file).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    let (header, range) = backup::decode(&bytes).map_err(|e| refuse(e.to_string()))?;
+    if header.service != service {
+        return Err(refuse(format!(
+            "it is a backup of the {:?} service ({}), this node runs {service:?}",
+            header.service, header.cluster_id
+        )));
+    }
+    let origin = format!(
+        "backup of {} at index {}, checksum {:08x}",
+        header.cluster_id,
+        header.index,
+        backup::checksum(&bytes)
+    );
+    let snapshot = crate::raft::Snapshot {
+        meta: crate::raft::SnapshotMeta {
+            index: header.index,
+            term: header.term,
+        },
+        data: bytes::Bytes::from(bytes).slice(range),
+    };
+    let seeded = SledStorage::seed(data_dir, identity, snapshot, &origin)?;
+    match seeded {
+        crate::raft::Seeded::Restored => info!(%origin, "data dir seeded from the backup"),
+        crate::raft::Seeded::AlreadyRestored => {
+            info!(%origin, "data dir was seeded from this backup before; starting from what it holds")
+        }
+    }
+    Ok(seeded)
 }
 
 /// Why a running replica stopped other than by request.
@@ -287,6 +346,13 @@ impl Replica {
             cluster: crate::raft::transport::cluster_id(&config.cluster, &group),
             node: config.id,
         };
+        if let Some(file) = config.restore.clone() {
+            let (data_dir, identity, service) =
+                (config.data_dir.clone(), identity.clone(), group.clone());
+            tokio::task::spawn_blocking(move || restore(&file, &data_dir, &identity, &service))
+                .await
+                .map_err(|e| StartError::Config(format!("restore task failed: {e}")))??;
+        }
         let data_dir = config.data_dir.clone();
         let storage = tokio::task::spawn_blocking(move || SledStorage::open(data_dir, &identity))
             .await
@@ -294,6 +360,7 @@ impl Replica {
         let mut node_config = NodeConfig::new(config.id, raft_peers);
         node_config.max_snapshot_bytes = config.max_snapshot_bytes;
         node_config.cluster = config.cluster.clone();
+        let group_name = group.clone();
         node_config.group = group;
         node_config.guard = config.security.guard();
         node_config.transport.security = config.security.clone();
@@ -319,6 +386,7 @@ impl Replica {
             metrics: metrics.as_ref().map(|(_, _, _, service)| service.clone()),
             guard: config.security.guard(),
             sessions: config.sessions,
+            cluster_id: crate::raft::transport::cluster_id(&config.cluster, &group_name),
             unsafe_ack_before_commit: config.unsafe_ack_before_commit,
         };
         let metrics = metrics.map(|(listener, registry, gauges, _)| (listener, registry, gauges));

@@ -21,11 +21,12 @@ use super::{Completion, Prepared, Rsm, RsmError, SnapshotJob, StateMachine, Toke
 use crate::metrics::ServiceMetrics;
 use crate::raft::Index;
 use crate::raft::{Applied, NodeError, NodeId, NotLeader, RaftHandle, Role};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Status;
@@ -47,6 +48,8 @@ pub struct ServiceConfig {
     pub guard: crate::security::Guard,
     /// When client sessions are dropped (stamped on this node's proposals while it leads).
     pub sessions: super::sessions::SessionPolicy,
+    /// The cluster id (`<cluster>/<group>`) this service's node belongs to, written into backups.
+    pub cluster_id: String,
     /// A deliberate safety bug for the `chaos` self-test (only debug builds of `kvd` can set it):
     /// services that honour it acknowledge a write once the leader appended it, before a majority
     /// has it, so a partition or a crash loses acknowledged writes — which the harness's checker
@@ -63,6 +66,7 @@ impl Default for ServiceConfig {
             metrics: None,
             guard: crate::security::Guard::open(),
             sessions: super::sessions::SessionPolicy::default(),
+            cluster_id: "ds824/raft".into(),
             unsafe_ack_before_commit: false,
         }
     }
@@ -121,6 +125,8 @@ impl<S: StateMachine> Inner<S> {
 
 struct Shared<S: StateMachine> {
     inner: Mutex<Inner<S>>,
+    /// The applied index, for those who wait for it without a query of the machine's (backups).
+    applied: watch::Sender<Index>,
 }
 
 impl<S: StateMachine> Shared<S> {
@@ -254,6 +260,7 @@ impl<S: ServedMachine> RsmService<S> {
                 entries_applied: 0,
                 started: false,
             }),
+            applied: watch::Sender::new(0),
         });
         let config = Arc::new(config);
         // One span for both tasks (it must have empty `term` and `role` fields); the watcher keeps them
@@ -466,7 +473,57 @@ impl<S: ServedMachine> RsmService<S> {
         self.wait(token, rx, deadline).await
     }
 
-    /// The Raft node underneath.
+    /// A backup file ([`super::backup`]) of the whole service: state and sessions at an index this
+    /// node confirmed committed (as a leader, after the call arrived), so every write acknowledged
+    /// before the call is in it. Only the leader answers; the snapshot is encoded off the runtime's
+    /// threads, from the same cheap copy compaction uses, so applies go on meanwhile.
+    pub async fn backup(&self) -> Result<Bytes, Refusal> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let index = match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
+            Ok(Ok(index)) => index,
+            Ok(Err(e)) => return Err(Self::refusal(e)),
+            Err(_) => return Err(Refusal::Timeout),
+        };
+        let mut applied = self.shared.applied.subscribe();
+        match tokio::time::timeout_at(deadline, applied.wait_for(|&at| at >= index)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => {
+                return Err(Refusal::Status(Status::unavailable(
+                    "service shutting down",
+                )))
+            }
+            Err(_) => return Err(Refusal::Timeout),
+        }
+        let job = self.shared.lock().rsm.snapshot_job();
+        // Read after the copy: no entry it holds has a later term than this.
+        let status = self.handle.status();
+        let header = super::backup::BackupHeader {
+            version: super::backup::VERSION,
+            service: self
+                .config
+                .cluster_id
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            cluster_id: self.config.cluster_id.clone(),
+            index: job.index(),
+            term: status.raft.term,
+            snapshot_bytes: 0,
+            created_unix_ms: unix_ms(),
+            taken_by: status.raft.id,
+        };
+        let encode = move || {
+            let (_, snapshot) = job.encode();
+            Bytes::from(super::backup::encode(header, &snapshot))
+        };
+        let file = tokio::task::spawn_blocking(encode).await.map_err(|e| {
+            Refusal::Status(Status::internal(format!("encoding the backup failed: {e}")))
+        })?;
+        info!(index, bytes = file.len(), "backup taken");
+        Ok(file)
+    }
+
     /// The guard its RPCs check callers with.
     pub fn guard(&self) -> &crate::security::Guard {
         &self.config.guard
@@ -492,6 +549,49 @@ impl<S: ServedMachine> RsmService<S> {
     pub fn with_machine<R>(&self, look: impl FnOnce(&S) -> R) -> R {
         look(self.shared.lock().rsm.machine())
     }
+}
+
+/// Bytes of a backup file per streamed message (well under the 4 MiB a gRPC client takes by default).
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
+
+/// What a `Backup` RPC answers with: the backup file, in pieces.
+pub type BackupStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<crate::proto::rsm::BackupChunk, Status>> + Send>,
+>;
+
+/// The `Backup` RPC of every replicated service (the KV store, a shard group, the controllers): an
+/// operator's call (an admin certificate with TLS), answered by the leader with the file of
+/// [`RsmService::backup`]; any other node refuses with `FAILED_PRECONDITION`, naming the leader if
+/// it knows it.
+pub async fn serve_backup<S: ServedMachine, T>(
+    service: &RsmService<S>,
+    request: &tonic::Request<T>,
+) -> Result<tonic::Response<BackupStream>, Status> {
+    service.guard().allow(request, "take backups", |role| {
+        *role == crate::security::Role::Admin
+    })?;
+    let file = service.backup().await.map_err(|refusal| match refusal {
+        Refusal::WrongLeader(hint) => {
+            let (id, address) = service.leader_hint(hint);
+            Status::failed_precondition(match id {
+                0 => "not the leader (no leader known yet)".to_string(),
+                _ => format!("not the leader (the leader is node {id} at {address})"),
+            })
+        }
+        Refusal::Timeout => Status::unavailable("timed out confirming leadership; try again"),
+        Refusal::SessionExpired(_) => Status::internal("a backup was answered SESSION_EXPIRED"),
+        Refusal::Status(status) => status,
+    })?;
+    let chunks: Vec<Result<crate::proto::rsm::BackupChunk, Status>> = (0..file.len())
+        .step_by(BACKUP_CHUNK_BYTES)
+        .map(|start| {
+            let end = (start + BACKUP_CHUNK_BYTES).min(file.len());
+            Ok(crate::proto::rsm::BackupChunk {
+                data: file.slice(start..end),
+            })
+        })
+        .collect();
+    Ok(tonic::Response::new(Box::pin(tokio_stream::iter(chunks))))
 }
 
 /// Largest number of queued apply batches handled under one lock.
@@ -545,6 +645,7 @@ async fn apply_loop<S: ServedMachine>(
                 }
             }
             handle.report_applied(inner.rsm.applied());
+            shared.applied.send_replace(inner.rsm.applied());
             let status = handle.status();
             // The log may grow to half the size of the last snapshot before the next one: with a
             // large state, snapshotting every few MiB of log would rewrite all of it again and again.

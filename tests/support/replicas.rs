@@ -77,14 +77,7 @@ impl Replicas {
         snapshot_threshold: u64,
         args: &[&str],
     ) -> Replicas {
-        let temp = tempfile::tempdir().expect("temp dir");
-        let dir = temp.path().to_path_buf();
-        let mut replicas = Self::prepare(dir, Some(temp), role, n, snapshot_threshold);
-        replicas.extra_args = args.iter().map(|a| a.to_string()).collect();
-        for i in 0..n {
-            replicas.start_node(i);
-        }
-        replicas
+        Self::start_temp_full(role, n, snapshot_threshold, None, None, args)
     }
 
     /// [`Replicas::start_temp`] with TLS from the CA in `tls` and a `--cluster` name.
@@ -95,11 +88,24 @@ impl Replicas {
         tls: Option<PathBuf>,
         cluster: Option<String>,
     ) -> Replicas {
+        Self::start_temp_full(role, n, snapshot_threshold, tls, cluster, &[])
+    }
+
+    /// [`Replicas::start_temp`] with TLS, a `--cluster` name and more `kvd` flags.
+    pub fn start_temp_full(
+        role: Role,
+        n: usize,
+        snapshot_threshold: u64,
+        tls: Option<PathBuf>,
+        cluster: Option<String>,
+        args: &[&str],
+    ) -> Replicas {
         let temp = tempfile::tempdir().expect("temp dir");
         let dir = temp.path().to_path_buf();
         let mut replicas = Self::prepare(dir, Some(temp), role, n, snapshot_threshold);
         replicas.tls = tls;
         replicas.cluster = cluster;
+        replicas.extra_args = args.iter().map(|a| a.to_string()).collect();
         for i in 0..n {
             replicas.start_node(i);
         }

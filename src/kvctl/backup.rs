@@ -1,0 +1,253 @@
+//! `kvctl snapshot save | status`: take a backup of a replicated service from its leader into a file,
+//! and say what a backup file holds. Restoring is `kvd ... --restore FILE` (see
+//! [`crate::replica::restore`]). The file layout is [`crate::rsm::backup`]'s.
+//!
+//! A save never leaves a file that looks like a backup but is not one: the bytes go to `FILE.part`,
+//! which is flushed, read back and checked whole before it is renamed to `FILE`; an existing `FILE` is
+//! never overwritten.
+
+use crate::ctrler::{ShardCtrler, DEFAULT_SHARDS};
+use crate::kv::service::KvMachine;
+use crate::kv::{ClerkConfig, KvStore};
+use crate::proto::ctrler::ctrler_client::CtrlerClient;
+use crate::proto::kv::kv_client::KvClient;
+use crate::proto::rsm::{BackupChunk, BackupRequest};
+use crate::rsm::backup::{self, BackupHeader};
+use crate::rsm::StateMachine;
+use crate::security::Role;
+use crate::shardkv::ShardKv;
+use prost::Message as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::Code;
+
+/// Which service to back up, and where its servers are.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The servers' client addresses (any of them; the leader answers).
+    pub servers: Vec<String>,
+    /// The certificate role they must present: `kv`, `ctrler` or `shard-GID`.
+    pub role: Role,
+}
+
+/// Longest wait for the next piece of a backup once it is streaming.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Take a backup from `target`'s leader into `file` and return its header. Tries every server until
+/// the leader answers or `config.call_timeout` passes; a server that is not the leader is skipped, a
+/// refusal no retry can fix (no permission, TLS) ends it at once. `progress` gets the bytes received
+/// so far.
+pub async fn save(
+    target: &Target,
+    config: &ClerkConfig,
+    file: &Path,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<BackupHeader> {
+    if file.exists() {
+        anyhow::bail!(
+            "{} exists; remove it or choose another name (a backup is never written over a file)",
+            file.display()
+        );
+    }
+    if target.servers.is_empty() {
+        anyhow::bail!("no servers to back up");
+    }
+    let part = part_path(file);
+    let deadline = Instant::now() + config.call_timeout;
+    let mut last_refusal = String::from("no server answered");
+    loop {
+        for server in &target.servers {
+            match save_from(server, target, config, &part, &mut progress).await {
+                Ok(header) => {
+                    std::fs::rename(&part, file)?;
+                    sync_parent(file)?;
+                    return Ok(header);
+                }
+                Err(Attempt::Final(e)) => {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(e);
+                }
+                Err(Attempt::Retry(why)) => {
+                    let _ = std::fs::remove_file(&part);
+                    last_refusal = format!("{server}: {why}");
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("no leader gave a backup in time; last answer: {last_refusal}");
+        }
+        // Between rounds: a leader may be being elected.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+enum Attempt {
+    /// Another server, or a later round, may do.
+    Retry(String),
+    /// Nothing will.
+    Final(anyhow::Error),
+}
+
+async fn save_from(
+    server: &str,
+    target: &Target,
+    config: &ClerkConfig,
+    part: &Path,
+    progress: &mut impl FnMut(u64),
+) -> Result<BackupHeader, Attempt> {
+    let channel = crate::rsm::client::channel_to(server, config, Some(&target.role))
+        .map_err(|e| Attempt::Final(e.into()))?;
+    let call = async {
+        match target.role {
+            Role::Ctrler => CtrlerClient::new(channel).backup(BackupRequest {}).await,
+            _ => KvClient::new(channel).backup(BackupRequest {}).await,
+        }
+    };
+    let mut stream = match tokio::time::timeout(config.call_timeout, call).await {
+        Err(_) => return Err(Attempt::Retry("no answer".into())),
+        Ok(Err(status)) => {
+            return Err(match status.code() {
+                Code::FailedPrecondition | Code::Unavailable | Code::DeadlineExceeded => {
+                    Attempt::Retry(status.message().to_string())
+                }
+                _ => Attempt::Final(anyhow::anyhow!("{server}: {}", status.message())),
+            })
+        }
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    let retry_io = |e: std::io::Error| Attempt::Final(anyhow::anyhow!("{}: {e}", part.display()));
+    let mut out = std::fs::File::create(part).map_err(retry_io)?;
+    let mut received = 0u64;
+    loop {
+        let next = tokio::time::timeout(CHUNK_TIMEOUT, stream.message()).await;
+        let chunk: BackupChunk = match next {
+            Err(_) => return Err(Attempt::Retry("the backup stream stalled".into())),
+            Ok(Err(status)) => {
+                return Err(Attempt::Retry(format!(
+                    "the backup stream broke: {}",
+                    status.message()
+                )))
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        out.write_all(&chunk.data).map_err(retry_io)?;
+        received += chunk.data.len() as u64;
+        progress(received);
+    }
+    out.sync_all().map_err(retry_io)?;
+    drop(out);
+    let bytes = std::fs::read(part).map_err(retry_io)?;
+    match backup::decode(&bytes) {
+        Ok((header, _)) => Ok(header),
+        // Sent whole but wrong: not a transient failure, and not something to keep.
+        Err(e) => Err(Attempt::Final(anyhow::anyhow!(
+            "{server} sent a backup that does not check out: {e}"
+        ))),
+    }
+}
+
+fn part_path(file: &Path) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".part");
+    PathBuf::from(name)
+}
+
+/// Make a rename durable: fsync the directory that holds `file`.
+fn sync_parent(file: &Path) -> std::io::Result<()> {
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent)?.sync_all()
+}
+
+/// What `kvctl snapshot status` prints about a backup file.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    /// The header.
+    pub header: BackupHeader,
+    /// The file's size.
+    pub file_bytes: u64,
+    /// Its checksum (checked).
+    pub checksum: String,
+    /// Keys held (for a controllers' backup: configurations held).
+    pub keys: u64,
+    /// Client sessions in the dedup table.
+    pub sessions: u64,
+}
+
+/// Read and check a backup file whole (a truncated or corrupt one is an error saying so) and count
+/// what it holds by loading it into the machine it came from.
+pub fn inspect(file: &Path) -> anyhow::Result<Summary> {
+    let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let (header, range) =
+        backup::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let snapshot = crate::proto::rsm::Snapshot::decode(&bytes[range])
+        .map_err(|e| anyhow::anyhow!("{}: the snapshot does not decode: {e}", file.display()))?;
+    let undecodable = |e: crate::rsm::RsmError| {
+        anyhow::anyhow!(
+            "{}: the {} state does not decode: {e}",
+            file.display(),
+            header.service
+        )
+    };
+    let keys = match header.service.as_str() {
+        "kv" => {
+            let mut store = KvStore::default();
+            store.restore(&snapshot.state).map_err(undecodable)?;
+            store.describe().keys
+        }
+        "ctrler" => {
+            let mut ctrler = ShardCtrler::new(DEFAULT_SHARDS);
+            ctrler.restore(&snapshot.state).map_err(undecodable)?;
+            ctrler.kept() as u64
+        }
+        other => {
+            let gid = other
+                .strip_prefix("shard-")
+                .and_then(|g| g.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("unknown service {other:?} in the header"))?;
+            let mut group = ShardKv::new(gid);
+            group.restore(&snapshot.state).map_err(undecodable)?;
+            group.describe().keys
+        }
+    };
+    Ok(Summary {
+        file_bytes: bytes.len() as u64,
+        checksum: format!("{:08x}", backup::checksum(&bytes)),
+        keys,
+        sessions: snapshot.sessions.len() as u64,
+        header,
+    })
+}
+
+/// The summary as a few aligned lines.
+pub fn render(summary: &Summary) -> String {
+    let h = &summary.header;
+    let taken =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(h.created_unix_ms) * 1_000_000)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| format!("{} ms after the epoch", h.created_unix_ms));
+    let what = if h.service == "ctrler" {
+        "configurations"
+    } else {
+        "keys"
+    };
+    format!(
+        "service     {}\ncluster     {}\nindex       {} (term {})\ntaken       {taken} by node {}\n\
+         size        {} bytes (snapshot {})\n{what:<11} {}\nsessions    {}\nchecksum    {} (ok)\n",
+        h.service,
+        h.cluster_id,
+        h.index,
+        h.term,
+        h.taken_by,
+        summary.file_bytes,
+        h.snapshot_bytes,
+        summary.keys,
+        summary.sessions,
+        summary.checksum,
+    )
+}
