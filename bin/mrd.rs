@@ -34,6 +34,16 @@ const DEFAULT_COORDINATOR: &str = "127.0.0.1:7824";
 #[derive(Parser)]
 #[command(name = "mrd", version)]
 struct Cli {
+    /// How log lines look: text for people, json (one object per line) for log collectors. What is
+    /// logged is set by RUST_LOG (default info; warn for workers and clients).
+    #[arg(
+        long,
+        value_enum,
+        env = "DS824_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: ds824::daemon::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -426,6 +436,7 @@ async fn run_coordinator(
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let log_format = cli.log_format;
     match cli.command {
         Command::Coordinator {
             listen,
@@ -437,7 +448,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             allow_apps,
             tls,
         } => {
-            ds824::daemon::init_logging_with("info");
+            ds824::daemon::init_logging_as("info", log_format);
             let security = security(&tls, Some(Role::Coordinator))?;
             let admission = admission(&data_roots, &allow_apps)?;
             run_coordinator(
@@ -461,7 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             only,
             tls,
         } => {
-            ds824::daemon::init_logging_with("info");
+            ds824::daemon::init_logging_as("info", log_format);
             let security = security(&tls, Some(Role::Worker))?;
             security.log_startup("mrd worker");
             worker::run(worker::WorkerConfig {
@@ -487,7 +498,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             files,
             tls,
         } => {
-            ds824::daemon::init_logging_with("warn");
+            ds824::daemon::init_logging_as("warn", log_format);
             let security = security(&tls, None)?;
             let shuffle = match shuffle {
                 Shuffle::SharedDir => ShuffleMode::SharedDir,
@@ -534,7 +545,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             job,
             tls,
         } => {
-            ds824::daemon::init_logging_with("warn");
+            ds824::daemon::init_logging_as("warn", log_format);
             let security = security(&tls, None)?;
             let listed = async {
                 let mut client = client::connect(&coordinator, &security).await?;
@@ -552,7 +563,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Sequential { job, output, files } => {
-            ds824::daemon::init_logging_with("warn");
+            ds824::daemon::init_logging_as("warn", log_format);
             let path = sequential::run(&job.app, &job.args, &files, &output)?;
             println!("{}", path.display());
         }

@@ -19,22 +19,65 @@ pub fn runtime(program: &str) -> Result<tokio::runtime::Runtime, std::process::E
     })
 }
 
-/// Log to stderr, filtered by `RUST_LOG` (default `info`). Spans carry the node id (`raft{node=..}`,
-/// `kv{node=..}`) and role changes log the term and role, so interleaved logs of a cluster stay readable.
+/// How log lines are written (`--log-format`, `DS824_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line per event for people: time, level, `span{node=.. term=.. role=..}`, message, fields.
+    #[default]
+    Text,
+    /// One JSON object per line for log collectors: `timestamp`, `level`, `target`, the event's
+    /// fields (`message` among them) at the top level, and the current span's fields under `span`
+    /// (`node`, `term`, `role`), each with its latest value.
+    Json,
+}
+
+/// Log to stderr as text, filtered by `RUST_LOG` (default `info`). Spans carry the node id
+/// (`raft{node=..}`, `kv{node=..}`) and role changes log the term and role, so interleaved logs of a
+/// cluster stay readable.
 pub fn init_logging() {
-    init_logging_with("info");
+    init_logging_as("info", LogFormat::Text);
 }
 
 /// [`init_logging`] with another default filter for when `RUST_LOG` is unset (MapReduce workers log
-/// less by default: they run many).
-pub fn init_logging_with(default: &str) {
+/// less by default: they run many) and a [`LogFormat`].
+pub fn init_logging_as(default: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .fmt_fields(LatestFields::default())
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ =
+        tracing::subscriber::set_global_default(subscriber(format, filter, std::io::stderr, ansi));
+}
+
+/// The subscriber of a [`LogFormat`], writing to `writer`.
+fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(
+            builder
+                .fmt_fields(LatestFields::default())
+                .with_ansi(ansi)
+                .finish(),
+        ),
+        // The JSON field formatter merges a recorded field into the span's object, so a span's
+        // `term` and `role` are replaced there too, never appended.
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish(),
+        ),
+    }
 }
 
 /// Span fields formatted as tracing-subscriber formats them, except that recording a field a span already
@@ -162,27 +205,31 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_span_recorded_a_thousand_times_formats_one_value_per_field() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("buffer").extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
         }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What a node's span recorded `term` and `role` 1,000 times logs, in `format`.
+    fn log_after_a_thousand_terms(format: LogFormat) -> String {
         let buffer = Buffer::default();
         let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .fmt_fields(LatestFields::default())
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
+        let subscriber = subscriber(
+            format,
+            EnvFilter::new("info"),
+            move || writer.clone(),
+            false,
+        );
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 "raft",
@@ -194,9 +241,28 @@ mod tests {
                 span.record("term", term);
                 span.record("role", "follower");
             }
-            span.in_scope(|| tracing::info!("hello"));
+            span.in_scope(|| tracing::info!(leader = 3, "hello"));
         });
         let output = String::from_utf8(buffer.0.lock().expect("buffer").clone()).expect("utf-8");
+        output
+    }
+
+    #[test]
+    fn json_lines_carry_the_spans_latest_fields_once() {
+        let output = log_after_a_thousand_terms(LogFormat::Json);
+        let line: serde_json::Value = serde_json::from_str(output.trim()).expect("one JSON line");
+        assert_eq!(line["message"], "hello", "{output}");
+        assert_eq!(line["leader"], 3, "{output}");
+        assert_eq!(line["level"], "INFO", "{output}");
+        assert_eq!(line["span"]["node"], 7, "{output}");
+        assert_eq!(line["span"]["term"], 999, "{output}");
+        assert_eq!(line["span"]["role"], "follower", "{output}");
+        assert!(output.len() < 300, "{} bytes: {output}", output.len());
+    }
+
+    #[test]
+    fn a_span_recorded_a_thousand_times_formats_one_value_per_field() {
+        let output = log_after_a_thousand_terms(LogFormat::Text);
         assert!(
             output.contains(r#"raft{node=7 term=999 role="follower"}"#),
             "{output}"

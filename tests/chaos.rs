@@ -182,6 +182,15 @@ fn register_under_kill_and_partition_is_linearizable_and_leaves_nothing_behind()
         events.contains("\"phase\":\"start\"") && events.contains("heal-all"),
         "{events}"
     );
+    // The nodes' logs were read, and through kills and elections no line grew long.
+    let logs = summary["invariants"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|i| i["name"].as_str().is_some_and(|n| n.starts_with("logs:")))
+        })
+        .unwrap_or_else(|| panic!("no log invariant in {summary:#}"));
+    assert_eq!(logs["holds"], true, "{logs:#}");
     assert_nothing_left(&run.tag, &out);
 }
 

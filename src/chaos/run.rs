@@ -371,6 +371,7 @@ async fn judge(
         WorkloadKind::Append => invariants.push(append_invariant(history.ops(), &recorded.finals)),
         WorkloadKind::Bank => invariants.push(bank_invariant(history.ops(), &recorded.finals)),
     }
+    invariants.extend(crate::chaos::verdict::log_line_invariant(&out.join("logs")));
     tracing::info!(
         ops = history.len(),
         budget_secs = args.check_budget_secs,

@@ -248,6 +248,43 @@ pub struct Invariant {
     pub detail: String,
 }
 
+/// The longest log line a node may write. Operators read logs in terminals and ship them to
+/// collectors that cut or drop long lines; a node's line once grew with every election (its span
+/// appended `term` and `role`), to 534 characters after 30 terms and kilobytes after hundreds.
+pub const MAX_LOG_LINE: usize = 512;
+
+/// Every line of the nodes' logs in `dir` (`*.log`, what the local target writes) is at most
+/// [`MAX_LOG_LINE`] bytes long. `None` when there are no logs to read (the compose target's are
+/// Docker's): nothing is claimed then.
+pub fn log_line_invariant(dir: &std::path::Path) -> Option<Invariant> {
+    use std::io::BufRead as _;
+    let mut longest: Option<(usize, String)> = None;
+    let mut lines = 0u64;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        for (n, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+            let Ok(line) = line else { break };
+            lines += 1;
+            if longest.as_ref().is_none_or(|(len, _)| line.len() > *len) {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                longest = Some((line.len(), format!("{name}:{}", n + 1)));
+            }
+        }
+    }
+    let (len, at) = longest?;
+    Some(Invariant {
+        name: "logs: no line longer than 512 bytes",
+        holds: Some(len <= MAX_LOG_LINE),
+        detail: format!("{lines} lines; the longest is {len} bytes ({at})"),
+    })
+}
+
 /// After everything was healed at `healed_at`, the cluster acknowledged at least one operation.
 pub fn recovery_invariant(ops: &[Operation], healed_at: u64) -> Invariant {
     let after = ops
@@ -633,6 +670,24 @@ impl Summary {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_log_line_over_the_limit_is_found_and_named() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert!(log_line_invariant(&dir.path().join("missing")).is_none());
+        std::fs::write(dir.path().join("node-1.log"), "short\nshort too\n").expect("write");
+        let fine = log_line_invariant(dir.path()).expect("logs read");
+        assert_eq!(fine.holds, Some(true), "{}", fine.detail);
+        let long = format!("ok\n{}\nok\n", "x".repeat(MAX_LOG_LINE + 1));
+        std::fs::write(dir.path().join("node-2.log"), long).expect("write");
+        let broken = log_line_invariant(dir.path()).expect("logs read");
+        assert_eq!(broken.holds, Some(false));
+        assert!(
+            broken.detail.contains("513 bytes (node-2.log:2)"),
+            "{}",
+            broken.detail
+        );
+    }
     use super::*;
 
     fn append(key: &str, token: &str, status: Status) -> Operation {

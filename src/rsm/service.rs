@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Status;
-use tracing::{debug, info, warn, Instrument, Span};
+use tracing::{info, warn, Instrument, Span};
 
 /// How the service behaves; the daemon fills it from its flags.
 #[derive(Clone, Debug)]
@@ -391,18 +391,33 @@ impl<S: ServedMachine> RsmService<S> {
     }
 
     fn observe<T>(&self, kind: &str, started: Instant, result: &Result<T, Refusal>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(Refusal::WrongLeader(_)) => "wrong_leader",
+            Err(Refusal::Timeout) => "timeout",
+            Err(Refusal::SessionExpired(_)) => "session_expired",
+            // Admission control's refusals, apart: an operator sizing a cluster needs them.
+            Err(Refusal::Status(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                "overloaded"
+            }
+            Err(Refusal::Status(_)) => "error",
+        };
+        // Refusals an operator acts on get a line each; routing answers (wrong leader, timeout) are
+        // a client's everyday business and only counted.
+        match result {
+            Err(Refusal::SessionExpired(mark)) => {
+                info!(
+                    kind,
+                    min_client_id = mark,
+                    "request refused: session expired"
+                )
+            }
+            Err(Refusal::Status(status)) => {
+                info!(kind, outcome, code = ?status.code(), reason = status.message(), "request refused")
+            }
+            _ => {}
+        }
         if let Some(metrics) = &self.config.metrics {
-            let outcome = match result {
-                Ok(_) => "ok",
-                Err(Refusal::WrongLeader(_)) => "wrong_leader",
-                Err(Refusal::Timeout) => "timeout",
-                Err(Refusal::SessionExpired(_)) => "session_expired",
-                // Admission control's refusals, apart: an operator sizing a cluster needs them.
-                Err(Refusal::Status(status)) if status.code() == tonic::Code::ResourceExhausted => {
-                    "overloaded"
-                }
-                Err(Refusal::Status(_)) => "error",
-            };
             metrics.observe(kind, outcome, started.elapsed().as_secs_f64());
         }
     }
@@ -687,7 +702,12 @@ async fn compact<S: ServedMachine>(
     let bytes = data.len();
     match handle.compact(index, data).await {
         Ok(()) => {
-            debug!(index, bytes, took = ?started.elapsed(), "snapshot taken");
+            info!(
+                index,
+                bytes,
+                took_ms = started.elapsed().as_millis() as u64,
+                "snapshot taken"
+            );
             if let Some(metrics) = &metrics {
                 metrics.snapshot_taken();
             }

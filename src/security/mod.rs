@@ -322,11 +322,16 @@ impl Guard {
         what: &str,
         allowed: impl Fn(&Role) -> bool,
     ) -> Result<Option<Principal>, Status> {
-        let caller = self.caller(request)?;
+        let caller = self.caller(request).inspect_err(|status| {
+            tracing::warn!(what, peer = ?request.remote_addr(), reason = status.message(), "request refused");
+        })?;
         match &caller {
-            Some(principal) if !allowed(&principal.role) => Err(Status::permission_denied(
-                format!("{principal} may not {what}"),
-            )),
+            Some(principal) if !allowed(&principal.role) => {
+                tracing::warn!(what, caller = %principal, "request refused: not allowed");
+                Err(Status::permission_denied(format!(
+                    "{principal} may not {what}"
+                )))
+            }
             _ => Ok(caller),
         }
     }
