@@ -514,6 +514,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(err) => return Err(explain_plaintext(&security, &coordinator, err).await),
             };
             println!("{id}");
+            let started = std::time::Instant::now();
             if wait {
                 let bar = indicatif::ProgressBar::new(u64::from(spec.n_map() + spec.n_reduce));
                 bar.set_style(
@@ -534,10 +535,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-                bar.finish();
+                bar.finish_and_clear();
+                // One last line, whatever stdout is (a terminal, a file, a pipe): how it ended.
+                let took = started.elapsed().as_secs_f64();
                 if last.state == pb::JobState::Failed as i32 {
-                    bail!("job {id} failed: {}", last.error);
+                    bail!("job {id} failed after {took:.1} s: {}", last.error);
                 }
+                println!(
+                    "job {id} done in {took:.1} s: {} maps, {} reduces; output {}/mr-out-0..{}",
+                    last.maps_done,
+                    last.reduces_done,
+                    output.display(),
+                    spec.n_reduce.saturating_sub(1)
+                );
             }
         }
         Command::Status {

@@ -839,9 +839,20 @@ fn submit_wait_follows_the_job_and_reports_failure() {
         "{}",
         String::from_utf8_lossy(&good.stderr)
     );
+    // Output to a pipe still ends with a summary line after the job id.
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    let lines: Vec<&str> = stdout.trim().lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[1].starts_with(&format!("job {} done in ", lines[0]))
+            && lines[1].contains(" reduces; output ")
+            && lines[1].ends_with("/good/mr-out-0..1"),
+        "{stdout}"
+    );
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("failed 3 times"), "{stderr}");
+    assert!(stderr.contains(" failed after "), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
     assert!(wait_exit(&mut worker).success());
 }
