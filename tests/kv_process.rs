@@ -655,6 +655,7 @@ fn kvd_serves_prometheus_metrics() {
         "{body}"
     );
     assert!(body.contains("ds824_request_seconds_count"), "{body}");
+    scrape::assert_dashboard_metrics_exported("raft node", &body);
 }
 
 /// Values cannot grow past the limit through appends (they would stall replication and, in the sharded

@@ -497,6 +497,7 @@ fn job_count() {
     ] {
         assert!(page.contains(line), "{line} not in\n{page}");
     }
+    scrape::assert_dashboard_metrics_exported("mr coordinator", &page);
 }
 
 #[test]

@@ -689,6 +689,7 @@ async fn shard_nodes_export_shard_ownership_metrics() {
     ] {
         assert!(page.contains(line), "{line} not in\n{page}");
     }
+    scrape::assert_dashboard_metrics_exported("shard node", &page);
 }
 
 /// 70 fresh clients each fail a compare-and-swap against a 1 MiB value, then the shard moves (#12). When
