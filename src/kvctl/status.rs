@@ -116,7 +116,53 @@ pub fn render_table(reports: &[NodeReport]) -> String {
     for row in &rows {
         line(row, &mut out);
     }
+    for note in notes(reports) {
+        out.push_str(&format!("note: {note}\n"));
+    }
     out
+}
+
+/// Entries a follower may trail the highest commit index by before `status` remarks on it (under load
+/// a follower is always a few entries behind).
+const LAG_WORTH_A_NOTE: u64 = 10;
+
+/// What an operator would otherwise have to work out from the numbers: no leader, or a node that has
+/// not heard from the leader or trails it (just restarted, or cut off).
+pub fn notes(reports: &[NodeReport]) -> Vec<String> {
+    let up: Vec<&StatusResponse> = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref().ok())
+        .collect();
+    if up.is_empty() {
+        return Vec::new();
+    }
+    let mut notes = Vec::new();
+    let leading = up.iter().any(|s| s.role == "leader");
+    if !leading {
+        notes.push(
+            "no node leads: an election is under way (it takes 1 to 1.5 s) or no majority is up; \
+             ask again in a few seconds"
+                .to_string(),
+        );
+    }
+    let commit = up.iter().map(|s| s.commit_index).max().unwrap_or(0);
+    for s in &up {
+        let behind = commit.saturating_sub(s.applied_index);
+        if leading && s.leader == 0 {
+            notes.push(format!(
+                "node {} has not heard from the leader yet (just started, or cut off from it); \
+                 it learns the leader and catches up with the next heartbeat",
+                s.id
+            ));
+        } else if behind > LAG_WORTH_A_NOTE {
+            notes.push(format!(
+                "node {} is {behind} entries behind the commit index: catching up from the leader \
+                 (from a snapshot if it is far behind)",
+                s.id
+            ));
+        }
+    }
+    notes
 }
 
 /// The same information as JSON (an array of objects), for scripts.
@@ -174,10 +220,41 @@ mod tests {
         ];
         let table = render_table(&reports);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 3, "{table}");
         assert!(lines[1].contains("leader"));
         assert!(lines[2].contains("DOWN (connection refused)"));
         let json: serde_json::Value = serde_json::from_str(&render_json(&reports)).expect("json");
         assert_eq!(json[1]["up"], false);
+    }
+
+    fn up(id: u64, role: &str, leader: u64, commit: u64, applied: u64) -> NodeReport {
+        NodeReport {
+            address: format!("n{id}:1"),
+            status: Ok(StatusResponse {
+                id,
+                role: role.into(),
+                leader,
+                commit_index: commit,
+                applied_index: applied,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_restarted_node_and_a_missing_leader_are_explained() {
+        let steady = [up(1, "leader", 1, 500, 500), up(2, "follower", 1, 498, 497)];
+        assert!(notes(&steady).is_empty(), "{:?}", notes(&steady));
+        let restarted = [up(1, "leader", 1, 500, 500), up(2, "follower", 0, 200, 200)];
+        let table = render_table(&restarted);
+        assert!(
+            table.contains("note: node 2 has not heard from the leader yet"),
+            "{table}"
+        );
+        let lagging = [up(1, "leader", 1, 500, 500), up(2, "follower", 1, 500, 300)];
+        assert!(notes(&lagging)[0].contains("node 2 is 200 entries behind"));
+        let electing = [up(1, "candidate", 0, 5, 5), up(2, "follower", 0, 5, 5)];
+        assert!(notes(&electing)[0].starts_with("no node leads"));
+        assert_eq!(notes(&electing).len(), 1);
     }
 }
