@@ -127,6 +127,8 @@ struct Shared<S: StateMachine> {
     inner: Mutex<Inner<S>>,
     /// The applied index, for those who wait for it without a query of the machine's (backups).
     applied: watch::Sender<Index>,
+    /// Held while a backup is encoded and streamed: one at a time, as each holds a copy of the state.
+    backup_slot: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl<S: StateMachine> Shared<S> {
@@ -261,6 +263,7 @@ impl<S: ServedMachine> RsmService<S> {
                 started: false,
             }),
             applied: watch::Sender::new(0),
+            backup_slot: Arc::new(tokio::sync::Mutex::new(())),
         });
         let config = Arc::new(config);
         // One span for both tasks (it must have empty `term` and `role` fields); the watcher keeps them
@@ -491,8 +494,15 @@ impl<S: ServedMachine> RsmService<S> {
     /// A backup file ([`super::backup`]) of the whole service: state and sessions at an index this
     /// node confirmed committed (as a leader, after the call arrived), so every write acknowledged
     /// before the call is in it. Only the leader answers; the snapshot is encoded off the runtime's
-    /// threads, from the same cheap copy compaction uses, so applies go on meanwhile.
-    pub async fn backup(&self) -> Result<Bytes, Refusal> {
+    /// threads, from the same cheap copy compaction uses, so applies go on meanwhile. One backup at a
+    /// time: a second is refused as overloaded while the returned guard lives (each holds an encoded
+    /// copy of the whole state).
+    pub async fn backup(&self) -> Result<(Bytes, tokio::sync::OwnedMutexGuard<()>), Refusal> {
+        let slot = self.shared.backup_slot.clone().try_lock_owned().map_err(|_| {
+            Refusal::Status(Status::resource_exhausted(
+                "a backup is already being taken from this node; try again when it is done",
+            ))
+        })?;
         let deadline = Instant::now() + self.config.request_timeout;
         let index = match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
             Ok(Ok(index)) => index,
@@ -536,7 +546,7 @@ impl<S: ServedMachine> RsmService<S> {
             Refusal::Status(Status::internal(format!("encoding the backup failed: {e}")))
         })?;
         info!(index, bytes = file.len(), "backup taken");
-        Ok(file)
+        Ok((file, slot))
     }
 
     /// The guard its RPCs check callers with.
@@ -585,7 +595,7 @@ pub async fn serve_backup<S: ServedMachine, T>(
     service.guard().allow(request, "take backups", |role| {
         *role == crate::security::Role::Admin
     })?;
-    let file = service.backup().await.map_err(|refusal| match refusal {
+    let (file, slot) = service.backup().await.map_err(|refusal| match refusal {
         Refusal::WrongLeader(hint) => {
             let (id, address) = service.leader_hint(hint);
             Status::failed_precondition(match id {
@@ -606,7 +616,12 @@ pub async fn serve_backup<S: ServedMachine, T>(
             })
         })
         .collect();
-    Ok(tonic::Response::new(Box::pin(tokio_stream::iter(chunks))))
+    // The slot is released when the stream ends or the caller goes away.
+    let stream = tokio_stream::StreamExt::map(tokio_stream::iter(chunks), move |chunk| {
+        let _held = &slot;
+        chunk
+    });
+    Ok(tonic::Response::new(Box::pin(stream)))
 }
 
 /// Largest number of queued apply batches handled under one lock.
