@@ -57,10 +57,11 @@ echo "      kvctl --ctrlers ... ctrler query -> $("$bin/kvctl" --ctrlers "$ctrle
 cat <<EOF
 
 The cluster is up ($((SECONDS - started)) s). What to try next:
+  export B=$bin
   export DS824_TLS_CA=/tmp/ds824-certs/ca.pem DS824_TLS_CERT=/tmp/ds824-certs/admin-operator.pem \\
          DS824_TLS_KEY=/tmp/ds824-certs/admin-operator-key.pem KVCTL_CLUSTER=$KVCTL_CLUSTER
-  $bin/kvctl status                          who leads, terms, indices, sizes
-  $bin/kvctl --ctrlers $ctrlers status
-  $bin/kvctl snapshot save /tmp/kv.backup    a backup; see README.md "Backup and restore"
+  \$B/kvctl status                        who leads, terms, indices, sizes
+  \$B/kvctl --ctrlers $ctrlers status
+  \$B/kvctl snapshot save /tmp/kv.backup  a backup (README.md: "Backup and restore")
   README.md "Quick start" walks through faults, shard moves and MapReduce; "Troubleshooting" says where to look.
 EOF
