@@ -1155,3 +1155,64 @@ fn assert_succeeded(out: &std::process::Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A map output cut short after its map finished (a crash or power loss before the disk had it) is
+/// refused by the reducer, never read as fewer records: its map runs again and the output is right.
+#[test]
+fn a_truncated_map_output_is_detected_and_its_map_runs_again() {
+    let mut env = Env::new();
+    let inputs = env.path().join("two-inputs");
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::write(inputs.join("a.txt"), "x y").unwrap();
+    std::fs::write(inputs.join("b.txt"), "slow z").unwrap();
+    env.inputs = vec![inputs.join("a.txt"), inputs.join("b.txt")];
+    let go = env.path().join("go");
+    // Map 1 waits for the test, so map 0's output can be damaged before any reduce reads it.
+    let mapper = format!(
+        "case \"$MR_INPUT_FILE\" in *b.txt) while [ ! -e {} ]; do sleep 0.05; done;; esac; \
+         tr ' ' '\\n' | sed 's/$/\\t1/'",
+        go.display()
+    );
+    let coord = env.coordinator_with("127.0.0.1:0", "20s", &["--allow-apps", "streaming"]);
+    let id = env.submit(
+        &coord.addr,
+        "streaming",
+        &[
+            &format!("mapper={mapper}"),
+            "reducer=cut -f1 | sort | uniq -c | awk '{print $2, $1}'",
+        ],
+        1,
+        "shared-dir",
+        "out",
+    );
+    let mut worker = env.worker(&coord.addr, &[]);
+    let first = env.path().join("out").join("mr-0-0");
+    let started = Instant::now();
+    while !first.exists() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "map 0 never wrote its output\n{}",
+            env.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let whole = std::fs::read(&first).unwrap();
+    std::fs::write(&first, &whole[..whole.len() / 2]).unwrap();
+    std::fs::write(&go, "").unwrap();
+    let status = wait_job(&env, &coord.addr, id);
+    assert!(wait_exit(&mut worker).success());
+    assert_eq!(
+        env.output("out"),
+        vec!["slow 1", "x 1", "y 1", "z 1"],
+        "\n{}",
+        env.logs()
+    );
+    let map_runs: Vec<u32> = status
+        .tasks
+        .iter()
+        .filter(|t| t.kind == pb::TaskKind::Map as i32)
+        .map(|t| t.runs)
+        .collect();
+    assert_eq!(map_runs, vec![2, 1], "map 0 must have run again");
+    assert!(env.logs().contains("map output refused"), "{}", env.logs());
+}

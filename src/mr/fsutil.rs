@@ -11,7 +11,8 @@ use crate::mr::MrError;
 /// Writes `path` through `fill` into a hidden temporary file in the same directory, then renames it into
 /// place. Rename within a directory is atomic, so a crash leaves either no file or the whole file, and a
 /// duplicate task replacing an output with identical content is invisible to readers. The temporary name
-/// starts with a dot so it never matches `mr-out*`. With `durable`, the data is fsynced before the rename.
+/// starts with a dot so it never matches `mr-out*`. With `durable`, the data is fsynced before the rename
+/// and the directory after it, so after a power loss the file is there whole or not at all.
 pub fn write_atomic(
     path: &Path,
     durable: bool,
@@ -36,12 +37,23 @@ pub fn write_atomic(
             file.sync_all().map_err(MrError::io(&tmp))?;
         }
         drop(file);
-        std::fs::rename(&tmp, path).map_err(MrError::io(path))
+        std::fs::rename(&tmp, path).map_err(MrError::io(path))?;
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Make the entries of `dir` (a rename into it) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), MrError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(MrError::io(dir))
 }
 
 #[cfg(test)]

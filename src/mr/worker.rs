@@ -301,8 +301,11 @@ impl Worker {
             let partitions = exec::run_map(app.as_ref(), &input, n_reduce)?;
             for (reduce, data) in partitions.iter().enumerate() {
                 let path = dir.join(intermediate_name(index, reduce as u32));
-                write_atomic(&path, false, |w| {
-                    w.write_all(data).map_err(MrError::io(&path))
+                // Sealed and durable: a reducer must never take a cut-short file for a whole one.
+                write_atomic(&path, true, |w| {
+                    w.write_all(data).map_err(MrError::io(&path))?;
+                    w.write_all(&records::seal(data))
+                        .map_err(MrError::io(&path))
                 })?;
             }
             Ok(())
@@ -357,8 +360,14 @@ impl Worker {
                     (addr, data)
                 }
             };
-            match data {
-                Ok(data) => records::decode_into(&data, &format!("{name} ({addr})"), &mut pairs)?,
+            let what = format!("{name} ({addr})");
+            match data.map(|data| read_map_output(&data, &what, &mut pairs)) {
+                Ok(Ok(())) => {}
+                // Damaged like a lost one: the map runs again.
+                Ok(Err(err)) => {
+                    tracing::warn!(worker = %self.id, %err, "map output refused; its map will run again");
+                    missing.push((map, addr));
+                }
                 Err(()) => missing.push((map, addr)),
             }
         }
@@ -461,4 +470,16 @@ fn prune_old_jobs(dir: &Path, current: u64) {
             }
         }
     }
+}
+
+/// Append the records of one sealed map output to `pairs`; an empty, cut-short or altered output is an
+/// error and adds nothing.
+pub fn read_map_output(
+    data: &[u8],
+    what: &str,
+    pairs: &mut Vec<(String, String)>,
+) -> Result<(), MrError> {
+    let records = records::open_sealed(data, what)?;
+    let before = pairs.len();
+    records::decode_into(records, what, pairs).inspect_err(|_| pairs.truncate(before))
 }

@@ -498,11 +498,16 @@ impl<S: ServedMachine> RsmService<S> {
     /// time: a second is refused as overloaded while the returned guard lives (each holds an encoded
     /// copy of the whole state).
     pub async fn backup(&self) -> Result<(Bytes, tokio::sync::OwnedMutexGuard<()>), Refusal> {
-        let slot = self.shared.backup_slot.clone().try_lock_owned().map_err(|_| {
-            Refusal::Status(Status::resource_exhausted(
-                "a backup is already being taken from this node; try again when it is done",
-            ))
-        })?;
+        let slot = self
+            .shared
+            .backup_slot
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| {
+                Refusal::Status(Status::resource_exhausted(
+                    "a backup is already being taken from this node; try again when it is done",
+                ))
+            })?;
         let deadline = Instant::now() + self.config.request_timeout;
         let index = match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
             Ok(Ok(index)) => index,
