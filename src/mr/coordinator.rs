@@ -241,6 +241,22 @@ pub enum ReportError {
         /// The task's index.
         index: u32,
     },
+    /// The report is not from the attempt the coordinator waits for: the task timed out and went to
+    /// another worker, the coordinator restarted since, or the report is forged. Its outcome changes
+    /// nothing (a stale success must not complete a task with its own output address).
+    #[error("job {job} {kind} task {index}: attempt {attempt} of worker {worker:?} is not the current one")]
+    NotCurrent {
+        /// The job.
+        job: u64,
+        /// Map or reduce.
+        kind: TaskKind,
+        /// The task's index.
+        index: u32,
+        /// The attempt reported.
+        attempt: u64,
+        /// The worker that reported.
+        worker: String,
+    },
 }
 
 /// A job's state plus who is running what, for status displays.
@@ -416,14 +432,17 @@ impl Coordinator {
         })))
     }
 
-    /// Applies a worker's report. Returns whether the job's durable record changed (and so must be
-    /// persisted before the report is acknowledged).
+    /// Applies a worker's report of `attempt`. Returns whether the job's durable record changed (and so
+    /// must be persisted before the report is acknowledged). Only the current attempt of a task, held by
+    /// the worker reporting it, is taken ([`ReportError::NotCurrent`] otherwise); a report for a task
+    /// already done or a job already finished changes nothing.
     pub fn report(
         &mut self,
         job_id: u64,
         kind: TaskKind,
         index: u32,
         worker: &str,
+        attempt: u64,
         outcome: Outcome,
     ) -> Result<bool, ReportError> {
         let job = self
@@ -442,11 +461,20 @@ impl Coordinator {
             // A duplicate or a straggler from before a re-execution: the first completion already won.
             return Ok(false);
         }
-        // Only clear the running slot if it is this worker's; after a timeout it belongs to someone else.
         let slot = &mut job.running_mut(kind)[i];
-        if slot.as_ref().is_some_and(|r| r.worker == worker) {
-            *slot = None;
+        if !slot
+            .as_ref()
+            .is_some_and(|r| r.worker == worker && r.attempt == attempt)
+        {
+            return Err(ReportError::NotCurrent {
+                job: job_id,
+                kind,
+                index,
+                attempt,
+                worker: worker.to_string(),
+            });
         }
+        *slot = None;
         match outcome {
             Outcome::Succeeded { addr } => {
                 job.running_mut(kind)[i] = None;
@@ -535,31 +563,53 @@ mod tests {
         assert_eq!((m0.kind, m0.index, m1.index), (TaskKind::Map, 0, 1));
         // Reduces wait for every map.
         assert_eq!(c.assign(&worker("c"), now), Assignment::Wait);
-        assert!(c.report(id, TaskKind::Map, 0, "a", ok("a:1")).unwrap());
+        assert!(c
+            .report(id, TaskKind::Map, 0, "a", m0.attempt, ok("a:1"))
+            .unwrap());
         assert_eq!(c.assign(&worker("c"), now), Assignment::Wait);
-        c.report(id, TaskKind::Map, 1, "b", ok("b:1")).unwrap();
+        c.report(id, TaskKind::Map, 1, "b", m1.attempt, ok("b:1"))
+            .unwrap();
         let r0 = run(c.assign(&worker("c"), now));
         assert_eq!(
             (r0.kind, r0.locations.clone()),
             (TaskKind::Reduce, vec!["a:1".into(), "b:1".into()])
         );
-        c.report(id, TaskKind::Reduce, 0, "c", ok("")).unwrap();
+        c.report(id, TaskKind::Reduce, 0, "c", r0.attempt, ok(""))
+            .unwrap();
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
         assert_eq!(c.assign(&worker("c"), now), Assignment::Idle);
     }
 
     #[test]
-    fn timed_out_tasks_go_to_another_worker_and_first_completion_wins() {
+    fn timed_out_tasks_go_to_another_worker_and_only_the_current_attempt_completes() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
         let id = c.submit(spec(1, 1)).id;
-        run(c.assign(&worker("slow"), now));
+        let first = run(c.assign(&worker("slow"), now));
         assert_eq!(c.assign(&worker("b"), now + TIMEOUT / 2), Assignment::Wait);
         let again = run(c.assign(&worker("b"), now + TIMEOUT));
         assert_eq!(again.took_over_from.as_deref(), Some("slow"));
-        assert!(c.report(id, TaskKind::Map, 0, "b", ok("b")).unwrap());
+        // The slow original reporting before the new attempt: refused, it completes nothing (its
+        // output address, or its files, are not the ones the coordinator waits for).
+        assert!(matches!(
+            c.report(id, TaskKind::Map, 0, "slow", first.attempt, ok("slow")),
+            Err(ReportError::NotCurrent { .. })
+        ));
+        assert!(c.record(id).unwrap().maps[0].done.is_none());
+        // Neither does a report naming the right worker with another attempt, or the reverse.
+        assert!(c
+            .report(id, TaskKind::Map, 0, "b", first.attempt, ok("b"))
+            .is_err());
+        assert!(c
+            .report(id, TaskKind::Map, 0, "slow", again.attempt, ok("slow"))
+            .is_err());
+        assert!(c
+            .report(id, TaskKind::Map, 0, "b", again.attempt, ok("b"))
+            .unwrap());
         // The slow original finishing late changes nothing.
-        assert!(!c.report(id, TaskKind::Map, 0, "slow", ok("slow")).unwrap());
+        assert!(!c
+            .report(id, TaskKind::Map, 0, "slow", first.attempt, ok("slow"))
+            .unwrap());
         assert_eq!(
             c.record(id).unwrap().maps[0].done.as_ref().unwrap().worker,
             "b"
@@ -573,11 +623,14 @@ mod tests {
         let mut c = Coordinator::restore([], TIMEOUT);
         let first = c.submit(spec(1, 1)).id;
         let second = c.submit(spec(1, 1)).id;
-        assert_eq!(run(c.assign(&worker("a"), now)).job_id, first);
+        let map = run(c.assign(&worker("a"), now));
+        assert_eq!(map.job_id, first);
         assert_eq!(c.assign(&worker("b"), now), Assignment::Wait);
-        c.report(first, TaskKind::Map, 0, "a", ok("")).unwrap();
-        run(c.assign(&worker("a"), now));
-        c.report(first, TaskKind::Reduce, 0, "a", ok("")).unwrap();
+        c.report(first, TaskKind::Map, 0, "a", map.attempt, ok(""))
+            .unwrap();
+        let reduce = run(c.assign(&worker("a"), now));
+        c.report(first, TaskKind::Reduce, 0, "a", reduce.attempt, ok(""))
+            .unwrap();
         assert_eq!(run(c.assign(&worker("a"), now)).job_id, second);
     }
 
@@ -590,8 +643,15 @@ mod tests {
         for _ in 0..MAX_TASK_FAILURES {
             let task = run(c.assign(&worker("a"), now));
             assert_eq!(task.job_id, bad);
-            c.report(bad, TaskKind::Map, 0, "a", Outcome::Failed("boom".into()))
-                .unwrap();
+            c.report(
+                bad,
+                TaskKind::Map,
+                0,
+                "a",
+                task.attempt,
+                Outcome::Failed("boom".into()),
+            )
+            .unwrap();
         }
         assert!(
             matches!(&c.record(bad).unwrap().state, JobState::Failed(msg) if msg.contains("boom"))
@@ -604,10 +664,12 @@ mod tests {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
         let id = c.submit(spec(2, 2)).id;
-        run(c.assign(&worker("a"), now));
-        run(c.assign(&worker("b"), now));
-        c.report(id, TaskKind::Map, 0, "a", ok("a:1")).unwrap();
-        c.report(id, TaskKind::Map, 1, "b", ok("b:1")).unwrap();
+        let m0 = run(c.assign(&worker("a"), now));
+        let m1 = run(c.assign(&worker("b"), now));
+        c.report(id, TaskKind::Map, 0, "a", m0.attempt, ok("a:1"))
+            .unwrap();
+        c.report(id, TaskKind::Map, 1, "b", m1.attempt, ok("b:1"))
+            .unwrap();
         let r0 = run(c.assign(&worker("c"), now));
         let r1 = run(c.assign(&worker("d"), now));
         // `a` died: r0 cannot fetch map 0.
@@ -616,18 +678,21 @@ mod tests {
             TaskKind::Reduce,
             r0.index,
             "c",
+            r0.attempt,
             Outcome::FetchFailed(vec![(0, "a:1".into())]),
         )
         .unwrap();
         let rerun = run(c.assign(&worker("c"), now));
         assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, 0));
-        c.report(id, TaskKind::Map, 0, "c", ok("c:1")).unwrap();
+        c.report(id, TaskKind::Map, 0, "c", rerun.attempt, ok("c:1"))
+            .unwrap();
         // r1's stale report about the old location must not undo the re-run.
         c.report(
             id,
             TaskKind::Reduce,
             r1.index,
             "d",
+            r1.attempt,
             Outcome::FetchFailed(vec![(0, "a:1".into())]),
         )
         .unwrap();
@@ -642,9 +707,10 @@ mod tests {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
         let id = c.submit(spec(2, 1)).id;
-        run(c.assign(&worker("a"), now));
+        let m0 = run(c.assign(&worker("a"), now));
         run(c.assign(&worker("b"), now));
-        c.report(id, TaskKind::Map, 0, "a", ok("")).unwrap();
+        c.report(id, TaskKind::Map, 0, "a", m0.attempt, ok(""))
+            .unwrap();
         let saved = c.record(id).unwrap().clone();
         let mut restarted = Coordinator::restore([saved], TIMEOUT);
         // Map 1 was in flight at the crash: handed out again immediately, map 0 is not re-run.
@@ -659,10 +725,15 @@ mod tests {
         let mut c = Coordinator::restore([], TIMEOUT);
         let id = c.submit(spec(1, 1)).id;
         assert_eq!(
-            c.report(id + 1, TaskKind::Map, 0, "a", ok("")),
+            c.report(id + 1, TaskKind::Map, 0, "a", 1, ok("")),
             Err(ReportError::NoSuchJob(id + 1))
         );
-        assert!(c.report(id, TaskKind::Reduce, 5, "a", ok("")).is_err());
+        assert!(c.report(id, TaskKind::Reduce, 5, "a", 1, ok("")).is_err());
+        // A task nobody was handed: refused too.
+        assert!(matches!(
+            c.report(id, TaskKind::Map, 0, "a", 1, ok("")),
+            Err(ReportError::NotCurrent { .. })
+        ));
     }
 
     #[test]
@@ -704,8 +775,9 @@ mod tests {
             accept_map: true,
             accept_reduce: false,
         };
-        run(c.assign(&mapper, now));
-        c.report(id, TaskKind::Map, 0, "m", ok("m")).unwrap();
+        let map = run(c.assign(&mapper, now));
+        c.report(id, TaskKind::Map, 0, "m", map.attempt, ok("m"))
+            .unwrap();
         assert_eq!(c.assign(&mapper, now), Assignment::Wait);
     }
 }

@@ -330,19 +330,6 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 )))
             }
         };
-        let (job, kind_name, index, worker) =
-            (report.job_id, kind, report.index, &report.worker_id);
-        match &outcome {
-            Outcome::Succeeded { .. } => {
-                tracing::info!(job, kind = %kind_name, index, %worker, "task finished")
-            }
-            Outcome::Failed(error) => {
-                tracing::warn!(job, kind = %kind_name, index, %worker, %error, "task failed")
-            }
-            Outcome::FetchFailed(missing) => tracing::warn!(
-                job, kind = %kind_name, index, %worker, ?missing, "reducer could not fetch map outputs; re-running those maps"
-            ),
-        }
         let changed = {
             let mut state = self.lock();
             let changed = state
@@ -351,12 +338,30 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     kind,
                     report.index,
                     &report.worker_id,
-                    outcome,
+                    report.attempt,
+                    outcome.clone(),
                 )
                 .map_err(|err| match err {
                     ReportError::NoSuchJob(_) => Status::not_found(err.to_string()),
                     ReportError::NoSuchTask { .. } => Status::invalid_argument(err.to_string()),
+                    ReportError::NotCurrent { .. } => {
+                        tracing::info!(%err, "report refused: not the current attempt");
+                        Status::failed_precondition(err.to_string())
+                    }
                 })?;
+            let (job, kind_name, index, worker) =
+                (report.job_id, kind, report.index, &report.worker_id);
+            match &outcome {
+                Outcome::Succeeded { .. } => {
+                    tracing::info!(job, kind = %kind_name, index, %worker, "task finished")
+                }
+                Outcome::Failed(error) => {
+                    tracing::warn!(job, kind = %kind_name, index, %worker, %error, "task failed")
+                }
+                Outcome::FetchFailed(missing) => tracing::warn!(
+                    job, kind = %kind_name, index, %worker, ?missing, "reducer could not fetch map outputs; re-running those maps"
+                ),
+            }
             if changed {
                 if let Some(record) = state.record(report.job_id) {
                     self.stage(record)?;
