@@ -28,6 +28,11 @@ use crate::mr::job::JobSpec;
 /// App failures of one task that fail the whole job.
 pub const MAX_TASK_FAILURES: u32 = 3;
 
+/// Times a shared-directory map output may be found missing or damaged by reducers after its map
+/// finished before the job fails: it then never reaches them (the workers do not share the directory,
+/// or something removes the files), and re-running the map forever would not help.
+pub const MAX_LOST_OUTPUTS: u32 = 3;
+
 /// Hand-outs of one task, without a success, that fail the whole job (`mrd coordinator --max-attempts`).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 
@@ -68,6 +73,9 @@ pub struct TaskRecord {
     pub runs: u32,
     /// App failures so far; [`MAX_TASK_FAILURES`] of them fail the job.
     pub failures: u32,
+    /// Times a reducer could not read this map's output after it finished (see [`MAX_LOST_OUTPUTS`]).
+    #[serde(default)]
+    pub lost: u32,
 }
 
 /// Where a job is in its life; only the first unfinished job is ever `Running`.
@@ -497,13 +505,26 @@ impl Coordinator {
                 }
             }
             Outcome::FetchFailed(missing) => {
+                let shared = job.record.spec.shuffle == crate::mr::job::ShuffleMode::SharedDir;
                 for (map, addr) in missing {
                     let Some(task) = job.record.maps.get_mut(map as usize) else {
                         continue;
                     };
                     if task.done.as_ref().is_some_and(|c| c.addr == addr) {
                         task.done = None;
+                        task.lost += 1;
                         job.running_maps[map as usize] = None;
+                        if shared && task.lost >= MAX_LOST_OUTPUTS {
+                            job.record.state = JobState::Failed(format!(
+                                "reduce task {index} could not read the output of map task {map} \
+                                 (mr-{map}-{index}) in {} although the map finished {} times: every \
+                                 worker must see that directory at the same path (a shared file \
+                                 system), or use --shuffle grpc",
+                                job.record.spec.output_dir.display(),
+                                task.lost
+                            ));
+                            break;
+                        }
                     }
                 }
             }
@@ -700,6 +721,37 @@ mod tests {
         let again = run(c.assign(&worker("d"), now));
         assert_eq!(again.kind, TaskKind::Reduce);
         assert_eq!(again.locations[0], "c:1");
+    }
+
+    #[test]
+    fn a_shared_dir_output_reducers_never_see_fails_the_job_naming_the_directory() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let mut shared = spec(1, 1);
+        shared.shuffle = ShuffleMode::SharedDir;
+        let id = c.submit(shared).id;
+        for round in 1..=MAX_LOST_OUTPUTS {
+            let map = run(c.assign(&worker("a"), now));
+            assert_eq!(map.kind, TaskKind::Map, "round {round}");
+            c.report(id, TaskKind::Map, 0, "a", map.attempt, ok(""))
+                .unwrap();
+            // The reducer runs where the directory is another one: the file is never there.
+            let reduce = run(c.assign(&worker("b"), now));
+            c.report(
+                id,
+                TaskKind::Reduce,
+                0,
+                "b",
+                reduce.attempt,
+                Outcome::FetchFailed(vec![(0, String::new())]),
+            )
+            .unwrap();
+        }
+        let state = &c.record(id).unwrap().state;
+        assert!(
+            matches!(state, JobState::Failed(why) if why.contains("/out") && why.contains("same path")),
+            "{state:?}"
+        );
     }
 
     #[test]
