@@ -384,6 +384,8 @@ fn wc_matches_sequential() {
     wait_job(&env, &coord.addr, id);
     wait_all(&mut workers);
     assert_eq!(env.output("out"), expected);
+    // Intermediates carry the job's id: a straggler of another job cannot pass for one of them.
+    assert!(env.path().join(format!("out/mr-7-9.job{id}")).exists());
 }
 
 #[test]
@@ -397,7 +399,7 @@ fn wc_grpc_shuffle_matches_sequential() {
     wait_all(&mut workers);
     assert_eq!(env.output("out"), expected);
     // Intermediate files stayed with the mappers.
-    assert!(!env.path().join("out/mr-0-0").exists());
+    assert!(!env.path().join(format!("out/mr-0-0.job{id}")).exists());
 }
 
 #[test]
@@ -1186,7 +1188,7 @@ fn a_truncated_map_output_is_detected_and_its_map_runs_again() {
         "out",
     );
     let mut worker = env.worker(&coord.addr, &[]);
-    let first = env.path().join("out").join("mr-0-0");
+    let first = env.path().join("out").join(format!("mr-0-0.job{id}"));
     let started = Instant::now();
     while !first.exists() {
         assert!(

@@ -517,7 +517,7 @@ impl Coordinator {
                         if shared && task.lost >= MAX_LOST_OUTPUTS {
                             job.record.state = JobState::Failed(format!(
                                 "reduce task {index} could not read the output of map task {map} \
-                                 (mr-{map}-{index}) in {} although the map finished {} times: every \
+                                 (mr-{map}-{index}.job{job_id}) in {} although the map finished {} times: every \
                                  worker must see that directory at the same path (a shared file \
                                  system), or use --shuffle grpc",
                                 job.record.spec.output_dir.display(),

@@ -122,11 +122,6 @@ impl JobSpec {
         u32::try_from(self.inputs.len()).unwrap_or(u32::MAX)
     }
 
-    /// Where a shared-directory job's intermediate file for (`map`, `reduce`) lives.
-    pub fn shared_intermediate(&self, map: u32, reduce: u32) -> PathBuf {
-        self.output_dir.join(intermediate_name(map, reduce))
-    }
-
     /// Where reduce task `reduce` writes its output.
     pub fn output_path(&self, reduce: u32) -> PathBuf {
         self.output_dir.join(format!("mr-out-{reduce}"))
@@ -163,9 +158,11 @@ impl Admission {
     }
 }
 
-/// `mr-<map>-<reduce>`, the 6.824 intermediate file name.
-pub fn intermediate_name(map: u32, reduce: u32) -> String {
-    format!("mr-{map}-{reduce}")
+/// `mr-<map>-<reduce>.job<job>`: 6.824's intermediate file name, with the job's id, so a straggler of
+/// an earlier job (paused past its timeout, then resumed) renaming its output into a directory a later
+/// job uses cannot put its records into that job's reduces.
+pub fn intermediate_name(job: u64, map: u32, reduce: u32) -> String {
+    format!("mr-{map}-{reduce}.job{job}")
 }
 
 impl From<&JobSpec> for pb::JobSpec {

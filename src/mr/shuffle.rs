@@ -1,6 +1,6 @@
 //! Moving map outputs to reducers.
 //!
-//! In the shared-directory mode mappers write `mr-<map>-<reduce>` into the job's output directory and
+//! In the shared-directory mode mappers write `mr-<map>-<reduce>.job<job>` into the job's output directory and
 //! reducers read them from there. In the gRPC mode mappers keep them under their own `--dir` and serve them
 //! with [`ShuffleService`]; reducers pull them with [`Fetcher`]. Either way a missing output is reported as
 //! such, and the coordinator re-runs the map task that produced it.
@@ -67,8 +67,11 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
         self.guard
             .allow(&request, "fetch map outputs", |role| *role == Role::Worker)?;
         let request = request.into_inner();
-        let path = local_job_dir(&self.dir, request.job_id)
-            .join(intermediate_name(request.map_index, request.reduce_index));
+        let path = local_job_dir(&self.dir, request.job_id).join(intermediate_name(
+            request.job_id,
+            request.map_index,
+            request.reduce_index,
+        ));
         let data = match tokio::fs::read(&path).await {
             Ok(data) => Bytes::from(data),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -316,7 +319,7 @@ mod tests {
         let outputs = dir.path().join("outputs");
         let job = local_job_dir(&outputs, 1);
         std::fs::create_dir_all(&job).unwrap();
-        std::fs::write(job.join(intermediate_name(0, 0)), b"pairs").unwrap();
+        std::fs::write(job.join(intermediate_name(1, 0, 0)), b"pairs").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = spawn_server(listener, outputs, &worker).unwrap();

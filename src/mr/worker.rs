@@ -290,17 +290,18 @@ impl Worker {
             return Outcome::Failed(format!("map task {} has no input", task.index));
         };
         let dir = self.map_output_dir(task);
-        let (app_name, args, n_reduce, index) = (
+        let (app_name, args, n_reduce, index, job_id) = (
             task.spec.app.clone(),
             task.spec.args.clone(),
             task.spec.n_reduce,
             task.index,
+            task.job_id,
         );
         let result = tokio::task::spawn_blocking(move || -> Result<(), MrError> {
             let app = app::build(&app_name, &args)?;
             let partitions = exec::run_map(app.as_ref(), &input, n_reduce)?;
             for (reduce, data) in partitions.iter().enumerate() {
-                let path = dir.join(intermediate_name(index, reduce as u32));
+                let path = dir.join(intermediate_name(job_id, index, reduce as u32));
                 // Sealed and durable: a reducer must never take a cut-short file for a whole one.
                 write_atomic(&path, true, |w| {
                     w.write_all(data).map_err(MrError::io(&path))?;
@@ -324,7 +325,7 @@ impl Worker {
         // A worker that failed one fetch (after retries) is presumed gone: don't wait on it again.
         let mut dead: HashSet<String> = HashSet::new();
         for map in 0..task.spec.n_map() {
-            let name = intermediate_name(map, task.index);
+            let name = intermediate_name(task.job_id, map, task.index);
             let (addr, data) = match task.spec.shuffle {
                 ShuffleMode::SharedDir => {
                     let path = task.spec.output_dir.join(&name);
