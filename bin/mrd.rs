@@ -152,6 +152,11 @@ enum Command {
         /// Wait for the job to finish, showing progress; exit non-zero if it fails.
         #[arg(long)]
         wait: bool,
+        /// Accept an --output directory that holds an earlier job's outputs (mr-out-*, intermediates)
+        /// and remove them first, so none is taken for part of this job's output. Anything else in
+        /// the directory is still refused. Without it the directory must be new or empty.
+        #[arg(long)]
+        overwrite: bool,
         /// Input files, one map task each.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -495,6 +500,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             shuffle,
             wait,
+            overwrite,
             files,
             tls,
         } => {
@@ -507,7 +513,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let spec = JobSpec::prepare(&job.app, &job.args, &files, reduces, &output, shuffle)?;
             let submitted = async {
                 let mut client = client::connect(&coordinator, &security).await?;
-                client::submit(&mut client, &spec).await
+                client::submit(&mut client, &spec, overwrite).await
             };
             let id = match submitted.await {
                 Ok(id) => id,

@@ -975,7 +975,11 @@ fn job_paths_must_lie_under_a_data_root_and_outputs_must_be_new() {
     ] {
         let refused = runtime().block_on(async {
             let mut c = client::connect(&coord.addr, PLAIN).await.unwrap();
-            c.submit(pb::SubmitRequest { spec: Some(spec) }).await
+            c.submit(pb::SubmitRequest {
+                spec: Some(spec),
+                overwrite: false,
+            })
+            .await
         });
         let status = refused.expect_err("a path outside the root was accepted");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
@@ -1217,4 +1221,61 @@ fn a_truncated_map_output_is_detected_and_its_map_runs_again() {
         .collect();
     assert_eq!(map_runs, vec![2, 1], "map 0 must have run again");
     assert!(env.logs().contains("map output refused"), "{}", env.logs());
+}
+
+/// A second job into the directory a first one left (8 reduces, so a stale `mr-out-7`) is refused;
+/// with --overwrite the earlier outputs are removed first and the directory holds exactly the new
+/// job's output.
+#[test]
+fn a_directory_left_by_a_job_is_refused_unless_overwritten() {
+    let mut env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "10s");
+    let first = env.submit(&coord.addr, "wc", &[], 8, "shared-dir", "out");
+    let mut worker = env.worker(&coord.addr, &[]);
+    wait_job(&env, &coord.addr, first);
+    assert!(wait_exit(&mut worker).success());
+    let out = env.path().join("out");
+    assert!(out.join("mr-out-7").exists());
+    let again = |overwrite: bool| {
+        let mut cmd = mrd();
+        cmd.args(["submit", "--coordinator", &coord.addr, "--app", "wc"])
+            .args(["--reduces", "3", "--output"])
+            .arg(&out);
+        if overwrite {
+            cmd.arg("--overwrite");
+        }
+        cmd.args(&env.inputs).output().unwrap()
+    };
+    let refused = again(false);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("not empty"), "{stderr}");
+    // Something no job wrote is never removed, --overwrite or not.
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let refused = again(true);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("notes.txt"), "{stderr}");
+    assert!(
+        out.join("mr-out-7").exists(),
+        "nothing removed on a refusal"
+    );
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+    let accepted = again(true);
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    let second: u64 = String::from_utf8_lossy(&accepted.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let mut worker = env.worker(&coord.addr, &[]);
+    wait_job(&env, &coord.addr, second);
+    assert!(wait_exit(&mut worker).success());
+    assert!(!out.join("mr-out-7").exists(), "the stale output is gone");
+    assert!(out.join("mr-out-2").exists());
+    assert_eq!(env.output("out"), expected);
 }

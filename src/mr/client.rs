@@ -36,10 +36,12 @@ pub async fn connect(
 pub async fn submit(
     client: &mut CoordinatorClient<Channel>,
     spec: &JobSpec,
+    overwrite: bool,
 ) -> Result<u64, MrError> {
     let reply = client
         .submit(pb::SubmitRequest {
             spec: Some(pb::JobSpec::from(spec)),
+            overwrite,
         })
         .await?;
     Ok(reply.into_inner().job_id)

@@ -175,14 +175,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let caller = self
             .guard
             .allow(&request, "submit jobs", |role| *role == Role::Admin)?;
+        let request = request.into_inner();
+        let overwrite = request.overwrite;
         let wire = request
-            .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("the job spec is missing"))?;
         let invalid = |err: MrError| Status::invalid_argument(err.to_string());
         let spec = JobSpec::try_from(&wire).map_err(invalid)?;
         // Admission first: a refused app's arguments are not even parsed.
-        let spec = self.admission.admit(spec).map_err(invalid)?;
+        let spec = self.admission.admit(spec, overwrite).map_err(invalid)?;
         spec.validate().map_err(invalid)?;
         let job_id = {
             let mut state = self.lock();
@@ -194,6 +195,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     spec.output_dir.display(),
                     other.record.id
                 )));
+            }
+            if overwrite {
+                let removed = crate::mr::roots::clear_outputs(&spec.output_dir)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                tracing::info!(output = %spec.output_dir.display(), removed, "--overwrite: removed an earlier job's outputs");
             }
             let record = state.submit(spec);
             self.stage(record)?;

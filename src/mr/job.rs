@@ -141,15 +141,16 @@ pub struct Admission {
 
 impl Admission {
     /// Checks `spec` against the policy and returns it with every path resolved (`..` and symbolic
-    /// links), so workers open exactly what was checked. The output directory must be new or empty.
-    pub fn admit(&self, spec: JobSpec) -> Result<JobSpec, MrError> {
+    /// links), so workers open exactly what was checked. The output directory must be new or empty, or
+    /// with `overwrite` hold only job outputs (removed once the job is accepted).
+    pub fn admit(&self, spec: JobSpec, overwrite: bool) -> Result<JobSpec, MrError> {
         self.apps.check(&spec.app)?;
         let inputs = spec
             .inputs
             .iter()
             .map(|input| self.roots.input(input))
             .collect::<Result<Vec<_>, _>>()?;
-        let output_dir = self.roots.output(&spec.output_dir)?;
+        let output_dir = self.roots.output(&spec.output_dir, overwrite)?;
         Ok(JobSpec {
             inputs,
             output_dir,

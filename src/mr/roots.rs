@@ -54,6 +54,89 @@ pub enum RootsError {
     /// The output path exists but is not a directory.
     #[error("output {0} exists and is not a directory")]
     OutputNotDirectory(PathBuf),
+    /// `--overwrite` was asked for a directory holding something no job wrote.
+    #[error(
+        "output directory {dir} holds {name:?}, which no job wrote: --overwrite removes only job \
+         outputs (mr-out-*, intermediates); move it away or choose another directory"
+    )]
+    NotAJobOutput {
+        /// The output directory.
+        dir: PathBuf,
+        /// The first entry that is not a job's.
+        name: String,
+    },
+}
+
+/// Whether `name` is a file a job writes into its output directory: `mr-out-<n>`, an intermediate
+/// `mr-<m>-<r>` (or `mr-<m>-<r>.job<j>`), or the hidden temporary file of one of them.
+fn is_job_output(name: &str) -> bool {
+    let numbers = |s: &str| {
+        s.split('-')
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if let Some(hidden) = name.strip_prefix(".mr-") {
+        return hidden.contains(".tmp-");
+    }
+    let Some(rest) = name.strip_prefix("mr-") else {
+        return false;
+    };
+    if let Some(n) = rest.strip_prefix("out-") {
+        return numbers(n) && !n.contains('-');
+    }
+    let (pair, job) = match rest.split_once(".job") {
+        Some((pair, job)) => (pair, Some(job)),
+        None => (rest, None),
+    };
+    pair.split('-').count() == 2 && numbers(pair) && job.is_none_or(numbers)
+}
+
+/// Remove the job outputs of a directory [`DataRoots::output`] admitted with `overwrite`: what an
+/// earlier job left (a stale `mr-out-7` of a run with more reduces would otherwise pass for part of
+/// this one's output). Returns how many files went.
+pub fn clear_outputs(dir: &Path) -> Result<usize, RootsError> {
+    let unresolvable = |err: std::io::Error| RootsError::Unresolvable {
+        what: "output directory",
+        path: dir.to_path_buf(),
+        detail: err.to_string(),
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(unresolvable(err)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(unresolvable)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let file = entry.file_type().map_err(unresolvable)?.is_file();
+        if !(file && is_job_output(&name)) {
+            return Err(RootsError::NotAJobOutput {
+                dir: dir.to_path_buf(),
+                name,
+            });
+        }
+        std::fs::remove_file(entry.path()).map_err(unresolvable)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// [`clear_outputs`]'s check alone: every entry of `dir` is a job output.
+fn check_only_outputs(dir: &Path) -> Result<(), RootsError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return check_empty(dir);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let file = entry.file_type().is_ok_and(|t| t.is_file());
+        if !(file && is_job_output(&name)) {
+            return Err(RootsError::NotAJobOutput {
+                dir: dir.to_path_buf(),
+                name,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The resolved `--data-root` directories.
@@ -95,11 +178,13 @@ impl DataRoots {
         self.inside(WHAT, resolved)
     }
 
-    /// The resolved path of output directory `path`, if it lies under a root and is new or empty.
+    /// The resolved path of output directory `path`, if it lies under a root and is new or empty (with
+    /// `overwrite`: holds nothing but job outputs, which the caller removes with [`clear_outputs`] once
+    /// the job is accepted).
     ///
     /// A directory that does not exist yet is resolved through its nearest existing ancestor; the rest of
     /// the path must then be plain names (no `..`), since nothing on disk says where those would lead.
-    pub fn output(&self, path: &Path) -> Result<PathBuf, RootsError> {
+    pub fn output(&self, path: &Path, overwrite: bool) -> Result<PathBuf, RootsError> {
         const WHAT: &str = "output directory";
         let resolved = resolve_new_path(path).map_err(|detail| RootsError::Unresolvable {
             what: WHAT,
@@ -107,7 +192,10 @@ impl DataRoots {
             detail,
         })?;
         let resolved = self.inside(WHAT, resolved)?;
-        check_empty(&resolved)?;
+        match overwrite {
+            true => check_only_outputs(&resolved)?,
+            false => check_empty(&resolved)?,
+        }
         Ok(resolved)
     }
 
@@ -253,10 +341,10 @@ mod tests {
     fn new_output_directories_resolve_through_their_existing_ancestor() {
         let f = fixture();
         let new = f.root.join("out/deeper");
-        assert_eq!(f.roots.output(&new).unwrap(), new);
+        assert_eq!(f.roots.output(&new, false).unwrap(), new);
         let empty = f.root.join("empty");
         std::fs::create_dir(&empty).unwrap();
-        assert_eq!(f.roots.output(&empty).unwrap(), empty);
+        assert_eq!(f.roots.output(&empty, false).unwrap(), empty);
     }
 
     #[test]
@@ -264,21 +352,64 @@ mod tests {
         let f = fixture();
         let err = f
             .roots
-            .output(&f.root.join("../elsewhere/out"))
+            .output(&f.root.join("../elsewhere/out"), false)
             .unwrap_err();
         assert!(matches!(err, RootsError::Outside { .. }), "{err}");
         let err = f
             .roots
-            .output(&f.root.join("new/../../elsewhere"))
+            .output(&f.root.join("new/../../elsewhere"), false)
             .unwrap_err();
         assert!(matches!(err, RootsError::Unresolvable { .. }), "{err}");
         std::os::unix::fs::symlink(&f.elsewhere, f.root.join("out-link")).unwrap();
-        let err = f.roots.output(&f.root.join("out-link/new")).unwrap_err();
+        let err = f
+            .roots
+            .output(&f.root.join("out-link/new"), false)
+            .unwrap_err();
         assert!(matches!(err, RootsError::Outside { .. }), "{err}");
-        let err = f.roots.output(&f.root.join("in")).unwrap_err();
+        let err = f.roots.output(&f.root.join("in"), false).unwrap_err();
         assert_eq!(err, RootsError::OutputNotEmpty(f.root.join("in")));
-        let err = f.roots.output(&f.root.join("in/a.txt")).unwrap_err();
+        let err = f.roots.output(&f.root.join("in/a.txt"), false).unwrap_err();
         assert_eq!(err, RootsError::OutputNotDirectory(f.root.join("in/a.txt")));
+    }
+
+    #[test]
+    fn overwrite_clears_job_outputs_and_nothing_else() {
+        let f = fixture();
+        let out = f.root.join("old-job");
+        std::fs::create_dir(&out).unwrap();
+        for name in [
+            "mr-out-0",
+            "mr-out-7",
+            "mr-3-1",
+            "mr-3-1.job12",
+            ".mr-out-2.tmp-1-abc",
+        ] {
+            std::fs::write(out.join(name), "x").unwrap();
+        }
+        assert!(matches!(
+            f.roots.output(&out, false),
+            Err(RootsError::OutputNotEmpty(_))
+        ));
+        assert_eq!(f.roots.output(&out, true).unwrap(), out);
+        assert_eq!(clear_outputs(&out).unwrap(), 5);
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+        // Anything a job did not write stops it, before anything is removed.
+        for name in ["mr-out-0", "notes.txt"] {
+            std::fs::write(out.join(name), "x").unwrap();
+        }
+        let err = f.roots.output(&out, true).unwrap_err();
+        assert!(err.to_string().contains("notes.txt"), "{err}");
+        assert!(out.join("mr-out-0").exists());
+        for name in [
+            "mr-out-",
+            "mr-out-1-2",
+            "mr-1",
+            "mr-a-b",
+            "mr-1-2.jobx",
+            ".mr-out-1",
+        ] {
+            assert!(!is_job_output(name), "{name}");
+        }
     }
 
     #[test]
