@@ -22,16 +22,8 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "kvd", version)]
 struct Cli {
-    /// How log lines look: text for people, json (one object per line) for log collectors. What is
-    /// logged is set by RUST_LOG (default info).
-    #[arg(
-        long,
-        value_enum,
-        env = "DS824_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
-    log_format: ds824::daemon::LogFormat,
+    #[command(flatten)]
+    logs: ds824::daemon::LogArgs,
     #[command(subcommand)]
     role: Role,
 }
@@ -170,7 +162,7 @@ struct KvArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ds824::daemon::init_logging_as("info", cli.log_format);
+    ds824::daemon::init_logging_as("info", cli.logs.log_format);
     let runtime = match ds824::daemon::runtime("kvd") {
         Ok(runtime) => runtime,
         Err(code) => return code,

@@ -34,16 +34,8 @@ const DEFAULT_COORDINATOR: &str = "127.0.0.1:7824";
 #[derive(Parser)]
 #[command(name = "mrd", version)]
 struct Cli {
-    /// How log lines look: text for people, json (one object per line) for log collectors. What is
-    /// logged is set by RUST_LOG (default info; warn for workers and clients).
-    #[arg(
-        long,
-        value_enum,
-        env = "DS824_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
-    log_format: ds824::daemon::LogFormat,
+    #[command(flatten)]
+    logs: ds824::daemon::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -441,7 +433,7 @@ async fn run_coordinator(
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let log_format = cli.log_format;
+    let log_format = cli.logs.log_format;
     match cli.command {
         Command::Coordinator {
             listen,

@@ -31,6 +31,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// The logging flag every daemon takes.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct LogArgs {
+    /// How log lines look: text for people, json (one object per line) for log collectors. What is
+    /// logged is set by RUST_LOG (default info; warn for mrd's workers and client commands).
+    #[arg(
+        long,
+        value_enum,
+        env = "DS824_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
 /// Log to stderr as text, filtered by `RUST_LOG` (default `info`). Spans carry the node id
 /// (`raft{node=..}`, `kv{node=..}`) and role changes log the term and role, so interleaved logs of a
 /// cluster stay readable.

@@ -216,6 +216,61 @@ async fn a_backup_taken_under_writes_restores_every_write_acknowledged_before_it
         log.contains("seeded from this backup before"),
         "restart log:\n{log}"
     );
+
+    // A node of the old cluster started with its own data among the restored ones (the operator
+    // restored two of three): it is another cluster on the wire, so it can neither win an election
+    // with its longer log and undo the restore, nor be taken for a member that has the state.
+    restored.kill(2);
+    std::fs::remove_dir_all(restored.data_dir(2)).expect("remove");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(source.data_dir(2))
+        .arg(restored.data_dir(2))
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    restored.extra_args.clear();
+    restored.start_node(2);
+    let mut writer = clerk(&restored.addrs[..2]);
+    for n in 0..20 {
+        writer
+            .put("after-old-node", &n.to_string())
+            .await
+            .expect("put");
+    }
+    let old = restored
+        .status(2)
+        .await
+        .expect("the old node answers status");
+    assert!(old.leader == 0 || old.leader == 3, "{old:?}");
+    for (key, value) in before.iter().take(50) {
+        assert_eq!(
+            reader.get(key).await.expect("get").as_deref(),
+            Some(value.as_str())
+        );
+    }
+    assert_eq!(
+        reader.get("after-old-node").await.expect("get").as_deref(),
+        Some("19")
+    );
+    // Its pre-votes (it hears no leader it accepts) are refused as another cluster's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let refused = |i: usize| {
+        std::fs::read_to_string(restored.log(i))
+            .is_ok_and(|log| log.contains("refusing messages from another cluster"))
+    };
+    while !(refused(0) || refused(1)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restored nodes never refused the old node's messages"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old = restored
+        .status(2)
+        .await
+        .expect("the old node answers status");
+    assert!(old.leader == 0 || old.leader == 3, "{old:?}");
 }
 
 /// One `kvd` of `service` started with `--restore file` into `data_dir`, expected to refuse and exit.
@@ -282,6 +337,38 @@ async fn only_an_admin_takes_backups_and_the_controllers_back_up_too() {
     assert!(report.contains("service     ctrler"), "{report}");
     // Configurations 0 (empty) and 1 (after the join) are both kept.
     assert!(report.contains("configurations 2"), "{report}");
+
+    // The same bytes relabelled as a KV backup, with a valid checksum (a CRC is no signature): a KV
+    // node loads the state before writing anything, and refuses it.
+    let bytes = std::fs::read(&file).expect("read");
+    let (mut header, range) = ds824::rsm::backup::decode(&bytes).expect("valid backup");
+    header.service = "kv".into();
+    header.cluster_id = "ds824/kv".into();
+    let relabelled = root.path().join("relabelled.backup");
+    std::fs::write(
+        &relabelled,
+        ds824::rsm::backup::encode(header.clone(), &bytes[range.clone()]),
+    )
+    .expect("write");
+    let empty = tempfile::tempdir().expect("temp dir");
+    let out = one_kvd("kv", empty.path(), &relabelled);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("does not decode"), "{}", text(&out));
+    assert_eq!(std::fs::read_dir(empty.path()).expect("dir").count(), 0);
+    header.service = "ctrler".into();
+    header.index = 0;
+    std::fs::write(
+        &relabelled,
+        ds824::rsm::backup::encode(header, &bytes[range]),
+    )
+    .expect("write");
+    let out = one_kvd("ctrler", empty.path(), &relabelled);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot be a committed state"),
+        "{}",
+        text(&out)
+    );
 
     // Controllers restored from it hand out the same latest configuration.
     let restored = Replicas::start_temp_full(

@@ -6,17 +6,12 @@
 //! which is flushed, read back and checked whole before it is renamed to `FILE`; an existing `FILE` is
 //! never overwritten.
 
-use crate::ctrler::{ShardCtrler, DEFAULT_SHARDS};
-use crate::kv::service::KvMachine;
-use crate::kv::{ClerkConfig, KvStore};
+use crate::kv::ClerkConfig;
 use crate::proto::ctrler::ctrler_client::CtrlerClient;
 use crate::proto::kv::kv_client::KvClient;
 use crate::proto::rsm::{BackupChunk, BackupRequest};
 use crate::rsm::backup::{self, BackupHeader};
-use crate::rsm::StateMachine;
 use crate::security::Role;
-use crate::shardkv::ShardKv;
-use prost::Message as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,6 +29,10 @@ pub struct Target {
 
 /// Longest wait for the next piece of a backup once it is streaming.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest wait for a server to start sending: a leader encodes the whole state first (a follower
+/// refuses at once, and a leader cut off from its quorum within its request timeout).
+const ENCODE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Take a backup from `target`'s leader into `file` and return its header. Tries every server until
 /// the leader answers or `config.call_timeout` passes; a server that is not the leader is skipped, a
@@ -61,17 +60,20 @@ pub async fn save(
         for server in &target.servers {
             match save_from(server, target, config, &part, &mut progress).await {
                 Ok(header) => {
-                    std::fs::rename(&part, file)?;
+                    // A link, not a rename: it fails rather than replace a FILE that appeared
+                    // meanwhile (another save of the same name).
+                    let linked = std::fs::hard_link(&part, file);
+                    let _ = std::fs::remove_file(&part);
+                    linked.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
                     sync_parent(file)?;
                     return Ok(header);
                 }
-                Err(Attempt::Final(e)) => {
-                    let _ = std::fs::remove_file(&part);
-                    return Err(e);
-                }
+                Err(Attempt::Final(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => {
-                    let _ = std::fs::remove_file(&part);
-                    last_refusal = format!("{server}: {why}");
+                    // A leader's own answer says more than the followers' pointing at it.
+                    if !why.starts_with("not the leader") || last_refusal.starts_with("no server") {
+                        last_refusal = format!("{server}: {why}");
+                    }
                 }
             }
         }
@@ -105,7 +107,8 @@ async fn save_from(
             _ => KvClient::new(channel).backup(BackupRequest {}).await,
         }
     };
-    let mut stream = match tokio::time::timeout(config.call_timeout, call).await {
+    let mut stream = match tokio::time::timeout(ENCODE_TIMEOUT.max(config.call_timeout), call).await
+    {
         Err(_) => return Err(Attempt::Retry("no answer".into())),
         Ok(Err(status)) => {
             return Err(match status.code() {
@@ -117,8 +120,34 @@ async fn save_from(
         }
         Ok(Ok(response)) => response.into_inner(),
     };
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(part)
+        .map_err(|e| {
+            Attempt::Final(anyhow::anyhow!(
+                "{}: {e} (another save of the same name is running, or one was interrupted: \
+                 remove it)",
+                part.display()
+            ))
+        })?;
+    let received = receive(&mut stream, &mut out, part, server, progress).await;
+    if received.is_err() {
+        // Ours, made above: never leave a broken file behind (and never touch another save's).
+        let _ = std::fs::remove_file(part);
+    }
+    received
+}
+
+/// The rest of [`save_from`]: write the stream into `out` (the open `part`), flush and check it.
+async fn receive(
+    stream: &mut tonic::Streaming<BackupChunk>,
+    out: &mut std::fs::File,
+    part: &Path,
+    server: &str,
+    progress: &mut impl FnMut(u64),
+) -> Result<BackupHeader, Attempt> {
     let retry_io = |e: std::io::Error| Attempt::Final(anyhow::anyhow!("{}: {e}", part.display()));
-    let mut out = std::fs::File::create(part).map_err(retry_io)?;
     let mut received = 0u64;
     loop {
         let next = tokio::time::timeout(CHUNK_TIMEOUT, stream.message()).await;
@@ -138,7 +167,6 @@ async fn save_from(
         progress(received);
     }
     out.sync_all().map_err(retry_io)?;
-    drop(out);
     let bytes = std::fs::read(part).map_err(retry_io)?;
     match backup::decode(&bytes) {
         Ok((header, _)) => Ok(header),
@@ -185,41 +213,13 @@ pub fn inspect(file: &Path) -> anyhow::Result<Summary> {
     let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let (header, range) =
         backup::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let snapshot = crate::proto::rsm::Snapshot::decode(&bytes[range])
-        .map_err(|e| anyhow::anyhow!("{}: the snapshot does not decode: {e}", file.display()))?;
-    let undecodable = |e: crate::rsm::RsmError| {
-        anyhow::anyhow!(
-            "{}: the {} state does not decode: {e}",
-            file.display(),
-            header.service
-        )
-    };
-    let keys = match header.service.as_str() {
-        "kv" => {
-            let mut store = KvStore::default();
-            store.restore(&snapshot.state).map_err(undecodable)?;
-            store.describe().keys
-        }
-        "ctrler" => {
-            let mut ctrler = ShardCtrler::new(DEFAULT_SHARDS);
-            ctrler.restore(&snapshot.state).map_err(undecodable)?;
-            ctrler.kept() as u64
-        }
-        other => {
-            let gid = other
-                .strip_prefix("shard-")
-                .and_then(|g| g.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("unknown service {other:?} in the header"))?;
-            let mut group = ShardKv::new(gid);
-            group.restore(&snapshot.state).map_err(undecodable)?;
-            group.describe().keys
-        }
-    };
+    let (keys, sessions) = crate::replica::backup_contents(&header.service, &bytes[range])
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     Ok(Summary {
         file_bytes: bytes.len() as u64,
         checksum: format!("{:08x}", backup::checksum(&bytes)),
         keys,
-        sessions: snapshot.sessions.len() as u64,
+        sessions,
         header,
     })
 }

@@ -55,6 +55,10 @@ pub struct NodeConfig {
     pub group: String,
     /// Who may send this node messages (open without TLS).
     pub guard: Guard,
+    /// For a node whose data was restored from a backup: a tag of that backup, made part of the
+    /// cluster id on the wire, so only nodes restored from the same backup talk to each other (not a
+    /// node of the old cluster left with its own data, nor one restored from another file).
+    pub restored: Option<String>,
 }
 
 impl NodeConfig {
@@ -77,12 +81,17 @@ impl NodeConfig {
             cluster: "ds824".into(),
             group: "raft".into(),
             guard: Guard::open(),
+            restored: None,
         }
     }
 
     /// The id this node's messages carry.
     pub fn cluster_id(&self) -> String {
-        cluster_id(&self.cluster, &self.group)
+        let id = cluster_id(&self.cluster, &self.group);
+        match &self.restored {
+            Some(tag) => format!("{id}~{tag}"),
+            None => id,
+        }
     }
 }
 

@@ -516,9 +516,10 @@ impl SledStorage {
 
     /// Seed an empty data directory of `identity` with `snapshot` (from a backup named `origin`), as
     /// the state every member of a new cluster starts from: the snapshot, and a hard state at its term
-    /// whose commit index is the snapshot's. The record of `origin` goes in the same flush, so a
-    /// daemon restarted with the same `--restore` starts normally instead of failing, while a
-    /// directory holding anything else is refused ([`StorageError::Occupied`]), never overwritten.
+    /// whose commit index is the snapshot's. The record of `origin` is written only after those are
+    /// flushed, so a daemon restarted with the same `--restore` starts normally, a seeding cut short
+    /// by a crash is refused on the next start (never taken for a finished one), and a directory
+    /// holding anything else is refused ([`StorageError::Occupied`]), never overwritten.
     pub fn seed(
         dir: impl AsRef<Path>,
         identity: &Identity,
@@ -536,10 +537,16 @@ impl SledStorage {
                 "the state restored from another backup ({})",
                 String::from_utf8_lossy(other)
             )),
-            (None, Some(_)) => Some("the raft state of a running or stopped node".into()),
-            (None, None) if storage.snapshot.meta.index > 0 || !storage.log.is_empty() => {
-                Some("raft log entries or a snapshot".into())
-            }
+            (None, Some(_)) => Some(
+                "the raft state of a running or stopped node (if a restore into it was \
+                 interrupted, empty it and start again)"
+                    .into(),
+            ),
+            (None, None) if storage.snapshot.meta.index > 0 || !storage.log.is_empty() => Some(
+                "raft log entries or a snapshot (if a restore into it was interrupted, empty it \
+                 and start again)"
+                    .into(),
+            ),
             (None, None) => None,
         };
         if let Some(detail) = detail {
@@ -548,10 +555,6 @@ impl SledStorage {
                 detail,
             });
         }
-        storage
-            .meta
-            .insert(RESTORED_FROM, origin.as_bytes())
-            .map_err(|s| storage.io(s))?;
         let ready = Ready {
             hard_state: Some(HardState {
                 term: snapshot.meta.term,
@@ -562,7 +565,20 @@ impl SledStorage {
             ..Ready::default()
         };
         storage.persist(&ready)?;
+        // Last, in a flush of its own: sled may write any insert to disk at any moment, so a record
+        // inserted earlier could be on disk before the snapshot it names.
+        storage
+            .meta
+            .insert(RESTORED_FROM, origin.as_bytes())
+            .map_err(|s| storage.io(s))?;
+        storage.db.flush().map_err(|s| storage.io(s))?;
         Ok(Seeded::Restored)
+    }
+
+    /// The backup this directory was seeded from ([`SledStorage::seed`]), if any.
+    pub fn restored_from(&self) -> Result<Option<String>, StorageError> {
+        let record = self.meta.get(RESTORED_FROM).map_err(|s| self.io(s))?;
+        Ok(record.map(|r| String::from_utf8_lossy(&r).into_owned()))
     }
 
     /// Number of log entries on disk that no snapshot covers (compaction must keep this bounded;

@@ -203,6 +203,43 @@ pub enum StartError {
     },
 }
 
+/// A term no real cluster reaches; a backup claiming more is refused (terms are incremented).
+const MAX_RESTORED_TERM: u64 = 1 << 62;
+
+/// What a backup's snapshot holds, loaded by the machine of its `service` (`kv`, `ctrler`,
+/// `shard-GID`): keys, or configurations for the controllers, and client sessions. An error says why
+/// it does not load.
+pub fn backup_contents(service: &str, snapshot: &[u8]) -> Result<(u64, u64), String> {
+    use crate::kv::service::KvMachine as _;
+    use crate::rsm::StateMachine as _;
+    use prost::Message as _;
+    let snapshot = crate::proto::rsm::Snapshot::decode(snapshot)
+        .map_err(|e| format!("the snapshot does not decode: {e}"))?;
+    let undecodable = |e: crate::rsm::RsmError| format!("the {service} state does not decode: {e}");
+    let items = match service {
+        "kv" => {
+            let mut store = crate::kv::KvStore::default();
+            store.restore(&snapshot.state).map_err(undecodable)?;
+            store.describe().keys
+        }
+        "ctrler" => {
+            let mut ctrler = crate::ctrler::ShardCtrler::new(crate::ctrler::DEFAULT_SHARDS);
+            ctrler.restore(&snapshot.state).map_err(undecodable)?;
+            ctrler.kept() as u64
+        }
+        other => {
+            let gid = other
+                .strip_prefix("shard-")
+                .and_then(|g| g.parse().ok())
+                .ok_or_else(|| format!("unknown service {other:?}"))?;
+            let mut group = crate::shardkv::ShardKv::new(gid);
+            group.restore(&snapshot.state).map_err(undecodable)?;
+            group.describe().keys
+        }
+    };
+    Ok((items, snapshot.sessions.len() as u64))
+}
+
 /// Seed `data_dir` (of `identity`, for `service`) from the backup `file`, checked whole first: a
 /// truncated or corrupt file, or a backup of another service (a controllers' backup given to a KV
 /// node, shard group 1's to group 2), is refused before anything is written. The first start of
@@ -229,6 +266,15 @@ pub fn restore(
             header.service, header.cluster_id
         )));
     }
+    if header.index == 0 || header.term == 0 || header.term > MAX_RESTORED_TERM {
+        return Err(refuse(format!(
+            "index {} and term {} cannot be a committed state",
+            header.index, header.term
+        )));
+    }
+    // Loaded as the service will load it, before anything is written: a mislabelled or crafted
+    // file must not leave a directory that fails at every start.
+    backup_contents(&header.service, &bytes[range.clone()]).map_err(refuse)?;
     let origin = format!(
         "backup of {} at index {}, checksum {:08x}",
         header.cluster_id,
@@ -358,6 +404,9 @@ impl Replica {
             .await
             .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
         let mut node_config = NodeConfig::new(config.id, raft_peers);
+        node_config.restored = storage
+            .restored_from()?
+            .map(|origin| format!("{:08x}", crc32fast::hash(origin.as_bytes())));
         node_config.max_snapshot_bytes = config.max_snapshot_bytes;
         node_config.cluster = config.cluster.clone();
         let group_name = group.clone();

@@ -543,11 +543,13 @@ impl<S: ServedMachine> RsmService<S> {
             created_unix_ms: unix_ms(),
             taken_by: status.raft.id,
         };
+        // The slot goes with the encoding: a caller that gives up meanwhile does not free it for
+        // another copy of the state while this one is still being made.
         let encode = move || {
             let (_, snapshot) = job.encode();
-            Bytes::from(super::backup::encode(header, &snapshot))
+            (Bytes::from(super::backup::encode(header, &snapshot)), slot)
         };
-        let file = tokio::task::spawn_blocking(encode).await.map_err(|e| {
+        let (file, slot) = tokio::task::spawn_blocking(encode).await.map_err(|e| {
             Refusal::Status(Status::internal(format!("encoding the backup failed: {e}")))
         })?;
         info!(index, bytes = file.len(), "backup taken");
