@@ -129,6 +129,36 @@ struct Shared<S: StateMachine> {
     applied: watch::Sender<Index>,
     /// Held while a backup is encoded and streamed: one at a time, as each holds a copy of the state.
     backup_slot: Arc<tokio::sync::Mutex<()>>,
+    /// Paces the `request refused` lines.
+    refusal_lines: LinePacer,
+}
+
+/// At most one log line per interval; counts the ones it held back.
+struct LinePacer {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LinePacer {
+    /// Between two lines of a kind.
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        LinePacer {
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` if a line may be written at `now`.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (last, held) = &mut *state;
+        if last.is_some_and(|at| now < at + Self::INTERVAL) {
+            *held += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(held))
+    }
 }
 
 impl<S: StateMachine> Shared<S> {
@@ -264,6 +294,7 @@ impl<S: ServedMachine> RsmService<S> {
             }),
             applied: watch::Sender::new(0),
             backup_slot: Arc::new(tokio::sync::Mutex::new(())),
+            refusal_lines: LinePacer::new(),
         });
         let config = Arc::new(config);
         // One span for both tasks (it must have empty `term` and `role` fields); the watcher keeps them
@@ -405,20 +436,30 @@ impl<S: ServedMachine> RsmService<S> {
             }
             Err(Refusal::Status(_)) => "error",
         };
-        // Refusals an operator acts on get a line each; routing answers (wrong leader, timeout) are
-        // a client's everyday business and only counted.
-        match result {
-            Err(Refusal::SessionExpired(mark)) => {
-                info!(
-                    kind,
-                    min_client_id = mark,
-                    "request refused: session expired"
-                )
+        // Refusals an operator acts on get a line (at most one a second, with how many were not
+        // shown: a client can cause them cheaply, and an overloaded node most of all); routing
+        // answers (wrong leader, timeout) are a client's everyday business and only counted.
+        let refused = matches!(result, Err(Refusal::SessionExpired(_) | Refusal::Status(_)));
+        if refused {
+            if let Some(unlogged) = self.shared.refusal_lines.admit(Instant::now()) {
+                match result {
+                    Err(Refusal::SessionExpired(mark)) => info!(
+                        kind,
+                        min_client_id = mark,
+                        unlogged,
+                        "request refused: session expired"
+                    ),
+                    Err(Refusal::Status(status)) => info!(
+                        kind,
+                        outcome,
+                        code = ?status.code(),
+                        reason = status.message(),
+                        unlogged,
+                        "request refused"
+                    ),
+                    _ => {}
+                }
             }
-            Err(Refusal::Status(status)) => {
-                info!(kind, outcome, code = ?status.code(), reason = status.message(), "request refused")
-            }
-            _ => {}
         }
         if let Some(metrics) = &self.config.metrics {
             metrics.observe(kind, outcome, started.elapsed().as_secs_f64());
@@ -766,5 +807,30 @@ async fn watch_leadership<S: StateMachine>(shared: Arc<Shared<S>>, handle: RaftH
             inner.complete(retries);
         }
         (role, term) = (now_role, now_term);
+    }
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::LinePacer;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_flood_of_refusals_writes_one_line_a_second_with_the_count_held_back() {
+        let pacer = LinePacer::new();
+        let start = Instant::now();
+        assert_eq!(pacer.admit(start), Some(0));
+        let held = (1..1000)
+            .filter(|n| {
+                pacer
+                    .admit(start + Duration::from_micros(n * 100))
+                    .is_none()
+            })
+            .count();
+        assert_eq!(held, 999);
+        assert_eq!(pacer.admit(start + Duration::from_secs(1)), Some(999));
+        assert_eq!(pacer.admit(start + Duration::from_millis(1500)), None);
+        assert_eq!(pacer.admit(start + Duration::from_secs(2)), Some(1));
     }
 }
