@@ -94,28 +94,18 @@ fn is_job_output(name: &str) -> bool {
 /// earlier job left (a stale `mr-out-7` of a run with more reduces would otherwise pass for part of
 /// this one's output). Returns how many files went.
 pub fn clear_outputs(dir: &Path) -> Result<usize, RootsError> {
-    let unresolvable = |err: std::io::Error| RootsError::Unresolvable {
-        what: "output directory",
-        path: dir.to_path_buf(),
-        detail: err.to_string(),
-    };
+    // Checked whole first: nothing goes unless everything may.
+    check_only_outputs(dir)?;
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(err) => return Err(unresolvable(err)),
+        Err(err) => return Err(unresolvable("output directory", dir, err)),
     };
     let mut removed = 0;
     for entry in entries {
-        let entry = entry.map_err(unresolvable)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let file = entry.file_type().map_err(unresolvable)?.is_file();
-        if !(file && is_job_output(&name)) {
-            return Err(RootsError::NotAJobOutput {
-                dir: dir.to_path_buf(),
-                name,
-            });
-        }
-        std::fs::remove_file(entry.path()).map_err(unresolvable)?;
+        let entry = entry.map_err(|err| unresolvable("output directory", dir, err))?;
+        std::fs::remove_file(entry.path())
+            .map_err(|err| unresolvable("output directory", dir, err))?;
         removed += 1;
     }
     Ok(removed)

@@ -514,13 +514,19 @@ impl<S: ServedMachine> RsmService<S> {
         self.wait(token, rx, deadline).await
     }
 
+    /// An index this node, as leader, confirmed committed with a quorum after the call (ReadIndex):
+    /// what a linearizable read, and a backup, must have applied before answering.
+    async fn confirmed_index(&self, deadline: Instant) -> Result<Index, Refusal> {
+        match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
+            Ok(Ok(index)) => Ok(index),
+            Ok(Err(e)) => Err(Self::refusal(e)),
+            Err(_) => Err(Refusal::Timeout),
+        }
+    }
+
     async fn read_inner(&self, query: S::Query) -> Result<S::Output, Refusal> {
         let deadline = Instant::now() + self.config.request_timeout;
-        let index = match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
-            Ok(Ok(index)) => index,
-            Ok(Err(e)) => return Err(Self::refusal(e)),
-            Err(_) => return Err(Refusal::Timeout),
-        };
+        let index = self.confirmed_index(deadline).await?;
         let (token, rx) = {
             let mut inner = self.shared.lock();
             let (token, rx) = inner.register();
@@ -550,11 +556,7 @@ impl<S: ServedMachine> RsmService<S> {
                 ))
             })?;
         let deadline = Instant::now() + self.config.request_timeout;
-        let index = match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
-            Ok(Ok(index)) => index,
-            Ok(Err(e)) => return Err(Self::refusal(e)),
-            Err(_) => return Err(Refusal::Timeout),
-        };
+        let index = self.confirmed_index(deadline).await?;
         let mut applied = self.shared.applied.subscribe();
         match tokio::time::timeout_at(deadline, applied.wait_for(|&at| at >= index)).await {
             Ok(Ok(_)) => {}
