@@ -149,7 +149,11 @@ enum Command {
         /// the directory is still refused. Without it the directory must be new or empty.
         #[arg(long)]
         overwrite: bool,
-        /// Input files, one map task each.
+        /// Bytes of input per map task (e.g. 64MiB, 1GiB, 4096): each input file is cut into map tasks
+        /// of this size on line boundaries, so one big file is read by many workers at once.
+        #[arg(long, default_value = "64MiB", value_parser = parse_split_size)]
+        split_size: u64,
+        /// Input files; each is one or more map tasks (see --split-size).
         #[arg(required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
@@ -221,6 +225,11 @@ enum Only {
     Reduce,
 }
 
+/// Parses `--split-size`: bytes, or with a unit (`64MiB`, `1g`, ...).
+fn parse_split_size(raw: &str) -> Result<u64, String> {
+    ds824::kvctl::check::parse_size(raw).map(|bytes| bytes as u64)
+}
+
 /// Parses `10s`, `500ms`, `2m` or a bare number of seconds.
 fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
@@ -253,12 +262,13 @@ fn state_name(state: i32) -> &'static str {
 fn print_job(job: &pb::JobStatus, tasks: bool) {
     let spec = job.spec.clone().unwrap_or_default();
     println!(
-        "job {} [{}] app={} maps {}/{} reduces {}/{} shuffle={} output={}",
+        "job {} [{}] app={} inputs={} maps {}/{} reduces {}/{} shuffle={} output={}",
         job.id,
         state_name(job.state),
         spec.app,
+        job.inputs,
         job.maps_done,
-        spec.inputs.len(),
+        job.maps,
         job.reduces_done,
         spec.n_reduce,
         if spec.shuffle == pb::ShuffleMode::Grpc as i32 {
@@ -288,6 +298,9 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
                 })
                 .collect();
             println!("  {name:<8}{line}");
+        }
+        if job.tasks_truncated {
+            println!("  (only the first {} tasks shown)", job.tasks.len());
         }
     } else {
         for task in &job.tasks {
@@ -493,6 +506,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shuffle,
             wait,
             overwrite,
+            split_size,
             files,
             tls,
         } => {
@@ -502,7 +516,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Shuffle::SharedDir => ShuffleMode::SharedDir,
                 Shuffle::Grpc => ShuffleMode::Grpc,
             };
-            let spec = JobSpec::prepare(&job.app, &job.args, &files, reduces, &output, shuffle)?;
+            let spec = JobSpec::prepare(&job.app, &job.args, &files, reduces, &output, shuffle)?
+                .with_split_size(split_size);
             let submitted = async {
                 let mut client = client::connect(&coordinator, &security).await?;
                 client::submit(&mut client, &spec, overwrite).await
@@ -514,7 +529,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{id}");
             let started = std::time::Instant::now();
             if wait {
-                let bar = indicatif::ProgressBar::new(u64::from(spec.n_map() + spec.n_reduce));
+                // The length is known once the coordinator has cut the inputs into splits.
+                let bar = indicatif::ProgressBar::new(u64::from(spec.n_reduce));
                 bar.set_style(
                     indicatif::ProgressStyle::with_template(
                         "{spinner} job {msg} [{bar:40}] {pos}/{len} tasks {elapsed}",
@@ -528,6 +544,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     id,
                     Duration::from_secs(60),
                     |status| {
+                        bar.set_length(u64::from(status.maps + spec.n_reduce));
                         bar.set_position(u64::from(status.maps_done + status.reduces_done));
                         bar.set_message(format!("{id} {}", state_name(status.state)));
                     },
@@ -557,7 +574,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let security = security(&tls, None)?;
             let listed = async {
                 let mut client = client::connect(&coordinator, &security).await?;
-                client::status(&mut client, job).await
+                client::status(&mut client, job, true).await
             };
             let jobs = match listed.await {
                 Ok(jobs) => jobs,

@@ -337,7 +337,7 @@ fn wait_until(
     loop {
         let status = rt.block_on(async {
             let mut c = client::connect(addr, PLAIN).await?;
-            client::status(&mut c, Some(id)).await
+            client::status(&mut c, Some(id), true).await
         });
         if let Ok(Some(job)) = status.map(|jobs| jobs.into_iter().next()) {
             if done(&job) {
@@ -687,7 +687,7 @@ fn bad_submissions_are_refused() {
     // Nothing was queued.
     let jobs = runtime().block_on(async {
         let mut c = client::connect(&coord.addr, PLAIN).await.unwrap();
-        client::status(&mut c, None).await.unwrap()
+        client::status(&mut c, None, true).await.unwrap()
     });
     assert!(jobs.is_empty());
 }
@@ -826,7 +826,7 @@ fn submit_wait_follows_the_job_and_reports_failure() {
     let started = Instant::now();
     while runtime()
         .block_on(async {
-            client::status(&mut client::connect(&coord.addr, PLAIN).await?, None).await
+            client::status(&mut client::connect(&coord.addr, PLAIN).await?, None, true).await
         })
         .map_or(0, |jobs| jobs.len())
         < 2
@@ -875,7 +875,7 @@ fn run_refused(mut cmd: Command) -> (Option<i32>, String, Duration) {
 fn jobs(addr: &str) -> Vec<pb::JobStatus> {
     runtime().block_on(async {
         let mut c = client::connect(addr, PLAIN).await.unwrap();
-        client::status(&mut c, None).await.unwrap()
+        client::status(&mut c, None, true).await.unwrap()
     })
 }
 
@@ -1137,7 +1137,7 @@ fn with_tls_only_an_admin_submits_and_refusals_are_immediate() {
     let admin = tls::security(&ca, "admin", "op");
     let (jobs, take) = runtime().block_on(async {
         let mut c = client::connect(&coord.addr, &admin).await.unwrap();
-        let jobs = client::status(&mut c, None).await.unwrap();
+        let jobs = client::status(&mut c, None, true).await.unwrap();
         let take = c
             .request_task(pb::TaskRequest {
                 worker_id: "impostor".into(),

@@ -59,6 +59,40 @@ pub enum AppError {
     Failed(String),
 }
 
+/// Per-key counts a counting map ([`App::counts`]) adds to: one table per map task, so a key is
+/// allocated once per task however often it occurs, and adding is one hash and one compare.
+#[derive(Default)]
+pub struct Counts {
+    table: std::collections::HashMap<Box<str>, u64, foldhash::fast::FixedState>,
+}
+
+impl Counts {
+    /// Adds `n` to `key`'s count.
+    pub fn add(&mut self, key: &str, n: u64) {
+        match self.table.get_mut(key) {
+            Some(count) => *count += n,
+            None => {
+                self.table.insert(key.into(), n);
+            }
+        }
+    }
+
+    /// Every key with its total, in no particular order.
+    pub fn into_pairs(self) -> impl Iterator<Item = (Box<str>, u64)> {
+        self.table.into_iter()
+    }
+
+    /// Number of distinct keys.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+}
+
 /// Receives the pairs a map call produces; takes borrowed strings so a combining runner only allocates
 /// for keys it has not seen yet.
 pub type Emit<'a> = dyn FnMut(&str, &str) + 'a;
@@ -104,6 +138,24 @@ pub trait App: Send + Sync {
     /// commutative (word count), because it shrinks intermediate data by orders of magnitude.
     fn has_combiner(&self) -> bool {
         false
+    }
+
+    /// Whether this app's map only counts: it emits `(key, n)` pairs whose values reduce sums, and
+    /// [`App::map_counts`] adds them to a table directly. The runner then keeps one table per task
+    /// instead of strings per pair, which is what lets word count run at disk speed.
+    fn counts(&self) -> bool {
+        false
+    }
+
+    /// [`App::map`] for counting apps: add each key's count in `contents` to `counts`. Its results
+    /// become `(key, total)` pairs, as if `map` had emitted them and the combiner summed them.
+    fn map_counts(
+        &self,
+        _filename: &str,
+        _contents: &str,
+        _counts: &mut Counts,
+    ) -> Result<(), AppError> {
+        Err(AppError::Failed("this app does not count".into()))
     }
 
     /// Map-side partial reduce (paper §4.3); its result must be a valid input value for `reduce`.

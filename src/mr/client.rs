@@ -47,14 +47,17 @@ pub async fn submit(
     Ok(reply.into_inner().job_id)
 }
 
-/// Every job's status, or only `job_id`'s.
+/// Every job's status, or only `job_id`'s; with `tasks`, one row per task (at most
+/// [`MAX_STATUS_TASKS`](crate::mr::coordinator_service::MAX_STATUS_TASKS) per job).
 pub async fn status(
     client: &mut CoordinatorClient<Channel>,
     job_id: Option<u64>,
+    tasks: bool,
 ) -> Result<Vec<pb::JobStatus>, MrError> {
     let reply = client
         .status(pb::StatusRequest {
             job_id: job_id.unwrap_or(0),
+            tasks,
         })
         .await?;
     Ok(reply.into_inner().jobs)
@@ -69,7 +72,8 @@ pub fn finished(status: &pb::JobStatus) -> bool {
 }
 
 /// Polls job `job_id` until it is done or failed, calling `progress` with every status seen; rides out a
-/// coordinator restart shorter than `patience`. A refusal (permission, TLS) ends the wait at once.
+/// coordinator restart shorter than `patience`. A refusal (permission, TLS) ends the wait at once. The
+/// polls are small (no task rows); the final status returned has them.
 pub async fn wait(
     addr: &str,
     security: &Security,
@@ -81,9 +85,9 @@ pub async fn wait(
     let mut last_ok = Instant::now();
     loop {
         let result = match client.as_mut() {
-            Some(c) => status(c, Some(job_id)).await,
+            Some(c) => status(c, Some(job_id), false).await,
             None => match connect(addr, security).await {
-                Ok(c) => status(client.insert(c), Some(job_id)).await,
+                Ok(c) => status(client.insert(c), Some(job_id), false).await,
                 Err(err) => Err(err),
             },
         };
@@ -95,7 +99,13 @@ pub async fn wait(
                 };
                 progress(&job);
                 if finished(&job) {
-                    return Ok(job);
+                    let with_tasks = match client.as_mut() {
+                        Some(c) => status(c, Some(job_id), true).await.ok(),
+                        None => None,
+                    };
+                    return Ok(with_tasks
+                        .and_then(|jobs| jobs.into_iter().next())
+                        .unwrap_or(job));
                 }
             }
             Err(MrError::Rpc(status)) if status.code() == tonic::Code::NotFound => {

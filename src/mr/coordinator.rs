@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mr::job::JobSpec;
+use crate::mr::job::{JobSpec, Split};
 
 /// App failures of one task that fail the whole job.
 pub const MAX_TASK_FAILURES: u32 = 3;
@@ -37,7 +37,7 @@ pub const MAX_LOST_OUTPUTS: u32 = 3;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 
 /// The two phases of a job; tasks of one kind share an index space.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TaskKind {
     /// Turns one input file into `n_reduce` partitions.
     Map,
@@ -99,6 +99,10 @@ impl JobState {
 }
 
 /// Everything the coordinator persists about a job.
+///
+/// The coordinator service stores the record's header ([`JobRecord::header`]: everything but the task
+/// records) under the job's key and every task record under a key of its own, so finishing a task
+/// writes a few dozen bytes however many tasks the job has.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// Assigned at submission, increasing, so id order is queue order.
@@ -107,13 +111,51 @@ pub struct JobRecord {
     pub spec: JobSpec,
     /// Where the job stands.
     pub state: JobState,
-    /// One per input file.
+    /// One per map task; empty in a header.
     pub maps: Vec<TaskRecord>,
-    /// One per output partition.
+    /// One per output partition; empty in a header.
     pub reduces: Vec<TaskRecord>,
+    /// What each map task reads, fixed at submission (empty in records from before splits: one whole
+    /// input each).
+    #[serde(default)]
+    pub splits: Vec<Split>,
 }
 
 impl JobRecord {
+    /// The record without its task records, which are stored apart.
+    pub fn header(&self) -> JobRecord {
+        JobRecord {
+            id: self.id,
+            spec: self.spec.clone(),
+            state: self.state.clone(),
+            maps: Vec::new(),
+            reduces: Vec::new(),
+            splits: self.splits.clone(),
+        }
+    }
+
+    /// Makes a record read back from storage whole: one split per input for records from before
+    /// splits, and task records for every task (stored ones are filled in by the caller).
+    pub fn normalize(&mut self) {
+        if self.splits.is_empty() {
+            self.splits = (0..self.spec.inputs.len())
+                .map(|input| Split {
+                    input: input as u32,
+                    offset: 0,
+                    length: u64::MAX,
+                })
+                .collect();
+        }
+        self.maps.resize(self.splits.len(), TaskRecord::default());
+        self.reduces
+            .resize(self.spec.n_reduce as usize, TaskRecord::default());
+    }
+
+    /// Number of map tasks.
+    pub fn n_map(&self) -> u32 {
+        self.maps.len() as u32
+    }
+
     fn tasks(&self, kind: TaskKind) -> &[TaskRecord] {
         match kind {
             TaskKind::Map => &self.maps,
@@ -193,18 +235,42 @@ pub struct WorkerInfo<'a> {
 pub struct Task {
     /// The job the task belongs to; reports name it.
     pub job_id: u64,
-    /// The job's spec, so workers need no other source of truth.
+    /// The job's spec without its inputs ([`JobSpec::without_inputs`]): a task stays small however
+    /// many inputs the job has.
     pub spec: JobSpec,
     /// Map or reduce.
     pub kind: TaskKind,
-    /// Input file index (map) or partition (reduce).
+    /// Map task (split) index or partition (reduce).
     pub index: u32,
-    /// Unique per hand-out, for logs.
+    /// Unique per hand-out: reports and commits must name it.
     pub attempt: u64,
-    /// Reduce tasks: where every map task's output lives (empty strings for the shared directory).
-    pub locations: Vec<String>,
+    /// Map tasks: the input file and the part of it to read.
+    pub split: Option<(std::path::PathBuf, Split)>,
+    /// Number of map tasks: a reducer gathers one output from each.
+    pub n_map: u32,
     /// The worker that had this task before it timed out, if any (for logs).
     pub took_over_from: Option<String>,
+}
+
+/// Map outputs' locations per page of [`Coordinator::locations`]: ~25 bytes each, so a page is a
+/// few hundred KiB, far under gRPC's 4 MiB message limit.
+pub const LOCATIONS_PAGE: usize = 8192;
+
+/// What changed durably since the last [`Coordinator::take_changed`]: job headers and single task
+/// records, for the caller to persist before it answers.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Headers ([`JobRecord::header`]) of jobs submitted or whose state changed.
+    pub jobs: Vec<JobRecord>,
+    /// Task records that changed: (job, kind, index, record).
+    pub tasks: Vec<(u64, TaskKind, u32, TaskRecord)>,
+}
+
+impl Changes {
+    /// Whether nothing needs persisting.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.tasks.is_empty()
+    }
 }
 
 /// What a worker should do next.
@@ -283,9 +349,10 @@ pub struct Coordinator {
     next_attempt: u64,
     timeout: Duration,
     max_attempts: u32,
-    /// Jobs whose record changed outside a report (a re-run hand-out, a job failed for its attempts),
-    /// for the caller to persist ([`Coordinator::take_changed`]).
-    changed: std::collections::BTreeSet<u64>,
+    /// Jobs whose header changed, for the caller to persist ([`Coordinator::take_changed`]).
+    dirty_jobs: std::collections::BTreeSet<u64>,
+    /// Task records that changed, likewise.
+    dirty_tasks: std::collections::BTreeSet<(u64, TaskKind, u32)>,
 }
 
 impl Coordinator {
@@ -294,14 +361,23 @@ impl Coordinator {
     pub fn restore(records: impl IntoIterator<Item = JobRecord>, timeout: Duration) -> Self {
         let jobs = records
             .into_iter()
-            .map(|record| (record.id, Job::new(record)))
+            .map(|mut record| {
+                record.normalize();
+                (record.id, Job::new(record))
+            })
             .collect();
+        // Attempt numbers start from the clock, so none handed out after a restart repeats one
+        // handed out before it: a pre-restart attempt can never pass for a current one.
+        let next_attempt = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
         Self {
             jobs,
-            next_attempt: 1,
+            next_attempt,
             timeout,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
-            changed: std::collections::BTreeSet::new(),
+            dirty_jobs: Default::default(),
+            dirty_tasks: Default::default(),
         }
     }
 
@@ -311,26 +387,43 @@ impl Coordinator {
         self
     }
 
-    /// The records changed by hand-outs since the last call (re-runs counted, jobs failed for their
-    /// attempts): persist them, so attempts survive a coordinator restart.
-    pub fn take_changed(&mut self) -> Vec<JobRecord> {
-        std::mem::take(&mut self.changed)
-            .into_iter()
-            .filter_map(|id| self.jobs.get(&id).map(|job| job.record.clone()))
-            .collect()
+    /// What changed durably since the last call (submissions, re-runs counted, completions, jobs
+    /// finished or failed): persist it before answering, so nothing a caller was told is lost in a
+    /// restart. Task records are small, so this costs O(1) per task however big the job.
+    pub fn take_changed(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        for id in std::mem::take(&mut self.dirty_jobs) {
+            if let Some(job) = self.jobs.get(&id) {
+                changes.jobs.push(job.record.header());
+            }
+        }
+        for (id, kind, index) in std::mem::take(&mut self.dirty_tasks) {
+            if let Some(task) = self
+                .jobs
+                .get(&id)
+                .and_then(|job| job.record.tasks(kind).get(index as usize))
+            {
+                changes.tasks.push((id, kind, index, task.clone()));
+            }
+        }
+        changes
     }
 
-    /// Queues a job and returns its record, which the caller must persist before acknowledging.
-    pub fn submit(&mut self, spec: JobSpec) -> &JobRecord {
+    /// Queues a job whose inputs are cut into `splits` ([`JobSpec::splits`]) and returns its id; the
+    /// caller must persist [`Coordinator::take_changed`] before acknowledging.
+    pub fn submit(&mut self, spec: JobSpec, splits: Vec<Split>) -> u64 {
         let id = self.jobs.keys().next_back().map_or(1, |last| last + 1);
         let record = JobRecord {
             id,
-            maps: vec![TaskRecord::default(); spec.inputs.len()],
+            maps: vec![TaskRecord::default(); splits.len()],
             reduces: vec![TaskRecord::default(); spec.n_reduce as usize],
             spec,
             state: JobState::Queued,
+            splits,
         };
-        &self.jobs.entry(id).or_insert(Job::new(record)).record
+        self.jobs.insert(id, Job::new(record));
+        self.dirty_jobs.insert(id);
+        id
     }
 
     /// The persisted record of job `id`.
@@ -404,13 +497,13 @@ impl Coordinator {
                 "{kind} task {index} was handed out {runs} times without finishing (--max-attempts \
                  {max_attempts}); its workers may be dying on it (last worker: {last})"
             ));
-            self.changed.insert(job.record.id);
+            self.dirty_jobs.insert(job.record.id);
             return None;
         }
         if runs > 0 {
             // A re-run: count it durably, so a task that keeps killing workers fails its job even
             // across coordinator restarts.
-            self.changed.insert(job.record.id);
+            self.dirty_tasks.insert((job.record.id, kind, index as u32));
         }
         let attempt = self.next_attempt;
         self.next_attempt += 1;
@@ -420,24 +513,66 @@ impl Coordinator {
             deadline: now + timeout,
         });
         job.record.tasks_mut(kind)[index].runs += 1;
-        let locations = match kind {
-            TaskKind::Map => Vec::new(),
-            TaskKind::Reduce => job
-                .record
-                .maps
-                .iter()
-                .map(|t| t.done.as_ref().map(|c| c.addr.clone()).unwrap_or_default())
-                .collect(),
+        let split = match kind {
+            TaskKind::Map => job.record.splits.get(index).and_then(|split| {
+                let path = job.record.spec.inputs.get(split.input as usize)?;
+                Some((path.clone(), *split))
+            }),
+            TaskKind::Reduce => None,
         };
         Some(Assignment::Run(Box::new(Task {
             job_id: job.record.id,
-            spec: job.record.spec.clone(),
+            spec: job.record.spec.without_inputs(),
             kind,
             index: index as u32,
             attempt,
-            locations,
+            split,
+            n_map: job.record.n_map(),
             took_over_from: previous.map(|r| r.worker),
         })))
+    }
+
+    /// Where map tasks `start..` of job `job_id` serve their outputs, at most [`LOCATIONS_PAGE`] of
+    /// them; an empty address for a map not finished (re-running after a lost output). Reducers page
+    /// through these instead of receiving them all with their task.
+    pub fn locations(&self, job_id: u64, start: u32) -> Result<Vec<String>, ReportError> {
+        let job = self.jobs.get(&job_id).ok_or(ReportError::NoSuchJob(job_id))?;
+        Ok(job
+            .record
+            .maps
+            .iter()
+            .skip(start as usize)
+            .take(LOCATIONS_PAGE)
+            .map(|t| t.done.as_ref().map(|c| c.addr.clone()).unwrap_or_default())
+            .collect())
+    }
+
+    /// Whether `worker` may move the output of `attempt` into place (an output committer, as
+    /// Hadoop's): only the current attempt of a task not yet done, of a job still running. A straggler
+    /// that timed out, or whose job ended (perhaps followed by another job writing the same directory),
+    /// is refused and removes its staged file instead of replacing a file it no longer owns.
+    pub fn may_commit(
+        &self,
+        job_id: u64,
+        kind: TaskKind,
+        index: u32,
+        worker: &str,
+        attempt: u64,
+    ) -> Result<bool, ReportError> {
+        let job = self.jobs.get(&job_id).ok_or(ReportError::NoSuchJob(job_id))?;
+        let i = index as usize;
+        let Some(task) = job.record.tasks(kind).get(i) else {
+            return Err(ReportError::NoSuchTask {
+                job: job_id,
+                kind,
+                index,
+            });
+        };
+        Ok(!job.record.state.finished()
+            && task.done.is_none()
+            && job.running(kind)[i]
+                .as_ref()
+                .is_some_and(|r| r.worker == worker && r.attempt == attempt))
     }
 
     /// Applies a worker's report of `attempt`. Returns whether the job's durable record changed (and so
@@ -483,6 +618,7 @@ impl Coordinator {
             });
         }
         *slot = None;
+        let state_before = job.record.state.clone();
         match outcome {
             Outcome::Succeeded { addr } => {
                 job.running_mut(kind)[i] = None;
@@ -490,13 +626,15 @@ impl Coordinator {
                     worker: worker.to_string(),
                     addr,
                 });
-                if job.record.reduces.iter().all(|t| t.done.is_some()) {
+                self.dirty_tasks.insert((job_id, kind, index));
+                if kind == TaskKind::Reduce && job.record.reduces.iter().all(|t| t.done.is_some()) {
                     job.record.state = JobState::Done;
                 }
             }
             Outcome::Failed(error) => {
                 let task = &mut job.record.tasks_mut(kind)[i];
                 task.failures += 1;
+                self.dirty_tasks.insert((job_id, kind, index));
                 if task.failures >= MAX_TASK_FAILURES {
                     job.record.state = JobState::Failed(format!(
                         "{kind} task {index} failed {} times; last error: {error}",
@@ -513,6 +651,7 @@ impl Coordinator {
                     if task.done.as_ref().is_some_and(|c| c.addr == addr) {
                         task.done = None;
                         task.lost += 1;
+                        self.dirty_tasks.insert((job_id, TaskKind::Map, map));
                         job.running_maps[map as usize] = None;
                         if shared && task.lost >= MAX_LOST_OUTPUTS {
                             job.record.state = JobState::Failed(format!(
@@ -528,6 +667,9 @@ impl Coordinator {
                     }
                 }
             }
+        }
+        if job.record.state != state_before {
+            self.dirty_jobs.insert(job_id);
         }
         Ok(true)
     }
@@ -551,7 +693,20 @@ mod tests {
             n_reduce: reduces,
             output_dir: PathBuf::from("/out"),
             shuffle: ShuffleMode::Grpc,
+            split_size: 0,
         }
+    }
+
+    /// Submits `spec` with one whole-file split per input.
+    fn submit(c: &mut Coordinator, spec: JobSpec) -> u64 {
+        let splits = (0..spec.inputs.len() as u32)
+            .map(|input| Split {
+                input,
+                offset: 0,
+                length: u64::MAX,
+            })
+            .collect();
+        c.submit(spec, splits)
     }
 
     fn worker(id: &str) -> WorkerInfo<'_> {
@@ -578,7 +733,7 @@ mod tests {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
         assert_eq!(c.assign(&worker("w"), now), Assignment::Idle);
-        let id = c.submit(spec(2, 1)).id;
+        let id = submit(&mut c, spec(2, 1));
         let m0 = run(c.assign(&worker("a"), now));
         let m1 = run(c.assign(&worker("b"), now));
         assert_eq!((m0.kind, m0.index, m1.index), (TaskKind::Map, 0, 1));
@@ -592,9 +747,10 @@ mod tests {
             .unwrap();
         let r0 = run(c.assign(&worker("c"), now));
         assert_eq!(
-            (r0.kind, r0.locations.clone()),
-            (TaskKind::Reduce, vec!["a:1".into(), "b:1".into()])
+            (r0.kind, r0.n_map, c.locations(id, 0).unwrap()),
+            (TaskKind::Reduce, 2, vec!["a:1".to_string(), "b:1".into()])
         );
+        assert_eq!(c.locations(id, 1).unwrap(), vec!["b:1".to_string()]);
         c.report(id, TaskKind::Reduce, 0, "c", r0.attempt, ok(""))
             .unwrap();
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
@@ -605,7 +761,7 @@ mod tests {
     fn timed_out_tasks_go_to_another_worker_and_only_the_current_attempt_completes() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
-        let id = c.submit(spec(1, 1)).id;
+        let id = submit(&mut c, spec(1, 1));
         let first = run(c.assign(&worker("slow"), now));
         assert_eq!(c.assign(&worker("b"), now + TIMEOUT / 2), Assignment::Wait);
         let again = run(c.assign(&worker("b"), now + TIMEOUT));
@@ -642,8 +798,8 @@ mod tests {
     fn jobs_run_one_after_another() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
-        let first = c.submit(spec(1, 1)).id;
-        let second = c.submit(spec(1, 1)).id;
+        let first = submit(&mut c, spec(1, 1));
+        let second = submit(&mut c, spec(1, 1));
         let map = run(c.assign(&worker("a"), now));
         assert_eq!(map.job_id, first);
         assert_eq!(c.assign(&worker("b"), now), Assignment::Wait);
@@ -659,8 +815,8 @@ mod tests {
     fn repeated_failures_fail_the_job_and_the_queue_moves_on() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
-        let bad = c.submit(spec(1, 1)).id;
-        let good = c.submit(spec(1, 1)).id;
+        let bad = submit(&mut c, spec(1, 1));
+        let good = submit(&mut c, spec(1, 1));
         for _ in 0..MAX_TASK_FAILURES {
             let task = run(c.assign(&worker("a"), now));
             assert_eq!(task.job_id, bad);
@@ -684,7 +840,7 @@ mod tests {
     fn fetch_failure_reruns_the_lost_map_only_if_still_there() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
-        let id = c.submit(spec(2, 2)).id;
+        let id = submit(&mut c, spec(2, 2));
         let m0 = run(c.assign(&worker("a"), now));
         let m1 = run(c.assign(&worker("b"), now));
         c.report(id, TaskKind::Map, 0, "a", m0.attempt, ok("a:1"))
@@ -720,7 +876,7 @@ mod tests {
         assert!(c.record(id).unwrap().maps[0].done.is_some());
         let again = run(c.assign(&worker("d"), now));
         assert_eq!(again.kind, TaskKind::Reduce);
-        assert_eq!(again.locations[0], "c:1");
+        assert_eq!(c.locations(id, 0).unwrap()[0], "c:1");
     }
 
     #[test]
@@ -729,7 +885,7 @@ mod tests {
         let mut c = Coordinator::restore([], TIMEOUT);
         let mut shared = spec(1, 1);
         shared.shuffle = ShuffleMode::SharedDir;
-        let id = c.submit(shared).id;
+        let id = submit(&mut c, shared);
         for round in 1..=MAX_LOST_OUTPUTS {
             let map = run(c.assign(&worker("a"), now));
             assert_eq!(map.kind, TaskKind::Map, "round {round}");
@@ -758,7 +914,7 @@ mod tests {
     fn restart_resumes_from_records_and_reissues_in_flight_tasks() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
-        let id = c.submit(spec(2, 1)).id;
+        let id = submit(&mut c, spec(2, 1));
         let m0 = run(c.assign(&worker("a"), now));
         run(c.assign(&worker("b"), now));
         c.report(id, TaskKind::Map, 0, "a", m0.attempt, ok(""))
@@ -769,13 +925,13 @@ mod tests {
         let task = run(restarted.assign(&worker("c"), now));
         assert_eq!((task.kind, task.index), (TaskKind::Map, 1));
         // New jobs get fresh ids after restored ones.
-        assert_eq!(restarted.submit(spec(1, 1)).id, id + 1);
+        assert_eq!(submit(&mut restarted, spec(1, 1)), id + 1);
     }
 
     #[test]
     fn bad_reports_are_refused() {
         let mut c = Coordinator::restore([], TIMEOUT);
-        let id = c.submit(spec(1, 1)).id;
+        let id = submit(&mut c, spec(1, 1));
         assert_eq!(
             c.report(id + 1, TaskKind::Map, 0, "a", 1, ok("")),
             Err(ReportError::NoSuchJob(id + 1))
@@ -792,8 +948,8 @@ mod tests {
     fn a_task_that_kills_its_workers_fails_its_job_after_max_attempts_and_the_queue_moves_on() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT).with_max_attempts(3);
-        let deadly = c.submit(spec(1, 1)).id;
-        let next = c.submit(spec(1, 1)).id;
+        let deadly = submit(&mut c, spec(1, 1));
+        let next = submit(&mut c, spec(1, 1));
         // Every worker that takes the map dies silently: no report, only timeouts.
         for n in 0..3u32 {
             let at = now + TIMEOUT * n;
@@ -802,7 +958,10 @@ mod tests {
         }
         // The hand-outs were counted durably (attempts survive a coordinator restart).
         let changed = c.take_changed();
-        assert_eq!(changed.iter().map(|r| r.maps[0].runs).max(), Some(3));
+        assert_eq!(
+            changed.tasks.iter().map(|(_, _, _, t)| t.runs).max(),
+            Some(3)
+        );
         let task = run(c.assign(&worker("w3"), now + TIMEOUT * 3));
         assert_eq!(task.job_id, next, "the next job runs");
         assert!(
@@ -810,7 +969,7 @@ mod tests {
             "{:?}",
             c.record(deadly).unwrap().state
         );
-        assert!(c.take_changed().iter().any(|r| r.id == deadly));
+        assert!(c.take_changed().jobs.iter().any(|r| r.id == deadly));
         // Restored from that record, the job stays failed.
         let saved = c.record(deadly).unwrap().clone();
         let restarted = Coordinator::restore([saved], TIMEOUT);
@@ -821,7 +980,7 @@ mod tests {
     fn map_only_workers_wait_during_reduces() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
-        let id = c.submit(spec(1, 1)).id;
+        let id = submit(&mut c, spec(1, 1));
         let mapper = WorkerInfo {
             id: "m",
             accept_map: true,

@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::mr::coordinator::{
-    Assignment, Coordinator, JobRecord, JobState, JobView, Outcome, ReportError, TaskKind,
-    WorkerInfo,
+    Assignment, Changes, Coordinator, JobRecord, JobState, JobView, Outcome, ReportError, TaskKind,
+    TaskRecord, WorkerInfo,
 };
 use crate::mr::job::{Admission, JobSpec};
 use crate::mr::MrError;
@@ -33,7 +33,10 @@ use crate::security::{is_user, Guard, Role, Security};
 pub struct CoordinatorService {
     state: Mutex<Coordinator>,
     db: sled::Db,
+    /// Job id → [`JobRecord::header`] (JSON).
     jobs: sled::Tree,
+    /// (job id, kind, index) → [`TaskRecord`] (JSON), see [`task_key`].
+    tasks: sled::Tree,
     admission: Admission,
     guard: Guard,
 }
@@ -51,13 +54,29 @@ impl CoordinatorService {
         std::fs::create_dir_all(data_dir).map_err(MrError::io(data_dir))?;
         let db = sled::open(data_dir.join("coordinator.sled"))?;
         let jobs = db.open_tree("jobs")?;
-        let mut records = Vec::new();
+        let tasks = db.open_tree("tasks")?;
+        let mut records = std::collections::BTreeMap::new();
         for entry in jobs.iter() {
             let (key, value) = entry?;
-            let record: JobRecord = serde_json::from_slice(&value)
+            let mut record: JobRecord = serde_json::from_slice(&value)
                 .map_err(|err| MrError::CorruptState(format!("job key {key:?}: {err}")))?;
-            records.push(record);
+            record.normalize();
+            records.insert(record.id, record);
         }
+        for entry in tasks.iter() {
+            let (key, value) = entry?;
+            let corrupt = |why: String| MrError::CorruptState(format!("task key {key:?}: {why}"));
+            let (job, kind, index) =
+                parse_task_key(&key).ok_or_else(|| corrupt("malformed key".into()))?;
+            let task: TaskRecord =
+                serde_json::from_slice(&value).map_err(|err| corrupt(err.to_string()))?;
+            let slot = records.get_mut(&job).and_then(|record| match kind {
+                TaskKind::Map => record.maps.get_mut(index as usize),
+                TaskKind::Reduce => record.reduces.get_mut(index as usize),
+            });
+            *slot.ok_or_else(|| corrupt("no such task".into()))? = task;
+        }
+        let records: Vec<JobRecord> = records.into_values().collect();
         for record in &records {
             if !record.state.finished() {
                 tracing::info!(
@@ -74,6 +93,7 @@ impl CoordinatorService {
             ),
             db,
             jobs,
+            tasks,
             admission,
             guard,
         })
@@ -92,14 +112,24 @@ impl CoordinatorService {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Stages `record` in sled; called under the state lock so records reach sled in the order they changed.
-    fn stage(&self, record: &JobRecord) -> Result<(), Status> {
-        let value = serde_json::to_vec(record)
-            .map_err(|err| Status::internal(format!("encoding job {}: {err}", record.id)))?;
-        self.jobs
-            .insert(record.id.to_be_bytes(), value)
-            .map_err(|err| Status::internal(format!("storing job {}: {err}", record.id)))?;
-        Ok(())
+    /// Stages `changes` in sled and says whether there were any (then the caller must flush before
+    /// answering); called under the state lock so records reach sled in the order they changed.
+    fn stage(&self, changes: &Changes) -> Result<bool, Status> {
+        for header in &changes.jobs {
+            let value = serde_json::to_vec(header)
+                .map_err(|err| Status::internal(format!("encoding job {}: {err}", header.id)))?;
+            self.jobs
+                .insert(header.id.to_be_bytes(), value)
+                .map_err(|err| Status::internal(format!("storing job {}: {err}", header.id)))?;
+        }
+        for (job, kind, index, task) in &changes.tasks {
+            let value = serde_json::to_vec(task)
+                .map_err(|err| Status::internal(format!("encoding a task of job {job}: {err}")))?;
+            self.tasks
+                .insert(task_key(*job, *kind, *index), value)
+                .map_err(|err| Status::internal(format!("storing a task of job {job}: {err}")))?;
+        }
+        Ok(!changes.is_empty())
     }
 
     /// Makes everything staged so far durable; done outside the lock so concurrent reports share fsyncs.
@@ -111,6 +141,33 @@ impl CoordinatorService {
             .map_err(|err| Status::internal(format!("flushing coordinator state: {err}")))
     }
 }
+
+/// A task record's key: job id, kind (0 map, 1 reduce), index, big-endian so a job's tasks sort
+/// together.
+fn task_key(job: u64, kind: TaskKind, index: u32) -> [u8; 13] {
+    let mut key = [0u8; 13];
+    key[..8].copy_from_slice(&job.to_be_bytes());
+    key[8] = match kind {
+        TaskKind::Map => 0,
+        TaskKind::Reduce => 1,
+    };
+    key[9..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+fn parse_task_key(key: &[u8]) -> Option<(u64, TaskKind, u32)> {
+    let key: &[u8; 13] = key.try_into().ok()?;
+    let job = u64::from_be_bytes(key[..8].try_into().ok()?);
+    let kind = match key[8] {
+        0 => TaskKind::Map,
+        1 => TaskKind::Reduce,
+        _ => return None,
+    };
+    Some((job, kind, u32::from_be_bytes(key[9..].try_into().ok()?)))
+}
+
+/// Most task rows one job's status carries (`StatusRequest.tasks`).
+pub const MAX_STATUS_TASKS: usize = 10_000;
 
 fn task_kind(raw: i32) -> Result<TaskKind, Status> {
     match pb::TaskKind::try_from(raw) {
@@ -127,7 +184,7 @@ fn pb_kind(kind: TaskKind) -> pb::TaskKind {
     }
 }
 
-fn job_status(view: JobView<'_>) -> pb::JobStatus {
+fn job_status(view: JobView<'_>, with_tasks: bool) -> pb::JobStatus {
     let record = view.record;
     let (state, error) = match &record.state {
         JobState::Queued => (pb::JobState::Queued, String::new()),
@@ -136,11 +193,18 @@ fn job_status(view: JobView<'_>) -> pb::JobStatus {
         JobState::Failed(error) => (pb::JobState::Failed, error.clone()),
     };
     let mut tasks = Vec::new();
+    let total = record.maps.len() + record.reduces.len();
     for (kind, records, running) in [
         (TaskKind::Map, &record.maps, view.running_maps),
         (TaskKind::Reduce, &record.reduces, view.running_reduces),
     ] {
+        if !with_tasks {
+            break;
+        }
         for (index, (task, running)) in records.iter().zip(running).enumerate() {
+            if tasks.len() >= MAX_STATUS_TASKS {
+                break;
+            }
             let (state, worker) = match (&task.done, running) {
                 (Some(done), _) => ("done", done.worker.clone()),
                 (None, Some(running)) => ("running", running.worker.clone()),
@@ -157,12 +221,22 @@ fn job_status(view: JobView<'_>) -> pb::JobStatus {
     }
     pb::JobStatus {
         id: record.id,
-        spec: Some(pb::JobSpec::from(&record.spec)),
+        // The inputs only in the detailed view, and only if few: they can be a million paths.
+        spec: Some(pb::JobSpec::from(
+            &if with_tasks && record.spec.inputs.len() <= MAX_STATUS_TASKS {
+                record.spec.clone()
+            } else {
+                record.spec.without_inputs()
+            },
+        )),
         state: state as i32,
         maps_done: record.done_count(TaskKind::Map) as u32,
         reduces_done: record.done_count(TaskKind::Reduce) as u32,
         error,
+        tasks_truncated: with_tasks && tasks.len() < total,
         tasks,
+        maps: record.n_map(),
+        inputs: record.spec.inputs.len() as u32,
     }
 }
 
@@ -185,6 +259,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         // Admission first: a refused app's arguments are not even parsed.
         let spec = self.admission.admit(spec, overwrite).map_err(invalid)?;
         spec.validate().map_err(invalid)?;
+        let splits = spec.splits().map_err(invalid)?;
+        let maps = splits.len();
         let job_id = {
             let mut state = self.lock();
             if let Some(other) = state.jobs().find(|view| {
@@ -201,13 +277,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 tracing::info!(output = %spec.output_dir.display(), removed, "--overwrite: removed an earlier job's outputs");
             }
-            let record = state.submit(spec);
-            self.stage(record)?;
-            record.id
+            let id = state.submit(spec, splits);
+            self.stage(&state.take_changed())?;
+            id
         };
         self.flush().await?;
         let by = caller.map_or_else(|| "anyone (no TLS)".to_string(), |c| c.to_string());
-        tracing::info!(job = job_id, app = %wire.app, maps = wire.inputs.len(), reduces = wire.n_reduce, %by, "job queued");
+        tracing::info!(job = job_id, app = %wire.app, inputs = wire.inputs.len(), maps, reduces = wire.n_reduce, %by, "job queued");
         Ok(Response::new(pb::SubmitReply { job_id }))
     }
 
@@ -220,12 +296,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.guard.allow(&request, "read job status", |role| {
             is_user(role) || matches!(role, Role::Worker | Role::Coordinator)
         })?;
-        let wanted = request.into_inner().job_id;
+        let request = request.into_inner();
+        let wanted = request.job_id;
         let state = self.lock();
         let jobs: Vec<pb::JobStatus> = state
             .jobs()
             .filter(|view| wanted == 0 || view.record.id == wanted)
-            .map(job_status)
+            .map(|view| job_status(view, request.tasks))
             .collect();
         if wanted != 0 && jobs.is_empty() {
             return Err(Status::not_found(format!("no job {wanted}")));
@@ -251,16 +328,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (assignment, changed) = {
             let mut state = self.lock();
             let assignment = state.assign(&worker, Instant::now());
-            let changed = state.take_changed();
-            for record in &changed {
-                self.stage(record)?;
-                if let JobState::Failed(why) = &record.state {
-                    tracing::warn!(job = record.id, %why, "job failed");
+            let changes = state.take_changed();
+            for header in &changes.jobs {
+                if let JobState::Failed(why) = &header.state {
+                    tracing::warn!(job = header.id, %why, "job failed");
                 }
             }
-            (assignment, changed)
+            (assignment, self.stage(&changes)?)
         };
-        if !changed.is_empty() {
+        if changed {
             // Re-runs and failures for attempts are durable before the task goes out.
             self.flush().await?;
         }
@@ -291,15 +367,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     spec: Some(pb::JobSpec::from(&task.spec)),
                     index: task.index,
                     attempt: task.attempt,
-                    locations: task
-                        .locations
-                        .iter()
-                        .enumerate()
-                        .map(|(map_index, addr)| pb::MapLocation {
-                            map_index: map_index as u32,
-                            addr: addr.clone(),
-                        })
-                        .collect(),
+                    split: task.split.map(|(path, split)| pb::Split {
+                        path: path.to_string_lossy().into_owned(),
+                        offset: split.offset,
+                        length: split.length,
+                    }),
+                    maps: task.n_map,
                 }
             }
         };
@@ -338,7 +411,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         let changed = {
             let mut state = self.lock();
-            let changed = state
+            state
                 .report(
                     report.job_id,
                     kind,
@@ -368,22 +441,66 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     job, kind = %kind_name, index, %worker, ?missing, "reducer could not fetch map outputs; re-running those maps"
                 ),
             }
-            if changed {
-                if let Some(record) = state.record(report.job_id) {
-                    self.stage(record)?;
-                    match &record.state {
-                        JobState::Done => tracing::info!(job, "job done"),
-                        JobState::Failed(error) => tracing::error!(job, %error, "job failed"),
-                        _ => {}
+            let changes = state.take_changed();
+            for header in &changes.jobs {
+                match &header.state {
+                    JobState::Done => tracing::info!(job = header.id, "job done"),
+                    JobState::Failed(error) => {
+                        tracing::error!(job = header.id, %error, "job failed")
                     }
+                    _ => {}
                 }
             }
-            changed
+            self.stage(&changes)?
         };
         if changed {
             self.flush().await?;
         }
         Ok(Response::new(pb::ReportReply {}))
+    }
+
+    async fn map_locations(
+        &self,
+        request: Request<pb::LocationsRequest>,
+    ) -> Result<Response<pb::LocationsReply>, Status> {
+        self.guard
+            .allow(&request, "read map locations", |role| *role == Role::Worker)?;
+        let request = request.into_inner();
+        let addrs = self
+            .lock()
+            .locations(request.job_id, request.start)
+            .map_err(|err| Status::not_found(err.to_string()))?;
+        Ok(Response::new(pb::LocationsReply { addrs }))
+    }
+
+    async fn commit_task(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitReply>, Status> {
+        self.guard
+            .allow(&request, "commit task outputs", |role| *role == Role::Worker)?;
+        let request = request.into_inner();
+        let kind = task_kind(request.kind)?;
+        let granted = self
+            .lock()
+            .may_commit(
+                request.job_id,
+                kind,
+                request.index,
+                &request.worker_id,
+                request.attempt,
+            )
+            .map_err(|err| match err {
+                ReportError::NoSuchJob(_) => Status::not_found(err.to_string()),
+                _ => Status::invalid_argument(err.to_string()),
+            })?;
+        if !granted {
+            tracing::info!(
+                job = request.job_id, kind = %kind, index = request.index, worker = %request.worker_id,
+                attempt = request.attempt, "commit refused: not the current attempt"
+            );
+        }
+        Ok(Response::new(pb::CommitReply { granted }))
     }
 }
 

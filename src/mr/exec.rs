@@ -5,45 +5,65 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use crate::mr::app::App;
+use crate::mr::app::{App, Counts};
+use crate::mr::split::SplitReader;
 use crate::mr::{partition, records, MrError};
 
 /// Above this many buffered values per key, a combining map folds them right away, bounding memory by
 /// the number of distinct keys rather than the input size.
 const COMBINE_EVERY: usize = 64;
 
-/// Reads an input file as text; invalid UTF-8 is replaced rather than failing the whole job.
-pub fn read_input(path: &Path) -> Result<String, MrError> {
-    let bytes = std::fs::read(path).map_err(MrError::io(path))?;
-    Ok(match String::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
-    })
+/// Text of a chunk of input; invalid UTF-8 is replaced rather than failing the whole job.
+fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
 }
 
-/// Runs `app`'s map over one input file and returns one encoded [`records`] buffer per reduce partition.
-pub fn run_map(app: &dyn App, input: &Path, n_reduce: u32) -> Result<Vec<Vec<u8>>, MrError> {
-    let contents = read_input(input)?;
+/// Runs `app`'s map over the lines of `input` that start in `[offset, offset + length)` (see
+/// [`SplitReader`]) and returns one encoded [`records`] buffer per reduce partition.
+///
+/// The input is read a chunk at a time, so memory is bounded by the chunk, the map's output and, for
+/// combining apps, the number of distinct keys, never by the input's size.
+pub fn run_map(
+    app: &dyn App,
+    input: &Path,
+    offset: u64,
+    length: u64,
+    n_reduce: u32,
+) -> Result<Vec<Vec<u8>>, MrError> {
+    let mut reader = SplitReader::open(input, offset, length)?;
+    let mut chunk = Vec::new();
     let filename = input.to_string_lossy();
     let mut partitions = vec![Vec::new(); n_reduce.max(1) as usize];
-    if app.has_combiner() {
-        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+    if app.counts() {
+        let mut counts = Counts::default();
+        while reader.next_chunk(&mut chunk)? {
+            app.map_counts(&filename, &text(&chunk), &mut counts)?;
+        }
+        for (key, count) in counts.into_pairs() {
+            let bucket = partition::bucket(&key, n_reduce) as usize;
+            records::encode(&mut partitions[bucket], &key, &count.to_string());
+        }
+    } else if app.has_combiner() {
+        let mut groups: HashMap<String, Vec<String>, foldhash::fast::FixedState> =
+            HashMap::default();
         let mut failure = None;
-        app.map(&filename, &contents, &mut |key: &str, value: &str| {
-            let values = match groups.get_mut(key) {
-                Some(values) => values,
-                None => groups.entry(key.to_string()).or_default(),
-            };
-            values.push(value.to_string());
-            if values.len() >= COMBINE_EVERY && failure.is_none() {
-                match app.combine(key, values) {
-                    Ok(combined) => *values = vec![combined],
-                    Err(err) => failure = Some(err),
+        while reader.next_chunk(&mut chunk)? {
+            app.map(&filename, &text(&chunk), &mut |key: &str, value: &str| {
+                let values = match groups.get_mut(key) {
+                    Some(values) => values,
+                    None => groups.entry(key.to_string()).or_default(),
+                };
+                values.push(value.to_string());
+                if values.len() >= COMBINE_EVERY && failure.is_none() {
+                    match app.combine(key, values) {
+                        Ok(combined) => *values = vec![combined],
+                        Err(err) => failure = Some(err),
+                    }
                 }
+            })?;
+            if let Some(err) = failure.take() {
+                return Err(err.into());
             }
-        })?;
-        if let Some(err) = failure {
-            return Err(err.into());
         }
         for (key, values) in groups {
             let value = if values.len() == 1 {
@@ -55,10 +75,12 @@ pub fn run_map(app: &dyn App, input: &Path, n_reduce: u32) -> Result<Vec<Vec<u8>
             records::encode(&mut partitions[bucket], &key, &value);
         }
     } else {
-        app.map(&filename, &contents, &mut |key: &str, value: &str| {
-            let bucket = partition::bucket(key, n_reduce) as usize;
-            records::encode(&mut partitions[bucket], key, value);
-        })?;
+        while reader.next_chunk(&mut chunk)? {
+            app.map(&filename, &text(&chunk), &mut |key: &str, value: &str| {
+                let bucket = partition::bucket(key, n_reduce) as usize;
+                records::encode(&mut partitions[bucket], key, value);
+            })?;
+        }
     }
     Ok(partitions)
 }
@@ -123,7 +145,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.txt");
         std::fs::write(&input, "ab".repeat(1000)).unwrap();
-        let partitions = run_map(&Chars, &input, 1).unwrap();
+        let partitions = run_map(&Chars, &input, 0, u64::MAX, 1).unwrap();
         let mut pairs = Vec::new();
         records::decode_into(&partitions[0], "test", &mut pairs).unwrap();
         // One pre-summed pair per key instead of a thousand.
@@ -140,7 +162,7 @@ mod tests {
         let text = "the cat and the hat ".repeat(100);
         std::fs::write(&input, text).unwrap();
         let wc = app::build("wc", &[]).unwrap();
-        let partitions = run_map(wc.as_ref(), &input, 3).unwrap();
+        let partitions = run_map(wc.as_ref(), &input, 0, u64::MAX, 3).unwrap();
         let mut pairs = Vec::new();
         for (i, data) in partitions.iter().enumerate() {
             let before = pairs.len();

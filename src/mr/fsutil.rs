@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::Rng;
 
@@ -18,35 +18,75 @@ pub fn write_atomic(
     durable: bool,
     fill: impl FnOnce(&mut dyn Write) -> Result<(), MrError>,
 ) -> Result<(), MrError> {
+    stage(path, durable, fill)?.commit()
+}
+
+/// A file written whole under a hidden temporary name beside `path`, not yet in place: the first half
+/// of [`write_atomic`], for callers that must ask before they publish (a reducer asks the coordinator
+/// whether its attempt may commit). Dropped without [`Staged::commit`], the temporary file is removed.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    durable: bool,
+    done: bool,
+}
+
+/// Writes `path`'s future content through `fill` into a temporary file (fsynced with `durable`).
+pub fn stage(
+    path: &Path,
+    durable: bool,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), MrError>,
+) -> Result<Staged, MrError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(MrError::io(dir))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{:08x}",
-        std::process::id(),
-        rand::rng().random::<u32>()
-    ));
-    let result = (|| {
-        let file = File::create(&tmp).map_err(MrError::io(&tmp))?;
-        let mut writer = BufWriter::with_capacity(1 << 20, file);
-        fill(&mut writer)?;
-        let file = writer
-            .into_inner()
-            .map_err(|err| MrError::io(&tmp)(err.into_error()))?;
-        if durable {
-            file.sync_all().map_err(MrError::io(&tmp))?;
+    let staged = Staged {
+        tmp: dir.join(format!(
+            ".{name}.tmp-{}-{:08x}",
+            std::process::id(),
+            rand::rng().random::<u32>()
+        )),
+        path: path.to_path_buf(),
+        durable,
+        done: false,
+    };
+    let tmp = &staged.tmp;
+    let file = File::create(tmp).map_err(MrError::io(tmp))?;
+    let mut writer = BufWriter::with_capacity(1 << 20, file);
+    fill(&mut writer)?;
+    let file = writer
+        .into_inner()
+        .map_err(|err| MrError::io(tmp)(err.into_error()))?;
+    if durable {
+        file.sync_all().map_err(MrError::io(tmp))?;
+    }
+    Ok(staged)
+}
+
+impl Staged {
+    /// Renames the file into place (and, durable, fsyncs the directory). Fails if the temporary file
+    /// is gone, e.g. removed by a later job's `--overwrite`: nothing is then published.
+    pub fn commit(mut self) -> Result<(), MrError> {
+        self.done = true;
+        let result = std::fs::rename(&self.tmp, &self.path).map_err(MrError::io(&self.path));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
         }
-        drop(file);
-        std::fs::rename(&tmp, path).map_err(MrError::io(path))?;
-        if durable {
-            sync_dir(dir)?;
+        result?;
+        if self.durable {
+            sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
         }
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Make the entries of `dir` (a rename into it) durable.
@@ -75,5 +115,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"done");
+    }
+
+    #[test]
+    fn a_staged_file_is_published_only_by_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mr-out-1");
+        let fill = |w: &mut dyn Write| w.write_all(b"x").map_err(MrError::io("x"));
+        // Refused: dropped, nothing is left.
+        drop(stage(&path, false, fill).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // Its temporary file removed meanwhile (a later job's --overwrite): the commit fails and
+        // publishes nothing.
+        let staged = stage(&path, false, fill).unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        assert!(staged.commit().is_err());
+        assert!(!path.exists());
+        stage(&path, true, fill).unwrap().commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"x");
     }
 }

@@ -13,6 +13,26 @@ use crate::proto::mr as pb;
 /// tasks.
 pub const MAX_REDUCES: u32 = 100_000;
 
+/// Bytes of input per map task unless the job says otherwise (`mrd submit --split-size`), as HDFS's
+/// block size: big enough that a task's start-up cost is noise, small enough that a 10 GiB file is
+/// 160 tasks spread over every worker and a lost task costs little to re-run.
+pub const DEFAULT_SPLIT_SIZE: u64 = 64 << 20;
+
+/// Most map tasks (input splits) a job may have: every task is a record the coordinator keeps.
+pub const MAX_MAPS: usize = 1_000_000;
+
+/// The part of one input file a map task reads: the lines that *start* in `[offset, offset + length)`,
+/// so a line crossing a boundary is read whole by the task it starts in, and by no other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// Index into [`JobSpec::inputs`].
+    pub input: u32,
+    /// Where the split starts.
+    pub offset: u64,
+    /// Bytes it covers; `u64::MAX` for "to the end" (records from before splits existed).
+    pub length: u64,
+}
+
 /// How map outputs reach reducers (see `proto/mr.proto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum ShuffleMode {
@@ -39,6 +59,9 @@ pub struct JobSpec {
     pub output_dir: PathBuf,
     /// How map outputs reach reducers.
     pub shuffle: ShuffleMode,
+    /// Bytes of input per map task; 0 means [`DEFAULT_SPLIT_SIZE`].
+    #[serde(default)]
+    pub split_size: u64,
 }
 
 impl JobSpec {
@@ -68,9 +91,69 @@ impl JobSpec {
             n_reduce,
             output_dir,
             shuffle,
+            split_size: 0,
         };
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// The same job cutting its inputs into map tasks of `split_size` bytes (0: the default).
+    pub fn with_split_size(self, split_size: u64) -> Self {
+        Self { split_size, ..self }
+    }
+
+    /// The split size in effect.
+    pub fn effective_split_size(&self) -> u64 {
+        if self.split_size == 0 {
+            DEFAULT_SPLIT_SIZE
+        } else {
+            self.split_size
+        }
+    }
+
+    /// Cuts every input into [`Split`]s of the split size, by the files' sizes now (the map tasks
+    /// find the line boundaries). An empty file is one empty split, so every input is at least one map
+    /// task. Refuses a job of more than [`MAX_MAPS`] tasks.
+    pub fn splits(&self) -> Result<Vec<Split>, MrError> {
+        let size = self.effective_split_size();
+        let mut splits = Vec::with_capacity(self.inputs.len());
+        for (input, path) in self.inputs.iter().enumerate() {
+            let len = std::fs::metadata(path)
+                .map_err(|err| MrError::InvalidJob(format!("input file {}: {err}", path.display())))?
+                .len();
+            let input = u32::try_from(input)
+                .map_err(|_| MrError::InvalidJob("too many input files".into()))?;
+            let pieces = len.div_ceil(size).max(1);
+            if splits.len() as u64 + pieces > MAX_MAPS as u64 {
+                return Err(MrError::InvalidJob(format!(
+                    "the inputs make more than {MAX_MAPS} map tasks at a split size of {size} bytes; \
+                     use a larger --split-size"
+                )));
+            }
+            for piece in 0..pieces {
+                let offset = piece * size;
+                splits.push(Split {
+                    input,
+                    offset,
+                    length: size.min(len.saturating_sub(offset)),
+                });
+            }
+        }
+        Ok(splits)
+    }
+
+    /// The spec a task carries: everything but the inputs, which can be many (a map task carries its
+    /// own split instead), so a task message stays small however big the job.
+    pub fn without_inputs(&self) -> JobSpec {
+        JobSpec {
+            app: self.app.clone(),
+            args: self.args.clone(),
+            inputs: Vec::new(),
+            n_reduce: self.n_reduce,
+            output_dir: self.output_dir.clone(),
+            shuffle: self.shuffle,
+            split_size: self.split_size,
+        }
     }
 
     /// Everything the coordinator checks before accepting a job.
@@ -84,6 +167,12 @@ impl JobSpec {
         }
         if self.inputs.is_empty() {
             return Err(MrError::InvalidJob("no input files".into()));
+        }
+        if self.inputs.len() > MAX_MAPS {
+            return Err(MrError::InvalidJob(format!(
+                "{} input files; a job may have at most {MAX_MAPS}",
+                self.inputs.len()
+            )));
         }
         for input in &self.inputs {
             if !input.is_absolute() {
@@ -115,11 +204,6 @@ impl JobSpec {
             )));
         }
         Ok(())
-    }
-
-    /// Number of map tasks: one per input file.
-    pub fn n_map(&self) -> u32 {
-        u32::try_from(self.inputs.len()).unwrap_or(u32::MAX)
     }
 
     /// Where reduce task `reduce` writes its output.
@@ -182,6 +266,7 @@ impl From<&JobSpec> for pb::JobSpec {
                 ShuffleMode::SharedDir => pb::ShuffleMode::SharedDir,
                 ShuffleMode::Grpc => pb::ShuffleMode::Grpc,
             } as i32,
+            split_size: spec.split_size,
         }
     }
 }
@@ -207,6 +292,7 @@ impl TryFrom<&pb::JobSpec> for JobSpec {
             n_reduce: spec.n_reduce,
             output_dir: PathBuf::from(&spec.output_dir),
             shuffle,
+            split_size: spec.split_size,
         })
     }
 }
@@ -232,5 +318,22 @@ mod tests {
         let spec = prepare("wc", std::slice::from_ref(&input), 2).unwrap();
         let wire = pb::JobSpec::from(&spec);
         assert_eq!(JobSpec::try_from(&wire).unwrap(), spec);
+    }
+
+    #[test]
+    fn inputs_are_cut_into_splits_of_the_split_size_and_empty_files_are_one_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let (big, empty) = (dir.path().join("big"), dir.path().join("empty"));
+        std::fs::write(&big, vec![b'x'; 2500]).unwrap();
+        std::fs::write(&empty, "").unwrap();
+        let spec = JobSpec::prepare("wc", &[], &[big, empty], 1, dir.path(), ShuffleMode::Grpc)
+            .unwrap()
+            .with_split_size(1000);
+        let splits = spec.splits().unwrap();
+        let cut: Vec<(u32, u64, u64)> = splits.iter().map(|s| (s.input, s.offset, s.length)).collect();
+        assert_eq!(cut, vec![(0, 0, 1000), (0, 1000, 1000), (0, 2000, 500), (1, 0, 0)]);
+        let err = spec.clone().with_split_size(1).splits();
+        assert!(err.is_ok(), "2,501 tasks are allowed");
+        assert!(spec.without_inputs().inputs.is_empty());
     }
 }

@@ -30,6 +30,7 @@ pub mod records;
 pub mod roots;
 pub mod sequential;
 pub mod shuffle;
+pub mod split;
 pub mod worker;
 
 use std::path::PathBuf;

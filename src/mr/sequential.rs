@@ -26,7 +26,7 @@ pub fn run(
     let app = app::build(&spec.app, &spec.args)?;
     let mut pairs = Vec::new();
     for input in &spec.inputs {
-        for partition in exec::run_map(app.as_ref(), input, 1)? {
+        for partition in exec::run_map(app.as_ref(), input, 0, u64::MAX, 1)? {
             records::decode_into(&partition, &input.to_string_lossy(), &mut pairs)?;
         }
     }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::mr::fsutil::write_atomic;
+use crate::mr::fsutil::{self, write_atomic, Staged};
 use crate::mr::job::{intermediate_name, JobSpec, ShuffleMode};
 use crate::mr::shuffle::{self, Fetcher};
 use crate::mr::{app, exec, records, MrError};
@@ -50,16 +50,23 @@ pub struct WorkerConfig {
 /// A task as the worker sees it.
 struct Task {
     job_id: u64,
+    /// Without its inputs (see [`JobSpec::without_inputs`]).
     spec: JobSpec,
     index: u32,
     attempt: u64,
-    locations: Vec<String>,
+    /// Map tasks: the input file, offset and length to read.
+    split: Option<(PathBuf, u64, u64)>,
+    /// Number of map tasks of the job.
+    n_map: u32,
 }
 
 enum Outcome {
     Succeeded,
     Failed(String),
     FetchFailed(Vec<(u32, String)>),
+    /// The coordinator refused this attempt's commit (it is no longer the current one): its output
+    /// was discarded and there is nothing to report.
+    NotCommitted,
 }
 
 struct Worker {
@@ -245,7 +252,10 @@ impl Worker {
             spec,
             index: reply.index,
             attempt: reply.attempt,
-            locations: reply.locations.into_iter().map(|l| l.addr).collect(),
+            split: reply
+                .split
+                .map(|s| (PathBuf::from(s.path), s.offset, s.length)),
+            n_map: reply.maps,
         };
         let started = Instant::now();
         tracing::info!(worker = %self.id, job = job_id, kind = ?kind, index = task.index, attempt = task.attempt, "running task");
@@ -267,6 +277,13 @@ impl Worker {
             Outcome::FetchFailed(missing) => tracing::warn!(
                 worker = %self.id, job = job_id, index = task.index, ?missing, "map outputs unavailable"
             ),
+            Outcome::NotCommitted => {
+                tracing::warn!(
+                    worker = %self.id, job = job_id, index = task.index, attempt = task.attempt,
+                    "output discarded: the coordinator no longer waits for this attempt"
+                );
+                return;
+            }
         }
         // Only gRPC map outputs live with this worker; shared-directory ones are found by name.
         let served_from = match (kind, task.spec.shuffle) {
@@ -286,10 +303,13 @@ impl Worker {
     }
 
     async fn run_map(&mut self, task: &Task) -> Outcome {
-        let Some(input) = task.spec.inputs.get(task.index as usize).cloned() else {
-            return Outcome::Failed(format!("map task {} has no input", task.index));
+        let Some((input, offset, length)) = task.split.clone() else {
+            return Outcome::Failed(format!("map task {} has no input split", task.index));
         };
         let dir = self.map_output_dir(task);
+        // Shared-directory outputs are what the job's durability rests on; a gRPC mapper's outputs die
+        // with it anyway (its map re-runs), and the seal catches one cut short by a crash.
+        let durable = task.spec.shuffle == ShuffleMode::SharedDir;
         let (app_name, args, n_reduce, index, job_id) = (
             task.spec.app.clone(),
             task.spec.args.clone(),
@@ -299,11 +319,11 @@ impl Worker {
         );
         let result = tokio::task::spawn_blocking(move || -> Result<(), MrError> {
             let app = app::build(&app_name, &args)?;
-            let partitions = exec::run_map(app.as_ref(), &input, n_reduce)?;
+            let partitions = exec::run_map(app.as_ref(), &input, offset, length, n_reduce)?;
             for (reduce, data) in partitions.iter().enumerate() {
                 let path = dir.join(intermediate_name(job_id, index, reduce as u32));
-                // Sealed and durable: a reducer must never take a cut-short file for a whole one.
-                write_atomic(&path, true, |w| {
+                // Sealed: a reducer must never take a cut-short file for a whole one.
+                write_atomic(&path, durable, |w| {
                     w.write_all(data).map_err(MrError::io(&path))?;
                     w.write_all(&records::seal(data))
                         .map_err(MrError::io(&path))
@@ -324,7 +344,11 @@ impl Worker {
         let mut missing = Vec::new();
         // A worker that failed one fetch (after retries) is presumed gone: don't wait on it again.
         let mut dead: HashSet<String> = HashSet::new();
-        for map in 0..task.spec.n_map() {
+        let locations = match task.spec.shuffle {
+            ShuffleMode::SharedDir => Vec::new(),
+            ShuffleMode::Grpc => self.locations(task).await?,
+        };
+        for map in 0..task.n_map {
             let name = intermediate_name(task.job_id, map, task.index);
             let (addr, data) = match task.spec.shuffle {
                 ShuffleMode::SharedDir => {
@@ -338,11 +362,7 @@ impl Worker {
                     }
                 }
                 ShuffleMode::Grpc => {
-                    let addr = task
-                        .locations
-                        .get(map as usize)
-                        .cloned()
-                        .unwrap_or_default();
+                    let addr = locations.get(map as usize).cloned().unwrap_or_default();
                     let data = if addr.is_empty() || dead.contains(&addr) {
                         Err(())
                     } else if addr == self.addr {
@@ -387,12 +407,69 @@ impl Worker {
         };
         let output = task.spec.output_path(task.index);
         let (app_name, args) = (task.spec.app.clone(), task.spec.args.clone());
-        let result = tokio::task::spawn_blocking(move || -> Result<(), MrError> {
+        let staged = tokio::task::spawn_blocking(move || -> Result<Staged, MrError> {
             let app = app::build(&app_name, &args)?;
-            write_atomic(&output, true, |w| exec::run_reduce(app.as_ref(), pairs, w))
+            fsutil::stage(&output, true, |w| exec::run_reduce(app.as_ref(), pairs, w))
         })
         .await;
-        finish(result)
+        let staged = match staged {
+            Ok(Ok(staged)) => staged,
+            Ok(Err(err)) => return Outcome::Failed(err.to_string()),
+            Err(err) => return Outcome::Failed(format!("task panicked: {err}")),
+        };
+        // Only the attempt the coordinator waits for publishes its output: a straggler of a finished
+        // job must not replace a file a later job wrote into the same directory.
+        match self.may_commit(task).await {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(staged);
+                return Outcome::NotCommitted;
+            }
+            Err(err) => return Outcome::Failed(format!("asking to commit: {err}")),
+        }
+        finish(tokio::task::spawn_blocking(move || staged.commit()).await)
+    }
+
+    /// Where every map task's output lives, read from the coordinator a page at a time.
+    async fn locations(&mut self, task: &Task) -> Result<Vec<String>, MrError> {
+        let mut locations = Vec::with_capacity(task.n_map as usize);
+        while locations.len() < task.n_map as usize {
+            let page = self
+                .client
+                .map_locations(pb::LocationsRequest {
+                    job_id: task.job_id,
+                    start: locations.len() as u32,
+                })
+                .await?
+                .into_inner()
+                .addrs;
+            if page.is_empty() {
+                break;
+            }
+            locations.extend(page);
+        }
+        Ok(locations)
+    }
+
+    /// Asks the coordinator whether this attempt may move its output into place.
+    async fn may_commit(&mut self, task: &Task) -> Result<bool, MrError> {
+        let request = pb::CommitRequest {
+            worker_id: self.id.clone(),
+            job_id: task.job_id,
+            kind: pb::TaskKind::Reduce as i32,
+            index: task.index,
+            attempt: task.attempt,
+        };
+        let give_up = Instant::now() + self.config.unreachable_timeout.max(Duration::from_secs(1));
+        loop {
+            match self.client.commit_task(request.clone()).await {
+                Ok(reply) => return Ok(reply.into_inner().granted),
+                Err(status) if transient(&status) && Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(status) => return Err(status.into()),
+            }
+        }
     }
 
     /// Reports an outcome, riding out a coordinator restart; if the coordinator stays away the report is
@@ -428,6 +505,7 @@ impl Worker {
                     .map(|(map_index, addr)| pb::MapLocation { map_index, addr })
                     .collect();
             }
+            Outcome::NotCommitted => return,
         }
         let give_up = Instant::now() + self.config.unreachable_timeout.max(Duration::from_secs(1));
         loop {

@@ -97,11 +97,72 @@ pub fn words(text: &str) -> impl Iterator<Item = &str> {
         .filter(|word| !word.is_empty())
 }
 
+/// Calls `f` with every word of `text`, exactly as [`words`] yields them, a byte at a time: ASCII
+/// through a lookup table, and only non-ASCII characters decoded. Several times faster than
+/// [`words`], which decodes every character; word count spends its time here.
+pub fn for_each_word<'a>(text: &'a str, mut f: impl FnMut(&'a str)) {
+    let bytes = text.as_bytes();
+    let (mut i, mut start) = (0, None);
+    while i < bytes.len() {
+        let byte = bytes[i];
+        let (letter, width) = if byte < 0x80 {
+            (ASCII_LETTER[byte as usize], 1)
+        } else {
+            // `i` is a character boundary: every earlier step advanced by a whole character.
+            match text[i..].chars().next() {
+                Some(c) => (c.is_alphabetic(), c.len_utf8()),
+                None => break,
+            }
+        };
+        match (letter, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                f(&text[s..i]);
+                start = None;
+            }
+            _ => {}
+        }
+        i += width;
+    }
+    if let Some(s) = start {
+        f(&text[s..]);
+    }
+}
+
+/// Which ASCII bytes are letters (what `char::is_alphabetic` says of them).
+static ASCII_LETTER: [bool; 128] = {
+    let mut table = [false; 128];
+    let mut b = 0;
+    while b < 128 {
+        table[b] = (b as u8).is_ascii_alphabetic();
+        b += 1;
+    }
+    table
+};
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn words_are_runs_of_letters() {
         let found: Vec<&str> = super::words("Hello, wörld!it's 42x").collect();
         assert_eq!(found, ["Hello", "wörld", "it", "s", "x"]);
+    }
+
+    #[test]
+    fn the_fast_tokeniser_agrees_with_words() {
+        let samples = [
+            "",
+            "a",
+            "Hello, wörld!it's 42x",
+            "ünïcödé ÄÖÜ ß 日本語テキスト, ελληνικά; 123 ٣٤ x\u{2028}y",
+            "\u{1F600}emoji\u{1F600} trailing",
+            "  leading and trailing  ",
+        ];
+        for text in samples {
+            let mut fast = Vec::new();
+            super::for_each_word(text, |w| fast.push(w));
+            let slow: Vec<&str> = super::words(text).collect();
+            assert_eq!(fast, slow, "{text:?}");
+        }
     }
 }

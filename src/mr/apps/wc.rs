@@ -1,8 +1,6 @@
 //! Word count, the paper's running example.
 
-use std::collections::HashMap;
-
-use crate::mr::app::{App, AppError, Emit};
+use crate::mr::app::{App, AppError, Counts, Emit};
 
 /// Counts occurrences of every word. Map counts within its file before emitting (in-mapper combining:
 /// one pair per distinct word instead of one per occurrence, which is what makes a 1 GiB corpus cheap), and
@@ -21,14 +19,26 @@ fn sum(values: &[String]) -> Result<String, AppError> {
 }
 
 impl App for WordCount {
-    fn map(&self, _filename: &str, contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError> {
-        let mut counts: HashMap<&str, u64> = HashMap::new();
-        for word in super::words(contents) {
-            *counts.entry(word).or_insert(0) += 1;
+    fn map(&self, filename: &str, contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError> {
+        let mut counts = Counts::default();
+        self.map_counts(filename, contents, &mut counts)?;
+        for (word, count) in counts.into_pairs() {
+            emit(&word, &count.to_string());
         }
-        for (word, count) in counts {
-            emit(word, &count.to_string());
-        }
+        Ok(())
+    }
+
+    fn counts(&self) -> bool {
+        true
+    }
+
+    fn map_counts(
+        &self,
+        _filename: &str,
+        contents: &str,
+        counts: &mut Counts,
+    ) -> Result<(), AppError> {
+        super::for_each_word(contents, |word| counts.add(word, 1));
         Ok(())
     }
 
