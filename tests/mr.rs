@@ -1279,3 +1279,207 @@ fn a_directory_left_by_a_job_is_refused_unless_overwritten() {
     assert!(out.join("mr-out-2").exists());
     assert_eq!(env.output("out"), expected);
 }
+
+/// `mr_task_message_bytes` and the summed `mr_task_attempts` of a coordinator's metrics page.
+fn task_bytes_and_attempts(metrics: &str) -> (u64, u64) {
+    let page = scrape::scrape(metrics);
+    let value = |prefix: &str| -> u64 {
+        page.lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    (value("mr_task_message_bytes "), value("mr_task_attempts{"))
+}
+
+#[test]
+fn forty_thousand_inputs_complete_and_a_task_costs_no_more_than_in_a_small_job() {
+    let env = Env::new();
+    let metrics = format!("127.0.0.1:{}", ports::free_port());
+    let coord = env.coordinator_with("127.0.0.1:0", "60s", &["--metrics-listen", &metrics]);
+    let inputs_dir = env.path().join("many");
+    std::fs::create_dir_all(&inputs_dir).unwrap();
+    const INPUTS: usize = 40_000;
+    // Words are runs of letters: `k` spelled in letters.
+    let word = |k: usize| {
+        format!(
+            "w{}{}",
+            (b'a' + (k / 26) as u8) as char,
+            (b'a' + (k % 26) as u8) as char
+        )
+    };
+    let inputs: Vec<PathBuf> = (0..INPUTS)
+        .map(|n| {
+            let path = inputs_dir.join(n.to_string());
+            std::fs::write(&path, format!("{} common\n", word(n % 97))).unwrap();
+            path
+        })
+        .collect();
+    let rt = runtime();
+    // Through the library: a command line cannot carry 40,000 paths.
+    let submit = |inputs: &[PathBuf], output: &str| -> u64 {
+        let spec = ds824::mr::job::JobSpec::prepare(
+            "wc",
+            &[],
+            inputs,
+            2,
+            &env.path().join(output),
+            ds824::mr::job::ShuffleMode::Grpc,
+        )
+        .unwrap();
+        rt.block_on(async {
+            let mut c = client::connect(&coord.addr, PLAIN).await?;
+            client::submit(&mut c, &spec, false).await
+        })
+        .unwrap()
+    };
+    let mut per_task = Vec::new();
+    let mut before = (0, 0);
+    for (n, output) in [(400, "small"), (INPUTS, "big")] {
+        let id = submit(&inputs[..n], output);
+        let mut workers: Vec<Child> = (0..2)
+            .map(|i| spawn_worker(env.path(), &coord.addr, 100 * n + i, &[]))
+            .collect();
+        let status = wait_job(&env, &coord.addr, id);
+        wait_all(&mut workers);
+        assert_eq!(status.maps as usize, n);
+        let mut expected: Vec<String> = (0..97usize)
+            .map(|k| format!("{} {}", word(k), (0..n).filter(|i| i % 97 == k).count()))
+            .collect();
+        expected.push(format!("common {n}"));
+        expected.sort();
+        assert_eq!(env.output(output), expected);
+        let after = task_bytes_and_attempts(&metrics);
+        let (bytes, tasks) = (after.0 - before.0, after.1 - before.1);
+        assert!(tasks >= n as u64 + 2, "{tasks} attempts for {n} maps");
+        per_task.push(bytes as f64 / tasks as f64);
+        println!(
+            "{n} inputs: {bytes} bytes of task messages for {tasks} task attempts: {:.0} bytes per task",
+            per_task[per_task.len() - 1]
+        );
+        before = after;
+    }
+    // A hundred times the tasks, and a task costs the same (it carried every input path before).
+    assert!(
+        per_task[1] <= per_task[0] * 1.25,
+        "bytes per task grew with the job: {per_task:?}"
+    );
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// The reduce tasks of `status` running on the worker process `pid`.
+fn running_on(status: &pb::JobStatus, pid: u32) -> Vec<u32> {
+    let prefix = format!("w{pid}-");
+    status
+        .tasks
+        .iter()
+        .filter(|t| {
+            t.kind == pb::TaskKind::Reduce as i32
+                && t.state == "running"
+                && t.worker.starts_with(&prefix)
+        })
+        .map(|t| t.index)
+        .collect()
+}
+
+/// Issue #17: a reducer of job 1 paused (SIGSTOP) past its timeout, resumed (SIGCONT) after job 2 has
+/// written the same directory with --overwrite, must not put its output there. It is caught before it
+/// wrote anything (fetching from a mapper that is itself stopped), so removing staged files cannot save
+/// the day: it asks to commit, is refused (job 1 is over) and removes what it staged. Without the
+/// commit step it renamed its count of job 1's inputs over job 2's.
+#[test]
+fn a_paused_straggler_of_a_finished_job_cannot_change_the_next_jobs_output() {
+    let env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    let coord = env.coordinator("127.0.0.1:0", "3s");
+    let out = env.path().join("out");
+    let submit = |inputs: &[PathBuf], shuffle: &str, overwrite: bool| -> u64 {
+        let mut cmd = mrd();
+        cmd.args(["submit", "--coordinator", &coord.addr, "--app", "wc"])
+            .args(["--reduces", "10", "--shuffle", shuffle, "--output"])
+            .arg(&out)
+            .args(inputs);
+        if overwrite {
+            cmd.arg("--overwrite");
+        }
+        let submitted = cmd.output().unwrap();
+        assert_succeeded(&submitted);
+        String::from_utf8_lossy(&submitted.stdout)
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Job 1 counts half the books, so its outputs differ from job 2's.
+    let first = submit(&env.inputs[..4], "grpc", false);
+    // The mapper serves job 1's outputs and stays up (no --exit-when-idle).
+    let mut mapper = mrd()
+        .args([
+            "worker",
+            "--only",
+            "map",
+            "--coordinator",
+            &coord.addr,
+            "--dir",
+        ])
+        .arg(env.path().join("workers/mapper"))
+        .current_dir(env.path())
+        .stdout(Stdio::null())
+        .stderr(env.log("worker-mapper"))
+        .spawn()
+        .unwrap();
+    wait_until(&env, &coord.addr, first, "job 1's maps", |s| {
+        s.maps_done == s.maps
+    });
+    // With the mapper stopped, the straggler's reduce waits in its first fetch: nothing staged yet.
+    signal(mapper.id(), "-STOP");
+    let mut straggler = spawn_worker(env.path(), &coord.addr, 1, &["--only", "reduce"]);
+    let pid = straggler.id();
+    let held = running_on(
+        &wait_until(&env, &coord.addr, first, "a reduce on the straggler", |s| {
+            !running_on(s, pid).is_empty()
+        }),
+        pid,
+    );
+    signal(pid, "-STOP");
+    signal(mapper.id(), "-CONT");
+    // Another worker finishes job 1, taking over the straggler's task after its timeout.
+    let mut helper = spawn_worker(env.path(), &coord.addr, 2, &[]);
+    wait_job(&env, &coord.addr, first);
+    assert!(wait_exit(&mut helper).success());
+    // Job 2 writes the same directory; the mapper, stopped, takes no part (and keeps job 1's outputs).
+    signal(mapper.id(), "-STOP");
+    let second = submit(&env.inputs, "shared-dir", true);
+    let mut helper = spawn_worker(env.path(), &coord.addr, 3, &[]);
+    wait_job(&env, &coord.addr, second);
+    assert!(wait_exit(&mut helper).success());
+    assert_eq!(env.output("out"), expected);
+    // Both wake up: the straggler fetches, reduces, stages its output, asks to commit.
+    signal(mapper.id(), "-CONT");
+    signal(pid, "-CONT");
+    assert!(wait_exit(&mut straggler).success());
+    let _ = mapper.kill();
+    let _ = mapper.wait();
+    assert_eq!(env.output("out"), expected, "job 2's output changed");
+    let log = std::fs::read_to_string(env.path().join("worker-1.log")).unwrap();
+    assert!(
+        log.contains("output discarded"),
+        "the straggler (reduce {held:?}) was not refused:\n{log}"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "staged files left behind: {leftovers:?}"
+    );
+}

@@ -536,7 +536,10 @@ impl Coordinator {
     /// them; an empty address for a map not finished (re-running after a lost output). Reducers page
     /// through these instead of receiving them all with their task.
     pub fn locations(&self, job_id: u64, start: u32) -> Result<Vec<String>, ReportError> {
-        let job = self.jobs.get(&job_id).ok_or(ReportError::NoSuchJob(job_id))?;
+        let job = self
+            .jobs
+            .get(&job_id)
+            .ok_or(ReportError::NoSuchJob(job_id))?;
         Ok(job
             .record
             .maps
@@ -559,7 +562,10 @@ impl Coordinator {
         worker: &str,
         attempt: u64,
     ) -> Result<bool, ReportError> {
-        let job = self.jobs.get(&job_id).ok_or(ReportError::NoSuchJob(job_id))?;
+        let job = self
+            .jobs
+            .get(&job_id)
+            .ok_or(ReportError::NoSuchJob(job_id))?;
         let i = index as usize;
         let Some(task) = job.record.tasks(kind).get(i) else {
             return Err(ReportError::NoSuchTask {
@@ -990,5 +996,84 @@ mod tests {
         c.report(id, TaskKind::Map, 0, "m", map.attempt, ok("m"))
             .unwrap();
         assert_eq!(c.assign(&mapper, now), Assignment::Wait);
+    }
+
+    #[test]
+    fn only_the_current_attempt_of_a_running_job_may_commit() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(1, 1));
+        let map = run(c.assign(&worker("a"), now));
+        c.report(id, TaskKind::Map, 0, "a", map.attempt, ok("a:1"))
+            .unwrap();
+        let slow = run(c.assign(&worker("slow"), now));
+        assert!(c
+            .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt)
+            .unwrap());
+        assert!(!c
+            .may_commit(id, TaskKind::Reduce, 0, "other", slow.attempt)
+            .unwrap());
+        // Timed out and handed to `b`: the straggler may no longer commit, `b` may.
+        let again = run(c.assign(&worker("b"), now + TIMEOUT));
+        assert!(!c
+            .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt)
+            .unwrap());
+        assert!(c
+            .may_commit(id, TaskKind::Reduce, 0, "b", again.attempt)
+            .unwrap());
+        c.report(id, TaskKind::Reduce, 0, "b", again.attempt, ok(""))
+            .unwrap();
+        // Done, and the job over: nobody may.
+        assert!(!c
+            .may_commit(id, TaskKind::Reduce, 0, "b", again.attempt)
+            .unwrap());
+        assert!(c.may_commit(id + 1, TaskKind::Reduce, 0, "b", 1).is_err());
+        assert!(c.may_commit(id, TaskKind::Reduce, 9, "b", 1).is_err());
+    }
+
+    #[test]
+    fn a_big_job_costs_small_messages_and_small_writes_per_task() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let maps = LOCATIONS_PAGE * 2 + 5;
+        let id = submit(&mut c, spec(maps, 1));
+        let changes = c.take_changed();
+        assert_eq!((changes.jobs.len(), changes.tasks.len()), (1, 0));
+        assert!(changes.jobs[0].maps.is_empty(), "a header carries no tasks");
+        for _ in 0..maps {
+            let task = run(c.assign(&worker("a"), now));
+            assert!(task.spec.inputs.is_empty(), "a task carries its split only");
+            assert_eq!(task.split.as_ref().unwrap().1.input, task.index);
+            c.report(id, TaskKind::Map, task.index, "a", task.attempt, ok("a:1"))
+                .unwrap();
+            // One completion, one small record to write.
+            let changes = c.take_changed();
+            assert_eq!((changes.jobs.len(), changes.tasks.len()), (0, 1));
+        }
+        let pages: Vec<usize> = [0, LOCATIONS_PAGE, 2 * LOCATIONS_PAGE, maps]
+            .iter()
+            .map(|&start| c.locations(id, start as u32).unwrap().len())
+            .collect();
+        assert_eq!(pages, vec![LOCATIONS_PAGE, LOCATIONS_PAGE, 5, 0]);
+    }
+
+    #[test]
+    fn persisted_headers_and_task_records_restore_the_job() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(3, 1));
+        let mut header = c.take_changed().jobs.remove(0);
+        let map = run(c.assign(&worker("a"), now));
+        c.report(id, TaskKind::Map, map.index, "a", map.attempt, ok("a:1"))
+            .unwrap();
+        let (_, kind, index, task) = c.take_changed().tasks.remove(0);
+        // What the service does on start: header, normalised, with the stored task records.
+        header.normalize();
+        assert_eq!((header.maps.len(), header.reduces.len()), (3, 1));
+        assert_eq!(kind, TaskKind::Map);
+        header.maps[index as usize] = task;
+        let mut restarted = Coordinator::restore([header], TIMEOUT);
+        let next = run(restarted.assign(&worker("b"), now));
+        assert_eq!((next.kind, next.index), (TaskKind::Map, 1));
     }
 }

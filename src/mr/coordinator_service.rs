@@ -39,6 +39,8 @@ pub struct CoordinatorService {
     tasks: sled::Tree,
     admission: Admission,
     guard: Guard,
+    /// Bytes of task messages sent (`mr_task_message_bytes`).
+    task_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl CoordinatorService {
@@ -96,12 +98,14 @@ impl CoordinatorService {
             tasks,
             admission,
             guard,
+            task_bytes: Default::default(),
         })
     }
 
     /// Update the metrics gauges from the current state (called at scrape time).
     pub fn refresh_metrics(&self, gauges: &crate::mr::metrics::MrGauges) {
-        gauges.refresh(&self.lock());
+        let sent = self.task_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        gauges.refresh(&self.lock(), sent);
     }
 
     fn lock(&self) -> MutexGuard<'_, Coordinator> {
@@ -130,6 +134,14 @@ impl CoordinatorService {
                 .map_err(|err| Status::internal(format!("storing a task of job {job}: {err}")))?;
         }
         Ok(!changes.is_empty())
+    }
+
+    /// Counts a task message's bytes towards `mr_task_message_bytes`.
+    fn sent(&self, message: &impl prost::Message) {
+        self.task_bytes.fetch_add(
+            message.encoded_len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Makes everything staged so far durable; done outside the lock so concurrent reports share fsyncs.
@@ -376,6 +388,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 }
             }
         };
+        self.sent(&reply);
         Ok(Response::new(reply))
     }
 
@@ -470,15 +483,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .lock()
             .locations(request.job_id, request.start)
             .map_err(|err| Status::not_found(err.to_string()))?;
-        Ok(Response::new(pb::LocationsReply { addrs }))
+        let reply = pb::LocationsReply { addrs };
+        self.sent(&reply);
+        Ok(Response::new(reply))
     }
 
     async fn commit_task(
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitReply>, Status> {
-        self.guard
-            .allow(&request, "commit task outputs", |role| *role == Role::Worker)?;
+        self.guard.allow(&request, "commit task outputs", |role| {
+            *role == Role::Worker
+        })?;
         let request = request.into_inner();
         let kind = task_kind(request.kind)?;
         let granted = self
@@ -500,7 +516,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 attempt = request.attempt, "commit refused: not the current attempt"
             );
         }
-        Ok(Response::new(pb::CommitReply { granted }))
+        let reply = pb::CommitReply { granted };
+        self.sent(&reply);
+        Ok(Response::new(reply))
     }
 }
 

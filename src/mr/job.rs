@@ -119,7 +119,9 @@ impl JobSpec {
         let mut splits = Vec::with_capacity(self.inputs.len());
         for (input, path) in self.inputs.iter().enumerate() {
             let len = std::fs::metadata(path)
-                .map_err(|err| MrError::InvalidJob(format!("input file {}: {err}", path.display())))?
+                .map_err(|err| {
+                    MrError::InvalidJob(format!("input file {}: {err}", path.display()))
+                })?
                 .len();
             let input = u32::try_from(input)
                 .map_err(|_| MrError::InvalidJob("too many input files".into()))?;
@@ -330,8 +332,14 @@ mod tests {
             .unwrap()
             .with_split_size(1000);
         let splits = spec.splits().unwrap();
-        let cut: Vec<(u32, u64, u64)> = splits.iter().map(|s| (s.input, s.offset, s.length)).collect();
-        assert_eq!(cut, vec![(0, 0, 1000), (0, 1000, 1000), (0, 2000, 500), (1, 0, 0)]);
+        let cut: Vec<(u32, u64, u64)> = splits
+            .iter()
+            .map(|s| (s.input, s.offset, s.length))
+            .collect();
+        assert_eq!(
+            cut,
+            vec![(0, 0, 1000), (0, 1000, 1000), (0, 2000, 500), (1, 0, 0)]
+        );
         let err = spec.clone().with_split_size(1).splits();
         assert!(err.is_ok(), "2,501 tasks are allowed");
         assert!(spec.without_inputs().inputs.is_empty());

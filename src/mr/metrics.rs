@@ -6,7 +6,7 @@
 //! twice?").
 
 use crate::mr::coordinator::{Coordinator, JobState};
-use prometheus::{IntGaugeVec, Opts, Registry};
+use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
 
 /// The coordinator's gauges.
 #[derive(Clone)]
@@ -15,6 +15,7 @@ pub struct MrGauges {
     tasks: IntGaugeVec,
     attempts: IntGaugeVec,
     failures: IntGaugeVec,
+    task_bytes: IntGauge,
 }
 
 impl MrGauges {
@@ -45,16 +46,26 @@ impl MrGauges {
         for gauge in [&jobs, &tasks, &attempts, &failures] {
             registry.register(Box::new(gauge.clone()))?;
         }
+        let task_bytes = IntGauge::new(
+            "mr_task_message_bytes",
+            "Bytes of task hand-outs, map-location pages and commit answers sent to workers since the \
+             coordinator started (divided by mr_task_attempts: the cost of a task, which must not grow \
+             with the job)",
+        )?;
+        registry.register(Box::new(task_bytes.clone()))?;
         Ok(MrGauges {
             jobs,
             tasks,
             attempts,
             failures,
+            task_bytes,
         })
     }
 
-    /// Recompute every gauge from `coordinator`.
-    pub fn refresh(&self, coordinator: &Coordinator) {
+    /// Recompute every gauge from `coordinator`, which has sent `task_bytes` in task messages.
+    pub fn refresh(&self, coordinator: &Coordinator, task_bytes: u64) {
+        self.task_bytes
+            .set(i64::try_from(task_bytes).unwrap_or(i64::MAX));
         let mut jobs = [0i64; 4];
         // [kind][pending, running, done], [kind] attempts, [kind] failures
         let mut tasks = [[0i64; 3]; 2];
