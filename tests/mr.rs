@@ -1483,3 +1483,110 @@ fn a_paused_straggler_of_a_finished_job_cannot_change_the_next_jobs_output() {
         "staged files left behind: {leftovers:?}"
     );
 }
+
+/// Peak resident memory (VmHWM) of a live process, in bytes; 0 once it is gone.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Issue #17: one 2 GiB file is cut into at least 32 map tasks (the default 64 MiB splits, on line
+/// boundaries), counted right, and no worker holds more than 256 MiB while reading it (maps stream
+/// their split a chunk at a time). The file is one generated 64 MiB block written 32 times, so every
+/// count is 32 times the block's, which `mrd sequential` computes cheaply.
+#[test]
+fn a_two_gib_file_is_split_into_many_maps_and_counted_in_bounded_memory() {
+    let env = Env::new();
+    let block_dir = env.path().join("block");
+    std::fs::create_dir_all(&block_dir).unwrap();
+    let mut block =
+        std::fs::read(&corpus::write_zipf_corpus(&block_dir, 1, 64 << 20, 17).unwrap()[0]).unwrap();
+    block.push(b'\n');
+    let seq_out = env.path().join("seq-block");
+    let status = mrd()
+        .args(["sequential", "--app", "wc", "--output"])
+        .arg(&seq_out)
+        .arg(block_dir.join("pg-being_ernest.txt"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut expected: Vec<String> = sorted_lines(&seq_out)
+        .iter()
+        .map(|line| {
+            let (word, count) = line.rsplit_once(' ').unwrap();
+            format!("{word} {}", 32 * count.parse::<u64>().unwrap())
+        })
+        .collect();
+    expected.sort();
+    let big = env.path().join("big.txt");
+    {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        for _ in 0..32 {
+            file.write_all(&block).unwrap();
+        }
+        file.flush().unwrap();
+    }
+    assert!(std::fs::metadata(&big).unwrap().len() >= 2 << 30);
+    let coord = env.coordinator("127.0.0.1:0", "60s");
+    let submitted = mrd()
+        .args([
+            "submit",
+            "--coordinator",
+            &coord.addr,
+            "--app",
+            "wc",
+            "--reduces",
+            "4",
+        ])
+        .args(["--shuffle", "grpc", "--output"])
+        .arg(env.path().join("out"))
+        .arg(&big)
+        .output()
+        .unwrap();
+    assert_succeeded(&submitted);
+    let id: u64 = String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let mut workers: Vec<Child> = (0..2)
+        .map(|n| spawn_worker(env.path(), &coord.addr, n, &[]))
+        .collect();
+    let pids: Vec<u32> = workers.iter().map(|w| w.id()).collect();
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let watching = watching.clone();
+        std::thread::spawn(move || {
+            let mut peak = vec![0u64; pids.len()];
+            while watching.load(Ordering::Relaxed) {
+                for (seen, pid) in peak.iter_mut().zip(&pids) {
+                    *seen = (*seen).max(peak_rss(*pid));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let status = wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    watching.store(false, Ordering::Relaxed);
+    let peaks = watcher.join().unwrap();
+    println!(
+        "2 GiB in {} map tasks; worker peak RSS {:?} MiB",
+        status.maps,
+        peaks.iter().map(|p| p >> 20).collect::<Vec<_>>()
+    );
+    assert!(status.maps >= 32, "only {} map tasks", status.maps);
+    assert_eq!(env.output("out"), expected);
+    for peak in peaks {
+        assert!(
+            peak > 0 && peak < 256 << 20,
+            "a worker peaked at {} MiB",
+            peak >> 20
+        );
+    }
+}
