@@ -59,39 +59,7 @@ pub enum AppError {
     Failed(String),
 }
 
-/// Per-key counts a counting map ([`App::counts`]) adds to: one table per map task, so a key is
-/// allocated once per task however often it occurs, and adding is one hash and one compare.
-#[derive(Default)]
-pub struct Counts {
-    table: std::collections::HashMap<Box<str>, u64, foldhash::fast::FixedState>,
-}
-
-impl Counts {
-    /// Adds `n` to `key`'s count.
-    pub fn add(&mut self, key: &str, n: u64) {
-        match self.table.get_mut(key) {
-            Some(count) => *count += n,
-            None => {
-                self.table.insert(key.into(), n);
-            }
-        }
-    }
-
-    /// Every key with its total, in no particular order.
-    pub fn into_pairs(self) -> impl Iterator<Item = (Box<str>, u64)> {
-        self.table.into_iter()
-    }
-
-    /// Number of distinct keys.
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
-    /// Whether nothing was counted.
-    pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
-    }
-}
+pub use crate::mr::counts::Counts;
 
 /// Receives the pairs a map call produces; takes borrowed strings so a combining runner only allocates
 /// for keys it has not seen yet.

@@ -13,9 +13,14 @@ use crate::mr::{partition, records, MrError};
 /// the number of distinct keys rather than the input size.
 const COMBINE_EVERY: usize = 64;
 
-/// Text of a chunk of input; invalid UTF-8 is replaced rather than failing the whole job.
+/// Text of a chunk of input; invalid UTF-8 is replaced rather than failing the whole job. The strict
+/// check first: it is several times faster than the lossy one on valid text, which input nearly
+/// always is.
 fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(bytes)
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 /// Runs `app`'s map over the lines of `input` that start in `[offset, offset + length)` (see

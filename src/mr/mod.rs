@@ -21,6 +21,7 @@ pub mod client;
 pub mod coordinator;
 pub mod coordinator_service;
 pub mod corpus;
+pub mod counts;
 pub mod exec;
 pub mod fsutil;
 pub mod job;

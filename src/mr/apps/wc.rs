@@ -38,7 +38,9 @@ impl App for WordCount {
         contents: &str,
         counts: &mut Counts,
     ) -> Result<(), AppError> {
-        super::for_each_word(contents, |word| counts.add(word, 1));
+        super::word_spans(contents, |start, end| {
+            counts.add_within(contents, start, end, 1)
+        });
         Ok(())
     }
 
