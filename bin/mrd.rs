@@ -3,6 +3,7 @@
 //! what the operator must fix first (a flag, a certificate, a refused identity or handshake), 1 for
 //! anything else.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -259,9 +260,11 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
-fn print_job(job: &pb::JobStatus, tasks: bool) {
+/// Writes one job's status to `out`; an error is the reader going away (`mrd status | head`).
+fn print_job(out: &mut impl Write, job: &pb::JobStatus, tasks: bool) -> std::io::Result<()> {
     let spec = job.spec.clone().unwrap_or_default();
-    println!(
+    writeln!(
+        out,
         "job {} [{}] app={} inputs={} maps {}/{} reduces {}/{} shuffle={} output={}",
         job.id,
         state_name(job.state),
@@ -277,9 +280,9 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
             "shared-dir"
         },
         spec.output_dir,
-    );
+    )?;
     if !job.error.is_empty() {
-        println!("  error: {}", job.error);
+        writeln!(out, "  error: {}", job.error)?;
     }
     if !tasks {
         // One character per task: `#` done, `r` running, `.` waiting.
@@ -297,10 +300,10 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
                     _ => '.',
                 })
                 .collect();
-            println!("  {name:<8}{line}");
+            writeln!(out, "  {name:<8}{line}")?;
         }
         if job.tasks_truncated {
-            println!("  (only the first {} tasks shown)", job.tasks.len());
+            writeln!(out, "  (only the first {} tasks shown)", job.tasks.len())?;
         }
     } else {
         for task in &job.tasks {
@@ -309,12 +312,14 @@ fn print_job(job: &pb::JobStatus, tasks: bool) {
             } else {
                 "reduce"
             };
-            println!(
+            writeln!(
+                out,
                 "  {kind:<6} {:>5} {:<8} runs={} {}",
                 task.index, task.state, task.runs, task.worker
-            );
+            )?;
         }
     }
+    Ok(())
 }
 
 /// Stops the metrics server when the coordinator stops.
@@ -583,8 +588,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if jobs.is_empty() {
                 println!("no jobs");
             }
+            let mut out = std::io::stdout().lock();
             for status in &jobs {
-                print_job(status, job.is_some());
+                match print_job(&mut out, status, job.is_some()) {
+                    // The reader stopped reading (`| head`): not an error of ours.
+                    Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    other => other.context("writing the status")?,
+                }
             }
         }
         Command::Sequential { job, output, files } => {

@@ -1006,7 +1006,17 @@ fn job_paths_must_lie_under_a_data_root_and_outputs_must_be_new() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "two jobs share an output directory");
     assert!(stderr.contains("already the output of job"), "{stderr}");
-    let spec = jobs(&coord.addr).remove(0).spec.unwrap();
+    // The inputs are listed when one job is asked for.
+    let id = jobs(&coord.addr).remove(0).id;
+    let spec = runtime()
+        .block_on(async {
+            let mut c = client::connect(&coord.addr, PLAIN).await?;
+            client::status(&mut c, Some(id), true).await
+        })
+        .unwrap()
+        .remove(0)
+        .spec
+        .unwrap();
     let canonical = std::fs::canonicalize(&root).unwrap();
     assert_eq!(spec.output_dir, canonical.join("new-out").to_string_lossy());
     assert_eq!(

@@ -108,6 +108,21 @@ pub trait App: Send + Sync {
         false
     }
 
+    /// Whether an input file may be cut into several map tasks ([`JobSpec::splits`]
+    /// (crate::mr::job::JobSpec::splits)), each seeing only the lines that start in its byte range.
+    /// False (the default) for apps whose map needs a whole file: grep numbers lines from the file's
+    /// start, and the 6.824 test apps count map calls per file.
+    fn splittable(&self) -> bool {
+        false
+    }
+
+    /// Whether [`App::map`] may be called several times per task, on consecutive chunks of whole lines
+    /// (8 MiB each), which bounds a task's memory by the chunk rather than by its split. False (the
+    /// default) gives each map call the task's whole split, as a streaming mapper process expects.
+    fn map_in_chunks(&self) -> bool {
+        false
+    }
+
     /// Whether this app's map only counts: it emits `(key, n)` pairs whose values reduce sums, and
     /// [`App::map_counts`] adds them to a table directly. The runner then keeps one table per task
     /// instead of strings per pair, which is what lets word count run at disk speed.

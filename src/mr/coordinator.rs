@@ -151,6 +151,18 @@ impl JobRecord {
             .resize(self.spec.n_reduce as usize, TaskRecord::default());
     }
 
+    /// Called once the stored task records are filled in: a job whose every reduce is done is done,
+    /// even if the header saying so never reached the disk (it would otherwise wait forever, and
+    /// every job queued behind it).
+    pub fn settle(&mut self) {
+        if !self.state.finished()
+            && !self.reduces.is_empty()
+            && self.reduces.iter().all(|t| t.done.is_some())
+        {
+            self.state = JobState::Done;
+        }
+    }
+
     /// Number of map tasks.
     pub fn n_map(&self) -> u32 {
         self.maps.len() as u32

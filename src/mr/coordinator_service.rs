@@ -78,7 +78,13 @@ impl CoordinatorService {
             });
             *slot.ok_or_else(|| corrupt("no such task".into()))? = task;
         }
-        let records: Vec<JobRecord> = records.into_values().collect();
+        let records: Vec<JobRecord> = records
+            .into_values()
+            .map(|mut record| {
+                record.settle();
+                record
+            })
+            .collect();
         for record in &records {
             if !record.state.finished() {
                 tracing::info!(
@@ -196,7 +202,9 @@ fn pb_kind(kind: TaskKind) -> pb::TaskKind {
     }
 }
 
-fn job_status(view: JobView<'_>, with_tasks: bool) -> pb::JobStatus {
+/// One job's status with at most `rows` task rows (0: none) and, with `inputs`, its input list.
+fn job_status(view: JobView<'_>, rows: usize, inputs: bool) -> pb::JobStatus {
+    let with_tasks = rows > 0;
     let record = view.record;
     let (state, error) = match &record.state {
         JobState::Queued => (pb::JobState::Queued, String::new()),
@@ -214,7 +222,7 @@ fn job_status(view: JobView<'_>, with_tasks: bool) -> pb::JobStatus {
             break;
         }
         for (index, (task, running)) in records.iter().zip(running).enumerate() {
-            if tasks.len() >= MAX_STATUS_TASKS {
+            if tasks.len() >= rows {
                 break;
             }
             let (state, worker) = match (&task.done, running) {
@@ -235,7 +243,7 @@ fn job_status(view: JobView<'_>, with_tasks: bool) -> pb::JobStatus {
         id: record.id,
         // The inputs only in the detailed view, and only if few: they can be a million paths.
         spec: Some(pb::JobSpec::from(
-            &if with_tasks && record.spec.inputs.len() <= MAX_STATUS_TASKS {
+            &if inputs && record.spec.inputs.len() <= MAX_STATUS_TASKS {
                 record.spec.clone()
             } else {
                 record.spec.without_inputs()
@@ -311,11 +319,23 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let request = request.into_inner();
         let wanted = request.job_id;
         let state = self.lock();
-        let jobs: Vec<pb::JobStatus> = state
+        // At most MAX_STATUS_TASKS task rows in the whole reply, newest jobs first in line for them,
+        // and inputs only for one job asked for by id: however many big jobs there are, the reply
+        // stays far under gRPC's 4 MiB.
+        let mut budget = if request.tasks { MAX_STATUS_TASKS } else { 0 };
+        let mut jobs: Vec<pb::JobStatus> = state
             .jobs()
             .filter(|view| wanted == 0 || view.record.id == wanted)
-            .map(|view| job_status(view, request.tasks))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .map(|view| {
+                let status = job_status(view, budget, wanted != 0);
+                budget -= status.tasks.len();
+                status
+            })
             .collect();
+        jobs.reverse();
         if wanted != 0 && jobs.is_empty() {
             return Err(Status::not_found(format!("no job {wanted}")));
         }

@@ -12,7 +12,7 @@
 /// Key bytes held inline.
 const INLINE: usize = 16;
 /// An empty slot's `len`.
-const EMPTY: u32 = u32::MAX;
+const EMPTY: u64 = u64::MAX;
 /// `long` of a key that fits inline.
 const NO_LONG: u32 = u32::MAX;
 
@@ -22,7 +22,7 @@ struct Slot {
     k0: u64,
     k1: u64,
     /// Key length, or [`EMPTY`].
-    len: u32,
+    len: u64,
     /// Index into `Counts::long` of the whole key, when longer than [`INLINE`].
     long: u32,
     count: u64,
@@ -116,7 +116,7 @@ impl Counts {
             }
             if slot.k0 == k0
                 && slot.k1 == k1
-                && slot.len as usize == len
+                && slot.len == len as u64
                 && (slot.long == NO_LONG
                     || self.long[slot.long as usize].as_bytes() == &bytes[start..end])
             {
@@ -134,7 +134,7 @@ impl Counts {
         self.slots[i] = Slot {
             k0,
             k1,
-            len: u32::try_from(len).unwrap_or(EMPTY - 1),
+            len: len as u64,
             long,
             count: n,
         };

@@ -36,6 +36,9 @@ pub fn run_map(
     n_reduce: u32,
 ) -> Result<Vec<Vec<u8>>, MrError> {
     let mut reader = SplitReader::open(input, offset, length)?;
+    if !app.map_in_chunks() && !app.counts() {
+        reader = reader.whole();
+    }
     let mut chunk = Vec::new();
     let filename = input.to_string_lossy();
     let mut partitions = vec![Vec::new(); n_reduce.max(1) as usize];
@@ -158,6 +161,37 @@ mod tests {
         let mut out = Vec::new();
         run_reduce(&Chars, pairs, &mut out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "a 1000\nb 1000\n");
+    }
+
+    /// Issue #17 review: inputs past one chunk. grep's line numbers run on from the file's start (it
+    /// gets its file whole), and indexer names a document once however many chunks it was read in.
+    #[test]
+    fn apps_see_a_file_bigger_than_a_chunk_as_they_expect() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("big.txt");
+        let line = "filler words here\n";
+        let lines = crate::mr::split::CHUNK / line.len() + 10;
+        let mut text = line.repeat(lines);
+        text.push_str("needle\n");
+        std::fs::write(&input, &text).unwrap();
+        let run = |name: &str, args: &[String]| {
+            let app = app::build(name, args).unwrap();
+            let mut pairs = Vec::new();
+            for partition in run_map(app.as_ref(), &input, 0, u64::MAX, 1).unwrap() {
+                records::decode_into(&partition, "test", &mut pairs).unwrap();
+            }
+            let mut out = Vec::new();
+            run_reduce(app.as_ref(), pairs, &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let found = run("grep", &["pattern=needle".into()]);
+        assert!(
+            found.ends_with(&format!(":{:010} needle\n", lines + 1)),
+            "{found}"
+        );
+        let index = run("indexer", &[]);
+        let name = input.to_string_lossy();
+        assert!(index.contains(&format!("filler 1 {name}\n")), "{index}");
     }
 
     #[test]

@@ -112,10 +112,18 @@ impl JobSpec {
     }
 
     /// Cuts every input into [`Split`]s of the split size, by the files' sizes now (the map tasks
-    /// find the line boundaries). An empty file is one empty split, so every input is at least one map
-    /// task. Refuses a job of more than [`MAX_MAPS`] tasks.
+    /// find the line boundaries); one split per file for apps that are not
+    /// [splittable](crate::mr::app::App::splittable). Every file's last split reads to the end of the
+    /// file, so lines appended after submission are still read, once. An empty file is one split, so
+    /// every input is at least one map task. Refuses a job of more than [`MAX_MAPS`] tasks.
     pub fn splits(&self) -> Result<Vec<Split>, MrError> {
-        let size = self.effective_split_size();
+        let app = app::build(&self.app, &self.args)
+            .map_err(|err| MrError::InvalidJob(err.to_string()))?;
+        let size = if app.splittable() {
+            self.effective_split_size()
+        } else {
+            u64::MAX
+        };
         let mut splits = Vec::with_capacity(self.inputs.len());
         for (input, path) in self.inputs.iter().enumerate() {
             let len = std::fs::metadata(path)
@@ -133,11 +141,10 @@ impl JobSpec {
                 )));
             }
             for piece in 0..pieces {
-                let offset = piece * size;
                 splits.push(Split {
                     input,
-                    offset,
-                    length: size.min(len.saturating_sub(offset)),
+                    offset: piece * size,
+                    length: if piece + 1 == pieces { u64::MAX } else { size },
                 });
             }
         }
@@ -336,10 +343,23 @@ mod tests {
             .iter()
             .map(|s| (s.input, s.offset, s.length))
             .collect();
+        let to_end = u64::MAX;
         assert_eq!(
             cut,
-            vec![(0, 0, 1000), (0, 1000, 1000), (0, 2000, 500), (1, 0, 0)]
+            vec![
+                (0, 0, 1000),
+                (0, 1000, 1000),
+                (0, 2000, to_end),
+                (1, 0, to_end)
+            ]
         );
+        // grep numbers lines from the file's start: one split per file.
+        let grep = JobSpec {
+            app: "grep".into(),
+            args: vec!["pattern=x".into()],
+            ..spec.clone()
+        };
+        assert_eq!(grep.splits().unwrap().len(), 2);
         let err = spec.clone().with_split_size(1).splits();
         assert!(err.is_ok(), "2,501 tasks are allowed");
         assert!(spec.without_inputs().inputs.is_empty());

@@ -18,6 +18,8 @@ pub const CHUNK: usize = 8 << 20;
 
 /// The lines of one split, a chunk at a time.
 pub struct SplitReader {
+    /// Bytes per chunk (more only if one line is longer).
+    chunk: usize,
     reader: BufReader<File>,
     path: std::path::PathBuf,
     /// Offset of the next unread byte.
@@ -31,23 +33,49 @@ impl SplitReader {
     pub fn open(path: &Path, offset: u64, length: u64) -> Result<SplitReader, MrError> {
         let file = File::open(path).map_err(MrError::io(path))?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
+        let end = offset.saturating_add(length);
         let mut pos = offset;
         if offset > 0 {
             reader
                 .seek(SeekFrom::Start(offset - 1))
                 .map_err(MrError::io(path))?;
-            let mut skipped = Vec::new();
-            let n = reader
-                .read_until(b'\n', &mut skipped)
-                .map_err(MrError::io(path))?;
-            pos = offset - 1 + n as u64;
+            pos = offset - 1;
+            // Past the line that started before us, looking no further than our end: a line that
+            // starts there is not ours either, and a file without newlines must not be read to its
+            // end by every split.
+            while pos < end {
+                let buf = reader.fill_buf().map_err(MrError::io(path))?;
+                if buf.is_empty() {
+                    break;
+                }
+                let window = buf.len().min((end - pos) as usize);
+                match memchr::memchr(b'\n', &buf[..window]) {
+                    Some(at) => {
+                        reader.consume(at + 1);
+                        pos += at as u64 + 1;
+                        break;
+                    }
+                    None => {
+                        reader.consume(window);
+                        pos += window as u64;
+                    }
+                }
+            }
         }
         Ok(SplitReader {
+            chunk: CHUNK,
             reader,
             path: path.to_path_buf(),
             pos,
-            end: offset.saturating_add(length),
+            end,
         })
+    }
+
+    /// The same reader handing out its whole split as one chunk (for apps that want a split in one
+    /// map call).
+    pub fn whole(mut self) -> SplitReader {
+        self.chunk = usize::MAX;
+        self
     }
 
     /// Replaces `buf` with the next whole lines, about [`CHUNK`] bytes of them; false once the split is
@@ -55,7 +83,7 @@ impl SplitReader {
     /// a UTF-8 character.
     pub fn next_chunk(&mut self, buf: &mut Vec<u8>) -> Result<bool, MrError> {
         buf.clear();
-        while buf.len() < CHUNK && self.pos < self.end {
+        while buf.len() < self.chunk && self.pos < self.end {
             let n = self
                 .reader
                 .read_until(b'\n', buf)
@@ -98,5 +126,20 @@ mod tests {
             }
             assert_eq!(joined, text, "split size {size}");
         }
+    }
+
+    #[test]
+    fn a_split_inside_one_long_line_reads_no_further_than_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in");
+        std::fs::write(&path, vec![b'x'; 1 << 20]).unwrap();
+        let mut reader = SplitReader::open(&path, 1000, 1000).unwrap();
+        assert_eq!(reader.pos, 2000, "stopped at its end, not the file's");
+        assert!(!reader.next_chunk(&mut Vec::new()).unwrap());
+        assert_eq!(
+            read_all(&path, 0, 1000).len(),
+            1 << 20,
+            "the first split owns the line"
+        );
     }
 }

@@ -67,6 +67,9 @@ enum Outcome {
     /// The coordinator refused this attempt's commit (it is no longer the current one): its output
     /// was discarded and there is nothing to report.
     NotCommitted,
+    /// The coordinator could not be asked what the task needed: nothing is reported, the task times
+    /// out and runs again.
+    Abandoned(String),
 }
 
 struct Worker {
@@ -277,6 +280,10 @@ impl Worker {
             Outcome::FetchFailed(missing) => tracing::warn!(
                 worker = %self.id, job = job_id, index = task.index, ?missing, "map outputs unavailable"
             ),
+            Outcome::Abandoned(why) => {
+                tracing::warn!(worker = %self.id, job = job_id, index = task.index, %why, "task given up");
+                return;
+            }
             Outcome::NotCommitted => {
                 tracing::warn!(
                     worker = %self.id, job = job_id, index = task.index, attempt = task.attempt,
@@ -339,15 +346,12 @@ impl Worker {
     async fn gather(
         &mut self,
         task: &Task,
+        locations: &[String],
     ) -> Result<Result<Vec<(String, String)>, Vec<(u32, String)>>, MrError> {
         let mut pairs = Vec::new();
         let mut missing = Vec::new();
         // A worker that failed one fetch (after retries) is presumed gone: don't wait on it again.
         let mut dead: HashSet<String> = HashSet::new();
-        let locations = match task.spec.shuffle {
-            ShuffleMode::SharedDir => Vec::new(),
-            ShuffleMode::Grpc => self.locations(task).await?,
-        };
         for map in 0..task.n_map {
             let name = intermediate_name(task.job_id, map, task.index);
             let (addr, data) = match task.spec.shuffle {
@@ -400,7 +404,16 @@ impl Worker {
     }
 
     async fn run_reduce(&mut self, task: &Task) -> Outcome {
-        let pairs = match self.gather(task).await {
+        // Trouble reaching the coordinator is not the app failing: give the task up (it times out and
+        // runs again) rather than count it towards failing the job.
+        let locations = match task.spec.shuffle {
+            ShuffleMode::SharedDir => Vec::new(),
+            ShuffleMode::Grpc => match self.locations(task).await {
+                Ok(locations) => locations,
+                Err(err) => return Outcome::Abandoned(format!("reading map locations: {err}")),
+            },
+        };
+        let pairs = match self.gather(task, &locations).await {
             Ok(Ok(pairs)) => pairs,
             Ok(Err(missing)) => return Outcome::FetchFailed(missing),
             Err(err) => return Outcome::Failed(err.to_string()),
@@ -425,7 +438,7 @@ impl Worker {
                 drop(staged);
                 return Outcome::NotCommitted;
             }
-            Err(err) => return Outcome::Failed(format!("asking to commit: {err}")),
+            Err(err) => return Outcome::Abandoned(format!("asking to commit: {err}")),
         }
         finish(tokio::task::spawn_blocking(move || staged.commit()).await)
     }
@@ -433,16 +446,20 @@ impl Worker {
     /// Where every map task's output lives, read from the coordinator a page at a time.
     async fn locations(&mut self, task: &Task) -> Result<Vec<String>, MrError> {
         let mut locations = Vec::with_capacity(task.n_map as usize);
+        let give_up = Instant::now() + self.config.unreachable_timeout.max(Duration::from_secs(1));
         while locations.len() < task.n_map as usize {
-            let page = self
-                .client
-                .map_locations(pb::LocationsRequest {
-                    job_id: task.job_id,
-                    start: locations.len() as u32,
-                })
-                .await?
-                .into_inner()
-                .addrs;
+            let request = pb::LocationsRequest {
+                job_id: task.job_id,
+                start: locations.len() as u32,
+            };
+            let page = match self.client.map_locations(request).await {
+                Ok(reply) => reply.into_inner().addrs,
+                Err(status) if transient(&status) && Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(status) => return Err(status.into()),
+            };
             if page.is_empty() {
                 break;
             }
@@ -505,7 +522,7 @@ impl Worker {
                     .map(|(map_index, addr)| pb::MapLocation { map_index, addr })
                     .collect();
             }
-            Outcome::NotCommitted => return,
+            Outcome::NotCommitted | Outcome::Abandoned(_) => return,
         }
         let give_up = Instant::now() + self.config.unreachable_timeout.max(Duration::from_secs(1));
         loop {

@@ -19,7 +19,17 @@ impl App for Indexer {
     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, AppError> {
         let mut docs: Vec<&str> = values.iter().map(String::as_str).collect();
         docs.sort_unstable();
+        // A document read as several splits or chunks names itself once per piece.
+        docs.dedup();
         Ok(format!("{} {}", docs.len(), docs.join(",")))
+    }
+
+    fn splittable(&self) -> bool {
+        true
+    }
+
+    fn map_in_chunks(&self) -> bool {
+        true
     }
 }
 
@@ -36,7 +46,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(pairs.len(), 2);
-        let docs = vec!["/d2".to_string(), "/d1".to_string()];
+        let docs = vec!["/d2".to_string(), "/d1".to_string(), "/d2".to_string()];
         assert_eq!(Indexer.reduce("cat", &docs).unwrap(), "2 /d1,/d2");
     }
 }

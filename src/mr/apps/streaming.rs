@@ -67,6 +67,11 @@ fn run(
 }
 
 impl App for Streaming {
+    /// Like Hadoop Streaming: a mapper process per split, fed the split whole.
+    fn splittable(&self) -> bool {
+        true
+    }
+
     fn map(&self, filename: &str, contents: &str, emit: &mut Emit<'_>) -> Result<(), AppError> {
         let mut output = Vec::new();
         run(

@@ -32,6 +32,14 @@ impl App for WordCount {
         true
     }
 
+    fn splittable(&self) -> bool {
+        true
+    }
+
+    fn map_in_chunks(&self) -> bool {
+        true
+    }
+
     fn map_counts(
         &self,
         _filename: &str,
