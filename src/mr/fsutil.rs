@@ -67,17 +67,25 @@ pub fn stage(
 impl Staged {
     /// Renames the file into place (and, durable, fsyncs the directory). Fails if the temporary file
     /// is gone, e.g. removed by a later job's `--overwrite`: nothing is then published.
-    pub fn commit(mut self) -> Result<(), MrError> {
+    pub fn commit(self) -> Result<(), MrError> {
+        let durable = self.durable;
+        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        self.rename_into_place()?;
+        if durable {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// [`Staged::commit`] without the directory fsync, for a caller publishing several files into
+    /// one directory and then fsyncing it once ([`sync_dir`]).
+    pub fn rename_into_place(mut self) -> Result<(), MrError> {
         self.done = true;
         let result = std::fs::rename(&self.tmp, &self.path).map_err(MrError::io(&self.path));
         if result.is_err() {
             let _ = std::fs::remove_file(&self.tmp);
         }
-        result?;
-        if self.durable {
-            sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
-        }
-        Ok(())
+        result
     }
 }
 

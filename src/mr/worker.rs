@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::mr::fsutil::{self, write_atomic, Staged};
+use crate::mr::fsutil::{self, Staged};
 use crate::mr::job::{intermediate_name, JobSpec, ShuffleMode};
 use crate::mr::shuffle::{self, Fetcher};
 use crate::mr::{app, exec, records, MrError};
@@ -81,6 +81,9 @@ struct Worker {
     fetcher: Fetcher,
     last_job: u64,
 }
+
+/// How soon a worker told to wait asks again.
+const WAIT_POLL: Duration = Duration::from_millis(20);
 
 /// Transport trouble (coordinator down or restarting) as opposed to the coordinator refusing a request
 /// or this worker's identity (which no retry fixes).
@@ -190,8 +193,10 @@ impl Worker {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 Ok(pb::Action::Wait) => {
+                    // A running job's next task (the reduces after the last map) comes soon: ask
+                    // again shortly, a cheap call, rather than leave a core idle for 100 ms.
                     backoff = Duration::from_millis(100);
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(WAIT_POLL).await;
                 }
                 Ok(pb::Action::Run) => {
                     backoff = Duration::from_millis(100);
@@ -327,14 +332,22 @@ impl Worker {
         let result = tokio::task::spawn_blocking(move || -> Result<(), MrError> {
             let app = app::build(&app_name, &args)?;
             let partitions = exec::run_map(app.as_ref(), &input, offset, length, n_reduce)?;
+            let mut staged = Vec::with_capacity(partitions.len());
             for (reduce, data) in partitions.iter().enumerate() {
                 let path = dir.join(intermediate_name(job_id, index, reduce as u32));
                 // Sealed: a reducer must never take a cut-short file for a whole one.
-                write_atomic(&path, durable, |w| {
+                staged.push(fsutil::stage(&path, durable, |w| {
                     w.write_all(data).map_err(MrError::io(&path))?;
                     w.write_all(&records::seal(data))
                         .map_err(MrError::io(&path))
-                })?;
+                })?);
+            }
+            // Every file in place, then the directory made durable once rather than once per file.
+            for file in staged {
+                file.rename_into_place()?;
+            }
+            if durable {
+                fsutil::sync_dir(&dir)?;
             }
             Ok(())
         })
