@@ -7,6 +7,8 @@ mod ports;
 mod replicas;
 #[path = "support/scrape.rs"]
 mod scrape;
+#[path = "support/signals.rs"]
+mod signals;
 #[path = "support/tls.rs"]
 mod tls;
 
@@ -19,6 +21,7 @@ use ds824::proto::kv as pb;
 use ds824::proto::kv::kv_client::KvClient;
 use ports::free_port;
 use replicas::{Replicas, Role, WAIT};
+use signals::signal;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -931,14 +934,6 @@ fn rss_bytes(pid: u32) -> u64 {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
-}
-
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {signal} {pid}");
 }
 
 /// Admission, not step-down (#12): followers that are alive but slow (each stopped 200 ms of every

@@ -9,9 +9,12 @@
 mod ports;
 #[path = "support/scrape.rs"]
 mod scrape;
+#[path = "support/signals.rs"]
+mod signals;
 #[path = "support/tls.rs"]
 mod tls;
 
+use signals::signal;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -1374,14 +1377,6 @@ fn forty_thousand_inputs_complete_and_a_task_costs_no_more_than_in_a_small_job()
         per_task[1] <= per_task[0] * 1.25,
         "bytes per task grew with the job: {per_task:?}"
     );
-}
-
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {signal} {pid}");
 }
 
 /// The reduce tasks of `status` running on the worker process `pid`.

@@ -562,6 +562,23 @@ impl Coordinator {
             .collect())
     }
 
+    /// The index of task `index` of `kind` in job `job_id`, or why a worker's message names nothing.
+    fn locate(&self, job_id: u64, kind: TaskKind, index: u32) -> Result<usize, ReportError> {
+        let job = self
+            .jobs
+            .get(&job_id)
+            .ok_or(ReportError::NoSuchJob(job_id))?;
+        if (index as usize) < job.record.tasks(kind).len() {
+            Ok(index as usize)
+        } else {
+            Err(ReportError::NoSuchTask {
+                job: job_id,
+                kind,
+                index,
+            })
+        }
+    }
+
     /// Whether `worker` may move the output of `attempt` into place (an output committer, as
     /// Hadoop's): only the current attempt of a task not yet done, of a job still running. A straggler
     /// that timed out, or whose job ended (perhaps followed by another job writing the same directory),
@@ -574,18 +591,9 @@ impl Coordinator {
         worker: &str,
         attempt: u64,
     ) -> Result<bool, ReportError> {
-        let job = self
-            .jobs
-            .get(&job_id)
-            .ok_or(ReportError::NoSuchJob(job_id))?;
-        let i = index as usize;
-        let Some(task) = job.record.tasks(kind).get(i) else {
-            return Err(ReportError::NoSuchTask {
-                job: job_id,
-                kind,
-                index,
-            });
-        };
+        let i = self.locate(job_id, kind, index)?;
+        let job = &self.jobs[&job_id];
+        let task = &job.record.tasks(kind)[i];
         Ok(!job.record.state.finished()
             && task.done.is_none()
             && job.running(kind)[i]
@@ -606,18 +614,11 @@ impl Coordinator {
         attempt: u64,
         outcome: Outcome,
     ) -> Result<bool, ReportError> {
+        let i = self.locate(job_id, kind, index)?;
         let job = self
             .jobs
             .get_mut(&job_id)
             .ok_or(ReportError::NoSuchJob(job_id))?;
-        let i = index as usize;
-        if i >= job.record.tasks(kind).len() {
-            return Err(ReportError::NoSuchTask {
-                job: job_id,
-                kind,
-                index,
-            });
-        }
         if job.record.state.finished() || job.record.tasks(kind)[i].done.is_some() {
             // A duplicate or a straggler from before a re-execution: the first completion already won.
             return Ok(false);
