@@ -613,6 +613,15 @@ fn coordinator_sigkill_resumes_job() {
     wait_job(&env, &coord.addr, id);
     wait_all(&mut workers);
     assert_eq!(env.output("out"), expected);
+    // Killed again once the job is done: it comes back done, every task with it (the header, the
+    // job's state and each task record are stored apart).
+    let mut coord = coord;
+    coord.child.kill().unwrap();
+    coord.child.wait().unwrap();
+    let coord = env.coordinator_with(&addr, "10s", &["--allow-apps", "crash"]);
+    let after = wait_until(&env, &coord.addr, id, "restarted coordinator", |_| true);
+    assert_eq!(after.state, pb::JobState::Done as i32);
+    assert_eq!((after.maps_done, after.reduces_done), (8, 10));
 }
 
 #[test]

@@ -268,12 +268,15 @@ pub struct Task {
 /// few hundred KiB, far under gRPC's 4 MiB message limit.
 pub const LOCATIONS_PAGE: usize = 8192;
 
-/// What changed durably since the last [`Coordinator::take_changed`]: job headers and single task
-/// records, for the caller to persist before it answers.
+/// What changed durably since the last [`Coordinator::take_changed`], for the caller to persist
+/// before it answers: the headers of new jobs (written once: they hold every input and split), job
+/// states and single task records (a few dozen bytes each).
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// Headers ([`JobRecord::header`]) of jobs submitted or whose state changed.
+    /// Headers ([`JobRecord::header`]) of jobs just submitted.
     pub jobs: Vec<JobRecord>,
+    /// Jobs whose state changed, with the new state.
+    pub states: Vec<(u64, JobState)>,
     /// Task records that changed: (job, kind, index, record).
     pub tasks: Vec<(u64, TaskKind, u32, TaskRecord)>,
 }
@@ -281,7 +284,7 @@ pub struct Changes {
 impl Changes {
     /// Whether nothing needs persisting.
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty() && self.tasks.is_empty()
+        self.jobs.is_empty() && self.states.is_empty() && self.tasks.is_empty()
     }
 }
 
@@ -361,7 +364,9 @@ pub struct Coordinator {
     next_attempt: u64,
     timeout: Duration,
     max_attempts: u32,
-    /// Jobs whose header changed, for the caller to persist ([`Coordinator::take_changed`]).
+    /// Jobs submitted, whose header the caller must persist ([`Coordinator::take_changed`]).
+    submitted: std::collections::BTreeSet<u64>,
+    /// Jobs whose state changed, likewise.
     dirty_jobs: std::collections::BTreeSet<u64>,
     /// Task records that changed, likewise.
     dirty_tasks: std::collections::BTreeSet<(u64, TaskKind, u32)>,
@@ -388,6 +393,7 @@ impl Coordinator {
             next_attempt,
             timeout,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            submitted: Default::default(),
             dirty_jobs: Default::default(),
             dirty_tasks: Default::default(),
         }
@@ -404,9 +410,14 @@ impl Coordinator {
     /// restart. Task records are small, so this costs O(1) per task however big the job.
     pub fn take_changed(&mut self) -> Changes {
         let mut changes = Changes::default();
-        for id in std::mem::take(&mut self.dirty_jobs) {
+        for id in std::mem::take(&mut self.submitted) {
             if let Some(job) = self.jobs.get(&id) {
                 changes.jobs.push(job.record.header());
+            }
+        }
+        for id in std::mem::take(&mut self.dirty_jobs) {
+            if let Some(job) = self.jobs.get(&id) {
+                changes.states.push((id, job.record.state.clone()));
             }
         }
         for (id, kind, index) in std::mem::take(&mut self.dirty_tasks) {
@@ -419,6 +430,21 @@ impl Coordinator {
             }
         }
         changes
+    }
+
+    /// Marks `changes` as still to persist (storing them failed), so the next
+    /// [`Coordinator::take_changed`] returns them again rather than a later answer passing for durable.
+    pub fn requeue(&mut self, changes: &Changes) {
+        self.submitted
+            .extend(changes.jobs.iter().map(|header| header.id));
+        self.dirty_jobs
+            .extend(changes.states.iter().map(|(id, _)| *id));
+        self.dirty_tasks.extend(
+            changes
+                .tasks
+                .iter()
+                .map(|(id, kind, index, _)| (*id, *kind, *index)),
+        );
     }
 
     /// Queues a job whose inputs are cut into `splits` ([`JobSpec::splits`]) and returns its id; the
@@ -434,7 +460,7 @@ impl Coordinator {
             splits,
         };
         self.jobs.insert(id, Job::new(record));
-        self.dirty_jobs.insert(id);
+        self.submitted.insert(id);
         id
     }
 
@@ -988,7 +1014,7 @@ mod tests {
             "{:?}",
             c.record(deadly).unwrap().state
         );
-        assert!(c.take_changed().jobs.iter().any(|r| r.id == deadly));
+        assert!(c.take_changed().states.iter().any(|(id, _)| *id == deadly));
         // Restored from that record, the job stays failed.
         let saved = c.record(deadly).unwrap().clone();
         let restarted = Coordinator::restore([saved], TIMEOUT);
@@ -1061,7 +1087,14 @@ mod tests {
                 .unwrap();
             // One completion, one small record to write.
             let changes = c.take_changed();
-            assert_eq!((changes.jobs.len(), changes.tasks.len()), (0, 1));
+            assert_eq!(
+                (
+                    changes.jobs.len(),
+                    changes.states.len(),
+                    changes.tasks.len()
+                ),
+                (0, 0, 1)
+            );
         }
         let pages: Vec<usize> = [0, LOCATIONS_PAGE, 2 * LOCATIONS_PAGE, maps]
             .iter()
@@ -1088,5 +1121,21 @@ mod tests {
         let mut restarted = Coordinator::restore([header], TIMEOUT);
         let next = run(restarted.assign(&worker("b"), now));
         assert_eq!((next.kind, next.index), (TaskKind::Map, 1));
+    }
+
+    #[test]
+    fn changes_that_could_not_be_stored_come_back_with_the_next() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(1, 1));
+        let map = run(c.assign(&worker("a"), now));
+        c.report(id, TaskKind::Map, 0, "a", map.attempt, ok("a:1"))
+            .unwrap();
+        let failed = c.take_changed();
+        assert_eq!((failed.jobs.len(), failed.tasks.len()), (1, 1));
+        c.requeue(&failed);
+        let again = c.take_changed();
+        assert_eq!((again.jobs.len(), again.tasks.len()), (1, 1));
+        assert!(c.take_changed().is_empty());
     }
 }

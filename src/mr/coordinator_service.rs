@@ -37,6 +37,8 @@ pub struct CoordinatorService {
     jobs: sled::Tree,
     /// (job id, kind, index) → [`TaskRecord`] (JSON), see [`task_key`].
     tasks: sled::Tree,
+    /// Job id → [`JobState`] (JSON), newer than the header's.
+    states: sled::Tree,
     admission: Admission,
     guard: Guard,
     /// Bytes of task messages sent (`mr_task_message_bytes`).
@@ -57,6 +59,7 @@ impl CoordinatorService {
         let db = sled::open(data_dir.join("coordinator.sled"))?;
         let jobs = db.open_tree("jobs")?;
         let tasks = db.open_tree("tasks")?;
+        let states = db.open_tree("states")?;
         let mut records = std::collections::BTreeMap::new();
         for entry in jobs.iter() {
             let (key, value) = entry?;
@@ -64,6 +67,19 @@ impl CoordinatorService {
                 .map_err(|err| MrError::CorruptState(format!("job key {key:?}: {err}")))?;
             record.normalize();
             records.insert(record.id, record);
+        }
+        for entry in states.iter() {
+            let (key, value) = entry?;
+            let corrupt = |why: String| MrError::CorruptState(format!("state key {key:?}: {why}"));
+            let id = <[u8; 8]>::try_from(key.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt("malformed key".into()))?;
+            let state: JobState =
+                serde_json::from_slice(&value).map_err(|err| corrupt(err.to_string()))?;
+            records
+                .get_mut(&id)
+                .ok_or_else(|| corrupt("no such job".into()))?
+                .state = state;
         }
         for entry in tasks.iter() {
             let (key, value) = entry?;
@@ -102,6 +118,7 @@ impl CoordinatorService {
             db,
             jobs,
             tasks,
+            states,
             admission,
             guard,
             task_bytes: Default::default(),
@@ -122,15 +139,31 @@ impl CoordinatorService {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Stages `changes` in sled and says whether there were any (then the caller must flush before
-    /// answering); called under the state lock so records reach sled in the order they changed.
-    fn stage(&self, changes: &Changes) -> Result<bool, Status> {
+    /// Stages `changes` (taken from `state`) in sled and says whether there were any (then the caller
+    /// must flush before answering); called under the state lock so records reach sled in the order
+    /// they changed. If storing fails, the changes go back to `state`, to be stored with the next.
+    fn stage(&self, state: &mut Coordinator, changes: &Changes) -> Result<bool, Status> {
+        let staged = self.try_stage(changes);
+        if staged.is_err() {
+            state.requeue(changes);
+        }
+        staged
+    }
+
+    fn try_stage(&self, changes: &Changes) -> Result<bool, Status> {
         for header in &changes.jobs {
             let value = serde_json::to_vec(header)
                 .map_err(|err| Status::internal(format!("encoding job {}: {err}", header.id)))?;
             self.jobs
                 .insert(header.id.to_be_bytes(), value)
                 .map_err(|err| Status::internal(format!("storing job {}: {err}", header.id)))?;
+        }
+        for (job, state) in &changes.states {
+            let value = serde_json::to_vec(state)
+                .map_err(|err| Status::internal(format!("encoding job {job}'s state: {err}")))?;
+            self.states
+                .insert(job.to_be_bytes(), value)
+                .map_err(|err| Status::internal(format!("storing job {job}'s state: {err}")))?;
         }
         for (job, kind, index, task) in &changes.tasks {
             let value = serde_json::to_vec(task)
@@ -298,7 +331,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 tracing::info!(output = %spec.output_dir.display(), removed, "--overwrite: removed an earlier job's outputs");
             }
             let id = state.submit(spec, splits);
-            self.stage(&state.take_changed())?;
+            let changes = state.take_changed();
+            self.stage(&mut state, &changes)?;
             id
         };
         self.flush().await?;
@@ -361,12 +395,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             let mut state = self.lock();
             let assignment = state.assign(&worker, Instant::now());
             let changes = state.take_changed();
-            for header in &changes.jobs {
-                if let JobState::Failed(why) = &header.state {
-                    tracing::warn!(job = header.id, %why, "job failed");
+            for (job, job_state) in &changes.states {
+                if let JobState::Failed(why) = job_state {
+                    tracing::warn!(job, %why, "job failed");
                 }
             }
-            (assignment, self.stage(&changes)?)
+            (assignment, self.stage(&mut state, &changes)?)
         };
         if changed {
             // Re-runs and failures for attempts are durable before the task goes out.
@@ -475,16 +509,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 ),
             }
             let changes = state.take_changed();
-            for header in &changes.jobs {
-                match &header.state {
-                    JobState::Done => tracing::info!(job = header.id, "job done"),
-                    JobState::Failed(error) => {
-                        tracing::error!(job = header.id, %error, "job failed")
-                    }
+            for (job, job_state) in &changes.states {
+                match job_state {
+                    JobState::Done => tracing::info!(job, "job done"),
+                    JobState::Failed(error) => tracing::error!(job, %error, "job failed"),
                     _ => {}
                 }
             }
-            self.stage(&changes)?
+            self.stage(&mut state, &changes)?
         };
         if changed {
             self.flush().await?;
