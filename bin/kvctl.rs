@@ -12,6 +12,7 @@ use ds824::ctrler::CtrlerClerk;
 use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 use ds824::kvctl::shard::{self, AnyClerk};
+use ds824::kvctl::ycsb::Workload;
 use ds824::kvctl::{self, backup, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
 use ds824::security::Role;
 use ds824::security::{certs, Security, TlsArgs};
@@ -148,7 +149,8 @@ enum Command {
         /// Operations in total.
         #[arg(long, default_value_t = 1000)]
         ops: usize,
-        /// What to measure.
+        /// What to measure: puts, gets, or a YCSB core workload (E, range scans, is not supported:
+        /// the store has no range reads). Gets and YCSB fill --keys keys first, unmeasured.
         #[arg(long, value_enum, default_value_t = Kind::Put)]
         kind: Kind,
         /// Distinct keys.
@@ -157,6 +159,9 @@ enum Command {
         /// Bytes per value.
         #[arg(long, default_value_t = 32)]
         value_size: usize,
+        /// Print the report as one JSON object (latencies in milliseconds).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -286,8 +291,20 @@ enum CertsOp {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Kind {
+    /// Puts to keys in turn.
     Put,
+    /// Gets of keys filled first.
     Get,
+    /// YCSB A: 50 % read, 50 % update, Zipfian keys.
+    YcsbA,
+    /// YCSB B: 95 % read, 5 % update, Zipfian keys.
+    YcsbB,
+    /// YCSB C: reads only, Zipfian keys.
+    YcsbC,
+    /// YCSB D: 95 % read (newest keys first), 5 % insert.
+    YcsbD,
+    /// YCSB F: 50 % read, 50 % read-modify-write, Zipfian keys.
+    YcsbF,
 }
 
 /// Where the KV cluster is when neither --cluster nor KVCTL_CLUSTER says.
@@ -543,6 +560,7 @@ async fn run(cli: Cli) -> u8 {
             kind,
             keys,
             value_size,
+            json,
         } => {
             let config = bench::BenchConfig {
                 cluster,
@@ -551,6 +569,11 @@ async fn run(cli: Cli) -> u8 {
                 kind: match kind {
                     Kind::Put => bench::BenchKind::Put,
                     Kind::Get => bench::BenchKind::Get,
+                    Kind::YcsbA => bench::BenchKind::Ycsb(Workload::A),
+                    Kind::YcsbB => bench::BenchKind::Ycsb(Workload::B),
+                    Kind::YcsbC => bench::BenchKind::Ycsb(Workload::C),
+                    Kind::YcsbD => bench::BenchKind::Ycsb(Workload::D),
+                    Kind::YcsbF => bench::BenchKind::Ycsb(Workload::F),
                 },
                 keys,
                 value_size,
@@ -563,6 +586,10 @@ async fn run(cli: Cli) -> u8 {
             .await;
             eprintln!();
             match result {
+                Ok(report) if json => {
+                    println!("{}", report.to_json());
+                    EXIT_OK
+                }
                 Ok(report) => {
                     println!("{report}");
                     EXIT_OK

@@ -1114,3 +1114,46 @@ async fn a_leader_without_a_majority_pushes_back_instead_of_growing() {
         Some("resume")
     );
 }
+
+/// Issue #14, item 4: `kvctl bench` runs the YCSB core workloads against a real cluster. Workload D
+/// inserts keys past the filled ones (so the store must hold one after the run) and F reads and writes
+/// back; every operation succeeds and the latency percentiles are ordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ycsb_workloads_run_against_a_cluster() {
+    use ds824::kvctl::bench::{self, BenchConfig, BenchKind};
+    use ds824::kvctl::ycsb::Workload;
+    let cluster = Replicas::start_temp(Role::Kv, 3, 8 << 20);
+    let clerk_config = ClerkConfig {
+        call_timeout: Duration::from_secs(20),
+        ..ClerkConfig::default()
+    };
+    for workload in [Workload::A, Workload::D, Workload::F] {
+        let config = BenchConfig {
+            cluster: cluster.addrs.clone(),
+            clients: 4,
+            ops: 400,
+            kind: BenchKind::Ycsb(workload),
+            keys: 50,
+            value_size: 16,
+            clerk: clerk_config.clone(),
+        };
+        let report = bench::run(&config, |_| {}).await.expect("bench");
+        assert_eq!(
+            (report.ok, report.errors),
+            (400, 0),
+            "{workload:?}: {report}"
+        );
+        assert!(report.p50 <= report.p90 && report.p90 <= report.p99);
+        assert!(report.p99 <= report.p999 && report.p999 <= report.max);
+        let json = report.to_json();
+        assert_eq!(json["ok"], 400, "{json}");
+    }
+    // D's inserts (about 5 % of 400) created keys past the 50 filled.
+    let mut clerk = Clerk::new(&cluster.addrs, clerk_config).expect("clerk");
+    let value = clerk.get("bench-50").await.expect("get");
+    assert_eq!(
+        value.map(|v| v.len()),
+        Some(16),
+        "the first inserted key holds a value"
+    );
+}

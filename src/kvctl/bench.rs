@@ -1,9 +1,13 @@
 //! `kvctl bench`: a closed-loop load generator. N clients (one [`Clerk`] each, so each has its own
 //! session) issue M operations in total back to back; the report gives throughput and latency
-//! percentiles, the two numbers that tell whether batching in the Raft driver pays off.
+//! percentiles, the two numbers that tell whether batching in the Raft driver pays off. Besides plain
+//! puts and gets it runs the YCSB core workloads ([`ycsb`](super::ycsb)), seeded per client so a run
+//! can be repeated.
 
+use super::ycsb::{self, Op, Workload, Zipfian};
 use crate::kv::KvOps;
 use crate::kv::{Clerk, ClerkConfig, ClerkError};
+use rand::SeedableRng;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +20,8 @@ pub enum BenchKind {
     Put,
     /// Gets (each a ReadIndex round, no log entry).
     Get,
+    /// A YCSB core workload over keys filled beforehand.
+    Ycsb(Workload),
 }
 
 /// The benchmark's parameters.
@@ -52,8 +58,14 @@ pub struct BenchReport {
     pub elapsed: Duration,
     /// Median latency.
     pub p50: Duration,
+    /// 90th percentile latency.
+    pub p90: Duration,
     /// 99th percentile latency.
     pub p99: Duration,
+    /// 99.9th percentile latency.
+    pub p999: Duration,
+    /// Slowest operation.
+    pub max: Duration,
 }
 
 impl BenchReport {
@@ -61,13 +73,32 @@ impl BenchReport {
     pub fn throughput(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// The report as one JSON object (`kvctl bench --json`), latencies in milliseconds.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        serde_json::json!({
+            "kind": format!("{:?}", self.kind),
+            "clients": self.clients,
+            "ok": self.ok,
+            "errors": self.errors,
+            "seconds": self.elapsed.as_secs_f64(),
+            "ops_per_second": self.throughput(),
+            "p50_ms": ms(self.p50),
+            "p90_ms": ms(self.p90),
+            "p99_ms": ms(self.p99),
+            "p999_ms": ms(self.p999),
+            "max_ms": ms(self.max),
+        })
+    }
 }
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:?}: {} clients, {} ok, {} errors in {:.2} s: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms",
+            "{:?}: {} clients, {} ok, {} errors in {:.2} s: {:.0} ops/s, p50 {:.2} ms, p90 {:.2} ms, \
+             p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             self.kind,
             self.clients,
             self.ok,
@@ -75,7 +106,10 @@ impl fmt::Display for BenchReport {
             self.elapsed.as_secs_f64(),
             self.throughput(),
             self.p50.as_secs_f64() * 1e3,
+            self.p90.as_secs_f64() * 1e3,
             self.p99.as_secs_f64() * 1e3,
+            self.p999.as_secs_f64() * 1e3,
+            self.max.as_secs_f64() * 1e3,
         )
     }
 }
@@ -97,12 +131,20 @@ pub async fn run(
     let clients = config.clients.max(1);
     let keys = config.keys.max(1);
     let value = "x".repeat(config.value_size);
-    if config.kind == BenchKind::Get {
+    let filled = match config.kind {
+        BenchKind::Put => 0,
+        BenchKind::Get => keys.min(config.ops.max(1)),
+        BenchKind::Ycsb(_) => keys,
+    };
+    if filled > 0 {
         let mut clerk = Clerk::new(&config.cluster, config.clerk.clone())?;
-        for k in 0..keys.min(config.ops.max(1)) {
+        for k in 0..filled {
             clerk.put(&format!("bench-{k}"), &value).await?;
         }
     }
+    // YCSB: key popularity over the filled keys, and the next key an insert creates.
+    let zipf = Arc::new(Zipfian::new(keys, ycsb::ZIPF_THETA));
+    let inserted = Arc::new(AtomicU64::new(keys as u64));
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(clients);
@@ -110,6 +152,8 @@ pub async fn run(
         let share = config.ops / clients + usize::from(c < config.ops % clients);
         let mut clerk = Clerk::new(&config.cluster, config.clerk.clone())?;
         let (kind, value, done) = (config.kind, value.clone(), done.clone());
+        let (zipf, inserted) = (zipf.clone(), inserted.clone());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
         let key_space = if kind == BenchKind::Get {
             keys.min(config.ops.max(1))
         } else {
@@ -124,6 +168,27 @@ pub async fn run(
                 let result = match kind {
                     BenchKind::Put => clerk.put(&key, &value).await,
                     BenchKind::Get => clerk.get(&key).await.map(|_| ()),
+                    BenchKind::Ycsb(workload) => {
+                        let op = workload.next_op(&mut rng);
+                        let existing = inserted.load(Ordering::Relaxed) as usize;
+                        let key = match op {
+                            Op::Insert => {
+                                format!("bench-{}", inserted.fetch_add(1, Ordering::Relaxed))
+                            }
+                            _ => format!(
+                                "bench-{}",
+                                ycsb::key_index(workload, &zipf, &mut rng, existing)
+                            ),
+                        };
+                        match op {
+                            Op::Read => clerk.get(&key).await.map(|_| ()),
+                            Op::Update | Op::Insert => clerk.put(&key, &value).await,
+                            Op::ReadModifyWrite => match clerk.get(&key).await {
+                                Ok(_) => clerk.put(&key, &value).await,
+                                Err(err) => Err(err),
+                            },
+                        }
+                    }
                 };
                 match result {
                     Ok(()) => latencies.push(began.elapsed()),
@@ -161,7 +226,10 @@ pub async fn run(
         errors,
         elapsed,
         p50: percentile(&latencies, 0.50),
+        p90: percentile(&latencies, 0.90),
         p99: percentile(&latencies, 0.99),
+        p999: percentile(&latencies, 0.999),
+        max: latencies.last().copied().unwrap_or_default(),
     })
 }
 

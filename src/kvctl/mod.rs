@@ -10,6 +10,7 @@ pub mod check;
 pub mod ctrler;
 pub mod shard;
 pub mod status;
+pub mod ycsb;
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
