@@ -17,7 +17,6 @@ use ds824::kvctl::{self, backup, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT
 use ds824::security::Role;
 use ds824::security::{certs, Security, TlsArgs};
 use ds824::shardkv::ShardClerk;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -149,6 +148,10 @@ enum Command {
         /// Operations in total.
         #[arg(long, default_value_t = 1000)]
         ops: usize,
+        /// Run for this many seconds instead, however many operations that is (at most --ops, which
+        /// then defaults to no limit).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
         /// What to measure: puts, gets, or a YCSB core workload (E, range scans, is not supported:
         /// the store has no range reads). Gets and YCSB fill --keys keys first, unmeasured.
         #[arg(long, value_enum, default_value_t = Kind::Put)]
@@ -561,11 +564,24 @@ async fn run(cli: Cli) -> u8 {
             keys,
             value_size,
             json,
+            duration,
         } => {
+            let duration = match duration.map(Duration::try_from_secs_f64) {
+                None => None,
+                Some(Ok(d)) if !d.is_zero() => Some(d),
+                Some(_) => return fail("--duration must be a positive number of seconds"),
+            };
+            // With --duration and the default --ops, the time is the only limit.
+            let ops = if duration.is_some() && ops == 1000 {
+                usize::MAX
+            } else {
+                ops
+            };
             let config = bench::BenchConfig {
                 cluster,
                 clients,
                 ops,
+                duration,
                 kind: match kind {
                     Kind::Put => bench::BenchKind::Put,
                     Kind::Get => bench::BenchKind::Get,
@@ -579,12 +595,30 @@ async fn run(cli: Cli) -> u8 {
                 value_size,
                 clerk: config.clone(),
             };
+            let bar = match duration {
+                Some(d) => indicatif::ProgressBar::new(d.as_secs().max(1)),
+                None => indicatif::ProgressBar::new(ops as u64),
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(if duration.is_some() {
+                    "{spinner} [{bar:40}] {elapsed} of {len} s, {msg}"
+                } else {
+                    "{spinner} [{bar:40}] {pos}/{len} ops {elapsed} {msg}"
+                })
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            let started = std::time::Instant::now();
             let result = bench::run(&config, |n| {
-                eprint!("\r{n}/{ops} ops");
-                let _ = std::io::stderr().flush();
+                if duration.is_some() {
+                    bar.set_position(started.elapsed().as_secs());
+                    bar.set_message(format!("{n} ops"));
+                } else {
+                    bar.set_position(n);
+                }
             })
             .await;
-            eprintln!();
+            bar.finish_and_clear();
             match result {
                 Ok(report) if json => {
                     println!("{}", report.to_json());

@@ -1132,6 +1132,7 @@ async fn ycsb_workloads_run_against_a_cluster() {
             cluster: cluster.addrs.clone(),
             clients: 4,
             ops: 400,
+            duration: None,
             kind: BenchKind::Ycsb(workload),
             keys: 50,
             value_size: 16,
@@ -1148,6 +1149,23 @@ async fn ycsb_workloads_run_against_a_cluster() {
         let json = report.to_json();
         assert_eq!(json["ok"], 400, "{json}");
     }
+    // By time instead of count: about a second of workload C, however many operations that is.
+    let timed = BenchConfig {
+        cluster: cluster.addrs.clone(),
+        clients: 4,
+        ops: usize::MAX,
+        duration: Some(Duration::from_secs(1)),
+        kind: BenchKind::Ycsb(Workload::C),
+        keys: 50,
+        value_size: 16,
+        clerk: clerk_config.clone(),
+    };
+    let report = bench::run(&timed, |_| {}).await.expect("timed bench");
+    assert!(report.ok > 0 && report.errors == 0, "{report}");
+    assert!(
+        report.elapsed >= Duration::from_secs(1) && report.elapsed < Duration::from_secs(10),
+        "{report}"
+    );
     // D's inserts (about 5 % of 400) created keys past the 50 filled.
     let mut clerk = Clerk::new(&cluster.addrs, clerk_config).expect("clerk");
     let value = clerk.get("bench-50").await.expect("get");

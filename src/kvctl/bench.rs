@@ -31,8 +31,10 @@ pub struct BenchConfig {
     pub cluster: Vec<String>,
     /// Concurrent clients.
     pub clients: usize,
-    /// Operations in total.
+    /// Operations in total (with `duration`: at most).
     pub ops: usize,
+    /// Run for this long instead of until `ops` are done.
+    pub duration: Option<Duration>,
     /// Operation kind.
     pub kind: BenchKind,
     /// Distinct keys used.
@@ -147,6 +149,7 @@ pub async fn run(
     let inserted = Arc::new(AtomicU64::new(keys as u64));
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let deadline = config.duration.map(|d| start + d);
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
         let share = config.ops / clients + usize::from(c < config.ops % clients);
@@ -160,9 +163,12 @@ pub async fn run(
             keys
         };
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(share);
+            let mut latencies = Vec::with_capacity(share.min(1 << 20));
             let mut errors = 0;
             for i in 0..share {
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    break;
+                }
                 let key = format!("bench-{}", (c * 7919 + i) % key_space);
                 let began = Instant::now();
                 let result = match kind {
@@ -207,7 +213,7 @@ pub async fn run(
         }
     };
     let elapsed = start.elapsed();
-    let mut latencies = Vec::with_capacity(config.ops);
+    let mut latencies = Vec::with_capacity(config.ops.min(1 << 24));
     let mut errors = 0;
     for result in results {
         match result {
