@@ -742,6 +742,16 @@ mod tests {
         }
     }
 
+    /// A coordinator with one job of one map and one reduce, whose map `a` has finished.
+    fn one_map_done(now: Instant) -> (Coordinator, u64) {
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(1, 1));
+        let map = run(c.assign(&worker("a"), now));
+        c.report(id, TaskKind::Map, 0, "a", map.attempt, ok("a:1"))
+            .unwrap();
+        (c, id)
+    }
+
     /// Submits `spec` with one whole-file split per input.
     fn submit(c: &mut Coordinator, spec: JobSpec) -> u64 {
         let splits = (0..spec.inputs.len() as u32)
@@ -1040,11 +1050,7 @@ mod tests {
     #[test]
     fn only_the_current_attempt_of_a_running_job_may_commit() {
         let now = Instant::now();
-        let mut c = Coordinator::restore([], TIMEOUT);
-        let id = submit(&mut c, spec(1, 1));
-        let map = run(c.assign(&worker("a"), now));
-        c.report(id, TaskKind::Map, 0, "a", map.attempt, ok("a:1"))
-            .unwrap();
+        let (mut c, id) = one_map_done(now);
         let slow = run(c.assign(&worker("slow"), now));
         assert!(c
             .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt)
@@ -1126,11 +1132,7 @@ mod tests {
     #[test]
     fn changes_that_could_not_be_stored_come_back_with_the_next() {
         let now = Instant::now();
-        let mut c = Coordinator::restore([], TIMEOUT);
-        let id = submit(&mut c, spec(1, 1));
-        let map = run(c.assign(&worker("a"), now));
-        c.report(id, TaskKind::Map, 0, "a", map.attempt, ok("a:1"))
-            .unwrap();
+        let (mut c, _) = one_map_done(now);
         let failed = c.take_changed();
         assert_eq!((failed.jobs.len(), failed.tasks.len()), (1, 1));
         c.requeue(&failed);

@@ -459,20 +459,15 @@ impl Worker {
     /// Where every map task's output lives, read from the coordinator a page at a time.
     async fn locations(&mut self, task: &Task) -> Result<Vec<String>, MrError> {
         let mut locations = Vec::with_capacity(task.n_map as usize);
-        let give_up = Instant::now() + self.config.unreachable_timeout.max(Duration::from_secs(1));
         while locations.len() < task.n_map as usize {
             let request = pb::LocationsRequest {
                 job_id: task.job_id,
                 start: locations.len() as u32,
             };
-            let page = match self.client.map_locations(request).await {
-                Ok(reply) => reply.into_inner().addrs,
-                Err(status) if transient(&status) && Instant::now() < give_up => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                Err(status) => return Err(status.into()),
-            };
+            let page = self
+                .call(|mut client| async move { client.map_locations(request).await })
+                .await?
+                .addrs;
             if page.is_empty() {
                 break;
             }
@@ -490,14 +485,30 @@ impl Worker {
             index: task.index,
             attempt: task.attempt,
         };
+        let reply = self
+            .call(|mut client| {
+                let request = request.clone();
+                async move { client.commit_task(request).await }
+            })
+            .await?;
+        Ok(reply.granted)
+    }
+
+    /// Makes one coordinator call, riding out a coordinator restart: transient failures are retried
+    /// for up to the worker's `unreachable_timeout` (at least a second); a refusal is returned at once.
+    async fn call<T, F, Fut>(&self, mut rpc: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(CoordinatorClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let give_up = Instant::now() + self.config.unreachable_timeout.max(Duration::from_secs(1));
         loop {
-            match self.client.commit_task(request.clone()).await {
-                Ok(reply) => return Ok(reply.into_inner().granted),
+            match rpc(self.client.clone()).await {
+                Ok(reply) => return Ok(reply.into_inner()),
                 Err(status) if transient(&status) && Instant::now() < give_up => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(status) => return Err(status.into()),
+                Err(status) => return Err(status),
             }
         }
     }
@@ -537,18 +548,14 @@ impl Worker {
             }
             Outcome::NotCommitted | Outcome::Abandoned(_) => return,
         }
-        let give_up = Instant::now() + self.config.unreachable_timeout.max(Duration::from_secs(1));
-        loop {
-            match self.client.report_task(report.clone()).await {
-                Ok(_) => return,
-                Err(status) if transient(&status) && Instant::now() < give_up => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(status) => {
-                    tracing::warn!(worker = %self.id, job = job_id, index, %status, "could not report task");
-                    return;
-                }
-            }
+        let sent = self
+            .call(|mut client| {
+                let report = report.clone();
+                async move { client.report_task(report).await }
+            })
+            .await;
+        if let Err(status) = sent {
+            tracing::warn!(worker = %self.id, job = job_id, index, %status, "could not report task");
         }
     }
 }
