@@ -1508,6 +1508,93 @@ fn peak_rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The peak resident memory of running processes. Workers exit when idle, taking their high-water
+/// mark with them, so it is read every 20 ms while they run.
+struct PeakWatch {
+    watching: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl PeakWatch {
+    fn start(children: &[Child]) -> Self {
+        let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+        let watching = Arc::new(AtomicBool::new(true));
+        let thread = {
+            let watching = watching.clone();
+            std::thread::spawn(move || {
+                let mut peak = vec![0u64; pids.len()];
+                while watching.load(Ordering::Relaxed) {
+                    for (seen, pid) in peak.iter_mut().zip(&pids) {
+                        *seen = (*seen).max(peak_rss(*pid));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                peak
+            })
+        };
+        PeakWatch { watching, thread }
+    }
+
+    /// Each process's peak, in the order they were given.
+    fn stop(self) -> Vec<u64> {
+        self.watching.store(false, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Issue #17: the shuffle streams. A grep that matches every line of 32 files of 4 MiB sends every line,
+/// keyed by its file and number, to the one reducer: a partition of about twice the input. The reducer
+/// fetches the map outputs to disk and merges them a record at a time, so no worker holds more than
+/// 96 MiB; before, a reducer decoded its whole partition into memory to sort it.
+#[test]
+fn a_reducer_streams_a_partition_far_bigger_than_its_memory() {
+    let env = Env::new();
+    let inputs = corpus::write_zipf_corpus(&env.path().join("in"), 32, 4 << 20, 5).unwrap();
+    let lines: usize = inputs
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+        .sum();
+    let coord = env.coordinator("127.0.0.1:0", "60s");
+    let output = env.path().join("out");
+    let submitted = mrd()
+        .args(["submit", "--coordinator", &coord.addr, "--app", "grep"])
+        .args(["--arg", "pattern=^", "--reduces", "1", "--shuffle", "grpc"])
+        .arg("--output")
+        .arg(&output)
+        .args(&inputs)
+        .output()
+        .unwrap();
+    assert_succeeded(&submitted);
+    let id: u64 = String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let mut workers: Vec<Child> = (0..2)
+        .map(|n| spawn_worker(env.path(), &coord.addr, n, &[]))
+        .collect();
+    let watch = PeakWatch::start(&workers);
+    wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    let peaks = watch.stop();
+    let reduced = std::fs::metadata(output.join("mr-out-0")).unwrap().len();
+    println!(
+        "{lines} lines; one partition of {} MiB reduced; worker peak RSS {:?} MiB",
+        reduced >> 20,
+        peaks.iter().map(|p| p >> 20).collect::<Vec<_>>()
+    );
+    assert!(reduced > 160 << 20, "the partition is only {reduced} bytes");
+    let out = std::fs::read_to_string(output.join("mr-out-0")).unwrap();
+    assert_eq!(out.lines().count(), lines, "a line was lost or repeated");
+    assert!(out.lines().is_sorted(), "the output is not in key order");
+    for peak in peaks {
+        assert!(
+            peak > 0 && peak < 96 << 20,
+            "a worker peaked at {} MiB",
+            peak >> 20
+        );
+    }
+}
+
 /// Issue #17: one 2 GiB file is cut into at least 32 map tasks (the default 64 MiB splits, on line
 /// boundaries), counted right, and no worker holds more than 256 MiB while reading it (maps stream
 /// their split a chunk at a time). The file is one generated 64 MiB block written 32 times, so every
@@ -1570,25 +1657,10 @@ fn a_two_gib_file_is_split_into_many_maps_and_counted_in_bounded_memory() {
     let mut workers: Vec<Child> = (0..2)
         .map(|n| spawn_worker(env.path(), &coord.addr, n, &[]))
         .collect();
-    let pids: Vec<u32> = workers.iter().map(|w| w.id()).collect();
-    let watching = Arc::new(AtomicBool::new(true));
-    let watcher = {
-        let watching = watching.clone();
-        std::thread::spawn(move || {
-            let mut peak = vec![0u64; pids.len()];
-            while watching.load(Ordering::Relaxed) {
-                for (seen, pid) in peak.iter_mut().zip(&pids) {
-                    *seen = (*seen).max(peak_rss(*pid));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            peak
-        })
-    };
+    let watch = PeakWatch::start(&workers);
     let status = wait_job(&env, &coord.addr, id);
     wait_all(&mut workers);
-    watching.store(false, Ordering::Relaxed);
-    let peaks = watcher.join().unwrap();
+    let peaks = watch.stop();
     println!(
         "2 GiB in {} map tasks; worker peak RSS {:?} MiB",
         status.maps,

@@ -86,9 +86,17 @@ pub type Emit<'a> = dyn FnMut(&str, &str) + 'a;
 ///     }
 /// }
 ///
-/// let pairs = vec![("b".to_string(), "1".to_string()), ("a".into(), "1".into()), ("b".into(), "1".into())];
+/// use ds824::mr::merge::{MergeOptions, Run};
+/// use ds824::mr::records;
+///
+/// // One map output: its pairs, sorted by key as every map output is.
+/// let mut pairs = Vec::new();
+/// for key in ["b", "a", "b"] {
+///     records::encode(&mut pairs, key, "1");
+/// }
+/// let run = Run::memory(records::sorted(&pairs, "map 0").unwrap(), "map 0");
 /// let mut out = Vec::new();
-/// ds824::mr::exec::run_reduce(&Lines, pairs, &mut out).unwrap();
+/// ds824::mr::exec::run_reduce(&Lines, vec![run], &MergeOptions::in_memory(), &mut out).unwrap();
 /// assert_eq!(String::from_utf8(out).unwrap(), "a 1\nb 2\n");
 /// ```
 ///
@@ -150,16 +158,32 @@ pub trait App: Send + Sync {
     ///
     /// The default writes one `key value` line per key (the 6.824 format); streaming apps override it to
     /// hand the partition to an external program.
-    fn reduce_partition<'a>(
+    fn reduce_partition(
         &self,
-        groups: &mut dyn Iterator<Item = (&'a str, &'a [String])>,
+        groups: &mut dyn Groups,
         out: &mut dyn Write,
     ) -> Result<(), AppError> {
-        for (key, values) in groups {
+        while let Some((key, values)) = groups.next_group() {
             let value = self.reduce(key, values)?;
             writeln!(out, "{key} {value}")?;
         }
         Ok(())
+    }
+}
+
+/// A reduce partition's key groups in key order, one at a time. A lending iterator rather than an
+/// `Iterator`: each group borrows the merge's buffers, so a partition streams through the app instead
+/// of living in memory whole.
+pub trait Groups {
+    /// The next key and all its values, or `None` at the end. (Also `None` when reading the map outputs
+    /// failed; the runner then discards whatever the app wrote.)
+    fn next_group(&mut self) -> Option<(&str, &[String])>;
+}
+
+/// Groups already in memory, for tests and examples.
+impl<'a> Groups for std::vec::IntoIter<(&'a str, &'a [String])> {
+    fn next_group(&mut self) -> Option<(&str, &[String])> {
+        self.next()
     }
 }
 

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::mr::app::{App, Counts};
+use crate::mr::merge::{KeyGroups, MergeOptions, Run};
 use crate::mr::split::SplitReader;
 use crate::mr::{partition, records, MrError};
 
@@ -24,7 +25,8 @@ fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
 }
 
 /// Runs `app`'s map over the lines of `input` that start in `[offset, offset + length)` (see
-/// [`SplitReader`]) and returns one encoded [`records`] buffer per reduce partition.
+/// [`SplitReader`]) and returns one encoded [`records`] buffer per reduce partition, sorted by key (so
+/// reducers merge rather than sort; see [`crate::mr::merge`]).
 ///
 /// The input is read a chunk at a time, so memory is bounded by the chunk, the map's output and, for
 /// combining apps, the number of distinct keys, never by the input's size.
@@ -90,31 +92,31 @@ pub fn run_map(
             })?;
         }
     }
-    Ok(partitions)
+    let what = filename.as_ref();
+    partitions
+        .iter()
+        .map(|partition| records::sorted(partition, what))
+        .collect()
 }
 
-/// Sorts a partition's pairs by key and writes `app`'s output for them to `out`.
+/// Merges a partition's sorted `runs` (map outputs in map task order) and writes `app`'s output for
+/// its key groups to `out`, streaming: memory holds one record per run and one key's values.
 ///
-/// The sort is stable, so values keep the order they were fetched in (map task order), which keeps even
-/// order-sensitive apps deterministic across re-executions.
+/// Values of a key keep map task order, which keeps even order-sensitive apps deterministic across
+/// re-executions. If a run cannot be read, that is the error, even if the app failed on the groups it
+/// saw first.
 pub fn run_reduce(
     app: &dyn App,
-    mut pairs: Vec<(String, String)>,
+    runs: Vec<Run>,
+    options: &MergeOptions,
     out: &mut dyn Write,
 ) -> Result<(), MrError> {
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-    for (key, value) in pairs {
-        match groups.last_mut() {
-            Some((last, values)) if *last == key => values.push(value),
-            _ => groups.push((key, vec![value])),
-        }
+    let mut groups = KeyGroups::open(runs, options)?;
+    let reduced = app.reduce_partition(&mut groups, out);
+    if let Some(err) = groups.take_error() {
+        return Err(err);
     }
-    let mut iter = groups
-        .iter()
-        .map(|(key, values)| (key.as_str(), values.as_slice()));
-    app.reduce_partition(&mut iter, out)?;
-    Ok(())
+    Ok(reduced?)
 }
 
 #[cfg(test)]
@@ -159,7 +161,8 @@ mod tests {
         // One pre-summed pair per key instead of a thousand.
         assert_eq!(pairs.len(), 2);
         let mut out = Vec::new();
-        run_reduce(&Chars, pairs, &mut out).unwrap();
+        let runs = partitions.into_iter().map(|p| Run::memory(p, "map 0"));
+        run_reduce(&Chars, runs.collect(), &MergeOptions::in_memory(), &mut out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "a 1000\nb 1000\n");
     }
 
@@ -176,12 +179,10 @@ mod tests {
         std::fs::write(&input, &text).unwrap();
         let run = |name: &str, args: &[String]| {
             let app = app::build(name, args).unwrap();
-            let mut pairs = Vec::new();
-            for partition in run_map(app.as_ref(), &input, 0, u64::MAX, 1).unwrap() {
-                records::decode_into(&partition, "test", &mut pairs).unwrap();
-            }
+            let runs = run_map(app.as_ref(), &input, 0, u64::MAX, 1).unwrap();
+            let runs = runs.into_iter().map(|p| Run::memory(p, "map 0")).collect();
             let mut out = Vec::new();
-            run_reduce(app.as_ref(), pairs, &mut out).unwrap();
+            run_reduce(app.as_ref(), runs, &MergeOptions::in_memory(), &mut out).unwrap();
             String::from_utf8(out).unwrap()
         };
         let found = run("grep", &["pattern=needle".into()]);
@@ -209,9 +210,18 @@ mod tests {
             for (key, _) in &pairs[before..] {
                 assert_eq!(partition::bucket(key, 3) as usize, i);
             }
+            // Sorted, so a reducer can merge it.
+            assert!(pairs[before..].windows(2).all(|w| w[0].0 <= w[1].0));
         }
         let mut out = Vec::new();
-        run_reduce(wc.as_ref(), pairs, &mut out).unwrap();
+        let runs = partitions.into_iter().map(|p| Run::memory(p, "map 0"));
+        run_reduce(
+            wc.as_ref(),
+            runs.collect(),
+            &MergeOptions::in_memory(),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "and 100\ncat 100\nhat 100\nthe 200\n"

@@ -25,6 +25,7 @@ pub mod counts;
 pub mod exec;
 pub mod fsutil;
 pub mod job;
+pub mod merge;
 pub mod metrics;
 pub mod partition;
 pub mod records;

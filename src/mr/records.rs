@@ -8,6 +8,9 @@
 //! between the write and the disk, a full disk — decodes as zero records or fewer records, and a reduce
 //! would silently count less; with it such a file is refused ([`open_sealed`]) and its map runs again.
 
+use std::io::{BufRead, Read, Seek, SeekFrom};
+use std::path::Path;
+
 use crate::mr::MrError;
 
 /// The trailer's magic.
@@ -25,40 +28,185 @@ pub fn seal(records: &[u8]) -> [u8; SEAL_BYTES] {
     trailer
 }
 
-/// The records of a sealed map output, or `Corrupt` naming `what` if it is empty, cut short, extended
-/// or altered.
-pub fn open_sealed<'a>(data: &'a [u8], what: &str) -> Result<&'a [u8], MrError> {
+/// The records' checksum a sealed output of `total` bytes ending in `trailer` must have, or `Corrupt`
+/// naming `what` if the length alone already shows it empty, cut short or extended.
+fn check_trailer(total: u64, trailer: &[u8], what: &str) -> Result<u32, MrError> {
     let corrupt = |why: &str| MrError::Corrupt(format!("{what}: {why}"));
-    if data.len() < SEAL_BYTES {
+    if total < SEAL_BYTES as u64 {
         return Err(corrupt(&format!(
-            "{} bytes, shorter than its trailer (an empty or truncated map output)",
-            data.len()
+            "{total} bytes, shorter than its trailer (an empty or truncated map output)"
         )));
     }
-    let (records, trailer) = data.split_at(data.len() - SEAL_BYTES);
     if &trailer[..8] != SEAL_MAGIC {
         return Err(corrupt("no trailer (a truncated map output)"));
     }
-    let len = u32::from_le_bytes([trailer[8], trailer[9], trailer[10], trailer[11]]) as usize;
-    let crc = u32::from_le_bytes([trailer[12], trailer[13], trailer[14], trailer[15]]);
-    if len != records.len() {
+    let len = u32::from_le_bytes([trailer[8], trailer[9], trailer[10], trailer[11]]) as u64;
+    let records = total - SEAL_BYTES as u64;
+    if len != records {
         return Err(corrupt(&format!(
-            "{} bytes of records, the trailer says {len}",
-            records.len()
+            "{records} bytes of records, the trailer says {len}"
         )));
     }
+    Ok(u32::from_le_bytes([
+        trailer[12],
+        trailer[13],
+        trailer[14],
+        trailer[15],
+    ]))
+}
+
+/// The records of a sealed map output, or `Corrupt` naming `what` if it is empty, cut short, extended
+/// or altered.
+pub fn open_sealed<'a>(data: &'a [u8], what: &str) -> Result<&'a [u8], MrError> {
+    let split = data.len().saturating_sub(SEAL_BYTES);
+    let (records, trailer) = data.split_at(split);
+    let crc = check_trailer(data.len() as u64, trailer, what)?;
     if crc != crc32fast::hash(records) {
-        return Err(corrupt("checksum mismatch"));
+        return Err(MrError::Corrupt(format!("{what}: checksum mismatch")));
     }
     Ok(records)
 }
 
+/// Checks the sealed map output at `path` without holding it in memory and returns the length of its
+/// records (the bytes before the trailer). `Corrupt` as [`open_sealed`]; a missing file is an `Io` error
+/// of kind `NotFound`.
+pub fn check_sealed_file(path: &Path, what: &str) -> Result<u64, MrError> {
+    let mut file = std::fs::File::open(path).map_err(MrError::io(path))?;
+    let total = file.metadata().map_err(MrError::io(path))?.len();
+    let mut trailer = [0u8; SEAL_BYTES];
+    if total >= SEAL_BYTES as u64 {
+        file.seek(SeekFrom::Start(total - SEAL_BYTES as u64))
+            .and_then(|_| file.read_exact(&mut trailer))
+            .and_then(|_| file.rewind())
+            .map_err(MrError::io(path))?;
+    }
+    let crc = check_trailer(total, &trailer, what)?;
+    let records = total - SEAL_BYTES as u64;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file.take(records));
+    loop {
+        let buf = reader.fill_buf().map_err(MrError::io(path))?;
+        if buf.is_empty() {
+            break;
+        }
+        hasher.update(buf);
+        let n = buf.len();
+        reader.consume(n);
+    }
+    if reader.into_inner().limit() != 0 {
+        return Err(MrError::Corrupt(format!("{what}: shrank while being read")));
+    }
+    if hasher.finalize() != crc {
+        return Err(MrError::Corrupt(format!("{what}: checksum mismatch")));
+    }
+    Ok(records)
+}
+
+/// The same records as `data` (well-formed, as [`encode`] writes them), ordered by key; records with
+/// equal keys keep their order. A map output is sorted so its reducer can merge outputs as streams
+/// instead of holding a whole partition to sort it.
+pub fn sorted(data: &[u8], what: &str) -> Result<Vec<u8>, MrError> {
+    let corrupt = || MrError::Corrupt(what.to_string());
+    // (start of the key, its length, start of the record, end of the record) for each record.
+    let mut spans: Vec<(usize, usize, usize, usize)> = Vec::new();
+    let mut at = 0;
+    let field = |at: usize| -> Result<(usize, usize), MrError> {
+        let len = data.get(at..at + 4).ok_or_else(corrupt)?;
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let start = at + 4;
+        if data.len() - start < len {
+            return Err(corrupt());
+        }
+        Ok((start, len))
+    };
+    while at < data.len() {
+        let (key, key_len) = field(at)?;
+        let (value, value_len) = field(key + key_len)?;
+        spans.push((key, key_len, at, value + value_len));
+        at = value + value_len;
+    }
+    if spans
+        .windows(2)
+        .all(|w| data[w[0].0..w[0].0 + w[0].1] <= data[w[1].0..w[1].0 + w[1].1])
+    {
+        return Ok(data.to_vec());
+    }
+    spans.sort_by(|a, b| data[a.0..a.0 + a.1].cmp(&data[b.0..b.0 + b.1]));
+    let mut out = Vec::with_capacity(data.len());
+    for (_, _, start, end) in spans {
+        out.extend_from_slice(&data[start..end]);
+    }
+    Ok(out)
+}
+
+/// Reads records one at a time from a stream of them (a map output's records, a merge's spill), so a
+/// reducer holds one record per stream rather than whole partitions.
+pub struct RecordReader<R> {
+    source: R,
+    what: String,
+}
+
+impl<R: BufRead> RecordReader<R> {
+    /// Records from `source`; `what` names it in errors.
+    pub fn new(source: R, what: String) -> Self {
+        Self { source, what }
+    }
+
+    /// Reads the next record into `key` and `value` (replacing their contents); `false` at the end of
+    /// the stream. A stream that ends inside a record is `Corrupt`.
+    pub fn next_into(&mut self, key: &mut Vec<u8>, value: &mut Vec<u8>) -> Result<bool, MrError> {
+        if self
+            .source
+            .fill_buf()
+            .map_err(|err| MrError::Other(format!("{}: {err}", self.what)))?
+            .is_empty()
+        {
+            return Ok(false);
+        }
+        self.field(key)?;
+        self.field(value)?;
+        Ok(true)
+    }
+
+    fn field(&mut self, into: &mut Vec<u8>) -> Result<(), MrError> {
+        let cut = |err: std::io::Error| match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                MrError::Corrupt(format!("{}: ends inside a record", self.what))
+            }
+            _ => MrError::Other(format!("{}: {err}", self.what)),
+        };
+        let mut len = [0u8; 4];
+        self.source.read_exact(&mut len).map_err(cut)?;
+        let len = u32::from_le_bytes(len) as u64;
+        into.clear();
+        // Grown as bytes arrive, so a damaged length cannot make us allocate gigabytes up front.
+        let read = (&mut self.source)
+            .take(len)
+            .read_to_end(into)
+            .map_err(cut)?;
+        if read as u64 != len {
+            return Err(cut(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        Ok(())
+    }
+
+    /// What this reader reads, for errors.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
 /// Appends one record to `buf`.
 pub fn encode(buf: &mut Vec<u8>, key: &str, value: &str) {
+    encode_bytes(buf, key.as_bytes(), value.as_bytes());
+}
+
+/// Appends one record of raw bytes to `buf` (a merge copying records it has not decoded as text).
+pub fn encode_bytes(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     for field in [key, value] {
         let len = u32::try_from(field.len()).unwrap_or(u32::MAX);
         buf.extend_from_slice(&len.to_le_bytes());
-        buf.extend_from_slice(&field.as_bytes()[..len as usize]);
+        buf.extend_from_slice(&field[..len as usize]);
     }
 }
 

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::mr::job::{JobSpec, ShuffleMode};
-use crate::mr::{app, exec, fsutil, records, MrError};
+use crate::mr::merge::{MergeOptions, Run};
+use crate::mr::{app, exec, fsutil, MrError};
 
 /// Runs `app` over `inputs` and writes every key's output to `<output_dir>/mr-out-0`, whose path it
 /// returns. Inputs are resolved to absolute paths exactly as `mrd submit` does, so apps that print
@@ -24,13 +25,16 @@ pub fn run(
         ShuffleMode::SharedDir,
     )?;
     let app = app::build(&spec.app, &spec.args)?;
-    let mut pairs = Vec::new();
+    let mut runs = Vec::new();
     for input in &spec.inputs {
         for partition in exec::run_map(app.as_ref(), input, 0, u64::MAX, 1)? {
-            records::decode_into(&partition, &input.to_string_lossy(), &mut pairs)?;
+            runs.push(Run::memory(partition, input.to_string_lossy()));
         }
     }
     let output = spec.output_path(0);
-    fsutil::write_atomic(&output, true, |w| exec::run_reduce(app.as_ref(), pairs, w))?;
+    let options = MergeOptions::in_memory();
+    fsutil::write_atomic(&output, true, |w| {
+        exec::run_reduce(app.as_ref(), runs, &options, w)
+    })?;
     Ok(output)
 }

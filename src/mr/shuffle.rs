@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
@@ -72,8 +73,8 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
             request.map_index,
             request.reduce_index,
         ));
-        let data = match tokio::fs::read(&path).await {
-            Ok(data) => Bytes::from(data),
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Status::not_found(format!(
                     "no output of map {} for reduce {} of job {} here",
@@ -82,14 +83,35 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
             }
             Err(err) => return Err(Status::internal(format!("{}: {err}", path.display()))),
         };
-        let chunks: Vec<Result<pb::FetchChunk, Status>> = (0..data.len().div_ceil(CHUNK))
-            .map(|i| {
-                Ok(pb::FetchChunk {
-                    data: data.slice(i * CHUNK..((i + 1) * CHUNK).min(data.len())),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        // Read a chunk at a time as the reducer takes them: memory per fetch is one chunk, however big
+        // the partition.
+        let chunks = futures::stream::unfold(Some(file), move |file| {
+            let path = path.clone();
+            async move {
+                let mut file = file?;
+                let mut data = vec![0u8; CHUNK];
+                let mut filled = 0;
+                while filled < CHUNK {
+                    match file.read(&mut data[filled..]).await {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(err) => {
+                            let status = Status::internal(format!("{}: {err}", path.display()));
+                            return Some((Err(status), None));
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return None;
+                }
+                data.truncate(filled);
+                let chunk = pb::FetchChunk {
+                    data: Bytes::from(data),
+                };
+                Some((Ok(chunk), Some(file)))
+            }
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 }
 
@@ -183,11 +205,13 @@ impl Fetcher {
         Ok(client)
     }
 
+    /// One attempt: the partition streamed into `into`, which is created or truncated first.
     async fn fetch_once(
         &mut self,
         addr: &str,
         request: pb::FetchRequest,
-    ) -> Result<Vec<u8>, MrError> {
+        into: &Path,
+    ) -> Result<u64, MrError> {
         let FetchLimits { max_bytes, idle } = self.limits;
         let (map, reduce) = (request.map_index, request.reduce_index);
         let stalled = || MrError::Other(format!("{addr} sent nothing for {idle:?} while fetching"));
@@ -196,31 +220,40 @@ impl Fetcher {
             .await
             .map_err(|_| stalled())??
             .into_inner();
-        let mut data = Vec::new();
+        let mut file = tokio::fs::File::create(into)
+            .await
+            .map_err(MrError::io(into))?;
+        let mut fetched = 0u64;
         while let Some(chunk) = tokio::time::timeout(idle, stream.next())
             .await
             .map_err(|_| stalled())?
         {
             let chunk = chunk?;
-            if data.len() + chunk.data.len() > max_bytes {
+            fetched += chunk.data.len() as u64;
+            if fetched > max_bytes as u64 {
                 return Err(MrError::Other(format!(
                     "the output of map {map} for reduce {reduce} at {addr} is over the fetch limit of \
                      {max_bytes} bytes"
                 )));
             }
-            data.extend_from_slice(&chunk.data);
+            file.write_all(&chunk.data)
+                .await
+                .map_err(MrError::io(into))?;
         }
-        Ok(data)
+        file.flush().await.map_err(MrError::io(into))?;
+        Ok(fetched)
     }
 
-    /// Fetches the output of `map` for `reduce` from the worker at `addr`, retrying briefly.
-    pub async fn fetch(
+    /// Fetches the output of `map` for `reduce` from the worker at `addr` into the file `into`
+    /// (streamed: a partition never sits in memory whole), retrying briefly; returns its length.
+    pub async fn fetch_to(
         &mut self,
         addr: &str,
         job_id: u64,
         map: u32,
         reduce: u32,
-    ) -> Result<Vec<u8>, MrError> {
+        into: &Path,
+    ) -> Result<u64, MrError> {
         let request = pb::FetchRequest {
             job_id,
             map_index: map,
@@ -228,8 +261,8 @@ impl Fetcher {
         };
         let mut attempt = 1;
         loop {
-            match self.fetch_once(addr, request).await {
-                Ok(data) => return Ok(data),
+            match self.fetch_once(addr, request, into).await {
+                Ok(len) => return Ok(len),
                 // A refused identity stays refused: no point in retrying.
                 Err(err) if attempt >= FETCH_ATTEMPTS || err.is_refusal() => return Err(err),
                 Err(err) => {
@@ -293,9 +326,10 @@ mod tests {
                 idle: Duration::from_millis(300),
             };
             let started = std::time::Instant::now();
+            let into = tempfile::NamedTempFile::new().unwrap();
             let err = Fetcher::default()
                 .with_limits(limits)
-                .fetch(&addr, 1, 0, 0)
+                .fetch_to(&addr, 1, 0, 0, into.path())
                 .await
                 .unwrap_err()
                 .to_string();
@@ -319,15 +353,24 @@ mod tests {
         let outputs = dir.path().join("outputs");
         let job = local_job_dir(&outputs, 1);
         std::fs::create_dir_all(&job).unwrap();
-        std::fs::write(job.join(intermediate_name(1, 0, 0)), b"pairs").unwrap();
+        // Two and a half chunks: the server streams it a chunk at a time, the fetcher into a file.
+        let pairs: Vec<u8> = (0..CHUNK * 5 / 2).map(|i| (i % 251) as u8).collect();
+        std::fs::write(job.join(intermediate_name(1, 0, 0)), &pairs).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = spawn_server(listener, outputs, &worker).unwrap();
-        let fetched = Fetcher::new(worker.clone()).fetch(&addr, 1, 0, 0).await;
-        assert_eq!(fetched.unwrap(), b"pairs");
+        let into = dir.path().join("fetched");
+        let fetched = Fetcher::new(worker.clone())
+            .fetch_to(&addr, 1, 0, 0, &into)
+            .await;
+        assert_eq!(fetched.unwrap(), pairs.len() as u64);
+        assert!(
+            std::fs::read(&into).unwrap() == pairs,
+            "fetched bytes differ"
+        );
         for role in ["client", "admin", "coordinator"] {
             let refused = Fetcher::new(security(&ca, role))
-                .fetch(&addr, 1, 0, 0)
+                .fetch_to(&addr, 1, 0, 0, &into)
                 .await
                 .unwrap_err();
             assert!(matches!(refused, MrError::Denied(_)), "{role}: {refused}");
@@ -336,7 +379,7 @@ mod tests {
                 "names the caller: {refused}"
             );
         }
-        let plaintext = Fetcher::default().fetch(&addr, 1, 0, 0).await;
+        let plaintext = Fetcher::default().fetch_to(&addr, 1, 0, 0, &into).await;
         assert!(plaintext.is_err(), "plaintext was served");
         server.abort();
     }

@@ -17,6 +17,7 @@ use tonic::Code;
 
 use crate::mr::fsutil::{self, Staged};
 use crate::mr::job::{intermediate_name, JobSpec, ShuffleMode};
+use crate::mr::merge::{MergeOptions, Run};
 use crate::mr::shuffle::{self, Fetcher};
 use crate::mr::{app, exec, records, MrError};
 use crate::proto::mr as pb;
@@ -355,68 +356,114 @@ impl Worker {
         finish(result)
     }
 
-    /// Gathers partition `task.index` from every map output; `Err` lists the ones that are missing.
+    /// A reduce attempt's private scratch directory (fetched map outputs, merge spills), created empty.
+    fn reduce_scratch(&self, task: &Task) -> Result<PathBuf, MrError> {
+        let dir =
+            shuffle::local_job_dir(&self.dir, task.job_id).join(format!("reduce-{}", task.index));
+        match std::fs::remove_dir_all(&dir) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(MrError::io(&dir)(err))
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(&dir).map_err(MrError::io(&dir))?;
+        Ok(dir)
+    }
+
+    /// Brings partition `task.index` of every map output to a local file (in the shared-directory mode
+    /// it already is one) and checks its seal; `Ok(Err)` lists the outputs that are missing or damaged,
+    /// whose maps must run again. Nothing is read into memory: the reduce streams the files.
     async fn gather(
         &mut self,
         task: &Task,
         locations: &[String],
-    ) -> Result<Result<Vec<(String, String)>, Vec<(u32, String)>>, MrError> {
-        let mut pairs = Vec::new();
-        let mut missing = Vec::new();
+        scratch: &Path,
+    ) -> Result<Result<Vec<Run>, Vec<(u32, String)>>, MrError> {
+        // (map, where it was served from, the local file if there is one)
+        let mut found: Vec<(u32, String, Option<PathBuf>)> =
+            Vec::with_capacity(task.n_map as usize);
         // A worker that failed one fetch (after retries) is presumed gone: don't wait on it again.
         let mut dead: HashSet<String> = HashSet::new();
         for map in 0..task.n_map {
             let name = intermediate_name(task.job_id, map, task.index);
-            let (addr, data) = match task.spec.shuffle {
+            found.push(match task.spec.shuffle {
                 ShuffleMode::SharedDir => {
-                    let path = task.spec.output_dir.join(&name);
-                    match tokio::fs::read(&path).await {
-                        Ok(data) => (String::new(), Ok(data)),
-                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                            (String::new(), Err(()))
-                        }
-                        Err(err) => return Err(MrError::io(path)(err)),
-                    }
+                    (map, String::new(), Some(task.spec.output_dir.join(&name)))
                 }
                 ShuffleMode::Grpc => {
                     let addr = locations.get(map as usize).cloned().unwrap_or_default();
-                    let data = if addr.is_empty() || dead.contains(&addr) {
-                        Err(())
+                    let local = if addr.is_empty() || dead.contains(&addr) {
+                        None
                     } else if addr == self.addr {
                         // Our own output: skip the network.
-                        let path = shuffle::local_job_dir(&self.dir, task.job_id).join(&name);
-                        tokio::fs::read(&path).await.map_err(|_| ())
+                        Some(shuffle::local_job_dir(&self.dir, task.job_id).join(&name))
                     } else {
-                        self.fetcher
-                            .fetch(&addr, task.job_id, map, task.index)
-                            .await
-                            .map_err(|err| {
+                        let into = scratch.join(format!("map-{map}"));
+                        let fetched = self
+                            .fetcher
+                            .fetch_to(&addr, task.job_id, map, task.index, &into)
+                            .await;
+                        match fetched {
+                            Ok(_) => Some(into),
+                            Err(err) => {
                                 tracing::warn!(worker = %self.id, %addr, map, %err, "fetch failed");
                                 dead.insert(addr.clone());
-                            })
+                                None
+                            }
+                        }
                     };
-                    (addr, data)
+                    (map, addr, local)
                 }
-            };
-            let what = format!("{name} ({addr})");
-            match data.map(|data| read_map_output(&data, &what, &mut pairs)) {
-                Ok(Ok(())) => {}
-                // Damaged like a lost one: the map runs again.
-                Ok(Err(err)) => {
-                    tracing::warn!(worker = %self.id, %err, "map output refused; its map will run again");
-                    missing.push((map, addr));
-                }
-                Err(()) => missing.push((map, addr)),
-            }
+            });
         }
-        Ok(if missing.is_empty() {
-            Ok(pairs)
-        } else {
-            Err(missing)
+        let worker = self.id.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut runs = Vec::with_capacity(found.len());
+            let mut missing = Vec::new();
+            for (map, addr, local) in found {
+                let Some(path) = local else {
+                    missing.push((map, addr));
+                    continue;
+                };
+                let what = format!("{} ({addr})", path.display());
+                match records::check_sealed_file(&path, &what) {
+                    Ok(len) => runs.push(Run::file(path, len, what)),
+                    Err(MrError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        missing.push((map, addr))
+                    }
+                    // Damaged like a lost one: the map runs again.
+                    Err(err @ MrError::Corrupt(_)) => {
+                        tracing::warn!(%worker, %err, "map output refused; its map will run again");
+                        missing.push((map, addr));
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            Ok(if missing.is_empty() {
+                Ok(runs)
+            } else {
+                Err(missing)
+            })
         })
+        .await;
+        checked.map_err(|err| MrError::Other(format!("checking map outputs panicked: {err}")))?
     }
 
     async fn run_reduce(&mut self, task: &Task) -> Outcome {
+        let scratch = match self.reduce_scratch(task) {
+            Ok(scratch) => scratch,
+            Err(err) => return Outcome::Failed(err.to_string()),
+        };
+        let outcome = self.reduce_in(task, &scratch).await;
+        if let Err(err) = std::fs::remove_dir_all(&scratch) {
+            tracing::warn!(worker = %self.id, path = %scratch.display(), %err, "could not remove reduce scratch");
+        }
+        outcome
+    }
+
+    async fn reduce_in(&mut self, task: &Task, scratch: &Path) -> Outcome {
         // Trouble reaching the coordinator is not the app failing: give the task up (it times out and
         // runs again) rather than count it towards failing the job.
         let locations = match task.spec.shuffle {
@@ -426,16 +473,19 @@ impl Worker {
                 Err(err) => return Outcome::Abandoned(format!("reading map locations: {err}")),
             },
         };
-        let pairs = match self.gather(task, &locations).await {
-            Ok(Ok(pairs)) => pairs,
+        let runs = match self.gather(task, &locations, scratch).await {
+            Ok(Ok(runs)) => runs,
             Ok(Err(missing)) => return Outcome::FetchFailed(missing),
             Err(err) => return Outcome::Failed(err.to_string()),
         };
         let output = task.spec.output_path(task.index);
         let (app_name, args) = (task.spec.app.clone(), task.spec.args.clone());
+        let options = MergeOptions::spilling_to(scratch);
         let staged = tokio::task::spawn_blocking(move || -> Result<Staged, MrError> {
             let app = app::build(&app_name, &args)?;
-            fsutil::stage(&output, true, |w| exec::run_reduce(app.as_ref(), pairs, w))
+            fsutil::stage(&output, true, |w| {
+                exec::run_reduce(app.as_ref(), runs, &options, w)
+            })
         })
         .await;
         let staged = match staged {
@@ -586,16 +636,4 @@ fn prune_old_jobs(dir: &Path, current: u64) {
             }
         }
     }
-}
-
-/// Append the records of one sealed map output to `pairs`; an empty, cut-short or altered output is an
-/// error and adds nothing.
-pub fn read_map_output(
-    data: &[u8],
-    what: &str,
-    pairs: &mut Vec<(String, String)>,
-) -> Result<(), MrError> {
-    let records = records::open_sealed(data, what)?;
-    let before = pairs.len();
-    records::decode_into(records, what, pairs).inspect_err(|_| pairs.truncate(before))
 }

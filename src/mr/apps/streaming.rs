@@ -5,10 +5,10 @@
 //! partition on stdin, sorted by key, and whatever it prints becomes that partition's `mr-out-<reduce>`.
 //! Both run through `sh -c`, so pipelines work.
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::{Command, Stdio};
 
-use crate::mr::app::{App, AppError, Args, Emit};
+use crate::mr::app::{App, AppError, Args, Emit, Groups};
 
 /// The mapper and reducer commands of a streaming job.
 pub struct Streaming {
@@ -26,43 +26,48 @@ impl Streaming {
     }
 }
 
-/// Runs `command` with `input` on stdin and copies its stdout to `out`; fails if it exits non-zero.
+/// Runs `command`, writes its stdin through `feed`, and copies its stdout to `out`; fails if it exits
+/// non-zero.
+///
+/// Its stdout goes to an unnamed temporary file rather than a pipe: we feed stdin from this thread, and a
+/// command that prints before it has read all its input (most do) would otherwise fill the pipe and wait
+/// for us while we wait for it. Memory stays at one write's worth either way.
 fn run(
     command: &str,
-    input: Vec<u8>,
     env: &[(&str, &str)],
+    feed: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
     out: &mut dyn Write,
 ) -> Result<(), AppError> {
+    let mut captured = tempfile::tempfile()?;
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(command)
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::from(captured.try_clone()?))
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|err| AppError::Failed(format!("cannot start `{command}`: {err}")))?;
-    let mut stdin = child.stdin.take();
-    // Feed stdin from another thread: a command that writes output before reading all its input would
-    // otherwise deadlock against us.
-    let feeder = std::thread::spawn(move || {
-        if let Some(stdin) = stdin.as_mut() {
-            // A command may legitimately stop reading early (e.g. `head`); a broken pipe is not our error.
-            let _ = stdin.write_all(&input);
+    let fed = match child.stdin.take() {
+        Some(stdin) => {
+            let mut stdin = std::io::BufWriter::with_capacity(1 << 16, stdin);
+            feed(&mut stdin).and_then(|()| stdin.flush())
         }
-    });
-    let copied = match child.stdout.take() {
-        Some(mut stdout) => std::io::copy(&mut stdout, out).map(|_| ()),
         None => Ok(()),
     };
-    let _ = feeder.join();
     let status = child.wait()?;
-    copied?;
+    match fed {
+        // A command may legitimately stop reading early (e.g. `head`); a broken pipe is not our error.
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => return Err(err.into()),
+        _ => {}
+    }
     if !status.success() {
         return Err(AppError::Failed(format!(
             "`{command}` exited with {status}"
         )));
     }
+    captured.seek(SeekFrom::Start(0))?;
+    std::io::copy(&mut captured, out)?;
     Ok(())
 }
 
@@ -76,8 +81,8 @@ impl App for Streaming {
         let mut output = Vec::new();
         run(
             &self.mapper,
-            contents.as_bytes().to_vec(),
             &[("MR_INPUT_FILE", filename)],
+            |stdin| stdin.write_all(contents.as_bytes()),
             &mut output,
         )?;
         let mut text = String::new();
@@ -97,21 +102,21 @@ impl App for Streaming {
         )))
     }
 
-    fn reduce_partition<'a>(
+    /// The partition streams into the reducer's stdin as the merge produces it.
+    fn reduce_partition(
         &self,
-        groups: &mut dyn Iterator<Item = (&'a str, &'a [String])>,
+        groups: &mut dyn Groups,
         out: &mut dyn Write,
     ) -> Result<(), AppError> {
-        let mut input = Vec::new();
-        for (key, values) in groups {
-            for value in values {
-                input.extend_from_slice(key.as_bytes());
-                input.push(b'\t');
-                input.extend_from_slice(value.as_bytes());
-                input.push(b'\n');
+        let feed = |stdin: &mut dyn Write| {
+            while let Some((key, values)) = groups.next_group() {
+                for value in values {
+                    writeln!(stdin, "{key}\t{value}")?;
+                }
             }
-        }
-        run(&self.reducer, input, &[], out)
+            Ok(())
+        };
+        run(&self.reducer, &[], feed, out)
     }
 }
 
