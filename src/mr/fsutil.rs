@@ -77,9 +77,8 @@ impl Staged {
         Ok(())
     }
 
-    /// [`Staged::commit`] without the directory fsync, for a caller publishing several files into
-    /// one directory and then fsyncing it once ([`sync_dir`]).
-    pub fn rename_into_place(mut self) -> Result<(), MrError> {
+    /// [`Staged::commit`] without the directory fsync.
+    fn rename_into_place(mut self) -> Result<(), MrError> {
         self.done = true;
         let result = std::fs::rename(&self.tmp, &self.path).map_err(MrError::io(&self.path));
         if result.is_err() {

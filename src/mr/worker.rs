@@ -320,9 +320,9 @@ impl Worker {
             return Outcome::Failed(format!("map task {} has no input split", task.index));
         };
         let dir = self.map_output_dir(task);
-        // Shared-directory outputs are what the job's durability rests on; a gRPC mapper's outputs die
-        // with it anyway (its map re-runs), and the seal catches one cut short by a crash.
-        let durable = task.spec.shuffle == ShuffleMode::SharedDir;
+        // Map outputs are not fsynced, in either mode (Hadoop's neither): what a power loss can do to one
+        // — leave it missing, empty, cut short or holding garbage — the reducer sees (absent, or the seal
+        // fails) and reports, and the map runs again. Only committed reduce outputs must survive.
         let (app_name, args, n_reduce, index, job_id) = (
             task.spec.app.clone(),
             task.spec.args.clone(),
@@ -337,20 +337,15 @@ impl Worker {
             for (reduce, data) in partitions.iter().enumerate() {
                 let path = dir.join(intermediate_name(job_id, index, reduce as u32));
                 // Sealed: a reducer must never take a cut-short file for a whole one.
-                staged.push(fsutil::stage(&path, durable, |w| {
+                staged.push(fsutil::stage(&path, false, |w| {
                     w.write_all(data).map_err(MrError::io(&path))?;
                     w.write_all(&records::seal(data))
                         .map_err(MrError::io(&path))
                 })?);
             }
-            // Every file in place, then the directory made durable once rather than once per file.
-            for file in staged {
-                file.rename_into_place()?;
-            }
-            if durable {
-                fsutil::sync_dir(&dir)?;
-            }
-            Ok(())
+            // Renamed only once every partition is written: a reducer never finds some of a map's
+            // outputs from an attempt that then failed.
+            staged.into_iter().try_for_each(Staged::commit)
         })
         .await;
         finish(result)
