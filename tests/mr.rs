@@ -387,8 +387,35 @@ fn wc_matches_sequential() {
     wait_job(&env, &coord.addr, id);
     wait_all(&mut workers);
     assert_eq!(env.output("out"), expected);
-    // Intermediates carry the job's id: a straggler of another job cannot pass for one of them.
-    assert!(env.path().join(format!("out/mr-7-9.job{id}")).exists());
+    // Intermediates carry the job's id and the attempt: a straggler cannot pass for the output the
+    // coordinator accepted.
+    let names = intermediates(&env.path().join("out"), id, 7, 9);
+    assert_eq!(names.len(), 1, "{names:?}");
+    let attempt = names[0]
+        .to_string_lossy()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(attempt.parse::<u64>().is_ok_and(|a| a > 0), "{names:?}");
+}
+
+/// The intermediate files of map `map` for reduce `reduce` of job `job` in `dir`, of any attempt.
+fn intermediates(dir: &Path, job: u64, map: u32, reduce: u32) -> Vec<PathBuf> {
+    let prefix = format!("mr-{map}-{reduce}.job{job}.");
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -402,7 +429,7 @@ fn wc_grpc_shuffle_matches_sequential() {
     wait_all(&mut workers);
     assert_eq!(env.output("out"), expected);
     // Intermediate files stayed with the mappers.
-    assert!(!env.path().join(format!("out/mr-0-0.job{id}")).exists());
+    assert!(intermediates(&env.path().join("out"), id, 0, 0).is_empty());
 }
 
 #[test]
@@ -1214,16 +1241,18 @@ fn a_truncated_map_output_is_detected_and_its_map_runs_again() {
         "out",
     );
     let mut worker = env.worker(&coord.addr, &[]);
-    let first = env.path().join("out").join(format!("mr-0-0.job{id}"));
     let started = Instant::now();
-    while !first.exists() {
+    let first = loop {
+        if let Some(first) = intermediates(&env.path().join("out"), id, 0, 0).pop() {
+            break first;
+        }
         assert!(
             started.elapsed() < DEADLINE,
             "map 0 never wrote its output\n{}",
             env.logs()
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     let whole = std::fs::read(&first).unwrap();
     std::fs::write(&first, &whole[..whole.len() / 2]).unwrap();
     std::fs::write(&go, "").unwrap();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::mr::job::{JobSpec, Split};
+use crate::mr::job::{intermediate_name, JobSpec, Split};
 
 /// App failures of one task that fail the whole job.
 pub const MAX_TASK_FAILURES: u32 = 3;
@@ -62,6 +62,22 @@ pub struct Completion {
     pub worker: String,
     /// Where a map output is served from (gRPC shuffle); compared against fetch-failure reports.
     pub addr: String,
+    /// The attempt whose output won: map outputs are named by attempt, so reducers read this one's
+    /// and never a straggler's. 0 in records from before attempts named files (their outputs are
+    /// then not found, and the map runs again).
+    #[serde(default)]
+    pub attempt: u64,
+}
+
+/// A finished map task's output as reducers look for it: the worker serving it (gRPC shuffle; empty
+/// in the shared directory) and the attempt that wrote it, which names its files. Attempt 0: the map
+/// is not finished (or re-running after its output was lost).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapOutput {
+    /// The worker's shuffle address.
+    pub addr: String,
+    /// The attempt that wrote it.
+    pub attempt: u64,
 }
 
 /// The durable part of a task's state.
@@ -310,8 +326,8 @@ pub enum Outcome {
     },
     /// The attempt failed; the worker's error.
     Failed(String),
-    /// Map outputs (index, address tried) a reducer could not fetch.
-    FetchFailed(Vec<(u32, String)>),
+    /// Map outputs (index, the output looked for) a reducer could not read.
+    FetchFailed(Vec<(u32, MapOutput)>),
 }
 
 /// A report the coordinator must refuse; the service turns it into an `InvalidArgument`/`NotFound` status.
@@ -570,10 +586,10 @@ impl Coordinator {
         })))
     }
 
-    /// Where map tasks `start..` of job `job_id` serve their outputs, at most [`LOCATIONS_PAGE`] of
-    /// them; an empty address for a map not finished (re-running after a lost output). Reducers page
-    /// through these instead of receiving them all with their task.
-    pub fn locations(&self, job_id: u64, start: u32) -> Result<Vec<String>, ReportError> {
+    /// Where map tasks `start..` of job `job_id` serve their outputs and which attempt wrote them, at
+    /// most [`LOCATIONS_PAGE`] of them; attempt 0 for a map not finished (re-running after a lost
+    /// output). Reducers page through these instead of receiving them all with their task.
+    pub fn locations(&self, job_id: u64, start: u32) -> Result<Vec<MapOutput>, ReportError> {
         let job = self
             .jobs
             .get(&job_id)
@@ -584,7 +600,14 @@ impl Coordinator {
             .iter()
             .skip(start as usize)
             .take(LOCATIONS_PAGE)
-            .map(|t| t.done.as_ref().map(|c| c.addr.clone()).unwrap_or_default())
+            .map(|t| {
+                t.done
+                    .as_ref()
+                    .map_or_else(MapOutput::default, |c| MapOutput {
+                        addr: c.addr.clone(),
+                        attempt: c.attempt,
+                    })
+            })
             .collect())
     }
 
@@ -625,6 +648,16 @@ impl Coordinator {
             && job.running(kind)[i]
                 .as_ref()
                 .is_some_and(|r| r.worker == worker && r.attempt == attempt))
+    }
+
+    /// Whether `attempt`'s success is the one recorded for the task: a report retried after its reply
+    /// was lost is told it was taken, so its worker keeps the outputs reducers will read.
+    pub fn took(&self, job_id: u64, kind: TaskKind, index: u32, attempt: u64) -> bool {
+        self.jobs
+            .get(&job_id)
+            .and_then(|job| job.record.tasks(kind).get(index as usize))
+            .and_then(|task| task.done.as_ref())
+            .is_some_and(|done| done.attempt == attempt)
     }
 
     /// Applies a worker's report of `attempt`. Returns whether the job's durable record changed (and so
@@ -670,6 +703,7 @@ impl Coordinator {
                 job.record.tasks_mut(kind)[i].done = Some(Completion {
                     worker: worker.to_string(),
                     addr,
+                    attempt,
                 });
                 self.dirty_tasks.insert((job_id, kind, index));
                 if kind == TaskKind::Reduce && job.record.reduces.iter().all(|t| t.done.is_some()) {
@@ -689,11 +723,17 @@ impl Coordinator {
             }
             Outcome::FetchFailed(missing) => {
                 let shared = job.record.spec.shuffle == crate::mr::job::ShuffleMode::SharedDir;
-                for (map, addr) in missing {
+                for (map, lost) in missing {
                     let Some(task) = job.record.maps.get_mut(map as usize) else {
                         continue;
                     };
-                    if task.done.as_ref().is_some_and(|c| c.addr == addr) {
+                    // Only the output that won counts: a report about an earlier attempt's (a
+                    // reducer that looked before the map re-ran) must not undo the re-run.
+                    if task
+                        .done
+                        .as_ref()
+                        .is_some_and(|c| c.addr == lost.addr && c.attempt == lost.attempt)
+                    {
                         task.done = None;
                         task.lost += 1;
                         self.dirty_tasks.insert((job_id, TaskKind::Map, map));
@@ -701,9 +741,10 @@ impl Coordinator {
                         if shared && task.lost >= MAX_LOST_OUTPUTS {
                             job.record.state = JobState::Failed(format!(
                                 "reduce task {index} could not read the output of map task {map} \
-                                 (mr-{map}-{index}.job{job_id}) in {} although the map finished {} times: every \
+                                 ({}) in {} although the map finished {} times: every \
                                  worker must see that directory at the same path (a shared file \
                                  system), or use --shuffle grpc",
+                                intermediate_name(job_id, map, index, lost.attempt),
                                 job.record.spec.output_dir.display(),
                                 task.lost
                             ));
@@ -779,6 +820,10 @@ mod tests {
         }
     }
 
+    fn addrs(outputs: Vec<MapOutput>) -> Vec<String> {
+        outputs.into_iter().map(|o| o.addr).collect()
+    }
+
     fn ok(addr: &str) -> Outcome {
         Outcome::Succeeded { addr: addr.into() }
     }
@@ -802,10 +847,18 @@ mod tests {
             .unwrap();
         let r0 = run(c.assign(&worker("c"), now));
         assert_eq!(
-            (r0.kind, r0.n_map, c.locations(id, 0).unwrap()),
+            (r0.kind, r0.n_map, addrs(c.locations(id, 0).unwrap())),
             (TaskKind::Reduce, 2, vec!["a:1".to_string(), "b:1".into()])
         );
-        assert_eq!(c.locations(id, 1).unwrap(), vec!["b:1".to_string()]);
+        // The attempts that won, which name the files reducers read.
+        let attempts: Vec<u64> = c
+            .locations(id, 0)
+            .unwrap()
+            .iter()
+            .map(|o| o.attempt)
+            .collect();
+        assert_eq!(attempts, vec![m0.attempt, m1.attempt]);
+        assert_eq!(addrs(c.locations(id, 1).unwrap()), vec!["b:1".to_string()]);
         c.report(id, TaskKind::Reduce, 0, "c", r0.attempt, ok(""))
             .unwrap();
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
@@ -904,6 +957,8 @@ mod tests {
             .unwrap();
         let r0 = run(c.assign(&worker("c"), now));
         let r1 = run(c.assign(&worker("d"), now));
+        let first = c.locations(id, 0).unwrap()[0].clone();
+        assert_eq!(first.addr, "a:1");
         // `a` died: r0 cannot fetch map 0.
         c.report(
             id,
@@ -911,27 +966,62 @@ mod tests {
             r0.index,
             "c",
             r0.attempt,
-            Outcome::FetchFailed(vec![(0, "a:1".into())]),
+            Outcome::FetchFailed(vec![(0, first.clone())]),
         )
         .unwrap();
         let rerun = run(c.assign(&worker("c"), now));
         assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, 0));
         c.report(id, TaskKind::Map, 0, "c", rerun.attempt, ok("c:1"))
             .unwrap();
-        // r1's stale report about the old location must not undo the re-run.
-        c.report(
-            id,
-            TaskKind::Reduce,
-            r1.index,
-            "d",
-            r1.attempt,
-            Outcome::FetchFailed(vec![(0, "a:1".into())]),
-        )
-        .unwrap();
-        assert!(c.record(id).unwrap().maps[0].done.is_some());
-        let again = run(c.assign(&worker("d"), now));
-        assert_eq!(again.kind, TaskKind::Reduce);
-        assert_eq!(c.locations(id, 0).unwrap()[0], "c:1");
+        // r1's stale report about the old output must not undo the re-run, even from the same
+        // address (the shared directory has none): the attempt tells them apart.
+        let same_addr = MapOutput {
+            addr: "c:1".into(),
+            attempt: first.attempt,
+        };
+        let mut reducer = r1;
+        for stale in [first, same_addr] {
+            c.report(
+                id,
+                TaskKind::Reduce,
+                reducer.index,
+                "d",
+                reducer.attempt,
+                Outcome::FetchFailed(vec![(0, stale)]),
+            )
+            .unwrap();
+            assert!(c.record(id).unwrap().maps[0].done.is_some());
+            reducer = run(c.assign(&worker("d"), now));
+            assert_eq!(reducer.kind, TaskKind::Reduce);
+        }
+        assert_eq!(
+            c.locations(id, 0).unwrap()[0],
+            MapOutput {
+                addr: "c:1".into(),
+                attempt: rerun.attempt
+            }
+        );
+    }
+
+    #[test]
+    fn a_retried_success_report_is_still_taken_and_a_straggler_is_not() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(1, 1));
+        let first = run(c.assign(&worker("a"), now));
+        // `a` stalls past its timeout; `b` runs the map again and wins.
+        let second = run(c.assign(&worker("b"), now + TIMEOUT * 2));
+        assert_eq!(second.index, first.index);
+        assert!(c
+            .report(id, TaskKind::Map, 0, "b", second.attempt, ok("b:1"))
+            .unwrap());
+        // `b`'s report again (its reply was lost): nothing changes, but it was taken.
+        assert!(!c
+            .report(id, TaskKind::Map, 0, "b", second.attempt, ok("b:1"))
+            .unwrap());
+        assert!(c.took(id, TaskKind::Map, 0, second.attempt));
+        // `a` wakes up: not taken, so it removes its files.
+        assert!(!c.took(id, TaskKind::Map, 0, first.attempt));
     }
 
     #[test]
@@ -948,13 +1038,15 @@ mod tests {
                 .unwrap();
             // The reducer runs where the directory is another one: the file is never there.
             let reduce = run(c.assign(&worker("b"), now));
+            let looked_for = c.locations(id, 0).unwrap()[0].clone();
+            assert_eq!(looked_for.attempt, map.attempt);
             c.report(
                 id,
                 TaskKind::Reduce,
                 0,
                 "b",
                 reduce.attempt,
-                Outcome::FetchFailed(vec![(0, String::new())]),
+                Outcome::FetchFailed(vec![(0, looked_for)]),
             )
             .unwrap();
         }

@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::mr::coordinator::{
-    Assignment, Changes, Coordinator, JobRecord, JobState, JobView, Outcome, ReportError, TaskKind,
-    TaskRecord, WorkerInfo,
+    Assignment, Changes, Coordinator, JobRecord, JobState, JobView, MapOutput, Outcome,
+    ReportError, TaskKind, TaskRecord, WorkerInfo,
 };
 use crate::mr::job::{Admission, JobSpec};
 use crate::mr::MrError;
@@ -466,7 +466,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 report
                     .missing
                     .iter()
-                    .map(|m| (m.map_index, m.addr.clone()))
+                    .map(|m| {
+                        let lost = MapOutput {
+                            addr: m.addr.clone(),
+                            attempt: m.attempt,
+                        };
+                        (m.map_index, lost)
+                    })
                     .collect(),
             ),
             _ => {
@@ -521,7 +527,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         if changed {
             self.flush().await?;
         }
-        Ok(Response::new(pb::ReportReply {}))
+        let accepted = self
+            .lock()
+            .took(report.job_id, kind, report.index, report.attempt);
+        Ok(Response::new(pb::ReportReply { accepted }))
     }
 
     async fn map_locations(
@@ -531,11 +540,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.guard
             .allow(&request, "read map locations", |role| *role == Role::Worker)?;
         let request = request.into_inner();
-        let addrs = self
+        let outputs = self
             .lock()
             .locations(request.job_id, request.start)
             .map_err(|err| Status::not_found(err.to_string()))?;
-        let reply = pb::LocationsReply { addrs };
+        let reply = pb::LocationsReply {
+            attempts: outputs.iter().map(|o| o.attempt).collect(),
+            addrs: outputs.into_iter().map(|o| o.addr).collect(),
+        };
         self.sent(&reply);
         Ok(Response::new(reply))
     }

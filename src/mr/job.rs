@@ -259,11 +259,12 @@ impl Admission {
     }
 }
 
-/// `mr-<map>-<reduce>.job<job>`: 6.824's intermediate file name, with the job's id, so a straggler of
-/// an earlier job (paused past its timeout, then resumed) renaming its output into a directory a later
-/// job uses cannot put its records into that job's reduces.
-pub fn intermediate_name(job: u64, map: u32, reduce: u32) -> String {
-    format!("mr-{map}-{reduce}.job{job}")
+/// `mr-<map>-<reduce>.job<job>.<attempt>`: 6.824's intermediate file name with the job and the attempt
+/// that wrote it. Reducers read only the attempt the coordinator accepted, so a straggler (paused past
+/// its timeout, then resumed) renaming its output into place — in this job's directory or a later
+/// job's — cannot put its records into any reduce, even from an app that is not deterministic.
+pub fn intermediate_name(job: u64, map: u32, reduce: u32, attempt: u64) -> String {
+    format!("mr-{map}-{reduce}.job{job}.{attempt}")
 }
 
 impl From<&JobSpec> for pb::JobSpec {

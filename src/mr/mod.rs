@@ -2,7 +2,7 @@
 //!
 //! A [coordinator](coordinator_service) queues jobs, persists their progress in sled and hands tasks to
 //! [workers](worker) that pull them over gRPC. Map tasks partition their output by [`partition::ihash`] into
-//! `mr-<map>-<reduce>.job<job>` files; reduce tasks turn partitions into `mr-out-<reduce>`. Every file is written
+//! `mr-<map>-<reduce>.job<job>.<attempt>` files; reduce tasks turn partitions into `mr-out-<reduce>`. Every file is written
 //! under a temporary name and renamed into place ([`fsutil::write_atomic`]), so a task that crashes half
 //! way or runs twice never leaves a partial or doubled output, and the coordinator simply accepts the first
 //! completion of each task.

@@ -68,7 +68,8 @@ pub enum RootsError {
 }
 
 /// Whether `name` is a file a job writes into its output directory: `mr-out-<n>`, an intermediate
-/// `mr-<m>-<r>` (or `mr-<m>-<r>.job<j>`), or the hidden temporary file of one of them.
+/// `mr-<m>-<r>` (or `mr-<m>-<r>.job<j>`, or `mr-<m>-<r>.job<j>.<attempt>`), or the hidden temporary file
+/// of one of them.
 fn is_job_output(name: &str) -> bool {
     let numbers = |s: &str| {
         s.split('-')
@@ -87,7 +88,11 @@ fn is_job_output(name: &str) -> bool {
         Some((pair, job)) => (pair, Some(job)),
         None => (rest, None),
     };
-    pair.split('-').count() == 2 && numbers(pair) && job.is_none_or(numbers)
+    let job_and_attempt = |s: &str| match s.split_once('.') {
+        Some((job, attempt)) => numbers(job) && numbers(attempt) && !attempt.contains('-'),
+        None => numbers(s),
+    };
+    pair.split('-').count() == 2 && numbers(pair) && job.is_none_or(job_and_attempt)
 }
 
 /// Remove the job outputs of a directory [`DataRoots::output`] admitted with `overwrite`: what an
@@ -372,6 +377,7 @@ mod tests {
             "mr-out-7",
             "mr-3-1",
             "mr-3-1.job12",
+            "mr-3-1.job12.1796405458577423",
             ".mr-out-2.tmp-1-abc",
         ] {
             std::fs::write(out.join(name), "x").unwrap();
@@ -381,7 +387,7 @@ mod tests {
             Err(RootsError::OutputNotEmpty(_))
         ));
         assert_eq!(f.roots.output(&out, true).unwrap(), out);
-        assert_eq!(clear_outputs(&out).unwrap(), 5);
+        assert_eq!(clear_outputs(&out).unwrap(), 6);
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
         // Anything a job did not write stops it, before anything is removed.
         for name in ["mr-out-0", "notes.txt"] {
@@ -396,6 +402,8 @@ mod tests {
             "mr-1",
             "mr-a-b",
             "mr-1-2.jobx",
+            "mr-1-2.job3.x",
+            "mr-1-2.job3.4.5",
             ".mr-out-1",
         ] {
             assert!(!is_job_output(name), "{name}");

@@ -72,13 +72,14 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
             request.job_id,
             request.map_index,
             request.reduce_index,
+            request.attempt,
         ));
         let file = match tokio::fs::File::open(&path).await {
             Ok(file) => file,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Status::not_found(format!(
-                    "no output of map {} for reduce {} of job {} here",
-                    request.map_index, request.reduce_index, request.job_id
+                    "no output of attempt {} of map {} for reduce {} of job {} here",
+                    request.attempt, request.map_index, request.reduce_index, request.job_id
                 )))
             }
             Err(err) => return Err(Status::internal(format!("{}: {err}", path.display()))),
@@ -141,6 +142,19 @@ pub fn spawn_server(
             tracing::error!(%err, "shuffle server stopped");
         }
     }))
+}
+
+/// One map output partition a reducer fetches.
+#[derive(Clone, Copy, Debug)]
+pub struct Wanted {
+    /// The job.
+    pub job_id: u64,
+    /// The map task that wrote it.
+    pub map: u32,
+    /// The partition: the reducer's index.
+    pub reduce: u32,
+    /// The map attempt the coordinator accepted, which names the file.
+    pub attempt: u64,
 }
 
 /// How much a fetch may bring and how long it may stall: a stale or broken peer cannot run a reducer out
@@ -244,20 +258,25 @@ impl Fetcher {
         Ok(fetched)
     }
 
-    /// Fetches the output of `map` for `reduce` from the worker at `addr` into the file `into`
-    /// (streamed: a partition never sits in memory whole), retrying briefly; returns its length.
+    /// Fetches the map output `wanted` from the worker at `addr` into the file `into` (streamed: a
+    /// partition never sits in memory whole), retrying briefly; returns its length.
     pub async fn fetch_to(
         &mut self,
         addr: &str,
-        job_id: u64,
-        map: u32,
-        reduce: u32,
+        wanted: Wanted,
         into: &Path,
     ) -> Result<u64, MrError> {
+        let Wanted {
+            job_id,
+            map,
+            reduce,
+            attempt,
+        } = wanted;
         let request = pb::FetchRequest {
             job_id,
             map_index: map,
             reduce_index: reduce,
+            attempt,
         };
         let mut attempt = 1;
         loop {
@@ -280,6 +299,13 @@ impl Fetcher {
 mod tests {
     use super::*;
     use crate::security::certs;
+
+    const WANTED: Wanted = Wanted {
+        job_id: 1,
+        map: 0,
+        reduce: 0,
+        attempt: 7,
+    };
 
     fn security(ca: &Path, role: &str) -> Security {
         let issued = certs::issue(ca, role, "1", &[], 1).unwrap();
@@ -329,7 +355,7 @@ mod tests {
             let into = tempfile::NamedTempFile::new().unwrap();
             let err = Fetcher::default()
                 .with_limits(limits)
-                .fetch_to(&addr, 1, 0, 0, into.path())
+                .fetch_to(&addr, WANTED, into.path())
                 .await
                 .unwrap_err()
                 .to_string();
@@ -355,13 +381,13 @@ mod tests {
         std::fs::create_dir_all(&job).unwrap();
         // Two and a half chunks: the server streams it a chunk at a time, the fetcher into a file.
         let pairs: Vec<u8> = (0..CHUNK * 5 / 2).map(|i| (i % 251) as u8).collect();
-        std::fs::write(job.join(intermediate_name(1, 0, 0)), &pairs).unwrap();
+        std::fs::write(job.join(intermediate_name(1, 0, 0, 7)), &pairs).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server = spawn_server(listener, outputs, &worker).unwrap();
         let into = dir.path().join("fetched");
         let fetched = Fetcher::new(worker.clone())
-            .fetch_to(&addr, 1, 0, 0, &into)
+            .fetch_to(&addr, WANTED, &into)
             .await;
         assert_eq!(fetched.unwrap(), pairs.len() as u64);
         assert!(
@@ -370,7 +396,7 @@ mod tests {
         );
         for role in ["client", "admin", "coordinator"] {
             let refused = Fetcher::new(security(&ca, role))
-                .fetch_to(&addr, 1, 0, 0, &into)
+                .fetch_to(&addr, WANTED, &into)
                 .await
                 .unwrap_err();
             assert!(matches!(refused, MrError::Denied(_)), "{role}: {refused}");
@@ -379,7 +405,7 @@ mod tests {
                 "names the caller: {refused}"
             );
         }
-        let plaintext = Fetcher::default().fetch_to(&addr, 1, 0, 0, &into).await;
+        let plaintext = Fetcher::default().fetch_to(&addr, WANTED, &into).await;
         assert!(plaintext.is_err(), "plaintext was served");
         server.abort();
     }

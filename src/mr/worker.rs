@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use crate::mr::coordinator::MapOutput;
 use crate::mr::fsutil::{self, Staged};
 use crate::mr::job::{intermediate_name, JobSpec, ShuffleMode};
 use crate::mr::merge::{MergeOptions, Run};
@@ -64,7 +65,7 @@ struct Task {
 enum Outcome {
     Succeeded,
     Failed(String),
-    FetchFailed(Vec<(u32, String)>),
+    FetchFailed(Vec<(u32, MapOutput)>),
     /// The coordinator refused this attempt's commit (it is no longer the current one): its output
     /// was discarded and there is nothing to report.
     NotCommitted,
@@ -244,7 +245,8 @@ impl Worker {
                     String::new(),
                     failed,
                 )
-                .await;
+                .await
+                .ok();
                 return;
             }
             None => {
@@ -303,8 +305,39 @@ impl Worker {
             (pb::TaskKind::Map, ShuffleMode::Grpc) => self.addr.clone(),
             _ => String::new(),
         };
-        self.report(job_id, kind, task.index, task.attempt, served_from, outcome)
+        let succeeded = matches!(outcome, Outcome::Succeeded);
+        let taken = self
+            .report(job_id, kind, task.index, task.attempt, served_from, outcome)
             .await;
+        // A map attempt whose success was not taken (a duplicate, or a straggler the coordinator no
+        // longer waits for) wrote files no reducer will read: remove them now.
+        let refused = matches!(&taken, Err(status) if status.code() == Code::FailedPrecondition);
+        if kind == pb::TaskKind::Map && succeeded && (refused || matches!(taken, Ok(false))) {
+            self.remove_map_outputs(&task);
+        }
+    }
+
+    /// Deletes what map attempt `task` wrote.
+    fn remove_map_outputs(&self, task: &Task) {
+        let dir = self.map_output_dir(task);
+        for reduce in 0..task.spec.n_reduce {
+            let path = dir.join(intermediate_name(
+                task.job_id,
+                task.index,
+                reduce,
+                task.attempt,
+            ));
+            match std::fs::remove_file(&path) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(worker = %self.id, path = %path.display(), %err, "could not remove a stale map output");
+                }
+                _ => {}
+            }
+        }
+        tracing::info!(
+            worker = %self.id, job = task.job_id, index = task.index, attempt = task.attempt,
+            "map outputs removed: the coordinator took another attempt's"
+        );
     }
 
     /// Where this task's map outputs go (map tasks) or come from (shared directory).
@@ -323,19 +356,20 @@ impl Worker {
         // Map outputs are not fsynced, in either mode (Hadoop's neither): what a power loss can do to one
         // — leave it missing, empty, cut short or holding garbage — the reducer sees (absent, or the seal
         // fails) and reports, and the map runs again. Only committed reduce outputs must survive.
-        let (app_name, args, n_reduce, index, job_id) = (
+        let (app_name, args, n_reduce, index, job_id, attempt) = (
             task.spec.app.clone(),
             task.spec.args.clone(),
             task.spec.n_reduce,
             task.index,
             task.job_id,
+            task.attempt,
         );
         let result = tokio::task::spawn_blocking(move || -> Result<(), MrError> {
             let app = app::build(&app_name, &args)?;
             let partitions = exec::run_map(app.as_ref(), &input, offset, length, n_reduce)?;
             let mut staged = Vec::with_capacity(partitions.len());
             for (reduce, data) in partitions.iter().enumerate() {
-                let path = dir.join(intermediate_name(job_id, index, reduce as u32));
+                let path = dir.join(intermediate_name(job_id, index, reduce as u32, attempt));
                 // Sealed: a reducer must never take a cut-short file for a whole one.
                 staged.push(fsutil::stage(&path, false, |w| {
                     w.write_all(data).map_err(MrError::io(&path))?;
@@ -365,51 +399,57 @@ impl Worker {
         Ok(dir)
     }
 
-    /// Brings partition `task.index` of every map output to a local file (in the shared-directory mode
-    /// it already is one) and checks its seal; `Ok(Err)` lists the outputs that are missing or damaged,
-    /// whose maps must run again. Nothing is read into memory: the reduce streams the files.
+    /// Brings partition `task.index` of every map output the coordinator accepted to a local file (in
+    /// the shared-directory mode it already is one) and checks its seal; `Ok(Err)` lists the outputs
+    /// that are missing or damaged, whose maps must run again. Nothing is read into memory: the reduce
+    /// streams the files.
     async fn gather(
         &mut self,
         task: &Task,
-        locations: &[String],
+        locations: &[MapOutput],
         scratch: &Path,
-    ) -> Result<Result<Vec<Run>, Vec<(u32, String)>>, MrError> {
-        // (map, where it was served from, the local file if there is one)
-        let mut found: Vec<(u32, String, Option<PathBuf>)> =
+    ) -> Result<Result<Vec<Run>, Vec<(u32, MapOutput)>>, MrError> {
+        // (map, the output looked for, the local file if there is one)
+        let mut found: Vec<(u32, MapOutput, Option<PathBuf>)> =
             Vec::with_capacity(task.n_map as usize);
         // A worker that failed one fetch (after retries) is presumed gone: don't wait on it again.
         let mut dead: HashSet<String> = HashSet::new();
         for map in 0..task.n_map {
-            let name = intermediate_name(task.job_id, map, task.index);
-            found.push(match task.spec.shuffle {
-                ShuffleMode::SharedDir => {
-                    (map, String::new(), Some(task.spec.output_dir.join(&name)))
-                }
-                ShuffleMode::Grpc => {
-                    let addr = locations.get(map as usize).cloned().unwrap_or_default();
-                    let local = if addr.is_empty() || dead.contains(&addr) {
+            let output = locations.get(map as usize).cloned().unwrap_or_default();
+            let name = intermediate_name(task.job_id, map, task.index, output.attempt);
+            let local = if output.attempt == 0 {
+                // Not finished (re-running after a lost output): missing, as far as we know.
+                None
+            } else {
+                match task.spec.shuffle {
+                    ShuffleMode::SharedDir => Some(task.spec.output_dir.join(&name)),
+                    ShuffleMode::Grpc if output.addr.is_empty() || dead.contains(&output.addr) => {
                         None
-                    } else if addr == self.addr {
-                        // Our own output: skip the network.
+                    }
+                    // Our own output: skip the network.
+                    ShuffleMode::Grpc if output.addr == self.addr => {
                         Some(shuffle::local_job_dir(&self.dir, task.job_id).join(&name))
-                    } else {
+                    }
+                    ShuffleMode::Grpc => {
                         let into = scratch.join(format!("map-{map}"));
-                        let fetched = self
-                            .fetcher
-                            .fetch_to(&addr, task.job_id, map, task.index, &into)
-                            .await;
-                        match fetched {
+                        let wanted = shuffle::Wanted {
+                            job_id: task.job_id,
+                            map,
+                            reduce: task.index,
+                            attempt: output.attempt,
+                        };
+                        match self.fetcher.fetch_to(&output.addr, wanted, &into).await {
                             Ok(_) => Some(into),
                             Err(err) => {
-                                tracing::warn!(worker = %self.id, %addr, map, %err, "fetch failed");
-                                dead.insert(addr.clone());
+                                tracing::warn!(worker = %self.id, addr = %output.addr, map, %err, "fetch failed");
+                                dead.insert(output.addr.clone());
                                 None
                             }
                         }
-                    };
-                    (map, addr, local)
+                    }
                 }
-            });
+            };
+            found.push((map, output, local));
         }
         let worker = self.id.clone();
         let checked = tokio::task::spawn_blocking(move || {
@@ -420,7 +460,7 @@ impl Worker {
                     missing.push((map, addr));
                     continue;
                 };
-                let what = format!("{} ({addr})", path.display());
+                let what = format!("{} ({})", path.display(), addr.addr);
                 match records::check_sealed_file(&path, &what) {
                     Ok(len) => runs.push(Run::file(path, len, what)),
                     Err(MrError::Io { source, .. })
@@ -461,12 +501,9 @@ impl Worker {
     async fn reduce_in(&mut self, task: &Task, scratch: &Path) -> Outcome {
         // Trouble reaching the coordinator is not the app failing: give the task up (it times out and
         // runs again) rather than count it towards failing the job.
-        let locations = match task.spec.shuffle {
-            ShuffleMode::SharedDir => Vec::new(),
-            ShuffleMode::Grpc => match self.locations(task).await {
-                Ok(locations) => locations,
-                Err(err) => return Outcome::Abandoned(format!("reading map locations: {err}")),
-            },
+        let locations = match self.locations(task).await {
+            Ok(locations) => locations,
+            Err(err) => return Outcome::Abandoned(format!("reading map locations: {err}")),
         };
         let runs = match self.gather(task, &locations, scratch).await {
             Ok(Ok(runs)) => runs,
@@ -501,8 +538,9 @@ impl Worker {
         finish(tokio::task::spawn_blocking(move || staged.commit()).await)
     }
 
-    /// Where every map task's output lives, read from the coordinator a page at a time.
-    async fn locations(&mut self, task: &Task) -> Result<Vec<String>, MrError> {
+    /// Where every map task's output lives and which attempt wrote it, read from the coordinator a
+    /// page at a time.
+    async fn locations(&mut self, task: &Task) -> Result<Vec<MapOutput>, MrError> {
         let mut locations = Vec::with_capacity(task.n_map as usize);
         while locations.len() < task.n_map as usize {
             let request = pb::LocationsRequest {
@@ -511,12 +549,16 @@ impl Worker {
             };
             let page = self
                 .call(|mut client| async move { client.map_locations(request).await })
-                .await?
-                .addrs;
-            if page.is_empty() {
+                .await?;
+            if page.addrs.is_empty() || page.addrs.len() != page.attempts.len() {
                 break;
             }
-            locations.extend(page);
+            locations.extend(
+                page.addrs
+                    .into_iter()
+                    .zip(page.attempts)
+                    .map(|(addr, attempt)| MapOutput { addr, attempt }),
+            );
         }
         Ok(locations)
     }
@@ -560,6 +602,9 @@ impl Worker {
 
     /// Reports an outcome, riding out a coordinator restart; if the coordinator stays away the report is
     /// dropped and the task will simply time out and run again.
+    /// Reports how an attempt ended: `Ok(true)` if the coordinator took it, `Ok(false)` if it ignored it
+    /// (a duplicate or a straggler) or there was nothing to report, `Err` if it refused it or could not
+    /// be reached.
     async fn report(
         &mut self,
         job_id: u64,
@@ -568,7 +613,7 @@ impl Worker {
         attempt: u64,
         served_from: String,
         outcome: Outcome,
-    ) {
+    ) -> Result<bool, tonic::Status> {
         let mut report = pb::TaskReport {
             worker_id: self.id.clone(),
             job_id,
@@ -588,10 +633,14 @@ impl Worker {
                 report.outcome = pb::Outcome::FetchFailed as i32;
                 report.missing = missing
                     .into_iter()
-                    .map(|(map_index, addr)| pb::MapLocation { map_index, addr })
+                    .map(|(map_index, lost)| pb::MapLocation {
+                        map_index,
+                        addr: lost.addr,
+                        attempt: lost.attempt,
+                    })
                     .collect();
             }
-            Outcome::NotCommitted | Outcome::Abandoned(_) => return,
+            Outcome::NotCommitted | Outcome::Abandoned(_) => return Ok(false),
         }
         let sent = self
             .call(|mut client| {
@@ -599,8 +648,12 @@ impl Worker {
                 async move { client.report_task(report).await }
             })
             .await;
-        if let Err(status) = sent {
-            tracing::warn!(worker = %self.id, job = job_id, index, %status, "could not report task");
+        match sent {
+            Ok(reply) => Ok(reply.accepted),
+            Err(status) => {
+                tracing::warn!(worker = %self.id, job = job_id, index, %status, "could not report task");
+                Err(status)
+            }
         }
     }
 }
