@@ -94,7 +94,7 @@ pub type Emit<'a> = dyn FnMut(&str, &str) + 'a;
 /// for key in ["b", "a", "b"] {
 ///     records::encode(&mut pairs, key, "1");
 /// }
-/// let run = Run::memory(records::sorted(&pairs, "map 0").unwrap(), "map 0");
+/// let run = Run::memory(records::sorted(pairs, "map 0").unwrap(), "map 0");
 /// let mut out = Vec::new();
 /// ds824::mr::exec::run_reduce(&Lines, vec![run], &MergeOptions::in_memory(), &mut out).unwrap();
 /// assert_eq!(String::from_utf8(out).unwrap(), "a 1\nb 2\n");

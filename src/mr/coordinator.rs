@@ -652,12 +652,19 @@ impl Coordinator {
 
     /// Whether `attempt`'s success is the one recorded for the task: a report retried after its reply
     /// was lost is told it was taken, so its worker keeps the outputs reducers will read.
-    pub fn took(&self, job_id: u64, kind: TaskKind, index: u32, attempt: u64) -> bool {
+    pub fn took(
+        &self,
+        job_id: u64,
+        kind: TaskKind,
+        index: u32,
+        worker: &str,
+        attempt: u64,
+    ) -> bool {
         self.jobs
             .get(&job_id)
             .and_then(|job| job.record.tasks(kind).get(index as usize))
             .and_then(|task| task.done.as_ref())
-            .is_some_and(|done| done.attempt == attempt)
+            .is_some_and(|done| done.attempt == attempt && done.worker == worker)
     }
 
     /// Applies a worker's report of `attempt`. Returns whether the job's durable record changed (and so
@@ -1019,9 +1026,10 @@ mod tests {
         assert!(!c
             .report(id, TaskKind::Map, 0, "b", second.attempt, ok("b:1"))
             .unwrap());
-        assert!(c.took(id, TaskKind::Map, 0, second.attempt));
+        assert!(c.took(id, TaskKind::Map, 0, "b", second.attempt));
+        assert!(!c.took(id, TaskKind::Map, 0, "a", second.attempt));
         // `a` wakes up: not taken, so it removes its files.
-        assert!(!c.took(id, TaskKind::Map, 0, first.attempt));
+        assert!(!c.took(id, TaskKind::Map, 0, "a", first.attempt));
     }
 
     #[test]

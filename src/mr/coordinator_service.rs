@@ -527,9 +527,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         if changed {
             self.flush().await?;
         }
-        let accepted = self
-            .lock()
-            .took(report.job_id, kind, report.index, report.attempt);
+        let accepted = self.lock().took(
+            report.job_id,
+            kind,
+            report.index,
+            &report.worker_id,
+            report.attempt,
+        );
         Ok(Response::new(pb::ReportReply { accepted }))
     }
 

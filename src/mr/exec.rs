@@ -94,7 +94,7 @@ pub fn run_map(
     }
     let what = filename.as_ref();
     partitions
-        .iter()
+        .into_iter()
         .map(|partition| records::sorted(partition, what))
         .collect()
 }

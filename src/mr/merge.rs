@@ -60,19 +60,41 @@ impl Run {
         }
     }
 
+    fn is_file(&self) -> bool {
+        matches!(self.source, Source::File { .. })
+    }
+
     /// A reader of the run's records, and the spill file to keep until the reader is done.
     fn open(self) -> Result<(Reader, Option<tempfile::TempPath>), MrError> {
         let (reader, keep): (Box<dyn BufRead + Send>, _) = match self.source {
             Source::Memory(records) => (Box::new(Cursor::new(records)), None),
             Source::File { path, len, spill } => {
                 let file = File::open(&path).map_err(MrError::io(&path))?;
+                let exact = Exact(file.take(len));
                 (
-                    Box::new(BufReader::with_capacity(READ_BUFFER, file.take(len))),
+                    Box::new(BufReader::with_capacity(READ_BUFFER, exact)),
                     spill,
                 )
             }
         };
         Ok((RecordReader::new(reader, self.what), keep))
+    }
+}
+
+/// Exactly the bytes a [`Take`](std::io::Take) allows: a file that ends before them (cut short or
+/// replaced since its seal was checked) is an error, never a clean end that would drop records.
+struct Exact(std::io::Take<File>);
+
+impl Read for Exact {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        if n == 0 && !buf.is_empty() && self.0.limit() > 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("ends {} bytes early", self.0.limit()),
+            ));
+        }
+        Ok(n)
     }
 }
 
@@ -199,12 +221,23 @@ fn narrow(mut runs: Vec<Run>, options: &MergeOptions) -> Result<Vec<Run>, MrErro
         return Ok(runs);
     };
     let fan_in = options.fan_in.max(2);
-    while runs.len() > fan_in {
-        let mut merged = Vec::with_capacity(runs.len().div_ceil(fan_in));
-        let mut rest = runs.into_iter().peekable();
-        while rest.peek().is_some() {
-            let group: Vec<Run> = rest.by_ref().take(fan_in).collect();
+    let files = |runs: &[Run]| runs.iter().filter(|run| run.is_file()).count();
+    // Only files count: runs in memory hold no descriptor and no read buffer.
+    while files(&runs) > fan_in {
+        let mut merged = Vec::new();
+        let (mut group, mut group_files) = (Vec::new(), 0);
+        for run in runs {
+            group_files += usize::from(run.is_file());
+            group.push(run);
+            if group_files == fan_in {
+                merged.push(spill(std::mem::take(&mut group), dir)?);
+                group_files = 0;
+            }
+        }
+        if group_files > 1 {
             merged.push(spill(group, dir)?);
+        } else {
+            merged.extend(group);
         }
         runs = merged;
     }
@@ -318,7 +351,7 @@ mod tests {
         for (key, value) in pairs {
             records::encode(&mut data, key, value);
         }
-        Run::memory(records::sorted(&data, what).unwrap(), what)
+        Run::memory(records::sorted(data, what).unwrap(), what)
     }
 
     fn collect(mut groups: KeyGroups) -> Vec<(String, Vec<String>)> {
@@ -350,11 +383,12 @@ mod tests {
         assert_eq!(groups, want);
     }
 
-    /// Many more runs than the fan-in: passes spill to disk, the result is the one-pass result, and no
-    /// spill file is left behind.
+    /// Many more files than the fan-in, with runs in memory between them: passes spill to disk, the
+    /// result is the one-pass result (values still in run order), and no spill file is left behind.
     #[test]
     fn merging_in_passes_equals_merging_at_once_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
+        let inputs = tempfile::tempdir().unwrap();
         let runs = |n: usize| -> Vec<Run> {
             (0..n)
                 .map(|m| {
@@ -365,7 +399,16 @@ mod tests {
                         .iter()
                         .map(|(k, v)| (k.as_str(), v.as_str()))
                         .collect();
-                    run_of(&refs, &format!("m{m}"))
+                    let run = run_of(&refs, &format!("m{m}"));
+                    // Every fifth run stays in memory; the rest are files.
+                    match run.source {
+                        Source::Memory(data) if m % 5 != 0 => {
+                            let path = inputs.path().join(format!("m{m}"));
+                            std::fs::write(&path, &data).unwrap();
+                            Run::file(path, data.len() as u64, format!("m{m}"))
+                        }
+                        _ => run,
+                    }
                 })
                 .collect()
         };
@@ -382,6 +425,22 @@ mod tests {
         assert_eq!(collect(groups), at_once);
         assert_eq!(at_once.iter().map(|(_, v)| v.len()).sum::<usize>(), 50 * 20);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A file shorter than its run's length (replaced or cut after its seal was checked) ends the
+    /// groups with an error rather than quietly dropping its last records.
+    #[test]
+    fn a_file_run_shorter_than_its_length_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mr-0-0");
+        let mut data = Vec::new();
+        records::encode(&mut data, "a", "1");
+        std::fs::write(&path, &data).unwrap();
+        let run = Run::file(path, data.len() as u64 * 2, "mr-0-0");
+        let mut groups = KeyGroups::open(vec![run], &MergeOptions::in_memory()).unwrap();
+        while groups.next_group().is_some() {}
+        let err = groups.take_error().unwrap().to_string();
+        assert!(err.contains("mr-0-0") && err.contains("early"), "{err}");
     }
 
     #[test]

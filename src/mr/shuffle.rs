@@ -74,42 +74,66 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
             request.reduce_index,
             request.attempt,
         ));
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(file) => file,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Status::not_found(format!(
-                    "no output of attempt {} of map {} for reduce {} of job {} here",
-                    request.attempt, request.map_index, request.reduce_index, request.job_id
-                )))
-            }
-            Err(err) => return Err(Status::internal(format!("{}: {err}", path.display()))),
+        let not_found = || {
+            Status::not_found(format!(
+                "no output of attempt {} of map {} for reduce {} of job {} here",
+                request.attempt, request.map_index, request.reduce_index, request.job_id
+            ))
         };
-        // Read a chunk at a time as the reducer takes them: memory per fetch is one chunk, however big
-        // the partition.
-        let chunks = futures::stream::unfold(Some(file), move |file| {
+        let failed = |path: &Path, err: std::io::Error| {
+            Status::internal(format!("{}: {err}", path.display()))
+        };
+        // Open and size the file in one trip to the blocking pool; a small output (most are, with a
+        // combiner) is read in the same trip and sent as one chunk.
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(
+                move || -> std::io::Result<(std::fs::File, u64, Option<Vec<u8>>)> {
+                    let mut file = std::fs::File::open(&path)?;
+                    let len = file.metadata()?.len();
+                    let small = if len <= CHUNK as u64 {
+                        let mut data = Vec::with_capacity(len as usize);
+                        std::io::Read::read_to_end(&mut file, &mut data)?;
+                        Some(data)
+                    } else {
+                        None
+                    };
+                    Ok((file, len, small))
+                },
+            )
+            .await
+            .map_err(|err| Status::internal(format!("reading a map output: {err}")))?
+        };
+        let (file, len, small) = match opened {
+            Ok(opened) => opened,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
+            Err(err) => return Err(failed(&path, err)),
+        };
+        if let Some(data) = small {
+            let chunk = pb::FetchChunk {
+                data: Bytes::from(data),
+            };
+            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(chunk)]))));
+        }
+        // A big one a chunk at a time as the reducer takes them: memory per fetch is one chunk, however
+        // big the partition.
+        let file = tokio::fs::File::from_std(file);
+        let chunks = futures::stream::unfold(Some((file, len)), move |state| {
             let path = path.clone();
             async move {
-                let mut file = file?;
-                let mut data = vec![0u8; CHUNK];
-                let mut filled = 0;
-                while filled < CHUNK {
-                    match file.read(&mut data[filled..]).await {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(err) => {
-                            let status = Status::internal(format!("{}: {err}", path.display()));
-                            return Some((Err(status), None));
-                        }
-                    }
-                }
-                if filled == 0 {
+                let (mut file, left) = state?;
+                if left == 0 {
                     return None;
                 }
-                data.truncate(filled);
+                let mut data = vec![0u8; left.min(CHUNK as u64) as usize];
+                if let Err(err) = file.read_exact(&mut data).await {
+                    return Some((Err(failed(&path, err)), None));
+                }
+                let next = left - data.len() as u64;
                 let chunk = pb::FetchChunk {
                     data: Bytes::from(data),
                 };
-                Some((Ok(chunk), Some(file)))
+                Some((Ok(chunk), Some((file, next))))
             }
         });
         Ok(Response::new(Box::pin(chunks)))
@@ -219,13 +243,15 @@ impl Fetcher {
         Ok(client)
     }
 
-    /// One attempt: the partition streamed into `into`, which is created or truncated first.
+    /// One attempt: the partition, held in memory while it fits in `keep` bytes, else streamed into
+    /// `into` (created or truncated first).
     async fn fetch_once(
         &mut self,
         addr: &str,
         request: pb::FetchRequest,
         into: &Path,
-    ) -> Result<u64, MrError> {
+        keep: usize,
+    ) -> Result<Fetched, MrError> {
         let FetchLimits { max_bytes, idle } = self.limits;
         let (map, reduce) = (request.map_index, request.reduce_index);
         let stalled = || MrError::Other(format!("{addr} sent nothing for {idle:?} while fetching"));
@@ -234,9 +260,8 @@ impl Fetcher {
             .await
             .map_err(|_| stalled())??
             .into_inner();
-        let mut file = tokio::fs::File::create(into)
-            .await
-            .map_err(MrError::io(into))?;
+        let mut held = Vec::new();
+        let mut file: Option<tokio::fs::File> = None;
         let mut fetched = 0u64;
         while let Some(chunk) = tokio::time::timeout(idle, stream.next())
             .await
@@ -250,22 +275,45 @@ impl Fetcher {
                      {max_bytes} bytes"
                 )));
             }
-            file.write_all(&chunk.data)
-                .await
-                .map_err(MrError::io(into))?;
+            match file.as_mut() {
+                Some(file) => file
+                    .write_all(&chunk.data)
+                    .await
+                    .map_err(MrError::io(into))?,
+                None if fetched <= keep as u64 => held.extend_from_slice(&chunk.data),
+                None => {
+                    let mut spilled = tokio::fs::File::create(into)
+                        .await
+                        .map_err(MrError::io(into))?;
+                    spilled.write_all(&held).await.map_err(MrError::io(into))?;
+                    spilled
+                        .write_all(&chunk.data)
+                        .await
+                        .map_err(MrError::io(into))?;
+                    held = Vec::new();
+                    file = Some(spilled);
+                }
+            }
         }
-        file.flush().await.map_err(MrError::io(into))?;
-        Ok(fetched)
+        match file {
+            Some(mut file) => {
+                file.flush().await.map_err(MrError::io(into))?;
+                Ok(Fetched::File(fetched))
+            }
+            None => Ok(Fetched::Memory(held)),
+        }
     }
 
-    /// Fetches the map output `wanted` from the worker at `addr` into the file `into` (streamed: a
-    /// partition never sits in memory whole), retrying briefly; returns its length.
+    /// Fetches the map output `wanted` from the worker at `addr`: into memory if it is at most `keep`
+    /// bytes, else streamed into the file `into` (a partition never sits in memory whole), retrying
+    /// briefly. An error writing `into` is ours, not the peer's: it is returned at once, as `Io`.
     pub async fn fetch_to(
         &mut self,
         addr: &str,
         wanted: Wanted,
         into: &Path,
-    ) -> Result<u64, MrError> {
+        keep: usize,
+    ) -> Result<Fetched, MrError> {
         let Wanted {
             job_id,
             map,
@@ -280,10 +328,16 @@ impl Fetcher {
         };
         let mut attempt = 1;
         loop {
-            match self.fetch_once(addr, request, into).await {
-                Ok(len) => return Ok(len),
-                // A refused identity stays refused: no point in retrying.
-                Err(err) if attempt >= FETCH_ATTEMPTS || err.is_refusal() => return Err(err),
+            match self.fetch_once(addr, request, into, keep).await {
+                Ok(fetched) => return Ok(fetched),
+                // A refused identity stays refused, and a full local disk stays full.
+                Err(err)
+                    if attempt >= FETCH_ATTEMPTS
+                        || err.is_refusal()
+                        || matches!(err, MrError::Io { .. }) =>
+                {
+                    return Err(err)
+                }
                 Err(err) => {
                     tracing::debug!(%addr, map, reduce, %err, attempt, "fetch failed; retrying");
                     self.clients.remove(addr);
@@ -293,6 +347,15 @@ impl Fetcher {
             }
         }
     }
+}
+
+/// A fetched map output.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// Small enough to hold: the whole sealed output.
+    Memory(Vec<u8>),
+    /// Streamed into the file given: its length.
+    File(u64),
 }
 
 #[cfg(test)]
@@ -355,7 +418,7 @@ mod tests {
             let into = tempfile::NamedTempFile::new().unwrap();
             let err = Fetcher::default()
                 .with_limits(limits)
-                .fetch_to(&addr, WANTED, into.path())
+                .fetch_to(&addr, WANTED, into.path(), 0)
                 .await
                 .unwrap_err()
                 .to_string();
@@ -387,16 +450,23 @@ mod tests {
         let server = spawn_server(listener, outputs, &worker).unwrap();
         let into = dir.path().join("fetched");
         let fetched = Fetcher::new(worker.clone())
-            .fetch_to(&addr, WANTED, &into)
+            .fetch_to(&addr, WANTED, &into, CHUNK)
             .await;
-        assert_eq!(fetched.unwrap(), pairs.len() as u64);
+        assert_eq!(fetched.unwrap(), Fetched::File(pairs.len() as u64));
+        // Held in memory when it fits.
+        let unused = dir.path().join("unused");
+        let held = Fetcher::new(worker.clone())
+            .fetch_to(&addr, WANTED, &unused, 3 * CHUNK)
+            .await;
+        assert!(held.unwrap() == Fetched::Memory(pairs.clone()));
+        assert!(!unused.exists());
         assert!(
             std::fs::read(&into).unwrap() == pairs,
             "fetched bytes differ"
         );
         for role in ["client", "admin", "coordinator"] {
             let refused = Fetcher::new(security(&ca, role))
-                .fetch_to(&addr, WANTED, &into)
+                .fetch_to(&addr, WANTED, &into, 0)
                 .await
                 .unwrap_err();
             assert!(matches!(refused, MrError::Denied(_)), "{role}: {refused}");
@@ -405,7 +475,7 @@ mod tests {
                 "names the caller: {refused}"
             );
         }
-        let plaintext = Fetcher::default().fetch_to(&addr, WANTED, &into).await;
+        let plaintext = Fetcher::default().fetch_to(&addr, WANTED, &into, 0).await;
         assert!(plaintext.is_err(), "plaintext was served");
         server.abort();
     }

@@ -19,7 +19,7 @@ use crate::mr::coordinator::MapOutput;
 use crate::mr::fsutil::{self, Staged};
 use crate::mr::job::{intermediate_name, JobSpec, ShuffleMode};
 use crate::mr::merge::{MergeOptions, Run};
-use crate::mr::shuffle::{self, Fetcher};
+use crate::mr::shuffle::{self, Fetched, Fetcher};
 use crate::mr::{app, exec, records, MrError};
 use crate::proto::mr as pb;
 use crate::proto::mr::coordinator_client::CoordinatorClient;
@@ -61,6 +61,22 @@ struct Task {
     /// Number of map tasks of the job.
     n_map: u32,
 }
+
+/// Where a reducer found one map output.
+enum Local {
+    /// A file: in the shared directory, among this worker's own outputs, or fetched to scratch.
+    File(PathBuf),
+    /// Fetched and small enough to hold (within [`FETCH_MEMORY`]).
+    Memory(Vec<u8>),
+}
+
+/// Bytes of fetched map outputs a reducer holds in memory instead of writing them to its scratch
+/// directory: most outputs of a combining job are small, and thousands of tiny files cost more to
+/// create, check and merge than to hold. Bigger outputs go to disk (as Hadoop holds in memory only
+/// segments under a quarter of its shuffle buffer).
+const FETCH_MEMORY: usize = 32 << 20;
+/// The largest single fetched output held in memory.
+const FETCH_MEMORY_EACH: usize = 1 << 20;
 
 enum Outcome {
     Succeeded,
@@ -309,35 +325,45 @@ impl Worker {
         let taken = self
             .report(job_id, kind, task.index, task.attempt, served_from, outcome)
             .await;
-        // A map attempt whose success was not taken (a duplicate, or a straggler the coordinator no
-        // longer waits for) wrote files no reducer will read: remove them now.
+        // A map attempt that failed (perhaps after renaming some partitions), or whose success was not
+        // taken (a duplicate, or a straggler the coordinator no longer waits for), wrote files no
+        // reducer will read: remove them now.
         let refused = matches!(&taken, Err(status) if status.code() == Code::FailedPrecondition);
-        if kind == pb::TaskKind::Map && succeeded && (refused || matches!(taken, Ok(false))) {
-            self.remove_map_outputs(&task);
+        let garbage = !succeeded || refused || matches!(taken, Ok(false));
+        if kind == pb::TaskKind::Map && garbage {
+            self.remove_map_outputs(&task).await;
         }
     }
 
-    /// Deletes what map attempt `task` wrote.
-    fn remove_map_outputs(&self, task: &Task) {
+    /// Deletes what map attempt `task` wrote (on the blocking pool: there may be many, on a shared
+    /// file system).
+    async fn remove_map_outputs(&self, task: &Task) {
         let dir = self.map_output_dir(task);
-        for reduce in 0..task.spec.n_reduce {
-            let path = dir.join(intermediate_name(
-                task.job_id,
-                task.index,
-                reduce,
-                task.attempt,
-            ));
-            match std::fs::remove_file(&path) {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                    tracing::warn!(worker = %self.id, path = %path.display(), %err, "could not remove a stale map output");
+        let (job_id, index, attempt, n_reduce) =
+            (task.job_id, task.index, task.attempt, task.spec.n_reduce);
+        let worker = self.id.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut removed = 0u32;
+            for reduce in 0..n_reduce {
+                let path = dir.join(intermediate_name(job_id, index, reduce, attempt));
+                match std::fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(%worker, path = %path.display(), %err, "could not remove a stale map output");
+                    }
+                    Err(_) => {}
                 }
-                _ => {}
             }
+            removed
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(
+                worker = %self.id, job = job_id, index, attempt, removed,
+                "map outputs removed: this attempt failed or the coordinator took another's"
+            );
         }
-        tracing::info!(
-            worker = %self.id, job = task.job_id, index = task.index, attempt = task.attempt,
-            "map outputs removed: the coordinator took another attempt's"
-        );
     }
 
     /// Where this task's map outputs go (map tasks) or come from (shared directory).
@@ -385,17 +411,18 @@ impl Worker {
         finish(result)
     }
 
-    /// A reduce attempt's private scratch directory (fetched map outputs, merge spills), created empty.
-    fn reduce_scratch(&self, task: &Task) -> Result<PathBuf, MrError> {
-        let dir =
-            shuffle::local_job_dir(&self.dir, task.job_id).join(format!("reduce-{}", task.index));
-        match std::fs::remove_dir_all(&dir) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                return Err(MrError::io(&dir)(err))
-            }
-            _ => {}
-        }
-        std::fs::create_dir_all(&dir).map_err(MrError::io(&dir))?;
+    /// A reduce attempt's private scratch directory (fetched map outputs, merge spills), created empty
+    /// and named by the attempt: two attempts of one reduce never share one, even on workers that
+    /// share a `--dir`.
+    async fn reduce_scratch(&self, task: &Task) -> Result<PathBuf, MrError> {
+        let dir = shuffle::local_job_dir(&self.dir, task.job_id)
+            .join(format!("reduce-{}.{}", task.index, task.attempt));
+        let made = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&made).map_err(MrError::io(&made))
+        })
+        .await
+        .map_err(|err| MrError::Other(format!("creating the reduce scratch: {err}")))??;
         Ok(dir)
     }
 
@@ -409,9 +436,11 @@ impl Worker {
         locations: &[MapOutput],
         scratch: &Path,
     ) -> Result<Result<Vec<Run>, Vec<(u32, MapOutput)>>, MrError> {
-        // (map, the output looked for, the local file if there is one)
-        let mut found: Vec<(u32, MapOutput, Option<PathBuf>)> =
+        // (map, the output looked for, where it is here if it is)
+        let mut found: Vec<(u32, MapOutput, Option<Local>)> =
             Vec::with_capacity(task.n_map as usize);
+        // Bytes of fetched outputs held in memory rather than written to the scratch directory.
+        let mut held = 0;
         // A worker that failed one fetch (after retries) is presumed gone: don't wait on it again.
         let mut dead: HashSet<String> = HashSet::new();
         for map in 0..task.n_map {
@@ -422,14 +451,14 @@ impl Worker {
                 None
             } else {
                 match task.spec.shuffle {
-                    ShuffleMode::SharedDir => Some(task.spec.output_dir.join(&name)),
+                    ShuffleMode::SharedDir => Some(Local::File(task.spec.output_dir.join(&name))),
                     ShuffleMode::Grpc if output.addr.is_empty() || dead.contains(&output.addr) => {
                         None
                     }
                     // Our own output: skip the network.
-                    ShuffleMode::Grpc if output.addr == self.addr => {
-                        Some(shuffle::local_job_dir(&self.dir, task.job_id).join(&name))
-                    }
+                    ShuffleMode::Grpc if output.addr == self.addr => Some(Local::File(
+                        shuffle::local_job_dir(&self.dir, task.job_id).join(&name),
+                    )),
                     ShuffleMode::Grpc => {
                         let into = scratch.join(format!("map-{map}"));
                         let wanted = shuffle::Wanted {
@@ -438,8 +467,19 @@ impl Worker {
                             reduce: task.index,
                             attempt: output.attempt,
                         };
-                        match self.fetcher.fetch_to(&output.addr, wanted, &into).await {
-                            Ok(_) => Some(into),
+                        let keep = FETCH_MEMORY.saturating_sub(held).min(FETCH_MEMORY_EACH);
+                        match self
+                            .fetcher
+                            .fetch_to(&output.addr, wanted, &into, keep)
+                            .await
+                        {
+                            Ok(Fetched::File(_)) => Some(Local::File(into)),
+                            Ok(Fetched::Memory(data)) => {
+                                held += data.len();
+                                Some(Local::Memory(data))
+                            }
+                            // Our own disk failed, not the mapper: the reduce fails (and counts).
+                            Err(err @ MrError::Io { .. }) => return Err(err),
                             Err(err) => {
                                 tracing::warn!(worker = %self.id, addr = %output.addr, map, %err, "fetch failed");
                                 dead.insert(output.addr.clone());
@@ -456,13 +496,29 @@ impl Worker {
             let mut runs = Vec::with_capacity(found.len());
             let mut missing = Vec::new();
             for (map, addr, local) in found {
-                let Some(path) = local else {
-                    missing.push((map, addr));
-                    continue;
+                let checked = match local {
+                    None => {
+                        missing.push((map, addr));
+                        continue;
+                    }
+                    Some(Local::Memory(mut data)) => {
+                        let what = format!("the output of map {map} fetched from {}", addr.addr);
+                        match records::open_sealed(&data, &what).map(<[u8]>::len) {
+                            Ok(len) => {
+                                data.truncate(len);
+                                Ok(Run::memory(data, what))
+                            }
+                            Err(err) => Err(err),
+                        }
+                    }
+                    Some(Local::File(path)) => {
+                        let what = format!("{} ({})", path.display(), addr.addr);
+                        records::check_sealed_file(&path, &what)
+                            .map(|len| Run::file(path, len, what))
+                    }
                 };
-                let what = format!("{} ({})", path.display(), addr.addr);
-                match records::check_sealed_file(&path, &what) {
-                    Ok(len) => runs.push(Run::file(path, len, what)),
+                match checked {
+                    Ok(run) => runs.push(run),
                     Err(MrError::Io { source, .. })
                         if source.kind() == std::io::ErrorKind::NotFound =>
                     {
@@ -487,12 +543,16 @@ impl Worker {
     }
 
     async fn run_reduce(&mut self, task: &Task) -> Outcome {
-        let scratch = match self.reduce_scratch(task) {
+        let scratch = match self.reduce_scratch(task).await {
             Ok(scratch) => scratch,
             Err(err) => return Outcome::Failed(err.to_string()),
         };
         let outcome = self.reduce_in(task, &scratch).await;
-        if let Err(err) = std::fs::remove_dir_all(&scratch) {
+        let removed = {
+            let scratch = scratch.clone();
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(scratch)).await
+        };
+        if let Ok(Err(err)) = removed {
             tracing::warn!(worker = %self.id, path = %scratch.display(), %err, "could not remove reduce scratch");
         }
         outcome
