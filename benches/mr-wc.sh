@@ -97,6 +97,17 @@ PY
   row "$small inputs, 2 workers, gRPC shuffle" "${small_run% *} s" "$(( ${small_run#* } >> 10 )) MiB"
 fi
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
+# The median over rounds of each round's own ratio: runs of one round are minutes apart at most, so
+# they share the host's mood, which drifts between rounds.
+paired() {
+  python3 - "${times[$1]}" "${times[$2]}" <<'PY'
+import statistics, sys
+a, b = ([float(x) for x in arg.split()] for arg in sys.argv[1:])
+print(f"{statistics.median(x / y for x, y in zip(a, b)):.2f}")
+PY
+}
 echo
 echo "best of $repeat: 1 worker / sequential: shared-dir $(ratio "$b_1sd" "$b_seq"), gRPC $(ratio "$b_1g" "$b_seq");" \
   "2 workers / 1 worker: shared-dir $(ratio "$b_2sd" "$b_1sd"), gRPC $(ratio "$b_2g" "$b_1g")"
+echo "median of each round's ratio: 1 worker / sequential: shared-dir $(paired 1sd seq), gRPC $(paired 1g seq);" \
+  "2 workers / 1 worker: shared-dir $(paired 2sd 1sd), gRPC $(paired 2g 1g)"

@@ -1537,6 +1537,24 @@ fn peak_rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The id `mrd submit` printed, after checking it succeeded.
+fn submitted_id(submitted: &std::process::Output) -> u64 {
+    assert_succeeded(submitted);
+    String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `n` workers whose peak memory is watched.
+fn watched_workers(env: &Env, coordinator: &str, n: usize) -> (Vec<Child>, PeakWatch) {
+    let workers: Vec<Child> = (0..n)
+        .map(|n| spawn_worker(env.path(), coordinator, n, &[]))
+        .collect();
+    let watch = PeakWatch::start(&workers);
+    (workers, watch)
+}
+
 /// The peak resident memory of running processes. Workers exit when idle, taking their high-water
 /// mark with them, so it is read every 20 ms while they run.
 struct PeakWatch {
@@ -1593,15 +1611,8 @@ fn a_reducer_streams_a_partition_far_bigger_than_its_memory() {
         .args(&inputs)
         .output()
         .unwrap();
-    assert_succeeded(&submitted);
-    let id: u64 = String::from_utf8_lossy(&submitted.stdout)
-        .trim()
-        .parse()
-        .unwrap();
-    let mut workers: Vec<Child> = (0..2)
-        .map(|n| spawn_worker(env.path(), &coord.addr, n, &[]))
-        .collect();
-    let watch = PeakWatch::start(&workers);
+    let id = submitted_id(&submitted);
+    let (mut workers, watch) = watched_workers(&env, &coord.addr, 2);
     wait_job(&env, &coord.addr, id);
     wait_all(&mut workers);
     let peaks = watch.stop();
@@ -1678,15 +1689,8 @@ fn a_two_gib_file_is_split_into_many_maps_and_counted_in_bounded_memory() {
         .arg(&big)
         .output()
         .unwrap();
-    assert_succeeded(&submitted);
-    let id: u64 = String::from_utf8_lossy(&submitted.stdout)
-        .trim()
-        .parse()
-        .unwrap();
-    let mut workers: Vec<Child> = (0..2)
-        .map(|n| spawn_worker(env.path(), &coord.addr, n, &[]))
-        .collect();
-    let watch = PeakWatch::start(&workers);
+    let id = submitted_id(&submitted);
+    let (mut workers, watch) = watched_workers(&env, &coord.addr, 2);
     let status = wait_job(&env, &coord.addr, id);
     wait_all(&mut workers);
     let peaks = watch.stop();
