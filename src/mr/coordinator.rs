@@ -907,6 +907,14 @@ mod tests {
             "b"
         );
         assert_eq!(c.record(id).unwrap().maps[0].runs, 2);
+        // `b`'s report again (its reply was lost): nothing changes, but it was taken; the slow
+        // original was not, so it removes its files.
+        assert!(!c
+            .report(id, TaskKind::Map, 0, "b", again.attempt, ok("b"))
+            .unwrap());
+        assert!(c.took(id, TaskKind::Map, 0, "b", again.attempt));
+        assert!(!c.took(id, TaskKind::Map, 0, "slow", again.attempt));
+        assert!(!c.took(id, TaskKind::Map, 0, "slow", first.attempt));
     }
 
     #[test]
@@ -1008,28 +1016,6 @@ mod tests {
                 attempt: rerun.attempt
             }
         );
-    }
-
-    #[test]
-    fn a_retried_success_report_is_still_taken_and_a_straggler_is_not() {
-        let now = Instant::now();
-        let mut c = Coordinator::restore([], TIMEOUT);
-        let id = submit(&mut c, spec(1, 1));
-        let first = run(c.assign(&worker("a"), now));
-        // `a` stalls past its timeout; `b` runs the map again and wins.
-        let second = run(c.assign(&worker("b"), now + TIMEOUT * 2));
-        assert_eq!(second.index, first.index);
-        assert!(c
-            .report(id, TaskKind::Map, 0, "b", second.attempt, ok("b:1"))
-            .unwrap());
-        // `b`'s report again (its reply was lost): nothing changes, but it was taken.
-        assert!(!c
-            .report(id, TaskKind::Map, 0, "b", second.attempt, ok("b:1"))
-            .unwrap());
-        assert!(c.took(id, TaskKind::Map, 0, "b", second.attempt));
-        assert!(!c.took(id, TaskKind::Map, 0, "a", second.attempt));
-        // `a` wakes up: not taken, so it removes its files.
-        assert!(!c.took(id, TaskKind::Map, 0, "a", first.attempt));
     }
 
     #[test]
