@@ -174,16 +174,50 @@ pub trait App: Send + Sync {
 /// A reduce partition's key groups in key order, one at a time. A lending iterator rather than an
 /// `Iterator`: each group borrows the merge's buffers, so a partition streams through the app instead
 /// of living in memory whole.
+///
+/// A reader uses one of the two methods, not both. [`Groups::next_group`] holds one key's values at a
+/// time (what [`App::reduce`]'s signature needs; with a combiner that is at most one value per map);
+/// [`Groups::next_record`] holds one record, so a reducer that streams (an external program reading
+/// sorted lines, as in Hadoop Streaming) stays in bounded memory even when one key has every value.
 pub trait Groups {
     /// The next key and all its values, or `None` at the end. (Also `None` when reading the map outputs
     /// failed; the runner then discards whatever the app wrote.)
     fn next_group(&mut self) -> Option<(&str, &[String])>;
+
+    /// The next record (key, one value) in key order, values of a key in map order; `None` as above.
+    fn next_record(&mut self) -> Option<(&str, &str)>;
 }
 
 /// Groups already in memory, for tests and examples.
-impl<'a> Groups for std::vec::IntoIter<(&'a str, &'a [String])> {
+pub struct MemoryGroups<'a> {
+    groups: Vec<(&'a str, &'a [String])>,
+    /// The group [`Groups::next_record`] is in, and the next value of it.
+    at: (usize, usize),
+}
+
+impl<'a> MemoryGroups<'a> {
+    /// `groups` must be in key order, as a merge would produce them.
+    pub fn new(groups: Vec<(&'a str, &'a [String])>) -> Self {
+        MemoryGroups { groups, at: (0, 0) }
+    }
+}
+
+impl Groups for MemoryGroups<'_> {
     fn next_group(&mut self) -> Option<(&str, &[String])> {
-        self.next()
+        let group = self.groups.get(self.at.0).copied();
+        self.at = (self.at.0 + 1, 0);
+        group
+    }
+
+    fn next_record(&mut self) -> Option<(&str, &str)> {
+        loop {
+            let (key, values) = self.groups.get(self.at.0).copied()?;
+            if let Some(value) = values.get(self.at.1) {
+                self.at.1 += 1;
+                return Some((key, value.as_str()));
+            }
+            self.at = (self.at.0 + 1, 0);
+        }
     }
 }
 

@@ -309,11 +309,6 @@ impl KeyGroups {
         let Some((key, value)) = self.streams.pop()? else {
             return Ok(false);
         };
-        let text = |bytes: Vec<u8>, what: &str| {
-            String::from_utf8(bytes).map_err(|_| {
-                MrError::Corrupt(format!("a {what} that is not UTF-8 in a map output"))
-            })
-        };
         self.values.clear();
         self.values.push(text(value, "value")?);
         while self.streams.next_key_is(&key) {
@@ -324,6 +319,34 @@ impl KeyGroups {
         self.key = text(key, "key")?;
         Ok(true)
     }
+
+    /// Reads one record into `key` and `values[0]`.
+    fn advance_one(&mut self) -> Result<bool, MrError> {
+        let Some((key, value)) = self.streams.pop()? else {
+            return Ok(false);
+        };
+        self.key = text(key, "key")?;
+        self.values.clear();
+        self.values.push(text(value, "value")?);
+        Ok(true)
+    }
+
+    /// Turns a step's outcome into what [`Groups`] hands out, remembering an error for
+    /// [`KeyGroups::take_error`].
+    fn outcome(&mut self, step: Result<bool, MrError>) -> bool {
+        match step {
+            Ok(more) => more,
+            Err(err) => {
+                self.error = Some(err);
+                false
+            }
+        }
+    }
+}
+
+fn text(bytes: Vec<u8>, what: &str) -> Result<String, MrError> {
+    String::from_utf8(bytes)
+        .map_err(|_| MrError::Corrupt(format!("a {what} that is not UTF-8 in a map output")))
 }
 
 impl Groups for KeyGroups {
@@ -331,14 +354,18 @@ impl Groups for KeyGroups {
         if self.error.is_some() {
             return None;
         }
-        match self.advance() {
-            Ok(true) => Some((self.key.as_str(), self.values.as_slice())),
-            Ok(false) => None,
-            Err(err) => {
-                self.error = Some(err);
-                None
-            }
+        let step = self.advance();
+        self.outcome(step)
+            .then_some((self.key.as_str(), self.values.as_slice()))
+    }
+
+    fn next_record(&mut self) -> Option<(&str, &str)> {
+        if self.error.is_some() {
+            return None;
         }
+        let step = self.advance_one();
+        self.outcome(step)
+            .then(|| (self.key.as_str(), self.values[0].as_str()))
     }
 }
 
@@ -365,13 +392,15 @@ mod tests {
 
     #[test]
     fn groups_come_in_key_order_with_values_in_run_order() {
-        let runs = vec![
-            run_of(&[("b", "0b"), ("a", "0a")], "m0"),
-            run_of(&[("c", "1c"), ("a", "1a"), ("a", "1a'")], "m1"),
-            run_of(&[], "m2"),
-            run_of(&[("b", "3b")], "m3"),
-        ];
-        let groups = collect(KeyGroups::open(runs, &MergeOptions::in_memory()).unwrap());
+        let runs = || {
+            vec![
+                run_of(&[("b", "0b"), ("a", "0a")], "m0"),
+                run_of(&[("c", "1c"), ("a", "1a"), ("a", "1a'")], "m1"),
+                run_of(&[], "m2"),
+                run_of(&[("b", "3b")], "m3"),
+            ]
+        };
+        let groups = collect(KeyGroups::open(runs(), &MergeOptions::in_memory()).unwrap());
         let want = vec![
             (
                 "a".to_string(),
@@ -381,6 +410,19 @@ mod tests {
             ("c".to_string(), vec!["1c".to_string()]),
         ];
         assert_eq!(groups, want);
+
+        // Record by record: the same pairs in the same order, the groups flattened.
+        let mut records = KeyGroups::open(runs(), &MergeOptions::in_memory()).unwrap();
+        let mut got = Vec::new();
+        while let Some((key, value)) = records.next_record() {
+            got.push((key.to_string(), value.to_string()));
+        }
+        assert!(records.take_error().is_none());
+        let flat: Vec<(String, String)> = want
+            .into_iter()
+            .flat_map(|(key, values)| values.into_iter().map(move |v| (key.clone(), v)))
+            .collect();
+        assert_eq!(got, flat);
     }
 
     /// Many more files than the fan-in, with runs in memory between them: passes spill to disk, the

@@ -109,10 +109,9 @@ impl App for Streaming {
         out: &mut dyn Write,
     ) -> Result<(), AppError> {
         let feed = |stdin: &mut dyn Write| {
-            while let Some((key, values)) = groups.next_group() {
-                for value in values {
-                    writeln!(stdin, "{key}\t{value}")?;
-                }
+            // Record by record, never a key's values at once: a reducer's one hot key stays on disk.
+            while let Some((key, value)) = groups.next_record() {
+                writeln!(stdin, "{key}\t{value}")?;
             }
             Ok(())
         };
@@ -123,6 +122,7 @@ impl App for Streaming {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mr::app::MemoryGroups;
 
     #[test]
     fn mapper_lines_become_pairs_and_reducer_output_is_copied() {
@@ -139,10 +139,36 @@ mod tests {
         assert_eq!(pairs[0], ("b".to_string(), "1".to_string()));
         let ones = vec!["1".to_string()];
         let twos = vec!["1".to_string(), "1".to_string()];
-        let mut groups = vec![("a", ones.as_slice()), ("b", twos.as_slice())].into_iter();
+        let mut groups = MemoryGroups::new(vec![("a", ones.as_slice()), ("b", twos.as_slice())]);
         let mut out = Vec::new();
         app.reduce_partition(&mut groups, &mut out).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "a 1\nb 2\n");
+    }
+
+    /// One key with a million values: the reducer must get them one record at a time. A merge asked
+    /// for the whole group would hold the partition in memory, so this one refuses to hand groups out.
+    #[test]
+    fn a_hot_key_streams_to_the_reducer_record_by_record() {
+        struct OneHotKey {
+            left: u32,
+        }
+        impl Groups for OneHotKey {
+            fn next_group(&mut self) -> Option<(&str, &[String])> {
+                panic!("the streaming reducer asked for a whole key's values at once");
+            }
+            fn next_record(&mut self) -> Option<(&str, &str)> {
+                self.left = self.left.checked_sub(1)?;
+                Some(("hot", "1"))
+            }
+        }
+        let app = Streaming {
+            mapper: "cat".into(),
+            reducer: "wc -l".into(),
+        };
+        let mut out = Vec::new();
+        app.reduce_partition(&mut OneHotKey { left: 1_000_000 }, &mut out)
+            .unwrap();
+        assert_eq!(String::from_utf8(out).unwrap().trim(), "1000000");
     }
 
     #[test]
