@@ -1709,3 +1709,62 @@ fn a_two_gib_file_is_split_into_many_maps_and_counted_in_bounded_memory() {
         );
     }
 }
+
+/// A worker that asks while the last map runs is held until a task exists, not told to come back
+/// later: the reduce reaches it the moment the map reports (the hold replaces polling, which cost a
+/// poll interval at every phase change). With a told-to-wait reply this gets `Wait`.
+#[test]
+fn a_worker_waiting_for_reduces_gets_one_as_soon_as_the_last_map_reports() {
+    let env = Env::new();
+    let coord = env.coordinator("127.0.0.1:0", "60s");
+    let input = env.path().join("one.txt");
+    std::fs::write(&input, "a b a\n").unwrap();
+    let submitted = mrd()
+        .args(["submit", "--coordinator", &coord.addr, "--app", "wc"])
+        .args(["--reduces", "1", "--shuffle", "shared-dir", "--output"])
+        .arg(env.path().join("out"))
+        .arg(&input)
+        .output()
+        .unwrap();
+    let job = submitted_id(&submitted);
+    let ask = |worker: &str| pb::TaskRequest {
+        worker_id: worker.into(),
+        accept_map: true,
+        accept_reduce: true,
+        ..Default::default()
+    };
+    let reply = runtime().block_on(async {
+        let mut mapper = client::connect(&coord.addr, PLAIN).await.unwrap();
+        let map = mapper
+            .request_task(ask("mapper"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(map.action, pb::Action::Run as i32);
+        assert_eq!(map.kind, pb::TaskKind::Map as i32);
+        let mut reducer = client::connect(&coord.addr, PLAIN).await.unwrap();
+        let waiting = tokio::spawn(async move {
+            reducer
+                .request_task(ask("reducer"))
+                .await
+                .map(|r| r.into_inner())
+        });
+        // Let the second request reach the coordinator while the map still runs.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        mapper
+            .report_task(pb::TaskReport {
+                worker_id: "mapper".into(),
+                job_id: job,
+                kind: pb::TaskKind::Map as i32,
+                index: map.index,
+                attempt: map.attempt,
+                outcome: pb::Outcome::Succeeded as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        waiting.await.unwrap().unwrap()
+    });
+    assert_eq!(reply.action, pb::Action::Run as i32, "{reply:?}");
+    assert_eq!(reply.kind, pb::TaskKind::Reduce as i32, "{reply:?}");
+}

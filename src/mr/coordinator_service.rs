@@ -43,7 +43,15 @@ pub struct CoordinatorService {
     guard: Guard,
     /// Bytes of task messages sent (`mr_task_message_bytes`).
     task_bytes: std::sync::atomic::AtomicU64,
+    /// Woken when a report may have made a task available (or finished a job): workers told to wait
+    /// are held on it rather than polling (see [`WAIT_HOLD`]).
+    progress: tokio::sync::Notify,
 }
+
+/// How long a worker that would be told to wait is held for a task to become available: the reduces
+/// after the last map, or the end of the job, reach it at once instead of at its next poll. Short enough
+/// that a running task's timeout is still noticed promptly (timeouts are checked when a worker asks).
+const WAIT_HOLD: Duration = Duration::from_millis(250);
 
 impl CoordinatorService {
     /// Opens (or creates) the state in `data_dir` and restores every job found there. New jobs must
@@ -122,6 +130,7 @@ impl CoordinatorService {
             admission,
             guard,
             task_bytes: Default::default(),
+            progress: Default::default(),
         })
     }
 
@@ -336,6 +345,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             id
         };
         self.flush().await?;
+        self.progress.notify_waiters();
         let by = caller.map_or_else(|| "anyone (no TLS)".to_string(), |c| c.to_string());
         tracing::info!(job = job_id, app = %wire.app, inputs = wire.inputs.len(), maps, reduces = wire.n_reduce, %by, "job queued");
         Ok(Response::new(pb::SubmitReply { job_id }))
@@ -391,21 +401,36 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             accept_map: request.accept_map,
             accept_reduce: request.accept_reduce,
         };
-        let (assignment, changed) = {
-            let mut state = self.lock();
-            let assignment = state.assign(&worker, Instant::now());
-            let changes = state.take_changed();
-            for (job, job_state) in &changes.states {
-                if let JobState::Failed(why) = job_state {
-                    tracing::warn!(job, %why, "job failed");
+        let hold_until = tokio::time::Instant::now() + WAIT_HOLD;
+        let assignment = loop {
+            // Registered before looking, so a report landing in between still wakes this request.
+            let progressed = self.progress.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            let (assignment, changed) = {
+                let mut state = self.lock();
+                let assignment = state.assign(&worker, Instant::now());
+                let changes = state.take_changed();
+                for (job, job_state) in &changes.states {
+                    if let JobState::Failed(why) = job_state {
+                        tracing::warn!(job, %why, "job failed");
+                    }
                 }
+                (assignment, self.stage(&mut state, &changes)?)
+            };
+            if changed {
+                // Re-runs and failures for attempts are durable before the task goes out.
+                self.flush().await?;
+                self.progress.notify_waiters();
             }
-            (assignment, self.stage(&mut state, &changes)?)
+            if !matches!(assignment, Assignment::Wait)
+                || tokio::time::timeout_at(hold_until, progressed)
+                    .await
+                    .is_err()
+            {
+                break assignment;
+            }
         };
-        if changed {
-            // Re-runs and failures for attempts are durable before the task goes out.
-            self.flush().await?;
-        }
         let reply = match assignment {
             Assignment::Idle => pb::TaskReply {
                 action: pb::Action::Idle as i32,
@@ -526,6 +551,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         if changed {
             self.flush().await?;
+            self.progress.notify_waiters();
         }
         let accepted = self.lock().took(
             report.job_id,
