@@ -13,7 +13,7 @@ use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 use ds824::kvctl::shard::{self, AnyClerk};
 use ds824::kvctl::ycsb::Workload;
-use ds824::kvctl::{self, backup, bench, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
+use ds824::kvctl::{self, backup, bench, breakdown, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
 use ds824::security::Role;
 use ds824::security::{certs, Security, TlsArgs};
 use ds824::shardkv::ShardClerk;
@@ -165,6 +165,11 @@ enum Command {
         /// Print the report as one JSON object (latencies in milliseconds).
         #[arg(long)]
         json: bool,
+        /// Also print where a write's time went: every node's per-stage counters (arrival to log
+        /// index, append to commit, leader and follower flushes, commit to reply), read before and
+        /// after the run, as means per write next to the client's mean.
+        #[arg(long)]
+        breakdown: bool,
     },
 }
 
@@ -565,6 +570,7 @@ async fn run(cli: Cli) -> u8 {
             value_size,
             json,
             duration,
+            breakdown,
         } => {
             let duration = match duration.map(Duration::try_from_secs_f64) {
                 None => None,
@@ -577,6 +583,7 @@ async fn run(cli: Cli) -> u8 {
             } else {
                 ops
             };
+            let cluster_copy = cluster.clone();
             let config = bench::BenchConfig {
                 cluster,
                 clients,
@@ -608,6 +615,16 @@ async fn run(cli: Cli) -> u8 {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
+            let read_stages = || async {
+                let reports =
+                    status::collect(&cluster_copy, Duration::from_secs(2), &security).await;
+                breakdown::readings(&reports)
+            };
+            let before = if breakdown {
+                Some(read_stages().await)
+            } else {
+                None
+            };
             let started = std::time::Instant::now();
             let result = bench::run(&config, |n| {
                 if duration.is_some() {
@@ -619,13 +636,28 @@ async fn run(cli: Cli) -> u8 {
             })
             .await;
             bar.finish_and_clear();
+            let stages = match (&result, before) {
+                (Ok(report), Some(before)) => Some(breakdown::Breakdown::between(
+                    &before,
+                    &read_stages().await,
+                    report.mean,
+                )),
+                _ => None,
+            };
             match result {
                 Ok(report) if json => {
-                    println!("{}", report.to_json());
+                    let mut out = report.to_json();
+                    if let Some(stages) = stages {
+                        out["breakdown"] = serde_json::Value::String(stages.to_string());
+                    }
+                    println!("{out}");
                     EXIT_OK
                 }
                 Ok(report) => {
                     println!("{report}");
+                    if let Some(stages) = stages {
+                        print!("{stages}");
+                    }
                     EXIT_OK
                 }
                 Err(e) => fail(e),

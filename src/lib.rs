@@ -21,6 +21,7 @@ pub mod security;
 pub mod shardkv;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod stages;
 
 /// Code generated from `proto/` by `build.rs`. The messages are documented in the `.proto` files;
 /// generated items carry those comments where the files have them.

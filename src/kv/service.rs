@@ -278,6 +278,15 @@ impl<M: KvMachine> Kv for KvService<M> {
             serving_shards: machine.serving,
             pulling_shards: machine.pulling,
             outgoing_shards: machine.outgoing,
+            stages: (node.stages.named().into_iter())
+                .chain(stats.stages.named())
+                .map(|(name, total)| pb::StageTime {
+                    name: name.to_string(),
+                    count: total.count,
+                    micros: total.micros,
+                })
+                .collect(),
+            persisted_entries: node.stages.persisted_entries,
         }))
     }
 }

@@ -58,6 +58,8 @@ pub struct BenchReport {
     pub errors: usize,
     /// Wall time of the measured phase.
     pub elapsed: Duration,
+    /// Mean latency.
+    pub mean: Duration,
     /// Median latency.
     pub p50: Duration,
     /// 90th percentile latency.
@@ -86,6 +88,7 @@ impl BenchReport {
             "errors": self.errors,
             "seconds": self.elapsed.as_secs_f64(),
             "ops_per_second": self.throughput(),
+            "mean_ms": ms(self.mean),
             "p50_ms": ms(self.p50),
             "p90_ms": ms(self.p90),
             "p99_ms": ms(self.p99),
@@ -225,7 +228,9 @@ pub async fn run(
         }
     }
     latencies.sort_unstable();
+    let total: Duration = latencies.iter().sum();
     Ok(BenchReport {
+        mean: total / u32::try_from(latencies.len().max(1)).unwrap_or(u32::MAX),
         kind: config.kind,
         clients,
         ok: latencies.len(),

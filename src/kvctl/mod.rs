@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub mod bench;
+pub mod breakdown;
 pub mod check;
 pub mod ctrler;
 pub mod shard;

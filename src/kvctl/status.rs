@@ -189,6 +189,12 @@ pub fn render_json(reports: &[NodeReport]) -> String {
                 "sessions": s.sessions,
                 "restored_snapshot_index": s.restored_snapshot_index,
                 "entries_applied_since_start": s.entries_applied_since_start,
+                "stages": s.stages.iter().map(|stage| serde_json::json!({
+                    "name": stage.name,
+                    "count": stage.count,
+                    "micros": stage.micros,
+                })).collect::<Vec<_>>(),
+                "persisted_entries": s.persisted_entries,
             }),
             Err(e) => serde_json::json!({ "address": r.address, "up": false, "error": e }),
         })

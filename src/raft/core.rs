@@ -602,14 +602,21 @@ impl RaftCore {
             }
         }
         let hard_state = self.hard_state();
-        let hard_state = (hard_state != self.persisted_hard_state).then(|| {
+        let before = self.persisted_hard_state;
+        let hard_state = (hard_state != before).then(|| {
             self.persisted_hard_state = hard_state;
             hard_state
         });
+        let snapshot = self.snapshot_to_persist.take();
+        let log_write = self.log.take_unstable();
+        let commit_only = snapshot.is_none()
+            && log_write.is_none()
+            && hard_state.is_some_and(|h| h.term == before.term && h.vote == before.vote);
         Ready {
             hard_state,
-            snapshot: self.snapshot_to_persist.take(),
-            log_write: self.log.take_unstable(),
+            snapshot,
+            log_write,
+            commit_only,
             messages: std::mem::take(&mut self.messages),
             snapshot_to_apply: self.snapshot_to_apply.take(),
             committed_entries: self.take_committed(),

@@ -22,6 +22,7 @@ use super::types::{Entry, Index, NodeId, Role, Snapshot, Term};
 use super::Ready;
 use crate::proto::raft::raft_transport_server::RaftTransportServer;
 use crate::security::Guard;
+use crate::stages::RaftStages;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -159,6 +160,8 @@ pub struct NodeStatus {
     pub raft_state_bytes: u64,
     /// Bytes of the stored snapshot.
     pub snapshot_bytes: u64,
+    /// Time spent in the write path's stages since the node started (`kvctl bench --breakdown`).
+    pub stages: RaftStages,
 }
 
 enum Command {
@@ -265,6 +268,7 @@ impl RaftNode {
             raft: core.status(),
             raft_state_bytes: storage.raft_state_size(),
             snapshot_bytes: storage.snapshot_size(),
+            stages: RaftStages::default(),
         };
         let (status_tx, status_rx) = watch::channel(status);
         let transport = Transport::start(&config.peers, &config.transport, &config.cluster_id());
@@ -284,6 +288,8 @@ impl RaftNode {
             next_read: 0,
             last_role: Role::Follower,
             last_term: 0,
+            stages: RaftStages::default(),
+            uncommitted: VecDeque::new(),
         };
         let task = tokio::spawn(
             driver
@@ -357,7 +363,15 @@ struct Driver {
     /// Batches of committed entries handed to the service and not yet reported applied, as (last
     /// index, entries, bytes): what bounds the apply queue ([`APPLY_WINDOW_ENTRIES`]).
     apply_ledger: VecDeque<(Index, usize, usize)>,
+    /// Time spent in the write path's stages ([`NodeStatus::stages`]).
+    stages: RaftStages,
+    /// Leader: entries proposed here and not yet seen committed, as (index, when appended), for
+    /// [`RaftStages::commit`]. Dropped when leadership is.
+    uncommitted: VecDeque<(Index, std::time::Instant)>,
 }
+
+/// Most entries timed from append to commit at once; beyond it the breakdown samples fewer.
+const UNCOMMITTED_TIMED: usize = 1 << 16;
 
 /// Most committed entries handed to the service beyond what it has reported applying; the rest wait
 /// in the log. Large enough that a busy applier never waits on the driver.
@@ -438,6 +452,10 @@ impl Driver {
                 };
                 if let Ok((index, _)) = result {
                     self.admission.admitted(index, bytes);
+                    if self.uncommitted.len() < UNCOMMITTED_TIMED {
+                        self.uncommitted
+                            .push_back((index, std::time::Instant::now()));
+                    }
                 }
                 let _ = reply.send(result);
             }
@@ -569,7 +587,14 @@ impl Driver {
             return Ok(());
         }
         let mut ready = self.core.ready();
-        if ready.must_persist() {
+        self.time_commits();
+        if ready.commit_only {
+            // No flush: a memory write, not worth a trip to the blocking pool.
+            self.storage
+                .as_mut()
+                .ok_or(NodeError::Stopped)?
+                .persist(&ready)?;
+        } else if ready.must_persist() {
             let mut storage = self.storage.take().ok_or(NodeError::Stopped)?;
             let started = std::time::Instant::now();
             // sled's flush is a blocking fsync: keep it off the runtime's worker threads.
@@ -580,6 +605,15 @@ impl Driver {
             .await
             .map_err(|_| NodeError::Stopped)?;
             let took = started.elapsed();
+            let entries = ready_back.log_write.as_ref().map_or(0, |w| w.entries.len());
+            if entries > 0 {
+                self.stages.persisted_entries += entries as u64;
+                if self.core.is_leader() {
+                    self.stages.leader_persist.add(took);
+                } else {
+                    self.stages.follower_persist.add(took);
+                }
+            }
             if took > SLOW_PERSIST {
                 // The loop waited this long without ticking: worth an operator's attention.
                 warn!(
@@ -597,6 +631,22 @@ impl Driver {
         Ok(())
     }
 
+    /// Leader: the entries proposed here that are now committed passed [`RaftStages::commit`].
+    fn time_commits(&mut self) {
+        if !self.core.is_leader() {
+            self.uncommitted.clear();
+            return;
+        }
+        let (commit, now) = (self.core.commit_index(), std::time::Instant::now());
+        while let Some(&(index, appended)) = self.uncommitted.front() {
+            if index > commit {
+                break;
+            }
+            self.stages.commit.add(now - appended);
+            self.uncommitted.pop_front();
+        }
+    }
+
     fn after_persist(&mut self, ready: Ready) {
         let soft = ready.soft_state;
         if soft.term != self.last_term || soft.role != self.last_role {
@@ -612,6 +662,7 @@ impl Driver {
         }
         self.admission
             .settle(self.core.commit_index(), self.core.is_leader());
+
         self.transport.send(ready.messages);
         if let Some(snapshot) = ready.snapshot_to_apply {
             let _ = self.apply.send(Applied::Snapshot(snapshot));
@@ -640,6 +691,7 @@ impl Driver {
             raft: self.core.status(),
             raft_state_bytes,
             snapshot_bytes,
+            stages: self.stages,
         });
     }
 }

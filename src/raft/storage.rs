@@ -872,6 +872,10 @@ impl Storage for SledStorage {
                 .insert(HARD_STATE, &encode_hard_state(hard_state))
                 .map_err(|s| self.io(s))?;
         }
+        if ready.commit_only {
+            // Written, not flushed: the next flush (or sled's own) takes it along.
+            return Ok(());
+        }
         self.db.flush().map_err(|s| self.io(s))?;
         let doomed = std::mem::take(&mut self.doomed);
         self.reap_files(doomed);

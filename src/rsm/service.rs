@@ -21,6 +21,7 @@ use super::{Completion, Prepared, Rsm, RsmError, SnapshotJob, StateMachine, Toke
 use crate::metrics::ServiceMetrics;
 use crate::raft::Index;
 use crate::raft::{Applied, NodeError, NodeId, NotLeader, RaftHandle, Role};
+use crate::stages::ServiceStages;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -131,6 +132,8 @@ struct Shared<S: StateMachine> {
     backup_slot: Arc<tokio::sync::Mutex<()>>,
     /// Paces the `request refused` lines.
     refusal_lines: LinePacer,
+    /// Time successful writes spent in each stage here ([`ServiceStats::stages`]).
+    stages: Mutex<ServiceStages>,
 }
 
 /// At most one log line per interval; counts the ones it held back.
@@ -224,6 +227,8 @@ pub struct ServiceStats {
     pub restored_snapshot_index: u64,
     /// Entries applied since the process started (the replay after a restart shows here).
     pub entries_applied: u64,
+    /// Time successful writes served here spent in each stage since the process started.
+    pub stages: ServiceStages,
 }
 
 /// Why a request could not be served here; the gRPC layer turns it into an error code or a status.
@@ -295,6 +300,7 @@ impl<S: ServedMachine> RsmService<S> {
             applied: watch::Sender::new(0),
             backup_slot: Arc::new(tokio::sync::Mutex::new(())),
             refusal_lines: LinePacer::new(),
+            stages: Mutex::default(),
         });
         let config = Arc::new(config);
         // One span for both tasks (it must have empty `term` and `role` fields); the watcher keeps them
@@ -472,7 +478,8 @@ impl<S: ServedMachine> RsmService<S> {
         seq: u64,
         command: S::Command,
     ) -> Result<S::Output, Refusal> {
-        let deadline = Instant::now() + self.config.request_timeout;
+        let started = Instant::now();
+        let deadline = started + self.config.request_timeout;
         let bytes = {
             let mut inner = self.shared.lock();
             match inner.rsm.prepare(client, seq, &command, unix_ms()) {
@@ -511,7 +518,16 @@ impl<S: ServedMachine> RsmService<S> {
             (token, rx)
         };
         std::mem::forget(expectation); // `track` took it
-        self.wait(token, rx, deadline).await
+        let proposed = Instant::now();
+        let output = self.wait(token, rx, deadline).await?;
+        let mut stages = self
+            .shared
+            .stages
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        stages.propose.add(proposed - started);
+        stages.replicate_and_apply.add(proposed.elapsed());
+        Ok(output)
     }
 
     /// An index this node, as leader, confirmed committed with a quorum after the call (ReadIndex):
@@ -617,6 +633,11 @@ impl<S: ServedMachine> RsmService<S> {
             sessions: inner.rsm.sessions() as u64,
             restored_snapshot_index: inner.restored_snapshot_index,
             entries_applied: inner.entries_applied,
+            stages: *self
+                .shared
+                .stages
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
         }
     }
 
