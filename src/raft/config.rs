@@ -46,6 +46,12 @@ pub struct Config {
     /// Seed for the election-timeout randomness, so a simulation is reproducible. Use a random seed in
     /// production.
     pub seed: u64,
+    /// A leader may send new entries to its followers *before* its own write of them is durable, and
+    /// counts itself toward their commit only once the driver reports them persisted
+    /// ([`crate::raft::RaftCore::persisted`]): the two flushes run in parallel instead of one after the
+    /// other (Raft dissertation §10.2.1, etcd's raft). Safe because a commit still needs a majority of
+    /// durable copies, with or without the leader's. Off for drivers that do not call `persisted`.
+    pub persist_after_send: bool,
 }
 
 impl Config {
@@ -66,6 +72,7 @@ impl Config {
             max_bytes_per_message: 1 << 20,
             max_inflight_messages: 32,
             seed: 0,
+            persist_after_send: false,
         }
     }
 

@@ -225,6 +225,9 @@ pub struct RaftCore {
     // Output accumulated until the next `ready()`.
     messages: Vec<Envelope>,
     persisted_hard_state: HardState,
+    /// The last log index known durable here. Behind the log's end only between a
+    /// [`Ready::persist_after_send`] and the driver's [`RaftCore::persisted`].
+    durable: Index,
     snapshot_to_persist: Option<Snapshot>,
     snapshot_to_apply: Option<Snapshot>,
     read_states: Vec<ReadState>,
@@ -290,6 +293,7 @@ impl RaftCore {
                 commit: state.hard_state.commit,
                 ..state.hard_state
             },
+            durable: 0,
             snapshot_to_persist: None,
             snapshot_to_apply,
             read_states: Vec::new(),
@@ -298,6 +302,7 @@ impl RaftCore {
             config,
         };
         core.persisted_hard_state.commit = core.log.committed();
+        core.durable = core.log.last_index();
         core.reset_election_timer();
         Ok(core)
     }
@@ -612,17 +617,44 @@ impl RaftCore {
         let commit_only = snapshot.is_none()
             && log_write.is_none()
             && hard_state.is_some_and(|h| h.term == before.term && h.vote == before.vote);
-        Ready {
+        let persist_after_send = self.config.persist_after_send
+            && self.role == Role::Leader
+            && snapshot.is_none()
+            && log_write.is_some()
+            && hard_state.is_none_or(|h| h.term == before.term && h.vote == before.vote);
+        let durable_before = self.durable;
+        if !persist_after_send {
+            // The driver persists all of this before it calls the core again.
+            self.durable = self.log.last_index();
+        }
+        let ready = Ready {
             hard_state,
             snapshot,
             log_write,
             commit_only,
+            persist_after_send,
             messages: std::mem::take(&mut self.messages),
             snapshot_to_apply: self.snapshot_to_apply.take(),
             committed_entries: self.take_committed(),
             read_states: std::mem::take(&mut self.read_states),
             failed_reads: std::mem::take(&mut self.failed_reads),
             soft_state: self.soft_state(),
+        };
+        if self.config.persist_after_send && self.durable > durable_before && self.is_leader() {
+            // Its own copy may now complete a commit: that shows in the next `Ready`.
+            self.maybe_commit();
+        }
+        ready
+    }
+
+    /// The driver flushed a [`Ready::persist_after_send`] write whose last entry is (`index`, `term`):
+    /// a leader may now count its own copy toward committing it.
+    pub fn persisted(&mut self, index: Index, term: Term) {
+        if index > self.durable && self.log.term(index) == Some(term) {
+            self.durable = index;
+            if self.role == Role::Leader {
+                self.maybe_commit();
+            }
         }
     }
 
@@ -1127,7 +1159,13 @@ impl RaftCore {
     /// it **and** its entry is from the current term. Older entries commit only indirectly.
     fn maybe_commit(&mut self) {
         let mut matches: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
-        matches.push(self.log.last_index());
+        // Its own copy counts once durable: at once under the ordinary driver contract (nothing is
+        // observable before the flush), after `persisted` when entries went out before their flush.
+        matches.push(if self.config.persist_after_send {
+            self.durable.min(self.log.last_index())
+        } else {
+            self.log.last_index()
+        });
         let candidate = quorum::quorum_value(&mut matches);
         if candidate > self.log.committed() && self.log.term(candidate) == Some(self.term) {
             self.log.commit_to(candidate);

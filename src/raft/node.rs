@@ -73,6 +73,8 @@ impl NodeConfig {
         // Elections after 1 to 1.5 s of silence (10 ms ticks): a killed or frozen leader is replaced
         // within about 1.5 s plus a round of votes, so clients see at most ~2 s without service.
         raft.election_spread_ticks = Some(raft.election_ticks / 2);
+        // The leader's flush and its followers' run in parallel (see `handle_ready`).
+        raft.persist_after_send = true;
         NodeConfig {
             raft,
             tick: Duration::from_millis(10),
@@ -581,13 +583,26 @@ impl Driver {
         }));
     }
 
+    /// Handles `Ready`s until the core has none. More than one when a leader's own flush completed a
+    /// commit ([`RaftCore::persisted`]): that commit must not wait for the next input.
     async fn handle_ready(&mut self) -> Result<(), NodeError> {
-        self.refresh_apply_budget();
-        if !self.core.has_ready() {
-            return Ok(());
+        for _ in 0..4 {
+            self.refresh_apply_budget();
+            if !self.core.has_ready() {
+                break;
+            }
+            self.handle_one_ready().await?;
         }
+        Ok(())
+    }
+
+    async fn handle_one_ready(&mut self) -> Result<(), NodeError> {
         let mut ready = self.core.ready();
         self.time_commits();
+        if ready.persist_after_send {
+            // A leader's new entries go to the followers now, so their flushes overlap this one.
+            self.transport.send(std::mem::take(&mut ready.messages));
+        }
         if ready.commit_only {
             // No flush: a memory write, not worth a trip to the blocking pool.
             self.storage
@@ -626,6 +641,11 @@ impl Driver {
             self.storage = Some(storage);
             ready = ready_back;
             result?;
+            if ready.persist_after_send {
+                if let Some(last) = ready.log_write.as_ref().and_then(|w| w.entries.last()) {
+                    self.core.persisted(last.index, last.term);
+                }
+            }
         }
         self.after_persist(ready);
         Ok(())

@@ -15,6 +15,7 @@ use super::types::{Entry, HardState, NodeId, Role, Snapshot, Term};
 ///    fail `failed_reads`.
 ///
 /// Persisting before sending is what makes a vote or an acknowledgement a promise that survives a crash.
+/// The one exception is [`Ready::persist_after_send`].
 #[derive(Clone, Debug, Default)]
 pub struct Ready {
     /// Term, vote and commit index, if they changed.
@@ -29,6 +30,11 @@ pub struct Ready {
     /// from its snapshot), and what it names is already flushed, so this saves an fsync on every
     /// write's path from commit to reply (etcd's raft `MustSync` makes the same exception).
     pub commit_only: bool,
+    /// A leader's `Ready` under [`crate::raft::Config::persist_after_send`]: the driver may send
+    /// `messages` **before** persisting (they are AppendEntries of the new entries and nothing that
+    /// promises anything about this node's own storage), and must call
+    /// [`crate::raft::RaftCore::persisted`] with the last entry of `log_write` once it is flushed.
+    pub persist_after_send: bool,
     /// Messages to send once the above is durable.
     pub messages: Vec<Envelope>,
     /// A leader's snapshot (or, after a restart, the stored one) the service must load before applying.

@@ -198,6 +198,8 @@ impl RaftCluster {
         }
         let voters: Vec<NodeId> = (1..=self.servers.len() as NodeId).collect();
         let mut config = Config::new(i as NodeId + 1, voters);
+        // As the daemons run: a leader's flush overlaps its followers'.
+        config.persist_after_send = true;
         config.election_ticks = self.options.election_ticks;
         config.heartbeat_ticks = self.options.heartbeat_ticks;
         config.noop_on_election = self.options.noop_on_election;

@@ -163,6 +163,8 @@ impl<S: SimService> Group<S> {
         self.shutdown_server(i);
         let voters: Vec<NodeId> = (1..=self.len() as NodeId).collect();
         let mut config = Config::new(i as NodeId + 1, voters);
+        // As the daemons run: a leader's flush overlaps its followers'.
+        config.persist_after_send = true;
         config.election_ticks = 30;
         config.heartbeat_ticks = 10;
         self.raft

@@ -36,13 +36,27 @@ pub enum RaftEvent {
         /// Encoded size, for statistics.
         size: usize,
     },
+    /// A leader's write that went out before its flush ([`Ready::persist_after_send`]) is durable, with
+    /// every earlier one of the same run.
+    Persisted {
+        /// The Raft group.
+        group: usize,
+        /// The server.
+        server: usize,
+        /// The run of the server that wrote it; a crash in between loses the write.
+        incarnation: u64,
+        /// Which write (see [`RaftHost::unflushed`]).
+        seq: u64,
+    },
 }
 
 impl RaftEvent {
     /// The Raft group the event belongs to.
     pub fn group(&self) -> usize {
         match self {
-            RaftEvent::Tick { group, .. } | RaftEvent::Deliver { group, .. } => *group,
+            RaftEvent::Tick { group, .. }
+            | RaftEvent::Deliver { group, .. }
+            | RaftEvent::Persisted { group, .. } => *group,
         }
     }
 }
@@ -55,6 +69,10 @@ pub struct RaftHost {
     pub storage: MemStorage,
     /// Bumped on every crash and restart, so messages and timers of an earlier run are dropped.
     pub incarnation: u64,
+    /// A leader's writes whose messages went out before them, in order, numbered: a crash loses them.
+    pub unflushed: std::collections::VecDeque<(u64, Ready)>,
+    /// The number the next such write gets.
+    pub next_write: u64,
 }
 
 /// Servers, timers and the faulty network between them.
@@ -84,6 +102,8 @@ impl RaftNet {
                     core: None,
                     storage: MemStorage::default(),
                     incarnation: 0,
+                    unflushed: Default::default(),
+                    next_write: 0,
                 })
                 .collect(),
             group: 0,
@@ -100,6 +120,8 @@ impl RaftNet {
     pub fn crash(&mut self, i: usize) -> bool {
         let host = &mut self.hosts[i];
         let was_running = host.core.take().is_some();
+        // What the driver had not flushed is gone with it.
+        host.unflushed.clear();
         if was_running {
             host.incarnation += 1;
         }
@@ -161,11 +183,52 @@ impl RaftNet {
             return None;
         }
         let mut ready = core.ready();
+        if ready.persist_after_send {
+            // Messages first; the flush completes at a random later moment, unless a crash comes first.
+            for envelope in std::mem::take(&mut ready.messages) {
+                self.send(clock, envelope);
+            }
+            let delay = self.rng.random_range(0..=self.tick_ms);
+            let host = &mut self.hosts[i];
+            let seq = host.next_write;
+            host.next_write += 1;
+            let durable = Ready {
+                hard_state: ready.hard_state,
+                log_write: ready.log_write.clone(),
+                ..Ready::default()
+            };
+            host.unflushed.push_back((seq, durable));
+            let event = RaftEvent::Persisted {
+                group: self.group,
+                server: i,
+                incarnation: host.incarnation,
+                seq,
+            };
+            clock.schedule(clock.now() + delay, E::from(event));
+            return Some(ready);
+        }
+        // The ordinary contract: everything earlier, then this, durable before anything is sent.
+        self.flush_unflushed(i, u64::MAX);
         self.hosts[i].storage.persist_ready(&ready);
         for envelope in std::mem::take(&mut ready.messages) {
             self.send(clock, envelope);
         }
         Some(ready)
+    }
+
+    /// Server `i`'s unflushed writes up to number `upto` reach its disk, in order, and its core hears.
+    fn flush_unflushed(&mut self, i: usize, upto: u64) {
+        let host = &mut self.hosts[i];
+        while host.unflushed.front().is_some_and(|(seq, _)| *seq <= upto) {
+            let Some((_, write)) = host.unflushed.pop_front() else {
+                break;
+            };
+            host.storage.persist_ready(&write);
+            let last = write.log_write.as_ref().and_then(|w| w.entries.last());
+            if let (Some(core), Some(last)) = (host.core.as_mut(), last) {
+                core.persisted(last.index, last.term);
+            }
+        }
     }
 
     /// Run one Raft event. Returns the server whose core it changed (its `Ready` must be handled now),
@@ -229,6 +292,20 @@ impl RaftNet {
                 core.step(envelope)
                     .map_err(|e| format!("server {to} refused a message: {e}"))?;
                 Ok(Some(to))
+            }
+            RaftEvent::Persisted {
+                server,
+                incarnation,
+                seq,
+                ..
+            } => {
+                if self.hosts[server].incarnation != incarnation
+                    || self.hosts[server].core.is_none()
+                {
+                    return Ok(None);
+                }
+                self.flush_unflushed(server, seq);
+                Ok(Some(server))
             }
         }
     }

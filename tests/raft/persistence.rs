@@ -344,7 +344,7 @@ fn figure8_scripted() {
     assert_eq!(index, 1);
     cfg.sleep(50);
     assert_eq!(cfg.n_committed(1).0, 0, "x1 committed without a majority");
-    // (b) C, D and E elect L2, which appends x2 and crashes before sending it anywhere.
+    // (b) C, D and E elect L2, which appends x2 and crashes before x2 reaches anyone else.
     cfg.crash(a);
     cfg.disconnect(b);
     for s in [c, d, e] {
@@ -356,6 +356,10 @@ fn figure8_scripted() {
         .unwrap_or_else(|| cfg.fail("L2 rejected Start()"));
     assert_eq!(index, 1);
     assert!(t2 > t1);
+    // Cut off before its AppendEntries arrive (a leader sends them before its own flush), given time
+    // to flush x2, then crashed: x2 is on L2's disk and nowhere else.
+    cfg.disconnect(l2);
+    cfg.sleep(50);
     cfg.crash(l2);
     let [p, q]: [usize; 2] = [c, d, e]
         .into_iter()
