@@ -140,7 +140,8 @@ enum Command {
         #[command(subcommand)]
         op: SnapshotOp,
     },
-    /// Measure throughput and latency with concurrent clients.
+    /// Measure throughput and latency with concurrent clients, against the KV cluster (--cluster) or,
+    /// with --ctrlers, the sharded store (each client routes keys to groups through the controllers).
     Bench {
         /// Concurrent clients (each its own session).
         #[arg(long, default_value_t = 1)]
@@ -469,11 +470,6 @@ async fn run(cli: Cli) -> u8 {
             Err(e) => fail(format!("controllers: {e}")),
         };
     }
-    if let (Command::Bench { .. }, true) = (&cli.command, sharded) {
-        return fail(
-            "bench runs against a KV cluster (--cluster); it does not route through controllers",
-        );
-    }
     match cli.command {
         Command::Ctrler { .. } | Command::Certs { .. } | Command::Snapshot { .. } => EXIT_ERROR,
         Command::Get { key } => match clerk() {
@@ -583,9 +579,19 @@ async fn run(cli: Cli) -> u8 {
             } else {
                 ops
             };
+            if breakdown && sharded {
+                return fail("--breakdown reads a KV cluster's nodes (--cluster); it does not cover shard groups");
+            }
             let cluster_copy = cluster.clone();
             let config = bench::BenchConfig {
-                cluster,
+                target: if sharded {
+                    bench::Target::Sharded {
+                        ctrlers: ctrlers.clone(),
+                        view,
+                    }
+                } else {
+                    bench::Target::Kv(cluster)
+                },
                 clients,
                 ops,
                 duration,

@@ -1131,7 +1131,7 @@ async fn ycsb_workloads_run_against_a_cluster() {
     };
     for workload in [Workload::A, Workload::D, Workload::F] {
         let config = BenchConfig {
-            cluster: cluster.addrs.clone(),
+            target: bench::Target::Kv(cluster.addrs.clone()),
             clients: 4,
             ops: 400,
             duration: None,
@@ -1153,7 +1153,7 @@ async fn ycsb_workloads_run_against_a_cluster() {
     }
     // By time instead of count: about a second of workload C, however many operations that is.
     let timed = BenchConfig {
-        cluster: cluster.addrs.clone(),
+        target: bench::Target::Kv(cluster.addrs.clone()),
         clients: 4,
         ops: usize::MAX,
         duration: Some(Duration::from_secs(1)),

@@ -534,6 +534,23 @@ async fn kvctl_routes_through_the_controllers() {
     assert_eq!(status.status.code(), Some(0), "{status:?}");
     assert!(out(&status).contains("service     shard-7"), "{status:?}");
     assert!(out(&status).contains("keys        1\n"), "{status:?}");
+
+    // The benchmark loads the sharded store through the controllers too (issue #14, item 4).
+    let bench = run(&[
+        "bench",
+        "--kind",
+        "ycsb-a",
+        "--clients",
+        "4",
+        "--ops",
+        "200",
+        "--keys",
+        "50",
+    ]);
+    assert_eq!(bench.status.code(), Some(0), "{bench:?}");
+    assert!(out(&bench).contains("200 ok, 0 errors"), "{bench:?}");
+    let breakdown = run(&["bench", "--ops", "10", "--breakdown"]);
+    assert_eq!(breakdown.status.code(), Some(2), "{breakdown:?}");
     drop(group);
 }
 

@@ -4,9 +4,12 @@
 //! puts and gets it runs the YCSB core workloads ([`ycsb`](super::ycsb)), seeded per client so a run
 //! can be repeated.
 
+use super::shard::AnyClerk;
 use super::ycsb::{self, Op, Workload, Zipfian};
+use crate::ctrler::addresses::AddressView;
 use crate::kv::KvOps;
 use crate::kv::{Clerk, ClerkConfig, ClerkError};
+use crate::shardkv::ShardClerk;
 use rand::SeedableRng;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,11 +27,37 @@ pub enum BenchKind {
     Ycsb(Workload),
 }
 
+/// Which store the clients load.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A replicated KV cluster, by its servers' addresses.
+    Kv(Vec<String>),
+    /// The sharded store, through its controllers (each client routes keys to groups itself).
+    Sharded {
+        /// The controllers' addresses.
+        ctrlers: Vec<String>,
+        /// Which of the groups' addresses the clients use.
+        view: AddressView,
+    },
+}
+
+impl Target {
+    /// One client (its own session) of the store.
+    fn clerk(&self, config: &ClerkConfig) -> Result<AnyClerk, ClerkError> {
+        Ok(match self {
+            Target::Kv(cluster) => AnyClerk::Kv(Clerk::new(cluster, config.clone())?),
+            Target::Sharded { ctrlers, view } => AnyClerk::Sharded(Box::new(
+                ShardClerk::new(ctrlers, config.clone())?.with_address_view(*view),
+            )),
+        })
+    }
+}
+
 /// The benchmark's parameters.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
-    /// Servers.
-    pub cluster: Vec<String>,
+    /// The store loaded.
+    pub target: Target,
     /// Concurrent clients.
     pub clients: usize,
     /// Operations in total (with `duration`: at most).
@@ -142,7 +171,7 @@ pub async fn run(
         BenchKind::Ycsb(_) => keys,
     };
     if filled > 0 {
-        let mut clerk = Clerk::new(&config.cluster, config.clerk.clone())?;
+        let mut clerk = config.target.clerk(&config.clerk)?;
         for k in 0..filled {
             clerk.put(&format!("bench-{k}"), &value).await?;
         }
@@ -156,7 +185,7 @@ pub async fn run(
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
         let share = config.ops / clients + usize::from(c < config.ops % clients);
-        let mut clerk = Clerk::new(&config.cluster, config.clerk.clone())?;
+        let mut clerk = config.target.clerk(&config.clerk)?;
         let (kind, value, done) = (config.kind, value.clone(), done.clone());
         let (zipf, inserted) = (zipf.clone(), inserted.clone());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
