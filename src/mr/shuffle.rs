@@ -42,15 +42,43 @@ pub fn local_job_dir(worker_dir: &Path, job_id: u64) -> PathBuf {
 pub struct ShuffleService {
     dir: PathBuf,
     guard: Guard,
+    /// One permit per fetch being served: the open files and chunks in memory stay bounded however
+    /// many reducers ask at once.
+    fetches: std::sync::Arc<tokio::sync::Semaphore>,
+    /// A reader that takes no chunk for this long loses its fetch (and its permit).
+    stalled_reader: Duration,
 }
+
+/// Fetches served at once; more wait (see [`PERMIT_WAIT`]).
+pub const MAX_CONCURRENT_FETCHES: usize = 64;
+
+/// How long a fetch waits for a permit before it is refused as busy: well under a reducer's idle
+/// timeout, so the reducer hears why instead of timing out.
+const PERMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// A reducer that stops reading a fetch for this long loses it.
+const STALLED_READER: Duration = Duration::from_secs(30);
 
 impl ShuffleService {
     /// Serves the outputs under `worker_dir` (see [`local_job_dir`]) to the callers `guard` admits as
     /// workers.
     pub fn new(worker_dir: PathBuf, guard: Guard) -> Self {
+        Self::with_limits(worker_dir, guard, MAX_CONCURRENT_FETCHES, STALLED_READER)
+    }
+
+    /// As [`ShuffleService::new`], with `concurrent` fetches at most and a reader that stalls for
+    /// `stalled_reader` cut off.
+    pub fn with_limits(
+        worker_dir: PathBuf,
+        guard: Guard,
+        concurrent: usize,
+        stalled_reader: Duration,
+    ) -> Self {
         Self {
             dir: worker_dir,
             guard,
+            fetches: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrent)),
+            stalled_reader,
         }
     }
 }
@@ -83,6 +111,15 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
         let failed = |path: &Path, err: std::io::Error| {
             Status::internal(format!("{}: {err}", path.display()))
         };
+        let permit =
+            match tokio::time::timeout(PERMIT_WAIT, self.fetches.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    return Err(Status::resource_exhausted(
+                        "this worker serves as many fetches as it may at once; retry later",
+                    ))
+                }
+            };
         // Open and size the file in one trip to the blocking pool; a small output (most are, with a
         // combiner) is read in the same trip and sent as one chunk.
         let opened = {
@@ -109,34 +146,44 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
             Err(err) => return Err(failed(&path, err)),
         };
-        if let Some(data) = small {
-            let chunk = pb::FetchChunk {
-                data: Bytes::from(data),
-            };
-            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(chunk)]))));
-        }
-        // A big one a chunk at a time as the reducer takes them: memory per fetch is one chunk, however
-        // big the partition.
-        let file = tokio::fs::File::from_std(file);
-        let chunks = futures::stream::unfold(Some((file, len)), move |state| {
-            let path = path.clone();
-            async move {
-                let (mut file, left) = state?;
-                if left == 0 {
-                    return None;
-                }
-                let mut data = vec![0u8; left.min(CHUNK as u64) as usize];
-                if let Err(err) = file.read_exact(&mut data).await {
-                    return Some((Err(failed(&path, err)), None));
-                }
-                let next = left - data.len() as u64;
+        // The chunks come from a task that holds the permit and gives up on a reader that stops
+        // taking them: memory per fetch is one chunk in flight plus one queued, however big the file.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::FetchChunk, Status>>(1);
+        let stalled = self.stalled_reader;
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(data) = small {
                 let chunk = pb::FetchChunk {
                     data: Bytes::from(data),
                 };
-                Some((Ok(chunk), Some((file, next))))
+                let _ = tx.send_timeout(Ok(chunk), stalled).await;
+                return;
+            }
+            let mut file = tokio::fs::File::from_std(file);
+            let mut left = len;
+            while left > 0 {
+                let mut data = vec![0u8; left.min(CHUNK as u64) as usize];
+                let item = match file.read_exact(&mut data).await {
+                    Ok(_) => {
+                        left -= data.len() as u64;
+                        Ok(pb::FetchChunk {
+                            data: Bytes::from(data),
+                        })
+                    }
+                    Err(err) => {
+                        left = 0;
+                        Err(failed(&path, err))
+                    }
+                };
+                if tx.send_timeout(item, stalled).await.is_err() {
+                    tracing::info!(path = %path.display(), "fetch dropped: the reader went away or stopped reading");
+                    return;
+                }
             }
         });
-        Ok(Response::new(Box::pin(chunks)))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -431,6 +478,49 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(5));
             server.abort();
         }
+    }
+
+    /// One slot, and a reader that opens a fetch and reads nothing: it is cut off after the stall
+    /// timeout, which frees the slot for the next reducer, and never gets the whole file.
+    #[tokio::test]
+    async fn a_reader_that_stops_reading_loses_its_fetch_and_frees_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let outputs = dir.path().join("outputs");
+        let job = local_job_dir(&outputs, 1);
+        std::fs::create_dir_all(&job).unwrap();
+        let big = vec![7u8; CHUNK * 16];
+        std::fs::write(job.join(intermediate_name(1, 0, 0, 7)), &big).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let service =
+            ShuffleService::with_limits(outputs, Guard::open(), 1, Duration::from_millis(300));
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ShuffleServer::new(service))
+                .serve_with_incoming(incoming(listener)),
+        );
+        let request = pb::FetchRequest {
+            job_id: 1,
+            map_index: 0,
+            reduce_index: 0,
+            attempt: 7,
+        };
+        let mut idle = ShuffleClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let mut stalled = idle.fetch(request).await.unwrap().into_inner();
+        let into = dir.path().join("fetched");
+        let fetched = Fetcher::default().fetch_to(&addr, WANTED, &into, 0).await;
+        assert_eq!(fetched.unwrap(), Fetched::File(big.len() as u64));
+        let mut got = 0;
+        while let Some(Ok(chunk)) = stalled.next().await {
+            got += chunk.data.len();
+        }
+        assert!(
+            got < big.len(),
+            "the stalled reader still got all {got} bytes"
+        );
+        server.abort();
     }
 
     #[tokio::test]
