@@ -626,13 +626,17 @@ async fn run(cli: Cli) -> u8 {
                     status::collect(&cluster_copy, Duration::from_secs(2), &security).await;
                 breakdown::readings(&reports)
             };
+            if let Err(e) = bench::fill(&config).await {
+                return fail(e);
+            }
+            // Read after the fill, so the means cover the measured operations only.
             let before = if breakdown {
                 Some(read_stages().await)
             } else {
                 None
             };
             let started = std::time::Instant::now();
-            let result = bench::run(&config, |n| {
+            let result = bench::measure(&config, |n| {
                 if duration.is_some() {
                     bar.set_position(started.elapsed().as_secs());
                     bar.set_message(format!("{n} ops"));

@@ -160,9 +160,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// called with the number of operations done so far, about ten times a second.
 pub async fn run(
     config: &BenchConfig,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<BenchReport, ClerkError> {
-    let clients = config.clients.max(1);
+    fill(config).await?;
+    measure(config, progress).await
+}
+
+/// Writes the keys gets and YCSB workloads read (puts need none): the unmeasured part of [`run`].
+pub async fn fill(config: &BenchConfig) -> Result<(), ClerkError> {
     let keys = config.keys.max(1);
     let value = "x".repeat(config.value_size);
     let filled = match config.kind {
@@ -176,6 +181,17 @@ pub async fn run(
             clerk.put(&format!("bench-{k}"), &value).await?;
         }
     }
+    Ok(())
+}
+
+/// The measured part of [`run`], after [`fill`].
+pub async fn measure(
+    config: &BenchConfig,
+    mut progress: impl FnMut(u64),
+) -> Result<BenchReport, ClerkError> {
+    let clients = config.clients.max(1);
+    let keys = config.keys.max(1);
+    let value = "x".repeat(config.value_size);
     // YCSB: key popularity over the filled keys, and the next key an insert creates.
     let zipf = Arc::new(Zipfian::new(keys, ycsb::ZIPF_THETA));
     let inserted = Arc::new(AtomicU64::new(keys as u64));

@@ -402,6 +402,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             accept_reduce: request.accept_reduce,
         };
         let hold_until = tokio::time::Instant::now() + WAIT_HOLD;
+        let mut held_out = false;
         let assignment = loop {
             // Registered before looking, so a report landing in between still wakes this request.
             let progressed = self.progress.notified();
@@ -423,13 +424,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 self.flush().await?;
                 self.progress.notify_waiters();
             }
-            if !matches!(assignment, Assignment::Wait)
-                || tokio::time::timeout_at(hold_until, progressed)
-                    .await
-                    .is_err()
-            {
+            if !matches!(assignment, Assignment::Wait) || held_out {
                 break assignment;
             }
+            // At the end of the hold, look once more: a running task may have timed out meanwhile.
+            held_out = tokio::time::timeout_at(hold_until, progressed)
+                .await
+                .is_err();
         };
         let reply = match assignment {
             Assignment::Idle => pb::TaskReply {

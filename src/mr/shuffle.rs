@@ -150,13 +150,19 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
         // taking them: memory per fetch is one chunk in flight plus one queued, however big the file.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::FetchChunk, Status>>(1);
         let stalled = self.stalled_reader;
+        // Set once every chunk is queued: a stream that ends without it was cut off, and says so
+        // rather than end as if the file were shorter.
+        let complete = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let completed = complete.clone();
         tokio::spawn(async move {
             let _permit = permit;
             if let Some(data) = small {
                 let chunk = pb::FetchChunk {
                     data: Bytes::from(data),
                 };
-                let _ = tx.send_timeout(Ok(chunk), stalled).await;
+                if tx.send_timeout(Ok(chunk), stalled).await.is_ok() {
+                    completed.store(true, std::sync::atomic::Ordering::Release);
+                }
                 return;
             }
             let mut file = tokio::fs::File::from_std(file);
@@ -175,14 +181,27 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
                         Err(failed(&path, err))
                     }
                 };
+                let failed_read = item.is_err();
                 if tx.send_timeout(item, stalled).await.is_err() {
                     tracing::info!(path = %path.display(), "fetch dropped: the reader went away or stopped reading");
                     return;
                 }
+                if failed_read {
+                    return;
+                }
             }
+            completed.store(true, std::sync::atomic::Ordering::Release);
         });
+        let cut_off = futures::stream::once(async move {
+            (!complete.load(std::sync::atomic::Ordering::Acquire)).then(|| {
+                Err(Status::aborted(
+                    "fetch cut off: the reader took no chunk for too long",
+                ))
+            })
+        })
+        .filter_map(|end| async move { end });
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(rx).chain(cut_off),
         )))
     }
 }
@@ -513,9 +532,19 @@ mod tests {
         let fetched = Fetcher::default().fetch_to(&addr, WANTED, &into, 0).await;
         assert_eq!(fetched.unwrap(), Fetched::File(big.len() as u64));
         let mut got = 0;
-        while let Some(Ok(chunk)) = stalled.next().await {
-            got += chunk.data.len();
+        let mut ended = None;
+        while let Some(item) = stalled.next().await {
+            match item {
+                Ok(chunk) => got += chunk.data.len(),
+                Err(status) => {
+                    ended = Some(status);
+                    break;
+                }
+            }
         }
+        // Cut off, it is told so: a short stream that ended cleanly would pass for a short file.
+        let ended = ended.expect("the cut-off stream ended without an error");
+        assert!(ended.message().contains("cut off"), "{ended:?}");
         assert!(
             got < big.len(),
             "the stalled reader still got all {got} bytes"

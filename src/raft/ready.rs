@@ -34,6 +34,9 @@ pub struct Ready {
     /// `messages` **before** persisting (they are AppendEntries of the new entries and nothing that
     /// promises anything about this node's own storage), and must call
     /// [`crate::raft::RaftCore::persisted`] with the last entry of `log_write` once it is flushed.
+    /// The core takes every *other* `Ready` to mean that all earlier writes are durable by the time it
+    /// is called again (drivers persist one `Ready` at a time, in order); a driver that overlapped
+    /// persists would first have to report each flush separately.
     pub persist_after_send: bool,
     /// Messages to send once the above is durable.
     pub messages: Vec<Envelope>,
