@@ -362,27 +362,32 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         })?;
         let request = request.into_inner();
         let wanted = request.job_id;
-        let state = self.lock();
-        // At most MAX_STATUS_TASKS task rows in the whole reply, newest jobs first in line for them,
-        // and inputs only for one job asked for by id: however many big jobs there are, the reply
-        // stays far under gRPC's 4 MiB.
-        let mut budget = if request.tasks { MAX_STATUS_TASKS } else { 0 };
-        let mut jobs: Vec<pb::JobStatus> = state
-            .jobs()
-            .filter(|view| wanted == 0 || view.record.id == wanted)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .map(|view| {
-                let status = job_status(view, budget, wanted != 0);
-                budget -= status.tasks.len();
-                status
-            })
-            .collect();
+        let mut jobs: Vec<pb::JobStatus> = {
+            let state = self.lock();
+            // At most MAX_STATUS_TASKS task rows in the whole reply, newest jobs first in line for
+            // them, and inputs only for one job asked for by id: however many big jobs there are, the
+            // reply stays far under gRPC's 4 MiB.
+            let mut budget = if request.tasks { MAX_STATUS_TASKS } else { 0 };
+            state
+                .jobs()
+                .filter(|view| wanted == 0 || view.record.id == wanted)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .map(|view| {
+                    let status = job_status(view, budget, wanted != 0);
+                    budget -= status.tasks.len();
+                    status
+                })
+                .collect()
+        };
         jobs.reverse();
         if wanted != 0 && jobs.is_empty() {
             return Err(Status::not_found(format!("no job {wanted}")));
         }
+        // A report shows in memory (and was written to sled under the same lock) a moment before its
+        // flush: flush before answering, so what status shows survives a crash of the coordinator.
+        self.flush().await?;
         Ok(Response::new(pb::StatusReply { jobs }))
     }
 
