@@ -5,14 +5,13 @@
 //! could not decide. Errors are one line on stderr.
 
 use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ds824::ctrler::addresses::client_addresses;
 use ds824::ctrler::addresses::AddressView;
 use ds824::ctrler::CtrlerClerk;
 use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 use ds824::kvctl::shard::{self, AnyClerk};
-use ds824::kvctl::ycsb::Workload;
 use ds824::kvctl::{self, backup, bench, breakdown, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
 use ds824::security::Role;
 use ds824::security::{certs, Security, TlsArgs};
@@ -143,29 +142,8 @@ enum Command {
     /// Measure throughput and latency with concurrent clients, against the KV cluster (--cluster) or,
     /// with --ctrlers, the sharded store (each client routes keys to groups through the controllers).
     Bench {
-        /// Concurrent clients (each its own session).
-        #[arg(long, default_value_t = 1)]
-        clients: usize,
-        /// Operations in total.
-        #[arg(long, default_value_t = 1000)]
-        ops: usize,
-        /// Run for this many seconds instead, however many operations that is (at most --ops, which
-        /// then defaults to no limit).
-        #[arg(long, value_name = "SECONDS")]
-        duration: Option<f64>,
-        /// What to measure: puts, gets, or a YCSB core workload (E, range scans, is not supported:
-        /// the store has no range reads). Gets and YCSB fill --keys keys first, unmeasured.
-        #[arg(long, value_enum, default_value_t = Kind::Put)]
-        kind: Kind,
-        /// Distinct keys.
-        #[arg(long, default_value_t = 1000)]
-        keys: usize,
-        /// Bytes per value.
-        #[arg(long, default_value_t = 32)]
-        value_size: usize,
-        /// Print the report as one JSON object (latencies in milliseconds).
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        load: bench::LoadArgs,
         /// Also print where a write's time went: every node's per-stage counters (arrival to log
         /// index, append to commit, leader and follower flushes, commit to reply), read before and
         /// after the run, as means per write next to the client's mean.
@@ -296,24 +274,6 @@ enum CertsOp {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Kind {
-    /// Puts to keys in turn.
-    Put,
-    /// Gets of keys filled first.
-    Get,
-    /// YCSB A: 50 % read, 50 % update, Zipfian keys.
-    YcsbA,
-    /// YCSB B: 95 % read, 5 % update, Zipfian keys.
-    YcsbB,
-    /// YCSB C: reads only, Zipfian keys.
-    YcsbC,
-    /// YCSB D: 95 % read (newest keys first), 5 % insert.
-    YcsbD,
-    /// YCSB F: 50 % read, 50 % read-modify-write, Zipfian keys.
-    YcsbF,
 }
 
 /// Where the KV cluster is when neither --cluster nor KVCTL_CLUSTER says.
@@ -558,26 +518,11 @@ async fn run(cli: Cli) -> u8 {
                 Err(e) => fail(format!("checker failed: {e}")),
             }
         }
-        Command::Bench {
-            clients,
-            ops,
-            kind,
-            keys,
-            value_size,
-            json,
-            duration,
-            breakdown,
-        } => {
-            let duration = match duration.map(Duration::try_from_secs_f64) {
-                None => None,
-                Some(Ok(d)) if !d.is_zero() => Some(d),
-                Some(_) => return fail("--duration must be a positive number of seconds"),
-            };
-            // With --duration and the default --ops, the time is the only limit.
-            let ops = if duration.is_some() && ops == 1000 {
-                usize::MAX
-            } else {
-                ops
+        Command::Bench { load, breakdown } => {
+            let json = load.json;
+            let load = match load.load() {
+                Ok(load) => load,
+                Err(e) => return fail(e),
             };
             if breakdown && sharded {
                 return fail("--breakdown reads a KV cluster's nodes (--cluster); it does not cover shard groups");
@@ -592,41 +537,15 @@ async fn run(cli: Cli) -> u8 {
                 } else {
                     bench::Target::Kv(cluster)
                 },
-                clients,
-                ops,
-                duration,
-                kind: match kind {
-                    Kind::Put => bench::BenchKind::Put,
-                    Kind::Get => bench::BenchKind::Get,
-                    Kind::YcsbA => bench::BenchKind::Ycsb(Workload::A),
-                    Kind::YcsbB => bench::BenchKind::Ycsb(Workload::B),
-                    Kind::YcsbC => bench::BenchKind::Ycsb(Workload::C),
-                    Kind::YcsbD => bench::BenchKind::Ycsb(Workload::D),
-                    Kind::YcsbF => bench::BenchKind::Ycsb(Workload::F),
-                },
-                keys,
-                value_size,
                 clerk: config.clone(),
+                load,
             };
-            let bar = match duration {
-                Some(d) => indicatif::ProgressBar::new(d.as_secs().max(1)),
-                None => indicatif::ProgressBar::new(ops as u64),
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(if duration.is_some() {
-                    "{spinner} [{bar:40}] {elapsed} of {len} s, {msg}"
-                } else {
-                    "{spinner} [{bar:40}] {pos}/{len} ops {elapsed} {msg}"
-                })
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
             let read_stages = || async {
                 let reports =
                     status::collect(&cluster_copy, Duration::from_secs(2), &security).await;
                 breakdown::readings(&reports)
             };
-            if let Err(e) = bench::fill(&config).await {
+            if let Err(e) = bench::fill(&config, &config.load).await {
                 return fail(e);
             }
             // Read after the fill, so the means cover the measured operations only.
@@ -635,17 +554,7 @@ async fn run(cli: Cli) -> u8 {
             } else {
                 None
             };
-            let started = std::time::Instant::now();
-            let result = bench::measure(&config, |n| {
-                if duration.is_some() {
-                    bar.set_position(started.elapsed().as_secs());
-                    bar.set_message(format!("{n} ops"));
-                } else {
-                    bar.set_position(n);
-                }
-            })
-            .await;
-            bar.finish_and_clear();
+            let result = bench::measure_showing_progress(&config, &config.load).await;
             let stages = match (&result, before) {
                 (Ok(report), Some(before)) => Some(breakdown::Breakdown::between(
                     &before,

@@ -1132,13 +1132,15 @@ async fn ycsb_workloads_run_against_a_cluster() {
     for workload in [Workload::A, Workload::D, Workload::F] {
         let config = BenchConfig {
             target: bench::Target::Kv(cluster.addrs.clone()),
-            clients: 4,
-            ops: 400,
-            duration: None,
-            kind: BenchKind::Ycsb(workload),
-            keys: 50,
-            value_size: 16,
             clerk: clerk_config.clone(),
+            load: bench::Load {
+                clients: 4,
+                ops: 400,
+                duration: None,
+                kind: BenchKind::Ycsb(workload),
+                keys: 50,
+                value_size: 16,
+            },
         };
         let report = bench::run(&config, |_| {}).await.expect("bench");
         assert_eq!(
@@ -1154,13 +1156,15 @@ async fn ycsb_workloads_run_against_a_cluster() {
     // By time instead of count: about a second of workload C, however many operations that is.
     let timed = BenchConfig {
         target: bench::Target::Kv(cluster.addrs.clone()),
-        clients: 4,
-        ops: usize::MAX,
-        duration: Some(Duration::from_secs(1)),
-        kind: BenchKind::Ycsb(Workload::C),
-        keys: 50,
-        value_size: 16,
         clerk: clerk_config.clone(),
+        load: bench::Load {
+            clients: 4,
+            ops: usize::MAX,
+            duration: Some(Duration::from_secs(1)),
+            kind: BenchKind::Ycsb(Workload::C),
+            keys: 50,
+            value_size: 16,
+        },
     };
     let report = bench::run(&timed, |_| {}).await.expect("timed bench");
     assert!(report.ok > 0 && report.errors == 0, "{report}");

@@ -3,6 +3,9 @@
 //! percentiles, the two numbers that tell whether batching in the Raft driver pays off. Besides plain
 //! puts and gets it runs the YCSB core workloads ([`ycsb`](super::ycsb)), seeded per client so a run
 //! can be repeated.
+//!
+//! The loop is generic over the store ([`BenchStore`]), so another system can be measured by exactly
+//! the same loop: `tools/etcd-bench` drives etcd with it for `benches/compare-etcd.sh`.
 
 use super::shard::AnyClerk;
 use super::ycsb::{self, Op, Workload, Zipfian};
@@ -12,6 +15,7 @@ use crate::kv::{Clerk, ClerkConfig, ClerkError};
 use crate::shardkv::ShardClerk;
 use rand::SeedableRng;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +29,39 @@ pub enum BenchKind {
     Get,
     /// A YCSB core workload over keys filled beforehand.
     Ycsb(Workload),
+}
+
+/// `--kind` on the command line of `kvctl bench` and `tools/etcd-bench`, one name per [`BenchKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    /// Puts to keys in turn.
+    Put,
+    /// Gets of keys filled first.
+    Get,
+    /// YCSB A: 50 % read, 50 % update, Zipfian keys.
+    YcsbA,
+    /// YCSB B: 95 % read, 5 % update, Zipfian keys.
+    YcsbB,
+    /// YCSB C: reads only, Zipfian keys.
+    YcsbC,
+    /// YCSB D: 95 % read (newest keys first), 5 % insert.
+    YcsbD,
+    /// YCSB F: 50 % read, 50 % read-modify-write, Zipfian keys.
+    YcsbF,
+}
+
+impl From<KindArg> for BenchKind {
+    fn from(kind: KindArg) -> Self {
+        match kind {
+            KindArg::Put => BenchKind::Put,
+            KindArg::Get => BenchKind::Get,
+            KindArg::YcsbA => BenchKind::Ycsb(Workload::A),
+            KindArg::YcsbB => BenchKind::Ycsb(Workload::B),
+            KindArg::YcsbC => BenchKind::Ycsb(Workload::C),
+            KindArg::YcsbD => BenchKind::Ycsb(Workload::D),
+            KindArg::YcsbF => BenchKind::Ycsb(Workload::F),
+        }
+    }
 }
 
 /// Which store the clients load.
@@ -53,11 +90,20 @@ impl Target {
     }
 }
 
-/// The benchmark's parameters.
+/// The benchmark's parameters against ds824.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
     /// The store loaded.
     pub target: Target,
+    /// How the clients connect (their timeouts and security).
+    pub clerk: ClerkConfig,
+    /// What the clients do.
+    pub load: Load,
+}
+
+/// What the clients do, whatever the store.
+#[derive(Clone, Debug)]
+pub struct Load {
     /// Concurrent clients.
     pub clients: usize,
     /// Operations in total (with `duration`: at most).
@@ -70,8 +116,106 @@ pub struct BenchConfig {
     pub keys: usize,
     /// Bytes per value.
     pub value_size: usize,
-    /// How the clients connect (their timeouts and security).
-    pub clerk: ClerkConfig,
+}
+
+/// The load's flags, shared by `kvctl bench` and `tools/etcd-bench` so both stores get the same load
+/// from the same words.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Concurrent clients (each its own session).
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
+    /// Operations in total.
+    #[arg(long, default_value_t = 1000)]
+    pub ops: usize,
+    /// Run for this many seconds instead, however many operations that is (at most --ops, which
+    /// then defaults to no limit).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// What to measure: puts, gets, or a YCSB core workload (E, range scans, is not supported:
+    /// the store has no range reads). Gets and YCSB fill --keys keys first, unmeasured.
+    #[arg(long, value_enum, default_value_t = KindArg::Put)]
+    pub kind: KindArg,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: usize,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 32)]
+    pub value_size: usize,
+    /// Print the report as one JSON object (latencies in milliseconds).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LoadArgs {
+    /// The load the flags describe, or what is wrong with them.
+    pub fn load(&self) -> Result<Load, String> {
+        let duration = match self.duration.map(Duration::try_from_secs_f64) {
+            None => None,
+            Some(Ok(d)) if !d.is_zero() => Some(d),
+            Some(_) => return Err("--duration must be a positive number of seconds".into()),
+        };
+        if self.clients == 0 {
+            return Err("--clients must be at least 1".into());
+        }
+        // With --duration and the default --ops, the time is the only limit.
+        let ops = if duration.is_some() && self.ops == 1000 {
+            usize::MAX
+        } else {
+            self.ops
+        };
+        Ok(Load {
+            clients: self.clients,
+            ops,
+            duration,
+            kind: self.kind.into(),
+            keys: self.keys,
+            value_size: self.value_size,
+        })
+    }
+}
+
+/// Why one client operation failed, whatever the store (a foreign client has its own error type).
+pub type ClientError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One client session of a store under load: the two operations every workload is made of.
+pub trait BenchClient: Send + 'static {
+    /// Read `key` (its value is not needed, only that the read completed).
+    fn get(&mut self, key: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// Write `value` under `key`, acknowledged once durable.
+    fn put(
+        &mut self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
+}
+
+/// A store the loop can open client sessions to, one per simulated client.
+pub trait BenchStore {
+    /// A session.
+    type Client: BenchClient;
+    /// Open one session (its own connection, where the store's client allows).
+    fn connect(&self) -> impl Future<Output = Result<Self::Client, ClientError>> + Send;
+}
+
+impl BenchClient for AnyClerk {
+    async fn get(&mut self, key: &str) -> Result<(), ClientError> {
+        AnyClerk::get(self, key).await?;
+        Ok(())
+    }
+
+    async fn put(&mut self, key: &str, value: &str) -> Result<(), ClientError> {
+        KvOps::put(self, key, value).await?;
+        Ok(())
+    }
+}
+
+impl BenchStore for BenchConfig {
+    type Client = AnyClerk;
+
+    async fn connect(&self) -> Result<AnyClerk, ClientError> {
+        Ok(self.target.clerk(&self.clerk)?)
+    }
 }
 
 /// The measurement.
@@ -161,13 +305,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 pub async fn run(
     config: &BenchConfig,
     progress: impl FnMut(u64),
-) -> Result<BenchReport, ClerkError> {
-    fill(config).await?;
-    measure(config, progress).await
+) -> Result<BenchReport, ClientError> {
+    fill(config, &config.load).await?;
+    measure(config, &config.load, progress).await
 }
 
 /// Writes the keys gets and YCSB workloads read (puts need none): the unmeasured part of [`run`].
-pub async fn fill(config: &BenchConfig) -> Result<(), ClerkError> {
+pub async fn fill(store: &impl BenchStore, config: &Load) -> Result<(), ClientError> {
     let keys = config.keys.max(1);
     let value = "x".repeat(config.value_size);
     let filled = match config.kind {
@@ -176,7 +320,7 @@ pub async fn fill(config: &BenchConfig) -> Result<(), ClerkError> {
         BenchKind::Ycsb(_) => keys,
     };
     if filled > 0 {
-        let mut clerk = config.target.clerk(&config.clerk)?;
+        let mut clerk = store.connect().await?;
         for k in 0..filled {
             clerk.put(&format!("bench-{k}"), &value).await?;
         }
@@ -184,11 +328,45 @@ pub async fn fill(config: &BenchConfig) -> Result<(), ClerkError> {
     Ok(())
 }
 
+/// [`measure`] with a progress bar on the terminal (operations done, or seconds of `--duration`),
+/// cleared when the run ends: what the command-line tools show.
+pub async fn measure_showing_progress(
+    store: &impl BenchStore,
+    config: &Load,
+) -> Result<BenchReport, ClientError> {
+    let bar = match config.duration {
+        Some(d) => indicatif::ProgressBar::new(d.as_secs().max(1)),
+        None => indicatif::ProgressBar::new(config.ops as u64),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(if config.duration.is_some() {
+            "{spinner} [{bar:40}] {elapsed} of {len} s, {msg}"
+        } else {
+            "{spinner} [{bar:40}] {pos}/{len} ops {elapsed} {msg}"
+        })
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let result = measure(store, config, |n| {
+        if config.duration.is_some() {
+            bar.set_position(started.elapsed().as_secs());
+            bar.set_message(format!("{n} ops"));
+        } else {
+            bar.set_position(n);
+        }
+    })
+    .await;
+    bar.finish_and_clear();
+    result
+}
+
 /// The measured part of [`run`], after [`fill`].
 pub async fn measure(
-    config: &BenchConfig,
+    store: &impl BenchStore,
+    config: &Load,
     mut progress: impl FnMut(u64),
-) -> Result<BenchReport, ClerkError> {
+) -> Result<BenchReport, ClientError> {
     let clients = config.clients.max(1);
     let keys = config.keys.max(1);
     let value = "x".repeat(config.value_size);
@@ -201,7 +379,7 @@ pub async fn measure(
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
         let share = config.ops / clients + usize::from(c < config.ops % clients);
-        let mut clerk = config.target.clerk(&config.clerk)?;
+        let mut clerk = store.connect().await?;
         let (kind, value, done) = (config.kind, value.clone(), done.clone());
         let (zipf, inserted) = (zipf.clone(), inserted.clone());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
@@ -221,7 +399,7 @@ pub async fn measure(
                 let began = Instant::now();
                 let result = match kind {
                     BenchKind::Put => clerk.put(&key, &value).await,
-                    BenchKind::Get => clerk.get(&key).await.map(|_| ()),
+                    BenchKind::Get => clerk.get(&key).await,
                     BenchKind::Ycsb(workload) => {
                         let op = workload.next_op(&mut rng);
                         let existing = inserted.load(Ordering::Relaxed) as usize;
@@ -235,7 +413,7 @@ pub async fn measure(
                             ),
                         };
                         match op {
-                            Op::Read => clerk.get(&key).await.map(|_| ()),
+                            Op::Read => clerk.get(&key).await,
                             Op::Update | Op::Insert => clerk.put(&key, &value).await,
                             Op::ReadModifyWrite => match clerk.get(&key).await {
                                 Ok(_) => clerk.put(&key, &value).await,
