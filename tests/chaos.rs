@@ -227,6 +227,24 @@ fn append_under_pause_partition_and_loss_loses_and_doubles_nothing() {
     assert_nothing_left(&run.tag, &out);
 }
 
+/// Lease reads (issue #14): with `--lease-reads` every node answers reads from the leader's lease.
+/// A leader frozen by SIGSTOP past its lease, or cut off by a partition, must stop answering from it
+/// before the others can elect someone else; on waking it counts the time it lost before it looks at
+/// its lease. The register history (reads and writes of the same keys) stays linearizable.
+#[test]
+fn register_with_lease_reads_under_pause_and_partition_is_linearizable() {
+    let (run, dir, summary) = chaos_run_ok(
+        "--lease-reads --workload register --nemesis pause,partition --time 20s --fault-window 3s \
+         --heal-window 2s --rate 100 --clients 5 --seed 11 --recovery-time 5s",
+        "lease",
+    );
+    assert_eq!(summary["verdict"], "valid", "{summary:#}");
+    assert!(summary["faults"].as_u64().unwrap_or(0) >= 2, "{summary:#}");
+    assert!(count(&summary, "ok_during_faults") > 0, "{summary:#}");
+    assert!(count(&summary, "ok_after_heal") > 0, "{summary:#}");
+    assert_nothing_left(&run.tag, &dir.path().join("lease"));
+}
+
 /// `slow` puts every peer link behind the harness's TCP fault proxy: the history stays
 /// linearizable, the proxy really carried the nodes' traffic (the record says how much), and writes
 /// made while it did paid its delay (a write needs a round trip to a follower, so at least twice

@@ -131,6 +131,11 @@ pub struct RunArgs {
     /// installation on restarted nodes) part of the run.
     #[arg(long, default_value_t = 1 << 20)]
     pub snapshot_threshold: u64,
+    /// Start the nodes with `kvd --lease-reads` (local target): reads are answered from the leader's
+    /// lease, so a paused or partitioned leader that still believes in its lease is what the run
+    /// tests.
+    #[arg(long)]
+    pub lease_reads: bool,
     /// Check the harness itself (local target, debug builds of kvd): every node runs with a
     /// deliberate safety bug — a put is acknowledged once the leader appended it, before a majority
     /// has it — and the run passes (exit 0) only if the checks catch the acknowledged writes that

@@ -158,6 +158,7 @@ pub async fn run(args: RunArgs) -> Result<Summary, RunError> {
                 out: out.clone(),
                 snapshot_threshold: args.snapshot_threshold,
                 unsafe_ack_before_commit: args.self_test,
+                lease_reads: args.lease_reads,
                 clock: args.nemesis.contains(&NemesisKind::Clock),
             })
             .await?;

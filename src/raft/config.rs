@@ -52,6 +52,15 @@ pub struct Config {
     /// other (Raft dissertation §10.2.1, etcd's raft). Safe because a commit still needs a majority of
     /// durable copies, with or without the leader's. Off for drivers that do not call `persisted`.
     pub persist_after_send: bool,
+    /// Lease reads (thesis §6.4.1, etcd's `ReadOnlyLeaseBased`, TiKV's lease): for about an election
+    /// timeout after a majority acknowledged a heartbeat, the leader answers reads without a round of
+    /// messages, because CheckQuorum keeps those followers from voting for anyone else until then.
+    /// Safe only if (1) every member runs with it (a member without it may vote for a new leader after
+    /// a restart while the old lease runs), (2) tick rates differ by less than 10 % between members
+    /// ([`Config::lease_ticks`] keeps that margin) and (3) the driver delivers ticks by the wall clock,
+    /// catching up after a pause before it asks for a read. Requires `check_quorum`. Off by default:
+    /// ReadIndex needs no clock assumption.
+    pub lease_reads: bool,
 }
 
 impl Config {
@@ -73,7 +82,15 @@ impl Config {
             max_inflight_messages: 32,
             seed: 0,
             persist_after_send: false,
+            lease_reads: false,
         }
+    }
+
+    /// How many ticks after a majority-acknowledged broadcast the leader may serve lease reads: one
+    /// tick short of a follower's lease (a follower may count its first tick at once), less 10 % for
+    /// clock drift.
+    pub fn lease_ticks(&self) -> u64 {
+        u64::from(self.election_ticks.saturating_sub(1)) * 9 / 10
     }
 
     /// Checks the invariants the core relies on.
@@ -101,6 +118,9 @@ impl Config {
         }
         if self.max_entries_per_message == 0 || self.max_inflight_messages == 0 {
             return Err(ConfigError::ZeroLimit);
+        }
+        if self.lease_reads && !self.check_quorum {
+            return Err(ConfigError::LeaseWithoutCheckQuorum);
         }
         Ok(())
     }
@@ -131,4 +151,7 @@ pub enum ConfigError {
     /// Replication limits of zero would stall the log.
     #[error("max entries per message and max in-flight messages must be non-zero")]
     ZeroLimit,
+    /// A lease is only as good as the followers' promise not to vote, which CheckQuorum makes.
+    #[error("lease reads need CheckQuorum")]
+    LeaseWithoutCheckQuorum,
 }

@@ -214,6 +214,14 @@ pub struct RaftCore {
     rng: ChaCha8Rng,
     election_elapsed: u32,
     randomized_election_ticks: u32,
+    /// Ticks since this core was created: the clock lease reads are measured on.
+    ticks: u64,
+    /// Lease reads: ticks left during which a restarted node refuses to vote, as if it had just heard
+    /// from a leader (it may have acknowledged one's heartbeat just before it went down).
+    restart_lease: u32,
+    /// A leadership transfer began in this term: the target may be elected without waiting out any
+    /// lease, so no lease read is served until the next term.
+    lease_revoked: bool,
     heartbeat_elapsed: u32,
     votes: BTreeMap<NodeId, bool>,
     progress: BTreeMap<NodeId, Progress>,
@@ -282,6 +290,13 @@ impl RaftCore {
             rng,
             election_elapsed: 0,
             randomized_election_ticks: config.election_ticks,
+            ticks: 0,
+            restart_lease: if config.lease_reads {
+                config.election_ticks
+            } else {
+                0
+            },
+            lease_revoked: false,
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
@@ -313,6 +328,8 @@ impl RaftCore {
 
     /// Advance logical time by one tick.
     pub fn tick(&mut self) {
+        self.ticks += 1;
+        self.restart_lease = self.restart_lease.saturating_sub(1);
         match self.role {
             Role::Leader => self.tick_leader(),
             _ => {
@@ -516,6 +533,10 @@ impl RaftCore {
         }
         let commit = self.log.committed();
         let term_committed = self.log.term(commit) == Some(self.term);
+        if term_committed && self.lease_valid() {
+            self.read_states.push(ReadState { id, index: commit });
+            return Ok(());
+        }
         self.reads.request(id, commit, term_committed);
         if self.peers.is_empty() {
             let confirmed = self.reads.confirm(u64::MAX);
@@ -572,6 +593,7 @@ impl RaftCore {
             return Ok(());
         }
         self.transfer_target = Some(target);
+        self.lease_revoked = true;
         self.election_elapsed = 0;
         self.maybe_send_timeout_now(target);
         Ok(())
@@ -601,7 +623,7 @@ impl RaftCore {
                 self.send_append(peer, false);
             }
         }
-        if let Some(round) = self.reads.take_broadcast() {
+        if let Some(round) = self.reads.take_broadcast(self.ticks) {
             for peer in self.peers.clone() {
                 self.send_heartbeat(peer, round);
             }
@@ -760,8 +782,20 @@ impl RaftCore {
 
     fn in_lease(&self) -> bool {
         self.config.check_quorum
-            && self.leader.is_some()
-            && self.election_elapsed < self.config.election_ticks
+            && (self.restart_lease > 0
+                || (self.leader.is_some() && self.election_elapsed < self.config.election_ticks))
+    }
+
+    /// Whether this leader may answer a read from its lease: a majority acknowledged a broadcast less
+    /// than [`Config::lease_ticks`] ago, and no transfer in this term may have elected someone else.
+    fn lease_valid(&self) -> bool {
+        self.config.lease_reads
+            && self.role == Role::Leader
+            && !self.lease_revoked
+            && self
+                .reads
+                .lease_from()
+                .is_some_and(|from| self.ticks < from + self.config.lease_ticks())
     }
 
     fn reset_election_timer(&mut self) {
@@ -873,6 +907,7 @@ impl RaftCore {
         self.election_elapsed = 0;
         self.reads = ReadQueue::new();
         self.transfer_target = None;
+        self.lease_revoked = false;
         let next = self.log.last_index() + 1;
         self.progress = self
             .peers
@@ -1034,7 +1069,12 @@ impl RaftCore {
     }
 
     fn broadcast_heartbeat(&mut self) {
-        let round = self.reads.last_broadcast_round();
+        // With lease reads every heartbeat is a round of its own, so its acknowledgements renew the lease.
+        let round = if self.config.lease_reads {
+            self.reads.heartbeat_round(self.ticks)
+        } else {
+            self.reads.last_broadcast_round()
+        };
         for peer in self.peers.clone() {
             let Some(progress) = self.progress.get_mut(&peer) else {
                 continue;
@@ -1178,7 +1218,7 @@ impl RaftCore {
     }
 
     fn advance_reads(&mut self) {
-        if self.reads.is_empty() {
+        if self.reads.is_empty() && !self.config.lease_reads {
             return;
         }
         let mut rounds: Vec<u64> = self.progress.values().map(|p| p.read_round).collect();

@@ -292,6 +292,12 @@ impl RaftNode {
             last_term: 0,
             stages: RaftStages::default(),
             uncommitted: VecDeque::new(),
+            wall_ticks: config.raft.lease_reads.then(|| WallTicks {
+                start: std::time::Instant::now(),
+                tick: config.tick,
+                delivered: 0,
+                max_burst: 2 * u64::from(config.raft.election_ticks) + 1,
+            }),
         };
         let task = tokio::spawn(
             driver
@@ -370,6 +376,33 @@ struct Driver {
     /// Leader: entries proposed here and not yet seen committed, as (index, when appended), for
     /// [`RaftStages::commit`]. Dropped when leadership is.
     uncommitted: VecDeque<(Index, std::time::Instant)>,
+    /// With lease reads: ticks follow the wall clock ([`WallTicks`]).
+    wall_ticks: Option<WallTicks>,
+}
+
+/// Ticks by the wall clock, for lease reads: a lease is measured in ticks, so a loop that fell behind
+/// (a long flush, a starved CPU, SIGSTOP) must not count fewer ticks than time passed, or a leader
+/// frozen past its lease would answer reads from it on waking. The interval timer drops the ticks it
+/// missed; this delivers them, from a monotonic clock that also runs while the process is stopped.
+struct WallTicks {
+    start: std::time::Instant,
+    tick: Duration,
+    delivered: u64,
+    /// Most ticks delivered at once: enough to end any lease and let CheckQuorum depose a stale
+    /// leader (two election timeouts); beyond that a long pause would only replay elections.
+    max_burst: u64,
+}
+
+impl WallTicks {
+    /// Ticks due now and not yet delivered (at most `max_burst`; the rest are skipped).
+    fn due(&mut self) -> u64 {
+        let elapsed = self.start.elapsed().as_nanos() / self.tick.as_nanos().max(1);
+        let due = u64::try_from(elapsed)
+            .unwrap_or(u64::MAX)
+            .saturating_sub(self.delivered);
+        self.delivered += due;
+        due.min(self.max_burst)
+    }
 }
 
 /// Most entries timed from append to commit at once; beyond it the breakdown samples fewer.
@@ -403,7 +436,7 @@ impl Driver {
         loop {
             tokio::select! {
                 biased;
-                _ = ticker.tick() => self.core.tick(),
+                _ = ticker.tick() => self.tick(),
                 command = commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
                     Some(command) => self.command(command),
@@ -437,6 +470,24 @@ impl Driver {
         self.handle_ready().await
     }
 
+    /// One tick, or with lease reads every tick the wall clock says is due.
+    fn tick(&mut self) {
+        if self.wall_ticks.is_some() {
+            self.catch_up_ticks();
+        } else {
+            self.core.tick();
+        }
+    }
+
+    /// With lease reads: deliver the ticks due by the wall clock (before a read is answered from the
+    /// lease, so the lease is judged on the time that really passed).
+    fn catch_up_ticks(&mut self) {
+        let due = self.wall_ticks.as_mut().map_or(0, WallTicks::due);
+        for _ in 0..due {
+            self.core.tick();
+        }
+    }
+
     fn step(&mut self, envelope: Envelope) {
         let from = envelope.from;
         if let Err(e) = self.core.step(envelope) {
@@ -462,6 +513,7 @@ impl Driver {
                 let _ = reply.send(result);
             }
             Command::ReadIndex(reply) => {
+                self.catch_up_ticks();
                 self.next_read += 1;
                 let id = self.next_read;
                 match self.core.read_index(id) {
@@ -713,5 +765,36 @@ impl Driver {
             snapshot_bytes,
             stages: self.stages,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WallTicks;
+    use std::time::{Duration, Instant};
+
+    fn clock_started_ago(ago: Duration, max_burst: u64) -> WallTicks {
+        WallTicks {
+            start: Instant::now() - ago,
+            tick: Duration::from_millis(10),
+            delivered: 0,
+            max_burst,
+        }
+    }
+
+    #[test]
+    fn ticks_missed_while_stopped_are_delivered_on_waking() {
+        // The loop was frozen for a second: the next wake-up counts all hundred ticks, once.
+        let mut clock = clock_started_ago(Duration::from_secs(1), 1000);
+        let due = clock.due();
+        assert!((100..=102).contains(&due), "{due} ticks due after 1 s");
+        assert!(clock.due() <= 1, "ticks delivered twice");
+    }
+
+    #[test]
+    fn a_long_pause_delivers_a_bounded_burst() {
+        let mut clock = clock_started_ago(Duration::from_secs(600), 201);
+        assert_eq!(clock.due(), 201);
+        assert!(clock.due() <= 1, "the skipped ticks came back");
     }
 }

@@ -4,9 +4,17 @@
 //! the cluster's, (2) a majority acknowledged a heartbeat round sent *after* the read arrived, so the
 //! leader was still leader when the read arrived, and (3) the service applied up to the read's index.
 //! The queue does (1) and (2); the service waits for (3).
+//!
+//! With lease reads the queue also remembers when each round was broadcast: a majority acknowledging a
+//! round sent at tick `t` means none of them will vote for another leader until about an election
+//! timeout after `t` (CheckQuorum), so until then the leader may answer reads without a round.
 
 use super::types::Index;
 use std::collections::VecDeque;
+
+/// Broadcast ticks kept for rounds not yet confirmed; older ones are forgotten (which only shortens the
+/// lease: a round whose tick is forgotten cannot extend it).
+const MAX_UNCONFIRMED_ROUNDS: usize = 1024;
 
 /// A read the leader has confirmed: serve it once the state machine applied `index`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +40,10 @@ pub struct ReadQueue {
     /// The round the next broadcast will carry. Rounds start at 1 so 0 means "no round".
     next_round: u64,
     broadcast_needed: bool,
+    /// (round, tick it was broadcast at) of rounds a majority has not acknowledged yet.
+    sent: VecDeque<(u64, u64)>,
+    /// The broadcast tick of the newest round a majority acknowledged: where the leader lease starts.
+    lease_from: Option<u64>,
 }
 
 impl ReadQueue {
@@ -65,15 +77,34 @@ impl ReadQueue {
         }
     }
 
-    /// If reads wait for a round, the round to broadcast now.
-    pub fn take_broadcast(&mut self) -> Option<u64> {
+    /// If reads wait for a round, the round to broadcast now (at tick `now`).
+    pub fn take_broadcast(&mut self, now: u64) -> Option<u64> {
         if !self.broadcast_needed {
             return None;
         }
+        Some(self.new_round(now))
+    }
+
+    /// A round for a heartbeat broadcast at tick `now`, so its acknowledgements renew the lease. Reads
+    /// waiting for a round ride on it.
+    pub fn heartbeat_round(&mut self, now: u64) -> u64 {
+        self.new_round(now)
+    }
+
+    fn new_round(&mut self, now: u64) -> u64 {
         self.broadcast_needed = false;
         let round = self.next_round;
         self.next_round += 1;
-        Some(round)
+        if self.sent.len() >= MAX_UNCONFIRMED_ROUNDS {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((round, now));
+        round
+    }
+
+    /// The tick the newest majority-acknowledged round was broadcast at (`None` before any).
+    pub fn lease_from(&self) -> Option<u64> {
+        self.lease_from
     }
 
     /// Whether reads wait for a round to be broadcast.
@@ -88,6 +119,13 @@ impl ReadQueue {
 
     /// A majority acknowledged every round up to `round`: release the reads those rounds cover.
     pub fn confirm(&mut self, round: u64) -> Vec<ReadState> {
+        while let Some(&(sent_round, tick)) = self.sent.front() {
+            if sent_round > round {
+                break;
+            }
+            self.sent.pop_front();
+            self.lease_from = Some(self.lease_from.map_or(tick, |from| from.max(tick)));
+        }
         let mut ready = Vec::new();
         while self.pending.front().is_some_and(|r| r.round <= round) {
             if let Some(r) = self.pending.pop_front() {
@@ -122,11 +160,11 @@ mod tests {
         let mut q = ReadQueue::new();
         q.request(7, 10, true);
         assert_eq!(q.confirm(0), vec![]);
-        let round = q.take_broadcast().expect("a round");
-        assert_eq!(q.take_broadcast(), None);
+        let round = q.take_broadcast(0).expect("a round");
+        assert_eq!(q.take_broadcast(0), None);
         q.request(8, 11, true);
         assert_eq!(q.confirm(round), vec![ReadState { id: 7, index: 10 }]);
-        let next = q.take_broadcast().expect("a second round");
+        let next = q.take_broadcast(0).expect("a second round");
         assert!(next > round);
         assert_eq!(q.confirm(next), vec![ReadState { id: 8, index: 11 }]);
     }
@@ -135,10 +173,36 @@ mod tests {
     fn reads_before_a_term_commit_wait_for_it() {
         let mut q = ReadQueue::new();
         q.request(1, 3, false);
-        assert_eq!(q.take_broadcast(), None);
+        assert_eq!(q.take_broadcast(0), None);
         q.term_committed(5);
-        let round = q.take_broadcast().expect("a round");
+        let round = q.take_broadcast(0).expect("a round");
         assert_eq!(q.confirm(round), vec![ReadState { id: 1, index: 5 }]);
+    }
+
+    #[test]
+    fn the_lease_starts_at_the_newest_acknowledged_round() {
+        let mut q = ReadQueue::new();
+        assert_eq!(q.lease_from(), None);
+        let first = q.heartbeat_round(10);
+        let second = q.heartbeat_round(20);
+        q.confirm(0);
+        assert_eq!(q.lease_from(), None, "nothing acknowledged yet");
+        q.confirm(first);
+        assert_eq!(q.lease_from(), Some(10));
+        q.confirm(second);
+        assert_eq!(q.lease_from(), Some(20));
+        // An old round acknowledged late does not move the lease back.
+        q.confirm(first);
+        assert_eq!(q.lease_from(), Some(20));
+    }
+
+    #[test]
+    fn a_heartbeat_round_carries_the_reads_waiting_for_one() {
+        let mut q = ReadQueue::new();
+        q.request(3, 9, true);
+        let round = q.heartbeat_round(5);
+        assert!(!q.broadcast_needed());
+        assert_eq!(q.confirm(round), vec![ReadState { id: 3, index: 9 }]);
     }
 
     #[test]

@@ -168,6 +168,9 @@ pub struct ReplicaConfig {
     pub unsafe_ack_before_commit: bool,
     /// A backup file (`kvctl snapshot save`) to start an empty data directory from; see [`restore`].
     pub restore: Option<PathBuf>,
+    /// Serve linearizable reads from the leader's lease instead of a ReadIndex round (see
+    /// [`crate::raft::Config::lease_reads`] for what that assumes). Every member must agree.
+    pub lease_reads: bool,
 }
 
 /// Why a replica could not start; each is the operator's to fix.
@@ -408,6 +411,7 @@ impl Replica {
             .restored_from()?
             .map(|origin| format!("{:08x}", crc32fast::hash(origin.as_bytes())));
         node_config.max_snapshot_bytes = config.max_snapshot_bytes;
+        node_config.raft.lease_reads = config.lease_reads;
         node_config.cluster = config.cluster.clone();
         let group_name = group.clone();
         node_config.group = group;

@@ -57,6 +57,8 @@ pub struct ClusterOptions {
     pub pre_vote: bool,
     /// See [`Config::check_quorum`].
     pub check_quorum: bool,
+    /// See [`Config::lease_reads`] (only with `check_quorum`).
+    pub lease_reads: bool,
 }
 
 impl ClusterOptions {
@@ -74,6 +76,7 @@ impl ClusterOptions {
             noop_on_election: false,
             pre_vote: true,
             check_quorum: true,
+            lease_reads: false,
         }
     }
 
@@ -205,6 +208,7 @@ impl RaftCluster {
         config.noop_on_election = self.options.noop_on_election;
         config.pre_vote = self.options.pre_vote;
         config.check_quorum = self.options.check_quorum;
+        config.lease_reads = self.options.lease_reads && self.options.check_quorum;
         if let Err(e) = self.raft.boot(&mut self.clock, i, config) {
             self.fail(format!(
                 "server {i} cannot restart from its own storage: {e}"

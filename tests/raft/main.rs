@@ -6,6 +6,7 @@
 
 mod common;
 mod election;
+mod lease;
 mod persistence;
 mod randomized;
 mod replication;

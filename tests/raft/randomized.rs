@@ -18,6 +18,8 @@ fn run_schedule(schedule_seed: u64) {
     options.noop_on_election = rng.random_bool(0.5);
     options.pre_vote = rng.random_bool(0.75);
     options.check_quorum = rng.random_bool(0.75);
+    // Drawn from a stream of its own, so every seed keeps the schedule it had before lease reads.
+    options.lease_reads = ChaCha8Rng::seed_from_u64(schedule_seed ^ 0x1ea5e).random_bool(0.5);
     if rng.random_bool(0.5) {
         options.apply = ApplyMode::Snapshot {
             interval: rng.random_range(3..20),

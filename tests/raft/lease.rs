@@ -1,0 +1,223 @@
+//! Lease reads (issue #14, item 3): a leader answers reads without a round of messages while a majority
+//! acknowledged it recently, and never once another node could have been elected. Three cores on a
+//! hand-driven network, so the tests see exactly which messages a read costs.
+
+use ds824::raft::{Config, ConfigError, Envelope, Message, RaftCore, ReadState, Role};
+
+/// Three cores, a link switch per node, and the reads each answered.
+struct Trio {
+    cores: Vec<RaftCore>,
+    connected: [bool; 3],
+    answered: Vec<(usize, ReadState)>,
+    /// Messages the last `pump` delivered or dropped.
+    sent: usize,
+}
+
+fn config(id: u64, lease_reads: bool) -> Config {
+    let mut config = Config::new(id, vec![1, 2, 3]);
+    config.election_ticks = 20;
+    config.heartbeat_ticks = 2;
+    config.lease_reads = lease_reads;
+    config.seed = 7;
+    config
+}
+
+impl Trio {
+    fn new(lease_reads: bool) -> Self {
+        Trio {
+            cores: (1..=3)
+                .map(|id| RaftCore::new(config(id, lease_reads)).expect("config"))
+                .collect(),
+            connected: [true; 3],
+            answered: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Hand out every `Ready` and deliver its messages between connected nodes, until quiet.
+    fn pump(&mut self) {
+        self.sent = 0;
+        loop {
+            let mut moved = false;
+            for i in 0..3 {
+                if !self.cores[i].has_ready() {
+                    continue;
+                }
+                moved = true;
+                let ready = self.cores[i].ready();
+                self.answered
+                    .extend(ready.read_states.iter().map(|&r| (i, r)));
+                for envelope in ready.messages {
+                    self.sent += 1;
+                    let to = envelope.to as usize - 1;
+                    if self.connected[i] && self.connected[to] {
+                        let _ = self.cores[to].step(envelope);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn tick_all(&mut self) {
+        for core in &mut self.cores {
+            core.tick();
+        }
+        self.pump();
+    }
+
+    fn leader(&self) -> Option<usize> {
+        (0..3).find(|&i| self.cores[i].role() == Role::Leader && self.connected[i])
+    }
+
+    /// Tick until a leader has committed its no-op and a heartbeat round came back.
+    fn elect(&mut self) -> usize {
+        for _ in 0..1000 {
+            self.tick_all();
+            if let Some(leader) = self.leader() {
+                for _ in 0..4 {
+                    self.tick_all();
+                }
+                return leader;
+            }
+        }
+        panic!("no leader elected");
+    }
+
+    /// Ask node `i` for a read and hand out what that produces at once.
+    fn read(&mut self, i: usize, id: u64) -> bool {
+        self.answered.clear();
+        if self.cores[i].read_index(id).is_err() {
+            return false;
+        }
+        self.pump();
+        self.answered.iter().any(|&(n, r)| n == i && r.id == id)
+    }
+}
+
+#[test]
+fn a_leader_answers_from_its_lease_without_a_round_of_messages() {
+    let mut trio = Trio::new(true);
+    let leader = trio.elect();
+    // Cut the leader off: nothing it sends arrives, and the read is answered anyway, sending nothing.
+    trio.connected[leader] = false;
+    assert!(trio.read(leader, 1), "a lease read waits for a round");
+    assert_eq!(trio.sent, 0, "a lease read sent messages");
+    // Without leases the same read needs a round, which cannot complete while cut off.
+    let mut plain = Trio::new(false);
+    let leader = plain.elect();
+    plain.connected[leader] = false;
+    assert!(
+        !plain.read(leader, 1),
+        "a ReadIndex read answered without a round"
+    );
+    assert!(plain.sent > 0, "a ReadIndex read sent no heartbeat round");
+}
+
+#[test]
+fn a_lease_ends_before_anyone_else_can_be_elected() {
+    let mut trio = Trio::new(true);
+    let old = trio.elect();
+    let old_term = trio.cores[old].term();
+    trio.connected[old] = false;
+    let mut served_from_lease = 0;
+    let mut new_leader_at = None;
+    for t in 0..500 {
+        trio.tick_all();
+        let new_leader = (0..3).any(|i| {
+            i != old && trio.cores[i].role() == Role::Leader && trio.cores[i].term() > old_term
+        });
+        if new_leader && new_leader_at.is_none() {
+            new_leader_at = Some(t);
+        }
+        if trio.cores[old].role() == Role::Leader && trio.read(old, 1000 + t) {
+            assert!(
+                !new_leader,
+                "the old leader answered from its lease at tick {t}, after another was elected"
+            );
+            served_from_lease += 1;
+        }
+        if new_leader && trio.cores[old].role() != Role::Leader {
+            break;
+        }
+    }
+    assert!(
+        new_leader_at.is_some(),
+        "the majority never elected a leader"
+    );
+    assert!(served_from_lease > 0, "the lease was never used");
+    assert!(
+        (served_from_lease as u64) <= config(1, true).lease_ticks(),
+        "served {served_from_lease} ticks of reads from a lease of {}",
+        config(1, true).lease_ticks()
+    );
+}
+
+#[test]
+fn a_restarted_node_refuses_votes_while_a_lease_it_granted_may_run() {
+    // A node that just started cannot know whether it acknowledged a leader a moment ago: it refuses
+    // to vote for an election timeout, as a follower in a lease does.
+    let vote_request = Envelope {
+        from: 3,
+        to: 2,
+        message: Message::RequestVote {
+            term: 5,
+            last_log_index: 0,
+            last_log_term: 0,
+            pre_vote: false,
+            leadership_transfer: false,
+        },
+    };
+    let granted = |core: &mut RaftCore| {
+        let _ = core.step(vote_request.clone());
+        core.ready().messages.iter().any(|m| {
+            matches!(
+                m.message,
+                Message::RequestVoteResponse { granted: true, .. }
+            )
+        })
+    };
+    let mut fresh = RaftCore::new(config(2, true)).expect("config");
+    assert!(
+        !granted(&mut fresh),
+        "a fresh node with leases voted at once"
+    );
+    for _ in 0..config(2, true).election_ticks {
+        fresh.tick();
+    }
+    let _ = fresh.ready();
+    assert!(granted(&mut fresh), "the vote is refused for good");
+    // Without leases a fresh node votes at once, as before.
+    let mut plain = RaftCore::new(config(2, false)).expect("config");
+    assert!(granted(&mut plain));
+}
+
+#[test]
+fn a_leadership_transfer_ends_the_lease() {
+    let mut trio = Trio::new(true);
+    let leader = trio.elect();
+    assert!(trio.read(leader, 1));
+    let target = (leader + 1) % 3;
+    trio.connected[target] = false; // the transfer cannot finish, the leader stays
+    trio.cores[leader]
+        .transfer_leadership(target as u64 + 1)
+        .expect("leader");
+    trio.pump();
+    trio.connected[leader] = false;
+    assert!(
+        !trio.read(leader, 2),
+        "a lease read during a transfer: the target may already lead"
+    );
+}
+
+#[test]
+fn lease_reads_need_check_quorum() {
+    let mut config = config(1, true);
+    config.check_quorum = false;
+    assert_eq!(
+        RaftCore::new(config).err().map(|e| e.to_string()),
+        Some(ConfigError::LeaseWithoutCheckQuorum.to_string())
+    );
+}
