@@ -219,6 +219,10 @@ pub struct RaftCore {
     /// Lease reads: ticks left during which a restarted node refuses to vote, as if it had just heard
     /// from a leader (it may have acknowledged one's heartbeat just before it went down).
     restart_lease: u32,
+    /// Lease reads: ticks since this node last heard from a leader of its term (AppendEntries or
+    /// InstallSnapshot). Unlike `election_elapsed` a term change does not reset it: a stale response
+    /// from a higher term must not release a follower from the promise its acknowledgement made.
+    lease_elapsed: u32,
     /// A leadership transfer began in this term: the target may be elected without waiting out any
     /// lease, so no lease read is served until the next term.
     lease_revoked: bool,
@@ -297,6 +301,7 @@ impl RaftCore {
                 0
             },
             lease_revoked: false,
+            lease_elapsed: config.election_ticks,
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
@@ -330,6 +335,7 @@ impl RaftCore {
     pub fn tick(&mut self) {
         self.ticks += 1;
         self.restart_lease = self.restart_lease.saturating_sub(1);
+        self.lease_elapsed = self.lease_elapsed.saturating_add(1);
         match self.role {
             Role::Leader => self.tick_leader(),
             _ => {
@@ -431,6 +437,13 @@ impl RaftCore {
             return Ok(());
         }
 
+        if matches!(
+            message,
+            Message::AppendEntries { .. } | Message::InstallSnapshot { .. }
+        ) {
+            // From the leader of our term (older terms were answered above).
+            self.lease_elapsed = 0;
+        }
         match message {
             Message::AppendEntries {
                 prev_log_index,
@@ -472,9 +485,16 @@ impl RaftCore {
                 last_log_index,
                 last_log_term,
                 pre_vote,
-                ..
+                leadership_transfer,
             } => {
-                self.on_request_vote(from, term, last_log_index, last_log_term, pre_vote);
+                self.on_request_vote(
+                    from,
+                    term,
+                    last_log_index,
+                    last_log_term,
+                    pre_vote,
+                    leadership_transfer,
+                );
                 Ok(())
             }
             Message::RequestVoteResponse {
@@ -781,9 +801,18 @@ impl RaftCore {
     // ----------------------------------------------------------------------------------------------
 
     fn in_lease(&self) -> bool {
-        self.config.check_quorum
-            && (self.restart_lease > 0
-                || (self.leader.is_some() && self.election_elapsed < self.config.election_ticks))
+        if !self.config.check_quorum {
+            return false;
+        }
+        if self.config.lease_reads {
+            // A leader's lease rests on this: counted from the last message of a leader, whatever
+            // terms came since, and for an election timeout after a restart.
+            self.role == Role::Leader
+                || self.restart_lease > 0
+                || self.lease_elapsed < self.config.election_ticks
+        } else {
+            self.leader.is_some() && self.election_elapsed < self.config.election_ticks
+        }
     }
 
     /// Whether this leader may answer a read from its lease: a majority acknowledged a broadcast less
@@ -1319,11 +1348,19 @@ impl RaftCore {
         last_log_index: Index,
         last_log_term: Term,
         pre_vote: bool,
+        leadership_transfer: bool,
     ) {
+        // With lease reads the promise holds in every term: a stale higher-term message may have
+        // moved us to this term since we acknowledged a leader whose lease still runs.
+        let promised = self.config.lease_reads
+            && !leadership_transfer
+            && self.vote != Some(from)
+            && self.in_lease();
         // Figure 2 RequestVote receiver rule 2, and for a pre-vote: "would I vote for you in `term`?".
-        let can_vote = self.vote == Some(from)
-            || (self.vote.is_none() && self.leader.is_none())
-            || (pre_vote && term > self.term);
+        let can_vote = !promised
+            && (self.vote == Some(from)
+                || (self.vote.is_none() && self.leader.is_none())
+                || (pre_vote && term > self.term));
         let granted = can_vote && self.log.is_up_to_date(last_log_index, last_log_term);
         if granted && !pre_vote {
             self.vote = Some(from);

@@ -221,3 +221,52 @@ fn lease_reads_need_check_quorum() {
         Some(ConfigError::LeaseWithoutCheckQuorum.to_string())
     );
 }
+
+#[test]
+fn a_stale_message_from_a_higher_term_does_not_release_a_follower_from_its_promise() {
+    // A follower acknowledged the leader's heartbeat (the leader's lease counts on it); then a
+    // delayed response from a higher term moves it to that term, forgetting the leader. It must
+    // still refuse to vote — in that term and the next — until an election timeout has passed.
+    let mut trio = Trio::new(true);
+    let leader = trio.elect();
+    let term = trio.cores[leader].term();
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let (follower_id, other_id) = (follower as u64 + 1, other as u64 + 1);
+    trio.connected[leader] = false;
+    let _ = trio.cores[follower].step(Envelope {
+        from: other_id,
+        to: follower_id,
+        message: Message::RequestVoteResponse {
+            term: term + 1,
+            granted: false,
+            pre_vote: false,
+        },
+    });
+    assert_eq!(trio.cores[follower].term(), term + 1);
+    let _ = trio.cores[follower].ready();
+    let last_log_index = 10_000; // beyond anything the follower holds: its log is no reason to refuse
+    for (vote_term, pre_vote) in [(term + 1, false), (term + 2, true), (term + 2, false)] {
+        let _ = trio.cores[follower].step(Envelope {
+            from: other_id,
+            to: follower_id,
+            message: Message::RequestVote {
+                term: vote_term,
+                last_log_index,
+                last_log_term: term,
+                pre_vote,
+                leadership_transfer: false,
+            },
+        });
+        let granted = trio.cores[follower].ready().messages.iter().any(|m| {
+            matches!(
+                m.message,
+                Message::RequestVoteResponse { granted: true, .. }
+            )
+        });
+        assert!(
+            !granted,
+            "voted (term {vote_term}, pre-vote {pre_vote}) while the leader's lease may run"
+        );
+    }
+}
