@@ -4,6 +4,10 @@
 //! 2 the command could not be carried out (bad flags, cluster unreachable, server refused); 3 `check`
 //! could not decide. Errors are one line on stderr.
 
+/// mimalloc instead of glibc's malloc: see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ds824::ctrler::addresses::client_addresses;

@@ -2,6 +2,10 @@
 //! `kvd shard`). The logic lives in the library; this file only parses flags and maps errors to exit
 //! codes: 2 for anything the operator must fix before a start can succeed, 1 for a failure while serving.
 
+/// mimalloc instead of glibc's malloc: see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Args, Parser, Subcommand};
 use ds824::raft::NodeId;
 use ds824::replica::{
@@ -125,7 +129,7 @@ struct KvArgs {
     /// ReadIndex read waits for: after a majority acknowledged it, followers refuse to vote for an
     /// election timeout (CheckQuorum), and the leader serves reads for 90 % of that, less a tick.
     /// Assumes the members' clocks run at rates within 10 % of each other (not that they agree on the
-    /// time); a leader frozen (SIGSTOP, VM pause) past its lease counts the lost time on waking before
+    /// time); a leader frozen (SIGSTOP, suspend) past its lease counts the lost time on waking before
     /// it answers. Set it on every member or none; a member started with it refuses to vote for an
     /// election timeout after a restart. Off by default.
     #[arg(long)]

@@ -293,7 +293,7 @@ impl RaftNode {
             stages: RaftStages::default(),
             uncommitted: VecDeque::new(),
             wall_ticks: config.raft.lease_reads.then(|| WallTicks {
-                start: std::time::Instant::now(),
+                start: boot_time(),
                 tick: config.tick,
                 delivered: 0,
                 max_burst: 2 * u64::from(config.raft.election_ticks) + 1,
@@ -383,9 +383,11 @@ struct Driver {
 /// Ticks by the wall clock, for lease reads: a lease is measured in ticks, so a loop that fell behind
 /// (a long flush, a starved CPU, SIGSTOP) must not count fewer ticks than time passed, or a leader
 /// frozen past its lease would answer reads from it on waking. The interval timer drops the ticks it
-/// missed; this delivers them, from a monotonic clock that also runs while the process is stopped.
+/// missed; this delivers them, from CLOCK_BOOTTIME: monotonic, and running while the process is
+/// stopped and while the machine is suspended (CLOCK_MONOTONIC, `Instant`'s clock, stops then).
 struct WallTicks {
-    start: std::time::Instant,
+    /// [`boot_time`] when the node started.
+    start: Duration,
     tick: Duration,
     delivered: u64,
     /// Most ticks delivered at once: enough to end any lease and let CheckQuorum depose a stale
@@ -393,10 +395,20 @@ struct WallTicks {
     max_burst: u64,
 }
 
+/// Time since boot, suspensions included (CLOCK_BOOTTIME).
+fn boot_time() -> Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
+}
+
 impl WallTicks {
     /// Ticks due now and not yet delivered (at most `max_burst`; the rest are skipped).
     fn due(&mut self) -> u64 {
-        let elapsed = self.start.elapsed().as_nanos() / self.tick.as_nanos().max(1);
+        let elapsed =
+            boot_time().saturating_sub(self.start).as_nanos() / self.tick.as_nanos().max(1);
         let due = u64::try_from(elapsed)
             .unwrap_or(u64::MAX)
             .saturating_sub(self.delivered);
@@ -770,12 +782,12 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
-    use super::WallTicks;
-    use std::time::{Duration, Instant};
+    use super::{boot_time, WallTicks};
+    use std::time::Duration;
 
     fn clock_started_ago(ago: Duration, max_burst: u64) -> WallTicks {
         WallTicks {
-            start: Instant::now() - ago,
+            start: boot_time().saturating_sub(ago),
             tick: Duration::from_millis(10),
             delivered: 0,
             max_burst,

@@ -3,6 +3,10 @@
 //! generators. Each simulated client is its own etcd client with its own connections; gets are etcd's
 //! default linearizable reads (a ReadIndex round), or serializable ones with `--serializable`.
 
+/// The allocator kvctl uses (see its Cargo.toml entry).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use ds824::kvctl::bench::{self, BenchClient, BenchStore, ClientError, LoadArgs};
 use etcd_client::{Client, GetOptions};
