@@ -229,6 +229,8 @@ pub struct BenchReport {
     pub ok: usize,
     /// Operations that failed (after the clerk's retries).
     pub errors: usize,
+    /// What the first failed operation said, so a run with errors tells why.
+    pub first_error: Option<String>,
     /// Wall time of the measured phase.
     pub elapsed: Duration,
     /// Mean latency.
@@ -259,6 +261,7 @@ impl BenchReport {
             "clients": self.clients,
             "ok": self.ok,
             "errors": self.errors,
+            "first_error": self.first_error,
             "seconds": self.elapsed.as_secs_f64(),
             "ops_per_second": self.throughput(),
             "mean_ms": ms(self.mean),
@@ -288,7 +291,11 @@ impl fmt::Display for BenchReport {
             self.p99.as_secs_f64() * 1e3,
             self.p999.as_secs_f64() * 1e3,
             self.max.as_secs_f64() * 1e3,
-        )
+        )?;
+        match &self.first_error {
+            Some(error) => write!(f, " (first error: {error})"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -391,6 +398,7 @@ pub async fn measure(
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(share.min(1 << 20));
             let mut errors = 0;
+            let mut first_error = None;
             for i in 0..share {
                 if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                     break;
@@ -424,11 +432,14 @@ pub async fn measure(
                 };
                 match result {
                     Ok(()) => latencies.push(began.elapsed()),
-                    Err(_) => errors += 1,
+                    Err(error) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| error.to_string());
+                    }
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            (latencies, errors)
+            (latencies, errors, first_error)
         }));
     }
     let mut all = futures::future::join_all(tasks);
@@ -441,13 +452,18 @@ pub async fn measure(
     let elapsed = start.elapsed();
     let mut latencies = Vec::with_capacity(config.ops.min(1 << 24));
     let mut errors = 0;
+    let mut first_error = None;
     for result in results {
         match result {
-            Ok((l, e)) => {
+            Ok((l, e, first)) => {
                 latencies.extend(l);
                 errors += e;
+                first_error = first_error.or(first);
             }
-            Err(_) => errors += 1,
+            Err(panic) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("client task failed: {panic}"));
+            }
         }
     }
     latencies.sort_unstable();
@@ -458,6 +474,7 @@ pub async fn measure(
         clients,
         ok: latencies.len(),
         errors,
+        first_error,
         elapsed,
         p50: percentile(&latencies, 0.50),
         p90: percentile(&latencies, 0.90),
