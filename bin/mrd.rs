@@ -3,10 +3,6 @@
 //! what the operator must fix first (a flag, a certificate, a refused identity or handshake), 1 for
 //! anything else.
 
-/// mimalloc instead of glibc's malloc: see Cargo.toml.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
