@@ -1181,3 +1181,63 @@ async fn ycsb_workloads_run_against_a_cluster() {
         "the first inserted key holds a value"
     );
 }
+
+/// Issue #15, item 2: SIGTERM on a leader hands leadership to its most up-to-date follower before the
+/// process exits, so another node leads within an election round. After a SIGKILL the followers must
+/// first hear nothing for an election timeout (1 s at the daemons' settings) before anyone may win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_by_sigterm_hands_over_leadership_before_it_exits() {
+    let mut cluster = Replicas::start_temp(Role::Kv, 3, 8 << 20);
+    let config = ClerkConfig {
+        call_timeout: Duration::from_secs(20),
+        ..ClerkConfig::default()
+    };
+    let mut clerk = Clerk::new(&cluster.addrs, config).expect("clerk");
+    clerk.put("k", "before").await.expect("put");
+    let leader = cluster.wait_for_leader().await;
+    let (addrs, security) = (cluster.addrs.clone(), cluster.client_security());
+    let sent = Instant::now();
+    // Watch the other two for a leader while the old one shuts down.
+    let watcher = tokio::spawn(async move {
+        loop {
+            for (i, addr) in addrs.iter().enumerate() {
+                if i == leader {
+                    continue;
+                }
+                let status =
+                    ds824::kv::clerk::node_status(addr, Duration::from_millis(200), &security)
+                        .await;
+                if status.is_ok_and(|s| s.role == "leader") {
+                    return sent.elapsed();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let exit = tokio::task::block_in_place(|| cluster.terminate(leader));
+    assert!(exit.success(), "{exit:?}");
+    let took = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("no new leader within 10 s")
+        .expect("watcher");
+    println!("a new leader {took:?} after SIGTERM");
+    assert!(
+        took < Duration::from_secs(1),
+        "a new leader only {took:?} after SIGTERM: no hand-off, an election timeout passed"
+    );
+    assert!(
+        std::fs::read_to_string(cluster.log(leader))
+            .expect("log")
+            .contains("handed leadership over"),
+        "the old leader's log does not say it handed over"
+    );
+    // The data is all there, served by the new leader.
+    assert_eq!(
+        clerk.get("k").await.expect("get").as_deref(),
+        Some("before")
+    );
+    clerk
+        .put("k", "after")
+        .await
+        .expect("put after the hand-off");
+}

@@ -230,6 +230,29 @@ impl RaftHandle {
         self.ask(|tx| Command::Transfer(target, tx)).await
     }
 
+    /// If this node leads, hand leadership to its most up-to-date follower and wait (at most `within`)
+    /// until it no longer leads: a leader stopped cleanly then costs its clients one election round
+    /// instead of an election timeout of silence. Returns the follower it handed to, if it did.
+    pub async fn hand_off_leadership(&self, within: Duration) -> Option<NodeId> {
+        let status = self.status().raft;
+        if status.role != Role::Leader {
+            return None;
+        }
+        let (target, _, _) = status
+            .progress
+            .iter()
+            .copied()
+            .max_by_key(|&(id, match_index, _)| (match_index, std::cmp::Reverse(id)))?;
+        self.transfer_leadership(target).await.ok()?;
+        let mut watch = self.subscribe();
+        let stepped_down = tokio::time::timeout(
+            within,
+            watch.wait_for(|status| status.raft.role != Role::Leader),
+        )
+        .await;
+        matches!(stepped_down, Ok(Ok(_))).then_some(target)
+    }
+
     /// The latest status.
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()

@@ -591,6 +591,11 @@ impl Replica {
         let outcome = tokio::select! {
             _ = shutdown => {
                 info!(node = id, "shutting down");
+                // Both servers still run: the transfer's messages go out, and clients that call in
+                // meanwhile are told who leads next.
+                if let Some(to) = node.handle().hand_off_leadership(HAND_OFF_WAIT).await {
+                    info!(node = id, to, "handed leadership over before stopping");
+                }
                 Ok(())
             }
             result = &mut applier => match result {
@@ -627,5 +632,9 @@ impl Replica {
         }
     }
 }
+
+/// How long a leader stopping cleanly waits for a follower to take over (an election round, normally a
+/// few milliseconds; the core gives up on a transfer after an election timeout).
+const HAND_OFF_WAIT: Duration = Duration::from_secs(2);
 
 pub use args::{id_from_hostname, parse_addresses, parse_node_id, parse_peers};
