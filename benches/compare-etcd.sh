@@ -12,7 +12,9 @@
 # linearizable gets. 1,000 keys, 100-byte values. Installs etcd-server with apt if etcd is missing (root
 # or sudo), builds kvd, kvctl (release) and tools/etcd-bench (its own target dir: it carries etcd-client,
 # which needs a protoc; the vendored one the main build already fetched is used). Run on an idle machine;
-# leaves nothing running. KEEP=1 keeps the work directory (logs, per-run JSON).
+# leaves nothing running. KEEP=1 keeps the work directory (logs, per-run JSON). Ports: kvd 27001-27003 (clients)
+# and 28001-28003 (peers), etcd 12379/22379/32379 (clients) and 12380/22380/32380 (peers) on 127.0.0.1, clear
+# of the compose cluster's published ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-5}
@@ -45,11 +47,11 @@ export DS824_INSECURE=1
 
 kvd_pids=()
 start_kvd() { # extra kvd flags...
-  local peers=1=127.0.0.1:18001,2=127.0.0.1:18002,3=127.0.0.1:18003
-  local clients=1=127.0.0.1:17001,2=127.0.0.1:17002,3=127.0.0.1:17003
+  local peers=1=127.0.0.1:28001,2=127.0.0.1:28002,3=127.0.0.1:28003
+  local clients=1=127.0.0.1:27001,2=127.0.0.1:27002,3=127.0.0.1:27003
   kvd_pids=()
   for i in 1 2 3; do
-    "$kvd" kv --id "$i" --listen 127.0.0.1:1700$i --peer-listen 127.0.0.1:1800$i --peers "$peers" \
+    "$kvd" kv --id "$i" --listen 127.0.0.1:2700$i --peer-listen 127.0.0.1:2800$i --peers "$peers" \
       --clients "$clients" --data-dir "$work/kvd-$i" "$@" 2>>"$work/kvd-$i.log" &
     kvd_pids+=($!)
   done
@@ -64,7 +66,7 @@ stop_kvd() {
   kill "${kvd_pids[@]}" 2>/dev/null || true
   wait "${kvd_pids[@]}" 2>/dev/null || true
 }
-KV=127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003
+KV=127.0.0.1:27001,127.0.0.1:27002,127.0.0.1:27003
 
 ETCD=http://127.0.0.1:12379,http://127.0.0.1:22379,http://127.0.0.1:32379
 start_etcd() {
