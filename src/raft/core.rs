@@ -216,12 +216,11 @@ pub struct RaftCore {
     randomized_election_ticks: u32,
     /// Ticks since this core was created: the clock lease reads are measured on.
     ticks: u64,
-    /// Lease reads: ticks left during which a restarted node refuses to vote, as if it had just heard
-    /// from a leader (it may have acknowledged one's heartbeat just before it went down).
-    restart_lease: u32,
     /// Lease reads: ticks since this node last heard from a leader of its term (AppendEntries or
     /// InstallSnapshot). Unlike `election_elapsed` a term change does not reset it: a stale response
     /// from a higher term must not release a follower from the promise its acknowledgement made.
+    /// Starts at 0, as if a leader had just been heard: a restarted node may have acknowledged one's
+    /// heartbeat just before it went down, so it refuses votes for its first election timeout.
     lease_elapsed: u32,
     /// A leadership transfer began in this term: the target may be elected without waiting out any
     /// lease, so no lease read is served until the next term.
@@ -295,13 +294,8 @@ impl RaftCore {
             election_elapsed: 0,
             randomized_election_ticks: config.election_ticks,
             ticks: 0,
-            restart_lease: if config.lease_reads {
-                config.election_ticks
-            } else {
-                0
-            },
             lease_revoked: false,
-            lease_elapsed: config.election_ticks,
+            lease_elapsed: 0,
             heartbeat_elapsed: 0,
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
@@ -334,7 +328,6 @@ impl RaftCore {
     /// Advance logical time by one tick.
     pub fn tick(&mut self) {
         self.ticks += 1;
-        self.restart_lease = self.restart_lease.saturating_sub(1);
         self.lease_elapsed = self.lease_elapsed.saturating_add(1);
         match self.role {
             Role::Leader => self.tick_leader(),
@@ -806,10 +799,8 @@ impl RaftCore {
         }
         if self.config.lease_reads {
             // A leader's lease rests on this: counted from the last message of a leader, whatever
-            // terms came since, and for an election timeout after a restart.
-            self.role == Role::Leader
-                || self.restart_lease > 0
-                || self.lease_elapsed < self.config.election_ticks
+            // terms came since, and from the start (see `lease_elapsed`).
+            self.role == Role::Leader || self.lease_elapsed < self.config.election_ticks
         } else {
             self.leader.is_some() && self.election_elapsed < self.config.election_ticks
         }
