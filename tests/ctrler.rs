@@ -365,6 +365,7 @@ impl Replica {
             .apply_snapshot(&Snapshot {
                 meta: SnapshotMeta { index, term: 1 },
                 data: data.clone(),
+                membership: None,
             })
             .expect("restore");
         (copy, data)

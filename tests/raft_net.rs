@@ -169,6 +169,7 @@ async fn the_inbound_service_refuses_malformed_streams() {
         done,
         total_bytes: total,
         cluster: cluster.clone(),
+        membership: None,
     };
     let refused = |chunks: Vec<pb::SnapshotChunk>| {
         let mut client = client.clone();
@@ -352,6 +353,7 @@ async fn a_broken_snapshot_stream_resumes_where_it_stopped() {
         done,
         total_bytes: 9,
         cluster: cluster.clone(),
+        membership: None,
     };
     let wanted = |index: u64| pb::SnapshotRef {
         from: 2,

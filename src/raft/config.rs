@@ -6,9 +6,11 @@ use thiserror::Error;
 /// Configuration of one node of a Raft group.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// This node's id. Must be one of `voters`.
+    /// This node's id.
     pub id: NodeId,
-    /// Every member of the group, this node included. The group is fixed for the node's lifetime.
+    /// The group's first configuration: used until the log or a snapshot holds one (configurations
+    /// then change through the log: [`crate::raft::membership`]). A node that is not among them (or
+    /// an empty list) starts as a non-member: it never campaigns and waits for a leader to add it.
     pub voters: Vec<NodeId>,
     /// Base election timeout in ticks; the real timeout is drawn uniformly from `[election_ticks,
     /// 2 * election_ticks)` after each reset so that split votes do not repeat (Raft §5.2). Also the length
@@ -101,9 +103,6 @@ impl Config {
         if self.voters.contains(&0) {
             return Err(ConfigError::ZeroId);
         }
-        if !self.voters.contains(&self.id) {
-            return Err(ConfigError::NotAVoter(self.id));
-        }
         let mut sorted = self.voters.clone();
         sorted.sort_unstable();
         sorted.dedup();
@@ -132,9 +131,6 @@ pub enum ConfigError {
     /// Id 0 means "nobody" on the wire.
     #[error("node ids must be non-zero")]
     ZeroId,
-    /// The node must be a member of its own group.
-    #[error("node {0} is not in the voter list")]
-    NotAVoter(NodeId),
     /// The same id twice would be counted twice in every quorum.
     #[error("the voter list names a node twice")]
     DuplicateVoter,

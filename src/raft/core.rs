@@ -12,6 +12,7 @@
 
 use super::config::{Config, ConfigError};
 use super::log::{AppendConflict, ApplyBudget, RaftLog};
+use super::membership::{Membership, MembershipChange, MembershipError, MembershipLog};
 use super::message::{Envelope, Message};
 use super::progress::{Progress, ProgressState};
 use super::quorum;
@@ -62,6 +63,9 @@ fn validate(message: &Message) -> Result<(), &'static str> {
                 let contiguous = entry.index == prev_log_index + 1 + k as Index;
                 if !contiguous || entry.term < last_term || entry.term > *term {
                     return Err("AppendEntries entries are not a contiguous log suffix");
+                }
+                if entry.kind == EntryKind::Config && Membership::decode(&entry.data).is_err() {
+                    return Err("AppendEntries with an invalid configuration entry");
                 }
                 last_term = entry.term;
             }
@@ -129,9 +133,6 @@ pub enum StepError {
         /// This node.
         me: NodeId,
     },
-    /// The sender is not a member of this group.
-    #[error("message from unknown node {0}")]
-    UnknownPeer(NodeId),
     /// The sender asked for something only a broken or malicious leader asks for.
     #[error("protocol violation by node {from}: {what}")]
     Protocol {
@@ -156,9 +157,14 @@ pub enum RestoreError {
         /// The index found.
         found: Index,
     },
-    /// The stored vote names a node outside the group.
-    #[error("stored vote for node {0}, which is not a member")]
-    VoteForStranger(NodeId),
+    /// A stored configuration entry does not decode.
+    #[error("stored configuration entry at index {index} is invalid: {error}")]
+    InvalidConfigEntry {
+        /// The entry's index.
+        index: Index,
+        /// What is wrong with it.
+        error: MembershipError,
+    },
 }
 
 /// Why a compaction request was refused.
@@ -199,12 +205,22 @@ pub struct Status {
     pub snapshot_index: Index,
     /// Per follower (on a leader): match and next index.
     pub progress: Vec<(NodeId, Index, Index)>,
+    /// The configuration in force (the latest in the log).
+    pub membership: Membership,
 }
 
 /// One Raft node's protocol state. See the module documentation.
 pub struct RaftCore {
     config: Config,
+    /// Every other member, voters and learners: who the leader replicates to.
     peers: Vec<NodeId>,
+    /// The configurations the log holds; the latest is in force.
+    memberships: MembershipLog,
+    /// The configuration changed since the last `Ready` (which tells the driver).
+    membership_changed: bool,
+    /// The tick of the last configuration change: a lease read counts only acknowledgements of
+    /// broadcasts sent under the configuration in force.
+    membership_changed_at: u64,
     term: Term,
     vote: Option<NodeId>,
     role: Role,
@@ -266,24 +282,31 @@ impl RaftCore {
                 });
             }
         }
-        if let Some(vote) = state.hard_state.vote {
-            if !config.voters.contains(&vote) {
-                return Err(RestoreError::VoteForStranger(vote));
-            }
+        // The configuration: the snapshot's, else the one the node was started with, then every
+        // config entry after it.
+        let base = snapshot
+            .membership
+            .clone()
+            .unwrap_or_else(|| Membership::from_voters(config.voters.iter().copied()));
+        let mut memberships = MembershipLog::new(base);
+        for entry in state.entries.iter().filter(|e| e.kind == EntryKind::Config) {
+            let membership = Membership::decode(&entry.data).map_err(|error| {
+                RestoreError::InvalidConfigEntry {
+                    index: entry.index,
+                    error,
+                }
+            })?;
+            memberships.record(entry.index, membership);
         }
-        let mut peers: Vec<NodeId> = config
-            .voters
-            .iter()
-            .copied()
-            .filter(|&v| v != config.id)
-            .collect();
-        peers.sort_unstable();
         let log = RaftLog::restore(snapshot.meta, state.entries, state.hard_state.commit);
         let rng =
             ChaCha8Rng::seed_from_u64(config.seed ^ config.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let snapshot_to_apply = (snapshot.meta.index > 0).then(|| snapshot.clone());
         let mut core = RaftCore {
-            peers,
+            peers: Vec::new(),
+            memberships,
+            membership_changed: true,
+            membership_changed_at: 0,
             term: state.hard_state.term,
             vote: state.hard_state.vote,
             role: Role::Follower,
@@ -317,6 +340,7 @@ impl RaftCore {
         };
         core.persisted_hard_state.commit = core.log.committed();
         core.durable = core.log.last_index();
+        core.on_membership_changed();
         core.reset_election_timer();
         Ok(core)
     }
@@ -334,7 +358,12 @@ impl RaftCore {
             _ => {
                 self.election_elapsed += 1;
                 if self.election_elapsed >= self.randomized_election_ticks {
-                    self.campaign(false);
+                    if self.is_voter() {
+                        self.campaign(false);
+                    } else {
+                        // A learner or a node outside the group waits for a leader.
+                        self.reset_election_timer();
+                    }
                 }
             }
         }
@@ -350,10 +379,13 @@ impl RaftCore {
             });
         }
         let from = envelope.from;
-        if !self.peers.contains(&from) {
-            return Err(StepError::UnknownPeer(from));
-        }
         let message = envelope.message;
+        // Messages are heard from anyone, members or not (thesis §4.1): a node that has not yet
+        // appended the entry that added a leader or a candidate must still follow or vote for it, or
+        // a group whose members know different configurations can deadlock. Only the configuration
+        // in force counts votes and acknowledgements, and a removed node that missed its removal
+        // cannot disrupt: its log lacks the removal entry a majority holds, so it wins no pre-vote,
+        // and CheckQuorum's lease ignores it while a leader is heard.
         let msg_term = message.term();
         if let Err(what) = validate(&message) {
             return Err(StepError::Protocol { from, what });
@@ -498,8 +530,13 @@ impl RaftCore {
                 self.on_vote_response(from, term, granted, pre_vote);
                 Ok(())
             }
-            Message::InstallSnapshot { meta, data, .. } => {
-                self.on_install_snapshot(from, meta, data);
+            Message::InstallSnapshot {
+                meta,
+                data,
+                membership,
+                ..
+            } => {
+                self.on_install_snapshot(from, meta, data, membership);
                 Ok(())
             }
             Message::InstallSnapshotResponse { match_index, .. } => {
@@ -507,7 +544,7 @@ impl RaftCore {
                 Ok(())
             }
             Message::TimeoutNow { .. } => {
-                if self.role != Role::Leader {
+                if self.role != Role::Leader && self.is_voter() {
                     info!(
                         node = me,
                         term = self.term,
@@ -536,6 +573,48 @@ impl RaftCore {
         Ok((index, self.term))
     }
 
+    /// Propose one configuration change: add a learner, promote a learner that caught up, or remove
+    /// a member. The rules it enforces, and why, are in [`crate::raft::membership`]. The change is in
+    /// force on this leader at once and done when the entry at the returned index commits.
+    pub fn propose_membership(
+        &mut self,
+        change: MembershipChange,
+    ) -> Result<(Index, Term), MembershipError> {
+        if self.role != Role::Leader {
+            return Err(NotLeader::NotLeader {
+                leader_hint: self.leader,
+            }
+            .into());
+        }
+        if self.transfer_target.is_some() {
+            return Err(NotLeader::TransferInProgress.into());
+        }
+        let committed = self.log.committed();
+        if self.log.term(committed) != Some(self.term) {
+            return Err(MembershipError::LeaderNotReady);
+        }
+        if let Some(index) = self.memberships.latest_index().filter(|&i| i > committed) {
+            return Err(MembershipError::ChangePending { index });
+        }
+        let next = self.memberships.current().apply(&change)?;
+        if let MembershipChange::Promote { id } = change {
+            let matched = self.progress.get(&id).map_or(0, |p| p.match_index);
+            let last = self.log.last_index();
+            if last.saturating_sub(matched) > self.config.max_entries_per_message as Index {
+                return Err(MembershipError::LearnerBehind { id, matched, last });
+            }
+        }
+        info!(
+            node = self.config.id,
+            term = self.term,
+            %change,
+            membership = %next,
+            "proposing a membership change"
+        );
+        let index = self.append_entry(EntryKind::Config, next.encode());
+        Ok((index, self.term))
+    }
+
     /// Ask for a linearizable read point. The answer arrives as a [`ReadState`] with this `id` in a later
     /// `Ready` (or in `failed_reads` if leadership is lost first).
     pub fn read_index(&mut self, id: u64) -> Result<(), NotLeader> {
@@ -551,7 +630,7 @@ impl RaftCore {
             return Ok(());
         }
         self.reads.request(id, commit, term_committed);
-        if self.peers.is_empty() {
+        if self.sole_voter() {
             let confirmed = self.reads.confirm(u64::MAX);
             self.read_states.extend(confirmed);
         }
@@ -564,7 +643,12 @@ impl RaftCore {
             return Ok(()); // an older snapshot than the one we have: nothing to do
         };
         self.log.compact(meta);
-        self.snapshot = Snapshot { meta, data };
+        self.memberships.compact(meta.index);
+        self.snapshot = Snapshot {
+            meta,
+            data,
+            membership: Some(self.memberships.at(meta.index).clone()),
+        };
         self.snapshot_to_persist = Some(self.snapshot.clone());
         debug!(
             node = self.config.id,
@@ -602,7 +686,7 @@ impl RaftCore {
                 leader_hint: self.leader,
             });
         }
-        if !self.peers.contains(&target) {
+        if target == self.config.id || !self.memberships.current().is_voter(target) {
             return Ok(());
         }
         self.transfer_target = Some(target);
@@ -618,7 +702,8 @@ impl RaftCore {
 
     /// Whether a call to [`RaftCore::ready`] would return work.
     pub fn has_ready(&self) -> bool {
-        !self.messages.is_empty()
+        self.membership_changed
+            || !self.messages.is_empty()
             || self.append_pending
             || self.snapshot_to_persist.is_some()
             || self.snapshot_to_apply.is_some()
@@ -674,6 +759,8 @@ impl RaftCore {
             read_states: std::mem::take(&mut self.read_states),
             failed_reads: std::mem::take(&mut self.failed_reads),
             soft_state: self.soft_state(),
+            membership: std::mem::take(&mut self.membership_changed)
+                .then(|| self.memberships.current().clone()),
         };
         if self.config.persist_after_send && self.durable > durable_before && self.is_leader() {
             // Its own copy may now complete a commit: that shows in the next `Ready`.
@@ -763,6 +850,56 @@ impl RaftCore {
         }
     }
 
+    /// The configuration in force: the latest in the log, committed or not.
+    pub fn membership(&self) -> &Membership {
+        self.memberships.current()
+    }
+
+    /// The configuration as of `index` (at least the snapshot's), for checkers.
+    pub fn membership_at(&self, index: Index) -> &Membership {
+        self.memberships.at(index)
+    }
+
+    /// Whether this node votes in the configuration in force.
+    pub fn is_voter(&self) -> bool {
+        self.memberships.current().is_voter(self.config.id)
+    }
+
+    /// Whether this node is the group's only voter: it commits and confirms reads alone.
+    fn sole_voter(&self) -> bool {
+        let membership = self.memberships.current();
+        membership.voter_count() == 1 && membership.is_voter(self.config.id)
+    }
+
+    /// The configuration changed (appended, truncated, or replaced by a snapshot): recompute who to
+    /// replicate to and, on a leader, track the new members and forget the removed ones.
+    fn on_membership_changed(&mut self) {
+        let me = self.config.id;
+        let membership = self.memberships.current();
+        self.peers = membership.ids().filter(|&id| id != me).collect();
+        if self
+            .transfer_target
+            .is_some_and(|t| !membership.is_voter(t))
+        {
+            self.transfer_target = None;
+        }
+        self.membership_changed = true;
+        self.membership_changed_at = self.ticks;
+        debug!(node = me, term = self.term, membership = %membership, "configuration in force");
+        if self.role == Role::Leader {
+            let next = self.log.last_index() + 1;
+            let peers = self.peers.clone();
+            self.progress.retain(|id, _| peers.contains(id));
+            for peer in peers {
+                self.progress.entry(peer).or_insert_with(|| {
+                    let mut progress = Progress::new(next);
+                    progress.recent_active = true;
+                    progress
+                });
+            }
+        }
+    }
+
     /// Read access to the log, for tests and status.
     pub fn log(&self) -> &RaftLog {
         &self.log
@@ -786,6 +923,7 @@ impl RaftCore {
                 .iter()
                 .map(|(id, p)| (*id, p.match_index, p.next_index))
                 .collect(),
+            membership: self.memberships.current().clone(),
         }
     }
 
@@ -812,10 +950,9 @@ impl RaftCore {
         self.config.lease_reads
             && self.role == Role::Leader
             && !self.lease_revoked
-            && self
-                .reads
-                .lease_from()
-                .is_some_and(|from| self.ticks < from + self.config.lease_ticks())
+            && self.reads.lease_from().is_some_and(|from| {
+                from >= self.membership_changed_at && self.ticks < from + self.config.lease_ticks()
+            })
     }
 
     fn reset_election_timer(&mut self) {
@@ -892,6 +1029,9 @@ impl RaftCore {
     fn request_votes(&mut self, term: Term, pre_vote: bool, leadership_transfer: bool) {
         let last_log_index = self.log.last_index();
         let last_log_term = self.log.last_term();
+        // Learners too: only voters' answers count, but a node that is a learner here may be a voter
+        // in a newer configuration, and it must hear of the new term (or, a term behind, it could
+        // never win against candidates whose stale logs cannot win either).
         for peer in self.peers.clone() {
             self.send(
                 peer,
@@ -908,9 +1048,15 @@ impl RaftCore {
 
     /// `Some(true)` once a majority granted, `Some(false)` once a majority refused.
     fn tally(&self) -> Option<bool> {
-        let needed = quorum::majority(self.peers.len() + 1);
-        let granted = self.votes.values().filter(|&&g| g).count();
-        let refused = self.votes.len() - granted;
+        let membership = self.memberships.current();
+        let needed = quorum::majority(membership.voter_count());
+        let counted = || {
+            self.votes
+                .iter()
+                .filter(|(id, _)| membership.is_voter(**id))
+        };
+        let granted = counted().filter(|(_, &g)| g).count();
+        let refused = counted().count() - granted;
         if granted >= needed {
             Some(true)
         } else if refused >= needed {
@@ -955,11 +1101,18 @@ impl RaftCore {
         if self.election_elapsed >= self.config.election_ticks {
             self.election_elapsed = 0;
             if self.config.check_quorum {
-                let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+                let membership = self.memberships.current();
+                let active = usize::from(membership.is_voter(self.config.id))
+                    + self
+                        .progress
+                        .iter()
+                        .filter(|(id, p)| p.recent_active && membership.is_voter(**id))
+                        .count();
+                let needed = quorum::majority(membership.voter_count());
                 for progress in self.progress.values_mut() {
                     progress.recent_active = false;
                 }
-                if active < quorum::majority(self.peers.len() + 1) {
+                if active < needed {
                     warn!(
                         node = self.config.id,
                         term = self.term,
@@ -1002,12 +1155,20 @@ impl RaftCore {
 
     fn append_entry(&mut self, kind: EntryKind, data: Bytes) -> Index {
         let index = self.log.last_index() + 1;
+        let membership = (kind == EntryKind::Config)
+            .then(|| Membership::decode(&data))
+            .and_then(Result::ok);
         self.log.append(Entry {
             term: self.term,
             index,
             kind,
             data,
         });
+        if let Some(membership) = membership {
+            // In force from now on, committed or not (thesis §4.1).
+            self.memberships.record(index, membership);
+            self.on_membership_changed();
+        }
         // Replicate with the next `Ready` rather than at the next heartbeat: commit latency is one round
         // trip, and a burst of proposals shares one message per follower.
         self.append_pending = true;
@@ -1147,6 +1308,7 @@ impl RaftCore {
                 term: self.term,
                 meta,
                 data: self.snapshot.data.clone(),
+                membership: Some(self.memberships.at(meta.index).clone()),
             },
         );
     }
@@ -1218,31 +1380,80 @@ impl RaftCore {
     /// Figure 2, leader rule 4, with the Figure 8 restriction: an index is committed when a majority stores
     /// it **and** its entry is from the current term. Older entries commit only indirectly.
     fn maybe_commit(&mut self) {
-        let mut matches: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
+        // Only voters count (a learner's copy does not make an entry safe), the leader itself only
+        // while it is one.
+        let membership = self.memberships.current();
+        let mut matches: Vec<Index> = self
+            .progress
+            .iter()
+            .filter(|(id, _)| membership.is_voter(**id))
+            .map(|(_, p)| p.match_index)
+            .collect();
         // Its own copy counts once durable: at once under the ordinary driver contract (nothing is
         // observable before the flush), after `persisted` when entries went out before their flush.
-        matches.push(if self.config.persist_after_send {
-            self.durable.min(self.log.last_index())
-        } else {
-            self.log.last_index()
-        });
+        if membership.is_voter(self.config.id) {
+            matches.push(if self.config.persist_after_send {
+                self.durable.min(self.log.last_index())
+            } else {
+                self.log.last_index()
+            });
+        }
         let candidate = quorum::quorum_value(&mut matches);
         if candidate > self.log.committed() && self.log.term(candidate) == Some(self.term) {
             self.log.commit_to(candidate);
             self.reads.term_committed(candidate);
-            if self.peers.is_empty() {
+            if self.sole_voter() {
                 let confirmed = self.reads.confirm(u64::MAX);
                 self.read_states.extend(confirmed);
             }
+            self.maybe_step_down_after_removal();
         }
+    }
+
+    /// Thesis §4.2.2: a leader that removed itself leads, without counting itself, until the change
+    /// commits; then it hands over to the most caught-up voter (sparing the group an election
+    /// timeout) and steps down.
+    fn maybe_step_down_after_removal(&mut self) {
+        let removal_committed = self
+            .memberships
+            .latest_index()
+            .is_none_or(|index| index <= self.log.committed());
+        if self.is_voter() || !removal_committed || self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        let successor = self
+            .progress
+            .iter()
+            .filter(|(id, p)| self.memberships.current().is_voter(**id) && p.match_index == last)
+            .map(|(&id, _)| id)
+            .next();
+        info!(
+            node = self.config.id,
+            term = self.term,
+            successor = ?successor,
+            "removed from the group: stepping down"
+        );
+        if let Some(successor) = successor {
+            self.send(successor, Message::TimeoutNow { term: self.term });
+        }
+        self.become_follower(self.term, None);
     }
 
     fn advance_reads(&mut self) {
         if self.reads.is_empty() && !self.config.lease_reads {
             return;
         }
-        let mut rounds: Vec<u64> = self.progress.values().map(|p| p.read_round).collect();
-        rounds.push(u64::MAX);
+        let membership = self.memberships.current();
+        let mut rounds: Vec<u64> = self
+            .progress
+            .iter()
+            .filter(|(id, _)| membership.is_voter(**id))
+            .map(|(_, p)| p.read_round)
+            .collect();
+        if membership.is_voter(self.config.id) {
+            rounds.push(u64::MAX);
+        }
         let confirmed_round = quorum::quorum_value(&mut rounds);
         let confirmed = self.reads.confirm(confirmed_round);
         self.read_states.extend(confirmed);
@@ -1289,6 +1500,7 @@ impl RaftCore {
         self.election_elapsed = 0;
         let reply = match self.log.try_append(prev_log_index, prev_log_term, entries) {
             Ok(match_index) => {
+                self.follow_configurations(prev_log_index, entries);
                 // Figure 2 receiver rule 5: commit no further than what we know matches the leader.
                 self.log.commit_to(leader_commit.min(match_index));
                 Message::AppendEntriesResponse {
@@ -1393,7 +1605,40 @@ impl RaftCore {
         }
     }
 
-    fn on_install_snapshot(&mut self, from: NodeId, meta: SnapshotMeta, data: Bytes) {
+    /// After an append from `prev_log_index` on: the configurations of the entries now in the log
+    /// replace those of any entries it truncated.
+    fn follow_configurations(&mut self, prev_log_index: Index, entries: &[Entry]) {
+        let from = prev_log_index.max(self.log.snapshot_meta().index);
+        let touched = entries.iter().any(|e| e.kind == EntryKind::Config)
+            || self.memberships.latest_index().is_some_and(|i| i > from);
+        if !touched {
+            return;
+        }
+        let before = self.memberships.current().clone();
+        self.memberships.truncate_after(from);
+        for index in from + 1..=self.log.last_index() {
+            let Some(entry) = self.log.entry(index) else {
+                break;
+            };
+            if entry.kind == EntryKind::Config {
+                // Validated on receipt (`validate`) or at restore; a failure here is impossible.
+                if let Ok(membership) = Membership::decode(&entry.data) {
+                    self.memberships.record(index, membership);
+                }
+            }
+        }
+        if *self.memberships.current() != before {
+            self.on_membership_changed();
+        }
+    }
+
+    fn on_install_snapshot(
+        &mut self,
+        from: NodeId,
+        meta: SnapshotMeta,
+        data: Bytes,
+        membership: Option<Membership>,
+    ) {
         if self.role != Role::Follower || self.leader != Some(from) {
             self.become_follower(self.term, Some(from));
         }
@@ -1409,7 +1654,20 @@ impl RaftCore {
                 "installing snapshot"
             );
             self.log.install_snapshot(meta);
-            self.snapshot = Snapshot { meta, data };
+            let membership = membership
+                .unwrap_or_else(|| Membership::from_voters(self.config.voters.iter().copied()));
+            let kept_suffix = self.log.last_index() > meta.index;
+            self.memberships.install(meta.index, membership.clone());
+            if !kept_suffix {
+                // The whole log was replaced: the configurations of its old entries go with it.
+                self.memberships.truncate_after(meta.index);
+            }
+            self.on_membership_changed();
+            self.snapshot = Snapshot {
+                meta,
+                data,
+                membership: Some(membership),
+            };
             self.snapshot_to_persist = Some(self.snapshot.clone());
             self.snapshot_to_apply = Some(self.snapshot.clone());
             meta.index

@@ -4,6 +4,7 @@
 //! their own rather than RPC return values, so a node never waits on a peer and the transport is free to
 //! pipeline, batch or drop.
 
+use super::membership::Membership;
 use super::types::{Entry, Index, NodeId, SnapshotMeta, Term};
 use bytes::Bytes;
 
@@ -83,6 +84,9 @@ pub enum Message {
         meta: SnapshotMeta,
         /// The service state.
         data: Bytes,
+        /// The group's configuration at `meta.index` (`None` from a sender that predates membership
+        /// changes: the receiver keeps the configuration it was started with).
+        membership: Option<Membership>,
     },
     /// The answer to `InstallSnapshot`.
     InstallSnapshotResponse {

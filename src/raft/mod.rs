@@ -31,7 +31,7 @@
 //! # Modules
 //!
 //! [`types`] (ids, entries, durable state), [`message`] (the peer protocol), [`log`] (the log and what is
-//! not yet persisted), [`progress`] (per-follower flow control), [`quorum`] (majority arithmetic),
+//! not yet persisted), [`membership`] (voters, learners and single-server changes), [`progress`] (per-follower flow control), [`quorum`] (majority arithmetic),
 //! [`read_only`] (the ReadIndex queue), [`ready`] (the driver's to-do list), [`config`], [`core`] (the
 //! protocol itself) and [`wire`] (conversion to the protobuf messages of `proto/raft.proto`) are the
 //! sans-IO part. [`storage`] (sled), [`transport`] (tonic) and [`node`] (the tokio driver) put it on disks
@@ -41,6 +41,7 @@ pub mod admission;
 pub mod config;
 pub mod core;
 pub mod log;
+pub mod membership;
 pub mod message;
 pub mod node;
 pub mod progress;
@@ -58,6 +59,7 @@ pub use self::core::{
     CompactError, NotLeader, RaftCore, RestoreError, Status, StepError, MAX_TERM, MAX_TERM_STEP,
 };
 pub use self::log::{ApplyBudget, LogWrite};
+pub use self::membership::{Member, Membership, MembershipChange, MembershipError};
 pub use self::message::{Envelope, Message};
 pub use self::node::{Applied, NodeConfig, NodeError, NodeStatus, RaftHandle, RaftNode};
 pub use self::read_only::ReadState;

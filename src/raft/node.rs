@@ -597,7 +597,13 @@ impl Driver {
             let _ = reply.send(self.core.compact(index, data).map_err(NodeError::from));
             return;
         };
-        let snapshot = Snapshot { meta, data };
+        let snapshot = Snapshot {
+            meta,
+            data,
+            // The staged file holds only the data; the core records the configuration when it
+            // compacts, and storage writes it with the switch to this snapshot.
+            membership: None,
+        };
         let staged = self.staged_tx.clone();
         info!(
             index = meta.index,

@@ -1,6 +1,7 @@
 //! `Ready`: everything the core asks its driver to do after a batch of inputs.
 
 use super::log::LogWrite;
+use super::membership::Membership;
 use super::message::Envelope;
 use super::read_only::ReadState;
 use super::types::{Entry, HardState, NodeId, Role, Snapshot, Term};
@@ -50,6 +51,9 @@ pub struct Ready {
     pub failed_reads: Vec<u64>,
     /// Role, leader and term after this batch, for the service and for status reports.
     pub soft_state: SoftState,
+    /// The configuration in force, when it changed since the last `Ready` (and in the first one):
+    /// the driver connects to new members and forgets removed ones.
+    pub membership: Option<Membership>,
 }
 
 impl Ready {
@@ -63,6 +67,7 @@ impl Ready {
             && self.committed_entries.is_empty()
             && self.read_states.is_empty()
             && self.failed_reads.is_empty()
+            && self.membership.is_none()
     }
 
     /// Whether anything must be persisted (and, unless [`Ready::commit_only`], flushed) before the

@@ -25,6 +25,7 @@
 //! points at it, so a crash leaves either the old snapshot or the new one, never a mix; leftovers of other
 //! generations and entries the snapshot covers are cleaned up when the directory is next opened.
 
+use super::membership::Membership;
 use super::types::{HardState, NodeId, PersistedState, Snapshot, SnapshotMeta};
 use super::value_log::{trickle_remove, Pointer, ValueLog, VALUE_LOG_MIN_BYTES};
 use super::wire::{entry_from_proto, entry_to_proto};
@@ -312,21 +313,28 @@ pub enum Seeded {
 #[cfg(test)]
 const CHUNK: usize = 1 << 20;
 
-/// Snapshot metadata as stored: which generation of chunks holds the data.
-#[derive(Clone, Copy, Debug, Default)]
+/// Snapshot metadata as stored: which generation of chunks holds the data, and the group's
+/// configuration at its index.
+#[derive(Clone, Debug, Default)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
     len: u64,
     generation: u64,
+    /// Absent from records written before membership changes (32 bytes long).
+    membership: Option<Membership>,
 }
 
 impl StoredSnapshot {
-    fn encode(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        out[0..8].copy_from_slice(&self.meta.index.to_be_bytes());
-        out[8..16].copy_from_slice(&self.meta.term.to_be_bytes());
-        out[16..24].copy_from_slice(&self.len.to_be_bytes());
-        out[24..32].copy_from_slice(&self.generation.to_be_bytes());
+    /// Four big-endian words, then the configuration as a protobuf `Membership`, if any.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&self.meta.index.to_be_bytes());
+        out.extend_from_slice(&self.meta.term.to_be_bytes());
+        out.extend_from_slice(&self.len.to_be_bytes());
+        out.extend_from_slice(&self.generation.to_be_bytes());
+        if let Some(membership) = &self.membership {
+            out.extend_from_slice(&membership.encode());
+        }
         out
     }
 
@@ -343,6 +351,10 @@ impl StoredSnapshot {
             },
             len: word(2)?,
             generation: word(3)?,
+            membership: match bytes.get(32..) {
+                Some(rest) if !rest.is_empty() => Some(Membership::decode(rest).ok()?),
+                _ => None,
+            },
         })
     }
 }
@@ -476,6 +488,7 @@ impl SledStorage {
                 .ok_or_else(|| corrupt("unreadable snapshot record".into()))?,
             None => StoredSnapshot::default(),
         };
+        let (snapshot_index, next_generation) = (snapshot.meta.index, snapshot.generation + 1);
         let reaper = spawn_reaper(log.clone());
         let values = ValueLog::open(dir.join("raft-values")).map_err(|e| io(sled::Error::Io(e)))?;
         let mut storage = SledStorage {
@@ -490,7 +503,7 @@ impl SledStorage {
             reaper,
             values,
             doomed: Vec::new(),
-            next_generation: snapshot.generation + 1,
+            next_generation,
             staged: None,
         };
         for item in storage.log.iter() {
@@ -500,7 +513,7 @@ impl SledStorage {
                 .map_err(|_| storage.corrupt(format!("log key of {} bytes", key.len())))?;
             let bytes = match Pointer::decode(&value) {
                 Some(pointer) => {
-                    if index > snapshot.meta.index {
+                    if index > snapshot_index {
                         storage.values.note_live(&pointer, index);
                     }
                     u64::from(pointer.len)
@@ -711,10 +724,11 @@ impl SledStorage {
             meta: snapshot.meta,
             len: snapshot.data.len() as u64,
             generation,
+            membership: snapshot.membership.clone(),
         };
         // The switch to the new generation is a single-key write: atomic.
         self.meta
-            .insert(SNAPSHOT, &stored.encode())
+            .insert(SNAPSHOT, stored.encode())
             .map_err(|source| self.io(source))?;
         let old = self.snapshot.generation;
         self.snapshot = stored;
@@ -761,7 +775,7 @@ impl SledStorage {
     }
 
     fn read_snapshot(&self) -> Result<Option<Snapshot>, StorageError> {
-        let stored = self.snapshot;
+        let stored = &self.snapshot;
         if stored.meta.index == 0 {
             return Ok(None);
         }
@@ -791,6 +805,7 @@ impl SledStorage {
         Ok(Some(Snapshot {
             meta: stored.meta,
             data: data.freeze(),
+            membership: stored.membership.clone(),
         }))
     }
 }
@@ -946,6 +961,7 @@ mod tests {
             snapshot: Some(Snapshot {
                 meta: SnapshotMeta { index, term },
                 data,
+                membership: None,
             }),
             ..Default::default()
         }
@@ -1153,6 +1169,7 @@ mod tests {
         let first = Snapshot {
             meta: SnapshotMeta { index: 4, term: 1 },
             data: Bytes::from(vec![4u8; 2 * CHUNK + 5]),
+            membership: None,
         };
         // Staged on another thread, as the driver does, then adopted by the persist of that snapshot.
         let stager = s.snapshot_stager().expect("sled stages");
@@ -1179,6 +1196,7 @@ mod tests {
             .stage(&Snapshot {
                 meta: SnapshotMeta { index: 8, term: 1 },
                 data: Bytes::from(vec![8u8; CHUNK + 1]),
+                membership: None,
             })
             .expect("stage");
         drop(s);
@@ -1205,8 +1223,9 @@ mod tests {
             meta: SnapshotMeta { index: 5, term: 2 },
             len: data.len() as u64,
             generation: 1,
+            membership: None,
         };
-        s.meta.insert(SNAPSHOT, &stored.encode()).expect("meta");
+        s.meta.insert(SNAPSHOT, stored.encode()).expect("meta");
         s.db.flush().expect("flush");
         drop(s);
         let mut s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
@@ -1223,6 +1242,7 @@ mod tests {
         let snapshot = || Snapshot {
             meta: SnapshotMeta { index: 40, term: 7 },
             data: Bytes::from_static(b"the state"),
+            membership: None,
         };
         let dir = tempfile::tempdir().expect("temp dir");
         let seeded = SledStorage::seed(dir.path(), &identity(1), snapshot(), "crc=1 index=40");

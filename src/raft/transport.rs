@@ -260,7 +260,13 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
     // The snapshot (term, index) this stream just delivered while a copy of it was already queued.
     let mut delivered: Option<(Term, Index)> = None;
     while let Some(envelope) = queue.recv().await {
-        let Message::InstallSnapshot { term, meta, data } = envelope.message else {
+        let Message::InstallSnapshot {
+            term,
+            meta,
+            data,
+            membership,
+        } = envelope.message
+        else {
             continue;
         };
         if delivered.take() == Some((term, meta.index)) {
@@ -318,6 +324,7 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
         let last = offsets.len() - 1;
         let (from, to) = (envelope.from, envelope.to);
         let cluster = cluster.clone();
+        let membership = membership.as_ref().map(crate::raft::Membership::to_proto);
         let chunks = offsets.into_iter().enumerate().map(move |(n, offset)| {
             let end = (offset + chunk).min(total);
             pb::SnapshotChunk {
@@ -335,6 +342,7 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
                 } else {
                     String::new()
                 },
+                membership: if n == 0 { membership.clone() } else { None },
             }
         });
         // Progress is the time the stream last handed tonic a chunk (it takes the next one only once
@@ -763,6 +771,8 @@ impl RaftTransport for RaftService {
             }
         };
         first.cluster.clear();
+        let membership = super::wire::membership_from_proto(first.membership.take())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         match self.receive(&mut stream, &first, &mut data).await {
             Ok(()) => {}
             Err(Receive::Broken(status)) => {
@@ -785,6 +795,7 @@ impl RaftTransport for RaftService {
                         term: first.last_included_term,
                     },
                     data: data.freeze(),
+                    membership,
                 },
             },
             bytes,
@@ -964,6 +975,7 @@ mod tests {
                 term,
                 meta: SnapshotMeta { index, term },
                 data: bytes::Bytes::from(vec![7u8; 3 << 10]),
+                membership: None,
             },
         }
     }

@@ -17,6 +17,9 @@ pub enum EntryKind {
     /// An empty entry a new leader appends so that it can commit something from its own term: until it
     /// does, it may not know the true commit index (Raft §8), so ReadIndex waits for it.
     Noop,
+    /// The group's configuration from this entry on (an encoded [`super::membership::Membership`]),
+    /// in force as soon as it is appended. Services skip it like a no-op.
+    Config,
 }
 
 /// One log entry.
@@ -67,6 +70,9 @@ pub struct Snapshot {
     pub meta: SnapshotMeta,
     /// The service's serialized state, opaque to Raft.
     pub data: Bytes,
+    /// The group's configuration at `meta.index`. `None` only in snapshots written before membership
+    /// changes existed: the configuration is then the one the node was started with.
+    pub membership: Option<super::membership::Membership>,
 }
 
 /// Everything a node persisted, handed back to [`crate::raft::RaftCore::restore`] after a restart.

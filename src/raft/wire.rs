@@ -3,6 +3,7 @@
 //! Decoding is where untrusted bytes meet the core, so it validates: a message without a body, an unknown
 //! entry kind or a sender id of 0 is refused with a [`WireError`] rather than guessed at.
 
+use super::membership::Membership;
 use super::message::{Envelope, Message};
 use super::types::{Entry, EntryKind, SnapshotMeta};
 use crate::proto::raft as pb;
@@ -26,6 +27,19 @@ pub enum WireError {
         /// The raw kind value.
         kind: i32,
     },
+    /// A snapshot's configuration is not one a correct leader writes.
+    #[error("snapshot carries an invalid configuration: {0}")]
+    InvalidMembership(String),
+}
+
+/// Decode the configuration a snapshot carries (absent from senders that predate membership changes).
+pub fn membership_from_proto(
+    membership: Option<pb::Membership>,
+) -> Result<Option<Membership>, WireError> {
+    membership
+        .map(Membership::from_proto)
+        .transpose()
+        .map_err(|e| WireError::InvalidMembership(e.to_string()))
 }
 
 /// Encode an entry.
@@ -36,6 +50,7 @@ pub fn entry_to_proto(entry: &Entry) -> pb::Entry {
         kind: match entry.kind {
             EntryKind::Normal => pb::EntryKind::Normal as i32,
             EntryKind::Noop => pb::EntryKind::Noop as i32,
+            EntryKind::Config => pb::EntryKind::Config as i32,
         },
         data: entry.data.clone(),
     }
@@ -46,6 +61,7 @@ pub fn entry_from_proto(entry: pb::Entry) -> Result<Entry, WireError> {
     let kind = match pb::EntryKind::try_from(entry.kind) {
         Ok(pb::EntryKind::Normal) => EntryKind::Normal,
         Ok(pb::EntryKind::Noop) => EntryKind::Noop,
+        Ok(pb::EntryKind::Config) => EntryKind::Config,
         Err(_) => {
             return Err(WireError::UnknownEntryKind {
                 index: entry.index,
@@ -119,14 +135,18 @@ pub fn envelope_to_proto(envelope: &Envelope) -> pb::Envelope {
             vote_granted: *granted,
             pre_vote: *pre_vote,
         }),
-        Message::InstallSnapshot { term, meta, data } => {
-            M::InstallSnapshot(pb::InstallSnapshotRequest {
-                term: *term,
-                last_included_index: meta.index,
-                last_included_term: meta.term,
-                data: data.clone(),
-            })
-        }
+        Message::InstallSnapshot {
+            term,
+            meta,
+            data,
+            membership,
+        } => M::InstallSnapshot(pb::InstallSnapshotRequest {
+            term: *term,
+            last_included_index: meta.index,
+            last_included_term: meta.term,
+            data: data.clone(),
+            membership: membership.as_ref().map(Membership::to_proto),
+        }),
         Message::InstallSnapshotResponse { term, match_index } => {
             M::InstallSnapshotResponse(pb::InstallSnapshotResponse {
                 term: *term,
@@ -190,6 +210,7 @@ pub fn envelope_from_proto(envelope: pb::Envelope) -> Result<Envelope, WireError
                 term: m.last_included_term,
             },
             data: m.data,
+            membership: membership_from_proto(m.membership)?,
         },
         M::InstallSnapshotResponse(m) => Message::InstallSnapshotResponse {
             term: m.term,
@@ -256,6 +277,7 @@ mod tests {
                 term: 4,
                 meta: SnapshotMeta { index: 9, term: 3 },
                 data: Bytes::from_static(b"state"),
+                membership: None,
             },
             Message::InstallSnapshotResponse {
                 term: 4,

@@ -290,6 +290,8 @@ pub fn restore(
             term: header.term,
         },
         data: bytes::Bytes::from(bytes).slice(range),
+        // A backup holds the service state only: the restored group is the one `--peers` names.
+        membership: None,
     };
     let seeded = SledStorage::seed(data_dir, identity, snapshot, &origin)?;
     match seeded {

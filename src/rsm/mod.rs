@@ -403,7 +403,7 @@ impl<S: StateMachine> Rsm<S> {
             }
             self.applied = entry.index;
             let applied_by = match entry.kind {
-                EntryKind::Noop => None,
+                EntryKind::Noop | EntryKind::Config => None,
                 EntryKind::Normal => Some(self.apply_logged(&entry.data)?),
             };
             if let Some((client, seq, applied)) = &applied_by {

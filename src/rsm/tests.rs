@@ -112,6 +112,7 @@ fn snapshots_carry_state_and_sessions() {
         .apply_snapshot(&Snapshot {
             meta: SnapshotMeta { index, term: 1 },
             data,
+            membership: None,
         })
         .expect("restore");
     // The waiter's command is in the snapshot: the session table answers it.
@@ -349,6 +350,7 @@ fn idle_sessions_expire_by_the_leaders_clock_in_the_log_and_survive_snapshots() 
         .apply_snapshot(&Snapshot {
             meta: SnapshotMeta { index, term: 1 },
             data,
+            membership: None,
         })
         .expect("restore");
     for replica in [&mut rsm, &mut restored] {

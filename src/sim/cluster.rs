@@ -11,11 +11,16 @@
 //! - a server applies out of order (each entry must be exactly `last_applied + 1`);
 //! - a server's term or commit index goes backwards (across restarts too);
 //! - two servers lead the same term;
-//! - a new leader lacks an entry that some server already applied (leader completeness).
+//! - a new leader lacks an entry that some server already applied (leader completeness);
+//! - two configurations committed one after the other differ by more than one voter (single-server
+//!   changes), or a server applies a configuration entry it cannot decode.
 
 use super::clock::{run_until, Actor, Scheduler, World};
 use super::raft_net::{RaftEvent, RaftNet};
-use crate::raft::{Config, Entry, EntryKind, Index, NodeId, RaftCore, Ready, Role, Snapshot, Term};
+use crate::raft::{
+    Config, Entry, EntryKind, Index, Membership, MembershipChange, MembershipError, NodeId,
+    NotLeader, RaftCore, Ready, Role, Snapshot, Term,
+};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -59,6 +64,9 @@ pub struct ClusterOptions {
     pub check_quorum: bool,
     /// See [`Config::lease_reads`] (only with `check_quorum`).
     pub lease_reads: bool,
+    /// How many of the servers form the first configuration (`None`: all). The others start outside
+    /// the group, waiting to be added ([`RaftCluster::change_membership`]).
+    pub voters: Option<usize>,
 }
 
 impl ClusterOptions {
@@ -77,6 +85,7 @@ impl ClusterOptions {
             pre_vote: true,
             check_quorum: true,
             lease_reads: false,
+            voters: None,
         }
     }
 
@@ -103,6 +112,8 @@ struct Applier {
 
 /// Marker the checker records for no-op entries, so they are compared like commands.
 const NOOP_MARKER: &[u8] = b"\0raft-noop";
+/// Prefix the checker records before a config entry's bytes.
+const CONFIG_MARKER: &[u8] = b"\0raft-config";
 
 /// A simulated cluster. See the module documentation.
 pub struct RaftCluster {
@@ -122,6 +133,8 @@ pub struct RaftCluster {
     pub reads_confirmed: u64,
     started_at: u64,
     commands_started: u64,
+    /// Every configuration committed so far, by index (0: the first one).
+    configurations: BTreeMap<Index, Membership>,
 }
 
 impl RaftCluster {
@@ -149,7 +162,10 @@ impl RaftCluster {
             reads_confirmed: 0,
             started_at: 0,
             commands_started: 0,
+            configurations: BTreeMap::new(),
         };
+        let first = Membership::from_voters(1..=cluster.first_voters() as NodeId);
+        cluster.configurations.insert(0, first);
         for i in 0..n {
             cluster.start(i);
         }
@@ -199,7 +215,7 @@ impl RaftCluster {
         if self.raft.hosts[i].core.is_some() {
             self.crash(i);
         }
-        let voters: Vec<NodeId> = (1..=self.servers.len() as NodeId).collect();
+        let voters: Vec<NodeId> = (1..=self.first_voters() as NodeId).collect();
         let mut config = Config::new(i as NodeId + 1, voters);
         // As the daemons run: a leader's flush overlaps its followers'.
         config.persist_after_send = true;
@@ -216,6 +232,42 @@ impl RaftCluster {
         }
         self.appliers[i] = Applier::default();
         self.drain_ready(i);
+    }
+
+    fn first_voters(&self) -> usize {
+        self.options
+            .voters
+            .unwrap_or(self.servers.len())
+            .min(self.servers.len())
+    }
+
+    /// Ask server `i` to make one configuration change (its core checks that it may, as a leader).
+    pub fn change_membership(
+        &mut self,
+        i: usize,
+        change: MembershipChange,
+    ) -> Result<(Index, Term), MembershipError> {
+        let Some(core) = self.raft.hosts[i].core.as_mut() else {
+            return Err(MembershipError::NotLeader(NotLeader::NotLeader {
+                leader_hint: None,
+            }));
+        };
+        let accepted = core.propose_membership(change)?;
+        self.drain_ready(i);
+        Ok(accepted)
+    }
+
+    /// The configuration server `i` uses, if it is running.
+    pub fn membership(&self, i: usize) -> Option<&Membership> {
+        Some(self.raft.hosts[i].core.as_ref()?.membership())
+    }
+
+    /// The latest configuration committed so far.
+    pub fn committed_membership(&self) -> &Membership {
+        self.configurations
+            .values()
+            .next_back()
+            .unwrap_or_else(|| self.fail("no configuration recorded"))
     }
 
     /// Connect server `i` to every other connected server.
@@ -629,6 +681,9 @@ impl RaftCluster {
         }
         self.committed
             .insert(entry.index, (Some(entry.term), payload.clone()));
+        if entry.kind == EntryKind::Config {
+            self.check_configuration(i, &entry);
+        }
         let applier = &mut self.appliers[i];
         applier.last_applied = entry.index;
         if entry.kind == EntryKind::Normal {
@@ -645,6 +700,27 @@ impl RaftCluster {
                 }
             }
         }
+    }
+
+    /// Single-server changes: a committed configuration differs from the one committed before it
+    /// by at most one voter.
+    fn check_configuration(&mut self, i: usize, entry: &Entry) {
+        let membership = match Membership::decode(&entry.data) {
+            Ok(m) => m,
+            Err(e) => self.fail(format!(
+                "server {i} applied an invalid configuration at index {}: {e}",
+                entry.index
+            )),
+        };
+        if let Some((&at, previous)) = self.configurations.range(..entry.index).next_back() {
+            if previous.voter_distance(&membership) > 1 {
+                self.fail(format!(
+                    "configuration at index {} ({membership}) is more than one voter away from the one committed at {at} ({previous})",
+                    entry.index
+                ));
+            }
+        }
+        self.configurations.insert(entry.index, membership);
     }
 
     fn apply_snapshot(&mut self, i: usize, snapshot: &Snapshot) {
@@ -675,6 +751,7 @@ fn entry_payload(entry: &Entry) -> Bytes {
     match entry.kind {
         EntryKind::Normal => entry.data.clone(),
         EntryKind::Noop => Bytes::from_static(NOOP_MARKER),
+        EntryKind::Config => Bytes::from([CONFIG_MARKER, &entry.data[..]].concat()),
     }
 }
 

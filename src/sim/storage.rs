@@ -135,6 +135,7 @@ mod tests {
             snapshot: Some(Snapshot {
                 meta: SnapshotMeta { index: 1, term: 1 },
                 data: Bytes::from_static(b"s"),
+                membership: None,
             }),
             ..Default::default()
         });

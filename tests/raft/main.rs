@@ -7,6 +7,7 @@
 mod common;
 mod election;
 mod lease;
+mod membership;
 mod persistence;
 mod randomized;
 mod replication;

@@ -1,20 +1,31 @@
 //! Randomized schedules: every seed builds a cluster with random options and runs random proposals,
 //! reads, leadership transfers, crashes, restarts, disconnections, partitions, message loss and long
-//! reordering, with the safety checker watching every step. Then the faults are healed and a fresh
-//! proposal must commit on every node.
+//! reordering, with the safety checker watching every step. Half the seeds also change the membership
+//! at random (two spare servers; learners added, promoted, members removed and re-added). Then the
+//! faults are healed and a fresh proposal must commit on every member.
 //!
 //! `RAFT_SIM_SEEDS` (default 200) seeds are run, starting at `RAFT_SIM_SEED_BASE` (default 0). A failing
 //! seed is reported; `RAFT_SIM_SEEDS=1 RAFT_SIM_SEED_BASE=<seed>` replays it alone.
 
 use crate::common::cmd;
+use ds824::raft::{MembershipChange, NodeId};
 use ds824::sim::{seed, ApplyMode, ClusterOptions, RaftCluster};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn run_schedule(schedule_seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(schedule_seed);
-    let servers = if rng.random_bool(0.5) { 3 } else { 5 };
+    let voters = if rng.random_bool(0.5) { 3 } else { 5 };
+    // Membership changes draw from a stream of their own, so the seeds without them keep their schedules.
+    let mut membership_rng = ChaCha8Rng::seed_from_u64(schedule_seed ^ 0x03e3_be25);
+    let changes_membership = membership_rng.random_bool(0.5);
+    let servers = if changes_membership {
+        voters + 2
+    } else {
+        voters
+    };
     let mut options = ClusterOptions::new(servers, rng.random_bool(0.5), schedule_seed);
+    options.voters = Some(voters);
     options.noop_on_election = rng.random_bool(0.5);
     options.pre_vote = rng.random_bool(0.75);
     options.check_quorum = rng.random_bool(0.75);
@@ -77,6 +88,10 @@ fn run_schedule(schedule_seed: u64) {
                 cfg.set_long_reordering(on);
             }
         }
+        if changes_membership && membership_rng.random_bool(0.08) && !leaders.is_empty() {
+            let leader = leaders[membership_rng.random_range(0..leaders.len())];
+            change_membership_at_random(&mut cfg, &mut membership_rng, leader, servers);
+        }
         let pause = rng.random_range(1..100);
         cfg.sleep(pause);
     }
@@ -90,9 +105,55 @@ fn run_schedule(schedule_seed: u64) {
         }
         cfg.connect(i);
     }
-    // Delayed responses (up to 2.2 s) drain, then a fresh command commits everywhere.
+    // Delayed responses (up to 2.2 s) drain, then a fresh command commits on every member (a
+    // removed or never-added server gets nothing new).
     cfg.sleep(2_500);
-    cfg.one(cmd(u64::MAX - schedule_seed), servers, true);
+    let members = if changes_membership {
+        // The leader's configuration is the one the command below commits under (a change it has
+        // not committed yet commits with it).
+        let leader = cfg.check_one_leader();
+        cfg.membership(leader).map_or(servers, |m| m.ids().count())
+    } else {
+        servers
+    };
+    cfg.one(cmd(u64::MAX - schedule_seed), members, true);
+}
+
+/// Ask `leader` for a random change: add a server that is not a member as a learner, promote a
+/// learner, or remove a member (keeping two voters, so a crash or two can still be survived).
+/// Refusals (a change pending, a learner behind, a deposed leader) are part of the schedule.
+fn change_membership_at_random(
+    cfg: &mut RaftCluster,
+    rng: &mut ChaCha8Rng,
+    leader: usize,
+    servers: usize,
+) {
+    let Some(membership) = cfg.membership(leader).cloned() else {
+        return;
+    };
+    let outsiders: Vec<NodeId> = (1..=servers as NodeId)
+        .filter(|&id| !membership.contains(id))
+        .collect();
+    let learners: Vec<NodeId> = membership.learners().collect();
+    let members: Vec<NodeId> = membership.ids().collect();
+    let change = match rng.random_range(0..3) {
+        0 if !outsiders.is_empty() => MembershipChange::AddLearner {
+            id: outsiders[rng.random_range(0..outsiders.len())],
+            address: String::new(),
+        },
+        1 if !learners.is_empty() => MembershipChange::Promote {
+            id: learners[rng.random_range(0..learners.len())],
+        },
+        2 => {
+            let id = members[rng.random_range(0..members.len())];
+            if membership.is_voter(id) && membership.voter_count() <= 2 {
+                return;
+            }
+            MembershipChange::Remove { id }
+        }
+        _ => return,
+    };
+    let _ = cfg.change_membership(leader, change);
 }
 
 #[test]

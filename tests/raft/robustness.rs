@@ -74,6 +74,7 @@ fn random_message(rng: &mut ChaCha8Rng) -> Message {
                 term: number(rng),
             },
             data: Bytes::from_static(b"snapshot"),
+            membership: None,
         },
         5 => Message::InstallSnapshotResponse {
             term,
