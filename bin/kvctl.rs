@@ -16,7 +16,9 @@ use ds824::ctrler::CtrlerClerk;
 use ds824::kv::KvOps as _;
 use ds824::kv::{CasOutcome, Clerk, ClerkConfig, ClerkError};
 use ds824::kvctl::shard::{self, AnyClerk};
-use ds824::kvctl::{self, backup, bench, breakdown, check, status, EXIT_ERROR, EXIT_NO, EXIT_OK};
+use ds824::kvctl::{
+    self, backup, bench, breakdown, check, member, status, EXIT_ERROR, EXIT_NO, EXIT_OK,
+};
 use ds824::security::Role;
 use ds824::security::{certs, Security, TlsArgs};
 use ds824::shardkv::ShardClerk;
@@ -143,6 +145,23 @@ enum Command {
         #[command(subcommand)]
         op: SnapshotOp,
     },
+    /// See and change a Raft group's members: the KV cluster (--cluster), the controllers (--ctrler,
+    /// from --ctrlers) or shard group GID (--gid, its servers found through --ctrlers). Changes need
+    /// an admin certificate with TLS and go to the leader one at a time (see `kvctl member --help`).
+    Member {
+        #[command(flatten)]
+        group: GroupArgs,
+        #[command(subcommand)]
+        op: MemberOp,
+    },
+    /// Hand the group's leadership to voter ID (it must be caught up; the old leader refuses writes
+    /// until the transfer ends, a few milliseconds). Which group: as for `kvctl member`.
+    TransferLeader {
+        #[command(flatten)]
+        group: GroupArgs,
+        /// The voter to lead.
+        id: u64,
+    },
     /// Measure throughput and latency with concurrent clients, against the KV cluster (--cluster) or,
     /// with --ctrlers, the sharded store (each client routes keys to groups through the controllers).
     Bench {
@@ -225,6 +244,60 @@ enum SnapshotOp {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which Raft group a `member` or `transfer-leader` command addresses.
+#[derive(clap::Args)]
+struct GroupArgs {
+    /// The shard controllers' group (its servers from --ctrlers) instead of the KV cluster.
+    #[arg(long, conflicts_with = "gid")]
+    ctrler: bool,
+    /// Shard group GID (its servers found through --ctrlers) instead of the KV cluster.
+    #[arg(long)]
+    gid: Option<u64>,
+}
+
+/// Membership of a Raft group. A new node is started with `kvd ... --join HOST:PORT,...` (client
+/// addresses of members) and an empty data dir, then added here; it gets the state by snapshot.
+/// To replace a node: `remove` it, start the new one with --join, `add` it.
+#[derive(Subcommand)]
+enum MemberOp {
+    /// Show the configuration: each member's role (leader, voter, learner), peer address, and how
+    /// many entries it is behind the leader.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add node ID with peer address HOST:PORT: first as a learner (it receives the log but does not
+    /// vote), then, once it caught up, as a voter. One voter is added or removed at a time.
+    Add {
+        /// ID=HOST:PORT: the new node's id and its --peer-listen address as the others reach it.
+        #[arg(value_name = "ID=HOST:PORT", value_parser = parse_member)]
+        member: (u64, String),
+        /// Stop once it is a learner (promote it later with `kvctl member promote ID`).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Make learner ID a voter, once it has caught up with the leader (waits for that).
+    Promote {
+        /// The learner.
+        id: u64,
+    },
+    /// Remove member ID. Removing the leader is allowed: it steps down once the removal commits.
+    /// Stop the removed node's process afterwards.
+    Remove {
+        /// The member.
+        id: u64,
+    },
+}
+
+fn parse_member(spec: &str) -> Result<(u64, String), String> {
+    let peers = ds824::replica::parse_peers(spec)?;
+    match peers.into_iter().collect::<Vec<_>>().as_slice() {
+        [(id, address)] => Ok((*id, address.clone())),
+        _ => Err(format!("{spec:?}: give one ID=HOST:PORT")),
+    }
 }
 
 /// Certificate authority operations. The CA directory holds ca.pem (give it to every node and
@@ -415,6 +488,26 @@ async fn run(cli: Cli) -> u8 {
     if let Command::Snapshot { op } = cli.command {
         return snapshot_command(op, &cluster, &ctrlers, config, view).await;
     }
+    if let Command::Member { group, op } = cli.command {
+        let op = match op {
+            MemberOp::List { json } => member::Op::List { json },
+            MemberOp::Add {
+                member: (id, address),
+                learner,
+            } => member::Op::Add {
+                id,
+                address,
+                learner_only: learner,
+            },
+            MemberOp::Promote { id } => member::Op::Promote(id),
+            MemberOp::Remove { id } => member::Op::Remove(id),
+        };
+        return member_command(&group, op, &cluster, &ctrlers, config, view).await;
+    }
+    if let Command::TransferLeader { group, id } = cli.command {
+        let op = member::Op::TransferLeader(id);
+        return member_command(&group, op, &cluster, &ctrlers, config, view).await;
+    }
     if let Command::Ctrler { op } = cli.command {
         if ctrlers.is_empty() {
             return fail("no controllers given (--ctrlers or KVCTL_CTRLERS)");
@@ -435,7 +528,11 @@ async fn run(cli: Cli) -> u8 {
         };
     }
     match cli.command {
-        Command::Ctrler { .. } | Command::Certs { .. } | Command::Snapshot { .. } => EXIT_ERROR,
+        Command::Ctrler { .. }
+        | Command::Certs { .. }
+        | Command::Snapshot { .. }
+        | Command::Member { .. }
+        | Command::TransferLeader { .. } => EXIT_ERROR,
         Command::Get { key } => match clerk() {
             Ok(mut c) => match c.get(&key).await {
                 Ok(Some(value)) => {
@@ -589,6 +686,65 @@ async fn run(cli: Cli) -> u8 {
     }
 }
 
+/// The servers and certificate role of the group `group` names: the KV cluster, the controllers,
+/// or a shard group as the latest configuration lists it.
+async fn resolve_group(
+    group: &GroupArgs,
+    cluster: &[String],
+    ctrlers: &[String],
+    config: &ClerkConfig,
+    view: AddressView,
+) -> Result<backup::Target, String> {
+    match (group.ctrler, group.gid) {
+        (true, _) => Ok(backup::Target {
+            servers: ctrlers.to_vec(),
+            role: Role::Ctrler,
+        }),
+        (false, Some(gid)) => {
+            let latest = match CtrlerClerk::new(ctrlers, config.clone()) {
+                Ok(mut clerk) => clerk.query(None).await,
+                Err(e) => Err(e),
+            };
+            match latest {
+                Ok(latest) => match latest.groups.get(&gid) {
+                    Some(servers) => Ok(backup::Target {
+                        servers: client_addresses(servers, view),
+                        role: Role::Shard(gid),
+                    }),
+                    None => Err(format!(
+                        "group {gid} is not in configuration {} (groups: {:?})",
+                        latest.num,
+                        latest.groups.keys().collect::<Vec<_>>()
+                    )),
+                },
+                Err(e) => Err(format!("controllers: {e}")),
+            }
+        }
+        (false, None) => Ok(backup::Target {
+            servers: cluster.to_vec(),
+            role: Role::Kv,
+        }),
+    }
+}
+
+async fn member_command(
+    group: &GroupArgs,
+    op: member::Op,
+    cluster: &[String],
+    ctrlers: &[String],
+    config: ClerkConfig,
+    view: AddressView,
+) -> u8 {
+    let target = match resolve_group(group, cluster, ctrlers, &config, view).await {
+        Ok(target) => target,
+        Err(e) => return fail(e),
+    };
+    match member::run(&target, &config, op).await {
+        Ok(()) => EXIT_OK,
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
 async fn snapshot_command(
     op: SnapshotOp,
     cluster: &[String],
@@ -609,38 +765,10 @@ async fn snapshot_command(
             Err(e) => fail(e),
         },
         SnapshotOp::Save { file, ctrler, gid } => {
-            let target = match (ctrler, gid) {
-                (true, _) => backup::Target {
-                    servers: ctrlers.to_vec(),
-                    role: Role::Ctrler,
-                },
-                (false, Some(gid)) => {
-                    let latest = match CtrlerClerk::new(ctrlers, config.clone()) {
-                        Ok(mut clerk) => clerk.query(None).await,
-                        Err(e) => Err(e),
-                    };
-                    let servers = match latest {
-                        Ok(latest) => match latest.groups.get(&gid) {
-                            Some(group) => client_addresses(group, view),
-                            None => {
-                                return fail(format!(
-                                    "group {gid} is not in configuration {} (groups: {:?})",
-                                    latest.num,
-                                    latest.groups.keys().collect::<Vec<_>>()
-                                ))
-                            }
-                        },
-                        Err(e) => return fail(format!("controllers: {e}")),
-                    };
-                    backup::Target {
-                        servers,
-                        role: Role::Shard(gid),
-                    }
-                }
-                (false, None) => backup::Target {
-                    servers: cluster.to_vec(),
-                    role: Role::Kv,
-                },
+            let group = GroupArgs { ctrler, gid };
+            let target = match resolve_group(&group, cluster, ctrlers, &config, view).await {
+                Ok(target) => target,
+                Err(e) => return fail(e),
             };
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(

@@ -100,9 +100,18 @@ struct KvArgs {
     /// internal network: only the group's own members may use it.
     #[arg(long, env = "KVD_PEER_LISTEN")]
     peer_listen: String,
-    /// Every member's peer address as ID=HOST:PORT, comma-separated (may include this node).
-    #[arg(long, value_parser = parse_peers)]
-    peers: HashMap<NodeId, String>,
+    /// Every member's peer address as ID=HOST:PORT, comma-separated (may include this node): the
+    /// group's first configuration, used when the data dir holds none. Later changes go through the
+    /// log (`kvctl member ...`). Give this or --join.
+    #[arg(long, value_parser = parse_peers, required_unless_present = "join")]
+    peers: Option<HashMap<NodeId, String>>,
+    /// Join a running group instead (HOST:PORT,...: client addresses of some of its members). With an
+    /// empty --data-dir the node learns the configuration from them and waits outside the group until
+    /// an operator adds it (`kvctl member add ID=PEER_ADDRESS`), then gets the state by snapshot.
+    /// Refused if the group lists this node as a voter (a voter that lost its data must be removed
+    /// and added again). Once the data dir holds state, the configuration in it wins.
+    #[arg(long, value_delimiter = ',', conflicts_with = "peers")]
+    join: Vec<String>,
     /// Every member's client address as ID=HOST:PORT, comma-separated, for the leader hints followers
     /// give clients. Optional: without it, clients find the leader by trying the servers they know.
     #[arg(long, value_parser = parse_addresses, default_value = "")]
@@ -288,7 +297,8 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         id: args.id,
         listen,
         peer_listen,
-        peers: args.peers,
+        peers: args.peers.unwrap_or_default(),
+        join: args.join,
         clients: args.clients,
         cluster,
         security: security.clone(),

@@ -1,6 +1,8 @@
 //! The KV service as operators run it: real `kvd` processes on loopback ports, killed with SIGKILL and
 //! restarted, driven by the library's `Clerk` and by the `kvctl` binary.
 
+#[path = "support/appends.rs"]
+mod appends;
 #[path = "support/ports.rs"]
 mod ports;
 #[path = "support/replicas.rs"]
@@ -12,7 +14,7 @@ mod signals;
 #[path = "support/tls.rs"]
 mod tls;
 
-use ds824::check::{check, CheckResult, History, KvModel, Operation};
+use ds824::check::{History, Operation};
 
 use ds824::kv::validate::MAX_VALUE_BYTES;
 use ds824::kv::KvOps;
@@ -22,11 +24,11 @@ use ds824::proto::kv::kv_client::KvClient;
 use ports::free_port;
 use replicas::{Replicas, Role, WAIT};
 use signals::signal;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A cluster of `kvd kv` (or `kvd ctrler`) processes; every process is killed when it is dropped.
@@ -50,72 +52,14 @@ impl KvCluster for Cluster {
     }
 }
 
-/// Nanoseconds since the test started: one clock shared by every client, as the checker requires.
-fn now_ns(start: Instant) -> u64 {
-    start.elapsed().as_nanos() as u64
-}
-
-const KEYS: usize = 3;
-const CLIENTS: u64 = 4;
-
-/// One client's loop: append unique tokens (`c<client>.<n>;`) and read, recording every operation.
-async fn client_loop(
-    c: u64,
-    mut clerk: Clerk,
-    start: Instant,
-    stop: Arc<AtomicBool>,
-    history: Arc<Mutex<Vec<Operation>>>,
-) {
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let key = format!("k{}", (c + n * 7 + n / 3) % KEYS as u64);
-        let invoke = now_ns(start);
-        let op = if n.is_multiple_of(3) {
-            match clerk.get(&key).await {
-                Ok(value) => Operation::get(c, &key, value.as_deref()).ok_at(invoke, now_ns(start)),
-                Err(_) => Operation::get(c, &key, None).info_at(invoke),
-            }
-        } else {
-            let token = format!("c{c}.{n};");
-            match clerk.append(&key, &token).await {
-                Ok(()) => Operation::append(c, &key, &token).ok_at(invoke, now_ns(start)),
-                Err(_) => Operation::append(c, &key, &token).info_at(invoke),
-            }
-        };
-        history.lock().expect("lock").push(op);
-        // Pace the load: the point is many operations around each crash, not the longest values.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_survive_leader_sigkill_and_stay_linearizable() {
     let mut cluster = Cluster::kv(3, 8 << 10);
     cluster.wait_for_leader().await;
-    let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let history = Arc::new(Mutex::new(Vec::new()));
-    let clients: Vec<_> = (1..=CLIENTS)
-        .map(|c| {
-            tokio::spawn(client_loop(
-                c,
-                cluster.clerk(),
-                start,
-                stop.clone(),
-                history.clone(),
-            ))
-        })
-        .collect();
-    let ops_so_far = |h: &Arc<Mutex<Vec<Operation>>>| h.lock().expect("lock").len();
+    let load = appends::Load::start(|| cluster.clerk());
     for round in 0..2 {
         // Let the clients get well under way (or back under way after the last crash).
-        let target = ops_so_far(&history) + 200;
-        let deadline = Instant::now() + WAIT;
-        while ops_so_far(&history) < target {
-            assert!(Instant::now() < deadline, "clients made no progress");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        load.wait_for_more(200, WAIT, "before the crash").await;
         let leader = cluster.wait_for_leader().await;
         eprintln!("round {round}: SIGKILL leader node {}", leader + 1);
         cluster.kill(leader);
@@ -123,115 +67,8 @@ async fn appends_survive_leader_sigkill_and_stay_linearizable() {
         cluster.wait_for_leader().await;
         cluster.start_node(leader);
     }
-    let target = ops_so_far(&history) + 200;
-    let deadline = Instant::now() + WAIT;
-    while ops_so_far(&history) < target {
-        assert!(
-            Instant::now() < deadline,
-            "clients made no progress after the crashes"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.expect("client task");
-    }
-
-    // Every acknowledged append is present exactly once, in each client's order; nothing else is.
-    let ops = history.lock().expect("lock").clone();
-    let mut clerk = cluster.clerk();
-    let mut acknowledged: HashMap<String, HashSet<String>> = HashMap::new();
-    let mut attempted: HashMap<String, HashSet<String>> = HashMap::new();
-    for op in ops.iter().filter(|o| o.op == ds824::check::OpKind::Append) {
-        let token = op.value.clone().expect("append value");
-        attempted
-            .entry(op.key.clone())
-            .or_default()
-            .insert(token.clone());
-        if op.status == ds824::check::Status::Ok {
-            acknowledged
-                .entry(op.key.clone())
-                .or_default()
-                .insert(token);
-        }
-    }
-    let info = ops
-        .iter()
-        .filter(|o| o.status == ds824::check::Status::Info)
-        .count();
-    for k in 0..KEYS {
-        let key = format!("k{k}");
-        let value = clerk
-            .get(&key)
-            .await
-            .expect("final get")
-            .unwrap_or_default();
-        let tokens: Vec<String> = value.split_inclusive(';').map(str::to_string).collect();
-        let mut seen = HashSet::new();
-        let mut last_per_client: BTreeMap<u64, u64> = BTreeMap::new();
-        for token in &tokens {
-            assert!(seen.insert(token.clone()), "{key}: {token} applied twice");
-            assert!(
-                attempted.get(&key).is_some_and(|a| a.contains(token)),
-                "{key}: {token} was never appended"
-            );
-            let (client, n) = token
-                .trim_start_matches('c')
-                .trim_end_matches(';')
-                .split_once('.')
-                .map(|(c, n)| {
-                    (
-                        c.parse::<u64>().expect("client"),
-                        n.parse::<u64>().expect("n"),
-                    )
-                })
-                .expect("token shape");
-            let last = last_per_client.entry(client).or_insert(0);
-            assert!(n > *last, "{key}: client {client}'s appends out of order");
-            *last = n;
-        }
-        for token in acknowledged.get(&key).into_iter().flatten() {
-            assert!(
-                seen.contains(token),
-                "{key}: acknowledged {token} is missing"
-            );
-        }
-    }
-
-    let history = History::new(ops).expect("well-formed history");
-    eprintln!(
-        "{} operations ({info} indeterminate) in {:.1} s",
-        history.len(),
-        start.elapsed().as_secs_f64()
-    );
-    // The history is not vacuous: one impossible read makes it fail.
-    let mut tampered = history.ops().to_vec();
-    let read = tampered
-        .iter()
-        .position(|o| o.op == ds824::check::OpKind::Get && o.status == ds824::check::Status::Ok)
-        .expect("some read succeeded");
-    tampered[read].output = Some("never written;".into());
-    let tampered = History::new(tampered).expect("well-formed history");
-    assert!(check(&tampered, &KvModel, Duration::from_secs(60)).is_violation());
-
-    let result = check(&history, &KvModel, Duration::from_secs(60));
-    if !result.is_ok() {
-        // Keep the evidence: `kvctl check <file>` replays the verdict.
-        let path =
-            std::env::temp_dir().join(format!("kv_process-history-{}.jsonl", std::process::id()));
-        let mut out = Vec::new();
-        history.to_jsonl(&mut out).expect("encode history");
-        std::fs::write(&path, out).expect("write history");
-        match result {
-            CheckResult::Violation(v) => {
-                panic!("not linearizable (history in {}):\n{v}", path.display())
-            }
-            unknown => panic!(
-                "checker could not decide (make the history smaller; history in {}): {unknown}",
-                path.display()
-            ),
-        }
-    }
+    load.wait_for_more(200, WAIT, "after the crashes").await;
+    load.finish_and_verify(&mut cluster.clerk()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,7 +154,7 @@ async fn the_inbound_service_refuses_malformed_streams() {
     use ds824::raft::transport::InboundConfig;
     use ds824::raft::Message;
 
-    let mut config = InboundConfig::new(1, [2, 3]);
+    let mut config = InboundConfig::new(1);
     config.max_snapshot_bytes = 1 << 20;
     let cluster = config.cluster.clone();
     let (server, mut client, mut delivered) = inbound_server(config).await;
@@ -339,7 +339,7 @@ async fn a_broken_snapshot_stream_resumes_where_it_stopped() {
     use ds824::raft::transport::InboundConfig;
     use ds824::raft::Message;
 
-    let config = InboundConfig::new(1, [2, 3]);
+    let config = InboundConfig::new(1);
     let cluster = config.cluster.clone();
     let (server, mut client, mut delivered) = inbound_server(config).await;
     let chunk = |offset: u64, data: &'static [u8], done: bool| pb::SnapshotChunk {

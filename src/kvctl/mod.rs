@@ -9,6 +9,7 @@ pub mod bench;
 pub mod breakdown;
 pub mod check;
 pub mod ctrler;
+pub mod member;
 pub mod shard;
 pub mod status;
 pub mod ycsb;

@@ -576,9 +576,13 @@ impl RaftCore {
     /// Propose one configuration change: add a learner, promote a learner that caught up, or remove
     /// a member. The rules it enforces, and why, are in [`crate::raft::membership`]. The change is in
     /// force on this leader at once and done when the entry at the returned index commits.
+    /// `address_of` fills in the peer address of members that have none in the configuration (a group
+    /// started from `--peers` knows its first members' addresses from the command line): the entry
+    /// then tells every member, and nodes that join later, where everyone is.
     pub fn propose_membership(
         &mut self,
         change: MembershipChange,
+        address_of: impl Fn(NodeId) -> Option<String>,
     ) -> Result<(Index, Term), MembershipError> {
         if self.role != Role::Leader {
             return Err(NotLeader::NotLeader {
@@ -596,11 +600,20 @@ impl RaftCore {
         if let Some(index) = self.memberships.latest_index().filter(|&i| i > committed) {
             return Err(MembershipError::ChangePending { index });
         }
-        let next = self.memberships.current().apply(&change)?;
+        let mut next = self.memberships.current().apply(&change)?;
+        next.fill_addresses(address_of);
         if let MembershipChange::Promote { id } = change {
-            let matched = self.progress.get(&id).map_or(0, |p| p.match_index);
+            // Caught up: it answered and its log matches ours (Replicate), and it is at most one
+            // message behind, so as a voter it will not hold back commits while it catches up.
+            let (matched, replicating) = self.progress.get(&id).map_or((0, false), |p| {
+                (
+                    p.match_index,
+                    matches!(p.state, ProgressState::Replicate { .. }),
+                )
+            });
             let last = self.log.last_index();
-            if last.saturating_sub(matched) > self.config.max_entries_per_message as Index {
+            let lag = last.saturating_sub(matched);
+            if !replicating || lag > self.config.max_entries_per_message as Index {
                 return Err(MembershipError::LearnerBehind { id, matched, last });
             }
         }

@@ -13,6 +13,7 @@ use super::admission::{Admission, AppliedIndex, Refused};
 use super::config::Config;
 use super::core::{CompactError, NotLeader, RaftCore, RestoreError, Status};
 use super::log::ApplyBudget;
+use super::membership::{Membership, MembershipChange, MembershipError};
 use super::message::Envelope;
 use super::storage::{StagedSnapshot, Storage, StorageError};
 use super::transport::{
@@ -56,6 +57,9 @@ pub struct NodeConfig {
     pub group: String,
     /// Who may send this node messages (open without TLS).
     pub guard: Guard,
+    /// This node's own peer address as the others reach it, if known: reported in the membership
+    /// (`kvctl member list`) and written into configuration entries it proposes.
+    pub address: Option<String>,
     /// For a node whose data was restored from a backup: a tag of that backup, made part of the
     /// cluster id on the wire, so only nodes restored from the same backup talk to each other (not a
     /// node of the old cluster left with its own data, nor one restored from another file).
@@ -85,6 +89,7 @@ impl NodeConfig {
             group: "raft".into(),
             guard: Guard::open(),
             restored: None,
+            address: None,
         }
     }
 
@@ -128,6 +133,9 @@ pub enum NodeError {
     /// The snapshot request was invalid.
     #[error(transparent)]
     Compact(#[from] CompactError),
+    /// A membership change was refused.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
     /// The proposal is larger than any log entry may be; it was not appended.
     #[error("a proposal of {bytes} bytes is over the log entry limit of {limit} bytes")]
     TooLarge {
@@ -171,6 +179,10 @@ enum Command {
     ReadIndex(oneshot::Sender<Result<Index, NodeError>>),
     Compact(Index, Bytes, oneshot::Sender<Result<(), NodeError>>),
     Transfer(NodeId, oneshot::Sender<Result<(), NodeError>>),
+    ChangeMembership(
+        MembershipChange,
+        oneshot::Sender<Result<(Index, Term), NodeError>>,
+    ),
     Shutdown,
 }
 
@@ -230,6 +242,36 @@ impl RaftHandle {
         self.ask(|tx| Command::Transfer(target, tx)).await
     }
 
+    /// Propose one membership change (see [`crate::raft::membership`]); returns the index and term
+    /// of its entry, not yet committed (see [`RaftHandle::wait_committed`]).
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<(Index, Term), NodeError> {
+        self.ask(|tx| Command::ChangeMembership(change, tx)).await
+    }
+
+    /// Wait (at most `within`) until the entry this node appended at `index` in `term` commits.
+    /// `Ok(false)` if leadership changed first: the entry may or may not have survived.
+    pub async fn wait_committed(
+        &self,
+        index: Index,
+        term: Term,
+        within: Duration,
+    ) -> Result<bool, NodeError> {
+        let mut watch = self.subscribe();
+        let settled = tokio::time::timeout(
+            within,
+            watch.wait_for(|s| s.raft.commit >= index || s.raft.term != term),
+        )
+        .await;
+        match settled {
+            Ok(Ok(status)) => Ok(status.raft.term == term),
+            Ok(Err(_)) => Err(NodeError::Stopped),
+            Err(_) => Ok(false),
+        }
+    }
+
     /// If this node leads, hand leadership to its most up-to-date follower and wait (at most `within`)
     /// until it no longer leads: a leader stopped cleanly then costs its clients one election round
     /// instead of an election timeout of silence. Returns the follower it handed to, if it did.
@@ -242,6 +284,7 @@ impl RaftHandle {
             .progress
             .iter()
             .copied()
+            .filter(|&(id, _, _)| status.membership.is_voter(id))
             .max_by_key(|&(id, match_index, _)| (match_index, std::cmp::Reverse(id)))?;
         self.transfer_leadership(target).await.ok()?;
         let mut watch = self.subscribe();
@@ -282,7 +325,7 @@ impl RaftNode {
         let id = config.raft.id;
         let core = RaftCore::restore(config.raft.clone(), persisted)?;
         let (command_tx, command_rx) = mpsc::channel(4096);
-        let mut inbound = InboundConfig::new(id, config.peers.keys().copied());
+        let mut inbound = InboundConfig::new(id);
         inbound.cluster = config.cluster_id();
         inbound.group = config.group.clone();
         inbound.guard = config.guard.clone();
@@ -300,7 +343,12 @@ impl RaftNode {
         let admission = Admission::default();
         let applied = admission.applied.clone();
         let (staged_tx, staged_rx) = mpsc::unbounded_channel();
+        let mut addresses = config.peers.clone();
+        if let Some(own) = &config.address {
+            addresses.insert(id, own.clone());
+        }
         let driver = Driver {
+            addresses,
             admission,
             staged_tx,
             apply_ledger: VecDeque::new(),
@@ -401,6 +449,8 @@ struct Driver {
     uncommitted: VecDeque<(Index, std::time::Instant)>,
     /// With lease reads: ticks follow the wall clock ([`WallTicks`]).
     wall_ticks: Option<WallTicks>,
+    /// Every peer address this node knows: `--peers`, then those the configurations carry.
+    addresses: HashMap<NodeId, String>,
 }
 
 /// Ticks by the wall clock, for lease reads: a lease is measured in ticks, so a loop that fell behind
@@ -568,6 +618,14 @@ impl Driver {
                         .map_err(NodeError::from),
                 );
             }
+            Command::ChangeMembership(change, reply) => {
+                let addresses = &self.addresses;
+                let result = self
+                    .core
+                    .propose_membership(change, |id| addresses.get(&id).cloned())
+                    .map_err(NodeError::from);
+                let _ = reply.send(result);
+            }
             Command::Shutdown => {}
         }
     }
@@ -692,6 +750,10 @@ impl Driver {
     async fn handle_one_ready(&mut self) -> Result<(), NodeError> {
         let mut ready = self.core.ready();
         self.time_commits();
+        if let Some(membership) = ready.membership.take() {
+            // Before anything is sent: a new member must be reachable for this Ready's messages.
+            self.follow_membership(&membership);
+        }
         if ready.persist_after_send {
             // A leader's new entries go to the followers now, so their flushes overlap this one.
             self.transport.send(std::mem::take(&mut ready.messages));
@@ -742,6 +804,34 @@ impl Driver {
         }
         self.after_persist(ready);
         Ok(())
+    }
+
+    /// The configuration in force changed: learn the addresses it carries and connect to every
+    /// member. Links to nodes no longer in it stay: a removed leader must still hear the
+    /// acknowledgements that commit its removal, and a node re-added by the same id reuses its link.
+    fn follow_membership(&mut self, membership: &Membership) {
+        let me = self.core.id();
+        for (id, member) in membership.members() {
+            if !member.address.is_empty() {
+                self.addresses.insert(id, member.address.clone());
+            }
+        }
+        for id in membership.ids().filter(|&id| id != me) {
+            if !self.addresses.contains_key(&id) {
+                warn!(
+                    peer = id,
+                    "no address known for a member; it cannot be reached"
+                );
+            }
+        }
+        let peers: HashMap<NodeId, String> = self
+            .addresses
+            .iter()
+            .filter(|(&id, _)| id != me)
+            .map(|(&id, address)| (id, address.clone()))
+            .collect();
+        info!(membership = %membership, "configuration in force");
+        self.transport.set_peers(&peers);
     }
 
     /// Leader: the entries proposed here that are now committed passed [`RaftStages::commit`].
@@ -800,8 +890,11 @@ impl Driver {
             .storage
             .as_ref()
             .map_or((0, 0), |s| (s.raft_state_size(), s.snapshot_size()));
+        let mut raft = self.core.status();
+        raft.membership
+            .fill_addresses(|id| self.addresses.get(&id).cloned());
         self.status.send_replace(NodeStatus {
-            raft: self.core.status(),
+            raft,
             raft_state_bytes,
             snapshot_bytes,
             stages: self.stages,

@@ -588,6 +588,13 @@ impl SledStorage {
         Ok(Seeded::Restored)
     }
 
+    /// Whether this directory holds no Raft state at all (no hard state, entry or snapshot): a node
+    /// started on it has never been part of a group, or lost everything it had.
+    pub fn is_fresh(&self) -> Result<bool, StorageError> {
+        let hard_state = self.meta.get(HARD_STATE).map_err(|s| self.io(s))?;
+        Ok(hard_state.is_none() && self.log.is_empty() && self.snapshot.meta.index == 0)
+    }
+
     /// The backup this directory was seeded from ([`SledStorage::seed`]), if any.
     pub fn restored_from(&self) -> Result<Option<String>, StorageError> {
         let record = self.meta.get(RESTORED_FROM).map_err(|s| self.io(s))?;

@@ -76,11 +76,14 @@ impl Default for TransportConfig {
 struct PeerQueues {
     messages: mpsc::Sender<Envelope>,
     snapshots: mpsc::Sender<Envelope>,
+    address: String,
 }
 
 /// The outbound side: routes each message to its peer's queue.
 pub struct Transport {
     peers: HashMap<NodeId, PeerQueues>,
+    config: TransportConfig,
+    cluster: String,
 }
 
 impl Transport {
@@ -88,30 +91,44 @@ impl Transport {
     /// (see [`cluster_id`]). Must run inside a tokio runtime. The tasks stop when the `Transport` is
     /// dropped.
     pub fn start(peers: &HashMap<NodeId, String>, config: &TransportConfig, cluster: &str) -> Self {
-        let peers = peers
-            .iter()
-            .map(|(&id, address)| {
-                let (messages, message_rx) = mpsc::channel(config.queue_depth);
-                // One snapshot at a time: the core resends if one is dropped.
-                let (snapshots, snapshot_rx) = mpsc::channel(1);
-                let link = Link {
-                    peer: id,
+        let mut transport = Transport {
+            peers: HashMap::new(),
+            config: config.clone(),
+            cluster: cluster.to_string(),
+        };
+        transport.set_peers(peers);
+        transport
+    }
+
+    /// Follow a configuration change: start links to new peers (or to a peer whose address
+    /// changed), stop those to peers no longer listed (their tasks end with their queues).
+    pub fn set_peers(&mut self, peers: &HashMap<NodeId, String>) {
+        self.peers
+            .retain(|id, queues| peers.get(id) == Some(&queues.address));
+        for (&id, address) in peers {
+            if self.peers.contains_key(&id) {
+                continue;
+            }
+            let (messages, message_rx) = mpsc::channel(self.config.queue_depth);
+            // One snapshot at a time: the core resends if one is dropped.
+            let (snapshots, snapshot_rx) = mpsc::channel(1);
+            let link = Link {
+                peer: id,
+                address: address.clone(),
+                config: self.config.clone(),
+                cluster: self.cluster.clone(),
+            };
+            tokio::spawn(stream_messages(link.clone(), message_rx));
+            tokio::spawn(stream_snapshots(link, snapshot_rx));
+            self.peers.insert(
+                id,
+                PeerQueues {
+                    messages,
+                    snapshots,
                     address: address.clone(),
-                    config: config.clone(),
-                    cluster: cluster.to_string(),
-                };
-                tokio::spawn(stream_messages(link.clone(), message_rx));
-                tokio::spawn(stream_snapshots(link, snapshot_rx));
-                (
-                    id,
-                    PeerQueues {
-                        messages,
-                        snapshots,
-                    },
-                )
-            })
-            .collect();
-        Transport { peers }
+                },
+            );
+        }
     }
 
     /// Queue messages for sending; never waits.
@@ -392,8 +409,6 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
 pub struct InboundConfig {
     /// This node.
     pub me: NodeId,
-    /// The other voters: a message from anyone else is refused.
-    pub peers: HashSet<NodeId>,
     /// Our cluster id (see [`cluster_id`]); a message carrying another is refused.
     pub cluster: String,
     /// Our Raft group (`kv`, `ctrler`, `shard-3`): with TLS, the sender's certificate must name it.
@@ -410,12 +425,11 @@ pub struct InboundConfig {
 }
 
 impl InboundConfig {
-    /// Defaults for node `me` among `peers`: cluster `ds824/raft`, no TLS, 4 GiB snapshots, 256 MiB
-    /// queued, 10 s idle snapshot streams.
-    pub fn new(me: NodeId, peers: impl IntoIterator<Item = NodeId>) -> Self {
+    /// Defaults for node `me`: cluster `ds824/raft`, no TLS, 4 GiB snapshots, 256 MiB queued, 10 s
+    /// idle snapshot streams.
+    pub fn new(me: NodeId) -> Self {
         InboundConfig {
             me,
-            peers: peers.into_iter().filter(|&p| p != me).collect(),
             cluster: cluster_id("ds824", "raft"),
             group: "raft".into(),
             guard: Guard::open(),
@@ -570,10 +584,12 @@ impl RaftService {
                 config.me
             )));
         }
-        if !config.peers.contains(&from) {
+        // Not checked against a member list: the configuration changes through the log, and a node
+        // must hear a leader (or candidate) it does not know yet to learn of it. A sender is one of
+        // the group by its cluster id and, with TLS, its certificate.
+        if from == 0 || from == config.me {
             return Err(Status::invalid_argument(format!(
-                "node {from} is not a member of {}",
-                config.cluster
+                "message claims to come from node {from}"
             )));
         }
         Ok(())

@@ -13,6 +13,7 @@
 //! operator's input (flags, address in use, someone else's data dir) fails in `start`, before serving,
 //! so the daemon can report it as a usage error; `run` only fails if the node breaks while serving.
 
+pub mod admin;
 pub mod args;
 
 use crate::ctrler::service::CtrlerService;
@@ -37,7 +38,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Which replicated service a node runs. The storage identity records it, so a data directory of one
 /// role (or of one shard group) is never opened by another.
@@ -138,8 +139,13 @@ pub struct ReplicaConfig {
     pub listen: SocketAddr,
     /// Where to listen for Raft messages from the other members.
     pub peer_listen: SocketAddr,
-    /// Every voter's peer address (`host:port`); may include this node.
+    /// Every voter's peer address (`host:port`); may include this node. Empty with `join`.
     pub peers: HashMap<NodeId, String>,
+    /// Client addresses of members of a running group to join (instead of `peers`): a node with an
+    /// empty data directory learns the configuration from them and waits, outside the group, until
+    /// an operator adds it (`kvctl member add`); it then gets the state by snapshot. Ignored once
+    /// the data directory holds state (the configuration is in it).
+    pub join: Vec<String>,
     /// Members' client addresses, for the leader hints followers give clients (this node's defaults
     /// to its client listener). Members missing here are hinted by id only.
     pub clients: HashMap<NodeId, String>,
@@ -303,6 +309,93 @@ pub fn restore(
     Ok(seeded)
 }
 
+/// How long a joining node keeps asking the members it was given for the configuration.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
+/// The same for a node started with `--join` whose data dir already holds state (it can start from
+/// that if the group is not reachable, e.g. when every member restarts at once).
+const REJOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Ask the members at `join` (client addresses) for the group's configuration, retrying for
+/// [`JOIN_WAIT`] (a member may be restarting). The leader's answer is preferred: it is never behind.
+async fn fetch_membership(
+    join: &[String],
+    security: &Security,
+    wait: Duration,
+) -> Result<crate::proto::raft::MembersResponse, StartError> {
+    use crate::proto::raft::raft_admin_client::RaftAdminClient;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut last_error = String::from("no member answered");
+    loop {
+        let mut fallback = None;
+        for address in join {
+            let endpoint = security
+                .endpoint(address)
+                .map_err(|e| StartError::Config(format!("--join {address}: {e}")))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2));
+            let channel = match endpoint.connect().await {
+                Ok(channel) => channel,
+                Err(e) => {
+                    last_error = format!("{address}: {e}");
+                    continue;
+                }
+            };
+            match RaftAdminClient::new(channel)
+                .members(crate::proto::raft::MembersRequest {})
+                .await
+            {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    if reply.leader == reply.id && reply.leader != 0 {
+                        return Ok(reply);
+                    }
+                    if !reply.members.is_empty() {
+                        fallback = Some(reply);
+                    }
+                }
+                Err(status) => last_error = format!("{address}: {}", status.message()),
+            }
+        }
+        if let Some(reply) = fallback {
+            return Ok(reply);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StartError::Config(format!(
+                "--join: could not learn the configuration from {}: {last_error}",
+                join.join(",")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A node with an empty data directory may join as a newcomer, or as a learner already added, but
+/// never as a voter: a voter that lost its log could help elect a leader lacking writes it had
+/// acknowledged.
+fn check_joining(
+    id: NodeId,
+    members: &crate::proto::raft::MembersResponse,
+) -> Result<(), StartError> {
+    match members.members.iter().find(|m| m.id == id) {
+        Some(member) if !member.learner => Err(StartError::Config(format!(
+            "node {id} is a voter of the group, but its data dir is empty: a voter that lost its data \
+             could lose acknowledged writes. Remove it first (kvctl member remove {id}), then add it \
+             again (kvctl member add {id}=PEER_ADDRESS)"
+        ))),
+        Some(_) => {
+            info!(node = id, "joining as a learner already added; catching up");
+            Ok(())
+        }
+        None => {
+            info!(
+                node = id,
+                "joining: not a member yet; waiting to be added (kvctl member add {id}=PEER_ADDRESS)"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Why a running replica stopped other than by request.
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -327,6 +420,8 @@ pub struct Replica {
     service: Served,
     applier: JoinHandle<Result<(), ServiceError>>,
     metrics: Option<(TcpListener, Registry, RaftGauges)>,
+    /// Membership and leadership for operators, on the client port.
+    admin: admin::AdminService,
     /// A shard group's driver task (aborted when the node is dropped).
     _driver: AbortOnDrop<()>,
 }
@@ -408,7 +503,49 @@ impl Replica {
         let storage = tokio::task::spawn_blocking(move || SledStorage::open(data_dir, &identity))
             .await
             .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
+        let mut joined_voters = None;
+        let mut raft_peers = raft_peers;
+        if !config.join.is_empty() {
+            // The configuration stored in the data dir (if any) wins over what is fetched; the
+            // fetched one gives the peers' addresses and is the fallback. Never this node as a
+            // voter: a node started with --join only votes once the log says it does.
+            let fresh = storage.is_fresh()?;
+            let wait = if fresh { JOIN_WAIT } else { REJOIN_WAIT };
+            match fetch_membership(&config.join, &config.security, wait).await {
+                Ok(members) => {
+                    if fresh {
+                        check_joining(config.id, &members)?;
+                    }
+                    raft_peers = members
+                        .members
+                        .iter()
+                        .filter(|m| m.id != config.id && !m.address.is_empty())
+                        .map(|m| (m.id, m.address.clone()))
+                        .collect();
+                    joined_voters = Some(
+                        members
+                            .members
+                            .iter()
+                            .filter(|m| !m.learner && m.id != config.id)
+                            .map(|m| m.id)
+                            .collect::<Vec<_>>(),
+                    );
+                }
+                Err(e) if fresh => return Err(e),
+                Err(e) => {
+                    warn!(node = config.id, error = %e, "cannot reach the group; starting from the configuration in the data dir");
+                    raft_peers = HashMap::new();
+                    joined_voters = Some(Vec::new());
+                }
+            }
+        }
+        let own_address = config.peers.get(&config.id).cloned();
         let mut node_config = NodeConfig::new(config.id, raft_peers);
+        node_config.address = own_address;
+        if let Some(voters) = joined_voters {
+            // The group as it is now, without this node: it waits to be added.
+            node_config.raft.voters = voters;
+        }
         node_config.restored = storage
             .restored_from()?
             .map(|origin| format!("{:08x}", crc32fast::hash(origin.as_bytes())));
@@ -420,6 +557,8 @@ impl Replica {
         node_config.guard = config.security.guard();
         node_config.transport.security = config.security.clone();
         let (node, applied) = RaftNode::start(node_config, storage)?;
+        let admin =
+            admin::AdminService::new(node.handle(), config.security.guard(), addresses.clone());
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 let listener = TcpListener::bind(addr)
@@ -500,6 +639,7 @@ impl Replica {
             service,
             applier,
             metrics,
+            admin,
             _driver: driver,
         })
     }
@@ -526,6 +666,7 @@ impl Replica {
             service,
             mut applier,
             metrics,
+            admin,
             _driver,
         } = self;
         let shard_gauges = match (&service, &metrics) {
@@ -563,6 +704,7 @@ impl Replica {
                 .await
         });
         let mut router = server_builder()?;
+        let router = router.add_service(admin.into_server());
         let router = match service {
             Served::Kv(service) => router.add_service(
                 KvServer::new(service)

@@ -252,7 +252,7 @@ impl RaftCluster {
                 leader_hint: None,
             }));
         };
-        let accepted = core.propose_membership(change)?;
+        let accepted = core.propose_membership(change, |_| None)?;
         self.drain_ready(i);
         Ok(accepted)
     }

@@ -44,6 +44,9 @@ pub struct Replicas {
     pub cluster: Option<String>,
     /// More `kvd` flags for every node.
     pub extra_args: Vec<String>,
+    /// `--peers` names only the first this many nodes (the group's first configuration); the others
+    /// join later ([`Replicas::start_joining`]). `None`: all of them.
+    pub bootstrap: Option<usize>,
 }
 
 impl Replicas {
@@ -51,6 +54,13 @@ impl Replicas {
     /// happen mid-test; tests moving megabytes use a large one.
     pub fn start(root: &Path, gid: u64, ctrlers: &str) -> Replicas {
         Self::start_with(root, gid, ctrlers, 4 << 10)
+    }
+
+    /// `n` slots for replicas of `role` in a temporary directory, none started yet.
+    pub fn prepare_temp(role: Role, n: usize, snapshot_threshold: u64) -> Replicas {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        Self::prepare(dir, Some(temp), role, n, snapshot_threshold)
     }
 
     /// Three controllers (`gid` 0) or three servers of shard group `gid`, in a directory under `root`.
@@ -153,6 +163,7 @@ impl Replicas {
             tls: None,
             cluster: None,
             extra_args: Vec::new(),
+            bootstrap: None,
         };
         std::fs::create_dir_all(&replicas.dir).expect("replicas dir");
         replicas
@@ -184,6 +195,7 @@ impl Replicas {
     pub fn peers(&self) -> String {
         self.peer_addrs
             .iter()
+            .take(self.bootstrap.unwrap_or(self.peer_addrs.len()))
             .enumerate()
             .map(|(i, a)| format!("{}={a}", i + 1))
             .collect::<Vec<_>>()
@@ -205,6 +217,53 @@ impl Replicas {
     }
 
     pub fn start_node(&mut self, i: usize) {
+        let peers = self.peers();
+        self.spawn(i, &["--peers", &peers]);
+    }
+
+    /// Start node `i` with `--join` (the client addresses of nodes `via`) instead of `--peers`.
+    pub fn start_joining(&mut self, i: usize, via: &[usize]) {
+        let join: Vec<&str> = via.iter().map(|&v| self.addrs[v].as_str()).collect();
+        let join = join.join(",");
+        self.spawn(i, &["--join", &join]);
+    }
+
+    /// Start node `i` with `--join` and wait for it to exit (it is expected to refuse to start).
+    pub fn run_joining_to_exit(&mut self, i: usize, via: &[usize]) -> std::process::ExitStatus {
+        self.start_joining(i, via);
+        let mut child = self.children[i].take().expect("spawned");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("kvd node {} did not exit", i + 1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kvctl` against the running nodes (an admin certificate with TLS), with `args` after the
+    /// global flags.
+    pub fn kvctl(&self, args: &[&str]) -> std::process::Output {
+        let running: Vec<&str> = (0..self.addrs.len())
+            .filter(|&i| self.children[i].is_some())
+            .map(|i| self.addrs[i].as_str())
+            .collect();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kvctl"));
+        let identity = self.tls.as_deref().map(|ca| (ca, "admin", "tests"));
+        crate::tls::flags(&mut command, identity);
+        command
+            .args(["--cluster", &running.join(","), "--timeout-ms", "30000"])
+            .args(args)
+            .env_remove("KVCTL_CLUSTER")
+            .output()
+            .expect("run kvctl")
+    }
+
+    fn spawn(&mut self, i: usize, membership: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -234,7 +293,7 @@ impl Replicas {
         let child = command
             .args(["--id", &(i + 1).to_string(), "--listen", &self.addrs[i]])
             .args(["--peer-listen", &self.peer_addrs[i]])
-            .args(["--peers", &self.peers()])
+            .args(membership)
             .args(["--clients", &self.clients()])
             .arg("--data-dir")
             .arg(self.data_dir(i))
