@@ -134,6 +134,20 @@ chaos_smoke() {
 check "chaos: 60 s of kill and partition against the KV cluster, linearizable, every fault healed" chaos_smoke
 check "the cluster is healthy after the chaos run" wait_healthy 60 kv1 kv2 kv3
 
+# A disk dies: kv3 and its volume are deleted. The operator removes it from the group, starts a fresh kv3
+# with --join (deploy/join-kv3.yml) and adds it back; it catches up by snapshot (README, "Membership changes").
+replace_kv3() {
+  compose rm -sf kv3 >/dev/null 2>&1 || return 1
+  docker volume rm "$(docker volume ls -q | grep -E '_kv3-data$' | head -1)" >/dev/null || return 1
+  kvctl member remove 3 >/dev/null || return 1
+  compose -f docker-compose.yml -f deploy/join-kv3.yml up -d kv3 >/dev/null 2>&1 || return 1
+  kvctl --timeout-ms 60000 member add 3=kv3:8001 >/dev/null || return 1
+  kvctl member list | grep -qE '^3 +(voter|leader) +kv3:8001' || { kvctl member list >&2; return 1; }
+}
+check "kv3 replaced after losing its volume: member remove, fresh kv3 with --join, member add" replace_kv3
+# Leadership moves to the new kv3, which answers every key from its own copy.
+check "kvctl transfer-leader 3; kv3 alone serves every key" bash -c "$(declare -f kvctl read_keys); kvctl transfer-leader 3 >/dev/null && KVCTL_CLUSTER=127.0.0.1:17003 read_keys 1 40"
+
 "$bin/mrd" gen-corpus --dir /tmp/ds824-mr/in --files 4 --bytes-per-file 200000 >/dev/null
 "$bin/mrd" sequential --app wc --output /tmp/ds824-mr/seq /tmp/ds824-mr/in/*.txt >/dev/null
 wc_job() {

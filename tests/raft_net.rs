@@ -198,19 +198,26 @@ async fn the_inbound_service_refuses_malformed_streams() {
         refused(vec![chunk(0, b"abc", true, 2 << 20)]).await,
         tonic::Code::ResourceExhausted
     );
-    // A stranger announcing 4 GiB is refused on its first chunk, before anything is reserved for it;
-    // so is a chunk from another cluster.
+    // A sender announcing 4 GiB (any node of the cluster may send: members change through the log)
+    // is refused on its first chunk, before anything is reserved for it; so is a chunk from another
+    // cluster, and one claiming to come from the receiver itself.
     let started = std::time::Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut stranger = chunk(0, b"abc", false, 4 << 30);
-    stranger.from = 99;
-    tx.send(stranger).await.expect("queue");
+    let mut huge = chunk(0, b"abc", false, 4 << 30);
+    huge.from = 99;
+    tx.send(huge).await.expect("queue");
     let status = client
         .clone()
         .install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .expect_err("must be refused");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    let mut from_itself = chunk(0, b"abc", true, 3);
+    from_itself.from = 1;
+    assert_eq!(
+        refused(vec![from_itself]).await,
+        tonic::Code::InvalidArgument
+    );
     assert!(
         started.elapsed() < std::time::Duration::from_secs(2),
         "refused only after {:?}: the stream was held open",
@@ -249,8 +256,9 @@ async fn the_inbound_service_refuses_malformed_streams() {
             })),
             cluster: cluster.clone(),
         },
+        // One claiming to come from the receiver itself.
         pb::Envelope {
-            from: 9,
+            from: 1,
             to: 1,
             message: Some(pb::envelope::Message::TimeoutNow(pb::TimeoutNowRequest {
                 term: 1,

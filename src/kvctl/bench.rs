@@ -245,6 +245,9 @@ pub struct BenchReport {
     pub p999: Duration,
     /// Slowest operation.
     pub max: Duration,
+    /// The longest time no operation succeeded (between two successes, or from the start to the
+    /// first): what clients saw of an outage, such as a leader's failover.
+    pub longest_gap: Duration,
 }
 
 impl BenchReport {
@@ -270,6 +273,7 @@ impl BenchReport {
             "p99_ms": ms(self.p99),
             "p999_ms": ms(self.p999),
             "max_ms": ms(self.max),
+            "longest_gap_ms": ms(self.longest_gap),
         })
     }
 }
@@ -279,7 +283,7 @@ impl fmt::Display for BenchReport {
         write!(
             f,
             "{:?}: {} clients, {} ok, {} errors in {:.2} s: {:.0} ops/s, p50 {:.2} ms, p90 {:.2} ms, \
-             p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+             p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, longest gap without a success {:.0} ms",
             self.kind,
             self.clients,
             self.ok,
@@ -291,6 +295,7 @@ impl fmt::Display for BenchReport {
             self.p99.as_secs_f64() * 1e3,
             self.p999.as_secs_f64() * 1e3,
             self.max.as_secs_f64() * 1e3,
+            self.longest_gap.as_secs_f64() * 1e3,
         )?;
         match &self.first_error {
             Some(error) => write!(f, " (first error: {error})"),
@@ -381,13 +386,14 @@ pub async fn measure(
     let zipf = Arc::new(Zipfian::new(keys, ycsb::ZIPF_THETA));
     let inserted = Arc::new(AtomicU64::new(keys as u64));
     let done = Arc::new(AtomicU64::new(0));
+    let gaps = Arc::new(Gaps::default());
     let start = Instant::now();
     let deadline = config.duration.map(|d| start + d);
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
         let share = config.ops / clients + usize::from(c < config.ops % clients);
         let mut clerk = store.connect().await?;
-        let (kind, value, done) = (config.kind, value.clone(), done.clone());
+        let (kind, value, done, gaps) = (config.kind, value.clone(), done.clone(), gaps.clone());
         let (zipf, inserted) = (zipf.clone(), inserted.clone());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
         let key_space = if kind == BenchKind::Get {
@@ -431,7 +437,10 @@ pub async fn measure(
                     }
                 };
                 match result {
-                    Ok(()) => latencies.push(began.elapsed()),
+                    Ok(()) => {
+                        latencies.push(began.elapsed());
+                        gaps.success(start.elapsed());
+                    }
                     Err(error) => {
                         errors += 1;
                         first_error.get_or_insert_with(|| error.to_string());
@@ -481,13 +490,47 @@ pub async fn measure(
         p99: percentile(&latencies, 0.99),
         p999: percentile(&latencies, 0.999),
         max: latencies.last().copied().unwrap_or_default(),
+        longest_gap: gaps.longest(),
     })
+}
+
+/// The longest stretch without a successful operation, across all clients: each success moves the
+/// time of the latest one forward and measures the gap it closes.
+#[derive(Default)]
+struct Gaps {
+    /// Nanoseconds from the start to the latest success.
+    latest: AtomicU64,
+    /// The longest gap closed so far, in nanoseconds.
+    longest: AtomicU64,
+}
+
+impl Gaps {
+    fn success(&self, at: Duration) {
+        let at = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
+        let before = self.latest.fetch_max(at, Ordering::Relaxed);
+        if at > before {
+            self.longest.fetch_max(at - before, Ordering::Relaxed);
+        }
+    }
+
+    fn longest(&self) -> Duration {
+        Duration::from_nanos(self.longest.load(Ordering::Relaxed))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::percentile;
     use std::time::Duration;
+
+    #[test]
+    fn the_longest_gap_is_between_successes_in_time_order() {
+        let gaps = super::Gaps::default();
+        for ms in [5, 10, 12, 400, 390, 405] {
+            gaps.success(Duration::from_millis(ms));
+        }
+        assert_eq!(gaps.longest(), Duration::from_millis(388));
+    }
 
     #[test]
     fn percentiles() {

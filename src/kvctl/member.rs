@@ -169,8 +169,15 @@ async fn change(
     change: pb::change_members_request::Change,
     deadline: Instant,
 ) -> anyhow::Result<pb::MembersResponse> {
+    let mut attempts = 0;
     loop {
-        let (mut client, _) = leader_client(target, config, deadline).await?;
+        let (mut client, members) = leader_client(target, config, deadline).await?;
+        // An earlier attempt may have committed after all (its answer said "did not commit in
+        // time"): then the change is done, not refused as already made.
+        if attempts > 0 && satisfied(&members, &change) {
+            return Ok(members);
+        }
+        attempts += 1;
         let request = pb::ChangeMembersRequest {
             change: Some(change.clone()),
         };
@@ -184,6 +191,17 @@ async fn change(
             }
             Err(status) => bail!("{}", status.message()),
         }
+    }
+}
+
+/// Whether `members` already shows `change` made.
+fn satisfied(members: &pb::MembersResponse, change: &pb::change_members_request::Change) -> bool {
+    use pb::change_members_request::Change;
+    let find = |id: u64| members.members.iter().find(|m| m.id == id);
+    match change {
+        Change::AddLearner(new) => find(new.id).is_some_and(|m| m.address == new.address),
+        Change::Promote(id) => find(*id).is_some_and(|m| !m.learner),
+        Change::Remove(id) => find(*id).is_none(),
     }
 }
 
@@ -329,6 +347,7 @@ mod tests {
             last_index: 100,
             progress_known: true,
             leader_address: String::new(),
+            cluster: String::new(),
             members: vec![
                 pb::MemberStatus {
                     id: 1,

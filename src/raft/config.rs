@@ -63,6 +63,10 @@ pub struct Config {
     /// catching up after a pause before it asks for a read. Requires `check_quorum`. Off by default:
     /// ReadIndex needs no clock assumption.
     pub lease_reads: bool,
+    /// Refuse every vote while the log is empty (no entry, no snapshot): set for a node that joins a
+    /// running group with an empty data directory, so that if the group still counts it as a voter
+    /// that lost its data it cannot help elect a leader lacking acknowledged writes.
+    pub no_vote_until_replicated: bool,
 }
 
 impl Config {
@@ -85,6 +89,7 @@ impl Config {
             seed: 0,
             persist_after_send: false,
             lease_reads: false,
+            no_vote_until_replicated: false,
         }
     }
 

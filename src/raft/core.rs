@@ -284,11 +284,12 @@ impl RaftCore {
         }
         // The configuration: the snapshot's, else the one the node was started with, then every
         // config entry after it.
+        let recorded = snapshot.membership.is_some();
         let base = snapshot
             .membership
             .clone()
             .unwrap_or_else(|| Membership::from_voters(config.voters.iter().copied()));
-        let mut memberships = MembershipLog::new(base);
+        let mut memberships = MembershipLog::new(base, recorded);
         for entry in state.entries.iter().filter(|e| e.kind == EntryKind::Config) {
             let membership = Membership::decode(&entry.data).map_err(|error| {
                 RestoreError::InvalidConfigEntry {
@@ -395,6 +396,41 @@ impl RaftCore {
                 from,
                 what: "term too far ahead of ours to come from an election",
             });
+        }
+        // Only the leader of our term may tell us to campaign past everyone's lease (a removed
+        // leader hands over this way once its removal commits).
+        let timeout_now = matches!(message, Message::TimeoutNow { .. });
+        if timeout_now && (msg_term != self.term || self.leader != Some(from)) {
+            debug!(
+                node = me,
+                term = self.term,
+                from,
+                "ignoring TimeoutNow from a node that does not lead us"
+            );
+            return Ok(());
+        }
+        // A node whose removal this one knows committed keeps its certificate: its campaigns and
+        // answers no longer count. A leader's requests still do: the id may have been added again
+        // by entries this node has not received yet, and they are how it would learn of that.
+        let removed = self
+            .memberships
+            .removed_at(from)
+            .is_some_and(|at| at <= self.log.committed());
+        let leader_request = matches!(
+            message,
+            Message::AppendEntries { .. }
+                | Message::InstallSnapshot { .. }
+                | Message::TimeoutNow { .. }
+        );
+        if removed && !leader_request {
+            debug!(
+                node = me,
+                term = self.term,
+                from,
+                kind = message.kind(),
+                "ignoring a removed node"
+            );
+            return Ok(());
         }
 
         if msg_term > self.term {
@@ -1099,7 +1135,12 @@ impl RaftCore {
             })
             .collect();
         info!(node = self.config.id, term = self.term, "became leader");
-        if self.config.noop_on_election {
+        if self.config.noop_on_election && !self.memberships.is_recorded() {
+            // The first configuration is known only from the command line: write it into the log
+            // (as the entry that commits the term), so restarts and joiners find it there.
+            let membership = self.memberships.current().encode();
+            self.append_entry(EntryKind::Config, membership);
+        } else if self.config.noop_on_election {
             self.append_entry(EntryKind::Noop, Bytes::new());
         } else {
             for peer in self.peers.clone() {
@@ -1566,6 +1607,25 @@ impl RaftCore {
         pre_vote: bool,
         leadership_transfer: bool,
     ) {
+        // A node that joined with an empty log votes only once a leader replicated to it: if the
+        // group still counts it as the voter it was before it lost its data, its empty log would
+        // be "up to date" for any candidate, including one lacking acknowledged writes.
+        let empty = self.log.last_index() == 0 && self.log.snapshot_meta().index == 0;
+        if self.config.no_vote_until_replicated && empty {
+            debug!(
+                node = self.config.id,
+                from, "refusing to vote before any leader replicated to us"
+            );
+            self.send(
+                from,
+                Message::RequestVoteResponse {
+                    term: self.term,
+                    granted: false,
+                    pre_vote,
+                },
+            );
+            return;
+        }
         // With lease reads the promise holds in every term: a stale higher-term message may have
         // moved us to this term since we acknowledged a leader whose lease still runs.
         let promised = self.config.lease_reads

@@ -323,15 +323,45 @@ impl std::fmt::Display for Membership {
 pub struct MembershipLog {
     base: Membership,
     entries: BTreeMap<Index, Membership>,
+    /// The base came from storage (a snapshot), not from the command line.
+    base_recorded: bool,
+    /// Ids that were members of a configuration this log held and are not in the current one, with
+    /// the index of the configuration that removed them.
+    removed: BTreeMap<NodeId, Index>,
 }
 
 impl MembershipLog {
-    /// A log whose compaction point has configuration `base` and no config entries after it.
-    pub fn new(base: Membership) -> Self {
+    /// A log whose compaction point has configuration `base` and no config entries after it;
+    /// `recorded` says whether `base` is stored (a snapshot's) or only given (the command line's).
+    pub fn new(base: Membership, recorded: bool) -> Self {
         MembershipLog {
             base,
             entries: BTreeMap::new(),
+            base_recorded: recorded,
+            removed: Default::default(),
         }
+    }
+
+    /// Whether the configuration in force is written down (in a snapshot or a config entry) rather
+    /// than known from the command line only: a leader records it before anything else changes.
+    pub fn is_recorded(&self) -> bool {
+        self.base_recorded || !self.entries.is_empty()
+    }
+
+    /// The index of the configuration that removed `id`, if it was a member of a configuration
+    /// this node saw and is not one now. Once that index is committed the node's messages are
+    /// ignored (its certificate may still be valid); until then a removed leader still leads.
+    pub fn removed_at(&self, id: NodeId) -> Option<Index> {
+        self.removed.get(&id).copied()
+    }
+
+    /// Remember who left between `before` and the configuration in force (made at `at`).
+    fn note_removed(&mut self, before: &Membership, at: Index) {
+        let current: Vec<NodeId> = self.current().ids().collect();
+        for id in before.ids().filter(|id| !current.contains(id)) {
+            self.removed.entry(id).or_insert(at);
+        }
+        self.removed.retain(|id, _| !current.contains(id));
     }
 
     /// The configuration in force: the latest in the log.
@@ -354,12 +384,18 @@ impl MembershipLog {
 
     /// A config entry at `index` was appended.
     pub fn record(&mut self, index: Index, membership: Membership) {
+        let before = self.current().clone();
         self.entries.insert(index, membership);
+        self.note_removed(&before, index);
     }
 
     /// Entries after `index` were removed (or are about to be rewritten): forget their configurations.
     pub fn truncate_after(&mut self, index: Index) {
+        let before = self.current().clone();
         self.entries.split_off(&(index + 1));
+        // A removal truncated away is undone (the id is back in the configuration in force).
+        self.removed.retain(|_, at| *at <= index);
+        self.note_removed(&before, index);
     }
 
     /// The log was compacted through `index`: the configuration there becomes the base.
@@ -367,12 +403,17 @@ impl MembershipLog {
         let base = self.at(index).clone();
         self.entries = self.entries.split_off(&(index + 1));
         self.base = base;
+        // The snapshot written with this compaction carries it.
+        self.base_recorded = true;
     }
 
     /// A snapshot through `index` with configuration `base` replaced the log up to there.
     pub fn install(&mut self, index: Index, base: Membership) {
+        let before = self.current().clone();
         self.entries = self.entries.split_off(&(index + 1));
         self.base = base;
+        self.base_recorded = true;
+        self.note_removed(&before, index);
     }
 }
 
@@ -459,14 +500,23 @@ mod tests {
 
     #[test]
     fn the_log_of_configurations_follows_truncation_and_compaction() {
-        let mut log = MembershipLog::new(Membership::from_voters([1, 2, 3]));
+        let mut log = MembershipLog::new(Membership::from_voters([1, 2, 3]), false);
+        assert!(!log.is_recorded());
         let with_4 = log.current().apply(&learner(4)).expect("add");
         log.record(5, with_4.clone());
         let promoted = with_4
             .apply(&MembershipChange::Promote { id: 4 })
             .expect("promote");
         log.record(9, promoted.clone());
+        assert!(log.is_recorded());
         assert_eq!(log.current(), &promoted);
+        let without_1 = promoted
+            .apply(&MembershipChange::Remove { id: 1 })
+            .expect("remove");
+        log.record(10, without_1);
+        assert_eq!((log.removed_at(1), log.removed_at(2)), (Some(10), None));
+        log.truncate_after(9);
+        assert_eq!(log.removed_at(1), None, "the removal was truncated away");
         assert_eq!(log.at(7), &with_4);
         assert_eq!(log.at(4), &Membership::from_voters([1, 2, 3]));
         log.truncate_after(8);

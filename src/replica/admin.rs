@@ -25,16 +25,24 @@ const TRANSFER_WAIT: Duration = Duration::from_secs(3);
 pub struct AdminService {
     handle: RaftHandle,
     guard: Guard,
+    /// The group's cluster id, reported to joining nodes.
+    cluster: String,
     /// Members' client addresses, for naming the leader in refusals.
     clients: HashMap<NodeId, String>,
 }
 
 impl AdminService {
     /// The service of the node behind `handle`.
-    pub fn new(handle: RaftHandle, guard: Guard, clients: HashMap<NodeId, String>) -> Self {
+    pub fn new(
+        handle: RaftHandle,
+        guard: Guard,
+        cluster: String,
+        clients: HashMap<NodeId, String>,
+    ) -> Self {
         AdminService {
             handle,
             guard,
+            cluster,
             clients,
         }
     }
@@ -103,6 +111,7 @@ pub fn members_response(status: &NodeStatus) -> pb::MembersResponse {
         last_index: raft.last_index,
         progress_known: leading,
         leader_address: String::new(),
+        cluster: String::new(),
         members: raft
             .membership
             .members()
@@ -116,11 +125,15 @@ pub fn members_response(status: &NodeStatus) -> pb::MembersResponse {
     }
 }
 
-/// `host:port` with a port, as `--peers` requires.
+/// Longest peer address a configuration carries (every member's is in every config entry).
+const MAX_ADDRESS_BYTES: usize = 255;
+
+/// `host:port` with a non-zero port, as `--peers` requires, and of a sane length.
 fn valid_address(address: &str) -> bool {
-    address
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    address.len() <= MAX_ADDRESS_BYTES
+        && address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        })
 }
 
 /// The change a request asks for, or why it is malformed.
@@ -157,6 +170,7 @@ impl RaftAdmin for AdminService {
         self.guard.caller(&request)?;
         let mut reply = members_response(&self.handle.status());
         reply.leader_address = self.clients.get(&reply.leader).cloned().unwrap_or_default();
+        reply.cluster = self.cluster.clone();
         Ok(Response::new(reply))
     }
 

@@ -315,19 +315,26 @@ const JOIN_WAIT: Duration = Duration::from_secs(30);
 /// that if the group is not reachable, e.g. when every member restarts at once).
 const REJOIN_WAIT: Duration = Duration::from_secs(5);
 
-/// Ask the members at `join` (client addresses) for the group's configuration, retrying for
-/// [`JOIN_WAIT`] (a member may be restarting). The leader's answer is preferred: it is never behind.
+/// Ask the members at `join` (client addresses) for the group's configuration, retrying for `wait`
+/// (a member may be restarting). Only a leader's answer is taken (a follower's, or a removed node's,
+/// may be stale), and only from the group `cluster` names (`<cluster>/<group>`), following the
+/// leader a follower names.
 async fn fetch_membership(
     join: &[String],
     security: &Security,
+    cluster: &str,
     wait: Duration,
 ) -> Result<crate::proto::raft::MembersResponse, StartError> {
     use crate::proto::raft::raft_admin_client::RaftAdminClient;
     let deadline = tokio::time::Instant::now() + wait;
     let mut last_error = String::from("no member answered");
+    let mut join = join.to_vec();
     loop {
-        let mut fallback = None;
-        for address in join {
+        for index in 0.. {
+            let Some(address) = join.get(index).cloned() else {
+                break;
+            };
+            let address = &address;
             let endpoint = security
                 .endpoint(address)
                 .map_err(|e| StartError::Config(format!("--join {address}: {e}")))?
@@ -346,18 +353,22 @@ async fn fetch_membership(
             {
                 Ok(reply) => {
                     let reply = reply.into_inner();
+                    if reply.cluster != cluster {
+                        return Err(StartError::Config(format!(
+                            "--join {address}: that is a member of {:?}, not of {cluster:?}",
+                            reply.cluster
+                        )));
+                    }
                     if reply.leader == reply.id && reply.leader != 0 {
                         return Ok(reply);
                     }
-                    if !reply.members.is_empty() {
-                        fallback = Some(reply);
+                    last_error = format!("{address}: node {} does not lead", reply.id);
+                    if !reply.leader_address.is_empty() && !join.contains(&reply.leader_address) {
+                        join.push(reply.leader_address.clone());
                     }
                 }
                 Err(status) => last_error = format!("{address}: {}", status.message()),
             }
-        }
-        if let Some(reply) = fallback {
-            return Ok(reply);
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(StartError::Config(format!(
@@ -381,6 +392,11 @@ fn check_joining(
             "node {id} is a voter of the group, but its data dir is empty: a voter that lost its data \
              could lose acknowledged writes. Remove it first (kvctl member remove {id}), then add it \
              again (kvctl member add {id}=PEER_ADDRESS)"
+        ))),
+        // Added, and the leader already replicated to it: the data it held is gone.
+        Some(member) if member.match_index > 0 => Err(StartError::Config(format!(
+            "node {id} is a learner that already held part of the log, but its data dir is empty: \
+             remove it first (kvctl member remove {id}), then add it again"
         ))),
         Some(_) => {
             info!(node = id, "joining as a learner already added; catching up");
@@ -511,7 +527,8 @@ impl Replica {
             // voter: a node started with --join only votes once the log says it does.
             let fresh = storage.is_fresh()?;
             let wait = if fresh { JOIN_WAIT } else { REJOIN_WAIT };
-            match fetch_membership(&config.join, &config.security, wait).await {
+            let ours = crate::raft::transport::cluster_id(&config.cluster, &group);
+            match fetch_membership(&config.join, &config.security, &ours, wait).await {
                 Ok(members) => {
                     if fresh {
                         check_joining(config.id, &members)?;
@@ -543,8 +560,10 @@ impl Replica {
         let mut node_config = NodeConfig::new(config.id, raft_peers);
         node_config.address = own_address;
         if let Some(voters) = joined_voters {
-            // The group as it is now, without this node: it waits to be added.
+            // The group as it is now, without this node: it waits to be added, and votes for
+            // nobody until a leader has replicated to it (see `check_joining`).
             node_config.raft.voters = voters;
+            node_config.raft.no_vote_until_replicated = true;
         }
         node_config.restored = storage
             .restored_from()?
@@ -557,8 +576,12 @@ impl Replica {
         node_config.guard = config.security.guard();
         node_config.transport.security = config.security.clone();
         let (node, applied) = RaftNode::start(node_config, storage)?;
-        let admin =
-            admin::AdminService::new(node.handle(), config.security.guard(), addresses.clone());
+        let admin = admin::AdminService::new(
+            node.handle(),
+            config.security.guard(),
+            crate::raft::transport::cluster_id(&config.cluster, &group_name),
+            addresses.clone(),
+        );
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 let listener = TcpListener::bind(addr)

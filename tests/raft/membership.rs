@@ -308,3 +308,61 @@ fn leadership_moves_to_a_lagging_follower_only_after_it_caught_up() {
     load(&mut cfg, 2, 3);
     cfg.end("leadership_moves_to_a_lagging_follower_only_after_it_caught_up");
 }
+
+/// One core, fed messages by hand: what it answers to whom.
+mod single_core {
+    use ds824::raft::{Config, Envelope, Message, RaftCore};
+
+    fn vote_request(from: u64, term: u64) -> Envelope {
+        Envelope {
+            from,
+            to: 4,
+            message: Message::RequestVote {
+                term,
+                last_log_index: 10,
+                last_log_term: 1,
+                pre_vote: false,
+                leadership_transfer: false,
+            },
+        }
+    }
+
+    fn granted(core: &mut RaftCore) -> Option<bool> {
+        core.ready()
+            .messages
+            .into_iter()
+            .find_map(|e| match e.message {
+                Message::RequestVoteResponse { granted, .. } => Some(granted),
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn a_node_joining_with_an_empty_log_votes_for_nobody() {
+        // The group may still count node 4 as the voter it was before its disk died.
+        let mut config = Config::new(4, vec![1, 2, 3, 4]);
+        config.no_vote_until_replicated = true;
+        let mut core = RaftCore::new(config).expect("config");
+        core.step(vote_request(2, 5)).expect("step");
+        assert_eq!(granted(&mut core), Some(false));
+        // Without the flag the same empty log grants the vote: that is the danger.
+        let mut core = RaftCore::new(Config::new(4, vec![1, 2, 3, 4])).expect("config");
+        core.step(vote_request(2, 5)).expect("step");
+        assert_eq!(granted(&mut core), Some(true));
+    }
+
+    #[test]
+    fn only_the_leader_of_our_term_can_make_us_campaign() {
+        let mut core = RaftCore::new(Config::new(4, vec![1, 2, 3, 4])).expect("config");
+        // A learner, a removed node or a stale leader sends TimeoutNow: ignored.
+        for from in [2, 9] {
+            core.step(Envelope {
+                from,
+                to: 4,
+                message: Message::TimeoutNow { term: 0 },
+            })
+            .expect("step");
+            assert_eq!(core.term(), 0, "TimeoutNow from {from} started an election");
+        }
+    }
+}
