@@ -20,7 +20,7 @@ fi
 export DS824_INSECURE=1
 work=$(mktemp -d /tmp/leader-outage.XXXXXX)
 pids=()
-stop_all() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+stop_all() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
 trap 'stop_all; rm -rf "$work"' EXIT
 peers=1=127.0.0.1:28101,2=127.0.0.1:28102,3=127.0.0.1:28103
 clients=1=127.0.0.1:27101,2=127.0.0.1:27102,3=127.0.0.1:27103

@@ -596,6 +596,16 @@ async fn run(cli: Cli) -> u8 {
                 println!("{}", status::render_json(&reports));
             } else {
                 print!("{}", status::render_table(&reports));
+                // The configuration as the leader sees it: learners, and how far each is behind.
+                let target = backup::Target {
+                    servers: cluster.clone(),
+                    role: Role::Kv,
+                };
+                if let Ok(members) =
+                    member::leader_members(&target, &config, Duration::from_secs(2)).await
+                {
+                    print!("\nmembers: {}", member::render_table(&members));
+                }
             }
             if reports.iter().any(|r| r.status.is_ok()) {
                 EXIT_OK

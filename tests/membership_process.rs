@@ -128,3 +128,70 @@ async fn a_node_whose_data_dir_was_deleted_is_replaced_and_catches_up_by_snapsho
     let mut final_clerk = clerk(&cluster);
     load.finish_and_verify(&mut final_clerk).await;
 }
+
+/// `kvctl --ctrlers ... ARGS` against the controllers (plaintext).
+fn kvctl_ctrlers(ctrlers: &Replicas, args: &[&str]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .arg("--insecure")
+        .args([
+            "--ctrlers",
+            &ctrlers.addrs.join(","),
+            "--timeout-ms",
+            "30000",
+        ])
+        .args(args)
+        .env_remove("KVCTL_CLUSTER")
+        .output()
+        .expect("run kvctl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_membership_and_leadership_are_managed_the_same_way() {
+    let mut ctrlers = Replicas::prepare_temp(Role::Ctrler, 3, 4 << 10);
+    for i in 0..3 {
+        ctrlers.start_node(i);
+    }
+    let list = |ctrlers: &Replicas| -> serde_json::Value {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let (ok, text) = kvctl_ctrlers(ctrlers, &["member", "--ctrler", "list", "--json"]);
+            if ok {
+                return serde_json::from_str(text.trim()).expect("json");
+            }
+            assert!(std::time::Instant::now() < deadline, "{text}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let members = list(&ctrlers);
+    assert_eq!(members["members"].as_array().map(Vec::len), Some(3));
+    let leader = members["leader"].as_u64().expect("leader");
+    let target = leader % 3 + 1;
+    let (ok, text) = kvctl_ctrlers(
+        &ctrlers,
+        &["transfer-leader", "--ctrler", &target.to_string()],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(list(&ctrlers)["leader"].as_u64(), Some(target));
+    // A learner's progress shows in the list.
+    let spec = format!("4={}", "127.0.0.1:9");
+    let (ok, text) = kvctl_ctrlers(&ctrlers, &["member", "--ctrler", "add", &spec, "--learner"]);
+    assert!(ok, "{text}");
+    let learner = list(&ctrlers)["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["id"] == 4)
+        .cloned()
+        .expect("node 4 listed");
+    assert_eq!(learner["learner"], true);
+    assert!(learner["lag"].as_u64().expect("lag") > 0, "{learner}");
+    let (ok, text) = kvctl_ctrlers(&ctrlers, &["member", "--ctrler", "remove", "4"]);
+    assert!(ok, "{text}");
+    assert_eq!(list(&ctrlers)["members"].as_array().map(Vec::len), Some(3));
+}

@@ -205,6 +205,15 @@ fn satisfied(members: &pb::MembersResponse, change: &pb::change_members_request:
     }
 }
 
+/// The leader's view of the membership, asked for at most `within` (for `kvctl status`).
+pub async fn leader_members(
+    target: &Target,
+    config: &ClerkConfig,
+    within: Duration,
+) -> anyhow::Result<pb::MembersResponse> {
+    leader_view(target, config, Instant::now() + within).await
+}
+
 /// The leader's view of the membership (progress included).
 async fn leader_view(
     target: &Target,

@@ -1434,24 +1434,14 @@ impl RaftCore {
     /// Figure 2, leader rule 4, with the Figure 8 restriction: an index is committed when a majority stores
     /// it **and** its entry is from the current term. Older entries commit only indirectly.
     fn maybe_commit(&mut self) {
-        // Only voters count (a learner's copy does not make an entry safe), the leader itself only
-        // while it is one.
-        let membership = self.memberships.current();
-        let mut matches: Vec<Index> = self
-            .progress
-            .iter()
-            .filter(|(id, _)| membership.is_voter(**id))
-            .map(|(_, p)| p.match_index)
-            .collect();
         // Its own copy counts once durable: at once under the ordinary driver contract (nothing is
         // observable before the flush), after `persisted` when entries went out before their flush.
-        if membership.is_voter(self.config.id) {
-            matches.push(if self.config.persist_after_send {
-                self.durable.min(self.log.last_index())
-            } else {
-                self.log.last_index()
-            });
-        }
+        let own = if self.config.persist_after_send {
+            self.durable.min(self.log.last_index())
+        } else {
+            self.log.last_index()
+        };
+        let mut matches = self.voter_values(|p| p.match_index, own);
         let candidate = quorum::quorum_value(&mut matches);
         if candidate > self.log.committed() && self.log.term(candidate) == Some(self.term) {
             self.log.commit_to(candidate);
@@ -1494,20 +1484,28 @@ impl RaftCore {
         self.become_follower(self.term, None);
     }
 
+    /// One value per voter of the configuration in force — `of` its progress, `own` for this node
+    /// while it is one — for the quorum arithmetic: a learner's copy or acknowledgement never
+    /// counts.
+    fn voter_values(&self, of: impl Fn(&Progress) -> u64, own: u64) -> Vec<u64> {
+        let membership = self.memberships.current();
+        let mut values: Vec<u64> = self
+            .progress
+            .iter()
+            .filter(|(id, _)| membership.is_voter(**id))
+            .map(|(_, p)| of(p))
+            .collect();
+        if membership.is_voter(self.config.id) {
+            values.push(own);
+        }
+        values
+    }
+
     fn advance_reads(&mut self) {
         if self.reads.is_empty() && !self.config.lease_reads {
             return;
         }
-        let membership = self.memberships.current();
-        let mut rounds: Vec<u64> = self
-            .progress
-            .iter()
-            .filter(|(id, _)| membership.is_voter(**id))
-            .map(|(_, p)| p.read_round)
-            .collect();
-        if membership.is_voter(self.config.id) {
-            rounds.push(u64::MAX);
-        }
+        let mut rounds = self.voter_values(|p| p.read_round, u64::MAX);
         let confirmed_round = quorum::quorum_value(&mut rounds);
         let confirmed = self.reads.confirm(confirmed_round);
         self.read_states.extend(confirmed);
