@@ -239,8 +239,22 @@ async fn kvctl_commands_and_exit_codes() {
     assert_eq!(status.status.code(), Some(0));
     let nodes: serde_json::Value = serde_json::from_str(&stdout(&status)).expect("json");
     assert_eq!(nodes.as_array().map(Vec::len), Some(3));
-    let table = run(&["status"]);
-    assert_eq!(stdout(&table).lines().count(), 4, "{}", stdout(&table));
+    // A header and a line per node, then the members as the leader sees them: a header line,
+    // the column titles and a line per member.
+    let table = stdout(&run(&["status"]));
+    let (nodes, members) = table.split_once("\n\n").expect("two sections");
+    assert_eq!(nodes.lines().count(), 4, "{table}");
+    assert!(members.starts_with("members: leader "), "{table}");
+    assert_eq!(members.lines().count(), 5, "{table}");
+    assert_eq!(
+        members
+            .lines()
+            .skip(2)
+            .filter(|l| l.contains(" voter ") || l.contains(" leader "))
+            .count(),
+        3,
+        "{table}"
+    );
 
     // The service itself refuses bad input with INVALID_ARGUMENT, whoever the caller is.
     let mut raw = KvClient::connect(format!("http://{}", cluster.addrs[0]))
