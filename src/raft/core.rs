@@ -1608,22 +1608,9 @@ impl RaftCore {
         // A node that joined with an empty log votes only once a leader replicated to it: if the
         // group still counts it as the voter it was before it lost its data, its empty log would
         // be "up to date" for any candidate, including one lacking acknowledged writes.
-        let empty = self.log.last_index() == 0 && self.log.snapshot_meta().index == 0;
-        if self.config.no_vote_until_replicated && empty {
-            debug!(
-                node = self.config.id,
-                from, "refusing to vote before any leader replicated to us"
-            );
-            self.send(
-                from,
-                Message::RequestVoteResponse {
-                    term: self.term,
-                    granted: false,
-                    pre_vote,
-                },
-            );
-            return;
-        }
+        let unreplicated = self.config.no_vote_until_replicated
+            && self.log.last_index() == 0
+            && self.log.snapshot_meta().index == 0;
         // With lease reads the promise holds in every term: a stale higher-term message may have
         // moved us to this term since we acknowledged a leader whose lease still runs.
         let promised = self.config.lease_reads
@@ -1632,6 +1619,7 @@ impl RaftCore {
             && self.in_lease();
         // Figure 2 RequestVote receiver rule 2, and for a pre-vote: "would I vote for you in `term`?".
         let can_vote = !promised
+            && !unreplicated
             && (self.vote == Some(from)
                 || (self.vote.is_none() && self.leader.is_none())
                 || (pre_vote && term > self.term));

@@ -131,9 +131,10 @@ const MAX_ADDRESS_BYTES: usize = 255;
 /// `host:port` with a non-zero port, as `--peers` requires, and of a sane length.
 fn valid_address(address: &str) -> bool {
     address.len() <= MAX_ADDRESS_BYTES
-        && address.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
-        })
+        && super::args::is_host_port(address)
+        && address
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok_and(|p| p != 0))
 }
 
 /// The change a request asks for, or why it is malformed.
