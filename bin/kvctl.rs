@@ -206,6 +206,14 @@ enum CtrlerOp {
         /// The group id.
         gid: u64,
     },
+    /// Replace group GID's server list (same form as join) and keep its shards where they are: what
+    /// clerks and other groups are handed after the group's Raft members changed. `kvctl member
+    /// add|remove --gid GID --serve SERVER` does this for one server; this sets the whole list.
+    Servers {
+        /// The group and its servers now, e.g. 1=g1a:7201@127.0.0.1:17201,g1d:7201@127.0.0.1:17207
+        #[arg(value_name = "GID=SERVERS")]
+        group: String,
+    },
     /// Print configuration NUM (default: the latest).
     Query {
         /// Configuration number.
@@ -276,19 +284,30 @@ enum MemberOp {
         #[arg(value_name = "ID=HOST:PORT", value_parser = parse_member)]
         member: (u64, String),
         /// Stop once it is a learner (promote it later with `kvctl member promote ID`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "serve")]
         learner: bool,
+        /// With --gid: once it is a voter, add SERVER (PEER or PEER@CLIENT, as `ctrler join` names
+        /// servers) to the group's servers in the controllers, so clerks and other groups reach it.
+        #[arg(long, value_name = "SERVER")]
+        serve: Option<String>,
     },
     /// Make learner ID a voter, once it has caught up with the leader (waits for that).
     Promote {
         /// The learner.
         id: u64,
+        /// With --gid: then add SERVER to the group's servers in the controllers (as for `add`).
+        #[arg(long, value_name = "SERVER")]
+        serve: Option<String>,
     },
     /// Remove member ID. Removing the leader is allowed: it steps down once the removal commits.
     /// Stop the removed node's process afterwards.
     Remove {
         /// The member.
         id: u64,
+        /// With --gid: then take SERVER (the removed node's entry) out of the group's servers in the
+        /// controllers; checked to be listed before anything is removed.
+        #[arg(long, value_name = "SERVER")]
+        serve: Option<String>,
     },
 }
 
@@ -489,24 +508,38 @@ async fn run(cli: Cli) -> u8 {
         return snapshot_command(op, &cluster, &ctrlers, config, view).await;
     }
     if let Command::Member { group, op } = cli.command {
-        let op = match op {
-            MemberOp::List { json } => member::Op::List { json },
+        use kvctl::ctrler::ServerEdit;
+        let (op, edit) = match op {
+            MemberOp::List { json } => (member::Op::List { json }, None),
             MemberOp::Add {
                 member: (id, address),
                 learner,
-            } => member::Op::Add {
-                id,
-                address,
-                learner_only: learner,
-            },
-            MemberOp::Promote { id } => member::Op::Promote(id),
-            MemberOp::Remove { id } => member::Op::Remove(id),
+                serve,
+            } => (
+                member::Op::Add {
+                    id,
+                    address,
+                    learner_only: learner,
+                },
+                serve.map(ServerEdit::Add),
+            ),
+            MemberOp::Promote { id, serve } => {
+                (member::Op::Promote(id), serve.map(ServerEdit::Add))
+            }
+            MemberOp::Remove { id, serve } => {
+                (member::Op::Remove(id), serve.map(ServerEdit::Remove))
+            }
         };
-        return member_command(&group, op, &cluster, &ctrlers, config, view).await;
+        let edit = match (edit, group.gid) {
+            (None, _) => None,
+            (Some(edit), Some(gid)) => Some((gid, edit)),
+            (Some(_), None) => return fail("--serve edits a shard group's servers: give --gid"),
+        };
+        return member_command(&group, op, edit, &cluster, &ctrlers, config, view).await;
     }
     if let Command::TransferLeader { group, id } = cli.command {
         let op = member::Op::TransferLeader(id);
-        return member_command(&group, op, &cluster, &ctrlers, config, view).await;
+        return member_command(&group, op, None, &cluster, &ctrlers, config, view).await;
     }
     if let Command::Ctrler { op } = cli.command {
         if ctrlers.is_empty() {
@@ -737,9 +770,12 @@ async fn resolve_group(
     }
 }
 
+/// Run a membership operation; with `edit`, then make the controllers hand out shard group `gid`'s
+/// servers accordingly (checked before the membership changes, so a typo changes nothing).
 async fn member_command(
     group: &GroupArgs,
     op: member::Op,
+    edit: Option<(u64, kvctl::ctrler::ServerEdit)>,
     cluster: &[String],
     ctrlers: &[String],
     config: ClerkConfig,
@@ -749,10 +785,37 @@ async fn member_command(
         Ok(target) => target,
         Err(e) => return fail(e),
     };
-    match member::run(&target, &config, op).await {
-        Ok(()) => EXIT_OK,
-        Err(e) => fail(format!("{e:#}")),
+    let mut ctrler_clerk = None;
+    if let Some((gid, edit)) = &edit {
+        let mut clerk = match CtrlerClerk::new(ctrlers, config.clone()) {
+            Ok(clerk) => clerk,
+            Err(e) => return fail(format!("controllers: {e}")),
+        };
+        if let Err(e) = kvctl::ctrler::check_server_edit(&mut clerk, *gid, edit).await {
+            return fail(e);
+        }
+        ctrler_clerk = Some(clerk);
     }
+    if let Err(e) = member::run(&target, &config, op).await {
+        return fail(format!("{e:#}"));
+    }
+    if let (Some((gid, edit)), Some(clerk)) = (edit, ctrler_clerk.as_mut()) {
+        match kvctl::ctrler::edit_servers(clerk, gid, &edit).await {
+            Ok(latest) => {
+                let servers = latest.groups.get(&gid).map(|s| s.join(",")).unwrap_or_default();
+                println!(
+                    "controllers: group {gid} is served by {servers} (configuration {})",
+                    latest.num
+                );
+            }
+            Err(e) => {
+                return fail(format!(
+                    "the membership changed, but {e}; set the list with `kvctl ctrler servers {gid}=SERVERS`"
+                ))
+            }
+        }
+    }
+    EXIT_OK
 }
 
 async fn snapshot_command(
@@ -823,6 +886,7 @@ impl From<CtrlerOp> for kvctl::ctrler::Op {
             } => kvctl::ctrler::Op::Join(groups, skip_joined),
             CtrlerOp::Leave { gids } => kvctl::ctrler::Op::Leave(gids),
             CtrlerOp::Move { shard, gid } => kvctl::ctrler::Op::Move(shard, gid),
+            CtrlerOp::Servers { group } => kvctl::ctrler::Op::Servers(group),
             CtrlerOp::Query { num, json } => kvctl::ctrler::Op::Query(num, json),
         }
     }

@@ -43,8 +43,12 @@ fn member(cluster: &Replicas, args: &[&str]) -> String {
 
 /// The voters and learners `kvctl member list --json` reports.
 fn members(cluster: &Replicas) -> (Vec<u64>, Vec<u64>) {
-    let json: serde_json::Value =
-        serde_json::from_str(&member(cluster, &["list", "--json"])).expect("json");
+    voters_and_learners(&member(cluster, &["list", "--json"]))
+}
+
+/// The voters and learners in the output of `kvctl member list --json`.
+fn voters_and_learners(text: &str) -> (Vec<u64>, Vec<u64>) {
+    let json: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
     let mut voters = Vec::new();
     let mut learners = Vec::new();
     for m in json["members"].as_array().expect("members") {
@@ -194,4 +198,100 @@ async fn the_controllers_membership_and_leadership_are_managed_the_same_way() {
     let (ok, text) = kvctl_ctrlers(&ctrlers, &["member", "--ctrler", "remove", "4"]);
     assert!(ok, "{text}");
     assert_eq!(list(&ctrlers)["members"].as_array().map(Vec::len), Some(3));
+}
+
+/// `kvctl --ctrlers ... member --gid GID ARGS` (plaintext) succeeds or not, with its output.
+fn kvctl_group(ctrlers: &Replicas, gid: u64, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["member", "--gid"];
+    let gid = gid.to_string();
+    all.push(&gid);
+    all.extend_from_slice(args);
+    kvctl_ctrlers(ctrlers, &all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_groups_new_members_are_what_the_controllers_hand_out() {
+    use ds824::ctrler::CtrlerClerk;
+    use ds824::kv::KvOps;
+    use ds824::shardkv::ShardClerk;
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrlers = Replicas::start(root.path(), 0, "");
+    let role = Role::Shard {
+        gid: 1,
+        ctrlers: ctrlers.addrs.join(","),
+    };
+    let mut group = Replicas::prepare_temp(role, 4, 4 << 10);
+    group.bootstrap = Some(3);
+    for i in 0..3 {
+        group.start_node(i);
+    }
+    let config = ClerkConfig {
+        call_timeout: Duration::from_secs(20),
+        ..ClerkConfig::default()
+    };
+    let mut admin = CtrlerClerk::new(&ctrlers.addrs, config.clone()).expect("ctrler clerk");
+    let first: Vec<String> = group.addrs[..3].to_vec();
+    admin
+        .join([(1, first.clone())].into())
+        .await
+        .expect("join group 1");
+    let mut clerk = ShardClerk::new(&ctrlers.addrs, config.clone()).expect("clerk");
+    for k in 0..20 {
+        clerk
+            .put(&format!("k{k}"), &format!("v{k}"))
+            .await
+            .expect("put");
+    }
+    let servers = |config: &ds824::ctrler::Config| config.groups[&1].to_vec();
+
+    // Node 4 joins and, once a voter, is one of the group's servers in the controllers.
+    group.start_joining(3, &[0, 1, 2]);
+    let spec = format!("4={}", group.peer_addrs[3]);
+    let (ok, text) = kvctl_group(&ctrlers, 1, &["add", &spec, "--serve", &group.addrs[3]]);
+    assert!(ok, "{text}");
+    assert!(text.contains("controllers: group 1 is served by"), "{text}");
+    let latest = admin.query(None).await.expect("query");
+    let mut expected = first.clone();
+    expected.push(group.addrs[3].clone());
+    assert_eq!(servers(&latest), expected);
+
+    // A server the controllers do not list is refused before the membership changes.
+    let (ok, text) = kvctl_group(&ctrlers, 1, &["remove", "1", "--serve", "127.0.0.1:1"]);
+    assert!(
+        !ok && text.contains("is not one of group 1's servers"),
+        "{text}"
+    );
+    let (voters, _) = members_of(&ctrlers, 1);
+    assert_eq!(
+        voters,
+        [1, 2, 3, 4],
+        "a refused command changed the membership"
+    );
+
+    // Nodes 1 and 2 leave: their entries go; what the controllers hand out reaches the rest.
+    for (id, slot) in [(1, 0), (2, 1)] {
+        let (ok, text) = kvctl_group(
+            &ctrlers,
+            1,
+            &["remove", &id.to_string(), "--serve", &group.addrs[slot]],
+        );
+        assert!(ok, "{text}");
+        group.kill(slot);
+    }
+    let latest = admin.query(None).await.expect("query");
+    assert_eq!(servers(&latest), group.addrs[2..].to_vec());
+    let mut fresh = ShardClerk::new(&ctrlers.addrs, config).expect("clerk");
+    for k in 0..20 {
+        assert_eq!(
+            fresh.get(&format!("k{k}")).await.expect("get"),
+            Some(format!("v{k}"))
+        );
+    }
+}
+
+/// Group `gid`'s voters and learners, as `kvctl member --gid GID list --json` reports them.
+fn members_of(ctrlers: &Replicas, gid: u64) -> (Vec<u64>, Vec<u64>) {
+    let (ok, text) = kvctl_group(ctrlers, gid, &["list", "--json"]);
+    assert!(ok, "{text}");
+    voters_and_learners(&text)
 }

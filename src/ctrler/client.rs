@@ -43,6 +43,16 @@ impl CtrlerClerk {
         self.command(CtrlerCommand::Move { shard, gid }).await
     }
 
+    /// Group `gid`'s servers are now `servers` (after a change of its Raft membership); returns the
+    /// configuration that says so (the latest, if it already did).
+    pub async fn set_servers(
+        &mut self,
+        gid: Gid,
+        servers: Vec<String>,
+    ) -> Result<Config, ClerkError> {
+        self.command(CtrlerCommand::Servers { gid, servers }).await
+    }
+
     /// Configuration `num`, or the latest for `None`. A configuration the controllers dropped is an
     /// error saying which is the oldest kept (see [`CtrlerClerk::fetch`] to act on it).
     pub async fn query(&mut self, num: Option<u64>) -> Result<Config, ClerkError> {

@@ -2,8 +2,8 @@
 //! Replication, exactly-once and linearizable queries come from [`crate::rsm`].
 
 use super::state::{
-    check_join, config_to_proto, CtrlerAnswer, CtrlerCommand, CtrlerOutput, CtrlerQuery,
-    ShardCtrler,
+    check_group, check_join, config_to_proto, CtrlerAnswer, CtrlerCommand, CtrlerOutput,
+    CtrlerQuery, ShardCtrler,
 };
 use crate::proto::ctrler as pb;
 use crate::proto::ctrler::ctrler_server::Ctrler;
@@ -137,7 +137,7 @@ impl Ctrler for CtrlerService {
                     CtrlerCommand::Progress { gid, .. } => {
                         format!("report progress for group {gid}")
                     }
-                    _ => "change the configuration (join, leave, move)".into(),
+                    _ => "change the configuration (join, leave, move, servers)".into(),
                 };
                 return Err(Status::permission_denied(format!(
                     "{principal} may not {what}"
@@ -151,6 +151,9 @@ impl Ctrler for CtrlerService {
             // What no configuration could take is refused before it costs a log entry, in the words
             // the state machine would use.
             check_join(groups).map_err(Status::invalid_argument)?;
+        }
+        if let CtrlerCommand::Servers { gid, servers } = &command {
+            check_group(*gid, servers).map_err(Status::invalid_argument)?;
         }
         let result = self
             .service

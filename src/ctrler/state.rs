@@ -151,6 +151,14 @@ pub enum CtrlerCommand {
         /// The group that gets it.
         gid: Gid,
     },
+    /// Group `gid`'s servers are now `servers` (its Raft membership changed); the shards stay where
+    /// they are. The same list again changes nothing and answers with the latest configuration.
+    Servers {
+        /// A joined group.
+        gid: Gid,
+        /// Its servers, as a Join names them.
+        servers: Vec<String>,
+    },
     /// Group `gid` has reached configuration `num`: configurations it can no longer ask for may go.
     Progress {
         /// The reporting group (the service checks the caller's certificate names it).
@@ -462,6 +470,26 @@ impl ShardCtrler {
         self.push(next)
     }
 
+    fn set_servers(&mut self, gid: Gid, servers: Vec<String>) -> CtrlerOutput {
+        check_group(gid, &servers)?;
+        let latest = self.latest();
+        let Some(old) = latest.groups.get(&gid) else {
+            return Err(format!("group {gid} is not a member"));
+        };
+        if **old == *servers {
+            return Ok(CtrlerAnswer::Created(latest.num));
+        }
+        let bytes = latest.groups.address_bytes() - address_bytes(old) + address_bytes(&servers);
+        if bytes > MAX_CONFIG_SERVER_BYTES {
+            return Err(format!(
+                "the configuration's server addresses would take {bytes} bytes, more than {MAX_CONFIG_SERVER_BYTES}"
+            ));
+        }
+        let mut next = self.next_config();
+        next.groups.make_mut().insert(gid, Servers::from(servers));
+        self.push(next)
+    }
+
     fn move_shard(&mut self, shard: u64, gid: Gid) -> CtrlerOutput {
         // The group map is shared with the latest configuration, not copied.
         let mut next = self.next_config();
@@ -627,6 +655,7 @@ impl StateMachine for ShardCtrler {
             CtrlerCommand::Join(groups) => self.join(groups),
             CtrlerCommand::Leave(gids) => self.leave(gids),
             CtrlerCommand::Move { shard, gid } => self.move_shard(shard, gid),
+            CtrlerCommand::Servers { gid, servers } => self.set_servers(gid, servers),
             CtrlerCommand::Progress { gid, num, keep } => self.progress(gid, num, keep),
         }
     }
@@ -710,6 +739,12 @@ impl StateMachine for ShardCtrler {
             CtrlerCommand::Move { shard, gid } => Op::Move(pb::Move {
                 shard: *shard,
                 gid: *gid,
+            }),
+            CtrlerCommand::Servers { gid, servers } => Op::Servers(pb::Servers {
+                group: Some(pb::Group {
+                    gid: *gid,
+                    servers: servers.clone(),
+                }),
             }),
             CtrlerCommand::Progress { gid, num, keep } => Op::Progress(pb::Progress {
                 gid: *gid,
@@ -835,6 +870,16 @@ impl TryFrom<pb::Command> for CtrlerCommand {
                     shard: m.shard,
                     gid: m.gid,
                 },
+                Op::Servers(s) => {
+                    let group = s.group.ok_or_else(|| RsmError::Decode {
+                        what: "controller command",
+                        detail: "a server list names no group".into(),
+                    })?;
+                    CtrlerCommand::Servers {
+                        gid: group.gid,
+                        servers: group.servers,
+                    }
+                }
                 Op::Progress(p) => CtrlerCommand::Progress {
                     gid: p.gid,
                     num: p.num,

@@ -1,4 +1,4 @@
-//! `kvctl ctrler ...`: join, leave, move and query against the shard controller, and how a configuration
+//! `kvctl ctrler ...`: join, leave, move, servers and query against the shard controller, and how a configuration
 //! is shown to an operator.
 
 use super::{EXIT_ERROR, EXIT_OK};
@@ -16,6 +16,8 @@ pub enum Op {
     Leave(Vec<Gid>),
     /// Shard and group.
     Move(u64, Gid),
+    /// A `GID=SERVER,...` specification: the group's whole new server list.
+    Servers(String),
     /// Configuration number (latest if absent) and whether to print JSON.
     Query(Option<u64>, bool),
 }
@@ -47,6 +49,93 @@ pub fn parse_group(spec: &str) -> Result<(Gid, Vec<String>), String> {
             .map_err(|e| format!("group {gid}: {e}"))?;
     }
     Ok((gid, servers))
+}
+
+/// How a shard group's server list in the controllers changes with its Raft membership
+/// (`kvctl member ... --gid G --serve SERVER`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerEdit {
+    /// A new voter serves at this entry (`PEER` or `PEER@CLIENT`).
+    Add(String),
+    /// A removed member served at this entry.
+    Remove(String),
+}
+
+impl ServerEdit {
+    /// The entry edited.
+    pub fn entry(&self) -> &str {
+        match self {
+            ServerEdit::Add(entry) | ServerEdit::Remove(entry) => entry,
+        }
+    }
+
+    /// `servers` after the edit (adding an entry already listed, or removing one not listed, changes
+    /// nothing: a rerun after a crash is harmless).
+    pub fn apply_to(&self, servers: &[String]) -> Vec<String> {
+        let mut next: Vec<String> = servers.to_vec();
+        match self {
+            ServerEdit::Add(entry) if !next.contains(entry) => next.push(entry.clone()),
+            ServerEdit::Add(_) => {}
+            ServerEdit::Remove(entry) => next.retain(|s| s != entry),
+        }
+        next
+    }
+}
+
+/// Check, before the membership changes, that `edit` can be made to group `gid`'s list: the group
+/// has joined, a removed entry is listed and is not its last.
+pub async fn check_server_edit(
+    clerk: &mut CtrlerClerk,
+    gid: Gid,
+    edit: &ServerEdit,
+) -> Result<(), String> {
+    crate::ctrler::addresses::validate_entry(edit.entry())?;
+    let latest = clerk
+        .query(None)
+        .await
+        .map_err(|e| format!("controllers: {e}"))?;
+    let servers = latest.groups.get(&gid).ok_or_else(|| {
+        format!(
+            "group {gid} is not in configuration {} of the controllers",
+            latest.num
+        )
+    })?;
+    if let ServerEdit::Remove(entry) = edit {
+        if !servers.contains(entry) {
+            return Err(format!(
+                "--serve {entry:?} is not one of group {gid}'s servers in configuration {} ({})",
+                latest.num,
+                servers.join(",")
+            ));
+        }
+        if servers.len() == 1 {
+            return Err(format!(
+                "{entry:?} is group {gid}'s only server in the controllers' configuration"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Make the controllers hand out group `gid`'s servers with `edit` made (reading the latest list
+/// first, so edits by others in between are kept); returns the configuration that says so.
+pub async fn edit_servers(
+    clerk: &mut CtrlerClerk,
+    gid: Gid,
+    edit: &ServerEdit,
+) -> Result<Config, String> {
+    let latest = clerk
+        .query(None)
+        .await
+        .map_err(|e| format!("controllers: {e}"))?;
+    let servers = latest
+        .groups
+        .get(&gid)
+        .ok_or_else(|| format!("group {gid} left the controllers' configuration"))?;
+    clerk
+        .set_servers(gid, edit.apply_to(servers))
+        .await
+        .map_err(|e| format!("controllers: {e}"))
 }
 
 /// A configuration as text: its number, the owner of each shard, and each group's servers.
@@ -123,6 +212,10 @@ pub async fn run(ctrlers: &[String], config: ClerkConfig, op: Op) -> u8 {
         }
         Op::Leave(gids) => (clerk.leave(gids).await, false),
         Op::Move(shard, gid) => (clerk.move_shard(shard, gid).await, false),
+        Op::Servers(spec) => match parse_group(&spec) {
+            Ok((gid, servers)) => (clerk.set_servers(gid, servers).await, false),
+            Err(e) => return fail(&e),
+        },
         Op::Query(num, json) => (clerk.query(num).await, json),
     };
     match result {
@@ -152,6 +245,17 @@ mod tests {
         assert!(parse_group("0=a:1").is_err());
         assert!(parse_group("5=").is_err());
         assert!(parse_group("5").is_err());
+    }
+
+    #[test]
+    fn a_server_edit_is_idempotent_and_keeps_the_order() {
+        let list = vec!["a".to_string(), "b".to_string()];
+        let add = ServerEdit::Add("c".into());
+        assert_eq!(add.apply_to(&list), ["a", "b", "c"]);
+        assert_eq!(add.apply_to(&add.apply_to(&list)), ["a", "b", "c"]);
+        let remove = ServerEdit::Remove("a".into());
+        assert_eq!(remove.apply_to(&list), ["b"]);
+        assert_eq!(remove.apply_to(&remove.apply_to(&list)), ["b"]);
     }
 
     #[test]

@@ -356,3 +356,62 @@ fn progress_outputs_are_small_and_decode() {
         assert_eq!(ShardCtrler::decode_output(&data), Ok(Ok(answer)));
     }
 }
+
+#[test]
+fn a_new_server_list_keeps_the_shards_and_survives_a_snapshot() {
+    let mut ctrler = history();
+    let before = ctrler.latest().clone();
+    let num = apply(
+        &mut ctrler,
+        CtrlerCommand::Servers {
+            gid: 1,
+            servers: servers(&["b", "e"]),
+        },
+    );
+    let after = ctrler.latest().clone();
+    assert_eq!(num, before.num + 1);
+    assert_eq!(after.shards, before.shards, "a server change moved shards");
+    assert_eq!(&*after.groups[&1], &servers(&["b", "e"])[..]);
+    assert!(
+        Arc::ptr_eq(&after.groups[&3], &before.groups[&3]),
+        "the other groups' lists were copied"
+    );
+    // The same list again is no new configuration.
+    let again = CtrlerCommand::Servers {
+        gid: 1,
+        servers: servers(&["b", "e"]),
+    };
+    assert_eq!(apply(&mut ctrler, again), num);
+    // The log's encoding and a snapshot keep it.
+    let command = CtrlerCommand::Servers {
+        gid: 3,
+        servers: servers(&["f"]),
+    };
+    let decoded =
+        ShardCtrler::decode_command(&ShardCtrler::encode_command(&command)).expect("decodes");
+    assert_eq!(decoded, command);
+    let mut restored = ShardCtrler::default();
+    restored.restore(&ctrler.snapshot()).expect("restores");
+    assert_eq!(configs(&restored), configs(&ctrler));
+}
+
+#[test]
+fn a_server_list_for_an_unknown_group_or_of_no_servers_is_refused() {
+    let mut ctrler = history();
+    let latest = ctrler.latest().num;
+    for (gid, list, words) in [
+        (9, servers(&["x"]), "not a member"),
+        (1, Vec::new(), "no servers"),
+        (0, servers(&["x"]), "reserved"),
+    ] {
+        let error = ctrler
+            .apply(CtrlerCommand::Servers { gid, servers: list })
+            .expect_err("refused");
+        assert!(error.contains(words), "{error}");
+    }
+    assert_eq!(
+        ctrler.latest().num,
+        latest,
+        "a refusal made a configuration"
+    );
+}
