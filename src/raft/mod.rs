@@ -40,6 +40,7 @@
 pub mod admission;
 pub mod config;
 pub mod core;
+pub mod journal;
 pub mod log;
 pub mod membership;
 pub mod message;
@@ -48,6 +49,7 @@ pub mod progress;
 pub mod quorum;
 pub mod read_only;
 pub mod ready;
+mod sled_writer;
 pub mod storage;
 pub mod transport;
 pub mod types;

@@ -20,12 +20,17 @@
 //!
 //! # Crash consistency
 //!
-//! [`Storage::persist`] writes in the order of the driver contract and flushes before returning. Each log
-//! write is one atomic sled batch. A new snapshot's data goes under a fresh generation before the metadata
+//! [`Storage::persist`] writes in the order of the driver contract and is durable before returning: the
+//! log write and hard state go to the journal (`raft-journal`, [`super::journal`]) in one synced record,
+//! then to sled unflushed; opening the directory replays the journal into sled. A persist that carries
+//! a snapshot flushes sled instead (and starts the journal over). Each log write is one atomic sled
+//! batch. A new snapshot's data goes under a fresh generation before the metadata
 //! points at it, so a crash leaves either the old snapshot or the new one, never a mix; leftovers of other
 //! generations and entries the snapshot covers are cleaned up when the directory is next opened.
 
+use super::journal::{Journal, JournalBatch};
 use super::membership::Membership;
+use super::sled_writer::{SledWriter, HARD_STATE};
 use super::types::{HardState, NodeId, PersistedState, Snapshot, SnapshotMeta};
 use super::value_log::{trickle_remove, Pointer, ValueLog, VALUE_LOG_MIN_BYTES};
 use super::wire::{entry_from_proto, entry_to_proto};
@@ -295,7 +300,6 @@ impl std::fmt::Display for Identity {
 }
 
 const IDENTITY: &[u8] = b"identity";
-const HARD_STATE: &[u8] = b"hard_state";
 const SNAPSHOT: &[u8] = b"snapshot";
 /// Which backup a directory was seeded from ([`SledStorage::seed`]).
 const RESTORED_FROM: &[u8] = b"restored_from";
@@ -439,6 +443,10 @@ pub struct SledStorage {
     next_generation: u64,
     /// Bytes staged for the snapshot the next `persist` should switch to.
     staged: Option<StagedSnapshot>,
+    /// What sled holds (or is about to) but may not have flushed yet.
+    journal: Journal,
+    /// Applies journaled persists to sled off the Raft thread.
+    writer: SledWriter,
 }
 
 impl SledStorage {
@@ -489,7 +497,16 @@ impl SledStorage {
             None => StoredSnapshot::default(),
         };
         let (snapshot_index, next_generation) = (snapshot.meta.index, snapshot.generation + 1);
+        let (mut journal, replay) = Journal::open(&dir.join("raft-journal"))
+            .map_err(|e| corrupt(format!("journal raft-journal: {e}")))?;
+        for batch in replay {
+            super::sled_writer::apply(&log, &meta, &batch).map_err(io)?;
+        }
+        db.flush().map_err(io)?;
+        journal.start_over().map_err(|e| io(sled::Error::Io(e)))?;
         let reaper = spawn_reaper(log.clone());
+        let writer =
+            SledWriter::start(log.clone(), meta.clone()).map_err(|e| io(sled::Error::Io(e)))?;
         let values = ValueLog::open(dir.join("raft-values")).map_err(|e| io(sled::Error::Io(e)))?;
         let mut storage = SledStorage {
             dir,
@@ -505,6 +522,8 @@ impl SledStorage {
             doomed: Vec::new(),
             next_generation,
             staged: None,
+            journal,
+            writer,
         };
         for item in storage.log.iter() {
             let (key, value) = item.map_err(|source| storage.io(source))?;
@@ -591,6 +610,7 @@ impl SledStorage {
     /// Whether this directory holds no Raft state at all (no hard state, entry or snapshot): a node
     /// started on it has never been part of a group, or lost everything it had.
     pub fn is_fresh(&self) -> Result<bool, StorageError> {
+        self.writer.drain().map_err(|e| self.writer_failed(e))?;
         let hard_state = self.meta.get(HARD_STATE).map_err(|s| self.io(s))?;
         Ok(hard_state.is_none() && self.log.is_empty() && self.snapshot.meta.index == 0)
     }
@@ -622,6 +642,12 @@ impl SledStorage {
         if !files.is_empty() && self.reaper.files.send(files).is_err() {
             warn!(dir = %self.dir.display(), "log reaper gone; garbage files wait for the next open");
         }
+    }
+
+    fn writer_failed(&self, error: String) -> StorageError {
+        self.io(sled::Error::Io(std::io::Error::other(format!(
+            "applying journaled writes to sled: {error}"
+        ))))
     }
 
     fn io(&self, source: sled::Error) -> StorageError {
@@ -819,6 +845,7 @@ impl SledStorage {
 
 impl Storage for SledStorage {
     fn load(&self) -> Result<PersistedState, StorageError> {
+        self.writer.drain().map_err(|e| self.writer_failed(e))?;
         let hard_state = match self.meta.get(HARD_STATE).map_err(|s| self.io(s))? {
             Some(bytes) => {
                 decode_hard_state(&bytes).ok_or_else(|| self.corrupt("unreadable hard state"))?
@@ -859,13 +886,17 @@ impl Storage for SledStorage {
             return Ok(());
         }
         if let Some(snapshot) = &ready.snapshot {
+            // The entries it covers must be in sled before they are forgotten and reaped.
+            self.writer.drain().map_err(|e| self.writer_failed(e))?;
             self.write_snapshot(snapshot)?;
         }
+        let mut batch = JournalBatch {
+            hard_state: ready.hard_state.as_ref().map(encode_hard_state),
+            ..JournalBatch::default()
+        };
         if let Some(write) = &ready.log_write {
-            let mut batch = sled::Batch::default();
-            // A conflicting suffix goes (keys only: its values are never read back).
-            for (&i, &bytes) in self.entry_sizes.range(write.from..) {
-                batch.remove(&i.to_be_bytes());
+            batch.truncate_from = Some(write.from);
+            for (_, &bytes) in self.entry_sizes.range(write.from..) {
                 self.log_bytes = self.log_bytes.saturating_sub(bytes);
             }
             self.entry_sizes.split_off(&write.from);
@@ -878,27 +909,40 @@ impl Storage for SledStorage {
                         .values
                         .append(entry.index, &value)
                         .map_err(|e| self.io(sled::Error::Io(e)))?;
-                    batch.insert(&entry.index.to_be_bytes(), &pointer.encode());
+                    batch.entries.push((entry.index, pointer.encode().to_vec()));
                 } else {
-                    batch.insert(&entry.index.to_be_bytes(), value);
+                    batch.entries.push((entry.index, value));
                 }
             }
-            // The bytes before the pointers: sled's own flusher may write the batch any moment.
+            // The bytes before the pointers: the journal record and sled's own flusher may make a
+            // pointer durable any moment.
             self.values
                 .sync()
                 .map_err(|e| self.io(sled::Error::Io(e)))?;
-            self.log.apply_batch(batch).map_err(|s| self.io(s))?;
-        }
-        if let Some(hard_state) = &ready.hard_state {
-            self.meta
-                .insert(HARD_STATE, &encode_hard_state(hard_state))
-                .map_err(|s| self.io(s))?;
         }
         if ready.commit_only {
-            // Written, not flushed: the next flush (or sled's own) takes it along.
+            // Only a commit index, which need not survive a crash: written, not made durable; the
+            // next flush (or sled's own) takes it along.
+            return self.writer.submit(batch).map_err(|e| self.writer_failed(e));
+        }
+        let journaled = ready.snapshot.is_none()
+            && self
+                .journal
+                .append(&batch)
+                .map_err(|e| self.io(sled::Error::Io(e)))?;
+        self.writer
+            .submit(batch)
+            .map_err(|e| self.writer_failed(e))?;
+        if journaled {
             return Ok(());
         }
+        // A snapshot (whose switch must be durable before its old files go) or a batch the journal
+        // has no room for: flush sled, which then holds everything the journal did.
+        self.writer.drain().map_err(|e| self.writer_failed(e))?;
         self.db.flush().map_err(|s| self.io(s))?;
+        self.journal
+            .start_over()
+            .map_err(|e| self.io(sled::Error::Io(e)))?;
         let doomed = std::mem::take(&mut self.doomed);
         self.reap_files(doomed);
         Ok(())
@@ -1144,6 +1188,56 @@ mod tests {
         assert_eq!(state.hard_state.term, 3);
         assert_eq!(state.entries.len(), 4);
         assert_eq!(state.entries[3].term, 3);
+    }
+
+    /// Copy every file of `from` into `to`: what a crash of the process at this moment leaves.
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for item in std::fs::read_dir(from).expect("read dir").flatten() {
+            let target = to.join(item.file_name());
+            if item.path().is_dir() {
+                copy_tree(&item.path(), &target);
+            } else {
+                std::fs::copy(item.path(), target).expect("copy");
+            }
+        }
+    }
+
+    #[test]
+    fn a_crash_right_after_persists_loses_nothing_acknowledged() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let crashed = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        s.persist(&write(1, (1..=40).map(|i| entry(i, 1)).collect()))
+            .expect("persist");
+        s.persist(&write(41, vec![large(41, 1)])).expect("persist");
+        // A new leader's suffix replaces the old one's from index 30.
+        s.persist(&Ready {
+            hard_state: Some(HardState {
+                term: 2,
+                vote: Some(3),
+                commit: 29,
+            }),
+            ..write(30, (30..=35).map(|i| entry(i, 2)).collect())
+        })
+        .expect("persist");
+        // Nothing above flushed sled: only the journal makes these durable.
+        copy_tree(dir.path(), crashed.path());
+        drop(s);
+        let s = SledStorage::open(crashed.path(), &identity(1)).expect("reopen");
+        let state = s.load().expect("load");
+        assert_eq!(state.hard_state.term, 2);
+        assert_eq!(state.hard_state.vote, Some(3));
+        let terms: Vec<(Index, u64)> = state.entries.iter().map(|e| (e.index, e.term)).collect();
+        let expected: Vec<(Index, u64)> = (1..=29)
+            .map(|i| (i, 1))
+            .chain((30..=35).map(|i| (i, 2)))
+            .collect();
+        assert_eq!(terms, expected);
+        // Opened again (the journal started over), the same state.
+        drop(s);
+        let s = SledStorage::open(crashed.path(), &identity(1)).expect("reopen");
+        assert_eq!(s.load().expect("load").entries.len(), 35);
     }
 
     #[test]
