@@ -9,7 +9,7 @@
 #
 # Rows: put with 1 and 64 clients, linearizable get with 1 and 64 clients, YCSB-A (50 % reads, Zipfian)
 # with 64 clients, and ds824's lease reads (`kvd kv --lease-reads`) with 64 clients next to etcd's
-# linearizable gets. 1,000 keys, 100-byte values. Installs etcd-server with apt if etcd is missing (root
+# linearizable gets. 1,000 keys, 100-byte values. Installs etcd-server and etcd-client with apt if etcd or etcdctl is missing (root
 # or sudo), builds kvd, kvctl (release) and tools/etcd-bench (its own target dir: it carries etcd-client,
 # which needs a protoc; the vendored one the main build already fetched is used). Run on an idle machine;
 # leaves nothing running. KEEP=1 keeps the work directory (logs, per-run JSON). Ports: kvd 27001-27003 (clients)
@@ -21,9 +21,9 @@ seconds=${1:-5}
 rounds=${2:-2}
 root=$PWD
 
-if ! command -v etcd >/dev/null; then
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   sudo=(); [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
-  "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq etcd-server >/dev/null
+  "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 cargo build --release --quiet --bin kvd --bin kvctl
 protoc=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*protoc-bin-vendored-linux-x86_64*/bin/protoc' \

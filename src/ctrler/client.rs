@@ -43,14 +43,21 @@ impl CtrlerClerk {
         self.command(CtrlerCommand::Move { shard, gid }).await
     }
 
-    /// Group `gid`'s servers are now `servers` (after a change of its Raft membership); returns the
-    /// configuration that says so (the latest, if it already did).
+    /// Group `gid`'s servers are now `servers` (after a change of its Raft membership) — refused if
+    /// `expected` is given and its servers are not those; returns the configuration that says so (the
+    /// latest, if it already did).
     pub async fn set_servers(
         &mut self,
         gid: Gid,
         servers: Vec<String>,
+        expected: Option<Vec<String>>,
     ) -> Result<Config, ClerkError> {
-        self.command(CtrlerCommand::Servers { gid, servers }).await
+        self.command(CtrlerCommand::Servers {
+            gid,
+            servers,
+            expected,
+        })
+        .await
     }
 
     /// Configuration `num`, or the latest for `None`. A configuration the controllers dropped is an

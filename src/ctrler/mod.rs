@@ -12,5 +12,5 @@ pub mod state;
 pub use client::{CtrlerClerk, Fetched};
 pub use state::{
     Config, CtrlerAnswer, CtrlerCommand, CtrlerOutput, CtrlerQuery, Gid, Groups, Servers,
-    ShardCtrler, DEFAULT_KEEP_CONFIGS, DEFAULT_SHARDS,
+    ShardCtrler, DEFAULT_KEEP_CONFIGS, DEFAULT_SHARDS, MAX_SERVERS_PER_GROUP, SERVERS_CHANGED,
 };

@@ -152,7 +152,7 @@ impl Ctrler for CtrlerService {
             // the state machine would use.
             check_join(groups).map_err(Status::invalid_argument)?;
         }
-        if let CtrlerCommand::Servers { gid, servers } = &command {
+        if let CtrlerCommand::Servers { gid, servers, .. } = &command {
             check_group(*gid, servers).map_err(Status::invalid_argument)?;
         }
         let result = self

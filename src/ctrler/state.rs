@@ -158,6 +158,8 @@ pub enum CtrlerCommand {
         gid: Gid,
         /// Its servers, as a Join names them.
         servers: Vec<String>,
+        /// Refused unless these are its servers now (`None`: whatever they are).
+        expected: Option<Vec<String>>,
     },
     /// Group `gid` has reached configuration `num`: configurations it can no longer ask for may go.
     Progress {
@@ -170,6 +172,10 @@ pub enum CtrlerCommand {
         keep: u64,
     },
 }
+
+/// How a refused conditional [`CtrlerCommand::Servers`] begins, so a client can tell it from other
+/// refusals and read the list again.
+pub const SERVERS_CHANGED: &str = "conflict:";
 
 /// Configurations kept whatever the groups report, unless the leader's `--keep-configs` says otherwise:
 /// enough for an operator to look back a while (`kvctl ctrler query N`).
@@ -470,7 +476,12 @@ impl ShardCtrler {
         self.push(next)
     }
 
-    fn set_servers(&mut self, gid: Gid, servers: Vec<String>) -> CtrlerOutput {
+    fn set_servers(
+        &mut self,
+        gid: Gid,
+        servers: Vec<String>,
+        expected: Option<Vec<String>>,
+    ) -> CtrlerOutput {
         check_group(gid, &servers)?;
         let latest = self.latest();
         let Some(old) = latest.groups.get(&gid) else {
@@ -478,6 +489,12 @@ impl ShardCtrler {
         };
         if **old == *servers {
             return Ok(CtrlerAnswer::Created(latest.num));
+        }
+        if expected.is_some_and(|e| **old != *e) {
+            return Err(format!(
+                "{SERVERS_CHANGED} group {gid}'s servers changed meanwhile (now {})",
+                old.join(",")
+            ));
         }
         let bytes = latest.groups.address_bytes() - address_bytes(old) + address_bytes(&servers);
         if bytes > MAX_CONFIG_SERVER_BYTES {
@@ -655,7 +672,11 @@ impl StateMachine for ShardCtrler {
             CtrlerCommand::Join(groups) => self.join(groups),
             CtrlerCommand::Leave(gids) => self.leave(gids),
             CtrlerCommand::Move { shard, gid } => self.move_shard(shard, gid),
-            CtrlerCommand::Servers { gid, servers } => self.set_servers(gid, servers),
+            CtrlerCommand::Servers {
+                gid,
+                servers,
+                expected,
+            } => self.set_servers(gid, servers, expected),
             CtrlerCommand::Progress { gid, num, keep } => self.progress(gid, num, keep),
         }
     }
@@ -740,11 +761,16 @@ impl StateMachine for ShardCtrler {
                 shard: *shard,
                 gid: *gid,
             }),
-            CtrlerCommand::Servers { gid, servers } => Op::Servers(pb::Servers {
+            CtrlerCommand::Servers {
+                gid,
+                servers,
+                expected,
+            } => Op::Servers(pb::Servers {
                 group: Some(pb::Group {
                     gid: *gid,
                     servers: servers.clone(),
                 }),
+                expected: expected.clone().unwrap_or_default(),
             }),
             CtrlerCommand::Progress { gid, num, keep } => Op::Progress(pb::Progress {
                 gid: *gid,
@@ -878,6 +904,7 @@ impl TryFrom<pb::Command> for CtrlerCommand {
                     CtrlerCommand::Servers {
                         gid: group.gid,
                         servers: group.servers,
+                        expected: (!s.expected.is_empty()).then_some(s.expected),
                     }
                 }
                 Op::Progress(p) => CtrlerCommand::Progress {

@@ -100,6 +100,23 @@ pub async fn check_server_edit(
             latest.num
         )
     })?;
+    if let ServerEdit::Add(entry) = edit {
+        let peer = crate::ctrler::addresses::peer_address(entry);
+        if let Some(other) = servers
+            .iter()
+            .find(|s| *s != entry && crate::ctrler::addresses::peer_address(s) == peer)
+        {
+            return Err(format!(
+                "group {gid} already lists {other:?} for peer address {peer}; remove it first or set the list with `kvctl ctrler servers`"
+            ));
+        }
+        if !servers.contains(entry) && servers.len() >= crate::ctrler::MAX_SERVERS_PER_GROUP {
+            return Err(format!(
+                "group {gid} already has {} servers, the most a group may have",
+                servers.len()
+            ));
+        }
+    }
     if let ServerEdit::Remove(entry) = edit {
         if !servers.contains(entry) {
             return Err(format!(
@@ -117,25 +134,35 @@ pub async fn check_server_edit(
     Ok(())
 }
 
-/// Make the controllers hand out group `gid`'s servers with `edit` made (reading the latest list
-/// first, so edits by others in between are kept); returns the configuration that says so.
+/// Make the controllers hand out group `gid`'s servers with `edit` made: read the latest list, send
+/// the edited one on condition that the list is still the one read, and start again if another edit
+/// came in between (so concurrent edits are all kept); returns the configuration that says so.
 pub async fn edit_servers(
     clerk: &mut CtrlerClerk,
     gid: Gid,
     edit: &ServerEdit,
 ) -> Result<Config, String> {
-    let latest = clerk
-        .query(None)
-        .await
-        .map_err(|e| format!("controllers: {e}"))?;
-    let servers = latest
-        .groups
-        .get(&gid)
-        .ok_or_else(|| format!("group {gid} left the controllers' configuration"))?;
-    clerk
-        .set_servers(gid, edit.apply_to(servers))
-        .await
-        .map_err(|e| format!("controllers: {e}"))
+    const ATTEMPTS: usize = 10;
+    for _ in 0..ATTEMPTS {
+        let latest = clerk
+            .query(None)
+            .await
+            .map_err(|e| format!("controllers: {e}"))?;
+        let servers = latest
+            .groups
+            .get(&gid)
+            .ok_or_else(|| format!("group {gid} left the controllers' configuration"))?;
+        match clerk
+            .set_servers(gid, edit.apply_to(servers), Some(servers.to_vec()))
+            .await
+        {
+            Err(e) if e.to_string().contains(crate::ctrler::SERVERS_CHANGED) => continue,
+            result => return result.map_err(|e| format!("controllers: {e}")),
+        }
+    }
+    Err(format!(
+        "controllers: group {gid}'s servers kept changing ({ATTEMPTS} attempts)"
+    ))
 }
 
 /// A configuration as text: its number, the owner of each shard, and each group's servers.
@@ -213,7 +240,7 @@ pub async fn run(ctrlers: &[String], config: ClerkConfig, op: Op) -> u8 {
         Op::Leave(gids) => (clerk.leave(gids).await, false),
         Op::Move(shard, gid) => (clerk.move_shard(shard, gid).await, false),
         Op::Servers(spec) => match parse_group(&spec) {
-            Ok((gid, servers)) => (clerk.set_servers(gid, servers).await, false),
+            Ok((gid, servers)) => (clerk.set_servers(gid, servers, None).await, false),
             Err(e) => return fail(&e),
         },
         Op::Query(num, json) => (clerk.query(num).await, json),

@@ -18,6 +18,10 @@
 //! shrunk) can never be taken for new ones, and a torn last record (a crash inside the write) fails its
 //! checksum and ends the replay — it was never acknowledged.
 //!
+//! A generation is a random 64-bit number, not a counter: a record of an earlier generation (or bytes
+//! inside one that happen to look like a record, such as a client's value) can match the generation in
+//! force only by a 2^-64 chance, whatever crashes came in between.
+//!
 //! Replaying is idempotent: each record sets keys to values and removes a suffix, in the order they were
 //! made, so applying a record sled already holds changes nothing the later records do not set again.
 
@@ -145,10 +149,8 @@ impl Journal {
             .truncate(false)
             .open(path)?;
         if file.metadata()?.len() < JOURNAL_BYTES {
-            let zeros = vec![0u8; 1 << 20];
-            for i in 0..JOURNAL_BYTES >> 20 {
-                file.write_all_at(&zeros, i << 20)?;
-            }
+            // Allocates what is missing; bytes already there stay as they are.
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, JOURNAL_BYTES)?;
             file.sync_all()?;
             if let Some(dir) = path.parent() {
                 File::open(dir)?.sync_all()?;
@@ -186,17 +188,16 @@ impl Journal {
         Ok(true)
     }
 
-    /// Forget every record (sled holds them durably now): the next generation begins at offset 0 with
-    /// a synced marker, so a crash right after this replays nothing old.
+    /// Forget every record (sled holds them durably now): a new generation begins at offset 0 with a
+    /// synced marker, so a crash right after this replays nothing old.
     pub fn start_over(&mut self) -> io::Result<()> {
-        self.generation += 1;
+        let mut generation = rand::random::<u64>();
+        while generation == self.generation {
+            generation = rand::random::<u64>();
+        }
+        self.generation = generation;
         self.end = 0;
         self.write(self.generation, &[KIND_MARKER])
-    }
-
-    /// Whether the journal holds records since it last started over.
-    pub fn is_empty(&self) -> bool {
-        self.end <= (HEADER_BYTES + 1) as u64
     }
 
     fn write(&mut self, generation: u64, payload: &[u8]) -> io::Result<()> {
@@ -216,14 +217,13 @@ impl Journal {
 }
 
 /// The record at `offset`, or `None` where the records end: zeros, a torn or stale record, the end of
-/// the file.
+/// the file. A failed read is an error, never taken for the end: what follows may be acknowledged.
 fn read_record(file: &File, offset: u64) -> io::Result<Option<(u64, Vec<u8>)>> {
     let mut header = [0u8; HEADER_BYTES];
-    if offset + HEADER_BYTES as u64 > JOURNAL_BYTES
-        || file.read_exact_at(&mut header, offset).is_err()
-    {
+    if offset + HEADER_BYTES as u64 > JOURNAL_BYTES {
         return Ok(None);
     }
+    file.read_exact_at(&mut header, offset)?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
     let mut word = [0u8; 8];
     word.copy_from_slice(&header[4..12]);
@@ -234,9 +234,7 @@ fn read_record(file: &File, offset: u64) -> io::Result<Option<(u64, Vec<u8>)>> {
         return Ok(None);
     }
     let mut payload = vec![0u8; len as usize];
-    if file.read_exact_at(&mut payload, start).is_err() {
-        return Ok(None);
-    }
+    file.read_exact_at(&mut payload, start)?;
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&generation.to_le_bytes());
     hasher.update(&payload);

@@ -8,8 +8,13 @@
 //! batch handed over is applied (before sled is flushed, read, or a snapshot replaces the log).
 
 use super::journal::JournalBatch;
-use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+/// Batches handed over and not yet applied, at most: beyond it `submit` waits, so a stalled sled
+/// slows the Raft thread instead of filling memory.
+const QUEUE_BATCHES: usize = 1024;
 
 /// The key of the hard state in the meta tree.
 pub(super) const HARD_STATE: &[u8] = b"hard_state";
@@ -40,51 +45,65 @@ pub(super) fn apply(
 
 enum Work {
     Apply(JournalBatch),
-    /// Answer once everything before it is applied: the first error since the last drain, if any.
+    /// Answer once everything before it is applied: the writer's failure, if it has failed.
     Drain(SyncSender<Option<String>>),
 }
 
 /// The writer thread and the way to it.
 pub(super) struct SledWriter {
-    work: Option<Sender<Work>>,
+    work: Option<SyncSender<Work>>,
+    /// The writer's failure, once it has failed: every later call reports it.
+    failed: Arc<Mutex<Option<String>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl SledWriter {
     /// Start the writer for these trees.
     pub(super) fn start(log: sled::Tree, meta: sled::Tree) -> std::io::Result<SledWriter> {
-        let (work, queue) = channel::<Work>();
+        let (work, queue) = sync_channel::<Work>(QUEUE_BATCHES);
+        let failed = Arc::new(Mutex::new(None::<String>));
+        let seen = failed.clone();
         let thread = std::thread::Builder::new()
             .name("raft-sled-writer".into())
             .spawn(move || {
-                let mut failed: Option<String> = None;
+                let mut failure: Option<String> = None;
                 for item in queue {
                     match item {
                         Work::Apply(batch) => {
-                            if failed.is_none() {
+                            if failure.is_none() {
                                 if let Err(e) = apply(&log, &meta, &batch) {
-                                    failed = Some(e.to_string());
+                                    failure = Some(e.to_string());
+                                    if let Ok(mut shared) = seen.lock() {
+                                        *shared = failure.clone();
+                                    }
                                 }
                             }
                         }
+                        // A failure stays: the batches skipped after it are only in the journal,
+                        // which must therefore never start over.
                         Work::Drain(reply) => {
-                            let _ = reply.send(failed.take());
+                            let _ = reply.send(failure.clone());
                         }
                     }
                 }
             })?;
         Ok(SledWriter {
             work: Some(work),
+            failed,
             thread: Some(thread),
         })
     }
 
     /// Hand `batch` over (applied in the order given).
     pub(super) fn submit(&self, batch: JournalBatch) -> Result<(), String> {
+        if let Some(failure) = self.failed.lock().ok().and_then(|f| f.clone()) {
+            return Err(failure);
+        }
         self.send(Work::Apply(batch))
     }
 
-    /// Wait until every batch handed over is in sled; the first failure since the last drain, if any.
+    /// Wait until every batch handed over is in sled; the writer's first failure, if it has failed
+    /// (for good: sled no longer holds what the journal does).
     pub(super) fn drain(&self) -> Result<(), String> {
         let (reply, answer) = sync_channel(1);
         self.send(Work::Drain(reply))?;

@@ -22,9 +22,10 @@
 //!
 //! [`Storage::persist`] writes in the order of the driver contract and is durable before returning: the
 //! log write and hard state go to the journal (`raft-journal`, [`super::journal`]) in one synced record,
-//! then to sled unflushed; opening the directory replays the journal into sled. A persist that carries
-//! a snapshot flushes sled instead (and starts the journal over). Each log write is one atomic sled
-//! batch. A new snapshot's data goes under a fresh generation before the metadata
+//! then to sled unflushed (by a background writer, [`super::sled_writer`]); opening the directory
+//! replays the journal into sled, so each persist is atomic. A persist that carries a snapshot flushes
+//! sled before and after the switch and starts the journal over each time, so no journal record ever
+//! spans a snapshot. A new snapshot's data goes under a fresh generation before the metadata
 //! points at it, so a crash leaves either the old snapshot or the new one, never a mix; leftovers of other
 //! generations and entries the snapshot covers are cleaned up when the directory is next opened.
 
@@ -644,6 +645,15 @@ impl SledStorage {
         }
     }
 
+    /// Make sled hold everything journaled, durably, and start the journal over.
+    fn checkpoint(&mut self) -> Result<(), StorageError> {
+        self.writer.drain().map_err(|e| self.writer_failed(e))?;
+        self.db.flush().map_err(|s| self.io(s))?;
+        self.journal
+            .start_over()
+            .map_err(|e| self.io(sled::Error::Io(e)))
+    }
+
     fn writer_failed(&self, error: String) -> StorageError {
         self.io(sled::Error::Io(std::io::Error::other(format!(
             "applying journaled writes to sled: {error}"
@@ -843,6 +853,16 @@ impl SledStorage {
     }
 }
 
+/// A clean stop leaves sled holding everything and the journal empty (what an older version, which
+/// knows no journal, would need to find).
+impl Drop for SledStorage {
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            warn!(dir = %self.dir.display(), error = %e, "the journal is replayed at the next open");
+        }
+    }
+}
+
 impl Storage for SledStorage {
     fn load(&self) -> Result<PersistedState, StorageError> {
         self.writer.drain().map_err(|e| self.writer_failed(e))?;
@@ -886,8 +906,10 @@ impl Storage for SledStorage {
             return Ok(());
         }
         if let Some(snapshot) = &ready.snapshot {
-            // The entries it covers must be in sled before they are forgotten and reaped.
-            self.writer.drain().map_err(|e| self.writer_failed(e))?;
+            // Everything journaled goes into sled, durably, before the switch: the entries it covers
+            // are then forgotten and reaped, and no record from before the switch is ever replayed
+            // over the state after it.
+            self.checkpoint()?;
             self.write_snapshot(snapshot)?;
         }
         let mut batch = JournalBatch {
@@ -938,11 +960,7 @@ impl Storage for SledStorage {
         }
         // A snapshot (whose switch must be durable before its old files go) or a batch the journal
         // has no room for: flush sled, which then holds everything the journal did.
-        self.writer.drain().map_err(|e| self.writer_failed(e))?;
-        self.db.flush().map_err(|s| self.io(s))?;
-        self.journal
-            .start_over()
-            .map_err(|e| self.io(sled::Error::Io(e)))?;
+        self.checkpoint()?;
         let doomed = std::mem::take(&mut self.doomed);
         self.reap_files(doomed);
         Ok(())
@@ -1190,7 +1208,7 @@ mod tests {
         assert_eq!(state.entries[3].term, 3);
     }
 
-    /// Copy every file of `from` into `to`: what a crash of the process at this moment leaves.
+    /// Copy every file of `from` into `to`.
     fn copy_tree(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).expect("mkdir");
         for item in std::fs::read_dir(from).expect("read dir").flatten() {
@@ -1207,8 +1225,15 @@ mod tests {
     fn a_crash_right_after_persists_loses_nothing_acknowledged() {
         let dir = tempfile::tempdir().expect("temp dir");
         let crashed = tempfile::tempdir().expect("temp dir");
+        {
+            let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+            s.persist(&write(1, (1..=20).map(|i| entry(i, 1)).collect()))
+                .expect("persist");
+        }
+        // A crash image: the sled files as a clean stop left them (nothing later flushed) ...
+        copy_tree(dir.path(), crashed.path());
         let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
-        s.persist(&write(1, (1..=40).map(|i| entry(i, 1)).collect()))
+        s.persist(&write(21, (21..=40).map(|i| entry(i, 1)).collect()))
             .expect("persist");
         s.persist(&write(41, vec![large(41, 1)])).expect("persist");
         // A new leader's suffix replaces the old one's from index 30.
@@ -1221,8 +1246,15 @@ mod tests {
             ..write(30, (30..=35).map(|i| entry(i, 2)).collect())
         })
         .expect("persist");
-        // Nothing above flushed sled: only the journal makes these durable.
-        copy_tree(dir.path(), crashed.path());
+        // ... and the journal and value files as these persists left them (written synchronously).
+        for durable in ["raft-journal", "raft-values"] {
+            let (from, to) = (dir.path().join(durable), crashed.path().join(durable));
+            if from.is_dir() {
+                copy_tree(&from, &to);
+            } else {
+                std::fs::copy(&from, &to).expect("copy");
+            }
+        }
         drop(s);
         let s = SledStorage::open(crashed.path(), &identity(1)).expect("reopen");
         let state = s.load().expect("load");

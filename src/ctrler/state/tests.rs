@@ -366,6 +366,7 @@ fn a_new_server_list_keeps_the_shards_and_survives_a_snapshot() {
         CtrlerCommand::Servers {
             gid: 1,
             servers: servers(&["b", "e"]),
+            expected: Some(servers(&["a", "b"])),
         },
     );
     let after = ctrler.latest().clone();
@@ -380,12 +381,14 @@ fn a_new_server_list_keeps_the_shards_and_survives_a_snapshot() {
     let again = CtrlerCommand::Servers {
         gid: 1,
         servers: servers(&["b", "e"]),
+        expected: None,
     };
     assert_eq!(apply(&mut ctrler, again), num);
     // The log's encoding and a snapshot keep it.
     let command = CtrlerCommand::Servers {
         gid: 3,
         servers: servers(&["f"]),
+        expected: Some(servers(&["d"])),
     };
     let decoded =
         ShardCtrler::decode_command(&ShardCtrler::encode_command(&command)).expect("decodes");
@@ -405,7 +408,11 @@ fn a_server_list_for_an_unknown_group_or_of_no_servers_is_refused() {
         (0, servers(&["x"]), "reserved"),
     ] {
         let error = ctrler
-            .apply(CtrlerCommand::Servers { gid, servers: list })
+            .apply(CtrlerCommand::Servers {
+                gid,
+                servers: list,
+                expected: None,
+            })
             .expect_err("refused");
         assert!(error.contains(words), "{error}");
     }
