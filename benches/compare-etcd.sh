@@ -121,7 +121,7 @@ if "$kvd" kv --help | grep -q -- '--lease-reads'; then
   stop_kvd
 fi
 
-python3 - "$work/results.jsonl" "$(etcd --version | head -1)" <<'EOF'
+python3 - "$work/results.jsonl" "etcd $(etcd --version | sed -n "s/^etcd Version: //p")" <<'EOF'
 import json, sys
 from collections import OrderedDict
 rows = OrderedDict()

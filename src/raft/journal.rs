@@ -149,8 +149,19 @@ impl Journal {
             .truncate(false)
             .open(path)?;
         if file.metadata()?.len() < JOURNAL_BYTES {
-            // Allocates what is missing; bytes already there stay as they are.
-            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, JOURNAL_BYTES)?;
+            // Allocates what is missing; bytes already there stay as they are. A file system
+            // without fallocate gets a sparse file: slower syncs (each allocates), same records.
+            match rustix::fs::fallocate(
+                &file,
+                rustix::fs::FallocateFlags::empty(),
+                0,
+                JOURNAL_BYTES,
+            ) {
+                Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                    file.set_len(JOURNAL_BYTES)?
+                }
+                other => other?,
+            }
             file.sync_all()?;
             if let Some(dir) = path.parent() {
                 File::open(dir)?.sync_all()?;
