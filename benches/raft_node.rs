@@ -1,4 +1,4 @@
-//! Raft over loopback: three real nodes (tonic transport, sled with a flush per `Ready`) on 127.0.0.1.
+//! Raft over loopback: three real nodes (tonic transport, sled storage behind the journal, one fdatasync per `Ready`) on 127.0.0.1.
 //!
 //! Prints, for 1 and 64 proposals in flight, the time to commit 10,000 proposals of 100 bytes, the
 //! throughput and the p50/p99 latency from proposal to apply on the leader; then the size of the leader's
