@@ -530,12 +530,27 @@ async fn run(cli: Cli) -> u8 {
                 (member::Op::Remove(id), serve.map(ServerEdit::Remove))
             }
         };
+        let changes_voters = matches!(
+            op,
+            member::Op::Add {
+                learner_only: false,
+                ..
+            } | member::Op::Promote(_)
+                | member::Op::Remove(_)
+        );
+        let unchanged_servers = group.gid.filter(|_| changes_voters && edit.is_none());
         let edit = match (edit, group.gid) {
             (None, _) => None,
             (Some(edit), Some(gid)) => Some((gid, edit)),
             (Some(_), None) => return fail("--serve edits a shard group's servers: give --gid"),
         };
-        return member_command(&group, op, edit, &cluster, &ctrlers, config, view).await;
+        let code = member_command(&group, op, edit, &cluster, &ctrlers, config, view).await;
+        if let (EXIT_OK, Some(gid)) = (code, unchanged_servers) {
+            eprintln!(
+                "kvctl: note: without --serve the controllers keep handing out group {gid}'s servers as they were (see `kvctl member add --help`)"
+            );
+        }
+        return code;
     }
     if let Command::TransferLeader { group, id } = cli.command {
         let op = member::Op::TransferLeader(id);

@@ -254,6 +254,9 @@ async fn a_shard_groups_new_members_are_what_the_controllers_hand_out() {
     let mut expected = first.clone();
     expected.push(group.addrs[3].clone());
     assert_eq!(servers(&latest), expected);
+    // A voter change without --serve leaves the list and says so.
+    let (ok, text) = kvctl_group(&ctrlers, 1, &["promote", "4"]);
+    assert!(ok && text.contains("without --serve"), "{text}");
 
     // A server the controllers do not list is refused before the membership changes.
     let (ok, text) = kvctl_group(&ctrlers, 1, &["remove", "1", "--serve", "127.0.0.1:1"]);
