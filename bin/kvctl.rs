@@ -759,24 +759,13 @@ async fn resolve_group(
             role: Role::Ctrler,
         }),
         (false, Some(gid)) => {
-            let latest = match CtrlerClerk::new(ctrlers, config.clone()) {
-                Ok(mut clerk) => clerk.query(None).await,
-                Err(e) => Err(e),
-            };
-            match latest {
-                Ok(latest) => match latest.groups.get(&gid) {
-                    Some(servers) => Ok(backup::Target {
-                        servers: client_addresses(servers, view),
-                        role: Role::Shard(gid),
-                    }),
-                    None => Err(format!(
-                        "group {gid} is not in configuration {} (groups: {:?})",
-                        latest.num,
-                        latest.groups.keys().collect::<Vec<_>>()
-                    )),
-                },
-                Err(e) => Err(format!("controllers: {e}")),
-            }
+            let mut clerk = CtrlerClerk::new(ctrlers, config.clone())
+                .map_err(|e| format!("controllers: {e}"))?;
+            let (_, servers) = kvctl::ctrler::group_servers(&mut clerk, gid).await?;
+            Ok(backup::Target {
+                servers: client_addresses(&servers, view),
+                role: Role::Shard(gid),
+            })
         }
         (false, None) => Ok(backup::Target {
             servers: cluster.to_vec(),

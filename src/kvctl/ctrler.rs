@@ -82,6 +82,26 @@ impl ServerEdit {
     }
 }
 
+/// The latest configuration and group `gid`'s servers in it; an error naming the groups there are if
+/// it has none.
+pub async fn group_servers(
+    clerk: &mut CtrlerClerk,
+    gid: Gid,
+) -> Result<(Config, crate::ctrler::Servers), String> {
+    let latest = clerk
+        .query(None)
+        .await
+        .map_err(|e| format!("controllers: {e}"))?;
+    match latest.groups.get(&gid).cloned() {
+        Some(servers) => Ok((latest, servers)),
+        None => Err(format!(
+            "group {gid} is not in configuration {} (groups: {:?})",
+            latest.num,
+            latest.groups.keys().collect::<Vec<_>>()
+        )),
+    }
+}
+
 /// Check, before the membership changes, that `edit` can be made to group `gid`'s list: the group
 /// has joined, a removed entry is listed and is not its last.
 pub async fn check_server_edit(
@@ -90,16 +110,7 @@ pub async fn check_server_edit(
     edit: &ServerEdit,
 ) -> Result<(), String> {
     crate::ctrler::addresses::validate_entry(edit.entry())?;
-    let latest = clerk
-        .query(None)
-        .await
-        .map_err(|e| format!("controllers: {e}"))?;
-    let servers = latest.groups.get(&gid).ok_or_else(|| {
-        format!(
-            "group {gid} is not in configuration {} of the controllers",
-            latest.num
-        )
-    })?;
+    let (latest, servers) = group_servers(clerk, gid).await?;
     if let ServerEdit::Add(entry) = edit {
         let peer = crate::ctrler::addresses::peer_address(entry);
         if let Some(other) = servers
@@ -144,16 +155,9 @@ pub async fn edit_servers(
 ) -> Result<Config, String> {
     const ATTEMPTS: usize = 10;
     for _ in 0..ATTEMPTS {
-        let latest = clerk
-            .query(None)
-            .await
-            .map_err(|e| format!("controllers: {e}"))?;
-        let servers = latest
-            .groups
-            .get(&gid)
-            .ok_or_else(|| format!("group {gid} left the controllers' configuration"))?;
+        let (_, servers) = group_servers(clerk, gid).await?;
         match clerk
-            .set_servers(gid, edit.apply_to(servers), Some(servers.to_vec()))
+            .set_servers(gid, edit.apply_to(&servers), Some(servers.to_vec()))
             .await
         {
             Err(e) if e.to_string().contains(crate::ctrler::SERVERS_CHANGED) => continue,
