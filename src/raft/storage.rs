@@ -31,7 +31,7 @@
 
 use super::journal::{Journal, JournalBatch};
 use super::membership::Membership;
-use super::sled_writer::{SledWriter, HARD_STATE};
+use super::sled_writer::{Drained, SledWriter, HARD_STATE};
 use super::types::{HardState, NodeId, PersistedState, Snapshot, SnapshotMeta};
 use super::value_log::{trickle_remove, Pointer, ValueLog, VALUE_LOG_MIN_BYTES};
 use super::wire::{entry_from_proto, entry_to_proto};
@@ -611,7 +611,7 @@ impl SledStorage {
     /// Whether this directory holds no Raft state at all (no hard state, entry or snapshot): a node
     /// started on it has never been part of a group, or lost everything it had.
     pub fn is_fresh(&self) -> Result<bool, StorageError> {
-        self.writer.drain().map_err(|e| self.writer_failed(e))?;
+        self.writer.drain(0).map_err(|e| self.writer_failed(e))?;
         let hard_state = self.meta.get(HARD_STATE).map_err(|s| self.io(s))?;
         Ok(hard_state.is_none() && self.log.is_empty() && self.snapshot.meta.index == 0)
     }
@@ -645,13 +645,18 @@ impl SledStorage {
         }
     }
 
-    /// Make sled hold everything journaled, durably, and start the journal over.
-    fn checkpoint(&mut self) -> Result<(), StorageError> {
-        self.writer.drain().map_err(|e| self.writer_failed(e))?;
+    /// Make sled hold everything journaled, durably, except the entries through `covered` (a
+    /// snapshot whose switch is in sled replaces them; 0 for none), and start the journal over.
+    fn checkpoint(&mut self, covered: u64) -> Result<Drained, StorageError> {
+        let drained = self
+            .writer
+            .drain(covered)
+            .map_err(|e| self.writer_failed(e))?;
         self.db.flush().map_err(|s| self.io(s))?;
         self.journal
             .start_over()
-            .map_err(|e| self.io(sled::Error::Io(e)))
+            .map_err(|e| self.io(sled::Error::Io(e)))?;
+        Ok(drained)
     }
 
     fn writer_failed(&self, error: String) -> StorageError {
@@ -746,7 +751,9 @@ impl SledStorage {
             .collect()
     }
 
-    fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
+    /// Store `snapshot` and switch to it (in sled, unflushed); returns the stored entries it covers,
+    /// for the reaper once the writer has drained.
+    fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<(u64, u64)>, StorageError> {
         let staged = self.staged.take();
         let generation = match staged {
             Some(s) if s.meta == snapshot.meta && s.len == snapshot.data.len() as u64 => {
@@ -779,14 +786,7 @@ impl SledStorage {
         self.remove_generation(old, true)?;
         let covered_files = self.values.covered_through(snapshot.meta.index);
         self.doomed.extend(covered_files);
-        // The covered entries are deleted in the background: deleting hundreds of MiB of values
-        // inside this persist kept the Raft loop waiting for it. Until then they are only garbage
-        // (`load` reads from the snapshot on, and the next open removes what is left).
-        let covered = self.forget_log_through(snapshot.meta.index);
-        if !covered.is_empty() && self.reaper.keys.send(covered).is_err() {
-            warn!(dir = %self.dir.display(), "log reaper gone; covered entries wait for the next open");
-        }
-        Ok(())
+        Ok(self.forget_log_through(snapshot.meta.index))
     }
 
     /// Remove the snapshot of `generation`: its file in the background (after the next flush when
@@ -857,7 +857,7 @@ impl SledStorage {
 /// knows no journal, would need to find).
 impl Drop for SledStorage {
     fn drop(&mut self) {
-        if let Err(e) = self.checkpoint() {
+        if let Err(e) = self.checkpoint(0) {
             warn!(dir = %self.dir.display(), error = %e, "the journal is replayed at the next open");
         }
     }
@@ -865,7 +865,7 @@ impl Drop for SledStorage {
 
 impl Storage for SledStorage {
     fn load(&self) -> Result<PersistedState, StorageError> {
-        self.writer.drain().map_err(|e| self.writer_failed(e))?;
+        self.writer.drain(0).map_err(|e| self.writer_failed(e))?;
         let hard_state = match self.meta.get(HARD_STATE).map_err(|s| self.io(s))? {
             Some(bytes) => {
                 decode_hard_state(&bytes).ok_or_else(|| self.corrupt("unreadable hard state"))?
@@ -905,13 +905,16 @@ impl Storage for SledStorage {
         if !ready.must_persist() {
             return Ok(());
         }
-        if let Some(snapshot) = &ready.snapshot {
-            // Everything journaled goes into sled, durably, before the switch: the entries it covers
-            // are then forgotten and reaped, and no record from before the switch is ever replayed
-            // over the state after it.
-            self.checkpoint()?;
-            self.write_snapshot(snapshot)?;
-        }
+        // With a snapshot: the switch goes into sled first, then the writer drains without the
+        // entries the snapshot covers (most were never written to sled: see `sled_writer`), then
+        // sled is flushed and the journal starts over. A crash before that flush replays the whole
+        // journal, over the old snapshot or the new one (sled may have flushed the switch on its
+        // own): either way the log above the snapshot in force comes back whole, and entries the new
+        // one covers are garbage that `load` skips and the next open removes.
+        let covered = match &ready.snapshot {
+            Some(snapshot) => Some((snapshot.meta.index, self.write_snapshot(snapshot)?)),
+            None => None,
+        };
         let mut batch = JournalBatch {
             hard_state: ready.hard_state.as_ref().map(encode_hard_state),
             ..JournalBatch::default()
@@ -945,7 +948,10 @@ impl Storage for SledStorage {
         if ready.commit_only {
             // Only a commit index, which need not survive a crash: written, not made durable; the
             // next flush (or sled's own) takes it along.
-            return self.writer.submit(batch).map_err(|e| self.writer_failed(e));
+            return self
+                .writer
+                .submit(batch, self.journal.used())
+                .map_err(|e| self.writer_failed(e));
         }
         let journaled = ready.snapshot.is_none()
             && self
@@ -953,14 +959,26 @@ impl Storage for SledStorage {
                 .append(&batch)
                 .map_err(|e| self.io(sled::Error::Io(e)))?;
         self.writer
-            .submit(batch)
+            .submit(batch, self.journal.used())
             .map_err(|e| self.writer_failed(e))?;
         if journaled {
             return Ok(());
         }
         // A snapshot (whose switch must be durable before its old files go) or a batch the journal
         // has no room for: flush sled, which then holds everything the journal did.
-        self.checkpoint()?;
+        let (covered_through, covered) = covered.unwrap_or_default();
+        let drained = self.checkpoint(covered_through)?;
+        // The covered entries are deleted in the background: deleting hundreds of MiB of values
+        // inside this persist kept the Raft loop waiting for it. Until then they are only garbage
+        // (`load` reads from the snapshot on, and the next open removes what is left). Only those
+        // below where the writer's kept batches began can be in sled at all.
+        let covered: Vec<(u64, u64)> = covered
+            .into_iter()
+            .filter(|&(index, _)| index < drained.keep_from)
+            .collect();
+        if !covered.is_empty() && self.reaper.keys.send(covered).is_err() {
+            warn!(dir = %self.dir.display(), "log reaper gone; covered entries wait for the next open");
+        }
         let doomed = std::mem::take(&mut self.doomed);
         self.reap_files(doomed);
         Ok(())
@@ -1270,6 +1288,72 @@ mod tests {
         drop(s);
         let s = SledStorage::open(crashed.path(), &identity(1)).expect("reopen");
         assert_eq!(s.load().expect("load").entries.len(), 35);
+    }
+
+    /// The window the write-behind opens: the switch to a snapshot is in sled and sled flushed it on
+    /// its own, but the writer has not drained (the entries are only in the journal) and the journal
+    /// has not started over. The log above the snapshot must come back whole from the journal.
+    #[test]
+    fn a_crash_after_sled_flushed_a_snapshot_switch_but_before_the_drain_loses_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let crashed = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        s.persist(&write(1, (1..=40).map(|i| entry(i, 1)).collect()))
+            .expect("persist");
+        let data = Bytes::from(vec![5u8; 1000]);
+        let ready = snapshot_at(30, 1, data.clone());
+        let snapshot = ready.snapshot.as_ref().expect("a snapshot");
+        s.write_snapshot(snapshot).expect("switch");
+        s.db.flush().expect("flush");
+        copy_tree(dir.path(), crashed.path());
+        drop(s);
+        let s = SledStorage::open(crashed.path(), &identity(1)).expect("reopen");
+        let state = s.load().expect("load");
+        assert_eq!(
+            state.snapshot.map(|s| (s.meta.index, s.data)),
+            Some((30, data))
+        );
+        let indexes: Vec<Index> = state.entries.iter().map(|e| e.index).collect();
+        assert_eq!(indexes, (31..=40).collect::<Vec<_>>());
+        assert_eq!(
+            s.log.len(),
+            10,
+            "replayed covered entries are removed at open"
+        );
+    }
+
+    /// A snapshot's persist drains the writer without the entries it covers: they never reach sled,
+    /// so the reaper is handed none of them either.
+    #[test]
+    fn entries_a_snapshot_covers_soon_enough_are_never_written_to_sled() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        let mut writes = s.log.watch_prefix(vec![]);
+        for i in 1..=40 {
+            s.persist(&write(i, vec![entry(i, 1)])).expect("persist");
+        }
+        s.persist(&snapshot_at(30, 1, Bytes::from(vec![5u8; 10])))
+            .expect("persist");
+        let mut inserted = Vec::new();
+        while let Ok(event) = writes.next_timeout(std::time::Duration::from_millis(50)) {
+            if let sled::Event::Insert { key, .. } = event {
+                inserted.push(u64::from_be_bytes(
+                    <[u8; 8]>::try_from(key.as_ref()).expect("8-byte key"),
+                ));
+            }
+        }
+        assert_eq!(inserted, (31..=40).collect::<Vec<_>>());
+        assert_eq!(s.log.len(), 10);
+        drop(s);
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let indexes: Vec<Index> = s
+            .load()
+            .expect("load")
+            .entries
+            .iter()
+            .map(|e| e.index)
+            .collect();
+        assert_eq!(indexes, (31..=40).collect::<Vec<_>>());
     }
 
     #[test]
