@@ -89,6 +89,29 @@ enum Reply<O> {
     SessionExpired(u64),
 }
 
+impl<O> Reply<O> {
+    /// The reply to `completion`, and whose it is.
+    fn of(completion: Completion<O>) -> (Token, Reply<O>) {
+        match completion {
+            Completion::Done { token, output } => (token, Reply::Done(output)),
+            Completion::Retry { token } => (token, Reply::Retry),
+            Completion::SessionExpired {
+                token,
+                min_client_id,
+            } => (token, Reply::SessionExpired(min_client_id)),
+        }
+    }
+
+    /// What the request answers its caller.
+    fn into_result(self) -> Result<O, Refusal> {
+        match self {
+            Reply::Done(output) => Ok(output),
+            Reply::Retry => Err(Refusal::WrongLeader(None)),
+            Reply::SessionExpired(mark) => Err(Refusal::SessionExpired(mark)),
+        }
+    }
+}
+
 struct Inner<S: StateMachine> {
     rsm: Rsm<S>,
     waiters: HashMap<Token, oneshot::Sender<Reply<S::Output>>>,
@@ -108,14 +131,7 @@ impl<S: StateMachine> Inner<S> {
 
     fn complete(&mut self, completions: Vec<Completion<S::Output>>) {
         for completion in completions {
-            let (token, reply) = match completion {
-                Completion::Done { token, output } => (token, Reply::Done(output)),
-                Completion::Retry { token } => (token, Reply::Retry),
-                Completion::SessionExpired {
-                    token,
-                    min_client_id,
-                } => (token, Reply::SessionExpired(min_client_id)),
-            };
+            let (token, reply) = Reply::of(completion);
             if let Some(waiter) = self.waiters.remove(&token) {
                 // The request may have given up (deadline, client gone): nothing to do then.
                 let _ = waiter.send(reply);
@@ -361,9 +377,7 @@ impl<S: ServedMachine> RsmService<S> {
             token,
         };
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(Reply::Done(output))) => Ok(output),
-            Ok(Ok(Reply::Retry)) => Err(Refusal::WrongLeader(None)),
-            Ok(Ok(Reply::SessionExpired(mark))) => Err(Refusal::SessionExpired(mark)),
+            Ok(Ok(reply)) => reply.into_result(),
             // The waiter table was dropped: the service is shutting down.
             Ok(Err(_)) => Err(Refusal::Status(Status::unavailable(
                 "service shutting down",
@@ -545,10 +559,15 @@ impl<S: ServedMachine> RsmService<S> {
         let index = self.confirmed_index(deadline).await?;
         let (token, rx) = {
             let mut inner = self.shared.lock();
-            let (token, rx) = inner.register();
+            inner.next_token += 1;
+            let token = inner.next_token;
+            // Applied far enough already (a leader's usual case): answered here, without a waiter,
+            // its channel and its timer.
             if let Some(done) = inner.rsm.read(token, index, query) {
-                inner.complete(vec![done]);
+                return Reply::of(done).1.into_result();
             }
+            let (tx, rx) = oneshot::channel();
+            inner.waiters.insert(token, tx);
             (token, rx)
         };
         self.wait(token, rx, deadline).await
