@@ -246,7 +246,7 @@ impl Drop for SledWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use std::time::Duration;
@@ -278,7 +278,7 @@ mod tests {
     }
 
     /// Every key written to `log` from the events `subscriber` saw so far.
-    fn inserted(subscriber: &mut sled::Subscriber) -> Vec<u64> {
+    pub(in crate::raft) fn inserted(subscriber: &mut sled::Subscriber) -> Vec<u64> {
         let mut keys = Vec::new();
         while let Ok(event) = subscriber.next_timeout(Duration::from_millis(50)) {
             if let sled::Event::Insert { key, .. } = event {

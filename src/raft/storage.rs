@@ -1334,15 +1334,10 @@ mod tests {
         }
         s.persist(&snapshot_at(30, 1, Bytes::from(vec![5u8; 10])))
             .expect("persist");
-        let mut inserted = Vec::new();
-        while let Ok(event) = writes.next_timeout(std::time::Duration::from_millis(50)) {
-            if let sled::Event::Insert { key, .. } = event {
-                inserted.push(u64::from_be_bytes(
-                    <[u8; 8]>::try_from(key.as_ref()).expect("8-byte key"),
-                ));
-            }
-        }
-        assert_eq!(inserted, (31..=40).collect::<Vec<_>>());
+        assert_eq!(
+            crate::raft::sled_writer::tests::inserted(&mut writes),
+            (31..=40).collect::<Vec<_>>()
+        );
         assert_eq!(s.log.len(), 10);
         drop(s);
         let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
