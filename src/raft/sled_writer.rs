@@ -17,7 +17,7 @@
 
 use super::journal::{JournalBatch, JOURNAL_BYTES};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -66,8 +66,14 @@ pub(super) struct Drained {
 /// journal): when it fills, what is left to apply while the Raft thread waits is what came since.
 pub(super) const WRITE_BEHIND_JOURNAL_BYTES: u64 = JOURNAL_BYTES / 2;
 
+/// Entries applied at a time when catching up past half the journal: about 20 ms of sled work, so
+/// batches handed over meanwhile wait that long at most and the queue never fills (a whole half of
+/// the journal at once would be a second of work with the Raft thread blocked on the full queue).
+const CATCH_UP_ENTRIES: usize = 4096;
+
 enum Work {
-    /// A batch, and the journal's bytes in use with its record in (0 for a batch not journaled).
+    /// A batch, and the journal's bytes in use with its record in (or as it stands, for a batch not
+    /// journaled).
     Apply(JournalBatch, u64),
     /// Apply everything kept back, except the entries through `covered` (a snapshot replaces them),
     /// then answer: the writer's failure if it has failed, else where the kept batches began.
@@ -82,6 +88,8 @@ struct Behind {
     log: sled::Tree,
     meta: sled::Tree,
     kept: VecDeque<JournalBatch>,
+    /// The journal is past half full (as of the last batch): apply what is kept, a chunk at a time.
+    catching_up: bool,
 }
 
 impl Behind {
@@ -99,24 +107,51 @@ impl Behind {
             }
         }
         self.kept.push_back(batch);
-        if journal_used >= WRITE_BEHIND_JOURNAL_BYTES {
-            self.apply_kept(0)?;
+        self.catching_up = journal_used >= WRITE_BEHIND_JOURNAL_BYTES;
+        if self.catching_up {
+            self.catch_up()?;
         }
         Ok(())
     }
 
-    /// Apply the kept batches as one: the same keys end up set as applying them in turn, with one
-    /// range removal instead of one per batch (a snapshot's drain may find tens of thousands kept).
-    fn apply_kept(&mut self, covered: u64) -> Result<Drained, sled::Error> {
-        let keep_from = self
+    /// Past half the journal, with batches kept: the next chunk is due.
+    fn behind(&self) -> bool {
+        self.catching_up && !self.kept.is_empty()
+    }
+
+    /// Apply the oldest kept batches, about [`CATCH_UP_ENTRIES`] entries' worth.
+    fn catch_up(&mut self) -> Result<(), sled::Error> {
+        let mut entries = 0;
+        let batches = self
             .kept
             .iter()
+            .take_while(|b| {
+                let more = entries < CATCH_UP_ENTRIES;
+                entries += b.entries.len().max(1);
+                more
+            })
+            .count();
+        self.apply_oldest(batches, 0).map(|_| ())
+    }
+
+    /// Apply every kept batch, except the entries through `covered`.
+    fn apply_kept(&mut self, covered: u64) -> Result<Drained, sled::Error> {
+        self.apply_oldest(self.kept.len(), covered)
+    }
+
+    /// Apply the oldest `count` kept batches as one: the same keys end up set as applying them in
+    /// turn, with one range removal instead of one per batch (a snapshot's drain may find tens of
+    /// thousands kept). Entries through `covered` are left out.
+    fn apply_oldest(&mut self, count: usize, covered: u64) -> Result<Drained, sled::Error> {
+        let oldest = self.kept.range(..count.min(self.kept.len()));
+        let keep_from = oldest
+            .clone()
             .filter_map(|b| b.truncate_from)
             .min()
             .unwrap_or(u64::MAX);
         let mut entries: BTreeMap<u64, &[u8]> = BTreeMap::new();
         let mut hard_state = None;
-        for batch in &self.kept {
+        for batch in oldest {
             if let Some(from) = batch.truncate_from {
                 entries.split_off(&from);
                 for (index, value) in batch.entries.iter().filter(|(i, _)| *i > covered) {
@@ -136,7 +171,7 @@ impl Behind {
         if let Some(hard_state) = hard_state {
             self.meta.insert(HARD_STATE, &hard_state)?;
         }
-        self.kept.clear();
+        self.kept.drain(..count.min(self.kept.len()));
         Ok(Drained { keep_from })
     }
 }
@@ -162,6 +197,7 @@ impl SledWriter {
                     log,
                     meta,
                     kept: VecDeque::new(),
+                    catching_up: false,
                 };
                 // A failure stays: the batches skipped after it are only in the journal, which must
                 // therefore never start over.
@@ -172,7 +208,25 @@ impl SledWriter {
                         *shared = failure.clone();
                     }
                 };
-                for item in queue {
+                loop {
+                    // Behind past half the journal: a chunk whenever nothing was handed over.
+                    let item = if failure.is_none() && behind.behind() {
+                        match queue.try_recv() {
+                            Ok(item) => item,
+                            Err(TryRecvError::Empty) => {
+                                if let Err(e) = behind.catch_up() {
+                                    fail(e, &mut failure);
+                                }
+                                continue;
+                            }
+                            Err(TryRecvError::Disconnected) => break,
+                        }
+                    } else {
+                        match queue.recv() {
+                            Ok(item) => item,
+                            Err(_) => break,
+                        }
+                    };
                     match item {
                         Work::Apply(batch, journal_used) => {
                             if failure.is_none() {
@@ -209,10 +263,17 @@ impl SledWriter {
     /// Hand `batch` over (applied in the order given, maybe only at the next drain); `journal_used` is
     /// the journal's bytes in use with its record in.
     pub(super) fn submit(&self, batch: JournalBatch, journal_used: u64) -> Result<(), String> {
-        if let Some(failure) = self.failed.lock().ok().and_then(|f| f.clone()) {
-            return Err(failure);
-        }
+        self.check()?;
         self.send(Work::Apply(batch, journal_used))
+    }
+
+    /// The writer's failure, if it has failed (checked before changing anything it would have to
+    /// follow, such as a snapshot's switch).
+    pub(super) fn check(&self) -> Result<(), String> {
+        match self.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }
     }
 
     /// Wait until every batch handed over is in sled, except the entries through `covered` (a snapshot
@@ -316,21 +377,25 @@ pub(super) mod tests {
         let (_dir, _db, log, meta) = trees();
         let mut writes = log.watch_prefix(vec![]);
         let writer = SledWriter::start(log.clone(), meta.clone()).expect("start");
-        writer.submit(entries(1, 5, 1), 64).expect("submit");
+        // More kept than one catch-up chunk, so the rest goes in the background, chunk by chunk.
+        let kept = 3 * CATCH_UP_ENTRIES as u64;
+        for i in 1..=kept {
+            writer.submit(entries(i, i, 1), 64).expect("submit");
+        }
         writer
-            .submit(entries(6, 6, 1), WRITE_BEHIND_JOURNAL_BYTES)
+            .submit(entries(kept + 1, kept + 1, 1), WRITE_BEHIND_JOURNAL_BYTES)
             .expect("submit");
-        // No drain: the writer applies everything kept as soon as the journal is half full.
-        let mut seen = Vec::new();
-        while seen.len() < 6 {
-            match writes.next_timeout(Duration::from_secs(10)) {
-                Ok(sled::Event::Insert { key, .. }) => seen.push(key.to_vec()),
+        // No drain and nothing more handed over: the writer applies everything it kept.
+        let mut seen = 0;
+        while seen <= kept {
+            match writes.next_timeout(Duration::from_secs(30)) {
+                Ok(sled::Event::Insert { .. }) => seen += 1,
                 Ok(_) => {}
-                Err(e) => panic!("the kept batches were not applied: {e:?} after {seen:?}"),
+                Err(e) => panic!("the kept batches were not applied: {e:?} after {seen}"),
             }
         }
         assert_eq!(writer.drain(0).expect("drain").keep_from, u64::MAX);
-        assert_eq!(contents(&log).len(), 6);
+        assert_eq!(contents(&log).len() as u64, kept + 1);
     }
 
     #[test]
@@ -353,8 +418,9 @@ pub(super) mod tests {
         assert_eq!(contents(&log), vec![(1, vec![1; 3])]);
     }
 
-    /// Kept batches applied as one leave sled exactly as applying them one by one does, with and
-    /// without a snapshot (whose covered entries are dropped), over a log sled already holds.
+    /// Kept batches applied as one (in prefixes, as catching up does, then the rest) leave sled
+    /// exactly as applying them one by one does, with and without a snapshot (whose covered entries
+    /// are dropped), over a log sled already holds.
     #[test]
     fn applying_kept_batches_as_one_matches_applying_them_in_turn() {
         for seed in 0..200u64 {
@@ -371,6 +437,7 @@ pub(super) mod tests {
                 log: log_a.clone(),
                 meta: meta_a.clone(),
                 kept: VecDeque::new(),
+                catching_up: false,
             };
             let mut last = 0u64;
             for n in 0..rng.random_range(1..30) {
@@ -387,6 +454,11 @@ pub(super) mod tests {
                 };
                 apply(&log_b, &meta_b, &batch).expect("apply");
                 behind.take(batch, 0).expect("keep");
+                if rng.random_bool(0.2) {
+                    // Catching up past half the journal applies a prefix of what is kept.
+                    let prefix = rng.random_range(0..=behind.kept.len());
+                    behind.apply_oldest(prefix, 0).expect("apply a prefix");
+                }
             }
             let covered = if rng.random_bool(0.5) {
                 rng.random_range(0..=last)

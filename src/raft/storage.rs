@@ -23,9 +23,11 @@
 //! [`Storage::persist`] writes in the order of the driver contract and is durable before returning: the
 //! log write and hard state go to the journal (`raft-journal`, [`super::journal`]) in one synced record,
 //! then to sled unflushed (by a background writer, [`super::sled_writer`]); opening the directory
-//! replays the journal into sled, so each persist is atomic. A persist that carries a snapshot flushes
-//! sled before and after the switch and starts the journal over each time, so no journal record ever
-//! spans a snapshot. A new snapshot's data goes under a fresh generation before the metadata
+//! replays the journal into sled, so each persist is atomic. A persist that carries a snapshot switches
+//! to it in sled, drains the writer without the entries it covers, flushes sled and starts the journal
+//! over; a crash before that flush replays the whole journal over the old snapshot or the new one
+//! (sled may have flushed the switch on its own), and either way the log above the snapshot in force
+//! comes back whole, the covered entries replayed being garbage. A new snapshot's data goes under a fresh generation before the metadata
 //! points at it, so a crash leaves either the old snapshot or the new one, never a mix; leftovers of other
 //! generations and entries the snapshot covers are cleaned up when the directory is next opened.
 
@@ -912,7 +914,12 @@ impl Storage for SledStorage {
         // own): either way the log above the snapshot in force comes back whole, and entries the new
         // one covers are garbage that `load` skips and the next open removes.
         let covered = match &ready.snapshot {
-            Some(snapshot) => Some((snapshot.meta.index, self.write_snapshot(snapshot)?)),
+            Some(snapshot) => {
+                // A failed writer first: the switch must not change what is stored, in sled or in
+                // memory, when this persist fails anyway.
+                self.writer.check().map_err(|e| self.writer_failed(e))?;
+                Some((snapshot.meta.index, self.write_snapshot(snapshot)?))
+            }
             None => None,
         };
         let mut batch = JournalBatch {
