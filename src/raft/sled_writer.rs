@@ -72,15 +72,33 @@ pub(super) const WRITE_BEHIND_JOURNAL_BYTES: u64 = JOURNAL_BYTES / 2;
 const CATCH_UP_ENTRIES: usize = 4096;
 
 enum Work {
-    /// A batch, and the journal's bytes in use with its record in (or as it stands, for a batch not
-    /// journaled).
-    Apply(JournalBatch, u64),
-    /// Apply everything kept back, except the entries through `covered` (a snapshot replaces them),
-    /// then answer: the writer's failure if it has failed, else where the kept batches began.
+    /// Batches, oldest first, and the journal's bytes in use with the last one's record in (or as it
+    /// stands, for a batch not journaled).
+    Apply(Vec<JournalBatch>, u64),
+    /// Keep `batches` too, then apply everything kept, except the entries through `covered` (a
+    /// snapshot replaces them), then answer: the writer's failure if it has failed, else where the
+    /// kept batches began.
     Drain {
         covered: u64,
+        batches: Vec<JournalBatch>,
         reply: SyncSender<Result<Drained, String>>,
     },
+}
+
+/// Keep `batch` after those in `kept`. A hard state alone (a commit index, a vote) replaces the last
+/// kept one: a follower that only hears heartbeats keeps one batch, not one per heartbeat.
+fn keep(kept: &mut VecDeque<JournalBatch>, batch: JournalBatch) {
+    if batch.truncate_from.is_none() {
+        match (kept.back_mut(), batch.hard_state) {
+            (_, None) => return,
+            (Some(last), Some(hard_state)) => {
+                last.hard_state = Some(hard_state);
+                return;
+            }
+            (None, Some(_)) => {}
+        }
+    }
+    kept.push_back(batch);
 }
 
 /// The writer thread's state: the batches kept back, oldest first.
@@ -93,20 +111,10 @@ struct Behind {
 }
 
 impl Behind {
-    fn take(&mut self, batch: JournalBatch, journal_used: u64) -> Result<(), sled::Error> {
-        if batch.truncate_from.is_none() {
-            // A hard state alone (a commit index, a vote) replaces the last kept one: a follower that
-            // only hears heartbeats keeps one batch, not one per heartbeat.
-            match (self.kept.back_mut(), batch.hard_state) {
-                (_, None) => return Ok(()),
-                (Some(last), Some(hard_state)) => {
-                    last.hard_state = Some(hard_state);
-                    return Ok(());
-                }
-                (None, Some(_)) => {}
-            }
+    fn take(&mut self, batches: Vec<JournalBatch>, journal_used: u64) -> Result<(), sled::Error> {
+        for batch in batches {
+            keep(&mut self.kept, batch);
         }
-        self.kept.push_back(batch);
         self.catching_up = journal_used >= WRITE_BEHIND_JOURNAL_BYTES;
         if self.catching_up {
             self.catch_up()?;
@@ -178,6 +186,9 @@ impl Behind {
 
 /// The writer thread and the way to it.
 pub(super) struct SledWriter {
+    /// Batches kept on the caller's side while the journal is under half full: handing each to the
+    /// thread would wake it once per persist for nothing (it only keeps them too).
+    local: Mutex<VecDeque<JournalBatch>>,
     work: Option<SyncSender<Work>>,
     /// The writer's failure, once it has failed: every later call reports it.
     failed: Arc<Mutex<Option<String>>>,
@@ -228,14 +239,21 @@ impl SledWriter {
                         }
                     };
                     match item {
-                        Work::Apply(batch, journal_used) => {
+                        Work::Apply(batches, journal_used) => {
                             if failure.is_none() {
-                                if let Err(e) = behind.take(batch, journal_used) {
+                                if let Err(e) = behind.take(batches, journal_used) {
                                     fail(e, &mut failure);
                                 }
                             }
                         }
-                        Work::Drain { covered, reply } => {
+                        Work::Drain {
+                            covered,
+                            batches,
+                            reply,
+                        } => {
+                            for batch in batches {
+                                keep(&mut behind.kept, batch);
+                            }
                             let answer = match failure.clone() {
                                 Some(failure) => Err(failure),
                                 None => behind.apply_kept(covered).map_err(|e| {
@@ -254,6 +272,7 @@ impl SledWriter {
                 }
             })?;
         Ok(SledWriter {
+            local: Mutex::new(VecDeque::new()),
             work: Some(work),
             failed,
             thread: Some(thread),
@@ -264,7 +283,20 @@ impl SledWriter {
     /// the journal's bytes in use with its record in.
     pub(super) fn submit(&self, batch: JournalBatch, journal_used: u64) -> Result<(), String> {
         self.check()?;
-        self.send(Work::Apply(batch, journal_used))
+        let mut local = self.local();
+        keep(&mut local, batch);
+        if journal_used < WRITE_BEHIND_JOURNAL_BYTES {
+            return Ok(());
+        }
+        let batches = local.drain(..).collect();
+        drop(local);
+        self.send(Work::Apply(batches, journal_used))
+    }
+
+    fn local(&self) -> std::sync::MutexGuard<'_, VecDeque<JournalBatch>> {
+        self.local
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The writer's failure, if it has failed (checked before changing anything it would have to
@@ -281,7 +313,12 @@ impl SledWriter {
     /// longer holds what the journal does).
     pub(super) fn drain(&self, covered: u64) -> Result<Drained, String> {
         let (reply, answer) = sync_channel(1);
-        self.send(Work::Drain { covered, reply })?;
+        let batches = self.local().drain(..).collect();
+        self.send(Work::Drain {
+            covered,
+            batches,
+            reply,
+        })?;
         match answer.recv() {
             Ok(result) => result,
             Err(_) => Err("the sled writer stopped".into()),
@@ -299,6 +336,10 @@ impl SledWriter {
 impl Drop for SledWriter {
     /// Finish what was handed over before sled goes (what is lost anyway is in the journal).
     fn drop(&mut self) {
+        let batches: Vec<JournalBatch> = self.local().drain(..).collect();
+        if !batches.is_empty() {
+            let _ = self.send(Work::Apply(batches, 0));
+        }
         self.work.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -453,7 +494,7 @@ pub(super) mod tests {
                     entries(from, to, n as u8)
                 };
                 apply(&log_b, &meta_b, &batch).expect("apply");
-                behind.take(batch, 0).expect("keep");
+                behind.take(vec![batch], 0).expect("keep");
                 if rng.random_bool(0.2) {
                     // Catching up past half the journal applies a prefix of what is kept.
                     let prefix = rng.random_range(0..=behind.kept.len());
