@@ -61,8 +61,9 @@ pub const PAGE_BYTES: usize = 1 << 20;
 /// so a shard with [`MAX_SESSIONS`] sessions moves its table in bounded pages, not in one message.
 pub const SESSION_PAGE_RECORDS: usize = PAGE_BYTES / MAX_SESSION_RECORD_BYTES;
 
-/// Requests one client connection may have in flight at a server; more wait in the connection.
-pub const MAX_REQUESTS_PER_CONNECTION: usize = 256;
+/// Requests one client connection may have in flight at a server (HTTP/2 streams the server lets
+/// it open); more wait in the client.
+pub const MAX_REQUESTS_PER_CONNECTION: u32 = 256;
 
 /// Largest log entry: a proposal above it is refused with a clear error, never appended.
 pub const MAX_ENTRY_BYTES: usize = 32 << 20;

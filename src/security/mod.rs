@@ -215,10 +215,12 @@ impl Security {
 
     /// A tonic server builder that requires a client certificate from the cluster CA.
     pub fn server(&self) -> Result<tonic::transport::Server, SecurityError> {
-        // A bound on the requests one connection may have in flight: a client cannot make a server
-        // hold an unbounded number of waiting requests over one connection.
+        // A bound on the requests one connection may have in flight, as HTTP/2's
+        // SETTINGS_MAX_CONCURRENT_STREAMS: a client cannot open more streams than that, so the server
+        // never holds more (a tower concurrency limit let them open and queued their requests, at a
+        // semaphore and a wrapped future per request besides).
         let builder = tonic::transport::Server::builder()
-            .concurrency_limit_per_connection(crate::limits::MAX_REQUESTS_PER_CONNECTION);
+            .max_concurrent_streams(crate::limits::MAX_REQUESTS_PER_CONNECTION);
         match self {
             Security::Insecure => Ok(builder),
             Security::Tls(tls) => builder
@@ -398,4 +400,45 @@ pub fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// Roles that use the data services: ordinary clients and operators.
 pub fn is_user(role: &Role) -> bool {
     matches!(role, Role::Client | Role::Admin)
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::Security;
+
+    /// Every server advertises the per-connection bound in HTTP/2 SETTINGS, so a client cannot open
+    /// more streams than that (tonic's default is no bound: a client could open any number and the
+    /// server held each).
+    #[tokio::test]
+    async fn servers_let_a_connection_open_a_bounded_number_of_streams() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = Security::Insecure
+            .server()
+            .expect("server")
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let (mut client, mut connection) = h2::client::handshake(tcp).await.expect("handshake");
+        let request = tonic::codegen::http::Request::post(format!("http://{address}/x.Y/Z"))
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("request");
+        let (response, _) = client.send_request(request, true).expect("send");
+        // The server's SETTINGS come before any answer: once one is in, they are applied.
+        tokio::select! {
+            answer = response => { answer.expect("an answer"); }
+            ended = &mut connection => panic!("the connection ended first: {ended:?}"),
+        }
+        assert_eq!(
+            connection.max_concurrent_send_streams(),
+            crate::limits::MAX_REQUESTS_PER_CONNECTION as usize
+        );
+        server.abort();
+    }
 }
