@@ -29,28 +29,23 @@ const QUEUE_BATCHES: usize = 1024;
 /// The key of the hard state in the meta tree.
 pub(super) const HARD_STATE: &[u8] = b"hard_state";
 
-/// Apply one persist's changes to sled (unflushed): the log write — the suffix from `truncate_from`
-/// removed, the entries stored — then the hard state.
-pub(super) fn apply(
+/// Apply journaled batches, oldest first, to sled (unflushed): what opening a directory does with
+/// the journal it replays. The same mechanism as the writer's drain.
+pub(super) fn replay(
     log: &sled::Tree,
     meta: &sled::Tree,
-    batch: &JournalBatch,
+    batches: Vec<JournalBatch>,
 ) -> Result<(), sled::Error> {
-    if let Some(from) = batch.truncate_from {
-        // One key at a time, not a sled batch: a batch seals sled's write buffer to be atomic on
-        // recovery (a write and a `sync_file_range` each), and the journal record is already the
-        // atomic unit — a crash part way through is repaired by replaying it.
-        for key in log.range(from.to_be_bytes()..).keys() {
-            log.remove(key?)?;
-        }
-        for (index, value) in &batch.entries {
-            log.insert(index.to_be_bytes(), value.as_slice())?;
-        }
+    let mut behind = Behind {
+        log: log.clone(),
+        meta: meta.clone(),
+        kept: VecDeque::new(),
+        catching_up: false,
+    };
+    for batch in batches {
+        keep(&mut behind.kept, batch);
     }
-    if let Some(hard_state) = &batch.hard_state {
-        meta.insert(HARD_STATE, hard_state)?;
-    }
-    Ok(())
+    behind.apply_kept(0).map(|_| ())
 }
 
 /// Where a drain leaves the stored log: below `keep_from` sled may still hold entries the drain's
@@ -169,6 +164,9 @@ impl Behind {
             }
             hard_state = batch.hard_state.or(hard_state);
         }
+        // One key at a time, not a sled batch: a batch seals sled's write buffer to be atomic on
+        // recovery (a write and a `sync_file_range` each), and the journal record is already the
+        // atomic unit — a crash part way through is repaired by replaying it.
         if keep_from != u64::MAX {
             for key in self.log.range(keep_from.to_be_bytes()..).keys() {
                 self.log.remove(key?)?;
@@ -353,6 +351,23 @@ pub(super) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use std::time::Duration;
+
+    /// One batch applied on its own, key by key: the plain meaning of a batch, which applying kept
+    /// batches as one must match.
+    fn apply(log: &sled::Tree, meta: &sled::Tree, batch: &JournalBatch) -> Result<(), sled::Error> {
+        if let Some(from) = batch.truncate_from {
+            for key in log.range(from.to_be_bytes()..).keys() {
+                log.remove(key?)?;
+            }
+            for (index, value) in &batch.entries {
+                log.insert(index.to_be_bytes(), value.as_slice())?;
+            }
+        }
+        if let Some(hard_state) = &batch.hard_state {
+            meta.insert(HARD_STATE, hard_state)?;
+        }
+        Ok(())
+    }
 
     fn trees() -> (tempfile::TempDir, sled::Db, sled::Tree, sled::Tree) {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -502,9 +502,7 @@ impl SledStorage {
         let (snapshot_index, next_generation) = (snapshot.meta.index, snapshot.generation + 1);
         let (mut journal, replay) = Journal::open(&dir.join("raft-journal"))
             .map_err(|e| corrupt(format!("journal raft-journal: {e}")))?;
-        for batch in replay {
-            super::sled_writer::apply(&log, &meta, &batch).map_err(io)?;
-        }
+        super::sled_writer::replay(&log, &meta, replay).map_err(io)?;
         db.flush().map_err(io)?;
         journal.start_over().map_err(|e| io(sled::Error::Io(e)))?;
         let reaper = spawn_reaper(log.clone());
