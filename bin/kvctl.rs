@@ -63,6 +63,11 @@ struct Cli {
     /// instead of the client addresses they advertise: for a kvctl inside the cluster's network.
     #[arg(long, env = "KVCTL_INTERNAL_ADDRESSES", global = true)]
     internal_addresses: bool,
+    /// Send reads (get, and the reads of `bench`) to every replica in turn, not only the leader: for
+    /// servers started with `kvd --follower-reads`, which answer them linearizably. Against servers
+    /// without it each read is sent on to the leader, costing a hop.
+    #[arg(long, env = "KVCTL_FOLLOWER_READS", global = true)]
+    follower_reads: bool,
     #[command(flatten)]
     tls: TlsArgs,
     #[command(subcommand)]
@@ -489,6 +494,7 @@ async fn run(cli: Cli) -> u8 {
     let config = ClerkConfig {
         call_timeout: Duration::from_millis(cli.timeout_ms),
         security: security.clone(),
+        read_anywhere: cli.follower_reads,
         ..ClerkConfig::default()
     };
     let view = match cli.internal_addresses {
@@ -501,7 +507,7 @@ async fn run(cli: Cli) -> u8 {
                 ShardClerk::new(&ctrlers, config.clone())?.with_address_view(view),
             ))
         } else {
-            AnyClerk::Kv(Clerk::new(&cluster, config.clone())?)
+            AnyClerk::Kv(Box::new(Clerk::new(&cluster, config.clone())?))
         })
     };
     if let Command::Snapshot { op } = cli.command {

@@ -143,6 +143,13 @@ struct KvArgs {
     /// election timeout after a restart. Off by default.
     #[arg(long)]
     lease_reads: bool,
+    /// Answer reads on followers too, still linearizably: a follower asks the leader for a read index
+    /// (one request for all the reads that arrived meanwhile), and serves the reads once it applied
+    /// that far. Spreads read load over every replica; a read costs one more hop than on the leader.
+    /// Clients send reads to any replica only when asked to (`kvctl --follower-reads`); without this
+    /// flag a follower answers reads with a hint to the leader. Off by default.
+    #[arg(long)]
+    follower_reads: bool,
     /// Snapshot once the persisted Raft state exceeds this many bytes (0: never).
     #[arg(long, default_value_t = 8 << 20)]
     snapshot_threshold: u64,
@@ -317,6 +324,7 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
         unsafe_ack_before_commit,
         restore: args.restore,
         lease_reads: args.lease_reads,
+        follower_reads: args.follower_reads,
     };
     let node = match Replica::start(config).await {
         Ok(node) => node,

@@ -26,6 +26,7 @@ fn cluster(name: &str) -> Cluster {
         reliable: true,
         max_raft_state: None,
         seed: seed::for_test(name),
+        follower_reads: false,
     })
 }
 

@@ -136,6 +136,11 @@ pub struct RunArgs {
     /// tests.
     #[arg(long)]
     pub lease_reads: bool,
+    /// Start the nodes with `kvd --follower-reads` and send every read to the replicas in turn
+    /// (local target): reads served by followers, at the read index the leader confirms, are what
+    /// the run tests.
+    #[arg(long)]
+    pub follower_reads: bool,
     /// Check the harness itself (local target, debug builds of kvd): every node runs with a
     /// deliberate safety bug — a put is acknowledged once the leader appended it, before a majority
     /// has it — and the run passes (exit 0) only if the checks catch the acknowledged writes that

@@ -159,6 +159,7 @@ pub async fn run(args: RunArgs) -> Result<Summary, RunError> {
                 snapshot_threshold: args.snapshot_threshold,
                 unsafe_ack_before_commit: args.self_test,
                 lease_reads: args.lease_reads,
+                follower_reads: args.follower_reads,
                 clock: args.nemesis.contains(&NemesisKind::Clock),
             })
             .await?;
@@ -218,6 +219,7 @@ async fn drive<C: Cluster>(
         min_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(100),
         security: cluster.client_security(),
+        read_anywhere: args.follower_reads,
     };
     let mut ctrler = match args.nemesis.contains(&NemesisKind::Reconfigure) {
         true => Some(reconfigurer(&args.compose_ctrlers, &config).await?),

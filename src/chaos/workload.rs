@@ -252,7 +252,9 @@ impl Store {
     /// A new clerk (a new session) for this store.
     pub fn clerk(&self, config: &ClerkConfig) -> Result<AnyClerk, ClerkError> {
         Ok(match self {
-            Store::Replicated(addresses) => AnyClerk::Kv(Clerk::new(addresses, config.clone())?),
+            Store::Replicated(addresses) => {
+                AnyClerk::Kv(Box::new(Clerk::new(addresses, config.clone())?))
+            }
             Store::Sharded(ctrlers) => {
                 AnyClerk::Sharded(Box::new(ShardClerk::new(ctrlers, config.clone())?))
             }

@@ -148,7 +148,7 @@ impl Clerk {
             key: key.to_string(),
         };
         self.replicas
-            .call(move |channel, timeout| {
+            .call_read(move |channel, timeout| {
                 let mut client = KvClient::new(channel);
                 let request = request.clone();
                 async move {

@@ -82,7 +82,7 @@ impl Target {
     /// One client (its own session) of the store.
     fn clerk(&self, config: &ClerkConfig) -> Result<AnyClerk, ClerkError> {
         Ok(match self {
-            Target::Kv(cluster) => AnyClerk::Kv(Clerk::new(cluster, config.clone())?),
+            Target::Kv(cluster) => AnyClerk::Kv(Box::new(Clerk::new(cluster, config.clone())?)),
             Target::Sharded { ctrlers, view } => AnyClerk::Sharded(Box::new(
                 ShardClerk::new(ctrlers, config.clone())?.with_address_view(*view),
             )),

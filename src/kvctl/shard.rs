@@ -20,7 +20,7 @@ use std::time::Duration;
 /// so `kvctl get/put/...` behave and exit the same way against either.
 pub enum AnyClerk {
     /// A KV cluster.
-    Kv(Clerk),
+    Kv(Box<Clerk>),
     /// A sharded cluster, through its controllers.
     Sharded(Box<ShardClerk>),
 }

@@ -11,12 +11,13 @@
 //! (thesis §3.10). Safety-critical choices carry a comment saying which rule they implement.
 
 use super::config::{Config, ConfigError};
+use super::forwarded_reads::ForwardedReads;
 use super::log::{AppendConflict, ApplyBudget, RaftLog};
 use super::membership::{Membership, MembershipChange, MembershipError, MembershipLog};
 use super::message::{Envelope, Message};
 use super::progress::{Progress, ProgressState};
 use super::quorum;
-use super::read_only::{ReadQueue, ReadState};
+use super::read_only::{ReadOrigin, ReadQueue, ReadState, MAX_FORWARDED_REQUESTS};
 use super::ready::{Ready, SoftState};
 use super::types::{
     Entry, EntryKind, HardState, Index, NodeId, PersistedState, Role, Snapshot, SnapshotMeta, Term,
@@ -103,7 +104,14 @@ fn validate(message: &Message) -> Result<(), &'static str> {
                 return Err("InstallSnapshotResponse with an impossible index");
             }
         }
-        Message::RequestVoteResponse { .. } | Message::TimeoutNow { .. } => {}
+        Message::ReadIndexResponse { index, .. } => {
+            if index.is_some_and(|i| !index_ok(i)) {
+                return Err("ReadIndexResponse with an impossible index");
+            }
+        }
+        Message::RequestVoteResponse { .. }
+        | Message::TimeoutNow { .. }
+        | Message::ReadIndex { .. } => {}
     }
     Ok(())
 }
@@ -245,6 +253,8 @@ pub struct RaftCore {
     votes: BTreeMap<NodeId, bool>,
     progress: BTreeMap<NodeId, Progress>,
     reads: ReadQueue,
+    /// A follower's reads waiting for the leader's read index (follower reads).
+    forwarded: ForwardedReads,
     transfer_target: Option<NodeId>,
     /// New entries were appended and followers have not been sent them yet. Sending is deferred to
     /// `ready()` so that every proposal between two `Ready`s travels in one message per follower.
@@ -324,6 +334,7 @@ impl RaftCore {
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
             reads: ReadQueue::new(),
+            forwarded: ForwardedReads::default(),
             transfer_target: None,
             append_pending: false,
             messages: Vec::new(),
@@ -353,6 +364,13 @@ impl RaftCore {
     /// Advance logical time by one tick.
     pub fn tick(&mut self) {
         self.ticks += 1;
+        if !self.forwarded.is_empty() {
+            let before = self
+                .ticks
+                .saturating_sub(u64::from(self.config.election_ticks));
+            let expired = self.forwarded.expire(before);
+            self.failed_reads.extend(expired);
+        }
         self.lease_elapsed = self.lease_elapsed.saturating_add(1);
         match self.role {
             Role::Leader => self.tick_leader(),
@@ -579,6 +597,20 @@ impl RaftCore {
                 self.on_snapshot_response(from, match_index);
                 Ok(())
             }
+            Message::ReadIndex { request, .. } => {
+                self.on_read_index(from, request);
+                Ok(())
+            }
+            Message::ReadIndexResponse { request, index, .. } => {
+                let reads = self.forwarded.answer(from, request);
+                match index {
+                    Some(index) => self
+                        .read_states
+                        .extend(reads.into_iter().map(|id| ReadState { id, index })),
+                    None => self.failed_reads.extend(reads),
+                }
+                Ok(())
+            }
             Message::TimeoutNow { .. } => {
                 if self.role != Role::Leader && self.is_voter() {
                     info!(
@@ -672,18 +704,103 @@ impl RaftCore {
                 leader_hint: self.leader,
             });
         }
+        self.queue_read(ReadOrigin::Local(id));
+        Ok(())
+    }
+
+    /// [`RaftCore::read_index`] on any node that knows a leader (follower reads, thesis §6.4.1): a
+    /// follower asks the leader for the read point, and the answer arrives as on the leader. The read
+    /// fails (in `failed_reads`) if the leader or term changes first, the leader refuses, or no answer
+    /// comes within an election timeout.
+    pub fn read_index_anywhere(&mut self, id: u64) -> Result<(), NotLeader> {
+        if self.role == Role::Leader {
+            return self.read_index(id);
+        }
+        let Some(leader) = self.forward_target() else {
+            return Err(NotLeader::NotLeader {
+                leader_hint: self.leader,
+            });
+        };
+        let failed = self.forwarded.queue(id, leader.0, leader.1);
+        self.failed_reads.extend(failed);
+        Ok(())
+    }
+
+    /// Where a follower sends its reads: the leader of its term, if it knows one.
+    fn forward_target(&self) -> Option<(NodeId, Term)> {
+        match (self.role, self.leader) {
+            (Role::Follower, Some(leader)) => Some((leader, self.term)),
+            _ => None,
+        }
+    }
+
+    /// Queue a read on this leader: answered at once from the lease, or after a round.
+    fn queue_read(&mut self, origin: ReadOrigin) {
         let commit = self.log.committed();
         let term_committed = self.log.term(commit) == Some(self.term);
         if term_committed && self.lease_valid() {
-            self.read_states.push(ReadState { id, index: commit });
-            return Ok(());
+            self.release_reads(vec![ReadState {
+                id: origin,
+                index: commit,
+            }]);
+            return;
         }
-        self.reads.request(id, commit, term_committed);
+        self.reads.request(origin, commit, term_committed);
         if self.sole_voter() {
             let confirmed = self.reads.confirm(u64::MAX);
-            self.read_states.extend(confirmed);
+            self.release_reads(confirmed);
         }
-        Ok(())
+    }
+
+    /// Confirmed reads: this node's go to the service, a follower's back to the follower.
+    fn release_reads(&mut self, confirmed: Vec<ReadState<ReadOrigin>>) {
+        for read in confirmed {
+            match read.id {
+                ReadOrigin::Local(id) => self.read_states.push(ReadState {
+                    id,
+                    index: read.index,
+                }),
+                ReadOrigin::Forwarded { from, request } => self.send(
+                    from,
+                    Message::ReadIndexResponse {
+                        term: self.term,
+                        request,
+                        index: Some(read.index),
+                    },
+                ),
+            }
+        }
+    }
+
+    /// Reads that cannot be confirmed: this node's fail, a follower's are refused.
+    fn fail_reads(&mut self, failed: Vec<ReadOrigin>) {
+        for origin in failed {
+            match origin {
+                ReadOrigin::Local(id) => self.failed_reads.push(id),
+                ReadOrigin::Forwarded { from, request } => self.refuse_read(from, request),
+            }
+        }
+    }
+
+    fn refuse_read(&mut self, to: NodeId, request: u64) {
+        self.send(
+            to,
+            Message::ReadIndexResponse {
+                term: self.term,
+                request,
+                index: None,
+            },
+        );
+    }
+
+    /// A follower asks for a read index: queued as a read of this leader's own, within a bound.
+    fn on_read_index(&mut self, from: NodeId, request: u64) {
+        let known = self.progress.contains_key(&from);
+        if self.role != Role::Leader || !known || self.reads.forwarded() >= MAX_FORWARDED_REQUESTS {
+            self.refuse_read(from, request);
+            return;
+        }
+        self.queue_read(ReadOrigin::Forwarded { from, request });
     }
 
     /// The service saved a snapshot of its state after applying `index`: the log up to there can go.
@@ -761,6 +878,8 @@ impl RaftCore {
             || !self.failed_reads.is_empty()
             || self.hard_state() != self.persisted_hard_state
             || self.reads.broadcast_needed()
+            || self.forwarded.request_needed()
+            || self.forwarded.would_fail(self.forward_target())
     }
 
     /// Collect what the driver must do now (see [`Ready`] for the order).
@@ -774,6 +893,12 @@ impl RaftCore {
             for peer in self.peers.clone() {
                 self.send_heartbeat(peer, round);
             }
+        }
+        let failed = self.forwarded.rebind(self.forward_target());
+        self.failed_reads.extend(failed);
+        if let Some((leader, request)) = self.forwarded.take_request(self.ticks) {
+            let term = self.term;
+            self.send(leader, Message::ReadIndex { term, request });
         }
         let hard_state = self.hard_state();
         let before = self.persisted_hard_state;
@@ -1013,7 +1138,8 @@ impl RaftCore {
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
         if self.role == Role::Leader {
-            self.failed_reads.extend(self.reads.drain());
+            let failed = self.reads.drain();
+            self.fail_reads(failed);
             self.progress.clear();
             self.transfer_target = None;
         }
@@ -1448,7 +1574,7 @@ impl RaftCore {
             self.reads.term_committed(candidate);
             if self.sole_voter() {
                 let confirmed = self.reads.confirm(u64::MAX);
-                self.read_states.extend(confirmed);
+                self.release_reads(confirmed);
             }
             self.maybe_step_down_after_removal();
         }
@@ -1508,7 +1634,7 @@ impl RaftCore {
         let mut rounds = self.voter_values(|p| p.read_round, u64::MAX);
         let confirmed_round = quorum::quorum_value(&mut rounds);
         let confirmed = self.reads.confirm(confirmed_round);
-        self.read_states.extend(confirmed);
+        self.release_reads(confirmed);
     }
 
     fn maybe_send_timeout_now(&mut self, peer: NodeId) {

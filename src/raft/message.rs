@@ -100,6 +100,23 @@ pub enum Message {
         /// Leader's term.
         term: Term,
     },
+    /// Follower reads: a read index for the reads that reached the sender since its last request.
+    ReadIndex {
+        /// Sender's term.
+        term: Term,
+        /// The sender's number for the request, echoed in the answer.
+        request: u64,
+    },
+    /// The answer to `ReadIndex`.
+    ReadIndexResponse {
+        /// Responder's term.
+        term: Term,
+        /// Echo of the request's number.
+        request: u64,
+        /// The leader's commit index when the request arrived, once a quorum confirmed it still led
+        /// after that; `None`: refused (not the leader, or too many requests queued).
+        index: Option<Index>,
+    },
 }
 
 impl Message {
@@ -112,7 +129,9 @@ impl Message {
             | Message::RequestVoteResponse { term, .. }
             | Message::InstallSnapshot { term, .. }
             | Message::InstallSnapshotResponse { term, .. }
-            | Message::TimeoutNow { term } => *term,
+            | Message::TimeoutNow { term }
+            | Message::ReadIndex { term, .. }
+            | Message::ReadIndexResponse { term, .. } => *term,
         }
     }
 
@@ -124,6 +143,7 @@ impl Message {
                 | Message::RequestVote { .. }
                 | Message::InstallSnapshot { .. }
                 | Message::TimeoutNow { .. }
+                | Message::ReadIndex { .. }
         )
     }
 
@@ -139,6 +159,8 @@ impl Message {
             Message::InstallSnapshot { .. } => "InstallSnapshot",
             Message::InstallSnapshotResponse { .. } => "InstallSnapshotResponse",
             Message::TimeoutNow { .. } => "TimeoutNow",
+            Message::ReadIndex { .. } => "ReadIndex",
+            Message::ReadIndexResponse { .. } => "ReadIndexResponse",
         }
     }
 }

@@ -40,6 +40,7 @@
 pub mod admission;
 pub mod config;
 pub mod core;
+pub mod forwarded_reads;
 pub mod journal;
 pub mod log;
 pub mod membership;

@@ -176,7 +176,11 @@ pub struct NodeStatus {
 
 enum Command {
     Propose(Bytes, oneshot::Sender<Result<(Index, Term), NodeError>>),
-    ReadIndex(oneshot::Sender<Result<Index, NodeError>>),
+    /// A read point; `anywhere`: on a follower too (follower reads).
+    ReadIndex {
+        anywhere: bool,
+        reply: oneshot::Sender<Result<Index, NodeError>>,
+    },
     Compact(Index, Bytes, oneshot::Sender<Result<(), NodeError>>),
     Transfer(NodeId, oneshot::Sender<Result<(), NodeError>>),
     ChangeMembership(
@@ -229,7 +233,21 @@ impl RaftHandle {
     /// A linearizable read point: once the service applied this index, its state reflects every write
     /// that completed before the call.
     pub async fn read_index(&self) -> Result<Index, NodeError> {
-        self.ask(Command::ReadIndex).await
+        self.ask(|reply| Command::ReadIndex {
+            anywhere: false,
+            reply,
+        })
+        .await
+    }
+
+    /// [`RaftHandle::read_index`] on a follower too: it asks the leader for the read point (see
+    /// [`RaftCore::read_index_anywhere`]), so reads can be spread over every replica.
+    pub async fn read_index_anywhere(&self) -> Result<Index, NodeError> {
+        self.ask(|reply| Command::ReadIndex {
+            anywhere: true,
+            reply,
+        })
+        .await
     }
 
     /// The service snapshotted its state after applying `index`.
@@ -597,11 +615,16 @@ impl Driver {
                 }
                 let _ = reply.send(result);
             }
-            Command::ReadIndex(reply) => {
+            Command::ReadIndex { anywhere, reply } => {
                 self.catch_up_ticks();
                 self.next_read += 1;
                 let id = self.next_read;
-                match self.core.read_index(id) {
+                let asked = if anywhere {
+                    self.core.read_index_anywhere(id)
+                } else {
+                    self.core.read_index(id)
+                };
+                match asked {
                     Ok(()) => {
                         self.reads.insert(id, reply);
                     }

@@ -9,7 +9,7 @@
 //! round sent at tick `t` means none of them will vote for another leader until about an election
 //! timeout after `t` (CheckQuorum), so until then the leader may answer reads without a round.
 
-use super::types::Index;
+use super::types::{Index, NodeId};
 use std::collections::VecDeque;
 
 /// Broadcast ticks kept for rounds not yet confirmed; older ones are forgotten (which only shortens the
@@ -17,17 +17,35 @@ use std::collections::VecDeque;
 const MAX_UNCONFIRMED_ROUNDS: usize = 1024;
 
 /// A read the leader has confirmed: serve it once the state machine applied `index`.
+///
+/// The driver sees `ReadState<u64>` (the id its service gave the read); the leader's queue holds
+/// `ReadState<ReadOrigin>`, since some of its reads are a follower's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReadState {
-    /// The id the service gave the read.
-    pub id: u64,
+pub struct ReadState<Id = u64> {
+    /// The read's id.
+    pub id: Id,
     /// The commit index at the time the read arrived.
     pub index: Index,
 }
 
+/// Whose read the leader is confirming: its own service's, or a batch a follower forwarded (the
+/// follower serves those itself, once it applied the index the leader answers with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadOrigin {
+    /// A read of this node's service, by the id the service gave it.
+    Local(u64),
+    /// A follower's `ReadIndex` request.
+    Forwarded {
+        /// The follower.
+        from: NodeId,
+        /// The follower's number for the request, echoed in the answer.
+        request: u64,
+    },
+}
+
 #[derive(Clone, Copy, Debug)]
 struct PendingRead {
-    id: u64,
+    id: ReadOrigin,
     index: Index,
     round: u64,
 }
@@ -35,7 +53,7 @@ struct PendingRead {
 /// Reads waiting for confirmation of leadership.
 #[derive(Clone, Debug, Default)]
 pub struct ReadQueue {
-    awaiting_term_commit: Vec<u64>,
+    awaiting_term_commit: Vec<ReadOrigin>,
     pending: VecDeque<PendingRead>,
     /// The round the next broadcast will carry. Rounds start at 1 so 0 means "no round".
     next_round: u64,
@@ -57,7 +75,7 @@ impl ReadQueue {
 
     /// Queue a read. `commit` is the current commit index, `term_committed` whether it is from the
     /// leader's term.
-    pub fn request(&mut self, id: u64, commit: Index, term_committed: bool) {
+    pub fn request(&mut self, id: ReadOrigin, commit: Index, term_committed: bool) {
         if term_committed {
             self.pending.push_back(PendingRead {
                 id,
@@ -120,7 +138,7 @@ impl ReadQueue {
     }
 
     /// A majority acknowledged every round up to `round`: release the reads those rounds cover.
-    pub fn confirm(&mut self, round: u64) -> Vec<ReadState> {
+    pub fn confirm(&mut self, round: u64) -> Vec<ReadState<ReadOrigin>> {
         while let Some(&(sent_round, tick)) = self.sent.front() {
             if sent_round > round {
                 break;
@@ -141,8 +159,8 @@ impl ReadQueue {
     }
 
     /// Leadership was lost: every queued read fails.
-    pub fn drain(&mut self) -> Vec<u64> {
-        let mut failed: Vec<u64> = self.pending.drain(..).map(|r| r.id).collect();
+    pub fn drain(&mut self) -> Vec<ReadOrigin> {
+        let mut failed: Vec<ReadOrigin> = self.pending.drain(..).map(|r| r.id).collect();
         failed.append(&mut self.awaiting_term_commit);
         failed
     }
@@ -151,24 +169,53 @@ impl ReadQueue {
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty() && self.awaiting_term_commit.is_empty()
     }
+
+    /// How many follower requests are queued (the leader bounds them: see
+    /// [`MAX_FORWARDED_REQUESTS`]).
+    pub fn forwarded(&self) -> usize {
+        let forwarded = |id: &ReadOrigin| matches!(id, ReadOrigin::Forwarded { .. });
+        self.pending.iter().filter(|r| forwarded(&r.id)).count()
+            + self
+                .awaiting_term_commit
+                .iter()
+                .filter(|id| forwarded(id))
+                .count()
+    }
 }
+
+/// The most follower `ReadIndex` requests a leader queues at once; beyond, it refuses them at once.
+/// A follower sends one request per driver wake-up for all the reads that arrived meanwhile, so a
+/// follower under load has a few out, and this only stops a faulty or hostile member from growing
+/// the queue.
+pub const MAX_FORWARDED_REQUESTS: usize = 4096;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn local(id: u64) -> ReadOrigin {
+        ReadOrigin::Local(id)
+    }
+
+    fn read(id: u64, index: Index) -> ReadState<ReadOrigin> {
+        ReadState {
+            id: local(id),
+            index,
+        }
+    }
+
     #[test]
     fn a_read_needs_a_round_sent_after_it() {
         let mut q = ReadQueue::new();
-        q.request(7, 10, true);
+        q.request(local(7), 10, true);
         assert_eq!(q.confirm(0), vec![]);
         let round = q.take_broadcast(0).expect("a round");
         assert_eq!(q.take_broadcast(0), None);
-        q.request(8, 11, true);
-        assert_eq!(q.confirm(round), vec![ReadState { id: 7, index: 10 }]);
+        q.request(local(8), 11, true);
+        assert_eq!(q.confirm(round), vec![read(7, 10)]);
         let next = q.take_broadcast(0).expect("a second round");
         assert!(next > round);
-        assert_eq!(q.confirm(next), vec![ReadState { id: 8, index: 11 }]);
+        assert_eq!(q.confirm(next), vec![read(8, 11)]);
     }
 
     /// Reads arriving while a round is out wait for it to come back and then share one new round:
@@ -177,23 +224,17 @@ mod tests {
     #[test]
     fn reads_arriving_while_a_round_is_out_share_the_next_one() {
         let mut q = ReadQueue::new();
-        q.request(1, 10, true);
+        q.request(local(1), 10, true);
         let first = q.take_broadcast(0).expect("a round");
-        q.request(2, 11, true);
-        q.request(3, 12, true);
+        q.request(local(2), 11, true);
+        q.request(local(3), 12, true);
         assert!(!q.broadcast_needed(), "a round is still out");
         assert_eq!(q.take_broadcast(0), None);
         // The round out does not answer reads that arrived after it was sent.
-        assert_eq!(q.confirm(first), vec![ReadState { id: 1, index: 10 }]);
+        assert_eq!(q.confirm(first), vec![read(1, 10)]);
         assert!(q.broadcast_needed());
         let second = q.take_broadcast(1).expect("the next round");
-        assert_eq!(
-            q.confirm(second),
-            vec![
-                ReadState { id: 2, index: 11 },
-                ReadState { id: 3, index: 12 }
-            ]
-        );
+        assert_eq!(q.confirm(second), vec![read(2, 11), read(3, 12)]);
     }
 
     /// A lost round is not waited for forever: a heartbeat round sent later carries the reads, and
@@ -201,29 +242,23 @@ mod tests {
     #[test]
     fn a_round_never_acknowledged_is_overtaken_by_a_heartbeat_round() {
         let mut q = ReadQueue::new();
-        q.request(1, 10, true);
+        q.request(local(1), 10, true);
         let lost = q.take_broadcast(0).expect("a round");
-        q.request(2, 11, true);
+        q.request(local(2), 11, true);
         let heartbeat = q.heartbeat_round(5);
         assert!(heartbeat > lost);
-        assert_eq!(
-            q.confirm(heartbeat),
-            vec![
-                ReadState { id: 1, index: 10 },
-                ReadState { id: 2, index: 11 }
-            ]
-        );
+        assert_eq!(q.confirm(heartbeat), vec![read(1, 10), read(2, 11)]);
         assert!(!q.broadcast_needed());
     }
 
     #[test]
     fn reads_before_a_term_commit_wait_for_it() {
         let mut q = ReadQueue::new();
-        q.request(1, 3, false);
+        q.request(local(1), 3, false);
         assert_eq!(q.take_broadcast(0), None);
         q.term_committed(5);
         let round = q.take_broadcast(0).expect("a round");
-        assert_eq!(q.confirm(round), vec![ReadState { id: 1, index: 5 }]);
+        assert_eq!(q.confirm(round), vec![read(1, 5)]);
     }
 
     #[test]
@@ -246,20 +281,19 @@ mod tests {
     #[test]
     fn a_heartbeat_round_carries_the_reads_waiting_for_one() {
         let mut q = ReadQueue::new();
-        q.request(3, 9, true);
+        q.request(local(3), 9, true);
         let round = q.heartbeat_round(5);
         assert!(!q.broadcast_needed());
-        assert_eq!(q.confirm(round), vec![ReadState { id: 3, index: 9 }]);
+        assert_eq!(q.confirm(round), vec![read(3, 9)]);
     }
 
     #[test]
     fn losing_leadership_fails_every_read() {
         let mut q = ReadQueue::new();
-        q.request(1, 3, false);
-        q.request(2, 3, true);
-        let mut failed = q.drain();
-        failed.sort_unstable();
-        assert_eq!(failed, vec![1, 2]);
+        q.request(local(1), 3, false);
+        q.request(local(2), 3, true);
+        let failed = q.drain();
+        assert_eq!(failed, vec![local(2), local(1)]);
         assert!(q.is_empty());
     }
 }

@@ -154,6 +154,20 @@ pub fn envelope_to_proto(envelope: &Envelope) -> pb::Envelope {
             })
         }
         Message::TimeoutNow { term } => M::TimeoutNow(pb::TimeoutNowRequest { term: *term }),
+        Message::ReadIndex { term, request } => M::ReadIndex(pb::ReadIndexRequest {
+            term: *term,
+            request: *request,
+        }),
+        Message::ReadIndexResponse {
+            term,
+            request,
+            index,
+        } => M::ReadIndexResponse(pb::ReadIndexResponse {
+            term: *term,
+            request: *request,
+            index: index.unwrap_or(0),
+            refused: index.is_none(),
+        }),
     };
     pb::Envelope {
         from: envelope.from,
@@ -217,6 +231,15 @@ pub fn envelope_from_proto(envelope: pb::Envelope) -> Result<Envelope, WireError
             match_index: m.match_index,
         },
         M::TimeoutNow(m) => Message::TimeoutNow { term: m.term },
+        M::ReadIndex(m) => Message::ReadIndex {
+            term: m.term,
+            request: m.request,
+        },
+        M::ReadIndexResponse(m) => Message::ReadIndexResponse {
+            term: m.term,
+            request: m.request,
+            index: (!m.refused).then_some(m.index),
+        },
     };
     Ok(Envelope {
         from: envelope.from,
@@ -284,6 +307,20 @@ mod tests {
                 match_index: 9,
             },
             Message::TimeoutNow { term: 4 },
+            Message::ReadIndex {
+                term: 4,
+                request: 17,
+            },
+            Message::ReadIndexResponse {
+                term: 4,
+                request: 17,
+                index: Some(9),
+            },
+            Message::ReadIndexResponse {
+                term: 4,
+                request: 18,
+                index: None,
+            },
         ];
         for message in messages {
             let envelope = Envelope {

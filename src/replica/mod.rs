@@ -177,6 +177,8 @@ pub struct ReplicaConfig {
     /// Serve linearizable reads from the leader's lease instead of a ReadIndex round (see
     /// [`crate::raft::Config::lease_reads`] for what that assumes). Every member must agree.
     pub lease_reads: bool,
+    /// See [`ServiceConfig::follower_reads`].
+    pub follower_reads: bool,
 }
 
 /// Why a replica could not start; each is the operator's to fix.
@@ -605,6 +607,7 @@ impl Replica {
             sessions: config.sessions,
             cluster_id: crate::raft::transport::cluster_id(&config.cluster, &group_name),
             unsafe_ack_before_commit: config.unsafe_ack_before_commit,
+            follower_reads: config.follower_reads,
         };
         let metrics = metrics.map(|(listener, registry, gauges, _)| (listener, registry, gauges));
         // The shard group's driver, aborted with the node however it ends.

@@ -36,6 +36,9 @@ pub struct ClerkConfig {
     pub max_backoff: Duration,
     /// Plaintext or mutual TLS (the servers' port must speak the same).
     pub security: crate::security::Security,
+    /// Send reads to every replica in turn instead of the leader (follower reads: the servers must
+    /// run with `kvd --follower-reads`, or each read is sent on to the leader, costing a hop).
+    pub read_anywhere: bool,
 }
 
 impl Default for ClerkConfig {
@@ -47,6 +50,7 @@ impl Default for ClerkConfig {
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(500),
             security: crate::security::Security::Insecure,
+            read_anywhere: false,
         }
     }
 }
@@ -198,6 +202,9 @@ pub struct Replicas {
     /// When each server (same index as `servers`) last let an attempt time out, if it has not
     /// answered since.
     silent_since: Vec<Option<Instant>>,
+    /// Where the next read goes under [`ClerkConfig::read_anywhere`] (round-robin from a random
+    /// start, so many clerks spread their reads).
+    next_reader: usize,
 }
 
 impl Replicas {
@@ -236,6 +243,7 @@ impl Replicas {
             config,
             role,
             unresolvable: Vec::new(),
+            next_reader: rand::random_range(0..addresses.len()),
         })
     }
 
@@ -267,12 +275,25 @@ impl Replicas {
         F: Fn(Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
-        self.call_indexed(|_, channel, timeout| attempt(channel, timeout))
+        self.call_indexed(false, |_, channel, timeout| attempt(channel, timeout))
             .await
     }
 
-    /// [`Self::call`], telling `attempt` which server (index) it talks to, for tests.
-    async fn call_indexed<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
+    /// [`Self::call`] for a read: with [`ClerkConfig::read_anywhere`] the first attempt goes to the
+    /// next replica in turn, and the cached leader stays the one writes learned.
+    pub async fn call_read<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
+    {
+        let spread = self.config.read_anywhere;
+        self.call_indexed(spread, |_, channel, timeout| attempt(channel, timeout))
+            .await
+    }
+
+    /// [`Self::call`], telling `attempt` which server (index) it talks to, for tests. `spread`: start
+    /// at the next replica in turn rather than the leader, and keep the leader cached as it was.
+    async fn call_indexed<T, F, Fut>(&mut self, spread: bool, attempt: F) -> Result<T, ClerkError>
     where
         F: Fn(usize, Channel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
@@ -282,6 +303,20 @@ impl Replicas {
         let mut failed_this_round: Vec<usize> = Vec::new();
         let mut last_error = String::from("no attempt made");
         let mut probed = Vec::new();
+        // A read sent to the next replica in turn: if that one serves it, the leader cached stays.
+        let mut spread_to = None;
+        let cached_leader = self.leader;
+        if spread {
+            let n = self.servers.len();
+            let now = Instant::now();
+            let pick = (0..n)
+                .map(|k| (self.next_reader + k) % n)
+                .find(|&i| !self.avoided(i, now))
+                .unwrap_or(self.next_reader % n);
+            self.next_reader = (pick + 1) % n;
+            self.leader = pick;
+            spread_to = Some(pick);
+        }
         if self.avoided(self.leader, Instant::now()) {
             self.leader = self
                 .next_in_rotation(&[], Instant::now())
@@ -300,6 +335,10 @@ impl Replicas {
             let (hint, error) = match attempt(self.leader, client, timeout).await? {
                 Attempt::Done(value) => {
                     self.silent_since[self.leader] = None;
+                    if spread_to == Some(self.leader) {
+                        // A replica answered a read: that says nothing about who leads.
+                        self.leader = cached_leader;
+                    }
                     return Ok(value);
                 }
                 Attempt::Elsewhere(hint, error) => {
@@ -582,7 +621,7 @@ mod tests {
         let tries: [std::sync::atomic::AtomicUsize; 3] = Default::default();
         let started = Instant::now();
         let answer = replicas
-            .call_indexed(|server, _, timeout| {
+            .call_indexed(false, |server, _, timeout| {
                 let n = tries[server].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let now = started.elapsed();
                 async move {

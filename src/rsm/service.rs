@@ -56,6 +56,10 @@ pub struct ServiceConfig {
     /// has it, so a partition or a crash loses acknowledged writes — which the harness's checker
     /// must then catch. Never set otherwise.
     pub unsafe_ack_before_commit: bool,
+    /// Followers answer reads too (`kvd --follower-reads`): a follower asks the leader for the read
+    /// index and serves the read once it applied that far, so reads spread over every replica and
+    /// stay linearizable. Off: a follower refuses reads with a hint to the leader.
+    pub follower_reads: bool,
 }
 
 impl Default for ServiceConfig {
@@ -69,6 +73,7 @@ impl Default for ServiceConfig {
             sessions: super::sessions::SessionPolicy::default(),
             cluster_id: "ds824/raft".into(),
             unsafe_ack_before_commit: false,
+            follower_reads: false,
         }
     }
 }
@@ -544,10 +549,18 @@ impl<S: ServedMachine> RsmService<S> {
         Ok(output)
     }
 
-    /// An index this node, as leader, confirmed committed with a quorum after the call (ReadIndex):
-    /// what a linearizable read, and a backup, must have applied before answering.
-    async fn confirmed_index(&self, deadline: Instant) -> Result<Index, Refusal> {
-        match tokio::time::timeout_at(deadline, self.handle.read_index()).await {
+    /// An index the leader confirmed committed with a quorum after the call (ReadIndex): what a
+    /// linearizable read, and a backup, must have applied before answering. `anywhere`: this node
+    /// may be a follower asking the leader (follower reads); else it must lead.
+    async fn confirmed_index(&self, deadline: Instant, anywhere: bool) -> Result<Index, Refusal> {
+        let asked = async {
+            if anywhere {
+                self.handle.read_index_anywhere().await
+            } else {
+                self.handle.read_index().await
+            }
+        };
+        match tokio::time::timeout_at(deadline, asked).await {
             Ok(Ok(index)) => Ok(index),
             Ok(Err(e)) => Err(Self::refusal(e)),
             Err(_) => Err(Refusal::Timeout),
@@ -556,7 +569,9 @@ impl<S: ServedMachine> RsmService<S> {
 
     async fn read_inner(&self, query: S::Query) -> Result<S::Output, Refusal> {
         let deadline = Instant::now() + self.config.request_timeout;
-        let index = self.confirmed_index(deadline).await?;
+        let index = self
+            .confirmed_index(deadline, self.config.follower_reads)
+            .await?;
         let (token, rx) = {
             let mut inner = self.shared.lock();
             inner.next_token += 1;
@@ -591,7 +606,7 @@ impl<S: ServedMachine> RsmService<S> {
                 ))
             })?;
         let deadline = Instant::now() + self.config.request_timeout;
-        let index = self.confirmed_index(deadline).await?;
+        let index = self.confirmed_index(deadline, false).await?;
         let mut applied = self.shared.applied.subscribe();
         match tokio::time::timeout_at(deadline, applied.wait_for(|&at| at >= index)).await {
             Ok(Ok(_)) => {}

@@ -89,7 +89,7 @@ impl ShardClerk {
         let request = pb::GetRequest {
             key: key.to_string(),
         };
-        self.route(key, move |channel, timeout| {
+        self.route(key, true, move |channel, timeout| {
             let mut client = KvClient::new(channel);
             let request = request.clone();
             async move {
@@ -105,7 +105,13 @@ impl ShardClerk {
 
     /// Send a request for `key` to the group serving it until one serves it (`Ok`) or says the session
     /// expired (`Err`), or the deadline passes.
-    async fn route<T, F, Fut>(&mut self, key: &str, attempt: F) -> Result<Result<T, T>, ClerkError>
+    /// `read`: a read, which [`ClerkConfig::read_anywhere`] sends to any replica of the group.
+    async fn route<T, F, Fut>(
+        &mut self,
+        key: &str,
+        read: bool,
+        attempt: F,
+    ) -> Result<Result<T, T>, ClerkError>
     where
         F: Fn(Channel, Duration) -> Fut,
         Fut: std::future::Future<
@@ -141,7 +147,7 @@ impl ShardClerk {
                     Err(_) => continue,
                 }
             }
-            match self.try_once(key, &attempt, deadline).await? {
+            match self.try_once(key, read, &attempt, deadline).await? {
                 Try::Done(value) => return Ok(value),
                 Try::Again(why) => {
                     last_error = why;
@@ -158,6 +164,7 @@ impl ShardClerk {
     async fn try_once<T, F, Fut>(
         &mut self,
         key: &str,
+        read: bool,
         attempt: &F,
         deadline: Instant,
     ) -> Result<Try<Result<T, T>>, ClerkError>
@@ -203,7 +210,14 @@ impl ShardClerk {
                     .into_mut()
             }
         };
-        match tokio::time::timeout_at(deadline, group.replicas.call(attempt)).await {
+        let call = async {
+            if read {
+                group.replicas.call_read(attempt).await
+            } else {
+                group.replicas.call(attempt).await
+            }
+        };
+        match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(Routed::Served(value))) => Ok(Try::Done(Ok(value))),
             Ok(Ok(Routed::SessionExpired(value))) => Ok(Try::Done(Err(value))),
             Ok(Ok(Routed::WrongGroup)) => Ok(Try::Again(format!(
@@ -226,7 +240,7 @@ impl KvOps for ShardClerk {
             // One number per mutation, kept across every retry at every group.
             let mutation = Mutation::next(&mut self.session, &command);
             let answer = self
-                .route(&key, |channel, timeout| {
+                .route(&key, false, |channel, timeout| {
                     let reply = mutation.send(channel, timeout);
                     async move { classify_reply(reply.await, mutate_parts) }
                 })

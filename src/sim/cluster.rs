@@ -64,6 +64,9 @@ pub struct ClusterOptions {
     pub check_quorum: bool,
     /// See [`Config::lease_reads`] (only with `check_quorum`).
     pub lease_reads: bool,
+    /// [`RaftCluster::request_read`] asks through [`RaftCore::read_index_anywhere`], so a follower
+    /// forwards the read to its leader (follower reads).
+    pub follower_reads: bool,
     /// How many of the servers form the first configuration (`None`: all). The others start outside
     /// the group, waiting to be added ([`RaftCluster::change_membership`]).
     pub voters: Option<usize>,
@@ -85,6 +88,7 @@ impl ClusterOptions {
             pre_vote: true,
             check_quorum: true,
             lease_reads: false,
+            follower_reads: false,
             voters: None,
         }
     }
@@ -131,6 +135,8 @@ pub struct RaftCluster {
     next_read_id: u64,
     /// Reads confirmed so far (ReadIndex answers that passed the staleness check).
     pub reads_confirmed: u64,
+    /// Of those, reads confirmed on a node that did not lead (follower reads).
+    pub follower_reads_confirmed: u64,
     started_at: u64,
     commands_started: u64,
     /// Every configuration committed so far, by index (0: the first one).
@@ -160,6 +166,7 @@ impl RaftCluster {
             reads: HashMap::new(),
             next_read_id: 0,
             reads_confirmed: 0,
+            follower_reads_confirmed: 0,
             started_at: 0,
             commands_started: 0,
             configurations: BTreeMap::new(),
@@ -331,7 +338,12 @@ impl RaftCluster {
         };
         self.next_read_id += 1;
         let id = self.next_read_id;
-        if core.read_index(id).is_err() {
+        let asked = if self.options.follower_reads {
+            core.read_index_anywhere(id)
+        } else {
+            core.read_index(id)
+        };
+        if asked.is_err() {
             return false;
         }
         self.reads.insert(id, (i, self.max_index));
@@ -590,6 +602,9 @@ impl RaftCluster {
                     ));
                 }
                 self.reads_confirmed += 1;
+                if ready.soft_state.role != Role::Leader {
+                    self.follower_reads_confirmed += 1;
+                }
             }
             for id in ready.failed_reads {
                 self.reads.remove(&id);

@@ -109,6 +109,10 @@ pub struct Group<S: SimService> {
     servers: Vec<Server<S>>,
     max_raft_state: Option<usize>,
     fresh: Box<dyn Fn() -> S>,
+    /// Followers answer queries too, at the read index their leader confirms (`kvd --follower-reads`).
+    pub follower_reads: bool,
+    /// Queries confirmed on a server that did not lead (follower reads).
+    pub reads_served_by_followers: u64,
 }
 
 impl<S: SimService> Group<S> {
@@ -130,6 +134,8 @@ impl<S: SimService> Group<S> {
             servers,
             max_raft_state,
             fresh,
+            follower_reads: false,
+            reads_served_by_followers: 0,
         }
     }
 
@@ -252,7 +258,11 @@ impl<S: SimService> Group<S> {
         s.next_token += 1;
         let token = s.next_token;
         match request {
-            ClientRequest::Query(query) => match core.read_index(token) {
+            ClientRequest::Query(query) => match if self.follower_reads {
+                core.read_index_anywhere(token)
+            } else {
+                core.read_index(token)
+            } {
                 Ok(()) => {
                     s.reads.insert(token, query);
                     s.waiting.insert(token, from);
@@ -348,6 +358,9 @@ impl<S: SimService> Group<S> {
             completions.extend(done);
             for read in &ready.read_states {
                 if let Some(query) = s.reads.remove(&read.id) {
+                    if ready.soft_state.role != Role::Leader {
+                        self.reads_served_by_followers += 1;
+                    }
                     completions.extend(s.rsm.read(read.id, read.index, query));
                 }
             }

@@ -28,6 +28,8 @@ pub struct ServiceOptions {
     pub max_raft_state: Option<usize>,
     /// The seed of the whole schedule.
     pub seed: u64,
+    /// Servers answer queries on followers too, and clerks send each query to a random server first.
+    pub follower_reads: bool,
 }
 
 enum Event<S: SimService> {
@@ -65,6 +67,8 @@ pub struct ServiceCluster<S: SimService> {
     client_rng: ChaCha8Rng,
     /// Randomness for test decisions.
     pub rng: ChaCha8Rng,
+    /// Which server a clerk sends a query to first, with follower reads.
+    reader_rng: ChaCha8Rng,
     reach: Vec<Vec<bool>>,
     inboxes: Vec<VecDeque<(u64, ReplyResult<S::Output>)>>,
     history: Vec<Operation>,
@@ -84,6 +88,7 @@ impl<S: SimService + Default> ServiceCluster<S> {
         let raft = RaftNet::new(n, options.reliable, options.seed, TICK_MS);
         let mut cluster = ServiceCluster {
             group: Group::new(raft, options.max_raft_state, Box::new(S::default)),
+            reader_rng: ChaCha8Rng::seed_from_u64(options.seed ^ 0xf0110),
             client_rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(1)),
             rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(0x5EED)),
             options,
@@ -95,6 +100,7 @@ impl<S: SimService + Default> ServiceCluster<S> {
             ops: 0,
             started_at: 0,
         };
+        cluster.group.follower_reads = cluster.options.follower_reads;
         for i in 0..n {
             cluster.start_server(i);
         }
@@ -103,6 +109,11 @@ impl<S: SimService + Default> ServiceCluster<S> {
 }
 
 impl<S: SimService> ServiceCluster<S> {
+    /// Queries confirmed on a server that did not lead (follower reads).
+    pub fn reads_served_by_followers(&self) -> u64 {
+        self.group.reads_served_by_followers
+    }
+
     /// Number of servers.
     pub fn len(&self) -> usize {
         self.group.len()
@@ -424,28 +435,40 @@ impl<S: SimService> Clerk<S> {
             }
         };
         let now = cluster.now();
+        // With follower reads a query goes to any server first, as the library's clerk sends it to
+        // the next replica in turn; retries follow the leader as for commands.
+        let first = match &op {
+            ClerkOp::Query(_) if cluster.options.follower_reads => {
+                cluster.reader_rng.random_range(0..cluster.len())
+            }
+            _ => self.leader,
+        };
         self.current = Some(InFlight {
             op,
             request,
             id: 0,
-            server: self.leader,
+            server: first,
             sent_at: now,
             invoked_at: now,
         });
-        self.send(cluster);
+        self.send_to(cluster, first);
     }
 
     fn send(&mut self, cluster: &mut ServiceCluster<S>) {
+        self.send_to(cluster, self.leader);
+    }
+
+    fn send_to(&mut self, cluster: &mut ServiceCluster<S>, server: usize) {
         let Some(current) = self.current.as_mut() else {
             return;
         };
         self.next_request += 1;
         current.id = self.next_request;
-        current.server = self.leader;
+        current.server = server;
         current.sent_at = cluster.now();
         let request = current.request.clone();
         let id = current.id;
-        cluster.send_request(self, self.leader, id, request);
+        cluster.send_request(self, server, id, request);
     }
 
     /// Advance the operation: `Some(output)` once it completed (and was recorded in the history).

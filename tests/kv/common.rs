@@ -18,11 +18,24 @@ pub fn cluster(
     reliable: bool,
     max_raft_state: Option<usize>,
 ) -> KvCluster {
+    cluster_with(name, servers, reliable, max_raft_state, false)
+}
+
+/// [`cluster`], with `follower_reads`: followers answer Gets too, and clerks send each Get to a
+/// random server first.
+pub fn cluster_with(
+    name: &str,
+    servers: usize,
+    reliable: bool,
+    max_raft_state: Option<usize>,
+    follower_reads: bool,
+) -> KvCluster {
     KvCluster::new(ServiceOptions {
         servers,
         reliable,
         max_raft_state,
         seed: seed::for_test(name),
+        follower_reads,
     })
 }
 
@@ -179,7 +192,33 @@ pub fn generic_test(
     max_raft_state: Option<usize>,
     random_keys: bool,
 ) {
-    let mut cfg = cluster(name, nservers, !unreliable, max_raft_state);
+    generic_test_with(
+        name,
+        nclients,
+        nservers,
+        unreliable,
+        crash,
+        partitions,
+        max_raft_state,
+        random_keys,
+        false,
+    );
+}
+
+/// [`generic_test`] on a [`cluster_with`] `follower_reads`; returns how many Gets followers served.
+#[allow(clippy::too_many_arguments)]
+pub fn generic_test_with(
+    name: &str,
+    nclients: usize,
+    nservers: usize,
+    unreliable: bool,
+    crash: bool,
+    partitions: bool,
+    max_raft_state: Option<usize>,
+    random_keys: bool,
+    follower_reads: bool,
+) -> u64 {
+    let mut cfg = cluster_with(name, nservers, !unreliable, max_raft_state, follower_reads);
     let mut ck = cfg.make_clerk();
     for _round in 0..3 {
         let mut clients: Vec<GenericClient> = (0..nclients)
@@ -262,6 +301,7 @@ pub fn generic_test(
     }
     check_linearizable(&cfg);
     cfg.end(name);
+    cfg.reads_served_by_followers()
 }
 
 /// 6.824's GenericTestSpeed: 1000 sequential appends must take under 33 ms each (simulated), i.e. the

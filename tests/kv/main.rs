@@ -3,5 +3,6 @@
 //! linearizability. A failure prints its seed: rerun with `RAFT_SEED=<seed> cargo nextest run <test>`.
 
 mod common;
+mod follower_reads;
 mod part_a;
 mod part_b;

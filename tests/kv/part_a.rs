@@ -60,7 +60,13 @@ fn unreliable_one_key() {
 /// completes after the partition heals.
 #[test]
 fn one_partition() {
-    let mut cfg = cluster("one_partition", 5, true, None);
+    one_partition_with("one_partition", false);
+}
+
+/// [`one_partition`], with follower reads on or off: with them, the minority's Get must not be
+/// answered by the follower there either.
+pub fn one_partition_with(name: &str, follower_reads: bool) {
+    let mut cfg = cluster_with(name, 5, true, None, follower_reads);
     let mut ck = cfg.make_clerk();
     cfg.put(&mut ck, "1", "13");
     let leader = loop {
@@ -110,7 +116,7 @@ fn one_partition() {
     );
     assert_eq!(cfg.get(&mut ck, "1"), "15");
     check_linearizable(&cfg);
-    cfg.end("one_partition");
+    cfg.end(name);
 }
 
 #[test]

@@ -4,13 +4,18 @@
 
 use ds824::raft::{Config, ConfigError, Envelope, Message, RaftCore, ReadState, Role};
 
-/// Three cores, a link switch per node, and the reads each answered.
-struct Trio {
-    cores: Vec<RaftCore>,
-    connected: [bool; 3],
-    answered: Vec<(usize, ReadState)>,
+/// Three cores, a link switch per node, and the reads each answered (shared with the follower-read
+/// tests).
+pub struct Trio {
+    pub cores: Vec<RaftCore>,
+    pub connected: [bool; 3],
+    pub answered: Vec<(usize, ReadState)>,
+    /// Reads that failed, by node.
+    pub failed: Vec<(usize, u64)>,
     /// Messages the last `pump` delivered or dropped.
-    sent: usize,
+    pub sent: usize,
+    /// Of those, follower-read messages (`ReadIndex` and its answer).
+    pub read_index_messages: usize,
 }
 
 fn config(id: u64, lease_reads: bool) -> Config {
@@ -23,20 +28,23 @@ fn config(id: u64, lease_reads: bool) -> Config {
 }
 
 impl Trio {
-    fn new(lease_reads: bool) -> Self {
+    pub fn new(lease_reads: bool) -> Self {
         Trio {
             cores: (1..=3)
                 .map(|id| RaftCore::new(config(id, lease_reads)).expect("config"))
                 .collect(),
             connected: [true; 3],
             answered: Vec::new(),
+            failed: Vec::new(),
             sent: 0,
+            read_index_messages: 0,
         }
     }
 
     /// Hand out every `Ready` and deliver its messages between connected nodes, until quiet.
-    fn pump(&mut self) {
+    pub fn pump(&mut self) {
         self.sent = 0;
+        self.read_index_messages = 0;
         loop {
             let mut moved = false;
             for i in 0..3 {
@@ -47,8 +55,16 @@ impl Trio {
                 let ready = self.cores[i].ready();
                 self.answered
                     .extend(ready.read_states.iter().map(|&r| (i, r)));
+                self.failed
+                    .extend(ready.failed_reads.iter().map(|&id| (i, id)));
                 for envelope in ready.messages {
                     self.sent += 1;
+                    if matches!(
+                        envelope.message,
+                        Message::ReadIndex { .. } | Message::ReadIndexResponse { .. }
+                    ) {
+                        self.read_index_messages += 1;
+                    }
                     let to = envelope.to as usize - 1;
                     if self.connected[i] && self.connected[to] {
                         let _ = self.cores[to].step(envelope);
@@ -61,19 +77,19 @@ impl Trio {
         }
     }
 
-    fn tick_all(&mut self) {
+    pub fn tick_all(&mut self) {
         for core in &mut self.cores {
             core.tick();
         }
         self.pump();
     }
 
-    fn leader(&self) -> Option<usize> {
+    pub fn leader(&self) -> Option<usize> {
         (0..3).find(|&i| self.cores[i].role() == Role::Leader && self.connected[i])
     }
 
     /// Tick until a leader has committed its no-op and a heartbeat round came back.
-    fn elect(&mut self) -> usize {
+    pub fn elect(&mut self) -> usize {
         for _ in 0..1000 {
             self.tick_all();
             if let Some(leader) = self.leader() {

@@ -6,6 +6,7 @@
 
 mod common;
 mod election;
+mod follower_reads;
 mod lease;
 mod membership;
 mod persistence;

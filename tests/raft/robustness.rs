@@ -17,7 +17,7 @@ fn number(rng: &mut ChaCha8Rng) -> u64 {
 
 fn random_message(rng: &mut ChaCha8Rng) -> Message {
     let term = number(rng);
-    match rng.random_range(0..7) {
+    match rng.random_range(0..9) {
         0 => {
             let prev = number(rng);
             let count = rng.random_range(0..4);
@@ -80,6 +80,15 @@ fn random_message(rng: &mut ChaCha8Rng) -> Message {
             term,
             match_index: number(rng),
         },
+        6 => Message::ReadIndex {
+            term,
+            request: number(rng),
+        },
+        7 => Message::ReadIndexResponse {
+            term,
+            request: number(rng),
+            index: rng.random_bool(0.7).then(|| number(rng)),
+        },
         _ => Message::TimeoutNow { term },
     }
 }
@@ -127,6 +136,9 @@ fn random_and_extreme_messages_never_panic() {
                 to,
                 message: random_message(&mut rng),
             });
+            if rng.random_bool(0.1) {
+                let _ = core.read_index_anywhere(rng.random());
+            }
             if rng.random_bool(0.2) {
                 let _ = core.propose(Bytes::from_static(b"p"));
             }

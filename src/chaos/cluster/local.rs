@@ -48,6 +48,8 @@ pub struct LocalConfig {
     pub unsafe_ack_before_commit: bool,
     /// Start every node with `--lease-reads`, so pauses and partitions test the lease.
     pub lease_reads: bool,
+    /// Start every node with `--follower-reads`.
+    pub follower_reads: bool,
     /// Let the `clock` nemesis move nodes' wall clocks: every node reads its skew from
     /// `DIR/clock/node-N` (`--unsafe-clock-skew-file`, debug builds of kvd only) and drops sessions
     /// idle for [`CLOCK_SESSION_TTL_SECS`], so a clock moved forward expires sessions for real.
@@ -165,6 +167,7 @@ impl LocalCluster {
                     .then_some("--unsafe-ack-before-commit"),
             )
             .args(self.config.lease_reads.then_some("--lease-reads"))
+            .args(self.config.follower_reads.then_some("--follower-reads"))
             .args(if self.config.clock {
                 let skew = self.clock_file(node);
                 if !skew.exists() {

@@ -1,0 +1,175 @@
+//! Follower reads (issue #14, item 3): a follower asks its leader for the read index and serves the
+//! read itself. Three cores on the hand-driven network of the lease tests, so each test sees exactly
+//! which messages a read costs and what becomes of it when the leader goes away. The randomized
+//! schedules check every follower read point against what was applied before it (`follower_reads`
+//! in `randomized.rs`).
+
+use crate::lease::Trio;
+use bytes::Bytes;
+use ds824::raft::read_only::MAX_FORWARDED_REQUESTS;
+use ds824::raft::{Envelope, Message, Role};
+
+fn follower_of(leader: usize) -> usize {
+    (leader + 1) % 3
+}
+
+fn node(i: usize) -> u64 {
+    i as u64 + 1
+}
+
+#[test]
+fn reads_waiting_on_a_follower_cost_one_request_and_get_the_leaders_commit_index() {
+    let mut trio = Trio::new(false);
+    let leader = trio.elect();
+    for _ in 0..3 {
+        trio.cores[leader]
+            .propose(Bytes::from_static(b"w"))
+            .expect("leader");
+    }
+    trio.pump();
+    let commit = trio.cores[leader].commit_index();
+    let follower = follower_of(leader);
+    trio.answered.clear();
+    for id in [1, 2, 3] {
+        trio.cores[follower]
+            .read_index_anywhere(id)
+            .expect("a follower that knows its leader takes reads");
+    }
+    trio.pump();
+    let mut answered: Vec<(usize, u64, u64)> = trio
+        .answered
+        .iter()
+        .map(|&(i, r)| (i, r.id, r.index))
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        vec![
+            (follower, 1, commit),
+            (follower, 2, commit),
+            (follower, 3, commit)
+        ]
+    );
+    assert_eq!(
+        trio.read_index_messages, 2,
+        "three reads should travel as one request and one answer"
+    );
+    assert!(trio.failed.is_empty());
+}
+
+#[test]
+fn a_follower_that_knows_no_leader_refuses_at_once() {
+    let mut trio = Trio::new(false);
+    // Before any election nobody leads.
+    assert!(trio.cores[0].read_index_anywhere(1).is_err());
+}
+
+#[test]
+fn a_read_sent_to_a_leader_that_went_away_fails_and_is_never_answered() {
+    let mut trio = Trio::new(false);
+    let old = trio.elect();
+    let follower = follower_of(old);
+    trio.connected[old] = false;
+    trio.cores[follower]
+        .read_index_anywhere(7)
+        .expect("it still believes in the old leader");
+    trio.pump();
+    trio.answered.clear();
+    for _ in 0..200 {
+        trio.tick_all();
+        if trio.failed.contains(&(follower, 7)) {
+            break;
+        }
+    }
+    assert!(
+        trio.failed.contains(&(follower, 7)),
+        "the read waited forever for a leader that went away"
+    );
+    // Reconnected, the old leader steps down and the read stays failed.
+    trio.connected[old] = true;
+    for _ in 0..50 {
+        trio.tick_all();
+    }
+    assert!(
+        !trio
+            .answered
+            .iter()
+            .any(|&(i, r)| i == follower && r.id == 7),
+        "a failed read was answered later"
+    );
+}
+
+#[test]
+fn a_node_that_does_not_lead_refuses_a_forwarded_read() {
+    let mut trio = Trio::new(false);
+    let leader = trio.elect();
+    let follower = follower_of(leader);
+    let other = follower_of(follower);
+    let term = trio.cores[follower].term();
+    trio.cores[follower]
+        .step(Envelope {
+            from: node(other),
+            to: node(follower),
+            message: Message::ReadIndex { term, request: 9 },
+        })
+        .expect("a well-formed message");
+    let ready = trio.cores[follower].ready();
+    assert!(ready.messages.iter().any(|m| m.to == node(other)
+        && m.message
+            == Message::ReadIndexResponse {
+                term,
+                request: 9,
+                index: None
+            }));
+}
+
+#[test]
+fn with_lease_reads_the_leader_answers_a_follower_without_a_round() {
+    let mut trio = Trio::new(true);
+    let leader = trio.elect();
+    let follower = follower_of(leader);
+    trio.answered.clear();
+    trio.cores[follower]
+        .read_index_anywhere(1)
+        .expect("follower");
+    trio.pump();
+    assert!(trio
+        .answered
+        .iter()
+        .any(|&(i, r)| i == follower && r.id == 1));
+    assert_eq!(trio.sent, 2, "a request and its answer, no heartbeat round");
+}
+
+#[test]
+fn a_leader_queues_a_bounded_number_of_follower_requests() {
+    let mut trio = Trio::new(false);
+    let leader = trio.elect();
+    let follower = follower_of(leader);
+    // Cut off, the leader can confirm no round, so every request stays queued.
+    trio.connected[leader] = false;
+    let term = trio.cores[leader].term();
+    for request in 0..=MAX_FORWARDED_REQUESTS as u64 {
+        trio.cores[leader]
+            .step(Envelope {
+                from: node(follower),
+                to: node(leader),
+                message: Message::ReadIndex { term, request },
+            })
+            .expect("a well-formed message");
+    }
+    assert_eq!(trio.cores[leader].role(), Role::Leader);
+    let ready = trio.cores[leader].ready();
+    let refused: Vec<u64> = ready
+        .messages
+        .iter()
+        .filter_map(|m| match m.message {
+            Message::ReadIndexResponse {
+                request,
+                index: None,
+                ..
+            } => Some(request),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused, vec![MAX_FORWARDED_REQUESTS as u64]);
+}
