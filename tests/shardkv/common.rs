@@ -15,12 +15,24 @@ pub const SHARDS: usize = 10;
 
 /// Three groups of three servers for test `name`.
 pub fn world(name: &str, reliable: bool, max_raft_state: Option<usize>) -> ShardWorld {
+    world_with(name, reliable, max_raft_state, false)
+}
+
+/// [`world`], with `follower_reads`: group followers answer Gets, which clerks send to a random server
+/// of the group first.
+pub fn world_with(
+    name: &str,
+    reliable: bool,
+    max_raft_state: Option<usize>,
+    follower_reads: bool,
+) -> ShardWorld {
     ShardWorld::new(ShardOptions {
         groups: 3,
         servers: 3,
         reliable,
         max_raft_state,
         seed: seed::for_test(name),
+        follower_reads,
     })
 }
 

@@ -2,4 +2,5 @@
 //! Every failure names the seed; `RAFT_SEED=<n>` replays it.
 
 mod common;
+mod follower_reads;
 mod scenarios;

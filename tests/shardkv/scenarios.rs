@@ -266,7 +266,13 @@ fn concurrent2() {
 
 #[test]
 fn concurrent3() {
-    let mut world = world("concurrent3", true, Some(300));
+    concurrent3_with("concurrent3", false);
+}
+
+/// TestConcurrent3 (joins, leaves and every group restarted while clients append and check), with
+/// follower reads on or off; returns how many Gets followers served.
+pub fn concurrent3_with(name: &str, follower_reads: bool) -> u64 {
+    let mut world = world_with(name, true, Some(300), follower_reads);
     let mut clerk = world.make_clerk();
     world.join(0);
     let keys = keys(10);
@@ -294,7 +300,8 @@ fn concurrent3() {
     }
     run(&mut world, &mut clients, 2000);
     stop_and_check(&mut world, &mut clients);
-    world.end("concurrent3");
+    world.end(name);
+    world.reads_served_by_followers()
 }
 
 #[test]
@@ -367,7 +374,13 @@ fn unreliable2() {
 
 #[test]
 fn unreliable3() {
-    let mut world = world("unreliable3", false, Some(100));
+    unreliable3_with("unreliable3", false);
+}
+
+/// TestUnreliable3 (random operations on a lossy network through configuration changes, checked
+/// linearizable), with follower reads on or off; returns how many Gets followers served.
+pub fn unreliable3_with(name: &str, follower_reads: bool) -> u64 {
+    let mut world = world_with(name, false, Some(100), follower_reads);
     let mut clerk = world.make_clerk();
     world.join(0);
     let keys = keys(10);
@@ -385,7 +398,8 @@ fn unreliable3() {
         ));
     }
     check_linearizable(&world);
-    world.end("unreliable3");
+    world.end(name);
+    world.reads_served_by_followers()
 }
 
 #[test]

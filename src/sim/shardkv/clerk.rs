@@ -6,6 +6,7 @@ use crate::kv::{KvCommand, KvOutput};
 use crate::shardkv::{key_to_shard, ShardCommand, ShardKv, ShardOutput, ShardQuery};
 use crate::sim::clock::Actor;
 use crate::sim::group::{ClientRequest, ReplyResult};
+use rand::Rng;
 use std::collections::HashMap;
 
 /// What a sharded clerk is asked to do.
@@ -42,6 +43,8 @@ struct InFlight {
     invoked_at: u64,
     /// Servers of the current group tried without an answer since the last configuration refresh.
     misses: usize,
+    /// The attempt out went to a random server of the group (a follower read), not the leader.
+    spread: bool,
 }
 
 /// A client of the sharded service, behaving as the library's sharded clerk does: key → shard → group
@@ -110,6 +113,7 @@ impl ShardClerk {
             sent_at: now,
             invoked_at: now,
             misses: 0,
+            spread: false,
         });
         self.send(world);
     }
@@ -130,7 +134,16 @@ impl ShardClerk {
         });
         match owner {
             Some((gid, servers)) if current.misses < servers => {
-                let server = *self.leaders.get(&gid).unwrap_or(&0) % servers;
+                // With follower reads a Get's first try at a group goes to any of its servers, as
+                // the library's clerk sends it to the next replica in turn.
+                current.spread = current.misses == 0
+                    && matches!(current.op, ShardOp::Get(_))
+                    && world.follower_reads();
+                let server = if current.spread {
+                    world.reader_rng.random_range(0..servers)
+                } else {
+                    *self.leaders.get(&gid).unwrap_or(&0) % servers
+                };
                 current.target = Target::Server { gid, server };
                 let to = ((gid - 100) as usize, server);
                 world.send_request(self.caller, current.id, to, current.request.clone());
@@ -181,7 +194,9 @@ impl ShardClerk {
                     return None;
                 }
                 (Answer::Server(ReplyResult::WrongLeader(_)), Target::Server { gid, server }) => {
-                    self.leaders.insert(gid, server + 1);
+                    if !current.spread {
+                        self.leaders.insert(gid, server + 1);
+                    }
                     current.misses += 1;
                     self.send(world);
                     return None;
@@ -204,7 +219,9 @@ impl ShardClerk {
             Target::Pause { until } if world.now() >= until => self.send(world),
             Target::Pause { .. } => {}
             Target::Server { gid, server } if world.now() - current.sent_at >= CLERK_TIMEOUT_MS => {
-                self.leaders.insert(gid, server + 1);
+                if !current.spread {
+                    self.leaders.insert(gid, server + 1);
+                }
                 current.misses += 1;
                 self.send(world);
             }

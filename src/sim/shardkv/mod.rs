@@ -49,6 +49,9 @@ pub struct ShardOptions {
     pub max_raft_state: Option<usize>,
     /// The seed of the whole schedule.
     pub seed: u64,
+    /// Group followers answer Gets too, and clerks send each Get to a random server of the group
+    /// first (`kvd --follower-reads`, `kvctl --follower-reads`).
+    pub follower_reads: bool,
 }
 
 /// The gid of group index `gi` (6.824 numbers groups from 100).
@@ -169,6 +172,8 @@ pub struct ShardWorld {
     net_rng: ChaCha8Rng,
     /// Randomness for test decisions.
     pub rng: ChaCha8Rng,
+    /// Which server of a group a clerk sends a Get to first, with follower reads.
+    pub(super) reader_rng: ChaCha8Rng,
     callers: Vec<Caller>,
     inboxes: Vec<VecDeque<(u64, Answer)>>,
     calls: HashMap<u64, DriverCall>,
@@ -190,11 +195,13 @@ impl ShardWorld {
                 let raft =
                     RaftNet::new(options.servers, options.reliable, seed, TICK_MS).with_group(gi);
                 let gid = gid_of(gi);
-                Group::new(
+                let mut group = Group::new(
                     raft,
                     options.max_raft_state,
                     Box::new(move || ShardKv::new(gid)),
-                )
+                );
+                group.follower_reads = options.follower_reads;
+                group
             })
             .collect();
         let callers = (0..options.groups)
@@ -203,6 +210,7 @@ impl ShardWorld {
         let mut world = ShardWorld {
             net_rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(1)),
             rng: ChaCha8Rng::seed_from_u64(options.seed.wrapping_add(0x5EED)),
+            reader_rng: ChaCha8Rng::seed_from_u64(options.seed ^ 0xf0110),
             clock: Scheduler::default(),
             groups,
             ctrler: ShardCtrler::default(),
@@ -412,6 +420,19 @@ impl ShardWorld {
         self.inboxes.push(VecDeque::new());
         self.client_ids += 1;
         ShardClerk::new(caller, self.inboxes.len() - 1, self.client_ids)
+    }
+
+    /// Gets confirmed on a server that did not lead its group (follower reads).
+    pub fn reads_served_by_followers(&self) -> u64 {
+        self.groups
+            .iter()
+            .map(|g| g.reads_served_by_followers)
+            .sum()
+    }
+
+    /// Whether Gets go to any server of a group first.
+    pub(super) fn follower_reads(&self) -> bool {
+        self.options.follower_reads
     }
 
     /// Every operation completed so far, for the linearizability checker.
