@@ -1092,3 +1092,64 @@ async fn a_leader_stopped_by_sigterm_hands_over_leadership_before_it_exits() {
         .await
         .expect("put after the hand-off");
 }
+
+/// A follower's answer to a raw Get: (error code, value if found).
+async fn get_at(address: &str, key: &str) -> (pb::ErrorCode, Option<String>) {
+    let mut client = KvClient::connect(format!("http://{address}"))
+        .await
+        .expect("connect");
+    let reply = client
+        .get(pb::GetRequest { key: key.into() })
+        .await
+        .expect("get")
+        .into_inner();
+    (reply.error(), reply.found.then_some(reply.value))
+}
+
+/// Issue #14, item 3: with `--follower-reads` a follower answers a Get itself, and the answer holds
+/// every write that completed before the Get was sent, even though the follower learns of commits a
+/// heartbeat late: it waits for the index its leader confirms. Then the leader is SIGKILLed and the
+/// new leader's followers do the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_answer_reads_with_every_write_completed_before() {
+    let mut cluster = Replicas::start_temp_args(Role::Kv, 3, 8 << 20, &["--follower-reads"]);
+    let mut writer = cluster.clerk();
+    let leader = cluster.wait_for_leader().await;
+    for i in 0..100 {
+        let value = i.to_string();
+        writer.put("k", &value).await.expect("put");
+        // Straight after the write, at each follower in turn.
+        let follower = [(leader + 1) % 3, (leader + 2) % 3][i % 2];
+        assert_eq!(
+            get_at(&cluster.addrs[follower], "k").await,
+            (pb::ErrorCode::Ok, Some(value)),
+            "follower {follower}, write {i}"
+        );
+    }
+    // A clerk that spreads its reads reads the same from every replica.
+    let mut reader = Clerk::new(
+        &cluster.addrs,
+        ClerkConfig {
+            read_anywhere: true,
+            ..ClerkConfig::default()
+        },
+    )
+    .expect("clerk");
+    for _ in 0..30 {
+        assert_eq!(reader.get("k").await.expect("get").as_deref(), Some("99"));
+    }
+    cluster.kill(leader);
+    writer.put("k", "after").await.expect("put after the crash");
+    let new_leader = cluster.wait_for_leader().await;
+    let survivor = (0..3)
+        .find(|&i| i != leader && i != new_leader)
+        .expect("a third node");
+    assert_eq!(
+        get_at(&cluster.addrs[survivor], "k").await,
+        (pb::ErrorCode::Ok, Some("after".into()))
+    );
+    assert_eq!(
+        reader.get("k").await.expect("get").as_deref(),
+        Some("after")
+    );
+}
