@@ -835,3 +835,52 @@ async fn configurations_every_group_passed_are_dropped_and_a_new_group_still_joi
     }
     drop(g7);
 }
+
+/// Issue #14, item 3: a shard group started with `--follower-reads` answers Gets on its followers,
+/// each holding every write that completed before it; a sharded clerk that spreads its reads reads
+/// the same through the controllers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_group_followers_answer_reads_with_every_write_completed_before() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrlers = Replicas::start(root.path(), 0, "");
+    let ctrler_list = ctrlers.addrs.join(",");
+    let group =
+        Replicas::start_with_args(root.path(), 7, &ctrler_list, 4 << 10, &["--follower-reads"]);
+    let mut admin = CtrlerClerk::new(&ctrlers.addrs, clerk_config()).expect("ctrler clerk");
+    admin
+        .join([(7, group.addrs.clone())].into_iter().collect())
+        .await
+        .expect("join group 7");
+    let mut writer = ShardClerk::new(&ctrlers.addrs, clerk_config()).expect("clerk");
+    writer.put("k", "first").await.expect("put");
+    let leader = group.wait_for_leader().await;
+    for i in 0..60 {
+        let value = format!("v{i}");
+        writer.put("k", &value).await.expect("put");
+        let follower = [(leader + 1) % 3, (leader + 2) % 3][i % 2];
+        let mut client = KvClient::connect(format!("http://{}", group.addrs[follower]))
+            .await
+            .expect("connect");
+        let reply = client
+            .get(pb::GetRequest { key: "k".into() })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(
+            (reply.error(), reply.value.as_str()),
+            (pb::ErrorCode::Ok, value.as_str()),
+            "follower {follower}, write {i}"
+        );
+    }
+    let mut reader = ShardClerk::new(
+        &ctrlers.addrs,
+        ClerkConfig {
+            read_anywhere: true,
+            ..clerk_config()
+        },
+    )
+    .expect("clerk");
+    for _ in 0..20 {
+        assert_eq!(reader.get("k").await.expect("get").as_deref(), Some("v59"));
+    }
+}

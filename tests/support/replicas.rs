@@ -65,13 +65,24 @@ impl Replicas {
 
     /// Three controllers (`gid` 0) or three servers of shard group `gid`, in a directory under `root`.
     pub fn start_with(root: &Path, gid: u64, ctrlers: &str, snapshot_threshold: u64) -> Replicas {
+        Self::start_with_args(root, gid, ctrlers, snapshot_threshold, &[])
+    }
+
+    /// [`Replicas::start_with`] with more `kvd` flags for every node.
+    pub fn start_with_args(
+        root: &Path,
+        gid: u64,
+        ctrlers: &str,
+        snapshot_threshold: u64,
+        args: &[&str],
+    ) -> Replicas {
         let (name, role) = if gid == 0 {
             ("ctrler".to_string(), Role::Ctrler)
         } else {
             let ctrlers = ctrlers.to_string();
             (format!("g{gid}"), Role::Shard { gid, ctrlers })
         };
-        Self::start_in(root.join(name), None, role, 3, snapshot_threshold)
+        Self::start_in(root.join(name), None, role, 3, snapshot_threshold, args)
     }
 
     /// `n` replicas of `role` in a fresh temporary directory.
@@ -128,8 +139,10 @@ impl Replicas {
         role: Role,
         n: usize,
         snapshot_threshold: u64,
+        args: &[&str],
     ) -> Replicas {
         let mut replicas = Self::prepare(dir, temp, role, n, snapshot_threshold);
+        replicas.extra_args = args.iter().map(|a| a.to_string()).collect();
         for i in 0..n {
             replicas.start_node(i);
         }
