@@ -245,6 +245,24 @@ fn register_with_lease_reads_under_pause_and_partition_is_linearizable() {
     assert_nothing_left(&run.tag, &dir.path().join("lease"));
 }
 
+/// Follower reads (issue #14): with `--follower-reads` every node answers reads at the read index its
+/// leader confirms, and the clients send each read to the nodes in turn. A follower cut off with a
+/// deposed leader, or whose leader was killed or frozen, must not answer from what it applied; the
+/// register history stays linearizable.
+#[test]
+fn register_with_follower_reads_under_kill_pause_and_partition_is_linearizable() {
+    let (run, dir, summary) = chaos_run_ok(
+        "--follower-reads --workload register --nemesis kill,pause,partition --time 20s \
+         --fault-window 3s --heal-window 2s --rate 100 --clients 5 --seed 12 --recovery-time 5s",
+        "follower",
+    );
+    assert_eq!(summary["verdict"], "valid", "{summary:#}");
+    assert!(summary["faults"].as_u64().unwrap_or(0) >= 2, "{summary:#}");
+    assert!(count(&summary, "ok_during_faults") > 0, "{summary:#}");
+    assert!(count(&summary, "ok_after_heal") > 0, "{summary:#}");
+    assert_nothing_left(&run.tag, &dir.path().join("follower"));
+}
+
 /// `slow` puts every peer link behind the harness's TCP fault proxy: the history stays
 /// linearizable, the proxy really carried the nodes' traffic (the record says how much), and writes
 /// made while it did paid its delay (a write needs a round trip to a follower, so at least twice
