@@ -334,7 +334,11 @@ impl RaftCore {
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
             reads: ReadQueue::new(),
-            forwarded: ForwardedReads::default(),
+            // Numbered from a random start per incarnation (see `ForwardedReads::numbered_from`),
+            // drawn from a stream of its own so the election timeouts keep their sequence.
+            forwarded: ForwardedReads::numbered_from(
+                ChaCha8Rng::seed_from_u64(config.seed ^ 0xf011_0e25).random(),
+            ),
             transfer_target: None,
             append_pending: false,
             messages: Vec::new(),
@@ -796,7 +800,10 @@ impl RaftCore {
     /// A follower asks for a read index: queued as a read of this leader's own, within a bound.
     fn on_read_index(&mut self, from: NodeId, request: u64) {
         let known = self.progress.contains_key(&from);
-        if self.role != Role::Leader || !known || self.reads.forwarded() >= MAX_FORWARDED_REQUESTS {
+        if self.role != Role::Leader
+            || !known
+            || self.reads.forwarded_by(from) >= MAX_FORWARDED_REQUESTS
+        {
             self.refuse_read(from, request);
             return;
         }

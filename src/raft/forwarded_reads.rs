@@ -1,8 +1,9 @@
 //! A follower's reads (follower reads, thesis §6.4.1): the follower asks the leader for a read
-//! index, the leader answers once a quorum confirmed it still leads after the question arrived, and
-//! the follower serves the read itself once it applied that index. The leader's answer is its commit
-//! index at that moment, so the read sees every write that completed before it began, wherever it is
-//! served.
+//! index, the leader answers as for a read of its own — after a quorum confirmed it still leads after
+//! the question arrived, or at once within its lease — and the follower serves the read itself once
+//! it applied that index. The answer is the leader's commit index when the question arrived (or, if
+//! it had not yet committed an entry of its term, its first such commit), so the read sees every
+//! write that completed before it began, wherever it is served.
 //!
 //! The reads that reach a follower between two driver wake-ups travel as one request. A request is
 //! bound to the leader and term it was sent under: when either changes, or no answer came within an
@@ -12,8 +13,8 @@
 use super::types::{NodeId, Term};
 use std::collections::BTreeMap;
 
-/// Requests a follower keeps out at once; reads beyond wait for an answer to free a slot. With one
-/// request per driver wake-up this is reached only when the leader stops answering.
+/// Requests a follower keeps out at once; reads beyond wait for an answer, or an expiry, to free a
+/// slot. With one request per driver wake-up this is reached only when the leader stops answering.
 pub const MAX_REQUESTS_OUT: usize = 1024;
 
 /// A request out to the leader and the reads it carries.
@@ -36,6 +37,17 @@ pub struct ForwardedReads {
 }
 
 impl ForwardedReads {
+    /// An empty set whose requests are numbered from `first` on. Give each incarnation of a node a
+    /// random start: a leader's answer to a request sent before a restart may still be queued for the
+    /// restarted node, and must not match a request of the new incarnation (its index could be older
+    /// than writes completed before the new request's reads).
+    pub fn numbered_from(first: u64) -> Self {
+        ForwardedReads {
+            next_request: first,
+            ..Default::default()
+        }
+    }
+
     /// Queue read `id` for the leader `leader` of `term`; reads queued for another leader or term
     /// fail (returned), as their answers would never come.
     pub fn queue(&mut self, id: u64, leader: NodeId, term: Term) -> Vec<u64> {
@@ -60,7 +72,7 @@ impl ForwardedReads {
         if self.unsent.is_empty() || self.out.len() >= MAX_REQUESTS_OUT {
             return None;
         }
-        self.next_request += 1;
+        self.next_request = self.next_request.wrapping_add(1);
         let request = self.next_request;
         let reads = std::mem::take(&mut self.unsent);
         self.out.insert(
@@ -171,6 +183,16 @@ mod tests {
         assert_eq!(f.expire(15), vec![1]);
         assert_eq!(f.expire(100), vec![2]);
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn numbering_starts_where_asked_and_wraps() {
+        let mut f = ForwardedReads::numbered_from(u64::MAX);
+        f.queue(1, 2, 5);
+        assert_eq!(f.take_request(0), Some((2, 0)));
+        let mut g = ForwardedReads::numbered_from(41);
+        g.queue(1, 2, 5);
+        assert_eq!(g.take_request(0), Some((2, 42)));
     }
 
     #[test]

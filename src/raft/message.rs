@@ -113,8 +113,9 @@ pub enum Message {
         term: Term,
         /// Echo of the request's number.
         request: u64,
-        /// The leader's commit index when the request arrived, once a quorum confirmed it still led
-        /// after that; `None`: refused (not the leader, or too many requests queued).
+        /// The leader's commit index when the request arrived (or its first commit of its term, if
+        /// later), sent as for a read of its own: after a quorum confirmed it still led, or at once
+        /// within its lease; `None`: refused (not the leader, or too many requests queued).
         index: Option<Index>,
     },
 }

@@ -62,6 +62,8 @@ pub struct ReadQueue {
     sent: VecDeque<(u64, u64)>,
     /// The broadcast tick of the newest round a majority acknowledged: where the leader lease starts.
     lease_from: Option<u64>,
+    /// Queued requests per follower.
+    forwarded: std::collections::BTreeMap<NodeId, usize>,
 }
 
 impl ReadQueue {
@@ -76,6 +78,11 @@ impl ReadQueue {
     /// Queue a read. `commit` is the current commit index, `term_committed` whether it is from the
     /// leader's term.
     pub fn request(&mut self, id: ReadOrigin, commit: Index, term_committed: bool) {
+        self.count_forwarded(id, true);
+        self.queue(id, commit, term_committed);
+    }
+
+    fn queue(&mut self, id: ReadOrigin, commit: Index, term_committed: bool) {
         if term_committed {
             self.pending.push_back(PendingRead {
                 id,
@@ -91,7 +98,7 @@ impl ReadQueue {
     /// The leader committed an entry of its term: reads that waited for that can now start a round.
     pub fn term_committed(&mut self, commit: Index) {
         for id in std::mem::take(&mut self.awaiting_term_commit) {
-            self.request(id, commit, true);
+            self.queue(id, commit, true);
         }
     }
 
@@ -149,6 +156,7 @@ impl ReadQueue {
         let mut ready = Vec::new();
         while self.pending.front().is_some_and(|r| r.round <= round) {
             if let Some(r) = self.pending.pop_front() {
+                self.count_forwarded(r.id, false);
                 ready.push(ReadState {
                     id: r.id,
                     index: r.index,
@@ -162,6 +170,7 @@ impl ReadQueue {
     pub fn drain(&mut self) -> Vec<ReadOrigin> {
         let mut failed: Vec<ReadOrigin> = self.pending.drain(..).map(|r| r.id).collect();
         failed.append(&mut self.awaiting_term_commit);
+        self.forwarded.clear();
         failed
     }
 
@@ -170,24 +179,32 @@ impl ReadQueue {
         self.pending.is_empty() && self.awaiting_term_commit.is_empty()
     }
 
-    /// How many follower requests are queued (the leader bounds them: see
+    /// How many requests of follower `from` are queued (the leader bounds them: see
     /// [`MAX_FORWARDED_REQUESTS`]).
-    pub fn forwarded(&self) -> usize {
-        let forwarded = |id: &ReadOrigin| matches!(id, ReadOrigin::Forwarded { .. });
-        self.pending.iter().filter(|r| forwarded(&r.id)).count()
-            + self
-                .awaiting_term_commit
-                .iter()
-                .filter(|id| forwarded(id))
-                .count()
+    pub fn forwarded_by(&self, from: NodeId) -> usize {
+        self.forwarded.get(&from).copied().unwrap_or(0)
+    }
+
+    fn count_forwarded(&mut self, id: ReadOrigin, queued: bool) {
+        if let ReadOrigin::Forwarded { from, .. } = id {
+            let count = self.forwarded.entry(from).or_insert(0);
+            if queued {
+                *count += 1;
+            } else {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.forwarded.remove(&from);
+                }
+            }
+        }
     }
 }
 
-/// The most follower `ReadIndex` requests a leader queues at once; beyond, it refuses them at once.
-/// A follower sends one request per driver wake-up for all the reads that arrived meanwhile, so a
-/// follower under load has a few out, and this only stops a faulty or hostile member from growing
-/// the queue.
-pub const MAX_FORWARDED_REQUESTS: usize = 4096;
+/// The most `ReadIndex` requests of one follower a leader queues at once; beyond, it refuses them at
+/// once. A follower sends one request per driver wake-up for all the reads that arrived meanwhile and
+/// keeps at most [`crate::raft::forwarded_reads::MAX_REQUESTS_OUT`] out, so this only stops a faulty
+/// or hostile member from growing the queue, or from taking the others' share.
+pub const MAX_FORWARDED_REQUESTS: usize = super::forwarded_reads::MAX_REQUESTS_OUT;
 
 #[cfg(test)]
 mod tests {
@@ -285,6 +302,29 @@ mod tests {
         let round = q.heartbeat_round(5);
         assert!(!q.broadcast_needed());
         assert_eq!(q.confirm(round), vec![read(3, 9)]);
+    }
+
+    #[test]
+    fn follower_requests_are_counted_per_follower_until_released() {
+        let mut q = ReadQueue::new();
+        let from = |from, request| ReadOrigin::Forwarded { from, request };
+        q.request(from(2, 1), 3, false);
+        q.request(from(2, 2), 3, true);
+        q.request(from(3, 1), 3, true);
+        q.request(local(9), 3, true);
+        assert_eq!((q.forwarded_by(2), q.forwarded_by(3)), (2, 1));
+        q.term_committed(4);
+        assert_eq!(
+            q.forwarded_by(2),
+            2,
+            "moving to the pending queue is not a new request"
+        );
+        let round = q.take_broadcast(0).expect("a round");
+        assert_eq!(q.confirm(round).len(), 4);
+        assert_eq!((q.forwarded_by(2), q.forwarded_by(3)), (0, 0));
+        q.request(from(2, 3), 5, true);
+        q.drain();
+        assert_eq!(q.forwarded_by(2), 0);
     }
 
     #[test]

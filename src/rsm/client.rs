@@ -37,7 +37,8 @@ pub struct ClerkConfig {
     /// Plaintext or mutual TLS (the servers' port must speak the same).
     pub security: crate::security::Security,
     /// Send reads to every replica in turn instead of the leader (follower reads: the servers must
-    /// run with `kvd --follower-reads`, or each read is sent on to the leader, costing a hop).
+    /// run with `kvd --follower-reads`, or a follower refuses the read with a hint and the clerk
+    /// retries it at the leader, costing a round trip).
     pub read_anywhere: bool,
 }
 
@@ -303,8 +304,9 @@ impl Replicas {
         let mut failed_this_round: Vec<usize> = Vec::new();
         let mut last_error = String::from("no attempt made");
         let mut probed = Vec::new();
-        // A read sent to the next replica in turn: if that one serves it, the leader cached stays.
-        let mut spread_to = None;
+        // A read sent to the replicas in turn says nothing about who leads: unless a hint led to the
+        // server that answered, the leader cached stays the one writes learned.
+        let mut hinted_to = None;
         let cached_leader = self.leader;
         if spread {
             let n = self.servers.len();
@@ -315,7 +317,6 @@ impl Replicas {
                 .unwrap_or(self.next_reader % n);
             self.next_reader = (pick + 1) % n;
             self.leader = pick;
-            spread_to = Some(pick);
         }
         if self.avoided(self.leader, Instant::now()) {
             self.leader = self
@@ -325,6 +326,9 @@ impl Replicas {
         loop {
             let now = Instant::now();
             if now >= deadline {
+                if spread {
+                    self.leader = cached_leader;
+                }
                 return Err(ClerkError::Timeout {
                     timeout: self.config.call_timeout,
                     last_error,
@@ -335,8 +339,7 @@ impl Replicas {
             let (hint, error) = match attempt(self.leader, client, timeout).await? {
                 Attempt::Done(value) => {
                     self.silent_since[self.leader] = None;
-                    if spread_to == Some(self.leader) {
-                        // A replica answered a read: that says nothing about who leads.
+                    if spread && hinted_to != Some(self.leader) {
                         self.leader = cached_leader;
                     }
                     return Ok(value);
@@ -365,6 +368,7 @@ impl Replicas {
                 }
                 _ => self.next_in_rotation(&failed_this_round, now),
             };
+            hinted_to = hinted.filter(|&h| next == Some(h));
             self.leader = match next {
                 Some(next) => next,
                 None => {
@@ -647,6 +651,67 @@ mod tests {
         let tries = tries.map(|t| t.into_inner());
         assert_eq!(answer, frozen_answers_after.map_or(2, |_| 0), "{tries:?}");
         (tries, started.elapsed())
+    }
+
+    /// Reads spread over the replicas leave the leader writes learned cached, even when the replica
+    /// a read went to first refused it and another in turn served it; one a hint named is taken.
+    #[tokio::test(start_paused = true)]
+    async fn spread_reads_keep_the_leader_writes_learned() {
+        let given: Vec<String> = (1..=3).map(|p| format!("127.0.0.1:{p}")).collect();
+        let config = ClerkConfig {
+            read_anywhere: true,
+            ..ClerkConfig::default()
+        };
+        let mut replicas = Replicas::new(&given, config).expect("replicas");
+        replicas.leader = 2;
+        let mut first_tries = Vec::new();
+        for round in 0..6 {
+            let tried = std::sync::Mutex::new(Vec::new());
+            let served = replicas
+                .call_indexed(true, |server, _, _| {
+                    tried.lock().expect("lock").push(server);
+                    let first = tried.lock().expect("lock").len() == 1;
+                    async move {
+                        Ok(if first && round % 2 == 0 {
+                            // Refused without a hint (a follower whose leader changed).
+                            Attempt::Elsewhere(None, "wrong leader".into())
+                        } else {
+                            Attempt::Done(server)
+                        })
+                    }
+                })
+                .await
+                .expect("served");
+            let tried = tried.into_inner().expect("lock");
+            assert_eq!(*tried.last().expect("tried"), served);
+            first_tries.push(tried[0]);
+            assert_eq!(replicas.leader, 2, "round {round}: tried {tried:?}");
+        }
+        first_tries.sort_unstable();
+        first_tries.dedup();
+        assert_eq!(
+            first_tries,
+            vec![0, 1, 2],
+            "reads went to every replica in turn"
+        );
+        // A refusal naming the leader: the named server is the leader from now on.
+        let tried = std::sync::Mutex::new(Vec::new());
+        replicas
+            .call_indexed(true, |server, _, _| {
+                tried.lock().expect("lock").push(server);
+                async move {
+                    Ok(if server == 0 {
+                        Attempt::Done(())
+                    } else {
+                        Attempt::Elsewhere(Some("127.0.0.1:1".into()), "wrong leader".into())
+                    })
+                }
+            })
+            .await
+            .expect("served");
+        let tried = tried.into_inner().expect("lock");
+        let expected = if tried == [0] { 2 } else { 0 };
+        assert_eq!(replicas.leader, expected, "tried {tried:?}");
     }
 
     /// A frozen leader costs one attempt timeout, not one per round: while the others still name it

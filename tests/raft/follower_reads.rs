@@ -173,3 +173,71 @@ fn a_leader_queues_a_bounded_number_of_follower_requests() {
         .collect();
     assert_eq!(refused, vec![MAX_FORWARDED_REQUESTS as u64]);
 }
+
+/// The first attacker review's finding: a leader's answer to a request a follower sent before it
+/// restarted can still be queued for it. It must not answer a read of the new incarnation, whose
+/// request numbers start elsewhere (drivers give every start a new seed): its index predates writes
+/// completed before the new read.
+#[test]
+fn an_answer_to_a_request_sent_before_a_restart_answers_no_read_after_it() {
+    let mut trio = Trio::new(false);
+    let leader = trio.elect();
+    let follower = follower_of(leader);
+    let other = follower_of(follower);
+    trio.cores[follower]
+        .read_index_anywhere(1)
+        .expect("follower");
+    let request = trio.cores[follower]
+        .ready()
+        .messages
+        .into_iter()
+        .find(|m| matches!(m.message, Message::ReadIndex { .. }))
+        .expect("a ReadIndex request");
+    trio.cores[leader].step(request).expect("step");
+    // Only the other follower hears the leader's round, so the answer to `follower` is held back.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let ready = trio.cores[leader].ready();
+        for m in ready.messages {
+            if m.to == node(other) {
+                for reply in {
+                    trio.cores[other].step(m).expect("step");
+                    trio.cores[other].ready().messages
+                } {
+                    trio.cores[leader].step(reply).expect("step");
+                }
+            } else if matches!(m.message, Message::ReadIndexResponse { .. }) {
+                held.push(m);
+            }
+        }
+    }
+    assert_eq!(held.len(), 1, "the leader answered the request once");
+    // The follower restarts with a new seed, a write completes, and a read arrives there.
+    let mut config = crate::lease::config(node(follower), false);
+    config.seed = 8;
+    trio.cores[follower] = ds824::raft::RaftCore::new(config).expect("config");
+    trio.cores[leader]
+        .propose(Bytes::from_static(b"w"))
+        .expect("leader");
+    trio.pump();
+    let write = trio.cores[leader].commit_index();
+    trio.answered.clear();
+    trio.cores[follower]
+        .read_index_anywhere(2)
+        .expect("follower");
+    let ready = trio.cores[follower].ready();
+    assert!(ready
+        .messages
+        .iter()
+        .any(|m| matches!(m.message, Message::ReadIndex { .. })));
+    // The old answer arrives now.
+    for m in held {
+        trio.cores[follower].step(m).expect("step");
+    }
+    let ready = trio.cores[follower].ready();
+    assert!(
+        ready.read_states.iter().all(|r| r.index >= write),
+        "read answered at {:?}, before the write at {write}",
+        ready.read_states
+    );
+}

@@ -18,7 +18,7 @@ pub struct Trio {
     pub read_index_messages: usize,
 }
 
-fn config(id: u64, lease_reads: bool) -> Config {
+pub fn config(id: u64, lease_reads: bool) -> Config {
     let mut config = Config::new(id, vec![1, 2, 3]);
     config.election_ticks = 20;
     config.heartbeat_ticks = 2;
