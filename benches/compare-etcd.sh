@@ -9,7 +9,8 @@
 #
 # Rows: put with 1 and 64 clients, linearizable get with 1 and 64 clients, YCSB-A (50 % reads, Zipfian)
 # with 64 clients, and ds824's lease reads (`kvd kv --lease-reads`) with 64 clients next to etcd's
-# linearizable gets. 1,000 keys, 100-byte values. Installs etcd-server and etcd-client with apt if etcd or etcdctl is missing (root
+# linearizable gets, and ds824's follower reads (`kvd kv --follower-reads`, `kvctl --follower-reads`) with 64
+# clients next to the same (etcd's client spreads requests over the members anyway). 1,000 keys, 100-byte values. Installs etcd-server and etcd-client with apt if etcd or etcdctl is missing (root
 # or sudo), builds kvd, kvctl (release) and tools/etcd-bench (its own target dir: it carries etcd-client,
 # which needs a protoc; the vendored one the main build already fetched is used). Run on an idle machine;
 # leaves nothing running. KEEP=1 keeps the work directory (logs, per-run JSON). Ports: kvd 27001-27003 (clients)
@@ -120,6 +121,13 @@ if "$kvd" kv --help | grep -q -- '--lease-reads'; then
   row "lease get, 64 clients" --kind get --clients 64 "${load[@]}"
   stop_kvd
 fi
+if "$kvd" kv --help | grep -q -- '--follower-reads'; then
+  # etcd's client spreads every request over the members, and its followers serve linearizable gets
+  # through ReadIndex: ds824 with follower reads is the same arrangement.
+  start_kvd --follower-reads
+  KVCTL_FOLLOWER_READS=1 row "follower get, 64 clients" --kind get --clients 64 "${load[@]}"
+  stop_kvd
+fi
 
 python3 - "$work/results.jsonl" "etcd $(etcd --version | sed -n "s/^etcd Version: //p")" <<'EOF'
 import json, sys
@@ -141,6 +149,7 @@ for name, stores in rows.items():
               for d, e in zip(stores["ds824"], stores["etcd"])]
     ratio = f"{min(ratios):.2f}×" if len(ratios) == 1 or min(ratios) == max(ratios) \
         else f"{min(ratios):.2f}–{max(ratios):.2f}×"
-    label = name + (" (etcd: linearizable)" if name.startswith("lease") else "")
+    label = name + (" (etcd: linearizable)" if name.startswith("lease") else "") \
+        + (" (both: gets to every member)" if name.startswith("follower") else "")
     print(f"| {label} | {cell(stores['ds824'], False)} | {cell(stores['etcd'], False)} | **{ratio}** |")
 EOF

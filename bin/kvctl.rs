@@ -61,12 +61,13 @@ struct Cli {
     ctrlers: Option<String>,
     /// Reach shard groups at their peer addresses (before the `@` of a joined `PEER@CLIENT` entry)
     /// instead of the client addresses they advertise: for a kvctl inside the cluster's network.
-    #[arg(long, env = "KVCTL_INTERNAL_ADDRESSES", global = true)]
+    #[arg(long, env = "KVCTL_INTERNAL_ADDRESSES", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     internal_addresses: bool,
     /// Send reads (get, and the reads of `bench`) to every replica in turn, not only the leader: for
-    /// servers started with `kvd --follower-reads`, which answer them linearizably. Against servers
-    /// without it each read is sent on to the leader, costing a hop.
-    #[arg(long, env = "KVCTL_FOLLOWER_READS", global = true)]
+    /// servers started with `kvd --follower-reads`, which answer them linearizably. Servers without it
+    /// refuse a read on a follower with a hint, and it is retried at the leader, costing a round trip.
+    /// The environment variable takes 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "KVCTL_FOLLOWER_READS", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     follower_reads: bool,
     #[command(flatten)]
     tls: TlsArgs,

@@ -1153,3 +1153,34 @@ async fn followers_answer_reads_with_every_write_completed_before() {
         Some("after")
     );
 }
+
+/// `KVCTL_FOLLOWER_READS=1` (and the other boolean variables) read as operators write them: 1/0,
+/// yes/no, on/off, not only `true`/`false`.
+#[test]
+fn kvctl_boolean_environment_variables_take_1_and_yes() {
+    for (variable, value) in [
+        ("KVCTL_FOLLOWER_READS", "1"),
+        ("KVCTL_FOLLOWER_READS", "yes"),
+        ("KVCTL_INTERNAL_ADDRESSES", "on"),
+        ("KVCTL_FOLLOWER_READS", "0"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .env("DS824_INSECURE", "1")
+            .env(variable, value)
+            .args([
+                "--cluster",
+                "127.0.0.1:1",
+                "--timeout-ms",
+                "100",
+                "get",
+                "k",
+            ])
+            .output()
+            .expect("run kvctl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("no answer within"),
+            "{variable}={value}: {stderr}"
+        );
+    }
+}
