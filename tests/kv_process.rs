@@ -882,14 +882,17 @@ async fn a_leader_with_slow_followers_admits_only_what_they_can_take() {
     );
     // Bounded by design: 128 MiB of requests being decoded (one per client), 64 MiB admitted, up to
     // 32 MiB of messages in flight to each follower, the encoded copies of each, and the allocator's
-    // slack. And flat: no more in the second half of the run than in the first, give or take.
+    // slack. And flat: the second half of the run may add no more than the admitted bytes and the
+    // two followers' queues (64 + 2 × 32 MiB), which a loaded machine may fill only late (a CI run
+    // with other tests beside it saw 350 MiB, then 447 MiB). A leak would not stay under that: the
+    // ~600 requests refused in 12 s carry 1 MiB each.
     assert!(
         peak < baseline + (640 << 20),
         "leader grew to {} MiB",
         peak >> 20
     );
     assert!(
-        late < early + (96 << 20),
+        late < early + (128 << 20),
         "leader kept growing: {} MiB, then {} MiB",
         early >> 20,
         late >> 20
