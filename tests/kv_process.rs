@@ -22,7 +22,7 @@ use ds824::kv::{Clerk, ClerkConfig};
 use ds824::proto::kv as pb;
 use ds824::proto::kv::kv_client::KvClient;
 use ports::free_port;
-use replicas::{Replicas, Role, WAIT};
+use replicas::{get_at, Replicas, Role, WAIT};
 use signals::signal;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -1094,19 +1094,6 @@ async fn a_leader_stopped_by_sigterm_hands_over_leadership_before_it_exits() {
         .put("k", "after")
         .await
         .expect("put after the hand-off");
-}
-
-/// A follower's answer to a raw Get: (error code, value if found).
-async fn get_at(address: &str, key: &str) -> (pb::ErrorCode, Option<String>) {
-    let mut client = KvClient::connect(format!("http://{address}"))
-        .await
-        .expect("connect");
-    let reply = client
-        .get(pb::GetRequest { key: key.into() })
-        .await
-        .expect("get")
-        .into_inner();
-    (reply.error(), reply.found.then_some(reply.value))
 }
 
 /// Issue #14, item 3: with `--follower-reads` a follower answers a Get itself, and the answer holds

@@ -24,7 +24,7 @@ mod replicas;
 mod scrape;
 #[path = "support/tls.rs"]
 mod tls;
-use replicas::{free_port, Replicas, WAIT};
+use replicas::{free_port, get_at, Replicas, WAIT};
 
 const KEYS: usize = 10;
 const CLIENTS: u64 = 4;
@@ -858,17 +858,9 @@ async fn shard_group_followers_answer_reads_with_every_write_completed_before() 
         let value = format!("v{i}");
         writer.put("k", &value).await.expect("put");
         let follower = [(leader + 1) % 3, (leader + 2) % 3][i % 2];
-        let mut client = KvClient::connect(format!("http://{}", group.addrs[follower]))
-            .await
-            .expect("connect");
-        let reply = client
-            .get(pb::GetRequest { key: "k".into() })
-            .await
-            .expect("get")
-            .into_inner();
         assert_eq!(
-            (reply.error(), reply.value.as_str()),
-            (pb::ErrorCode::Ok, value.as_str()),
+            get_at(&group.addrs[follower], "k").await,
+            (pb::ErrorCode::Ok, Some(value.clone())),
             "follower {follower}, write {i}"
         );
     }

@@ -310,10 +310,8 @@ impl Replicas {
         let cached_leader = self.leader;
         if spread {
             let n = self.servers.len();
-            let now = Instant::now();
-            let pick = (0..n)
-                .map(|k| (self.next_reader + k) % n)
-                .find(|&i| !self.avoided(i, now))
+            let pick = self
+                .first_available_from(self.next_reader, &[], Instant::now())
                 .unwrap_or(self.next_reader % n);
             self.next_reader = (pick + 1) % n;
             self.leader = pick;
@@ -389,21 +387,30 @@ impl Replicas {
         self.silent_since[i].is_some_and(|since| now.duration_since(since) < AVOID_SILENT_FOR)
     }
 
-    /// The next server in round-robin order that did not fail this round and is not avoided; if every
-    /// server is avoided, the untried one that went silent longest ago (better a slow server than
-    /// none). `None` once all that may serve failed this round.
+    /// The next server in round-robin order after the last one this picked (see
+    /// [`Self::first_available_from`]). `None` once all that may serve failed this round.
     fn next_in_rotation(&mut self, failed: &[usize], now: Instant) -> Option<usize> {
+        let pick = self.first_available_from(self.rotation + 1, failed, now)?;
+        self.rotation = pick;
+        Some(pick)
+    }
+
+    /// The first server from `start` on, in round-robin order, that is not in `failed` and not
+    /// avoided; if every server is avoided, the one not in `failed` that went silent longest ago
+    /// (better a slow server than none). The one pick the retry rotation and spread reads share.
+    fn first_available_from(&self, start: usize, failed: &[usize], now: Instant) -> Option<usize> {
         let n = self.servers.len();
-        let order: Vec<usize> = (1..=n).map(|k| (self.rotation + k) % n).collect();
-        let untried = || order.iter().copied().filter(|i| !failed.contains(i));
+        let untried = || {
+            (0..n)
+                .map(move |k| (start + k) % n)
+                .filter(|i| !failed.contains(i))
+        };
         let all_avoided = (0..n).all(|i| self.avoided(i, now));
-        let pick = untried().find(|&i| !self.avoided(i, now)).or_else(|| {
+        untried().find(|&i| !self.avoided(i, now)).or_else(|| {
             all_avoided
                 .then(|| untried().min_by_key(|&i| self.silent_since[i]))
                 .flatten()
-        })?;
-        self.rotation = pick;
-        Some(pick)
+        })
     }
 
     /// A plaintext client whose connection to server `i` broke: if that server requires TLS, no retry

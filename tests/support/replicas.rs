@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use ds824::kv::clerk::node_status;
+use ds824::proto::kv as pb;
+use ds824::proto::kv::kv_client::KvClient;
 use ds824::proto::kv::StatusResponse;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -464,4 +466,18 @@ impl Drop for Replicas {
             }
         }
     }
+}
+
+/// One plaintext Get sent straight to the replica at `address` (no clerk: no retry, no redirect), so a
+/// test sees what that replica itself answers: its error code and the value, if found.
+pub async fn get_at(address: &str, key: &str) -> (pb::ErrorCode, Option<String>) {
+    let mut client = KvClient::connect(format!("http://{address}"))
+        .await
+        .expect("connect");
+    let reply = client
+        .get(pb::GetRequest { key: key.into() })
+        .await
+        .expect("get")
+        .into_inner();
+    (reply.error(), reply.found.then_some(reply.value))
 }
