@@ -1,16 +1,28 @@
-//! One node's durable write on its own: `SledStorage::persist` of a log write (1 or 16 entries of
-//! 100 bytes) and a hard state, in a fresh data directory under the system temp dir. Prints p50, p90,
-//! p99 and the mean per persist. The floor of every put: a persist is one journal record and one
-//! `fdatasync` (`src/raft/journal.rs`); on the 2-core CI VM p50 about 90 µs for one entry, against
-//! 175 µs for sled's flush before the journal.
+//! The floor of a single-client put on this machine, from its two parts measured alone:
 //!
-//! Run with `cargo bench --bench raft_storage` (`RAFT_BENCH_PERSISTS` changes the count, default 3000).
+//! - one node's durable write: `SledStorage::persist` of a log write (1 or 16 entries of 100 bytes) and a
+//!   hard state, in a fresh data directory under the system temp dir. A persist is one journal record
+//!   and one `fdatasync` (`src/raft/journal.rs`); on the 2-core CI VM p50 about 90 µs for one entry,
+//!   against 175 µs for sled's flush before the journal;
+//! - one gRPC unary round trip on loopback, through the same tonic server and channel settings as a
+//!   `kvd` and a clerk (plaintext), to a `Kv` service that answers at once.
+//!
+//! A put needs at least the client's round trip to the leader, the leader's round trip to a follower
+//! and one persist (the leader's and the followers' run at the same time), so it prints that sum as
+//! the floor. Issue #14 sets a single-client put's p50 at most 1.5 × this floor; `benches/compare-etcd.sh`
+//! prints the ratio next to its table, so a machine of any speed can be judged by the same rule.
+//!
+//! Run with `cargo bench --bench raft_storage` (`RAFT_BENCH_PERSISTS` changes the count of persists,
+//! default 3000, and of round trips, twice that).
 
 use bytes::Bytes;
+use ds824::proto::kv as pb;
+use ds824::proto::kv::kv_server::{Kv, KvServer};
 use ds824::raft::storage::{Identity, SledStorage, Storage};
 use ds824::raft::types::{Entry, EntryKind, HardState};
 use ds824::raft::{LogWrite, Ready};
 use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
 
 fn persists(batch: u64, count: u64) -> Vec<Duration> {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -47,21 +59,121 @@ fn persists(batch: u64, count: u64) -> Vec<Duration> {
     took
 }
 
+/// A `Kv` service that answers every Get at once: what is left of a request is tonic, HTTP/2 and TCP.
+struct Answering;
+
+#[tonic::async_trait]
+impl Kv for Answering {
+    type BackupStream = ds824::rsm::service::BackupStream;
+
+    async fn get(&self, _: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        Ok(Response::new(pb::GetResponse::default()))
+    }
+
+    async fn mutate(
+        &self,
+        _: Request<pb::MutateRequest>,
+    ) -> Result<Response<pb::MutateResponse>, Status> {
+        Err(Status::unimplemented("round-trip bench"))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Err(Status::unimplemented("round-trip bench"))
+    }
+
+    async fn backup(
+        &self,
+        _: Request<ds824::proto::rsm::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        Err(Status::unimplemented("round-trip bench"))
+    }
+}
+
+/// `count` sequential Gets from one client to [`Answering`] on 127.0.0.1, each timed. The server runs
+/// on a runtime of its own threads, as it would in another process.
+fn round_trips(count: u64) -> Vec<Duration> {
+    let server_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    let listener = server_runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind 127.0.0.1");
+    let address = listener.local_addr().expect("local address");
+    let server = ds824::security::Security::Insecure
+        .server()
+        .expect("server builder")
+        .add_service(KvServer::new(Answering))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    server_runtime.spawn(server);
+    let client_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    client_runtime.block_on(async {
+        let config = ds824::rsm::client::ClerkConfig::default();
+        let channel =
+            ds824::rsm::client::channel_to(&address.to_string(), &config, None).expect("channel");
+        let mut client = ds824::proto::kv::kv_client::KvClient::new(channel);
+        let mut took = Vec::with_capacity(count as usize);
+        // The first calls connect and warm up; they are not counted.
+        for round in 0..count + 100 {
+            let started = Instant::now();
+            client
+                .get(pb::GetRequest { key: "k".into() })
+                .await
+                .expect("round trip");
+            if round >= 100 {
+                took.push(started.elapsed());
+            }
+        }
+        took.sort();
+        took
+    })
+}
+
+/// The `q` quantile of sorted durations, in microseconds.
+fn quantile(sorted: &[Duration], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
+}
+
 fn main() {
     let count = std::env::var("RAFT_BENCH_PERSISTS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3000u64)
         .max(1);
+    let mut persist_p50 = 0.0;
     for batch in [1, 16] {
         let took = persists(batch, count);
-        let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
         let mean = took.iter().sum::<Duration>().as_secs_f64() * 1e6 / took.len() as f64;
         println!(
             "persist of {batch} entries: {count} persists, p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, mean {mean:.0} us",
-            at(0.5),
-            at(0.9),
-            at(0.99)
+            quantile(&took, 0.5),
+            quantile(&took, 0.9),
+            quantile(&took, 0.99)
         );
+        if batch == 1 {
+            persist_p50 = quantile(&took, 0.5);
+        }
     }
+    let took = round_trips(2 * count);
+    let rtt_p50 = quantile(&took, 0.5);
+    println!(
+        "gRPC unary round trip on loopback: {} calls, p50 {rtt_p50:.0} us, p90 {:.0} us, p99 {:.0} us",
+        took.len(),
+        quantile(&took, 0.9),
+        quantile(&took, 0.99)
+    );
+    // Client -> leader, leader -> follower, and one persist (the leader's and the follower's overlap).
+    let floor = 2.0 * rtt_p50 + persist_p50;
+    println!(
+        "floor of a single-client put: {floor:.0} us (2 x round trip p50 + persist p50); \
+         issue #14's bound on its p50: 1.5 x floor = {:.0} us",
+        1.5 * floor
+    );
 }
