@@ -33,6 +33,8 @@ pub struct Scheduler<K> {
     now: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<Scheduled<K>>>,
+    /// The last [`Scheduler::history_stamp`] handed out.
+    last_stamp: u64,
 }
 
 impl<K> Default for Scheduler<K> {
@@ -41,6 +43,7 @@ impl<K> Default for Scheduler<K> {
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
+            last_stamp: 0,
         }
     }
 }
@@ -49,6 +52,17 @@ impl<K> Scheduler<K> {
     /// The current simulated time.
     pub fn now(&self) -> u64 {
         self.now
+    }
+
+    /// A time for a history (nanoseconds): at the current millisecond, and strictly after every stamp
+    /// handed out before. Many things happen within one simulated millisecond, one after another (a
+    /// clerk's operation completes and its next begins); a history stamped with the millisecond alone
+    /// would show them touching, which a checker must take as concurrent, and a stale read straight
+    /// after a write would pass.
+    pub fn history_stamp(&mut self) -> u64 {
+        let stamp = (self.now * 1_000_000).max(self.last_stamp + 1);
+        self.last_stamp = stamp;
+        stamp
     }
 
     /// Schedule `item` at time `at` (not before now).

@@ -394,7 +394,8 @@ struct InFlight<S: SimService> {
     id: u64,
     server: usize,
     sent_at: u64,
-    invoked_at: u64,
+    /// When the operation began, as its history records it ([`Scheduler::history_stamp`]).
+    invoked: u64,
 }
 
 /// A client of a service, behaving as the library's Clerk does: it remembers the leader, follows hints,
@@ -449,7 +450,7 @@ impl<S: SimService> Clerk<S> {
             id: 0,
             server: first,
             sent_at: now,
-            invoked_at: now,
+            invoked: cluster.clock.history_stamp(),
         });
         self.send_to(cluster, first);
     }
@@ -516,9 +517,8 @@ impl<S: SimService> ServiceCluster<S> {
     fn record(&mut self, client: u64, op: &InFlight<S>, output: &S::Output) {
         self.ops += 1;
         if let Some(record) = S::record(client, &op.op, output) {
-            let invoke = op.invoked_at * 1_000_000;
-            let complete = self.clock.now() * 1_000_000;
-            self.history.push(record.ok_at(invoke, complete));
+            let complete = self.clock.history_stamp();
+            self.history.push(record.ok_at(op.invoked, complete));
         }
     }
 }

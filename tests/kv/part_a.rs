@@ -203,3 +203,27 @@ fn persist_partition_unreliable_linearizable() {
         true,
     );
 }
+
+/// A clerk's next operation begins in the very tick its last one completed in. The history must
+/// still put it strictly after: the checker takes ops with touching intervals as concurrent, so a
+/// stale read straight after the clerk's own write would otherwise pass as linearizable.
+#[test]
+fn a_clerks_operations_are_recorded_one_strictly_after_another() {
+    let mut cfg = cluster("recorded_in_order", 3, true, None);
+    let mut ck = cfg.make_clerk();
+    for i in 0..20 {
+        cfg.put(&mut ck, "k", &i.to_string());
+        assert_eq!(cfg.get(&mut ck, "k"), i.to_string());
+    }
+    let history = cfg.history();
+    assert_eq!(history.len(), 40);
+    for (i, pair) in history.windows(2).enumerate() {
+        let done = pair[0].complete.expect("ok ops have completed");
+        assert!(
+            done < pair[1].invoke,
+            "op {} was invoked at {} but its predecessor completed at {done}",
+            i + 1,
+            pair[1].invoke
+        );
+    }
+}

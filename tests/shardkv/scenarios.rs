@@ -570,3 +570,32 @@ fn a_group_that_joins_after_its_history_was_dropped_catches_up() {
     check_linearizable(&world);
     world.end("a_group_that_joins_after_its_history_was_dropped_catches_up");
 }
+
+/// A sharded clerk's next operation begins in the tick its last one completed in (clients appending
+/// back to back); the history must still put it strictly after (see the KV simulator's test of the
+/// same name).
+#[test]
+fn a_clerks_operations_are_recorded_one_strictly_after_another() {
+    let mut world = world("recorded_in_order", true, None);
+    world.join(0);
+    let keys = keys(3);
+    let values = vec![String::new(); keys.len()];
+    let mut clients = appenders(&mut world, &keys, &values, 5, 0);
+    run(&mut world, &mut clients, 2_000);
+    stop_and_check(&mut world, &mut clients);
+    let mut last_completed: std::collections::HashMap<u64, u64> = Default::default();
+    let mut checked = 0;
+    for op in world.history() {
+        if let Some(&done) = last_completed.get(&op.client) {
+            assert!(
+                done < op.invoke,
+                "client {}: an op invoked at {} after its predecessor completed at {done}",
+                op.client,
+                op.invoke
+            );
+            checked += 1;
+        }
+        last_completed.insert(op.client, op.complete.expect("ok ops have completed"));
+    }
+    assert!(checked > 30, "only {checked} back-to-back pairs recorded");
+}

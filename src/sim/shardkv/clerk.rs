@@ -40,7 +40,8 @@ struct InFlight {
     id: u64,
     target: Target,
     sent_at: u64,
-    invoked_at: u64,
+    /// When the operation began, as its history records it (`ShardWorld::history_stamp`).
+    invoked: u64,
     /// Servers of the current group tried without an answer since the last configuration refresh.
     misses: usize,
     /// The attempt out went to a random server of the group (a follower read), not the leader.
@@ -111,7 +112,7 @@ impl ShardClerk {
             id: 0,
             target: Target::Ctrler,
             sent_at: now,
-            invoked_at: now,
+            invoked: world.history_stamp(),
             misses: 0,
             spread: false,
         });
@@ -183,7 +184,7 @@ impl ShardClerk {
                 }
                 (Answer::Server(ReplyResult::Done(ShardOutput::Kv(output))), _) => {
                     let finished = self.current.take()?;
-                    world.record(self.client_id, &finished.op, finished.invoked_at, &output);
+                    world.record(self.client_id, &finished.op, finished.invoked, &output);
                     return Some(output);
                 }
                 (Answer::Server(ReplyResult::Done(_)), _) => {

@@ -503,16 +503,21 @@ impl ShardWorld {
         );
     }
 
-    fn record(&mut self, client: u64, op: &ShardOp, invoked_at: u64, output: &KvOutput) {
+    /// A time for the history: see [`crate::sim::clock::Scheduler::history_stamp`].
+    pub(crate) fn history_stamp(&mut self) -> u64 {
+        self.clock.history_stamp()
+    }
+
+    /// Records a completed operation that began at history time `invoked`.
+    fn record(&mut self, client: u64, op: &ShardOp, invoked: u64, output: &KvOutput) {
         self.ops += 1;
         let kv_op: ClerkOp<KvStore> = match op {
             ShardOp::Get(key) => ClerkOp::Query(KvQuery::Get { key: key.clone() }),
             ShardOp::Command(command) => ClerkOp::Command(command.clone()),
         };
         if let Some(record) = KvStore::record(client, &kv_op, output) {
-            let complete = self.clock.now() * 1_000_000;
-            self.history
-                .push(record.ok_at(invoked_at * 1_000_000, complete));
+            let complete = self.clock.history_stamp();
+            self.history.push(record.ok_at(invoked, complete));
         }
     }
 }
