@@ -22,8 +22,29 @@ check() {
     failed=$((failed + 1)); echo "  FAIL  $name"
   fi
 }
+# A compose project of this run's own: its volumes are new, whatever an earlier run left behind (a run killed
+# before its cleanup leaves its controllers' configuration and its data in volumes, and a later run under the
+# same name would start from them), and `docker compose up` clusters of the checkout are not touched.
+export COMPOSE_PROJECT_NAME=ds824test$$
 cleanup() { compose down -v --remove-orphans >/dev/null 2>&1 || true; }
 trap cleanup EXIT
+# remove_stale_runs: the containers, volumes and networks of earlier runs of this test (projects named
+# ds824test*) that never reached their cleanup; their containers would hold the published ports.
+remove_stale_runs() {
+  local kind ids all name
+  for kind in container volume network; do
+    all=(); name=.Name; [ "$kind" = container ] && all=(-a) name=.Names
+    ids=$(docker "$kind" ls "${all[@]}" --filter label=com.docker.compose.project \
+      --format "{{.Label \"com.docker.compose.project\"}} {{$name}}" 2>/dev/null |
+      awk -v self="$COMPOSE_PROJECT_NAME" '$1 ~ /^ds824test/ && $1 != self { print $2 }')
+    [ -z "$ids" ] && continue
+    echo "  (removing ${kind}s left by an earlier run of this test: $(echo $ids | wc -w))"
+    case $kind in
+      container) docker rm -f -v $ids >/dev/null ;;
+      *) docker "$kind" rm $ids >/dev/null ;;
+    esac
+  done
+}
 
 export bin=target/x86_64-unknown-linux-gnu/release
 export KVCTL_CLUSTER=127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003
@@ -34,9 +55,24 @@ size=$(docker image inspect ds824:latest --format '{{.Size}}')
 check "image is under 40 MB ($((size / 1000000)) MB)" test "$size" -lt 40000000
 check "image runs as a non-root user" test "$(docker image inspect ds824:latest --format '{{.Config.User}}')" = "10001:10001"
 
+remove_stale_runs
 cleanup
+# ports_free: nothing else (a `docker compose up` cluster of this checkout, another program) holds the ports
+# the cluster publishes; said by name, not left to a failed `up`.
+ports_free() {
+  local port holder
+  for port in 17001 17101 17201 17824; do
+    holder=$(docker ps --filter "publish=$port" --format '{{.Names}}' 2>/dev/null | head -1)
+    if [ -n "$holder" ] || (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "    port $port is taken${holder:+ by container $holder}; stop that first (e.g. docker-compose down)" >&2
+      return 1
+    fi
+  done
+}
+check "the cluster's published ports are free" ports_free
+[ "$failed" -eq 0 ] || { echo "docker: $passed passed, $failed failed"; exit 1; }
 mkdir -p /tmp/ds824-mr && chmod 1777 /tmp/ds824-mr && rm -rf /tmp/ds824-mr/*
-compose up -d >/dev/null 2>&1
+compose up -d >/tmp/ds824-up.log 2>&1 || { echo "    compose up failed:" >&2; tail -20 /tmp/ds824-up.log >&2; }
 check "every service becomes healthy" wait_healthy 180 "${ALL_SERVICES[@]}"
 check "the certs job left client certificates to copy out" export_client_certs /tmp/ds824-certs
 export_client_certs /tmp/ds824-certs 2>/dev/null || true
@@ -78,6 +114,7 @@ shard_join_done() {
     fi
     sleep 1
   done
+  echo "    the join job did not exit within 60 s (container: ${id:-never created})" >&2
   return 1
 }
 write_sharded() { local i; for i in $(seq "$1" "$2"); do skvctl put "skey-$i" "svalue-$i" >/dev/null || return 1; done; }
@@ -87,7 +124,15 @@ read_sharded() {
     [ "$(skvctl get "skey-$i")" = "svalue-$i" ] || { echo "    skey-$i wrong or missing" >&2; return 1; }
   done
 }
-check "the join job joined shard group 1 (all shards)" bash -c "$(declare -f compose shard_join_done ctrl); shard_join_done && ctrl query | grep -q 'group 1: 10 shards'"
+# only_group_1: the latest configuration is the first, has group 1, owning all 10 shards, and no other group (the
+# controllers started empty and the job joined what it names).
+only_group_1() {
+  local config
+  config=$(ctrl query) || return 1
+  grep -q '^config 1$' <<<"$config" && grep -q 'group 1: 10 shards' <<<"$config" && [ "$(grep -c '^ *group [0-9]*:' <<<"$config")" = 1 ] ||
+    { echo "    the controllers' latest configuration:" >&2; sed 's/^/      /' <<<"$config" >&2; return 1; }
+}
+check "the join job joined shard group 1 (all shards)" bash -c "$(declare -f compose shard_join_done ctrl only_group_1); shard_join_done && only_group_1"
 check "sharded writes and reads from the host" bash -c "$(declare -f skvctl write_sharded read_sharded); write_sharded 1 20 && read_sharded 1 20"
 check "sharded reads inside the network (--internal-addresses)" bash -c "$(declare -f compose inskvctl); [ \"\$(inskvctl get skey-7)\" = svalue-7 ]"
 check "kvctl ctrler join adds group 2; half the shards move to it" bash -c "$(declare -f ctrl); ctrl join 2=g2a:7201@127.0.0.1:17204,g2b:7201@127.0.0.1:17205,g2c:7201@127.0.0.1:17206 >/dev/null && ctrl query | grep -q 'group 2: 5 shards'"
@@ -125,7 +170,7 @@ chaos_smoke() {
     if sudo -n true 2>/dev/null; then runner=(sudo -n -E); else
       nemesis=kill,pause; echo "    (not root: nemesis kill,pause instead of kill,partition)"; fi
   fi
-  "${runner[@]}" "$bin/chaos" run --target compose --workload register --nemesis "$nemesis" \
+  "${runner[@]}" "$bin/chaos" run --target compose --compose-project "$COMPOSE_PROJECT_NAME" --workload register --nemesis "$nemesis" \
     --time 60s --rate 100 --clients 5 --seed 11 --recovery-time 5s --out "$out" >"$out.log" 2>&1
   local rc=$?
   grep -E '^(operations|longest|linearizability|recovery|verdict)' "$out.log" | sed 's/^/    /'
@@ -138,7 +183,7 @@ check "the cluster is healthy after the chaos run" wait_healthy 60 kv1 kv2 kv3
 # with --join (deploy/join-kv3.yml) and adds it back; it catches up by snapshot (README, "Membership changes").
 replace_kv3() {
   compose rm -sf kv3 >/dev/null 2>&1 || return 1
-  docker volume rm "$(docker volume ls -q | grep -E '_kv3-data$' | head -1)" >/dev/null || return 1
+  docker volume rm "${COMPOSE_PROJECT_NAME}_kv3-data" >/dev/null || return 1
   kvctl member remove 3 >/dev/null || return 1
   compose -f docker-compose.yml -f deploy/join-kv3.yml up -d kv3 >/dev/null 2>&1 || return 1
   kvctl --timeout-ms 60000 member add 3=kv3:8001 >/dev/null || return 1
