@@ -7,9 +7,12 @@
 //! - one gRPC unary round trip on loopback, through the same tonic server and channel settings as a
 //!   `kvd` and a clerk (plaintext), to a `Kv` service that answers at once.
 //!
+//! - the same persist in three storages at once (one thread each), as a local three-node cluster's
+//!   leader and followers flush together on one disk.
+//!
 //! A put needs at least the client's round trip to the leader, the leader's round trip to a follower
 //! and one persist (the leader's and the followers' run at the same time), so it prints that sum as
-//! the floor. Issue #14 sets a single-client put's p50 at most 1.5 × this floor; `benches/compare-etcd.sh`
+//! the floor (and, on a line of its own, that sum with the shared-disk persist). Issue #14 sets a single-client put's p50 at most 1.5 × this floor; `benches/compare-etcd.sh`
 //! prints the ratio next to its table, so a machine of any speed can be judged by the same rule.
 //!
 //! Run with `cargo bench --bench raft_storage` (`RAFT_BENCH_PERSISTS` changes the count of persists,
@@ -55,6 +58,29 @@ fn persists(batch: u64, count: u64) -> Vec<Duration> {
         storage.persist(&ready).expect("persist");
         took.push(started.elapsed());
     }
+    took.sort();
+    took
+}
+
+/// [`persists`] of one entry in `nodes` threads at once, each in a data directory of its own, as the
+/// nodes of a cluster on one machine flush at the same moments: all threads' durations, sorted. The
+/// disk takes one flush after another, or a few together, so each waits for some of the others'.
+fn concurrent_persists(nodes: usize, count: u64) -> Vec<Duration> {
+    let start = std::sync::Barrier::new(nodes);
+    let mut took: Vec<Duration> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..nodes)
+            .map(|_| {
+                scope.spawn(|| {
+                    start.wait();
+                    persists(1, count)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| worker.join().expect("persist thread"))
+            .collect()
+    });
     took.sort();
     took
 }
@@ -161,6 +187,16 @@ fn main() {
             persist_p50 = quantile(&took, 0.5);
         }
     }
+    // A local cluster's three nodes share this disk: the leader's and a follower's flush of one put
+    // run at the same time, so the one that commits it may wait behind another node's.
+    let shared = concurrent_persists(3, count);
+    let shared_p50 = quantile(&shared, 0.5);
+    println!(
+        "persist of 1 entry, 3 nodes' storages flushing at once on this disk: {} persists, p50 {shared_p50:.0} us, p90 {:.0} us, p99 {:.0} us",
+        shared.len(),
+        quantile(&shared, 0.9),
+        quantile(&shared, 0.99)
+    );
     let took = round_trips(2 * count);
     let rtt_p50 = quantile(&took, 0.5);
     println!(
@@ -175,5 +211,9 @@ fn main() {
         "floor of a single-client put: {floor:.0} us (2 x round trip p50 + persist p50); \
          issue #14's bound on its p50: 1.5 x floor = {:.0} us",
         1.5 * floor
+    );
+    println!(
+        "the same with the three nodes' flushes sharing this disk: {:.0} us (2 x round trip p50 + the shared persist p50)",
+        2.0 * rtt_p50 + shared_p50
     );
 }
