@@ -230,11 +230,12 @@ pub fn check_join(groups: &BTreeMap<Gid, Vec<String>>) -> Result<(), String> {
         .try_for_each(|(&gid, servers)| check_group(gid, servers))
 }
 
-/// One joining group: not gid 0, 1 to [`MAX_SERVERS_PER_GROUP`] servers, each address 1 to
+/// One joining group: not gid 0 (a shard nobody owns) nor [`Gid::MAX`] (a shard group's mark for a
+/// copy any group may take), 1 to [`MAX_SERVERS_PER_GROUP`] servers, each address 1 to
 /// [`MAX_ADDRESS_BYTES`] bytes.
 pub fn check_group(gid: Gid, servers: &[String]) -> Result<(), String> {
-    if gid == 0 {
-        return Err("gid 0 is reserved".into());
+    if gid == 0 || gid == Gid::MAX {
+        return Err(format!("gid {gid} is reserved"));
     }
     if servers.is_empty() {
         return Err(format!("group {gid} has no servers"));

@@ -80,6 +80,7 @@ impl Frozen {
     /// group take, then delete, the only copy), `NotOwner` for a group that is not the new owner.
     fn refusal(&self, by: Option<Gid>) -> Option<ShardOutput> {
         match by {
+            _ if self.to == ANY_GROUP => None,
             _ if self.to == UNKNOWN_OWNER => Some(ShardOutput::NotReady),
             Some(gid) if gid != self.to => Some(ShardOutput::NotOwner(self.to)),
             _ => None,
@@ -565,8 +566,14 @@ impl ShardKv {
     }
 }
 
-/// Placeholder previous owner of a shard gained from nobody, until `Adopt` names the real one.
+/// Placeholder previous owner of a shard gained from nobody, until `Adopt` names the real one; as a
+/// frozen copy's taker, "nobody yet".
 const UNKNOWN_OWNER: Gid = 0;
+
+/// The taker of a copy frozen by a version that recorded none, restored after the group left the
+/// configuration that gave it away (so who it went to is not known here): any group may take and drop
+/// it, as that version allowed. Not a group id the controllers hand out (they refuse it on join).
+pub(super) const ANY_GROUP: Gid = Gid::MAX;
 
 /// The group that last owned `shard` before it was given to nobody, and the configuration in which it
 /// gave it up, from `history` (configurations in increasing order, all before the one that gave the

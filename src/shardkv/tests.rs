@@ -792,3 +792,52 @@ fn snapshots_and_entries_written_before_session_pages_still_apply() {
     restored.restore(&pulling.snapshot()).expect("decodes");
     assert_eq!(restored.duties(), pulling.duties());
 }
+
+/// `g1`'s snapshot as a version before `Frozen` wrote it: its frozen copies in `outgoing`, with no
+/// owner and no served flag.
+fn as_legacy_snapshot(g1: &ShardKv) -> Vec<u8> {
+    use crate::proto::shardkv as pb;
+    use prost::Message as _;
+    let mut state = pb::State::decode(g1.snapshot().as_ref()).expect("decodes");
+    state.outgoing = std::mem::take(&mut state.frozen)
+        .into_iter()
+        .map(|f| f.contents.unwrap_or_default())
+        .collect();
+    state.encode_to_vec()
+}
+
+#[test]
+fn a_copy_frozen_by_a_version_that_kept_no_owner_can_still_be_taken_and_dropped() {
+    let mut g1 = ShardKv::new(1);
+    g1.apply(ShardCommand::NextConfig(config(1, &[1])));
+    assert_eq!(g1.apply(put(5, 1, &key_in(0, 1), "v")), ok());
+    g1.apply(ShardCommand::NextConfig(config(2, &[2])));
+
+    // Restored at the configuration that gave the copy away: the owner is that configuration's.
+    let mut restored = ShardKv::new(1);
+    restored
+        .restore(&as_legacy_snapshot(&g1))
+        .expect("an old snapshot decodes");
+    assert_eq!(pull(&mut restored, None, Some(3)), ShardOutput::NotOwner(2));
+    assert!(matches!(
+        pull(&mut restored, None, Some(2)),
+        ShardOutput::Pulled(_)
+    ));
+    assert_eq!(drop_copy(&mut restored, Some(2)), ShardOutput::Dropped);
+
+    // Restored after the group moved on (the shard has gone on to group 3 since): who took the copy
+    // in configuration 2 is not known here, so any group may take it, as that version allowed - and a
+    // later configuration does not hand it to its own owner of the shard.
+    g1.apply(ShardCommand::NextConfig(config(3, &[3])));
+    let mut restored = ShardKv::new(1);
+    restored
+        .restore(&as_legacy_snapshot(&g1))
+        .expect("an old snapshot decodes");
+    restored.apply(ShardCommand::NextConfig(config(4, &[4])));
+    assert!(matches!(
+        pull(&mut restored, None, Some(2)),
+        ShardOutput::Pulled(_)
+    ));
+    assert_eq!(drop_copy(&mut restored, Some(2)), ShardOutput::Dropped);
+    assert!(restored.outgoing().is_empty());
+}

@@ -11,7 +11,9 @@
 //! snapshot, a `Pull` or `Install` in a log — decodes as the key cursor it was.
 
 use super::page::{Cursor, SessionEntry, ShardPage};
-use super::state::{Dedup, Frozen, Owned, ShardCommand, ShardData, ShardKv, ShardOutput, Source};
+use super::state::{
+    Dedup, Frozen, Owned, ShardCommand, ShardData, ShardKv, ShardOutput, Source, ANY_GROUP,
+};
 use crate::ctrler::state::{config_from_proto, config_to_proto};
 use crate::ctrler::Gid;
 use crate::kv::{KvCommand, KvOutput};
@@ -98,11 +100,22 @@ pub fn decode_state(gid: Gid, data: &[u8]) -> Result<ShardKv, RsmError> {
             (s.shard, owned)
         })
         .collect();
-    // Copies frozen by a version that kept no owner: anybody may take them, as then.
-    let legacy = state.outgoing.into_iter().map(|d| Frozen {
-        contents: shard_from_proto(d),
-        to: 0,
-        served: true,
+    // Copies frozen by a version that kept no owner (already served, as then): restored at the
+    // configuration that gave one away, its owner is that configuration's; after it, not known here,
+    // so anybody may take it, as then.
+    let legacy = state.outgoing.into_iter().map(|d| {
+        let contents = shard_from_proto(d);
+        let to = if contents.config_num == config.num {
+            let shard = usize::try_from(contents.shard).unwrap_or(usize::MAX);
+            config.shards.get(shard).copied().unwrap_or(ANY_GROUP)
+        } else {
+            ANY_GROUP
+        };
+        Frozen {
+            contents,
+            to,
+            served: true,
+        }
     });
     let frozen = state.frozen.into_iter().map(|f| Frozen {
         contents: shard_from_proto(f.contents.unwrap_or_default()),

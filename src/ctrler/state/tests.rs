@@ -165,6 +165,11 @@ fn the_limits_checked_before_proposing_are_those_of_the_log() {
     );
     assert!(check_join(&BTreeMap::new()).is_err());
     assert!(check_join(&[(0, servers(&["a"]))].into()).is_err());
+    // The largest id is a shard group's mark for a copy any group may take: no group can have it.
+    assert_eq!(
+        check_join(&[(Gid::MAX, servers(&["a"]))].into()),
+        Err(format!("gid {} is reserved", Gid::MAX))
+    );
     assert!(check_join(&[(1, servers(&["a"; MAX_SERVERS_PER_GROUP]))].into()).is_ok());
     // The old refusals keep their words.
     apply(
