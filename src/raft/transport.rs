@@ -474,8 +474,24 @@ pub struct RaftService {
     /// What each peer's last broken snapshot stream delivered, kept for a while so the next stream
     /// resumes there (at most one per peer, and only from members of the group).
     partials: Arc<Mutex<HashMap<NodeId, Partial>>>,
-    /// Foreign cluster ids already logged (once each).
+    /// Foreign cluster ids already logged (once each, at most [`MAX_FOREIGN_LOGGED`]).
     foreign: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Foreign (cluster id, sender) pairs logged once each; later ones are refused without a line. A
+/// misconfigured cluster shows in the first few; a caller inventing ids cannot grow the set.
+const MAX_FOREIGN_LOGGED: usize = 64;
+
+/// The part of a foreign cluster id that is logged and echoed.
+const MAX_FOREIGN_ID_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Which snapshot a stream carries: sender's term, last included index and term, and total size.
@@ -562,19 +578,22 @@ impl RaftService {
             }
         }
         if cluster != config.cluster {
+            // What a caller sends is echoed and remembered only in part: the id is any string it likes.
+            let theirs = truncated(cluster, MAX_FOREIGN_ID_BYTES);
             if let Ok(mut foreign) = self.foreign.lock() {
-                if foreign.insert(format!("{cluster}#{from}")) {
+                if foreign.len() < MAX_FOREIGN_LOGGED && foreign.insert(format!("{theirs}#{from}"))
+                {
                     warn!(
                         node = config.me,
                         ours = %config.cluster,
-                        theirs = %cluster,
+                        theirs,
                         from,
                         "refusing messages from another cluster: check --peers and --cluster"
                     );
                 }
             }
             return Err(Status::failed_precondition(format!(
-                "cluster id mismatch: node {} is in cluster {:?}, node {from} sent cluster {cluster:?}",
+                "cluster id mismatch: node {} is in cluster {:?}, node {from} sent cluster {theirs:?}",
                 config.me, config.cluster
             )));
         }
@@ -849,6 +868,23 @@ mod tests {
     use super::*;
     use crate::proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn messages_of_ever_new_foreign_clusters_are_refused_without_remembering_each() {
+        let (service, _queue) = RaftService::new(InboundConfig::new(1));
+        for i in 0..10 * MAX_FOREIGN_LOGGED {
+            let cluster = format!("{i}{}", "x".repeat(100_000));
+            let refused = service
+                .admit(None, 2, 1, &cluster)
+                .expect_err("another cluster's message");
+            assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        }
+        let foreign = service.foreign.lock().expect("lock");
+        assert_eq!(foreign.len(), MAX_FOREIGN_LOGGED);
+        assert!(foreign
+            .iter()
+            .all(|key| key.len() <= MAX_FOREIGN_ID_BYTES + 24));
+    }
 
     /// A peer that takes its time over each snapshot and counts the transfers it completes.
     #[derive(Clone, Default)]
