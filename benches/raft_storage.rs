@@ -167,6 +167,16 @@ fn quantile(sorted: &[Duration], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
 }
 
+/// p50, p90 and p99 of sorted durations, as the lines of this bench print them.
+fn percentiles(sorted: &[Duration]) -> String {
+    format!(
+        "p50 {:.0} us, p90 {:.0} us, p99 {:.0} us",
+        quantile(sorted, 0.5),
+        quantile(sorted, 0.9),
+        quantile(sorted, 0.99)
+    )
+}
+
 fn main() {
     let count = std::env::var("RAFT_BENCH_PERSISTS")
         .ok()
@@ -178,10 +188,8 @@ fn main() {
         let took = persists(batch, count);
         let mean = took.iter().sum::<Duration>().as_secs_f64() * 1e6 / took.len() as f64;
         println!(
-            "persist of {batch} entries: {count} persists, p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, mean {mean:.0} us",
-            quantile(&took, 0.5),
-            quantile(&took, 0.9),
-            quantile(&took, 0.99)
+            "persist of {batch} entries: {count} persists, {}, mean {mean:.0} us",
+            percentiles(&took)
         );
         if batch == 1 {
             persist_p50 = quantile(&took, 0.5);
@@ -192,18 +200,16 @@ fn main() {
     let shared = concurrent_persists(3, count);
     let shared_p50 = quantile(&shared, 0.5);
     println!(
-        "persist of 1 entry, 3 nodes' storages flushing at once on this disk: {} persists, p50 {shared_p50:.0} us, p90 {:.0} us, p99 {:.0} us",
+        "persist of 1 entry, 3 nodes' storages flushing at once on this disk: {} persists, {}",
         shared.len(),
-        quantile(&shared, 0.9),
-        quantile(&shared, 0.99)
+        percentiles(&shared)
     );
     let took = round_trips(2 * count);
     let rtt_p50 = quantile(&took, 0.5);
     println!(
-        "gRPC unary round trip on loopback: {} calls, p50 {rtt_p50:.0} us, p90 {:.0} us, p99 {:.0} us",
+        "gRPC unary round trip on loopback: {} calls, {}",
         took.len(),
-        quantile(&took, 0.9),
-        quantile(&took, 0.99)
+        percentiles(&took)
     );
     // Client -> leader, leader -> follower, and one persist (the leader's and the follower's overlap).
     let floor = 2.0 * rtt_p50 + persist_p50;
