@@ -1768,3 +1768,34 @@ fn a_worker_waiting_for_reduces_gets_one_as_soon_as_the_last_map_reports() {
     assert_eq!(reply.action, pb::Action::Run as i32, "{reply:?}");
     assert_eq!(reply.kind, pb::TaskKind::Reduce as i32, "{reply:?}");
 }
+
+#[test]
+fn a_task_slower_than_the_task_timeout_still_finishes() {
+    // The one reduce task takes 1.5 task timeouts, and idle workers take it over at each deadline.
+    // When only the latest hand-out was heard, every attempt's success came after the next hand-out
+    // and the job failed at the fourth; now the first attempt to succeed completes it.
+    let mut env = Env::new();
+    let expected = env.sequential("nocrash", &[]);
+    let coord = env.coordinator_with("127.0.0.1:0", "1s", &["--allow-apps", "crash"]);
+    let args = [
+        "crash_permille=0",
+        "sleep_permille=0",
+        "slow_reduce_ms=1500",
+    ];
+    let id = env.submit(&coord.addr, "crash", &args, 1, "shared-dir", "out");
+    let mut workers: Vec<Child> = (0..4).map(|_| env.worker(&coord.addr, &[])).collect();
+    let status = wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    assert_eq!(env.output("out"), expected, "\n{}", env.logs());
+    let reduce_runs: Vec<u32> = status
+        .tasks
+        .iter()
+        .filter(|t| t.kind == pb::TaskKind::Reduce as i32)
+        .map(|t| t.runs)
+        .collect();
+    assert!(
+        reduce_runs.iter().all(|&runs| runs >= 2),
+        "the reduce was not taken over, so nothing was tested: runs {reduce_runs:?}\n{}",
+        env.logs()
+    );
+}

@@ -213,6 +213,25 @@ pub struct Running {
     pub attempt: u64,
     /// After this the task may be handed to someone else.
     pub deadline: Instant,
+    /// Earlier hand-outs of the task that timed out (worker, attempt): still possibly at work, so
+    /// the first of them or of this one to succeed completes the task — a task slower than the
+    /// timeout would otherwise never finish. At most `max_attempts` long.
+    pub superseded: Vec<(String, u64)>,
+    /// Which attempt may move its output into place, until when: one at a time, so two attempts of
+    /// a task never both rename into the job's output (a holder that neither reports nor commits
+    /// within a task timeout loses it).
+    pub commit_grant: Option<(String, u64, Instant)>,
+}
+
+impl Running {
+    /// Whether (`worker`, `attempt`) is this hand-out or one it superseded.
+    fn holds(&self, worker: &str, attempt: u64) -> bool {
+        (self.worker == worker && self.attempt == attempt)
+            || self
+                .superseded
+                .iter()
+                .any(|(w, a)| w == worker && *a == attempt)
+    }
 }
 
 struct Job {
@@ -346,10 +365,10 @@ pub enum ReportError {
         /// The task's index.
         index: u32,
     },
-    /// The report is not from the attempt the coordinator waits for: the task timed out and went to
-    /// another worker, the coordinator restarted since, or the report is forged. Its outcome changes
-    /// nothing (a stale success must not complete a task with its own output address).
-    #[error("job {job} {kind} task {index}: attempt {attempt} of worker {worker:?} is not the current one")]
+    /// The report is not from an attempt the coordinator handed out and waits for: the coordinator
+    /// restarted since, the task failed and was handed out afresh, or the report is forged. Its outcome
+    /// changes nothing (a stale success must not complete a task with its own output address).
+    #[error("job {job} {kind} task {index}: attempt {attempt} of worker {worker:?} is not one it waits for")]
     NotCurrent {
         /// The job.
         job: u64,
@@ -561,10 +580,21 @@ impl Coordinator {
         }
         let attempt = self.next_attempt;
         self.next_attempt += 1;
-        let previous = job.running_mut(kind)[index].replace(Running {
+        let previous = job.running_mut(kind)[index].take();
+        let (superseded, commit_grant) = match &previous {
+            Some(p) => {
+                let mut superseded = p.superseded.clone();
+                superseded.push((p.worker.clone(), p.attempt));
+                (superseded, p.commit_grant.clone())
+            }
+            None => (Vec::new(), None),
+        };
+        job.running_mut(kind)[index] = Some(Running {
             worker: worker.id.to_string(),
             attempt,
             deadline: now + timeout,
+            superseded,
+            commit_grant,
         });
         job.record.tasks_mut(kind)[index].runs += 1;
         let split = match kind {
@@ -629,25 +659,43 @@ impl Coordinator {
     }
 
     /// Whether `worker` may move the output of `attempt` into place (an output committer, as
-    /// Hadoop's): only the current attempt of a task not yet done, of a job still running. A straggler
-    /// that timed out, or whose job ended (perhaps followed by another job writing the same directory),
-    /// is refused and removes its staged file instead of replacing a file it no longer owns.
+    /// Hadoop's): an attempt handed out (the latest or one it superseded) of a task not yet done, of a
+    /// job still running, and only one attempt at a time — the first to ask holds the grant until it
+    /// reports, or for a task timeout. An attempt refused (its job ended, perhaps followed by another
+    /// job writing the same directory; its task done; another attempt committing) removes its staged
+    /// file instead of replacing a file it does not own.
     pub fn may_commit(
-        &self,
+        &mut self,
         job_id: u64,
         kind: TaskKind,
         index: u32,
         worker: &str,
         attempt: u64,
+        now: Instant,
     ) -> Result<bool, ReportError> {
         let i = self.locate(job_id, kind, index)?;
-        let job = &self.jobs[&job_id];
-        let task = &job.record.tasks(kind)[i];
-        Ok(!job.record.state.finished()
-            && task.done.is_none()
-            && job.running(kind)[i]
-                .as_ref()
-                .is_some_and(|r| r.worker == worker && r.attempt == attempt))
+        let timeout = self.timeout;
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Err(ReportError::NoSuchJob(job_id));
+        };
+        if job.record.state.finished() || job.record.tasks(kind)[i].done.is_some() {
+            return Ok(false);
+        }
+        let Some(running) = job.running_mut(kind)[i].as_mut() else {
+            return Ok(false);
+        };
+        if !running.holds(worker, attempt) {
+            return Ok(false);
+        }
+        let held_by_another = running
+            .commit_grant
+            .as_ref()
+            .is_some_and(|(w, a, until)| (w != worker || *a != attempt) && now < *until);
+        if held_by_another {
+            return Ok(false);
+        }
+        running.commit_grant = Some((worker.to_string(), attempt, now + timeout));
+        Ok(true)
     }
 
     /// Whether `attempt`'s success is the one recorded for the task: a report retried after its reply
@@ -668,9 +716,11 @@ impl Coordinator {
     }
 
     /// Applies a worker's report of `attempt`. Returns whether the job's durable record changed (and so
-    /// must be persisted before the report is acknowledged). Only the current attempt of a task, held by
-    /// the worker reporting it, is taken ([`ReportError::NotCurrent`] otherwise); a report for a task
-    /// already done or a job already finished changes nothing.
+    /// must be persisted before the report is acknowledged). Only an attempt handed out — the latest,
+    /// or one it superseded after a timeout (a slow task, still at work) — by the worker reporting it,
+    /// is taken ([`ReportError::NotCurrent`] otherwise); a report for a task already done or a job
+    /// already finished changes nothing. A superseded attempt's failure is counted, but the latest
+    /// attempt keeps running.
     pub fn report(
         &mut self,
         job_id: u64,
@@ -690,10 +740,7 @@ impl Coordinator {
             return Ok(false);
         }
         let slot = &mut job.running_mut(kind)[i];
-        if !slot
-            .as_ref()
-            .is_some_and(|r| r.worker == worker && r.attempt == attempt)
-        {
+        let Some(running) = slot.as_mut().filter(|r| r.holds(worker, attempt)) else {
             return Err(ReportError::NotCurrent {
                 job: job_id,
                 kind,
@@ -701,8 +748,17 @@ impl Coordinator {
                 attempt,
                 worker: worker.to_string(),
             });
+        };
+        if running.worker == worker && running.attempt == attempt {
+            *slot = None;
+        } else if running
+            .commit_grant
+            .as_ref()
+            .is_some_and(|(w, a, _)| w == worker && *a == attempt)
+        {
+            // A superseded attempt that reports without having committed gives the grant back.
+            running.commit_grant = None;
         }
-        *slot = None;
         let state_before = job.record.state.clone();
         match outcome {
             Outcome::Succeeded { addr } => {
@@ -873,7 +929,7 @@ mod tests {
     }
 
     #[test]
-    fn timed_out_tasks_go_to_another_worker_and_only_the_current_attempt_completes() {
+    fn timed_out_tasks_go_to_another_worker_and_the_first_success_of_any_attempt_completes() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT);
         let id = submit(&mut c, spec(1, 1));
@@ -881,40 +937,116 @@ mod tests {
         assert_eq!(c.assign(&worker("b"), now + TIMEOUT / 2), Assignment::Wait);
         let again = run(c.assign(&worker("b"), now + TIMEOUT));
         assert_eq!(again.took_over_from.as_deref(), Some("slow"));
-        // The slow original reporting before the new attempt: refused, it completes nothing (its
-        // output address, or its files, are not the ones the coordinator waits for).
+        // Reports naming an attempt with another worker than the one it went to are refused.
         assert!(matches!(
-            c.report(id, TaskKind::Map, 0, "slow", first.attempt, ok("slow")),
+            c.report(id, TaskKind::Map, 0, "b", first.attempt, ok("b")),
             Err(ReportError::NotCurrent { .. })
         ));
-        assert!(c.record(id).unwrap().maps[0].done.is_none());
-        // Neither does a report naming the right worker with another attempt, or the reverse.
-        assert!(c
-            .report(id, TaskKind::Map, 0, "b", first.attempt, ok("b"))
-            .is_err());
         assert!(c
             .report(id, TaskKind::Map, 0, "slow", again.attempt, ok("slow"))
             .is_err());
+        assert!(c.record(id).unwrap().maps[0].done.is_none());
+        // The slow original, still at work, finishes first: its success completes the task.
         assert!(c
-            .report(id, TaskKind::Map, 0, "b", again.attempt, ok("b"))
-            .unwrap());
-        // The slow original finishing late changes nothing.
-        assert!(!c
             .report(id, TaskKind::Map, 0, "slow", first.attempt, ok("slow"))
             .unwrap());
         assert_eq!(
-            c.record(id).unwrap().maps[0].done.as_ref().unwrap().worker,
-            "b"
+            c.record(id).unwrap().maps[0]
+                .done
+                .as_ref()
+                .map(|d| (d.addr.as_str(), d.attempt)),
+            Some(("slow", first.attempt))
         );
         assert_eq!(c.record(id).unwrap().maps[0].runs, 2);
-        // `b`'s report again (its reply was lost): nothing changes, but it was taken; the slow
-        // original was not, so it removes its files.
+        // The newer attempt finishing later changes nothing and was not taken: it removes its files.
         assert!(!c
             .report(id, TaskKind::Map, 0, "b", again.attempt, ok("b"))
             .unwrap());
-        assert!(c.took(id, TaskKind::Map, 0, "b", again.attempt));
-        assert!(!c.took(id, TaskKind::Map, 0, "slow", again.attempt));
-        assert!(!c.took(id, TaskKind::Map, 0, "slow", first.attempt));
+        assert!(!c.took(id, TaskKind::Map, 0, "b", again.attempt));
+        // The winner's report again (its reply was lost): nothing changes, but it was taken.
+        assert!(!c
+            .report(id, TaskKind::Map, 0, "slow", first.attempt, ok("slow"))
+            .unwrap());
+        assert!(c.took(id, TaskKind::Map, 0, "slow", first.attempt));
+    }
+
+    #[test]
+    fn a_task_slower_than_the_timeout_finishes_before_its_attempts_run_out() {
+        // Every attempt takes 1.5 timeouts: with only the latest hand-out heard, each success came
+        // after the next hand-out and the job failed at `max_attempts`.
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(1, 1));
+        let map = run(c.assign(&worker("a"), now));
+        let _second = run(c.assign(&worker("b"), now + TIMEOUT));
+        assert!(c
+            .report(id, TaskKind::Map, 0, "a", map.attempt, ok("a"))
+            .unwrap());
+        let reduce = run(c.assign(&worker("a"), now + TIMEOUT * 3 / 2));
+        assert_eq!(reduce.kind, TaskKind::Reduce);
+        let at = |timeouts: u32| now + TIMEOUT * 3 / 2 + TIMEOUT * timeouts;
+        let second = run(c.assign(&worker("b"), at(1)));
+        // The first attempt asks to commit after its deadline: granted, and the newer one is not
+        // while the grant lasts (both would rename into the job's output).
+        let later = at(1) + TIMEOUT / 2;
+        assert!(c
+            .may_commit(id, TaskKind::Reduce, 0, "a", reduce.attempt, later)
+            .unwrap());
+        assert!(!c
+            .may_commit(id, TaskKind::Reduce, 0, "b", second.attempt, later)
+            .unwrap());
+        assert!(c
+            .report(id, TaskKind::Reduce, 0, "a", reduce.attempt, ok(""))
+            .unwrap());
+        assert_eq!(c.record(id).unwrap().state, JobState::Done);
+    }
+
+    #[test]
+    fn a_commit_grant_that_is_never_used_passes_to_another_attempt_after_a_timeout() {
+        let now = Instant::now();
+        let (mut c, id) = one_map_done(now);
+        let first = run(c.assign(&worker("a"), now));
+        assert!(c
+            .may_commit(id, TaskKind::Reduce, 0, "a", first.attempt, now)
+            .unwrap());
+        // Asking again (a retry after a lost reply) keeps the grant.
+        assert!(c
+            .may_commit(
+                id,
+                TaskKind::Reduce,
+                0,
+                "a",
+                first.attempt,
+                now + TIMEOUT / 2
+            )
+            .unwrap());
+        let second = run(c.assign(&worker("b"), now + TIMEOUT));
+        assert!(!c
+            .may_commit(id, TaskKind::Reduce, 0, "b", second.attempt, now + TIMEOUT)
+            .unwrap());
+        // `a` went silent: a timeout after its last grant, `b` may commit, and `a` no longer.
+        let expired = now + TIMEOUT / 2 + TIMEOUT;
+        assert!(c
+            .may_commit(id, TaskKind::Reduce, 0, "b", second.attempt, expired)
+            .unwrap());
+        assert!(!c
+            .may_commit(id, TaskKind::Reduce, 0, "a", first.attempt, expired)
+            .unwrap());
+        // A superseded attempt that fails gives nothing up for the latest one, which runs on.
+        assert!(c
+            .report(
+                id,
+                TaskKind::Reduce,
+                0,
+                "a",
+                first.attempt,
+                Outcome::Failed("x".into())
+            )
+            .unwrap());
+        assert!(c
+            .report(id, TaskKind::Reduce, 0, "b", second.attempt, ok(""))
+            .unwrap());
+        assert_eq!(c.record(id).unwrap().state, JobState::Done);
     }
 
     #[test]
@@ -1134,32 +1266,54 @@ mod tests {
     }
 
     #[test]
-    fn only_the_current_attempt_of_a_running_job_may_commit() {
+    fn a_superseded_reducer_that_cannot_fetch_a_map_output_makes_the_map_run_again() {
+        // A reducer stuck on a paused mapper outlives its deadline; its report of the lost output
+        // still counts, or every later attempt would stall on the same mapper until the job failed.
+        let now = Instant::now();
+        let (mut c, id) = one_map_done(now);
+        let lost = c.locations(id, 0).unwrap()[0].clone();
+        let stuck = run(c.assign(&worker("r1"), now));
+        let _again = run(c.assign(&worker("r2"), now + TIMEOUT));
+        let missing = Outcome::FetchFailed(vec![(0, lost)]);
+        assert!(c
+            .report(id, TaskKind::Reduce, 0, "r1", stuck.attempt, missing)
+            .unwrap());
+        assert!(c.record(id).unwrap().maps[0].done.is_none());
+        let rerun = run(c.assign(&worker("m"), now + TIMEOUT));
+        assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, 0));
+    }
+
+    #[test]
+    fn only_an_attempt_handed_out_of_a_running_job_may_commit() {
         let now = Instant::now();
         let (mut c, id) = one_map_done(now);
         let slow = run(c.assign(&worker("slow"), now));
-        assert!(c
-            .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt)
-            .unwrap());
         assert!(!c
-            .may_commit(id, TaskKind::Reduce, 0, "other", slow.attempt)
+            .may_commit(id, TaskKind::Reduce, 0, "other", slow.attempt, now)
             .unwrap());
-        // Timed out and handed to `b`: the straggler may no longer commit, `b` may.
+        assert!(c
+            .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt, now)
+            .unwrap());
+        // Timed out and handed to `b`: the straggler keeps its grant, `b` waits for it.
         let again = run(c.assign(&worker("b"), now + TIMEOUT));
-        assert!(!c
-            .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt)
-            .unwrap());
         assert!(c
-            .may_commit(id, TaskKind::Reduce, 0, "b", again.attempt)
+            .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt, now + TIMEOUT)
             .unwrap());
-        c.report(id, TaskKind::Reduce, 0, "b", again.attempt, ok(""))
+        assert!(!c
+            .may_commit(id, TaskKind::Reduce, 0, "b", again.attempt, now + TIMEOUT)
+            .unwrap());
+        c.report(id, TaskKind::Reduce, 0, "slow", slow.attempt, ok(""))
             .unwrap();
         // Done, and the job over: nobody may.
-        assert!(!c
-            .may_commit(id, TaskKind::Reduce, 0, "b", again.attempt)
-            .unwrap());
-        assert!(c.may_commit(id + 1, TaskKind::Reduce, 0, "b", 1).is_err());
-        assert!(c.may_commit(id, TaskKind::Reduce, 9, "b", 1).is_err());
+        for (who, attempt) in [("slow", slow.attempt), ("b", again.attempt)] {
+            assert!(!c
+                .may_commit(id, TaskKind::Reduce, 0, who, attempt, now + TIMEOUT * 3)
+                .unwrap());
+        }
+        assert!(c
+            .may_commit(id + 1, TaskKind::Reduce, 0, "b", 1, now)
+            .is_err());
+        assert!(c.may_commit(id, TaskKind::Reduce, 9, "b", 1, now).is_err());
     }
 
     #[test]

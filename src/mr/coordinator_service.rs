@@ -528,7 +528,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     ReportError::NoSuchJob(_) => Status::not_found(err.to_string()),
                     ReportError::NoSuchTask { .. } => Status::invalid_argument(err.to_string()),
                     ReportError::NotCurrent { .. } => {
-                        tracing::info!(%err, "report refused: not the current attempt");
+                        tracing::info!(%err, "report refused: not an attempt handed out");
                         Status::failed_precondition(err.to_string())
                     }
                 })?;
@@ -605,6 +605,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 request.index,
                 &request.worker_id,
                 request.attempt,
+                std::time::Instant::now(),
             )
             .map_err(|err| match err {
                 ReportError::NoSuchJob(_) => Status::not_found(err.to_string()),
@@ -613,7 +614,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         if !granted {
             tracing::info!(
                 job = request.job_id, kind = %kind, index = request.index, worker = %request.worker_id,
-                attempt = request.attempt, "commit refused: not the current attempt"
+                attempt = request.attempt, "commit refused: the task is done, its job ended, or another attempt is committing"
             );
         }
         let reply = pb::CommitReply { granted };

@@ -585,8 +585,9 @@ impl Worker {
             Ok(Err(err)) => return Outcome::Failed(err.to_string()),
             Err(err) => return Outcome::Failed(format!("task panicked: {err}")),
         };
-        // Only the attempt the coordinator waits for publishes its output: a straggler of a finished
-        // job must not replace a file a later job wrote into the same directory.
+        // Only the attempt holding the task's commit grant publishes its output: a straggler of a
+        // finished job must not replace a file a later job wrote into the same directory, nor two
+        // attempts of one task rename over each other.
         match self.may_commit(task).await {
             Ok(true) => {}
             Ok(false) => {

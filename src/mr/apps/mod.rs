@@ -37,7 +37,7 @@ pub(crate) static REGISTRY: &[AppInfo] = &[
     },
     AppInfo {
         name: "crash",
-        summary: "6.824 crash test: exits or sleeps at random (crash_permille=330, sleep_permille=330, max_sleep_ms=10000)",
+        summary: "6.824 crash test: exits or sleeps at random (crash_permille=330, sleep_permille=330, max_sleep_ms=10000, slow_reduce_ms=0)",
         for_testing: true,
         restricted: true,
     },

@@ -14,12 +14,16 @@ use crate::mr::app::{App, AppError, Args, Emit};
 
 /// `crash.go` / `nocrash.go`: every map and reduce call exits the process with probability
 /// `crash_permille`/1000, else sleeps a random time below `max_sleep_ms` with probability
-/// `sleep_permille`/1000 (both 330 by default, like the Go app).
+/// `sleep_permille`/1000 (both 330 by default, like the Go app). `slow_reduce_ms` (default 0) makes each
+/// reduce task take at least that long (its first call sleeps it), for a task slower than the timeout.
 pub struct Crash {
     crash: bool,
     crash_permille: u64,
     sleep_permille: u64,
     max_sleep_ms: u64,
+    slow_reduce_ms: u64,
+    /// Whether this task's slow reduce call happened (an app is built per task).
+    slowed: std::sync::atomic::AtomicBool,
 }
 
 impl Crash {
@@ -30,6 +34,8 @@ impl Crash {
             crash_permille: args.number("crash_permille", 330)?.min(1000),
             sleep_permille: args.number("sleep_permille", 330)?.min(1000),
             max_sleep_ms: args.number("max_sleep_ms", 10_000)?,
+            slow_reduce_ms: args.number("slow_reduce_ms", 0)?,
+            slowed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -59,6 +65,9 @@ impl App for Crash {
     }
 
     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, AppError> {
+        if self.crash && self.slow_reduce_ms > 0 && !self.slowed.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(self.slow_reduce_ms));
+        }
         self.maybe_crash();
         let mut sorted = values.to_vec();
         sorted.sort();
