@@ -1799,3 +1799,36 @@ fn a_task_slower_than_the_task_timeout_still_finishes() {
         env.logs()
     );
 }
+
+#[test]
+fn grpc_shuffle_survives_a_paused_mapper() {
+    // A paused process's kernel still accepts connections and bytes, so only the reducer's pings
+    // notice it: its fetches must give up, and the maps run again elsewhere, well within the reduce's
+    // task timeout (waiting out the fetch's 30 s idle limit three times, the job failed).
+    let mut env = Env::new();
+    let expected = env.sequential("wc", &[]);
+    // Two hand-outs per task, one reduce and idle workers to take it over: a reducer stuck on the
+    // mapper past its timeout makes the job fail.
+    let coord = env.coordinator_with("127.0.0.1:0", "15s", &["--max-attempts", "2"]);
+    let id = env.submit(&coord.addr, "wc", &[], 1, "grpc", "out");
+    let mut mapper = env.worker(&coord.addr, &["--only", "map"]);
+    wait_until(&env, &coord.addr, id, "all maps", |job| job.maps_done == 8);
+    signal(mapper.id(), "-STOP");
+    let mut workers: Vec<Child> = (0..3).map(|_| env.worker(&coord.addr, &[])).collect();
+    let status = wait_job(&env, &coord.addr, id);
+    wait_all(&mut workers);
+    signal(mapper.id(), "-CONT");
+    mapper.kill().unwrap();
+    mapper.wait().unwrap();
+    assert_eq!(env.output("out"), expected);
+    let reduce_runs: Vec<u32> = status
+        .tasks
+        .iter()
+        .filter(|t| t.kind == pb::TaskKind::Reduce as i32)
+        .map(|t| t.runs)
+        .collect();
+    assert!(
+        reduce_runs.iter().all(|&runs| runs <= 2),
+        "a reduce was handed out again and again while the mapper was paused: runs {reduce_runs:?}"
+    );
+}

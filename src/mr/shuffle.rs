@@ -33,6 +33,12 @@ const CHUNK: usize = 1 << 20;
 /// delaying the re-execution of a map whose worker is really gone by more than a second.
 const FETCH_ATTEMPTS: u32 = 3;
 
+/// How often a reducer pings the mappers it fetches from, and how long it waits for the answer before
+/// it drops the connection (and the fetch on it): a mapper that cannot answer a ping within this is
+/// paused or hung, and its outputs are reported lost long before the reduce's task timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Where a worker keeps the map outputs it serves for `job_id`.
 pub fn local_job_dir(worker_dir: &Path, job_id: u64) -> PathBuf {
     worker_dir.join(format!("job-{job_id}"))
@@ -303,6 +309,11 @@ impl Fetcher {
             .endpoint_for(addr, &crate::security::Role::Worker)
             .map_err(|err| MrError::Other(format!("bad shuffle address {addr}: {err}")))?
             .connect_timeout(Duration::from_secs(2))
+            // A paused or hung mapper's kernel still accepts the connection and its bytes; only its
+            // silence to HTTP/2 pings tells, within seconds, not the `idle` a busy mapper is allowed.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let client = ShuffleClient::new(endpoint.connect_lazy());
         self.clients.insert(addr.to_string(), client.clone());
