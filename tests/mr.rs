@@ -305,6 +305,16 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// How many times each task of `kind` was handed out, in task order, from a status with task rows.
+fn runs(status: &pb::JobStatus, kind: pb::TaskKind) -> Vec<u32> {
+    status
+        .tasks
+        .iter()
+        .filter(|t| t.kind == kind as i32)
+        .map(|t| t.runs)
+        .collect()
+}
+
 /// Waits until job `id` is done and returns its final status.
 fn wait_job(env: &Env, addr: &str, id: u64) -> pb::JobStatus {
     let status = runtime()
@@ -510,12 +520,7 @@ fn job_count() {
         "\n{}",
         env.logs()
     );
-    let map_runs: u32 = status
-        .tasks
-        .iter()
-        .filter(|t| t.kind == pb::TaskKind::Map as i32)
-        .map(|t| t.runs)
-        .sum();
+    let map_runs: u32 = runs(&status, pb::TaskKind::Map).iter().sum();
     assert_eq!(map_runs, 8);
     // The coordinator's metrics tell the same story.
     let page = scrape::scrape(&metrics);
@@ -666,10 +671,9 @@ fn grpc_shuffle_survives_lost_mapper() {
     let status = wait_job(&env, &coord.addr, id);
     wait_all(&mut workers);
     assert_eq!(env.output("out"), expected);
-    let reran = status
-        .tasks
-        .iter()
-        .filter(|t| t.kind == pb::TaskKind::Map as i32 && t.runs >= 2)
+    let reran = runs(&status, pb::TaskKind::Map)
+        .into_iter()
+        .filter(|&runs| runs >= 2)
         .count();
     assert!(reran > 0, "no map task was re-run after its mapper died");
 }
@@ -1264,12 +1268,7 @@ fn a_truncated_map_output_is_detected_and_its_map_runs_again() {
         "\n{}",
         env.logs()
     );
-    let map_runs: Vec<u32> = status
-        .tasks
-        .iter()
-        .filter(|t| t.kind == pb::TaskKind::Map as i32)
-        .map(|t| t.runs)
-        .collect();
+    let map_runs = runs(&status, pb::TaskKind::Map);
     assert_eq!(map_runs, vec![2, 1], "map 0 must have run again");
     assert!(env.logs().contains("map output refused"), "{}", env.logs());
 }
@@ -1787,12 +1786,7 @@ fn a_task_slower_than_the_task_timeout_still_finishes() {
     let status = wait_job(&env, &coord.addr, id);
     wait_all(&mut workers);
     assert_eq!(env.output("out"), expected, "\n{}", env.logs());
-    let reduce_runs: Vec<u32> = status
-        .tasks
-        .iter()
-        .filter(|t| t.kind == pb::TaskKind::Reduce as i32)
-        .map(|t| t.runs)
-        .collect();
+    let reduce_runs = runs(&status, pb::TaskKind::Reduce);
     assert!(
         reduce_runs.iter().all(|&runs| runs >= 2),
         "the reduce was not taken over, so nothing was tested: runs {reduce_runs:?}\n{}",
@@ -1821,12 +1815,7 @@ fn grpc_shuffle_survives_a_paused_mapper() {
     mapper.kill().unwrap();
     mapper.wait().unwrap();
     assert_eq!(env.output("out"), expected);
-    let reduce_runs: Vec<u32> = status
-        .tasks
-        .iter()
-        .filter(|t| t.kind == pb::TaskKind::Reduce as i32)
-        .map(|t| t.runs)
-        .collect();
+    let reduce_runs = runs(&status, pb::TaskKind::Reduce);
     assert!(
         reduce_runs.iter().all(|&runs| runs <= 2),
         "a reduce was handed out again and again while the mapper was paused: runs {reduce_runs:?}"

@@ -887,6 +887,18 @@ mod tests {
         outputs.into_iter().map(|o| o.addr).collect()
     }
 
+    /// Whether `worker`'s `attempt` of reduce 0 of job `id` may commit at `now`.
+    fn reduce_commits(
+        c: &mut Coordinator,
+        id: u64,
+        worker: &str,
+        attempt: u64,
+        now: Instant,
+    ) -> bool {
+        c.may_commit(id, TaskKind::Reduce, 0, worker, attempt, now)
+            .unwrap()
+    }
+
     fn ok(addr: &str) -> Outcome {
         Outcome::Succeeded { addr: addr.into() }
     }
@@ -989,12 +1001,8 @@ mod tests {
         // The first attempt asks to commit after its deadline: granted, and the newer one is not
         // while the grant lasts (both would rename into the job's output).
         let later = at(1) + TIMEOUT / 2;
-        assert!(c
-            .may_commit(id, TaskKind::Reduce, 0, "a", reduce.attempt, later)
-            .unwrap());
-        assert!(!c
-            .may_commit(id, TaskKind::Reduce, 0, "b", second.attempt, later)
-            .unwrap());
+        assert!(reduce_commits(&mut c, id, "a", reduce.attempt, later));
+        assert!(!reduce_commits(&mut c, id, "b", second.attempt, later));
         assert!(c
             .report(id, TaskKind::Reduce, 0, "a", reduce.attempt, ok(""))
             .unwrap());
@@ -1006,9 +1014,7 @@ mod tests {
         let now = Instant::now();
         let (mut c, id) = one_map_done(now);
         let first = run(c.assign(&worker("a"), now));
-        assert!(c
-            .may_commit(id, TaskKind::Reduce, 0, "a", first.attempt, now)
-            .unwrap());
+        assert!(reduce_commits(&mut c, id, "a", first.attempt, now));
         // Asking again (a retry after a lost reply) keeps the grant.
         assert!(c
             .may_commit(
@@ -1021,17 +1027,17 @@ mod tests {
             )
             .unwrap());
         let second = run(c.assign(&worker("b"), now + TIMEOUT));
-        assert!(!c
-            .may_commit(id, TaskKind::Reduce, 0, "b", second.attempt, now + TIMEOUT)
-            .unwrap());
+        assert!(!reduce_commits(
+            &mut c,
+            id,
+            "b",
+            second.attempt,
+            now + TIMEOUT
+        ));
         // `a` went silent: a timeout after its last grant, `b` may commit, and `a` no longer.
         let expired = now + TIMEOUT / 2 + TIMEOUT;
-        assert!(c
-            .may_commit(id, TaskKind::Reduce, 0, "b", second.attempt, expired)
-            .unwrap());
-        assert!(!c
-            .may_commit(id, TaskKind::Reduce, 0, "a", first.attempt, expired)
-            .unwrap());
+        assert!(reduce_commits(&mut c, id, "b", second.attempt, expired));
+        assert!(!reduce_commits(&mut c, id, "a", first.attempt, expired));
         // A superseded attempt that fails gives nothing up for the latest one, which runs on.
         assert!(c
             .report(
@@ -1288,27 +1294,29 @@ mod tests {
         let now = Instant::now();
         let (mut c, id) = one_map_done(now);
         let slow = run(c.assign(&worker("slow"), now));
-        assert!(!c
-            .may_commit(id, TaskKind::Reduce, 0, "other", slow.attempt, now)
-            .unwrap());
-        assert!(c
-            .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt, now)
-            .unwrap());
+        assert!(!reduce_commits(&mut c, id, "other", slow.attempt, now));
+        assert!(reduce_commits(&mut c, id, "slow", slow.attempt, now));
         // Timed out and handed to `b`: the straggler keeps its grant, `b` waits for it.
         let again = run(c.assign(&worker("b"), now + TIMEOUT));
-        assert!(c
-            .may_commit(id, TaskKind::Reduce, 0, "slow", slow.attempt, now + TIMEOUT)
-            .unwrap());
-        assert!(!c
-            .may_commit(id, TaskKind::Reduce, 0, "b", again.attempt, now + TIMEOUT)
-            .unwrap());
+        assert!(reduce_commits(
+            &mut c,
+            id,
+            "slow",
+            slow.attempt,
+            now + TIMEOUT
+        ));
+        assert!(!reduce_commits(
+            &mut c,
+            id,
+            "b",
+            again.attempt,
+            now + TIMEOUT
+        ));
         c.report(id, TaskKind::Reduce, 0, "slow", slow.attempt, ok(""))
             .unwrap();
         // Done, and the job over: nobody may.
         for (who, attempt) in [("slow", slow.attempt), ("b", again.attempt)] {
-            assert!(!c
-                .may_commit(id, TaskKind::Reduce, 0, who, attempt, now + TIMEOUT * 3)
-                .unwrap());
+            assert!(!reduce_commits(&mut c, id, who, attempt, now + TIMEOUT * 3));
         }
         assert!(c
             .may_commit(id + 1, TaskKind::Reduce, 0, "b", 1, now)
