@@ -143,8 +143,7 @@ impl Session {
     /// it had been sent exactly once (that one attempt was refused, not applied; see
     /// [`super::sessions`]). Otherwise the caller reports [`ClerkError::SessionExpired`].
     pub fn restart(&mut self, min_client_id: u64, attempts: u32) -> Result<(), ClerkError> {
-        self.client_id =
-            new_client_id().max(min_client_id.saturating_add(1 + rand::random::<u16>() as u64));
+        self.client_id = id_above(min_client_id, rand::random());
         self.seq = 0;
         if attempts <= 1 {
             Ok(())
@@ -538,6 +537,19 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
     }
 }
 
+/// Random bits of a restarted session's id above the servers' mark: every clerk restarting under one
+/// mark draws from the same range, and two that drew the same id would share a session (the second's
+/// first write answered with the first's outcome, never applied). 2^36 ids, at most about a minute of
+/// id clock above the mark.
+const RESTART_RANDOM_BITS: u32 = 36;
+
+/// A client id above `mark` (the servers' `min_client_id`): a fresh id if this machine's clock is past
+/// the mark, else the mark plus `random`'s low [`RESTART_RANDOM_BITS`] bits plus one.
+fn id_above(mark: u64, random: u64) -> u64 {
+    let offset = 1 + (random & ((1 << RESTART_RANDOM_BITS) - 1));
+    new_client_id().max(mark.saturating_add(offset))
+}
+
 /// A new client id (the session key in a service's dedup table): this machine's clock in ms since the
 /// Unix epoch, then [`super::sessions::CLIENT_ID_RANDOM_BITS`] random bits. Ids grow with time, so a
 /// client created after a server dropped older sessions has an id above every dropped one and is not
@@ -568,6 +580,20 @@ mod tests {
             Err(ClerkError::SessionExpired)
         ));
         assert!(session.client_id() > new_id);
+    }
+
+    #[test]
+    fn sessions_restarted_under_one_mark_draw_from_a_wide_range() {
+        // A mark far ahead of this clock (a dropped session of a client whose clock ran ahead): every
+        // restarting clerk's id is the mark plus its random draw. With 16 random bits, a few hundred
+        // clerks restarting under one mark shared ids, and the second's write was never applied.
+        let mark = new_client_id() + (3_600_000 << crate::rsm::sessions::CLIENT_ID_RANDOM_BITS);
+        let (lowest, highest) = (id_above(mark, 0), id_above(mark, u64::MAX));
+        assert_eq!(lowest, mark + 1);
+        assert!(highest - lowest >= (1 << 35), "range {}", highest - lowest);
+        // Still an id the servers take (up to a day ahead of their clock).
+        let now = crate::rsm::sessions::unix_ms();
+        assert!(crate::rsm::sessions::plausible_client(highest, now));
     }
 
     /// A hint naming an address that does not resolve here (a container-internal name seen from the
