@@ -223,14 +223,31 @@ pub struct Running {
     pub commit_grant: Option<(String, u64, Instant)>,
 }
 
+/// Whether the (worker, attempt) pair `held` is `worker`'s `attempt`.
+fn is_attempt((held_worker, held_attempt): (&str, u64), worker: &str, attempt: u64) -> bool {
+    held_worker == worker && held_attempt == attempt
+}
+
 impl Running {
+    /// Whether (`worker`, `attempt`) is this latest hand-out.
+    fn is_latest(&self, worker: &str, attempt: u64) -> bool {
+        is_attempt((&self.worker, self.attempt), worker, attempt)
+    }
+
     /// Whether (`worker`, `attempt`) is this hand-out or one it superseded.
     fn holds(&self, worker: &str, attempt: u64) -> bool {
-        (self.worker == worker && self.attempt == attempt)
+        self.is_latest(worker, attempt)
             || self
                 .superseded
                 .iter()
-                .any(|(w, a)| w == worker && *a == attempt)
+                .any(|(w, a)| is_attempt((w, *a), worker, attempt))
+    }
+
+    /// Whether (`worker`, `attempt`) holds the commit grant (expired or not).
+    fn granted_to(&self, worker: &str, attempt: u64) -> bool {
+        self.commit_grant
+            .as_ref()
+            .is_some_and(|(w, a, _)| is_attempt((w, *a), worker, attempt))
     }
 }
 
@@ -687,11 +704,11 @@ impl Coordinator {
         if !running.holds(worker, attempt) {
             return Ok(false);
         }
-        let held_by_another = running
+        let grant_live = running
             .commit_grant
             .as_ref()
-            .is_some_and(|(w, a, until)| (w != worker || *a != attempt) && now < *until);
-        if held_by_another {
+            .is_some_and(|(_, _, until)| now < *until);
+        if grant_live && !running.granted_to(worker, attempt) {
             return Ok(false);
         }
         running.commit_grant = Some((worker.to_string(), attempt, now + timeout));
@@ -749,13 +766,9 @@ impl Coordinator {
                 worker: worker.to_string(),
             });
         };
-        if running.worker == worker && running.attempt == attempt {
+        if running.is_latest(worker, attempt) {
             *slot = None;
-        } else if running
-            .commit_grant
-            .as_ref()
-            .is_some_and(|(w, a, _)| w == worker && *a == attempt)
-        {
+        } else if running.granted_to(worker, attempt) {
             // A superseded attempt that reports without having committed gives the grant back.
             running.commit_grant = None;
         }
