@@ -802,17 +802,7 @@ async fn configurations_every_group_passed_are_dropped_and_a_new_group_still_joi
         latest = admin.move_shard(shard, 7).await.expect("move").num;
     }
     // Group 7 reports each configuration it reaches; then only the newest are kept.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match admin.query(Some(1)).await {
-            Err(e) if e.to_string().contains("dropped") => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "configuration 1 is still kept (latest {latest}): {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_dropped(&mut admin, 1, latest).await;
     assert!(admin.query(Some(latest)).await.is_ok());
 
     // A group that was never up while the history moved on.
@@ -833,6 +823,53 @@ async fn configurations_every_group_passed_are_dropped_and_a_new_group_still_joi
             "{key} after group 8 took every shard"
         );
     }
+    drop(g7);
+}
+
+/// Wait until the controllers have dropped configuration `num` (the groups reported passing it);
+/// `latest` is only for the failure message.
+async fn wait_until_dropped(admin: &mut CtrlerClerk, num: u64, latest: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match admin.query(Some(num)).await {
+            Err(e) if e.to_string().contains("dropped") => return,
+            other => assert!(
+                Instant::now() < deadline,
+                "configuration {num} is still kept (latest {latest}): {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A shard group keeps one controller clerk for its whole life, and the controllers drop a session
+/// idle past `--session-ttl`. The group's reports after that must still be recorded: refused, the
+/// controllers would keep every later configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_controller_session_expired_still_reports_progress() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let ctrlers = Replicas::start_temp_args(
+        replicas::Role::Ctrler,
+        3,
+        4 << 10,
+        &["--keep-configs", "1", "--session-ttl", "1"],
+    );
+    let g7 = Replicas::start(root.path(), 7, &ctrlers.addrs.join(","));
+    let mut admin = CtrlerClerk::new(&ctrlers.addrs, clerk_config()).expect("ctrler clerk");
+    admin
+        .join([(7, g7.addrs.clone())].into())
+        .await
+        .expect("join 7");
+    let latest = admin.move_shard(0, 7).await.expect("move").num;
+    // The group's session works: its report of configuration 1 or 2 lets configuration 0 go.
+    wait_until_dropped(&mut admin, 0, latest).await;
+    // Idle past the TTL (log time, which follows the leaders' clocks): the next command drops the
+    // group's session, and the administrator's own.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    admin.move_shard(0, 7).await.expect("move after the TTL");
+    let latest = admin.move_shard(0, 7).await.expect("move").num;
+    // Configuration `latest - 2` goes only once group 7 has reported `latest - 1` or later.
+    wait_until_dropped(&mut admin, latest - 2, latest).await;
     drop(g7);
 }
 

@@ -1,21 +1,28 @@
 //! The controller's client library: join, leave, move and query against a controller cluster, with the
 //! leader chasing and retries of [`crate::rsm::client`] and exactly-once commands (client id, seq).
+//!
+//! A shard group keeps one clerk for the life of its process and reports progress with it, perhaps
+//! hours apart; meanwhile the controllers may drop its session (`--session-ttl`, `--max-sessions`). So
+//! the clerk starts a new session when told SESSION_EXPIRED, as the KV clerk does.
 
 use super::state::{config_from_proto, Config, CtrlerCommand, Gid, ShardCtrler};
 use crate::proto::ctrler as pb;
 use crate::proto::ctrler::ctrler_client::CtrlerClient;
-use crate::rsm::client::{
-    new_client_id, status_attempt, Attempt, ClerkConfig, ClerkError, Replicas,
-};
+use crate::rsm::client::{status_attempt, Attempt, ClerkConfig, ClerkError, Replicas, Session};
 use crate::rsm::StateMachine;
 use prost::Message as _;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// How many new sessions one command may start before the clerk gives up: each is above the mark the
+/// controllers named, so a second refusal means sessions are being dropped as fast as they are made
+/// (far more clients than `--max-sessions`).
+const MAX_SESSION_RESTARTS: u32 = 3;
 
 /// A client of one controller cluster. One outstanding request per clerk (methods take `&mut self`).
 pub struct CtrlerClerk {
     replicas: Replicas,
-    client_id: u64,
-    seq: u64,
+    session: Session,
 }
 
 impl CtrlerClerk {
@@ -23,8 +30,7 @@ impl CtrlerClerk {
     pub fn new(addresses: &[String], config: ClerkConfig) -> Result<CtrlerClerk, ClerkError> {
         Ok(CtrlerClerk {
             replicas: Replicas::of_role(addresses, config, crate::security::Role::Ctrler)?,
-            client_id: new_client_id(),
-            seq: 0,
+            session: Session::default(),
         })
     }
 
@@ -84,7 +90,7 @@ impl CtrlerClerk {
                 classify(tokio::time::timeout(timeout, client.query(request)).await)
             })
             .await?;
-        match reply {
+        match reply.served()? {
             Reply::Config(config) => Ok(Fetched::Config(config)),
             Reply::Oldest {
                 oldest,
@@ -118,25 +124,54 @@ impl CtrlerClerk {
         }
     }
 
+    /// Apply `command` exactly once. If the controllers dropped the session, start a new one and send
+    /// the command again — unless an earlier attempt may have applied it ([`ClerkError::SessionExpired`]).
+    /// A progress report is sent again regardless: it only raises a maximum, so applying it twice is
+    /// harmless, and a group's reports must not stop because its session expired.
     async fn send(&mut self, command: CtrlerCommand) -> Result<Reply, ClerkError> {
-        self.seq += 1;
         let encoded = ShardCtrler::encode_command(&command);
-        let command = pb::Command::decode(encoded.as_ref())
+        let command_proto = pb::Command::decode(encoded.as_ref())
             .map_err(|e| ClerkError::Invalid(e.to_string()))?;
-        let request = pb::CommandRequest {
-            client_id: self.client_id,
-            seq: self.seq,
-            command: Some(command),
-        };
-        self.replicas
-            .call(move |channel, timeout| {
-                let request = request.clone();
-                async move {
-                    let mut client = CtrlerClient::new(channel);
-                    classify(tokio::time::timeout(timeout, client.command(request)).await)
-                }
-            })
-            .await
+        let repeatable = matches!(command, CtrlerCommand::Progress { .. });
+        let mut restarts = 0;
+        loop {
+            let (client_id, seq) = self.session.next_command();
+            let request = pb::CommandRequest {
+                client_id,
+                seq,
+                command: Some(command_proto.clone()),
+            };
+            let attempts = AtomicU32::new(0);
+            let answer = self
+                .replicas
+                .call(|channel, timeout| {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    let request = request.clone();
+                    async move {
+                        let mut client = CtrlerClient::new(channel);
+                        classify(tokio::time::timeout(timeout, client.command(request)).await)
+                    }
+                })
+                .await?;
+            let Answer::SessionExpired { min_client_id } = answer else {
+                return answer.served();
+            };
+            restarts += 1;
+            match self
+                .session
+                .restart(min_client_id, attempts.load(Ordering::Relaxed))
+            {
+                Ok(()) | Err(ClerkError::SessionExpired) if repeatable => {}
+                Ok(()) => {}
+                Err(error) => return Err(error),
+            }
+            if restarts > MAX_SESSION_RESTARTS {
+                return Err(ClerkError::Rejected(format!(
+                    "the controllers dropped {restarts} new sessions of this client in a row \
+                     (more clients than --max-sessions?); nothing was applied"
+                )));
+            }
+        }
     }
 }
 
@@ -158,12 +193,32 @@ enum Reply {
     Oldest { oldest: u64, compacted: bool },
 }
 
+/// What the leader did with a request.
+enum Answer {
+    /// Served (or refused as compacted) with this reply.
+    Served(Reply),
+    /// Not applied: the session was dropped; new sessions must be above `min_client_id`.
+    SessionExpired { min_client_id: u64 },
+}
+
+impl Answer {
+    /// The reply of a request that cannot be answered SESSION_EXPIRED (a query carries no session).
+    fn served(self) -> Result<Reply, ClerkError> {
+        match self {
+            Answer::Served(reply) => Ok(reply),
+            Answer::SessionExpired { .. } => Err(ClerkError::Invalid(
+                "a request without a session was answered SESSION_EXPIRED".into(),
+            )),
+        }
+    }
+}
+
 fn classify(
     reply: Result<
         Result<tonic::Response<pb::ConfigResponse>, tonic::Status>,
         tokio::time::error::Elapsed,
     >,
-) -> Result<Attempt<Reply>, ClerkError> {
+) -> Result<Attempt<Answer>, ClerkError> {
     let response = match reply {
         Err(_) => return Ok(Attempt::Silent("attempt timed out".into())),
         Ok(Err(status)) => return status_attempt(status),
@@ -171,15 +226,18 @@ fn classify(
     };
     Ok(match pb::ErrorCode::try_from(response.error) {
         Ok(pb::ErrorCode::Ok) => match response.config {
-            Some(config) => Attempt::Done(Reply::Config(config_from_proto(config))),
-            None => Attempt::Done(Reply::Oldest {
+            Some(config) => Attempt::Done(Answer::Served(Reply::Config(config_from_proto(config)))),
+            None => Attempt::Done(Answer::Served(Reply::Oldest {
                 oldest: response.oldest_kept,
                 compacted: false,
-            }),
+            })),
         },
-        Ok(pb::ErrorCode::Compacted) => Attempt::Done(Reply::Oldest {
+        Ok(pb::ErrorCode::Compacted) => Attempt::Done(Answer::Served(Reply::Oldest {
             oldest: response.oldest_kept,
             compacted: true,
+        })),
+        Ok(pb::ErrorCode::SessionExpired) => Attempt::Done(Answer::SessionExpired {
+            min_client_id: response.min_client_id,
         }),
         Ok(pb::ErrorCode::Refused) => return Err(ClerkError::Rejected(response.refusal)),
         Ok(pb::ErrorCode::WrongLeader) => Attempt::Elsewhere(

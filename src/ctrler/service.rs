@@ -84,14 +84,11 @@ impl CtrlerService {
                 (response.leader_hint, response.leader_address) = self.service.leader_hint(hint);
             }
             Err(Refusal::Timeout) => response.set_error(pb::ErrorCode::Timeout),
-            Err(Refusal::SessionExpired(_)) => {
-                // Controller clerks are short-lived (one kvctl run); telling this one to start over
-                // is clearer than a new protocol state.
-                response.set_error(pb::ErrorCode::Refused);
-                response.refusal = "this client's session expired before the command was applied; \
-                                    the command may have been applied by an earlier attempt — check \
-                                    the configuration and retry with a new client"
-                    .into();
+            Err(Refusal::SessionExpired(mark)) => {
+                // Long-lived clerks (a shard group's, reporting progress) restart their session above
+                // the mark; see `CtrlerClerk`.
+                response.set_error(pb::ErrorCode::SessionExpired);
+                response.min_client_id = mark;
             }
             Err(Refusal::Status(status)) => return Err(status),
         }
