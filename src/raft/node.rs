@@ -325,6 +325,55 @@ impl RaftHandle {
     }
 }
 
+/// A handle with no node behind it, for tests of what a service does around Raft: the test answers
+/// its proposals and sets its status.
+#[cfg(test)]
+pub(crate) struct DetachedNode {
+    commands: mpsc::Receiver<Command>,
+    /// The status the handle's subscribers see.
+    pub status: watch::Sender<NodeStatus>,
+}
+
+#[cfg(test)]
+impl DetachedNode {
+    /// A handle, and the node's end, of node 1 of {1, 2, 3}, a follower in term 0.
+    pub(crate) fn new() -> (RaftHandle, DetachedNode) {
+        let core = RaftCore::new(super::Config::new(1, vec![1, 2, 3])).expect("config");
+        let (commands_tx, commands) = mpsc::channel(16);
+        let (status, status_rx) = watch::channel(NodeStatus {
+            raft: core.status(),
+            raft_state_bytes: 0,
+            snapshot_bytes: 0,
+            stages: RaftStages::default(),
+        });
+        let handle = RaftHandle {
+            commands: commands_tx,
+            status: status_rx,
+            applied: AppliedIndex::default(),
+        };
+        (handle, DetachedNode { commands, status })
+    }
+
+    /// Set the role and term the handle reports.
+    pub(crate) fn set_role(&self, role: super::Role, term: Term) {
+        self.status.send_modify(|s| {
+            s.raft.role = role;
+            s.raft.term = term;
+        });
+    }
+
+    /// Wait for the next proposal; the test answers it through the returned sender.
+    pub(crate) async fn next_proposal(
+        &mut self,
+    ) -> oneshot::Sender<Result<(Index, Term), NodeError>> {
+        loop {
+            if let Command::Propose(_, reply) = self.commands.recv().await.expect("handle gone") {
+                return reply;
+            }
+        }
+    }
+}
+
 /// A running node: its handle, its gRPC service and its driver task.
 pub struct RaftNode {
     handle: RaftHandle,

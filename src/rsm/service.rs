@@ -19,8 +19,8 @@
 use super::sessions::{plausible_client, unix_ms};
 use super::{Completion, Prepared, Rsm, RsmError, SnapshotJob, StateMachine, Token};
 use crate::metrics::ServiceMetrics;
-use crate::raft::Index;
 use crate::raft::{Applied, NodeError, NodeId, NotLeader, RaftHandle, Role};
+use crate::raft::{Index, Term};
 use crate::stages::ServiceStages;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -522,7 +522,7 @@ impl<S: ServedMachine> RsmService<S> {
             client,
             seq,
         };
-        let (index, _term) =
+        let (index, term) =
             match tokio::time::timeout_at(deadline, self.handle.propose(bytes)).await {
                 Ok(Ok(accepted)) => accepted,
                 Ok(Err(e)) => return Err(Self::refusal(e)),
@@ -533,6 +533,11 @@ impl<S: ServedMachine> RsmService<S> {
             let (token, rx) = inner.register();
             if let Some(done) = inner.rsm.track(token, index, client, seq) {
                 inner.complete(vec![done]);
+            } else if !self.leads_in(term) {
+                // Leadership was lost since the proposal: the watcher's `leadership_lost`, which sends
+                // the waiting writes elsewhere, may have run before `track`, and would leave this one
+                // waiting out its deadline. (If it runs after, under this lock, it answers it.)
+                inner.complete(vec![Completion::Retry { token }]);
             }
             (token, rx)
         };
@@ -547,6 +552,13 @@ impl<S: ServedMachine> RsmService<S> {
         stages.propose.add(proposed - started);
         stages.replicate_and_apply.add(proposed.elapsed());
         Ok(output)
+    }
+
+    /// Whether this node still leads in `term`, as its Raft status says now.
+    fn leads_in(&self, term: Term) -> bool {
+        let status = self.handle.subscribe();
+        let status = status.borrow();
+        status.raft.role == Role::Leader && status.raft.term == term
     }
 
     /// An index the leader confirmed committed with a quorum after the call (ReadIndex): what a
@@ -864,6 +876,54 @@ async fn watch_leadership<S: StateMachine>(shared: Arc<Shared<S>>, handle: RaftH
             inner.complete(retries);
         }
         (role, term) = (now_role, now_term);
+    }
+}
+
+#[cfg(test)]
+mod leadership_tests {
+    use super::*;
+    use crate::kv::{KvCommand, KvStore};
+    use crate::raft::node::DetachedNode;
+
+    /// A write Raft accepted just before its leader stepped down, where the leadership watcher saw the
+    /// step-down before the write was tracked: it is sent elsewhere at once, not left to wait out its
+    /// deadline (1 s) for an entry that may never be applied.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_accepted_just_before_a_step_down_is_sent_elsewhere_at_once() {
+        let (handle, mut node) = DetachedNode::new();
+        node.set_role(Role::Leader, 2);
+        let (_applied_tx, applied_rx) = mpsc::unbounded_channel();
+        let config = ServiceConfig::default();
+        let timeout = config.request_timeout;
+        let (service, _applier) =
+            RsmService::start(Span::none(), KvStore::default(), handle, applied_rx, config);
+        let started = Instant::now();
+        let write = tokio::spawn(async move {
+            let put = KvCommand::Put {
+                key: "k".into(),
+                value: "v".into(),
+            };
+            let client = crate::rsm::client::new_client_id();
+            service.mutate(client, 1, put).await
+        });
+        let accepted = node.next_proposal().await;
+        node.set_role(Role::Follower, 3);
+        // The clock is paused: this runs every task (the watcher too) until all wait, then moves on.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let _ = accepted.send(Ok((1, 2)));
+        let result = write.await.expect("the write's task");
+        let answer = match result {
+            Ok(_) => "served",
+            Err(Refusal::WrongLeader(_)) => "wrong leader",
+            Err(Refusal::Timeout) => "timeout",
+            Err(_) => "another refusal",
+        };
+        assert_eq!(answer, "wrong leader");
+        assert!(
+            started.elapsed() < timeout / 2,
+            "took {:?}",
+            started.elapsed()
+        );
     }
 }
 
