@@ -67,6 +67,11 @@ enum Command {
         #[arg(long, default_value_t = ds824::mr::coordinator::DEFAULT_MAX_ATTEMPTS,
               value_parser = clap::value_parser!(u32).range(1..))]
         max_attempts: u32,
+        /// Keep this many finished jobs (done or failed), the newest, for `mrd status`; older ones are
+        /// forgotten, in memory and on disk. Their outputs stay where they were written.
+        #[arg(long, default_value_t = ds824::mr::coordinator::DEFAULT_KEEP_FINISHED_JOBS,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+        keep_jobs: usize,
         /// Serve Prometheus metrics (jobs, tasks by kind and state, attempts, failures) at
         /// http://<this address>/metrics.
         #[arg(long, env = "MRD_METRICS_LISTEN")]
@@ -403,13 +408,12 @@ fn admission(data_roots: &[PathBuf], allow_apps: &[String]) -> anyhow::Result<Ad
 async fn run_coordinator(
     listen: SocketAddr,
     data_dir: PathBuf,
-    task_timeout: Duration,
-    max_attempts: u32,
+    policy: coordinator_service::Policy,
     metrics_listen: Option<SocketAddr>,
     admission: Admission,
     security: Security,
 ) -> anyhow::Result<()> {
-    if task_timeout.is_zero() {
+    if policy.task_timeout.is_zero() {
         return Err(MustFix(
             "--task-timeout must be positive: every task would be handed out over and over".into(),
         )
@@ -423,8 +427,7 @@ async fn run_coordinator(
         .collect();
     let service = Arc::new(coordinator_service::CoordinatorService::open(
         &data_dir,
-        task_timeout,
-        max_attempts,
+        policy,
         admission,
         security.guard(),
     )?);
@@ -458,6 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             task_timeout,
             max_attempts,
+            keep_jobs,
             metrics_listen,
             data_roots,
             allow_apps,
@@ -466,11 +470,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ds824::daemon::init_logging_as("info", log_format);
             let security = security(&tls, Some(Role::Coordinator))?;
             let admission = admission(&data_roots, &allow_apps)?;
+            let policy = coordinator_service::Policy {
+                task_timeout,
+                max_attempts,
+                keep_finished: keep_jobs,
+            };
             run_coordinator(
                 listen,
                 data_dir,
-                task_timeout,
-                max_attempts,
+                policy,
                 metrics_listen,
                 admission,
                 security,

@@ -922,6 +922,36 @@ fn jobs(addr: &str) -> Vec<pb::JobStatus> {
     })
 }
 
+/// A coordinator that runs for months keeps only the newest `--keep-jobs` finished jobs: an older
+/// one is answered "forgotten", and it is gone from disk too (a restart allowed to keep more does not
+/// bring it back). Ids never repeat.
+#[test]
+fn only_the_newest_finished_jobs_are_kept_on_disk_too() {
+    let mut env = Env::new();
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--keep-jobs", "1"]);
+    let first = env.submit(&coord.addr, "wc", &[], 2, "grpc", "out-1");
+    let second = env.submit(&coord.addr, "wc", &[], 2, "grpc", "out-2");
+    let mut workers: Vec<Child> = (0..2).map(|_| env.worker(&coord.addr, &[])).collect();
+    wait_job(&env, &coord.addr, second);
+    wait_all(&mut workers);
+    let ids = |addr: &str| jobs(addr).iter().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(ids(&coord.addr), vec![second]);
+    let refused = runtime().block_on(async {
+        let mut c = client::connect(&coord.addr, PLAIN).await.unwrap();
+        client::status(&mut c, Some(first), false)
+            .await
+            .unwrap_err()
+    });
+    assert!(refused.to_string().contains("forgotten"), "{refused}");
+    drop(coord);
+    let coord = env.coordinator_with("127.0.0.1:0", "10s", &["--keep-jobs", "10"]);
+    assert_eq!(ids(&coord.addr), vec![second]);
+    assert_eq!(
+        env.submit(&coord.addr, "wc", &[], 2, "grpc", "out-3"),
+        second + 1
+    );
+}
+
 #[test]
 fn restricted_apps_are_refused_unless_allowed() {
     let env = Env::new();

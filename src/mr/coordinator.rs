@@ -12,7 +12,10 @@
 //!   fails its job too: a task that kills its worker (out of memory on a big input, a crash) is never
 //!   reported, and retried forever it would hold up every job queued behind it;
 //! - a reducer that cannot fetch a map output makes that map task run again (paper §3.3), but only if the
-//!   output is still believed to live where the reducer looked, so stale reports change nothing.
+//!   output is still believed to live where the reducer looked, so stale reports change nothing;
+//! - only the newest `keep_finished` finished jobs are kept (default [`DEFAULT_KEEP_FINISHED_JOBS`]):
+//!   a coordinator that runs for months would otherwise hold every job it ever ran, in memory, in sled
+//!   and in every status reply. The newest job is never forgotten, so job ids never repeat.
 //!
 //! What must survive a coordinator crash is in [`JobRecord`]; who is running what is deliberately not
 //! persisted: after a restart every unfinished task is simply handed out again.
@@ -35,6 +38,9 @@ pub const MAX_LOST_OUTPUTS: u32 = 3;
 
 /// Hand-outs of one task, without a success, that fail the whole job (`mrd coordinator --max-attempts`).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+
+/// Finished jobs (done or failed) kept for `mrd status`, newest first (`mrd coordinator --keep-jobs`).
+pub const DEFAULT_KEEP_FINISHED_JOBS: usize = 1000;
 
 /// The two phases of a job; tasks of one kind share an index space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -331,12 +337,17 @@ pub struct Changes {
     pub states: Vec<(u64, JobState)>,
     /// Task records that changed: (job, kind, index, record).
     pub tasks: Vec<(u64, TaskKind, u32, TaskRecord)>,
+    /// Finished jobs forgotten (beyond the newest `keep_finished`): remove everything stored of them.
+    pub forgotten: Vec<u64>,
 }
 
 impl Changes {
     /// Whether nothing needs persisting.
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty() && self.states.is_empty() && self.tasks.is_empty()
+        self.jobs.is_empty()
+            && self.states.is_empty()
+            && self.tasks.is_empty()
+            && self.forgotten.is_empty()
     }
 }
 
@@ -422,6 +433,10 @@ pub struct Coordinator {
     dirty_jobs: std::collections::BTreeSet<u64>,
     /// Task records that changed, likewise.
     dirty_tasks: std::collections::BTreeSet<(u64, TaskKind, u32)>,
+    /// How many finished jobs are kept (at least 1).
+    keep_finished: usize,
+    /// Jobs forgotten whose stored records the caller must remove, likewise.
+    forgotten: std::collections::BTreeSet<u64>,
 }
 
 impl Coordinator {
@@ -448,7 +463,52 @@ impl Coordinator {
             submitted: Default::default(),
             dirty_jobs: Default::default(),
             dirty_tasks: Default::default(),
+            keep_finished: DEFAULT_KEEP_FINISHED_JOBS,
+            forgotten: Default::default(),
         }
+        .forget_old_finished()
+    }
+
+    /// Keep only the newest `keep` finished jobs (at least 1); the older ones are forgotten at once
+    /// (see [`Changes::forgotten`]).
+    pub fn with_keep_finished(mut self, keep: usize) -> Self {
+        self.keep_finished = keep.max(1);
+        self.forget_old_finished()
+    }
+
+    /// Forget finished jobs beyond the newest `keep_finished`. The newest job is never among them (it
+    /// is either unfinished or the newest finished one), so the next id stays above every id used.
+    fn forget_old_finished(mut self) -> Self {
+        self.forget_beyond_limit();
+        self
+    }
+
+    fn forget_beyond_limit(&mut self) {
+        let finished: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|(_, job)| job.record.state.finished())
+            .map(|(&id, _)| id)
+            .collect();
+        let excess = finished.len().saturating_sub(self.keep_finished);
+        for &id in &finished[..excess] {
+            self.jobs.remove(&id);
+            self.submitted.remove(&id);
+            self.dirty_jobs.remove(&id);
+            self.dirty_tasks.retain(|&(job, _, _)| job != id);
+            self.forgotten.insert(id);
+        }
+    }
+
+    /// The newest job id handed out that is still known (0: none), to tell a forgotten job from one
+    /// that never was.
+    pub fn newest_id(&self) -> u64 {
+        self.jobs.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// How many finished jobs are kept.
+    pub fn keep_finished(&self) -> usize {
+        self.keep_finished
     }
 
     /// Fail a job once one of its tasks was handed out `max_attempts` times without finishing (at least 1).
@@ -461,7 +521,14 @@ impl Coordinator {
     /// finished or failed): persist it before answering, so nothing a caller was told is lost in a
     /// restart. Task records are small, so this costs O(1) per task however big the job.
     pub fn take_changed(&mut self) -> Changes {
-        let mut changes = Changes::default();
+        if !self.dirty_jobs.is_empty() {
+            // A job may have just finished: the oldest finished one may be one too many now.
+            self.forget_beyond_limit();
+        }
+        let mut changes = Changes {
+            forgotten: std::mem::take(&mut self.forgotten).into_iter().collect(),
+            ..Changes::default()
+        };
         for id in std::mem::take(&mut self.submitted) {
             if let Some(job) = self.jobs.get(&id) {
                 changes.jobs.push(job.record.header());
@@ -497,6 +564,7 @@ impl Coordinator {
                 .iter()
                 .map(|(id, kind, index, _)| (*id, *kind, *index)),
         );
+        self.forgotten.extend(changes.forgotten.iter().copied());
     }
 
     /// Queues a job whose inputs are cut into `splits` ([`JobSpec::splits`]) and returns its id; the
@@ -1066,6 +1134,47 @@ mod tests {
             .report(id, TaskKind::Reduce, 0, "b", second.attempt, ok(""))
             .unwrap());
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
+    }
+
+    /// Runs job `id` (one map, one reduce; the first unfinished job) to completion.
+    fn finish(c: &mut Coordinator, id: u64, now: Instant) {
+        for kind in [TaskKind::Map, TaskKind::Reduce] {
+            let task = run(c.assign(&worker("a"), now));
+            assert_eq!((task.job_id, task.kind), (id, kind));
+            c.report(id, kind, 0, "a", task.attempt, ok("a:1")).unwrap();
+        }
+        assert_eq!(c.record(id).map(|r| &r.state), Some(&JobState::Done));
+    }
+
+    fn ids(c: &Coordinator) -> Vec<u64> {
+        c.jobs().map(|view| view.record.id).collect()
+    }
+
+    #[test]
+    fn only_the_newest_finished_jobs_are_kept_and_ids_never_repeat() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT).with_keep_finished(2);
+        let jobs: Vec<u64> = (0..4).map(|_| submit(&mut c, spec(1, 1))).collect();
+        c.take_changed();
+        for &id in &jobs[..3] {
+            finish(&mut c, id, now);
+        }
+        // Three finished, two kept: the oldest goes, from memory and (the caller's part) storage.
+        assert_eq!(c.take_changed().forgotten, vec![jobs[0]]);
+        assert_eq!(ids(&c), jobs[1..]);
+        finish(&mut c, jobs[3], now);
+        assert_eq!(c.take_changed().forgotten, vec![jobs[1]]);
+        // The newest job is kept, so the next id is a new one.
+        assert_eq!(submit(&mut c, spec(1, 1)), jobs[3] + 1);
+        // A restart with a lower limit forgets the excess at once; storing that may fail and is
+        // then asked for again.
+        let records: Vec<JobRecord> = c.jobs().map(|view| view.record.clone()).collect();
+        let mut restarted = Coordinator::restore(records, TIMEOUT).with_keep_finished(1);
+        let changes = restarted.take_changed();
+        assert_eq!(changes.forgotten, vec![jobs[2]]);
+        restarted.requeue(&changes);
+        assert_eq!(restarted.take_changed().forgotten, vec![jobs[2]]);
+        assert_eq!(ids(&restarted), vec![jobs[3], jobs[3] + 1]);
     }
 
     #[test]

@@ -29,6 +29,17 @@ use crate::proto::mr as pb;
 use crate::proto::mr::coordinator_server::CoordinatorServer;
 use crate::security::{is_user, Guard, Role, Security};
 
+/// How the coordinator schedules and what it keeps (`mrd coordinator` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// How long a worker may take on a task before it is handed to another (`--task-timeout`).
+    pub task_timeout: Duration,
+    /// Hand-outs of one task that fail its job (`--max-attempts`).
+    pub max_attempts: u32,
+    /// Finished jobs kept, the newest (`--keep-jobs`).
+    pub keep_finished: usize,
+}
+
 /// The gRPC service; cheap to share, all state is behind one short-held lock.
 pub struct CoordinatorService {
     state: Mutex<Coordinator>,
@@ -58,8 +69,7 @@ impl CoordinatorService {
     /// pass `admission`; callers are identified and checked by `guard`.
     pub fn open(
         data_dir: &Path,
-        task_timeout: Duration,
-        max_attempts: u32,
+        policy: Policy,
         admission: Admission,
         guard: Guard,
     ) -> Result<Self, MrError> {
@@ -119,10 +129,11 @@ impl CoordinatorService {
                 );
             }
         }
-        Ok(Self {
-            state: Mutex::new(
-                Coordinator::restore(records, task_timeout).with_max_attempts(max_attempts),
-            ),
+        let coordinator = Coordinator::restore(records, policy.task_timeout)
+            .with_max_attempts(policy.max_attempts)
+            .with_keep_finished(policy.keep_finished);
+        let service = Self {
+            state: Mutex::new(coordinator),
             db,
             jobs,
             tasks,
@@ -131,7 +142,21 @@ impl CoordinatorService {
             guard,
             task_bytes: Default::default(),
             progress: Default::default(),
-        })
+        };
+        // Jobs beyond --keep-jobs (it was lowered, or an older version kept every job) go now.
+        let forgotten = service.lock().take_changed();
+        if !forgotten.is_empty() {
+            tracing::info!(
+                jobs = forgotten.forgotten.len(),
+                keep = policy.keep_finished,
+                "forgetting the oldest finished jobs"
+            );
+            service
+                .try_stage(&forgotten)
+                .map_err(|status| MrError::CorruptState(status.message().to_string()))?;
+            service.db.flush()?;
+        }
+        Ok(service)
     }
 
     /// Update the metrics gauges from the current state (called at scrape time).
@@ -181,7 +206,21 @@ impl CoordinatorService {
                 .insert(task_key(*job, *kind, *index), value)
                 .map_err(|err| Status::internal(format!("storing a task of job {job}: {err}")))?;
         }
+        for &job in &changes.forgotten {
+            self.forget(job)
+                .map_err(|err| Status::internal(format!("removing job {job}: {err}")))?;
+        }
         Ok(!changes.is_empty())
+    }
+
+    /// Remove everything stored of job `id`: header, state and every task record.
+    fn forget(&self, id: u64) -> sled::Result<()> {
+        self.jobs.remove(id.to_be_bytes())?;
+        self.states.remove(id.to_be_bytes())?;
+        for key in self.tasks.scan_prefix(id.to_be_bytes()).keys() {
+            self.tasks.remove(key?)?;
+        }
+        Ok(())
     }
 
     /// Counts a task message's bytes towards `mr_task_message_bytes`.
@@ -383,7 +422,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         jobs.reverse();
         if wanted != 0 && jobs.is_empty() {
-            return Err(Status::not_found(format!("no job {wanted}")));
+            let (newest, keep) = {
+                let state = self.lock();
+                (state.newest_id(), state.keep_finished())
+            };
+            return Err(Status::not_found(if wanted < newest {
+                format!(
+                    "no job {wanted}: it finished and was forgotten (the coordinator keeps the \
+                     newest {keep} finished jobs, --keep-jobs)"
+                )
+            } else {
+                format!("no job {wanted}")
+            }));
         }
         // A report shows in memory (and was written to sled under the same lock) a moment before its
         // flush: flush before answering, so what status shows survives a crash of the coordinator.
