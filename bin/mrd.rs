@@ -68,9 +68,11 @@ enum Command {
               value_parser = clap::value_parser!(u32).range(1..))]
         max_attempts: u32,
         /// Keep this many finished jobs (done or failed), the newest, for `mrd status`; older ones are
-        /// forgotten, in memory and on disk. Their outputs stay where they were written.
+        /// forgotten, in memory and on disk. Their outputs stay where they were written. At most
+        /// 10000 (a status reply lists every job kept).
         #[arg(long, default_value_t = ds824::mr::coordinator::DEFAULT_KEEP_FINISHED_JOBS,
-              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+                  .range(1..=ds824::mr::coordinator::MAX_KEEP_FINISHED_JOBS as u64))]
         keep_jobs: usize,
         /// Serve Prometheus metrics (jobs, tasks by kind and state, attempts, failures) at
         /// http://<this address>/metrics.

@@ -42,6 +42,10 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 /// Finished jobs (done or failed) kept for `mrd status`, newest first (`mrd coordinator --keep-jobs`).
 pub const DEFAULT_KEEP_FINISHED_JOBS: usize = 1000;
 
+/// The most `--keep-jobs` allows: a status reply lists every job kept (a few hundred bytes each, under
+/// gRPC's 4 MiB), and a worker's request for a task walks past the finished ones.
+pub const MAX_KEEP_FINISHED_JOBS: usize = 10_000;
+
 /// The two phases of a job; tasks of one kind share an index space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TaskKind {
@@ -466,11 +470,11 @@ impl Coordinator {
             keep_finished: DEFAULT_KEEP_FINISHED_JOBS,
             forgotten: Default::default(),
         }
-        .forget_old_finished()
     }
 
     /// Keep only the newest `keep` finished jobs (at least 1); the older ones are forgotten at once
-    /// (see [`Changes::forgotten`]).
+    /// (see [`Changes::forgotten`]). [`Coordinator::restore`] forgets nothing itself (this limit is
+    /// not known yet there), so a raised limit keeps what the default would not.
     pub fn with_keep_finished(mut self, keep: usize) -> Self {
         self.keep_finished = keep.max(1);
         self.forget_old_finished()
@@ -1175,6 +1179,22 @@ mod tests {
         restarted.requeue(&changes);
         assert_eq!(restarted.take_changed().forgotten, vec![jobs[2]]);
         assert_eq!(ids(&restarted), vec![jobs[3], jobs[3] + 1]);
+    }
+
+    #[test]
+    fn a_limit_above_the_default_keeps_every_restored_job() {
+        let finished = (1..=DEFAULT_KEEP_FINISHED_JOBS as u64 + 2).map(|id| JobRecord {
+            id,
+            spec: spec(0, 0),
+            state: JobState::Done,
+            splits: Vec::new(),
+            maps: Vec::new(),
+            reduces: Vec::new(),
+        });
+        let mut c = Coordinator::restore(finished, TIMEOUT)
+            .with_keep_finished(DEFAULT_KEEP_FINISHED_JOBS + 10);
+        assert_eq!(c.take_changed().forgotten, Vec::<u64>::new());
+        assert_eq!(c.jobs().count(), DEFAULT_KEEP_FINISHED_JOBS + 2);
     }
 
     #[test]

@@ -213,14 +213,29 @@ impl CoordinatorService {
         Ok(!changes.is_empty())
     }
 
-    /// Remove everything stored of job `id`: header, state and every task record.
-    fn forget(&self, id: u64) -> sled::Result<()> {
-        self.jobs.remove(id.to_be_bytes())?;
-        self.states.remove(id.to_be_bytes())?;
-        for key in self.tasks.scan_prefix(id.to_be_bytes()).keys() {
-            self.tasks.remove(key?)?;
-        }
-        Ok(())
+    /// Remove everything stored of job `id`: header, state and every task record, in one sled
+    /// transaction. A crash part-way through a plain sequence of removals could leave a state or task
+    /// record without its header (which the next start refuses as corrupt) or a header without its
+    /// final state (the finished job would run again).
+    fn forget(&self, id: u64) -> Result<(), String> {
+        use sled::Transactional as _;
+        let key = id.to_be_bytes();
+        let task_keys = self
+            .tasks
+            .scan_prefix(key)
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| err.to_string())?;
+        (&self.jobs, &self.states, &self.tasks)
+            .transaction(|(jobs, states, tasks)| {
+                jobs.remove(&key)?;
+                states.remove(&key)?;
+                for task in &task_keys {
+                    tasks.remove(task)?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|err| format!("{err:?}"))
     }
 
     /// Counts a task message's bytes towards `mr_task_message_bytes`.

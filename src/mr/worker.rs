@@ -326,9 +326,10 @@ impl Worker {
             .report(job_id, kind, task.index, task.attempt, served_from, outcome)
             .await;
         // A map attempt that failed (perhaps after renaming some partitions), or whose success was not
-        // taken (a duplicate, or a straggler the coordinator no longer waits for), wrote files no
-        // reducer will read: remove them now.
-        let refused = matches!(&taken, Err(status) if status.code() == Code::FailedPrecondition);
+        // taken (a duplicate, a straggler the coordinator no longer waits for, or one of a job it has
+        // since forgotten, --keep-jobs), wrote files no reducer will read: remove them now.
+        let refused = matches!(&taken, Err(status)
+            if matches!(status.code(), Code::FailedPrecondition | Code::NotFound));
         let garbage = !succeeded || refused || matches!(taken, Ok(false));
         if kind == pb::TaskKind::Map && garbage {
             self.remove_map_outputs(&task).await;
