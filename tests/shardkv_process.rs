@@ -8,7 +8,7 @@ use ds824::kv::clerk::node_status;
 use ds824::kv::KvOps;
 use ds824::proto::kv as pb;
 use ds824::proto::kv::kv_client::KvClient;
-use ds824::rsm::client::ClerkConfig;
+use ds824::rsm::client::{new_client_id, ClerkConfig};
 use ds824::shardkv::{key_to_shard, ShardClerk};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::process::{Command, Stdio};
@@ -842,6 +842,50 @@ async fn wait_until_dropped(admin: &mut CtrlerClerk, num: u64, latest: u64) {
     }
 }
 
+/// Sends `Move shard 0 to group 7` as (`client_id`, `seq`) to the controllers (each server until
+/// one leads), as a clerk that does (`restarts_sessions`) or does not know SESSION_EXPIRED would;
+/// returns the answer that ended the attempts.
+async fn raw_move(
+    addrs: &[String],
+    client_id: u64,
+    seq: u64,
+    restarts_sessions: bool,
+) -> ds824::proto::ctrler::ConfigResponse {
+    use ds824::proto::ctrler as cpb;
+    let request = cpb::CommandRequest {
+        client_id,
+        seq,
+        command: Some(cpb::Command {
+            op: Some(cpb::command::Op::Move(cpb::Move { shard: 0, gid: 7 })),
+        }),
+        restarts_sessions,
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        for address in addrs {
+            let Ok(mut client) =
+                cpb::ctrler_client::CtrlerClient::connect(format!("http://{address}")).await
+            else {
+                continue;
+            };
+            if let Ok(Ok(reply)) =
+                tokio::time::timeout(Duration::from_secs(2), client.command(request.clone())).await
+            {
+                let reply = reply.into_inner();
+                let routing = [cpb::ErrorCode::WrongLeader, cpb::ErrorCode::Timeout];
+                if !routing.iter().any(|&code| reply.error == code as i32) {
+                    return reply;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader of {addrs:?} took the move"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A shard group keeps one controller clerk for its whole life, and the controllers drop a session
 /// idle past `--session-ttl`. The group's reports after that must still be recorded: refused, the
 /// controllers would keep every later configuration.
@@ -863,13 +907,34 @@ async fn a_group_whose_controller_session_expired_still_reports_progress() {
     let latest = admin.move_shard(0, 7).await.expect("move").num;
     // The group's session works: its report of configuration 1 or 2 lets configuration 0 go.
     wait_until_dropped(&mut admin, 0, latest).await;
+    // A session of a clerk from before SESSION_EXPIRED, and one of a clerk that knows it.
+    let (old_clerk, new_clerk) = (new_client_id(), new_client_id());
+    for (client, restarts) in [(old_clerk, false), (new_clerk, true)] {
+        let first = raw_move(&ctrlers.addrs, client, 1, restarts).await;
+        assert_eq!(first.error, 0, "{first:?}");
+    }
     // Idle past the TTL (log time, which follows the leaders' clocks): the next command drops the
-    // group's session, and the administrator's own.
+    // group's session and those two.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     admin.move_shard(0, 7).await.expect("move after the TTL");
     let latest = admin.move_shard(0, 7).await.expect("move").num;
     // Configuration `latest - 2` goes only once group 7 has reported `latest - 1` or later.
     wait_until_dropped(&mut admin, latest - 2, latest).await;
+    // The older clerk is refused in words it knows; the newer one is told where to start again.
+    let refused = raw_move(&ctrlers.addrs, old_clerk, 2, false).await;
+    assert_eq!(
+        refused.error,
+        ds824::proto::ctrler::ErrorCode::Refused as i32,
+        "{refused:?}"
+    );
+    assert!(refused.refusal.contains("session expired"), "{refused:?}");
+    let expired = raw_move(&ctrlers.addrs, new_clerk, 2, true).await;
+    assert_eq!(
+        expired.error,
+        ds824::proto::ctrler::ErrorCode::SessionExpired as i32,
+        "{expired:?}"
+    );
+    assert!(expired.min_client_id >= new_clerk, "{expired:?}");
     drop(g7);
 }
 

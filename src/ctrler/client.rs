@@ -140,6 +140,7 @@ impl CtrlerClerk {
                 client_id,
                 seq,
                 command: Some(command_proto.clone()),
+                restarts_sessions: true,
             };
             let attempts = AtomicU32::new(0);
             let answer = self
@@ -168,7 +169,8 @@ impl CtrlerClerk {
             if restarts > MAX_SESSION_RESTARTS {
                 return Err(ClerkError::Rejected(format!(
                     "the controllers dropped {restarts} new sessions of this client in a row \
-                     (more clients than --max-sessions?); nothing was applied"
+                     (more clients than --max-sessions?); the command was not applied by the last \
+                     of them"
                 )));
             }
         }

@@ -47,9 +47,11 @@ impl CtrlerService {
         )
     }
 
+    /// The answer to `result`; `restarts_sessions`: the client knows SESSION_EXPIRED (see the proto).
     fn respond(
         &self,
         result: Result<CtrlerOutput, Refusal>,
+        restarts_sessions: bool,
     ) -> Result<Response<pb::ConfigResponse>, Status> {
         let mut response = pb::ConfigResponse::default();
         match result {
@@ -84,11 +86,19 @@ impl CtrlerService {
                 (response.leader_hint, response.leader_address) = self.service.leader_hint(hint);
             }
             Err(Refusal::Timeout) => response.set_error(pb::ErrorCode::Timeout),
-            Err(Refusal::SessionExpired(mark)) => {
+            Err(Refusal::SessionExpired(mark)) if restarts_sessions => {
                 // Long-lived clerks (a shard group's, reporting progress) restart their session above
                 // the mark; see `CtrlerClerk`.
                 response.set_error(pb::ErrorCode::SessionExpired);
                 response.min_client_id = mark;
+            }
+            Err(Refusal::SessionExpired(_)) => {
+                // A clerk from before SESSION_EXPIRED: a refusal it knows.
+                response.set_error(pb::ErrorCode::Refused);
+                response.refusal = "this client's session expired before the command was applied; \
+                                    the command may have been applied by an earlier attempt — check \
+                                    the configuration and retry with a new client"
+                    .into();
             }
             Err(Refusal::Status(status)) => return Err(status),
         }
@@ -156,7 +166,7 @@ impl Ctrler for CtrlerService {
             .service
             .mutate(request.client_id, request.seq, command)
             .await;
-        self.respond(result)
+        self.respond(result, request.restarts_sessions)
     }
 
     async fn query(
@@ -167,6 +177,7 @@ impl Ctrler for CtrlerService {
         self.service.guard().caller(&request)?;
         let num = u64::try_from(request.into_inner().num).ok();
         let result = self.service.read(CtrlerQuery(num)).await;
-        self.respond(result)
+        // A query has no session: never SESSION_EXPIRED.
+        self.respond(result, true)
     }
 }

@@ -554,11 +554,17 @@ impl<S: ServedMachine> RsmService<S> {
         Ok(output)
     }
 
-    /// Whether this node still leads in `term`, as its Raft status says now.
+    /// Whether this node may still lead in `term`, as its Raft status says now: not once the status
+    /// shows a later term, or a follower (or pre-candidate) in that term. The driver publishes its
+    /// status after it handles what a pass brought, so a proposal accepted in the pass that won the
+    /// election is answered while the status still shows the candidate of that term (or an earlier
+    /// term): that node leads.
     fn leads_in(&self, term: Term) -> bool {
         let status = self.handle.subscribe();
         let status = status.borrow();
-        status.raft.role == Role::Leader && status.raft.term == term
+        status.raft.term < term
+            || (status.raft.term == term
+                && matches!(status.raft.role, Role::Candidate | Role::Leader))
     }
 
     /// An index the leader confirmed committed with a quorum after the call (ReadIndex): what a
@@ -885,19 +891,27 @@ mod leadership_tests {
     use crate::kv::{KvCommand, KvStore};
     use crate::raft::node::DetachedNode;
 
-    /// A write Raft accepted just before its leader stepped down, where the leadership watcher saw the
-    /// step-down before the write was tracked: it is sent elsewhere at once, not left to wait out its
-    /// deadline (1 s) for an entry that may never be applied.
-    #[tokio::test(start_paused = true)]
-    async fn a_write_accepted_just_before_a_step_down_is_sent_elsewhere_at_once() {
+    /// A write proposed to a service whose node has `role` in `term`: the test answers the proposal
+    /// through `accepted`; `write` ends when the service answers.
+    struct Proposed {
+        node: DetachedNode,
+        write: JoinHandle<Result<crate::kv::KvOutput, Refusal>>,
+        accepted: oneshot::Sender<Result<(Index, Term), NodeError>>,
+        /// Kept open: the applier stops when it closes.
+        _applied: mpsc::UnboundedSender<Applied>,
+    }
+
+    async fn propose_write(role: Role, term: Term) -> Proposed {
         let (handle, mut node) = DetachedNode::new();
-        node.set_role(Role::Leader, 2);
-        let (_applied_tx, applied_rx) = mpsc::unbounded_channel();
-        let config = ServiceConfig::default();
-        let timeout = config.request_timeout;
-        let (service, _applier) =
-            RsmService::start(Span::none(), KvStore::default(), handle, applied_rx, config);
-        let started = Instant::now();
+        node.set_role(role, term);
+        let (applied, applied_rx) = mpsc::unbounded_channel();
+        let (service, _applier) = RsmService::start(
+            Span::none(),
+            KvStore::default(),
+            handle,
+            applied_rx,
+            ServiceConfig::default(),
+        );
         let write = tokio::spawn(async move {
             let put = KvCommand::Put {
                 key: "k".into(),
@@ -907,6 +921,26 @@ mod leadership_tests {
             service.mutate(client, 1, put).await
         });
         let accepted = node.next_proposal().await;
+        Proposed {
+            node,
+            write,
+            accepted,
+            _applied: applied,
+        }
+    }
+
+    /// A write Raft accepted just before its leader stepped down, where the leadership watcher saw the
+    /// step-down before the write was tracked: it is sent elsewhere at once, not left to wait out its
+    /// deadline (1 s) for an entry that may never be applied.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_accepted_just_before_a_step_down_is_sent_elsewhere_at_once() {
+        let started = Instant::now();
+        let Proposed {
+            node,
+            write,
+            accepted,
+            _applied,
+        } = propose_write(Role::Leader, 2).await;
         node.set_role(Role::Follower, 3);
         // The clock is paused: this runs every task (the watcher too) until all wait, then moves on.
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -919,10 +953,29 @@ mod leadership_tests {
             Err(_) => "another refusal",
         };
         assert_eq!(answer, "wrong leader");
+        let timeout = ServiceConfig::default().request_timeout;
         assert!(
             started.elapsed() < timeout / 2,
             "took {:?}",
             started.elapsed()
+        );
+    }
+
+    /// A write accepted in the driver's pass that won the election is answered before the status
+    /// says leader: it waits for its entry like any other, it is not sent elsewhere.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_accepted_as_the_election_is_won_waits_for_its_entry() {
+        let Proposed {
+            write,
+            accepted,
+            _applied,
+            ..
+        } = propose_write(Role::Candidate, 2).await;
+        let _ = accepted.send(Ok((1, 2)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            !write.is_finished(),
+            "answered before its entry was applied"
         );
     }
 }
