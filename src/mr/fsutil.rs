@@ -96,6 +96,30 @@ impl Drop for Staged {
     }
 }
 
+/// Removes the hidden temporary files of `path` that other writers left beside it (`.<name>.tmp-*`):
+/// once `path` is published they can only be garbage — an attempt killed mid-write (SIGKILL runs no
+/// `Drop`) or one superseded (its rename then fails, and it publishes nothing). Returns how many went.
+pub fn remove_stale_temps(path: &Path) -> usize {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return 0;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .filter(|entry| std::fs::remove_file(entry.path()).is_ok())
+        .count()
+}
+
 /// Make the entries of `dir` (a rename into it) durable.
 pub fn sync_dir(dir: &Path) -> Result<(), MrError> {
     File::open(dir)
@@ -122,6 +146,35 @@ mod tests {
         })
         .unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"done");
+    }
+
+    #[test]
+    fn once_published_the_temporary_files_other_writers_left_of_it_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mr-out-1");
+        let left = [".mr-out-1.tmp-11-0000abcd", ".mr-out-1.tmp-12-0000ef01"];
+        let others = [
+            ".mr-out-12.tmp-11-00000001",
+            "mr-out-2",
+            ".mr-out-2.tmp-3-00000002",
+        ];
+        for name in left.iter().chain(&others) {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        write_atomic(&path, false, |w| {
+            w.write_all(b"done").map_err(MrError::io("x"))
+        })
+        .unwrap();
+        assert_eq!(remove_stale_temps(&path), 2);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut expected: Vec<String> = others.iter().map(|n| n.to_string()).collect();
+        expected.push("mr-out-1".into());
+        expected.sort();
+        assert_eq!(names, expected);
     }
 
     #[test]

@@ -597,7 +597,20 @@ impl Worker {
             }
             Err(err) => return Outcome::Abandoned(format!("asking to commit: {err}")),
         }
-        finish(tokio::task::spawn_blocking(move || staged.commit()).await)
+        let published = task.spec.output_path(task.index);
+        let (worker, job_id, index) = (self.id.clone(), task.job_id, task.index);
+        finish(
+            tokio::task::spawn_blocking(move || {
+                staged.commit()?;
+                // What killed or superseded attempts of this partition left behind.
+                let removed = fsutil::remove_stale_temps(&published);
+                if removed > 0 {
+                    tracing::info!(%worker, job = job_id, index, removed, "removed temporary files earlier attempts left");
+                }
+                Ok(())
+            })
+            .await,
+        )
     }
 
     /// Where every map task's output lives and which attempt wrote it, read from the coordinator a
