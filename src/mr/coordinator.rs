@@ -231,6 +231,9 @@ pub struct Running {
     /// a task never both rename into the job's output (a holder that neither reports nor commits
     /// within a task timeout loses it).
     pub commit_grant: Option<(String, u64, Instant)>,
+    /// The latest hand-out reported a failure while superseded ones may still finish: the task may
+    /// be handed out again at once, and their reports are still heard.
+    pub latest_ended: bool,
 }
 
 /// Whether the (worker, attempt) pair `held` is `worker`'s `attempt`.
@@ -251,6 +254,11 @@ impl Running {
                 .superseded
                 .iter()
                 .any(|(w, a)| is_attempt((w, *a), worker, attempt))
+    }
+
+    /// Whether the task may be handed out again at `now`.
+    fn free_at(&self, now: Instant) -> bool {
+        self.latest_ended || self.deadline <= now
     }
 
     /// Whether (`worker`, `attempt`) holds the commit grant (expired or not).
@@ -645,7 +653,7 @@ impl Coordinator {
             .iter()
             .zip(job.running(kind))
             .position(|(task, running)| {
-                task.done.is_none() && running.as_ref().is_none_or(|r| r.deadline <= now)
+                task.done.is_none() && running.as_ref().is_none_or(|r| r.free_at(now))
             });
         let Some(index) = available else {
             return Some(Assignment::Wait);
@@ -684,6 +692,7 @@ impl Coordinator {
             deadline: now + timeout,
             superseded,
             commit_grant,
+            latest_ended: false,
         });
         job.record.tasks_mut(kind)[index].runs += 1;
         let split = match kind {
@@ -838,7 +847,14 @@ impl Coordinator {
                 worker: worker.to_string(),
             });
         };
-        if running.is_latest(worker, attempt) {
+        let failed = !matches!(outcome, Outcome::Succeeded { .. });
+        if running.is_latest(worker, attempt) && failed && !running.superseded.is_empty() {
+            // Earlier attempts may still finish: keep hearing them, and free the task for another.
+            running.latest_ended = true;
+            if running.granted_to(worker, attempt) {
+                running.commit_grant = None;
+            }
+        } else if running.is_latest(worker, attempt) {
             *slot = None;
         } else if running.granted_to(worker, attempt) {
             // A superseded attempt that reports without having committed gives the grant back.
@@ -1065,6 +1081,31 @@ mod tests {
             .report(id, TaskKind::Map, 0, "slow", first.attempt, ok("slow"))
             .unwrap());
         assert!(c.took(id, TaskKind::Map, 0, "slow", first.attempt));
+    }
+
+    #[test]
+    fn a_superseded_attempt_is_still_heard_after_the_latest_one_failed() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(1, 1));
+        let slow = run(c.assign(&worker("slow"), now));
+        let later = run(c.assign(&worker("b"), now + TIMEOUT));
+        let failed = Outcome::Failed("boom".into());
+        c.report(id, TaskKind::Map, 0, "b", later.attempt, failed)
+            .unwrap();
+        // The task is free again at once, and the slow original is still heard.
+        let third = run(c.assign(&worker("c"), now + TIMEOUT));
+        assert_eq!((third.kind, third.index), (TaskKind::Map, 0));
+        assert!(c
+            .report(id, TaskKind::Map, 0, "slow", slow.attempt, ok("slow"))
+            .unwrap());
+        assert_eq!(
+            c.record(id).unwrap().maps[0]
+                .done
+                .as_ref()
+                .map(|d| d.attempt),
+            Some(slow.attempt)
+        );
     }
 
     #[test]
