@@ -485,16 +485,12 @@ impl Coordinator {
     /// not known yet there), so a raised limit keeps what the default would not.
     pub fn with_keep_finished(mut self, keep: usize) -> Self {
         self.keep_finished = keep.max(1);
-        self.forget_old_finished()
-    }
-
-    /// Forget finished jobs beyond the newest `keep_finished`. The newest job is never among them (it
-    /// is either unfinished or the newest finished one), so the next id stays above every id used.
-    fn forget_old_finished(mut self) -> Self {
         self.forget_beyond_limit();
         self
     }
 
+    /// Forget finished jobs beyond the newest `keep_finished`. The newest job is never among them (it
+    /// is either unfinished or the newest finished one), so the next id stays above every id used.
     fn forget_beyond_limit(&mut self) {
         let finished: Vec<u64> = self
             .jobs

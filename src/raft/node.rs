@@ -853,19 +853,18 @@ impl Driver {
         } else if ready.must_persist() {
             let mut storage = self.storage.take().ok_or(NodeError::Stopped)?;
             let started = std::time::Instant::now();
-            let (storage, ready_back, result) = if persist_in_place(&ready) {
-                tokio::task::block_in_place(move || {
-                    let result = storage.persist(&ready);
-                    (storage, ready, result)
-                })
+            let in_place = persist_in_place(&ready);
+            let persist = move || {
+                let result = storage.persist(&ready);
+                (storage, ready, result)
+            };
+            let (storage, ready_back, result) = if in_place {
+                tokio::task::block_in_place(persist)
             } else {
                 // sled's flush is a blocking fsync: keep it off the runtime's worker threads.
-                tokio::task::spawn_blocking(move || {
-                    let result = storage.persist(&ready);
-                    (storage, ready, result)
-                })
-                .await
-                .map_err(|_| NodeError::Stopped)?
+                tokio::task::spawn_blocking(persist)
+                    .await
+                    .map_err(|_| NodeError::Stopped)?
             };
             let took = started.elapsed();
             let entries = ready_back.log_write.as_ref().map_or(0, |w| w.entries.len());
