@@ -134,7 +134,7 @@ fn round_trips(count: u64) -> Vec<Duration> {
         .server()
         .expect("server builder")
         .add_service(KvServer::new(Answering))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        .serve_with_incoming(ds824::security::incoming(listener));
     server_runtime.spawn(server);
     let client_runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

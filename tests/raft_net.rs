@@ -439,7 +439,7 @@ async fn inbound_server(
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(RaftTransportServer::new(service))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(ds824::security::incoming(listener))
             .await;
     });
     let client = ds824::proto::raft::raft_transport_client::RaftTransportClient::connect(format!(

@@ -703,7 +703,7 @@ pub async fn serve(
         .server()
         .map_err(|err| MrError::Other(format!("coordinator server: {err}")))?
         .add_service(CoordinatorServer::from_arc(service))
-        .serve_with_incoming_shutdown(crate::mr::shuffle::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::security::incoming(listener), shutdown)
         .await
         .map_err(|err| MrError::Other(format!("coordinator server: {err}")))
 }

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -212,12 +211,6 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
     }
 }
 
-/// Accepted connections with Nagle's algorithm off: our RPCs are small request/response pairs, and Nagle
-/// plus delayed ACKs would add ~40 ms to every one of them.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 /// Runs the shuffle server on `listener` in the background, with `security`'s TLS and guard. Fails now
 /// if the TLS configuration is unusable.
 pub fn spawn_server(
@@ -232,7 +225,7 @@ pub fn spawn_server(
     Ok(tokio::spawn(async move {
         let result = server
             .add_service(ShuffleServer::new(service))
-            .serve_with_incoming(incoming(listener))
+            .serve_with_incoming(crate::security::incoming(listener))
             .await;
         if let Err(err) = result {
             tracing::error!(%err, "shuffle server stopped");
@@ -485,7 +478,7 @@ mod tests {
             let server = tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(ShuffleServer::new(Rogue { endless }))
-                    .serve_with_incoming(incoming(listener)),
+                    .serve_with_incoming(crate::security::incoming(listener)),
             );
             let limits = FetchLimits {
                 max_bytes: 3 * CHUNK,
@@ -527,7 +520,7 @@ mod tests {
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ShuffleServer::new(service))
-                .serve_with_incoming(incoming(listener)),
+                .serve_with_incoming(crate::security::incoming(listener)),
         );
         let request = pb::FetchRequest {
             job_id: 1,

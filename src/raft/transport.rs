@@ -1010,7 +1010,7 @@ mod tests {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(RaftTransportServer::new(peer))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(crate::security::incoming(listener)),
         );
         let config = TransportConfig {
             snapshot_chunk_bytes: 1 << 10,

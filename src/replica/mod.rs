@@ -37,7 +37,6 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 /// Which replicated service a node runs. The storage identity records it, so a data directory of one
@@ -762,7 +761,7 @@ impl Replica {
         let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut peer_server = tokio::spawn(async move {
             peer_router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async {
+                .serve_with_incoming_shutdown(crate::security::incoming(peer_listener), async {
                     let _ = peer_stop_rx.await;
                 })
                 .await
@@ -790,7 +789,7 @@ impl Replica {
         };
         let mut server = tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(crate::security::incoming(listener), async {
                     let _ = stop_rx.await;
                 })
                 .await

@@ -397,6 +397,15 @@ pub fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// The connections a server accepts on `listener`, with Nagle's algorithm off: every server of ours
+/// is served through this. Our RPCs and Raft's acknowledgements are small writes in reply to small
+/// writes; with Nagle on, a reply written while the previous one is unacknowledged waits for that
+/// acknowledgement, which the peer may delay up to 40 ms. (tonic's `tcp_nodelay` applies only to the
+/// listeners it binds itself, not to `serve_with_incoming`.)
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Roles that use the data services: ordinary clients and operators.
 pub fn is_user(role: &Role) -> bool {
     matches!(role, Role::Client | Role::Admin)
@@ -419,7 +428,7 @@ mod server_tests {
             .server()
             .expect("server")
             .add_routes(tonic::service::Routes::default())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+            .serve_with_incoming(super::incoming(listener));
         let server = tokio::spawn(server);
         let tcp = tokio::net::TcpStream::connect(address)
             .await
@@ -440,5 +449,25 @@ mod server_tests {
             crate::limits::MAX_REQUESTS_PER_CONNECTION as usize
         );
         server.abort();
+    }
+
+    /// Accepted connections have Nagle's algorithm off (see [`super::incoming`]).
+    #[tokio::test]
+    async fn accepted_connections_send_small_writes_at_once() {
+        use tokio_stream::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut incoming = super::incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"));
     }
 }

@@ -18,7 +18,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// How long any wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -134,7 +133,7 @@ impl Cluster {
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming(ds824::security::incoming(listener))
                 .await;
         });
         // A fresh process knows nothing: its state comes from the snapshot and the log replay.
