@@ -29,6 +29,38 @@ async fn three_nodes_elect_a_leader_and_replicate() {
     cluster.shutdown().await;
 }
 
+/// Lease reads are answered without the driver's loop, from the lease it publishes (issue #14): a
+/// leader answers them, and once it has handed leadership to another node it answers none from its
+/// old lease, though by the clock that lease (890 ms at production timing) would still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_handed_off_answers_no_read_from_its_old_lease() {
+    let cluster = Cluster::with_lease_reads(3).await;
+    let (index, leader) = cluster.propose(Bytes::from_static(b"x")).await;
+    cluster
+        .wait_for("the entry to apply", |c| c.last_applied(leader) >= index)
+        .await;
+    let read = cluster.handle(leader).read_index().await;
+    assert!(
+        read.as_ref().is_ok_and(|&at| at >= index),
+        "the leader's read: {read:?}"
+    );
+    let target = (leader + 1) % 3;
+    cluster
+        .handle(leader)
+        .transfer_leadership(Cluster::id(target))
+        .await
+        .expect("transfer");
+    cluster
+        .wait_for("the target to lead", |c| c.leader() == Some(target))
+        .await;
+    let stale = cluster.handle(leader).read_index().await;
+    assert!(
+        stale.is_err(),
+        "the old leader answered a read after the transfer: {stale:?}"
+    );
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_survives_its_leader_crashing_and_the_leader_recovers_from_disk() {
     let mut cluster = Cluster::new(3, 0).await;

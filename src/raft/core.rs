@@ -1125,6 +1125,18 @@ impl RaftCore {
         }
     }
 
+    /// What a lease read asked now would get, for the driver to publish ([`super::local_lease`]): the
+    /// index it reads at (this term's commit) and how many more ticks the lease runs (at least 1).
+    /// `None` when a read would need a round.
+    pub fn lease_read_grant(&self) -> Option<(Index, u64)> {
+        let commit = self.log.committed();
+        if self.log.term(commit) != Some(self.term) || !self.lease_valid() {
+            return None;
+        }
+        let ends = self.reads.lease_from()? + self.config.lease_ticks();
+        Some((commit, ends.saturating_sub(self.ticks)))
+    }
+
     /// Whether this leader may answer a read from its lease: a majority acknowledged a broadcast less
     /// than [`Config::lease_ticks`] ago, and no transfer in this term may have elected someone else.
     fn lease_valid(&self) -> bool {

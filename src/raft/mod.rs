@@ -42,6 +42,7 @@ pub mod config;
 pub mod core;
 pub mod forwarded_reads;
 pub mod journal;
+pub mod local_lease;
 pub mod log;
 pub mod membership;
 pub mod message;

@@ -12,6 +12,7 @@
 use super::admission::{Admission, AppliedIndex, Refused};
 use super::config::Config;
 use super::core::{CompactError, NotLeader, RaftCore, RestoreError, Status};
+use super::local_lease::{lease_end, PublishedLease};
 use super::log::ApplyBudget;
 use super::membership::{Membership, MembershipChange, MembershipError};
 use super::message::Envelope;
@@ -26,6 +27,7 @@ use crate::security::Guard;
 use crate::stages::RaftStages;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -203,6 +205,8 @@ pub struct RaftHandle {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<NodeStatus>,
     applied: AppliedIndex,
+    /// The leader's read lease as the driver last published it (lease reads only).
+    lease: Arc<PublishedLease>,
 }
 
 impl RaftHandle {
@@ -233,6 +237,10 @@ impl RaftHandle {
     /// A linearizable read point: once the service applied this index, its state reflects every write
     /// that completed before the call.
     pub async fn read_index(&self) -> Result<Index, NodeError> {
+        // Within the lease the driver would answer at once with the index it published.
+        if let Some(index) = self.lease.read_index(boot_time()) {
+            return Ok(index);
+        }
         self.ask(|reply| Command::ReadIndex {
             anywhere: false,
             reply,
@@ -332,6 +340,8 @@ pub(crate) struct DetachedNode {
     commands: mpsc::Receiver<Command>,
     /// The status the handle's subscribers see.
     pub status: watch::Sender<NodeStatus>,
+    /// The lease the handle answers reads from.
+    pub lease: Arc<PublishedLease>,
 }
 
 #[cfg(test)]
@@ -350,8 +360,17 @@ impl DetachedNode {
             commands: commands_tx,
             status: status_rx,
             applied: AppliedIndex::default(),
+            lease: Arc::default(),
         };
-        (handle, DetachedNode { commands, status })
+        let lease = handle.lease.clone();
+        (
+            handle,
+            DetachedNode {
+                commands,
+                status,
+                lease,
+            },
+        )
     }
 
     /// Set the role and term the handle reports.
@@ -409,6 +428,7 @@ impl RaftNode {
         let transport = Transport::start(&config.peers, &config.transport, &config.cluster_id());
         let admission = Admission::default();
         let applied = admission.applied.clone();
+        let lease = Arc::new(PublishedLease::default());
         let (staged_tx, staged_rx) = mpsc::unbounded_channel();
         let mut addresses = config.peers.clone();
         if let Some(own) = &config.address {
@@ -426,6 +446,7 @@ impl RaftNode {
             status: status_tx,
             reads: HashMap::new(),
             next_read: 0,
+            lease: lease.clone(),
             last_role: Role::Follower,
             last_term: 0,
             stages: RaftStages::default(),
@@ -452,6 +473,7 @@ impl RaftNode {
                 commands: command_tx,
                 status: status_rx,
                 applied,
+                lease,
             },
             service,
             task,
@@ -501,6 +523,8 @@ struct Driver {
     status: watch::Sender<NodeStatus>,
     reads: HashMap<u64, oneshot::Sender<Result<Index, NodeError>>>,
     next_read: u64,
+    /// Where lease reads are answered without this loop ([`super::local_lease`]).
+    lease: Arc<PublishedLease>,
     last_role: Role,
     last_term: Term,
     admission: Admission,
@@ -518,6 +542,13 @@ struct Driver {
     wall_ticks: Option<WallTicks>,
     /// Every peer address this node knows: `--peers`, then those the configurations carry.
     addresses: HashMap<NodeId, String>,
+}
+
+/// A stopped (or aborted) node answers no read from a lease its loop no longer looks after.
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.lease.publish(None);
+    }
 }
 
 /// Ticks by the wall clock, for lease reads: a lease is measured in ticks, so a loop that fell behind
@@ -823,6 +854,27 @@ impl Driver {
     /// Handles `Ready`s until the core has none. More than one when a leader's own flush completed a
     /// commit ([`RaftCore::persisted`]): that commit must not wait for the next input.
     async fn handle_ready(&mut self) -> Result<(), NodeError> {
+        // Before anything this pass produced is sent: a revocation must be in force before the
+        // TimeoutNow or the configuration entry that needs it leaves.
+        self.publish_lease();
+        let handled = self.handle_readies().await;
+        self.publish_lease();
+        handled
+    }
+
+    /// The core's lease, as [`RaftHandle::read_index`] answers from it without this loop.
+    fn publish_lease(&self) {
+        let grant = self.wall_ticks.as_ref().and_then(|clock| {
+            let (index, ticks_left) = self.core.lease_read_grant()?;
+            Some((
+                index,
+                lease_end(clock.start, clock.tick, clock.delivered, ticks_left),
+            ))
+        });
+        self.lease.publish(grant);
+    }
+
+    async fn handle_readies(&mut self) -> Result<(), NodeError> {
         for _ in 0..4 {
             self.refresh_apply_budget();
             if !self.core.has_ready() {
@@ -996,7 +1048,7 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
-    use super::{boot_time, WallTicks};
+    use super::{boot_time, Command, DetachedNode, WallTicks};
     use std::time::Duration;
 
     fn clock_started_ago(ago: Duration, max_burst: u64) -> WallTicks {
@@ -1022,5 +1074,28 @@ mod tests {
         let mut clock = clock_started_ago(Duration::from_secs(600), 201);
         assert_eq!(clock.due(), 201);
         assert!(clock.due() <= 1, "the skipped ticks came back");
+    }
+
+    /// A read within the lease the driver published is answered on the caller's task; once the lease
+    /// is revoked the driver is asked.
+    #[tokio::test]
+    async fn a_read_within_the_published_lease_does_not_wait_for_the_driver() {
+        let (handle, mut node) = DetachedNode::new();
+        node.lease
+            .publish(Some((5, boot_time() + Duration::from_secs(3600))));
+        // Nothing takes the node's commands: only the published lease can answer.
+        let read = tokio::time::timeout(Duration::from_secs(10), handle.read_index()).await;
+        assert_eq!(read.expect("answered").expect("a read index"), 5);
+        node.lease.publish(None);
+        let asking = tokio::spawn(async move { handle.read_index().await });
+        let command = node.commands.recv().await.expect("the driver is asked");
+        assert!(matches!(
+            command,
+            Command::ReadIndex {
+                anywhere: false,
+                ..
+            }
+        ));
+        asking.abort();
     }
 }

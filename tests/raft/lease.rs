@@ -286,3 +286,84 @@ fn a_stale_message_from_a_higher_term_does_not_release_a_follower_from_its_promi
         );
     }
 }
+
+/// Node `i`'s answer to a read if it gives it in the same `Ready` (from its lease), then everything
+/// that read produced delivered as usual.
+fn read_at_once(trio: &mut Trio, i: usize, id: u64) -> Option<u64> {
+    trio.cores[i].read_index(id).ok()?;
+    let ready = trio.cores[i].ready();
+    let at_once = ready
+        .read_states
+        .iter()
+        .find(|r| r.id == id)
+        .map(|r| r.index);
+    for envelope in ready.messages {
+        let to = envelope.to as usize - 1;
+        if trio.connected[i] && trio.connected[to] {
+            let _ = trio.cores[to].step(envelope);
+        }
+    }
+    trio.pump();
+    at_once
+}
+
+/// The grant a driver publishes so lease reads skip its loop (`lease_read_grant`) is what a lease read
+/// asked of the core gets: the same index while the lease runs, for exactly the ticks it says are
+/// left, and nothing after.
+#[test]
+fn the_published_grant_is_what_a_lease_read_gets_for_as_long_as_it_says() {
+    let mut trio = Trio::new(true);
+    let leader = trio.elect();
+    trio.connected[leader] = false;
+    let (index, ticks_left) = trio.cores[leader]
+        .lease_read_grant()
+        .expect("a fresh leader holds a lease");
+    assert!(ticks_left >= 1);
+    for t in 0..ticks_left {
+        let grant = trio.cores[leader].lease_read_grant();
+        assert_eq!(grant, Some((index, ticks_left - t)), "at tick {t}");
+        assert_eq!(read_at_once(&mut trio, leader, 100 + t), Some(index));
+        trio.tick_all();
+    }
+    assert_eq!(trio.cores[leader].lease_read_grant(), None);
+    assert_eq!(
+        read_at_once(&mut trio, leader, 1),
+        None,
+        "the core answered from a lease the grant said had ended"
+    );
+}
+
+/// A transfer (whose target campaigns past the followers' promise) and a configuration change (whose
+/// new voters promised nothing) end the grant at once, before anything is sent.
+#[test]
+fn the_published_grant_ends_with_a_transfer_and_a_configuration_change() {
+    let mut trio = Trio::new(true);
+    let leader = trio.elect();
+    assert!(trio.cores[leader].lease_read_grant().is_some());
+    let target = (leader + 1) % 3;
+    trio.cores[leader]
+        .transfer_leadership(target as u64 + 1)
+        .expect("transfer");
+    assert_eq!(trio.cores[leader].lease_read_grant(), None);
+
+    let mut trio = Trio::new(true);
+    let leader = trio.elect();
+    trio.tick_all();
+    assert!(trio.cores[leader].lease_read_grant().is_some());
+    trio.cores[leader]
+        .propose_membership(
+            ds824::raft::MembershipChange::AddLearner {
+                id: 4,
+                address: "http://127.0.0.1:1".into(),
+            },
+            |_| None,
+        )
+        .expect("configuration change");
+    assert_eq!(trio.cores[leader].lease_read_grant(), None);
+    // (Not delivered: the trio has no node 4.)
+    trio.cores[leader].read_index(1).expect("still the leader");
+    assert!(
+        trio.cores[leader].ready().read_states.is_empty(),
+        "the core answered from its lease after a configuration change"
+    );
+}

@@ -65,19 +65,31 @@ pub struct Cluster {
     compact_every: u64,
     /// Use the daemons' timing (10 ms ticks, elections after 1–2 s) instead of the tests' fast one.
     pub production_timing: bool,
+    /// Leaders answer reads from their lease (`kvd --lease-reads`).
+    pub lease_reads: bool,
 }
 
 impl Cluster {
     pub async fn new(n: usize, compact_every: u64) -> Cluster {
-        Self::build(n, compact_every, false).await
+        Self::build(n, compact_every, false, false).await
     }
 
     /// A cluster with the daemons' production timing.
     pub async fn with_production_timing(n: usize, compact_every: u64) -> Cluster {
-        Self::build(n, compact_every, true).await
+        Self::build(n, compact_every, true, false).await
     }
 
-    async fn build(n: usize, compact_every: u64, production_timing: bool) -> Cluster {
+    /// A cluster with the daemons' production timing whose leaders answer reads from their lease.
+    pub async fn with_lease_reads(n: usize) -> Cluster {
+        Self::build(n, 0, true, true).await
+    }
+
+    async fn build(
+        n: usize,
+        compact_every: u64,
+        production_timing: bool,
+        lease_reads: bool,
+    ) -> Cluster {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for _ in 0..n {
@@ -96,6 +108,7 @@ impl Cluster {
             changed: Arc::new(Notify::new()),
             compact_every,
             production_timing,
+            lease_reads,
         };
         for i in 0..n {
             cluster.start(i).await;
@@ -113,6 +126,7 @@ impl Cluster {
             .map(|j| (Self::id(j), format!("http://{}", self.addrs[j])))
             .collect();
         let mut config = NodeConfig::new(Self::id(i), peers);
+        config.raft.lease_reads = self.lease_reads;
         if !self.production_timing {
             // Faster elections than production keep the tests short: 50–100 ms of silence.
             config.raft.election_ticks = 10;
