@@ -251,6 +251,10 @@ impl RaftHandle {
     /// [`RaftHandle::read_index`] on a follower too: it asks the leader for the read point (see
     /// [`RaftCore::read_index_anywhere`]), so reads can be spread over every replica.
     pub async fn read_index_anywhere(&self) -> Result<Index, NodeError> {
+        // A leader answers it as `read_index`, from its lease too.
+        if let Some(index) = self.lease.read_index(boot_time()) {
+            return Ok(index);
+        }
         self.ask(|reply| Command::ReadIndex {
             anywhere: true,
             reply,
@@ -1085,6 +1089,9 @@ mod tests {
             .publish(Some((5, boot_time() + Duration::from_secs(3600))));
         // Nothing takes the node's commands: only the published lease can answer.
         let read = tokio::time::timeout(Duration::from_secs(10), handle.read_index()).await;
+        assert_eq!(read.expect("answered").expect("a read index"), 5);
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), handle.read_index_anywhere()).await;
         assert_eq!(read.expect("answered").expect("a read index"), 5);
         node.lease.publish(None);
         let asking = tokio::spawn(async move { handle.read_index().await });
