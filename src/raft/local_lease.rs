@@ -60,8 +60,12 @@ fn nanos(time: Duration) -> u64 {
 /// When a lease of `ticks_left` more core ticks ends on a tick clock started at `start` that has
 /// delivered `delivered` ticks of `tick` each (see the module's doc).
 pub fn lease_end(start: Duration, tick: Duration, delivered: u64, ticks_left: u64) -> Duration {
-    let ticks = u32::try_from(delivered.saturating_add(ticks_left)).unwrap_or(u32::MAX);
-    start.saturating_add(tick.saturating_mul(ticks))
+    // In u128 nanoseconds: a tick count past u32 (497 days of 10 ms ticks) must not clamp the end
+    // into the past.
+    let nanos = tick.as_nanos() * u128::from(delivered.saturating_add(ticks_left));
+    start.saturating_add(Duration::from_nanos(
+        u64::try_from(nanos).unwrap_or(u64::MAX),
+    ))
 }
 
 #[cfg(test)]
@@ -104,5 +108,11 @@ mod tests {
         // ticks left, the third (1.33 s) ends the lease.
         let end = lease_end(1_000 * MS, 10 * MS, 30, 3);
         assert_eq!(end, 1_330 * MS);
+        // After 500 days of 10 ms ticks (past u32 ticks) the end is still ahead.
+        let days_500 = 500 * 24 * 3_600 * 100;
+        assert_eq!(
+            lease_end(MS, 10 * MS, days_500, 3),
+            MS + 10 * MS * 3 + Duration::from_secs(500 * 24 * 3_600)
+        );
     }
 }

@@ -690,6 +690,11 @@ impl Driver {
     }
 
     fn step(&mut self, envelope: Envelope) {
+        // With lease reads, the ticks already due count before the message does: a follower whose
+        // loop fell behind (a stall, a suspended VM) and then hears its leader must count its promise
+        // not to vote from now, not have the missed ticks delivered after the reset (which ended the
+        // promise at once while the leader's lease ran on).
+        self.catch_up_ticks();
         let from = envelope.from;
         if let Err(e) = self.core.step(envelope) {
             warn!(from, error = %e, "refused a message");
@@ -733,11 +738,10 @@ impl Driver {
             }
             Command::Compact(index, data, reply) => self.compact(index, data, reply),
             Command::Transfer(target, reply) => {
-                let _ = reply.send(
-                    self.core
-                        .transfer_leadership(target)
-                        .map_err(NodeError::from),
-                );
+                let result = self.core.transfer_leadership(target);
+                // A caller that reads after the transfer returned reads through a round.
+                self.publish_lease();
+                let _ = reply.send(result.map_err(NodeError::from));
             }
             Command::ChangeMembership(change, reply) => {
                 let addresses = &self.addresses;
@@ -745,6 +749,7 @@ impl Driver {
                     .core
                     .propose_membership(change, |id| addresses.get(&id).cloned())
                     .map_err(NodeError::from);
+                self.publish_lease();
                 let _ = reply.send(result);
             }
             Command::Shutdown => {}
@@ -866,6 +871,12 @@ impl Driver {
         handled
     }
 
+    /// Every message leaves through here: whatever ended the lease is published before it does.
+    fn send(&mut self, messages: Vec<Envelope>) {
+        self.publish_lease();
+        self.transport.send(messages);
+    }
+
     /// The core's lease, as [`RaftHandle::read_index`] answers from it without this loop.
     fn publish_lease(&self) {
         let grant = self.wall_ticks.as_ref().and_then(|clock| {
@@ -898,7 +909,7 @@ impl Driver {
         }
         if ready.persist_after_send {
             // A leader's new entries go to the followers now, so their flushes overlap this one.
-            self.transport.send(std::mem::take(&mut ready.messages));
+            self.send(std::mem::take(&mut ready.messages));
         }
         if ready.commit_only {
             // No flush: a memory write, not worth a trip to the blocking pool.
@@ -1014,7 +1025,7 @@ impl Driver {
         self.admission
             .settle(self.core.commit_index(), self.core.is_leader());
 
-        self.transport.send(ready.messages);
+        self.send(ready.messages);
         if let Some(snapshot) = ready.snapshot_to_apply {
             let _ = self.apply.send(Applied::Snapshot(snapshot));
         }
@@ -1104,5 +1115,68 @@ mod tests {
             }
         ));
         asking.abort();
+    }
+
+    /// A driver of node 1 of {1, 2, 3} (a fresh follower, lease reads on) whose wall clock started
+    /// `ago`, with no storage and no peers: enough to feed it inputs and look at its core.
+    fn lagging_driver(ago: Duration) -> super::Driver {
+        let mut config = super::Config::new(1, vec![1, 2, 3]);
+        config.lease_reads = true;
+        let core = super::RaftCore::new(config).expect("config");
+        let (status, _) = tokio::sync::watch::channel(super::NodeStatus {
+            raft: core.status(),
+            raft_state_bytes: 0,
+            snapshot_bytes: 0,
+            stages: super::RaftStages::default(),
+        });
+        let max_burst = 2 * 100 + 1;
+        super::Driver {
+            core,
+            storage: None,
+            transport: super::Transport::start(
+                &std::collections::HashMap::new(),
+                &super::TransportConfig::default(),
+                "test",
+            ),
+            apply: tokio::sync::mpsc::unbounded_channel().0,
+            status,
+            reads: Default::default(),
+            next_read: 0,
+            lease: Default::default(),
+            last_role: super::Role::Follower,
+            last_term: 0,
+            admission: Default::default(),
+            staged_tx: tokio::sync::mpsc::unbounded_channel().0,
+            apply_ledger: Default::default(),
+            stages: Default::default(),
+            uncommitted: Default::default(),
+            wall_ticks: Some(clock_started_ago(ago, max_burst)),
+            addresses: Default::default(),
+        }
+    }
+
+    /// A follower whose loop fell behind the wall clock (here: 3 s of ticks due, more than its
+    /// election timeout) and then hears its leader counts the missed ticks first: its promise not to
+    /// vote (and its election timer) start from the heartbeat. Delivered after it, the missed ticks
+    /// ended the promise at once while the leader's lease ran on (found by review), and started a
+    /// campaign against a live leader.
+    #[tokio::test]
+    async fn missed_ticks_count_before_a_message_not_after_it() {
+        let mut driver = lagging_driver(Duration::from_secs(3));
+        driver.step(super::Envelope {
+            from: 2,
+            to: 1,
+            message: super::super::message::Message::AppendEntries {
+                term: 1,
+                prev_log_index: 0,
+                prev_log_term: 0,
+                entries: Vec::new(),
+                leader_commit: 0,
+                read_round: 1,
+            },
+        });
+        driver.tick();
+        assert_eq!(driver.core.role(), super::Role::Follower);
+        assert_eq!(driver.core.leader(), Some(2));
     }
 }
