@@ -234,11 +234,15 @@ impl RaftHandle {
         self.applied.report(index);
     }
 
+    /// Within the lease the driver published, the index it would answer a read with at once.
+    fn lease_read_index(&self) -> Option<Index> {
+        self.lease.read_index(boot_time())
+    }
+
     /// A linearizable read point: once the service applied this index, its state reflects every write
     /// that completed before the call.
     pub async fn read_index(&self) -> Result<Index, NodeError> {
-        // Within the lease the driver would answer at once with the index it published.
-        if let Some(index) = self.lease.read_index(boot_time()) {
+        if let Some(index) = self.lease_read_index() {
             return Ok(index);
         }
         self.ask(|reply| Command::ReadIndex {
@@ -252,7 +256,7 @@ impl RaftHandle {
     /// [`RaftCore::read_index_anywhere`]), so reads can be spread over every replica.
     pub async fn read_index_anywhere(&self) -> Result<Index, NodeError> {
         // A leader answers it as `read_index`, from its lease too.
-        if let Some(index) = self.lease.read_index(boot_time()) {
+        if let Some(index) = self.lease_read_index() {
             return Ok(index);
         }
         self.ask(|reply| Command::ReadIndex {
@@ -863,9 +867,8 @@ impl Driver {
     /// Handles `Ready`s until the core has none. More than one when a leader's own flush completed a
     /// commit ([`RaftCore::persisted`]): that commit must not wait for the next input.
     async fn handle_ready(&mut self) -> Result<(), NodeError> {
-        // Before anything this pass produced is sent: a revocation must be in force before the
-        // TimeoutNow or the configuration entry that needs it leaves.
-        self.publish_lease();
+        // Revocations are published before any send (`Driver::send`); this publishes what the pass
+        // changed without sending (a renewal, a commit, a step-down).
         let handled = self.handle_readies().await;
         self.publish_lease();
         handled
@@ -879,12 +882,15 @@ impl Driver {
 
     /// The core's lease, as [`RaftHandle::read_index`] answers from it without this loop.
     fn publish_lease(&self) {
-        let grant = self.wall_ticks.as_ref().and_then(|clock| {
-            let (index, ticks_left) = self.core.lease_read_grant()?;
-            Some((
+        // Without lease reads nothing is ever published.
+        let Some(clock) = &self.wall_ticks else {
+            return;
+        };
+        let grant = self.core.lease_read_grant().map(|(index, ticks_left)| {
+            (
                 index,
                 lease_end(clock.start, clock.tick, clock.delivered, ticks_left),
-            ))
+            )
         });
         self.lease.publish(grant);
     }
