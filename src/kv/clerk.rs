@@ -259,7 +259,7 @@ impl Mutation {
     /// Send it once over `channel`.
     pub fn send(
         &self,
-        channel: tonic::transport::Channel,
+        channel: crate::security::ClientChannel,
         timeout: Duration,
     ) -> impl std::future::Future<
         Output = Result<

@@ -230,7 +230,7 @@ async fn leader_client(
     config: &ClerkConfig,
     deadline: Instant,
 ) -> anyhow::Result<(
-    RaftAdminClient<tonic::transport::Channel>,
+    RaftAdminClient<crate::security::ClientChannel>,
     pb::MembersResponse,
 )> {
     let mut last_error = anyhow!("no server given");

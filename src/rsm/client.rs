@@ -13,11 +13,11 @@
 //! new leader their hints still name it. Service clerks (KV, controller) add their requests and error
 //! codes on top.
 
+use crate::security::ClientChannel as Channel;
 use crate::security::Role;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// How hard a clerk tries.
@@ -494,18 +494,13 @@ pub fn channel_to(
     config: &ClerkConfig,
     role: Option<&Role>,
 ) -> Result<Channel, ClerkError> {
-    let endpoint = match role {
-        Some(role) => config.security.endpoint_for(address, role),
-        None => config.security.endpoint(address),
-    };
-    let endpoint = endpoint
+    config
+        .security
+        .channel(address, role, config.connect_timeout)
         .map_err(|e| ClerkError::Address {
             address: address.to_string(),
             detail: e.to_string(),
-        })?
-        .connect_timeout(config.connect_timeout)
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_lazy())
+        })
 }
 
 /// How a gRPC error status should be treated: the server refused the request itself (final), or this

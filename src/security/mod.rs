@@ -13,9 +13,11 @@
 
 pub mod args;
 pub mod certs;
+mod channel;
 pub mod principal;
 
 pub use self::args::TlsArgs;
+pub use self::channel::ClientChannel;
 pub use self::principal::{Principal, PrincipalError, Role};
 
 use rustls_pki_types::pem::PemObject;
@@ -65,6 +67,8 @@ pub enum SecurityError {
 pub struct TlsMaterial {
     ca: Certificate,
     identity: tonic::transport::Identity,
+    /// The same CA and identity for [`ClientChannel`]s, which speak rustls without tonic.
+    client: Arc<rustls::ClientConfig>,
     principal: Principal,
 }
 
@@ -141,7 +145,14 @@ impl Security {
                 path: cert.to_path_buf(),
                 detail: e.to_string(),
             })?;
+        let client = client_config(&ca_pem, &cert_pem, &key_pem).map_err(|detail| {
+            SecurityError::Invalid {
+                path: cert.to_path_buf(),
+                detail,
+            }
+        })?;
         Ok(Security::Tls(Arc::new(TlsMaterial {
+            client,
             ca: Certificate::from_pem(ca_pem),
             identity: tonic::transport::Identity::from_pem(cert_pem, key_pem),
             principal,
@@ -194,6 +205,28 @@ impl Security {
         node: u64,
     ) -> Result<Endpoint, tonic::transport::Error> {
         self.endpoint_verifying(address, &role.replica_server_name(node))
+    }
+
+    /// A [`ClientChannel`] to `address` that speaks this process's security; with TLS, the server must
+    /// be a replica of some group ([`SERVER_NAME`]), or of `role` only if given
+    /// ([`Role::server_name`]). What the clerks use; nothing connects until the first call.
+    pub fn channel(
+        &self,
+        address: &str,
+        role: Option<&Role>,
+        connect_timeout: std::time::Duration,
+    ) -> Result<ClientChannel, SecurityError> {
+        let tls = match self {
+            Security::Insecure => None,
+            Security::Tls(tls) => {
+                let name = role.map_or_else(|| SERVER_NAME.to_string(), Role::server_name);
+                let name = rustls_pki_types::ServerName::try_from(name)
+                    .map_err(|e| SecurityError::Tls(format!("server name: {e}")))?;
+                Some((tls.client.clone(), name))
+            }
+        };
+        ClientChannel::new(address, tls, connect_timeout)
+            .map_err(|detail| SecurityError::Tls(format!("address {address:?}: {detail}")))
     }
 
     fn endpoint_verifying(
@@ -337,6 +370,36 @@ impl Guard {
             _ => Ok(caller),
         }
     }
+}
+
+/// The rustls client configuration of a [`ClientChannel`]: trust the cluster CA only, present this
+/// process's certificate, speak HTTP/2 (ALPN `h2`, which our servers require).
+fn client_config(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in pem_certificates(ca_pem)? {
+        roots
+            .add(CertificateDer::from(der))
+            .map_err(|e| format!("the CA certificate: {e}"))?;
+    }
+    let chain = pem_certificates(cert_pem)?
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("not a PEM private key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("the certificate and key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Whether an error (from a failed call or connection) came from TLS: an untrusted certificate, a

@@ -24,10 +24,10 @@ use crate::kv::KvOps;
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_client::KvClient;
 use crate::rsm::client::{ClerkConfig, ClerkError, Replicas, Session};
+use crate::security::ClientChannel as Channel;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 /// One group's servers as the configuration lists them, and the clerk's connection state for them.
 struct Group {

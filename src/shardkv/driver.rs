@@ -29,6 +29,7 @@ use crate::proto::shardkv::shard_transfer_client::ShardTransferClient;
 use crate::raft::{NodeId, Role};
 use crate::rsm::client::{status_attempt, Attempt, ClerkConfig, ClerkError, Replicas};
 use crate::rsm::service::{Refusal, RsmService};
+use crate::security::ClientChannel as Channel;
 use futures::future::join_all;
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,7 +38,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
-use tonic::transport::Channel;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 /// How the driver behaves; the daemon fills it from its flags.
