@@ -93,9 +93,11 @@ pub async fn run(target: &Target, config: &ClerkConfig, op: Op) -> anyhow::Resul
         }
         Op::TransferLeader(id) => {
             let (mut client, _) = leader_client(target, config, deadline).await?;
-            let reply = client
-                .transfer_leader(pb::TransferLeaderRequest { target: id })
+            let transfer = client.transfer_leader(pb::TransferLeaderRequest { target: id });
+            // A leader that froze after answering `Members` must not hang the command.
+            let reply = tokio::time::timeout_at(deadline.into(), transfer)
                 .await
+                .map_err(|_| anyhow!("the leader did not answer before the deadline"))?
                 .map_err(|s| anyhow!("{}", s.message()))?
                 .into_inner();
             println!("node {} leads (term {})", reply.leader, reply.term);
@@ -181,7 +183,11 @@ async fn change(
         let request = pb::ChangeMembersRequest {
             change: Some(change.clone()),
         };
-        match client.change_members(request).await {
+        // A leader that froze after answering `Members` must not hang the command.
+        let answer = tokio::time::timeout_at(deadline.into(), client.change_members(request))
+            .await
+            .map_err(|_| anyhow!("the leader did not answer before the deadline"))?;
+        match answer {
             Ok(reply) => return Ok(reply.into_inner()),
             Err(status)
                 if matches!(status.code(), Code::Unavailable | Code::FailedPrecondition)

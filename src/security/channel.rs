@@ -12,13 +12,17 @@
 //!
 //! # What it keeps of `Channel`
 //!
-//! - It connects lazily, on the first call, within the connect timeout, and again on the next call
-//!   after the connection broke (the call that found it broken fails, and the clerk retries).
+//! - It connects lazily, on the first call, and again on the next call after the connection broke
+//!   (the call that found it broken fails, and the clerk retries). The connect timeout bounds each TCP
+//!   connect to one of the name's addresses, as tonic's did; name resolution and the TLS handshake are
+//!   bounded by the caller's attempt timeout (every clerk attempt has one).
 //! - The same security: plaintext, or TLS with the cluster CA, this process's certificate, ALPN `h2` and
 //!   the server name the caller requires ([`super::Security::channel`]).
-//! - Failures read as tonic's did: `transport error: ...`, with the cause (a rustls error for a TLS
-//!   failure) as the status's source, which [`super::is_tls_failure`] and the clerk's plaintext-to-TLS
-//!   probe look at.
+//! - Failures read as tonic's did: a connection that cannot be made is UNAVAILABLE; a call the
+//!   connection failed gets tonic's mapping of hyper's error (an HTTP/2 reason as its gRPC code), else
+//!   UNKNOWN `transport error: ...` (the clerk's cue to probe whether a plaintext client faces a TLS
+//!   server). The cause (a rustls error for a TLS failure) is the status's source, which
+//!   [`super::is_tls_failure`] looks for.
 
 use http::uri::{Authority, Scheme};
 use hyper::client::conn::http2::SendRequest;
@@ -47,7 +51,7 @@ pub struct ClientChannel {
 pub(crate) type ClientTls = (Arc<rustls::ClientConfig>, ServerName<'static>);
 
 struct Shared {
-    /// `host:port`, as given (resolved at each connect).
+    /// `host:port` (resolved at each connect).
     host: String,
     /// Put on every request: HTTP/2 requires the scheme and authority that generated clients leave out.
     scheme: Scheme,
@@ -70,26 +74,29 @@ impl std::fmt::Debug for ClientChannel {
 }
 
 impl ClientChannel {
-    /// A channel to `address` (`host:port`, or a URL whose scheme is ignored); nothing is connected
-    /// until the first call. Fails only on an address that is no `host:port`.
+    /// A channel to `address` (`host:port`, or a URL whose scheme and path are ignored); nothing is
+    /// connected until the first call. Fails only on an address that names no host and port.
     pub(crate) fn new(
         address: &str,
         tls: Option<ClientTls>,
         connect_timeout: Duration,
     ) -> Result<ClientChannel, String> {
-        let host = address
-            .split_once("://")
-            .map_or(address, |(_, rest)| rest)
-            .trim_end_matches('/');
-        let authority: Authority = host
+        let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+        let authority: Authority = rest
+            .split('/')
+            .next()
+            .unwrap_or_default()
             .parse()
             .map_err(|e| format!("not a host:port address: {e}"))?;
-        if authority.port_u16().is_none() {
-            return Err("no port in the address".into());
+        if authority.as_str().contains('@') {
+            return Err("not a host:port address: it carries a user name".into());
         }
+        let Some(port) = authority.port_u16() else {
+            return Err("no port in the address".into());
+        };
         Ok(ClientChannel {
             shared: Arc::new(Shared {
-                host: host.to_string(),
+                host: format!("{}:{port}", authority.host()),
                 scheme: if tls.is_some() {
                     Scheme::HTTPS
                 } else {
@@ -123,15 +130,7 @@ impl ClientChannel {
         if let Some(sender) = self.live() {
             return Ok(sender);
         }
-        let sender = match tokio::time::timeout(self.shared.connect_timeout, self.connect()).await {
-            Ok(connected) => connected?,
-            Err(_) => {
-                return Err(Status::unavailable(format!(
-                    "transport error: connecting to {} timed out after {:?}",
-                    self.shared.host, self.shared.connect_timeout
-                )))
-            }
-        };
+        let sender = self.connect().await?;
         *self
             .shared
             .live
@@ -142,9 +141,7 @@ impl ClientChannel {
 
     async fn connect(&self) -> Result<SendRequest<Body>, Status> {
         let host = &self.shared.host;
-        let tcp = tokio::net::TcpStream::connect(host)
-            .await
-            .map_err(|e| connect_failed(host, e))?;
+        let tcp = self.connect_tcp().await?;
         // Requests and answers are small writes each waiting for the other side: never delay them.
         tcp.set_nodelay(true).map_err(|e| connect_failed(host, e))?;
         match &self.shared.tls {
@@ -154,9 +151,45 @@ impl ClientChannel {
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(|e| connect_failed(host, e))?;
+                // Our servers speak HTTP/2 only; anything else there is not one of them.
+                if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(Status::unavailable(format!(
+                        "cannot connect to {host}: the server did not agree to HTTP/2 (ALPN h2)"
+                    )));
+                }
                 handshake(host, TokioIo::new(tls)).await
             }
         }
+    }
+
+    /// A TCP connection to the first of the host's addresses that accepts one, each given the
+    /// connect timeout.
+    async fn connect_tcp(&self) -> Result<tokio::net::TcpStream, Status> {
+        let host = &self.shared.host;
+        let addresses = tokio::net::lookup_host(host)
+            .await
+            .map_err(|e| connect_failed(host, e))?;
+        let mut last = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the name resolves to no address",
+        );
+        for address in addresses {
+            let connect = tokio::net::TcpStream::connect(address);
+            match tokio::time::timeout(self.shared.connect_timeout, connect).await {
+                Ok(Ok(tcp)) => return Ok(tcp),
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    last = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "connecting to {address} timed out after {:?}",
+                            self.shared.connect_timeout
+                        ),
+                    )
+                }
+            }
+        }
+        Err(connect_failed(host, last))
     }
 }
 
@@ -180,17 +213,22 @@ where
 
 /// A connection that could not be made: unavailable (the clerk tries elsewhere), with the cause kept.
 fn connect_failed(host: &str, error: std::io::Error) -> Status {
-    let mut status = Status::unavailable(format!(
-        "transport error: cannot connect to {host}: {error}"
-    ));
+    let mut status = Status::unavailable(format!("cannot connect to {host}: {error}"));
     status.set_source(Arc::new(error));
     status
 }
 
-/// A call the connection failed: as tonic's `Channel` reports it, `transport error` and the cause.
+/// A call the connection failed: the gRPC code tonic maps hyper's error to (a timeout or a refused
+/// stream: UNAVAILABLE, a cancel: CANCELLED, else UNKNOWN), and a message saying `transport error`
+/// (the clerk's cue to probe whether a plaintext client faces a TLS server), with tonic's status,
+/// and through it hyper's error, as the source.
 fn transport_error(error: hyper::Error, what: &str) -> Status {
-    let mut status = Status::unknown(format!("transport error: {what}: {error}"));
-    status.set_source(Arc::new(error));
+    let mapped = Status::from_error(Box::new(error));
+    let mut status = Status::new(
+        mapped.code(),
+        format!("transport error: {what}: {}", mapped.message()),
+    );
+    status.set_source(Arc::new(mapped));
     status
 }
 
@@ -309,8 +347,10 @@ mod tests {
             (call.await.expect("call"), listener)
         };
         let (mut channel, failed) = first;
+        // hyper's "connection closed": CANCELLED, as tonic maps it, and a transport error.
         let error = failed.expect_err("a call over a closed connection");
         assert!(error.contains("transport error"), "{error}");
+        assert!(error.contains("cancel"), "{error}");
         serve(listener, accepted.clone());
         answered(&mut channel).await.expect("the next call");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -328,17 +368,68 @@ mod tests {
         let error = channel.call(request()).await.expect_err("nothing listens");
         let status = tonic::Status::from_error(error);
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
-        assert!(status.message().starts_with("transport error"), "{status}");
+        assert!(
+            status
+                .message()
+                .starts_with(&format!("cannot connect to {address}")),
+            "{status}"
+        );
+    }
+
+    /// With TLS a call is served; a plaintext client at a TLS port fails as a transport error, which
+    /// is what makes the clerk probe the port and say "requires TLS" at once instead of retrying.
+    #[tokio::test]
+    async fn tls_calls_are_served_and_plaintext_ones_fail_as_transport_errors() {
+        use super::super::{certs, Security};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca");
+        certs::init(&ca, "test", 1).expect("CA");
+        let load = |role: &str, name: &str| {
+            let issued = certs::issue(&ca, role, name, &[], 1).expect("certificate");
+            Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load")
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let server = load("kv", "1")
+            .server()
+            .expect("server")
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming(super::super::incoming(listener));
+        tokio::spawn(server);
+        let timeout = Duration::from_secs(5);
+        let mut tls = load("client", "user")
+            .channel(&address, None, timeout)
+            .expect("channel");
+        answered(&mut tls).await.expect("a TLS call");
+        let mut plaintext = Security::Insecure
+            .channel(&address, None, timeout)
+            .expect("channel");
+        let error = answered(&mut plaintext)
+            .await
+            .expect_err("plaintext was served");
+        assert!(error.contains("transport error"), "{error}");
     }
 
     #[test]
     fn an_address_without_a_port_is_refused_when_the_channel_is_made() {
-        for bad in ["localhost", "http://", "a b:1"] {
+        for bad in ["localhost", "http://", "a b:1", "user@host:7"] {
             assert!(
                 ClientChannel::new(bad, None, Duration::from_secs(1)).is_err(),
                 "{bad} was taken"
             );
         }
-        assert!(ClientChannel::new("http://127.0.0.1:7/", None, Duration::from_secs(1)).is_ok());
+        for good in [
+            "127.0.0.1:7",
+            "http://127.0.0.1:7/",
+            "https://[::1]:7/x",
+            "kv-1:7",
+        ] {
+            assert!(
+                ClientChannel::new(good, None, Duration::from_secs(1)).is_ok(),
+                "{good} was refused"
+            );
+        }
     }
 }

@@ -61,6 +61,9 @@ pub enum SecurityError {
     /// tonic refused the TLS configuration.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// A server address that names no host and port.
+    #[error("{0}")]
+    Address(String),
 }
 
 /// Loaded TLS material: the CA to trust and this process's certificate, key and identity.
@@ -225,8 +228,7 @@ impl Security {
                 Some((tls.client.clone(), name))
             }
         };
-        ClientChannel::new(address, tls, connect_timeout)
-            .map_err(|detail| SecurityError::Tls(format!("address {address:?}: {detail}")))
+        ClientChannel::new(address, tls, connect_timeout).map_err(SecurityError::Address)
     }
 
     fn endpoint_verifying(
