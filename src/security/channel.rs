@@ -296,6 +296,15 @@ mod tests {
         tokio::spawn(server);
     }
 
+    /// A listener on a free loopback port, and its address.
+    async fn listen() -> (tokio::net::TcpListener, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        (listener, address)
+    }
+
     /// Whether `channel` gets an answer from the server (UNIMPLEMENTED, as a gRPC status).
     async fn answered(channel: &mut ClientChannel) -> Result<(), String> {
         let response = channel.call(request()).await.map_err(|e| e.to_string())?;
@@ -308,10 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_calls_on_a_new_channel_open_one_connection() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address").to_string();
+        let (listener, address) = listen().await;
         let accepted = Arc::new(AtomicUsize::new(0));
         serve(listener, accepted.clone());
         let channel = ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
@@ -329,10 +335,7 @@ mod tests {
     /// another server); the channel connects again for the next one.
     #[tokio::test]
     async fn a_broken_connection_fails_its_call_and_the_next_call_reconnects() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address").to_string();
+        let (listener, address) = listen().await;
         let accepted = Arc::new(AtomicUsize::new(0));
         // The first connection is accepted and closed at once; then the listener serves.
         let (first, listener) = {
@@ -388,10 +391,7 @@ mod tests {
             let issued = certs::issue(&ca, role, name, &[], 1).expect("certificate");
             Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load")
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address").to_string();
+        let (listener, address) = listen().await;
         let server = load("kv", "1")
             .server()
             .expect("server")
