@@ -13,7 +13,7 @@
 //! new leader their hints still name it. Service clerks (KV, controller) add their requests and error
 //! codes on top.
 
-use crate::security::ClientChannel as Channel;
+use crate::security::ClientChannel;
 use crate::security::Role;
 use std::time::Duration;
 use thiserror::Error;
@@ -165,7 +165,7 @@ const HINT_RESOLVE_TIMEOUT: Duration = Duration::from_millis(300);
 #[derive(Clone)]
 struct Server {
     address: String,
-    channel: Channel,
+    channel: ClientChannel,
 }
 
 /// What one attempt learned.
@@ -272,7 +272,7 @@ impl Replicas {
     /// Run `attempt` against the cached leader, then elsewhere, until it succeeds or the deadline passes.
     pub async fn call<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
         self.call_indexed(false, |_, channel, timeout| attempt(channel, timeout))
@@ -283,7 +283,7 @@ impl Replicas {
     /// next replica in turn, and the cached leader stays the one writes learned.
     pub async fn call_read<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
         let spread = self.config.read_anywhere;
@@ -295,7 +295,7 @@ impl Replicas {
     /// at the next replica in turn rather than the leader, and keep the leader cached as it was.
     async fn call_indexed<T, F, Fut>(&mut self, spread: bool, attempt: F) -> Result<T, ClerkError>
     where
-        F: Fn(usize, Channel, Duration) -> Fut,
+        F: Fn(usize, ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
         let deadline = Instant::now() + self.config.call_timeout;
@@ -484,7 +484,7 @@ async fn resolves_quickly(address: &str) -> bool {
 }
 
 /// A lazily connected channel to one server (`host:port` or a URL), any replica.
-pub fn channel(address: &str, config: &ClerkConfig) -> Result<Channel, ClerkError> {
+pub fn channel(address: &str, config: &ClerkConfig) -> Result<ClientChannel, ClerkError> {
     channel_to(address, config, None)
 }
 
@@ -493,7 +493,7 @@ pub fn channel_to(
     address: &str,
     config: &ClerkConfig,
     role: Option<&Role>,
-) -> Result<Channel, ClerkError> {
+) -> Result<ClientChannel, ClerkError> {
     config
         .security
         .channel(address, role, config.connect_timeout)

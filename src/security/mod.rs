@@ -124,36 +124,20 @@ impl Security {
     /// Load the CA, certificate and key (PEM files) and read this process's identity from the
     /// certificate. Every problem is reported now, naming the file, rather than at the first handshake.
     pub fn load_tls(ca: &Path, cert: &Path, key: &Path) -> Result<Security, SecurityError> {
+        let invalid = |path: &Path| {
+            let path = path.to_path_buf();
+            move |detail: String| SecurityError::Invalid { path, detail }
+        };
         let ca_pem = read(ca)?;
-        pem_certificates(&ca_pem).map_err(|detail| SecurityError::Invalid {
-            path: ca.to_path_buf(),
-            detail,
-        })?;
+        let roots = pem_certificates(&ca_pem).map_err(invalid(ca))?;
         let cert_pem = read(cert)?;
         let key_pem = read(key)?;
-        let first = pem_certificates(&cert_pem)
-            .map_err(|detail| SecurityError::Invalid {
-                path: cert.to_path_buf(),
-                detail,
-            })?
-            .remove(0);
-        rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            SecurityError::Invalid {
-                path: key.to_path_buf(),
-                detail: format!("not a PEM private key: {e}"),
-            }
-        })?;
+        let chain = pem_certificates(&cert_pem).map_err(invalid(cert))?;
+        let private_key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| invalid(key)(format!("not a PEM private key: {e}")))?;
         let principal =
-            Principal::from_certificate(&first).map_err(|e| SecurityError::Invalid {
-                path: cert.to_path_buf(),
-                detail: e.to_string(),
-            })?;
-        let client = client_config(&ca_pem, &cert_pem, &key_pem).map_err(|detail| {
-            SecurityError::Invalid {
-                path: cert.to_path_buf(),
-                detail,
-            }
-        })?;
+            Principal::from_certificate(&chain[0]).map_err(|e| invalid(cert)(e.to_string()))?;
+        let client = client_config(roots, chain, private_key).map_err(invalid(cert))?;
         Ok(Security::Tls(Arc::new(TlsMaterial {
             client,
             ca: Certificate::from_pem(ca_pem),
@@ -374,30 +358,26 @@ impl Guard {
     }
 }
 
-/// The rustls client configuration of a [`ClientChannel`]: trust the cluster CA only, present this
-/// process's certificate, speak HTTP/2 (ALPN `h2`, which our servers require).
+/// The rustls client configuration of a [`ClientChannel`]: trust the cluster CA (`roots`, DER) only,
+/// present this process's certificate `chain` (DER) and key, speak HTTP/2 (ALPN `h2`, which our
+/// servers require).
 fn client_config(
-    ca_pem: &[u8],
-    cert_pem: &[u8],
-    key_pem: &[u8],
+    roots: Vec<Vec<u8>>,
+    chain: Vec<Vec<u8>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for der in pem_certificates(ca_pem)? {
-        roots
+    let mut store = rustls::RootCertStore::empty();
+    for der in roots {
+        store
             .add(CertificateDer::from(der))
             .map_err(|e| format!("the CA certificate: {e}"))?;
     }
-    let chain = pem_certificates(cert_pem)?
-        .into_iter()
-        .map(CertificateDer::from)
-        .collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("not a PEM private key: {e}"))?;
+    let chain = chain.into_iter().map(CertificateDer::from).collect();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
+        .with_root_certificates(store)
         .with_client_auth_cert(chain, key)
         .map_err(|e| format!("the certificate and key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec()];

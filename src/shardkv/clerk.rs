@@ -24,7 +24,7 @@ use crate::kv::KvOps;
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_client::KvClient;
 use crate::rsm::client::{ClerkConfig, ClerkError, Replicas, Session};
-use crate::security::ClientChannel as Channel;
+use crate::security::ClientChannel;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -113,7 +113,7 @@ impl ShardClerk {
         attempt: F,
     ) -> Result<Result<T, T>, ClerkError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<
             Output = Result<crate::rsm::client::Attempt<Routed<T>>, ClerkError>,
         >,
@@ -169,7 +169,7 @@ impl ShardClerk {
         deadline: Instant,
     ) -> Result<Try<Result<T, T>>, ClerkError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<
             Output = Result<crate::rsm::client::Attempt<Routed<T>>, ClerkError>,
         >,

@@ -29,7 +29,7 @@ use crate::proto::shardkv::shard_transfer_client::ShardTransferClient;
 use crate::raft::{NodeId, Role};
 use crate::rsm::client::{status_attempt, Attempt, ClerkConfig, ClerkError, Replicas};
 use crate::rsm::service::{Refusal, RsmService};
-use crate::security::ClientChannel as Channel;
+use crate::security::ClientChannel;
 use futures::future::join_all;
 use std::collections::HashMap;
 use std::future::Future;
@@ -343,7 +343,7 @@ impl Driver {
     /// Ask `group`'s leader (found as every clerk finds one) until it answers OK or NOT_READY.
     async fn ask<T, F, Fut>(&self, group: &Source, call: F) -> Result<Reply<T>, String>
     where
-        F: Fn(ShardTransferClient<Channel>) -> Fut,
+        F: Fn(ShardTransferClient<ClientChannel>) -> Fut,
         Fut: Future<Output = Result<(pb::TransferStatus, T), tonic::Status>>,
     {
         // A group that rejoined since may listen elsewhere now: prefer its servers in the current
