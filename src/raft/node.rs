@@ -204,6 +204,8 @@ struct Staged {
 pub struct RaftHandle {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<NodeStatus>,
+    /// Role and term: changes only when they do, unlike the status, which changes on every pass.
+    leadership: watch::Receiver<(Role, Term)>,
     applied: AppliedIndex,
     /// The leader's read lease as the driver last published it (lease reads only).
     lease: Arc<PublishedLease>,
@@ -339,6 +341,12 @@ impl RaftHandle {
     pub fn subscribe(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
     }
+
+    /// A receiver that wakes only when the node's role or term changes: for a task that lives as long
+    /// as the node and acts on leadership changes, which the status would wake on every driver pass.
+    pub fn subscribe_leadership(&self) -> watch::Receiver<(Role, Term)> {
+        self.leadership.clone()
+    }
 }
 
 /// A handle with no node behind it, for tests of what a service does around Raft: the test answers
@@ -348,6 +356,8 @@ pub(crate) struct DetachedNode {
     commands: mpsc::Receiver<Command>,
     /// The status the handle's subscribers see.
     pub status: watch::Sender<NodeStatus>,
+    /// The role and term the handle's leadership subscribers see.
+    pub leadership: watch::Sender<(Role, Term)>,
     /// The lease the handle answers reads from.
     pub lease: Arc<PublishedLease>,
 }
@@ -364,9 +374,11 @@ impl DetachedNode {
             snapshot_bytes: 0,
             stages: RaftStages::default(),
         });
+        let (leadership, leadership_rx) = watch::channel((Role::Follower, 0));
         let handle = RaftHandle {
             commands: commands_tx,
             status: status_rx,
+            leadership: leadership_rx,
             applied: AppliedIndex::default(),
             lease: Arc::default(),
         };
@@ -376,6 +388,7 @@ impl DetachedNode {
             DetachedNode {
                 commands,
                 status,
+                leadership,
                 lease,
             },
         )
@@ -387,6 +400,7 @@ impl DetachedNode {
             s.raft.role = role;
             s.raft.term = term;
         });
+        self.leadership.send_replace((role, term));
     }
 
     /// Wait for the next proposal; the test answers it through the returned sender.
@@ -426,46 +440,25 @@ impl RaftNode {
         inbound.max_snapshot_bytes = config.max_snapshot_bytes;
         let (service, inbound_rx) = RaftService::new(inbound);
         let (apply_tx, apply_rx) = mpsc::unbounded_channel();
-        let status = NodeStatus {
-            raft: core.status(),
-            raft_state_bytes: storage.raft_state_size(),
-            snapshot_bytes: storage.snapshot_size(),
-            stages: RaftStages::default(),
-        };
-        let (status_tx, status_rx) = watch::channel(status);
         let transport = Transport::start(&config.peers, &config.transport, &config.cluster_id());
-        let admission = Admission::default();
-        let applied = admission.applied.clone();
-        let lease = Arc::new(PublishedLease::default());
-        let (staged_tx, staged_rx) = mpsc::unbounded_channel();
         let mut addresses = config.peers.clone();
         if let Some(own) = &config.address {
             addresses.insert(id, own.clone());
         }
-        let driver = Driver {
-            addresses,
-            admission,
-            staged_tx,
-            apply_ledger: VecDeque::new(),
+        let wall_ticks = config.raft.lease_reads.then(|| WallTicks {
+            start: boot_time(),
+            tick: config.tick,
+            delivered: 0,
+            max_burst: 2 * u64::from(config.raft.election_ticks) + 1,
+        });
+        let (driver, watched, staged_rx) = Driver::new(
             core,
-            storage: Some(Box::new(storage)),
+            Some(Box::new(storage)),
             transport,
-            apply: apply_tx,
-            status: status_tx,
-            reads: HashMap::new(),
-            next_read: 0,
-            lease: lease.clone(),
-            last_role: Role::Follower,
-            last_term: 0,
-            stages: RaftStages::default(),
-            uncommitted: VecDeque::new(),
-            wall_ticks: config.raft.lease_reads.then(|| WallTicks {
-                start: boot_time(),
-                tick: config.tick,
-                delivered: 0,
-                max_burst: 2 * u64::from(config.raft.election_ticks) + 1,
-            }),
-        };
+            apply_tx,
+            wall_ticks,
+            addresses,
+        );
         let task = tokio::spawn(
             driver
                 .run(config.tick, command_rx, inbound_rx, staged_rx)
@@ -479,9 +472,10 @@ impl RaftNode {
         let node = RaftNode {
             handle: RaftHandle {
                 commands: command_tx,
-                status: status_rx,
-                applied,
-                lease,
+                status: watched.status,
+                leadership: watched.leadership,
+                applied: watched.applied,
+                lease: watched.lease,
             },
             service,
             task,
@@ -529,6 +523,8 @@ struct Driver {
     transport: Transport,
     apply: mpsc::UnboundedSender<Applied>,
     status: watch::Sender<NodeStatus>,
+    /// Role and term, sent only when they change ([`RaftHandle::subscribe_leadership`]).
+    leadership: watch::Sender<(Role, Term)>,
     reads: HashMap<u64, oneshot::Sender<Result<Index, NodeError>>>,
     next_read: u64,
     /// Where lease reads are answered without this loop ([`super::local_lease`]).
@@ -550,6 +546,68 @@ struct Driver {
     wall_ticks: Option<WallTicks>,
     /// Every peer address this node knows: `--peers`, then those the configurations carry.
     addresses: HashMap<NodeId, String>,
+}
+
+/// The receiving ends of what a driver publishes, for its [`RaftHandle`].
+struct Watched {
+    status: watch::Receiver<NodeStatus>,
+    leadership: watch::Receiver<(Role, Term)>,
+    applied: AppliedIndex,
+    lease: Arc<PublishedLease>,
+}
+
+impl Driver {
+    /// A driver for `core` (restored from `storage`), with the receivers its handle reads and the
+    /// queue its snapshot writes report to.
+    fn new(
+        core: RaftCore,
+        storage: Option<Box<dyn Storage>>,
+        transport: Transport,
+        apply: mpsc::UnboundedSender<Applied>,
+        wall_ticks: Option<WallTicks>,
+        addresses: HashMap<NodeId, String>,
+    ) -> (Driver, Watched, mpsc::UnboundedReceiver<Staged>) {
+        let (raft_state_bytes, snapshot_bytes) = storage
+            .as_ref()
+            .map_or((0, 0), |s| (s.raft_state_size(), s.snapshot_size()));
+        let raft = core.status();
+        let (leadership, leadership_rx) = watch::channel((raft.role, raft.term));
+        let (status, status_rx) = watch::channel(NodeStatus {
+            raft,
+            raft_state_bytes,
+            snapshot_bytes,
+            stages: RaftStages::default(),
+        });
+        let admission = Admission::default();
+        let (staged_tx, staged_rx) = mpsc::unbounded_channel();
+        let watched = Watched {
+            status: status_rx,
+            leadership: leadership_rx,
+            applied: admission.applied.clone(),
+            lease: Arc::default(),
+        };
+        let driver = Driver {
+            core,
+            storage,
+            transport,
+            apply,
+            status,
+            leadership,
+            reads: HashMap::new(),
+            next_read: 0,
+            lease: watched.lease.clone(),
+            last_role: Role::Follower,
+            last_term: 0,
+            admission,
+            staged_tx,
+            apply_ledger: VecDeque::new(),
+            stages: RaftStages::default(),
+            uncommitted: VecDeque::new(),
+            wall_ticks,
+            addresses,
+        };
+        (driver, watched, staged_rx)
+    }
 }
 
 /// A stopped (or aborted) node answers no read from a lease its loop no longer looks after.
@@ -1030,6 +1088,11 @@ impl Driver {
         }
         self.admission
             .settle(self.core.commit_index(), self.core.is_leader());
+        self.leadership.send_if_modified(|published| {
+            let changed = *published != (soft.role, soft.term);
+            *published = (soft.role, soft.term);
+            changed
+        });
 
         self.send(ready.messages);
         if let Some(snapshot) = ready.snapshot_to_apply {
@@ -1123,42 +1186,72 @@ mod tests {
         asking.abort();
     }
 
+    /// The leadership watch, which every service's leadership watcher waits on for as long as the node
+    /// runs, wakes when the role or term changes and not on the driver's other passes: commits change
+    /// the status without waking it.
+    #[tokio::test]
+    async fn the_leadership_watch_wakes_on_a_new_role_or_term_only() {
+        use super::super::storage::{Identity, SledStorage};
+        use super::{NodeConfig, RaftNode, Role};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let identity = Identity {
+            cluster: "test".into(),
+            node: 1,
+        };
+        let storage = SledStorage::open(dir.path(), &identity).expect("storage");
+        let mut config = NodeConfig::new(1, Default::default());
+        config.raft.election_ticks = 10;
+        config.raft.election_spread_ticks = Some(5);
+        config.raft.heartbeat_ticks = 2;
+        config.tick = Duration::from_millis(5);
+        let (node, _applied) = RaftNode::start(config, storage).expect("node starts");
+        let handle = node.handle();
+        let mut leadership = handle.subscribe_leadership();
+        let leads = leadership.wait_for(|&(role, _)| role == Role::Leader);
+        let (_, term) = *tokio::time::timeout(Duration::from_secs(10), leads)
+            .await
+            .expect("a lone node leads")
+            .expect("the node runs");
+        let mut status = handle.subscribe();
+        status.borrow_and_update();
+        for i in 0..20u8 {
+            let (index, _) = handle
+                .propose(bytes::Bytes::from(vec![i]))
+                .await
+                .expect("proposed");
+            let committed = handle.wait_committed(index, term, Duration::from_secs(10));
+            assert!(committed.await.expect("the node runs"), "entry {index}");
+        }
+        assert!(status.has_changed().expect("the node runs"));
+        assert!(
+            !leadership.has_changed().expect("the node runs"),
+            "woken without a new role or term: {:?}",
+            *leadership.borrow()
+        );
+        node.shutdown().await.expect("a clean stop");
+    }
+
     /// A driver of node 1 of {1, 2, 3} (a fresh follower, lease reads on) whose wall clock started
     /// `ago`, with no storage and no peers: enough to feed it inputs and look at its core.
     fn lagging_driver(ago: Duration) -> super::Driver {
         let mut config = super::Config::new(1, vec![1, 2, 3]);
         config.lease_reads = true;
         let core = super::RaftCore::new(config).expect("config");
-        let (status, _) = tokio::sync::watch::channel(super::NodeStatus {
-            raft: core.status(),
-            raft_state_bytes: 0,
-            snapshot_bytes: 0,
-            stages: super::RaftStages::default(),
-        });
+        let transport = super::Transport::start(
+            &std::collections::HashMap::new(),
+            &super::TransportConfig::default(),
+            "test",
+        );
         let max_burst = 2 * 100 + 1;
-        super::Driver {
+        let (driver, _, _) = super::Driver::new(
             core,
-            storage: None,
-            transport: super::Transport::start(
-                &std::collections::HashMap::new(),
-                &super::TransportConfig::default(),
-                "test",
-            ),
-            apply: tokio::sync::mpsc::unbounded_channel().0,
-            status,
-            reads: Default::default(),
-            next_read: 0,
-            lease: Default::default(),
-            last_role: super::Role::Follower,
-            last_term: 0,
-            admission: Default::default(),
-            staged_tx: tokio::sync::mpsc::unbounded_channel().0,
-            apply_ledger: Default::default(),
-            stages: Default::default(),
-            uncommitted: Default::default(),
-            wall_ticks: Some(clock_started_ago(ago, max_burst)),
-            addresses: Default::default(),
-        }
+            None,
+            transport,
+            tokio::sync::mpsc::unbounded_channel().0,
+            Some(clock_started_ago(ago, max_burst)),
+            Default::default(),
+        );
+        driver
     }
 
     /// A follower whose loop fell behind the wall clock (here: 3 s of ticks due, more than its

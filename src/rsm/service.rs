@@ -859,18 +859,12 @@ async fn compact<S: ServedMachine>(
 }
 
 async fn watch_leadership<S: StateMachine>(shared: Arc<Shared<S>>, handle: RaftHandle, span: Span) {
-    let mut status = handle.subscribe();
-    let (mut role, mut term) = {
-        let s = status.borrow_and_update();
-        (s.raft.role, s.raft.term)
-    };
+    let mut leadership = handle.subscribe_leadership();
+    let (mut role, mut term) = *leadership.borrow_and_update();
     span.record("term", term);
     span.record("role", tracing::field::display(role));
-    while status.changed().await.is_ok() {
-        let (now_role, now_term) = {
-            let s = status.borrow_and_update();
-            (s.raft.role, s.raft.term)
-        };
+    while leadership.changed().await.is_ok() {
+        let (now_role, now_term) = *leadership.borrow_and_update();
         if (now_role, now_term) != (role, term) {
             span.record("term", now_term);
             span.record("role", tracing::field::display(now_role));
