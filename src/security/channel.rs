@@ -30,7 +30,12 @@
 //!   client faces a TLS server): a connection that cannot be made, or that broke or closed under a
 //!   call, is UNAVAILABLE, as gRPC names a transport failure (tonic said CANCELLED for a closed one);
 //!   an HTTP/2 error gets the code tonic gives its reason. The cause (an I/O error, a rustls error for
-//!   a TLS failure) is the status's source, which [`super::is_tls_failure`] looks for.
+//!   a TLS failure in the handshake) is the status's source, which [`super::is_tls_failure`] looks
+//!   for. (A TLS alert after the handshake, as TLS 1.3 servers send when they refuse a client
+//!   certificate, reaches us through h2 as text only, as it did through hyper.)
+//! - A connection that opens no more streams (GOAWAY, stream ids used up) is replaced on the call
+//!   that finds it so, not when its task ends (which waits for the calls still on it), and at most
+//!   [`MAX_CALLS_IN_FLIGHT`] calls are in flight on one, as hyper let only one wait to open.
 //! - Requests are sent whole: every request a clerk makes is one message (answers may stream).
 
 use bytes::Bytes;
@@ -43,6 +48,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tonic::body::Body;
 use tonic::Status;
@@ -51,12 +57,18 @@ use tracing::debug;
 /// What a call over a [`ClientChannel`] fails with: a [`Status`], which tonic passes on as it is.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// HTTP/2 windows and buffers, as hyper's client sets them (h2's own defaults are the protocol's
-/// 64 KiB windows, which would hold a backup download to a window per round trip).
+/// HTTP/2 windows and limits, as hyper's client sets them (h2's own defaults are the protocol's
+/// 64 KiB windows, which would hold a backup download to a window per round trip, and no bound on the
+/// streams opened before the server's SETTINGS arrive).
 const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 5 << 20;
-const MAX_SEND_BUFFER: usize = 400 << 10;
 const MAX_HEADER_LIST: u32 = 16 << 10;
+const INITIAL_MAX_STREAMS: usize = 100;
+
+/// Calls in flight on one connection at most; more wait for one to end. Our servers allow as many
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS`); without this bound a server that allowed fewer (or none) would
+/// have h2 queue every call beyond it, and keep each abandoned one's request until the connection ends.
+const MAX_CALLS_IN_FLIGHT: usize = crate::limits::MAX_REQUESTS_PER_CONNECTION as usize;
 
 /// A lazily connected HTTP/2 connection to one server, for generated gRPC clients
 /// (`KvClient::new(channel)`). Cheap to clone: clones share the connection.
@@ -82,12 +94,13 @@ struct Shared {
     connecting: tokio::sync::Mutex<()>,
 }
 
-/// One HTTP/2 connection: the handle that opens streams on it, and the task that drives it (its end
-/// is the connection's: closed by either side or broken).
+/// One HTTP/2 connection: the handle that opens streams on it, the task that drives it (its end is
+/// the connection's: closed by either side or broken), and the bound on its calls in flight.
 #[derive(Clone)]
 struct Connection {
     sender: h2::client::SendRequest<Bytes>,
     driver: Arc<JoinHandle<()>>,
+    calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for ClientChannel {
@@ -137,35 +150,83 @@ impl ClientChannel {
         })
     }
 
-    /// The live connection's stream opener, if the connection has not ended.
-    fn live(&self) -> Option<h2::client::SendRequest<Bytes>> {
+    /// The live connection, if it has not ended.
+    fn live(&self) -> Option<Connection> {
         let live = self
             .shared
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        live.as_ref()
-            .filter(|c| !c.driver.is_finished())
-            .map(|c| c.sender.clone())
+        live.as_ref().filter(|c| !c.driver.is_finished()).cloned()
     }
 
-    /// A stream opener on a live connection: the current one, or a new one (one connect at a time).
-    async fn sender(&self) -> Result<h2::client::SendRequest<Bytes>, Status> {
-        if let Some(sender) = self.live() {
-            return Ok(sender);
+    /// A live connection: the current one, or a new one (one connect at a time).
+    async fn connection(&self) -> Result<Connection, Status> {
+        if let Some(connection) = self.live() {
+            return Ok(connection);
         }
         let _connecting = self.shared.connecting.lock().await;
-        if let Some(sender) = self.live() {
-            return Ok(sender);
+        if let Some(connection) = self.live() {
+            return Ok(connection);
         }
         let connection = self.connect().await?;
-        let sender = connection.sender.clone();
         *self
             .shared
             .live
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(connection);
-        Ok(sender)
+            .unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Stop using `dead` (if it is still the live connection): it opens no more streams. Its task
+    /// may run on for a while (until the calls still on it end), so its end cannot tell.
+    fn forget(&self, dead: &Connection) {
+        let mut live = self
+            .shared
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if live
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.driver, &dead.driver))
+        {
+            *live = None;
+        }
+    }
+
+    /// A stream opener ready for one more call, and the permit that counts the call in flight. A
+    /// connection that opens no more streams (the server said GOAWAY, its stream ids ran out, it
+    /// broke) is replaced at once, once: nothing was sent on it.
+    async fn ready(
+        &self,
+    ) -> Result<(h2::client::SendRequest<Bytes>, OwnedSemaphorePermit), Status> {
+        let mut tries = 0;
+        loop {
+            let connection = self.connection().await?;
+            let permit = connection
+                .calls
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Status::internal("the connection's call bound was closed"))?;
+            match connection.sender.clone().ready().await {
+                Ok(sender) if sender.current_max_send_streams() == 0 => {
+                    // h2 would queue the call until the server allows a stream, which it may never.
+                    return Err(Status::unavailable(format!(
+                        "transport error: {} allows no requests on this connection now",
+                        self.shared.host
+                    )));
+                }
+                Ok(sender) => return Ok((sender, permit)),
+                Err(e) => {
+                    self.forget(&connection);
+                    tries += 1;
+                    if tries == 2 {
+                        return Err(transport_error(e, "connection"));
+                    }
+                }
+            }
+        }
     }
 
     async fn connect(&self) -> Result<Connection, Status> {
@@ -236,11 +297,7 @@ impl ClientChannel {
         // A clerk's request is one message, encoded as soon as it is polled: sent as one DATA frame
         // that ends the stream, right behind the headers.
         let message = body.collect().await?.to_bytes();
-        let sender = self.sender().await?;
-        let mut sender = sender
-            .ready()
-            .await
-            .map_err(|e| transport_error(e, "connection"))?;
+        let (mut sender, permit) = self.ready().await?;
         let (response, mut stream) = sender
             .send_request(http::Request::from_parts(head, ()), message.is_empty())
             .map_err(|e| transport_error(e, "request"))?;
@@ -259,6 +316,7 @@ impl ClientChannel {
                 recv,
                 data_done: false,
                 done: false,
+                _call: permit,
             },
         ))
     }
@@ -273,8 +331,8 @@ where
     let (sender, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST)
+        .initial_max_send_streams(INITIAL_MAX_STREAMS)
         .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await
@@ -288,6 +346,7 @@ where
     Ok(Connection {
         sender,
         driver: Arc::new(driver),
+        calls: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT)),
     })
 }
 
@@ -300,10 +359,13 @@ fn connect_failed(host: &str, error: std::io::Error) -> Status {
 
 /// A call the connection failed, with a message saying `transport error` (the clerk's cue to probe
 /// whether a plaintext client faces a TLS server). A broken or closed connection is UNAVAILABLE, with
-/// the I/O error (a rustls error inside it, for a TLS failure) as the source; an HTTP/2 error gets the
-/// code tonic gives its reason (a refused stream: UNAVAILABLE, a cancel: CANCELLED, ...), with tonic's
-/// status as the source.
+/// the I/O error as the source (h2 keeps only its kind and text: a TLS alert after the handshake reads
+/// as text, not as a rustls error). So is a stream the server will not serve because it is going away
+/// (GOAWAY: not processed, so safe to send elsewhere). Any other HTTP/2 error gets the code tonic gives
+/// its reason (a refused stream: UNAVAILABLE, a cancel: CANCELLED, ...), with tonic's status as the
+/// source.
 fn transport_error(error: h2::Error, what: &str) -> Status {
+    let going_away = error.is_go_away() && error.is_remote();
     if error.is_io() {
         let io = error
             .into_io()
@@ -313,8 +375,13 @@ fn transport_error(error: h2::Error, what: &str) -> Status {
         return status;
     }
     let mapped = Status::from_error(Box::new(error));
+    let code = if going_away {
+        tonic::Code::Unavailable
+    } else {
+        mapped.code()
+    };
     let mut status = Status::new(
-        mapped.code(),
+        code,
         format!("transport error: {what}: {}", mapped.message()),
     );
     status.set_source(Arc::new(mapped));
@@ -328,6 +395,8 @@ pub struct ResponseBody {
     recv: h2::RecvStream,
     data_done: bool,
     done: bool,
+    /// Counts the call in flight on its connection until the answer is read or dropped.
+    _call: OwnedSemaphorePermit,
 }
 
 impl HttpBody for ResponseBody {
@@ -600,6 +669,76 @@ mod tests {
         assert_eq!(data.len(), ANSWER);
         assert!(data.iter().all(|&b| b == 7));
         assert_eq!(server.await.expect("server"), b"the request's message");
+    }
+
+    /// A server going away (GOAWAY) opens no more streams on that connection, which stays up until
+    /// the calls still on it end: the next call goes on a new connection at once, instead of failing
+    /// until the old one's last call is over (or, with stream ids used up, for ever).
+    #[tokio::test]
+    async fn a_connection_going_away_is_replaced_on_the_next_call_while_its_calls_finish() {
+        let (listener, address) = listen().await;
+        let channel = ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
+        let mut held = channel.clone();
+        let first = tokio::spawn(async move { held.call(request()).await.map(|_| ()) });
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut connection = h2::server::handshake(tcp).await.expect("handshake");
+        let (_request, respond) = connection
+            .accept()
+            .await
+            .expect("a request")
+            .expect("a stream");
+        connection.graceful_shutdown();
+        // Driven on, with the first call's stream open, the old connection stays up.
+        let old = tokio::spawn(async move { while connection.accept().await.is_some() {} });
+        let going = channel.live().expect("connected");
+        let goaway_seen = async {
+            while going.sender.clone().ready().await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), goaway_seen)
+            .await
+            .expect("the client saw the GOAWAY");
+        assert!(!going.driver.is_finished(), "the old connection ended");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        serve(listener, accepted.clone());
+        let mut next = channel.clone();
+        answered(&mut next).await.expect("the next call");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert!(
+            !first.is_finished(),
+            "the first call ended with its stream open"
+        );
+        drop(respond);
+        first.abort();
+        old.abort();
+    }
+
+    /// A server that allows no streams gets calls failed at once as unavailable, not queued in h2
+    /// until the caller gives up (and kept there with their requests).
+    #[tokio::test]
+    async fn a_server_that_allows_no_streams_fails_calls_at_once() {
+        let (listener, address) = listen().await;
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut connection = h2::server::Builder::new()
+                .max_concurrent_streams(0)
+                .handshake::<_, bytes::Bytes>(tcp)
+                .await
+                .expect("handshake");
+            while connection.accept().await.is_some() {}
+        });
+        let mut channel =
+            ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
+        // The first call may go before the server's SETTINGS arrive (it is refused); the second
+        // comes after them.
+        for call in ["first", "second"] {
+            let answer = tokio::time::timeout(Duration::from_secs(10), channel.call(request()))
+                .await
+                .unwrap_or_else(|_| panic!("the {call} call waited"));
+            let status = tonic::Status::from_error(answer.expect_err("no stream is allowed"));
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{call}: {status}");
+        }
     }
 
     #[test]
