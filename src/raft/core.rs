@@ -262,6 +262,10 @@ pub struct RaftCore {
     // Output accumulated until the next `ready()`.
     messages: Vec<Envelope>,
     persisted_hard_state: HardState,
+    /// The role, leader and term the last `Ready` reported: a change since is itself work for the
+    /// driver (a CheckQuorum step-down changes only the role, and would otherwise wait for an
+    /// unrelated `Ready` — an election timeout later — to reach the service's leadership watcher).
+    reported_soft_state: SoftState,
     /// The last log index known durable here. Behind the log's end only between a
     /// [`Ready::persist_after_send`] and the driver's [`RaftCore::persisted`].
     durable: Index,
@@ -345,6 +349,11 @@ impl RaftCore {
             persisted_hard_state: HardState {
                 commit: state.hard_state.commit,
                 ..state.hard_state
+            },
+            reported_soft_state: SoftState {
+                role: Role::Follower,
+                leader: None,
+                term: state.hard_state.term,
             },
             durable: 0,
             snapshot_to_persist: None,
@@ -884,6 +893,7 @@ impl RaftCore {
             || !self.read_states.is_empty()
             || !self.failed_reads.is_empty()
             || self.hard_state() != self.persisted_hard_state
+            || self.soft_state() != self.reported_soft_state
             || self.reads.broadcast_needed()
             || self.forwarded.request_needed()
             || self.forwarded.would_fail(self.forward_target())
@@ -928,6 +938,7 @@ impl RaftCore {
             // The driver persists all of this before it calls the core again.
             self.durable = self.log.last_index();
         }
+        self.reported_soft_state = self.soft_state();
         let ready = Ready {
             hard_state,
             snapshot,
@@ -939,7 +950,7 @@ impl RaftCore {
             committed_entries: self.take_committed(),
             read_states: std::mem::take(&mut self.read_states),
             failed_reads: std::mem::take(&mut self.failed_reads),
-            soft_state: self.soft_state(),
+            soft_state: self.reported_soft_state,
             membership: std::mem::take(&mut self.membership_changed)
                 .then(|| self.memberships.current().clone()),
         };

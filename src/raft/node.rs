@@ -204,7 +204,7 @@ struct Staged {
 pub struct RaftHandle {
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<NodeStatus>,
-    /// Role and term: changes only when they do, unlike the status, which changes on every pass.
+    /// Role and term: changes only when they do, unlike the status, which changes on every `Ready`.
     leadership: watch::Receiver<(Role, Term)>,
     applied: AppliedIndex,
     /// The leader's read lease as the driver last published it (lease reads only).
@@ -342,8 +342,13 @@ impl RaftHandle {
         self.status.clone()
     }
 
+    /// The node's role and term as the driver last published them.
+    pub fn leadership(&self) -> (Role, Term) {
+        *self.leadership.borrow()
+    }
+
     /// A receiver that wakes only when the node's role or term changes: for a task that lives as long
-    /// as the node and acts on leadership changes, which the status would wake on every driver pass.
+    /// as the node and acts on leadership changes, which the status would wake on every `Ready`.
     pub fn subscribe_leadership(&self) -> watch::Receiver<(Role, Term)> {
         self.leadership.clone()
     }
@@ -1088,11 +1093,6 @@ impl Driver {
         }
         self.admission
             .settle(self.core.commit_index(), self.core.is_leader());
-        self.leadership.send_if_modified(|published| {
-            let changed = *published != (soft.role, soft.term);
-            *published = (soft.role, soft.term);
-            changed
-        });
 
         self.send(ready.messages);
         if let Some(snapshot) = ready.snapshot_to_apply {
@@ -1121,11 +1121,19 @@ impl Driver {
         let mut raft = self.core.status();
         raft.membership
             .fill_addresses(|id| self.addresses.get(&id).cloned());
+        let leadership = (raft.role, raft.term);
         self.status.send_replace(NodeStatus {
             raft,
             raft_state_bytes,
             snapshot_bytes,
             stages: self.stages,
+        });
+        // After the status, from the same view: a service that sees leadership lost here and then
+        // reads the status (or this watch) finds it lost there too.
+        self.leadership.send_if_modified(|published| {
+            let changed = *published != leadership;
+            *published = leadership;
+            changed
         });
     }
 }

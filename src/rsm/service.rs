@@ -554,17 +554,14 @@ impl<S: ServedMachine> RsmService<S> {
         Ok(output)
     }
 
-    /// Whether this node may still lead in `term`, as its Raft status says now: not once the status
-    /// shows a later term, or a follower (or pre-candidate) in that term. The driver publishes its
-    /// status after it handles what a pass brought, so a proposal accepted in the pass that won the
-    /// election is answered while the status still shows the candidate of that term (or an earlier
-    /// term): that node leads.
+    /// Whether this node may still lead in `term`, as the leadership watch says now (the one the
+    /// leadership watcher acts on, so the two never disagree): not once it shows a later term, or a
+    /// follower (or pre-candidate) in that term. The driver publishes it after it handles what a pass
+    /// brought, so a proposal accepted in the pass that won the election is answered while the watch
+    /// still shows the candidate of that term (or an earlier term): that node leads.
     fn leads_in(&self, term: Term) -> bool {
-        let status = self.handle.subscribe();
-        let status = status.borrow();
-        status.raft.term < term
-            || (status.raft.term == term
-                && matches!(status.raft.role, Role::Candidate | Role::Leader))
+        let (role, now) = self.handle.leadership();
+        now < term || (now == term && matches!(role, Role::Candidate | Role::Leader))
     }
 
     /// An index the leader confirmed committed with a quorum after the call (ReadIndex): what a
@@ -928,6 +925,23 @@ mod leadership_tests {
     /// deadline (1 s) for an entry that may never be applied.
     #[tokio::test(start_paused = true)]
     async fn a_write_accepted_just_before_a_step_down_is_sent_elsewhere_at_once() {
+        step_down_before_tracking(|node| node.set_role(Role::Follower, 3)).await;
+    }
+
+    /// The same when only the leadership watch shows the step-down yet (the status is sent on its
+    /// own): the watcher and the check after tracking read the same watch, so they agree. (With the
+    /// check reading the status, the write waited out its deadline: found by review.)
+    #[tokio::test(start_paused = true)]
+    async fn the_check_after_tracking_reads_the_watch_the_leadership_watcher_acts_on() {
+        step_down_before_tracking(|node| {
+            node.leadership.send_replace((Role::Follower, 3));
+        })
+        .await;
+    }
+
+    /// A write Raft accepts in term 2 as leader, after `step_down` published a step-down the
+    /// leadership watcher acted on: it must be sent elsewhere at once.
+    async fn step_down_before_tracking(step_down: impl FnOnce(&DetachedNode)) {
         let started = Instant::now();
         let Proposed {
             node,
@@ -935,7 +949,7 @@ mod leadership_tests {
             accepted,
             _applied,
         } = propose_write(Role::Leader, 2).await;
-        node.set_role(Role::Follower, 3);
+        step_down(&node);
         // The clock is paused: this runs every task (the watcher too) until all wait, then moves on.
         tokio::time::sleep(Duration::from_millis(10)).await;
         let _ = accepted.send(Ok((1, 2)));

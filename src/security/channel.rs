@@ -19,8 +19,9 @@
 //!
 //! # What it keeps of `Channel`
 //!
-//! - It connects lazily, on the first call, and again on the next call after the connection broke
-//!   (the call that found it broken fails, and the clerk retries). The connect timeout bounds each TCP
+//! - It connects lazily, on the first call, and again after the connection broke or went away: a
+//!   call that finds it so before sending connects anew itself; a call already sent on it fails (and
+//!   the clerk retries). The connect timeout bounds each TCP
 //!   connect to one of the name's addresses, as tonic's did; name resolution and the TLS handshake are
 //!   bounded by the caller's attempt timeout (every clerk attempt has one).
 //! - The same security: plaintext, or TLS with the cluster CA, this process's certificate, ALPN `h2` and
@@ -546,7 +547,10 @@ mod tests {
         assert!(error.contains("transport error"), "{error}");
         assert!(error.contains("currently unavailable"), "{error}");
         serve(listener, accepted.clone());
-        answered(&mut channel).await.expect("the next call");
+        tokio::time::timeout(Duration::from_secs(10), answered(&mut channel))
+            .await
+            .expect("the next call waited")
+            .expect("the next call");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 

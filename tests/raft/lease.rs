@@ -367,3 +367,26 @@ fn the_published_grant_ends_with_a_transfer_and_a_configuration_change() {
         "the core answered from its lease after a configuration change"
     );
 }
+
+/// A leader cut off from its majority steps down on its own (CheckQuorum), which changes only its
+/// role: that is work for the driver at once, so the service's leadership watcher sends its waiting
+/// clients elsewhere now, not when an unrelated `Ready` (its first pre-vote, an election timeout
+/// later) carries the new role.
+#[test]
+fn a_check_quorum_step_down_is_a_ready_of_its_own() {
+    let mut trio = Trio::new(false);
+    let leader = trio.elect();
+    trio.connected[leader] = false;
+    let mut ticks = 0;
+    while trio.cores[leader].role() == Role::Leader {
+        ticks += 1;
+        assert!(ticks < 1000, "the cut-off leader never stepped down");
+        trio.pump();
+        trio.cores[leader].tick();
+    }
+    assert!(
+        trio.cores[leader].has_ready(),
+        "the step-down waits for an unrelated Ready"
+    );
+    assert_eq!(trio.cores[leader].ready().soft_state.role, Role::Follower);
+}
