@@ -179,18 +179,16 @@ impl ClientChannel {
         Ok(connection)
     }
 
-    /// Stop using `dead` (if it is still the live connection): it opens no more streams. Its task
-    /// may run on for a while (until the calls still on it end), so its end cannot tell.
-    fn forget(&self, dead: &Connection) {
+    /// Stop using the connection `dead` drives (if it is still the live one): it opens no more
+    /// streams. Its task may run on for a while (until the calls still on it end), so its end cannot
+    /// tell.
+    fn forget(&self, dead: &Arc<JoinHandle<()>>) {
         let mut live = self
             .shared
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if live
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(&c.driver, &dead.driver))
-        {
+        if live.as_ref().is_some_and(|c| Arc::ptr_eq(&c.driver, dead)) {
             *live = None;
         }
     }
@@ -203,14 +201,18 @@ impl ClientChannel {
     ) -> Result<(h2::client::SendRequest<Bytes>, OwnedSemaphorePermit), Status> {
         let mut tries = 0;
         loop {
-            let connection = self.connection().await?;
-            let permit = connection
-                .calls
-                .clone()
+            // Taken apart, not cloned: each clone and drop of h2's `SendRequest` takes the connection's
+            // stream lock.
+            let Connection {
+                sender,
+                driver,
+                calls,
+            } = self.connection().await?;
+            let permit = calls
                 .acquire_owned()
                 .await
                 .map_err(|_| Status::internal("the connection's call bound was closed"))?;
-            match connection.sender.clone().ready().await {
+            match sender.ready().await {
                 Ok(sender) if sender.current_max_send_streams() == 0 => {
                     // h2 would queue the call until the server allows a stream, which it may never.
                     return Err(Status::unavailable(format!(
@@ -220,7 +222,7 @@ impl ClientChannel {
                 }
                 Ok(sender) => return Ok((sender, permit)),
                 Err(e) => {
-                    self.forget(&connection);
+                    self.forget(&driver);
                     tries += 1;
                     if tries == 2 {
                         return Err(transport_error(e, "connection"));
