@@ -28,6 +28,8 @@ use std::time::Duration;
 struct Cli {
     #[command(flatten)]
     logs: ds824::daemon::LogArgs,
+    #[command(flatten)]
+    runtime: ds824::daemon::RuntimeArgs,
     #[command(subcommand)]
     role: Role,
 }
@@ -192,7 +194,7 @@ struct KvArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ds824::daemon::init_logging_as("info", cli.logs.log_format);
-    let runtime = match ds824::daemon::runtime("kvd") {
+    let runtime = match ds824::daemon::runtime_with("kvd", &cli.runtime) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };

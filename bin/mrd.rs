@@ -37,6 +37,8 @@ const DEFAULT_COORDINATOR: &str = "127.0.0.1:7824";
 struct Cli {
     #[command(flatten)]
     logs: ds824::daemon::LogArgs,
+    #[command(flatten)]
+    runtime: ds824::daemon::RuntimeArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -647,7 +649,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match ds824::daemon::runtime("mrd") {
+    let runtime = match ds824::daemon::runtime_with("mrd", &cli.runtime) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
