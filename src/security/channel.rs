@@ -38,6 +38,15 @@
 //!   that finds it so, not when its task ends (which waits for the calls still on it), and at most
 //!   [`MAX_CALLS_IN_FLIGHT`] calls are in flight on one, as hyper let only one wait to open.
 //! - Requests are sent whole: every request a clerk makes is one message (answers may stream).
+//!
+//! # What it adds
+//!
+//! Pings while calls are in flight ([`KeepAlive`]): a server gone silent (its host vanished, or a
+//! partition cut it off) without closing the connection is given up within seconds, and the next
+//! call connects anew. tonic's `Channel`, as the clerks used it, had none: every call to that server
+//! waited out its deadline on the dead connection, until TCP gave up on it (about 15 minutes) or, once
+//! the partition healed, until TCP's next retransmission got through (its interval doubles up to 2
+//! minutes).
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -89,6 +98,8 @@ struct Shared {
     authority: Authority,
     tls: Option<ClientTls>,
     connect_timeout: Duration,
+    /// Pings that find a server gone silent ([`KeepAlive`]).
+    keep_alive: Option<KeepAlive>,
     /// The live connection, if any.
     live: Mutex<Option<Connection>>,
     /// Held while connecting: concurrent calls on a cold channel open one connection, not one each.
@@ -120,6 +131,7 @@ impl ClientChannel {
         address: &str,
         tls: Option<ClientTls>,
         connect_timeout: Duration,
+        keep_alive: Option<KeepAlive>,
     ) -> Result<ClientChannel, String> {
         let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
         let authority: Authority = rest
@@ -145,6 +157,7 @@ impl ClientChannel {
                 authority,
                 tls,
                 connect_timeout,
+                keep_alive,
                 live: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
             }),
@@ -238,7 +251,7 @@ impl ClientChannel {
         // Requests and answers are small writes each waiting for the other side: never delay them.
         tcp.set_nodelay(true).map_err(|e| connect_failed(host, e))?;
         match &self.shared.tls {
-            None => handshake(host, tcp).await,
+            None => handshake(host, tcp, self.shared.keep_alive).await,
             Some((config, name)) => {
                 let tls = tokio_rustls::TlsConnector::from(config.clone())
                     .connect(name.clone(), tcp)
@@ -250,7 +263,7 @@ impl ClientChannel {
                         "cannot connect to {host}: the server did not agree to HTTP/2 (ALPN h2)"
                     )));
                 }
-                handshake(host, tls).await
+                handshake(host, tls, self.shared.keep_alive).await
             }
         }
     }
@@ -327,11 +340,15 @@ impl ClientChannel {
 
 /// Start HTTP/2 on `io`; the connection is driven by a task of its own until either side closes it
 /// (or every handle on it is dropped).
-async fn handshake<T>(host: &str, io: T) -> Result<Connection, Status>
+async fn handshake<T>(
+    host: &str,
+    io: T,
+    keep_alive: Option<KeepAlive>,
+) -> Result<Connection, Status>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = h2::client::Builder::new()
+    let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_LIST)
@@ -341,16 +358,72 @@ where
         .await
         .map_err(|e| transport_error(e, &format!("HTTP/2 with {host}")))?;
     let host = host.to_string();
+    let calls = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT));
+    let pings = keep_alive
+        .zip(connection.ping_pong())
+        .map(|(keep_alive, ping_pong)| keep_alive.run(ping_pong, calls.clone()));
     let driver = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            debug!(server = %host, error = %e, "client connection closed");
+        let silent = async {
+            match pings {
+                Some(pings) => pings.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            closed = &mut connection => if let Err(e) = closed {
+                debug!(server = %host, error = %e, "client connection closed");
+            },
+            () = silent => {
+                // Dropping the connection fails every call on it at once, and the next call connects
+                // anew.
+                debug!(server = %host, "the server stopped answering pings: connection dropped");
+            }
         }
     });
     Ok(Connection {
         sender,
         driver: Arc::new(driver),
-        calls: Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT)),
+        calls,
     })
+}
+
+/// How a connection finds out that its server went silent: a server whose host vanished, or one cut
+/// off by a network partition, never closes the TCP connection, and calls on it would each wait out
+/// their deadline until TCP gives up (about 15 minutes), or until a retransmission gets through after
+/// the partition healed (their interval doubles up to 2 minutes). With
+/// pings, the connection is dropped once one goes unanswered for `timeout`, and the next call
+/// connects anew. Pings go only while calls are in flight (as hyper's keep-alive by default), so an
+/// idle client costs its servers nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KeepAlive {
+    /// Time between pings (counted from the last answer).
+    pub every: Duration,
+    /// How long a ping may go unanswered before the connection is dropped.
+    pub timeout: Duration,
+}
+
+/// The clerks' keep-alive: a silent server is given up within 6 s of the first unanswered ping, as
+/// etcdctl's defaults (`--keepalive-time 2s --keepalive-timeout 6s`).
+pub(crate) const CLIENT_KEEP_ALIVE: KeepAlive = KeepAlive {
+    every: Duration::from_secs(2),
+    timeout: Duration::from_secs(6),
+};
+
+impl KeepAlive {
+    /// Ping while calls are in flight on the connection (`calls` lends each call in flight one of
+    /// its permits), until a ping goes unanswered (or h2 fails it: the connection is ending anyway).
+    async fn run(self, mut ping_pong: h2::PingPong, calls: Arc<tokio::sync::Semaphore>) {
+        loop {
+            tokio::time::sleep(self.every).await;
+            if calls.available_permits() == MAX_CALLS_IN_FLIGHT {
+                continue;
+            }
+            let pong = tokio::time::timeout(self.timeout, ping_pong.ping(h2::Ping::opaque())).await;
+            if !matches!(pong, Ok(Ok(_))) {
+                return;
+            }
+        }
+    }
 }
 
 /// A connection that could not be made: unavailable (the clerk tries elsewhere), with the cause kept.
@@ -490,6 +563,37 @@ mod tests {
         tokio::spawn(server);
     }
 
+    /// A channel to `address` that pings every `every` ms while calls are in flight and gives the
+    /// server `timeout` ms to answer.
+    fn pinging(address: &str, every: u64, timeout: u64) -> ClientChannel {
+        let keep_alive = super::KeepAlive {
+            every: Duration::from_millis(every),
+            timeout: Duration::from_millis(timeout),
+        };
+        ClientChannel::new(address, None, Duration::from_secs(5), Some(keep_alive))
+            .expect("channel")
+    }
+
+    /// The first connection `listener` accepts, as a bare h2 server, and the first call on it.
+    async fn first_stream(
+        listener: &tokio::net::TcpListener,
+    ) -> (
+        h2::server::Connection<tokio::net::TcpStream, bytes::Bytes>,
+        (
+            http::Request<h2::RecvStream>,
+            h2::server::SendResponse<bytes::Bytes>,
+        ),
+    ) {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut connection = h2::server::handshake(tcp).await.expect("handshake");
+        let stream = connection
+            .accept()
+            .await
+            .expect("a request")
+            .expect("a stream");
+        (connection, stream)
+    }
+
     /// A listener on a free loopback port, and its address.
     async fn listen() -> (tokio::net::TcpListener, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -514,7 +618,8 @@ mod tests {
         let (listener, address) = listen().await;
         let accepted = Arc::new(AtomicUsize::new(0));
         serve(listener, accepted.clone());
-        let channel = ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
+        let channel =
+            ClientChannel::new(&address, None, Duration::from_secs(5), None).expect("channel");
         let calls = (0..8).map(|_| {
             let mut channel = channel.clone();
             async move { answered(&mut channel).await }
@@ -534,7 +639,7 @@ mod tests {
         // The first connection is accepted and closed at once; then the listener serves.
         let (first, listener) = {
             let mut channel =
-                ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
+                ClientChannel::new(&address, None, Duration::from_secs(5), None).expect("channel");
             let call = tokio::spawn(async move {
                 let failed = answered(&mut channel).await;
                 (channel, failed)
@@ -564,7 +669,7 @@ mod tests {
             listener.local_addr().expect("address").to_string()
         };
         let mut channel =
-            ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
+            ClientChannel::new(&address, None, Duration::from_secs(5), None).expect("channel");
         let error = channel.call(request()).await.expect_err("nothing listens");
         let status = tonic::Status::from_error(error);
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
@@ -619,13 +724,7 @@ mod tests {
         const ANSWER: usize = 3 * super::CONNECTION_WINDOW as usize;
         let (listener, address) = listen().await;
         let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.expect("accept");
-            let mut connection = h2::server::handshake(tcp).await.expect("handshake");
-            let (request, mut respond) = connection
-                .accept()
-                .await
-                .expect("a request")
-                .expect("a stream");
+            let (mut connection, (request, mut respond)) = first_stream(&listener).await;
             // The connection must go on being driven while the answer is sent.
             tokio::spawn(async move { while connection.accept().await.is_some() {} });
             let mut body = request.into_body();
@@ -657,7 +756,7 @@ mod tests {
             received
         });
         let mut channel =
-            ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
+            ClientChannel::new(&address, None, Duration::from_secs(5), None).expect("channel");
         let mut call = request();
         *call.body_mut() = tonic::body::Body::new(http_body_util::Full::new(Bytes::from_static(
             b"the request's message",
@@ -683,16 +782,11 @@ mod tests {
     #[tokio::test]
     async fn a_connection_going_away_is_replaced_on_the_next_call_while_its_calls_finish() {
         let (listener, address) = listen().await;
-        let channel = ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
+        let channel =
+            ClientChannel::new(&address, None, Duration::from_secs(5), None).expect("channel");
         let mut held = channel.clone();
         let first = tokio::spawn(async move { held.call(request()).await.map(|_| ()) });
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let mut connection = h2::server::handshake(tcp).await.expect("handshake");
-        let (_request, respond) = connection
-            .accept()
-            .await
-            .expect("a request")
-            .expect("a stream");
+        let (mut connection, (_request, respond)) = first_stream(&listener).await;
         connection.graceful_shutdown();
         // Driven on, with the first call's stream open, the old connection stays up.
         let old = tokio::spawn(async move { while connection.accept().await.is_some() {} });
@@ -720,6 +814,69 @@ mod tests {
         old.abort();
     }
 
+    /// A server that went silent (it stopped reading its connection, as a host that vanished or a
+    /// partition looks from the client) fails the call in flight once a ping goes unanswered, and
+    /// the next call connects anew; without pings the call waited for ever.
+    #[tokio::test]
+    async fn a_silent_server_is_given_up_once_a_ping_goes_unanswered() {
+        let (listener, address) = listen().await;
+        let channel = pinging(&address, 100, 200);
+        let mut held = channel.clone();
+        let first = tokio::spawn(async move { held.call(request()).await.map(|_| ()) });
+        let (connection, stream) = first_stream(&listener).await;
+        // From here on nothing reads the connection (it is kept open, never polled): no answer,
+        // no pong.
+        let silent = tokio::spawn(async move {
+            let _kept = (connection, stream);
+            std::future::pending::<()>().await
+        });
+        let failed = tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .expect("the call failed once the server stopped answering pings")
+            .expect("call task");
+        let error = failed.expect_err("a silent server cannot answer");
+        let status = error.downcast::<tonic::Status>().expect("a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("transport error"), "{status:?}");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        serve(listener, accepted.clone());
+        let mut next = channel.clone();
+        answered(&mut next).await.expect("the next call");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the next call connected anew"
+        );
+        silent.abort();
+    }
+
+    /// An idle connection is not pinged: a server that stopped reading after answering keeps the
+    /// connection as long as no call is made (pings at every period would have ended it).
+    #[tokio::test]
+    async fn an_idle_connection_is_not_pinged() {
+        let (listener, address) = listen().await;
+        let mut channel = pinging(&address, 50, 50);
+        let server = tokio::spawn(async move {
+            let (mut connection, (_, mut respond)) = first_stream(&listener).await;
+            let answer = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "12")
+                .body(())
+                .expect("answer");
+            respond.send_response(answer, true).expect("answered");
+            // Flushed to the client by polling the connection until it has nothing left to send.
+            let _ = tokio::time::timeout(Duration::from_millis(200), connection.accept()).await;
+            // Then silent: kept open, never polled again.
+            std::future::pending::<()>().await;
+            drop(connection);
+        });
+        answered(&mut channel).await.expect("answered");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let live = channel.live().expect("the idle connection was kept");
+        assert!(!live.driver.is_finished());
+        server.abort();
+    }
+
     /// A server that allows no streams gets calls failed at once as unavailable, not queued in h2
     /// until the caller gives up (and kept there with their requests).
     #[tokio::test]
@@ -735,7 +892,7 @@ mod tests {
             while connection.accept().await.is_some() {}
         });
         let mut channel =
-            ClientChannel::new(&address, None, Duration::from_secs(5)).expect("channel");
+            ClientChannel::new(&address, None, Duration::from_secs(5), None).expect("channel");
         // The first call may go before the server's SETTINGS arrive (it is refused); the second
         // comes after them.
         for call in ["first", "second"] {
@@ -751,7 +908,7 @@ mod tests {
     fn an_address_without_a_port_is_refused_when_the_channel_is_made() {
         for bad in ["localhost", "http://", "a b:1", "user@host:7"] {
             assert!(
-                ClientChannel::new(bad, None, Duration::from_secs(1)).is_err(),
+                ClientChannel::new(bad, None, Duration::from_secs(1), None).is_err(),
                 "{bad} was taken"
             );
         }
@@ -762,7 +919,7 @@ mod tests {
             "kv-1:7",
         ] {
             assert!(
-                ClientChannel::new(good, None, Duration::from_secs(1)).is_ok(),
+                ClientChannel::new(good, None, Duration::from_secs(1), None).is_ok(),
                 "{good} was refused"
             );
         }

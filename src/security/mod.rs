@@ -212,7 +212,13 @@ impl Security {
                 Some((tls.client.clone(), name))
             }
         };
-        ClientChannel::new(address, tls, connect_timeout).map_err(SecurityError::Address)
+        ClientChannel::new(
+            address,
+            tls,
+            connect_timeout,
+            Some(channel::CLIENT_KEEP_ALIVE),
+        )
+        .map_err(SecurityError::Address)
     }
 
     fn endpoint_verifying(
