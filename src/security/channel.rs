@@ -411,17 +411,28 @@ pub(crate) const CLIENT_KEEP_ALIVE: KeepAlive = KeepAlive {
 
 impl KeepAlive {
     /// Ping while calls are in flight on the connection (`calls` lends each call in flight one of
-    /// its permits), until a ping goes unanswered (or h2 fails it: the connection is ending anyway).
+    /// its permits), at most once per `every`, until a ping goes unanswered (or h2 fails it: the
+    /// connection is ending anyway).
+    ///
+    /// Whether a call is in flight is looked at eight times per `every`, not once: a clerk's attempt
+    /// (1–1.5 s) is shorter than the period, and one looked at only at the period's end was missed
+    /// half the time. So a call on a connection that has not answered a ping for `every` gets one
+    /// sent within an eighth of it, and that ping is waited for even if the call gives up first: the
+    /// connection is judged even when every attempt on it ends early.
     async fn run(self, mut ping_pong: h2::PingPong, calls: Arc<tokio::sync::Semaphore>) {
+        let look = (self.every / 8).max(Duration::from_millis(1));
+        // The handshake was the last answer.
+        let mut answered = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(self.every).await;
-            if calls.available_permits() == MAX_CALLS_IN_FLIGHT {
+            tokio::time::sleep(look).await;
+            if calls.available_permits() == MAX_CALLS_IN_FLIGHT || answered.elapsed() < self.every {
                 continue;
             }
             let pong = tokio::time::timeout(self.timeout, ping_pong.ping(h2::Ping::opaque())).await;
             if !matches!(pong, Ok(Ok(_))) {
                 return;
             }
+            answered = tokio::time::Instant::now();
         }
     }
 }
@@ -851,30 +862,68 @@ mod tests {
     }
 
     /// An idle connection is not pinged: a server that stopped reading after answering keeps the
-    /// connection as long as no call is made (pings at every period would have ended it).
+    /// connection as long as no call is made (pings in each of these 5 periods would have ended it).
     #[tokio::test]
     async fn an_idle_connection_is_not_pinged() {
-        let (listener, address) = listen().await;
-        let mut channel = pinging(&address, 50, 50);
-        let server = tokio::spawn(async move {
-            let (mut connection, (_, mut respond)) = first_stream(&listener).await;
-            let answer = http::Response::builder()
-                .header("content-type", "application/grpc")
-                .header("grpc-status", "12")
-                .body(())
-                .expect("answer");
-            respond.send_response(answer, true).expect("answered");
-            // Flushed to the client by polling the connection until it has nothing left to send.
-            let _ = tokio::time::timeout(Duration::from_millis(200), connection.accept()).await;
-            // Then silent: kept open, never polled again.
-            std::future::pending::<()>().await;
-            drop(connection);
-        });
-        answered(&mut channel).await.expect("answered");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (channel, server) = answered_then_silent(200, 50).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let live = channel.live().expect("the idle connection was kept");
         assert!(!live.driver.is_finished());
         server.abort();
+    }
+
+    /// A call that gives up before any ping period ends still gets the connection pinged, and
+    /// judged: a clerk's attempts are shorter than the period, and checking for calls in flight only
+    /// at each period's end missed them.
+    #[tokio::test]
+    async fn a_short_call_on_a_silent_connection_gets_it_pinged_and_dropped() {
+        let (channel, server) = answered_then_silent(400, 200).await;
+        // Past the first period since the handshake; then one attempt of 100 ms, given up.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut attempt = channel.clone();
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), async move {
+            attempt.call(request()).await.map(|_| ())
+        })
+        .await;
+        assert!(gave_up.is_err(), "a silent server answered");
+        let live = channel.live().expect("still the live connection");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !live.driver.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the connection was dropped once its ping went unanswered");
+        server.abort();
+    }
+
+    /// A channel pinging as [`pinging`] says, connected to a server that answered its first call and
+    /// then fell silent ([`answer_once_then_fall_silent`]); the server's task, to abort.
+    async fn answered_then_silent(
+        every: u64,
+        timeout: u64,
+    ) -> (ClientChannel, tokio::task::JoinHandle<()>) {
+        let (listener, address) = listen().await;
+        let mut channel = pinging(&address, every, timeout);
+        let server = tokio::spawn(answer_once_then_fall_silent(listener));
+        answered(&mut channel).await.expect("answered");
+        (channel, server)
+    }
+
+    /// A server that answers the first call (UNIMPLEMENTED) on the first connection `listener`
+    /// accepts, then never reads that connection again (kept open): no answers, no pongs.
+    async fn answer_once_then_fall_silent(listener: tokio::net::TcpListener) {
+        let (mut connection, (_, mut respond)) = first_stream(&listener).await;
+        let answer = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "12")
+            .body(())
+            .expect("answer");
+        respond.send_response(answer, true).expect("answered");
+        // Flushed to the client by polling the connection until it has nothing left to send.
+        let _ = tokio::time::timeout(Duration::from_millis(200), connection.accept()).await;
+        std::future::pending::<()>().await;
+        drop(connection);
     }
 
     /// A server that allows no streams gets calls failed at once as unavailable, not queued in h2
