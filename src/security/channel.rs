@@ -390,10 +390,10 @@ where
 /// How a connection finds out that its server went silent: a server whose host vanished, or one cut
 /// off by a network partition, never closes the TCP connection, and calls on it would each wait out
 /// their deadline until TCP gives up (about 15 minutes), or until a retransmission gets through after
-/// the partition healed (their interval doubles up to 2 minutes). With
-/// pings, the connection is dropped once one goes unanswered for `timeout`, and the next call
-/// connects anew. Pings go only while calls are in flight (as hyper's keep-alive by default), so an
-/// idle client costs its servers nothing.
+/// the partition healed (their interval doubles up to 2 minutes). With pings, the connection is
+/// dropped once one goes unanswered for `timeout`, and the next call connects anew. Pings go only
+/// while calls are in flight (as hyper's keep-alive by default), so an idle client costs its servers
+/// nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct KeepAlive {
     /// Time between pings (counted from the last answer).
