@@ -429,7 +429,7 @@ fn certs_command(op: CertsOp) -> u8 {
             } else if let Err(e) = certs::init(&dir, &cluster, days) {
                 return fail(e);
             }
-            println!("{}", dir.join("ca.pem").display());
+            ds824::outln!("{}", dir.join("ca.pem").display());
             for spec in issue {
                 let Some((role, name)) = spec.split_once('/') else {
                     return fail(format!("--issue {spec:?} is not ROLE/NAME"));
@@ -438,7 +438,7 @@ fn certs_command(op: CertsOp) -> u8 {
                     continue;
                 }
                 match certs::issue_into(&dir, &out, role, name, &[], 365) {
-                    Ok(issued) => println!("{} {}", issued.principal, issued.cert.display()),
+                    Ok(issued) => ds824::outln!("{} {}", issued.principal, issued.cert.display()),
                     Err(e) => return fail(e),
                 }
             }
@@ -452,7 +452,7 @@ fn certs_command(op: CertsOp) -> u8 {
             days,
         } => match certs::issue(&dir, &role, &name, &host, days) {
             Ok(issued) => {
-                println!(
+                ds824::outln!(
                     "{} {} {}",
                     issued.principal,
                     issued.cert.display(),
@@ -573,9 +573,9 @@ async fn run(cli: Cli) -> u8 {
         return match shard::collect_sharded(&ctrlers, config, Duration::from_secs(2), view).await {
             Ok(report) => {
                 if *json {
-                    println!("{}", shard::render_sharded_json(&report));
+                    ds824::outln!("{}", shard::render_sharded_json(&report));
                 } else {
-                    print!("{}", shard::render_sharded_table(&report));
+                    ds824::out!("{}", shard::render_sharded_table(&report));
                 }
                 EXIT_OK
             }
@@ -591,7 +591,7 @@ async fn run(cli: Cli) -> u8 {
         Command::Get { key } => match clerk() {
             Ok(mut c) => match c.get(&key).await {
                 Ok(Some(value)) => {
-                    println!("{value}");
+                    ds824::outln!("{value}");
                     EXIT_OK
                 }
                 Ok(None) => {
@@ -628,7 +628,7 @@ async fn run(cli: Cli) -> u8 {
             match async { clerk()?.cas(&key, expected.as_deref(), &new).await }.await {
                 Ok(CasOutcome::Swapped) => EXIT_OK,
                 Ok(CasOutcome::Mismatch { current: Some(v) }) => {
-                    println!("{v}");
+                    ds824::outln!("{v}");
                     EXIT_NO
                 }
                 Ok(CasOutcome::Mismatch { current: None }) => {
@@ -648,9 +648,9 @@ async fn run(cli: Cli) -> u8 {
         Command::Status { json } => {
             let reports = status::collect(&cluster, Duration::from_secs(2), &security).await;
             if json {
-                println!("{}", status::render_json(&reports));
+                ds824::outln!("{}", status::render_json(&reports));
             } else {
-                print!("{}", status::render_table(&reports));
+                ds824::out!("{}", status::render_table(&reports));
                 // The configuration as the leader sees it: learners, and how far each is behind.
                 let target = backup::Target {
                     servers: cluster.clone(),
@@ -659,7 +659,7 @@ async fn run(cli: Cli) -> u8 {
                 if let Ok(members) =
                     member::leader_members(&target, &config, Duration::from_secs(2)).await
                 {
-                    print!("\nmembers: {}", member::render_table(&members));
+                    ds824::out!("\nmembers: {}", member::render_table(&members));
                 }
             }
             if reports.iter().any(|r| r.status.is_ok()) {
@@ -677,7 +677,7 @@ async fn run(cli: Cli) -> u8 {
             let job = move || check::check_file_with(&history, budget, max_memory);
             match tokio::task::spawn_blocking(job).await {
                 Ok(Ok((report, code))) => {
-                    println!("{report}");
+                    ds824::outln!("{report}");
                     code
                 }
                 Ok(Err(e)) => fail(e),
@@ -735,13 +735,13 @@ async fn run(cli: Cli) -> u8 {
                     if let Some(stages) = stages {
                         out["breakdown"] = serde_json::Value::String(stages.to_string());
                     }
-                    println!("{out}");
+                    ds824::outln!("{out}");
                     EXIT_OK
                 }
                 Ok(report) => {
-                    println!("{report}");
+                    ds824::outln!("{report}");
                     if let Some(stages) = stages {
-                        print!("{stages}");
+                        ds824::out!("{stages}");
                     }
                     EXIT_OK
                 }
@@ -814,7 +814,7 @@ async fn member_command(
         match kvctl::ctrler::edit_servers(clerk, gid, &edit).await {
             Ok(latest) => {
                 let servers = latest.groups.get(&gid).map(|s| s.join(",")).unwrap_or_default();
-                println!(
+                ds824::outln!(
                     "controllers: group {gid} is served by {servers} (configuration {})",
                     latest.num
                 );
@@ -839,11 +839,11 @@ async fn snapshot_command(
     match op {
         SnapshotOp::Status { file, json } => match backup::inspect(&file) {
             Ok(summary) if json => {
-                println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+                ds824::outln!("{}", serde_json::to_string(&summary).unwrap_or_default());
                 EXIT_OK
             }
             Ok(summary) => {
-                print!("{}", backup::render(&summary));
+                ds824::out!("{}", backup::render(&summary));
                 EXIT_OK
             }
             Err(e) => fail(e),
@@ -864,7 +864,7 @@ async fn snapshot_command(
             bar.finish_and_clear();
             match result {
                 Ok(header) => {
-                    println!(
+                    ds824::outln!(
                         "saved {} of {} at index {} (term {}, {} bytes of snapshot) to {}",
                         header.service,
                         header.cluster_id,

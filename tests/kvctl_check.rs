@@ -117,3 +117,26 @@ fn malformed_history_and_bad_sizes_are_usage_errors() {
     ]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn a_reader_that_went_away_ends_kvctl_quietly() {
+    // `kvctl check FILE | head -0`: the pipe's reader is gone before kvctl writes its verdict.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("small.jsonl");
+    let ops = vec![
+        Operation::put(0, "x", "1").ok_at(0, 10),
+        Operation::get(1, "x", Some("1")).ok_at(20, 30),
+    ];
+    write(&path, &History::new(ops).expect("valid"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .args(["check", path.to_str().expect("path")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kvctl");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for kvctl");
+    // As `cat` ends: success, nothing on stderr (not a panic's message and backtrace, exit 101).
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "stderr: {}", text(&out.stderr));
+}

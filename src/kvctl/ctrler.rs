@@ -232,7 +232,7 @@ pub async fn run(ctrlers: &[String], config: ClerkConfig, op: Op) -> u8 {
                     Ok(latest) => {
                         groups.retain(|gid, _| !latest.groups.contains_key(gid));
                         if groups.is_empty() {
-                            print!("{}", render(&latest));
+                            crate::out!("{}", render(&latest));
                             return EXIT_OK;
                         }
                     }
@@ -251,11 +251,11 @@ pub async fn run(ctrlers: &[String], config: ClerkConfig, op: Op) -> u8 {
     };
     match result {
         Ok(config) if json => {
-            println!("{}", to_json(&config));
+            crate::outln!("{}", to_json(&config));
             EXIT_OK
         }
         Ok(config) => {
-            print!("{}", render(&config));
+            crate::out!("{}", render(&config));
             EXIT_OK
         }
         Err(e) => fail(&e),

@@ -51,9 +51,9 @@ pub async fn run(target: &Target, config: &ClerkConfig, op: Op) -> anyhow::Resul
         Op::List { json } => {
             let members = leader_view(target, config, deadline).await?;
             if json {
-                println!("{}", render_json(&members));
+                crate::outln!("{}", render_json(&members));
             } else {
-                print!("{}", render_table(&members));
+                crate::out!("{}", render_table(&members));
             }
         }
         Op::Add {
@@ -67,14 +67,14 @@ pub async fn run(target: &Target, config: &ClerkConfig, op: Op) -> anyhow::Resul
                 learner: true,
             });
             match change(target, config, add, deadline).await {
-                Ok(_) => println!("added node {id} at {address} as a learner"),
+                Ok(_) => crate::outln!("added node {id} at {address} as a learner"),
                 // Already a learner: an earlier run added it; go on to promote it.
                 Err(e) if e.to_string().contains("already a member") => {
                     let members = leader_view(target, config, deadline).await?;
                     let known = members.members.iter().find(|m| m.id == id);
                     match known {
                         Some(m) if m.learner && m.address == address => {
-                            println!("node {id} is already a learner at {address}")
+                            crate::outln!("node {id} is already a learner at {address}")
                         }
                         _ => return Err(e),
                     }
@@ -89,7 +89,7 @@ pub async fn run(target: &Target, config: &ClerkConfig, op: Op) -> anyhow::Resul
         Op::Remove(id) => {
             let remove = pb::change_members_request::Change::Remove(id);
             let members = change(target, config, remove, deadline).await?;
-            println!("removed node {id}; voters now: {}", voters(&members));
+            crate::outln!("removed node {id}; voters now: {}", voters(&members));
         }
         Op::TransferLeader(id) => {
             let (mut client, _) = leader_client(target, config, deadline).await?;
@@ -100,7 +100,7 @@ pub async fn run(target: &Target, config: &ClerkConfig, op: Op) -> anyhow::Resul
                 .map_err(|_| anyhow!("the leader did not answer before the deadline"))?
                 .map_err(|s| anyhow!("{}", s.message()))?
                 .into_inner();
-            println!("node {} leads (term {})", reply.leader, reply.term);
+            crate::outln!("node {} leads (term {})", reply.leader, reply.term);
         }
     }
     Ok(())
@@ -138,7 +138,7 @@ async fn promote_when_caught_up(
         };
         if !member.learner {
             bar.finish_and_clear();
-            println!("node {id} is a voter");
+            crate::outln!("node {id} is a voter");
             return Ok(());
         }
         bar.set_length(members.last_index);
@@ -160,7 +160,7 @@ async fn promote_when_caught_up(
     bar.finish_and_clear();
     let promote = pb::change_members_request::Change::Promote(id);
     let members = change(target, config, promote, deadline).await?;
-    println!("promoted node {id}; voters now: {}", voters(&members));
+    crate::outln!("promoted node {id}; voters now: {}", voters(&members));
     Ok(())
 }
 
