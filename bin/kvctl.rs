@@ -396,11 +396,19 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    ExitCode::from(runtime.block_on(run(cli)))
+    let code = runtime.block_on(run(cli));
+    match ds824::kvctl::stdout_failure() {
+        // The command was carried out, but its output was lost: not a success.
+        Some(e) => {
+            ds824::errln!("kvctl: error: cannot write the output: {e}");
+            ExitCode::from(code.max(ds824::kvctl::EXIT_ERROR))
+        }
+        None => ExitCode::from(code),
+    }
 }
 
 fn fail(error: impl std::fmt::Display) -> u8 {
-    eprintln!("kvctl: error: {error}");
+    ds824::errln!("kvctl: error: {error}");
     EXIT_ERROR
 }
 
@@ -553,7 +561,7 @@ async fn run(cli: Cli) -> u8 {
         };
         let code = member_command(&group, op, edit, &cluster, &ctrlers, config, view).await;
         if let (EXIT_OK, Some(gid)) = (code, unchanged_servers) {
-            eprintln!(
+            ds824::errln!(
                 "kvctl: note: without --serve the controllers keep handing out group {gid}'s servers as they were (see `kvctl member add --help`)"
             );
         }
@@ -595,7 +603,7 @@ async fn run(cli: Cli) -> u8 {
                     EXIT_OK
                 }
                 Ok(None) => {
-                    eprintln!("not found");
+                    ds824::errln!("not found");
                     EXIT_NO
                 }
                 Err(e) => fail(e),
@@ -607,7 +615,7 @@ async fn run(cli: Cli) -> u8 {
         Command::Delete { key } => match async { clerk()?.delete(&key).await }.await {
             Ok(true) => EXIT_OK,
             Ok(false) => {
-                eprintln!("not found");
+                ds824::errln!("not found");
                 EXIT_NO
             }
             Err(e) => fail(e),
@@ -632,11 +640,11 @@ async fn run(cli: Cli) -> u8 {
                     EXIT_NO
                 }
                 Ok(CasOutcome::Mismatch { current: None }) => {
-                    eprintln!("not found");
+                    ds824::errln!("not found");
                     EXIT_NO
                 }
                 Ok(CasOutcome::MismatchValueNotKept) => {
-                    eprintln!(
+                    ds824::errln!(
                         "mismatch (the current value is too long to repeat for a retried request; \
                          read it with `kvctl get`)"
                     );

@@ -118,25 +118,57 @@ fn malformed_history_and_bad_sizes_are_usage_errors() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
-#[test]
-fn a_reader_that_went_away_ends_kvctl_quietly() {
-    // `kvctl check FILE | head -0`: the pipe's reader is gone before kvctl writes its verdict.
+/// `kvctl check` of `ops` with stdout a pipe whose reader is gone before kvctl starts
+/// (`kvctl check FILE | head -0`).
+fn check_with_reader_gone(ops: Vec<Operation>) -> Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    check_writing_to(ops, writer.into())
+}
+
+/// `kvctl check` of `ops` with its output going to `stdout`.
+fn check_writing_to(ops: Vec<Operation>, stdout: std::process::Stdio) -> Output {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("small.jsonl");
-    let ops = vec![
-        Operation::put(0, "x", "1").ok_at(0, 10),
-        Operation::get(1, "x", Some("1")).ok_at(20, 30),
-    ];
     write(&path, &History::new(ops).expect("valid"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+    Command::new(env!("CARGO_BIN_EXE_kvctl"))
         .args(["check", path.to_str().expect("path")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run kvctl");
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("wait for kvctl");
-    // As `cat` ends: success, nothing on stderr (not a panic's message and backtrace, exit 101).
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-    assert!(out.stderr.is_empty(), "stderr: {}", text(&out.stderr));
+        .stdout(stdout)
+        .output()
+        .expect("run kvctl")
+}
+
+/// A history that is linearizable (`bad` false) or not.
+fn two_ops(bad: bool) -> Vec<Operation> {
+    vec![
+        Operation::put(0, "x", "1").ok_at(0, 10),
+        Operation::get(1, "x", Some(if bad { "2" } else { "1" })).ok_at(20, 30),
+    ]
+}
+
+#[test]
+fn a_reader_that_went_away_ends_kvctl_quietly_with_its_own_answer() {
+    // Not a panic's message and backtrace (exit 101): nothing on stderr, and the exit status the
+    // command would have had, so a script still gets its answer.
+    let linearizable = check_with_reader_gone(two_ops(false));
+    assert_eq!(linearizable.status.code(), Some(0), "{linearizable:?}");
+    assert!(linearizable.stderr.is_empty(), "{linearizable:?}");
+    let violation = check_with_reader_gone(two_ops(true));
+    assert_eq!(violation.status.code(), Some(1), "{violation:?}");
+    assert!(violation.stderr.is_empty(), "{violation:?}");
+}
+
+#[test]
+fn output_that_cannot_be_written_is_a_failure_named_on_stderr() {
+    // `kvctl check FILE > /dev/full`: the verdict is lost, so the command did not succeed.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let out = check_writing_to(two_ops(false), full.into());
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("kvctl: error: cannot write the output"),
+        "{out:?}"
+    );
 }

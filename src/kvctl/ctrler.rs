@@ -206,7 +206,7 @@ pub fn to_json(config: &Config) -> serde_json::Value {
 /// Run one controller operation; returns the exit code.
 pub async fn run(ctrlers: &[String], config: ClerkConfig, op: Op) -> u8 {
     let fail = |e: &dyn std::fmt::Display| {
-        eprintln!("kvctl: error: {e}");
+        crate::errln!("kvctl: error: {e}");
         EXIT_ERROR
     };
     if ctrlers.is_empty() {
