@@ -54,7 +54,10 @@ impl KvCluster for Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_survive_leader_sigkill_and_stay_linearizable() {
-    let mut cluster = Cluster::kv(3, 8 << 10);
+    // One worker each, as `compare-etcd.sh` runs them: followers then flush on that worker
+    // (`flush_place` in `src/raft/node.rs`), and the small snapshot threshold makes them install
+    // snapshots and checkpoint often, in place.
+    let mut cluster = Replicas::start_temp_args(Role::Kv, 3, 8 << 10, &["--worker-threads", "1"]);
     cluster.wait_for_leader().await;
     let load = appends::Load::start(|| cluster.clerk());
     for round in 0..2 {

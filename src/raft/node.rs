@@ -682,7 +682,8 @@ enum FlushPlace {
     Pool,
 }
 
-/// Where `ready`'s persist runs, on a runtime of `flavor` with `workers` worker threads.
+/// Where `ready`'s persist runs, on a runtime of `flavor` with `workers` worker threads; `short` is
+/// the storage's [`Storage::persist_is_short`] of it.
 ///
 /// - **A leader's: on the pool.** It has just handed its entries to the peer links, which must get
 ///   to run while it flushes (in place, with a yield first to let them, it was no faster), and its
@@ -690,23 +691,30 @@ enum FlushPlace {
 /// - **A follower's: on its own thread.** Its persist is the middle of the write path (the leader
 ///   waits for its acknowledgement), and a trip to the pool adds two thread wake-ups to it (in
 ///   place, a follower's persist took 0.19 ms instead of 0.25 in `kvctl bench --breakdown`).
-///   - With one worker (`kvd --worker-threads 1`) it blocks that worker: `block_in_place` would
-///     wake a thread to take the worker's tasks over, and the acknowledgement, sent from a thread
-///     that no longer is the worker, would wake it again. Those tasks lose nothing by waiting one
-///     flush: the driver, which most of them feed, waits for it anyway. Measured on three nodes of
-///     one worker each on 2 cores: a single client's put p50 0.51–0.53 ms instead of 0.57–0.59,
-///     64 clients' puts and YCSB-A unchanged. A snapshot is still installed in place: it may take
-///     long, and the runtime must keep serving meanwhile.
+///   - With one worker (`kvd --worker-threads 1`) and a persist the storage calls `short`
+///     ([`Storage::persist_is_short`]: one small write and a flush) it blocks that worker:
+///     `block_in_place` would wake a thread to take the worker's tasks over, and the
+///     acknowledgement, sent from a thread that no longer is the worker, would wake it again. Those
+///     tasks lose little by waiting one flush: the driver, which most of them feed, waits for it
+///     anyway. Measured on three nodes of one worker each on 2 cores: a single client's put p50
+///     0.51–0.53 ms instead of 0.57–0.59, 64 clients' puts and YCSB-A unchanged. Anything longer
+///     (a snapshot, a checkpoint of a full journal) goes in place: client calls, pings and
+///     metrics must keep being served meanwhile.
 ///   - With more workers, in place.
 /// - **A current-thread runtime (tests): on the pool.** It has no place to block in, and several
 ///   nodes may share its thread.
 ///
 /// An aborted node stops once a persist on its own thread is done, so its storage is closed when
 /// the task has ended.
-fn flush_place(ready: &Ready, flavor: tokio::runtime::RuntimeFlavor, workers: usize) -> FlushPlace {
+fn flush_place(
+    ready: &Ready,
+    short: bool,
+    flavor: tokio::runtime::RuntimeFlavor,
+    workers: usize,
+) -> FlushPlace {
     if ready.persist_after_send || flavor != tokio::runtime::RuntimeFlavor::MultiThread {
         FlushPlace::Pool
-    } else if workers == 1 && ready.snapshot.is_none() {
+    } else if workers == 1 && short {
         FlushPlace::Inline
     } else {
         FlushPlace::InPlace
@@ -1021,6 +1029,7 @@ impl Driver {
             let runtime = tokio::runtime::Handle::current();
             let place = flush_place(
                 &ready,
+                storage.persist_is_short(&ready),
                 runtime.runtime_flavor(),
                 runtime.metrics().num_workers(),
             );
@@ -1174,7 +1183,6 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::{boot_time, flush_place, Command, DetachedNode, FlushPlace, WallTicks};
-    use crate::raft::types::Snapshot;
     use crate::raft::Ready;
     use std::time::Duration;
     use tokio::runtime::RuntimeFlavor::{CurrentThread, MultiThread};
@@ -1186,24 +1194,30 @@ mod tests {
             persist_after_send: true,
             ..Ready::default()
         };
-        let installing = Ready {
-            snapshot: Some(Snapshot::default()),
-            ..Ready::default()
-        };
         // One worker: handing it over would cost two thread wake-ups on the write path.
-        assert_eq!(flush_place(&follower, MultiThread, 1), FlushPlace::Inline);
-        // More: the others keep serving while this one flushes.
-        assert_eq!(flush_place(&follower, MultiThread, 2), FlushPlace::InPlace);
-        // A snapshot may take long: the runtime keeps serving meanwhile, even on one worker.
         assert_eq!(
-            flush_place(&installing, MultiThread, 1),
+            flush_place(&follower, true, MultiThread, 1),
+            FlushPlace::Inline
+        );
+        // More: the others keep serving while this one flushes.
+        assert_eq!(
+            flush_place(&follower, true, MultiThread, 2),
+            FlushPlace::InPlace
+        );
+        // A persist that may take long (a snapshot, a checkpoint): the runtime keeps serving
+        // meanwhile, even on one worker.
+        assert_eq!(
+            flush_place(&follower, false, MultiThread, 1),
             FlushPlace::InPlace
         );
         // A leader's runtime takes the next proposals while it flushes, however many workers.
-        assert_eq!(flush_place(&leader, MultiThread, 1), FlushPlace::Pool);
-        assert_eq!(flush_place(&leader, MultiThread, 4), FlushPlace::Pool);
+        assert_eq!(flush_place(&leader, true, MultiThread, 1), FlushPlace::Pool);
+        assert_eq!(flush_place(&leader, true, MultiThread, 4), FlushPlace::Pool);
         // A current-thread runtime has no place to block in, and its thread may run several nodes.
-        assert_eq!(flush_place(&follower, CurrentThread, 1), FlushPlace::Pool);
+        assert_eq!(
+            flush_place(&follower, true, CurrentThread, 1),
+            FlushPlace::Pool
+        );
     }
 
     fn clock_started_ago(ago: Duration, max_burst: u64) -> WallTicks {

@@ -31,7 +31,7 @@
 //! points at it, so a crash leaves either the old snapshot or the new one, never a mix; leftovers of other
 //! generations and entries the snapshot covers are cleaned up when the directory is next opened.
 
-use super::journal::{Journal, JournalBatch};
+use super::journal::{Journal, JournalBatch, JOURNAL_BYTES};
 use super::membership::Membership;
 use super::sled_writer::{Drained, SledWriter, HARD_STATE};
 use super::types::{HardState, NodeId, PersistedState, Snapshot, SnapshotMeta};
@@ -52,6 +52,12 @@ pub trait Storage: Send + 'static {
     fn load(&self) -> Result<PersistedState, StorageError>;
     /// Persist the snapshot, log write and hard state of `ready`, durably, before returning.
     fn persist(&mut self, ready: &Ready) -> Result<(), StorageError>;
+    /// Whether persisting `ready` is certainly short: a small write and a flush, never a longer step
+    /// (a snapshot, a checkpoint). Only such a persist may hold up the runtime's only thread (see
+    /// `flush_place` in `node.rs`); a storage that cannot tell says no.
+    fn persist_is_short(&self, _ready: &Ready) -> bool {
+        false
+    }
     /// Bytes of Raft state (hard state and log entries), the quantity a service compares with its
     /// snapshot threshold.
     fn raft_state_size(&self) -> u64;
@@ -863,6 +869,14 @@ impl Drop for SledStorage {
     }
 }
 
+/// The most bytes of entries [`SledStorage::persist_is_short`] calls short: a 64-client batch of
+/// 100-byte values is about 10 KiB.
+const SHORT_PERSIST_BYTES: u64 = 256 << 10;
+
+/// More than an entry's encoding and its journal record add to its data (index, term, kind, lengths,
+/// a record header), so sizes estimated with it are never short.
+const ENTRY_RECORD_OVERHEAD: u64 = 64;
+
 impl Storage for SledStorage {
     fn load(&self) -> Result<PersistedState, StorageError> {
         self.writer.drain(0).map_err(|e| self.writer_failed(e))?;
@@ -899,6 +913,24 @@ impl Storage for SledStorage {
             snapshot,
             entries,
         })
+    }
+
+    /// Short while the journal is under half full and the write small: one journal record and one
+    /// `fdatasync` (two with values in the value log). At half the journal the writer starts
+    /// applying the batches it kept, whose queue may make a persist wait for it; when the journal is
+    /// full, or with a snapshot, sled is flushed and the journal starts over (a checkpoint, which
+    /// may take hundreds of milliseconds).
+    fn persist_is_short(&self, ready: &Ready) -> bool {
+        let bytes: u64 = ready.log_write.as_ref().map_or(0, |write| {
+            write
+                .entries
+                .iter()
+                .map(|entry| entry.data.len() as u64 + ENTRY_RECORD_OVERHEAD)
+                .sum()
+        });
+        ready.snapshot.is_none()
+            && bytes <= SHORT_PERSIST_BYTES
+            && self.journal.used() + bytes + ENTRY_RECORD_OVERHEAD <= JOURNAL_BYTES / 2
     }
 
     fn persist(&mut self, ready: &Ready) -> Result<(), StorageError> {
@@ -1071,6 +1103,46 @@ mod tests {
         let mut files = walk(&dir.join("raft-values"));
         files.sort();
         files
+    }
+
+    #[test]
+    fn a_persist_is_short_only_while_small_and_the_journal_under_half_full() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        assert!(s.persist_is_short(&write(1, vec![entry(1, 1)])));
+        assert!(s.persist_is_short(&Ready {
+            hard_state: Some(HardState {
+                term: 2,
+                vote: Some(1),
+                commit: 0,
+            }),
+            ..Ready::default()
+        }));
+        // A snapshot is a checkpoint.
+        let with_snapshot = Ready {
+            snapshot: Some(Snapshot::default()),
+            ..write(1, vec![entry(1, 1)])
+        };
+        assert!(!s.persist_is_short(&with_snapshot));
+        // A large write takes long to write and sync.
+        let big = |from: Index| {
+            let entries = (from..from + 1200)
+                .map(|index| Entry {
+                    data: Bytes::from(vec![7u8; 200]),
+                    ..entry(index, 1)
+                })
+                .collect();
+            write(from, entries)
+        };
+        assert!(!s.persist_is_short(&big(1)));
+        // Past half the journal the writer applies what it kept (its queue may hold a persist up),
+        // and when it is full a persist checkpoints: not short, however small.
+        let mut next = 1;
+        while s.journal.used() < JOURNAL_BYTES / 2 {
+            s.persist(&big(next)).expect("persist");
+            next += 1200;
+        }
+        assert!(!s.persist_is_short(&write(next, vec![entry(next, 1)])));
     }
 
     #[test]
