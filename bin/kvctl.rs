@@ -400,10 +400,10 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(run(cli));
     match ds824::kvctl::stdout_failure() {
-        // The command was carried out, but its output was lost: not a success.
+        // The command was carried out, but its output (or answer) was lost: it failed.
         Some(e) => {
             ds824::errln!("kvctl: error: cannot write the output: {e}");
-            ExitCode::from(code.max(ds824::kvctl::EXIT_ERROR))
+            ExitCode::from(ds824::kvctl::EXIT_ERROR)
         }
         None => ExitCode::from(code),
     }

@@ -31,9 +31,9 @@
 //! points at it, so a crash leaves either the old snapshot or the new one, never a mix; leftovers of other
 //! generations and entries the snapshot covers are cleaned up when the directory is next opened.
 
-use super::journal::{Journal, JournalBatch, JOURNAL_BYTES};
+use super::journal::{Journal, JournalBatch};
 use super::membership::Membership;
-use super::sled_writer::{Drained, SledWriter, HARD_STATE};
+use super::sled_writer::{Drained, SledWriter, HARD_STATE, WRITE_BEHIND_JOURNAL_BYTES};
 use super::types::{HardState, NodeId, PersistedState, Snapshot, SnapshotMeta};
 use super::value_log::{trickle_remove, Pointer, ValueLog, VALUE_LOG_MIN_BYTES};
 use super::wire::{entry_from_proto, entry_to_proto};
@@ -873,9 +873,22 @@ impl Drop for SledStorage {
 /// 100-byte values is about 10 KiB.
 const SHORT_PERSIST_BYTES: u64 = 256 << 10;
 
-/// More than an entry's encoding and its journal record add to its data (index, term, kind, lengths,
-/// a record header), so sizes estimated with it are never short.
-const ENTRY_RECORD_OVERHEAD: u64 = 64;
+/// More than a journal record adds to its entries' data: its header and fixed fields (a hard state
+/// among them), and per entry its key, encoding and lengths.
+const RECORD_OVERHEAD: u64 = 64;
+
+/// At least the bytes `persist` appends to the journal for `ready` (entries in the value log take
+/// less: a pointer instead of the data).
+fn journal_bytes_at_most(ready: &Ready) -> u64 {
+    let entries = ready.log_write.as_ref().map_or(0, |write| {
+        write
+            .entries
+            .iter()
+            .map(|entry| entry.data.len() as u64 + RECORD_OVERHEAD)
+            .sum()
+    });
+    RECORD_OVERHEAD + entries
+}
 
 impl Storage for SledStorage {
     fn load(&self) -> Result<PersistedState, StorageError> {
@@ -915,22 +928,16 @@ impl Storage for SledStorage {
         })
     }
 
-    /// Short while the journal is under half full and the write small: one journal record and one
-    /// `fdatasync` (two with values in the value log). At half the journal the writer starts
-    /// applying the batches it kept, whose queue may make a persist wait for it; when the journal is
-    /// full, or with a snapshot, sled is flushed and the journal starts over (a checkpoint, which
-    /// may take hundreds of milliseconds).
+    /// Short while the write is small and the journal stays under half full with it: one journal
+    /// record and one `fdatasync` (two with values in the value log), and the writer only keeps the
+    /// batch. From half the journal on the writer applies the batches it kept, and handing it one may
+    /// wait for its queue; when the journal is full, or with a snapshot, sled is flushed and the
+    /// journal starts over (a checkpoint, which may take hundreds of milliseconds).
     fn persist_is_short(&self, ready: &Ready) -> bool {
-        let bytes: u64 = ready.log_write.as_ref().map_or(0, |write| {
-            write
-                .entries
-                .iter()
-                .map(|entry| entry.data.len() as u64 + ENTRY_RECORD_OVERHEAD)
-                .sum()
-        });
+        let bytes = journal_bytes_at_most(ready);
         ready.snapshot.is_none()
             && bytes <= SHORT_PERSIST_BYTES
-            && self.journal.used() + bytes + ENTRY_RECORD_OVERHEAD <= JOURNAL_BYTES / 2
+            && self.journal.used() + bytes < WRITE_BEHIND_JOURNAL_BYTES
     }
 
     fn persist(&mut self, ready: &Ready) -> Result<(), StorageError> {
@@ -1052,6 +1059,7 @@ impl Storage for SledStorage {
 
 #[cfg(test)]
 mod tests {
+    use super::super::journal::JOURNAL_BYTES;
     use super::*;
     use crate::raft::{Entry, EntryKind, Index, LogWrite};
     use bytes::Bytes;
@@ -1105,8 +1113,19 @@ mod tests {
         files
     }
 
+    /// A log write of `count` entries of `bytes` each from `from`.
+    fn write_of(from: Index, count: u64, bytes: usize) -> Ready {
+        let entries = (from..from + count)
+            .map(|index| Entry {
+                data: Bytes::from(vec![7u8; bytes]),
+                ..entry(index, 1)
+            })
+            .collect();
+        write(from, entries)
+    }
+
     #[test]
-    fn a_persist_is_short_only_while_small_and_the_journal_under_half_full() {
+    fn a_persist_is_short_only_while_small_and_the_journal_stays_under_half_full() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
         assert!(s.persist_is_short(&write(1, vec![entry(1, 1)])));
@@ -1125,24 +1144,64 @@ mod tests {
         };
         assert!(!s.persist_is_short(&with_snapshot));
         // A large write takes long to write and sync.
-        let big = |from: Index| {
-            let entries = (from..from + 1200)
-                .map(|index| Entry {
-                    data: Bytes::from(vec![7u8; 200]),
-                    ..entry(index, 1)
-                })
-                .collect();
-            write(from, entries)
-        };
-        assert!(!s.persist_is_short(&big(1)));
-        // Past half the journal the writer applies what it kept (its queue may hold a persist up),
-        // and when it is full a persist checkpoints: not short, however small.
+        assert!(!s.persist_is_short(&write_of(1, 1200, 200)));
+        // Fill the journal with writes that are short, up to the last one that keeps it under half.
         let mut next = 1;
-        while s.journal.used() < JOURNAL_BYTES / 2 {
-            s.persist(&big(next)).expect("persist");
-            next += 1200;
+        for _ in 0..JOURNAL_BYTES / (900 * 200) {
+            if !s.persist_is_short(&write_of(next, 900, 200)) {
+                break;
+            }
+            s.persist(&write_of(next, 900, 200)).expect("persist");
+            next += 900;
         }
+        let used = s.journal.used();
+        assert!(
+            used < WRITE_BEHIND_JOURNAL_BYTES
+                && used + journal_bytes_at_most(&write_of(next, 900, 200))
+                    >= WRITE_BEHIND_JOURNAL_BYTES,
+            "{used} bytes of journal used"
+        );
+        // This one would take it to half, where the writer starts applying what it kept (its queue may
+        // hold a persist up); past half, and when it is full (a checkpoint), nothing is short.
+        s.persist(&write_of(next, 900, 200)).expect("persist");
+        next += 900;
+        assert!(s.journal.used() >= WRITE_BEHIND_JOURNAL_BYTES);
         assert!(!s.persist_is_short(&write(next, vec![entry(next, 1)])));
+    }
+
+    #[test]
+    fn the_journal_bound_of_a_persist_covers_what_it_appends() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        let hard_state = Some(HardState {
+            term: u64::MAX,
+            vote: Some(u64::MAX),
+            commit: u64::MAX,
+        });
+        let readies = [
+            Ready {
+                hard_state,
+                ..write(1, vec![entry(1, 1)])
+            },
+            Ready {
+                hard_state,
+                ..Ready::default()
+            },
+            write_of(2, 500, 0),
+            write_of(502, 100, 200),
+            // Kept in the value log: the journal gets a pointer.
+            write_of(602, 3, 100_000),
+        ];
+        for ready in readies {
+            let before = s.journal.used();
+            s.persist(&ready).expect("persist");
+            let appended = s.journal.used() - before;
+            assert!(
+                appended <= journal_bytes_at_most(&ready),
+                "{appended} bytes appended, bound {}",
+                journal_bytes_at_most(&ready)
+            );
+        }
     }
 
     #[test]
