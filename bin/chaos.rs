@@ -50,7 +50,7 @@ fn main() -> ExitCode {
         Command::Clean(args) => {
             let problems = chaos::cluster::netns::remove_tag(&args.tag);
             for problem in &problems {
-                eprintln!("chaos: {problem}");
+                ds824::errln!("chaos: {problem}");
             }
             match problems.is_empty() {
                 true => chaos::EXIT_VALID,
@@ -65,18 +65,18 @@ fn main() -> ExitCode {
             };
             match finished {
                 Some(Ok(summary)) => {
-                    println!("{}", summary.render());
+                    ds824::outln!("{}", summary.render());
                     summary.exit_code()
                 }
                 Some(Err(e)) => {
-                    eprintln!("chaos: error: {e}");
+                    ds824::errln!("chaos: error: {e}");
                     chaos::EXIT_ERROR
                 }
                 None => {
                     // Dropping the run drops the cluster, whose guard kills the servers and removes
                     // the namespaces, the bridge and the rule before this returns.
                     drop(run);
-                    eprintln!("chaos: interrupted; the cluster and every fault were removed");
+                    ds824::errln!("chaos: interrupted; the cluster and every fault were removed");
                     chaos::EXIT_ERROR
                 }
             }
@@ -84,5 +84,5 @@ fn main() -> ExitCode {
     };
     // A checker still running on a blocking thread (interrupted run) must not hold the exit.
     runtime.shutdown_background();
-    ExitCode::from(code)
+    ExitCode::from(ds824::daemon::exit_status("chaos", code, chaos::EXIT_ERROR))
 }

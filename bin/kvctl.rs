@@ -399,14 +399,12 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let code = runtime.block_on(run(cli));
-    match ds824::kvctl::stdout_failure() {
-        // The command was carried out, but its output (or answer) was lost: it failed.
-        Some(e) => {
-            ds824::errln!("kvctl: error: cannot write the output: {e}");
-            ExitCode::from(ds824::kvctl::EXIT_ERROR)
-        }
-        None => ExitCode::from(code),
-    }
+    // A command carried out whose output (its answer) was lost did not succeed.
+    ExitCode::from(ds824::daemon::exit_status(
+        "kvctl",
+        code,
+        ds824::kvctl::EXIT_ERROR,
+    ))
 }
 
 fn fail(error: impl std::fmt::Display) -> u8 {

@@ -446,7 +446,7 @@ async fn run_coordinator(
     security.log_startup("mrd coordinator");
     tracing::info!(data_roots = %roots.join(","), "jobs may read and write only under these roots");
     // Tests and scripts read this line to learn the port when --listen asked for port 0.
-    println!("mrd coordinator listening on {bound}");
+    ds824::outln!("mrd coordinator listening on {bound}");
     coordinator_service::serve(
         listener,
         service,
@@ -543,7 +543,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(id) => id,
                 Err(err) => return Err(explain_plaintext(&security, &coordinator, err).await),
             };
-            println!("{id}");
+            ds824::outln!("{id}");
             let started = std::time::Instant::now();
             if wait {
                 // The length is known once the coordinator has cut the inputs into splits.
@@ -573,7 +573,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if last.state == pb::JobState::Failed as i32 {
                     bail!("job {id} failed after {took:.1} s: {}", last.error);
                 }
-                println!(
+                ds824::outln!(
                     "job {id} done in {took:.1} s: {} maps, {} reduces; output {}/mr-out-0..{}",
                     last.maps_done,
                     last.reduces_done,
@@ -598,7 +598,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Err(err) => return Err(explain_plaintext(&security, &coordinator, err).await),
             };
             if jobs.is_empty() {
-                println!("no jobs");
+                ds824::outln!("no jobs");
             }
             let mut out = std::io::stdout().lock();
             for status in &jobs {
@@ -612,7 +612,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sequential { job, output, files } => {
             ds824::daemon::init_logging_as("warn", log_format);
             let path = sequential::run(&job.app, &job.args, &files, &output)?;
-            println!("{}", path.display());
+            ds824::outln!("{}", path.display());
         }
         Command::GenCorpus {
             dir,
@@ -622,12 +622,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for path in ds824::mr::corpus::write_zipf_corpus(&dir, files, bytes_per_file, seed)? {
-                println!("{}", path.display());
+                ds824::outln!("{}", path.display());
             }
         }
         Command::Apps => {
             for testing in [false, true] {
-                println!(
+                ds824::outln!(
                     "{}",
                     if testing {
                         "\ntest apps (they crash, sleep or leave marker files on purpose):"
@@ -639,7 +639,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .filter(|info| info.for_testing == testing)
                 {
-                    println!("  {:<11} {}", info.name, info.summary);
+                    ds824::outln!("  {:<11} {}", info.name, info.summary);
                 }
             }
         }
@@ -653,13 +653,15 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match runtime.block_on(run(cli)) {
+        Ok(()) => 0,
         Err(err) => {
-            eprintln!("mrd: {err:#}");
-            ExitCode::from(exit_code(&err))
+            ds824::errln!("mrd: {err:#}");
+            exit_code(&err)
         }
-    }
+    };
+    // Output that could not be written (a full disk) is the operator's to fix.
+    ExitCode::from(ds824::daemon::exit_status("mrd", code, 2))
 }
 
 #[cfg(test)]

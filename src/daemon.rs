@@ -220,6 +220,86 @@ pub async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Set once stdout cannot take more: the rest of the output is dropped.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Why stdout failed, if it did for another reason than its reader going away.
+static STDOUT_FAILURE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Writes a command's output (kvctl's, mrd's, chaos's) to stdout ([`outln!`](crate::outln),
+/// [`out!`](crate::out)), where `print!`
+/// would panic with a backtrace when the write fails. Once a write fails the rest of the output is
+/// dropped and the command carries on to its end, so a change it is halfway through (`member add`
+/// then promotes) is finished, not cut short:
+/// - the reader went away (`kvctl status | head -3`): quietly, and the command's own exit status
+///   stands (a "no" stays 1);
+/// - anything else (a full disk under `> FILE`): [`stdout_failure`] says why, and the binary reports it
+///   as a failure once the command is done.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = STDOUT_FAILURE.set(e.to_string());
+        }
+    }
+}
+
+/// Why writing the command's output failed, other than its reader going away (see [`write_stdout`]).
+pub fn stdout_failure() -> Option<&'static str> {
+    STDOUT_FAILURE.get().map(String::as_str)
+}
+
+/// The exit status of a command of `program` that ended with `code`: `failed` instead if its output
+/// could not be written (then said on stderr), since its answer was lost.
+pub fn exit_status(program: &str, code: u8, failed: u8) -> u8 {
+    match stdout_failure() {
+        Some(e) => {
+            write_stderr(format_args!(
+                "{program}: error: cannot write the output: {e}\n"
+            ));
+            failed
+        }
+        None => code,
+    }
+}
+
+/// `eprintln!` for a command's messages, which have nowhere to report its own failure: a closed or
+/// broken stderr (`kvctl get k 2>&1 | head -0`) loses the line instead of panicking.
+pub fn write_stderr(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `eprintln!` for a command's messages, through [`write_stderr`](crate::daemon::write_stderr).
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::daemon::write_stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `println!` for a command's output, through [`write_stdout`](crate::daemon::write_stdout).
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::daemon::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's output, through [`write_stdout`](crate::daemon::write_stdout).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::daemon::write_stdout(format_args!($($arg)*))
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

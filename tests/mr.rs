@@ -1853,3 +1853,24 @@ fn grpc_shuffle_survives_a_paused_mapper() {
         "a reduce was handed out again and again while the mapper was paused: runs {reduce_runs:?}"
     );
 }
+
+#[test]
+fn a_reader_that_went_away_ends_mrd_quietly_and_output_lost_otherwise_is_exit_2() {
+    // `mrd apps | head -0`: the pipe's reader is gone before mrd starts.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = mrd().arg("apps").stdout(writer).output().expect("run mrd");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    // `mrd apps > /dev/full`: the list is lost, so the command did not succeed.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let out = mrd().arg("apps").stdout(full).output().expect("run mrd");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mrd: error: cannot write the output"),
+        "{out:?}"
+    );
+}
