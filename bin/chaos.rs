@@ -16,8 +16,9 @@ use std::process::ExitCode;
 /// Ctrl-C or an error.
 ///
 /// Exit status: 0 every check held; 1 a violation (linearizability or an invariant); 2 the run could
-/// not be made (bad flags, not root, no leader, interrupted, target not implemented); 3 the checker
-/// could not decide within --check-budget-secs.
+/// not be made (bad flags, not root, no leader, interrupted, target not implemented), or every check
+/// held but the summary could not be written; 3 the checker could not decide within
+/// --check-budget-secs.
 ///
 /// Example: sudo chaos run --target local --workload append --nemesis kill,pause,partition,loss
 ///   --time 120s --rate 200 --clients 10 --seed 42 --out runs/append-42

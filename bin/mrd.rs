@@ -31,7 +31,9 @@ const DEFAULT_COORDINATOR: &str = "127.0.0.1:7824";
 /// identities, for local development only.
 ///
 /// Exit status: 0 on success; 2 if the command cannot succeed until something is fixed (a flag, a
-/// certificate, a refused identity or TLS handshake: one line on stderr says which); 1 otherwise.
+/// certificate, a refused identity or TLS handshake, output that could not be written: one line on
+/// stderr says which); 1 otherwise. A reader that stops reading (`mrd status | head`) cuts the output
+/// short, not the command.
 #[derive(Parser)]
 #[command(name = "mrd", version)]
 struct Cli {
@@ -445,8 +447,17 @@ async fn run_coordinator(
     let bound = listener.local_addr().context("reading the bound address")?;
     security.log_startup("mrd coordinator");
     tracing::info!(data_roots = %roots.join(","), "jobs may read and write only under these roots");
-    // Tests and scripts read this line to learn the port when --listen asked for port 0.
-    ds824::outln!("mrd coordinator listening on {bound}");
+    // Tests and scripts read this line to learn the port when --listen asked for port 0. A stdout
+    // that cannot take it is no failure of the coordinator's (the address is logged too), so this
+    // line does not go through the commands' writer, which would fail the exit status at shutdown.
+    {
+        let mut out = std::io::stdout().lock();
+        if let Err(e) =
+            writeln!(out, "mrd coordinator listening on {bound}").and_then(|()| out.flush())
+        {
+            tracing::warn!(error = %e, "cannot print the bound address on stdout");
+        }
+    }
     coordinator_service::serve(
         listener,
         service,
@@ -600,13 +611,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if jobs.is_empty() {
                 ds824::outln!("no jobs");
             }
-            let mut out = std::io::stdout().lock();
             for status in &jobs {
-                match print_job(&mut out, status, job.is_some()) {
-                    // The reader stopped reading (`| head`): not an error of ours.
-                    Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
-                    other => other.context("writing the status")?,
-                }
+                let mut text = Vec::new();
+                print_job(&mut text, status, job.is_some()).context("rendering the status")?;
+                ds824::out!("{}", String::from_utf8_lossy(&text));
             }
         }
         Command::Sequential { job, output, files } => {

@@ -1,6 +1,7 @@
-//! What every daemon binary does the same way: structured logs and clean shutdown on signals.
+//! What every binary does the same way: structured logs, the runtime, clean shutdown on signals (the
+//! daemons), and command output that a reader going away cannot break.
 //!
-//! Kept in the library so `kvd` and `mrd` behave identically.
+//! Kept in the library so `kvd`, `mrd`, `kvctl` and `chaos` behave identically.
 
 use std::fmt;
 use tracing::span::Record;
@@ -27,7 +28,7 @@ pub fn runtime_with(
         builder.worker_threads(usize::from(threads));
     }
     builder.build().map_err(|e| {
-        eprintln!("{program}: cannot start the async runtime: {e}");
+        crate::errln!("{program}: cannot start the async runtime: {e}");
         std::process::ExitCode::from(2)
     })
 }
@@ -255,15 +256,21 @@ pub fn stdout_failure() -> Option<&'static str> {
     STDOUT_FAILURE.get().map(String::as_str)
 }
 
-/// The exit status of a command of `program` that ended with `code`: `failed` instead if its output
-/// could not be written (then said on stderr), since its answer was lost.
+/// The exit status of a command of `program` that ended with `code`. One that succeeded but whose
+/// output (its answer) was lost, for another reason than its reader going away, did not succeed:
+/// `failed` instead, and why on stderr. One that already failed keeps its status, which is its
+/// verdict (a violation, a "no", undecided); why the output was lost is still said.
 pub fn exit_status(program: &str, code: u8, failed: u8) -> u8 {
     match stdout_failure() {
         Some(e) => {
             write_stderr(format_args!(
                 "{program}: error: cannot write the output: {e}\n"
             ));
-            failed
+            if code == 0 {
+                failed
+            } else {
+                code
+            }
         }
         None => code,
     }

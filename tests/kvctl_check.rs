@@ -160,13 +160,21 @@ fn a_reader_that_went_away_ends_kvctl_quietly_with_its_own_answer() {
 
 #[test]
 fn output_that_cannot_be_written_is_a_failure_named_on_stderr() {
-    // `kvctl check FILE > /dev/full`: the verdict is lost, so the command did not succeed.
+    // `kvctl check FILE > /dev/full`: the answer is lost, so a success is not one.
     let full = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
         .expect("open /dev/full");
-    let out = check_writing_to(two_ops(false), full.into());
+    let out = check_writing_to(two_ops(false), full.try_clone().expect("clone").into());
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("kvctl: error: cannot write the output"),
+        "{out:?}"
+    );
+    // A violation stays a violation: its exit status is the verdict, and why the report is missing
+    // is said.
+    let out = check_writing_to(two_ops(true), full.into());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         text(&out.stderr).contains("kvctl: error: cannot write the output"),
         "{out:?}"

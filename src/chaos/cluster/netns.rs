@@ -268,7 +268,7 @@ impl Drop for Network {
     fn drop(&mut self) {
         if !self.torn_down {
             for problem in self.teardown() {
-                eprintln!("chaos: cleanup: {problem}");
+                crate::errln!("chaos: cleanup: {problem}");
             }
         }
     }
