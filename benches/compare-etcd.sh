@@ -16,10 +16,12 @@
 # of it (issue #14: at most 1.5 x), so machines of different speeds are judged by one rule. Installs
 # etcd-server and etcd-client with apt if etcd or etcdctl is missing (root or sudo), builds kvd, kvctl
 # (release) and tools/etcd-bench (its own target dir: it carries etcd-client, which needs a protoc; the
-# vendored one the main build already fetched is used). Run on an idle machine; leaves nothing running. Each kvd runs with `--worker-threads ${KVD_WORKER_THREADS:-1}`: three nodes share
-# the machine's cores, and a node that wakes a thread per core for each message only adds context switches
-# (on 2 cores: 25 % less CPU per put, 64-client puts +13 %, linearizable gets +33 %). etcd keeps its
-# default (GOMAXPROCS = cores): at GOMAXPROCS=1 its 64-client puts fell from 11.0k to 9.5k/s here.
+# vendored one the main build already fetched is used). Run on an idle machine; leaves nothing running.
+# Each kvd runs with `--worker-threads ${KVD_WORKER_THREADS:-1}`: three nodes share the machine's cores,
+# and a node that wakes a thread per core for each message only adds context switches (on 2 cores: 25 %
+# less CPU per put, 64-client puts +13 %, linearizable gets +33 %; with one worker a follower also
+# flushes on it, without a hand-off). etcd keeps its default (GOMAXPROCS = cores): at GOMAXPROCS=1 its
+# 64-client puts fell from 11.0k to 9.5k/s here.
 # KEEP=1 keeps the work directory (logs, per-run JSON). Ports: kvd 27001-27003 (clients) and 28001-28003
 # (peers), etcd 12379/22379/32379 (clients) and 12380/22380/32380 (peers) on 127.0.0.1, clear of the
 # compose cluster's published ports.

@@ -43,8 +43,9 @@ use std::time::Duration;
 ///
 /// Exit status: 0 success; 1 a "no" (key not found, cas mismatch, history not linearizable); 2 the command
 /// could not be carried out (one line on stderr says why), or it succeeded but its output could not be
-/// written; 3 `check` could not decide within its budget. A reader that stops reading (`kvctl status | head -3`) cuts the
-/// output short, not the command, and leaves the exit status as it would have been.
+/// written; 3 `check` could not decide within its budget. A reader that stops reading
+/// (`kvctl status | head -3`) cuts the output short, not the command, and leaves the exit status as it
+/// would have been.
 #[derive(Parser)]
 #[command(name = "kvctl", version)]
 struct Cli {

@@ -271,8 +271,8 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
-/// Writes one job's status to `out`; an error is the reader going away (`mrd status | head`).
-fn print_job(out: &mut impl Write, job: &pb::JobStatus, tasks: bool) -> std::io::Result<()> {
+/// Renders one job's status into `out`, for `mrd status`.
+fn print_job(out: &mut impl std::fmt::Write, job: &pb::JobStatus, tasks: bool) -> std::fmt::Result {
     let spec = job.spec.clone().unwrap_or_default();
     writeln!(
         out,
@@ -612,9 +612,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ds824::outln!("no jobs");
             }
             for status in &jobs {
-                let mut text = Vec::new();
+                let mut text = String::new();
                 print_job(&mut text, status, job.is_some()).context("rendering the status")?;
-                ds824::out!("{}", String::from_utf8_lossy(&text));
+                ds824::out!("{text}");
             }
         }
         Command::Sequential { job, output, files } => {

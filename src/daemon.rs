@@ -228,14 +228,13 @@ static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 static STDOUT_FAILURE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Writes a command's output (kvctl's, mrd's, chaos's) to stdout ([`outln!`](crate::outln),
-/// [`out!`](crate::out)), where `print!`
-/// would panic with a backtrace when the write fails. Once a write fails the rest of the output is
-/// dropped and the command carries on to its end, so a change it is halfway through (`member add`
-/// then promotes) is finished, not cut short:
+/// [`out!`](crate::out)), where `print!` would panic with a backtrace when the write fails. Once a
+/// write fails the rest of the output is dropped and the command carries on to its end, so a change
+/// it is halfway through (`member add` then promotes) is finished, not cut short:
 /// - the reader went away (`kvctl status | head -3`): quietly, and the command's own exit status
 ///   stands (a "no" stays 1);
-/// - anything else (a full disk under `> FILE`): [`stdout_failure`] says why, and the binary reports it
-///   as a failure once the command is done.
+/// - anything else (a full disk under `> FILE`): [`stdout_failure`] says why, and the binary reports
+///   it once the command is done ([`exit_status`]).
 pub fn write_stdout(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     use std::sync::atomic::Ordering;

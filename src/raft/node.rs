@@ -682,8 +682,9 @@ enum FlushPlace {
     Pool,
 }
 
-/// Where `ready`'s persist runs, on a runtime of `flavor` with `workers` worker threads; `short` is
-/// the storage's [`Storage::persist_is_short`] of it.
+/// Where `ready`'s persist runs, on a runtime of `flavor` with `workers` worker threads; `short` asks
+/// the storage's [`Storage::persist_is_short`] of it, only where the answer matters (a follower's
+/// persist on one worker), so a leader's persists never pay for the sizing.
 ///
 /// - **A leader's: on the pool.** It has just handed its entries to the peer links, which must get
 ///   to run while it flushes (in place, with a yield first to let them, it was no faster), and its
@@ -708,13 +709,13 @@ enum FlushPlace {
 /// the task has ended.
 fn flush_place(
     ready: &Ready,
-    short: bool,
+    short: impl FnOnce() -> bool,
     flavor: tokio::runtime::RuntimeFlavor,
     workers: usize,
 ) -> FlushPlace {
     if ready.persist_after_send || flavor != tokio::runtime::RuntimeFlavor::MultiThread {
         FlushPlace::Pool
-    } else if workers == 1 && short {
+    } else if workers == 1 && short() {
         FlushPlace::Inline
     } else {
         FlushPlace::InPlace
@@ -1029,7 +1030,7 @@ impl Driver {
             let runtime = tokio::runtime::Handle::current();
             let place = flush_place(
                 &ready,
-                storage.persist_is_short(&ready),
+                || storage.persist_is_short(&ready),
                 runtime.runtime_flavor(),
                 runtime.metrics().num_workers(),
             );
@@ -1196,26 +1197,32 @@ mod tests {
         };
         // One worker: handing it over would cost two thread wake-ups on the write path.
         assert_eq!(
-            flush_place(&follower, true, MultiThread, 1),
+            flush_place(&follower, || true, MultiThread, 1),
             FlushPlace::Inline
         );
         // More: the others keep serving while this one flushes.
         assert_eq!(
-            flush_place(&follower, true, MultiThread, 2),
+            flush_place(&follower, || true, MultiThread, 2),
             FlushPlace::InPlace
         );
         // A persist that may take long (a snapshot, a checkpoint): the runtime keeps serving
         // meanwhile, even on one worker.
         assert_eq!(
-            flush_place(&follower, false, MultiThread, 1),
+            flush_place(&follower, || false, MultiThread, 1),
             FlushPlace::InPlace
         );
         // A leader's runtime takes the next proposals while it flushes, however many workers.
-        assert_eq!(flush_place(&leader, true, MultiThread, 1), FlushPlace::Pool);
-        assert_eq!(flush_place(&leader, true, MultiThread, 4), FlushPlace::Pool);
+        assert_eq!(
+            flush_place(&leader, || true, MultiThread, 1),
+            FlushPlace::Pool
+        );
+        assert_eq!(
+            flush_place(&leader, || true, MultiThread, 4),
+            FlushPlace::Pool
+        );
         // A current-thread runtime has no place to block in, and its thread may run several nodes.
         assert_eq!(
-            flush_place(&follower, true, CurrentThread, 1),
+            flush_place(&follower, || true, CurrentThread, 1),
             FlushPlace::Pool
         );
     }
