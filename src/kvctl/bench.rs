@@ -248,6 +248,8 @@ pub struct BenchReport {
     /// The longest time no operation succeeded (between two successes, or from the start to the
     /// first): what clients saw of an outage, such as a leader's failover.
     pub longest_gap: Duration,
+    /// When, from the start, the longest gap ended: to find its cause in the servers' logs.
+    pub longest_gap_ended: Duration,
 }
 
 impl BenchReport {
@@ -274,6 +276,7 @@ impl BenchReport {
             "p999_ms": ms(self.p999),
             "max_ms": ms(self.max),
             "longest_gap_ms": ms(self.longest_gap),
+            "longest_gap_ended_s": self.longest_gap_ended.as_secs_f64(),
         })
     }
 }
@@ -283,7 +286,8 @@ impl fmt::Display for BenchReport {
         write!(
             f,
             "{:?}: {} clients, {} ok, {} errors in {:.2} s: {:.0} ops/s, p50 {:.2} ms, p90 {:.2} ms, \
-             p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, longest gap without a success {:.0} ms",
+             p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms, longest gap without a success {:.0} ms \
+             (ended {:.2} s in)",
             self.kind,
             self.clients,
             self.ok,
@@ -296,6 +300,7 @@ impl fmt::Display for BenchReport {
             self.p999.as_secs_f64() * 1e3,
             self.max.as_secs_f64() * 1e3,
             self.longest_gap.as_secs_f64() * 1e3,
+            self.longest_gap_ended.as_secs_f64(),
         )?;
         match &self.first_error {
             Some(error) => write!(f, " (first error: {error})"),
@@ -387,12 +392,18 @@ pub async fn measure(
     let inserted = Arc::new(AtomicU64::new(keys as u64));
     let done = Arc::new(AtomicU64::new(0));
     let gaps = Arc::new(Gaps::default());
+    // Every client is made before the clock starts, so the run measures operations, not setup (with
+    // 64 clients, making them one after another took a run's first 0.2 s, which then counted as an
+    // outage). Their connections are still opened by their first operations, inside the run.
+    let mut clerks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        clerks.push(store.connect().await?);
+    }
     let start = Instant::now();
     let deadline = config.duration.map(|d| start + d);
     let mut tasks = Vec::with_capacity(clients);
-    for c in 0..clients {
+    for (c, mut clerk) in clerks.into_iter().enumerate() {
         let share = config.ops / clients + usize::from(c < config.ops % clients);
-        let mut clerk = store.connect().await?;
         let (kind, value, done, gaps) = (config.kind, value.clone(), done.clone(), gaps.clone());
         let (zipf, inserted) = (zipf.clone(), inserted.clone());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
@@ -402,7 +413,9 @@ pub async fn measure(
             keys
         };
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::with_capacity(share.min(1 << 20));
+            // Grown as needed: reserving a large share up front (16 MiB a client with --duration)
+            // cost milliseconds a client before its first operation.
+            let mut latencies = Vec::with_capacity(share.min(4096));
             let mut errors = 0;
             let mut first_error = None;
             for i in 0..share {
@@ -490,31 +503,43 @@ pub async fn measure(
         p99: percentile(&latencies, 0.99),
         p999: percentile(&latencies, 0.999),
         max: latencies.last().copied().unwrap_or_default(),
-        longest_gap: gaps.longest(),
+        longest_gap: gaps.longest().0,
+        longest_gap_ended: gaps.longest().1,
     })
 }
 
-/// The longest stretch without a successful operation, across all clients: each success moves the
-/// time of the latest one forward and measures the gap it closes.
+/// The longest stretch without a successful operation, across all clients, and when it ended: each
+/// success moves the time of the latest one forward and measures the gap it closes. The end time lets
+/// a stall be matched with the servers' logs (a snapshot, an election).
 #[derive(Default)]
 struct Gaps {
-    /// Nanoseconds from the start to the latest success.
-    latest: AtomicU64,
-    /// The longest gap closed so far, in nanoseconds.
-    longest: AtomicU64,
+    inner: std::sync::Mutex<GapsSoFar>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct GapsSoFar {
+    /// From the start to the latest success.
+    latest: Duration,
+    /// The longest gap closed so far, and the time (from the start) of the success that closed it.
+    longest: (Duration, Duration),
 }
 
 impl Gaps {
     fn success(&self, at: Duration) {
-        let at = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
-        let before = self.latest.fetch_max(at, Ordering::Relaxed);
-        if at > before {
-            self.longest.fetch_max(at - before, Ordering::Relaxed);
+        // A poisoned lock only means another client panicked mid-update: the numbers stay usable.
+        let mut gaps = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if at > gaps.latest {
+            let gap = at - gaps.latest;
+            if gap > gaps.longest.0 {
+                gaps.longest = (gap, at);
+            }
+            gaps.latest = at;
         }
     }
 
-    fn longest(&self) -> Duration {
-        Duration::from_nanos(self.longest.load(Ordering::Relaxed))
+    /// The longest gap and when (from the start) it ended.
+    fn longest(&self) -> (Duration, Duration) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).longest
     }
 }
 
@@ -529,7 +554,73 @@ mod tests {
         for ms in [5, 10, 12, 400, 390, 405] {
             gaps.success(Duration::from_millis(ms));
         }
-        assert_eq!(gaps.longest(), Duration::from_millis(388));
+        assert_eq!(
+            gaps.longest(),
+            (Duration::from_millis(388), Duration::from_millis(400))
+        );
+    }
+
+    /// A store whose sessions take a while to make and whose operations succeed at once; each
+    /// session records how many sessions existed when it did its first operation.
+    struct SlowToConnect {
+        made: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        seen_at_first_op: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    struct Session {
+        made: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        seen_at_first_op: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+        first: bool,
+    }
+
+    impl super::BenchClient for Session {
+        async fn get(&mut self, _key: &str) -> Result<(), super::ClientError> {
+            Ok(())
+        }
+
+        async fn put(&mut self, _key: &str, _value: &str) -> Result<(), super::ClientError> {
+            if std::mem::take(&mut self.first) {
+                let made = self.made.load(std::sync::atomic::Ordering::SeqCst);
+                self.seen_at_first_op.lock().expect("lock").push(made);
+            }
+            tokio::task::yield_now().await;
+            Ok(())
+        }
+    }
+
+    impl super::BenchStore for SlowToConnect {
+        type Client = Session;
+
+        async fn connect(&self) -> Result<Session, super::ClientError> {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Session {
+                made: self.made.clone(),
+                seen_at_first_op: self.seen_at_first_op.clone(),
+                first: true,
+            })
+        }
+    }
+
+    /// Making 64 sessions one after another took a run's first 0.2 s; counted inside the run, it
+    /// showed as an outage of the store (the longest gap) and cut the throughput of a short run.
+    #[tokio::test]
+    async fn every_client_is_made_before_any_operation_is_measured() {
+        let store = SlowToConnect {
+            made: Default::default(),
+            seen_at_first_op: Default::default(),
+        };
+        let load = super::Load {
+            clients: 4,
+            ops: 40,
+            duration: None,
+            kind: super::BenchKind::Put,
+            keys: 10,
+            value_size: 8,
+        };
+        let report = super::measure(&store, &load, |_| {}).await.expect("run");
+        assert_eq!(report.ok, 40);
+        assert_eq!(*store.seen_at_first_op.lock().expect("lock"), vec![4; 4]);
     }
 
     #[test]
