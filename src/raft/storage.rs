@@ -195,6 +195,16 @@ fn reap_files(work: &std::sync::mpsc::Receiver<Vec<PathBuf>>) {
     }
 }
 
+/// The bytes sled holds for a stored entry of `bytes`: a pointer's for one in the value log. What
+/// the reaper paces its deletions by.
+fn in_sled_bytes(bytes: u64) -> u64 {
+    if bytes > VALUE_LOG_MIN_BYTES as u64 {
+        Pointer::BYTES as u64
+    } else {
+        bytes
+    }
+}
+
 /// Where snapshot files live in a data directory.
 fn snapshot_dir(dir: &Path) -> PathBuf {
     dir.join("raft-snapshots")
@@ -728,7 +738,7 @@ impl SledStorage {
     /// Remove the stored entries up to and including `index` (at once: at open).
     fn remove_log_through(&mut self, index: u64) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        for (i, _) in self.forget_log_through(index) {
+        for i in self.forget_log_through(index).into_keys() {
             batch.remove(&i.to_be_bytes());
         }
         self.log
@@ -736,30 +746,23 @@ impl SledStorage {
             .map_err(|source| self.io(source))
     }
 
-    /// Stop counting the entries up to and including `index` (a snapshot covers them) and return them,
-    /// each with the bytes its sled value holds (a pointer's for an entry in the value log).
-    fn forget_log_through(&mut self, index: u64) -> Vec<(u64, u64)> {
+    /// Stop counting the entries up to and including `index` (a snapshot covers them) and return them
+    /// with their sizes. Only a split: a snapshot's persist needs the few the reaper must delete
+    /// (see [`in_sled_bytes`]), not a list of the tens of thousands it covers.
+    fn forget_log_through(&mut self, index: u64) -> std::collections::BTreeMap<u64, u64> {
         let kept = self.entry_sizes.split_off(&index.saturating_add(1));
         let removed = std::mem::replace(&mut self.entry_sizes, kept);
-        for bytes in removed.values() {
-            self.log_bytes = self.log_bytes.saturating_sub(*bytes);
-        }
+        let bytes: u64 = removed.values().sum();
+        self.log_bytes = self.log_bytes.saturating_sub(bytes);
         removed
-            .into_iter()
-            .map(|(index, bytes)| {
-                let in_sled = if bytes > VALUE_LOG_MIN_BYTES as u64 {
-                    Pointer::BYTES as u64
-                } else {
-                    bytes
-                };
-                (index, in_sled)
-            })
-            .collect()
     }
 
     /// Store `snapshot` and switch to it (in sled, unflushed); returns the stored entries it covers,
     /// for the reaper once the writer has drained.
-    fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<Vec<(u64, u64)>, StorageError> {
+    fn write_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+    ) -> Result<std::collections::BTreeMap<u64, u64>, StorageError> {
         let staged = self.staged.take();
         let generation = match staged {
             Some(s) if s.meta == snapshot.meta && s.len == snapshot.data.len() as u64 => {
@@ -1017,8 +1020,8 @@ impl Storage for SledStorage {
         // (`load` reads from the snapshot on, and the next open removes what is left). Only those
         // below where the writer's kept batches began can be in sled at all.
         let covered: Vec<(u64, u64)> = covered
-            .into_iter()
-            .filter(|&(index, _)| index < drained.keep_from)
+            .range(..drained.keep_from)
+            .map(|(&index, &bytes)| (index, in_sled_bytes(bytes)))
             .collect();
         if !covered.is_empty() && self.reaper.keys.send(covered).is_err() {
             warn!(dir = %self.dir.display(), "log reaper gone; covered entries wait for the next open");
