@@ -307,7 +307,8 @@ impl SledWriter {
     }
 
     /// Hand `batch` over (applied in the order given, maybe only at the next drain); `journal_used` is
-    /// the journal's bytes in use with its record in.
+    /// the journal's bytes in use with its record in. `submit` and [`SledWriter::drain`] are called by
+    /// one thread at a time (the storage's owner): a drain must see every batch submitted before it.
     pub(super) fn submit(&self, batch: JournalBatch, journal_used: u64) -> Result<(), String> {
         self.check()?;
         let mut local = self.local();
@@ -316,8 +317,9 @@ impl SledWriter {
             return Ok(());
         }
         let batches = local.drain(..).collect();
-        drop(local);
+        // Set while `local` is still held: from here the batches are the thread's to apply.
         self.handed_over.store(true, Ordering::SeqCst);
+        drop(local);
         self.send(Work::Apply(batches, journal_used))
     }
 
@@ -408,7 +410,9 @@ impl Drop for SledWriter {
     /// Finish what was handed over before sled goes (what is lost anyway is in the journal).
     fn drop(&mut self) {
         let batches: Vec<JournalBatch> = self.local().drain(..).collect();
-        if !batches.is_empty() {
+        // After a failure nothing more goes to sled (a drain on the calling thread may have failed
+        // without the thread knowing): the next open replays the journal instead.
+        if !batches.is_empty() && self.check().is_ok() {
             let _ = self.send(Work::Apply(batches, 0));
         }
         self.work.take();
@@ -537,6 +541,22 @@ pub(super) mod tests {
             .submit(entries(21, 21, 4), WRITE_BEHIND_JOURNAL_BYTES)
             .expect_err("the thread is gone");
         writer.drain(0).expect_err("the thread is gone");
+    }
+
+    /// Once the writer failed (here as a drain on the calling thread would record it), the batches
+    /// still kept are not applied when it is dropped: sled stays as the failure left it, and the
+    /// next open replays the journal.
+    #[test]
+    fn after_a_failure_dropping_the_writer_applies_nothing_more() {
+        let (_dir, _db, log, meta) = trees();
+        let writer = SledWriter::start(log.clone(), meta.clone()).expect("start");
+        for i in 1..=5 {
+            writer.submit(entries(i, i, 1), i * 64).expect("submit");
+        }
+        *writer.failed.lock().expect("lock") = Some("injected".into());
+        writer.drain(0).expect_err("failed for good");
+        drop(writer);
+        assert_eq!(contents(&log), Vec::<(u64, Vec<u8>)>::new());
     }
 
     #[test]

@@ -1292,6 +1292,40 @@ mod tests {
         }
     }
 
+    /// A snapshot covering entries sled holds (from before the last checkpoint) and entries only kept
+    /// since: the reaper is handed the first and deletes them; the second never reached sled.
+    #[test]
+    fn a_snapshot_reaps_the_covered_entries_in_sled_and_never_writes_the_kept_ones() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        let keys = |s: &SledStorage| -> Vec<u64> {
+            s.log
+                .iter()
+                .keys()
+                .map(|k| u64::from_be_bytes(k.expect("key").as_ref().try_into().expect("8 bytes")))
+                .collect()
+        };
+        s.persist(&write(1, (1..=1000).map(|i| entry(i, 1)).collect()))
+            .expect("persist");
+        let data = Bytes::from(vec![1u8; 100]);
+        s.persist(&snapshot_at(100, 1, data.clone()))
+            .expect("persist");
+        assert_eq!(keys(&s), (101..=1000).collect::<Vec<_>>());
+        s.persist(&write(1001, (1001..=2000).map(|i| entry(i, 1)).collect()))
+            .expect("persist");
+        s.persist(&snapshot_at(1500, 1, data)).expect("persist");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while keys(&s) != (1501..=2000).collect::<Vec<_>>() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "left after 20 s: {} keys from {:?}",
+                keys(&s).len(),
+                keys(&s).first()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn a_damaged_value_file_is_reported_as_corruption_with_the_entry() {
         let dir = tempfile::tempdir().expect("temp dir");
