@@ -490,6 +490,7 @@ pub async fn measure(
     }
     latencies.sort_unstable();
     let total: Duration = latencies.iter().sum();
+    let (longest_gap, longest_gap_ended) = gaps.longest();
     Ok(BenchReport {
         mean: total / u32::try_from(latencies.len().max(1)).unwrap_or(u32::MAX),
         kind: config.kind,
@@ -503,8 +504,8 @@ pub async fn measure(
         p99: percentile(&latencies, 0.99),
         p999: percentile(&latencies, 0.999),
         max: latencies.last().copied().unwrap_or_default(),
-        longest_gap: gaps.longest().0,
-        longest_gap_ended: gaps.longest().1,
+        longest_gap,
+        longest_gap_ended,
     })
 }
 

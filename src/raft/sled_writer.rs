@@ -200,6 +200,16 @@ fn apply_batches<'a>(
     Ok(Drained { keep_from })
 }
 
+/// Make `error` the writer's failure for good, for every later call to report; returns its message.
+/// Both the thread and a drain on the calling thread fail this way.
+fn record_failure(failed: &Mutex<Option<String>>, error: sled::Error) -> String {
+    let message = error.to_string();
+    if let Ok(mut shared) = failed.lock() {
+        *shared = Some(message.clone());
+    }
+    message
+}
+
 /// The writer thread and the way to it.
 pub(super) struct SledWriter {
     /// Batches kept on the caller's side while the journal is under half full: handing each to the
@@ -237,10 +247,7 @@ impl SledWriter {
                 // therefore never start over.
                 let mut failure: Option<String> = None;
                 let fail = |e: sled::Error, failure: &mut Option<String>| {
-                    *failure = Some(e.to_string());
-                    if let Ok(mut shared) = seen.lock() {
-                        *shared = failure.clone();
-                    }
+                    *failure = Some(record_failure(&seen, e));
                 };
                 loop {
                     // Behind past half the journal: a chunk whenever nothing was handed over.
@@ -360,15 +367,9 @@ impl SledWriter {
                     }
                     Ok(drained)
                 }
-                Err(e) => {
-                    // As the thread's failures: the batches stay unapplied, so the journal must
-                    // never start over; every later call reports it.
-                    let message = e.to_string();
-                    if let Ok(mut failed) = self.failed.lock() {
-                        *failed = Some(message.clone());
-                    }
-                    Err(message)
-                }
+                // As the thread's failures: the batches stay unapplied, so the journal must never
+                // start over; every later call reports it.
+                Err(e) => Err(record_failure(&self.failed, e)),
             };
         }
         let (reply, answer) = sync_channel(1);

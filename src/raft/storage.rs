@@ -42,6 +42,7 @@ use crate::proto::raft as pb;
 use bytes::BytesMut;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use tracing::warn;
@@ -451,7 +452,7 @@ pub struct SledStorage {
     log_bytes: u64,
     /// Encoded size of every stored entry by index: log truncation and compaction remove keys and
     /// account bytes without reading the (possibly large) values back from disk.
-    entry_sizes: std::collections::BTreeMap<u64, u64>,
+    entry_sizes: BTreeMap<u64, u64>,
     /// Deletes log entries a snapshot covers and garbage files, in the background.
     reaper: Reaper,
     /// Large entries' bytes.
@@ -533,7 +534,7 @@ impl SledStorage {
             snapshot_data,
             snapshot,
             log_bytes: 0,
-            entry_sizes: std::collections::BTreeMap::new(),
+            entry_sizes: BTreeMap::new(),
             reaper,
             values,
             doomed: Vec::new(),
@@ -749,7 +750,7 @@ impl SledStorage {
     /// Stop counting the entries up to and including `index` (a snapshot covers them) and return them
     /// with their sizes. Only a split: a snapshot's persist needs the few the reaper must delete
     /// (see [`in_sled_bytes`]), not a list of the tens of thousands it covers.
-    fn forget_log_through(&mut self, index: u64) -> std::collections::BTreeMap<u64, u64> {
+    fn forget_log_through(&mut self, index: u64) -> BTreeMap<u64, u64> {
         let kept = self.entry_sizes.split_off(&index.saturating_add(1));
         let removed = std::mem::replace(&mut self.entry_sizes, kept);
         let bytes: u64 = removed.values().sum();
@@ -759,10 +760,7 @@ impl SledStorage {
 
     /// Store `snapshot` and switch to it (in sled, unflushed); returns the stored entries it covers,
     /// for the reaper once the writer has drained.
-    fn write_snapshot(
-        &mut self,
-        snapshot: &Snapshot,
-    ) -> Result<std::collections::BTreeMap<u64, u64>, StorageError> {
+    fn write_snapshot(&mut self, snapshot: &Snapshot) -> Result<BTreeMap<u64, u64>, StorageError> {
         let staged = self.staged.take();
         let generation = match staged {
             Some(s) if s.meta == snapshot.meta && s.len == snapshot.data.len() as u64 => {
