@@ -138,6 +138,32 @@ async fn with_tls_only_the_clusters_certificates_get_in_and_only_as_far_as_their
         "{:?}",
         started.elapsed()
     );
+    // The cluster's CA trusted, but a certificate another CA issued: the client's handshake completes
+    // and the server refuses it afterwards (TLS 1.3 sends that alert after the client's handshake is
+    // done). Also reported at once, saying the server refused this certificate, not retried until
+    // the deadline as a connection failure.
+    let started = Instant::now();
+    let (other_cert, other_key) = tls::issue(&other, "client", "user");
+    let mut outsider = clerk(
+        &cluster.addrs,
+        Security::load_tls(&ca.join("ca.pem"), &other_cert, &other_key).expect("load TLS"),
+    );
+    let refused = outsider
+        .put("k", "outsider")
+        .await
+        .expect_err("a certificate of another CA");
+    assert!(matches!(refused, ClerkError::Tls(_)), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("refused this client's certificate"),
+        "{refused}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     // Plaintext against the TLS port gets nothing either.
     let mut plain = Clerk::new(
         &cluster.addrs,

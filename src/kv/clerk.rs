@@ -326,8 +326,7 @@ pub async fn node_status(
         Ok(Err(status)) if crate::security::is_tls_failure(&status) => {
             Err(ClerkError::Tls(format!(
                 "{address}: {}",
-                std::error::Error::source(&status)
-                    .map_or_else(|| status.to_string(), |e| e.to_string())
+                crate::security::describe_tls_failure(&status)
             )))
         }
         Ok(Err(status)) if status.code() == Code::Unavailable => Err(ClerkError::Unreachable {

@@ -104,7 +104,7 @@ impl From<tonic::Status> for MrError {
         if crate::security::is_tls_failure(&status) {
             return MrError::Tls {
                 addr: "the peer".into(),
-                detail: crate::security::describe_chain(&status),
+                detail: crate::security::describe_tls_failure(&status),
             };
         }
         match status.code() {
@@ -130,7 +130,7 @@ impl MrError {
         if crate::security::is_tls_failure(&source) {
             return MrError::Tls {
                 addr: addr.to_string(),
-                detail: crate::security::describe_chain(&source),
+                detail: crate::security::describe_tls_failure(&source),
             };
         }
         MrError::Connect {

@@ -507,7 +507,9 @@ pub fn channel_to(
 /// server could not serve it (try elsewhere).
 pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
     if crate::security::is_tls_failure(&status) {
-        return Err(ClerkError::Tls(crate::security::describe_chain(&status)));
+        return Err(ClerkError::Tls(crate::security::describe_tls_failure(
+            &status,
+        )));
     }
     match status.code() {
         Code::PermissionDenied | Code::Unauthenticated => {

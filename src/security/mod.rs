@@ -390,13 +390,19 @@ fn client_config(
     Ok(Arc::new(config))
 }
 
+/// What rustls says of a fatal alert from the other side (its `Error::AlertReceived`). A TLS 1.3
+/// server refuses a client's certificate with such an alert after the client's handshake has ended,
+/// so it reaches a client as the failure of its first call, and through h2 as text only (h2 keeps an
+/// I/O error's kind and message, not the error): the text is all there is to recognise it by.
+const ALERT_RECEIVED: &str = "received fatal alert";
+
 /// Whether an error (from a failed call or connection) came from TLS: an untrusted certificate, a
 /// refused client certificate, plaintext against a TLS port. Such a failure does not go away by
 /// retrying, so clients report it at once.
 pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = current {
-        if e.downcast_ref::<rustls::Error>().is_some() {
+        if e.downcast_ref::<rustls::Error>().is_some() || e.to_string().contains(ALERT_RECEIVED) {
             return true;
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -432,9 +438,23 @@ pub async fn requires_tls(address: &str, within: std::time::Duration) -> bool {
     matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
 }
 
-/// An error and its causes on one line: a TLS failure's reason is deep in the chain, and one line is
-/// what a CLI prints.
-pub fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// A TLS failure ([`is_tls_failure`]) on one line, for a CLI to print: its reason is deep in the
+/// chain, and an alert from the server (which names only the check that failed, e.g. `DecryptError`
+/// for a certificate another CA signed) is followed by what it means for the operator.
+pub fn describe_tls_failure(error: &(dyn std::error::Error + 'static)) -> String {
+    let text = describe_chain(error);
+    if text.contains(ALERT_RECEIVED) {
+        format!(
+            "{text} (the server refused this client's certificate: is it issued by the cluster's \
+             CA, not expired, and for this cluster? see --tls-cert, --tls-key)"
+        )
+    } else {
+        text
+    }
+}
+
+/// An error and its causes on one line.
+fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -460,6 +480,31 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 /// Roles that use the data services: ordinary clients and operators.
 pub fn is_user(role: &Role) -> bool {
     matches!(role, Role::Client | Role::Admin)
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::{describe_tls_failure, is_tls_failure};
+    use tonic::{Code, Status};
+
+    /// A server's alert after the handshake arrives as a transport failure whose text alone says TLS
+    /// (as h2 passes it on): it is a TLS failure, explained; a connection reset is not.
+    #[test]
+    fn an_alert_from_the_server_is_a_tls_failure_and_a_reset_is_not() {
+        let alert = Status::new(
+            Code::Unavailable,
+            "transport error: response: received fatal alert: DecryptError",
+        );
+        assert!(is_tls_failure(&alert));
+        let said = describe_tls_failure(&alert);
+        assert!(said.contains("DecryptError"), "{said}");
+        assert!(said.contains("refused this client's certificate"), "{said}");
+        let reset = Status::new(
+            Code::Unavailable,
+            "transport error: connection reset by peer",
+        );
+        assert!(!is_tls_failure(&reset));
+    }
 }
 
 #[cfg(test)]
