@@ -395,7 +395,10 @@ pub async fn resolve<C: Cluster>(plan: Plan, cluster: &C, rng: &mut ChaCha8Rng) 
 fn indeterminate(error: &ClerkError) -> bool {
     matches!(
         error,
-        ClerkError::Timeout { .. } | ClerkError::Unreachable { .. } | ClerkError::SessionExpired
+        ClerkError::Timeout { .. }
+            | ClerkError::Unreachable { .. }
+            | ClerkError::SessionExpired
+            | ClerkError::InDoubt(_)
     )
 }
 

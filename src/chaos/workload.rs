@@ -7,8 +7,9 @@
 //! * `ok`: the cluster answered (a get's value, a cas's outcome);
 //! * `fail`: it definitely did not take effect — refused before or by the service for a reason no retry
 //!   changes ([`ClerkError::Invalid`], [`ClerkError::Rejected`], ...);
-//! * `info`: unknown — the clerk's deadline passed ([`ClerkError::Timeout`]) or its session expired
-//!   mid-retry ([`ClerkError::SessionExpired`]). A mutation may still be applied later, so, like a
+//! * `info`: unknown — the clerk's deadline passed ([`ClerkError::Timeout`]), its session expired
+//!   mid-retry ([`ClerkError::SessionExpired`]), or it failed for good after an attempt that may
+//!   have applied it ([`ClerkError::InDoubt`]). A mutation may still be applied later, so, like a
 //!   Jepsen process that crashed, the client then continues as a new process (a new clerk, a new
 //!   session, a new `client` number in the history: `index + k * clients`).
 //!
@@ -219,6 +220,7 @@ pub fn classify(error: &ClerkError) -> Outcome {
     match error {
         ClerkError::Timeout { .. }
         | ClerkError::SessionExpired
+        | ClerkError::InDoubt(_)
         | ClerkError::Unreachable { .. } => Outcome::Info(error.to_string()),
         ClerkError::Invalid(_)
         | ClerkError::Address { .. }
@@ -482,6 +484,9 @@ mod tests {
             classify(&ClerkError::Rejected("too long".into())),
             Outcome::Fail(_)
         ));
+        // A refusal after an attempt that may have applied the command: unknown.
+        let refused_in_doubt = ClerkError::InDoubt(Box::new(ClerkError::Tls("x".into())));
+        assert!(matches!(classify(&refused_in_doubt), Outcome::Info(_)));
         let append = Invocation {
             op: OpKind::Append,
             key: "a0".into(),

@@ -145,7 +145,7 @@ impl CtrlerClerk {
             let attempts = AtomicU32::new(0);
             let answer = self
                 .replicas
-                .call(|channel, timeout| {
+                .call_command(|channel, timeout| {
                     attempts.fetch_add(1, Ordering::Relaxed);
                     let request = request.clone();
                     async move {
@@ -246,7 +246,7 @@ fn classify(
             (!response.leader_address.is_empty()).then_some(response.leader_address),
             "wrong leader".into(),
         ),
-        Ok(pb::ErrorCode::Timeout) => Attempt::Elsewhere(None, "server timed out".into()),
+        Ok(pb::ErrorCode::Timeout) => Attempt::Unsure("server timed out".into()),
         Err(_) => Attempt::Elsewhere(None, format!("unknown error code {}", response.error)),
     })
 }

@@ -179,6 +179,7 @@ impl Clerk {
                 ))
             }
             Attempt::Elsewhere(hint, why) => Attempt::Elsewhere(hint, why),
+            Attempt::Unsure(why) => Attempt::Unsure(why),
             Attempt::Silent(why) => Attempt::Silent(why),
         })
     }
@@ -213,7 +214,8 @@ pub fn classify_reply<R, T>(
             (!leader_address.is_empty()).then_some(leader_address),
             "wrong leader".into(),
         ),
-        Ok(pb::ErrorCode::Timeout) => Attempt::Elsewhere(None, "server timed out".into()),
+        // Proposed, perhaps committed, not seen applied within the server's wait.
+        Ok(pb::ErrorCode::Timeout) => Attempt::Unsure("server timed out".into()),
         Ok(pb::ErrorCode::WrongGroup) => Attempt::Done(Routed::WrongGroup),
         Ok(pb::ErrorCode::SessionExpired) => Attempt::Done(Routed::SessionExpired(value)),
         Err(_) => Attempt::Elsewhere(None, format!("unknown error code {error}")),
@@ -297,7 +299,7 @@ impl KvOps for Clerk {
             let mutation = Mutation::next(&mut self.session, &command);
             let answer = self
                 .replicas
-                .call(|channel, timeout| {
+                .call_command(|channel, timeout| {
                     let reply = mutation.send(channel, timeout);
                     async move { Self::classify(reply.await, mutate_parts) }
                 })

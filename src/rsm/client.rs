@@ -107,6 +107,26 @@ pub enum ClerkError {
          (the servers drop idle sessions: --session-ttl, --max-sessions)"
     )]
     SessionExpired,
+    /// A command failed for good after an earlier attempt of it went unanswered or unfinished (the
+    /// attempt timed out, the server timed out waiting for its commit, the connection broke under
+    /// it): that attempt may have applied it, so the failure must not read as "not applied". Read
+    /// before deciding to repeat the command.
+    #[error("{0} (after an earlier attempt went unanswered: the command may or may not have been applied)")]
+    InDoubt(Box<ClerkError>),
+}
+
+impl ClerkError {
+    /// This failure of a command, said to be in doubt if `doubt` (an earlier attempt may have applied
+    /// it); failures that already say so are left as they are.
+    pub fn in_doubt_if(self, doubt: bool) -> ClerkError {
+        match self {
+            ClerkError::Timeout { .. } | ClerkError::SessionExpired | ClerkError::InDoubt(_) => {
+                self
+            }
+            error if doubt => ClerkError::InDoubt(Box::new(error)),
+            error => error,
+        }
+    }
 }
 
 /// A clerk's exactly-once session: its client id and the number of its latest mutation. Every mutation
@@ -172,12 +192,28 @@ struct Server {
 pub enum Attempt<T> {
     /// Served.
     Done(T),
-    /// Try this server next (a hint), or the next one in order.
-    /// Not served here: try the hinted address (if any) or the next server; the text says why.
+    /// Refused here without being acted on (not the leader, overloaded): try the hinted address (if
+    /// any) or the next server; the text says why.
     Elsewhere(Option<String>, String),
+    /// Not known to be served: the server may have acted on it without saying so (it timed out
+    /// waiting for the commit, the connection broke under the call). Try the next server; for a
+    /// command, a final error from here on is in doubt ([`ClerkError::InDoubt`]).
+    Unsure(String),
     /// No answer within the attempt's deadline: the server may be frozen or cut off, so it is avoided
     /// for [`AVOID_SILENT_FOR`]; the text says what was waited for.
     Silent(String),
+}
+
+/// What a call through [`Replicas`] is, for where it goes first and how its failures read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Call {
+    /// A read or a query, at the leader first: failing it changes nothing.
+    Query,
+    /// A read sent to the replicas in turn ([`ClerkConfig::read_anywhere`]); the leader cached stays
+    /// the one writes learned.
+    SpreadRead,
+    /// A command that changes state: once an attempt may have applied it, its failure is in doubt.
+    Command,
 }
 
 /// How long a server that let an attempt time out is avoided (tried last, its hints ignored). About the
@@ -275,8 +311,21 @@ impl Replicas {
         F: Fn(ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
-        self.call_indexed(false, |_, channel, timeout| attempt(channel, timeout))
+        self.call_indexed(Call::Query, |_, channel, timeout| attempt(channel, timeout))
             .await
+    }
+
+    /// [`Self::call`] for a command that changes state: a final error after an attempt that may have
+    /// applied it ([`Attempt::Unsure`], [`Attempt::Silent`]) is [`ClerkError::InDoubt`].
+    pub async fn call_command<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
+    where
+        F: Fn(ClientChannel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
+    {
+        self.call_indexed(Call::Command, |_, channel, timeout| {
+            attempt(channel, timeout)
+        })
+        .await
     }
 
     /// [`Self::call`] for a read: with [`ClerkConfig::read_anywhere`] the first attempt goes to the
@@ -286,18 +335,24 @@ impl Replicas {
         F: Fn(ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
-        let spread = self.config.read_anywhere;
-        self.call_indexed(spread, |_, channel, timeout| attempt(channel, timeout))
+        let kind = if self.config.read_anywhere {
+            Call::SpreadRead
+        } else {
+            Call::Query
+        };
+        self.call_indexed(kind, |_, channel, timeout| attempt(channel, timeout))
             .await
     }
 
-    /// [`Self::call`], telling `attempt` which server (index) it talks to, for tests. `spread`: start
-    /// at the next replica in turn rather than the leader, and keep the leader cached as it was.
-    async fn call_indexed<T, F, Fut>(&mut self, spread: bool, attempt: F) -> Result<T, ClerkError>
+    /// [`Self::call`], telling `attempt` which server (index) it talks to, for tests.
+    async fn call_indexed<T, F, Fut>(&mut self, kind: Call, attempt: F) -> Result<T, ClerkError>
     where
         F: Fn(usize, ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
+        let spread = kind == Call::SpreadRead;
+        // Whether an attempt so far may have applied a command without saying so.
+        let mut doubt = false;
         let deadline = Instant::now() + self.config.call_timeout;
         let mut backoff = self.config.min_backoff;
         let mut failed_this_round: Vec<usize> = Vec::new();
@@ -333,7 +388,10 @@ impl Replicas {
             }
             let timeout = self.config.attempt_timeout.min(deadline - now);
             let client = self.servers[self.leader].channel.clone();
-            let (hint, error) = match attempt(self.leader, client, timeout).await? {
+            let answer = attempt(self.leader, client, timeout)
+                .await
+                .map_err(|e| e.in_doubt_if(doubt && kind == Call::Command))?;
+            let (hint, error) = match answer {
                 Attempt::Done(value) => {
                     self.silent_since[self.leader] = None;
                     if spread && hinted_to != Some(self.leader) {
@@ -343,12 +401,19 @@ impl Replicas {
                 }
                 Attempt::Elsewhere(hint, error) => {
                     self.silent_since[self.leader] = None;
-                    self.refuse_plaintext_to_tls(self.leader, &error, &mut probed)
-                        .await?;
                     (hint, error)
+                }
+                Attempt::Unsure(error) => {
+                    self.silent_since[self.leader] = None;
+                    self.refuse_plaintext_to_tls(self.leader, &error, &mut probed)
+                        .await
+                        .map_err(|e| e.in_doubt_if(doubt && kind == Call::Command))?;
+                    doubt = true;
+                    (None, error)
                 }
                 Attempt::Silent(error) => {
                     self.silent_since[self.leader] = Some(Instant::now());
+                    doubt = true;
                     (None, error)
                 }
             };
@@ -527,10 +592,18 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
             "a message is over its size limit: {}",
             status.message()
         ))),
-        _ => Ok(Attempt::Elsewhere(
+        // Overloaded: refused before anything was done.
+        Code::ResourceExhausted => Ok(Attempt::Elsewhere(
             None,
             format!("{:?}: {}", status.code(), status.message()),
         )),
+        // A transport failure (the connection broke, perhaps after the request went out) or the
+        // server's own: it may have acted on the request.
+        _ => Ok(Attempt::Unsure(format!(
+            "{:?}: {}",
+            status.code(),
+            status.message()
+        ))),
     }
 }
 
@@ -655,7 +728,7 @@ mod tests {
         let tries: [std::sync::atomic::AtomicUsize; 3] = Default::default();
         let started = Instant::now();
         let answer = replicas
-            .call_indexed(false, |server, _, timeout| {
+            .call_indexed(Call::Query, |server, _, timeout| {
                 let n = tries[server].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let now = started.elapsed();
                 async move {
@@ -698,7 +771,7 @@ mod tests {
         for round in 0..6 {
             let tried = std::sync::Mutex::new(Vec::new());
             let served = replicas
-                .call_indexed(true, |server, _, _| {
+                .call_indexed(Call::SpreadRead, |server, _, _| {
                     tried.lock().expect("lock").push(server);
                     let first = tried.lock().expect("lock").len() == 1;
                     async move {
@@ -727,7 +800,7 @@ mod tests {
         // A refusal naming the leader: the named server is the leader from now on.
         let tried = std::sync::Mutex::new(Vec::new());
         replicas
-            .call_indexed(true, |server, _, _| {
+            .call_indexed(Call::SpreadRead, |server, _, _| {
                 tried.lock().expect("lock").push(server);
                 async move {
                     Ok(if server == 0 {
@@ -774,10 +847,16 @@ mod tests {
 
     #[test]
     fn only_what_another_server_could_answer_is_retried() {
-        let retried =
-            |status: Status| matches!(status_attempt::<()>(status), Ok(Attempt::Elsewhere(..)));
-        assert!(retried(Status::unavailable("connection refused")));
-        assert!(retried(Status::unknown("transport error")));
+        // Retried, and the server may have acted on it (the connection broke under the call).
+        let unsure =
+            |status: Status| matches!(status_attempt::<()>(status), Ok(Attempt::Unsure(_)));
+        assert!(unsure(Status::unavailable("connection refused")));
+        assert!(unsure(Status::unknown("transport error")));
+        // Retried, and refused before anything was done.
+        assert!(matches!(
+            status_attempt::<()>(Status::resource_exhausted("overloaded")),
+            Ok(Attempt::Elsewhere(None, _))
+        ));
         for (status, what) in [
             (
                 Status::out_of_range("decoded message length too large"),
@@ -789,6 +868,46 @@ mod tests {
             match status_attempt::<()>(status) {
                 Err(e) => assert!(e.to_string().contains(what), "{e}"),
                 Ok(_) => panic!("retried: {what}"),
+            }
+        }
+    }
+
+    /// A command refused for good on its second attempt, after a first that may have applied it, says
+    /// it may have been applied; after a first that was refused outright, or for a query, it is the
+    /// plain refusal.
+    #[tokio::test]
+    async fn a_final_error_after_an_unanswered_attempt_leaves_a_command_in_doubt() {
+        let given = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let first_answers = [
+            (|| Attempt::Silent("attempt timed out".into())) as fn() -> Attempt<()>,
+            || Attempt::Unsure("server timed out".into()),
+            || Attempt::Elsewhere(None, "wrong leader".into()),
+        ];
+        for (first, in_doubt) in first_answers.into_iter().zip([true, true, false]) {
+            for kind in [Call::Command, Call::Query] {
+                let mut replicas = Replicas::new(&given, ClerkConfig::default()).expect("replicas");
+                let calls = std::sync::atomic::AtomicUsize::new(0);
+                let error = replicas
+                    .call_indexed(kind, |_, _, _| {
+                        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            match n {
+                                0 => Ok(first()),
+                                _ => Err(ClerkError::Denied("not for this role".into())),
+                            }
+                        }
+                    })
+                    .await
+                    .expect_err("refused");
+                let expect_doubt = in_doubt && kind == Call::Command;
+                match &error {
+                    ClerkError::InDoubt(inner) if expect_doubt => {
+                        assert!(matches!(**inner, ClerkError::Denied(_)), "{error}");
+                        assert!(error.to_string().contains("may or may not"), "{error}");
+                    }
+                    ClerkError::Denied(_) if !expect_doubt => {}
+                    other => panic!("{kind:?}, doubt expected {expect_doubt}: {other}"),
+                }
             }
         }
     }

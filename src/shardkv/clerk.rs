@@ -49,7 +49,10 @@ pub struct ShardClerk {
 /// Where a request went wrong in one try, and whether the configuration should be re-read.
 enum Try<T> {
     Done(T),
+    /// Not served; why.
     Again(String),
+    /// Not known to be served: a group may have applied it (its attempts went unanswered); why.
+    Unsure(String),
 }
 
 impl ShardClerk {
@@ -122,6 +125,9 @@ impl ShardClerk {
         let mut backoff = self.clerk_config.min_backoff;
         let mut last_error = String::from("no attempt made");
         let mut refresh = self.config.is_none();
+        // Whether a group may have applied this mutation without saying so: a later final error is
+        // then in doubt.
+        let mut doubt = false;
         loop {
             if Instant::now() >= deadline {
                 return Err(ClerkError::Timeout {
@@ -143,20 +149,27 @@ impl ShardClerk {
                         last_error = format!("controllers: {e}");
                         continue;
                     }
-                    Ok(Err(e)) => return Err(e),
+                    Ok(Err(e)) => return Err(e.in_doubt_if(doubt)),
                     Err(_) => continue,
                 }
             }
-            match self.try_once(key, read, &attempt, deadline).await? {
+            let tried = self
+                .try_once(key, read, &attempt, deadline)
+                .await
+                .map_err(|e| e.in_doubt_if(doubt))?;
+            let why = match tried {
                 Try::Done(value) => return Ok(value),
-                Try::Again(why) => {
-                    last_error = why;
-                    refresh = true;
-                    let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
-                    tokio::time::sleep(pause).await;
-                    backoff = (backoff * 2).min(self.clerk_config.max_backoff);
+                Try::Again(why) => why,
+                Try::Unsure(why) => {
+                    doubt |= !read;
+                    why
                 }
-            }
+            };
+            last_error = why;
+            refresh = true;
+            let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(self.clerk_config.max_backoff);
         }
     }
 
@@ -214,7 +227,7 @@ impl ShardClerk {
             if read {
                 group.replicas.call_read(attempt).await
             } else {
-                group.replicas.call(attempt).await
+                group.replicas.call_command(attempt).await
             }
         };
         match tokio::time::timeout_at(deadline, call).await {
@@ -223,11 +236,11 @@ impl ShardClerk {
             Ok(Ok(Routed::WrongGroup)) => Ok(Try::Again(format!(
                 "group {gid} does not serve shard {shard} (configuration {num} says it does; it may be still receiving it)"
             ))),
-            Ok(Err(ClerkError::Timeout { last_error, .. })) => Ok(Try::Again(format!(
+            Ok(Err(ClerkError::Timeout { last_error, .. })) => Ok(Try::Unsure(format!(
                 "group {gid}: {last_error}"
             ))),
             Ok(Err(e)) => Err(e),
-            Err(_) => Ok(Try::Again(format!("group {gid} did not answer in time"))),
+            Err(_) => Ok(Try::Unsure(format!("group {gid} did not answer in time"))),
         }
     }
 }
