@@ -17,7 +17,9 @@ use super::membership::{Membership, MembershipChange, MembershipError, Membershi
 use super::message::{Envelope, Message};
 use super::progress::{Progress, ProgressState};
 use super::quorum;
-use super::read_only::{ReadOrigin, ReadQueue, ReadState, MAX_FORWARDED_REQUESTS};
+use super::read_only::{
+    FailedRead, ReadFailure, ReadOrigin, ReadQueue, ReadState, MAX_FORWARDED_REQUESTS,
+};
 use super::ready::{Ready, SoftState};
 use super::types::{
     Entry, EntryKind, HardState, Index, NodeId, PersistedState, Role, Snapshot, SnapshotMeta, Term,
@@ -105,7 +107,7 @@ fn validate(message: &Message) -> Result<(), &'static str> {
             }
         }
         Message::ReadIndexResponse { index, .. } => {
-            if index.is_some_and(|i| !index_ok(i)) {
+            if index.is_ok_and(|i| !index_ok(i)) {
                 return Err("ReadIndexResponse with an impossible index");
             }
         }
@@ -272,7 +274,7 @@ pub struct RaftCore {
     snapshot_to_persist: Option<Snapshot>,
     snapshot_to_apply: Option<Snapshot>,
     read_states: Vec<ReadState>,
-    failed_reads: Vec<u64>,
+    failed_reads: Vec<FailedRead>,
     /// What committed entries the next `ready()`s may still hand out (`None`: all of them).
     apply_budget: Option<ApplyBudget>,
 }
@@ -382,7 +384,7 @@ impl RaftCore {
                 .ticks
                 .saturating_sub(u64::from(self.config.election_ticks));
             let expired = self.forwarded.expire(before);
-            self.failed_reads.extend(expired);
+            self.fail(expired, ReadFailure::LeadershipLost);
         }
         self.lease_elapsed = self.lease_elapsed.saturating_add(1);
         match self.role {
@@ -617,10 +619,10 @@ impl RaftCore {
             Message::ReadIndexResponse { request, index, .. } => {
                 let reads = self.forwarded.answer(from, request);
                 match index {
-                    Some(index) => self
+                    Ok(index) => self
                         .read_states
                         .extend(reads.into_iter().map(|id| ReadState { id, index })),
-                    None => self.failed_reads.extend(reads),
+                    Err(why) => self.fail(reads, why),
                 }
                 Ok(())
             }
@@ -735,7 +737,7 @@ impl RaftCore {
             });
         };
         let failed = self.forwarded.queue(id, leader.0, leader.1);
-        self.failed_reads.extend(failed);
+        self.fail(failed, ReadFailure::LeadershipLost);
         Ok(())
     }
 
@@ -778,7 +780,7 @@ impl RaftCore {
                     Message::ReadIndexResponse {
                         term: self.term,
                         request,
-                        index: Some(read.index),
+                        index: Ok(read.index),
                     },
                 ),
             }
@@ -789,31 +791,43 @@ impl RaftCore {
     fn fail_reads(&mut self, failed: Vec<ReadOrigin>) {
         for origin in failed {
             match origin {
-                ReadOrigin::Local(id) => self.failed_reads.push(id),
-                ReadOrigin::Forwarded { from, request } => self.refuse_read(from, request),
+                ReadOrigin::Local(id) => self.failed_reads.push(FailedRead {
+                    id,
+                    why: ReadFailure::LeadershipLost,
+                }),
+                ReadOrigin::Forwarded { from, request } => {
+                    self.refuse_read(from, request, ReadFailure::LeadershipLost)
+                }
             }
         }
     }
 
-    fn refuse_read(&mut self, to: NodeId, request: u64) {
+    fn refuse_read(&mut self, to: NodeId, request: u64, why: ReadFailure) {
         self.send(
             to,
             Message::ReadIndexResponse {
                 term: self.term,
                 request,
-                index: None,
+                index: Err(why),
             },
         );
+    }
+
+    /// Reads `ids` of this node failed for the same reason.
+    fn fail(&mut self, ids: Vec<u64>, why: ReadFailure) {
+        self.failed_reads
+            .extend(ids.into_iter().map(|id| FailedRead { id, why }));
     }
 
     /// A follower asks for a read index: queued as a read of this leader's own, within a bound.
     fn on_read_index(&mut self, from: NodeId, request: u64) {
         let known = self.progress.contains_key(&from);
-        if self.role != Role::Leader
-            || !known
-            || self.reads.forwarded_by(from) >= MAX_FORWARDED_REQUESTS
-        {
-            self.refuse_read(from, request);
+        if self.role != Role::Leader || !known {
+            self.refuse_read(from, request, ReadFailure::LeadershipLost);
+            return;
+        }
+        if self.reads.forwarded_by(from) >= MAX_FORWARDED_REQUESTS {
+            self.refuse_read(from, request, ReadFailure::LeaderBusy);
             return;
         }
         self.queue_read(ReadOrigin::Forwarded { from, request });
@@ -912,7 +926,7 @@ impl RaftCore {
             }
         }
         let failed = self.forwarded.rebind(self.forward_target());
-        self.failed_reads.extend(failed);
+        self.fail(failed, ReadFailure::LeadershipLost);
         if let Some((leader, request)) = self.forwarded.take_request(self.ticks) {
             let term = self.term;
             self.send(leader, Message::ReadIndex { term, request });

@@ -5,6 +5,7 @@
 //! pipeline, batch or drop.
 
 use super::membership::Membership;
+use super::read_only::ReadFailure;
 use super::types::{Entry, Index, NodeId, SnapshotMeta, Term};
 use bytes::Bytes;
 
@@ -115,8 +116,9 @@ pub enum Message {
         request: u64,
         /// The leader's commit index when the request arrived (or its first commit of its term, if
         /// later), sent as for a read of its own: after a quorum confirmed it still led, or at once
-        /// within its lease; `None`: refused (not the leader, or too many requests queued).
-        index: Option<Index>,
+        /// within its lease; or why the leader refused (not the leader, or too many of the
+        /// follower's requests queued).
+        index: Result<Index, ReadFailure>,
     },
 }
 

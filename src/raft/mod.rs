@@ -66,7 +66,7 @@ pub use self::log::{ApplyBudget, LogWrite};
 pub use self::membership::{Member, Membership, MembershipChange, MembershipError};
 pub use self::message::{Envelope, Message};
 pub use self::node::{Applied, NodeConfig, NodeError, NodeStatus, RaftHandle, RaftNode};
-pub use self::read_only::ReadState;
+pub use self::read_only::{FailedRead, ReadFailure, ReadState};
 pub use self::ready::{Ready, SoftState};
 pub use self::storage::{Identity, Seeded, SledStorage, Storage, StorageError};
 pub use self::types::{

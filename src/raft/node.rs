@@ -16,6 +16,7 @@ use super::local_lease::{lease_end, PublishedLease};
 use super::log::ApplyBudget;
 use super::membership::{Membership, MembershipChange, MembershipError};
 use super::message::Envelope;
+use super::read_only::ReadFailure;
 use super::storage::{StagedSnapshot, Storage, StorageError};
 use super::transport::{
     cluster_id, InboundConfig, InboundQueue, RaftService, Transport, TransportConfig,
@@ -1152,9 +1153,15 @@ impl Driver {
                 let _ = reply.send(Ok(read.index));
             }
         }
-        for id in ready.failed_reads {
-            if let Some(reply) = self.reads.remove(&id) {
-                let _ = reply.send(Err(NodeError::ReadAborted));
+        for failed in ready.failed_reads {
+            if let Some(reply) = self.reads.remove(&failed.id) {
+                let _ = reply.send(Err(match failed.why {
+                    ReadFailure::LeadershipLost => NodeError::ReadAborted,
+                    ReadFailure::LeaderBusy => NodeError::Overloaded(format!(
+                        "the leader holds {} read requests of this follower already",
+                        super::read_only::MAX_FORWARDED_REQUESTS
+                    )),
+                }));
             }
         }
         let (raft_state_bytes, snapshot_bytes) = self

@@ -28,6 +28,27 @@ pub struct ReadState<Id = u64> {
     pub index: Index,
 }
 
+/// Why a read could not be confirmed: the service answers a client differently for each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadFailure {
+    /// Leadership was lost, or the node asked does not lead, or it did not answer in time: the
+    /// client retries at whoever leads.
+    LeadershipLost,
+    /// The leader holds as many of this follower's read requests as it takes
+    /// ([`MAX_FORWARDED_REQUESTS`]): it leads but is overloaded, and the client should back off, not
+    /// look for another leader.
+    LeaderBusy,
+}
+
+/// A read that failed, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailedRead {
+    /// The read's id.
+    pub id: u64,
+    /// Why it failed.
+    pub why: ReadFailure,
+}
+
 /// Whose read the leader is confirming: its own service's, or a batch a follower forwarded (the
 /// follower serves those itself, once it applied the index the leader answers with).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 use super::log::LogWrite;
 use super::membership::Membership;
 use super::message::Envelope;
-use super::read_only::ReadState;
+use super::read_only::{FailedRead, ReadState};
 use super::types::{Entry, HardState, NodeId, Role, Snapshot, Term};
 
 /// The output of the core. The driver must handle the parts **in this order**:
@@ -47,8 +47,9 @@ pub struct Ready {
     pub committed_entries: Vec<Entry>,
     /// Reads confirmed by a quorum.
     pub read_states: Vec<ReadState>,
-    /// Reads that cannot be confirmed (leadership lost); the client should retry elsewhere.
-    pub failed_reads: Vec<u64>,
+    /// Reads that cannot be confirmed, and why (leadership lost: retry elsewhere; the leader busy:
+    /// back off).
+    pub failed_reads: Vec<FailedRead>,
     /// Role, leader and term after this batch, for the service and for status reports.
     pub soft_state: SoftState,
     /// The configuration in force, when it changed since the last `Ready` (and in the first one):

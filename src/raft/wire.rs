@@ -5,6 +5,7 @@
 
 use super::membership::Membership;
 use super::message::{Envelope, Message};
+use super::read_only::ReadFailure;
 use super::types::{Entry, EntryKind, SnapshotMeta};
 use crate::proto::raft as pb;
 use prost::Message as _;
@@ -165,8 +166,9 @@ pub fn envelope_to_proto(envelope: &Envelope) -> pb::Envelope {
         } => M::ReadIndexResponse(pb::ReadIndexResponse {
             term: *term,
             request: *request,
-            index: index.unwrap_or(0),
-            refused: index.is_none(),
+            index: *index.as_ref().unwrap_or(&0),
+            refused: index.is_err(),
+            busy: *index == Err(ReadFailure::LeaderBusy),
         }),
     };
     pb::Envelope {
@@ -238,7 +240,11 @@ pub fn envelope_from_proto(envelope: pb::Envelope) -> Result<Envelope, WireError
         M::ReadIndexResponse(m) => Message::ReadIndexResponse {
             term: m.term,
             request: m.request,
-            index: (!m.refused).then_some(m.index),
+            index: match (m.refused, m.busy) {
+                (false, _) => Ok(m.index),
+                (true, false) => Err(ReadFailure::LeadershipLost),
+                (true, true) => Err(ReadFailure::LeaderBusy),
+            },
         },
     };
     Ok(Envelope {
@@ -314,12 +320,17 @@ mod tests {
             Message::ReadIndexResponse {
                 term: 4,
                 request: 17,
-                index: Some(9),
+                index: Ok(9),
             },
             Message::ReadIndexResponse {
                 term: 4,
                 request: 18,
-                index: None,
+                index: Err(ReadFailure::LeadershipLost),
+            },
+            Message::ReadIndexResponse {
+                term: 4,
+                request: 19,
+                index: Err(ReadFailure::LeaderBusy),
             },
         ];
         for message in messages {

@@ -606,8 +606,8 @@ impl RaftCluster {
                     self.follower_reads_confirmed += 1;
                 }
             }
-            for id in ready.failed_reads {
-                self.reads.remove(&id);
+            for failed in ready.failed_reads {
+                self.reads.remove(&failed.id);
             }
         }
     }

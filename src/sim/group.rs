@@ -364,9 +364,9 @@ impl<S: SimService> Group<S> {
                     completions.extend(s.rsm.read(read.id, read.index, query));
                 }
             }
-            for id in &ready.failed_reads {
-                s.reads.remove(id);
-                completions.push(Completion::Retry { token: *id });
+            for failed in &ready.failed_reads {
+                s.reads.remove(&failed.id);
+                completions.push(Completion::Retry { token: failed.id });
             }
             let is_leader = ready.soft_state.role == Role::Leader;
             if s.was_leader && !is_leader {

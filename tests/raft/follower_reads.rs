@@ -7,7 +7,7 @@
 use crate::lease::Trio;
 use bytes::Bytes;
 use ds824::raft::read_only::MAX_FORWARDED_REQUESTS;
-use ds824::raft::{Envelope, Message, Role};
+use ds824::raft::{Envelope, FailedRead, Message, ReadFailure, Role};
 
 fn follower_of(leader: usize) -> usize {
     (leader + 1) % 3
@@ -77,12 +77,16 @@ fn a_read_sent_to_a_leader_that_went_away_fails_and_is_never_answered() {
     trio.answered.clear();
     for _ in 0..200 {
         trio.tick_all();
-        if trio.failed.contains(&(follower, 7)) {
+        if trio.failed.iter().any(|&(i, f)| i == follower && f.id == 7) {
             break;
         }
     }
     assert!(
-        trio.failed.contains(&(follower, 7)),
+        trio.failed.iter().any(|&(i, f)| i == follower
+            && f == FailedRead {
+                id: 7,
+                why: ReadFailure::LeadershipLost
+            }),
         "the read waited forever for a leader that went away"
     );
     // Reconnected, the old leader steps down and the read stays failed.
@@ -119,7 +123,7 @@ fn a_node_that_does_not_lead_refuses_a_forwarded_read() {
             == Message::ReadIndexResponse {
                 term,
                 request: 9,
-                index: None
+                index: Err(ReadFailure::LeadershipLost)
             }));
 }
 
@@ -165,7 +169,7 @@ fn a_leader_queues_a_bounded_number_of_follower_requests() {
         .filter_map(|m| match m.message {
             Message::ReadIndexResponse {
                 request,
-                index: None,
+                index: Err(ReadFailure::LeaderBusy),
                 ..
             } => Some(request),
             _ => None,
@@ -239,5 +243,54 @@ fn an_answer_to_a_request_sent_before_a_restart_answers_no_read_after_it() {
         ready.read_states.iter().all(|r| r.index >= write),
         "read answered at {:?}, before the write at {write}",
         ready.read_states
+    );
+}
+
+/// A follower whose request the leader refuses for having too many of its requests queued (an
+/// earlier incarnation's, still unconfirmed: a follower keeps no more out itself) fails the reads it
+/// carried as the leader being busy (the service answers RESOURCE_EXHAUSTED: back off), not as
+/// leadership lost (WRONG_LEADER: the client would look for another leader that is not there).
+#[test]
+fn reads_a_busy_leader_refuses_fail_as_busy() {
+    let mut trio = Trio::new(false);
+    let leader = trio.elect();
+    let follower = follower_of(leader);
+    let term = trio.cores[leader].term();
+    // Cut off, the leader confirms no round: the requests of the follower's last incarnation stay
+    // queued there, as many as it takes.
+    trio.connected[leader] = false;
+    for request in 0..MAX_FORWARDED_REQUESTS as u64 {
+        trio.cores[leader]
+            .step(Envelope {
+                from: node(follower),
+                to: node(leader),
+                message: Message::ReadIndex { term, request },
+            })
+            .expect("a well-formed message");
+    }
+    let _ = trio.cores[leader].ready();
+    trio.cores[follower]
+        .read_index_anywhere(77)
+        .expect("the follower knows its leader");
+    // Only the read request and its answer travel.
+    for (from, to) in [(follower, leader), (leader, follower)] {
+        for envelope in trio.cores[from].ready().messages {
+            let read_traffic = matches!(
+                envelope.message,
+                Message::ReadIndex { .. } | Message::ReadIndexResponse { .. }
+            );
+            if read_traffic && envelope.to == node(to) {
+                trio.cores[to]
+                    .step(envelope)
+                    .expect("a well-formed message");
+            }
+        }
+    }
+    assert_eq!(
+        trio.cores[follower].ready().failed_reads,
+        vec![FailedRead {
+            id: 77,
+            why: ReadFailure::LeaderBusy
+        }]
     );
 }

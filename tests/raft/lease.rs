@@ -2,7 +2,7 @@
 //! acknowledged it recently, and never once another node could have been elected. Three cores on a
 //! hand-driven network, so the tests see exactly which messages a read costs.
 
-use ds824::raft::{Config, ConfigError, Envelope, Message, RaftCore, ReadState, Role};
+use ds824::raft::{Config, ConfigError, Envelope, FailedRead, Message, RaftCore, ReadState, Role};
 
 /// Three cores, a link switch per node, and the reads each answered (shared with the follower-read
 /// tests).
@@ -11,7 +11,7 @@ pub struct Trio {
     pub connected: [bool; 3],
     pub answered: Vec<(usize, ReadState)>,
     /// Reads that failed, by node.
-    pub failed: Vec<(usize, u64)>,
+    pub failed: Vec<(usize, FailedRead)>,
     /// Messages the last `pump` delivered or dropped.
     pub sent: usize,
     /// Of those, follower-read messages (`ReadIndex` and its answer).
@@ -56,7 +56,7 @@ impl Trio {
                 self.answered
                     .extend(ready.read_states.iter().map(|&r| (i, r)));
                 self.failed
-                    .extend(ready.failed_reads.iter().map(|&id| (i, id)));
+                    .extend(ready.failed_reads.iter().map(|&failed| (i, failed)));
                 for envelope in ready.messages {
                     self.sent += 1;
                     if matches!(

@@ -2,7 +2,9 @@
 //! stepped into cores in every role.
 
 use bytes::Bytes;
-use ds824::raft::{Config, Entry, EntryKind, Envelope, Message, RaftCore, SnapshotMeta};
+use ds824::raft::{
+    Config, Entry, EntryKind, Envelope, Message, RaftCore, ReadFailure, SnapshotMeta,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -87,7 +89,11 @@ fn random_message(rng: &mut ChaCha8Rng) -> Message {
         7 => Message::ReadIndexResponse {
             term,
             request: number(rng),
-            index: rng.random_bool(0.7).then(|| number(rng)),
+            index: match rng.random_range(0..10) {
+                0 => Err(ReadFailure::LeaderBusy),
+                1..=2 => Err(ReadFailure::LeadershipLost),
+                _ => Ok(number(rng)),
+            },
         },
         _ => Message::TimeoutNow { term },
     }
