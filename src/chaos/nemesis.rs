@@ -390,6 +390,15 @@ pub async fn resolve<C: Cluster>(plan: Plan, cluster: &C, rng: &mut ChaCha8Rng) 
     }
 }
 
+/// Whether a controller call was refused for this process's identity (its certificate's role).
+fn refused_for_identity(error: &ClerkError) -> bool {
+    match error {
+        ClerkError::Denied(_) => true,
+        ClerkError::InDoubt(inner) => matches!(**inner, ClerkError::Denied(_)),
+        _ => false,
+    }
+}
+
 /// Whether a failed controller call may still have taken effect (or may work when retried later):
 /// then the window records it and the run goes on; otherwise it is [`NemesisError::Reconfigure`].
 fn indeterminate(error: &ClerkError) -> bool {
@@ -431,13 +440,15 @@ pub async fn reconfigure(
     };
     let outcome = match ctrler.move_shard(chosen.shard, chosen.to).await {
         Ok(next) => format!("configuration {}", next.num),
-        Err(e) if indeterminate(&e) => format!("outcome unknown: {e}"),
-        Err(ClerkError::Denied(why)) => {
+        // Refused for this identity (also after an attempt that went unanswered): every later
+        // move would be too, so the run stops and says what to fix.
+        Err(e) if refused_for_identity(&e) => {
             return Err(NemesisError::Reconfigure(format!(
-                "the controllers refused a Move ({why}): moves need an admin certificate \
+                "the controllers refused a Move ({e}): moves need an admin certificate \
                  (--tls-cert/--tls-key, e.g. /tmp/ds824-certs/admin-operator.pem)"
             )))
         }
+        Err(e) if indeterminate(&e) => format!("outcome unknown: {e}"),
         // Refused on its merits (the group left meanwhile, say): recorded, the run goes on.
         Err(e) => format!("refused: {e}"),
     };

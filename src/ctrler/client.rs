@@ -134,6 +134,7 @@ impl CtrlerClerk {
             .map_err(|e| ClerkError::Invalid(e.to_string()))?;
         let repeatable = matches!(command, CtrlerCommand::Progress { .. });
         let mut restarts = 0;
+        let mut doubt = false;
         loop {
             let (client_id, seq) = self.session.next_command();
             let request = pb::CommandRequest {
@@ -145,7 +146,7 @@ impl CtrlerClerk {
             let attempts = AtomicU32::new(0);
             let answer = self
                 .replicas
-                .call_command(|channel, timeout| {
+                .call_command(&mut doubt, |channel, timeout| {
                     attempts.fetch_add(1, Ordering::Relaxed);
                     let request = request.clone();
                     async move {
@@ -201,6 +202,9 @@ enum Answer {
     Served(Reply),
     /// Not applied: the session was dropped; new sessions must be above `min_client_id`.
     SessionExpired { min_client_id: u64 },
+    /// Applied and refused by the controller's rules (say, joining a group already joined): a
+    /// definite outcome, the same for every retry of the command.
+    Refused(String),
 }
 
 impl Answer {
@@ -211,6 +215,7 @@ impl Answer {
             Answer::SessionExpired { .. } => Err(ClerkError::Invalid(
                 "a request without a session was answered SESSION_EXPIRED".into(),
             )),
+            Answer::Refused(why) => Err(ClerkError::Rejected(why)),
         }
     }
 }
@@ -241,12 +246,16 @@ fn classify(
         Ok(pb::ErrorCode::SessionExpired) => Attempt::Done(Answer::SessionExpired {
             min_client_id: response.min_client_id,
         }),
-        Ok(pb::ErrorCode::Refused) => return Err(ClerkError::Rejected(response.refusal)),
+        Ok(pb::ErrorCode::Refused) => Attempt::Done(Answer::Refused(response.refusal)),
         Ok(pb::ErrorCode::WrongLeader) => Attempt::Elsewhere(
             (!response.leader_address.is_empty()).then_some(response.leader_address),
             "wrong leader".into(),
         ),
-        Ok(pb::ErrorCode::Timeout) => Attempt::Unsure("server timed out".into()),
-        Err(_) => Attempt::Elsewhere(None, format!("unknown error code {}", response.error)),
+        Ok(pb::ErrorCode::Timeout) => Attempt::Unsure(
+            "the server did not see it finish (it timed out, or lost leadership with it in flight)"
+                .into(),
+        ),
+        // A newer server's answer this client cannot read: it may have applied the command.
+        Err(_) => Attempt::Unsure(format!("unknown error code {}", response.error)),
     })
 }

@@ -215,10 +215,14 @@ pub fn classify_reply<R, T>(
             "wrong leader".into(),
         ),
         // Proposed, perhaps committed, not seen applied within the server's wait.
-        Ok(pb::ErrorCode::Timeout) => Attempt::Unsure("server timed out".into()),
+        Ok(pb::ErrorCode::Timeout) => Attempt::Unsure(
+            "the server did not see it finish (it timed out, or lost leadership with it in flight)"
+                .into(),
+        ),
         Ok(pb::ErrorCode::WrongGroup) => Attempt::Done(Routed::WrongGroup),
         Ok(pb::ErrorCode::SessionExpired) => Attempt::Done(Routed::SessionExpired(value)),
-        Err(_) => Attempt::Elsewhere(None, format!("unknown error code {error}")),
+        // A newer server's answer this client cannot read: it may have applied the command.
+        Err(_) => Attempt::Unsure(format!("unknown error code {error}")),
     })
 }
 
@@ -295,11 +299,12 @@ impl Mutation {
 impl KvOps for Clerk {
     async fn mutate(&mut self, command: KvCommand) -> Result<pb::Outcome, ClerkError> {
         validate_command(&command)?;
+        let mut doubt = false;
         loop {
             let mutation = Mutation::next(&mut self.session, &command);
             let answer = self
                 .replicas
-                .call_command(|channel, timeout| {
+                .call_command(&mut doubt, |channel, timeout| {
                     let reply = mutation.send(channel, timeout);
                     async move { Self::classify(reply.await, mutate_parts) }
                 })

@@ -311,18 +311,26 @@ impl Replicas {
         F: Fn(ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
-        self.call_indexed(Call::Query, |_, channel, timeout| attempt(channel, timeout))
-            .await
+        self.call_indexed(Call::Query, &mut false, |_, channel, timeout| {
+            attempt(channel, timeout)
+        })
+        .await
     }
 
     /// [`Self::call`] for a command that changes state: a final error after an attempt that may have
-    /// applied it ([`Attempt::Unsure`], [`Attempt::Silent`]) is [`ClerkError::InDoubt`].
-    pub async fn call_command<T, F, Fut>(&mut self, attempt: F) -> Result<T, ClerkError>
+    /// applied it ([`Attempt::Unsure`], [`Attempt::Silent`]) is [`ClerkError::InDoubt`]. `doubt`
+    /// says whether an attempt may have applied it, before the call (a caller that tried other groups
+    /// of servers already) and after it (it only ever turns true).
+    pub async fn call_command<T, F, Fut>(
+        &mut self,
+        doubt: &mut bool,
+        attempt: F,
+    ) -> Result<T, ClerkError>
     where
         F: Fn(ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
-        self.call_indexed(Call::Command, |_, channel, timeout| {
+        self.call_indexed(Call::Command, doubt, |_, channel, timeout| {
             attempt(channel, timeout)
         })
         .await
@@ -340,19 +348,30 @@ impl Replicas {
         } else {
             Call::Query
         };
-        self.call_indexed(kind, |_, channel, timeout| attempt(channel, timeout))
-            .await
+        self.call_indexed(kind, &mut false, |_, channel, timeout| {
+            attempt(channel, timeout)
+        })
+        .await
     }
 
-    /// [`Self::call`], telling `attempt` which server (index) it talks to, for tests.
-    async fn call_indexed<T, F, Fut>(&mut self, kind: Call, attempt: F) -> Result<T, ClerkError>
+    /// [`Self::call`], telling `attempt` which server (index) it talks to, for tests. `doubt`: see
+    /// [`Self::call_command`] (only a command's is kept).
+    async fn call_indexed<T, F, Fut>(
+        &mut self,
+        kind: Call,
+        doubt: &mut bool,
+        attempt: F,
+    ) -> Result<T, ClerkError>
     where
         F: Fn(usize, ClientChannel, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, ClerkError>>,
     {
         let spread = kind == Call::SpreadRead;
-        // Whether an attempt so far may have applied a command without saying so.
-        let mut doubt = false;
+        let command = kind == Call::Command;
+        // Servers whose TLS handshake failed in this call, and the first such failure: final once
+        // every server failed so (one server's refusal, as in a CA rotation half done, is not).
+        let mut tls_refused: Vec<usize> = Vec::new();
+        let mut tls_failure = None;
         let deadline = Instant::now() + self.config.call_timeout;
         let mut backoff = self.config.min_backoff;
         let mut failed_this_round: Vec<usize> = Vec::new();
@@ -381,6 +400,10 @@ impl Replicas {
                 if spread {
                     self.leader = cached_leader;
                 }
+                if let Some(failure) = tls_failure {
+                    // Some server refused the handshake and none answered: that is what to fix.
+                    return Err(ClerkError::Tls(failure).in_doubt_if(*doubt && command));
+                }
                 return Err(ClerkError::Timeout {
                     timeout: self.config.call_timeout,
                     last_error,
@@ -388,9 +411,20 @@ impl Replicas {
             }
             let timeout = self.config.attempt_timeout.min(deadline - now);
             let client = self.servers[self.leader].channel.clone();
-            let answer = attempt(self.leader, client, timeout)
-                .await
-                .map_err(|e| e.in_doubt_if(doubt && kind == Call::Command))?;
+            let answer = match attempt(self.leader, client, timeout).await {
+                Err(ClerkError::Tls(failure)) => {
+                    if !tls_refused.contains(&self.leader) {
+                        tls_refused.push(self.leader);
+                    }
+                    if tls_refused.len() == self.servers.len() {
+                        return Err(ClerkError::Tls(failure).in_doubt_if(*doubt && command));
+                    }
+                    let address = &self.servers[self.leader].address;
+                    tls_failure.get_or_insert_with(|| format!("{address}: {failure}"));
+                    Attempt::Elsewhere(None, format!("TLS: {failure}"))
+                }
+                answer => answer.map_err(|e| e.in_doubt_if(*doubt && command))?,
+            };
             let (hint, error) = match answer {
                 Attempt::Done(value) => {
                     self.silent_since[self.leader] = None;
@@ -407,13 +441,13 @@ impl Replicas {
                     self.silent_since[self.leader] = None;
                     self.refuse_plaintext_to_tls(self.leader, &error, &mut probed)
                         .await
-                        .map_err(|e| e.in_doubt_if(doubt && kind == Call::Command))?;
-                    doubt = true;
+                        .map_err(|e| e.in_doubt_if(*doubt && command))?;
+                    *doubt |= command;
                     (None, error)
                 }
                 Attempt::Silent(error) => {
                     self.silent_since[self.leader] = Some(Instant::now());
-                    doubt = true;
+                    *doubt |= command;
                     (None, error)
                 }
             };
@@ -568,6 +602,12 @@ pub fn channel_to(
         })
 }
 
+/// How a server's admission control refusal begins ([`crate::raft::NodeError::Overloaded`]).
+const OVERLOADED: &str = "leader overloaded";
+
+/// How a connection that could not be made is reported (nothing was sent on it).
+const NOT_CONNECTED: &str = "cannot connect to";
+
 /// How a gRPC error status should be treated: the server refused the request itself (final), or this
 /// server could not serve it (try elsewhere).
 pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
@@ -592,8 +632,13 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
             "a message is over its size limit: {}",
             status.message()
         ))),
-        // Overloaded: refused before anything was done.
-        Code::ResourceExhausted => Ok(Attempt::Elsewhere(
+        // Refused before anything was done: admission control's "overloaded" (not any
+        // RESOURCE_EXHAUSTED: HTTP/2 resets a stream it had taken with that code too), or a
+        // connection that could not be made.
+        Code::ResourceExhausted if status.message().starts_with(OVERLOADED) => Ok(
+            Attempt::Elsewhere(None, format!("{:?}: {}", status.code(), status.message())),
+        ),
+        Code::Unavailable if status.message().starts_with(NOT_CONNECTED) => Ok(Attempt::Elsewhere(
             None,
             format!("{:?}: {}", status.code(), status.message()),
         )),
@@ -728,7 +773,7 @@ mod tests {
         let tries: [std::sync::atomic::AtomicUsize; 3] = Default::default();
         let started = Instant::now();
         let answer = replicas
-            .call_indexed(Call::Query, |server, _, timeout| {
+            .call_indexed(Call::Query, &mut false, |server, _, timeout| {
                 let n = tries[server].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let now = started.elapsed();
                 async move {
@@ -771,7 +816,7 @@ mod tests {
         for round in 0..6 {
             let tried = std::sync::Mutex::new(Vec::new());
             let served = replicas
-                .call_indexed(Call::SpreadRead, |server, _, _| {
+                .call_indexed(Call::SpreadRead, &mut false, |server, _, _| {
                     tried.lock().expect("lock").push(server);
                     let first = tried.lock().expect("lock").len() == 1;
                     async move {
@@ -800,7 +845,7 @@ mod tests {
         // A refusal naming the leader: the named server is the leader from now on.
         let tried = std::sync::Mutex::new(Vec::new());
         replicas
-            .call_indexed(Call::SpreadRead, |server, _, _| {
+            .call_indexed(Call::SpreadRead, &mut false, |server, _, _| {
                 tried.lock().expect("lock").push(server);
                 async move {
                     Ok(if server == 0 {
@@ -853,10 +898,21 @@ mod tests {
         assert!(unsure(Status::unavailable("connection refused")));
         assert!(unsure(Status::unknown("transport error")));
         // Retried, and refused before anything was done.
-        assert!(matches!(
-            status_attempt::<()>(Status::resource_exhausted("overloaded")),
-            Ok(Attempt::Elsewhere(None, _))
-        ));
+        let refused = |status: Status| {
+            matches!(
+                status_attempt::<()>(status),
+                Ok(Attempt::Elsewhere(None, _))
+            )
+        };
+        let overloaded = crate::raft::NodeError::Overloaded("too many writes in flight".into());
+        assert!(refused(Status::resource_exhausted(overloaded.to_string())));
+        assert!(refused(Status::unavailable(
+            "cannot connect to 127.0.0.1:1: connection refused"
+        )));
+        // An HTTP/2 reset of a stream the server had taken: it may have acted.
+        assert!(unsure(Status::resource_exhausted(
+            "transport error: stream reset: ENHANCE_YOUR_CALM"
+        )));
         for (status, what) in [
             (
                 Status::out_of_range("decoded message length too large"),
@@ -888,7 +944,7 @@ mod tests {
                 let mut replicas = Replicas::new(&given, ClerkConfig::default()).expect("replicas");
                 let calls = std::sync::atomic::AtomicUsize::new(0);
                 let error = replicas
-                    .call_indexed(kind, |_, _, _| {
+                    .call_indexed(kind, &mut false, |_, _, _| {
                         let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         async move {
                             match n {
@@ -910,5 +966,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Doubt carried in from an earlier group (the sharded clerk's) makes a final error in doubt, and
+    /// the doubt an attempt raises is handed back.
+    #[tokio::test]
+    async fn a_commands_doubt_is_carried_in_and_handed_back() {
+        let given = ["127.0.0.1:1".to_string()];
+        let mut replicas = Replicas::new(&given, ClerkConfig::default()).expect("replicas");
+        let mut doubt = true;
+        let error = replicas
+            .call_command(&mut doubt, |_, _| async {
+                Err::<Attempt<()>, _>(ClerkError::Denied("no".into()))
+            })
+            .await
+            .expect_err("refused");
+        assert!(matches!(error, ClerkError::InDoubt(_)), "{error}");
+        let mut doubt = false;
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        replicas
+            .call_command(&mut doubt, |_, _| {
+                let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    Ok(match n {
+                        0 => Attempt::Silent("attempt timed out".into()),
+                        _ => Attempt::Done(()),
+                    })
+                }
+            })
+            .await
+            .expect("served on the second attempt");
+        assert!(doubt, "the silent attempt raised the doubt");
+    }
+
+    /// One server refusing the TLS handshake (a CA rotation half done) sends the call to the others;
+    /// only when every server refused is it final, and reported as TLS.
+    #[tokio::test]
+    async fn a_tls_refusal_is_final_only_once_every_server_refused() {
+        let given = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let mut replicas = Replicas::new(&given, ClerkConfig::default()).expect("replicas");
+        let served = replicas
+            .call_indexed(Call::Query, &mut false, |server, _, _| async move {
+                match server {
+                    0 => Err(ClerkError::Tls("received fatal alert: UnknownCA".into())),
+                    _ => Ok(Attempt::Done(server)),
+                }
+            })
+            .await
+            .expect("the other server serves");
+        assert_eq!(served, 1);
+        let started = std::time::Instant::now();
+        let error = replicas
+            .call_indexed(Call::Query, &mut false, |_, _, _| async {
+                Err::<Attempt<()>, _>(ClerkError::Tls("received fatal alert: UnknownCA".into()))
+            })
+            .await
+            .expect_err("every server refused");
+        assert!(matches!(error, ClerkError::Tls(_)), "{error}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -148,9 +148,17 @@ pub enum Completion<O> {
         /// Its output.
         output: O,
     },
-    /// This node could not finish it (it lost leadership or the entry was replaced); retry, possibly on
-    /// another node. For a command, the retry is safe: the session table prevents a double apply.
+    /// Not applied, or a read not answered, here (the entry was replaced; a read's leader stepped
+    /// down): retry, possibly on another node. For a command, the retry is safe: the session table
+    /// prevents a double apply.
     Retry {
+        /// The request.
+        token: Token,
+    },
+    /// A command proposed here whose outcome this node will not learn: it stopped leading with the
+    /// entry in flight, and the next leader may still commit it. Retry elsewhere (the session table
+    /// prevents a double apply), but a caller whose retries all fail must not take it as not applied.
+    Unknown {
         /// The request.
         token: Token,
     },
@@ -344,7 +352,7 @@ impl<S: StateMachine> Rsm<S> {
         let writes = std::mem::take(&mut self.writes)
             .into_values()
             .flatten()
-            .map(|w| Completion::Retry { token: w.token });
+            .map(|w| Completion::Unknown { token: w.token });
         let reads = std::mem::take(&mut self.reads)
             .into_values()
             .flatten()

@@ -91,6 +91,8 @@ pub enum ServiceError {
 enum Reply<O> {
     Done(O),
     Retry,
+    /// Proposed, then leadership was lost: answered as a timeout (the outcome is unknown).
+    Unknown,
     SessionExpired(u64),
 }
 
@@ -100,6 +102,7 @@ impl<O> Reply<O> {
         match completion {
             Completion::Done { token, output } => (token, Reply::Done(output)),
             Completion::Retry { token } => (token, Reply::Retry),
+            Completion::Unknown { token } => (token, Reply::Unknown),
             Completion::SessionExpired {
                 token,
                 min_client_id,
@@ -112,6 +115,7 @@ impl<O> Reply<O> {
         match self {
             Reply::Done(output) => Ok(output),
             Reply::Retry => Err(Refusal::WrongLeader(None)),
+            Reply::Unknown => Err(Refusal::Timeout),
             Reply::SessionExpired(mark) => Err(Refusal::SessionExpired(mark)),
         }
     }
@@ -256,7 +260,8 @@ pub struct ServiceStats {
 pub enum Refusal {
     /// Not the leader (hint: who may be).
     WrongLeader(Option<NodeId>),
-    /// Not finished within the request timeout.
+    /// Not seen finished: the request timeout passed, or leadership was lost with a command in
+    /// flight. A command's outcome is unknown (the next leader may still commit it).
     Timeout,
     /// The client's session was dropped; it must start a new one with an id above this.
     SessionExpired(u64),
@@ -537,7 +542,7 @@ impl<S: ServedMachine> RsmService<S> {
                 // Leadership was lost since the proposal: the watcher's `leadership_lost`, which sends
                 // the waiting writes elsewhere, may have run before `track`, and would leave this one
                 // waiting out its deadline. (If it runs after, under this lock, it answers it.)
-                inner.complete(vec![Completion::Retry { token }]);
+                inner.complete(vec![Completion::Unknown { token }]);
             }
             (token, rx)
         };
@@ -940,7 +945,7 @@ mod leadership_tests {
     }
 
     /// A write Raft accepts in term 2 as leader, after `step_down` published a step-down the
-    /// leadership watcher acted on: it must be sent elsewhere at once.
+    /// leadership watcher acted on: it must be sent elsewhere at once, its outcome unknown.
     async fn step_down_before_tracking(step_down: impl FnOnce(&DetachedNode)) {
         let started = Instant::now();
         let Proposed {
@@ -960,7 +965,8 @@ mod leadership_tests {
             Err(Refusal::Timeout) => "timeout",
             Err(_) => "another refusal",
         };
-        assert_eq!(answer, "wrong leader");
+        // Answered at once, as an unknown outcome: the entry may still commit under the next leader.
+        assert_eq!(answer, "timeout");
         let timeout = ServiceConfig::default().request_timeout;
         assert!(
             started.elapsed() < timeout / 2,

@@ -66,6 +66,31 @@ fn a_command_in_the_log_twice_is_applied_once() {
     assert_eq!(rsm.prepare(7, 0, &append("k", "x"), 1), Prepared::Stale);
 }
 
+/// A write this node proposed and then lost leadership with may still commit under the next leader:
+/// its waiter is told the outcome is unknown, not that it was refused (a client would take a refusal
+/// as "not applied"). A read is simply retried.
+#[test]
+fn a_write_in_flight_when_leadership_is_lost_has_an_unknown_outcome() {
+    let mut rsm = Rsm::new(KvStore::default());
+    let _mine = proposal(&rsm, 1, 1, &put("a", "1"));
+    rsm.track(5, 1, 1, 1);
+    assert_eq!(rsm.read(6, 1, KvQuery::Get { key: "a".into() }), None);
+    let mut lost = rsm.leadership_lost();
+    lost.sort_by_key(|c| match c {
+        Completion::Done { token, .. }
+        | Completion::Retry { token }
+        | Completion::Unknown { token }
+        | Completion::SessionExpired { token, .. } => *token,
+    });
+    assert_eq!(
+        lost,
+        vec![
+            Completion::Unknown { token: 5 },
+            Completion::Retry { token: 6 }
+        ]
+    );
+}
+
 #[test]
 fn a_replaced_entry_tells_the_waiter_to_retry() {
     let mut rsm = Rsm::new(KvStore::default());

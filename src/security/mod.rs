@@ -401,10 +401,16 @@ const ALERT_RECEIVED: &str = "received fatal alert";
 /// retrying, so clients report it at once.
 pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let mut is_cause = false;
     while let Some(e) = current {
-        if e.downcast_ref::<rustls::Error>().is_some() || e.to_string().contains(ALERT_RECEIVED) {
+        // The alert's text counts only in a cause (the I/O error this process saw), never in the
+        // error's own message: a server's status message is its to choose.
+        if e.downcast_ref::<rustls::Error>().is_some()
+            || (is_cause && e.to_string().contains(ALERT_RECEIVED))
+        {
             return true;
         }
+        is_cause = true;
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if io
                 .get_ref()
@@ -438,12 +444,30 @@ pub async fn requires_tls(address: &str, within: std::time::Duration) -> bool {
     matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
 }
 
+/// The alerts (as rustls names them) with which a server refuses the client's certificate.
+const CERTIFICATE_ALERTS: [&str; 9] = [
+    "BadCertificate",
+    "UnsupportedCertificate",
+    "CertificateRevoked",
+    "CertificateExpired",
+    "CertificateUnknown",
+    "UnknownCA",
+    "DecryptError",
+    "CertificateRequired",
+    "AccessDenied",
+];
+
 /// A TLS failure ([`is_tls_failure`]) on one line, for a CLI to print: its reason is deep in the
-/// chain, and an alert from the server (which names only the check that failed, e.g. `DecryptError`
-/// for a certificate another CA signed) is followed by what it means for the operator.
+/// chain, and an alert from the server refusing the client's certificate (which names only the check
+/// that failed, e.g. `DecryptError` for a certificate another CA signed) is followed by what it means
+/// for the operator.
 pub fn describe_tls_failure(error: &(dyn std::error::Error + 'static)) -> String {
     let text = describe_chain(error);
-    if text.contains(ALERT_RECEIVED) {
+    let refused_certificate = text
+        .split(ALERT_RECEIVED)
+        .skip(1)
+        .any(|after| CERTIFICATE_ALERTS.iter().any(|alert| after.contains(alert)));
+    if refused_certificate {
         format!(
             "{text} (the server refused this client's certificate: is it issued by the cluster's \
              CA, not expired, and for this cluster? see --tls-cert, --tls-key)"
@@ -485,25 +509,34 @@ pub fn is_user(role: &Role) -> bool {
 #[cfg(test)]
 mod failure_tests {
     use super::{describe_tls_failure, is_tls_failure};
+    use std::sync::Arc;
     use tonic::{Code, Status};
 
     /// A server's alert after the handshake arrives as a transport failure whose text alone says TLS
     /// (as h2 passes it on): it is a TLS failure, explained; a connection reset is not.
+    /// A failure seen here: a status whose cause is an I/O error with `text` (as the clerks'
+    /// channel reports a broken connection).
+    fn failed_with(text: &str) -> Status {
+        let mut status = Status::new(Code::Unavailable, format!("transport error: {text}"));
+        status.set_source(Arc::new(std::io::Error::other(text.to_string())));
+        status
+    }
+
     #[test]
     fn an_alert_from_the_server_is_a_tls_failure_and_a_reset_is_not() {
-        let alert = Status::new(
-            Code::Unavailable,
-            "transport error: response: received fatal alert: DecryptError",
-        );
+        let alert = failed_with("received fatal alert: DecryptError");
         assert!(is_tls_failure(&alert));
         let said = describe_tls_failure(&alert);
         assert!(said.contains("DecryptError"), "{said}");
         assert!(said.contains("refused this client's certificate"), "{said}");
-        let reset = Status::new(
-            Code::Unavailable,
-            "transport error: connection reset by peer",
-        );
-        assert!(!is_tls_failure(&reset));
+        // Another alert is a TLS failure, but not a refused certificate.
+        let other = failed_with("received fatal alert: ProtocolVersion");
+        assert!(is_tls_failure(&other));
+        assert!(!describe_tls_failure(&other).contains("certificate"));
+        assert!(!is_tls_failure(&failed_with("connection reset by peer")));
+        // A server's own status message saying so is not this process's TLS failure.
+        let said_by_server = Status::new(Code::Unavailable, "received fatal alert: DecryptError");
+        assert!(!is_tls_failure(&said_by_server));
     }
 }
 

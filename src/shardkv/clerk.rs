@@ -51,8 +51,6 @@ enum Try<T> {
     Done(T),
     /// Not served; why.
     Again(String),
-    /// Not known to be served: a group may have applied it (its attempts went unanswered); why.
-    Unsure(String),
 }
 
 impl ShardClerk {
@@ -125,8 +123,8 @@ impl ShardClerk {
         let mut backoff = self.clerk_config.min_backoff;
         let mut last_error = String::from("no attempt made");
         let mut refresh = self.config.is_none();
-        // Whether a group may have applied this mutation without saying so: a later final error is
-        // then in doubt.
+        // Whether a group may have applied this mutation without saying so (the attempts of every
+        // group tried count): a later final error is then in doubt.
         let mut doubt = false;
         loop {
             if Instant::now() >= deadline {
@@ -154,16 +152,12 @@ impl ShardClerk {
                 }
             }
             let tried = self
-                .try_once(key, read, &attempt, deadline)
+                .try_once(key, read, &attempt, deadline, &mut doubt)
                 .await
                 .map_err(|e| e.in_doubt_if(doubt))?;
             let why = match tried {
                 Try::Done(value) => return Ok(value),
                 Try::Again(why) => why,
-                Try::Unsure(why) => {
-                    doubt |= !read;
-                    why
-                }
             };
             last_error = why;
             refresh = true;
@@ -173,13 +167,15 @@ impl ShardClerk {
         }
     }
 
-    /// One try at the group the cached configuration names for `key`.
+    /// One try at the group the cached configuration names for `key`. `doubt`: whether an attempt of
+    /// this mutation may have been applied (see [`Replicas::call_command`]), kept across tries.
     async fn try_once<T, F, Fut>(
         &mut self,
         key: &str,
         read: bool,
         attempt: &F,
         deadline: Instant,
+        doubt: &mut bool,
     ) -> Result<Try<Result<T, T>>, ClerkError>
     where
         F: Fn(ClientChannel, Duration) -> Fut,
@@ -227,7 +223,7 @@ impl ShardClerk {
             if read {
                 group.replicas.call_read(attempt).await
             } else {
-                group.replicas.call_command(attempt).await
+                group.replicas.call_command(&mut *doubt, attempt).await
             }
         };
         match tokio::time::timeout_at(deadline, call).await {
@@ -236,11 +232,15 @@ impl ShardClerk {
             Ok(Ok(Routed::WrongGroup)) => Ok(Try::Again(format!(
                 "group {gid} does not serve shard {shard} (configuration {num} says it does; it may be still receiving it)"
             ))),
-            Ok(Err(ClerkError::Timeout { last_error, .. })) => Ok(Try::Unsure(format!(
+            Ok(Err(ClerkError::Timeout { last_error, .. })) => Ok(Try::Again(format!(
                 "group {gid}: {last_error}"
             ))),
             Ok(Err(e)) => Err(e),
-            Err(_) => Ok(Try::Unsure(format!("group {gid} did not answer in time"))),
+            Err(_) => {
+                // Cut off mid-attempt: that attempt may have been delivered.
+                *doubt |= !read;
+                Ok(Try::Again(format!("group {gid} did not answer in time")))
+            }
         }
     }
 }

@@ -322,7 +322,9 @@ impl<S: SimService> Group<S> {
         for completion in completions {
             let (token, result) = match completion {
                 Completion::Done { token, output } => (token, ReplyResult::Done(output)),
-                Completion::Retry { token } => (token, ReplyResult::WrongLeader(None)),
+                Completion::Retry { token } | Completion::Unknown { token } => {
+                    (token, ReplyResult::WrongLeader(None))
+                }
                 Completion::SessionExpired {
                     token,
                     min_client_id,
