@@ -151,16 +151,12 @@ fn a_leader_queues_a_bounded_number_of_follower_requests() {
     let follower = follower_of(leader);
     // Cut off, the leader can confirm no round, so every request stays queued.
     trio.connected[leader] = false;
-    let term = trio.cores[leader].term();
-    for request in 0..=MAX_FORWARDED_REQUESTS as u64 {
-        trio.cores[leader]
-            .step(Envelope {
-                from: node(follower),
-                to: node(leader),
-                message: Message::ReadIndex { term, request },
-            })
-            .expect("a well-formed message");
-    }
+    flood_with_requests(
+        &mut trio,
+        leader,
+        follower,
+        0..=MAX_FORWARDED_REQUESTS as u64,
+    );
     assert_eq!(trio.cores[leader].role(), Role::Leader);
     let ready = trio.cores[leader].ready();
     let refused: Vec<u64> = ready
@@ -255,19 +251,15 @@ fn reads_a_busy_leader_refuses_fail_as_busy() {
     let mut trio = Trio::new(false);
     let leader = trio.elect();
     let follower = follower_of(leader);
-    let term = trio.cores[leader].term();
     // Cut off, the leader confirms no round: the requests of the follower's last incarnation stay
     // queued there, as many as it takes.
     trio.connected[leader] = false;
-    for request in 0..MAX_FORWARDED_REQUESTS as u64 {
-        trio.cores[leader]
-            .step(Envelope {
-                from: node(follower),
-                to: node(leader),
-                message: Message::ReadIndex { term, request },
-            })
-            .expect("a well-formed message");
-    }
+    flood_with_requests(
+        &mut trio,
+        leader,
+        follower,
+        0..MAX_FORWARDED_REQUESTS as u64,
+    );
     let _ = trio.cores[leader].ready();
     trio.cores[follower]
         .read_index_anywhere(77)
@@ -293,4 +285,23 @@ fn reads_a_busy_leader_refuses_fail_as_busy() {
             why: ReadFailure::LeaderBusy
         }]
     );
+}
+
+/// Deliver read requests numbered `requests` from `follower` straight to `leader`, in its term.
+fn flood_with_requests(
+    trio: &mut Trio,
+    leader: usize,
+    follower: usize,
+    requests: impl Iterator<Item = u64>,
+) {
+    let term = trio.cores[leader].term();
+    for request in requests {
+        trio.cores[leader]
+            .step(Envelope {
+                from: node(follower),
+                to: node(leader),
+                message: Message::ReadIndex { term, request },
+            })
+            .expect("a well-formed message");
+    }
 }
