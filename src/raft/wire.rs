@@ -31,6 +31,9 @@ pub enum WireError {
     /// A snapshot's configuration is not one a correct leader writes.
     #[error("snapshot carries an invalid configuration: {0}")]
     InvalidMembership(String),
+    /// A read index answer says "busy" without saying "refused": no node sends that.
+    #[error("a read index answer is busy but not refused")]
+    BusyNotRefused,
 }
 
 /// Decode the configuration a snapshot carries (absent from senders that predate membership changes).
@@ -241,7 +244,8 @@ pub fn envelope_from_proto(envelope: pb::Envelope) -> Result<Envelope, WireError
             term: m.term,
             request: m.request,
             index: match (m.refused, m.busy) {
-                (false, _) => Ok(m.index),
+                (false, false) => Ok(m.index),
+                (false, true) => return Err(WireError::BusyNotRefused),
                 (true, false) => Err(ReadFailure::LeadershipLost),
                 (true, true) => Err(ReadFailure::LeaderBusy),
             },
@@ -354,6 +358,24 @@ mod tests {
             cluster: String::new(),
         };
         assert_eq!(envelope_from_proto(empty), Err(WireError::Empty(1)));
+        let busy_not_refused = pb::Envelope {
+            from: 1,
+            to: 2,
+            message: Some(pb::envelope::Message::ReadIndexResponse(
+                pb::ReadIndexResponse {
+                    term: 1,
+                    request: 1,
+                    index: 5,
+                    refused: false,
+                    busy: true,
+                },
+            )),
+            cluster: String::new(),
+        };
+        assert_eq!(
+            envelope_from_proto(busy_not_refused),
+            Err(WireError::BusyNotRefused)
+        );
         let bad_kind = pb::Envelope {
             from: 1,
             to: 2,

@@ -400,13 +400,14 @@ impl Replicas {
                 if spread {
                     self.leader = cached_leader;
                 }
-                if let Some(failure) = tls_failure {
-                    // Some server refused the handshake and none answered: that is what to fix.
-                    return Err(ClerkError::Tls(failure).in_doubt_if(*doubt && command));
-                }
+                // A server's TLS refusal is what an operator most needs to see when none answered;
+                // still a timeout (a caller with time left, a sharded clerk between groups, retries).
                 return Err(ClerkError::Timeout {
                     timeout: self.config.call_timeout,
-                    last_error,
+                    last_error: match tls_failure {
+                        Some(failure) => format!("{last_error}; TLS refused by {failure}"),
+                        None => last_error,
+                    },
                 });
             }
             let timeout = self.config.attempt_timeout.min(deadline - now);
@@ -638,10 +639,16 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
         Code::ResourceExhausted if status.message().starts_with(OVERLOADED) => Ok(
             Attempt::Elsewhere(None, format!("{:?}: {}", status.code(), status.message())),
         ),
-        Code::Unavailable if status.message().starts_with(NOT_CONNECTED) => Ok(Attempt::Elsewhere(
-            None,
-            format!("{:?}: {}", status.code(), status.message()),
-        )),
+        // Only a status this process made (it carries its cause), not a server's words.
+        Code::Unavailable
+            if status.message().starts_with(NOT_CONNECTED)
+                && std::error::Error::source(&status).is_some() =>
+        {
+            Ok(Attempt::Elsewhere(
+                None,
+                format!("{:?}: {}", status.code(), status.message()),
+            ))
+        }
         // A transport failure (the connection broke, perhaps after the request went out) or the
         // server's own: it may have acted on the request.
         _ => Ok(Attempt::Unsure(format!(
@@ -906,8 +913,15 @@ mod tests {
         };
         let overloaded = crate::raft::NodeError::Overloaded("too many writes in flight".into());
         assert!(refused(Status::resource_exhausted(overloaded.to_string())));
-        assert!(refused(Status::unavailable(
-            "cannot connect to 127.0.0.1:1: connection refused"
+        // A connection never made, as the channel reports it (with its cause) ...
+        let mut not_connected = Status::unavailable("cannot connect to 127.0.0.1:1: refused");
+        not_connected.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert!(refused(not_connected));
+        // ... but not a server's status saying the same words.
+        assert!(unsure(Status::unavailable(
+            "cannot connect to 127.0.0.1:1: refused"
         )));
         // An HTTP/2 reset of a stream the server had taken: it may have acted.
         assert!(unsure(Status::resource_exhausted(
@@ -1003,6 +1017,29 @@ mod tests {
     /// only when every server refused is it final, and reported as TLS.
     #[tokio::test]
     async fn a_tls_refusal_is_final_only_once_every_server_refused() {
+        // One server refuses and the other never serves: a timeout (a caller may try again),
+        // naming the refusal.
+        let given = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let config = ClerkConfig {
+            call_timeout: Duration::from_millis(300),
+            ..ClerkConfig::default()
+        };
+        let mut replicas = Replicas::new(&given, config).expect("replicas");
+        let error = replicas
+            .call_indexed(Call::Query, &mut false, |server, _, _| async move {
+                match server {
+                    0 => Err::<Attempt<()>, _>(ClerkError::Tls("fatal alert: UnknownCA".into())),
+                    _ => Ok(Attempt::Elsewhere(None, "wrong leader".into())),
+                }
+            })
+            .await
+            .expect_err("nobody served");
+        match &error {
+            ClerkError::Timeout { last_error, .. } => {
+                assert!(last_error.contains("TLS refused by 127.0.0.1:1"), "{error}")
+            }
+            other => panic!("not a timeout: {other}"),
+        }
         let given = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
         let mut replicas = Replicas::new(&given, ClerkConfig::default()).expect("replicas");
         let served = replicas

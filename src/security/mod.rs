@@ -403,11 +403,12 @@ pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     let mut is_cause = false;
     while let Some(e) = current {
-        // The alert's text counts only in a cause (the I/O error this process saw), never in the
-        // error's own message: a server's status message is its to choose.
-        if e.downcast_ref::<rustls::Error>().is_some()
-            || (is_cause && e.to_string().contains(ALERT_RECEIVED))
-        {
+        // The alert's text counts only in an I/O error this process saw (the cause of a broken
+        // connection), never in a message the server chose (a status, a GOAWAY's debug data).
+        let io_alert = is_cause
+            && e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.to_string().contains(ALERT_RECEIVED));
+        if e.downcast_ref::<rustls::Error>().is_some() || io_alert {
             return true;
         }
         is_cause = true;
