@@ -633,29 +633,30 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
             "a message is over its size limit: {}",
             status.message()
         ))),
-        // Refused before anything was done: admission control's "overloaded" (not any
-        // RESOURCE_EXHAUSTED: HTTP/2 resets a stream it had taken with that code too), or a
-        // connection that could not be made.
-        Code::ResourceExhausted if status.message().starts_with(OVERLOADED) => Ok(
-            Attempt::Elsewhere(None, format!("{:?}: {}", status.code(), status.message())),
-        ),
-        // Only a status this process made (it carries its cause), not a server's words.
-        Code::Unavailable
-            if status.message().starts_with(NOT_CONNECTED)
-                && std::error::Error::source(&status).is_some() =>
-        {
-            Ok(Attempt::Elsewhere(
-                None,
-                format!("{:?}: {}", status.code(), status.message()),
-            ))
+        _ => {
+            let said = format!("{:?}: {}", status.code(), status.message());
+            if refused_before_acting(&status) {
+                Ok(Attempt::Elsewhere(None, said))
+            } else {
+                // A transport failure (the connection broke, perhaps after the request went out)
+                // or the server's own: it may have acted on the request.
+                Ok(Attempt::Unsure(said))
+            }
         }
-        // A transport failure (the connection broke, perhaps after the request went out) or the
-        // server's own: it may have acted on the request.
-        _ => Ok(Attempt::Unsure(format!(
-            "{:?}: {}",
-            status.code(),
-            status.message()
-        ))),
+    }
+}
+
+/// Whether a retryable status says nothing was done: admission control's "overloaded" (not any
+/// RESOURCE_EXHAUSTED: HTTP/2 resets a stream it had taken with that code too), or a connection
+/// this process could not make (a status it built carries its cause; a server's words do not count).
+fn refused_before_acting(status: &Status) -> bool {
+    match status.code() {
+        Code::ResourceExhausted => status.message().starts_with(OVERLOADED),
+        Code::Unavailable => {
+            status.message().starts_with(NOT_CONNECTED)
+                && std::error::Error::source(status).is_some()
+        }
+        _ => false,
     }
 }
 
