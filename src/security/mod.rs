@@ -403,23 +403,22 @@ pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     let mut is_cause = false;
     while let Some(e) = current {
-        // The alert's text counts only in an I/O error this process saw (the cause of a broken
-        // connection), never in a message the server chose (a status, a GOAWAY's debug data).
-        let io_alert = is_cause
-            && e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.to_string().contains(ALERT_RECEIVED));
-        if e.downcast_ref::<rustls::Error>().is_some() || io_alert {
+        if e.downcast_ref::<rustls::Error>().is_some() {
             return true;
         }
-        is_cause = true;
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            // The alert's text counts only in an I/O error this process saw (the cause of a broken
+            // connection), never in a message the server chose (a status, a GOAWAY's debug data).
+            let alert = is_cause && io.to_string().contains(ALERT_RECEIVED);
+            if alert
+                || io
+                    .get_ref()
+                    .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
             {
                 return true;
             }
         }
+        is_cause = true;
         current = e.source();
     }
     false
@@ -513,8 +512,6 @@ mod failure_tests {
     use std::sync::Arc;
     use tonic::{Code, Status};
 
-    /// A server's alert after the handshake arrives as a transport failure whose text alone says TLS
-    /// (as h2 passes it on): it is a TLS failure, explained; a connection reset is not.
     /// A failure seen here: a status whose cause is an I/O error with `text` (as the clerks'
     /// channel reports a broken connection).
     fn failed_with(text: &str) -> Status {
@@ -523,6 +520,8 @@ mod failure_tests {
         status
     }
 
+    /// A server's alert after the handshake arrives as a transport failure whose text alone says TLS
+    /// (as h2 passes it on): it is a TLS failure, explained; a connection reset is not.
     #[test]
     fn an_alert_from_the_server_is_a_tls_failure_and_a_reset_is_not() {
         let alert = failed_with("received fatal alert: DecryptError");

@@ -155,11 +155,10 @@ impl ShardClerk {
                 .try_once(key, read, &attempt, deadline, &mut doubt)
                 .await
                 .map_err(|e| e.in_doubt_if(doubt))?;
-            let why = match tried {
+            last_error = match tried {
                 Try::Done(value) => return Ok(value),
                 Try::Again(why) => why,
             };
-            last_error = why;
             refresh = true;
             let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
             tokio::time::sleep(pause).await;
