@@ -65,6 +65,12 @@ pub const SESSION_PAGE_RECORDS: usize = PAGE_BYTES / MAX_SESSION_RECORD_BYTES;
 /// it open); more wait in the client.
 pub const MAX_REQUESTS_PER_CONNECTION: u32 = 256;
 
+/// Longest a server waits for a connection's TLS handshake: one that sends nothing, or trickles its
+/// handshake, is closed then. (tonic sets no bound: every such connection held a socket and a task
+/// for good, so anyone who could reach a port could exhaust the server's file descriptors without a
+/// certificate.)
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest log entry: a proposal above it is refused with a clear error, never appended.
 pub const MAX_ENTRY_BYTES: usize = 32 << 20;
 

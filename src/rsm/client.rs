@@ -13,8 +13,8 @@
 //! new leader their hints still name it. Service clerks (KV, controller) add their requests and error
 //! codes on top.
 
-use crate::security::ClientChannel;
 use crate::security::Role;
+use crate::security::{ClientChannel, NOT_CONNECTED};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::time::Instant;
@@ -605,9 +605,6 @@ pub fn channel_to(
 
 /// How a server's admission control refusal begins ([`crate::raft::NodeError::Overloaded`]).
 const OVERLOADED: &str = "leader overloaded";
-
-/// How a connection that could not be made is reported (nothing was sent on it).
-const NOT_CONNECTED: &str = "cannot connect to";
 
 /// How a gRPC error status should be treated: the server refused the request itself (final), or this
 /// server could not serve it (try elsewhere).

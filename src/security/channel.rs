@@ -34,6 +34,9 @@
 //!   a TLS failure in the handshake) is the status's source, which [`super::is_tls_failure`] looks
 //!   for. (A TLS alert after the handshake, as TLS 1.3 servers send when they refuse a client
 //!   certificate, reaches us through h2 as text only, as it did through hyper.)
+//! - A new TLS connection is handed out once the server answered a PING ([`Confirm`]): a TLS 1.3
+//!   server's refusal of the client's certificate fails the connect, before any request was sent
+//!   on it, so the clerk knows that nothing was acted on.
 //! - A connection that opens no more streams (GOAWAY, stream ids used up) is replaced on the call
 //!   that finds it so, not when its task ends (which waits for the calls still on it), and at most
 //!   [`MAX_CALLS_IN_FLIGHT`] calls are in flight on one, as hyper let only one wait to open.
@@ -251,7 +254,7 @@ impl ClientChannel {
         // Requests and answers are small writes each waiting for the other side: never delay them.
         tcp.set_nodelay(true).map_err(|e| connect_failed(host, e))?;
         match &self.shared.tls {
-            None => handshake(host, tcp, self.shared.keep_alive).await,
+            None => handshake(host, tcp, self.shared.keep_alive, Confirm::No).await,
             Some((config, name)) => {
                 let tls = tokio_rustls::TlsConnector::from(config.clone())
                     .connect(name.clone(), tcp)
@@ -260,10 +263,10 @@ impl ClientChannel {
                 // Our servers speak HTTP/2 only; anything else there is not one of them.
                 if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
                     return Err(Status::unavailable(format!(
-                        "cannot connect to {host}: the server did not agree to HTTP/2 (ALPN h2)"
+                        "{NOT_CONNECTED} {host}: the server did not agree to HTTP/2 (ALPN h2)"
                     )));
                 }
-                handshake(host, tls, self.shared.keep_alive).await
+                handshake(host, tls, self.shared.keep_alive, Confirm::FirstAnswer).await
             }
         }
     }
@@ -338,12 +341,26 @@ impl ClientChannel {
     }
 }
 
+/// Whether a new connection waits for the server's first answer before any call is sent on it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Confirm {
+    No,
+    /// TLS 1.3: the server judges this client's certificate after the client's side of the handshake
+    /// is done, and says it refused it (an alert) only with its next bytes. A request sent before
+    /// then fails with the alert, or, when h2 notices first, as an "inactive stream" that names no
+    /// cause; either way the clerk cannot tell it from a request the server took. A PING answered
+    /// first (one round trip per connection) settles it: a refusal fails the connect, before
+    /// anything was sent.
+    FirstAnswer,
+}
+
 /// Start HTTP/2 on `io`; the connection is driven by a task of its own until either side closes it
 /// (or every handle on it is dropped).
 async fn handshake<T>(
     host: &str,
     io: T,
     keep_alive: Option<KeepAlive>,
+    confirm: Confirm,
 ) -> Result<Connection, Status>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -357,10 +374,34 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| transport_error(e, &format!("HTTP/2 with {host}")))?;
+    let mut ping_pong = connection.ping_pong();
+    if let (Confirm::FirstAnswer, Some(first)) = (confirm, ping_pong.as_mut()) {
+        let as_io = |error: h2::Error| {
+            let text = error.to_string();
+            error
+                .into_io()
+                .unwrap_or_else(|| std::io::Error::other(text))
+        };
+        let failed = tokio::select! {
+            // The connection's own error is the cause (a PING failed with it says less).
+            biased;
+            closed = &mut connection => Some(closed.err().map_or_else(
+                || std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the server closed the connection before answering",
+                ),
+                as_io,
+            )),
+            pong = first.ping(h2::Ping::opaque()) => pong.err().map(as_io),
+        };
+        if let Some(error) = failed {
+            return Err(connect_failed(host, error));
+        }
+    }
     let host = host.to_string();
     let calls = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT));
     let pings = keep_alive
-        .zip(connection.ping_pong())
+        .zip(ping_pong)
         .map(|(keep_alive, ping_pong)| keep_alive.run(ping_pong, calls.clone()));
     let driver = tokio::spawn(async move {
         let silent = async {
@@ -437,9 +478,13 @@ impl KeepAlive {
     }
 }
 
+/// How a connection that could not be made begins its status message: nothing was sent on it, so the
+/// clerk may send the request elsewhere as not acted on.
+pub const NOT_CONNECTED: &str = "cannot connect to";
+
 /// A connection that could not be made: unavailable (the clerk tries elsewhere), with the cause kept.
 fn connect_failed(host: &str, error: std::io::Error) -> Status {
-    let mut status = Status::unavailable(format!("cannot connect to {host}: {error}"));
+    let mut status = Status::unavailable(format!("{NOT_CONNECTED} {host}: {error}"));
     status.set_source(Arc::new(error));
     status
 }
@@ -723,6 +768,48 @@ mod tests {
             .await
             .expect_err("plaintext was served");
         assert!(error.contains("transport error"), "{error}");
+    }
+
+    /// A server that refuses this client's certificate (issued by another CA; TLS 1.3 says so with an
+    /// alert after the client's handshake is done) fails the connect, before any request went out:
+    /// the failure is a TLS failure, and the clerk may take it as refused before acting. (Without
+    /// waiting for the server's first answer, the alert arrived with the request: as the request's or
+    /// the answer's transport error, or h2's "inactive stream" with the alert lost.)
+    #[tokio::test]
+    async fn a_refused_client_certificate_fails_the_connect_before_any_request_is_sent() {
+        use super::super::{certs, is_tls_failure, Security};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (ca, other) = (dir.path().join("ca"), dir.path().join("other"));
+        certs::init(&ca, "test", 1).expect("CA");
+        certs::init(&other, "test", 1).expect("another CA");
+        let server = certs::issue(&ca, "kv", "1", &[], 1).expect("certificate");
+        let server =
+            Security::load_tls(&ca.join("ca.pem"), &server.cert, &server.key).expect("load");
+        let (listener, address) = listen().await;
+        let server = server
+            .server()
+            .expect("server")
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming(super::super::incoming(listener));
+        tokio::spawn(server);
+        let stranger = certs::issue(&other, "client", "user", &[], 1).expect("certificate");
+        let stranger =
+            Security::load_tls(&ca.join("ca.pem"), &stranger.cert, &stranger.key).expect("load");
+        for _ in 0..20 {
+            let mut channel = stranger
+                .channel(&address, None, Duration::from_secs(5))
+                .expect("channel");
+            let error = channel
+                .call(request())
+                .await
+                .expect_err("a refused certificate");
+            let status = error.downcast::<tonic::Status>().expect("a status");
+            assert!(is_tls_failure(&status), "{status:?}");
+            assert!(
+                status.message().starts_with(super::NOT_CONNECTED),
+                "{status:?}"
+            );
+        }
     }
 
     /// The request's message reaches the server whole, and an answer far larger than the HTTP/2

@@ -17,7 +17,7 @@ mod channel;
 pub mod principal;
 
 pub use self::args::TlsArgs;
-pub use self::channel::ClientChannel;
+pub use self::channel::{ClientChannel, NOT_CONNECTED};
 pub use self::principal::{Principal, PrincipalError, Role};
 
 use rustls_pki_types::pem::PemObject;
@@ -252,7 +252,8 @@ impl Security {
                 .tls_config(
                     ServerTlsConfig::new()
                         .identity(tls.identity.clone())
-                        .client_ca_root(tls.ca.clone()),
+                        .client_ca_root(tls.ca.clone())
+                        .timeout(crate::limits::TLS_HANDSHAKE_TIMEOUT),
                 )
                 .map_err(|e| SecurityError::Tls(e.to_string())),
         }
@@ -577,6 +578,39 @@ mod server_tests {
             connection.max_concurrent_send_streams(),
             crate::limits::MAX_REQUESTS_PER_CONNECTION as usize
         );
+        server.abort();
+    }
+
+    /// A connection that never starts its TLS handshake is closed once the handshake's time is up,
+    /// not held (with its socket and task) for good.
+    #[tokio::test]
+    async fn a_connection_that_never_completes_its_tls_handshake_is_closed() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca");
+        super::certs::init(&ca, "test", 1).expect("CA");
+        let issued = super::certs::issue(&ca, "kv", "1", &[], 1).expect("certificate");
+        let security =
+            Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = security
+            .server()
+            .expect("server")
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming(super::incoming(listener));
+        let server = tokio::spawn(server);
+        let mut silent = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let started = std::time::Instant::now();
+        let limit = crate::limits::TLS_HANDSHAKE_TIMEOUT;
+        let read = tokio::time::timeout(limit * 2, silent.read(&mut [0; 64])).await;
+        // Closed (end of stream, or reset), not still waiting.
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+        assert!(started.elapsed() >= limit / 2, "{:?}", started.elapsed());
         server.abort();
     }
 
