@@ -412,6 +412,7 @@ impl Replicas {
             }
             let timeout = self.config.attempt_timeout.min(deadline - now);
             let client = self.servers[self.leader].channel.clone();
+            let sent_before = client.requests_sent();
             let answer = match attempt(self.leader, client, timeout).await {
                 Err(ClerkError::Tls(failure)) => {
                     if !tls_refused.contains(&self.leader) {
@@ -426,6 +427,10 @@ impl Replicas {
                 }
                 answer => answer.map_err(|e| e.in_doubt_if(*doubt && command))?,
             };
+            // An attempt that failed or timed out before its request went out (while connecting, or
+            // waiting for a stream) cannot have been acted on, whatever the failure says.
+            let may_have_acted =
+                command && self.servers[self.leader].channel.requests_sent() != sent_before;
             let (hint, error) = match answer {
                 Attempt::Done(value) => {
                     self.silent_since[self.leader] = None;
@@ -443,12 +448,12 @@ impl Replicas {
                     self.refuse_plaintext_to_tls(self.leader, &error, &mut probed)
                         .await
                         .map_err(|e| e.in_doubt_if(*doubt && command))?;
-                    *doubt |= command;
+                    *doubt |= may_have_acted;
                     (None, error)
                 }
                 Attempt::Silent(error) => {
                     self.silent_since[self.leader] = Some(Instant::now());
-                    *doubt |= command;
+                    *doubt |= may_have_acted;
                     (None, error)
                 }
             };
@@ -940,9 +945,10 @@ mod tests {
         }
     }
 
-    /// A command refused for good on its second attempt, after a first that may have applied it, says
-    /// it may have been applied; after a first that was refused outright, or for a query, it is the
-    /// plain refusal.
+    /// A command refused for good on its second attempt, after a first that may have applied it (no
+    /// answer, or one that says nothing of it, to a request that went out), says it may have been
+    /// applied; after a first that was refused outright, or that failed before its request went out
+    /// (connecting, say), or for a query, it is the plain refusal.
     #[tokio::test]
     async fn a_final_error_after_an_unanswered_attempt_leaves_a_command_in_doubt() {
         let given = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
@@ -951,13 +957,21 @@ mod tests {
             || Attempt::Unsure("server timed out".into()),
             || Attempt::Elsewhere(None, "wrong leader".into()),
         ];
-        for (first, in_doubt) in first_answers.into_iter().zip([true, true, false]) {
+        // (first answer, whether its request went out, whether the command is in doubt)
+        let cases = first_answers
+            .into_iter()
+            .flat_map(|first| [(first, true), (first, false)])
+            .zip([true, false, true, false, false, false]);
+        for ((first, sent), in_doubt) in cases {
             for kind in [Call::Command, Call::Query] {
                 let mut replicas = Replicas::new(&given, ClerkConfig::default()).expect("replicas");
                 let calls = std::sync::atomic::AtomicUsize::new(0);
                 let error = replicas
-                    .call_indexed(kind, &mut false, |_, _, _| {
+                    .call_indexed(kind, &mut false, |_, channel, _| {
                         let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if n == 0 && sent {
+                            channel.pretend_sent();
+                        }
                         async move {
                             match n {
                                 0 => Ok(first()),
@@ -974,7 +988,9 @@ mod tests {
                         assert!(error.to_string().contains("may or may not"), "{error}");
                     }
                     ClerkError::Denied(_) if !expect_doubt => {}
-                    other => panic!("{kind:?}, doubt expected {expect_doubt}: {other}"),
+                    other => {
+                        panic!("{kind:?}, sent {sent}, doubt expected {expect_doubt}: {other}")
+                    }
                 }
             }
         }
@@ -997,8 +1013,9 @@ mod tests {
         let mut doubt = false;
         let calls = std::sync::atomic::AtomicUsize::new(0);
         replicas
-            .call_command(&mut doubt, |_, _| {
+            .call_command(&mut doubt, |channel, _| {
                 let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                channel.pretend_sent();
                 async move {
                     Ok(match n {
                         0 => Attempt::Silent("attempt timed out".into()),

@@ -22,14 +22,16 @@
 //! - It connects lazily, on the first call, and again after the connection broke or went away: a
 //!   call that finds it so before sending connects anew itself; a call already sent on it fails (and
 //!   the clerk retries). The connect timeout bounds each TCP
-//!   connect to one of the name's addresses, as tonic's did; name resolution and the TLS handshake are
-//!   bounded by the caller's attempt timeout (every clerk attempt has one).
+//!   connect to one of the name's addresses, as tonic's did; name resolution, the TLS handshake and
+//!   the wait for a TLS server's first answer (below) are bounded by the caller's attempt timeout
+//!   (every clerk attempt has one).
 //! - The same security: plaintext, or TLS with the cluster CA, this process's certificate, ALPN `h2` and
 //!   the server name the caller requires ([`super::Security::channel`]).
 //! - hyper's HTTP/2 windows (2 MiB per stream, 5 MiB per connection), so a backup downloads as fast.
-//! - Failures with a message saying `transport error` (the clerk's cue to probe whether a plaintext
-//!   client faces a TLS server): a connection that cannot be made, or that broke or closed under a
-//!   call, is UNAVAILABLE, as gRPC names a transport failure (tonic said CANCELLED for a closed one);
+//! - Failures as gRPC names transport failures: a connection that cannot be made is UNAVAILABLE
+//!   saying [`NOT_CONNECTED`] (nothing was sent: the clerk may send the request elsewhere as not acted
+//!   on); one that broke or closed under a call is UNAVAILABLE saying `transport error` (the clerk's
+//!   cue to probe whether a plaintext client faces a TLS server; tonic said CANCELLED for a closed one);
 //!   an HTTP/2 error gets the code tonic gives its reason. The cause (an I/O error, a rustls error for
 //!   a TLS failure in the handshake) is the status's source, which [`super::is_tls_failure`] looks
 //!   for. (A TLS alert after the handshake, as TLS 1.3 servers send when they refuse a client
@@ -58,6 +60,7 @@ use http_body_util::BodyExt;
 use rustls_pki_types::ServerName;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -107,6 +110,8 @@ struct Shared {
     live: Mutex<Option<Connection>>,
     /// Held while connecting: concurrent calls on a cold channel open one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
+    /// Requests handed to a connection so far ([`ClientChannel::requests_sent`]).
+    requests_sent: AtomicU64,
 }
 
 /// One HTTP/2 connection: the handle that opens streams on it, the task that drives it (its end is
@@ -163,8 +168,22 @@ impl ClientChannel {
                 keep_alive,
                 live: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
+                requests_sent: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// How many requests calls on this channel (and its clones) have handed to a connection. A call
+    /// that failed or ran out of time while this stayed the same failed before its request went out
+    /// (connecting, or waiting for a stream), so no server can have acted on it.
+    pub(crate) fn requests_sent(&self) -> u64 {
+        self.shared.requests_sent.load(Ordering::SeqCst)
+    }
+
+    /// Count a request as sent without sending one: for tests of what a sent request changes.
+    #[cfg(test)]
+    pub(crate) fn pretend_sent(&self) {
+        self.shared.requests_sent.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The live connection, if it has not ended.
@@ -262,9 +281,13 @@ impl ClientChannel {
                     .map_err(|e| connect_failed(host, e))?;
                 // Our servers speak HTTP/2 only; anything else there is not one of them.
                 if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                    return Err(Status::unavailable(format!(
-                        "{NOT_CONNECTED} {host}: the server did not agree to HTTP/2 (ALPN h2)"
-                    )));
+                    return Err(connect_failed(
+                        host,
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "the server did not agree to HTTP/2 (ALPN h2)",
+                        ),
+                    ));
                 }
                 handshake(host, tls, self.shared.keep_alive, Confirm::FirstAnswer).await
             }
@@ -317,6 +340,8 @@ impl ClientChannel {
         // that ends the stream, right behind the headers.
         let message = body.collect().await?.to_bytes();
         let (mut sender, permit) = self.ready().await?;
+        // From here the server may get the request.
+        self.shared.requests_sent.fetch_add(1, Ordering::SeqCst);
         let (response, mut stream) = sender
             .send_request(http::Request::from_parts(head, ()), message.is_empty())
             .map_err(|e| transport_error(e, "request"))?;
@@ -376,26 +401,23 @@ where
         .map_err(|e| transport_error(e, &format!("HTTP/2 with {host}")))?;
     let mut ping_pong = connection.ping_pong();
     if let (Confirm::FirstAnswer, Some(first)) = (confirm, ping_pong.as_mut()) {
-        let as_io = |error: h2::Error| {
-            let text = error.to_string();
-            error
-                .into_io()
-                .unwrap_or_else(|| std::io::Error::other(text))
-        };
         let failed = tokio::select! {
             // The connection's own error is the cause (a PING failed with it says less).
             biased;
-            closed = &mut connection => Some(closed.err().map_or_else(
-                || std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "the server closed the connection before answering",
+            closed = &mut connection => Some(match closed {
+                Err(error) => unanswered(host, error),
+                Ok(()) => connect_failed(
+                    host,
+                    std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the server closed the connection before answering",
+                    ),
                 ),
-                as_io,
-            )),
-            pong = first.ping(h2::Ping::opaque()) => pong.err().map(as_io),
+            }),
+            pong = first.ping(h2::Ping::opaque()) => pong.err().map(|e| unanswered(host, e)),
         };
-        if let Some(error) = failed {
-            return Err(connect_failed(host, error));
+        if let Some(status) = failed {
+            return Err(status);
         }
     }
     let host = host.to_string();
@@ -484,6 +506,22 @@ pub const NOT_CONNECTED: &str = "cannot connect to";
 
 /// A connection that could not be made: unavailable (the clerk tries elsewhere), with the cause kept.
 fn connect_failed(host: &str, error: std::io::Error) -> Status {
+    let mut status = Status::unavailable(format!("{NOT_CONNECTED} {host}: {error}"));
+    status.set_source(Arc::new(error));
+    status
+}
+
+/// A new connection that failed before the server's first answer: nothing was sent on it. An I/O
+/// error (a TLS alert among them) is the cause, as for any connect; h2's own error is kept as h2's (a
+/// GOAWAY's text carries debug data the server chose, which must not pass for a TLS failure this
+/// process saw: [`super::is_tls_failure`] reads only I/O errors' text).
+fn unanswered(host: &str, error: h2::Error) -> Status {
+    if error.is_io() {
+        let io = error
+            .into_io()
+            .unwrap_or_else(|| std::io::Error::other("connection failed"));
+        return connect_failed(host, io);
+    }
     let mut status = Status::unavailable(format!("{NOT_CONNECTED} {host}: {error}"));
     status.set_source(Arc::new(error));
     status
