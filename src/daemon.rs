@@ -22,6 +22,7 @@ pub fn runtime_with(
     program: &str,
     args: &RuntimeArgs,
 ) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    raise_open_files_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(threads) = args.worker_threads {
@@ -31,6 +32,29 @@ pub fn runtime_with(
         crate::errln!("{program}: cannot start the async runtime: {e}");
         std::process::ExitCode::from(2)
     })
+}
+
+/// Raise this process's soft limit on open files to its hard limit, as Go's runtime does for every
+/// program: the soft limit is often 1,024 for compatibility with `select`, which nothing here uses,
+/// while a node holds a socket per client connection besides its Raft links and storage files. (The
+/// servers also bound the connections they hold by it: [`crate::security::incoming`].) Left as it
+/// is where it cannot be raised.
+pub fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    // (An unlimited hard limit, `None`, is not one the kernel lets a soft limit reach.)
+    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum) {
+        if current >= maximum {
+            return;
+        }
+        let raised = rustix::process::Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "cannot raise the open-file limit");
+        }
+    }
 }
 
 /// The runtime flag every daemon takes.
@@ -315,6 +339,23 @@ mod tests {
     struct Flags {
         #[command(flatten)]
         runtime: RuntimeArgs,
+    }
+
+    /// Starting a runtime leaves the open-file soft limit at the hard limit.
+    #[test]
+    fn a_runtime_starts_with_the_open_file_limit_raised() {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let before = getrlimit(Resource::Nofile);
+        if let Some(maximum) = before.maximum.filter(|&m| m > 64) {
+            // Lowered first, so the raise is seen (a soft limit may be lowered freely).
+            let lowered = Rlimit {
+                current: Some(64),
+                maximum: Some(maximum),
+            };
+            setrlimit(Resource::Nofile, lowered).expect("lower the soft limit");
+            let _runtime = super::runtime("test").expect("runtime");
+            assert_eq!(getrlimit(Resource::Nofile).current, Some(maximum));
+        }
     }
 
     #[test]

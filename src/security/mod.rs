@@ -493,13 +493,122 @@ fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The connections a server accepts on `listener`, with Nagle's algorithm off: every server of ours
-/// is served through this. Our RPCs and Raft's acknowledgements are small writes in reply to small
-/// writes; with Nagle on, a reply written while the previous one is unacknowledged waits for that
-/// acknowledgement, which the peer may delay up to 40 ms. (tonic's `tcp_nodelay` applies only to the
-/// listeners it binds itself, not to `serve_with_incoming`.)
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// The connections a server accepts on `listener`, with Nagle's algorithm off, at most
+/// [`crate::limits::MAX_CONNECTIONS_PER_LISTENER`] open at once: every server of ours is served
+/// through this.
+///
+/// - Nagle off: our RPCs and Raft's acknowledgements are small writes in reply to small writes; with
+///   Nagle on, a reply written while the previous one is unacknowledged waits for that
+///   acknowledgement, which the peer may delay up to 40 ms. (tonic's `tcp_nodelay` applies only to
+///   the listeners it binds itself, not to `serve_with_incoming`.)
+/// - The bound: anyone who can reach a port can open connections, before any certificate is asked
+///   for; tonic holds every one it is given. Unbounded, they used up the process's file
+///   descriptors, and with them its Raft links and its storage. At the bound the server stops
+///   accepting until one closes (new ones wait in the kernel's backlog).
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<Limited<tokio::net::TcpStream>>> {
+    incoming_at_most(listener, connection_bound())
+}
+
+/// [`crate::limits::MAX_CONNECTIONS_PER_LISTENER`], or a quarter of this process's open-file limit
+/// if that is less (at least 64).
+fn connection_bound() -> usize {
+    use rustix::process::{getrlimit, Resource};
+    let open_files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let bound = crate::limits::MAX_CONNECTIONS_PER_LISTENER as u64;
+    (open_files / 4).clamp(64, bound) as usize
+}
+
+/// TCP keep-alive on accepted connections: a client whose host vanished (no FIN, no RST) would
+/// otherwise hold its connection, and one of the listener's slots, for good. Probed after a minute of
+/// silence, given up after three unanswered probes 10 s apart: freed within about 90 s.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// [`incoming`] with at most `bound` connections open at once.
+fn incoming_at_most(
+    listener: tokio::net::TcpListener,
+    bound: usize,
+) -> impl futures::Stream<Item = std::io::Result<Limited<tokio::net::TcpStream>>> {
+    let accepted = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(KEEPALIVE_IDLE))
+        .with_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .with_keepalive_retries(Some(KEEPALIVE_PROBES));
+    let open = Arc::new(tokio::sync::Semaphore::new(bound));
+    futures::stream::unfold((accepted, open), |(mut accepted, open)| async move {
+        use futures::StreamExt;
+        // Never closed: the semaphore lives as long as the stream.
+        let slot = open.clone().acquire_owned().await.ok()?;
+        let next = accepted.next().await?;
+        Some((next.map(|io| Limited { io, _slot: slot }), (accepted, open)))
+    })
+}
+
+/// An accepted connection holding one of its listener's slots ([`incoming`]) until it is dropped.
+#[derive(Debug)]
+pub struct Limited<T> {
+    io: T,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<T> std::ops::Deref for Limited<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.io
+    }
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<T> {
+    // The connection's own, so tonic's `remote_addr` and, under TLS, `peer_certs` still find it.
+    type ConnectInfo = T::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Limited<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Roles that use the data services: ordinary clients and operators.
@@ -614,15 +723,59 @@ mod server_tests {
         server.abort();
     }
 
-    /// Accepted connections have Nagle's algorithm off (see [`super::incoming`]).
+    /// A listener holds at most its bound of connections open: the next one is accepted once one of
+    /// them closes, not before.
     #[tokio::test]
-    async fn accepted_connections_send_small_writes_at_once() {
+    async fn a_listener_holds_at_most_its_bound_of_connections() {
         use tokio_stream::StreamExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
-        let mut incoming = super::incoming(listener);
+        let mut incoming = std::pin::pin!(super::incoming_at_most(listener, 2));
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(
+                tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        let first = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        let _second = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        let third =
+            tokio::time::timeout(std::time::Duration::from_millis(300), incoming.next()).await;
+        assert!(
+            third.is_err(),
+            "a third connection was accepted over the bound"
+        );
+        drop(first);
+        let third = tokio::time::timeout(std::time::Duration::from_secs(10), incoming.next())
+            .await
+            .expect("accepted once one closed");
+        assert!(matches!(third, Some(Ok(_))));
+        // The bound is the configured one where the open-file limit allows it.
+        assert!(super::connection_bound() <= crate::limits::MAX_CONNECTIONS_PER_LISTENER);
+        assert!(super::connection_bound() >= 64);
+    }
+
+    /// Accepted connections have Nagle's algorithm off and TCP keep-alive on (see [`super::incoming`]).
+    #[tokio::test]
+    async fn accepted_connections_send_small_writes_at_once_and_are_kept_alive() {
+        use tokio_stream::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut incoming = std::pin::pin!(super::incoming(listener));
         let _client = tokio::net::TcpStream::connect(address)
             .await
             .expect("connect");
@@ -632,5 +785,12 @@ mod server_tests {
             .expect("a connection")
             .expect("accepted");
         assert!(accepted.nodelay().expect("TCP_NODELAY"));
+        // And TCP keep-alive: a vanished client's connection is given up.
+        use rustix::net::sockopt;
+        assert!(sockopt::socket_keepalive(&*accepted).expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sockopt::tcp_keepidle(&*accepted).expect("TCP_KEEPIDLE"),
+            super::KEEPALIVE_IDLE
+        );
     }
 }
