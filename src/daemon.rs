@@ -34,28 +34,34 @@ pub fn runtime_with(
     })
 }
 
-/// Raise this process's soft limit on open files to its hard limit, as Go's runtime does for every
-/// program: the soft limit is often 1,024 for compatibility with `select`, which nothing here uses,
-/// while a node holds a socket per client connection besides its Raft links and storage files. (The
-/// servers also bound the connections they hold by it: [`crate::security::incoming`].) Left as it
-/// is where it cannot be raised.
+/// Raise this process's soft limit on open files towards its hard limit, up to
+/// [`OPEN_FILES_WANTED`]. The soft limit is often 1,024 (for programs that use `select`, which nothing
+/// here does), while a node holds a socket per client connection besides its Raft links and storage
+/// files; the servers also bound the connections they hold by it ([`crate::security::incoming`]).
+/// Capped rather than the whole hard limit (which some container runtimes set near 2^30): the
+/// programs this one starts (`mrd`'s streaming commands) inherit it, and some of them walk every
+/// descriptor up to it. Left as it is where it cannot be raised.
 pub fn raise_open_files_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let limit = getrlimit(Resource::Nofile);
-    // (An unlimited hard limit, `None`, is not one the kernel lets a soft limit reach.)
-    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum) {
-        if current >= maximum {
-            return;
-        }
-        let raised = rustix::process::Rlimit {
-            current: Some(maximum),
-            maximum: Some(maximum),
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            tracing::debug!(error = %e, "cannot raise the open-file limit");
-        }
+    // (An unlimited hard limit, `None`, is capped by the kernel's `nr_open` anyway.)
+    let maximum = limit.maximum.unwrap_or(OPEN_FILES_WANTED);
+    let wanted = OPEN_FILES_WANTED.min(maximum);
+    if limit.current.is_some_and(|current| current >= wanted) {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: Some(wanted),
+        maximum: limit.maximum,
+    };
+    if let Err(e) = setrlimit(Resource::Nofile, raised) {
+        tracing::debug!(error = %e, "cannot raise the open-file limit");
     }
 }
+
+/// The open-file soft limit every binary asks for ([`raise_open_files_limit`]): room for both of a
+/// node's listeners at their bound ([`crate::limits::MAX_CONNECTIONS_PER_LISTENER`]) many times over.
+pub const OPEN_FILES_WANTED: u64 = 65_536;
 
 /// The runtime flag every daemon takes.
 #[derive(Clone, Copy, Debug, Default, clap::Args)]
@@ -341,7 +347,9 @@ mod tests {
         runtime: RuntimeArgs,
     }
 
-    /// Starting a runtime leaves the open-file soft limit at the hard limit.
+    /// Starting a runtime raises the open-file soft limit to what is wanted, or the hard limit if
+    /// that is lower. (Lowers this process's limit first: nextest runs each test in a process of
+    /// its own.)
     #[test]
     fn a_runtime_starts_with_the_open_file_limit_raised() {
         use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
@@ -354,7 +362,8 @@ mod tests {
             };
             setrlimit(Resource::Nofile, lowered).expect("lower the soft limit");
             let _runtime = super::runtime("test").expect("runtime");
-            assert_eq!(getrlimit(Resource::Nofile).current, Some(maximum));
+            let wanted = super::OPEN_FILES_WANTED.min(maximum);
+            assert_eq!(getrlimit(Resource::Nofile).current, Some(wanted));
         }
     }
 

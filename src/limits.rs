@@ -71,11 +71,11 @@ pub const MAX_REQUESTS_PER_CONNECTION: u32 = 256;
 /// certificate.)
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Connections one listening port of a server holds open at once, and never more than a quarter
-/// of the process's open-file limit (which every binary raises to its hard limit at start:
-/// [`crate::daemon::runtime`]); later ones wait in the kernel's backlog until one closes. A node
-/// listens on a client and a peer port, so a flood of both still leaves half its descriptors to
-/// its Raft links and storage.
+/// Connections one gRPC port of a server holds open at once, and never more than a quarter of the
+/// process's open-file limit (at least 64; every binary raises its soft limit at start:
+/// [`crate::daemon::raise_open_files_limit`]); later ones wait in the kernel's backlog until one
+/// closes. A node listens on a client and a peer port, so a flood of both still leaves half its
+/// descriptors to its Raft links and storage.
 pub const MAX_CONNECTIONS_PER_LISTENER: usize = 4096;
 
 /// Largest log entry: a proposal above it is refused with a clear error, never appended.

@@ -197,10 +197,11 @@ pub enum Attempt<T> {
     Elsewhere(Option<String>, String),
     /// Not known to be served: the server may have acted on it without saying so (it timed out
     /// waiting for the commit, the connection broke under the call). Try the next server; for a
-    /// command, a final error from here on is in doubt ([`ClerkError::InDoubt`]).
+    /// command whose request went out in this attempt, a final error from here on is in doubt
+    /// ([`ClerkError::InDoubt`]).
     Unsure(String),
     /// No answer within the attempt's deadline: the server may be frozen or cut off, so it is avoided
-    /// for [`AVOID_SILENT_FOR`]; the text says what was waited for.
+    /// for [`AVOID_SILENT_FOR`]; the text says what was waited for. In doubt as [`Attempt::Unsure`].
     Silent(String),
 }
 
@@ -318,7 +319,8 @@ impl Replicas {
     }
 
     /// [`Self::call`] for a command that changes state: a final error after an attempt that may have
-    /// applied it ([`Attempt::Unsure`], [`Attempt::Silent`]) is [`ClerkError::InDoubt`]. `doubt`
+    /// applied it ([`Attempt::Unsure`], [`Attempt::Silent`], or a TLS failure, each once its request
+    /// went out: the channel's `requests_sent` moved) is [`ClerkError::InDoubt`]. `doubt`
     /// says whether an attempt may have applied it, before the call (a caller that tried other groups
     /// of servers already) and after it (it only ever turns true).
     pub async fn call_command<T, F, Fut>(
@@ -413,8 +415,16 @@ impl Replicas {
             let timeout = self.config.attempt_timeout.min(deadline - now);
             let client = self.servers[self.leader].channel.clone();
             let sent_before = client.requests_sent();
-            let answer = match attempt(self.leader, client, timeout).await {
+            let outcome = attempt(self.leader, client, timeout).await;
+            // An attempt that failed or timed out before its request went out (while connecting, or
+            // waiting for a stream) cannot have been acted on, whatever the failure says.
+            let may_have_acted =
+                command && self.servers[self.leader].channel.requests_sent() != sent_before;
+            let answer = match outcome {
                 Err(ClerkError::Tls(failure)) => {
+                    // A TLS failure after the request went out (not a refused certificate: that
+                    // fails the connect) may have come after the server acted.
+                    *doubt |= may_have_acted;
                     if !tls_refused.contains(&self.leader) {
                         tls_refused.push(self.leader);
                     }
@@ -427,10 +437,6 @@ impl Replicas {
                 }
                 answer => answer.map_err(|e| e.in_doubt_if(*doubt && command))?,
             };
-            // An attempt that failed or timed out before its request went out (while connecting, or
-            // waiting for a stream) cannot have been acted on, whatever the failure says.
-            let may_have_acted =
-                command && self.servers[self.leader].channel.requests_sent() != sent_before;
             let (hint, error) = match answer {
                 Attempt::Done(value) => {
                     self.silent_since[self.leader] = None;
@@ -1080,5 +1086,29 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        // A command: refused before its request went out, plainly; a TLS failure after its
+        // request went out (the server may have acted first), in doubt.
+        for sent in [false, true] {
+            let error = replicas
+                .call_command(&mut false, |channel, _| {
+                    if sent {
+                        channel.pretend_sent();
+                    }
+                    async {
+                        Err::<Attempt<()>, _>(ClerkError::Tls(
+                            "received fatal alert: UnknownCA".into(),
+                        ))
+                    }
+                })
+                .await
+                .expect_err("every server refused");
+            match &error {
+                ClerkError::InDoubt(inner) if sent => {
+                    assert!(matches!(**inner, ClerkError::Tls(_)), "{error}")
+                }
+                ClerkError::Tls(_) if !sent => {}
+                other => panic!("sent {sent}: {other}"),
+            }
+        }
     }
 }

@@ -494,8 +494,9 @@ fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The connections a server accepts on `listener`, with Nagle's algorithm off, at most
-/// [`crate::limits::MAX_CONNECTIONS_PER_LISTENER`] open at once: every server of ours is served
-/// through this.
+/// [`crate::limits::MAX_CONNECTIONS_PER_LISTENER`] open at once: every gRPC server of ours is
+/// served through this (the plain-HTTP metrics endpoint, `--metrics-listen`, is not: keep it on an
+/// internal network).
 ///
 /// - Nagle off: our RPCs and Raft's acknowledgements are small writes in reply to small writes; with
 ///   Nagle on, a reply written while the previous one is unacknowledged waits for that
@@ -521,8 +522,10 @@ fn connection_bound() -> usize {
 }
 
 /// TCP keep-alive on accepted connections: a client whose host vanished (no FIN, no RST) would
-/// otherwise hold its connection, and one of the listener's slots, for good. Probed after a minute of
-/// silence, given up after three unanswered probes 10 s apart: freed within about 90 s.
+/// otherwise hold its connection, and one of the listener's slots, for good. An idle connection is
+/// probed after a minute of silence and given up after three unanswered probes 10 s apart: freed
+/// within about 90 s. (One with data unacknowledged is given up by TCP's retransmission limit
+/// instead, about 15 minutes.)
 const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 3;
@@ -538,14 +541,32 @@ fn incoming_at_most(
         .with_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .with_keepalive_retries(Some(KEEPALIVE_PROBES));
     let open = Arc::new(tokio::sync::Semaphore::new(bound));
-    futures::stream::unfold((accepted, open), |(mut accepted, open)| async move {
+    let warned: Option<std::time::Instant> = None;
+    let state = (accepted, open, warned);
+    futures::stream::unfold(state, move |(mut accepted, open, mut warned)| async move {
         use futures::StreamExt;
+        if open.available_permits() == 0
+            && warned.is_none_or(|at| at.elapsed() >= AT_BOUND_WARNING_EVERY)
+        {
+            // Otherwise a full listener looks like a silent server from outside.
+            warned = Some(std::time::Instant::now());
+            tracing::warn!(
+                bound,
+                "connections at this listener's bound: new ones wait until one closes"
+            );
+        }
         // Never closed: the semaphore lives as long as the stream.
         let slot = open.clone().acquire_owned().await.ok()?;
         let next = accepted.next().await?;
-        Some((next.map(|io| Limited { io, _slot: slot }), (accepted, open)))
+        Some((
+            next.map(|io| Limited { io, _slot: slot }),
+            (accepted, open, warned),
+        ))
     })
 }
+
+/// How often a listener at its bound says so, at most.
+const AT_BOUND_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An accepted connection holding one of its listener's slots ([`incoming`]) until it is dropped.
 #[derive(Debug)]
