@@ -815,21 +815,11 @@ mod tests {
     /// the answer's transport error, or h2's "inactive stream" with the alert lost.)
     #[tokio::test]
     async fn a_refused_client_certificate_fails_the_connect_before_any_request_is_sent() {
-        use super::super::{certs, is_tls_failure, Security};
+        use super::super::{certs, is_tls_failure, tls_server_for_test, Security};
         let dir = tempfile::tempdir().expect("temp dir");
+        let address = tls_server_for_test(dir.path()).await.to_string();
         let (ca, other) = (dir.path().join("ca"), dir.path().join("other"));
-        certs::init(&ca, "test", 1).expect("CA");
         certs::init(&other, "test", 1).expect("another CA");
-        let server = certs::issue(&ca, "kv", "1", &[], 1).expect("certificate");
-        let server =
-            Security::load_tls(&ca.join("ca.pem"), &server.cert, &server.key).expect("load");
-        let (listener, address) = listen().await;
-        let server = server
-            .server()
-            .expect("server")
-            .add_routes(tonic::service::Routes::default())
-            .serve_with_incoming(super::super::incoming(listener));
-        tokio::spawn(server);
         let stranger = certs::issue(&other, "client", "user", &[], 1).expect("certificate");
         let stranger =
             Security::load_tls(&ca.join("ca.pem"), &stranger.cert, &stranger.key).expect("load");

@@ -637,6 +637,27 @@ pub fn is_user(role: &Role) -> bool {
     matches!(role, Role::Client | Role::Admin)
 }
 
+/// Test support: a server with no services on a free loopback port, with TLS from a new CA in
+/// `dir/ca` (clients load `dir/ca/ca.pem`) and a certificate of kv node 1; its address.
+#[cfg(test)]
+pub(crate) async fn tls_server_for_test(dir: &Path) -> std::net::SocketAddr {
+    let ca = dir.join("ca");
+    certs::init(&ca, "test", 1).expect("CA");
+    let issued = certs::issue(&ca, "kv", "1", &[], 1).expect("certificate");
+    let security = Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let server = security
+        .server()
+        .expect("server")
+        .add_routes(tonic::service::Routes::default())
+        .serve_with_incoming(incoming(listener));
+    tokio::spawn(server);
+    address
+}
+
 #[cfg(test)]
 mod failure_tests {
     use super::{describe_tls_failure, is_tls_failure};
@@ -673,17 +694,23 @@ mod failure_tests {
 
 #[cfg(test)]
 mod server_tests {
-    use super::Security;
+    use super::{tls_server_for_test, Security};
+
+    /// A listener on a free loopback port, and its address.
+    async fn listen() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        (listener, address)
+    }
 
     /// Every server advertises the per-connection bound in HTTP/2 SETTINGS, so a client cannot open
     /// more streams than that (tonic's default is no bound: a client could open any number and the
     /// server held each).
     #[tokio::test]
     async fn servers_let_a_connection_open_a_bounded_number_of_streams() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
+        let (listener, address) = listen().await;
         let server = Security::Insecure
             .server()
             .expect("server")
@@ -717,21 +744,7 @@ mod server_tests {
     async fn a_connection_that_never_completes_its_tls_handshake_is_closed() {
         use tokio::io::AsyncReadExt;
         let dir = tempfile::tempdir().expect("temp dir");
-        let ca = dir.path().join("ca");
-        super::certs::init(&ca, "test", 1).expect("CA");
-        let issued = super::certs::issue(&ca, "kv", "1", &[], 1).expect("certificate");
-        let security =
-            Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        let server = security
-            .server()
-            .expect("server")
-            .add_routes(tonic::service::Routes::default())
-            .serve_with_incoming(super::incoming(listener));
-        let server = tokio::spawn(server);
+        let address = tls_server_for_test(dir.path()).await;
         let mut silent = tokio::net::TcpStream::connect(address)
             .await
             .expect("connect");
@@ -741,7 +754,6 @@ mod server_tests {
         // Closed (end of stream, or reset), not still waiting.
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
         assert!(started.elapsed() >= limit / 2, "{:?}", started.elapsed());
-        server.abort();
     }
 
     /// A listener holds at most its bound of connections open: the next one is accepted once one of
@@ -749,10 +761,7 @@ mod server_tests {
     #[tokio::test]
     async fn a_listener_holds_at_most_its_bound_of_connections() {
         use tokio_stream::StreamExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
+        let (listener, address) = listen().await;
         let mut incoming = std::pin::pin!(super::incoming_at_most(listener, 2));
         let mut clients = Vec::new();
         for _ in 0..3 {
@@ -792,10 +801,7 @@ mod server_tests {
     #[tokio::test]
     async fn accepted_connections_send_small_writes_at_once_and_are_kept_alive() {
         use tokio_stream::StreamExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
+        let (listener, address) = listen().await;
         let mut incoming = std::pin::pin!(super::incoming(listener));
         let _client = tokio::net::TcpStream::connect(address)
             .await
