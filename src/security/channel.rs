@@ -115,12 +115,14 @@ struct Shared {
 }
 
 /// One HTTP/2 connection: the handle that opens streams on it, the task that drives it (its end is
-/// the connection's: closed by either side or broken), and the bound on its calls in flight.
+/// the connection's: closed by either side or broken), the bound on its calls in flight, and how its
+/// keep-alive hears that a call started ([`KeepAlive::run`]).
 #[derive(Clone)]
 struct Connection {
     sender: h2::client::SendRequest<Bytes>,
     driver: Arc<JoinHandle<()>>,
     calls: Arc<tokio::sync::Semaphore>,
+    started: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for ClientChannel {
@@ -242,11 +244,13 @@ impl ClientChannel {
                 sender,
                 driver,
                 calls,
+                started,
             } = self.connection().await?;
             let permit = calls
                 .acquire_owned()
                 .await
                 .map_err(|_| Status::internal("the connection's call bound was closed"))?;
+            started.notify_one();
             match sender.ready().await {
                 Ok(sender) if sender.current_max_send_streams() == 0 => {
                     // h2 would queue the call until the server allows a stream, which it may never.
@@ -422,9 +426,10 @@ where
     }
     let host = host.to_string();
     let calls = Arc::new(tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT));
+    let started = Arc::new(tokio::sync::Notify::new());
     let pings = keep_alive
         .zip(ping_pong)
-        .map(|(keep_alive, ping_pong)| keep_alive.run(ping_pong, calls.clone()));
+        .map(|(keep_alive, ping_pong)| keep_alive.run(ping_pong, calls.clone(), started.clone()));
     let driver = tokio::spawn(async move {
         let silent = async {
             match pings {
@@ -447,6 +452,7 @@ where
         sender,
         driver: Arc::new(driver),
         calls,
+        started,
     })
 }
 
@@ -474,21 +480,31 @@ pub(crate) const CLIENT_KEEP_ALIVE: KeepAlive = KeepAlive {
 
 impl KeepAlive {
     /// Ping while calls are in flight on the connection (`calls` lends each call in flight one of
-    /// its permits), at most once per `every`, until a ping goes unanswered (or h2 fails it: the
-    /// connection is ending anyway).
+    /// its permits; `started` is notified as each takes one), at most once per `every`, until a ping
+    /// goes unanswered (or h2 fails it: the connection is ending anyway).
     ///
-    /// Whether a call is in flight is looked at eight times per `every`, not once: a clerk's attempt
-    /// (1–1.5 s) is shorter than the period, and one looked at only at the period's end was missed
-    /// half the time. So a call on a connection that has not answered a ping for `every` gets one
-    /// sent within an eighth of it, and that ping is waited for even if the call gives up first: the
-    /// connection is judged even when every attempt on it ends early.
-    async fn run(self, mut ping_pong: h2::PingPong, calls: Arc<tokio::sync::Semaphore>) {
-        let look = (self.every / 8).max(Duration::from_millis(1));
+    /// An idle connection costs nothing: the task waits for a call to start, with no timer (it used
+    /// to look for calls eight times per period). A call on a connection that has not answered a
+    /// ping for `every` gets one at once; one in flight when the period ends, then. That ping is
+    /// waited for even if the call gives up first (a clerk's attempt, 1–1.5 s, is shorter than the
+    /// period): the connection is judged even when every attempt on it ends early.
+    async fn run(
+        self,
+        mut ping_pong: h2::PingPong,
+        calls: Arc<tokio::sync::Semaphore>,
+        started: Arc<tokio::sync::Notify>,
+    ) {
         // The handshake was the last answer.
         let mut answered = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(look).await;
-            if calls.available_permits() == MAX_CALLS_IN_FLIGHT || answered.elapsed() < self.every {
+            if calls.available_permits() == MAX_CALLS_IN_FLIGHT {
+                // A call that started since the last look left a permit: this returns at once.
+                started.notified().await;
+                continue;
+            }
+            let due = answered + self.every;
+            if tokio::time::Instant::now() < due {
+                tokio::time::sleep_until(due).await;
                 continue;
             }
             let pong = tokio::time::timeout(self.timeout, ping_pong.ping(h2::Ping::opaque())).await;
