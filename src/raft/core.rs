@@ -269,7 +269,8 @@ pub struct RaftCore {
     /// unrelated `Ready` — an election timeout later — to reach the service's leadership watcher).
     reported_soft_state: SoftState,
     /// The last log index known durable here. Behind the log's end only between a
-    /// [`Ready::persist_after_send`] and the driver's [`RaftCore::persisted`].
+    /// [`Ready::persist_after_send`] and the driver's [`RaftCore::persisted`] (or the next `Ready` it
+    /// must flush).
     durable: Index,
     snapshot_to_persist: Option<Snapshot>,
     snapshot_to_apply: Option<Snapshot>,
@@ -948,8 +949,12 @@ impl RaftCore {
             && log_write.is_some()
             && hard_state.is_none_or(|h| h.term == before.term && h.vote == before.vote);
         let durable_before = self.durable;
-        if !persist_after_send {
-            // The driver persists all of this before it calls the core again.
+        let flushed =
+            (snapshot.is_some() || log_write.is_some() || hard_state.is_some()) && !commit_only;
+        if !persist_after_send && flushed {
+            // The driver flushes all of this, and so every earlier write, before it calls the core
+            // again. Not so for a `Ready` it need not flush: a leader's earlier writes
+            // (`persist_after_send`) may still be unflushed then, and count once `persisted`.
             self.durable = self.log.last_index();
         }
         self.reported_soft_state = self.soft_state();

@@ -28,16 +28,21 @@ pub struct Ready {
     /// True when the only thing to persist is a higher commit index in `hard_state`: then it may be
     /// written without a flush, and the rest need not wait for one. Raft never needs the commit index
     /// durable (a restarted node relearns it from the leader; one restored lower merely re-applies
-    /// from its snapshot), and what it names is already flushed, so this saves an fsync on every
-    /// write's path from commit to reply (etcd's raft `MustSync` makes the same exception).
+    /// from its snapshot), and what it names is already flushed on a majority, so this saves an
+    /// fsync on every write's path from commit to reply (etcd's raft `MustSync` makes the same
+    /// exception). It makes no earlier write durable either: a leader's own copy of what it names
+    /// may still be unflushed ([`Ready::persist_after_send`]).
     pub commit_only: bool,
     /// A leader's `Ready` under [`crate::raft::Config::persist_after_send`]: the driver may send
     /// `messages` **before** persisting (they are AppendEntries of the new entries and nothing that
     /// promises anything about this node's own storage), and must call
     /// [`crate::raft::RaftCore::persisted`] with the last entry of `log_write` once it is flushed.
-    /// The core takes every *other* `Ready` to mean that all earlier writes are durable by the time it
-    /// is called again (drivers persist one `Ready` at a time, in order); a driver that overlapped
-    /// persists would first have to report each flush separately.
+    /// The core takes every *other* `Ready` that must be flushed (something to persist, and not
+    /// [`Ready::commit_only`]) to mean that all earlier writes are durable by the time it is called
+    /// again (a flush covers every write before it). So a driver may hold such a write's flush back
+    /// across later `Ready`s that need none, and report it with `persisted` when it is done (the
+    /// node driver does not: taking the followers' acknowledgements while its flush runs costs a
+    /// leader a wake-up per commit, which measured slower than the wait it saves).
     pub persist_after_send: bool,
     /// Messages to send once the above is durable.
     pub messages: Vec<Envelope>,

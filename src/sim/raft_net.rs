@@ -188,7 +188,10 @@ impl RaftNet {
             for envelope in std::mem::take(&mut ready.messages) {
                 self.send(clock, envelope);
             }
-            let delay = self.rng.random_range(0..=self.tick_ms);
+            // Mostly within a tick; a quarter of them several ticks late, so followers often commit
+            // without the leader's copy.
+            let late = if self.rng.random_bool(0.25) { 5 } else { 1 };
+            let delay = self.rng.random_range(0..=late * self.tick_ms);
             let host = &mut self.hosts[i];
             let seq = host.next_write;
             host.next_write += 1;

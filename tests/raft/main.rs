@@ -7,6 +7,7 @@
 mod common;
 mod election;
 mod follower_reads;
+mod late_flush;
 mod lease;
 mod membership;
 mod persistence;

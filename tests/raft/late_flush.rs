@@ -1,0 +1,141 @@
+//! A leader's flush that completes after its entries went out (`Ready::persist_after_send`, thesis
+//! §10.2.1): three cores on a hand-driven network, so each test decides which messages arrive and
+//! which of the leader's writes are flushed.
+
+use bytes::Bytes;
+use ds824::raft::{Config, Envelope, Index, RaftCore, Ready, Role};
+
+fn config(id: u64) -> Config {
+    let mut config = Config::new(id, vec![1, 2, 3]);
+    config.election_ticks = 20;
+    config.heartbeat_ticks = 2;
+    config.persist_after_send = true;
+    config.seed = 11;
+    config
+}
+
+/// Three cores whose writes are all flushed at once, until a test takes the leader's over.
+struct Trio {
+    cores: Vec<RaftCore>,
+}
+
+impl Trio {
+    fn new() -> Trio {
+        Trio {
+            cores: (1..=3)
+                .map(|id| RaftCore::new(config(id)).expect("config"))
+                .collect(),
+        }
+    }
+
+    /// Every `Ready` handled (a leader's writes flushed at once) and its messages delivered, until
+    /// quiet.
+    fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..3 {
+                if !self.cores[i].has_ready() {
+                    continue;
+                }
+                moved = true;
+                let ready = self.cores[i].ready();
+                if ready.persist_after_send {
+                    flushed(&mut self.cores[i], &ready);
+                }
+                self.deliver(ready.messages);
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn deliver(&mut self, messages: Vec<Envelope>) {
+        for envelope in messages {
+            let to = envelope.to as usize - 1;
+            let _ = self.cores[to].step(envelope);
+        }
+    }
+
+    /// Follower `i`'s `Ready`s handled; returns what it sent (its acknowledgements).
+    fn follower_answers(&mut self, i: usize) -> Vec<Envelope> {
+        let mut sent = Vec::new();
+        while self.cores[i].has_ready() {
+            sent.extend(self.cores[i].ready().messages);
+        }
+        sent
+    }
+
+    /// Tick until a leader has committed its no-op; returns it.
+    fn elect(&mut self) -> usize {
+        for _ in 0..1000 {
+            for core in &mut self.cores {
+                core.tick();
+            }
+            self.pump();
+            if let Some(leader) = (0..3).find(|&i| self.cores[i].role() == Role::Leader) {
+                if self.cores[leader].commit_index() > 0 {
+                    return leader;
+                }
+            }
+        }
+        panic!("no leader elected");
+    }
+}
+
+/// What a driver reports once a `persist_after_send` write is flushed.
+fn flushed(core: &mut RaftCore, ready: &Ready) {
+    if let Some(last) = ready.log_write.as_ref().and_then(|w| w.entries.last()) {
+        core.persisted(last.index, last.term);
+    }
+}
+
+/// A proposal's `Ready` on the leader: written, sent, not flushed. Returns its messages and index.
+fn propose_unflushed(core: &mut RaftCore, data: &'static [u8]) -> (Vec<Envelope>, Index) {
+    let (index, _) = core.propose(Bytes::from_static(data)).expect("leader");
+    let ready = core.ready();
+    assert!(ready.persist_after_send, "a leader's write goes out first");
+    (ready.messages, index)
+}
+
+fn to(node: usize, messages: &[Envelope]) -> Vec<Envelope> {
+    messages
+        .iter()
+        .filter(|e| e.to as usize == node + 1)
+        .cloned()
+        .collect()
+}
+
+/// A `Ready` that needs no flush (only a higher commit index) says nothing of the leader's earlier
+/// writes: counting them durable there let one follower's acknowledgement and the leader's
+/// unflushed copy commit an entry stored durably on one node only.
+#[test]
+fn a_commit_index_alone_does_not_make_the_leaders_unflushed_writes_count() {
+    let mut trio = Trio::new();
+    let leader = trio.elect();
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let (a, a_index) = propose_unflushed(&mut trio.cores[leader], b"a");
+    let (b, b_index) = propose_unflushed(&mut trio.cores[leader], b"b");
+    // Both followers store and acknowledge `a`: it commits without the leader's copy.
+    for &f in &followers {
+        trio.deliver(to(f, &a));
+        let acks = trio.follower_answers(f);
+        trio.deliver(acks);
+    }
+    assert_eq!(trio.cores[leader].commit_index(), a_index);
+    let commit = trio.cores[leader].ready();
+    assert!(commit.commit_only, "{commit:?}");
+    // One follower stores `b`; the leader's copy of `b` was never flushed.
+    trio.deliver(to(followers[0], &b));
+    let acks = trio.follower_answers(followers[0]);
+    trio.deliver(acks);
+    assert_eq!(
+        trio.cores[leader].commit_index(),
+        a_index,
+        "b committed on one durable copy"
+    );
+    // Once the leader's flush is reported, its copy counts.
+    let term = trio.cores[leader].term();
+    trio.cores[leader].persisted(b_index, term);
+    assert_eq!(trio.cores[leader].commit_index(), b_index);
+}
