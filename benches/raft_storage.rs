@@ -130,12 +130,20 @@ fn round_trips(count: u64) -> Vec<Duration> {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind 127.0.0.1");
     let address = listener.local_addr().expect("local address");
-    let server = ds824::security::Security::Insecure
+    let router = ds824::security::Security::Insecure
         .server()
         .expect("server builder")
-        .add_service(KvServer::new(Answering))
-        .serve_with_incoming(ds824::security::incoming(listener));
-    server_runtime.spawn(server);
+        .add_service(KvServer::new(Answering));
+    server_runtime.spawn(async move {
+        ds824::security::Security::Insecure
+            .serve(
+                router,
+                listener,
+                ds824::security::Admit::Cluster,
+                std::future::pending(),
+            )
+            .await
+    });
     let client_runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

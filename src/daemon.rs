@@ -37,7 +37,7 @@ pub fn runtime_with(
 /// Raise this process's soft limit on open files towards its hard limit, up to
 /// [`OPEN_FILES_WANTED`]. The soft limit is often 1,024 (for programs that use `select`, which nothing
 /// here does), while a node holds a socket per client connection besides its Raft links and storage
-/// files; the servers also bound the connections they hold by it ([`crate::security::incoming`]).
+/// files; the servers also bound the connections they hold by it ([`crate::security::Security::serve`]).
 /// Capped rather than the whole hard limit (which some container runtimes set near 2^30): the
 /// programs this one starts (`mrd`'s streaming commands) inherit it, and some of them walk every
 /// descriptor up to it. Left as it is where it cannot be raised.

@@ -65,11 +65,18 @@ pub const SESSION_PAGE_RECORDS: usize = PAGE_BYTES / MAX_SESSION_RECORD_BYTES;
 /// it open); more wait in the client.
 pub const MAX_REQUESTS_PER_CONNECTION: u32 = 256;
 
-/// Longest a server waits for a connection's TLS handshake: one that sends nothing, or trickles its
-/// handshake, is closed then. (tonic sets no bound: every such connection held a socket and a task
-/// for good, so anyone who could reach a port could exhaust the server's file descriptors without a
-/// certificate.)
+/// Longest a server waits for a connection's TLS handshake (`security::serve`): one that sends
+/// nothing, or trickles its handshake, is closed then. (Unbounded, as under tonic's TLS, every such
+/// connection held a socket and a task for good, so anyone who could reach a port could exhaust the
+/// server's file descriptors without a certificate.)
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TLS handshakes a server lets one IP address have under way on one port: a connection beyond it
+/// is closed at once. A handshake holds one of the port's [`MAX_CONNECTIONS_PER_LISTENER`] slots,
+/// certificate or not, for up to [`TLS_HANDSHAKE_TIMEOUT`]: without this one host could hold them
+/// all (it holds at most 256 of 4,096). Clients behind one address (a NAT, a `kvctl bench` of
+/// hundreds of clients) that open more at once have the rest closed, and retry.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 256;
 
 /// Connections one gRPC port of a server holds open at once, and never more than a quarter of the
 /// process's open-file limit (at least 64; every binary raises its soft limit at start:
@@ -77,6 +84,16 @@ pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from
 /// closes. A node listens on a client and a peer port, so a flood of both still leaves half its
 /// descriptors to its Raft links and storage.
 pub const MAX_CONNECTIONS_PER_LISTENER: usize = 4096;
+
+/// Connections the plain-HTTP metrics endpoint (`--metrics-listen`) holds open at once; later ones
+/// wait in the kernel's backlog. A few scrapers need a few; unbounded, anyone who could reach the
+/// port could take the descriptors the node's Raft links and storage need.
+pub const MAX_METRICS_CONNECTIONS: usize = 64;
+
+/// Longest a connection to the metrics endpoint stays open (a scrape takes milliseconds; a scraper
+/// reconnects): idle ones held on purpose, or left by a scraper whose host vanished, free their slot
+/// of [`MAX_METRICS_CONNECTIONS`] then.
+pub const METRICS_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Largest log entry: a proposal above it is refused with a clear error, never appended.
 pub const MAX_ENTRY_BYTES: usize = 32 << 20;

@@ -20,6 +20,20 @@ pub async fn serve(
     registry: Registry,
     refresh: Arc<dyn Fn() + Send + Sync>,
 ) -> std::io::Result<()> {
+    let listener = crate::security::BoundedListener::new(
+        listener,
+        crate::limits::MAX_METRICS_CONNECTIONS,
+        crate::limits::METRICS_CONNECTION_LIFETIME,
+    );
+    serve_on(listener, registry, refresh).await
+}
+
+/// [`serve`] on a listener of given bounds.
+async fn serve_on(
+    listener: crate::security::BoundedListener,
+    registry: Registry,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+) -> std::io::Result<()> {
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {
@@ -176,5 +190,75 @@ impl ServiceMetrics {
 impl std::fmt::Debug for ServiceMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ServiceMetrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A scrape on a new connection: the status line's first bytes, or what went wrong.
+    async fn scrape(address: std::net::SocketAddr) -> std::io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok(String::from_utf8_lossy(&head).into_owned())
+    }
+
+    /// A metrics endpoint on a free port, with at most `bound` connections of `lifetime`.
+    async fn endpoint(bound: usize, lifetime: std::time::Duration) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let listener = crate::security::BoundedListener::new(listener, bound, lifetime);
+        tokio::spawn(serve_on(listener, Registry::new(), Arc::new(|| {})));
+        address
+    }
+
+    /// The metrics endpoint holds at most its bound of connections: with the bound held by idle
+    /// connections a scrape waits, and it is answered once one of them closes.
+    #[tokio::test]
+    async fn the_metrics_endpoint_holds_at_most_its_bound_of_connections() {
+        let address = endpoint(2, std::time::Duration::from_secs(600)).await;
+        assert_eq!(scrape(address).await.expect("scrape"), "HTTP/1.1 200");
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(
+                tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        let waiting = tokio::spawn(scrape(address));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a scrape beyond the bound was answered"
+        );
+        idle.pop();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("answered once a connection closed")
+            .expect("task");
+        assert_eq!(answered.expect("scrape"), "HTTP/1.1 200");
+    }
+
+    /// An idle connection to the metrics endpoint is closed once its lifetime is up, freeing its
+    /// slot (axum itself would hold it as long as the client likes).
+    #[tokio::test]
+    async fn an_idle_metrics_connection_is_closed_when_its_lifetime_is_up() {
+        let address = endpoint(1, std::time::Duration::from_millis(300)).await;
+        let mut idle = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(10), idle.read(&mut [0; 16]))
+                .await
+                .expect("closed within its lifetime and then some");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(scrape(address).await.expect("scrape"), "HTTP/1.1 200");
     }
 }

@@ -469,10 +469,11 @@ async fn inbound_server(
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(RaftTransportServer::new(service))
-            .serve_with_incoming(ds824::security::incoming(listener))
-            .await;
+        loopback::serve_plain(
+            tonic::transport::Server::builder().add_service(RaftTransportServer::new(service)),
+            listener,
+        )
+        .await;
     });
     let client = ds824::proto::raft::raft_transport_client::RaftTransportClient::connect(format!(
         "http://{addr}"

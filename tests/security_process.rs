@@ -47,15 +47,11 @@ async fn send_raw(
     security: &Security,
     envelope: pb::Envelope,
 ) -> Result<(), tonic::Status> {
-    let channel = match security
-        .endpoint(address)
-        .expect("endpoint")
-        .connect()
-        .await
-    {
-        Ok(channel) => channel,
-        Err(e) => return Err(tonic::Status::unavailable(format!("connect: {e}"))),
-    };
+    // The clerks' channel: it reports a refusal in the TLS handshake as the alert it was (tonic's
+    // channel reports an alert that arrives after the request went out as "connection closed").
+    let channel = security
+        .channel(address, None, std::time::Duration::from_secs(5))
+        .expect("channel");
     let mut client = RaftTransportClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(envelope).await.expect("queue");
@@ -197,22 +193,27 @@ async fn with_tls_only_the_clusters_certificates_get_in_and_only_as_far_as_their
             "prod/kv",
         )
     };
-    let impostor = format!("kv node {third} claiming to be node {claimed}");
+    // A replica of the group is let in, and its message refused for what it claims.
+    let impostor = tls::security(&ca, "kv", &third.to_string());
+    let status = send_raw(&cluster.peer_addrs[victim], &impostor, message())
+        .await
+        .expect_err("an impostor");
+    assert_eq!(
+        status.code(),
+        tonic::Code::PermissionDenied,
+        "kv node {third} claiming to be node {claimed}: {status}"
+    );
+    // Any other certificate of the cluster does not get a connection to the peer port at all.
     for (who, security) in [
         ("a client", tls::security(&ca, "client", "user")),
-        (
-            impostor.as_str(),
-            tls::security(&ca, "kv", &third.to_string()),
-        ),
         ("a controller", tls::security(&ca, "ctrler", "2")),
     ] {
         let status = send_raw(&cluster.peer_addrs[victim], &security, message())
             .await
             .expect_err(who);
-        assert_eq!(
-            status.code(),
-            tonic::Code::PermissionDenied,
-            "{who}: {status}"
+        assert!(
+            format!("{status:?}").contains("AccessDenied"),
+            "{who}: {status:?}"
         );
     }
     send_raw(

@@ -27,7 +27,7 @@ use crate::mr::job::{Admission, JobSpec};
 use crate::mr::MrError;
 use crate::proto::mr as pb;
 use crate::proto::mr::coordinator_server::CoordinatorServer;
-use crate::security::{is_user, Guard, Role, Security};
+use crate::security::{is_user, Admit, Guard, Role, Security};
 
 /// How the coordinator schedules and what it keeps (`mrd coordinator` flags).
 #[derive(Clone, Copy, Debug)]
@@ -699,11 +699,12 @@ pub async fn serve(
 ) -> Result<(), MrError> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "coordinator serving");
-    security
+    let router = security
         .server()
         .map_err(|err| MrError::Other(format!("coordinator server: {err}")))?
-        .add_service(CoordinatorServer::from_arc(service))
-        .serve_with_incoming_shutdown(crate::security::incoming(listener), shutdown)
+        .add_service(CoordinatorServer::from_arc(service));
+    security
+        .serve(router, listener, Admit::Cluster, shutdown)
         .await
         .map_err(|err| MrError::Other(format!("coordinator server: {err}")))
 }

@@ -24,7 +24,7 @@ use crate::mr::MrError;
 use crate::proto::mr as pb;
 use crate::proto::mr::shuffle_client::ShuffleClient;
 use crate::proto::mr::shuffle_server::ShuffleServer;
-use crate::security::{Guard, Role, Security};
+use crate::security::{Admit, Guard, Role, Security};
 
 /// Chunk size of a fetch stream: well under gRPC's 4 MiB message limit.
 const CHUNK: usize = 1 << 20;
@@ -222,10 +222,11 @@ pub fn spawn_server(
         .server()
         .map_err(|err| MrError::Other(format!("shuffle server: {err}")))?;
     let service = ShuffleService::new(worker_dir, security.guard());
+    let security = security.clone();
     Ok(tokio::spawn(async move {
-        let result = server
-            .add_service(ShuffleServer::new(service))
-            .serve_with_incoming(crate::security::incoming(listener))
+        let router = server.add_service(ShuffleServer::new(service));
+        let result = security
+            .serve(router, listener, Admit::Cluster, std::future::pending())
             .await;
         if let Err(err) = result {
             tracing::error!(%err, "shuffle server stopped");
@@ -475,11 +476,13 @@ mod tests {
         for endless in [true, false] {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap().to_string();
-            let server = tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(ShuffleServer::new(Rogue { endless }))
-                    .serve_with_incoming(crate::security::incoming(listener)),
-            );
+            let router = tonic::transport::Server::builder()
+                .add_service(ShuffleServer::new(Rogue { endless }));
+            let server = tokio::spawn(async move {
+                Security::Insecure
+                    .serve(router, listener, Admit::Cluster, std::future::pending())
+                    .await
+            });
             let limits = FetchLimits {
                 max_bytes: 3 * CHUNK,
                 idle: Duration::from_millis(300),
@@ -517,11 +520,12 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let service =
             ShuffleService::with_limits(outputs, Guard::open(), 1, Duration::from_millis(300));
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(ShuffleServer::new(service))
-                .serve_with_incoming(crate::security::incoming(listener)),
-        );
+        let router = tonic::transport::Server::builder().add_service(ShuffleServer::new(service));
+        let server = tokio::spawn(async move {
+            Security::Insecure
+                .serve(router, listener, Admit::Cluster, std::future::pending())
+                .await
+        });
         let request = pb::FetchRequest {
             job_id: 1,
             map_index: 0,

@@ -1007,11 +1007,18 @@ mod tests {
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftTransportServer::new(peer))
-                .serve_with_incoming(crate::security::incoming(listener)),
-        );
+        let router =
+            tonic::transport::Server::builder().add_service(RaftTransportServer::new(peer));
+        tokio::spawn(async move {
+            crate::security::Security::Insecure
+                .serve(
+                    router,
+                    listener,
+                    crate::security::Admit::Cluster,
+                    std::future::pending(),
+                )
+                .await
+        });
         let config = TransportConfig {
             snapshot_chunk_bytes: 1 << 10,
             ..TransportConfig::default()

@@ -23,7 +23,7 @@ use crate::proto::ctrler::ctrler_server::CtrlerServer;
 use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
 use crate::rsm::service::{ServiceConfig, ServiceError};
-use crate::security::{Principal, Role, Security, SecurityError};
+use crate::security::{Admit, Principal, Role, Security, SecurityError};
 use crate::shardkv::driver::DriverConfig;
 use crate::shardkv::metrics::ShardGauges;
 use crate::shardkv::service::ShardGroupServices;
@@ -470,6 +470,8 @@ pub struct Replica {
     id: NodeId,
     listener: TcpListener,
     peer_listener: TcpListener,
+    /// Who may connect to the peer port: this group's replicas only.
+    peers: Admit,
     security: Security,
     node: RaftNode,
     service: Served,
@@ -649,6 +651,7 @@ impl Replica {
         let metrics = metrics.map(|(listener, registry, gauges, _)| (listener, registry, gauges));
         // The shard group's driver, aborted with the node however it ends.
         let mut driver = AbortOnDrop(None);
+        let peers = Admit::raft_peers_of(&config.role.certificate_role());
         let (service, applier) = match config.role {
             ServiceRole::Kv => {
                 let (service, applier) =
@@ -697,6 +700,7 @@ impl Replica {
             id: config.id,
             listener,
             peer_listener,
+            peers,
             security: config.security,
             node,
             service,
@@ -724,6 +728,7 @@ impl Replica {
             id,
             listener,
             peer_listener,
+            peers,
             security,
             node,
             service,
@@ -759,11 +764,13 @@ impl Replica {
         };
         let peer_router = server_builder()?.add_service(node.service());
         let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let peer_security = security.clone();
         let mut peer_server = tokio::spawn(async move {
-            peer_router
-                .serve_with_incoming_shutdown(crate::security::incoming(peer_listener), async {
-                    let _ = peer_stop_rx.await;
-                })
+            let stopped = async {
+                let _ = peer_stop_rx.await;
+            };
+            peer_security
+                .serve(peer_router, peer_listener, peers, stopped)
                 .await
         });
         let mut router = server_builder()?;
@@ -787,11 +794,13 @@ impl Replica {
                 )
                 .add_service(services.transfer.into_server()),
         };
+        let client_security = security.clone();
         let mut server = tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(crate::security::incoming(listener), async {
-                    let _ = stop_rx.await;
-                })
+            let stopped = async {
+                let _ = stop_rx.await;
+            };
+            client_security
+                .serve(router, listener, Admit::Cluster, stopped)
                 .await
         });
         info!(node = id, "serving");

@@ -661,7 +661,7 @@ mod tests {
 
     /// Serve `listener` as every server of ours does, counting the connections accepted.
     fn serve(listener: tokio::net::TcpListener, accepted: Arc<AtomicUsize>) {
-        let incoming = super::super::incoming(listener).map(move |connection| {
+        let incoming = super::super::serve::incoming(listener).map(move |connection| {
             accepted.fetch_add(1, Ordering::SeqCst);
             connection
         });
@@ -804,12 +804,21 @@ mod tests {
             Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load")
         };
         let (listener, address) = listen().await;
-        let server = load("kv", "1")
+        let server = load("kv", "1");
+        let router = server
             .server()
             .expect("server")
-            .add_routes(tonic::service::Routes::default())
-            .serve_with_incoming(super::super::incoming(listener));
-        tokio::spawn(server);
+            .add_routes(tonic::service::Routes::default());
+        tokio::spawn(async move {
+            server
+                .serve(
+                    router,
+                    listener,
+                    super::super::Admit::Cluster,
+                    std::future::pending(),
+                )
+                .await
+        });
         let timeout = Duration::from_secs(5);
         let mut tls = load("client", "user")
             .channel(&address, None, timeout)

@@ -15,17 +15,19 @@ pub mod args;
 pub mod certs;
 mod channel;
 pub mod principal;
+mod serve;
 
 pub use self::args::TlsArgs;
 pub use self::channel::{ClientChannel, NOT_CONNECTED};
 pub use self::principal::{Principal, PrincipalError, Role};
+pub use self::serve::{Admit, BoundedListener, Limited, ServeError};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 /// The DNS name every replica's certificate carries (kv, ctrler, shard-GID) and clients verify when
@@ -72,6 +74,8 @@ pub struct TlsMaterial {
     identity: tonic::transport::Identity,
     /// The same CA and identity for [`ClientChannel`]s, which speak rustls without tonic.
     client: Arc<rustls::ClientConfig>,
+    /// The same for servers, whose handshakes [`Security::serve`] does itself.
+    server: serve::ServerIdentity,
     principal: Principal,
 }
 
@@ -137,9 +141,12 @@ impl Security {
             .map_err(|e| invalid(key)(format!("not a PEM private key: {e}")))?;
         let principal =
             Principal::from_certificate(&chain[0]).map_err(|e| invalid(cert)(e.to_string()))?;
+        let server = serve::ServerIdentity::new(&roots, &chain, private_key.clone_key())
+            .map_err(invalid(cert))?;
         let client = client_config(roots, chain, private_key).map_err(invalid(cert))?;
         Ok(Security::Tls(Arc::new(TlsMaterial {
             client,
+            server,
             ca: Certificate::from_pem(ca_pem),
             identity: tonic::transport::Identity::from_pem(cert_pem, key_pem),
             principal,
@@ -238,25 +245,15 @@ impl Security {
         }
     }
 
-    /// A tonic server builder that requires a client certificate from the cluster CA.
+    /// A tonic server builder for [`Security::serve`], which does the TLS (a client certificate from
+    /// the cluster CA required): never serve it any other way.
     pub fn server(&self) -> Result<tonic::transport::Server, SecurityError> {
         // A bound on the requests one connection may have in flight, as HTTP/2's
         // SETTINGS_MAX_CONCURRENT_STREAMS: a client cannot open more streams than that, so the server
         // never holds more (a tower concurrency limit let them open and queued their requests, at a
         // semaphore and a wrapped future per request besides).
-        let builder = tonic::transport::Server::builder()
-            .max_concurrent_streams(crate::limits::MAX_REQUESTS_PER_CONNECTION);
-        match self {
-            Security::Insecure => Ok(builder),
-            Security::Tls(tls) => builder
-                .tls_config(
-                    ServerTlsConfig::new()
-                        .identity(tls.identity.clone())
-                        .client_ca_root(tls.ca.clone())
-                        .timeout(crate::limits::TLS_HANDSHAKE_TIMEOUT),
-                )
-                .map_err(|e| SecurityError::Tls(e.to_string())),
-        }
+        Ok(tonic::transport::Server::builder()
+            .max_concurrent_streams(crate::limits::MAX_REQUESTS_PER_CONNECTION))
     }
 
     /// The guard services check callers with.
@@ -445,6 +442,10 @@ pub async fn requires_tls(address: &str, within: std::time::Duration) -> bool {
     matches!(tokio::time::timeout(within, probe).await, Ok(Some(true)))
 }
 
+/// The alert with which our servers refuse a certificate the CA signed for an identity the port
+/// does not serve (`serve::Admit`).
+const ACCESS_DENIED: &str = "AccessDenied";
+
 /// The alerts (as rustls names them) with which a server refuses the client's certificate.
 const CERTIFICATE_ALERTS: [&str; 9] = [
     "BadCertificate",
@@ -464,11 +465,17 @@ const CERTIFICATE_ALERTS: [&str; 9] = [
 /// for the operator.
 pub fn describe_tls_failure(error: &(dyn std::error::Error + 'static)) -> String {
     let text = describe_chain(error);
-    let refused_certificate = text
-        .split(ALERT_RECEIVED)
-        .skip(1)
-        .any(|after| CERTIFICATE_ALERTS.iter().any(|alert| after.contains(alert)));
-    if refused_certificate {
+    let alerts = || text.split(ALERT_RECEIVED).skip(1);
+    let refused_certificate =
+        alerts().any(|after| CERTIFICATE_ALERTS.iter().any(|alert| after.contains(alert)));
+    if alerts().any(|after| after.contains(ACCESS_DENIED)) {
+        // A certificate the CA signed, of a role this port does not serve (`serve::Admit`).
+        format!(
+            "{text} (the server refused this certificate's identity on this port: a Raft peer \
+             port serves only its own group's replicas, and no port serves another cluster's \
+             identities; is this the right port and cluster?)"
+        )
+    } else if refused_certificate {
         format!(
             "{text} (the server refused this client's certificate: is it issued by the cluster's \
              CA, not expired, and for this cluster? see --tls-cert, --tls-key)"
@@ -493,145 +500,6 @@ fn describe_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The connections a server accepts on `listener`, with Nagle's algorithm off, at most
-/// [`crate::limits::MAX_CONNECTIONS_PER_LISTENER`] open at once: every gRPC server of ours is
-/// served through this (the plain-HTTP metrics endpoint, `--metrics-listen`, is not: keep it on an
-/// internal network).
-///
-/// - Nagle off: our RPCs and Raft's acknowledgements are small writes in reply to small writes; with
-///   Nagle on, a reply written while the previous one is unacknowledged waits for that
-///   acknowledgement, which the peer may delay up to 40 ms. (tonic's `tcp_nodelay` applies only to
-///   the listeners it binds itself, not to `serve_with_incoming`.)
-/// - The bound: anyone who can reach a port can open connections, before any certificate is asked
-///   for; tonic holds every one it is given. Unbounded, they used up the process's file
-///   descriptors, and with them its Raft links and its storage. At the bound the server stops
-///   accepting until one closes (new ones wait in the kernel's backlog).
-pub fn incoming(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<Limited<tokio::net::TcpStream>>> {
-    incoming_at_most(listener, connection_bound())
-}
-
-/// [`crate::limits::MAX_CONNECTIONS_PER_LISTENER`], or a quarter of this process's open-file limit
-/// if that is less (at least 64).
-fn connection_bound() -> usize {
-    use rustix::process::{getrlimit, Resource};
-    let open_files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    let bound = crate::limits::MAX_CONNECTIONS_PER_LISTENER as u64;
-    (open_files / 4).clamp(64, bound) as usize
-}
-
-/// TCP keep-alive on accepted connections: a client whose host vanished (no FIN, no RST) would
-/// otherwise hold its connection, and one of the listener's slots, for good. An idle connection is
-/// probed after a minute of silence and given up after three unanswered probes 10 s apart: freed
-/// within about 90 s. (One with data unacknowledged is given up by TCP's retransmission limit
-/// instead, about 15 minutes.)
-const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
-const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-const KEEPALIVE_PROBES: u32 = 3;
-
-/// [`incoming`] with at most `bound` connections open at once.
-fn incoming_at_most(
-    listener: tokio::net::TcpListener,
-    bound: usize,
-) -> impl futures::Stream<Item = std::io::Result<Limited<tokio::net::TcpStream>>> {
-    let accepted = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(KEEPALIVE_IDLE))
-        .with_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .with_keepalive_retries(Some(KEEPALIVE_PROBES));
-    let open = Arc::new(tokio::sync::Semaphore::new(bound));
-    let warned: Option<std::time::Instant> = None;
-    let state = (accepted, open, warned);
-    futures::stream::unfold(state, move |(mut accepted, open, mut warned)| async move {
-        use futures::StreamExt;
-        if open.available_permits() == 0
-            && warned.is_none_or(|at| at.elapsed() >= AT_BOUND_WARNING_EVERY)
-        {
-            // Otherwise a full listener looks like a silent server from outside.
-            warned = Some(std::time::Instant::now());
-            tracing::warn!(
-                bound,
-                "connections at this listener's bound: new ones wait until one closes"
-            );
-        }
-        // Never closed: the semaphore lives as long as the stream.
-        let slot = open.clone().acquire_owned().await.ok()?;
-        let next = accepted.next().await?;
-        Some((
-            next.map(|io| Limited { io, _slot: slot }),
-            (accepted, open, warned),
-        ))
-    })
-}
-
-/// How often a listener at its bound says so, at most.
-const AT_BOUND_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// An accepted connection holding one of its listener's slots ([`incoming`]) until it is dropped.
-#[derive(Debug)]
-pub struct Limited<T> {
-    io: T,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl<T> std::ops::Deref for Limited<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.io
-    }
-}
-
-impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<T> {
-    // The connection's own, so tonic's `remote_addr` and, under TLS, `peer_certs` still find it.
-    type ConnectInfo = T::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Limited<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 /// Roles that use the data services: ordinary clients and operators.
 pub fn is_user(role: &Role) -> bool {
     matches!(role, Role::Client | Role::Admin)
@@ -649,12 +517,15 @@ pub(crate) async fn tls_server_for_test(dir: &Path) -> std::net::SocketAddr {
         .await
         .expect("bind");
     let address = listener.local_addr().expect("address");
-    let server = security
+    let router = security
         .server()
         .expect("server")
-        .add_routes(tonic::service::Routes::default())
-        .serve_with_incoming(incoming(listener));
-    tokio::spawn(server);
+        .add_routes(tonic::service::Routes::default());
+    tokio::spawn(async move {
+        security
+            .serve(router, listener, Admit::Cluster, std::future::pending())
+            .await
+    });
     address
 }
 
@@ -689,135 +560,5 @@ mod failure_tests {
         // A server's own status message saying so is not this process's TLS failure.
         let said_by_server = Status::new(Code::Unavailable, "received fatal alert: DecryptError");
         assert!(!is_tls_failure(&said_by_server));
-    }
-}
-
-#[cfg(test)]
-mod server_tests {
-    use super::{tls_server_for_test, Security};
-
-    /// A listener on a free loopback port, and its address.
-    async fn listen() -> (tokio::net::TcpListener, std::net::SocketAddr) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        (listener, address)
-    }
-
-    /// Every server advertises the per-connection bound in HTTP/2 SETTINGS, so a client cannot open
-    /// more streams than that (tonic's default is no bound: a client could open any number and the
-    /// server held each).
-    #[tokio::test]
-    async fn servers_let_a_connection_open_a_bounded_number_of_streams() {
-        let (listener, address) = listen().await;
-        let server = Security::Insecure
-            .server()
-            .expect("server")
-            .add_routes(tonic::service::Routes::default())
-            .serve_with_incoming(super::incoming(listener));
-        let server = tokio::spawn(server);
-        let tcp = tokio::net::TcpStream::connect(address)
-            .await
-            .expect("connect");
-        let (mut client, mut connection) = h2::client::handshake(tcp).await.expect("handshake");
-        let request = tonic::codegen::http::Request::post(format!("http://{address}/x.Y/Z"))
-            .header("content-type", "application/grpc")
-            .body(())
-            .expect("request");
-        let (response, _) = client.send_request(request, true).expect("send");
-        // The server's SETTINGS come before any answer: once one is in, they are applied.
-        tokio::select! {
-            answer = response => { answer.expect("an answer"); }
-            ended = &mut connection => panic!("the connection ended first: {ended:?}"),
-        }
-        assert_eq!(
-            connection.max_concurrent_send_streams(),
-            crate::limits::MAX_REQUESTS_PER_CONNECTION as usize
-        );
-        server.abort();
-    }
-
-    /// A connection that never starts its TLS handshake is closed once the handshake's time is up,
-    /// not held (with its socket and task) for good.
-    #[tokio::test]
-    async fn a_connection_that_never_completes_its_tls_handshake_is_closed() {
-        use tokio::io::AsyncReadExt;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let address = tls_server_for_test(dir.path()).await;
-        let mut silent = tokio::net::TcpStream::connect(address)
-            .await
-            .expect("connect");
-        let started = std::time::Instant::now();
-        let limit = crate::limits::TLS_HANDSHAKE_TIMEOUT;
-        let read = tokio::time::timeout(limit * 2, silent.read(&mut [0; 64])).await;
-        // Closed (end of stream, or reset), not still waiting.
-        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
-        assert!(started.elapsed() >= limit / 2, "{:?}", started.elapsed());
-    }
-
-    /// A listener holds at most its bound of connections open: the next one is accepted once one of
-    /// them closes, not before.
-    #[tokio::test]
-    async fn a_listener_holds_at_most_its_bound_of_connections() {
-        use tokio_stream::StreamExt;
-        let (listener, address) = listen().await;
-        let mut incoming = std::pin::pin!(super::incoming_at_most(listener, 2));
-        let mut clients = Vec::new();
-        for _ in 0..3 {
-            clients.push(
-                tokio::net::TcpStream::connect(address)
-                    .await
-                    .expect("connect"),
-            );
-        }
-        let first = incoming
-            .next()
-            .await
-            .expect("a connection")
-            .expect("accepted");
-        let _second = incoming
-            .next()
-            .await
-            .expect("a connection")
-            .expect("accepted");
-        let third =
-            tokio::time::timeout(std::time::Duration::from_millis(300), incoming.next()).await;
-        assert!(
-            third.is_err(),
-            "a third connection was accepted over the bound"
-        );
-        drop(first);
-        let third = tokio::time::timeout(std::time::Duration::from_secs(10), incoming.next())
-            .await
-            .expect("accepted once one closed");
-        assert!(matches!(third, Some(Ok(_))));
-        // The bound is the configured one where the open-file limit allows it.
-        assert!(super::connection_bound() <= crate::limits::MAX_CONNECTIONS_PER_LISTENER);
-        assert!(super::connection_bound() >= 64);
-    }
-
-    /// Accepted connections have Nagle's algorithm off and TCP keep-alive on (see [`super::incoming`]).
-    #[tokio::test]
-    async fn accepted_connections_send_small_writes_at_once_and_are_kept_alive() {
-        use tokio_stream::StreamExt;
-        let (listener, address) = listen().await;
-        let mut incoming = std::pin::pin!(super::incoming(listener));
-        let _client = tokio::net::TcpStream::connect(address)
-            .await
-            .expect("connect");
-        let accepted = incoming
-            .next()
-            .await
-            .expect("a connection")
-            .expect("accepted");
-        assert!(accepted.nodelay().expect("TCP_NODELAY"));
-        // And TCP keep-alive: a vanished client's connection is given up.
-        use rustix::net::sockopt;
-        assert!(sockopt::socket_keepalive(&*accepted).expect("SO_KEEPALIVE"));
-        assert_eq!(
-            sockopt::tcp_keepidle(&*accepted).expect("TCP_KEEPIDLE"),
-            super::KEEPALIVE_IDLE
-        );
     }
 }

@@ -145,10 +145,11 @@ impl Cluster {
         };
         let service = node.service();
         let server = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(ds824::security::incoming(listener))
-                .await;
+            serve_plain(
+                tonic::transport::Server::builder().add_service(service),
+                listener,
+            )
+            .await;
         });
         // A fresh process knows nothing: its state comes from the snapshot and the log replay.
         *self.states[i].lock().expect("lock") = ServiceState::default();
@@ -334,4 +335,16 @@ pub fn commands(from: usize, to: usize) -> Vec<Bytes> {
 
 pub fn all_have(c: &Cluster, nodes: &[usize], index: Index) -> bool {
     nodes.iter().all(|&i| c.last_applied(i) >= index)
+}
+
+/// Serve `router` on `listener` in plaintext, as the nodes here do, until the task is dropped.
+pub async fn serve_plain(router: tonic::transport::server::Router, listener: TcpListener) {
+    let _ = ds824::security::Security::Insecure
+        .serve(
+            router,
+            listener,
+            ds824::security::Admit::Cluster,
+            std::future::pending(),
+        )
+        .await;
 }
