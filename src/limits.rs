@@ -71,10 +71,10 @@ pub const MAX_REQUESTS_PER_CONNECTION: u32 = 256;
 /// server's file descriptors without a certificate.)
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// TLS handshakes a server lets one IP address have under way on one port: a connection beyond it
-/// is closed at once. A handshake holds one of the port's [`MAX_CONNECTIONS_PER_LISTENER`] slots,
+/// TLS handshakes a server lets one IP address (an IPv6 /64) have under way on one port, and never
+/// more than an eighth of the port's connection bound: a connection beyond it is closed at once. A handshake holds one of the port's [`MAX_CONNECTIONS_PER_LISTENER`] slots,
 /// certificate or not, for up to [`TLS_HANDSHAKE_TIMEOUT`]: without this one host could hold them
-/// all (it holds at most 256 of 4,096). Clients behind one address (a NAT, a `kvctl bench` of
+/// all. Clients behind one address (a NAT, a `kvctl bench` of
 /// hundreds of clients) that open more at once have the rest closed, and retry.
 pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 256;
 
@@ -92,8 +92,9 @@ pub const MAX_METRICS_CONNECTIONS: usize = 64;
 
 /// Longest a connection to the metrics endpoint stays open (a scrape takes milliseconds; a scraper
 /// reconnects): idle ones held on purpose, or left by a scraper whose host vanished, free their slot
-/// of [`MAX_METRICS_CONNECTIONS`] then.
-pub const METRICS_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+/// of [`MAX_METRICS_CONNECTIONS`] then. 61 s, not a minute: a scraper that keeps its connection and
+/// scrapes every 15, 30 or 60 s would otherwise see it cut just as a scrape starts.
+pub const METRICS_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(61);
 
 /// Largest log entry: a proposal above it is refused with a clear error, never appended.
 pub const MAX_ENTRY_BYTES: usize = 32 << 20;

@@ -250,7 +250,7 @@ mod tests {
     /// slot (axum itself would hold it as long as the client likes).
     #[tokio::test]
     async fn an_idle_metrics_connection_is_closed_when_its_lifetime_is_up() {
-        let address = endpoint(1, std::time::Duration::from_millis(300)).await;
+        let address = endpoint(1, std::time::Duration::from_secs(2)).await;
         let mut idle = tokio::net::TcpStream::connect(address)
             .await
             .expect("connect");

@@ -54,28 +54,45 @@ pub(super) fn incoming_at_most(
         .with_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .with_keepalive_retries(Some(KEEPALIVE_PROBES));
     let open = Arc::new(tokio::sync::Semaphore::new(bound));
-    let state = (accepted, open, Sparse::default());
-    futures::stream::unfold(state, move |(mut accepted, open, warned)| async move {
-        use futures::StreamExt;
-        if open.available_permits() == 0 && warned.due().is_some() {
-            // Otherwise a full listener looks like a silent server from outside.
-            tracing::warn!(
-                bound,
-                "connections at this listener's bound: new ones wait until one closes"
-            );
-        }
-        // Never closed: the semaphore lives as long as the stream.
-        let slot = open.clone().acquire_owned().await.ok()?;
-        let next = accepted.next().await?;
-        Some((
-            next.map(|io| Limited {
-                io,
-                _slot: slot,
-                deadline: None,
-            }),
-            (accepted, open, warned),
-        ))
-    })
+    let state = (accepted, open, Sparse::default(), Sparse::default());
+    futures::stream::unfold(
+        state,
+        move |(mut accepted, open, warned, failed)| async move {
+            use futures::StreamExt;
+            if open.available_permits() == 0 && warned.due().is_some() {
+                // Otherwise a full listener looks like a silent server from outside.
+                tracing::warn!(
+                    bound,
+                    "connections at this listener's bound: new ones wait until one closes"
+                );
+            }
+            // Never closed: the semaphore lives as long as the stream.
+            let slot = open.clone().acquire_owned().await.ok()?;
+            let next = accepted.next().await?;
+            if let Err(e) = &next {
+                use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+                if !matches!(
+                    e.kind(),
+                    ConnectionAborted | ConnectionRefused | ConnectionReset
+                ) {
+                    // Out of descriptors, most likely: give closing connections a moment (tonic would
+                    // ask again at once).
+                    if let Some(unlogged) = failed.due() {
+                        tracing::warn!(error = %e, unlogged, "accept failed");
+                    }
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            }
+            Some((
+                next.map(|io| Limited {
+                    io,
+                    _slot: slot,
+                    deadline: None,
+                }),
+                (accepted, open, warned, failed),
+            ))
+        },
+    )
 }
 
 /// A plain TCP listener for axum (the metrics endpoint) that holds at most a bound of connections
@@ -471,13 +488,16 @@ fn tls_incoming(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
 ) -> impl futures::Stream<Item = std::io::Result<TlsConnection>> {
-    tls_incoming_with(listener, config, crate::limits::MAX_HANDSHAKES_PER_ADDRESS)
+    let per_address = (connection_bound() / 8).clamp(1, crate::limits::MAX_HANDSHAKES_PER_ADDRESS);
+    tls_incoming_with(listener, config, per_address)
 }
 
-/// [`tls_incoming`] with at most `per_address` handshakes under way from one IP address: a
-/// connection beyond that is closed at once. Otherwise one host that opens connections and sends
-/// nothing would hold the whole bound of the port (each for the handshake's timeout), certificate
-/// or not, and keep a group's own Raft links out.
+/// [`tls_incoming`] with at most `per_address` handshakes under way from one IP address (an IPv6
+/// /64, what one host is usually given): a connection beyond that is closed at once. Otherwise one
+/// host that opens connections and sends nothing would hold the whole bound of the port (each for
+/// the handshake's timeout), certificate or not, and keep a group's own Raft links out.
+/// [`tls_incoming`] allows [`crate::limits::MAX_HANDSHAKES_PER_ADDRESS`], and never more than an
+/// eighth of the port's bound.
 fn tls_incoming_with(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -496,20 +516,8 @@ fn tls_incoming_with(
             };
             let connection = match next {
                 Some(Ok(connection)) => connection,
-                Some(Err(e)) => {
-                    use std::io::ErrorKind::{
-                        ConnectionAborted, ConnectionRefused, ConnectionReset,
-                    };
-                    if !matches!(
-                        e.kind(),
-                        ConnectionAborted | ConnectionRefused | ConnectionReset
-                    ) {
-                        // Out of descriptors, most likely: give closing connections a moment.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    }
-                    continue;
-                }
+                // `incoming` has paused after it, if it was worth a pause.
+                Some(Err(_)) => continue,
                 None => return,
             };
             let peer = connection.peer_addr().ok();
@@ -518,9 +526,12 @@ fn tls_incoming_with(
             };
             let (acceptor, handshaked) = (acceptor.clone(), handshaked.clone());
             tokio::spawn(async move {
-                let _turn = _turn;
                 let handshake = acceptor.accept(connection);
-                match tokio::time::timeout(crate::limits::TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                let handshake =
+                    tokio::time::timeout(crate::limits::TLS_HANDSHAKE_TIMEOUT, handshake).await;
+                // Its turn is over: waiting for the server to take it is not a handshake.
+                drop(_turn);
+                match handshake {
                     Ok(Ok(tls)) => {
                         let _ = handshaked.send(Ok(tls)).await;
                     }
@@ -550,9 +561,10 @@ impl HandshakesUnderWay {
         let Some(address) = address else {
             return Some(HandshakeTurn(None));
         };
+        let address = host_of(address);
         let mut by_address = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
-        let count = by_address.entry(address).or_insert(0);
-        if *count >= per_address {
+        let count = by_address.get(&address).copied().unwrap_or(0);
+        if count >= per_address {
             drop(by_address);
             if let Some(unlogged) = self.warned.due() {
                 tracing::warn!(
@@ -564,8 +576,20 @@ impl HandshakesUnderWay {
             }
             return None;
         }
-        *count += 1;
+        *by_address.entry(address).or_insert(0) += 1;
         Some(HandshakeTurn(Some((self.clone(), address))))
+    }
+}
+
+/// What counts as one host for [`HandshakesUnderWay`]: an IPv4 address (mapped ones included), or
+/// the /64 an IPv6 address is in (a host is usually given a whole /64, and could otherwise take a
+/// turn per address).
+fn host_of(address: std::net::IpAddr) -> std::net::IpAddr {
+    match address.to_canonical() {
+        std::net::IpAddr::V6(v6) => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !u128::from(u64::MAX),
+        )),
+        v4 => v4,
     }
 }
 
@@ -787,6 +811,27 @@ mod tests {
             .await
             .expect("the real client's connection reached the server");
         assert!(matches!(accepted, Some(Ok(_))));
+    }
+
+    /// Handshakes are counted per host: an IPv4 address (also when mapped into IPv6), or an IPv6
+    /// /64, so a host cannot take a turn for each of its IPv6 addresses.
+    #[test]
+    fn handshakes_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let host = |a: &str| super::host_of(a.parse().expect("address"));
+        assert_eq!(host("10.1.2.3"), host("::ffff:10.1.2.3"));
+        assert_ne!(host("10.1.2.3"), host("10.1.2.4"));
+        assert_eq!(host("2001:db8:1:2::1"), host("2001:db8:1:2:ffff::9"));
+        assert_ne!(host("2001:db8:1:2::1"), host("2001:db8:1:3::1"));
+        let under_way = super::HandshakesUnderWay::default();
+        let a = under_way.take(Some("2001:db8::1".parse().expect("address")), 1);
+        assert!(a.is_some());
+        assert!(under_way
+            .take(Some("2001:db8::2".parse().expect("address")), 1)
+            .is_none());
+        drop(a);
+        assert!(under_way
+            .take(Some("2001:db8::2".parse().expect("address")), 1)
+            .is_some());
     }
 
     /// A listener holds at most its bound of connections open: the next one is accepted once one of
