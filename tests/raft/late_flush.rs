@@ -5,12 +5,10 @@
 use bytes::Bytes;
 use ds824::raft::{Config, Envelope, Index, RaftCore, Ready, Role};
 
+/// The lease tests' configuration (without lease reads), a leader's writes sent before their flush.
 fn config(id: u64) -> Config {
-    let mut config = Config::new(id, vec![1, 2, 3]);
-    config.election_ticks = 20;
-    config.heartbeat_ticks = 2;
+    let mut config = super::lease::config(id, false);
     config.persist_after_send = true;
-    config.seed = 11;
     config
 }
 
