@@ -130,14 +130,11 @@ fn round_trips(count: u64) -> Vec<Duration> {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind 127.0.0.1");
     let address = listener.local_addr().expect("local address");
-    let router = ds824::security::Security::Insecure
-        .server()
-        .expect("server builder")
-        .add_service(KvServer::new(Answering));
+    let routes = tonic::service::Routes::new(KvServer::new(Answering));
     server_runtime.spawn(async move {
         ds824::security::Security::Insecure
             .serve(
-                router,
+                routes,
                 listener,
                 ds824::security::Admit::Cluster,
                 std::future::pending(),

@@ -372,7 +372,8 @@ enum CertsOp {
         #[arg(long)]
         name: String,
         /// Extra DNS names or IP addresses to put in it, comma-separated (clients verify servers under
-        /// the fixed name server.ds824, so these are only for other tools).
+        /// names given by role, ROLE.server.ds824, so these are only for other tools; names under
+        /// server.ds824 are refused).
         #[arg(long, value_delimiter = ',')]
         host: Vec<String>,
         /// Days the certificate is valid.

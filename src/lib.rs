@@ -14,6 +14,7 @@ pub mod kvctl;
 pub mod limits;
 pub mod metrics;
 pub mod mr;
+pub mod pacer;
 pub mod raft;
 pub mod replica;
 pub mod rsm;

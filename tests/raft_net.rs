@@ -470,7 +470,7 @@ async fn inbound_server(
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move {
         loopback::serve_plain(
-            tonic::transport::Server::builder().add_service(RaftTransportServer::new(service)),
+            tonic::service::Routes::new(RaftTransportServer::new(service)),
             listener,
         )
         .await;

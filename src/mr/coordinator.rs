@@ -247,9 +247,9 @@ impl Running {
         is_attempt((&self.worker, self.attempt), worker, attempt)
     }
 
-    /// Whether (`worker`, `attempt`) is this hand-out or one it superseded.
+    /// Whether (`worker`, `attempt`) is this hand-out or one it superseded, and has not ended.
     fn holds(&self, worker: &str, attempt: u64) -> bool {
-        self.is_latest(worker, attempt)
+        (self.is_latest(worker, attempt) && !self.latest_ended)
             || self
                 .superseded
                 .iter()
@@ -421,6 +421,34 @@ pub enum ReportError {
         /// The worker that reported.
         worker: String,
     },
+    /// A reduce attempt reported success without holding the task's commit grant: it cannot have
+    /// moved its output into place ([`Coordinator::may_commit`]), so taking its word would finish a
+    /// job whose output file is missing.
+    #[error("job {job} reduce task {index}: attempt {attempt} of worker {worker:?} reported success without the commit grant")]
+    Uncommitted {
+        /// The job.
+        job: u64,
+        /// The task's index.
+        index: u32,
+        /// The attempt reported.
+        attempt: u64,
+        /// The worker that reported.
+        worker: String,
+    },
+}
+
+/// A new attempt number. Random, so that no worker can guess the attempt of a task handed to
+/// another and report for it (a worker's id is in `mrd status`; counting attempts from the clock
+/// let a worker narrow them down from its own), and none handed out after a restart repeats one
+/// from before it but by a 2^-64 chance: a pre-restart attempt cannot pass for a current one.
+/// Never 0, which `MapLocations` uses for "not finished".
+fn fresh_attempt() -> u64 {
+    loop {
+        let attempt = rand::random::<u64>();
+        if attempt != 0 {
+            return attempt;
+        }
+    }
 }
 
 /// A job's state plus who is running what, for status displays.
@@ -436,7 +464,6 @@ pub struct JobView<'a> {
 /// The scheduling state of every job.
 pub struct Coordinator {
     jobs: BTreeMap<u64, Job>,
-    next_attempt: u64,
     timeout: Duration,
     max_attempts: u32,
     /// Jobs submitted, whose header the caller must persist ([`Coordinator::take_changed`]).
@@ -462,14 +489,8 @@ impl Coordinator {
                 (record.id, Job::new(record))
             })
             .collect();
-        // Attempt numbers start from the clock, so none handed out after a restart repeats one
-        // handed out before it: a pre-restart attempt can never pass for a current one.
-        let next_attempt = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_micros() as u64);
         Self {
             jobs,
-            next_attempt,
             timeout,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             submitted: Default::default(),
@@ -671,13 +692,15 @@ impl Coordinator {
             // across coordinator restarts.
             self.dirty_tasks.insert((job.record.id, kind, index as u32));
         }
-        let attempt = self.next_attempt;
-        self.next_attempt += 1;
+        let attempt = fresh_attempt();
         let previous = job.running_mut(kind)[index].take();
         let (superseded, commit_grant) = match &previous {
             Some(p) => {
                 let mut superseded = p.superseded.clone();
-                superseded.push((p.worker.clone(), p.attempt));
+                if !p.latest_ended {
+                    // Timed out, perhaps still at work; one that reported a failure is done.
+                    superseded.push((p.worker.clone(), p.attempt));
+                }
                 (superseded, p.commit_grant.clone())
             }
             None => (Vec::new(), None),
@@ -844,6 +867,14 @@ impl Coordinator {
             });
         };
         let failed = !matches!(outcome, Outcome::Succeeded { .. });
+        if kind == TaskKind::Reduce && !failed && !running.granted_to(worker, attempt) {
+            return Err(ReportError::Uncommitted {
+                job: job_id,
+                index,
+                attempt,
+                worker: worker.to_string(),
+            });
+        }
         if running.is_latest(worker, attempt) && failed && !running.superseded.is_empty() {
             // Earlier attempts may still finish: keep hearing them, and free the task for another.
             running.latest_ended = true;
@@ -852,9 +883,15 @@ impl Coordinator {
             }
         } else if running.is_latest(worker, attempt) {
             *slot = None;
-        } else if running.granted_to(worker, attempt) {
-            // A superseded attempt that reports without having committed gives the grant back.
-            running.commit_grant = None;
+        } else {
+            // A superseded attempt has ended: heard once (a retried failure must not count twice).
+            running
+                .superseded
+                .retain(|(w, a)| !is_attempt((w, *a), worker, attempt));
+            if running.granted_to(worker, attempt) {
+                // It reports without having committed: it gives the grant back.
+                running.commit_grant = None;
+            }
         }
         let state_before = job.record.state.clone();
         match outcome {
@@ -1031,6 +1068,7 @@ mod tests {
             .collect();
         assert_eq!(attempts, vec![m0.attempt, m1.attempt]);
         assert_eq!(addrs(c.locations(id, 1).unwrap()), vec!["b:1".to_string()]);
+        assert!(reduce_commits(&mut c, id, "c", r0.attempt, now));
         c.report(id, TaskKind::Reduce, 0, "c", r0.attempt, ok(""))
             .unwrap();
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
@@ -1182,6 +1220,9 @@ mod tests {
         for kind in [TaskKind::Map, TaskKind::Reduce] {
             let task = run(c.assign(&worker("a"), now));
             assert_eq!((task.job_id, task.kind), (id, kind));
+            if kind == TaskKind::Reduce {
+                assert!(reduce_commits(c, id, "a", task.attempt, now));
+            }
             c.report(id, kind, 0, "a", task.attempt, ok("a:1")).unwrap();
         }
         assert_eq!(c.record(id).map(|r| &r.state), Some(&JobState::Done));
@@ -1246,6 +1287,7 @@ mod tests {
         c.report(first, TaskKind::Map, 0, "a", map.attempt, ok(""))
             .unwrap();
         let reduce = run(c.assign(&worker("a"), now));
+        assert!(reduce_commits(&mut c, first, "a", reduce.attempt, now));
         c.report(first, TaskKind::Reduce, 0, "a", reduce.attempt, ok(""))
             .unwrap();
         assert_eq!(run(c.assign(&worker("a"), now)).job_id, second);
@@ -1466,6 +1508,70 @@ mod tests {
         assert!(c.record(id).unwrap().maps[0].done.is_none());
         let rerun = run(c.assign(&worker("m"), now + TIMEOUT));
         assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, 0));
+    }
+
+    /// A reduce attempt moves its output into place only with the commit grant, so a success
+    /// reported without it (forged, or from a worker that skipped the commit) would finish the job
+    /// with its output file missing.
+    #[test]
+    fn a_reduce_success_without_the_commit_grant_is_refused() {
+        let now = Instant::now();
+        let (mut c, id) = one_map_done(now);
+        let reduce = run(c.assign(&worker("r"), now));
+        let refused = c.report(id, TaskKind::Reduce, 0, "r", reduce.attempt, ok(""));
+        assert!(
+            matches!(refused, Err(ReportError::Uncommitted { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(c.record(id).unwrap().state, JobState::Running);
+        assert!(reduce_commits(&mut c, id, "r", reduce.attempt, now));
+        assert!(c
+            .report(id, TaskKind::Reduce, 0, "r", reduce.attempt, ok(""))
+            .unwrap());
+        assert_eq!(c.record(id).unwrap().state, JobState::Done);
+    }
+
+    /// A worker sees its own attempt numbers and, in `mrd status`, who runs what: attempts counted
+    /// from one base let it guess another worker's and report for it.
+    #[test]
+    fn attempt_numbers_cannot_be_guessed_from_ones_own() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(8, 1));
+        let attempts: Vec<u64> = (0..8)
+            .map(|i| run(c.assign(&worker(&format!("w{i}")), now)).attempt)
+            .collect();
+        for pair in attempts.windows(2) {
+            assert!(
+                pair[0].abs_diff(pair[1]) > 1 << 20,
+                "attempts {attempts:?} of job {id} are close together"
+            );
+        }
+    }
+
+    /// A report retried because its reply was lost is heard once: counted twice, a task's one real
+    /// failure could fail its job early.
+    #[test]
+    fn a_retried_failure_report_counts_once() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT);
+        let id = submit(&mut c, spec(1, 1));
+        let first = run(c.assign(&worker("a"), now));
+        // `a` times out and `b` takes over; both still count until they report.
+        let second = run(c.assign(&worker("b"), now + TIMEOUT));
+        for (who, attempt) in [("b", second.attempt), ("a", first.attempt)] {
+            let failed = || Outcome::Failed("disk full".into());
+            assert!(c
+                .report(id, TaskKind::Map, 0, who, attempt, failed())
+                .unwrap());
+            let again = c.report(id, TaskKind::Map, 0, who, attempt, failed());
+            assert!(
+                matches!(again, Err(ReportError::NotCurrent { .. })),
+                "{who}: {again:?}"
+            );
+        }
+        assert_eq!(c.record(id).unwrap().maps[0].failures, 2);
+        assert_eq!(c.record(id).unwrap().state, JobState::Running);
     }
 
     #[test]

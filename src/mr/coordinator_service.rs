@@ -596,6 +596,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                         tracing::info!(%err, "report refused: not an attempt handed out");
                         Status::failed_precondition(err.to_string())
                     }
+                    ReportError::Uncommitted { .. } => {
+                        tracing::warn!(%err, "report refused");
+                        Status::failed_precondition(err.to_string())
+                    }
                 })?;
             let (job, kind_name, index, worker) =
                 (report.job_id, kind, report.index, &report.worker_id);
@@ -699,12 +703,9 @@ pub async fn serve(
 ) -> Result<(), MrError> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "coordinator serving");
-    let router = security
-        .server()
-        .map_err(|err| MrError::Other(format!("coordinator server: {err}")))?
-        .add_service(CoordinatorServer::from_arc(service));
+    let routes = tonic::service::Routes::new(CoordinatorServer::from_arc(service));
     security
-        .serve(router, listener, Admit::Cluster, shutdown)
+        .serve(routes, listener, Admit::Cluster, shutdown)
         .await
         .map_err(|err| MrError::Other(format!("coordinator server: {err}")))
 }

@@ -21,6 +21,12 @@ pub const DEFAULT_SPLIT_SIZE: u64 = 64 << 20;
 /// Most map tasks (input splits) a job may have: every task is a record the coordinator keeps.
 pub const MAX_MAPS: usize = 1_000_000;
 
+/// Most map output partitions a job may make (map tasks × reduce tasks): each is a file on a
+/// worker's disk (or in the shared directory) and a fetch, so the two caps alone (10^11 files) would
+/// let one submit fill any disk's inodes. 10^7 is, say, 10,000 maps of 64 MiB (640 GiB) into 1,000
+/// reduces.
+pub const MAX_MAP_OUTPUTS: u64 = 10_000_000;
+
 /// The part of one input file a map task reads: the lines that *start* in `[offset, offset + length)`,
 /// so a line crossing a boundary is read whole by the task it starts in, and by no other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,7 +121,8 @@ impl JobSpec {
     /// find the line boundaries), the last split of a file taking up to 10 % more; one split per file for apps that are not
     /// [splittable](crate::mr::app::App::splittable). Every file's last split reads to the end of the
     /// file, so lines appended after submission are still read, once. An empty file is one split, so
-    /// every input is at least one map task. Refuses a job of more than [`MAX_MAPS`] tasks.
+    /// every input is at least one map task. Refuses a job of more than [`MAX_MAPS`] tasks, or of
+    /// more than [`MAX_MAP_OUTPUTS`] map output partitions.
     pub fn splits(&self) -> Result<Vec<Split>, MrError> {
         let app = app::build(&self.app, &self.args)
             .map_err(|err| MrError::InvalidJob(err.to_string()))?;
@@ -154,6 +161,16 @@ impl JobSpec {
                     length: if piece + 1 == pieces { u64::MAX } else { size },
                 });
             }
+        }
+        let outputs = splits.len() as u64 * u64::from(self.n_reduce);
+        if outputs > MAX_MAP_OUTPUTS {
+            return Err(MrError::InvalidJob(format!(
+                "{} map tasks (a split size of {size} bytes) into {} reduce tasks make {outputs} map \
+                 output files, more than {MAX_MAP_OUTPUTS}; use a larger --split-size or fewer \
+                 --reduces",
+                splits.len(),
+                self.n_reduce
+            )));
         }
         Ok(splits)
     }
@@ -377,6 +394,13 @@ mod tests {
         assert_eq!(cut, vec![(0, 1000), (1000, to_end)]);
         let err = spec.clone().with_split_size(1).splits();
         assert!(err.is_ok(), "2,100 tasks are allowed");
+        // ... but not each into MAX_REDUCES partitions (2.1 × 10^8 files).
+        let wide = JobSpec {
+            n_reduce: MAX_REDUCES,
+            ..spec.clone()
+        };
+        let err = wide.with_split_size(1).splits().unwrap_err().to_string();
+        assert!(err.contains("map output files"), "{err}");
         assert!(spec.without_inputs().inputs.is_empty());
     }
 }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -52,6 +53,8 @@ pub struct ShuffleService {
     fetches: std::sync::Arc<tokio::sync::Semaphore>,
     /// A reader that takes no chunk for this long loses its fetch (and its permit).
     stalled_reader: Duration,
+    /// ... or that takes fewer bytes a second than this over such a stretch.
+    min_bytes_per_second: u64,
 }
 
 /// Fetches served at once; more wait (see [`PERMIT_WAIT`]).
@@ -63,6 +66,53 @@ const PERMIT_WAIT: Duration = Duration::from_secs(10);
 
 /// A reducer that stops reading a fetch for this long loses it.
 const STALLED_READER: Duration = Duration::from_secs(30);
+
+/// The slowest a fetch may move, averaged over each stall window (`idle`, `stalled_reader`): a
+/// peer that trickles (a byte, or a chunk, just before each stall timeout) would otherwise hold a
+/// reducer, or a mapper's fetch permit, for ever. 64 fetches at this rate are 16 MiB/s, well within
+/// a mapper's disk and network.
+pub const MIN_FETCH_BYTES_PER_SECOND: u64 = 256 << 10;
+
+/// A transfer's progress in windows of a stall timeout: each window that passes before the
+/// transfer ends must have moved `min_bytes` (the window × the minimum rate).
+#[derive(Debug)]
+struct Progress {
+    window: Duration,
+    min_bytes: u64,
+    ends: tokio::time::Instant,
+    moved: u64,
+}
+
+impl Progress {
+    fn new(window: Duration, min_bytes_per_second: u64) -> Self {
+        Progress {
+            window,
+            min_bytes: (window.as_secs_f64() * min_bytes_per_second as f64) as u64,
+            ends: tokio::time::Instant::now() + window,
+            moved: 0,
+        }
+    }
+
+    fn moved(&mut self, bytes: usize) {
+        self.moved += bytes as u64;
+    }
+
+    /// What is left of the current window.
+    fn left(&self) -> Duration {
+        self.ends
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
+
+    /// The current window has ended: a new one starts if it moved enough; otherwise what it moved.
+    fn window_ended(&mut self) -> Result<(), u64> {
+        if self.moved < self.min_bytes {
+            return Err(self.moved);
+        }
+        self.ends = tokio::time::Instant::now() + self.window;
+        self.moved = 0;
+        Ok(())
+    }
+}
 
 impl ShuffleService {
     /// Serves the outputs under `worker_dir` (see [`local_job_dir`]) to the callers `guard` admits as
@@ -84,7 +134,14 @@ impl ShuffleService {
             guard,
             fetches: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrent)),
             stalled_reader,
+            min_bytes_per_second: MIN_FETCH_BYTES_PER_SECOND,
         }
+    }
+
+    /// With readers slower than `bytes_per_second` (over each stall timeout) cut off.
+    pub fn with_min_rate(mut self, bytes_per_second: u64) -> Self {
+        self.min_bytes_per_second = bytes_per_second;
+        self
     }
 }
 
@@ -155,6 +212,7 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
         // taking them: memory per fetch is one chunk in flight plus one queued, however big the file.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::FetchChunk, Status>>(1);
         let stalled = self.stalled_reader;
+        let min_rate = self.min_bytes_per_second;
         // Set once every chunk is queued: a stream that ends without it was cut off, and says so
         // rather than end as if the file were shorter.
         let complete = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -171,6 +229,7 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
                 return;
             }
             let mut file = tokio::fs::File::from_std(file);
+            let mut progress = Progress::new(stalled, min_rate);
             let mut left = len;
             while left > 0 {
                 let mut data = vec![0u8; left.min(CHUNK as u64) as usize];
@@ -187,10 +246,22 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
                     }
                 };
                 let failed_read = item.is_err();
-                if tx.send_timeout(item, stalled).await.is_err() {
-                    tracing::info!(path = %path.display(), "fetch dropped: the reader went away or stopped reading");
+                let bytes = item.as_ref().map_or(0, |chunk| chunk.data.len());
+                let mut item = item;
+                let sent = loop {
+                    match tx.send_timeout(item, progress.left()).await {
+                        Ok(()) => break true,
+                        Err(SendTimeoutError::Timeout(back)) if progress.window_ended().is_ok() => {
+                            item = back;
+                        }
+                        Err(_) => break false,
+                    }
+                };
+                if !sent {
+                    tracing::info!(path = %path.display(), "fetch dropped: the reader went away, stopped reading or read too slowly");
                     return;
                 }
+                progress.moved(bytes);
                 if failed_read {
                     return;
                 }
@@ -200,7 +271,7 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
         let cut_off = futures::stream::once(async move {
             (!complete.load(std::sync::atomic::Ordering::Acquire)).then(|| {
                 Err(Status::aborted(
-                    "fetch cut off: the reader took no chunk for too long",
+                    "fetch cut off: the reader took no chunk, or too few, for too long",
                 ))
             })
         })
@@ -218,15 +289,12 @@ pub fn spawn_server(
     worker_dir: PathBuf,
     security: &Security,
 ) -> Result<tokio::task::JoinHandle<()>, MrError> {
-    let mut server = security
-        .server()
-        .map_err(|err| MrError::Other(format!("shuffle server: {err}")))?;
     let service = ShuffleService::new(worker_dir, security.guard());
     let security = security.clone();
     Ok(tokio::spawn(async move {
-        let router = server.add_service(ShuffleServer::new(service));
+        let routes = tonic::service::Routes::new(ShuffleServer::new(service));
         let result = security
-            .serve(router, listener, Admit::Cluster, std::future::pending())
+            .serve(routes, listener, Admit::Cluster, std::future::pending())
             .await;
         if let Err(err) = result {
             tracing::error!(%err, "shuffle server stopped");
@@ -255,6 +323,8 @@ pub struct FetchLimits {
     pub max_bytes: usize,
     /// A fetch that receives nothing for this long fails (and is retried, then reported lost).
     pub idle: Duration,
+    /// ... as does one that receives fewer bytes a second than this over such a stretch.
+    pub min_bytes_per_second: u64,
 }
 
 impl Default for FetchLimits {
@@ -262,6 +332,7 @@ impl Default for FetchLimits {
         FetchLimits {
             max_bytes: MAX_FETCH_BYTES,
             idle: Duration::from_secs(30),
+            min_bytes_per_second: MIN_FETCH_BYTES_PER_SECOND,
         }
     }
 }
@@ -323,10 +394,15 @@ impl Fetcher {
         into: &Path,
         keep: usize,
     ) -> Result<Fetched, MrError> {
-        let FetchLimits { max_bytes, idle } = self.limits;
+        let FetchLimits {
+            max_bytes,
+            idle,
+            min_bytes_per_second,
+        } = self.limits;
         let (map, reduce) = (request.map_index, request.reduce_index);
         let stalled = || MrError::Other(format!("{addr} sent nothing for {idle:?} while fetching"));
         let mut client = self.client(addr)?;
+        let mut progress = Progress::new(idle, min_bytes_per_second);
         let mut stream = tokio::time::timeout(idle, client.fetch(request))
             .await
             .map_err(|_| stalled())??
@@ -334,11 +410,22 @@ impl Fetcher {
         let mut held = Vec::new();
         let mut file: Option<tokio::fs::File> = None;
         let mut fetched = 0u64;
-        while let Some(chunk) = tokio::time::timeout(idle, stream.next())
-            .await
-            .map_err(|_| stalled())?
-        {
+        loop {
+            let Ok(next) = tokio::time::timeout(progress.left(), stream.next()).await else {
+                match progress.window_ended() {
+                    Ok(()) => continue,
+                    Err(0) => return Err(stalled()),
+                    Err(moved) => {
+                        return Err(MrError::Other(format!(
+                            "{addr} sent only {moved} bytes in {idle:?} while fetching (at least \
+                             {min_bytes_per_second} a second expected)"
+                        )))
+                    }
+                }
+            };
+            let Some(chunk) = next else { break };
             let chunk = chunk?;
+            progress.moved(chunk.data.len());
             fetched += chunk.data.len() as u64;
             if fetched > max_bytes as u64 {
                 return Err(MrError::Other(format!(
@@ -446,9 +533,13 @@ mod tests {
         Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).unwrap()
     }
 
-    /// A shuffle server that streams without end, or not at all.
-    struct Rogue {
-        endless: bool,
+    /// A shuffle server that streams without end, not at all, or a byte at a time.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Rogue {
+        Endless,
+        Silent,
+        /// A byte every `Duration`.
+        Trickle(Duration),
     }
 
     #[tonic::async_trait]
@@ -462,45 +553,57 @@ mod tests {
             let chunk = pb::FetchChunk {
                 data: Bytes::from(vec![0u8; CHUNK]),
             };
-            let stream: ChunkStream = if self.endless {
-                Box::pin(futures::stream::repeat_with(move || Ok(chunk.clone())))
-            } else {
-                Box::pin(futures::stream::pending())
+            let stream: ChunkStream = match *self {
+                Rogue::Endless => Box::pin(futures::stream::repeat_with(move || Ok(chunk.clone()))),
+                Rogue::Silent => Box::pin(futures::stream::pending()),
+                Rogue::Trickle(every) => {
+                    Box::pin(futures::stream::unfold((), move |()| async move {
+                        tokio::time::sleep(every).await;
+                        let byte = pb::FetchChunk {
+                            data: Bytes::from_static(b"x"),
+                        };
+                        Some((Ok(byte), ()))
+                    }))
+                }
             };
             Ok(Response::new(stream))
         }
     }
 
+    /// ... and in slowness: a peer sending a byte just before each stall timeout held a reducer
+    /// for ever.
     #[tokio::test]
     async fn a_fetch_is_bounded_in_size_and_in_silence() {
-        for endless in [true, false] {
+        let idle = Duration::from_millis(300);
+        for rogue in [Rogue::Endless, Rogue::Silent, Rogue::Trickle(idle / 3)] {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap().to_string();
-            let router = tonic::transport::Server::builder()
-                .add_service(ShuffleServer::new(Rogue { endless }));
+            let routes = tonic::service::Routes::new(ShuffleServer::new(rogue));
             let server = tokio::spawn(async move {
                 Security::Insecure
-                    .serve(router, listener, Admit::Cluster, std::future::pending())
+                    .serve(routes, listener, Admit::Cluster, std::future::pending())
                     .await
             });
             let limits = FetchLimits {
                 max_bytes: 3 * CHUNK,
-                idle: Duration::from_millis(300),
+                idle,
+                ..FetchLimits::default()
             };
             let started = std::time::Instant::now();
             let into = tempfile::NamedTempFile::new().unwrap();
-            let err = Fetcher::default()
-                .with_limits(limits)
-                .fetch_to(&addr, WANTED, into.path(), 0)
+            let mut fetcher = Fetcher::default().with_limits(limits);
+            let fetched = fetcher.fetch_to(&addr, WANTED, into.path(), 0);
+            let err = tokio::time::timeout(Duration::from_secs(10), fetched)
                 .await
+                .unwrap_or_else(|_| panic!("{rogue:?}: the fetch still runs after 10 s"))
                 .unwrap_err()
                 .to_string();
-            let expected = if endless {
-                "over the fetch limit"
-            } else {
-                "sent nothing"
+            let expected = match rogue {
+                Rogue::Endless => "over the fetch limit",
+                Rogue::Silent => "sent nothing",
+                Rogue::Trickle(_) => "bytes in",
             };
-            assert!(err.contains(expected), "{err}");
+            assert!(err.contains(expected), "{rogue:?}: {err}");
             assert!(started.elapsed() < Duration::from_secs(5));
             server.abort();
         }
@@ -520,10 +623,10 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let service =
             ShuffleService::with_limits(outputs, Guard::open(), 1, Duration::from_millis(300));
-        let router = tonic::transport::Server::builder().add_service(ShuffleServer::new(service));
+        let routes = tonic::service::Routes::new(ShuffleServer::new(service));
         let server = tokio::spawn(async move {
             Security::Insecure
-                .serve(router, listener, Admit::Cluster, std::future::pending())
+                .serve(routes, listener, Admit::Cluster, std::future::pending())
                 .await
         });
         let request = pb::FetchRequest {
@@ -557,6 +660,56 @@ mod tests {
             got < big.len(),
             "the stalled reader still got all {got} bytes"
         );
+        server.abort();
+    }
+
+    /// A reader that takes a chunk just before each stall timeout, far below the minimum rate,
+    /// kept its fetch and its slot until the whole file was read.
+    #[tokio::test]
+    async fn a_reader_below_the_minimum_rate_loses_its_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let outputs = dir.path().join("outputs");
+        let job = local_job_dir(&outputs, 1);
+        std::fs::create_dir_all(&job).unwrap();
+        let big = vec![7u8; CHUNK * 16];
+        std::fs::write(job.join(intermediate_name(1, 0, 0, 7)), &big).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stall = Duration::from_millis(400);
+        // At least 8 chunks a second; the reader takes one every 300 ms (under the stall timeout).
+        let service = ShuffleService::with_limits(outputs, Guard::open(), 1, stall)
+            .with_min_rate(8 * CHUNK as u64);
+        let routes = tonic::service::Routes::new(ShuffleServer::new(service));
+        let server = tokio::spawn(async move {
+            Security::Insecure
+                .serve(routes, listener, Admit::Cluster, std::future::pending())
+                .await
+        });
+        let request = pb::FetchRequest {
+            job_id: 1,
+            map_index: 0,
+            reduce_index: 0,
+            attempt: 7,
+        };
+        let mut slow = ShuffleClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let mut stream = slow.fetch(request).await.unwrap().into_inner();
+        let mut got = 0;
+        let mut ended = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(chunk) => got += chunk.data.len(),
+                Err(status) => {
+                    ended = Some(status);
+                    break;
+                }
+            }
+            tokio::time::sleep(stall * 3 / 4).await;
+        }
+        let ended = ended.expect("the slow reader got the whole file");
+        assert!(ended.message().contains("cut off"), "{ended:?}");
+        assert!(got < big.len(), "the slow reader got all {got} bytes");
         server.abort();
     }
 

@@ -1007,12 +1007,11 @@ mod tests {
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
-        let router =
-            tonic::transport::Server::builder().add_service(RaftTransportServer::new(peer));
+        let routes = tonic::service::Routes::new(RaftTransportServer::new(peer));
         tokio::spawn(async move {
             crate::security::Security::Insecure
                 .serve(
-                    router,
+                    routes,
                     listener,
                     crate::security::Admit::Cluster,
                     std::future::pending(),

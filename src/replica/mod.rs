@@ -757,12 +757,7 @@ impl Replica {
         });
         let _stop_metrics = AbortOnDrop(metrics_server);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server_builder = || {
-            security
-                .server()
-                .map_err(|e| RunError::Server(e.to_string()))
-        };
-        let peer_router = server_builder()?.add_service(node.service());
+        let peer_routes = tonic::service::Routes::new(node.service());
         let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let peer_security = security.clone();
         let mut peer_server = tokio::spawn(async move {
@@ -770,23 +765,22 @@ impl Replica {
                 let _ = peer_stop_rx.await;
             };
             peer_security
-                .serve(peer_router, peer_listener, peers, stopped)
+                .serve(peer_routes, peer_listener, peers, stopped)
                 .await
         });
-        let mut router = server_builder()?;
-        let router = router.add_service(admin.into_server());
-        let router = match service {
-            Served::Kv(service) => router.add_service(
+        let routes = tonic::service::Routes::new(admin.into_server());
+        let routes = match service {
+            Served::Kv(service) => routes.add_service(
                 KvServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             ),
-            Served::Ctrler(service) => router.add_service(
+            Served::Ctrler(service) => routes.add_service(
                 CtrlerServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             ),
-            Served::Shard(services) => router
+            Served::Shard(services) => routes
                 .add_service(
                     KvServer::new(services.kv)
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -800,7 +794,7 @@ impl Replica {
                 let _ = stop_rx.await;
             };
             client_security
-                .serve(router, listener, Admit::Cluster, stopped)
+                .serve(routes, listener, Admit::Cluster, stopped)
                 .await
         });
         info!(node = id, "serving");

@@ -19,6 +19,7 @@
 use super::sessions::{plausible_client, unix_ms};
 use super::{Completion, Prepared, Rsm, RsmError, SnapshotJob, StateMachine, Token};
 use crate::metrics::ServiceMetrics;
+use crate::pacer::LinePacer;
 use crate::raft::{Applied, NodeError, NodeId, NotLeader, RaftHandle, Role};
 use crate::raft::{Index, Term};
 use crate::stages::ServiceStages;
@@ -161,34 +162,6 @@ struct Shared<S: StateMachine> {
     stages: Mutex<ServiceStages>,
 }
 
-/// At most one log line per interval; counts the ones it held back.
-struct LinePacer {
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl LinePacer {
-    /// Between two lines of a kind.
-    const INTERVAL: Duration = Duration::from_secs(1);
-
-    fn new() -> Self {
-        LinePacer {
-            state: Mutex::new((None, 0)),
-        }
-    }
-
-    /// `Some(lines held back since the last one)` if a line may be written at `now`.
-    fn admit(&self, now: Instant) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let (last, held) = &mut *state;
-        if last.is_some_and(|at| now < at + Self::INTERVAL) {
-            *held += 1;
-            return None;
-        }
-        *last = Some(now);
-        Some(std::mem::take(held))
-    }
-}
-
 impl<S: StateMachine> Shared<S> {
     fn lock(&self) -> MutexGuard<'_, Inner<S>> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that matters more
@@ -325,7 +298,7 @@ impl<S: ServedMachine> RsmService<S> {
             }),
             applied: watch::Sender::new(0),
             backup_slot: Arc::new(tokio::sync::Mutex::new(())),
-            refusal_lines: LinePacer::new(),
+            refusal_lines: LinePacer::new(REFUSAL_LINE_EVERY),
             stages: Mutex::default(),
         });
         let config = Arc::new(config);
@@ -471,7 +444,7 @@ impl<S: ServedMachine> RsmService<S> {
         // answers (wrong leader, timeout) are a client's everyday business and only counted.
         let refused = matches!(result, Err(Refusal::SessionExpired(_) | Refusal::Status(_)));
         if refused {
-            if let Some(unlogged) = self.shared.refusal_lines.admit(Instant::now()) {
+            if let Some(unlogged) = self.shared.refusal_lines.admit() {
                 match result {
                     Err(Refusal::SessionExpired(mark)) => info!(
                         kind,
@@ -702,6 +675,9 @@ impl<S: ServedMachine> RsmService<S> {
 }
 
 /// Bytes of a backup file per streamed message (well under the 4 MiB a gRPC client takes by default).
+/// Between two `request refused` lines.
+const REFUSAL_LINE_EVERY: Duration = Duration::from_secs(1);
+
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 
 /// What a `Backup` RPC answers with: the backup file, in pieces.
@@ -991,30 +967,5 @@ mod leadership_tests {
             !write.is_finished(),
             "answered before its entry was applied"
         );
-    }
-}
-
-#[cfg(test)]
-mod pacer_tests {
-    use super::LinePacer;
-    use std::time::Duration;
-    use tokio::time::Instant;
-
-    #[test]
-    fn a_flood_of_refusals_writes_one_line_a_second_with_the_count_held_back() {
-        let pacer = LinePacer::new();
-        let start = Instant::now();
-        assert_eq!(pacer.admit(start), Some(0));
-        let held = (1..1000)
-            .filter(|n| {
-                pacer
-                    .admit(start + Duration::from_micros(n * 100))
-                    .is_none()
-            })
-            .count();
-        assert_eq!(held, 999);
-        assert_eq!(pacer.admit(start + Duration::from_secs(1)), Some(999));
-        assert_eq!(pacer.admit(start + Duration::from_millis(1500)), None);
-        assert_eq!(pacer.admit(start + Duration::from_secs(2)), Some(1));
     }
 }

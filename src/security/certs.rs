@@ -141,6 +141,14 @@ pub fn issue(
     issue_into(dir, dir, role, name, hosts, days)
 }
 
+/// Whether `host` is, or is under, the names servers are verified by ([`SERVER_NAME`]): DNS names
+/// compare case-insensitively, and a trailing dot or a wildcard changes nothing.
+fn is_reserved_name(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let host = host.strip_prefix("*.").unwrap_or(&host);
+    host == SERVER_NAME || host.ends_with(&format!(".{SERVER_NAME}")) || host == "*"
+}
+
 /// [`issue`] with the CA in `dir` and the certificate, its key and a copy of `ca.pem` written to `out`:
 /// the CA key then never has to be where the certificates are handed out (a volume every container
 /// mounts, a Kubernetes Secret).
@@ -162,6 +170,13 @@ pub fn issue_into(
     if role.raft_group().is_some() && name.parse::<u64>().map_or(true, |id| id == 0) {
         return Err(CertError::Invalid(format!(
             "a {role} replica's name is its node id (1, 2, ...), not {name:?}"
+        )));
+    }
+    if let Some(reserved) = hosts.iter().find(|host| is_reserved_name(host)) {
+        return Err(CertError::Invalid(format!(
+            "--host {reserved}: names under {SERVER_NAME} are the identities servers are checked by, \
+             given by role (a {role} certificate gets its own); another certificate carrying one \
+             could answer as that server"
         )));
     }
     let principal = Principal {
@@ -273,6 +288,30 @@ mod tests {
         assert_eq!(names("coordinator", "1"), ["coordinator.server.ds824"]);
         assert!(names("client", "user").is_empty());
         assert!(names("admin", "ops").is_empty());
+    }
+
+    /// Clients check a server by the DNS name its role gives it: a client's (or another role's)
+    /// certificate carrying such a name, by `--host`, could answer as that server.
+    #[test]
+    fn extra_hosts_cannot_take_a_name_servers_are_checked_by() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init(dir.path(), "prod", 30).expect("init");
+        for host in [
+            "shard-1.server.ds824",
+            "server.ds824",
+            "KV.Server.DS824.",
+            "*.server.ds824",
+            "*",
+        ] {
+            let refused = issue(dir.path(), "client", "x", &[host.to_string()], 30);
+            assert!(
+                matches!(&refused, Err(CertError::Invalid(why)) if why.contains(host)),
+                "{host}: {refused:?}"
+            );
+        }
+        let hosts = ["kv-1.example.com".to_string(), "10.0.0.7".to_string()];
+        let issued = issue(dir.path(), "kv", "1", &hosts, 30).expect("ordinary hosts");
+        assert!(dns_names(&issued.cert).contains(&hosts[0]));
     }
 
     #[test]

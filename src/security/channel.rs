@@ -665,9 +665,7 @@ mod tests {
             accepted.fetch_add(1, Ordering::SeqCst);
             connection
         });
-        let server = super::super::Security::Insecure
-            .server()
-            .expect("server")
+        let server = tonic::transport::Server::builder()
             .add_routes(tonic::service::Routes::default())
             .serve_with_incoming(incoming);
         tokio::spawn(server);
@@ -805,14 +803,10 @@ mod tests {
         };
         let (listener, address) = listen().await;
         let server = load("kv", "1");
-        let router = server
-            .server()
-            .expect("server")
-            .add_routes(tonic::service::Routes::default());
         tokio::spawn(async move {
             server
                 .serve(
-                    router,
+                    tonic::service::Routes::default(),
                     listener,
                     super::super::Admit::Cluster,
                     std::future::pending(),

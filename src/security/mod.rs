@@ -245,17 +245,6 @@ impl Security {
         }
     }
 
-    /// A tonic server builder for [`Security::serve`], which does the TLS (a client certificate from
-    /// the cluster CA required): never serve it any other way.
-    pub fn server(&self) -> Result<tonic::transport::Server, SecurityError> {
-        // A bound on the requests one connection may have in flight, as HTTP/2's
-        // SETTINGS_MAX_CONCURRENT_STREAMS: a client cannot open more streams than that, so the server
-        // never holds more (a tower concurrency limit let them open and queued their requests, at a
-        // semaphore and a wrapped future per request besides).
-        Ok(tonic::transport::Server::builder()
-            .max_concurrent_streams(crate::limits::MAX_REQUESTS_PER_CONNECTION))
-    }
-
     /// The guard services check callers with.
     pub fn guard(&self) -> Guard {
         Guard {
@@ -297,6 +286,11 @@ impl Security {
         }
     }
 }
+
+/// Paces the guard's `request refused` lines, all servers of the process together: any holder of
+/// a cluster certificate can cause them at will.
+static REFUSAL_LINES: crate::pacer::LinePacer =
+    crate::pacer::LinePacer::new(std::time::Duration::from_secs(1));
 
 /// Who may call a service. Open (no TLS) lets everyone in; with TLS, the caller is the identity in its
 /// certificate, which must belong to this cluster.
@@ -348,11 +342,15 @@ impl Guard {
         allowed: impl Fn(&Role) -> bool,
     ) -> Result<Option<Principal>, Status> {
         let caller = self.caller(request).inspect_err(|status| {
-            tracing::warn!(what, peer = ?request.remote_addr(), reason = status.message(), "request refused");
+            if let Some(unlogged) = REFUSAL_LINES.admit() {
+                tracing::warn!(what, peer = ?request.remote_addr(), reason = status.message(), unlogged, "request refused");
+            }
         })?;
         match &caller {
             Some(principal) if !allowed(&principal.role) => {
-                tracing::warn!(what, caller = %principal, "request refused: not allowed");
+                if let Some(unlogged) = REFUSAL_LINES.admit() {
+                    tracing::warn!(what, caller = %principal, unlogged, "request refused: not allowed");
+                }
                 Err(Status::permission_denied(format!(
                     "{principal} may not {what}"
                 )))
@@ -517,13 +515,10 @@ pub(crate) async fn tls_server_for_test(dir: &Path) -> std::net::SocketAddr {
         .await
         .expect("bind");
     let address = listener.local_addr().expect("address");
-    let router = security
-        .server()
-        .expect("server")
-        .add_routes(tonic::service::Routes::default());
+    let routes = tonic::service::Routes::default();
     tokio::spawn(async move {
         security
-            .serve(router, listener, Admit::Cluster, std::future::pending())
+            .serve(routes, listener, Admit::Cluster, std::future::pending())
             .await
     });
     address
@@ -531,9 +526,9 @@ pub(crate) async fn tls_server_for_test(dir: &Path) -> std::net::SocketAddr {
 
 #[cfg(test)]
 mod failure_tests {
-    use super::{describe_tls_failure, is_tls_failure};
+    use super::{describe_tls_failure, is_tls_failure, Guard};
     use std::sync::Arc;
-    use tonic::{Code, Status};
+    use tonic::{Code, Request, Status};
 
     /// A failure seen here: a status whose cause is an I/O error with `text` (as the clerks'
     /// channel reports a broken connection).
@@ -560,5 +555,41 @@ mod failure_tests {
         // A server's own status message saying so is not this process's TLS failure.
         let said_by_server = Status::new(Code::Unavailable, "received fatal alert: DecryptError");
         assert!(!is_tls_failure(&said_by_server));
+    }
+
+    /// Every refused call used to write a line: any holder of a cluster certificate could fill a
+    /// node's disk with them. A flood of refusals writes about one a second (with the count held
+    /// back); the refusal itself is unchanged.
+    #[test]
+    fn a_flood_of_refused_calls_writes_a_line_a_second() {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lines").extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let guard = Guard {
+            cluster: Some("prod".into()),
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..1000 {
+                // No client certificate: refused.
+                let refused = guard.allow(&Request::new(()), "test", |_| true);
+                assert_eq!(refused.expect_err("refused").code(), Code::Unauthenticated);
+            }
+        });
+        let written = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        let refusals = written.matches("request refused").count();
+        assert!(refusals <= 2, "{refusals} lines for 1000 refusals");
     }
 }

@@ -3,6 +3,7 @@
 //! by its certificate before the server holds it ([`Admit`]).
 
 use super::{Principal, Role, Security};
+use crate::pacer::LinePacer;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -54,12 +55,17 @@ pub(super) fn incoming_at_most(
         .with_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .with_keepalive_retries(Some(KEEPALIVE_PROBES));
     let open = Arc::new(tokio::sync::Semaphore::new(bound));
-    let state = (accepted, open, Sparse::default(), Sparse::default());
+    let state = (
+        accepted,
+        open,
+        LinePacer::new(AT_BOUND_WARNING_EVERY),
+        LinePacer::new(AT_BOUND_WARNING_EVERY),
+    );
     futures::stream::unfold(
         state,
         move |(mut accepted, open, warned, failed)| async move {
             use futures::StreamExt;
-            if open.available_permits() == 0 && warned.due().is_some() {
+            if open.available_permits() == 0 && warned.admit().is_some() {
                 // Otherwise a full listener looks like a silent server from outside.
                 tracing::warn!(
                     bound,
@@ -77,7 +83,7 @@ pub(super) fn incoming_at_most(
                 ) {
                     // Out of descriptors, most likely: give closing connections a moment (tonic would
                     // ask again at once).
-                    if let Some(unlogged) = failed.due() {
+                    if let Some(unlogged) = failed.admit() {
                         tracing::warn!(error = %e, unlogged, "accept failed");
                     }
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -151,25 +157,6 @@ impl axum::serve::Listener for BoundedListener {
 
 /// How often a listener at its bound, or a refusal of one kind, is logged at most.
 const AT_BOUND_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// A warning that an attacker could repeat at will: logged at most every [`AT_BOUND_WARNING_EVERY`],
-/// with a count of the occurrences that were not.
-#[derive(Debug, Default)]
-struct Sparse(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
-
-impl Sparse {
-    /// `Some(occurrences not logged since the last one)` if this one is to be logged.
-    fn due(&self) -> Option<u64> {
-        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let (last, unlogged) = &mut *state;
-        if last.is_some_and(|at| at.elapsed() < AT_BOUND_WARNING_EVERY) {
-            *unlogged += 1;
-            return None;
-        }
-        *last = Some(std::time::Instant::now());
-        Some(std::mem::take(unlogged))
-    }
-}
 
 /// An accepted connection holding one of its listener's slots ([`incoming`], [`BoundedListener`])
 /// until it is dropped; with a deadline, its reads and writes fail once that has passed, so the
@@ -296,18 +283,26 @@ impl Admit {
 }
 
 impl Security {
-    /// Serve `router` (from [`Security::server`]) on `listener` until `shutdown`: the connections
-    /// of [`incoming`], and with TLS only those whose certificate the CA signed and `admit` lets in
+    /// Serve `routes` (the gRPC services) on `listener` until `shutdown`: the connections of
+    /// [`incoming`], and with TLS only those whose certificate the CA signed and `admit` lets in
     /// (the handshake, at most [`crate::limits::TLS_HANDSHAKE_TIMEOUT`] long, happens here, not in
     /// tonic, so a refused identity never reaches the server). Every gRPC server of ours is served
-    /// through this.
+    /// through this; it takes tonic's `Routes` rather than a server so that none can be started
+    /// another way and serve plaintext by mistake.
     pub async fn serve(
         &self,
-        router: tonic::transport::server::Router,
+        routes: tonic::service::Routes,
         listener: tokio::net::TcpListener,
         admit: Admit,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), ServeError> {
+        // A bound on the requests one connection may have in flight, as HTTP/2's
+        // SETTINGS_MAX_CONCURRENT_STREAMS: a client cannot open more streams than that, so the server
+        // never holds more (a tower concurrency limit let them open and queued their requests, at a
+        // semaphore and a wrapped future per request besides).
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(crate::limits::MAX_REQUESTS_PER_CONNECTION)
+            .add_routes(routes);
         let served = match self {
             Security::Insecure => {
                 router
@@ -388,7 +383,7 @@ impl ServerIdentity {
             signed_by_ca,
             admit,
             cluster: cluster.to_string(),
-            warned: Sparse::default(),
+            warned: LinePacer::new(AT_BOUND_WARNING_EVERY),
         });
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -410,7 +405,7 @@ struct AdmittingVerifier {
     admit: Admit,
     cluster: String,
     /// Refusals, logged sparsely.
-    warned: Sparse,
+    warned: LinePacer,
 }
 
 impl rustls::server::danger::ClientCertVerifier for AdmittingVerifier {
@@ -434,7 +429,7 @@ impl rustls::server::danger::ClientCertVerifier for AdmittingVerifier {
         let Some(reason) = refused else {
             return Ok(verified);
         };
-        if let Some(unlogged) = self.warned.due() {
+        if let Some(unlogged) = self.warned.admit() {
             // The peer's address is logged at debug by the handshake's task.
             tracing::warn!(
                 reason,
@@ -547,11 +542,20 @@ fn tls_incoming_with(
 }
 
 /// The TLS handshakes under way, by the client's IP address ([`tls_incoming_with`]).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct HandshakesUnderWay {
     by_address: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
     /// Connections closed for it, logged sparsely.
-    warned: Arc<Sparse>,
+    warned: Arc<LinePacer>,
+}
+
+impl Default for HandshakesUnderWay {
+    fn default() -> Self {
+        HandshakesUnderWay {
+            by_address: Arc::default(),
+            warned: Arc::new(LinePacer::new(AT_BOUND_WARNING_EVERY)),
+        }
+    }
 }
 
 impl HandshakesUnderWay {
@@ -566,7 +570,7 @@ impl HandshakesUnderWay {
         let count = by_address.get(&address).copied().unwrap_or(0);
         if count >= per_address {
             drop(by_address);
-            if let Some(unlogged) = self.warned.due() {
+            if let Some(unlogged) = self.warned.admit() {
                 tracing::warn!(
                     %address,
                     per_address,
@@ -634,13 +638,14 @@ mod tests {
     #[tokio::test]
     async fn servers_let_a_connection_open_a_bounded_number_of_streams() {
         let (listener, address) = listen().await;
-        let router = Security::Insecure
-            .server()
-            .expect("server")
-            .add_routes(tonic::service::Routes::default());
         let server = tokio::spawn(async move {
             Security::Insecure
-                .serve(router, listener, Admit::Cluster, std::future::pending())
+                .serve(
+                    tonic::service::Routes::default(),
+                    listener,
+                    Admit::Cluster,
+                    std::future::pending(),
+                )
                 .await
         });
         let tcp = tokio::net::TcpStream::connect(address)
@@ -699,15 +704,16 @@ mod tests {
         };
         let server = load("kv", "1");
         let (listener, address) = listen().await;
-        let router = server
-            .server()
-            .expect("server")
-            .add_routes(tonic::service::Routes::default());
         let serving = server.clone();
         tokio::spawn(async move {
             let peers = Admit::raft_peers_of(&super::Role::Kv);
             serving
-                .serve(router, listener, peers, std::future::pending())
+                .serve(
+                    tonic::service::Routes::default(),
+                    listener,
+                    peers,
+                    std::future::pending(),
+                )
                 .await
         });
         let callers = [

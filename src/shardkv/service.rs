@@ -154,10 +154,15 @@ fn caller_group(caller: Option<Principal>) -> Option<Gid> {
 /// A transfer asked by a group the configuration did not give the shard to.
 fn not_owner(by: Option<Gid>, owner: Gid, config_num: u64, shard: u64) -> Status {
     let by = by.map_or_else(|| "the caller".to_string(), |gid| format!("group {gid}"));
-    warn!(
-        config_num,
-        shard, owner, "refused a shard transfer to {by}: not the shard's new owner"
-    );
+    // Paced: another group can ask as often as it likes.
+    static LINES: crate::pacer::LinePacer =
+        crate::pacer::LinePacer::new(std::time::Duration::from_secs(1));
+    if let Some(unlogged) = LINES.admit() {
+        warn!(
+            config_num,
+            shard, owner, unlogged, "refused a shard transfer to {by}: not the shard's new owner"
+        );
+    }
     Status::permission_denied(format!(
         "{by} may not take shard {shard} of configuration {config_num}: it was given to group {owner}"
     ))

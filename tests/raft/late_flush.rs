@@ -2,90 +2,15 @@
 //! §10.2.1): three cores on a hand-driven network, so each test decides which messages arrive and
 //! which of the leader's writes are flushed.
 
+use super::lease::Trio;
 use bytes::Bytes;
-use ds824::raft::{Config, Envelope, Index, RaftCore, Ready, Role};
+use ds824::raft::{Config, Envelope, Index, RaftCore};
 
 /// The lease tests' configuration (without lease reads), a leader's writes sent before their flush.
 fn config(id: u64) -> Config {
     let mut config = super::lease::config(id, false);
     config.persist_after_send = true;
     config
-}
-
-/// Three cores whose writes are all flushed at once, until a test takes the leader's over.
-struct Trio {
-    cores: Vec<RaftCore>,
-}
-
-impl Trio {
-    fn new() -> Trio {
-        Trio {
-            cores: (1..=3)
-                .map(|id| RaftCore::new(config(id)).expect("config"))
-                .collect(),
-        }
-    }
-
-    /// Every `Ready` handled (a leader's writes flushed at once) and its messages delivered, until
-    /// quiet.
-    fn pump(&mut self) {
-        loop {
-            let mut moved = false;
-            for i in 0..3 {
-                if !self.cores[i].has_ready() {
-                    continue;
-                }
-                moved = true;
-                let ready = self.cores[i].ready();
-                if ready.persist_after_send {
-                    flushed(&mut self.cores[i], &ready);
-                }
-                self.deliver(ready.messages);
-            }
-            if !moved {
-                return;
-            }
-        }
-    }
-
-    fn deliver(&mut self, messages: Vec<Envelope>) {
-        for envelope in messages {
-            let to = envelope.to as usize - 1;
-            let _ = self.cores[to].step(envelope);
-        }
-    }
-
-    /// Follower `i`'s `Ready`s handled; returns what it sent (its acknowledgements).
-    fn follower_answers(&mut self, i: usize) -> Vec<Envelope> {
-        let mut sent = Vec::new();
-        while self.cores[i].has_ready() {
-            sent.extend(self.cores[i].ready().messages);
-        }
-        sent
-    }
-
-    /// Tick until a leader has committed its no-op; returns it.
-    fn elect(&mut self) -> usize {
-        for _ in 0..1000 {
-            for core in &mut self.cores {
-                core.tick();
-            }
-            self.pump();
-            if let Some(leader) = (0..3).find(|&i| self.cores[i].role() == Role::Leader) {
-                if self.cores[leader].commit_index() > 0 {
-                    return leader;
-                }
-            }
-        }
-        panic!("no leader elected");
-    }
-}
-
-/// What a driver reports once a `persist_after_send` write is flushed.
-fn flushed(core: &mut RaftCore, ready: &Ready) {
-    if let Some(last) = ready.log_write.as_ref().and_then(|w| w.entries.last()) {
-        core.persisted(last.index, last.term);
-    }
 }
 
 /// A proposal's `Ready` on the leader: written, sent, not flushed. Returns its messages and index.
@@ -109,15 +34,19 @@ fn to(node: usize, messages: &[Envelope]) -> Vec<Envelope> {
 /// unflushed copy commit an entry stored durably on one node only.
 #[test]
 fn a_commit_index_alone_does_not_make_the_leaders_unflushed_writes_count() {
-    let mut trio = Trio::new();
+    let mut trio = Trio::of(config);
     let leader = trio.elect();
+    assert!(
+        trio.cores[leader].commit_index() > 0,
+        "the leader's no-op committed"
+    );
     let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     let (a, a_index) = propose_unflushed(&mut trio.cores[leader], b"a");
     let (b, b_index) = propose_unflushed(&mut trio.cores[leader], b"b");
     // Both followers store and acknowledge `a`: it commits without the leader's copy.
     for &f in &followers {
         trio.deliver(to(f, &a));
-        let acks = trio.follower_answers(f);
+        let acks = trio.answers_of(f);
         trio.deliver(acks);
     }
     assert_eq!(trio.cores[leader].commit_index(), a_index);
@@ -125,7 +54,7 @@ fn a_commit_index_alone_does_not_make_the_leaders_unflushed_writes_count() {
     assert!(commit.commit_only, "{commit:?}");
     // One follower stores `b`; the leader's copy of `b` was never flushed.
     trio.deliver(to(followers[0], &b));
-    let acks = trio.follower_answers(followers[0]);
+    let acks = trio.answers_of(followers[0]);
     trio.deliver(acks);
     assert_eq!(
         trio.cores[leader].commit_index(),

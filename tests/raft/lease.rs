@@ -2,7 +2,9 @@
 //! acknowledged it recently, and never once another node could have been elected. Three cores on a
 //! hand-driven network, so the tests see exactly which messages a read costs.
 
-use ds824::raft::{Config, ConfigError, Envelope, FailedRead, Message, RaftCore, ReadState, Role};
+use ds824::raft::{
+    Config, ConfigError, Envelope, FailedRead, Message, RaftCore, ReadState, Ready, Role,
+};
 
 /// Three cores, a link switch per node, and the reads each answered (shared with the follower-read
 /// tests).
@@ -29,9 +31,14 @@ pub fn config(id: u64, lease_reads: bool) -> Config {
 
 impl Trio {
     pub fn new(lease_reads: bool) -> Self {
+        Self::of(|id| config(id, lease_reads))
+    }
+
+    /// Three connected cores, node `id` configured by `config(id)`.
+    pub fn of(config: impl Fn(u64) -> Config) -> Self {
         Trio {
             cores: (1..=3)
-                .map(|id| RaftCore::new(config(id, lease_reads)).expect("config"))
+                .map(|id| RaftCore::new(config(id)).expect("config"))
                 .collect(),
             connected: [true; 3],
             answered: Vec::new(),
@@ -41,7 +48,8 @@ impl Trio {
         }
     }
 
-    /// Hand out every `Ready` and deliver its messages between connected nodes, until quiet.
+    /// Hand out every `Ready` and deliver its messages between connected nodes, until quiet. A
+    /// leader's write sent before its flush (`persist_after_send`) is reported flushed at once.
     pub fn pump(&mut self) {
         self.sent = 0;
         self.read_index_messages = 0;
@@ -53,6 +61,9 @@ impl Trio {
                 }
                 moved = true;
                 let ready = self.cores[i].ready();
+                if ready.persist_after_send {
+                    report_flushed(&mut self.cores[i], &ready);
+                }
                 self.answered
                     .extend(ready.read_states.iter().map(|&r| (i, r)));
                 self.failed
@@ -102,6 +113,23 @@ impl Trio {
         panic!("no leader elected");
     }
 
+    /// Hand `messages` to their addressees, whatever the link switches say.
+    pub fn deliver(&mut self, messages: Vec<Envelope>) {
+        for envelope in messages {
+            let to = envelope.to as usize - 1;
+            let _ = self.cores[to].step(envelope);
+        }
+    }
+
+    /// Node `i`'s `Ready`s handled, nothing flushed late; returns what it sent.
+    pub fn answers_of(&mut self, i: usize) -> Vec<Envelope> {
+        let mut sent = Vec::new();
+        while self.cores[i].has_ready() {
+            sent.extend(self.cores[i].ready().messages);
+        }
+        sent
+    }
+
     /// Ask node `i` for a read and hand out what that produces at once.
     fn read(&mut self, i: usize, id: u64) -> bool {
         self.answered.clear();
@@ -110,6 +138,13 @@ impl Trio {
         }
         self.pump();
         self.answered.iter().any(|&(n, r)| n == i && r.id == id)
+    }
+}
+
+/// What a driver reports once a `persist_after_send` write is flushed.
+pub fn report_flushed(core: &mut RaftCore, ready: &Ready) {
+    if let Some(last) = ready.log_write.as_ref().and_then(|w| w.entries.last()) {
+        core.persisted(last.index, last.term);
     }
 }
 

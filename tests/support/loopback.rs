@@ -145,11 +145,7 @@ impl Cluster {
         };
         let service = node.service();
         let server = tokio::spawn(async move {
-            serve_plain(
-                tonic::transport::Server::builder().add_service(service),
-                listener,
-            )
-            .await;
+            serve_plain(tonic::service::Routes::new(service), listener).await;
         });
         // A fresh process knows nothing: its state comes from the snapshot and the log replay.
         *self.states[i].lock().expect("lock") = ServiceState::default();
@@ -337,11 +333,11 @@ pub fn all_have(c: &Cluster, nodes: &[usize], index: Index) -> bool {
     nodes.iter().all(|&i| c.last_applied(i) >= index)
 }
 
-/// Serve `router` on `listener` in plaintext, as the nodes here do, until the task is dropped.
-pub async fn serve_plain(router: tonic::transport::server::Router, listener: TcpListener) {
+/// Serve `routes` on `listener` in plaintext, as the nodes here do, until the task is dropped.
+pub async fn serve_plain(routes: tonic::service::Routes, listener: TcpListener) {
     let _ = ds824::security::Security::Insecure
         .serve(
-            router,
+            routes,
             listener,
             ds824::security::Admit::Cluster,
             std::future::pending(),
