@@ -4,10 +4,10 @@
 //! count still says how big the flood was.
 
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
-use tokio::time::Instant;
+use std::time::{Duration, Instant};
 
-/// At most one line per `interval`; counts the ones it held back.
+/// At most one line per `interval`; counts the ones it held back. On the system's clock, not
+/// tokio's: a pacer may be a `static` shared by every runtime of the process (tests pause theirs).
 #[derive(Debug)]
 pub struct LinePacer {
     interval: Duration,
@@ -45,8 +45,7 @@ impl LinePacer {
 #[cfg(test)]
 mod tests {
     use super::LinePacer;
-    use std::time::Duration;
-    use tokio::time::Instant;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn a_flood_writes_one_line_an_interval_with_the_count_held_back() {

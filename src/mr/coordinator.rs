@@ -231,6 +231,10 @@ pub struct Running {
     /// a task never both rename into the job's output (a holder that neither reports nor commits
     /// within a task timeout loses it).
     pub commit_grant: Option<(String, u64, Instant)>,
+    /// Every attempt granted the commit since the task was first handed out: each may have moved
+    /// its output into place (a grant that expired after the rename, before the report, passes to
+    /// another attempt), so a success from any of them is taken. At most one per attempt.
+    pub granted: Vec<(String, u64)>,
     /// The latest hand-out reported a failure while superseded ones may still finish: the task may
     /// be handed out again at once, and their reports are still heard.
     pub latest_ended: bool,
@@ -266,6 +270,13 @@ impl Running {
         self.commit_grant
             .as_ref()
             .is_some_and(|(w, a, _)| is_attempt((w, *a), worker, attempt))
+    }
+
+    /// Whether (`worker`, `attempt`) was ever granted the commit (it may have renamed its output).
+    fn ever_granted(&self, worker: &str, attempt: u64) -> bool {
+        self.granted
+            .iter()
+            .any(|(w, a)| is_attempt((w, *a), worker, attempt))
     }
 }
 
@@ -421,8 +432,8 @@ pub enum ReportError {
         /// The worker that reported.
         worker: String,
     },
-    /// A reduce attempt reported success without holding the task's commit grant: it cannot have
-    /// moved its output into place ([`Coordinator::may_commit`]), so taking its word would finish a
+    /// A reduce attempt reported success without ever having been granted the commit: it cannot
+    /// have moved its output into place ([`Coordinator::may_commit`]), so taking its word would finish a
     /// job whose output file is missing.
     #[error("job {job} reduce task {index}: attempt {attempt} of worker {worker:?} reported success without the commit grant")]
     Uncommitted {
@@ -694,16 +705,16 @@ impl Coordinator {
         }
         let attempt = fresh_attempt();
         let previous = job.running_mut(kind)[index].take();
-        let (superseded, commit_grant) = match &previous {
+        let (superseded, commit_grant, granted) = match &previous {
             Some(p) => {
                 let mut superseded = p.superseded.clone();
                 if !p.latest_ended {
                     // Timed out, perhaps still at work; one that reported a failure is done.
                     superseded.push((p.worker.clone(), p.attempt));
                 }
-                (superseded, p.commit_grant.clone())
+                (superseded, p.commit_grant.clone(), p.granted.clone())
             }
-            None => (Vec::new(), None),
+            None => (Vec::new(), None, Vec::new()),
         };
         job.running_mut(kind)[index] = Some(Running {
             worker: worker.id.to_string(),
@@ -711,6 +722,7 @@ impl Coordinator {
             deadline: now + timeout,
             superseded,
             commit_grant,
+            granted,
             latest_ended: false,
         });
         job.record.tasks_mut(kind)[index].runs += 1;
@@ -812,6 +824,9 @@ impl Coordinator {
             return Ok(false);
         }
         running.commit_grant = Some((worker.to_string(), attempt, now + timeout));
+        if !running.ever_granted(worker, attempt) {
+            running.granted.push((worker.to_string(), attempt));
+        }
         Ok(true)
     }
 
@@ -867,7 +882,7 @@ impl Coordinator {
             });
         };
         let failed = !matches!(outcome, Outcome::Succeeded { .. });
-        if kind == TaskKind::Reduce && !failed && !running.granted_to(worker, attempt) {
+        if kind == TaskKind::Reduce && !failed && !running.ever_granted(worker, attempt) {
             return Err(ReportError::Uncommitted {
                 job: job_id,
                 index,
@@ -1527,6 +1542,30 @@ mod tests {
         assert!(reduce_commits(&mut c, id, "r", reduce.attempt, now));
         assert!(c
             .report(id, TaskKind::Reduce, 0, "r", reduce.attempt, ok(""))
+            .unwrap());
+        assert_eq!(c.record(id).unwrap().state, JobState::Done);
+    }
+
+    /// An attempt whose grant ran out after it renamed its output (and passed to a later attempt)
+    /// still reports a success that counts: refused, a task whose every attempt commits slower
+    /// than the timeout would fail its job.
+    #[test]
+    fn a_success_after_the_grant_passed_on_still_counts() {
+        let now = Instant::now();
+        let (mut c, id) = one_map_done(now);
+        let first = run(c.assign(&worker("a"), now));
+        assert!(reduce_commits(&mut c, id, "a", first.attempt, now));
+        let second = run(c.assign(&worker("b"), now + TIMEOUT));
+        // `a`'s grant has run out: `b` takes it over, then `a` reports.
+        assert!(reduce_commits(
+            &mut c,
+            id,
+            "b",
+            second.attempt,
+            now + TIMEOUT * 2
+        ));
+        assert!(c
+            .report(id, TaskKind::Reduce, 0, "a", first.attempt, ok(""))
             .unwrap());
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
     }

@@ -55,6 +55,8 @@ pub struct ShuffleService {
     stalled_reader: Duration,
     /// ... or that takes fewer bytes a second than this over such a stretch.
     min_bytes_per_second: u64,
+    /// How long a fetch waits for a permit before it is refused as busy.
+    permit_wait: Duration,
 }
 
 /// Fetches served at once; more wait (see [`PERMIT_WAIT`]).
@@ -69,9 +71,10 @@ const STALLED_READER: Duration = Duration::from_secs(30);
 
 /// The slowest a fetch may move, averaged over each stall window (`idle`, `stalled_reader`): a
 /// peer that trickles (a byte, or a chunk, just before each stall timeout) would otherwise hold a
-/// reducer, or a mapper's fetch permit, for ever. 64 fetches at this rate are 16 MiB/s, well within
-/// a mapper's disk and network.
-pub const MIN_FETCH_BYTES_PER_SECOND: u64 = 256 << 10;
+/// reducer, or a mapper's fetch permit, for ever. Low, as a mapper's bandwidth is shared: its 64
+/// fetches at this rate are 4 MiB/s (32 Mbit/s), which a congested link or a busy disk still gives,
+/// while a 1 GiB partition at this rate ends within hours rather than never.
+pub const MIN_FETCH_BYTES_PER_SECOND: u64 = 64 << 10;
 
 /// A transfer's progress in windows of a stall timeout: each window that passes before the
 /// transfer ends must have moved `min_bytes` (the window × the minimum rate).
@@ -84,11 +87,14 @@ struct Progress {
 }
 
 impl Progress {
+    /// From now; at least a byte a window, whatever the rate (a rate of 0 must not turn off the
+    /// stall timeout too).
     fn new(window: Duration, min_bytes_per_second: u64) -> Self {
+        let min_bytes = (window.as_secs_f64() * min_bytes_per_second as f64) as u64;
         Progress {
             window,
-            min_bytes: (window.as_secs_f64() * min_bytes_per_second as f64) as u64,
-            ends: tokio::time::Instant::now() + window,
+            min_bytes: min_bytes.max(1),
+            ends: window_end(window),
             moved: 0,
         }
     }
@@ -108,10 +114,17 @@ impl Progress {
         if self.moved < self.min_bytes {
             return Err(self.moved);
         }
-        self.ends = tokio::time::Instant::now() + self.window;
+        self.ends = window_end(self.window);
         self.moved = 0;
         Ok(())
     }
+}
+
+/// `window` from now (a window too long to add is a year).
+fn window_end(window: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(window)
+        .unwrap_or(now + Duration::from_secs(365 * 24 * 3600))
 }
 
 impl ShuffleService {
@@ -135,7 +148,14 @@ impl ShuffleService {
             fetches: std::sync::Arc::new(tokio::sync::Semaphore::new(concurrent)),
             stalled_reader,
             min_bytes_per_second: MIN_FETCH_BYTES_PER_SECOND,
+            permit_wait: PERMIT_WAIT,
         }
+    }
+
+    /// With a fetch refused as busy after waiting `wait` for a permit.
+    pub fn with_permit_wait(mut self, wait: Duration) -> Self {
+        self.permit_wait = wait;
+        self
     }
 
     /// With readers slower than `bytes_per_second` (over each stall timeout) cut off.
@@ -173,15 +193,19 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
         let failed = |path: &Path, err: std::io::Error| {
             Status::internal(format!("{}: {err}", path.display()))
         };
-        let permit =
-            match tokio::time::timeout(PERMIT_WAIT, self.fetches.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => {
-                    return Err(Status::resource_exhausted(
-                        "this worker serves as many fetches as it may at once; retry later",
-                    ))
-                }
-            };
+        let permit = match tokio::time::timeout(
+            self.permit_wait,
+            self.fetches.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(Status::resource_exhausted(
+                    "this worker serves as many fetches as it may at once; retry later",
+                ))
+            }
+        };
         // Open and size the file in one trip to the blocking pool; a small output (most are, with a
         // combiner) is read in the same trip and sent as one chunk.
         let opened = {
@@ -325,6 +349,9 @@ pub struct FetchLimits {
     pub idle: Duration,
     /// ... as does one that receives fewer bytes a second than this over such a stretch.
     pub min_bytes_per_second: u64,
+    /// How long a mapper that answers "busy" (all its fetch slots taken) is asked again before the
+    /// fetch fails: busy is not gone, and taking it for gone re-runs every map it holds.
+    pub busy_patience: Duration,
 }
 
 impl Default for FetchLimits {
@@ -333,8 +360,18 @@ impl Default for FetchLimits {
             max_bytes: MAX_FETCH_BYTES,
             idle: Duration::from_secs(30),
             min_bytes_per_second: MIN_FETCH_BYTES_PER_SECOND,
+            busy_patience: BUSY_PATIENCE,
         }
     }
+}
+
+/// [`FetchLimits::busy_patience`] by default: two minutes, about a dozen asks (each waits up to
+/// 10 s for a slot at the mapper).
+pub const BUSY_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Whether `err` is a mapper's "busy" answer (every fetch slot taken, after waiting for one).
+fn is_busy(err: &MrError) -> bool {
+    matches!(err, MrError::Rpc(status) if status.code() == tonic::Code::ResourceExhausted)
 }
 
 /// Largest map output partition a reducer fetches by default.
@@ -398,15 +435,17 @@ impl Fetcher {
             max_bytes,
             idle,
             min_bytes_per_second,
+            ..
         } = self.limits;
         let (map, reduce) = (request.map_index, request.reduce_index);
         let stalled = || MrError::Other(format!("{addr} sent nothing for {idle:?} while fetching"));
         let mut client = self.client(addr)?;
-        let mut progress = Progress::new(idle, min_bytes_per_second);
         let mut stream = tokio::time::timeout(idle, client.fetch(request))
             .await
             .map_err(|_| stalled())??
             .into_inner();
+        // From the answer on: connecting and the mapper's wait for a free slot are not transfer.
+        let mut progress = Progress::new(idle, min_bytes_per_second);
         let mut held = Vec::new();
         let mut file: Option<tokio::fs::File> = None;
         let mut fetched = 0u64;
@@ -485,9 +524,15 @@ impl Fetcher {
             attempt,
         };
         let mut attempt = 1;
+        let started = tokio::time::Instant::now();
         loop {
             match self.fetch_once(addr, request, into, keep).await {
                 Ok(fetched) => return Ok(fetched),
+                // Busy: asked again without counting an attempt, for as long as we are patient.
+                Err(err) if is_busy(&err) && started.elapsed() < self.limits.busy_patience => {
+                    tracing::debug!(%addr, map, reduce, %err, "mapper busy; asking again");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
                 // A refused identity stays refused, and a full local disk stays full.
                 Err(err)
                     if attempt >= FETCH_ATTEMPTS
@@ -574,8 +619,8 @@ mod tests {
     /// for ever.
     #[tokio::test]
     async fn a_fetch_is_bounded_in_size_and_in_silence() {
-        let idle = Duration::from_millis(300);
-        for rogue in [Rogue::Endless, Rogue::Silent, Rogue::Trickle(idle / 3)] {
+        let idle = Duration::from_millis(1000);
+        for rogue in [Rogue::Endless, Rogue::Silent, Rogue::Trickle(idle / 10)] {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap().to_string();
             let routes = tonic::service::Routes::new(ShuffleServer::new(rogue));
@@ -593,9 +638,9 @@ mod tests {
             let into = tempfile::NamedTempFile::new().unwrap();
             let mut fetcher = Fetcher::default().with_limits(limits);
             let fetched = fetcher.fetch_to(&addr, WANTED, into.path(), 0);
-            let err = tokio::time::timeout(Duration::from_secs(10), fetched)
+            let err = tokio::time::timeout(Duration::from_secs(20), fetched)
                 .await
-                .unwrap_or_else(|_| panic!("{rogue:?}: the fetch still runs after 10 s"))
+                .unwrap_or_else(|_| panic!("{rogue:?}: the fetch still runs after 20 s"))
                 .unwrap_err()
                 .to_string();
             let expected = match rogue {
@@ -604,7 +649,7 @@ mod tests {
                 Rogue::Trickle(_) => "bytes in",
             };
             assert!(err.contains(expected), "{rogue:?}: {err}");
-            assert!(started.elapsed() < Duration::from_secs(5));
+            assert!(started.elapsed() < Duration::from_secs(15));
             server.abort();
         }
     }
@@ -710,6 +755,58 @@ mod tests {
         let ended = ended.expect("the slow reader got the whole file");
         assert!(ended.message().contains("cut off"), "{ended:?}");
         assert!(got < big.len(), "the slow reader got all {got} bytes");
+        server.abort();
+    }
+
+    /// A mapper whose fetch slots are all taken answers "busy": it is asked again until a slot
+    /// frees, without counting attempts (three busy answers made a reducer take a busy mapper for
+    /// gone and have every map it held re-run).
+    #[tokio::test]
+    async fn a_busy_mapper_is_asked_again_until_a_slot_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let outputs = dir.path().join("outputs");
+        let job = local_job_dir(&outputs, 1);
+        std::fs::create_dir_all(&job).unwrap();
+        std::fs::write(
+            job.join(intermediate_name(1, 0, 0, 7)),
+            vec![7u8; CHUNK * 16],
+        )
+        .unwrap();
+        std::fs::write(job.join(intermediate_name(1, 1, 0, 7)), b"wanted").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // One slot, held by a reader that reads nothing until the stall rule cuts it off (2-4 s).
+        let service =
+            ShuffleService::with_limits(outputs, Guard::open(), 1, Duration::from_secs(2))
+                .with_permit_wait(Duration::from_millis(100));
+        let routes = tonic::service::Routes::new(ShuffleServer::new(service));
+        let server = tokio::spawn(async move {
+            Security::Insecure
+                .serve(routes, listener, Admit::Cluster, std::future::pending())
+                .await
+        });
+        let mut holder = ShuffleClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let hold = pb::FetchRequest {
+            job_id: 1,
+            map_index: 0,
+            reduce_index: 0,
+            attempt: 7,
+        };
+        let _held = holder.fetch(hold).await.unwrap().into_inner();
+        let limits = FetchLimits {
+            busy_patience: Duration::from_secs(20),
+            ..FetchLimits::default()
+        };
+        let into = dir.path().join("fetched");
+        let wanted = Wanted { map: 1, ..WANTED };
+        let mut fetcher = Fetcher::default().with_limits(limits);
+        let fetched = fetcher.fetch_to(&addr, wanted, &into, CHUNK);
+        let fetched = tokio::time::timeout(Duration::from_secs(30), fetched)
+            .await
+            .expect("still fetching after 30 s");
+        assert_eq!(fetched.unwrap(), Fetched::Memory(b"wanted".to_vec()));
         server.abort();
     }
 

@@ -674,10 +674,10 @@ impl<S: ServedMachine> RsmService<S> {
     }
 }
 
-/// Bytes of a backup file per streamed message (well under the 4 MiB a gRPC client takes by default).
 /// Between two `request refused` lines.
 const REFUSAL_LINE_EVERY: Duration = Duration::from_secs(1);
 
+/// Bytes of a backup file per streamed message (well under the 4 MiB a gRPC client takes by default).
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 
 /// What a `Backup` RPC answers with: the backup file, in pieces.

@@ -521,7 +521,7 @@ fn tls_incoming_with(
             };
             let (acceptor, handshaked) = (acceptor.clone(), handshaked.clone());
             tokio::spawn(async move {
-                let handshake = acceptor.accept(connection);
+                let handshake = acceptor.accept(connection).into_fallible();
                 let handshake =
                     tokio::time::timeout(crate::limits::TLS_HANDSHAKE_TIMEOUT, handshake).await;
                 // Its turn is over: waiting for the server to take it is not a handshake.
@@ -530,7 +530,10 @@ fn tls_incoming_with(
                     Ok(Ok(tls)) => {
                         let _ = handshaked.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake failed"),
+                    Ok(Err((e, io))) => {
+                        tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                        linger(io).await;
+                    }
                     Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
                 }
             });
@@ -539,6 +542,24 @@ fn tls_incoming_with(
     futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|connection| (connection, rx))
     })
+}
+
+/// How long a refused connection is read from, at most, before it is closed ([`linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Closes a connection whose handshake was refused (its alert already written) the way that lets
+/// the client read the alert: our side is shut first, then what the client still sends is read
+/// and dropped for up to [`LINGER`], until it closes too. Closed at once, a socket holding unread
+/// bytes (a TLS 1.3 client's first HTTP/2 frames, sent right after its side of the handshake)
+/// answers with a reset, which can reach the client before it reads the alert: it then reports
+/// "connection reset" instead of the refusal and its reason. (HTTP servers' "lingering close".)
+/// The connection keeps its slot meanwhile, so lingering ones stay within the port's bound.
+async fn linger(mut io: Limited<tokio::net::TcpStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = io.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async { while matches!(io.read(&mut sink).await, Ok(read) if read > 0) {} };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// The TLS handshakes under way, by the client's IP address ([`tls_incoming_with`]).
@@ -754,6 +775,65 @@ mod tests {
                 other => panic!("{role}/{name}: neither served nor refused: {other:?}"),
             }
         }
+    }
+
+    /// A refused client that keeps writing after its side of the handshake (its HTTP/2 preface,
+    /// SETTINGS, a PING) and reads later still gets to read the alert: closed at once, the server's
+    /// socket answered those writes with a reset, a later write failed on it, and the client
+    /// reported "connection reset" or "broken pipe" instead of the refusal.
+    #[tokio::test]
+    async fn a_refused_client_reads_why_even_after_writing() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca");
+        super::super::certs::init(&ca, "test", 1).expect("CA");
+        let load = |role: &str, name: &str| {
+            let issued = super::super::certs::issue(&ca, role, name, &[], 1).expect("certificate");
+            Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load")
+        };
+        let server = load("kv", "1");
+        let (listener, address) = listen().await;
+        tokio::spawn(async move {
+            let peers = Admit::raft_peers_of(&super::Role::Kv);
+            server
+                .serve(
+                    tonic::service::Routes::default(),
+                    listener,
+                    peers,
+                    std::future::pending(),
+                )
+                .await
+        });
+        let Security::Tls(tls) = load("client", "user") else {
+            panic!("TLS material expected");
+        };
+        let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+        let tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let server_name = rustls_pki_types::ServerName::try_from(super::super::SERVER_NAME)
+            .expect("name")
+            .to_owned();
+        let mut stream = connector
+            .connect(server_name, tcp)
+            .await
+            .expect("the client's side of the handshake");
+        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let _ = stream.flush().await;
+        // The server has judged the certificate by now; this client writes on (as h2 does, its
+        // SETTINGS and a PING) before it reads. A write into a closed socket draws a reset, and
+        // the next write fails on it: the client then reports the reset, not the refusal.
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            let wrote = stream.write_all(&[0; 64]).await;
+            let flushed = stream.flush().await;
+            assert!(wrote.is_ok() && flushed.is_ok(), "{wrote:?} {flushed:?}");
+        }
+        let read = stream.read(&mut [0; 64]).await;
+        assert!(
+            matches!(&read, Err(e) if e.to_string().contains("AccessDenied")),
+            "{read:?}"
+        );
     }
 
     /// One address gets at most its share of handshakes under way: connections beyond it that send
