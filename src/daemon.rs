@@ -336,6 +336,32 @@ macro_rules! out {
     };
 }
 
+/// Log lines written into memory, for tests that check what was (or was not) logged: clones share
+/// the buffer, so one can be the subscriber's writer and the other read afterwards.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl LogBuffer {
+    /// Everything written so far.
+    pub(crate) fn text(&self) -> String {
+        let bytes = self.0.lock().expect("log buffer").clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+#[cfg(test)]
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,20 +431,7 @@ mod tests {
         );
     }
 
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("buffer").extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use super::LogBuffer as Buffer;
 
     /// What a node's span recorded `term` and `role` 1,000 times logs, in `format`.
     fn log_after_a_thousand_terms(format: LogFormat) -> String {
@@ -443,8 +456,7 @@ mod tests {
             }
             span.in_scope(|| tracing::info!(leader = 3, "hello"));
         });
-        let output = String::from_utf8(buffer.0.lock().expect("buffer").clone()).expect("utf-8");
-        output
+        buffer.text()
     }
 
     #[test]

@@ -654,21 +654,27 @@ mod tests {
         }
     }
 
-    /// One slot, and a reader that opens a fetch and reads nothing: it is cut off after the stall
-    /// timeout, which frees the slot for the next reducer, and never gets the whole file.
-    #[tokio::test]
-    async fn a_reader_that_stops_reading_loses_its_fetch_and_frees_its_slot() {
+    /// A worker's outputs holding a 16-chunk output of map 0 (attempt 7) for reduce 0 of job 1,
+    /// served on loopback by the service `service` makes of their directory; the request for that
+    /// output, and its length.
+    struct BigOutput {
+        dir: tempfile::TempDir,
+        addr: String,
+        server: tokio::task::JoinHandle<Result<(), crate::security::ServeError>>,
+        request: pb::FetchRequest,
+        len: usize,
+    }
+
+    async fn serve_a_big_output(service: impl FnOnce(PathBuf) -> ShuffleService) -> BigOutput {
         let dir = tempfile::tempdir().unwrap();
         let outputs = dir.path().join("outputs");
         let job = local_job_dir(&outputs, 1);
         std::fs::create_dir_all(&job).unwrap();
-        let big = vec![7u8; CHUNK * 16];
-        std::fs::write(job.join(intermediate_name(1, 0, 0, 7)), &big).unwrap();
+        let len = CHUNK * 16;
+        std::fs::write(job.join(intermediate_name(1, 0, 0, 7)), vec![7u8; len]).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let service =
-            ShuffleService::with_limits(outputs, Guard::open(), 1, Duration::from_millis(300));
-        let routes = tonic::service::Routes::new(ShuffleServer::new(service));
+        let routes = tonic::service::Routes::new(ShuffleServer::new(service(outputs)));
         let server = tokio::spawn(async move {
             Security::Insecure
                 .serve(routes, listener, Admit::Cluster, std::future::pending())
@@ -680,13 +686,36 @@ mod tests {
             reduce_index: 0,
             attempt: 7,
         };
+        BigOutput {
+            dir,
+            addr,
+            server,
+            request,
+            len,
+        }
+    }
+
+    /// One slot, and a reader that opens a fetch and reads nothing: it is cut off after the stall
+    /// timeout, which frees the slot for the next reducer, and never gets the whole file.
+    #[tokio::test]
+    async fn a_reader_that_stops_reading_loses_its_fetch_and_frees_its_slot() {
+        let BigOutput {
+            dir,
+            addr,
+            server,
+            request,
+            len,
+        } = serve_a_big_output(|outputs| {
+            ShuffleService::with_limits(outputs, Guard::open(), 1, Duration::from_millis(300))
+        })
+        .await;
         let mut idle = ShuffleClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
         let mut stalled = idle.fetch(request).await.unwrap().into_inner();
         let into = dir.path().join("fetched");
         let fetched = Fetcher::default().fetch_to(&addr, WANTED, &into, 0).await;
-        assert_eq!(fetched.unwrap(), Fetched::File(big.len() as u64));
+        assert_eq!(fetched.unwrap(), Fetched::File(len as u64));
         let mut got = 0;
         let mut ended = None;
         while let Some(item) = stalled.next().await {
@@ -701,10 +730,7 @@ mod tests {
         // Cut off, it is told so: a short stream that ended cleanly would pass for a short file.
         let ended = ended.expect("the cut-off stream ended without an error");
         assert!(ended.message().contains("cut off"), "{ended:?}");
-        assert!(
-            got < big.len(),
-            "the stalled reader still got all {got} bytes"
-        );
+        assert!(got < len, "the stalled reader still got all {got} bytes");
         server.abort();
     }
 
@@ -712,30 +738,20 @@ mod tests {
     /// kept its fetch and its slot until the whole file was read.
     #[tokio::test]
     async fn a_reader_below_the_minimum_rate_loses_its_fetch() {
-        let dir = tempfile::tempdir().unwrap();
-        let outputs = dir.path().join("outputs");
-        let job = local_job_dir(&outputs, 1);
-        std::fs::create_dir_all(&job).unwrap();
-        let big = vec![7u8; CHUNK * 16];
-        std::fs::write(job.join(intermediate_name(1, 0, 0, 7)), &big).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         let stall = Duration::from_millis(400);
         // At least 8 chunks a second; the reader takes one every 300 ms (under the stall timeout).
-        let service = ShuffleService::with_limits(outputs, Guard::open(), 1, stall)
-            .with_min_rate(8 * CHUNK as u64);
-        let routes = tonic::service::Routes::new(ShuffleServer::new(service));
-        let server = tokio::spawn(async move {
-            Security::Insecure
-                .serve(routes, listener, Admit::Cluster, std::future::pending())
-                .await
-        });
-        let request = pb::FetchRequest {
-            job_id: 1,
-            map_index: 0,
-            reduce_index: 0,
-            attempt: 7,
-        };
+        // (The directory bound, not dropped: dropping it deletes the outputs.)
+        let BigOutput {
+            dir: _dir,
+            addr,
+            server,
+            request,
+            len,
+        } = serve_a_big_output(|outputs| {
+            ShuffleService::with_limits(outputs, Guard::open(), 1, stall)
+                .with_min_rate(8 * CHUNK as u64)
+        })
+        .await;
         let mut slow = ShuffleClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -754,7 +770,7 @@ mod tests {
         }
         let ended = ended.expect("the slow reader got the whole file");
         assert!(ended.message().contains("cut off"), "{ended:?}");
-        assert!(got < big.len(), "the slow reader got all {got} bytes");
+        assert!(got < len, "the slow reader got all {got} bytes");
         server.abort();
     }
 
@@ -763,38 +779,24 @@ mod tests {
     /// gone and have every map it held re-run).
     #[tokio::test]
     async fn a_busy_mapper_is_asked_again_until_a_slot_frees() {
-        let dir = tempfile::tempdir().unwrap();
-        let outputs = dir.path().join("outputs");
-        let job = local_job_dir(&outputs, 1);
-        std::fs::create_dir_all(&job).unwrap();
-        std::fs::write(
-            job.join(intermediate_name(1, 0, 0, 7)),
-            vec![7u8; CHUNK * 16],
-        )
-        .unwrap();
-        std::fs::write(job.join(intermediate_name(1, 1, 0, 7)), b"wanted").unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         // One slot, held by a reader that reads nothing until the stall rule cuts it off (2-4 s).
-        let service =
+        let BigOutput {
+            dir,
+            addr,
+            server,
+            request,
+            ..
+        } = serve_a_big_output(|outputs| {
+            let small = local_job_dir(&outputs, 1).join(intermediate_name(1, 1, 0, 7));
+            std::fs::write(small, b"wanted").unwrap();
             ShuffleService::with_limits(outputs, Guard::open(), 1, Duration::from_secs(2))
-                .with_permit_wait(Duration::from_millis(100));
-        let routes = tonic::service::Routes::new(ShuffleServer::new(service));
-        let server = tokio::spawn(async move {
-            Security::Insecure
-                .serve(routes, listener, Admit::Cluster, std::future::pending())
-                .await
-        });
+                .with_permit_wait(Duration::from_millis(100))
+        })
+        .await;
         let mut holder = ShuffleClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
-        let hold = pb::FetchRequest {
-            job_id: 1,
-            map_index: 0,
-            reduce_index: 0,
-            attempt: 7,
-        };
-        let _held = holder.fetch(hold).await.unwrap().into_inner();
+        let _held = holder.fetch(request).await.unwrap().into_inner();
         let limits = FetchLimits {
             busy_patience: Duration::from_secs(20),
             ..FetchLimits::default()

@@ -562,18 +562,7 @@ mod failure_tests {
     /// back); the refusal itself is unchanged.
     #[test]
     fn a_flood_of_refused_calls_writes_a_line_a_second() {
-        #[derive(Clone, Default)]
-        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("lines").extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let lines = Lines::default();
+        let lines = crate::daemon::LogBuffer::default();
         let writer = lines.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
@@ -588,7 +577,7 @@ mod failure_tests {
                 assert_eq!(refused.expect_err("refused").code(), Code::Unauthenticated);
             }
         });
-        let written = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        let written = lines.text();
         let refusals = written.matches("request refused").count();
         assert!(refusals <= 2, "{refusals} lines for 1000 refusals");
     }

@@ -653,6 +653,65 @@ mod tests {
         (listener, address)
     }
 
+    /// A CA of its own and the Raft peer port of kv node 1, served on loopback.
+    struct PeerPort {
+        dir: tempfile::TempDir,
+        address: std::net::SocketAddr,
+    }
+
+    impl PeerPort {
+        async fn of_kv_1() -> PeerPort {
+            let dir = tempfile::tempdir().expect("temp dir");
+            super::super::certs::init(&dir.path().join("ca"), "test", 1).expect("CA");
+            let (listener, address) = listen().await;
+            let port = PeerPort { dir, address };
+            let server = port.load("kv", "1");
+            tokio::spawn(async move {
+                let peers = Admit::raft_peers_of(&super::Role::Kv);
+                server
+                    .serve(
+                        tonic::service::Routes::default(),
+                        listener,
+                        peers,
+                        std::future::pending(),
+                    )
+                    .await
+            });
+            port
+        }
+
+        /// TLS material of a process of `role` named `name`, from the port's CA.
+        fn load(&self, role: &str, name: &str) -> Security {
+            let ca = self.dir.path().join("ca");
+            let issued = super::super::certs::issue(&ca, role, name, &[], 1).expect("certificate");
+            Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load")
+        }
+
+        /// A TLS connection to the port as `role` `name`, once the client's side of the handshake
+        /// is done (with TLS 1.3 the server may still refuse it: its alert comes with its next
+        /// bytes).
+        async fn connect_as(
+            &self,
+            role: &str,
+            name: &str,
+        ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+            let Security::Tls(tls) = self.load(role, name) else {
+                panic!("TLS material expected");
+            };
+            let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+            let tcp = tokio::net::TcpStream::connect(self.address)
+                .await
+                .expect("connect");
+            let server_name = rustls_pki_types::ServerName::try_from(super::super::SERVER_NAME)
+                .expect("name")
+                .to_owned();
+            connector
+                .connect(server_name, tcp)
+                .await
+                .expect("the client's side of the handshake (the CA signed every certificate)")
+        }
+    }
+
     /// Every server advertises the per-connection bound in HTTP/2 SETTINGS, so a client cannot open
     /// more streams than that (tonic's default is no bound: a client could open any number and the
     /// server held each).
@@ -716,27 +775,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_port_keeps_only_its_groups_replicas_connected() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca = dir.path().join("ca");
-        super::super::certs::init(&ca, "test", 1).expect("CA");
-        let load = |role: &str, name: &str| {
-            let issued = super::super::certs::issue(&ca, role, name, &[], 1).expect("certificate");
-            Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load")
-        };
-        let server = load("kv", "1");
-        let (listener, address) = listen().await;
-        let serving = server.clone();
-        tokio::spawn(async move {
-            let peers = Admit::raft_peers_of(&super::Role::Kv);
-            serving
-                .serve(
-                    tonic::service::Routes::default(),
-                    listener,
-                    peers,
-                    std::future::pending(),
-                )
-                .await
-        });
+        let port = PeerPort::of_kv_1().await;
         let callers = [
             ("kv", "2", true),
             ("kv", "3", true),
@@ -747,20 +786,7 @@ mod tests {
             ("worker", "w1", false),
         ];
         for (role, name, admitted) in callers {
-            let Security::Tls(tls) = load(role, name) else {
-                panic!("TLS material expected");
-            };
-            let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-            let tcp = tokio::net::TcpStream::connect(address)
-                .await
-                .expect("connect");
-            let server_name = rustls_pki_types::ServerName::try_from(super::super::SERVER_NAME)
-                .expect("name")
-                .to_owned();
-            let mut stream = connector
-                .connect(server_name, tcp)
-                .await
-                .expect("handshake (the CA signed every certificate here)");
+            let mut stream = port.connect_as(role, name).await;
             // HTTP/2's preface: a served connection is answered with the server's SETTINGS.
             let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
             let read =
@@ -784,40 +810,8 @@ mod tests {
     #[tokio::test]
     async fn a_refused_client_reads_why_even_after_writing() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca = dir.path().join("ca");
-        super::super::certs::init(&ca, "test", 1).expect("CA");
-        let load = |role: &str, name: &str| {
-            let issued = super::super::certs::issue(&ca, role, name, &[], 1).expect("certificate");
-            Security::load_tls(&ca.join("ca.pem"), &issued.cert, &issued.key).expect("load")
-        };
-        let server = load("kv", "1");
-        let (listener, address) = listen().await;
-        tokio::spawn(async move {
-            let peers = Admit::raft_peers_of(&super::Role::Kv);
-            server
-                .serve(
-                    tonic::service::Routes::default(),
-                    listener,
-                    peers,
-                    std::future::pending(),
-                )
-                .await
-        });
-        let Security::Tls(tls) = load("client", "user") else {
-            panic!("TLS material expected");
-        };
-        let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-        let tcp = tokio::net::TcpStream::connect(address)
-            .await
-            .expect("connect");
-        let server_name = rustls_pki_types::ServerName::try_from(super::super::SERVER_NAME)
-            .expect("name")
-            .to_owned();
-        let mut stream = connector
-            .connect(server_name, tcp)
-            .await
-            .expect("the client's side of the handshake");
+        let port = PeerPort::of_kv_1().await;
+        let mut stream = port.connect_as("client", "user").await;
         let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
         let _ = stream.flush().await;
         // The server has judged the certificate by now; this client writes on (as h2 does, its
