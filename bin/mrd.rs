@@ -78,6 +78,12 @@ enum Command {
               value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
                   .range(1..=ds824::mr::coordinator::MAX_KEEP_FINISHED_JOBS as u64))]
         keep_jobs: usize,
+        /// Take at most this many jobs queued or running at once; a submit beyond it is refused
+        /// (RESOURCE_EXHAUSTED) until some finish. Also refused: a job that would bring the tasks of
+        /// all queued and running jobs past 4,000,000.
+        #[arg(long, default_value_t = ds824::mr::coordinator::DEFAULT_MAX_QUEUED_JOBS,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        max_queued_jobs: usize,
         /// Serve Prometheus metrics (jobs, tasks by kind and state, attempts, failures) at
         /// http://<this address>/metrics.
         #[arg(long, env = "MRD_METRICS_LISTEN")]
@@ -477,6 +483,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             task_timeout,
             max_attempts,
             keep_jobs,
+            max_queued_jobs,
             metrics_listen,
             data_roots,
             allow_apps,
@@ -489,6 +496,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 task_timeout,
                 max_attempts,
                 keep_finished: keep_jobs,
+                max_queued_jobs,
+                max_pending_tasks: ds824::mr::coordinator::MAX_PENDING_TASKS,
             };
             run_coordinator(
                 listen,
@@ -602,16 +611,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let security = security(&tls, None)?;
             let listed = async {
                 let mut client = client::connect(&coordinator, &security).await?;
-                client::status(&mut client, job, true).await
+                client::status_reply(&mut client, job, true).await
             };
-            let jobs = match listed.await {
-                Ok(jobs) => jobs,
+            let reply = match listed.await {
+                Ok(reply) => reply,
                 Err(err) => return Err(explain_plaintext(&security, &coordinator, err).await),
             };
-            if jobs.is_empty() {
+            if reply.jobs.is_empty() {
                 ds824::outln!("no jobs");
             }
-            for status in &jobs {
+            if reply.omitted_jobs > 0 {
+                ds824::outln!(
+                    "({} older jobs not shown, to keep the reply small: ask for one with --job)",
+                    reply.omitted_jobs
+                );
+            }
+            for status in &reply.jobs {
                 let mut text = String::new();
                 print_job(&mut text, status, job.is_some()).context("rendering the status")?;
                 ds824::out!("{text}");

@@ -271,6 +271,29 @@ async fn a_backup_taken_under_writes_restores_every_write_acknowledged_before_it
         .await
         .expect("the old node answers status");
     assert!(old.leader == 0 || old.leader == 3, "{old:?}");
+
+    // The operator replaces that node as a lost disk is replaced: removed, started empty with
+    // --join, added. It takes the restored group's tag from the group it joins (without it, the
+    // group would refuse its messages as another cluster's and it would never catch up).
+    restored.kill(2);
+    std::fs::remove_dir_all(restored.data_dir(2)).expect("remove");
+    let removed = restored.kvctl(&["member", "remove", "3"]);
+    assert!(removed.status.success(), "{}", text(&removed));
+    restored.start_joining(2, &[0, 1]);
+    let spec = format!("3={}", restored.peer_addrs[2]);
+    let added = restored.kvctl(&["member", "add", &spec]);
+    assert!(added.status.success(), "{}", text(&added));
+    let joined = restored
+        .wait_for_status(2, "the joined node caught up", |s| s.snapshot_index > 0)
+        .await;
+    assert!(joined.applied_index > 0, "{joined:?}");
+    // And it keeps up with new writes.
+    reader.put("after-join", "yes").await.expect("put");
+    restored
+        .wait_for_status(2, "the joined node applies new writes", |s| {
+            s.applied_index > joined.applied_index
+        })
+        .await;
 }
 
 /// One `kvd` of `service` started with `--restore file` into `data_dir`, expected to refuse and exit.

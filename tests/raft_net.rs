@@ -188,6 +188,14 @@ async fn the_inbound_service_refuses_malformed_streams() {
 
     let mut config = InboundConfig::new(1);
     config.max_snapshot_bytes = 1 << 20;
+    // The service's loader: installed, a snapshot it cannot load would replace the node's state on
+    // disk and fail every start after.
+    config.snapshot_check = Some(ds824::raft::transport::SnapshotCheck::new(
+        |data| match data.starts_with(b"bad") {
+            true => Err("the kv state does not decode".into()),
+            false => Ok(()),
+        },
+    ));
     let cluster = config.cluster.clone();
     let (server, mut client, mut delivered) = inbound_server(config).await;
     let chunk = |offset: u64, data: &'static [u8], done: bool, total: u64| pb::SnapshotChunk {
@@ -305,6 +313,15 @@ async fn the_inbound_service_refuses_malformed_streams() {
             .expect_err("must be refused");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
+    let unloadable = client
+        .install_snapshot(tokio_stream::iter(vec![chunk(0, b"bad", true, 3)]))
+        .await
+        .expect_err("a snapshot the service cannot load must be refused");
+    assert_eq!(unloadable.code(), tonic::Code::InvalidArgument);
+    assert!(
+        unloadable.message().contains("does not decode"),
+        "{unloadable}"
+    );
     assert!(
         delivered.try_recv().is_none(),
         "nothing malformed was delivered"

@@ -363,6 +363,7 @@ mod tests {
             progress_known: true,
             leader_address: String::new(),
             cluster: String::new(),
+            restored: String::new(),
             members: vec![
                 pb::MemberStatus {
                     id: 1,

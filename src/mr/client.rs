@@ -54,13 +54,23 @@ pub async fn status(
     job_id: Option<u64>,
     tasks: bool,
 ) -> Result<Vec<pb::JobStatus>, MrError> {
+    Ok(status_reply(client, job_id, tasks).await?.jobs)
+}
+
+/// [`status`], with how many older jobs the coordinator left out to keep its reply small
+/// ([`STATUS_REPLY_BYTES`](crate::mr::coordinator_service::STATUS_REPLY_BYTES)).
+pub async fn status_reply(
+    client: &mut CoordinatorClient<Channel>,
+    job_id: Option<u64>,
+    tasks: bool,
+) -> Result<pb::StatusReply, MrError> {
     let reply = client
         .status(pb::StatusRequest {
             job_id: job_id.unwrap_or(0),
             tasks,
         })
         .await?;
-    Ok(reply.into_inner().jobs)
+    Ok(reply.into_inner())
 }
 
 /// Whether a job will change no more.

@@ -12,7 +12,8 @@
 //!   fails its job too: a task that kills its worker (out of memory on a big input, a crash) is never
 //!   reported, and retried forever it would hold up every job queued behind it;
 //! - a reducer that cannot fetch a map output makes that map task run again (paper §3.3), but only if the
-//!   output is still believed to live where the reducer looked, so stale reports change nothing;
+//!   output is still believed to live where the reducer looked, so stale reports change nothing; that
+//!   reduce attempt is then not counted toward `max_attempts` (the map's re-run is counted against the map);
 //! - only the newest `keep_finished` finished jobs are kept (default [`DEFAULT_KEEP_FINISHED_JOBS`]):
 //!   a coordinator that runs for months would otherwise hold every job it ever ran, in memory, in sled
 //!   and in every status reply. The newest job is never forgotten, so job ids never repeat.
@@ -38,6 +39,16 @@ pub const MAX_LOST_OUTPUTS: u32 = 3;
 
 /// Hand-outs of one task, without a success, that fail the whole job (`mrd coordinator --max-attempts`).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+
+/// Jobs queued or running at once (`mrd coordinator --max-queued-jobs`): each holds its record, and one
+/// entry per task, in memory and in sled until it finishes, so a submitter in a loop must be told
+/// to wait rather than grow the coordinator without bound. As YARN's `maximum-applications`.
+pub const DEFAULT_MAX_QUEUED_JOBS: usize = 1000;
+
+/// Tasks of the jobs queued or running, all told: a few jobs of [`crate::mr::job::MAX_MAPS`] maps
+/// each, or many small ones, but not a thousand of the largest (each task is about 100 bytes in memory
+/// and in sled).
+pub const MAX_PENDING_TASKS: usize = 4_000_000;
 
 /// Finished jobs (done or failed) kept for `mrd status`, newest first (`mrd coordinator --keep-jobs`).
 pub const DEFAULT_KEEP_FINISHED_JOBS: usize = 1000;
@@ -745,6 +756,19 @@ impl Coordinator {
         })))
     }
 
+    /// How many jobs are queued or running, and how many tasks they have in all.
+    pub fn pending(&self) -> (usize, usize) {
+        self.jobs
+            .values()
+            .filter(|job| !job.record.state.finished())
+            .fold((0, 0), |(jobs, tasks), job| {
+                (
+                    jobs + 1,
+                    tasks + job.record.maps.len() + job.record.reduces.len(),
+                )
+            })
+    }
+
     /// Where map tasks `start..` of job `job_id` serve their outputs and which attempt wrote them, at
     /// most [`LOCATIONS_PAGE`] of them; attempt 0 for a map not finished (re-running after a lost
     /// output). Reducers page through these instead of receiving them all with their task.
@@ -935,6 +959,7 @@ impl Coordinator {
             }
             Outcome::FetchFailed(missing) => {
                 let shared = job.record.spec.shuffle == crate::mr::job::ShuffleMode::SharedDir;
+                let mut found_lost = false;
                 for (map, lost) in missing {
                     let Some(task) = job.record.maps.get_mut(map as usize) else {
                         continue;
@@ -946,6 +971,7 @@ impl Coordinator {
                         .as_ref()
                         .is_some_and(|c| c.addr == lost.addr && c.attempt == lost.attempt)
                     {
+                        found_lost = true;
                         task.done = None;
                         task.lost += 1;
                         self.dirty_tasks.insert((job_id, TaskKind::Map, map));
@@ -963,6 +989,13 @@ impl Coordinator {
                             break;
                         }
                     }
+                }
+                if found_lost {
+                    // The attempt stopped on an output now re-running, not on its own fault: its
+                    // hand-out is given back. The map's re-run is counted against the map.
+                    let reduce = &mut job.record.tasks_mut(kind)[i];
+                    reduce.runs = reduce.runs.saturating_sub(1);
+                    self.dirty_tasks.insert((job_id, kind, index));
                 }
             }
         }
@@ -1523,6 +1556,63 @@ mod tests {
         assert!(c.record(id).unwrap().maps[0].done.is_none());
         let rerun = run(c.assign(&worker("m"), now + TIMEOUT));
         assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, 0));
+    }
+
+    /// A reduce that stops on a map output found lost did no wrong: its hand-out is given back, or a
+    /// job whose mappers die one after another (each lost output costing a reduce attempt) would fail
+    /// at the reduce's `--max-attempts` though every re-run map finished. The maps' own re-runs stay
+    /// counted, so a reducer that cannot reach any mapper still ends its job.
+    #[test]
+    fn a_reduce_stopped_by_a_lost_map_output_keeps_its_attempts() {
+        let now = Instant::now();
+        let mut c = Coordinator::restore([], TIMEOUT).with_max_attempts(2);
+        let id = submit(&mut c, spec(2, 1));
+        for m in ["m0", "m1"] {
+            let map = run(c.assign(&worker(m), now));
+            c.report(id, TaskKind::Map, map.index, m, map.attempt, ok(m))
+                .unwrap();
+        }
+        // Each mapper dies in turn under the reducer; each map re-runs once (its second and last
+        // attempt), and the reduce is handed out a third time.
+        for lost_map in 0..2u32 {
+            let lost = c.locations(id, 0).unwrap()[lost_map as usize].clone();
+            let reduce = run(c.assign(&worker("r"), now));
+            assert_eq!(reduce.kind, TaskKind::Reduce);
+            let missing = Outcome::FetchFailed(vec![(lost_map, lost)]);
+            c.report(id, TaskKind::Reduce, 0, "r", reduce.attempt, missing)
+                .unwrap();
+            let rerun = run(c.assign(&worker("m2"), now));
+            assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, lost_map));
+            c.report(id, TaskKind::Map, lost_map, "m2", rerun.attempt, ok("m2"))
+                .unwrap();
+        }
+        let reduce = run(c.assign(&worker("r"), now));
+        assert_eq!(
+            reduce.kind,
+            TaskKind::Reduce,
+            "{:?}",
+            c.record(id).unwrap().state
+        );
+        assert!(reduce_commits(&mut c, id, "r", reduce.attempt, now));
+        c.report(id, TaskKind::Reduce, 0, "r", reduce.attempt, ok(""))
+            .unwrap();
+        assert_eq!(c.record(id).unwrap().state, JobState::Done);
+        // A report about an output that was not the one recorded gives nothing back: a reducer cannot
+        // keep its task alive with reports about outputs it was never told of.
+        let (mut c, id) = one_map_done(now);
+        let c = &mut c;
+        let stale = MapOutput {
+            addr: "elsewhere".into(),
+            attempt: 7,
+        };
+        for _ in 0..DEFAULT_MAX_ATTEMPTS {
+            let reduce = run(c.assign(&worker("r"), now));
+            let missing = Outcome::FetchFailed(vec![(0, stale.clone())]);
+            c.report(id, TaskKind::Reduce, 0, "r", reduce.attempt, missing)
+                .unwrap();
+        }
+        assert_eq!(c.assign(&worker("r"), now), Assignment::Idle);
+        assert!(matches!(c.record(id).unwrap().state, JobState::Failed(_)));
     }
 
     /// A reduce attempt moves its output into place only with the commit grant, so a success

@@ -12,8 +12,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -38,6 +38,11 @@ pub struct Policy {
     pub max_attempts: u32,
     /// Finished jobs kept, the newest (`--keep-jobs`).
     pub keep_finished: usize,
+    /// Jobs queued or running at once; more are refused until some finish (`--max-queued-jobs`).
+    pub max_queued_jobs: usize,
+    /// Tasks of the jobs queued or running, all told ([`MAX_PENDING_TASKS`]); a job that would pass it
+    /// is refused.
+    pub max_pending_tasks: usize,
 }
 
 /// The gRPC service; cheap to share, all state is behind one short-held lock.
@@ -52,6 +57,12 @@ pub struct CoordinatorService {
     states: sled::Tree,
     admission: Admission,
     guard: Guard,
+    /// Output directories submits with `--overwrite` are emptying (see [`Clearing`]).
+    clearing: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Jobs queued or running at once ([`Policy::max_queued_jobs`]).
+    max_queued_jobs: usize,
+    /// Their tasks, all told ([`Policy::max_pending_tasks`]).
+    max_pending_tasks: usize,
     /// Bytes of task messages sent (`mr_task_message_bytes`).
     task_bytes: std::sync::atomic::AtomicU64,
     /// Woken when a report may have made a task available (or finished a job): workers told to wait
@@ -140,6 +151,9 @@ impl CoordinatorService {
             states,
             admission,
             guard,
+            clearing: Mutex::default(),
+            max_queued_jobs: policy.max_queued_jobs,
+            max_pending_tasks: policy.max_pending_tasks,
             task_bytes: Default::default(),
             progress: Default::default(),
         };
@@ -163,6 +177,48 @@ impl CoordinatorService {
     pub fn refresh_metrics(&self, gauges: &crate::mr::metrics::MrGauges) {
         let sent = self.task_bytes.load(std::sync::atomic::Ordering::Relaxed);
         gauges.refresh(&self.lock(), sent);
+    }
+
+    /// Whether a job of `new_tasks` tasks fits among those queued and running
+    /// ([`Policy::max_queued_jobs`], [`Policy::max_pending_tasks`]).
+    fn check_room(&self, state: &Coordinator, new_tasks: usize) -> Result<(), Status> {
+        let (queued, tasks) = state.pending();
+        if queued >= self.max_queued_jobs {
+            return Err(Status::resource_exhausted(format!(
+                "{queued} jobs are queued or running, the most this coordinator takes \
+                 (--max-queued-jobs); submit again once some have finished"
+            )));
+        }
+        let most = self.max_pending_tasks;
+        if tasks + new_tasks > most {
+            return Err(Status::resource_exhausted(format!(
+                "the jobs queued or running have {tasks} tasks and this one {new_tasks}: more than \
+                 the {most} a coordinator holds at once; submit again once some have finished, or \
+                 use a larger --split-size"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether no unfinished job writes `dir` and no submit is emptying it.
+    fn check_output_free(&self, state: &Coordinator, dir: &Path) -> Result<(), Status> {
+        if let Some(other) = state
+            .jobs()
+            .find(|view| !view.record.state.finished() && view.record.spec.output_dir == dir)
+        {
+            return Err(Status::invalid_argument(format!(
+                "output directory {} is already the output of job {}, which has not finished",
+                dir.display(),
+                other.record.id
+            )));
+        }
+        if Clearing::busy(&self.clearing, dir) {
+            return Err(Status::invalid_argument(format!(
+                "output directory {} is being emptied for another job submitted with --overwrite",
+                dir.display()
+            )));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Coordinator> {
@@ -280,8 +336,78 @@ fn parse_task_key(key: &[u8]) -> Option<(u64, TaskKind, u32)> {
     Some((job, kind, u32::from_be_bytes(key[9..].try_into().ok()?)))
 }
 
+/// An output directory a submit with `--overwrite` is emptying, outside the coordinator's lock;
+/// released when dropped (the submit accepted, refused or cancelled).
+struct Clearing<'a> {
+    set: &'a Mutex<std::collections::HashSet<PathBuf>>,
+    dir: PathBuf,
+}
+
+impl<'a> Clearing<'a> {
+    /// Takes `dir`; the caller checked it was free ([`Clearing::busy`]) under the coordinator's lock.
+    fn reserve(set: &'a Mutex<std::collections::HashSet<PathBuf>>, dir: &Path) -> Self {
+        set.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(dir.to_path_buf());
+        Clearing {
+            set,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Whether a submit is emptying `dir`.
+    fn busy(set: &Mutex<std::collections::HashSet<PathBuf>>, dir: &Path) -> bool {
+        set.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(dir)
+    }
+}
+
+impl Drop for Clearing<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.dir);
+    }
+}
+
 /// Most task rows one job's status carries (`StatusRequest.tasks`).
 pub const MAX_STATUS_TASKS: usize = 10_000;
+
+/// Encoded bytes of a status reply: older jobs are left out beyond it (`omitted_jobs`), and a job's
+/// inputs are left out if they alone would pass it. Well under gRPC's 4 MiB default, which a client
+/// would otherwise refuse the whole reply for.
+pub const STATUS_REPLY_BYTES: usize = 3 << 20;
+
+/// The job statuses, newest first, that fit in `budget` encoded bytes, and how many older ones were
+/// left out: a client refuses a whole reply over its message limit, so a coordinator keeping many
+/// jobs (or jobs with long arguments and paths) must still answer with the newest. A job's inputs are
+/// dropped if they alone would not fit (its `inputs` count still tells how many).
+fn fit_in_reply(
+    newest_first: impl ExactSizeIterator<Item = pb::JobStatus>,
+    budget: usize,
+) -> (Vec<pb::JobStatus>, u32) {
+    let mut newest_first = newest_first;
+    let mut fitted = Vec::new();
+    let mut bytes = 0;
+    while let Some(mut status) = newest_first.next() {
+        if prost::Message::encoded_len(&status) > budget {
+            if let Some(spec) = status.spec.as_mut() {
+                spec.inputs = Vec::new();
+            }
+        }
+        // The field's tag and length prefix, at most 1 + 5 bytes.
+        let len = prost::Message::encoded_len(&status) + 6;
+        if bytes + len > budget {
+            let left_out = 1 + newest_first.len();
+            return (fitted, u32::try_from(left_out).unwrap_or(u32::MAX));
+        }
+        bytes += len;
+        fitted.push(status);
+    }
+    (fitted, 0)
+}
 
 fn task_kind(raw: i32) -> Result<TaskKind, Status> {
     match pb::TaskKind::try_from(raw) {
@@ -377,27 +503,37 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         spec.validate().map_err(invalid)?;
         let splits = spec.splits().map_err(invalid)?;
         let maps = splits.len();
+        let new_tasks = maps + spec.n_reduce as usize;
+        let clearing = {
+            let state = self.lock();
+            self.check_room(&state, new_tasks)?;
+            self.check_output_free(&state, &spec.output_dir)?;
+            // Reserved while its earlier outputs go: no other job may take the directory meanwhile.
+            overwrite.then(|| Clearing::reserve(&self.clearing, &spec.output_dir))
+        };
+        if clearing.is_some() {
+            // Outside the lock: a directory of millions of files takes a while to empty, and workers
+            // and status must not wait on it.
+            let dir = spec.output_dir.clone();
+            let removed =
+                tokio::task::spawn_blocking(move || crate::mr::roots::clear_outputs(&dir))
+                    .await
+                    .map_err(|err| {
+                        Status::internal(format!("emptying the output directory: {err}"))
+                    })?
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            tracing::info!(output = %spec.output_dir.display(), removed, "--overwrite: removed an earlier job's outputs");
+        }
         let job_id = {
             let mut state = self.lock();
-            if let Some(other) = state.jobs().find(|view| {
-                !view.record.state.finished() && view.record.spec.output_dir == spec.output_dir
-            }) {
-                return Err(Status::invalid_argument(format!(
-                    "output directory {} is already the output of job {}, which has not finished",
-                    spec.output_dir.display(),
-                    other.record.id
-                )));
-            }
-            if overwrite {
-                let removed = crate::mr::roots::clear_outputs(&spec.output_dir)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                tracing::info!(output = %spec.output_dir.display(), removed, "--overwrite: removed an earlier job's outputs");
-            }
+            // Other submits may have taken the room meanwhile.
+            self.check_room(&state, new_tasks)?;
             let id = state.submit(spec, splits);
             let changes = state.take_changed();
             self.stage(&mut state, &changes)?;
             id
         };
+        drop(clearing);
         self.flush().await?;
         self.progress.notify_waiters();
         let by = caller.map_or_else(|| "anyone (no TLS)".to_string(), |c| c.to_string());
@@ -416,24 +552,22 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         })?;
         let request = request.into_inner();
         let wanted = request.job_id;
-        let mut jobs: Vec<pb::JobStatus> = {
+        let (mut jobs, omitted_jobs) = {
             let state = self.lock();
             // At most MAX_STATUS_TASKS task rows in the whole reply, newest jobs first in line for
-            // them, and inputs only for one job asked for by id: however many big jobs there are, the
-            // reply stays far under gRPC's 4 MiB.
-            let mut budget = if request.tasks { MAX_STATUS_TASKS } else { 0 };
-            state
+            // them, inputs only for one job asked for by id, and at most STATUS_REPLY_BYTES in all:
+            // however many big jobs there are, the reply stays under gRPC's 4 MiB.
+            let mut rows = if request.tasks { MAX_STATUS_TASKS } else { 0 };
+            let views = state
                 .jobs()
                 .filter(|view| wanted == 0 || view.record.id == wanted)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .map(|view| {
-                    let status = job_status(view, budget, wanted != 0);
-                    budget -= status.tasks.len();
-                    status
-                })
-                .collect()
+                .collect::<Vec<_>>();
+            let newest_first = views.into_iter().rev().map(|view| {
+                let status = job_status(view, rows, wanted != 0);
+                rows -= status.tasks.len();
+                status
+            });
+            fit_in_reply(newest_first, STATUS_REPLY_BYTES)
         };
         jobs.reverse();
         if wanted != 0 && jobs.is_empty() {
@@ -453,7 +587,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         // A report shows in memory (and was written to sled under the same lock) a moment before its
         // flush: flush before answering, so what status shows survives a crash of the coordinator.
         self.flush().await?;
-        Ok(Response::new(pb::StatusReply { jobs }))
+        Ok(Response::new(pb::StatusReply { jobs, omitted_jobs }))
     }
 
     async fn request_task(
@@ -708,4 +842,134 @@ pub async fn serve(
         .serve(routes, listener, Admit::Cluster, shutdown)
         .await
         .map_err(|err| MrError::Other(format!("coordinator server: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mr::app::AppPolicy;
+    use crate::mr::roots::DataRoots;
+    use crate::proto::mr::coordinator_server::Coordinator as _;
+
+    fn status_of(id: u64, error_bytes: usize, inputs: usize) -> pb::JobStatus {
+        pb::JobStatus {
+            id,
+            error: "e".repeat(error_bytes),
+            spec: Some(pb::JobSpec {
+                inputs: vec![format!("/data/{}", "i".repeat(400)); inputs],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A client refuses a whole reply over its 4 MiB limit: however many jobs, and however long
+    /// their fields, the reply keeps the newest that fit and says how many older ones it left out.
+    #[test]
+    fn a_status_reply_keeps_the_newest_jobs_that_fit() {
+        let newest_first: Vec<_> = (1..=5).rev().map(|id| status_of(id, 1 << 20, 0)).collect();
+        let (jobs, omitted_jobs) = fit_in_reply(newest_first.into_iter(), STATUS_REPLY_BYTES);
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [5, 4]);
+        assert_eq!(omitted_jobs, 3);
+        let reply = pb::StatusReply { jobs, omitted_jobs };
+        assert!(prost::Message::encoded_len(&reply) <= STATUS_REPLY_BYTES);
+        // One job whose inputs alone would pass the budget is shown without them.
+        let (jobs, omitted_jobs) = fit_in_reply(
+            vec![status_of(9, 0, 10_000)].into_iter(),
+            STATUS_REPLY_BYTES,
+        );
+        assert_eq!((jobs.len(), omitted_jobs), (1, 0));
+        assert!(jobs[0].spec.as_ref().is_some_and(|s| s.inputs.is_empty()));
+        let (jobs, _) = fit_in_reply(vec![status_of(9, 0, 100)].into_iter(), STATUS_REPLY_BYTES);
+        assert_eq!(jobs[0].spec.as_ref().map(|s| s.inputs.len()), Some(100));
+    }
+
+    fn submit_request(root: &Path, output: &str, n_reduce: u32) -> Request<pb::SubmitRequest> {
+        Request::new(pb::SubmitRequest {
+            spec: Some(pb::JobSpec {
+                app: "wc".into(),
+                inputs: vec![root.join("input").display().to_string()],
+                n_reduce,
+                output_dir: root.join(output).display().to_string(),
+                ..Default::default()
+            }),
+            overwrite: false,
+        })
+    }
+
+    /// Each queued job is held in memory and in sled until it finishes: a submitter in a loop is
+    /// told to come back later, by job count and by task count, and is taken again once a job ends.
+    #[tokio::test]
+    async fn submits_past_the_queue_bounds_are_refused_until_a_job_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("input"), b"a b c\n").unwrap();
+        let admission = Admission {
+            apps: AppPolicy::new(&[]).unwrap(),
+            roots: DataRoots::new(std::slice::from_ref(&root)).unwrap(),
+        };
+        let policy = Policy {
+            task_timeout: Duration::from_secs(10),
+            max_attempts: 4,
+            keep_finished: 10,
+            max_queued_jobs: 2,
+            max_pending_tasks: 8,
+        };
+        let service =
+            CoordinatorService::open(&dir.path().join("state"), policy, admission, Guard::open())
+                .unwrap();
+        let first = service.submit(submit_request(&root, "a", 1)).await.unwrap();
+        // One map and six reduces would make 2 + 7 tasks pending: more than 8.
+        let too_many_tasks = service
+            .submit(submit_request(&root, "b", 6))
+            .await
+            .unwrap_err();
+        assert_eq!(too_many_tasks.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            too_many_tasks.message().contains("tasks"),
+            "{too_many_tasks:?}"
+        );
+        service.submit(submit_request(&root, "b", 1)).await.unwrap();
+        let too_many_jobs = service
+            .submit(submit_request(&root, "c", 1))
+            .await
+            .unwrap_err();
+        assert_eq!(too_many_jobs.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            too_many_jobs.message().contains("--max-queued-jobs"),
+            "{too_many_jobs:?}"
+        );
+        {
+            // The first job runs to its end.
+            let id = first.into_inner().job_id;
+            let mut state = service.lock();
+            let now = Instant::now();
+            let worker = WorkerInfo {
+                id: "w",
+                accept_map: true,
+                accept_reduce: true,
+            };
+            for kind in [TaskKind::Map, TaskKind::Reduce] {
+                let Assignment::Run(task) = state.assign(&worker, now) else {
+                    panic!("no {kind} task handed out");
+                };
+                assert_eq!((task.job_id, task.kind), (id, kind));
+                if kind == TaskKind::Reduce {
+                    assert!(state
+                        .may_commit(id, kind, 0, "w", task.attempt, now)
+                        .unwrap());
+                }
+                let done = Outcome::Succeeded {
+                    addr: String::new(),
+                };
+                state.report(id, kind, 0, "w", task.attempt, done).unwrap();
+            }
+            assert_eq!(
+                state.record(id).map(|r| r.state.clone()),
+                Some(JobState::Done)
+            );
+        }
+        service.submit(submit_request(&root, "c", 1)).await.unwrap();
+    }
 }

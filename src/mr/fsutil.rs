@@ -1,97 +1,177 @@
-//! Writing files so readers only ever see complete ones.
+//! Writing files so readers only ever see complete ones, and opening job files exactly where the
+//! coordinator checked them.
+//!
+//! Job paths reach workers resolved (`..` and symbolic links gone) and checked against the
+//! coordinator's `--data-root` directories ([`crate::mr::roots`]). Whoever can write under a root could
+//! still swap a checked file or directory for a symbolic link between that check and a worker's open,
+//! and have the worker read (an input pointing at its own TLS key) or write (an output directory
+//! pointing at `/etc/cron.d`) outside every root. So workers open job files with `openat2`'s
+//! `RESOLVE_NO_SYMLINKS` ([`open_exact`]), and write outputs relative to a directory opened the same way
+//! ([`stage`]): a link swapped in is refused, never followed.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use rand::Rng;
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, CWD};
 
 use crate::mr::MrError;
+
+/// How job files are resolved: no symbolic link anywhere in the path (not even in a directory
+/// above), and no `/proc` magic link.
+const EXACT: ResolveFlags = ResolveFlags::NO_SYMLINKS.union(ResolveFlags::NO_MAGICLINKS);
+
+/// Opens `path` for reading only if no component of it is a symbolic link: the file the coordinator
+/// checked, not whatever a link swapped in since points at. A missing file stays an error of kind
+/// `NotFound` (reducers take that for a lost map output).
+pub fn open_exact(path: &Path) -> std::io::Result<File> {
+    open_exact_with(path, OFlags::RDONLY).map(File::from)
+}
+
+/// `openat2(path, flags | O_CLOEXEC, RESOLVE_NO_SYMLINKS)`, its refusals explained.
+fn open_exact_with(path: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
+    rustix::fs::openat2(CWD, path, flags | OFlags::CLOEXEC, Mode::empty(), EXACT).map_err(|errno| {
+        match errno {
+            rustix::io::Errno::LOOP => std::io::Error::other(
+                "a component of this path is a symbolic link: job files are opened only where the \
+                 coordinator resolved and checked them, so a link put there since is refused",
+            ),
+            rustix::io::Errno::NOSYS => std::io::Error::other(
+                "this kernel has no openat2 (Linux 5.6 or later is needed to open job files safely)",
+            ),
+            other => other.into(),
+        }
+    })
+}
 
 /// Writes `path` through `fill` into a hidden temporary file in the same directory, then renames it into
 /// place. Rename within a directory is atomic, so a crash leaves either no file or the whole file, and a
 /// duplicate task replacing an output with identical content is invisible to readers. The temporary name
 /// starts with a dot so it never matches `mr-out*`. With `durable`, the data is fsynced before the rename
 /// and the directory after it, so after a power loss the file is there whole or not at all.
+///
+/// For local tools (`mrd sequential`, corpus generation): the directory is resolved first, so a path
+/// through a symbolic link the user chose works. Workers writing job outputs use [`stage`].
 pub fn write_atomic(
     path: &Path,
     durable: bool,
     fill: impl FnOnce(&mut dyn Write) -> Result<(), MrError>,
 ) -> Result<(), MrError> {
-    stage(path, durable, fill)?.commit()
+    let dir = parent(path);
+    std::fs::create_dir_all(dir).map_err(MrError::io(dir))?;
+    let resolved = std::fs::canonicalize(dir).map_err(MrError::io(dir))?;
+    stage(&resolved.join(file_name(path)), durable, fill)?.commit()
 }
 
 /// A file written whole under a hidden temporary name beside `path`, not yet in place: the first half
 /// of [`write_atomic`], for callers that must ask before they publish (a reducer asks the coordinator
 /// whether its attempt may commit). Dropped without [`Staged::commit`], the temporary file is removed.
+///
+/// Every step after the directory is opened (create, rename, remove, fsync) is relative to that open
+/// directory, so a directory swapped for a link afterwards changes nothing.
 #[derive(Debug)]
 pub struct Staged {
-    tmp: PathBuf,
+    /// The directory, opened without following links.
+    dir: OwnedFd,
+    /// The temporary name in it.
+    tmp: OsString,
+    /// The final name in it.
+    name: OsString,
+    /// The final path, for messages.
     path: PathBuf,
     durable: bool,
     done: bool,
 }
 
-/// Writes `path`'s future content through `fill` into a temporary file (fsynced with `durable`).
+/// Writes `path`'s future content through `fill` into a temporary file (fsynced with `durable`). The
+/// directory is created if missing, and refused if any component of its path is a symbolic link
+/// ([`open_exact`]).
 pub fn stage(
     path: &Path,
     durable: bool,
     fill: impl FnOnce(&mut dyn Write) -> Result<(), MrError>,
 ) -> Result<Staged, MrError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(MrError::io(dir))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let dir_path = parent(path);
+    std::fs::create_dir_all(dir_path).map_err(MrError::io(dir_path))?;
+    let dir = open_exact_with(dir_path, OFlags::RDONLY | OFlags::DIRECTORY)
+        .map_err(MrError::io(dir_path))?;
+    let name = file_name(path);
+    let mut tmp = OsString::from(".");
+    tmp.push(&name);
+    tmp.push(format!(
+        ".tmp-{}-{:08x}",
+        std::process::id(),
+        rand::rng().random::<u32>()
+    ));
+    let tmp_path = dir_path.join(&tmp);
+    // O_EXCL: a link planted under the temporary name is not followed either.
+    let file = rustix::fs::openat(
+        &dir,
+        &tmp,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o666),
+    )
+    .map(File::from)
+    .map_err(|errno| MrError::io(&tmp_path)(errno.into()))?;
     let staged = Staged {
-        tmp: dir.join(format!(
-            ".{name}.tmp-{}-{:08x}",
-            std::process::id(),
-            rand::rng().random::<u32>()
-        )),
+        dir,
+        tmp,
+        name,
         path: path.to_path_buf(),
         durable,
         done: false,
     };
-    let tmp = &staged.tmp;
-    let file = File::create(tmp).map_err(MrError::io(tmp))?;
     let mut writer = BufWriter::with_capacity(1 << 20, file);
     fill(&mut writer)?;
     let file = writer
         .into_inner()
-        .map_err(|err| MrError::io(tmp)(err.into_error()))?;
+        .map_err(|err| MrError::io(&tmp_path)(err.into_error()))?;
     if durable {
-        file.sync_all().map_err(MrError::io(tmp))?;
+        file.sync_all().map_err(MrError::io(&tmp_path))?;
     }
     Ok(staged)
+}
+
+/// The directory `path` is in.
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// `path`'s last component (`out` for a path without one).
+fn file_name(path: &Path) -> OsString {
+    path.file_name()
+        .map_or_else(|| OsString::from("out"), OsString::from)
 }
 
 impl Staged {
     /// Renames the file into place (and, durable, fsyncs the directory). Fails if the temporary file
     /// is gone, e.g. removed by a later job's `--overwrite`: nothing is then published.
-    pub fn commit(self) -> Result<(), MrError> {
-        let durable = self.durable;
-        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        self.rename_into_place()?;
-        if durable {
-            sync_dir(&dir)?;
+    pub fn commit(mut self) -> Result<(), MrError> {
+        self.done = true;
+        let renamed = rustix::fs::renameat(&self.dir, &self.tmp, &self.dir, &self.name);
+        if let Err(errno) = renamed {
+            let _ = rustix::fs::unlinkat(&self.dir, &self.tmp, AtFlags::empty());
+            return Err(MrError::io(&self.path)(errno.into()));
+        }
+        if self.durable {
+            // Makes the rename durable.
+            rustix::fs::fsync(&self.dir)
+                .map_err(|errno| MrError::io(parent(&self.path))(errno.into()))?;
         }
         Ok(())
-    }
-
-    /// [`Staged::commit`] without the directory fsync.
-    fn rename_into_place(mut self) -> Result<(), MrError> {
-        self.done = true;
-        let result = std::fs::rename(&self.tmp, &self.path).map_err(MrError::io(&self.path));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-        result
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
+            let _ = rustix::fs::unlinkat(&self.dir, &self.tmp, AtFlags::empty());
         }
     }
 }
@@ -120,16 +200,48 @@ pub fn remove_stale_temps(path: &Path) -> usize {
         .count()
 }
 
-/// Make the entries of `dir` (a rename into it) durable.
-pub fn sync_dir(dir: &Path) -> Result<(), MrError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(MrError::io(dir))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whoever can write under a data root can swap a checked input, or the output directory, for a
+    /// link after the coordinator's check: the worker must refuse the link, not read or write where it
+    /// points.
+    #[test]
+    fn job_files_behind_a_symbolic_link_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(root.path()).unwrap();
+        let (data, secret) = (root.join("data"), root.join("secret"));
+        std::fs::create_dir(&data).unwrap();
+        std::fs::create_dir(&secret).unwrap();
+        std::fs::write(secret.join("key"), b"private").unwrap();
+        std::fs::write(data.join("input"), b"words").unwrap();
+        std::os::unix::fs::symlink(secret.join("key"), data.join("swapped")).unwrap();
+        std::os::unix::fs::symlink(&secret, data.join("out")).unwrap();
+
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut open_exact(&data.join("input")).unwrap(), &mut read)
+            .unwrap();
+        assert_eq!(read, "words");
+        for linked in [data.join("swapped"), data.join("out").join("key")] {
+            let err = open_exact(&linked).unwrap_err();
+            assert!(
+                err.to_string().contains("symbolic link"),
+                "{linked:?}: {err}"
+            );
+        }
+        let missing = open_exact(&data.join("absent")).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+
+        // An output directory swapped for a link: nothing is written where it points.
+        let fill = |w: &mut dyn Write| w.write_all(b"x").map_err(MrError::io("x"));
+        let refused = stage(&data.join("out").join("mr-out-0"), true, fill).unwrap_err();
+        assert!(refused.to_string().contains("symbolic link"), "{refused}");
+        assert_eq!(std::fs::read_dir(&secret).unwrap().count(), 1);
+        // Local tools resolve the directory they were given first, links included.
+        write_atomic(&data.join("out").join("mr-out-0"), false, fill).unwrap();
+        assert_eq!(std::fs::read(secret.join("mr-out-0")).unwrap(), b"x");
+    }
 
     #[test]
     fn failed_writes_leave_nothing_behind() {

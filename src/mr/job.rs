@@ -27,6 +27,11 @@ pub const MAX_MAPS: usize = 1_000_000;
 /// reduces.
 pub const MAX_MAP_OUTPUTS: u64 = 10_000_000;
 
+/// Bytes of a job's app arguments, all told. Arguments are a pattern or a few options; a job carrying
+/// megabytes of them would be kept, with every finished job, in the coordinator's memory, in sled and
+/// in status replies.
+pub const MAX_ARGS_BYTES: usize = 64 * 1024;
+
 /// The part of one input file a map task reads: the lines that *start* in `[offset, offset + length)`,
 /// so a line crossing a boundary is read whole by the task it starts in, and by no other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +196,13 @@ impl JobSpec {
 
     /// Everything the coordinator checks before accepting a job.
     pub fn validate(&self) -> Result<(), MrError> {
+        let args_bytes: usize = self.args.iter().map(String::len).sum();
+        if args_bytes > MAX_ARGS_BYTES {
+            return Err(MrError::InvalidJob(format!(
+                "the app's arguments are {args_bytes} bytes; a job may carry at most \
+                 {MAX_ARGS_BYTES} (pass large data as an input file)"
+            )));
+        }
         app::build(&self.app, &self.args).map_err(|err| MrError::InvalidJob(err.to_string()))?;
         if self.n_reduce == 0 || self.n_reduce > MAX_REDUCES {
             return Err(MrError::InvalidJob(format!(
@@ -268,6 +280,16 @@ impl Admission {
             .map(|input| self.roots.input(input))
             .collect::<Result<Vec<_>, _>>()?;
         let output_dir = self.roots.output(&spec.output_dir, overwrite)?;
+        // Only with --overwrite can an input lie there (the directory is otherwise new or empty), and
+        // --overwrite empties it before the job runs: the job would delete its own input.
+        if let Some(input) = inputs.iter().find(|input| input.starts_with(&output_dir)) {
+            return Err(MrError::InvalidJob(format!(
+                "input {} lies in the output directory {}, which --overwrite empties before the job \
+                 runs; write the output elsewhere",
+                input.display(),
+                output_dir.display()
+            )));
+        }
         Ok(JobSpec {
             inputs,
             output_dir,
@@ -352,6 +374,49 @@ mod tests {
         let spec = prepare("wc", std::slice::from_ref(&input), 2).unwrap();
         let wire = pb::JobSpec::from(&spec);
         assert_eq!(JobSpec::try_from(&wire).unwrap(), spec);
+        // Arguments are kept with the job for as long as it is: megabytes of them are refused.
+        let args = |bytes: usize| vec![format!("pattern={}", "x".repeat(bytes - 8))];
+        let with_args = |args: Vec<String>| JobSpec {
+            app: "grep".into(),
+            args,
+            ..spec.clone()
+        };
+        assert!(with_args(args(MAX_ARGS_BYTES)).validate().is_ok());
+        let err = with_args(args(MAX_ARGS_BYTES + 1)).validate().unwrap_err();
+        assert!(err.to_string().contains("arguments"), "{err}");
+    }
+
+    /// `--overwrite` empties the output directory before the job runs: a job reading an earlier
+    /// job's output from there would delete its own input.
+    #[test]
+    fn overwrite_refuses_a_job_whose_input_lies_in_its_output_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let out = root.join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("mr-out-0"), "a 1\n").unwrap();
+        let admission = Admission {
+            apps: AppPolicy::new(&[]).unwrap(),
+            roots: DataRoots::new(std::slice::from_ref(&root)).unwrap(),
+        };
+        let spec = |output: &Path| {
+            JobSpec::prepare(
+                "wc",
+                &[],
+                &[out.join("mr-out-0")],
+                1,
+                output,
+                ShuffleMode::SharedDir,
+            )
+            .unwrap()
+        };
+        let err = admission.admit(spec(&out), true).unwrap_err();
+        assert!(
+            err.to_string().contains("lies in the output directory"),
+            "{err}"
+        );
+        assert!(out.join("mr-out-0").exists());
+        assert!(admission.admit(spec(&root.join("next")), true).is_ok());
     }
 
     #[test]

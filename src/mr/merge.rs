@@ -69,7 +69,7 @@ impl Run {
         let (reader, keep): (Box<dyn BufRead + Send>, _) = match self.source {
             Source::Memory(records) => (Box::new(Cursor::new(records)), None),
             Source::File { path, len, spill } => {
-                let file = File::open(&path).map_err(MrError::io(&path))?;
+                let file = crate::mr::fsutil::open_exact(&path).map_err(MrError::io(&path))?;
                 let exact = Exact(file.take(len));
                 (
                     Box::new(BufReader::with_capacity(READ_BUFFER, exact)),

@@ -71,7 +71,7 @@ pub fn open_sealed<'a>(data: &'a [u8], what: &str) -> Result<&'a [u8], MrError> 
 /// records (the bytes before the trailer). `Corrupt` as [`open_sealed`]; a missing file is an `Io` error
 /// of kind `NotFound`.
 pub fn check_sealed_file(path: &Path, what: &str) -> Result<u64, MrError> {
-    let mut file = std::fs::File::open(path).map_err(MrError::io(path))?;
+    let mut file = crate::mr::fsutil::open_exact(path).map_err(MrError::io(path))?;
     let total = file.metadata().map_err(MrError::io(path))?.len();
     let mut trailer = [0u8; SEAL_BYTES];
     if total >= SEAL_BYTES as u64 {

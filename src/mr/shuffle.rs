@@ -212,7 +212,7 @@ impl pb::shuffle_server::Shuffle for ShuffleService {
             let path = path.clone();
             tokio::task::spawn_blocking(
                 move || -> std::io::Result<(std::fs::File, u64, Option<Vec<u8>>)> {
-                    let mut file = std::fs::File::open(&path)?;
+                    let mut file = crate::mr::fsutil::open_exact(&path)?;
                     let len = file.metadata()?.len();
                     let small = if len <= CHUNK as u64 {
                         let mut data = Vec::with_capacity(len as usize);

@@ -31,7 +31,7 @@ pub struct SplitReader {
 impl SplitReader {
     /// Opens `path` positioned at the first line that starts in `[offset, offset + length)`.
     pub fn open(path: &Path, offset: u64, length: u64) -> Result<SplitReader, MrError> {
-        let file = File::open(path).map_err(MrError::io(path))?;
+        let file = crate::mr::fsutil::open_exact(path).map_err(MrError::io(path))?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let end = offset.saturating_add(length);
         let mut pos = offset;

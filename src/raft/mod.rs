@@ -60,7 +60,8 @@ pub mod wire;
 
 pub use self::config::{Config, ConfigError};
 pub use self::core::{
-    CompactError, NotLeader, RaftCore, RestoreError, Status, StepError, MAX_TERM, MAX_TERM_STEP,
+    CompactError, NotLeader, RaftCore, RestoreError, Status, StepError, MAX_INDEX, MAX_TERM,
+    MAX_TERM_STEP,
 };
 pub use self::log::{ApplyBudget, LogWrite};
 pub use self::membership::{Member, Membership, MembershipChange, MembershipError};

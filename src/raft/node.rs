@@ -53,6 +53,8 @@ pub struct NodeConfig {
     pub transport: TransportConfig,
     /// Largest snapshot accepted from a peer.
     pub max_snapshot_bytes: u64,
+    /// Whether the service can load a snapshot a peer sent ([`InboundConfig::snapshot_check`]).
+    pub snapshot_check: Option<crate::raft::transport::SnapshotCheck>,
     /// The deployment's cluster name (`--cluster`); with [`NodeConfig::group`] it makes the cluster id
     /// every message carries.
     pub cluster: String,
@@ -88,6 +90,7 @@ impl NodeConfig {
             peers,
             transport: TransportConfig::default(),
             max_snapshot_bytes: 4 << 30,
+            snapshot_check: None,
             cluster: "ds824".into(),
             group: "raft".into(),
             guard: Guard::open(),
@@ -444,6 +447,7 @@ impl RaftNode {
         inbound.group = config.group.clone();
         inbound.guard = config.guard.clone();
         inbound.max_snapshot_bytes = config.max_snapshot_bytes;
+        inbound.snapshot_check = config.snapshot_check.clone();
         let (service, inbound_rx) = RaftService::new(inbound);
         let (apply_tx, apply_rx) = mpsc::unbounded_channel();
         let transport = Transport::start(&config.peers, &config.transport, &config.cluster_id());

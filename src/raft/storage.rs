@@ -227,6 +227,10 @@ const SNAPSHOT_WRITE_BYTES_PER_SEC: u64 = 128 << 20;
 /// Write and fsync the file of `generation` (and its directory entry). Nothing refers to it until the
 /// metadata switches to that generation, so a crash midway leaves only an unreferenced file.
 /// `paced`: in the background, at most [`SNAPSHOT_WRITE_BYTES_PER_SEC`].
+/// Bytes of the CRC-32 after a snapshot file's data.
+const SNAPSHOT_CRC_BYTES: u64 = 4;
+
+/// Writes `data` and its CRC-32 as the snapshot file of `generation`, flushed.
 fn write_snapshot_file(
     dir: &Path,
     generation: u64,
@@ -239,7 +243,9 @@ fn write_snapshot_file(
     let mut file = std::fs::File::create(snapshot_file(dir, generation))?;
     let started = std::time::Instant::now();
     let mut written = 0u64;
+    let mut crc = crc32fast::Hasher::new();
     for piece in data.chunks(SNAPSHOT_SYNC_BYTES) {
+        crc.update(piece);
         file.write_all(piece)?;
         file.sync_data()?;
         written += piece.len() as u64;
@@ -250,6 +256,7 @@ fn write_snapshot_file(
             std::thread::sleep(due.saturating_sub(started.elapsed()));
         }
     }
+    file.write_all(&crc.finalize().to_be_bytes())?;
     file.sync_all()?;
     std::fs::File::open(&folder)?.sync_all()
 }
@@ -323,6 +330,18 @@ const IDENTITY: &[u8] = b"identity";
 const SNAPSHOT: &[u8] = b"snapshot";
 /// Which backup a directory was seeded from ([`SledStorage::seed`]).
 const RESTORED_FROM: &[u8] = b"restored_from";
+/// The restore tag a node that joined a restored group took from it ([`SledStorage::adopt_restore_tag`]).
+const RESTORE_TAG: &[u8] = b"restore_tag";
+
+/// The tag of a restore from the backup `origin`: its CRC-32 in hex.
+pub fn restore_tag_of(origin: &str) -> String {
+    format!("{:08x}", crc32fast::hash(origin.as_bytes()))
+}
+
+/// Whether `tag` is one [`restore_tag_of`] makes.
+fn is_restore_tag(tag: &str) -> bool {
+    tag.len() == 8 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
 
 /// What [`SledStorage::seed`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -639,6 +658,32 @@ impl SledStorage {
         Ok(record.map(|r| String::from_utf8_lossy(&r).into_owned()))
     }
 
+    /// The tag of the backup this node's group was restored from, carried in the cluster id on the
+    /// wire: from the backup this directory was seeded from, or taken from the group it joined.
+    pub fn restore_tag(&self) -> Result<Option<String>, StorageError> {
+        if let Some(origin) = self.restored_from()? {
+            return Ok(Some(restore_tag_of(&origin)));
+        }
+        let tag = self.meta.get(RESTORE_TAG).map_err(|s| self.io(s))?;
+        Ok(tag.map(|t| String::from_utf8_lossy(&t).into_owned()))
+    }
+
+    /// Keeps `tag` (see [`SledStorage::restore_tag`]) for a node joining a restored group, flushed:
+    /// its restarts must carry it before they hear from the group again. Refused unless it looks like
+    /// one (8 lowercase hex digits), since it comes from the network and goes into every message.
+    pub fn adopt_restore_tag(&mut self, tag: &str) -> Result<(), StorageError> {
+        if !is_restore_tag(tag) {
+            return Err(self.corrupt(format!(
+                "the group's restore tag {tag:?} is not 8 lowercase hex digits"
+            )));
+        }
+        self.meta
+            .insert(RESTORE_TAG, tag.as_bytes())
+            .map_err(|s| self.io(s))?;
+        self.db.flush().map_err(|s| self.io(s))?;
+        Ok(())
+    }
+
     /// Number of log entries on disk that no snapshot covers (compaction must keep this bounded;
     /// covered ones are deleted in the background and at the next open).
     pub fn stored_entry_count(&self) -> usize {
@@ -829,9 +874,39 @@ impl SledStorage {
         if stored.meta.index == 0 {
             return Ok(None);
         }
-        let mut data = BytesMut::with_capacity(stored.len as usize);
+        let index = stored.meta.index;
+        let mut data = BytesMut::new();
         match std::fs::read(snapshot_file(&self.dir, stored.generation)) {
-            Ok(bytes) => data.extend_from_slice(&bytes),
+            Ok(mut bytes) => {
+                // The data, then its CRC-32 (files of earlier versions have none): a flipped bit
+                // must stop the node, not become a value its peers do not hold.
+                if bytes.len() as u64 == stored.len.saturating_add(SNAPSHOT_CRC_BYTES) {
+                    let split = bytes.len() - SNAPSHOT_CRC_BYTES as usize;
+                    let expected = bytes[split..]
+                        .try_into()
+                        .map(u32::from_be_bytes)
+                        .unwrap_or_default();
+                    bytes.truncate(split);
+                    if crc32fast::hash(&bytes) != expected {
+                        return Err(self.corrupt(format!(
+                            "snapshot at index {index}: checksum mismatch in {}",
+                            snapshot_file(&self.dir, stored.generation).display()
+                        )));
+                    }
+                }
+                if bytes.len() as u64 != stored.len {
+                    return Err(self.corrupt(format!(
+                        "snapshot at index {index} should have {} bytes, found {}",
+                        stored.len,
+                        bytes.len()
+                    )));
+                }
+                return Ok(Some(Snapshot {
+                    meta: stored.meta,
+                    data: bytes::Bytes::from(bytes),
+                    membership: stored.membership.clone(),
+                }));
+            }
             // Written by an earlier version: chunks in the tree.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 for item in self
@@ -1590,6 +1665,45 @@ mod tests {
             Some((first.meta, first.data))
         );
         assert_eq!(files(dir.path()), 1, "the orphaned file is gone");
+    }
+
+    /// The journal and the value log are checksummed; so is the snapshot file: a flipped bit in it
+    /// stops the node at open, instead of becoming a value its peers do not hold (and that, as
+    /// leader, it would send them). A file of an earlier version, without the checksum, still loads.
+    #[test]
+    fn a_flipped_bit_in_the_snapshot_file_is_refused_at_load() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        let data = Bytes::from(vec![3u8; 10_000]);
+        s.persist(&snapshot_at(9, 2, data.clone()))
+            .expect("persist");
+        drop(s);
+        let files = walk(&snapshot_dir(dir.path()));
+        assert_eq!(files.len(), 1, "{files:?}");
+        let pristine = std::fs::read(&files[0]).expect("read");
+        assert_eq!(pristine.len(), data.len() + SNAPSHOT_CRC_BYTES as usize);
+
+        let mut flipped = pristine.clone();
+        flipped[5_000] ^= 0x10;
+        std::fs::write(&files[0], &flipped).expect("write");
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let err = s
+            .load()
+            .expect_err("a flipped bit must not load")
+            .to_string();
+        assert!(err.contains("checksum"), "{err}");
+        drop(s);
+
+        // Without the checksum (an earlier version's file): loads as before.
+        std::fs::write(&files[0], &pristine[..data.len()]).expect("write");
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let loaded = s.load().expect("load").snapshot.expect("snapshot");
+        assert_eq!(loaded.data, data);
+        drop(s);
+        // Cut short: refused.
+        std::fs::write(&files[0], &pristine[..100]).expect("write");
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        assert!(s.load().is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// The id a cluster's messages carry: the deployment's cluster name and the Raft group
 /// (`prod/shard-3`). Nodes record it in their data directory at first start.
@@ -422,6 +422,36 @@ pub struct InboundConfig {
     pub max_queued_bytes: usize,
     /// A snapshot stream that sends nothing for this long is dropped.
     pub snapshot_idle_timeout: Duration,
+    /// Loads a received snapshot as the service would, before the node sees it: one it cannot load
+    /// is refused here, because once installed it would replace the node's state and log on disk and
+    /// fail every start after (a leader of a newer version, or a bug, must not brick a follower).
+    pub snapshot_check: Option<SnapshotCheck>,
+}
+
+/// Whether the service can load a snapshot's bytes (see [`InboundConfig::snapshot_check`]); the
+/// error says why not.
+#[derive(Clone)]
+pub struct SnapshotCheck(Arc<LoadsSnapshot>);
+
+/// The function behind a [`SnapshotCheck`].
+type LoadsSnapshot = dyn Fn(&[u8]) -> Result<(), String> + Send + Sync;
+
+impl SnapshotCheck {
+    /// A check that runs `loads` on the bytes of every snapshot received.
+    pub fn new(loads: impl Fn(&[u8]) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        SnapshotCheck(Arc::new(loads))
+    }
+
+    /// Whether `snapshot` loads.
+    pub fn check(&self, snapshot: &[u8]) -> Result<(), String> {
+        (self.0)(snapshot)
+    }
+}
+
+impl std::fmt::Debug for SnapshotCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotCheck")
+    }
 }
 
 impl InboundConfig {
@@ -436,6 +466,7 @@ impl InboundConfig {
             max_snapshot_bytes: 4 << 30,
             max_queued_bytes: 256 << 20,
             snapshot_idle_timeout: Duration::from_secs(10),
+            snapshot_check: None,
         }
     }
 }
@@ -819,6 +850,25 @@ impl RaftTransport for RaftService {
             Err(Receive::Invalid(status)) => return Err(status),
         }
         let bytes = data.len();
+        let data = data.freeze();
+        if let Some(check) = self.config.snapshot_check.clone() {
+            let loaded = data.clone();
+            let verdict = tokio::task::spawn_blocking(move || check.check(&loaded))
+                .await
+                .map_err(|e| Status::internal(format!("checking the snapshot: {e}")))?;
+            if let Err(why) = verdict {
+                error!(
+                    peer = first.from,
+                    index = first.last_included_index,
+                    %why,
+                    "refused a snapshot this node could not load; it keeps its own state"
+                );
+                return Err(Status::invalid_argument(format!(
+                    "node {} cannot load the snapshot at index {}: {why}",
+                    self.config.me, first.last_included_index
+                )));
+            }
+        }
         self.deliver(
             Envelope {
                 from: first.from,
@@ -829,7 +879,7 @@ impl RaftTransport for RaftService {
                         index: first.last_included_index,
                         term: first.last_included_term,
                     },
-                    data: data.freeze(),
+                    data,
                     membership,
                 },
             },

@@ -27,6 +27,8 @@ pub struct AdminService {
     guard: Guard,
     /// The group's cluster id, reported to joining nodes.
     cluster: String,
+    /// The tag of the backup the group was restored from, reported to joining nodes.
+    restored: Option<String>,
     /// Members' client addresses, for naming the leader in refusals.
     clients: HashMap<NodeId, String>,
 }
@@ -43,8 +45,16 @@ impl AdminService {
             handle,
             guard,
             cluster,
+            restored: None,
             clients,
         }
+    }
+
+    /// Reports `tag` (of the backup the group was restored from) to joining nodes, which must carry
+    /// it on the wire to be heard.
+    pub fn with_restored(mut self, tag: Option<String>) -> Self {
+        self.restored = tag;
+        self
     }
 
     /// As a tonic service.
@@ -112,6 +122,7 @@ pub fn members_response(status: &NodeStatus) -> pb::MembersResponse {
         progress_known: leading,
         leader_address: String::new(),
         cluster: String::new(),
+        restored: String::new(),
         members: raft
             .membership
             .members()
@@ -172,6 +183,7 @@ impl RaftAdmin for AdminService {
         let mut reply = members_response(&self.handle.status());
         reply.leader_address = self.clients.get(&reply.leader).cloned().unwrap_or_default();
         reply.cluster = self.cluster.clone();
+        reply.restored = self.restored.clone().unwrap_or_default();
         Ok(Response::new(reply))
     }
 

@@ -260,8 +260,62 @@ pub fn backup_contents(service: &str, snapshot: &[u8]) -> Result<(u64, u64), Str
 
 #[cfg(test)]
 mod tests {
-    use super::backup_contents;
+    use super::{backup_contents, restore};
+    use crate::raft::{Identity, Seeded};
     use prost::Message as _;
+
+    fn kv_backup(index: u64, term: u64) -> Vec<u8> {
+        let state = crate::proto::rsm::Snapshot {
+            state: crate::rsm::StateMachine::snapshot(&crate::kv::KvStore::default()),
+            ..Default::default()
+        };
+        let header = crate::rsm::backup::BackupHeader {
+            version: 0,
+            cluster_id: "ds824/kv".into(),
+            service: "kv".into(),
+            index,
+            term,
+            snapshot_bytes: 0,
+            created_unix_ms: 0,
+            taken_by: 1,
+        };
+        crate::rsm::backup::encode(header, &state.encode_to_vec())
+    }
+
+    /// A header edited past the largest index Raft accepts would seed nodes that can never elect a
+    /// leader (every vote request fails validation); a backup rotated away after seeding must not
+    /// stop a node whose restarts keep the `--restore` flag.
+    #[test]
+    fn restore_refuses_impossible_indexes_and_outlives_its_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let identity = Identity {
+            cluster: "ds824/kv".into(),
+            node: 1,
+        };
+        let file = dir.path().join("kv.backup");
+        let data = dir.path().join("data");
+        std::fs::write(&file, kv_backup(crate::raft::MAX_INDEX + 1, 3)).expect("write");
+        let refused = restore(&file, &data, &identity, "kv").expect_err("index past MAX_INDEX");
+        assert!(
+            refused.to_string().contains("cannot be a committed state"),
+            "{refused}"
+        );
+        // Not yet seeded: an unreadable file is an error.
+        let missing = dir.path().join("gone.backup");
+        let refused = restore(&missing, &data, &identity, "kv").expect_err("nothing to start from");
+        assert!(refused.to_string().contains("cannot read it"), "{refused}");
+        std::fs::write(&file, kv_backup(40, 3)).expect("write");
+        assert_eq!(
+            restore(&file, &data, &identity, "kv").expect("seed"),
+            Seeded::Restored
+        );
+        // Seeded: the file rotated away, the node starts from its directory.
+        std::fs::remove_file(&file).expect("remove");
+        assert_eq!(
+            restore(&file, &data, &identity, "kv").expect("restart"),
+            Seeded::AlreadyRestored
+        );
+    }
 
     /// A snapshot whose state decodes but one of whose remembered outputs does not would pass a
     /// checksum and then fail every start of the restored node: it is refused up front.
@@ -306,7 +360,18 @@ pub fn restore(
         file: file.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(file).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    let bytes = match std::fs::read(file) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // Restarts keep the flag (a unit file, a compose entry) long after the backup was
+            // rotated away: a directory already seeded from one starts from what it holds.
+            if let Some(origin) = seeded_before(data_dir, identity) {
+                tracing::warn!(file = %file.display(), error = %e, %origin, "--restore file unreadable; the data dir was seeded from a backup before, starting from what it holds");
+                return Ok(crate::raft::Seeded::AlreadyRestored);
+            }
+            return Err(refuse(format!("cannot read it: {e}")));
+        }
+    };
     let (header, range) = backup::decode(&bytes).map_err(|e| refuse(e.to_string()))?;
     if header.service != service {
         return Err(refuse(format!(
@@ -314,7 +379,11 @@ pub fn restore(
             header.service, header.cluster_id
         )));
     }
-    if header.index == 0 || header.term == 0 || header.term > MAX_RESTORED_TERM {
+    if header.index == 0
+        || header.index > crate::raft::MAX_INDEX
+        || header.term == 0
+        || header.term > MAX_RESTORED_TERM
+    {
         return Err(refuse(format!(
             "index {} and term {} cannot be a committed state",
             header.index, header.term
@@ -346,6 +415,18 @@ pub fn restore(
         }
     }
     Ok(seeded)
+}
+
+/// The backup `data_dir` was seeded from, if it exists, opens as this node's, and was.
+fn seeded_before(data_dir: &std::path::Path, identity: &Identity) -> Option<String> {
+    if !data_dir.exists() {
+        return None;
+    }
+    SledStorage::open(data_dir, identity)
+        .ok()?
+        .restored_from()
+        .ok()
+        .flatten()
 }
 
 /// How long a joining node keeps asking the members it was given for the configuration.
@@ -557,9 +638,10 @@ impl Replica {
                 .map_err(|e| StartError::Config(format!("restore task failed: {e}")))??;
         }
         let data_dir = config.data_dir.clone();
-        let storage = tokio::task::spawn_blocking(move || SledStorage::open(data_dir, &identity))
-            .await
-            .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
+        let mut storage =
+            tokio::task::spawn_blocking(move || SledStorage::open(data_dir, &identity))
+                .await
+                .map_err(|e| StartError::Config(format!("storage open task failed: {e}")))??;
         let mut joined_voters = None;
         let mut raft_peers = raft_peers;
         if !config.join.is_empty() {
@@ -573,6 +655,11 @@ impl Replica {
                 Ok(members) => {
                     if fresh {
                         check_joining(config.id, &members)?;
+                        if !members.restored.is_empty() {
+                            // The group was restored from a backup: its messages carry that
+                            // backup's tag, and ours must too, now and after every restart.
+                            storage.adopt_restore_tag(&members.restored)?;
+                        }
                     }
                     raft_peers = members
                         .members
@@ -606,10 +693,13 @@ impl Replica {
             node_config.raft.voters = voters;
             node_config.raft.no_vote_until_replicated = true;
         }
-        node_config.restored = storage
-            .restored_from()?
-            .map(|origin| format!("{:08x}", crc32fast::hash(origin.as_bytes())));
+        let restore_tag = storage.restore_tag()?;
+        node_config.restored = restore_tag.clone();
         node_config.max_snapshot_bytes = config.max_snapshot_bytes;
+        let service_name = group.clone();
+        node_config.snapshot_check = Some(crate::raft::transport::SnapshotCheck::new(
+            move |snapshot: &[u8]| backup_contents(&service_name, snapshot).map(|_| ()),
+        ));
         node_config.raft.lease_reads = config.lease_reads;
         node_config.cluster = config.cluster.clone();
         let group_name = group.clone();
@@ -622,7 +712,8 @@ impl Replica {
             config.security.guard(),
             crate::raft::transport::cluster_id(&config.cluster, &group_name),
             addresses.clone(),
-        );
+        )
+        .with_restored(restore_tag);
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 let listener = TcpListener::bind(addr)
