@@ -345,6 +345,102 @@ async fn the_inbound_service_refuses_malformed_streams() {
     server.abort();
 }
 
+/// Snapshot buffers are bounded all told, not per stream: while one peer's transfer holds most of the
+/// limit, another peer's is refused (it retries later), and a kept prefix of a broken transfer goes
+/// before a live one is refused. Without a total, a leader change mid-transfer held two snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_buffers_are_bounded_across_peers() {
+    use ds824::proto::raft as pb;
+    use ds824::raft::transport::InboundConfig;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    let mut config = InboundConfig::new(1);
+    config.max_snapshot_bytes = 1 << 20;
+    let cluster = config.cluster.clone();
+    let (server, client, mut delivered) = inbound_server(config).await;
+    let chunk = |from: u64, offset: u64, len: usize, done: bool| pb::SnapshotChunk {
+        from,
+        to: 1,
+        term: 3,
+        last_included_index: 10,
+        last_included_term: 2,
+        offset,
+        data: Bytes::from(vec![7u8; len]),
+        done,
+        total_bytes: 800_000,
+        cluster: cluster.clone(),
+        membership: None,
+    };
+    let send = |chunks: Vec<pb::SnapshotChunk>| {
+        let mut client = client.clone();
+        async move { client.install_snapshot(tokio_stream::iter(chunks)).await }
+    };
+    let resume_offset = |from: u64| {
+        let mut client = client.clone();
+        let cluster = cluster.clone();
+        async move {
+            client
+                .snapshot_resume_offset(pb::SnapshotRef {
+                    from,
+                    to: 1,
+                    term: 3,
+                    last_included_index: 10,
+                    last_included_term: 2,
+                    total_bytes: 800_000,
+                    cluster,
+                })
+                .await
+                .expect("resume offset")
+                .into_inner()
+                .offset
+        }
+    };
+
+    // Node 2's transfer breaks after 600 KB: kept for it to resume.
+    let broken = send(vec![chunk(2, 0, 600_000, false)]).await;
+    assert!(broken.is_err());
+    assert_eq!(resume_offset(2).await, 600_000);
+    // Node 3's whole snapshot needs that room: the kept prefix goes, the transfer is taken.
+    send(vec![chunk(3, 0, 800_000, true)])
+        .await
+        .expect("room made by dropping the kept prefix");
+    assert!(delivered.recv().await.is_some());
+    assert_eq!(resume_offset(2).await, 0);
+
+    // Node 2's transfer is under way with 600 KB held: node 3's 800 KB would pass the 1 MiB in all,
+    // and is refused (to retry later) once node 2's bytes have arrived.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(chunk(2, 0, 600_000, false)).await.expect("queue");
+    let mut live = client.clone();
+    let live = tokio::spawn(async move { live.install_snapshot(ReceiverStream::new(rx)).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        match send(vec![chunk(3, 0, 800_000, true)]).await {
+            // Node 2's bytes had not arrived yet.
+            Ok(_) => assert!(delivered.recv().await.is_some()),
+            Err(status) => break status,
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a second peer's transfer was taken while another held most of the limit"
+        );
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    assert!(refused.message().contains("retry later"), "{refused}");
+    // Node 2's transfer completes; then node 3's is taken.
+    tx.send(chunk(2, 600_000, 200_000, true))
+        .await
+        .expect("queue");
+    drop(tx);
+    live.await.expect("join").expect("node 2's snapshot");
+    assert!(delivered.recv().await.is_some());
+    send(vec![chunk(3, 0, 800_000, true)])
+        .await
+        .expect("room again");
+    assert!(delivered.recv().await.is_some());
+    server.abort();
+}
+
 /// A service that stops reporting progress is handed only a window of committed entries beyond what it
 /// reported (the queue between Raft and the service is bounded); the rest waits in the log and flows
 /// again, in order and complete, once it reports.

@@ -505,6 +505,8 @@ pub struct RaftService {
     /// What each peer's last broken snapshot stream delivered, kept for a while so the next stream
     /// resumes there (at most one per peer, and only from members of the group).
     partials: Arc<Mutex<HashMap<NodeId, Partial>>>,
+    /// Snapshot bytes held in streams and partials, all told.
+    snapshot_memory: Arc<SnapshotMemory>,
     /// Foreign cluster ids already logged (once each, at most [`MAX_FOREIGN_LOGGED`]).
     foreign: Arc<Mutex<HashSet<String>>>,
 }
@@ -531,9 +533,80 @@ type SnapshotKey = (Term, Index, Term, u64);
 /// The received prefix of a snapshot whose stream broke.
 struct Partial {
     key: SnapshotKey,
-    data: BytesMut,
+    data: Received,
     /// Tells this prefix from a later one of the same peer when its expiry comes.
     generation: u64,
+}
+
+/// Bytes of snapshot data held for peers, in streams being received and in kept prefixes of broken
+/// ones, all told. One limit for all of them (`max_snapshot_bytes`): each stream alone may come near
+/// it, and without a total, a leader change mid-transfer (the old leader's prefix kept while the new
+/// one sends its whole snapshot) or streams claiming ever new sender ids (without TLS) would hold
+/// several times the memory.
+struct SnapshotMemory {
+    held: std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl SnapshotMemory {
+    /// Counts `bytes` more, unless that would pass the limit.
+    fn take(&self, bytes: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.held
+            .fetch_update(Relaxed, Relaxed, |held| {
+                held.checked_add(bytes).filter(|&total| total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.held
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Snapshot bytes received from a peer, counted in [`SnapshotMemory`] until dropped or delivered.
+struct Received {
+    data: BytesMut,
+    memory: Arc<SnapshotMemory>,
+}
+
+impl Received {
+    fn new(memory: &Arc<SnapshotMemory>) -> Self {
+        Received {
+            data: BytesMut::new(),
+            memory: Arc::clone(memory),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Appends `bytes` if the node may hold them.
+    fn extend(&mut self, bytes: &[u8]) -> bool {
+        if !self.memory.take(bytes.len() as u64) {
+            return false;
+        }
+        self.data.extend_from_slice(bytes);
+        true
+    }
+
+    /// The bytes, no longer counted: they go to the node, whose inbound queue bounds them.
+    fn into_bytes(mut self) -> bytes::Bytes {
+        self.memory.give_back(self.data.len() as u64);
+        std::mem::take(&mut self.data).freeze()
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        self.memory.give_back(self.data.len() as u64);
+    }
 }
 
 /// How long the prefix of a broken snapshot stream is kept for the sender to resume: a few of the
@@ -576,11 +649,15 @@ impl RaftService {
         let (inbound, queue) = mpsc::channel(4096);
         let budget = Arc::new(Semaphore::new(config.max_queued_bytes.max(1)));
         let service = RaftService {
-            config: Arc::new(config),
+            config: Arc::new(config.clone()),
             inbound,
             budget,
             snapshot_streams: Arc::default(),
             partials: Arc::default(),
+            snapshot_memory: Arc::new(SnapshotMemory {
+                held: Default::default(),
+                limit: config.max_snapshot_bytes,
+            }),
             foreign: Arc::default(),
         };
         (service, InboundQueue { queue })
@@ -661,7 +738,7 @@ impl RaftService {
     }
 
     /// Keep what a broken stream delivered so the sender can resume after it, for [`RESUME_WINDOW`].
-    fn keep_partial(&self, peer: NodeId, key: SnapshotKey, data: BytesMut) {
+    fn keep_partial(&self, peer: NodeId, key: SnapshotKey, data: Received) {
         static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Ok(mut partials) = self.partials.lock() else {
@@ -701,7 +778,7 @@ impl RaftService {
         &self,
         stream: &mut Streaming<pb::SnapshotChunk>,
         first: &pb::SnapshotChunk,
-        data: &mut BytesMut,
+        data: &mut Received,
     ) -> Result<(), Receive> {
         let mut chunk = first.clone();
         loop {
@@ -720,7 +797,23 @@ impl RaftService {
                     first.total_bytes
                 ))));
             }
-            data.extend_from_slice(&chunk.data);
+            if !data.extend(&chunk.data) {
+                // Kept prefixes only save a resend: they go before a live stream is refused.
+                if let Ok(mut partials) = self.partials.lock() {
+                    partials.clear();
+                }
+                if !data.extend(&chunk.data) {
+                    return Err(Receive::Invalid(Status::resource_exhausted(format!(
+                        "node {} already holds {} bytes of snapshots from other peers' transfers \
+                         (the limit is {} in all); retry later",
+                        self.config.me,
+                        self.snapshot_memory
+                            .held
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                        self.snapshot_memory.limit
+                    ))));
+                }
+            }
             if chunk.done {
                 if data.len() as u64 != first.total_bytes {
                     return Err(Receive::Invalid(Status::invalid_argument(format!(
@@ -827,7 +920,7 @@ impl RaftTransport for RaftService {
         };
         // Grows as chunks arrive: the announced size is only a claim.
         let mut data = match kept {
-            _ if first.offset == 0 => BytesMut::new(),
+            _ if first.offset == 0 => Received::new(&self.snapshot_memory),
             Some(partial) => partial.data,
             None => {
                 return Err(Status::invalid_argument(format!(
@@ -850,7 +943,7 @@ impl RaftTransport for RaftService {
             Err(Receive::Invalid(status)) => return Err(status),
         }
         let bytes = data.len();
-        let data = data.freeze();
+        let data = data.into_bytes();
         if let Some(check) = self.config.snapshot_check.clone() {
             let loaded = data.clone();
             let verdict = tokio::task::spawn_blocking(move || check.check(&loaded))
