@@ -132,3 +132,13 @@ const _: () = assert!(DEFAULT_MAX_SESSIONS <= MAX_SESSIONS);
 const _: () = assert!(MAX_TRANSFER_BYTES <= MAX_ENTRY_BYTES);
 // Every page (with framing), an old owner's final page too, is one transfer answer.
 const _: () = assert!(LEGACY_MAX_PAGE_BYTES + (1 << 20) < MAX_TRANSFER_BYTES);
+
+/// `text` cut to at most `max` bytes, at a character boundary: what a peer or a worker sent, kept or
+/// echoed only up to a limit.
+pub fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

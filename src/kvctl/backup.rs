@@ -213,11 +213,13 @@ pub fn inspect(file: &Path) -> anyhow::Result<Summary> {
     let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let (header, range) =
         backup::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let (keys, sessions) = crate::replica::backup_contents(&header.service, &bytes[range])
+    let (file_bytes, checksum) = (bytes.len() as u64, backup::checksum(&bytes));
+    let snapshot = bytes::Bytes::from(bytes).slice(range);
+    let (keys, sessions) = crate::replica::backup_contents(&header.service, snapshot)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     Ok(Summary {
-        file_bytes: bytes.len() as u64,
-        checksum: format!("{:08x}", backup::checksum(&bytes)),
+        file_bytes,
+        checksum: format!("{checksum:08x}"),
         keys,
         sessions,
         header,

@@ -21,7 +21,7 @@
 //! What must survive a coordinator crash is in [`JobRecord`]; who is running what is deliberately not
 //! persisted: after a restart every unfinished task is simply handed out again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -271,6 +271,14 @@ impl Running {
                 .any(|(w, a)| is_attempt((w, *a), worker, attempt))
     }
 
+    /// The attempts of this task still at work: the latest unless it ended, and those it superseded.
+    fn attempts_at_work(&self) -> impl Iterator<Item = u64> + '_ {
+        (!self.latest_ended)
+            .then_some(self.attempt)
+            .into_iter()
+            .chain(self.superseded.iter().map(|(_, attempt)| *attempt))
+    }
+
     /// Whether the task may be handed out again at `now`.
     fn free_at(&self, now: Instant) -> bool {
         self.latest_ended || self.deadline <= now
@@ -295,6 +303,10 @@ struct Job {
     record: JobRecord,
     running_maps: Vec<Option<Running>>,
     running_reduces: Vec<Option<Running>>,
+    /// Per map, the output last found lost, and the other reduce attempts at work when it was: each
+    /// of those may report the same loss once and have its hand-out given back too (not persisted:
+    /// after a restart every task is handed out afresh).
+    lost_outputs: HashMap<u32, (MapOutput, HashSet<u64>)>,
 }
 
 impl Job {
@@ -305,6 +317,7 @@ impl Job {
             record,
             running_maps,
             running_reduces,
+            lost_outputs: HashMap::new(),
         }
     }
 
@@ -972,6 +985,16 @@ impl Coordinator {
                         .is_some_and(|c| c.addr == lost.addr && c.attempt == lost.attempt)
                     {
                         found_lost = true;
+                        // Other reducers at work may have looked for it too: their reports of it
+                        // give their hand-outs back as well, once each.
+                        let others = job
+                            .running_reduces
+                            .iter()
+                            .flatten()
+                            .flat_map(Running::attempts_at_work)
+                            .filter(|other| *other != attempt)
+                            .collect();
+                        job.lost_outputs.insert(map, (lost.clone(), others));
                         task.done = None;
                         task.lost += 1;
                         self.dirty_tasks.insert((job_id, TaskKind::Map, map));
@@ -988,6 +1011,12 @@ impl Coordinator {
                             ));
                             break;
                         }
+                    } else if job
+                        .lost_outputs
+                        .get_mut(&map)
+                        .is_some_and(|(known, others)| *known == lost && others.remove(&attempt))
+                    {
+                        found_lost = true;
                     }
                 }
                 if found_lost {
@@ -1566,37 +1595,69 @@ mod tests {
     fn a_reduce_stopped_by_a_lost_map_output_keeps_its_attempts() {
         let now = Instant::now();
         let mut c = Coordinator::restore([], TIMEOUT).with_max_attempts(2);
-        let id = submit(&mut c, spec(2, 1));
+        let id = submit(&mut c, spec(2, 2));
         for m in ["m0", "m1"] {
             let map = run(c.assign(&worker(m), now));
             c.report(id, TaskKind::Map, map.index, m, map.attempt, ok(m))
                 .unwrap();
         }
-        // Each mapper dies in turn under the reducer; each map re-runs once (its second and last
-        // attempt), and the reduce is handed out a third time.
+        // Each mapper dies in turn under both reducers (both report it); each map re-runs once (its
+        // second and last attempt), and each reduce is handed out a third time.
         for lost_map in 0..2u32 {
             let lost = c.locations(id, 0).unwrap()[lost_map as usize].clone();
-            let reduce = run(c.assign(&worker("r"), now));
-            assert_eq!(reduce.kind, TaskKind::Reduce);
-            let missing = Outcome::FetchFailed(vec![(lost_map, lost)]);
-            c.report(id, TaskKind::Reduce, 0, "r", reduce.attempt, missing)
+            let reduces = [
+                run(c.assign(&worker("r0"), now)),
+                run(c.assign(&worker("r1"), now)),
+            ];
+            for (reduce, reducer) in reduces.iter().zip(["r0", "r1"]) {
+                assert_eq!(reduce.kind, TaskKind::Reduce);
+                let missing = Outcome::FetchFailed(vec![(lost_map, lost.clone())]);
+                c.report(
+                    id,
+                    TaskKind::Reduce,
+                    reduce.index,
+                    reducer,
+                    reduce.attempt,
+                    missing,
+                )
                 .unwrap();
+            }
             let rerun = run(c.assign(&worker("m2"), now));
             assert_eq!((rerun.kind, rerun.index), (TaskKind::Map, lost_map));
             c.report(id, TaskKind::Map, lost_map, "m2", rerun.attempt, ok("m2"))
                 .unwrap();
         }
-        let reduce = run(c.assign(&worker("r"), now));
-        assert_eq!(
-            reduce.kind,
-            TaskKind::Reduce,
-            "{:?}",
-            c.record(id).unwrap().state
-        );
-        assert!(reduce_commits(&mut c, id, "r", reduce.attempt, now));
-        c.report(id, TaskKind::Reduce, 0, "r", reduce.attempt, ok(""))
-            .unwrap();
+        for (index, reducer) in [(0u32, "r0"), (1, "r1")] {
+            let reduce = run(c.assign(&worker(reducer), now));
+            let state = &c.record(id).unwrap().state;
+            assert_eq!(
+                (reduce.kind, reduce.index),
+                (TaskKind::Reduce, index),
+                "{state:?}"
+            );
+            assert!(c
+                .may_commit(id, TaskKind::Reduce, index, reducer, reduce.attempt, now)
+                .unwrap());
+            c.report(id, TaskKind::Reduce, index, reducer, reduce.attempt, ok(""))
+                .unwrap();
+        }
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
+        // A reduce handed out after the loss cannot have been stopped by it: its report of that
+        // output gives nothing back (or a reducer could keep its task alive for ever).
+        let (mut c, id) = one_map_done(now);
+        let lost = c.locations(id, 0).unwrap()[0].clone();
+        let first = run(c.assign(&worker("r"), now));
+        let missing = || Outcome::FetchFailed(vec![(0, lost.clone())]);
+        c.report(id, TaskKind::Reduce, 0, "r", first.attempt, missing())
+            .unwrap();
+        let rerun = run(c.assign(&worker("m"), now));
+        c.report(id, TaskKind::Map, 0, "m", rerun.attempt, ok("m"))
+            .unwrap();
+        assert_eq!(c.record(id).unwrap().reduces[0].runs, 0);
+        let later = run(c.assign(&worker("r"), now));
+        c.report(id, TaskKind::Reduce, 0, "r", later.attempt, missing())
+            .unwrap();
+        assert_eq!(c.record(id).unwrap().reduces[0].runs, 1);
         // A report about an output that was not the one recorded gives nothing back: a reducer cannot
         // keep its task alive with reports about outputs it was never told of.
         let (mut c, id) = one_map_done(now);

@@ -58,7 +58,7 @@ pub struct CoordinatorService {
     admission: Admission,
     guard: Guard,
     /// Output directories submits with `--overwrite` are emptying (see [`Clearing`]).
-    clearing: Mutex<std::collections::HashSet<PathBuf>>,
+    clearing: ClearingSet,
     /// Jobs queued or running at once ([`Policy::max_queued_jobs`]).
     max_queued_jobs: usize,
     /// Their tasks, all told ([`Policy::max_pending_tasks`]).
@@ -151,7 +151,7 @@ impl CoordinatorService {
             states,
             admission,
             guard,
-            clearing: Mutex::default(),
+            clearing: ClearingSet::default(),
             max_queued_jobs: policy.max_queued_jobs,
             max_pending_tasks: policy.max_pending_tasks,
             task_bytes: Default::default(),
@@ -200,8 +200,13 @@ impl CoordinatorService {
         Ok(())
     }
 
-    /// Whether no unfinished job writes `dir` and no submit is emptying it.
-    fn check_output_free(&self, state: &Coordinator, dir: &Path) -> Result<(), Status> {
+    /// Whether no unfinished job writes `dir` and no submit but the one holding `ours` is emptying it.
+    fn check_output_free(
+        &self,
+        state: &Coordinator,
+        dir: &Path,
+        ours: Option<&Clearing>,
+    ) -> Result<(), Status> {
         if let Some(other) = state
             .jobs()
             .find(|view| !view.record.state.finished() && view.record.spec.output_dir == dir)
@@ -212,7 +217,7 @@ impl CoordinatorService {
                 other.record.id
             )));
         }
-        if Clearing::busy(&self.clearing, dir) {
+        if ours.is_none_or(|ours| ours.dir != dir) && Clearing::busy(&self.clearing, dir) {
             return Err(Status::invalid_argument(format!(
                 "output directory {} is being emptied for another job submitted with --overwrite",
                 dir.display()
@@ -336,21 +341,24 @@ fn parse_task_key(key: &[u8]) -> Option<(u64, TaskKind, u32)> {
     Some((job, kind, u32::from_be_bytes(key[9..].try_into().ok()?)))
 }
 
+/// Output directories being emptied (see [`Clearing`]).
+type ClearingSet = Arc<Mutex<std::collections::HashSet<PathBuf>>>;
+
 /// An output directory a submit with `--overwrite` is emptying, outside the coordinator's lock;
-/// released when dropped (the submit accepted, refused or cancelled).
-struct Clearing<'a> {
-    set: &'a Mutex<std::collections::HashSet<PathBuf>>,
+/// released when dropped (the submit accepted or refused, or the emptying of a cancelled one done).
+struct Clearing {
+    set: ClearingSet,
     dir: PathBuf,
 }
 
-impl<'a> Clearing<'a> {
+impl Clearing {
     /// Takes `dir`; the caller checked it was free ([`Clearing::busy`]) under the coordinator's lock.
-    fn reserve(set: &'a Mutex<std::collections::HashSet<PathBuf>>, dir: &Path) -> Self {
+    fn reserve(set: &ClearingSet, dir: &Path) -> Self {
         set.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(dir.to_path_buf());
         Clearing {
-            set,
+            set: Arc::clone(set),
             dir: dir.to_path_buf(),
         }
     }
@@ -363,7 +371,7 @@ impl<'a> Clearing<'a> {
     }
 }
 
-impl Drop for Clearing<'_> {
+impl Drop for Clearing {
     fn drop(&mut self) {
         self.set
             .lock()
@@ -382,8 +390,9 @@ pub const STATUS_REPLY_BYTES: usize = 3 << 20;
 
 /// The job statuses, newest first, that fit in `budget` encoded bytes, and how many older ones were
 /// left out: a client refuses a whole reply over its message limit, so a coordinator keeping many
-/// jobs (or jobs with long arguments and paths) must still answer with the newest. A job's inputs are
-/// dropped if they alone would not fit (its `inputs` count still tells how many).
+/// jobs (or jobs with long arguments and paths) must still answer with the newest. A job too big
+/// alone loses its inputs (its `inputs` count still tells how many), then its task rows, then the
+/// end of its error: what is left is bounded (arguments, output path, a cut error) and always fits.
 fn fit_in_reply(
     newest_first: impl ExactSizeIterator<Item = pb::JobStatus>,
     budget: usize,
@@ -392,10 +401,18 @@ fn fit_in_reply(
     let mut fitted = Vec::new();
     let mut bytes = 0;
     while let Some(mut status) = newest_first.next() {
+        // Too big alone: its inputs go, then its task rows, then all but the start of its error.
         if prost::Message::encoded_len(&status) > budget {
             if let Some(spec) = status.spec.as_mut() {
                 spec.inputs = Vec::new();
             }
+        }
+        if prost::Message::encoded_len(&status) > budget {
+            status.tasks_truncated |= !status.tasks.is_empty();
+            status.tasks = Vec::new();
+        }
+        if prost::Message::encoded_len(&status) > budget {
+            status.error = crate::limits::truncated(&status.error, MAX_ERROR_BYTES).to_string();
         }
         // The field's tag and length prefix, at most 1 + 5 bytes.
         let len = prost::Message::encoded_len(&status) + 6;
@@ -407,6 +424,23 @@ fn fit_in_reply(
         fitted.push(status);
     }
     (fitted, 0)
+}
+
+/// Bytes of a worker id: it is kept with every task a worker ran (in memory, in sled, in status).
+pub const MAX_WORKER_ID_BYTES: usize = 256;
+
+/// Bytes of a task's error kept (a worker's report of an app failure); the rest is cut.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// Refuses an empty or oversized worker id.
+fn check_worker_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > MAX_WORKER_ID_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "worker_id must be 1 to {MAX_WORKER_ID_BYTES} bytes, not {}",
+            id.len()
+        )));
+    }
+    Ok(())
 }
 
 fn task_kind(raw: i32) -> Result<TaskKind, Status> {
@@ -504,30 +538,34 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let splits = spec.splits().map_err(invalid)?;
         let maps = splits.len();
         let new_tasks = maps + spec.n_reduce as usize;
-        let clearing = {
-            let state = self.lock();
-            self.check_room(&state, new_tasks)?;
-            self.check_output_free(&state, &spec.output_dir)?;
-            // Reserved while its earlier outputs go: no other job may take the directory meanwhile.
-            overwrite.then(|| Clearing::reserve(&self.clearing, &spec.output_dir))
-        };
-        if clearing.is_some() {
+        let mut clearing = None;
+        if overwrite {
+            let reservation = {
+                let state = self.lock();
+                self.check_room(&state, new_tasks)?;
+                self.check_output_free(&state, &spec.output_dir, None)?;
+                // Reserved while its earlier outputs go: no other job may take the directory.
+                Clearing::reserve(&self.clearing, &spec.output_dir)
+            };
             // Outside the lock: a directory of millions of files takes a while to empty, and workers
-            // and status must not wait on it.
+            // and status must not wait on it. The reservation goes with the emptying, so a submit
+            // cancelled meanwhile frees the directory only once nothing more is removed from it.
             let dir = spec.output_dir.clone();
-            let removed =
-                tokio::task::spawn_blocking(move || crate::mr::roots::clear_outputs(&dir))
-                    .await
-                    .map_err(|err| {
-                        Status::internal(format!("emptying the output directory: {err}"))
-                    })?
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let (removed, reservation) = tokio::task::spawn_blocking(move || {
+                (crate::mr::roots::clear_outputs(&dir), reservation)
+            })
+            .await
+            .map_err(|err| Status::internal(format!("emptying the output directory: {err}")))?;
+            let removed = removed.map_err(|e| Status::invalid_argument(e.to_string()))?;
             tracing::info!(output = %spec.output_dir.display(), removed, "--overwrite: removed an earlier job's outputs");
+            clearing = Some(reservation);
         }
         let job_id = {
             let mut state = self.lock();
-            // Other submits may have taken the room meanwhile.
+            // Checked again under the lock the job is queued under (other submits may have come
+            // meanwhile); a directory this submit emptied is its own.
             self.check_room(&state, new_tasks)?;
+            self.check_output_free(&state, &spec.output_dir, clearing.as_ref())?;
             let id = state.submit(spec, splits);
             let changes = state.take_changed();
             self.stage(&mut state, &changes)?;
@@ -597,9 +635,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.guard
             .allow(&request, "take tasks", |role| *role == Role::Worker)?;
         let request = request.into_inner();
-        if request.worker_id.is_empty() {
-            return Err(Status::invalid_argument("worker_id is empty"));
-        }
+        check_worker_id(&request.worker_id)?;
         let worker = WorkerInfo {
             id: &request.worker_id,
             accept_map: request.accept_map,
@@ -683,15 +719,16 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         self.guard
             .allow(&request, "report tasks", |role| *role == Role::Worker)?;
         let report = request.into_inner();
-        if report.worker_id.is_empty() {
-            return Err(Status::invalid_argument("worker_id is empty"));
-        }
+        check_worker_id(&report.worker_id)?;
         let kind = task_kind(report.kind)?;
         let outcome = match pb::Outcome::try_from(report.outcome) {
             Ok(pb::Outcome::Succeeded) => Outcome::Succeeded {
                 addr: report.shuffle_addr.clone(),
             },
-            Ok(pb::Outcome::Failed) => Outcome::Failed(report.error.clone()),
+            // Kept with the job and shown in every status: bounded.
+            Ok(pb::Outcome::Failed) => Outcome::Failed(
+                crate::limits::truncated(&report.error, MAX_ERROR_BYTES).to_string(),
+            ),
             Ok(pb::Outcome::FetchFailed) if kind == TaskKind::Reduce => Outcome::FetchFailed(
                 report
                     .missing
@@ -799,6 +836,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             *role == Role::Worker
         })?;
         let request = request.into_inner();
+        check_worker_id(&request.worker_id)?;
         let kind = task_kind(request.kind)?;
         let granted = self
             .lock()
@@ -873,6 +911,19 @@ mod tests {
         assert_eq!(omitted_jobs, 3);
         let reply = pb::StatusReply { jobs, omitted_jobs };
         assert!(prost::Message::encoded_len(&reply) <= STATUS_REPLY_BYTES);
+        // A job too big alone: shown without its task rows and with the start of its error.
+        let mut huge = status_of(8, 5 << 20, 0);
+        huge.tasks = vec![
+            pb::TaskStatus {
+                worker: "w".repeat(200),
+                ..Default::default()
+            };
+            10_000
+        ];
+        let (jobs, omitted_jobs) = fit_in_reply(vec![huge].into_iter(), STATUS_REPLY_BYTES);
+        assert_eq!((jobs.len(), omitted_jobs), (1, 0));
+        assert!(jobs[0].tasks.is_empty() && jobs[0].tasks_truncated);
+        assert_eq!(jobs[0].error.len(), MAX_ERROR_BYTES);
         // One job whose inputs alone would pass the budget is shown without them.
         let (jobs, omitted_jobs) = fit_in_reply(
             vec![status_of(9, 0, 10_000)].into_iter(),
@@ -897,10 +948,12 @@ mod tests {
         })
     }
 
-    /// Each queued job is held in memory and in sled until it finishes: a submitter in a loop is
-    /// told to come back later, by job count and by task count, and is taken again once a job ends.
-    #[tokio::test]
-    async fn submits_past_the_queue_bounds_are_refused_until_a_job_finishes() {
+    /// A coordinator over a data root holding one small input, taking at most `max_queued_jobs`
+    /// jobs of `max_pending_tasks` tasks in all.
+    fn small_coordinator(
+        max_queued_jobs: usize,
+        max_pending_tasks: usize,
+    ) -> (tempfile::TempDir, PathBuf, CoordinatorService) {
         let dir = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap().join("root");
         std::fs::create_dir(&root).unwrap();
@@ -913,12 +966,65 @@ mod tests {
             task_timeout: Duration::from_secs(10),
             max_attempts: 4,
             keep_finished: 10,
-            max_queued_jobs: 2,
-            max_pending_tasks: 8,
+            max_queued_jobs,
+            max_pending_tasks,
         };
         let service =
             CoordinatorService::open(&dir.path().join("state"), policy, admission, Guard::open())
                 .unwrap();
+        (dir, root, service)
+    }
+
+    /// A worker id is kept with every task the worker ran: an oversized one is refused.
+    #[tokio::test]
+    async fn an_oversized_worker_id_is_refused() {
+        let (_dir, _root, service) = small_coordinator(10, 100);
+        let request = pb::TaskRequest {
+            worker_id: "w".repeat(MAX_WORKER_ID_BYTES + 1),
+            accept_map: true,
+            accept_reduce: true,
+            ..Default::default()
+        };
+        let refused = service
+            .request_task(Request::new(request))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("worker_id"), "{refused:?}");
+    }
+
+    /// An `--overwrite` submit empties its directory outside the lock, holding it meanwhile: no
+    /// other job may take that directory until the emptying is over and its own job is queued.
+    #[tokio::test]
+    async fn a_directory_being_emptied_is_no_other_jobs_output() {
+        let (_dir, root, service) = small_coordinator(10, 100);
+        let emptying = Clearing::reserve(&service.clearing, &root.join("out"));
+        let refused = service
+            .submit(submit_request(&root, "out", 1))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("being emptied"), "{refused:?}");
+        drop(emptying);
+        service
+            .submit(submit_request(&root, "out", 1))
+            .await
+            .unwrap();
+        // Queued, the directory is that job's: a later --overwrite submit may not empty it.
+        let mut again = submit_request(&root, "out", 1);
+        again.get_mut().overwrite = true;
+        let refused = service.submit(again).await.unwrap_err();
+        assert!(
+            refused.message().contains("has not finished"),
+            "{refused:?}"
+        );
+    }
+
+    /// Each queued job is held in memory and in sled until it finishes: a submitter in a loop is
+    /// told to come back later, by job count and by task count, and is taken again once a job ends.
+    #[tokio::test]
+    async fn submits_past_the_queue_bounds_are_refused_until_a_job_finishes() {
+        let (_dir, root, service) = small_coordinator(2, 8);
         let first = service.submit(submit_request(&root, "a", 1)).await.unwrap();
         // One map and six reduces would make 2 + 7 tasks pending: more than 8.
         let too_many_tasks = service

@@ -42,6 +42,11 @@ fn open_exact_with(path: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
             rustix::io::Errno::NOSYS => std::io::Error::other(
                 "this kernel has no openat2 (Linux 5.6 or later is needed to open job files safely)",
             ),
+            // Not a file's permissions (those give EACCES): a sandbox refusing the call itself.
+            rustix::io::Errno::PERM => std::io::Error::other(
+                "openat2 is not permitted here: a container's seccomp profile may block it (Docker \
+                 allows it from 20.10 on); workers need it to open job files safely",
+            ),
             other => other.into(),
         }
     })

@@ -224,13 +224,12 @@ const SNAPSHOT_SYNC_BYTES: usize = 4 << 20;
 /// the disk and the CPU to the log and the clients (TiKV rate-limits snapshot I/O for the same reason).
 const SNAPSHOT_WRITE_BYTES_PER_SEC: u64 = 128 << 20;
 
-/// Write and fsync the file of `generation` (and its directory entry). Nothing refers to it until the
-/// metadata switches to that generation, so a crash midway leaves only an unreferenced file.
-/// `paced`: in the background, at most [`SNAPSHOT_WRITE_BYTES_PER_SEC`].
 /// Bytes of the CRC-32 after a snapshot file's data.
 const SNAPSHOT_CRC_BYTES: u64 = 4;
 
-/// Writes `data` and its CRC-32 as the snapshot file of `generation`, flushed.
+/// Write `data`, then its CRC-32, and fsync the file of `generation` (and its directory entry).
+/// Nothing refers to it until the metadata switches to that generation, so a crash midway leaves
+/// only an unreferenced file. `paced`: in the background, at most [`SNAPSHOT_WRITE_BYTES_PER_SEC`].
 fn write_snapshot_file(
     dir: &Path,
     generation: u64,
@@ -339,7 +338,7 @@ pub fn restore_tag_of(origin: &str) -> String {
 }
 
 /// Whether `tag` is one [`restore_tag_of`] makes.
-fn is_restore_tag(tag: &str) -> bool {
+pub fn is_restore_tag(tag: &str) -> bool {
     tag.len() == 8 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
@@ -668,18 +667,16 @@ impl SledStorage {
         Ok(tag.map(|t| String::from_utf8_lossy(&t).into_owned()))
     }
 
-    /// Keeps `tag` (see [`SledStorage::restore_tag`]) for a node joining a restored group, flushed:
-    /// its restarts must carry it before they hear from the group again. Refused unless it looks like
-    /// one (8 lowercase hex digits), since it comes from the network and goes into every message.
-    pub fn adopt_restore_tag(&mut self, tag: &str) -> Result<(), StorageError> {
-        if !is_restore_tag(tag) {
-            return Err(self.corrupt(format!(
-                "the group's restore tag {tag:?} is not 8 lowercase hex digits"
-            )));
+    /// Keeps `tag` (see [`SledStorage::restore_tag`]) for a node joining a group, or forgets any
+    /// (`None`: the group it joins was not restored), flushed: its restarts must carry it before they
+    /// hear from the group again. The caller checks it with [`is_restore_tag`] (it comes from the
+    /// network and goes into every message).
+    pub fn set_restore_tag(&mut self, tag: Option<&str>) -> Result<(), StorageError> {
+        match tag {
+            Some(tag) => self.meta.insert(RESTORE_TAG, tag.as_bytes()).map(|_| ()),
+            None => self.meta.remove(RESTORE_TAG).map(|_| ()),
         }
-        self.meta
-            .insert(RESTORE_TAG, tag.as_bytes())
-            .map_err(|s| self.io(s))?;
+        .map_err(|s| self.io(s))?;
         self.db.flush().map_err(|s| self.io(s))?;
         Ok(())
     }
@@ -1732,6 +1729,33 @@ mod tests {
         s.persist(&snapshot_at(9, 2, Bytes::from_static(b"newer")))
             .expect("persist");
         assert!(s.snapshot_data.is_empty());
+    }
+
+    /// A node joining a restored group keeps the group's tag across restarts; one that then joins a
+    /// group never restored forgets it; a directory seeded from a backup goes by that backup.
+    #[test]
+    fn a_joined_nodes_restore_tag_is_kept_forgotten_and_outranked_by_its_own_backup() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("open");
+        assert_eq!(s.restore_tag().expect("tag"), None);
+        s.set_restore_tag(Some("0badc0de")).expect("set");
+        drop(s);
+        let mut s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        assert_eq!(s.restore_tag().expect("tag").as_deref(), Some("0badc0de"));
+        s.set_restore_tag(None).expect("forget");
+        assert_eq!(s.restore_tag().expect("tag"), None);
+        s.set_restore_tag(Some("0badc0de")).expect("set");
+        drop(s);
+        let snapshot = Snapshot {
+            meta: SnapshotMeta { index: 40, term: 7 },
+            data: Bytes::from_static(b"the state"),
+            membership: None,
+        };
+        SledStorage::seed(dir.path(), &identity(1), snapshot, "crc=1 index=40").expect("seed");
+        let s = SledStorage::open(dir.path(), &identity(1)).expect("reopen");
+        let ours = restore_tag_of("crc=1 index=40");
+        assert_eq!(s.restore_tag().expect("tag"), Some(ours.clone()));
+        assert!(is_restore_tag(&ours) && !is_restore_tag("0BADC0DE") && !is_restore_tag("x"));
     }
 
     #[test]

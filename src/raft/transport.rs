@@ -367,11 +367,20 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
         let started = tokio::time::Instant::now();
         let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let progress = moved.clone();
+        let all_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = all_sent.clone();
         let chunks = tokio_stream::StreamExt::map(tokio_stream::iter(chunks), move |chunk| {
             let at = started.elapsed().as_millis() as u64;
             progress.store(at, std::sync::atomic::Ordering::Relaxed);
+            if chunk.done {
+                sent.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             chunk
         });
+        // Once the last chunk is out, the receiver checks that its service can load the snapshot
+        // before it answers, which takes time in proportion to the snapshot's size.
+        let answer_patience = config.snapshot_timeout * 4
+            + Duration::from_secs_f64(total as f64 / SNAPSHOT_CHECK_BYTES_PER_SEC);
         let sending = client.install_snapshot(chunks);
         let stalled = async {
             loop {
@@ -380,7 +389,11 @@ async fn stream_snapshots(link: Link, mut queue: mpsc::Receiver<Envelope>) {
                 let idle = started
                     .elapsed()
                     .saturating_sub(Duration::from_millis(last));
-                if idle > config.snapshot_timeout {
+                let patience = match all_sent.load(std::sync::atomic::Ordering::Relaxed) {
+                    true => answer_patience,
+                    false => config.snapshot_timeout,
+                };
+                if idle > patience {
                     return idle;
                 }
             }
@@ -433,17 +446,18 @@ pub struct InboundConfig {
 #[derive(Clone)]
 pub struct SnapshotCheck(Arc<LoadsSnapshot>);
 
-/// The function behind a [`SnapshotCheck`].
-type LoadsSnapshot = dyn Fn(&[u8]) -> Result<(), String> + Send + Sync;
+/// The function behind a [`SnapshotCheck`]: it is handed the received bytes themselves (not a copy;
+/// a snapshot may be gigabytes).
+type LoadsSnapshot = dyn Fn(bytes::Bytes) -> Result<(), String> + Send + Sync;
 
 impl SnapshotCheck {
     /// A check that runs `loads` on the bytes of every snapshot received.
-    pub fn new(loads: impl Fn(&[u8]) -> Result<(), String> + Send + Sync + 'static) -> Self {
+    pub fn new(loads: impl Fn(bytes::Bytes) -> Result<(), String> + Send + Sync + 'static) -> Self {
         SnapshotCheck(Arc::new(loads))
     }
 
     /// Whether `snapshot` loads.
-    pub fn check(&self, snapshot: &[u8]) -> Result<(), String> {
+    pub fn check(&self, snapshot: bytes::Bytes) -> Result<(), String> {
         (self.0)(snapshot)
     }
 }
@@ -518,15 +532,6 @@ const MAX_FOREIGN_LOGGED: usize = 64;
 /// The part of a foreign cluster id that is logged and echoed.
 const MAX_FOREIGN_ID_BYTES: usize = 256;
 
-/// `text` cut to at most `max` bytes, at a character boundary.
-fn truncated(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
 /// Which snapshot a stream carries: sender's term, last included index and term, and total size.
 type SnapshotKey = (Term, Index, Term, u64);
 
@@ -537,6 +542,10 @@ struct Partial {
     /// Tells this prefix from a later one of the same peer when its expiry comes.
     generation: u64,
 }
+
+/// The slowest rate, in bytes per second, at which a receiver is expected to check that its service
+/// loads a snapshot ([`InboundConfig::snapshot_check`]) before it answers the transfer.
+const SNAPSHOT_CHECK_BYTES_PER_SEC: f64 = 8.0 * 1024.0 * 1024.0;
 
 /// Bytes of snapshot data held for peers, in streams being received and in kept prefixes of broken
 /// ones, all told. One limit for all of them (`max_snapshot_bytes`): each stream alone may come near
@@ -687,7 +696,7 @@ impl RaftService {
         }
         if cluster != config.cluster {
             // What a caller sends is echoed and remembered only in part: the id is any string it likes.
-            let theirs = truncated(cluster, MAX_FOREIGN_ID_BYTES);
+            let theirs = crate::limits::truncated(cluster, MAX_FOREIGN_ID_BYTES);
             if let Ok(mut foreign) = self.foreign.lock() {
                 if foreign.len() < MAX_FOREIGN_LOGGED && foreign.insert(format!("{theirs}#{from}"))
                 {
@@ -946,7 +955,7 @@ impl RaftTransport for RaftService {
         let data = data.into_bytes();
         if let Some(check) = self.config.snapshot_check.clone() {
             let loaded = data.clone();
-            let verdict = tokio::task::spawn_blocking(move || check.check(&loaded))
+            let verdict = tokio::task::spawn_blocking(move || check.check(loaded))
                 .await
                 .map_err(|e| Status::internal(format!("checking the snapshot: {e}")))?;
             if let Err(why) = verdict {
@@ -1033,6 +1042,8 @@ mod tests {
     #[derive(Clone, Default)]
     struct SlowPeer {
         snapshots: Arc<AtomicUsize>,
+        /// How long it takes to answer once every chunk has arrived (a check of the snapshot).
+        answer_delay: Duration,
     }
 
     #[tonic::async_trait]
@@ -1052,6 +1063,7 @@ mod tests {
             while chunks.message().await?.is_some() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            tokio::time::sleep(self.answer_delay).await;
             self.snapshots.fetch_add(1, Ordering::SeqCst);
             Ok(tonic::Response::new(pb::SendAck::default()))
         }
@@ -1144,8 +1156,38 @@ mod tests {
         assert_eq!(peer.received.lock().expect("lock").len(), 3 << 10);
     }
 
+    /// A receiver checks that its service loads a snapshot before it answers: the sender waits for
+    /// that answer beyond the stall timeout between chunks, or a follower whose check takes longer
+    /// would never be caught up (each transfer abandoned, and the check cancelled with it).
+    #[tokio::test]
+    async fn a_receiver_checking_the_snapshot_is_waited_for() {
+        let peer = SlowPeer {
+            answer_delay: Duration::from_millis(700),
+            ..SlowPeer::default()
+        };
+        let config = TransportConfig {
+            snapshot_timeout: Duration::from_millis(400),
+            ..TransportConfig::default()
+        };
+        let transport = transport_with(peer.clone(), config).await;
+        transport.send(vec![snapshot(1, 10)]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while peer.snapshots.load(Ordering::SeqCst) < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the transfer was abandoned while the receiver checked it"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A transport of node 1 whose peer 2 is `peer`, sending snapshots in 1 KiB chunks.
     async fn transport_to<P: RaftTransport>(peer: P) -> Transport {
+        transport_with(peer, TransportConfig::default()).await
+    }
+
+    /// [`transport_to`] with `config` (its chunk size set to 1 KiB).
+    async fn transport_with<P: RaftTransport>(peer: P, config: TransportConfig) -> Transport {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -1163,7 +1205,7 @@ mod tests {
         });
         let config = TransportConfig {
             snapshot_chunk_bytes: 1 << 10,
-            ..TransportConfig::default()
+            ..config
         };
         Transport::start(&[(2, address.to_string())].into(), &config, "test")
     }

@@ -219,31 +219,31 @@ const MAX_RESTORED_TERM: u64 = 1 << 62;
 /// What a backup's snapshot holds, loaded by the machine of its `service` (`kv`, `ctrler`,
 /// `shard-GID`): keys, or configurations for the controllers, and client sessions. An error says why
 /// it does not load.
-pub fn backup_contents(service: &str, snapshot: &[u8]) -> Result<(u64, u64), String> {
+pub fn backup_contents(service: &str, snapshot: bytes::Bytes) -> Result<(u64, u64), String> {
     use crate::kv::service::KvMachine as _;
     let undecodable = |e: crate::rsm::RsmError| format!("the {service} state does not decode: {e}");
     // Loaded exactly as a node loads it at start-up (state, then every session's remembered output):
     // what passes here cannot fail a start.
     fn load<S: crate::rsm::StateMachine>(
         machine: S,
-        snapshot: &[u8],
+        snapshot: &bytes::Bytes,
     ) -> Result<crate::rsm::Rsm<S>, crate::rsm::RsmError> {
         let mut rsm = crate::rsm::Rsm::new(machine);
         rsm.apply_snapshot(&crate::raft::Snapshot {
             meta: crate::raft::SnapshotMeta { index: 1, term: 1 },
-            data: bytes::Bytes::copy_from_slice(snapshot),
+            data: snapshot.clone(),
             ..Default::default()
         })?;
         Ok(rsm)
     }
     let (items, sessions) = match service {
         "kv" => {
-            let rsm = load(crate::kv::KvStore::default(), snapshot).map_err(undecodable)?;
+            let rsm = load(crate::kv::KvStore::default(), &snapshot).map_err(undecodable)?;
             (rsm.machine().describe().keys, rsm.sessions())
         }
         "ctrler" => {
             let ctrler = crate::ctrler::ShardCtrler::new(crate::ctrler::DEFAULT_SHARDS);
-            let rsm = load(ctrler, snapshot).map_err(undecodable)?;
+            let rsm = load(ctrler, &snapshot).map_err(undecodable)?;
             (rsm.machine().kept() as u64, rsm.sessions())
         }
         other => {
@@ -251,7 +251,7 @@ pub fn backup_contents(service: &str, snapshot: &[u8]) -> Result<(u64, u64), Str
                 .strip_prefix("shard-")
                 .and_then(|g| g.parse().ok())
                 .ok_or_else(|| format!("unknown service {other:?}"))?;
-            let rsm = load(crate::shardkv::ShardKv::new(gid), snapshot).map_err(undecodable)?;
+            let rsm = load(crate::shardkv::ShardKv::new(gid), &snapshot).map_err(undecodable)?;
             (rsm.machine().describe().keys, rsm.sessions())
         }
     };
@@ -333,10 +333,10 @@ mod tests {
         };
         let good = crate::proto::kv::Outcome::default().encode_to_vec();
         assert_eq!(
-            backup_contents("kv", &session(good).encode_to_vec()),
+            backup_contents("kv", session(good).encode_to_vec().into()),
             Ok((0, 1))
         );
-        let error = backup_contents("kv", &session(vec![0xff, 0xff, 0xff]).encode_to_vec())
+        let error = backup_contents("kv", session(vec![0xff, 0xff, 0xff]).encode_to_vec().into())
             .expect_err("an undecodable output must be refused");
         assert!(error.contains("does not decode"), "{error}");
     }
@@ -391,19 +391,19 @@ pub fn restore(
     }
     // Loaded as the service will load it, before anything is written: a mislabelled or crafted
     // file must not leave a directory that fails at every start.
-    backup_contents(&header.service, &bytes[range.clone()]).map_err(refuse)?;
+    let checksum = backup::checksum(&bytes);
+    let data = bytes::Bytes::from(bytes).slice(range);
+    backup_contents(&header.service, data.clone()).map_err(refuse)?;
     let origin = format!(
         "backup of {} at index {}, checksum {:08x}",
-        header.cluster_id,
-        header.index,
-        backup::checksum(&bytes)
+        header.cluster_id, header.index, checksum
     );
     let snapshot = crate::raft::Snapshot {
         meta: crate::raft::SnapshotMeta {
             index: header.index,
             term: header.term,
         },
-        data: bytes::Bytes::from(bytes).slice(range),
+        data,
         // A backup holds the service state only: the restored group is the one `--peers` names.
         membership: None,
     };
@@ -655,11 +655,18 @@ impl Replica {
                 Ok(members) => {
                     if fresh {
                         check_joining(config.id, &members)?;
-                        if !members.restored.is_empty() {
-                            // The group was restored from a backup: its messages carry that
-                            // backup's tag, and ours must too, now and after every restart.
-                            storage.adopt_restore_tag(&members.restored)?;
+                        // A group restored from a backup stamps that backup's tag on its messages,
+                        // and ours must carry it too, now and after every restart (and a tag
+                        // taken from another group before goes).
+                        let tag = Some(members.restored.as_str()).filter(|t| !t.is_empty());
+                        if tag.is_some_and(|t| !crate::raft::storage::is_restore_tag(t)) {
+                            return Err(StartError::Config(format!(
+                                "--join: the group answered with restore tag {:?}, which is not \
+                                 8 lowercase hex digits",
+                                crate::limits::truncated(&members.restored, 64)
+                            )));
                         }
+                        storage.set_restore_tag(tag)?;
                     }
                     raft_peers = members
                         .members
@@ -698,7 +705,7 @@ impl Replica {
         node_config.max_snapshot_bytes = config.max_snapshot_bytes;
         let service_name = group.clone();
         node_config.snapshot_check = Some(crate::raft::transport::SnapshotCheck::new(
-            move |snapshot: &[u8]| backup_contents(&service_name, snapshot).map(|_| ()),
+            move |snapshot| backup_contents(&service_name, snapshot).map(|_| ()),
         ));
         node_config.raft.lease_reads = config.lease_reads;
         node_config.cluster = config.cluster.clone();
