@@ -1025,27 +1025,22 @@ mod tests {
     #[tokio::test]
     async fn submits_past_the_queue_bounds_are_refused_until_a_job_finishes() {
         let (_dir, root, service) = small_coordinator(2, 8);
+        let refused_for = |output: &'static str, n_reduce: u32, why: &'static str| {
+            let (service, root) = (&service, &root);
+            async move {
+                let refused = service
+                    .submit(submit_request(root, output, n_reduce))
+                    .await
+                    .unwrap_err();
+                assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+                assert!(refused.message().contains(why), "{refused:?}");
+            }
+        };
         let first = service.submit(submit_request(&root, "a", 1)).await.unwrap();
         // One map and six reduces would make 2 + 7 tasks pending: more than 8.
-        let too_many_tasks = service
-            .submit(submit_request(&root, "b", 6))
-            .await
-            .unwrap_err();
-        assert_eq!(too_many_tasks.code(), tonic::Code::ResourceExhausted);
-        assert!(
-            too_many_tasks.message().contains("tasks"),
-            "{too_many_tasks:?}"
-        );
+        refused_for("b", 6, "tasks").await;
         service.submit(submit_request(&root, "b", 1)).await.unwrap();
-        let too_many_jobs = service
-            .submit(submit_request(&root, "c", 1))
-            .await
-            .unwrap_err();
-        assert_eq!(too_many_jobs.code(), tonic::Code::ResourceExhausted);
-        assert!(
-            too_many_jobs.message().contains("--max-queued-jobs"),
-            "{too_many_jobs:?}"
-        );
+        refused_for("c", 1, "--max-queued-jobs").await;
         {
             // The first job runs to its end.
             let id = first.into_inner().job_id;
