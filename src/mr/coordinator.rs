@@ -1110,6 +1110,15 @@ mod tests {
             .unwrap()
     }
 
+    /// `worker`'s `attempt` of reduce 0 of job `id` is granted the commit at `now` and reports its
+    /// success, which is taken.
+    fn finish_reduce(c: &mut Coordinator, id: u64, worker: &str, attempt: u64, now: Instant) {
+        assert!(reduce_commits(c, id, worker, attempt, now));
+        assert!(c
+            .report(id, TaskKind::Reduce, 0, worker, attempt, ok(""))
+            .unwrap());
+    }
+
     fn ok(addr: &str) -> Outcome {
         Outcome::Succeeded { addr: addr.into() }
     }
@@ -1690,10 +1699,7 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(c.record(id).unwrap().state, JobState::Running);
-        assert!(reduce_commits(&mut c, id, "r", reduce.attempt, now));
-        assert!(c
-            .report(id, TaskKind::Reduce, 0, "r", reduce.attempt, ok(""))
-            .unwrap());
+        finish_reduce(&mut c, id, "r", reduce.attempt, now);
         assert_eq!(c.record(id).unwrap().state, JobState::Done);
     }
 
