@@ -251,6 +251,11 @@ enum SnapshotOp {
         /// Back up shard group GID (every shard it holds) instead of the KV cluster.
         #[arg(long)]
         gid: Option<u64>,
+        /// Refuse a backup whose snapshot is larger than this many bytes (a server that sends more
+        /// than it declared is refused too). Default: what `kvd` accepts by default, half this
+        /// machine's memory and at least 4 GiB.
+        #[arg(long, value_name = "BYTES")]
+        max_snapshot_bytes: Option<u64>,
     },
     /// Check a backup file (length, checksum, that its state decodes) and print its service, source
     /// cluster, index, term, size, keys and sessions. Exit 2 with the reason if it is unusable.
@@ -260,6 +265,10 @@ enum SnapshotOp {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Refuse a file whose snapshot is larger than this many bytes (checking one loads it into
+        /// memory). Default: half this machine's memory, at least 4 GiB.
+        #[arg(long, value_name = "BYTES")]
+        max_snapshot_bytes: Option<u64>,
     },
 }
 
@@ -847,7 +856,11 @@ async fn snapshot_command(
     view: AddressView,
 ) -> u8 {
     match op {
-        SnapshotOp::Status { file, json } => match backup::inspect(&file) {
+        SnapshotOp::Status {
+            file,
+            json,
+            max_snapshot_bytes,
+        } => match backup::inspect(&file, limit_or_default(max_snapshot_bytes)) {
             Ok(summary) if json => {
                 ds824::outln!("{}", serde_json::to_string(&summary).unwrap_or_default());
                 EXIT_OK
@@ -858,7 +871,12 @@ async fn snapshot_command(
             }
             Err(e) => fail(e),
         },
-        SnapshotOp::Save { file, ctrler, gid } => {
+        SnapshotOp::Save {
+            file,
+            ctrler,
+            gid,
+            max_snapshot_bytes,
+        } => {
             let group = GroupArgs { ctrler, gid };
             let target = match resolve_group(&group, cluster, ctrlers, &config, view).await {
                 Ok(target) => target,
@@ -869,8 +887,11 @@ async fn snapshot_command(
                 indicatif::ProgressStyle::with_template("{spinner} {bytes} received")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
             );
-            let result =
-                backup::save(&target, &config, &file, |bytes| bar.set_position(bytes)).await;
+            let limit = limit_or_default(max_snapshot_bytes);
+            let result = backup::save(&target, &config, &file, limit, |bytes| {
+                bar.set_position(bytes)
+            })
+            .await;
             bar.finish_and_clear();
             match result {
                 Ok(header) => {
@@ -889,6 +910,11 @@ async fn snapshot_command(
             }
         }
     }
+}
+
+/// A `--max-snapshot-bytes` as given, or the default `kvd` uses.
+fn limit_or_default(given: Option<u64>) -> u64 {
+    given.unwrap_or_else(ds824::replica::default_max_snapshot_bytes)
 }
 
 fn done(result: Result<(), ClerkError>) -> u8 {

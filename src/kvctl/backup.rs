@@ -3,8 +3,9 @@
 //! [`crate::replica::restore`]). The file layout is [`crate::rsm::backup`]'s.
 //!
 //! A save never leaves a file that looks like a backup but is not one: the bytes go to `FILE.part`,
-//! which is flushed, read back and checked whole before it is renamed to `FILE`; an existing `FILE` is
-//! never overwritten.
+//! checked as they arrive (a stream past its declared length, or declaring a snapshot over the limit,
+//! ends the save at once), then flushed, read back and checked again before it is linked to `FILE`;
+//! an existing `FILE` is never overwritten. Neither step holds the backup in memory.
 
 use crate::kv::ClerkConfig;
 use crate::proto::ctrler::ctrler_client::CtrlerClient;
@@ -36,12 +37,13 @@ const ENCODE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Take a backup from `target`'s leader into `file` and return its header. Tries every server until
 /// the leader answers or `config.call_timeout` passes; a server that is not the leader is skipped, a
-/// refusal no retry can fix (no permission, TLS) ends it at once. `progress` gets the bytes received
-/// so far.
+/// refusal no retry can fix (no permission, TLS, a backup over `limit` bytes of snapshot) ends it at
+/// once. `progress` gets the bytes received so far.
 pub async fn save(
     target: &Target,
     config: &ClerkConfig,
     file: &Path,
+    limit: u64,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<BackupHeader> {
     if file.exists() {
@@ -58,7 +60,7 @@ pub async fn save(
     let mut last_refusal = String::from("no server answered");
     loop {
         for server in &target.servers {
-            match save_from(server, target, config, &part, &mut progress).await {
+            match save_from(server, target, config, &part, limit, &mut progress).await {
                 Ok(header) => {
                     // A link, not a rename: it fails rather than replace a FILE that appeared
                     // meanwhile (another save of the same name).
@@ -97,6 +99,7 @@ async fn save_from(
     target: &Target,
     config: &ClerkConfig,
     part: &Path,
+    limit: u64,
     progress: &mut impl FnMut(u64),
 ) -> Result<BackupHeader, Attempt> {
     let channel = crate::rsm::client::channel_to(server, config, Some(&target.role))
@@ -131,7 +134,7 @@ async fn save_from(
                 part.display()
             ))
         })?;
-    let received = receive(&mut stream, &mut out, part, server, progress).await;
+    let received = receive(&mut stream, &mut out, part, server, limit, progress).await;
     if received.is_err() {
         // Ours, made above: never leave a broken file behind (and never touch another save's).
         let _ = std::fs::remove_file(part);
@@ -145,9 +148,17 @@ async fn receive(
     out: &mut std::fs::File,
     part: &Path,
     server: &str,
+    limit: u64,
     progress: &mut impl FnMut(u64),
 ) -> Result<BackupHeader, Attempt> {
     let retry_io = |e: std::io::Error| Attempt::Final(anyhow::anyhow!("{}: {e}", part.display()));
+    // Sent whole but wrong: not a transient failure, and not something to keep.
+    let wrong = |e: backup::BackupError| {
+        Attempt::Final(anyhow::anyhow!(
+            "{server} sent a backup that does not check out: {e}"
+        ))
+    };
+    let mut checker = backup::Checker::new(limit);
     let mut received = 0u64;
     loop {
         let next = tokio::time::timeout(CHUNK_TIMEOUT, stream.message()).await;
@@ -162,19 +173,20 @@ async fn receive(
             Ok(Ok(None)) => break,
             Ok(Ok(Some(chunk))) => chunk,
         };
+        checker.push(&chunk.data).map_err(wrong)?;
         out.write_all(&chunk.data).map_err(retry_io)?;
         received += chunk.data.len() as u64;
         progress(received);
     }
+    checker.finish().map_err(wrong)?;
     out.sync_all().map_err(retry_io)?;
-    let bytes = std::fs::read(part).map_err(retry_io)?;
-    match backup::decode(&bytes) {
-        Ok((header, _)) => Ok(header),
-        // Sent whole but wrong: not a transient failure, and not something to keep.
-        Err(e) => Err(Attempt::Final(anyhow::anyhow!(
-            "{server} sent a backup that does not check out: {e}"
-        ))),
-    }
+    // What the disk holds, not what was sent: read back, without holding it.
+    backup::check_file(part, limit).map_err(|e| {
+        Attempt::Final(anyhow::anyhow!(
+            "{}: the written backup does not read back: {e}",
+            part.display()
+        ))
+    })
 }
 
 fn part_path(file: &Path) -> PathBuf {
@@ -208,21 +220,19 @@ pub struct Summary {
 }
 
 /// Read and check a backup file whole (a truncated or corrupt one is an error saying so) and count
-/// what it holds by loading it into the machine it came from.
-pub fn inspect(file: &Path) -> anyhow::Result<Summary> {
-    let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let (header, range) =
-        backup::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let (file_bytes, checksum) = (bytes.len() as u64, backup::checksum(&bytes));
-    let snapshot = bytes::Bytes::from(bytes).slice(range);
-    let (keys, sessions) = crate::replica::backup_contents(&header.service, snapshot)
+/// what it holds by loading it into the machine it came from. A snapshot over `limit` bytes is
+/// refused from the header, before the file is read.
+pub fn inspect(file: &Path, limit: u64) -> anyhow::Result<Summary> {
+    let backup =
+        backup::read_file(file, limit).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let (keys, sessions) = crate::replica::backup_contents(&backup.header.service, backup.snapshot)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     Ok(Summary {
-        file_bytes,
-        checksum: format!("{checksum:08x}"),
+        file_bytes: backup.file_bytes,
+        checksum: format!("{:08x}", backup.checksum),
         keys,
         sessions,
-        header,
+        header: backup.header,
     })
 }
 

@@ -9,11 +9,12 @@
 //! `RESOLVE_NO_SYMLINKS` ([`open_exact`]), and write outputs relative to a directory opened the same way
 //! ([`stage`]): a link swapped in is refused, never followed.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Component, Path, PathBuf};
 
 use rand::Rng;
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, CWD};
@@ -33,7 +34,12 @@ pub fn open_exact(path: &Path) -> std::io::Result<File> {
 
 /// `openat2(path, flags | O_CLOEXEC, RESOLVE_NO_SYMLINKS)`, its refusals explained.
 fn open_exact_with(path: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
-    rustix::fs::openat2(CWD, path, flags | OFlags::CLOEXEC, Mode::empty(), EXACT).map_err(|errno| {
+    open_exact_at(CWD, path.as_os_str(), flags)
+}
+
+/// [`open_exact_with`] relative to the directory `at`.
+fn open_exact_at(at: impl AsFd, path: &OsStr, flags: OFlags) -> std::io::Result<OwnedFd> {
+    rustix::fs::openat2(at, path, flags | OFlags::CLOEXEC, Mode::empty(), EXACT).map_err(|errno| {
         match errno {
             rustix::io::Errno::LOOP => std::io::Error::other(
                 "a component of this path is a symbolic link: job files are opened only where the \
@@ -68,7 +74,9 @@ pub fn write_atomic(
     let dir = parent(path);
     std::fs::create_dir_all(dir).map_err(MrError::io(dir))?;
     let resolved = std::fs::canonicalize(dir).map_err(MrError::io(dir))?;
-    stage(&resolved.join(file_name(path)), durable, fill)?.commit()
+    stage(&resolved.join(file_name(path)), durable, fill)?
+        .commit()
+        .map(drop)
 }
 
 /// A file written whole under a hidden temporary name beside `path`, not yet in place: the first half
@@ -100,9 +108,7 @@ pub fn stage(
     fill: impl FnOnce(&mut dyn Write) -> Result<(), MrError>,
 ) -> Result<Staged, MrError> {
     let dir_path = parent(path);
-    std::fs::create_dir_all(dir_path).map_err(MrError::io(dir_path))?;
-    let dir = open_exact_with(dir_path, OFlags::RDONLY | OFlags::DIRECTORY)
-        .map_err(MrError::io(dir_path))?;
+    let dir = create_dir_exact(dir_path).map_err(MrError::io(dir_path))?;
     let name = file_name(path);
     let mut tmp = OsString::from(".");
     tmp.push(&name);
@@ -140,6 +146,75 @@ pub fn stage(
     Ok(staged)
 }
 
+/// Opens directory `dir`, first creating it and any missing parents, without following a symbolic
+/// link at any step: each missing directory is made relative to its parent's descriptor, and each
+/// step is opened beneath the last with `RESOLVE_NO_SYMLINKS`. (`create_dir_all` then
+/// [`open_exact`] would create directories wherever a link swapped into the path points.)
+fn create_dir_exact(dir: &Path) -> std::io::Result<OwnedFd> {
+    const DIRECTORY: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY);
+    match open_exact_with(dir, DIRECTORY) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        opened => return opened,
+    }
+    let start = if dir.is_absolute() { "/" } else { "." };
+    let mut at = open_exact_with(Path::new(start), DIRECTORY)?;
+    for component in dir.components() {
+        let name = match component {
+            Component::Prefix(_) | Component::RootDir | Component::CurDir => continue,
+            Component::ParentDir => OsStr::new(".."),
+            Component::Normal(name) => name,
+        };
+        match rustix::fs::mkdirat(&at, name, Mode::from_raw_mode(0o777)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+        at = open_exact_at(&at, name, DIRECTORY)?;
+    }
+    Ok(at)
+}
+
+/// A job directory opened as [`open_exact`] opens files, for removing files from it: what it names
+/// stays the directory that was checked even if its path is swapped for a link afterwards.
+pub struct ExactDir(OwnedFd);
+
+impl ExactDir {
+    /// Opens directory `path`, refusing it if any component is a symbolic link.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        open_exact_with(path, OFlags::RDONLY | OFlags::DIRECTORY).map(ExactDir)
+    }
+
+    /// The names this directory holds (not `.` and `..`), each with whether it is a regular file
+    /// (a link is not followed to say).
+    pub fn entries(&self) -> std::io::Result<Vec<(OsString, bool)>> {
+        use rustix::fs::FileType;
+        let mut entries = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&self.0)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if matches!(name.to_bytes(), b"." | b"..") {
+                continue;
+            }
+            let kind = match entry.file_type() {
+                // Some file systems do not say in the listing.
+                FileType::Unknown => FileType::from_raw_mode(
+                    rustix::fs::statat(&self.0, name, AtFlags::SYMLINK_NOFOLLOW)?.st_mode,
+                ),
+                kind => kind,
+            };
+            entries.push((
+                OsStr::from_bytes(name.to_bytes()).to_owned(),
+                kind == FileType::RegularFile,
+            ));
+        }
+        Ok(entries)
+    }
+
+    /// Removes the file `name` (one component) from this directory.
+    pub fn remove_file(&self, name: &OsStr) -> std::io::Result<()> {
+        rustix::fs::unlinkat(&self.0, name, AtFlags::empty()).map_err(Into::into)
+    }
+}
+
 /// The directory `path` is in.
 fn parent(path: &Path) -> &Path {
     match path.parent() {
@@ -157,7 +232,7 @@ fn file_name(path: &Path) -> OsString {
 impl Staged {
     /// Renames the file into place (and, durable, fsyncs the directory). Fails if the temporary file
     /// is gone, e.g. removed by a later job's `--overwrite`: nothing is then published.
-    pub fn commit(mut self) -> Result<(), MrError> {
+    pub fn commit(mut self) -> Result<Published, MrError> {
         self.done = true;
         let renamed = rustix::fs::renameat(&self.dir, &self.tmp, &self.dir, &self.name);
         if let Err(errno) = renamed {
@@ -169,8 +244,21 @@ impl Staged {
             rustix::fs::fsync(&self.dir)
                 .map_err(|errno| MrError::io(parent(&self.path))(errno.into()))?;
         }
-        Ok(())
+        Ok(Published {
+            dir: self
+                .dir
+                .try_clone()
+                .map_err(MrError::io(parent(&self.path)))?,
+            name: std::mem::take(&mut self.name),
+        })
     }
+}
+
+/// A file [`Staged::commit`] put in place, with the directory it was written in: what its stale
+/// temporary files are removed from.
+pub struct Published {
+    dir: OwnedFd,
+    name: OsString,
 }
 
 impl Drop for Staged {
@@ -181,28 +269,27 @@ impl Drop for Staged {
     }
 }
 
-/// Removes the hidden temporary files of `path` that other writers left beside it (`.<name>.tmp-*`):
-/// once `path` is published they can only be garbage — an attempt killed mid-write (SIGKILL runs no
-/// `Drop`) or one superseded (its rename then fails, and it publishes nothing). Returns how many went.
-pub fn remove_stale_temps(path: &Path) -> usize {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return 0;
-    };
-    let prefix = format!(".{name}.tmp-");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|entry| {
-            entry
-                .file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with(&prefix))
-        })
-        .filter(|entry| std::fs::remove_file(entry.path()).is_ok())
-        .count()
+impl Published {
+    /// Removes the hidden temporary files other writers left beside this file (`.<name>.tmp-*`):
+    /// once it is published they can only be garbage — an attempt killed mid-write (SIGKILL runs no
+    /// `Drop`) or one superseded (its rename then fails, and it publishes nothing). Read and removed
+    /// through the directory the file was written in, so a link swapped in for the directory's path
+    /// since leads nowhere else. Returns how many went.
+    pub fn remove_stale_temps(&self) -> usize {
+        let mut prefix = b".".to_vec();
+        prefix.extend_from_slice(self.name.as_bytes());
+        prefix.extend_from_slice(b".tmp-");
+        let Ok(entries) = rustix::fs::Dir::read_from(&self.dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|entry| entry.file_name().to_bytes().starts_with(&prefix))
+            .filter(|entry| {
+                rustix::fs::unlinkat(&self.dir, entry.file_name(), AtFlags::empty()).is_ok()
+            })
+            .count()
+    }
 }
 
 #[cfg(test)]
@@ -242,7 +329,20 @@ mod tests {
         let fill = |w: &mut dyn Write| w.write_all(b"x").map_err(MrError::io("x"));
         let refused = stage(&data.join("out").join("mr-out-0"), true, fill).unwrap_err();
         assert!(refused.to_string().contains("symbolic link"), "{refused}");
+        // Nor are missing directories made where it points; made where nothing links away.
+        let deeper = data.join("out").join("new").join("mr-out-0");
+        let refused = stage(&deeper, true, fill).unwrap_err();
+        assert!(refused.to_string().contains("symbolic link"), "{refused}");
         assert_eq!(std::fs::read_dir(&secret).unwrap().count(), 1);
+        let made = data.join("a").join("b").join("mr-out-0");
+        stage(&made, false, fill).unwrap().commit().unwrap();
+        assert_eq!(std::fs::read(&made).unwrap(), b"x");
+        // Removal through a directory opened the same way.
+        let out = ExactDir::open(&data.join("out")).err().expect("a link");
+        assert!(out.to_string().contains("symbolic link"), "{out}");
+        let a = ExactDir::open(&data.join("a").join("b")).unwrap();
+        a.remove_file(OsStr::new("mr-out-0")).unwrap();
+        assert!(!made.exists());
         // Local tools resolve the directory they were given first, links included.
         write_atomic(&data.join("out").join("mr-out-0"), false, fill).unwrap();
         assert_eq!(std::fs::read(secret.join("mr-out-0")).unwrap(), b"x");
@@ -278,11 +378,13 @@ mod tests {
         for name in left.iter().chain(&others) {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
-        write_atomic(&path, false, |w| {
+        let published = stage(&path, false, |w| {
             w.write_all(b"done").map_err(MrError::io("x"))
         })
+        .unwrap()
+        .commit()
         .unwrap();
-        assert_eq!(remove_stale_temps(&path), 2);
+        assert_eq!(published.remove_stale_temps(), 2);
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -292,6 +394,34 @@ mod tests {
         expected.push("mr-out-1".into());
         expected.sort();
         assert_eq!(names, expected);
+    }
+
+    /// The directory swapped for a link after the publish: the files removed are still the ones
+    /// beside the published file, not those where the link points.
+    #[test]
+    fn stale_temporary_files_are_removed_beside_the_published_file_only() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("out");
+        let (moved, secret) = (root.path().join("moved"), root.path().join("secret"));
+        let stale = ".mr-out-0.tmp-1-00000001";
+        for dir in [&out, &secret] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join(stale), b"x").unwrap();
+        }
+        let fill = |w: &mut dyn Write| w.write_all(b"x").map_err(MrError::io("x"));
+        let published = stage(&out.join("mr-out-0"), false, fill)
+            .unwrap()
+            .commit()
+            .unwrap();
+        std::fs::rename(&out, &moved).unwrap();
+        std::os::unix::fs::symlink(&secret, &out).unwrap();
+        assert_eq!(published.remove_stale_temps(), 1);
+        assert!(secret.join(stale).exists());
+        let left: Vec<_> = std::fs::read_dir(&moved)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["mr-out-0"]);
     }
 
     #[test]

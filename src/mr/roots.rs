@@ -97,23 +97,39 @@ fn is_job_output(name: &str) -> bool {
 
 /// Remove the job outputs of a directory [`DataRoots::output`] admitted with `overwrite`: what an
 /// earlier job left (a stale `mr-out-7` of a run with more reduces would otherwise pass for part of
-/// this one's output). Returns how many files went.
+/// this one's output). Returns how many files went. The directory is opened once, refusing a symbolic
+/// link anywhere in its path, and listed, checked and emptied through that one descriptor: a link
+/// swapped in for it after [`DataRoots::output`]'s check cannot turn this into removing files
+/// somewhere else.
 pub fn clear_outputs(dir: &Path) -> Result<usize, RootsError> {
-    // Checked whole first: nothing goes unless everything may.
-    check_only_outputs(dir)?;
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
+    const WHAT: &str = "output directory";
+    let opened = match crate::mr::fsutil::ExactDir::open(dir) {
+        Ok(opened) => opened,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(err) => return Err(unresolvable("output directory", dir, err)),
+        Err(err) => return Err(unresolvable(WHAT, dir, err)),
     };
-    let mut removed = 0;
-    for entry in entries {
-        let entry = entry.map_err(|err| unresolvable("output directory", dir, err))?;
-        std::fs::remove_file(entry.path())
-            .map_err(|err| unresolvable("output directory", dir, err))?;
-        removed += 1;
+    let entries = opened
+        .entries()
+        .map_err(|err| unresolvable(WHAT, dir, err))?;
+    // Checked whole first: nothing goes unless everything may.
+    for (name, file) in &entries {
+        let name = name.to_string_lossy();
+        if !(*file && is_job_output(&name)) {
+            return Err(RootsError::NotAJobOutput {
+                dir: dir.to_path_buf(),
+                name: name.into_owned(),
+            });
+        }
     }
-    Ok(removed)
+    for (name, _) in &entries {
+        match opened.remove_file(name) {
+            Ok(()) => {}
+            // Gone meanwhile (a straggler's temporary file removed by its own writer).
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(unresolvable(WHAT, dir, err)),
+        }
+    }
+    Ok(entries.len())
 }
 
 /// [`clear_outputs`]'s check alone: every entry of `dir` is a job output.
@@ -395,7 +411,18 @@ mod tests {
         }
         let err = f.roots.output(&out, true).unwrap_err();
         assert!(err.to_string().contains("notes.txt"), "{err}");
+        let err = clear_outputs(&out).unwrap_err();
+        assert!(err.to_string().contains("notes.txt"), "{err}");
         assert!(out.join("mr-out-0").exists());
+        // The directory swapped for a link to another after the check: nothing is removed there.
+        let elsewhere = f.root.join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("mr-out-0"), "keep").unwrap();
+        let swapped = f.root.join("swapped");
+        std::os::unix::fs::symlink(&elsewhere, &swapped).unwrap();
+        let err = clear_outputs(&swapped).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(elsewhere.join("mr-out-0").exists());
         for name in [
             "mr-out-",
             "mr-out-1-2",

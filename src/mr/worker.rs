@@ -345,9 +345,21 @@ impl Worker {
         let worker = self.id.clone();
         let removed = tokio::task::spawn_blocking(move || {
             let mut removed = 0u32;
+            // Opened as the outputs were written: a link swapped in for the directory since is
+            // refused, not followed to remove files of the same names elsewhere.
+            let opened = match fsutil::ExactDir::open(&dir) {
+                Ok(opened) => opened,
+                Err(err) => {
+                    if err.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(%worker, dir = %dir.display(), %err, "could not open a failed map attempt's output directory");
+                    }
+                    return removed;
+                }
+            };
             for reduce in 0..n_reduce {
-                let path = dir.join(intermediate_name(job_id, index, reduce, attempt));
-                match std::fs::remove_file(&path) {
+                let name = intermediate_name(job_id, index, reduce, attempt);
+                let path = dir.join(&name);
+                match opened.remove_file(std::ffi::OsStr::new(&name)) {
                     Ok(()) => removed += 1,
                     Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
                         tracing::warn!(%worker, path = %path.display(), %err, "could not remove a stale map output");
@@ -406,7 +418,9 @@ impl Worker {
             }
             // Renamed only once every partition is written: a reducer never finds some of a map's
             // outputs from an attempt that then failed.
-            staged.into_iter().try_for_each(Staged::commit)
+            staged
+                .into_iter()
+                .try_for_each(|file| file.commit().map(drop))
         })
         .await;
         finish(result)
@@ -597,13 +611,11 @@ impl Worker {
             }
             Err(err) => return Outcome::Abandoned(format!("asking to commit: {err}")),
         }
-        let published = task.spec.output_path(task.index);
         let (worker, job_id, index) = (self.id.clone(), task.job_id, task.index);
         finish(
             tokio::task::spawn_blocking(move || {
-                staged.commit()?;
                 // What killed or superseded attempts of this partition left behind.
-                let removed = fsutil::remove_stale_temps(&published);
+                let removed = staged.commit()?.remove_stale_temps();
                 if removed > 0 {
                     tracing::info!(%worker, job = job_id, index, removed, "removed temporary files earlier attempts left");
                 }

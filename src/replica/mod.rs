@@ -263,6 +263,7 @@ mod tests {
     use super::{backup_contents, restore};
     use crate::raft::{Identity, Seeded};
     use prost::Message as _;
+    use std::path::Path;
 
     fn kv_backup(index: u64, term: u64) -> Vec<u8> {
         let state = crate::proto::rsm::Snapshot {
@@ -295,24 +296,37 @@ mod tests {
         let file = dir.path().join("kv.backup");
         let data = dir.path().join("data");
         std::fs::write(&file, kv_backup(crate::raft::MAX_INDEX + 1, 3)).expect("write");
-        let refused = restore(&file, &data, &identity, "kv").expect_err("index past MAX_INDEX");
+        let refused =
+            restore(&file, &data, &identity, "kv", u64::MAX).expect_err("index past MAX_INDEX");
         assert!(
             refused.to_string().contains("cannot be a committed state"),
             "{refused}"
         );
         // Not yet seeded: an unreadable file is an error.
         let missing = dir.path().join("gone.backup");
-        let refused = restore(&missing, &data, &identity, "kv").expect_err("nothing to start from");
+        let refused =
+            restore(&missing, &data, &identity, "kv", u64::MAX).expect_err("nothing to start from");
         assert!(refused.to_string().contains("cannot read it"), "{refused}");
+        // Larger than this node's --max-snapshot-bytes: refused from its header.
+        let (header, _) = crate::rsm::backup::decode(&kv_backup(40, 3)).expect("a backup");
+        std::fs::write(&file, crate::rsm::backup::encode(header, &[7; 16])).expect("write");
+        let refused = restore(&file, &data, &identity, "kv", 15).expect_err("over the limit");
         std::fs::write(&file, kv_backup(40, 3)).expect("write");
+        assert!(refused.to_string().contains("over the limit"), "{refused}");
+        let refused = restore(Path::new("/dev/zero"), &data, &identity, "kv", u64::MAX)
+            .expect_err("a device is no backup");
+        assert!(
+            refused.to_string().contains("not a regular file"),
+            "{refused}"
+        );
         assert_eq!(
-            restore(&file, &data, &identity, "kv").expect("seed"),
+            restore(&file, &data, &identity, "kv", u64::MAX).expect("seed"),
             Seeded::Restored
         );
         // Seeded: the file rotated away, the node starts from its directory.
         std::fs::remove_file(&file).expect("remove");
         assert_eq!(
-            restore(&file, &data, &identity, "kv").expect("restart"),
+            restore(&file, &data, &identity, "kv", u64::MAX).expect("restart"),
             Seeded::AlreadyRestored
         );
     }
@@ -343,7 +357,8 @@ mod tests {
 }
 
 /// Seed `data_dir` (of `identity`, for `service`) from the backup `file`, checked whole first: a
-/// truncated or corrupt file, or a backup of another service (a controllers' backup given to a KV
+/// snapshot over `max_snapshot_bytes` (the node could neither send nor take it), a truncated or
+/// corrupt file, or a backup of another service (a controllers' backup given to a KV
 /// node, shard group 1's to group 2), is refused before anything is written. The first start of
 /// every member of a new cluster restores the same file, so all start from the same snapshot, index
 /// and term and elect a leader among themselves; a later start with the same flag finds the
@@ -354,25 +369,27 @@ pub fn restore(
     data_dir: &std::path::Path,
     identity: &Identity,
     service: &str,
+    max_snapshot_bytes: u64,
 ) -> Result<crate::raft::Seeded, StartError> {
     use crate::rsm::backup;
     let refuse = |reason: String| StartError::Restore {
         file: file.to_path_buf(),
         reason,
     };
-    let bytes = match std::fs::read(file) {
-        Ok(bytes) => bytes,
-        Err(e) => {
+    let backup = match backup::read_file(file, max_snapshot_bytes) {
+        Ok(backup) => backup,
+        Err(e @ backup::BackupError::Unreadable(_)) => {
             // Restarts keep the flag (a unit file, a compose entry) long after the backup was
             // rotated away: a directory already seeded from one starts from what it holds.
             if let Some(origin) = seeded_before(data_dir, identity) {
                 tracing::warn!(file = %file.display(), error = %e, %origin, "--restore file unreadable; the data dir was seeded from a backup before, starting from what it holds");
                 return Ok(crate::raft::Seeded::AlreadyRestored);
             }
-            return Err(refuse(format!("cannot read it: {e}")));
+            return Err(refuse(e.to_string()));
         }
+        Err(e) => return Err(refuse(e.to_string())),
     };
-    let (header, range) = backup::decode(&bytes).map_err(|e| refuse(e.to_string()))?;
+    let header = backup.header;
     if header.service != service {
         return Err(refuse(format!(
             "it is a backup of the {:?} service ({}), this node runs {service:?}",
@@ -391,12 +408,11 @@ pub fn restore(
     }
     // Loaded as the service will load it, before anything is written: a mislabelled or crafted
     // file must not leave a directory that fails at every start.
-    let checksum = backup::checksum(&bytes);
-    let data = bytes::Bytes::from(bytes).slice(range);
+    let data = backup.snapshot;
     backup_contents(&header.service, data.clone()).map_err(refuse)?;
     let origin = format!(
         "backup of {} at index {}, checksum {:08x}",
-        header.cluster_id, header.index, checksum
+        header.cluster_id, header.index, backup.checksum
     );
     let snapshot = crate::raft::Snapshot {
         meta: crate::raft::SnapshotMeta {
@@ -633,9 +649,12 @@ impl Replica {
         if let Some(file) = config.restore.clone() {
             let (data_dir, identity, service) =
                 (config.data_dir.clone(), identity.clone(), group.clone());
-            tokio::task::spawn_blocking(move || restore(&file, &data_dir, &identity, &service))
-                .await
-                .map_err(|e| StartError::Config(format!("restore task failed: {e}")))??;
+            let limit = config.max_snapshot_bytes;
+            tokio::task::spawn_blocking(move || {
+                restore(&file, &data_dir, &identity, &service, limit)
+            })
+            .await
+            .map_err(|e| StartError::Config(format!("restore task failed: {e}")))??;
         }
         let data_dir = config.data_dir.clone();
         let mut storage =

@@ -79,6 +79,20 @@ pub enum BackupError {
         /// How many.
         extra: u64,
     },
+    /// The snapshot is larger than the reader accepts.
+    #[error(
+        "the backup holds a {snapshot_bytes}-byte snapshot, over the limit of {limit} bytes \
+         (--max-snapshot-bytes raises it)"
+    )]
+    TooLarge {
+        /// What the header declares.
+        snapshot_bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The file cannot be read (missing, no permission, not a regular file).
+    #[error("cannot read it: {0}")]
+    Unreadable(String),
     /// The bytes are not the ones that were written.
     #[error("backup file is corrupt: checksum {stored:08x} stored, {computed:08x} computed")]
     Checksum {
@@ -107,67 +121,238 @@ pub fn encode(mut header: BackupHeader, snapshot: &[u8]) -> Vec<u8> {
 /// Read a backup file's header and check its whole length and checksum; returns the header and the
 /// range of `file` holding the snapshot.
 pub fn decode(file: &[u8]) -> Result<(BackupHeader, std::ops::Range<usize>), BackupError> {
-    let found = file.len() as u64;
-    if file.len() < MAGIC.len() || &file[..MAGIC.len()] != MAGIC {
-        return Err(BackupError::NotABackup);
+    let mut checker = Checker::new(u64::MAX);
+    checker.push(file)?;
+    let (header, range) = checker.finish()?;
+    // Within `file`, so within usize.
+    Ok((header, range.start as usize..range.end as usize))
+}
+
+/// Checks a backup as its bytes arrive, holding only its header. Why not read it whole and
+/// [`decode`]: a backup is as large as the service's state, and neither `kvctl snapshot save` (which
+/// must refuse a stream that runs past its declared length, or declares more than the limit, before
+/// it fills the disk) nor its check of the written file needs the state in memory.
+pub struct Checker {
+    /// Largest `snapshot_bytes` accepted.
+    limit: u64,
+    /// The bytes up to the end of the header, until it is read.
+    prefix: Vec<u8>,
+    /// The header, where it ends and the file's whole length, once read.
+    layout: Option<(BackupHeader, u64, u64)>,
+    /// Bytes pushed so far.
+    seen: u64,
+    /// CRC-32 of everything before the stored checksum.
+    crc: crc32fast::Hasher,
+    /// The stored checksum, as its bytes arrive.
+    tail: Vec<u8>,
+}
+
+impl Checker {
+    /// A checker refusing any backup whose snapshot is over `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Checker {
+            limit,
+            prefix: Vec::new(),
+            layout: None,
+            seen: 0,
+            crc: crc32fast::Hasher::new(),
+            tail: Vec::with_capacity(4),
+        }
     }
-    let after_magic = MAGIC.len() + 4;
-    let header_len = file
-        .get(MAGIC.len()..after_magic)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or(BackupError::Truncated {
-            expected: after_magic as u64,
-            found,
-        })?;
-    if header_len > MAX_HEADER_BYTES {
-        return Err(BackupError::Header(format!(
-            "{header_len} bytes of header (at most {MAX_HEADER_BYTES})"
-        )));
+
+    /// The header, once its bytes have been pushed.
+    pub fn header(&self) -> Option<&BackupHeader> {
+        self.layout.as_ref().map(|(header, _, _)| header)
     }
-    let header_end = after_magic + header_len as usize;
-    let json = file
-        .get(after_magic..header_end)
-        .ok_or(BackupError::Truncated {
-            expected: header_end as u64,
-            found,
-        })?;
-    // The version first, so a newer layout is named as such rather than as an unreadable header.
-    #[derive(Deserialize)]
-    struct Versioned {
-        version: u32,
+
+    /// Take the next bytes of the file. Refuses as soon as they cannot be a backup: no magic, an
+    /// unreadable or oversized header, a snapshot over the limit, bytes past the declared length.
+    pub fn push(&mut self, mut data: &[u8]) -> Result<(), BackupError> {
+        while !data.is_empty() {
+            let Some((_, header_end, total)) = self.layout.as_ref() else {
+                let wanted = self.prefix_wanted()?;
+                let take = (wanted - self.prefix.len()).min(data.len());
+                self.prefix.extend_from_slice(&data[..take]);
+                self.crc.update(&data[..take]);
+                self.seen += take as u64;
+                data = &data[take..];
+                self.read_prefix()?;
+                continue;
+            };
+            let (header_end, total) = (*header_end, *total);
+            debug_assert!(self.seen >= header_end);
+            let body_end = total - 4;
+            let (take, into_crc) = if self.seen < body_end {
+                ((body_end - self.seen).min(data.len() as u64) as usize, true)
+            } else if self.seen < total {
+                ((total - self.seen).min(data.len() as u64) as usize, false)
+            } else {
+                return Err(BackupError::TrailingBytes {
+                    extra: data.len() as u64,
+                });
+            };
+            if into_crc {
+                self.crc.update(&data[..take]);
+            } else {
+                self.tail.extend_from_slice(&data[..take]);
+            }
+            self.seen += take as u64;
+            data = &data[take..];
+        }
+        Ok(())
     }
-    let version = serde_json::from_slice::<Versioned>(json)
-        .map_err(|e| BackupError::Header(e.to_string()))?
-        .version;
-    if version != VERSION {
-        return Err(BackupError::Version(version));
+
+    /// How long the prefix must grow before the next thing in it can be read.
+    fn prefix_wanted(&self) -> Result<usize, BackupError> {
+        let after_magic = MAGIC.len() + 4;
+        if self.prefix.len() < after_magic {
+            return Ok(after_magic);
+        }
+        let header_len = u32::from_le_bytes([
+            self.prefix[MAGIC.len()],
+            self.prefix[MAGIC.len() + 1],
+            self.prefix[MAGIC.len() + 2],
+            self.prefix[MAGIC.len() + 3],
+        ]);
+        if header_len > MAX_HEADER_BYTES {
+            return Err(BackupError::Header(format!(
+                "{header_len} bytes of header (at most {MAX_HEADER_BYTES})"
+            )));
+        }
+        Ok(after_magic + header_len as usize)
     }
-    let header: BackupHeader =
-        serde_json::from_slice(json).map_err(|e| BackupError::Header(e.to_string()))?;
-    let expected = (header_end as u64)
-        .checked_add(header.snapshot_bytes)
-        .and_then(|n| n.checked_add(4))
-        .ok_or_else(|| BackupError::Header("snapshot length overflows".into()))?;
-    if found < expected {
-        return Err(BackupError::Truncated { expected, found });
+
+    /// Check what the prefix holds so far; read the header once it is whole.
+    fn read_prefix(&mut self) -> Result<(), BackupError> {
+        let magic = &MAGIC[..self.prefix.len().min(MAGIC.len())];
+        if !self.prefix.starts_with(magic) {
+            return Err(BackupError::NotABackup);
+        }
+        if self.prefix.len() < MAGIC.len() + 4 {
+            return Ok(());
+        }
+        let header_end = self.prefix_wanted()?;
+        if self.prefix.len() < header_end {
+            return Ok(());
+        }
+        let json = &self.prefix[MAGIC.len() + 4..header_end];
+        // The version first, so a newer layout is named as such rather than as an unreadable header.
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let version = serde_json::from_slice::<Versioned>(json)
+            .map_err(|e| BackupError::Header(e.to_string()))?
+            .version;
+        if version != VERSION {
+            return Err(BackupError::Version(version));
+        }
+        let header: BackupHeader =
+            serde_json::from_slice(json).map_err(|e| BackupError::Header(e.to_string()))?;
+        if header.snapshot_bytes > self.limit {
+            return Err(BackupError::TooLarge {
+                snapshot_bytes: header.snapshot_bytes,
+                limit: self.limit,
+            });
+        }
+        let total = (header_end as u64)
+            .checked_add(header.snapshot_bytes)
+            .and_then(|n| n.checked_add(4))
+            .ok_or_else(|| BackupError::Header("snapshot length overflows".into()))?;
+        self.layout = Some((header, header_end as u64, total));
+        self.prefix = Vec::new();
+        Ok(())
     }
-    if found > expected {
-        return Err(BackupError::TrailingBytes {
-            extra: found - expected,
-        });
+
+    /// The file ended here: check its length and checksum; returns the header and the range of the
+    /// file holding the snapshot.
+    pub fn finish(self) -> Result<(BackupHeader, std::ops::Range<u64>), BackupError> {
+        let found = self.seen;
+        let Some((header, header_end, total)) = self.layout else {
+            if self.prefix.len() < MAGIC.len() {
+                return Err(BackupError::NotABackup);
+            }
+            return Err(BackupError::Truncated {
+                expected: self.prefix_wanted()? as u64,
+                found,
+            });
+        };
+        if found < total {
+            return Err(BackupError::Truncated {
+                expected: total,
+                found,
+            });
+        }
+        let stored = u32::from_le_bytes([self.tail[0], self.tail[1], self.tail[2], self.tail[3]]);
+        let computed = self.crc.finalize();
+        if stored != computed {
+            return Err(BackupError::Checksum { stored, computed });
+        }
+        Ok((header, header_end..total - 4))
     }
-    let body_end = file.len() - 4;
-    let stored = u32::from_le_bytes([
-        file[body_end],
-        file[body_end + 1],
-        file[body_end + 2],
-        file[body_end + 3],
-    ]);
-    let computed = crc32fast::hash(&file[..body_end]);
-    if stored != computed {
-        return Err(BackupError::Checksum { stored, computed });
+}
+
+/// A backup file read whole and checked: what `kvd --restore` seeds from and `kvctl snapshot
+/// status` counts. Memory is bounded by `limit` (plus the header), whatever the path names: a file
+/// that is not a backup, or declares a snapshot over the limit, is refused within its first bytes.
+pub struct BackupFile {
+    /// Its header.
+    pub header: BackupHeader,
+    /// The snapshot it holds.
+    pub snapshot: bytes::Bytes,
+    /// The file's length.
+    pub file_bytes: u64,
+    /// Its stored (and checked) checksum.
+    pub checksum: u32,
+}
+
+/// Read and check the backup at `path` (see [`BackupFile`]).
+pub fn read_file(path: &std::path::Path, limit: u64) -> Result<BackupFile, BackupError> {
+    let mut whole = Vec::new();
+    let (header, range) = scan_file(path, limit, Some(&mut whole))?;
+    let checksum = checksum(&whole);
+    let file_bytes = whole.len() as u64;
+    let snapshot = bytes::Bytes::from(whole).slice(range.start as usize..range.end as usize);
+    Ok(BackupFile {
+        header,
+        snapshot,
+        file_bytes,
+        checksum,
+    })
+}
+
+/// Check the backup at `path` without holding it: its header if it is whole and intact.
+pub fn check_file(path: &std::path::Path, limit: u64) -> Result<BackupHeader, BackupError> {
+    scan_file(path, limit, None).map(|(header, _)| header)
+}
+
+/// Push the file at `path` through a [`Checker`], keeping its bytes in `keep` if given.
+fn scan_file(
+    path: &std::path::Path,
+    limit: u64,
+    mut keep: Option<&mut Vec<u8>>,
+) -> Result<(BackupHeader, std::ops::Range<u64>), BackupError> {
+    use std::io::Read as _;
+    let unreadable = |e: std::io::Error| BackupError::Unreadable(e.to_string());
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    if !file.metadata().map_err(unreadable)?.is_file() {
+        return Err(BackupError::Unreadable("not a regular file".into()));
     }
-    Ok((header, header_end..body_end))
+    let mut checker = Checker::new(limit);
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unreadable(e)),
+        };
+        checker.push(&buffer[..n])?;
+        if let Some(keep) = keep.as_deref_mut() {
+            keep.extend_from_slice(&buffer[..n]);
+        }
+    }
+    checker.finish()
 }
 
 /// The checksum stored in a backup file that [`decode`] accepted: what names the backup a data
@@ -241,5 +426,89 @@ mod tests {
         let text = String::from_utf8_lossy(&future).replace("\"version\":1", "\"version\":9");
         let version = decode(text.as_bytes()).unwrap_err();
         assert_eq!(version, BackupError::Version(9));
+    }
+
+    /// Fed in pieces of any size, the checker judges every cut, flipped bit and extension as
+    /// [`decode`] judges the whole: what lets `kvctl snapshot save` check a stream chunk by chunk.
+    #[test]
+    fn a_checker_fed_in_pieces_judges_as_the_whole_is_judged() {
+        let file = encode(header(), &[7u8; 300]);
+        let mut cases = vec![file.clone()];
+        cases.extend((0..file.len()).map(|len| file[..len].to_vec()));
+        for byte in 0..file.len() {
+            let mut bad = file.clone();
+            bad[byte] ^= 0x10;
+            cases.push(bad);
+        }
+        let mut longer = file.clone();
+        longer.extend_from_slice(b"xyz");
+        cases.push(longer);
+        for case in &cases {
+            let whole = decode(case).map(|(h, r)| (h, r.start as u64..r.end as u64));
+            for piece in [1, 5, 13, 64, 4096] {
+                let mut checker = Checker::new(u64::MAX);
+                let pieces = case
+                    .chunks(piece)
+                    .try_for_each(|c| checker.push(c))
+                    .and_then(|()| checker.finish());
+                match (&pieces, &whole) {
+                    (Ok(_), Ok(_)) => assert_eq!(pieces, whole),
+                    (Err(a), Err(b)) => assert_eq!(
+                        std::mem::discriminant(a),
+                        std::mem::discriminant(b),
+                        "pieces of {piece}: {a} / whole: {b}"
+                    ),
+                    _ => panic!("pieces of {piece}: {pieces:?}, whole: {whole:?}"),
+                }
+            }
+        }
+    }
+
+    /// A server that declares more than the limit, or sends more than it declared, or sends no
+    /// backup at all, is refused at the bytes that show it, not after the disk fills.
+    #[test]
+    fn a_stream_over_the_limit_or_past_its_length_is_refused_as_it_arrives() {
+        let file = encode(header(), &[7u8; 300]);
+        let header_end = file.len() - 304;
+        assert_eq!(
+            Checker::new(299).push(&file[..header_end]),
+            Err(BackupError::TooLarge {
+                snapshot_bytes: 300,
+                limit: 299
+            })
+        );
+        let mut checker = Checker::new(300);
+        checker.push(&file).expect("exactly the limit");
+        assert_eq!(checker.header().map(|h| h.snapshot_bytes), Some(300));
+        assert_eq!(
+            checker.push(b"more"),
+            Err(BackupError::TrailingBytes { extra: 4 })
+        );
+        assert_eq!(
+            Checker::new(u64::MAX).push(b"HTTP/1.1 200 OK"),
+            Err(BackupError::NotABackup)
+        );
+        assert_eq!(Checker::new(u64::MAX).push(b"DS8"), Ok(()));
+    }
+
+    /// Files are read through the same checker: within the limit, refused over it, and a path to
+    /// something endless (a device) is refused before a byte is read.
+    #[test]
+    fn files_are_read_and_checked_within_the_limit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("kv.backup");
+        std::fs::write(&path, encode(header(), &[9u8; 5000])).expect("write");
+        let read = read_file(&path, 5000).expect("at the limit");
+        assert_eq!(&read.snapshot[..], &[9u8; 5000][..]);
+        let on_disk = std::fs::metadata(&path).expect("metadata").len();
+        assert_eq!(read.file_bytes, on_disk);
+        assert_eq!(check_file(&path, 5000).expect("intact").index, 42);
+        assert!(matches!(
+            read_file(&path, 4999),
+            Err(BackupError::TooLarge { .. })
+        ));
+        let device = std::path::Path::new("/dev/zero");
+        let refused = check_file(device, u64::MAX).expect_err("a device");
+        assert_eq!(refused.to_string(), "cannot read it: not a regular file");
     }
 }
