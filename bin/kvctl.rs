@@ -207,6 +207,12 @@ enum CtrlerOp {
         /// Group ids.
         #[arg(required = true)]
         gids: Vec<u64>,
+        /// Remove a group even though it never reported taking the shards it was given (the
+        /// controllers refuse that otherwise: those shards would wait, frozen at their previous
+        /// owners, for a group that is gone). For controllers run without shard groups, or a group
+        /// lost for good.
+        #[arg(long)]
+        force: bool,
     },
     /// Give SHARD to group GID (rebalancing will not undo it). Prints the new configuration.
     Move {
@@ -931,7 +937,7 @@ impl From<CtrlerOp> for kvctl::ctrler::Op {
                 groups,
                 skip_joined,
             } => kvctl::ctrler::Op::Join(groups, skip_joined),
-            CtrlerOp::Leave { gids } => kvctl::ctrler::Op::Leave(gids),
+            CtrlerOp::Leave { gids, force } => kvctl::ctrler::Op::Leave(gids, force),
             CtrlerOp::Move { shard, gid } => kvctl::ctrler::Op::Move(shard, gid),
             CtrlerOp::Servers { group } => kvctl::ctrler::Op::Servers(group),
             CtrlerOp::Query { num, json } => kvctl::ctrler::Op::Query(num, json),

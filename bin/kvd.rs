@@ -78,8 +78,9 @@ struct ShardArgs {
 struct CtrlerArgs {
     #[command(flatten)]
     replica: KvArgs,
-    /// Number of shards the key space is split into. Fixed when the controller cluster is created: every
-    /// replica must be started with the same value.
+    /// Number of shards the key space is split into, 1 to 65536. Fixed by the cluster's first join,
+    /// from the flag of the controller that takes it; a controller started later with another value
+    /// follows the cluster's count, and a join it proposes is refused with the count to use.
     #[arg(long, default_value_t = ds824::ctrler::DEFAULT_SHARDS)]
     shards: usize,
     /// Keep at least this many of the most recent configurations for `kvctl ctrler query N`. Older
@@ -202,8 +203,11 @@ fn main() -> ExitCode {
         match cli.role {
             Role::Kv(args) => run_kv(args, ServiceRole::Kv).await,
             Role::Ctrler(args) => {
-                if args.shards == 0 {
-                    eprintln!("kvd: error: --shards must be at least 1");
+                if args.shards == 0 || args.shards > ds824::ctrler::MAX_SHARDS {
+                    eprintln!(
+                        "kvd: error: --shards must be 1 to {}",
+                        ds824::ctrler::MAX_SHARDS
+                    );
                     return ExitCode::from(2);
                 }
                 let role = ServiceRole::Ctrler {

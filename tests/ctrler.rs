@@ -35,7 +35,10 @@ fn servers(names: &[&str]) -> Vec<String> {
 }
 
 fn join_op(groups: &[(Gid, Vec<String>)]) -> ClerkOp<ShardCtrler> {
-    ClerkOp::Command(CtrlerCommand::Join(groups.iter().cloned().collect()))
+    ClerkOp::Command(CtrlerCommand::Join {
+        groups: groups.iter().cloned().collect(),
+        shards: 0,
+    })
 }
 
 fn leave_op(gids: &[Gid]) -> ClerkOp<ShardCtrler> {
@@ -387,7 +390,10 @@ fn long_address(gid: Gid, len: usize) -> String {
 fn big_history(groups: u64, moves: u64) -> usize {
     let mut replica = Replica::new();
     for client in 1..=groups {
-        let join = CtrlerCommand::Join([(client, vec![long_address(client, 1024)])].into());
+        let join = CtrlerCommand::Join {
+            groups: [(client, vec![long_address(client, 1024)])].into(),
+            shards: 0,
+        };
         replica
             .command(client, 1, join)
             .unwrap_or_else(|e| panic!("join {client} refused: {e}"));
@@ -457,7 +463,14 @@ fn joins_beyond_the_limits_are_refused_the_same_on_replay() {
     let mut client = 0;
     let mut run = |replica: &mut Replica, groups: Vec<(Gid, Vec<String>)>| {
         client += 1;
-        replica.command(client, 1, CtrlerCommand::Join(groups.into_iter().collect()))
+        replica.command(
+            client,
+            1,
+            CtrlerCommand::Join {
+                groups: groups.into_iter().collect(),
+                shards: 0,
+            },
+        )
     };
     let one = |gid: Gid, servers: usize, len: usize| -> (Gid, Vec<String>) {
         (gid, (0..servers).map(|_| long_address(gid, len)).collect())

@@ -455,7 +455,15 @@ fn ctrler_daemons_manage_configurations_through_kvctl() {
 
     let moved = kvctl_ctrler(&ctrlers, &["move", "0", "102"]);
     assert!(moved.status.success(), "{}", stderr(&moved));
-    let left = kvctl_ctrler(&ctrlers, &["leave", "102"]);
+    // Group 102 never ran: its shards would wait for it for ever, so only a forced leave removes it.
+    let refused = kvctl_ctrler(&ctrlers, &["leave", "102"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("has not reported reaching configuration 1"),
+        "{}",
+        stderr(&refused)
+    );
+    let left = kvctl_ctrler(&ctrlers, &["leave", "102", "--force"]);
     assert!(left.status.success(), "{}", stderr(&left));
     let query = kvctl_ctrler(&ctrlers, &["query", "--json"]);
     let config: serde_json::Value = serde_json::from_str(&stdout(&query)).expect("json");

@@ -437,6 +437,21 @@ async fn a_frozen_shard_goes_only_to_its_new_owner_and_is_kept_until_it_had_it()
     );
     let after = g1.status(0).await.expect("status").outgoing_shards;
     assert_eq!(after, frozen - 1);
+    // Settled requests (a copy deleted) are answered from the state, without a log entry: any
+    // group's certificate repeating them fills nothing.
+    let before = g1.status(0).await.expect("status").commit_index;
+    for _ in 0..20 {
+        assert_eq!(
+            transfer_status(address, &as_group(2), shard, false).await,
+            Ok(TransferStatus::NotReady as i32)
+        );
+        assert_eq!(
+            transfer_status(address, &as_group(3), shard, true).await,
+            Ok(TransferStatus::Ok as i32)
+        );
+    }
+    let after = g1.status(0).await.expect("status").commit_index;
+    assert_eq!(after, before, "settled transfers went through the log");
 }
 
 /// `kvctl` against TLS controllers as `who` (a certificate from `ca` of `role`, or `None`: plaintext):

@@ -859,6 +859,7 @@ async fn raw_move(
             op: Some(cpb::command::Op::Move(cpb::Move { shard: 0, gid: 7 })),
         }),
         restarts_sessions,
+        force: false,
     };
     let deadline = Instant::now() + WAIT;
     loop {

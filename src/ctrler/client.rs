@@ -36,12 +36,20 @@ impl CtrlerClerk {
 
     /// Add groups (gid → server addresses); returns the new configuration.
     pub async fn join(&mut self, groups: BTreeMap<Gid, Vec<String>>) -> Result<Config, ClerkError> {
-        self.command(CtrlerCommand::Join(groups)).await
+        self.command(CtrlerCommand::Join { groups, shards: 0 })
+            .await
     }
 
     /// Remove groups; returns the new configuration.
     pub async fn leave(&mut self, gids: Vec<Gid>) -> Result<Config, ClerkError> {
-        self.command(CtrlerCommand::Leave(gids)).await
+        self.leave_with(gids, false).await
+    }
+
+    /// [`CtrlerClerk::leave`]; with `force`, past the controllers' check that each group took the
+    /// shards it was given (see [`crate::ctrler::admission`]): for controllers run on their own, or
+    /// a group that is gone for good.
+    pub async fn leave_with(&mut self, gids: Vec<Gid>, force: bool) -> Result<Config, ClerkError> {
+        self.command_with(CtrlerCommand::Leave(gids), force).await
     }
 
     /// Give `shard` to `gid`; returns the new configuration.
@@ -107,7 +115,7 @@ impl CtrlerClerk {
     pub async fn report_progress(&mut self, gid: Gid, num: u64) -> Result<u64, ClerkError> {
         // `keep` is the controller's to fill in.
         let command = CtrlerCommand::Progress { gid, num, keep: 0 };
-        match self.send(command).await? {
+        match self.send(command, false).await? {
             Reply::Oldest { oldest, .. } => Ok(oldest),
             Reply::Config(_) => Err(ClerkError::Invalid(
                 "a progress report was answered with a configuration".into(),
@@ -116,7 +124,16 @@ impl CtrlerClerk {
     }
 
     async fn command(&mut self, command: CtrlerCommand) -> Result<Config, ClerkError> {
-        match self.send(command).await? {
+        self.command_with(command, false).await
+    }
+
+    /// [`CtrlerClerk::command`], past the admission checks with `force`.
+    async fn command_with(
+        &mut self,
+        command: CtrlerCommand,
+        force: bool,
+    ) -> Result<Config, ClerkError> {
+        match self.send(command, force).await? {
             Reply::Config(config) => Ok(config),
             Reply::Oldest { .. } => Err(ClerkError::Invalid(
                 "a configuration change was answered without a configuration".into(),
@@ -128,7 +145,7 @@ impl CtrlerClerk {
     /// the command again — unless an earlier attempt may have applied it ([`ClerkError::SessionExpired`]).
     /// A progress report is sent again regardless: it only raises a maximum, so applying it twice is
     /// harmless, and a group's reports must not stop because its session expired.
-    async fn send(&mut self, command: CtrlerCommand) -> Result<Reply, ClerkError> {
+    async fn send(&mut self, command: CtrlerCommand, force: bool) -> Result<Reply, ClerkError> {
         let encoded = ShardCtrler::encode_command(&command);
         let command_proto = pb::Command::decode(encoded.as_ref())
             .map_err(|e| ClerkError::Invalid(e.to_string()))?;
@@ -142,6 +159,7 @@ impl CtrlerClerk {
                 seq,
                 command: Some(command_proto.clone()),
                 restarts_sessions: true,
+                force,
             };
             let attempts = AtomicU32::new(0);
             let answer = self

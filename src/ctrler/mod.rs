@@ -4,6 +4,7 @@
 //! once every group has reported passing them).
 
 pub mod addresses;
+pub mod admission;
 pub mod client;
 pub mod rebalance;
 pub mod service;
@@ -12,5 +13,6 @@ pub mod state;
 pub use client::{CtrlerClerk, Fetched};
 pub use state::{
     Config, CtrlerAnswer, CtrlerCommand, CtrlerOutput, CtrlerQuery, Gid, Groups, Servers,
-    ShardCtrler, DEFAULT_KEEP_CONFIGS, DEFAULT_SHARDS, MAX_SERVERS_PER_GROUP, SERVERS_CHANGED,
+    ShardCtrler, DEFAULT_KEEP_CONFIGS, DEFAULT_SHARDS, MAX_SERVERS_PER_GROUP, MAX_SHARDS,
+    SERVERS_CHANGED,
 };

@@ -21,6 +21,8 @@ pub struct CtrlerService {
     service: RsmService<ShardCtrler>,
     /// Stamped on every progress report this node proposes (see [`CtrlerCommand::Progress`]).
     keep_configs: u64,
+    /// This node's `--shards`, stamped on every Join it proposes (see [`CtrlerCommand::Join`]).
+    shards: u64,
 }
 
 impl CtrlerService {
@@ -42,6 +44,7 @@ impl CtrlerService {
             CtrlerService {
                 service,
                 keep_configs,
+                shards: shards as u64,
             },
             applier,
         )
@@ -124,6 +127,13 @@ impl Ctrler for CtrlerService {
         let caller = self.service.guard().caller(&request)?;
         let request = request.into_inner();
         check_session(request.client_id, request.seq)?;
+        // Read before the command is converted, said only once the caller may make it.
+        let admitted = match request.command.as_ref().and_then(|c| c.op.as_ref()) {
+            Some(op) if !request.force => self
+                .service
+                .with_machine(|machine| super::admission::check_request(op, machine)),
+            _ => Ok(()),
+        };
         let mut command = request
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))
@@ -151,10 +161,14 @@ impl Ctrler for CtrlerService {
                 )));
             }
         }
+        admitted.map_err(Status::invalid_argument)?;
         if let CtrlerCommand::Progress { keep, .. } = &mut command {
             *keep = self.keep_configs;
         }
-        if let CtrlerCommand::Join(groups) = &command {
+        if let CtrlerCommand::Join { shards, .. } = &mut command {
+            *shards = self.shards;
+        }
+        if let CtrlerCommand::Join { groups, .. } = &command {
             // What no configuration could take is refused before it costs a log entry, in the words
             // the state machine would use.
             check_join(groups).map_err(Status::invalid_argument)?;

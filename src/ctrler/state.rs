@@ -37,6 +37,23 @@ pub type Gid = u64;
 /// The number of shards 6.824 uses; a controller cluster can be created with another count.
 pub const DEFAULT_SHARDS: usize = 10;
 
+/// Most shards a controller cluster may be created with. Every configuration holds one gid per
+/// shard, travels whole in a `Query` reply and a shard group's log entry beside up to
+/// [`MAX_CONFIG_SERVER_BYTES`] of addresses, and the controller's bookkeeping walks shards ×
+/// configurations kept: 65,536 × 10 bytes is 640 KiB, well inside the 4 MiB a reply may take.
+pub const MAX_SHARDS: usize = 1 << 16;
+
+// The largest configuration fits a reply: its addresses, their framing (3 bytes each at most, and
+// every group may list MAX_SERVERS_PER_GROUP), 16 bytes per group and 10 per shard.
+const _: () = assert!(
+    MAX_CONFIG_SERVER_BYTES
+        + 3 * MAX_GROUPS * MAX_SERVERS_PER_GROUP
+        + 16 * MAX_GROUPS
+        + 10 * MAX_SHARDS
+        + (64 << 10)
+        < crate::limits::MAX_CLIENT_MESSAGE_BYTES
+);
+
 /// Most groups a configuration may hold: more than any sensible shard count uses (a group without a
 /// shard only waits), and few enough that a Join's rebalancing and the copy of the group map that a
 /// Join or Leave makes stay cheap.
@@ -141,7 +158,15 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CtrlerCommand {
     /// Add groups (gid → servers).
-    Join(BTreeMap<Gid, Vec<String>>),
+    Join {
+        /// The joining groups.
+        groups: BTreeMap<Gid, Vec<String>>,
+        /// The shard count of the controller that proposed it (its `--shards`), stamped by the
+        /// proposing service; 0 for unstated (a client's command, or one logged before the stamp
+        /// existed). The first configuration change fixes the count from it, so every replica builds
+        /// the same configurations whatever its own flag says; see [`ShardCtrler::join`].
+        shards: u64,
+    },
     /// Remove groups; their shards go to the others.
     Leave(Vec<Gid>),
     /// Give `shard` to `gid`.
@@ -305,6 +330,52 @@ impl ShardCtrler {
         }
     }
 
+    /// Make the shard count `shards` (a Join's stamp; 0: unstated) the cluster's if no configuration
+    /// change has fixed it yet, or refuse a Join proposed by a controller started with another count.
+    ///
+    /// Why: `--shards` is every controller's own flag, and `key → shard` is a hash modulo the count.
+    /// A replica started with another count that replays the log from the start would build other
+    /// configurations than its peers; a group given configurations of another count would look for
+    /// every stored key in the wrong shard. Taking the count from the log makes the first Join's
+    /// proposer decide it once for all replicas; later Joins from a controller that disagrees are
+    /// refused with what to fix, the same way on every replica.
+    fn fix_shard_count(&mut self, shards: u64) -> Result<(), String> {
+        let current = self.latest().shards.len() as u64;
+        if shards == 0 || shards == current {
+            return Ok(());
+        }
+        if self.latest().num == 0 {
+            if shards > MAX_SHARDS as u64 {
+                return Err(format!(
+                    "{shards} shards asked, at most {MAX_SHARDS} allowed"
+                ));
+            }
+            *self = ShardCtrler::new(shards as usize);
+            return Ok(());
+        }
+        Err(format!(
+            "the controller that took this join runs with --shards {shards}, but the cluster's \
+             configurations have {current} shards (fixed by its first join): restart it with \
+             --shards {current}"
+        ))
+    }
+
+    /// The configuration group `gid` joined in, if it has given the group shards and the group has
+    /// not reported reaching it since: the group never ran, or runs somewhere its addresses do not
+    /// lead. The shards it was given wait for it, frozen at their previous owners, and a Leave would
+    /// not release them (see [`super::admission`]).
+    pub fn never_took_its_shards(&self, gid: Gid) -> Option<u64> {
+        let member = self.members.get(&gid)?;
+        if member.left.is_some() || self.config(member.needs)?.groups.contains_key(&gid) {
+            return None;
+        }
+        let joined = member.needs + 1;
+        let given = (joined..=self.latest().num)
+            .filter_map(|num| self.config(num))
+            .any(|config| config.shards.contains(&gid));
+        given.then_some(joined)
+    }
+
     /// The latest configuration.
     pub fn latest(&self) -> &Config {
         // The latest configuration is never dropped.
@@ -415,8 +486,10 @@ impl ShardCtrler {
         }
     }
 
-    fn join(&mut self, groups: BTreeMap<Gid, Vec<String>>) -> CtrlerOutput {
+    /// Add `groups`, proposed by a controller with `shards` shards (0: unstated).
+    fn join(&mut self, groups: BTreeMap<Gid, Vec<String>>, shards: u64) -> CtrlerOutput {
         check_join(&groups)?;
+        self.fix_shard_count(shards)?;
         let latest = self.latest();
         if let Some(gid) = groups.keys().find(|gid| latest.groups.contains_key(gid)) {
             return Err(format!("group {gid} has already joined"));
@@ -670,7 +743,7 @@ impl StateMachine for ShardCtrler {
 
     fn apply(&mut self, command: CtrlerCommand) -> CtrlerOutput {
         match command {
-            CtrlerCommand::Join(groups) => self.join(groups),
+            CtrlerCommand::Join { groups, shards } => self.join(groups, shards),
             CtrlerCommand::Leave(gids) => self.leave(gids),
             CtrlerCommand::Move { shard, gid } => self.move_shard(shard, gid),
             CtrlerCommand::Servers {
@@ -754,8 +827,9 @@ impl StateMachine for ShardCtrler {
     fn encode_command(command: &CtrlerCommand) -> Bytes {
         use pb::command::Op;
         let op = match command {
-            CtrlerCommand::Join(groups) => Op::Join(pb::Join {
+            CtrlerCommand::Join { groups, shards } => Op::Join(pb::Join {
                 groups: groups_to_proto(groups),
+                shards: *shards,
             }),
             CtrlerCommand::Leave(gids) => Op::Leave(pb::Leave { gids: gids.clone() }),
             CtrlerCommand::Move { shard, gid } => Op::Move(pb::Move {
@@ -886,12 +960,14 @@ impl TryFrom<pb::Command> for CtrlerCommand {
                 what: "controller command",
                 detail: "no operation".into(),
             })? {
-                Op::Join(join) => CtrlerCommand::Join(
-                    join.groups
+                Op::Join(join) => CtrlerCommand::Join {
+                    groups: join
+                        .groups
                         .into_iter()
                         .map(|g| (g.gid, g.servers))
                         .collect(),
-                ),
+                    shards: join.shards,
+                },
                 Op::Leave(leave) => CtrlerCommand::Leave(leave.gids),
                 Op::Move(m) => CtrlerCommand::Move {
                     shard: m.shard,

@@ -12,8 +12,8 @@ pub enum Op {
     /// already has (so a provisioning job can run on every start: the controller refuses a second join
     /// of the same group).
     Join(Vec<String>, bool),
-    /// Group ids.
-    Leave(Vec<Gid>),
+    /// Group ids, and whether to force it (see [`CtrlerClerk::leave_with`]).
+    Leave(Vec<Gid>, bool),
     /// Shard and group.
     Move(u64, Gid),
     /// A `GID=SERVER,...` specification: the group's whole new server list.
@@ -222,7 +222,9 @@ pub async fn run(ctrlers: &[String], config: ClerkConfig, op: Op) -> u8 {
             for spec in &specs {
                 match parse_group(spec) {
                     Ok((gid, servers)) => {
-                        groups.insert(gid, servers);
+                        if groups.insert(gid, servers).is_some() {
+                            return fail(&format!("group {gid} is named twice"));
+                        }
                     }
                     Err(e) => return fail(&e),
                 }
@@ -241,7 +243,7 @@ pub async fn run(ctrlers: &[String], config: ClerkConfig, op: Op) -> u8 {
             }
             (clerk.join(groups).await, false)
         }
-        Op::Leave(gids) => (clerk.leave(gids).await, false),
+        Op::Leave(gids, force) => (clerk.leave_with(gids, force).await, false),
         Op::Move(shard, gid) => (clerk.move_shard(shard, gid).await, false),
         Op::Servers(spec) => match parse_group(&spec) {
             Ok((gid, servers)) => (clerk.set_servers(gid, servers, None).await, false),

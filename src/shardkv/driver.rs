@@ -239,7 +239,12 @@ impl Driver {
             // The usual answer while no newer configuration exists: the latest one.
             Err(Mismatch::Config { .. }) => return false,
             Err(mismatch) => {
-                warn!(?duty, %mismatch, "answer refused");
+                // Paced: a lasting mismatch (another shard count) comes back every round.
+                static LINES: crate::pacer::LinePacer =
+                    crate::pacer::LinePacer::new(std::time::Duration::from_secs(10));
+                if let Some(unlogged) = LINES.admit() {
+                    warn!(?duty, %mismatch, unlogged, "answer refused");
+                }
                 return false;
             }
         };

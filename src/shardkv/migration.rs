@@ -179,6 +179,17 @@ pub enum Mismatch {
         /// The oldest kept.
         oldest: u64,
     },
+    /// The configuration splits the keys into another number of shards than the group's: following
+    /// it would look for every stored key in another shard (see [`ShardKv::changes_shard_count`]).
+    #[error("configuration {num} has {got} shards, the group's configurations {have}: a controller was started with another --shards; the group stays where it is")]
+    ShardCount {
+        /// The configuration offered.
+        num: u64,
+        /// Its shard count.
+        got: usize,
+        /// The group's.
+        have: usize,
+    },
     /// The page is not the one asked for, or its contents are not a page of that shard.
     #[error("bad page of shard {shard} (configuration {config_num}): {why}")]
     Page {
@@ -189,6 +200,18 @@ pub enum Mismatch {
         /// What is wrong with it.
         why: String,
     },
+}
+
+/// Refuse a configuration that would change the group's shard count.
+fn shard_count_kept(machine: &ShardKv, config: &Config) -> Result<(), Mismatch> {
+    if machine.changes_shard_count(config) {
+        return Err(Mismatch::ShardCount {
+            num: config.num,
+            got: config.shards.len(),
+            have: machine.config().shards.len(),
+        });
+    }
+    Ok(())
 }
 
 /// The command to propose for the answer to `duty` (one of `machine`'s duties, where `machine` is the
@@ -202,9 +225,11 @@ pub fn command(machine: &ShardKv, duty: &Duty, answer: Answer) -> Result<ShardCo
                     got: config.num,
                 });
             }
+            shard_count_kept(machine, &config)?;
             Ok(ShardCommand::NextConfig(config))
         }
         (Duty::FetchConfig { num }, Answer::Compacted(oldest)) => {
+            shard_count_kept(machine, &oldest)?;
             if oldest.num >= *num && machine.can_jump_to(&oldest) {
                 Ok(ShardCommand::NextConfig(oldest))
             } else {

@@ -20,7 +20,8 @@ pub mod wire;
 pub use clerk::ShardClerk;
 pub use page::{Cursor, ShardPage, PAGE_BYTES};
 pub use state::{
-    last_owner, Duty, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardQuery, Source,
+    last_owner, Duty, Settled, ShardCommand, ShardData, ShardId, ShardKv, ShardOutput, ShardQuery,
+    Source,
 };
 
 /// The shard a key belongs to, out of `shards` (FNV-1a of the key's bytes, modulo the shard count).

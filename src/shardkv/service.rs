@@ -6,7 +6,7 @@
 //! translates between gRPC and those functions.
 
 use super::migration::{self, DeleteRequest, PullRequest, Reply};
-use super::state::{ShardCommand, ShardKv, ShardOutput, ShardQuery};
+use super::state::{Settled, ShardCommand, ShardKv, ShardOutput, ShardQuery};
 use super::wire::{cursor_from_proto, page_to_proto};
 use crate::ctrler::Gid;
 use crate::kv::service::{KvAnswer, KvMachine, KvService, MachineStatus};
@@ -112,16 +112,22 @@ impl ShardTransferService {
             .max_encoding_message_size(MAX_TRANSFER_BYTES)
     }
 
-    /// Refuse, before it reaches the log, a transfer the state already says `by` may not make. The
-    /// machine checks again when the command applies (this read may be stale); this only keeps
-    /// other groups' requests out of the log.
-    fn check_owner(&self, config_num: u64, shard: u64, by: Option<Gid>) -> Result<(), Status> {
-        let refused = self
+    /// What the state already decides about this transfer (see [`ShardKv::transfer_settled`]): a
+    /// caller the copy was not given to is refused, and a request nothing could change is answered
+    /// without a log entry. The machine checks again when a proposed transfer applies (this read may
+    /// be stale); this keeps other groups' requests and settled ones out of the log.
+    fn settled(
+        &self,
+        config_num: u64,
+        shard: u64,
+        by: Option<Gid>,
+    ) -> Result<Option<Settled>, Status> {
+        let settled = self
             .rsm
-            .with_machine(|machine| machine.not_owner(config_num, shard, by));
-        match refused {
-            Some(owner) => Err(not_owner(by, owner, config_num, shard)),
-            None => Ok(()),
+            .with_machine(|machine| machine.transfer_settled(config_num, shard, by));
+        match settled {
+            Some(Settled::NotOwner(owner)) => Err(not_owner(by, owner, config_num, shard)),
+            other => Ok(other),
         }
     }
 }
@@ -183,7 +189,13 @@ impl ShardTransfer for ShardTransferService {
             crate::kv::validate::validate_key(after)
                 .map_err(|e| Status::invalid_argument(format!("the key to pull after: {e}")))?;
         }
-        self.check_owner(config_num, shard, by)?;
+        if self.settled(config_num, shard, by)?.is_some() {
+            // Not reached yet, or deleted: either way nothing to serve (yet).
+            return Ok(Response::new(pb::PullResponse {
+                status: pb::TransferStatus::NotReady.into(),
+                contents: None,
+            }));
+        }
         let request = PullRequest {
             config_num,
             shard,
@@ -238,7 +250,19 @@ impl ShardTransfer for ShardTransferService {
             matches!(role, crate::security::Role::Shard(_))
         })?);
         let pb::ShardRef { config_num, shard } = shard_ref(request.into_inner().shard)?;
-        self.check_owner(config_num, shard, by)?;
+        match self.settled(config_num, shard, by)? {
+            Some(Settled::Absent) => {
+                return Ok(Response::new(pb::DeleteResponse {
+                    status: pb::TransferStatus::Ok.into(),
+                }))
+            }
+            Some(_) => {
+                return Ok(Response::new(pb::DeleteResponse {
+                    status: pb::TransferStatus::NotReady.into(),
+                }))
+            }
+            None => {}
+        }
         let request = DeleteRequest { config_num, shard };
         // Internal commands carry no session (client 0): the machine's own checks make them idempotent.
         let status = match self

@@ -231,6 +231,18 @@ pub enum Duty {
     },
 }
 
+/// A transfer the state decides on its own ([`ShardKv::transfer_settled`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The group has not reached the configuration yet: ask again later.
+    NotReady,
+    /// The configuration was reached and the copy is not held: deleted, or never this group's. A
+    /// pull is answered "not ready" (whoever asks is behind), a delete "done".
+    Absent,
+    /// The copy was given to this other group.
+    NotOwner(Gid),
+}
+
 /// A shard group's replicated state. See the module documentation.
 #[derive(Clone, Debug)]
 pub struct ShardKv {
@@ -289,12 +301,27 @@ impl ShardKv {
         self.outgoing.keys().copied().collect()
     }
 
-    /// The group that owns the frozen copy of `shard` given away in `config_num`, if that is not `by`
-    /// (the transfer service refuses such a caller before proposing anything).
-    pub fn not_owner(&self, config_num: u64, shard: ShardId, by: Option<Gid>) -> Option<Gid> {
-        let frozen = self.outgoing.get(&(config_num, shard))?;
+    /// What a Pull or Delete of the copy of `shard` given away in `config_num`, asked by `by`, gets
+    /// that the state alone already decides, so that the transfer service answers it without a log
+    /// entry: only a transfer that changes something (a page served, a copy deleted) costs one, and
+    /// a caller repeating settled requests (a forged `config_num`, a copy long deleted) fills nothing.
+    pub fn transfer_settled(
+        &self,
+        config_num: u64,
+        shard: ShardId,
+        by: Option<Gid>,
+    ) -> Option<Settled> {
+        if config_num > self.config.num {
+            // Maybe later: the caller asks again (answering so from a lagging view is only early).
+            return Some(Settled::NotReady);
+        }
+        let Some(frozen) = self.outgoing.get(&(config_num, shard)) else {
+            // Copies are made only as their configuration is applied, and this one was: deleted
+            // once its new owner had it, or never this group's. It never appears again.
+            return Some(Settled::Absent);
+        };
         match frozen.refusal(by) {
-            Some(ShardOutput::NotOwner(owner)) => Some(owner),
+            Some(ShardOutput::NotOwner(owner)) => Some(Settled::NotOwner(owner)),
             _ => None,
         }
     }
@@ -385,7 +412,18 @@ impl ShardKv {
             && self.outgoing.values().all(|f| f.to != UNKNOWN_OWNER)
     }
 
+    /// Whether `next` splits keys into another number of shards than the group's configurations do
+    /// (configuration 0, which no group serves under, excepted). Such a configuration comes only from
+    /// a controller started with another `--shards`; following it would look for every stored key in
+    /// another shard, so the group refuses it and stays where it is.
+    pub fn changes_shard_count(&self, next: &Config) -> bool {
+        self.config.num > 0 && next.shards.len() != self.config.shards.len()
+    }
+
     fn apply_next_config(&mut self, next: Config) -> ShardOutput {
+        if self.changes_shard_count(&next) {
+            return ShardOutput::Ignored;
+        }
         let step = next.num == self.config.num + 1 && self.pulling().is_empty();
         if !step && !self.can_jump_to(&next) {
             return ShardOutput::Ignored;

@@ -841,3 +841,68 @@ fn a_copy_frozen_by_a_version_that_kept_no_owner_can_still_be_taken_and_dropped(
     assert_eq!(drop_copy(&mut restored, Some(2)), ShardOutput::Dropped);
     assert!(restored.outgoing().is_empty());
 }
+
+/// A configuration of another shard count (a controller started with another `--shards`) would
+/// move every stored key to another shard: the group refuses it, before proposing and when applying,
+/// and keeps serving what it stores.
+#[test]
+fn a_configuration_of_another_shard_count_is_refused() {
+    let mut g1 = ShardKv::new(1);
+    assert_eq!(g1.apply(ShardCommand::NextConfig(config(1, &[1, 1]))), ok());
+    let k1 = key_in(1, 2);
+    assert_eq!(g1.apply(put(7, 1, &k1, "v")), ok());
+    let three = config(2, &[1, 1, 1]);
+    assert!(g1.changes_shard_count(&three));
+    let answer = migration::Answer::Config(three.clone());
+    let duty = Duty::FetchConfig { num: 2 };
+    let refused = migration::command(&g1, &duty, answer).expect_err("another count");
+    assert!(
+        refused.to_string().contains("another --shards"),
+        "{refused}"
+    );
+    assert_eq!(
+        g1.apply(ShardCommand::NextConfig(three)),
+        ShardOutput::Ignored
+    );
+    assert_eq!(g1.config().num, 1);
+    assert!(matches!(get(&g1, &k1), ShardOutput::Kv(KvOutput { value: Some(v), .. }) if v == "v"));
+    // Configuration 0 holds no data: the first configuration may set any count.
+    assert!(!ShardKv::new(2).changes_shard_count(&config(1, &[2, 2, 2])));
+}
+
+/// What the transfer service answers without a log entry is what the machine would answer: a
+/// configuration not reached, a copy deleted or never held, a caller the copy was not given to.
+/// Only the new owner's pull and delete of a held copy go to the log.
+#[test]
+fn transfers_the_state_already_decides_are_answered_as_the_machine_would() {
+    let mut g1 = ShardKv::new(1);
+    g1.apply(ShardCommand::NextConfig(config(1, &[1])));
+    g1.apply(ShardCommand::NextConfig(config(2, &[2])));
+    let settled = |g: &ShardKv, num: u64, by: Gid| g.transfer_settled(num, 0, Some(by));
+    assert_eq!(
+        settled(&g1, 2, 2),
+        None,
+        "the new owner's pull serves a page"
+    );
+    assert_eq!(settled(&g1, 2, 3), Some(Settled::NotOwner(2)));
+    assert_eq!(pull(&mut g1, None, Some(3)), ShardOutput::NotOwner(2));
+    for num in [3, u64::MAX] {
+        assert_eq!(settled(&g1, num, 2), Some(Settled::NotReady));
+    }
+    assert_eq!(
+        settled(&g1, 1, 2),
+        Some(Settled::Absent),
+        "never given away"
+    );
+    let ShardOutput::Pulled(last) = pull(&mut g1, None, Some(2)) else {
+        panic!("the new owner was refused")
+    };
+    assert!(last.last);
+    assert_eq!(drop_copy(&mut g1, Some(2)), ShardOutput::Dropped);
+    // Deleted: settled for good, for anyone, and the machine agrees.
+    for by in [2, 3] {
+        assert_eq!(settled(&g1, 2, by), Some(Settled::Absent));
+    }
+    assert_eq!(pull(&mut g1, None, Some(2)), ShardOutput::NotReady);
+    assert_eq!(drop_copy(&mut g1, Some(3)), ShardOutput::Dropped);
+}

@@ -16,18 +16,27 @@ fn history() -> ShardCtrler {
     let mut ctrler = ShardCtrler::default();
     apply(
         &mut ctrler,
-        CtrlerCommand::Join([(1, servers(&["a", "b"])), (2, servers(&["c"]))].into()),
+        CtrlerCommand::Join {
+            groups: [(1, servers(&["a", "b"])), (2, servers(&["c"]))].into(),
+            shards: 0,
+        },
     );
     apply(&mut ctrler, CtrlerCommand::Move { shard: 0, gid: 2 });
     apply(
         &mut ctrler,
-        CtrlerCommand::Join([(3, servers(&["d"]))].into()),
+        CtrlerCommand::Join {
+            groups: [(3, servers(&["d"]))].into(),
+            shards: 0,
+        },
     );
     apply(&mut ctrler, CtrlerCommand::Leave(vec![2]));
     apply(&mut ctrler, CtrlerCommand::Move { shard: 9, gid: 3 });
     apply(
         &mut ctrler,
-        CtrlerCommand::Join([(2, servers(&["c2"]))].into()),
+        CtrlerCommand::Join {
+            groups: [(2, servers(&["c2"]))].into(),
+            shards: 0,
+        },
     );
     ctrler
 }
@@ -160,7 +169,10 @@ fn the_limits_checked_before_proposing_are_those_of_the_log() {
     assert_eq!(
         check_join(&too_many),
         ctrler
-            .apply(CtrlerCommand::Join(too_many.clone()))
+            .apply(CtrlerCommand::Join {
+                groups: too_many.clone(),
+                shards: 0
+            })
             .map(|_| ())
     );
     assert!(check_join(&BTreeMap::new()).is_err());
@@ -174,10 +186,16 @@ fn the_limits_checked_before_proposing_are_those_of_the_log() {
     // The old refusals keep their words.
     apply(
         &mut ctrler,
-        CtrlerCommand::Join([(1, servers(&["a"]))].into()),
+        CtrlerCommand::Join {
+            groups: [(1, servers(&["a"]))].into(),
+            shards: 0,
+        },
     );
     assert_eq!(
-        ctrler.apply(CtrlerCommand::Join([(1, servers(&["a"]))].into())),
+        ctrler.apply(CtrlerCommand::Join {
+            groups: [(1, servers(&["a"]))].into(),
+            shards: 0
+        }),
         Err("group 1 has already joined".into())
     );
 }
@@ -193,7 +211,13 @@ fn report(ctrler: &mut ShardCtrler, gid: Gid, num: u64, keep: u64) -> u64 {
 }
 
 fn join(ctrler: &mut ShardCtrler, gid: Gid) -> u64 {
-    apply(ctrler, CtrlerCommand::Join([(gid, servers(&["s"]))].into()))
+    apply(
+        ctrler,
+        CtrlerCommand::Join {
+            groups: [(gid, servers(&["s"]))].into(),
+            shards: 0,
+        },
+    )
 }
 
 fn moves(ctrler: &mut ShardCtrler, count: usize, gid: Gid) -> u64 {
@@ -426,4 +450,31 @@ fn a_server_list_for_an_unknown_group_or_of_no_servers_is_refused() {
         latest,
         "a refusal made a configuration"
     );
+}
+
+/// `--shards` is each controller's own flag: a replica started with another count that replays the
+/// log builds the same configurations as its peers (the first join's stamp fixes the count), and a
+/// join proposed by a controller of another count later is refused, with the count to use.
+#[test]
+fn the_first_join_fixes_the_shard_count_for_every_replica() {
+    let stamped = |gid: Gid, shards: u64| CtrlerCommand::Join {
+        groups: [(gid, servers(&["s"]))].into(),
+        shards,
+    };
+    let (mut ours, mut other_flag) = (ShardCtrler::new(10), ShardCtrler::new(16));
+    for command in [stamped(1, 10), stamped(2, 0), stamped(3, 10)] {
+        assert_eq!(ours.apply(command.clone()), other_flag.apply(command));
+    }
+    assert_eq!(configs(&ours), configs(&other_flag));
+    assert_eq!(ours.latest().shards.len(), 10);
+    let refused = ours.apply(stamped(4, 16)).expect_err("another count");
+    assert!(refused.contains("restart it with --shards 10"), "{refused}");
+    assert_eq!(ours.latest().num, 3, "a refused join made a configuration");
+    // Before any join, the stamp decides, within the limit.
+    let mut fresh = ShardCtrler::new(10);
+    let too_many = stamped(1, MAX_SHARDS as u64 + 1);
+    assert!(fresh.apply(too_many).is_err());
+    apply(&mut fresh, stamped(1, 12));
+    assert_eq!(fresh.latest().shards.len(), 12);
+    assert_eq!(fresh.config(0).map(|c| c.shards.len()), Some(12));
 }

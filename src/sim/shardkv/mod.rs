@@ -306,7 +306,7 @@ impl ShardWorld {
                 (gid, servers)
             })
             .collect();
-        self.ctrler_apply(CtrlerCommand::Join(groups));
+        self.ctrler_apply(CtrlerCommand::Join { groups, shards: 0 });
     }
 
     /// Group `gi` leaves.
