@@ -258,8 +258,8 @@ enum SnapshotOp {
         #[arg(long)]
         gid: Option<u64>,
         /// Refuse a backup whose snapshot is larger than this many bytes (a server that sends more
-        /// than it declared is refused too). Default: what `kvd` accepts by default, half this
-        /// machine's memory and at least 4 GiB.
+        /// than it declared is refused too). Default: the space free where FILE goes (a save holds
+        /// nothing in memory).
         #[arg(long, value_name = "BYTES")]
         max_snapshot_bytes: Option<u64>,
     },
@@ -893,8 +893,7 @@ async fn snapshot_command(
                 indicatif::ProgressStyle::with_template("{spinner} {bytes} received")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
             );
-            let limit = limit_or_default(max_snapshot_bytes);
-            let result = backup::save(&target, &config, &file, limit, |bytes| {
+            let result = backup::save(&target, &config, &file, max_snapshot_bytes, |bytes| {
                 bar.set_position(bytes)
             })
             .await;

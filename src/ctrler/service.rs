@@ -127,13 +127,13 @@ impl Ctrler for CtrlerService {
         let caller = self.service.guard().caller(&request)?;
         let request = request.into_inner();
         check_session(request.client_id, request.seq)?;
-        // Read before the command is converted, said only once the caller may make it.
-        let admitted = match request.command.as_ref().and_then(|c| c.op.as_ref()) {
-            Some(op) if !request.force => self
-                .service
-                .with_machine(|machine| super::admission::check_request(op, machine)),
-            _ => Ok(()),
+        // Read before the command is converted (a Join's groups become a map), said only once the
+        // caller may make it.
+        let named = match request.command.as_ref().and_then(|c| c.op.as_ref()) {
+            Some(op) => super::admission::check_names(op),
+            None => Ok(()),
         };
+        let force = request.force;
         let mut command = request
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))
@@ -161,7 +161,12 @@ impl Ctrler for CtrlerService {
                 )));
             }
         }
-        admitted.map_err(Status::invalid_argument)?;
+        named.map_err(Status::invalid_argument)?;
+        if !matches!(command, CtrlerCommand::Progress { .. }) {
+            self.service
+                .with_machine(|machine| super::admission::check_command(&command, machine, force))
+                .map_err(Status::invalid_argument)?;
+        }
         if let CtrlerCommand::Progress { keep, .. } = &mut command {
             *keep = self.keep_configs;
         }

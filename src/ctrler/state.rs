@@ -376,6 +376,17 @@ impl ShardCtrler {
         given.then_some(joined)
     }
 
+    /// The groups that left and still hand off what they held: each gid, the configuration that
+    /// removed it and the servers it had then. Their new owners pull from those servers under their
+    /// gid, so those servers are still theirs (see [`super::admission`]).
+    pub fn handing_off(&self) -> impl Iterator<Item = (Gid, u64, Servers)> + '_ {
+        self.members.iter().filter_map(|(&gid, member)| {
+            let left = member.left?;
+            let before = self.config(left.checked_sub(1)?)?;
+            Some((gid, left, before.groups.get(&gid)?.clone()))
+        })
+    }
+
     /// The latest configuration.
     pub fn latest(&self) -> &Config {
         // The latest configuration is never dropped.

@@ -50,6 +50,8 @@ pub struct MachineStatus {
     pub pulling: Vec<u64>,
     /// Frozen copies of given-away shards still held (until the new owner confirms).
     pub outgoing: u64,
+    /// Shards installed whose previous owner has not yet confirmed deleting its copy.
+    pub confirming: u64,
 }
 
 /// A replicated machine the `Kv` service can serve: how a client's get and mutation become the
@@ -278,6 +280,7 @@ impl<M: KvMachine> Kv for KvService<M> {
             serving_shards: machine.serving,
             pulling_shards: machine.pulling,
             outgoing_shards: machine.outgoing,
+            confirming_shards: machine.confirming,
             stages: (node.stages.named().into_iter())
                 .chain(stats.stages.named())
                 .map(|(name, total)| pb::StageTime {

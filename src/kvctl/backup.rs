@@ -38,12 +38,13 @@ const ENCODE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Take a backup from `target`'s leader into `file` and return its header. Tries every server until
 /// the leader answers or `config.call_timeout` passes; a server that is not the leader is skipped, a
 /// refusal no retry can fix (no permission, TLS, a backup over `limit` bytes of snapshot) ends it at
-/// once. `progress` gets the bytes received so far.
+/// once. `progress` gets the bytes received so far. Without a `limit`, the space free where `file`
+/// goes is one: a save holds nothing in memory, and a backup larger than the disk cannot be kept.
 pub async fn save(
     target: &Target,
     config: &ClerkConfig,
     file: &Path,
-    limit: u64,
+    limit: Option<u64>,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<BackupHeader> {
     if file.exists() {
@@ -56,6 +57,10 @@ pub async fn save(
         anyhow::bail!("no servers to back up");
     }
     let part = part_path(file);
+    let limit = match limit {
+        Some(limit) => Limit::Given(limit),
+        None => free_bytes(file).map_or(Limit::Given(u64::MAX), Limit::FreeSpace),
+    };
     let deadline = Instant::now() + config.call_timeout;
     let mut last_refusal = String::from("no server answered");
     loop {
@@ -87,6 +92,29 @@ pub async fn save(
     }
 }
 
+/// The largest snapshot a save takes, and where that number came from (for the refusal).
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    /// `--max-snapshot-bytes`.
+    Given(u64),
+    /// The bytes free on the file system the backup goes to.
+    FreeSpace(u64),
+}
+
+impl Limit {
+    fn bytes(self) -> u64 {
+        match self {
+            Limit::Given(bytes) | Limit::FreeSpace(bytes) => bytes,
+        }
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the file system `file` goes to.
+fn free_bytes(file: &Path) -> Option<u64> {
+    let stats = rustix::fs::statvfs(parent_dir(file)).ok()?;
+    Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
 enum Attempt {
     /// Another server, or a later round, may do.
     Retry(String),
@@ -99,7 +127,7 @@ async fn save_from(
     target: &Target,
     config: &ClerkConfig,
     part: &Path,
-    limit: u64,
+    limit: Limit,
     progress: &mut impl FnMut(u64),
 ) -> Result<BackupHeader, Attempt> {
     let channel = crate::rsm::client::channel_to(server, config, Some(&target.role))
@@ -148,17 +176,24 @@ async fn receive(
     out: &mut std::fs::File,
     part: &Path,
     server: &str,
-    limit: u64,
+    limit: Limit,
     progress: &mut impl FnMut(u64),
 ) -> Result<BackupHeader, Attempt> {
     let retry_io = |e: std::io::Error| Attempt::Final(anyhow::anyhow!("{}: {e}", part.display()));
     // Sent whole but wrong: not a transient failure, and not something to keep.
     let wrong = |e: backup::BackupError| {
-        Attempt::Final(anyhow::anyhow!(
-            "{server} sent a backup that does not check out: {e}"
-        ))
+        Attempt::Final(match (e, limit) {
+            (backup::BackupError::TooLarge { snapshot_bytes, .. }, Limit::FreeSpace(free)) => {
+                anyhow::anyhow!(
+                    "{server}'s backup holds a {snapshot_bytes}-byte snapshot, more than the \
+                     {free} bytes free in {} (--max-snapshot-bytes overrides this check)",
+                    parent_dir(part).display()
+                )
+            }
+            (e, _) => anyhow::anyhow!("{server} sent a backup that does not check out: {e}"),
+        })
     };
-    let mut checker = backup::Checker::new(limit);
+    let mut checker = backup::Checker::new(limit.bytes());
     let mut received = 0u64;
     loop {
         let next = tokio::time::timeout(CHUNK_TIMEOUT, stream.message()).await;
@@ -181,7 +216,7 @@ async fn receive(
     checker.finish().map_err(wrong)?;
     out.sync_all().map_err(retry_io)?;
     // What the disk holds, not what was sent: read back, without holding it.
-    backup::check_file(part, limit).map_err(|e| {
+    backup::check_file(part, limit.bytes()).map_err(|e| {
         Attempt::Final(anyhow::anyhow!(
             "{}: the written backup does not read back: {e}",
             part.display()
@@ -195,13 +230,17 @@ fn part_path(file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Make a rename durable: fsync the directory that holds `file`.
-fn sync_parent(file: &Path) -> std::io::Result<()> {
-    let parent = match file.parent() {
+/// The directory that holds `file`.
+fn parent_dir(file: &Path) -> &Path {
+    match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    std::fs::File::open(parent)?.sync_all()
+    }
+}
+
+/// Make a rename durable: fsync the directory that holds `file`.
+fn sync_parent(file: &Path) -> std::io::Result<()> {
+    std::fs::File::open(parent_dir(file))?.sync_all()
 }
 
 /// What `kvctl snapshot status` prints about a backup file.

@@ -129,9 +129,20 @@ fn list(shards: &[u64]) -> String {
         .join(",")
 }
 
-const HEADERS: [&str; 12] = [
-    "ADDRESS", "ID", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "CONFIG", "SERVING", "PULLING",
-    "OUTGOING", "KEYS",
+const HEADERS: [&str; 13] = [
+    "ADDRESS",
+    "ID",
+    "ROLE",
+    "TERM",
+    "LEADER",
+    "COMMIT",
+    "APPLIED",
+    "CONFIG",
+    "SERVING",
+    "PULLING",
+    "OUTGOING",
+    "CONFIRMING",
+    "KEYS",
 ];
 
 /// Text: the configuration, then per group a header line and a table of its servers.
@@ -167,6 +178,7 @@ pub fn render_sharded_table(report: &ShardReport) -> String {
                         list(&s.serving_shards),
                         list(&s.pulling_shards),
                         s.outgoing_shards.to_string(),
+                        s.confirming_shards.to_string(),
                         s.keys.to_string(),
                     ],
                 ]
@@ -233,6 +245,7 @@ pub fn render_sharded_json(report: &ShardReport) -> String {
                         "serving_shards": s.serving_shards,
                         "pulling_shards": s.pulling_shards,
                         "outgoing_shards": s.outgoing_shards,
+                        "confirming_shards": s.confirming_shards,
                         "keys": s.keys,
                     }),
                     Err(e) => serde_json::json!({ "address": r.address, "up": false, "error": e }),
@@ -286,6 +299,8 @@ mod tests {
                             config_num: 3,
                             serving_shards: vec![0],
                             pulling_shards: vec![1],
+                            outgoing_shards: 4,
+                            confirming_shards: 5,
                             ..Default::default()
                         }),
                     }],
@@ -308,12 +323,13 @@ mod tests {
         assert!(text.contains("DOWN (connection refused)"), "{text}");
         let row = text.lines().find(|l| l.starts_with("b:1")).expect("row");
         let cells: Vec<&str> = row.split_whitespace().collect();
-        // ADDRESS ID ROLE TERM LEADER COMMIT APPLIED CONFIG SERVING PULLING OUTGOING KEYS
+        // ADDRESS ID ROLE TERM LEADER COMMIT APPLIED CONFIG SERVING PULLING OUTGOING CONFIRMING KEYS
         assert_eq!(cells[2], "leader");
-        assert_eq!(&cells[7..10], &["3", "0", "1"]);
+        assert_eq!(&cells[7..12], &["3", "0", "1", "4", "5"]);
         let json: serde_json::Value =
             serde_json::from_str(&render_sharded_json(&report)).expect("json");
         assert_eq!(json["groups"][0]["nodes"][0]["pulling_shards"][0], 1);
+        assert_eq!(json["groups"][0]["nodes"][0]["confirming_shards"], 5);
         assert_eq!(json["groups"][1]["member"], false);
     }
 }

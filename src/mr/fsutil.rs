@@ -233,6 +233,12 @@ impl Staged {
     /// Renames the file into place (and, durable, fsyncs the directory). Fails if the temporary file
     /// is gone, e.g. removed by a later job's `--overwrite`: nothing is then published.
     pub fn commit(mut self) -> Result<Published, MrError> {
+        // Before the rename, so that an error still means nothing was published (dropped, the
+        // temporary file goes).
+        let dir = self
+            .dir
+            .try_clone()
+            .map_err(MrError::io(parent(&self.path)))?;
         self.done = true;
         let renamed = rustix::fs::renameat(&self.dir, &self.tmp, &self.dir, &self.name);
         if let Err(errno) = renamed {
@@ -245,10 +251,7 @@ impl Staged {
                 .map_err(|errno| MrError::io(parent(&self.path))(errno.into()))?;
         }
         Ok(Published {
-            dir: self
-                .dir
-                .try_clone()
-                .map_err(MrError::io(parent(&self.path)))?,
+            dir,
             name: std::mem::take(&mut self.name),
         })
     }

@@ -121,15 +121,16 @@ pub fn clear_outputs(dir: &Path) -> Result<usize, RootsError> {
             });
         }
     }
+    let mut removed = 0;
     for (name, _) in &entries {
         match opened.remove_file(name) {
-            Ok(()) => {}
+            Ok(()) => removed += 1,
             // Gone meanwhile (a straggler's temporary file removed by its own writer).
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(unresolvable(WHAT, dir, err)),
         }
     }
-    Ok(entries.len())
+    Ok(removed)
 }
 
 /// [`clear_outputs`]'s check alone: every entry of `dir` is a job output.

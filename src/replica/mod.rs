@@ -323,7 +323,15 @@ mod tests {
             restore(&file, &data, &identity, "kv", u64::MAX).expect("seed"),
             Seeded::Restored
         );
-        // Seeded: the file rotated away, the node starts from its directory.
+        // Seeded: a file over this node's limit (moved to a smaller machine) does not stop it, nor
+        // does the file rotated away; the node starts from its directory.
+        let (header, _) = crate::rsm::backup::decode(&kv_backup(40, 3)).expect("a backup");
+        let big = dir.path().join("big.backup");
+        std::fs::write(&big, crate::rsm::backup::encode(header, &[7; 16])).expect("write");
+        assert_eq!(
+            restore(&big, &data, &identity, "kv", 15).expect("seeded before"),
+            Seeded::AlreadyRestored
+        );
         std::fs::remove_file(&file).expect("remove");
         assert_eq!(
             restore(&file, &data, &identity, "kv", u64::MAX).expect("restart"),
@@ -378,11 +386,13 @@ pub fn restore(
     };
     let backup = match backup::read_file(file, max_snapshot_bytes) {
         Ok(backup) => backup,
-        Err(e @ backup::BackupError::Unreadable(_)) => {
+        // Unreadable, or over this node's limit (a smaller machine since): not a reason to stop a
+        // node whose directory was seeded from a backup before.
+        Err(e @ (backup::BackupError::Unreadable(_) | backup::BackupError::TooLarge { .. })) => {
             // Restarts keep the flag (a unit file, a compose entry) long after the backup was
             // rotated away: a directory already seeded from one starts from what it holds.
             if let Some(origin) = seeded_before(data_dir, identity) {
-                tracing::warn!(file = %file.display(), error = %e, %origin, "--restore file unreadable; the data dir was seeded from a backup before, starting from what it holds");
+                tracing::warn!(file = %file.display(), error = %e, %origin, "--restore file cannot be used; the data dir was seeded from a backup before, starting from what it holds");
                 return Ok(crate::raft::Seeded::AlreadyRestored);
             }
             return Err(refuse(e.to_string()));

@@ -333,8 +333,15 @@ fn scan_file(
     mut keep: Option<&mut Vec<u8>>,
 ) -> Result<(BackupHeader, std::ops::Range<u64>), BackupError> {
     use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let unreadable = |e: std::io::Error| BackupError::Unreadable(e.to_string());
-    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    // Non-blocking, so that a FIFO given for a file is refused below rather than waited on for a
+    // writer; reads of a regular file are not affected.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(unreadable)?;
     if !file.metadata().map_err(unreadable)?.is_file() {
         return Err(BackupError::Unreadable("not a regular file".into()));
     }
@@ -509,6 +516,16 @@ mod tests {
         ));
         let device = std::path::Path::new("/dev/zero");
         let refused = check_file(device, u64::MAX).expect_err("a device");
+        assert_eq!(refused.to_string(), "cannot read it: not a regular file");
+        // A FIFO is refused at once, not waited on for a writer.
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .expect("mkfifo");
+        let refused = check_file(&fifo, u64::MAX).expect_err("a FIFO");
         assert_eq!(refused.to_string(), "cannot read it: not a regular file");
     }
 }

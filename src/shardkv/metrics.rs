@@ -22,7 +22,7 @@ impl ShardGauges {
         let shards = IntGaugeVec::new(
             Opts::new(
                 "ds824_shards",
-                "Shards by state: serving, pulling (owned, data not arrived), outgoing (given away, copy kept until the new owner confirms)",
+                "Shards by state: serving, pulling (owned, data not arrived), outgoing (given away, copy kept until the new owner confirms), confirming (installed, the previous owner's deletion of its copy not yet confirmed)",
             ),
             &["state"],
         )?;
@@ -38,6 +38,7 @@ impl ShardGauges {
             ("serving", machine.serving().len()),
             ("pulling", machine.pulling().len()),
             ("outgoing", machine.outgoing().len()),
+            ("confirming", machine.confirming().len()),
         ] {
             self.shards.with_label_values(&[state]).set(count as i64);
         }

@@ -61,6 +61,7 @@ impl KvMachine for ShardKv {
             serving: self.serving(),
             pulling: self.pulling(),
             outgoing: self.outgoing().len() as u64,
+            confirming: self.confirming().len() as u64,
         }
     }
 }
@@ -189,8 +190,8 @@ impl ShardTransfer for ShardTransferService {
             crate::kv::validate::validate_key(after)
                 .map_err(|e| Status::invalid_argument(format!("the key to pull after: {e}")))?;
         }
-        if self.settled(config_num, shard, by)?.is_some() {
-            // Not reached yet, or deleted: either way nothing to serve (yet).
+        if self.settled(config_num, shard, by)? == Some(Settled::Absent) {
+            // Deleted, or never held: whoever asks is behind.
             return Ok(Response::new(pb::PullResponse {
                 status: pb::TransferStatus::NotReady.into(),
                 contents: None,
@@ -256,12 +257,7 @@ impl ShardTransfer for ShardTransferService {
                     status: pb::TransferStatus::Ok.into(),
                 }))
             }
-            Some(_) => {
-                return Ok(Response::new(pb::DeleteResponse {
-                    status: pb::TransferStatus::NotReady.into(),
-                }))
-            }
-            None => {}
+            Some(Settled::NotOwner(_)) | None => {}
         }
         let request = DeleteRequest { config_num, shard };
         // Internal commands carry no session (client 0): the machine's own checks make them idempotent.

@@ -234,8 +234,6 @@ pub enum Duty {
 /// A transfer the state decides on its own ([`ShardKv::transfer_settled`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Settled {
-    /// The group has not reached the configuration yet: ask again later.
-    NotReady,
     /// The configuration was reached and the copy is not held: deleted, or never this group's. A
     /// pull is answered "not ready" (whoever asks is behind), a delete "done".
     Absent,
@@ -296,6 +294,13 @@ impl ShardKv {
             .collect()
     }
 
+    /// Shards installed whose previous owner has not yet confirmed deleting its copy, as
+    /// (configuration, shard): the group keeps asking it. While any is listed, the previous owner's
+    /// servers are needed (they hold the copy), and stopping them for good leaves the copy there.
+    pub fn confirming(&self) -> Vec<(u64, ShardId)> {
+        self.confirms.keys().copied().collect()
+    }
+
     /// Frozen copies of given-away shards still held, as (configuration, shard).
     pub fn outgoing(&self) -> Vec<(u64, ShardId)> {
         self.outgoing.keys().copied().collect()
@@ -303,8 +308,9 @@ impl ShardKv {
 
     /// What a Pull or Delete of the copy of `shard` given away in `config_num`, asked by `by`, gets
     /// that the state alone already decides, so that the transfer service answers it without a log
-    /// entry: only a transfer that changes something (a page served, a copy deleted) costs one, and
-    /// a caller repeating settled requests (a forged `config_num`, a copy long deleted) fills nothing.
+    /// entry: a caller repeating settled requests (a copy long deleted, or never held) fills
+    /// nothing. Only answers no later state can change are given here, so a lagging replica or one
+    /// that no longer leads gives them as rightly as the leader.
     pub fn transfer_settled(
         &self,
         config_num: u64,
@@ -312,8 +318,9 @@ impl ShardKv {
         by: Option<Gid>,
     ) -> Option<Settled> {
         if config_num > self.config.num {
-            // Maybe later: the caller asks again (answering so from a lagging view is only early).
-            return Some(Settled::NotReady);
+            // Not decided here: this replica may lag, or not lead (the log's answer sends the
+            // caller on to the leader).
+            return None;
         }
         let Some(frozen) = self.outgoing.get(&(config_num, shard)) else {
             // Copies are made only as their configuration is applied, and this one was: deleted
@@ -415,15 +422,14 @@ impl ShardKv {
     /// Whether `next` splits keys into another number of shards than the group's configurations do
     /// (configuration 0, which no group serves under, excepted). Such a configuration comes only from
     /// a controller started with another `--shards`; following it would look for every stored key in
-    /// another shard, so the group refuses it and stays where it is.
+    /// another shard, so the group's driver does not propose it ([`super::migration::command`]) and
+    /// the group stays where it is. Checked before proposing, not when applying: a log written by an
+    /// older build that applied one must replay as it applied.
     pub fn changes_shard_count(&self, next: &Config) -> bool {
         self.config.num > 0 && next.shards.len() != self.config.shards.len()
     }
 
     fn apply_next_config(&mut self, next: Config) -> ShardOutput {
-        if self.changes_shard_count(&next) {
-            return ShardOutput::Ignored;
-        }
         let step = next.num == self.config.num + 1 && self.pulling().is_empty();
         if !step && !self.can_jump_to(&next) {
             return ShardOutput::Ignored;
