@@ -129,14 +129,8 @@ fn list(shards: &[u64]) -> String {
         .join(",")
 }
 
-const HEADERS: [&str; 13] = [
-    "ADDRESS",
-    "ID",
-    "ROLE",
-    "TERM",
-    "LEADER",
-    "COMMIT",
-    "APPLIED",
+/// The shard columns after [`super::status::RAFT_HEADERS`].
+const SHARD_HEADERS: [&str; 6] = [
     "CONFIG",
     "SERVING",
     "PULLING",
@@ -186,38 +180,10 @@ pub fn render_sharded_table(report: &ShardReport) -> String {
                 Err(e) => vec![r.address.clone(), "-".into(), format!("DOWN ({e})")],
             })
             .collect();
-        out.push_str(&table(&rows));
-    }
-    out
-}
-
-fn table(rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = HEADERS.iter().map(|h| h.len()).collect();
-    for row in rows {
-        if row.len() == HEADERS.len() {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.len());
-            }
-        } else {
-            widths[0] = widths[0].max(row[0].len());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[String]| {
-        let mut text = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                text.push_str(cell);
-            } else {
-                text.push_str(&format!("{cell:<width$}  ", width = widths[i]));
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&HEADERS.map(str::to_string));
-    for row in rows {
-        line(row);
+        out.push_str(&super::status::table(
+            &[&super::status::RAFT_HEADERS[..], &SHARD_HEADERS[..]].concat(),
+            &rows,
+        ));
     }
     out
 }

@@ -32,14 +32,13 @@ pub async fn collect(
     futures::future::join_all(asks).await
 }
 
-const HEADERS: [&str; 14] = [
-    "ADDRESS",
-    "ID",
-    "ROLE",
-    "TERM",
-    "LEADER",
-    "COMMIT",
-    "APPLIED",
+/// The headers of [`raft_columns`], which every status table starts with.
+pub const RAFT_HEADERS: [&str; 7] = [
+    "ADDRESS", "ID", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED",
+];
+
+/// The rest of `kvctl status`'s headers.
+const LOG_HEADERS: [&str; 7] = [
     "FIRST",
     "LAST",
     "SNAP-IDX",
@@ -88,19 +87,28 @@ pub fn render_table(reports: &[NodeReport]) -> String {
             Err(e) => vec![r.address.clone(), "-".into(), format!("DOWN ({e})")],
         })
         .collect();
-    let mut widths: Vec<usize> = HEADERS.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        // The error text of a down node is the last column of its row; it must not widen the table.
-        if row.len() == HEADERS.len() {
+    let mut out = table(&[&RAFT_HEADERS[..], &LOG_HEADERS[..]].concat(), &rows);
+    for note in notes(reports) {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    out
+}
+
+/// A fixed-width table under `headers`, one line per row. A shorter row (a down node: its address,
+/// then the error) widens only the first column, so a long error does not push the others apart.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        if row.len() == headers.len() {
             for (w, cell) in widths.iter_mut().zip(row) {
                 *w = (*w).max(cell.len());
             }
-        } else {
-            widths[0] = widths[0].max(row[0].len());
+        } else if let Some(first) = row.first() {
+            widths[0] = widths[0].max(first.len());
         }
     }
     let mut out = String::new();
-    let line = |cells: &[String], out: &mut String| {
+    let mut line = |cells: &[String]| {
         let mut text = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
@@ -112,12 +120,9 @@ pub fn render_table(reports: &[NodeReport]) -> String {
         out.push_str(text.trim_end());
         out.push('\n');
     };
-    line(&HEADERS.map(str::to_string), &mut out);
-    for row in &rows {
-        line(row, &mut out);
-    }
-    for note in notes(reports) {
-        out.push_str(&format!("note: {note}\n"));
+    line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    for row in rows {
+        line(row);
     }
     out
 }
