@@ -75,6 +75,30 @@ pub struct CoordinatorService {
 /// that a running task's timeout is still noticed promptly (timeouts are checked when a worker asks).
 const WAIT_HOLD: Duration = Duration::from_millis(250);
 
+/// Refuse to empty `dir` (`--overwrite`) while a job that has not finished reads inputs from it:
+/// chained jobs read the previous one's output, and emptying it under a queued or running reader
+/// would fail that job, or make it count a partial input.
+fn check_no_inputs_in(state: &Coordinator, dir: &Path) -> Result<(), Status> {
+    let reader = state.jobs().find(|view| {
+        !view.record.state.finished()
+            && view
+                .record
+                .spec
+                .inputs
+                .iter()
+                .any(|input| input.starts_with(dir))
+    });
+    match reader {
+        Some(view) => Err(Status::invalid_argument(format!(
+            "output directory {} holds inputs of job {}, which has not finished: --overwrite \
+             would delete them under it",
+            dir.display(),
+            view.record.id
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl CoordinatorService {
     /// Opens (or creates) the state in `data_dir` and restores every job found there. New jobs must
     /// pass `admission`; callers are identified and checked by `guard`.
@@ -369,6 +393,20 @@ impl Clearing {
             .unwrap_or_else(PoisonError::into_inner)
             .contains(dir)
     }
+
+    /// The first of `inputs` inside a directory a submit is emptying.
+    fn holds_any<'a>(
+        set: &Mutex<std::collections::HashSet<PathBuf>>,
+        inputs: &'a [PathBuf],
+    ) -> Option<&'a PathBuf> {
+        let emptying = set.lock().unwrap_or_else(PoisonError::into_inner);
+        if emptying.is_empty() {
+            return None;
+        }
+        inputs
+            .iter()
+            .find(|input| emptying.iter().any(|dir| input.starts_with(dir)))
+    }
 }
 
 impl Drop for Clearing {
@@ -544,6 +582,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 let state = self.lock();
                 self.check_room(&state, new_tasks)?;
                 self.check_output_free(&state, &spec.output_dir, None)?;
+                check_no_inputs_in(&state, &spec.output_dir)?;
                 // Reserved while its earlier outputs go: no other job may take the directory.
                 Clearing::reserve(&self.clearing, &spec.output_dir)
             };
@@ -566,6 +605,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             // meanwhile); a directory this submit emptied is its own.
             self.check_room(&state, new_tasks)?;
             self.check_output_free(&state, &spec.output_dir, clearing.as_ref())?;
+            // Nor the other way round: a reader of a directory being emptied would lose its inputs.
+            // (Readers queued before the reservation was taken, under the same lock as that check,
+            // were refused there.)
+            if let Some(input) = Clearing::holds_any(&self.clearing, &spec.inputs) {
+                return Err(Status::invalid_argument(format!(
+                    "input {} lies in a directory another submit with --overwrite is emptying",
+                    input.display()
+                )));
+            }
             let id = state.submit(spec, splits);
             let changes = state.take_changed();
             self.stage(&mut state, &changes)?;
@@ -1018,6 +1066,43 @@ mod tests {
             refused.message().contains("has not finished"),
             "{refused:?}"
         );
+    }
+
+    /// Chained jobs read the previous one's output: an --overwrite submit may not empty the
+    /// directory a job that has not finished reads its inputs from.
+    #[tokio::test]
+    async fn overwrite_keeps_the_inputs_of_unfinished_jobs() {
+        let (_dir, root, service) = small_coordinator(10, 100);
+        let prev = root.join("prev");
+        std::fs::create_dir(&prev).unwrap();
+        std::fs::write(prev.join("mr-out-0"), "a 1\n").unwrap();
+        let mut reads_prev = submit_request(&root, "next", 1);
+        let input = prev.join("mr-out-0").display().to_string();
+        reads_prev.get_mut().spec.as_mut().unwrap().inputs = vec![input];
+        let reader = service
+            .submit(reads_prev)
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        let mut overwrite = submit_request(&root, "prev", 1);
+        overwrite.get_mut().overwrite = true;
+        let refused = service.submit(overwrite).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        let says = format!("holds inputs of job {reader}");
+        assert!(refused.message().contains(&says), "{refused:?}");
+        assert!(
+            prev.join("mr-out-0").exists(),
+            "the reader's input was removed"
+        );
+        // And a reader is not queued while its directory is being emptied.
+        let emptying = Clearing::reserve(&service.clearing, &prev);
+        let mut reads_prev = submit_request(&root, "later", 1);
+        let input = prev.join("mr-out-0").display().to_string();
+        reads_prev.get_mut().spec.as_mut().unwrap().inputs = vec![input];
+        let refused = service.submit(reads_prev).await.unwrap_err();
+        assert!(refused.message().contains("is emptying"), "{refused:?}");
+        drop(emptying);
     }
 
     /// Each queued job is held in memory and in sled until it finishes: a submitter in a loop is
