@@ -118,8 +118,9 @@ enum Command {
     },
     /// Show every node's role, term, leader, commit/applied index, log and snapshot sizes. With
     /// --ctrlers (and no --cluster): the latest configuration and, per shard group, each server's role,
-    /// term, leader, commit/applied index, configuration reached, shards serving / pulling and outgoing
-    /// copies held.
+    /// term, leader, commit/applied index, configuration reached, shards serving / pulling, outgoing
+    /// copies held (OUTGOING) and shards whose old owner has not yet confirmed deleting its copy
+    /// (CONFIRMING: keep that old owner running until it drops to 0).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]

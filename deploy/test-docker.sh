@@ -14,12 +14,13 @@ fi
 
 passed=0
 failed=0
+# Each line ends with the check's seconds, so the slow ones show in the CI log.
 check() {
-  local name=$1; shift
+  local name=$1 began=$SECONDS; shift
   if "$@"; then
-    passed=$((passed + 1)); echo "  ok    $name"
+    passed=$((passed + 1)); echo "  ok    $name ($((SECONDS - began)) s)"
   else
-    failed=$((failed + 1)); echo "  FAIL  $name"
+    failed=$((failed + 1)); echo "  FAIL  $name ($((SECONDS - began)) s)"
   fi
 }
 # A compose project of this run's own: its volumes are new, whatever an earlier run left behind (a run killed
@@ -50,7 +51,9 @@ export bin=target/x86_64-unknown-linux-gnu/release
 export KVCTL_CLUSTER=127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003
 kvctl() { "$bin/kvctl" "$@"; }
 
+began=$SECONDS
 deploy/build-image.sh || { echo "docker: 0 passed, 1 failed"; exit 1; }
+echo "  (image built in $((SECONDS - began)) s)"
 size=$(docker image inspect ds824:latest --format '{{.Size}}')
 check "image is under 40 MB ($((size / 1000000)) MB)" test "$size" -lt 40000000
 check "image runs as a non-root user" test "$(docker image inspect ds824:latest --format '{{.Config.User}}')" = "10001:10001"

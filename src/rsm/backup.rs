@@ -165,6 +165,12 @@ impl Checker {
         self.layout.as_ref().map(|(header, _, _)| header)
     }
 
+    /// The whole file's length, once the header declaring it has been pushed (its snapshot is
+    /// within the limit by then): what a reader holding the file may reserve at once.
+    pub fn file_len(&self) -> Option<u64> {
+        self.layout.as_ref().map(|(_, _, total)| *total)
+    }
+
     /// Take the next bytes of the file. Refuses as soon as they cannot be a backup: no magic, an
     /// unreadable or oversized header, a snapshot over the limit, bytes past the declared length.
     pub fn push(&mut self, mut data: &[u8]) -> Result<(), BackupError> {
@@ -356,6 +362,12 @@ fn scan_file(
         };
         checker.push(&buffer[..n])?;
         if let Some(keep) = keep.as_deref_mut() {
+            // Reserved once from the checked header: growing by doubling would briefly need
+            // up to twice the snapshot's size while the last copy is made.
+            if let Some(total) = checker.file_len() {
+                let total = usize::try_from(total).unwrap_or(usize::MAX);
+                keep.reserve_exact(total.saturating_sub(keep.len()));
+            }
             keep.extend_from_slice(&buffer[..n]);
         }
     }
@@ -527,5 +539,21 @@ mod tests {
         .expect("mkfifo");
         let refused = check_file(&fifo, u64::MAX).expect_err("a FIFO");
         assert_eq!(refused.to_string(), "cannot read it: not a regular file");
+    }
+
+    #[test]
+    fn a_file_read_whole_is_held_in_one_allocation_of_its_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("kv.backup");
+        // Over three of the reader's 1 MiB buffers: grown by doubling it would end at 4 MiB.
+        let snapshot = vec![7u8; 3 << 20];
+        std::fs::write(&path, encode(header(), &snapshot)).expect("write");
+        let mut kept = Vec::new();
+        scan_file(&path, u64::MAX, Some(&mut kept)).expect("intact");
+        assert_eq!(
+            kept.len() as u64,
+            std::fs::metadata(&path).expect("metadata").len()
+        );
+        assert_eq!(kept.capacity(), kept.len(), "reserved once from the header");
     }
 }
