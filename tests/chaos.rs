@@ -161,6 +161,42 @@ fn count(summary: &serde_json::Value, field: &str) -> u64 {
     summary["stats"][field].as_u64().unwrap_or(0)
 }
 
+/// Runs starting together on one host get subnets of their own, even when their tags try the same
+/// one first: choosing a free subnet and taking it are one step (before, both saw it free and both
+/// took it, and the host routed one run's packets to the other's bridge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_starting_together_take_subnets_of_their_own() {
+    use ds824::chaos::cluster::netns::{preferred_subnet, Network};
+    require_root();
+    // Tags no `chaos run` makes (those are chaos-<pid>), at most 13 bytes; pairs of them that try
+    // the same subnet first.
+    let pid = std::process::id() % 100;
+    let tags: Vec<String> = (0..1000).map(|i| format!("chaos-t{pid}x{i}")).collect();
+    let mut pairs = Vec::new();
+    for (i, a) in tags.iter().enumerate() {
+        if let Some(b) = tags[i + 1..]
+            .iter()
+            .find(|b| preferred_subnet(b) == preferred_subnet(a))
+        {
+            pairs.push((a.clone(), b.clone()));
+        }
+        if pairs.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(pairs.len(), 3, "no tags trying the same subnet first");
+    for (a, b) in pairs {
+        let (first, second) = tokio::join!(Network::create(&a, 1), Network::create(&b, 1));
+        let first = first.expect("the first run's network");
+        let second = second.expect("the second run's network");
+        assert_ne!(
+            first.host_ip(),
+            second.host_ip(),
+            "{a} and {b} took the same subnet"
+        );
+    }
+}
+
 #[test]
 fn register_under_kill_and_partition_is_linearizable_and_leaves_nothing_behind() {
     let (run, dir, summary) = chaos_run_ok(

@@ -305,6 +305,21 @@ async fn the_inbound_service_refuses_malformed_streams() {
             })),
             cluster: cluster.clone(),
         },
+        // A snapshot on the message stream, past the size limit and the service's load check.
+        pb::Envelope {
+            from: 2,
+            to: 1,
+            message: Some(pb::envelope::Message::InstallSnapshot(
+                pb::InstallSnapshotRequest {
+                    term: 3,
+                    last_included_index: 10,
+                    last_included_term: 2,
+                    data: Bytes::from_static(b"bad"),
+                    membership: None,
+                },
+            )),
+            cluster: cluster.clone(),
+        },
     ];
     for envelope in bad_envelopes {
         let status = client

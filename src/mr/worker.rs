@@ -118,6 +118,37 @@ fn transient(status: &tonic::Status) -> bool {
         )
 }
 
+/// The address other workers fetch this worker's map outputs from: `advertise`, or the bound
+/// listener's. Refused before the worker registers (a reducer could never fetch from it, and its maps
+/// would run again and again): an address that is not `HOST:PORT` with a port, and a listener on
+/// every interface (0.0.0.0, ::) without `advertise`, which names no host another worker can reach.
+fn shuffle_address(bound: SocketAddr, advertise: Option<&str>) -> Result<String, MrError> {
+    match advertise {
+        None if bound.ip().is_unspecified() => Err(MrError::Other(format!(
+            "the shuffle listener is on every interface ({bound}): other workers cannot fetch from \
+             that address; give --advertise HOST:PORT, the address they reach this worker at"
+        ))),
+        None => Ok(bound.to_string()),
+        Some(address) => {
+            let reachable = address.rsplit_once(':').is_some_and(|(host, port)| {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let unspecified = host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_unspecified());
+                !host.is_empty() && !unspecified && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if reachable {
+                Ok(address.to_string())
+            } else {
+                Err(MrError::Other(format!(
+                    "--advertise {address:?} is not an address other workers can reach: give \
+                     HOST:PORT with a host name or a specific IP and the listener's port"
+                )))
+            }
+        }
+    }
+}
+
 /// Runs a worker until it is told there is nothing to do (with `exit_when_idle`) or fails to start.
 pub async fn run(config: WorkerConfig) -> Result<(), MrError> {
     std::fs::create_dir_all(&config.dir).map_err(MrError::io(&config.dir))?;
@@ -130,10 +161,7 @@ pub async fn run(config: WorkerConfig) -> Result<(), MrError> {
     let bound = listener
         .local_addr()
         .map_err(|err| MrError::Other(format!("shuffle listener: {err}")))?;
-    let addr = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| bound.to_string());
+    let addr = shuffle_address(bound, config.advertise.as_deref())?;
     shuffle::spawn_server(listener, dir.clone(), &config.security)?;
     let id = format!(
         "w{}-{:04x}",
@@ -286,9 +314,11 @@ impl Worker {
         };
         let started = Instant::now();
         tracing::info!(worker = %self.id, job = job_id, kind = ?kind, index = task.index, attempt = task.attempt, "running task");
+        // The map outputs a reduce read: its inputs, once the coordinator has taken its success.
+        let mut read = Vec::new();
         let outcome = match kind {
             pb::TaskKind::Map => self.run_map(&task).await,
-            pb::TaskKind::Reduce => self.run_reduce(&task).await,
+            pb::TaskKind::Reduce => self.run_reduce(&task, &mut read).await,
             pb::TaskKind::Unspecified => {
                 Outcome::Failed(format!("unknown task kind {}", reply.kind))
             }
@@ -334,6 +364,49 @@ impl Worker {
         if kind == pb::TaskKind::Map && garbage {
             self.remove_map_outputs(&task).await;
         }
+        if kind == pb::TaskKind::Reduce
+            && task.spec.shuffle == ShuffleMode::SharedDir
+            && matches!(taken, Ok(true))
+        {
+            self.remove_reduce_inputs(&task, read).await;
+        }
+    }
+
+    /// Deletes the shared-directory map outputs reduce `task` read, once the coordinator has taken
+    /// its success: no attempt of that partition runs again, so they are garbage, and a job of
+    /// M maps and R reduces would otherwise leave M × R files beside its output (Hadoop removes a
+    /// job's intermediate data too). After the report, not before: a superseded attempt of the same
+    /// reduce that found them gone first would send the maps to run again. (gRPC shuffle outputs
+    /// live in the mappers' own directories, pruned when they start the next job.)
+    async fn remove_reduce_inputs(&self, task: &Task, read: Vec<MapOutput>) {
+        let dir = task.spec.output_dir.clone();
+        let (job_id, reduce) = (task.job_id, task.index);
+        let worker = self.id.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            // Opened as the output was: a link swapped in for the directory since is refused.
+            let opened = match fsutil::ExactDir::open(&dir) {
+                Ok(opened) => opened,
+                Err(err) => {
+                    tracing::warn!(%worker, dir = %dir.display(), %err, "could not open the shared directory to remove a reduce's inputs");
+                    return 0u32;
+                }
+            };
+            let mut removed = 0;
+            for (map, output) in read.iter().enumerate() {
+                let name = intermediate_name(job_id, map as u32, reduce, output.attempt);
+                match opened.remove_file(std::ffi::OsStr::new(&name)) {
+                    Ok(()) => removed += 1,
+                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(%worker, path = %dir.join(&name).display(), %err, "could not remove a reduce's input");
+                    }
+                    Err(_) => {}
+                }
+            }
+            removed
+        })
+        .await
+        .unwrap_or(0);
+        tracing::debug!(worker = %self.id, job = job_id, reduce, removed, "reduce inputs removed");
     }
 
     /// Deletes what map attempt `task` wrote (on the blocking pool: there may be many, on a shared
@@ -557,12 +630,13 @@ impl Worker {
         checked.map_err(|err| MrError::Other(format!("checking map outputs panicked: {err}")))?
     }
 
-    async fn run_reduce(&mut self, task: &Task) -> Outcome {
+    /// Runs reduce `task`; `read` is left holding the map outputs it read.
+    async fn run_reduce(&mut self, task: &Task, read: &mut Vec<MapOutput>) -> Outcome {
         let scratch = match self.reduce_scratch(task).await {
             Ok(scratch) => scratch,
             Err(err) => return Outcome::Failed(err.to_string()),
         };
-        let outcome = self.reduce_in(task, &scratch).await;
+        let outcome = self.reduce_in(task, &scratch, read).await;
         let removed = {
             let scratch = scratch.clone();
             tokio::task::spawn_blocking(move || std::fs::remove_dir_all(scratch)).await
@@ -573,13 +647,19 @@ impl Worker {
         outcome
     }
 
-    async fn reduce_in(&mut self, task: &Task, scratch: &Path) -> Outcome {
+    async fn reduce_in(
+        &mut self,
+        task: &Task,
+        scratch: &Path,
+        read: &mut Vec<MapOutput>,
+    ) -> Outcome {
         // Trouble reaching the coordinator is not the app failing: give the task up (it times out and
         // runs again) rather than count it towards failing the job.
         let locations = match self.locations(task).await {
             Ok(locations) => locations,
             Err(err) => return Outcome::Abandoned(format!("reading map locations: {err}")),
         };
+        read.clone_from(&locations);
         let runs = match self.gather(task, &locations, scratch).await {
             Ok(Ok(runs)) => runs,
             Ok(Err(missing)) => return Outcome::FetchFailed(missing),
@@ -769,6 +849,44 @@ fn prune_old_jobs(dir: &Path, current: u64) {
             if let Err(err) = std::fs::remove_dir_all(entry.path()) {
                 tracing::warn!(path = %entry.path().display(), %err, "could not remove old map outputs");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_advertise_only_addresses_others_can_reach() {
+        let loopback: SocketAddr = "127.0.0.1:7001".parse().expect("address");
+        let everywhere: SocketAddr = "0.0.0.0:7001".parse().expect("address");
+        let everywhere6: SocketAddr = "[::]:7001".parse().expect("address");
+        assert_eq!(
+            shuffle_address(loopback, None).expect("bound"),
+            "127.0.0.1:7001"
+        );
+        for bound in [everywhere, everywhere6] {
+            let refused = shuffle_address(bound, None).expect_err("no host to reach");
+            assert!(refused.to_string().contains("--advertise"), "{refused}");
+        }
+        for good in ["w1.mr:7001", "10.0.0.5:7001", "[fd00::5]:7001"] {
+            assert_eq!(shuffle_address(everywhere, Some(good)).expect(good), good);
+        }
+        for bad in [
+            "w1.mr",
+            ":7001",
+            "w1.mr:x",
+            "w1.mr:0",
+            "0.0.0.0:7001",
+            "[::]:7001",
+            "",
+        ] {
+            let refused = shuffle_address(everywhere, Some(bad)).expect_err(bad);
+            assert!(
+                refused.to_string().contains("--advertise"),
+                "{bad}: {refused}"
+            );
         }
     }
 }

@@ -412,6 +412,17 @@ impl DetachedNode {
         self.leadership.send_replace((role, term));
     }
 
+    /// Wait for the next ReadIndex request; the test answers it through the returned sender.
+    pub(crate) async fn next_read_index(&mut self) -> oneshot::Sender<Result<Index, NodeError>> {
+        loop {
+            if let Command::ReadIndex { reply, .. } =
+                self.commands.recv().await.expect("handle gone")
+            {
+                return reply;
+            }
+        }
+    }
+
     /// Wait for the next proposal; the test answers it through the returned sender.
     pub(crate) async fn next_proposal(
         &mut self,

@@ -872,6 +872,13 @@ impl RaftTransport for RaftService {
             let bytes = message.encoded_len();
             let envelope = envelope_from_proto(message)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            // Snapshots come through InstallSnapshot only, where their size is bounded and the
+            // service checks it can load them before the core sees them; none is sent this way.
+            if matches!(envelope.message, Message::InstallSnapshot { .. }) {
+                return Err(Status::invalid_argument(
+                    "snapshots are sent with InstallSnapshot, not on the message stream",
+                ));
+            }
             self.deliver(envelope, bytes).await?;
         }
         Ok(Response::new(pb::SendAck {}))

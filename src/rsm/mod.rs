@@ -347,6 +347,23 @@ impl<S: StateMachine> Rsm<S> {
         None
     }
 
+    /// The caller of a [`Rsm::read`] queued at `read_index` gave up (timed out or went away): drop the
+    /// query. Otherwise a follower that cannot catch up (partitioned after it learnt the read index,
+    /// or installing a large snapshot) would hold every read sent to it until it did.
+    pub fn withdraw_read(&mut self, token: Token, read_index: Index) {
+        if let Some(waiting) = self.reads.get_mut(&read_index) {
+            waiting.retain(|(t, _)| *t != token);
+            if waiting.is_empty() {
+                self.reads.remove(&read_index);
+            }
+        }
+    }
+
+    /// Reads queued until the applied index reaches theirs.
+    pub fn queued_reads(&self) -> usize {
+        self.reads.values().map(Vec::len).sum()
+    }
+
     /// This node stopped leading: nothing waiting here can be finished here.
     pub fn leadership_lost(&mut self) -> Vec<Completion<S::Output>> {
         let writes = std::mem::take(&mut self.writes)

@@ -175,11 +175,17 @@ impl<S: StateMachine> Shared<S> {
 struct WaiterGuard<'a, S: StateMachine> {
     shared: &'a Shared<S>,
     token: Token,
+    /// A read's index: its query is queued in the state machine until applied reaches it.
+    read_index: Option<Index>,
 }
 
 impl<S: StateMachine> Drop for WaiterGuard<'_, S> {
     fn drop(&mut self) {
-        self.shared.lock().waiters.remove(&self.token);
+        let mut inner = self.shared.lock();
+        inner.waiters.remove(&self.token);
+        if let Some(index) = self.read_index {
+            inner.rsm.withdraw_read(self.token, index);
+        }
     }
 }
 
@@ -352,12 +358,14 @@ impl<S: ServedMachine> RsmService<S> {
     async fn wait(
         &self,
         token: Token,
+        read_index: Option<Index>,
         rx: oneshot::Receiver<Reply<S::Output>>,
         deadline: Instant,
     ) -> Result<S::Output, Refusal> {
         let _guard = WaiterGuard {
             shared: &self.shared,
             token,
+            read_index,
         };
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(reply)) => reply.into_result(),
@@ -521,7 +529,7 @@ impl<S: ServedMachine> RsmService<S> {
         };
         std::mem::forget(expectation); // `track` took it
         let proposed = Instant::now();
-        let output = self.wait(token, rx, deadline).await?;
+        let output = self.wait(token, None, rx, deadline).await?;
         let mut stages = self
             .shared
             .stages
@@ -578,7 +586,7 @@ impl<S: ServedMachine> RsmService<S> {
             inner.waiters.insert(token, tx);
             (token, rx)
         };
-        self.wait(token, rx, deadline).await
+        self.wait(token, Some(index), rx, deadline).await
     }
 
     /// A backup file ([`super::backup`]) of the whole service: state and sessions at an index this
@@ -899,6 +907,43 @@ mod leadership_tests {
             accepted,
             _applied: applied,
         }
+    }
+
+    /// A follower read whose index this node has not applied waits in the state machine's queue; when
+    /// its caller gives up, its query goes too. (Before, a follower that could not catch up kept
+    /// every read sent to it, found by review.)
+    #[tokio::test(start_paused = true)]
+    async fn a_read_given_up_leaves_nothing_queued() {
+        let (handle, mut node) = DetachedNode::new();
+        node.set_role(Role::Follower, 2);
+        let (_applied, applied_rx) = mpsc::unbounded_channel();
+        let config = ServiceConfig {
+            follower_reads: true,
+            ..ServiceConfig::default()
+        };
+        let (service, _applier) =
+            RsmService::start(Span::none(), KvStore::default(), handle, applied_rx, config);
+        let reader = service.clone();
+        let read = tokio::spawn(async move {
+            let get = crate::kv::KvQuery::Get { key: "k".into() };
+            reader.read(get).await
+        });
+        // The leader confirms index 5; nothing is applied here.
+        let _ = node.next_read_index().await.send(Ok(5));
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            service.shared.lock().rsm.queued_reads(),
+            1,
+            "the read waits"
+        );
+        let result = read.await.expect("the read's task");
+        assert!(matches!(result, Err(Refusal::Timeout)), "timed out");
+        assert_eq!(
+            service.shared.lock().rsm.queued_reads(),
+            0,
+            "nothing left queued"
+        );
     }
 
     /// A write Raft accepted just before its leader stepped down, where the leadership watcher saw the

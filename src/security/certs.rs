@@ -167,9 +167,9 @@ pub fn issue_into(
             "name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"
         )));
     }
-    if role.raft_group().is_some() && name.parse::<u64>().map_or(true, |id| id == 0) {
+    if role.raft_group().is_some() && super::principal::canonical_node_id(name).is_none() {
         return Err(CertError::Invalid(format!(
-            "a {role} replica's name is its node id (1, 2, ...), not {name:?}"
+            "a {role} replica's name is its node id (1, 2, ...; no leading zeros), not {name:?}"
         )));
     }
     if let Some(reserved) = hosts.iter().find(|host| is_reserved_name(host)) {
@@ -288,6 +288,14 @@ mod tests {
         assert_eq!(names("coordinator", "1"), ["coordinator.server.ds824"]);
         assert!(names("client", "user").is_empty());
         assert!(names("admin", "ops").is_empty());
+        // A second spelling of node 2 would be a second identity passing for it.
+        for alias in ["02", "002", "0"] {
+            let refused = issue(dir.path(), "kv", alias, &[], 30).expect_err(alias);
+            assert!(
+                refused.to_string().contains("node id"),
+                "{alias}: {refused}"
+            );
+        }
     }
 
     /// Clients check a server by the DNS name its role gives it: a client's (or another role's)

@@ -188,10 +188,19 @@ impl Principal {
         Principal::parse_uri(uri)
     }
 
-    /// The node id, for a replica's principal.
+    /// The node id, for a replica's principal. Only the canonical spelling names one: "01" or "+1"
+    /// would otherwise be a second certificate passing for node 1.
     pub fn node_id(&self) -> Option<u64> {
-        self.name.parse().ok()
+        canonical_node_id(&self.name)
     }
+}
+
+/// `name` as a node id if it is one written the one way ids are printed (no sign, no leading zero,
+/// not 0).
+pub fn canonical_node_id(name: &str) -> Option<u64> {
+    name.parse::<u64>()
+        .ok()
+        .filter(|id| *id != 0 && id.to_string() == name)
 }
 
 impl fmt::Display for Principal {
@@ -226,6 +235,19 @@ mod tests {
             "ds824://pr od/kv/1",
         ] {
             assert!(Principal::parse_uri(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn a_replica_is_named_by_its_node_id_one_way_only() {
+        let named = |name: &str| Principal::parse_uri(&format!("ds824://prod/kv/{name}"));
+        assert_eq!(named("1").expect("node 1").node_id(), Some(1));
+        assert_eq!(named("12").expect("node 12").node_id(), Some(12));
+        // Each of these parses as a number, and would have passed for node 1 (or 0).
+        for alias in ["01", "001", "+1", "0"] {
+            if let Ok(principal) = named(alias) {
+                assert_eq!(principal.node_id(), None, "{alias} names a node");
+            }
         }
     }
 }

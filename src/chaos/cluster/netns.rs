@@ -36,6 +36,14 @@ pub enum NetError {
     /// No free /24 under 10.213.0.0/16 for this run.
     #[error("no free subnet 10.213.X.0/24 on this host")]
     NoSubnet,
+    /// The host-wide lock runs take to pick their subnets one at a time could not be taken.
+    #[error("cannot lock {path} (runs pick their subnets one at a time): {why}")]
+    SubnetLock {
+        /// The lock file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
     /// A tool failed.
     #[error(transparent)]
     Command(#[from] CommandError),
@@ -119,6 +127,9 @@ impl Network {
         if !is_root() {
             return Err(NetError::NotRoot);
         }
+        // Choosing a subnet and claiming it (the bridge's address) are one step for every run on
+        // this host: two runs starting together could otherwise both find the same /24 free.
+        let claim = SubnetClaim::lock().await?;
         let subnet = free_subnet(tag).await?;
         // From here on, dropping `network` removes whatever was made, also on an early return.
         let network = Network {
@@ -131,6 +142,7 @@ impl Network {
         run("ip", &["link", "add", bridge, "type", "bridge"]).await?;
         let host = format!("{}/24", network.host_ip());
         run("ip", &["addr", "add", &host, "dev", bridge]).await?;
+        drop(claim);
         run("ip", &["link", "set", bridge, "up"]).await?;
         run("iptables", &forward_rule("-I", tag)).await?;
         for node in 0..nodes {
@@ -274,8 +286,10 @@ impl Drop for Network {
     }
 }
 
-fn forward_rule<'a>(op: &'a str, tag: &'a str) -> [&'a str; 12] {
+fn forward_rule<'a>(op: &'a str, tag: &'a str) -> [&'a str; 13] {
     [
+        // Wait for the xtables lock: another run may be changing the host's rules at this moment.
+        "-w",
         op,
         "FORWARD",
         "-i",
@@ -291,15 +305,64 @@ fn forward_rule<'a>(op: &'a str, tag: &'a str) -> [&'a str; 12] {
     ]
 }
 
+/// A host-wide exclusive lock (`flock` on a file under /run) held while a run picks its subnet and
+/// puts its address on its bridge; released when dropped (the kernel releases it if the process dies).
+struct SubnetClaim {
+    _file: std::fs::File,
+}
+
+impl SubnetClaim {
+    /// Where the lock lives: /run is root's and on every systemd or container host; elsewhere the
+    /// temporary directory.
+    fn path() -> std::path::PathBuf {
+        let run = std::path::Path::new("/run");
+        let dir = if run.is_dir() {
+            run.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        dir.join("ds824-chaos-subnets.lock")
+    }
+
+    async fn lock() -> Result<SubnetClaim, NetError> {
+        let path = Self::path();
+        let failed = |e: std::io::Error| NetError::SubnetLock {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(failed)?;
+        // Another run holds it for a few `ip` commands at most.
+        let file = tokio::task::spawn_blocking(move || {
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map(|()| file)
+        })
+        .await
+        .map_err(|e| failed(std::io::Error::other(e)))?
+        .map_err(|e| failed(e.into()))?;
+        Ok(SubnetClaim { _file: file })
+    }
+}
+
+/// The X of the subnet 10.213.X.0/24 (1 to 250) a run tagged `tag` tries first: spread by the tag, so
+/// that runs seldom have to move on.
+pub fn preferred_subnet(tag: &str) -> u8 {
+    let seed = tag
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    (seed % 250 + 1) as u8
+}
+
 /// The run's subnet: 10.213.X.0/24 with X from the tag, moving on while the host already routes it.
 async fn free_subnet(tag: &str) -> Result<u8, NetError> {
     let routes = run("ip", &["-4", "route", "show"]).await?;
     let addresses = run("ip", &["-4", "-o", "addr", "show"]).await?;
-    let seed = tag
-        .bytes()
-        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let first = u32::from(preferred_subnet(tag)) - 1;
     (0..250u32)
-        .map(|i| ((seed.wrapping_add(i)) % 250 + 1) as u8)
+        .map(|i| ((first + i) % 250 + 1) as u8)
         .find(|x| {
             let prefix = format!("10.213.{x}.");
             !routes.contains(&prefix) && !addresses.contains(&prefix)
