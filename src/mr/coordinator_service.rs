@@ -854,6 +854,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             &report.worker_id,
             report.attempt,
         );
+        if accepted && !changed {
+            // A retried report (the first one's flush failed, or its reply was lost) finds the task
+            // taken in memory with nothing of its own to stage: the completion may still be unflushed,
+            // and a reducer told "taken" removes its inputs. (Cheap when nothing is dirty.)
+            self.flush().await?;
+        }
         Ok(Response::new(pb::ReportReply { accepted }))
     }
 

@@ -131,7 +131,16 @@ fn shuffle_address(bound: SocketAddr, advertise: Option<&str>) -> Result<String,
         None => Ok(bound.to_string()),
         Some(address) => {
             let reachable = address.rsplit_once(':').is_some_and(|(host, port)| {
-                let host = host.trim_start_matches('[').trim_end_matches(']');
+                // An IPv6 host in brackets, as in a URI; without them its last group would be
+                // read as the port.
+                let host = match host.strip_prefix('[') {
+                    Some(inner) => match inner.strip_suffix(']') {
+                        Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => ip,
+                        _ => return false,
+                    },
+                    None if host.contains([':', '/', '[', ']']) => return false,
+                    None => host,
+                };
                 let unspecified = host
                     .parse::<std::net::IpAddr>()
                     .is_ok_and(|ip| ip.is_unspecified());
@@ -881,6 +890,9 @@ mod tests {
             "0.0.0.0:7001",
             "[::]:7001",
             "",
+            "fd00::5:7001",
+            "[fd00::5:7001",
+            "http://w1.mr:80",
         ] {
             let refused = shuffle_address(everywhere, Some(bad)).expect_err(bad);
             assert!(

@@ -348,7 +348,8 @@ fn scan_file(
         .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
         .open(path)
         .map_err(unreadable)?;
-    if !file.metadata().map_err(unreadable)?.is_file() {
+    let metadata = file.metadata().map_err(unreadable)?;
+    if !metadata.is_file() {
         return Err(BackupError::Unreadable("not a regular file".into()));
     }
     let mut checker = Checker::new(limit);
@@ -363,10 +364,13 @@ fn scan_file(
         checker.push(&buffer[..n])?;
         if let Some(keep) = keep.as_deref_mut() {
             // Reserved once from the checked header: growing by doubling would briefly need
-            // up to twice the snapshot's size while the last copy is made.
+            // up to twice the snapshot's size while the last copy is made. No more than the file
+            // holds (a cut or forged header claims what it likes), and a refusal is an error, not
+            // an abort.
             if let Some(total) = checker.file_len() {
-                let total = usize::try_from(total).unwrap_or(usize::MAX);
-                keep.reserve_exact(total.saturating_sub(keep.len()));
+                let total = usize::try_from(total.min(metadata.len())).unwrap_or(usize::MAX);
+                keep.try_reserve_exact(total.saturating_sub(keep.len()))
+                    .map_err(|e| BackupError::Unreadable(format!("holding the file: {e}")))?;
             }
             keep.extend_from_slice(&buffer[..n]);
         }
@@ -555,5 +559,16 @@ mod tests {
             std::fs::metadata(&path).expect("metadata").len()
         );
         assert_eq!(kept.capacity(), kept.len(), "reserved once from the header");
+        // Cut short, the header still claims 3 MiB: no more than the file holds is reserved, and the
+        // cut is reported (a forged header claiming terabytes would otherwise abort the process).
+        let cut = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &cut[..1000]).expect("write");
+        let mut kept = Vec::new();
+        let refused = scan_file(&path, u64::MAX, Some(&mut kept)).expect_err("cut short");
+        assert!(
+            matches!(refused, BackupError::Truncated { .. }),
+            "{refused}"
+        );
+        assert!(kept.capacity() <= 1000, "reserved {}", kept.capacity());
     }
 }

@@ -202,7 +202,7 @@ pub fn issue_into(
             .subject_alt_names
             .push(SanType::DnsName(SERVER_NAME.try_into()?));
         // Checked above: a replica's name is its node id.
-        if let Ok(node) = principal.name.parse::<u64>() {
+        if let Some(node) = super::principal::canonical_node_id(&principal.name) {
             let name = principal.role.replica_server_name(node);
             params
                 .subject_alt_names

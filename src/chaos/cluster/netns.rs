@@ -336,14 +336,25 @@ impl SubnetClaim {
             .write(true)
             .open(&path)
             .map_err(failed)?;
-        // Another run holds it for a few `ip` commands at most.
-        let file = tokio::task::spawn_blocking(move || {
-            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map(|()| file)
-        })
-        .await
-        .map_err(|e| failed(std::io::Error::other(e)))?
-        .map_err(|e| failed(e.into()))?;
-        Ok(SubnetClaim { _file: file })
+        // Another run holds it for a few `ip` commands at most; a holder that keeps it longer (a
+        // stuck run, or anyone who can write the file) is reported rather than waited on for ever.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(SubnetClaim { _file: file }),
+                Err(rustix::io::Errno::WOULDBLOCK | rustix::io::Errno::INTR)
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(failed(std::io::Error::other(
+                        "held by another process for 30 s",
+                    )))
+                }
+                Err(e) => return Err(failed(e.into())),
+            }
+        }
     }
 }
 
