@@ -168,10 +168,22 @@ fn count(summary: &serde_json::Value, field: &str) -> u64 {
 async fn runs_starting_together_take_subnets_of_their_own() {
     use ds824::chaos::cluster::netns::{preferred_subnet, Network};
     require_root();
-    // Tags no `chaos run` makes (those are chaos-<pid>), at most 13 bytes; pairs of them that try
-    // the same subnet first.
-    let pid = std::process::id() % 100;
-    let tags: Vec<String> = (0..1000).map(|i| format!("chaos-t{pid}x{i}")).collect();
+    // Tags no `chaos run` makes (those are chaos-<decimal pid>) and no other test process either:
+    // this process's pid and a counter in letters, at most 13 bytes. Pairs of them that try the same
+    // subnet first.
+    let letters = |mut n: u32, width: usize| {
+        let mut out = vec![b'a'; width];
+        for slot in out.iter_mut().rev() {
+            *slot = b'a' + (n % 26) as u8;
+            n /= 26;
+        }
+        String::from_utf8(out).expect("ascii")
+    };
+    // 26^5 is above Linux's largest pid (4,194,304).
+    let pid = letters(std::process::id(), 5);
+    let tags: Vec<String> = (0..676)
+        .map(|i| format!("chaos-{pid}{}", letters(i, 2)))
+        .collect();
     let mut pairs = Vec::new();
     for (i, a) in tags.iter().enumerate() {
         if let Some(b) = tags[i + 1..]
