@@ -96,6 +96,16 @@ pub const MAX_METRICS_CONNECTIONS: usize = 64;
 /// scrapes every 15, 30 or 60 s would otherwise see it cut just as a scrape starts.
 pub const METRICS_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(61);
 
+/// Answer bytes (mostly Get values) all callers together may leave unread at one process before reads
+/// are refused as overloaded: a client can hold an HTTP/2 stream's window at zero, and the server
+/// keeps that stream's answer until it goes ([`crate::rsm::answers`]).
+pub const MAX_UNSENT_ANSWER_BYTES: usize = 256 << 20;
+
+/// Answer bytes one caller (a certificate's identity; an IP address without TLS) may leave unread at
+/// one process: a quarter of [`MAX_UNSENT_ANSWER_BYTES`], so one caller that reads nothing leaves the
+/// rest to the others.
+pub const MAX_UNSENT_ANSWER_BYTES_PER_CALLER: usize = MAX_UNSENT_ANSWER_BYTES / 4;
+
 /// Largest log entry: a proposal above it is refused with a clear error, never appended.
 pub const MAX_ENTRY_BYTES: usize = 32 << 20;
 
@@ -129,6 +139,9 @@ const _: () = assert!(MAX_PAGE_BYTES + (1 << 20) < MAX_ENTRY_BYTES);
 const _: () = assert!(LEGACY_MAX_PAGE_BYTES + (1 << 20) < MAX_ENTRY_BYTES);
 const _: () = assert!(2 * MAX_ENTRY_BYTES <= MAX_PEER_MESSAGE_BYTES);
 const _: () = assert!(DEFAULT_MAX_SESSIONS <= MAX_SESSIONS);
+// A caller that reads its answers can always be given the largest one.
+const _: () = assert!(MAX_CLIENT_MESSAGE_BYTES <= MAX_UNSENT_ANSWER_BYTES_PER_CALLER);
+const _: () = assert!(MAX_UNSENT_ANSWER_BYTES_PER_CALLER <= MAX_UNSENT_ANSWER_BYTES);
 const _: () = assert!(MAX_TRANSFER_BYTES <= MAX_ENTRY_BYTES);
 // Every page (with framing), an old owner's final page too, is one transfer answer.
 const _: () = assert!(LEGACY_MAX_PAGE_BYTES + (1 << 20) < MAX_TRANSFER_BYTES);

@@ -1185,3 +1185,97 @@ fn kvctl_boolean_environment_variables_take_1_and_yes() {
         );
     }
 }
+
+/// One Get sent on a raw HTTP/2 connection `client`: the response's head, and its `grpc-status` if the
+/// head is the whole answer (a refusal), else its body, still unread (the caller keeps it to keep
+/// the stream open).
+async fn raw_get(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    address: &str,
+    key: &str,
+) -> Result<h2::RecvStream, (String, String)> {
+    use prost::Message as _;
+    let request = http::Request::post(format!("http://{address}/kv.Kv/Get"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let message = pb::GetRequest { key: key.into() }.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let ready = client.clone().ready().await.expect("stream slot");
+    *client = ready;
+    let (response, mut send) = client.send_request(request, false).expect("send");
+    send.send_data(frame.into(), true).expect("body");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("a response head (HEADERS are not flow-controlled)")
+        .expect("response");
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    match header("grpc-status") {
+        Some(code) => Err((code, header("grpc-message").unwrap_or_default())),
+        None => Ok(response.into_body()),
+    }
+}
+
+/// Get answers that a caller leaves unread are bounded (the attacker review's HIGH): a client that
+/// sets every stream's HTTP/2 window to zero and asks for a 1 MiB value again and again used to make
+/// the replica hold a copy per Get for as long as its connection lived, 256 streams a connection and
+/// thousands of connections. Now it holds at most the caller's share of the answer budget: the next
+/// Get is refused at once as overloaded, and everything held is given back when the connection goes
+/// (a second connection fits exactly as many again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_left_unread_hold_at_most_the_callers_share() {
+    use ds824::limits::MAX_UNSENT_ANSWER_BYTES_PER_CALLER;
+    use prost::Message as _;
+    let cluster = Replicas::start_temp(Role::Kv, 1, 64 << 20);
+    let mut clerk = cluster.clerk();
+    let value = "v".repeat(MAX_VALUE_BYTES);
+    clerk.put("big", &value).await.expect("put");
+    let answer = pb::GetResponse {
+        found: true,
+        value: value.clone(),
+        ..Default::default()
+    };
+    let fits = MAX_UNSENT_ANSWER_BYTES_PER_CALLER / answer.encoded_len();
+    let address = cluster.addrs[0].clone();
+    for round in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("connect");
+        let (mut client, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .expect("HTTP/2 handshake");
+        let connection = tokio::spawn(connection);
+        let mut unread = Vec::new();
+        let refused = loop {
+            match raw_get(&mut client, &address, "big").await {
+                Ok(body) => unread.push(body),
+                Err(refusal) => break refusal,
+            }
+            assert!(
+                unread.len() <= fits,
+                "round {round}: {} answers held unread, the caller's share fits {fits}",
+                unread.len()
+            );
+        };
+        assert_eq!(unread.len(), fits, "round {round}: {refused:?}");
+        assert_eq!(refused.0, "8", "RESOURCE_EXHAUSTED: {refused:?}");
+        assert!(refused.1.contains("overloaded"), "{refused:?}");
+        drop(unread);
+        drop(client);
+        connection.abort();
+        // Given back once the server sees the connection go: a clerk (the same caller, on
+        // loopback) backs off and reads the value.
+        let read = clerk.get("big").await.expect("get").expect("present");
+        assert_eq!(read.len(), value.len());
+    }
+}

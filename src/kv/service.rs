@@ -10,10 +10,13 @@ use super::state::{KvCommand, KvOutput, KvQuery, KvStore};
 use super::validate::{validate_command, validate_key};
 use crate::proto::kv as pb;
 use crate::proto::kv::kv_server::Kv;
+use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Applied, NodeId, RaftHandle};
+use crate::rsm::answers::{self, AnswerBudget, BudgetExceeded, HoldsAnswerPermits};
 use crate::rsm::service::{
     check_session, Refusal, RsmService, ServedMachine, ServiceConfig, ServiceError,
 };
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
@@ -89,19 +92,28 @@ impl KvMachine for KvStore {
     }
 }
 
-/// The `Kv` service of one node. Cheap to clone; hand it to tonic with
-/// [`crate::proto::kv::kv_server::KvServer::new`].
+/// The `Kv` service of one node. Cheap to clone; hand it to tonic with [`KvService::into_server`].
 pub struct KvService<M: KvMachine = KvStore> {
     service: RsmService<M>,
+    /// What its answers' values may hold unread ([`crate::rsm::answers`]).
+    answers: Arc<AnswerBudget>,
 }
 
 impl<M: KvMachine> Clone for KvService<M> {
     fn clone(&self) -> Self {
         KvService {
             service: self.service.clone(),
+            answers: self.answers.clone(),
         }
     }
 }
+
+/// Answers shorter than this reserve nothing from the [`AnswerBudget`]: what one holds is of the
+/// order of its HTTP/2 stream's own state, which the per-connection stream bound already limits.
+const MIN_BUDGETED_ANSWER_BYTES: usize = 1024;
+
+/// Largest `kv.Kv` request or answer.
+const MAX_MESSAGE_BYTES: usize = crate::limits::MAX_CLIENT_MESSAGE_BYTES;
 
 impl KvService<KvStore> {
     /// Start serving on top of a running node: spawns the applier and the leadership watcher. `applied`
@@ -116,7 +128,7 @@ impl KvService<KvStore> {
         let span = info_span!("kv", node = id, term = Empty, role = Empty);
         let (service, applier) =
             RsmService::start(span, KvStore::default(), handle, applied, config);
-        (KvService { service }, applier)
+        (KvService::over(service), applier)
     }
 }
 
@@ -124,7 +136,40 @@ impl<M: KvMachine> KvService<M> {
     /// The `Kv` service over an already started replicated service (a shard group starts its
     /// [`RsmService`] itself because its transfer service and driver share it).
     pub fn over(service: RsmService<M>) -> Self {
-        KvService { service }
+        KvService {
+            service,
+            answers: AnswerBudget::process(),
+        }
+    }
+
+    /// The tonic service: messages up to [`crate::limits::MAX_CLIENT_MESSAGE_BYTES`] both ways, and
+    /// each answer's budget reservation held until its body is gone.
+    pub fn into_server(self) -> HoldsAnswerPermits<KvServer<Self>> {
+        HoldsAnswerPermits(
+            KvServer::new(self)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+    }
+
+    /// `answer`, with its encoded size reserved from `caller`'s budget for as long as it waits to be
+    /// sent if it is large enough to count ([`MIN_BUDGETED_ANSWER_BYTES`]).
+    fn reserved<T: prost::Message>(
+        &self,
+        caller: &str,
+        answer: T,
+    ) -> Result<Response<T>, (BudgetExceeded, T)> {
+        let bytes = answer.encoded_len();
+        let mut response = Response::new(answer);
+        if bytes >= MIN_BUDGETED_ANSWER_BYTES {
+            match self.answers.reserve(caller, bytes) {
+                Ok(permit) => {
+                    response.extensions_mut().insert(permit);
+                }
+                Err(refused) => return Err((refused, response.into_inner())),
+            }
+        }
+        Ok(response)
     }
 
     /// The error code, leader hint and leader address telling a client where to retry, or the status
@@ -157,9 +202,11 @@ impl<M: KvMachine> Kv for KvService<M> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        self.service
+        let caller = self
+            .service
             .guard()
             .allow(&request, "read keys", crate::security::is_user)?;
+        let caller = answers::caller_key(caller.as_ref(), &request);
         let key = request.into_inner().key;
         validate_key(&key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut response = pb::GetResponse::default();
@@ -181,16 +228,20 @@ impl<M: KvMachine> Kv for KvService<M> {
                 (response.leader_hint, response.leader_address) = (hint, address);
             }
         }
-        Ok(Response::new(response))
+        self.reserved(&caller, response).map_err(|(refused, _)| {
+            Status::resource_exhausted(format!("{}: {refused}", answers::OVERLOADED))
+        })
     }
 
     async fn mutate(
         &self,
         request: Request<pb::MutateRequest>,
     ) -> Result<Response<pb::MutateResponse>, Status> {
-        self.service
-            .guard()
-            .allow(&request, "write keys", crate::security::is_user)?;
+        let caller =
+            self.service
+                .guard()
+                .allow(&request, "write keys", crate::security::is_user)?;
+        let caller = answers::caller_key(caller.as_ref(), &request);
         let request = request.into_inner();
         check_session(request.client_id, request.seq)?;
         let command = request
@@ -244,7 +295,19 @@ impl<M: KvMachine> Kv for KvService<M> {
                 (response.leader_hint, response.leader_address) = (hint, address);
             }
         }
-        Ok(Response::new(response))
+        match self.reserved(&caller, response) {
+            Ok(answer) => Ok(answer),
+            // Applied already, so answered all the same: without the current value of a failed
+            // swap, as a retry answered from a dedup record too long to remember it is.
+            Err((_, mut response)) => {
+                if let Some(outcome) = response.outcome.as_mut() {
+                    if outcome.current.take().is_some() {
+                        outcome.current_elided = true;
+                    }
+                }
+                Ok(Response::new(response))
+            }
+        }
     }
 
     async fn status(

@@ -20,7 +20,6 @@ use crate::ctrler::service::CtrlerService;
 use crate::kv::service::KvService;
 use crate::metrics::{RaftGauges, ServiceMetrics};
 use crate::proto::ctrler::ctrler_server::CtrlerServer;
-use crate::proto::kv::kv_server::KvServer;
 use crate::raft::{Identity, NodeConfig, NodeError, NodeId, RaftNode, SledStorage, StorageError};
 use crate::rsm::service::{ServiceConfig, ServiceError};
 use crate::security::{Admit, Principal, Role, Security, SecurityError};
@@ -897,22 +896,14 @@ impl Replica {
         });
         let routes = tonic::service::Routes::new(admin.into_server());
         let routes = match service {
-            Served::Kv(service) => routes.add_service(
-                KvServer::new(service)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            ),
+            Served::Kv(service) => routes.add_service(service.into_server()),
             Served::Ctrler(service) => routes.add_service(
                 CtrlerServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             ),
             Served::Shard(services) => routes
-                .add_service(
-                    KvServer::new(services.kv)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                )
+                .add_service(services.kv.into_server())
                 .add_service(services.transfer.into_server()),
         };
         let client_security = security.clone();

@@ -654,12 +654,16 @@ pub fn status_attempt<T>(status: Status) -> Result<Attempt<T>, ClerkError> {
     }
 }
 
-/// Whether a retryable status says nothing was done: admission control's "overloaded" (not any
+/// Whether a retryable status says nothing was done: admission control's or the answer budget's
+/// "overloaded" (not any
 /// RESOURCE_EXHAUSTED: HTTP/2 resets a stream it had taken with that code too), or a connection
 /// this process could not make (a status it built carries its cause; a server's words do not count).
 fn refused_before_acting(status: &Status) -> bool {
     match status.code() {
-        Code::ResourceExhausted => status.message().starts_with(OVERLOADED),
+        Code::ResourceExhausted => {
+            status.message().starts_with(OVERLOADED)
+                || status.message().starts_with(super::answers::OVERLOADED)
+        }
         Code::Unavailable => {
             status.message().starts_with(NOT_CONNECTED)
                 && std::error::Error::source(status).is_some()
@@ -922,6 +926,10 @@ mod tests {
         };
         let overloaded = crate::raft::NodeError::Overloaded("too many writes in flight".into());
         assert!(refused(Status::resource_exhausted(overloaded.to_string())));
+        assert!(refused(Status::resource_exhausted(format!(
+            "{}: this caller already has answers it has not read",
+            crate::rsm::answers::OVERLOADED
+        ))));
         // A connection never made, as the channel reports it (with its cause) ...
         let mut not_connected = Status::unavailable("cannot connect to 127.0.0.1:1: refused");
         not_connected.set_source(std::sync::Arc::new(std::io::Error::from(

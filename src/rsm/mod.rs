@@ -27,6 +27,7 @@ use sessions::{LogClock, Lookup, SessionPolicy, SessionRecord, SessionTable};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
+pub mod answers;
 pub mod backup;
 pub mod client;
 pub mod service;

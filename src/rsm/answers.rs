@@ -1,0 +1,280 @@
+//! A bound on the memory a server gives to answers its callers have not read.
+//!
+//! HTTP/2 lets a client hold each of its streams' windows at zero: the server can then send none of
+//! an answer, and keeps it until the stream or the connection goes. A Get's answer holds a copy of
+//! its value (up to [`crate::limits::MAX_VALUE_BYTES`]), and a client may have
+//! [`crate::limits::MAX_REQUESTS_PER_CONNECTION`] streams on each of up to
+//! [`crate::limits::MAX_CONNECTIONS_PER_LISTENER`] connections: unbounded, one holder of a client
+//! certificate could make a replica keep a terabyte of answers, and the kernel would kill it.
+//!
+//! So an answer that carries a value reserves its encoded size from an [`AnswerBudget`] before it
+//! goes out, and the reservation ([`AnswerPermit`]) rides with the response body
+//! ([`HoldsAnswerPermits`]): it is given back when the body is dropped, sent whole or its stream or
+//! connection gone. One caller (a certificate's identity; without TLS, an IP address) holds at most
+//! [`crate::limits::MAX_UNSENT_ANSWER_BYTES_PER_CALLER`], the process at most
+//! [`crate::limits::MAX_UNSENT_ANSWER_BYTES`]: past them a read is refused as overloaded (clerks back
+//! off and retry), so a caller that reads nothing holds up only itself, until the process-wide bound.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{Context, Poll};
+
+/// How a read refused for its caller's unread answers begins: clerks take it, like admission
+/// control's refusal, as "nothing was done; back off and retry".
+pub const OVERLOADED: &str = "server overloaded";
+
+/// The answer bytes the servers of one process hold unsent, by caller, against two bounds.
+#[derive(Debug)]
+pub struct AnswerBudget {
+    total_limit: usize,
+    caller_limit: usize,
+    usage: Mutex<Usage>,
+}
+
+#[derive(Debug, Default)]
+struct Usage {
+    total: usize,
+    /// Only callers holding some: an entry goes when its last permit does.
+    by_caller: HashMap<Arc<str>, usize>,
+}
+
+/// Why an answer could not be reserved.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BudgetExceeded {
+    /// This caller already holds its share unread.
+    #[error("this caller already has {held} bytes of answers it has not read (at most {limit}): read them, then retry")]
+    Caller {
+        /// Bytes the caller holds.
+        held: usize,
+        /// Its bound.
+        limit: usize,
+    },
+    /// All callers together hold the process's bound.
+    #[error("the server holds {held} bytes of answers its callers have not read (at most {limit}); retry after a pause")]
+    Process {
+        /// Bytes held.
+        held: usize,
+        /// The bound.
+        limit: usize,
+    },
+}
+
+/// The budget every server of this process shares: memory is the process's, whichever port an
+/// answer waits on.
+static PROCESS_BUDGET: LazyLock<Arc<AnswerBudget>> = LazyLock::new(|| {
+    AnswerBudget::new(
+        crate::limits::MAX_UNSENT_ANSWER_BYTES,
+        crate::limits::MAX_UNSENT_ANSWER_BYTES_PER_CALLER,
+    )
+});
+
+impl AnswerBudget {
+    /// A budget of `total_limit` bytes, at most `caller_limit` of them one caller's.
+    pub fn new(total_limit: usize, caller_limit: usize) -> Arc<AnswerBudget> {
+        Arc::new(AnswerBudget {
+            total_limit,
+            caller_limit,
+            usage: Mutex::new(Usage::default()),
+        })
+    }
+
+    /// The process's budget, which the servers use.
+    pub fn process() -> Arc<AnswerBudget> {
+        PROCESS_BUDGET.clone()
+    }
+
+    /// Reserves `bytes` for `caller`'s answer, if neither bound is passed; held until the permit (and
+    /// every clone of it) is dropped.
+    pub fn reserve(
+        self: &Arc<Self>,
+        caller: &str,
+        bytes: usize,
+    ) -> Result<AnswerPermit, BudgetExceeded> {
+        let mut usage = self.lock();
+        let held = usage.by_caller.get(caller).copied().unwrap_or(0);
+        if held.saturating_add(bytes) > self.caller_limit {
+            return Err(BudgetExceeded::Caller {
+                held,
+                limit: self.caller_limit,
+            });
+        }
+        if usage.total.saturating_add(bytes) > self.total_limit {
+            return Err(BudgetExceeded::Process {
+                held: usage.total,
+                limit: self.total_limit,
+            });
+        }
+        usage.total += bytes;
+        let caller: Arc<str> = match usage.by_caller.get_key_value(caller) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(caller),
+        };
+        *usage.by_caller.entry(caller.clone()).or_insert(0) += bytes;
+        Ok(AnswerPermit(Arc::new(Reservation {
+            budget: self.clone(),
+            caller,
+            bytes,
+        })))
+    }
+
+    /// Bytes held by all callers.
+    pub fn held(&self) -> usize {
+        self.lock().total
+    }
+
+    /// The usage, whatever a panicking holder left (the counts are updated in single steps).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Usage> {
+        self.usage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Bytes of an [`AnswerBudget`] reserved for one answer, given back when the last clone is dropped.
+/// Cloneable because a response's extensions must be; put into the response's extensions, it is
+/// moved into the body by [`HoldsAnswerPermits`].
+#[derive(Clone, Debug)]
+pub struct AnswerPermit(#[allow(dead_code)] Arc<Reservation>);
+
+#[derive(Debug)]
+struct Reservation {
+    budget: Arc<AnswerBudget>,
+    caller: Arc<str>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut usage = self.budget.lock();
+        usage.total = usage.total.saturating_sub(self.bytes);
+        if let Some(held) = usage.by_caller.get_mut(&self.caller) {
+            *held = held.saturating_sub(self.bytes);
+            if *held == 0 {
+                usage.by_caller.remove(&self.caller);
+            }
+        }
+    }
+}
+
+/// Who a call's answers are counted against: its certificate's identity, or without TLS the address
+/// it came from (the best name there is for a caller nobody authenticated).
+pub fn caller_key<T>(
+    principal: Option<&crate::security::Principal>,
+    request: &tonic::Request<T>,
+) -> String {
+    match (principal, request.remote_addr()) {
+        (Some(principal), _) => principal.uri(),
+        (None, Some(address)) => format!("address {}", address.ip()),
+        (None, None) => "unknown".to_string(),
+    }
+}
+
+/// A gRPC service whose answers keep the [`AnswerPermit`] their handler put in the response's
+/// extensions until their body is dropped, so the bytes count until they have left (or never will).
+#[derive(Clone, Debug)]
+pub struct HoldsAnswerPermits<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for HoldsAnswerPermits<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower_service::Service<http::Request<tonic::body::Body>> for HoldsAnswerPermits<S>
+where
+    S: tower_service::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+    >,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<
+        S::Future,
+        fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        use futures::TryFutureExt;
+        self.0.call(request).map_ok(with_permit_in_body)
+    }
+}
+
+/// `response` with the permit in its extensions, if any, moved into its body.
+fn with_permit_in_body(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    match response.extensions_mut().remove::<AnswerPermit>() {
+        Some(permit) => response.map(|body| {
+            tonic::body::Body::new(PermittedBody {
+                body,
+                _permit: permit,
+            })
+        }),
+        None => response,
+    }
+}
+
+/// A response body holding its answer's reservation for as long as it lives.
+struct PermittedBody {
+    body: tonic::body::Body,
+    _permit: AnswerPermit,
+}
+
+impl http_body::Body for PermittedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_holds_at_most_its_share_and_all_callers_the_total() {
+        let budget = AnswerBudget::new(100, 60);
+        let first = budget.reserve("a", 50).expect("within both");
+        assert_eq!(
+            budget.reserve("a", 11).expect_err("a's share"),
+            BudgetExceeded::Caller {
+                held: 50,
+                limit: 60
+            }
+        );
+        let other = budget.reserve("b", 50).expect("b's own share");
+        assert_eq!(
+            budget.reserve("c", 1).expect_err("the total"),
+            BudgetExceeded::Process {
+                held: 100,
+                limit: 100
+            }
+        );
+        let clone = first.clone();
+        drop(first);
+        assert_eq!(budget.held(), 100, "a clone still holds the bytes");
+        drop(clone);
+        assert_eq!(budget.held(), 50);
+        budget.reserve("a", 50).expect("given back");
+        drop(other);
+        assert_eq!(budget.held(), 0);
+        assert!(
+            budget.lock().by_caller.is_empty(),
+            "no entry for callers holding nothing"
+        );
+    }
+}
