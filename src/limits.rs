@@ -41,7 +41,7 @@ pub const MAX_CLIENT_MESSAGE_BYTES: usize = 4 << 20;
 /// elided from the record: a retry is told the swap failed, not what the value was.
 pub const MAX_REMEMBERED_VALUE_BYTES: usize = 64;
 
-/// Largest encoded dedup record: client id, sequence number, time, and a remembered output.
+/// Largest encoded dedup record: client id, sequence number, time, owner, and a remembered output.
 pub const MAX_SESSION_RECORD_BYTES: usize = 128;
 
 /// Most client sessions one dedup table keeps; beyond it the least recently active are dropped (their
@@ -127,8 +127,9 @@ const LEGACY_MAX_PAGE_BYTES: usize = MAX_PAGE_BYTES + MAX_SESSIONS * MAX_SESSION
 // build, not a production group.
 // Every accepted value can be written and read back in one client message.
 const _: () = assert!(MAX_KEY_BYTES + MAX_VALUE_BYTES + 4096 < MAX_CLIENT_MESSAGE_BYTES);
-// A remembered output fits its record (three varints, a flag and framing around the value).
-const _: () = assert!(MAX_REMEMBERED_VALUE_BYTES + 3 * 10 + 8 <= MAX_SESSION_RECORD_BYTES);
+// A remembered output fits its record (three varints, the owner's fixed64, a flag and framing around
+// the value).
+const _: () = assert!(MAX_REMEMBERED_VALUE_BYTES + 3 * 10 + 9 + 8 <= MAX_SESSION_RECORD_BYTES);
 // A page of records holds at least one, and no more bytes of them than a page of keys may hold: the
 // records ride within PAGE_BYTES, so MAX_PAGE_BYTES (keys, one whole key beyond) bounds every page.
 const _: () = assert!(SESSION_PAGE_RECORDS >= 1);

@@ -339,7 +339,7 @@ impl Replica {
 
     /// Propose `command` as (`client`, `seq`), commit it at the next index and return its output.
     fn command(&mut self, client: u64, seq: u64, command: CtrlerCommand) -> CtrlerOutput {
-        let data = match self.rsm.prepare(client, seq, &command, 0) {
+        let data = match self.rsm.prepare(client, seq, 0, &command, 0) {
             Prepared::Propose(data) => data,
             other => panic!("client {client} seq {seq}: expected a proposal, got {other:?}"),
         };
@@ -437,8 +437,8 @@ fn big_history(groups: u64, moves: u64) -> usize {
     let seq = 2 + (moves.max(1) - 1) / groups;
     let retry = CtrlerCommand::Move { shard: 0, gid: 1 };
     match (
-        replica.rsm.prepare(client, seq, &retry, 0),
-        copy.rsm.prepare(client, seq, &retry, 0),
+        replica.rsm.prepare(client, seq, 0, &retry, 0),
+        copy.rsm.prepare(client, seq, 0, &retry, 0),
     ) {
         (Prepared::Answered(a), Prepared::Answered(b)) => assert_eq!(a, b),
         other => panic!("a retry must be answered from the sessions: {other:?}"),
@@ -609,8 +609,8 @@ fn joins_beyond_the_limits_are_refused_the_same_on_replay() {
     for c in 1..=client {
         let probe = CtrlerCommand::Leave(vec![4]);
         assert_eq!(
-            replay.rsm.prepare(c, 1, &probe, 0),
-            replica.rsm.prepare(c, 1, &probe, 0),
+            replay.rsm.prepare(c, 1, 0, &probe, 0),
+            replica.rsm.prepare(c, 1, 0, &probe, 0),
             "client {c}'s remembered outcome differs"
         );
     }

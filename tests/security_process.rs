@@ -592,3 +592,74 @@ async fn only_a_group_itself_may_report_its_progress_to_the_controllers() {
         .expect("group 1's own report");
     assert_eq!(oldest, 6 - ds824::ctrler::DEFAULT_KEEP_CONFIGS.min(6));
 }
+
+/// One put with an explicit session, over the clerks' channel with `security`'s certificate, sent
+/// to each of `addrs` in turn until one that leads answers.
+async fn mutate_as(
+    addrs: &[String],
+    security: &Security,
+    (client_id, seq): (u64, u64),
+    key: &str,
+    value: &str,
+) -> ds824::proto::kv::MutateResponse {
+    use ds824::proto::kv as kvpb;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for address in addrs.iter().cycle() {
+        let channel = security
+            .channel(address, None, Duration::from_secs(5))
+            .expect("channel");
+        let mut client = kvpb::kv_client::KvClient::new(channel);
+        let command = kvpb::Command {
+            op: Some(kvpb::command::Op::Put(kvpb::Put {
+                key: key.into(),
+                value: value.into(),
+            })),
+        };
+        let answer = client
+            .mutate(kvpb::MutateRequest {
+                client_id,
+                seq,
+                command: Some(command),
+            })
+            .await
+            .expect("mutate")
+            .into_inner();
+        if answer.error() != kvpb::ErrorCode::WrongLeader || Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!("addrs is not empty")
+}
+
+/// Sessions belong to the identity that opened them (the attacker review's MEDIUM): a client with
+/// its own certificate that sends commands under another client's id — whose ids are not secret —
+/// is told its session expired, and changes nothing: neither the key nor the victim's session, whose
+/// next write applies as usual. Before, a sequence number far ahead made the victim's next writes
+/// look like retries, answered "ok" and never applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_answers_only_the_certificate_that_opened_its_session() {
+    use ds824::proto::kv::ErrorCode;
+    let root = tempfile::tempdir().expect("temp dir");
+    let ca = tls::ca(root.path(), "ca", "prod");
+    let cluster = Replicas::start_temp_with(Role::Kv, 3, 8 << 20, Some(ca.clone()), None);
+    cluster.wait_for_leader().await;
+    let addrs = &cluster.addrs;
+    let victim = tls::security(&ca, "client", "victim");
+    let attacker = tls::security(&ca, "client", "attacker");
+    let session = ds824::rsm::client::new_client_id();
+
+    let first = mutate_as(addrs, &victim, (session, 1), "k", "victim 1").await;
+    assert_eq!(first.error(), ErrorCode::Ok, "{first:?}");
+    let forged = mutate_as(addrs, &attacker, (session, 1_000_000), "k", "forged").await;
+    assert_eq!(forged.error(), ErrorCode::SessionExpired, "{forged:?}");
+    let second = mutate_as(addrs, &victim, (session, 2), "k", "victim 2").await;
+    assert_eq!(second.error(), ErrorCode::Ok, "{second:?}");
+    assert_eq!(second.outcome.map(|o| o.ok), Some(true));
+    let mut reader = clerk(&cluster.addrs, victim);
+    assert_eq!(
+        reader.get("k").await.expect("get").as_deref(),
+        Some("victim 2"),
+        "the victim's second write was not applied"
+    );
+}

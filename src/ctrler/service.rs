@@ -183,7 +183,12 @@ impl Ctrler for CtrlerService {
         }
         let result = self
             .service
-            .mutate(request.client_id, request.seq, command)
+            .mutate(
+                request.client_id,
+                request.seq,
+                crate::rsm::sessions::owner_of(caller.as_ref()),
+                command,
+            )
             .await;
         self.respond(result, request.restarts_sessions)
     }

@@ -16,6 +16,7 @@ use crate::rsm::answers::{self, AnswerBudget, BudgetExceeded, HoldsAnswerPermits
 use crate::rsm::service::{
     check_session, Refusal, RsmService, ServedMachine, ServiceConfig, ServiceError,
 };
+use crate::rsm::sessions::{owner_of, Owner};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -62,9 +63,10 @@ pub struct MachineStatus {
 pub trait KvMachine: ServedMachine {
     /// The query reading `key`.
     fn get_query(key: String) -> Self::Query;
-    /// The command applying `command` for (`client`, `seq`). Machines with rsm sessions ignore the tag
-    /// (the rsm layer deduplicates); shard groups keep it, because their dedup records move with shards.
-    fn client_command(client: u64, seq: u64, command: KvCommand) -> Self::Command;
+    /// The command applying `command` for (`client`, `seq`) sent by `owner`. Machines with rsm
+    /// sessions ignore the tag (the rsm layer deduplicates); shard groups keep it, because their dedup
+    /// records move with shards.
+    fn client_command(client: u64, seq: u64, owner: Owner, command: KvCommand) -> Self::Command;
     /// Translate an output for the client.
     fn answer(output: Self::Output) -> KvAnswer;
     /// Figures for `Status`.
@@ -76,7 +78,7 @@ impl KvMachine for KvStore {
         KvQuery::Get { key }
     }
 
-    fn client_command(_client: u64, _seq: u64, command: KvCommand) -> KvCommand {
+    fn client_command(_client: u64, _seq: u64, _owner: Owner, command: KvCommand) -> KvCommand {
         command
     }
 
@@ -241,6 +243,7 @@ impl<M: KvMachine> Kv for KvService<M> {
             self.service
                 .guard()
                 .allow(&request, "write keys", crate::security::is_user)?;
+        let owner = owner_of(caller.as_ref());
         let caller = answers::caller_key(caller.as_ref(), &request);
         let request = request.into_inner();
         check_session(request.client_id, request.seq)?;
@@ -256,12 +259,12 @@ impl<M: KvMachine> Kv for KvService<M> {
         let (client, seq) = (request.client_id, request.seq);
         let blind = self.service.acknowledges_before_commit()
             && matches!(command, KvCommand::Put { .. } | KvCommand::Append { .. });
-        let command = M::client_command(client, seq, command);
+        let command = M::client_command(client, seq, owner, command);
         let answered = match blind {
             // The self-test's deliberate bug (see `ServiceConfig::unsafe_ack_before_commit`).
             true => self
                 .service
-                .append_unconfirmed(client, seq, command)
+                .append_unconfirmed(client, seq, owner, command)
                 .await
                 .map(|()| {
                     KvAnswer::Done(KvOutput {
@@ -272,7 +275,7 @@ impl<M: KvMachine> Kv for KvService<M> {
                 }),
             false => self
                 .service
-                .mutate(client, seq, command)
+                .mutate(client, seq, owner, command)
                 .await
                 .map(M::answer),
         };

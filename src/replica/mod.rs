@@ -349,6 +349,7 @@ mod tests {
                 seq: 1,
                 output: output.into(),
                 last_ms: 0,
+                owner: 0,
             }],
             ..Default::default()
         };

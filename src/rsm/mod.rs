@@ -23,7 +23,7 @@ use crate::proto::rsm as pb;
 use crate::raft::{Entry, EntryKind, Index, Snapshot};
 use bytes::Bytes;
 use prost::Message as _;
-use sessions::{LogClock, Lookup, SessionPolicy, SessionRecord, SessionTable};
+use sessions::{LogClock, Lookup, Owner, SessionPolicy, SessionRecord, SessionTable};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -263,17 +263,19 @@ impl<S: StateMachine> Rsm<S> {
         self.clock
     }
 
-    /// Decide what to do with command `seq` of `client`, proposed at `now_ms` (the leader's clock, ms
-    /// since the Unix epoch; it is stamped into the entry).
+    /// Decide what to do with command `seq` of `client`, sent by `owner` (see [`sessions::Owner`])
+    /// and proposed at `now_ms` (the leader's clock, ms since the Unix epoch); both are stamped into
+    /// the entry.
     pub fn prepare(
         &self,
         client: ClientId,
         seq: Seq,
+        owner: Owner,
         command: &S::Command,
         now_ms: u64,
     ) -> Prepared<S::Output> {
         if S::SESSIONS && client != 0 {
-            match self.sessions.lookup(client, seq) {
+            match self.sessions.lookup(client, seq, owner) {
                 Lookup::Repeat(output) => return Prepared::Answered(output.clone()),
                 Lookup::Stale(_) => return Prepared::Stale,
                 Lookup::Expired(mark) => return Prepared::Expired(mark),
@@ -287,6 +289,7 @@ impl<S: StateMachine> Rsm<S> {
             time_ms: now_ms,
             session_ttl_ms: self.policy.ttl_ms,
             max_sessions: self.policy.max_sessions,
+            owner,
         };
         Prepared::Propose(Bytes::from(logged.encode_to_vec()))
     }
@@ -399,6 +402,7 @@ impl<S: StateMachine> Rsm<S> {
                 let output = S::decode_output(&s.output)?;
                 let record = SessionRecord {
                     seq: s.seq,
+                    owner: s.owner,
                     output,
                     last_ms: s.last_ms,
                 };
@@ -479,7 +483,7 @@ impl<S: StateMachine> Rsm<S> {
         if !self.clock.plausible(client) {
             return Ok((client, seq, Applied::Expired(self.sessions.evicted_max())));
         }
-        match self.sessions.lookup(client, seq) {
+        match self.sessions.lookup(client, seq, logged.owner) {
             // A duplicate in the log (the client retried before learning the outcome): apply nothing.
             Lookup::Repeat(output) | Lookup::Stale(output) => {
                 return Ok((client, seq, Applied::Output(output.clone())))
@@ -490,7 +494,7 @@ impl<S: StateMachine> Rsm<S> {
         let command = S::decode_command(&logged.command)?;
         let output = self.machine.apply(command);
         self.sessions
-            .record(client, seq, S::remember(&output), &self.clock);
+            .record(client, seq, logged.owner, S::remember(&output), &self.clock);
         Ok((client, seq, Applied::Output(output)))
     }
 
@@ -588,6 +592,7 @@ impl<S: StateMachine> SnapshotJob<S> {
                     seq: s.seq,
                     output: S::encode_output(&s.output),
                     last_ms: s.last_ms,
+                    owner: s.owner,
                 })
                 .collect(),
             evicted_max: self.sessions.evicted_max(),

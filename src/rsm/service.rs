@@ -16,7 +16,7 @@
 //! The `Rsm` sits behind a std `Mutex` that is never held across an `.await`: every critical section is
 //! a few map operations (or one snapshot encoding), far shorter than a Raft round trip.
 
-use super::sessions::{plausible_client, unix_ms};
+use super::sessions::{plausible_client, unix_ms, Owner};
 use super::{Completion, Prepared, Rsm, RsmError, SnapshotJob, StateMachine, Token};
 use crate::metrics::ServiceMetrics;
 use crate::pacer::LinePacer;
@@ -377,15 +377,17 @@ impl<S: ServedMachine> RsmService<S> {
         }
     }
 
-    /// Apply `command` exactly once for (`client`, `seq`) and return its output.
+    /// Apply `command` exactly once for (`client`, `seq`), sent by `owner` (the caller's identity:
+    /// [`crate::rsm::sessions::owner_of`]), and return its output.
     pub async fn mutate(
         &self,
         client: u64,
         seq: u64,
+        owner: Owner,
         command: S::Command,
     ) -> Result<S::Output, Refusal> {
         let started = Instant::now();
-        let result = self.mutate_inner(client, seq, command).await;
+        let result = self.mutate_inner(client, seq, owner, command).await;
         self.observe("write", started, &result);
         result
     }
@@ -402,6 +404,7 @@ impl<S: ServedMachine> RsmService<S> {
         &self,
         client: u64,
         seq: u64,
+        owner: Owner,
         command: S::Command,
     ) -> Result<(), Refusal> {
         let deadline = Instant::now() + self.config.request_timeout;
@@ -409,7 +412,7 @@ impl<S: ServedMachine> RsmService<S> {
             .shared
             .lock()
             .rsm
-            .prepare(client, seq, &command, unix_ms())
+            .prepare(client, seq, owner, &command, unix_ms())
         {
             Prepared::Answered(_) => return Ok(()),
             Prepared::Expired(mark) => return Err(Refusal::SessionExpired(mark)),
@@ -481,13 +484,14 @@ impl<S: ServedMachine> RsmService<S> {
         &self,
         client: u64,
         seq: u64,
+        owner: Owner,
         command: S::Command,
     ) -> Result<S::Output, Refusal> {
         let started = Instant::now();
         let deadline = started + self.config.request_timeout;
         let bytes = {
             let mut inner = self.shared.lock();
-            match inner.rsm.prepare(client, seq, &command, unix_ms()) {
+            match inner.rsm.prepare(client, seq, owner, &command, unix_ms()) {
                 Prepared::Answered(output) => return Ok(output),
                 Prepared::Expired(mark) => return Err(Refusal::SessionExpired(mark)),
                 Prepared::Stale => {
@@ -898,7 +902,7 @@ mod leadership_tests {
                 value: "v".into(),
             };
             let client = crate::rsm::client::new_client_id();
-            service.mutate(client, 1, put).await
+            service.mutate(client, 1, 0, put).await
         });
         let accepted = node.next_proposal().await;
         Proposed {

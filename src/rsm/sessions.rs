@@ -17,6 +17,15 @@
 //!
 //! The exactly-once window: a command retried while its session is kept is answered from the table; a
 //! retry after the session was dropped is refused with `SESSION_EXPIRED` — never applied a second time.
+//!
+//! Why a session has an owner: client ids are not secret (they start with a clock), so without one any
+//! caller could send commands under another's id — a sequence number far ahead made the real client's
+//! next writes look like retries, answered from the table and never applied, and a repeated one read
+//! back the other's remembered output. Each record keeps the [`Owner`] of the identity that opened it
+//! (stamped into the log entry by the leader from the caller's certificate); a command under a known
+//! id from another identity is told its session expired, as if that id were unknown to it, and changes
+//! nothing. Records with owner 0 (no TLS, or written before owners were kept) belong to whoever uses
+//! them next.
 
 use super::{ClientId, Seq};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +36,19 @@ pub const CLIENT_ID_RANDOM_BITS: u32 = 20;
 /// How far (ms) a client id's clock may be ahead of the log's before the id is refused: an id far in the
 /// future, once dropped, would refuse every honest new client until the clock caught up with it.
 pub const MAX_CLIENT_CLOCK_AHEAD_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Who opened a session: a fingerprint of the caller's identity ([`owner_of`]); 0 for none.
+pub type Owner = u64;
+
+/// The [`Owner`] of a caller: the first eight bytes of the SHA-256 of its certificate's identity (a
+/// `ds824://` URI), never 0; 0 without TLS, where callers have no identity to tell apart.
+pub fn owner_of(principal: Option<&crate::security::Principal>) -> Owner {
+    let Some(principal) = principal else { return 0 };
+    let digest = ring::digest::digest(&ring::digest::SHA256, principal.uri().as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_be_bytes(first).max(1)
+}
 
 /// When sessions are dropped. Carried in every logged command (the proposing leader's flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +128,8 @@ pub static CLOCK_SKEW_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::Atom
 pub struct SessionRecord<O> {
     /// Its sequence number.
     pub seq: Seq,
+    /// The identity that opened the session (0: anyone).
+    pub owner: Owner,
     /// Its output, as [`crate::rsm::StateMachine::remember`] keeps it.
     pub output: O,
     /// Log time of the client's last command.
@@ -119,8 +143,8 @@ pub enum Lookup<'a, O> {
     Repeat(&'a O),
     /// Older than the client's last command: the client gave up on it long ago.
     Stale(&'a O),
-    /// The client is unknown and may have had a session that was dropped: do not apply; it must start a
-    /// new session with an id above the given one.
+    /// The client is unknown and may have had a session that was dropped, or its id is another
+    /// identity's: do not apply; it must start a new session with an id above the given one.
     Expired(ClientId),
     /// A new command: apply it and [`SessionTable::record`] the output.
     New,
@@ -224,9 +248,14 @@ impl<O> SessionTable<O> {
         self.evicted_max = self.evicted_max.max(evicted_max);
     }
 
-    /// What to do with command `seq` of `client`.
-    pub fn lookup(&self, client: ClientId, seq: Seq) -> Lookup<'_, O> {
+    /// What to do with command `seq` of `client`, sent by `owner`.
+    pub fn lookup(&self, client: ClientId, seq: Seq, owner: Owner) -> Lookup<'_, O> {
         match self.records.get(&client) {
+            // Another identity's session: as far as this caller is concerned the id is taken and
+            // gone, so it takes one above it.
+            Some(r) if r.owner != 0 && r.owner != owner => {
+                Lookup::Expired(self.evicted_max.max(client))
+            }
             Some(r) if seq == r.seq => Lookup::Repeat(&r.output),
             Some(r) if seq < r.seq => Lookup::Stale(&r.output),
             Some(_) => Lookup::New,
@@ -235,13 +264,22 @@ impl<O> SessionTable<O> {
         }
     }
 
-    /// Remember `client`'s command `seq` and its output, then drop what the clock's policy says to.
-    pub fn record(&mut self, client: ClientId, seq: Seq, output: O, clock: &LogClock) {
+    /// Remember `client`'s command `seq`, sent by `owner`, and its output, then drop what the clock's
+    /// policy says to.
+    pub fn record(
+        &mut self,
+        client: ClientId,
+        seq: Seq,
+        owner: Owner,
+        output: O,
+        clock: &LogClock,
+    ) {
         let last_ms = clock.now_ms;
         if let Some(old) = self.records.insert(
             client,
             SessionRecord {
                 seq,
+                owner,
                 output,
                 last_ms,
             },
@@ -289,31 +327,31 @@ mod tests {
     fn the_least_recently_active_go_first_and_cannot_come_back() {
         let mut table = SessionTable::default();
         for (client, at) in [(10u64, 1u64), (20, 2), (30, 3)] {
-            table.record(client, 1, "out", &clock(at, 0, 2));
+            table.record(client, 1, 0, "out", &clock(at, 0, 2));
         }
         assert_eq!(table.len(), 2);
         assert_eq!(
-            table.lookup(10, 1),
+            table.lookup(10, 1, 0),
             Lookup::Expired(10),
             "dropped: a retry is refused"
         );
-        assert_eq!(table.lookup(20, 1), Lookup::Repeat(&"out"));
-        assert_eq!(table.lookup(20, 2), Lookup::New);
-        assert_eq!(table.lookup(5, 1), Lookup::Expired(10), "below the mark");
-        assert_eq!(table.lookup(11, 1), Lookup::New, "above the mark");
+        assert_eq!(table.lookup(20, 1, 0), Lookup::Repeat(&"out"));
+        assert_eq!(table.lookup(20, 2, 0), Lookup::New);
+        assert_eq!(table.lookup(5, 1, 0), Lookup::Expired(10), "below the mark");
+        assert_eq!(table.lookup(11, 1, 0), Lookup::New, "above the mark");
         // Activity moves a session to the back of the line.
-        table.record(20, 2, "again", &clock(4, 0, 2));
-        table.record(40, 1, "out", &clock(5, 0, 2));
+        table.record(20, 2, 0, "again", &clock(4, 0, 2));
+        table.record(40, 1, 0, "out", &clock(5, 0, 2));
         assert!(table.get(20).is_some());
-        assert_eq!(table.lookup(30, 1), Lookup::Expired(30));
+        assert_eq!(table.lookup(30, 1, 0), Lookup::Expired(30));
     }
 
     #[test]
     fn idle_sessions_expire_by_log_time() {
         let mut table = SessionTable::default();
-        table.record(1, 1, (), &clock(1_000, 500, 0));
-        table.record(2, 1, (), &clock(1_400, 500, 0));
-        table.record(3, 1, (), &clock(1_600, 500, 0));
+        table.record(1, 1, 0, (), &clock(1_000, 500, 0));
+        table.record(2, 1, 0, (), &clock(1_400, 500, 0));
+        table.record(3, 1, 0, (), &clock(1_600, 500, 0));
         assert!(table.get(1).is_none());
         assert!(table.get(2).is_some());
         // Without a policy (entries from before sessions expired) nothing goes.
@@ -333,7 +371,7 @@ mod tests {
     fn a_table_moved_page_by_page_arrives_whole() {
         let mut table = SessionTable::default();
         for client in 1..=10u64 {
-            table.record(client * 3, client, client, &clock(client, 0, 8));
+            table.record(client * 3, client, client, client, &clock(client, 0, 8));
         }
         let mut moved = SessionTable::default();
         let mut after = None;
@@ -353,6 +391,32 @@ mod tests {
         assert_eq!(moved, table);
         assert_eq!(table.page(Some(30), 3), (Vec::new(), false));
         assert_eq!(table.page(None, 0), (Vec::new(), true));
+    }
+
+    #[test]
+    fn a_session_answers_only_the_identity_that_opened_it() {
+        let mut table = SessionTable::default();
+        table.record(7, 3, 100, "mine", &clock(1, 0, 0));
+        assert_eq!(table.lookup(7, 3, 100), Lookup::Repeat(&"mine"));
+        assert_eq!(table.lookup(7, 4, 100), Lookup::New);
+        // Another identity gets neither the output nor a way to move the sequence on.
+        for seq in [2, 3, 4, u64::MAX] {
+            assert_eq!(table.lookup(7, seq, 200), Lookup::Expired(7), "seq {seq}");
+        }
+        assert_eq!(
+            table.lookup(7, 4, 0),
+            Lookup::Expired(7),
+            "nor a caller without one"
+        );
+        // A record without an owner (no TLS, or an older version's) is anyone's.
+        table.record(8, 1, 0, "open", &clock(2, 0, 0));
+        assert_eq!(table.lookup(8, 1, 200), Lookup::Repeat(&"open"));
+        assert_ne!(
+            owner_of(None),
+            owner_of(Some(
+                &crate::security::Principal::parse_uri("ds824://c/client/a").expect("uri")
+            ))
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn entry(index: Index, data: Bytes) -> Entry {
 }
 
 fn proposal(rsm: &Rsm<KvStore>, client: ClientId, seq: Seq, command: &KvCommand) -> Bytes {
-    match rsm.prepare(client, seq, command, 1) {
+    match rsm.prepare(client, seq, 0, command, 1) {
         Prepared::Propose(bytes) => bytes,
         other => panic!("expected a proposal, got {other:?}"),
     }
@@ -60,10 +60,10 @@ fn a_command_in_the_log_twice_is_applied_once() {
     assert_eq!(get(&rsm, "k").as_deref(), Some("x"));
     // A third retry is answered from the session table without a proposal.
     assert!(matches!(
-        rsm.prepare(7, 1, &append("k", "x"), 1),
+        rsm.prepare(7, 1, 0, &append("k", "x"), 1),
         Prepared::Answered(_)
     ));
-    assert_eq!(rsm.prepare(7, 0, &append("k", "x"), 1), Prepared::Stale);
+    assert_eq!(rsm.prepare(7, 0, 0, &append("k", "x"), 1), Prepared::Stale);
 }
 
 /// A write this node proposed and then lost leadership with may still commit under the next leader:
@@ -222,7 +222,7 @@ impl StateMachine for NoSessions {
 fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
     let mut rsm = Rsm::new(NoSessions(KvStore::default()));
     let command = append("k", "x");
-    let Prepared::Propose(data) = rsm.prepare(0, 41, &command, 1) else {
+    let Prepared::Propose(data) = rsm.prepare(0, 41, 0, &command, 1) else {
         panic!("no proposal")
     };
     rsm.expect(0, 41);
@@ -244,7 +244,7 @@ fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
         })
     );
     // Without the expectation (withdrawn, or another proposal's index) the waiter must retry.
-    let Prepared::Propose(data) = rsm.prepare(0, 43, &command, 1) else {
+    let Prepared::Propose(data) = rsm.prepare(0, 43, 0, &command, 1) else {
         panic!("no proposal")
     };
     rsm.expect(0, 43);
@@ -278,7 +278,7 @@ fn apply_one(
     command: &KvCommand,
     now_ms: u64,
 ) -> Completion<KvOutput> {
-    let Prepared::Propose(data) = rsm.prepare(client, seq, command, now_ms) else {
+    let Prepared::Propose(data) = rsm.prepare(client, seq, 0, command, now_ms) else {
         panic!("no proposal for client {client} seq {seq}")
     };
     let index = rsm.applied() + 1;
@@ -319,7 +319,7 @@ fn a_dropped_session_is_never_applied_twice() {
     let t = 1_800_000_000_000;
     let old = client_at(t, 1);
     let retry = append("k", "x");
-    let Prepared::Propose(first_try) = rsm.prepare(old, 1, &retry, t) else {
+    let Prepared::Propose(first_try) = rsm.prepare(old, 1, 0, &retry, t) else {
         panic!("no proposal")
     };
     rsm.apply_entries(&[entry(1, first_try.clone())])
@@ -330,7 +330,7 @@ fn a_dropped_session_is_never_applied_twice() {
     assert_eq!(rsm.sessions(), 2);
     // The old client's retry (it never heard back) is refused, both before and after the log...
     assert_eq!(
-        rsm.prepare(old, 1, &retry, t + 3),
+        rsm.prepare(old, 1, 0, &retry, t + 3),
         Prepared::Expired(old),
         "a retry after the session was dropped is refused up front"
     );
@@ -347,11 +347,11 @@ fn a_dropped_session_is_never_applied_twice() {
     assert_eq!(get(&rsm, "k").as_deref(), Some("x"));
     // A client created later starts cleanly; one with an older id is told to move above the mark.
     assert!(matches!(
-        rsm.prepare(client_at(t + 10, 4), 1, &put("c", "1"), t + 10),
+        rsm.prepare(client_at(t + 10, 4), 1, 0, &put("c", "1"), t + 10),
         Prepared::Propose(_)
     ));
     assert_eq!(
-        rsm.prepare(client_at(t - 1, 9), 1, &put("c", "1"), t + 10),
+        rsm.prepare(client_at(t - 1, 9), 1, 0, &put("c", "1"), t + 10),
         Prepared::Expired(old)
     );
 }
@@ -389,7 +389,7 @@ fn idle_sessions_expire_by_the_leaders_clock_in_the_log_and_survive_snapshots() 
         );
         assert_eq!(replica.sessions(), 2, "the idle session went");
         assert_eq!(
-            replica.prepare(idle, 2, &put("a", "2"), t + 1_300),
+            replica.prepare(idle, 2, 0, &put("a", "2"), t + 1_300),
             Prepared::Expired(idle)
         );
     }
@@ -423,7 +423,7 @@ fn a_failed_cas_on_a_large_value_keeps_a_small_record() {
         };
         assert_eq!(output.value.as_deref().map(str::len), Some(big.len()));
         // ... a retry only that it failed.
-        let Prepared::Answered(remembered) = rsm.prepare(client, 1, &cas, t) else {
+        let Prepared::Answered(remembered) = rsm.prepare(client, 1, 0, &cas, t) else {
             panic!("retry not answered from the session table")
         };
         assert!(!remembered.ok && remembered.elided && remembered.value.is_none());
@@ -445,7 +445,7 @@ fn replicas_snapshots_are_byte_identical() {
         .map(|n| {
             let command = put(&format!("key-{}", (n * 7919) % 263), &format!("value-{n}"));
             let Prepared::Propose(data) =
-                leader.prepare(client_at(t, n % 37 + 1), n + 1, &command, t + n)
+                leader.prepare(client_at(t, n % 37 + 1), n + 1, 0, &command, t + n)
             else {
                 panic!("no proposal")
             };
@@ -460,4 +460,67 @@ fn replicas_snapshots_are_byte_identical() {
     }
     let snapshots: Vec<_> = replicas.iter().map(Rsm::snapshot).collect();
     assert!(snapshots.windows(2).all(|w| w[0] == w[1]));
+}
+
+/// A caller cannot write under another identity's client id (the attacker review's MEDIUM): before
+/// owners, a command with the victim's id and a sequence number far ahead was applied and recorded,
+/// so the victim's next writes looked like retries of older commands and were never applied. Now the
+/// entry carries its sender's owner, every replica refuses it at apply as an expired session (even one
+/// a stale leader let into the log), and the owner survives a snapshot.
+#[test]
+fn a_session_takes_commands_only_from_the_identity_that_opened_it() {
+    let (victim, attacker) = (0xA11CE, 0xBAD);
+    let mut leader = Rsm::new(KvStore::default());
+    let mut other = Rsm::new(KvStore::default());
+    let client = client_at(1_000, 1);
+    let first = match leader.prepare(client, 1, victim, &put("k", "victim 1"), 1_000) {
+        Prepared::Propose(data) => data,
+        other => panic!("{other:?}"),
+    };
+    // The forgery, as a leader that had not yet applied the victim's first command would propose it.
+    let forged = match leader.prepare(client, 1_000_000, attacker, &put("k", "forged"), 1_001) {
+        Prepared::Propose(data) => data,
+        other => panic!("{other:?}"),
+    };
+    for rsm in [&mut leader, &mut other] {
+        rsm.apply_entries(&[entry(1, first.clone()), entry(2, forged.clone())])
+            .expect("apply");
+        assert_eq!(
+            get(rsm, "k").as_deref(),
+            Some("victim 1"),
+            "forgery applied"
+        );
+    }
+    // The leader now refuses it before the log, and answers no retry of the victim's output to it.
+    assert_eq!(
+        leader.prepare(client, 1_000_000, attacker, &put("k", "forged"), 1_002),
+        Prepared::Expired(client)
+    );
+    assert_eq!(
+        leader.prepare(client, 1, attacker, &put("k", "victim 1"), 1_002),
+        Prepared::Expired(client)
+    );
+    // The victim goes on, on a replica restored from the leader's snapshot too.
+    let (index, data) = leader.snapshot();
+    other = Rsm::new(KvStore::default());
+    other
+        .apply_snapshot(&Snapshot {
+            meta: SnapshotMeta { index, term: 1 },
+            data,
+            membership: None,
+        })
+        .expect("restore");
+    assert_eq!(
+        other.prepare(client, 2, attacker, &put("k", "forged"), 1_003),
+        Prepared::Expired(client),
+        "the owner was lost in the snapshot"
+    );
+    let second = match other.prepare(client, 2, victim, &put("k", "victim 2"), 1_003) {
+        Prepared::Propose(data) => data,
+        other => panic!("{other:?}"),
+    };
+    other
+        .apply_entries(&[entry(index + 1, second)])
+        .expect("apply");
+    assert_eq!(get(&other, "k").as_deref(), Some("victim 2"));
 }

@@ -324,7 +324,7 @@ impl Driver {
     async fn propose(&self, command: ShardCommand) -> bool {
         match self
             .rsm
-            .mutate(0, crate::rsm::internal_seq(), command)
+            .mutate(0, crate::rsm::internal_seq(), 0, command)
             .await
         {
             Ok(ShardOutput::Ignored | ShardOutput::NotReady) => false,

@@ -475,6 +475,7 @@ mod tests {
     fn records(after: Cursor, clients: &[u64], last: bool) -> ShardPage {
         let record = |seq| SessionRecord {
             seq,
+            owner: 0,
             output: KvOutput::default(),
             last_ms: 0,
         };

@@ -15,6 +15,7 @@ use crate::proto::shardkv as pb;
 use crate::proto::shardkv::shard_transfer_server::{ShardTransfer, ShardTransferServer};
 use crate::raft::{Applied, NodeId, RaftHandle};
 use crate::rsm::service::{Refusal, RsmService, ServiceConfig, ServiceError};
+use crate::rsm::sessions::Owner;
 use crate::security::{Principal, Role};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,10 +35,11 @@ impl KvMachine for ShardKv {
         ShardQuery::Get(key)
     }
 
-    fn client_command(client: u64, seq: u64, command: KvCommand) -> ShardCommand {
+    fn client_command(client: u64, seq: u64, owner: Owner, command: KvCommand) -> ShardCommand {
         ShardCommand::Client {
             client,
             seq,
+            owner,
             command,
         }
     }
@@ -207,7 +209,7 @@ impl ShardTransfer for ShardTransferService {
         let command = migration::serve_pull(&request, by);
         let reply = match self
             .rsm
-            .mutate(0, crate::rsm::internal_seq(), command)
+            .mutate(0, crate::rsm::internal_seq(), 0, command)
             .await
         {
             Ok(output) => {
@@ -266,6 +268,7 @@ impl ShardTransfer for ShardTransferService {
             .mutate(
                 0,
                 crate::rsm::internal_seq(),
+                0,
                 migration::delete_command(&request, by),
             )
             .await

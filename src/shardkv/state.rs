@@ -27,7 +27,7 @@ use super::page::{Cursor, ShardPage};
 use super::wire;
 use crate::ctrler::{Config, Gid};
 use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
-use crate::rsm::sessions::{LogClock, Lookup, SessionTable};
+use crate::rsm::sessions::{LogClock, Lookup, Owner, SessionTable};
 use crate::rsm::{ClientId, RsmError, Seq, StateMachine};
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -108,6 +108,9 @@ pub enum ShardCommand {
         client: ClientId,
         /// Its request number.
         seq: Seq,
+        /// Who sent it ([`crate::rsm::sessions::Owner`]): a shard's dedup record answers only the
+        /// identity that opened it.
+        owner: Owner,
         /// The mutation.
         command: KvCommand,
     },
@@ -384,7 +387,13 @@ impl ShardKv {
             .map(|o| &mut o.contents)
     }
 
-    fn apply_client(&mut self, client: ClientId, seq: Seq, command: KvCommand) -> ShardOutput {
+    fn apply_client(
+        &mut self,
+        client: ClientId,
+        seq: Seq,
+        owner: Owner,
+        command: KvCommand,
+    ) -> ShardOutput {
         let clock = self.clock;
         let Some(shard) = self.serving_shard(command.key()) else {
             return ShardOutput::WrongGroup;
@@ -392,7 +401,7 @@ impl ShardKv {
         if !clock.plausible(client) {
             return ShardOutput::SessionExpired(shard.dedup.evicted_max());
         }
-        match shard.dedup.lookup(client, seq) {
+        match shard.dedup.lookup(client, seq, owner) {
             // A retry of an applied request (its output) or of an older one (the client gave up on it
             // long ago; nothing to apply).
             Lookup::Repeat(output) | Lookup::Stale(output) => {
@@ -402,7 +411,9 @@ impl ShardKv {
             Lookup::New => {}
         }
         let output = shard.data.apply(command);
-        shard.dedup.record(client, seq, output.remembered(), &clock);
+        shard
+            .dedup
+            .record(client, seq, owner, output.remembered(), &clock);
         ShardOutput::Kv(output)
     }
 
@@ -652,8 +663,9 @@ impl StateMachine for ShardKv {
             ShardCommand::Client {
                 client,
                 seq,
+                owner,
                 command,
-            } => self.apply_client(client, seq, command),
+            } => self.apply_client(client, seq, owner, command),
             ShardCommand::NextConfig(next) => self.apply_next_config(next),
             ShardCommand::Install(incoming) => self.apply_install(incoming),
             ShardCommand::Pull {

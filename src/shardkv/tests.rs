@@ -27,6 +27,7 @@ fn put(client: u64, seq: u64, key: &str, value: &str) -> ShardCommand {
     ShardCommand::Client {
         client,
         seq,
+        owner: 0,
         command: KvCommand::Append {
             key: key.into(),
             value: value.into(),
@@ -266,6 +267,7 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
             g1.apply(ShardCommand::Client {
                 client: 5,
                 seq: i + 1,
+                owner: 0,
                 command: KvCommand::Put {
                     key,
                     value: value.clone(),
@@ -335,6 +337,7 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
         g2.apply(ShardCommand::Client {
             client: 5,
             seq: 10,
+            owner: 0,
             command: KvCommand::Append {
                 key: "key09".into(),
                 value: "again".into(),
@@ -486,6 +489,7 @@ fn a_frozen_copy_goes_only_to_its_new_owner_and_only_after_its_final_page() {
         let command = ShardCommand::Client {
             client: 5,
             seq: seq as u64 + 1,
+            owner: 0,
             command: KvCommand::Put {
                 key: key.into(),
                 value: value.clone(),
@@ -596,8 +600,9 @@ fn a_group_that_owns_nothing_may_jump_over_configurations_the_controllers_droppe
 
 /// Group 1 holding, frozen for group 2 in configuration 2, a one-shard table of `clients` sessions
 /// beyond those its policy keeps (the oldest are dropped, so the table has a mark): each client's
-/// record is a failed compare-and-swap that remembers the longest value a record keeps. Client
-/// `clients` last appended "a" to "log". Group 2 is at configuration 2, pulling the shard.
+/// record is a failed compare-and-swap that remembers the longest value a record keeps, sent by an
+/// identity whose owner is the client's id. Client `clients` last appended "a" to "log". Group 2 is at
+/// configuration 2, pulling the shard.
 fn groups_with_many_sessions(clients: u64, kept: u64) -> (ShardKv, ShardKv) {
     use crate::rsm::sessions::{LogClock, SessionPolicy};
     let mut g1 = ShardKv::new(1);
@@ -615,6 +620,7 @@ fn groups_with_many_sessions(clients: u64, kept: u64) -> (ShardKv, ShardKv) {
         let cas = ShardCommand::Client {
             client,
             seq: 1,
+            owner: client,
             command: KvCommand::Cas {
                 key: "held".into(),
                 expected: Some("something else".into()),
@@ -682,7 +688,13 @@ fn a_shard_with_many_sessions_moves_its_records_in_bounded_pages() {
     }
     assert!(pages >= 4, "{pages} pages");
     assert_eq!(g2.serving(), vec![0]);
-    // The new owner has exactly the old owner's records, and the copy may go.
+    // The new owner has exactly the old owner's records (their owners too, through a snapshot), and
+    // the copy may go.
+    let mut g2 = {
+        let mut restored = ShardKv::new(2);
+        restored.restore(&g2.snapshot()).expect("restore");
+        restored
+    };
     assert_eq!(g2.shards[&0].contents.dedup, frozen);
     assert_eq!(drop_copy(&mut g1, Some(2)), ShardOutput::Dropped);
 
@@ -697,22 +709,28 @@ fn a_shard_with_many_sessions_moves_its_records_in_bounded_pages() {
         })
     );
     // A retried failed swap is told what it was told; a dropped client's retry is refused, not applied.
-    let cas = |client| ShardCommand::Client {
+    let cas = |client, owner| ShardCommand::Client {
         client,
         seq: 1,
+        owner,
         command: KvCommand::Cas {
             key: "held".into(),
             expected: Some("x".repeat(crate::limits::MAX_REMEMBERED_VALUE_BYTES)),
             value: "swapped".into(),
         },
     };
-    let ShardOutput::Kv(retried) = g2.apply(cas(CLIENTS - 1)) else {
+    let ShardOutput::Kv(retried) = g2.apply(cas(CLIENTS - 1, CLIENTS - 1)) else {
         panic!("the retry was not answered")
     };
     assert!(!retried.ok, "a retry swapped");
     assert_eq!(
-        g2.apply(cas(2)),
+        g2.apply(cas(2, 2)),
         ShardOutput::SessionExpired(frozen.evicted_max())
+    );
+    // The session moved with its owner: another identity using the id is refused, and swaps nothing.
+    assert_eq!(
+        g2.apply(cas(CLIENTS - 1, 7)),
+        ShardOutput::SessionExpired(CLIENTS - 1)
     );
     assert!(
         matches!(get(&g2, "held"), ShardOutput::Kv(KvOutput { value: Some(v), .. }) if v.starts_with('x'))
@@ -776,6 +794,7 @@ fn snapshots_and_entries_written_before_session_pages_still_apply() {
                 seq: 3,
                 outcome: Some(Default::default()),
                 last_ms: 0,
+                owner: 0,
             }],
             after: Some("k".into()),
             last: true,

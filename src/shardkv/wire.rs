@@ -154,11 +154,13 @@ pub fn encode_command(command: &ShardCommand) -> Bytes {
         ShardCommand::Client {
             client,
             seq,
+            owner,
             command,
         } => Op::Client(pb::ClientCommand {
             client_id: *client,
             seq: *seq,
             command: Some(kvpb::Command::from(command)),
+            owner: *owner,
         }),
         ShardCommand::NextConfig(config) => Op::NextConfig(config_to_proto(config)),
         ShardCommand::Install(page) => Op::Install(page_to_proto(page)),
@@ -215,6 +217,7 @@ pub fn decode_command(data: &[u8]) -> Result<ShardCommand, RsmError> {
         Some(Op::Client(c)) => ShardCommand::Client {
             client: c.client_id,
             seq: c.seq,
+            owner: c.owner,
             command: KvCommand::try_from(c.command.unwrap_or_default())?,
         },
         Some(Op::NextConfig(config)) => ShardCommand::NextConfig(config_from_proto(config)),
@@ -331,6 +334,7 @@ fn record_to_proto(client_id: ClientId, record: &SessionRecord<KvOutput>) -> pb:
         seq: record.seq,
         outcome: Some(kvpb::Outcome::from(&record.output)),
         last_ms: record.last_ms,
+        owner: record.owner,
     }
 }
 
@@ -340,6 +344,7 @@ fn record_from_proto(d: pb::Dedup) -> SessionEntry {
     let output = KvOutput::from(d.outcome.unwrap_or_default()).remembered();
     let record = SessionRecord {
         seq: d.seq,
+        owner: d.owner,
         output,
         last_ms: d.last_ms,
     };

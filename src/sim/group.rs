@@ -273,7 +273,7 @@ impl<S: SimService> Group<S> {
                 client,
                 seq,
                 command,
-            } => match s.rsm.prepare(client, seq, &command, clock.now()) {
+            } => match s.rsm.prepare(client, seq, 0, &command, clock.now()) {
                 Prepared::Answered(output) => replies.push((i, from, ReplyResult::Done(output))),
                 Prepared::Expired(mark) => {
                     replies.push((i, from, ReplyResult::SessionExpired(mark)))
@@ -305,7 +305,7 @@ impl<S: SimService> Group<S> {
         let Some(core) = self.raft.hosts[i].core.as_mut() else {
             return Ok((false, Vec::new()));
         };
-        let Prepared::Propose(data) = self.servers[i].rsm.prepare(0, 0, command, clock.now())
+        let Prepared::Propose(data) = self.servers[i].rsm.prepare(0, 0, 0, command, clock.now())
         else {
             return Ok((false, Vec::new()));
         };

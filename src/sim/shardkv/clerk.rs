@@ -100,6 +100,7 @@ impl ShardClerk {
                     command: ShardCommand::Client {
                         client: self.client_id,
                         seq: self.seq,
+                        owner: 0,
                         command: command.clone(),
                     },
                 }
