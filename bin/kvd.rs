@@ -190,6 +190,13 @@ struct KvArgs {
     #[arg(long, default_value_t = ds824::limits::DEFAULT_MAX_SESSIONS as u64,
           value_parser = clap::value_parser!(u64).range(1..=ds824::limits::MAX_SESSIONS as u64))]
     max_sessions: u64,
+    /// Most bytes of keys and values the store holds (a shard group: across its shards), as etcd's
+    /// --quota-backend-bytes: a write that would grow it past this is refused with "over its quota" and
+    /// nothing written; deletes and writes that do not grow it still apply. 0: no limit. Every replica
+    /// holds the whole store in memory and in every snapshot, so keep it well under their memory. The
+    /// leader's setting applies on every replica.
+    #[arg(long, default_value_t = ds824::limits::DEFAULT_QUOTA_BYTES)]
+    quota_bytes: u64,
 }
 
 fn main() -> ExitCode {
@@ -321,9 +328,10 @@ async fn run_kv(args: KvArgs, role: ServiceRole) -> ExitCode {
             .max_snapshot_bytes
             .unwrap_or_else(ds824::replica::default_max_snapshot_bytes),
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
-        sessions: ds824::rsm::sessions::SessionPolicy {
+        policy: ds824::rsm::sessions::LogPolicy {
             ttl_ms: args.session_ttl.saturating_mul(1000),
             max_sessions: args.max_sessions,
+            quota_bytes: args.quota_bytes,
         },
         role,
         metrics_listen: args.metrics_listen,

@@ -51,6 +51,12 @@ pub const MAX_SESSIONS: usize = 100_000;
 /// Sessions kept by default (`--max-sessions`).
 pub const DEFAULT_MAX_SESSIONS: usize = 50_000;
 
+/// Bytes of keys and values a store (a KV cluster, a shard group) holds at most by default
+/// (`--quota-bytes`), as etcd's `--quota-backend-bytes`: every replica holds them all in memory and in
+/// every snapshot, so a store that grows without end takes its nodes down; at the quota, writes that
+/// would grow it are refused, and deletes still apply.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+
 /// How long an idle session is kept by default (`--session-ttl`), in milliseconds of log time.
 pub const DEFAULT_SESSION_TTL_MS: u64 = 60 * 60 * 1000;
 
@@ -127,9 +133,10 @@ const LEGACY_MAX_PAGE_BYTES: usize = MAX_PAGE_BYTES + MAX_SESSIONS * MAX_SESSION
 // build, not a production group.
 // Every accepted value can be written and read back in one client message.
 const _: () = assert!(MAX_KEY_BYTES + MAX_VALUE_BYTES + 4096 < MAX_CLIENT_MESSAGE_BYTES);
-// A remembered output fits its record (three varints, the owner's fixed64, a flag and framing around
-// the value).
-const _: () = assert!(MAX_REMEMBERED_VALUE_BYTES + 3 * 10 + 9 + 8 <= MAX_SESSION_RECORD_BYTES);
+// A remembered output fits its record (three varints, the owner's fixed64, two flags and framing
+// around the value).
+const _: () =
+    assert!(MAX_REMEMBERED_VALUE_BYTES + 3 * 10 + 9 + 2 * 2 + 8 <= MAX_SESSION_RECORD_BYTES);
 // A page of records holds at least one, and no more bytes of them than a page of keys may hold: the
 // records ride within PAGE_BYTES, so MAX_PAGE_BYTES (keys, one whole key beyond) bounds every page.
 const _: () = assert!(SESSION_PAGE_RECORDS >= 1);

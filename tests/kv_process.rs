@@ -1279,3 +1279,28 @@ async fn answers_left_unread_hold_at_most_the_callers_share() {
         assert_eq!(read.len(), value.len());
     }
 }
+
+/// `kvd --quota-bytes` bounds the store as etcd's `--quota-backend-bytes` does (the attacker
+/// review's MEDIUM: any client could grow every replica's memory and snapshots without end): a put
+/// that would pass it is refused at once with an error naming the quota, and nothing is written;
+/// deleting makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_at_its_quota_refuses_growth_until_keys_are_deleted() {
+    let cluster = Replicas::start_temp_args(Role::Kv, 3, 8 << 20, &["--quota-bytes", "4096"]);
+    let mut clerk = cluster.clerk();
+    let value = "v".repeat(3000);
+    clerk.put("a", &value).await.expect("within the quota");
+    let refused = clerk.put("b", &value).await.expect_err("past the quota");
+    assert!(
+        matches!(refused, ds824::kv::ClerkError::Rejected(_)),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("quota"), "{refused}");
+    assert_eq!(clerk.get("b").await.expect("get"), None, "written anyway");
+    assert!(clerk.delete("a").await.expect("delete"));
+    clerk.put("b", &value).await.expect("room again");
+    assert_eq!(
+        clerk.get("b").await.expect("get").map(|v| v.len()),
+        Some(3000)
+    );
+}

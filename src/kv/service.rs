@@ -271,6 +271,7 @@ impl<M: KvMachine> Kv for KvService<M> {
                         ok: true,
                         value: None,
                         elided: false,
+                        over_quota: false,
                     })
                 }),
             false => self

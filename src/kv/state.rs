@@ -56,6 +56,8 @@ pub enum KvQuery {
 /// otherwise true. `value`: for get, the value; for a cas that did not swap, the current value.
 /// `elided`: a failed cas answered from a dedup record whose value was too long to keep
 /// ([`crate::limits::MAX_REMEMBERED_VALUE_BYTES`]): `value` is absent although the key may exist.
+/// `over_quota`: a write refused, with nothing written, because it would have grown the store past
+/// its quota ([`crate::rsm::sessions::LogPolicy::quota_bytes`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvOutput {
     /// See the type documentation.
@@ -64,6 +66,8 @@ pub struct KvOutput {
     pub value: Option<String>,
     /// See the type documentation.
     pub elided: bool,
+    /// See the type documentation.
+    pub over_quota: bool,
 }
 
 /// The replicated map. Ordered, so snapshots are byte-for-byte the same on every replica and a shard
@@ -73,12 +77,131 @@ pub struct KvOutput {
 /// snapshot is encoded from a clone taken under the service lock in an instant, off the lock and off
 /// the Raft loop, while writes go on (each write then copies only the path it changes, and keys and
 /// values are reference-counted, so that copy never duplicates a value).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Equal stores hold the same keys and values; the quota they last saw is the log's, not theirs.
+#[derive(Clone, Debug, Default)]
 pub struct KvStore {
     data: OrdMap<Arc<str>, Arc<str>>,
+    /// Bytes of keys and values held: what the quota bounds.
+    bytes: u64,
+    /// The quota of the command being applied (0: none), from the log ([`StateMachine::observe_clock`]).
+    quota: u64,
 }
 
+impl PartialEq for KvStore {
+    fn eq(&self, other: &Self) -> bool {
+        self.data == other.data
+    }
+}
+
+impl Eq for KvStore {}
+
 impl KvStore {
+    /// Bytes of keys and values held (what [`crate::rsm::sessions::LogPolicy::quota_bytes`] bounds).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Set `key` to `value`, keeping the byte count.
+    fn set(&mut self, key: Arc<str>, value: Arc<str>) {
+        let added = (key.len() + value.len()) as u64;
+        if let Some(old) = self.data.insert(key.clone(), value) {
+            self.bytes -= (key.len() + old.len()) as u64;
+        }
+        self.bytes += added;
+    }
+
+    /// Remove `key`, keeping the byte count; whether it was there.
+    fn unset(&mut self, key: &str) -> bool {
+        match self.data.remove(key) {
+            Some(old) => {
+                self.bytes -= (key.len() + old.len()) as u64;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Apply `command` in a machine holding `held` bytes in all (this store's, or a shard group's
+    /// across its shards) under `quota` (0: none): a write that would grow the total past the quota
+    /// is refused with nothing written; deletes, and writes that do not grow it, always apply (so a
+    /// full store can be emptied).
+    pub fn apply_within(&mut self, command: KvCommand, held: u64, quota: u64) -> KvOutput {
+        let grows_by = |key: &str, new_value: usize, this: &KvStore| -> u64 {
+            let old = this.data.get(key).map_or(0, |v| key.len() + v.len()) as u64;
+            ((key.len() + new_value) as u64).saturating_sub(old)
+        };
+        let growth = match &command {
+            KvCommand::Put { key, value } => grows_by(key, value.len(), self),
+            KvCommand::Append { key, value } => {
+                let current = self.data.get(key.as_str()).map_or(0, |v| v.len());
+                grows_by(key, current + value.len(), self)
+            }
+            KvCommand::Cas {
+                key,
+                expected,
+                value,
+            } if self.data.get(key.as_str()).map(|v| &**v) == expected.as_deref() => {
+                grows_by(key, value.len(), self)
+            }
+            KvCommand::Cas { .. } | KvCommand::Delete { .. } => 0,
+        };
+        if quota > 0 && growth > 0 && held.saturating_add(growth) > quota {
+            return KvOutput {
+                over_quota: true,
+                ..KvOutput::default()
+            };
+        }
+        self.apply_unbounded(command)
+    }
+
+    /// `command` applied with no quota (the value limit still holds).
+    fn apply_unbounded(&mut self, command: KvCommand) -> KvOutput {
+        let done = |ok| KvOutput {
+            ok,
+            ..KvOutput::default()
+        };
+        match command {
+            KvCommand::Put { key, value } => {
+                self.set(key.into(), value.into());
+                done(true)
+            }
+            KvCommand::Append { key, value } => {
+                // The limit holds for the value an append produces, not just the suffix: values that
+                // grow without end would stall replication and migrations for everyone. Checked here,
+                // at apply, so every replica refuses the same appends; nothing changes on a refusal.
+                let current = self.data.get(key.as_str()).map_or(0, |v| v.len());
+                if current + value.len() > super::validate::MAX_VALUE_BYTES {
+                    return done(false);
+                }
+                let appended = match self.data.get(key.as_str()) {
+                    Some(current) => Arc::from(format!("{current}{value}")),
+                    None => Arc::from(value),
+                };
+                self.set(key.into(), appended);
+                done(true)
+            }
+            KvCommand::Delete { key } => done(self.unset(&key)),
+            KvCommand::Cas {
+                key,
+                expected,
+                value,
+            } => {
+                let current = self.data.get(key.as_str());
+                if current.map(|v| &**v) == expected.as_deref() {
+                    self.set(key.into(), value.into());
+                    done(true)
+                } else {
+                    KvOutput {
+                        ok: false,
+                        value: current.map(|v| v.to_string()),
+                        ..KvOutput::default()
+                    }
+                }
+            }
+        }
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.data.len()
@@ -124,19 +247,17 @@ impl KvStore {
 
 impl Extend<(String, String)> for KvStore {
     fn extend<I: IntoIterator<Item = (String, String)>>(&mut self, pairs: I) {
-        self.data
-            .extend(pairs.into_iter().map(|(k, v)| (Arc::from(k), Arc::from(v))));
+        for (key, value) in pairs {
+            self.set(Arc::from(key), Arc::from(value));
+        }
     }
 }
 
 impl FromIterator<(String, String)> for KvStore {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
-        KvStore {
-            data: pairs
-                .into_iter()
-                .map(|(k, v)| (Arc::from(k), Arc::from(v)))
-                .collect(),
-        }
+        let mut store = KvStore::default();
+        store.extend(pairs);
+        store
     }
 }
 
@@ -196,65 +317,11 @@ impl StateMachine for KvStore {
     type Output = KvOutput;
 
     fn apply(&mut self, command: KvCommand) -> KvOutput {
-        match command {
-            KvCommand::Put { key, value } => {
-                self.data.insert(key.into(), value.into());
-                KvOutput {
-                    ok: true,
-                    value: None,
-                    elided: false,
-                }
-            }
-            KvCommand::Append { key, value } => {
-                // The limit holds for the value an append produces, not just the suffix: values that
-                // grow without end would stall replication and migrations for everyone. Checked here,
-                // at apply, so every replica refuses the same appends; nothing changes on a refusal.
-                let current = self.data.get(key.as_str()).map_or(0, |v| v.len());
-                if current + value.len() > super::validate::MAX_VALUE_BYTES {
-                    return KvOutput {
-                        ok: false,
-                        value: None,
-                        elided: false,
-                    };
-                }
-                let appended = match self.data.get(key.as_str()) {
-                    Some(current) => Arc::from(format!("{current}{value}")),
-                    None => Arc::from(value),
-                };
-                self.data.insert(key.into(), appended);
-                KvOutput {
-                    ok: true,
-                    value: None,
-                    elided: false,
-                }
-            }
-            KvCommand::Delete { key } => KvOutput {
-                ok: self.data.remove(key.as_str()).is_some(),
-                value: None,
-                elided: false,
-            },
-            KvCommand::Cas {
-                key,
-                expected,
-                value,
-            } => {
-                let current = self.data.get(key.as_str());
-                if current.map(|v| &**v) == expected.as_deref() {
-                    self.data.insert(key.into(), value.into());
-                    KvOutput {
-                        ok: true,
-                        value: None,
-                        elided: false,
-                    }
-                } else {
-                    KvOutput {
-                        ok: false,
-                        value: current.map(|v| v.to_string()),
-                        elided: false,
-                    }
-                }
-            }
-        }
+        self.apply_within(command, self.bytes, self.quota)
+    }
+
+    fn observe_clock(&mut self, clock: &crate::rsm::sessions::LogClock) {
+        self.quota = clock.policy.map_or(0, |policy| policy.quota_bytes);
     }
 
     fn query(&self, query: &KvQuery) -> KvOutput {
@@ -265,6 +332,7 @@ impl StateMachine for KvStore {
                     ok: value.is_some(),
                     value,
                     elided: false,
+                    over_quota: false,
                 }
             }
         }
@@ -308,6 +376,11 @@ impl StateMachine for KvStore {
             .into_iter()
             .map(|(k, v)| (Arc::from(k), Arc::from(v)))
             .collect();
+        self.bytes = self
+            .data
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum();
         Ok(())
     }
 
@@ -369,6 +442,7 @@ impl KvOutput {
                 ok: self.ok,
                 value: None,
                 elided: true,
+                over_quota: self.over_quota,
             },
             _ => self.clone(),
         }
@@ -381,6 +455,7 @@ impl From<&KvOutput> for pb::Outcome {
             ok: output.ok,
             current: output.value.clone(),
             current_elided: output.elided,
+            over_quota: output.over_quota,
         }
     }
 }
@@ -391,6 +466,7 @@ impl From<pb::Outcome> for KvOutput {
             ok: outcome.ok,
             value: outcome.current,
             elided: outcome.current_elided,
+            over_quota: outcome.over_quota,
         }
     }
 }
@@ -409,6 +485,68 @@ impl KvCommand {
 
 #[cfg(test)]
 mod tests {
+    /// The quota refuses exactly the writes that would grow the store past it, changes nothing when
+    /// it does, and always lets a full store shrink; the byte count it goes by survives a snapshot.
+    #[test]
+    fn at_its_quota_a_store_refuses_growth_and_still_shrinks() {
+        use super::{KvCommand, KvStore};
+        use crate::rsm::StateMachine as _;
+        let put = |key: &str, value: &str| KvCommand::Put {
+            key: key.into(),
+            value: value.into(),
+        };
+        let mut store = KvStore::default();
+        let quota = 20;
+        let first = store.apply_within(put("a", &"x".repeat(9)), store.bytes(), quota);
+        assert!(first.ok && !first.over_quota);
+        assert_eq!(store.bytes(), 10);
+        let second = store.apply_within(put("b", &"y".repeat(9)), store.bytes(), quota);
+        assert!(second.ok, "exactly at the quota is within it");
+        assert_eq!(store.bytes(), 20);
+        for refused in [
+            put("c", ""),
+            put("a", &"x".repeat(10)),
+            KvCommand::Append {
+                key: "b".into(),
+                value: "y".into(),
+            },
+            KvCommand::Cas {
+                key: "a".into(),
+                expected: Some("x".repeat(9)),
+                value: "x".repeat(10),
+            },
+        ] {
+            let before = store.clone();
+            let answer = store.apply_within(refused.clone(), store.bytes(), quota);
+            assert!(answer.over_quota && !answer.ok, "{refused:?}: {answer:?}");
+            assert_eq!(store, before, "{refused:?} changed the store");
+            assert_eq!(store.bytes(), 20);
+        }
+        // A swap that does not happen is answered as ever; one that shrinks, a shorter put and a
+        // delete apply.
+        let mismatch = store.apply_within(
+            KvCommand::Cas {
+                key: "a".into(),
+                expected: Some("other".into()),
+                value: "z".repeat(50),
+            },
+            store.bytes(),
+            quota,
+        );
+        assert!(!mismatch.over_quota && mismatch.value.is_some());
+        assert!(store.apply_within(put("a", "x"), store.bytes(), quota).ok);
+        assert_eq!(store.bytes(), 12);
+        let deleted = store.apply_within(KvCommand::Delete { key: "b".into() }, 12, quota);
+        assert!(deleted.ok && !deleted.over_quota);
+        assert_eq!(store.bytes(), 2);
+        // No quota: anything within the value limit.
+        assert!(store.apply_within(put("big", &"z".repeat(1000)), 2, 0).ok);
+        let mut restored = KvStore::default();
+        restored.restore(&store.snapshot()).expect("restore");
+        assert_eq!(restored.bytes(), store.bytes());
+        assert_eq!(restored.bytes(), 2 + 3 + 1000);
+    }
+
     #[test]
     fn the_snapshot_is_written_as_prost_would_write_it() {
         let store: KvStore = [("b", "2"), ("a", ""), ("c", &*"x".repeat(300))]
@@ -443,6 +581,7 @@ mod tests {
             ok: true,
             value: None,
             elided: false,
+            over_quota: false,
         };
         assert_eq!(store.apply(append("v".repeat(MAX_VALUE_BYTES - 1))), ok);
         assert_eq!(store.apply(append("w".into())), ok, "exactly at the limit");

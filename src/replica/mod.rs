@@ -161,8 +161,8 @@ pub struct ReplicaConfig {
     pub max_snapshot_bytes: u64,
     /// See [`ServiceConfig::request_timeout`].
     pub request_timeout: Duration,
-    /// See [`ServiceConfig::sessions`].
-    pub sessions: crate::rsm::sessions::SessionPolicy,
+    /// See [`ServiceConfig::policy`].
+    pub policy: crate::rsm::sessions::LogPolicy,
     /// Which service this replica runs.
     pub role: ServiceRole,
     /// Serve Prometheus metrics at `http://<this>/metrics`, if set.
@@ -770,7 +770,7 @@ impl Replica {
             addresses,
             metrics: metrics.as_ref().map(|(_, _, _, service)| service.clone()),
             guard: config.security.guard(),
-            sessions: config.sessions,
+            policy: config.policy,
             cluster_id: crate::raft::transport::cluster_id(&config.cluster, &group_name),
             unsafe_ack_before_commit: config.unsafe_ack_before_commit,
             follower_reads: config.follower_reads,

@@ -23,7 +23,7 @@ use crate::proto::rsm as pb;
 use crate::raft::{Entry, EntryKind, Index, Snapshot};
 use bytes::Bytes;
 use prost::Message as _;
-use sessions::{LogClock, Lookup, Owner, SessionPolicy, SessionRecord, SessionTable};
+use sessions::{LogClock, LogPolicy, Lookup, Owner, SessionRecord, SessionTable};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
@@ -84,8 +84,9 @@ pub trait StateMachine: Clone {
         output.clone()
     }
 
-    /// The log's clock and session policy as of the command about to be applied. Machines that keep their
-    /// own dedup records (`SESSIONS = false`) expire them by it; others ignore it.
+    /// The log's clock and policy as of the command about to be applied (every command's, before it
+    /// is applied). Machines that keep their own dedup records (`SESSIONS = false`) expire them by
+    /// it; stores hold to its quota.
     fn observe_clock(&mut self, _clock: &LogClock) {}
 }
 
@@ -213,7 +214,7 @@ pub struct Rsm<S: StateMachine> {
     /// Time and policy as of the last applied command (part of the snapshot: expiry is replicated).
     clock: LogClock,
     /// The policy this node stamps on its proposals.
-    policy: SessionPolicy,
+    policy: LogPolicy,
     applied: Index,
     writes: BTreeMap<Index, Vec<PendingWrite>>,
     reads: BTreeMap<Index, Vec<(Token, S::Query)>>,
@@ -225,12 +226,12 @@ pub struct Rsm<S: StateMachine> {
 impl<S: StateMachine> Rsm<S> {
     /// Wrap a fresh state machine.
     pub fn new(machine: S) -> Self {
-        Self::with_policy(machine, SessionPolicy::default())
+        Self::with_policy(machine, LogPolicy::default())
     }
 
     /// Wrap a fresh state machine; this node's proposals carry `policy` (when it leads, every replica
     /// drops sessions by it).
-    pub fn with_policy(machine: S, policy: SessionPolicy) -> Self {
+    pub fn with_policy(machine: S, policy: LogPolicy) -> Self {
         Rsm {
             machine,
             sessions: SessionTable::default(),
@@ -290,6 +291,7 @@ impl<S: StateMachine> Rsm<S> {
             session_ttl_ms: self.policy.ttl_ms,
             max_sessions: self.policy.max_sessions,
             owner,
+            quota_bytes: self.policy.quota_bytes,
         };
         Prepared::Propose(Bytes::from(logged.encode_to_vec()))
     }
@@ -469,14 +471,15 @@ impl<S: StateMachine> Rsm<S> {
         let (client, seq) = (logged.client_id, logged.seq);
         self.clock.observe(
             logged.time_ms,
-            SessionPolicy {
+            LogPolicy {
                 ttl_ms: logged.session_ttl_ms,
                 max_sessions: logged.max_sessions,
+                quota_bytes: logged.quota_bytes,
             },
         );
+        self.machine.observe_clock(&self.clock);
         if !S::SESSIONS || client == 0 {
             // Internal proposals (client 0) and machines that keep their own records apply everything.
-            self.machine.observe_clock(&self.clock);
             let command = S::decode_command(&logged.command)?;
             return Ok((client, seq, Applied::Output(self.machine.apply(command))));
         }

@@ -48,8 +48,9 @@ pub struct ServiceConfig {
     pub metrics: Option<ServiceMetrics>,
     /// Who may call the service's RPCs (open without TLS).
     pub guard: crate::security::Guard,
-    /// When client sessions are dropped (stamped on this node's proposals while it leads).
-    pub sessions: super::sessions::SessionPolicy,
+    /// When client sessions are dropped and how many bytes the store may hold (stamped on this
+    /// node's proposals while it leads).
+    pub policy: super::sessions::LogPolicy,
     /// The cluster id (`<cluster>/<group>`) this service's node belongs to, written into backups.
     pub cluster_id: String,
     /// A deliberate safety bug for the `chaos` self-test (only debug builds of `kvd` can set it):
@@ -71,7 +72,7 @@ impl Default for ServiceConfig {
             addresses: HashMap::new(),
             metrics: None,
             guard: crate::security::Guard::open(),
-            sessions: super::sessions::SessionPolicy::default(),
+            policy: super::sessions::LogPolicy::default(),
             cluster_id: "ds824/raft".into(),
             unsafe_ack_before_commit: false,
             follower_reads: false,
@@ -295,7 +296,7 @@ impl<S: ServedMachine> RsmService<S> {
     ) -> (RsmService<S>, JoinHandle<Result<(), ServiceError>>) {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
-                rsm: Rsm::with_policy(machine, config.sessions),
+                rsm: Rsm::with_policy(machine, config.policy),
                 waiters: HashMap::new(),
                 next_token: 0,
                 restored_snapshot_index: 0,

@@ -50,29 +50,37 @@ pub fn owner_of(principal: Option<&crate::security::Principal>) -> Owner {
     u64::from_be_bytes(first).max(1)
 }
 
-/// When sessions are dropped. Carried in every logged command (the proposing leader's flags).
+/// The rules every replica applies entries by, whatever its own flags: when sessions are dropped,
+/// and how many bytes the store may hold. Carried in every logged command (the proposing leader's
+/// flags), so all replicas decide alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SessionPolicy {
+pub struct LogPolicy {
     /// Drop sessions idle longer than this (log time, ms); 0 never does.
     pub ttl_ms: u64,
     /// Keep at most this many sessions, dropping the least recently active; 0 means no limit.
     pub max_sessions: u64,
+    /// Most bytes of keys and values the store may hold: a write that would grow it past this is
+    /// refused, with nothing written (deletes and writes that shrink it always apply); 0 means no limit.
+    pub quota_bytes: u64,
 }
 
-impl Default for SessionPolicy {
+impl Default for LogPolicy {
     fn default() -> Self {
-        SessionPolicy {
+        LogPolicy {
             ttl_ms: crate::limits::DEFAULT_SESSION_TTL_MS,
             max_sessions: crate::limits::DEFAULT_MAX_SESSIONS as u64,
+            quota_bytes: crate::limits::DEFAULT_QUOTA_BYTES,
         }
     }
 }
 
-impl SessionPolicy {
-    /// Keep every session (entries written before sessions expired carry no policy).
-    pub const KEEP_ALL: SessionPolicy = SessionPolicy {
+impl LogPolicy {
+    /// Keep every session and any number of bytes (entries written before sessions expired carry no
+    /// policy).
+    pub const KEEP_ALL: LogPolicy = LogPolicy {
         ttl_ms: 0,
         max_sessions: 0,
+        quota_bytes: 0,
     };
 }
 
@@ -82,12 +90,12 @@ pub struct LogClock {
     /// The latest leader timestamp applied (ms since the Unix epoch; 0 before any).
     pub now_ms: u64,
     /// The policy of the latest applied command.
-    pub policy: Option<SessionPolicy>,
+    pub policy: Option<LogPolicy>,
 }
 
 impl LogClock {
     /// Move to an applied command's stamp. Time never goes back, even if a new leader's clock is behind.
-    pub fn observe(&mut self, time_ms: u64, policy: SessionPolicy) {
+    pub fn observe(&mut self, time_ms: u64, policy: LogPolicy) {
         self.now_ms = self.now_ms.max(time_ms);
         self.policy = Some(policy);
     }
@@ -316,9 +324,10 @@ mod tests {
     fn clock(now_ms: u64, ttl_ms: u64, max_sessions: u64) -> LogClock {
         LogClock {
             now_ms,
-            policy: Some(SessionPolicy {
+            policy: Some(LogPolicy {
                 ttl_ms,
                 max_sessions,
+                quota_bytes: 0,
             }),
         }
     }

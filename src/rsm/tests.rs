@@ -1,7 +1,7 @@
 use super::*;
 use crate::kv::{KvCommand, KvOutput, KvQuery, KvStore};
 use crate::raft::SnapshotMeta;
-use crate::rsm::sessions::{self, SessionPolicy};
+use crate::rsm::sessions::{self, LogPolicy};
 
 fn put(key: &str, value: &str) -> KvCommand {
     KvCommand::Put {
@@ -54,6 +54,7 @@ fn a_command_in_the_log_twice_is_applied_once() {
                 ok: true,
                 value: None,
                 elided: false,
+                over_quota: false,
             }
         }]
     );
@@ -117,6 +118,7 @@ fn reads_wait_for_their_index_and_fail_on_leadership_loss() {
                 ok: true,
                 value: Some("1".into()),
                 elided: false,
+                over_quota: false,
             }
         }]
     );
@@ -235,6 +237,7 @@ fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
         ok: true,
         value: None,
         elided: false,
+        over_quota: false,
     };
     assert_eq!(
         rsm.track(9, 1, 0, 41),
@@ -262,10 +265,11 @@ fn client_at(ms: u64, n: u64) -> ClientId {
     (ms << sessions::CLIENT_ID_RANDOM_BITS) | n
 }
 
-fn capped(max_sessions: u64) -> SessionPolicy {
-    SessionPolicy {
+fn capped(max_sessions: u64) -> LogPolicy {
+    LogPolicy {
         ttl_ms: 60_000,
         max_sessions,
+        quota_bytes: 0,
     }
 }
 
@@ -358,9 +362,10 @@ fn a_dropped_session_is_never_applied_twice() {
 
 #[test]
 fn idle_sessions_expire_by_the_leaders_clock_in_the_log_and_survive_snapshots() {
-    let policy = SessionPolicy {
+    let policy = LogPolicy {
         ttl_ms: 1_000,
         max_sessions: 0,
+        quota_bytes: 0,
     };
     let mut rsm = Rsm::with_policy(KvStore::default(), policy);
     let t = 1_800_000_000_000;
@@ -523,4 +528,36 @@ fn a_session_takes_commands_only_from_the_identity_that_opened_it() {
         .apply_entries(&[entry(index + 1, second)])
         .expect("apply");
     assert_eq!(get(&other, "k").as_deref(), Some("victim 2"));
+}
+
+/// The quota is the log's, like the session policy: a replica started with another (or none) refuses
+/// the same writes as the leader that stamped them, and a retry of a refused write is told it was
+/// refused (from its dedup record), not applied then.
+#[test]
+fn the_quota_stamped_in_the_log_decides_on_every_replica() {
+    let with_quota = LogPolicy {
+        quota_bytes: 16,
+        ..LogPolicy::KEEP_ALL
+    };
+    let mut leader = Rsm::with_policy(KvStore::default(), with_quota);
+    let mut follower = Rsm::with_policy(KvStore::default(), LogPolicy::KEEP_ALL);
+    let first = proposal(&leader, 7, 1, &put("a", "123456789"));
+    let second = proposal(&leader, 7, 2, &put("b", "123456789"));
+    for rsm in [&mut leader, &mut follower] {
+        rsm.apply_entries(&[entry(1, first.clone()), entry(2, second.clone())])
+            .expect("apply");
+        assert_eq!(get(rsm, "a").as_deref(), Some("123456789"));
+        assert_eq!(get(rsm, "b"), None, "a write past the quota was applied");
+        let Prepared::Answered(retried) = rsm.prepare(7, 2, 0, &put("b", "123456789"), 2) else {
+            panic!("the refused write is not remembered")
+        };
+        assert!(retried.over_quota && !retried.ok, "{retried:?}");
+    }
+    // Entries stamped without a quota (an older leader, or --quota-bytes 0) are not bounded.
+    let unbounded = proposal(&follower, 7, 3, &put("c", &"x".repeat(100)));
+    for rsm in [&mut leader, &mut follower] {
+        rsm.apply_entries(&[entry(3, unbounded.clone())])
+            .expect("apply");
+        assert_eq!(get(rsm, "c").map(|v| v.len()), Some(100));
+    }
 }

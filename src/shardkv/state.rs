@@ -395,6 +395,12 @@ impl ShardKv {
         command: KvCommand,
     ) -> ShardOutput {
         let clock = self.clock;
+        // The quota bounds the group's whole store: every shard it holds, whole or still arriving.
+        let quota = clock.policy.map_or(0, |policy| policy.quota_bytes);
+        let held = match quota {
+            0 => 0,
+            _ => self.shards.values().map(|o| o.contents.data.bytes()).sum(),
+        };
         let Some(shard) = self.serving_shard(command.key()) else {
             return ShardOutput::WrongGroup;
         };
@@ -410,7 +416,7 @@ impl ShardKv {
             Lookup::Expired(mark) => return ShardOutput::SessionExpired(mark),
             Lookup::New => {}
         }
-        let output = shard.data.apply(command);
+        let output = shard.data.apply_within(command, held, quota);
         shard
             .dedup
             .record(client, seq, owner, output.remembered(), &clock);
@@ -505,6 +511,7 @@ impl ShardKv {
             ok: true,
             value: None,
             elided: false,
+            over_quota: false,
         })
     }
 
@@ -577,6 +584,7 @@ impl ShardKv {
                 ok: true,
                 value: None,
                 elided: false,
+                over_quota: false,
             });
         }
         owned.cursor = Cursor::default();
@@ -587,6 +595,7 @@ impl ShardKv {
             ok: true,
             value: None,
             elided: false,
+            over_quota: false,
         })
     }
 
@@ -617,6 +626,7 @@ impl ShardKv {
             ok: true,
             value: None,
             elided: false,
+            over_quota: false,
         })
     }
 }
@@ -705,6 +715,7 @@ impl StateMachine for ShardKv {
                             ok: value.is_some(),
                             value,
                             elided: false,
+                            over_quota: false,
                         })
                     }
                     _ => ShardOutput::WrongGroup,

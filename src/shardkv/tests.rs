@@ -40,6 +40,7 @@ fn ok() -> ShardOutput {
         ok: true,
         value: None,
         elided: false,
+        over_quota: false,
     })
 }
 
@@ -84,6 +85,7 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
             ok: true,
             value: Some("y".into()),
             elided: false,
+            over_quota: false,
         })
     );
 
@@ -139,6 +141,7 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
             ok: true,
             value: Some("y".into()),
             elided: false,
+            over_quota: false,
         })
     );
     // The dedup record came along: the client's retry of seq 2 is not applied twice.
@@ -149,6 +152,7 @@ fn serves_only_owned_shards_and_moves_through_configs_in_order() {
             ok: true,
             value: Some("y".into()),
             elided: false,
+            over_quota: false,
         })
     );
     // Now group 2 owes group 1 a delete; group 1 drops its copy; group 2 records the confirmation.
@@ -329,6 +333,7 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
                 ok: true,
                 value: Some(value.clone()),
                 elided: false,
+                over_quota: false,
             })
         );
     }
@@ -351,6 +356,7 @@ fn a_large_shard_moves_in_bounded_pages_applied_in_order() {
             ok: true,
             value: Some(value.clone()),
             elided: false,
+            over_quota: false,
         })
     );
     // Pages survive the wire and the log.
@@ -432,6 +438,7 @@ fn shards_left_with_nobody_are_found_at_their_last_owner() {
             ok: true,
             value: Some("kept".into()),
             elided: false,
+            over_quota: false,
         })
     );
     // A shard nobody ever held (no owner in the history) starts empty once adopted from nowhere.
@@ -604,14 +611,15 @@ fn a_group_that_owns_nothing_may_jump_over_configurations_the_controllers_droppe
 /// identity whose owner is the client's id. Client `clients` last appended "a" to "log". Group 2 is at
 /// configuration 2, pulling the shard.
 fn groups_with_many_sessions(clients: u64, kept: u64) -> (ShardKv, ShardKv) {
-    use crate::rsm::sessions::{LogClock, SessionPolicy};
+    use crate::rsm::sessions::{LogClock, LogPolicy};
     let mut g1 = ShardKv::new(1);
     g1.apply(ShardCommand::NextConfig(config(1, &[1])));
     g1.observe_clock(&LogClock {
         now_ms: 1,
-        policy: Some(SessionPolicy {
+        policy: Some(LogPolicy {
             ttl_ms: 0,
             max_sessions: kept,
+            quota_bytes: 0,
         }),
     });
     let long = "x".repeat(crate::limits::MAX_REMEMBERED_VALUE_BYTES);
@@ -706,6 +714,7 @@ fn a_shard_with_many_sessions_moves_its_records_in_bounded_pages() {
             ok: true,
             value: Some("a".into()),
             elided: false,
+            over_quota: false,
         })
     );
     // A retried failed swap is told what it was told; a dropped client's retry is refused, not applied.
@@ -927,4 +936,38 @@ fn transfers_the_state_already_decides_are_answered_as_the_machine_would() {
     }
     assert_eq!(pull(&mut g1, None, Some(2)), ShardOutput::NotReady);
     assert_eq!(drop_copy(&mut g1, Some(3)), ShardOutput::Dropped);
+}
+
+/// A shard group's quota (the log's policy, as a KV cluster's) bounds all its shards together: a
+/// write to a nearly empty shard is refused when the group as a whole is full.
+#[test]
+fn a_shard_groups_quota_bounds_its_shards_together() {
+    use crate::rsm::sessions::{LogClock, LogPolicy};
+    let mut g1 = ShardKv::new(1);
+    assert_eq!(g1.apply(ShardCommand::NextConfig(config(1, &[1, 1]))), ok());
+    g1.observe_clock(&LogClock {
+        now_ms: 1,
+        policy: Some(LogPolicy {
+            quota_bytes: 30,
+            ..LogPolicy::KEEP_ALL
+        }),
+    });
+    let (k0, k1) = (key_in(0, 2), key_in(1, 2));
+    assert_eq!(g1.apply(put(7, 1, &k0, &"x".repeat(20 - k0.len()))), ok());
+    let refused = g1.apply(put(7, 2, &k1, &"y".repeat(20 - k1.len())));
+    assert!(
+        matches!(
+            refused,
+            ShardOutput::Kv(KvOutput {
+                over_quota: true,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        matches!(get(&g1, &k1), ShardOutput::Kv(KvOutput { value: None, .. })),
+        "written anyway"
+    );
+    assert_eq!(g1.apply(put(7, 3, &k1, &"y".repeat(10 - k1.len()))), ok());
 }
