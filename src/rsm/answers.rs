@@ -249,21 +249,13 @@ mod tests {
     fn a_caller_holds_at_most_its_share_and_all_callers_the_total() {
         let budget = AnswerBudget::new(100, 60);
         let first = budget.reserve("a", 50).expect("within both");
-        assert_eq!(
-            budget.reserve("a", 11).expect_err("a's share"),
-            BudgetExceeded::Caller {
-                held: 50,
-                limit: 60
-            }
-        );
+        let past_share = budget.reserve("a", 11).expect_err("a's share");
         let other = budget.reserve("b", 50).expect("b's own share");
-        assert_eq!(
-            budget.reserve("c", 1).expect_err("the total"),
-            BudgetExceeded::Process {
-                held: 100,
-                limit: 100
-            }
-        );
+        let past_total = budget.reserve("c", 1).expect_err("the total");
+        let (held, limit) = (50, 60);
+        assert_eq!(past_share, BudgetExceeded::Caller { held, limit });
+        let (held, limit) = (100, 100);
+        assert_eq!(past_total, BudgetExceeded::Process { held, limit });
         let clone = first.clone();
         drop(first);
         assert_eq!(budget.held(), 100, "a clone still holds the bytes");
