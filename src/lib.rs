@@ -4,6 +4,7 @@
 //! in this crate embeds. [`sim`] is the deterministic simulator the tests drive it with; [`check`] is the
 //! linearizability checker that judges the histories they record.
 
+pub mod address;
 pub mod chaos;
 pub mod check;
 pub mod ctrler;

@@ -344,7 +344,7 @@ impl Replica {
             other => panic!("client {client} seq {seq}: expected a proposal, got {other:?}"),
         };
         let index = self.rsm.applied() + 1;
-        self.rsm.expect(client, seq);
+        self.rsm.expect(client, seq, 0);
         let entry = Entry {
             term: 1,
             index,
@@ -355,7 +355,7 @@ impl Replica {
             .apply_entries(std::slice::from_ref(&entry))
             .expect("apply");
         self.log.push(entry);
-        match self.rsm.track(index, index, client, seq) {
+        match self.rsm.track(index, index, (client, seq, 0)) {
             Some(Completion::Done { output, .. }) => output,
             other => panic!("client {client} seq {seq}: not done: {other:?}"),
         }

@@ -280,18 +280,13 @@ impl Mutation {
     }
 
     /// The outcome if served; `None` if the session expired and the mutation may simply be sent again
-    /// under the new one (see [`Session::restart`]); a final refusal if the store is at its quota.
+    /// under the new one (see [`Session::restart`]).
     pub fn finish(
         self,
         session: &mut Session,
         answer: MutationAnswer,
     ) -> Result<Option<pb::Outcome>, ClerkError> {
         match answer {
-            Ok((outcome, _)) if outcome.over_quota => Err(ClerkError::Rejected(
-                "the store is at its quota (kvd --quota-bytes): nothing was written; delete keys \
-                 or raise the quota"
-                    .into(),
-            )),
             Ok((outcome, _)) => Ok(Some(outcome)),
             Err((_, min_client_id)) => {
                 session.restart(min_client_id, self.attempts.load(Ordering::Relaxed))?;

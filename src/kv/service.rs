@@ -112,7 +112,11 @@ impl<M: KvMachine> Clone for KvService<M> {
 
 /// Answers shorter than this reserve nothing from the [`AnswerBudget`]: what one holds is of the
 /// order of its HTTP/2 stream's own state, which the per-connection stream bound already limits.
-const MIN_BUDGETED_ANSWER_BYTES: usize = 1024;
+const MIN_BUDGETED_ANSWER_BYTES: usize = 256;
+
+/// What a write refused for the store's quota is told.
+const OVER_QUOTA: &str = "the store is at its quota (kvd --quota-bytes): nothing was written; \
+                          delete keys or raise the quota";
 
 /// Largest `kv.Kv` request or answer.
 const MAX_MESSAGE_BYTES: usize = crate::limits::MAX_CLIENT_MESSAGE_BYTES;
@@ -282,6 +286,11 @@ impl<M: KvMachine> Kv for KvService<M> {
         };
         match answered {
             Ok(answer) => match answer {
+                // A status, not an outcome: clerks of every version take FAILED_PRECONDITION as a
+                // final refusal, where one before quotas would have read the outcome as written.
+                KvAnswer::Done(output) if output.over_quota => {
+                    return Err(Status::failed_precondition(OVER_QUOTA))
+                }
                 KvAnswer::Done(output) => response.outcome = Some(pb::Outcome::from(&output)),
                 KvAnswer::WrongGroup => response.set_error(pb::ErrorCode::WrongGroup),
                 KvAnswer::SessionExpired(mark) => {

@@ -82,10 +82,21 @@ pub struct KvOutput {
 #[derive(Clone, Debug, Default)]
 pub struct KvStore {
     data: OrdMap<Arc<str>, Arc<str>>,
-    /// Bytes of keys and values held: what the quota bounds.
+    /// Bytes of keys and values held, with [`KEY_OVERHEAD_BYTES`] for each key: what the quota
+    /// bounds.
     bytes: u64,
     /// The quota of the command being applied (0: none), from the log ([`StateMachine::observe_clock`]).
     quota: u64,
+}
+
+/// What one key costs against the quota besides its key and value: the map's node and two shared
+/// strings' headers, and its framing in every snapshot, about this much on a 64-bit machine. Without
+/// it, empty values under short keys held tens of times the quota in memory.
+pub const KEY_OVERHEAD_BYTES: u64 = 64;
+
+/// What a key of `key`'s length with a value of `value_len` bytes counts against the quota.
+fn entry_bytes(key: &str, value_len: usize) -> u64 {
+    (key.len() + value_len) as u64 + KEY_OVERHEAD_BYTES
 }
 
 impl PartialEq for KvStore {
@@ -97,16 +108,17 @@ impl PartialEq for KvStore {
 impl Eq for KvStore {}
 
 impl KvStore {
-    /// Bytes of keys and values held (what [`crate::rsm::sessions::LogPolicy::quota_bytes`] bounds).
+    /// Bytes of keys and values held, with [`KEY_OVERHEAD_BYTES`] for each key (what
+    /// [`crate::rsm::sessions::LogPolicy::quota_bytes`] bounds).
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
     /// Set `key` to `value`, keeping the byte count.
     fn set(&mut self, key: Arc<str>, value: Arc<str>) {
-        let added = (key.len() + value.len()) as u64;
+        let added = entry_bytes(&key, value.len());
         if let Some(old) = self.data.insert(key.clone(), value) {
-            self.bytes -= (key.len() + old.len()) as u64;
+            self.bytes -= entry_bytes(&key, old.len());
         }
         self.bytes += added;
     }
@@ -115,7 +127,7 @@ impl KvStore {
     fn unset(&mut self, key: &str) -> bool {
         match self.data.remove(key) {
             Some(old) => {
-                self.bytes -= (key.len() + old.len()) as u64;
+                self.bytes -= entry_bytes(key, old.len());
                 true
             }
             None => false,
@@ -128,8 +140,8 @@ impl KvStore {
     /// full store can be emptied).
     pub fn apply_within(&mut self, command: KvCommand, held: u64, quota: u64) -> KvOutput {
         let grows_by = |key: &str, new_value: usize, this: &KvStore| -> u64 {
-            let old = this.data.get(key).map_or(0, |v| key.len() + v.len()) as u64;
-            ((key.len() + new_value) as u64).saturating_sub(old)
+            let old = this.data.get(key).map_or(0, |v| entry_bytes(key, v.len()));
+            entry_bytes(key, new_value).saturating_sub(old)
         };
         let growth = match &command {
             KvCommand::Put { key, value } => grows_by(key, value.len(), self),
@@ -376,11 +388,7 @@ impl StateMachine for KvStore {
             .into_iter()
             .map(|(k, v)| (Arc::from(k), Arc::from(v)))
             .collect();
-        self.bytes = self
-            .data
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) as u64)
-            .sum();
+        self.bytes = self.data.iter().map(|(k, v)| entry_bytes(k, v.len())).sum();
         Ok(())
     }
 
@@ -489,20 +497,21 @@ mod tests {
     /// it does, and always lets a full store shrink; the byte count it goes by survives a snapshot.
     #[test]
     fn at_its_quota_a_store_refuses_growth_and_still_shrinks() {
-        use super::{KvCommand, KvStore};
+        use super::{KvCommand, KvStore, KEY_OVERHEAD_BYTES as KEY};
         use crate::rsm::StateMachine as _;
         let put = |key: &str, value: &str| KvCommand::Put {
             key: key.into(),
             value: value.into(),
         };
         let mut store = KvStore::default();
-        let quota = 20;
+        // Every key costs its overhead too: 10 bytes of key and value are 10 + KEY.
+        let quota = 2 * (10 + KEY);
         let first = store.apply_within(put("a", &"x".repeat(9)), store.bytes(), quota);
         assert!(first.ok && !first.over_quota);
-        assert_eq!(store.bytes(), 10);
+        assert_eq!(store.bytes(), 10 + KEY);
         let second = store.apply_within(put("b", &"y".repeat(9)), store.bytes(), quota);
         assert!(second.ok, "exactly at the quota is within it");
-        assert_eq!(store.bytes(), 20);
+        assert_eq!(store.bytes(), quota);
         for refused in [
             put("c", ""),
             put("a", &"x".repeat(10)),
@@ -520,7 +529,7 @@ mod tests {
             let answer = store.apply_within(refused.clone(), store.bytes(), quota);
             assert!(answer.over_quota && !answer.ok, "{refused:?}: {answer:?}");
             assert_eq!(store, before, "{refused:?} changed the store");
-            assert_eq!(store.bytes(), 20);
+            assert_eq!(store.bytes(), quota);
         }
         // A swap that does not happen is answered as ever; one that shrinks, a shorter put and a
         // delete apply.
@@ -535,16 +544,19 @@ mod tests {
         );
         assert!(!mismatch.over_quota && mismatch.value.is_some());
         assert!(store.apply_within(put("a", "x"), store.bytes(), quota).ok);
-        assert_eq!(store.bytes(), 12);
-        let deleted = store.apply_within(KvCommand::Delete { key: "b".into() }, 12, quota);
+        assert_eq!(store.bytes(), 12 + 2 * KEY);
+        let deleted = store.apply_within(KvCommand::Delete { key: "b".into() }, quota, quota);
         assert!(deleted.ok && !deleted.over_quota);
-        assert_eq!(store.bytes(), 2);
+        assert_eq!(store.bytes(), 2 + KEY);
+        // The overhead counts for keys without values too: an empty value under a new key is growth.
+        let empty = store.apply_within(put("e", ""), store.bytes(), store.bytes() + KEY);
+        assert!(empty.over_quota, "{empty:?}");
         // No quota: anything within the value limit.
-        assert!(store.apply_within(put("big", &"z".repeat(1000)), 2, 0).ok);
+        assert!(store.apply_within(put("big", &"z".repeat(1000)), 0, 0).ok);
         let mut restored = KvStore::default();
         restored.restore(&store.snapshot()).expect("restore");
         assert_eq!(restored.bytes(), store.bytes());
-        assert_eq!(restored.bytes(), 2 + 3 + 1000);
+        assert_eq!(restored.bytes(), 2 + 3 + 1000 + 2 * KEY);
     }
 
     #[test]

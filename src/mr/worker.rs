@@ -130,23 +130,7 @@ fn shuffle_address(bound: SocketAddr, advertise: Option<&str>) -> Result<String,
         ))),
         None => Ok(bound.to_string()),
         Some(address) => {
-            let reachable = address.rsplit_once(':').is_some_and(|(host, port)| {
-                // An IPv6 host in brackets, as in a URI; without them its last group would be
-                // read as the port.
-                let host = match host.strip_prefix('[') {
-                    Some(inner) => match inner.strip_suffix(']') {
-                        Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => ip,
-                        _ => return false,
-                    },
-                    None if host.contains([':', '/', '[', ']']) => return false,
-                    None => host,
-                };
-                let unspecified = host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_unspecified());
-                !host.is_empty() && !unspecified && port.parse::<u16>().is_ok_and(|p| p != 0)
-            });
-            if reachable {
+            if crate::address::is_dialable(address) {
                 Ok(address.to_string())
             } else {
                 Err(MrError::Other(format!(
@@ -156,6 +140,43 @@ fn shuffle_address(bound: SocketAddr, advertise: Option<&str>) -> Result<String,
             }
         }
     }
+}
+
+/// Removes the intermediate files `names` (`what` they are, for warnings) from `dir`, on the
+/// blocking pool (there may be many, on a shared file system); how many went. The directory is
+/// opened as the files were written, so a link swapped in for it since is refused, not followed to
+/// remove files of the same names elsewhere. Files already gone, or a directory gone, are not
+/// errors.
+async fn remove_intermediates(
+    worker: String,
+    dir: PathBuf,
+    names: Vec<String>,
+    what: &'static str,
+) -> u32 {
+    tokio::task::spawn_blocking(move || {
+        let opened = match fsutil::ExactDir::open(&dir) {
+            Ok(opened) => opened,
+            Err(err) => {
+                if err.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(%worker, dir = %dir.display(), %err, what, "could not open a directory to remove intermediate files");
+                }
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for name in names {
+            match opened.remove_file(std::ffi::OsStr::new(&name)) {
+                Ok(()) => removed += 1,
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(%worker, path = %dir.join(&name).display(), %err, "could not remove {what}");
+                }
+                Err(_) => {}
+            }
+        }
+        removed
+    })
+    .await
+    .unwrap_or(0)
 }
 
 /// Runs a worker until it is told there is nothing to do (with `exit_when_idle`) or fails to start.
@@ -388,71 +409,25 @@ impl Worker {
     /// reduce that found them gone first would send the maps to run again. (gRPC shuffle outputs
     /// live in the mappers' own directories, pruned when they start the next job.)
     async fn remove_reduce_inputs(&self, task: &Task, read: Vec<MapOutput>) {
-        let dir = task.spec.output_dir.clone();
         let (job_id, reduce) = (task.job_id, task.index);
-        let worker = self.id.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            // Opened as the output was: a link swapped in for the directory since is refused.
-            let opened = match fsutil::ExactDir::open(&dir) {
-                Ok(opened) => opened,
-                Err(err) => {
-                    tracing::warn!(%worker, dir = %dir.display(), %err, "could not open the shared directory to remove a reduce's inputs");
-                    return 0u32;
-                }
-            };
-            let mut removed = 0;
-            for (map, output) in read.iter().enumerate() {
-                let name = intermediate_name(job_id, map as u32, reduce, output.attempt);
-                match opened.remove_file(std::ffi::OsStr::new(&name)) {
-                    Ok(()) => removed += 1,
-                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                        tracing::warn!(%worker, path = %dir.join(&name).display(), %err, "could not remove a reduce's input");
-                    }
-                    Err(_) => {}
-                }
-            }
-            removed
-        })
-        .await
-        .unwrap_or(0);
+        let names = read
+            .iter()
+            .enumerate()
+            .map(|(map, output)| intermediate_name(job_id, map as u32, reduce, output.attempt))
+            .collect();
+        let dir = task.spec.output_dir.clone();
+        let removed = remove_intermediates(self.id.clone(), dir, names, "a reduce's input").await;
         tracing::debug!(worker = %self.id, job = job_id, reduce, removed, "reduce inputs removed");
     }
 
-    /// Deletes what map attempt `task` wrote (on the blocking pool: there may be many, on a shared
-    /// file system).
+    /// Deletes what map attempt `task` wrote.
     async fn remove_map_outputs(&self, task: &Task) {
+        let (job_id, index, attempt) = (task.job_id, task.index, task.attempt);
+        let names = (0..task.spec.n_reduce)
+            .map(|reduce| intermediate_name(job_id, index, reduce, attempt))
+            .collect();
         let dir = self.map_output_dir(task);
-        let (job_id, index, attempt, n_reduce) =
-            (task.job_id, task.index, task.attempt, task.spec.n_reduce);
-        let worker = self.id.clone();
-        let removed = tokio::task::spawn_blocking(move || {
-            let mut removed = 0u32;
-            // Opened as the outputs were written: a link swapped in for the directory since is
-            // refused, not followed to remove files of the same names elsewhere.
-            let opened = match fsutil::ExactDir::open(&dir) {
-                Ok(opened) => opened,
-                Err(err) => {
-                    if err.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(%worker, dir = %dir.display(), %err, "could not open a failed map attempt's output directory");
-                    }
-                    return removed;
-                }
-            };
-            for reduce in 0..n_reduce {
-                let name = intermediate_name(job_id, index, reduce, attempt);
-                let path = dir.join(&name);
-                match opened.remove_file(std::ffi::OsStr::new(&name)) {
-                    Ok(()) => removed += 1,
-                    Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                        tracing::warn!(%worker, path = %path.display(), %err, "could not remove a stale map output");
-                    }
-                    Err(_) => {}
-                }
-            }
-            removed
-        })
-        .await
-        .unwrap_or(0);
+        let removed = remove_intermediates(self.id.clone(), dir, names, "a stale map output").await;
         if removed > 0 {
             tracing::info!(
                 worker = %self.id, job = job_id, index, attempt, removed,

@@ -139,13 +139,9 @@ pub fn members_response(status: &NodeStatus) -> pb::MembersResponse {
 /// Longest peer address a configuration carries (every member's is in every config entry).
 const MAX_ADDRESS_BYTES: usize = 255;
 
-/// `host:port` with a non-zero port, as `--peers` requires, and of a sane length.
+/// An address others can dial, as `--peers` requires, and of a sane length.
 fn valid_address(address: &str) -> bool {
-    address.len() <= MAX_ADDRESS_BYTES
-        && super::args::is_host_port(address)
-        && address
-            .rsplit_once(':')
-            .is_some_and(|(_, port)| port.parse::<u16>().is_ok_and(|p| p != 0))
+    address.len() <= MAX_ADDRESS_BYTES && crate::address::is_dialable(address)
 }
 
 /// The change a request asks for, or why it is malformed.

@@ -32,13 +32,6 @@ pub fn id_from_hostname(host: &str) -> Result<NodeId, String> {
         .ok_or_else(|| format!("--id auto: host name {host:?} does not end in -<ordinal>"))
 }
 
-/// Whether `address` is `HOST:PORT`: a non-empty host and a port number.
-pub fn is_host_port(address: &str) -> bool {
-    address
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-}
-
 /// Parse `1=host:port,2=host:port` into a map; the error says which item is wrong.
 pub fn parse_peers(spec: &str) -> Result<HashMap<NodeId, String>, String> {
     let peers = parse_addresses(spec)?;
@@ -63,8 +56,11 @@ pub fn parse_addresses(spec: &str) -> Result<HashMap<NodeId, String>, String> {
             return Err(format!("peer {item:?}: node ids start at 1"));
         }
         let address = address.trim();
-        if !is_host_port(address) {
-            return Err(format!("peer {item:?}: {address:?} is not HOST:PORT"));
+        if !crate::address::is_dialable(address) {
+            return Err(format!(
+                "peer {item:?}: {address:?} is not HOST:PORT that others can dial (a host name or \
+                 a specific IP, IPv6 in brackets, and a non-zero port)"
+            ));
         }
         if peers.insert(id, address.to_string()).is_some() {
             return Err(format!("node {id} is listed twice"));

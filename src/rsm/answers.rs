@@ -155,14 +155,26 @@ impl Drop for Reservation {
 }
 
 /// Who a call's answers are counted against: its certificate's identity, or without TLS the address
-/// it came from (the best name there is for a caller nobody authenticated).
+/// it came from (the best name there is for a caller nobody authenticated) — for IPv6 its /64, what
+/// one host is usually given, so a host cannot take a share per address it rotates through.
 pub fn caller_key<T>(
     principal: Option<&crate::security::Principal>,
     request: &tonic::Request<T>,
 ) -> String {
-    match (principal, request.remote_addr()) {
+    use std::net::IpAddr;
+    match (
+        principal,
+        request.remote_addr().map(|a| a.ip().to_canonical()),
+    ) {
         (Some(principal), _) => principal.uri(),
-        (None, Some(address)) => format!("address {}", address.ip()),
+        (None, Some(IpAddr::V6(ip))) => {
+            let segments = ip.segments();
+            format!(
+                "address {:x}:{:x}:{:x}:{:x}::/64",
+                segments[0], segments[1], segments[2], segments[3]
+            )
+        }
+        (None, Some(IpAddr::V4(ip))) => format!("address {ip}"),
         (None, None) => "unknown".to_string(),
     }
 }
@@ -208,6 +220,7 @@ fn with_permit_in_body(
         Some(permit) => response.map(|body| {
             tonic::body::Body::new(PermittedBody {
                 body,
+                pending: bytes::Bytes::new(),
                 _permit: permit,
             })
         }),
@@ -215,11 +228,22 @@ fn with_permit_in_body(
     }
 }
 
-/// A response body holding its answer's reservation for as long as it lives.
+/// A response body holding its answer's reservation for as long as it lives, handing its data out
+/// in pieces of at most [`PIECE_BYTES`]. Why pieces: hyper asks the body for its next chunk once the
+/// stream has any send window at all, and h2 then buffers the whole chunk however small the window;
+/// handed out whole, a 1 MiB answer left the body (and so its reservation went) as soon as a client
+/// granted one byte, and sat in h2's buffer all the same. h2 counts what it buffers against the
+/// stream's window, so with pieces hyper asks for the next one only as the last one drains: what
+/// leaves the body before the caller reads it is at most a piece.
 struct PermittedBody {
     body: tonic::body::Body,
+    /// Data taken from `body` not yet handed out.
+    pending: bytes::Bytes,
     _permit: AnswerPermit,
 }
+
+/// Most bytes a [`PermittedBody`] hands out at once: HTTP/2's default frame size.
+const PIECE_BYTES: usize = 16 << 10;
 
 impl http_body::Body for PermittedBody {
     type Data = bytes::Bytes;
@@ -229,15 +253,22 @@ impl http_body::Body for PermittedBody {
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        if this.pending.is_empty() {
+            match std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.pending = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+        let piece = this.pending.split_to(this.pending.len().min(PIECE_BYTES));
+        Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        self.pending.is_empty() && self.body.is_end_stream()
     }
 }
 

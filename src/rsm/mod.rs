@@ -202,7 +202,12 @@ struct PendingWrite {
     token: Token,
     client: ClientId,
     seq: Seq,
+    owner: Owner,
 }
+
+/// Which client command a proposal is: (client, seq, owner). Two identities' commands under one
+/// client id and number are different proposals.
+pub type Proposal = (ClientId, Seq, Owner);
 
 /// The index and output of an expected proposal's entry, applied before the proposer tracked it.
 type EarlyOutput<O> = (Index, Applied<O>);
@@ -220,7 +225,9 @@ pub struct Rsm<S: StateMachine> {
     reads: BTreeMap<Index, Vec<(Token, S::Query)>>,
     /// Proposals handed to Raft whose index is not known yet, with the output of their entry if it was
     /// applied meanwhile. Holds only proposals in flight on this node (callers withdraw theirs).
-    expected: BTreeMap<(ClientId, Seq), Option<EarlyOutput<S::Output>>>,
+    /// Keyed by (client, seq, owner): another identity's entry under the same id and number is not
+    /// this proposal's.
+    expected: BTreeMap<Proposal, Option<EarlyOutput<S::Output>>>,
 }
 
 impl<S: StateMachine> Rsm<S> {
@@ -300,36 +307,38 @@ impl<S: StateMachine> Rsm<S> {
     /// its index, keep the output for it. Without this, a machine without sessions (whose outputs are
     /// kept nowhere else) would answer such a proposal "retry", and a one-node group would do so for
     /// most of them. Pair with [`Rsm::track`] or, if the proposal fails, [`Rsm::withdraw`].
-    pub fn expect(&mut self, client: ClientId, seq: Seq) {
-        self.expected.insert((client, seq), None);
+    pub fn expect(&mut self, client: ClientId, seq: Seq, owner: Owner) {
+        self.expected.insert((client, seq, owner), None);
     }
 
-    /// The proposal of (`client`, `seq`) never reached Raft (or its caller gave up): forget it.
-    pub fn withdraw(&mut self, client: ClientId, seq: Seq) {
-        self.expected.remove(&(client, seq));
+    /// The proposal of (`client`, `seq`) by `owner` never reached Raft (or its caller gave up):
+    /// forget it.
+    pub fn withdraw(&mut self, client: ClientId, seq: Seq, owner: Owner) {
+        self.expected.remove(&(client, seq, owner));
     }
 
-    /// Raft accepted the proposal for (`client`, `seq`) at `index`: wait for it. Returns the completion at
-    /// once if that index was already applied meanwhile.
+    /// Raft accepted the proposal for (`client`, `seq`) by `owner` at `index`: wait for it. Returns
+    /// the completion at once if that index was already applied meanwhile.
     pub fn track(
         &mut self,
         token: Token,
         index: Index,
-        client: ClientId,
-        seq: Seq,
+        (client, seq, owner): Proposal,
     ) -> Option<Completion<S::Output>> {
-        let early = self.expected.remove(&(client, seq)).flatten();
+        let early = self.expected.remove(&(client, seq, owner)).flatten();
         if let Some((applied_at, applied)) = early.filter(|(at, _)| *at == index) {
             debug_assert!(applied_at <= self.applied);
             return Some(applied.completion(token));
         }
         if index <= self.applied {
-            return Some(self.answer_from_session(token, client, seq));
+            return Some(self.answer_from_session(token, client, seq, owner));
         }
-        self.writes
-            .entry(index)
-            .or_default()
-            .push(PendingWrite { token, client, seq });
+        self.writes.entry(index).or_default().push(PendingWrite {
+            token,
+            client,
+            seq,
+            owner,
+        });
         None
     }
 
@@ -438,15 +447,16 @@ impl<S: StateMachine> Rsm<S> {
                 EntryKind::Noop | EntryKind::Config => None,
                 EntryKind::Normal => Some(self.apply_logged(&entry.data)?),
             };
-            if let Some((client, seq, applied)) = &applied_by {
-                if let Some(slot) = self.expected.get_mut(&(*client, *seq)) {
+            if let Some((proposal, applied)) = &applied_by {
+                if let Some(slot) = self.expected.get_mut(proposal) {
                     *slot = Some((entry.index, applied.clone()));
                 }
             }
             for pending in self.writes.remove(&entry.index).unwrap_or_default() {
                 completions.push(match &applied_by {
-                    Some((client, seq, applied))
-                        if *client == pending.client && *seq == pending.seq =>
+                    Some(((client, seq, owner), applied))
+                        if (*client, *seq, *owner)
+                            == (pending.client, pending.seq, pending.owner) =>
                     {
                         applied.completion(pending.token)
                     }
@@ -460,15 +470,13 @@ impl<S: StateMachine> Rsm<S> {
         Ok(completions)
     }
 
-    fn apply_logged(
-        &mut self,
-        data: &[u8],
-    ) -> Result<(ClientId, Seq, Applied<S::Output>), RsmError> {
+    fn apply_logged(&mut self, data: &[u8]) -> Result<(Proposal, Applied<S::Output>), RsmError> {
         let logged = pb::LoggedCommand::decode(data).map_err(|e| RsmError::Decode {
             what: "log entry",
             detail: e.to_string(),
         })?;
         let (client, seq) = (logged.client_id, logged.seq);
+        let proposal = (client, seq, logged.owner);
         self.clock.observe(
             logged.time_ms,
             LogPolicy {
@@ -481,24 +489,24 @@ impl<S: StateMachine> Rsm<S> {
         if !S::SESSIONS || client == 0 {
             // Internal proposals (client 0) and machines that keep their own records apply everything.
             let command = S::decode_command(&logged.command)?;
-            return Ok((client, seq, Applied::Output(self.machine.apply(command))));
+            return Ok((proposal, Applied::Output(self.machine.apply(command))));
         }
         if !self.clock.plausible(client) {
-            return Ok((client, seq, Applied::Expired(self.sessions.evicted_max())));
+            return Ok((proposal, Applied::Expired(self.sessions.evicted_max())));
         }
         match self.sessions.lookup(client, seq, logged.owner) {
             // A duplicate in the log (the client retried before learning the outcome): apply nothing.
             Lookup::Repeat(output) | Lookup::Stale(output) => {
-                return Ok((client, seq, Applied::Output(output.clone())))
+                return Ok((proposal, Applied::Output(output.clone())))
             }
-            Lookup::Expired(mark) => return Ok((client, seq, Applied::Expired(mark))),
+            Lookup::Expired(mark) => return Ok((proposal, Applied::Expired(mark))),
             Lookup::New => {}
         }
         let command = S::decode_command(&logged.command)?;
         let output = self.machine.apply(command);
         self.sessions
             .record(client, seq, logged.owner, S::remember(&output), &self.clock);
-        Ok((client, seq, Applied::Output(output)))
+        Ok((proposal, Applied::Output(output)))
     }
 
     /// The completion for (`client`, `seq`) whose entry was applied without this node watching (before
@@ -508,12 +516,18 @@ impl<S: StateMachine> Rsm<S> {
         token: Token,
         client: ClientId,
         seq: Seq,
+        owner: Owner,
     ) -> Completion<S::Output> {
         match self.sessions.get(client) {
-            Some(session) if session.seq == seq => Completion::Done {
-                token,
-                output: session.output.clone(),
-            },
+            // Another identity's session under this id is not this proposal's outcome.
+            Some(session)
+                if session.seq == seq && (session.owner == 0 || session.owner == owner) =>
+            {
+                Completion::Done {
+                    token,
+                    output: session.output.clone(),
+                }
+            }
             _ => Completion::Retry { token },
         }
     }
@@ -537,7 +551,12 @@ impl<S: StateMachine> Rsm<S> {
             .into_values()
             .flatten()
         {
-            completions.push(self.answer_from_session(pending.token, pending.client, pending.seq));
+            completions.push(self.answer_from_session(
+                pending.token,
+                pending.client,
+                pending.seq,
+                pending.owner,
+            ));
         }
         completions
     }

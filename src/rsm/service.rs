@@ -195,11 +195,15 @@ struct ExpectationGuard<'a, S: StateMachine> {
     shared: &'a Shared<S>,
     client: u64,
     seq: u64,
+    owner: Owner,
 }
 
 impl<S: StateMachine> Drop for ExpectationGuard<'_, S> {
     fn drop(&mut self) {
-        self.shared.lock().rsm.withdraw(self.client, self.seq);
+        self.shared
+            .lock()
+            .rsm
+            .withdraw(self.client, self.seq, self.owner);
     }
 }
 
@@ -501,7 +505,7 @@ impl<S: ServedMachine> RsmService<S> {
                     ))))
                 }
                 Prepared::Propose(bytes) => {
-                    inner.rsm.expect(client, seq);
+                    inner.rsm.expect(client, seq, owner);
                     bytes
                 }
             }
@@ -512,6 +516,7 @@ impl<S: ServedMachine> RsmService<S> {
             shared: &self.shared,
             client,
             seq,
+            owner,
         };
         let (index, term) =
             match tokio::time::timeout_at(deadline, self.handle.propose(bytes)).await {
@@ -522,7 +527,7 @@ impl<S: ServedMachine> RsmService<S> {
         let (token, rx) = {
             let mut inner = self.shared.lock();
             let (token, rx) = inner.register();
-            if let Some(done) = inner.rsm.track(token, index, client, seq) {
+            if let Some(done) = inner.rsm.track(token, index, (client, seq, owner)) {
                 inner.complete(vec![done]);
             } else if !self.leads_in(term) {
                 // Leadership was lost since the proposal: the watcher's `leadership_lost`, which sends

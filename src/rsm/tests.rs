@@ -41,7 +41,7 @@ fn get(rsm: &Rsm<KvStore>, key: &str) -> Option<String> {
 fn a_command_in_the_log_twice_is_applied_once() {
     let mut rsm = Rsm::new(KvStore::default());
     let data = proposal(&rsm, 7, 1, &append("k", "x"));
-    assert_eq!(rsm.track(100, 1, 7, 1), None);
+    assert_eq!(rsm.track(100, 1, (7, 1, 0)), None);
     // The client retried on another leader before hearing back: the same command is in the log twice.
     let done = rsm
         .apply_entries(&[entry(1, data.clone()), entry(2, data)])
@@ -74,7 +74,7 @@ fn a_command_in_the_log_twice_is_applied_once() {
 fn a_write_in_flight_when_leadership_is_lost_has_an_unknown_outcome() {
     let mut rsm = Rsm::new(KvStore::default());
     let _mine = proposal(&rsm, 1, 1, &put("a", "1"));
-    rsm.track(5, 1, 1, 1);
+    rsm.track(5, 1, (1, 1, 0));
     assert_eq!(rsm.read(6, 1, KvQuery::Get { key: "a".into() }), None);
     let mut lost = rsm.leadership_lost();
     lost.sort_by_key(|c| match c {
@@ -96,7 +96,7 @@ fn a_write_in_flight_when_leadership_is_lost_has_an_unknown_outcome() {
 fn a_replaced_entry_tells_the_waiter_to_retry() {
     let mut rsm = Rsm::new(KvStore::default());
     let _mine = proposal(&rsm, 1, 1, &put("a", "1"));
-    rsm.track(5, 1, 1, 1);
+    rsm.track(5, 1, (1, 1, 0));
     // A new leader put someone else's command at index 1.
     let theirs = proposal(&rsm, 2, 1, &put("a", "2"));
     let done = rsm.apply_entries(&[entry(1, theirs)]).expect("apply");
@@ -134,7 +134,7 @@ fn snapshots_carry_state_and_sessions() {
         .expect("apply");
     let (index, data) = rsm.snapshot();
     let mut restored = Rsm::new(KvStore::default());
-    restored.track(1, 1, 3, 1);
+    restored.track(1, 1, (3, 1, 0));
     let done = restored
         .apply_snapshot(&Snapshot {
             meta: SnapshotMeta { index, term: 1 },
@@ -227,7 +227,7 @@ fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
     let Prepared::Propose(data) = rsm.prepare(0, 41, 0, &command, 1) else {
         panic!("no proposal")
     };
-    rsm.expect(0, 41);
+    rsm.expect(0, 41, 0);
     // A one-node group commits and applies before the proposer hears its index.
     assert!(rsm
         .apply_entries(&[entry(1, data)])
@@ -240,7 +240,7 @@ fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
         over_quota: false,
     };
     assert_eq!(
-        rsm.track(9, 1, 0, 41),
+        rsm.track(9, 1, (0, 41, 0)),
         Some(Completion::Done {
             token: 9,
             output: appended
@@ -250,11 +250,11 @@ fn an_entry_applied_before_its_index_is_known_still_answers_its_proposer() {
     let Prepared::Propose(data) = rsm.prepare(0, 43, 0, &command, 1) else {
         panic!("no proposal")
     };
-    rsm.expect(0, 43);
-    rsm.withdraw(0, 43);
+    rsm.expect(0, 43, 0);
+    rsm.withdraw(0, 43, 0);
     rsm.apply_entries(&[entry(2, data)]).expect("apply");
     assert_eq!(
-        rsm.track(10, 2, 0, 43),
+        rsm.track(10, 2, (0, 43, 0)),
         Some(Completion::Retry { token: 10 })
     );
     assert!(rsm.expected.is_empty(), "an expectation was left behind");
@@ -286,7 +286,7 @@ fn apply_one(
         panic!("no proposal for client {client} seq {seq}")
     };
     let index = rsm.applied() + 1;
-    assert_eq!(rsm.track(token, index, client, seq), None);
+    assert_eq!(rsm.track(token, index, (client, seq, 0)), None);
     let mut done = rsm.apply_entries(&[entry(index, data)]).expect("apply");
     assert_eq!(done.len(), 1);
     done.remove(0)
@@ -338,7 +338,7 @@ fn a_dropped_session_is_never_applied_twice() {
         Prepared::Expired(old),
         "a retry after the session was dropped is refused up front"
     );
-    rsm.track(7, 4, old, 1);
+    rsm.track(7, 4, (old, 1, 0));
     let done = rsm.apply_entries(&[entry(4, first_try)]).expect("apply");
     assert_eq!(
         done,
@@ -536,7 +536,7 @@ fn a_session_takes_commands_only_from_the_identity_that_opened_it() {
 #[test]
 fn the_quota_stamped_in_the_log_decides_on_every_replica() {
     let with_quota = LogPolicy {
-        quota_bytes: 16,
+        quota_bytes: 16 + crate::kv::state::KEY_OVERHEAD_BYTES,
         ..LogPolicy::KEEP_ALL
     };
     let mut leader = Rsm::with_policy(KvStore::default(), with_quota);
@@ -560,4 +560,42 @@ fn the_quota_stamped_in_the_log_decides_on_every_replica() {
             .expect("apply");
         assert_eq!(get(rsm, "c").map(|v| v.len()), Some(100));
     }
+}
+
+/// A proposal learns its own entry's outcome, never that of another identity's entry under the same
+/// client id and number (review of the owner change): with both applied before either proposer
+/// tracked its index, the attacker's track used to take the one shared expectation, and the
+/// victim's write — refused at apply — was then answered from the attacker's session as done.
+#[test]
+fn a_proposal_learns_its_own_outcome_not_anothers_under_the_same_id() {
+    let (victim, attacker, client) = (0xA11CE, 0xBAD, 7);
+    let mut rsm = Rsm::new(KvStore::default());
+    let propose =
+        |rsm: &Rsm<KvStore>, owner, value| match rsm.prepare(client, 1, owner, &put("k", value), 1)
+        {
+            Prepared::Propose(data) => data,
+            other => panic!("{other:?}"),
+        };
+    let forged = propose(&rsm, attacker, "forged");
+    let honest = propose(&rsm, victim, "honest");
+    rsm.expect(client, 1, attacker);
+    rsm.expect(client, 1, victim);
+    rsm.apply_entries(&[entry(1, forged), entry(2, honest)])
+        .expect("apply");
+    assert!(matches!(
+        rsm.track(1, 1, (client, 1, attacker)),
+        Some(Completion::Done { .. })
+    ));
+    assert_eq!(
+        rsm.track(2, 2, (client, 1, victim)),
+        Some(Completion::SessionExpired {
+            token: 2,
+            min_client_id: client
+        })
+    );
+    // Tracked with no expectation left (as after a snapshot): not the attacker's outcome either.
+    assert_eq!(
+        rsm.track(3, 2, (client, 1, victim)),
+        Some(Completion::Retry { token: 3 })
+    );
 }

@@ -948,7 +948,7 @@ fn a_shard_groups_quota_bounds_its_shards_together() {
     g1.observe_clock(&LogClock {
         now_ms: 1,
         policy: Some(LogPolicy {
-            quota_bytes: 30,
+            quota_bytes: 30 + 2 * crate::kv::state::KEY_OVERHEAD_BYTES,
             ..LogPolicy::KEEP_ALL
         }),
     });

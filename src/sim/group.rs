@@ -282,7 +282,7 @@ impl<S: SimService> Group<S> {
                 Prepared::Propose(data) => match core.propose(data) {
                     Ok((index, _)) => {
                         s.waiting.insert(token, from);
-                        if let Some(done) = s.rsm.track(token, index, client, seq) {
+                        if let Some(done) = s.rsm.track(token, index, (client, seq, 0)) {
                             Self::complete(i, s, vec![done], &mut replies);
                         }
                     }
