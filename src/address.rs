@@ -5,7 +5,8 @@
 /// Whether `address` is `HOST:PORT` another process could dial: a non-empty host name or a specific
 /// IP — an IPv6 one in brackets, as in a URI (without them its last group would be read as the
 /// port), never the unspecified `0.0.0.0` or `::` (a listener's "every interface", which names no
-/// host) — and a non-zero port. No scheme, path or user: a URL is refused.
+/// host) — and a non-zero port. No scheme, path or user: a URL is refused; so is an IPv6 zone
+/// (`%eth0`), which names an interface of one host only.
 pub fn is_dialable(address: &str) -> bool {
     let Some((host, port)) = address.rsplit_once(':') else {
         return false;
@@ -15,7 +16,14 @@ pub fn is_dialable(address: &str) -> bool {
             Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => ip,
             _ => return false,
         },
-        None if host.contains([':', '/', '[', ']', '@']) => return false,
+        // A name or an IPv4 address: letters, digits, '.', '-' and '_' (a space or a '#' in an
+        // added member's address would be kept in every configuration and fail every dial).
+        None if !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')) =>
+        {
+            return false
+        }
         None => host,
     };
     let unspecified = host
@@ -53,6 +61,9 @@ mod tests {
             "http://kv-0:7000",
             "user@kv-0:7000",
             "kv-0/x:7000",
+            "kv 3:7000",
+            "a#b:7000",
+            "[fe80::1%eth0]:7000",
         ] {
             assert!(!is_dialable(bad), "{bad:?}");
         }

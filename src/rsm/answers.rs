@@ -8,9 +8,9 @@
 //! certificate could make a replica keep a terabyte of answers, and the kernel would kill it.
 //!
 //! So an answer that carries a value reserves its encoded size from an [`AnswerBudget`] before it
-//! goes out, and the reservation ([`AnswerPermit`]) rides with the response body
-//! ([`HoldsAnswerPermits`]): it is given back when the body is dropped, sent whole or its stream or
-//! connection gone. One caller (a certificate's identity; without TLS, an IP address) holds at most
+//! goes out, and the reservation ([`AnswerPermit`]) rides with the response body and every piece
+//! of data it hands to HTTP/2 ([`HoldsAnswerPermits`]): it is given back once all are dropped —
+//! written to the socket, or their stream or connection gone. One caller (a certificate's identity; without TLS, an IP address) holds at most
 //! [`crate::limits::MAX_UNSENT_ANSWER_BYTES_PER_CALLER`], the process at most
 //! [`crate::limits::MAX_UNSENT_ANSWER_BYTES`]: past them a read is refused as overloaded (clerks back
 //! off and retry), so a caller that reads nothing holds up only itself, until the process-wide bound.
@@ -217,33 +217,32 @@ fn with_permit_in_body(
     mut response: http::Response<tonic::body::Body>,
 ) -> http::Response<tonic::body::Body> {
     match response.extensions_mut().remove::<AnswerPermit>() {
-        Some(permit) => response.map(|body| {
-            tonic::body::Body::new(PermittedBody {
-                body,
-                pending: bytes::Bytes::new(),
-                _permit: permit,
-            })
-        }),
+        Some(permit) => response.map(|body| tonic::body::Body::new(PermittedBody { body, permit })),
         None => response,
     }
 }
 
-/// A response body holding its answer's reservation for as long as it lives, handing its data out
-/// in pieces of at most [`PIECE_BYTES`]. Why pieces: hyper asks the body for its next chunk once the
-/// stream has any send window at all, and h2 then buffers the whole chunk however small the window;
-/// handed out whole, a 1 MiB answer left the body (and so its reservation went) as soon as a client
-/// granted one byte, and sat in h2's buffer all the same. h2 counts what it buffers against the
-/// stream's window, so with pieces hyper asks for the next one only as the last one drains: what
-/// leaves the body before the caller reads it is at most a piece.
+/// A response body holding its answer's reservation for as long as it lives, and giving every piece
+/// of data it hands out a share of it. Why the pieces too: hyper passes a chunk to h2 once the stream
+/// has any send window, and h2 keeps it until it is written to the socket — however small the
+/// window, and for as long as the client does not read its socket. So the reservation goes only once
+/// the body and every piece of it are gone: sent, or their stream or connection closed.
 struct PermittedBody {
     body: tonic::body::Body,
-    /// Data taken from `body` not yet handed out.
-    pending: bytes::Bytes,
+    permit: AnswerPermit,
+}
+
+/// A piece of an answer's data holding a share of its reservation ([`PermittedBody`]).
+struct PermittedBytes {
+    data: bytes::Bytes,
     _permit: AnswerPermit,
 }
 
-/// Most bytes a [`PermittedBody`] hands out at once: HTTP/2's default frame size.
-const PIECE_BYTES: usize = 16 << 10;
+impl AsRef<[u8]> for PermittedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
 
 impl http_body::Body for PermittedBody {
     type Data = bytes::Bytes;
@@ -254,27 +253,51 @@ impl http_body::Body for PermittedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
         let this = self.get_mut();
-        if this.pending.is_empty() {
-            match std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.pending = data,
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                },
-                other => return Poll::Ready(other),
-            }
-        }
-        let piece = this.pending.split_to(this.pending.len().min(PIECE_BYTES));
-        Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx));
+        Poll::Ready(frame.map(|frame| {
+            frame.map(|frame| {
+                frame.map_data(|data| {
+                    bytes::Bytes::from_owner(PermittedBytes {
+                        data,
+                        _permit: this.permit.clone(),
+                    })
+                })
+            })
+        }))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_empty() && self.body.is_end_stream()
+        self.body.is_end_stream()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reservation outlives the body for as long as any data it handed out does: HTTP/2 keeps
+    /// that data until it is written to the socket (review: a client that stops reading its socket
+    /// with its windows open held answers the budget no longer counted).
+    #[tokio::test]
+    async fn the_data_a_body_handed_out_keeps_its_reservation() {
+        use http_body_util::BodyExt;
+        let budget = AnswerBudget::new(1 << 20, 1 << 20);
+        let answer = bytes::Bytes::from(vec![7u8; 1000]);
+        let mut response = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(
+            answer.clone(),
+        )));
+        response
+            .extensions_mut()
+            .insert(budget.reserve("a", 1000).expect("reserve"));
+        let mut body = with_permit_in_body(response).into_body();
+        let frame = body.frame().await.expect("a frame").expect("data");
+        let data = frame.into_data().expect("data");
+        assert_eq!(data, answer);
+        drop(body);
+        assert_eq!(budget.held(), 1000, "given back while its data was unsent");
+        drop(data);
+        assert_eq!(budget.held(), 0);
+    }
 
     #[test]
     fn a_caller_holds_at_most_its_share_and_all_callers_the_total() {
