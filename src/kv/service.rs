@@ -160,15 +160,17 @@ impl<M: KvMachine> KvService<M> {
 
     /// `answer`, with its encoded size reserved from `caller`'s budget for as long as it waits to be
     /// sent if it is large enough to count ([`MIN_BUDGETED_ANSWER_BYTES`]).
+    /// `caller` names who it is counted against ([`answers::caller_key`]), asked only for an answer
+    /// that counts: most are small, and naming the caller allocates.
     fn reserved<T: prost::Message>(
         &self,
-        caller: &str,
+        caller: impl FnOnce() -> String,
         answer: T,
     ) -> Result<Response<T>, (BudgetExceeded, T)> {
         let bytes = answer.encoded_len();
         let mut response = Response::new(answer);
         if bytes >= MIN_BUDGETED_ANSWER_BYTES {
-            match self.answers.reserve(caller, bytes) {
+            match self.answers.reserve(&caller(), bytes) {
                 Ok(permit) => {
                     response.extensions_mut().insert(permit);
                 }
@@ -212,7 +214,7 @@ impl<M: KvMachine> Kv for KvService<M> {
             .service
             .guard()
             .allow(&request, "read keys", crate::security::is_user)?;
-        let caller = answers::caller_key(caller.as_ref(), &request);
+        let remote = request.remote_addr();
         let key = request.into_inner().key;
         validate_key(&key).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut response = pb::GetResponse::default();
@@ -234,7 +236,8 @@ impl<M: KvMachine> Kv for KvService<M> {
                 (response.leader_hint, response.leader_address) = (hint, address);
             }
         }
-        self.reserved(&caller, response).map_err(|(refused, _)| {
+        let caller = || answers::caller_key(caller.as_ref(), remote);
+        self.reserved(caller, response).map_err(|(refused, _)| {
             Status::resource_exhausted(format!("{}: {refused}", answers::OVERLOADED))
         })
     }
@@ -248,7 +251,7 @@ impl<M: KvMachine> Kv for KvService<M> {
                 .guard()
                 .allow(&request, "write keys", crate::security::is_user)?;
         let owner = owner_of(caller.as_ref());
-        let caller = answers::caller_key(caller.as_ref(), &request);
+        let remote = request.remote_addr();
         let request = request.into_inner();
         check_session(request.client_id, request.seq)?;
         let command = request
@@ -308,7 +311,8 @@ impl<M: KvMachine> Kv for KvService<M> {
                 (response.leader_hint, response.leader_address) = (hint, address);
             }
         }
-        match self.reserved(&caller, response) {
+        let caller = || answers::caller_key(caller.as_ref(), remote);
+        match self.reserved(caller, response) {
             Ok(answer) => Ok(answer),
             // Applied already, so answered all the same: without the current value of a failed
             // swap, as a retry answered from a dedup record too long to remember it is.

@@ -157,15 +157,12 @@ impl Drop for Reservation {
 /// Who a call's answers are counted against: its certificate's identity, or without TLS the address
 /// it came from (the best name there is for a caller nobody authenticated) — for IPv6 its /64, what
 /// one host is usually given, so a host cannot take a share per address it rotates through.
-pub fn caller_key<T>(
+pub fn caller_key(
     principal: Option<&crate::security::Principal>,
-    request: &tonic::Request<T>,
+    remote: Option<std::net::SocketAddr>,
 ) -> String {
     use std::net::IpAddr;
-    match (
-        principal,
-        request.remote_addr().map(|a| a.ip().to_canonical()),
-    ) {
+    match (principal, remote.map(|a| a.ip().to_canonical())) {
         (Some(principal), _) => principal.uri(),
         (None, Some(IpAddr::V6(ip))) => {
             let segments = ip.segments();
